@@ -1,0 +1,25 @@
+"""tokenmill's inference engine: `LLM` for offline batches, `AsyncLLM` for streaming.
+
+The public names are imported lazily so that light modules (`engine.config`,
+`engine.sampling_params`) can be used without loading the whole engine.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "LLM": "engine.llm",
+    "AsyncLLM": "engine.async_llm",
+    "EngineArgs": "engine.args",
+    "SamplingParams": "engine.sampling_params",
+    "RequestOutput": "engine.outputs",
+    "CompletionOutput": "engine.outputs",
+    "EngineStats": "engine.outputs",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -1,0 +1,147 @@
+"""Streaming API for servers: `async for out in engine.generate(...)`.
+
+The engine steps in a background thread so the event loop never waits on a forward
+pass. The two threads talk through an inbox (adds and aborts, applied between
+steps) and per-request asyncio queues fed with `call_soon_threadsafe`. Every yield
+is a delta: only the text and tokens produced since the previous one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.args import EngineArgs
+from engine.errors import EngineError
+from engine.llm_engine import LLMEngine
+from engine.outputs import EngineStats, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.sequence import Request
+
+log = logging.getLogger("tokenmill")
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: RequestOutput | Exception) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLM:
+    def __init__(self, args: EngineArgs | None = None, **engine_options) -> None:
+        self.engine = LLMEngine(args or EngineArgs(**engine_options))
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.model_name = self.engine.args.model
+        self._inbox: queue.SimpleQueue[tuple[str, Request | str]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._stats = self.engine.stats()
+        self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield delta outputs until the request finishes. Raises ValueError for a bad
+        request and EngineError if the engine failed. Closing the iterator early
+        (a client that went away) aborts the request and frees its blocks."""
+        if self._stopped.is_set():
+            raise EngineError("the engine is shut down")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = self.engine.make_request(request_id, prompt, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._send("add", request)
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self._send("abort", request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks are freed before the next step runs."""
+        self._send("abort", request_id)
+
+    def stats(self) -> EngineStats:
+        """The snapshot taken after the latest step (cheap; safe from any thread)."""
+        return self._stats
+
+    async def shutdown(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join)
+
+    # -- engine thread ------------------------------------------------------------------
+
+    def _send(self, kind: str, payload: Request | str) -> None:
+        self._inbox.put((kind, payload))
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            self._drain_inbox()
+            if not self.engine.has_unfinished_requests():
+                self._stats = self.engine.stats()
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - any engine failure must reach the clients
+                log.exception("engine step failed")
+                self._fail_all(exc)
+                continue
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
+                    if out.finished:
+                        del self._streams[out.request_id]
+            self._stats = self.engine.stats()
+        self._fail_all(EngineError("the engine was shut down"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.engine.enqueue(payload)
+                except ValueError as exc:
+                    self._finish_stream(payload.request_id, exc)
+            else:
+                out = self.engine.abort_request(payload)
+                if out is not None:
+                    self._finish_stream(payload, out)
+
+    def _finish_stream(self, request_id: str, item: RequestOutput | Exception) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.put(item)
+
+    def _fail_all(self, exc: Exception) -> None:
+        """End every request with a clear error instead of leaving it hanging."""
+        error = exc if isinstance(exc, EngineError) else EngineError(f"engine failure: {exc!r}")
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+        for request_id in list(self._streams):
+            self._finish_stream(request_id, error)

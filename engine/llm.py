@@ -1,0 +1,101 @@
+"""Offline batch API, shaped like vLLM's `LLM` so scripts can switch engines."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from engine.args import EngineArgs
+from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """`LLM(model=..., **engine_options)`; see `EngineArgs` for the options."""
+
+    def __init__(self, model: str = EngineArgs.model, **engine_options) -> None:
+        self.engine = LLMEngine(EngineArgs(model=model, **engine_options))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; results come back in the input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        ids = []
+        for prompt, p in zip(prompts, params_list, strict=True):
+            request_id = str(next(self._ids))
+            self.engine.add_request(request_id, prompt, p)
+            ids.append(request_id)
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        conversations: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it has no chat template")
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [
+            self.tokenizer.encode_chat(c, add_generation_prompt=add_generation_prompt, tools=tools)
+            for c in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        partial: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", disable=not use_tqdm or len(ids) < 2) as bar:
+            while self.engine.has_unfinished_requests():
+                for delta in self.engine.step():
+                    merged = _merge(partial.get(delta.request_id), delta)
+                    partial[delta.request_id] = merged
+                    if delta.finished:
+                        done[delta.request_id] = partial.pop(delta.request_id)
+                        bar.update(1)
+        return [done[i] for i in ids]
+
+
+def _merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold a delta output into the accumulated one."""
+    if acc is None:
+        acc = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids,
+                            num_cached_tokens=delta.num_cached_tokens)
+    by_index = {o.index: o for o in acc.outputs}
+    for out in delta.outputs:
+        cur = by_index.get(out.index)
+        if cur is None:
+            cur = by_index[out.index] = CompletionOutput(out.index, "", [], logprobs=None)
+        cur.text += out.text
+        cur.token_ids += out.token_ids
+        if out.logprobs is not None:
+            cur.logprobs = (cur.logprobs or []) + out.logprobs
+        cur.finish_reason = out.finish_reason
+        cur.stop_reason = out.stop_reason
+    acc.outputs = [by_index[i] for i in sorted(by_index)]
+    acc.num_cached_tokens = delta.num_cached_tokens
+    acc.finished = delta.finished
+    return acc

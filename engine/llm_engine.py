@@ -1,0 +1,207 @@
+"""The synchronous engine core: requests in, one scheduled step at a time, outputs out.
+
+`LLM` drives it in a loop for offline batches; `AsyncLLM` drives it from a
+background thread for streaming. Both see the same `step()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.args import EngineArgs
+from engine.block_manager import BlockManager
+from engine.errors import ContextLengthExceededError
+from engine.loader import load_model
+from engine.model import build_model
+from engine.model_runner import ModelRunner, num_kv_blocks
+from engine.output_processor import OutputProcessor
+from engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from engine.sampler import make_generator
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, max_tokens_for
+from engine.sequence import Request, Sequence, Status
+
+log = logging.getLogger("tokenmill")
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.device = args.resolve_device()
+        self.dtype = args.resolve_dtype(self.device)
+        torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        loaded = load_model(args.model, dtype=self.dtype)
+        self.model_config = cfg = loaded.config
+        self.tokenizer = loaded.tokenizer
+        model = build_model(cfg, loaded.weights, self.device, self.dtype)
+        del loaded
+        self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings,
+                                 cfg.max_position_embeddings)
+        num_blocks = args.num_kv_blocks or num_kv_blocks(
+            cfg, args.block_size, self.dtype, self.device,
+            args.kv_cache_memory_gib, args.gpu_memory_utilization,
+        )
+        self.block_manager = BlockManager(
+            num_blocks, args.block_size, enable_prefix_caching=args.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        stop_ids = set(self.tokenizer.stop_token_ids) if self.tokenizer else set(cfg.eos_token_ids)
+        self.runner = ModelRunner(model, num_blocks, args.block_size, self.device, self.dtype, stop_ids)
+        self.outputs = OutputProcessor(self.tokenizer, stop_ids, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        log.info(
+            "loaded %s (%s, %s on %s) in %.1fs; KV cache: %d blocks x %d = %d tokens",
+            args.model, cfg.architecture, str(self.dtype).removeprefix("torch."), self.device,
+            time.perf_counter() - t0, num_blocks, args.block_size, num_blocks * args.block_size,
+        )
+
+    # -- requests -------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids instead of text")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return list(prompt)
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> Request:
+        """Validate and queue a request. Raises ValueError for a client's mistake."""
+        request = self.make_request(request_id, prompt, params)
+        self.enqueue(request)
+        return request
+
+    def make_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> Request:
+        """Tokenize and validate without touching engine state, so `AsyncLLM` can do
+        it on the caller's thread while a step is running."""
+        token_ids = self.tokenize(prompt)
+        self._check_fits(token_ids, params)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
+        request = Request(request_id, prompt if isinstance(prompt, str) else None, token_ids, params)
+        seq = Sequence(
+            request=request,
+            index=0,
+            token_ids=list(token_ids),
+            num_prompt_tokens=len(token_ids),
+            generator=make_generator(params.seed),
+            pending_forks=params.n - 1,
+        )
+        request.seqs.append(seq)
+        return request
+
+    def enqueue(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.outputs.start(request.seqs[0])
+        self.requests[request.request_id] = request
+        self.scheduler.add(request.seqs[0])
+        self.prompt_tokens_total += len(request.prompt_token_ids)
+
+    def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        n, limit = len(token_ids), self.max_model_len
+        wanted = n + (params.max_tokens or 1)
+        if wanted > limit:
+            raise ContextLengthExceededError(
+                f"this model's maximum context length is {limit} tokens; the prompt has {n} "
+                f"tokens and {params.max_tokens or 1} more were requested ({wanted} in all)"
+            )
+        pool = self.block_manager.num_blocks * self.block_manager.block_size
+        if n + 1 > pool:
+            raise ContextLengthExceededError(
+                f"the prompt ({n} tokens) does not fit the KV cache ({pool} tokens); "
+                "raise the KV cache budget"
+            )
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request in any state and free its blocks now."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = seq.finish_reason or "abort"
+        return self._request_output(request, [s for s in request.seqs if s.finish_reason == "abort"])
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- stepping -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch. Returns a delta output for every request that changed."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        for _parent, child in batch.forks:
+            self.outputs.start(child)
+        tables = [self.block_manager.block_table(s.seq_id) for s in batch.seqs]
+        seqs, tokens, logprobs = self.runner.run(batch, tables)
+        self.scheduler.advance(batch)
+        changed: dict[str, list[Sequence]] = {}
+        for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
+            request = seq.request
+            budget = max_tokens_for(request.params, seq.num_prompt_tokens, self.max_model_len)
+            self.outputs.append(seq, token, lp, budget)
+            self.generation_tokens_total += 1
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            changed.setdefault(request.request_id, []).append(seq)
+        results = []
+        for request_id, changed_seqs in changed.items():
+            request = self.requests[request_id]
+            results.append(self._request_output(request, changed_seqs))
+            if request.finished:
+                del self.requests[request_id]
+        return results
+
+    def _request_output(self, request: Request, seqs: list[Sequence]) -> RequestOutput:
+        outputs = []
+        for seq in seqs:
+            text, token_ids, logprobs = self.outputs.take_delta(seq)
+            outputs.append(CompletionOutput(
+                index=seq.index,
+                text=text,
+                token_ids=token_ids,
+                finish_reason=seq.finish_reason,
+                logprobs=logprobs if request.params.logprobs is not None else None,
+                stop_reason=seq.stop_reason,
+            ))
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=outputs,
+            num_cached_tokens=request.num_cached_tokens,
+            finished=request.finished or all(s.finished for s in request.seqs),
+        )
+
+    def stats(self) -> EngineStats:
+        cache = self.block_manager.prefix_cache
+        return EngineStats(
+            num_running=len({s.request.request_id for s in self.scheduler.running}),
+            num_waiting=len({s.request.request_id for s in self.scheduler.waiting}),
+            kv_cache_usage=self.block_manager.usage,
+            prefix_cache_queries=cache.num_query_tokens if cache else 0,
+            prefix_cache_hits=cache.num_hit_tokens if cache else 0,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+        )

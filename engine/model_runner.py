@@ -1,0 +1,153 @@
+"""Runs one scheduled batch through the model on the paged KV cache.
+
+Owns the KV pool (one K and one V tensor per layer, `[num_blocks, block_size,
+num_kv_heads, head_dim]`) and turns a `ScheduledBatch` into the flat tensors the
+kernels read: token ids, positions, slot mapping, block tables, context lengths and
+query start offsets. Only the last position of each sampling sequence goes through
+the LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import ModelConfig
+from engine.model import AttentionMetadata, CausalLM
+from engine.sampler import Sampler, SamplingRow, TokenLogprobs
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+_GIB = 1 << 30
+DEFAULT_CPU_KV_GIB = 2.0
+# Room left on the GPU for activations, the sampler and allocator slack.
+_CUDA_ACTIVATION_RESERVE = 2 * _GIB
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+def num_kv_blocks(
+    cfg: ModelConfig,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    cpu_gib: float | None,
+    gpu_memory_utilization: float,
+) -> int:
+    """Size the pool from a memory budget: a fixed size on CPU, and on CUDA the
+    given share of the device minus what is already taken (weights) and a reserve."""
+    per_block = kv_bytes_per_block(cfg, block_size, dtype)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - total * (1 - gpu_memory_utilization) - _CUDA_ACTIVATION_RESERVE
+    else:
+        budget = (cpu_gib if cpu_gib is not None else DEFAULT_CPU_KV_GIB) * _GIB
+    blocks = int(budget // per_block)
+    if blocks < 1:
+        raise MemoryError(
+            f"no room for a KV cache: a block needs {per_block / 2**20:.1f} MiB; "
+            "raise kv_cache_memory_gib / gpu_memory_utilization or use a smaller model"
+        )
+    return blocks
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        stop_token_ids: set[int],
+    ) -> None:
+        cfg = model.config
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.stop_token_ids = sorted(stop_token_ids)
+        self.sampler = Sampler()
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # Zero-filled: a kernel bug that reads an unwritten slot shows up as a wrong
+        # value in tests rather than as NaN soup.
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
+        for layer, k, v in zip(model.layers, self.k_caches, self.v_caches, strict=True):
+            layer.self_attn.k_cache = k
+            layer.self_attn.v_cache = v
+
+    @torch.inference_mode()
+    def run(
+        self, batch: ScheduledBatch, block_tables: list[list[int]]
+    ) -> tuple[list[Sequence], list[int], list[TokenLogprobs | None]]:
+        """Compute the batch and sample. Returns the sequences that got a new token
+        (forked siblings included), their tokens, and their logprobs."""
+        self._copy_blocks(batch.block_copies)
+        input_ids, positions, meta, sample_rows = self._prepare(batch, block_tables)
+        hidden = self.model(input_ids, positions, meta)
+        sampling_seqs = [batch.seqs[i] for i in range(len(batch.seqs)) if batch.samples(i)]
+        if not sampling_seqs:
+            return [], [], []
+        rows = torch.tensor(sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])
+        # Siblings forked this step sample from their parent's row.
+        row_of = {id(s): r for r, s in enumerate(sampling_seqs)}
+        for parent, child in batch.forks:
+            sampling_seqs.append(child)
+            logits = torch.cat([logits, logits[row_of[id(parent)]].unsqueeze(0)])
+        tokens, logprobs = self.sampler(logits, [self._sampling_row(s) for s in sampling_seqs])
+        return sampling_seqs, tokens, logprobs
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        params = seq.params
+        stops = list(params.stop_token_ids) + ([] if params.ignore_eos else self.stop_token_ids)
+        return SamplingRow(
+            params=params,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            output_token_ids=seq.output_token_ids,
+            generator=seq.generator,
+            eos_token_ids=stops,
+        )
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for cache in (*self.k_caches, *self.v_caches):
+            cache[dst] = cache[src]
+
+    def _prepare(self, batch: ScheduledBatch, block_tables: list[list[int]]):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        context_lens: list[int] = []
+        query_start = [0]
+        sample_rows: list[int] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_query_tokens, strict=True)):
+            start = seq.num_computed_tokens
+            end = start + n
+            table = block_tables[i]
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            context_lens.append(end)
+            query_start.append(query_start[-1] + n)
+            if end == seq.num_tokens:
+                sample_rows.append(query_start[-1] - 1)
+        width = max(len(t) for t in block_tables)
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            is_decode=query_start[-1] == len(batch.seqs),
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return ids, pos, meta, sample_rows

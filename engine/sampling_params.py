@@ -1,0 +1,119 @@
+"""Per-request sampling parameters, with vLLM's names, defaults and validation.
+
+The server builds these straight from untrusted JSON, so every check raises
+`ValueError` with a message naming the parameter and its allowed range: the
+server can turn that into a 400 response without knowing the rules itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# Below this temperature sampling is treated as greedy argmax (vLLM uses the same cut-off);
+# dividing logits by a temperature this small would only overflow.
+GREEDY_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int subclass, but `"temperature": true` in a request is a client bug.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(ok: bool, name: str, rule: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request and when to stop it."""
+
+    n: int = 1
+    temperature: float = 1.0  # < GREEDY_TEMPERATURE means greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF/vLLM: prompt and output tokens, divides positive logits
+    presence_penalty: float = 0.0  # OpenAI: output tokens only, subtracted once per present token
+    frequency_penalty: float = 0.0  # OpenAI: output tokens only, subtracted once per occurrence
+    seed: int | None = None
+    stop: str | list[str] | None = None  # normalised to list[str]
+    stop_token_ids: list[int] | None = None  # normalised to list[int]
+    max_tokens: int | None = 16  # None: up to the context window (the engine fills it in)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs, 0..20 (0: only the sampled token's)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        self._validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+    def _validate(self) -> None:
+        _require(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
+        self._check_float("temperature", lambda t: t >= 0, ">= 0")
+        self._check_float("top_p", lambda p: 0 < p <= 1, "in (0, 1]")
+        _require(
+            _is_int(self.top_k) and (self.top_k in (-1, 0) or self.top_k >= 1),
+            "top_k",
+            "-1 or 0 (disabled) or an integer >= 1",
+            self.top_k,
+        )
+        self._check_float("min_p", lambda p: 0 <= p <= 1, "in [0, 1]")
+        self._check_float("repetition_penalty", lambda r: r > 0, "> 0")
+        self._check_float("presence_penalty", lambda p: -2 <= p <= 2, "in [-2, 2]")
+        self._check_float("frequency_penalty", lambda p: -2 <= p <= 2, "in [-2, 2]")
+        _require(self.seed is None or _is_int(self.seed), "seed", "an integer or None", self.seed)
+        for s in self.stop:
+            _require(isinstance(s, str) and s != "", "stop", "a list of non-empty strings", s)
+        for t in self.stop_token_ids:
+            _require(_is_int(t) and t >= 0, "stop_token_ids", "a list of integers >= 0", t)
+        _require(
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            "max_tokens",
+            "an integer >= 1 or None",
+            self.max_tokens,
+        )
+        _require(
+            _is_int(self.min_tokens) and self.min_tokens >= 0,
+            "min_tokens",
+            "an integer >= 0",
+            self.min_tokens,
+        )
+        if self.max_tokens is not None:
+            _require(
+                self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                f"<= max_tokens ({self.max_tokens})",
+                self.min_tokens,
+            )
+        lp = self.logprobs
+        _require(
+            lp is None or (_is_int(lp) and 0 <= lp <= MAX_LOGPROBS),
+            "logprobs",
+            f"None or an integer in [0, {MAX_LOGPROBS}]",
+            lp,
+        )
+
+    def _check_float(self, name: str, in_range: Callable[[float], bool], rule: str) -> None:
+        value = getattr(self, name)
+        ok = _is_number(value) and math.isfinite(value) and in_range(value)
+        _require(ok, name, f"a finite number {rule}", value)

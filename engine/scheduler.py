@@ -1,0 +1,206 @@
+"""Continuous batching: choose, every step, which tokens of which sequences to run.
+
+A step's batch mixes one decode token for each running sequence with chunks of
+prompts still being prefilled, under a token budget (`max_num_batched_tokens`) and a
+sequence cap (`max_num_seqs`). Decodes are counted first so a long prompt never
+stalls the streams already flowing; prompts longer than what is left of the budget
+are prefilled in chunks over several steps.
+
+When the KV pool runs dry the newest running sequence is preempted by recompute:
+its computed blocks go into the prefix cache, its blocks are freed, and it returns
+to the head of the waiting queue keeping what it generated. Admission is strictly
+FCFS (the head of the queue is never skipped), so no request starves.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager, NoFreeBlocksError
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work. `num_query_tokens[i]` tokens of `seqs[i]` are computed,
+    starting at its `num_computed_tokens`."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_query_tokens: list[int] = field(default_factory=list)
+    # KV blocks to copy before the step (copy-on-write of shared partial blocks).
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Siblings forked this step: they sample from their parent's logits row.
+    forks: list[tuple[Sequence, Sequence]] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    def samples(self, i: int) -> bool:
+        """Whether seqs[i] reaches the end of its known tokens and so samples the next one."""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_query_tokens[i] == seq.num_tokens
+
+
+class Scheduler:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order, oldest first
+        self.num_preemptions = 0
+
+    # -- queue management ---------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Retire a sequence (finished or aborted) and release its blocks at once."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self.bm.cache(seq.seq_id, seq.token_ids[: seq.num_computed_tokens])
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free(seq.seq_id)
+        seq.status = Status.FINISHED
+
+    # -- scheduling ---------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        budget -= self._schedule_running(batch, budget)
+        self._schedule_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        """Give every running sequence its tokens, preempting the newest ones when
+        blocks run out. Returns the tokens used."""
+        num_decodes = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1)
+        prefill_budget = max(budget - num_decodes, 0)
+        used = 0
+        queue = list(self.running)
+        kept: list[Sequence] = []
+        while queue:
+            seq = queue.pop(0)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if remaining == 1:
+                if used >= budget:
+                    kept.append(seq)
+                    continue
+                n = 1
+            else:
+                n = min(remaining, prefill_budget)
+                if n == 0:
+                    kept.append(seq)
+                    continue
+            end = seq.num_computed_tokens + n
+            while self.bm.blocks_needed(seq.seq_id, end, seq.num_computed_tokens) > self.bm.num_available_blocks():
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            batch.block_copies += self.bm.ensure(seq.seq_id, end, seq.num_computed_tokens)
+            if remaining > 1:
+                prefill_budget -= n
+            used += n
+            kept.append(seq)
+            self._add_to_batch(batch, seq, n)
+        # Keep the survivors in admission order; siblings forked this step go last.
+        kept_ids = {id(s) for s in kept}
+        forked = [s for s in self.running if id(s) not in kept_ids and s.status is Status.RUNNING]
+        self.running = kept + forked
+        return used
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            # With nothing running, the watermark must not block the only candidate.
+            if self.running and not self.bm.can_allocate(seq.token_ids):
+                break
+            try:
+                cached = self.bm.allocate(seq.seq_id, seq.token_ids)
+            except NoFreeBlocksError:
+                break
+            self.waiting.popleft()
+            if seq.num_prompt_tokens == seq.num_tokens and seq.index == 0:
+                seq.request.num_cached_tokens = cached
+            seq.num_computed_tokens = cached
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_tokens - cached, budget)
+            budget -= n
+            self._add_to_batch(batch, seq, n)
+
+    def _add_to_batch(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
+        batch.seqs.append(seq)
+        batch.num_query_tokens.append(n)
+        if seq.pending_forks and seq.num_computed_tokens + n == seq.num_tokens:
+            for child in self._fork(seq):
+                batch.forks.append((seq, child))
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Create the request's remaining completions, sharing the parent's blocks."""
+        from engine.sampler import make_generator
+
+        request = parent.request
+        children = []
+        for index in range(1, parent.pending_forks + 1):
+            seed = None if request.params.seed is None else request.params.seed + index
+            child = Sequence(
+                request=request,
+                index=index,
+                token_ids=list(parent.token_ids),
+                num_prompt_tokens=parent.num_prompt_tokens,
+                generator=make_generator(seed),
+                status=Status.RUNNING,
+                num_computed_tokens=parent.num_computed_tokens,
+            )
+            self.bm.fork(parent.seq_id, child.seq_id)
+            request.seqs.append(child)
+            self.running.append(child)
+            children.append(child)
+        parent.pending_forks = 0
+        return children
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.cache(seq.seq_id, seq.token_ids[: seq.num_computed_tokens])
+        self.bm.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    # -- after the model ran --------------------------------------------------------
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """Record that the batch's tokens are now in the KV cache; cache whole
+        prompt blocks as soon as the prompt is done so concurrent requests share them."""
+        for seq, n in zip(batch.seqs, batch.num_query_tokens, strict=True):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens and seq.num_output_tokens == 0:
+                self.bm.cache(seq.seq_id, seq.token_ids)
+        for parent, child in batch.forks:
+            child.num_computed_tokens = parent.num_computed_tokens
+            # The parent just cached the shared prompt blocks; the child must hold
+            # a lock on them too so they are never counted as evictable.
+            self.bm.cache(child.seq_id, child.token_ids)
+
+
+def max_tokens_for(params: SamplingParams, prompt_len: int, max_model_len: int) -> int:
+    """The output budget of a request: its max_tokens, or whatever the window leaves."""
+    if params.max_tokens is None:
+        return max_model_len - prompt_len
+    return params.max_tokens

@@ -1,0 +1,84 @@
+"""Per-request and per-sequence state.
+
+A request with `n` completions owns `n` sequences. Only the first exists until the
+prompt is computed; the rest are forked from it then, sharing the prompt's KV
+blocks. Everything the scheduler needs is counted in tokens: `num_computed_tokens`
+says how much of `token_ids` is already in the KV cache, so a fresh prompt, a chunked
+prefill, a prefix-cache hit and a preempted sequence all look alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+from engine.sampler import TokenLogprobs
+from engine.sampling_params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prefix-cache hit at first admission
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.finished for s in self.seqs)
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    index: int  # which of the request's n completions
+    token_ids: list[int]  # prompt + generated
+    num_prompt_tokens: int
+    generator: torch.Generator | None = None
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    status: Status = Status.WAITING
+    num_computed_tokens: int = 0
+    pending_forks: int = 0  # siblings to fork once the prompt is computed
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Text streaming state, owned by the output processor.
+    detokenizer: object | None = None
+    text: str = ""  # decoded text of the output (may include held-back text)
+    num_emitted_chars: int = 0  # text[:num_emitted_chars] has been handed out
+    num_emitted_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params

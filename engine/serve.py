@@ -1,0 +1,194 @@
+"""`python -m engine.serve`: the OpenAI-compatible server on a real engine.
+
+This is the composition root: the one engine module that imports `server`. It parses
+the command line, loads the model into an `AsyncLLM`, builds the Starlette app
+around it and runs it with uvicorn, owning the shutdown order: on SIGTERM or Ctrl+C
+the server turns away new requests (503) and stops accepting connections, streams in
+flight finish (up to --shutdown-timeout), and only then is the engine stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+
+import uvicorn
+from server import ServerConfig, build_app, start_draining
+from starlette.applications import Starlette
+
+from engine.args import EngineArgs
+from engine.async_llm import AsyncLLM
+
+log = logging.getLogger("tokenmill")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = EngineArgs()
+    p = argparse.ArgumentParser(
+        prog="python -m engine.serve",
+        description="Serve a model over an OpenAI-compatible HTTP API "
+        "(/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    srv = p.add_argument_group("server")
+    srv.add_argument("--model", default=defaults.model,
+                     help="model to serve: a known short name, a Hugging Face folder or a "
+                     ".gguf file")
+    srv.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                     help="name(s) clients use in the 'model' field; default: --model")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
+    srv.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                     help="require 'Authorization: Bearer KEY' on /v1 routes; repeat to "
+                     "accept several keys")
+    srv.add_argument("--max-waiting-requests", type=int, default=256, metavar="N",
+                     help="queue limit: requests allowed to wait beyond the running batch "
+                     "(--max-num-seqs) before new ones get 429 with Retry-After")
+    srv.add_argument("--max-request-body-bytes", type=_positive_int, default=8 * 1024 * 1024,
+                     metavar="BYTES", help="larger request bodies get 413")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="on SIGTERM, how long in-flight requests may take to finish")
+    srv.add_argument("--log-level", default="info",
+                     choices=["critical", "error", "warning", "info", "debug"])
+    srv.add_argument("--no-access-log", action="store_true", help="do not log each request")
+
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--dtype", default=defaults.dtype,
+                     choices=["auto", "float32", "bfloat16", "float16"],
+                     help="weights and activations; auto: float32 on CPU, bfloat16 on CUDA")
+    eng.add_argument("--device", default=defaults.device,
+                     help="auto (CUDA when available), cpu, cuda, cuda:N")
+    eng.add_argument("--kv-cache-memory-gib", type=float, default=defaults.kv_cache_memory_gib,
+                     metavar="GIB", help="KV cache budget on CPU (default 2 GiB)")
+    eng.add_argument("--gpu-memory-utilization", type=float,
+                     default=defaults.gpu_memory_utilization, metavar="FRACTION",
+                     help="on CUDA: share of free memory after the weights used for KV cache")
+    eng.add_argument("--num-kv-blocks", type=_positive_int, default=None, metavar="N",
+                     help="exact KV pool size in blocks, overriding both budgets")
+    eng.add_argument("--block-size", type=_positive_int, default=defaults.block_size,
+                     help="tokens per KV cache block (a power of two)")
+    eng.add_argument("--max-num-seqs", type=_positive_int, default=defaults.max_num_seqs,
+                     help="most sequences in one running batch")
+    eng.add_argument("--max-num-batched-tokens", type=_positive_int,
+                     default=defaults.max_num_batched_tokens,
+                     help="most tokens (prefill chunks plus decodes) in one step")
+    eng.add_argument("--max-model-len", type=_positive_int, default=None,
+                     help="context window; default: the model's own")
+    eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                     default=defaults.enable_prefix_caching,
+                     help="reuse KV blocks of shared prompt prefixes (radix cache)")
+    eng.add_argument("--seed", type=int, default=defaults.seed,
+                     help="engine seed for requests that do not set their own")
+    return p
+
+
+def engine_args(args: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_memory_gib=args.kv_cache_memory_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        num_kv_blocks=args.num_kv_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
+    )
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        served_model_names=args.served_model_name or [args.model],
+        api_keys=args.api_key,
+        max_running_requests=args.max_num_seqs,
+        max_waiting_requests=args.max_waiting_requests,
+        max_body_bytes=args.max_request_body_bytes,
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with our shutdown order and a ready line.
+
+    uvicorn's own signal handling re-raises the signal once it has shut down, which
+    for SIGTERM kills the process before the engine is stopped; we install handlers
+    that drain the app first and let `serve` return normally instead.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self.app = app
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl+C: stop waiting for requests
+            return
+        log.info("%s received: draining", signal.Signals(sig).name)
+        start_draining(self.app)
+        self.should_exit = True
+
+    async def startup(self, sockets: list | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            host = f"[{host}]" if ":" in host else host
+            print(f"tokenmill is serving on http://{host}:{port} (OpenAI API: "
+                  f"http://{host}:{port}/v1)", flush=True)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    engine = AsyncLLM(engine_args(args))
+    app = build_app(engine, server_config(args))
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=not args.no_access_log,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+        lifespan="off",
+    )
+    try:
+        await _Server(config, app).serve()
+    finally:
+        await engine.shutdown()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(args))
+    except (ValueError, OSError) as exc:  # bad model path or option, port in use
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Tokenizer: encode/decode with `tokenizers`, chat templates with sandboxed jinja2.
+
+Built either from a Hugging Face folder (`tokenizer.json` + `tokenizer_config.json`) or
+from a GGUF's `tokenizer.ggml.*` metadata, which holds the vocabulary and merges but not
+the pre-tokenizer: that is chosen from `tokenizer.ggml.pre`, the name llama.cpp gives to
+the split regex the merges were learned with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import BPE
+
+from engine.config import UnsupportedModelError
+
+# End-of-turn markers of the chat formats we serve; any present in the vocabulary stops
+# generation, since instruct models often end a turn with one that is not their EOS.
+END_OF_TURN_TOKENS = (
+    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>",
+    "<end_of_turn>",
+)
+
+# Split regexes (before byte-level mapping) by `tokenizer.ggml.pre`; names not listed use
+# GPT-2's regex, which is what ByteLevel applies by itself.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"}
+_QWEN2_PRE = {"qwen2", "deepseek-r1-qwen"}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+class Tokenizer:
+    """A fast tokenizer plus the model's special tokens and chat template."""
+
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        chat_template: str | None = None,
+        add_bos_token: bool = False,
+        extra_stop_ids: Sequence[int] = (),
+        special_tokens: dict[str, str] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.bos_token_id = self._id_or_none(bos_token)
+        self.eos_token_id = self._id_or_none(eos_token)
+        self.chat_template = chat_template
+        self.add_bos_token = add_bos_token
+        # Extra template variables (unk_token, pad_token...) transformers also exposes.
+        self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token,
+                               **(special_tokens or {})}
+        stops = {self.eos_token_id, *extra_stop_ids}
+        stops.update(self._id_or_none(t) for t in END_OF_TURN_TOKENS)
+        self.stop_token_ids: set[int] = {i for i in stops if i is not None}
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self.all_special_ids: set[int] = {
+            i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
+        }
+
+    def _id_or_none(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_folder(cls, path: str | Path) -> Tokenizer:
+        """From `tokenizer.json`, with special tokens and template from the JSON configs."""
+        folder = Path(path)
+        if not (folder / "tokenizer.json").is_file():
+            raise UnsupportedModelError(
+                f"{folder} has no tokenizer.json; tokenmill needs a fast tokenizer. Create it "
+                "with `AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`"
+            )
+        backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg = _read_json(folder / "tokenizer_config.json")
+        specials = {k: _token_text(cfg.get(k)) for k in ("unk_token", "pad_token")}
+        extra_stops = [
+            *_ids(_read_json(folder / "generation_config.json").get("eos_token_id")),
+            *_ids(_read_json(folder / "config.json").get("eos_token_id")),
+        ]
+        return cls(
+            backend,
+            bos_token=_token_text(cfg.get("bos_token")),
+            eos_token=_token_text(cfg.get("eos_token")),
+            chat_template=_folder_chat_template(folder, cfg),
+            add_bos_token=bool(cfg.get("add_bos_token", False)),
+            extra_stop_ids=extra_stops,
+            special_tokens={k: v for k, v in specials.items() if v is not None},
+        )
+
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any]) -> Tokenizer:
+        """From GGUF metadata; supports byte-level BPE (`tokenizer.ggml.model == "gpt2"`)."""
+        model = metadata.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise UnsupportedModelError(
+                f"GGUF tokenizer model {model!r} is not supported; tokenmill reads byte-level "
+                "BPE ('gpt2': Llama 3, Qwen, SmolLM). Use the model's Hugging Face folder "
+                "(with tokenizer.json) instead"
+            )
+        tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+        types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+        pre = metadata.get("tokenizer.ggml.pre", "default")
+        backend = HFTokenizer(BPE(
+            vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
+            # Llama 3 looks whole words up in the vocabulary before merging.
+            ignore_merges=pre in _LLAMA3_PRE,
+        ))
+        backend.pre_tokenizer = _gguf_pre_tokenizer(pre)
+        if pre in _QWEN2_PRE:
+            backend.normalizer = normalizers.NFC()
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([
+            AddedToken(t, special=True, normalized=False)
+            for t, kind in zip(tokens, types, strict=True) if kind == _CONTROL
+        ])
+        backend.add_tokens([
+            AddedToken(t, special=False, normalized=False)
+            for t, kind in zip(tokens, types, strict=True) if kind == _USER_DEFINED
+        ])
+
+        def token(key: str) -> str | None:
+            idx = metadata.get(f"tokenizer.ggml.{key}")
+            return tokens[idx] if idx is not None and 0 <= idx < len(tokens) else None
+
+        bos = token("bos_token_id")
+        add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+        if add_bos:
+            bos_id = metadata["tokenizer.ggml.bos_token_id"]
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                special_tokens=[(bos, bos_id)],
+            )
+        specials = {"unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id")}
+        return cls(
+            backend,
+            bos_token=bos,
+            eos_token=token("eos_token_id"),
+            chat_template=metadata.get("tokenizer.chat_template"),
+            add_bos_token=add_bos,
+            extra_stop_ids=[metadata[k] for k in ("tokenizer.ggml.eot_token_id",
+                                                  "tokenizer.ggml.eom_token_id") if k in metadata],
+            special_tokens={k: v for k, v in specials.items() if v is not None},
+        )
+
+    # -- encode / decode -------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    # -- chat ------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render the conversation the way transformers' `apply_chat_template` does."""
+        if self._template is None:
+            raise ValueError(
+                "this model has no chat template (none in tokenizer_config.json, "
+                "chat_template.jinja or the GGUF's tokenizer.chat_template); "
+                "use the completions endpoint or a model with a template"
+            )
+        variables = {**self.special_tokens, **template_kwargs}
+        return self._template.render(
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
+
+    def encode_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """Render then encode; the template writes its own special tokens as text.
+
+        Encoding without the post-processor avoids a second BOS when the template already
+        starts with one; a BOS is added only when the model wants one and the template
+        did not write it (llama.cpp's rule).
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt, tools,
+                                        **template_kwargs)
+        ids = self.encode(text, add_special_tokens=False)
+        if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    @cached_property
+    def _template(self) -> jinja2.Template | None:
+        if self.chat_template is None:
+            return None
+        return _chat_environment().from_string(self.chat_template)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    split = _LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT if pre in _QWEN2_PRE else None
+    if split is None:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config writes special tokens as a string or as an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [int(v) for v in value]
+
+
+def _folder_chat_template(folder: Path, cfg: dict[str, Any]) -> str | None:
+    """The default template, from wherever this transformers version saved it."""
+    template = cfg.get("chat_template")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if template is None:
+        template = _read_json(folder / "chat_template.json").get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get("default", next(iter(named.values()), None))
+    return template
+
+
+class _GenerationBlock(Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant spans for training masks;
+    for inference it renders its body unchanged."""
+
+    tags = frozenset({"generation"})
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # jinja's built-in tojson escapes HTML characters and sorts keys; templates expect
+    # plain json.dumps output.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _chat_environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True,
+        extensions=[_GenerationBlock, "jinja2.ext.loopcontrols"],
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env

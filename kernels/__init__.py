@@ -1,0 +1,161 @@
+"""Kernels used by the engine, each dispatching between Triton and a PyTorch reference.
+
+The engine calls only the functions exported here. A call goes to the Triton implementation when
+its tensors live on CUDA, or when they are on CPU and ``TRITON_INTERPRET=1`` is set (read at call
+time, so CPU machines can exercise the Triton code through the interpreter). Everything else, and
+every call when Triton is not installed, runs the reference in :mod:`kernels.reference`.
+
+Triton modules are imported lazily: ``triton.jit`` decides at decoration time whether a kernel is
+compiled or interpreted, so importing them eagerly would freeze that choice before a test harness
+or user had a chance to set ``TRITON_INTERPRET``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+from kernels import reference
+
+__all__ = [
+    "apply_rotary",
+    "build_rope_cache",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "reference",
+    "rms_norm",
+    "silu_and_mul",
+    "store_kv",
+    "triton_available",
+]
+
+_TRUTHY = ("1", "true", "on", "yes")
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package can be imported (it is absent on e.g. macOS)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpret_requested() -> bool:
+    """Whether the environment asks for Triton's CPU interpreter right now."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUTHY
+
+
+def _triton_module(name: str) -> ModuleType:
+    return importlib.import_module(f"kernels.{name}")
+
+
+def _use_triton(t: torch.Tensor, module: str) -> bool:
+    """Route to Triton on CUDA, or on CPU when interpreting and the module was built for it.
+
+    The second condition matters when a process imported the kernels compiled for a GPU and only
+    later set ``TRITON_INTERPRET``: compiled kernels cannot take CPU tensors, so we fall back.
+    """
+    if not triton_available():
+        return False
+    if t.is_cuda:
+        return True
+    if not interpret_requested():
+        return False
+    return bool(_triton_module(module).INTERPRETED)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One-token-per-sequence attention over a paged KV cache; see the reference for semantics."""
+    if _use_triton(q, "triton_attention"):
+        impl = _triton_module("triton_attention").paged_decode_attention
+    else:
+        impl = reference.paged_decode_attention
+    return impl(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of packed queries over a paged KV cache; see the reference for semantics."""
+    if _use_triton(q, "triton_attention"):
+        impl = _triton_module("triton_attention").paged_prefill_attention
+    else:
+        impl = reference.paged_prefill_attention
+    return impl(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter new K/V into their cache slots in place (negative slots are skipped)."""
+    if _use_triton(key, "triton_ops"):
+        impl = _triton_module("triton_ops").store_kv
+    else:
+        impl = reference.store_kv
+    impl(key, value, k_cache, v_cache, slot_mapping)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm; with ``residual`` returns ``(norm(x + residual), x + residual)``."""
+    if _use_triton(x, "triton_ops"):
+        impl = _triton_module("triton_ops").rms_norm
+    else:
+        impl = reference.rms_norm
+    return impl(x, weight, eps, residual)
+
+
+def build_rope_cache(
+    head_dim: int,
+    max_position: int,
+    base: float,
+    rope_scaling: dict | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The ``[max_position, head_dim]`` cos|sin table; computed once, so always the reference."""
+    return reference.build_rope_cache(head_dim, max_position, base, rope_scaling, device)
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding (Llama rotate_half layout) on new copies of ``q`` and ``k``."""
+    if _use_triton(q, "triton_ops"):
+        impl = _triton_module("triton_ops").apply_rotary
+    else:
+        impl = reference.apply_rotary
+    return impl(q, k, positions, cos_sin_cache)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for a fused gate/up projection of width ``2 * d``."""
+    if _use_triton(x, "triton_ops"):
+        impl = _triton_module("triton_ops").silu_and_mul
+    else:
+        impl = reference.silu_and_mul
+    return impl(x)

@@ -1,0 +1,229 @@
+"""Plain PyTorch implementations of every kernel.
+
+These define the semantics the Triton kernels are tested against, and they are what the engine
+runs on CPU. They favour clarity, but avoid per-token Python loops and never materialise K/V
+repeated across a GQA group, so the CPU engine stays usable on small models.
+
+Shapes follow the paged-KV layout shared by the whole engine:
+``k_cache``/``v_cache`` are ``[num_blocks, block_size, num_kv_heads, head_dim]`` and a token at
+slot ``s`` lives in block ``s // block_size`` at offset ``s % block_size``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "apply_rotary",
+    "build_rope_cache",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "rms_norm",
+    "silu_and_mul",
+    "store_kv",
+]
+
+
+def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Gather the first ``num_blocks`` blocks named by ``block_table`` into a contiguous sequence.
+
+    ``block_table`` is ``[..., max_blocks]``; the result is ``[..., num_blocks * block_size,
+    num_kv_heads, head_dim]``. Padding entries may hold any value (even -1), so they are clamped
+    into range; the caller masks the positions they produce.
+    """
+    ids = block_table[..., :num_blocks].long().clamp(0, cache.shape[0] - 1)
+    blocks = cache[ids]  # [..., num_blocks, block_size, kvh, d]
+    return blocks.flatten(-4, -3)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence attending to all of its ``context_lens[i]`` cached tokens.
+
+    The whole batch is gathered to the longest context and padded positions are masked, which
+    keeps this a handful of batched matmuls instead of a Python loop over sequences.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if num_seqs == 0:
+        return q.new_empty(q.shape)
+    max_len = int(context_lens.max())
+    num_blocks = max(1, math.ceil(max_len / block_size))
+    k = _gather_kv(k_cache, block_tables, num_blocks).float()  # [S, T, kvh, d]
+    v = _gather_kv(v_cache, block_tables, num_blocks).float()
+    qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
+    scores = torch.einsum("skgd,stkd->skgt", qg, k) * scale
+    positions = torch.arange(k.shape[1], device=q.device)
+    invalid = positions[None, :] >= context_lens.to(q.device).long()[:, None]  # [S, T]
+    scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # empty contexts give zeros
+    out = torch.einsum("skgt,stkd->skgd", probs, v)
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for packed queries that are the last tokens of each sequence's context.
+
+    Query ``j`` of sequence ``i`` sits at absolute position ``context_lens[i] - query_len_i + j``
+    and may attend to every cached position up to and including its own. Handles fresh prefill,
+    prefill after a prefix-cache hit, chunked prefill and decode rows in one call.
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = q.new_empty(q.shape)
+    starts = query_start_loc.tolist()
+    lens = context_lens.tolist()
+    for i, ctx in enumerate(lens):
+        q_lo, q_hi = starts[i], starts[i + 1]
+        q_len = q_hi - q_lo
+        if q_len == 0:
+            continue
+        num_blocks = max(1, math.ceil(ctx / block_size))
+        k = _gather_kv(k_cache, block_tables[i], num_blocks)[:ctx].float()  # [T, kvh, d]
+        v = _gather_kv(v_cache, block_tables[i], num_blocks)[:ctx].float()
+        # Fold the GQA group into the query axis: [kvh, group * q_len, d] against [kvh, T, d].
+        qi = q[q_lo:q_hi].float().view(q_len, num_kv_heads, group, head_dim)
+        qi = qi.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
+        query_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+        allowed = torch.arange(ctx, device=q.device)[None, :] <= query_pos[:, None]
+        allowed = allowed.repeat(group, 1)  # [group * q_len, T]
+        o = F.scaled_dot_product_attention(
+            qi, k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed, scale=scale
+        )
+        o = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
+        out[q_lo:q_hi] = o.reshape(q_len, num_heads, head_dim).to(q.dtype)
+    return out
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write each token's K/V into its cache slot, in place; negative slots are skipped.
+
+    Negative slots let the runner pad a batch (e.g. for CUDA graphs) without a scratch block.
+    """
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, key, value = slots[keep], key[keep], value[keep]
+    block_size = k_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = key.to(k_cache.dtype)
+    v_cache[blocks, offsets] = value.to(v_cache.dtype)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm with Hugging Face LlamaRMSNorm rounding, optionally fused with a residual add.
+
+    With ``residual`` the sum ``x + residual`` is both normalised and returned as the new
+    residual stream, which is how pre-norm decoder layers chain together.
+    """
+    if residual is not None:
+        x = x + residual
+    normed = x.float()
+    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
+    out = (weight * normed.to(x.dtype)).to(x.dtype)
+    return out if residual is None else (out, x)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1 frequency remapping: keep high frequencies, divide low ones by ``factor``,
+    and interpolate smoothly in between (same arithmetic order as transformers)."""
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def build_rope_cache(
+    head_dim: int,
+    max_position: int,
+    base: float,
+    rope_scaling: dict | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Precompute ``[max_position, head_dim]`` float32: cos in the first half, sin in the second.
+
+    Frequencies are computed exactly as transformers does so that rotary outputs match it bit
+    for bit in float32.
+    """
+    rope_type = "default"
+    if rope_scaling:
+        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"unsupported rope type {rope_type!r} (supported: default, llama3)")
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (base**exponents)
+    if rope_type == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, rope_scaling)
+    positions = torch.arange(max_position, device=device, dtype=torch.int64).float()
+    freqs = positions[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding in the Llama "rotate_half" layout, returning new tensors.
+
+    cos/sin are cast to the input dtype before use, as transformers does, so low-precision
+    outputs round the same way as the Hugging Face model.
+    """
+    half = cos_sin_cache.shape[-1] // 2
+    cs = cos_sin_cache[positions.long()]  # [num_tokens, head_dim]
+    cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1)[:, None, :]
+    sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1)[:, None, :]
+    q_out = _rotate(q, cos.to(q.dtype), sin.to(q.dtype))
+    k_out = _rotate(k, cos.to(k.dtype), sin.to(k.dtype))
+    return q_out, k_out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation on a fused gate/up projection: ``silu(gate) * up``."""
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]

@@ -1,0 +1,247 @@
+"""POST /v1/chat/completions: prompt building, then OpenAI-shaped responses or chunks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive
+
+from engine import RequestOutput
+from server.chat_prompt import active_tools, build_chat_prompt, template_supports_tools
+from server.disconnect import unless_disconnected
+from server.errors import invalid
+from server.generation import (
+    ChoiceResult,
+    Collected,
+    check_context,
+    collect,
+    engine_outputs,
+    make_sampling_params,
+    merge,
+    usage,
+)
+from server.logprobs import chat_logprobs
+from server.metrics import RequestTimer
+from server.protocol import ChatRequest
+from server.sse import DONE, EventStreamResponse, event
+from server.state import ServerState
+from server.tool_parser import ParsedCall, ToolCallParser
+
+
+@dataclass
+class ChatRun:
+    """What every response piece of one request shares."""
+
+    state: ServerState
+    request: ChatRequest
+    model: str
+    tool_names: list[str]
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    prompt_tokens: int = 0
+
+    @property
+    def max_calls(self) -> int | None:
+        return None if self.request.parallel_tool_calls else 1
+
+    def assembler(self) -> ChoiceAssembler:
+        return ChoiceAssembler(self.tool_names, self.max_calls)
+
+    def logprobs(self, entries: list) -> dict | None:
+        if not self.request.logprobs:
+            return None
+        return chat_logprobs(entries, self.state.token_text, self.request.top_logprobs)
+
+
+class ChoiceAssembler:
+    """Turns one choice's text deltas into content pieces and tool calls, in order.
+
+    Whitespace next to a tool call (the newlines models put around `<tool_call>`
+    blocks) is dropped; any other whitespace is kept. To decide that independently of
+    where delta boundaries fall, trailing whitespace is held back until the next piece
+    shows what follows it, so streamed and whole-text results always agree.
+    """
+
+    def __init__(self, tool_names: list[str], max_calls: int | None) -> None:
+        self.parser = ToolCallParser(tool_names, max_calls) if tool_names else None
+        self.pending_space = ""
+        self.num_calls = 0
+
+    def push(self, text: str, final: bool) -> list[str | ParsedCall]:
+        if self.parser is None:
+            return [text] if text else []
+        events = self.parser.feed(text) + (self.parser.finish() if final else [])
+        out: list[str | ParsedCall] = []
+        for e in events:
+            if isinstance(e, ParsedCall):
+                self.pending_space = ""
+                self.num_calls += 1
+                out.append(e)
+                continue
+            piece = self.pending_space + e.text
+            body = piece.rstrip()
+            self.pending_space = piece[len(body):]
+            if body:
+                out.append(body)
+        if final and self.pending_space and not self.num_calls:
+            out.append(self.pending_space)
+        return out
+
+
+async def create_chat_completion(
+    state: ServerState, request: ChatRequest, receive: Receive, timer: RequestTimer
+) -> Response:
+    model = state.resolve_model(request.model)
+    prompt_ids = _encode_prompt(state, request)
+    params = make_sampling_params(request.sampling)
+    check_context(len(prompt_ids), params.max_tokens, state.engine.max_model_len, "messages")
+    run = ChatRun(state, request, model, [t.name for t in active_tools(request)],
+                  prompt_tokens=len(prompt_ids))
+    ticket = state.admission.acquire()
+    outputs = merge([engine_outputs(state, prompt_ids, params, run.id, timer)])
+    if request.stream:
+        return EventStreamResponse(_chat_events(run, outputs), on_close=ticket.release)
+    try:
+        collected = await unless_disconnected(receive, lambda: collect(outputs, params.n))
+    finally:
+        ticket.release()
+    if collected is None:  # the client is gone; nobody will read this
+        return Response(status_code=499)
+    return JSONResponse(_chat_response(run, collected))
+
+
+def _encode_prompt(state: ServerState, request: ChatRequest) -> list[int]:
+    tokenizer = state.engine.tokenizer
+    prompt = build_chat_prompt(request, template_supports_tools(tokenizer.chat_template))
+    try:
+        return tokenizer.encode_chat(prompt.messages, add_generation_prompt=True,
+                                     tools=prompt.tools)
+    # Templates reject conversations with jinja's raise_exception (a TemplateError) or
+    # trip on a shape they do not expect; either way the messages are what to fix.
+    except Exception as exc:
+        raise invalid(f"the model's chat template cannot render these messages: {exc}",
+                      "messages") from None
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _chat_choice(run: ChatRun, index: int, result: ChoiceResult) -> dict:
+    pieces = run.assembler().push(result.text, final=True)
+    calls = [p for p in pieces if isinstance(p, ParsedCall)]
+    content = "".join(p for p in pieces if isinstance(p, str))
+    message: dict = {"role": "assistant", "content": content or None if calls else content,
+                     "refusal": None}
+    if calls:
+        message["tool_calls"] = [
+            {"id": new_call_id(), "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}}
+            for c in calls
+        ]
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": run.logprobs(result.logprobs),
+        "finish_reason": "tool_calls" if calls else result.finish_reason,
+    }
+
+
+def _chat_response(run: ChatRun, collected: Collected) -> dict:
+    choices = [_chat_choice(run, i, c) for i, c in sorted(collected.choices.items())]
+    completion_tokens = sum(len(c.token_ids) for c in collected.choices.values())
+    return {
+        "id": run.id,
+        "object": "chat.completion",
+        "created": run.created,
+        "model": run.model,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": usage(run.prompt_tokens, completion_tokens, collected.cached_tokens),
+    }
+
+
+# -- streaming -----------------------------------------------------------------------------
+
+
+def _chunk(run: ChatRun, choices: list[dict], totals: dict | None = None) -> bytes:
+    payload = {
+        "id": run.id,
+        "object": "chat.completion.chunk",
+        "created": run.created,
+        "model": run.model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
+    if run.request.include_usage:
+        payload["usage"] = totals
+    return event(payload)
+
+
+def _choice_chunk(run: ChatRun, index: int, delta: dict, logprobs: dict | None = None,
+                  finish_reason: str | None = None) -> bytes:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs,
+              "finish_reason": finish_reason}
+    return _chunk(run, [choice])
+
+
+@dataclass
+class _StreamChoice:
+    assembler: ChoiceAssembler
+    started: bool = False
+
+
+def _tool_call_deltas(call: ParsedCall, call_index: int) -> list[dict]:
+    """OpenAI's streaming shape: id, type and name once, then the arguments."""
+    head = {"index": call_index, "id": new_call_id(), "type": "function",
+            "function": {"name": call.name, "arguments": ""}}
+    tail = {"index": call_index, "function": {"arguments": call.arguments}}
+    return [{"tool_calls": [head]}, {"tool_calls": [tail]}]
+
+
+def _choice_events(run: ChatRun, choice: _StreamChoice, o) -> list[bytes]:
+    """The chunks for one engine delta of one choice."""
+    chunks = []
+    if not choice.started:
+        choice.started = True
+        chunks.append(_choice_chunk(run, o.index, {"role": "assistant", "content": ""}))
+    calls_before = choice.assembler.num_calls
+    logprobs = run.logprobs(o.logprobs or [])
+    for piece in choice.assembler.push(o.text, final=o.finish_reason is not None):
+        if isinstance(piece, str):
+            chunks.append(_choice_chunk(run, o.index, {"content": piece}, logprobs))
+            logprobs = None  # they ride on the first content chunk of the delta
+        else:
+            deltas = _tool_call_deltas(piece, calls_before)
+            calls_before += 1
+            chunks += [_choice_chunk(run, o.index, d) for d in deltas]
+    if logprobs and logprobs["content"]:
+        chunks.append(_choice_chunk(run, o.index, {"content": ""}, logprobs))
+    if o.finish_reason is not None:
+        reason = "tool_calls" if choice.assembler.num_calls else o.finish_reason
+        chunks.append(_choice_chunk(run, o.index, {}, finish_reason=reason))
+    return chunks
+
+
+async def _chat_events(
+    run: ChatRun, outputs: AsyncGenerator[tuple[int, RequestOutput], None]
+) -> AsyncGenerator[bytes, None]:
+    choices: dict[int, _StreamChoice] = {}
+    completion_tokens = cached_tokens = 0
+    async with aclosing(outputs):
+        async for _, out in outputs:
+            if out.finished:
+                cached_tokens = out.num_cached_tokens
+            for o in out.outputs:
+                completion_tokens += len(o.token_ids)
+                choice = choices.setdefault(o.index, _StreamChoice(run.assembler()))
+                for chunk in _choice_events(run, choice, o):
+                    yield chunk
+    if run.request.include_usage:
+        yield _chunk(run, [], usage(run.prompt_tokens, completion_tokens, cached_tokens))
+    yield DONE

@@ -1,0 +1,151 @@
+"""POST /v1/completions: raw prompts (text or token ids, one or a batch), no template."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive
+
+from engine import RequestOutput
+from server.disconnect import unless_disconnected
+from server.generation import (
+    Collected,
+    check_context,
+    collect,
+    engine_outputs,
+    make_sampling_params,
+    merge,
+    usage,
+)
+from server.logprobs import completion_logprobs
+from server.metrics import RequestTimer
+from server.protocol import CompletionRequest
+from server.sse import DONE, EventStreamResponse, event
+from server.state import ServerState
+
+
+@dataclass
+class CompletionRun:
+    state: ServerState
+    request: CompletionRequest
+    model: str
+    n: int
+    prompt_texts: list[str]  # for echo
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def logprobs(self, entries: list, offset: int) -> dict | None:
+        if self.request.logprobs is None:
+            return None
+        return completion_logprobs(entries, self.state.token_text, self.request.logprobs, offset)
+
+    def echo_text(self, choice_index: int) -> str:
+        return self.prompt_texts[choice_index // self.n] if self.request.echo else ""
+
+
+def _prompt_ids(state: ServerState, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return state.engine.tokenizer.encode(prompt, add_special_tokens=True)
+    return prompt
+
+
+def _prompt_text(state: ServerState, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else state.engine.tokenizer.decode(prompt)
+
+
+async def create_completion(
+    state: ServerState, request: CompletionRequest, receive: Receive, timer: RequestTimer
+) -> Response:
+    model = state.resolve_model(request.model)
+    prompts = [_prompt_ids(state, p) for p in request.prompts]
+    params = make_sampling_params(request.sampling)
+    for ids in prompts:
+        check_context(len(ids), params.max_tokens, state.engine.max_model_len, "prompt")
+    texts = [_prompt_text(state, p) for p in request.prompts] if request.echo else []
+    run = CompletionRun(state, request, model, params.n, texts)
+    ticket = state.admission.acquire()
+    timers = [timer] + [RequestTimer(state.metrics, arrival=timer.arrival) for _ in prompts[1:]]
+    outputs = merge([
+        engine_outputs(state, ids, params, f"{run.id}-{i}", t)
+        for i, (ids, t) in enumerate(zip(prompts, timers, strict=True))
+    ])
+    if request.stream:
+        return EventStreamResponse(_completion_events(run, outputs), on_close=ticket.release)
+    try:
+        collected = await unless_disconnected(receive, lambda: collect(outputs, params.n))
+    finally:
+        ticket.release()
+    if collected is None:  # the client is gone; nobody will read this
+        return Response(status_code=499)
+    return JSONResponse(_completion_response(run, collected))
+
+
+def _completion_response(run: CompletionRun, collected: Collected) -> dict:
+    choices = []
+    for index, c in sorted(collected.choices.items()):
+        echo = run.echo_text(index)
+        choices.append({
+            "index": index,
+            "text": echo + c.text,
+            "logprobs": run.logprobs(c.logprobs, len(echo)),
+            "finish_reason": c.finish_reason,
+        })
+    completion_tokens = sum(len(c.token_ids) for c in collected.choices.values())
+    return {
+        "id": run.id,
+        "object": "text_completion",
+        "created": run.created,
+        "model": run.model,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": usage(collected.prompt_tokens, completion_tokens, collected.cached_tokens),
+    }
+
+
+def _chunk(run: CompletionRun, choices: list[dict], totals: dict | None = None) -> bytes:
+    payload = {
+        "id": run.id,
+        "object": "text_completion",
+        "created": run.created,
+        "model": run.model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
+    if run.request.include_usage:
+        payload["usage"] = totals
+    return event(payload)
+
+
+async def _completion_events(
+    run: CompletionRun, outputs: AsyncGenerator[tuple[int, RequestOutput], None]
+) -> AsyncGenerator[bytes, None]:
+    offsets: dict[int, int] = {}  # per choice: characters sent so far, for text_offset
+    prompt_tokens = completion_tokens = cached_tokens = 0
+    seen_prompts: set[int] = set()
+    async with aclosing(outputs):
+        async for position, out in outputs:
+            if position not in seen_prompts:
+                seen_prompts.add(position)
+                prompt_tokens += len(out.prompt_token_ids)
+            if out.finished:
+                cached_tokens += out.num_cached_tokens
+            for o in out.outputs:
+                index = position * run.n + o.index
+                completion_tokens += len(o.token_ids)
+                text = o.text if index in offsets else run.echo_text(index) + o.text
+                offset = offsets.get(index, len(text) - len(o.text))
+                offsets[index] = offset + len(o.text)
+                yield _chunk(run, [{
+                    "index": index,
+                    "text": text,
+                    "logprobs": run.logprobs(o.logprobs or [], offset),
+                    "finish_reason": o.finish_reason,
+                }])
+    if run.request.include_usage:
+        yield _chunk(run, [], usage(prompt_tokens, completion_tokens, cached_tokens))
+    yield DONE

@@ -1,0 +1,50 @@
+"""The slice of `engine.AsyncLLM` the server uses, written down as Protocols.
+
+The server depends on this shape only, never on engine internals, so the dependency
+stays server -> engine public API and tests can serve a small fake engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+from engine import RequestOutput, SamplingParams
+
+
+class TokenizerLike(Protocol):
+    chat_template: str | None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True,
+        tools: list[dict] | None = None, **template_kwargs: Any,
+    ) -> list[int]: ...
+
+
+class EngineStatsLike(Protocol):
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+class EngineClient(Protocol):
+    tokenizer: TokenizerLike
+    max_model_len: int
+    model_name: str
+
+    def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStatsLike: ...

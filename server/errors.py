@@ -1,0 +1,84 @@
+"""OpenAI-shaped errors.
+
+Every failure a client can cause is raised as `APIError` and rendered as
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status, because the
+OpenAI SDKs map the status to an exception class and read these four fields; an
+unshaped 500 would surface as a confusing "internal server error" for what was a
+typo in the request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+# The `type` OpenAI uses for each status we send.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+@dataclass
+class APIError(Exception):
+    """A request that cannot be served, with everything needed to answer it."""
+
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": _TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """The common case: a 400 about one request field."""
+    return APIError(400, message, param=param, code=code)
+
+
+def from_value_error(exc: ValueError) -> APIError:
+    """Turn a validation `ValueError("<param> must ...")` into a 400 naming that param.
+
+    The engine's `SamplingParams` words its messages this way on purpose, so the
+    server need not duplicate the engine's range rules to report the right field.
+    """
+    message = str(exc)
+    first = message.split(" ", 1)[0]
+    param = first if first.isidentifier() and " must " in message else None
+    return invalid(message, param=param)
+
+
+async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own 404/405 (unknown route, wrong method) in OpenAI's shape."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return APIError(exc.status_code, str(exc.detail), code=code).response()

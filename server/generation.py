@@ -1,0 +1,160 @@
+"""Running requests on the engine: parameters, context checks, streams and cleanup.
+
+Both endpoints go through `engine_outputs`, which is the one place that maps engine
+errors to API errors, feeds the latency metrics, and aborts the engine request if
+its consumer stops early (a client that went away), so KV blocks are freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from engine import RequestOutput, SamplingParams
+from engine.errors import ContextLengthExceededError, EngineError
+from server.errors import APIError, from_value_error, invalid
+from server.metrics import RequestTimer
+from server.state import ServerState
+
+T = TypeVar("T")
+
+
+def make_sampling_params(sampling: dict) -> SamplingParams:
+    try:
+        return SamplingParams(**sampling)
+    except ValueError as exc:
+        raise from_value_error(exc) from None
+
+
+def context_error(message: str, param: str) -> APIError:
+    return invalid(message, param=param, code="context_length_exceeded")
+
+
+def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int, param: str) -> None:
+    """Reject up front what cannot fit, with OpenAI's wording and error code."""
+    wanted = num_prompt + (max_tokens or 1)
+    if wanted > max_model_len:
+        completion = max_tokens if max_tokens is not None else "at least 1"
+        raise context_error(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {wanted} tokens ({num_prompt} in the {param}, {completion} in the "
+            "completion). Please reduce the length of the prompt or of max_tokens.",
+            param,
+        )
+
+
+async def engine_outputs(
+    state: ServerState,
+    prompt: list[int],
+    params: SamplingParams,
+    request_id: str,
+    timer: RequestTimer,
+) -> AsyncGenerator[RequestOutput, None]:
+    """`engine.generate` with API errors, metrics, and abort-on-early-close."""
+    finished = False
+    try:
+        async with aclosing(state.engine.generate(prompt, params, request_id)) as outputs:
+            async for out in outputs:
+                timer.on_tokens(sum(len(o.token_ids) for o in out.outputs))
+                finished = out.finished
+                yield out
+    except ContextLengthExceededError as exc:
+        raise context_error(str(exc), "prompt") from None
+    except ValueError as exc:  # e.g. a prompt larger than the whole KV pool
+        raise from_value_error(exc) from None
+    except EngineError as exc:
+        raise APIError(503, f"the engine failed: {exc}", code="engine_error") from None
+    finally:
+        if finished:
+            timer.on_finished()
+        else:
+            await state.engine.abort(request_id)
+
+
+async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[int, T], None]:
+    """Interleave several streams as items arrive, tagged with the stream's position.
+
+    Each stream is drained by its own task; closing the merged stream cancels them,
+    which closes (and so aborts) every underlying request.
+    """
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:
+            async for item in only:
+                yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, T] | BaseException | None] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncGenerator[T, None]) -> None:
+        try:
+            async with aclosing(stream) as s:
+                async for item in s:
+                    queue.put_nowait((i, item))
+            queue.put_nowait(None)
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class ChoiceResult:
+    """One choice accumulated from deltas (the non-streaming responses)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class Collected:
+    choices: dict[int, ChoiceResult] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+async def collect(stream: AsyncGenerator[tuple[int, RequestOutput], None], n: int) -> Collected:
+    """Accumulate (prompt position, delta) pairs into whole choices numbered like OpenAI's."""
+    result = Collected()
+    seen_prompts: set[int] = set()
+    async with aclosing(stream):
+        async for position, out in stream:
+            if position not in seen_prompts:
+                seen_prompts.add(position)
+                result.prompt_tokens += len(out.prompt_token_ids)
+            if out.finished:
+                result.cached_tokens += out.num_cached_tokens
+            for o in out.outputs:
+                choice = result.choices.setdefault(position * n + o.index, ChoiceResult())
+                choice.text += o.text
+                choice.token_ids += o.token_ids
+                choice.logprobs += o.logprobs or []
+                choice.finish_reason = o.finish_reason or choice.finish_reason
+    return result
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage object; cached_tokens is the prefix-cache hit of the prompt."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }

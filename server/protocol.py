@@ -1,0 +1,338 @@
+"""Request bodies of the OpenAI API, checked and normalised into dataclasses.
+
+Only the fields the server itself interprets are checked here (messages, tools,
+streaming, logprobs, prompt shape). Sampling fields are collected as-is into
+`sampling` and checked by the engine's `SamplingParams`, whose errors name the
+parameter, so range rules live in one place. Unknown fields are ignored, as vLLM
+does, so clients that send newer OpenAI fields keep working.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.errors import invalid
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+_FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+MAX_N = 128  # OpenAI's own upper bound for `n`
+MAX_TOP_LOGPROBS = 20
+
+# Passed straight to SamplingParams under the same name (vLLM's extensions included).
+_SAMPLING_FIELDS = (
+    "n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+    "skip_special_tokens", "include_stop_str_in_output",
+)
+
+
+@dataclass
+class Tool:
+    name: str
+    description: str | None
+    parameters: dict | None
+    spec: dict  # the request's {"type": "function", "function": {...}} object, for templates
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON text, as OpenAI sends it
+
+
+@dataclass
+class Message:
+    role: str
+    content: str | None
+    name: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str | None = None
+
+
+@dataclass
+class ChatRequest:
+    model: str | None
+    messages: list[Message]
+    sampling: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: str = "none"  # "none" | "auto" | "required" | "function"
+    forced_tool: str | None = None  # the function named by tool_choice, if any
+    parallel_tool_calls: bool = True
+    user: str | None = None
+
+
+@dataclass
+class CompletionRequest:
+    model: str | None
+    prompts: list[str | list[int]]
+    sampling: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None
+    echo: bool = False
+    user: str | None = None
+
+
+# -- field helpers --------------------------------------------------------------------------
+
+_KINDS: dict[str, tuple[type, ...]] = {
+    "a string": (str,),
+    "a boolean": (bool,),
+    "an integer": (int,),
+    "a number": (int, float),
+    "an object": (dict,),
+    "an array": (list,),
+}
+
+
+def _field(body: dict, name: str, kind: str, default: Any = None, param: str | None = None) -> Any:
+    """body[name] if present and not null, checked against `kind` (bool is not a number)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = isinstance(value, _KINDS[kind])
+    if kind in ("an integer", "a number") and isinstance(value, bool):
+        ok = False
+    if not ok:
+        raise invalid(f"{param or name} must be {kind}, got {value!r}", param=param or name)
+    return value
+
+
+def _sampling_fields(body: dict) -> dict[str, Any]:
+    sampling = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+    n = sampling.get("n")
+    if isinstance(n, int) and n > MAX_N:
+        raise invalid(f"n must be at most {MAX_N}, got {n}", param="n")
+    return sampling
+
+
+def _max_tokens(body: dict, *names: str) -> int | None:
+    """The first of `names` that is set; must be a positive integer."""
+    for name in names:
+        value = _field(body, name, "an integer")
+        if value is not None:
+            if value < 1:
+                raise invalid(f"{name} must be at least 1, got {value}", param=name)
+            return value
+    return None
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    options = _field(body, "stream_options", "an object")
+    if options is None:
+        return False
+    if not stream:
+        raise invalid("stream_options is only allowed when stream is true", "stream_options")
+    return _field(options, "include_usage", "a boolean", False, "stream_options.include_usage")
+
+
+# -- chat ----------------------------------------------------------------------------------
+
+
+def _text_content(content: Any, param: str) -> str:
+    """A message's content as text: a string, or an array of text parts joined by newlines."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{param} must be a string or an array of content parts", param)
+    texts = []
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            raise invalid(f"{param}[{i}]: only text content parts are supported", param)
+        texts.append(_field(part, "text", "a string", param=f"{param}[{i}].text") or "")
+    return "\n".join(texts)
+
+
+def _tool_call(raw: Any, param: str) -> ToolCall:
+    if not isinstance(raw, dict):
+        raise invalid(f"{param} must be an object", param)
+    function = _field(raw, "function", "an object", param=f"{param}.function")
+    if function is None:
+        raise invalid(f"{param}.function is required", param)
+    name = _field(function, "name", "a string", param=f"{param}.function.name")
+    if not name:
+        raise invalid(f"{param}.function.name is required", param)
+    arguments = _field(function, "arguments", "a string", "{}", f"{param}.function.arguments")
+    return ToolCall(id=_field(raw, "id", "a string", "", f"{param}.id"), name=name,
+                    arguments=arguments)
+
+
+def _message(raw: Any, i: int) -> Message:
+    param = f"messages[{i}]"
+    if not isinstance(raw, dict):
+        raise invalid(f"{param} must be an object", "messages")
+    role = raw.get("role")
+    if role not in ROLES:
+        raise invalid(f"{param}.role must be one of {', '.join(ROLES)}, got {role!r}", "messages")
+    content = raw.get("content")
+    text = None if content is None else _text_content(content, f"{param}.content")
+    calls_raw = _field(raw, "tool_calls", "an array", [], f"{param}.tool_calls")
+    if calls_raw and role != "assistant":
+        raise invalid(f"{param}: only assistant messages may have tool_calls", "messages")
+    calls = [_tool_call(c, f"{param}.tool_calls[{j}]") for j, c in enumerate(calls_raw)]
+    if text is None and not (role == "assistant" and calls):
+        raise invalid(f"{param}.content is required for a {role} message", "messages")
+    tool_call_id = _field(raw, "tool_call_id", "a string", param=f"{param}.tool_call_id")
+    if role == "tool" and tool_call_id is None:
+        raise invalid(f"{param}.tool_call_id is required for a tool message", "messages")
+    name = _field(raw, "name", "a string", param=f"{param}.name")
+    return Message(role, text, name=name, tool_calls=calls, tool_call_id=tool_call_id)
+
+
+def _tool(raw: Any, i: int) -> Tool:
+    param = f"tools[{i}]"
+    if not isinstance(raw, dict) or raw.get("type") != "function":
+        raise invalid(f'{param} must be an object with "type": "function"', "tools")
+    function = _field(raw, "function", "an object", param=f"{param}.function")
+    if function is None:
+        raise invalid(f"{param}.function is required", "tools")
+    name = _field(function, "name", "a string", "", f"{param}.function.name")
+    if not _FUNCTION_NAME.match(name):
+        raise invalid(
+            f"{param}.function.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
+            "tools",
+        )
+    return Tool(
+        name=name,
+        description=_field(function, "description", "a string", param=f"{param}.description"),
+        parameters=_field(function, "parameters", "an object", param=f"{param}.parameters"),
+        spec={"type": "function", "function": function},
+    )
+
+
+def _tool_choice(body: dict, tools: list[Tool]) -> tuple[str, str | None]:
+    """(mode, forced function name). OpenAI's default is "auto" with tools, else "none"."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return ("auto" if tools else "none"), None
+    if choice in ("none", "auto", "required"):
+        if choice == "required" and not tools:
+            raise invalid('tool_choice "required" needs tools', "tool_choice")
+        return choice, None
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not (isinstance(choice, dict) and choice.get("type") == "function" and name):
+        raise invalid(
+            'tool_choice must be "none", "auto", "required" or '
+            '{"type": "function", "function": {"name": ...}}',
+            "tool_choice",
+        )
+    if name not in {t.name for t in tools}:
+        raise invalid(f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
+    return "function", name
+
+
+def _check_unsupported(body: dict) -> None:
+    """Fail loudly on options we would otherwise silently ignore."""
+    fmt = _field(body, "response_format", "an object")
+    if fmt is not None and fmt.get("type") != "text":
+        raise invalid('only response_format {"type": "text"} is supported', "response_format")
+    if _field(body, "logit_bias", "an object"):
+        raise invalid("logit_bias is not supported", "logit_bias")
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    messages_raw = _field(body, "messages", "an array")
+    if not messages_raw:
+        raise invalid("messages must be a non-empty array", "messages")
+    _check_unsupported(body)
+    messages = [_message(m, i) for i, m in enumerate(messages_raw)]
+    tools = [_tool(t, i) for i, t in enumerate(_field(body, "tools", "an array", []))]
+    if len({t.name for t in tools}) != len(tools):
+        raise invalid("tools must have distinct function names", "tools")
+    mode, forced = _tool_choice(body, tools)
+    stream = _field(body, "stream", "a boolean", False)
+    logprobs = _field(body, "logprobs", "a boolean", False)
+    top = _field(body, "top_logprobs", "an integer")
+    if top is not None:
+        if not logprobs:
+            raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise invalid(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}",
+                          "top_logprobs")
+    sampling = _sampling_fields(body)
+    sampling["max_tokens"] = _max_tokens(body, "max_completion_tokens", "max_tokens")
+    if logprobs:
+        sampling["logprobs"] = top or 0
+    return ChatRequest(
+        model=_field(body, "model", "a string"),
+        messages=messages,
+        sampling=sampling,
+        stream=stream,
+        include_usage=_stream_options(body, stream),
+        logprobs=logprobs,
+        top_logprobs=top or 0,
+        tools=tools,
+        tool_choice=mode,
+        forced_tool=forced,
+        parallel_tool_calls=_field(body, "parallel_tool_calls", "a boolean", True),
+        user=_field(body, "user", "a string"),
+    )
+
+
+# -- completions ---------------------------------------------------------------------------
+
+
+def _is_token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    )
+
+
+def _prompts(body: dict) -> list[str | list[int]]:
+    """OpenAI accepts a string, a token list, or a batch (array) of either."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or _is_token_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(
+        isinstance(p, str) or _is_token_ids(p) for p in prompt
+    ):
+        return list(prompt)
+    raise invalid(
+        "prompt must be a string, an array of token ids, or a non-empty array of either",
+        "prompt",
+    )
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    prompts = _prompts(body)
+    _check_unsupported(body)
+    if body.get("suffix"):
+        raise invalid("suffix is not supported", "suffix")
+    stream = _field(body, "stream", "a boolean", False)
+    logprobs = _field(body, "logprobs", "an integer")
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise invalid(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", "logprobs")
+    echo = _field(body, "echo", "a boolean", False)
+    if echo and logprobs is not None:
+        raise invalid("echo with logprobs is not supported (no prompt logprobs)", "echo")
+    best_of = _field(body, "best_of", "an integer")
+    if best_of is not None and best_of != body.get("n", 1):
+        raise invalid("best_of is not supported (it must equal n)", "best_of")
+    sampling = _sampling_fields(body)
+    # The legacy endpoint's default is 16 tokens, not "fill the context".
+    sampling["max_tokens"] = _max_tokens(body, "max_tokens") or 16
+    if logprobs is not None:
+        sampling["logprobs"] = logprobs
+    return CompletionRequest(
+        model=_field(body, "model", "a string"),
+        prompts=prompts,
+        sampling=sampling,
+        stream=stream,
+        include_usage=_stream_options(body, stream),
+        logprobs=logprobs,
+        echo=echo,
+        user=_field(body, "user", "a string"),
+    )

@@ -1,0 +1,83 @@
+"""Server-Sent Events: the framing, and a response that streams them without buffering.
+
+`EventStreamResponse` differs from Starlette's `StreamingResponse` in three ways that
+matter for an inference server:
+- it always watches for the client's disconnect and then stops and closes the event
+  generator at once (which aborts the engine request and frees its KV blocks), not
+  only when a later write happens to fail;
+- it waits for the first event before sending the status line, so an error the engine
+  raises before producing anything (a prompt too large for the KV pool, say) is still
+  a proper 4xx JSON response rather than a 200 followed by an error event;
+- an API error after the stream has started is sent as an OpenAI-style error event,
+  followed by `[DONE]` so clients stop reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, Callable
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from server.disconnect import wait_for_disconnect
+from server.errors import APIError
+
+DONE = b"data: [DONE]\n\n"
+
+
+def event(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + (
+        b"\n\n"
+    )
+
+
+class EventStreamResponse(Response):
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncGenerator[bytes, None], on_close: Callable[[], None]) -> None:
+        self.events = events
+        self.on_close = on_close
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sender = asyncio.ensure_future(self._send_events(send))
+        watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+        try:
+            await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if sender.done():
+                sender.result()  # surface a failure in the stream itself
+        finally:
+            sender.cancel()
+            watcher.cancel()
+            await asyncio.gather(sender, watcher, return_exceptions=True)
+            await self.events.aclose()
+            self.on_close()
+
+    async def _send_events(self, send: Send) -> None:
+        try:
+            first = await anext(self.events, None)
+        except APIError as err:
+            await _send_error_response(send, err)
+            return
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        if first is not None:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            try:
+                async for chunk in self.events:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except APIError as err:
+                await send({"type": "http.response.body", "body": event(err.body()) + DONE,
+                            "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _send_error_response(send: Send, err: APIError) -> None:
+    response = err.response()
+    await send({"type": "http.response.start", "status": response.status_code,
+                "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body, "more_body": False})

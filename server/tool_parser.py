@@ -1,0 +1,124 @@
+"""Find `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks in model output.
+
+This is the Hermes/Qwen convention (Qwen2.5 and Qwen3 templates ask for it natively;
+our default tool prompt asks other models for it too). One incremental parser serves
+both the streaming and the whole-text case, so the two can never disagree.
+
+Text outside the blocks passes through as soon as it cannot be the start of a
+`<tool_call>` tag. A block is held until it closes and is then either a call (if its
+body is a JSON object naming an allowed function, with object arguments) or given
+back verbatim as text: a malformed call is never dropped, and a stream never sends
+a call it would later have to take back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from dataclasses import dataclass
+
+OPEN_TAG = "<tool_call>"
+CLOSE_TAG = "</tool_call>"
+
+
+@dataclass
+class ParsedCall:
+    name: str
+    arguments: str  # compact JSON text of an object
+
+
+@dataclass
+class TextPiece:
+    text: str
+
+
+ToolEvent = TextPiece | ParsedCall
+
+
+def parse_call(body: str, allowed: Collection[str]) -> ParsedCall | None:
+    """The call in one block's body, or None if it is not a valid call to an allowed tool."""
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or obj.get("name") not in allowed:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):  # some models write the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ParsedCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+def _partial_tag_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+class ToolCallParser:
+    """Feed text deltas; get text pieces and complete calls back, in order."""
+
+    def __init__(self, allowed: Collection[str], max_calls: int | None = None) -> None:
+        self.allowed = allowed
+        self.max_calls = max_calls  # calls beyond it come back as text
+        self.num_calls = 0
+        self._buffer = ""
+        self._in_block = False
+
+    def feed(self, delta: str) -> list[ToolEvent]:
+        self._buffer += delta
+        events: list[ToolEvent] = []
+        while True:
+            if self._in_block:
+                end = self._buffer.find(CLOSE_TAG)
+                if end < 0:
+                    return events
+                events.append(self._close_block(self._buffer[:end], closed=True))
+                self._buffer = self._buffer[end + len(CLOSE_TAG):]
+                self._in_block = False
+            else:
+                start = self._buffer.find(OPEN_TAG)
+                if start < 0:
+                    keep = _partial_tag_suffix(self._buffer, OPEN_TAG)
+                    cut = len(self._buffer) - keep
+                    if cut:
+                        events.append(TextPiece(self._buffer[:cut]))
+                    self._buffer = self._buffer[cut:]
+                    return events
+                if start:
+                    events.append(TextPiece(self._buffer[:start]))
+                self._buffer = self._buffer[start + len(OPEN_TAG):]
+                self._in_block = True
+
+    def finish(self) -> list[ToolEvent]:
+        """Flush at the end of generation. An unclosed final block still counts as a call
+        when its body parses: models often stop right before writing the closing tag."""
+        rest, self._buffer = self._buffer, ""
+        if self._in_block:
+            self._in_block = False
+            return [self._close_block(rest, closed=False)]
+        return [TextPiece(rest)] if rest else []
+
+    def _close_block(self, body: str, closed: bool) -> ToolEvent:
+        call = parse_call(body.strip(), self.allowed)
+        if call is not None and (self.max_calls is None or self.num_calls < self.max_calls):
+            self.num_calls += 1
+            return call
+        return TextPiece(OPEN_TAG + body + (CLOSE_TAG if closed else ""))
+
+
+def parse_tool_calls(
+    text: str, allowed: Collection[str], max_calls: int | None = None
+) -> tuple[str, list[ParsedCall]]:
+    """Whole-text form: (the text outside valid calls, the calls)."""
+    parser = ToolCallParser(allowed, max_calls)
+    events = parser.feed(text) + parser.finish()
+    content = "".join(e.text for e in events if isinstance(e, TextPiece))
+    return content, [e for e in events if isinstance(e, ParsedCall)]

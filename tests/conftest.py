@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random Hugging Face models saved to disk, and the test device."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+TEST_DEVICE = torch.device(os.environ.get("TOKENMILL_TEST_DEVICE", "cpu"))
+
+TINY = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def _tiny_config(arch: str):
+    import transformers
+
+    if arch == "llama":
+        return transformers.LlamaConfig(**TINY, rope_theta=10000.0, tie_word_embeddings=True)
+    if arch == "llama3":
+        return transformers.LlamaConfig(
+            **TINY,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**TINY, tie_word_embeddings=False)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=True)
+    raise ValueError(arch)
+
+
+TINY_ARCHS = ["llama", "llama3", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: arch -> path of a saved tiny random model (cached per session)."""
+    import transformers
+
+    cache: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in cache:
+            torch.manual_seed(0)
+            cfg = _tiny_config(arch)
+            model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+            # Random init with std 0.02 makes every logit nearly equal; widen it so
+            # greedy decoding has clear winners and comparisons are meaningful.
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() > 1:
+                        p.normal_(0, 0.15)
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            model.save_pretrained(path, safe_serialization=True)
+            cache[arch] = str(path)
+        return cache[arch]
+
+    return make

@@ -1,0 +1,98 @@
+"""Builders for paged-attention test inputs and a float64 ground truth.
+
+Caches are filled with random values everywhere (unused blocks included) and sequences get
+blocks in shuffled, non-contiguous order, with garbage in the unused tail of each block-table row,
+so a kernel that reads the wrong block or past a context shows up as a wrong answer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@dataclass
+class PagedBatch:
+    """A ragged batch whose K/V already sit in a paged cache."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    q: torch.Tensor
+    scale: float
+
+
+def make_paged_batch(
+    context_lens: list[int],
+    query_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    extra_table_width: int = 0,
+) -> PagedBatch:
+    """Random cache + queries; query ``j`` of sequence ``i`` is one of its last tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [math.ceil(n / block_size) for n in context_lens]
+    num_blocks = sum(blocks_per_seq) + 3  # a few blocks nobody owns
+    width = max(blocks_per_seq) + extra_table_width
+    order = torch.randperm(num_blocks, generator=gen)
+    # Padding entries: any value, including ones that would be out of range if dereferenced.
+    table = torch.randint(-num_blocks, 2 * num_blocks, (len(context_lens), width), generator=gen)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        table[i, :n] = order[used : used + n]
+        used += n
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    q = torch.randn((sum(query_lens), num_heads, head_dim), generator=gen).to(dtype)
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    return PagedBatch(
+        k_cache=k_cache.to(device),
+        v_cache=v_cache.to(device),
+        block_tables=table.to(torch.int32).to(device),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        q=q.to(device),
+        scale=head_dim**-0.5,
+    )
+
+
+def naive_attention(batch: PagedBatch) -> torch.Tensor:
+    """Token-by-token float64 causal attention, reading the cache one slot at a time."""
+    q = batch.q.double().cpu()
+    k_cache, v_cache = batch.k_cache.double().cpu(), batch.v_cache.double().cpu()
+    table = batch.block_tables.cpu()
+    block_size = k_cache.shape[1]
+    group = q.shape[1] // k_cache.shape[2]
+    out = torch.empty_like(q)
+    starts = batch.query_start_loc.tolist()
+    for i, ctx in enumerate(batch.context_lens.tolist()):
+        q_len = starts[i + 1] - starts[i]
+        blocks = [int(table[i, t // block_size]) for t in range(ctx)]
+        keys = torch.stack([k_cache[b, t % block_size] for t, b in enumerate(blocks)])
+        values = torch.stack([v_cache[b, t % block_size] for t, b in enumerate(blocks)])
+        for j in range(q_len):
+            visible = ctx - q_len + j + 1
+            for h in range(q.shape[1]):
+                kv = h // group
+                scores = keys[:visible, kv] @ q[starts[i] + j, h] * batch.scale
+                out[starts[i] + j, h] = torch.softmax(scores, 0) @ values[:visible, kv]
+    return out
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return float((out - ref).norm() / ref.norm())

@@ -1,0 +1,58 @@
+"""Fixtures for the server tests: the app on a fake engine, served by a real uvicorn
+in a background thread, so tests exercise real sockets, streaming and disconnects."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+
+from server import ServerConfig, build_app
+from tests.server.fake_engine import FakeEngine
+
+
+@dataclass
+class RunningServer:
+    url: str
+    engine: FakeEngine
+    app: object
+    client: httpx.Client
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., RunningServer]]:
+    """Factory: serve(engine=None, **ServerConfig fields) -> RunningServer."""
+    stops: list[Callable[[], None]] = []
+
+    def start(engine: FakeEngine | None = None, **config) -> RunningServer:
+        engine = engine or FakeEngine()
+        config.setdefault("served_model_names", ["fake-model"])
+        app = build_app(engine, ServerConfig(**config))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+                                               log_level="warning", lifespan="off"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        client = httpx.Client(base_url=url, timeout=10)
+
+        def stop() -> None:
+            client.close()
+            server.should_exit = True
+            thread.join(10)
+
+        stops.append(stop)
+        return RunningServer(url, engine, app, client)
+
+    yield start
+    for stop in stops:
+        stop()

@@ -1,0 +1,147 @@
+"""A small stand-in for `engine.AsyncLLM` that follows its public contract.
+
+Tokens are characters (token id = code point), so tests can predict prompts,
+counts and outputs exactly. Each request replies with `engine.reply` (text or a
+function of the prompt text), honouring max_tokens, stop strings and n, and
+streams one token per yield as the real engine does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import jinja2
+
+from engine import CompletionOutput, EngineStats, RequestOutput, SamplingParams
+from engine.errors import EngineError
+from engine.sampler import TokenLogprobs
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# A template with a tool section, like Qwen's: it lists the tools it is given.
+CHATML_WITH_TOOLS = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}"
+    "</tools>\n{% endif %}" + CHATML
+)
+
+
+class FakeTokenizer:
+    def __init__(self, chat_template: str = CHATML) -> None:
+        self.chat_template = chat_template
+        self.last_prompt: str | None = None
+        self.last_tools: list[dict] | None = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(t) for t in token_ids)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+        template = jinja2.Environment().from_string(self.chat_template)
+        self.last_prompt = template.render(messages=messages, tools=tools,
+                                           add_generation_prompt=add_generation_prompt)
+        self.last_tools = tools
+        return self.encode(self.last_prompt)
+
+
+@dataclass
+class FakeEngine:
+    reply: str | Callable[[str], str] = "Hello, world!"
+    max_model_len: int = 512
+    model_name: str = "fake-model"
+    token_delay: float = 0.0
+    # While set (cleared by a test), generation pauses after the first token.
+    hold: threading.Event = field(default_factory=threading.Event)
+    fail_after: int | None = None  # raise EngineError after this many tokens
+    tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
+    running: set[str] = field(default_factory=set)
+    aborted: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    params: list[SamplingParams] = field(default_factory=list)
+    prompts: list[list[int]] = field(default_factory=list)
+    generated_total: int = 0
+
+    def __post_init__(self) -> None:
+        self.hold.set()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.running),
+            kv_cache_usage=min(1.0, len(self.running) / 8),
+            prompt_tokens_total=sum(len(p) for p in self.prompts),
+            generation_tokens_total=self.generated_total,
+            prefix_cache_queries=sum(len(p) for p in self.prompts),
+        )
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self.running:
+            self.running.discard(request_id)
+            self.aborted.append(request_id)
+
+    def _completion(self, prompt: list[int], params: SamplingParams) -> tuple[str, str]:
+        text = self.reply(self.tokenizer.decode(prompt)) if callable(self.reply) else self.reply
+        reason = "stop"
+        for stop in params.stop:
+            if stop in text:
+                text = text[: text.index(stop)]
+        if params.max_tokens is not None and len(text) > params.max_tokens:
+            text, reason = text[: params.max_tokens], "length"
+        return text, reason
+
+    def _cached_tokens(self, prompt: list[int]) -> int:
+        """Like a prefix cache with 4-token blocks: the longest earlier shared prefix."""
+        best = 0
+        for earlier in self.prompts:
+            n = 0
+            while n < min(len(earlier), len(prompt)) and earlier[n] == prompt[n]:
+                n += 1
+            best = max(best, n - n % 4)
+        return min(best, len(prompt) - 1)
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if len(ids) + (params.max_tokens or 1) > self.max_model_len:
+            raise ValueError("prompt too long")
+        cached = self._cached_tokens(ids)
+        self.prompts.append(ids)
+        self.params.append(params)
+        self.running.add(request_id)
+        text, reason = self._completion(ids, params)
+        try:
+            for pos in range(max(len(text), 1)):
+                if request_id not in self.running:
+                    return
+                if self.fail_after is not None and pos >= self.fail_after:
+                    raise EngineError("simulated engine failure")
+                await asyncio.sleep(self.token_delay)
+                while pos == 1 and not self.hold.is_set():
+                    await asyncio.sleep(0.005)
+                last = pos >= len(text) - 1
+                outputs = [self._delta(i, text[pos:pos + 1], last, reason, params)
+                           for i in range(params.n)]
+                self.generated_total += params.n * len(text[pos:pos + 1])
+                if last:
+                    self.running.discard(request_id)
+                    self.finished.append(request_id)
+                yield RequestOutput(request_id, None, ids, outputs, cached, finished=last)
+        finally:
+            self.running.discard(request_id)
+
+    @staticmethod
+    def _delta(index: int, piece: str, last: bool, reason: str,
+               params: SamplingParams) -> CompletionOutput:
+        token_ids = [ord(c) for c in piece]
+        logprobs = None
+        if params.logprobs is not None:
+            top = [(t, -0.25) for t in token_ids] + [(ord("?"), -2.0), (ord("!"), -3.0)]
+            logprobs = [TokenLogprobs(t, -0.25, top[: params.logprobs]) for t in token_ids]
+        return CompletionOutput(index, piece, token_ids, reason if last else None, logprobs)

@@ -1,0 +1,388 @@
+"""The HTTP API on a fake engine: response shapes, streaming, errors, limits, metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.server.fake_engine import CHATML_WITH_TOOLS, FakeEngine, FakeTokenizer
+from tests.server.sse_client import events, stream
+
+USER = [{"role": "user", "content": "Say hello"}]
+PROMPT = "<|im_start|>user\nSay hello<|im_end|>\n<|im_start|>assistant\n"
+
+
+def chat(server, **body):
+    return server.client.post("/v1/chat/completions", json={"messages": USER, **body})
+
+
+def test_chat_completion_shape_and_usage(serve):
+    server = serve()
+    r = chat(server, model="fake-model", max_tokens=50)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["id"].startswith("chatcmpl-") and body["model"] == "fake-model"
+    (choice,) = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": "Hello, world!", "refusal": None}
+    assert choice["finish_reason"] == "stop" and choice["logprobs"] is None
+    assert body["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 13,
+                             "total_tokens": len(PROMPT) + 13,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
+    assert server.engine.tokenizer.last_prompt == PROMPT
+
+
+def test_chat_stream_follows_openai_chunk_shape(serve):
+    server = serve()
+    chunks = stream(server.client, "/v1/chat/completions",
+                    {"messages": USER, "stream_options": {"include_usage": True}})
+    assert chunks[-1] == "[DONE]"
+    data = chunks[:-1]
+    assert len({(c["id"], c["created"]) for c in data}) == 1
+    assert all(c["object"] == "chat.completion.chunk" for c in data)
+    *choice_chunks, usage_chunk = data
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["completion_tokens"] == 13
+    assert all(c["usage"] is None for c in choice_chunks)
+    deltas = [c["choices"][0]["delta"] for c in choice_chunks]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert all("role" not in d for d in deltas[1:])
+    reasons = [c["choices"][0]["finish_reason"] for c in choice_chunks]
+    assert reasons[:-1] == [None] * (len(reasons) - 1) and reasons[-1] == "stop"
+    assert deltas[-1] == {}
+    assert "".join(d.get("content", "") for d in deltas) == "Hello, world!"
+    assert len(deltas) == 1 + 13 + 1  # role, one chunk per token, finish
+
+
+def test_stream_without_usage_has_no_usage_chunk(serve):
+    chunks = stream(serve().client, "/v1/chat/completions", {"messages": USER})
+    assert all("usage" not in c for c in chunks[:-1])
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_max_tokens_stop_n_and_seed_reach_the_engine(serve):
+    server = serve()
+    body = chat(server, max_completion_tokens=4, n=2, seed=7, temperature=0.5,
+                stop=[","], top_k=3).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert {c["message"]["content"] for c in body["choices"]} == {"Hell"}
+    assert {c["finish_reason"] for c in body["choices"]} == {"length"}
+    params = server.engine.params[-1]
+    assert (params.max_tokens, params.n, params.seed, params.stop, params.top_k) == (
+        4, 2, 7, [","], 3)
+    assert chat(server, stop=",").json()["choices"][0]["message"]["content"] == "Hello"
+
+
+def test_streaming_n2_sends_role_once_per_choice(serve):
+    chunks = stream(serve().client, "/v1/chat/completions", {"messages": USER, "n": 2})
+    by_index: dict[int, list[dict]] = {0: [], 1: []}
+    for c in chunks[:-1]:
+        (choice,) = c["choices"]
+        by_index[choice["index"]].append(choice)
+    for choices in by_index.values():
+        assert [("role" in c["delta"]) for c in choices].count(True) == 1
+        assert "".join(c["delta"].get("content", "") for c in choices) == "Hello, world!"
+        assert choices[-1]["finish_reason"] == "stop"
+
+
+def test_chat_logprobs(serve):
+    body = chat(serve(), logprobs=True, top_logprobs=2, max_tokens=3).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [t["token"] for t in content] == ["H", "e", "l"]
+    assert content[0]["logprob"] == -0.25 and content[0]["bytes"] == [72]
+    assert [t["token"] for t in content[0]["top_logprobs"]] == ["H", "?"]
+    assert chat(serve(), logprobs=True, max_tokens=1).json()["choices"][0]["logprobs"][
+        "content"][0]["top_logprobs"] == []
+
+
+def test_completions_text_ids_batch_echo_and_logprobs(serve):
+    server = serve()
+    post = server.client.post
+    single = post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5}).json()
+    assert single["object"] == "text_completion" and single["id"].startswith("cmpl-")
+    assert single["choices"][0]["text"] == "Hello"
+    assert single["choices"][0]["finish_reason"] == "length"
+    assert single["usage"]["prompt_tokens"] == 2
+    ids = post("/v1/completions", json={"prompt": [72, 105], "max_tokens": 2}).json()
+    assert ids["choices"][0]["text"] == "He"
+    batch = post("/v1/completions",
+                 json={"prompt": ["a", "bc"], "n": 2, "max_tokens": 2, "echo": True}).json()
+    assert [(c["index"], c["text"]) for c in batch["choices"]] == [
+        (0, "aHe"), (1, "aHe"), (2, "bcHe"), (3, "bcHe")]
+    assert batch["usage"]["prompt_tokens"] == 3
+    assert batch["usage"]["completion_tokens"] == 8
+    lp = post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "logprobs": 1}).json()
+    logprobs = lp["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == ["H", "e", "l"]
+    assert logprobs["token_logprobs"] == [-0.25] * 3
+    assert logprobs["top_logprobs"] == [{"H": -0.25}, {"e": -0.25}, {"l": -0.25}]
+    assert logprobs["text_offset"] == [0, 1, 2]
+
+
+def test_completions_stream(serve):
+    chunks = stream(serve().client, "/v1/completions",
+                    {"prompt": ["a", "b"], "max_tokens": 4, "logprobs": 0,
+                     "stream_options": {"include_usage": True}})
+    assert chunks[-1] == "[DONE]" and chunks[-2]["choices"] == []
+    assert chunks[-2]["usage"]["completion_tokens"] == 8
+    texts: dict[int, str] = {}
+    offsets: dict[int, list[int]] = {}
+    for c in chunks[:-2]:
+        (choice,) = c["choices"]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+        offsets.setdefault(choice["index"], []).extend(choice["logprobs"]["text_offset"])
+    assert texts == {0: "Hell", 1: "Hell"}
+    assert offsets[0] == [0, 1, 2, 3]
+
+
+def test_models_health_and_metrics(serve):
+    server = serve(served_model_names=["fake-model", "alias"])
+    models = server.client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["fake-model", "alias"]
+    assert models["data"][0]["max_model_len"] == 512
+    assert server.client.get("/v1/models/alias").json()["id"] == "alias"
+    assert server.client.get("/health").json() == {"status": "ok"}
+    assert chat(server, model="alias").json()["model"] == "alias"
+    text = server.client.get("/metrics").text
+    assert "tokenmill:time_to_first_token_seconds_count 1.0" in text
+    assert "tokenmill:e2e_request_latency_seconds_count 1.0" in text
+    assert "tokenmill:inter_token_latency_seconds_count 12.0" in text
+    assert f"tokenmill:prompt_tokens_total {float(len(PROMPT))}" in text
+    assert "tokenmill:generation_tokens_total 13.0" in text
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                 "prefix_cache_queries_total", "prefix_cache_hits_total",
+                 "num_preemptions_total"):
+        assert f"tokenmill:{name} " in text
+
+
+def test_cached_tokens_reported_from_the_engine(serve):
+    server = serve()
+    system = [{"role": "system", "content": "You are terse. " * 20}]
+    first = chat(server, messages=system + USER).json()
+    second = chat(server, messages=system + USER).json()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 280
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def assert_error(response: httpx.Response, status: int, param=None, code=None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+def test_client_mistakes_get_openai_shaped_4xx(serve):
+    server = serve(max_body_bytes=1000)
+    post = server.client.post
+    r = post("/v1/chat/completions", content=b'{"messages": [', headers={
+        "content-type": "application/json"})
+    assert_error(r, 400, code="invalid_json")
+    assert_error(chat(server, temperature="hot"), 400, "temperature")
+    assert_error(chat(server, temperature=-1), 400, "temperature")
+    assert_error(chat(server, top_p=0), 400, "top_p")
+    assert_error(chat(server, presence_penalty=3), 400, "presence_penalty")
+    assert_error(chat(server, stop=[""]), 400, "stop")
+    assert_error(chat(server, model="gpt-9"), 404, "model", "model_not_found")
+    assert_error(server.client.get("/v1/models/gpt-9"), 404, "model")
+    assert_error(post("/v1/chat/completions", json={"messages": USER, "pad": "x" * 2000}),
+                 413, code="request_too_large")
+    error = assert_error(chat(server, max_tokens=600), 400, "messages", "context_length_exceeded")
+    assert "maximum context length is 512" in error["message"]
+    assert_error(post("/v1/completions", json={"prompt": "x" * 500, "max_tokens": 20}), 400,
+                 "prompt", "context_length_exceeded")
+    assert_error(post("/v1/completions", json={"prompt": ""}), 400, "prompt")
+    assert_error(post("/v1/chat/completions", json=[1, 2]), 400)
+    assert_error(server.client.get("/v1/nothing"), 404)
+    assert_error(server.client.get("/v1/chat/completions"), 405)
+    assert server.engine.params == []  # none of these reached the engine
+
+
+def test_template_errors_are_400(serve):
+    engine = FakeEngine(tokenizer=FakeTokenizer("{{ raise_me() }}"))
+    assert_error(chat(serve(engine)), 400, "messages")
+
+
+def test_engine_failure_before_output_is_an_error_response(serve):
+    r = chat(serve(FakeEngine(fail_after=0)), stream=True)
+    assert_error(r, 503, code="engine_error")
+
+
+def test_engine_failure_mid_stream_is_an_error_event(serve):
+    chunks = stream(serve(FakeEngine(fail_after=3)).client, "/v1/chat/completions",
+                    {"messages": USER})
+    assert chunks[-1] == "[DONE]"
+    assert chunks[-2]["error"]["code"] == "engine_error"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-2]) == "Hel"
+
+
+def test_api_keys_guard_v1_but_not_health(serve):
+    server = serve(api_keys=["k1", "k2"])
+    assert_error(chat(server), 401, code="invalid_api_key")
+    r = server.client.post("/v1/chat/completions", json={"messages": USER},
+                           headers={"Authorization": "Bearer nope"})
+    assert_error(r, 401)
+    assert server.client.get("/v1/models", headers={"Authorization": "Basic k1"}).status_code \
+        == 401
+    for key in ("k1", "k2"):
+        ok = server.client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200
+    assert server.client.get("/health").status_code == 200
+    assert server.client.get("/metrics").status_code == 200
+
+
+# -- concurrency, disconnects, shutdown ----------------------------------------------------
+
+
+def wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_first_chunk_reaches_the_client_before_generation_ends(serve):
+    engine = FakeEngine()
+    engine.hold.clear()  # the engine will not go past its first token until we say so
+    server = serve(engine)
+    with server.client.stream("POST", "/v1/chat/completions",
+                              json={"messages": USER, "stream": True}) as response:
+        received = events(response)
+        assert next(received)["choices"][0]["delta"]["role"] == "assistant"
+        assert next(received)["choices"][0]["delta"]["content"] == "H"
+        assert engine.running  # generation is still going on
+        engine.hold.set()
+        rest = list(received)
+    assert rest[-1] == "[DONE]"
+
+
+def test_dropped_stream_aborts_the_request(serve):
+    engine = FakeEngine(token_delay=0.01, reply="x" * 400)
+    server = serve(engine)
+    with server.client.stream("POST", "/v1/chat/completions",
+                              json={"messages": USER, "stream": True}) as response:
+        received = events(response)
+        next(received), next(received)
+    wait_for(lambda: engine.aborted)
+    assert not engine.running and not engine.finished
+    state = server.app.state.tokenmill
+    wait_for(lambda: state.admission.active == 0)
+
+
+def test_dropped_non_streaming_request_aborts(serve):
+    engine = FakeEngine(token_delay=0.01, reply="x" * 400)
+    server = serve(engine)
+    with pytest.raises(httpx.ReadTimeout):
+        server.client.post("/v1/chat/completions", json={"messages": USER}, timeout=0.2)
+    wait_for(lambda: engine.aborted)
+    assert not engine.finished
+    wait_for(lambda: server.app.state.tokenmill.admission.active == 0)
+
+
+def test_queue_limit_answers_429_with_retry_after(serve):
+    engine = FakeEngine()
+    engine.hold.clear()
+    server = serve(engine, max_running_requests=1, max_waiting_requests=1, retry_after_s=3)
+    with server.client.stream("POST", "/v1/chat/completions",
+                              json={"messages": USER, "stream": True}) as a, \
+            server.client.stream("POST", "/v1/completions",
+                                 json={"prompt": "x", "stream": True}) as b:
+        next(events(a)), next(events(b))
+        r = chat(server)
+        assert_error(r, 429, code="rate_limit_exceeded")
+        assert r.headers["retry-after"] == "3"
+        engine.hold.set()
+        a.read(), b.read()
+    assert chat(server).status_code == 200
+
+
+def test_draining_server_answers_503(serve):
+    from server import start_draining
+
+    server = serve()
+    start_draining(server.app)
+    assert_error(chat(server), 503)
+    assert server.client.get("/health").status_code == 503
+
+
+# -- tool calls ----------------------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object",
+                                          "properties": {"city": {"type": "string"}}}}}
+CALLS = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>')
+
+
+def test_tool_calls_non_streaming(serve):
+    server = serve(FakeEngine(reply=CALLS))
+    body = chat(server, tools=[WEATHER_TOOL]).json()
+    (choice,) = body["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    message = choice["message"]
+    assert message["content"] is None
+    calls = message["tool_calls"]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [
+        {"city": "Paris"}, {"city": "Rome"}]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert calls[0]["id"] != calls[1]["id"]
+    assert "<tools>" in server.engine.tokenizer.last_prompt  # default tool section
+
+
+def test_tool_calls_streaming(serve):
+    server = serve(FakeEngine(reply="On it." + CALLS))
+    chunks = stream(server.client, "/v1/chat/completions",
+                    {"messages": USER, "tools": [WEATHER_TOOL]})
+    deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
+    assert "".join(d.get("content") or "" for d in deltas) == "On it."
+    fragments = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    heads = [f for f in fragments if "id" in f]
+    assert [h["index"] for h in heads] == [0, 1]
+    assert all(h["type"] == "function" and h["function"]["name"] == "get_weather"
+               for h in heads)
+    assert all("id" not in f and "name" not in f["function"] for f in fragments
+               if f not in heads)
+    args = {0: "", 1: ""}
+    for f in fragments:
+        args[f["index"]] += f["function"]["arguments"]
+    assert {k: json.loads(v) for k, v in args.items()} == {0: {"city": "Paris"},
+                                                            1: {"city": "Rome"}}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_malformed_tool_call_is_returned_as_text(serve):
+    broken = '<tool_call>{"name": "get_weather", "arguments": {"city": "Par</tool_call>'
+    server = serve(FakeEngine(reply=broken))
+    body = chat(server, tools=[WEATHER_TOOL]).json()
+    assert body["choices"][0]["message"]["content"] == broken
+    assert body["choices"][0]["finish_reason"] == "stop"
+    chunks = stream(server.client, "/v1/chat/completions",
+                    {"messages": USER, "tools": [WEATHER_TOOL]})
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == broken
+
+
+def test_tool_choice_none_leaves_calls_as_text(serve):
+    server = serve(FakeEngine(reply=CALLS))
+    body = chat(server, tools=[WEATHER_TOOL], tool_choice="none").json()
+    assert body["choices"][0]["message"]["content"] == CALLS
+    assert "<tools>" not in server.engine.tokenizer.last_prompt
+
+
+def test_native_tool_template_receives_the_tools(serve):
+    engine = FakeEngine(reply=CALLS, tokenizer=FakeTokenizer(CHATML_WITH_TOOLS))
+    server = serve(engine)
+    body = chat(server, tools=[WEATHER_TOOL], parallel_tool_calls=False).json()
+    assert engine.tokenizer.last_tools == [WEATHER_TOOL]
+    assert engine.tokenizer.last_prompt.startswith("<tools>get_weather;</tools>")
+    message = body["choices"][0]["message"]
+    assert len(message["tool_calls"]) == 1  # parallel_tool_calls=false: the second is text
+    assert "Rome" in message["content"]

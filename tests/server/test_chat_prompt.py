@@ -1,0 +1,138 @@
+"""Request parsing and prompt building for chat, without HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.chat_prompt import build_chat_prompt, template_supports_tools
+from server.errors import APIError
+from server.protocol import parse_chat_request, parse_completion_request
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {}}}
+ROUND_TRIP = [
+    {"role": "developer", "content": "Be brief."},
+    {"role": "user", "content": [{"type": "text", "text": "Weather in Paris"},
+                                 {"type": "text", "text": "and Rome?"}]},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_2", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+    ]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18C, sunny"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "25C, clear"},
+]
+
+
+def chat(**body):
+    return parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **body})
+
+
+def test_default_tool_format_for_templates_without_a_tool_section():
+    request = parse_chat_request({"messages": ROUND_TRIP, "tools": [WEATHER_TOOL]})
+    prompt = build_chat_prompt(request, native_tools=False)
+    assert prompt.tools is None
+    system, user, assistant, results = prompt.messages
+    assert system["role"] == "system"
+    assert system["content"].startswith("Be brief.\n\n# Tools")
+    assert json.dumps(WEATHER_TOOL) in system["content"]
+    assert user == {"role": "user", "content": "Weather in Paris\nand Rome?"}
+    assert assistant["content"].count("<tool_call>") == 2
+    assert '"arguments": {"city": "Rome"}' in assistant["content"]
+    # Both results share one user turn, so roles still alternate.
+    assert results["role"] == "user"
+    assert results["content"] == ("<tool_response>\n18C, sunny\n</tool_response>\n"
+                                  "<tool_response>\n25C, clear\n</tool_response>")
+
+
+def test_native_tool_templates_get_tools_and_structured_calls():
+    request = parse_chat_request({"messages": ROUND_TRIP, "tools": [WEATHER_TOOL]})
+    prompt = build_chat_prompt(request, native_tools=True)
+    assert prompt.tools == [WEATHER_TOOL]
+    assert prompt.messages[0] == {"role": "system", "content": "Be brief."}
+    call = prompt.messages[2]["tool_calls"][0]
+    assert call["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert prompt.messages[3] == {"role": "tool", "content": "18C, sunny",
+                                  "tool_call_id": "call_1"}
+
+
+def test_tool_choice_shapes_what_the_model_is_offered():
+    none = build_chat_prompt(chat(tools=[WEATHER_TOOL], tool_choice="none"), False)
+    assert len(none.messages) == 1  # no tools section, no system message added
+    named = build_chat_prompt(
+        chat(tools=[WEATHER_TOOL, TIME_TOOL],
+             tool_choice={"type": "function", "function": {"name": "get_time"}},
+             parallel_tool_calls=False),
+        False,
+    )
+    system = named.messages[0]["content"]
+    assert '"get_time"' in system and '"get_weather"' not in system
+    assert "must call the function 'get_time'" in system
+    assert "at most one function" in system
+    required = build_chat_prompt(chat(tools=[TIME_TOOL], tool_choice="required"), True)
+    assert "must call at least one" in required.messages[0]["content"]
+
+
+def test_template_tool_detection():
+    assert template_supports_tools("{% if tools %}...{% endif %}")
+    assert not template_supports_tools("{{ messages }}")
+    assert not template_supports_tools(None)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+        ({"messages": [{"role": "user"}]}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+         "messages[0].content"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": "8"}, "max_completion_tokens"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"n": 1000}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [TIME_TOOL], "tool_choice": {"type": "function",
+                                               "function": {"name": "nope"}}}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_chat_request_errors_name_the_parameter(body, param):
+    with pytest.raises(APIError) as err:
+        parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **body})
+    assert err.value.status == 400
+    assert err.value.param == param
+
+
+def test_chat_request_maps_openai_fields_to_sampling():
+    request = chat(max_tokens=5, max_completion_tokens=7, temperature=0, stop="x",
+                   logprobs=True, top_logprobs=2, top_k=4, seed=3)
+    assert request.sampling == {"max_tokens": 7, "temperature": 0, "stop": "x",
+                                "logprobs": 2, "top_k": 4, "seed": 3}
+
+
+def test_completion_prompt_shapes():
+    assert parse_completion_request({"prompt": "hi"}).prompts == ["hi"]
+    assert parse_completion_request({"prompt": [1, 2]}).prompts == [[1, 2]]
+    assert parse_completion_request({"prompt": ["a", [3]]}).prompts == ["a", [3]]
+    assert parse_completion_request({"prompt": "hi"}).sampling["max_tokens"] == 16
+    for bad in (None, [], [True], [[-1]], 5, {"text": "x"}):
+        with pytest.raises(APIError) as err:
+            parse_completion_request({"prompt": bad})
+        assert err.value.param == "prompt"

@@ -1,0 +1,113 @@
+"""Tool-call parsing: whole-text and streamed results agree, nothing is dropped."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.chat import ChoiceAssembler
+from server.tool_parser import ParsedCall, ToolCallParser, parse_tool_calls
+
+TOOLS = ["get_weather", "get_time"]
+WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+TIME = '<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>'
+
+
+def test_single_call_is_extracted_with_arguments_as_json_text():
+    content, calls = parse_tool_calls(WEATHER, TOOLS)
+    assert content.strip() == ""
+    assert calls == [ParsedCall("get_weather", '{"city": "Paris"}')]
+    assert json.loads(calls[0].arguments) == {"city": "Paris"}
+
+
+def test_parallel_calls_keep_their_order_and_surrounding_text():
+    content, calls = parse_tool_calls("Let me check. " + WEATHER + "\n" + TIME, TOOLS)
+    assert [c.name for c in calls] == ["get_weather", "get_time"]
+    assert content.startswith("Let me check. ")
+
+
+def test_unparseable_block_is_returned_as_text():
+    broken = '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>'
+    content, calls = parse_tool_calls("before " + broken + " after", TOOLS)
+    assert calls == []
+    assert content == "before " + broken + " after"
+
+
+def test_call_to_undeclared_function_is_text():
+    block = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
+    content, calls = parse_tool_calls(block, TOOLS)
+    assert calls == [] and content == block
+
+
+def test_arguments_given_as_json_string_are_accepted_but_not_other_types():
+    ok = '<tool_call>{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}</tool_call>'
+    assert parse_tool_calls(ok, TOOLS)[1] == [ParsedCall("get_time", '{"tz": "CET"}')]
+    bad = '<tool_call>{"name": "get_time", "arguments": [1, 2]}</tool_call>'
+    assert parse_tool_calls(bad, TOOLS) == (bad, [])
+
+
+def test_unclosed_final_block_counts_if_it_parses_else_is_text():
+    unclosed = '<tool_call>{"name": "get_time", "arguments": {}}'
+    assert parse_tool_calls(unclosed, TOOLS)[1] == [ParsedCall("get_time", "{}")]
+    truncated = '<tool_call>{"name": "get_time", "argu'
+    assert parse_tool_calls(truncated, TOOLS) == (truncated, [])
+
+
+def test_partial_tag_is_held_back_until_it_is_known_not_to_be_a_tag():
+    parser = ToolCallParser(TOOLS)
+    assert [e.text for e in parser.feed("a <tool_")] == ["a "]
+    assert [e.text for e in parser.feed("x> b")] == ["<tool_x> b"]
+    assert [e.text for e in parser.feed("c <")] == ["c "]
+    assert [e.text for e in parser.finish()] == ["<"]
+
+
+def test_max_calls_turns_extra_calls_into_text():
+    content, calls = parse_tool_calls(WEATHER + TIME, TOOLS, max_calls=1)
+    assert [c.name for c in calls] == ["get_weather"]
+    assert content == TIME
+
+
+def _split(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({c % (len(text) + 1) for c in cuts})
+    bounds = [0, *points, len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+SAMPLES = [
+    "plain answer with no calls",
+    "Sure!  " + WEATHER + "\n\n" + TIME + "\n",
+    "x <tool_call>{oops}</tool_call> y " + WEATHER,
+    "<tool_ca not a tag " + TIME + " trailing text  ",
+    WEATHER + '\n<tool_call>{"name": "get_time", "arguments": {}}',
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(SAMPLES), st.lists(st.integers(min_value=0), max_size=12))
+def test_streamed_parsing_matches_whole_text_for_any_delta_boundaries(text, cuts):
+    whole = ChoiceAssembler(TOOLS, None).push(text, final=True)
+    assembler = ChoiceAssembler(TOOLS, None)
+    pieces = _split(text, cuts)
+    streamed = []
+    for i, piece in enumerate(pieces):
+        streamed += assembler.push(piece, final=i == len(pieces) - 1)
+
+    def normal(items):
+        return ("".join(p for p in items if isinstance(p, str)),
+                [p for p in items if isinstance(p, ParsedCall)])
+
+    assert normal(streamed) == normal(whole)
+
+
+def test_assembler_drops_only_whitespace_next_to_calls():
+    items = ChoiceAssembler(TOOLS, None).push("Checking.\n" + WEATHER + "\n", final=True)
+    assert items[0] == "Checking."
+    assert isinstance(items[1], ParsedCall) and len(items) == 2
+    plain = ChoiceAssembler(TOOLS, None).push("  spaced out  ", final=True)
+    assert "".join(plain) == "  spaced out  "
+
+
+def test_assembler_without_tools_passes_text_through():
+    assert ChoiceAssembler([], None).push(WEATHER, final=False) == [WEATHER]

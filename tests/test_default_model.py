@@ -1,0 +1,68 @@
+"""The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) end to end: greedy tokens equal
+transformers' greedy generation from its own load of the same GGUF file; stop strings."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+
+from engine import LLM, SamplingParams
+from engine.loader import resolve_model
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Name three primary colors."},
+    ],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("smollm2-135m-instruct", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    path = resolve_model("smollm2-135m-instruct").path
+    folder, name = os.path.split(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, torch_dtype=torch.float32
+    )
+    return model
+
+
+def test_greedy_chat_matches_transformers(llm, hf_model):
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW)
+    outs = llm.chat(CHATS, params)
+    for chat, out in zip(CHATS, outs, strict=True):
+        ids = torch.tensor([llm.tokenizer.encode_chat(chat)])
+        assert out.prompt_token_ids == ids[0].tolist()
+        ref = hf_model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
+            eos_token_id=sorted(llm.tokenizer.stop_token_ids),
+        )[0, ids.shape[1]:].tolist()
+        assert out.outputs[0].token_ids == ref
+        assert out.outputs[0].text == llm.tokenizer.decode(ref)
+    assert "Paris" in outs[0].outputs[0].text
+
+
+def test_stop_string_is_never_emitted(llm):
+    chat = CHATS[0]
+    full = llm.chat(chat, SamplingParams(temperature=0, max_tokens=MAX_NEW))[0].outputs[0].text
+    word = "Paris"
+    assert word in full
+    out = llm.chat(chat, SamplingParams(temperature=0, max_tokens=MAX_NEW, stop=[word]))[0]
+    assert out.outputs[0].text == full[: full.index(word)]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == word
+    kept = llm.chat(
+        chat,
+        SamplingParams(temperature=0, max_tokens=MAX_NEW, stop=[word], include_stop_str_in_output=True),
+    )[0]
+    assert kept.outputs[0].text == full[: full.index(word) + len(word)]

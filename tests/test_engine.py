@@ -1,0 +1,166 @@
+"""End-to-end engine behaviour on tiny random models: greedy parity with
+transformers under staggered arrivals, prefix hits, chunked prefill and
+preemption; sampling parameters; n > 1; aborts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from engine import LLM, SamplingParams
+from engine.llm import _merge
+from tests.conftest import TEST_DEVICE
+
+MAX_NEW = 12
+
+
+def _prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _hf_greedy(path: str, prompts: list[list[int]], max_new: int = MAX_NEW) -> list[list[int]]:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    outs = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = hf.generate(
+            ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+            attention_mask=torch.ones_like(ids),
+        )
+        outs.append(out[0, len(p):].tolist())
+    return outs
+
+
+def _greedy(max_new: int = MAX_NEW) -> SamplingParams:
+    # min_tokens == max_tokens suppresses EOS exactly as transformers' min_new_tokens.
+    return SamplingParams(temperature=0, max_tokens=max_new, min_tokens=max_new)
+
+
+def _llm(path: str, **options) -> LLM:
+    return LLM(path, device=str(TEST_DEVICE), dtype="float32", **options)
+
+
+def _run_staggered(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Submit the prompts a few at a time between engine steps."""
+    engine = llm.engine
+    results: dict[str, object] = {}
+    pending = list(enumerate(prompts))
+    while pending or engine.has_unfinished_requests():
+        for _ in range(2):
+            if pending:
+                i, p = pending.pop(0)
+                engine.add_request(str(i), p, params)
+        for delta in engine.step():
+            results[delta.request_id] = _merge(results.get(delta.request_id), delta)
+    return [results[str(i)].outputs[0].token_ids for i in range(len(prompts))]
+
+
+SCENARIOS = {
+    "plain": {},
+    "chunked-prefill": {"max_num_batched_tokens": 8},
+    "preemption": {"num_kv_blocks": 6, "block_size": 16},
+    "no-prefix-cache": {"enable_prefix_caching": False},
+}
+
+
+@pytest.fixture(scope="module")
+def greedy_case(tiny_model_dir):
+    """arch -> (path, prompts, transformers' greedy continuations), computed once."""
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            path = tiny_model_dir(arch)
+            # Mixed lengths; two prompts share a long prefix so the prefix cache is hit.
+            prompts = _prompts(384, [5, 40, 17, 1, 33, 64])
+            prompts.append(prompts[1][:32] + prompts[2][:9])
+            prompts.append(list(prompts[1]))
+            cache[arch] = path, prompts, _hf_greedy(path, prompts)
+        return cache[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_greedy_matches_transformers(greedy_case, arch, scenario):
+    path, prompts, expected = greedy_case(arch)
+    llm = _llm(path, **SCENARIOS[scenario])
+    assert _run_staggered(llm, prompts, _greedy()) == expected
+    if scenario == "preemption":
+        assert llm.engine.scheduler.num_preemptions > 0
+    bm = llm.engine.block_manager
+    assert bm.num_used_blocks == 0
+
+
+def test_prefix_cache_hit_is_reported_and_correct(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    llm = _llm(path)
+    system = _prompts(384, [48], seed=3)[0]
+    first, second = system + [5, 6, 7], system + [9, 10]
+    out1 = llm.generate(first, _greedy())[0]
+    out2 = llm.generate(second, _greedy())[0]
+    assert out1.num_cached_tokens == 0
+    assert out2.num_cached_tokens == 48
+    assert out2.outputs[0].token_ids == _hf_greedy(path, [second])[0]
+
+
+def test_seeded_sampling_is_independent_of_the_batch(tiny_model_dir):
+    llm = _llm(tiny_model_dir("llama"))
+    prompt = _prompts(384, [20], seed=5)[0]
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10)
+    alone = llm.generate(prompt, params)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=0.8, max_tokens=16) for _ in range(5)]
+    busy = llm.generate(
+        _prompts(384, [7, 30, 12, 3, 25], seed=6) + [prompt], others + [params]
+    )[-1].outputs[0].token_ids
+    assert alone == busy
+    assert len(alone) == 10
+
+
+def test_max_tokens_and_stop_token(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    llm = _llm(path)
+    prompt = _prompts(384, [10], seed=8)[0]
+    full = llm.generate(prompt, _greedy(8))[0].outputs[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 8
+    stop_at = full.token_ids[3]
+    params = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_at])
+    out = llm.generate(prompt, params)[0].outputs[0]
+    first = full.token_ids.index(stop_at)
+    assert out.token_ids == full.token_ids[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+
+
+def test_n_completions_share_the_prompt(tiny_model_dir):
+    llm = _llm(tiny_model_dir("llama"))
+    prompt = _prompts(384, [37], seed=9)[0]
+    out = llm.generate(prompt, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert all(len(o.token_ids) == 6 for o in out.outputs)
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    greedy = llm.generate(prompt, SamplingParams(n=2, temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_abort_in_every_state_frees_all_blocks(tiny_model_dir):
+    llm = _llm(tiny_model_dir("llama"), max_num_batched_tokens=16, num_kv_blocks=40)
+    engine, bm = llm.engine, llm.engine.block_manager
+    free_at_start = bm.num_free_blocks + bm.num_evictable_blocks
+    params = SamplingParams(temperature=0, max_tokens=50, n=2)
+    prompts = _prompts(384, [40, 5, 70, 9], seed=11)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    engine.step()  # "0" is mid-prefill (chunked), the rest wait
+    engine.abort_request("3")  # waiting
+    engine.abort_request("0")  # running, mid-prefill
+    for _ in range(6):
+        engine.step()
+    engine.abort_request("1")  # decoding, forked
+    engine.abort_request("2")
+    assert not engine.has_unfinished_requests()
+    assert bm.num_used_blocks == 0
+    assert bm.num_free_blocks + bm.num_evictable_blocks == free_at_start

@@ -1,0 +1,194 @@
+"""Tokenizer and chat templates on the default model, checked against transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers
+from transformers import AutoTokenizer
+
+from engine.config import UnsupportedModelError
+from engine.loader.gguf import read_gguf
+from engine.loader.resolve import resolve_model
+from engine.tokenizer import Tokenizer
+
+TEXTS = [
+    "Hello world",
+    "  leading and trailing spaces  ",
+    "café naïve résumé Ångström Øre",
+    "日本語のテキスト、中文文本，한국어",
+    "emoji 😀👍🏽 flags 🇫🇷 family 👨‍👩‍👧",
+    "def f(x):\n\treturn x ** 2  # square\n\n\nprint(f(3))",
+    "12345 3.14159 1e-9 0x1F",
+    "it's don't we'll I'M",
+    "<|im_start|>user\nhi<|im_end|>",
+    "\n \n\t\r\n",
+    "",
+]
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello! 😀"}, {"role": "user", "content": "Café?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> Path:
+    return Path(resolve_model("smollm2-135m-instruct").path)
+
+
+@pytest.fixture(scope="module")
+def tok(gguf_path) -> Tokenizer:
+    return Tokenizer.from_gguf(read_gguf(gguf_path).metadata)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(gguf_path):
+    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_decode_match_transformers(tok, hf_tok, text):
+    ids = tok.encode(text)
+    assert ids == hf_tok.encode(text, add_special_tokens=False)
+    assert tok.encode(text, add_special_tokens=True) == hf_tok.encode(text)
+    assert tok.decode(ids, skip_special_tokens=False) == hf_tok.decode(ids) == text
+    assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_matches_transformers(tok, hf_tok, messages, add_generation_prompt):
+    expected = hf_tok.apply_chat_template(messages, tokenize=False,
+                                          add_generation_prompt=add_generation_prompt)
+    assert tok.apply_chat_template(messages, add_generation_prompt) == expected
+    assert tok.encode_chat(messages, add_generation_prompt) == hf_tok.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, return_dict=False)
+
+
+def test_default_model_special_tokens(tok):
+    assert tok.vocab_size == 49152
+    assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+    assert tok.id_to_token(2) == "<|im_end|>"
+    # EOS (<|im_end|>) and <|endoftext|> both end generation.
+    assert tok.stop_token_ids == {0, 2}
+    assert {0, 1, 2} <= tok.all_special_ids
+    assert tok.encode("<|im_end|>") == [2]
+
+
+def test_hf_folder_tokenizer_matches_gguf_tokenizer(tok, hf_tok, tmp_path):
+    hf_tok.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    folder_tok = Tokenizer.from_hf_folder(tmp_path)
+    for text in TEXTS:
+        assert folder_tok.encode(text) == tok.encode(text)
+    for messages in CONVERSATIONS:
+        assert folder_tok.apply_chat_template(messages) == tok.apply_chat_template(messages)
+    assert folder_tok.eos_token_id == 2
+    assert folder_tok.stop_token_ids == {0, 2, 7}
+
+
+def test_folder_without_tokenizer_json_is_explained(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(UnsupportedModelError, match=r"tokenizer\.json"):
+        Tokenizer.from_hf_folder(tmp_path)
+
+
+# -- template environment --------------------------------------------------------------------
+
+
+def _byte_tokenizer(template: str, **kw) -> Tokenizer:
+    """A tokenizer over a small word vocabulary, for template behaviour alone."""
+    vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, "hi": 3, "<eot>": 4}
+    backend = HFTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(["<s>", "</s>", "<eot>"])
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", chat_template=template, **kw)
+
+
+def test_template_helpers():
+    t = _byte_tokenizer(
+        "{{ bos_token }}{{ messages | tojson }}|{{ tools | tojson(indent=1) }}|"
+        "{{ strftime_now('%Y') | length }}|{{ extra }}"
+        "{% generation %}{{ eos_token }}{% endgeneration %}"
+    )
+    out = t.apply_chat_template([{"role": "user", "content": "é<>"}],
+                                tools=[{"name": "f"}], extra="x")
+    assert out == '<s>[{"role": "user", "content": "é<>"}]|[\n {\n  "name": "f"\n }\n]|4|x</s>'
+
+
+def test_raise_exception_in_template():
+    t = _byte_tokenizer("{% if messages[0]['role'] != 'user' %}"
+                        "{{ raise_exception('first message must be from the user') }}{% endif %}")
+    with pytest.raises(jinja2.TemplateError, match="first message must be from the user"):
+        t.apply_chat_template([{"role": "assistant", "content": "hi"}])
+
+
+def test_template_sandbox_blocks_attribute_escape():
+    t = _byte_tokenizer("{{ messages.__class__.__mro__ }}")
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        t.apply_chat_template([])
+
+
+def test_no_template_is_explained():
+    with pytest.raises(ValueError, match="no chat template"):
+        _byte_tokenizer(None).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("template", ["{{ bos_token }} hi", " hi"])
+def test_encode_chat_never_doubles_bos(template):
+    t = _byte_tokenizer(template, add_bos_token=True)
+    assert t.encode_chat([]) == [0, 3]
+
+
+def test_encode_chat_without_bos_flag_adds_nothing():
+    assert _byte_tokenizer(" hi <eot>").encode_chat([]) == [3, 4]
+
+
+def test_end_of_turn_tokens_are_stop_tokens():
+    t = _byte_tokenizer("")
+    assert t.stop_token_ids == {1}  # </s>; <eot> is not a known end-of-turn marker
+    backend = HFTokenizer(models.WordLevel({"[UNK]": 0, "<|eot_id|>": 1, "<|end_of_text|>": 2},
+                                           unk_token="[UNK]"))
+    assert Tokenizer(backend, eos_token="<|end_of_text|>").stop_token_ids == {1, 2}
+
+
+# -- GGUF tokenizer variants -------------------------------------------------------------------
+
+
+def _gguf_meta(pre: str, **extra) -> dict:
+    byte_chars = [chr(c) for c in range(ord("!"), ord("~") + 1)] + ["Ġ"]
+    tokens = ["<|begin_of_text|>", "<|eot_id|>", *byte_chars]
+    return {
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3, 3] + [1] * len(byte_chars),
+        "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 1, **extra,
+    }
+
+
+@pytest.mark.parametrize(("pre", "pieces"), [
+    ("llama-bpe", ["123", "45"]),   # Llama 3 groups up to three digits
+    ("qwen2", ["1", "2", "3", "4", "5"]),  # Qwen2 splits every digit
+    ("smollm", ["12345"]),  # GPT-2's regex keeps a digit run whole
+])
+def test_pre_tokenizer_follows_gguf_pre(pre, pieces):
+    t = Tokenizer.from_gguf(_gguf_meta(pre))
+    assert [p for p, _ in t.backend.pre_tokenizer.pre_tokenize_str("12345")] == pieces
+
+
+def test_gguf_add_bos_token_is_honoured():
+    t = Tokenizer.from_gguf(_gguf_meta("llama-bpe", **{"tokenizer.ggml.add_bos_token": True}))
+    assert t.encode("ab", add_special_tokens=True)[0] == 0
+    assert t.encode("ab")[0] != 0
+    assert t.stop_token_ids == {1}
+
+
+def test_unsupported_gguf_tokenizer_model():
+    with pytest.raises(UnsupportedModelError, match="'bert'"):
+        Tokenizer.from_gguf(_gguf_meta("default", **{"tokenizer.ggml.model": "bert"}))
