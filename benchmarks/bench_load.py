@@ -34,8 +34,7 @@ def _time_transformers(path: Path, dtype: torch.dtype) -> float:
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     elapsed = time.perf_counter() - start
     del model
     gc.collect()
@@ -55,8 +54,10 @@ def main() -> None:
     if resolved.kind != "gguf":
         parser.error("this benchmark compares GGUF loading; pass a .gguf model")
     path = Path(resolved.path)
-    print(f"model: {path} ({path.stat().st_size / 2**20:.0f} MiB), dtype {args.dtype}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"model: {path} ({path.stat().st_size / 2**20:.0f} MiB), dtype {args.dtype}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     ours: list[float] = []
     theirs: list[float] = []
@@ -66,8 +67,10 @@ def main() -> None:
             theirs.append(_time_transformers(path, dtype))
 
     def row(name: str, times: list[float]) -> str:
-        return (f"{name:<14} min {min(times):7.2f} s   median {statistics.median(times):7.2f} s"
-                f"   runs {', '.join(f'{t:.2f}' for t in times)}")
+        return (
+            f"{name:<14} min {min(times):7.2f} s   median {statistics.median(times):7.2f} s"
+            f"   runs {', '.join(f'{t:.2f}' for t in times)}"
+        )
 
     print(row("tokenmill", ours))
     if theirs:

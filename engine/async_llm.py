@@ -104,7 +104,7 @@ class AsyncLLM:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # noqa: BLE001 - any engine failure must reach the clients
+            except Exception as exc:
                 log.exception("engine step failed")
                 self._fail_all(exc)
                 continue

@@ -22,12 +22,12 @@ When the free list runs short, `allocate` and `ensure` evict least recently used
 leaves from the cache before they give up with `NoFreeBlocksError`; both are all-or-
 nothing, so a failed call changes nothing.
 
-Blocks shared with another sequence. `cache` adopts a block into the tree only if the
-sequence owns it alone (or the tree holds it already), and stops at the first one that
-fails this. Otherwise a sibling from `fork` would keep using a cached block without
-holding a lock over it, and the block would count as evictable while in use. Such blocks
-get cached by whichever sharer calls `cache` last; a scheduler that caches the prompt after
-prefill, before forking the n > 1 samples, never meets the case.
+Forks and the cache. A block that is not cached yet can be shared only through `fork`.
+So when `cache` adopts blocks, it also moves down the lock of every other sequence of the
+same fork family that references them (the family is the sequence, its forks, their forks
+and so on). Otherwise a sibling would keep using a cached block without holding a lock over
+it, and that block would count as evictable while in use. Thus the prompt's blocks can be
+cached before or after forking the n > 1 samples, by any of them.
 
 Concurrent identical prompts. If two sequences prefilled the same tokens into different
 blocks, the first `cache` call wins: the tree keeps its ids, and the other sequence keeps
@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.radix_cache import RadixCache, RadixNode
+from engine.radix_cache import InsertResult, RadixCache, RadixNode
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -76,12 +76,12 @@ class BlockManager:
             RadixCache(block_size) if enable_prefix_caching else None
         )
         self._ref_counts = [0] * num_blocks
-        self._in_cache = bytearray(num_blocks)  # 1 while the radix tree holds the block
         # A stack: the most recently freed block is reused first.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._tables: dict[int, list[int]] = {}
         self._num_slots: dict[int, int] = {}  # token slots each table has been grown to
         self._locks: dict[int, RadixNode] = {}  # radix node each sequence holds locked
+        self._families: dict[int, set[int]] = {}  # forked sequences -> their fork family
 
     # ------------------------------------------------------------- accounting
 
@@ -166,12 +166,18 @@ class BlockManager:
 
     # ----------------------------------------------------------------- growth
 
-    def _num_copies(self, table: list[int], num_tokens: int, write_from: int) -> int:
-        """Blocks of `table` that positions [write_from, num_tokens) fall in and that are
-        shared, so writing there needs a private copy first."""
-        first = write_from // self.block_size
-        last = min(_cdiv(num_tokens, self.block_size), len(table))
-        return sum(1 for i in range(first, last) if self._ref_counts[table[i]] > 1)
+    def _plan(self, table: list[int], num_tokens: int, write_from: int) -> tuple[int, list[int]]:
+        """(blocks to append, indexes of shared blocks that [write_from, num_tokens) fall in).
+
+        Called for every running sequence every step, hence written for speed: a decode
+        step that stays inside an exclusively owned last block loops once and allocates
+        nothing.
+        """
+        bs = self.block_size
+        end = -(-num_tokens // bs)
+        refs = self._ref_counts
+        shared = [i for i in range(write_from // bs, min(end, len(table))) if refs[table[i]] > 1]
+        return max(0, end - len(table)), shared
 
     def blocks_needed(self, seq_id: int, num_tokens: int, write_from: int | None = None) -> int:
         """New blocks, copy-on-write copies included, that `ensure` would take.
@@ -179,11 +185,10 @@ class BlockManager:
         `write_from` defaults to the slots the table already covers, i.e. only the new
         positions are written (a decode step).
         """
-        table = self._tables[seq_id]
         if write_from is None:
             write_from = self._num_slots[seq_id]
-        grow = max(0, _cdiv(num_tokens, self.block_size) - len(table))
-        return grow + self._num_copies(table, num_tokens, write_from)
+        grow, shared = self._plan(self._tables[seq_id], num_tokens, write_from)
+        return grow + len(shared)
 
     def can_append(self, seq_ids_and_num_tokens: Sequence[tuple[int, int]]) -> bool:
         """Can every listed sequence grow to its token count, keeping the watermark free?
@@ -191,7 +196,11 @@ class BlockManager:
         Conservative when two listed sequences share a partly filled block (after `fork`):
         each is counted as needing a copy, though only the first writer will.
         """
-        need = sum(self.blocks_needed(seq_id, n) for seq_id, n in seq_ids_and_num_tokens)
+        tables, slots, plan = self._tables, self._num_slots, self._plan
+        need = 0
+        for seq_id, n in seq_ids_and_num_tokens:
+            grow, shared = plan(tables[seq_id], n, slots[seq_id])
+            need += grow + len(shared)
         return need + self.watermark_blocks <= self.num_available_blocks()
 
     def ensure(self, seq_id: int, num_tokens: int, write_from: int) -> list[tuple[int, int]]:
@@ -205,24 +214,24 @@ class BlockManager:
         even that is not enough.
         """
         table = self._tables[seq_id]
-        need = self.blocks_needed(seq_id, num_tokens, write_from)
-        if need > self.num_available_blocks():
-            raise NoFreeBlocksError(
-                f"sequence {seq_id} needs {need} blocks, {self.num_available_blocks()} available"
-            )
-        fresh = self._take(need)
+        grow, shared = self._plan(table, num_tokens, write_from)
         copies: list[tuple[int, int]] = []
-        first = write_from // self.block_size
-        last = min(_cdiv(num_tokens, self.block_size), len(table))
-        for i in range(first, last):
-            src = table[i]
-            if self._ref_counts[src] > 1:
-                dst = fresh.pop()
+        if grow or shared:
+            need = grow + len(shared)
+            if need > self.num_available_blocks():
+                raise NoFreeBlocksError(
+                    f"sequence {seq_id} needs {need} blocks, "
+                    f"{self.num_available_blocks()} available"
+                )
+            fresh = self._take(need)
+            for i in shared:
+                src, dst = table[i], fresh.pop()
                 table[i] = dst
                 self._release(src)
                 copies.append((src, dst))
-        table.extend(fresh)
-        self._num_slots[seq_id] = max(self._num_slots[seq_id], num_tokens)
+            table.extend(fresh)
+        if num_tokens > self._num_slots[seq_id]:
+            self._num_slots[seq_id] = num_tokens
         return copies
 
     def fork(self, parent_seq_id: int, child_seq_id: int) -> None:
@@ -234,6 +243,9 @@ class BlockManager:
             self._ref_counts[block] += 1
         self._tables[child_seq_id] = list(table)
         self._num_slots[child_seq_id] = self._num_slots[parent_seq_id]
+        family = self._families.setdefault(parent_seq_id, {parent_seq_id})
+        family.add(child_seq_id)
+        self._families[child_seq_id] = family
         node = self._locks.get(parent_seq_id)
         if node is not None:
             self.prefix_cache.lock(node)  # type: ignore[union-attr]
@@ -245,38 +257,49 @@ class BlockManager:
         """Insert the full blocks of `token_ids` into the prefix cache.
 
         `token_ids` must be the sequence's tokens whose KV is already computed and stored
-        in its table (a trailing partial block is ignored). The sequence's lock moves to
-        the deepest node it now covers, so everything it inserted stays pinned while it
-        runs. A block still shared with another sequence and not cached yet ends the
-        insert there (see the module docstring). No-op with prefix caching off.
+        in its table (a trailing partial block is ignored). The sequence's lock, and that
+        of any fork relative sharing the inserted blocks, moves down to the deepest node
+        whose blocks it uses, so they stay pinned while it runs. Where the tree already
+        held other blocks for these tokens, the sequence keeps its private copies. No-op
+        with prefix caching off.
         """
         if self.prefix_cache is None:
             return
-        table = self._tables[seq_id]
-        full = len(token_ids) // self.block_size
-        if full > len(table):
-            raise ValueError(f"sequence {seq_id} has {len(table)} blocks, not {full}")
-        cacheable = 0
-        while cacheable < full and (
-            self._in_cache[table[cacheable]] or self._ref_counts[table[cacheable]] == 1
-        ):
-            cacheable += 1
-        result = self.prefix_cache.insert(token_ids[: cacheable * self.block_size], table)
+        result = self.prefix_cache.insert(token_ids, self._tables[seq_id])
         for block in result.new_blocks:
             self._ref_counts[block] += 1
-            self._in_cache[block] = 1
+        for sid in self._families.get(seq_id, (seq_id,)):
+            self._lock_down(sid, token_ids, result)
+
+    def _lock_down(self, seq_id: int, token_ids: Sequence[int], inserted: InsertResult) -> None:
+        """Move `seq_id`'s lock to the deepest node of the just inserted path whose block
+        its table references, if that is deeper than its current lock.
+
+        The new node is a descendant of the old one: a shared block means shared tokens
+        before it, and the old lock covers a prefix of the sequence's own tokens.
+        """
+        cache = self.prefix_cache
+        assert cache is not None
+        table, path = self._tables[seq_id], inserted.blocks
+        depth = min(len(table), len(path))
+        while depth and table[depth - 1] != path[depth - 1]:
+            depth -= 1
+        end = depth * self.block_size
         old = self._locks[seq_id]
-        if result.node.end > old.end:
-            self.prefix_cache.lock(result.node)
-            self.prefix_cache.unlock(old)
-            self._locks[seq_id] = result.node
+        if end <= old.end:
+            return
+        node = inserted.node if end == inserted.num_tokens else cache.node_at(token_ids[:end])
+        cache.lock(node)
+        cache.unlock(old)
+        self._locks[seq_id] = node
 
     def reset_prefix_cache(self) -> int:
         """Evict every evictable cached block (benchmarks, tests); returns how many."""
         if self.prefix_cache is None:
             return 0
         released = self.prefix_cache.reset()
-        self._uncache(released)
+        for block in released:
+            self._release(block)
         return len(released)
 
     # ---------------------------------------------------------------- release
@@ -294,6 +317,9 @@ class BlockManager:
         del self._num_slots[seq_id]
         for block in table:
             self._release(block)
+        family = self._families.pop(seq_id, None)
+        if family is not None:
+            family.discard(seq_id)
         node = self._locks.pop(seq_id, None)
         if node is not None:
             self.prefix_cache.unlock(node)  # type: ignore[union-attr]
@@ -305,7 +331,8 @@ class BlockManager:
         shortfall. Callers check availability first."""
         short = n - len(self._free)
         if short > 0 and self.prefix_cache is not None:
-            self._uncache(self.prefix_cache.evict(short))
+            for block in self.prefix_cache.evict(short):
+                self._release(block)
         if n > len(self._free):
             raise NoFreeBlocksError(f"need {n} blocks, {len(self._free)} free")
         blocks = self._free[len(self._free) - n :]
@@ -314,12 +341,6 @@ class BlockManager:
         for block in blocks:
             self._ref_counts[block] = 1
         return blocks
-
-    def _uncache(self, evicted: list[int]) -> None:
-        """Drop the cache's reference on blocks the radix tree has just evicted."""
-        for block in evicted:
-            self._in_cache[block] = 0
-            self._release(block)
 
     def _release(self, block: int) -> None:
         count = self._ref_counts[block] - 1

@@ -65,7 +65,7 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Build from a parsed Hugging Face `config.json`."""
-        names = list(cfg.get("architectures") or []) + [cfg.get("model_type", "")]
+        names = [*list(cfg.get("architectures") or []), cfg.get("model_type", "")]
         arch = next((_HF_ARCHITECTURES[n] for n in names if n in _HF_ARCHITECTURES), None)
         if arch is None:
             raise UnsupportedModelError(

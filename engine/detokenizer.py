@@ -32,8 +32,12 @@ class IncrementalDetokenizer:
     first delta gets its leading space right.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True,
-                 prompt_token_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        skip_special_tokens: bool = True,
+        prompt_token_ids: Sequence[int] = (),
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._window: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
@@ -55,7 +59,7 @@ class IncrementalDetokenizer:
         end = len(full)
         while end > self._emitted and full[end - 1] == _REPLACEMENT:
             end -= 1
-        delta = full[self._emitted:end]
+        delta = full[self._emitted : end]
         self._emitted = max(self._emitted, end)
         if end == len(full) and len(self._window) > _MAX_WINDOW:
             self._window = self._window[-_CONTEXT_TOKENS:]
@@ -66,7 +70,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end of a stream: emit held-back U+FFFD, i.e. bytes no token completed."""
-        delta = self._decode(self._window)[self._emitted:]
+        delta = self._decode(self._window)[self._emitted :]
         self._emitted += len(delta)
         if delta:
             self._chunks.append(delta)

@@ -82,8 +82,12 @@ class LLM:
 def _merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
     """Fold a delta output into the accumulated one."""
     if acc is None:
-        acc = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids,
-                            num_cached_tokens=delta.num_cached_tokens)
+        acc = RequestOutput(
+            delta.request_id,
+            delta.prompt,
+            delta.prompt_token_ids,
+            num_cached_tokens=delta.num_cached_tokens,
+        )
     by_index = {o.index: o for o in acc.outputs}
     for out in delta.outputs:
         cur = by_index.get(out.index)

@@ -22,7 +22,7 @@ from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, max_tokens_for
-from engine.sequence import Request, Sequence, Status
+from engine.sequence import Request, Sequence
 
 log = logging.getLogger("tokenmill")
 
@@ -39,26 +39,41 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         model = build_model(cfg, loaded.weights, self.device, self.dtype)
         del loaded
-        self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings,
-                                 cfg.max_position_embeddings)
+        self.max_model_len = min(
+            args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
+        )
         num_blocks = args.num_kv_blocks or num_kv_blocks(
-            cfg, args.block_size, self.dtype, self.device,
-            args.kv_cache_memory_gib, args.gpu_memory_utilization,
+            cfg,
+            args.block_size,
+            self.dtype,
+            self.device,
+            args.kv_cache_memory_gib,
+            args.gpu_memory_utilization,
         )
         self.block_manager = BlockManager(
             num_blocks, args.block_size, enable_prefix_caching=args.enable_prefix_caching
         )
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager, args.max_num_seqs, args.max_num_batched_tokens
+        )
         stop_ids = set(self.tokenizer.stop_token_ids) if self.tokenizer else set(cfg.eos_token_ids)
-        self.runner = ModelRunner(model, num_blocks, args.block_size, self.device, self.dtype, stop_ids)
+        self.runner = ModelRunner(
+            model, num_blocks, args.block_size, self.device, self.dtype, stop_ids
+        )
         self.outputs = OutputProcessor(self.tokenizer, stop_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         log.info(
             "loaded %s (%s, %s on %s) in %.1fs; KV cache: %d blocks x %d = %d tokens",
-            args.model, cfg.architecture, str(self.dtype).removeprefix("torch."), self.device,
-            time.perf_counter() - t0, num_blocks, args.block_size, num_blocks * args.block_size,
+            args.model,
+            cfg.architecture,
+            str(self.dtype).removeprefix("torch."),
+            self.device,
+            time.perf_counter() - t0,
+            num_blocks,
+            args.block_size,
+            num_blocks * args.block_size,
         )
 
     # -- requests -------------------------------------------------------------------
@@ -92,7 +107,9 @@ class LLMEngine:
         self._check_fits(token_ids, params)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
-        request = Request(request_id, prompt if isinstance(prompt, str) else None, token_ids, params)
+        request = Request(
+            request_id, prompt if isinstance(prompt, str) else None, token_ids, params
+        )
         seq = Sequence(
             request=request,
             index=0,
@@ -138,7 +155,9 @@ class LLMEngine:
             if not seq.finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = seq.finish_reason or "abort"
-        return self._request_output(request, [s for s in request.seqs if s.finish_reason == "abort"])
+        return self._request_output(
+            request, [s for s in request.seqs if s.finish_reason == "abort"]
+        )
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -176,14 +195,16 @@ class LLMEngine:
         outputs = []
         for seq in seqs:
             text, token_ids, logprobs = self.outputs.take_delta(seq)
-            outputs.append(CompletionOutput(
-                index=seq.index,
-                text=text,
-                token_ids=token_ids,
-                finish_reason=seq.finish_reason,
-                logprobs=logprobs if request.params.logprobs is not None else None,
-                stop_reason=seq.stop_reason,
-            ))
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=token_ids,
+                    finish_reason=seq.finish_reason,
+                    logprobs=logprobs if request.params.logprobs is not None else None,
+                    stop_reason=seq.stop_reason,
+                )
+            )
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,

@@ -151,7 +151,9 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden)
 
 
-def _fused_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _fused_state_dict(
+    cfg: ModelConfig, weights: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Map Hugging Face parameter names onto this module's fused layout."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in weights.items():
@@ -179,7 +181,9 @@ def build_model(
     is spent on random initialisation that would be overwritten anyway."""
     with torch.device("meta"):
         model = CausalLM(cfg)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in _fused_state_dict(cfg, weights).items()}
+    state = {
+        k: v.to(device=device, dtype=dtype) for k, v in _fused_state_dict(cfg, weights).items()
+    }
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -101,14 +101,13 @@ class ModelRunner:
         return sampling_seqs, tokens, logprobs
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        params = seq.params
-        stops = list(params.stop_token_ids) + ([] if params.ignore_eos else self.stop_token_ids)
+        # The sampler adds params.stop_token_ids itself and honours ignore_eos.
         return SamplingRow(
-            params=params,
+            params=seq.params,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
             output_token_ids=seq.output_token_ids,
             generator=seq.generator,
-            eos_token_ids=stops,
+            eos_token_ids=self.stop_token_ids,
         )
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:

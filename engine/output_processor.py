@@ -53,7 +53,9 @@ class OutputProcessor:
             seq.finish_reason = "stop"
         else:
             self._append_text(seq, token, past_min)
-        if seq.finish_reason is None and (n_out >= max_tokens or seq.num_tokens >= self.max_model_len):
+        if seq.finish_reason is None and (
+            n_out >= max_tokens or seq.num_tokens >= self.max_model_len
+        ):
             seq.finish_reason = "length"
 
     def _append_text(self, seq: Sequence, token: int, check_stops: bool) -> None:

@@ -86,13 +86,15 @@ class PrefixMatch:
 class InsertResult:
     """Result of `RadixCache.insert`.
 
-    `node` is the deepest node covering the inserted whole blocks (`num_tokens` tokens).
-    `new_blocks` are the caller's block ids the tree adopted; for token ranges the tree
-    already held, the tree keeps its own ids and the caller's ids are not in `new_blocks`.
+    `node` is the deepest node covering the inserted whole blocks (`num_tokens` tokens),
+    and `blocks` the tree's ids along that path. `new_blocks` are the caller's ids the
+    tree adopted; for token ranges the tree already held, the tree keeps its own ids and
+    the caller's ids are not in `new_blocks`.
     """
 
     node: RadixNode
     num_tokens: int
+    blocks: list[int]
     new_blocks: list[int]
 
 
@@ -129,9 +131,7 @@ class RadixCache:
         tokens = tuple(token_ids)
         self.num_queries += 1
         self.num_query_tokens += len(tokens)
-        path, partial, matched = self._walk(tokens)
-        if partial is not None:
-            path.append(self._split(partial, matched - partial.end + len(partial.key)))
+        path, matched = self._descend(tokens)
         self._clock += 1
         blocks: list[int] = []
         for node in path:
@@ -141,6 +141,24 @@ class RadixCache:
         self._push_if_evictable(node)
         self.num_hit_tokens += matched
         return PrefixMatch(blocks=blocks, num_tokens=matched, node=node)
+
+    def node_at(self, token_ids: Sequence[int]) -> RadixNode:
+        """The node whose path is exactly `token_ids`, which must be cached whole blocks.
+
+        Splits an edge if needed; counts nothing and leaves the LRU order alone. For
+        moving a lock down a path that was just inserted.
+        """
+        path, matched = self._descend(tuple(token_ids))
+        if matched != len(token_ids):
+            raise KeyError(f"{len(token_ids)} tokens requested, {matched} cached")
+        return path[-1] if path else self.root
+
+    def _descend(self, tokens: tuple[int, ...]) -> tuple[list[RadixNode], int]:
+        """`_walk`, then split the partly matched edge so the path ends at the match."""
+        path, partial, matched = self._walk(tokens)
+        if partial is not None:
+            path.append(self._split(partial, matched - partial.end + len(partial.key)))
+        return path, matched
 
     def peek(self, token_ids: Sequence[int]) -> tuple[int, int]:
         """(cached tokens, of which tokens in unlocked nodes) for `token_ids`, read-only.
@@ -225,6 +243,7 @@ class RadixCache:
         self._clock += 1
         node = self.root
         pos = 0
+        path_blocks: list[int] = []
         new_blocks: list[int] = []
         while pos < limit:
             child = node.children.get(tokens[pos : pos + bs])
@@ -241,16 +260,18 @@ class RadixCache:
                 self._num_nodes += 1
                 self.num_cached_blocks += len(new_blocks)
                 self.num_evictable_blocks += len(new_blocks)
+                path_blocks.extend(new_blocks)
                 node = child
                 break
             klen = len(child.key)
             if not (pos + klen <= limit and tokens[pos : pos + klen] == child.key):
                 child = self._split(child, self._common_blocks(tokens, pos, limit, child.key))
             child.last_access = self._clock
+            path_blocks.extend(child.blocks)
             pos += len(child.key)
             node = child
         self._push_if_evictable(node)
-        return InsertResult(node=node, num_tokens=limit, new_blocks=new_blocks)
+        return InsertResult(node=node, num_tokens=limit, blocks=path_blocks, new_blocks=new_blocks)
 
     def _split(self, node: RadixNode, at: int) -> RadixNode:
         """Cut `node`'s edge `at` tokens in (a block multiple); return the new upper node.
@@ -268,7 +289,7 @@ class RadixCache:
             parent=parent,
             end=node.end - len(node.key) + at,
             last_access=node.last_access,
-            lock_ref=0,
+            lock_ref=node.lock_ref,
         )
         parent.children[node.key[:bs]] = upper
         node.key = node.key[at:]

@@ -90,9 +90,9 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
     """
     _check_shape(logits, rows)
     prep = _prepare(logits, rows)
-    if prep.sampled:
-        idx = torch.tensor(prep.sampled, device=logits.device)
-        prep.x[idx] = prep.x[idx].masked_fill_(prep.weights == 0, float("-inf"))
+    for j, i in enumerate(prep.covered):
+        if not rows[i].params.greedy:
+            prep.x[i].masked_fill_(prep.weights[j] == 0, float("-inf"))
     return prep.x
 
 
@@ -128,8 +128,8 @@ def _per_row(values: list[float] | list[int], device: torch.device) -> torch.Ten
 @dataclass
 class _Prepared:
     x: torch.Tensor  # [batch, vocab] float32: penalised, and divided by temperature if sampled
-    sampled: list[int]  # the non-greedy rows
-    weights: torch.Tensor | None  # [len(sampled), vocab] filtered exp(x - max) of those rows
+    covered: list[int]  # the batch rows `weights` has, a superset of the non-greedy rows
+    weights: torch.Tensor | None  # [len(covered), vocab] filtered exp(x - max); None: all greedy
 
 
 def _prepare(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> _Prepared:
@@ -143,35 +143,44 @@ def _prepare(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> _Prepared:
     _suppress_stop_tokens(x, rows)
     sampled = _rows_where(rows, lambda r: not r.params.greedy)
     if not sampled:
-        return _Prepared(x, sampled, None)
-    sampled_rows = [rows[i] for i in sampled]
-    xs = x if len(sampled) == len(rows) else x[torch.tensor(sampled, device=x.device)]
-    return _Prepared(x, sampled, _filtered_weights(xs, sampled_rows))
+        return _Prepared(x, [], None)
+    # Gathering rows copies them: once most rows sample, computing weights for all is cheaper.
+    if 2 * len(sampled) >= len(rows):
+        return _Prepared(x, list(range(len(rows))), _filtered_weights(x, rows))
+    xs = x[torch.tensor(sampled, device=x.device)]
+    return _Prepared(x, sampled, _filtered_weights(xs, [rows[i] for i in sampled]))
 
 
 def _pick(prep: _Prepared, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Argmax for greedy rows, a random draw from the filtered weights for the rest."""
-    x, sampled = prep.x, prep.sampled
-    if not sampled:
+    x = prep.x
+    if prep.weights is None:
         return x.argmax(dim=-1)
-    sampled_rows = [rows[i] for i in sampled]
-    if len(sampled) == len(rows):
-        return _draw(prep.weights, sampled_rows)
-    tokens = torch.empty(len(rows), dtype=torch.long, device=x.device)
-    greedy = torch.tensor(_rows_where(rows, lambda r: r.params.greedy), device=x.device)
-    tokens[greedy] = x[greedy].argmax(dim=-1)
-    tokens[torch.tensor(sampled, device=x.device)] = _draw(prep.weights, sampled_rows)
-    return tokens
+    drawn = _draw(prep.weights, [rows[i] for i in prep.covered])
+    if len(prep.covered) < len(rows):
+        tokens = x.argmax(dim=-1)
+        tokens[torch.tensor(prep.covered, device=x.device)] = drawn
+        return tokens
+    greedy = _rows_where(rows, lambda r: r.params.greedy)
+    if greedy:
+        idx = torch.tensor(greedy, device=x.device)
+        drawn[idx] = x[idx].argmax(dim=-1)
+    return drawn
 
 
 def _flat_ids(
-    id_lists: Sequence[Sequence[int]], device: torch.device
+    which: list[int], id_lists: Sequence[Sequence[int]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, token id) pairs for every id, for one vectorised index_put over the batch."""
+    """(batch row, token id) for every id of every listed row, to index the logits at once."""
     lengths = torch.tensor([len(ids) for ids in id_lists], device=device)
-    row_idx = torch.repeat_interleave(torch.arange(len(id_lists), device=device), lengths)
+    batch_rows = torch.repeat_interleave(torch.tensor(which, device=device), lengths)
     token_ids = torch.tensor(list(chain.from_iterable(id_lists)), dtype=torch.long, device=device)
-    return row_idx, token_ids
+    return batch_rows, token_ids
+
+
+# The penalties below touch only the (row, token) pairs a request has seen, never whole rows.
+# A pair listed twice is read twice before it is written, so plain assignment applies a
+# once-per-token penalty once, and both writes store the same value.
 
 
 def _apply_repetition_penalty(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
@@ -179,13 +188,12 @@ def _apply_repetition_penalty(x: torch.Tensor, rows: Sequence[SamplingRow]) -> N
     which = _rows_where(rows, lambda r: r.params.repetition_penalty != 1.0)
     if not which:
         return
-    idx = torch.tensor(which, device=x.device)
-    sub = x[idx]
-    seen = torch.zeros_like(sub, dtype=torch.bool)
     ids = [[*rows[i].prompt_token_ids, *rows[i].output_token_ids] for i in which]
-    seen[_flat_ids(ids, x.device)] = True
-    penalty = _per_row([rows[i].params.repetition_penalty for i in which], x.device)
-    x[idx] = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+    seen = _flat_ids(which, ids, x.device)
+    penalty = torch.tensor([r.params.repetition_penalty for r in rows], device=x.device)
+    penalty = penalty[seen[0]]
+    logit = x[seen]
+    x[seen] = torch.where(logit > 0, logit / penalty, logit * penalty)
 
 
 def _apply_presence_frequency_penalties(
@@ -201,13 +209,14 @@ def _apply_presence_frequency_penalties(
     )
     if not which:
         return
-    idx = torch.tensor(which, device=x.device)
-    counts = torch.zeros(len(which), x.shape[1], device=x.device)
-    row_idx, token_ids = _flat_ids([rows[i].output_token_ids for i in which], x.device)
-    counts.index_put_((row_idx, token_ids), torch.ones_like(token_ids, dtype=counts.dtype), True)
-    freq = _per_row([rows[i].params.frequency_penalty / temperature[i] for i in which], x.device)
-    pres = _per_row([rows[i].params.presence_penalty / temperature[i] for i in which], x.device)
-    x[idx] -= counts * freq + (counts > 0) * pres
+    seen = _flat_ids(which, [rows[i].output_token_ids for i in which], x.device)
+    scaled = [
+        (r.params.presence_penalty / t, r.params.frequency_penalty / t)
+        for r, t in zip(rows, temperature, strict=True)
+    ]
+    presence, frequency = torch.tensor(scaled, device=x.device)[seen[0]].unbind(dim=1)
+    x[seen] = x[seen] - presence
+    x.index_put_(seen, -frequency, accumulate=True)  # once per occurrence
 
 
 def _suppress_stop_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
@@ -221,11 +230,8 @@ def _suppress_stop_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
             eos = () if r.params.ignore_eos else tuple(r.eos_token_ids)
             which.append(i)
             stop_ids.append([*eos, *r.params.stop_token_ids])
-    if not which:
-        return
-    row_idx, token_ids = _flat_ids(stop_ids, x.device)
-    batch_rows = torch.tensor(which, device=x.device)[row_idx]
-    x[batch_rows, token_ids] = float("-inf")
+    if which:
+        x[_flat_ids(which, stop_ids, x.device)] = float("-inf")
 
 
 def _top_k(p: SamplingParams, vocab: int) -> int:
@@ -234,7 +240,7 @@ def _top_k(p: SamplingParams, vocab: int) -> int:
 
 
 def _filtered_weights(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """exp(x - row max), with tokens outside top-k, top-p or min-p set to 0.
+    """exp(x - row max), with tokens outside top-k, top-p or min-p set to 0 (greedy rows: none).
 
     The best token has weight exactly 1 and is never removed, so min-p's threshold is min_p
     itself, and the three thresholds combine by taking their maximum: each keeps a set of
@@ -242,50 +248,61 @@ def _filtered_weights(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Ten
     """
     weights = torch.sub(x, x.max(dim=-1, keepdim=True).values).exp_()
     vocab = weights.shape[1]
-    threshold = torch.zeros(len(rows), device=x.device)
-    top_k_rows = _rows_where(rows, lambda r: _top_k(r.params, vocab) < vocab)
+    sampled = [not r.params.greedy for r in rows]
+    min_p = [r.params.min_p if s else 0.0 for r, s in zip(rows, sampled, strict=True)]
+    threshold = torch.tensor(min_p, device=x.device)
+    top_p_rows = [i for i, r in enumerate(rows) if sampled[i] and r.params.top_p < 1.0]
+    # Top-p rows apply their top-k inside _top_p_thresholds, from the same candidates.
+    top_k_rows = [
+        i
+        for i, r in enumerate(rows)
+        if sampled[i] and r.params.top_p >= 1.0 and _top_k(r.params, vocab) < vocab
+    ]
     if top_k_rows:
         idx = torch.tensor(top_k_rows, device=x.device)
-        ks = _per_row([_top_k(rows[i].params, vocab) for i in top_k_rows], x.device)
-        best = weights[idx].topk(int(ks.max()), dim=-1).values
-        threshold[idx] = best.gather(1, ks - 1).squeeze(1)
-    top_p_rows = _rows_where(rows, lambda r: r.params.top_p < 1.0)
+        ks = [_top_k(rows[i].params, vocab) for i in top_k_rows]
+        best = _take(weights, top_k_rows).topk(max(ks), dim=-1).values
+        kth = best.gather(1, _per_row(ks, x.device) - 1).squeeze(1)
+        threshold[idx] = torch.maximum(threshold[idx], kth)
     if top_p_rows:
         idx = torch.tensor(top_p_rows, device=x.device)
-        top_p = _top_p_thresholds(weights[idx], [rows[i].params for i in top_p_rows])
+        params = [rows[i].params for i in top_p_rows]
+        top_p = _top_p_thresholds(_take(weights, top_p_rows), params)
         threshold[idx] = torch.maximum(threshold[idx], top_p)
-    min_p = torch.tensor([r.params.min_p for r in rows], device=x.device)
-    threshold = torch.maximum(threshold, min_p)
-    filtered = sorted({*top_k_rows, *top_p_rows, *_rows_where(rows, lambda r: r.params.min_p > 0)})
-    if len(filtered) == len(rows):
+    if top_k_rows or top_p_rows or any(min_p):
+        # Rows without a filter have threshold 0, which no weight is below.
         weights.masked_fill_(weights < threshold.unsqueeze(1), 0.0)
-    elif filtered:
-        idx = torch.tensor(filtered, device=x.device)
-        sub = weights[idx]
-        weights[idx] = sub.masked_fill_(sub < threshold[idx].unsqueeze(1), 0.0)
     return weights
+
+
+def _take(t: torch.Tensor, which: list[int]) -> torch.Tensor:
+    """Rows `which` of `t`, without the copy when that is all of them."""
+    if len(which) == t.shape[0]:
+        return t
+    return t[torch.tensor(which, device=t.device)]
 
 
 def _top_p_thresholds(weights: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Per row, the weight of the last token of the nucleus (after top-k renormalisation).
 
     The nucleus is the shortest run of best tokens whose mass reaches top_p of the total,
-    where the total is the top-k mass when top-k is on. Looking at the best `k` values only
-    settles a row when the nucleus ends within them, so wider searches run only for rows
-    still unsettled; the last one is the full vocabulary and settles every row.
+    where the total is the top-k mass when top-k is on. The best `width` values settle a row
+    when its nucleus ends within them, so wider searches run only for the rows still
+    unsettled; the last one is the full vocabulary and settles every row.
     """
     vocab = weights.shape[1]
     device = weights.device
-    ks = torch.tensor([_top_k(p, vocab) for p in params], device=device)
+    top_k = [_top_k(p, vocab) for p in params]
+    ks = torch.tensor(top_k, device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device)
     total = weights.sum(dim=-1)
     result = torch.empty(len(params), device=device)
     pending = torch.arange(len(params), device=device)
+    # Top-k rows settle in the first search, which is made wide enough to hold their top-k.
+    widest_top_k = max((k for k in top_k if k < vocab), default=0)
     for width in (*_TOP_P_CANDIDATES, vocab):
         k = ks[pending]
-        # Top-k rows need their whole top-k for its mass; a wider search changes nothing else.
-        top_k_on = k[k < vocab]
-        width = min(vocab, max(width, int(top_k_on.max()) if len(top_k_on) else 0))
+        width = min(vocab, max(width, widest_top_k))
         best = weights[pending].topk(width, dim=-1).values
         mass = best.cumsum(dim=-1)
         top_k_mass = mass.gather(1, (k.clamp(max=width) - 1).unsqueeze(1)).squeeze(1)
@@ -336,7 +353,7 @@ def _uniforms(rows: Sequence[SamplingRow]) -> torch.Tensor:
     """[len(rows), 2] float64 uniforms on the CPU; seeded rows take theirs from their generator."""
     uniforms = torch.rand(len(rows), 2, dtype=torch.float64)
     for i, r in enumerate(rows):
-        if r.generator is not None:
+        if r.generator is not None and not r.params.greedy:
             uniforms[i] = torch.rand(
                 2, dtype=torch.float64, generator=r.generator, device=r.generator.device
             )
@@ -352,10 +369,11 @@ def _logprobs(
     if not which:
         return out
     idx = torch.tensor(which, device=logits.device)
-    logp = torch.log_softmax(logits[idx].float(), dim=-1)
+    logp = torch.log_softmax(_take(logits, which).float(), dim=-1)
     chosen = tokens[idx].unsqueeze(1)
     chosen_logp = logp.gather(1, chosen).squeeze(1).tolist()
-    top_logp, top_ids = logp.topk(max(rows[i].params.logprobs for i in which), dim=-1)
+    max_k = min(logp.shape[1], max(rows[i].params.logprobs for i in which))
+    top_logp, top_ids = logp.topk(max_k, dim=-1)
     top_logp, top_ids = top_logp.tolist(), top_ids.tolist()
     for j, (i, token_id) in enumerate(zip(which, chosen.squeeze(1).tolist(), strict=True)):
         k = rows[i].params.logprobs

@@ -104,7 +104,10 @@ class Scheduler:
                     kept.append(seq)
                     continue
             end = seq.num_computed_tokens + n
-            while self.bm.blocks_needed(seq.seq_id, end, seq.num_computed_tokens) > self.bm.num_available_blocks():
+            while (
+                self.bm.blocks_needed(seq.seq_id, end, seq.num_computed_tokens)
+                > self.bm.num_available_blocks()
+            ):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 if victim is seq:
@@ -194,9 +197,6 @@ class Scheduler:
                 self.bm.cache(seq.seq_id, seq.token_ids)
         for parent, child in batch.forks:
             child.num_computed_tokens = parent.num_computed_tokens
-            # The parent just cached the shared prompt blocks; the child must hold
-            # a lock on them too so they are never counted as evictable.
-            self.bm.cache(child.seq_id, child.token_ids)
 
 
 def max_tokens_for(params: SamplingParams, prompt_len: int, max_model_len: int) -> int:

@@ -18,11 +18,11 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import uvicorn
-from server import ServerConfig, build_app, start_draining
 from starlette.applications import Starlette
 
 from engine.args import EngineArgs
 from engine.async_llm import AsyncLLM
+from server import ServerConfig, build_app, start_draining
 
 log = logging.getLogger("tokenmill")
 

@@ -28,7 +28,11 @@ from engine.config import UnsupportedModelError
 # End-of-turn markers of the chat formats we serve; any present in the vocabulary stops
 # generation, since instruct models often end a turn with one that is not their EOS.
 END_OF_TURN_TOKENS = (
-    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
     "<end_of_turn>",
 )
 
@@ -44,7 +48,7 @@ _QWEN2_SPLIT = (
 )
 _LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"}
 _QWEN2_PRE = {"qwen2", "deepseek-r1-qwen"}
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # llama.cpp token types
 
 
 class Tokenizer:
@@ -69,8 +73,11 @@ class Tokenizer:
         self.chat_template = chat_template
         self.add_bos_token = add_bos_token
         # Extra template variables (unk_token, pad_token...) transformers also exposes.
-        self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token,
-                               **(special_tokens or {})}
+        self.special_tokens = {
+            "bos_token": bos_token,
+            "eos_token": eos_token,
+            **(special_tokens or {}),
+        }
         stops = {self.eos_token_id, *extra_stop_ids}
         stops.update(self._id_or_none(t) for t in END_OF_TURN_TOKENS)
         self.stop_token_ids: set[int] = {i for i in stops if i is not None}
@@ -112,46 +119,49 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, metadata: dict[str, Any]) -> Tokenizer:
-        """From GGUF metadata; supports byte-level BPE (`tokenizer.ggml.model == "gpt2"`)."""
+        """From GGUF metadata: byte-level BPE (`tokenizer.ggml.model` "gpt2": Llama 3, Qwen,
+        SmolLM) or SentencePiece BPE ("llama": Llama 2, Mistral, TinyLlama)."""
         model = metadata.get("tokenizer.ggml.model")
-        if model != "gpt2":
+        if model not in ("gpt2", "llama"):
             raise UnsupportedModelError(
                 f"GGUF tokenizer model {model!r} is not supported; tokenmill reads byte-level "
-                "BPE ('gpt2': Llama 3, Qwen, SmolLM). Use the model's Hugging Face folder "
-                "(with tokenizer.json) instead"
+                "BPE ('gpt2': Llama 3, Qwen, SmolLM) and SentencePiece BPE ('llama'). Use the "
+                "model's Hugging Face folder (with tokenizer.json) instead"
             )
         tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-        types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
-        pre = metadata.get("tokenizer.ggml.pre", "default")
-        backend = HFTokenizer(BPE(
-            vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
-            # Llama 3 looks whole words up in the vocabulary before merging.
-            ignore_merges=pre in _LLAMA3_PRE,
-        ))
-        backend.pre_tokenizer = _gguf_pre_tokenizer(pre)
-        if pre in _QWEN2_PRE:
-            backend.normalizer = normalizers.NFC()
-        backend.decoder = decoders.ByteLevel()
-        backend.add_special_tokens([
-            AddedToken(t, special=True, normalized=False)
-            for t, kind in zip(tokens, types, strict=True) if kind == _CONTROL
-        ])
-        backend.add_tokens([
-            AddedToken(t, special=False, normalized=False)
-            for t, kind in zip(tokens, types, strict=True) if kind == _USER_DEFINED
-        ])
+        types: list[int] = metadata.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+        if model == "gpt2":
+            backend = _byte_level_backend(metadata, tokens, types)
+            add_bos_default = False
+        else:
+            backend = _sentencepiece_backend(metadata, tokens, types)
+            add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
+        backend.add_special_tokens(
+            [
+                AddedToken(t, special=True, normalized=False)
+                for t, kind in zip(tokens, types, strict=True)
+                if kind == _CONTROL
+            ]
+        )
+        backend.add_tokens(
+            [
+                AddedToken(t, special=False, normalized=False)
+                for t, kind in zip(tokens, types, strict=True)
+                if kind == _USER_DEFINED
+            ]
+        )
 
         def token(key: str) -> str | None:
             idx = metadata.get(f"tokenizer.ggml.{key}")
             return tokens[idx] if idx is not None and 0 <= idx < len(tokens) else None
 
         bos = token("bos_token_id")
-        add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+        add_bos = metadata.get("tokenizer.ggml.add_bos_token", add_bos_default) and bos is not None
         if add_bos:
             bos_id = metadata["tokenizer.ggml.bos_token_id"]
             backend.post_processor = processors.TemplateProcessing(
-                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                single=f"{bos}:0 $A:0",
+                pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
                 special_tokens=[(bos, bos_id)],
             )
         specials = {"unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id")}
@@ -160,9 +170,12 @@ class Tokenizer:
             bos_token=bos,
             eos_token=token("eos_token_id"),
             chat_template=metadata.get("tokenizer.chat_template"),
-            add_bos_token=add_bos,
-            extra_stop_ids=[metadata[k] for k in ("tokenizer.ggml.eot_token_id",
-                                                  "tokenizer.ggml.eom_token_id") if k in metadata],
+            add_bos_token=bool(add_bos),
+            extra_stop_ids=[
+                metadata[k]
+                for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+                if k in metadata
+            ],
             special_tokens={k: v for k, v in specials.items() if v is not None},
         )
 
@@ -195,7 +208,9 @@ class Tokenizer:
             )
         variables = {**self.special_tokens, **template_kwargs}
         return self._template.render(
-            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            messages=messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
             **variables,
         )
 
@@ -212,8 +227,7 @@ class Tokenizer:
         starts with one; a BOS is added only when the model wants one and the template
         did not write it (llama.cpp's rule).
         """
-        text = self.apply_chat_template(messages, add_generation_prompt, tools,
-                                        **template_kwargs)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
         ids = self.encode(text, add_special_tokens=False)
         if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
@@ -233,10 +247,103 @@ def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     split = _LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT if pre in _QWEN2_PRE else None
     if split is None:
         return pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+def _byte_level_backend(
+    metadata: dict[str, Any], tokens: list[str], types: list[int]
+) -> HFTokenizer:
+    alphabet = _byte_alphabet()
+    allowed = set(alphabet.values())
+    # Normal tokens are stored in GPT-2's byte alphabet; a few converters store some as
+    # raw text, which the BPE model could then never produce: respell those.
+    vocab = {
+        t
+        if kind != _NORMAL or set(t) <= allowed
+        else "".join(alphabet[b] for b in t.encode("utf-8")): i
+        for i, (t, kind) in enumerate(zip(tokens, types, strict=True))
+    }
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    backend = HFTokenizer(
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            fuse_unk=False,
+            # Llama 3 looks whole words up in the vocabulary before merging.
+            ignore_merges=pre in _LLAMA3_PRE,
+        )
+    )
+    backend.pre_tokenizer = _gguf_pre_tokenizer(pre)
+    if pre in _QWEN2_PRE:
+        backend.normalizer = normalizers.NFC()
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_backend(
+    metadata: dict[str, Any], tokens: list[str], types: list[int]
+) -> HFTokenizer:
+    """SentencePiece BPE: "▁" for spaces, <0xNN> byte tokens for anything out of vocabulary."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+    if not merges:
+        merges = _merges_from_scores(tokens, types, metadata.get("tokenizer.ggml.scores"))
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    backend = HFTokenizer(
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            fuse_unk=True,
+            byte_fallback=True,
+            unk_token=tokens[unk_id] if unk_id is not None else None,
+        )
+    )
+    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False
+    )
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(steps)
+    return backend
+
+
+def _merges_from_scores(
+    tokens: list[str], types: list[int], scores: list[float] | None
+) -> list[tuple[str, str]]:
+    """SentencePiece GGUFs store piece scores, not merges. A piece is made by merging any two
+    pieces that spell it, and higher-scoring pieces merge first, so every such split becomes a
+    merge ranked by the merged piece's score."""
+    if scores is None:
+        raise UnsupportedModelError("SentencePiece GGUF has neither merges nor scores")
+    ids = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for piece, kind, score in zip(tokens, types, scores, strict=True):
+        if kind not in (_NORMAL, _USER_DEFINED):
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                ranked.append((-score, ids[left], ids[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map: printable Latin-1 bytes stand for
+    themselves, the rest are shifted to code points from 256 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {b: chr(b) for b in printable}
+    shifted = (b for b in range(256) if b not in table)
+    table.update({b: chr(256 + n) for n, b in enumerate(shifted)})
+    return table
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -288,12 +395,18 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     # jinja's built-in tojson escapes HTML characters and sorts keys; templates expect
     # plain json.dumps output.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:
@@ -302,7 +415,8 @@ def _strftime_now(fmt: str) -> str:
 
 def _chat_environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
         extensions=[_GenerationBlock, "jinja2.ext.loopcontrols"],
     )
     env.filters["tojson"] = _tojson

@@ -257,7 +257,6 @@ def _decode_kernel(
 
     # An empty split (start >= context_len) has l_i == 0: write zeros with lse = -inf.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    row_mask = rows < GROUP - 1
     out_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + dims[None, :]
     out_mask = row_mask[:, None] & dim_mask[None, :]
     if SPLIT:

@@ -13,6 +13,7 @@ from starlette.types import Receive
 
 from engine import RequestOutput
 from server.disconnect import unless_disconnected
+from server.errors import invalid
 from server.generation import (
     Collected,
     check_context,
@@ -49,9 +50,12 @@ class CompletionRun:
 
 
 def _prompt_ids(state: ServerState, prompt: str | list[int]) -> list[int]:
+    ids = prompt
     if isinstance(prompt, str):
-        return state.engine.tokenizer.encode(prompt, add_special_tokens=True)
-    return prompt
+        ids = state.engine.tokenizer.encode(prompt, add_special_tokens=True)
+    if not ids:
+        raise invalid("prompt must not be empty", "prompt")
+    return ids
 
 
 def _prompt_text(state: ServerState, prompt: str | list[int]) -> str:

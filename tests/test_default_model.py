@@ -45,9 +45,12 @@ def test_greedy_chat_matches_transformers(llm, hf_model):
         ids = torch.tensor([llm.tokenizer.encode_chat(chat)])
         assert out.prompt_token_ids == ids[0].tolist()
         ref = hf_model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_NEW,
+            do_sample=False,
             eos_token_id=sorted(llm.tokenizer.stop_token_ids),
-        )[0, ids.shape[1]:].tolist()
+        )[0, ids.shape[1] :].tolist()
         assert out.outputs[0].token_ids == ref
         assert out.outputs[0].text == llm.tokenizer.decode(ref)
     assert "Paris" in outs[0].outputs[0].text
@@ -63,6 +66,8 @@ def test_stop_string_is_never_emitted(llm):
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == word
     kept = llm.chat(
         chat,
-        SamplingParams(temperature=0, max_tokens=MAX_NEW, stop=[word], include_stop_str_in_output=True),
+        SamplingParams(
+            temperature=0, max_tokens=MAX_NEW, stop=[word], include_stop_str_in_output=True
+        ),
     )[0]
     assert kept.outputs[0].text == full[: full.index(word) + len(word)]

@@ -10,6 +10,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.loader.gguf import read_gguf
 from engine.loader.resolve import resolve_model
 from engine.tokenizer import Tokenizer
+from tests.test_tokenizer import write_sentencepiece_gguf
 
 TEXTS = [
     "Hello, world! How are you today?",
@@ -28,7 +29,7 @@ def tok() -> Tokenizer:
 
 def _stream(tok, ids, step=1, **kw):
     detok = IncrementalDetokenizer(tok, **kw)
-    deltas = [detok.add(ids[i:i + step]) for i in range(0, len(ids), step)]
+    deltas = [detok.add(ids[i : i + step]) for i in range(0, len(ids), step)]
     deltas.append(detok.flush())
     return detok, deltas
 
@@ -101,3 +102,15 @@ def test_arbitrary_text_round_trips(tok, text, chunk):
     ids = tok.encode(text)
     _, deltas = _stream(tok, ids, chunk)
     assert "".join(deltas) == tok.decode(ids)
+
+
+def test_sentencepiece_stream_keeps_word_spaces(tmp_path):
+    spm = Tokenizer.from_gguf(read_gguf(write_sentencepiece_gguf(tmp_path)).metadata)
+    prompt = spm.encode("the quick", add_special_tokens=True)
+    gen = spm.encode(" brown fox jumps 😀 over")
+    detok = IncrementalDetokenizer(spm, prompt_token_ids=prompt)
+    deltas = [detok.add([i]) for i in gen] + [detok.flush()]
+    full = spm.decode(prompt + gen)
+    # Decoding the generated ids alone would drop the first word's space; in context it stays.
+    assert "".join(deltas) == full[len(spm.decode(prompt)) :] == " brown fox jumps 😀 over"
+    assert not any("\ufffd" in d for d in deltas)

@@ -26,10 +26,13 @@ def _hf_greedy(path: str, prompts: list[list[int]], max_new: int = MAX_NEW) -> l
     for p in prompts:
         ids = torch.tensor([p])
         out = hf.generate(
-            ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+            ids,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=False,
             attention_mask=torch.ones_like(ids),
         )
-        outs.append(out[0, len(p):].tolist())
+        outs.append(out[0, len(p) :].tolist())
     return outs
 
 
@@ -99,7 +102,7 @@ def test_prefix_cache_hit_is_reported_and_correct(tiny_model_dir):
     path = tiny_model_dir("llama")
     llm = _llm(path)
     system = _prompts(384, [48], seed=3)[0]
-    first, second = system + [5, 6, 7], system + [9, 10]
+    first, second = [*system, 5, 6, 7], [*system, 9, 10]
     out1 = llm.generate(first, _greedy())[0]
     out2 = llm.generate(second, _greedy())[0]
     assert out1.num_cached_tokens == 0
@@ -113,9 +116,11 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny_model_dir):
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10)
     alone = llm.generate(prompt, params)[0].outputs[0].token_ids
     others = [SamplingParams(temperature=0.8, max_tokens=16) for _ in range(5)]
-    busy = llm.generate(
-        _prompts(384, [7, 30, 12, 3, 25], seed=6) + [prompt], others + [params]
-    )[-1].outputs[0].token_ids
+    busy = (
+        llm.generate([*_prompts(384, [7, 30, 12, 3, 25], seed=6), prompt], [*others, params])[-1]
+        .outputs[0]
+        .token_ids
+    )
     assert alone == busy
     assert len(alone) == 10
 
@@ -137,11 +142,15 @@ def test_max_tokens_and_stop_token(tiny_model_dir):
 def test_n_completions_share_the_prompt(tiny_model_dir):
     llm = _llm(tiny_model_dir("llama"))
     prompt = _prompts(384, [37], seed=9)[0]
-    out = llm.generate(prompt, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True))[0]
+    out = llm.generate(
+        prompt, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    )[0]
     assert [o.index for o in out.outputs] == [0, 1, 2]
     assert all(len(o.token_ids) == 6 for o in out.outputs)
     assert len({tuple(o.token_ids) for o in out.outputs}) > 1
-    greedy = llm.generate(prompt, SamplingParams(n=2, temperature=0, max_tokens=6, ignore_eos=True))[0]
+    greedy = llm.generate(
+        prompt, SamplingParams(n=2, temperature=0, max_tokens=6, ignore_eos=True)
+    )[0]
     assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
     assert llm.engine.block_manager.num_used_blocks == 0
 

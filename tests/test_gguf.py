@@ -46,7 +46,7 @@ def _random_blocks(qtype: GGMLQuantizationType, n_blocks: int, rng: np.random.Ge
     raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
     for off in K_QUANTS[qtype]:
         scales = rng.uniform(-0.05, 0.05, size=n_blocks).astype(np.float16)
-        raw[:, off:off + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
+        raw[:, off : off + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
     return raw
 
 
@@ -71,8 +71,11 @@ def test_dequantize_k_quants_match_gguf_reference(qtype):
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16], ids=lambda t: t.name)
 def test_float_types_are_reinterpreted(qtype):
-    data = np.random.default_rng(2).standard_normal((4, 8)).astype(
-        np.float32 if qtype == Q.F32 else np.float16)
+    data = (
+        np.random.default_rng(2)
+        .standard_normal((4, 8))
+        .astype(np.float32 if qtype == Q.F32 else np.float16)
+    )
     got = dequantize(torch.from_numpy(data.view(np.uint8).copy()).flatten(), qtype, (4, 8))
     torch.testing.assert_close(got, torch.from_numpy(data.astype(np.float32)))
 
@@ -96,17 +99,26 @@ def test_unsupported_tensor_type_names_the_supported_ones():
 # Tiny GGUF files written the way llama.cpp's converter writes them.
 
 _TO_GGUF = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
 
 
 def _gguf_name(hf: str) -> str:
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
-           "output_norm.weight", "lm_head.weight": "output.weight"}
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf in top:
         return top[hf]
     _, _, layer, rest = hf.split(".", 3)
@@ -116,16 +128,25 @@ def _gguf_name(hf: str) -> str:
 
 def _converter_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf's reordering of Llama q/k rows (re-implemented)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def _head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def write_gguf(path: Path, arch: str, cfg, state: dict[str, torch.Tensor],
-               qtype: GGMLQuantizationType = Q.F32, extra=None) -> None:
+def write_gguf(
+    path: Path,
+    arch: str,
+    cfg,
+    state: dict[str, torch.Tensor],
+    qtype: GGMLQuantizationType = Q.F32,
+    extra=None,
+) -> None:
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -157,9 +178,16 @@ def write_gguf(path: Path, arch: str, cfg, state: dict[str, torch.Tensor],
     w.close()
 
 
-_TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-             rms_norm_eps=1e-5)
+_TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
 
 
 def _tiny(arch: str, **kw):
@@ -174,8 +202,10 @@ def _tiny(arch: str, **kw):
         cfg = Qwen3Config(**_TINY, head_dim=32, tie_word_embeddings=True, **kw)
         model = Qwen3ForCausalLM(cfg)
     # Randomise the norms too, so a swapped or missing norm would show.
-    state = {k: v + torch.randn_like(v) * 0.1 if k.endswith("norm.weight") else v
-             for k, v in model.state_dict().items()}
+    state = {
+        k: v + torch.randn_like(v) * 0.1 if k.endswith("norm.weight") else v
+        for k, v in model.state_dict().items()
+    }
     return cfg, state
 
 
@@ -186,14 +216,21 @@ def test_gguf_round_trip_restores_hf_weights(tmp_path, arch):
     write_gguf(path, arch, cfg, state)
     loaded = load_model(str(path))
     c = loaded.config
-    assert (c.architecture, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
-            c.num_key_value_heads, c.head_dim, c.vocab_size) == (
-        arch, 64, 2, 4, 2, _head_dim(cfg), 96)
+    assert (
+        c.architecture,
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.vocab_size,
+    ) == (arch, 64, 2, 4, 2, _head_dim(cfg), 96)
     assert c.tie_word_embeddings == cfg.tie_word_embeddings
     assert c.attention_bias == (arch == "qwen2")
     assert c.qk_norm == (arch == "qwen3")
-    expected = {k: v for k, v in state.items()
-                if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    expected = {
+        k: v for k, v in state.items() if not (k == "lm_head.weight" and cfg.tie_word_embeddings)
+    }
     assert loaded.weights.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(loaded.weights[name], tensor, rtol=0, atol=0, msg=name)
@@ -215,8 +252,9 @@ def test_quantized_gguf_round_trip_in_half_precision(tmp_path):
     q = loaded.weights["model.layers.1.self_attn.q_proj.weight"]
     assert q.dtype == torch.float16
     # Q8_0 keeps ~2-3 significant digits; a row permutation error would be O(1).
-    torch.testing.assert_close(q.float(), state["model.layers.1.self_attn.q_proj.weight"],
-                               rtol=0, atol=2e-3)
+    torch.testing.assert_close(
+        q.float(), state["model.layers.1.self_attn.q_proj.weight"], rtol=0, atol=2e-3
+    )
 
 
 def _llama3_rope_freqs(theta, head_dim, factor, low, high, orig):
@@ -234,8 +272,9 @@ def _llama3_rope_freqs(theta, head_dim, factor, low, high, orig):
     return np.array(out, dtype=np.float32)
 
 
-@pytest.mark.parametrize("scaling", [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192),
-                                     (16.0, 1.0, 2.0, 4096)])
+@pytest.mark.parametrize(
+    "scaling", [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (16.0, 1.0, 2.0, 4096)]
+)
 def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path, scaling):
     factor, low, high, orig = scaling
     freqs = _llama3_rope_freqs(500000.0, 128, factor, low, high, orig)
@@ -272,7 +311,10 @@ def test_linear_rope_scaling_from_metadata(tmp_path):
     path = tmp_path / "yarn.gguf"
     write_gguf(path, "qwen2", cfg, state, extra=extra)
     assert config_from_gguf(read_gguf(path)).rope_scaling == {
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 32768,
+    }
 
 
 def test_unsupported_architecture_is_rejected(tmp_path):
@@ -315,9 +357,16 @@ def default_gguf():
 
 def test_default_model_config(default_gguf):
     c = config_from_gguf(default_gguf)
-    assert (c.architecture, c.vocab_size, c.hidden_size, c.intermediate_size,
-            c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (
-        "llama", 49152, 576, 1536, 30, 9, 3, 64)
+    assert (
+        c.architecture,
+        c.vocab_size,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+    ) == ("llama", 49152, 576, 1536, 30, 9, 3, 64)
     assert c.rope_theta == 100000.0
     assert c.rms_norm_eps == pytest.approx(1e-5)
     assert c.tie_word_embeddings
@@ -341,3 +390,21 @@ def test_default_model_loads_all_weights():
     assert all(t.dtype == torch.bfloat16 for t in loaded.weights.values())
     assert loaded.weights["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)
     assert loaded.tokenizer is not None
+
+
+def test_gguf_with_unsupported_tensor_type_fails_before_loading(tmp_path):
+    path = tmp_path / "q2k.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(0)
+    w.add_embedding_length(256)
+    w.add_feed_forward_length(256)
+    w.add_head_count(2)
+    _, size = GGML_QUANT_SIZES[Q.Q2_K]
+    w.add_tensor("token_embd.weight", np.zeros((4, size), np.uint8), raw_dtype=Q.Q2_K)
+    w.add_tensor("output_norm.weight", np.ones(256, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match=r"Q2_K is not supported.*Q4_K_M"):
+        load_model(str(path))

@@ -78,11 +78,23 @@ def test_match_splits_an_edge_so_the_lock_covers_just_the_match() -> None:
     assert cache.evict(10) == [2, 1]
 
 
+def test_node_at_finds_or_splits_without_counting() -> None:
+    cache = RadixCache(BS)
+    cache.insert(_seq(12), [1, 2, 3])
+    node = cache.node_at(_seq(8))
+    assert node.end == 8 and node.blocks == [1, 2] and node.parent is cache.root
+    assert [c.blocks for c in node.children.values()] == [[3]]
+    assert cache.node_at([]) is cache.root
+    with pytest.raises(KeyError):
+        cache.node_at(_seq(16))
+    assert cache.num_queries == 0 and cache.num_hit_tokens == 0
+
+
 def test_existing_tokens_keep_the_trees_block_ids() -> None:
     cache = RadixCache(BS)
     cache.insert(_seq(8), [1, 2])
     r = cache.insert(_seq(16), [7, 8, 9, 10])  # first two blocks already cached as 1, 2
-    assert r.new_blocks == [9, 10]
+    assert r.new_blocks == [9, 10] and r.blocks == [1, 2, 9, 10]
     assert cache.match_prefix(_seq(16)).blocks == [1, 2, 9, 10]
     # Diverging inside an edge splits it and adds a sibling.
     r = cache.insert([*_seq(12), 50, 51, 52, 53], [7, 8, 9, 20])
@@ -197,6 +209,7 @@ class RadixCacheMachine(RuleBasedStateMachine):
         assert res.node.end == res.num_tokens
         for i, b in enumerate(blocks):
             self.entries.setdefault(path[: i + 1], b)
+        assert res.blocks == [self.entries[path[: i + 1]] for i in range(len(path))]
         self._touch(path, len(path))
         self.history.append(tokens)
 

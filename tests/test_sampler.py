@@ -61,6 +61,19 @@ def test_low_precision_logits(logits, dtype):
     assert sampled == greedy  # no repeated tokens, so the penalty changes nothing
 
 
+@pytest.mark.parametrize("num_sampled", [1, 3, 8], ids=["few-sampled", "most", "all"])
+def test_mixed_batch_routes_each_row(logits, num_sampled):
+    """Greedy rows ignore filters; sampled rows with top_k=1 must agree with them."""
+    torch.manual_seed(6)
+    greedy = SamplingParams(temperature=0, top_k=3, top_p=0.5, min_p=0.5)
+    one = SamplingParams(temperature=1.3, top_k=1)
+    rows = [row(one if i < num_sampled else greedy) for i in range(8)]
+    assert sample(logits, rows)[0] == logits.argmax(dim=-1).tolist()
+    out = processed(logits, rows)
+    assert torch.equal(out[num_sampled:], logits[num_sampled:])  # greedy rows: untouched
+    assert (torch.isfinite(out[:num_sampled]).sum(dim=-1) == 1).all()
+
+
 def test_shape_mismatch_is_rejected(logits):
     with pytest.raises(ValueError, match="rows"):
         sample(logits, rows_of(SamplingParams(), 3))
@@ -208,6 +221,12 @@ def test_logprobs_are_of_the_raw_distribution(logits):
         if k:
             assert [t for t, _ in lp.top] == expected.indices.tolist()
             assert values == pytest.approx(expected.values.tolist(), abs=1e-5)
+
+
+def test_logprobs_of_a_vocabulary_smaller_than_k():
+    x = torch.tensor([[0.0, 2.0, 1.0]])
+    _, lps = sample(x, [row(SamplingParams(temperature=0, logprobs=20))])
+    assert [t for t, _ in lps[0].top] == [1, 2, 0]
 
 
 def chi_square(observed, probs):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import jinja2
+import numpy as np
 import pytest
+from tokenizers import SentencePieceBPETokenizer, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models, pre_tokenizers
 from transformers import AutoTokenizer
 
 from engine.config import UnsupportedModelError
@@ -31,8 +33,12 @@ TEXTS = [
 ]
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello! 😀"}, {"role": "user", "content": "Café?"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! 😀"},
+        {"role": "user", "content": "Café?"},
+    ],
 ]
 
 
@@ -63,11 +69,13 @@ def test_encode_decode_match_transformers(tok, hf_tok, text):
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_chat_template_matches_transformers(tok, hf_tok, messages, add_generation_prompt):
-    expected = hf_tok.apply_chat_template(messages, tokenize=False,
-                                          add_generation_prompt=add_generation_prompt)
+    expected = hf_tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     assert tok.apply_chat_template(messages, add_generation_prompt) == expected
     assert tok.encode_chat(messages, add_generation_prompt) == hf_tok.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, return_dict=False)
+        messages, add_generation_prompt=add_generation_prompt, return_dict=False
+    )
 
 
 def test_default_model_special_tokens(tok):
@@ -116,14 +124,17 @@ def test_template_helpers():
         "{{ strftime_now('%Y') | length }}|{{ extra }}"
         "{% generation %}{{ eos_token }}{% endgeneration %}"
     )
-    out = t.apply_chat_template([{"role": "user", "content": "é<>"}],
-                                tools=[{"name": "f"}], extra="x")
+    out = t.apply_chat_template(
+        [{"role": "user", "content": "é<>"}], tools=[{"name": "f"}], extra="x"
+    )
     assert out == '<s>[{"role": "user", "content": "é<>"}]|[\n {\n  "name": "f"\n }\n]|4|x</s>'
 
 
 def test_raise_exception_in_template():
-    t = _byte_tokenizer("{% if messages[0]['role'] != 'user' %}"
-                        "{{ raise_exception('first message must be from the user') }}{% endif %}")
+    t = _byte_tokenizer(
+        "{% if messages[0]['role'] != 'user' %}"
+        "{{ raise_exception('first message must be from the user') }}{% endif %}"
+    )
     with pytest.raises(jinja2.TemplateError, match="first message must be from the user"):
         t.apply_chat_template([{"role": "assistant", "content": "hi"}])
 
@@ -152,8 +163,9 @@ def test_encode_chat_without_bos_flag_adds_nothing():
 def test_end_of_turn_tokens_are_stop_tokens():
     t = _byte_tokenizer("")
     assert t.stop_token_ids == {1}  # </s>; <eot> is not a known end-of-turn marker
-    backend = HFTokenizer(models.WordLevel({"[UNK]": 0, "<|eot_id|>": 1, "<|end_of_text|>": 2},
-                                           unk_token="[UNK]"))
+    backend = HFTokenizer(
+        models.WordLevel({"[UNK]": 0, "<|eot_id|>": 1, "<|end_of_text|>": 2}, unk_token="[UNK]")
+    )
     assert Tokenizer(backend, eos_token="<|end_of_text|>").stop_token_ids == {1, 2}
 
 
@@ -164,19 +176,25 @@ def _gguf_meta(pre: str, **extra) -> dict:
     byte_chars = [chr(c) for c in range(ord("!"), ord("~") + 1)] + ["Ġ"]
     tokens = ["<|begin_of_text|>", "<|eot_id|>", *byte_chars]
     return {
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": [3, 3] + [1] * len(byte_chars),
-        "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": 0,
-        "tokenizer.ggml.eos_token_id": 1, **extra,
+        "tokenizer.ggml.merges": [],
+        "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 1,
+        **extra,
     }
 
 
-@pytest.mark.parametrize(("pre", "pieces"), [
-    ("llama-bpe", ["123", "45"]),   # Llama 3 groups up to three digits
-    ("qwen2", ["1", "2", "3", "4", "5"]),  # Qwen2 splits every digit
-    ("smollm", ["12345"]),  # GPT-2's regex keeps a digit run whole
-])
+@pytest.mark.parametrize(
+    ("pre", "pieces"),
+    [
+        ("llama-bpe", ["123", "45"]),  # Llama 3 groups up to three digits
+        ("qwen2", ["1", "2", "3", "4", "5"]),  # Qwen2 splits every digit
+        ("smollm", ["12345"]),  # GPT-2's regex keeps a digit run whole
+    ],
+)
 def test_pre_tokenizer_follows_gguf_pre(pre, pieces):
     t = Tokenizer.from_gguf(_gguf_meta(pre))
     assert [p for p, _ in t.backend.pre_tokenizer.pre_tokenize_str("12345")] == pieces
@@ -190,5 +208,68 @@ def test_gguf_add_bos_token_is_honoured():
 
 
 def test_unsupported_gguf_tokenizer_model():
-    with pytest.raises(UnsupportedModelError, match="'bert'"):
+    with pytest.raises(UnsupportedModelError, match=r"'bert'.*'gpt2'.*'llama'"):
         Tokenizer.from_gguf(_gguf_meta("default", **{"tokenizer.ggml.model": "bert"}))
+
+
+# -- SentencePiece GGUF (Llama 2 / Mistral style) ----------------------------------------------
+
+SPM_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, hello there",
+    "naïve café déjà vu",
+    "def main():\n    return 42",
+    "the theory of the thing",
+] * 20
+SPM_TEXTS = [
+    "the quick brown fox",
+    " leading space",
+    "hello  world\n\tdone",
+    "naïve café 日本 😀",
+    "<s>the</s>",
+    "jumps",
+    "",
+]
+
+
+def write_sentencepiece_gguf(folder: Path) -> Path:
+    """A GGUF with a small SentencePiece vocabulary laid out the way llama.cpp stores one:
+    control tokens, 256 byte tokens, then pieces with scores and no merges."""
+    trainer = SentencePieceBPETokenizer()
+    trainer.train_from_iterator(SPM_CORPUS, vocab_size=200, min_frequency=2, show_progress=False)
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    types = [2, 3, 3] + [6] * 256
+    scores = [0.0] * len(tokens)
+    for rank, (piece, _) in enumerate(sorted(trainer.get_vocab().items(), key=lambda kv: kv[1])):
+        if piece not in tokens:
+            tokens.append(piece)
+            types.append(1)
+            scores.append(-float(rank))
+    path = folder / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_sentencepiece_gguf_matches_transformers(tmp_path):
+    path = write_sentencepiece_gguf(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    tok = Tokenizer.from_gguf(read_gguf(path).metadata)
+    assert tok.add_bos_token and tok.bos_token_id == 1 and tok.stop_token_ids == {2}
+    for text in SPM_TEXTS:
+        ids = tok.encode(text, add_special_tokens=True)
+        assert ids == hf.encode(text), text
+        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
+    # Characters outside the vocabulary fall back to byte tokens and decode back intact.
+    assert tok.decode(tok.encode("日本 😀")) == "日本 😀"

@@ -13,8 +13,9 @@ import math
 import mmap
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,9 @@ class GGUFFile:
 
     def raw(self, info: GGUFTensorInfo) -> torch.Tensor:
         """The tensor's bytes as a flat uint8 view of the mapped file (no copy)."""
-        return torch.frombuffer(self.buffer, dtype=torch.uint8, count=info.nbytes,
-                                offset=info.offset)
+        return torch.frombuffer(
+            self.buffer, dtype=torch.uint8, count=info.nbytes, offset=info.offset
+        )
 
 
 class _Cursor:
@@ -91,7 +93,7 @@ class _Cursor:
         n = self.u64()
         start = self.pos
         self.pos += n
-        return bytes(self.buf[start:self.pos]).decode("utf-8", errors="replace")
+        return bytes(self.buf[start : self.pos]).decode("utf-8", errors="replace")
 
     def value(self, vtype: int) -> Any:
         if vtype == GGUFValueType.STRING:
@@ -121,7 +123,7 @@ class _Cursor:
         for _ in range(count):
             (n,) = unpack(buf, pos)
             pos += 8
-            out.append(buf[pos:pos + n].decode("utf-8", errors="replace"))
+            out.append(buf[pos : pos + n].decode("utf-8", errors="replace"))
             pos += n
         self.pos = pos
         return out
@@ -152,11 +154,13 @@ def read_gguf(path: str | Path) -> GGUFFile:
     data_start = -(-cur.pos // alignment) * alignment
     tensors = {}
     for name, dims, ggml_type, rel in table:
-        info = GGUFTensorInfo(name, tuple(reversed(dims)), ggml_type, data_start + rel,
-                              _nbytes(name, dims, ggml_type))
+        info = GGUFTensorInfo(
+            name, tuple(reversed(dims)), ggml_type, data_start + rel, _nbytes(name, dims, ggml_type)
+        )
         if info.offset + info.nbytes > len(buf):
-            raise GGUFFormatError(f"{path}: tensor {name} runs past the end of the file "
-                                  "(truncated download?)")
+            raise GGUFFormatError(
+                f"{path}: tensor {name} runs past the end of the file (truncated download?)"
+            )
         tensors[name] = info
     return GGUFFile(str(path), metadata, tensors, buf)
 
@@ -167,8 +171,10 @@ def _nbytes(name: str, dims: list[int], ggml_type: int) -> int:
     except ValueError:
         raise UnsupportedModelError(f"tensor {name} has unknown GGML type {ggml_type}") from None
     if dims[0] % block:
-        raise GGUFFormatError(f"tensor {name}: row of {dims[0]} is not a multiple of the "
-                              f"{GGMLQuantizationType(ggml_type).name} block size {block}")
+        raise GGUFFormatError(
+            f"tensor {name}: row of {dims[0]} is not a multiple of the "
+            f"{GGMLQuantizationType(ggml_type).name} block size {block}"
+        )
     return math.prod(dims) // block * type_size
 
 
@@ -179,7 +185,7 @@ def _nbytes(name: str, dims: list[int], ggml_type: int) -> int:
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """A little-endian fp16 field at byte `start` of every block, as float32 `[n, 1]`."""
-    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -285,27 +291,32 @@ SUPPORTED_GGML_TYPES = tuple(
 _CHUNK_BLOCKS = 1 << 16
 
 
-def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...],
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Decode a tensor's raw uint8 bytes into `shape` in `dtype`."""
     if ggml_type in _FLOAT_TYPES:
         return raw.view(_FLOAT_TYPES[ggml_type]).reshape(shape).to(dtype)
     fn = _BLOCK_DEQUANTIZERS.get(ggml_type)
     if fn is None:
-        name = GGMLQuantizationType(ggml_type).name
-        raise UnsupportedModelError(
-            f"GGUF tensor type {name} is not supported; supported types: "
-            f"{', '.join(SUPPORTED_GGML_TYPES)}. Use a GGUF quantized to one of these "
-            "(e.g. Q4_K_M, Q8_0 or F16)."
-        )
+        raise _unsupported_types([ggml_type])
     _, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     blocks = raw.view(-1, type_size)
     out = torch.empty(math.prod(shape), dtype=dtype)
     block_elems = out.numel() // max(blocks.shape[0], 1)
     for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-        chunk = blocks[start:start + _CHUNK_BLOCKS]
-        out[start * block_elems:(start + chunk.shape[0]) * block_elems] = fn(chunk).reshape(-1)
+        chunk = blocks[start : start + _CHUNK_BLOCKS]
+        out[start * block_elems : (start + chunk.shape[0]) * block_elems] = fn(chunk).reshape(-1)
     return out.reshape(shape)
+
+
+def _unsupported_types(types: list[int]) -> UnsupportedModelError:
+    names = ", ".join(sorted({GGMLQuantizationType(t).name for t in types}))
+    return UnsupportedModelError(
+        f"GGUF tensor type {names} is not supported; supported types: "
+        f"{', '.join(SUPPORTED_GGML_TYPES)}. Use a GGUF quantized to one of these "
+        "(e.g. Q4_K_M, Q8_0 or F16)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,14 +376,17 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
     hidden = key("embedding_length")
     heads = key("attention.head_count")
     if hidden is None or heads is None or key("block_count") is None:
-        raise GGUFFormatError(f"{gf.path}: missing {arch}.embedding_length/block_count/"
-                              "attention.head_count metadata")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = key("vocab_size") or (len(tokens) if tokens else None)
-    if vocab is None:
-        vocab = gf.tensors["token_embd.weight"].shape[0]
-    eos_ids = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-               if k in meta]
+        raise GGUFFormatError(
+            f"{gf.path}: missing {arch}.embedding_length/block_count/attention.head_count metadata"
+        )
+    if "token_embd.weight" not in gf.tensors:
+        raise GGUFFormatError(f"{gf.path}: no token_embd.weight tensor")
+    # The embedding's rows, not the token list, size the logits (vocabularies are often
+    # padded to a multiple of 64 or 128).
+    vocab = gf.tensors["token_embd.weight"].shape[0]
+    eos_ids = [
+        meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta
+    ]
     head_dim = key("attention.key_length") or hidden // heads
     theta = float(key("rope.freq_base", 10000.0))
     return ModelConfig(
@@ -414,8 +428,7 @@ def _rope_scaling(gf: GGUFFile, arch: str, theta: float, head_dim: int) -> dict 
     return scaling
 
 
-def _llama3_scaling(divisors: torch.Tensor, theta: float, head_dim: int,
-                    orig: int | None) -> dict:
+def _llama3_scaling(divisors: torch.Tensor, theta: float, head_dim: int, orig: int | None) -> dict:
     """Invert llama.cpp's rope_freqs (per-frequency divisors) into HF's llama3 parameters.
 
     The converter divides frequency i by 1 (short wavelengths), by `factor` (long ones) and
@@ -426,8 +439,13 @@ def _llama3_scaling(divisors: torch.Tensor, theta: float, head_dim: int,
     """
     div = divisors.double()
     factor = float(div.max())
-    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": orig or 8192}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": orig or 8192,
+    }
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     mid = (div > 1 + 1e-6) & (div < factor - 1e-6)
     if factor <= 1.0 or int(mid.sum()) < 2:
@@ -454,21 +472,39 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     the last two axes restores (head, 2, dim/2).
     """
     head_dim = w.shape[0] // n_heads
-    return (w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2)
-            .reshape(w.shape).contiguous())
+    return (
+        w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:])
+        .transpose(1, 2)
+        .reshape(w.shape)
+        .contiguous()
+    )
 
 
-def iter_gguf_weights(gf: GGUFFile, config: ModelConfig,
-                      dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(hf_name, tensor)` in `dtype`, with Llama's q/k rows back in HF order."""
+def gguf_weight_loaders(
+    gf: GGUFFile, config: ModelConfig, dtype: torch.dtype
+) -> list[tuple[str, Callable[[], torch.Tensor]]]:
+    """`(hf_name, load)` pairs; each `load()` dequantizes one tensor to `dtype`, with Llama's
+    q/k rows back in HF order. Independent, so they can run on a thread pool."""
+    known = {*_FLOAT_TYPES, *_BLOCK_DEQUANTIZERS}
+    unknown = [i.ggml_type for i in gf.tensors.values() if i.ggml_type not in known]
+    if unknown:  # fail before spending time on the tensors we could read
+        raise _unsupported_types(unknown)
+    loaders = []
     for info in gf.tensors.values():
         name = hf_name(info.name)
         if name is None:
             continue
-        tensor = dequantize(gf.raw(info), info.ggml_type, info.shape, dtype)
-        if config.architecture == "llama":
-            if ".q_proj." in name:
-                tensor = unpermute_rotary(tensor, config.num_attention_heads)
-            elif ".k_proj." in name:
-                tensor = unpermute_rotary(tensor, config.num_key_value_heads)
-        yield name, tensor
+        heads = None
+        if config.architecture == "llama" and ".q_proj." in name:
+            heads = config.num_attention_heads
+        elif config.architecture == "llama" and ".k_proj." in name:
+            heads = config.num_key_value_heads
+        loaders.append((name, partial(_load_tensor, gf, info, dtype, heads)))
+    return loaders
+
+
+def _load_tensor(
+    gf: GGUFFile, info: GGUFTensorInfo, dtype: torch.dtype, rotary_heads: int | None
+) -> torch.Tensor:
+    tensor = dequantize(gf.raw(info), info.ggml_type, info.shape, dtype)
+    return tensor if rotary_heads is None else unpermute_rotary(tensor, rotary_heads)

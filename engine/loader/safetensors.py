@@ -7,7 +7,8 @@ dtype) and the shards never sit in memory twice.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,14 +18,12 @@ from engine.config import ModelConfig, UnsupportedModelError
 from engine.loader.resolve import ModelNotFoundError
 
 _INDEX = "model.safetensors.index.json"
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
     with open(folder / "config.json", encoding="utf-8") as f:
-        raw = json.load(f)
-    # Multimodal wrappers nest the language model's fields; we only run the text model.
-    return ModelConfig.from_hf_config(raw.get("text_config") or raw)
+        return ModelConfig.from_hf_config(json.load(f))
 
 
 def shard_files(folder: Path) -> list[Path]:
@@ -43,31 +42,39 @@ def shard_files(folder: Path) -> list[Path]:
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         other = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
-        hint = (f" It has PyTorch pickles ({', '.join(sorted(other))}); re-save them with "
-                "`model.save_pretrained(folder, safe_serialization=True)`.") if other else ""
+        hint = (
+            (
+                f" It has PyTorch pickles ({', '.join(sorted(other))}); re-save them with "
+                "`model.save_pretrained(folder, safe_serialization=True)`."
+            )
+            if other
+            else ""
+        )
         raise ModelNotFoundError(f"{folder} has config.json but no *.safetensors weights.{hint}")
     return shards
 
 
-def count_tensors(shards: list[Path]) -> int:
-    total = 0
-    for shard in shards:
-        with safe_open(shard, framework="pt") as f:
-            total += len(f.keys())
-    return total
-
-
-def iter_safetensors_weights(shards: list[Path],
-                             dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(name, tensor)` cast to `dtype`; non-float checkpoints are refused."""
+def safetensors_weight_loaders(
+    shards: list[Path], dtype: torch.dtype
+) -> list[tuple[str, Callable[[], torch.Tensor]]]:
+    """`(name, load)` pairs; each `load()` reads one tensor from its memory-mapped shard and
+    casts it to `dtype`. Non-float checkpoints are refused up front, before any copy."""
+    loaders = []
     for shard in shards:
         with safe_open(shard, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 -- safe_open is not a mapping
-                tensor = f.get_tensor(name)
-                if tensor.dtype not in _FLOAT_DTYPES:
+                kind = f.get_slice(name).get_dtype()
+                if kind not in _FLOAT_DTYPES:
                     raise UnsupportedModelError(
-                        f"{shard.name}: tensor {name} is {tensor.dtype}; tokenmill loads "
-                        "float32/float16/bfloat16 safetensors. For quantized weights use a "
-                        "GGUF file instead."
+                        f"{shard.name}: tensor {name} is {kind}; tokenmill loads "
+                        "F32/F16/BF16 safetensors. For quantized weights use a GGUF file instead."
                     )
-                yield name, tensor.to(dtype)
+                loaders.append((name, partial(_load_tensor, shard, name, dtype)))
+    return loaders
+
+
+def _load_tensor(shard: Path, name: str, dtype: torch.dtype) -> torch.Tensor:
+    # Opening is cheap (the header is cached by the OS, the data is mmap-ed), and a handle
+    # per call keeps the loaders independent of each other for the thread pool.
+    with safe_open(shard, framework="pt") as f:
+        return f.get_tensor(name).to(dtype)

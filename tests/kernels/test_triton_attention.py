@@ -16,7 +16,7 @@ from tests.kernels.cases import TOLERANCE, PagedBatch, make_paged_batch, relativ
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SETTINGS = settings(
-    max_examples=20,
+    max_examples=40,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],

@@ -54,7 +54,7 @@ class FakeTokenizer:
 @dataclass
 class FakeEngine:
     reply: str | Callable[[str], str] = "Hello, world!"
-    max_model_len: int = 512
+    max_model_len: int = 2048
     model_name: str = "fake-model"
     token_delay: float = 0.0
     # While set (cleared by a test), generation pauses after the first token.
@@ -116,25 +116,26 @@ class FakeEngine:
         self.params.append(params)
         self.running.add(request_id)
         text, reason = self._completion(ids, params)
-        try:
-            for pos in range(max(len(text), 1)):
-                if request_id not in self.running:
-                    return
-                if self.fail_after is not None and pos >= self.fail_after:
-                    raise EngineError("simulated engine failure")
-                await asyncio.sleep(self.token_delay)
-                while pos == 1 and not self.hold.is_set():
-                    await asyncio.sleep(0.005)
-                last = pos >= len(text) - 1
-                outputs = [self._delta(i, text[pos:pos + 1], last, reason, params)
-                           for i in range(params.n)]
-                self.generated_total += params.n * len(text[pos:pos + 1])
-                if last:
-                    self.running.discard(request_id)
-                    self.finished.append(request_id)
-                yield RequestOutput(request_id, None, ids, outputs, cached, finished=last)
-        finally:
-            self.running.discard(request_id)
+        # Unlike AsyncLLM, closing this generator does not abort: a request stays
+        # running until it finishes or the server calls abort(), so tests see whether
+        # the server does.
+        for pos in range(max(len(text), 1)):
+            if request_id not in self.running:
+                return
+            if self.fail_after is not None and pos >= self.fail_after:
+                self.running.discard(request_id)
+                raise EngineError("simulated engine failure")
+            await asyncio.sleep(self.token_delay)
+            while pos == 1 and not self.hold.is_set():
+                await asyncio.sleep(0.005)
+            last = pos >= len(text) - 1
+            outputs = [self._delta(i, text[pos:pos + 1], last, reason, params)
+                       for i in range(params.n)]
+            self.generated_total += params.n * len(text[pos:pos + 1])
+            if last:
+                self.running.discard(request_id)
+                self.finished.append(request_id)
+            yield RequestOutput(request_id, None, ids, outputs, cached, finished=last)
 
     @staticmethod
     def _delta(index: int, piece: str, last: bool, reason: str,

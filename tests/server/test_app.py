@@ -142,7 +142,7 @@ def test_models_health_and_metrics(serve):
     server = serve(served_model_names=["fake-model", "alias"])
     models = server.client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["fake-model", "alias"]
-    assert models["data"][0]["max_model_len"] == 512
+    assert models["data"][0]["max_model_len"] == 2048
     assert server.client.get("/v1/models/alias").json()["id"] == "alias"
     assert server.client.get("/health").json() == {"status": "ok"}
     assert chat(server, model="alias").json()["model"] == "alias"
@@ -182,7 +182,7 @@ def assert_error(response: httpx.Response, status: int, param=None, code=None) -
 
 
 def test_client_mistakes_get_openai_shaped_4xx(serve):
-    server = serve(max_body_bytes=1000)
+    server = serve(max_body_bytes=3000)
     post = server.client.post
     r = post("/v1/chat/completions", content=b'{"messages": [', headers={
         "content-type": "application/json"})
@@ -194,11 +194,11 @@ def test_client_mistakes_get_openai_shaped_4xx(serve):
     assert_error(chat(server, stop=[""]), 400, "stop")
     assert_error(chat(server, model="gpt-9"), 404, "model", "model_not_found")
     assert_error(server.client.get("/v1/models/gpt-9"), 404, "model")
-    assert_error(post("/v1/chat/completions", json={"messages": USER, "pad": "x" * 2000}),
+    assert_error(post("/v1/chat/completions", json={"messages": USER, "pad": "x" * 4000}),
                  413, code="request_too_large")
-    error = assert_error(chat(server, max_tokens=600), 400, "messages", "context_length_exceeded")
-    assert "maximum context length is 512" in error["message"]
-    assert_error(post("/v1/completions", json={"prompt": "x" * 500, "max_tokens": 20}), 400,
+    error = assert_error(chat(server, max_tokens=2040), 400, "messages", "context_length_exceeded")
+    assert "maximum context length is 2048" in error["message"]
+    assert_error(post("/v1/completions", json={"prompt": "x" * 2040, "max_tokens": 20}), 400,
                  "prompt", "context_length_exceeded")
     assert_error(post("/v1/completions", json={"prompt": ""}), 400, "prompt")
     assert_error(post("/v1/chat/completions", json=[1, 2]), 400)
@@ -296,12 +296,13 @@ def test_queue_limit_answers_429_with_retry_after(serve):
                               json={"messages": USER, "stream": True}) as a, \
             server.client.stream("POST", "/v1/completions",
                                  json={"prompt": "x", "stream": True}) as b:
-        next(events(a)), next(events(b))
+        a_events, b_events = events(a), events(b)  # (dropping one would close its stream)
+        next(a_events), next(b_events)
         r = chat(server)
         assert_error(r, 429, code="rate_limit_exceeded")
         assert r.headers["retry-after"] == "3"
         engine.hold.set()
-        a.read(), b.read()
+        assert list(a_events)[-1] == list(b_events)[-1] == "[DONE]"
     assert chat(server).status_code == 200
 
 
@@ -386,3 +387,29 @@ def test_native_tool_template_receives_the_tools(serve):
     message = body["choices"][0]["message"]
     assert len(message["tool_calls"]) == 1  # parallel_tool_calls=false: the second is text
     assert "Rome" in message["content"]
+
+
+def test_tool_call_round_trip_with_the_openai_sdk(serve):
+    """A scripted model: calls get_weather, then answers from the tool's result."""
+    import openai
+
+    def model(prompt: str) -> str:
+        if "<tool_response>\n18C\n</tool_response>" in prompt:
+            return "It is 18C in Paris."
+        return '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+    server = serve(FakeEngine(reply=model))
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    first = client.chat.completions.create(model="fake-model", messages=messages,
+                                           tools=[WEATHER_TOOL])
+    assert first.choices[0].finish_reason == "tool_calls"
+    (call,) = first.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "18C"}]
+    final = client.chat.completions.create(model="fake-model", messages=messages,
+                                           tools=[WEATHER_TOOL], stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in final if c.choices)
+    assert text == "It is 18C in Paris."
