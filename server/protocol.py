@@ -31,8 +31,6 @@ _SAMPLING_FIELDS = (
 @dataclass
 class Tool:
     name: str
-    description: str | None
-    parameters: dict | None
     spec: dict  # the request's {"type": "function", "function": {...}} object, for templates
 
 
@@ -65,7 +63,6 @@ class ChatRequest:
     tool_choice: str = "none"  # "none" | "auto" | "required" | "function"
     forced_tool: str | None = None  # the function named by tool_choice, if any
     parallel_tool_calls: bool = True
-    user: str | None = None
 
 
 @dataclass
@@ -77,7 +74,6 @@ class CompletionRequest:
     include_usage: bool = False
     logprobs: int | None = None
     echo: bool = False
-    user: str | None = None
 
 
 # -- field helpers --------------------------------------------------------------------------
@@ -199,12 +195,9 @@ def _tool(raw: Any, i: int) -> Tool:
             f"{param}.function.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
             "tools",
         )
-    return Tool(
-        name=name,
-        description=_field(function, "description", "a string", param=f"{param}.description"),
-        parameters=_field(function, "parameters", "an object", param=f"{param}.parameters"),
-        spec={"type": "function", "function": function},
-    )
+    _field(function, "description", "a string", param=f"{param}.function.description")
+    _field(function, "parameters", "an object", param=f"{param}.function.parameters")
+    return Tool(name=name, spec={"type": "function", "function": function})
 
 
 def _tool_choice(body: dict, tools: list[Tool]) -> tuple[str, str | None]:
@@ -228,8 +221,10 @@ def _tool_choice(body: dict, tools: list[Tool]) -> tuple[str, str | None]:
     return "function", name
 
 
-def _check_unsupported(body: dict) -> None:
-    """Fail loudly on options we would otherwise silently ignore."""
+def _check_common(body: dict) -> None:
+    """Fields both endpoints accept but do not use: check their types, and fail loudly on
+    values we would otherwise silently ignore."""
+    _field(body, "user", "a string")
     fmt = _field(body, "response_format", "an object")
     if fmt is not None and fmt.get("type") != "text":
         raise invalid('only response_format {"type": "text"} is supported', "response_format")
@@ -243,7 +238,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     messages_raw = _field(body, "messages", "an array")
     if not messages_raw:
         raise invalid("messages must be a non-empty array", "messages")
-    _check_unsupported(body)
+    _check_common(body)
     messages = [_message(m, i) for i, m in enumerate(messages_raw)]
     tools = [_tool(t, i) for i, t in enumerate(_field(body, "tools", "an array", []))]
     if len({t.name for t in tools}) != len(tools):
@@ -274,7 +269,6 @@ def parse_chat_request(body: Any) -> ChatRequest:
         tool_choice=mode,
         forced_tool=forced,
         parallel_tool_calls=_field(body, "parallel_tool_calls", "a boolean", True),
-        user=_field(body, "user", "a string"),
     )
 
 
@@ -308,7 +302,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
     prompts = _prompts(body)
-    _check_unsupported(body)
+    _check_common(body)
     if body.get("suffix"):
         raise invalid("suffix is not supported", "suffix")
     stream = _field(body, "stream", "a boolean", False)
@@ -334,5 +328,4 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         include_usage=_stream_options(body, stream),
         logprobs=logprobs,
         echo=echo,
-        user=_field(body, "user", "a string"),
     )

@@ -1,0 +1,118 @@
+"""AsyncLLM: streamed deltas add up to the offline result, aborts free blocks at once,
+and an engine failure ends requests with an error instead of hanging them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from engine import LLM, AsyncLLM, SamplingParams
+from engine.errors import EngineError
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+def test_streamed_deltas_equal_offline_output(tiny_path):
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, n=2, logprobs=2)
+    prompts = [_prompt(n, i) for i, n in enumerate([9, 30, 3])]
+    offline = LLM(tiny_path, device="cpu").generate(prompts, params)
+
+    async def stream_all():
+        engine = AsyncLLM(model=tiny_path, device="cpu")
+
+        async def one(i, prompt):
+            tokens: dict[int, list[int]] = {0: [], 1: []}
+            finished = []
+            async for out in engine.generate(prompt, params, request_id=f"r{i}"):
+                for o in out.outputs:
+                    tokens[o.index] += o.token_ids
+                    assert o.logprobs is not None and len(o.logprobs) == len(o.token_ids)
+                    if o.finish_reason:
+                        finished.append(o.finish_reason)
+            assert out.finished and finished == ["length", "length"]
+            return tokens
+
+        try:
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        finally:
+            await engine.shutdown()
+
+    streamed = asyncio.run(stream_all())
+    for off, got in zip(offline, streamed, strict=True):
+        assert [o.token_ids for o in off.outputs] == [got[0], got[1]]
+
+
+def test_abort_and_closed_streams_free_blocks(tiny_path):
+    async def run():
+        engine = AsyncLLM(model=tiny_path, device="cpu", num_kv_blocks=64)
+        bm = engine.engine.block_manager
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        try:
+            gen = engine.generate(_prompt(20, 1), params, request_id="a")
+            await gen.__anext__()
+            await gen.aclose()  # a client that went away
+
+            async def consume():
+                reasons = []
+                async for out in engine.generate(_prompt(20, 2), params, request_id="b"):
+                    reasons += [o.finish_reason for o in out.outputs if o.finish_reason]
+                return reasons
+
+            task = asyncio.create_task(consume())
+            await asyncio.sleep(0.2)
+            await engine.abort("b")
+            assert await task == ["abort"]
+            for _ in range(100):
+                if engine.stats().num_running == 0 and bm.num_used_blocks == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert bm.num_used_blocks == 0
+            assert engine.stats().kv_cache_usage == 0
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+
+
+def test_engine_failure_reaches_the_caller(tiny_path, monkeypatch):
+    async def run():
+        engine = AsyncLLM(model=tiny_path, device="cpu")
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("kernel exploded")
+
+        monkeypatch.setattr(engine.engine.runner, "run", boom)
+        try:
+            with pytest.raises(EngineError, match="kernel exploded"):
+                async for _ in engine.generate(_prompt(5, 3), SamplingParams(), "x"):
+                    pass
+            assert engine.engine.block_manager.num_used_blocks == 0
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+
+
+def test_bad_requests_raise_value_error(tiny_path):
+    async def run():
+        engine = AsyncLLM(model=tiny_path, device="cpu")
+        try:
+            with pytest.raises(ValueError, match="maximum context length"):
+                async for _ in engine.generate([1] * 500, SamplingParams(max_tokens=100), "y"):
+                    pass
+            with pytest.raises(ValueError, match="token ids"):
+                async for _ in engine.generate([10**6], SamplingParams(), "z"):
+                    pass
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
