@@ -214,7 +214,7 @@ def bench_decode(bench: Bench, sweep: bool) -> None:
                         nbytes,
                         flops,
                     )
-                    if sweep and (model, batch, ctx) == ("llama3-8b", 64, 4096):
+                    if sweep and batch == 64 and ctx == 4096:
                         sweep_decode(bench, model, shape, args, nbytes)
                 if kv_bytes <= bench.max_kv_bytes / 4:
                     bench.run(
@@ -261,9 +261,9 @@ def bench_decode(bench: Bench, sweep: bool) -> None:
 def sweep_decode(bench: Bench, model: str, shape: str, args, nbytes: float) -> None:
     from kernels import triton_attention as ta
 
-    for block_n in (32, 64, 128):
-        for warps in (2, 4):
-            for stages in (2, 3, 4):
+    for block_n in (32, 64, 128, 256):
+        for warps in (2, 4, 8):
+            for stages in (2, 3):
                 cfg = ta.TileConfig(16, block_n, warps, stages)
                 bench.run(
                     "decode",

@@ -15,7 +15,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 LOG_DIR="${OUT:-$(mktemp -d)}"
 mkdir -p "$LOG_DIR"
-DEADLINE=$(($(date +%s) + 400))
+DEADLINE=$(($(date +%s) + 410))
 
 declare -a NAMES=()
 declare -A STATUS=()
@@ -66,18 +66,21 @@ step versions 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_versio
 
 export TOKENMILL_TEST_DEVICE=cuda
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning)
-step test_ops 60 "${PYTEST[@]}" tests/kernels/test_triton_ops.py
-step test_attention 110 "${PYTEST[@]}" tests/kernels/test_triton_attention.py
-step test_ref_dispatch 40 "${PYTEST[@]}" tests/kernels/test_reference.py tests/kernels/test_dispatch.py
+# Most of the kernel tests' time on a GPU is Triton compiling specialisations: spread it over
+# CPU cores with pytest-xdist when it is installed (each worker is also its own CUDA context, so
+# a kernel fault poisons only that worker's remaining tests).
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+step test_kernels 150 "${PYTEST[@]}" "${XDIST[@]}" tests/kernels
 if [[ -f tests/test_model_parity.py ]]; then
-    step test_parity 60 "${PYTEST[@]}" tests/test_model_parity.py
+    step test_parity 90 "${PYTEST[@]}" tests/test_model_parity.py
 else
     echo "=== test_parity: tests/test_model_parity.py not present, skipped"
 fi
 unset TOKENMILL_TEST_DEVICE
 
-step bench_decode 70 "$PY" benchmarks/bench_kernels.py --only decode
-step bench_prefill 60 "$PY" benchmarks/bench_kernels.py --only prefill
+step bench_decode 60 "$PY" benchmarks/bench_kernels.py --only decode
+step bench_prefill 50 "$PY" benchmarks/bench_kernels.py --only prefill
 step bench_pointwise 40 "$PY" benchmarks/bench_kernels.py --only pointwise
 
 {

@@ -34,15 +34,34 @@ class TileConfig:
     num_stages: int
 
 
-# Tuned for Hopper with bf16 K/V; the interpreter gets small tiles because every program runs in
-# Python and tests use tiny shapes.
-_DECODE = {64: TileConfig(16, 64, 4, 3), 128: TileConfig(16, 64, 4, 3)}
-_PREFILL = {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 64, 8, 3)}
+# Measured on an H200 with bf16 K/V and block size 16 (benchmarks/bench_kernels.py --sweep):
+# decode streams ~16 KB of K+V per loop iteration whatever the head size; prefill uses 128x128
+# tiles. float32 inputs take half-size tiles so the pipelined K/V buffers fit in shared memory.
+# The interpreter gets small tiles because every program runs in Python on tiny test shapes.
 _INTERPRET_DECODE = TileConfig(16, 32, 1, 1)
 _INTERPRET_PREFILL = TileConfig(32, 32, 1, 1)
 # Decode splits a context only when each split keeps at least this many tokens.
 _MIN_TOKENS_PER_SPLIT = 256
 _MAX_SPLITS = 64
+
+
+def decode_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
+    if INTERPRETED:
+        return _INTERPRET_DECODE
+    block_n = max(16, min(128, 8192 // triton.next_power_of_2(head_dim)))
+    if dtype == torch.float32:
+        return TileConfig(16, max(16, block_n // 2), 4, 2)
+    return TileConfig(16, block_n, 4, 3)
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
+    if INTERPRETED:
+        return _INTERPRET_PREFILL
+    if dtype == torch.float32:
+        return TileConfig(64, 32, 4, 2)
+    if head_dim <= 64:
+        return TileConfig(128, 64, 4, 3)
+    return TileConfig(128, 128 if head_dim <= 128 else 32, 8, 3 if head_dim <= 128 else 2)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -61,12 +80,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _default_config(table: dict[int, TileConfig], interpreted: TileConfig, head_dim: int):
-    if INTERPRETED:
-        return interpreted
-    return table.get(head_dim, table[128] if head_dim > 64 else table[64])
 
 
 @triton.jit
@@ -317,13 +330,13 @@ def _decode_reduce_kernel(
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device):
     """Split the context only when (sequence, kv head) programs alone cannot fill the GPU.
 
-    The target is about four programs per SM so that enough loads are in flight to saturate
-    memory bandwidth; splits never get shorter than ``_MIN_TOKENS_PER_SPLIT`` tokens, where the
-    extra reduce pass would start to cost more than the parallelism gains.
+    The target is about two programs per SM, which keeps enough loads in flight to saturate
+    memory bandwidth (measured: more splits only add reduce traffic). Splits never get shorter
+    than ``_MIN_TOKENS_PER_SPLIT`` tokens, where the reduce pass would cost more than it gains.
     """
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
     programs = max(1, num_seqs * num_kv_heads)
-    wanted = triton.cdiv(4 * sms, programs)
+    wanted = triton.cdiv(2 * sms, programs)
     useful = triton.cdiv(max_context, _MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, useful, _MAX_SPLITS))
 
@@ -351,7 +364,7 @@ def paged_decode_attention(
         out = torch.empty_like(q)
     if num_seqs == 0:
         return out
-    cfg = config or _default_config(_DECODE, _INTERPRET_DECODE, head_dim)
+    cfg = config or decode_config(head_dim, q.dtype)
     max_context = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, q.device)
@@ -592,7 +605,7 @@ def paged_prefill_attention(
         out = torch.empty_like(q)
     if total_tokens == 0 or num_seqs == 0:
         return out
-    cfg = config or _default_config(_PREFILL, _INTERPRET_PREFILL, head_dim)
+    cfg = config or prefill_config(head_dim, q.dtype)
     block_m = max(cfg.block_m, triton.next_power_of_2(group))
     tokens_per_tile = block_m // group
     num_tiles = total_tokens // tokens_per_tile + num_seqs

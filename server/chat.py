@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
@@ -18,6 +17,7 @@ from server.errors import invalid
 from server.generation import (
     ChoiceResult,
     Collected,
+    ResponseHeader,
     check_context,
     collect,
     engine_outputs,
@@ -39,11 +39,9 @@ class ChatRun:
 
     state: ServerState
     request: ChatRequest
-    model: str
+    header: ResponseHeader
     tool_names: list[str]
-    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
-    created: int = field(default_factory=lambda: int(time.time()))
-    prompt_tokens: int = 0
+    prompt_tokens: int
 
     @property
     def max_calls(self) -> int | None:
@@ -100,10 +98,11 @@ async def create_chat_completion(
     prompt_ids = _encode_prompt(state, request)
     params = make_sampling_params(request.sampling)
     check_context(len(prompt_ids), params.max_tokens, state.engine.max_model_len, "messages")
-    run = ChatRun(state, request, model, [t.name for t in active_tools(request)],
-                  prompt_tokens=len(prompt_ids))
+    header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", model)
+    run = ChatRun(state, request, header, [t.name for t in active_tools(request)],
+                  len(prompt_ids))
     ticket = state.admission.acquire()
-    outputs = merge([engine_outputs(state, prompt_ids, params, run.id, timer)])
+    outputs = merge([engine_outputs(state, prompt_ids, params, header.id, timer)])
     if request.stream:
         return EventStreamResponse(_chat_events(run, outputs), on_close=ticket.release)
     try:
@@ -155,32 +154,16 @@ def _chat_choice(run: ChatRun, index: int, result: ChoiceResult) -> dict:
 def _chat_response(run: ChatRun, collected: Collected) -> dict:
     choices = [_chat_choice(run, i, c) for i, c in sorted(collected.choices.items())]
     completion_tokens = sum(len(c.token_ids) for c in collected.choices.values())
-    return {
-        "id": run.id,
-        "object": "chat.completion",
-        "created": run.created,
-        "model": run.model,
-        "system_fingerprint": None,
-        "choices": choices,
-        "usage": usage(run.prompt_tokens, completion_tokens, collected.cached_tokens),
-    }
+    totals = usage(run.prompt_tokens, completion_tokens, collected.cached_tokens)
+    return run.header.body("chat.completion", choices, usage=totals)
 
 
 # -- streaming -----------------------------------------------------------------------------
 
 
 def _chunk(run: ChatRun, choices: list[dict], totals: dict | None = None) -> bytes:
-    payload = {
-        "id": run.id,
-        "object": "chat.completion.chunk",
-        "created": run.created,
-        "model": run.model,
-        "system_fingerprint": None,
-        "choices": choices,
-    }
-    if run.request.include_usage:
-        payload["usage"] = totals
-    return event(payload)
+    extra = {"usage": totals} if run.request.include_usage else {}
+    return event(run.header.body("chat.completion.chunk", choices, **extra))
 
 
 def _choice_chunk(run: ChatRun, index: int, delta: dict, logprobs: dict | None = None,

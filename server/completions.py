@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
@@ -16,6 +15,7 @@ from server.disconnect import unless_disconnected
 from server.errors import invalid
 from server.generation import (
     Collected,
+    ResponseHeader,
     check_context,
     collect,
     engine_outputs,
@@ -34,11 +34,9 @@ from server.state import ServerState
 class CompletionRun:
     state: ServerState
     request: CompletionRequest
-    model: str
+    header: ResponseHeader
     n: int
     prompt_texts: list[str]  # for echo
-    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
-    created: int = field(default_factory=lambda: int(time.time()))
 
     def logprobs(self, entries: list, offset: int) -> dict | None:
         if self.request.logprobs is None:
@@ -71,11 +69,12 @@ async def create_completion(
     for ids in prompts:
         check_context(len(ids), params.max_tokens, state.engine.max_model_len, "prompt")
     texts = [_prompt_text(state, p) for p in request.prompts] if request.echo else []
-    run = CompletionRun(state, request, model, params.n, texts)
+    header = ResponseHeader(f"cmpl-{uuid.uuid4().hex}", model)
+    run = CompletionRun(state, request, header, params.n, texts)
     ticket = state.admission.acquire()
     timers = [timer] + [RequestTimer(state.metrics, arrival=timer.arrival) for _ in prompts[1:]]
     outputs = merge([
-        engine_outputs(state, ids, params, f"{run.id}-{i}", t)
+        engine_outputs(state, ids, params, f"{header.id}-{i}", t)
         for i, (ids, t) in enumerate(zip(prompts, timers, strict=True))
     ])
     if request.stream:
@@ -100,29 +99,13 @@ def _completion_response(run: CompletionRun, collected: Collected) -> dict:
             "finish_reason": c.finish_reason,
         })
     completion_tokens = sum(len(c.token_ids) for c in collected.choices.values())
-    return {
-        "id": run.id,
-        "object": "text_completion",
-        "created": run.created,
-        "model": run.model,
-        "system_fingerprint": None,
-        "choices": choices,
-        "usage": usage(collected.prompt_tokens, completion_tokens, collected.cached_tokens),
-    }
+    totals = usage(collected.prompt_tokens, completion_tokens, collected.cached_tokens)
+    return run.header.body("text_completion", choices, usage=totals)
 
 
 def _chunk(run: CompletionRun, choices: list[dict], totals: dict | None = None) -> bytes:
-    payload = {
-        "id": run.id,
-        "object": "text_completion",
-        "created": run.created,
-        "model": run.model,
-        "system_fingerprint": None,
-        "choices": choices,
-    }
-    if run.request.include_usage:
-        payload["usage"] = totals
-    return event(payload)
+    extra = {"usage": totals} if run.request.include_usage else {}
+    return event(run.header.body("text_completion", choices, **extra))
 
 
 async def _completion_events(

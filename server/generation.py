@@ -8,6 +8,7 @@ its consumer stops early (a client that went away), so KV blocks are freed at on
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -148,6 +149,20 @@ async def collect(stream: AsyncGenerator[tuple[int, RequestOutput], None], n: in
                 choice.logprobs += o.logprobs or []
                 choice.finish_reason = o.finish_reason or choice.finish_reason
     return result
+
+
+@dataclass
+class ResponseHeader:
+    """What every response object and chunk of one request repeats: OpenAI clients
+    expect the same id and created time on all of them."""
+
+    id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def body(self, obj: str, choices: list[dict], **extra: object) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices, **extra}
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:

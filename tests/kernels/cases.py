@@ -8,11 +8,25 @@ so a kernel that reads the wrong block or past a context shows up as a wrong ans
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
+from hypothesis import HealthCheck, settings
 
+ON_CPU = os.environ.get("TOKENMILL_TEST_DEVICE", "cpu") == "cpu"
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def example_budget(cpu: int, cuda: int) -> settings:
+    """Hypothesis settings: on CUDA nearly every example is a new kernel specialisation to
+    compile, so fewer examples buy the same coverage time; on CPU the interpreter is the cost."""
+    return settings(
+        max_examples=cpu if ON_CPU else cuda,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
 
 
 @dataclass

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels import reference, triton_attention
-from tests.kernels.cases import TOLERANCE, PagedBatch, make_paged_batch, relative_error
+from tests.kernels.cases import (
+    TOLERANCE,
+    PagedBatch,
+    example_budget,
+    make_paged_batch,
+    relative_error,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SETTINGS = settings(
-    max_examples=40,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
 
 
 def run_decode(batch: PagedBatch, num_splits: int | None) -> torch.Tensor:
@@ -99,30 +99,33 @@ def paged_shapes(draw, decode: bool):
         group=draw(st.sampled_from([1, 3, 4, 8])),
         head_dim=draw(st.sampled_from([64, 128])),
         block_size=block_size,
-        dtype=draw(st.sampled_from(DTYPES)),
         extra_table_width=draw(st.integers(0, 3)),
         seed=draw(st.integers(0, 2**16)),
     )
 
 
-def build(device, shape: dict) -> PagedBatch:
+def build(device, dtype, shape: dict) -> PagedBatch:
     shape = dict(shape)
     group = shape.pop("group")
-    return make_paged_batch(num_heads=group * shape["num_kv_heads"], device=device, **shape)
+    return make_paged_batch(
+        num_heads=group * shape["num_kv_heads"], dtype=dtype, device=device, **shape
+    )
 
 
-@SETTINGS
+@pytest.mark.parametrize("dtype", DTYPES)
+@example_budget(cpu=15, cuda=8)
 @given(shape=paged_shapes(decode=True), num_splits=st.sampled_from([1, 2, 3, None]))
-def test_decode_matches_reference(device, shape, num_splits):
-    batch = build(device, shape)
-    assert_close(run_decode(batch, num_splits), reference_decode(batch), shape["dtype"])
+def test_decode_matches_reference(device, dtype, shape, num_splits):
+    batch = build(device, dtype, shape)
+    assert_close(run_decode(batch, num_splits), reference_decode(batch), dtype)
 
 
-@SETTINGS
+@pytest.mark.parametrize("dtype", DTYPES)
+@example_budget(cpu=15, cuda=8)
 @given(shape=paged_shapes(decode=False))
-def test_prefill_matches_reference(device, shape):
-    batch = build(device, shape)
-    assert_close(run_prefill(batch), reference_prefill(batch), shape["dtype"])
+def test_prefill_matches_reference(device, dtype, shape):
+    batch = build(device, dtype, shape)
+    assert_close(run_prefill(batch), reference_prefill(batch), dtype)
 
 
 @pytest.mark.parametrize("group", [1, 3, 4, 8])

@@ -6,20 +6,17 @@ interpreter truncates float32 -> bfloat16 instead of rounding, hence the looser 
 
 from __future__ import annotations
 
+import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels import reference, triton_ops
-from tests.kernels.cases import TOLERANCE, relative_error
+from tests.kernels.cases import TOLERANCE, example_budget, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SETTINGS = settings(
-    max_examples=25,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+per_dtype = pytest.mark.parametrize("dtype", DTYPES)
+SETTINGS = example_budget(cpu=8, cuda=5)
 
 
 def nan_like(t: torch.Tensor) -> torch.Tensor:
@@ -37,6 +34,7 @@ def randn(shape, dtype, device, gen) -> torch.Tensor:
     return torch.randn(shape, generator=gen).to(dtype).to(device)
 
 
+@per_dtype
 @SETTINGS
 @given(
     num_kv_heads=st.sampled_from([1, 2, 3]),
@@ -44,7 +42,6 @@ def randn(shape, dtype, device, gen) -> torch.Tensor:
     block_size=st.sampled_from([16, 32]),
     num_tokens=st.integers(1, 40),
     slot_dtype=st.sampled_from([torch.int32, torch.int64]),
-    dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**16),
 )
 def test_store_kv_matches_reference(
@@ -82,12 +79,12 @@ def test_store_kv_from_strided_views(device):
     torch.testing.assert_close(v_cache, v_ref, rtol=0, atol=0, equal_nan=True)
 
 
+@per_dtype
 @SETTINGS
 @given(
     leading=st.sampled_from([(1,), (5,), (2, 3)]),
     hidden=st.sampled_from([64, 96, 576, 2048]),
     with_residual=st.booleans(),
-    dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**16),
 )
 def test_rms_norm_matches_reference(device, leading, hidden, with_residual, dtype, seed):
@@ -108,13 +105,13 @@ def test_rms_norm_matches_reference(device, leading, hidden, with_residual, dtyp
     assert_close(new_residual, ref_residual, dtype)
 
 
+@per_dtype
 @SETTINGS
 @given(
     num_tokens=st.integers(1, 12),
     num_kv_heads=st.sampled_from([1, 2]),
     group=st.sampled_from([1, 3, 4, 8]),
     head_dim=st.sampled_from([64, 128]),
-    dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**16),
 )
 def test_apply_rotary_matches_reference(
@@ -144,11 +141,11 @@ def test_apply_rotary_float32_is_exact_up_to_rounding(device):
     torch.testing.assert_close(k_out, k_ref, rtol=1e-6, atol=1e-6)
 
 
+@per_dtype
 @SETTINGS
 @given(
     leading=st.sampled_from([(1,), (7,), (2, 3)]),
     d=st.sampled_from([64, 100, 1536]),
-    dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**16),
 )
 def test_silu_and_mul_matches_reference(device, leading, d, dtype, seed):
