@@ -23,6 +23,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -54,6 +55,7 @@ class RequestResult:
     e2e: float = 0.0
     gaps: list[float] = field(default_factory=list)
     output_tokens: int = 0
+    prompt_tokens: int = 0  # from the usage chunk; 0 when the server sends none
     error: str = ""
 
 
@@ -71,6 +73,8 @@ class LevelReport:
     itl_p99_ms: float
     e2e_p50_s: float
     e2e_p99_s: float
+    prompt_tokens_mean: float = 0.0  # what the server counted, to check prompt lengths
+
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -124,6 +128,7 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace,
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"].get("completion_tokens", 0)
+                    result.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
                 if not _chunk_text(chunk, args.endpoint):
                     continue
                 now = time.perf_counter()
@@ -144,7 +149,13 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace,
     return result
 
 
-async def run_level(args: argparse.Namespace, concurrency: int) -> LevelReport:
+async def run_level(args: argparse.Namespace, concurrency: int,
+                    prompts: Sequence[str] = PROMPTS, first: int = 0) -> LevelReport:
+    """One closed-loop level; request i sends prompts[(first + i) % len(prompts)].
+
+    `first` lets a caller give each level prompts the earlier levels did not send, so a
+    server's prefix cache cannot turn later levels into cache hits.
+    """
     total = args.requests or max(4 * concurrency, 8)
     next_index = 0
     results: list[RequestResult] = []
@@ -152,7 +163,7 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> LevelReport:
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal next_index
         while next_index < total:
-            prompt = PROMPTS[next_index % len(PROMPTS)]
+            prompt = prompts[(first + next_index) % len(prompts)]
             next_index += 1
             results.append(await one_request(client, args, prompt))
 
@@ -184,6 +195,7 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> LevelReport:
         itl_p99_ms=round(1000 * percentile(gaps, 99), 1),
         e2e_p50_s=round(percentile(e2e, 50), 3),
         e2e_p99_s=round(percentile(e2e, 99), 3),
+        prompt_tokens_mean=round(sum(r.prompt_tokens for r in ok) / len(ok), 1) if ok else 0.0,
     )
 
 

@@ -12,6 +12,7 @@ or user had a chance to set ``TRITON_INTERPRET``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -36,8 +37,12 @@ __all__ = [
 _TRUTHY = ("1", "true", "on", "yes")
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether the ``triton`` package can be imported (it is absent on e.g. macOS)."""
+    """Whether the ``triton`` package can be imported (it is absent on e.g. macOS).
+
+    Cached: until triton is imported, ``find_spec`` walks ``sys.path``, far too slow per call.
+    """
     return importlib.util.find_spec("triton") is not None
 
 

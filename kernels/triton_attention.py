@@ -26,7 +26,8 @@ _LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Launch parameters of one attention kernel."""
+    """Launch parameters of one attention kernel (``block_m`` is used by prefill only; decode
+    tiles hold the GQA group's query heads)."""
 
     block_m: int
     block_n: int
@@ -46,6 +47,7 @@ _MAX_SPLITS = 64
 
 
 def decode_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
+    """Default decode tiles: ~16 KB of K+V per iteration (64 tokens at head_dim 128)."""
     if INTERPRETED:
         return _INTERPRET_DECODE
     block_n = max(16, min(128, 8192 // triton.next_power_of_2(head_dim)))
@@ -55,6 +57,7 @@ def decode_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
 
 
 def prefill_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
+    """Default prefill tiles; wide head dims get narrower KV tiles to stay within registers."""
     if INTERPRETED:
         return _INTERPRET_PREFILL
     if dtype == torch.float32:
@@ -274,7 +277,8 @@ def _decode_kernel(
     out_mask = row_mask[:, None] & dim_mask[None, :]
     if SPLIT:
         tl.store(out_ptrs + split * stride_osplit, out, mask=out_mask)
-        lse = m_i + tl.log2(l_i)
+        # Empty split: m_i is -inf, so lse is -inf without taking log2(0).
+        lse = m_i + tl.log2(tl.maximum(l_i, 1e-30))
         tl.store(lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=row_mask)
     else:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)

@@ -17,9 +17,10 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 
 
-def _row_warps(block: int) -> int:
-    """Enough warps that each thread handles a few 16-byte vectors of a row."""
-    return max(1, min(16, block // 256))
+def _row_warps(elements: int) -> int:
+    """Enough warps that each thread handles a few 16-byte vectors of a row (a power of two,
+    as Triton requires)."""
+    return min(16, triton.next_power_of_2(max(1, elements // 256)))
 
 
 @triton.jit

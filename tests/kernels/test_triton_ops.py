@@ -154,3 +154,10 @@ def test_silu_and_mul_matches_reference(device, leading, d, dtype, seed):
     out = torch.full((*leading, d), float("nan"), dtype=dtype, device=device)
     triton_ops.silu_and_mul(x, out=out)
     assert_close(out, reference.silu_and_mul(x), dtype)
+
+
+def test_row_warps_is_a_power_of_two():
+    """Compiled Triton rejects other warp counts (the interpreter ignores them)."""
+    for elements in range(1, 40000, 37):
+        warps = triton_ops._row_warps(elements)
+        assert 1 <= warps <= 16 and warps & (warps - 1) == 0

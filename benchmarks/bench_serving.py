@@ -1,0 +1,426 @@
+"""Serving benchmark (issue 7): tokenmill's HTTP server against llama.cpp and transformers.
+
+One command measures, one system after another, the same closed-loop workload at each
+concurrency C and prints one table:
+
+  * tokenmill: `python -m engine.serve` as a subprocess, driven through its OpenAI API
+    by `loadgen.py` (C clients, each sending its next streaming chat request when the
+    previous one finishes);
+  * llama.cpp: `llama-server -t <cores> -np <max C> -cb` on the same GGUF, driven the
+    same way, only when `--llama-server PATH` is given (building it is the user's step);
+  * transformers: no server; for each C one left-padded batch of C prompts through
+    `generate` (float32, greedy), timed per decoding step.
+
+Every request is greedy and generates exactly `--tokens` tokens (`ignore_eos`), from a
+fixed prompt set of about 130 tokens after SmolLM2's chat template. Within one system's
+run no prompt is sent twice, so prefix caches only ever share the chat template's
+system header, as they would between real users.
+
+    python benchmarks/bench_serving.py                               # 1/4/16/32 streams
+    python benchmarks/bench_serving.py --llama-server ~/llama.cpp/build/bin/llama-server \\
+        --markdown results.md
+    python benchmarks/bench_serving.py --quick --skip-transformers   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadgen is a sibling script
+import loadgen
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENMILL = "tokenmill"
+LLAMA = "llama.cpp"
+TRANSFORMERS = "transformers"
+
+# 40 topics x 4 audiences = 160 distinct user messages, enough that the default sweep
+# (109 requests with the warm-up) never repeats one.
+TOPICS = [
+    "volcanoes", "the water cycle", "photosynthesis", "black holes", "the printing press",
+    "honey bees", "the moon landing", "earthquakes", "coral reefs", "the internet",
+    "electric cars", "the Silk Road", "glaciers", "vaccines", "jazz music", "tides",
+    "the Roman roads", "rainbows", "compound interest", "the human heart", "bread yeast",
+    "solar panels", "bird migration", "the periodic table", "lighthouses", "recycling",
+    "the Great Wall", "thunderstorms", "coffee farming", "sound waves", "the stock market",
+    "desert plants", "steam engines", "the immune system", "maps and compasses",
+    "the northern lights", "paper making", "octopuses", "wind turbines", "sleep",
+]
+AUDIENCES = ["curious adults", "new volunteers", "high school pupils", "retired engineers"]
+TEMPLATE = (
+    "I am putting together a short lesson on {topic} for {audience}. Please write an "
+    "explanation that starts with where the idea comes from, then covers the main facts a "
+    "beginner should know, one common misunderstanding and why people tend to believe it, "
+    "and an everyday example that makes the idea easier to remember. Keep the tone friendly "
+    "and avoid jargon; when a technical word cannot be avoided, explain it in plain "
+    "language the first time it appears. End with two open questions the group could "
+    "discuss afterwards."
+)
+WARMUP_PROMPT = "Say hello in three languages."
+
+
+def bench_prompts() -> list[str]:
+    """The fixed prompt set; neighbours differ in topic so batches are not all alike."""
+    return [TEMPLATE.format(topic=topic, audience=audience)
+            for audience in AUDIENCES for topic in TOPICS]
+
+
+@dataclass
+class Row:
+    system: str
+    concurrency: int
+    requests: int
+    failed: int
+    output_tok_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+
+
+def requests_for(concurrency: int, args: argparse.Namespace) -> int:
+    return max(args.requests_per_stream * concurrency, args.min_requests)
+
+
+# -- servers -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(log, limit: int = 3000) -> str:
+    log.seek(0)
+    return log.read()[-limit:]
+
+
+@contextlib.contextmanager
+def running_server(name: str, argv: list[str], port: int, timeout: float) -> Iterator[str]:
+    """Start `argv` listening on `port`, yield its base URL once /health answers 200.
+
+    The server gets its own session, so a Ctrl-C at the terminal reaches only this script,
+    which then stops the server itself (SIGTERM, then SIGKILL) on the way out, as it does
+    after an error or at the end.
+    """
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_ready(name, process, url, timeout, log)
+            yield url
+        finally:
+            _stop(process)
+
+
+def _wait_ready(name: str, process: subprocess.Popen, url: str, timeout: float, log) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {process.returncode} during start-up:"
+                               f"\n{_log_tail(log)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} was not ready after {timeout:.0f} s:\n{_log_tail(log)}")
+        time.sleep(0.5)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(wait)
+            return
+
+
+def served_model(url: str) -> str:
+    """The id the server lists first: tokenmill checks the `model` field, llama.cpp not."""
+    return httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+
+async def _drive(url: str, model: str, args: argparse.Namespace, prompts: list[str],
+                 system: str) -> list[Row]:
+    base = loadgen.build_parser().parse_args(
+        ["--base-url", f"{url}/v1", "--model", model, "--max-tokens", str(args.tokens),
+         "--timeout", str(args.request_timeout)])
+    warmup = argparse.Namespace(**{**vars(base), "max_tokens": min(8, args.tokens)})
+    async with httpx.AsyncClient(base_url=base.base_url, timeout=base.timeout) as client:
+        first = await loadgen.one_request(client, warmup, WARMUP_PROMPT)
+    if not first.ok:
+        raise RuntimeError(f"{system}: warm-up request failed: {first.error}")
+    rows, sent = [], 0
+    for concurrency in args.concurrency:
+        level = argparse.Namespace(**{**vars(base), "requests": requests_for(concurrency, args)})
+        report = await loadgen.run_level(level, concurrency, prompts, first=sent)
+        sent += report.requests
+        expected = args.tokens * (report.requests - report.failed)
+        if report.output_tokens != expected:
+            print(f"warning: {system} at {concurrency} streams generated "
+                  f"{report.output_tokens} tokens, expected {expected}", file=sys.stderr)
+        rows.append(Row(system, concurrency, report.requests, report.failed,
+                        report.output_tok_s, report.ttft_p50_ms, report.ttft_p99_ms,
+                        report.itl_p50_ms, report.itl_p99_ms))
+        _progress(rows[-1])
+    return rows
+
+
+def measure_server(system: str, argv: list[str], port: int, args: argparse.Namespace,
+                   prompts: list[str]) -> list[Row]:
+    print(f"{system}: starting {shlex.join(argv)}", file=sys.stderr)
+    with running_server(system, argv, port, args.startup_timeout) as url:
+        return asyncio.run(_drive(url, served_model(url), args, prompts, system))
+
+
+def tokenmill_argv(args: argparse.Namespace, port: int) -> list[str]:
+    return [sys.executable, "-m", "engine.serve", "--model", args.model, "--port", str(port),
+            "--log-level", "warning", "--no-access-log", *shlex.split(args.tokenmill_args)]
+
+
+def llama_argv(args: argparse.Namespace, port: int, gguf: str, prompt_tokens: int) -> list[str]:
+    """-np slots for the largest level, each with room for a prompt and its output."""
+    slots = max(args.concurrency)
+    context = slots * (prompt_tokens + args.tokens + 16)
+    return [args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
+            "-t", str(args.llama_threads), "-np", str(slots), "-cb", "-c", str(context),
+            *shlex.split(args.llama_args)]
+
+
+# -- transformers ------------------------------------------------------------------------
+
+
+def measure_transformers(args: argparse.Namespace, gguf_or_folder: str,
+                         prompt_ids: list[list[int]], pad_id: int) -> list[Row]:
+    """One left-padded batch of C prompts per level; every stream shares the step clock."""
+    import torch
+    import transformers
+    from transformers.generation.streamers import BaseStreamer
+
+    class StepClock(BaseStreamer):
+        """`generate` hands the streamer the prompt, then each step's new tokens."""
+
+        def __init__(self) -> None:
+            self.prompt_seen = False
+            self.times: list[float] = []
+
+        def put(self, value) -> None:
+            if self.prompt_seen:
+                self.times.append(time.perf_counter())
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{TRANSFORMERS}: loading {gguf_or_folder} (float32, {device})", file=sys.stderr)
+    path = Path(gguf_or_folder)
+    if path.is_file():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = model.to(device).eval()
+
+    def generate(prompts: list[list[int]], tokens: int) -> StepClock:
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                            device=device)
+        clock = StepClock()
+        model.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                       do_sample=False, pad_token_id=pad_id, streamer=clock)
+        return clock
+
+    generate(prompt_ids[:1], min(8, args.tokens))  # warm-up
+    rows = []
+    for concurrency in args.concurrency:
+        batch = [prompt_ids[i % len(prompt_ids)] for i in range(concurrency)]
+        start = time.perf_counter()
+        clock = generate(batch, args.tokens)
+        total = time.perf_counter() - start
+        assert len(clock.times) == args.tokens, "generate stopped early"
+        ttft_ms = 1000 * (clock.times[0] - start)
+        gaps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+        rows.append(Row(TRANSFORMERS, concurrency, concurrency, 0,
+                        round(concurrency * args.tokens / total, 1),
+                        round(ttft_ms, 1), round(ttft_ms, 1),
+                        round(1000 * loadgen.percentile(gaps, 50), 1),
+                        round(1000 * loadgen.percentile(gaps, 99), 1)))
+        _progress(rows[-1])
+    return rows
+
+
+# -- the table ---------------------------------------------------------------------------
+
+
+def _progress(row: Row) -> None:
+    print(f"  {row.system} at {row.concurrency} streams: {row.output_tok_s} tok/s, "
+          f"TTFT p50 {row.ttft_p50_ms} ms, ITL p50 {row.itl_p50_ms} ms", file=sys.stderr)
+
+
+def _ratio(ours: float, theirs: float | None) -> str:
+    return f"{ours / theirs:.2f}x" if theirs else ""
+
+
+def table(rows: list[Row]) -> str:
+    """Markdown, grouped by concurrency; ratios sit on tokenmill's rows.
+
+    "tok/s vs X" is tokenmill's output rate over X's at the same concurrency (higher is
+    better); "TTFT vs llama.cpp" is tokenmill's TTFT p50 over llama.cpp's (lower is better).
+    """
+    by_key = {(r.system, r.concurrency): r for r in rows}
+    systems = [s for s in (TOKENMILL, LLAMA, TRANSFORMERS) if any(r.system == s for r in rows)]
+    has_llama = LLAMA in systems
+    header = ["system", "streams", "requests", "output tok/s", "TTFT p50 (ms)",
+              "TTFT p99 (ms)", "ITL p50 (ms)", "ITL p99 (ms)"]
+    if TRANSFORMERS in systems:
+        header.append("tok/s vs transformers")
+    if has_llama:
+        header += ["tok/s vs llama.cpp", "TTFT vs llama.cpp"]
+    body = []
+    for concurrency in sorted({r.concurrency for r in rows}):
+        for system in systems:
+            row = by_key.get((system, concurrency))
+            if row is None:
+                continue
+            requests = f"{row.requests}" + (f" ({row.failed} failed)" if row.failed else "")
+            cells = [system, str(concurrency), requests, f"{row.output_tok_s:.1f}",
+                     f"{row.ttft_p50_ms:.1f}", f"{row.ttft_p99_ms:.1f}",
+                     f"{row.itl_p50_ms:.1f}", f"{row.itl_p99_ms:.1f}"]
+            hf = by_key.get((TRANSFORMERS, concurrency))
+            llama = by_key.get((LLAMA, concurrency))
+            ours = system == TOKENMILL
+            if TRANSFORMERS in systems:
+                cells.append(_ratio(row.output_tok_s, hf and hf.output_tok_s) if ours else "")
+            if has_llama:
+                cells.append(_ratio(row.output_tok_s, llama and llama.output_tok_s)
+                             if ours else "")
+                cells.append(_ratio(row.ttft_p50_ms, llama and llama.ttft_p50_ms)
+                             if ours else "")
+            body.append(cells)
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+    def fmt(cells: list[str]) -> str:
+        padded = [c.ljust(w) if i == 0 else c.rjust(w)
+                  for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2))
+                          for i, w in enumerate(widths)) + "|"
+    return "\n".join([fmt(header), rule, *(fmt(cells) for cells in body)])
+
+
+def _load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def describe(args: argparse.Namespace, prompt_lengths: list[int], systems: list[str],
+             load_before: str) -> str:
+    used = prompt_lengths[: sum(requests_for(c, args) for c in args.concurrency)]
+    levels = ", ".join(f"{c}: {requests_for(c, args)}" for c in args.concurrency)
+    return "\n".join([
+        f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {platform.node()}, "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
+        f"systems: {', '.join(systems)}.",
+        f"Model {args.model}; greedy, {args.tokens} output tokens per request (ignore_eos); "
+        f"prompts {min(used)}-{max(used)} tokens (mean {sum(used) / len(used):.1f}) after "
+        f"the chat template; closed-loop streams; requests per level ({levels}).",
+        f"Load average (1/5/15 min) before: {load_before}; after: {_load_average()}.",
+    ])
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="short name, GGUF file or HF folder; llama.cpp needs a GGUF")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32],
+                   help="closed-loop streams per level")
+    p.add_argument("--tokens", type=int, default=128, help="output tokens per request")
+    p.add_argument("--requests-per-stream", type=int, default=2,
+                   help="requests per level = this x streams (at least --min-requests)")
+    p.add_argument("--min-requests", type=int, default=4)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: levels 1 and 4, 16 output tokens")
+    p.add_argument("--tokenmill-args", default="",
+                   help="extra `python -m engine.serve` options, e.g. \"--max-num-seqs 32\"")
+    p.add_argument("--llama-server", default=None, metavar="PATH",
+                   help="a llama.cpp `llama-server` binary; without it llama.cpp is skipped")
+    p.add_argument("--llama-threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--llama-args", default="", help="extra llama-server options")
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds per server")
+    p.add_argument("--request-timeout", type=float, default=1800.0, help="seconds per request")
+    p.add_argument("--markdown", default=None, metavar="FILE",
+                   help="also write the description and table to FILE")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.concurrency, args.tokens = [1, 4], 16
+
+    from engine.loader import resolve_model  # after parsing, so --help stays instant
+    from engine.loader.gguf import read_gguf
+    from engine.tokenizer import Tokenizer
+
+    resolved = resolve_model(args.model)
+    if args.llama_server and resolved.kind != "gguf":
+        raise SystemExit(f"llama-server needs a GGUF file; {args.model} is a {resolved.kind}")
+    if resolved.kind == "gguf":
+        tokenizer = Tokenizer.from_gguf(read_gguf(resolved.path).metadata)
+    else:
+        tokenizer = Tokenizer.from_hf_folder(resolved.path)
+    prompts = bench_prompts()
+    prompt_ids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+    lengths = [len(ids) for ids in prompt_ids]
+
+    load_before = _load_average()
+    rows = measure_server(TOKENMILL, tokenmill_argv(args, port := free_port()), port, args,
+                          prompts)
+    systems = [TOKENMILL]
+    if args.llama_server:
+        argv = llama_argv(args, port := free_port(), resolved.path, max(lengths))
+        rows += measure_server(LLAMA, argv, port, args, prompts)
+        systems.append(LLAMA)
+    if not args.skip_transformers:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        rows += measure_transformers(args, resolved.path, prompt_ids, pad_id)
+        systems.append(TRANSFORMERS)
+
+    report = describe(args, lengths, systems, load_before) + "\n\n" + table(rows)
+    print(report)
+    if args.markdown:
+        Path(args.markdown).write_text(report + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
