@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests per level = this x streams (at least --min-requests)")
     p.add_argument("--min-requests", type=int, default=4)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: levels 1 and 4, 16 output tokens")
+                   help="smoke run: levels 1 and 4, 16 output tokens (overrides both)")
     p.add_argument("--tokenmill-args", default="",
                    help="extra `python -m engine.serve` options, e.g. \"--max-num-seqs 32\"")
     p.add_argument("--llama-server", default=None, metavar="PATH",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -110,6 +111,19 @@ def _chunk_text(chunk: dict, endpoint: str) -> str:
     return choice.get("text") or ""
 
 
+async def _open_stream(stack: contextlib.AsyncExitStack, client: httpx.AsyncClient,
+                       path: str, body: dict) -> httpx.Response:
+    """Send the request, and once more if the connection closed before any response.
+
+    llama.cpp's server now and then drops a connection without answering; nothing was
+    generated then, so resending is safe, and the time lost stays in the request's TTFT.
+    """
+    try:
+        return await stack.enter_async_context(client.stream("POST", path, json=body))
+    except httpx.RemoteProtocolError:
+        return await stack.enter_async_context(client.stream("POST", path, json=body))
+
+
 async def one_request(client: httpx.AsyncClient, args: argparse.Namespace,
                       prompt: str) -> RequestResult:
     path = "/chat/completions" if args.endpoint == "chat" else "/completions"
@@ -118,7 +132,8 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace,
     last = None
     chunks = 0
     try:
-        async with client.stream("POST", path, json=_payload(args, prompt)) as response:
+        async with contextlib.AsyncExitStack() as stack:
+            response = await _open_stream(stack, client, path, _payload(args, prompt))
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return result

@@ -23,6 +23,10 @@ class EngineArgs:
     max_model_len: int | None = None  # default: the model's own context window
     enable_prefix_caching: bool = True
     seed: int = 0
+    # CPU intra-op threads for the forward pass; None keeps torch's default (every core).
+    # A server on a small machine should leave a core to its event loop and clients: an
+    # OpenMP region waits for its slowest thread, so one descheduled thread stalls every op.
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -36,6 +40,8 @@ class EngineArgs:
                 raise ValueError(f"{name} must be >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError("num_threads must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:

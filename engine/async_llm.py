@@ -95,6 +95,7 @@ class AsyncLLM:
         self._wake.set()
 
     def _loop(self) -> None:
+        self.engine.configure_threads()
         while not self._stopped.is_set():
             self._drain_inbox()
             if not self.engine.has_unfinished_requests():

@@ -32,6 +32,7 @@ class LLMEngine:
         self.args = args
         self.device = args.resolve_device()
         self.dtype = args.resolve_dtype(self.device)
+        self.configure_threads()
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
         loaded = load_model(args.model, dtype=self.dtype)
@@ -75,6 +76,12 @@ class LLMEngine:
             args.block_size,
             num_blocks * args.block_size,
         )
+
+    def configure_threads(self) -> None:
+        """Apply `num_threads`. OpenMP keeps the setting per thread, so whichever thread
+        runs `step()` must call this (AsyncLLM's loop does)."""
+        if self.device.type == "cpu" and self.args.num_threads is not None:
+            torch.set_num_threads(self.args.num_threads)
 
     # -- requests -------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reuse KV blocks of shared prompt prefixes (radix cache)")
     eng.add_argument("--seed", type=int, default=defaults.seed,
                      help="engine seed for requests that do not set their own")
+    eng.add_argument("--num-threads", type=_positive_int, default=_default_server_threads(),
+                     help="CPU threads for the forward pass; default: all cores but one, so "
+                          "the event loop and clients never stall the engine's parallel ops")
     return p
 
 
@@ -108,7 +112,12 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
+        num_threads=args.num_threads,
     )
+
+
+def _default_server_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
