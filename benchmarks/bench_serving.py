@@ -333,22 +333,22 @@ def table(rows: list[Row]) -> str:
     return "\n".join([fmt(header), rule, *(fmt(cells) for cells in body)])
 
 
-def _load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def describe(args: argparse.Namespace, prompt_lengths: list[int], systems: list[str],
-             load_before: str) -> str:
+def describe(args: argparse.Namespace, prompt_lengths: list[int],
+             loads: dict[str, tuple[float, float]]) -> str:
+    """What was run, and how busy the machine was: the benchmark itself keeps about as
+    many cores busy as the machine has, so a 1-minute load average well above the core
+    count means other work competed with the system being measured."""
     used = prompt_lengths[: sum(requests_for(c, args) for c in args.concurrency)]
     levels = ", ".join(f"{c}: {requests_for(c, args)}" for c in args.concurrency)
     return "\n".join([
         f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {platform.node()}, "
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
-        f"systems: {', '.join(systems)}.",
+        f"systems: {', '.join(loads)}.",
         f"Model {args.model}; greedy, {args.tokens} output tokens per request (ignore_eos); "
         f"prompts {min(used)}-{max(used)} tokens (mean {sum(used) / len(used):.1f}) after "
         f"the chat template; closed-loop streams; requests per level ({levels}).",
-        f"Load average (1/5/15 min) before: {load_before}; after: {_load_average()}.",
+        "1-minute load average before/after each system: "
+        + ", ".join(f"{system} {a:.2f}/{b:.2f}" for system, (a, b) in loads.items()) + ".",
     ])
 
 
@@ -402,20 +402,24 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     prompt_ids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
     lengths = [len(ids) for ids in prompt_ids]
 
-    load_before = _load_average()
-    rows = measure_server(TOKENMILL, tokenmill_argv(args, port := free_port()), port, args,
-                          prompts)
-    systems = [TOKENMILL]
+    runs = {TOKENMILL: lambda: measure_server(
+        TOKENMILL, tokenmill_argv(args, port := free_port()), port, args, prompts)}
     if args.llama_server:
-        argv = llama_argv(args, port := free_port(), resolved.path, max(lengths))
-        rows += measure_server(LLAMA, argv, port, args, prompts)
-        systems.append(LLAMA)
+        runs[LLAMA] = lambda: measure_server(
+            LLAMA, llama_argv(args, port := free_port(), resolved.path, max(lengths)), port,
+            args, prompts)
     if not args.skip_transformers:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        rows += measure_transformers(args, resolved.path, prompt_ids, pad_id)
-        systems.append(TRANSFORMERS)
+        runs[TRANSFORMERS] = lambda: measure_transformers(args, resolved.path, prompt_ids,
+                                                          pad_id)
+    rows: list[Row] = []
+    loads: dict[str, tuple[float, float]] = {}
+    for system, run in runs.items():
+        before = os.getloadavg()[0]
+        rows += run()
+        loads[system] = (before, os.getloadavg()[0])
 
-    report = describe(args, lengths, systems, load_before) + "\n\n" + table(rows)
+    report = describe(args, lengths, loads) + "\n\n" + table(rows)
     print(report)
     if args.markdown:
         Path(args.markdown).write_text(report + "\n")

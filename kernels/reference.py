@@ -66,6 +66,8 @@ def paged_decode_attention(
     positions = torch.arange(k.shape[1], device=q.device)
     invalid = positions[None, :] >= context_lens.to(q.device).long()[:, None]  # [S, T]
     scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
+    # Slots past a context may hold anything (the pool is not zeroed), and 0 * NaN is NaN.
+    v.masked_fill_(invalid[:, :, None, None], 0.0)
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # empty contexts give zeros
     out = torch.einsum("skgt,stkd->skgd", probs, v)
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)

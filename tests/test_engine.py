@@ -65,6 +65,7 @@ SCENARIOS = {
     "chunked-prefill": {"max_num_batched_tokens": 8},
     "preemption": {"num_kv_blocks": 6, "block_size": 16},
     "no-prefix-cache": {"enable_prefix_caching": False},
+    "nan-poisoned-pool": {},
 }
 
 
@@ -91,6 +92,10 @@ def greedy_case(tiny_model_dir):
 def test_greedy_matches_transformers(greedy_case, arch, scenario):
     path, prompts, expected = greedy_case(arch)
     llm = _llm(path, **SCENARIOS[scenario])
+    if scenario == "nan-poisoned-pool":
+        # The pool is not zeroed at start-up: no slot may be read before it is written.
+        for cache in (*llm.engine.runner.k_caches, *llm.engine.runner.v_caches):
+            cache.fill_(float("nan"))
     assert _run_staggered(llm, prompts, _greedy()) == expected
     if scenario == "preemption":
         assert llm.engine.scheduler.num_preemptions > 0
