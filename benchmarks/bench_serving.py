@@ -37,8 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -188,8 +189,10 @@ async def _drive(url: str, model: str, args: argparse.Namespace, prompts: list[s
     return rows
 
 
-def measure_server(system: str, argv: list[str], port: int, args: argparse.Namespace,
-                   prompts: list[str]) -> list[Row]:
+def measure_server(system: str, argv_for: Callable[[int], list[str]],
+                   args: argparse.Namespace, prompts: list[str]) -> list[Row]:
+    """Start the server that `argv_for(port)` runs, sweep it, stop it."""
+    argv = argv_for(port := free_port())
     print(f"{system}: starting {shlex.join(argv)}", file=sys.stderr)
     with running_server(system, argv, port, args.startup_timeout) as url:
         return asyncio.run(_drive(url, served_model(url), args, prompts, system))
@@ -200,7 +203,7 @@ def tokenmill_argv(args: argparse.Namespace, port: int) -> list[str]:
             "--log-level", "warning", "--no-access-log", *shlex.split(args.tokenmill_args)]
 
 
-def llama_argv(args: argparse.Namespace, port: int, gguf: str, prompt_tokens: int) -> list[str]:
+def llama_argv(args: argparse.Namespace, gguf: str, prompt_tokens: int, port: int) -> list[str]:
     """-np slots for the largest level, each with room for a prompt and its output."""
     slots = max(args.concurrency)
     context = slots * (prompt_tokens + args.tokens + 16)
@@ -402,16 +405,15 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     prompt_ids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
     lengths = [len(ids) for ids in prompt_ids]
 
-    runs = {TOKENMILL: lambda: measure_server(
-        TOKENMILL, tokenmill_argv(args, port := free_port()), port, args, prompts)}
+    runs = {TOKENMILL: partial(measure_server, TOKENMILL, partial(tokenmill_argv, args),
+                               args, prompts)}
     if args.llama_server:
-        runs[LLAMA] = lambda: measure_server(
-            LLAMA, llama_argv(args, port := free_port(), resolved.path, max(lengths)), port,
-            args, prompts)
+        llama = partial(llama_argv, args, resolved.path, max(lengths))
+        runs[LLAMA] = partial(measure_server, LLAMA, llama, args, prompts)
     if not args.skip_transformers:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        runs[TRANSFORMERS] = lambda: measure_transformers(args, resolved.path, prompt_ids,
-                                                          pad_id)
+        runs[TRANSFORMERS] = partial(measure_transformers, args, resolved.path, prompt_ids,
+                                     pad_id)
     rows: list[Row] = []
     loads: dict[str, tuple[float, float]] = {}
     for system, run in runs.items():
@@ -427,4 +429,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the servers are already stopped by then
+        sys.exit("interrupted")

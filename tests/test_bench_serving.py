@@ -71,7 +71,7 @@ def test_table_groups_by_streams_and_puts_ratios_on_tokenmill_rows():
 def test_llama_server_gets_a_slot_per_stream_with_room_for_each_request():
     args = bench.build_parser().parse_args(["--llama-server", "/opt/llama-server",
                                             "--llama-args", "--flash-attn on"])
-    argv = bench.llama_argv(args, 8123, "/m.gguf", prompt_tokens=135)
+    argv = bench.llama_argv(args, "/m.gguf", 135, port=8123)
     assert argv[0] == "/opt/llama-server" and argv[-2:] == ["--flash-attn", "on"]
     slots = int(argv[argv.index("-np") + 1])
     assert slots == 32 and "-cb" in argv
@@ -118,7 +118,7 @@ def test_quick_run_against_tokenmill(tmp_path, capsys):
         assert 0 < row.ttft_p50_ms <= row.ttft_p99_ms
         assert 0 < row.itl_p50_ms <= row.itl_p99_ms
     captured = capsys.readouterr()
-    assert "16 output tokens" in captured.out
+    assert "16 output tokens" in captured.out and "load average before/after" in captured.out
     assert "expected" not in captured.err  # no warning: each request gave exactly 16 tokens
     table = [line for line in out.read_text().splitlines() if line.startswith("|")]
     assert len(table) == 4  # header, rule, one row per level
