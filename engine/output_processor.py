@@ -57,6 +57,14 @@ class OutputProcessor:
             n_out >= max_tokens or seq.num_tokens >= self.max_model_len
         ):
             seq.finish_reason = "length"
+        if seq.finish_reason is not None and not isinstance(seq.stop_reason, str):
+            self._flush(seq)
+
+    def _flush(self, seq: Sequence) -> None:
+        """Release what the detokenizer held back waiting for the rest of a UTF-8
+        character: a stream that ends mid-character must not lose those bytes."""
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.flush()
 
     def _append_text(self, seq: Sequence, token: int, check_stops: bool) -> None:
         if seq.detokenizer is None:

@@ -1,0 +1,48 @@
+"""Output processing on the default model's tokenizer: text of a sequence that ends in
+the middle of a multi-byte character, and stop strings held back across tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.loader import resolve_model
+from engine.loader.gguf import read_gguf
+from engine.output_processor import OutputProcessor
+from engine.sampling_params import SamplingParams
+from engine.sequence import Request, Sequence
+from engine.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.from_gguf(read_gguf(resolve_model("smollm2-135m-instruct").path).metadata)
+
+
+def _run(tok: Tokenizer, tokens: list[int], params: SamplingParams) -> tuple[str, str | None]:
+    prompt = tok.encode("Say something:")
+    request = Request("r", None, prompt, params)
+    seq = Sequence(request, 0, list(prompt), len(prompt))
+    proc = OutputProcessor(tok, set(tok.stop_token_ids), max_model_len=4096)
+    proc.start(seq)
+    text = ""
+    for t in tokens:
+        proc.append(seq, t, None, max_tokens=params.max_tokens)
+        text += proc.take_delta(seq)[0]
+        if seq.finish_reason:
+            break
+    return text, seq.finish_reason
+
+
+def test_length_cut_mid_character_keeps_the_bytes(tok):
+    ids = tok.encode("ok 🦜")
+    # The emoji's bytes are split over several tokens; stop after the first of them.
+    cut = next(i for i in range(1, len(ids)) if tok.decode(ids[:i]).endswith("\ufffd"))
+    text, reason = _run(tok, ids, SamplingParams(max_tokens=cut))
+    assert reason == "length"
+    assert text == tok.decode(ids[:cut])
+
+
+def test_stop_string_spanning_tokens_is_never_emitted(tok):
+    ids = tok.encode("The answer is Paris, of course.")
+    text, reason = _run(tok, ids, SamplingParams(max_tokens=64, stop=["Paris"]))
+    assert (text, reason) == ("The answer is ", "stop")
