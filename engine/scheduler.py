@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager, NoFreeBlocksError
+from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, Status
 
@@ -60,18 +61,22 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def finish(self, seq: Sequence) -> None:
         """Retire a sequence (finished or aborted) and release its blocks at once."""
         if seq.status is Status.RUNNING:
-            self.running.remove(seq)
-            self.bm.cache(seq.seq_id, seq.token_ids[: seq.num_computed_tokens])
-        elif seq.status is Status.WAITING and seq in self.waiting:
-            self.waiting.remove(seq)
-        self.bm.free(seq.seq_id)
+            self._release_running(seq)
+        else:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self.bm.free(seq.seq_id)
         seq.status = Status.FINISHED
+
+    def _release_running(self, seq: Sequence) -> None:
+        """Take a running sequence off the batch; its computed blocks go into the prefix
+        cache (so a resumed or follow-up request finds them) before its blocks are freed."""
+        self.running.remove(seq)
+        self.bm.cache(seq.seq_id, seq.token_ids[: seq.num_computed_tokens])
+        self.bm.free(seq.seq_id)
 
     # -- scheduling ---------------------------------------------------------------
 
@@ -155,8 +160,6 @@ class Scheduler:
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """Create the request's remaining completions, sharing the parent's blocks."""
-        from engine.sampler import make_generator
-
         request = parent.request
         children = []
         for index in range(1, parent.pending_forks + 1):
@@ -178,9 +181,7 @@ class Scheduler:
         return children
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self.bm.cache(seq.seq_id, seq.token_ids[: seq.num_computed_tokens])
-        self.bm.free(seq.seq_id)
+        self._release_running(seq)
         seq.num_computed_tokens = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
