@@ -378,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llama-threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--llama-args", default="", help="extra llama-server options")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--skip-tokenmill", action="store_true",
+                   help="baselines only, e.g. to re-measure llama.cpp alone")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds per server")
     p.add_argument("--request-timeout", type=float, default=1800.0, help="seconds per request")
     p.add_argument("--markdown", default=None, metavar="FILE",
@@ -405,8 +407,10 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     prompt_ids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
     lengths = [len(ids) for ids in prompt_ids]
 
-    runs = {TOKENMILL: partial(measure_server, TOKENMILL, partial(tokenmill_argv, args),
-                               args, prompts)}
+    runs = {}
+    if not args.skip_tokenmill:
+        runs[TOKENMILL] = partial(measure_server, TOKENMILL, partial(tokenmill_argv, args),
+                                  args, prompts)
     if args.llama_server:
         llama = partial(llama_argv, args, resolved.path, max(lengths))
         runs[LLAMA] = partial(measure_server, LLAMA, llama, args, prompts)

@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args()
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.linear import QUANTIZATIONS
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -13,6 +15,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class EngineArgs:
     model: str = "smollm2-135m-instruct"
     dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
+    # "auto": int8 weight-only matmuls for small steps on CPU when dtype is also "auto",
+    # else "none". An explicit dtype="float32" therefore keeps the checkpoint's exact
+    # weights (and transformers' greedy output). int4 is faster still but changed more
+    # greedy answers (docs/performance.md); see engine/linear.py for the trade.
+    quantization: str = "auto"
+    # "auto": bfloat16 on CPU when dtype is also "auto" (it halves the bytes decode attention
+    # gathers every layer), else the model's dtype.
+    kv_cache_dtype: str = "auto"
     device: str = "auto"  # "auto": CUDA when available
     block_size: int = 16
     kv_cache_memory_gib: float | None = None  # CPU KV budget; default 2 GiB
@@ -32,6 +42,16 @@ class EngineArgs:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(
                 f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
+            )
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in _DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be 'auto' or one of {sorted(_DTYPES)}, "
+                f"got {self.kv_cache_dtype!r}"
+            )
+        if self.quantization not in ("auto", *QUANTIZATIONS):
+            raise ValueError(
+                f"quantization must be 'auto' or one of {list(QUANTIZATIONS)}, "
+                f"got {self.quantization!r}"
             )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
@@ -56,3 +76,19 @@ class EngineArgs:
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return _DTYPES[self.dtype]
+
+    def _fast_cpu_defaults(self, device: torch.device) -> bool:
+        """Whether the CPU speed defaults apply: on CPU, with no dtype asked for."""
+        return device.type == "cpu" and self.dtype == "auto"
+
+    def resolve_quantization(self, device: torch.device) -> str:
+        if self.quantization == "auto":
+            return "int8" if self._fast_cpu_defaults(device) else "none"
+        return self.quantization
+
+    def resolve_kv_cache_dtype(self, device: torch.device) -> torch.dtype:
+        if self.kv_cache_dtype == "auto":
+            if self._fast_cpu_defaults(device):
+                return torch.bfloat16
+            return self.resolve_dtype(device)
+        return _DTYPES[self.kv_cache_dtype]

@@ -38,7 +38,9 @@ class LLMEngine:
         loaded = load_model(args.model, dtype=self.dtype)
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
-        model = build_model(cfg, loaded.weights, self.device, self.dtype)
+        self.quantization = args.resolve_quantization(self.device)
+        self.kv_cache_dtype = args.resolve_kv_cache_dtype(self.device)
+        model = build_model(cfg, loaded.weights, self.device, self.dtype, self.quantization)
         del loaded
         self.max_model_len = min(
             args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
@@ -46,7 +48,7 @@ class LLMEngine:
         num_blocks = args.num_kv_blocks or num_kv_blocks(
             cfg,
             args.block_size,
-            self.dtype,
+            self.kv_cache_dtype,
             self.device,
             args.kv_cache_memory_gib,
             args.gpu_memory_utilization,
@@ -59,22 +61,24 @@ class LLMEngine:
         )
         stop_ids = set(self.tokenizer.stop_token_ids) if self.tokenizer else set(cfg.eos_token_ids)
         self.runner = ModelRunner(
-            model, num_blocks, args.block_size, self.device, self.dtype, stop_ids
+            model, num_blocks, args.block_size, self.device, self.kv_cache_dtype, stop_ids
         )
         self.outputs = OutputProcessor(self.tokenizer, stop_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         log.info(
-            "loaded %s (%s, %s on %s) in %.1fs; KV cache: %d blocks x %d = %d tokens",
+            "loaded %s (%s, %s%s on %s) in %.1fs; KV cache: %d blocks x %d = %d tokens (%s)",
             args.model,
             cfg.architecture,
             str(self.dtype).removeprefix("torch."),
+            "" if self.quantization == "none" else f" + {self.quantization} weights",
             self.device,
             time.perf_counter() - t0,
             num_blocks,
             args.block_size,
             num_blocks * args.block_size,
+            str(self.kv_cache_dtype).removeprefix("torch."),
         )
 
     def configure_threads(self) -> None:

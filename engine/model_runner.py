@@ -60,7 +60,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         device: torch.device,
-        dtype: torch.dtype,
+        kv_cache_dtype: torch.dtype,
         stop_token_ids: set[int],
     ) -> None:
         cfg = model.config
@@ -74,8 +74,8 @@ class ModelRunner:
         # uninitialised: zero-filling 2 GiB would cost seconds of start-up. On CUDA the
         # memset is nearly free and keeps a stray read finite.
         alloc = torch.zeros if device.type == "cuda" else torch.empty
-        self.k_caches = [alloc(shape, dtype=dtype, device=device) for _ in model.layers]
-        self.v_caches = [alloc(shape, dtype=dtype, device=device) for _ in model.layers]
+        self.k_caches = [alloc(shape, dtype=kv_cache_dtype, device=device) for _ in model.layers]
+        self.v_caches = [alloc(shape, dtype=kv_cache_dtype, device=device) for _ in model.layers]
         for layer, k, v in zip(model.layers, self.k_caches, self.v_caches, strict=True):
             layer.self_attn.k_cache = k
             layer.self_attn.v_cache = v

@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--dtype", default=defaults.dtype,
                      choices=["auto", "float32", "bfloat16", "float16"],
                      help="weights and activations; auto: float32 on CPU, bfloat16 on CUDA")
+    eng.add_argument("--quantization", default=defaults.quantization,
+                     choices=["auto", "none", "int8", "int4"],
+                     help="weight-only quantized matmuls for small steps (CPU only): int8 per "
+                          "channel, or int4 in groups of 32 with an int8 LM head; auto: int8 on "
+                          "CPU unless --dtype is given")
+    eng.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype,
+                     choices=["auto", "float32", "bfloat16", "float16"],
+                     help="KV cache precision; auto: bfloat16 on CPU unless --dtype is given, "
+                          "else the model's dtype")
     eng.add_argument("--device", default=defaults.device,
                      help="auto (CUDA when available), cpu, cuda, cuda:N")
     eng.add_argument("--kv-cache-memory-gib", type=float, default=defaults.kv_cache_memory_gib,
@@ -102,6 +111,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
     return EngineArgs(
         model=args.model,
         dtype=args.dtype,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
         block_size=args.block_size,
         kv_cache_memory_gib=args.kv_cache_memory_gib,

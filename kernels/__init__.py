@@ -2,8 +2,10 @@
 
 The engine calls only the functions exported here. A call goes to the Triton implementation when
 its tensors live on CUDA, or when they are on CPU and ``TRITON_INTERPRET=1`` is set (read at call
-time, so CPU machines can exercise the Triton code through the interpreter). Everything else, and
-every call when Triton is not installed, runs the reference in :mod:`kernels.reference`.
+time, so CPU machines can exercise the Triton code through the interpreter). Other CPU calls run
+:mod:`kernels.cpu_ops` where it has a faster ATen-based version (decode attention, int8 matmul)
+and the reference in :mod:`kernels.reference` otherwise; so does every call when Triton is not
+installed.
 
 Triton modules are imported lazily: ``triton.jit`` decides at decoration time whether a kernel is
 compiled or interpreted, so importing them eagerly would freeze that choice before a test harness
@@ -20,11 +22,14 @@ from types import ModuleType
 
 import torch
 
-from kernels import reference
+from kernels import cpu_ops, reference
 
 __all__ = [
     "apply_rotary",
     "build_rope_cache",
+    "int4_linear",
+    "int8_linear",
+    "pack_int4",
     "paged_decode_attention",
     "paged_prefill_attention",
     "reference",
@@ -81,6 +86,8 @@ def paged_decode_attention(
     """One-token-per-sequence attention over a paged KV cache; see the reference for semantics."""
     if _use_triton(q, "triton_attention"):
         impl = _triton_module("triton_attention").paged_decode_attention
+    elif q.device.type == "cpu":
+        impl = cpu_ops.paged_decode_attention
     else:
         impl = reference.paged_decode_attention
     return impl(q, k_cache, v_cache, block_tables, context_lens, scale)
@@ -164,3 +171,28 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     else:
         impl = reference.silu_and_mul
     return impl(x)
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (qweight * scale[:, None]).T``: int8 weights with a scale per output channel.
+
+    CPU tensors take ATen's int8 kernel (activations rounded to bfloat16); there is no Triton
+    version yet, so other devices dequantize through the reference.
+    """
+    impl = cpu_ops.int8_linear if x.device.type == "cpu" else reference.int8_linear
+    return impl(x, qweight, scale)
+
+
+def pack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """Lay out ``[out, in]`` 4-bit values (uint8 in [0, 15]) for `int4_linear` on their device."""
+    impl = cpu_ops.pack_int4 if qweight.device.type == "cpu" else reference.pack_int4
+    return impl(qweight)
+
+
+def int4_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """``x @ W.T`` with ``W = (q - 8) * scale + zero`` per group of inputs; ``packed`` must come
+    from `pack_int4` on the same device. CPU only for now, like `int8_linear`."""
+    impl = cpu_ops.int4_linear if x.device.type == "cpu" else reference.int4_linear
+    return impl(x, packed, scales_zeros, group_size)

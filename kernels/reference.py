@@ -19,6 +19,10 @@ import torch.nn.functional as F
 __all__ = [
     "apply_rotary",
     "build_rope_cache",
+    "dequantize_int4",
+    "int4_linear",
+    "int8_linear",
+    "pack_int4",
     "paged_decode_attention",
     "paged_prefill_attention",
     "rms_norm",
@@ -229,3 +233,40 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation on a fused gate/up projection: ``silu(gate) * up``."""
     d = x.shape[-1] // 2
     return F.silu(x[..., :d]) * x[..., d:]
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (qweight * scale[:, None]).T`` for int8 weights with one scale per output channel.
+
+    ``qweight`` is ``[out, in]`` int8 and ``scale`` ``[out]``; computed in float32, returned in
+    ``x.dtype``.
+    """
+    weight = qweight.float() * scale.float()[:, None]
+    return F.linear(x.float(), weight).to(x.dtype)
+
+
+def pack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """The reference keeps 4-bit weights unpacked: ``[out, in]`` uint8 values in [0, 15]."""
+    return qweight.to(torch.uint8)
+
+
+def int4_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """``x @ W.T`` for group-quantized 4-bit weights ``W = (q - 8) * scale + zero``.
+
+    ``packed`` comes from :func:`pack_int4` (for the reference, ``q`` itself). ``scales_zeros``
+    is ``[in / group_size, out, 2]``: the scale and zero of every group of ``group_size``
+    consecutive inputs of every output. Computed in float32, returned in ``x.dtype``.
+    """
+    weight = dequantize_int4(packed, scales_zeros, group_size)
+    return F.linear(x.float(), weight).to(x.dtype)
+
+
+def dequantize_int4(
+    qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """float32 ``(q - 8) * scale + zero`` for unpacked ``[out, in]`` codes; see `int4_linear`."""
+    scale = scales_zeros[..., 0].float().t().repeat_interleave(group_size, dim=1)
+    zero = scales_zeros[..., 1].float().t().repeat_interleave(group_size, dim=1)
+    return (qweight.float() - 8) * scale + zero

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from kernels import reference
 
 ON_CPU = os.environ.get("TOKENMILL_TEST_DEVICE", "cpu") == "cpu"
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -110,3 +113,61 @@ def naive_attention(batch: PagedBatch) -> torch.Tensor:
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double().cpu(), ref.double().cpu()
     return float((out - ref).norm() / ref.norm())
+
+
+def reference_decode(batch: PagedBatch) -> torch.Tensor:
+    return reference.paged_decode_attention(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.context_lens, batch.scale
+    )
+
+
+def reference_prefill(batch: PagedBatch) -> torch.Tensor:
+    return reference.paged_prefill_attention(
+        batch.q,
+        batch.k_cache,
+        batch.v_cache,
+        batch.block_tables,
+        batch.query_start_loc,
+        batch.context_lens,
+        batch.scale,
+    )
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.dtype == ref.dtype
+    assert torch.isfinite(out).all(), "kernel left elements unwritten (NaN) or produced inf"
+    err = relative_error(out, ref)
+    assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
+
+
+@st.composite
+def paged_shapes(draw, decode: bool):
+    block_size = draw(st.sampled_from([16, 32]))
+    num_seqs = draw(st.integers(1, 4))
+    context_lens = draw(
+        st.lists(st.integers(1, 4 * block_size + 7), min_size=num_seqs, max_size=num_seqs)
+    )
+    if decode:
+        query_lens = [1] * num_seqs
+    else:
+        query_lens = [
+            draw(st.one_of(st.just(1), st.just(n), st.integers(1, n))) for n in context_lens
+        ]
+    return dict(
+        context_lens=context_lens,
+        query_lens=query_lens,
+        num_kv_heads=draw(st.sampled_from([1, 2])),
+        group=draw(st.sampled_from([1, 3, 4, 8])),
+        head_dim=draw(st.sampled_from([64, 128])),
+        block_size=block_size,
+        extra_table_width=draw(st.integers(0, 3)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def build(device, dtype, shape: dict) -> PagedBatch:
+    shape = dict(shape)
+    group = shape.pop("group")
+    return make_paged_batch(
+        num_heads=group * shape["num_kv_heads"], dtype=dtype, device=device, **shape
+    )

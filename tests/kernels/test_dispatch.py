@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import reference, triton_attention, triton_ops
+from kernels import cpu_ops, reference, triton_attention, triton_ops
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,7 +56,15 @@ def _record_routes(monkeypatch) -> list[str]:
         for name in names:
             _spy(monkeypatch, module, name, calls, "triton")
             _spy(monkeypatch, reference, name, calls, "reference")
+            if hasattr(cpu_ops, name):
+                _spy(monkeypatch, cpu_ops, name, calls, "cpu")
     return calls
+
+
+def _without_triton(device: torch.device) -> list[str]:
+    """The routes `_call_everything` takes when Triton is not used: the CPU versions where
+    they exist, the reference otherwise."""
+    return ["reference"] * 4 + ["cpu" if device.type == "cpu" else "reference", "reference"]
 
 
 @pytest.mark.parametrize("interpret", [False, True])
@@ -67,8 +75,10 @@ def test_routing_follows_device_and_interpret_flag(device, monkeypatch, interpre
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     calls = _record_routes(monkeypatch)
     _call_everything(device)
-    expected = "triton" if device.type == "cuda" or interpret else "reference"
-    assert calls == [expected] * 6
+    if device.type == "cuda" or interpret:
+        assert calls == ["triton"] * 6
+    else:
+        assert calls == _without_triton(device)
 
 
 def test_without_triton_everything_uses_the_reference(device, monkeypatch):
@@ -76,7 +86,7 @@ def test_without_triton_everything_uses_the_reference(device, monkeypatch):
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
     calls = _record_routes(monkeypatch)
     _call_everything(device)
-    assert calls == ["reference"] * 6
+    assert calls == _without_triton(device)
 
 
 def test_import_and_run_without_triton_installed():

@@ -1,0 +1,81 @@
+"""Matmul time of one decode step of SmolLM2-135M's 30 layers, per weight format and row count.
+
+    python benchmarks/bench_linear.py                 # all formats, 2 threads
+    python benchmarks/bench_linear.py --threads 1 --rows 1 16 --formats float32 int8
+
+Every layer gets its own random weights, as in the model, so they are cold in cache when a
+step reaches them: with one shared weight per shape the whole working set sits in L2 and
+the memory-bound formats look several times faster than they are. This is the measurement
+behind `engine.linear`'s choices (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from engine.linear import INT4_GROUP, quantize_int4, quantize_int8
+from kernels import cpu_ops
+
+# (out, in) of the fused qkv, o, gate_up and down projections.
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+LAYERS = 30
+
+Prepared = object
+Runner = Callable[[torch.Tensor, Prepared], torch.Tensor]
+
+
+def _int8(w: torch.Tensor) -> Prepared:
+    return quantize_int8(w)
+
+
+def _int4(w: torch.Tensor) -> Prepared:
+    q, scales_zeros = quantize_int4(w)
+    return cpu_ops.pack_int4(q), scales_zeros
+
+
+FORMATS: dict[str, tuple[Callable[[torch.Tensor], Prepared], Runner, torch.dtype]] = {
+    "float32": (lambda w: w.t().contiguous(), torch.mm, torch.float32),
+    "bfloat16": (lambda w: w.bfloat16().t().contiguous(), torch.mm, torch.bfloat16),
+    "int8": (_int8, lambda x, p: cpu_ops.int8_linear(x, *p), torch.float32),
+    "int4": (_int4, lambda x, p: cpu_ops.int4_linear(x, *p, INT4_GROUP), torch.float32),
+}
+
+
+def step_ms(fmt: str, rows: int, repeats: int) -> float:
+    prepare, run, dtype = FORMATS[fmt]
+    layers = [[prepare(torch.randn(n, k) * 0.02) for n, k in SHAPES] for _ in range(LAYERS)]
+    inputs = [torch.randn(rows, k).to(dtype) for _, k in SHAPES]
+    best = float("inf")
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        for weights in layers:
+            for x, w in zip(inputs, weights, strict=True):
+                run(x, w)
+        if i:  # the first pass warms up
+            best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    p.add_argument("--repeats", type=int, default=4, help="timed passes; the best is kept")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    print(f"ms per step (30 layers, cold weights), {args.threads} thread(s)")
+    print("| format | " + " | ".join(f"{m} rows" for m in args.rows) + " |")
+    print("| --- |" + " --- |" * len(args.rows))
+    for fmt in args.formats:
+        cells = [f"{step_ms(fmt, m, args.repeats):.1f}" for m in args.rows]
+        print(f"| {fmt} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
