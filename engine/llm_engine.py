@@ -82,8 +82,8 @@ class LLMEngine:
         )
 
     def configure_threads(self) -> None:
-        """Apply `num_threads`. OpenMP keeps the setting per thread, so whichever thread
-        runs `step()` must call this (AsyncLLM's loop does)."""
+        """Apply `num_threads`. OpenMP keeps the setting per thread: the engine must be
+        built on the thread that runs `step()` (AsyncLLM builds it in its own)."""
         if self.device.type == "cpu" and self.args.num_threads is not None:
             torch.set_num_threads(self.args.num_threads)
 

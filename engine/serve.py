@@ -101,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reuse KV blocks of shared prompt prefixes (radix cache)")
     eng.add_argument("--seed", type=int, default=defaults.seed,
                      help="engine seed for requests that do not set their own")
-    eng.add_argument("--num-threads", type=_positive_int, default=_default_server_threads(),
-                     help="CPU threads for the forward pass; default: all cores but one, so "
-                          "the event loop and clients never stall the engine's parallel ops")
+    eng.add_argument("--num-threads", type=_positive_int,
+                     default=len(os.sched_getaffinity(0)),
+                     help="CPU threads for the forward pass; default: every core this process "
+                          "may run on")
     return p
 
 
@@ -125,10 +126,6 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         seed=args.seed,
         num_threads=args.num_threads,
     )
-
-
-def _default_server_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:

@@ -116,3 +116,40 @@ def test_bad_requests_raise_value_error(tiny_path):
             await engine.shutdown()
 
     asyncio.run(run())
+
+
+def test_engine_is_built_and_stepped_on_its_own_thread(tiny_path, monkeypatch):
+    """One OpenMP master per process: loading must not happen on the caller's thread."""
+    import threading
+
+    from engine import llm_engine
+
+    threads: dict[str, str] = {}
+    real_init, real_step = llm_engine.LLMEngine.__init__, llm_engine.LLMEngine.step
+
+    def init(self, args):
+        threads["init"] = threading.current_thread().name
+        real_init(self, args)
+
+    def step(self):
+        threads["step"] = threading.current_thread().name
+        return real_step(self)
+
+    monkeypatch.setattr(llm_engine.LLMEngine, "__init__", init)
+    monkeypatch.setattr(llm_engine.LLMEngine, "step", step)
+
+    async def run():
+        engine = AsyncLLM(model=tiny_path, device="cpu")
+        try:
+            async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=2), "t"):
+                pass
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+    assert threads == {"init": "tokenmill-engine", "step": "tokenmill-engine"}
+
+
+def test_a_load_error_reaches_the_caller(tmp_path):
+    with pytest.raises((FileNotFoundError, ValueError)):
+        AsyncLLM(model=str(tmp_path / "no-such-model"), device="cpu")
