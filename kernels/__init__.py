@@ -3,9 +3,9 @@
 The engine calls only the functions exported here. A call goes to the Triton implementation when
 its tensors live on CUDA, or when they are on CPU and ``TRITON_INTERPRET=1`` is set (read at call
 time, so CPU machines can exercise the Triton code through the interpreter). Other CPU calls run
-:mod:`kernels.cpu_ops` where it has a faster ATen-based version (decode attention, int8 matmul)
-and the reference in :mod:`kernels.reference` otherwise; so does every call when Triton is not
-installed.
+:mod:`kernels.cpu_ops` where it has a faster ATen-based version (decode attention, store_kv,
+rms_norm, rotary, the quantized matmuls) and the reference in :mod:`kernels.reference`
+otherwise, as every non-CPU call does when Triton is not installed.
 
 Triton modules are imported lazily: ``triton.jit`` decides at decoration time whether a kernel is
 compiled or interpreted, so importing them eagerly would freeze that choice before a test harness
@@ -120,6 +120,8 @@ def store_kv(
     """Scatter new K/V into their cache slots in place (negative slots are skipped)."""
     if _use_triton(key, "triton_ops"):
         impl = _triton_module("triton_ops").store_kv
+    elif key.device.type == "cpu":
+        impl = cpu_ops.store_kv
     else:
         impl = reference.store_kv
     impl(key, value, k_cache, v_cache, slot_mapping)
@@ -134,6 +136,8 @@ def rms_norm(
     """RMSNorm; with ``residual`` returns ``(norm(x + residual), x + residual)``."""
     if _use_triton(x, "triton_ops"):
         impl = _triton_module("triton_ops").rms_norm
+    elif x.device.type == "cpu":
+        impl = cpu_ops.rms_norm
     else:
         impl = reference.rms_norm
     return impl(x, weight, eps, residual)
@@ -159,6 +163,8 @@ def apply_rotary(
     """Rotary position embedding (Llama rotate_half layout) on new copies of ``q`` and ``k``."""
     if _use_triton(q, "triton_ops"):
         impl = _triton_module("triton_ops").apply_rotary
+    elif q.device.type == "cpu":
+        impl = cpu_ops.apply_rotary
     else:
         impl = reference.apply_rotary
     return impl(q, k, positions, cos_sin_cache)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import reference
+
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Weight-only int8 matmul through ``torch._weight_int8pack_mm``.
@@ -61,7 +63,9 @@ def paged_decode_attention(
     num_kv_heads = k_cache.shape[2]
     if num_seqs == 0:
         return q.new_empty(q.shape)
-    slots, valid = _decode_slots(block_tables, context_lens, k_cache.shape[0], k_cache.shape[1])
+    slots, valid, empty = _decode_slots(
+        block_tables, context_lens, k_cache.shape[0], k_cache.shape[1]
+    )
     flat = slots.view(-1)
     k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, flat)
     v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, flat)
@@ -71,27 +75,53 @@ def paged_decode_attention(
     qg = q.to(k_cache.dtype).view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, None, None, :], scale=scale)
     out = out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
-    empty = context_lens == 0
-    if bool(empty.any()):  # nothing to attend to: zeros, as in the reference
-        out[empty.to(out.device)] = 0.0
+    if empty is not None:  # nothing to attend to: zeros, as in the reference
+        out[empty] = 0.0
     return out
 
 
-_last_slots: tuple | None = None
+class _StepMemo:
+    """The last result of a per-step computation, keyed by the identity of its input tensors.
+
+    Every layer of a step passes the same metadata tensors, and the model runner builds new
+    ones for every step, so identity tells a step's first layer from the others. The inputs
+    are held, so their ids cannot be recycled while the entry lives.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple = ()
+        self._value = None
+
+    def get(self, key: tuple, compute):
+        if len(key) != len(self._key) or not all(map(_same, key, self._key)):
+            self._value = compute()
+            self._key = key
+        return self._value
+
+
+def _same(a, b) -> bool:
+    return a is b if isinstance(a, torch.Tensor) else a == b
+
+
+_slots_memo = _StepMemo()
+_rope_memo = _StepMemo()
+_store_memo = _StepMemo()
 
 
 def _decode_slots(
     block_tables: torch.Tensor, context_lens: torch.Tensor, pool_blocks: int, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cache slot of every (sequence, position) up to the longest context, and which of them
-    are real. Every layer of a step passes the same two tensors, so the last result is kept
-    and reused when they come again (compared by identity, and held, so ids cannot recycle).
-    """
-    global _last_slots
-    if _last_slots is not None:
-        tables, lens, shape, result = _last_slots
-        if tables is block_tables and lens is context_lens and shape == (pool_blocks, block_size):
-            return result
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Cache slot of every (sequence, position) up to the longest context, which of them are
+    real, and which sequences have no context at all (None if none); once per step."""
+    key = (block_tables, context_lens, pool_blocks, block_size)
+    return _slots_memo.get(
+        key, lambda: _compute_decode_slots(block_tables, context_lens, pool_blocks, block_size)
+    )
+
+
+def _compute_decode_slots(
+    block_tables: torch.Tensor, context_lens: torch.Tensor, pool_blocks: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     lens = context_lens.long()
     num_blocks = max(1, -(-int(lens.max()) // block_size))
     # Table padding may hold anything; clamped, and masked below like any padding.
@@ -99,6 +129,76 @@ def _decode_slots(
     offsets = torch.arange(block_size, device=blocks.device)
     slots = (blocks[:, :, None] * block_size + offsets).view(len(blocks), -1)
     valid = torch.arange(slots.shape[1], device=slots.device)[None, :] < lens[:, None]
-    result = (torch.where(valid, slots, slots[:, :1]), valid)
-    _last_slots = (block_tables, context_lens, (pool_blocks, block_size), result)
-    return result
+    empty = lens == 0
+    return torch.where(valid, slots, slots[:, :1]), valid, empty if bool(empty.any()) else None
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's rotary with the per-step work done once per step instead of per layer.
+
+    ``rotate_half(x) * sin`` equals ``roll(x, d/2) * [-sin, sin]`` exactly (only signs move),
+    so each tensor takes four ops; the cos and signed-sin rows are gathered on a step's first
+    layer and reused by the others.
+    """
+    cos, sin = _rope_memo.get(
+        (positions, cos_sin_cache, q.dtype), lambda: _rope_rows(positions, cos_sin_cache, q.dtype)
+    )
+    half = cos_sin_cache.shape[-1] // 2
+    return (
+        q * cos + torch.roll(q, half, dims=-1) * sin,
+        k * cos.to(k.dtype) + torch.roll(k, half, dims=-1) * sin.to(k.dtype),
+    )
+
+
+def _rope_rows(
+    positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    half = cos_sin_cache.shape[-1] // 2
+    rows = cos_sin_cache[positions.long()].to(dtype)
+    cos, sin = rows[:, :half], rows[:, half:]
+    return torch.cat((cos, cos), -1)[:, None, :], torch.cat((-sin, sin), -1)[:, None, :]
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """The reference's scatter, with the slot check (and its sync) done once per step."""
+    slots, keep = _store_memo.get((slot_mapping,), lambda: _store_slots(slot_mapping))
+    if keep is not None:
+        key, value = key[keep], value[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
+
+
+def _store_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """int64 slots to write, and the mask of rows to keep (None when all are kept)."""
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    if bool(keep.all()):
+        return slots, None
+    return slots[keep], keep
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """ATen's fused RMSNorm for float32, which rounds exactly like the reference; other
+    dtypes go to the reference (it rounds the normalised value before the weight multiply)."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return reference.rms_norm(x, weight, eps, residual)
+    if residual is not None:
+        x = x + residual
+    out = F.rms_norm(x, weight.shape, weight, eps)
+    return out if residual is None else (out, x)

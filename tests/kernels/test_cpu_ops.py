@@ -1,14 +1,16 @@
-"""The ATen-based CPU kernels against the reference (decode attention here; the int8 matmul
-in test_quantized_linear.py). Cache blocks nobody owns and table padding hold random values, and
-one case poisons every slot past each context with NaN: the kernel must never read them."""
+"""The ATen-based CPU kernels against the reference (the quantized matmuls are in
+test_quantized_linear.py). For decode attention, cache blocks nobody owns and table padding
+hold random values, and one case poisons every slot past each context with NaN: the kernel
+must never read them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from hypothesis import given
+from hypothesis import strategies as st
 
-from kernels import cpu_ops
+from kernels import cpu_ops, reference
 from tests.kernels.cases import (
     assert_close,
     build,
@@ -62,3 +64,58 @@ def test_empty_context_gives_zeros_like_the_reference():
     out = run_decode(batch)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert_close(out, reference_decode(batch), torch.float32)
+
+
+@example_budget(cpu=30, cuda=30)
+@given(
+    n=st.integers(1, 9),
+    heads=st.sampled_from([(4, 2), (3, 1), (2, 2)]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_rotary_equals_the_reference_bit_for_bit(n, heads, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cache = reference.build_rope_cache(32, 64, 10000.0)
+    q = torch.randn(n, heads[0], 32, generator=gen).to(dtype)
+    k = torch.randn(n, heads[1], 32, generator=gen).to(dtype)
+    positions = torch.randint(0, 64, (n,), generator=gen)
+    for got, want in zip(
+        cpu_ops.apply_rotary(q, k, positions, cache),
+        reference.apply_rotary(q, k, positions, cache),
+        strict=True,
+    ):
+        assert torch.equal(got, want)
+
+
+def test_rotary_recomputes_for_a_new_step():
+    cache = reference.build_rope_cache(16, 32, 10000.0)
+    q, k = torch.randn(2, 2, 16), torch.randn(2, 1, 16)
+    cpu_ops.apply_rotary(q, k, torch.tensor([0, 1]), cache)
+    later = torch.tensor([5, 9])
+    got = cpu_ops.apply_rotary(q, k, later, cache)
+    assert torch.equal(got[0], reference.apply_rotary(q, k, later, cache)[0])
+
+
+@example_budget(cpu=30, cuda=30)
+@given(n=st.integers(1, 6), width=st.sampled_from([8, 64]), seed=st.integers(0, 2**16))
+def test_rms_norm_equals_the_reference(n, width, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, residual = torch.randn(n, width, generator=gen), torch.randn(n, width, generator=gen)
+    weight = torch.rand(width, generator=gen)
+    torch.testing.assert_close(
+        cpu_ops.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6), atol=1e-6, rtol=0
+    )
+    got, got_sum = cpu_ops.rms_norm(x, weight, 1e-6, residual)
+    want, want_sum = reference.rms_norm(x, weight, 1e-6, residual)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert torch.equal(got_sum, want_sum)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_matches_the_reference_and_skips_negative_slots(cache_dtype):
+    key, value = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    for slots in (torch.tensor([3, 17, 0, 9]), torch.tensor([5, -1, 30, -1])):
+        caches = [torch.zeros(4, 8, 2, 8, dtype=cache_dtype) for _ in range(4)]
+        cpu_ops.store_kv(key, value, caches[0], caches[1], slots)
+        reference.store_kv(key, value, caches[2], caches[3], slots)
+        assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
