@@ -41,6 +41,7 @@ FORMATS: dict[str, tuple[Callable[[torch.Tensor], Prepared], Runner, torch.dtype
     "float32": (lambda w: w.t().contiguous(), torch.mm, torch.float32),
     "bfloat16": (lambda w: w.bfloat16().t().contiguous(), torch.mm, torch.bfloat16),
     "int8": (_int8, lambda x, p: cpu_ops.int8_linear(x, *p), torch.float32),
+    "int8-dynamic": (_int8, lambda x, p: cpu_ops.int8_dynamic_linear(x, *p), torch.float32),
     "int4": (_int4, lambda x, p: cpu_ops.int4_linear(x, *p, INT4_GROUP), torch.float32),
 }
 

@@ -2,7 +2,7 @@
 factual questions, for float32 (the checkpoint's exact weights) against each faster option.
 
     python benchmarks/quality.py                       # default model: float32 vs auto
-    python benchmarks/quality.py --configs none int8 bfloat16
+    python benchmarks/quality.py --configs auto w8a8 int4 bfloat16
 
 `tests/test_quality.py` asserts the same on the default model.
 """
@@ -57,7 +57,9 @@ FACTS = [
 CONFIGS = {
     "float32": {"dtype": "float32"},
     "auto": {},
-    "int8": {"dtype": "float32", "quantization": "int8"},
+    "int8": {"dtype": "float32", "quantization": "int8"},  # float32 KV cache
+    "w8a8": {"quantization": "w8a8"},  # with the default bfloat16 KV cache
+    "int4": {"quantization": "int4"},
     "bfloat16": {"dtype": "bfloat16"},
 }
 

@@ -6,13 +6,14 @@ cold in cache as they are in a real step (benchmarks/bench_linear.py, docs/perfo
 * A decode step of a few sequences mostly streams weights from memory, so bytes per weight
   decide: the 30 layers of SmolLM2-135M take about 5 ms at one row in int4, 11 ms in int8
   and 20 ms in float32 (bfloat16 is no faster than float32 without AMX).
-* Beyond 12 (int8) or 20 (int4) rows the matmul is compute-bound and MKL's float32 GEMM
-  wins. It is also faster on a weight stored ``[in, out]`` than on PyTorch's
-  ``[out, in]``, so the float32 weight is kept pre-transposed.
+* From about ten rows on the matmul is compute-bound, and an int8 x int8 GEMM (VNNI) on
+  activations rounded per row is the fastest by far: 21 ms at 16 rows and 32 ms at 32
+  against 36 and 44 ms for MKL's float32 GEMM. The float32 GEMM is faster on a weight
+  stored ``[in, out]`` than on PyTorch's ``[out, in]``, so that copy is kept
+  pre-transposed.
 
-Quantized weights are rounded once at load time and the float32 copy holds exactly the
-rounded values: whichever path a step's size picks, a token is computed with the same
-weights.
+Quantized weights are rounded once at load time, and both paths of a layer compute with
+the same rounded weights; they differ only in how activations are rounded.
 """
 
 from __future__ import annotations
@@ -22,23 +23,17 @@ from torch import nn
 
 import kernels
 
-# Steps with at most this many token rows take the quantized path: where it stops beating
-# the float32 GEMM (benchmarks/bench_linear.py on the development machine).
-QUANT_MAX_ROWS = {"int8": 12, "int4": 20}
-QUANTIZATIONS = ("none", "int8", "int4")
+# Row counts up to which the weight-only kernels (activations in bfloat16) beat the other
+# path: the int8 x int8 GEMM for w8a8, float32 GEMMs otherwise (benchmarks/bench_linear.py).
+WEIGHT_ONLY_MAX_ROWS = {"int8": 12, "w8a8": 4, "int4": 20}
+QUANTIZATIONS = ("none", "int8", "w8a8", "int4")
 INT4_GROUP = 32
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: ``weight ~= qweight * scale[:, None]``.
-
-    The scale is rounded to bfloat16 before quantizing, because that is the precision the
-    int8 kernel applies it in; an all-zero row gets scale 1 instead of a division by zero.
-    """
-    w = weight.float()
-    scale = (w.abs().amax(dim=1) / 127).to(torch.bfloat16).float()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    qweight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    """Symmetric per-output-channel int8: ``weight ~= qweight * scale[:, None]``, with the
+    scale in bfloat16, the precision the weight-only kernel applies it in."""
+    qweight, scale = kernels.reference.quantize_rows_int8(weight, torch.bfloat16)
     return qweight, scale.to(torch.bfloat16)
 
 
@@ -70,10 +65,20 @@ def _int4_fits(weight: torch.Tensor) -> bool:
 
 
 class CpuLinear(nn.Module):
-    """``y = x @ W.T + b`` with W stored ``[in, out]``, and optionally a quantized copy of W
-    for steps of at most `QUANT_MAX_ROWS` rows.
+    """``y = x @ W.T + b`` on CPU, by one of two kernels chosen per step by its row count.
 
-    ``int4`` falls back to ``int8`` for a weight whose shape the int4 layout cannot hold.
+    * ``none``: float32 GEMM on W stored ``[in, out]``.
+    * ``int8``: W in int8 per output channel. Up to 12 rows the weight-only kernel on
+      bfloat16 activations (memory-bound: fewest bytes wins); beyond, a float32 GEMM on
+      the dequantized weights.
+    * ``w8a8``: the same int8 W, but beyond 4 rows the activations are rounded to int8 per
+      row for an int8 x int8 GEMM (compute-bound: integer multiply-adds are several times
+      faster). Fastest, at a measurable cost in quality (docs/performance.md).
+    * ``int4``: W in 4 bits per group of 32 (as GGUF's Q4_1). Up to 20 rows the int4
+      weight-only kernel; beyond, a float32 GEMM on the dequantized weights. Falls back to
+      ``int8`` for a weight whose shape the int4 layout cannot hold.
+
+    Both paths of a layer read the same rounded weights.
     """
 
     def __init__(
@@ -85,27 +90,30 @@ class CpuLinear(nn.Module):
         if quantization == "int4" and not _int4_fits(weight):
             quantization = "int8"
         self.quantization = quantization
-        self.max_quantized_rows = QUANT_MAX_ROWS.get(quantization, 0)
-        dtype = weight.dtype
+        self.max_weight_only_rows = WEIGHT_ONLY_MAX_ROWS.get(quantization, 0)
+        self.bias = bias
+        self.weight_t: torch.Tensor | None = None  # [in, out]; not kept for w8a8
         self.quantized: tuple[torch.Tensor, ...] = ()
-        if quantization == "int8":
-            qweight, scale = quantize_int8(weight)
-            self.quantized = (qweight, scale)
-            weight = qweight.float() * scale.float()[:, None]
+        if quantization in ("int8", "w8a8"):
+            self.quantized = quantize_int8(weight)
+            if quantization == "w8a8":
+                return
+            qweight, scale = self.quantized
+            weight = (qweight.float() * scale.float()[:, None]).to(weight.dtype)
         elif quantization == "int4":
             q, scales_zeros = quantize_int4(weight)
             self.quantized = (kernels.pack_int4(q), scales_zeros)
-            weight = kernels.reference.dequantize_int4(q, scales_zeros, INT4_GROUP)
-        # The dense copy holds the quantized values, so both paths use the same weights.
-        self.weight_t = weight.to(dtype).t().contiguous()
-        self.bias = bias
+            weight = kernels.reference.dequantize_int4(q, scales_zeros, INT4_GROUP).to(weight.dtype)
+        self.weight_t = weight.t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.max_quantized_rows:
+        if x.shape[0] <= self.max_weight_only_rows:
             if self.quantization == "int4":
                 y = kernels.int4_linear(x, *self.quantized, INT4_GROUP)
             else:
                 y = kernels.int8_linear(x, *self.quantized)
+        elif self.quantization == "w8a8":
+            y = kernels.int8_dynamic_linear(x, *self.quantized)
         else:
             y = torch.mm(x, self.weight_t)
         return y if self.bias is None else y + self.bias

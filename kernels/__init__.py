@@ -28,6 +28,7 @@ __all__ = [
     "apply_rotary",
     "build_rope_cache",
     "int4_linear",
+    "int8_dynamic_linear",
     "int8_linear",
     "pack_int4",
     "paged_decode_attention",
@@ -186,6 +187,15 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     version yet, so other devices dequantize through the reference.
     """
     impl = cpu_ops.int8_linear if x.device.type == "cpu" else reference.int8_linear
+    return impl(x, qweight, scale)
+
+
+def int8_dynamic_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """`int8_linear` on activations rounded to int8 per row on the fly (an int8 x int8 GEMM).
+    CPU only for now; other devices run the reference."""
+    impl = cpu_ops.int8_dynamic_linear if x.device.type == "cpu" else reference.int8_dynamic_linear
     return impl(x, qweight, scale)
 
 

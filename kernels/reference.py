@@ -21,6 +21,7 @@ __all__ = [
     "build_rope_cache",
     "dequantize_int4",
     "int4_linear",
+    "int8_dynamic_linear",
     "int8_linear",
     "pack_int4",
     "paged_decode_attention",
@@ -243,6 +244,30 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     """
     weight = qweight.float() * scale.float()[:, None]
     return F.linear(x.float(), weight).to(x.dtype)
+
+
+def quantize_rows_int8(
+    x: torch.Tensor, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: ``x ~= q * scale[:, None]``; an all-zero row gets scale 1.
+
+    The float32 scales are first rounded to ``scale_dtype`` (a kernel that applies them in
+    bfloat16 wants the rows rounded with exactly those values)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=1) / 127).to(scale_dtype).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def int8_dynamic_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """`int8_linear` with the activations quantized too: each row of ``x`` is rounded to int8
+    with its own scale (`quantize_rows_int8`), the integer product is exact, and the result is
+    ``(xq @ qweight.T) * x_scale[:, None] * scale``, returned in ``x.dtype``."""
+    xq, x_scale = quantize_rows_int8(x)
+    acc = xq.double() @ qweight.double().T  # exact: |sums| stay far below 2**53
+    return (acc.float() * x_scale[:, None] * scale.float()).to(x.dtype)
 
 
 def pack_int4(qweight: torch.Tensor) -> torch.Tensor:

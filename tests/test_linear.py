@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.linear import QUANT_MAX_ROWS, CpuLinear, use_cpu_linears
+from engine.linear import WEIGHT_ONLY_MAX_ROWS, CpuLinear, use_cpu_linears
+from kernels import reference
 
 
 def _weights(n=96, k=64, bias=True):
@@ -18,10 +19,16 @@ def _weights(n=96, k=64, bias=True):
     return w, b
 
 
-def _dense(layer: CpuLinear, x: torch.Tensor) -> torch.Tensor:
-    """What the layer computes in float32 with the weights it actually holds."""
-    out = x @ layer.weight_t
-    return out if layer.bias is None else out + layer.bias
+def _held_weight(layer: CpuLinear) -> torch.Tensor:
+    """The float32 weight the layer actually computes with, after its rounding."""
+    if layer.quantization == "w8a8":
+        qweight, scale = layer.quantized
+        return qweight.float() * scale.float()[:, None]
+    return layer.weight_t.t()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("rows", [1, 12, 13, 70])
@@ -31,22 +38,31 @@ def test_none_is_the_plain_linear(rows):
     torch.testing.assert_close(CpuLinear(w, b)(x), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("quantization", ["int8", "w8a8", "int4"])
 def test_quantized_paths_agree_across_the_row_threshold(quantization):
     w, b = _weights()
     layer = CpuLinear(w, b, quantization)
     assert layer.quantization == quantization
-    limit = QUANT_MAX_ROWS[quantization]
+    limit = WEIGHT_ONLY_MAX_ROWS[quantization]
     x = torch.randn(limit + 1, 64)
-    large = layer(x)  # float32 GEMM on the rounded weights
-    small = layer(x[:limit])  # the quantized kernel on the same weights
-    torch.testing.assert_close(large, _dense(layer, x), atol=1e-5, rtol=1e-5)
-    # The quantized kernels round activations to bfloat16: agreement to that precision.
-    torch.testing.assert_close(small, large[:limit], atol=2e-2, rtol=2e-2)
+    held = F.linear(x, _held_weight(layer), b)
+    large = layer(x)  # int8 x int8 GEMM (w8a8) or float32 GEMM
+    small = layer(x[:limit])  # the weight-only kernel on bfloat16 activations
+    # Both paths use the same rounded weights and differ only in how activations are
+    # rounded (int8 per row, or bfloat16).
+    assert _rel(large, held) < 1e-2
+    assert _rel(small, held[:limit]) < 1e-2
     # ...and the rounded weights stay close to the originals.
     exact = F.linear(x, w, b)
-    tol = {"int8": 0.01, "int4": 0.1}[quantization]
-    assert float((large - exact).norm() / (exact - b).norm()) < tol
+    assert _rel(held - b, exact - b) < {"int8": 0.01, "w8a8": 0.01, "int4": 0.1}[quantization]
+
+
+def test_w8a8_large_path_is_the_dynamic_int8_kernel():
+    layer = CpuLinear(_weights()[0], None, "w8a8")
+    assert layer.weight_t is None  # no float copy
+    x = torch.randn(WEIGHT_ONLY_MAX_ROWS["w8a8"] + 5, 64)
+    expected = reference.int8_dynamic_linear(x, *layer.quantized)
+    torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_int4_falls_back_to_int8_for_shapes_its_layout_cannot_hold():
