@@ -51,6 +51,14 @@ FACTS = [
     ("What is the chemical formula of water?", "H2O"),
     ("What is the capital of Japan?", "Tokyo"),
     ("How many continents are there on Earth?", "seven"),
+    ("What is the boiling point of water in degrees Celsius?", "100"),
+    ("Which ocean is the largest?", "Pacific"),
+    ("Who painted the Mona Lisa?", "Leonardo"),
+    ("What is the capital of Italy?", "Rome"),
+    ("How many legs does a spider have?", "eight"),
+    ("Which animal is known as the king of the jungle?", "lion"),
+    ("What is the freezing point of water in degrees Celsius?", "0"),
+    ("In which country are the pyramids of Giza?", "Egypt"),
 ]
 
 # Each config is a set of engine options; "float32" is the exact reference.

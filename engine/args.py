@@ -15,10 +15,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class EngineArgs:
     model: str = "smollm2-135m-instruct"
     dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
-    # "auto": int8 weight-only matmuls for small steps on CPU when dtype is also "auto",
-    # else "none". An explicit dtype="float32" therefore keeps the checkpoint's exact
-    # weights (and transformers' greedy output). int4 is faster still but changed more
-    # greedy answers (docs/performance.md); see engine/linear.py for the trade.
+    # "auto": "w8a8" on CPU when dtype is also "auto" (int8 weights, int8 activations with
+    # SmoothQuant calibration in steps of more than 4 tokens), else "none". An explicit
+    # dtype="float32" therefore keeps the checkpoint's exact weights (and transformers'
+    # greedy output). See engine/linear.py and docs/performance.md for the trade.
     quantization: str = "auto"
     # "auto": bfloat16 on CPU when dtype is also "auto" (it halves the bytes decode attention
     # gathers every layer), else the model's dtype.
@@ -83,7 +83,7 @@ class EngineArgs:
 
     def resolve_quantization(self, device: torch.device) -> str:
         if self.quantization == "auto":
-            return "int8" if self._fast_cpu_defaults(device) else "none"
+            return "w8a8" if self._fast_cpu_defaults(device) else "none"
         return self.quantization
 
     def resolve_kv_cache_dtype(self, device: torch.device) -> torch.dtype:

@@ -13,7 +13,9 @@ import torch
 
 from engine.args import EngineArgs
 from engine.block_manager import BlockManager
+from engine.calibration import calibration_token_ids, linear_input_absmax
 from engine.errors import ContextLengthExceededError
+from engine.linear import use_cpu_linears
 from engine.loader import load_model
 from engine.model import build_model
 from engine.model_runner import ModelRunner, num_kv_blocks
@@ -40,7 +42,15 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.quantization = args.resolve_quantization(self.device)
         self.kv_cache_dtype = args.resolve_kv_cache_dtype(self.device)
-        model = build_model(cfg, loaded.weights, self.device, self.dtype, self.quantization)
+        model = build_model(cfg, loaded.weights, self.device, self.dtype)
+        if self.device.type == "cpu":
+            absmax = None
+            if self.quantization == "w8a8":
+                ids = calibration_token_ids(self.tokenizer, cfg.vocab_size)
+                absmax = linear_input_absmax(model, ids)
+            use_cpu_linears(model, self.quantization, absmax)
+        elif self.quantization != "none":
+            raise ValueError(f"quantization={self.quantization!r} is only implemented on CPU")
         del loaded
         self.max_model_len = min(
             args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings

@@ -15,7 +15,6 @@ from torch import nn
 
 import kernels
 from engine.config import ModelConfig
-from engine.linear import use_cpu_linears
 
 
 @dataclass
@@ -180,19 +179,13 @@ def _fused_state_dict(
 
 
 def build_model(
-    cfg: ModelConfig,
-    weights: dict[str, torch.Tensor],
-    device: torch.device,
-    dtype: torch.dtype,
-    quantization: str = "none",
+    cfg: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
 ) -> CausalLM:
     """Instantiate on the meta device and adopt the loaded tensors, so no memory
     is spent on random initialisation that would be overwritten anyway.
 
-    On CPU the projections become `CpuLinear`s (``quantization`` "none" or "int8");
-    weight-only int8 has no GPU kernel yet."""
-    if quantization != "none" and device.type != "cpu":
-        raise ValueError(f"quantization={quantization!r} is only implemented on CPU")
+    The projections are plain `nn.Linear`s; the engine swaps them for `CpuLinear`s on CPU
+    (engine.linear), after calibrating if the quantization needs it."""
     with torch.device("meta"):
         model = CausalLM(cfg)
     state = {
@@ -210,6 +203,4 @@ def build_model(
     model.rope_cache = kernels.build_rope_cache(
         cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device=device
     )
-    if device.type == "cpu":
-        use_cpu_linears(model, quantization)
     return model.eval()

@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--quantization", default=defaults.quantization,
                      choices=["auto", "none", "int8", "w8a8", "int4"],
                      help="CPU only. int8: int8 weights for steps of up to 12 tokens; w8a8: "
-                          "int8 weights and, beyond 4 tokens, int8 activations (fastest, "
-                          "costs some quality); int4: 4-bit weights in groups of 32; auto: "
-                          "int8 on CPU unless --dtype is given (see engine/linear.py)")
+                          "int8 weights and, beyond 4 tokens, int8 activations calibrated at "
+                          "load (fastest); int4: 4-bit weights in groups of 32; auto: w8a8 "
+                          "on CPU unless --dtype is given (see engine/linear.py)")
     eng.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype,
                      choices=["auto", "float32", "bfloat16", "float16"],
                      help="KV cache precision; auto: bfloat16 on CPU unless --dtype is given, "

@@ -93,3 +93,18 @@ def test_swap_replaces_every_linear_and_keeps_tied_embeddings_exact():
     assert torch.equal(model["embed"].weight, before)
     x = torch.randn(3, 16)
     torch.testing.assert_close(model["lm_head"](x), F.linear(x, before), atol=2e-2, rtol=2e-2)
+
+
+def test_smoothing_keeps_the_product_and_tames_outlier_channels():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(96, 64, generator=gen) * 0.05
+    x = torch.randn(20, 64, generator=gen)
+    x[:, 5] *= 80.0  # an outlier channel, as LLM hidden states have
+    exact = F.linear(x, w)
+    plain = CpuLinear(w, None, "w8a8")
+    smoothed = CpuLinear(w, None, "w8a8", input_absmax=x.abs().amax(dim=0))
+    assert smoothed.input_scale is not None
+    # Both round weights and activations; smoothing moves channel 5's range into the weights.
+    assert _rel(smoothed(x), exact) < 0.5 * _rel(plain(x), exact)
+    assert _rel(smoothed(x), exact) < 0.02
+    assert _rel(smoothed(x[:2]), exact[:2]) < 0.02  # the weight-only path uses it too
