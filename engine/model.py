@@ -29,6 +29,10 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [num_seqs] int32: tokens in cache after this step
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32: cumulative query lengths
     is_decode: bool  # every sequence has exactly one query token
+    # A step that mixes decodes with prefill chunks, split into its leading one-token
+    # sequences and the rest: decode rows then take the decode kernel whatever shares their
+    # step, so a token's result does not depend on its batch-mates.
+    parts: tuple[AttentionMetadata, AttentionMetadata] | None = None
 
 
 class RMSNorm(nn.Module):
@@ -77,21 +81,26 @@ class Attention(nn.Module):
             k = self.k_norm(k)
         q, k = kernels.apply_rotary(q, k, positions, rope_cache)
         kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.o_proj(self._attend(q, meta).reshape(n, self.q_size))
+
+    def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.parts is not None:
+            decodes, rest = meta.parts
+            split = decodes.context_lens.shape[0]
+            return torch.cat([self._attend(q[:split], decodes), self._attend(q[split:], rest)])
         if meta.is_decode:
-            out = kernels.paged_decode_attention(
+            return kernels.paged_decode_attention(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
             )
-        else:
-            out = kernels.paged_prefill_attention(
-                q,
-                self.k_cache,
-                self.v_cache,
-                meta.block_tables,
-                meta.query_start_loc,
-                meta.context_lens,
-                self.scale,
-            )
-        return self.o_proj(out.reshape(n, self.q_size))
+        return kernels.paged_prefill_attention(
+            q,
+            self.k_cache,
+            self.v_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.context_lens,
+            self.scale,
+        )
 
 
 class MLP(nn.Module):

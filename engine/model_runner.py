@@ -87,9 +87,11 @@ class ModelRunner:
         """Compute the batch and sample. Returns the sequences that got a new token
         (forked siblings included), their tokens, and their logprobs."""
         self._copy_blocks(batch.block_copies)
-        input_ids, positions, meta, sample_rows = self._prepare(batch, block_tables)
+        # One-token sequences go first, so a mixed step splits into decode and prefill parts.
+        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_query_tokens[i] != 1)
+        input_ids, positions, meta, sample_rows = self._prepare(batch, block_tables, order)
         hidden = self.model(input_ids, positions, meta)
-        sampling_seqs = [batch.seqs[i] for i in range(len(batch.seqs)) if batch.samples(i)]
+        sampling_seqs = [batch.seqs[i] for i in order if batch.samples(i)]
         if not sampling_seqs:
             return [], [], []
         rows = torch.tensor(sample_rows, device=self.device)
@@ -120,7 +122,11 @@ class ModelRunner:
         for cache in (*self.k_caches, *self.v_caches):
             cache[dst] = cache[src]
 
-    def _prepare(self, batch: ScheduledBatch, block_tables: list[list[int]]):
+    def _prepare(
+        self, batch: ScheduledBatch, block_tables: list[list[int]], order: list[int] | None = None
+    ):
+        """Flat inputs and attention metadata for the batch's sequences in `order` (default:
+        as scheduled); block_tables[i] belongs to batch.seqs[i]."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -128,7 +134,10 @@ class ModelRunner:
         context_lens: list[int] = []
         query_start = [0]
         sample_rows: list[int] = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_query_tokens, strict=True)):
+        order = range(len(batch.seqs)) if order is None else order
+        tables = [block_tables[i] for i in order]
+        for i in order:
+            seq, n = batch.seqs[i], batch.num_query_tokens[i]
             start = seq.num_computed_tokens
             end = start + n
             table = block_tables[i]
@@ -139,16 +148,35 @@ class ModelRunner:
             query_start.append(query_start[-1] + n)
             if end == seq.num_tokens:
                 sample_rows.append(query_start[-1] - 1)
-        width = max(len(t) for t in block_tables)
-        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        meta = self._metadata(slots, tables, context_lens, query_start)
+        decodes = next((j for j in range(len(tables)) if query_start[j + 1] - query_start[j] != 1),
+                       len(tables))
+        if 0 < decodes < len(tables):
+            rest = query_start[decodes:]
+            meta.parts = (
+                self._metadata(slots[:decodes], tables[:decodes], context_lens[:decodes],
+                               query_start[: decodes + 1]),
+                self._metadata(slots[decodes:], tables[decodes:], context_lens[decodes:],
+                               [q - rest[0] for q in rest]),
+            )
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        return ids, pos, meta, sample_rows
+
+    def _metadata(
+        self,
+        slots: list[int],
+        tables: list[list[int]],
+        context_lens: list[int],
+        query_start: list[int],
+    ) -> AttentionMetadata:
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
         dev = self.device
-        meta = AttentionMetadata(
+        return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            is_decode=query_start[-1] == len(batch.seqs),
+            is_decode=query_start[-1] == len(tables),
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
-        return ids, pos, meta, sample_rows

@@ -16,7 +16,9 @@ import pytest
 from tests.server.live_server import API_KEY, LiveServer, start_server
 
 MODEL = "smollm2-135m-instruct"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# A question the model answers with a wide first-token margin (2.5 nats) in every mode;
+# "the capital of France" hangs on 0.08 nats and flips between float32 and w8a8.
+QUESTION = [{"role": "user", "content": "What is the capital of Japan?"}]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_non_streaming_chat(client):
     response = greedy(client)
     choice = response.choices[0]
     assert choice.message.role == "assistant"
-    assert "Paris" in choice.message.content
+    assert "Tokyo" in choice.message.content
     assert choice.finish_reason in ("stop", "length")
     assert response.usage.prompt_tokens > 10
     assert response.usage.total_tokens == (response.usage.prompt_tokens
