@@ -111,7 +111,8 @@ class CpuLinear(nn.Module):
             weight = weight * smooth.to(weight.dtype)
         if quantization in ("int8", "w8a8"):
             self.quantized = quantize_int8(weight)
-            if quantization == "w8a8":
+            if quantization == "w8a8":  # its kernel applies the scales in float32
+                self.quantized = (self.quantized[0], self.quantized[1].float())
                 return
             qweight, scale = self.quantized
             weight = (qweight.float() * scale.float()[:, None]).to(weight.dtype)

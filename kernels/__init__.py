@@ -3,8 +3,8 @@
 The engine calls only the functions exported here. A call goes to the Triton implementation when
 its tensors live on CUDA, or when they are on CPU and ``TRITON_INTERPRET=1`` is set (read at call
 time, so CPU machines can exercise the Triton code through the interpreter). Other CPU calls run
-:mod:`kernels.cpu_ops` where it has a faster ATen-based version (decode attention, store_kv,
-rms_norm, rotary, the quantized matmuls) and the reference in :mod:`kernels.reference`
+:mod:`kernels.cpu_ops` where it has a faster ATen-based version (paged attention,
+store_kv, rms_norm, rotary, the quantized matmuls) and the reference in :mod:`kernels.reference`
 otherwise, as every non-CPU call does when Triton is not installed.
 
 Triton modules are imported lazily: ``triton.jit`` decides at decoration time whether a kernel is
@@ -106,6 +106,8 @@ def paged_prefill_attention(
     """Causal attention of packed queries over a paged KV cache; see the reference for semantics."""
     if _use_triton(q, "triton_attention"):
         impl = _triton_module("triton_attention").paged_prefill_attention
+    elif q.device.type == "cpu":
+        impl = cpu_ops.paged_prefill_attention
     else:
         impl = reference.paged_prefill_attention
     return impl(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)

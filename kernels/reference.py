@@ -249,14 +249,19 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
 def quantize_rows_int8(
     x: torch.Tensor, scale_dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: ``x ~= q * scale[:, None]``; an all-zero row gets scale 1.
+    """Symmetric int8 per row: ``x ~= q * scale[:, None]`` with ``scale = max|row| / 127``.
 
     The float32 scales are first rounded to ``scale_dtype`` (a kernel that applies them in
-    bfloat16 wants the rows rounded with exactly those values)."""
+    bfloat16 wants the rows rounded with exactly those values). An all-zero row gets the
+    smallest normal scale, so it divides to zeros. No clamp is needed: a scale rounded down
+    to bfloat16 stretches a row's extreme to at most 127.25, which still rounds to 127.
+    This runs on every matmul input in w8a8 mode, hence the few, plain ops."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=1) / 127).to(scale_dtype).float()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+    scale = xf.abs().amax(dim=1).div_(127)
+    if scale_dtype != torch.float32:
+        scale = scale.to(scale_dtype).float()
+    scale.clamp_(min=torch.finfo(torch.float32).tiny)
+    return torch.round(xf / scale[:, None]).to(torch.int8), scale
 
 
 def int8_dynamic_linear(

@@ -16,8 +16,11 @@ from tests.kernels.cases import (
     build,
     example_budget,
     make_paged_batch,
+    naive_attention,
     paged_shapes,
     reference_decode,
+    reference_prefill,
+    relative_error,
 )
 
 
@@ -119,3 +122,31 @@ def test_store_kv_matches_the_reference_and_skips_negative_slots(cache_dtype):
         cpu_ops.store_kv(key, value, caches[0], caches[1], slots)
         reference.store_kv(key, value, caches[2], caches[3], slots)
         assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+def run_prefill(batch) -> torch.Tensor:
+    return cpu_ops.paged_prefill_attention(
+        batch.q,
+        batch.k_cache,
+        batch.v_cache,
+        batch.block_tables,
+        batch.query_start_loc,
+        batch.context_lens,
+        batch.scale,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@example_budget(cpu=40, cuda=40)
+@given(shape=paged_shapes(decode=False))
+def test_prefill_matches_reference(dtype, shape):
+    batch = build("cpu", dtype, shape)
+    assert_close(run_prefill(batch), reference_prefill(batch), dtype)
+
+
+def test_prefill_mixes_fresh_prompts_chunks_and_decode_rows():
+    batch = make_paged_batch(
+        [20, 45, 33, 9, 1], [20, 13, 1, 4, 1], 6, 2, 64, 16, torch.float32, "cpu"
+    )
+    assert_close(run_prefill(batch), reference_prefill(batch), torch.float32)
+    assert relative_error(run_prefill(batch), naive_attention(batch)) < 1e-5

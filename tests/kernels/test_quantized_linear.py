@@ -131,7 +131,7 @@ def test_dynamic_reference_matches_float64_on_the_rounded_rows():
     x, q, s = _case(6, 48, 64, seed=5)
     x[2] = 0.0  # an all-zero row
     xq, x_scale = reference.quantize_rows_int8(x)
-    assert bool((xq[2] == 0).all()) and float(x_scale[2]) == 1.0
+    assert bool((xq[2] == 0).all()) and 0 < float(x_scale[2]) < 1e-30
     exact = (xq.double() * x_scale.double()[:, None]) @ (q.double() * s.double()[:, None]).T
     assert relative_error(reference.int8_dynamic_linear(x, q, s), exact) < 1e-6
     # Rounding the activations to int8 costs about a percent, no more.
