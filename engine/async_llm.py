@@ -40,6 +40,11 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue_, item in items:
+        queue_.put_nowait(item)
+
+
 class AsyncLLM:
     def __init__(self, args: EngineArgs | None = None, **engine_options) -> None:
         args = args or EngineArgs(**engine_options)
@@ -131,14 +136,23 @@ class AsyncLLM:
                 log.exception("engine step failed")
                 self._fail_all(exc)
                 continue
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    stream.put(out)
-                    if out.finished:
-                        del self._streams[out.request_id]
+            self._deliver(outputs)
             self._stats = self.engine.stats()
         self._fail_all(EngineError("the engine was shut down"))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs over with one wake-up per event loop, not one per request:
+        at 32 streams that is 31 fewer self-pipe writes and callbacks per step."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            batches.setdefault(stream.loop, []).append((stream.queue, out))
+            if out.finished:
+                del self._streams[out.request_id]
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _drain_inbox(self) -> None:
         while True:
