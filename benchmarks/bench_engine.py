@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto", help="tokenmill dtype; auto is its CPU default")
     ap.add_argument(
         "--hf-sequential-prompts",
         type=int,
