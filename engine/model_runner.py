@@ -15,7 +15,7 @@ from engine.config import ModelConfig
 from engine.model import AttentionMetadata, CausalLM
 from engine.sampler import Sampler, SamplingRow, TokenLogprobs
 from engine.scheduler import ScheduledBatch
-from engine.sequence import Sequence
+from engine.sequence import Sequence, TokenSlice
 
 _GIB = 1 << 30
 DEFAULT_CPU_KV_GIB = 2.0
@@ -108,8 +108,8 @@ class ModelRunner:
         # The sampler adds params.stop_token_ids itself and honours ignore_eos.
         return SamplingRow(
             params=seq.params,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
-            output_token_ids=seq.output_token_ids,
+            prompt_token_ids=TokenSlice(seq.token_ids, 0, seq.num_prompt_tokens),
+            output_token_ids=TokenSlice(seq.token_ids, seq.num_prompt_tokens),
             generator=seq.generator,
             eos_token_ids=self.stop_token_ids,
         )

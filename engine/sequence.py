@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -20,6 +22,29 @@ from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
+
+
+class TokenSlice(SequenceABC[int]):
+    """A read-only window ``tokens[start:stop]`` on a live token list, without the copy.
+
+    The sampler is handed every running sequence's prompt and output at every step but
+    reads them only for penalties; a window keeps that step O(1) per sequence instead of
+    O(its length)."""
+
+    __slots__ = ("_start", "_stop", "_tokens")
+
+    def __init__(self, tokens: list[int], start: int, stop: int | None = None) -> None:
+        self._tokens, self._start, self._stop = tokens, start, stop
+
+    def __len__(self) -> int:
+        stop = len(self._tokens) if self._stop is None else self._stop
+        return max(0, stop - self._start)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(self._tokens, self._start, self._stop)
+
+    def __getitem__(self, index):
+        return list(self)[index]
 
 
 class Status(Enum):

@@ -99,18 +99,21 @@ class _StepMemo:
 
     Every layer of a step passes the same metadata tensors, and the model runner builds new
     ones for every step, so identity tells a step's first layer from the others. The inputs
-    are held, so their ids cannot be recycled while the entry lives.
+    are held, so their ids cannot be recycled while the entry lives. Key and value live in
+    one tuple, read and replaced whole, so engines stepping on different threads can only
+    miss (and recompute), never read another step's value.
     """
 
     def __init__(self) -> None:
-        self._key: tuple = ()
-        self._value = None
+        self._entry: tuple[tuple, object] | None = None
 
     def get(self, key: tuple, compute):
-        if len(key) != len(self._key) or not all(map(_same, key, self._key)):
-            self._value = compute()
-            self._key = key
-        return self._value
+        entry = self._entry
+        if entry is not None and len(key) == len(entry[0]) and all(map(_same, key, entry[0])):
+            return entry[1]
+        value = compute()
+        self._entry = (key, value)
+        return value
 
 
 def _same(a, b) -> bool:

@@ -334,3 +334,14 @@ def test_seeded_row_ignores_its_batch(seeded, seed, others, position, data_seed)
         return got
 
     assert run(batched=False) == run(batched=True)
+
+
+def test_token_slice_is_a_live_window_without_a_copy():
+    from engine.sequence import TokenSlice
+
+    tokens = [5, 6, 7]
+    prompt, output = TokenSlice(tokens, 0, 2), TokenSlice(tokens, 2)
+    assert list(prompt) == [5, 6] and list(output) == [7] and len(output) == 1
+    tokens.append(8)  # the sequence grows: the output window sees it
+    assert list(output) == [7, 8] and len(output) == 2 and output[-1] == 8
+    assert [*prompt, *output] == tokens
