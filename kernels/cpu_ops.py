@@ -36,8 +36,10 @@ def int8_dynamic_linear(
     against 36 ms in float32, and 205 ms against about 400 ms for a 512-token prefill.
     """
     xq, x_scale = reference.quantize_rows_int8(x)
-    out = torch._int_mm(xq, qweight.t()) * x_scale[:, None]  # int32 * float32 -> float32
-    return out.mul_(scale).to(x.dtype)
+    # Convert first: an int32 * float32 product takes ATen's unvectorised promotion path,
+    # almost 3x slower over a prefill's [2000, 3072] than a cast and two in-place multiplies.
+    out = torch._int_mm(xq, qweight.t()).float()
+    return out.mul_(x_scale[:, None]).mul_(scale).to(x.dtype)
 
 
 def pack_int4(qweight: torch.Tensor) -> torch.Tensor:
