@@ -7,8 +7,8 @@ cold in cache as they are in a real step (benchmarks/bench_linear.py, docs/perfo
   decide: the 30 layers of SmolLM2-135M take about 5 ms at one row in int4, 11 ms in int8
   and 20 ms in float32 (bfloat16 is no faster than float32 without AMX).
 * From about ten rows on the matmul is compute-bound, and an int8 x int8 GEMM (VNNI) on
-  activations rounded per row is the fastest by far: 21 ms at 16 rows and 32 ms at 32
-  against 36 and 44 ms for MKL's float32 GEMM. The float32 GEMM is faster on a weight
+  activations rounded per row is the fastest by far: 21 ms at 16 rows and 220 ms at 512
+  against 34 and 364 ms for MKL's float32 GEMM. The float32 GEMM is faster on a weight
   stored ``[in, out]`` than on PyTorch's ``[out, in]``, so that copy is kept
   pre-transposed.
 

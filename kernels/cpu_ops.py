@@ -33,7 +33,8 @@ def int8_dynamic_linear(
 
     From about ten rows a matmul is compute-bound, and integer multiply-adds run several
     times faster than float32 ones: the 30 layers of SmolLM2-135M take 21 ms at 16 rows
-    against 36 ms in float32, and 205 ms against about 400 ms for a 512-token prefill.
+    against 34 ms in float32, and 220 ms against 364 ms at 512 rows
+    (benchmarks/bench_linear.py).
     """
     xq, x_scale = reference.quantize_rows_int8(x)
     # Convert first: an int32 * float32 product takes ATen's unvectorised promotion path,
