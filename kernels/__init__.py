@@ -76,6 +76,18 @@ def _use_triton(t: torch.Tensor, module: str) -> bool:
     return bool(_triton_module(module).INTERPRETED)
 
 
+def _impl(name: str, t: torch.Tensor, triton_module: str | None = None):
+    """The implementation of kernel ``name`` for tensors like ``t``: Triton where
+    `_use_triton` says so, else the ATen-based CPU version for CPU tensors where `cpu_ops`
+    has one, else the reference. Looked up at call time, so tests can substitute any of them.
+    """
+    if triton_module is not None and _use_triton(t, triton_module):
+        return getattr(_triton_module(triton_module), name)
+    if t.device.type == "cpu" and hasattr(cpu_ops, name):
+        return getattr(cpu_ops, name)
+    return getattr(reference, name)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -85,12 +97,7 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One-token-per-sequence attention over a paged KV cache; see the reference for semantics."""
-    if _use_triton(q, "triton_attention"):
-        impl = _triton_module("triton_attention").paged_decode_attention
-    elif q.device.type == "cpu":
-        impl = cpu_ops.paged_decode_attention
-    else:
-        impl = reference.paged_decode_attention
+    impl = _impl("paged_decode_attention", q, "triton_attention")
     return impl(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
@@ -104,12 +111,7 @@ def paged_prefill_attention(
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of packed queries over a paged KV cache; see the reference for semantics."""
-    if _use_triton(q, "triton_attention"):
-        impl = _triton_module("triton_attention").paged_prefill_attention
-    elif q.device.type == "cpu":
-        impl = cpu_ops.paged_prefill_attention
-    else:
-        impl = reference.paged_prefill_attention
+    impl = _impl("paged_prefill_attention", q, "triton_attention")
     return impl(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
 
 
@@ -121,12 +123,7 @@ def store_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Scatter new K/V into their cache slots in place (negative slots are skipped)."""
-    if _use_triton(key, "triton_ops"):
-        impl = _triton_module("triton_ops").store_kv
-    elif key.device.type == "cpu":
-        impl = cpu_ops.store_kv
-    else:
-        impl = reference.store_kv
+    impl = _impl("store_kv", key, "triton_ops")
     impl(key, value, k_cache, v_cache, slot_mapping)
 
 
@@ -137,12 +134,7 @@ def rms_norm(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm; with ``residual`` returns ``(norm(x + residual), x + residual)``."""
-    if _use_triton(x, "triton_ops"):
-        impl = _triton_module("triton_ops").rms_norm
-    elif x.device.type == "cpu":
-        impl = cpu_ops.rms_norm
-    else:
-        impl = reference.rms_norm
+    impl = _impl("rms_norm", x, "triton_ops")
     return impl(x, weight, eps, residual)
 
 
@@ -164,21 +156,13 @@ def apply_rotary(
     cos_sin_cache: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding (Llama rotate_half layout) on new copies of ``q`` and ``k``."""
-    if _use_triton(q, "triton_ops"):
-        impl = _triton_module("triton_ops").apply_rotary
-    elif q.device.type == "cpu":
-        impl = cpu_ops.apply_rotary
-    else:
-        impl = reference.apply_rotary
+    impl = _impl("apply_rotary", q, "triton_ops")
     return impl(q, k, positions, cos_sin_cache)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for a fused gate/up projection of width ``2 * d``."""
-    if _use_triton(x, "triton_ops"):
-        impl = _triton_module("triton_ops").silu_and_mul
-    else:
-        impl = reference.silu_and_mul
+    impl = _impl("silu_and_mul", x, "triton_ops")
     return impl(x)
 
 
@@ -188,7 +172,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     CPU tensors take ATen's int8 kernel (activations rounded to bfloat16); there is no Triton
     version yet, so other devices dequantize through the reference.
     """
-    impl = cpu_ops.int8_linear if x.device.type == "cpu" else reference.int8_linear
+    impl = _impl("int8_linear", x)
     return impl(x, qweight, scale)
 
 
@@ -197,13 +181,13 @@ def int8_dynamic_linear(
 ) -> torch.Tensor:
     """`int8_linear` on activations rounded to int8 per row on the fly (an int8 x int8 GEMM).
     CPU only for now; other devices run the reference."""
-    impl = cpu_ops.int8_dynamic_linear if x.device.type == "cpu" else reference.int8_dynamic_linear
+    impl = _impl("int8_dynamic_linear", x)
     return impl(x, qweight, scale)
 
 
 def pack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """Lay out ``[out, in]`` 4-bit values (uint8 in [0, 15]) for `int4_linear` on their device."""
-    impl = cpu_ops.pack_int4 if qweight.device.type == "cpu" else reference.pack_int4
+    impl = _impl("pack_int4", qweight)
     return impl(qweight)
 
 
@@ -212,5 +196,5 @@ def int4_linear(
 ) -> torch.Tensor:
     """``x @ W.T`` with ``W = (q - 8) * scale + zero`` per group of inputs; ``packed`` must come
     from `pack_int4` on the same device. CPU only for now, like `int8_linear`."""
-    impl = cpu_ops.int4_linear if x.device.type == "cpu" else reference.int4_linear
+    impl = _impl("int4_linear", x)
     return impl(x, packed, scales_zeros, group_size)
