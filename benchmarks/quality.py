@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +76,6 @@ class Quality:
     config: str
     perplexity: float
     answers: list[str]
-    seconds: float
 
 
 @torch.inference_mode()
@@ -110,9 +108,8 @@ def answers(llm: LLM) -> list[str]:
 
 
 def evaluate(config: str, model: str) -> Quality:
-    t0 = time.perf_counter()
     llm = LLM(model, enable_prefix_caching=False, **CONFIGS[config])
-    return Quality(config, perplexity(llm, TEXT), answers(llm), time.perf_counter() - t0)
+    return Quality(config, perplexity(llm, TEXT), answers(llm))
 
 
 def correct(text: str, keyword: str) -> bool:

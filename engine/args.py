@@ -34,8 +34,8 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0
     # CPU intra-op threads for the forward pass; None keeps torch's default (every core).
-    # A server on a small machine should leave a core to its event loop and clients: an
-    # OpenMP region waits for its slowest thread, so one descheduled thread stalls every op.
+    # Set on the thread that builds the engine, which must be the one that steps it (OpenMP
+    # keeps one worker team per thread that runs parallel ops; see engine/async_llm.py).
     num_threads: int | None = None
 
     def __post_init__(self) -> None:

@@ -114,8 +114,7 @@ class CpuLinear(nn.Module):
             if quantization == "w8a8":  # its kernel applies the scales in float32
                 self.quantized = (self.quantized[0], self.quantized[1].float())
                 return
-            qweight, scale = self.quantized
-            weight = (qweight.float() * scale.float()[:, None]).to(weight.dtype)
+            weight = kernels.reference.dequantize_int8(*self.quantized).to(weight.dtype)
         elif quantization == "int4":
             q, scales_zeros = quantize_int4(weight)
             self.quantized = (kernels.pack_int4(q), scales_zeros)

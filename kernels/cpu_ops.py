@@ -145,13 +145,21 @@ def _compute_decode_slots(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     lens = context_lens.long()
     num_blocks = max(1, -(-int(lens.max()) // block_size))
-    # Table padding may hold anything; clamped, and masked below like any padding.
-    blocks = block_tables[:, :num_blocks].long().clamp(0, pool_blocks - 1)
-    offsets = torch.arange(block_size, device=blocks.device)
-    slots = (blocks[:, :, None] * block_size + offsets).view(len(blocks), -1)
+    slots = _table_slots(block_tables, num_blocks, pool_blocks, block_size)  # masked below
     valid = torch.arange(slots.shape[1], device=slots.device)[None, :] < lens[:, None]
     empty = lens == 0
     return torch.where(valid, slots, slots[:, :1]), valid, empty if bool(empty.any()) else None
+
+
+def _table_slots(
+    table: torch.Tensor, num_blocks: int, pool_blocks: int, block_size: int
+) -> torch.Tensor:
+    """Cache slots of the first ``num_blocks`` blocks of a block-table row (or of each row),
+    flattened per row. Table padding may hold anything, so ids are clamped into the pool;
+    callers mask or cut the slots past each context."""
+    blocks = table[..., :num_blocks].long().clamp(0, pool_blocks - 1)
+    offsets = torch.arange(block_size, device=blocks.device)
+    return (blocks[..., None] * block_size + offsets).flatten(-2)
 
 
 def paged_prefill_attention(
@@ -207,14 +215,12 @@ def _prefill_plans(
     ``[1, 1, group * n, T]`` mask of which of them each (folded) query row may see."""
     plans = []
     starts, lens = query_start_loc.tolist(), context_lens.tolist()
-    offsets = torch.arange(block_size, device=block_tables.device)
     for i, ctx in enumerate(lens):
         lo, hi = starts[i], starts[i + 1]
         if hi == lo:
             continue
         num_blocks = -(-ctx // block_size)
-        blocks = block_tables[i, :num_blocks].long().clamp(0, pool_blocks - 1)
-        slots = (blocks[:, None] * block_size + offsets).view(-1)[:ctx]
+        slots = _table_slots(block_tables[i], num_blocks, pool_blocks, block_size)[:ctx]
         query_pos = torch.arange(ctx - (hi - lo), ctx, device=slots.device)
         allowed = torch.arange(ctx, device=slots.device)[None, :] <= query_pos[:, None]
         plans.append((lo, hi, slots, allowed.repeat(group, 1)[None, None]))
@@ -260,20 +266,8 @@ def store_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """The reference's scatter, with the slot check (and its sync) done once per step."""
-    slots, keep = _store_memo.get((slot_mapping,), lambda: _store_slots(slot_mapping))
-    if keep is not None:
-        key, value = key[keep], value[keep]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
-
-
-def _store_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """int64 slots to write, and the mask of rows to keep (None when all are kept)."""
-    slots = slot_mapping.long()
-    keep = slots >= 0
-    if bool(keep.all()):
-        return slots, None
-    return slots[keep], keep
+    slots = _store_memo.get((slot_mapping,), lambda: reference.writable_slots(slot_mapping))
+    reference.write_kv(key, value, k_cache, v_cache, *slots)
 
 
 def rms_norm(

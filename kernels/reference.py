@@ -20,6 +20,7 @@ __all__ = [
     "apply_rotary",
     "build_rope_cache",
     "dequantize_int4",
+    "dequantize_int8",
     "int4_linear",
     "int8_dynamic_linear",
     "int8_linear",
@@ -29,6 +30,8 @@ __all__ = [
     "rms_norm",
     "silu_and_mul",
     "store_kv",
+    "writable_slots",
+    "write_kv",
 ]
 
 
@@ -132,10 +135,29 @@ def store_kv(
 
     Negative slots let the runner pad a batch (e.g. for CUDA graphs) without a scratch block.
     """
+    write_kv(key, value, k_cache, v_cache, *writable_slots(slot_mapping))
+
+
+def writable_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The int64 slots `store_kv` writes, and the mask of rows it keeps (None: all of them)."""
     slots = slot_mapping.long()
     keep = slots >= 0
-    if not bool(keep.all()):
-        slots, key, value = slots[keep], key[keep], value[keep]
+    if bool(keep.all()):
+        return slots, None
+    return slots[keep], keep
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    keep: torch.Tensor | None,
+) -> None:
+    """`store_kv` once its slots are known (see `writable_slots`)."""
+    if keep is not None:
+        key, value = key[keep], value[keep]
     # One flat row per slot: index_copy_ on a view is several times faster than
     # two-index advanced assignment into the 4-D pool.
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
@@ -242,8 +264,12 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     ``qweight`` is ``[out, in]`` int8 and ``scale`` ``[out]``; computed in float32, returned in
     ``x.dtype``.
     """
-    weight = qweight.float() * scale.float()[:, None]
-    return F.linear(x.float(), weight).to(x.dtype)
+    return F.linear(x.float(), dequantize_int8(qweight, scale)).to(x.dtype)
+
+
+def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``qweight * scale[:, None]``; see `int8_linear`."""
+    return qweight.float() * scale.float()[:, None]
 
 
 def quantize_rows_int8(

@@ -22,8 +22,7 @@ def _weights(n=96, k=64, bias=True):
 def _held_weight(layer: CpuLinear) -> torch.Tensor:
     """The float32 weight the layer actually computes with, after its rounding."""
     if layer.quantization == "w8a8":
-        qweight, scale = layer.quantized
-        return qweight.float() * scale.float()[:, None]
+        return reference.dequantize_int8(*layer.quantized)
     return layer.weight_t.t()
 
 
