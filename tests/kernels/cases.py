@@ -44,6 +44,22 @@ class PagedBatch:
     q: torch.Tensor
     scale: float
 
+    def decode_args(self) -> tuple:
+        """Positional arguments of every ``paged_decode_attention``."""
+        return self.q, self.k_cache, self.v_cache, self.block_tables, self.context_lens, self.scale
+
+    def prefill_args(self) -> tuple:
+        """Positional arguments of every ``paged_prefill_attention``."""
+        return (
+            self.q,
+            self.k_cache,
+            self.v_cache,
+            self.block_tables,
+            self.query_start_loc,
+            self.context_lens,
+            self.scale,
+        )
+
 
 def make_paged_batch(
     context_lens: list[int],
@@ -116,21 +132,11 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def reference_decode(batch: PagedBatch) -> torch.Tensor:
-    return reference.paged_decode_attention(
-        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.context_lens, batch.scale
-    )
+    return reference.paged_decode_attention(*batch.decode_args())
 
 
 def reference_prefill(batch: PagedBatch) -> torch.Tensor:
-    return reference.paged_prefill_attention(
-        batch.q,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.query_start_loc,
-        batch.context_lens,
-        batch.scale,
-    )
+    return reference.paged_prefill_attention(*batch.prefill_args())
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:

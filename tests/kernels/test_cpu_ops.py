@@ -25,9 +25,7 @@ from tests.kernels.cases import (
 
 
 def run_decode(batch) -> torch.Tensor:
-    return cpu_ops.paged_decode_attention(
-        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.context_lens, batch.scale
-    )
+    return cpu_ops.paged_decode_attention(*batch.decode_args())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -125,15 +123,7 @@ def test_store_kv_matches_the_reference_and_skips_negative_slots(cache_dtype):
 
 
 def run_prefill(batch) -> torch.Tensor:
-    return cpu_ops.paged_prefill_attention(
-        batch.q,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.query_start_loc,
-        batch.context_lens,
-        batch.scale,
-    )
+    return cpu_ops.paged_prefill_attention(*batch.prefill_args())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -30,9 +30,7 @@ def test_decode_reference_matches_float64(num_heads, num_kv_heads):
     batch = make_paged_batch(
         [1, 16, 37, 70], [1, 1, 1, 1], num_heads, num_kv_heads, 32, 16, torch.float32, "cpu"
     )
-    out = reference.paged_decode_attention(
-        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.context_lens, batch.scale
-    )
+    out = reference.paged_decode_attention(*batch.decode_args())
     assert out.dtype == batch.q.dtype
     assert relative_error(out, naive_attention(batch)) < 1e-5
 
@@ -43,15 +41,7 @@ def test_prefill_reference_matches_float64(num_heads, num_kv_heads):
     batch = make_paged_batch(
         [20, 45, 33, 9], [20, 13, 1, 4], num_heads, num_kv_heads, 32, 16, torch.float32, "cpu"
     )
-    out = reference.paged_prefill_attention(
-        batch.q,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.query_start_loc,
-        batch.context_lens,
-        batch.scale,
-    )
+    out = reference.paged_prefill_attention(*batch.prefill_args())
     assert relative_error(out, naive_attention(batch)) < 1e-5
 
 

@@ -29,14 +29,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def run_decode(batch: PagedBatch, num_splits: int | None) -> torch.Tensor:
     out = torch.full_like(batch.q, float("nan"))
     result = triton_attention.paged_decode_attention(
-        batch.q,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.context_lens,
-        batch.scale,
-        out=out,
-        num_splits=num_splits,
+        *batch.decode_args(), out=out, num_splits=num_splits
     )
     assert result is out
     return out
@@ -44,16 +37,7 @@ def run_decode(batch: PagedBatch, num_splits: int | None) -> torch.Tensor:
 
 def run_prefill(batch: PagedBatch) -> torch.Tensor:
     out = torch.full_like(batch.q, float("nan"))
-    triton_attention.paged_prefill_attention(
-        batch.q,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.query_start_loc,
-        batch.context_lens,
-        batch.scale,
-        out=out,
-    )
+    triton_attention.paged_prefill_attention(*batch.prefill_args(), out=out)
     return out
 
 
