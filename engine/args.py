@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.compilation import COMPILE_MODES
 from engine.linear import QUANTIZATIONS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,6 +24,10 @@ class EngineArgs:
     # "auto": bfloat16 on CPU when dtype is also "auto" (it halves the bytes decode attention
     # gathers every layer), else the model's dtype.
     kv_cache_dtype: str = "auto"
+    # torch.compile of the layers' dense blocks (engine/compilation.py), CPU only. "auto":
+    # "background" on CPU when dtype is also "auto" (serve eagerly at once, switch to the
+    # compiled blocks when built), else "off"; "on" compiles before taking requests.
+    compile: str = "auto"
     device: str = "auto"  # "auto": CUDA when available
     block_size: int = 16
     kv_cache_memory_gib: float | None = None  # CPU KV budget; default 2 GiB
@@ -52,6 +57,10 @@ class EngineArgs:
             raise ValueError(
                 f"quantization must be 'auto' or one of {list(QUANTIZATIONS)}, "
                 f"got {self.quantization!r}"
+            )
+        if self.compile not in ("auto", *COMPILE_MODES):
+            raise ValueError(
+                f"compile must be 'auto' or one of {list(COMPILE_MODES)}, got {self.compile!r}"
             )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
@@ -85,6 +94,11 @@ class EngineArgs:
         if self.quantization == "auto":
             return "w8a8" if self._fast_cpu_defaults(device) else "none"
         return self.quantization
+
+    def resolve_compile(self, device: torch.device) -> str:
+        if self.compile == "auto":
+            return "background" if self._fast_cpu_defaults(device) else "off"
+        return self.compile
 
     def resolve_kv_cache_dtype(self, device: torch.device) -> torch.dtype:
         if self.kv_cache_dtype == "auto":

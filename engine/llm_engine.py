@@ -14,6 +14,7 @@ import torch
 from engine.args import EngineArgs
 from engine.block_manager import BlockManager
 from engine.calibration import calibration_token_ids, linear_input_absmax
+from engine.compilation import BackgroundCompile, compile_dense_blocks
 from engine.errors import ContextLengthExceededError
 from engine.linear import use_cpu_linears
 from engine.loader import load_model
@@ -52,6 +53,14 @@ class LLMEngine:
         elif self.quantization != "none":
             raise ValueError(f"quantization={self.quantization!r} is only implemented on CPU")
         del loaded
+        self.compile_mode = args.resolve_compile(self.device)
+        if self.compile_mode != "off" and self.device.type != "cpu":
+            raise ValueError(f"compile={self.compile_mode!r} is only implemented on CPU")
+        self.background_compile: BackgroundCompile | None = None
+        if self.compile_mode == "on":
+            model.dense_blocks = compile_dense_blocks(model)
+        elif self.compile_mode == "background":
+            self.background_compile = BackgroundCompile(model, torch.get_num_threads())
         self.max_model_len = min(
             args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
         )
@@ -78,11 +87,12 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         log.info(
-            "loaded %s (%s, %s%s on %s) in %.1fs; KV cache: %d blocks x %d = %d tokens (%s)",
+            "loaded %s (%s, %s%s%s on %s) in %.1fs; KV cache: %d blocks x %d = %d tokens (%s)",
             args.model,
             cfg.architecture,
             str(self.dtype).removeprefix("torch."),
             "" if self.quantization == "none" else f" + {self.quantization} weights",
+            "" if self.compile_mode == "off" else f", compile {self.compile_mode}",
             self.device,
             time.perf_counter() - t0,
             num_blocks,
@@ -246,4 +256,11 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            compile_state=self.compile_state,
         )
+
+    @property
+    def compile_state(self) -> str:
+        if self.background_compile is not None:
+            return self.background_compile.state
+        return "ready" if self.compile_mode == "on" else "off"

@@ -8,6 +8,7 @@ so a layer is four matmuls instead of seven.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,13 +67,15 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        qkv: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
         rope_cache: torch.Tensor,
     ) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        """From the fused q/k/v projection to the attention output, before `o_proj`: the part
+        of a layer that touches the paged cache (see `DenseBlocks` for the rest)."""
+        n = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
@@ -81,7 +84,7 @@ class Attention(nn.Module):
             k = self.k_norm(k)
         q, k = kernels.apply_rotary(q, k, positions, rope_cache)
         kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return self.o_proj(self._attend(q, meta).reshape(n, self.q_size))
+        return self._attend(q, meta).reshape(n, self.q_size)
 
     def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if meta.parts is not None:
@@ -121,15 +124,41 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, positions, meta, rope_cache):
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, meta, rope_cache)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+    def forward(self, x, residual, positions, meta, rope_cache, blocks: DenseBlocks):
+        qkv, residual = blocks.attention_input(self, x, residual)
+        attn = self.self_attn(qkv, positions, meta, rope_cache)
+        return blocks.attention_output_and_mlp(self, attn, residual)
+
+
+def attention_input(
+    layer: DecoderLayer, x: torch.Tensor, residual: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the residual, normalise, project to q/k/v. Returns (qkv, new residual)."""
+    x, residual = layer.input_layernorm(x, residual)
+    return layer.self_attn.qkv_proj(x), residual
+
+
+def attention_output_and_mlp(
+    layer: DecoderLayer, attn: torch.Tensor, residual: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output projection, residual add and norm, then the MLP. Returns (out, new residual)."""
+    x, residual = layer.post_attention_layernorm(layer.self_attn.o_proj(attn), residual)
+    return layer.mlp(x), residual
+
+
+@dataclass(frozen=True)
+class DenseBlocks:
+    """The two stretches of a decoder layer that never touch the paged cache, as swappable
+    functions of (layer, activations, residual): everything but attention itself.
+
+    On CPU they are where eager mode's per-op overhead goes (quantize, GEMM, dequantize,
+    norms, activation), so engine/compilation.py can replace them with compiled versions;
+    the model reads them once per forward, so a step never mixes the two.
+    """
+
+    attention_input: Callable = attention_input
+    attention_output_and_mlp: Callable = attention_output_and_mlp
+    compiled: bool = False
 
 
 class CausalLM(nn.Module):
@@ -149,14 +178,18 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("rope_cache", torch.empty(0), persistent=False)
+        self.dense_blocks = DenseBlocks()
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        residual = None
+        # A zero residual lets the first layer take the same fused add-and-norm as the others
+        # (x + 0 is exact), so one compiled block serves every layer.
+        residual = torch.zeros_like(x)
+        blocks = self.dense_blocks
         for layer in self.layers:
-            x, residual = layer(x, residual, positions, meta, self.rope_cache)
+            x, residual = layer(x, residual, positions, meta, self.rope_cache, blocks)
         x, _ = self.norm(x, residual)
         return x
 

@@ -49,3 +49,5 @@ class EngineStats:
     num_preemptions: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    # torch.compile of the dense blocks: "off", "compiling" (eager meanwhile), "ready", "failed"
+    compile_state: str = "off"

@@ -67,11 +67,11 @@ def _use_triton(t: torch.Tensor, module: str) -> bool:
     The second condition matters when a process imported the kernels compiled for a GPU and only
     later set ``TRITON_INTERPRET``: compiled kernels cannot take CPU tensors, so we fall back.
     """
-    if not triton_available():
-        return False
     if t.is_cuda:
-        return True
-    if not interpret_requested():
+        return triton_available()
+    # The environment first: a plain CPU call then never reaches the cached lookup, which
+    # torch.compile (engine/compilation.py) would warn about when it traces through.
+    if not interpret_requested() or not triton_available():
         return False
     return bool(_triton_module(module).INTERPRETED)
 

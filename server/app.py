@@ -120,10 +120,12 @@ async def get_model(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """200 while serving; 503 once draining, so load balancers stop sending traffic."""
-    if _state(request).admission.draining:
+    """200 while serving; 503 once draining, so load balancers stop sending traffic. `compile`
+    says whether the engine runs compiled blocks yet ("compiling" while it serves eagerly)."""
+    state = _state(request)
+    if state.admission.draining:
         return JSONResponse({"status": "shutting down"}, status_code=503)
-    return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ok", "compile": state.engine.stats().compile_state})
 
 
 async def metrics(request: Request) -> Response:

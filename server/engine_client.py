@@ -34,6 +34,7 @@ class EngineStatsLike(Protocol):
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    compile_state: str
 
 
 class EngineClient(Protocol):

@@ -15,12 +15,14 @@ def test_cpu_defaults_are_the_fast_path():
     assert args.resolve_dtype(CPU) == torch.float32
     assert args.resolve_quantization(CPU) == "w8a8"
     assert args.resolve_kv_cache_dtype(CPU) == torch.bfloat16
+    assert args.resolve_compile(CPU) == "background"
 
 
 def test_an_explicit_dtype_keeps_the_exact_model():
     args = EngineArgs(dtype="float32")
     assert args.resolve_quantization(CPU) == "none"
     assert args.resolve_kv_cache_dtype(CPU) == torch.float32
+    assert args.resolve_compile(CPU) == "off"
 
 
 def test_cuda_defaults_quantize_nothing():
@@ -28,16 +30,21 @@ def test_cuda_defaults_quantize_nothing():
     assert args.resolve_dtype(CUDA) == torch.bfloat16
     assert args.resolve_quantization(CUDA) == "none"
     assert args.resolve_kv_cache_dtype(CUDA) == torch.bfloat16
+    assert args.resolve_compile(CUDA) == "off"
 
 
 def test_explicit_choices_win():
-    args = EngineArgs(dtype="float32", quantization="int4", kv_cache_dtype="float16")
+    args = EngineArgs(
+        dtype="float32", quantization="int4", kv_cache_dtype="float16", compile="on"
+    )
     assert args.resolve_quantization(CPU) == "int4"
     assert args.resolve_kv_cache_dtype(CPU) == torch.float16
+    assert args.resolve_compile(CPU) == "on"
 
 
 @pytest.mark.parametrize(
-    "field,value", [("quantization", "int3"), ("kv_cache_dtype", "fp8"), ("dtype", "double")]
+    "field,value",
+    [("quantization", "int3"), ("kv_cache_dtype", "fp8"), ("dtype", "double"), ("compile", "yes")],
 )
 def test_bad_values_are_rejected_with_the_field_name(field, value):
     with pytest.raises(ValueError, match=field):
@@ -48,13 +55,11 @@ def test_server_flags_reach_the_engine_args():
     from engine.serve import build_parser, engine_args
 
     args = build_parser().parse_args(
-        ["--quantization", "int8", "--kv-cache-dtype", "float32", "--num-threads", "1"]
+        ["--quantization", "int8", "--kv-cache-dtype", "float32", "--num-threads", "1",
+         "--compile", "off"]
     )
     options = engine_args(args)
-    assert (options.quantization, options.kv_cache_dtype, options.num_threads) == (
-        "int8",
-        "float32",
-        1,
-    )
+    chosen = (options.quantization, options.kv_cache_dtype, options.num_threads, options.compile)
+    assert chosen == ("int8", "float32", 1, "off")
     defaults = engine_args(build_parser().parse_args([]))
-    assert (defaults.quantization, defaults.kv_cache_dtype) == ("auto", "auto")
+    assert (defaults.quantization, defaults.kv_cache_dtype, defaults.compile) == ("auto",) * 3

@@ -24,10 +24,10 @@ def tiny_path(tiny_model_dir):
 def test_streamed_deltas_equal_offline_output(tiny_path):
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, n=2, logprobs=2)
     prompts = [_prompt(n, i) for i, n in enumerate([9, 30, 3])]
-    offline = LLM(tiny_path, device="cpu").generate(prompts, params)
+    offline = LLM(tiny_path, device="cpu", compile="off").generate(prompts, params)
 
     async def stream_all():
-        engine = AsyncLLM(model=tiny_path, device="cpu")
+        engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
 
         async def one(i, prompt):
             tokens: dict[int, list[int]] = {0: [], 1: []}
@@ -53,7 +53,7 @@ def test_streamed_deltas_equal_offline_output(tiny_path):
 
 def test_abort_and_closed_streams_free_blocks(tiny_path):
     async def run():
-        engine = AsyncLLM(model=tiny_path, device="cpu", num_kv_blocks=64)
+        engine = AsyncLLM(model=tiny_path, device="cpu", num_kv_blocks=64, compile="off")
         bm = engine.engine.block_manager
         params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
         try:
@@ -85,7 +85,7 @@ def test_abort_and_closed_streams_free_blocks(tiny_path):
 
 def test_engine_failure_reaches_the_caller(tiny_path, monkeypatch):
     async def run():
-        engine = AsyncLLM(model=tiny_path, device="cpu")
+        engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
 
         def boom(*args, **kwargs):
             raise RuntimeError("kernel exploded")
@@ -104,7 +104,7 @@ def test_engine_failure_reaches_the_caller(tiny_path, monkeypatch):
 
 def test_bad_requests_raise_value_error(tiny_path):
     async def run():
-        engine = AsyncLLM(model=tiny_path, device="cpu")
+        engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
         try:
             with pytest.raises(ValueError, match="maximum context length"):
                 async for _ in engine.generate([1] * 500, SamplingParams(max_tokens=100), "y"):
@@ -139,7 +139,7 @@ def test_engine_is_built_and_stepped_on_its_own_thread(tiny_path, monkeypatch):
     monkeypatch.setattr(llm_engine.LLMEngine, "step", step)
 
     async def run():
-        engine = AsyncLLM(model=tiny_path, device="cpu")
+        engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
         try:
             async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=2), "t"):
                 pass
@@ -152,4 +152,4 @@ def test_engine_is_built_and_stepped_on_its_own_thread(tiny_path, monkeypatch):
 
 def test_a_load_error_reaches_the_caller(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError)):
-        AsyncLLM(model=str(tmp_path / "no-such-model"), device="cpu")
+        AsyncLLM(model=str(tmp_path / "no-such-model"), device="cpu", compile="off")

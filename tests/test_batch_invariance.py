@@ -1,22 +1,28 @@
 """The default CPU mode is batch-invariant: a request's tokens and logprobs are bit-identical
 whether it runs alone or shares every step with other requests' prefill chunks and decodes
 (int8 GEMMs are exact, every other op is per row, and decode rows of a mixed step still take
-the decode kernel)."""
+the decode kernel). This holds for the eager and for the compiled dense blocks."""
 
 from __future__ import annotations
+
+import pytest
 
 from engine import LLM, SamplingParams
 
 
-def test_a_request_computes_the_same_alone_and_in_a_busy_mixed_batch(tiny_model_dir):
+@pytest.mark.parametrize("compile_mode", ["off", "on"])
+def test_a_request_computes_the_same_alone_and_in_a_busy_mixed_batch(
+    tiny_model_dir, compile_mode
+):
     path = tiny_model_dir("llama")
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     prompt = list(range(5, 25))
-    alone = LLM(path, device="cpu").generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    solo = LLM(path, device="cpu", compile=compile_mode)
+    alone = solo.generate(prompt, params, use_tqdm=False)[0].outputs[0]
 
     # A small token budget chunks the long prompts behind it across the request's decode
     # steps, so nearly every step mixes decode rows with prefill rows.
-    llm = LLM(path, device="cpu", max_num_batched_tokens=24)
+    llm = LLM(path, device="cpu", max_num_batched_tokens=24, compile=compile_mode)
     assert llm.engine.quantization == "w8a8"
     others = [list(range(100 + 7 * i, 190 + 7 * i)) for i in range(4)]
     busy = llm.generate([prompt, *others], params, use_tqdm=False)[0].outputs[0]

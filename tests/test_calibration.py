@@ -41,7 +41,7 @@ def test_absmax_covers_every_linear_with_its_true_input_maximum(tiny_model_dir):
 
 
 def test_default_cpu_engine_is_calibrated_w8a8(tiny_model_dir):
-    llm = LLM(tiny_model_dir("llama"), device="cpu")
+    llm = LLM(tiny_model_dir("llama"), device="cpu", compile="off")
     assert llm.engine.quantization == "w8a8"
     layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, CpuLinear)]
     assert layers and all(m.input_scale is not None for m in layers)

@@ -19,7 +19,7 @@ def _refusing(url: str) -> bool:
 
 
 def test_sigterm_drains_in_flight_streams_then_exits():
-    server = start_server("--shutdown-timeout", "60")
+    server = start_server("--shutdown-timeout", "60", "--compile", "off")
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         stream = client.chat.completions.create(

@@ -1,0 +1,126 @@
+"""Compiled dense blocks (engine/compilation.py): the same function as the eager blocks, per-row
+results independent of the row count, and the background mode's switch and failure path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine.compilation
+from engine import LLM, SamplingParams
+from engine.compilation import compile_dense_blocks, warm_up_rows
+from engine.model import DenseBlocks
+
+
+@pytest.fixture(scope="module", params=["w8a8", "int8"])
+def eager_and_compiled(request, tiny_model_dir):
+    """A tiny model's layers with eager blocks, and compiled ones for the same weights. int8
+    switches kernels at 12 rows, so its compiled blocks take an extra graph."""
+    llm = LLM(tiny_model_dir("llama"), device="cpu", quantization=request.param, compile="off")
+    model = llm.engine.runner.model
+    return model, compile_dense_blocks(model)
+
+
+def _run(blocks: DenseBlocks, layer, x, residual, attn):
+    with torch.inference_mode():
+        qkv, res1 = blocks.attention_input(layer, x, residual)
+        out, res2 = blocks.attention_output_and_mlp(layer, attn, residual)
+    return qkv, res1, out, res2
+
+
+def _inputs(model, rows: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    hidden = cfg.hidden_size
+    attn = cfg.num_attention_heads * cfg.head_dim
+    return (
+        torch.randn(rows, hidden, generator=g),
+        torch.randn(rows, hidden, generator=g),
+        torch.randn(rows, attn, generator=g),
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 3, 12, 13, 40])
+def test_compiled_blocks_compute_what_the_eager_ones_do(eager_and_compiled, rows):
+    model, compiled = eager_and_compiled
+    assert compiled.compiled and not model.dense_blocks.compiled
+    for i, layer in enumerate(model.layers):
+        inputs = _inputs(model, rows, seed=rows * 100 + i)
+        want = _run(model.dense_blocks, layer, *inputs)
+        got = _run(compiled, layer, *inputs)
+        for w, g in zip(want, got, strict=True):
+            assert g.shape == w.shape and torch.isfinite(g).all()
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_rows_do_not_depend_on_the_row_count(eager_and_compiled):
+    """Within one kernel's row range (int8 switches kernels past 12 rows, by design), and
+    across Dynamo's one-row specialisation."""
+    model, compiled = eager_and_compiled
+    layer = model.layers[0]
+    limit = layer.mlp.down_proj.max_weight_only_rows  # 0: one kernel for every row count
+    x, residual, attn = _inputs(model, 40, seed=7)
+
+    def first(rows: int):
+        return _run(compiled, layer, x[:rows], residual[:rows], attn[:rows])
+
+    # Row counts that take the same kernels; each is checked against the first of its group.
+    groups = [(40, 13, 2, 1)] if limit == 0 else [(40, 13), (limit, 2, 1)]
+    for full_rows, *others in groups:
+        full = first(full_rows)
+        for rows in others:
+            for p, f in zip(first(rows), full, strict=True):
+                assert torch.equal(p, f[:rows])
+
+
+def test_warm_up_reaches_every_row_count_threshold(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    assert warm_up_rows(LLM(path, device="cpu", compile="off").engine.runner.model) == [1, 2]
+    int8 = LLM(path, device="cpu", quantization="int8", compile="off").engine.runner.model
+    assert warm_up_rows(int8) == [1, 2, 13]
+
+
+def test_background_compile_serves_meanwhile_then_switches(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [list(range(5, 25)), list(range(40, 47))]
+    llm = LLM(path, device="cpu", compile="background")
+    compile_job = llm.engine.background_compile
+    assert compile_job is not None
+    # Requests are served whatever the compile's progress.
+    during = llm.generate(prompts, params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in during)
+    assert compile_job.wait(timeout=600)
+    assert compile_job.state == "ready" and llm.engine.stats().compile_state == "ready"
+    assert llm.engine.runner.model.dense_blocks.compiled
+    # Once switched it computes exactly what an engine compiled before serving does.
+    after = llm.generate(prompts, params, use_tqdm=False)
+    blocking = LLM(path, device="cpu", compile="on")
+    assert blocking.engine.stats().compile_state == "ready"
+    want = blocking.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in after] == [o.outputs[0].token_ids for o in want]
+
+
+def _no_compiler(model):
+    raise RuntimeError("no C++ compiler found\nlong details")
+
+
+def test_a_failed_background_compile_is_reported_and_serving_goes_on(
+    tiny_model_dir, monkeypatch, caplog
+):
+    monkeypatch.setattr(engine.compilation, "compile_dense_blocks", _no_compiler)
+    llm = LLM(tiny_model_dir("llama"), device="cpu", compile="background")
+    job = llm.engine.background_compile
+    assert job.wait(timeout=60)
+    assert job.state == "failed" and llm.engine.stats().compile_state == "failed"
+    assert job.error == "RuntimeError: no C++ compiler found"
+    assert "torch.compile failed" in caplog.text
+    assert not llm.engine.runner.model.dense_blocks.compiled
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    assert len(llm.generate([5, 6, 7], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+
+
+def test_compile_on_fails_loudly(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr("engine.llm_engine.compile_dense_blocks", _no_compiler)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        LLM(tiny_model_dir("llama"), device="cpu", compile="on")
