@@ -55,11 +55,12 @@ def compile_dense_blocks(model: CausalLM) -> DenseBlocks:
             x = torch.randn(rows, cfg.hidden_size, dtype=dtype)
             residual = torch.randn(rows, cfg.hidden_size, dtype=dtype)
             attn = torch.randn(rows, cfg.num_attention_heads * cfg.head_dim, dtype=dtype)
+            positions = torch.randint(0, model.rope_cache.shape[0], (rows,))
             if rows > 1:  # compile the row count as a symbol straight away
-                for t in (x, residual, attn):
+                for t in (x, residual, attn, positions):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
             for layer in model.layers:
-                blocks.attention_input(layer, x, residual)
+                blocks.attention_input(layer, x, residual, positions, model.rope_cache)
                 blocks.attention_output_and_mlp(layer, attn, residual)
     return blocks
 

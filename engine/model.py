@@ -65,17 +65,12 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(
-        self,
-        qkv: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        rope_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        """From the fused q/k/v projection to the attention output, before `o_proj`: the part
-        of a layer that touches the paged cache (see `DenseBlocks` for the rest)."""
-        n = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def project(
+        self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Heads of q, k (both rotated) and v for normalised hidden states."""
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
@@ -83,8 +78,15 @@ class Attention(nn.Module):
             q = self.q_norm(q)
             k = self.k_norm(k)
         q, k = kernels.apply_rotary(q, k, positions, rope_cache)
+        return q, k, v
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Store the new K/V and attend: the part of a layer that touches the paged cache
+        (see `DenseBlocks` for the rest). Returns the heads flattened, before `o_proj`."""
         kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return self._attend(q, meta).reshape(n, self.q_size)
+        return self._attend(q, meta).reshape(q.shape[0], self.q_size)
 
     def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if meta.parts is not None:
@@ -125,17 +127,21 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, residual, positions, meta, rope_cache, blocks: DenseBlocks):
-        qkv, residual = blocks.attention_input(self, x, residual)
-        attn = self.self_attn(qkv, positions, meta, rope_cache)
+        q, k, v, residual = blocks.attention_input(self, x, residual, positions, rope_cache)
+        attn = self.self_attn(q, k, v, meta)
         return blocks.attention_output_and_mlp(self, attn, residual)
 
 
 def attention_input(
-    layer: DecoderLayer, x: torch.Tensor, residual: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add the residual, normalise, project to q/k/v. Returns (qkv, new residual)."""
+    layer: DecoderLayer,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    positions: torch.Tensor,
+    rope_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Add the residual, normalise, project to heads, rotate. Returns (q, k, v, residual)."""
     x, residual = layer.input_layernorm(x, residual)
-    return layer.self_attn.qkv_proj(x), residual
+    return *layer.self_attn.project(x, positions, rope_cache), residual
 
 
 def attention_output_and_mlp(
@@ -149,7 +155,7 @@ def attention_output_and_mlp(
 @dataclass(frozen=True)
 class DenseBlocks:
     """The two stretches of a decoder layer that never touch the paged cache, as swappable
-    functions of (layer, activations, residual): everything but attention itself.
+    functions of (layer, activations, residual, ...): everything but attention itself.
 
     On CPU they are where eager mode's per-op overhead goes (quantize, GEMM, dequantize,
     norms, activation), so engine/compilation.py can replace them with compiled versions;

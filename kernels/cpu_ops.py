@@ -237,11 +237,16 @@ def apply_rotary(
 
     ``rotate_half(x) * sin`` equals ``roll(x, d/2) * [-sin, sin]`` exactly (only signs move),
     so each tensor takes four ops; the cos and signed-sin rows are gathered on a step's first
-    layer and reused by the others.
+    layer and reused by the others. Under torch.compile the gather is traced instead: the
+    compiled graph fuses it into the rotation, and a memo cannot live in a graph.
     """
-    cos, sin = _rope_memo.get(
-        (positions, cos_sin_cache, q.dtype), lambda: _rope_rows(positions, cos_sin_cache, q.dtype)
-    )
+    if torch.compiler.is_compiling():
+        cos, sin = _rope_rows(positions, cos_sin_cache, q.dtype)
+    else:
+        cos, sin = _rope_memo.get(
+            (positions, cos_sin_cache, q.dtype),
+            lambda: _rope_rows(positions, cos_sin_cache, q.dtype),
+        )
     half = cos_sin_cache.shape[-1] // 2
     return (
         q * cos + torch.roll(q, half, dims=-1) * sin,

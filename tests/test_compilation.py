@@ -21,11 +21,11 @@ def eager_and_compiled(request, tiny_model_dir):
     return model, compile_dense_blocks(model)
 
 
-def _run(blocks: DenseBlocks, layer, x, residual, attn):
+def _run(model, blocks: DenseBlocks, layer, x, residual, positions, attn):
     with torch.inference_mode():
-        qkv, res1 = blocks.attention_input(layer, x, residual)
-        out, res2 = blocks.attention_output_and_mlp(layer, attn, residual)
-    return qkv, res1, out, res2
+        outputs = blocks.attention_input(layer, x, residual, positions, model.rope_cache)
+        outputs += blocks.attention_output_and_mlp(layer, attn, residual)
+    return outputs  # q, k, v, residual, mlp output, residual
 
 
 def _inputs(model, rows: int, seed: int):
@@ -36,6 +36,7 @@ def _inputs(model, rows: int, seed: int):
     return (
         torch.randn(rows, hidden, generator=g),
         torch.randn(rows, hidden, generator=g),
+        torch.randint(0, cfg.max_position_embeddings, (rows,), generator=g),
         torch.randn(rows, attn, generator=g),
     )
 
@@ -46,8 +47,8 @@ def test_compiled_blocks_compute_what_the_eager_ones_do(eager_and_compiled, rows
     assert compiled.compiled and not model.dense_blocks.compiled
     for i, layer in enumerate(model.layers):
         inputs = _inputs(model, rows, seed=rows * 100 + i)
-        want = _run(model.dense_blocks, layer, *inputs)
-        got = _run(compiled, layer, *inputs)
+        want = _run(model, model.dense_blocks, layer, *inputs)
+        got = _run(model, compiled, layer, *inputs)
         for w, g in zip(want, got, strict=True):
             assert g.shape == w.shape and torch.isfinite(g).all()
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
@@ -59,10 +60,10 @@ def test_compiled_rows_do_not_depend_on_the_row_count(eager_and_compiled):
     model, compiled = eager_and_compiled
     layer = model.layers[0]
     limit = layer.mlp.down_proj.max_weight_only_rows  # 0: one kernel for every row count
-    x, residual, attn = _inputs(model, 40, seed=7)
+    inputs = _inputs(model, 40, seed=7)
 
     def first(rows: int):
-        return _run(compiled, layer, x[:rows], residual[:rows], attn[:rows])
+        return _run(model, compiled, layer, *(t[:rows] for t in inputs))
 
     # Row counts that take the same kernels; each is checked against the first of its group.
     groups = [(40, 13, 2, 1)] if limit == 0 else [(40, 13), (limit, 2, 1)]
