@@ -45,6 +45,9 @@ def compile_dense_blocks(model: CausalLM) -> DenseBlocks:
     """Compiled versions of the model's dense blocks, every graph built and run once."""
     import torch._dynamo  # a second of import: only when compiling
 
+    # Dynamo keeps its graphs per code object, and every model compiled in this process adds
+    # up to three per block: past the default limit of 8 it would silently run eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     blocks = DenseBlocks(
         torch.compile(attention_input), torch.compile(attention_output_and_mlp), compiled=True
     )
