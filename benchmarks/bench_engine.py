@@ -112,6 +112,7 @@ def main() -> None:
     args = ap.parse_args()
 
     llm = LLM(args.model, dtype=args.dtype)
+    llm.engine.wait_for_compile()
     tok = llm.tokenizer
     all_prompts = [tok.encode_chat(c) for c in chats(max(args.concurrency))]
     hf = None

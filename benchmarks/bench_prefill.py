@@ -27,6 +27,7 @@ def main() -> None:
     args = p.parse_args()
     options = dict(o.split("=", 1) for o in args.option)
     llm = LLM(args.model, enable_prefix_caching=False, **options)
+    llm.engine.wait_for_compile()
     rng = random.Random(0)
     vocab = llm.engine.model_config.vocab_size
     print("| prompt tokens | best ms | tok/s |")

@@ -31,6 +31,7 @@ def main() -> None:
     args = ap.parse_args()
 
     llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads)
+    llm.engine.wait_for_compile()
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=args.steps + 1, ignore_eos=True)
     for i in range(args.batch):

@@ -259,6 +259,13 @@ class LLMEngine:
             compile_state=self.compile_state,
         )
 
+    def wait_for_compile(self, timeout: float | None = None) -> str:
+        """Block until a background compile has finished (benchmarks measure the steady
+        state); returns `compile_state`."""
+        if self.background_compile is not None:
+            self.background_compile.wait(timeout)
+        return self.compile_state
+
     @property
     def compile_state(self) -> str:
         if self.background_compile is not None:

@@ -91,7 +91,7 @@ def test_background_compile_serves_meanwhile_then_switches(tiny_model_dir):
     # Requests are served whatever the compile's progress.
     during = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 8 for o in during)
-    assert compile_job.wait(timeout=600)
+    assert llm.engine.wait_for_compile(timeout=600) == "ready"
     assert compile_job.state == "ready" and llm.engine.stats().compile_state == "ready"
     assert llm.engine.runner.model.dense_blocks.compiled
     # Once switched it computes exactly what an engine compiled before serving does.
