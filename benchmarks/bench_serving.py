@@ -143,14 +143,24 @@ def _wait_ready(name: str, process: subprocess.Popen, url: str, timeout: float, 
                                f"\n{_log_tail(log)}")
         with contextlib.suppress(httpx.HTTPError):
             health = httpx.get(f"{url}/health", timeout=5)
-            if health.status_code == 200 and health.json().get("compile") != "compiling":
-                if health.json().get("compile") == "failed":
+            state = _compile_state(health)
+            if health.status_code == 200 and state != "compiling":
+                if state == "failed":
                     print(f"warning: {name}'s compile failed; measuring eager mode",
                           file=sys.stderr)
                 return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name} was not ready after {timeout:.0f} s:\n{_log_tail(log)}")
         time.sleep(0.5)
+
+
+def _compile_state(health: httpx.Response) -> str | None:
+    """tokenmill's /health says how far its background compile is; other servers' don't."""
+    try:
+        body = health.json()
+    except ValueError:
+        return None
+    return body.get("compile") if isinstance(body, dict) else None
 
 
 def _stop(process: subprocess.Popen) -> None:

@@ -30,6 +30,21 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Ok).serve_forever()
 """
 
 
+_COMPILING_SERVER = """
+import http.server, json, sys
+answers = iter(["compiling"] * 3)
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"status": "ok", "compile": next(answers, "ready")}).encode()
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
 def test_prompts_are_distinct_and_about_130_tokens():
     from engine.loader import resolve_model
     from engine.loader.gguf import read_gguf
@@ -94,6 +109,13 @@ def test_server_is_stopped_when_the_run_fails():
         raise ValueError("the benchmark broke")
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+def test_tokenmill_is_measured_only_once_its_background_compile_is_done():
+    port = bench.free_port()
+    argv = [sys.executable, "-c", _COMPILING_SERVER, str(port)]
+    with bench.running_server("tokenmill", argv, port, timeout=30) as url:
+        assert httpx.get(f"{url}/health").json()["compile"] == "ready"
 
 
 def test_transformers_baseline_times_every_step(tiny_model_dir):
