@@ -3,8 +3,9 @@
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; logs go to $OUT/ if OUT is set
 #
-# Needs python3 with torch, triton, transformers, pytest and hypothesis; nothing is installed and
-# nothing is downloaded. Steps run in separate processes with their own time limits (and a global
+# Needs python3 with torch, triton, transformers, pytest, hypothesis and gguf (the engine's GGUF
+# reader; on a machine without it, install its wheel first); nothing is installed and nothing is
+# downloaded. Steps run in separate processes with their own time limits (and a global
 # deadline keeping the whole run under 9 minutes), so a crash or a hang in one kernel cannot stop
 # the others from being tested and measured. The summary table is printed last; the exit status is
 # non-zero if any step failed.

@@ -41,6 +41,9 @@ def num_kv_blocks(
     per_block = kv_bytes_per_block(cfg, block_size, dtype)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
+        # Memory PyTorch's caching allocator holds but no tensor uses (the pool of an engine
+        # this process has dropped, say) is free to us, though the driver counts it as taken.
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = free - total * (1 - gpu_memory_utilization) - _CUDA_ACTIVATION_RESERVE
     else:
         budget = (cpu_gib if cpu_gib is not None else DEFAULT_CPU_KV_GIB) * _GIB
