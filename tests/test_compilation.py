@@ -11,12 +11,16 @@ from engine import LLM, SamplingParams
 from engine.compilation import compile_dense_blocks, warm_up_rows
 from engine.model import DenseBlocks
 
+CASES = [("llama", "w8a8"), ("llama", "int8"), ("qwen2", "w8a8"), ("qwen3", "w8a8")]
 
-@pytest.fixture(scope="module", params=["w8a8", "int8"])
+
+@pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
 def eager_and_compiled(request, tiny_model_dir):
     """A tiny model's layers with eager blocks, and compiled ones for the same weights. int8
-    switches kernels at 12 rows, so its compiled blocks take an extra graph."""
-    llm = LLM(tiny_model_dir("llama"), device="cpu", quantization=request.param, compile="off")
+    switches kernels at 12 rows, so its compiled blocks take an extra graph; Qwen2 adds q/k/v
+    biases, Qwen3 per-head q/k norms."""
+    arch, quantization = request.param
+    llm = LLM(tiny_model_dir(arch), device="cpu", quantization=quantization, compile="off")
     model = llm.engine.runner.model
     return model, compile_dense_blocks(model)
 
