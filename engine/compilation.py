@@ -4,7 +4,7 @@ Why: in eager mode a CPU decode step of 16 sequences spends about two thirds of 
 outside the int8 GEMMs, in some 1,500 small ops (per-row quantize, dequantize, norms,
 activation, each a separate pass and dispatch). Inductor fuses each `DenseBlocks` function
 into a few C++ loops around the GEMMs. Closed-loop engine runs on this project's 2-core
-machine: +14% tok/s at 16 streams, +25% at 32 (docs/performance.md).
+machine: +16% tok/s at 16 streams, +29% at 32 (docs/performance.md).
 
 How:
 * Only the dense blocks are compiled, not attention: the paged-cache kernels plan per step
@@ -13,7 +13,8 @@ How:
   count dynamic. Dynamo specialises one-row inputs, so those get a second graph, and layers
   whose kernel depends on the row count (weight-only int8/int4) a third. Every graph is
   compiled and run on every layer during the warm-up, so the engine never waits for one.
-  Per-row results do not depend on the row count in any of them (tests/test_compilation.py).
+  Within one kernel's row range, per-row results do not depend on the row count
+  (tests/test_compilation.py), so the default w8a8 mode stays batch-invariant.
 * The compiled blocks compute the same function as the eager ones, with different rounding
   (float32 sums in another order), so a switch can change a close greedy choice.
 
