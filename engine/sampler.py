@@ -327,17 +327,11 @@ def _draw(weights: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     chosen: the search returns the first index whose running sum exceeds the target, and a
     zero weight leaves the running sum unchanged.
     """
-    n, vocab = weights.shape
-    device = weights.device
-    uniforms = _uniforms(rows).to(device)
-    full = vocab // _BLOCK * _BLOCK
-    block_mass = weights[:, :full].view(n, full // _BLOCK, _BLOCK).sum(dim=-1)
-    if full < vocab:
-        block_mass = torch.cat([block_mass, weights[:, full:].sum(dim=-1, keepdim=True)], dim=1)
+    uniforms = _uniforms(rows).to(weights.device)
+    block_mass = _per_block(weights, torch.Tensor.sum)
     block = _search(block_mass.double().cumsum(dim=-1), uniforms[:, 0])
-    cols = block.unsqueeze(1) * _BLOCK + torch.arange(_BLOCK, device=device)
-    inside = cols < vocab
-    block_weights = weights.gather(1, cols.clamp_(max=vocab - 1)) * inside
+    cols, inside = _block_columns(block, weights.shape[1])
+    block_weights = weights.gather(1, cols) * inside
     offset = _search(block_weights.double().cumsum(dim=-1), uniforms[:, 1])
     return block * _BLOCK + offset
 
@@ -349,20 +343,31 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     so block maxima pick each row's first best block and one argmax inside it finishes. For
     16 rows of a 49,152-token vocabulary: 0.11 ms against 0.74-0.84 ms.
     """
-    n, vocab = x.shape
-    full = vocab // _BLOCK * _BLOCK
-    if x.device.type != "cpu" or full == 0:
+    if x.device.type != "cpu" or x.shape[1] < _BLOCK:
         return x.argmax(dim=-1)
-    block_max = x[:, :full].view(n, full // _BLOCK, _BLOCK).amax(dim=-1)
-    if full < vocab:
-        block_max = torch.cat([block_max, x[:, full:].amax(dim=-1, keepdim=True)], dim=1)
-    block = block_max.argmax(dim=-1)
+    block = _per_block(x, torch.Tensor.amax).argmax(dim=-1)
     # Columns past the vocabulary (last block only) repeat its last token, after it: the
     # first maximum is never one of them.
-    cols = (block.unsqueeze(1) * _BLOCK + torch.arange(_BLOCK, device=x.device)).clamp_(
-        max=vocab - 1
-    )
+    cols, _ = _block_columns(block, x.shape[1])
     return block * _BLOCK + x.gather(1, cols).argmax(dim=-1)
+
+
+def _per_block(x: torch.Tensor, reduce: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``[n, ceil(vocab / _BLOCK)]``: `reduce` (``torch.Tensor.sum``, ``.amax``) over each
+    block of _BLOCK tokens of every row, the last block possibly shorter."""
+    n, vocab = x.shape
+    full = vocab // _BLOCK * _BLOCK
+    per_block = reduce(x[:, :full].view(n, full // _BLOCK, _BLOCK), dim=-1)
+    if full < vocab:
+        per_block = torch.cat([per_block, reduce(x[:, full:], dim=-1, keepdim=True)], dim=1)
+    return per_block
+
+
+def _block_columns(block: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the token ids of its chosen block, clamped into the vocabulary, and which of
+    them are real (only the last block can run past the end)."""
+    cols = block.unsqueeze(1) * _BLOCK + torch.arange(_BLOCK, device=block.device)
+    return cols.clamp(max=vocab - 1), cols < vocab
 
 
 def _search(running_sum: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
