@@ -9,7 +9,7 @@ import torch
 from engine.compilation import COMPILE_MODES
 from engine.linear import QUANTIZATIONS
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -44,13 +44,13 @@ class EngineArgs:
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(
-                f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
+                f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}"
             )
-        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in _DTYPES:
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPES:
             raise ValueError(
-                f"kv_cache_dtype must be 'auto' or one of {sorted(_DTYPES)}, "
+                f"kv_cache_dtype must be 'auto' or one of {sorted(DTYPES)}, "
                 f"got {self.kv_cache_dtype!r}"
             )
         if self.quantization not in ("auto", *QUANTIZATIONS):
@@ -84,7 +84,7 @@ class EngineArgs:
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     def _fast_cpu_defaults(self, device: torch.device) -> bool:
         """Whether the CPU speed defaults apply: on CPU, with no dtype asked for."""
@@ -105,4 +105,4 @@ class EngineArgs:
             if self._fast_cpu_defaults(device):
                 return torch.bfloat16
             return self.resolve_dtype(device)
-        return _DTYPES[self.kv_cache_dtype]
+        return DTYPES[self.kv_cache_dtype]

@@ -21,8 +21,10 @@ from collections.abc import Iterator, Sequence
 import uvicorn
 from starlette.applications import Starlette
 
-from engine.args import EngineArgs
+from engine.args import DTYPES, EngineArgs
 from engine.async_llm import AsyncLLM
+from engine.compilation import COMPILE_MODES
+from engine.linear import QUANTIZATIONS
 from server import ServerConfig, build_app, start_draining
 
 log = logging.getLogger("tokenmill")
@@ -67,20 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     eng = p.add_argument_group("engine")
     eng.add_argument("--dtype", default=defaults.dtype,
-                     choices=["auto", "float32", "bfloat16", "float16"],
+                     choices=["auto", *DTYPES],
                      help="weights and activations; auto: float32 on CPU, bfloat16 on CUDA")
     eng.add_argument("--quantization", default=defaults.quantization,
-                     choices=["auto", "none", "int8", "w8a8", "int4"],
+                     choices=["auto", *QUANTIZATIONS],
                      help="CPU only. int8: int8 weights for steps of up to 12 tokens; w8a8: "
                           "int8 weights and, beyond 4 tokens, int8 activations calibrated at "
                           "load (fastest); int4: 4-bit weights in groups of 32; auto: w8a8 "
                           "on CPU unless --dtype is given (see engine/linear.py)")
     eng.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype,
-                     choices=["auto", "float32", "bfloat16", "float16"],
+                     choices=["auto", *DTYPES],
                      help="KV cache precision; auto: bfloat16 on CPU unless --dtype is given, "
                           "else the model's dtype")
     eng.add_argument("--compile", default=defaults.compile,
-                     choices=["auto", "off", "on", "background"],
+                     choices=["auto", *COMPILE_MODES],
                      help="CPU only: torch.compile the layers' dense blocks. background: serve "
                           "at once and switch when compiled (~20 s cold, ~6 s cached); "
                           "on: compile before serving; auto: background unless --dtype is given")
