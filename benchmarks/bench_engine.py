@@ -81,9 +81,13 @@ def time_hf_sequential(hf, prompts: list[list[int]], tokens: int) -> float:
 
 
 def time_hf_batched(hf, prompts: list[list[int]], tokens: int, pad_id: int) -> float:
+    """One left-padded batch through `generate`, on the model's device (synchronised, so a
+    GPU's queued work is inside the timing)."""
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=hf.device)
+    mask = torch.tensor(
+        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device
+    )
     t0 = time.perf_counter()
     hf.generate(
         ids,
@@ -93,6 +97,8 @@ def time_hf_batched(hf, prompts: list[list[int]], tokens: int, pad_id: int) -> f
         do_sample=False,
         pad_token_id=pad_id,
     )
+    if hf.device.type == "cuda":
+        torch.cuda.synchronize(hf.device)
     return len(prompts) * tokens / (time.perf_counter() - t0)
 
 

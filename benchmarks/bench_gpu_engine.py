@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import torch
 import transformers
-from bench_engine import time_tokenmill  # a sibling script
+from bench_engine import time_hf_batched, time_tokenmill  # a sibling script
 
 from engine import LLM
 
@@ -40,24 +39,6 @@ def random_model(path: str, layers: int) -> None:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(num_hidden_layers=layers, **SMOLLM2_135M)
     transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-
-
-def time_hf_padded(hf, prompts: list[list[int]], tokens: int, device: torch.device) -> float:
-    """One batch of equal-length prompts (no padding needed), as in bench_engine."""
-    ids = torch.tensor(prompts, device=device)
-    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    hf.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), **{**kwargs, "max_new_tokens": 4,
-                                                                     "min_new_tokens": 4})
-    _sync(device)
-    t0 = time.perf_counter()
-    hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-    _sync(device)
-    return len(prompts) * tokens / (time.perf_counter() - t0)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -88,7 +69,8 @@ def main() -> None:
     for c in args.concurrency:
         batch = prompts[:c].tolist()
         ours = time_tokenmill(llm, batch, args.tokens)
-        theirs = time_hf_padded(hf, batch, args.tokens, device)
+        time_hf_batched(hf, batch[:1], 4, pad_id=0)  # warm-up (CUDA's first launches)
+        theirs = time_hf_batched(hf, batch, args.tokens, pad_id=0)
         print(f"| {c} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x |", flush=True)
 
 
