@@ -141,10 +141,7 @@ def _decode_slots(
     ``[S, 1, 1, T]`` mask of the real ones, and which sequences have no context at all (None
     if none); once per step."""
     key = (block_tables, context_lens, pool_blocks, block_size, dtype)
-    return _slots_memo.get(
-        key,
-        lambda: _compute_decode_slots(block_tables, context_lens, pool_blocks, block_size, dtype),
-    )
+    return _slots_memo.get(key, lambda: _compute_decode_slots(*key))
 
 
 def _compute_decode_slots(
@@ -202,13 +199,8 @@ def paged_prefill_attention(
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    pool_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
-    plans = _prefill_memo.get(
-        (block_tables, query_start_loc, context_lens, pool_blocks, block_size, group, q.dtype),
-        lambda: _prefill_plans(
-            block_tables, query_start_loc, context_lens, pool_blocks, block_size, group, q.dtype
-        ),
-    )
+    key = (block_tables, query_start_loc, context_lens, *k_cache.shape[:2], group, q.dtype)
+    plans = _prefill_memo.get(key, lambda: _prefill_plans(*key))
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     out = q.new_empty(q.shape)
@@ -266,10 +258,8 @@ def apply_rotary(
     if torch.compiler.is_compiling():
         cos, sin = _rope_rows(positions, cos_sin_cache, q.dtype)
     else:
-        cos, sin = _rope_memo.get(
-            (positions, cos_sin_cache, q.dtype),
-            lambda: _rope_rows(positions, cos_sin_cache, q.dtype),
-        )
+        key = (positions, cos_sin_cache, q.dtype)
+        cos, sin = _rope_memo.get(key, lambda: _rope_rows(*key))
     half = cos_sin_cache.shape[-1] // 2
     return (
         q * cos + torch.roll(q, half, dims=-1) * sin,
