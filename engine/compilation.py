@@ -34,6 +34,7 @@ import time
 
 import torch
 
+import kernels.native
 from engine.linear import CpuLinear
 from engine.model import CausalLM, DenseBlocks, attention_input, attention_output_and_mlp
 
@@ -42,9 +43,25 @@ logger = logging.getLogger(__name__)
 COMPILE_MODES = ("off", "on", "background")
 
 
+def use_native_kernels(model: CausalLM) -> int:
+    """Build tokenmill's C++ kernels (kernels/native.py) and move the model's w8a8 linears
+    onto them; returns how many moved. None do on a CPU without AVX-512 VNNI, or when the
+    activations are not float32 (the kernel's only input type)."""
+    if model.embed_tokens.weight.dtype != torch.float32 or not kernels.native.supported():
+        return 0
+    linears = [m for m in model.modules() if isinstance(m, CpuLinear) and m.w8a8 is not None]
+    if not linears:
+        return 0
+    kernels.native.load()
+    return sum(linear.pack_for_vnni() for linear in linears)
+
+
 def compile_dense_blocks(model: CausalLM) -> DenseBlocks:
-    """Compiled versions of the model's dense blocks, every graph built and run once."""
+    """Compiled versions of the model's dense blocks, every graph built and run once, after
+    moving its linears onto the C++ kernels where they apply."""
     import torch._dynamo  # a second of import: only when compiling
+
+    use_native_kernels(model)
 
     # Dynamo keeps its graphs per code object, and every model compiled in this process adds
     # up to three per block: past the default limit of 8 it would silently run eagerly.

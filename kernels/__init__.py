@@ -30,7 +30,9 @@ __all__ = [
     "int4_linear",
     "int8_dynamic_linear",
     "int8_linear",
+    "int8_packed_linear",
     "pack_int4",
+    "pack_int8_vnni",
     "paged_decode_attention",
     "paged_prefill_attention",
     "reference",
@@ -183,6 +185,21 @@ def int8_dynamic_linear(
     CPU only for now; other devices run the reference."""
     impl = _impl("int8_dynamic_linear", x)
     return impl(x, qweight, scale)
+
+
+def pack_int8_vnni(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lay out an int8 ``[out, in]`` weight for `int8_packed_linear` (the same on every
+    device)."""
+    return reference.pack_int8_vnni(qweight)
+
+
+def int8_packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, comp: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """`int8_dynamic_linear` on a weight from `pack_int8_vnni`. CPU tensors run the C++ VNNI
+    kernel, which `kernels.native.load()` must have built; other devices the reference."""
+    impl = _impl("int8_packed_linear", x)
+    return impl(x, packed, comp, scale)
 
 
 def pack_int4(qweight: torch.Tensor) -> torch.Tensor:

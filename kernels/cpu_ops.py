@@ -43,6 +43,15 @@ def int8_dynamic_linear(
     return out.mul_(x_scale[:, None]).mul_(scale).to(x.dtype)
 
 
+def int8_packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, comp: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """The AVX-512 VNNI kernel of `kernels/csrc/int8_gemm.cpp`: quantization, GEMM and
+    scaling in one pass, bit for bit `int8_dynamic_linear`'s result. Needs
+    `kernels.native.load()` first."""
+    return torch.ops.tokenmill.int8_packed_linear(x, packed, comp, scale)
+
+
 def pack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """``[out, in]`` values in [0, 15] to ATen's CPU int4 layout (``out`` a multiple of 16)."""
     return torch._convert_weight_to_int4pack_for_cpu(qweight.to(torch.int32), 1)

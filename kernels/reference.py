@@ -301,6 +301,27 @@ def int8_dynamic_linear(
     return (acc.float() * x_scale[:, None] * scale.float()).to(x.dtype)
 
 
+def pack_int8_vnni(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lay out an ``[out, in]`` int8 weight for `int8_packed_linear`: ``[out / 16, in / 4, 16,
+    4]`` (four consecutive inputs of 16 outputs together, one VNNI operand), and
+    ``comp = 128 * row sums`` in int32, which the VNNI kernel subtracts because it multiplies
+    activations stored as unsigned ``q + 128``. Needs ``out % 16 == 0`` and ``in % 4 == 0``."""
+    n, k = qweight.shape
+    if n % 16 or k % 4:
+        raise ValueError(f"a [{n}, {k}] weight cannot be packed: need out % 16 == in % 4 == 0")
+    packed = qweight.view(n // 16, 16, k // 4, 4).transpose(1, 2).contiguous()
+    return packed, qweight.sum(dim=1, dtype=torch.int32) * 128
+
+
+def int8_packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, comp: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """`int8_dynamic_linear` on a weight packed by `pack_int8_vnni` (``comp`` follows from the
+    weight, so the reference ignores it)."""
+    qweight = packed.transpose(1, 2).reshape(packed.shape[0] * 16, packed.shape[1] * 4)
+    return int8_dynamic_linear(x, qweight, scale)
+
+
 def pack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """The reference keeps 4-bit weights unpacked: ``[out, in]`` uint8 values in [0, 15]."""
     return qweight.to(torch.uint8)

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import engine.compilation
+import kernels.native
 from engine import LLM, SamplingParams
-from engine.compilation import compile_dense_blocks, warm_up_rows
+from engine.compilation import compile_dense_blocks, use_native_kernels, warm_up_rows
+from engine.linear import CpuLinear
 from engine.model import DenseBlocks
 
 CASES = [("llama", "w8a8"), ("llama", "int8"), ("qwen2", "w8a8"), ("qwen3", "w8a8")]
@@ -76,6 +78,20 @@ def test_compiled_rows_do_not_depend_on_the_row_count(eager_and_compiled):
         for rows in others:
             for p, f in zip(first(rows), full, strict=True):
                 assert torch.equal(p, f[:rows])
+
+
+@pytest.mark.skipif(not kernels.native.supported(), reason="needs AVX-512 VNNI")
+def test_native_kernels_take_over_without_changing_a_logit(tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"), device="cpu", compile="off")
+    model = llm.engine.runner.model
+    ids = torch.arange(3, 40)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    before = llm.generate([ids.tolist()], params, use_tqdm=False)[0].outputs[0]
+    linears = [m for m in model.modules() if isinstance(m, CpuLinear)]
+    assert use_native_kernels(model) == len(linears)  # every linear of the tiny model fits
+    after = llm.generate([ids.tolist()], params, use_tqdm=False)[0].outputs[0]
+    assert after.token_ids == before.token_ids
+    assert after.logprobs == before.logprobs
 
 
 def test_warm_up_reaches_every_row_count_threshold(tiny_model_dir):

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+import kernels.native
 from engine.linear import WEIGHT_ONLY_MAX_ROWS, CpuLinear, use_cpu_linears
 from kernels import reference
 
@@ -64,6 +66,26 @@ def test_w8a8_is_the_dynamic_int8_kernel_and_batch_invariant():
     torch.testing.assert_close(out, reference.int8_dynamic_linear(x, *layer.quantized))
     for rows in (1, 3, 17):  # a row's result does not depend on its batch-mates
         assert torch.equal(layer(x[:rows]), out[:rows])
+
+
+@pytest.mark.skipif(not kernels.native.supported(), reason="needs AVX-512 VNNI")
+def test_pack_for_vnni_keeps_every_output_bit_for_bit():
+    kernels.native.load()
+    layer = CpuLinear(*_weights(), "w8a8")
+    x = torch.randn(21, 64)
+    before = layer(x)
+    assert layer.pack_for_vnni()
+    assert layer.w8a8[0] is kernels.int8_packed_linear
+    assert layer.quantized[0].shape == (96 // 16, 64 // 4, 16, 4)  # the plain copy is gone
+    assert torch.equal(layer(x), before)
+    assert not layer.pack_for_vnni()  # already moved
+
+
+def test_pack_for_vnni_leaves_other_layers_alone():
+    assert not CpuLinear(*_weights(), "int8").pack_for_vnni()
+    assert not CpuLinear(*_weights(), "none").pack_for_vnni()
+    odd = CpuLinear(*_weights(n=40), "w8a8")  # 40 outputs: not whole 16-column blocks
+    assert not odd.pack_for_vnni() and odd.w8a8[0] is kernels.int8_dynamic_linear
 
 
 def test_int4_falls_back_to_int8_for_shapes_its_layout_cannot_hold():

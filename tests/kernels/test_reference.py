@@ -117,3 +117,21 @@ def test_silu_and_mul_reference_matches_float64():
     out = reference.silu_and_mul(x)
     assert out.shape == (3, 4, 50)
     assert relative_error(out, expected) < 1e-6
+
+
+def test_pack_int8_vnni_round_trips_and_rejects_odd_shapes():
+    q = torch.randint(-127, 128, (32, 12), dtype=torch.int8)
+    packed, comp = reference.pack_int8_vnni(q)
+    assert packed.shape == (2, 3, 16, 4)
+    assert torch.equal(packed[1, 2, 5], q[16 + 5, 8:12])
+    assert torch.equal(comp, q.int().sum(dim=1) * 128)
+    x = torch.randn(3, 12)
+    scale = torch.rand(32)
+    assert torch.equal(
+        reference.int8_packed_linear(x, packed, comp, scale),
+        reference.int8_dynamic_linear(x, q, scale),
+    )
+    with pytest.raises(ValueError, match="cannot be packed"):
+        reference.pack_int8_vnni(torch.zeros(24, 12, dtype=torch.int8))
+    with pytest.raises(ValueError, match="cannot be packed"):
+        reference.pack_int8_vnni(torch.zeros(32, 10, dtype=torch.int8))

@@ -1,0 +1,78 @@
+"""tokenmill's C++ CPU kernels (``kernels/csrc``), built on first use with the host compiler.
+
+Why C++ here when the rest of the CPU path is ATen and Inductor: neither has a fast int8 GEMM
+for the few rows of a decode step on CPUs without AMX (`kernels/csrc/int8_gemm.cpp` says
+how much). The build takes some ten seconds on two cores, once per machine: PyTorch's
+extension loader caches the library under ``$TORCH_EXTENSIONS_DIR`` (by default
+``~/.cache/torch_extensions``) and rebuilds only when a source changes. The engine builds it
+on its background compile thread (engine/compilation.py), never on a request's path.
+
+Ops live under ``torch.ops.tokenmill``, each with a fake (meta) implementation so that
+``torch.compile`` can trace through them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = [Path(__file__).parent / "csrc" / "int8_gemm.cpp"]
+# The ISA the kernels are written for, named explicitly (not -march=native) so that the cached
+# library runs on any CPU that has it. OpenMP: at::parallel_for is inlined into the kernels, and
+# without it compiles to a serial loop (as Inductor's kernels, this links the system libgomp).
+_CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni"]
+_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
+
+
+@functools.cache
+def supported() -> bool:
+    """Whether this CPU runs the kernels: x86 with AVX-512 VNNI (Intel since Cascade Lake,
+    AMD since Zen 4). Read from /proc/cpuinfo, so False off Linux."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return all(f in flags for f in _REQUIRED_CPU_FLAGS)
+    return False
+
+
+@functools.cache
+def load() -> None:
+    """Build (or load the cached build of) the kernels and register their ops.
+
+    Raises RuntimeError on a CPU without the ISA, or when the compiler fails.
+    """
+    if not supported():
+        raise RuntimeError("tokenmill's C++ kernels need a CPU with AVX-512 VNNI")
+    from torch.utils import cpp_extension
+
+    start = time.perf_counter()
+    cpp_extension.load(
+        name="tokenmill_cpu",
+        sources=[str(s) for s in _SOURCES],
+        extra_cflags=_CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+    )
+    torch.library.register_fake("tokenmill::int8_packed_linear")(_int8_packed_linear_fake)
+    logger.info("C++ kernels ready after %.1f s", time.perf_counter() - start)
+
+
+def loaded() -> bool:
+    """Whether `load` has succeeded in this process."""
+    return load.cache_info().currsize > 0
+
+
+def _int8_packed_linear_fake(
+    x: torch.Tensor, packed: torch.Tensor, comp: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0] * packed.shape[2])
