@@ -45,9 +45,7 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(
-                f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}"
-            )
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPES:
             raise ValueError(
                 f"kv_cache_dtype must be 'auto' or one of {sorted(DTYPES)}, "

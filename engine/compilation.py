@@ -36,7 +36,13 @@ import torch
 
 import kernels.native
 from engine.linear import CpuLinear
-from engine.model import CausalLM, DenseBlocks, attention_input, attention_output_and_mlp
+from engine.model import (
+    Attention,
+    CausalLM,
+    DenseBlocks,
+    attention_input,
+    attention_output_and_mlp,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +50,31 @@ COMPILE_MODES = ("off", "on", "background")
 
 
 def use_native_kernels(model: CausalLM) -> int:
-    """Build tokenmill's C++ kernels (kernels/native.py) and move the model's w8a8 linears
-    onto them; returns how many moved. None do on a CPU without AVX-512 VNNI, or when the
-    activations are not float32 (the kernel's only input type)."""
+    """Build tokenmill's C++ kernels (kernels/native.py) and move the model onto them where
+    they apply: w8a8 linears to the VNNI GEMM, decode attention and the KV write to their C++
+    versions. Returns how many modules moved. None do on a CPU without AVX-512 VNNI, or when
+    the activations are not float32 (the kernels' only input type)."""
     if model.embed_tokens.weight.dtype != torch.float32 or not kernels.native.supported():
         return 0
     linears = [m for m in model.modules() if isinstance(m, CpuLinear) and m.w8a8 is not None]
-    if not linears:
+    attentions = [layer.self_attn for layer in model.layers]
+    attentions = [attn for attn in attentions if _native_attention_fits(attn)]
+    if not linears and not attentions:
         return 0
     kernels.native.load()
-    return sum(linear.pack_for_vnni() for linear in linears)
+    for attn in attentions:
+        attn.store_kv = kernels.native.store_kv
+        attn.decode_attention = kernels.native.paged_decode_attention
+    return sum(linear.pack_for_vnni() for linear in linears) + len(attentions)
+
+
+def _native_attention_fits(attn: Attention) -> bool:
+    return (
+        attn.k_cache.dtype in (torch.float32, torch.bfloat16)
+        and attn.head_dim % 16 == 0
+        and attn.head_dim <= 128
+        and attn.num_heads // attn.num_kv_heads <= 16
+    )
 
 
 def compile_dense_blocks(model: CausalLM) -> DenseBlocks:

@@ -56,11 +56,6 @@ class LLMEngine:
         self.compile_mode = args.resolve_compile(self.device)
         if self.compile_mode != "off" and self.device.type != "cpu":
             raise ValueError(f"compile={self.compile_mode!r} is only implemented on CPU")
-        self.background_compile: BackgroundCompile | None = None
-        if self.compile_mode == "on":
-            model.dense_blocks = compile_dense_blocks(model)
-        elif self.compile_mode == "background":
-            self.background_compile = BackgroundCompile(model, torch.get_num_threads())
         self.max_model_len = min(
             args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
         )
@@ -83,6 +78,12 @@ class LLMEngine:
             model, num_blocks, args.block_size, self.device, self.kv_cache_dtype, stop_ids
         )
         self.outputs = OutputProcessor(self.tokenizer, stop_ids, self.max_model_len)
+        # After the KV pool exists: the compile step picks attention kernels for its dtype.
+        self.background_compile: BackgroundCompile | None = None
+        if self.compile_mode == "on":
+            model.dense_blocks = compile_dense_blocks(model)
+        elif self.compile_mode == "background":
+            self.background_compile = BackgroundCompile(model, torch.get_num_threads())
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0

@@ -64,6 +64,9 @@ class Attention(nn.Module):
         # Bound by the model runner once the KV pool is allocated.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # The paged-cache kernels; engine.compilation swaps in C++ ones where they apply.
+        self.store_kv = kernels.store_kv
+        self.decode_attention = kernels.paged_decode_attention
 
     def project(
         self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor
@@ -85,7 +88,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Store the new K/V and attend: the part of a layer that touches the paged cache
         (see `DenseBlocks` for the rest). Returns the heads flattened, before `o_proj`."""
-        kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        self.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return self._attend(q, meta).reshape(q.shape[0], self.q_size)
 
     def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -94,7 +97,7 @@ class Attention(nn.Module):
             split = decodes.context_lens.shape[0]
             return torch.cat([self._attend(q[:split], decodes), self._attend(q[split:], rest)])
         if meta.is_decode:
-            return kernels.paged_decode_attention(
+            return self.decode_attention(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
             )
         return kernels.paged_prefill_attention(

@@ -152,15 +152,24 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sample_rows.append(query_start[-1] - 1)
         meta = self._metadata(slots, tables, context_lens, query_start)
-        decodes = next((j for j in range(len(tables)) if query_start[j + 1] - query_start[j] != 1),
-                       len(tables))
+        decodes = next(
+            (j for j in range(len(tables)) if query_start[j + 1] - query_start[j] != 1), len(tables)
+        )
         if 0 < decodes < len(tables):
             rest = query_start[decodes:]
             meta.parts = (
-                self._metadata(slots[:decodes], tables[:decodes], context_lens[:decodes],
-                               query_start[: decodes + 1]),
-                self._metadata(slots[decodes:], tables[decodes:], context_lens[decodes:],
-                               [q - rest[0] for q in rest]),
+                self._metadata(
+                    slots[:decodes],
+                    tables[:decodes],
+                    context_lens[:decodes],
+                    query_start[: decodes + 1],
+                ),
+                self._metadata(
+                    slots[decodes:],
+                    tables[decodes:],
+                    context_lens[decodes:],
+                    [q - rest[0] for q in rest],
+                ),
             )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)

@@ -46,73 +46,151 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     srv = p.add_argument_group("server")
-    srv.add_argument("--model", default=defaults.model,
-                     help="model to serve: a known short name, a Hugging Face folder or a "
-                     ".gguf file")
-    srv.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                     help="name(s) clients use in the 'model' field; default: --model")
+    srv.add_argument(
+        "--model",
+        default=defaults.model,
+        help="model to serve: a known short name, a Hugging Face folder or a .gguf file",
+    )
+    srv.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="name(s) clients use in the 'model' field; default: --model",
+    )
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
-    srv.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                     help="require 'Authorization: Bearer KEY' on /v1 routes; repeat to "
-                     "accept several keys")
-    srv.add_argument("--max-waiting-requests", type=int, default=256, metavar="N",
-                     help="queue limit: requests allowed to wait beyond the running batch "
-                     "(--max-num-seqs) before new ones get 429 with Retry-After")
-    srv.add_argument("--max-request-body-bytes", type=_positive_int, default=8 * 1024 * 1024,
-                     metavar="BYTES", help="larger request bodies get 413")
-    srv.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
-                     help="on SIGTERM, how long in-flight requests may take to finish")
-    srv.add_argument("--log-level", default="info",
-                     choices=["critical", "error", "warning", "info", "debug"])
+    srv.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1 routes; repeat to accept several keys",
+    )
+    srv.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=256,
+        metavar="N",
+        help="queue limit: requests allowed to wait beyond the running batch "
+        "(--max-num-seqs) before new ones get 429 with Retry-After",
+    )
+    srv.add_argument(
+        "--max-request-body-bytes",
+        type=_positive_int,
+        default=8 * 1024 * 1024,
+        metavar="BYTES",
+        help="larger request bodies get 413",
+    )
+    srv.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight requests may take to finish",
+    )
+    srv.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
     srv.add_argument("--no-access-log", action="store_true", help="do not log each request")
 
     eng = p.add_argument_group("engine")
-    eng.add_argument("--dtype", default=defaults.dtype,
-                     choices=["auto", *DTYPES],
-                     help="weights and activations; auto: float32 on CPU, bfloat16 on CUDA")
-    eng.add_argument("--quantization", default=defaults.quantization,
-                     choices=["auto", *QUANTIZATIONS],
-                     help="CPU only. int8: int8 weights for steps of up to 12 tokens; w8a8: "
-                          "int8 weights and, beyond 4 tokens, int8 activations calibrated at "
-                          "load (fastest); int4: 4-bit weights in groups of 32; auto: w8a8 "
-                          "on CPU unless --dtype is given (see engine/linear.py)")
-    eng.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype,
-                     choices=["auto", *DTYPES],
-                     help="KV cache precision; auto: bfloat16 on CPU unless --dtype is given, "
-                          "else the model's dtype")
-    eng.add_argument("--compile", default=defaults.compile,
-                     choices=["auto", *COMPILE_MODES],
-                     help="CPU only: torch.compile the layers' dense blocks. background: serve "
-                          "at once and switch when compiled (~20 s cold, ~6 s cached); "
-                          "on: compile before serving; auto: background unless --dtype is given")
-    eng.add_argument("--device", default=defaults.device,
-                     help="auto (CUDA when available), cpu, cuda, cuda:N")
-    eng.add_argument("--kv-cache-memory-gib", type=float, default=defaults.kv_cache_memory_gib,
-                     metavar="GIB", help="KV cache budget on CPU (default 2 GiB)")
-    eng.add_argument("--gpu-memory-utilization", type=float,
-                     default=defaults.gpu_memory_utilization, metavar="FRACTION",
-                     help="on CUDA: share of free memory after the weights used for KV cache")
-    eng.add_argument("--num-kv-blocks", type=_positive_int, default=None, metavar="N",
-                     help="exact KV pool size in blocks, overriding both budgets")
-    eng.add_argument("--block-size", type=_positive_int, default=defaults.block_size,
-                     help="tokens per KV cache block (a power of two)")
-    eng.add_argument("--max-num-seqs", type=_positive_int, default=defaults.max_num_seqs,
-                     help="most sequences in one running batch")
-    eng.add_argument("--max-num-batched-tokens", type=_positive_int,
-                     default=defaults.max_num_batched_tokens,
-                     help="most tokens (prefill chunks plus decodes) in one step")
-    eng.add_argument("--max-model-len", type=_positive_int, default=None,
-                     help="context window; default: the model's own")
-    eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                     default=defaults.enable_prefix_caching,
-                     help="reuse KV blocks of shared prompt prefixes (radix cache)")
-    eng.add_argument("--seed", type=int, default=defaults.seed,
-                     help="engine seed for requests that do not set their own")
-    eng.add_argument("--num-threads", type=_positive_int,
-                     default=len(os.sched_getaffinity(0)),
-                     help="CPU threads for the forward pass; default: every core this process "
-                          "may run on")
+    eng.add_argument(
+        "--dtype",
+        default=defaults.dtype,
+        choices=["auto", *DTYPES],
+        help="weights and activations; auto: float32 on CPU, bfloat16 on CUDA",
+    )
+    eng.add_argument(
+        "--quantization",
+        default=defaults.quantization,
+        choices=["auto", *QUANTIZATIONS],
+        help="CPU only. int8: int8 weights for steps of up to 12 tokens; w8a8: "
+        "int8 weights and, beyond 4 tokens, int8 activations calibrated at "
+        "load (fastest); int4: 4-bit weights in groups of 32; auto: w8a8 "
+        "on CPU unless --dtype is given (see engine/linear.py)",
+    )
+    eng.add_argument(
+        "--kv-cache-dtype",
+        default=defaults.kv_cache_dtype,
+        choices=["auto", *DTYPES],
+        help="KV cache precision; auto: bfloat16 on CPU unless --dtype is given, "
+        "else the model's dtype",
+    )
+    eng.add_argument(
+        "--compile",
+        default=defaults.compile,
+        choices=["auto", *COMPILE_MODES],
+        help="CPU only: torch.compile the layers' dense blocks. background: serve "
+        "at once and switch when compiled (~20 s cold, ~6 s cached); "
+        "on: compile before serving; auto: background unless --dtype is given",
+    )
+    eng.add_argument(
+        "--device", default=defaults.device, help="auto (CUDA when available), cpu, cuda, cuda:N"
+    )
+    eng.add_argument(
+        "--kv-cache-memory-gib",
+        type=float,
+        default=defaults.kv_cache_memory_gib,
+        metavar="GIB",
+        help="KV cache budget on CPU (default 2 GiB)",
+    )
+    eng.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=defaults.gpu_memory_utilization,
+        metavar="FRACTION",
+        help="on CUDA: share of free memory after the weights used for KV cache",
+    )
+    eng.add_argument(
+        "--num-kv-blocks",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="exact KV pool size in blocks, overriding both budgets",
+    )
+    eng.add_argument(
+        "--block-size",
+        type=_positive_int,
+        default=defaults.block_size,
+        help="tokens per KV cache block (a power of two)",
+    )
+    eng.add_argument(
+        "--max-num-seqs",
+        type=_positive_int,
+        default=defaults.max_num_seqs,
+        help="most sequences in one running batch",
+    )
+    eng.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        default=defaults.max_num_batched_tokens,
+        help="most tokens (prefill chunks plus decodes) in one step",
+    )
+    eng.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=None,
+        help="context window; default: the model's own",
+    )
+    eng.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.enable_prefix_caching,
+        help="reuse KV blocks of shared prompt prefixes (radix cache)",
+    )
+    eng.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="engine seed for requests that do not set their own",
+    )
+    eng.add_argument(
+        "--num-threads",
+        type=_positive_int,
+        default=len(os.sched_getaffinity(0)),
+        help="CPU threads for the forward pass; default: every core this process may run on",
+    )
     return p
 
 
@@ -183,8 +261,11 @@ class _Server(uvicorn.Server):
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             host = f"[{host}]" if ":" in host else host
-            print(f"tokenmill is serving on http://{host}:{port} (OpenAI API: "
-                  f"http://{host}:{port}/v1)", flush=True)
+            print(
+                f"tokenmill is serving on http://{host}:{port} (OpenAI API: "
+                f"http://{host}:{port}/v1)",
+                flush=True,
+            )
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -20,9 +20,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     in float32. Reading a quarter of the float32 weight bytes is what makes few-row matmuls
     (decode steps of small batches) faster.
     """
-    out = torch._weight_int8pack_mm(
-        x.to(torch.bfloat16), qweight, scale.to(torch.bfloat16)
-    )
+    out = torch._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scale.to(torch.bfloat16))
     return out.to(x.dtype)
 
 

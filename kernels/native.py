@@ -22,7 +22,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / "int8_gemm.cpp"]
+_SOURCES = [Path(__file__).parent / "csrc" / f for f in ("int8_gemm.cpp", "paged_attention.cpp")]
 # The ISA the kernels are written for, named explicitly (not -march=native) so that the cached
 # library runs on any CPU that has it. OpenMP: at::parallel_for is inlined into the kernels, and
 # without it compiles to a serial loop (as Inductor's kernels, this links the system libgomp).
@@ -64,12 +64,49 @@ def load() -> None:
         is_python_module=False,
     )
     torch.library.register_fake("tokenmill::int8_packed_linear")(_int8_packed_linear_fake)
+    torch.library.register_fake("tokenmill::paged_decode_attention")(_like_q)
+    torch.library.register_fake("tokenmill::store_kv")(_nothing)
     logger.info("C++ kernels ready after %.1f s", time.perf_counter() - start)
 
 
 def loaded() -> bool:
     """Whether `load` has succeeded in this process."""
     return load.cache_info().currsize > 0
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """`kernels.paged_decode_attention` in C++ (kernels/csrc/paged_attention.cpp): each
+    sequence's blocks read in place, no gathered copy. float32 queries, head_dim a multiple of
+    16 up to 128."""
+    return torch.ops.tokenmill.paged_decode_attention(
+        q, k_cache, v_cache, block_tables, context_lens, scale
+    )
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """`kernels.store_kv` in C++: one pass, no per-step slot check in Python."""
+    torch.ops.tokenmill.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def _like_q(q: torch.Tensor, *args) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _nothing(*args) -> None:
+    return None
 
 
 def _int8_packed_linear_fake(

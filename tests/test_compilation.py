@@ -80,18 +80,53 @@ def test_compiled_rows_do_not_depend_on_the_row_count(eager_and_compiled):
                 assert torch.equal(p, f[:rows])
 
 
+def _greedy(llm, prompts):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+PROMPTS = [list(range(3, 40)), list(range(50, 58))]
+
+
 @pytest.mark.skipif(not kernels.native.supported(), reason="needs AVX-512 VNNI")
-def test_native_kernels_take_over_without_changing_a_logit(tiny_model_dir):
+def test_native_kernels_take_over_the_default_mode(tiny_model_dir):
     llm = LLM(tiny_model_dir("llama"), device="cpu", compile="off")
     model = llm.engine.runner.model
-    ids = torch.arange(3, 40)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
-    before = llm.generate([ids.tolist()], params, use_tqdm=False)[0].outputs[0]
+    before = _greedy(llm, PROMPTS)
     linears = [m for m in model.modules() if isinstance(m, CpuLinear)]
-    assert use_native_kernels(model) == len(linears)  # every linear of the tiny model fits
-    after = llm.generate([ids.tolist()], params, use_tqdm=False)[0].outputs[0]
-    assert after.token_ids == before.token_ids
-    assert after.logprobs == before.logprobs
+    # every linear and every layer's attention of the tiny model fits the kernels
+    assert use_native_kernels(model) == len(linears) + len(model.layers)
+    assert all(
+        layer.self_attn.decode_attention is kernels.native.paged_decode_attention
+        for layer in model.layers
+    )
+    after = _greedy(llm, PROMPTS)
+    # A prefill runs no decode attention, and the GEMM is bit-identical (tests/test_linear.py):
+    # the first token's distribution is exactly the same.
+    for a, b in zip(after, before, strict=True):
+        assert a.logprobs[0] == b.logprobs[0] and len(a.token_ids) == 12
+    # Decode attention keeps queries in float32 against the bfloat16 cache; int8 activations
+    # magnify that, and a random tiny model's near-ties then flip. The real model's quality
+    # with these kernels is tests/test_quality.py's.
+
+
+@pytest.mark.skipif(not kernels.native.supported(), reason="needs AVX-512 VNNI")
+def test_native_attention_keeps_float32_logprobs(tiny_model_dir):
+    llm = LLM(
+        tiny_model_dir("llama"),
+        device="cpu",
+        quantization="none",
+        kv_cache_dtype="float32",
+        compile="off",
+    )
+    before = _greedy(llm, PROMPTS)
+    assert use_native_kernels(llm.engine.runner.model) == 2  # the two layers' attention
+    for a, b in zip(_greedy(llm, PROMPTS), before, strict=True):
+        assert a.token_ids == b.token_ids
+        for step_a, step_b in zip(a.logprobs, b.logprobs, strict=True):
+            assert [t for t, _ in step_a.top] == [t for t, _ in step_b.top]
+            for (_, la), (_, lb) in zip(step_a.top, step_b.top, strict=True):
+                assert abs(la - lb) < 1e-4
 
 
 def test_warm_up_reaches_every_row_count_threshold(tiny_model_dir):

@@ -1,4 +1,4 @@
-"""tokenmill's C++ CPU kernels (kernels/native.py) against the ATen path and the reference.
+"""tokenmill's C++ CPU kernels (kernels/native.py) against the ATen path and the references.
 
 The VNNI GEMM must equal `cpu_ops.int8_dynamic_linear` bit for bit, not just closely: the
 engine switches a running model from one to the other (engine/compilation.py), and batch
@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 import kernels
 import kernels.native
 from kernels import cpu_ops, reference
-from tests.kernels.cases import example_budget
+from tests.kernels.cases import (
+    build,
+    example_budget,
+    make_paged_batch,
+    paged_shapes,
+    reference_decode,
+    relative_error,
+)
 
 pytestmark = pytest.mark.skipif(
     not kernels.native.supported(), reason="the C++ kernels need AVX-512 VNNI"
@@ -93,3 +100,78 @@ def test_compiles_through_torch_compile():
 
     compiled = torch.compile(block, fullgraph=True)
     assert torch.equal(compiled(x), block(x))
+
+
+def _with_cache_dtype(batch, cache_dtype: torch.dtype):
+    batch.k_cache = batch.k_cache.to(cache_dtype)
+    batch.v_cache = batch.v_cache.to(cache_dtype)
+    return batch
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@example_budget(cpu=60, cuda=60)
+@given(shape=paged_shapes(decode=True), head_dim=st.sampled_from([16, 32, 64, 128]))
+def test_decode_attention_matches_reference(cache_dtype, shape, head_dim):
+    """Table padding holds out-of-range ids (make_paged_batch): only blocks inside a context
+    may be read. The queries stay float32 whatever the cache holds."""
+    batch = _with_cache_dtype(
+        build("cpu", torch.float32, {**shape, "head_dim": head_dim}), cache_dtype
+    )
+    out = kernels.native.paged_decode_attention(*batch.decode_args())
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert relative_error(out, reference_decode(batch)) < 2e-6
+
+
+def test_decode_attention_edge_cases():
+    # empty contexts give zeros; long contexts with scores far apart stay exact
+    batch = make_paged_batch([0, 1, 700, 16], [1] * 4, 8, 2, 64, 16, torch.float32, "cpu")
+    batch.q[2] *= 30
+    out = kernels.native.paged_decode_attention(*batch.decode_args())
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert relative_error(out, reference_decode(batch)) < 2e-6
+    # every slot past a context is poisoned: never read
+    rows = batch.block_tables[1, 0]
+    batch.k_cache[rows, 1:] = float("nan")
+    batch.v_cache[rows, 1:] = float("nan")
+    assert torch.isfinite(kernels.native.paged_decode_attention(*batch.decode_args())[1]).all()
+
+
+def test_decode_attention_rejects_bad_tables_and_shapes():
+    batch = make_paged_batch([20, 5], [1, 1], 4, 2, 64, 16, torch.float32, "cpu")
+    args = list(batch.decode_args())
+    args[3] = batch.block_tables.clone()
+    args[3][0, 1] = batch.k_cache.shape[0]  # a block inside the context, outside the pool
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        kernels.native.paged_decode_attention(*args)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        kernels.native.paged_decode_attention(
+            batch.q[..., :40],
+            batch.k_cache[..., :40].contiguous(),
+            batch.v_cache[..., :40].contiguous(),
+            *batch.decode_args()[3:],
+        )
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_equals_the_reference_bit_for_bit(cache_dtype):
+    gen = torch.Generator().manual_seed(0)
+    key, value = torch.randn(6, 2, 32, generator=gen), torch.randn(6, 2, 32, generator=gen)
+    value[0, 0, 0] = float("nan")
+    value[1, 0, :4] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(2**-130), 3.0e38])  # ties, tiny
+    full = value[:, :, ::2].repeat_interleave(2, dim=2)  # and a non-contiguous input
+    for k, v in ((key, value), (key, full)):
+        for slots in (torch.tensor([3, 17, 0, 9, 60, 1]), torch.tensor([5, -1, 30, -1, 2, 63])):
+            caches = [torch.zeros(8, 8, 2, 32, dtype=cache_dtype) for _ in range(4)]
+            kernels.native.store_kv(k, v, caches[0], caches[1], slots)
+            reference.store_kv(k, v, caches[2], caches[3], slots)
+            assert torch.equal(caches[0], caches[2])
+            assert torch.equal(caches[1].isnan(), caches[3].isnan())
+            assert torch.equal(caches[1].nan_to_num(), caches[3].nan_to_num())
+
+
+def test_store_kv_rejects_slots_outside_the_cache():
+    caches = [torch.zeros(2, 4, 1, 16) for _ in range(2)]
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.native.store_kv(
+            torch.randn(1, 1, 16), torch.randn(1, 1, 16), *caches, torch.tensor([8])
+        )
