@@ -28,20 +28,25 @@ Compiling needs a C++ compiler; in "background" mode a failure is logged and rep
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 import kernels.native
 from engine.linear import CpuLinear
 from engine.model import (
     Attention,
+    AttentionMetadata,
     CausalLM,
     DenseBlocks,
     attention_input,
     attention_output_and_mlp,
+    run_layers,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,12 +82,27 @@ def _native_attention_fits(attn: Attention) -> bool:
     )
 
 
-def compile_dense_blocks(model: CausalLM) -> DenseBlocks:
-    """Compiled versions of the model's dense blocks, every graph built and run once, after
-    moving its linears onto the C++ kernels where they apply."""
-    import torch._dynamo  # a second of import: only when compiling
+def compile_model(model: CausalLM) -> None:
+    """Everything the compile step does, installed at the end so that a concurrent forward
+    sees the model before or after, never between: the C++ kernels, the compiled dense blocks
+    and, with the C++ decode attention, the one-graph decode stack."""
+    native = use_native_kernels(model) > 0
+    blocks = compile_dense_blocks(model)
+    decode_layers = compile_decode_layers(model) if native and _native_decode(model) else None
+    model.dense_blocks = blocks
+    model.decode_layers = decode_layers
 
-    use_native_kernels(model)
+
+def _native_decode(model: CausalLM) -> bool:
+    return all(
+        layer.self_attn.decode_attention is kernels.native.paged_decode_attention
+        for layer in model.layers
+    )
+
+
+def compile_dense_blocks(model: CausalLM) -> DenseBlocks:
+    """Compiled versions of the model's dense blocks, every graph built and run once."""
+    import torch._dynamo  # a second of import: only when compiling
 
     # Dynamo keeps its graphs per code object, and every model compiled in this process adds
     # up to three per block: past the default limit of 8 it would silently run eagerly.
@@ -105,6 +125,80 @@ def compile_dense_blocks(model: CausalLM) -> DenseBlocks:
                 blocks.attention_input(layer, x, residual, positions, model.rope_cache)
                 blocks.attention_output_and_mlp(layer, attn, residual)
     return blocks
+
+
+def compile_decode_layers(model: CausalLM) -> Callable:
+    """`run_layers` for pure decode steps as one graph. With the dense blocks compiled one
+    by one, Dynamo's guards and wrappers cost ~35 us a call, 60 calls a step; here one.
+    Attention must be the C++ op (`use_native_kernels`): the ATen path plans on the host.
+
+    Rows and block-table columns are padded to at least two (padding rows write no K/V and
+    attend to nothing), so one graph with both sizes symbolic serves every step; the warm-up
+    checks that a second shape runs without recompiling."""
+    import torch._dynamo
+
+    compiled = torch.compile(run_layers)
+    blocks = DenseBlocks()
+
+    def decode_layers(
+        model: CausalLM,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = x.shape[0]
+        x, residual, positions, meta = _pad_decode(x, residual, positions, meta)
+        x, residual = compiled(model, x, residual, positions, meta, blocks)
+        return x[:rows], residual[:rows]
+
+    with torch.inference_mode():
+        inputs = _warm_up_decode(model, rows=3, width=2)
+        for t in (*inputs[:3], inputs[3].slot_mapping, inputs[3].context_lens):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(inputs[3].block_tables, 0)
+        torch._dynamo.maybe_mark_dynamic(inputs[3].block_tables, 1)
+        decode_layers(model, *inputs)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            decode_layers(model, *_warm_up_decode(model, rows=1, width=5))
+    return decode_layers
+
+
+def _pad_decode(
+    x: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """At least two rows and two block-table columns (Dynamo specialises sizes of one)."""
+    rows, width = meta.block_tables.shape
+    if rows >= 2 and width >= 2:
+        return x, residual, positions, meta
+    pad = max(0, 2 - rows)
+    meta = dataclasses.replace(
+        meta,
+        slot_mapping=F.pad(meta.slot_mapping, (0, pad), value=-1),
+        block_tables=F.pad(meta.block_tables, (0, max(0, 2 - width), 0, pad)),
+        context_lens=F.pad(meta.context_lens, (0, pad)),
+    )
+    x, residual = F.pad(x, (0, 0, 0, pad)), F.pad(residual, (0, 0, 0, pad))
+    return x, residual, F.pad(positions, (0, pad)), meta
+
+
+def _warm_up_decode(
+    model: CausalLM, rows: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """Decode inputs that read block 0 of the live cache and write nothing (slot -1), so the
+    warm-up may run while the engine serves."""
+    hidden = model.config.hidden_size
+    dtype = model.embed_tokens.weight.dtype
+    block_size = model.layers[0].self_attn.k_cache.shape[1]
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((rows,), -1, dtype=torch.int64),
+        block_tables=torch.zeros(rows, width, dtype=torch.int32),
+        context_lens=torch.arange(1, rows + 1, dtype=torch.int32).clamp(max=block_size),
+        query_start_loc=torch.arange(rows + 1, dtype=torch.int32),
+        is_decode=True,
+    )
+    x = torch.randn(rows, hidden, dtype=dtype)
+    return x, torch.randn(rows, hidden, dtype=dtype), torch.zeros(rows, dtype=torch.int64), meta
 
 
 def warm_up_rows(model: CausalLM) -> list[int]:
@@ -144,13 +238,12 @@ class BackgroundCompile:
         start = time.perf_counter()
         logger.info("compiling the dense blocks in the background; serving eagerly meanwhile")
         try:
-            blocks = compile_dense_blocks(self._model)
+            compile_model(self._model)
         except Exception as exc:  # any compiler failure leaves the eager blocks on
             self.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
             self.state = "failed"
             logger.warning("torch.compile failed, staying on eager blocks: %s", self.error)
         else:
-            self._model.dense_blocks = blocks
             self.state = "ready"
             logger.info("compiled dense blocks in use after %.1f s", time.perf_counter() - start)
         finally:

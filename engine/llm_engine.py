@@ -14,7 +14,7 @@ import torch
 from engine.args import EngineArgs
 from engine.block_manager import BlockManager
 from engine.calibration import calibration_token_ids, linear_input_absmax
-from engine.compilation import BackgroundCompile, compile_dense_blocks
+from engine.compilation import BackgroundCompile, compile_model
 from engine.errors import ContextLengthExceededError
 from engine.linear import use_cpu_linears
 from engine.loader import load_model
@@ -81,7 +81,7 @@ class LLMEngine:
         # After the KV pool exists: the compile step picks attention kernels for its dtype.
         self.background_compile: BackgroundCompile | None = None
         if self.compile_mode == "on":
-            model.dense_blocks = compile_dense_blocks(model)
+            compile_model(model)
         elif self.compile_mode == "background":
             self.background_compile = BackgroundCompile(model, torch.get_num_threads())
         self.requests: dict[str, Request] = {}

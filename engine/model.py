@@ -188,6 +188,9 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("rope_cache", torch.empty(0), persistent=False)
         self.dense_blocks = DenseBlocks()
+        # All layers of a pure decode step as one compiled graph (engine/compilation.py);
+        # None: every step runs `run_layers`.
+        self.decode_layers: Callable | None = None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -196,14 +199,30 @@ class CausalLM(nn.Module):
         # A zero residual lets the first layer take the same fused add-and-norm as the others
         # (x + 0 is exact), so one compiled block serves every layer.
         residual = torch.zeros_like(x)
-        blocks = self.dense_blocks
-        for layer in self.layers:
-            x, residual = layer(x, residual, positions, meta, self.rope_cache, blocks)
+        decode_layers = self.decode_layers
+        if decode_layers is not None and meta.is_decode and meta.parts is None:
+            x, residual = decode_layers(self, x, residual, positions, meta)
+        else:
+            x, residual = run_layers(self, x, residual, positions, meta, self.dense_blocks)
         x, _ = self.norm(x, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+def run_layers(
+    model: CausalLM,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    positions: torch.Tensor,
+    meta: AttentionMetadata,
+    blocks: DenseBlocks,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder stack: (hidden states, residual) after every layer."""
+    for layer in model.layers:
+        x, residual = layer(x, residual, positions, meta, model.rope_cache, blocks)
+    return x, residual
 
 
 def _fused_state_dict(

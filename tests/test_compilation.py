@@ -129,6 +129,45 @@ def test_native_attention_keeps_float32_logprobs(tiny_model_dir):
                 assert abs(la - lb) < 1e-4
 
 
+@pytest.mark.skipif(not kernels.native.supported(), reason="needs AVX-512 VNNI")
+def test_one_graph_decode_stack_matches_the_layer_by_layer_path(tiny_model_dir):
+    """A single short sequence exercises the padding (one row, one block-table column), the
+    pair the symbolic sizes."""
+    llm = LLM(
+        tiny_model_dir("llama"),
+        device="cpu",
+        quantization="none",
+        kv_cache_dtype="float32",
+        compile="on",
+    )
+    model = llm.engine.runner.model
+    assert model.decode_layers is not None and model.dense_blocks.compiled
+    stack, calls = model.decode_layers, []
+
+    def counted(*args):
+        calls.append(args[1].shape[0])
+        return stack(*args)
+
+    for prompts in ([[5, 6, 7]], PROMPTS):
+        model.decode_layers = counted
+        stacked = _greedy(llm, prompts)
+        model.decode_layers = None
+        layered = _greedy(llm, prompts)
+        for a, b in zip(stacked, layered, strict=True):
+            assert a.token_ids == b.token_ids
+            for step_a, step_b in zip(a.logprobs, b.logprobs, strict=True):
+                for (ta, la), (tb, lb) in zip(step_a.top, step_b.top, strict=True):
+                    assert ta == tb and abs(la - lb) < 1e-4
+    assert calls.count(1) == 11 and calls.count(2) == 11  # every decode step of both runs
+
+
+def test_no_decode_stack_without_the_native_attention(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(engine.compilation, "use_native_kernels", lambda model: 0)
+    llm = LLM(tiny_model_dir("llama"), device="cpu", compile="on")
+    model = llm.engine.runner.model
+    assert model.dense_blocks.compiled and model.decode_layers is None
+
+
 def test_warm_up_reaches_every_row_count_threshold(tiny_model_dir):
     path = tiny_model_dir("llama")
     assert warm_up_rows(LLM(path, device="cpu", compile="off").engine.runner.model) == [1, 2]
@@ -177,6 +216,6 @@ def test_a_failed_background_compile_is_reported_and_serving_goes_on(
 
 
 def test_compile_on_fails_loudly(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr("engine.llm_engine.compile_dense_blocks", _no_compiler)
+    monkeypatch.setattr("engine.llm_engine.compile_model", _no_compiler)
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         LLM(tiny_model_dir("llama"), device="cpu", compile="on")
