@@ -76,9 +76,8 @@ def use_native_kernels(model: CausalLM) -> int:
 def _native_attention_fits(attn: Attention) -> bool:
     return (
         attn.k_cache.dtype in (torch.float32, torch.bfloat16)
-        and attn.head_dim % 16 == 0
-        and attn.head_dim <= 128
-        and attn.num_heads // attn.num_kv_heads <= 16
+        and attn.head_dim in (16, 32, 64, 128)
+        and attn.num_heads // attn.num_kv_heads <= 8
     )
 
 

@@ -83,8 +83,8 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """`kernels.paged_decode_attention` in C++ (kernels/csrc/paged_attention.cpp): each
-    sequence's blocks read in place, no gathered copy. float32 queries, head_dim a multiple of
-    16 up to 128."""
+    sequence's blocks read in place, no gathered copy. float32 queries, head_dim 16, 32, 64
+    or 128, at most 8 query heads per KV head."""
     return torch.ops.tokenmill.paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, scale
     )
