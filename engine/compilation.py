@@ -1,31 +1,38 @@
-"""Regional `torch.compile` of the decoder layers' dense blocks on CPU.
+"""The CPU compile step: tokenmill's C++ kernels, then `torch.compile` of the decoder.
 
-Why: in eager mode a CPU decode step of 16 sequences spends about two thirds of its time
+Why: in eager mode a CPU decode step of 16 sequences spent about two thirds of its time
 outside the int8 GEMMs, in some 1,500 small ops (per-row quantize, dequantize, norms,
-activation, each a separate pass and dispatch). Inductor fuses each `DenseBlocks` function
-into a few C++ loops around the GEMMs. Closed-loop engine runs on this project's 2-core
-machine: +16% tok/s at 16 streams, +29% at 32 (docs/performance.md).
+activation, each a separate pass and dispatch), and the GEMMs and attention themselves ran
+in ATen kernels tuned for other shapes. Measured on this project's 2-core machine, a
+16-sequence decode step went from 35.8 ms (compiled blocks around ATen kernels) to about
+17 ms (docs/performance.md).
 
-How:
-* Only the dense blocks are compiled, not attention: the paged-cache kernels plan per step
-  with host-side Python that would break graphs anyway, and gain little from fusion.
-* One graph serves all layers (Dynamo lifts module parameters to graph inputs) with the row
-  count dynamic. Dynamo specialises one-row inputs, so those get a second graph, and layers
-  whose kernel depends on the row count (weight-only int8/int4) a third. Every graph is
-  compiled and run on every layer during the warm-up, so the engine never waits for one.
-  Within one kernel's row range, per-row results do not depend on the row count
-  (tests/test_compilation.py), so the default w8a8 mode stays batch-invariant.
-* The compiled blocks compute the same function as the eager ones, with different rounding
-  (float32 sums in another order), so a switch can change a close greedy choice.
+What `compile_model` does, in order, then installs in one go:
+1. `use_native_kernels`: builds kernels/csrc (kernels/native.py) and moves w8a8 linears onto
+   the VNNI GEMM (bit-identical outputs) and decode attention and the KV write onto their
+   C++ versions.
+2. `compile_dense_blocks`: each `DenseBlocks` function fused by Inductor into a few C++
+   loops around the GEMMs, used by prefill and mixed steps. One graph serves all layers
+   (Dynamo lifts parameters to graph inputs) with the row count dynamic; one-row inputs get
+   a second graph, and layers whose kernel depends on the row count (weight-only int8/int4)
+   a third. Attention stays outside: the ATen prefill kernels plan on the host.
+3. `compile_decode_layers`: with the C++ decode attention, a pure decode step's 30 layers
+   as one graph, one Dynamo call a step instead of 60 (guards and wrappers cost ~35 us each).
+
+Every graph is compiled and run during the warm-up, so the engine never waits for one.
+Per-row results do not depend on the row count (tests/test_compilation.py), so the default
+w8a8 mode stays batch-invariant. The compiled model computes the same function with
+different rounding (float32 sums in another order), so a switch can change a close greedy
+choice.
 
 Modes (`EngineArgs.compile`): "off"; "on" compiles before the engine takes requests;
-"background" serves eagerly at once and installs the compiled blocks when ready, so start-up
-stays fast: for SmolLM2-135M on two cores the compiled blocks take over ~19 s after start-up
-with a cold Inductor cache, ~6 s with a warm one (its on-disk cache, by default under /tmp).
-Compiling needs a C++ compiler; in "background" mode a failure is logged and reported
-(`BackgroundCompile.state`, the server's /health) and the engine stays on the eager blocks.
+"background" serves eagerly at once and installs the compiled model when ready, so start-up
+stays fast. For SmolLM2-135M on two cores that is ~14 s after start-up with the caches
+warm and ~90 s cold (the C++ kernels' build under ~/.cache/torch_extensions, Inductor's
+under /tmp; both once per machine). Compiling needs a C++ compiler; in "background" mode a
+failure is logged and reported (`BackgroundCompile.state`, the server's /health) and the
+engine stays eager.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -212,7 +219,7 @@ def warm_up_rows(model: CausalLM) -> list[int]:
 
 
 class BackgroundCompile:
-    """Compiles a model's dense blocks on a thread of its own and installs them when done.
+    """Runs `compile_model` on a thread of its own, which installs the result when done.
 
     The thread uses the engine's thread count, so the generated kernels are parallelised for
     it; its OpenMP team lives only as long as the warm-up.
@@ -235,7 +242,7 @@ class BackgroundCompile:
         if self._num_threads is not None:
             torch.set_num_threads(self._num_threads)
         start = time.perf_counter()
-        logger.info("compiling the dense blocks in the background; serving eagerly meanwhile")
+        logger.info("compiling the model in the background; serving eagerly meanwhile")
         try:
             compile_model(self._model)
         except Exception as exc:  # any compiler failure leaves the eager blocks on
@@ -244,6 +251,6 @@ class BackgroundCompile:
             logger.warning("torch.compile failed, staying on eager blocks: %s", self.error)
         else:
             self.state = "ready"
-            logger.info("compiled dense blocks in use after %.1f s", time.perf_counter() - start)
+            logger.info("compiled model in use after %.1f s", time.perf_counter() - start)
         finally:
             self._done.set()
