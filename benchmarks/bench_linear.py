@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+import kernels
+import kernels.native
 from engine.linear import INT4_GROUP, quantize_int4, quantize_int8
 from kernels import cpu_ops
 
@@ -32,6 +34,11 @@ def _int8(w: torch.Tensor) -> Prepared:
     return quantize_int8(w)
 
 
+def _int8_vnni(w: torch.Tensor) -> Prepared:
+    q, scale = quantize_int8(w)
+    return (*kernels.pack_int8_vnni(q), scale.float())
+
+
 def _int4(w: torch.Tensor) -> Prepared:
     q, scales_zeros = quantize_int4(w)
     return cpu_ops.pack_int4(q), scales_zeros
@@ -42,6 +49,8 @@ FORMATS: dict[str, tuple[Callable[[torch.Tensor], Prepared], Runner, torch.dtype
     "bfloat16": (lambda w: w.bfloat16().t().contiguous(), torch.mm, torch.bfloat16),
     "int8": (_int8, lambda x, p: cpu_ops.int8_linear(x, *p), torch.float32),
     "int8-dynamic": (_int8, lambda x, p: cpu_ops.int8_dynamic_linear(x, *p), torch.float32),
+    # the same math in tokenmill's C++ kernel (kernels/csrc/int8_gemm.cpp; AVX-512 VNNI)
+    "int8-vnni": (_int8_vnni, lambda x, p: cpu_ops.int8_packed_linear(x, *p), torch.float32),
     "int4": (_int4, lambda x, p: cpu_ops.int4_linear(x, *p, INT4_GROUP), torch.float32),
 }
 
@@ -70,6 +79,8 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    if "int8-vnni" in args.formats:
+        kernels.native.load()
     print(f"ms per step (30 layers, cold weights), {args.threads} thread(s)")
     print("| format | " + " | ".join(f"{m} rows" for m in args.rows) + " |")
     print("| --- |" + " --- |" * len(args.rows))
