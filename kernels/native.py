@@ -20,6 +20,14 @@ from pathlib import Path
 
 import torch
 
+# Imported here, on the importing (main) thread, not by `load` on the compile thread: its
+# first import pulls in setuptools, whose distutils shim inserts and removes an entry of
+# `sys.meta_path`, and an import on another thread iterating that list at the same moment
+# skips the path finder and fails. It crashed the server's start-up about one time in ten,
+# in uvicorn's lazy import of its protocol module ("No module named
+# 'uvicorn.protocols.http'").
+from torch.utils import cpp_extension
+
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).parent / "csrc" / f for f in ("int8_gemm.cpp", "paged_attention.cpp")]
@@ -53,8 +61,6 @@ def load() -> None:
     """
     if not supported():
         raise RuntimeError("tokenmill's C++ kernels need a CPU with AVX-512 VNNI")
-    from torch.utils import cpp_extension
-
     start = time.perf_counter()
     cpp_extension.load(
         name="tokenmill_cpu",

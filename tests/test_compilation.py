@@ -130,11 +130,12 @@ def test_native_attention_keeps_float32_logprobs(tiny_model_dir):
 
 
 @pytest.mark.skipif(not kernels.native.supported(), reason="needs AVX-512 VNNI")
-def test_one_graph_decode_stack_matches_the_layer_by_layer_path(tiny_model_dir):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_one_graph_decode_stack_matches_the_layer_by_layer_path(tiny_model_dir, arch):
     """A single short sequence exercises the padding (one row, one block-table column), the
-    pair the symbolic sizes."""
+    pair the symbolic sizes; Qwen2 adds q/k/v biases, Qwen3 per-head q/k norms."""
     llm = LLM(
-        tiny_model_dir("llama"),
+        tiny_model_dir(arch),
         device="cpu",
         quantization="none",
         kv_cache_dtype="float32",

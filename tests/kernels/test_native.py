@@ -8,6 +8,9 @@ the kind this project's machines and CI have.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given
@@ -175,3 +178,13 @@ def test_store_kv_rejects_slots_outside_the_cache():
         kernels.native.store_kv(
             torch.randn(1, 1, 16), torch.randn(1, 1, 16), *caches, torch.tensor([8])
         )
+
+
+def test_importing_the_engine_leaves_no_import_hooks_to_the_compile_thread():
+    """setuptools (under torch.utils.cpp_extension) edits sys.meta_path on its first import,
+    which races with imports on other threads; the engine's import must have done it."""
+    code = (
+        "import sys, engine.serve; "
+        "assert 'torch.utils.cpp_extension' in sys.modules and 'setuptools' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
