@@ -24,9 +24,9 @@ class EngineArgs:
     # "auto": bfloat16 on CPU when dtype is also "auto" (it halves the bytes decode attention
     # gathers every layer), else the model's dtype.
     kv_cache_dtype: str = "auto"
-    # torch.compile of the layers' dense blocks (engine/compilation.py), CPU only. "auto":
-    # "background" on CPU when dtype is also "auto" (serve eagerly at once, switch to the
-    # compiled blocks when built), else "off"; "on" compiles before taking requests.
+    # The CPU compile step (engine/compilation.py: C++ kernels, torch.compile of the layers).
+    # "auto": "background" on CPU when dtype is also "auto" (serve eagerly at once, switch to
+    # the compiled model when built), else "off"; "on" compiles before taking requests.
     compile: str = "auto"
     device: str = "auto"  # "auto": CUDA when available
     block_size: int = 16

@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         default=defaults.compile,
         choices=["auto", *COMPILE_MODES],
-        help="CPU only: torch.compile the layers' dense blocks. background: serve "
-        "at once and switch when compiled (~20 s cold, ~6 s cached); "
+        help="CPU only: build tokenmill's C++ kernels and torch.compile the layers. "
+        "background: serve at once and switch when compiled (~90 s on a machine's first "
+        "start, ~14 s cached); "
         "on: compile before serving; auto: background unless --dtype is given",
     )
     eng.add_argument(
