@@ -2,10 +2,10 @@
 
 Why C++ here when the rest of the CPU path is ATen and Inductor: neither has a fast int8 GEMM
 for the few rows of a decode step on CPUs without AMX (`kernels/csrc/int8_gemm.cpp` says
-how much). The build takes some ten seconds on two cores, once per machine: PyTorch's
-extension loader caches the library under ``$TORCH_EXTENSIONS_DIR`` (by default
-``~/.cache/torch_extensions``) and rebuilds only when a source changes. The engine builds it
-on its background compile thread (engine/compilation.py), never on a request's path.
+how much). The build takes 10-25 s on two cores, once per checkout: PyTorch's extension
+loader caches the library (`build_directory`) and rebuilds only when a source changes. The
+engine builds it on its background compile thread (engine/compilation.py), never on a
+request's path.
 
 Ops live under ``torch.ops.tokenmill``, each with a fake (meta) implementation so that
 ``torch.compile`` can trace through them.
@@ -14,7 +14,10 @@ Ops live under ``torch.ops.tokenmill``, each with a fake (meta) implementation s
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +56,16 @@ def supported() -> bool:
     return False
 
 
+def build_directory() -> Path:
+    """Where the library is built and cached: one directory per checkout (so two clones do
+    not rebuild over each other) and per torch and Python version, under
+    ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    checkout = hashlib.sha256(str(_SOURCES[0].parent.resolve()).encode()).hexdigest()[:12]
+    version = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(root) / f"tokenmill_cpu-{version}-{checkout}"
+
+
 @functools.cache
 def load() -> None:
     """Build (or load the cached build of) the kernels and register their ops.
@@ -61,14 +74,26 @@ def load() -> None:
     """
     if not supported():
         raise RuntimeError("tokenmill's C++ kernels need a CPU with AVX-512 VNNI")
+    import fcntl  # POSIX; `supported` is False elsewhere
+
     start = time.perf_counter()
-    cpp_extension.load(
-        name="tokenmill_cpu",
-        sources=[str(s) for s in _SOURCES],
-        extra_cflags=_CFLAGS,
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-    )
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    # PyTorch's loader guards a build with a `lock` file that only its owner deletes: a
+    # process killed mid-build (a server stopped in its first seconds) leaves it behind, and
+    # every later load then waits for it forever. An flock is released by the kernel when
+    # its holder dies, so while we hold one, a `lock` file can only be such a leftover.
+    with open(directory / "tokenmill.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        cpp_extension.load(
+            name="tokenmill_cpu",
+            sources=[str(s) for s in _SOURCES],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            is_python_module=False,
+        )
     torch.library.register_fake("tokenmill::int8_packed_linear")(_int8_packed_linear_fake)
     torch.library.register_fake("tokenmill::paged_decode_attention")(_like_q)
     torch.library.register_fake("tokenmill::store_kv")(_nothing)

@@ -188,3 +188,13 @@ def test_importing_the_engine_leaves_no_import_hooks_to_the_compile_thread():
         "assert 'torch.utils.cpp_extension' in sys.modules and 'setuptools' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_build_killed_midway_does_not_block_later_loads():
+    """PyTorch's loader leaves its `lock` file behind when its process dies mid-build, and
+    then waits for it forever; `load` clears such a leftover."""
+    directory = kernels.native.build_directory()
+    (directory / "lock").touch()
+    code = "import kernels.native as n; n.load()"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert not (directory / "lock").exists()
