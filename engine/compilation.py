@@ -28,8 +28,8 @@ choice.
 Modes (`EngineArgs.compile`): "off"; "on" compiles before the engine takes requests;
 "background" serves eagerly at once and installs the compiled model when ready, so start-up
 stays fast. For SmolLM2-135M on two cores that is ~14 s after start-up with the caches
-warm and ~90 s cold (the C++ kernels' build under ~/.cache/torch_extensions, Inductor's
-under /tmp; both once per machine). Compiling needs a C++ compiler; in "background" mode a
+warm and ~90 s cold (the C++ kernels' build, once per checkout, and Inductor's, under
+/tmp). Compiling needs a C++ compiler; in "background" mode a
 failure is logged and reported (`BackgroundCompile.state`, the server's /health) and the
 engine stays eager.
 """
