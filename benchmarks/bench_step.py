@@ -27,7 +27,9 @@ from engine import LLM, SamplingParams
 
 
 def _fill(llm: LLM, batch: int, context: int, steps: int) -> None:
-    params = SamplingParams(temperature=0, max_tokens=context + steps * 20, ignore_eos=True)
+    """Start `batch` requests and decode until every context holds `context` tokens; each
+    may then take `steps` more."""
+    params = SamplingParams(temperature=0, max_tokens=context + steps, ignore_eos=True)
     engine = llm.engine
     for i, text in enumerate(bench_prompts()[:batch]):
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": text}])
@@ -65,7 +67,7 @@ def main() -> None:
     print("| ---: | ---: | ---: | ---: |")
     for batch in args.batch:
         for llm in (eager, compiled):
-            _fill(llm, batch, args.context, args.steps)
+            _fill(llm, batch, args.context, args.steps * args.rounds)
         times: dict[str, list[float]] = {"eager": [], "compiled": []}
         for _ in range(args.rounds):
             times["eager"].append(_round(eager, args.steps))

@@ -92,9 +92,9 @@ def compile_model(model: CausalLM) -> None:
     """Everything the compile step does, installed at the end so that a concurrent forward
     sees the model before or after, never between: the C++ kernels, the compiled dense blocks
     and, with the C++ decode attention, the one-graph decode stack."""
-    native = use_native_kernels(model) > 0
+    use_native_kernels(model)
     blocks = compile_dense_blocks(model)
-    decode_layers = compile_decode_layers(model) if native and _native_decode(model) else None
+    decode_layers = compile_decode_layers(model) if _native_decode(model) else None
     model.dense_blocks = blocks
     model.decode_layers = decode_layers
 

@@ -151,7 +151,7 @@ class CpuLinear(nn.Module):
         if self.w8a8 is None or self.w8a8[0] is kernels.int8_packed_linear:
             return False
         qweight, scale = self.quantized
-        if qweight.shape[0] % 16 or qweight.shape[1] % 4:
+        if not kernels.reference.int8_vnni_fits(qweight):
             return False
         self.quantized = (*kernels.pack_int8_vnni(qweight), scale)
         self.w8a8 = (kernels.int8_packed_linear, self.quantized)

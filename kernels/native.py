@@ -100,11 +100,6 @@ def load() -> None:
     logger.info("C++ kernels ready after %.1f s", time.perf_counter() - start)
 
 
-def loaded() -> bool:
-    """Whether `load` has succeeded in this process."""
-    return load.cache_info().currsize > 0
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -301,13 +301,18 @@ def int8_dynamic_linear(
     return (acc.float() * x_scale[:, None] * scale.float()).to(x.dtype)
 
 
+def int8_vnni_fits(qweight: torch.Tensor) -> bool:
+    """Whether `pack_int8_vnni` can lay out this ``[out, in]`` weight."""
+    return qweight.shape[0] % 16 == 0 and qweight.shape[1] % 4 == 0
+
+
 def pack_int8_vnni(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Lay out an ``[out, in]`` int8 weight for `int8_packed_linear`: ``[out / 16, in / 4, 16,
     4]`` (four consecutive inputs of 16 outputs together, one VNNI operand), and
     ``comp = 128 * row sums`` in int32, which the VNNI kernel subtracts because it multiplies
     activations stored as unsigned ``q + 128``. Needs ``out % 16 == 0`` and ``in % 4 == 0``."""
     n, k = qweight.shape
-    if n % 16 or k % 4:
+    if not int8_vnni_fits(qweight):
         raise ValueError(f"a [{n}, {k}] weight cannot be packed: need out % 16 == in % 4 == 0")
     packed = qweight.view(n // 16, 16, k // 4, 4).transpose(1, 2).contiguous()
     return packed, qweight.sum(dim=1, dtype=torch.int32) * 128
