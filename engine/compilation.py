@@ -1,23 +1,27 @@
-"""The CPU compile step: tokenmill's C++ kernels, then `torch.compile` of the decoder.
+"""The CPU compile step: tokenmill's C++ kernels, or else `torch.compile` of the decoder.
 
 Why: in eager mode a CPU decode step of 16 sequences spent about two thirds of its time
 outside the int8 GEMMs, in some 1,500 small ops (per-row quantize, dequantize, norms,
 activation, each a separate pass and dispatch), and the GEMMs and attention themselves ran
 in ATen kernels tuned for other shapes. Measured on this project's 2-core machine, a
 16-sequence decode step went from 35.8 ms (compiled blocks around ATen kernels) to about
-17 ms (docs/performance.md).
+15 ms (docs/performance.md).
 
 What `compile_model` does, in order, then installs in one go:
 1. `use_native_kernels`: builds kernels/csrc (kernels/native.py) and moves w8a8 linears onto
    the VNNI GEMM (bit-identical outputs) and decode attention and the KV write onto their
    C++ versions.
-2. `compile_dense_blocks`: each `DenseBlocks` function fused by Inductor into a few C++
-   loops around the GEMMs, used by prefill and mixed steps. One graph serves all layers
-   (Dynamo lifts parameters to graph inputs) with the row count dynamic; one-row inputs get
-   a second graph, and layers whose kernel depends on the row count (weight-only int8/int4)
-   a third. Attention stays outside: the ATen prefill kernels plan on the host.
-3. `compile_decode_layers`: with the C++ decode attention, a pure decode step's 30 layers
-   as one graph, one Dynamo call a step instead of 60 (guards and wrappers cost ~35 us each).
+2. Where every layer then runs on C++ kernels (the default mode on an AVX-512 VNNI CPU):
+   engine/native_layers.py's blocks for prefill and mixed steps, and its one-call decode
+   stack for pure decode steps. Nothing is left for Inductor.
+3. Otherwise (other quantizations, other CPUs):
+   * `compile_dense_blocks`: each `DenseBlocks` function fused by Inductor into a few C++
+     loops around the GEMMs, used by prefill and mixed steps. One graph serves all layers
+     (Dynamo lifts parameters to graph inputs) with the row count dynamic; one-row inputs
+     get a second graph, and layers whose kernel depends on the row count (weight-only
+     int8/int4) a third. Attention stays outside: the ATen prefill kernels plan on the host.
+   * `compile_decode_layers`: with the C++ decode attention, a pure decode step's layers as
+     one graph, one Dynamo call a step instead of 60 (guards and wrappers cost ~35 us each).
 
 Every graph is compiled and run during the warm-up, so the engine never waits for one.
 Per-row results do not depend on the row count (tests/test_compilation.py), so the default
@@ -27,12 +31,12 @@ choice.
 
 Modes (`EngineArgs.compile`): "off"; "on" compiles before the engine takes requests;
 "background" serves eagerly at once and installs the compiled model when ready, so start-up
-stays fast. For SmolLM2-135M on two cores that is ~14 s after start-up with the caches
-warm and ~90 s cold (the C++ kernels' build, once per checkout, and Inductor's, under
-/tmp). Compiling needs a C++ compiler; in "background" mode a
-failure is logged and reported (`BackgroundCompile.state`, the server's /health) and the
-engine stays eager.
+stays fast. For SmolLM2-135M on two cores that takes the C++ build (~30 s once per
+checkout, then a cached load); Inductor's route takes ~15 s with its caches warm and ~70 s
+cold. Compiling needs a C++ compiler; in "background" mode a failure is logged and reported
+(`BackgroundCompile.state`, the server's /health) and the engine stays eager.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels.native
+from engine import native_layers
 from engine.linear import CpuLinear
 from engine.model import (
     Attention,
@@ -93,10 +98,27 @@ def compile_model(model: CausalLM) -> None:
     sees the model before or after, never between: the C++ kernels, the compiled dense blocks
     and, with the C++ decode attention, the one-graph decode stack."""
     use_native_kernels(model)
-    blocks = compile_dense_blocks(model)
-    decode_layers = compile_decode_layers(model) if _native_decode(model) else None
+    if native_layers.fits(model):
+        blocks = native_layers.native_dense_blocks()
+        decode_layers = native_layers.native_decode_layers(model)
+        _try_native(model, blocks, decode_layers)
+    else:
+        blocks = compile_dense_blocks(model)
+        decode_layers = compile_decode_layers(model) if _native_decode(model) else None
     model.dense_blocks = blocks
     model.decode_layers = decode_layers
+
+
+def _try_native(model: CausalLM, blocks: DenseBlocks, decode_layers: Callable) -> None:
+    """Run the C++ layers once before installing them, as the compiled graphs are, so that
+    a failure shows as a failed compile rather than in a request."""
+    with torch.inference_mode():
+        x, residual, positions, meta = _warm_up_decode(model, rows=2, width=1)
+        decode_layers(model, x, residual, positions, meta)
+        layer = model.layers[0]
+        blocks.attention_input(layer, x, residual, positions, model.rope_cache)
+        attn = torch.zeros(2, model.config.num_attention_heads * model.config.head_dim)
+        blocks.attention_output_and_mlp(layer, attn, residual)
 
 
 def _native_decode(model: CausalLM) -> bool:
@@ -248,7 +270,7 @@ class BackgroundCompile:
         except Exception as exc:  # any compiler failure leaves the eager blocks on
             self.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
             self.state = "failed"
-            logger.warning("torch.compile failed, staying on eager blocks: %s", self.error)
+            logger.warning("compile failed, staying on eager blocks: %s", self.error)
         else:
             self.state = "ready"
             logger.info("compiled model in use after %.1f s", time.perf_counter() - start)

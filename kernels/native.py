@@ -33,7 +33,10 @@ from torch.utils import cpp_extension
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / f for f in ("int8_gemm.cpp", "paged_attention.cpp")]
+_SOURCES = [
+    Path(__file__).parent / "csrc" / f
+    for f in ("int8_gemm.cpp", "paged_attention.cpp", "layer_ops.cpp", "decode_layers.cpp")
+]
 # The ISA the kernels are written for, named explicitly (not -march=native) so that the cached
 # library runs on any CPU that has it. OpenMP: at::parallel_for is inlined into the kernels, and
 # without it compiles to a serial loop (as Inductor's kernels, this links the system libgomp).
@@ -97,6 +100,10 @@ def load() -> None:
     torch.library.register_fake("tokenmill::int8_packed_linear")(_int8_packed_linear_fake)
     torch.library.register_fake("tokenmill::paged_decode_attention")(_like_q)
     torch.library.register_fake("tokenmill::store_kv")(_nothing)
+    torch.library.register_fake("tokenmill::add_rms_norm")(_add_rms_norm_fake)
+    torch.library.register_fake("tokenmill::rotary_heads")(_rotary_heads_fake)
+    torch.library.register_fake("tokenmill::silu_and_mul")(_silu_and_mul_fake)
+    torch.library.register_fake("tokenmill::decode_layers")(_add_rms_norm_fake)
     logger.info("C++ kernels ready after %.1f s", time.perf_counter() - start)
 
 
@@ -125,6 +132,91 @@ def store_kv(
 ) -> None:
     """`kernels.store_kv` in C++: one pass, no per-step slot check in Python."""
     torch.ops.tokenmill.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels.rms_norm` with a residual, in C++ (kernels/csrc/layer_ops.cpp): returns
+    (normalised, x + residual) for float32 rows."""
+    return torch.ops.tokenmill.add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_heads(
+    qkv: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    positions: torch.Tensor,
+    rope_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused q/k/v projection's rows split into contiguous q, k and v heads, q and k
+    normalised per head (where norms are given, as Qwen3's) and rotated by
+    `kernels.apply_rotary`'s rule. positions are int64."""
+    return torch.ops.tokenmill.rotary_heads(
+        qkv, q_norm, k_norm, positions, rope_cache, num_heads, num_kv_heads, eps
+    )
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`kernels.silu_and_mul` in C++, float32."""
+    return torch.ops.tokenmill.silu_and_mul(gate_up)
+
+
+def decode_layers(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    positions: torch.Tensor,
+    rope_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    weights: list[torch.Tensor | None],
+    k_caches: list[torch.Tensor],
+    v_caches: list[torch.Tensor],
+    num_heads: int,
+    eps: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels.reference.decode_layers` in C++ (kernels/csrc/decode_layers.cpp): every layer
+    of a decode step in one call, on the ops above. float32 activations, w8a8 linears packed
+    by `pack_int8_vnni`."""
+    return torch.ops.tokenmill.decode_layers(
+        x,
+        residual,
+        positions,
+        rope_cache,
+        block_tables,
+        context_lens,
+        slot_mapping,
+        weights,
+        k_caches,
+        v_caches,
+        num_heads,
+        eps,
+        scale,
+    )
+
+
+def _add_rms_norm_fake(x: torch.Tensor, residual: torch.Tensor, *args):
+    return torch.empty_like(x), torch.empty_like(residual)
+
+
+def _rotary_heads_fake(
+    qkv: torch.Tensor, q_norm, k_norm, positions, rope_cache, heads, kv_heads, eps
+):
+    rows, d = qkv.shape[0], qkv.shape[1] // (heads + 2 * kv_heads)
+    return (
+        qkv.new_empty(rows, heads, d),
+        qkv.new_empty(rows, kv_heads, d),
+        qkv.new_empty(rows, kv_heads, d),
+    )
+
+
+def _silu_and_mul_fake(gate_up: torch.Tensor) -> torch.Tensor:
+    return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
 
 
 def _like_q(q: torch.Tensor, *args) -> torch.Tensor:

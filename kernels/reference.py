@@ -352,3 +352,63 @@ def dequantize_int4(
     scale = scales_zeros[..., 0].float().t().repeat_interleave(group_size, dim=1)
     zero = scales_zeros[..., 1].float().t().repeat_interleave(group_size, dim=1)
     return (qweight.float() - 8) * scale + zero
+
+
+# The per-layer tensors of `decode_layers`, in order; a linear is its `pack_int8_vnni` weight,
+# comp, per-output scale and optional SmoothQuant input scale (and for qkv a bias).
+DECODE_LAYER_SLOTS = (
+    "input_norm",
+    "qkv_packed", "qkv_comp", "qkv_scale", "qkv_input_scale", "qkv_bias",
+    "q_norm", "k_norm",
+    "o_packed", "o_comp", "o_scale", "o_input_scale",
+    "post_norm",
+    "gate_up_packed", "gate_up_comp", "gate_up_scale", "gate_up_input_scale",
+    "down_packed", "down_comp", "down_scale", "down_input_scale",
+)  # fmt: skip
+
+
+def decode_layers(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    positions: torch.Tensor,
+    rope_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    weights: list[torch.Tensor | None],
+    k_caches: list[torch.Tensor],
+    v_caches: list[torch.Tensor],
+    num_heads: int,
+    eps: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every decoder layer of a decode step (one query token per sequence), as engine.model
+    runs them with w8a8 linears: returns (hidden states, residual) after the last layer and
+    writes each layer's K/V. ``weights`` holds `DECODE_LAYER_SLOTS` for each layer in turn."""
+    per_layer = len(DECODE_LAYER_SLOTS)
+    rows, head_dim = x.shape[0], k_caches[0].shape[-1]
+
+    def linear(h: torch.Tensor, w: dict, name: str) -> torch.Tensor:
+        if w[f"{name}_input_scale"] is not None:
+            h = h * w[f"{name}_input_scale"]
+        return int8_packed_linear(h, w[f"{name}_packed"], w[f"{name}_comp"], w[f"{name}_scale"])
+
+    for i, (k_cache, v_cache) in enumerate(zip(k_caches, v_caches, strict=True)):
+        w = dict(zip(DECODE_LAYER_SLOTS, weights[i * per_layer : (i + 1) * per_layer], strict=True))
+        h, residual = rms_norm(x, w["input_norm"], eps, residual)
+        qkv = linear(h, w, "qkv")
+        if w["qkv_bias"] is not None:
+            qkv = qkv + w["qkv_bias"]
+        q, k, v = qkv.view(rows, -1, head_dim).split(
+            [num_heads, k_cache.shape[2], k_cache.shape[2]], dim=1
+        )
+        if w["q_norm"] is not None:
+            q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
+        q, k = apply_rotary(q, k, positions, rope_cache)
+        store_kv(k, v, k_cache, v_cache, slot_mapping)
+        attn = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        h, residual = rms_norm(
+            linear(attn.reshape(rows, -1), w, "o"), w["post_norm"], eps, residual
+        )
+        x = linear(silu_and_mul(linear(h, w, "gate_up")), w, "down")
+    return x, residual

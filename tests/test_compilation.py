@@ -8,7 +8,7 @@ import torch
 
 import engine.compilation
 import kernels.native
-from engine import LLM, SamplingParams
+from engine import LLM, SamplingParams, native_layers
 from engine.compilation import compile_dense_blocks, use_native_kernels, warm_up_rows
 from engine.linear import CpuLinear
 from engine.model import DenseBlocks
@@ -162,6 +162,33 @@ def test_one_graph_decode_stack_matches_the_layer_by_layer_path(tiny_model_dir, 
     assert calls.count(1) == 11 and calls.count(2) == 11  # every decode step of both runs
 
 
+@pytest.mark.skipif(not kernels.native.supported(), reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_native_decode_stack_serves_the_default_mode(tiny_model_dir, arch, monkeypatch):
+    """With every linear on the VNNI GEMM, the compile step installs engine/native_layers.py:
+    decode steps run all layers in one C++ call, and give the same bits as the per-layer C++
+    blocks that prefill and mixed steps use."""
+    llm = LLM(tiny_model_dir(arch), device="cpu", compile="on")
+    model = llm.engine.runner.model
+    assert model.dense_blocks.attention_input is native_layers._attention_input
+    stack, calls = model.decode_layers, []
+    native = kernels.native.decode_layers
+
+    def counted(x, *args):
+        calls.append(x.shape[0])
+        return native(x, *args)
+
+    monkeypatch.setattr(kernels.native, "decode_layers", counted)
+    stacked = _greedy(llm, PROMPTS)
+    assert calls == [2] * 11  # every decode step, in the C++ stack
+    model.decode_layers = None
+    layered = _greedy(llm, PROMPTS)
+    model.decode_layers = stack
+    for a, b in zip(stacked, layered, strict=True):
+        assert a.token_ids == b.token_ids
+        assert [lp.top for lp in a.logprobs] == [lp.top for lp in b.logprobs]
+
+
 def test_no_decode_stack_without_the_native_attention(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(engine.compilation, "use_native_kernels", lambda model: 0)
     llm = LLM(tiny_model_dir("llama"), device="cpu", compile="on")
@@ -204,13 +231,13 @@ def _no_compiler(model):
 def test_a_failed_background_compile_is_reported_and_serving_goes_on(
     tiny_model_dir, monkeypatch, caplog
 ):
-    monkeypatch.setattr(engine.compilation, "compile_dense_blocks", _no_compiler)
+    monkeypatch.setattr(engine.compilation, "use_native_kernels", _no_compiler)
     llm = LLM(tiny_model_dir("llama"), device="cpu", compile="background")
     job = llm.engine.background_compile
     assert job.wait(timeout=60)
     assert job.state == "failed" and llm.engine.stats().compile_state == "failed"
     assert job.error == "RuntimeError: no C++ compiler found"
-    assert "torch.compile failed" in caplog.text
+    assert "compile failed" in caplog.text
     assert not llm.engine.runner.model.dense_blocks.compiled
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     assert len(llm.generate([5, 6, 7], params, use_tqdm=False)[0].outputs[0].token_ids) == 4

@@ -16,7 +16,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
+#include "tokenmill.h"
 
 #include <algorithm>
 #include <cmath>
@@ -110,6 +110,10 @@ void quantize_row(const float* x, int64_t k_len, uint8_t* q, float* scale) {
   *scale = s;
 }
 
+}  // namespace
+
+namespace tokenmill {
+
 at::Tensor int8_packed_linear(const at::Tensor& x, const at::Tensor& packed,
                               const at::Tensor& comp, const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be 2-D float32");
@@ -157,10 +161,10 @@ at::Tensor int8_packed_linear(const at::Tensor& x, const at::Tensor& packed,
   return out;
 }
 
-}  // namespace
+}  // namespace tokenmill
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("int8_packed_linear(Tensor x, Tensor packed, Tensor comp, Tensor scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) { m.impl("int8_packed_linear", int8_packed_linear); }
+TORCH_LIBRARY_IMPL(tokenmill, CPU, m) { m.impl("int8_packed_linear", tokenmill::int8_packed_linear); }

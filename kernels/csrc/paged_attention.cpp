@@ -16,7 +16,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
+#include "tokenmill.h"
 
 #include <algorithm>
 #include <cmath>
@@ -90,24 +90,6 @@ inline void from_kernel_order(const __m512* v, float scale, float* out) {
   } else {
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + c * kLanes, _mm512_mul_ps(v[c], sv));
   }
-}
-
-// exp(x) for x <= 0 to about 2 ulp: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
 }
 
 // Sums of 16 vectors at once: lane j of the result is the sum of v[j]'s lanes. Three levels
@@ -210,7 +192,7 @@ void attend(const float* q, const T* k_cache, const T* v_cache, const int32_t* t
         best[g] = chunk_best;
       }
       const __m512 e = _mm512_maskz_mov_ps(
-          live, exp_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(best[g]))));
+          live, tokenmill::exp_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(best[g]))));
       _mm512_store_ps(p[g], e);
       total[g] = _mm512_add_ps(total[g], e);
     }
@@ -269,6 +251,15 @@ DecodeFn pick(int64_t head_dim, int64_t group) {
   }
 }
 
+// float32 -> bfloat16 rounding to nearest even, NaN to 0x7FC0: c10::BFloat16's rounding.
+inline uint16_t to_bf16(float f) {
+  return c10::BFloat16(f).x;
+}
+
+}  // namespace
+
+namespace tokenmill {
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, double scale) {
@@ -312,11 +303,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
-// float32 -> bfloat16 rounding to nearest even, NaN to 0x7FC0: c10::BFloat16's rounding.
-inline uint16_t to_bf16(float f) {
-  return c10::BFloat16(f).x;
-}
-
 void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache,
               at::Tensor& v_cache, const at::Tensor& slot_mapping) {
   TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() &&
@@ -354,7 +340,7 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
   }
 }
 
-}  // namespace
+}  // namespace tokenmill
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def(
@@ -366,6 +352,6 @@ TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
 }
 
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
-  m.impl("paged_decode_attention", paged_decode_attention);
-  m.impl("store_kv", store_kv);
+  m.impl("paged_decode_attention", tokenmill::paged_decode_attention);
+  m.impl("store_kv", tokenmill::store_kv);
 }

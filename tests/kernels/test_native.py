@@ -198,3 +198,161 @@ def test_a_build_killed_midway_does_not_block_later_loads():
     code = "import kernels.native as n; n.load()"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     assert not (directory / "lock").exists()
+
+
+def _decode_stack_case(
+    layers: int, rows: int, heads: int, kv_heads: int, head_dim: int, seed: int,
+    bias: bool, qk_norm: bool, smooth: bool,
+):  # fmt: skip
+    """Random weights for `decode_layers` (reference.DECODE_LAYER_SLOTS order), and a paged
+    batch whose sequences end on their new token's slot."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden, inter = 48, 80
+
+    def positive(n: int) -> torch.Tensor:
+        return torch.rand(n, generator=gen) + 0.5
+
+    def linear(n: int, k: int) -> list:
+        w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        scale = torch.rand(n, generator=gen) * 0.04 / k**0.5 + 1e-4
+        return [*reference.pack_int8_vnni(w), scale, positive(k) if smooth else None]
+
+    qkv = (heads + 2 * kv_heads) * head_dim
+    weights = []
+    for _ in range(layers):
+        weights += [positive(hidden), *linear(qkv, hidden)]
+        weights += [torch.randn(qkv, generator=gen) if bias else None]
+        weights += [positive(head_dim) if qk_norm else None] * 2
+        weights += [*linear(hidden, heads * head_dim), positive(hidden)]
+        weights += [*linear(2 * inter, hidden), *linear(hidden, inter)]
+    batch = make_paged_batch(
+        [int(n) for n in torch.randint(1, 70, (rows,), generator=gen)],
+        [1] * rows, heads, kv_heads, head_dim, 16, torch.float32, "cpu", seed=seed,
+    )  # fmt: skip
+    lens = batch.context_lens
+    last = (lens.long() - 1).clamp(min=0)
+    blocks = batch.block_tables.gather(1, (last // 16)[:, None])[:, 0]
+    slots = blocks.long() * 16 + last % 16
+    x = torch.randn(rows, hidden, generator=gen)
+    residual = torch.randn(rows, hidden, generator=gen)
+    rope = reference.build_rope_cache(head_dim, 128, 10000.0)
+    caches = [(batch.k_cache.clone(), batch.v_cache.clone()) for _ in range(layers)]
+    args = (x, residual, last, rope, batch.block_tables, lens, slots, weights)
+    return args, caches, heads, head_dim**-0.5
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@example_budget(cpu=25, cuda=25)
+@given(
+    rows=st.integers(1, 20),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 3, 8]),
+    head_dim=st.sampled_from([16, 64, 128]),
+    bias=st.booleans(),
+    qk_norm=st.booleans(),
+    smooth=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_stack_matches_reference(
+    cache_dtype, rows, kv_heads, group, head_dim, bias, qk_norm, smooth, seed
+):
+    """Llama, Qwen2 (bias) and Qwen3 (q/k norms) layers, with and without SmoothQuant input
+    scales. Both sides run the same bit-exact GEMM; the norms, rotary and activation differ
+    in float rounding, which can move an activation across an int8 rounding boundary."""
+    args, caches, heads, scale = _decode_stack_case(
+        2, rows, kv_heads * group, kv_heads, head_dim, seed, bias, qk_norm, smooth
+    )
+    caches = [(k.to(cache_dtype), v.to(cache_dtype)) for k, v in caches]
+    native_caches = [(k.clone(), v.clone()) for k, v in caches]
+    expected = reference.decode_layers(
+        *args, [k for k, _ in caches], [v for _, v in caches], heads, 1e-5, scale
+    )
+    out = kernels.native.decode_layers(
+        *args, [k for k, _ in native_caches], [v for _, v in native_caches], heads, 1e-5, scale
+    )
+    for got, want in zip(out, expected, strict=True):
+        assert relative_error(got, want) < 1e-3
+    for (k, v), (nk, nv) in zip(caches, native_caches, strict=True):
+        assert relative_error(nk, k) < 1e-3 and relative_error(nv, v) < 1e-3
+
+
+def test_decode_stack_rejects_bad_inputs():
+    args, caches, heads, scale = _decode_stack_case(1, 3, 2, 1, 16, 0, False, False, False)
+    k_caches, v_caches = [caches[0][0]], [caches[0][1]]
+    with pytest.raises(RuntimeError, match="weights"):
+        kernels.native.decode_layers(
+            *args[:-1], args[-1][:-1], k_caches, v_caches, heads, 1e-5, scale
+        )
+    positions = args[2].clone()
+    positions[1] = 128  # past the rotary table
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.native.decode_layers(
+            *args[:2], positions, *args[3:], k_caches, v_caches, heads, 1e-5, scale
+        )
+
+
+@example_budget(cpu=40, cuda=40)
+@given(rows=st.integers(1, 40), hidden=st.integers(1, 100), seed=st.integers(0, 2**16))
+def test_add_rms_norm_matches_reference(rows, hidden, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, residual = torch.randn(rows, hidden, generator=gen), torch.randn(rows, hidden, generator=gen)
+    weight = torch.randn(hidden, generator=gen)
+    out, total = kernels.native.add_rms_norm(x, residual, weight, 1e-6)
+    want, want_total = reference.rms_norm(x, weight, 1e-6, residual)
+    assert torch.equal(total, want_total)  # one float add each
+    assert relative_error(out, want) < 1e-6
+    # a row's result does not depend on the rows around it
+    assert torch.equal(
+        kernels.native.add_rms_norm(x[-1:], residual[-1:], weight, 1e-6)[0], out[-1:]
+    )
+
+
+@example_budget(cpu=40, cuda=40)
+@given(
+    rows=st.integers(1, 12),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 4),
+    head_dim=st.sampled_from([2, 16, 64, 128]),
+    qk_norm=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_rotary_heads_match_reference(rows, kv_heads, group, head_dim, qk_norm, seed):
+    gen = torch.Generator().manual_seed(seed)
+    heads = kv_heads * group
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    norms = [torch.rand(head_dim, generator=gen) + 0.5 for _ in range(2)] if qk_norm else [None] * 2
+    positions = torch.randint(0, 64, (rows,), generator=gen)
+    rope = reference.build_rope_cache(head_dim, 64, 10000.0)
+    q, k, v = kernels.native.rotary_heads(qkv, *norms, positions, rope, heads, kv_heads, 1e-6)
+    wq, wk, wv = qkv.view(rows, -1, head_dim).split([heads, kv_heads, kv_heads], dim=1)
+    if qk_norm:
+        wq, wk = reference.rms_norm(wq, norms[0], 1e-6), reference.rms_norm(wk, norms[1], 1e-6)
+    wq, wk = reference.apply_rotary(wq, wk, positions, rope)
+    assert torch.equal(v, wv)
+    assert relative_error(q, wq) < 1e-6 and relative_error(k, wk) < 1e-6
+
+
+@example_budget(cpu=40, cuda=40)
+@given(rows=st.integers(1, 40), n=st.integers(1, 100), seed=st.integers(0, 2**16))
+def test_silu_and_mul_matches_reference(rows, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(rows, 2 * n, generator=gen) * 8
+    gate_up[0, 0] = -100.0  # exp(-g) far past float32's range
+    gate_up[-1, 0] = 100.0
+    out = kernels.native.silu_and_mul(gate_up)
+    want = reference.silu_and_mul(gate_up)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, want, rtol=1e-6, atol=1e-30)
+
+
+def test_layer_ops_reject_bad_inputs():
+    rope = reference.build_rope_cache(16, 8, 10000.0)
+    qkv = torch.randn(2, 4 * 16)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.native.rotary_heads(qkv, None, None, torch.tensor([0, 8]), rope, 2, 1, 1e-6)
+    with pytest.raises(RuntimeError, match="split into"):
+        kernels.native.rotary_heads(qkv, None, None, torch.tensor([0, 1]), rope, 3, 1, 1e-6)
+    with pytest.raises(RuntimeError, match="alike"):
+        kernels.native.add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), torch.ones(8), 1e-6)
+    with pytest.raises(RuntimeError, match="2 \\* n"):
+        kernels.native.silu_and_mul(torch.randn(2, 7))

@@ -1,0 +1,143 @@
+// All decoder layers of a CPU decode step in one call: norms, projections, rotary, the KV
+// write, attention and the MLP, layer after layer, without returning to Python.
+//
+// Why: with the GEMMs and attention already in C++, a 16-sequence decode step of
+// SmolLM2-135M compiled by torch.compile still spent about 3 ms of its ~18 outside them, in
+// Dynamo's guards, Inductor's Python wrapper (some 180 kernel calls and 750 size asserts a
+// step) and one OpenMP team per small fused loop. Here the small passes (layer_ops.cpp) run
+// on the calling thread below ~32k values, and only the GEMMs and attention fork.
+//
+// Semantics are those of kernels.reference.decode_layers: the w8a8 linears of
+// int8_packed_linear (SmoothQuant input scales applied first), Hugging Face's RMSNorm and
+// rotate-half rotary, optional q/k bias and per-head q/k norms (Qwen2, Qwen3). Every float
+// operation on a row is the one engine/native_layers.py's blocks perform, in the same order,
+// so both give the same bits. `weights` holds kPerLayer entries per layer in the order of
+// reference.DECODE_LAYER_SLOTS.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "tokenmill.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// One layer's entries of `weights`: reference.DECODE_LAYER_SLOTS. A linear is its packed
+// weight, comp and scale (consecutive, as `linear` reads them), then its input scale.
+enum Slot : int64_t {
+  kInputNorm,
+  kQkv, kQkvComp, kQkvScale, kQkvInputScale, kQkvBias,
+  kQNorm, kKNorm,
+  kO, kOComp, kOScale, kOInputScale,
+  kPostNorm,
+  kGateUp, kGateUpComp, kGateUpScale, kGateUpInputScale,
+  kDown, kDownComp, kDownScale, kDownInputScale,
+  kPerLayer,
+};
+
+using Weights = std::vector<std::optional<at::Tensor>>;
+
+const float* optional_ptr(const Weights& w, int64_t i) {
+  return w[i].has_value() ? w[i]->data_ptr<float>() : nullptr;
+}
+
+void scale_columns(at::Tensor& x, const float* scale) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  float* p = x.data_ptr<float>();
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < n; ++j) p[i * n + j] *= scale[j];
+}
+
+at::Tensor linear(const at::Tensor& x, const Weights& w, int64_t slot) {
+  return tokenmill::int8_packed_linear(x, *w[slot], *w[slot + 1], *w[slot + 2]);
+}
+
+void check_layer(const Weights& w, int64_t base, int64_t hidden) {
+  for (Slot slot : {kInputNorm, kPostNorm})
+    TORCH_CHECK(w[base + slot].has_value() && w[base + slot]->numel() == hidden &&
+                    w[base + slot]->scalar_type() == at::kFloat && w[base + slot]->is_contiguous(),
+                "norm weights must be float32 [hidden]");
+  for (Slot slot : {kQkv, kQkvComp, kQkvScale, kO, kOComp, kOScale, kGateUp, kGateUpComp,
+                    kGateUpScale, kDown, kDownComp, kDownScale})
+    TORCH_CHECK(w[base + slot].has_value(), "a linear lacks its packed weight");
+  for (Slot slot : {kQkvInputScale, kQkvBias, kQNorm, kKNorm, kOInputScale, kGateUpInputScale,
+                    kDownInputScale})
+    TORCH_CHECK(!w[base + slot].has_value() || (w[base + slot]->scalar_type() == at::kFloat &&
+                                                w[base + slot]->is_contiguous()),
+                "input scales, biases and q/k norms must be contiguous float32");
+}
+
+}  // namespace
+
+namespace tokenmill {
+
+std::tuple<at::Tensor, at::Tensor> decode_layers(
+    const at::Tensor& x_in, const at::Tensor& residual_in, const at::Tensor& positions_in,
+    const at::Tensor& rope_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
+    const at::Tensor& slot_mapping, const c10::List<std::optional<at::Tensor>>& weights,
+    at::TensorList k_caches, at::TensorList v_caches, int64_t num_heads, double eps,
+    double scale) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && residual_in.sizes() == x_in.sizes() &&
+                  residual_in.scalar_type() == at::kFloat,
+              "x and residual must be alike [rows, hidden] float32");
+  const int64_t layers = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(layers > 0 && v_caches.size() == k_caches.size(), "one k and v cache per layer");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kPerLayer, "expected ",
+              layers * kPerLayer, " weights (", kPerLayer, " per layer), got ", weights.size());
+  const int64_t rows = x_in.size(0), hidden = x_in.size(1);
+  const int64_t kv_heads = k_caches[0].size(2), d = k_caches[0].size(3);
+  const at::Tensor positions = positions_in.contiguous();
+  check_rotary_inputs(positions, rope_cache, rows, d);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const Weights w(weights.begin(), weights.end());
+  for (int64_t l = 0; l < layers; ++l) check_layer(w, l * kPerLayer, hidden);
+
+  at::Tensor x = x_in.contiguous();
+  at::Tensor residual = residual_in.clone(at::MemoryFormat::Contiguous);
+  at::Tensor normed = at::empty_like(residual);
+  const auto opts = x.options();
+  at::Tensor q = at::empty({rows, num_heads, d}, opts);
+  at::Tensor k = at::empty({rows, kv_heads, d}, opts);
+  at::Tensor v = at::empty({rows, kv_heads, d}, opts);
+  const float* rope = rope_cache.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t b = l * kPerLayer;
+    at::Tensor k_cache = k_caches[l], v_cache = v_caches[l];
+    add_rms_norm_into(x, residual, w[b + kInputNorm]->data_ptr<float>(), optional_ptr(w, b + kQkvInputScale),
+                 feps, normed);
+    const at::Tensor qkv = linear(normed, w, b + kQkv);
+    rotary_heads_into(qkv, optional_ptr(w, b + kQkvBias), optional_ptr(w, b + kQNorm),
+                optional_ptr(w, b + kKNorm), feps, pos, rope, q, k, v);
+    store_kv(k, v, k_cache, v_cache, slot_mapping);
+    at::Tensor attn = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+                          .view({rows, num_heads * d});
+    if (const float* s = optional_ptr(w, b + kOInputScale)) scale_columns(attn, s);
+    const at::Tensor o = linear(attn, w, b + kO);
+    add_rms_norm_into(o, residual, w[b + kPostNorm]->data_ptr<float>(),
+                 optional_ptr(w, b + kGateUpInputScale), feps, normed);
+    const at::Tensor gate_up = linear(normed, w, b + kGateUp);
+    at::Tensor act = at::empty({rows, gate_up.size(1) / 2}, opts);
+    silu_and_mul_into(gate_up, optional_ptr(w, b + kDownInputScale), act);
+    x = linear(act, w, b + kDown);
+  }
+  return {x, residual};
+}
+
+}  // namespace tokenmill
+
+TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+  m.def(
+      "decode_layers(Tensor x, Tensor residual, Tensor positions, Tensor rope_cache, "
+      "Tensor block_tables, Tensor context_lens, Tensor slot_mapping, Tensor?[] weights, "
+      "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int num_heads, float eps, float scale) "
+      "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tokenmill, CPU, m) { m.impl("decode_layers", tokenmill::decode_layers); }
