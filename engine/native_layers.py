@@ -49,6 +49,12 @@ def _on_vnni(linear: torch.nn.Module) -> bool:
     )
 
 
+def _linear(linear: CpuLinear, x: torch.Tensor) -> torch.Tensor:
+    """`CpuLinear.forward` for an input its SmoothQuant scale already multiplies."""
+    y = kernels.int8_packed_linear(x, *linear.w8a8[1])
+    return y if linear.bias is None else y + linear.bias
+
+
 def _attention_input(
     layer: DecoderLayer,
     x: torch.Tensor,
@@ -57,11 +63,13 @@ def _attention_input(
     rope_cache: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     norm, attn = layer.input_layernorm, layer.self_attn
-    x, residual = kernels.native.add_rms_norm(x, residual, norm.weight, norm.eps)
+    x, residual = kernels.native.add_rms_norm(
+        x, residual, norm.weight, attn.qkv_proj.input_scale, norm.eps
+    )
     q_norm = None if attn.q_norm is None else attn.q_norm.weight
     k_norm = None if attn.k_norm is None else attn.k_norm.weight
     q, k, v = kernels.native.rotary_heads(
-        attn.qkv_proj(x), q_norm, k_norm, positions.long(), rope_cache,
+        _linear(attn.qkv_proj, x), q_norm, k_norm, positions.long(), rope_cache,
         attn.num_heads, attn.num_kv_heads, norm.eps,
     )  # fmt: skip
     return q, k, v, residual
@@ -72,9 +80,12 @@ def _attention_output_and_mlp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     norm, mlp = layer.post_attention_layernorm, layer.mlp
     x, residual = kernels.native.add_rms_norm(
-        layer.self_attn.o_proj(attn), residual, norm.weight, norm.eps
+        layer.self_attn.o_proj(attn), residual, norm.weight, mlp.gate_up_proj.input_scale, norm.eps
     )
-    return mlp.down_proj(kernels.native.silu_and_mul(mlp.gate_up_proj(x))), residual
+    gate_up = _linear(mlp.gate_up_proj, x)
+    return _linear(
+        mlp.down_proj, kernels.native.silu_and_mul(gate_up, mlp.down_proj.input_scale)
+    ), residual
 
 
 def native_dense_blocks() -> DenseBlocks:

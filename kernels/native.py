@@ -135,11 +135,16 @@ def store_kv(
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`kernels.rms_norm` with a residual, in C++ (kernels/csrc/layer_ops.cpp): returns
-    (normalised, x + residual) for float32 rows."""
-    return torch.ops.tokenmill.add_rms_norm(x, residual, weight, eps)
+    (normalised, x + residual) for float32 rows, the first times ``input_scale`` (the next
+    linear's SmoothQuant scale) where given."""
+    return torch.ops.tokenmill.add_rms_norm(x, residual, weight, input_scale, eps)
 
 
 def rotary_heads(
@@ -160,9 +165,9 @@ def rotary_heads(
     )
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """`kernels.silu_and_mul` in C++, float32."""
-    return torch.ops.tokenmill.silu_and_mul(gate_up)
+def silu_and_mul(gate_up: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`kernels.silu_and_mul` in C++, float32, times ``input_scale`` where given."""
+    return torch.ops.tokenmill.silu_and_mul(gate_up, input_scale)
 
 
 def decode_layers(
@@ -215,7 +220,7 @@ def _rotary_heads_fake(
     )
 
 
-def _silu_and_mul_fake(gate_up: torch.Tensor) -> torch.Tensor:
+def _silu_and_mul_fake(gate_up: torch.Tensor, input_scale) -> torch.Tensor:
     return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
 
 

@@ -110,18 +110,19 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t b = l * kPerLayer;
     at::Tensor k_cache = k_caches[l], v_cache = v_caches[l];
-    add_rms_norm_into(x, residual, w[b + kInputNorm]->data_ptr<float>(), optional_ptr(w, b + kQkvInputScale),
-                 feps, normed);
+    add_rms_norm_into(x, residual, w[b + kInputNorm]->data_ptr<float>(),
+                      optional_ptr(w, b + kQkvInputScale),
+                      feps, residual, normed);
     const at::Tensor qkv = linear(normed, w, b + kQkv);
     rotary_heads_into(qkv, optional_ptr(w, b + kQkvBias), optional_ptr(w, b + kQNorm),
-                optional_ptr(w, b + kKNorm), feps, pos, rope, q, k, v);
+                      optional_ptr(w, b + kKNorm), feps, pos, rope, q, k, v);
     store_kv(k, v, k_cache, v_cache, slot_mapping);
     at::Tensor attn = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
                           .view({rows, num_heads * d});
     if (const float* s = optional_ptr(w, b + kOInputScale)) scale_columns(attn, s);
     const at::Tensor o = linear(attn, w, b + kO);
     add_rms_norm_into(o, residual, w[b + kPostNorm]->data_ptr<float>(),
-                 optional_ptr(w, b + kGateUpInputScale), feps, normed);
+                      optional_ptr(w, b + kGateUpInputScale), feps, residual, normed);
     const at::Tensor gate_up = linear(normed, w, b + kGateUp);
     at::Tensor act = at::empty({rows, gate_up.size(1) / 2}, opts);
     silu_and_mul_into(gate_up, optional_ptr(w, b + kDownInputScale), act);

@@ -65,30 +65,31 @@ const float* data_or_null(const std::optional<at::Tensor>& t, int64_t numel) {
 
 namespace tokenmill {
 
-void add_rms_norm_into(const at::Tensor& x, at::Tensor& residual, const float* weight,
-                       const float* input_scale, float eps, at::Tensor& out) {
+void add_rms_norm_into(const at::Tensor& x, const at::Tensor& residual, const float* weight,
+                       const float* input_scale, float eps, at::Tensor& sum, at::Tensor& out) {
   const int64_t rows = x.size(0), h = x.size(1);
   const float* xp = x.data_ptr<float>();
-  float* rp = residual.data_ptr<float>();
+  const float* rp = residual.data_ptr<float>();
+  float* sp = sum.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, rows, grain(h), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* xr = xp + i * h;
-      float* rr = rp + i * h;
+      const float* rr = rp + i * h;
+      float* sr = sp + i * h;
       float* orow = op + i * h;
       __m512 squares = _mm512_setzero_ps();
       for (int64_t j = 0; j < h; j += kLanes) {
         const __mmask16 m = lanes(h - j);
         const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, xr + j), _mm512_maskz_loadu_ps(m, rr + j));
-        _mm512_mask_storeu_ps(rr + j, m, v);
+        _mm512_mask_storeu_ps(sr + j, m, v);
         squares = _mm512_fmadd_ps(v, v, squares);
       }
       const __m512 r = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / h + eps));
       for (int64_t j = 0; j < h; j += kLanes) {
         const __mmask16 m = lanes(h - j);
-        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, rr + j), r);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr + j), r);
         v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, weight + j), v);
-        // The next linear's input scale, rounded as its own multiply would be.
         if (input_scale != nullptr) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, input_scale + j));
         _mm512_mask_storeu_ps(orow + j, m, v);
       }
@@ -162,17 +163,22 @@ void check_rotary_inputs(const at::Tensor& positions, const at::Tensor& rope_cac
     TORCH_CHECK(pos[i] >= 0 && pos[i] < rope_cache.size(0), "position ", pos[i], " out of range");
 }
 
-// The ops: functional versions of the passes above for engine/native_layers.py.
+// The ops: functional versions of the passes above for engine/native_layers.py. An input
+// scale (the next linear's SmoothQuant scale) multiplies each output last, rounded as a
+// separate multiply would round it.
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
-                                                const at::Tensor& weight, double eps) {
+                                                const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& input_scale,
+                                                double eps) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && residual.sizes() == x.sizes() &&
                   residual.scalar_type() == at::kFloat,
               "x and residual must be alike [rows, hidden] float32");
-  const at::Tensor xc = x.contiguous();
-  at::Tensor sum = residual.clone(at::MemoryFormat::Contiguous);
-  at::Tensor out = at::empty_like(sum);
-  add_rms_norm_into(xc, sum, data_or_null(weight, x.size(1)), nullptr, static_cast<float>(eps), out);
+  const at::Tensor xc = x.contiguous(), rc = residual.contiguous();
+  at::Tensor sum = at::empty_like(xc), out = at::empty_like(xc);
+  const int64_t h = x.size(1);
+  add_rms_norm_into(xc, rc, data_or_null(weight, h), data_or_null(input_scale, h),
+                    static_cast<float>(eps), sum, out);
   return {out, sum};
 }
 
@@ -196,23 +202,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotary_heads(
   return {q, k, v};
 }
 
-at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+at::Tensor silu_and_mul(const at::Tensor& gate_up, const std::optional<at::Tensor>& input_scale) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == at::kFloat && gate_up.size(1) % 2 == 0,
               "gate_up must be [rows, 2 * n] float32");
   const at::Tensor src = gate_up.contiguous();
   at::Tensor out = at::empty({src.size(0), src.size(1) / 2}, src.options());
-  silu_and_mul_into(src, nullptr, out);
+  silu_and_mul_into(src, data_or_null(input_scale, out.size(1)), out);
   return out;
 }
 
 }  // namespace tokenmill
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
-  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "add_rms_norm(Tensor x, Tensor residual, Tensor weight, Tensor? input_scale, float eps) "
+      "-> (Tensor, Tensor)");
   m.def(
       "rotary_heads(Tensor qkv, Tensor? q_norm, Tensor? k_norm, Tensor positions, "
       "Tensor rope_cache, int num_heads, int num_kv_heads, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("silu_and_mul(Tensor gate_up, Tensor? input_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {

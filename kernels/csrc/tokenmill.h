@@ -21,8 +21,9 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
 
 // kernels/csrc/layer_ops.cpp: the per-row passes, writing into preallocated outputs. An
 // input scale multiplies each output last (the next linear's SmoothQuant scale).
-void add_rms_norm_into(const at::Tensor& x, at::Tensor& residual, const float* weight,
-                       const float* input_scale, float eps, at::Tensor& out);
+// add_rms_norm_into writes x + residual to `sum`, which may be `residual` itself.
+void add_rms_norm_into(const at::Tensor& x, const at::Tensor& residual, const float* weight,
+                       const float* input_scale, float eps, at::Tensor& sum, at::Tensor& out);
 void rotary_heads_into(const at::Tensor& qkv, const float* bias, const float* q_norm,
                        const float* k_norm, float eps, const int64_t* positions,
                        const float* rope, at::Tensor& q, at::Tensor& k, at::Tensor& v);

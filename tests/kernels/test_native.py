@@ -297,13 +297,18 @@ def test_add_rms_norm_matches_reference(rows, hidden, seed):
     gen = torch.Generator().manual_seed(seed)
     x, residual = torch.randn(rows, hidden, generator=gen), torch.randn(rows, hidden, generator=gen)
     weight = torch.randn(hidden, generator=gen)
-    out, total = kernels.native.add_rms_norm(x, residual, weight, 1e-6)
+    out, total = kernels.native.add_rms_norm(x, residual, weight, None, 1e-6)
     want, want_total = reference.rms_norm(x, weight, 1e-6, residual)
     assert torch.equal(total, want_total)  # one float add each
     assert relative_error(out, want) < 1e-6
+    # an input scale rounds as the separate multiply it replaces
+    scale = torch.rand(hidden, generator=gen) + 0.5
+    assert torch.equal(
+        kernels.native.add_rms_norm(x, residual, weight, scale, 1e-6)[0], out * scale
+    )
     # a row's result does not depend on the rows around it
     assert torch.equal(
-        kernels.native.add_rms_norm(x[-1:], residual[-1:], weight, 1e-6)[0], out[-1:]
+        kernels.native.add_rms_norm(x[-1:], residual[-1:], weight, None, 1e-6)[0], out[-1:]
     )
 
 
@@ -343,6 +348,8 @@ def test_silu_and_mul_matches_reference(rows, n, seed):
     want = reference.silu_and_mul(gate_up)
     assert torch.isfinite(out).all()
     assert torch.allclose(out, want, rtol=1e-6, atol=1e-30)
+    scale = torch.rand(n, generator=gen) + 0.5
+    assert torch.equal(kernels.native.silu_and_mul(gate_up, scale), out * scale)
 
 
 def test_layer_ops_reject_bad_inputs():
@@ -353,6 +360,6 @@ def test_layer_ops_reject_bad_inputs():
     with pytest.raises(RuntimeError, match="split into"):
         kernels.native.rotary_heads(qkv, None, None, torch.tensor([0, 1]), rope, 3, 1, 1e-6)
     with pytest.raises(RuntimeError, match="alike"):
-        kernels.native.add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), torch.ones(8), 1e-6)
+        kernels.native.add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), torch.ones(8), None, 1e-6)
     with pytest.raises(RuntimeError, match="2 \\* n"):
         kernels.native.silu_and_mul(torch.randn(2, 7))
