@@ -4,7 +4,7 @@
     python benchmarks/bench_step.py --batch 16 --context 400
 
 Two engines on the same model: `compile="off"` (ATen kernels, eager blocks) and the default
-(`compile_model`: C++ kernels, compiled blocks and the one-graph decode stack), timed once
+(`compile_model`: the C++ kernels and layers of engine/native_layers.py), timed once
 its compile is done. Each batch is the serving benchmark's prompts, decoded until the
 contexts reach about `--context` tokens; then both engines step `--steps` times, in
 alternating rounds so that machine noise hits both alike, and the median round is kept.

@@ -32,8 +32,9 @@ choice.
 Modes (`EngineArgs.compile`): "off"; "on" compiles before the engine takes requests;
 "background" serves eagerly at once and installs the compiled model when ready, so start-up
 stays fast. For SmolLM2-135M on two cores that takes the C++ build (~30 s once per
-checkout, then a cached load); Inductor's route takes ~15 s with its caches warm and ~70 s
-cold. Compiling needs a C++ compiler; in "background" mode a failure is logged and reported
+checkout, then a cached load, the model switched within a second). The Inductor route took
+it 14 s with its caches warm and 92 s cold, when it was the default (session 4). Compiling
+needs a C++ compiler; in "background" mode a failure is logged and reported
 (`BackgroundCompile.state`, the server's /health) and the engine stays eager.
 """
 
@@ -95,8 +96,9 @@ def _native_attention_fits(attn: Attention) -> bool:
 
 def compile_model(model: CausalLM) -> None:
     """Everything the compile step does, installed at the end so that a concurrent forward
-    sees the model before or after, never between: the C++ kernels, the compiled dense blocks
-    and, with the C++ decode attention, the one-graph decode stack."""
+    sees the model before or after, never between: the C++ kernels, then either the layers
+    on them alone (engine/native_layers.py) or the compiled dense blocks and, with the C++
+    decode attention, the one-graph decode stack."""
     use_native_kernels(model)
     if native_layers.fits(model):
         blocks = native_layers.native_dense_blocks()

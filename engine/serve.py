@@ -121,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         default=defaults.compile,
         choices=["auto", *COMPILE_MODES],
-        help="CPU only: build tokenmill's C++ kernels and torch.compile the layers. "
-        "background: serve at once and switch when compiled (~90 s on a machine's first "
-        "start, ~14 s cached); "
+        help="CPU only: build tokenmill's C++ kernels and move the layers onto them "
+        "(torch.compile where they do not fit). background: serve at once and switch "
+        "when built (~30 s on a machine's first start, under a second cached); "
         "on: compile before serving; auto: background unless --dtype is given",
     )
     eng.add_argument(
