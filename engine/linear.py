@@ -143,12 +143,17 @@ class CpuLinear(nn.Module):
             y = torch.mm(x, self.weight_t)
         return y if self.bias is None else y + self.bias
 
+    @property
+    def on_vnni(self) -> bool:
+        """Whether the layer runs the C++ VNNI kernel (`pack_for_vnni` moved it)."""
+        return self.w8a8 is not None and self.w8a8[0] is kernels.int8_packed_linear
+
     def pack_for_vnni(self) -> bool:
         """Move a w8a8 layer with float32 activations onto the C++ VNNI kernel
         (`kernels.native.load()` first): about 1.5x faster at decode's row counts. The weight
         is repacked and its plain copy dropped. Outputs stay the same bit for bit, so the
         switch may happen between any two steps. False where the layer cannot move."""
-        if self.w8a8 is None or self.w8a8[0] is kernels.int8_packed_linear:
+        if self.w8a8 is None or self.on_vnni:
             return False
         qweight, scale = self.quantized
         if not kernels.reference.int8_vnni_fits(qweight):

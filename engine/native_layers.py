@@ -24,7 +24,7 @@ import torch
 import kernels
 import kernels.native
 from engine.linear import CpuLinear
-from engine.model import AttentionMetadata, CausalLM, DecoderLayer, DenseBlocks
+from engine.model import Attention, AttentionMetadata, CausalLM, DecoderLayer, DenseBlocks
 
 
 def fits(model: CausalLM) -> bool:
@@ -36,17 +36,17 @@ def fits(model: CausalLM) -> bool:
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         if attn.decode_attention is not kernels.native.paged_decode_attention:
             return False
-        if not all(_on_vnni(m) for m in linears) or any(m.bias is not None for m in linears[1:]):
+        on_vnni = all(isinstance(m, CpuLinear) and m.on_vnni for m in linears)
+        if not on_vnni or any(m.bias is not None for m in linears[1:]):
             return False
     return True
 
 
-def _on_vnni(linear: torch.nn.Module) -> bool:
-    return (
-        isinstance(linear, CpuLinear)
-        and linear.w8a8 is not None
-        and linear.w8a8[0] is kernels.int8_packed_linear
-    )
+def _qk_norms(attn: Attention) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Qwen3's per-head q and k norm weights; None for models without them."""
+    if attn.q_norm is None:
+        return None, None
+    return attn.q_norm.weight, attn.k_norm.weight
 
 
 def _linear(linear: CpuLinear, x: torch.Tensor) -> torch.Tensor:
@@ -66,10 +66,8 @@ def _attention_input(
     x, residual = kernels.native.add_rms_norm(
         x, residual, norm.weight, attn.qkv_proj.input_scale, norm.eps
     )
-    q_norm = None if attn.q_norm is None else attn.q_norm.weight
-    k_norm = None if attn.k_norm is None else attn.k_norm.weight
     q, k, v = kernels.native.rotary_heads(
-        _linear(attn.qkv_proj, x), q_norm, k_norm, positions.long(), rope_cache,
+        _linear(attn.qkv_proj, x), *_qk_norms(attn), positions.long(), rope_cache,
         attn.num_heads, attn.num_kv_heads, norm.eps,
     )  # fmt: skip
     return q, k, v, residual
@@ -99,11 +97,9 @@ def native_decode_layers(model: CausalLM) -> Callable:
     weights: list[torch.Tensor | None] = []
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        q_norm = None if attn.q_norm is None else attn.q_norm.weight
-        k_norm = None if attn.k_norm is None else attn.k_norm.weight
         qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
         weights += [layer.input_layernorm.weight, *qkv.w8a8[1], qkv.input_scale, qkv.bias]
-        weights += [q_norm, k_norm, *o.w8a8[1], o.input_scale]
+        weights += [*_qk_norms(attn), *o.w8a8[1], o.input_scale]
         weights += [layer.post_attention_layernorm.weight, *gate_up.w8a8[1], gate_up.input_scale]
         weights += [*down.w8a8[1], down.input_scale]
     first = model.layers[0]

@@ -100,10 +100,10 @@ def load() -> None:
     torch.library.register_fake("tokenmill::int8_packed_linear")(_int8_packed_linear_fake)
     torch.library.register_fake("tokenmill::paged_decode_attention")(_like_q)
     torch.library.register_fake("tokenmill::store_kv")(_nothing)
-    torch.library.register_fake("tokenmill::add_rms_norm")(_add_rms_norm_fake)
+    torch.library.register_fake("tokenmill::add_rms_norm")(_like_x_and_residual)
     torch.library.register_fake("tokenmill::rotary_heads")(_rotary_heads_fake)
     torch.library.register_fake("tokenmill::silu_and_mul")(_silu_and_mul_fake)
-    torch.library.register_fake("tokenmill::decode_layers")(_add_rms_norm_fake)
+    torch.library.register_fake("tokenmill::decode_layers")(_like_x_and_residual)
     logger.info("C++ kernels ready after %.1f s", time.perf_counter() - start)
 
 
@@ -205,7 +205,7 @@ def decode_layers(
     )
 
 
-def _add_rms_norm_fake(x: torch.Tensor, residual: torch.Tensor, *args):
+def _like_x_and_residual(x: torch.Tensor, residual: torch.Tensor, *args):
     return torch.empty_like(x), torch.empty_like(residual)
 
 

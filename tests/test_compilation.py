@@ -143,6 +143,7 @@ def test_one_graph_decode_stack_matches_the_layer_by_layer_path(tiny_model_dir, 
     )
     model = llm.engine.runner.model
     assert model.decode_layers is not None and model.dense_blocks.compiled
+    assert not native_layers.fits(model)  # unquantized linears: the Inductor route
     stack, calls = model.decode_layers, []
 
     def counted(*args):
