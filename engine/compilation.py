@@ -9,7 +9,7 @@ in ATen kernels tuned for other shapes. Measured on this project's 2-core machin
 
 What `compile_model` does, in order, then installs in one go:
 1. `use_native_kernels`: builds kernels/csrc (kernels/native.py) and moves w8a8 linears onto
-   the VNNI GEMM (bit-identical outputs) and decode attention and the KV write onto their
+   the VNNI GEMM (bit-identical outputs) and attention and the KV write onto their
    C++ versions.
 2. Where every layer then runs on C++ kernels (the default mode on an AVX-512 VNNI CPU):
    engine/native_layers.py's blocks for prefill and mixed steps, and its one-call decode
@@ -69,7 +69,7 @@ COMPILE_MODES = ("off", "on", "background")
 
 def use_native_kernels(model: CausalLM) -> int:
     """Build tokenmill's C++ kernels (kernels/native.py) and move the model onto them where
-    they apply: w8a8 linears to the VNNI GEMM, decode attention and the KV write to their C++
+    they apply: w8a8 linears to the VNNI GEMM, attention and the KV write to their C++
     versions. Returns how many modules moved. None do on a CPU without AVX-512 VNNI, or when
     the activations are not float32 (the kernels' only input type)."""
     if model.embed_tokens.weight.dtype != torch.float32 or not kernels.native.supported():
@@ -83,6 +83,7 @@ def use_native_kernels(model: CausalLM) -> int:
     for attn in attentions:
         attn.store_kv = kernels.native.store_kv
         attn.decode_attention = kernels.native.paged_decode_attention
+        attn.prefill_attention = kernels.native.paged_prefill_attention
     return sum(linear.pack_for_vnni() for linear in linears) + len(attentions)
 
 

@@ -67,6 +67,7 @@ class Attention(nn.Module):
         # The paged-cache kernels; engine.compilation swaps in C++ ones where they apply.
         self.store_kv = kernels.store_kv
         self.decode_attention = kernels.paged_decode_attention
+        self.prefill_attention = kernels.paged_prefill_attention
 
     def project(
         self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor
@@ -100,7 +101,7 @@ class Attention(nn.Module):
             return self.decode_attention(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
             )
-        return kernels.paged_prefill_attention(
+        return self.prefill_attention(
             q,
             self.k_cache,
             self.v_cache,

@@ -99,6 +99,7 @@ def load() -> None:
         )
     torch.library.register_fake("tokenmill::int8_packed_linear")(_int8_packed_linear_fake)
     torch.library.register_fake("tokenmill::paged_decode_attention")(_like_q)
+    torch.library.register_fake("tokenmill::paged_prefill_attention")(_like_q)
     torch.library.register_fake("tokenmill::store_kv")(_nothing)
     torch.library.register_fake("tokenmill::add_rms_norm")(_like_x_and_residual)
     torch.library.register_fake("tokenmill::rotary_heads")(_rotary_heads_fake)
@@ -120,6 +121,22 @@ def paged_decode_attention(
     or 128, at most 8 query heads per KV head."""
     return torch.ops.tokenmill.paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, scale
+    )
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """`kernels.paged_prefill_attention` in C++: the decode kernel once per query token, over
+    its causal context, read in place. Same shapes as `paged_decode_attention`."""
+    return torch.ops.tokenmill.paged_prefill_attention(
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale
     )
 
 

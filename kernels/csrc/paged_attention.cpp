@@ -8,9 +8,14 @@
 // and sum), so nothing is gathered or buffered, and it cannot be traced into graph breaks:
 // engine/compilation.py compiles whole decode steps around it.
 //
-// Semantics are those of kernels.reference.paged_decode_attention and write_kv: q [S, H, D]
-// float32; caches [blocks, block_size, KVH, D] in float32 or bfloat16; block_tables [S, *]
-// and context_lens [S] int32; a sequence with an empty context gets zeros.
+// Prefill attention is the same kernel once per query token, over the context up to and
+// including its own position: it reads only the causal half of the scores (SDPA with a mask
+// computes all of them), and a token's result is the one a decode step would compute.
+//
+// Semantics are those of kernels.reference.paged_decode_attention, paged_prefill_attention
+// and write_kv: q [tokens, H, D] float32; caches [blocks, block_size, KVH, D] in float32 or
+// bfloat16; block_tables [S, *] and context_lens [S] int32; a sequence with an empty context
+// gets zeros.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -23,6 +28,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -209,46 +215,91 @@ void attend(const float* q, const T* k_cache, const T* v_cache, const int32_t* t
     from_kernel_order<NC, T>(acc[g], 1.0f / _mm512_reduce_add_ps(total[g]), out + g * D);
 }
 
+// Query rows, each attending to a context of its own: row r reads table row seq[r] over
+// ctx[r] positions. Tasks (row, KV head) run in the order of rows `order` lists, which lets a
+// caller interleave long and short contexts across the threads' contiguous shares.
+struct Rows {
+  const float* q;
+  int64_t heads;
+  const int32_t* tables;
+  const int64_t* seq;
+  const int64_t* ctx;
+  const int64_t* order;
+  int64_t count;
+  float* out;
+};
+
 template <int NC, int G, typename T>
-void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                const at::Tensor& tables, const at::Tensor& lens, const DecodeShape& s,
-                at::Tensor& out) {
-  const int64_t seqs = q.size(0), heads = q.size(1), D = NC * kLanes;
-  const float* qp = q.data_ptr<float>();
-  const T* kp = reinterpret_cast<const T*>(k_cache.data_ptr());
-  const T* vp = reinterpret_cast<const T*>(v_cache.data_ptr());
-  const int32_t* tp = tables.data_ptr<int32_t>();
-  const int32_t* lp = lens.data_ptr<int32_t>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, seqs * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
+void attend_rows(const Rows& rows, const void* k_cache, const void* v_cache, const DecodeShape& s) {
+  constexpr int64_t D = NC * kLanes;
+  const T* kp = static_cast<const T*>(k_cache);
+  const T* vp = static_cast<const T*>(v_cache);
+  at::parallel_for(0, rows.count * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t seq = task / s.kv_heads, kvh = task % s.kv_heads;
-      const int64_t head = kvh * G;
-      attend<NC, G, T>(qp + (seq * heads + head) * D, kp, vp, tp + seq * s.table_stride,
-                       lp[seq], kvh, s, op + (seq * heads + head) * D);
+      const int64_t r = rows.order[task / s.kv_heads], kvh = task % s.kv_heads;
+      const int64_t at = (r * rows.heads + kvh * G) * D;
+      attend<NC, G, T>(rows.q + at, kp, vp, rows.tables + rows.seq[r] * s.table_stride,
+                       rows.ctx[r], kvh, s, rows.out + at);
     }
   });
 }
 
-using DecodeFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                          const at::Tensor&, const at::Tensor&, const DecodeShape&, at::Tensor&);
+using AttendFn = void (*)(const Rows&, const void*, const void*, const DecodeShape&);
 
 template <int NC, typename T>
-DecodeFn pick_group(int64_t group) {
-  constexpr DecodeFn fns[kMaxGroup] = {
-      decode_all<NC, 1, T>, decode_all<NC, 2, T>, decode_all<NC, 3, T>, decode_all<NC, 4, T>,
-      decode_all<NC, 5, T>, decode_all<NC, 6, T>, decode_all<NC, 7, T>, decode_all<NC, 8, T>};
+AttendFn pick_group(int64_t group) {
+  constexpr AttendFn fns[kMaxGroup] = {
+      attend_rows<NC, 1, T>, attend_rows<NC, 2, T>, attend_rows<NC, 3, T>, attend_rows<NC, 4, T>,
+      attend_rows<NC, 5, T>, attend_rows<NC, 6, T>, attend_rows<NC, 7, T>, attend_rows<NC, 8, T>};
   return fns[group - 1];
 }
 
 template <typename T>
-DecodeFn pick(int64_t head_dim, int64_t group) {
+AttendFn pick_type(int64_t head_dim, int64_t group) {
   switch (head_dim) {
     case 16: return pick_group<1, T>(group);
     case 32: return pick_group<2, T>(group);
     case 64: return pick_group<4, T>(group);
     default: return pick_group<8, T>(group);  // 128
   }
+}
+
+// Checks shared by both attention ops; returns the kernel for these shapes.
+AttendFn check_and_pick(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& block_tables, const at::Tensor& context_lens) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat,
+              "q must be a [tokens, heads, head_dim] float32 tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.scalar_type() == v_cache.scalar_type() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous(),
+              "k_cache and v_cache must be contiguous [blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16,
+              "the KV cache must be float32 or bfloat16");
+  const int64_t heads = q.size(1), D = q.size(2);
+  const int64_t blocks = k_cache.size(0), block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && (D == 16 || D == 32 || D == 64 || D == 128),
+              "head_dim must be 16, 32, 64 or 128, and match the cache");
+  TORCH_CHECK(heads % kv_heads == 0 && heads / kv_heads <= kMaxGroup,
+              "query heads must be a multiple of KV heads, at most 8 per KV head");
+  const int64_t seqs = context_lens.numel();
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt &&
+                  block_tables.dim() == 2 && block_tables.size(0) == seqs &&
+                  block_tables.stride(1) == 1 && context_lens.is_contiguous(),
+              "block_tables [seqs, *] and context_lens [seqs] must be int32");
+  // Check every block a context reaches before any thread reads one.
+  const int32_t* tp = block_tables.data_ptr<int32_t>();
+  const int32_t* lp = context_lens.data_ptr<int32_t>();
+  for (int64_t i = 0; i < seqs; ++i) {
+    const int64_t used = (static_cast<int64_t>(lp[i]) + block_size - 1) / block_size;
+    TORCH_CHECK(lp[i] >= 0 && used <= block_tables.size(1), "context length out of range");
+    for (int64_t b = 0; b < used; ++b) {
+      const int32_t id = tp[i * block_tables.stride(0) + b];
+      TORCH_CHECK(id >= 0 && id < blocks, "block id ", id, " outside the pool of ", blocks);
+    }
+  }
+  const int64_t group = heads / kv_heads;
+  return k_cache.scalar_type() == at::kFloat ? pick_type<float>(D, group)
+                                             : pick_type<c10::BFloat16>(D, group);
 }
 
 // float32 -> bfloat16 rounding to nearest even, NaN to 0x7FC0: c10::BFloat16's rounding.
@@ -263,43 +314,55 @@ namespace tokenmill {
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat,
-              "q must be a [seqs, heads, head_dim] float32 tensor");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
-                  k_cache.scalar_type() == v_cache.scalar_type() && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous(),
-              "k_cache and v_cache must be contiguous [blocks, block_size, kv_heads, head_dim]");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16,
-              "the KV cache must be float32 or bfloat16");
-  const int64_t seqs = q.size(0), heads = q.size(1), D = q.size(2);
-  const int64_t blocks = k_cache.size(0), block_size = k_cache.size(1), kv_heads = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D && (D == 16 || D == 32 || D == 64 || D == 128),
-              "head_dim must be 16, 32, 64 or 128, and match the cache");
-  TORCH_CHECK(heads % kv_heads == 0 && heads / kv_heads <= kMaxGroup,
-              "query heads must be a multiple of KV heads, at most 8 per KV head");
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt &&
-                  block_tables.dim() == 2 && block_tables.size(0) == seqs &&
-                  context_lens.numel() == seqs && block_tables.stride(1) == 1 &&
-                  context_lens.is_contiguous(),
-              "block_tables [seqs, *] and context_lens [seqs] must be int32");
-  // Check every block a context reaches before any thread reads one.
-  const int32_t* tp = block_tables.data_ptr<int32_t>();
-  const int32_t* lp = context_lens.data_ptr<int32_t>();
-  for (int64_t i = 0; i < seqs; ++i) {
-    const int64_t used = (static_cast<int64_t>(lp[i]) + block_size - 1) / block_size;
-    TORCH_CHECK(lp[i] >= 0 && used <= block_tables.size(1), "context length out of range");
-    for (int64_t b = 0; b < used; ++b) {
-      const int32_t id = tp[i * block_tables.stride(0) + b];
-      TORCH_CHECK(id >= 0 && id < blocks, "block id ", id, " outside the pool of ", blocks);
-    }
-  }
+  const AttendFn run = check_and_pick(q, k_cache, v_cache, block_tables, context_lens);
+  const int64_t seqs = q.size(0);
+  TORCH_CHECK(context_lens.numel() == seqs, "one context length per sequence");
   const at::Tensor qc = q.contiguous();
   at::Tensor out = at::empty_like(qc);
-  const DecodeShape s{block_size, kv_heads, block_tables.stride(0), static_cast<float>(scale)};
-  const int64_t group = heads / kv_heads;
-  const DecodeFn run = k_cache.scalar_type() == at::kFloat ? pick<float>(D, group)
-                                                           : pick<c10::BFloat16>(D, group);
-  run(qc, k_cache, v_cache, block_tables, context_lens, s, out);
+  std::vector<int64_t> index(seqs), ctx(seqs);
+  for (int64_t i = 0; i < seqs; ++i) {
+    index[i] = i;
+    ctx[i] = context_lens.data_ptr<int32_t>()[i];
+  }
+  const Rows rows{qc.data_ptr<float>(), q.size(1), block_tables.data_ptr<int32_t>(),
+                  index.data(), ctx.data(), index.data(), seqs, out.data_ptr<float>()};
+  run(rows, k_cache.data_ptr(), v_cache.data_ptr(),
+      DecodeShape{k_cache.size(1), k_cache.size(2), block_tables.stride(0), static_cast<float>(scale)});
+  return out;
+}
+
+at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                   const at::Tensor& query_start_loc,
+                                   const at::Tensor& context_lens, double scale) {
+  const AttendFn run = check_and_pick(q, k_cache, v_cache, block_tables, context_lens);
+  const int64_t tokens = q.size(0), seqs = context_lens.numel();
+  TORCH_CHECK(query_start_loc.scalar_type() == at::kInt && query_start_loc.numel() == seqs + 1,
+              "query_start_loc must hold seqs + 1 int32 offsets");
+  const at::Tensor starts = query_start_loc.contiguous();
+  const int32_t* sp = starts.data_ptr<int32_t>();
+  const int32_t* lp = context_lens.data_ptr<int32_t>();
+  TORCH_CHECK(sp[0] == 0 && sp[seqs] == tokens, "query_start_loc must span q's tokens");
+  // Each query token attends causally: the last n of a context of c sit at c - n .. c - 1.
+  std::vector<int64_t> seq(tokens), ctx(tokens), order(tokens);
+  for (int64_t i = 0; i < seqs; ++i) {
+    const int64_t n = sp[i + 1] - sp[i];
+    TORCH_CHECK(n >= 0 && n <= lp[i], "sequence ", i, " has more queries than context");
+    for (int64_t j = 0; j < n; ++j) {
+      seq[sp[i] + j] = i;
+      ctx[sp[i] + j] = lp[i] - n + j + 1;
+    }
+  }
+  // Rows late in a prompt read the most: interleave both ends so that the threads' shares
+  // of the task range cost about the same.
+  for (int64_t t = 0; t < tokens; ++t) order[t] = t % 2 == 0 ? t / 2 : tokens - 1 - t / 2;
+  const at::Tensor qc = q.contiguous();
+  at::Tensor out = at::empty_like(qc);
+  const Rows rows{qc.data_ptr<float>(), q.size(1), block_tables.data_ptr<int32_t>(),
+                  seq.data(),           ctx.data(), order.data(),
+                  tokens,               out.data_ptr<float>()};
+  run(rows, k_cache.data_ptr(), v_cache.data_ptr(),
+      DecodeShape{k_cache.size(1), k_cache.size(2), block_tables.stride(0), static_cast<float>(scale)});
   return out;
 }
 
@@ -347,11 +410,15 @@ TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor context_lens, float scale) -> Tensor");
   m.def(
+      "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor query_start_loc, Tensor context_lens, float scale) -> Tensor");
+  m.def(
       "store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor slot_mapping) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("paged_decode_attention", tokenmill::paged_decode_attention);
+  m.impl("paged_prefill_attention", tokenmill::paged_prefill_attention);
   m.impl("store_kv", tokenmill::store_kv);
 }

@@ -25,6 +25,7 @@ from tests.kernels.cases import (
     make_paged_batch,
     paged_shapes,
     reference_decode,
+    reference_prefill,
     relative_error,
 )
 
@@ -123,6 +124,47 @@ def test_decode_attention_matches_reference(cache_dtype, shape, head_dim):
     out = kernels.native.paged_decode_attention(*batch.decode_args())
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert relative_error(out, reference_decode(batch)) < 2e-6
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@example_budget(cpu=60, cuda=60)
+@given(shape=paged_shapes(decode=False), head_dim=st.sampled_from([16, 64, 128]))
+def test_prefill_attention_matches_reference(cache_dtype, shape, head_dim):
+    """Fresh prompts, chunks after a prefix hit and decode rows in one call (paged_shapes)."""
+    batch = _with_cache_dtype(
+        build("cpu", torch.float32, {**shape, "head_dim": head_dim}), cache_dtype
+    )
+    out = kernels.native.paged_prefill_attention(*batch.prefill_args())
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert relative_error(out, reference_prefill(batch)) < 2e-6
+
+
+def test_prefill_attention_rows_equal_decode_steps():
+    """A prompt's token computes the bits the decode kernel gives it at that position, so
+    it does not matter whether it was prefilled, chunked or decoded."""
+    batch = make_paged_batch([37, 70], [37, 20], 6, 2, 64, 16, torch.bfloat16, "cpu")
+    batch.q = batch.q.float()
+    out = kernels.native.paged_prefill_attention(*batch.prefill_args())
+    for row, (seq, pos) in enumerate(
+        [(0, p) for p in range(37)] + [(1, 50 + p) for p in range(20)]
+    ):
+        one = kernels.native.paged_decode_attention(
+            batch.q[row : row + 1], batch.k_cache, batch.v_cache,
+            batch.block_tables[seq : seq + 1], torch.tensor([pos + 1], dtype=torch.int32),
+            batch.scale,
+        )  # fmt: skip
+        assert torch.equal(out[row], one[0])
+
+
+def test_prefill_attention_rejects_inconsistent_queries():
+    batch = make_paged_batch([20, 5], [4, 2], 4, 2, 64, 16, torch.float32, "cpu")
+    args = list(batch.prefill_args())
+    args[4] = torch.tensor([0, 4, 5], dtype=torch.int32)  # 5 rows, q has 6
+    with pytest.raises(RuntimeError, match="span"):
+        kernels.native.paged_prefill_attention(*args)
+    args[4] = torch.tensor([0, 0, 6], dtype=torch.int32)  # 6 queries for a context of 5
+    with pytest.raises(RuntimeError, match="more queries than context"):
+        kernels.native.paged_prefill_attention(*args)
 
 
 def test_decode_attention_edge_cases():
