@@ -1,7 +1,9 @@
 """The default CPU mode is batch-invariant: a request's tokens and logprobs are bit-identical
 whether it runs alone or shares every step with other requests' prefill chunks and decodes
 (int8 GEMMs are exact, every other op is per row, and decode rows of a mixed step still take
-the decode kernel). This holds for the eager and for the compiled dense blocks."""
+the decode kernel). This holds eagerly and after the compile step, where the default mode
+runs engine/native_layers.py's C++ layers (decode steps in one call, the same per-row code
+as the blocks of mixed steps)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from engine import LLM, SamplingParams
 
 
 @pytest.mark.parametrize("compile_mode", ["off", "on"])
-def test_a_request_computes_the_same_alone_and_in_a_busy_mixed_batch(tiny_model_dir, compile_mode):
+def test_a_request_computes_the_same_alone_and_in_a_busy_mixed_batch(
+    tiny_model_dir, compile_mode
+):
     path = tiny_model_dir("llama")
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     prompt = list(range(5, 25))

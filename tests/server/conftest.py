@@ -33,9 +33,8 @@ def serve() -> Iterator[Callable[..., RunningServer]]:
         engine = engine or FakeEngine()
         config.setdefault("served_model_names", ["fake-model"])
         app = build_app(engine, ServerConfig(**config))
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-        )
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+                                               log_level="warning", lifespan="off"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + 10

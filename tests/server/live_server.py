@@ -48,21 +48,9 @@ def start_server(*args: str, startup_timeout: float = 300) -> LiveServer:
     # Lives as long as the server (closed by stop()); read back if start-up fails.
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.serve",
-            "--port",
-            "0",
-            "--log-level",
-            "warning",
-            "--no-access-log",
-            *args,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
+        [sys.executable, "-m", "engine.serve", "--port", "0", "--log-level", "warning",
+         "--no-access-log", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
     )
     deadline = time.monotonic() + startup_timeout
     assert process.stdout is not None

@@ -58,7 +58,8 @@ def aclient(live: LiveServer) -> openai.AsyncOpenAI:
 
 def greedy(client: openai.OpenAI, messages=QUESTION, **kwargs):
     kwargs.setdefault("max_tokens", 12)
-    return client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **kwargs)
+    return client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                          **kwargs)
 
 
 def test_models_health_and_metrics_routes(live, client):
@@ -74,16 +75,14 @@ def test_non_streaming_chat(client):
     assert "Tokyo" in choice.message.content
     assert choice.finish_reason in ("stop", "length")
     assert response.usage.prompt_tokens > 10
-    assert response.usage.total_tokens == (
-        response.usage.prompt_tokens + response.usage.completion_tokens
-    )
+    assert response.usage.total_tokens == (response.usage.prompt_tokens
+                                           + response.usage.completion_tokens)
 
 
 def test_stream_with_usage_matches_non_stream(client):
     whole = greedy(client, max_tokens=16)
-    chunks = list(
-        greedy(client, max_tokens=16, stream=True, stream_options={"include_usage": True})
-    )
+    chunks = list(greedy(client, max_tokens=16, stream=True,
+                         stream_options={"include_usage": True}))
     assert len({c.id for c in chunks}) == 1
     *content_chunks, usage_chunk = chunks
     assert usage_chunk.choices == []
@@ -106,15 +105,15 @@ def test_max_tokens_gives_finish_reason_length(client):
     response = greedy(client, max_tokens=3)
     assert response.choices[0].finish_reason == "length"
     assert response.usage.completion_tokens == 3
-    legacy = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=3, temperature=0)
+    legacy = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=3,
+                                       temperature=0)
     assert legacy.choices[0].finish_reason == "length"
     assert legacy.usage.prompt_tokens == 3
 
 
 def test_n_choices(client):
-    response = client.chat.completions.create(
-        model=MODEL, messages=QUESTION, n=2, temperature=1.0, max_tokens=6, seed=5
-    )
+    response = client.chat.completions.create(model=MODEL, messages=QUESTION, n=2,
+                                              temperature=1.0, max_tokens=6, seed=5)
     assert [c.index for c in response.choices] == [0, 1]
     assert all(c.message.content for c in response.choices)
     assert all(c.finish_reason in ("stop", "length") for c in response.choices)
@@ -123,17 +122,10 @@ def test_n_choices(client):
 
 def test_seed_makes_sampling_reproducible(client):
     def sample(seed: int) -> str:
-        return (
-            client.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "Tell me a story."}],
-                temperature=1.0,
-                max_tokens=12,
-                seed=seed,
-            )
-            .choices[0]
-            .message.content
-        )
+        return client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}],
+            temperature=1.0, max_tokens=12, seed=seed,
+        ).choices[0].message.content
 
     assert sample(1234) == sample(1234)
     assert len({sample(1), sample(2), sample(3)}) >= 2
@@ -155,11 +147,8 @@ WEATHER_TOOL = {
     "function": {
         "name": "get_weather",
         "description": "Current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]},
     },
 }
 
@@ -170,17 +159,9 @@ def test_tool_result_round_trip_gets_a_final_answer(client):
     holding a call and its result, rendered in the default tool format, and answers."""
     messages = [
         {"role": "user", "content": "What is the weather in Paris?"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-                }
-            ],
-        },
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"},
     ]
     without_tools = greedy(client, messages=messages, max_tokens=1)
@@ -195,9 +176,8 @@ def test_tool_result_round_trip_gets_a_final_answer(client):
 def test_cached_tokens_on_a_repeated_long_system_prompt(client):
     system = {"role": "system", "content": f"Session {uuid.uuid4()}. " + "Answer briefly. " * 40}
     first = greedy(client, messages=[system, QUESTION[0]], max_tokens=1)
-    second = greedy(
-        client, messages=[system, {"role": "user", "content": "And Spain?"}], max_tokens=1
-    )
+    second = greedy(client, messages=[system, {"role": "user", "content": "And Spain?"}],
+                    max_tokens=1)
     assert first.usage.prompt_tokens_details.cached_tokens < 16
     assert second.usage.prompt_tokens_details.cached_tokens >= 0.8 * first.usage.prompt_tokens
 
@@ -221,11 +201,8 @@ def test_client_errors(live, client):
     assert err.status_code == 413
     bad_key = openai.OpenAI(base_url=f"{live.url}/v1", api_key="wrong", max_retries=0)
     assert isinstance(error_of(bad_key.models.list), openai.AuthenticationError)
-    raw = httpx.post(
-        f"{live.url}/v1/chat/completions",
-        content=b"{not json",
-        headers={"Authorization": f"Bearer {API_KEY}"},
-    )
+    raw = httpx.post(f"{live.url}/v1/chat/completions", content=b"{not json",
+                     headers={"Authorization": f"Bearer {API_KEY}"})
     assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
 
 
@@ -245,12 +222,8 @@ def test_first_chunk_arrives_while_generation_is_still_running(live, client):
 def test_dropped_streams_free_their_kv_blocks(live):
     async def open_and_drop(client: openai.AsyncOpenAI, i: int) -> None:
         stream = await client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": f"Count to {1000 + i}."}],
-            max_tokens=2000,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
+            model=MODEL, messages=[{"role": "user", "content": f"Count to {1000 + i}."}],
+            max_tokens=2000, stream=True, extra_body={"ignore_eos": True})
         received = 0
         async for chunk in stream:
             received += bool(chunk.choices and chunk.choices[0].delta.content)
@@ -280,9 +253,8 @@ def test_32_parallel_streams_complete_with_the_right_outputs(live):
     prompts = [f"Write one sentence about the number {i}." for i in range(32)]
 
     async def ask(client: openai.AsyncOpenAI, prompt: str, stream: bool) -> tuple[str, str]:
-        kwargs = dict(
-            model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=8
-        )
+        kwargs = dict(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                      temperature=0, max_tokens=8)
         if not stream:
             response = await client.chat.completions.create(**kwargs)
             return response.choices[0].message.content, response.choices[0].finish_reason

@@ -23,11 +23,8 @@ def test_sigterm_drains_in_flight_streams_then_exits():
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         stream = client.chat.completions.create(
-            model="smollm2-135m-instruct",
-            messages=[{"role": "user", "content": "Hi!"}],
-            max_tokens=64,
-            stream=True,
-            stream_options={"include_usage": True},
+            model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi!"}],
+            max_tokens=64, stream=True, stream_options={"include_usage": True},
             extra_body={"ignore_eos": True},
         )
         chunks = iter(stream)

@@ -96,10 +96,8 @@ def test_streamed_parsing_matches_whole_text_for_any_delta_boundaries(text, cuts
         streamed += assembler.push(piece, final=i == len(pieces) - 1)
 
     def normal(items):
-        return (
-            "".join(p for p in items if isinstance(p, str)),
-            [p for p in items if isinstance(p, ParsedCall)],
-        )
+        return ("".join(p for p in items if isinstance(p, str)),
+                [p for p in items if isinstance(p, ParsedCall)])
 
     assert normal(streamed) == normal(whole)
 
