@@ -131,6 +131,11 @@ class CpuLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale
+        return self.project(x)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` for an input the SmoothQuant input scale already multiplies (a C++ pass
+        before it can apply the scale on the way, engine/native_layers.py)."""
         if x.shape[0] <= self.max_weight_only_rows:
             if self.quantization == "int4":
                 y = kernels.int4_linear(x, *self.quantized, INT4_GROUP)

@@ -49,12 +49,6 @@ def _qk_norms(attn: Attention) -> tuple[torch.Tensor | None, torch.Tensor | None
     return attn.q_norm.weight, attn.k_norm.weight
 
 
-def _linear(linear: CpuLinear, x: torch.Tensor) -> torch.Tensor:
-    """`CpuLinear.forward` for an input its SmoothQuant scale already multiplies."""
-    y = kernels.int8_packed_linear(x, *linear.w8a8[1])
-    return y if linear.bias is None else y + linear.bias
-
-
 def _attention_input(
     layer: DecoderLayer,
     x: torch.Tensor,
@@ -67,7 +61,7 @@ def _attention_input(
         x, residual, norm.weight, attn.qkv_proj.input_scale, norm.eps
     )
     q, k, v = kernels.native.rotary_heads(
-        _linear(attn.qkv_proj, x), *_qk_norms(attn), positions.long(), rope_cache,
+        attn.qkv_proj.project(x), *_qk_norms(attn), positions.long(), rope_cache,
         attn.num_heads, attn.num_kv_heads, norm.eps,
     )  # fmt: skip
     return q, k, v, residual
@@ -80,10 +74,8 @@ def _attention_output_and_mlp(
     x, residual = kernels.native.add_rms_norm(
         layer.self_attn.o_proj(attn), residual, norm.weight, mlp.gate_up_proj.input_scale, norm.eps
     )
-    gate_up = _linear(mlp.gate_up_proj, x)
-    return _linear(
-        mlp.down_proj, kernels.native.silu_and_mul(gate_up, mlp.down_proj.input_scale)
-    ), residual
+    act = kernels.native.silu_and_mul(mlp.gate_up_proj.project(x), mlp.down_proj.input_scale)
+    return mlp.down_proj.project(act), residual
 
 
 def native_dense_blocks() -> DenseBlocks:
