@@ -43,10 +43,6 @@ enum Slot : int64_t {
 
 using Weights = std::vector<std::optional<at::Tensor>>;
 
-const float* optional_ptr(const Weights& w, int64_t i) {
-  return w[i].has_value() ? w[i]->data_ptr<float>() : nullptr;
-}
-
 void scale_columns(at::Tensor& x, const float* scale) {
   const int64_t rows = x.size(0), n = x.size(1);
   float* p = x.data_ptr<float>();
@@ -58,19 +54,32 @@ at::Tensor linear(const at::Tensor& x, const Weights& w, int64_t slot) {
   return tokenmill::int8_packed_linear(x, *w[slot], *w[slot + 1], *w[slot + 2]);
 }
 
-void check_layer(const Weights& w, int64_t base, int64_t hidden) {
-  for (Slot slot : {kInputNorm, kPostNorm})
-    TORCH_CHECK(w[base + slot].has_value() && w[base + slot]->numel() == hidden &&
-                    w[base + slot]->scalar_type() == at::kFloat && w[base + slot]->is_contiguous(),
-                "norm weights must be float32 [hidden]");
+// A layer's small float operands, each checked for its size; the norms must be there.
+struct LayerData {
+  const float *input_norm, *qkv_input_scale, *qkv_bias, *q_norm, *k_norm, *o_input_scale,
+      *post_norm, *gate_up_input_scale, *down_input_scale;
+};
+
+LayerData layer_data(const Weights& w, int64_t base, int64_t hidden, int64_t heads,
+                     int64_t kv_heads, int64_t d) {
   for (Slot slot : {kQkv, kQkvComp, kQkvScale, kO, kOComp, kOScale, kGateUp, kGateUpComp,
                     kGateUpScale, kDown, kDownComp, kDownScale})
     TORCH_CHECK(w[base + slot].has_value(), "a linear lacks its packed weight");
-  for (Slot slot : {kQkvInputScale, kQkvBias, kQNorm, kKNorm, kOInputScale, kGateUpInputScale,
-                    kDownInputScale})
-    TORCH_CHECK(!w[base + slot].has_value() || (w[base + slot]->scalar_type() == at::kFloat &&
-                                                w[base + slot]->is_contiguous()),
-                "input scales, biases and q/k norms must be contiguous float32");
+  const int64_t inter = w[base + kDown]->size(1) * 4;  // pack_int8_vnni: [out/16, in/4, 16, 4]
+  const auto operand = [&](Slot slot, int64_t numel) {
+    return tokenmill::data_or_null(w[base + slot], numel);
+  };
+  const LayerData data{operand(kInputNorm, hidden),
+                       operand(kQkvInputScale, hidden),
+                       operand(kQkvBias, (heads + 2 * kv_heads) * d),
+                       operand(kQNorm, d),
+                       operand(kKNorm, d),
+                       operand(kOInputScale, heads * d),
+                       operand(kPostNorm, hidden),
+                       operand(kGateUpInputScale, hidden),
+                       operand(kDownInputScale, inter)};
+  TORCH_CHECK(data.input_norm != nullptr && data.post_norm != nullptr, "a layer lacks its norms");
+  return data;
 }
 
 }  // namespace
@@ -95,8 +104,11 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
   const at::Tensor positions = positions_in.contiguous();
   check_rotary_inputs(positions, rope_cache, rows, d);
   const int64_t* pos = positions.data_ptr<int64_t>();
+  // Every operand is checked before the first cache write.
   const Weights w(weights.begin(), weights.end());
-  for (int64_t l = 0; l < layers; ++l) check_layer(w, l * kPerLayer, hidden);
+  std::vector<LayerData> data;
+  for (int64_t l = 0; l < layers; ++l)
+    data.push_back(layer_data(w, l * kPerLayer, hidden, num_heads, kv_heads, d));
 
   at::Tensor x = x_in.contiguous();
   at::Tensor residual = residual_in.clone(at::MemoryFormat::Contiguous);
@@ -109,23 +121,20 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
   const float feps = static_cast<float>(eps);
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t b = l * kPerLayer;
+    const LayerData& p = data[l];
     at::Tensor k_cache = k_caches[l], v_cache = v_caches[l];
-    add_rms_norm_into(x, residual, w[b + kInputNorm]->data_ptr<float>(),
-                      optional_ptr(w, b + kQkvInputScale),
-                      feps, residual, normed);
+    add_rms_norm_into(x, residual, p.input_norm, p.qkv_input_scale, feps, residual, normed);
     const at::Tensor qkv = linear(normed, w, b + kQkv);
-    rotary_heads_into(qkv, optional_ptr(w, b + kQkvBias), optional_ptr(w, b + kQNorm),
-                      optional_ptr(w, b + kKNorm), feps, pos, rope, q, k, v);
+    rotary_heads_into(qkv, p.qkv_bias, p.q_norm, p.k_norm, feps, pos, rope, q, k, v);
     store_kv(k, v, k_cache, v_cache, slot_mapping);
     at::Tensor attn = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
                           .view({rows, num_heads * d});
-    if (const float* s = optional_ptr(w, b + kOInputScale)) scale_columns(attn, s);
+    if (p.o_input_scale != nullptr) scale_columns(attn, p.o_input_scale);
     const at::Tensor o = linear(attn, w, b + kO);
-    add_rms_norm_into(o, residual, w[b + kPostNorm]->data_ptr<float>(),
-                      optional_ptr(w, b + kGateUpInputScale), feps, residual, normed);
+    add_rms_norm_into(o, residual, p.post_norm, p.gate_up_input_scale, feps, residual, normed);
     const at::Tensor gate_up = linear(normed, w, b + kGateUp);
     at::Tensor act = at::empty({rows, gate_up.size(1) / 2}, opts);
-    silu_and_mul_into(gate_up, optional_ptr(w, b + kDownInputScale), act);
+    silu_and_mul_into(gate_up, p.down_input_scale, act);
     x = linear(act, w, b + kDown);
   }
   return {x, residual};

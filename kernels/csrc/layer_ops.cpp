@@ -54,16 +54,16 @@ void head_in(const float* src, const float* bias, const float* norm, float eps, 
   }
 }
 
+}  // namespace
+
+namespace tokenmill {
+
 const float* data_or_null(const std::optional<at::Tensor>& t, int64_t numel) {
   if (!t.has_value()) return nullptr;
   TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == numel,
               "expected a contiguous float32 tensor of ", numel, " values");
   return t->data_ptr<float>();
 }
-
-}  // namespace
-
-namespace tokenmill {
 
 void add_rms_norm_into(const at::Tensor& x, const at::Tensor& residual, const float* weight,
                        const float* input_scale, float eps, at::Tensor& sum, at::Tensor& out) {

@@ -6,6 +6,8 @@
 
 #include <immintrin.h>
 
+#include <optional>
+
 namespace tokenmill {
 
 // kernels/csrc/int8_gemm.cpp
@@ -28,6 +30,9 @@ void rotary_heads_into(const at::Tensor& qkv, const float* bias, const float* q_
                        const float* k_norm, float eps, const int64_t* positions,
                        const float* rope, at::Tensor& q, at::Tensor& k, at::Tensor& v);
 void silu_and_mul_into(const at::Tensor& gate_up, const float* input_scale, at::Tensor& out);
+// An optional float32 operand's data, checked to be contiguous with `numel` values; null
+// where it is absent.
+const float* data_or_null(const std::optional<at::Tensor>& t, int64_t numel);
 void check_rotary_inputs(const at::Tensor& positions, const at::Tensor& rope_cache,
                          int64_t rows, int64_t head_dim);
 

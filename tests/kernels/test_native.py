@@ -331,6 +331,10 @@ def test_decode_stack_rejects_bad_inputs():
         kernels.native.decode_layers(
             *args[:2], positions, *args[3:], k_caches, v_caches, heads, 1e-5, scale
         )
+    weights = list(args[-1])
+    weights[reference.DECODE_LAYER_SLOTS.index("down_input_scale")] = torch.ones(7)
+    with pytest.raises(RuntimeError, match="float32 tensor of 80 values"):  # the MLP's width
+        kernels.native.decode_layers(*args[:-1], weights, k_caches, v_caches, heads, 1e-5, scale)
 
 
 @example_budget(cpu=40, cuda=40)
