@@ -260,7 +260,7 @@ class _Server(uvicorn.Server):
     why) and the server exits; `serve` then reports the failure.
     """
 
-    FAILURE_LINGER_S = 1.0
+    FAILURE_LINGER_S = 2.0
 
     def __init__(self, config: uvicorn.Config, app: Starlette, engine: AsyncLLM,
                  shutdown_timeout: float) -> None:
