@@ -67,9 +67,9 @@ def _prepare_prompts(
         if not ids:
             raise invalid("prompt must not be empty", "prompt")
         ids_list.append(ids)
-    texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if echo \
-        else []
-    return ids_list, texts
+    if not echo:
+        return ids_list, []
+    return ids_list, [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
 
 
 async def create_completion(

@@ -6,7 +6,8 @@ Every way a body can be wrong ends in a 4xx here, before any handler sees it:
   send without asking the server first;
 - more than the byte limit is a 413, refused as it streams in, never buffered whole;
 - text that is not JSON, a number too long for Python to convert (over 4,300 digits),
-  or nesting deeper than `MAX_JSON_DEPTH` is a 400.
+  nesting deeper than `MAX_JSON_DEPTH`, or a string holding a lone UTF-16 surrogate is
+  a 400.
 
 Parsing a large body takes a while (about 60 ms per MB of small objects, then as much
 again to check a conversation of many messages), so above `OFFLOAD_BYTES` the JSON
@@ -19,6 +20,7 @@ limit is what bounds it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
@@ -31,6 +33,8 @@ from server.errors import APIError, invalid
 # a body only exercises recursion in the parser, the templates and the encoders.
 MAX_JSON_DEPTH = 64
 OFFLOAD_BYTES = 64 * 1024
+# A \u escape in the surrogate range: only then can a parsed string hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 T = TypeVar("T")
 Offload = Callable[..., Awaitable[Any]]
@@ -88,7 +92,20 @@ def parse_json(body: bytes) -> Any:
         raise _too_deep() from None
     if json_depth(value) > MAX_JSON_DEPTH:
         raise _too_deep()
+    if _SURROGATE_ESCAPE.search(body) and not _encodable(value):
+        raise invalid("the request body has a string with an unpaired surrogate escape "
+                      "(such as \\ud800), which is not text", code="invalid_json")
     return value
+
+
+def _encodable(value: Any) -> bool:
+    """Whether every string in `value` is valid Unicode: JSON's \\u escapes can spell a
+    lone UTF-16 surrogate, which Python accepts but no tokenizer or UTF-8 encoder does."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _too_deep() -> APIError:

@@ -73,7 +73,7 @@ class Admission:
         self.active = 0
         self.draining = False
 
-    def acquire(self, sequences: int, param: str) -> Ticket:
+    def acquire(self, sequences: int = 1, param: str = "n") -> Ticket:
         """Admit a request of `sequences` sequences; `param` is the field to blame when
         the request alone is larger than the server could ever hold."""
         if self.draining:

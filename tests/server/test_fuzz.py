@@ -58,6 +58,7 @@ scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(),
     st.sampled_from([2**63, 2**64 - 1, 2**64, -(2**63) - 1, 10**300, 0, -1]),
     st.text(max_size=12), st.integers(1000, 40000).map(lambda n: "x" * n),
+    st.sampled_from(["\ud800", "a\udfffb", "\U0001f600", "\x00"]),  # lone surrogates, NUL
 )
 anything = st.recursive(
     scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(

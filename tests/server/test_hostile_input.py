@@ -60,6 +60,7 @@ def test_completion_token_ids_must_be_in_the_vocabulary(serve):
     b'{"messages": ' + b"[" * 65 + b"]" * 65 + b"}",
     b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
     b"\xff\xfe{}",
+    b'{"messages": [{"role": "user", "content": "lone \\ud800 surrogate"}]}',
 ])
 def test_malformed_bodies_are_400(serve, content):
     server = serve(max_body_bytes=1 << 20)
