@@ -66,7 +66,7 @@ anything = st.recursive(
 
 
 def field(valid: st.SearchStrategy) -> st.SearchStrategy:
-    """A field's value: mostly valid ones, often anything at all."""
+    """A nested value: mostly valid ones, often anything at all."""
     return st.one_of(valid, valid, anything)
 
 
@@ -75,9 +75,13 @@ def unit(low: float, high: float) -> st.SearchStrategy:
 
 
 texts = st.text(max_size=30)
-token_ids = st.lists(st.integers(0, VOCAB + 10), min_size=1, max_size=6)
-stops = st.one_of(texts, st.lists(texts, max_size=5), st.lists(texts, min_size=17, max_size=20))
+words = st.text(min_size=1, max_size=10)
+valid_ids = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=6)
+any_ids = st.lists(st.integers(0, VOCAB + 10), min_size=1, max_size=6)
 parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
+weather_tool = {"type": "function",
+                "function": {"name": "get_weather", "parameters": parameters}}
+# Nested structures with hostile values inside them.
 tools = st.lists(st.fixed_dictionaries(
     {"type": field(st.just("function")),
      "function": field(st.fixed_dictionaries(
@@ -99,62 +103,75 @@ message = st.fixed_dictionaries(
                   "id": field(texts), "type": st.just("function"),
                   "function": field(st.fixed_dictionaries(
                       {"name": field(texts), "arguments": field(texts)}))}), max_size=2))})
+NESTED = {
+    "messages": st.lists(message, max_size=4),
+    "tools": tools,
+    "tool_choice": tool_choice,
+    "stop": st.one_of(st.lists(texts, max_size=20), st.integers(250, 300).map(lambda n: "s" * n)),
+    "stop_token_ids": any_ids,
+    "prompt": st.lists(any_ids | texts | anything, max_size=3),
+    "stream_options": st.fixed_dictionaries({"include_usage": anything}),
+}
 
-# Each top-level field's valid values; the bodies add hostile values on top.
+# Each top-level field's valid values (a body of only these is a valid request); the
+# bodies then set one or two fields to something hostile.
 SAMPLING = {
     "n": st.integers(1, 3),
     "temperature": unit(0, 2),
     "top_p": unit(0.01, 1),
     "top_k": st.integers(-1, 100),
     "min_p": unit(0, 1),
-    "seed": st.integers(-(2**63), 2**64 - 1),
-    "stop": stops,
+    "seed": st.integers(-(2**63), 2**64 - 3),
+    "stop": st.one_of(words, st.lists(words, max_size=4)),
     "presence_penalty": unit(-2, 2),
     "frequency_penalty": unit(-2, 2),
     "repetition_penalty": unit(0.5, 2),
-    "min_tokens": st.integers(0, 2),
+    "min_tokens": st.integers(0, 1),
     "ignore_eos": st.booleans(),
-    "stop_token_ids": token_ids,
+    "stop_token_ids": valid_ids,
     "skip_special_tokens": st.booleans(),
     "include_stop_str_in_output": st.booleans(),
     "stream": st.booleans(),
-    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
-    "model": st.sampled_from([MODEL, "gpt-4o"]),
+    "model": st.just(MODEL),
     "user": texts,
-    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json"])}),
-    "logit_bias": st.dictionaries(st.text(max_size=3), st.integers(-100, 100), max_size=2),
+    "response_format": st.just({"type": "text"}),
+    "logit_bias": st.just({}),
 }
-simple_messages = st.lists(st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "user"]), "content": texts}), min_size=1, max_size=3)
 CHAT = {
+    "messages": st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user"]), "content": texts}), min_size=1, max_size=3),
     "max_tokens": st.integers(1, 3),
     "max_completion_tokens": st.integers(1, 3),
     "logprobs": st.booleans(),
-    "top_logprobs": st.integers(0, 21),
-    "tools": tools,
-    "tool_choice": tool_choice,
+    "tools": st.lists(st.just(weather_tool), max_size=1),
+    "tool_choice": st.sampled_from(["none", "auto"]),
     "parallel_tool_calls": st.booleans(),
     **SAMPLING,
 }
 COMPLETIONS = {
+    "prompt": st.one_of(words, valid_ids, st.lists(words | valid_ids, min_size=1, max_size=3)),
     "max_tokens": st.integers(1, 3),
-    "echo": st.booleans(),
-    "logprobs": st.integers(0, 21),
-    "suffix": texts,
-    "best_of": st.integers(1, 3),
+    "logprobs": st.integers(0, 20),
     **SAMPLING,
 }
+# Fields valid only together with others, and unknown ones: only ever set to hostile values.
+EXTRA = ("top_logprobs", "stream_options", "echo", "suffix", "best_of", "functions")
 
 
-def bodies(required: dict[str, st.SearchStrategy], optional: dict[str, st.SearchStrategy]
-           ) -> st.SearchStrategy[dict]:
-    """A valid body, or one with one or two fields (or unknown ones) set to anything:
-    a single bad value on an otherwise valid request is what reaches deepest."""
-    valid = st.fixed_dictionaries(required, optional=optional)
-    names = st.sampled_from(sorted({*required, *optional, "functions", "prompt", "messages"}))
-    hostile = st.dictionaries(names, anything, min_size=1, max_size=2)
-    overlaid = st.tuples(valid, hostile).map(lambda pair: {**pair[0], **pair[1]})
-    return st.one_of(valid, overlaid, overlaid).map(_bounded)
+def hostile_value(name: str) -> st.SearchStrategy:
+    return st.one_of(anything, NESTED[name]) if name in NESTED else anything
+
+
+def bodies(valid: dict[str, st.SearchStrategy], required: str) -> st.SearchStrategy[dict]:
+    """A valid body, or one with one or two fields set to a hostile value: a single bad
+    value on an otherwise valid request is what reaches deepest into the server."""
+    base = st.fixed_dictionaries({required: valid[required]},
+                                 optional={k: v for k, v in valid.items() if k != required})
+    names = st.sampled_from(sorted({*valid, *EXTRA}))
+    hostile = st.lists(names.flatmap(lambda n: st.tuples(st.just(n), hostile_value(n))),
+                       min_size=1, max_size=2).map(dict)
+    overlaid = st.tuples(base, hostile).map(lambda pair: {**pair[0], **pair[1]})
+    return st.one_of(base, overlaid, overlaid, overlaid).map(_bounded)
 
 
 def _bounded(body: dict) -> dict:
@@ -204,16 +221,13 @@ def dumps(body: Any) -> bytes:
 
 
 @FUZZ
-@given(body=bodies({"messages": st.one_of(simple_messages, st.lists(message, max_size=4))},
-                   CHAT))
+@given(body=bodies(CHAT, "messages"))
 def test_fuzz_chat_fields(client, body):
     check(client, "/v1/chat/completions", dumps(body))
 
 
 @FUZZ
-@given(body=bodies({"prompt": st.one_of(texts, token_ids,
-                                        st.lists(texts | token_ids, max_size=3))},
-                   COMPLETIONS))
+@given(body=bodies(COMPLETIONS, "prompt"))
 def test_fuzz_completions_fields(client, body):
     check(client, "/v1/completions", dumps(body))
 
