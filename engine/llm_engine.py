@@ -203,6 +203,8 @@ class LLMEngine:
             return []
         for _parent, child in batch.forks:
             self.outputs.start(child)
+        for child in batch.deferred:
+            self.outputs.start(child)
         tables = [self.block_manager.block_table(s.seq_id) for s in batch.seqs]
         seqs, tokens, logprobs = self.runner.run(batch, tables)
         self.scheduler.advance(batch)

@@ -1,10 +1,11 @@
 """Per-request and per-sequence state.
 
 A request with `n` completions owns `n` sequences. Only the first exists until the
-prompt is computed; the rest are forked from it then, sharing the prompt's KV
-blocks. Everything the scheduler needs is counted in tokens: `num_computed_tokens`
-says how much of `token_ids` is already in the KV cache, so a fresh prompt, a chunked
-prefill, a prefix-cache hit and a preempted sequence all look alike.
+prompt is computed; the rest are forked from it then, sharing the prompt's KV blocks
+(or, beyond the scheduler's `max_num_seqs`, queued to recompute it). Everything the
+scheduler needs is counted in tokens: `num_computed_tokens` says how much of `token_ids`
+is already in the KV cache, so a fresh prompt, a chunked prefill, a prefix-cache hit and
+a preempted sequence all look alike.
 """
 
 from __future__ import annotations
