@@ -96,7 +96,7 @@ async def create_chat_completion(
 ) -> Response:
     model = state.resolve_model(request.model)
     prompt_ids = _encode_prompt(state, request)
-    params = make_sampling_params(request.sampling)
+    params = make_sampling_params(_default_max_tokens(state, request.sampling, len(prompt_ids)))
     check_context(len(prompt_ids), params.max_tokens, state.engine.max_model_len, "messages")
     header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", model)
     run = ChatRun(state, request, header, [t.name for t in active_tools(request)],
@@ -112,6 +112,17 @@ async def create_chat_completion(
     if collected is None:  # the client is gone; nobody will read this
         return Response(status_code=499)
     return JSONResponse(_chat_response(run, collected))
+
+
+def _default_max_tokens(state: ServerState, sampling: dict, num_prompt: int) -> dict:
+    """The operator's cap (--max-tokens-default) for a request that names no max_tokens,
+    within what the context window leaves: a small model at temperature 1 may never emit
+    its end token, and without a cap would generate until the window is full."""
+    cap = state.config.max_tokens_default
+    room = state.engine.max_model_len - num_prompt
+    if sampling["max_tokens"] is not None or cap is None or room < 1:
+        return sampling
+    return {**sampling, "max_tokens": min(cap, room)}
 
 
 def _encode_prompt(state: ServerState, request: ChatRequest) -> list[int]:
