@@ -11,7 +11,6 @@ a preempted sequence all look alike.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
@@ -60,7 +59,6 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int = 0  # prefix-cache hit at first admission
 
