@@ -43,14 +43,21 @@ class LiveServer:
         return self.process.returncode
 
 
-def start_server(*args: str, startup_timeout: float = 300) -> LiveServer:
-    """The default model, with the given extra flags; returns once it prints its URL."""
+def start_server(
+    *args: str,
+    startup_timeout: float = 300,
+    python: str = sys.executable,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+) -> LiveServer:
+    """The default model, with the given extra flags; returns once it prints its URL.
+    `python`, `cwd` and `env` run it from elsewhere (an installed wheel)."""
     # Lives as long as the server (closed by stop()); read back if start-up fails.
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.serve", "--port", "0", "--log-level", "warning",
+        [python, "-m", "engine.serve", "--port", "0", "--log-level", "warning",
          "--no-access-log", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
     )
     deadline = time.monotonic() + startup_timeout
     assert process.stdout is not None
