@@ -26,6 +26,7 @@ from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, max_tokens_for
 from engine.sequence import Request, Sequence
+from engine.structured_output import GrammarCompiler, GrammarMasks, accept_token
 
 log = logging.getLogger("tokenmill")
 
@@ -74,8 +75,10 @@ class LLMEngine:
             self.block_manager, args.max_num_seqs, args.max_num_batched_tokens
         )
         stop_ids = set(self.tokenizer.stop_token_ids) if self.tokenizer else set(cfg.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size, stop_ids)
         self.runner = ModelRunner(
-            model, num_blocks, args.block_size, self.device, self.kv_cache_dtype, stop_ids
+            model, num_blocks, args.block_size, self.device, self.kv_cache_dtype, stop_ids,
+            GrammarMasks(cfg.vocab_size),
         )
         self.outputs = OutputProcessor(self.tokenizer, stop_ids, self.max_model_len)
         # After the KV pool exists: the compile step picks attention kernels for its dtype.
@@ -139,9 +142,14 @@ class LLMEngine:
         self._check_fits(token_ids, params)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
+        vocab = self.model_config.vocab_size
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
         request = Request(
             request_id, prompt if isinstance(prompt, str) else None, token_ids, params
         )
+        if params.structured_outputs is not None:
+            request.grammar = self.grammars.compile(params.structured_outputs)
         seq = Sequence(
             request=request,
             index=0,
@@ -210,7 +218,8 @@ class LLMEngine:
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
             request = seq.request
             budget = max_tokens_for(request.params, seq.num_prompt_tokens, self.max_model_len)
-            self.outputs.append(seq, token, lp, budget)
+            complete = seq.grammar is not None and accept_token(seq.grammar, token)
+            self.outputs.append(seq, token, lp, budget, grammar_complete=complete)
             self.generation_tokens_total += 1
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
