@@ -135,8 +135,8 @@ class SamplingParams:
         for token, value in bias.items():
             _require(_is_int(token) and token >= 0, "logit_bias", "keyed by token ids >= 0", token)
             ok = _is_number(value) and math.isfinite(value) and abs(value) <= MAX_LOGIT_BIAS
-            _require(ok, f"logit_bias[{token}]", f"a number in [-{MAX_LOGIT_BIAS:g}, "
-                     f"{MAX_LOGIT_BIAS:g}]", value)
+            rule = f"a map to numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+            _require(ok, "logit_bias", rule, {token: value})
 
     def _check_float(self, name: str, in_range: Callable[[float], bool], rule: str) -> None:
         value = getattr(self, name)

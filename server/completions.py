@@ -28,6 +28,7 @@ from server.metrics import RequestTimer
 from server.protocol import CompletionRequest
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
+from server.structured import response_format_params
 
 
 @dataclass
@@ -65,7 +66,8 @@ async def create_completion(
 ) -> Response:
     model = state.resolve_model(request.model)
     prompts = [_prompt_ids(state, p) for p in request.prompts]
-    params = make_sampling_params(request.sampling)
+    structure = response_format_params(request.response_format)
+    params = make_sampling_params({**request.sampling, "structured_outputs": structure})
     for ids in prompts:
         check_context(len(ids), params.max_tokens, state.engine.max_model_len, "prompt")
     texts = [_prompt_text(state, p) for p in request.prompts] if request.echo else []
