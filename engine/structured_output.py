@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Sequence as SequenceABC
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -163,14 +164,30 @@ def accept_token(matcher: llguidance.LLMatcher, token: int) -> bool:
 
 
 @dataclass
+class MaskTimes:
+    """Where a step's mask time goes: computing on the worker, and the part the engine
+    thread still waits for after its forward pass (the only part on the critical path)."""
+
+    num_steps: int = 0
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+
+
+@dataclass
 class PendingMasks:
     """Masks being computed for one step; `result()` waits for them."""
 
     future: Future | None  # None: no row of this step is constrained
+    times: MaskTimes | None = None
 
     def result(self) -> list[torch.Tensor | None]:
         """Per sampling row, its allowed tokens (bool [vocab], CPU) or None if unconstrained."""
-        return [] if self.future is None else self.future.result()
+        if self.future is None:
+            return []
+        start = time.perf_counter()
+        masks = self.future.result()
+        self.times.wait_s += time.perf_counter() - start
+        return masks
 
 
 class GrammarMasks:
@@ -187,14 +204,17 @@ class GrammarMasks:
         self._words = (vocab_size + 31) // 32
         self._executor: llguidance.LLExecutor | None = None  # made on the worker, when needed
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-grammar")
+        self.times = MaskTimes()
 
     def submit(self, matchers: list[llguidance.LLMatcher | None]) -> PendingMasks:
         """Start computing the masks of `matchers` (one per sampling row, None if free)."""
         if all(m is None for m in matchers):
             return PendingMasks(None)
-        return PendingMasks(self._worker.submit(self._compute, list(matchers)))
+        self.times.num_steps += 1
+        return PendingMasks(self._worker.submit(self._compute, list(matchers)), self.times)
 
     def _compute(self, matchers: list[llguidance.LLMatcher | None]) -> list[torch.Tensor | None]:
+        start = time.perf_counter()
         if self._executor is None:
             # A quarter of the cores: the forward pass it overlaps needs the rest.
             threads = max(1, min(4, (os.cpu_count() or 2) // 4))
@@ -208,6 +228,7 @@ class GrammarMasks:
         allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")
         allowed = allowed[:, : self.vocab_size].astype(bool)
         masks = iter(torch.from_numpy(allowed))
+        self.times.compute_s += time.perf_counter() - start
         return [None if m is None else next(masks) for m in matchers]
 
     def close(self) -> None:

@@ -153,8 +153,13 @@ def _chat_choice(run: ChatRun, index: int, result: ChoiceResult) -> dict:
         "index": index,
         "message": message,
         "logprobs": run.logprobs(result.logprobs),
-        "finish_reason": "tool_calls" if calls else result.finish_reason,
+        "finish_reason": _finish_reason(len(calls), result.finish_reason),
     }
+
+
+def _finish_reason(num_calls: int, engine_reason: str | None) -> str | None:
+    """"tool_calls" when the turn made calls, unless the budget cut it ("length")."""
+    return "tool_calls" if num_calls and engine_reason != "length" else engine_reason
 
 
 def _chat_response(run: ChatRun, collected: Collected) -> dict:
@@ -224,7 +229,7 @@ def _choice_events(run: ChatRun, choice: _StreamChoice, o) -> list[bytes]:
     if logprobs and logprobs["content"]:
         chunks.append(_choice_chunk(run, o.index, {"content": ""}, logprobs))
     if o.finish_reason is not None:
-        reason = "tool_calls" if choice.assembler.num_calls else o.finish_reason
+        reason = _finish_reason(choice.assembler.num_calls, o.finish_reason)
         chunks.append(_choice_chunk(run, o.index, {}, finish_reason=reason))
     return chunks
 
