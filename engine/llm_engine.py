@@ -28,6 +28,7 @@ from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, max_tokens_for
 from engine.sequence import Request, Sequence
+from engine.structured_output import GrammarCompiler, GrammarMasks, accept_token
 
 log = logging.getLogger("tokenmill")
 
@@ -76,8 +77,10 @@ class LLMEngine:
             self.block_manager, args.max_num_seqs, args.max_num_batched_tokens
         )
         stop_ids = set(self.tokenizer.stop_token_ids) if self.tokenizer else set(cfg.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size, stop_ids)
         self.runner = ModelRunner(
-            model, num_blocks, args.block_size, self.device, self.kv_cache_dtype, stop_ids
+            model, num_blocks, args.block_size, self.device, self.kv_cache_dtype, stop_ids,
+            GrammarMasks(cfg.vocab_size),
         )
         self.outputs = OutputProcessor(self.tokenizer, stop_ids, self.max_model_len)
         # After the KV pool exists: the compile step picks attention kernels for its dtype.
@@ -149,9 +152,13 @@ class LLMEngine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
         request = Request(
             request_id, prompt if isinstance(prompt, str) else None, token_ids, params
         )
+        if params.structured_outputs is not None:
+            request.grammar = self.grammars.compile(params.structured_outputs)
         seq = Sequence(
             request=request,
             index=0,
@@ -231,7 +238,7 @@ class LLMEngine:
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
             request = seq.request
             budget = max_tokens_for(request.params, seq.num_prompt_tokens, self.max_model_len)
-            if not self._guarded(failures, request, self.outputs.append, seq, token, lp, budget):
+            if not self._guarded(failures, request, self._append_token, seq, token, lp, budget):
                 continue
             self.generation_tokens_total += 1
             if seq.finish_reason is not None:
@@ -260,6 +267,11 @@ class LLMEngine:
             failures[request.request_id] = exc
             return False
         return True
+
+    def _append_token(self, seq: Sequence, token: int, lp, budget: int) -> None:
+        """Advance the sequence's grammar (if any) by its new token, then record the token."""
+        complete = seq.grammar is not None and accept_token(seq.grammar, token)
+        self.outputs.append(seq, token, lp, budget, grammar_complete=complete)
 
     def _fail_request(self, request_id: str, cause: Exception) -> RequestOutput:
         """End a request that failed in the engine, freeing its blocks; its final output

@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engine.structured_output import StructuredOutputsParams
+
 # Below this temperature sampling is treated as greedy argmax (vLLM uses the same cut-off);
 # dividing logits by a temperature this small would only overflow.
 GREEDY_TEMPERATURE = 1e-5
@@ -18,6 +20,7 @@ MAX_LOGPROBS = 20
 # torch.Generator.manual_seed's range. The i-th of a request's n completions is seeded with
 # seed + i, so seed + n - 1 must stay inside it too.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 
 
 def _is_number(value: object) -> bool:
@@ -70,6 +73,9 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs, 0..20 (0: only the sampled token's)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrain every output to a structure (JSON schema, regex, choice, grammar).
+    structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI)
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -147,6 +153,25 @@ class SamplingParams:
             f"None or an integer in [0, {MAX_LOGPROBS}]",
             lp,
         )
+        _require(
+            self.structured_outputs is None
+            or isinstance(self.structured_outputs, StructuredOutputsParams),
+            "structured_outputs",
+            "a StructuredOutputsParams or None",
+            self.structured_outputs,
+        )
+        self._check_logit_bias()
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        _require(isinstance(bias, dict), "logit_bias", "a dict of token id -> bias", bias)
+        for token, value in bias.items():
+            _require(_is_int(token) and token >= 0, "logit_bias", "keyed by token ids >= 0", token)
+            ok = _is_number(value) and math.isfinite(value) and abs(value) <= MAX_LOGIT_BIAS
+            rule = f"a map to numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+            _require(ok, "logit_bias", rule, {token: value})
 
     def _check_float(self, name: str, in_range: Callable[[float], bool], rule: str) -> None:
         value = getattr(self, name)

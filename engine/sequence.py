@@ -61,6 +61,8 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int = 0  # prefix-cache hit at first admission
+    # Structured outputs: the matcher at the start of the output, copied into each sequence.
+    grammar: object | None = None
 
     @property
     def finished(self) -> bool:
@@ -86,6 +88,8 @@ class Sequence:
     text: str = ""  # decoded text of the output (may include held-back text)
     num_emitted_chars: int = 0  # text[:num_emitted_chars] has been handed out
     num_emitted_tokens: int = 0
+    # This sequence's structured-output matcher, following its output (see grammar_matcher).
+    grammar: object | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -106,3 +110,11 @@ class Sequence:
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    def grammar_matcher(self):
+        """The sequence's structured-output matcher (None if unconstrained), made on first
+        use from the request's, so siblings forked later start from the same state."""
+        if self.grammar is None and self.request.grammar is not None:
+            self.grammar = self.request.grammar.deep_copy()
+            self.grammar.consume_tokens(self.output_token_ids)
+        return self.grammar

@@ -35,7 +35,10 @@ from server.metrics import RequestTimer
 from server.protocol import ChatRequest
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
-from server.tool_parser import ParsedCall, ToolCallParser
+from server.structured import chat_structured_outputs
+from server.tool_parser import ArgumentsDelta, CallStart, ParsedCall, ToolCallParser
+
+CallEvent = ParsedCall | CallStart | ArgumentsDelta
 
 
 @dataclass
@@ -75,15 +78,17 @@ class ChoiceAssembler:
         self.pending_space = ""
         self.num_calls = 0
 
-    def push(self, text: str, final: bool) -> list[str | ParsedCall]:
+    def push(self, text: str, final: bool) -> list[str | CallEvent]:
+        """Content strings and call events; a call's `CallStart` and `ArgumentsDelta`s (if
+        it streamed) come before its `ParsedCall`."""
         if self.parser is None:
             return [text] if text else []
         events = self.parser.feed(text) + (self.parser.finish() if final else [])
-        out: list[str | ParsedCall] = []
+        out: list[str | CallEvent] = []
         for e in events:
-            if isinstance(e, ParsedCall):
+            if isinstance(e, CallStart | ArgumentsDelta | ParsedCall):
                 self.pending_space = ""
-                self.num_calls += 1
+                self.num_calls += isinstance(e, ParsedCall)
                 out.append(e)
                 continue
             piece = self.pending_space + e.text
@@ -100,7 +105,9 @@ async def create_chat_completion(
     state: ServerState, request: ChatRequest, receive: Receive, timer: RequestTimer
 ) -> Response:
     model = state.resolve_model(request.model)
-    params = make_sampling_params(request.sampling)
+    tools = active_tools(request)
+    structure = chat_structured_outputs(request, tools)
+    params = make_sampling_params({**request.sampling, "structured_outputs": structure})
     check_token_ids(params.stop_token_ids, state.engine.vocab_size, "stop_token_ids")
     ticket = state.admission.acquire(params.n, "n")
     try:
@@ -109,8 +116,7 @@ async def create_chat_completion(
         check_context(len(prompt_ids), params.max_tokens, state.engine.max_model_len,
                       "messages")
         header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", model)
-        run = ChatRun(state, request, header, [t.name for t in active_tools(request)],
-                      len(prompt_ids))
+        run = ChatRun(state, request, header, [t.name for t in tools], len(prompt_ids))
         outputs = merge([engine_outputs(state, prompt_ids, params, header.id, timer)])
     except BaseException:
         ticket.release()
@@ -192,8 +198,13 @@ def _chat_choice(run: ChatRun, index: int, result: ChoiceResult) -> dict:
         "index": index,
         "message": message,
         "logprobs": run.logprobs(result.logprobs),
-        "finish_reason": "tool_calls" if calls else result.finish_reason,
+        "finish_reason": _finish_reason(len(calls), result.finish_reason),
     }
+
+
+def _finish_reason(num_calls: int, engine_reason: str | None) -> str | None:
+    """"tool_calls" when the turn made calls, unless the budget cut it ("length")."""
+    return "tool_calls" if num_calls and engine_reason != "length" else engine_reason
 
 
 def _chat_response(run: ChatRun, collected: Collected) -> dict:
@@ -224,12 +235,25 @@ class _StreamChoice:
     started: bool = False
 
 
-def _tool_call_deltas(call: ParsedCall, call_index: int) -> list[dict]:
-    """OpenAI's streaming shape: id, type and name once, then the arguments."""
-    head = {"index": call_index, "id": new_call_id(), "type": "function",
-            "function": {"name": call.name, "arguments": ""}}
-    tail = {"index": call_index, "function": {"arguments": call.arguments}}
-    return [{"tool_calls": [head]}, {"tool_calls": [tail]}]
+def _call_head(name: str, call_index: int) -> dict:
+    """OpenAI's streaming shape: id, type and name once, then the arguments in pieces."""
+    return {"tool_calls": [{"index": call_index, "id": new_call_id(), "type": "function",
+                            "function": {"name": name, "arguments": ""}}]}
+
+
+def _call_arguments(text: str, call_index: int) -> dict:
+    return {"tool_calls": [{"index": call_index, "function": {"arguments": text}}]}
+
+
+def _call_deltas(event: CallEvent, call_index: int) -> list[dict]:
+    """The chunks' deltas for one call event of the call numbered `call_index`."""
+    if isinstance(event, CallStart):
+        return [_call_head(event.name, call_index)]
+    if isinstance(event, ArgumentsDelta):
+        return [_call_arguments(event.text, call_index)]
+    if event.streamed:  # head and arguments already sent
+        return []
+    return [_call_head(event.name, call_index), _call_arguments(event.arguments, call_index)]
 
 
 def _choice_events(run: ChatRun, choice: _StreamChoice, o) -> list[bytes]:
@@ -245,13 +269,12 @@ def _choice_events(run: ChatRun, choice: _StreamChoice, o) -> list[bytes]:
             chunks.append(_choice_chunk(run, o.index, {"content": piece}, logprobs))
             logprobs = None  # they ride on the first content chunk of the delta
         else:
-            deltas = _tool_call_deltas(piece, calls_before)
-            calls_before += 1
-            chunks += [_choice_chunk(run, o.index, d) for d in deltas]
+            chunks += [_choice_chunk(run, o.index, d) for d in _call_deltas(piece, calls_before)]
+            calls_before += isinstance(piece, ParsedCall)
     if logprobs and logprobs["content"]:
         chunks.append(_choice_chunk(run, o.index, {"content": ""}, logprobs))
     if o.finish_reason is not None:
-        reason = "tool_calls" if choice.assembler.num_calls else o.finish_reason
+        reason = _finish_reason(choice.assembler.num_calls, o.finish_reason)
         chunks.append(_choice_chunk(run, o.index, {}, finish_reason=reason))
     return chunks
 

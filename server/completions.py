@@ -30,6 +30,7 @@ from server.metrics import RequestTimer
 from server.protocol import CompletionRequest
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
+from server.structured import response_format_params
 
 
 @dataclass
@@ -76,7 +77,8 @@ async def create_completion(
     state: ServerState, request: CompletionRequest, receive: Receive, timer: RequestTimer
 ) -> Response:
     model = state.resolve_model(request.model)
-    params = make_sampling_params(request.sampling)
+    structure = response_format_params(request.response_format)
+    params = make_sampling_params({**request.sampling, "structured_outputs": structure})
     check_token_ids(params.stop_token_ids, state.engine.vocab_size, "stop_token_ids")
     sequences = len(request.prompts) * params.n
     ticket = state.admission.acquire(sequences, "prompt" if len(request.prompts) > 1 else "n")

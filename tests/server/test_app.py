@@ -375,7 +375,9 @@ def test_tool_calls_streaming(serve):
 
 
 def test_malformed_tool_call_is_returned_as_text(serve):
-    broken = '<tool_call>{"name": "get_weather", "arguments": {"city": "Par</tool_call>'
+    # Not the grammar's canonical opening (which would make it a call at once), and the
+    # arguments string is not JSON.
+    broken = '<tool_call>{"name": "get_weather", "arguments": "{city: Par"}</tool_call>'
     server = serve(FakeEngine(reply=broken))
     body = chat(server, tools=[WEATHER_TOOL]).json()
     assert body["choices"][0]["message"]["content"] == broken
