@@ -30,7 +30,7 @@ from server.metrics import RequestTimer
 from server.protocol import ChatRequest
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
-from server.tool_parser import ParsedCall, ToolCallParser
+from server.tool_parser import ChoiceAssembler, ParsedCall
 
 
 @dataclass
@@ -54,41 +54,6 @@ class ChatRun:
         if not self.request.logprobs:
             return None
         return chat_logprobs(entries, self.state.token_text, self.request.top_logprobs)
-
-
-class ChoiceAssembler:
-    """Turns one choice's text deltas into content pieces and tool calls, in order.
-
-    Whitespace next to a tool call (the newlines models put around `<tool_call>`
-    blocks) is dropped; any other whitespace is kept. To decide that independently of
-    where delta boundaries fall, trailing whitespace is held back until the next piece
-    shows what follows it, so streamed and whole-text results always agree.
-    """
-
-    def __init__(self, tool_names: list[str], max_calls: int | None) -> None:
-        self.parser = ToolCallParser(tool_names, max_calls) if tool_names else None
-        self.pending_space = ""
-        self.num_calls = 0
-
-    def push(self, text: str, final: bool) -> list[str | ParsedCall]:
-        if self.parser is None:
-            return [text] if text else []
-        events = self.parser.feed(text) + (self.parser.finish() if final else [])
-        out: list[str | ParsedCall] = []
-        for e in events:
-            if isinstance(e, ParsedCall):
-                self.pending_space = ""
-                self.num_calls += 1
-                out.append(e)
-                continue
-            piece = self.pending_space + e.text
-            body = piece.rstrip()
-            self.pending_space = piece[len(body):]
-            if body:
-                out.append(body)
-        if final and self.pending_space and not self.num_calls:
-            out.append(self.pending_space)
-        return out
 
 
 async def create_chat_completion(
