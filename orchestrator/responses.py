@@ -142,6 +142,16 @@ def _new_response(request: ResponseRequest) -> dict:
     }
 
 
+@dataclass
+class _Progress:
+    """What a turn's engine reader has gathered so far."""
+
+    assembler: ChoiceAssembler
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cached: int = 0
+
+
 class Turn:
     """One response being generated: events flow to `stream()`, the end to `wait()`."""
 
@@ -159,7 +169,7 @@ class Turn:
         self.id: str = self.events.response["id"]
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self._stop_status: str | None = None
-        self._abort: asyncio.Future | None = None
+        self._consumer: asyncio.Task | None = None
         self._task = asyncio.create_task(self._run())
 
     @property
@@ -181,7 +191,8 @@ class Turn:
         if self._task.done() or self._stop_status is not None:
             return
         self._stop_status = status
-        self._abort = asyncio.ensure_future(self.service.engine.abort(self.id))
+        if self._consumer is not None:
+            self._consumer.cancel()
 
     def _put(self, events: list[Event]) -> None:
         for event in events:
@@ -215,44 +226,50 @@ class Turn:
             self.observer.on_finished()
 
     async def _generate(self) -> tuple[str, str | None, dict | None, list[int], int]:
-        """Run the engine; returns (status, incomplete reason, error, output ids, cached)."""
+        """Run the engine; returns (status, incomplete reason, error, output ids, cached).
+
+        The engine is read by a task of its own, which `stop` cancels: a stopped turn
+        ends at once even if the engine has no further output to deliver."""
         config = self.request.tool_config()
-        assembler = ChoiceAssembler([t.name for t in config.tools],
-                                    None if config.parallel else 1)
-        output_ids: list[int] = []
-        cached = 0
-        finish_reason = None
+        progress = _Progress(ChoiceAssembler([t.name for t in config.tools],
+                                             None if config.parallel else 1))
         error = None
-        engine = self.service.engine
+        self._consumer = asyncio.create_task(self._consume(progress))
         try:
-            async with aclosing(engine.generate(self.prompt.token_ids, self.params,
-                                                self.id)) as outputs:
-                async for out in outputs:
-                    for o in out.outputs:
-                        output_ids += o.token_ids
-                        self.observer.on_tokens(len(o.token_ids))
-                        finish_reason = o.finish_reason or finish_reason
-                        self._emit(assembler.push(o.text, final=o.finish_reason is not None))
-                    if out.finished:
-                        cached = out.num_cached_tokens
-                    if self._stop_status is not None:
-                        break
+            await self._consumer
+        except asyncio.CancelledError:
+            if self._stop_status is None:
+                raise  # the turn itself is being cancelled (shutdown)
         except (EngineError, ValueError) as exc:
             error = {"code": "server_error", "message": f"the engine failed: {exc}"}
         finally:
-            if finish_reason is None:
-                await engine.abort(self.id)
-        if finish_reason is None or finish_reason == "abort":
-            self._emit(assembler.push("", final=True))  # the text held back so far
+            if progress.finish_reason is None:
+                await self.service.engine.abort(self.id)
+        reason = progress.finish_reason
+        if reason is None or reason == "abort":
+            self._emit(progress.assembler.push("", final=True))  # the text held back so far
+        result = progress.output_ids, progress.cached
         if error is not None:
-            return "failed", None, error, output_ids, cached
+            return "failed", None, error, *result
         if self._stop_status is not None:
-            return self._stop_status, None, None, output_ids, cached
-        if finish_reason == "length":
-            return "incomplete", "max_output_tokens", None, output_ids, cached
-        if finish_reason == "stop":
-            return "completed", None, None, output_ids, cached
-        return "incomplete", None, None, output_ids, cached
+            return self._stop_status, None, None, *result
+        if reason == "length":
+            return "incomplete", "max_output_tokens", None, *result
+        if reason == "stop":
+            return "completed", None, None, *result
+        return "incomplete", None, None, *result
+
+    async def _consume(self, progress: _Progress) -> None:
+        outputs = self.service.engine.generate(self.prompt.token_ids, self.params, self.id)
+        async with aclosing(outputs):
+            async for out in outputs:
+                for o in out.outputs:
+                    progress.output_ids += o.token_ids
+                    self.observer.on_tokens(len(o.token_ids))
+                    progress.finish_reason = o.finish_reason or progress.finish_reason
+                    self._emit(progress.assembler.push(o.text, final=o.finish_reason is not None))
+                if out.finished:
+                    progress.cached = out.num_cached_tokens
 
     def _emit(self, pieces: list) -> None:
         for piece in pieces:

@@ -215,6 +215,9 @@ def parse_response_request(
     if max_output is not None and max_output < 1:
         raise invalid(f"max_output_tokens must be at least 1, got {max_output}",
                       "max_output_tokens")
+    temperature = _get(body, "temperature", "a number", "temperature")
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise invalid(f"temperature must be in [0, 2], got {temperature}", "temperature")
     tools = _tools(body)
     request = ResponseRequest(
         model=resolve_model(_get(body, "model", "a string", "model")),
@@ -224,7 +227,7 @@ def parse_response_request(
         conversation_id=conversation,
         store=_get(body, "store", "a boolean", "store", True),
         max_output_tokens=max_output,
-        temperature=_get(body, "temperature", "a number", "temperature"),
+        temperature=temperature,
         top_p=_get(body, "top_p", "a number", "top_p"),
         truncation=truncation,
         metadata=parse_metadata(body.get("metadata")),
