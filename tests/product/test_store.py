@@ -138,3 +138,23 @@ def test_calls_run_on_the_store_thread_not_the_event_loop(store):
 
     assert asyncio.run(main()).startswith("tokenmill-store")
     assert threading.current_thread().name == "MainThread"
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'wal.db'}")
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        store.close()
+
+
+def test_serve_stores_in_the_data_dir_unless_given_a_database_url(tmp_path):
+    from engine.serve import build_parser, database_url
+
+    folder = tmp_path / "new" / "data"
+    url = database_url(build_parser().parse_args(["--data-dir", str(folder)]))
+    assert url == f"sqlite:///{folder / 'tokenmill.db'}" and folder.is_dir()
+    given = "postgresql+psycopg://u@/db?host=/tmp"
+    assert database_url(build_parser().parse_args(["--database-url", given])) == given
