@@ -28,8 +28,14 @@ class Product:
 
     @classmethod
     def open(cls, engine: EngineClient, database_url: str) -> Product:
-        """Open (and migrate) the database and build the services on `engine`."""
+        """Open (and migrate) the database and build the services on `engine`.
+
+        A SQLite file belongs to this server alone, so responses left `in_progress` there
+        were cut off by a crash: they are marked `incomplete`. A PostgreSQL database may
+        be shared by several servers, whose responses in flight must be left alone."""
         store = Store(database_url)
+        if store.engine.dialect.name == "sqlite":
+            store.repo.interrupt_unfinished()
         return cls(store, ResponseService(engine, store), ConversationService(store))
 
     def close(self) -> None:

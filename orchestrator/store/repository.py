@@ -286,6 +286,20 @@ class Repository:
             ).scalars().all()
         return head.status, History(list(items), unpack_tokens(head.context_tokens))
 
+    def interrupt_unfinished(self) -> int:
+        """Mark every response still `in_progress` as `incomplete`: start-up maintenance
+        for a database only this server uses, where such a response was cut off by a
+        crash and will never finish. Acts for all owners; returns how many it marked."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(responses.c.id, responses.c.body).where(
+                responses.c.status == "in_progress")).all()
+            for row in rows:
+                body = {**row.body, "status": "incomplete",
+                        "incomplete_details": {"reason": None}}
+                conn.execute(update(responses).where(responses.c.id == row.id).values(
+                    status="incomplete", body=body))
+        return len(rows)
+
     @staticmethod
     def _insert_response_items(conn: Connection, owner: str, response_id: str, kind: str,
                                items: list[dict]) -> None:

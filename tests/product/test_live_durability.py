@@ -5,6 +5,7 @@ a conversation started before the kill goes on after it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -16,26 +17,27 @@ from tests.server.live_server import start_server
 MODEL = "smollm2-135m-instruct"
 
 
-async def _streams_then_kill(url: str, pid: int) -> tuple[dict, int]:
+async def _streams_then_kill(url: str, pid: int) -> tuple[dict, set[str]]:
     """8 streams: the even ones short (they complete), the odd ones long (in flight at
-    the kill). Returns the responses seen completed and how many streams were cut."""
+    the kill). Returns the responses seen completed and the ids of those cut off."""
     completed: dict = {}
+    started: set[str] = set()
     begun = [asyncio.Event() for _ in range(8)]
-    cut = 0
 
     async def one(client: openai.AsyncOpenAI, i: int) -> None:
-        nonlocal cut
         try:
             stream = await client.responses.create(
                 model=MODEL, input=f"Tell a long story about the number {i}.", stream=True,
                 max_output_tokens=4 if i % 2 == 0 else 400)
             async for event in stream:
+                if event.type == "response.created":
+                    started.add(event.response.id)
                 if event.type == "response.output_text.delta":
                     begun[i].set()
                 elif event.type in ("response.completed", "response.incomplete"):
                     completed[event.response.id] = event.response
         except openai.APIConnectionError:
-            cut += 1
+            pass  # the kill
         finally:
             begun[i].set()
 
@@ -47,7 +49,7 @@ async def _streams_then_kill(url: str, pid: int) -> tuple[dict, int]:
             await asyncio.sleep(0.05)
         os.kill(pid, signal.SIGKILL)
         await asyncio.gather(*tasks)
-    return completed, cut
+    return completed, started - set(completed)
 
 
 def test_sigkill_mid_streams_leaves_an_intact_store(tmp_path):
@@ -62,7 +64,7 @@ def test_sigkill_mid_streams_leaves_an_intact_store(tmp_path):
         assert server.process.wait(30) == -signal.SIGKILL
     finally:
         server.stop()
-    assert len(completed) >= 4 and cut >= 1  # the kill came mid-stream
+    assert len(completed) >= 4 and cut  # the kill came mid-stream
 
     db = sqlite3.connect(os.path.join(data_dir, "tokenmill.db"))
     assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -76,6 +78,10 @@ def test_sigkill_mid_streams_leaves_an_intact_store(tmp_path):
             assert stored.status == seen.status
             assert stored.output_text == seen.output_text
             assert stored.usage == seen.usage
+        # A response cut off by the kill is recorded as incomplete (if its start was).
+        for response_id in cut:
+            with contextlib.suppress(openai.NotFoundError):
+                assert client.responses.retrieve(response_id).status == "incomplete"
         # The conversation from before the kill goes on.
         again = client.responses.create(model=MODEL, conversation=conv.id, temperature=0,
                                         input="What is my name?", max_output_tokens=8)

@@ -158,3 +158,14 @@ def test_serve_stores_in_the_data_dir_unless_given_a_database_url(tmp_path):
     assert url == f"sqlite:///{folder / 'tokenmill.db'}" and folder.is_dir()
     given = "postgresql+psycopg://u@/db?host=/tmp"
     assert database_url(build_parser().parse_args(["--database-url", given])) == given
+
+
+def test_responses_cut_off_by_a_crash_are_marked_incomplete(store):
+    repo = store.repo
+    _record(repo, "alice", "resp_done", None, "one")
+    repo.begin_response("alice", {"id": "resp_cut", "created_at": 1.0, "status": "in_progress",
+                                  "previous_response_id": None, "conversation": None,
+                                  "output": []}, [])
+    assert repo.interrupt_unfinished() == 1
+    assert repo.get_response("alice", "resp_cut")["status"] == "incomplete"
+    assert repo.get_response("alice", "resp_done")["status"] == "completed"
