@@ -64,14 +64,20 @@ def _client(url: str) -> openai.AsyncOpenAI:
                               timeout=1800)
 
 
-async def responses_conversation(client: openai.AsyncOpenAI, model: str,
+def instructions(session: str) -> str:
+    """The system prompt, opened by a tag naming the run: runs never share cached
+    prefixes, so each API's cached tokens are its own."""
+    return f"[{session}] {INSTRUCTIONS}"
+
+
+async def responses_conversation(client: openai.AsyncOpenAI, model: str, session: str,
                                  questions: Sequence[str], max_tokens: int) -> list[Turn]:
     turns, previous = [], None
     for question in questions:
         start = time.perf_counter()
         ttft = None
         stream = await client.responses.create(
-            model=model, input=question, instructions=INSTRUCTIONS, temperature=0,
+            model=model, input=question, instructions=instructions(session), temperature=0,
             max_output_tokens=max_tokens, previous_response_id=previous, stream=True)
         async for event in stream:
             if event.type == "response.output_text.delta" and ttft is None:
@@ -85,10 +91,10 @@ async def responses_conversation(client: openai.AsyncOpenAI, model: str,
     return turns
 
 
-async def chat_conversation(client: openai.AsyncOpenAI, model: str,
+async def chat_conversation(client: openai.AsyncOpenAI, model: str, session: str,
                             questions: Sequence[str], max_tokens: int) -> list[Turn]:
     turns = []
-    messages = [{"role": "system", "content": INSTRUCTIONS}]
+    messages = [{"role": "system", "content": instructions(session)}]
     for question in questions:
         messages.append({"role": "user", "content": question})
         start = time.perf_counter()
@@ -107,15 +113,14 @@ async def chat_conversation(client: openai.AsyncOpenAI, model: str,
     return turns
 
 
-async def throughput(url: str, model: str, api: str, conversations: int, turns: int,
-                     max_tokens: int) -> float:
+async def throughput(url: str, model: str, api: str, session: str, conversations: int,
+                     turns: int, max_tokens: int) -> float:
     """Output tokens per second of `conversations` concurrent conversations."""
     run = responses_conversation if api == "responses" else chat_conversation
     async with _client(url) as client:
         start = time.perf_counter()
         results = await asyncio.gather(*(
-            run(client, model, [f"Conversation {i}. {q}" for q in QUESTIONS[:turns]],
-                max_tokens)
+            run(client, model, f"{session} {i}", QUESTIONS[:turns], max_tokens)
             for i in range(conversations)))
         elapsed = time.perf_counter() - start
     return sum(t.output_tokens for r in results for t in r) / elapsed
@@ -141,21 +146,23 @@ async def cached_server_runs(url: str, args: argparse.Namespace) -> dict:
     questions = QUESTIONS[: args.turns]
     async with _client(url) as client:
         model = (await client.models.list()).data[0].id
-        responses = await responses_conversation(client, model, questions, args.max_tokens)
-        chat = await chat_conversation(client, model, questions, args.max_tokens)
+        responses = await responses_conversation(client, model, "responses", questions,
+                                                 args.max_tokens)
+        chat = await chat_conversation(client, model, "chat", questions, args.max_tokens)
     rates: dict[str, list[float]] = {"responses": [], "chat": []}
-    for _ in range(args.rounds):  # alternate, so drifting load hits both alike
+    for round_ in range(args.rounds):  # alternate, so drifting load hits both alike
         for api in ("chat", "responses"):
-            rates[api].append(await throughput(url, model, api, args.concurrency,
-                                               args.concurrent_turns, args.max_tokens))
+            rates[api].append(await throughput(url, model, api, f"{api} {round_}",
+                                               args.concurrency, args.concurrent_turns,
+                                               args.max_tokens))
     return {"responses": responses, "chat": chat, "rates": rates}
 
 
 async def uncached_server_run(url: str, args: argparse.Namespace) -> list[Turn]:
     async with _client(url) as client:
         model = (await client.models.list()).data[0].id
-        return await responses_conversation(client, model, QUESTIONS[: args.turns],
-                                            args.max_tokens)
+        return await responses_conversation(client, model, "responses",
+                                            QUESTIONS[: args.turns], args.max_tokens)
 
 
 def _isa() -> str:
