@@ -10,8 +10,13 @@ import time
 import httpx
 import openai
 import pytest
-from openai.types.conversations import Conversation, ConversationItemList
-from openai.types.responses import Response, ResponseItemList
+from openai.types.conversations import (
+    Conversation,
+    ConversationDeletedResource,
+    ConversationItemList,
+)
+from openai.types.responses import Response, ResponseItemList, ResponseStreamEvent
+from pydantic import TypeAdapter
 from sqlalchemy import func, select
 
 from orchestrator.store.tables import conversation_items, response_items
@@ -70,6 +75,25 @@ def test_streaming_events_come_in_order_and_add_up_to_the_stored_response(produc
     assert events[0].response.status == "in_progress" and events[0].response.output == []
     stored = server.client.responses.retrieve(final.id)
     assert stored.output == final.output and stored.usage == final.usage
+
+
+def test_every_streamed_event_is_a_valid_sdk_event_named_by_its_sse_event_line(product_server):
+    server = product_server(FakeEngine(reply=lambda p: CALL if "Paris" in p else "Sunny."))
+    adapter = TypeAdapter(ResponseStreamEvent)
+    for text in ("Weather in Paris?", "Weather?"):
+        with httpx.stream("POST", f"{server.url}/v1/responses", timeout=10, json={
+                "model": MODEL, "input": text, "tools": [WEATHER], "stream": True}) as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in stream.iter_lines() if line]
+        names = [line[len("event: "):] for line in lines[::2]]
+        events = [adapter.validate_json(line[len("data: "):]) for line in lines[1::2]]
+        assert names == [e.type for e in events] and len(events) >= 7
+    deleted = _raw(server, "DELETE", f"/responses/{events[-1].response.id}").json()
+    assert deleted == {"id": events[-1].response.id, "object": "response.deleted",
+                       "deleted": True}
+    conv = server.client.conversations.create()
+    raw = _raw(server, "DELETE", f"/conversations/{conv.id}").json()
+    assert ConversationDeletedResource.model_validate(raw).deleted
 
 
 def test_previous_response_id_continues_and_branches(product_server):
