@@ -172,10 +172,6 @@ class Turn:
         self._consumer: asyncio.Task | None = None
         self._task = asyncio.create_task(self._run())
 
-    @property
-    def done(self) -> bool:
-        return self._task.done()
-
     async def stream(self) -> AsyncIterator[Event]:
         while (event := await self._queue.get()) is not None:
             yield event
