@@ -74,12 +74,19 @@ def test_conversation_and_item_endpoints(client):
     items = list(client.conversations.items.list(conv.id, order="asc", limit=2))
     assert [i.role for i in items] == ["user", "assistant", "user", "assistant"]
     assert items[-1].content[0].text == reply.output_text
+    added = client.conversations.items.create(conv.id, items=[
+        {"role": "user", "content": "I live in Rome."}])
+    item = client.conversations.items.retrieve(added.data[0].id, conversation_id=conv.id)
+    assert item.content[0].text == "I live in Rome."
+    client.conversations.items.delete(item.id, conversation_id=conv.id)
     inputs = client.responses.input_items.list(reply.id)
     assert [i.content[0].text for i in inputs] == ["What is my name?"]
     updated = client.conversations.update(conv.id, metadata={"user": "ada"})
     assert Conversation.model_validate(updated.model_dump()).metadata == {"user": "ada"}
     client.conversations.items.delete(items[0].id, conversation_id=conv.id)
     assert len(list(client.conversations.items.list(conv.id))) == 3
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(reply.id)  # it has finished
     client.responses.delete(reply.id)
     assert client.conversations.delete(conv.id).deleted
     for call in (lambda: client.responses.retrieve(reply.id),
@@ -111,3 +118,19 @@ def test_a_dropped_stream_is_stored_incomplete_with_its_text(live, client):
     assert stored.status == "incomplete"
     assert stored.output_text.startswith(deltas)
     assert stored.usage.output_tokens < 400
+
+
+def test_cancel_stops_a_response_being_generated(client):
+    stream = client.responses.create(model=MODEL, input="Count from one to one hundred.",
+                                     max_output_tokens=400, stream=True)
+    events = iter(stream)
+    response_id = next(events).response.id
+    for event in events:
+        if event.type == "response.output_text.delta":
+            break
+    cancelled = client.responses.cancel(response_id)
+    assert cancelled.status == "cancelled"
+    rest = list(events)
+    assert rest[-1].type == "response.incomplete" and rest[-1].response.status == "cancelled"
+    assert client.responses.retrieve(response_id).output_text == cancelled.output_text
+    assert cancelled.usage.output_tokens < 400
