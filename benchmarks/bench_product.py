@@ -1,13 +1,17 @@
 """The product's conversations against stateless chat completions, and against no cache.
 
-Runs the same 10-turn conversation (greedy, one user question per turn):
+Runs the same 10-turn conversation (greedy, one user question per turn, a system prompt
+of about 800 tokens so that prefill, not the first step, dominates time to first token),
+with both servers up and the three paths taking turns, so a shared machine's drifting
+load hits them alike:
 - through /v1/responses, each turn naming the previous one (`previous_response_id`):
   the server assembles the history and extends the previous turn's tokens;
 - through stateless /v1/chat/completions, the client resending the whole history;
 - through /v1/responses on a server started with --no-enable-prefix-caching.
 For each turn: time to first token (first text delta of a stream) and cached prompt
-tokens. Then, on the caching server, 16 conversations at once through each API: output
-tokens per second, responses over chat completions.
+tokens. Then, on the caching server, 16 conversations at once (short system prompt)
+through each API, in alternating rounds: output tokens per second, responses over chat
+completions.
 
     python benchmarks/bench_product.py                   # the default model
     python benchmarks/bench_product.py --concurrency 8 --turns 5
@@ -49,6 +53,9 @@ QUESTIONS = [
     "Which sea lies between Europe and Africa?",
     "Summarise what we talked about in one sentence.",
 ]
+REFERENCE = "\n".join(
+    f"- Fact {i}: the city numbered {i} in the atlas has {1000 + 37 * i} parks and "
+    f"{20 + i % 17} museums." for i in range(30))
 
 
 @dataclass
@@ -64,66 +71,110 @@ def _client(url: str) -> openai.AsyncOpenAI:
                               timeout=1800)
 
 
-def instructions(session: str) -> str:
-    """The system prompt, opened by a tag naming the run: runs never share cached
-    prefixes, so each API's cached tokens are its own."""
-    return f"[{session}] {INSTRUCTIONS}"
+def instructions(session: str, reference: bool) -> str:
+    """The system prompt: a tag naming the run (runs never share cached prefixes, so each
+    run's cached tokens are its own), the tutor's brief and, for the TTFT runs, a
+    reference sheet long enough that reading the history, not the first step, dominates
+    time to first token."""
+    sheet = f"\n\nReference sheet:\n{REFERENCE}" if reference else ""
+    return f"[{session}] {INSTRUCTIONS}{sheet}"
 
 
-async def responses_conversation(client: openai.AsyncOpenAI, model: str, session: str,
-                                 questions: Sequence[str], max_tokens: int) -> list[Turn]:
-    turns, previous = [], None
-    for question in questions:
+class ResponsesConversation:
+    """Each turn sends only the new question and names the previous response."""
+
+    def __init__(self, client: openai.AsyncOpenAI, model: str, system: str,
+                 max_tokens: int) -> None:
+        self.client, self.model, self.max_tokens = client, model, max_tokens
+        self.instructions = system
+        self.previous: str | None = None
+
+    async def turn(self, question: str) -> Turn:
         start = time.perf_counter()
         ttft = None
-        stream = await client.responses.create(
-            model=model, input=question, instructions=instructions(session), temperature=0,
-            max_output_tokens=max_tokens, previous_response_id=previous, stream=True)
+        stream = await self.client.responses.create(
+            model=self.model, input=question, instructions=self.instructions, temperature=0,
+            max_output_tokens=self.max_tokens, previous_response_id=self.previous, stream=True)
         async for event in stream:
             if event.type == "response.output_text.delta" and ttft is None:
                 ttft = time.perf_counter() - start
             elif event.type in ("response.completed", "response.incomplete"):
                 final = event.response
+        self.previous = final.id
         usage = final.usage
-        turns.append(Turn(ttft or float("nan"), usage.input_tokens,
-                          usage.input_tokens_details.cached_tokens, usage.output_tokens))
-        previous = final.id
-    return turns
+        return Turn(ttft or float("nan"), usage.input_tokens,
+                    usage.input_tokens_details.cached_tokens, usage.output_tokens)
 
 
-async def chat_conversation(client: openai.AsyncOpenAI, model: str, session: str,
-                            questions: Sequence[str], max_tokens: int) -> list[Turn]:
-    turns = []
-    messages = [{"role": "system", "content": instructions(session)}]
-    for question in questions:
-        messages.append({"role": "user", "content": question})
+class ChatConversation:
+    """Each turn resends the whole history, as stateless chat completions need."""
+
+    def __init__(self, client: openai.AsyncOpenAI, model: str, system: str,
+                 max_tokens: int) -> None:
+        self.client, self.model, self.max_tokens = client, model, max_tokens
+        self.messages = [{"role": "system", "content": system}]
+
+    async def turn(self, question: str) -> Turn:
+        self.messages.append({"role": "user", "content": question})
         start = time.perf_counter()
         ttft, text, usage = None, "", None
-        stream = await client.chat.completions.create(
-            model=model, messages=messages, temperature=0, max_tokens=max_tokens, stream=True,
-            stream_options={"include_usage": True})
+        stream = await self.client.chat.completions.create(
+            model=self.model, messages=self.messages, temperature=0, max_tokens=self.max_tokens,
+            stream=True, stream_options={"include_usage": True})
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 ttft = ttft or time.perf_counter() - start
                 text += chunk.choices[0].delta.content
             usage = chunk.usage or usage
-        turns.append(Turn(ttft or float("nan"), usage.prompt_tokens,
-                          usage.prompt_tokens_details.cached_tokens, usage.completion_tokens))
-        messages.append({"role": "assistant", "content": text})
+        self.messages.append({"role": "assistant", "content": text})
+        return Turn(ttft or float("nan"), usage.prompt_tokens,
+                    usage.prompt_tokens_details.cached_tokens, usage.completion_tokens)
+
+
+async def one_conversation_each(cached_url: str, uncached_url: str,
+                                args: argparse.Namespace) -> dict[str, list[Turn]]:
+    """The same questions through the three paths, turn by turn interleaved, so load that
+    drifts during the run (a shared machine) hits all three alike."""
+    async with _client(cached_url) as cached, _client(uncached_url) as uncached:
+        model = (await cached.models.list()).data[0].id
+        paths = {
+            "responses": ResponsesConversation(cached, model, instructions("responses", True),
+                                               args.max_tokens),
+            "chat": ChatConversation(cached, model, instructions("chat", True), args.max_tokens),
+            "no_cache": ResponsesConversation(uncached, model, instructions("responses", True),
+                                              args.max_tokens),
+        }
+        turns: dict[str, list[Turn]] = {name: [] for name in paths}
+        for question in QUESTIONS[: args.turns]:
+            for name, conversation in paths.items():
+                turns[name].append(await conversation.turn(question))
     return turns
 
 
-async def throughput(url: str, model: str, api: str, session: str, conversations: int,
-                     turns: int, max_tokens: int) -> float:
-    """Output tokens per second of `conversations` concurrent conversations."""
-    run = responses_conversation if api == "responses" else chat_conversation
+async def throughput(url: str, api: str, session: str, args: argparse.Namespace) -> float:
+    """Output tokens per second of `--concurrency` conversations at once."""
+    kind = ResponsesConversation if api == "responses" else ChatConversation
     async with _client(url) as client:
+        model = (await client.models.list()).data[0].id
+
+        async def run(i: int) -> int:
+            conversation = kind(client, model, instructions(f"{session} {i}", False),
+                                args.max_tokens)
+            return sum([(await conversation.turn(q)).output_tokens
+                        for q in QUESTIONS[: args.concurrent_turns]])
+
         start = time.perf_counter()
-        results = await asyncio.gather(*(
-            run(client, model, f"{session} {i}", QUESTIONS[:turns], max_tokens)
-            for i in range(conversations)))
-        elapsed = time.perf_counter() - start
-    return sum(t.output_tokens for r in results for t in r) / elapsed
+        tokens = await asyncio.gather(*(run(i) for i in range(args.concurrency)))
+        return sum(tokens) / (time.perf_counter() - start)
+
+
+async def throughputs(url: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    rates: dict[str, list[float]] = {"responses": [], "chat": []}
+    for round_ in range(args.rounds):  # alternating, for the same reason as above
+        order = ("chat", "responses") if round_ % 2 == 0 else ("responses", "chat")
+        for api in order:
+            rates[api].append(await throughput(url, api, f"{api} {round_}", args))
+    return rates
 
 
 def server_argv(args: argparse.Namespace, port: int, data_dir: str, *extra: str) -> list[str]:
@@ -142,29 +193,6 @@ def with_server(args: argparse.Namespace, name: str, *extra: str) -> Iterator[st
             yield url
 
 
-async def cached_server_runs(url: str, args: argparse.Namespace) -> dict:
-    questions = QUESTIONS[: args.turns]
-    async with _client(url) as client:
-        model = (await client.models.list()).data[0].id
-        responses = await responses_conversation(client, model, "responses", questions,
-                                                 args.max_tokens)
-        chat = await chat_conversation(client, model, "chat", questions, args.max_tokens)
-    rates: dict[str, list[float]] = {"responses": [], "chat": []}
-    for round_ in range(args.rounds):  # alternate, so drifting load hits both alike
-        for api in ("chat", "responses"):
-            rates[api].append(await throughput(url, model, api, f"{api} {round_}",
-                                               args.concurrency, args.concurrent_turns,
-                                               args.max_tokens))
-    return {"responses": responses, "chat": chat, "rates": rates}
-
-
-async def uncached_server_run(url: str, args: argparse.Namespace) -> list[Turn]:
-    async with _client(url) as client:
-        model = (await client.models.list()).data[0].id
-        return await responses_conversation(client, model, "responses",
-                                            QUESTIONS[: args.turns], args.max_tokens)
-
-
 def _isa() -> str:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -174,26 +202,27 @@ def _isa() -> str:
     return ", ".join(found) or platform.machine()
 
 
-def report(cached: dict, uncached: list[Turn], args: argparse.Namespace) -> None:
+def report(turns: dict[str, list[Turn]], rates: dict[str, list[float]],
+           args: argparse.Namespace) -> None:
     print(f"\n{datetime.date.today()}  ISA: {_isa()}  model: {args.model}  "
           f"max_output_tokens {args.max_tokens}")
     print(f"command: python benchmarks/bench_product.py {shlex.join(sys.argv[1:])}\n")
-    print("turn | /v1/responses        | /v1/chat/completions | no prefix cache")
-    print("     | TTFT ms  cached/input | TTFT ms  cached/input | TTFT ms  input")
-    for i, (r, c, u) in enumerate(zip(cached["responses"], cached["chat"], uncached,
+    print("turn | /v1/responses         | /v1/chat/completions  | no prefix cache")
+    print("     | TTFT ms  cached/input  | TTFT ms  cached/input  | TTFT ms  input")
+    for i, (r, c, u) in enumerate(zip(turns["responses"], turns["chat"], turns["no_cache"],
                                       strict=True), 1):
-        print(f"{i:4} | {r.ttft * 1e3:7.0f}  {r.cached_tokens:5}/{r.input_tokens:<5} "
-              f"| {c.ttft * 1e3:7.0f}  {c.cached_tokens:5}/{c.input_tokens:<5} "
+        print(f"{i:4} | {r.ttft * 1e3:7.0f}  {r.cached_tokens:5}/{r.input_tokens:<6} "
+              f"| {c.ttft * 1e3:7.0f}  {c.cached_tokens:5}/{c.input_tokens:<6} "
               f"| {u.ttft * 1e3:7.0f}  {u.input_tokens:5}")
-    last, last_uncached = cached["responses"][-1], uncached[-1]
-    rates = cached["rates"]
-    ratio = statistics.fmean(rates["responses"]) / statistics.fmean(rates["chat"])
-    print(f"\nturn-{len(uncached)} TTFT, responses / no-cache server: "
-          f"{last.ttft / last_uncached.ttft:.2f}x (target <= 0.3)")
-    previous = cached["responses"][-2]
-    print(f"turn-{len(uncached)} cached tokens / turn-{len(uncached) - 1} input+output: "
+    last, previous = turns["responses"][-1], turns["responses"][-2]
+    n = len(turns["responses"])
+    print(f"\nturn-{n} TTFT, responses / no-cache server: "
+          f"{last.ttft / turns['no_cache'][-1].ttft:.2f}x (target <= 0.3); "
+          f"chat / no-cache: {turns['chat'][-1].ttft / turns['no_cache'][-1].ttft:.2f}x")
+    print(f"turn-{n} cached tokens / turn-{n - 1} input+output: "
           f"{last.cached_tokens / (previous.input_tokens + previous.output_tokens):.2f} "
           "(target >= 0.9)")
+    ratio = statistics.fmean(rates["responses"]) / statistics.fmean(rates["chat"])
     print(f"{args.concurrency} concurrent conversations x {args.concurrent_turns} turns, "
           f"output tok/s: responses {statistics.fmean(rates['responses']):.1f}, chat "
           f"{statistics.fmean(rates['chat']):.1f} -> {ratio:.2f}x (target >= 0.95); rounds: "
@@ -209,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=16, help="conversations at once")
     p.add_argument("--concurrent-turns", type=int, default=3,
                    help="turns of each concurrent conversation")
-    p.add_argument("--rounds", type=int, default=2, help="throughput rounds per API")
+    p.add_argument("--rounds", type=int, default=4, help="throughput rounds per API")
     p.add_argument("--server-args", default="", help="extra engine.serve flags for both servers")
     p.add_argument("--startup-timeout", type=float, default=900)
     return p
@@ -219,11 +248,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if not 2 <= args.turns <= len(QUESTIONS):
         raise SystemExit(f"--turns must be from 2 to {len(QUESTIONS)}")
-    with with_server(args, "tokenmill") as url:
-        cached = asyncio.run(cached_server_runs(url, args))
-    with with_server(args, "tokenmill, no prefix cache", "--no-enable-prefix-caching") as url:
-        uncached = asyncio.run(uncached_server_run(url, args))
-    report(cached, uncached, args)
+    with with_server(args, "tokenmill") as cached:
+        with with_server(args, "tokenmill, no prefix cache",
+                         "--no-enable-prefix-caching") as uncached:
+            turns = asyncio.run(one_conversation_each(cached, uncached, args))
+        rates = asyncio.run(throughputs(cached, args))
+    report(turns, rates, args)
 
 
 if __name__ == "__main__":
