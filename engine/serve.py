@@ -26,6 +26,8 @@ from engine.args import DTYPES, EngineArgs
 from engine.async_llm import AsyncLLM
 from engine.compilation import COMPILE_MODES
 from engine.linear import QUANTIZATIONS
+from orchestrator import Product
+from orchestrator.store import sqlite_url
 from server import ServerConfig, build_app, in_flight, start_draining
 
 log = logging.getLogger("tokenmill")
@@ -51,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m engine.serve",
         description="Serve a model over an OpenAI-compatible HTTP API "
-        "(/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).",
+        "(/v1/chat/completions, /v1/completions, /v1/responses, /v1/conversations, "
+        "/v1/models, /health, /metrics).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     srv = p.add_argument_group("server")
@@ -126,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     srv.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    srv.add_argument(
+        "--data-dir",
+        default="~/.local/share/tokenmill",
+        metavar="DIR",
+        help="where the product keeps its data: the SQLite database tokenmill.db "
+        "(conversations, responses) unless --database-url is given",
+    )
+    srv.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="a SQLAlchemy URL for the store instead of the SQLite file in --data-dir, "
+        "e.g. postgresql+psycopg://user:password@host/dbname",
+    )
 
     eng = p.add_argument_group("engine")
     eng.add_argument(
@@ -352,10 +369,15 @@ class _Server(uvicorn.Server):
             )
 
 
+def database_url(args: argparse.Namespace) -> str:
+    return args.database_url or sqlite_url(args.data_dir)
+
+
 async def serve(args: argparse.Namespace) -> bool:
     """Serve until shut down; returns False if it ended because the engine failed."""
     engine = AsyncLLM(engine_args(args))
-    app = build_app(engine, server_config(args))
+    product = Product.open(engine, database_url(args))
+    app = build_app(engine, server_config(args), product)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -370,6 +392,7 @@ async def serve(args: argparse.Namespace) -> bool:
         await _Server(config, app, engine, args.shutdown_timeout).serve()
     finally:
         await engine.shutdown()
+        product.close()
     return engine.failure is None
 
 

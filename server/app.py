@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -18,6 +18,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from orchestrator import Product, ProductError
+from server import conversations as conv
+from server import responses as resp
 from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.engine_client import EngineClient
@@ -126,7 +129,42 @@ async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
-def build_app(engine: EngineClient, config: ServerConfig) -> Starlette:
+def _with_json_body(handler: Callable[[Request, Any], Awaitable[Response]]):
+    """A route that reads the JSON body (size-limited) and hands it to `handler`."""
+
+    async def route(request: Request) -> Response:
+        body = await read_json(request, _state(request).config.max_body_bytes)
+        return await handler(request, body)
+
+    return route
+
+
+def product_routes() -> list[Route]:
+    """The Responses and Conversations APIs (served when the app has a product)."""
+    post, get, delete = ["POST"], ["GET"], ["DELETE"]
+    return [
+        Route("/v1/responses", _with_json_body(resp.create_response), methods=post),
+        Route("/v1/responses/{response_id}", resp.retrieve_response, methods=get),
+        Route("/v1/responses/{response_id}", resp.delete_response, methods=delete),
+        Route("/v1/responses/{response_id}/cancel", resp.cancel_response, methods=post),
+        Route("/v1/responses/{response_id}/input_items", resp.list_input_items, methods=get),
+        Route("/v1/conversations", _with_json_body(conv.create_conversation), methods=post),
+        Route("/v1/conversations/{conversation_id}", conv.retrieve_conversation, methods=get),
+        Route("/v1/conversations/{conversation_id}", _with_json_body(conv.update_conversation),
+              methods=post),
+        Route("/v1/conversations/{conversation_id}", conv.delete_conversation, methods=delete),
+        Route("/v1/conversations/{conversation_id}/items", conv.list_items, methods=get),
+        Route("/v1/conversations/{conversation_id}/items", _with_json_body(conv.create_items),
+              methods=post),
+        Route("/v1/conversations/{conversation_id}/items/{item_id}", conv.retrieve_item,
+              methods=get),
+        Route("/v1/conversations/{conversation_id}/items/{item_id}", conv.delete_item,
+              methods=delete),
+    ]
+
+
+def build_app(engine: EngineClient, config: ServerConfig,
+              product: Product | None = None) -> Starlette:
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
@@ -134,6 +172,7 @@ def build_app(engine: EngineClient, config: ServerConfig) -> Starlette:
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *(product_routes() if product is not None else []),
     ]
     middleware = [Middleware(APIKeyMiddleware, api_keys=config.api_keys)] if config.api_keys else []
     if config.allowed_origins:
@@ -144,9 +183,11 @@ def build_app(engine: EngineClient, config: ServerConfig) -> Starlette:
     app = Starlette(
         routes=routes,
         middleware=middleware,
-        exception_handlers={APIError: api_error_handler, HTTPException: http_error_handler},
+        exception_handlers={APIError: api_error_handler, HTTPException: http_error_handler,
+                            ProductError: resp.product_error_handler},
     )
     app.state.tokenmill = ServerState(engine, config)
+    app.state.product = product
     return app
 
 

@@ -36,9 +36,7 @@ from server.protocol import ChatRequest
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
 from server.structured import chat_structured_outputs
-from server.tool_parser import ArgumentsDelta, CallStart, ParsedCall, ToolCallParser
-
-CallEvent = ParsedCall | CallStart | ArgumentsDelta
+from server.tool_parser import ArgumentsDelta, CallEvent, CallStart, ChoiceAssembler, ParsedCall
 
 
 @dataclass
@@ -62,43 +60,6 @@ class ChatRun:
         if not self.request.logprobs:
             return None
         return chat_logprobs(entries, self.state.token_text, self.request.top_logprobs)
-
-
-class ChoiceAssembler:
-    """Turns one choice's text deltas into content pieces and tool calls, in order.
-
-    Whitespace next to a tool call (the newlines models put around `<tool_call>`
-    blocks) is dropped; any other whitespace is kept. To decide that independently of
-    where delta boundaries fall, trailing whitespace is held back until the next piece
-    shows what follows it, so streamed and whole-text results always agree.
-    """
-
-    def __init__(self, tool_names: list[str], max_calls: int | None) -> None:
-        self.parser = ToolCallParser(tool_names, max_calls) if tool_names else None
-        self.pending_space = ""
-        self.num_calls = 0
-
-    def push(self, text: str, final: bool) -> list[str | CallEvent]:
-        """Content strings and call events; a call's `CallStart` and `ArgumentsDelta`s (if
-        it streamed) come before its `ParsedCall`."""
-        if self.parser is None:
-            return [text] if text else []
-        events = self.parser.feed(text) + (self.parser.finish() if final else [])
-        out: list[str | CallEvent] = []
-        for e in events:
-            if isinstance(e, CallStart | ArgumentsDelta | ParsedCall):
-                self.pending_space = ""
-                self.num_calls += isinstance(e, ParsedCall)
-                out.append(e)
-                continue
-            piece = self.pending_space + e.text
-            body = piece.rstrip()
-            self.pending_space = piece[len(body):]
-            if body:
-                out.append(body)
-        if final and self.pending_space and not self.num_calls:
-            out.append(self.pending_space)
-        return out
 
 
 async def create_chat_completion(

@@ -194,6 +194,46 @@ class _StreamingCall:
         return [*events, ParsedCall(self.name, region, streamed=True)]
 
 
+CallEvent = ParsedCall | CallStart | ArgumentsDelta
+
+
+class ChoiceAssembler:
+    """Turns one choice's text deltas into content pieces and tool calls, in order.
+
+    Whitespace next to a tool call (the newlines models put around `<tool_call>`
+    blocks) is dropped; any other whitespace is kept. To decide that independently of
+    where delta boundaries fall, trailing whitespace is held back until the next piece
+    shows what follows it, so streamed and whole-text results always agree.
+    """
+
+    def __init__(self, tool_names: list[str], max_calls: int | None) -> None:
+        self.parser = ToolCallParser(tool_names, max_calls) if tool_names else None
+        self.pending_space = ""
+        self.num_calls = 0
+
+    def push(self, text: str, final: bool) -> list[str | CallEvent]:
+        """Content strings and call events; a call's `CallStart` and `ArgumentsDelta`s (if
+        it streamed) come before its `ParsedCall`."""
+        if self.parser is None:
+            return [text] if text else []
+        events = self.parser.feed(text) + (self.parser.finish() if final else [])
+        out: list[str | CallEvent] = []
+        for e in events:
+            if isinstance(e, CallStart | ArgumentsDelta | ParsedCall):
+                self.pending_space = ""
+                self.num_calls += isinstance(e, ParsedCall)
+                out.append(e)
+                continue
+            piece = self.pending_space + e.text
+            body = piece.rstrip()
+            self.pending_space = piece[len(body):]
+            if body:
+                out.append(body)
+        if final and self.pending_space and not self.num_calls:
+            out.append(self.pending_space)
+        return out
+
+
 def parse_tool_calls(
     text: str, allowed: Collection[str], max_calls: int | None = None
 ) -> tuple[str, list[ParsedCall]]:
