@@ -1,0 +1,297 @@
+"""The retrieval index: chunks with their embeddings and text, searched by vector
+similarity, by full-text BM25, or both fused.
+
+`RetrievalIndex` is what the store's repositories call, inside their own transactions
+(every method takes the `Connection`), so adding a file's chunks or deleting a file
+commits together with the file's row. Every method takes the owner and filters on it.
+
+`SqliteIndex` keeps chunks in the table `retrieval_chunks` (embeddings as float32 blobs
+compared with sqlite-vec's `vec_distance_cosine`) and an FTS5 table over their text kept
+in step by triggers. Both searches run over the rows that pass the owner, vector store
+and attribute filters, so filtering never costs recall. A PostgreSQL index would keep
+the same table with pgvector's `vector` column and a `tsvector`, behind the same
+protocol.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from sqlalchemy import (
+    JSON,
+    Column,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    column,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    literal_column,
+    select,
+    table,
+    update,
+)
+from sqlalchemy import Table as SqlTable
+from sqlalchemy.engine import Connection
+
+from orchestrator.retrieval.filters import Filter, SqliteJsonAttributes, compile_filter
+from orchestrator.retrieval.fusion import reciprocal_rank_fusion
+
+SearchMode = Literal["hybrid", "vector", "text"]
+
+metadata = MetaData()
+
+retrieval_chunks = SqlTable(
+    "retrieval_chunks",
+    metadata,
+    Column("id", Integer, primary_key=True),  # the FTS rowid
+    Column("owner_id", String(64), nullable=False),
+    Column("vector_store_id", String(64), nullable=False),
+    Column("file_id", String(64), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("chunk_index", Integer, nullable=False),
+    Column("text", Text, nullable=False),
+    # The vector store file's attributes, copied onto each chunk so filters need no join.
+    Column("attributes", JSON, nullable=False),
+    Column("embedding", LargeBinary, nullable=False),  # float32, unit length
+    Index("ix_retrieval_chunks_store", "vector_store_id", "owner_id"),
+    Index("ix_retrieval_chunks_file", "vector_store_id", "file_id"),
+)
+
+# The FTS5 side, which SQLAlchemy cannot declare: an external-content table over
+# retrieval_chunks.text (Porter-stemmed), synchronised by triggers. An Alembic migration
+# runs these statements after creating `retrieval_chunks`.
+SQLITE_FTS_DDL = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS retrieval_chunks_fts USING fts5("
+    "text, content='retrieval_chunks', content_rowid='id', tokenize='porter unicode61')",
+    "CREATE TRIGGER IF NOT EXISTS retrieval_chunks_ai AFTER INSERT ON retrieval_chunks BEGIN "
+    "INSERT INTO retrieval_chunks_fts(rowid, text) VALUES (new.id, new.text); END",
+    "CREATE TRIGGER IF NOT EXISTS retrieval_chunks_ad AFTER DELETE ON retrieval_chunks BEGIN "
+    "INSERT INTO retrieval_chunks_fts(retrieval_chunks_fts, rowid, text) "
+    "VALUES ('delete', old.id, old.text); END",
+    "CREATE TRIGGER IF NOT EXISTS retrieval_chunks_au AFTER UPDATE OF text ON retrieval_chunks "
+    "BEGIN INSERT INTO retrieval_chunks_fts(retrieval_chunks_fts, rowid, text) "
+    "VALUES ('delete', old.id, old.text); "
+    "INSERT INTO retrieval_chunks_fts(rowid, text) VALUES (new.id, new.text); END",
+)
+
+_FTS = table("retrieval_chunks_fts", column("rowid", Integer))
+_FTS_SELF = literal_column("retrieval_chunks_fts")  # FTS5's hidden column named as its table
+
+
+def sqlite_module() -> Any:
+    """A DB-API sqlite3 module that can load extensions: the standard library's where it
+    was built with extension loading, else `pysqlite3` (the `pysqlite3-binary` wheel)."""
+    import sqlite3
+
+    if hasattr(sqlite3.Connection, "enable_load_extension"):
+        return sqlite3
+    return importlib.import_module("pysqlite3.dbapi2")
+
+
+def load_sqlite_vec(dbapi_connection: Any, _record: Any = None) -> None:
+    """A SQLAlchemy "connect" listener that loads sqlite-vec into each new connection."""
+    import sqlite_vec
+
+    dbapi_connection.enable_load_extension(True)
+    sqlite_vec.load(dbapi_connection)
+    dbapi_connection.enable_load_extension(False)
+
+
+def sqlite_vec_engine(url: str = "sqlite://") -> Engine:
+    """A SQLite engine whose connections have sqlite-vec; the store's engine for SQLite
+    must be made the same way (`module=sqlite_module()` plus the listener)."""
+    engine = create_engine(url, module=sqlite_module(),
+                           connect_args={"check_same_thread": False})
+    event.listen(engine, "connect", load_sqlite_vec)
+    return engine
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """One chunk to index: where it comes from, its text and its embedding."""
+
+    file_id: str
+    filename: str
+    chunk_index: int
+    text: str
+    vector: np.ndarray  # float32, unit length
+    attributes: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    vector_store_ids: tuple[str, ...]
+    query: str
+    query_vector: np.ndarray
+    filters: Filter | None = None
+    max_num_results: int = 10
+    score_threshold: float = 0.0
+    mode: SearchMode = "hybrid"
+
+
+@dataclass(frozen=True)
+class Hit:
+    vector_store_id: str
+    file_id: str
+    filename: str
+    chunk_index: int
+    text: str
+    attributes: dict
+    score: float  # in [0, 1], higher is better
+
+
+class RetrievalIndex(Protocol):
+    """What the store needs from an index, whichever database holds it."""
+
+    def create_schema(self, conn: Connection) -> None: ...
+
+    def add(self, conn: Connection, owner: str, vector_store_id: str,
+            chunks: list[ChunkRecord]) -> None: ...
+
+    def delete_file(self, conn: Connection, owner: str, vector_store_id: str,
+                    file_id: str) -> int: ...
+
+    def delete_vector_store(self, conn: Connection, owner: str, vector_store_id: str) -> int: ...
+
+    def set_attributes(self, conn: Connection, owner: str, vector_store_id: str, file_id: str,
+                       attributes: dict) -> None: ...
+
+    def count(self, conn: Connection, owner: str, vector_store_id: str,
+              file_id: str | None = None) -> int: ...
+
+    def search(self, conn: Connection, owner: str, request: SearchRequest) -> list[Hit]: ...
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+MAX_QUERY_TERMS = 64
+
+
+def fts_query(text: str) -> str | None:
+    """A user's query as an FTS5 expression: its words, each quoted (so no word is read
+    as an operator), joined by OR so BM25 ranks partial matches; None without words."""
+    terms = list(dict.fromkeys(w.lower() for w in _WORD.findall(text)))[:MAX_QUERY_TERMS]
+    return " OR ".join(f'"{t}"' for t in terms) or None
+
+
+def candidates_for(max_num_results: int) -> int:
+    """How deep each ranked list goes before fusion: deep enough that a chunk ranked
+    moderately by both methods can rise into the fused top results."""
+    return max(50, 5 * max_num_results)
+
+
+class SqliteIndex:
+    """`RetrievalIndex` on SQLite with sqlite-vec and FTS5."""
+
+    table = retrieval_chunks
+
+    def create_schema(self, conn: Connection) -> None:
+        metadata.create_all(conn, tables=[self.table])
+        for statement in SQLITE_FTS_DDL:
+            conn.exec_driver_sql(statement)
+
+    def add(self, conn: Connection, owner: str, vector_store_id: str,
+            chunks: list[ChunkRecord]) -> None:
+        if chunks:
+            conn.execute(insert(self.table), [
+                {"owner_id": owner, "vector_store_id": vector_store_id, "file_id": c.file_id,
+                 "filename": c.filename, "chunk_index": c.chunk_index, "text": c.text,
+                 "attributes": c.attributes,
+                 "embedding": np.asarray(c.vector, dtype="<f4").tobytes()}
+                for c in chunks
+            ])
+
+    def delete_file(self, conn: Connection, owner: str, vector_store_id: str,
+                    file_id: str) -> int:
+        t = self.table
+        return conn.execute(delete(t).where(
+            t.c.owner_id == owner, t.c.vector_store_id == vector_store_id,
+            t.c.file_id == file_id)).rowcount
+
+    def delete_vector_store(self, conn: Connection, owner: str, vector_store_id: str) -> int:
+        t = self.table
+        return conn.execute(delete(t).where(
+            t.c.owner_id == owner, t.c.vector_store_id == vector_store_id)).rowcount
+
+    def set_attributes(self, conn: Connection, owner: str, vector_store_id: str, file_id: str,
+                       attributes: dict) -> None:
+        t = self.table
+        conn.execute(update(t).where(
+            t.c.owner_id == owner, t.c.vector_store_id == vector_store_id,
+            t.c.file_id == file_id).values(attributes=attributes))
+
+    def count(self, conn: Connection, owner: str, vector_store_id: str,
+              file_id: str | None = None) -> int:
+        t = self.table
+        where = [t.c.owner_id == owner, t.c.vector_store_id == vector_store_id]
+        if file_id is not None:
+            where.append(t.c.file_id == file_id)
+        return conn.execute(select(func.count()).select_from(t).where(*where)).scalar_one()
+
+    def search(self, conn: Connection, owner: str, request: SearchRequest) -> list[Hit]:
+        depth = (request.max_num_results if request.mode != "hybrid"
+                 else candidates_for(request.max_num_results))
+        ranked: list[list[tuple[int, float]]] = []
+        if request.mode in ("hybrid", "vector"):
+            ranked.append(self._vector_ranking(conn, owner, request, depth))
+        if request.mode in ("hybrid", "text"):
+            ranked.append(self._text_ranking(conn, owner, request, depth))
+        scored = reciprocal_rank_fusion(ranked) if request.mode == "hybrid" else ranked[0]
+        scored = [(i, s) for i, s in scored if s >= request.score_threshold]
+        return self._hits(conn, scored[: request.max_num_results])
+
+    def _where(self, owner: str, request: SearchRequest) -> list:
+        t = self.table
+        where = [t.c.owner_id == owner, t.c.vector_store_id.in_(request.vector_store_ids)]
+        if request.filters is not None:
+            where.append(compile_filter(request.filters, SqliteJsonAttributes(t.c.attributes)))
+        return where
+
+    def _vector_ranking(self, conn: Connection, owner: str, request: SearchRequest,
+                        depth: int) -> list[tuple[int, float]]:
+        """Chunk ids by cosine similarity, best first, scored max(0, similarity)."""
+        t = self.table
+        query = np.asarray(request.query_vector, dtype="<f4").tobytes()
+        distance = func.vec_distance_cosine(t.c.embedding, query).label("distance")
+        rows = conn.execute(select(t.c.id, distance).where(*self._where(owner, request))
+                            .order_by(distance).limit(depth)).all()
+        return [(row.id, max(0.0, 1.0 - row.distance)) for row in rows]
+
+    def _text_ranking(self, conn: Connection, owner: str, request: SearchRequest,
+                      depth: int) -> list[tuple[int, float]]:
+        """Chunk ids by BM25, best first, scored relative to the best match (1.0)."""
+        expression = fts_query(request.query)
+        if expression is None:
+            return []
+        t = self.table
+        rank = func.bm25(_FTS_SELF).label("rank")  # negative: lower is better
+        rows = conn.execute(
+            select(t.c.id, rank)
+            .select_from(t.join(_FTS, _FTS.c.rowid == t.c.id))
+            .where(_FTS_SELF.op("MATCH")(expression), *self._where(owner, request))
+            .order_by(rank).limit(depth)).all()
+        if not rows:
+            return []
+        best = rows[0].rank
+        return [(row.id, row.rank / best if best < 0 else 1.0) for row in rows]
+
+    def _hits(self, conn: Connection, scored: list[tuple[int, float]]) -> list[Hit]:
+        if not scored:
+            return []
+        t = self.table
+        rows = {row.id: row for row in conn.execute(
+            select(t).where(t.c.id.in_([i for i, _ in scored])))}
+        return [Hit(rows[i].vector_store_id, rows[i].file_id, rows[i].filename,
+                    rows[i].chunk_index, rows[i].text, rows[i].attributes, score)
+                for i, score in scored]
