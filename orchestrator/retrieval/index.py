@@ -275,12 +275,16 @@ class SqliteIndex:
         if expression is None:
             return []
         t = self.table
-        rank = func.bm25(_FTS_SELF).label("rank")  # negative: lower is better
+        # The full-text match runs first, once (a materialised CTE): joined directly,
+        # SQLite's planner may probe the FTS index once per candidate row instead.
+        matches = (select(_FTS.c.rowid, func.bm25(_FTS_SELF).label("rank"))
+                   .where(_FTS_SELF.op("MATCH")(expression))
+                   .cte("matches").prefix_with("MATERIALIZED"))
         rows = conn.execute(
-            select(t.c.id, rank)
-            .select_from(t.join(_FTS, _FTS.c.rowid == t.c.id))
-            .where(_FTS_SELF.op("MATCH")(expression), *self._where(owner, request))
-            .order_by(rank).limit(depth)).all()
+            select(t.c.id, matches.c.rank)
+            .select_from(matches.join(t, t.c.id == matches.c.rowid))
+            .where(*self._where(owner, request))
+            .order_by(matches.c.rank).limit(depth)).all()
         if not rows:
             return []
         best = rows[0].rank
