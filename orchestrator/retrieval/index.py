@@ -5,12 +5,13 @@ similarity, by full-text BM25, or both fused.
 (every method takes the `Connection`), so adding a file's chunks or deleting a file
 commits together with the file's row. Every method takes the owner and filters on it.
 
-`SqliteIndex` keeps chunks in the table `retrieval_chunks` (embeddings as float32 blobs
-compared with sqlite-vec's `vec_distance_cosine`) and an FTS5 table over their text kept
-in step by triggers. Both searches run over the rows that pass the owner, vector store
-and attribute filters, so filtering never costs recall. A PostgreSQL index would keep
-the same table with pgvector's `vector` column and a `tsvector`, behind the same
-protocol.
+`SqliteIndex` keeps chunks in the table `retrieval_chunks`, their embeddings in a
+sqlite-vec `vec0` table partitioned by vector store, and an FTS5 table over their text;
+triggers keep both in step with the chunks. Without attribute filters the vector search
+is sqlite-vec's exact k-nearest-neighbour scan of the requested stores' partitions; with
+filters the filters select the rows first and only those are compared, so a selective
+filter never costs recall. A PostgreSQL index would keep the same table with pgvector's
+`vector` column and a `tsvector`, behind the same protocol.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from sqlalchemy import (
     Engine,
     Index,
     Integer,
-    LargeBinary,
     MetaData,
     String,
     Text,
@@ -64,15 +64,29 @@ retrieval_chunks = SqlTable(
     Column("text", Text, nullable=False),
     # The vector store file's attributes, copied onto each chunk so filters need no join.
     Column("attributes", JSON, nullable=False),
-    Column("embedding", LargeBinary, nullable=False),  # float32, unit length
     Index("ix_retrieval_chunks_store", "vector_store_id", "owner_id"),
     Index("ix_retrieval_chunks_file", "vector_store_id", "file_id"),
 )
 
-# The FTS5 side, which SQLAlchemy cannot declare: an external-content table over
-# retrieval_chunks.text (Porter-stemmed), synchronised by triggers. An Alembic migration
-# runs these statements after creating `retrieval_chunks`.
-SQLITE_FTS_DDL = (
+
+
+def sqlite_ddl(dimensions: int) -> tuple[str, ...]:
+    """What SQLAlchemy cannot declare, run after creating `retrieval_chunks` (an Alembic
+    migration runs the same statements): the vectors' `vec0` table, with the vector store
+    as its partition key so a search reads only the stores it asks for; and an FTS5
+    external-content table over the chunks' text (Porter-stemmed). Triggers delete a
+    chunk's vector and text with it and keep the text index in step."""
+    return (
+        "CREATE VIRTUAL TABLE IF NOT EXISTS retrieval_vectors USING vec0("
+        "id INTEGER PRIMARY KEY, vector_store_id TEXT PARTITION KEY, owner_id TEXT, "
+        f"embedding FLOAT[{dimensions}] DISTANCE_METRIC=cosine)",
+        "CREATE TRIGGER IF NOT EXISTS retrieval_chunks_vectors_ad AFTER DELETE ON "
+        "retrieval_chunks BEGIN DELETE FROM retrieval_vectors WHERE id = old.id; END",
+        *_FTS_DDL,
+    )
+
+
+_FTS_DDL = (
     "CREATE VIRTUAL TABLE IF NOT EXISTS retrieval_chunks_fts USING fts5("
     "text, content='retrieval_chunks', content_rowid='id', tokenize='porter unicode61')",
     "CREATE TRIGGER IF NOT EXISTS retrieval_chunks_ai AFTER INSERT ON retrieval_chunks BEGIN "
@@ -86,6 +100,7 @@ SQLITE_FTS_DDL = (
     "INSERT INTO retrieval_chunks_fts(rowid, text) VALUES (new.id, new.text); END",
 )
 
+_VECTORS = table("retrieval_vectors", column("id", Integer), column("embedding"))
 _FTS = table("retrieval_chunks_fts", column("rowid", Integer))
 _FTS_SELF = literal_column("retrieval_chunks_fts")  # FTS5's hidden column named as its table
 
@@ -116,6 +131,10 @@ def sqlite_vec_engine(url: str = "sqlite://") -> Engine:
                            connect_args={"check_same_thread": False})
     event.listen(engine, "connect", load_sqlite_vec)
     return engine
+
+
+def _vector_bytes(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype="<f4").tobytes()
 
 
 @dataclass(frozen=True)
@@ -176,13 +195,24 @@ class RetrievalIndex(Protocol):
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 MAX_QUERY_TERMS = 64
+# English function words: in nearly every chunk, so BM25 gives them almost no weight,
+# yet each would make FTS5 walk a posting list as long as the index.
+STOPWORDS = frozenset({
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "can", "do", "does", "for", "from",
+    "has", "have", "how", "i", "if", "in", "into", "is", "it", "its", "me", "my", "no", "not",
+    "of", "on", "or", "our", "so", "than", "that", "the", "their", "them", "then", "there",
+    "these", "they", "this", "to", "was", "we", "were", "what", "when", "where", "which", "who",
+    "why", "will", "with", "you", "your",
+})
 
 
 def fts_query(text: str) -> str | None:
-    """A user's query as an FTS5 expression: its words, each quoted (so no word is read
-    as an operator), joined by OR so BM25 ranks partial matches; None without words."""
-    terms = list(dict.fromkeys(w.lower() for w in _WORD.findall(text)))[:MAX_QUERY_TERMS]
-    return " OR ".join(f'"{t}"' for t in terms) or None
+    """A user's query as an FTS5 expression: its words less stopwords (all of them if
+    nothing else is left), each quoted so no word is read as an operator, joined by OR so
+    BM25 ranks partial matches; None without words."""
+    words = list(dict.fromkeys(w.lower() for w in _WORD.findall(text)))
+    terms = [w for w in words if w not in STOPWORDS] or words
+    return " OR ".join(f'"{t}"' for t in terms[:MAX_QUERY_TERMS]) or None
 
 
 def candidates_for(max_num_results: int) -> int:
@@ -196,21 +226,30 @@ class SqliteIndex:
 
     table = retrieval_chunks
 
+    def __init__(self, dimensions: int = 384) -> None:
+        self.dimensions = dimensions
+
     def create_schema(self, conn: Connection) -> None:
         metadata.create_all(conn, tables=[self.table])
-        for statement in SQLITE_FTS_DDL:
+        for statement in sqlite_ddl(self.dimensions):
             conn.exec_driver_sql(statement)
 
     def add(self, conn: Connection, owner: str, vector_store_id: str,
             chunks: list[ChunkRecord]) -> None:
-        if chunks:
-            conn.execute(insert(self.table), [
-                {"owner_id": owner, "vector_store_id": vector_store_id, "file_id": c.file_id,
-                 "filename": c.filename, "chunk_index": c.chunk_index, "text": c.text,
-                 "attributes": c.attributes,
-                 "embedding": np.asarray(c.vector, dtype="<f4").tobytes()}
-                for c in chunks
-            ])
+        if not chunks:
+            return
+        ids = conn.execute(insert(self.table).returning(self.table.c.id,
+                                                        sort_by_parameter_order=True), [
+            {"owner_id": owner, "vector_store_id": vector_store_id, "file_id": c.file_id,
+             "filename": c.filename, "chunk_index": c.chunk_index, "text": c.text,
+             "attributes": c.attributes}
+            for c in chunks
+        ]).scalars().all()
+        conn.exec_driver_sql(
+            "INSERT INTO retrieval_vectors(id, vector_store_id, owner_id, embedding) "
+            "VALUES (?, ?, ?, ?)",
+            [(i, vector_store_id, owner, _vector_bytes(c.vector))
+             for i, c in zip(ids, chunks, strict=True)])
 
     def delete_file(self, conn: Connection, owner: str, vector_store_id: str,
                     file_id: str) -> int:
@@ -261,12 +300,22 @@ class SqliteIndex:
     def _vector_ranking(self, conn: Connection, owner: str, request: SearchRequest,
                         depth: int) -> list[tuple[int, float]]:
         """Chunk ids by cosine similarity, best first, scored max(0, similarity)."""
-        t = self.table
-        query = np.asarray(request.query_vector, dtype="<f4").tobytes()
-        distance = func.vec_distance_cosine(t.c.embedding, query).label("distance")
-        rows = conn.execute(select(t.c.id, distance).where(*self._where(owner, request))
-                            .order_by(distance).limit(depth)).all()
-        return [(row.id, max(0.0, 1.0 - row.distance)) for row in rows]
+        query = _vector_bytes(request.query_vector)
+        if request.filters is None:
+            # k nearest in each requested store's partition; merged, the best `depth`.
+            stores = ", ".join("?" for _ in request.vector_store_ids)
+            rows = conn.exec_driver_sql(
+                "SELECT id, distance FROM retrieval_vectors WHERE embedding MATCH ? AND k = ? "
+                f"AND vector_store_id IN ({stores}) AND owner_id = ?",
+                (query, depth, *request.vector_store_ids, owner)).all()
+            rows = sorted(rows, key=lambda row: (row[1], row[0]))[:depth]
+        else:
+            t = self.table
+            distance = func.vec_distance_cosine(_VECTORS.c.embedding, query).label("distance")
+            rows = conn.execute(
+                select(t.c.id, distance).select_from(t.join(_VECTORS, _VECTORS.c.id == t.c.id))
+                .where(*self._where(owner, request)).order_by(distance).limit(depth)).all()
+        return [(row[0], max(0.0, 1.0 - row[1])) for row in rows]
 
     def _text_ranking(self, conn: Connection, owner: str, request: SearchRequest,
                       depth: int) -> list[tuple[int, float]]:

@@ -47,6 +47,10 @@ def index(embedder, tmp_path):
     engine.dispose()
 
 
+def _count(conn, table: str) -> int:
+    return conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar()
+
+
 def search(index, embedder, query, owner="alice", stores=("vs_a",), **options):
     engine, idx = index
     vector = embedder.encode([query]).vectors[0]
@@ -112,6 +116,7 @@ def test_delete_file_removes_rows_vectors_and_text(index, embedder):
         assert idx.delete_file(conn, "bob", "vs_a", "file-code") == 0  # not bob's
         assert idx.delete_file(conn, "alice", "vs_a", "file-code") == 1
         assert idx.count(conn, "alice", "vs_a", "file-code") == 0
+        assert _count(conn, "retrieval_vectors") == 4  # 3 of alice's left, 1 of bob's
         in_fts = conn.exec_driver_sql(
             "SELECT count(*) FROM retrieval_chunks_fts WHERE retrieval_chunks_fts MATCH 'XJ9000'"
         ).scalar()
@@ -119,8 +124,8 @@ def test_delete_file_removes_rows_vectors_and_text(index, embedder):
     assert search(index, embedder, "XJ9000", mode="text") == []
     with engine.begin() as conn:
         assert idx.delete_vector_store(conn, "alice", "vs_a") == 3
-        assert conn.exec_driver_sql("SELECT count(*) FROM retrieval_chunks").scalar() == 1
-        assert conn.exec_driver_sql("SELECT count(*) FROM retrieval_chunks_fts").scalar() == 1
+        for table in ("retrieval_chunks", "retrieval_vectors", "retrieval_chunks_fts"):
+            assert _count(conn, table) == 1, table
 
 
 def test_updated_attributes_are_searched(index, embedder):
@@ -150,3 +155,28 @@ def test_ingestion_honours_chunking_and_refuses_bad_files(embedder):
         asyncio.run(prepare_chunks(embedder, "file-y", "deck.pptx", b"PK\x03\x04"))
     with pytest.raises(ExtractionError, match="no text"):
         asyncio.run(prepare_chunks(embedder, "file-z", "empty.txt", b"   \n"))
+
+
+def test_filtered_and_unfiltered_vector_paths_agree(index, embedder):
+    """Without filters the vec0 k-nearest scan answers; with them, the filtered rows are
+    compared one by one: a filter every file passes must give the same ranking."""
+    everything = parse_filter({"key": "year", "type": "gte", "value": 0})
+    plain = search(index, embedder, "animals in the sea", mode="vector")
+    filtered = search(index, embedder, "animals in the sea", mode="vector", filters=everything)
+    assert [(h.file_id, h.chunk_index) for h in plain] == [
+        (h.file_id, h.chunk_index) for h in filtered]
+    assert [h.score for h in plain] == pytest.approx([h.score for h in filtered], abs=1e-6)
+
+
+def test_search_spans_several_stores(index, embedder):
+    engine, idx = index
+    records = asyncio.run(prepare_chunks(embedder, "file-cat2", "cats.txt",
+                                         b"Cats sleep on carpets all afternoon."))
+    with engine.begin() as conn:
+        idx.add(conn, "alice", "vs_second", records)
+    both = search(index, embedder, "cat sleeping on a carpet", stores=("vs_a", "vs_second"),
+                  mode="vector")
+    assert {both[0].file_id, both[1].file_id} == {"file-pets", "file-cat2"}
+    assert {h.vector_store_id for h in both} == {"vs_a", "vs_second"}
+    assert len(both) == 5
+    assert [h.score for h in both] == sorted((h.score for h in both), reverse=True)
