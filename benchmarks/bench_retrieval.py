@@ -12,7 +12,8 @@ through the real pipeline (chunking, embedding, the SQLite index), and reports r
 and nDCG@10 for vector, BM25 and hybrid search.
 
 Speed: ingestion chunks/s (extract + chunk + embed + insert); search p50/p99 at
-`--latency-chunks` chunks (the collection's texts and vectors repeated to that size);
+`--latency-chunks` chunks (the collection's texts and vectors repeated to that size),
+beside numpy's brute-force top 10 over the same vectors as a same-run reference;
 embedding tokens/s of ours against sentence-transformers' `encode` of the same model on
 the same texts (each <= 254 tokens, so both do identical work), run alternately.
 """
@@ -31,6 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from orchestrator.retrieval.embeddings import Embedder
@@ -175,6 +177,14 @@ def latency(embedder: Embedder, records: list[ChunkRecord], items: list[KnownIte
                                                           mode=mode))
                 times.append((time.perf_counter() - started) * 1000)
             result[mode] = (percentile(times, 0.5), percentile(times, 0.99))
+        # The same-run reference: numpy's brute-force similarity over the same vectors.
+        matrix = np.stack([r.vector for r in grown])
+        times = []
+        for vector in vectors:
+            started = time.perf_counter()
+            np.argpartition(-(matrix @ vector), 10)[:10]
+            times.append((time.perf_counter() - started) * 1000)
+        result["numpy matvec"] = (percentile(times, 0.5), percentile(times, 0.99))
         embed_times = []
         for item in queries[:50]:
             started = time.perf_counter()

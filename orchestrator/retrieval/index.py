@@ -7,9 +7,9 @@ commits together with the file's row. Every method takes the owner and filters o
 
 `SqliteIndex` keeps chunks in the table `retrieval_chunks`, their embeddings in a
 sqlite-vec `vec0` table partitioned by vector store, and an FTS5 table over their text;
-triggers keep both in step with the chunks. Without attribute filters the vector search
-is sqlite-vec's exact k-nearest-neighbour scan of the requested stores' partitions; with
-filters the filters select the rows first and only those are compared, so a selective
+triggers keep both in step with the chunks. The vector search is sqlite-vec's exact
+k-nearest-neighbour scan of the requested stores' partitions; attribute filters restrict
+that scan to the rows they select (rather than thinning its results), so a selective
 filter never costs recall. A PostgreSQL index would keep the same table with pgvector's
 `vector` column and a `tsvector`, behind the same protocol.
 """
@@ -100,7 +100,8 @@ _FTS_DDL = (
     "INSERT INTO retrieval_chunks_fts(rowid, text) VALUES (new.id, new.text); END",
 )
 
-_VECTORS = table("retrieval_vectors", column("id", Integer), column("embedding"))
+_VECTORS = table("retrieval_vectors", column("id", Integer), column("vector_store_id"),
+                 column("owner_id"), column("embedding"), column("k"), column("distance"))
 _FTS = table("retrieval_chunks_fts", column("rowid", Integer))
 _FTS_SELF = literal_column("retrieval_chunks_fts")  # FTS5's hidden column named as its table
 
@@ -299,23 +300,19 @@ class SqliteIndex:
 
     def _vector_ranking(self, conn: Connection, owner: str, request: SearchRequest,
                         depth: int) -> list[tuple[int, float]]:
-        """Chunk ids by cosine similarity, best first, scored max(0, similarity)."""
-        query = _vector_bytes(request.query_vector)
-        if request.filters is None:
-            # k nearest in each requested store's partition; merged, the best `depth`.
-            stores = ", ".join("?" for _ in request.vector_store_ids)
-            rows = conn.exec_driver_sql(
-                "SELECT id, distance FROM retrieval_vectors WHERE embedding MATCH ? AND k = ? "
-                f"AND vector_store_id IN ({stores}) AND owner_id = ?",
-                (query, depth, *request.vector_store_ids, owner)).all()
-            rows = sorted(rows, key=lambda row: (row[1], row[0]))[:depth]
-        else:
+        """Chunk ids by cosine similarity, best first, scored max(0, similarity): sqlite-vec's
+        exact k-nearest scan of each requested store's partition (k per partition, merged
+        here), restricted to the filtered chunks when there are filters."""
+        v = _VECTORS
+        where = [v.c.embedding.op("MATCH")(_vector_bytes(request.query_vector)),
+                 v.c.k == depth, v.c.vector_store_id.in_(request.vector_store_ids),
+                 v.c.owner_id == owner]
+        if request.filters is not None:
             t = self.table
-            distance = func.vec_distance_cosine(_VECTORS.c.embedding, query).label("distance")
-            rows = conn.execute(
-                select(t.c.id, distance).select_from(t.join(_VECTORS, _VECTORS.c.id == t.c.id))
-                .where(*self._where(owner, request)).order_by(distance).limit(depth)).all()
-        return [(row[0], max(0.0, 1.0 - row[1])) for row in rows]
+            where.append(v.c.id.in_(select(t.c.id).where(*self._where(owner, request))))
+        rows = conn.execute(select(v.c.id, v.c.distance).where(*where)).all()
+        best = sorted(rows, key=lambda row: (row.distance, row.id))[:depth]
+        return [(row.id, max(0.0, 1.0 - row.distance)) for row in best]
 
     def _text_ranking(self, conn: Connection, owner: str, request: SearchRequest,
                       depth: int) -> list[tuple[int, float]]:
