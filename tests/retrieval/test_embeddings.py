@@ -48,7 +48,7 @@ def test_long_text_pools_every_window(embedder, reference):
     framed by [CLS]/[SEP]), computed here with sentence-transformers' transformer module."""
     text = " ".join(f"word{i} about topic {i % 7}" for i in range(60))
     ids = embedder.tokenize([text])[0]
-    assert len(ids) > 300
+    assert len(ids) > 254  # two windows at least
     states = []
     for start in range(0, len(ids), 254):
         window = [embedder.cls_id, *ids[start:start + 254], embedder.sep_id]

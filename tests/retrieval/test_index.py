@@ -140,6 +140,8 @@ def test_query_text_is_never_fts_syntax(index, embedder):
     for query in ['"unbalanced', "NEAR(a b)", "kitten AND OR NOT *", "col:kitten", "^x"]:
         search(index, embedder, query, mode="text")  # no syntax error
     assert fts_query("Kitten, kitten!  rug") == '"kitten" OR "rug"'
+    assert fts_query("What is the cat on?") == '"cat"'  # stopwords add nothing to BM25
+    assert fts_query("to be or not to be") == '"to" OR "be" OR "or" OR "not"'  # all stopwords
     assert fts_query("  ...  ") is None
     assert search(index, embedder, "...", mode="text") == []
 
