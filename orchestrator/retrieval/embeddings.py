@@ -102,7 +102,7 @@ class Embedder:
         sums, counts = self._token_sums(sequences)
         pooled = torch.zeros(len(ids), self.dimensions, dtype=torch.float32)
         total = torch.zeros(len(ids), dtype=torch.float32)
-        index = torch.tensor(owners)
+        index = torch.tensor(owners, dtype=torch.long)
         pooled.index_add_(0, index, sums)
         total.index_add_(0, index, counts)
         pooled /= total.clamp(min=1e-9).unsqueeze(1)
