@@ -15,7 +15,7 @@ from engine.args import EngineArgs
 from engine.block_manager import BlockManager
 from engine.calibration import calibration_token_ids, linear_input_absmax
 from engine.compilation import BackgroundCompile, compile_model
-from engine.errors import ContextLengthExceededError
+from engine.errors import BatchFailedError, ContextLengthExceededError, RequestFailedError
 from engine.linear import use_cpu_linears
 from engine.loader import load_model
 from engine.model import build_model
@@ -137,6 +137,13 @@ class LLMEngine:
         it on the caller's thread while a step is running."""
         token_ids = self.tokenize(prompt)
         self._check_fits(token_ids, params)
+        vocab = self.model_config.vocab_size
+        beyond = [t for t in params.stop_token_ids if t >= vocab]
+        if beyond:
+            raise ValueError(
+                f"stop_token_ids must be token ids below the vocabulary size ({vocab}), "
+                f"got {beyond[0]}"
+            )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
         request = Request(
@@ -197,31 +204,66 @@ class LLMEngine:
     # -- stepping -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch. Returns a delta output for every request that changed."""
+        """Run one batch. Returns a delta output for every request that changed.
+
+        A request whose own processing fails (starting a forked sibling's detokenizer,
+        appending a token) is ended alone: its output carries the error. A failure of the
+        batched forward pass or sampling raises `BatchFailedError` naming the batch's
+        requests, with nothing advanced, so the caller can end those and step on."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
+        failures: dict[str, Exception] = {}
         for _parent, child in batch.forks:
-            self.outputs.start(child)
+            self._guarded(failures, child.request, self.outputs.start, child)
         tables = [self.block_manager.block_table(s.seq_id) for s in batch.seqs]
-        seqs, tokens, logprobs = self.runner.run(batch, tables)
+        try:
+            seqs, tokens, logprobs = self.runner.run(batch, tables)
+        except Exception as exc:
+            raise BatchFailedError(exc, {s.request.request_id for s in batch.seqs}) from exc
         self.scheduler.advance(batch)
         changed: dict[str, list[Sequence]] = {}
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
             request = seq.request
             budget = max_tokens_for(request.params, seq.num_prompt_tokens, self.max_model_len)
-            self.outputs.append(seq, token, lp, budget)
+            if not self._guarded(failures, request, self.outputs.append, seq, token, lp, budget):
+                continue
             self.generation_tokens_total += 1
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
             changed.setdefault(request.request_id, []).append(seq)
-        results = []
+        results = [self._fail_request(request_id, exc) for request_id, exc in failures.items()]
         for request_id, changed_seqs in changed.items():
+            if request_id in failures:
+                continue
             request = self.requests[request_id]
             results.append(self._request_output(request, changed_seqs))
             if request.finished:
                 del self.requests[request_id]
         return results
+
+    @staticmethod
+    def _guarded(failures: dict[str, Exception], request: Request, work, *args) -> bool:
+        """Run one request's share of a step; on failure record it against that request
+        (and skip the request's later work this step). Returns whether it succeeded."""
+        if request.request_id in failures:
+            return False
+        try:
+            work(*args)
+        except Exception as exc:
+            log.exception("request %s failed in the engine", request.request_id)
+            failures[request.request_id] = exc
+            return False
+        return True
+
+    def _fail_request(self, request_id: str, cause: Exception) -> RequestOutput:
+        """End a request that failed in the engine, freeing its blocks; its final output
+        carries the error."""
+        out = self.abort_request(request_id)
+        assert out is not None, "only requests in the engine fail in it"
+        out.finished = True
+        out.error = RequestFailedError(f"request {request_id} failed in the engine: {cause!r}")
+        return out
 
     def _request_output(self, request: Request, seqs: list[Sequence]) -> RequestOutput:
         outputs = []

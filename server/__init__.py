@@ -4,7 +4,7 @@
 real `AsyncLLM`. The server uses only the engine's public API (see `engine_client`).
 """
 
-from server.app import build_app, start_draining
+from server.app import build_app, in_flight, start_draining
 from server.state import ServerConfig
 
-__all__ = ["ServerConfig", "build_app", "start_draining"]
+__all__ = ["ServerConfig", "build_app", "in_flight", "start_draining"]

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,9 +23,10 @@ from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.embeddings import create_embeddings, parse_embedding_request
 from server.engine_client import EngineClient
-from server.errors import APIError, api_error_handler, http_error_handler, invalid
+from server.errors import APIError, api_error_handler, http_error_handler
 from server.metrics import CONTENT_TYPE
 from server.protocol import parse_chat_request, parse_completion_request
+from server.request_body import read_json_body
 from server.state import ServerConfig, ServerState
 
 if TYPE_CHECKING:
@@ -64,22 +67,10 @@ class APIKeyMiddleware:
         return scheme.lower() == "bearer" and matched
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing more than `limit` bytes without buffering them."""
-    too_large = APIError(413, f"the request body is larger than {limit} bytes",
-                         code="request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise invalid(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+async def read_json(request: Request, limit: int, parse: Callable[[Any], Any] | None = None) -> Any:
+    """The body as JSON, through `parse` if given (415, 413 and 400 for what is not; a
+    large body is parsed off the event loop; see `server.request_body`)."""
+    return await read_json_body(request, limit, _state(request).offload, parse)
 
 
 def _state(request: Request) -> ServerState:
@@ -89,22 +80,23 @@ def _state(request: Request) -> ServerState:
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
     timer = state.metrics.timer()  # started at arrival: TTFT is what the client waits
-    body = await read_json(request, state.config.max_body_bytes)
-    return await create_chat_completion(state, parse_chat_request(body), request.receive, timer)
+    parsed = await read_json(request, state.config.max_body_bytes, parse_chat_request)
+    return await create_chat_completion(state, parsed, request.receive, timer)
 
 
 async def completions(request: Request) -> Response:
     state = _state(request)
     timer = state.metrics.timer()
-    body = await read_json(request, state.config.max_body_bytes)
-    return await create_completion(state, parse_completion_request(body), request.receive, timer)
+    parsed = await read_json(request, state.config.max_body_bytes, parse_completion_request)
+    return await create_completion(state, parsed, request.receive, timer)
 
 
 async def embeddings(request: Request) -> Response:
     state = _state(request)
-    body = await read_json(request, state.config.max_body_bytes)
     embedder = request.app.state.embedder
-    return await create_embeddings(embedder, parse_embedding_request(body, embedder))
+    parsed = await read_json(request, state.config.max_body_bytes,
+                             partial(parse_embedding_request, embedder=embedder))
+    return await create_embeddings(embedder, parsed)
 
 
 def _model_card(state: ServerState, name: str) -> dict:
@@ -131,9 +123,13 @@ async def get_model(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """200 while serving; 503 once draining, so load balancers stop sending traffic. `compile`
-    says whether the engine runs compiled blocks yet ("compiling" while it serves eagerly)."""
+    """200 while serving; 503 once draining or once the engine has died, so load balancers
+    stop sending traffic. `compile` says whether the engine runs compiled blocks yet
+    ("compiling" while it serves eagerly)."""
     state = _state(request)
+    if state.engine.failure is not None:
+        return JSONResponse({"status": "engine failed", "error": repr(state.engine.failure)},
+                            status_code=503)
     if state.admission.draining:
         return JSONResponse({"status": "shutting down"}, status_code=503)
     return JSONResponse({"status": "ok", "compile": state.engine.stats().compile_state})
@@ -157,6 +153,11 @@ def build_app(engine: EngineClient, config: ServerConfig,
     if embedder is not None:
         routes.append(Route("/v1/embeddings", embeddings, methods=["POST"]))
     middleware = [Middleware(APIKeyMiddleware, api_keys=config.api_keys)] if config.api_keys else []
+    if config.allowed_origins:
+        # Outermost, so a browser's preflight is answered before the key check.
+        middleware.insert(0, Middleware(
+            CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"], max_age=600))
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -171,3 +172,8 @@ def start_draining(app: Starlette) -> None:
     """Shutdown's first step: new requests get 503 and /health turns 503, while
     requests already admitted run to completion."""
     app.state.tokenmill.admission.draining = True
+
+
+def in_flight(app: Starlette) -> int:
+    """Sequences admitted and not yet finished: what a drain waits for."""
+    return app.state.tokenmill.admission.active

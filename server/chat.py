@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -19,7 +21,10 @@ from server.generation import (
     Collected,
     ResponseHeader,
     check_context,
+    check_prompt_chars,
+    check_token_ids,
     collect,
+    context_error,
     engine_outputs,
     make_sampling_params,
     merge,
@@ -95,14 +100,20 @@ async def create_chat_completion(
     state: ServerState, request: ChatRequest, receive: Receive, timer: RequestTimer
 ) -> Response:
     model = state.resolve_model(request.model)
-    prompt_ids = _encode_prompt(state, request)
     params = make_sampling_params(request.sampling)
-    check_context(len(prompt_ids), params.max_tokens, state.engine.max_model_len, "messages")
-    header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", model)
-    run = ChatRun(state, request, header, [t.name for t in active_tools(request)],
-                  len(prompt_ids))
-    ticket = state.admission.acquire()
-    outputs = merge([engine_outputs(state, prompt_ids, params, header.id, timer)])
+    check_token_ids(params.stop_token_ids, state.engine.vocab_size, "stop_token_ids")
+    ticket = state.admission.acquire(params.n, "n")
+    try:
+        prompt_ids = await state.prepare(_prompt_size(request), _encode_prompt, state, request)
+        check_context(len(prompt_ids), params.max_tokens, state.engine.max_model_len,
+                      "messages")
+        header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", model)
+        run = ChatRun(state, request, header, [t.name for t in active_tools(request)],
+                      len(prompt_ids))
+        outputs = merge([engine_outputs(state, prompt_ids, params, header.id, timer)])
+    except BaseException:
+        ticket.release()
+        raise
     if request.stream:
         return EventStreamResponse(_chat_events(run, outputs), on_close=ticket.release)
     try:
@@ -114,7 +125,28 @@ async def create_chat_completion(
     return JSONResponse(_chat_response(run, collected))
 
 
+def _prompt_size(request: ChatRequest) -> int:
+    """`_prompt_chars`, or "too many to count here" when even counting would be slow."""
+    if len(request.messages) + len(request.tools) > 64:
+        return sys.maxsize
+    return _prompt_chars(request)
+
+
+def _prompt_chars(request: ChatRequest) -> int:
+    """The text a request puts into its prompt: contents, past calls and tool schemas."""
+    chars = sum(len(t.name) + len(json.dumps(t.spec)) for t in request.tools)
+    for m in request.messages:
+        chars += len(m.content or "") + sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
+    return chars
+
+
 def _encode_prompt(state: ServerState, request: ChatRequest) -> list[int]:
+    """Render and tokenize (on a worker thread), after checking the request's size."""
+    max_len = state.engine.max_model_len
+    if len(request.messages) > max_len:  # every message costs at least one token
+        raise context_error(f"messages has {len(request.messages)} messages; the context "
+                            f"window holds {max_len} tokens", "messages")
+    check_prompt_chars(_prompt_chars(request), state.max_prompt_chars, "messages")
     tokenizer = state.engine.tokenizer
     prompt = build_chat_prompt(request, template_supports_tools(tokenizer.chat_template))
     try:

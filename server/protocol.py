@@ -1,10 +1,15 @@
 """Request bodies of the OpenAI API, checked and normalised into dataclasses.
 
 Only the fields the server itself interprets are checked here (messages, tools,
-streaming, logprobs, prompt shape). Sampling fields are collected as-is into
-`sampling` and checked by the engine's `SamplingParams`, whose errors name the
-parameter, so range rules live in one place. Unknown fields are ignored, as vLLM
-does, so clients that send newer OpenAI fields keep working.
+streaming, logprobs, prompt shape), plus the sizes that bound a request's cost (stop
+lists). Sampling fields are collected as-is into `sampling` and checked by the
+engine's `SamplingParams`, which refuses any wrong type or range with an error naming
+the parameter, so range rules live in one place. Checks that need the model (token ids
+below the vocabulary size) are `server.generation`'s. Unknown fields are ignored, as
+vLLM does, so clients that send newer OpenAI fields keep working.
+
+Every check raises a 400 naming the field; no value of any type may get past this
+module as anything but a 400 or a well-formed request.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 _FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_N = 128  # OpenAI's own upper bound for `n`
 MAX_TOP_LOGPROBS = 20
+# Stop strings are searched for after every token (the held-back tail costs up to the
+# square of a stop string's length), so their number and length are bounded.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
 
 # Passed straight to SamplingParams under the same name (vLLM's extensions included).
 _SAMPLING_FIELDS = (
@@ -106,7 +116,23 @@ def _sampling_fields(body: dict) -> dict[str, Any]:
     n = sampling.get("n")
     if isinstance(n, int) and n > MAX_N:
         raise invalid(f"n must be at most {MAX_N}, got {n}", param="n")
+    _check_sizes(sampling)
     return sampling
+
+
+def _check_sizes(sampling: dict[str, Any]) -> None:
+    """Bound what the engine searches for after every token (types are SamplingParams')."""
+    stop = sampling.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    if len(stops) > MAX_STOP_STRINGS:
+        raise invalid(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}",
+                      "stop")
+    if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops):
+        raise invalid(f"stop strings may be at most {MAX_STOP_CHARS} characters long", "stop")
+    ids = sampling.get("stop_token_ids")
+    if isinstance(ids, list) and len(ids) > MAX_STOP_TOKEN_IDS:
+        raise invalid(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}",
+                      "stop_token_ids")
 
 
 def _max_tokens(body: dict, *names: str) -> int | None:
@@ -209,8 +235,10 @@ def _tool_choice(body: dict, tools: list[Tool]) -> tuple[str, str | None]:
         if choice == "required" and not tools:
             raise invalid('tool_choice "required" needs tools', "tool_choice")
         return choice, None
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    if not (isinstance(choice, dict) and choice.get("type") == "function" and name):
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not (isinstance(choice, dict) and choice.get("type") == "function"
+            and isinstance(name, str) and name):
         raise invalid(
             'tool_choice must be "none", "auto", "required" or '
             '{"type": "function", "function": {"name": ...}}',

@@ -43,12 +43,14 @@ class LiveServer:
         return self.process.returncode
 
 
-def start_server(*args: str, startup_timeout: float = 300) -> LiveServer:
-    """The default model, with the given extra flags; returns once it prints its URL."""
+def start_server(*args: str, startup_timeout: float = 300, entry: str = "engine.serve"
+                 ) -> LiveServer:
+    """The default model, with the given extra flags; returns once it prints its URL.
+    `entry` is the module to run (a test's wrapper around engine.serve)."""
     # Lives as long as the server (closed by stop()); read back if start-up fails.
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.serve", "--port", "0", "--log-level", "warning",
+        [sys.executable, "-m", entry, "--port", "0", "--log-level", "warning",
          "--no-access-log", *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
     )

@@ -274,3 +274,23 @@ def test_32_parallel_streams_complete_with_the_right_outputs(live):
     assert all(reason in ("stop", "length") for _, reason in streamed)
     assert streamed == reference
     assert len({text for text, _ in streamed}) > 16  # each stream got its own answer
+
+
+def test_seeded_sampling_is_reproducible_under_concurrent_load(live):
+    """The default mode (w8a8) is batch-invariant, so a seeded request samples the same
+    tokens alone and among identical and unrelated concurrent requests."""
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}],
+                temperature=1.0, max_tokens=16, seed=42)
+
+    async def main() -> tuple[str, list[str]]:
+        async with aclient(live) as client:
+            alone = (await client.chat.completions.create(**body)).choices[0].message.content
+            noise = [client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}],
+                max_tokens=24, temperature=0.7) for i in range(6)]
+            seeded = [client.chat.completions.create(**body) for _ in range(6)]
+            replies = await asyncio.gather(*seeded, *noise)
+        return alone, [r.choices[0].message.content for r in replies[:6]]
+
+    alone, together = asyncio.run(main())
+    assert together == [alone] * 6
