@@ -6,8 +6,10 @@ background thread for streaming. Both see the same `step()`.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
+import weakref
 
 import torch
 
@@ -84,6 +86,7 @@ class LLMEngine:
             compile_model(model)
         elif self.compile_mode == "background":
             self.background_compile = BackgroundCompile(model, torch.get_num_threads())
+            atexit.register(_finish_compile, weakref.ref(self.background_compile))
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -216,6 +219,8 @@ class LLMEngine:
         failures: dict[str, Exception] = {}
         for _parent, child in batch.forks:
             self._guarded(failures, child.request, self.outputs.start, child)
+        for child in batch.deferred:
+            self._guarded(failures, child.request, self.outputs.start, child)
         tables = [self.block_manager.block_table(s.seq_id) for s in batch.seqs]
         try:
             seqs, tokens, logprobs = self.runner.run(batch, tables)
@@ -314,3 +319,12 @@ class LLMEngine:
         if self.background_compile is not None:
             return self.background_compile.state
         return "ready" if self.compile_mode == "on" else "off"
+
+
+def _finish_compile(ref: weakref.ref[BackgroundCompile]) -> None:
+    """At interpreter exit, let a background compile still running finish first: a thread
+    that is in the C++ build or warm-up when the interpreter finalizes aborts the process
+    ("terminate called without an active exception"), as a short `LLM` script would."""
+    background_compile = ref()
+    if background_compile is not None:
+        background_compile.wait()

@@ -1,16 +1,16 @@
 """Per-request and per-sequence state.
 
 A request with `n` completions owns `n` sequences. Only the first exists until the
-prompt is computed; the rest are forked from it then, sharing the prompt's KV
-blocks. Everything the scheduler needs is counted in tokens: `num_computed_tokens`
-says how much of `token_ids` is already in the KV cache, so a fresh prompt, a chunked
-prefill, a prefix-cache hit and a preempted sequence all look alike.
+prompt is computed; the rest are forked from it then, sharing the prompt's KV blocks
+(or, beyond the scheduler's `max_num_seqs`, queued to recompute it). Everything the
+scheduler needs is counted in tokens: `num_computed_tokens` says how much of `token_ids`
+is already in the KV cache, so a fresh prompt, a chunked prefill, a prefix-cache hit and
+a preempted sequence all look alike.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
@@ -59,7 +59,6 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int = 0  # prefix-cache hit at first admission
 

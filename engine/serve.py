@@ -39,6 +39,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def available_cpus() -> int:
+    """Cores this process may run on: its affinity mask where the OS has one (Linux), else
+    every core (macOS has no `sched_getaffinity`)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = EngineArgs()
     p = argparse.ArgumentParser(
@@ -80,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--max-request-body-bytes",
         type=_positive_int,
-        default=8 * 1024 * 1024,
+        default=ServerConfig.max_body_bytes,
         metavar="BYTES",
         help="larger request bodies get 413",
     )
@@ -99,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ORIGIN",
         help="web origins (e.g. https://app.example.com, or *) whose pages may call the API "
         "from a browser (CORS); default: none",
+    )
+    srv.add_argument(
+        "--max-tokens-default",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="chat completions that name no max_tokens generate at most N tokens "
+        "(None: up to the context window, as in OpenAI's API)",
     )
     srv.add_argument(
         "--shutdown-timeout",
@@ -130,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.quantization,
         choices=["auto", *QUANTIZATIONS],
         help="CPU only. int8: int8 weights for steps of up to 12 tokens; w8a8: "
-        "int8 weights and, beyond 4 tokens, int8 activations calibrated at "
-        "load (fastest); int4: 4-bit weights in groups of 32; auto: w8a8 "
-        "on CPU unless --dtype is given (see engine/linear.py)",
+        "int8 weights and activations at every step size, with SmoothQuant "
+        "calibrated at load (fastest); int4: 4-bit weights in groups of 32; auto: "
+        "w8a8 on CPU unless --dtype is given (see engine/linear.py)",
     )
     eng.add_argument(
         "--kv-cache-dtype",
@@ -213,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument(
         "--num-threads",
         type=_positive_int,
-        default=len(os.sched_getaffinity(0)),
+        default=available_cpus(),
         help="CPU threads for the forward pass; default: every core this process may run on",
     )
     return p
@@ -249,6 +265,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_body_bytes=args.max_request_body_bytes,
         max_prompt_chars=args.max_prompt_chars,
         allowed_origins=args.allowed_origins,
+        max_tokens_default=args.max_tokens_default,
     )
 
 

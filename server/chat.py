@@ -7,12 +7,12 @@ import sys
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
-from engine import RequestOutput
+from engine import RequestOutput, SamplingParams
 from server.chat_prompt import active_tools, build_chat_prompt, template_supports_tools
 from server.disconnect import unless_disconnected
 from server.errors import invalid
@@ -105,6 +105,7 @@ async def create_chat_completion(
     ticket = state.admission.acquire(params.n, "n")
     try:
         prompt_ids = await state.prepare(_prompt_size(request), _encode_prompt, state, request)
+        params = _default_max_tokens(state, params, len(prompt_ids))
         check_context(len(prompt_ids), params.max_tokens, state.engine.max_model_len,
                       "messages")
         header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", model)
@@ -138,6 +139,18 @@ def _prompt_chars(request: ChatRequest) -> int:
     for m in request.messages:
         chars += len(m.content or "") + sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
     return chars
+
+
+def _default_max_tokens(state: ServerState, params: SamplingParams, num_prompt: int
+                        ) -> SamplingParams:
+    """The operator's cap (--max-tokens-default) for a request that names no max_tokens,
+    within what the context window leaves: a small model at temperature 1 may never emit
+    its end token, and without a cap would generate until the window is full."""
+    cap = state.config.max_tokens_default
+    room = state.engine.max_model_len - num_prompt
+    if params.max_tokens is not None or cap is None or room < 1:
+        return params
+    return replace(params, max_tokens=min(cap, room))
 
 
 def _encode_prompt(state: ServerState, request: ChatRequest) -> list[int]:

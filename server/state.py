@@ -41,6 +41,8 @@ class ServerConfig:
     max_running_requests: int = 64
     max_waiting_requests: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
+    # Chat completions that name no max_tokens stop here; None: at the context window.
+    max_tokens_default: int | None = None
     retry_after_s: int = 1
     # Characters of prompt text (messages, tools, prompts) one request may send;
     # None: PROMPT_CHARS_PER_TOKEN per token of the context window.

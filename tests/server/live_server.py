@@ -43,16 +43,23 @@ class LiveServer:
         return self.process.returncode
 
 
-def start_server(*args: str, startup_timeout: float = 300, entry: str = "engine.serve"
-                 ) -> LiveServer:
+def start_server(
+    *args: str,
+    startup_timeout: float = 300,
+    python: str = sys.executable,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    entry: str = "engine.serve",
+) -> LiveServer:
     """The default model, with the given extra flags; returns once it prints its URL.
-    `entry` is the module to run (a test's wrapper around engine.serve)."""
+    `python`, `cwd` and `env` run it from elsewhere (an installed wheel); `entry` is the
+    module to run (a test's wrapper around engine.serve)."""
     # Lives as long as the server (closed by stop()); read back if start-up fails.
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", entry, "--port", "0", "--log-level", "warning",
+        [python, "-m", entry, "--port", "0", "--log-level", "warning",
          "--no-access-log", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
     )
     deadline = time.monotonic() + startup_timeout
     assert process.stdout is not None
