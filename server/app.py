@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -23,12 +24,16 @@ from server import conversations as conv
 from server import responses as resp
 from server.chat import create_chat_completion
 from server.completions import create_completion
+from server.embeddings import create_embeddings, parse_embedding_request
 from server.engine_client import EngineClient
 from server.errors import APIError, api_error_handler, http_error_handler
 from server.metrics import CONTENT_TYPE
 from server.protocol import parse_chat_request, parse_completion_request
 from server.request_body import read_json_body
 from server.state import ServerConfig, ServerState
+
+if TYPE_CHECKING:
+    from orchestrator.retrieval.embeddings import Embedder
 
 
 def _digest(key: str) -> bytes:
@@ -87,6 +92,14 @@ async def completions(request: Request) -> Response:
     timer = state.metrics.timer()
     parsed = await read_json(request, state.config.max_body_bytes, parse_completion_request)
     return await create_completion(state, parsed, request.receive, timer)
+
+
+async def embeddings(request: Request) -> Response:
+    state = _state(request)
+    embedder = request.app.state.embedder
+    parsed = await read_json(request, state.config.max_body_bytes,
+                             partial(parse_embedding_request, embedder=embedder))
+    return await create_embeddings(embedder, parsed)
 
 
 def _model_card(state: ServerState, name: str) -> dict:
@@ -163,8 +176,10 @@ def product_routes() -> list[Route]:
     ]
 
 
-def build_app(engine: EngineClient, config: ServerConfig,
-              product: Product | None = None) -> Starlette:
+def build_app(engine: EngineClient, config: ServerConfig, product: Product | None = None,
+              embedder: Embedder | None = None) -> Starlette:
+    """The app; with a `product`, the Responses and Conversations APIs are served too, and
+    with an `embedder`, /v1/embeddings."""
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
@@ -174,6 +189,8 @@ def build_app(engine: EngineClient, config: ServerConfig,
         Route("/metrics", metrics, methods=["GET"]),
         *(product_routes() if product is not None else []),
     ]
+    if embedder is not None:
+        routes.append(Route("/v1/embeddings", embeddings, methods=["POST"]))
     middleware = [Middleware(APIKeyMiddleware, api_keys=config.api_keys)] if config.api_keys else []
     if config.allowed_origins:
         # Outermost, so a browser's preflight is answered before the key check.
@@ -188,6 +205,7 @@ def build_app(engine: EngineClient, config: ServerConfig,
     )
     app.state.tokenmill = ServerState(engine, config)
     app.state.product = product
+    app.state.embedder = embedder
     return app
 
 
