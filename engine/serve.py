@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. postgresql+psycopg://user:password@host/dbname",
     )
     srv.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=ServerConfig.max_upload_bytes / 2**20,
+        metavar="MB",
+        help="the largest file POST /v1/files accepts (larger: 413)",
+    )
+    srv.add_argument(
         "--embeddings",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -283,6 +290,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_prompt_chars=args.max_prompt_chars,
         allowed_origins=args.allowed_origins,
         max_tokens_default=args.max_tokens_default,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
     )
 
 
@@ -384,7 +392,8 @@ async def serve(args: argparse.Namespace) -> bool:
     """Serve until shut down; returns False if it ended because the engine failed."""
     engine = AsyncLLM(engine_args(args))
     embedder = Embedder.load() if args.embeddings else None
-    product = Product.open(engine, database_url(args))
+    product = Product.open(engine, database_url(args), args.data_dir, embedder)
+    product.resume()
     app = build_app(engine, server_config(args), product, embedder)
     config = uvicorn.Config(
         app,

@@ -9,11 +9,15 @@ event stream and the state it builds), `responses` (the turn's state machine) an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from orchestrator.conversations import ConversationService
 from orchestrator.errors import InvalidRequestError, NotFoundError, ProductError
+from orchestrator.files import FileService
 from orchestrator.responses import FunctionTool, ResponseRequest, ResponseService
+from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store import Page, Store
+from orchestrator.vector_stores import VectorStoreService
 from server.engine_client import EngineClient
 
 # Every object belongs to a user; until accounts exist, all requests act as this one.
@@ -25,9 +29,13 @@ class Product:
     store: Store
     responses: ResponseService
     conversations: ConversationService
+    # With a data directory: uploaded files; with an embedder too, on SQLite: vector stores.
+    files: FileService | None = None
+    vector_stores: VectorStoreService | None = None
 
     @classmethod
-    def open(cls, engine: EngineClient, database_url: str) -> Product:
+    def open(cls, engine: EngineClient, database_url: str, data_dir: Path | None = None,
+             embedder: Embedder | None = None) -> Product:
         """Open (and migrate) the database and build the services on `engine`.
 
         A SQLite file belongs to this server alone, so responses left `in_progress` there
@@ -36,15 +44,36 @@ class Product:
         store = Store(database_url)
         if store.engine.dialect.name == "sqlite":
             store.repo.interrupt_unfinished()
-        return cls(store, ResponseService(engine, store), ConversationService(store))
+        product = cls(store, ResponseService(engine, store), ConversationService(store))
+        if data_dir is not None:
+            product.files = FileService(store, Path(data_dir))
+            if embedder is not None and store.engine.dialect.name == "sqlite":
+                product.vector_stores = VectorStoreService(store, product.files, embedder)
+        return product
+
+    def vector_stores_unavailable(self) -> str:
+        """Why this product serves no vector stores (for the routes' error)."""
+        if self.store.engine.dialect.name != "sqlite":
+            return ("vector stores and file search are not supported on PostgreSQL yet "
+                    "(the retrieval index needs SQLite with sqlite-vec): use the SQLite store")
+        return "vector stores need the embedding model: start the server with --embeddings"
+
+    def resume(self) -> None:
+        """Start-up work that needs the event loop: ingestion cut off by the last stop is
+        queued again (SQLite only: that database belongs to this server alone)."""
+        if self.vector_stores is not None:
+            self.vector_stores.resume()
 
     def close(self) -> None:
+        if self.vector_stores is not None:
+            self.vector_stores.cancel()
         self.store.close()
 
 
 __all__ = [
     "LOCAL_USER",
     "ConversationService",
+    "FileService",
     "FunctionTool",
     "InvalidRequestError",
     "NotFoundError",
@@ -53,4 +82,5 @@ __all__ = [
     "ProductError",
     "ResponseRequest",
     "ResponseService",
+    "VectorStoreService",
 ]

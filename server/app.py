@@ -21,7 +21,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator import Product, ProductError
 from server import conversations as conv
+from server import files as fil
 from server import responses as resp
+from server import vector_stores as vs
 from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.embeddings import create_embeddings, parse_embedding_request
@@ -173,6 +175,30 @@ def product_routes() -> list[Route]:
               methods=get),
         Route("/v1/conversations/{conversation_id}/items/{item_id}", conv.delete_item,
               methods=delete),
+        *file_routes(),
+    ]
+
+
+def file_routes() -> list[Route]:
+    """The Files and Vector Stores APIs (served with the product)."""
+    post, get, delete = ["POST"], ["GET"], ["DELETE"]
+    store, store_file = "/v1/vector_stores/{vector_store_id}", "/files/{file_id}"
+    return [
+        Route("/v1/files", fil.create_file, methods=post),
+        Route("/v1/files", fil.list_files, methods=get),
+        Route("/v1/files/{file_id}", fil.retrieve_file, methods=get),
+        Route("/v1/files/{file_id}", fil.delete_file, methods=delete),
+        Route("/v1/files/{file_id}/content", fil.file_content, methods=get),
+        Route("/v1/vector_stores", _with_json_body(vs.create_vector_store), methods=post),
+        Route("/v1/vector_stores", vs.list_vector_stores, methods=get),
+        Route(store, vs.retrieve_vector_store, methods=get),
+        Route(store, _with_json_body(vs.update_vector_store), methods=post),
+        Route(store, vs.delete_vector_store, methods=delete),
+        Route(f"{store}/search", _with_json_body(vs.search_vector_store), methods=post),
+        Route(f"{store}/files", _with_json_body(vs.create_store_file), methods=post),
+        Route(f"{store}/files", vs.list_store_files, methods=get),
+        Route(f"{store}{store_file}", vs.retrieve_store_file, methods=get),
+        Route(f"{store}{store_file}", vs.delete_store_file, methods=delete),
     ]
 
 

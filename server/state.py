@@ -49,6 +49,8 @@ class ServerConfig:
     max_prompt_chars: int | None = None
     # Origins a browser may call the API from (CORS); none by default.
     allowed_origins: list[str] = field(default_factory=list)
+    # The largest file `POST /v1/files` accepts (larger: 413).
+    max_upload_bytes: int = 512 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not self.served_model_names:

@@ -20,6 +20,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 
+from orchestrator.retrieval.index import load_sqlite_vec, sqlite_module
 from orchestrator.store.repository import Repository
 
 T = TypeVar("T")
@@ -43,7 +44,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def create_db_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        # sqlite-vec (the retrieval index's vectors) needs a sqlite3 that loads extensions.
+        engine = create_engine(url, module=sqlite_module(),
+                               connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", load_sqlite_vec)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True)

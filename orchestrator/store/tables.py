@@ -85,3 +85,44 @@ conversation_items = Table(
     UniqueConstraint("conversation_id", "id", name="uq_conversation_items_conversation_id_id"),
     Index("ix_conversation_items_conversation_id_seq", "conversation_id", "seq"),
 )
+
+# Uploaded files (`/v1/files`): the file object as `body`; the bytes live in the data
+# directory under files/<id>, not in the database.
+files = Table(
+    "files",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", ID, nullable=False, unique=True),
+    Column("owner_id", ID, nullable=False, index=True),
+    Column("purpose", String(32), nullable=False),
+    Column("content_type", String(128), nullable=True),
+    Column("body", JSON, nullable=False),
+)
+
+# Vector stores: the object as `body` without `file_counts`, `status` and `usage_bytes`,
+# which are computed from the store's files when it is read.
+vector_stores = Table(
+    "vector_stores",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", ID, nullable=False, unique=True),
+    Column("owner_id", ID, nullable=False, index=True),
+    Column("body", JSON, nullable=False),
+)
+
+# A file in a vector store, with its ingestion status (in_progress -> completed | failed)
+# kept in `status` for queries and in `body` for reads.
+vector_store_files = Table(
+    "vector_store_files",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", ID, nullable=False),  # the file's id, as OpenAI names it
+    Column(
+        "vector_store_id", ID, ForeignKey("vector_stores.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("owner_id", ID, nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("body", JSON, nullable=False),
+    UniqueConstraint("vector_store_id", "id", name="uq_vector_store_files_store_id_id"),
+    Index("ix_vector_store_files_id", "id"),
+)

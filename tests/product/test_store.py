@@ -8,8 +8,9 @@ import threading
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import func, select
+from sqlalchemy import MetaData, func, inspect, select
 
+from orchestrator.retrieval.index import retrieval_chunks
 from orchestrator.store import Page, Repository, Store
 from orchestrator.store.tables import conversation_items, metadata, response_items, responses
 
@@ -45,9 +46,26 @@ def _record(repo: Repository, owner: str, response_id: str, previous: str | None
                          list(tokens))
 
 
+def _declared_schema(dialect: str) -> MetaData:
+    """The store's tables, plus the retrieval index's chunks table on SQLite."""
+    declared = MetaData()
+    for table in metadata.tables.values():
+        table.to_metadata(declared)
+    if dialect == "sqlite":
+        retrieval_chunks.to_metadata(declared)
+    return declared
+
+
+def _not_virtual(name, type_, _parent) -> bool:
+    """sqlite-vec's and FTS5's virtual tables (and their shadow tables) are created by
+    raw DDL that SQLAlchemy cannot declare; `test_retrieval_index_tables_exist` checks them."""
+    return not (type_ == "table" and name.startswith(("retrieval_vectors", "retrieval_chunks_")))
+
+
 def test_migrations_create_exactly_the_declared_schema(store):
     with store.engine.connect() as conn:
-        differences = compare_metadata(MigrationContext.configure(conn), metadata)
+        context = MigrationContext.configure(conn, opts={"include_name": _not_virtual})
+        differences = compare_metadata(context, _declared_schema(conn.dialect.name))
     assert differences == []
     Store(store.url).close()  # opening again finds the schema current
 
@@ -169,3 +187,13 @@ def test_responses_cut_off_by_a_crash_are_marked_incomplete(store):
     assert repo.interrupt_unfinished() == 1
     assert repo.get_response("alice", "resp_cut")["status"] == "incomplete"
     assert repo.get_response("alice", "resp_done")["status"] == "completed"
+
+
+def test_retrieval_index_tables_exist_on_sqlite_only(store):
+    names = set(inspect(store.engine).get_table_names())
+    assert {"files", "vector_stores", "vector_store_files"} <= names
+    index = {"retrieval_chunks", "retrieval_vectors", "retrieval_chunks_fts"}
+    if store.engine.dialect.name == "sqlite":
+        assert index <= names
+    else:
+        assert not index & names

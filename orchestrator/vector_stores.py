@@ -1,0 +1,208 @@
+"""Vector stores: named sets of files, indexed for search.
+
+Adding a file records it `in_progress` and starts its ingestion as a background task:
+read the bytes, extract and chunk them (a worker thread), embed the chunks (the
+embedder's thread), then write the chunks and the status `completed` in one transaction,
+or `failed` with `last_error` saying why. Nothing of this runs on the event loop. A file
+still `in_progress` when the server starts was cut off by a stop or crash, and `resume`
+queues it again, so no file stays in progress forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from orchestrator.errors import NotFoundError
+from orchestrator.files import FileService, missing_file
+from orchestrator.ids import new_id
+from orchestrator.retrieval.chunking import StaticChunking
+from orchestrator.retrieval.embeddings import Embedder
+from orchestrator.retrieval.extract import ExtractionError, UnsupportedFile
+from orchestrator.retrieval.filters import Filter
+from orchestrator.retrieval.index import Hit, SearchMode, SearchRequest
+from orchestrator.retrieval.ingest import prepare_chunks
+from orchestrator.store import ItemPage, Page, Store
+from orchestrator.store import knowledge as kb
+
+log = logging.getLogger("tokenmill.vector_stores")
+
+
+@dataclass(frozen=True)
+class FileToAdd:
+    file_id: str
+    chunking: StaticChunking
+    attributes: dict
+
+
+@dataclass(frozen=True)
+class Search:
+    query: str
+    filters: Filter | None
+    max_num_results: int
+    score_threshold: float
+    mode: SearchMode
+
+
+def missing_store(vector_store_id: str) -> NotFoundError:
+    return NotFoundError(f"No vector store found with id '{vector_store_id}'.",
+                         param="vector_store_id", code="not_found")
+
+
+def _vector_store(body: dict, counts: kb.FileCounts, usage_bytes: int) -> dict:
+    return {**body, "usage_bytes": usage_bytes,
+            "status": "in_progress" if counts.in_progress else "completed",
+            "file_counts": {"in_progress": counts.in_progress, "completed": counts.completed,
+                            "failed": counts.failed, "cancelled": counts.cancelled,
+                            "total": counts.total}}
+
+
+def _error(code: str, message: str) -> dict:
+    return {"code": code, "message": message}
+
+
+class VectorStoreService:
+    def __init__(self, store: Store, files: FileService, embedder: Embedder) -> None:
+        self.store = store
+        self.files = files
+        self.embedder = embedder
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- vector stores -------------------------------------------------------------------
+
+    async def create(self, owner: str, name: str | None, metadata: dict,
+                     files: list[FileToAdd]) -> dict:
+        now = int(time.time())
+        body = {"id": new_id("vs"), "object": "vector_store", "created_at": now, "name": name,
+                "metadata": metadata, "last_active_at": now, "expires_after": None,
+                "expires_at": None}
+        store_files = await self._store_files(owner, body["id"], files)
+        await self.store.call(kb.add_vector_store, owner, body, store_files)
+        self._start(owner, body["id"], store_files)
+        return await self.retrieve(owner, body["id"])
+
+    async def retrieve(self, owner: str, vector_store_id: str) -> dict:
+        found = await self.store.call(kb.get_vector_store, owner, vector_store_id)
+        if found is None:
+            raise missing_store(vector_store_id)
+        return _vector_store(*found)
+
+    async def list(self, owner: str, page: Page) -> ItemPage:
+        found, counts = await self.store.call(kb.list_vector_stores, owner, page)
+        return ItemPage([_vector_store(body, *c) for body, c in zip(found.items, counts,
+                                                                      strict=True)],
+                        found.has_more)
+
+    async def update(self, owner: str, vector_store_id: str, changes: dict) -> dict:
+        if not await self.store.call(kb.update_vector_store, owner, vector_store_id, changes):
+            raise missing_store(vector_store_id)
+        return await self.retrieve(owner, vector_store_id)
+
+    async def delete(self, owner: str, vector_store_id: str) -> dict:
+        if not await self.store.call(kb.delete_vector_store, owner, vector_store_id):
+            raise missing_store(vector_store_id)
+        return {"id": vector_store_id, "object": "vector_store.deleted", "deleted": True}
+
+    async def search(self, owner: str, vector_store_id: str, search: Search) -> list[Hit]:
+        await self.retrieve(owner, vector_store_id)  # 404 for another owner's store
+        encoded = await self.embedder.aencode([search.query])
+        request = SearchRequest((vector_store_id,), search.query, encoded.vectors[0],
+                                search.filters, search.max_num_results, search.score_threshold,
+                                search.mode)
+        return await self.store.call(kb.search, owner, request)
+
+    # -- vector store files --------------------------------------------------------------
+
+    async def add_file(self, owner: str, vector_store_id: str, file: FileToAdd) -> dict:
+        store_files = await self._store_files(owner, vector_store_id, [file])
+        if not await self.store.call(kb.add_store_files, owner, vector_store_id, store_files):
+            raise missing_store(vector_store_id)
+        self._start(owner, vector_store_id, store_files)
+        return store_files[0]
+
+    async def retrieve_file(self, owner: str, vector_store_id: str, file_id: str) -> dict:
+        body = await self.store.call(kb.get_store_file, owner, vector_store_id, file_id)
+        if body is None:
+            raise missing_file(file_id)
+        return body
+
+    async def list_files(self, owner: str, vector_store_id: str, page: Page,
+                         status: str | None) -> ItemPage:
+        found = await self.store.call(kb.list_store_files, owner, vector_store_id, page, status)
+        if found is None:
+            raise missing_store(vector_store_id)
+        return found
+
+    async def delete_file(self, owner: str, vector_store_id: str, file_id: str) -> dict:
+        """Remove a file (its chunks and vectors) from the store; the file itself stays."""
+        if not await self.store.call(kb.delete_store_file, owner, vector_store_id, file_id):
+            raise missing_file(file_id)
+        return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
+
+    # -- ingestion -----------------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Queue again every file left in_progress (call once, at start-up, on a database
+        only this server uses); returns how many."""
+        unfinished = kb.unfinished_store_files(self.store.repo)
+        for owner, vector_store_id, file_id in unfinished:
+            self._spawn(owner, vector_store_id, file_id)
+        return len(unfinished)
+
+    def cancel(self) -> None:
+        """Stop ingestion in flight (at shutdown); such files resume at the next start."""
+        for task in self._tasks:
+            task.cancel()
+
+    async def _store_files(self, owner: str, vector_store_id: str,
+                           files: list[FileToAdd]) -> list[dict]:
+        now = int(time.time())
+        bodies = []
+        for file in files:
+            found = await self.store.call(kb.get_file, owner, file.file_id)
+            if found is None:
+                raise missing_file(file.file_id)
+            bodies.append({"id": file.file_id, "object": "vector_store.file",
+                           "usage_bytes": found[0]["bytes"], "created_at": now,
+                           "vector_store_id": vector_store_id, "status": "in_progress",
+                           "last_error": None, "chunking_strategy": file.chunking.to_dict(),
+                           "attributes": file.attributes})
+        return bodies
+
+    def _start(self, owner: str, vector_store_id: str, store_files: list[dict]) -> None:
+        for body in store_files:
+            self._spawn(owner, vector_store_id, body["id"])
+
+    def _spawn(self, owner: str, vector_store_id: str, file_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._ingest(owner, vector_store_id, file_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _ingest(self, owner: str, vector_store_id: str, file_id: str) -> None:
+        chunks, error = None, None
+        try:
+            body = await self.store.call(kb.get_store_file, owner, vector_store_id, file_id)
+            if body is None or body["status"] != "in_progress":
+                return
+            static = body["chunking_strategy"]["static"]
+            strategy = StaticChunking(static["max_chunk_size_tokens"],
+                                      static["chunk_overlap_tokens"])
+            file, content_type, data = await self.files.content(owner, file_id)
+            chunks = await prepare_chunks(self.embedder, file_id, file["filename"], data,
+                                          content_type, strategy, body["attributes"])
+        except UnsupportedFile as exc:
+            error = _error("unsupported_file", str(exc))
+        except ExtractionError as exc:
+            error = _error("invalid_file", str(exc))
+        except NotFoundError:
+            error = _error("invalid_file", f"the file {file_id} was deleted")
+        except FileNotFoundError:
+            error = _error("invalid_file", f"the bytes of file {file_id} are missing")
+        except Exception:
+            log.exception("ingesting %s into %s failed", file_id, vector_store_id)
+            error = _error("server_error", "the server failed to index this file")
+        await self.store.call(kb.finish_store_file, owner, vector_store_id, file_id,
+                              chunks, error)

@@ -1,0 +1,84 @@
+"""Routes of the Files API: `POST /v1/files` (multipart: `file` and `purpose`), list,
+retrieve, content and delete. The orchestrator's `FileService` keeps them."""
+
+from __future__ import annotations
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from orchestrator import FileService
+from orchestrator.files import PURPOSES
+from orchestrator.items import item_list
+from server.errors import APIError, invalid
+from server.responses import owner, product
+from server.responses_protocol import parse_page
+
+# Room for the multipart envelope (boundaries, headers, the purpose field) beyond the file.
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+def _files(request: Request) -> FileService:
+    service = product(request).files
+    if service is None:
+        raise APIError(404, "this server stores no files (it has no data directory)")
+    return service
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the file is larger than this server accepts ({limit} bytes; "
+                    "see --max-upload-mb)", param="file", code="file_too_large")
+
+
+async def _upload(request: Request, limit: int) -> tuple[UploadFile, str, bytes]:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise APIError(415, "POST /v1/files takes multipart/form-data with 'file' and 'purpose'",
+                       code="unsupported_media_type")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
+        raise _too_large(limit)
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(upload, UploadFile):
+            raise invalid("file is required (a multipart file field)", "file")
+        if not isinstance(purpose, str) or purpose not in PURPOSES:
+            raise invalid(f"purpose must be one of {', '.join(PURPOSES)}", "purpose")
+        if upload.size is not None and upload.size > limit:
+            raise _too_large(limit)
+        data = await upload.read(limit + 1)
+        if len(data) > limit:
+            raise _too_large(limit)
+    return upload, purpose, data
+
+
+async def create_file(request: Request) -> Response:
+    service = _files(request)
+    upload, purpose, data = await _upload(
+        request, request.app.state.tokenmill.config.max_upload_bytes)
+    filename = (upload.filename or "").rsplit("/", 1)[-1]
+    if not filename:
+        raise invalid("file must have a filename", "file")
+    return JSONResponse(await service.create(owner(request), filename, purpose, data,
+                                             upload.content_type))
+
+
+async def list_files(request: Request) -> Response:
+    purpose = request.query_params.get("purpose")
+    page = parse_page(request.query_params)
+    return JSONResponse(item_list(await _files(request).list(owner(request), page, purpose)))
+
+
+async def retrieve_file(request: Request) -> Response:
+    return JSONResponse(
+        await _files(request).retrieve(owner(request), request.path_params["file_id"]))
+
+
+async def file_content(request: Request) -> Response:
+    _, content_type, data = await _files(request).content(owner(request),
+                                                          request.path_params["file_id"])
+    return Response(data, media_type=content_type or "application/octet-stream")
+
+
+async def delete_file(request: Request) -> Response:
+    return JSONResponse(
+        await _files(request).delete(owner(request), request.path_params["file_id"]))

@@ -1,0 +1,146 @@
+"""Routes of the Vector Stores API: stores, their files, and search. Bodies are parsed
+here (400 naming the field); the orchestrator's `VectorStoreService` does the work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from orchestrator import VectorStoreService
+from orchestrator.items import item_list
+from orchestrator.retrieval.chunking import parse_chunking_strategy
+from orchestrator.vector_stores import FileToAdd, Search
+from server.errors import APIError, invalid
+from server.responses import owner, product
+from server.responses_protocol import parse_metadata, parse_page
+from server.vector_store_search import parse_search_request, search_results_page
+
+MAX_FILE_IDS = 500
+STATUSES = ("in_progress", "completed", "failed", "cancelled")
+
+
+def _service(request: Request) -> VectorStoreService:
+    found = product(request)
+    if found.vector_stores is None:
+        raise APIError(501, found.vector_stores_unavailable(), code="not_supported")
+    return found.vector_stores
+
+
+def _object(body: Any, allowed: set[str]) -> dict:
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    for name in body:
+        if name not in allowed and body[name] is not None:
+            raise invalid(f"{name} is not supported by this server", name)
+    return body
+
+
+def _name(body: dict) -> str | None:
+    name = body.get("name")
+    if name is not None and not isinstance(name, str):
+        raise invalid("name must be a string", "name")
+    return name
+
+
+def _chunking(body: dict):
+    try:
+        return parse_chunking_strategy(body.get("chunking_strategy"))
+    except ValueError as exc:
+        raise invalid(str(exc), "chunking_strategy") from None
+
+
+def _attributes(body: dict) -> dict:
+    attributes = body.get("attributes") or {}
+    if not isinstance(attributes, dict) or len(attributes) > 16 or not all(
+            isinstance(v, str | int | float | bool) for v in attributes.values()):
+        raise invalid("attributes must be an object of at most 16 string, number or boolean "
+                      "values", "attributes")
+    return attributes
+
+
+def _file_id(value: Any, param: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise invalid(f"{param} must be a file id string", param)
+    return value
+
+
+async def create_vector_store(request: Request, body: Any) -> Response:
+    body = _object(body, {"name", "metadata", "file_ids", "chunking_strategy",
+                          "expires_after"})
+    if body.get("expires_after") is not None:
+        raise invalid("expires_after is not supported by this server", "expires_after")
+    file_ids = body.get("file_ids") or []
+    if not isinstance(file_ids, list) or len(file_ids) > MAX_FILE_IDS:
+        raise invalid(f"file_ids must be an array of at most {MAX_FILE_IDS} file ids",
+                      "file_ids")
+    chunking = _chunking(body)
+    files = [FileToAdd(_file_id(f, "file_ids"), chunking, {}) for f in dict.fromkeys(file_ids)]
+    return JSONResponse(await _service(request).create(
+        owner(request), _name(body), parse_metadata(body.get("metadata")), files))
+
+
+async def list_vector_stores(request: Request) -> Response:
+    page = parse_page(request.query_params)
+    return JSONResponse(item_list(await _service(request).list(owner(request), page)))
+
+
+def _store_id(request: Request) -> str:
+    return request.path_params["vector_store_id"]
+
+
+async def retrieve_vector_store(request: Request) -> Response:
+    return JSONResponse(await _service(request).retrieve(owner(request), _store_id(request)))
+
+
+async def update_vector_store(request: Request, body: Any) -> Response:
+    body = _object(body, {"name", "metadata", "expires_after"})
+    if body.get("expires_after") is not None:
+        raise invalid("expires_after is not supported by this server", "expires_after")
+    changes: dict = {}
+    if "name" in body:
+        changes["name"] = _name(body)
+    if "metadata" in body:
+        changes["metadata"] = parse_metadata(body["metadata"])
+    return JSONResponse(
+        await _service(request).update(owner(request), _store_id(request), changes))
+
+
+async def delete_vector_store(request: Request) -> Response:
+    return JSONResponse(await _service(request).delete(owner(request), _store_id(request)))
+
+
+async def search_vector_store(request: Request, body: Any) -> Response:
+    options = parse_search_request(body)
+    search = Search(options.query, options.filters, options.max_num_results,
+                    options.score_threshold, options.mode)
+    hits = await _service(request).search(owner(request), _store_id(request), search)
+    return JSONResponse(search_results_page(options.query, hits))
+
+
+async def create_store_file(request: Request, body: Any) -> Response:
+    body = _object(body, {"file_id", "chunking_strategy", "attributes"})
+    file = FileToAdd(_file_id(body.get("file_id"), "file_id"), _chunking(body),
+                     _attributes(body))
+    return JSONResponse(
+        await _service(request).add_file(owner(request), _store_id(request), file))
+
+
+async def list_store_files(request: Request) -> Response:
+    status = request.query_params.get("filter")
+    if status is not None and status not in STATUSES:
+        raise invalid(f"filter must be one of {', '.join(STATUSES)}", "filter")
+    page = parse_page(request.query_params)
+    return JSONResponse(item_list(await _service(request).list_files(
+        owner(request), _store_id(request), page, status)))
+
+
+async def retrieve_store_file(request: Request) -> Response:
+    return JSONResponse(await _service(request).retrieve_file(
+        owner(request), _store_id(request), request.path_params["file_id"]))
+
+
+async def delete_store_file(request: Request) -> Response:
+    return JSONResponse(await _service(request).delete_file(
+        owner(request), _store_id(request), request.path_params["file_id"]))

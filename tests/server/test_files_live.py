@@ -1,0 +1,195 @@
+"""Files and vector stores through the openai SDK against one `python -m engine.serve`:
+upload, index in the background, search, failures, limits and deletion."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from pypdf import PdfWriter
+from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
+from sqlalchemy import text
+
+from orchestrator.retrieval.index import sqlite_vec_engine
+from tests.server.live_server import API_KEY, start_server
+
+UPLOAD_LIMIT_MB = 1
+
+
+def tiny_pdf(sentence: str) -> bytes:
+    """A one-page PDF whose text is `sentence` (Helvetica, one text object)."""
+    writer = PdfWriter()
+    page = writer.add_blank_page(612, 792)
+    font = DictionaryObject({NameObject("/Type"): NameObject("/Font"),
+                             NameObject("/Subtype"): NameObject("/Type1"),
+                             NameObject("/BaseFont"): NameObject("/Helvetica")})
+    page[NameObject("/Resources")] = DictionaryObject(
+        {NameObject("/Font"): DictionaryObject({NameObject("/F1"): writer._add_object(font)})})
+    content = DecodedStreamObject()
+    content.set_data(f"BT /F1 12 Tf 72 720 Td ({sentence}) Tj ET".encode())
+    page[NameObject("/Contents")] = writer._add_object(content)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+DOCUMENTS = {
+    "volcanoes.txt": (b"Volcanoes erupt when magma rises through the crust. Basalt lava flows "
+                      b"are runny, while andesite lava builds steep stratovolcanoes.",
+                      "how does magma make a volcano erupt"),
+    "bread.md": (b"# Sourdough\n\nA sourdough starter is flour and water fermented by wild "
+                 b"yeast and lactobacilli. Feed the starter daily before baking the loaf.",
+                 "feeding a sourdough starter"),
+    "borrow.html": (b"<html><head><style>p{color:red}</style></head><body><h1>Rust</h1><p>The "
+                    b"borrow checker rejects a mutable reference while shared references to the "
+                    b"same value are alive.</p></body></html>",
+                    "rust borrow checker mutable reference"),
+    "aurora.pdf": (tiny_pdf("The aurora borealis glows green when solar wind particles strike "
+                            "oxygen atoms high in the atmosphere."),
+                   "why is the northern lights aurora green"),
+}
+
+
+@pytest.fixture(scope="module")
+def live():
+    server = start_server("--api-key", API_KEY, "--compile", "off", "--dtype", "float32",
+                          "--max-upload-mb", str(UPLOAD_LIMIT_MB))
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(live) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def uploaded(client) -> dict[str, str]:
+    """Every document and an unsupported file, uploaded: filename -> file id."""
+    ids = {}
+    for name, (data, _) in {**DOCUMENTS, "photo.png": (b"\x89PNG\r\n\x1a\n0000", "")}.items():
+        ids[name] = client.files.create(file=(name, data), purpose="assistants").id
+    return ids
+
+
+def _wait_indexed(client: openai.OpenAI, vector_store_id: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while True:
+        store = client.vector_stores.retrieve(vector_store_id)
+        if store.file_counts.in_progress == 0:
+            return store
+        assert time.monotonic() < deadline, "indexing did not finish in time"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def vector_store(client, uploaded):
+    store = client.vector_stores.create(name="knowledge", file_ids=list(uploaded.values()),
+                                        metadata={"team": "docs"})
+    assert store.status in ("in_progress", "completed")
+    assert store.file_counts.total == len(uploaded)
+    return _wait_indexed(client, store.id)
+
+
+def _chunk_rows(live, file_id: str) -> tuple[int, int, int]:
+    """(chunks, vectors, full-text rows) the server's index holds for the file."""
+    engine = sqlite_vec_engine(f"sqlite:///{Path(live.scratch_dir) / 'tokenmill.db'}")
+    try:
+        with engine.connect() as conn:
+            chunk_ids = conn.execute(text("SELECT id FROM retrieval_chunks WHERE file_id = :f"),
+                                     {"f": file_id}).scalars().all()
+            vectors = conn.execute(text("SELECT count(*) FROM retrieval_vectors WHERE id IN "
+                                        "(SELECT value FROM json_each(:ids))"),
+                                   {"ids": str(chunk_ids)}).scalar_one()
+            words = conn.execute(text(
+                "SELECT count(*) FROM retrieval_chunks_fts_docsize WHERE id IN "
+                "(SELECT value FROM json_each(:ids))"), {"ids": str(chunk_ids)}).scalar_one()
+        return len(chunk_ids), vectors, words
+    finally:
+        engine.dispose()
+
+
+def test_files_are_listed_retrieved_and_returned_byte_for_byte(client, uploaded):
+    listed = {f.id: f for f in client.files.list(limit=100)}
+    for name, file_id in uploaded.items():
+        assert listed[file_id].filename == name
+        assert listed[file_id].purpose == "assistants"
+    name = "aurora.pdf"
+    got = client.files.retrieve(uploaded[name])
+    assert (got.filename, got.bytes) == (name, len(DOCUMENTS[name][0]))
+    assert client.files.content(uploaded[name]).content == DOCUMENTS[name][0]
+
+
+def test_the_store_indexes_supported_files_and_fails_the_rest(client, uploaded, vector_store):
+    counts = vector_store.file_counts
+    assert (counts.completed, counts.failed, counts.in_progress) == (len(DOCUMENTS), 1, 0)
+    assert vector_store.status == "completed" and vector_store.metadata == {"team": "docs"}
+    assert vector_store.usage_bytes == sum(len(d) for d, _ in DOCUMENTS.values())
+    failed = client.vector_stores.files.retrieve(uploaded["photo.png"],
+                                                 vector_store_id=vector_store.id)
+    assert failed.status == "failed"
+    assert failed.last_error.code == "unsupported_file" and ".png" in failed.last_error.message
+    done = client.vector_stores.files.list(vector_store.id, filter="completed")
+    assert {f.id for f in done.data} == {uploaded[n] for n in DOCUMENTS}
+
+
+@pytest.mark.parametrize("name", list(DOCUMENTS))
+def test_search_finds_the_right_document(client, uploaded, vector_store, name):
+    page = client.vector_stores.search(vector_store.id, query=DOCUMENTS[name][1])
+    assert page.data[0].file_id == uploaded[name]
+    assert page.data[0].filename == name
+    assert 0 < page.data[0].score <= 1
+
+
+def test_unknown_ids_are_404(client, vector_store):
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve("file_missing")
+    with pytest.raises(openai.NotFoundError):
+        client.files.content("file_missing")
+    with pytest.raises(openai.NotFoundError):
+        client.vector_stores.retrieve("vs_missing")
+    with pytest.raises(openai.NotFoundError):
+        client.vector_stores.search("vs_missing", query="anything")
+    with pytest.raises(openai.NotFoundError):
+        client.vector_stores.files.retrieve("file_missing", vector_store_id=vector_store.id)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.vector_stores.create(file_ids=["file_missing"])
+    assert caught.value.body["param"] == "file_id"
+
+
+def test_an_upload_over_the_limit_is_413(client):
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.files.create(file=("big.txt", b"x" * (UPLOAD_LIMIT_MB * 2**20 + 1)),
+                            purpose="assistants")
+    assert caught.value.status_code == 413
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=("a.txt", b"a"), purpose="homework")
+    assert caught.value.body["param"] == "purpose"
+
+
+def test_vector_store_update_and_list(client, vector_store):
+    updated = client.vector_stores.update(vector_store.id, name="renamed")
+    assert updated.name == "renamed" and updated.metadata == {"team": "docs"}
+    assert vector_store.id in {s.id for s in client.vector_stores.list(limit=100)}
+
+
+def test_removing_a_file_removes_its_chunks_and_vectors(client, live, uploaded, vector_store):
+    """Last: it changes the shared store."""
+    bread, volcano = uploaded["bread.md"], uploaded["volcanoes.txt"]
+    assert all(n > 0 for n in _chunk_rows(live, bread))
+    assert client.files.delete(bread).deleted
+    assert _chunk_rows(live, bread) == (0, 0, 0)
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(bread)
+    hits = client.vector_stores.search(vector_store.id, query=DOCUMENTS["bread.md"][1]).data
+    assert bread not in {h.file_id for h in hits}
+    # Taking a file out of a store (the file stays) and deleting the store also drop chunks.
+    client.vector_stores.files.delete(volcano, vector_store_id=vector_store.id)
+    assert _chunk_rows(live, volcano) == (0, 0, 0)
+    assert client.files.retrieve(volcano).id == volcano
+    assert all(n > 0 for n in _chunk_rows(live, uploaded["aurora.pdf"]))
+    assert client.vector_stores.delete(vector_store.id).deleted
+    assert _chunk_rows(live, uploaded["aurora.pdf"]) == (0, 0, 0)
