@@ -8,12 +8,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import openai
 import pytest
 import uvicorn
 
 from orchestrator import Product
+from orchestrator.retrieval.embeddings import Embedder
 from server import ServerConfig, build_app
 from tests.product.postgres import PostgresServer, start_postgres
 from tests.server.fake_engine import FakeEngine
@@ -45,15 +47,18 @@ class ProductServer:
 
 @pytest.fixture
 def product_server(tmp_path) -> Iterator[Callable[..., ProductServer]]:
-    """Factory: product_server(engine=None, database_url=None) -> ProductServer."""
+    """Factory: product_server(engine=None, database_url=None, data_dir=None, embedder=None)
+    -> ProductServer (files need a data_dir, vector stores an embedder too)."""
     stops: list[Callable[[], None]] = []
 
     def start(engine: FakeEngine | None = None, database_url: str | None = None,
+              data_dir: Path | None = None, embedder: Embedder | None = None,
               **config) -> ProductServer:
         engine = engine or FakeEngine()
-        product = Product.open(engine, database_url or f"sqlite:///{tmp_path / 'product.db'}")
+        product = Product.open(engine, database_url or f"sqlite:///{tmp_path / 'product.db'}",
+                               data_dir, embedder)
         config.setdefault("served_model_names", ["fake-model"])
-        app = build_app(engine, ServerConfig(**config), product)
+        app = build_app(engine, ServerConfig(**config), product, embedder)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
                                                log_level="warning", lifespan="off"))
         thread = threading.Thread(target=server.run, daemon=True)
