@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from orchestrator.retrieval.index import sqlite_vec_engine
 from tests.server.live_server import API_KEY, start_server
+from tests.test_examples import run_example
 
 UPLOAD_LIMIT_MB = 1
 
@@ -193,3 +194,12 @@ def test_removing_a_file_removes_its_chunks_and_vectors(client, live, uploaded, 
     assert all(n > 0 for n in _chunk_rows(live, uploaded["aurora.pdf"]))
     assert client.vector_stores.delete(vector_store.id).deleted
     assert _chunk_rows(live, uploaded["aurora.pdf"]) == (0, 0, 0)
+
+
+def test_the_rag_example_uploads_indexes_and_finds(live):
+    output = run_example("rag_upload.py", "--base-url", f"{live.url}/v1", "--api-key", API_KEY)
+    lines = output.splitlines()
+    assert lines[0].startswith("indexed: starter.md as file_") and lines[0].endswith(
+        "(completed)")
+    hits = [line for line in lines if line.startswith("hit: ")]
+    assert hits and "starter.md: # Caring for a sourdough starter" in hits[0]
