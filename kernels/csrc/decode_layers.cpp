@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
 
 }  // namespace tokenmill
 
-TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+TM_OPS_FRAGMENT(m) {
   m.def(
       "decode_layers(Tensor x, Tensor residual, Tensor positions, Tensor rope_cache, "
       "Tensor block_tables, Tensor context_lens, Tensor slot_mapping, Tensor?[] weights, "
@@ -150,4 +150,4 @@ TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
       "-> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) { m.impl("decode_layers", tokenmill::decode_layers); }
+TM_OPS_IMPL(m) { m.impl("decode_layers", tokenmill::decode_layers); }
