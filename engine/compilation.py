@@ -70,9 +70,10 @@ COMPILE_MODES = ("off", "on", "background")
 def use_native_kernels(model: CausalLM) -> int:
     """Build tokenmill's C++ kernels (kernels/native.py) and move the model onto them where
     they apply: w8a8 linears to the VNNI GEMM, attention and the KV write to their C++
-    versions. Returns how many modules moved. None do on a CPU without AVX-512 VNNI, or when
-    the activations are not float32 (the kernels' only input type)."""
-    if model.embed_tokens.weight.dtype != torch.float32 or not kernels.native.supported():
+    versions, for the CPU's instruction set (`kernels.native.cpu_isa`). Returns how many
+    modules moved. None do when the activations are not float32 (the kernels' only input
+    type)."""
+    if model.embed_tokens.weight.dtype != torch.float32:
         return 0
     linears = [m for m in model.modules() if isinstance(m, CpuLinear) and m.w8a8 is not None]
     attentions = [layer.self_attn for layer in model.layers]

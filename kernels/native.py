@@ -143,11 +143,17 @@ def load(isa: str | None = None) -> str:
     """
     global _ops
     isa = isa or cpu_isa()
+    _ops = ops(isa)
+    return isa
+
+
+def ops(isa: str):
+    """A target's op namespace, ``torch.ops.tokenmill_<isa>``, built and loaded (benchmarks
+    compare targets side by side through it)."""
     if isa not in runnable_isas():
         raise ValueError(f"this CPU cannot run the {isa} kernels (it runs {runnable_isas()})")
     _load(isa)
-    _ops = getattr(torch.ops, f"tokenmill_{isa}")
-    return isa
+    return getattr(torch.ops, f"tokenmill_{isa}")
 
 
 def _headers_flag() -> str:
