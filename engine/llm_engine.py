@@ -7,6 +7,7 @@ background thread for streaming. Both see the same `step()`.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import time
 import weakref
@@ -17,6 +18,7 @@ from engine.args import EngineArgs
 from engine.block_manager import BlockManager
 from engine.calibration import calibration_token_ids, linear_input_absmax
 from engine.compilation import BackgroundCompile, compile_model
+from engine.cpu_path import cpu_path
 from engine.errors import BatchFailedError, ContextLengthExceededError, RequestFailedError
 from engine.linear import use_cpu_linears
 from engine.loader import load_model
@@ -44,6 +46,19 @@ class LLMEngine:
         loaded = load_model(args.model, dtype=self.dtype)
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
+        # The CPU's kernel target and the defaults chosen for it, with the reason (/health).
+        self.cpu_path = cpu_path() if self.device.type == "cpu" else None
+        if self.cpu_path is not None:
+            log.info(
+                "CPU path: %s kernels%s; defaults quantization=%s compile=%s: %s",
+                self.cpu_path.isa,
+                f" (forced; the CPU runs {self.cpu_path.detected_isa})"
+                if self.cpu_path.forced
+                else "",
+                self.cpu_path.quantization,
+                self.cpu_path.compile,
+                self.cpu_path.reason,
+            )
         self.quantization = args.resolve_quantization(self.device)
         self.kv_cache_dtype = args.resolve_kv_cache_dtype(self.device)
         model = build_model(cfg, loaded.weights, self.device, self.dtype)
@@ -317,6 +332,7 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             compile_state=self.compile_state,
+            cpu=self.cpu_info,
         )
 
     def wait_for_compile(self, timeout: float | None = None) -> str:
@@ -325,6 +341,17 @@ class LLMEngine:
         if self.background_compile is not None:
             self.background_compile.wait(timeout)
         return self.compile_state
+
+    @functools.cached_property
+    def cpu_info(self) -> dict[str, object]:
+        """The CPU path and the modes in use (empty off CPU), for /health."""
+        if self.cpu_path is None:
+            return {}
+        return {
+            **self.cpu_path.as_dict(),
+            "quantization_in_use": self.quantization,
+            "compile_in_use": self.compile_mode,
+        }
 
     @property
     def compile_state(self) -> str:
