@@ -226,7 +226,8 @@ class LLMEngine:
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
             request = seq.request
             budget = max_tokens_for(request.params, seq.num_prompt_tokens, self.max_model_len)
-            if not self._guarded(failures, request, self.outputs.append, seq, token, lp, budget):
+            if not (self._guarded(failures, request, self._check_sampled, token) and
+                    self._guarded(failures, request, self.outputs.append, seq, token, lp, budget)):
                 continue
             self.generation_tokens_total += 1
             if seq.finish_reason is not None:
@@ -255,6 +256,12 @@ class LLMEngine:
             failures[request.request_id] = exc
             return False
         return True
+
+    def _check_sampled(self, token: int) -> None:
+        """A token outside the vocabulary (sampled from NaN logits, say) would fail the next
+        forward pass for the whole batch; it fails its own request here instead."""
+        if not 0 <= token < self.model_config.vocab_size:
+            raise ValueError(f"sampled token {token} is outside the vocabulary")
 
     def _fail_request(self, request_id: str, cause: Exception) -> RequestOutput:
         """End a request that failed in the engine, freeing its blocks; its final output
