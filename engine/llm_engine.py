@@ -284,7 +284,11 @@ class LLMEngine:
         return True
 
     def _append_token(self, seq: Sequence, token: int, lp, budget: int) -> None:
-        """Advance the sequence's grammar (if any) by its new token, then record the token."""
+        """Check the sampled token, advance the sequence's grammar (if any) by it, then
+        record it. A token outside the vocabulary (sampled from NaN logits, say) would fail
+        the next forward pass for the whole batch; it fails its own request here instead."""
+        if not 0 <= token < self.model_config.vocab_size:
+            raise ValueError(f"sampled token {token} is outside the vocabulary")
         complete = seq.grammar is not None and accept_token(seq.grammar, token)
         self.outputs.append(seq, token, lp, budget, grammar_complete=complete)
 
