@@ -78,25 +78,28 @@ def test_the_installed_wheel_serves_a_chat_completion(venv, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "torch_extensions")
     server = start_server(python=str(python), cwd=tmp_path, env=env)
+    # Generous timeouts: the first C++ build (a new install location is a cold build) runs
+    # alongside the first request, and the server exits only once it is done.
     try:
         reply = httpx.post(
             f"{server.url}/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "What is the capital of Japan?"}],
                   "max_tokens": 8, "temperature": 0},
-            timeout=120,
+            timeout=600,
         ).json()
         assert reply["choices"][0]["message"]["content"].strip()
         assert reply["usage"]["completion_tokens"] >= 1
         if kernels.native.supported():
             deadline = time.monotonic() + 600
-            while (state := httpx.get(f"{server.url}/health").json()["compile"]) == "compiling":
+            while (state := httpx.get(f"{server.url}/health", timeout=60).json()["compile"]) \
+                    == "compiling":
                 assert time.monotonic() < deadline, "the C++ build did not finish"
                 time.sleep(1)
             assert state == "ready"
             # Built from the wheel's own sources, not a cached build of the checkout's.
             assert list((tmp_path / "torch_extensions").glob("*/tokenmill_cpu.so"))
     finally:
-        assert server.stop() == 0
+        assert server.stop(timeout=600) == 0
 
 
 def test_ninja_next_to_the_interpreter_is_put_on_path(monkeypatch, tmp_path):
