@@ -91,8 +91,8 @@ def test_the_installed_wheel_serves_a_chat_completion(venv, tmp_path):
         assert reply["usage"]["completion_tokens"] >= 1
         if kernels.native.supported():
             deadline = time.monotonic() + 600
-            while (state := httpx.get(f"{server.url}/health", timeout=60).json()["compile"]) \
-                    == "compiling":
+            health = f"{server.url}/health"
+            while (state := httpx.get(health, timeout=60).json()["compile"]) == "compiling":
                 assert time.monotonic() < deadline, "the C++ build did not finish"
                 time.sleep(1)
             assert state == "ready"
