@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import uvicorn
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 
 from engine.args import DTYPES, EngineArgs
@@ -292,7 +293,11 @@ def database_url(args: argparse.Namespace) -> str:
 
 async def serve(args: argparse.Namespace) -> None:
     engine = AsyncLLM(engine_args(args))
-    product = Product.open(engine, database_url(args))
+    try:
+        product = Product.open(engine, database_url(args))
+    except BaseException:
+        await engine.shutdown()
+        raise
     app = build_app(engine, server_config(args), product)
     config = uvicorn.Config(
         app,
@@ -315,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(args))
-    except (ValueError, OSError) as exc:  # bad model path or option, port in use
+    # A bad model path or option, a port in use, a database that cannot be opened.
+    except (ValueError, OSError, SQLAlchemyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
