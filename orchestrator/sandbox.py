@@ -1,0 +1,288 @@
+"""Run untrusted Python in a bubblewrap sandbox: `await Sandbox().run(code, limits)`.
+
+Each run gets a fresh process tree in its own user, PID, network, IPC and UTS
+namespaces, a read-only view of /usr only (where the system Python and its libraries
+live), fresh size-capped tmpfs mounts for its working directory (/work) and /tmp (all
+else is read-only), and nothing else of the host: not tokenmill's data directory, source tree or virtualenv, nor
+any home directory. When the server runs as root, the sandbox runs as `nobody`, so that
+the process limit applies (the kernel never limits root's process count).
+
+Inside, a small launcher (`_LAUNCHER`) reads the code from stdin, forks, and runs it
+in the child under rlimits: CPU seconds, address space, processes, file size. The
+launcher then lists the files the code left in /work and writes that manifest to a
+pipe of its own, which the code cannot reach (its end is closed before the code runs).
+
+The host side never blocks the event loop (asyncio subprocess and pipes), caps the
+output it keeps, and kills the whole tree on the wall-clock deadline, on an output
+overflow or when the awaiting task is cancelled: killing the outer bwrap makes the
+namespace's init die (`--die-with-parent`), and the kernel then kills every process
+left in the PID namespace.
+
+CPU share: every sandbox process runs at nice 19 (`SandboxLimits.nice`), so busy
+sandboxes take only what the engine leaves idle (a nice-19 thread weighs 15 against a
+nice-0 thread's 1024 in the Linux scheduler), and RLIMIT_CPU ends a run that spends its
+CPU budget. `max_concurrent` bounds how many run at once.
+
+Without bwrap (or a usable system Python) `Sandbox.unavailable_reason()` says why and
+`run` raises SandboxUnavailable: there is no unsandboxed fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+
+_LAUNCHER = r"""
+import base64, json, linecache, os, resource, sys, traceback
+limits = json.loads(sys.argv[1]); manifest_fd = int(sys.argv[2])
+os.nice(limits.pop("nice"))
+report_bytes = limits.pop("report_bytes")
+source = sys.stdin.buffer.read().decode("utf-8", "replace")
+pid = os.fork()
+if pid == 0:
+    os.close(manifest_fd)
+    null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
+    for name, value in limits.items():
+        resource.setrlimit(getattr(resource, name), tuple(value))
+    linecache.cache["main.py"] = (len(source), None, source.splitlines(True), "main.py")
+    status = 0
+    try:
+        exec(compile(source, "main.py", "exec"), {"__name__": "__main__"})
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            status = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr); status = 1
+    except BaseException as exc:  # the launcher's own frame is left out
+        traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next); status = 1
+    try:
+        sys.stdout.flush(); sys.stderr.flush()
+    finally:
+        os._exit(status)
+_, wait_status = os.waitpid(pid, 0)
+files, budget = [], report_bytes
+for root, dirs, names in os.walk("/work"):
+    dirs.sort()
+    for name in sorted(names):
+        path = os.path.join(root, name)
+        if not os.path.isfile(path) or os.path.islink(path) or len(files) >= 1000:
+            continue
+        size = os.path.getsize(path)
+        entry = {"path": os.path.relpath(path, "/work"), "size": size, "content": None}
+        if size <= budget:
+            with open(path, "rb") as f:
+                entry["content"] = base64.b64encode(f.read(size)).decode()
+            budget -= size
+        files.append(entry)
+code = os.waitstatus_to_exitcode(wait_status)
+with os.fdopen(manifest_fd, "w") as out:
+    json.dump({"exit_code": code, "files": files}, out)
+"""
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot run here (no bwrap, no namespaces): the message says why."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    wall_seconds: float = 30.0
+    cpu_seconds: int = 20
+    memory_bytes: int = 1 << 30  # address space of each process
+    processes: int = 32  # processes and threads inside the sandbox
+    file_bytes: int = 32 << 20  # largest file the code may write
+    workdir_bytes: int = 64 << 20  # size of the /work tmpfs (and of /tmp)
+    output_bytes: int = 1 << 20  # stdout + stderr kept; more stops the run
+    report_bytes: int = 4 << 20  # file contents returned in the result, in total
+    nice: int = 19
+
+
+@dataclass
+class SandboxFile:
+    path: str  # relative to the working directory
+    size: int
+    content: bytes | None  # None when over the limits' report budget
+
+
+@dataclass
+class SandboxResult:
+    stdout: str
+    stderr: str
+    exit_code: int | None  # negative: killed by that signal; None: no status (killed)
+    timed_out: bool
+    output_truncated: bool  # stdout+stderr passed output_bytes and the run was stopped
+    files: list[SandboxFile] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out and not self.output_truncated
+
+
+@dataclass
+class _Output:
+    """stdout and stderr as kept, with the cap shared between them."""
+
+    limit: int
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    truncated: bool = False
+
+    def add(self, buffer: bytearray, data: bytes) -> bool:
+        """Keep `data` up to the cap; False once the cap is passed."""
+        room = self.limit - len(self.stdout) - len(self.stderr)
+        buffer += data[: max(room, 0)]
+        if len(data) > room:
+            self.truncated = True
+        return not self.truncated
+
+
+class Sandbox:
+    def __init__(self, limits: SandboxLimits | None = None, bwrap: str = "/usr/bin/bwrap",
+                 python: str = "/usr/bin/python3", max_concurrent: int = 4) -> None:
+        self.limits = limits or SandboxLimits()
+        self.bwrap = bwrap
+        self.python = python
+        self._slots = asyncio.Semaphore(max_concurrent)
+
+    def unavailable_reason(self) -> str | None:
+        if not os.access(self.bwrap, os.X_OK):
+            return (f"the code sandbox needs bubblewrap ({self.bwrap} not found; "
+                    "install it with `apt-get install bubblewrap`)")
+        if not self.python.startswith("/usr/") or not os.access(self.python, os.X_OK):
+            return f"the code sandbox needs a system Python under /usr ({self.python} not found)"
+        return None
+
+    async def run(self, code: str, limits: SandboxLimits | None = None,
+                  label: str | None = None) -> SandboxResult:
+        """Run `code` as a Python script. `label` tags the sandbox's command line (for
+        operators' `ps` and for tests that look for leftover processes)."""
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise SandboxUnavailable(reason)
+        async with self._slots:
+            return await self._run(code, limits or self.limits, label or uuid.uuid4().hex)
+
+    def _argv(self, limits: SandboxLimits, manifest_fd: int, label: str) -> list[str]:
+        rlimits = {
+            "RLIMIT_CPU": (limits.cpu_seconds, limits.cpu_seconds + 1),
+            "RLIMIT_AS": (limits.memory_bytes, limits.memory_bytes),
+            "RLIMIT_NPROC": (limits.processes, limits.processes),
+            "RLIMIT_FSIZE": (limits.file_bytes, limits.file_bytes),
+            "RLIMIT_CORE": (0, 0),
+        }
+        settings = {**rlimits, "nice": limits.nice, "report_bytes": limits.report_bytes}
+        size = str(limits.workdir_bytes)
+        return [
+            self.bwrap, "--unshare-all", "--die-with-parent", "--new-session",
+            "--hostname", "sandbox",
+            "--ro-bind", "/usr", "/usr",
+            "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+            "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
+            "--proc", "/proc", "--dev", "/dev",
+            "--size", size, "--tmpfs", "/work", "--size", size, "--tmpfs", "/tmp",
+            "--remount-ro", "/", "--chdir", "/work", "--clearenv",
+            "--setenv", "PATH", "/usr/local/bin:/usr/bin", "--setenv", "HOME", "/work",
+            "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
+            "--setenv", "MPLBACKEND", "Agg",
+            "--", self.python, "-I", "-c", _LAUNCHER, json.dumps(settings), str(manifest_fd),
+            f"tokenmill-sandbox:{label}",
+        ]
+
+    async def _run(self, code: str, limits: SandboxLimits, label: str) -> SandboxResult:
+        started = time.monotonic()
+        read_end, write_end = os.pipe()
+        # As root the process limit would not apply, and file permissions would not help.
+        user = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv(limits, write_end, label), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                pass_fds=(write_end,), start_new_session=True, **user)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        output = _Output(limits.output_bytes)
+        manifest = bytearray()
+        timed_out = False
+        try:
+            async with asyncio.timeout(limits.wall_seconds):
+                await asyncio.gather(
+                    _feed(proc, code.encode()),
+                    _pump(proc, proc.stdout, output, output.stdout),
+                    _pump(proc, proc.stderr, output, output.stderr),
+                    _read_manifest(read_end, manifest, limits.report_bytes * 2 + (1 << 20)),
+                )
+                await proc.wait()
+        except TimeoutError:
+            timed_out = True
+        finally:
+            _kill(proc)
+            await asyncio.shield(proc.wait())
+        return _result(proc.returncode, manifest, output, timed_out, time.monotonic() - started)
+
+
+def _result(returncode: int | None, manifest: bytes, output: _Output, timed_out: bool,
+            seconds: float) -> SandboxResult:
+    stderr = output.stderr.decode("utf-8", "replace")
+    files: list[SandboxFile] = []
+    exit_code = None if timed_out or output.truncated else returncode
+    if manifest and not timed_out:
+        try:
+            report = json.loads(manifest)
+            exit_code = report["exit_code"]
+            files = [SandboxFile(f["path"], f["size"],
+                                 None if f["content"] is None else base64.b64decode(f["content"]))
+                     for f in report["files"]]
+        except (ValueError, KeyError, TypeError):
+            pass
+    elif returncode == 1 and stderr.startswith("bwrap:"):
+        raise SandboxUnavailable(f"the code sandbox could not start: {stderr.strip()}")
+    return SandboxResult(output.stdout.decode("utf-8", "replace"), stderr, exit_code, timed_out,
+                         output.truncated, files, seconds)
+
+
+async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+    proc.stdin.close()
+
+
+async def _pump(proc: asyncio.subprocess.Process, stream: asyncio.StreamReader | None,
+                output: _Output, buffer: bytearray) -> None:
+    assert stream is not None
+    while chunk := await stream.read(1 << 16):
+        if not output.add(buffer, chunk):
+            _kill(proc)
+            return
+
+
+async def _read_manifest(fd: int, into: bytearray, limit: int) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
+    try:
+        while (chunk := await reader.read(1 << 16)) and len(into) < limit:
+            into += chunk
+    finally:
+        transport.close()
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the outer bwrap's process group; the namespace dies with it."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
