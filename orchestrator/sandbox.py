@@ -3,9 +3,10 @@
 Each run gets a fresh process tree in its own user, PID, network, IPC and UTS
 namespaces, a read-only view of /usr only (where the system Python and its libraries
 live), fresh size-capped tmpfs mounts for its working directory (/work) and /tmp (all
-else is read-only), and nothing else of the host: not tokenmill's data directory, source tree or virtualenv, nor
-any home directory. When the server runs as root, the sandbox runs as `nobody`, so that
-the process limit applies (the kernel never limits root's process count).
+else is read-only), and nothing else of the host: not tokenmill's data directory, source
+tree or virtualenv, nor any home directory. When the server runs as root, the sandbox
+runs as `nobody`, so that the process limit applies (the kernel never limits root's
+process count).
 
 Inside, a small launcher (`_LAUNCHER`) reads the code from stdin, forks, and runs it
 in the child under rlimits: CPU seconds, address space, processes, file size. The
