@@ -220,7 +220,7 @@ def test_cancelling_the_run_kills_its_process_tree():
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    asyncio.run(cancel_midway())
+    asyncio.run(asyncio.wait_for(cancel_midway(), 60))
     assert wait_until_gone(label) == []
 
 
