@@ -30,29 +30,28 @@ Without bwrap (or a usable system Python) `Sandbox.unavailable_reason()` says wh
 
 from __future__ import annotations
 
+import ast
 import asyncio
-import base64
 import contextlib
-import json
 import os
 import signal
 import time
 import uuid
 from dataclasses import dataclass, field
 
+# Imports only what a run always needs (each import costs start-up time on every run).
 _LAUNCHER = r"""
-import base64, json, linecache, os, resource, sys, traceback
-limits = json.loads(sys.argv[1]); manifest_fd = int(sys.argv[2])
-os.nice(limits.pop("nice"))
-report_bytes = limits.pop("report_bytes")
+import os, resource, sys
+nice, report_bytes, manifest_fd, *rlimits = (int(v) for v in sys.argv[1].split())
+os.nice(nice)
 source = sys.stdin.buffer.read().decode("utf-8", "replace")
 pid = os.fork()
 if pid == 0:
     os.close(manifest_fd)
     null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
-    for name, value in limits.items():
-        resource.setrlimit(getattr(resource, name), tuple(value))
-    linecache.cache["main.py"] = (len(source), None, source.splitlines(True), "main.py")
+    for i, name in enumerate(("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE",
+                              "RLIMIT_CORE")):
+        resource.setrlimit(getattr(resource, name), (rlimits[2 * i], rlimits[2 * i + 1]))
     status = 0
     try:
         exec(compile(source, "main.py", "exec"), {"__name__": "__main__"})
@@ -62,6 +61,8 @@ if pid == 0:
         else:
             print(exc.code, file=sys.stderr); status = 1
     except BaseException as exc:  # the launcher's own frame is left out
+        import linecache, traceback
+        linecache.cache["main.py"] = (len(source), None, source.splitlines(True), "main.py")
         traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next); status = 1
     try:
         sys.stdout.flush(); sys.stderr.flush()
@@ -76,15 +77,14 @@ for root, dirs, names in os.walk("/work"):
         if not os.path.isfile(path) or os.path.islink(path) or len(files) >= 1000:
             continue
         size = os.path.getsize(path)
-        entry = {"path": os.path.relpath(path, "/work"), "size": size, "content": None}
+        content = None
         if size <= budget:
             with open(path, "rb") as f:
-                entry["content"] = base64.b64encode(f.read(size)).decode()
+                content = f.read(size)
             budget -= size
-        files.append(entry)
-code = os.waitstatus_to_exitcode(wait_status)
+        files.append((os.path.relpath(path, "/work"), size, content))
 with os.fdopen(manifest_fd, "w") as out:
-    json.dump({"exit_code": code, "files": files}, out)
+    out.write(repr((os.waitstatus_to_exitcode(wait_status), files)))
 """
 
 
@@ -172,14 +172,11 @@ class Sandbox:
             return await self._run(code, limits or self.limits, label or uuid.uuid4().hex)
 
     def _argv(self, limits: SandboxLimits, manifest_fd: int, label: str) -> list[str]:
-        rlimits = {
-            "RLIMIT_CPU": (limits.cpu_seconds, limits.cpu_seconds + 1),
-            "RLIMIT_AS": (limits.memory_bytes, limits.memory_bytes),
-            "RLIMIT_NPROC": (limits.processes, limits.processes),
-            "RLIMIT_FSIZE": (limits.file_bytes, limits.file_bytes),
-            "RLIMIT_CORE": (0, 0),
-        }
-        settings = {**rlimits, "nice": limits.nice, "report_bytes": limits.report_bytes}
+        settings = [limits.nice, limits.report_bytes, manifest_fd,
+                    # soft and hard: CPU, address space, processes, file size, core
+                    limits.cpu_seconds, limits.cpu_seconds + 1,
+                    limits.memory_bytes, limits.memory_bytes, limits.processes,
+                    limits.processes, limits.file_bytes, limits.file_bytes, 0, 0]
         size = str(limits.workdir_bytes)
         return [
             self.bwrap, "--unshare-all", "--die-with-parent", "--new-session",
@@ -193,7 +190,7 @@ class Sandbox:
             "--setenv", "PATH", "/usr/local/bin:/usr/bin", "--setenv", "HOME", "/work",
             "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
             "--setenv", "MPLBACKEND", "Agg",
-            "--", self.python, "-I", "-c", _LAUNCHER, json.dumps(settings), str(manifest_fd),
+            "--", self.python, "-I", "-c", _LAUNCHER, " ".join(map(str, settings)),
             f"tokenmill-sandbox:{label}",
         ]
 
@@ -221,7 +218,7 @@ class Sandbox:
                     _feed(proc, code.encode()),
                     _pump(proc, proc.stdout, output, output.stdout),
                     _pump(proc, proc.stderr, output, output.stderr),
-                    _read_manifest(read_end, manifest, limits.report_bytes * 2 + (1 << 20)),
+                    _read_manifest(read_end, manifest, limits.report_bytes * 4 + (1 << 20)),
                 )
                 await proc.wait()
         except TimeoutError:
@@ -239,12 +236,9 @@ def _result(returncode: int | None, manifest: bytes, output: _Output, timed_out:
     exit_code = None if timed_out or output.truncated else returncode
     if manifest and not timed_out:
         try:
-            report = json.loads(manifest)
-            exit_code = report["exit_code"]
-            files = [SandboxFile(f["path"], f["size"],
-                                 None if f["content"] is None else base64.b64decode(f["content"]))
-                     for f in report["files"]]
-        except (ValueError, KeyError, TypeError):
+            exit_code, listed = ast.literal_eval(manifest.decode())
+            files = [SandboxFile(*entry) for entry in listed]
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             pass
     elif returncode == 1 and stderr.startswith("bwrap:"):
         raise SandboxUnavailable(f"the code sandbox could not start: {stderr.strip()}")
