@@ -14,7 +14,8 @@ Items follow OpenAI's Responses shapes. The model returns `message` and
     built-in tool appears;
   - any other built-in (calculator, sql_query): a `function_call_output` item after the
     call, with the result (or the error) as `output`.
-Calls of one turn run concurrently; their results are appended in call order. A tool's
+Calls of one turn run concurrently; their results are appended in call order (calls
+refused for the max_tool_calls budget last, each with an error as its result). A tool's
 failure is given back to the model as its output, never raised. The allowed tools are
 fixed when the agent is made: nothing a tool returns can add one.
 
@@ -151,19 +152,33 @@ class Agent:
         for call, text in zip(runs, texts, strict=True):
             if text is not None:
                 self._add_output(call, text)
+        refusal = f"Error: not run: this response reached max_tool_calls ({self.max_tool_calls})."
         for call in refused:
-            self._add_output(call, f"Error: not run: this response reached max_tool_calls "
-                                   f"({self.max_tool_calls}).")
+            if self._is_code_call(call):
+                item = self._code_item(call, "incomplete", [{"type": "logs", "logs": refusal}])
+                self._emit("response.output_item.added", item, item=copy.deepcopy(item))
+                self._emit("response.output_item.done", item, item=copy.deepcopy(item))
+            else:
+                self._add_output(call, refusal)
 
     def _start(self, call: dict) -> tuple[dict, Coroutine[None, None, str | None]]:
         """The item that holds the call's progress, and the coroutine that runs it (its
         result: the text of the call's function_call_output, None for code)."""
         if self._is_code_call(call):
-            item = {"id": new_id("ci"), "type": "code_interpreter_call", "status": "in_progress",
-                    "code": "", "container_id": new_id("cntr"), "outputs": None}
-            self.output.append(item)
+            item = self._code_item(call, "in_progress", None)
             return item, self._run_code(call, item)
         return call, self._run_function(call)
+
+    def _code_item(self, call: dict, status: str, outputs: list[dict] | None) -> dict:
+        try:
+            code = _arguments(call).get("code")
+        except ToolError:
+            code = None
+        item = {"id": new_id("ci"), "type": "code_interpreter_call", "status": status,
+                "code": code if isinstance(code, str) else "",
+                "container_id": new_id("cntr"), "outputs": outputs}
+        self.output.append(item)
+        return item
 
     async def _execute(self, call: dict, label: str) -> tuple[ToolOutput, bool]:
         """The tool's output and whether it failed; a failure becomes an output the model
@@ -192,13 +207,9 @@ class Agent:
 
     async def _run_code(self, call: dict, item: dict) -> None:
         ids = {"item_id": item["id"]}
-        self._emit("response.output_item.added", item, item=copy.deepcopy(item))
+        # The code arrives by the delta events, as it would while the model wrote it.
+        self._emit("response.output_item.added", item, item={**copy.deepcopy(item), "code": ""})
         self._emit("response.code_interpreter_call.in_progress", item, **ids)
-        try:
-            code = _arguments(call).get("code")
-        except ToolError:
-            code = None
-        item["code"] = code if isinstance(code, str) else ""
         self._emit("response.code_interpreter_call_code.delta", item, delta=item["code"], **ids)
         self._emit("response.code_interpreter_call_code.done", item, code=item["code"], **ids)
         item["status"] = "interpreting"

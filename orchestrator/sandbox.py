@@ -38,6 +38,7 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 # Imports only what a run always needs (each import costs start-up time on every run).
 _LAUNCHER = r"""
@@ -209,6 +210,7 @@ class Sandbox:
             raise
         finally:
             os.close(write_end)
+        manifest_pipe = os.fdopen(read_end, "rb", 0)
         output = _Output(limits.output_bytes)
         manifest = bytearray()
         timed_out = False
@@ -218,13 +220,15 @@ class Sandbox:
                     _feed(proc, code.encode()),
                     _pump(proc, proc.stdout, output, output.stdout),
                     _pump(proc, proc.stderr, output, output.stderr),
-                    _read_manifest(read_end, manifest, limits.report_bytes * 4 + (1 << 20)),
+                    _read_manifest(manifest_pipe, manifest,
+                                   limits.report_bytes * 4 + (1 << 20)),
                 )
                 await proc.wait()
         except TimeoutError:
             timed_out = True
         finally:
             _kill(proc)
+            manifest_pipe.close()  # already closed unless the run ended before reading
             await asyncio.shield(proc.wait())
         return _result(proc.returncode, manifest, output, timed_out, time.monotonic() - started)
 
@@ -263,11 +267,11 @@ async def _pump(proc: asyncio.subprocess.Process, stream: asyncio.StreamReader |
             return
 
 
-async def _read_manifest(fd: int, into: bytearray, limit: int) -> None:
+async def _read_manifest(pipe: BinaryIO, into: bytearray, limit: int) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
+        lambda: asyncio.StreamReaderProtocol(reader), pipe)
     try:
         while (chunk := await reader.read(1 << 16)) and len(into) < limit:
             into += chunk

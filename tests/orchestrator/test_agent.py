@@ -173,6 +173,19 @@ def test_max_tool_calls_refuses_extra_calls_then_asks_for_an_answer():
     assert outputs == ["2", "4", "2", "Error: not run: this response reached max_tool_calls (3)."]
 
 
+def test_a_code_call_over_the_budget_is_an_incomplete_code_item():
+    first, code = call("calculator", expression="1"), call("code_interpreter", code="print(1)")
+    model = ScriptedModel([[first, code], [message("One.")]])
+    result = run(Agent(model, builtin_tools().tools, max_tool_calls=1))
+    # The calls that ran are answered first, then the refused ones.
+    assert [o["type"] for o in result.output] == [
+        "function_call", "function_call_output", "code_interpreter_call", "message"]
+    refused = result.output[2]
+    assert (refused["status"], refused["code"]) == ("incomplete", "print(1)")
+    assert refused["outputs"][0]["logs"].startswith("Error: not run")
+    ITEM.validate_python(refused)
+
+
 def test_a_model_that_keeps_calling_tools_ends_incomplete():
     model = ScriptedModel([[call("calculator", expression="1")]] * 3)
     result = run(Agent(model, builtin_tools().tools, max_tool_calls=1))
