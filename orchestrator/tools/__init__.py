@@ -9,6 +9,7 @@ error instead of a tool that fails on every call.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.sandbox import Sandbox
@@ -16,6 +17,16 @@ from orchestrator.tools.base import Tool, ToolError, ToolOutput, ToolUnavailable
 from orchestrator.tools.calculator import Calculator
 from orchestrator.tools.code_interpreter import CodeInterpreter
 from orchestrator.tools.sql_query import SqlQuery
+
+
+@dataclass
+class ResolvedTools:
+    """A request's tools: the built-ins the server runs, the client's own functions, and
+    every declaration in Responses' function shape (for the prompt's tool listing)."""
+
+    builtins: dict[str, Tool] = field(default_factory=dict)
+    client_functions: list[str] = field(default_factory=list)
+    declarations: list[dict] = field(default_factory=list)
 
 
 class ToolRegistry:
@@ -36,6 +47,39 @@ class ToolRegistry:
                 "parameters": tool.parameters, "strict": True}
 
 
+    def resolve(self, declared: list[dict], defaults: Iterable[str] = ()) -> ResolvedTools:
+        """Sort a request's `tools` into built-ins and client functions.
+
+        `{"type": "code_interpreter", "container": {"type": "auto"}}` and a function
+        declared by name only (`{"type": "function", "name": "calculator"}`) are
+        built-ins, their schema filled in here; a function with `parameters` is the
+        client's. `defaults` (the server's --default-tools) are offered as well. A
+        built-in this server cannot run raises ToolUnavailable naming the entry."""
+        resolved = ResolvedTools()
+        wanted: list[tuple[str, str]] = [(name, "default tools") for name in defaults]
+        for i, tool in enumerate(declared):
+            if tool.get("type") == "code_interpreter":
+                container = tool.get("container", {"type": "auto"})
+                if not (isinstance(container, dict) and container.get("type") == "auto"):
+                    raise ToolUnavailable(f'tools[{i}].container: only {{"type": "auto"}} '
+                                          "is supported (each call runs in a fresh sandbox)")
+                wanted.append(("code_interpreter", f"tools[{i}]"))
+            elif tool.get("type") == "function" and tool.get("parameters") is None:
+                wanted.append((tool.get("name"), f"tools[{i}]"))
+            else:
+                resolved.client_functions.append(tool.get("name"))
+                resolved.declarations.append(tool)
+        for name, where in wanted:
+            if name in resolved.builtins:
+                continue
+            try:
+                resolved.builtins[name] = self.get(name)
+            except ToolUnavailable as exc:
+                raise ToolUnavailable(f"{where}: {exc}") from None
+            resolved.declarations.append(self.declaration(name))
+        return resolved
+
+
 def builtin_tools(database: Path | None = None, sandbox: Sandbox | None = None) -> ToolRegistry:
     """Every built-in tool that can run here: sql_query on `database` (the demo sales
     database by default), code_interpreter on `sandbox` (a default one by default)."""
@@ -53,5 +97,5 @@ def builtin_tools(database: Path | None = None, sandbox: Sandbox | None = None) 
     return ToolRegistry(tools, unavailable)
 
 
-__all__ = ["Tool", "ToolError", "ToolOutput", "ToolRegistry", "ToolUnavailable",
-           "builtin_tools"]
+__all__ = ["ResolvedTools", "Tool", "ToolError", "ToolOutput", "ToolRegistry",
+           "ToolUnavailable", "builtin_tools"]

@@ -185,3 +185,30 @@ def test_registry_declares_tools_and_explains_missing_ones():
     with pytest.raises(ToolUnavailable, match="no built-in tool 'weather'"):
         registry.get("weather")
     assert set(builtin_tools().tools) == {"calculator", "sql_query", "code_interpreter"}
+
+
+def test_a_requests_tools_are_sorted_into_builtins_and_client_functions():
+    registry = builtin_tools()
+    weather = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    resolved = registry.resolve([
+        {"type": "code_interpreter", "container": {"type": "auto"}},
+        {"type": "function", "name": "calculator"},
+        weather,
+    ], defaults=["sql_query", "calculator"])
+    assert set(resolved.builtins) == {"sql_query", "calculator", "code_interpreter"}
+    assert resolved.client_functions == ["get_weather"]
+    names = [d["name"] for d in resolved.declarations]
+    assert sorted(names) == ["calculator", "code_interpreter", "get_weather", "sql_query"]
+    assert registry.declaration("sql_query") in resolved.declarations
+    assert weather in resolved.declarations
+
+
+def test_resolving_a_tool_this_server_cannot_run_names_the_entry():
+    registry = builtin_tools(sandbox=Sandbox(bwrap="/nonexistent/bwrap"))
+    with pytest.raises(ToolUnavailable, match=r"tools\[1\]: the code sandbox needs bubblewrap"):
+        registry.resolve([{"type": "function", "name": "calculator"},
+                          {"type": "code_interpreter", "container": {"type": "auto"}}])
+    with pytest.raises(ToolUnavailable, match=r"tools\[0\]: there is no built-in tool 'x'"):
+        registry.resolve([{"type": "function", "name": "x"}])
+    with pytest.raises(ToolUnavailable, match=r"tools\[0\]\.container"):
+        builtin_tools().resolve([{"type": "code_interpreter", "container": "cntr_1"}])
