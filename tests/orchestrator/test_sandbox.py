@@ -224,6 +224,27 @@ def test_cancelling_the_run_kills_its_process_tree():
     assert wait_until_gone(label) == []
 
 
+def test_the_code_runs_at_the_lowest_cpu_priority():
+    label = uuid.uuid4().hex
+
+    async def look():
+        limits = replace(FAST, nice=19)
+        task = asyncio.create_task(Sandbox().run("import time\ntime.sleep(30)", limits,
+                                                 label=label))
+        while len(pids := wait_until_gone(label, 0)) < 4:  # the code's process is forked
+            await asyncio.sleep(0.05)
+        seen = [(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16],
+                 Path(f"/proc/{pid}/autogroup").read_text().split()[-1]) for pid in pids]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return seen
+
+    seen = asyncio.run(asyncio.wait_for(look(), 60))
+    # The launcher and the code: nice 19 as tasks and as an autogroup (a new session is a
+    # new autogroup, whose share task nice values would not reduce).
+    assert seen.count(("19", "19")) >= 2, seen
+
+
 def test_without_bubblewrap_the_sandbox_refuses_to_run():
     sandbox = Sandbox(bwrap="/nonexistent/bwrap")
     assert "bubblewrap" in sandbox.unavailable_reason()
