@@ -19,10 +19,16 @@ overflow or when the awaiting task is cancelled: killing the outer bwrap makes t
 namespace's init die (`--die-with-parent`), and the kernel then kills every process
 left in the PID namespace.
 
-CPU share: every sandbox process runs at nice 19 (`SandboxLimits.nice`), so busy
-sandboxes take only what the engine leaves idle (a nice-19 thread weighs 15 against a
-nice-0 thread's 1024 in the Linux scheduler), and RLIMIT_CPU ends a run that spends its
-CPU budget. `max_concurrent` bounds how many run at once.
+CPU share: the run's session (its own autogroup) is set to nice 19
+(`SandboxLimits.nice`) before the code is sent, and the code's process to nice 19 too,
+so busy sandboxes take only what the engine leaves idle (nice 19 weighs 15 against nice
+0's 1024 in the Linux scheduler); RLIMIT_CPU ends a process that spends its CPU budget,
+and `max_concurrent` bounds how many run at once.
+
+The host starts bwrap in a new session (`start_new_session`): the sandbox has no
+controlling terminal, so it cannot push input into the server's terminal (TIOCSTI), and
+its /dev/pts is a fresh instance. A seccomp filter refuses setsid() inside, so the code
+cannot move to a session (an autogroup) of its own at normal priority.
 
 Without bwrap (or a usable system Python) `Sandbox.unavailable_reason()` says why and
 `run` raises SandboxUnavailable: there is no unsandboxed fallback.
@@ -33,8 +39,10 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import errno
 import os
 import signal
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -44,12 +52,6 @@ from typing import BinaryIO
 _LAUNCHER = r"""
 import os, resource, sys
 nice, report_bytes, manifest_fd, *rlimits = (int(v) for v in sys.argv[1].split())
-os.nice(nice)
-try:  # a new session is a new autogroup, where nice alone would not reach the host
-    with open("/proc/self/autogroup", "w") as f:
-        f.write(str(nice))
-except OSError:  # a kernel without autogroups: nice is enough
-    pass
 source = sys.stdin.buffer.read().decode("utf-8", "replace")
 pid = os.fork()
 if pid == 0:
@@ -58,6 +60,7 @@ if pid == 0:
     for i, name in enumerate(("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE",
                               "RLIMIT_CORE")):
         resource.setrlimit(getattr(resource, name), (rlimits[2 * i], rlimits[2 * i + 1]))
+    os.nice(nice)  # start-up ran at normal priority: it is short
     status = 0
     try:
         exec(compile(source, "main.py", "exec"), {"__name__": "__main__"})
@@ -92,6 +95,30 @@ for root, dirs, names in os.walk("/work"):
 with os.fdopen(manifest_fd, "w") as out:
     out.write(repr((os.waitstatus_to_exitcode(wait_status), files)))
 """
+
+
+def _instruction(code: int, k: int, jump_true: int = 0, jump_false: int = 0) -> bytes:
+    return struct.pack("HBBI", code, jump_true, jump_false, k)
+
+
+_LOAD_ARCH, _LOAD_NR = _instruction(0x20, 4), _instruction(0x20, 0)  # seccomp_data fields
+_KILL, _ALLOW = _instruction(0x06, 0x80000000), _instruction(0x06, 0x7FFF0000)
+_EPERM = _instruction(0x06, 0x00050000 | errno.EPERM)
+# machine -> (AUDIT_ARCH_*, setsid's number); x86-64 also refuses the x32 ABI's numbers.
+_ARCHES = {"x86_64": (0xC000003E, 112), "aarch64": (0xC00000B7, 157)}
+
+
+def seccomp_program() -> bytes | None:
+    """A classic-BPF seccomp filter refusing setsid() (EPERM) and killing calls of another
+    ABI: a new session would be a new autogroup, out of the nice-19 group the run is in.
+    None on machines not listed (there the code could leave its priority group)."""
+    machine = os.uname().machine
+    if machine not in _ARCHES:
+        return None
+    arch, setsid = _ARCHES[machine]
+    x32 = [_instruction(0x35, 0x40000000, 0, 1), _KILL] if machine == "x86_64" else []
+    return b"".join([_LOAD_ARCH, _instruction(0x15, arch, 1, 0), _KILL, _LOAD_NR, *x32,
+                     _instruction(0x15, setsid, 0, 1), _EPERM, _ALLOW])
 
 
 class SandboxUnavailable(RuntimeError):
@@ -173,7 +200,8 @@ class Sandbox:
         async with self._slots:
             return await self._run(code, limits or self.limits, label or uuid.uuid4().hex)
 
-    def _argv(self, limits: SandboxLimits, manifest_fd: int, label: str) -> list[str]:
+    def _argv(self, limits: SandboxLimits, manifest_fd: int, seccomp_fd: int | None,
+              label: str) -> list[str]:
         settings = [limits.nice, limits.report_bytes, manifest_fd,
                     # soft and hard: CPU, address space, processes, file size, core
                     limits.cpu_seconds, limits.cpu_seconds + 1,
@@ -181,7 +209,7 @@ class Sandbox:
                     limits.processes, limits.file_bytes, limits.file_bytes, 0, 0]
         size = str(limits.workdir_bytes)
         return [
-            self.bwrap, "--unshare-all", "--die-with-parent", "--new-session",
+            self.bwrap, "--unshare-all", "--die-with-parent",
             "--hostname", "sandbox",
             "--ro-bind", "/usr", "/usr",
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
@@ -192,6 +220,7 @@ class Sandbox:
             "--setenv", "PATH", "/usr/local/bin:/usr/bin", "--setenv", "HOME", "/work",
             "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
             "--setenv", "MPLBACKEND", "Agg",
+            *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
             "--", self.python, "-I", "-c", _LAUNCHER, " ".join(map(str, settings)),
             f"tokenmill-sandbox:{label}",
         ]
@@ -199,19 +228,25 @@ class Sandbox:
     async def _run(self, code: str, limits: SandboxLimits, label: str) -> SandboxResult:
         started = time.monotonic()
         read_end, write_end = os.pipe()
+        program = seccomp_program()
+        seccomp_fd = _pipe_with(program) if program is not None else None
+        passed = (write_end,) if seccomp_fd is None else (write_end, seccomp_fd)
         # As root the process limit would not apply, and file permissions would not help.
         user = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._argv(limits, write_end, label), stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                pass_fds=(write_end,), start_new_session=True, **user)
+                *self._argv(limits, write_end, seccomp_fd, label),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, pass_fds=passed, start_new_session=True,
+                **user)
         except BaseException:
             os.close(read_end)
             raise
         finally:
-            os.close(write_end)
+            for fd in passed:
+                os.close(fd)
         manifest_pipe = os.fdopen(read_end, "rb", 0)
+        await _lower_autogroup(proc.pid, limits.nice)  # before the code is sent
         output = _Output(limits.output_bytes)
         manifest = bytearray()
         timed_out = False
@@ -249,6 +284,30 @@ def _result(returncode: int | None, manifest: bytes, output: _Output, timed_out:
         raise SandboxUnavailable(f"the code sandbox could not start: {stderr.strip()}")
     return SandboxResult(output.stdout.decode("utf-8", "replace"), stderr, exit_code, timed_out,
                          output.truncated, files, seconds)
+
+
+def _pipe_with(data: bytes) -> int:
+    """The read end of a pipe already holding `data` (a few hundred bytes at most)."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, data)
+    os.close(write_end)
+    return read_end
+
+
+async def _lower_autogroup(pid: int, nice: int) -> None:
+    """Give the run's session (its own autogroup: a new session is a new scheduling group,
+    which competes with the server's as an equal whatever its tasks' nice values) the
+    priority `nice`. Without CAP_SYS_ADMIN the kernel accepts one such change per 100 ms
+    system-wide (EAGAIN otherwise), so concurrent starts take turns."""
+    for _ in range(100):
+        try:
+            with open(f"/proc/{pid}/autogroup", "w") as f:
+                f.write(str(nice))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN:  # no autogroups here: task nice is enough
+                return
+        await asyncio.sleep(0.02)
 
 
 async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.sandbox import Sandbox, SandboxResult, SandboxUnavailable
-from tests.orchestrator.sandbox_helpers import FAST, host_can_spawn, wait_until_gone
+from tests.orchestrator.sandbox_helpers import FAST, host_can_spawn, sandbox_pids, wait_until_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -224,25 +224,47 @@ def test_cancelling_the_run_kills_its_process_tree():
     assert wait_until_gone(label) == []
 
 
+def _priorities(label: str) -> list[tuple[str, str]]:
+    """(task nice, autogroup nice) of each process of the run."""
+    seen = []
+    for pid in sandbox_pids(label):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            seen.append((stat[16], Path(f"/proc/{pid}/autogroup").read_text().split()[-1]))
+        except OSError:  # gone meanwhile
+            pass
+    return seen
+
+
 def test_the_code_runs_at_the_lowest_cpu_priority():
     label = uuid.uuid4().hex
 
     async def look():
-        limits = replace(FAST, nice=19)
-        task = asyncio.create_task(Sandbox().run("import time\ntime.sleep(30)", limits,
-                                                 label=label))
-        while len(pids := wait_until_gone(label, 0)) < 4:  # the code's process is forked
+        task = asyncio.create_task(Sandbox().run("import time\ntime.sleep(30)",
+                                                 replace(FAST, nice=19), label=label))
+        while ("19", "19") not in (seen := _priorities(label)):
             await asyncio.sleep(0.05)
-        seen = [(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16],
-                 Path(f"/proc/{pid}/autogroup").read_text().split()[-1]) for pid in pids]
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         return seen
 
     seen = asyncio.run(asyncio.wait_for(look(), 60))
-    # The launcher and the code: nice 19 as tasks and as an autogroup (a new session is a
-    # new autogroup, whose share task nice values would not reduce).
-    assert seen.count(("19", "19")) >= 2, seen
+    # The code at nice 19, and the run's whole session (bwrap, its init, the launcher, the
+    # code) in an autogroup at nice 19: a session is an autogroup, which competes with
+    # the server's as an equal whatever the nice values of its tasks.
+    assert [group for _, group in seen] == ["19"] * len(seen) and len(seen) >= 4, seen
+
+
+def test_the_code_cannot_leave_its_priority_group():
+    result, _ = run("""
+        import os
+        try:
+            os.setsid()
+            print("NEW SESSION")
+        except OSError as exc:
+            print("blocked", exc.errno)
+    """)
+    assert result.stdout == "blocked 1\n", result
 
 
 def test_without_bubblewrap_the_sandbox_refuses_to_run():
