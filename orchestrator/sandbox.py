@@ -20,8 +20,9 @@ namespace's init die (`--die-with-parent`), and the kernel then kills every proc
 left in the PID namespace.
 
 CPU share: the run's session (its own autogroup) is set to nice 19
-(`SandboxLimits.nice`) before the code is sent, and the code's process to nice 19 too,
-so busy sandboxes take only what the engine leaves idle (nice 19 weighs 15 against nice
+(`SandboxLimits.nice`) a quarter of a second into the run (a short run finishes at
+normal priority), and the code's process to nice 19 too, so busy sandboxes take only
+what the engine leaves idle (nice 19 weighs 15 against nice
 0's 1024 in the Linux scheduler); RLIMIT_CPU ends a process that spends its CPU budget,
 and `max_concurrent` bounds how many run at once.
 
@@ -136,6 +137,7 @@ class SandboxLimits:
     output_bytes: int = 1 << 20  # stdout + stderr kept; more stops the run
     report_bytes: int = 4 << 20  # file contents returned in the result, in total
     nice: int = 19
+    nice_after_seconds: float = 0.25  # the run's first moments go at normal priority
 
 
 @dataclass
@@ -246,7 +248,8 @@ class Sandbox:
             for fd in passed:
                 os.close(fd)
         manifest_pipe = os.fdopen(read_end, "rb", 0)
-        await _lower_autogroup(proc.pid, limits.nice)  # before the code is sent
+        lowering = asyncio.create_task(_lower_autogroup(proc.pid, limits.nice,
+                                                        limits.nice_after_seconds))
         output = _Output(limits.output_bytes)
         manifest = bytearray()
         timed_out = False
@@ -263,6 +266,7 @@ class Sandbox:
         except TimeoutError:
             timed_out = True
         finally:
+            lowering.cancel()
             _kill(proc)
             manifest_pipe.close()  # already closed unless the run ended before reading
             await asyncio.shield(proc.wait())
@@ -294,11 +298,13 @@ def _pipe_with(data: bytes) -> int:
     return read_end
 
 
-async def _lower_autogroup(pid: int, nice: int) -> None:
-    """Give the run's session (its own autogroup: a new session is a new scheduling group,
-    which competes with the server's as an equal whatever its tasks' nice values) the
-    priority `nice`. Without CAP_SYS_ADMIN the kernel accepts one such change per 100 ms
-    system-wide (EAGAIN otherwise), so concurrent starts take turns."""
+async def _lower_autogroup(pid: int, nice: int, delay: float) -> None:
+    """After `delay`, give the run's session the priority `nice`. The session is an
+    autogroup, a scheduling group that competes with the server's as an equal whatever its
+    tasks' nice values. The delay lets a short run (start-up and a quick script) finish at
+    normal priority; what keeps running is held to `nice`. Without CAP_SYS_ADMIN the
+    kernel accepts one such change per 100 ms system-wide (EAGAIN), so runs take turns."""
+    await asyncio.sleep(delay)
     for _ in range(100):
         try:
             with open(f"/proc/{pid}/autogroup", "w") as f:
