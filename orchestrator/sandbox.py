@@ -224,7 +224,7 @@ class Sandbox:
             "--setenv", "MPLBACKEND", "Agg",
             *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
             "--", self.python, "-I", "-c", _LAUNCHER, " ".join(map(str, settings)),
-            f"tokenmill-sandbox:{label}",
+            f"tokenmill-sandbox:{label}",  # see running_pids
         ]
 
     async def _run(self, code: str, limits: SandboxLimits, label: str) -> SandboxResult:
@@ -288,6 +288,21 @@ def _result(returncode: int | None, manifest: bytes, output: _Output, timed_out:
         raise SandboxUnavailable(f"the code sandbox could not start: {stderr.strip()}")
     return SandboxResult(output.stdout.decode("utf-8", "replace"), stderr, exit_code, timed_out,
                          output.truncated, files, seconds)
+
+
+def running_pids(label: str) -> list[int]:
+    """Host pids of the run labelled `label` (its command line carries the label)."""
+    tag = f"tokenmill-sandbox:{label}".encode()
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    if tag in f.read():
+                        pids.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                pass
+    return pids
 
 
 def _pipe_with(data: bytes) -> int:

@@ -1,12 +1,11 @@
-"""Small limits for fast sandbox tests, and a look for processes a run left behind."""
+"""Small limits for fast sandbox tests, and a wait for a run's processes to be gone."""
 
 from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
-from orchestrator.sandbox import SandboxLimits
+from orchestrator.sandbox import SandboxLimits, running_pids
 
 # nice 0: on a busy machine a nice-19 run may not get its CPU-second before the deadline.
 FAST = SandboxLimits(wall_seconds=10, cpu_seconds=2, memory_bytes=256 << 20, processes=16,
@@ -14,25 +13,11 @@ FAST = SandboxLimits(wall_seconds=10, cpu_seconds=2, memory_bytes=256 << 20, pro
                      report_bytes=64 << 10, nice=0)
 
 
-def sandbox_pids(label: str) -> list[int]:
-    """Host pids whose command line carries the run's label."""
-    tag = f"tokenmill-sandbox:{label}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if tag in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:  # gone meanwhile
-                pass
-    return pids
-
-
 def wait_until_gone(label: str, seconds: float = 10) -> list[int]:
     """The run's processes still alive after up to `seconds` (the kernel tears a PID
     namespace down asynchronously once its init dies)."""
     deadline = time.monotonic() + seconds
-    while (left := sandbox_pids(label)) and time.monotonic() < deadline:
+    while (left := running_pids(label)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
 

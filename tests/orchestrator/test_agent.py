@@ -13,10 +13,10 @@ from pydantic import TypeAdapter
 
 from orchestrator.agent import Agent, code_interpreter_as_function_items
 from orchestrator.ids import new_id
-from orchestrator.sandbox import Sandbox
+from orchestrator.sandbox import Sandbox, running_pids
 from orchestrator.tools import builtin_tools
 from orchestrator.tools.base import ToolOutput
-from tests.orchestrator.sandbox_helpers import FAST, sandbox_pids, wait_until_gone
+from tests.orchestrator.sandbox_helpers import FAST, wait_until_gone
 
 ITEM = TypeAdapter(ResponseItem)
 EVENT = TypeAdapter(ResponseStreamEvent)
@@ -240,7 +240,7 @@ def test_cancelling_during_a_code_run_kills_the_sandbox():
         while not any(e["type"].endswith("interpreting") for e in events):
             await asyncio.sleep(0.02)
         label = events[0]["item"]["id"]
-        while len(sandbox_pids(label)) < 3:  # bwrap, its init, the code
+        while len(running_pids(label)) < 3:  # bwrap, its init, the code
             await asyncio.sleep(0.02)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.sandbox import Sandbox, SandboxResult, SandboxUnavailable
-from tests.orchestrator.sandbox_helpers import FAST, host_can_spawn, sandbox_pids, wait_until_gone
+from orchestrator.sandbox import Sandbox, SandboxResult, SandboxUnavailable, running_pids
+from tests.orchestrator.sandbox_helpers import FAST, host_can_spawn, wait_until_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -227,7 +227,7 @@ def test_cancelling_the_run_kills_its_process_tree():
 def _priorities(label: str) -> list[tuple[str, str]]:
     """(task nice, autogroup nice) of each process of the run."""
     seen = []
-    for pid in sandbox_pids(label):
+    for pid in running_pids(label):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             seen.append((stat[16], Path(f"/proc/{pid}/autogroup").read_text().split()[-1]))
