@@ -105,10 +105,6 @@ def bench_block_manager(convs: list[list[int]], turns: list[list[int]], bs: int)
     )
     _report("allocate (next turn, hit)", _timed(lambda i: bm.allocate(running[i], turns[i]), n))
     lengths = [len(turns[i]) for i in range(n)]
-    step = [(sid, length + 1) for sid, length in zip(running, lengths, strict=True)]
-    _report(
-        f"can_append, {n} running sequences", _timed(lambda i: bm.can_append(step), 500), "step"
-    )
 
     def decode_step(i: int) -> None:
         for sid, length in zip(running, lengths, strict=True):

@@ -16,8 +16,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class EngineArgs:
     model: str = "smollm2-135m-instruct"
     dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
-    # "auto": "w8a8" on CPU when dtype is also "auto" (int8 weights, int8 activations with
-    # SmoothQuant calibration in steps of more than 4 tokens), else "none". An explicit
+    # "auto": "w8a8" on CPU when dtype is also "auto" (int8 weights, and int8 activations at
+    # every step size with SmoothQuant calibration at load), else "none". An explicit
     # dtype="float32" therefore keeps the checkpoint's exact weights (and transformers'
     # greedy output). See engine/linear.py and docs/performance.md for the trade.
     quantization: str = "auto"

@@ -15,6 +15,7 @@ steps 60% slower.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -22,13 +23,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from engine.args import EngineArgs
-from engine.errors import EngineError
+from engine.errors import BatchFailedError, EngineError, RequestFailedError
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Request
 
 log = logging.getLogger("tokenmill")
+
+# Consecutive failed steps after which the engine is taken to be broken, not unlucky.
+MAX_FAILED_STEPS = 3
 
 
 @dataclass
@@ -40,7 +44,7 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput | Exception]]) -> None:
     for queue_, item in items:
         queue_.put_nowait(item)
 
@@ -52,6 +56,8 @@ class AsyncLLM:
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._stopped = threading.Event()
+        # Why the engine loop died, if it did; read by servers' health checks.
+        self.failure: BaseException | None = None
         built: queue.SimpleQueue[LLMEngine | BaseException] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._run, args=(args, built), name="tokenmill-engine", daemon=True
@@ -64,6 +70,7 @@ class AsyncLLM:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.model_config.vocab_size
         self.model_name = engine.args.model
 
     async def generate(
@@ -72,6 +79,8 @@ class AsyncLLM:
         """Yield delta outputs until the request finishes. Raises ValueError for a bad
         request and EngineError if the engine failed. Closing the iterator early
         (a client that went away) aborts the request and frees its blocks."""
+        if self.failure is not None:
+            raise EngineError(f"the engine failed: {self.failure!r}")
         if self._stopped.is_set():
             raise EngineError("the engine is shut down")
         if request_id in self._streams:
@@ -79,6 +88,9 @@ class AsyncLLM:
         request = self.engine.make_request(request_id, prompt, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
+        if self._stopped.is_set():  # the loop ended after the check above: nobody would answer
+            del self._streams[request_id]
+            raise EngineError("the engine is shut down")
         self._send("add", request)
         finished = False
         try:
@@ -120,9 +132,18 @@ class AsyncLLM:
             return
         self._stats = self.engine.stats()
         built.put(self.engine)
-        self._loop()
+        try:
+            self._loop()
+        except BaseException as exc:
+            log.critical("the engine loop failed; no request can be served", exc_info=True)
+            self.failure = exc
+            self._stopped.set()
+            self._fail_all(EngineError(f"the engine failed: {exc!r}"))
+            return
+        self._fail_all(EngineError("the engine was shut down"))
 
     def _loop(self) -> None:
+        failed_steps = 0
         while not self._stopped.is_set():
             self._drain_inbox()
             if not self.engine.has_unfinished_requests():
@@ -132,23 +153,27 @@ class AsyncLLM:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as exc:
-                log.exception("engine step failed")
-                self._fail_all(exc)
+            except BatchFailedError as exc:
+                failed_steps += 1
+                if failed_steps >= MAX_FAILED_STEPS:
+                    raise
+                log.exception("engine step failed; ending the requests of its batch")
+                self._fail_requests(exc.request_ids, exc)
                 continue
+            failed_steps = 0
             self._deliver(outputs)
             self._stats = self.engine.stats()
-        self._fail_all(EngineError("the engine was shut down"))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs over with one wake-up per event loop, not one per request:
         at 32 streams that is 31 fewer self-pipe writes and callbacks per step."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            batches.setdefault(stream.loop, []).append((stream.queue, out))
+            item = out if out.error is None else out.error
+            batches.setdefault(stream.loop, []).append((stream.queue, item))
             if out.finished:
                 del self._streams[out.request_id]
         for loop, items in batches.items():
@@ -165,6 +190,11 @@ class AsyncLLM:
                     self.engine.enqueue(payload)
                 except ValueError as exc:
                     self._finish_stream(payload.request_id, exc)
+                except Exception as exc:
+                    log.exception("request %s failed on entering the engine", payload.request_id)
+                    self.engine.abort_request(payload.request_id)
+                    self._finish_stream(payload.request_id, RequestFailedError(
+                        f"request {payload.request_id} failed in the engine: {exc!r}"))
             else:
                 out = self.engine.abort_request(payload)
                 if out is not None:
@@ -175,10 +205,16 @@ class AsyncLLM:
         if stream is not None:
             stream.put(item)
 
-    def _fail_all(self, exc: Exception) -> None:
-        """End every request with a clear error instead of leaving it hanging."""
-        error = exc if isinstance(exc, EngineError) else EngineError(f"engine failure: {exc!r}")
-        for request_id in list(self.engine.requests):
+    def _fail_requests(self, request_ids: set[str], error: EngineError) -> None:
+        for request_id in request_ids:
             self.engine.abort_request(request_id)
+            self._finish_stream(request_id, error)
+
+    def _fail_all(self, error: EngineError) -> None:
+        """End every request with a clear error instead of leaving it hanging. Each
+        request is ended on its own, so a broken engine cannot keep any stream waiting."""
+        for request_id in list(self.engine.requests):
+            with contextlib.suppress(Exception):
+                self.engine.abort_request(request_id)
         for request_id in list(self._streams):
             self._finish_stream(request_id, error)

@@ -33,9 +33,9 @@ Concurrent identical prompts. If two sequences prefilled the same tokens into di
 blocks, the first `cache` call wins: the tree keeps its ids, and the other sequence keeps
 its private copy, which is freed with the sequence.
 
-Watermark. Admission checks (`can_allocate`, `can_append`) keep `watermark * num_blocks`
-blocks spare so that admitting a prompt does not immediately force a preemption; `ensure`
-and `allocate` themselves may use every block.
+Watermark. The admission check `can_allocate` keeps `watermark * num_blocks` blocks spare
+so that admitting a prompt does not immediately force a preemption; `ensure` and
+`allocate` themselves may use every block.
 """
 
 from __future__ import annotations
@@ -189,19 +189,6 @@ class BlockManager:
             write_from = self._num_slots[seq_id]
         grow, shared = self._plan(self._tables[seq_id], num_tokens, write_from)
         return grow + len(shared)
-
-    def can_append(self, seq_ids_and_num_tokens: Sequence[tuple[int, int]]) -> bool:
-        """Can every listed sequence grow to its token count, keeping the watermark free?
-
-        Conservative when two listed sequences share a partly filled block (after `fork`):
-        each is counted as needing a copy, though only the first writer will.
-        """
-        tables, slots, plan = self._tables, self._num_slots, self._plan
-        need = 0
-        for seq_id, n in seq_ids_and_num_tokens:
-            grow, shared = plan(tables[seq_id], n, slots[seq_id])
-            need += grow + len(shared)
-        return need + self.watermark_blocks <= self.num_available_blocks()
 
     def ensure(self, seq_id: int, num_tokens: int, write_from: int) -> list[tuple[int, int]]:
         """Grow `seq_id`'s table to cover `num_tokens` slots; make [write_from, num_tokens)

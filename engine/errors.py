@@ -7,3 +7,18 @@ class EngineError(RuntimeError):
 
 class ContextLengthExceededError(ValueError):
     """A prompt plus its requested output does not fit the model's context window."""
+
+
+class RequestFailedError(EngineError):
+    """One request failed inside the engine (a bug its input triggered, not a client
+    mistake the checks could name): it alone is ended with this; the engine goes on."""
+
+
+class BatchFailedError(EngineError):
+    """A step's batched work (forward pass or sampling) failed. It cannot be pinned on one
+    request, so the requests in that batch are ended; the engine state is left as before
+    the step, and the others go on."""
+
+    def __init__(self, cause: Exception, request_ids: set[str]) -> None:
+        super().__init__(f"engine step failed: {cause!r}")
+        self.request_ids = request_ids

@@ -71,6 +71,10 @@ class LLM:
         with tqdm(total=len(ids), desc="generating", disable=not use_tqdm or len(ids) < 2) as bar:
             while self.engine.has_unfinished_requests():
                 for delta in self.engine.step():
+                    if delta.error is not None:
+                        for request_id in ids:
+                            self.engine.abort_request(request_id)
+                        raise delta.error
                     merged = _merge(partial.get(delta.request_id), delta)
                     partial[delta.request_id] = merged
                     if delta.finished:

@@ -6,8 +6,10 @@ background thread for streaming. Both see the same `step()`.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
+import weakref
 
 import torch
 
@@ -15,7 +17,7 @@ from engine.args import EngineArgs
 from engine.block_manager import BlockManager
 from engine.calibration import calibration_token_ids, linear_input_absmax
 from engine.compilation import BackgroundCompile, compile_model
-from engine.errors import ContextLengthExceededError
+from engine.errors import BatchFailedError, ContextLengthExceededError, RequestFailedError
 from engine.linear import use_cpu_linears
 from engine.loader import load_model
 from engine.model import build_model
@@ -26,6 +28,7 @@ from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, max_tokens_for
 from engine.sequence import Request, Sequence
+from engine.structured_output import GrammarCompiler, GrammarMasks, accept_token
 
 log = logging.getLogger("tokenmill")
 
@@ -74,8 +77,10 @@ class LLMEngine:
             self.block_manager, args.max_num_seqs, args.max_num_batched_tokens
         )
         stop_ids = set(self.tokenizer.stop_token_ids) if self.tokenizer else set(cfg.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size, stop_ids)
         self.runner = ModelRunner(
-            model, num_blocks, args.block_size, self.device, self.kv_cache_dtype, stop_ids
+            model, num_blocks, args.block_size, self.device, self.kv_cache_dtype, stop_ids,
+            GrammarMasks(cfg.vocab_size),
         )
         self.outputs = OutputProcessor(self.tokenizer, stop_ids, self.max_model_len)
         # After the KV pool exists: the compile step picks attention kernels for its dtype.
@@ -84,6 +89,7 @@ class LLMEngine:
             compile_model(model)
         elif self.compile_mode == "background":
             self.background_compile = BackgroundCompile(model, torch.get_num_threads())
+            atexit.register(_finish_compile, weakref.ref(self.background_compile))
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -137,11 +143,22 @@ class LLMEngine:
         it on the caller's thread while a step is running."""
         token_ids = self.tokenize(prompt)
         self._check_fits(token_ids, params)
+        vocab = self.model_config.vocab_size
+        beyond = [t for t in params.stop_token_ids if t >= vocab]
+        if beyond:
+            raise ValueError(
+                f"stop_token_ids must be token ids below the vocabulary size ({vocab}), "
+                f"got {beyond[0]}"
+            )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
         request = Request(
             request_id, prompt if isinstance(prompt, str) else None, token_ids, params
         )
+        if params.structured_outputs is not None:
+            request.grammar = self.grammars.compile(params.structured_outputs)
         seq = Sequence(
             request=request,
             index=0,
@@ -197,31 +214,73 @@ class LLMEngine:
     # -- stepping -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch. Returns a delta output for every request that changed."""
+        """Run one batch. Returns a delta output for every request that changed.
+
+        A request whose own processing fails (starting a forked sibling's detokenizer,
+        appending a token) is ended alone: its output carries the error. A failure of the
+        batched forward pass or sampling raises `BatchFailedError` naming the batch's
+        requests, with nothing advanced, so the caller can end those and step on."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
+        failures: dict[str, Exception] = {}
         for _parent, child in batch.forks:
-            self.outputs.start(child)
+            self._guarded(failures, child.request, self.outputs.start, child)
+        for child in batch.deferred:
+            self._guarded(failures, child.request, self.outputs.start, child)
         tables = [self.block_manager.block_table(s.seq_id) for s in batch.seqs]
-        seqs, tokens, logprobs = self.runner.run(batch, tables)
+        try:
+            seqs, tokens, logprobs = self.runner.run(batch, tables)
+        except Exception as exc:
+            raise BatchFailedError(exc, {s.request.request_id for s in batch.seqs}) from exc
         self.scheduler.advance(batch)
         changed: dict[str, list[Sequence]] = {}
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
             request = seq.request
             budget = max_tokens_for(request.params, seq.num_prompt_tokens, self.max_model_len)
-            self.outputs.append(seq, token, lp, budget)
+            if not self._guarded(failures, request, self._append_token, seq, token, lp, budget):
+                continue
             self.generation_tokens_total += 1
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
             changed.setdefault(request.request_id, []).append(seq)
-        results = []
+        results = [self._fail_request(request_id, exc) for request_id, exc in failures.items()]
         for request_id, changed_seqs in changed.items():
+            if request_id in failures:
+                continue
             request = self.requests[request_id]
             results.append(self._request_output(request, changed_seqs))
             if request.finished:
                 del self.requests[request_id]
         return results
+
+    @staticmethod
+    def _guarded(failures: dict[str, Exception], request: Request, work, *args) -> bool:
+        """Run one request's share of a step; on failure record it against that request
+        (and skip the request's later work this step). Returns whether it succeeded."""
+        if request.request_id in failures:
+            return False
+        try:
+            work(*args)
+        except Exception as exc:
+            log.exception("request %s failed in the engine", request.request_id)
+            failures[request.request_id] = exc
+            return False
+        return True
+
+    def _append_token(self, seq: Sequence, token: int, lp, budget: int) -> None:
+        """Advance the sequence's grammar (if any) by its new token, then record the token."""
+        complete = seq.grammar is not None and accept_token(seq.grammar, token)
+        self.outputs.append(seq, token, lp, budget, grammar_complete=complete)
+
+    def _fail_request(self, request_id: str, cause: Exception) -> RequestOutput:
+        """End a request that failed in the engine, freeing its blocks; its final output
+        carries the error."""
+        out = self.abort_request(request_id)
+        assert out is not None, "only requests in the engine fail in it"
+        out.finished = True
+        out.error = RequestFailedError(f"request {request_id} failed in the engine: {cause!r}")
+        return out
 
     def _request_output(self, request: Request, seqs: list[Sequence]) -> RequestOutput:
         outputs = []
@@ -272,3 +331,12 @@ class LLMEngine:
         if self.background_compile is not None:
             return self.background_compile.state
         return "ready" if self.compile_mode == "on" else "off"
+
+
+def _finish_compile(ref: weakref.ref[BackgroundCompile]) -> None:
+    """At interpreter exit, let a background compile still running finish first: a thread
+    that is in the C++ build or warm-up when the interpreter finalizes aborts the process
+    ("terminate called without an active exception"), as a short `LLM` script would."""
+    background_compile = ref()
+    if background_compile is not None:
+        background_compile.wait()

@@ -16,6 +16,7 @@ from engine.model import AttentionMetadata, CausalLM
 from engine.sampler import Sampler, SamplingRow, TokenLogprobs
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence, TokenSlice
+from engine.structured_output import GrammarMasks
 
 _GIB = 1 << 30
 DEFAULT_CPU_KV_GIB = 2.0
@@ -65,9 +66,11 @@ class ModelRunner:
         device: torch.device,
         kv_cache_dtype: torch.dtype,
         stop_token_ids: set[int],
+        grammar_masks: GrammarMasks | None = None,
     ) -> None:
         cfg = model.config
         self.model = model
+        self.grammar_masks = grammar_masks or GrammarMasks(cfg.vocab_size)
         self.device = device
         self.block_size = block_size
         self.stop_token_ids = sorted(stop_token_ids)
@@ -93,21 +96,27 @@ class ModelRunner:
         # One-token sequences go first, so a mixed step splits into decode and prefill parts.
         order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_query_tokens[i] != 1)
         input_ids, positions, meta, sample_rows = self._prepare(batch, block_tables, order)
+        # Siblings forked this step sample from their parent's row, after the others.
+        parents = [batch.seqs[i] for i in order if batch.samples(i)]
+        sampling_seqs = parents + [child for _, child in batch.forks]
+        # Grammar masks are computed on a worker thread while the forward pass runs.
+        masks = self.grammar_masks.submit([s.grammar_matcher() for s in sampling_seqs])
         hidden = self.model(input_ids, positions, meta)
-        sampling_seqs = [batch.seqs[i] for i in order if batch.samples(i)]
         if not sampling_seqs:
             return [], [], []
         rows = torch.tensor(sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden[rows])
-        # Siblings forked this step sample from their parent's row.
-        row_of = {id(s): r for r, s in enumerate(sampling_seqs)}
-        for parent, child in batch.forks:
-            sampling_seqs.append(child)
+        row_of = {id(s): r for r, s in enumerate(parents)}
+        for parent, _child in batch.forks:
             logits = torch.cat([logits, logits[row_of[id(parent)]].unsqueeze(0)])
-        tokens, logprobs = self.sampler(logits, [self._sampling_row(s) for s in sampling_seqs])
+        allowed = masks.result() or [None] * len(sampling_seqs)
+        sampling_rows = [
+            self._sampling_row(s, a) for s, a in zip(sampling_seqs, allowed, strict=True)
+        ]
+        tokens, logprobs = self.sampler(logits, sampling_rows)
         return sampling_seqs, tokens, logprobs
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _sampling_row(self, seq: Sequence, allowed: torch.Tensor | None) -> SamplingRow:
         # The sampler adds params.stop_token_ids itself and honours ignore_eos.
         return SamplingRow(
             params=seq.params,
@@ -115,6 +124,7 @@ class ModelRunner:
             output_token_ids=TokenSlice(seq.token_ids, seq.num_prompt_tokens),
             generator=seq.generator,
             eos_token_ids=self.stop_token_ids,
+            allowed=allowed,
         )
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:

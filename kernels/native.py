@@ -17,7 +17,9 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -69,6 +71,15 @@ def build_directory() -> Path:
     return Path(root) / f"tokenmill_cpu-{version}-{checkout}"
 
 
+def put_ninja_on_path() -> None:
+    """PyTorch's extension loader runs `ninja` from PATH. The `ninja` package tokenmill
+    depends on installs it next to the interpreter, which is not on PATH when a virtual
+    environment's python runs without the environment activated."""
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja") is None and shutil.which("ninja", path=scripts):
+        os.environ["PATH"] = os.pathsep.join(filter(None, [scripts, os.environ.get("PATH")]))
+
+
 @functools.cache
 def load() -> None:
     """Build (or load the cached build of) the kernels and register their ops.
@@ -80,6 +91,7 @@ def load() -> None:
     import fcntl  # POSIX; `supported` is False elsewhere
 
     start = time.perf_counter()
+    put_ninja_on_path()
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     # PyTorch's loader guards a build with a `lock` file that only its owner deletes: a

@@ -5,25 +5,35 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
-from typing import Any
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from orchestrator import Product, ProductError
+from server import conversations as conv
+from server import responses as resp
 from server.chat import create_chat_completion
 from server.completions import create_completion
+from server.embeddings import create_embeddings, parse_embedding_request
 from server.engine_client import EngineClient
-from server.errors import APIError, api_error_handler, http_error_handler, invalid
+from server.errors import APIError, api_error_handler, http_error_handler
 from server.metrics import CONTENT_TYPE
 from server.protocol import parse_chat_request, parse_completion_request
+from server.request_body import read_json_body
 from server.state import ServerConfig, ServerState
+
+if TYPE_CHECKING:
+    from orchestrator.retrieval.embeddings import Embedder
 
 
 def _digest(key: str) -> bytes:
@@ -60,22 +70,10 @@ class APIKeyMiddleware:
         return scheme.lower() == "bearer" and matched
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing more than `limit` bytes without buffering them."""
-    too_large = APIError(413, f"the request body is larger than {limit} bytes",
-                         code="request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise invalid(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+async def read_json(request: Request, limit: int, parse: Callable[[Any], Any] | None = None) -> Any:
+    """The body as JSON, through `parse` if given (415, 413 and 400 for what is not; a
+    large body is parsed off the event loop; see `server.request_body`)."""
+    return await read_json_body(request, limit, _state(request).offload, parse)
 
 
 def _state(request: Request) -> ServerState:
@@ -85,15 +83,23 @@ def _state(request: Request) -> ServerState:
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
     timer = state.metrics.timer()  # started at arrival: TTFT is what the client waits
-    body = await read_json(request, state.config.max_body_bytes)
-    return await create_chat_completion(state, parse_chat_request(body), request.receive, timer)
+    parsed = await read_json(request, state.config.max_body_bytes, parse_chat_request)
+    return await create_chat_completion(state, parsed, request.receive, timer)
 
 
 async def completions(request: Request) -> Response:
     state = _state(request)
     timer = state.metrics.timer()
-    body = await read_json(request, state.config.max_body_bytes)
-    return await create_completion(state, parse_completion_request(body), request.receive, timer)
+    parsed = await read_json(request, state.config.max_body_bytes, parse_completion_request)
+    return await create_completion(state, parsed, request.receive, timer)
+
+
+async def embeddings(request: Request) -> Response:
+    state = _state(request)
+    embedder = request.app.state.embedder
+    parsed = await read_json(request, state.config.max_body_bytes,
+                             partial(parse_embedding_request, embedder=embedder))
+    return await create_embeddings(embedder, parsed)
 
 
 def _model_card(state: ServerState, name: str) -> dict:
@@ -120,9 +126,13 @@ async def get_model(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """200 while serving; 503 once draining, so load balancers stop sending traffic. `compile`
-    says whether the engine runs compiled blocks yet ("compiling" while it serves eagerly)."""
+    """200 while serving; 503 once draining or once the engine has died, so load balancers
+    stop sending traffic. `compile` says whether the engine runs compiled blocks yet
+    ("compiling" while it serves eagerly)."""
     state = _state(request)
+    if state.engine.failure is not None:
+        return JSONResponse({"status": "engine failed", "error": repr(state.engine.failure)},
+                            status_code=503)
     if state.admission.draining:
         return JSONResponse({"status": "shutting down"}, status_code=503)
     return JSONResponse({"status": "ok", "compile": state.engine.stats().compile_state})
@@ -132,7 +142,44 @@ async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
-def build_app(engine: EngineClient, config: ServerConfig) -> Starlette:
+def _with_json_body(handler: Callable[[Request, Any], Awaitable[Response]]):
+    """A route that reads the JSON body (size-limited) and hands it to `handler`."""
+
+    async def route(request: Request) -> Response:
+        body = await read_json(request, _state(request).config.max_body_bytes)
+        return await handler(request, body)
+
+    return route
+
+
+def product_routes() -> list[Route]:
+    """The Responses and Conversations APIs (served when the app has a product)."""
+    post, get, delete = ["POST"], ["GET"], ["DELETE"]
+    return [
+        Route("/v1/responses", _with_json_body(resp.create_response), methods=post),
+        Route("/v1/responses/{response_id}", resp.retrieve_response, methods=get),
+        Route("/v1/responses/{response_id}", resp.delete_response, methods=delete),
+        Route("/v1/responses/{response_id}/cancel", resp.cancel_response, methods=post),
+        Route("/v1/responses/{response_id}/input_items", resp.list_input_items, methods=get),
+        Route("/v1/conversations", _with_json_body(conv.create_conversation), methods=post),
+        Route("/v1/conversations/{conversation_id}", conv.retrieve_conversation, methods=get),
+        Route("/v1/conversations/{conversation_id}", _with_json_body(conv.update_conversation),
+              methods=post),
+        Route("/v1/conversations/{conversation_id}", conv.delete_conversation, methods=delete),
+        Route("/v1/conversations/{conversation_id}/items", conv.list_items, methods=get),
+        Route("/v1/conversations/{conversation_id}/items", _with_json_body(conv.create_items),
+              methods=post),
+        Route("/v1/conversations/{conversation_id}/items/{item_id}", conv.retrieve_item,
+              methods=get),
+        Route("/v1/conversations/{conversation_id}/items/{item_id}", conv.delete_item,
+              methods=delete),
+    ]
+
+
+def build_app(engine: EngineClient, config: ServerConfig, product: Product | None = None,
+              embedder: Embedder | None = None) -> Starlette:
+    """The app; with a `product`, the Responses and Conversations APIs are served too, and
+    with an `embedder`, /v1/embeddings."""
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
@@ -140,14 +187,25 @@ def build_app(engine: EngineClient, config: ServerConfig) -> Starlette:
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *(product_routes() if product is not None else []),
     ]
+    if embedder is not None:
+        routes.append(Route("/v1/embeddings", embeddings, methods=["POST"]))
     middleware = [Middleware(APIKeyMiddleware, api_keys=config.api_keys)] if config.api_keys else []
+    if config.allowed_origins:
+        # Outermost, so a browser's preflight is answered before the key check.
+        middleware.insert(0, Middleware(
+            CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"], max_age=600))
     app = Starlette(
         routes=routes,
         middleware=middleware,
-        exception_handlers={APIError: api_error_handler, HTTPException: http_error_handler},
+        exception_handlers={APIError: api_error_handler, HTTPException: http_error_handler,
+                            ProductError: resp.product_error_handler},
     )
     app.state.tokenmill = ServerState(engine, config)
+    app.state.product = product
+    app.state.embedder = embedder
     return app
 
 
@@ -155,3 +213,8 @@ def start_draining(app: Starlette) -> None:
     """Shutdown's first step: new requests get 503 and /health turns 503, while
     requests already admitted run to completion."""
     app.state.tokenmill.admission.draining = True
+
+
+def in_flight(app: Starlette) -> int:
+    """Sequences admitted and not yet finished: what a drain waits for."""
+    return app.state.tokenmill.admission.active

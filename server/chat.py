@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
-from engine import RequestOutput
+from engine import RequestOutput, SamplingParams
 from server.chat_prompt import active_tools, build_chat_prompt, template_supports_tools
 from server.disconnect import unless_disconnected
 from server.errors import invalid
@@ -19,7 +21,10 @@ from server.generation import (
     Collected,
     ResponseHeader,
     check_context,
+    check_prompt_chars,
+    check_token_ids,
     collect,
+    context_error,
     engine_outputs,
     make_sampling_params,
     merge,
@@ -30,7 +35,8 @@ from server.metrics import RequestTimer
 from server.protocol import ChatRequest
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
-from server.tool_parser import ParsedCall, ToolCallParser
+from server.structured import chat_structured_outputs
+from server.tool_parser import ArgumentsDelta, CallEvent, CallStart, ChoiceAssembler, ParsedCall
 
 
 @dataclass
@@ -56,53 +62,26 @@ class ChatRun:
         return chat_logprobs(entries, self.state.token_text, self.request.top_logprobs)
 
 
-class ChoiceAssembler:
-    """Turns one choice's text deltas into content pieces and tool calls, in order.
-
-    Whitespace next to a tool call (the newlines models put around `<tool_call>`
-    blocks) is dropped; any other whitespace is kept. To decide that independently of
-    where delta boundaries fall, trailing whitespace is held back until the next piece
-    shows what follows it, so streamed and whole-text results always agree.
-    """
-
-    def __init__(self, tool_names: list[str], max_calls: int | None) -> None:
-        self.parser = ToolCallParser(tool_names, max_calls) if tool_names else None
-        self.pending_space = ""
-        self.num_calls = 0
-
-    def push(self, text: str, final: bool) -> list[str | ParsedCall]:
-        if self.parser is None:
-            return [text] if text else []
-        events = self.parser.feed(text) + (self.parser.finish() if final else [])
-        out: list[str | ParsedCall] = []
-        for e in events:
-            if isinstance(e, ParsedCall):
-                self.pending_space = ""
-                self.num_calls += 1
-                out.append(e)
-                continue
-            piece = self.pending_space + e.text
-            body = piece.rstrip()
-            self.pending_space = piece[len(body):]
-            if body:
-                out.append(body)
-        if final and self.pending_space and not self.num_calls:
-            out.append(self.pending_space)
-        return out
-
-
 async def create_chat_completion(
     state: ServerState, request: ChatRequest, receive: Receive, timer: RequestTimer
 ) -> Response:
     model = state.resolve_model(request.model)
-    prompt_ids = _encode_prompt(state, request)
-    params = make_sampling_params(request.sampling)
-    check_context(len(prompt_ids), params.max_tokens, state.engine.max_model_len, "messages")
-    header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", model)
-    run = ChatRun(state, request, header, [t.name for t in active_tools(request)],
-                  len(prompt_ids))
-    ticket = state.admission.acquire()
-    outputs = merge([engine_outputs(state, prompt_ids, params, header.id, timer)])
+    tools = active_tools(request)
+    structure = chat_structured_outputs(request, tools)
+    params = make_sampling_params({**request.sampling, "structured_outputs": structure})
+    check_token_ids(params.stop_token_ids, state.engine.vocab_size, "stop_token_ids")
+    ticket = state.admission.acquire(params.n, "n")
+    try:
+        prompt_ids = await state.prepare(_prompt_size(request), _encode_prompt, state, request)
+        params = _default_max_tokens(state, params, len(prompt_ids))
+        check_context(len(prompt_ids), params.max_tokens, state.engine.max_model_len,
+                      "messages")
+        header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", model)
+        run = ChatRun(state, request, header, [t.name for t in tools], len(prompt_ids))
+        outputs = merge([engine_outputs(state, prompt_ids, params, header.id, timer)])
+    except BaseException:
+        ticket.release()
+        raise
     if request.stream:
         return EventStreamResponse(_chat_events(run, outputs), on_close=ticket.release)
     try:
@@ -114,7 +93,40 @@ async def create_chat_completion(
     return JSONResponse(_chat_response(run, collected))
 
 
+def _prompt_size(request: ChatRequest) -> int:
+    """`_prompt_chars`, or "too many to count here" when even counting would be slow."""
+    if len(request.messages) + len(request.tools) > 64:
+        return sys.maxsize
+    return _prompt_chars(request)
+
+
+def _prompt_chars(request: ChatRequest) -> int:
+    """The text a request puts into its prompt: contents, past calls and tool schemas."""
+    chars = sum(len(t.name) + len(json.dumps(t.spec)) for t in request.tools)
+    for m in request.messages:
+        chars += len(m.content or "") + sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
+    return chars
+
+
+def _default_max_tokens(state: ServerState, params: SamplingParams, num_prompt: int
+                        ) -> SamplingParams:
+    """The operator's cap (--max-tokens-default) for a request that names no max_tokens,
+    within what the context window leaves: a small model at temperature 1 may never emit
+    its end token, and without a cap would generate until the window is full."""
+    cap = state.config.max_tokens_default
+    room = state.engine.max_model_len - num_prompt
+    if params.max_tokens is not None or cap is None or room < 1:
+        return params
+    return replace(params, max_tokens=min(cap, room))
+
+
 def _encode_prompt(state: ServerState, request: ChatRequest) -> list[int]:
+    """Render and tokenize (on a worker thread), after checking the request's size."""
+    max_len = state.engine.max_model_len
+    if len(request.messages) > max_len:  # every message costs at least one token
+        raise context_error(f"messages has {len(request.messages)} messages; the context "
+                            f"window holds {max_len} tokens", "messages")
+    check_prompt_chars(_prompt_chars(request), state.max_prompt_chars, "messages")
     tokenizer = state.engine.tokenizer
     prompt = build_chat_prompt(request, template_supports_tools(tokenizer.chat_template))
     try:
@@ -147,8 +159,13 @@ def _chat_choice(run: ChatRun, index: int, result: ChoiceResult) -> dict:
         "index": index,
         "message": message,
         "logprobs": run.logprobs(result.logprobs),
-        "finish_reason": "tool_calls" if calls else result.finish_reason,
+        "finish_reason": _finish_reason(len(calls), result.finish_reason),
     }
+
+
+def _finish_reason(num_calls: int, engine_reason: str | None) -> str | None:
+    """"tool_calls" when the turn made calls, unless the budget cut it ("length")."""
+    return "tool_calls" if num_calls and engine_reason != "length" else engine_reason
 
 
 def _chat_response(run: ChatRun, collected: Collected) -> dict:
@@ -179,12 +196,25 @@ class _StreamChoice:
     started: bool = False
 
 
-def _tool_call_deltas(call: ParsedCall, call_index: int) -> list[dict]:
-    """OpenAI's streaming shape: id, type and name once, then the arguments."""
-    head = {"index": call_index, "id": new_call_id(), "type": "function",
-            "function": {"name": call.name, "arguments": ""}}
-    tail = {"index": call_index, "function": {"arguments": call.arguments}}
-    return [{"tool_calls": [head]}, {"tool_calls": [tail]}]
+def _call_head(name: str, call_index: int) -> dict:
+    """OpenAI's streaming shape: id, type and name once, then the arguments in pieces."""
+    return {"tool_calls": [{"index": call_index, "id": new_call_id(), "type": "function",
+                            "function": {"name": name, "arguments": ""}}]}
+
+
+def _call_arguments(text: str, call_index: int) -> dict:
+    return {"tool_calls": [{"index": call_index, "function": {"arguments": text}}]}
+
+
+def _call_deltas(event: CallEvent, call_index: int) -> list[dict]:
+    """The chunks' deltas for one call event of the call numbered `call_index`."""
+    if isinstance(event, CallStart):
+        return [_call_head(event.name, call_index)]
+    if isinstance(event, ArgumentsDelta):
+        return [_call_arguments(event.text, call_index)]
+    if event.streamed:  # head and arguments already sent
+        return []
+    return [_call_head(event.name, call_index), _call_arguments(event.arguments, call_index)]
 
 
 def _choice_events(run: ChatRun, choice: _StreamChoice, o) -> list[bytes]:
@@ -200,13 +230,12 @@ def _choice_events(run: ChatRun, choice: _StreamChoice, o) -> list[bytes]:
             chunks.append(_choice_chunk(run, o.index, {"content": piece}, logprobs))
             logprobs = None  # they ride on the first content chunk of the delta
         else:
-            deltas = _tool_call_deltas(piece, calls_before)
-            calls_before += 1
-            chunks += [_choice_chunk(run, o.index, d) for d in deltas]
+            chunks += [_choice_chunk(run, o.index, d) for d in _call_deltas(piece, calls_before)]
+            calls_before += isinstance(piece, ParsedCall)
     if logprobs and logprobs["content"]:
         chunks.append(_choice_chunk(run, o.index, {"content": ""}, logprobs))
     if o.finish_reason is not None:
-        reason = "tool_calls" if choice.assembler.num_calls else o.finish_reason
+        reason = _finish_reason(choice.assembler.num_calls, o.finish_reason)
         chunks.append(_choice_chunk(run, o.index, {}, finish_reason=reason))
     return chunks
 

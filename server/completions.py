@@ -17,6 +17,8 @@ from server.generation import (
     Collected,
     ResponseHeader,
     check_context,
+    check_prompt_chars,
+    check_token_ids,
     collect,
     engine_outputs,
     make_sampling_params,
@@ -28,6 +30,7 @@ from server.metrics import RequestTimer
 from server.protocol import CompletionRequest
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
+from server.structured import response_format_params
 
 
 @dataclass
@@ -47,36 +50,55 @@ class CompletionRun:
         return self.prompt_texts[choice_index // self.n] if self.request.echo else ""
 
 
-def _prompt_ids(state: ServerState, prompt: str | list[int]) -> list[int]:
-    ids = prompt
-    if isinstance(prompt, str):
-        ids = state.engine.tokenizer.encode(prompt, add_special_tokens=True)
-    if not ids:
-        raise invalid("prompt must not be empty", "prompt")
-    return ids
-
-
-def _prompt_text(state: ServerState, prompt: str | list[int]) -> str:
-    return prompt if isinstance(prompt, str) else state.engine.tokenizer.decode(prompt)
+def _prepare_prompts(
+    state: ServerState, prompts: list[str | list[int]], echo: bool
+) -> tuple[list[list[int]], list[str]]:
+    """Each prompt as token ids, and as text when echoed (on a worker thread), after the
+    size and vocabulary checks that make tokenizing and decoding them safe and bounded."""
+    engine = state.engine
+    ids_list = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            check_prompt_chars(len(prompt), state.max_prompt_chars, "prompt")
+            ids = engine.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            check_context(len(prompt), None, engine.max_model_len, "prompt")
+            check_token_ids(prompt, engine.vocab_size, "prompt")
+            ids = prompt
+        if not ids:
+            raise invalid("prompt must not be empty", "prompt")
+        ids_list.append(ids)
+    if not echo:
+        return ids_list, []
+    return ids_list, [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
 
 
 async def create_completion(
     state: ServerState, request: CompletionRequest, receive: Receive, timer: RequestTimer
 ) -> Response:
     model = state.resolve_model(request.model)
-    prompts = [_prompt_ids(state, p) for p in request.prompts]
-    params = make_sampling_params(request.sampling)
-    for ids in prompts:
-        check_context(len(ids), params.max_tokens, state.engine.max_model_len, "prompt")
-    texts = [_prompt_text(state, p) for p in request.prompts] if request.echo else []
-    header = ResponseHeader(f"cmpl-{uuid.uuid4().hex}", model)
-    run = CompletionRun(state, request, header, params.n, texts)
-    ticket = state.admission.acquire()
-    timers = [timer] + [RequestTimer(state.metrics, arrival=timer.arrival) for _ in prompts[1:]]
-    outputs = merge([
-        engine_outputs(state, ids, params, f"{header.id}-{i}", t)
-        for i, (ids, t) in enumerate(zip(prompts, timers, strict=True))
-    ])
+    structure = response_format_params(request.response_format)
+    params = make_sampling_params({**request.sampling, "structured_outputs": structure})
+    check_token_ids(params.stop_token_ids, state.engine.vocab_size, "stop_token_ids")
+    sequences = len(request.prompts) * params.n
+    ticket = state.admission.acquire(sequences, "prompt" if len(request.prompts) > 1 else "n")
+    try:
+        size = sum(len(p) for p in request.prompts)
+        prompts, texts = await state.prepare(size, _prepare_prompts, state, request.prompts,
+                                             request.echo)
+        for ids in prompts:
+            check_context(len(ids), params.max_tokens, state.engine.max_model_len, "prompt")
+        header = ResponseHeader(f"cmpl-{uuid.uuid4().hex}", model)
+        run = CompletionRun(state, request, header, params.n, texts)
+        timers = [timer] + [RequestTimer(state.metrics, arrival=timer.arrival)
+                            for _ in prompts[1:]]
+        outputs = merge([
+            engine_outputs(state, ids, params, f"{header.id}-{i}", t)
+            for i, (ids, t) in enumerate(zip(prompts, timers, strict=True))
+        ])
+    except BaseException:
+        ticket.release()
+        raise
     if request.stream:
         return EventStreamResponse(_completion_events(run, outputs), on_close=ticket.release)
     try:

@@ -40,7 +40,9 @@ class EngineStatsLike(Protocol):
 class EngineClient(Protocol):
     tokenizer: TokenizerLike
     max_model_len: int
+    vocab_size: int
     model_name: str
+    failure: BaseException | None  # set once the engine has died; nothing can be served
 
     def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str

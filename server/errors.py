@@ -22,6 +22,7 @@ _TYPES = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
@@ -81,4 +82,6 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """Starlette's own 404/405 (unknown route, wrong method) in OpenAI's shape."""
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return APIError(exc.status_code, str(exc.detail), code=code).response()
+    # Starlette's 405 carries the route's `Allow` header, which HTTP requires on a 405.
+    headers = dict(exc.headers or {})
+    return APIError(exc.status_code, str(exc.detail), code=code, headers=headers).response()

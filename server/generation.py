@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from engine import RequestOutput, SamplingParams
-from engine.errors import ContextLengthExceededError, EngineError
+from engine.errors import ContextLengthExceededError, EngineError, RequestFailedError
 from server.errors import APIError, from_value_error, invalid
 from server.metrics import RequestTimer
 from server.state import ServerState
@@ -28,6 +28,22 @@ def make_sampling_params(sampling: dict) -> SamplingParams:
         return SamplingParams(**sampling)
     except ValueError as exc:
         raise from_value_error(exc) from None
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    """Token ids a client sends (prompts, stop_token_ids) must name tokens of the model."""
+    beyond = next((t for t in ids if t >= vocab_size), None)
+    if beyond is not None:
+        raise invalid(f"{param} must hold token ids below the vocabulary size ({vocab_size}), "
+                      f"got {beyond}", param=param)
+
+
+def check_prompt_chars(num_chars: int, limit: int, param: str) -> None:
+    """Refuse a prompt too long to fit before paying to render or tokenize it."""
+    if num_chars > limit:
+        raise context_error(
+            f"the {param} has {num_chars} characters; this server accepts at most {limit} "
+            "per prompt (its context window could not hold more)", param)
 
 
 def context_error(message: str, param: str) -> APIError:
@@ -66,6 +82,8 @@ async def engine_outputs(
         raise context_error(str(exc), "prompt") from None
     except ValueError as exc:  # e.g. a prompt larger than the whole KV pool
         raise from_value_error(exc) from None
+    except RequestFailedError as exc:  # a bug this request's input found; the engine goes on
+        raise APIError(500, str(exc), code="request_failed") from None
     except EngineError as exc:
         raise APIError(503, f"the engine failed: {exc}", code="engine_error") from None
     finally:

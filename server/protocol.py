@@ -1,10 +1,15 @@
 """Request bodies of the OpenAI API, checked and normalised into dataclasses.
 
 Only the fields the server itself interprets are checked here (messages, tools,
-streaming, logprobs, prompt shape). Sampling fields are collected as-is into
-`sampling` and checked by the engine's `SamplingParams`, whose errors name the
-parameter, so range rules live in one place. Unknown fields are ignored, as vLLM
-does, so clients that send newer OpenAI fields keep working.
+streaming, logprobs, prompt shape), plus the sizes that bound a request's cost (stop
+lists). Sampling fields are collected as-is into `sampling` and checked by the
+engine's `SamplingParams`, which refuses any wrong type or range with an error naming
+the parameter, so range rules live in one place. Checks that need the model (token ids
+below the vocabulary size) are `server.generation`'s. Unknown fields are ignored, as
+vLLM does, so clients that send newer OpenAI fields keep working.
+
+Every check raises a 400 naming the field; no value of any type may get past this
+module as anything but a 400 or a well-formed request.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 _FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_N = 128  # OpenAI's own upper bound for `n`
 MAX_TOP_LOGPROBS = 20
+# Stop strings are searched for after every token (the held-back tail costs up to the
+# square of a stop string's length), so their number and length are bounded.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
 
 # Passed straight to SamplingParams under the same name (vLLM's extensions included).
 _SAMPLING_FIELDS = (
@@ -51,6 +61,16 @@ class Message:
 
 
 @dataclass
+class ResponseFormat:
+    """A `response_format` other than text: any JSON object, or one matching `schema`."""
+
+    type: str  # "json_object" | "json_schema"
+    schema: dict | None = None  # json_schema only
+    name: str | None = None
+    strict: bool = False
+
+
+@dataclass
 class ChatRequest:
     model: str | None
     messages: list[Message]
@@ -63,6 +83,7 @@ class ChatRequest:
     tool_choice: str = "none"  # "none" | "auto" | "required" | "function"
     forced_tool: str | None = None  # the function named by tool_choice, if any
     parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
 
 @dataclass
@@ -74,6 +95,7 @@ class CompletionRequest:
     include_usage: bool = False
     logprobs: int | None = None
     echo: bool = False
+    response_format: ResponseFormat | None = None
 
 
 # -- field helpers --------------------------------------------------------------------------
@@ -106,7 +128,23 @@ def _sampling_fields(body: dict) -> dict[str, Any]:
     n = sampling.get("n")
     if isinstance(n, int) and n > MAX_N:
         raise invalid(f"n must be at most {MAX_N}, got {n}", param="n")
+    _check_sizes(sampling)
     return sampling
+
+
+def _check_sizes(sampling: dict[str, Any]) -> None:
+    """Bound what the engine searches for after every token (types are SamplingParams')."""
+    stop = sampling.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    if len(stops) > MAX_STOP_STRINGS:
+        raise invalid(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}",
+                      "stop")
+    if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops):
+        raise invalid(f"stop strings may be at most {MAX_STOP_CHARS} characters long", "stop")
+    ids = sampling.get("stop_token_ids")
+    if isinstance(ids, list) and len(ids) > MAX_STOP_TOKEN_IDS:
+        raise invalid(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}",
+                      "stop_token_ids")
 
 
 def _max_tokens(body: dict, *names: str) -> int | None:
@@ -209,8 +247,10 @@ def _tool_choice(body: dict, tools: list[Tool]) -> tuple[str, str | None]:
         if choice == "required" and not tools:
             raise invalid('tool_choice "required" needs tools', "tool_choice")
         return choice, None
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    if not (isinstance(choice, dict) and choice.get("type") == "function" and name):
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not (isinstance(choice, dict) and choice.get("type") == "function"
+            and isinstance(name, str) and name):
         raise invalid(
             'tool_choice must be "none", "auto", "required" or '
             '{"type": "function", "function": {"name": ...}}',
@@ -222,14 +262,48 @@ def _tool_choice(body: dict, tools: list[Tool]) -> tuple[str, str | None]:
 
 
 def _check_common(body: dict) -> None:
-    """Fields both endpoints accept but do not use: check their types, and fail loudly on
-    values we would otherwise silently ignore."""
+    """Fields both endpoints accept but do not use: check their types."""
     _field(body, "user", "a string")
+
+
+def _response_format(body: dict) -> ResponseFormat | None:
+    """OpenAI's `response_format`; None for text. The schema itself is checked when the
+    engine's grammar is built (an unsupported feature is a 400 there)."""
     fmt = _field(body, "response_format", "an object")
-    if fmt is not None and fmt.get("type") != "text":
-        raise invalid('only response_format {"type": "text"} is supported', "response_format")
-    if _field(body, "logit_bias", "an object"):
-        raise invalid("logit_bias is not supported", "logit_bias")
+    kind = None if fmt is None else fmt.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object")
+    if kind != "json_schema":
+        raise invalid('response_format.type must be "text", "json_object" or "json_schema", '
+                      f"got {kind!r}", "response_format")
+    spec = _field(fmt, "json_schema", "an object", param="response_format.json_schema")
+    if spec is None:
+        raise invalid("response_format.json_schema is required", "response_format")
+    name = _field(spec, "name", "a string", param="response_format.json_schema.name")
+    if name is None or not _FUNCTION_NAME.match(name):
+        raise invalid("response_format.json_schema.name must be 1 to 64 letters, digits, '_' "
+                      f"or '-', got {name!r}", "response_format")
+    _field(spec, "description", "a string", param="response_format.json_schema.description")
+    schema = _field(spec, "schema", "an object", {}, "response_format.json_schema.schema")
+    strict = _field(spec, "strict", "a boolean", False, "response_format.json_schema.strict")
+    return ResponseFormat("json_schema", schema=schema, name=name, strict=strict)
+
+
+def _logit_bias(body: dict, sampling: dict[str, Any]) -> None:
+    """OpenAI's `logit_bias` ({"token id": bias}) into `sampling["logit_bias"]`, with int
+    keys; the engine checks the values' range and the ids against its vocabulary."""
+    bias = _field(body, "logit_bias", "an object")
+    if not bias:
+        return
+    parsed = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise invalid(f"logit_bias keys must be token ids (digit strings), got {key!r}",
+                          "logit_bias")
+        parsed[int(key)] = value
+    sampling["logit_bias"] = parsed
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -257,6 +331,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     sampling["max_tokens"] = _max_tokens(body, "max_completion_tokens", "max_tokens")
     if logprobs:
         sampling["logprobs"] = top or 0
+    _logit_bias(body, sampling)
     return ChatRequest(
         model=_field(body, "model", "a string"),
         messages=messages,
@@ -269,6 +344,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         tool_choice=mode,
         forced_tool=forced,
         parallel_tool_calls=_field(body, "parallel_tool_calls", "a boolean", True),
+        response_format=_response_format(body),
     )
 
 
@@ -320,6 +396,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     sampling["max_tokens"] = _max_tokens(body, "max_tokens") or 16
     if logprobs is not None:
         sampling["logprobs"] = logprobs
+    _logit_bias(body, sampling)
     return CompletionRequest(
         model=_field(body, "model", "a string"),
         prompts=prompts,
@@ -328,4 +405,5 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         include_usage=_stream_options(body, stream),
         logprobs=logprobs,
         echo=echo,
+        response_format=_response_format(body),
     )

@@ -9,7 +9,9 @@ matter for an inference server:
   raises before producing anything (a prompt too large for the KV pool, say) is still
   a proper 4xx JSON response rather than a 200 followed by an error event;
 - an API error after the stream has started is sent as an OpenAI-style error event,
-  followed by `[DONE]` so clients stop reading.
+  followed by `[DONE]` so clients stop reading;
+- `on_close` (idempotent) runs before `[DONE]` is sent as well as at the end, so a client
+  that sends its next request as soon as it reads `[DONE]` finds the admission slot free.
 """
 
 from __future__ import annotations
@@ -69,8 +71,11 @@ class EventStreamResponse(Response):
             await send({"type": "http.response.body", "body": first, "more_body": True})
             try:
                 async for chunk in self.events:
+                    if chunk.endswith(DONE):
+                        self.on_close()  # the client may send its next request on [DONE]
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except APIError as err:
+                self.on_close()
                 await send({"type": "http.response.body", "body": event(err.body()) + DONE,
                             "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

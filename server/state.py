@@ -1,14 +1,35 @@
-"""What every handler needs: the engine, the settings, metrics and admission control."""
+"""What every handler needs: the engine, the settings, metrics, admission control and
+the worker threads that keep heavy request preparation off the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
+from typing import Any, TypeVar
 
 from server.engine_client import EngineClient
 from server.errors import APIError
 from server.metrics import ServerMetrics
+
+T = TypeVar("T")
+
+# A prompt longer than this many characters per token of the context window cannot fit
+# (tokenizers average 3 to 5 characters a token on text, and rarely reach 16), so it is
+# refused before it costs any tokenizing.
+PROMPT_CHARS_PER_TOKEN = 16
+# Threads that parse large bodies, render chat templates and tokenize. Few on purpose:
+# they share the cores with the engine, and admission bounds the requests queued for them.
+WORKER_THREADS = 2
+# Prompts up to this many characters are rendered and tokenized on the event loop (well
+# under a millisecond); larger ones go to the workers, so small requests never queue
+# behind large ones.
+INLINE_PROMPT_CHARS = 8192
+# Names echoed back in errors are cut to this length.
+MAX_ECHOED_CHARS = 64
 
 
 @dataclass
@@ -20,21 +41,32 @@ class ServerConfig:
     max_running_requests: int = 64
     max_waiting_requests: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
+    # Chat completions that name no max_tokens stop here; None: at the context window.
+    max_tokens_default: int | None = None
     retry_after_s: int = 1
+    # Characters of prompt text (messages, tools, prompts) one request may send;
+    # None: PROMPT_CHARS_PER_TOKEN per token of the context window.
+    max_prompt_chars: int | None = None
+    # Origins a browser may call the API from (CORS); none by default.
+    allowed_origins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
             raise ValueError("served_model_names must name at least one model")
         if self.max_running_requests < 1 or self.max_waiting_requests < 0:
             raise ValueError("max_running_requests must be >= 1, max_waiting_requests >= 0")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError("max_prompt_chars must be >= 1")
 
 
 class Admission:
-    """A bounded count of requests in flight, and the draining switch for shutdown.
+    """A bounded count of sequences in flight, and the draining switch for shutdown.
 
-    Counting here, at the door, rather than reading the engine's queue length keeps
-    the bound exact under a burst: requests admitted in the same instant have not
-    reached the engine yet, so its queue would not show them.
+    It counts sequences, the engine's unit of work, not requests: a completions batch of
+    P prompts with n choices each is P x n sequences, so neither a batch nor a large `n`
+    slips past the bound. Counting here, at the door, rather than reading the engine's
+    queue length keeps the bound exact under a burst: requests admitted in the same
+    instant have not reached the engine yet, so its queue would not show them.
     """
 
     def __init__(self, config: ServerConfig) -> None:
@@ -43,29 +75,40 @@ class Admission:
         self.active = 0
         self.draining = False
 
-    def acquire(self) -> Ticket:
+    def acquire(self, sequences: int = 1, param: str = "n") -> Ticket:
+        """Admit a request of `sequences` sequences; `param` is the field to blame when
+        the request alone is larger than the server could ever hold."""
         if self.draining:
             raise APIError(503, "the server is shutting down", code="server_shutting_down")
-        if self.active >= self.capacity:
+        if sequences > self.capacity:
+            raise APIError(
+                400,
+                f"this request asks for {sequences} sequences (prompts x n); the server "
+                f"holds at most {self.capacity} at once",
+                param=param,
+                code="too_many_sequences",
+            )
+        if self.active + sequences > self.capacity:
             raise APIError(
                 429,
-                f"the server is at capacity ({self.capacity} requests in flight); retry later",
+                f"the server is at capacity ({self.capacity} sequences in flight); retry later",
                 code="rate_limit_exceeded",
                 headers={"Retry-After": str(self.retry_after_s)},
             )
-        self.active += 1
-        return Ticket(self)
+        self.active += sequences
+        return Ticket(self, sequences)
 
 
 class Ticket:
     """One admitted request; `release` is idempotent so every exit path may call it."""
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, sequences: int) -> None:
         self._admission: Admission | None = admission
+        self.sequences = sequences
 
     def release(self) -> None:
         if self._admission is not None:
-            self._admission.active -= 1
+            self._admission.active -= self.sequences
             self._admission = None
 
 
@@ -75,9 +118,23 @@ class ServerState:
         self.config = config
         self.metrics = ServerMetrics(engine.stats)
         self.admission = Admission(config)
+        self.max_prompt_chars = config.max_prompt_chars or (
+            PROMPT_CHARS_PER_TOKEN * engine.max_model_len)
+        self.workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="tokenmill-prep")
         self.created = int(time.time())
         # Logprobs name every top token; decoding each id once keeps that cheap.
         self.token_text = lru_cache(maxsize=65536)(self._decode_one)
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on a worker thread: for parsing, template rendering and tokenizing,
+        which would otherwise stall every stream while they run."""
+        return await asyncio.get_running_loop().run_in_executor(self.workers, partial(fn, *args))
+
+    async def prepare(self, prompt_chars: int, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)`, a prompt's preparation: at once for a small prompt, else offloaded."""
+        if prompt_chars <= INLINE_PROMPT_CHARS:
+            return fn(*args)
+        return await self.offload(fn, *args)
 
     def _decode_one(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -88,9 +145,11 @@ class ServerState:
         if requested is None:
             return names[0]
         if requested not in names:
+            shown = requested if len(requested) <= MAX_ECHOED_CHARS else (
+                requested[:MAX_ECHOED_CHARS] + "...")
             raise APIError(
                 404,
-                f"the model {requested!r} does not exist; this server serves "
+                f"the model {shown!r} does not exist; this server serves "
                 + ", ".join(repr(n) for n in names),
                 param="model",
                 code="model_not_found",

@@ -5,26 +5,48 @@ our default tool prompt asks other models for it too). One incremental parser se
 both the streaming and the whole-text case, so the two can never disagree.
 
 Text outside the blocks passes through as soon as it cannot be the start of a
-`<tool_call>` tag. A block is held until it closes and is then either a call (if its
-body is a JSON object naming an allowed function, with object arguments) or given
-back verbatim as text: a malformed call is never dropped, and a stream never sends
-a call it would later have to take back.
+`<tool_call>` tag. A block that opens the way the tool-call grammar writes it,
+`{"name": "<allowed function>", "arguments": {`, is a call from there on: its arguments
+stream out as they arrive (`CallStart`, then `ArgumentsDelta`s), since under the grammar
+(server/tool_grammar.py) they always complete validly unless the token budget runs out.
+Any other block is held until it closes and is then either a call (if its body is a JSON
+object naming an allowed function, with object arguments) or given back verbatim as text:
+a malformed call is never dropped, and a stream never sends a call it would later have to
+take back.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"
+# What the grammar writes after OPEN_TAG, up to the arguments object's opening brace.
+CALL_PREFIX = '{{"name": "{name}", "arguments": '
+_CANONICAL_START = re.compile(r'\s*\{"name": "([a-zA-Z0-9_-]{1,64})", "arguments": (?=\{)')
 
 
 @dataclass
 class ParsedCall:
     name: str
-    arguments: str  # compact JSON text of an object
+    arguments: str  # JSON text of an object
+    # Its CallStart and ArgumentsDelta events came before it (how, not what: not compared).
+    streamed: bool = field(default=False, compare=False)
+
+
+@dataclass
+class CallStart:
+    """A call has begun; its arguments follow as ArgumentsDelta events."""
+
+    name: str
+
+
+@dataclass
+class ArgumentsDelta:
+    text: str
 
 
 @dataclass
@@ -32,7 +54,7 @@ class TextPiece:
     text: str
 
 
-ToolEvent = TextPiece | ParsedCall
+ToolEvent = TextPiece | ParsedCall | CallStart | ArgumentsDelta
 
 
 def parse_call(body: str, allowed: Collection[str]) -> ParsedCall | None:
@@ -71,6 +93,7 @@ class ToolCallParser:
         self.num_calls = 0
         self._buffer = ""
         self._in_block = False
+        self._streaming: _StreamingCall | None = None  # the open block, once it is a call
 
     def feed(self, delta: str) -> list[ToolEvent]:
         self._buffer += delta
@@ -79,8 +102,9 @@ class ToolCallParser:
             if self._in_block:
                 end = self._buffer.find(CLOSE_TAG)
                 if end < 0:
+                    events += self._stream_block()
                     return events
-                events.append(self._close_block(self._buffer[:end], closed=True))
+                events += self._close_block(self._buffer[:end], closed=True)
                 self._buffer = self._buffer[end + len(CLOSE_TAG):]
                 self._in_block = False
             else:
@@ -103,15 +127,111 @@ class ToolCallParser:
         rest, self._buffer = self._buffer, ""
         if self._in_block:
             self._in_block = False
-            return [self._close_block(rest, closed=False)]
+            return self._close_block(rest, closed=False)
         return [TextPiece(rest)] if rest else []
 
-    def _close_block(self, body: str, closed: bool) -> ToolEvent:
-        call = parse_call(body.strip(), self.allowed)
-        if call is not None and (self.max_calls is None or self.num_calls < self.max_calls):
+    def _room_for_a_call(self) -> bool:
+        return self.max_calls is None or self.num_calls < self.max_calls
+
+    def _stream_block(self) -> list[ToolEvent]:
+        """In an open block: start a call once its canonical opening is complete, then
+        send the arguments written so far, holding back from the last `}` on (it may be
+        the end of the wrapping object) and any partial closing tag."""
+        events = self._try_start(self._buffer)
+        call = self._streaming
+        if call is None:
+            return events
+        region = self._buffer[call.args_start:]
+        safe = len(region) - _partial_tag_suffix(region, CLOSE_TAG)
+        brace = region.rfind("}")
+        if brace >= 0:
+            safe = min(safe, brace)
+        if safe > call.num_sent:
+            events.append(ArgumentsDelta(region[call.num_sent:safe]))
+            call.num_sent = safe
+        return events
+
+    def _try_start(self, body: str) -> list[ToolEvent]:
+        """Make the open block a call if its canonical opening is complete."""
+        if self._streaming is not None:
+            return []
+        match = _CANONICAL_START.match(body)
+        if not (match and match.group(1) in self.allowed and self._room_for_a_call()):
+            return []
+        self.num_calls += 1
+        self._streaming = _StreamingCall(match.group(1), match.end())
+        return [CallStart(match.group(1))]
+
+    def _close_block(self, body: str, closed: bool) -> list[ToolEvent]:
+        # However the text was split, a canonical opening makes the block a call.
+        started = self._try_start(body)
+        call, self._streaming = self._streaming, None
+        if call is not None:
+            return started + call.finish(body, self.allowed)
+        parsed = parse_call(body.strip(), self.allowed)
+        if parsed is not None and self._room_for_a_call():
             self.num_calls += 1
-            return call
-        return TextPiece(OPEN_TAG + body + (CLOSE_TAG if closed else ""))
+            return [parsed]
+        return [TextPiece(OPEN_TAG + body + (CLOSE_TAG if closed else ""))]
+
+
+@dataclass
+class _StreamingCall:
+    name: str
+    args_start: int  # offset of the arguments in the block's body
+    num_sent: int = 0  # characters of the arguments already sent
+
+    def finish(self, body: str, allowed: Collection[str]) -> list[ToolEvent]:
+        """The rest of the arguments and the whole call. A complete block drops the
+        wrapping object's closing brace; a truncated one (the budget ran out) keeps all
+        it has, which is what the stream has been sending."""
+        region = body[self.args_start:]
+        if parse_call(body.strip(), allowed) is not None:
+            region = region.rstrip().removesuffix("}").rstrip()
+        events: list[ToolEvent] = []
+        if len(region) > self.num_sent:
+            events.append(ArgumentsDelta(region[self.num_sent:]))
+        return [*events, ParsedCall(self.name, region, streamed=True)]
+
+
+CallEvent = ParsedCall | CallStart | ArgumentsDelta
+
+
+class ChoiceAssembler:
+    """Turns one choice's text deltas into content pieces and tool calls, in order.
+
+    Whitespace next to a tool call (the newlines models put around `<tool_call>`
+    blocks) is dropped; any other whitespace is kept. To decide that independently of
+    where delta boundaries fall, trailing whitespace is held back until the next piece
+    shows what follows it, so streamed and whole-text results always agree.
+    """
+
+    def __init__(self, tool_names: list[str], max_calls: int | None) -> None:
+        self.parser = ToolCallParser(tool_names, max_calls) if tool_names else None
+        self.pending_space = ""
+        self.num_calls = 0
+
+    def push(self, text: str, final: bool) -> list[str | CallEvent]:
+        """Content strings and call events; a call's `CallStart` and `ArgumentsDelta`s (if
+        it streamed) come before its `ParsedCall`."""
+        if self.parser is None:
+            return [text] if text else []
+        events = self.parser.feed(text) + (self.parser.finish() if final else [])
+        out: list[str | CallEvent] = []
+        for e in events:
+            if isinstance(e, CallStart | ArgumentsDelta | ParsedCall):
+                self.pending_space = ""
+                self.num_calls += isinstance(e, ParsedCall)
+                out.append(e)
+                continue
+            piece = self.pending_space + e.text
+            body = piece.rstrip()
+            self.pending_space = piece[len(body):]
+            if body:
+                out.append(body)
+        if final and self.pending_space and not self.num_calls:
+            out.append(self.pending_space)
+        return out
 
 
 def parse_tool_calls(

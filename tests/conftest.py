@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -71,3 +72,35 @@ def tiny_model_dir(tmp_path_factory):
         return cache[arch]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory):
+    """A tiny random Llama with the default model's tokenizer (49,152 tokens) and chat
+    template: real tokens and text, at the speed of a random model."""
+    import transformers
+
+    from engine.loader import resolve_model
+    from engine.loader.gguf import read_gguf
+    from engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(read_gguf(resolve_model("smollm2-135m-instruct").path).metadata)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        **{**TINY, "vocab_size": tokenizer.backend.get_vocab_size()},
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+    path = tmp_path_factory.mktemp("tiny-chat")
+    model.save_pretrained(path, safe_serialization=True)
+    (path / "tokenizer.json").write_text(tokenizer.backend.to_str(), encoding="utf-8")
+    config = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+              "chat_template": tokenizer.chat_template}
+    (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return str(path)

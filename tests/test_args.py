@@ -63,3 +63,16 @@ def test_server_flags_reach_the_engine_args():
     assert chosen == ("int8", "float32", 1, "off")
     defaults = engine_args(build_parser().parse_args([]))
     assert (defaults.quantization, defaults.kv_cache_dtype, defaults.compile) == ("auto",) * 3
+
+
+def test_serve_help_works_without_sched_getaffinity(monkeypatch, capsys):
+    """macOS has no os.sched_getaffinity: the thread default falls back to every core."""
+    from engine import serve
+
+    monkeypatch.delattr(serve.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(serve.os, "cpu_count", lambda: 3)
+    with pytest.raises(SystemExit) as exit_info:
+        serve.build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "--num-threads" in capsys.readouterr().out
+    assert serve.build_parser().parse_args([]).num_threads == 3

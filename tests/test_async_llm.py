@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from engine import LLM, AsyncLLM, SamplingParams
-from engine.errors import EngineError
+from engine.async_llm import MAX_FAILED_STEPS
+from engine.errors import EngineError, RequestFailedError
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -153,3 +154,119 @@ def test_engine_is_built_and_stepped_on_its_own_thread(tiny_path, monkeypatch):
 def test_a_load_error_reaches_the_caller(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError)):
         AsyncLLM(model=str(tmp_path / "no-such-model"), device="cpu", compile="off")
+
+
+async def _tokens(engine: AsyncLLM, request_id: str, max_tokens: int = 6) -> list[int]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    tokens: list[int] = []
+    async for out in engine.generate(_prompt(8, len(request_id)), params, request_id):
+        tokens += out.outputs[0].token_ids if out.outputs else []
+    return tokens
+
+
+def test_a_request_failing_in_a_step_fails_alone(tiny_path, monkeypatch):
+    """Appending a token (detokenizing, stop checks) fails for one request: it alone gets
+    an error, its batch-mates finish, and the engine serves the next request."""
+
+    async def run():
+        engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
+        append = engine.engine.outputs.append
+
+        def append_or_fail(seq, *args):
+            if seq.request.request_id == "bad" and seq.num_output_tokens >= 2:
+                raise TypeError("detokenizer exploded")
+            return append(seq, *args)
+
+        monkeypatch.setattr(engine.engine.outputs, "append", append_or_fail)
+        try:
+            good, bad = await asyncio.gather(
+                _tokens(engine, "good", 12), _tokens(engine, "bad", 12), return_exceptions=True)
+            assert isinstance(bad, RequestFailedError) and "detokenizer exploded" in str(bad)
+            assert len(good) == 12
+            assert len(await _tokens(engine, "after")) == 6
+            assert engine.failure is None
+            assert engine.engine.requests == {}
+            assert engine.engine.block_manager.num_used_blocks == 0  # "bad"'s blocks too
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+
+
+def test_a_request_failing_on_entry_fails_alone(tiny_path, monkeypatch):
+    async def run():
+        engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
+        start = engine.engine.outputs.start
+
+        def start_or_fail(seq):
+            if seq.request.request_id == "bad":
+                raise TypeError("skip_special_tokens is not a bool")
+            return start(seq)
+
+        monkeypatch.setattr(engine.engine.outputs, "start", start_or_fail)
+        try:
+            with pytest.raises(RequestFailedError, match="skip_special_tokens"):
+                await _tokens(engine, "bad")
+            assert "bad" not in engine.engine.requests
+            assert len(await _tokens(engine, "good")) == 6
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+
+
+def test_failed_steps_end_their_batch_then_the_engine(tiny_path, monkeypatch):
+    """One failed batched step ends that batch's requests and the engine goes on; a run of
+    MAX_FAILED_STEPS failures means the engine is broken: `failure` is set and new
+    requests are refused at once instead of hanging."""
+
+    async def run():
+        engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
+        real_run = engine.engine.runner.run
+        failures = {"left": 1}
+
+        def flaky(*args):
+            if failures["left"]:
+                failures["left"] -= 1
+                raise RuntimeError("kernel exploded")
+            return real_run(*args)
+
+        monkeypatch.setattr(engine.engine.runner, "run", flaky)
+        try:
+            with pytest.raises(EngineError, match="kernel exploded"):
+                await _tokens(engine, "first")
+            assert len(await _tokens(engine, "second")) == 6
+            failures["left"] = MAX_FAILED_STEPS
+            # One request per failed step: each is ended, the last failure ends the engine.
+            for i in range(MAX_FAILED_STEPS):
+                with pytest.raises(EngineError):
+                    await _tokens(engine, f"doomed-{i}")
+            assert engine.failure is not None
+            with pytest.raises(EngineError, match="engine failed"):
+                await _tokens(engine, "refused")
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+
+
+def test_a_dead_engine_loop_fails_waiting_requests_and_says_so(tiny_path, monkeypatch):
+    async def run():
+        engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
+
+        def broken_stats():
+            raise RuntimeError("loop bug")
+
+        try:
+            stream = engine.generate(_prompt(8, 1), SamplingParams(max_tokens=500,
+                                                                   ignore_eos=True), "long")
+            await stream.__anext__()
+            monkeypatch.setattr(engine.engine, "stats", broken_stats)
+            with pytest.raises(EngineError, match="loop bug"):
+                async for _ in stream:
+                    pass
+            assert isinstance(engine.failure, RuntimeError)
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())

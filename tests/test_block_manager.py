@@ -78,7 +78,6 @@ def test_pool_of_one_block() -> None:
     assert not bm.can_allocate([9])
     with pytest.raises(NoFreeBlocksError):
         bm.ensure(1, 5, 4)
-    assert not bm.can_append([(1, 5)])
     bm.cache(1, _seq(4))
     bm.free(1)
     assert (bm.num_free_blocks, bm.num_evictable_blocks, bm.num_used_blocks) == (0, 1, 0)
@@ -142,7 +141,6 @@ def test_watermark_applies_to_admission_only() -> None:
     assert bm.can_allocate(_seq(95))
     assert not bm.can_allocate(_seq(96))
     bm.allocate(1, _seq(96))
-    assert not bm.can_append([(1, 97)])
     bm.ensure(1, 100, 96)  # running sequences may use the last blocks
     assert bm.num_free_blocks == 0 and bm.usage == 1.0
 
@@ -314,7 +312,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
         n = len(tokens)
         need = self.bm.blocks_needed(seq_id, n + 1)
         available = self.bm.num_available_blocks()
-        assert self.bm.can_append([(seq_id, n + 1)]) == (need <= available)
         before = _state(self.bm)
         try:
             copies = self.bm.ensure(seq_id, n + 1, n)

@@ -162,6 +162,27 @@ def test_n_completions_share_the_prompt(tiny_model_dir):
     assert llm.engine.block_manager.num_used_blocks == 0
 
 
+def test_n_beyond_max_num_seqs_waits_its_turn(tiny_model_dir):
+    """Siblings that do not fit the running batch wait in the queue: the batch never holds
+    more than max_num_seqs sequences, and every completion is the one it is with room to
+    fork (seeded sampling does not depend on the batch)."""
+    path = tiny_model_dir("llama")
+    prompt = _prompts(384, [37], seed=9)[0]
+    params = SamplingParams(n=5, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    roomy = _llm(path).generate(prompt, params)[0]
+    engine = _llm(path, max_num_seqs=2).engine
+    engine.add_request("0", prompt, params)
+    merged, most_running = None, 0
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            merged = _merge(merged, delta)
+        most_running = max(most_running, len(engine.scheduler.running))
+    assert most_running == 2
+    assert [o.token_ids for o in merged.outputs] == [o.token_ids for o in roomy.outputs]
+    assert len({tuple(o.token_ids) for o in roomy.outputs}) > 1
+    assert engine.block_manager.num_used_blocks == 0
+
+
 def test_abort_in_every_state_frees_all_blocks(tiny_model_dir):
     llm = _llm(tiny_model_dir("llama"), max_num_batched_tokens=16, num_kv_blocks=40)
     engine, bm = llm.engine, llm.engine.block_manager

@@ -1,9 +1,10 @@
-"""The fast CPU default (w8a8: int8 weights, int8 activations beyond 4 rows with
+"""The fast CPU default (w8a8: int8 weights, int8 activations at every row count with
 SmoothQuant calibration, bfloat16 KV cache) against the exact float32 configuration on the
-default model: perplexity on a fixed text within 3% (0.7% measured), and as many of 16
-factual questions answered correctly, give or take one: a question whose answer hangs on a
-first-token margin under 0.1 nat (the capital of France, in float32) flips under any
-perturbation, bfloat16 included. benchmarks/quality.py prints the full comparison.
+default model: perplexity on a fixed text within 1% (the README's claim; docs/performance.md
+measures 0.07-0.76% for the default), and as many of 16 factual questions answered
+correctly, give or take one: a question whose answer hangs on a first-token margin under
+0.1 nat (the capital of France, in float32) flips under any perturbation, bfloat16
+included. benchmarks/quality.py prints the full comparison.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ def exact_and_fast():
     return exact, fast
 
 
-def test_fast_default_keeps_perplexity_within_three_percent(exact_and_fast):
+def test_fast_default_keeps_perplexity_within_one_percent(exact_and_fast):
     exact, fast = exact_and_fast
     base = perplexity(exact, TEXT)
     assert 5 < base < 60  # a sane value: the scorer itself works
-    assert abs(perplexity(fast, TEXT) / base - 1) < 0.03
+    assert abs(perplexity(fast, TEXT) / base - 1) < 0.01
 
 
 def test_fast_default_answers_as_many_factual_questions(exact_and_fast):

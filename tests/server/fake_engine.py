@@ -55,7 +55,9 @@ class FakeTokenizer:
 class FakeEngine:
     reply: str | Callable[[str], str] = "Hello, world!"
     max_model_len: int = 2048
+    vocab_size: int = 0x110000  # token id = Unicode code point
     model_name: str = "fake-model"
+    failure: BaseException | None = None
     token_delay: float = 0.0
     # While set (cleared by a test), generation pauses after the first token.
     hold: threading.Event = field(default_factory=threading.Event)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ class LiveServer:
     process: subprocess.Popen
     url: str
     log: IO[str]  # the server's stderr
+    scratch_dir: str | None = None  # a data directory made for this server, removed on stop
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
@@ -40,24 +42,40 @@ class LiveServer:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+        if self.scratch_dir is not None:
+            shutil.rmtree(self.scratch_dir, ignore_errors=True)
         return self.process.returncode
 
 
-def start_server(*args: str, startup_timeout: float = 300) -> LiveServer:
-    """The default model, with the given extra flags; returns once it prints its URL."""
+def start_server(
+    *args: str,
+    startup_timeout: float = 300,
+    python: str = sys.executable,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    entry: str = "engine.serve",
+) -> LiveServer:
+    """The default model, with the given extra flags; returns once it prints its URL.
+    `python`, `cwd` and `env` run it from elsewhere (an installed wheel); `entry` is the
+    module to run (a test's wrapper around engine.serve). Without --data-dir or
+    --database-url the server stores into a fresh scratch directory."""
+    scratch = None
+    if "--data-dir" not in args and "--database-url" not in args:
+        scratch = tempfile.mkdtemp(prefix="tokenmill-test-")
+        args = (*args, "--data-dir", scratch)
     # Lives as long as the server (closed by stop()); read back if start-up fails.
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.serve", "--port", "0", "--log-level", "warning",
+        [python, "-m", entry, "--port", "0", "--log-level", "warning",
          "--no-access-log", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
     )
     deadline = time.monotonic() + startup_timeout
     assert process.stdout is not None
     for line in process.stdout:  # ends if the process dies
         match = _READY.search(line)
         if match:
-            return LiveServer(process, match.group(1), log)
+            return LiveServer(process, match.group(1), log, scratch)
         assert time.monotonic() < deadline, "server did not start in time"
     code = process.wait()
     log.seek(0)

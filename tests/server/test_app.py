@@ -76,6 +76,20 @@ def test_max_tokens_stop_n_and_seed_reach_the_engine(serve):
     assert chat(server, stop=",").json()["choices"][0]["message"]["content"] == "Hello"
 
 
+def test_max_tokens_default_caps_only_requests_that_name_none(serve):
+    server = serve(FakeEngine(max_model_len=len(PROMPT) + 6), max_tokens_default=4)
+    unnamed = chat(server).json()["choices"][0]
+    assert (unnamed["message"]["content"], unnamed["finish_reason"]) == ("Hell", "length")
+    assert server.engine.params[-1].max_tokens == 4
+    assert chat(server, max_tokens=5).json()["choices"][0]["message"]["content"] == "Hello"
+    # A prompt 3 tokens longer leaves 3 in the window, less than the cap: the window rules.
+    chat(server, messages=[{"role": "user", "content": "Say hello!!!"}])
+    assert server.engine.params[-1].max_tokens == 3
+    uncapped = serve()
+    chat(uncapped)
+    assert uncapped.engine.params[-1].max_tokens is None
+
+
 def test_streaming_n2_sends_role_once_per_choice(serve):
     chunks = stream(serve().client, "/v1/chat/completions", {"messages": USER, "n": 2})
     by_index: dict[int, list[dict]] = {0: [], 1: []}
@@ -361,7 +375,9 @@ def test_tool_calls_streaming(serve):
 
 
 def test_malformed_tool_call_is_returned_as_text(serve):
-    broken = '<tool_call>{"name": "get_weather", "arguments": {"city": "Par</tool_call>'
+    # Not the grammar's canonical opening (which would make it a call at once), and the
+    # arguments string is not JSON.
+    broken = '<tool_call>{"name": "get_weather", "arguments": "{city: Par"}</tool_call>'
     server = serve(FakeEngine(reply=broken))
     body = chat(server, tools=[WEATHER_TOOL]).json()
     assert body["choices"][0]["message"]["content"] == broken

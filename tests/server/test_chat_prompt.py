@@ -110,7 +110,9 @@ def test_template_tool_detection():
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [TIME_TOOL], "tool_choice": {"type": "function",
                                                "function": {"name": "nope"}}}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"logit_bias": {"a": 1}}, "logit_bias"),
     ],
 )
 def test_chat_request_errors_name_the_parameter(body, param):

@@ -6,8 +6,11 @@ One server for the module (model loading dominates the cost); outputs are kept s
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import openai
@@ -65,7 +68,9 @@ def greedy(client: openai.OpenAI, messages=QUESTION, **kwargs):
 def test_models_health_and_metrics_routes(live, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(f"{live.url}/health").json() == {"status": "ok", "compile": "ready"}
-    assert live.metric("kv_cache_usage_perc") >= 0
+    # Idle: nothing running, so no KV block is held (the prefix cache's are evictable).
+    assert live.metric("num_requests_running") == 0
+    assert live.metric("kv_cache_usage_perc") == 0
 
 
 def test_non_streaming_chat(client):
@@ -274,3 +279,70 @@ def test_32_parallel_streams_complete_with_the_right_outputs(live):
     assert all(reason in ("stop", "length") for _, reason in streamed)
     assert streamed == reference
     assert len({text for text, _ in streamed}) > 16  # each stream got its own answer
+
+
+def test_seeded_sampling_is_reproducible_under_concurrent_load(live):
+    """The default mode (w8a8) is batch-invariant, so a seeded request samples the same
+    tokens alone and among identical and unrelated concurrent requests."""
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}],
+                temperature=1.0, max_tokens=16, seed=42)
+
+    async def main() -> tuple[str, list[str]]:
+        async with aclient(live) as client:
+            alone = (await client.chat.completions.create(**body)).choices[0].message.content
+            noise = [client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}],
+                max_tokens=24, temperature=0.7) for i in range(6)]
+            seeded = [client.chat.completions.create(**body) for _ in range(6)]
+            replies = await asyncio.gather(*seeded, *noise)
+        return alone, [r.choices[0].message.content for r in replies[:6]]
+
+    alone, together = asyncio.run(main())
+    assert together == [alone] * 6
+
+
+# -- structured outputs --------------------------------------------------------------------
+
+_VALIDITY = Path(__file__).resolve().parents[2] / "benchmarks" / "structured_validity.py"
+
+
+def _validity_module():
+    spec = importlib.util.spec_from_file_location("structured_validity", _VALIDITY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_json_schema_answers_and_forced_tool_calls_are_all_valid(live):
+    """The CI-sized run of benchmarks/structured_validity.py (docs/server.md has the
+    large run): every answer parses and validates, every forced call validates."""
+    validity = _validity_module()
+    report = asyncio.run(validity.run(f"{live.url}/v1", API_KEY, requests=6, concurrency=12))
+    assert report.failures == []
+    assert (report.json_valid, report.tools_valid) == (6, 6)
+
+
+def test_forced_tool_call_streams_its_arguments_in_pieces(client):
+    tools = _validity_module().TOOLS
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo, please."}],
+        tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False, temperature=0, max_tokens=80, stream=True)
+    fragments, reasons = [], []
+    for chunk in stream:
+        fragments += chunk.choices[0].delta.tool_calls or []
+        reasons.append(chunk.choices[0].finish_reason)
+    assert fragments[0].function.name == "get_weather" and fragments[0].id
+    pieces = [f.function.arguments for f in fragments[1:]]
+    assert len(pieces) > 2  # sent as generated, not in one piece at the end
+    arguments = json.loads("".join(pieces))
+    assert set(arguments) == {"city", "unit"} and reasons[-1] == "tool_calls"
+
+
+def test_unsupported_schema_is_a_400_naming_the_keyword(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=8,
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "object", "not": {"required": ["a"]}}}})
+    assert "not" in err.value.body["message"] and err.value.body["param"] == "response_format"

@@ -9,7 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.chat import ChoiceAssembler
-from server.tool_parser import ParsedCall, ToolCallParser, parse_tool_calls
+from server.tool_parser import (
+    ArgumentsDelta,
+    CallStart,
+    ParsedCall,
+    ToolCallParser,
+    parse_tool_calls,
+)
 
 TOOLS = ["get_weather", "get_time"]
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -30,7 +36,7 @@ def test_parallel_calls_keep_their_order_and_surrounding_text():
 
 
 def test_unparseable_block_is_returned_as_text():
-    broken = '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>'
+    broken = '<tool_call>{"name": "get_weather", "arguments" {"city": </tool_call>'
     content, calls = parse_tool_calls("before " + broken + " after", TOOLS)
     assert calls == []
     assert content == "before " + broken + " after"
@@ -54,6 +60,23 @@ def test_unclosed_final_block_counts_if_it_parses_else_is_text():
     assert parse_tool_calls(unclosed, TOOLS)[1] == [ParsedCall("get_time", "{}")]
     truncated = '<tool_call>{"name": "get_time", "argu'
     assert parse_tool_calls(truncated, TOOLS) == (truncated, [])
+
+
+def test_canonical_call_streams_its_arguments_before_the_block_closes():
+    parser = ToolCallParser(TOOLS)
+    events = parser.feed('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa')
+    assert events == [CallStart("get_weather"), ArgumentsDelta('{"city": "Pa')]
+    # The last `}` may close the wrapping object and `</tool` may open the closing tag.
+    assert parser.feed('ris"}') == [ArgumentsDelta('ris"')]
+    assert parser.feed('}\n</tool') == [ArgumentsDelta("}")]
+    assert parser.feed("_call>") == [ParsedCall("get_weather", '{"city": "Paris"}')]
+
+
+def test_truncated_canonical_call_keeps_the_arguments_it_has():
+    """The budget ran out mid-call: the call stands with what was generated, streamed or
+    not, as OpenAI returns a truncated call with finish_reason "length"."""
+    content, calls = parse_tool_calls('<tool_call>\n{"name": "get_time", "arguments": {"tz', TOOLS)
+    assert content == "" and calls == [ParsedCall("get_time", '{"tz')]
 
 
 def test_partial_tag_is_held_back_until_it_is_known_not_to_be_a_tag():
@@ -82,6 +105,8 @@ SAMPLES = [
     "x <tool_call>{oops}</tool_call> y " + WEATHER,
     "<tool_ca not a tag " + TIME + " trailing text  ",
     WEATHER + '\n<tool_call>{"name": "get_time", "arguments": {}}',
+    '<tool_call>{"name": "get_time", "arguments": {"tz": "U</tool_call> then ' + WEATHER,
+    WEATHER + '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lo',
 ]
 
 
@@ -100,12 +125,18 @@ def test_streamed_parsing_matches_whole_text_for_any_delta_boundaries(text, cuts
                 [p for p in items if isinstance(p, ParsedCall)])
 
     assert normal(streamed) == normal(whole)
+    # What a stream sends of a call (its argument deltas, or all at once) is the call.
+    sent = [p.arguments for p in streamed if isinstance(p, ParsedCall) and not p.streamed]
+    deltas = "".join(p.text for p in streamed if isinstance(p, ArgumentsDelta))
+    streamed_args = [p.arguments for p in streamed if isinstance(p, ParsedCall) and p.streamed]
+    assert deltas == "".join(streamed_args) and len(sent) + len(streamed_args) == len(
+        normal(whole)[1])
 
 
 def test_assembler_drops_only_whitespace_next_to_calls():
     items = ChoiceAssembler(TOOLS, None).push("Checking.\n" + WEATHER + "\n", final=True)
     assert items[0] == "Checking."
-    assert isinstance(items[1], ParsedCall) and len(items) == 2
+    assert [type(i) for i in items[1:]] == [CallStart, ArgumentsDelta, ParsedCall]
     plain = ChoiceAssembler(TOOLS, None).push("  spaced out  ", final=True)
     assert "".join(plain) == "  spaced out  "
 

@@ -1,0 +1,235 @@
+"""Structured outputs: grammar-constrained decoding on llguidance.
+
+A request asks for a structure with `StructuredOutputsParams` (vLLM's names: a JSON schema,
+any JSON object, a regular expression, a choice among strings, or a Lark / GBNF grammar).
+The request is checked when the parameters are built, without a tokenizer, so a bad schema
+or a feature llguidance cannot express is a `ValueError` naming it before anything runs,
+never a silently unconstrained answer.
+
+Each constrained sequence owns an `LLMatcher` that follows its output. At every step
+`GrammarMasks.submit` computes the allowed-token masks of the batch's constrained rows on a
+worker thread while the forward pass runs; the sampler sets the other tokens of those rows
+to -inf, and rows without a grammar are never touched. A matcher that can take no token but
+EOS (the grammar is complete) finishes its sequence with "stop".
+
+llguidance was chosen over xgrammar by measurement (docs/engine.md, benchmarks/
+bench_grammar.py): both compute a step's masks in well under a millisecond, which the forward
+pass hides, while llguidance compiles a schema about seven times faster (that cost is on the
+request's path) and rejects the JSON Schema keywords it cannot enforce where xgrammar
+ignores them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Sequence as SequenceABC
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import llguidance
+import numpy as np
+import torch
+
+# Compact, deterministic JSON: what json.dumps writes, and no free whitespace a model could
+# fill until its budget ends.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Exactly one of the fields: the structure every output of the request must have.
+
+    `json` is a JSON schema (a dict or its JSON text); `json_object` any JSON object;
+    `regex` a regular expression (Rust `regex` syntax); `choice` one of these strings;
+    `grammar` a Lark grammar (llguidance's dialect, which may embed `%json {schema}`) or a
+    GBNF grammar.
+    """
+
+    json: dict | str | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    # The llguidance grammar the fields compile to; built and checked at construction.
+    llg_grammar: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs must set exactly one of "
+                f"{', '.join(_KINDS)}; got {', '.join(given) or 'none'}"
+            )
+        kind = given[0]
+        self.llg_grammar = _to_llguidance(kind, getattr(self, kind))
+        error = llguidance.LLMatcher.validate_grammar(self.llg_grammar)
+        if error:
+            raise ValueError(f"structured_outputs.{kind} is not supported: {error.strip()}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+
+
+def _to_llguidance(kind: str, value: Any) -> str:
+    """The llguidance grammar text for one kind of request, or ValueError for a bad shape."""
+    M = llguidance.LLMatcher
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
+        if not isinstance(value, dict | bool):
+            raise ValueError("structured_outputs.json must be a JSON schema (an object)")
+        return M.grammar_from_json_schema(value, defaults=JSON_OPTIONS)
+    if kind == "json_object":
+        if value is not True:
+            raise ValueError("structured_outputs.json_object must be true")
+        return M.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
+    if kind == "regex":
+        if not isinstance(value, str):
+            raise ValueError("structured_outputs.regex must be a string")
+        return M.grammar_from_regex(value)
+    if kind == "choice":
+        if not (
+            isinstance(value, list)
+            and value
+            and all(isinstance(c, str) and c for c in value)
+        ):
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+        return M.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("structured_outputs.grammar must be a non-empty string")
+    try:
+        return llguidance.grammar_from("grammar", value)
+    except ValueError as exc:  # a GBNF grammar the converter cannot read
+        raise ValueError(f"structured_outputs.grammar: {exc}") from None
+
+
+def json_schema_grammar_fragment(schema: dict) -> str:
+    """`%json {...}` for embedding a schema in a Lark grammar, with the engine's JSON
+    options (compact separators, no free whitespace) written into the schema."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
+
+
+class GrammarCompiler:
+    """Turns checked parameters into matchers for one engine's tokenizer and vocabulary.
+
+    llguidance's view of the tokenizer takes ~0.4 s to build, so it is built on the first
+    constrained request, once; every matcher after that costs about a millisecond.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: SequenceABC[int]) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._eos = sorted(eos_token_ids)
+        self._lltok: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()
+
+    def _ll_tokenizer(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._lltok is None:
+                self._lltok = llguidance.LLTokenizer(
+                    self._tokenizer.backend.to_str(), n_vocab=self.vocab_size, eos_token=self._eos
+                )
+            return self._lltok
+
+    def compile(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
+        """A fresh matcher at the start of the output. Raises ValueError when the grammar
+        cannot be built for this vocabulary."""
+        if self._tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer; this model has none")
+        matcher = llguidance.LLMatcher(self._ll_tokenizer(), params.llg_grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"structured_outputs.{params.kind}: {matcher.get_error()}")
+        return matcher
+
+
+def accept_token(matcher: llguidance.LLMatcher, token: int) -> bool:
+    """Advance a sequence's matcher by its sampled token; True when the grammar is complete.
+
+    The mask allowed only tokens the grammar accepts, so a refusal means a bug: it raises
+    rather than let the output leave the grammar unnoticed.
+    """
+    if not matcher.consume_token(token):
+        raise RuntimeError(f"the grammar refused sampled token {token}: {matcher.get_error()}")
+    return matcher.is_stopped()
+
+
+@dataclass
+class MaskTimes:
+    """Where a step's mask time goes: computing on the worker, and the part the engine
+    thread still waits for after its forward pass (the only part on the critical path)."""
+
+    num_steps: int = 0
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+
+
+@dataclass
+class PendingMasks:
+    """Masks being computed for one step; `result()` waits for them."""
+
+    future: Future | None  # None: no row of this step is constrained
+    times: MaskTimes | None = None
+
+    def result(self) -> list[torch.Tensor | None]:
+        """Per sampling row, its allowed tokens (bool [vocab], CPU) or None if unconstrained."""
+        if self.future is None:
+            return []
+        start = time.perf_counter()
+        masks = self.future.result()
+        self.times.wait_s += time.perf_counter() - start
+        return masks
+
+
+class GrammarMasks:
+    """Computes a step's masks on a worker thread, so they overlap the forward pass.
+
+    The worker uses numpy, not torch, to unpack the bitmask: a torch op on a second thread
+    would start a second OpenMP team, which slows the engine thread's kernels (see
+    engine/async_llm.py). llguidance's executor runs the matchers on its own threads with
+    the GIL released.
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self._words = (vocab_size + 31) // 32
+        self._executor: llguidance.LLExecutor | None = None  # made on the worker, when needed
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-grammar")
+        self.times = MaskTimes()
+
+    def submit(self, matchers: list[llguidance.LLMatcher | None]) -> PendingMasks:
+        """Start computing the masks of `matchers` (one per sampling row, None if free)."""
+        if all(m is None for m in matchers):
+            return PendingMasks(None)
+        self.times.num_steps += 1
+        return PendingMasks(self._worker.submit(self._compute, list(matchers)), self.times)
+
+    def _compute(self, matchers: list[llguidance.LLMatcher | None]) -> list[torch.Tensor | None]:
+        start = time.perf_counter()
+        if self._executor is None:
+            # A quarter of the cores: the forward pass it overlaps needs the rest.
+            threads = max(1, min(4, (os.cpu_count() or 2) // 4))
+            self._executor = llguidance.LLExecutor(num_threads=threads)
+        rows = [(m, j) for j, m in enumerate(m for m in matchers if m is not None)]
+        bits = np.zeros((len(rows), self._words), dtype=np.int32)
+        self._executor.unsafe_compute_mask_ptr(
+            rows, bits.ctypes.data, self._words * 4, len(rows)
+        )
+        # Bit i of word w is token 32w + i; little-endian bytes keep that order.
+        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")
+        allowed = allowed[:, : self.vocab_size].astype(bool)
+        masks = iter(torch.from_numpy(allowed))
+        self.times.compute_s += time.perf_counter() - start
+        return [None if m is None else next(masks) for m in matchers]
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False)

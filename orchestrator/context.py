@@ -1,0 +1,138 @@
+"""Context assembly: instructions + history + this turn's input -> the prompt's token ids.
+
+Items are turned into chat messages and rendered with the model's chat template through
+the same chat format as /v1/chat/completions (`server.chat_prompt`: tool listing, calls
+and results), so a conversation reads the same to the model whichever API carried it.
+
+The prompt extends the previous turn token for token wherever it can: when the newly
+rendered text starts with the text of the previous turn's prompt+output tokens, those
+tokens are kept as they are and only the rest is tokenized. Re-tokenizing the whole
+text would usually give the same ids, but not always (a reply cut mid-word, a template
+that re-spaces), and any difference early on would cost the radix prefix cache the
+whole history after it. When the text does not extend (other instructions, a deleted
+item, a dropped turn), the prompt is rendered afresh and the cache still serves
+whatever prefix is shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orchestrator.errors import InvalidRequestError
+from orchestrator.store import History
+from server.chat_prompt import build_chat_prompt, template_supports_tools
+from server.engine_client import TokenizerLike
+from server.protocol import ChatRequest, Message, Tool, ToolCall
+
+
+@dataclass
+class ToolConfig:
+    """The function tools offered this turn, in chat-format terms."""
+
+    tools: list[Tool] = field(default_factory=list)
+    mode: str = "none"  # "none" | "auto" | "required" | "function"
+    forced: str | None = None
+    parallel: bool = True
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    reused_tokens: int  # leading ids taken as-is from the previous turn
+    dropped_items: int  # history items left out to fit the window (truncation "auto")
+
+
+def _item_text(item: dict) -> str:
+    content = item.get("content", "")
+    if isinstance(content, str):
+        return content
+    return "\n".join(part.get("text", "") for part in content)
+
+
+def items_to_messages(items: list[dict]) -> list[Message]:
+    """Responses items -> chat messages: a function call joins the assistant message it
+    follows (as a chat assistant turn holds text and tool calls together)."""
+    messages: list[Message] = []
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "message":
+            messages.append(Message(item["role"], _item_text(item)))
+        elif kind == "function_call":
+            call = ToolCall(item["call_id"], item["name"], item["arguments"])
+            if messages and messages[-1].role == "assistant":
+                messages[-1].tool_calls.append(call)
+            else:
+                messages.append(Message("assistant", None, tool_calls=[call]))
+        elif kind == "function_call_output":
+            messages.append(Message("tool", item["output"], tool_call_id=item["call_id"]))
+    return messages
+
+
+def _turn_starts(items: list[dict]) -> list[int]:
+    """Indexes of the items that open a turn (a user message), oldest first."""
+    return [i for i, item in enumerate(items)
+            if item.get("type", "message") == "message" and item.get("role") == "user"]
+
+
+class ContextBuilder:
+    def __init__(self, tokenizer: TokenizerLike, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.native_tools = template_supports_tools(tokenizer.chat_template)
+
+    def build(self, instructions: str | None, history: History, input_items: list[dict],
+              tools: ToolConfig, max_output_tokens: int | None, truncate: bool) -> Prompt:
+        """The prompt for this turn, or InvalidRequestError when it cannot fit. With
+        `truncate`, the oldest turns of the history are dropped until it does (never
+        the instructions or this turn's input)."""
+        budget = self.max_model_len - (max_output_tokens or 1)
+        items = history.items
+        starts = _turn_starts(items)
+        dropped = 0
+        base = history.context_tokens
+        while True:
+            ids, reused = self._render(instructions, items[dropped:], input_items, tools, base)
+            if len(ids) <= budget:
+                return Prompt(ids, reused, dropped)
+            later = [s for s in starts if s > dropped]
+            if not truncate or dropped == len(items):
+                break
+            dropped = later[0] if later else len(items)
+            base = None
+        wanted = len(ids) + (max_output_tokens or 1)
+        hint = "" if truncate else ' or set truncation to "auto"'
+        raise InvalidRequestError(
+            f"This model's maximum context length is {self.max_model_len} tokens. However, "
+            f"this response needs {wanted} tokens ({len(ids)} in the input, "
+            f"{max_output_tokens or 'at least 1'} in the output). Shorten the input or "
+            f"max_output_tokens{hint}.",
+            param="input", code="context_length_exceeded",
+        )
+
+    def _render(self, instructions: str | None, history: list[dict], input_items: list[dict],
+                tools: ToolConfig, base: list[int] | None) -> tuple[list[int], int]:
+        messages = items_to_messages([*history, *input_items])
+        if instructions:
+            messages.insert(0, Message("system", instructions))
+        request = ChatRequest(model=None, messages=messages, sampling={}, tools=tools.tools,
+                              tool_choice=tools.mode, forced_tool=tools.forced,
+                              parallel_tool_calls=tools.parallel)
+        chat = build_chat_prompt(request, self.native_tools)
+        try:
+            fresh = self.tokenizer.encode_chat(chat.messages, add_generation_prompt=True,
+                                               tools=chat.tools)
+        # A template rejects a conversation with raise_exception or trips on its shape.
+        except Exception as exc:
+            raise InvalidRequestError(
+                f"the model's chat template cannot render this conversation: {exc}", "input"
+            ) from None
+        if not base:
+            return fresh, 0
+        if fresh[: len(base)] == base:
+            return fresh, len(base)
+        decode = self.tokenizer.decode
+        base_text = decode(base, skip_special_tokens=False)
+        text = decode(fresh, skip_special_tokens=False)
+        if not text.startswith(base_text):
+            return fresh, 0
+        return base + self.tokenizer.encode(text[len(base_text):]), len(base)

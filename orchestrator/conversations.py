@@ -1,0 +1,80 @@
+"""Conversations: a stored, ordered list of items that responses read and append to."""
+
+from __future__ import annotations
+
+import time
+
+from orchestrator.errors import NotFoundError
+from orchestrator.ids import new_id
+from orchestrator.items import item_list, stored_item
+from orchestrator.store import ConversationRow, ItemPage, Page, Repository, Store
+
+
+def _conversation(row: ConversationRow) -> dict:
+    return {"id": row.id, "object": "conversation", "created_at": row.created_at,
+            "metadata": row.metadata}
+
+
+def _missing(conversation_id: str) -> NotFoundError:
+    return NotFoundError(f"Conversation with id '{conversation_id}' not found.",
+                         param="conversation_id", code="not_found")
+
+
+class ConversationService:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def create(self, owner: str, metadata: dict, items: list[dict]) -> dict:
+        row = ConversationRow(new_id("conv"), int(time.time()), metadata)
+        await self.store.call(Repository.create_conversation, owner, row.id, row.created_at,
+                              metadata, [stored_item(i) for i in items])
+        return _conversation(row)
+
+    async def retrieve(self, owner: str, conversation_id: str) -> dict:
+        row = await self.store.call(Repository.get_conversation, owner, conversation_id)
+        if row is None:
+            raise _missing(conversation_id)
+        return _conversation(row)
+
+    async def update(self, owner: str, conversation_id: str, metadata: dict) -> dict:
+        row = await self.store.call(Repository.update_conversation, owner, conversation_id,
+                                    metadata)
+        if row is None:
+            raise _missing(conversation_id)
+        return _conversation(row)
+
+    async def delete(self, owner: str, conversation_id: str) -> dict:
+        if not await self.store.call(Repository.delete_conversation, owner, conversation_id):
+            raise _missing(conversation_id)
+        return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+
+    async def add_items(self, owner: str, conversation_id: str, items: list[dict]) -> dict:
+        stored = [stored_item(i) for i in items]
+        added = await self.store.call(Repository.add_conversation_items, owner,
+                                      conversation_id, int(time.time()), stored)
+        if not added:
+            raise _missing(conversation_id)
+        return item_list(ItemPage(stored, has_more=False))
+
+    async def list_items(self, owner: str, conversation_id: str, page: Page) -> dict:
+        found = await self.store.call(Repository.list_conversation_items, owner,
+                                      conversation_id, page)
+        if found is None:
+            raise _missing(conversation_id)
+        return item_list(found)
+
+    async def retrieve_item(self, owner: str, conversation_id: str, item_id: str) -> dict:
+        item = await self.store.call(Repository.get_conversation_item, owner, conversation_id,
+                                     item_id)
+        if item is None:
+            raise NotFoundError(f"Item with id '{item_id}' not found.", param="item_id",
+                                code="not_found")
+        return item
+
+    async def delete_item(self, owner: str, conversation_id: str, item_id: str) -> dict:
+        """Returns the conversation, as OpenAI's API does."""
+        await self.retrieve_item(owner, conversation_id, item_id)
+        await self.store.call(Repository.delete_conversation_item, owner, conversation_id,
+                              item_id)
+        return await self.retrieve(owner, conversation_id)
+

@@ -1,0 +1,25 @@
+"""The product's failures a client can cause, independent of HTTP.
+
+The server maps them to OpenAI-shaped errors (404 and 400 naming the field); keeping
+them here lets the orchestrator run without the server (benchmarks, tests, a CLI).
+"""
+
+from __future__ import annotations
+
+
+class ProductError(Exception):
+    """Base class: `message` is written for the client."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class NotFoundError(ProductError):
+    """An id that does not exist for this owner (another owner's objects look the same)."""
+
+
+class InvalidRequestError(ProductError):
+    """A request the product cannot serve as asked: the message names the field."""

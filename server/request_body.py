@@ -1,0 +1,127 @@
+"""Reading a request body as JSON, as an untrusted client may send it.
+
+Every way a body can be wrong ends in a 4xx here, before any handler sees it:
+- a content type other than `application/json` is a 415, so a web page cannot send a
+  body through a "simple" cross-origin request (a form or `text/plain`), which browsers
+  send without asking the server first;
+- more than the byte limit is a 413, refused as it streams in, never buffered whole;
+- text that is not JSON, a number too long for Python to convert (over 4,300 digits),
+  nesting deeper than `MAX_JSON_DEPTH`, or a string holding a lone UTF-16 surrogate is
+  a 400.
+
+Parsing a large body takes a while (about 60 ms per MB of small objects, then as much
+again to check a conversation of many messages), so above `OFFLOAD_BYTES` the JSON
+parse and the request's own parse run on a worker thread; small bodies, the common case,
+are parsed at once and never queue behind a large one. The json module holds the GIL
+while it parses, so this shortens rather than removes the event loop's wait: the byte
+limit is what bounds it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+from server.errors import APIError, invalid
+
+# Deeper JSON than any OpenAI request needs (tool schemas nest a few levels); beyond it
+# a body only exercises recursion in the parser, the templates and the encoders.
+MAX_JSON_DEPTH = 64
+OFFLOAD_BYTES = 64 * 1024
+# A \u escape in the surrogate range: only then can a parsed string hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+T = TypeVar("T")
+Offload = Callable[..., Awaitable[Any]]
+
+
+def is_json_content_type(header: str) -> bool:
+    """`application/json`, with or without parameters such as `charset=utf-8`."""
+    return header.split(";", 1)[0].strip().lower() == "application/json"
+
+
+async def read_json_body(
+    request: Request, limit: int, offload: Offload, parse: Callable[[Any], T] | None = None
+) -> T | Any:
+    """The body as JSON, after the content-type and size checks, passed through `parse`
+    if given; `offload(fn)` runs both parses of a large body off the event loop."""
+    if not is_json_content_type(request.headers.get("content-type", "")):
+        raise APIError(
+            415,
+            "the request body must be JSON, sent with 'Content-Type: application/json'",
+            code="unsupported_media_type",
+        )
+    body = await _read_limited(request, limit)
+    work = partial(_parse, bytes(body), parse)
+    return await offload(work) if len(body) > OFFLOAD_BYTES else work()
+
+
+def _parse(body: bytes, parse: Callable[[Any], T] | None) -> T | Any:
+    value = parse_json(body)
+    return value if parse is None else parse(value)
+
+
+async def _read_limited(request: Request, limit: int) -> bytearray:
+    too_large = APIError(413, f"the request body is larger than {limit} bytes",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return body
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        value = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except ValueError as exc:  # an integer with more digits than Python converts
+        raise invalid(f"the request body has a number that is too large: {exc}",
+                      code="invalid_json") from None
+    except RecursionError:
+        raise _too_deep() from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise _too_deep()
+    if _SURROGATE_ESCAPE.search(body) and not _encodable(value):
+        raise invalid("the request body has a string with an unpaired surrogate escape "
+                      "(such as \\ud800), which is not text", code="invalid_json")
+    return value
+
+
+def _encodable(value: Any) -> bool:
+    """Whether every string in `value` is valid Unicode: JSON's \\u escapes can spell a
+    lone UTF-16 surrogate, which Python accepts but no tokenizer or UTF-8 encoder does."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _too_deep() -> APIError:
+    return invalid(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels",
+                   code="invalid_json")
+
+
+def json_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in `value` (a scalar is 0), without recursion."""
+    if not isinstance(value, dict | list):
+        return 0
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return deepest

@@ -1,0 +1,251 @@
+"""Bodies of the Responses and Conversations APIs, checked and normalised.
+
+Unlike chat completions, unknown or unsupported fields are refused with a 400 naming
+them: a client relying on a Responses feature tokenmill lacks (built-in tools, images,
+background mode, JSON output formats) must learn so rather than get a plausible answer
+that silently ignored it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator import FunctionTool, Page, ResponseRequest
+from server.errors import invalid
+
+MAX_METADATA_KEYS = 16
+MAX_ITEMS_PER_CALL = 20  # OpenAI's limit for conversation items per request
+MAX_PAGE = 100
+_MESSAGE_ROLES = ("user", "system", "developer", "assistant")
+
+_RESPONSE_FIELDS = {
+    "model", "input", "instructions", "previous_response_id", "conversation", "store",
+    "stream", "max_output_tokens", "temperature", "top_p", "truncation", "metadata", "tools",
+    "tool_choice", "parallel_tool_calls", "text", "background", "include",
+}
+
+_KINDS: dict[str, tuple[type, ...]] = {
+    "a string": (str,), "a boolean": (bool,), "an integer": (int,), "a number": (int, float),
+    "an object": (dict,), "an array": (list,),
+}
+
+
+def _get(body: dict, name: str, kind: str, param: str, default: Any = None) -> Any:
+    """body[name] if present and not null, of the JSON type `kind` (a bool is no number)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    numeric = kind in ("an integer", "a number")
+    if not isinstance(value, _KINDS[kind]) or (numeric and isinstance(value, bool)):
+        raise invalid(f"{param} must be {kind}, got {value!r}", param)
+    return value
+
+
+def _required_string(body: dict, name: str, param: str) -> str:
+    value = _get(body, name, "a string", f"{param}.{name}")
+    if value is None:
+        raise invalid(f"{param}.{name} is required", f"{param}.{name}")
+    return value
+
+
+def parse_metadata(value: Any, param: str = "metadata") -> dict[str, str]:
+    """OpenAI's metadata: up to 16 string pairs, keys up to 64 and values up to 512 chars."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid(f"{param} must be an object of strings", param)
+    if len(value) > MAX_METADATA_KEYS:
+        raise invalid(f"{param} may hold at most {MAX_METADATA_KEYS} keys", param)
+    for key, text in value.items():
+        if len(key) > 64 or not isinstance(text, str) or len(text) > 512:
+            raise invalid(f"{param}[{key!r}] must be a string of at most 512 characters "
+                          "under a key of at most 64", param)
+    return dict(value)
+
+
+# -- items ---------------------------------------------------------------------------------
+
+
+def _content(raw: Any, role: str, param: str) -> list[dict]:
+    """A message's content as text parts: input_text for what users and systems say,
+    output_text for the assistant's own earlier words."""
+    part_type = "output_text" if role == "assistant" else "input_text"
+    if isinstance(raw, str):
+        texts = [raw]
+    elif isinstance(raw, list):
+        texts = []
+        for j, part in enumerate(raw):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("input_text", "output_text"):
+                raise invalid(f"{param}[{j}].type {kind!r} is not supported: only text "
+                              "content (input_text, output_text) is", f"{param}[{j}].type")
+            texts.append(_required_string(part, "text", f"{param}[{j}]"))
+    else:
+        raise invalid(f"{param} must be a string or an array of content parts", param)
+    if part_type == "output_text":
+        return [{"type": "output_text", "text": t, "annotations": []} for t in texts]
+    return [{"type": "input_text", "text": t} for t in texts]
+
+
+def _item(raw: Any, param: str) -> dict:
+    if not isinstance(raw, dict):
+        raise invalid(f"{param} must be an object", param)
+    kind = raw.get("type", "message")
+    if kind == "message":
+        role = raw.get("role")
+        if role not in _MESSAGE_ROLES:
+            raise invalid(f"{param}.role must be one of {', '.join(_MESSAGE_ROLES)}, got "
+                          f"{role!r}", f"{param}.role")
+        return {"type": "message", "role": role,
+                "content": _content(raw.get("content"), role, f"{param}.content")}
+    if kind == "function_call":
+        return {"type": "function_call", "call_id": _required_string(raw, "call_id", param),
+                "name": _required_string(raw, "name", param),
+                "arguments": _required_string(raw, "arguments", param)}
+    if kind == "function_call_output":
+        return {"type": "function_call_output",
+                "call_id": _required_string(raw, "call_id", param),
+                "output": _required_string(raw, "output", param)}
+    raise invalid(f"{param}.type {kind!r} is not supported: items are messages, "
+                  "function_call and function_call_output", f"{param}.type")
+
+
+def parse_items(raw: Any, param: str, limit: int | None = None) -> list[dict]:
+    if not isinstance(raw, list):
+        raise invalid(f"{param} must be an array of items", param)
+    if limit is not None and len(raw) > limit:
+        raise invalid(f"{param} may hold at most {limit} items per request", param)
+    return [_item(item, f"{param}[{i}]") for i, item in enumerate(raw)]
+
+
+def _input(body: dict) -> list[dict]:
+    raw = body.get("input")
+    if isinstance(raw, str):
+        return [{"type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": raw}]}]
+    items = parse_items(raw, "input") if raw is not None else []
+    if not items:
+        raise invalid("input must be a string or a non-empty array of items", "input")
+    return items
+
+
+# -- responses -----------------------------------------------------------------------------
+
+
+def _tools(body: dict) -> list[FunctionTool]:
+    tools = []
+    for i, raw in enumerate(_get(body, "tools", "an array", "tools", [])):
+        param = f"tools[{i}]"
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if kind != "function":
+            raise invalid(f"{param}.type {kind!r} is not supported: only function tools are",
+                          f"{param}.type")
+        tools.append(FunctionTool(
+            name=_required_string(raw, "name", param),
+            description=_get(raw, "description", "a string", f"{param}.description"),
+            parameters=_get(raw, "parameters", "an object", f"{param}.parameters"),
+            strict=_get(raw, "strict", "a boolean", f"{param}.strict"),
+        ))
+    if len({t.name for t in tools}) != len(tools):
+        raise invalid("tools must have distinct names", "tools")
+    return tools
+
+
+def _tool_choice(body: dict, tools: list[FunctionTool]) -> str | dict:
+    choice = body.get("tool_choice")
+    if choice is None:
+        return "auto"
+    if choice in ("none", "auto", "required"):
+        if choice == "required" and not tools:
+            raise invalid('tool_choice "required" needs tools', "tool_choice")
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = choice.get("name")
+        if name not in {t.name for t in tools}:
+            raise invalid(f"tool_choice names function {name!r}, which is not in tools",
+                          "tool_choice")
+        return {"type": "function", "name": name}
+    raise invalid('tool_choice must be "none", "auto", "required" or '
+                  '{"type": "function", "name": ...}', "tool_choice")
+
+
+def _check_unsupported(body: dict) -> None:
+    for name in body:
+        if name not in _RESPONSE_FIELDS and body[name] is not None:
+            raise invalid(f"{name} is not supported by this server", name)
+    if _get(body, "background", "a boolean", "background"):
+        raise invalid("background responses are not supported", "background")
+    if _get(body, "include", "an array", "include"):
+        raise invalid("include is not supported", "include")
+    text = _get(body, "text", "an object", "text", {})
+    for key in text:
+        if key != "format":
+            raise invalid(f"text.{key} is not supported", f"text.{key}")
+    fmt = _get(text, "format", "an object", "text.format", {"type": "text"})
+    if fmt.get("type") != "text":
+        raise invalid('only text.format {"type": "text"} is supported', "text.format")
+
+
+def _conversation_id(body: dict) -> str | None:
+    raw = body.get("conversation")
+    if isinstance(raw, dict):
+        return _required_string(raw, "id", "conversation")
+    return _get(body, "conversation", "a string", "conversation")
+
+
+def parse_response_request(
+    body: Any, resolve_model: Callable[[str | None], str]
+) -> tuple[ResponseRequest, bool]:
+    """The request and whether to stream it; `resolve_model` maps the requested model
+    name to the served one (or raises 404)."""
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    _check_unsupported(body)
+    previous = _get(body, "previous_response_id", "a string", "previous_response_id")
+    conversation = _conversation_id(body)
+    if previous is not None and conversation is not None:
+        raise invalid("previous_response_id and conversation cannot both be set",
+                      "previous_response_id")
+    truncation = _get(body, "truncation", "a string", "truncation", "disabled")
+    if truncation not in ("auto", "disabled"):
+        raise invalid(f'truncation must be "auto" or "disabled", got {truncation!r}',
+                      "truncation")
+    max_output = _get(body, "max_output_tokens", "an integer", "max_output_tokens")
+    if max_output is not None and max_output < 1:
+        raise invalid(f"max_output_tokens must be at least 1, got {max_output}",
+                      "max_output_tokens")
+    temperature = _get(body, "temperature", "a number", "temperature")
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise invalid(f"temperature must be in [0, 2], got {temperature}", "temperature")
+    tools = _tools(body)
+    request = ResponseRequest(
+        model=resolve_model(_get(body, "model", "a string", "model")),
+        input=_input(body),
+        instructions=_get(body, "instructions", "a string", "instructions"),
+        previous_response_id=previous,
+        conversation_id=conversation,
+        store=_get(body, "store", "a boolean", "store", True),
+        max_output_tokens=max_output,
+        temperature=temperature,
+        top_p=_get(body, "top_p", "a number", "top_p"),
+        truncation=truncation,
+        metadata=parse_metadata(body.get("metadata")),
+        tools=tools,
+        tool_choice=_tool_choice(body, tools),
+        parallel_tool_calls=_get(body, "parallel_tool_calls", "a boolean",
+                                 "parallel_tool_calls", True),
+    )
+    return request, _get(body, "stream", "a boolean", "stream", False)
+
+
+def parse_page(query: Any) -> Page:
+    """`limit` (1 to 100, default 20), `after` (an item id), `order` ("asc" or "desc")."""
+    limit_text = query.get("limit", "20")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_PAGE:
+        raise invalid(f"limit must be an integer from 1 to {MAX_PAGE}, got {limit_text!r}",
+                      "limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise invalid(f'order must be "asc" or "desc", got {order!r}', "order")
+    return Page(limit=int(limit_text), after=query.get("after"), order=order)

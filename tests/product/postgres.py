@@ -1,0 +1,90 @@
+"""A throwaway PostgreSQL server for the store tests: `initdb` + `pg_ctl` on a temporary
+directory, listening on a Unix socket only, so it needs no port and no password.
+
+PostgreSQL refuses to run as root; as root (CI) the server runs as the `postgres` user
+that Debian's `postgresql` package creates. Without the binaries the tests that need it
+are skipped, unless TOKENMILL_REQUIRE_POSTGRES=1 (set by .ci/run) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def _bin_dir() -> Path | None:
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(initdb).resolve().parent
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+@dataclass
+class PostgresServer:
+    bin_dir: Path
+    root: Path
+    user: str | None  # run commands as this user (when we are root)
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.root / "socket"
+
+    def _run(self, *command: str) -> None:
+        prefix = ["runuser", "-u", self.user, "--"] if self.user else []
+        subprocess.run([*prefix, *command], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        data = self.root / "data"
+        self.socket_dir.mkdir()
+        if self.user:
+            entry = pwd.getpwnam(self.user)
+            os.chmod(self.root, 0o755)
+            for path in (self.root, self.socket_dir):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        self._run(str(self.bin_dir / "initdb"), "-D", str(data), "-U", "postgres",
+                  "--auth=trust", "--no-sync", "-E", "UTF8")
+        options = (f"-c listen_addresses='' -c unix_socket_directories={self.socket_dir} "
+                   "-c fsync=off")
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-w",
+                  "-l", str(self.root / "log"), "start")
+
+    def stop(self) -> None:
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.root / "data"), "-m", "immediate",
+                  "-w", "stop")
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://postgres@/{database}?host={self.socket_dir}"
+
+    def create_database(self) -> str:
+        """A new empty database; returns its SQLAlchemy URL."""
+        import psycopg
+
+        name = f"test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(host=str(self.socket_dir), user="postgres", dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+def start_postgres() -> PostgresServer:
+    bin_dir = _bin_dir()
+    if bin_dir is None:
+        message = "PostgreSQL is not installed (apt-get install postgresql)"
+        if os.environ.get("TOKENMILL_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    user = "postgres" if os.geteuid() == 0 else None
+    root = Path(tempfile.mkdtemp(prefix="tokenmill-pg-"))
+    server = PostgresServer(bin_dir, root, user)
+    server.start()
+    return server

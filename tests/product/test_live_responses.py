@@ -1,0 +1,136 @@
+"""The `openai` SDK's `responses` and `conversations` against `python -m engine.serve` with
+the default model. One server for the module; answers are kept short."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from openai.types.conversations import Conversation
+from openai.types.responses import Response
+
+from tests.server.live_server import LiveServer, start_server
+
+MODEL = "smollm2-135m-instruct"
+# Long enough that block granularity (16 tokens) is a small part of the history.
+INSTRUCTIONS = ("You are a geography tutor. Answer in one short sentence. " * 12).strip()
+
+
+@pytest.fixture(scope="module")
+def live():
+    server = start_server("--compile", "off")
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(live: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+
+
+def ask(client: openai.OpenAI, text: str, **kwargs) -> Response:
+    kwargs.setdefault("max_output_tokens", 16)
+    return client.responses.create(model=MODEL, input=text, temperature=0,
+                                   instructions=INSTRUCTIONS, **kwargs)
+
+
+def test_a_two_turn_conversation_is_served_from_the_prefix_cache(client):
+    first = ask(client, "What is the capital of Japan?")
+    assert "Tokyo" in first.output_text
+    second = ask(client, "And the capital of France?", previous_response_id=first.id)
+    history = first.usage.input_tokens + first.usage.output_tokens
+    assert second.usage.input_tokens > history
+    assert second.usage.input_tokens_details.cached_tokens >= 0.9 * history
+    assert Response.model_validate(second.model_dump()).previous_response_id == first.id
+    # A branch from the first turn is served from the same cached history.
+    branch = ask(client, "And of Italy?", previous_response_id=first.id)
+    assert branch.usage.input_tokens_details.cached_tokens >= 0.9 * history
+
+
+def test_streamed_deltas_add_up_to_the_stored_text(client):
+    events = list(client.responses.create(model=MODEL, input="Name three colors.",
+                                          temperature=0, max_output_tokens=12, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type in (
+        "response.completed", "response.incomplete")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response
+    assert text and text == final.output_text
+    assert client.responses.retrieve(final.id).output_text == text
+    assert final.usage.output_tokens <= 12
+
+
+def test_conversation_and_item_endpoints(client):
+    conv = client.conversations.create(metadata={"user": "test"}, items=[
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Nice to meet you, Ada."},
+    ])
+    reply = client.responses.create(model=MODEL, conversation=conv.id, temperature=0,
+                                    input="What is my name?", max_output_tokens=12)
+    assert reply.status in ("completed", "incomplete") and reply.output_text
+    items = list(client.conversations.items.list(conv.id, order="asc", limit=2))
+    assert [i.role for i in items] == ["user", "assistant", "user", "assistant"]
+    assert items[-1].content[0].text == reply.output_text
+    added = client.conversations.items.create(conv.id, items=[
+        {"role": "user", "content": "I live in Rome."}])
+    item = client.conversations.items.retrieve(added.data[0].id, conversation_id=conv.id)
+    assert item.content[0].text == "I live in Rome."
+    client.conversations.items.delete(item.id, conversation_id=conv.id)
+    inputs = client.responses.input_items.list(reply.id)
+    assert [i.content[0].text for i in inputs] == ["What is my name?"]
+    updated = client.conversations.update(conv.id, metadata={"user": "ada"})
+    assert Conversation.model_validate(updated.model_dump()).metadata == {"user": "ada"}
+    client.conversations.items.delete(items[0].id, conversation_id=conv.id)
+    assert len(list(client.conversations.items.list(conv.id))) == 3
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(reply.id)  # it has finished
+    client.responses.delete(reply.id)
+    assert client.conversations.delete(conv.id).deleted
+    for call in (lambda: client.responses.retrieve(reply.id),
+                 lambda: client.conversations.retrieve(conv.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=MODEL, input="x", tools=[{"type": "web_search"}])
+    assert info.value.param == "tools[0].type"
+
+
+def test_a_dropped_stream_is_stored_incomplete_with_its_text(live, client):
+    with httpx.stream("POST", f"{live.url}/v1/responses", timeout=60, json={
+        "model": MODEL, "input": "Count from one to one hundred in words.", "stream": True,
+        "max_output_tokens": 400,
+    }) as stream:
+        response_id, deltas = None, ""
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                payload = json.loads(line[6:])
+                response_id = response_id or payload.get("response", {}).get("id")
+                deltas += payload.get("delta", "") if payload["type"].endswith("delta") else ""
+                if len(deltas) > 10:
+                    break
+    deadline = time.monotonic() + 60
+    while (stored := client.responses.retrieve(response_id)).status == "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert stored.status == "incomplete"
+    assert stored.output_text.startswith(deltas)
+    assert stored.usage.output_tokens < 400
+
+
+def test_cancel_stops_a_response_being_generated(client):
+    stream = client.responses.create(model=MODEL, input="Count from one to one hundred.",
+                                     max_output_tokens=400, stream=True)
+    events = iter(stream)
+    response_id = next(events).response.id
+    for event in events:
+        if event.type == "response.output_text.delta":
+            break
+    cancelled = client.responses.cancel(response_id)
+    assert cancelled.status == "cancelled"
+    rest = list(events)
+    assert rest[-1].type == "response.incomplete" and rest[-1].response.status == "cancelled"
+    assert client.responses.retrieve(response_id).output_text == cancelled.output_text
+    assert cancelled.usage.output_tokens < 400

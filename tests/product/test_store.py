@@ -1,0 +1,171 @@
+"""The store on SQLite and on a real PostgreSQL: schema, ownership, history, deletion."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import func, select
+
+from orchestrator.store import Page, Repository, Store
+from orchestrator.store.tables import conversation_items, metadata, response_items, responses
+
+
+@pytest.fixture
+def store(database_url):
+    store = Store(database_url)
+    yield store
+    store.close()
+
+
+def _count(store: Store, table, **where) -> int:
+    with store.engine.connect() as conn:
+        query = select(func.count()).select_from(table).where(
+            *(table.c[k] == v for k, v in where.items()))
+        return conn.execute(query).scalar_one()
+
+
+def _message(item_id: str, text: str) -> dict:
+    return {"id": item_id, "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": text}]}
+
+
+def _record(repo: Repository, owner: str, response_id: str, previous: str | None,
+            text: str, conversation: str | None = None, tokens=(1, 2, 3)) -> None:
+    body = {"id": response_id, "created_at": 1.0, "status": "in_progress",
+            "previous_response_id": previous, "output": [],
+            "conversation": {"id": conversation} if conversation else None}
+    inputs = [_message(f"msg_in_{response_id}", text)]
+    repo.begin_response(owner, body, inputs)
+    output = [{**_message(f"msg_out_{response_id}", text.upper()), "role": "assistant"}]
+    repo.finish_response(owner, {**body, "status": "completed", "output": output}, inputs,
+                         list(tokens))
+
+
+def test_migrations_create_exactly_the_declared_schema(store):
+    with store.engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert differences == []
+    Store(store.url).close()  # opening again finds the schema current
+
+
+def test_conversations_belong_to_their_owner(store):
+    repo = store.repo
+    repo.create_conversation("alice", "conv_a", 100, {"topic": "x"}, [_message("msg_1", "hi")])
+    assert repo.get_conversation("alice", "conv_a").metadata == {"topic": "x"}
+    assert repo.get_conversation("bob", "conv_a") is None
+    assert repo.list_conversation_items("bob", "conv_a", Page()) is None
+    assert repo.get_conversation_item("bob", "conv_a", "msg_1") is None
+    assert not repo.add_conversation_items("bob", "conv_a", 101, [_message("msg_2", "x")])
+    assert not repo.delete_conversation("bob", "conv_a")
+    assert repo.update_conversation("alice", "conv_a", {"topic": "y"}).metadata == {"topic": "y"}
+    assert [i["id"] for i in repo.list_conversation_items("alice", "conv_a", Page()).items] == [
+        "msg_1"]
+
+
+def test_pages_follow_the_cursor_in_either_order(store):
+    repo = store.repo
+    ids = [f"msg_{i}" for i in range(7)]
+    repo.create_conversation("alice", "conv_p", 1, {}, [_message(i, i) for i in ids])
+
+    def walk(order: str) -> list[str]:
+        seen, after = [], None
+        while True:
+            page = repo.list_conversation_items("alice", "conv_p", Page(3, after, order))
+            seen += [i["id"] for i in page.items]
+            if not page.has_more:
+                return seen
+            after = page.items[-1]["id"]
+
+    assert walk("asc") == ids
+    assert walk("desc") == ids[::-1]
+
+
+def test_history_follows_the_branch_it_ends_on(store):
+    repo = store.repo
+    _record(repo, "alice", "resp_1", None, "one")
+    _record(repo, "alice", "resp_2", "resp_1", "two", tokens=[7, 8, 70000])
+    _record(repo, "alice", "resp_2b", "resp_1", "two again")
+    status, history = repo.response_history("alice", "resp_2")
+    assert status == "completed"
+    assert [i["id"] for i in history.items] == [
+        "msg_in_resp_1", "msg_out_resp_1", "msg_in_resp_2", "msg_out_resp_2"]
+    assert history.context_tokens == [7, 8, 70000]
+    _, branch = repo.response_history("alice", "resp_2b")
+    assert [i["content"][0]["text"] for i in branch.items] == ["one", "ONE", "two again",
+                                                                "TWO AGAIN"]
+    assert repo.response_history("bob", "resp_2") is None
+
+
+def test_a_response_in_a_conversation_appends_its_items(store):
+    repo = store.repo
+    repo.create_conversation("alice", "conv_c", 1, {}, [_message("msg_0", "zero")])
+    _record(repo, "alice", "resp_c", None, "one", conversation="conv_c", tokens=[5, 6])
+    history = repo.conversation_history("alice", "conv_c")
+    assert [i["id"] for i in history.items] == ["msg_0", "msg_in_resp_c", "msg_out_resp_c"]
+    assert history.context_tokens == [5, 6]
+    assert repo.conversation_history("bob", "conv_c") is None
+
+
+def test_deleting_removes_the_rows(store):
+    repo = store.repo
+    repo.create_conversation("alice", "conv_d", 1, {}, [_message("msg_0", "zero")])
+    _record(repo, "alice", "resp_d", None, "one", conversation="conv_d")
+    assert _count(store, response_items, response_id="resp_d") == 2
+    assert _count(store, conversation_items, conversation_id="conv_d") == 3
+
+    assert repo.delete_response("alice", "resp_d")
+    assert _count(store, responses, id="resp_d") == 0
+    assert _count(store, response_items, response_id="resp_d") == 0
+    assert _count(store, conversation_items, conversation_id="conv_d") == 3  # its own copies
+
+    assert repo.delete_conversation_item("alice", "conv_d", "msg_0")
+    assert _count(store, conversation_items, conversation_id="conv_d") == 2
+    assert repo.delete_conversation("alice", "conv_d")
+    assert _count(store, conversation_items, conversation_id="conv_d") == 0
+    assert repo.get_response("alice", "resp_d") is None
+
+
+def test_calls_run_on_the_store_thread_not_the_event_loop(store):
+    def where(repo: Repository) -> str:
+        return threading.current_thread().name
+
+    async def main() -> str:
+        return await store.call(where)
+
+    assert asyncio.run(main()).startswith("tokenmill-store")
+    assert threading.current_thread().name == "MainThread"
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'wal.db'}")
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        store.close()
+
+
+def test_serve_stores_in_the_data_dir_unless_given_a_database_url(tmp_path):
+    from engine.serve import build_parser, database_url
+
+    folder = tmp_path / "new" / "data"
+    url = database_url(build_parser().parse_args(["--data-dir", str(folder)]))
+    assert url == f"sqlite:///{folder / 'tokenmill.db'}" and folder.is_dir()
+    given = "postgresql+psycopg://u@/db?host=/tmp"
+    assert database_url(build_parser().parse_args(["--database-url", given])) == given
+
+
+def test_responses_cut_off_by_a_crash_are_marked_incomplete(store):
+    repo = store.repo
+    _record(repo, "alice", "resp_done", None, "one")
+    repo.begin_response("alice", {"id": "resp_cut", "created_at": 1.0, "status": "in_progress",
+                                  "previous_response_id": None, "conversation": None,
+                                  "output": []}, [])
+    assert repo.interrupt_unfinished() == 1
+    assert repo.get_response("alice", "resp_cut")["status"] == "incomplete"
+    assert repo.get_response("alice", "resp_done")["status"] == "completed"

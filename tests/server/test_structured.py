@@ -1,0 +1,113 @@
+"""The grammars the server builds for response_format and tools, run on llguidance with the
+default model's tokenizer: which texts they let through, and where they end."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.loader import resolve_model
+from engine.loader.gguf import read_gguf
+from engine.structured_output import GrammarCompiler
+from engine.tokenizer import Tokenizer
+from server.chat_prompt import active_tools
+from server.errors import APIError
+from server.protocol import parse_chat_request
+from server.structured import chat_structured_outputs
+from server.tool_parser import parse_tool_calls
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}  # no parameters
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+TIME_CALL = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    tok = Tokenizer.from_gguf(read_gguf(resolve_model("smollm2-135m-instruct").path).metadata)
+    return tok, GrammarCompiler(tok, tok.backend.get_vocab_size(), tok.stop_token_ids)
+
+
+def _matcher(compiler, **body):
+    tok, grammars = compiler
+    request = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **body})
+    return tok, grammars.compile(chat_structured_outputs(request, active_tools(request)))
+
+
+def _accepts(compiler, text: str, **body) -> tuple[bool, bool]:
+    """(the whole text is allowed, the grammar is complete after it)."""
+    tok, matcher = _matcher(compiler, **body)
+    ids = tok.encode(text)
+    return matcher.try_consume_tokens(ids) == len(ids), matcher.is_stopped()
+
+
+def test_required_allows_only_calls_whose_arguments_match_the_schema(compiler):
+    tools = {"tools": [WEATHER, TIME], "tool_choice": "required"}
+    assert _accepts(compiler, CALL, **tools)[0]
+    assert _accepts(compiler, TIME_CALL, **tools)[0]
+    assert not _accepts(compiler, "Sure! " + CALL, **tools)[0]
+    assert not _accepts(compiler, CALL.replace('"Paris"', "3"), **tools)[0]
+    assert not _accepts(compiler, CALL.replace("get_weather", "rm_rf"), **tools)[0]
+    # The grammar writes what the parser reads.
+    assert parse_tool_calls(CALL + "\n" + TIME_CALL, ["get_weather", "get_time"])[1]
+
+
+def test_without_parallel_calls_one_call_completes_the_grammar(compiler):
+    single = {"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False}
+    assert _accepts(compiler, CALL, **single) == (True, True)
+    assert not _accepts(compiler, CALL + "\n" + CALL, **single)[0]
+    parallel = {"tools": [WEATHER], "tool_choice": "required"}
+    assert _accepts(compiler, CALL + "\n" + CALL, **parallel) == (True, False)
+
+
+def test_named_function_allows_only_that_function(compiler):
+    named = {"tools": [WEATHER, TIME],
+             "tool_choice": {"type": "function", "function": {"name": "get_time"}}}
+    assert _accepts(compiler, TIME_CALL, **named)[0]
+    assert not _accepts(compiler, CALL, **named)[0]
+
+
+def test_auto_leaves_text_free_until_a_call_opens(compiler):
+    auto = {"tools": [WEATHER]}
+    assert _accepts(compiler, "Any text at all, {even} </tool_call> this.", **auto)[0]
+    assert _accepts(compiler, "Let me check.\n" + CALL, **auto)[0]
+    assert not _accepts(compiler, 'Let me check. <tool_call>\n{"name": "other"', **auto)[0]
+    assert not _accepts(compiler, "x " + CALL.replace('"Paris"', "[]"), **auto)[0]
+
+
+def test_response_format_schema_and_json_object(compiler):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    fmt = {"response_format": {"type": "json_schema",
+                               "json_schema": {"name": "n", "schema": schema}}}
+    assert _accepts(compiler, '{"n": 7}', **fmt) == (True, True)
+    assert not _accepts(compiler, '{"n": 70}', **fmt)[0]
+    assert not _accepts(compiler, 'Here: {"n": 7}', **fmt)[0]
+    obj = {"response_format": {"type": "json_object"}}
+    assert _accepts(compiler, '{"a": [1, 2], "b": {"c": null}}', **obj) == (True, True)
+    assert not _accepts(compiler, "[1, 2]", **obj)[0]
+    # Under "auto", the answer is the JSON or calls.
+    both = {**fmt, "tools": [WEATHER]}
+    assert _accepts(compiler, '{"n": 7}', **both)[0] and _accepts(compiler, CALL, **both)[0]
+    assert not _accepts(compiler, "plain text", **both)[0]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "array", "uniqueItems": True}}}},
+         "response_format"),
+        ({"tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "not": {}}}}]}, "tools"),
+        ({"tools": [WEATHER], "tool_choice": "required",
+          "response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_structures_that_cannot_be_enforced_are_400s(body, param):
+    request = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **body})
+    with pytest.raises(APIError) as err:
+        chat_structured_outputs(request, request.tools)
+    assert err.value.status == 400 and err.value.param == param
