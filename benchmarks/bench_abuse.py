@@ -101,8 +101,10 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
     max_model_len = card["max_model_len"]
     max_chars = args.max_prompt_chars or 16 * max_model_len
     bodies = abusive_bodies(model, max_chars, max_model_len, args.body_limit, args.fitting)
-    await loadgen.run_level(load, args.concurrency)  # warm-up: caches, allocator, threads
+    warmup = argparse.Namespace(**{**vars(load), "requests": args.concurrency})
+    await loadgen.run_level(warmup, args.concurrency)  # caches, allocator, threads
     baseline = await loadgen.run_level(load, args.concurrency, first=100)
+    print(f"alone: TTFT p99 {baseline.ttft_p99_ms} ms", file=sys.stderr)
     stop, stats = asyncio.Event(), AbuseStats()
     abusers = [asyncio.create_task(abuse(url, bodies, stop, stats)) for _ in range(args.abusers)]
     await asyncio.sleep(0.5)  # let the abuse start before the measured requests
@@ -143,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-args", default="--compile off",
                    help="extra options for python -m engine.serve")
     p.add_argument("--concurrency", type=int, default=4, help="normal streams")
-    p.add_argument("--requests", type=int, default=48, help="normal requests per run")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=32, help="normal requests per run")
+    p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--abusers", type=int, default=1, help="abusive clients")
     p.add_argument("--body-limit", type=int, default=8 * 1024 * 1024,
                    help="the server's --max-request-body-bytes (passed to it too)")

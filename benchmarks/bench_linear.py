@@ -49,10 +49,16 @@ FORMATS: dict[str, tuple[Callable[[torch.Tensor], Prepared], Runner, torch.dtype
     "bfloat16": (lambda w: w.bfloat16().t().contiguous(), torch.mm, torch.bfloat16),
     "int8": (_int8, lambda x, p: cpu_ops.int8_linear(x, *p), torch.float32),
     "int8-dynamic": (_int8, lambda x, p: cpu_ops.int8_dynamic_linear(x, *p), torch.float32),
-    # the same math in tokenmill's C++ kernel (kernels/csrc/int8_gemm.cpp; AVX-512 VNNI)
-    "int8-vnni": (_int8_vnni, lambda x, p: cpu_ops.int8_packed_linear(x, *p), torch.float32),
     "int4": (_int4, lambda x, p: cpu_ops.int4_linear(x, *p, INT4_GROUP), torch.float32),
 }
+# the same math as int8-dynamic in tokenmill's C++ kernel (kernels/csrc/int8_gemm.cpp), once
+# per instruction set this CPU runs
+for _isa in kernels.native.runnable_isas():
+    FORMATS[f"int8-cpp-{_isa}"] = (
+        _int8_vnni,
+        lambda x, p, isa=_isa: kernels.native.ops(isa).int8_packed_linear(x, *p),
+        torch.float32,
+    )
 
 
 def step_ms(fmt: str, rows: int, repeats: int) -> float:
@@ -79,8 +85,6 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    if "int8-vnni" in args.formats:
-        kernels.native.load()
     print(f"ms per step (30 layers, cold weights), {args.threads} thread(s)")
     print("| format | " + " | ".join(f"{m} rows" for m in args.rows) + " |")
     print("| --- |" + " --- |" * len(args.rows))

@@ -219,6 +219,10 @@ def report(turns: dict[str, list[Turn]], rates: dict[str, list[float]],
     print(f"\nturn-{n} TTFT, responses / no-cache server: "
           f"{last.ttft / turns['no_cache'][-1].ttft:.2f}x (target <= 0.3); "
           f"chat / no-cache: {turns['chat'][-1].ttft / turns['no_cache'][-1].ttft:.2f}x")
+    later = [r.ttft / u.ttft for r, u in zip(turns["responses"][1:], turns["no_cache"][1:],
+                                              strict=True)]
+    print(f"turns 2-{n}, median TTFT ratio responses / no-cache: "
+          f"{statistics.median(later):.2f}x")
     print(f"turn-{n} cached tokens / turn-{n - 1} input+output: "
           f"{last.cached_tokens / (previous.input_tokens + previous.output_tokens):.2f} "
           "(target >= 0.9)")

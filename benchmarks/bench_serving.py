@@ -47,6 +47,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadgen is a sibling script
 import loadgen
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
+import kernels.native
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKENMILL = "tokenmill"
 LLAMA = "llama.cpp"
@@ -363,6 +366,10 @@ def describe(args: argparse.Namespace, prompt_lengths: list[int],
         f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {platform.node()}, "
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
         f"systems: {', '.join(loads)}.",
+        f"CPU kernel targets: the CPU runs {', '.join(kernels.native.runnable_isas())}; "
+        f"tokenmill used {kernels.native.cpu_isa()}"
+        + (f" ({kernels.native.ISA_ENV}={os.environ[kernels.native.ISA_ENV]})."
+           if os.environ.get(kernels.native.ISA_ENV) else "."),
         f"Model {args.model}; greedy, {args.tokens} output tokens per request (ignore_eos); "
         f"prompts {min(used)}-{max(used)} tokens (mean {sum(used) / len(used):.1f}) after "
         f"the chat template; closed-loop streams; requests per level ({levels}).",

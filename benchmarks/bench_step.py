@@ -3,9 +3,11 @@
     python benchmarks/bench_step.py                      # 1, 4, 16 and 32 sequences
     python benchmarks/bench_step.py --batch 16 --context 400
 
-Two engines on the same model: `compile="off"` (ATen kernels, eager blocks) and the default
-(`compile_model`: the C++ kernels and layers of engine/native_layers.py), timed once
-its compile is done. Each batch is the serving benchmark's prompts, decoded until the
+Two engines on the same model: `compile="off"` (ATen kernels, eager blocks; with
+`--eager-quantization none`, float32, the baseline every CPU default must beat) and the
+default (on AVX-512 VNNI and AVX2 `compile_model`: the C++ kernels and layers of
+engine/native_layers.py), timed once its compile is done. `TOKENMILL_CPU_ISA=avx2` runs the
+AVX2 kernels on an AVX-512 machine. Each batch is the serving benchmark's prompts, decoded until the
 contexts reach about `--context` tokens; then both engines step `--steps` times, in
 alternating rounds so that machine noise hits both alike, and the median round is kept.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # a sibling script's prompts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
 from bench_serving import bench_prompts
 
 from engine import LLM, SamplingParams
@@ -58,10 +61,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--eager-quantization", default="auto", help="the eager engine's mode")
     args = p.parse_args()
-    eager = LLM(args.model, compile="off", num_threads=args.threads)
+    eager = LLM(
+        args.model, compile="off", quantization=args.eager_quantization, num_threads=args.threads
+    )
     compiled = LLM(args.model, num_threads=args.threads)
-    print(f"compile: {compiled.engine.wait_for_compile()}")
+    print(f"compile: {compiled.engine.wait_for_compile()}; CPU path: {compiled.engine.cpu_info}")
+    print(f"eager: quantization {eager.engine.quantization}")
     print(f"ms per decode step, contexts ~{args.context} tokens, {args.threads} threads")
     print("| sequences | eager | compiled | speed-up |")
     print("| ---: | ---: | ---: | ---: |")

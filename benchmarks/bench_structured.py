@@ -48,9 +48,10 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--tokens", type=int, default=96, help="output tokens per request")
     p.add_argument("--rounds", type=int, default=3, help="rounds of each kind, alternating")
+    p.add_argument("--compile", default="auto", help="the engine's compile mode")
     args = p.parse_args()
 
-    llm = LLM(args.model)
+    llm = LLM(args.model, compile=args.compile)
     print(f"compile: {llm.engine.wait_for_compile()}")
     texts = (bench_prompts() * args.streams)[: args.streams]
     prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": f"{t} Answer in JSON."}])

@@ -124,8 +124,10 @@ async def _tool_request(client: openai.AsyncOpenAI, i: int, report: Report) -> N
         report.failures.append(f"tools #{i}: {exc}: {choice.message}")
 
 
-async def run(base_url: str, api_key: str, requests: int, concurrency: int) -> Report:
-    """`requests` json_schema and `requests` forced-tool requests, `concurrency` at a time."""
+async def run(base_url: str, api_key: str, requests: int, concurrency: int,
+              progress: int = 0) -> Report:
+    """`requests` json_schema and `requests` forced-tool requests, `concurrency` at a time;
+    with `progress`, a running count every that many answers."""
     report = Report()
     limit = asyncio.Semaphore(concurrency)
     async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0,
@@ -133,6 +135,9 @@ async def run(base_url: str, api_key: str, requests: int, concurrency: int) -> R
         async def one(kind, i):
             async with limit:
                 await kind(client, i, report)
+            if progress and (report.json_total + report.tools_total) % progress == 0:
+                print(f"  {report.json_valid}/{report.json_total} json_schema valid, "
+                      f"{report.tools_valid}/{report.tools_total} tool calls valid", flush=True)
 
         jobs = [one(k, i) for i in range(requests) for k in (_json_request, _tool_request)]
         await asyncio.gather(*jobs)
@@ -146,7 +151,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=300, help="of each kind")
     p.add_argument("--concurrency", type=int, default=16)
     args = p.parse_args()
-    report = asyncio.run(run(args.base_url, args.api_key, args.requests, args.concurrency))
+    report = asyncio.run(run(args.base_url, args.api_key, args.requests, args.concurrency,
+                             progress=20))
     print(f"response_format json_schema: {report.json_valid}/{report.json_total} valid")
     print(f"forced tool calls:           {report.tools_valid}/{report.tools_total} valid")
     for failure in report.failures[:10]:

@@ -11,6 +11,7 @@ _EXPORTS = {
     "AsyncLLM": "engine.async_llm",
     "EngineArgs": "engine.args",
     "SamplingParams": "engine.sampling_params",
+    "StructuredOutputsParams": "engine.structured_output",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     "EngineStats": "engine.outputs",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.compilation import COMPILE_MODES
+from engine.cpu_path import cpu_path
 from engine.linear import QUANTIZATIONS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -16,8 +17,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class EngineArgs:
     model: str = "smollm2-135m-instruct"
     dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
-    # "auto": "w8a8" on CPU when dtype is also "auto" (int8 weights, and int8 activations at
-    # every step size with SmoothQuant calibration at load), else "none". An explicit
+    # "auto": on CPU when dtype is also "auto", the fastest mode measured for the CPU's
+    # instruction set (engine/cpu_path.py: "w8a8", int8 weights and int8 activations with
+    # SmoothQuant calibration, where tokenmill's int8 GEMM runs), else "none". An explicit
     # dtype="float32" therefore keeps the checkpoint's exact weights (and transformers'
     # greedy output). See engine/linear.py and docs/performance.md for the trade.
     quantization: str = "auto"
@@ -25,8 +27,9 @@ class EngineArgs:
     # gathers every layer), else the model's dtype.
     kv_cache_dtype: str = "auto"
     # The CPU compile step (engine/compilation.py: C++ kernels, torch.compile of the layers).
-    # "auto": "background" on CPU when dtype is also "auto" (serve eagerly at once, switch to
-    # the compiled model when built), else "off"; "on" compiles before taking requests.
+    # "auto": on CPU when dtype is also "auto", the mode engine/cpu_path.py measured fastest
+    # for the instruction set ("background": serve eagerly at once, switch to the compiled
+    # model when built), else "off"; "on" compiles before taking requests.
     compile: str = "auto"
     device: str = "auto"  # "auto": CUDA when available
     block_size: int = 16
@@ -90,12 +93,12 @@ class EngineArgs:
 
     def resolve_quantization(self, device: torch.device) -> str:
         if self.quantization == "auto":
-            return "w8a8" if self._fast_cpu_defaults(device) else "none"
+            return cpu_path().quantization if self._fast_cpu_defaults(device) else "none"
         return self.quantization
 
     def resolve_compile(self, device: torch.device) -> str:
         if self.compile == "auto":
-            return "background" if self._fast_cpu_defaults(device) else "off"
+            return cpu_path().compile if self._fast_cpu_defaults(device) else "off"
         return self.compile
 
     def resolve_kv_cache_dtype(self, device: torch.device) -> torch.dtype:

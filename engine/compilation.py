@@ -1,20 +1,20 @@
 """The CPU compile step: tokenmill's C++ kernels, or else `torch.compile` of the decoder.
 
-Why: in eager mode a CPU decode step of 16 sequences spent about two thirds of its time
-outside the int8 GEMMs, in some 1,500 small ops (per-row quantize, dequantize, norms,
-activation, each a separate pass and dispatch), and the GEMMs and attention themselves ran
-in ATen kernels tuned for other shapes. Measured on this project's 2-core machine, a
-16-sequence decode step went from 35.8 ms (compiled blocks around ATen kernels) to about
-15 ms (docs/performance.md).
+Why: in eager mode a CPU decode step spends most of its time outside the GEMMs, in some
+1,500 small ops (per-row quantize, dequantize, norms, activation, each a separate pass and
+dispatch), and the GEMMs and attention run in ATen kernels tuned for other shapes. On the
+C++ kernels a 16-sequence decode step of SmolLM2-135M takes about a third of the eager
+step's time (docs/performance.md, `benchmarks/bench_step.py`).
 
 What `compile_model` does, in order, then installs in one go:
-1. `use_native_kernels`: builds kernels/csrc (kernels/native.py) and moves w8a8 linears onto
-   the VNNI GEMM (bit-identical outputs) and attention and the KV write onto their
-   C++ versions.
-2. Where every layer then runs on C++ kernels (the default mode on an AVX-512 VNNI CPU):
-   engine/native_layers.py's blocks for prefill and mixed steps, and its one-call decode
-   stack for pure decode steps. Nothing is left for Inductor.
-3. Otherwise (other quantizations, other CPUs):
+1. `use_native_kernels`: builds kernels/csrc for the CPU's instruction set
+   (kernels/native.py: AVX-512 VNNI, AVX2 or portable C++) and moves w8a8 linears onto its
+   int8 GEMM (bit-identical outputs) and attention and the KV write onto their C++
+   versions.
+2. Where every layer then runs on C++ kernels (the default w8a8 mode on AVX-512 VNNI and
+   AVX2 CPUs): engine/native_layers.py's blocks for prefill and mixed steps, and its
+   one-call decode stack for pure decode steps. Nothing is left for Inductor.
+3. Otherwise (other quantizations):
    * `compile_dense_blocks`: each `DenseBlocks` function fused by Inductor into a few C++
      loops around the GEMMs, used by prefill and mixed steps. One graph serves all layers
      (Dynamo lifts parameters to graph inputs) with the row count dynamic; one-row inputs
@@ -29,13 +29,13 @@ w8a8 mode stays batch-invariant. The compiled model computes the same function w
 different rounding (float32 sums in another order), so a switch can change a close greedy
 choice.
 
-Modes (`EngineArgs.compile`): "off"; "on" compiles before the engine takes requests;
-"background" serves eagerly at once and installs the compiled model when ready, so start-up
-stays fast. For SmolLM2-135M on two cores that takes the C++ build (~30 s once per
-checkout, then a cached load, the model switched within a second). The Inductor route took
-it 14 s with its caches warm and 92 s cold, when it was the default (session 4). Compiling
-needs a C++ compiler; in "background" mode a failure is logged and reported
-(`BackgroundCompile.state`, the server's /health) and the engine stays eager.
+Modes (`EngineArgs.compile`; the default per instruction set is engine/cpu_path.py's):
+"off"; "on" compiles before the engine takes requests; "background" serves eagerly at once
+and installs the compiled model when ready, so start-up stays fast. For SmolLM2-135M on
+two cores that is the C++ build (~30 s once per checkout and target, then a cached load;
+the model switched within a second); the Inductor route takes 14 s with its caches warm
+and 92 s cold. Compiling needs a C++ compiler; in "background" mode a failure is logged and
+reported (`BackgroundCompile.state`, the server's /health) and the engine stays eager.
 """
 
 from __future__ import annotations
@@ -69,10 +69,11 @@ COMPILE_MODES = ("off", "on", "background")
 
 def use_native_kernels(model: CausalLM) -> int:
     """Build tokenmill's C++ kernels (kernels/native.py) and move the model onto them where
-    they apply: w8a8 linears to the VNNI GEMM, attention and the KV write to their C++
-    versions. Returns how many modules moved. None do on a CPU without AVX-512 VNNI, or when
-    the activations are not float32 (the kernels' only input type)."""
-    if model.embed_tokens.weight.dtype != torch.float32 or not kernels.native.supported():
+    they apply: w8a8 linears to the int8 GEMM, attention and the KV write to their C++
+    versions, for the CPU's instruction set (`kernels.native.cpu_isa`). Returns how many
+    modules moved. None do when the activations are not float32 (the kernels' only input
+    type)."""
+    if model.embed_tokens.weight.dtype != torch.float32:
         return 0
     linears = [m for m in model.modules() if isinstance(m, CpuLinear) and m.w8a8 is not None]
     attentions = [layer.self_attn for layer in model.layers]

@@ -1,16 +1,19 @@
 """Linear layers for the CPU forward pass, and the load-time swap that installs them.
 
-Measured on this project's 2-core AVX-512 machine (no AMX), with every layer's weights
-cold in cache as they are in a real step (benchmarks/bench_linear.py, docs/performance.md):
+Measured on a 2-core AVX-512 VNNI machine (no AMX), with every layer's weights cold in
+cache as they are in a real step (benchmarks/bench_linear.py, docs/performance.md):
 
 * A decode step of a few sequences mostly streams weights from memory, so bytes per weight
   decide: the 30 layers of SmolLM2-135M take about 5 ms at one row in int4, 11 ms in int8
   and 20 ms in float32 (bfloat16 is no faster than float32 without AMX).
-* From about ten rows on the matmul is compute-bound, and an int8 x int8 GEMM (VNNI) on
+* From about ten rows on the matmul is compute-bound, and an int8 x int8 GEMM on
   activations rounded per row is the fastest by far: 21 ms at 16 rows and 220 ms at 512
-  against 34 and 364 ms for MKL's float32 GEMM. The float32 GEMM is faster on a weight
-  stored ``[in, out]`` than on PyTorch's ``[out, in]``, so that copy is kept
-  pre-transposed.
+  with ATen's `_int_mm` (VNNI), less on tokenmill's own kernel, against 34 and 364 ms for
+  MKL's float32 GEMM. The float32 GEMM is faster on a weight stored ``[in, out]`` than on
+  PyTorch's ``[out, in]``, so that copy is kept pre-transposed.
+* Without AVX-512 VNNI, `_int_mm` runs at a few GOP/s, slower than float32; tokenmill's
+  AVX2 GEMM (`pack_for_vnni`) is 2-3x faster than float32 at 16 rows. engine/cpu_path.py
+  picks the default mode per instruction set from such measurements.
 
 Quantized weights are rounded once at load time, and both paths of a layer compute with
 the same rounded weights; they differ only in how activations are rounded.
@@ -150,12 +153,14 @@ class CpuLinear(nn.Module):
 
     @property
     def on_vnni(self) -> bool:
-        """Whether the layer runs the C++ VNNI kernel (`pack_for_vnni` moved it)."""
+        """Whether the layer runs tokenmill's C++ int8 GEMM (`pack_for_vnni` moved it)."""
         return self.w8a8 is not None and self.w8a8[0] is kernels.int8_packed_linear
 
     def pack_for_vnni(self) -> bool:
-        """Move a w8a8 layer with float32 activations onto the C++ VNNI kernel
-        (`kernels.native.load()` first): about 1.5x faster at decode's row counts. The weight
+        """Move a w8a8 layer with float32 activations onto the C++ int8 GEMM for the CPU's
+        instruction set (`kernels.native.load()` first; the layout is named for VNNI's
+        operand): about 1.5x faster than `_int_mm` at decode's row counts on AVX-512 VNNI,
+        many times faster on AVX2. The weight
         is repacked and its plain copy dropped. Outputs stay the same bit for bit, so the
         switch may happen between any two steps. False where the layer cannot move."""
         if self.w8a8 is None or self.on_vnni:

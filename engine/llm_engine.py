@@ -7,6 +7,7 @@ background thread for streaming. Both see the same `step()`.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import time
 import weakref
@@ -17,6 +18,7 @@ from engine.args import EngineArgs
 from engine.block_manager import BlockManager
 from engine.calibration import calibration_token_ids, linear_input_absmax
 from engine.compilation import BackgroundCompile, compile_model
+from engine.cpu_path import cpu_path
 from engine.errors import BatchFailedError, ContextLengthExceededError, RequestFailedError
 from engine.linear import use_cpu_linears
 from engine.loader import load_model
@@ -44,6 +46,19 @@ class LLMEngine:
         loaded = load_model(args.model, dtype=self.dtype)
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
+        # The CPU's kernel target and the defaults chosen for it, with the reason (/health).
+        self.cpu_path = cpu_path() if self.device.type == "cpu" else None
+        if self.cpu_path is not None:
+            log.info(
+                "CPU path: %s kernels%s; defaults quantization=%s compile=%s: %s",
+                self.cpu_path.isa,
+                f" (forced; the CPU runs {self.cpu_path.detected_isa})"
+                if self.cpu_path.forced
+                else "",
+                self.cpu_path.quantization,
+                self.cpu_path.compile,
+                self.cpu_path.reason,
+            )
         self.quantization = args.resolve_quantization(self.device)
         self.kv_cache_dtype = args.resolve_kv_cache_dtype(self.device)
         model = build_model(cfg, loaded.weights, self.device, self.dtype)
@@ -269,7 +284,11 @@ class LLMEngine:
         return True
 
     def _append_token(self, seq: Sequence, token: int, lp, budget: int) -> None:
-        """Advance the sequence's grammar (if any) by its new token, then record the token."""
+        """Check the sampled token, advance the sequence's grammar (if any) by it, then
+        record it. A token outside the vocabulary (sampled from NaN logits, say) would fail
+        the next forward pass for the whole batch; it fails its own request here instead."""
+        if not 0 <= token < self.model_config.vocab_size:
+            raise ValueError(f"sampled token {token} is outside the vocabulary")
         complete = seq.grammar is not None and accept_token(seq.grammar, token)
         self.outputs.append(seq, token, lp, budget, grammar_complete=complete)
 
@@ -317,6 +336,7 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             compile_state=self.compile_state,
+            cpu=self.cpu_info,
         )
 
     def wait_for_compile(self, timeout: float | None = None) -> str:
@@ -325,6 +345,17 @@ class LLMEngine:
         if self.background_compile is not None:
             self.background_compile.wait(timeout)
         return self.compile_state
+
+    @functools.cached_property
+    def cpu_info(self) -> dict[str, object]:
+        """The CPU path and the modes in use (empty off CPU), for /health."""
+        if self.cpu_path is None:
+            return {}
+        return {
+            **self.cpu_path.as_dict(),
+            "quantization_in_use": self.quantization,
+            "compile_in_use": self.compile_mode,
+        }
 
     @property
     def compile_state(self) -> str:

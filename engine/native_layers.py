@@ -1,5 +1,5 @@
 """The decoder layers on tokenmill's C++ kernels alone, for a model whose every linear runs
-the VNNI GEMM (w8a8 with float32 activations) and whose attention runs the C++ decode kernel.
+the C++ int8 GEMM (w8a8 with float32 activations) and whose attention runs the C++ decode kernel.
 
 Two ways in, with the same per-row code (kernels/csrc/layer_ops.cpp):
 
@@ -28,7 +28,7 @@ from engine.model import Attention, AttentionMetadata, CausalLM, DecoderLayer, D
 
 
 def fits(model: CausalLM) -> bool:
-    """Whether every layer can run on the C++ kernels alone: each linear on the VNNI GEMM
+    """Whether every layer can run on the C++ kernels alone: each linear on the C++ int8 GEMM
     (`CpuLinear.pack_for_vnni`), only the q/k/v projection with a bias, and decode attention
     in C++ (`engine.compilation.use_native_kernels` moves them)."""
     for layer in model.layers:

@@ -53,3 +53,5 @@ class EngineStats:
     generation_tokens_total: int = 0
     # torch.compile of the dense blocks: "off", "compiling" (eager meanwhile), "ready", "failed"
     compile_state: str = "off"
+    # The CPU path (engine/cpu_path.py) and the modes in use; empty off CPU
+    cpu: dict[str, object] = field(default_factory=dict)

@@ -17,6 +17,10 @@ from engine.structured_output import StructuredOutputsParams
 # dividing logits by a temperature this small would only overflow.
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20
+# The sampler applies the repetition penalty to float32 logits: a penalty near float32's
+# smallest values rounds to 0 and turns logits into inf and NaN (which then sampled a token
+# outside the vocabulary). Far beyond 1 either way it means nothing more, so it is bounded.
+REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.01, 100.0
 # torch.Generator.manual_seed's range. The i-th of a request's n completions is seeded with
 # seed + i, so seed + n - 1 must stay inside it too.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -104,7 +108,11 @@ class SamplingParams:
             self.top_k,
         )
         self._check_float("min_p", lambda p: 0 <= p <= 1, "in [0, 1]")
-        self._check_float("repetition_penalty", lambda r: r > 0, "> 0")
+        self._check_float(
+            "repetition_penalty",
+            lambda r: REPETITION_PENALTY_MIN <= r <= REPETITION_PENALTY_MAX,
+            f"in [{REPETITION_PENALTY_MIN}, {REPETITION_PENALTY_MAX}]",
+        )
         self._check_float("presence_penalty", lambda p: -2 <= p <= 2, "in [-2, 2]")
         self._check_float("frequency_penalty", lambda p: -2 <= p <= 2, "in [-2, 2]")
         _require(

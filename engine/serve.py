@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import uvicorn
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 
 from engine.args import DTYPES, EngineArgs
@@ -391,8 +392,15 @@ def database_url(args: argparse.Namespace) -> str:
 async def serve(args: argparse.Namespace) -> bool:
     """Serve until shut down; returns False if it ended because the engine failed."""
     engine = AsyncLLM(engine_args(args))
+    # The embedder first: vector stores are built on it when the store opens.
     embedder = Embedder.load() if args.embeddings else None
-    product = Product.open(engine, database_url(args), args.data_dir, embedder)
+    try:
+        product = Product.open(engine, database_url(args), args.data_dir, embedder)
+    except BaseException:
+        await engine.shutdown()
+        if embedder is not None:
+            embedder.close()
+        raise
     product.resume()
     app = build_app(engine, server_config(args), product, embedder)
     config = uvicorn.Config(
@@ -420,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         healthy = asyncio.run(serve(args))
-    except (ValueError, OSError) as exc:  # bad model path or option, port in use
+    # A bad model path or option, a port in use, a database that cannot be opened.
+    except (ValueError, OSError, SQLAlchemyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if not healthy:

@@ -230,6 +230,3 @@ class GrammarMasks:
         masks = iter(torch.from_numpy(allowed))
         self.times.compute_s += time.perf_counter() - start
         return [None if m is None else next(masks) for m in matchers]
-
-    def close(self) -> None:
-        self._worker.shutdown(wait=False)

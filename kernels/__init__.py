@@ -196,8 +196,9 @@ def pack_int8_vnni(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_packed_linear(
     x: torch.Tensor, packed: torch.Tensor, comp: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
-    """`int8_dynamic_linear` on a weight from `pack_int8_vnni`. CPU tensors run the C++ VNNI
-    kernel, which `kernels.native.load()` must have built; other devices the reference."""
+    """`int8_dynamic_linear` on a weight from `pack_int8_vnni`. CPU tensors run the C++
+    kernel for the CPU's instruction set, which `kernels.native.load()` must have built; other
+    devices the reference."""
     impl = _impl("int8_packed_linear", x)
     return impl(x, packed, comp, scale)
 

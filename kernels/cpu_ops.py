@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from kernels import native, reference
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -44,10 +44,10 @@ def int8_dynamic_linear(
 def int8_packed_linear(
     x: torch.Tensor, packed: torch.Tensor, comp: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
-    """The AVX-512 VNNI kernel of `kernels/csrc/int8_gemm.cpp`: quantization, GEMM and
-    scaling in one pass, bit for bit `int8_dynamic_linear`'s result. Needs
-    `kernels.native.load()` first."""
-    return torch.ops.tokenmill.int8_packed_linear(x, packed, comp, scale)
+    """The C++ kernel of `kernels/csrc/int8_gemm.cpp` for the CPU's instruction set:
+    quantization, GEMM and scaling in one pass, bit for bit `int8_dynamic_linear`'s result.
+    Needs `kernels.native.load()` first."""
+    return native.int8_packed_linear(x, packed, comp, scale)
 
 
 def pack_int4(qweight: torch.Tensor) -> torch.Tensor:

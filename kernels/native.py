@@ -7,8 +7,11 @@ loader caches the library (`build_directory`) and rebuilds only when a source ch
 engine builds it on its background compile thread (engine/compilation.py), never on a
 request's path.
 
-Ops live under ``torch.ops.tokenmill``, each with a fake (meta) implementation so that
-``torch.compile`` can trace through them.
+The same sources build for each instruction set in `ISAS` (kernels/csrc/simd.h), one library
+per target, chosen at run time by `cpu_isa`: AVX-512 VNNI, AVX2 + FMA, or portable C++.
+A target's ops live under ``torch.ops.tokenmill_<isa>``, so that tests can load two targets
+into one process; each op has a fake (meta) implementation so that ``torch.compile`` can
+trace through it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 import sysconfig
@@ -39,36 +43,126 @@ _SOURCES = [
     Path(__file__).parent / "csrc" / f
     for f in ("int8_gemm.cpp", "paged_attention.cpp", "layer_ops.cpp", "decode_layers.cpp")
 ]
-# The ISA the kernels are written for, named explicitly (not -march=native) so that the cached
-# library runs on any CPU that has it. OpenMP: at::parallel_for is inlined into the kernels, and
-# without it compiles to a serial loop (as Inductor's kernels, this links the system libgomp).
-_CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni"]
-_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
+_HEADERS = [Path(__file__).parent / "csrc" / f for f in ("tokenmill.h", "simd.h")]
+
+# The kernels' targets, fastest first, with the compiler flags that select each one's code in
+# kernels/csrc (simd.h, int8_gemm.cpp). Each is named explicitly (not -march=native) so that a
+# cached library runs on any CPU with the instruction set. OpenMP: at::parallel_for is
+# inlined into the kernels, and without it compiles to a serial loop (as Inductor's kernels,
+# this links the system libgomp). Hidden visibility keeps two targets' libraries, loaded
+# into one process, from resolving each other's functions.
+ISAS = ("avx512_vnni", "avx2", "generic")
+_ISA_CFLAGS = {
+    "avx512_vnni": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "generic": [],
+}
+_CFLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+_ISA_CPU_FLAGS = {
+    "avx512_vnni": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
+    "avx2": ("avx2", "fma", "f16c"),
+    "generic": (),
+}
+ISA_ENV = "TOKENMILL_CPU_ISA"
 
 
 @functools.cache
-def supported() -> bool:
-    """Whether this CPU runs the kernels: x86 with AVX-512 VNNI (Intel since Cascade Lake,
-    AMD since Zen 4). Read from /proc/cpuinfo, so False off Linux."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them from cpuid (x86 ``flags``, aarch64
+    ``Features``); empty where /proc/cpuinfo is unreadable (then only `generic` runs)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return frozenset()
     for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return all(f in flags for f in _REQUIRED_CPU_FLAGS)
-    return False
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
-def build_directory() -> Path:
-    """Where the library is built and cached: one directory per checkout (so two clones do
-    not rebuild over each other) and per torch and Python version, under
+def cpu_features() -> dict[str, bool]:
+    """The features that decide the CPU path, for logs and /health: AVX-512 VNNI and AVX-VNNI
+    (int8 dot products on 512- and 256-bit registers), AVX2 with FMA, and on aarch64 the
+    dot-product extension (no NEON kernels yet: it runs `generic`)."""
+    flags = cpu_flags()
+    return {
+        "avx512_vnni": all(f in flags for f in _ISA_CPU_FLAGS["avx512_vnni"]),
+        "avx_vnni": "avx_vnni" in flags,
+        "avx2_fma": all(f in flags for f in _ISA_CPU_FLAGS["avx2"]),
+        "aarch64_dotprod": "asimddp" in flags,
+    }
+
+
+def runnable_isas() -> list[str]:
+    """The kernel targets this CPU can run, fastest first (`generic` runs everywhere)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["generic"]
+    flags = cpu_flags()
+    return [isa for isa in ISAS if all(f in flags for f in _ISA_CPU_FLAGS[isa])]
+
+
+def detected_isa() -> str:
+    """The fastest kernel target this CPU runs."""
+    return runnable_isas()[0]
+
+
+def cpu_isa() -> str:
+    """The kernel target in use: ``$TOKENMILL_CPU_ISA`` where set (so that tests and
+    benchmarks can run a slower target's kernels on a faster CPU), else `detected_isa`.
+
+    Raises ValueError for an unknown target or one this CPU cannot run.
+    """
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if not forced:
+        return detected_isa()
+    if forced not in ISAS:
+        raise ValueError(f"{ISA_ENV} must be one of {list(ISAS)}, got {forced!r}")
+    if forced not in runnable_isas():
+        raise ValueError(f"{ISA_ENV}={forced}: this CPU runs only {runnable_isas()}")
+    return forced
+
+
+def build_directory(isa: str | None = None) -> Path:
+    """Where a target's library is built and cached: one directory per checkout (so two
+    clones do not rebuild over each other), target, and torch and Python version, under
     ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     checkout = hashlib.sha256(str(_SOURCES[0].parent.resolve()).encode()).hexdigest()[:12]
     version = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
-    return Path(root) / f"tokenmill_cpu-{version}-{checkout}"
+    return Path(root) / f"tokenmill_cpu-{isa or cpu_isa()}-{version}-{checkout}"
+
+
+# The op namespace (`torch.ops.tokenmill_<isa>`) the functions below call: the last target
+# `load` was given.
+_ops = None
+
+
+def load(isa: str | None = None) -> str:
+    """Build (or load the cached build of) the kernels for `isa` (default `cpu_isa`), register
+    their ops, and make them the ones this module's functions call. Returns the target.
+
+    Raises ValueError for a target this CPU cannot run, RuntimeError when the compiler fails.
+    """
+    global _ops
+    isa = isa or cpu_isa()
+    _ops = ops(isa)
+    return isa
+
+
+def ops(isa: str):
+    """A target's op namespace, ``torch.ops.tokenmill_<isa>``, built and loaded (benchmarks
+    compare targets side by side through it)."""
+    if isa not in runnable_isas():
+        raise ValueError(f"this CPU cannot run the {isa} kernels (it runs {runnable_isas()})")
+    _load(isa)
+    return getattr(torch.ops, f"tokenmill_{isa}")
+
+
+def _headers_flag() -> str:
+    """A define that changes with the headers: PyTorch's loader rebuilds when a source or a
+    flag changes, and does not look at headers."""
+    digest = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]
+    return f"-DTM_HEADERS={digest}"
 
 
 def put_ninja_on_path() -> None:
@@ -81,18 +175,13 @@ def put_ninja_on_path() -> None:
 
 
 @functools.cache
-def load() -> None:
-    """Build (or load the cached build of) the kernels and register their ops.
-
-    Raises RuntimeError on a CPU without the ISA, or when the compiler fails.
-    """
-    if not supported():
-        raise RuntimeError("tokenmill's C++ kernels need a CPU with AVX-512 VNNI")
-    import fcntl  # POSIX; `supported` is False elsewhere
+def _load(isa: str) -> None:
+    import fcntl  # POSIX: the kernels build with GCC or Clang on Linux and macOS
 
     start = time.perf_counter()
     put_ninja_on_path()
-    directory = build_directory()
+    namespace = f"tokenmill_{isa}"
+    directory = build_directory(isa)
     directory.mkdir(parents=True, exist_ok=True)
     # PyTorch's loader guards a build with a `lock` file that only its owner deletes: a
     # process killed mid-build (a server stopped in its first seconds) leaves it behind, and
@@ -102,22 +191,35 @@ def load() -> None:
         fcntl.flock(guard, fcntl.LOCK_EX)
         (directory / "lock").unlink(missing_ok=True)
         cpp_extension.load(
-            name="tokenmill_cpu",
+            name=f"tokenmill_cpu_{isa}",
             sources=[str(s) for s in _SOURCES],
-            extra_cflags=_CFLAGS,
+            extra_cflags=[*_CFLAGS, *_ISA_CFLAGS[isa], f"-DTM_OPS={namespace}", _headers_flag()],
             extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(_SOURCES[0].parent)],
             build_directory=str(directory),
             is_python_module=False,
         )
-    torch.library.register_fake("tokenmill::int8_packed_linear")(_int8_packed_linear_fake)
-    torch.library.register_fake("tokenmill::paged_decode_attention")(_like_q)
-    torch.library.register_fake("tokenmill::paged_prefill_attention")(_like_q)
-    torch.library.register_fake("tokenmill::store_kv")(_nothing)
-    torch.library.register_fake("tokenmill::add_rms_norm")(_like_x_and_residual)
-    torch.library.register_fake("tokenmill::rotary_heads")(_rotary_heads_fake)
-    torch.library.register_fake("tokenmill::silu_and_mul")(_silu_and_mul_fake)
-    torch.library.register_fake("tokenmill::decode_layers")(_like_x_and_residual)
-    logger.info("C++ kernels ready after %.1f s", time.perf_counter() - start)
+    fakes = {
+        "int8_packed_linear": _int8_packed_linear_fake,
+        "paged_decode_attention": _like_q,
+        "paged_prefill_attention": _like_q,
+        "store_kv": _nothing,
+        "add_rms_norm": _like_x_and_residual,
+        "rotary_heads": _rotary_heads_fake,
+        "silu_and_mul": _silu_and_mul_fake,
+        "decode_layers": _like_x_and_residual,
+    }
+    for op, fake in fakes.items():
+        torch.library.register_fake(f"{namespace}::{op}")(fake)
+    logger.info("C++ kernels (%s) ready after %.1f s", isa, time.perf_counter() - start)
+
+
+def int8_packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, comp: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """The int8 GEMM of kernels/csrc/int8_gemm.cpp: quantization, GEMM and scaling in one
+    pass, bit for bit `cpu_ops.int8_dynamic_linear`'s result on every target."""
+    return _ops.int8_packed_linear(x, packed, comp, scale)
 
 
 def paged_decode_attention(
@@ -131,9 +233,7 @@ def paged_decode_attention(
     """`kernels.paged_decode_attention` in C++ (kernels/csrc/paged_attention.cpp): each
     sequence's blocks read in place, no gathered copy. float32 queries, head_dim 16, 32, 64
     or 128, at most 8 query heads per KV head."""
-    return torch.ops.tokenmill.paged_decode_attention(
-        q, k_cache, v_cache, block_tables, context_lens, scale
-    )
+    return _ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def paged_prefill_attention(
@@ -147,7 +247,7 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     """`kernels.paged_prefill_attention` in C++: the decode kernel once per query token, over
     its causal context, read in place. Same shapes as `paged_decode_attention`."""
-    return torch.ops.tokenmill.paged_prefill_attention(
+    return _ops.paged_prefill_attention(
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale
     )
 
@@ -160,7 +260,7 @@ def store_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """`kernels.store_kv` in C++: one pass, no per-step slot check in Python."""
-    torch.ops.tokenmill.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    _ops.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
 def add_rms_norm(
@@ -173,7 +273,7 @@ def add_rms_norm(
     """`kernels.rms_norm` with a residual, in C++ (kernels/csrc/layer_ops.cpp): returns
     (normalised, x + residual) for float32 rows, the first times ``input_scale`` (the next
     linear's SmoothQuant scale) where given."""
-    return torch.ops.tokenmill.add_rms_norm(x, residual, weight, input_scale, eps)
+    return _ops.add_rms_norm(x, residual, weight, input_scale, eps)
 
 
 def rotary_heads(
@@ -189,14 +289,14 @@ def rotary_heads(
     """A fused q/k/v projection's rows split into contiguous q, k and v heads, q and k
     normalised per head (where norms are given, as Qwen3's) and rotated by
     `kernels.apply_rotary`'s rule. positions are int64."""
-    return torch.ops.tokenmill.rotary_heads(
+    return _ops.rotary_heads(
         qkv, q_norm, k_norm, positions, rope_cache, num_heads, num_kv_heads, eps
     )
 
 
 def silu_and_mul(gate_up: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """`kernels.silu_and_mul` in C++, float32, times ``input_scale`` where given."""
-    return torch.ops.tokenmill.silu_and_mul(gate_up, input_scale)
+    return _ops.silu_and_mul(gate_up, input_scale)
 
 
 def decode_layers(
@@ -217,7 +317,7 @@ def decode_layers(
     """`kernels.reference.decode_layers` in C++ (kernels/csrc/decode_layers.cpp): every layer
     of a decode step in one call, on the ops above. float32 activations, w8a8 linears packed
     by `pack_int8_vnni`."""
-    return torch.ops.tokenmill.decode_layers(
+    return _ops.decode_layers(
         x,
         residual,
         positions,

@@ -130,14 +130,16 @@ async def get_model(request: Request) -> Response:
 async def health(request: Request) -> Response:
     """200 while serving; 503 once draining or once the engine has died, so load balancers
     stop sending traffic. `compile` says whether the engine runs compiled blocks yet
-    ("compiling" while it serves eagerly)."""
+    ("compiling" while it serves eagerly); `cpu` which kernels the CPU runs and why its
+    default modes were chosen."""
     state = _state(request)
     if state.engine.failure is not None:
         return JSONResponse({"status": "engine failed", "error": repr(state.engine.failure)},
                             status_code=503)
     if state.admission.draining:
         return JSONResponse({"status": "shutting down"}, status_code=503)
-    return JSONResponse({"status": "ok", "compile": state.engine.stats().compile_state})
+    stats = state.engine.stats()
+    return JSONResponse({"status": "ok", "compile": stats.compile_state, "cpu": stats.cpu})
 
 
 async def metrics(request: Request) -> Response:

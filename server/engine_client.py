@@ -35,6 +35,7 @@ class EngineStatsLike(Protocol):
     prompt_tokens_total: int
     generation_tokens_total: int
     compile_state: str
+    cpu: dict[str, object]  # the CPU path (engine/cpu_path.py); empty off CPU
 
 
 class EngineClient(Protocol):

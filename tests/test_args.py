@@ -5,17 +5,38 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels.native
 from engine.args import EngineArgs
+from engine.cpu_path import cpu_path
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def test_cpu_defaults_are_the_fast_path():
+# The measured fastest mode per kernel target (docs/performance.md): tokenmill's int8 GEMM
+# where it has vector code, float32 on ATen's GEMM where it has none.
+FASTEST = {
+    "avx512_vnni": ("w8a8", "background"),
+    "avx2": ("w8a8", "background"),
+    "generic": ("none", "off"),
+}
+
+
+@pytest.mark.parametrize("isa", kernels.native.runnable_isas())
+def test_cpu_defaults_are_the_fastest_mode_for_the_instruction_set(isa, monkeypatch):
+    monkeypatch.setenv(kernels.native.ISA_ENV, isa)
     args = EngineArgs()
     assert args.resolve_dtype(CPU) == torch.float32
-    assert args.resolve_quantization(CPU) == "w8a8"
+    assert (args.resolve_quantization(CPU), args.resolve_compile(CPU)) == FASTEST[isa]
     assert args.resolve_kv_cache_dtype(CPU) == torch.bfloat16
-    assert args.resolve_compile(CPU) == "background"
+    path = cpu_path()
+    assert (path.isa, path.forced) == (isa, isa != kernels.native.detected_isa())
+    assert path.reason and path.as_dict()["quantization"] == FASTEST[isa][0]
+
+
+def test_a_bad_forced_instruction_set_fails_clearly(monkeypatch):
+    monkeypatch.setenv(kernels.native.ISA_ENV, "avx9000")
+    with pytest.raises(ValueError, match="TOKENMILL_CPU_ISA"):
+        EngineArgs().resolve_quantization(CPU)
 
 
 def test_an_explicit_dtype_keeps_the_exact_model():

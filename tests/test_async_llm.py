@@ -270,3 +270,29 @@ def test_a_dead_engine_loop_fails_waiting_requests_and_says_so(tiny_path, monkey
             await engine.shutdown()
 
     asyncio.run(run())
+
+
+def test_a_token_outside_the_vocabulary_fails_only_its_request(tiny_path, monkeypatch):
+    """NaN logits once sampled an id past the vocabulary, which failed the next forward
+    pass for the whole batch; such a token now ends its own request."""
+
+    async def run():
+        engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
+        real_run = engine.engine.runner.run
+
+        def run_with_a_bad_token(*args):
+            seqs, tokens, logprobs = real_run(*args)
+            tokens = [10**6 if s.request.request_id == "bad" else t
+                      for s, t in zip(seqs, tokens, strict=True)]
+            return seqs, tokens, logprobs
+
+        monkeypatch.setattr(engine.engine.runner, "run", run_with_a_bad_token)
+        try:
+            good, bad = await asyncio.gather(_tokens(engine, "good"), _tokens(engine, "bad"),
+                                             return_exceptions=True)
+            assert isinstance(bad, RequestFailedError) and "outside the vocabulary" in str(bad)
+            assert len(good) == 6 and engine.failure is None
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())

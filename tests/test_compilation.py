@@ -88,7 +88,6 @@ def _greedy(llm, prompts):
 PROMPTS = [list(range(3, 40)), list(range(50, 58))]
 
 
-@pytest.mark.skipif(not kernels.native.supported(), reason="needs AVX-512 VNNI")
 def test_native_kernels_take_over_the_default_mode(tiny_model_dir):
     llm = LLM(tiny_model_dir("llama"), device="cpu", compile="off")
     model = llm.engine.runner.model
@@ -110,7 +109,6 @@ def test_native_kernels_take_over_the_default_mode(tiny_model_dir):
     # with these kernels is tests/test_quality.py's.
 
 
-@pytest.mark.skipif(not kernels.native.supported(), reason="needs AVX-512 VNNI")
 def test_native_attention_keeps_float32_logprobs(tiny_model_dir):
     llm = LLM(
         tiny_model_dir("llama"),
@@ -129,7 +127,6 @@ def test_native_attention_keeps_float32_logprobs(tiny_model_dir):
                 assert abs(la - lb) < 1e-4
 
 
-@pytest.mark.skipif(not kernels.native.supported(), reason="needs AVX-512 VNNI")
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_one_graph_decode_stack_matches_the_layer_by_layer_path(tiny_model_dir, arch):
     """A single short sequence exercises the padding (one row, one block-table column), the
@@ -163,13 +160,18 @@ def test_one_graph_decode_stack_matches_the_layer_by_layer_path(tiny_model_dir, 
     assert calls.count(1) == 11 and calls.count(2) == 11  # every decode step of both runs
 
 
-@pytest.mark.skipif(not kernels.native.supported(), reason="needs AVX-512 VNNI")
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_native_decode_stack_serves_the_default_mode(tiny_model_dir, arch, monkeypatch):
-    """With every linear on the VNNI GEMM, the compile step installs engine/native_layers.py:
-    decode steps run all layers in one C++ call, and give the same bits as the per-layer C++
-    blocks that prefill and mixed steps use."""
-    llm = LLM(tiny_model_dir(arch), device="cpu", compile="on")
+# Every architecture on the CPU's own kernels, and Llama on each slower target it runs.
+_STACK_CASES = [(kernels.native.detected_isa(), arch) for arch in ("llama", "qwen2", "qwen3")]
+_STACK_CASES += [(isa, "llama") for isa in kernels.native.runnable_isas()[1:]]
+
+
+@pytest.mark.parametrize(("isa", "arch"), _STACK_CASES)
+def test_native_decode_stack_serves_the_default_mode(tiny_model_dir, isa, arch, monkeypatch):
+    """With every linear on the C++ int8 GEMM, the compile step installs
+    engine/native_layers.py: decode steps run all layers in one C++ call, and give the same
+    bits as the per-layer C++ blocks that prefill and mixed steps use."""
+    monkeypatch.setenv(kernels.native.ISA_ENV, isa)
+    llm = LLM(tiny_model_dir(arch), device="cpu", quantization="w8a8", compile="on")
     model = llm.engine.runner.model
     assert model.dense_blocks.attention_input is native_layers._attention_input
     stack, calls = model.decode_layers, []

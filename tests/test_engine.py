@@ -201,3 +201,32 @@ def test_abort_in_every_state_frees_all_blocks(tiny_model_dir):
     assert not engine.has_unfinished_requests()
     assert bm.num_used_blocks == 0
     assert bm.num_free_blocks + bm.num_evictable_blocks == free_at_start
+
+
+def test_a_request_failing_in_the_engine_fails_the_offline_call_cleanly(tiny_model_dir,
+                                                                        monkeypatch):
+    """LLM.generate raises the failed request's error and leaves no request behind, so
+    the next call starts clean."""
+    from engine.errors import RequestFailedError
+
+    llm = _llm(tiny_model_dir("llama"))
+    append = llm.engine.outputs.append
+
+    def append_or_fail(seq, *args):
+        if seq.request.request_id == "1":
+            raise TypeError("detokenizer exploded")
+        return append(seq, *args)
+
+    monkeypatch.setattr(llm.engine.outputs, "append", append_or_fail)
+    prompts = _prompts(384, [5, 6, 7])
+    with pytest.raises(RequestFailedError, match="detokenizer exploded"):
+        llm.generate(prompts, _greedy(), use_tqdm=False)
+    assert llm.engine.requests == {} and llm.engine.block_manager.num_used_blocks == 0
+    monkeypatch.setattr(llm.engine.outputs, "append", append)
+    assert len(llm.generate(prompts, _greedy(), use_tqdm=False)) == 3
+
+
+def test_stop_token_ids_must_be_in_the_vocabulary(tiny_model_dir):
+    llm = _llm(tiny_model_dir("llama"))
+    with pytest.raises(ValueError, match="stop_token_ids must be token ids below"):
+        llm.generate([1, 2, 3], SamplingParams(stop_token_ids=[384]), use_tqdm=False)

@@ -68,9 +68,9 @@ def test_w8a8_is_the_dynamic_int8_kernel_and_batch_invariant():
         assert torch.equal(layer(x[:rows]), out[:rows])
 
 
-@pytest.mark.skipif(not kernels.native.supported(), reason="needs AVX-512 VNNI")
-def test_pack_for_vnni_keeps_every_output_bit_for_bit():
-    kernels.native.load()
+@pytest.mark.parametrize("isa", kernels.native.runnable_isas())
+def test_pack_for_vnni_keeps_every_output_bit_for_bit(isa):
+    kernels.native.load(isa)
     layer = CpuLinear(*_weights(), "w8a8")
     x = torch.randn(21, 64)
     before = layer(x)

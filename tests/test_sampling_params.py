@@ -44,6 +44,8 @@ def test_greedy_below_epsilon(temperature, greedy):
         {"top_k": 1},
         {"min_p": 1.0},
         {"repetition_penalty": 0.5},
+        {"repetition_penalty": 0.01},
+        {"repetition_penalty": 100},
         {"presence_penalty": -2.0, "frequency_penalty": 2.0},
         {"seed": 0},
         {"seed": 2**64 - 1},
@@ -75,6 +77,8 @@ def test_boundary_values_are_accepted(kwargs):
         ({"min_p": -0.1}, "min_p"),
         ({"min_p": 1.1}, "min_p"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": 1e-38}, "repetition_penalty"),  # 0 in float32: NaN logits
+        ({"repetition_penalty": 1e3}, "repetition_penalty"),
         ({"presence_penalty": 2.1}, "presence_penalty"),
         ({"frequency_penalty": -2.1}, "frequency_penalty"),
         ({"seed": "7"}, "seed"),

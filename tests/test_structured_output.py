@@ -7,6 +7,7 @@ every token the 49k vocabulary offers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -15,8 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import LLM, SamplingParams
-from engine.structured_output import StructuredOutputsParams
+from engine import LLM, AsyncLLM, SamplingParams, StructuredOutputsParams
 
 PROMPT = "Answer in JSON."
 
@@ -201,3 +201,24 @@ def test_a_grammar_cut_by_the_budget_finishes_with_length(llm):
                             structured_outputs=StructuredOutputsParams(regex="[a-z]{40}"))
     ((text, reason),) = _texts(llm, [params])
     assert reason == "length" and re.fullmatch("[a-z]+", text)
+
+
+def test_chat_and_async_llm_take_structured_outputs(llm, tiny_chat_model_dir):
+    params = SamplingParams(temperature=1.0, max_tokens=20, seed=2,
+                            structured_outputs=StructuredOutputsParams(choice=["up", "down"]))
+    chat = llm.chat([{"role": "user", "content": "Which way?"}], params, use_tqdm=False)
+    assert chat[0].outputs[0].text in ("up", "down")
+
+    async def stream() -> tuple[str, str]:
+        engine = AsyncLLM(model=tiny_chat_model_dir, device="cpu", num_threads=1, compile="off")
+        text, reason = "", None
+        try:
+            async for out in engine.generate("Which way?", params, "r0"):
+                text += out.outputs[0].text
+                reason = out.outputs[0].finish_reason
+        finally:
+            await engine.shutdown()
+        return text, reason
+
+    text, reason = asyncio.run(stream())
+    assert text in ("up", "down") and reason == "stop"

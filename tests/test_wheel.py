@@ -19,6 +19,7 @@ from tests.server.live_server import start_server
 ROOT = Path(__file__).resolve().parents[1]
 # What a source distribution holds: the wheel is built from these alone.
 SOURCES = ["pyproject.toml", "setup.py", "README.md", "engine", "kernels", "server", "orchestrator"]
+TEST_ONLY = ["transformers", "accelerate"]  # the test extra's; the engine must not need them
 
 
 def _run(*command: str | Path, cwd: Path | None = None) -> str:
@@ -35,7 +36,8 @@ def venv(tmp_path_factory) -> Path:
 
     Third-party packages (torch, the default model...) come from this interpreter's
     site-packages through a .pth file, which adds that folder to sys.path without running
-    the .pth files inside it, so the checkout's editable install is not seen."""
+    the .pth files inside it, so the checkout's editable install is not seen. Packages only
+    the test extra declares are made unimportable, as they are for a user."""
     tmp = tmp_path_factory.mktemp("wheel")
     for name in SOURCES:
         source, copy = ROOT / name, tmp / "src" / name
@@ -55,6 +57,10 @@ def venv(tmp_path_factory) -> Path:
     purelib = _run(env / "bin" / "python", "-c",
                    "import sysconfig; print(sysconfig.get_path('purelib'))")
     Path(purelib.strip(), "third_party.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    hidden = ", ".join(f"{name!r}: None" for name in TEST_ONLY)
+    Path(purelib.strip(), "hide_test_only.pth").write_text(
+        f"import sys; sys.modules.update({{{hidden}}})\n"
+    )
     return env
 
 
@@ -65,28 +71,35 @@ def test_the_installed_wheel_serves_a_chat_completion(venv, tmp_path):
                  "print(engine.__file__, kernels.__file__, server.__file__, o.__file__)",
                  cwd=tmp_path).split()
     assert all(Path(f).is_relative_to(venv) for f in files), files
+    # The test extra's packages are out of reach: the server below runs without them.
+    blocked = subprocess.run([python, "-c", "import transformers"], capture_output=True,
+                             cwd=tmp_path, check=False)
+    assert blocked.returncode != 0
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "torch_extensions")
     server = start_server(python=str(python), cwd=tmp_path, env=env)
+    # Generous timeouts: the first C++ build (a new install location is a cold build) runs
+    # alongside the first request, and the server exits only once it is done.
     try:
         reply = httpx.post(
             f"{server.url}/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "What is the capital of Japan?"}],
                   "max_tokens": 8, "temperature": 0},
-            timeout=120,
+            timeout=600,
         ).json()
         assert reply["choices"][0]["message"]["content"].strip()
         assert reply["usage"]["completion_tokens"] >= 1
         if kernels.native.supported():
             deadline = time.monotonic() + 600
-            while (state := httpx.get(f"{server.url}/health").json()["compile"]) == "compiling":
+            health = f"{server.url}/health"
+            while (state := httpx.get(health, timeout=60).json()["compile"]) == "compiling":
                 assert time.monotonic() < deadline, "the C++ build did not finish"
                 time.sleep(1)
             assert state == "ready"
             # Built from the wheel's own sources, not a cached build of the checkout's.
             assert list((tmp_path / "torch_extensions").glob("*/tokenmill_cpu.so"))
     finally:
-        assert server.stop() == 0
+        assert server.stop(timeout=600) == 0
 
 
 def test_ninja_next_to_the_interpreter_is_put_on_path(monkeypatch, tmp_path):

@@ -1,11 +1,11 @@
 // All decoder layers of a CPU decode step in one call: norms, projections, rotary, the KV
 // write, attention and the MLP, layer after layer, without returning to Python.
 //
-// Why: with the GEMMs and attention already in C++, a 16-sequence decode step of
-// SmolLM2-135M compiled by torch.compile still spent about 3 ms of its ~18 outside them, in
-// Dynamo's guards, Inductor's Python wrapper (some 180 kernel calls and 750 size asserts a
-// step) and one OpenMP team per small fused loop. Here the small passes (layer_ops.cpp) run
-// on the calling thread below ~32k values, and only the GEMMs and attention fork.
+// Why: a torch.compile graph around the same GEMMs and attention spends about 3 ms of a
+// ~18 ms 16-sequence decode step of SmolLM2-135M outside them (two cores), in Dynamo's
+// guards, Inductor's Python wrapper (some 180 kernel calls and 750 size asserts a step) and
+// one OpenMP team per small fused loop. Here the small passes (layer_ops.cpp) run on the
+// calling thread below ~32k values, and only the GEMMs and attention fork.
 //
 // Semantics are those of kernels.reference.decode_layers: the w8a8 linears of
 // int8_packed_linear (SmoothQuant input scales applied first), Hugging Face's RMSNorm and
@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
 
 }  // namespace tokenmill
 
-TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+TM_OPS_FRAGMENT(m) {
   m.def(
       "decode_layers(Tensor x, Tensor residual, Tensor positions, Tensor rope_cache, "
       "Tensor block_tables, Tensor context_lens, Tensor slot_mapping, Tensor?[] weights, "
@@ -150,4 +150,4 @@ TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
       "-> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) { m.impl("decode_layers", tokenmill::decode_layers); }
+TM_OPS_IMPL(m) { m.impl("decode_layers", tokenmill::decode_layers); }

@@ -1,17 +1,23 @@
-// int8 x int8 GEMM with AVX-512 VNNI for the w8a8 linears of a CPU decode step.
+// int8 x int8 GEMM for the w8a8 linears of a CPU decode step, one inner kernel per target:
+//
+// * AVX-512 VNNI: vpdpbusd, four multiply-adds of 16 outputs in one instruction.
+// * AVX2: vpmaddubsw + vpmaddwd on signed bytes (|w| * sign(a, w), so that a pair of
+//   products, at most 2 x 128 x 127, never saturates the 16-bit sums).
+// * generic: plain C++ loops over the same layout.
 //
 // Why not torch._int_mm: oneDNN's kernel is tuned for large row counts; at the 1-32 rows of a
-// decode step the 30 layers of SmolLM2-135M took about 1.5x longer there than here, and the
-// activations' quantization and the output's scaling cost extra passes around it. This kernel
-// takes float32 activations, rounds each row to int8 exactly as
-// kernels.reference.quantize_rows_int8 does, and writes float32 outputs scaled as
-// kernels.cpu_ops.int8_dynamic_linear scales them, so the two agree bit for bit.
+// decode step the 30 layers of SmolLM2-135M take about 1.5x longer there than here on AVX-512
+// VNNI, and on AVX2 it runs at a few GOP/s. The activations' quantization and the output's
+// scaling also cost extra passes around it. This kernel takes float32 activations, rounds
+// each row to int8 exactly as kernels.reference.quantize_rows_int8 does, and writes float32
+// outputs scaled as kernels.cpu_ops.int8_dynamic_linear scales them. Integer sums are exact on
+// every target, so all of them agree with that function, and with each other, bit for bit.
 //
 // Layout: the weight [N, K] (int8, one scale per output) is packed by
 // kernels.reference.pack_int8_vnni as [N / 16][K / 4][16][4]: one 64-byte load gives four
-// consecutive k of 16 outputs, the operand of one vpdpbusd. vpdpbusd multiplies unsigned by
-// signed bytes, so activations are stored as q + 128 and 128 * sum_k w[n, k] (`comp`) is
-// subtracted from every sum.
+// consecutive k of 16 outputs, the operand of one vpdpbusd (two ymm loads on AVX2). vpdpbusd
+// multiplies unsigned by signed bytes, so there activations are stored as q + 128 and
+// 128 * sum_k w[n, k] (`comp`) is subtracted from every sum; the other targets store q.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,14 +25,32 @@
 #include "tokenmill.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
 namespace {
 
-constexpr int64_t kLanes = 16;   // int32 lanes of a zmm register: outputs per column block
-constexpr int kRows = 4;         // rows per register tile
-constexpr int kBlocks = 4;       // column blocks per register tile (4 x 4 accumulators)
+using tokenmill::simd::F16;
+using tokenmill::simd::kLanes;  // outputs per column block (one zmm of int32 sums)
+namespace simd = tokenmill::simd;
+
+using TileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, const int32_t*,
+                        const float*, const float*, float*, int64_t, const int8_t*, int);
+
+// Pull the next tile's weights toward L2 while this one computes: without it the first row
+// tile of every column block waits on L3.
+inline void prefetch_next(const int8_t* prefetch, int64_t k, int prefetch_blocks) {
+  for (int p = 0; p < prefetch_blocks; ++p)
+    __builtin_prefetch(prefetch + (k * prefetch_blocks + 4 * p) * kLanes, 0, 2);
+}
+
+#if defined(__AVX512VNNI__)
+
+constexpr int kActivationOffset = 128;
+constexpr int kRows = 4;    // rows per register tile
+constexpr int kBlocks = 4;  // column blocks per register tile (4 x 4 accumulators)
 
 // Sums of a tile of MB rows x NV column blocks over all of K, then the float epilogue.
 // Accumulators are named variables rather than an array: GCC 12 otherwise copies each one
@@ -56,11 +80,7 @@ void tile(const uint8_t* a, int64_t k_len, const int8_t* b, int64_t block_bytes,
     const __m512i v2 = NV > 2 ? _mm512_loadu_si512(b2 + k * kLanes) : z;
     const __m512i v3 = NV > 3 ? _mm512_loadu_si512(b3 + k * kLanes) : z;
     TM_ROW(0) TM_ROW(1) TM_ROW(2) TM_ROW(3)
-    // Pull the next tile's weights toward L2 while this one computes: without it the first
-    // row tile of every column block waits on L3.
-    for (int p = 0; p < prefetch_blocks; ++p)
-      _mm_prefetch(reinterpret_cast<const char*>(prefetch + (k * prefetch_blocks + 4 * p) * kLanes),
-                   _MM_HINT_T1);
+    prefetch_next(prefetch, k, prefetch_blocks);
   }
 #undef TM_ROW
   alignas(64) int32_t sums[kRows][kBlocks * kLanes];
@@ -81,32 +101,115 @@ void tile(const uint8_t* a, int64_t k_len, const int8_t* b, int64_t block_bytes,
   }
 }
 
-using TileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, const int32_t*,
-                        const float*, const float*, float*, int64_t, const int8_t*, int);
+#else  // AVX2 and generic: signed activations, one column block per tile
 
+constexpr int kActivationOffset = 0;
+constexpr int kRows = 4;
+constexpr int kBlocks = 1;
+
+#if defined(__AVX2__)
+// The sums of MB rows x 16 outputs, two ymm of 8 each per row.
 template <int MB>
-constexpr TileFn kTileRow[kBlocks + 1] = {nullptr, tile<MB, 1>, tile<MB, 2>, tile<MB, 3>,
-                                          tile<MB, 4>};
-constexpr const TileFn* kTiles[kRows + 1] = {nullptr, kTileRow<1>, kTileRow<2>, kTileRow<3>,
-                                             kTileRow<4>};
+void block_sums(const int8_t* a, int64_t k_len, const int8_t* b, const int8_t* prefetch,
+                int prefetch_blocks, int32_t (*sums)[kLanes]) {
+  const __m256i z = _mm256_setzero_si256(), ones = _mm256_set1_epi16(1);
+  __m256i c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z;
+#define TM_HALF(acc, w, u)                                                                      \
+  acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(av, w)), \
+                                                ones));
+#define TM_ROW(I)                                                                        \
+  if constexpr (MB > I) {                                                                \
+    const __m256i av = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(a + I * k_len + k)); \
+    TM_HALF(c##I##0, w0, u0)                                                             \
+    TM_HALF(c##I##1, w1, u1)                                                             \
+  }
+  for (int64_t k = 0; k < k_len; k += 4) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k * kLanes));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k * kLanes + 32));
+    const __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);  // |w|
+    TM_ROW(0) TM_ROW(1) TM_ROW(2) TM_ROW(3)
+    prefetch_next(prefetch, k, prefetch_blocks);
+  }
+#undef TM_ROW
+#undef TM_HALF
+  const __m256i acc[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+  for (int i = 0; i < MB; ++i)
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums[i] + 8 * h), acc[i][h]);
+}
+#else
+template <int MB>
+void block_sums(const int8_t* a, int64_t k_len, const int8_t* b, const int8_t* prefetch,
+                int prefetch_blocks, int32_t (*sums)[kLanes]) {
+  for (int i = 0; i < MB; ++i) std::fill(sums[i], sums[i] + kLanes, 0);
+  for (int64_t k = 0; k < k_len; k += 4) {
+    const int8_t* w = b + k * kLanes;
+    for (int i = 0; i < MB; ++i) {
+      const int8_t* x = a + i * k_len + k;
+      for (int64_t n = 0; n < kLanes; ++n)
+        sums[i][n] += x[0] * w[4 * n] + x[1] * w[4 * n + 1] + x[2] * w[4 * n + 2] +
+                      x[3] * w[4 * n + 3];
+    }
+    prefetch_next(prefetch, k, prefetch_blocks);
+  }
+}
+#endif
 
-// One row to codes round(x / s) + 128 with s = max|x| / 127, as quantize_rows_int8 rounds
-// it: true division and round-half-even (the default MXCSR mode of cvtps2dq).
+template <int MB, int NV>
+void tile(const uint8_t* a, int64_t k_len, const int8_t* b, int64_t, const int32_t*,
+          const float* a_scale, const float* b_scale, float* c, int64_t ldc,
+          const int8_t* prefetch, int prefetch_blocks) {
+  static_assert(MB >= 1 && MB <= kRows && NV == 1);
+  int32_t sums[kRows][kLanes];
+  block_sums<MB>(reinterpret_cast<const int8_t*>(a), k_len, b, prefetch, prefetch_blocks, sums);
+  // (sum * row scale) * column scale, the order of cpu_ops.int8_dynamic_linear.
+  for (int i = 0; i < MB; ++i)
+    for (int64_t n = 0; n < kLanes; ++n)
+      c[i * ldc + n] = static_cast<float>(sums[i][n]) * a_scale[i] * b_scale[n];
+}
+
+#endif
+
+// kTiles[rows][blocks]: the tile for a row count in [1, kRows] and a block count in
+// [1, kBlocks].
+template <int MB, size_t... NV>
+constexpr std::array<TileFn, kBlocks + 1> tile_row(std::index_sequence<NV...>) {
+  return {nullptr, tile<MB, static_cast<int>(NV) + 1>...};
+}
+template <int MB>
+constexpr std::array<TileFn, kBlocks + 1> kTileRow = tile_row<MB>(std::make_index_sequence<kBlocks>());
+constexpr const TileFn* kTiles[kRows + 1] = {nullptr, kTileRow<1>.data(), kTileRow<2>.data(),
+                                             kTileRow<3>.data(), kTileRow<4>.data()};
+
+// One row to codes round(x / s) (+ kActivationOffset) with s = max|x| / 127, as
+// quantize_rows_int8 rounds it: true division and round-half-even.
 void quantize_row(const float* x, int64_t k_len, uint8_t* q, float* scale) {
-  __m512 m = _mm512_setzero_ps();
+  F16 m = simd::zero();
   int64_t k = 0;
-  for (; k + kLanes <= k_len; k += kLanes) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-  float absmax = _mm512_reduce_max_ps(m);
+  for (; k + kLanes <= k_len; k += kLanes) m = simd::max(m, simd::abs(simd::load(x + k)));
+  float absmax = simd::reduce_max(m);
   for (; k < k_len; ++k) absmax = std::max(absmax, std::fabs(x[k]));
   const float s = std::max(absmax / 127.0f, 1.17549435e-38f);  // the smallest normal float
-  const __m512 sv = _mm512_set1_ps(s);
-  const __m512i offset = _mm512_set1_epi32(128);
-  for (k = 0; k + kLanes <= k_len; k += kLanes) {
-    const __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + k), sv));
+  const F16 sv = simd::set1(s);
+  k = 0;
+#if defined(__AVX512F__)
+  const __m512i offset = _mm512_set1_epi32(kActivationOffset);
+  for (; k + kLanes <= k_len; k += kLanes) {
+    // cvtps2dq rounds half to even, the default MXCSR mode
+    const __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + k), sv.v));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
                      _mm512_cvtepi32_epi8(_mm512_add_epi32(v, offset)));
   }
-  for (; k < k_len; ++k) q[k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(x[k] / s)) + 128);
+#else
+  for (; k + kLanes <= k_len; k += kLanes) {
+    float r[kLanes];
+    simd::store(r, simd::round(simd::div(simd::load(x + k), sv)));
+    for (int64_t j = 0; j < kLanes; ++j)
+      q[k + j] = static_cast<uint8_t>(static_cast<int>(r[j]) + kActivationOffset);
+  }
+#endif
+  for (; k < k_len; ++k)
+    q[k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(x[k] / s)) + kActivationOffset);
   *scale = s;
 }
 
@@ -163,8 +266,8 @@ at::Tensor int8_packed_linear(const at::Tensor& x, const at::Tensor& packed,
 
 }  // namespace tokenmill
 
-TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+TM_OPS_FRAGMENT(m) {
   m.def("int8_packed_linear(Tensor x, Tensor packed, Tensor comp, Tensor scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) { m.impl("int8_packed_linear", tokenmill::int8_packed_linear); }
+TM_OPS_IMPL(m) { m.impl("int8_packed_linear", tokenmill::int8_packed_linear); }

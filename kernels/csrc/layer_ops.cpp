@@ -20,16 +20,14 @@
 
 namespace {
 
-constexpr int64_t kLanes = 16;
+using tokenmill::simd::F16;
+using tokenmill::simd::kLanes;
+namespace simd = tokenmill::simd;
 constexpr int64_t kMaxHeadDim = 128;
 
 // Rows per task: one thread up to ~32k values, where starting an OpenMP team costs more than
 // the pass itself.
 int64_t grain(int64_t width) { return std::max<int64_t>(1, 32768 / width); }
-
-inline __mmask16 lanes(int64_t left) {
-  return left >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-}
 
 // One head of `d` values: plus bias, RMSNorm with `norm` (both optional), then rotate-half
 // rotary with cos = cs[0, d/2) and sin = cs[d/2, d) unless cs is null, into dst.
@@ -78,20 +76,20 @@ void add_rms_norm_into(const at::Tensor& x, const at::Tensor& residual, const fl
       const float* rr = rp + i * h;
       float* sr = sp + i * h;
       float* orow = op + i * h;
-      __m512 squares = _mm512_setzero_ps();
+      F16 squares = simd::zero();
       for (int64_t j = 0; j < h; j += kLanes) {
-        const __mmask16 m = lanes(h - j);
-        const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, xr + j), _mm512_maskz_loadu_ps(m, rr + j));
-        _mm512_mask_storeu_ps(sr + j, m, v);
-        squares = _mm512_fmadd_ps(v, v, squares);
+        const int64_t m = h - j;
+        const F16 v = simd::add(simd::load_first(xr + j, m), simd::load_first(rr + j, m));
+        simd::store_first(sr + j, v, m);
+        squares = simd::fmadd(v, v, squares);
       }
-      const __m512 r = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / h + eps));
+      const F16 r = simd::set1(1.0f / std::sqrt(simd::reduce_add(squares) / h + eps));
       for (int64_t j = 0; j < h; j += kLanes) {
-        const __mmask16 m = lanes(h - j);
-        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr + j), r);
-        v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, weight + j), v);
-        if (input_scale != nullptr) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, input_scale + j));
-        _mm512_mask_storeu_ps(orow + j, m, v);
+        const int64_t m = h - j;
+        F16 v = simd::mul(simd::load_first(sr + j, m), r);
+        v = simd::mul(simd::load_first(weight + j, m), v);
+        if (input_scale != nullptr) v = simd::mul(v, simd::load_first(input_scale + j, m));
+        simd::store_first(orow + j, v, m);
       }
     }
   });
@@ -128,21 +126,20 @@ void silu_and_mul_into(const at::Tensor& gate_up, const float* input_scale, at::
   const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
   const float* gp = gate_up.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const __m512 one = _mm512_set1_ps(1.0f);
+  const F16 one = simd::set1(1.0f);
   at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* g = gp + i * 2 * n;
       const float* u = g + n;
       for (int64_t j = 0; j < n; j += kLanes) {
-        const __mmask16 m = lanes(n - j);
-        const __m512 gv = _mm512_maskz_loadu_ps(m, g + j);
+        const int64_t m = n - j;
+        const F16 gv = simd::load_first(g + j, m);
         // sigmoid from exp(-|g|), which never overflows
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
-        const __mmask16 negative = _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ);
-        const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, e), _mm512_add_ps(one, e));
-        __m512 v = _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid), _mm512_maskz_loadu_ps(m, u + j));
-        if (input_scale != nullptr) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, input_scale + j));
-        _mm512_mask_storeu_ps(op + i * n + j, m, v);
+        const F16 e = simd::exp_nonpositive(simd::sub(simd::zero(), simd::abs(gv)));
+        const F16 sigmoid = simd::div(simd::select_negative(gv, e, one), simd::add(one, e));
+        F16 v = simd::mul(simd::mul(gv, sigmoid), simd::load_first(u + j, m));
+        if (input_scale != nullptr) v = simd::mul(v, simd::load_first(input_scale + j, m));
+        simd::store_first(op + i * n + j, v, m);
       }
     }
   });
@@ -213,7 +210,7 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up, const std::optional<at::Tenso
 
 }  // namespace tokenmill
 
-TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+TM_OPS_FRAGMENT(m) {
   m.def(
       "add_rms_norm(Tensor x, Tensor residual, Tensor weight, Tensor? input_scale, float eps) "
       "-> (Tensor, Tensor)");
@@ -223,7 +220,7 @@ TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("silu_and_mul(Tensor gate_up, Tensor? input_scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
+TM_OPS_IMPL(m) {
   m.impl("add_rms_norm", tokenmill::add_rms_norm);
   m.impl("rotary_heads", tokenmill::rotary_heads);
   m.impl("silu_and_mul", tokenmill::silu_and_mul);

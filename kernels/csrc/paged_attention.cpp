@@ -26,93 +26,110 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kLanes = 16;
+using tokenmill::simd::F16;
+using tokenmill::simd::kLanes;
+namespace simd = tokenmill::simd;
 constexpr int kMaxGroup = 8;  // query heads per KV head
 
-// A cache row of NC * 16 values as NC float32 vectors. bfloat16 rows of whole 32-value
+// A cache row of NC * 16 values as NC vectors. On AVX-512, bfloat16 rows of whole 32-value
 // groups load 32 at a time and widen with one instruction per 16: even-indexed values come
 // out of a shift, odd-indexed ones out of a mask, so vector 2j holds values 32j + 0, 2, ..,
 // 30 and vector 2j + 1 values 32j + 1, 3, .., 31 (`kernel order`). Queries are permuted the
 // same way and outputs back, which a dot product or a weighted sum of rows does not notice.
+// Other targets widen 16 values at a time in natural order.
 template <int NC>
-inline void load_row(const float* p, __m512* out) {
-  for (int c = 0; c < NC; ++c) out[c] = _mm512_loadu_ps(p + c * kLanes);
+inline void load_row(const float* p, F16* out) {
+  for (int c = 0; c < NC; ++c) out[c] = simd::load(p + c * kLanes);
 }
+
+#if defined(__AVX512F__)
+template <int NC, typename T>
+constexpr bool kSplitsPairs = std::is_same_v<T, c10::BFloat16> && NC % 2 == 0;
+
 template <int NC>
-inline void load_row(const c10::BFloat16* p, __m512* out) {
+inline void load_row(const c10::BFloat16* p, F16* out) {
   if constexpr (NC % 2 == 0) {
     const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int c = 0; c < NC; c += 2) {
       const __m512i x = _mm512_loadu_si512(p + c * kLanes);
-      out[c] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-      out[c + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, high));
+      out[c].v = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+      out[c + 1].v = _mm512_castsi512_ps(_mm512_and_si512(x, high));
     }
   } else {
     for (int c = 0; c < NC; ++c) {
       const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + c * kLanes));
-      out[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      out[c].v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
   }
 }
-
+#else
 template <int NC, typename T>
-constexpr bool kSplitsPairs = std::is_same_v<T, c10::BFloat16> && NC % 2 == 0;
+constexpr bool kSplitsPairs = false;
+
+#if defined(__AVX2__)
+inline __m256 widen8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+template <int NC>
+inline void load_row(const c10::BFloat16* p, F16* out) {
+  for (int c = 0; c < NC; ++c) out[c] = {widen8(p + c * kLanes), widen8(p + c * kLanes + 8)};
+}
+#else
+template <int NC>
+inline void load_row(const c10::BFloat16* p, F16* out) {
+  for (int c = 0; c < NC; ++c)
+    for (int64_t i = 0; i < kLanes; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(p[c * kLanes + i].x) << 16;
+      std::memcpy(&out[c].v[i], &bits, sizeof(bits));
+    }
+}
+#endif
+#endif
 
 // A float32 row (a query) into kernel order, times `scale`.
 template <int NC, typename T>
-inline void to_kernel_order(const float* x, float scale, __m512* out) {
-  const __m512 sv = _mm512_set1_ps(scale);
+inline void to_kernel_order(const float* x, float scale, F16* out) {
+  const F16 sv = simd::set1(scale);
+#if defined(__AVX512F__)
   if constexpr (kSplitsPairs<NC, T>) {
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     for (int c = 0; c < NC; c += 2) {
       const __m512 lo = _mm512_loadu_ps(x + c * kLanes), hi = _mm512_loadu_ps(x + (c + 1) * kLanes);
-      out[c] = _mm512_mul_ps(_mm512_permutex2var_ps(lo, even, hi), sv);
-      out[c + 1] = _mm512_mul_ps(_mm512_permutex2var_ps(lo, odd, hi), sv);
+      out[c].v = _mm512_mul_ps(_mm512_permutex2var_ps(lo, even, hi), sv.v);
+      out[c + 1].v = _mm512_mul_ps(_mm512_permutex2var_ps(lo, odd, hi), sv.v);
     }
-  } else {
-    for (int c = 0; c < NC; ++c) out[c] = _mm512_mul_ps(_mm512_loadu_ps(x + c * kLanes), sv);
+    return;
   }
+#endif
+  for (int c = 0; c < NC; ++c) out[c] = simd::mul(simd::load(x + c * kLanes), sv);
 }
 
 // Vectors in kernel order, times `scale`, back to a float32 row in natural order.
 template <int NC, typename T>
-inline void from_kernel_order(const __m512* v, float scale, float* out) {
-  const __m512 sv = _mm512_set1_ps(scale);
+inline void from_kernel_order(const F16* v, float scale, float* out) {
+  const F16 sv = simd::set1(scale);
+#if defined(__AVX512F__)
   if constexpr (kSplitsPairs<NC, T>) {
     const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
     for (int c = 0; c < NC; c += 2) {
-      const __m512 e = _mm512_mul_ps(v[c], sv), o = _mm512_mul_ps(v[c + 1], sv);
+      const __m512 e = _mm512_mul_ps(v[c].v, sv.v), o = _mm512_mul_ps(v[c + 1].v, sv.v);
       _mm512_storeu_ps(out + c * kLanes, _mm512_permutex2var_ps(e, first, o));
       _mm512_storeu_ps(out + (c + 1) * kLanes, _mm512_permutex2var_ps(e, second, o));
     }
-  } else {
-    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + c * kLanes, _mm512_mul_ps(v[c], sv));
+    return;
   }
-}
-
-// Sums of 16 vectors at once: lane j of the result is the sum of v[j]'s lanes. Three levels
-// of shuffles and adds, about 3 instructions a sum against 8 for one horizontal reduction.
-inline __m512 sum16(const __m512* v) {
-  __m512 b[8], c[4];
-  for (int i = 0; i < 8; ++i)
-    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i)
-    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
-                         _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
-  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44),
-                                  _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
-  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44),
-                                  _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
+#endif
+  for (int c = 0; c < NC; ++c) simd::store(out + c * kLanes, simd::mul(v[c], sv));
 }
 
 struct DecodeShape {
@@ -133,16 +150,16 @@ void attend(const float* q, const T* k_cache, const T* v_cache, const int32_t* t
     return;
   }
   const int64_t row = s.kv_heads * D;  // elements between consecutive positions of a block
-  __m512 qv[G][NC], acc[G][NC], total[G];  // total: softmax denominators, lane-wise
+  F16 qv[G][NC], acc[G][NC], total[G];  // total: softmax denominators, lane-wise
   float best[G];
   for (int g = 0; g < G; ++g) {
     to_kernel_order<NC, T>(q + g * D, s.scale, qv[g]);
-    for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int c = 0; c < NC; ++c) acc[g][c] = simd::zero();
     best[g] = -std::numeric_limits<float>::infinity();
-    total[g] = _mm512_setzero_ps();
+    total[g] = simd::zero();
   }
   int64_t slots[2][kLanes];  // this chunk's cache slots and the next one's
-  alignas(64) __m512 part[G][kLanes];
+  F16 part[G][kLanes];
   alignas(64) float p[G][kLanes];
   int64_t block = 0, offset = 0;  // of the next position to plan; no division per position
   auto plan = [&](int64_t t0, int64_t* out_slots) {
@@ -165,10 +182,8 @@ void attend(const float* q, const T* k_cache, const T* v_cache, const int32_t* t
       const int64_t m = std::min<int64_t>(kLanes, ctx - t0 - kLanes);
       for (int64_t i = 0; i < m; ++i)
         for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(k_cache + next[i] * row + kvh * D) + b,
-                       _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(v_cache + next[i] * row + kvh * D) + b,
-                       _MM_HINT_T0);
+          __builtin_prefetch(reinterpret_cast<const char*>(k_cache + next[i] * row + kvh * D) + b);
+          __builtin_prefetch(reinterpret_cast<const char*>(v_cache + next[i] * row + kvh * D) + b);
         }
     }
     const T* rows_k[kLanes];
@@ -178,41 +193,40 @@ void attend(const float* q, const T* k_cache, const T* v_cache, const int32_t* t
       rows_v[i] = v_cache + cur[i] * row + kvh * D;
     }
     for (int i = 0; i < n; ++i) {
-      __m512 k[NC];
+      F16 k[NC];
       load_row<NC>(rows_k[i], k);
       for (int g = 0; g < G; ++g) {
-        __m512 a = _mm512_mul_ps(qv[g][0], k[0]);
-        for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[g][c], k[c], a);
+        F16 a = simd::mul(qv[g][0], k[0]);
+        for (int c = 1; c < NC; ++c) a = simd::fmadd(qv[g][c], k[c], a);
         part[g][i] = a;
       }
     }
-    const __mmask16 live = n == kLanes ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
     for (int g = 0; g < G; ++g) {
-      for (int i = n; i < kLanes; ++i) part[g][i] = _mm512_setzero_ps();
-      const __m512 scores = sum16(part[g]);
-      const float chunk_best = _mm512_mask_reduce_max_ps(live, scores);
+      for (int i = n; i < kLanes; ++i) part[g][i] = simd::zero();
+      const F16 scores = simd::sum16(part[g]);
+      const float chunk_best = simd::reduce_max_first(scores, n);
       if (chunk_best > best[g]) {  // rare after the first chunks: rescale what came before
-        const __m512 rescale = _mm512_set1_ps(std::exp(best[g] - chunk_best));  // 0 at first
-        total[g] = _mm512_mul_ps(total[g], rescale);
-        for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], rescale);
+        const F16 rescale = simd::set1(std::exp(best[g] - chunk_best));  // 0 at first
+        total[g] = simd::mul(total[g], rescale);
+        for (int c = 0; c < NC; ++c) acc[g][c] = simd::mul(acc[g][c], rescale);
         best[g] = chunk_best;
       }
-      const __m512 e = _mm512_maskz_mov_ps(
-          live, tokenmill::exp_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(best[g]))));
-      _mm512_store_ps(p[g], e);
-      total[g] = _mm512_add_ps(total[g], e);
+      const F16 e = simd::keep_first(
+          simd::exp_nonpositive(simd::sub(scores, simd::set1(best[g]))), n);
+      simd::store(p[g], e);
+      total[g] = simd::add(total[g], e);
     }
     for (int i = 0; i < n; ++i) {
-      __m512 v[NC];
+      F16 v[NC];
       load_row<NC>(rows_v[i], v);
       for (int g = 0; g < G; ++g) {
-        const __m512 w = _mm512_set1_ps(p[g][i]);
-        for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_fmadd_ps(w, v[c], acc[g][c]);
+        const F16 w = simd::set1(p[g][i]);
+        for (int c = 0; c < NC; ++c) acc[g][c] = simd::fmadd(w, v[c], acc[g][c]);
       }
     }
   }
   for (int g = 0; g < G; ++g)
-    from_kernel_order<NC, T>(acc[g], 1.0f / _mm512_reduce_add_ps(total[g]), out + g * D);
+    from_kernel_order<NC, T>(acc[g], 1.0f / simd::reduce_add(total[g]), out + g * D);
 }
 
 // Query rows, each attending to a context of its own: row r reads table row seq[r] over
@@ -405,7 +419,7 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
 
 }  // namespace tokenmill
 
-TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+TM_OPS_FRAGMENT(m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor context_lens, float scale) -> Tensor");
@@ -417,7 +431,7 @@ TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
       "Tensor slot_mapping) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
+TM_OPS_IMPL(m) {
   m.impl("paged_decode_attention", tokenmill::paged_decode_attention);
   m.impl("paged_prefill_attention", tokenmill::paged_prefill_attention);
   m.impl("store_kv", tokenmill::store_kv);

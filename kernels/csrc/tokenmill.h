@@ -3,10 +3,22 @@
 #pragma once
 
 #include <ATen/ATen.h>
-
-#include <immintrin.h>
+#include <torch/library.h>
 
 #include <optional>
+
+#include "simd.h"
+
+// The op namespace, `tokenmill_<target>`: kernels/native.py builds these sources once per
+// instruction set (-DTM_OPS=...), and the libraries load side by side, each under its own
+// name. The indirection expands TM_OPS before TORCH_LIBRARY pastes it into identifiers.
+#ifndef TM_OPS
+#error "build through kernels/native.py, which defines TM_OPS"
+#endif
+#define TM_FRAGMENT_IN(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+#define TM_OPS_FRAGMENT(m) TM_FRAGMENT_IN(TM_OPS, m)
+#define TM_IMPL_IN(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
+#define TM_OPS_IMPL(m) TM_IMPL_IN(TM_OPS, m)
 
 namespace tokenmill {
 
@@ -35,23 +47,5 @@ void silu_and_mul_into(const at::Tensor& gate_up, const float* input_scale, at::
 const float* data_or_null(const std::optional<at::Tensor>& t, int64_t numel);
 void check_rotary_inputs(const at::Tensor& positions, const at::Tensor& rope_cache,
                          int64_t rows, int64_t head_dim);
-
-// exp(x) for x <= 0 to about 2 ulp: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 }  // namespace tokenmill

@@ -1,15 +1,15 @@
 """tokenmill's C++ CPU kernels (kernels/native.py) against the ATen path and the references.
 
-The VNNI GEMM must equal `cpu_ops.int8_dynamic_linear` bit for bit, not just closely: the
-engine switches a running model from one to the other (engine/compilation.py), and batch
-invariance and greedy outputs must not notice. These tests need a CPU with AVX-512 VNNI,
-the kind this project's machines and CI have.
+Every test runs once per kernel target this CPU can run (`kernels.native.runnable_isas`:
+AVX-512 VNNI, AVX2, portable C++), so an AVX-512 machine tests all three and an AVX2 one
+two; none is skipped for want of an instruction set.
+
+The int8 GEMM must equal `cpu_ops.int8_dynamic_linear` bit for bit, not just closely, on
+every target: the engine switches a running model from one to the other
+(engine/compilation.py), and batch invariance and greedy outputs must not notice.
 """
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,14 +29,13 @@ from tests.kernels.cases import (
     relative_error,
 )
 
-pytestmark = pytest.mark.skipif(
-    not kernels.native.supported(), reason="the C++ kernels need AVX-512 VNNI"
-)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def built() -> None:
-    kernels.native.load()
+@pytest.fixture(scope="module", autouse=True, params=kernels.native.runnable_isas())
+def isa(request) -> str:
+    """The kernel target under test, loaded and made the one `kernels.native` calls."""
+    kernels.native.load(request.param)
+    yield request.param
+    kernels.native.load()  # back to the process's own target for the tests that follow
 
 
 def _case(m: int, n: int, k: int, seed: int, outliers: bool = False):
@@ -49,6 +48,9 @@ def _case(m: int, n: int, k: int, seed: int, outliers: bool = False):
             x[1, 0] = 127
         x[-1, k // 2] = 1000.0  # one channel dominating a row
     qweight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    if outliers:  # the most negative code too, and products of the largest magnitude
+        qweight[0, : k // 2] = -128
+        qweight[-1, ::2] = 127
     scale = torch.rand(n, generator=gen) * 0.02 + 1e-4
     return x, qweight, scale
 
@@ -222,26 +224,6 @@ def test_store_kv_rejects_slots_outside_the_cache():
         )
 
 
-def test_importing_the_engine_leaves_no_import_hooks_to_the_compile_thread():
-    """setuptools (under torch.utils.cpp_extension) edits sys.meta_path on its first import,
-    which races with imports on other threads; the engine's import must have done it."""
-    code = (
-        "import sys, engine.serve; "
-        "assert 'torch.utils.cpp_extension' in sys.modules and 'setuptools' in sys.modules"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
-def test_a_build_killed_midway_does_not_block_later_loads():
-    """PyTorch's loader leaves its `lock` file behind when its process dies mid-build, and
-    then waits for it forever; `load` clears such a leftover."""
-    directory = kernels.native.build_directory()
-    (directory / "lock").touch()
-    code = "import kernels.native as n; n.load()"
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
-    assert not (directory / "lock").exists()
-
-
 def _decode_stack_case(
     layers: int, rows: int, heads: int, kv_heads: int, head_dim: int, seed: int,
     bias: bool, qk_norm: bool, smooth: bool,
@@ -312,8 +294,12 @@ def test_decode_stack_matches_reference(
     out = kernels.native.decode_layers(
         *args, [k for k, _ in native_caches], [v for _, v in native_caches], heads, 1e-5, scale
     )
+    # One activation rounded to the other int8 code moves an output by ~2e-3, one K/V value
+    # rounded to the other bfloat16 by ~4e-3; a case can hold a few such flips. A wrong
+    # kernel (a misplaced row, head or slot) is off by order 1.
+    tolerance = 1e-2
     for got, want in zip(out, expected, strict=True):
-        assert relative_error(got, want) < 1e-3
+        assert relative_error(got, want) < tolerance
     for (k, v), (nk, nv) in zip(caches, native_caches, strict=True):
         assert relative_error(nk, k) < 1e-3 and relative_error(nv, v) < 1e-3
 

@@ -158,7 +158,7 @@ def test_models_health_and_metrics(serve):
     assert [m["id"] for m in models["data"]] == ["fake-model", "alias"]
     assert models["data"][0]["max_model_len"] == 2048
     assert server.client.get("/v1/models/alias").json()["id"] == "alias"
-    assert server.client.get("/health").json() == {"status": "ok", "compile": "off"}
+    assert server.client.get("/health").json() == {"status": "ok", "compile": "off", "cpu": {}}
     assert chat(server, model="alias").json()["model"] == "alias"
     text = server.client.get("/metrics").text
     assert "tokenmill:time_to_first_token_seconds_count 1.0" in text

@@ -43,7 +43,13 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server: LiveServer):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+    # Generous: a loaded CI machine is slow, and only a server that stopped answering is a
+    # failure. The first requests warm the model and the chat template up.
+    with httpx.Client(base_url=server.url, timeout=180) as c:
+        warm = c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "tools": [{
+                "type": "function", "function": {"name": "f", "parameters": {}}}]})
+        assert warm.status_code == 200
         yield c
     # The server survived it all: it still generates and says it is healthy.
     with httpx.Client(base_url=server.url, timeout=60) as c:

@@ -16,6 +16,8 @@ import httpx
 import openai
 import pytest
 
+import kernels.native
+from engine.linear import QUANTIZATIONS
 from tests.server.live_server import API_KEY, LiveServer, start_server
 
 MODEL = "smollm2-135m-instruct"
@@ -31,12 +33,14 @@ def live():
     close greedy choice)."""
     server = start_server("--api-key", API_KEY, "--max-request-body-bytes", "100000")
     try:
-        assert _health(server)["compile"] in ("compiling", "ready")
+        health = _health(server)
+        wanted = "off" if health["cpu"]["compile"] == "off" else "ready"  # cpu_path's default
+        assert health["compile"] in ("compiling", wanted)
         deadline = time.monotonic() + 300
         while (state := _health(server)["compile"]) == "compiling":
             assert time.monotonic() < deadline, "the background compile did not finish"
             time.sleep(1)
-        assert state == "ready"
+        assert state == wanted
     except BaseException:
         server.stop()
         raise
@@ -67,7 +71,12 @@ def greedy(client: openai.OpenAI, messages=QUESTION, **kwargs):
 
 def test_models_health_and_metrics_routes(live, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
-    assert httpx.get(f"{live.url}/health").json() == {"status": "ok", "compile": "ready"}
+    health = httpx.get(f"{live.url}/health").json()
+    assert health["status"] == "ok"
+    assert health["compile"] == ("off" if health["cpu"]["compile"] == "off" else "ready")
+    # the kernels this CPU runs, and the defaults chosen for them with the reason
+    assert health["cpu"]["isa"] == kernels.native.cpu_isa()
+    assert health["cpu"]["quantization"] in QUANTIZATIONS and health["cpu"]["reason"]
     # Idle: nothing running, so no KV block is held (the prefix cache's are evictable).
     assert live.metric("num_requests_running") == 0
     assert live.metric("kv_cache_usage_perc") == 0

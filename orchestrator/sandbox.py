@@ -1,0 +1,368 @@
+"""Run untrusted Python in a bubblewrap sandbox: `await Sandbox().run(code, limits)`.
+
+Each run gets a fresh process tree in its own user, PID, network, IPC and UTS
+namespaces, a read-only view of /usr only (where the system Python and its libraries
+live), fresh size-capped tmpfs mounts for its working directory (/work) and /tmp (all
+else is read-only), and nothing else of the host: not tokenmill's data directory, source
+tree or virtualenv, nor any home directory. When the server runs as root, the sandbox
+runs as `nobody`, so that the process limit applies (the kernel never limits root's
+process count).
+
+Inside, a small launcher (`_LAUNCHER`) reads the code from stdin, forks, and runs it
+in the child under rlimits: CPU seconds, address space, processes, file size. The
+launcher then lists the files the code left in /work and writes that manifest to a
+pipe of its own, which the code cannot reach (its end is closed before the code runs).
+
+The host side never blocks the event loop (asyncio subprocess and pipes), caps the
+output it keeps, and kills the whole tree on the wall-clock deadline, on an output
+overflow or when the awaiting task is cancelled: killing the outer bwrap makes the
+namespace's init die (`--die-with-parent`), and the kernel then kills every process
+left in the PID namespace.
+
+CPU share: the run's session (its own autogroup) is set to nice 19
+(`SandboxLimits.nice`) a quarter of a second into the run (a short run finishes at
+normal priority), and the code's process to nice 19 too, so busy sandboxes take only
+what the engine leaves idle (nice 19 weighs 15 against nice
+0's 1024 in the Linux scheduler); RLIMIT_CPU ends a process that spends its CPU budget,
+and `max_concurrent` bounds how many run at once.
+
+The host starts bwrap in a new session (`start_new_session`): the sandbox has no
+controlling terminal, so it cannot push input into the server's terminal (TIOCSTI), and
+its /dev/pts is a fresh instance. A seccomp filter refuses setsid() inside, so the code
+cannot move to a session (an autogroup) of its own at normal priority.
+
+Without bwrap (or a usable system Python) `Sandbox.unavailable_reason()` says why and
+`run` raises SandboxUnavailable: there is no unsandboxed fallback.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+# Imports only what a run always needs (each import costs start-up time on every run).
+_LAUNCHER = r"""
+import os, resource, sys
+nice, report_bytes, manifest_fd, *rlimits = (int(v) for v in sys.argv[1].split())
+source = sys.stdin.buffer.read().decode("utf-8", "replace")
+pid = os.fork()
+if pid == 0:
+    os.close(manifest_fd)
+    null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
+    for i, name in enumerate(("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE",
+                              "RLIMIT_CORE")):
+        resource.setrlimit(getattr(resource, name), (rlimits[2 * i], rlimits[2 * i + 1]))
+    os.nice(nice)  # start-up ran at normal priority: it is short
+    status = 0
+    try:
+        exec(compile(source, "main.py", "exec"), {"__name__": "__main__"})
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            status = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr); status = 1
+    except BaseException as exc:  # the launcher's own frame is left out
+        import linecache, traceback
+        linecache.cache["main.py"] = (len(source), None, source.splitlines(True), "main.py")
+        traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next); status = 1
+    try:
+        sys.stdout.flush(); sys.stderr.flush()
+    finally:
+        os._exit(status)
+_, wait_status = os.waitpid(pid, 0)
+files, budget = [], report_bytes
+for root, dirs, names in os.walk("/work"):
+    dirs.sort()
+    for name in sorted(names):
+        path = os.path.join(root, name)
+        if not os.path.isfile(path) or os.path.islink(path) or len(files) >= 1000:
+            continue
+        size = os.path.getsize(path)
+        content = None
+        if size <= budget:
+            with open(path, "rb") as f:
+                content = f.read(size)
+            budget -= size
+        files.append((os.path.relpath(path, "/work"), size, content))
+with os.fdopen(manifest_fd, "w") as out:
+    out.write(repr((os.waitstatus_to_exitcode(wait_status), files)))
+"""
+
+
+def _instruction(code: int, k: int, jump_true: int = 0, jump_false: int = 0) -> bytes:
+    return struct.pack("HBBI", code, jump_true, jump_false, k)
+
+
+_LOAD_ARCH, _LOAD_NR = _instruction(0x20, 4), _instruction(0x20, 0)  # seccomp_data fields
+_KILL, _ALLOW = _instruction(0x06, 0x80000000), _instruction(0x06, 0x7FFF0000)
+_EPERM = _instruction(0x06, 0x00050000 | errno.EPERM)
+# machine -> (AUDIT_ARCH_*, setsid's number); x86-64 also refuses the x32 ABI's numbers.
+_ARCHES = {"x86_64": (0xC000003E, 112), "aarch64": (0xC00000B7, 157)}
+
+
+def seccomp_program() -> bytes | None:
+    """A classic-BPF seccomp filter refusing setsid() (EPERM) and killing calls of another
+    ABI: a new session would be a new autogroup, out of the nice-19 group the run is in.
+    None on machines not listed (there the code could leave its priority group)."""
+    machine = os.uname().machine
+    if machine not in _ARCHES:
+        return None
+    arch, setsid = _ARCHES[machine]
+    x32 = [_instruction(0x35, 0x40000000, 0, 1), _KILL] if machine == "x86_64" else []
+    return b"".join([_LOAD_ARCH, _instruction(0x15, arch, 1, 0), _KILL, _LOAD_NR, *x32,
+                     _instruction(0x15, setsid, 0, 1), _EPERM, _ALLOW])
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot run here (no bwrap, no namespaces): the message says why."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    wall_seconds: float = 30.0
+    cpu_seconds: int = 20
+    memory_bytes: int = 1 << 30  # address space of each process
+    processes: int = 32  # processes and threads inside the sandbox
+    file_bytes: int = 32 << 20  # largest file the code may write
+    workdir_bytes: int = 64 << 20  # size of the /work tmpfs (and of /tmp)
+    output_bytes: int = 1 << 20  # stdout + stderr kept; more stops the run
+    report_bytes: int = 4 << 20  # file contents returned in the result, in total
+    nice: int = 19
+    nice_after_seconds: float = 0.25  # the run's first moments go at normal priority
+
+
+@dataclass
+class SandboxFile:
+    path: str  # relative to the working directory
+    size: int
+    content: bytes | None  # None when over the limits' report budget
+
+
+@dataclass
+class SandboxResult:
+    stdout: str
+    stderr: str
+    exit_code: int | None  # negative: killed by that signal; None: no status (killed)
+    timed_out: bool
+    output_truncated: bool  # stdout+stderr passed output_bytes and the run was stopped
+    files: list[SandboxFile] = field(default_factory=list)
+    seconds: float = 0.0  # start to result, as the host saw it
+
+
+@dataclass
+class _Output:
+    """stdout and stderr as kept, with the cap shared between them."""
+
+    limit: int
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    truncated: bool = False
+
+    def add(self, buffer: bytearray, data: bytes) -> bool:
+        """Keep `data` up to the cap; False once the cap is passed."""
+        room = self.limit - len(self.stdout) - len(self.stderr)
+        buffer += data[: max(room, 0)]
+        if len(data) > room:
+            self.truncated = True
+        return not self.truncated
+
+
+class Sandbox:
+    def __init__(self, limits: SandboxLimits | None = None, bwrap: str = "/usr/bin/bwrap",
+                 python: str = "/usr/bin/python3", max_concurrent: int = 4) -> None:
+        self.limits = limits or SandboxLimits()
+        self.bwrap = bwrap
+        self.python = python
+        self._slots = asyncio.Semaphore(max_concurrent)
+
+    def unavailable_reason(self) -> str | None:
+        if not os.access(self.bwrap, os.X_OK):
+            return (f"the code sandbox needs bubblewrap ({self.bwrap} not found; "
+                    "install it with `apt-get install bubblewrap`)")
+        if not self.python.startswith("/usr/") or not os.access(self.python, os.X_OK):
+            return f"the code sandbox needs a system Python under /usr ({self.python} not found)"
+        return None
+
+    async def run(self, code: str, limits: SandboxLimits | None = None,
+                  label: str | None = None) -> SandboxResult:
+        """Run `code` as a Python script. `label` tags the sandbox's command line (for
+        operators' `ps` and for tests that look for leftover processes)."""
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise SandboxUnavailable(reason)
+        async with self._slots:
+            return await self._run(code, limits or self.limits, label or uuid.uuid4().hex)
+
+    def _argv(self, limits: SandboxLimits, manifest_fd: int, seccomp_fd: int | None,
+              label: str) -> list[str]:
+        settings = [limits.nice, limits.report_bytes, manifest_fd,
+                    # soft and hard: CPU, address space, processes, file size, core
+                    limits.cpu_seconds, limits.cpu_seconds + 1,
+                    limits.memory_bytes, limits.memory_bytes, limits.processes,
+                    limits.processes, limits.file_bytes, limits.file_bytes, 0, 0]
+        size = str(limits.workdir_bytes)
+        return [
+            self.bwrap, "--unshare-all", "--die-with-parent",
+            "--hostname", "sandbox",
+            "--ro-bind", "/usr", "/usr",
+            "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+            "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
+            "--proc", "/proc", "--dev", "/dev",
+            "--size", size, "--tmpfs", "/work", "--size", size, "--tmpfs", "/tmp",
+            "--remount-ro", "/", "--chdir", "/work", "--clearenv",
+            "--setenv", "PATH", "/usr/local/bin:/usr/bin", "--setenv", "HOME", "/work",
+            "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
+            "--setenv", "MPLBACKEND", "Agg",
+            *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
+            "--", self.python, "-I", "-c", _LAUNCHER, " ".join(map(str, settings)),
+            f"tokenmill-sandbox:{label}",  # see running_pids
+        ]
+
+    async def _run(self, code: str, limits: SandboxLimits, label: str) -> SandboxResult:
+        started = time.monotonic()
+        read_end, write_end = os.pipe()
+        program = seccomp_program()
+        seccomp_fd = _pipe_with(program) if program is not None else None
+        passed = (write_end,) if seccomp_fd is None else (write_end, seccomp_fd)
+        # As root the process limit would not apply, and file permissions would not help.
+        user = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv(limits, write_end, seccomp_fd, label),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, pass_fds=passed, start_new_session=True,
+                **user)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            for fd in passed:
+                os.close(fd)
+        manifest_pipe = os.fdopen(read_end, "rb", 0)
+        lowering = asyncio.create_task(_lower_autogroup(proc.pid, limits.nice,
+                                                        limits.nice_after_seconds))
+        output = _Output(limits.output_bytes)
+        manifest = bytearray()
+        timed_out = False
+        try:
+            async with asyncio.timeout(limits.wall_seconds):
+                await asyncio.gather(
+                    _feed(proc, code.encode()),
+                    _pump(proc, proc.stdout, output, output.stdout),
+                    _pump(proc, proc.stderr, output, output.stderr),
+                    _read_manifest(manifest_pipe, manifest,
+                                   limits.report_bytes * 4 + (1 << 20)),
+                )
+                await proc.wait()
+        except TimeoutError:
+            timed_out = True
+        finally:
+            lowering.cancel()
+            _kill(proc)
+            manifest_pipe.close()  # already closed unless the run ended before reading
+            await asyncio.shield(proc.wait())
+        return _result(proc.returncode, manifest, output, timed_out, time.monotonic() - started)
+
+
+def _result(returncode: int | None, manifest: bytes, output: _Output, timed_out: bool,
+            seconds: float) -> SandboxResult:
+    stderr = output.stderr.decode("utf-8", "replace")
+    files: list[SandboxFile] = []
+    exit_code = None if timed_out or output.truncated else returncode
+    if manifest and not timed_out:
+        try:
+            exit_code, listed = ast.literal_eval(manifest.decode())
+            files = [SandboxFile(*entry) for entry in listed]
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            pass
+    elif returncode == 1 and stderr.startswith("bwrap:"):
+        raise SandboxUnavailable(f"the code sandbox could not start: {stderr.strip()}")
+    return SandboxResult(output.stdout.decode("utf-8", "replace"), stderr, exit_code, timed_out,
+                         output.truncated, files, seconds)
+
+
+def running_pids(label: str) -> list[int]:
+    """Host pids of the run labelled `label` (its command line carries the label)."""
+    tag = f"tokenmill-sandbox:{label}".encode()
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    if tag in f.read():
+                        pids.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                pass
+    return pids
+
+
+def _pipe_with(data: bytes) -> int:
+    """The read end of a pipe already holding `data` (a few hundred bytes at most)."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, data)
+    os.close(write_end)
+    return read_end
+
+
+async def _lower_autogroup(pid: int, nice: int, delay: float) -> None:
+    """After `delay`, give the run's session the priority `nice`. The session is an
+    autogroup, a scheduling group that competes with the server's as an equal whatever its
+    tasks' nice values. The delay lets a short run (start-up and a quick script) finish at
+    normal priority; what keeps running is held to `nice`. Without CAP_SYS_ADMIN the
+    kernel accepts one such change per 100 ms system-wide (EAGAIN), so runs take turns."""
+    await asyncio.sleep(delay)
+    for _ in range(100):
+        try:
+            with open(f"/proc/{pid}/autogroup", "w") as f:
+                f.write(str(nice))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN:  # no autogroups here: task nice is enough
+                return
+        await asyncio.sleep(0.02)
+
+
+async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+    proc.stdin.close()
+
+
+async def _pump(proc: asyncio.subprocess.Process, stream: asyncio.StreamReader | None,
+                output: _Output, buffer: bytearray) -> None:
+    assert stream is not None
+    while chunk := await stream.read(1 << 16):
+        if not output.add(buffer, chunk):
+            _kill(proc)
+            return
+
+
+async def _read_manifest(pipe: BinaryIO, into: bytearray, limit: int) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        while (chunk := await reader.read(1 << 16)) and len(into) < limit:
+            into += chunk
+    finally:
+        transport.close()
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the outer bwrap's process group; the namespace dies with it."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+

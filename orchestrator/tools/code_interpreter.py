@@ -1,0 +1,76 @@
+"""`code_interpreter`: Python in the bubblewrap sandbox (orchestrator/sandbox.py).
+
+The result has OpenAI's `code_interpreter_call` output shape: one `logs` output with
+what the code printed (stdout, then stderr) and how it ended, and an `image` output (a
+data URL) for each PNG, JPEG or GIF it wrote to its working directory. The model reads
+the same logs plus the list of files written.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import ClassVar
+
+from orchestrator.sandbox import Sandbox, SandboxLimits, SandboxResult
+from orchestrator.tools.base import ToolOutput, ToolUnavailable, string_argument
+
+MAX_CODE_CHARS = 100_000
+_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+                ".gif": "image/gif"}
+
+
+def _ending(result: SandboxResult, limits: SandboxLimits) -> str:
+    if result.timed_out:
+        return f"[stopped: the run took longer than {limits.wall_seconds:g} s]"
+    if result.output_truncated:
+        return f"[stopped: the output passed {limits.output_bytes} bytes]"
+    if result.exit_code is not None and result.exit_code < 0:
+        return f"[killed by signal {-result.exit_code} (CPU or memory limit?)]"
+    if result.exit_code:
+        return f"[exit status {result.exit_code}]"
+    return ""
+
+
+def logs(result: SandboxResult, limits: SandboxLimits) -> str:
+    """stdout, stderr and how the run ended, as one text."""
+    parts = [result.stdout, result.stderr, _ending(result, limits)]
+    return "\n".join(p.rstrip("\n") for p in parts if p)
+
+
+def _images(result: SandboxResult) -> list[dict]:
+    images = []
+    for f in result.files:
+        kind = _IMAGE_TYPES.get(f.path[f.path.rfind("."):].lower())
+        if kind and f.content is not None:
+            url = f"data:{kind};base64,{base64.b64encode(f.content).decode()}"
+            images.append({"type": "image", "url": url})
+    return images
+
+
+class CodeInterpreter:
+    name = "code_interpreter"
+    description = ("Run Python 3 code in a fresh sandbox (no network; the system Python's "
+                   "packages) and get what it prints. Files written to the working directory "
+                   "are listed. Use print() to see results.")
+    parameters: ClassVar[dict] = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "description": "The Python code to run."}},
+        "required": ["code"],
+        "additionalProperties": False,
+    }
+
+    def __init__(self, sandbox: Sandbox | None = None) -> None:
+        self.sandbox = sandbox or Sandbox()
+        reason = self.sandbox.unavailable_reason()
+        if reason is not None:
+            raise ToolUnavailable(reason)
+
+    async def execute(self, arguments: dict, call_id: str) -> ToolOutput:
+        code = string_argument(arguments, "code", MAX_CODE_CHARS)
+        result = await self.sandbox.run(code, label=call_id)
+        text = logs(result, self.sandbox.limits)
+        outputs = [{"type": "logs", "logs": text}, *_images(result)]
+        if result.files:
+            listing = ", ".join(f"{f.path} ({f.size} bytes)" for f in result.files)
+            text = f"{text}\n[files written: {listing}]".lstrip("\n")
+        return ToolOutput(text or "[no output]", outputs)

@@ -1,0 +1,140 @@
+"""`sql_query`: read-only SQL on the SQLite database the operator configures.
+
+Read-only is enforced by SQLite itself, twice: the file is opened with `mode=ro` (no
+write can reach it, whatever the statement), and an authorizer allows only reading
+(SELECT, reading columns, functions, CTEs) and refuses everything else: writes, schema
+changes, ATTACH (which would open another file), PRAGMA and transactions. A progress
+handler stops a query at its time limit or when the call is cancelled, and at most
+`max_rows` rows come back. Queries run in a worker thread, never on the event loop.
+
+Without `--tool-database`, the tool serves the demo sales database shipped in
+`orchestrator/tools/data/` (built from demo_sales.sql by scripts/build_demo_db.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import quote
+
+from orchestrator.tools.base import ToolError, ToolOutput, ToolUnavailable, string_argument
+
+DATA = Path(__file__).parent / "data"
+DEMO_DATABASE = DATA / "demo_sales.db"
+DEMO_SQL = DATA / "demo_sales.sql"
+MAX_SQL_CHARS = 4000
+
+_ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
+            sqlite3.SQLITE_RECURSIVE}
+
+
+def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None,
+               source: str | None) -> int:
+    return sqlite3.SQLITE_OK if action in _ALLOWED else sqlite3.SQLITE_DENY
+
+
+def build_database(sql: Path, target: Path) -> None:
+    """Write the database `sql` describes to `target` (replaced if it exists)."""
+    target.unlink(missing_ok=True)
+    with sqlite3.connect(target) as db:
+        db.executescript(sql.read_text())
+    db.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True,
+                           check_same_thread=False)
+
+
+def open_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that cannot write, attach or change settings."""
+    db = _connect(path)
+    db.set_authorizer(_authorize)
+    return db
+
+
+def _schema(path: Path) -> str:
+    """`table(column TYPE, …)` for each table: the model needs it to write queries.
+    (Our own query: it reads table_info, which the tool's authorizer refuses.)"""
+    db = _connect(path)
+    try:
+        tables = [r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+            "ORDER BY name")]
+        parts = []
+        for table in tables:
+            columns = db.execute("SELECT name, type FROM pragma_table_info(?)", (table,))
+            parts.append(f"{table}({', '.join(f'{n} {t}' for n, t in columns)})")
+        return "; ".join(parts)
+    finally:
+        db.close()
+
+
+def _table_text(columns: list[str], rows: list[tuple], more: bool, max_rows: int) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    count = f"first {max_rows} rows; the query returned more" if more else f"{len(rows)} rows"
+    return f"{out.getvalue()}({count})"
+
+
+class SqlQuery:
+    name = "sql_query"
+    parameters: ClassVar[dict] = {
+        "type": "object",
+        "properties": {"sql": {"type": "string",
+                               "description": "One SQLite SELECT statement."}},
+        "required": ["sql"],
+        "additionalProperties": False,
+    }
+
+    def __init__(self, database: Path | None = None, max_rows: int = 200,
+                 time_limit: float = 5.0) -> None:
+        self.database = database or DEMO_DATABASE
+        if not self.database.is_file():
+            raise ToolUnavailable(f"the sql_query database {self.database} does not exist")
+        self.max_rows = max_rows
+        self.time_limit = time_limit
+        try:
+            schema = _schema(self.database)
+        except sqlite3.DatabaseError as exc:
+            raise ToolUnavailable(f"the sql_query database cannot be read: {exc}") from None
+        self.description = (f"Run one read-only SQLite SELECT query and get the rows back as "
+                            f"CSV (at most {max_rows}). Tables: {schema}.")
+
+    async def execute(self, arguments: dict, call_id: str) -> ToolOutput:
+        sql = string_argument(arguments, "sql", MAX_SQL_CHARS)
+        cancelled = threading.Event()
+        try:
+            return await asyncio.to_thread(self._query, sql, cancelled)
+        finally:  # a cancelled call stops the query at its next progress check
+            cancelled.set()
+
+    def _query(self, sql: str, cancelled: threading.Event) -> ToolOutput:
+        deadline = time.monotonic() + self.time_limit
+        db = open_read_only(self.database)
+        db.set_progress_handler(
+            lambda: int(cancelled.is_set() or time.monotonic() > deadline), 1000)
+        try:
+            cursor = db.execute(sql)
+            rows = cursor.fetchmany(self.max_rows + 1)
+            columns = [d[0] for d in cursor.description or ()]
+        except sqlite3.DatabaseError as exc:
+            if "interrupted" in str(exc):
+                raise ToolError(f"the query ran longer than {self.time_limit:g} s") from None
+            if "not authorized" in str(exc) or "authorization denied" in str(exc):
+                raise ToolError("only reading queries (SELECT) are allowed") from None
+            raise ToolError(f"SQLite error: {exc}") from None
+        except sqlite3.Warning as exc:  # e.g. more than one statement
+            raise ToolError(f"SQLite error: {exc}") from None
+        finally:
+            db.close()
+        more = len(rows) > self.max_rows
+        return ToolOutput(_table_text(columns, rows[: self.max_rows], more, self.max_rows))

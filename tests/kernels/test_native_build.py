@@ -1,0 +1,65 @@
+"""Building and choosing tokenmill's C++ kernels (kernels/native.py): the instruction-set
+choice and its override, and the build's behaviour across processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import kernels.native
+
+
+def test_the_detected_target_is_the_fastest_the_cpu_runs(monkeypatch):
+    monkeypatch.delenv(kernels.native.ISA_ENV, raising=False)
+    runnable = kernels.native.runnable_isas()
+    assert runnable[-1] == "generic"  # portable C++ runs everywhere
+    assert runnable == [isa for isa in kernels.native.ISAS if isa in runnable]
+    assert kernels.native.cpu_isa() == runnable[0]
+    features = kernels.native.cpu_features()
+    assert ("avx512_vnni" in runnable) == features["avx512_vnni"]
+    assert ("avx2" in runnable) == features["avx2_fma"]
+
+
+@pytest.mark.parametrize("isa", kernels.native.runnable_isas())
+def test_the_environment_forces_any_target_the_cpu_runs(monkeypatch, isa):
+    monkeypatch.setenv(kernels.native.ISA_ENV, isa.upper())
+    assert kernels.native.cpu_isa() == isa
+
+
+def test_the_environment_rejects_unknown_and_unrunnable_targets(monkeypatch):
+    monkeypatch.setenv(kernels.native.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="TOKENMILL_CPU_ISA must be one of"):
+        kernels.native.cpu_isa()
+    monkeypatch.setattr(kernels.native, "runnable_isas", lambda: ["generic"])
+    monkeypatch.setenv(kernels.native.ISA_ENV, "avx2")
+    with pytest.raises(ValueError, match="this CPU runs only"):
+        kernels.native.cpu_isa()
+    with pytest.raises(ValueError, match="cannot run the avx2 kernels"):
+        kernels.native.load("avx2")
+
+
+def test_each_target_builds_into_its_own_directory():
+    directories = {kernels.native.build_directory(isa) for isa in kernels.native.ISAS}
+    assert len(directories) == len(kernels.native.ISAS)
+
+
+def test_importing_the_engine_leaves_no_import_hooks_to_the_compile_thread():
+    """setuptools (under torch.utils.cpp_extension) edits sys.meta_path on its first import,
+    which races with imports on other threads; the engine's import must have done it."""
+    code = (
+        "import sys, engine.serve; "
+        "assert 'torch.utils.cpp_extension' in sys.modules and 'setuptools' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_build_killed_midway_does_not_block_later_loads():
+    """PyTorch's loader leaves its `lock` file behind when its process dies mid-build, and
+    then waits for it forever; `load` clears such a leftover."""
+    directory = kernels.native.build_directory()
+    (directory / "lock").touch()
+    code = "import kernels.native as n; n.load()"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert not (directory / "lock").exists()

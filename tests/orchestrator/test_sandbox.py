@@ -1,0 +1,274 @@
+"""The sandbox runs code and contains it: each escape attempt fails inside the sandbox,
+and the host (this test process) stays healthy, with no process of the run left over."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import textwrap
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from orchestrator.sandbox import Sandbox, SandboxResult, SandboxUnavailable, running_pids
+from tests.orchestrator.sandbox_helpers import FAST, host_can_spawn, wait_until_gone
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(code: str, limits=FAST) -> tuple[SandboxResult, str]:
+    label = uuid.uuid4().hex
+    result = asyncio.run(Sandbox().run(textwrap.dedent(code), limits, label=label))
+    assert wait_until_gone(label) == [], "a sandbox process outlived its run"
+    assert host_can_spawn()
+    return result, label
+
+
+def test_runs_code_and_reports_output_status_and_files():
+    result, _ = run("""
+        import os, sys
+        print("out"); print("err", file=sys.stderr)
+        os.makedirs("plots")
+        open("plots/a.txt", "w").write("hello")
+        open("b.bin", "wb").write(bytes(range(5)))
+        sys.exit(3)
+    """)
+    assert (result.stdout, result.stderr, result.exit_code) == ("out\n", "err\n", 3)
+    assert not result.timed_out and not result.output_truncated
+    files = {f.path: f.content for f in result.files}
+    assert files == {"plots/a.txt": b"hello", "b.bin": bytes(range(5))}
+
+
+def test_an_exception_gives_its_traceback_and_status_1():
+    result, _ = run("x = 1\nraise ValueError('boom')\n")
+    assert result.exit_code == 1
+    assert "raise ValueError('boom')" in result.stderr
+    assert result.stderr.rstrip().endswith("ValueError: boom")
+
+
+def test_cannot_connect_to_a_server_on_the_hosts_loopback():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.setblocking(False)
+        port = server.getsockname()[1]
+        result, _ = run(f"""
+            import socket
+            try:
+                socket.create_connection(("127.0.0.1", {port}), timeout=2)
+                print("CONNECTED")
+            except OSError as exc:
+                print("blocked", type(exc).__name__)
+        """)
+        assert result.stdout.startswith("blocked"), result
+        with pytest.raises(BlockingIOError):
+            server.accept()
+
+
+def test_cannot_reach_an_outside_address_or_resolve_names():
+    result, _ = run("""
+        import socket
+        for target in [("1.1.1.1", 53), ("8.8.8.8", 443), ("pypi.org", 443)]:
+            try:
+                socket.create_connection(target, timeout=2)
+                print("CONNECTED", target)
+            except OSError as exc:
+                print("blocked", target, type(exc).__name__)
+    """)
+    assert result.stdout.count("blocked") == 3, result
+
+
+def test_cannot_read_the_data_dir_the_source_tree_or_home(tmp_path):
+    database = tmp_path / "tokenmill.db"
+    database.write_text("SECRET-DB")
+    home_file = Path.home() / f".tokenmill-sandbox-test-{uuid.uuid4().hex}"
+    home_file.write_text("SECRET-HOME")
+    try:
+        paths = [database, home_file, ROOT / "orchestrator" / "sandbox.py", Path.home(),
+                 tmp_path, ROOT]
+        result, _ = run(f"""
+            import os
+            for path in {[str(p) for p in paths]!r}:
+                try:
+                    if os.path.isdir(path):
+                        print("LISTED", path, os.listdir(path))
+                    else:
+                        print("READ", path, open(path).read()[:20])
+                except OSError as exc:
+                    print("blocked", type(exc).__name__)
+        """)
+    finally:
+        home_file.unlink()
+    assert result.stdout.count("blocked") == len(paths), result
+    assert "SECRET" not in result.stdout
+
+
+def test_cannot_write_outside_its_working_directory(tmp_path):
+    targets = ["/usr/escape", "/usr/lib/escape", "/escape", "/bin/escape",
+               str(tmp_path / "escape"), "/proc/sys/kernel/hostname"]
+    result, _ = run(f"""
+        for path in {targets!r}:
+            try:
+                open(path, "w").write("x")
+                print("WROTE", path)
+            except OSError as exc:
+                print("blocked", type(exc).__name__)
+        open("inside.txt", "w").write("ok")
+    """)
+    assert result.stdout.count("blocked") == len(targets), result
+    assert [f.path for f in result.files] == ["inside.txt"]
+    assert not (tmp_path / "escape").exists() and not Path("/usr/escape").exists()
+
+
+def test_a_fork_bomb_is_contained():
+    result, label = run("""
+        import os
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+    """, replace(FAST, wall_seconds=3))
+    assert result.timed_out or result.exit_code != 0
+    assert wait_until_gone(label) == []
+
+
+def test_allocating_10_gib_fails():
+    result, _ = run("block = bytearray(10 << 30)\nprint('ALLOCATED')\n")
+    assert result.exit_code == 1 and "MemoryError" in result.stderr
+    assert "ALLOCATED" not in result.stdout
+
+
+def test_an_infinite_loop_ends_at_its_cpu_limit():
+    result, _ = run("while True:\n    pass\n", replace(FAST, cpu_seconds=1))
+    assert result.exit_code == -signal.SIGXCPU and not result.timed_out
+
+
+def test_a_sleeping_run_ends_at_its_wall_clock_limit():
+    result, _ = run("import time\nprint('started', flush=True)\ntime.sleep(60)\n",
+                    replace(FAST, wall_seconds=1))
+    assert result.timed_out and result.exit_code is None
+    assert result.stdout == "started\n"
+
+
+def test_100_mb_of_output_is_capped_and_stops_the_run():
+    result, _ = run("import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))\n")
+    assert result.output_truncated and result.exit_code is None
+    assert len(result.stdout) == FAST.output_bytes
+
+
+def test_killing_its_parent_or_the_host_only_ends_the_run():
+    result, _ = run(f"""
+        import os, signal
+        for pid in ({os.getpid()}, {os.getppid()}):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                print("KILLED", pid)
+            except OSError as exc:
+                print("blocked", type(exc).__name__)
+        os.kill(-1, signal.SIGKILL)
+        os.kill(os.getppid(), signal.SIGKILL)
+    """)
+    # The host's pids do not exist in the sandbox's PID namespace (a pid that happens to
+    # exist there belongs to the sandbox itself).
+    assert "KILLED" not in result.stdout.replace(f"KILLED {os.getppid()}", "")
+    assert host_can_spawn()
+    again, _ = run("print('still works')")
+    assert again.stdout == "still works\n"
+
+
+def test_a_run_cannot_see_another_runs_files():
+    async def both():
+        sandbox = Sandbox()
+        writer = sandbox.run(textwrap.dedent("""
+            import time
+            open("secret.txt", "w").write("RUN-A-SECRET")
+            time.sleep(2)
+        """), FAST)
+        reader = sandbox.run(textwrap.dedent("""
+            import os, time
+            time.sleep(1)
+            found = []
+            for root in ("/work", "/tmp"):
+                for folder, _, names in os.walk(root):
+                    found += [os.path.join(folder, n) for n in names]
+            print(found)
+        """), FAST)
+        return await asyncio.gather(writer, reader)
+
+    first, second = asyncio.run(both())
+    assert [f.path for f in first.files] == ["secret.txt"]
+    assert second.stdout == "[]\n"
+    later, _ = run("import os\nprint(os.listdir('.'))")
+    assert later.stdout == "[]\n"
+
+
+def test_cancelling_the_run_kills_its_process_tree():
+    label = uuid.uuid4().hex
+
+    async def cancel_midway():
+        task = asyncio.create_task(Sandbox().run(
+            "import os, time\nos.fork()\nprint('up', flush=True)\ntime.sleep(60)\n", FAST,
+            label=label))
+        while len(wait_until_gone(label, 0)) < 3:  # bwrap, its init, the launcher
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(asyncio.wait_for(cancel_midway(), 60))
+    assert wait_until_gone(label) == []
+
+
+def _priorities(label: str) -> list[tuple[str, str]]:
+    """(task nice, autogroup nice) of each process of the run."""
+    seen = []
+    for pid in running_pids(label):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            seen.append((stat[16], Path(f"/proc/{pid}/autogroup").read_text().split()[-1]))
+        except OSError:  # gone meanwhile
+            pass
+    return seen
+
+
+def test_the_code_runs_at_the_lowest_cpu_priority():
+    label = uuid.uuid4().hex
+
+    async def look():
+        task = asyncio.create_task(Sandbox().run("import time\ntime.sleep(30)",
+                                                 replace(FAST, nice=19), label=label))
+        while ("19", "19") not in (seen := _priorities(label)):
+            await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return seen
+
+    seen = asyncio.run(asyncio.wait_for(look(), 60))
+    # The code at nice 19, and the run's whole session (bwrap, its init, the launcher, the
+    # code) in an autogroup at nice 19: a session is an autogroup, which competes with
+    # the server's as an equal whatever the nice values of its tasks.
+    assert [group for _, group in seen] == ["19"] * len(seen) and len(seen) >= 4, seen
+
+
+def test_the_code_cannot_leave_its_priority_group():
+    result, _ = run("""
+        import os
+        try:
+            os.setsid()
+            print("NEW SESSION")
+        except OSError as exc:
+            print("blocked", exc.errno)
+    """)
+    assert result.stdout == "blocked 1\n", result
+
+
+def test_without_bubblewrap_the_sandbox_refuses_to_run():
+    sandbox = Sandbox(bwrap="/nonexistent/bwrap")
+    assert "bubblewrap" in sandbox.unavailable_reason()
+    with pytest.raises(SandboxUnavailable, match="bubblewrap"):
+        asyncio.run(sandbox.run("print(1)"))

@@ -1,0 +1,214 @@
+"""The built-in tools: calculator, sql_query and code_interpreter, and their registry."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import sqlite3
+from dataclasses import replace
+from fractions import Fraction
+
+import pytest
+
+from orchestrator.sandbox import Sandbox
+from orchestrator.tools import ToolError, ToolUnavailable, builtin_tools
+from orchestrator.tools.calculator import Calculator, calculate, format_number
+from orchestrator.tools.code_interpreter import CodeInterpreter
+from orchestrator.tools.sql_query import DEMO_DATABASE, DEMO_SQL, SqlQuery, build_database
+from tests.orchestrator.sandbox_helpers import FAST
+
+
+def execute(tool, **arguments):
+    return asyncio.run(tool.execute(arguments, "call_test"))
+
+
+# calculator
+
+
+@pytest.mark.parametrize(("expression", "value"), [
+    ("0.1 + 0.2", Fraction(3, 10)),
+    ("1/3 + 1/6", Fraction(1, 2)),
+    ("(1200 - 950) / 950 * 100", Fraction(500, 19)),
+    ("2 ** 100", Fraction(2**100)),
+    ("2 ** -3", Fraction(1, 8)),
+    ("-7 // 2", Fraction(-4)),
+    ("7 % 3", Fraction(1)),
+    ("0.10000000000000000001 * 10", Fraction(10**19 + 1, 10**19)),
+    ("1_000.5 * 2", Fraction(2001)),
+])
+def test_calculator_is_exact(expression, value):
+    assert calculate(expression) == value
+
+
+def test_calculator_formats_exact_decimals_and_fractions():
+    assert format_number(Fraction(3, 10)) == "0.3"
+    assert format_number(Fraction(-1, 8)) == "-0.125"
+    assert format_number(Fraction(2**100)) == str(2**100)
+    assert format_number(Fraction(1, 3)) == "1/3 (≈ 0.333333333333)"
+    assert execute(Calculator(), expression="(1200 - 950) / 950 * 100").text == (
+        "500/19 (≈ 26.3157894737)")
+
+
+@pytest.mark.parametrize(("expression", "message"), [
+    ("__import__('os').system('true')", "Call"),
+    ("x + 1", "Name"),
+    ("(1).real", "Attribute"),
+    ("'a' * 3", "Constant"),
+    ("[1, 2]", "List"),
+    ("2 ^ 3", "use ** for powers"),
+    ("1 / 0", "division by zero"),
+    ("5 % (2 - 2)", "division by zero"),
+    ("0 ** -1", "division by zero"),
+    ("2 ** 0.5", "whole-number exponents"),
+    ("10 ** 100000", "exponents are limited"),
+    ("(2 ** 10000) ** 10000", "too large"),
+    ("(2 ** 9000) * (2 ** 9000)", "too large"),
+    ("1 +", "not valid arithmetic"),
+    ("True + 1", "Constant"),
+])
+def test_calculator_refuses_what_is_not_bounded_arithmetic(expression, message):
+    with pytest.raises(ToolError, match=message.replace("*", r"\*")):
+        calculate(expression)
+
+
+def test_calculator_checks_its_argument():
+    with pytest.raises(ToolError, match="'expression'"):
+        execute(Calculator(), expression=7)
+    with pytest.raises(ToolError, match="longer than"):
+        execute(Calculator(), expression="1+" * 1000 + "1")
+
+
+# sql_query
+
+
+def test_the_demo_database_is_built_from_its_sql(tmp_path):
+    built = tmp_path / "demo.db"
+    build_database(DEMO_SQL, built)
+    dump = [list(sqlite3.connect(path).iterdump()) for path in (built, DEMO_DATABASE)]
+    assert dump[0] == dump[1]
+
+
+def test_sql_query_answers_the_sales_question():
+    tool = SqlQuery()
+    assert "sales(region TEXT, quarter TEXT" in tool.description
+    text = execute(tool, sql="SELECT SUM(revenue_usd) AS revenue FROM sales "
+                             "WHERE region = 'East China' AND quarter = '2026-Q3'").text
+    expected = sqlite3.connect(DEMO_DATABASE).execute(
+        "SELECT SUM(units * CASE product WHEN 'Tea' THEN 12.5 WHEN 'Coffee' THEN 18.0 "
+        "ELSE 6.0 END) FROM sales WHERE region = 'East China' AND quarter = '2026-Q3'"
+    ).fetchone()[0]
+    assert text == f"revenue\n{expected}\n(1 rows)"
+
+
+@pytest.mark.parametrize("sql", [
+    "DELETE FROM sales",
+    "UPDATE sales SET units = 0",
+    "INSERT INTO regions VALUES ('Mars', 'Olympus')",
+    "DROP TABLE sales",
+    "CREATE TABLE t (x)",
+    "CREATE TEMP TABLE t (x)",
+    "ATTACH DATABASE 'file:/tmp/other.db' AS other",
+    "PRAGMA writable_schema = 1",
+    "PRAGMA table_info(sales)",
+    "SELECT * FROM pragma_table_info('sales')",
+    "BEGIN",
+    "VACUUM",
+])
+def test_sql_query_refuses_everything_but_reading(tmp_path, sql):
+    database = tmp_path / "copy.db"
+    database.write_bytes(DEMO_DATABASE.read_bytes())
+    before = hashlib.sha256(database.read_bytes()).hexdigest()
+    with pytest.raises(ToolError, match="only reading queries"):
+        execute(SqlQuery(database), sql=sql)
+    assert hashlib.sha256(database.read_bytes()).hexdigest() == before
+    assert not (tmp_path / "other.db").exists()
+
+
+def test_sql_query_limits_rows_and_time_and_reports_errors():
+    tool = SqlQuery(max_rows=3, time_limit=0.2)
+    text = execute(tool, sql="SELECT region FROM regions ORDER BY region").text
+    assert text == ("region\nCentral China\nEast China\nNorth China\n"
+                    "(first 3 rows; the query returned more)")
+    with pytest.raises(ToolError, match=r"longer than 0\.2 s"):
+        execute(tool, sql="WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+                          "SELECT count(*) FROM c")
+    with pytest.raises(ToolError, match="one statement"):
+        execute(tool, sql="SELECT 1; SELECT 2")
+    with pytest.raises(ToolError, match="no such table: customers"):
+        execute(tool, sql="SELECT * FROM customers")
+
+
+def test_sql_query_without_its_database_is_unavailable(tmp_path):
+    with pytest.raises(ToolUnavailable, match="does not exist"):
+        SqlQuery(tmp_path / "missing.db")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 100)
+    with pytest.raises(ToolUnavailable, match="cannot be read"):
+        SqlQuery(garbage)
+
+
+# code_interpreter
+
+
+def test_code_interpreter_returns_logs_and_images():
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
+    tool = CodeInterpreter(Sandbox(FAST))
+    out = execute(tool, code=f"import base64\nprint(6 * 7)\n"
+                             f"open('chart.png', 'wb').write(base64.b64decode('{png}'))\n")
+    assert out.outputs == [{"type": "logs", "logs": "42"},
+                           {"type": "image", "url": f"data:image/png;base64,{png}"}]
+    assert out.text == "42\n[files written: chart.png (12 bytes)]"
+
+
+def test_code_interpreter_reports_errors_and_limits_as_logs():
+    tool = CodeInterpreter(Sandbox(replace(FAST, wall_seconds=1)))
+    failed = execute(tool, code="print('before')\nraise KeyError('k')")
+    assert failed.text.startswith("before\nTraceback")
+    assert failed.text.endswith("KeyError: 'k'\n[exit status 1]")
+    slow = execute(tool, code="import time\ntime.sleep(30)")
+    assert slow.text == "[stopped: the run took longer than 1 s]"
+    assert execute(tool, code="x = 1").text == "[no output]"
+
+
+# registry
+
+
+def test_registry_declares_tools_and_explains_missing_ones():
+    registry = builtin_tools(sandbox=Sandbox(bwrap="/nonexistent/bwrap"))
+    assert set(registry.tools) == {"calculator", "sql_query"}
+    declaration = registry.declaration("calculator")
+    assert declaration["parameters"]["required"] == ["expression"]
+    assert declaration["type"] == "function" and declaration["name"] == "calculator"
+    with pytest.raises(ToolUnavailable, match="bubblewrap"):
+        registry.get("code_interpreter")
+    with pytest.raises(ToolUnavailable, match="no built-in tool 'weather'"):
+        registry.get("weather")
+    assert set(builtin_tools().tools) == {"calculator", "sql_query", "code_interpreter"}
+
+
+def test_a_requests_tools_are_sorted_into_builtins_and_client_functions():
+    registry = builtin_tools()
+    weather = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    resolved = registry.resolve([
+        {"type": "code_interpreter", "container": {"type": "auto"}},
+        {"type": "function", "name": "calculator"},
+        weather,
+    ], defaults=["sql_query", "calculator"])
+    assert set(resolved.builtins) == {"sql_query", "calculator", "code_interpreter"}
+    assert resolved.client_functions == ["get_weather"]
+    names = [d["name"] for d in resolved.declarations]
+    assert sorted(names) == ["calculator", "code_interpreter", "get_weather", "sql_query"]
+    assert registry.declaration("sql_query") in resolved.declarations
+    assert weather in resolved.declarations
+
+
+def test_resolving_a_tool_this_server_cannot_run_names_the_entry():
+    registry = builtin_tools(sandbox=Sandbox(bwrap="/nonexistent/bwrap"))
+    with pytest.raises(ToolUnavailable, match=r"tools\[1\]: the code sandbox needs bubblewrap"):
+        registry.resolve([{"type": "function", "name": "calculator"},
+                          {"type": "code_interpreter", "container": {"type": "auto"}}])
+    with pytest.raises(ToolUnavailable, match=r"tools\[0\]: there is no built-in tool 'x'"):
+        registry.resolve([{"type": "function", "name": "x"}])
+    with pytest.raises(ToolUnavailable, match=r"tools\[0\]\.container"):
+        builtin_tools().resolve([{"type": "code_interpreter", "container": "cntr_1"}])
