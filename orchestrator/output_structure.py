@@ -92,15 +92,20 @@ def _grammar(start: list[str], rules: list[str]) -> str:
 
 
 def turn_structure(functions: list[tuple[str, dict | None]], forced: bool, parallel: bool,
-                   fmt_schema: dict | None, fmt_param: str,
+                   fmt_schema: dict | None, fmt_param: str, schema_param: str | None = None,
                    tools_param: str = "tools") -> StructuredOutputsParams | None:
     """What a turn's output is constrained to (None: free text).
 
-    fmt_schema: the JSON format's schema (ANY_OBJECT for any object), None for text.
+    fmt_schema: the JSON format's schema (ANY_OBJECT for any object), None for text. A bad
+    schema is a 400 naming `schema_param` (default `fmt_param`), checked on its own first
+    so that the error names the schema even when tools are offered too.
     """
+    answer = None
+    if fmt_schema is not None:
+        answer = json_format_params(fmt_schema, schema_param or fmt_param)
     if not functions:
-        return None if fmt_schema is None else json_format_params(fmt_schema, fmt_param)
-    if forced and fmt_schema is not None:
+        return answer
+    if forced and answer is not None:
         raise InvalidRequestError(f"{fmt_param} cannot be combined with a tool_choice that "
                                   "forces a call", fmt_param)
     grammar = tool_call_grammar(functions, forced, parallel, fmt_schema)
