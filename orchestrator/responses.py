@@ -23,11 +23,13 @@ from typing import Protocol
 
 from engine import SamplingParams
 from engine.errors import EngineError
+from engine.structured_output import StructuredOutputsParams
 from orchestrator.context import ContextBuilder, Prompt, ToolConfig
 from orchestrator.errors import InvalidRequestError, NotFoundError
 from orchestrator.events import Event, ResponseEvents, usage
 from orchestrator.ids import new_id
 from orchestrator.items import item_list, stored_item
+from orchestrator.output_structure import ANY_OBJECT, turn_structure
 from orchestrator.store import History, Page, Repository, Store
 from server.engine_client import EngineClient
 from server.protocol import Tool
@@ -74,6 +76,16 @@ class ResponseRequest:
     tools: list[FunctionTool] = field(default_factory=list)
     tool_choice: str | dict = "auto"  # "none" | "auto" | "required" | {"type": "function", ...}
     parallel_tool_calls: bool = True
+    # text.format as given: {"type": "text"}, {"type": "json_object"} or
+    # {"type": "json_schema", "name", "schema", "strict"[, "description"]}.
+    text_format: dict = field(default_factory=lambda: {"type": "text"})
+
+    def format_schema(self) -> dict | None:
+        """The JSON schema text.format asks for (None: free text)."""
+        kind = self.text_format["type"]
+        if kind == "text":
+            return None
+        return ANY_OBJECT if kind == "json_object" else self.text_format["schema"]
 
     def tool_config(self) -> ToolConfig:
         choice = self.tool_choice
@@ -102,10 +114,21 @@ class _NoObserver:
         pass
 
 
+def _structure(request: ResponseRequest) -> StructuredOutputsParams | None:
+    """The grammar the output must follow: text.format's JSON, and the offered function
+    tools' calls (forced by "required" or a named function, lazily triggered by "auto")."""
+    config = request.tool_config()
+    functions = [(t.name, t.spec["function"].get("parameters")) for t in config.tools]
+    return turn_structure(functions, config.mode in ("required", "function"), config.parallel,
+                          request.format_schema(), "text.format", "text.format.schema")
+
+
 def _sampling_params(request: ResponseRequest) -> SamplingParams:
     chosen = {"temperature": request.temperature, "top_p": request.top_p}
+    structure = _structure(request)
     try:
         return SamplingParams(max_tokens=request.max_output_tokens,
+                              structured_outputs=structure,
                               **{k: v for k, v in chosen.items() if v is not None})
     except ValueError as exc:  # SamplingParams names the field first
         message = str(exc).replace("max_tokens", "max_output_tokens")
@@ -132,7 +155,7 @@ def _new_response(request: ResponseRequest) -> dict:
         "previous_response_id": request.previous_response_id,
         "store": request.store,
         "temperature": 1.0 if request.temperature is None else request.temperature,
-        "text": {"format": {"type": "text"}},
+        "text": {"format": request.text_format},
         "tool_choice": request.tool_choice,
         "tools": [t.as_dict() for t in request.tools],
         "top_p": 1.0 if request.top_p is None else request.top_p,

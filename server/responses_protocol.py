@@ -2,12 +2,13 @@
 
 Unlike chat completions, unknown or unsupported fields are refused with a 400 naming
 them: a client relying on a Responses feature tokenmill lacks (built-in tools, images,
-background mode, JSON output formats) must learn so rather than get a plausible answer
+background mode) must learn so rather than get a plausible answer
 that silently ignored it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -178,13 +179,42 @@ def _check_unsupported(body: dict) -> None:
         raise invalid("background responses are not supported", "background")
     if _get(body, "include", "an array", "include"):
         raise invalid("include is not supported", "include")
+
+
+_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"},
+                "json_schema": {"type", "name", "schema", "strict", "description"}}
+_FORMAT_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def _text_format(body: dict) -> dict:
+    """text.format in OpenAI's shapes: text, json_object, or json_schema with a name and a
+    schema (the schema itself is checked when its grammar is built)."""
     text = _get(body, "text", "an object", "text", {})
     for key in text:
         if key != "format":
             raise invalid(f"text.{key} is not supported", f"text.{key}")
     fmt = _get(text, "format", "an object", "text.format", {"type": "text"})
-    if fmt.get("type") != "text":
-        raise invalid('only text.format {"type": "text"} is supported', "text.format")
+    kind = fmt.get("type")
+    if kind not in _FORMAT_KEYS:
+        raise invalid('text.format.type must be "text", "json_object" or "json_schema", '
+                      f"got {kind!r}", "text.format.type")
+    for key in fmt:
+        if key not in _FORMAT_KEYS[kind]:
+            raise invalid(f"text.format.{key} is not a field of the {kind} format",
+                          f"text.format.{key}")
+    if kind != "json_schema":
+        return {"type": kind}
+    name = _required_string(fmt, "name", "text.format")
+    if not _FORMAT_NAME.fullmatch(name):
+        raise invalid("text.format.name must be 1 to 64 letters, digits, '_' or '-'",
+                      "text.format.name")
+    schema = _get(fmt, "schema", "an object", "text.format.schema")
+    if schema is None:
+        raise invalid("text.format.schema is required", "text.format.schema")
+    out = {"type": kind, "name": name, "schema": schema,
+           "strict": _get(fmt, "strict", "a boolean", "text.format.strict")}
+    description = _get(fmt, "description", "a string", "text.format.description")
+    return out if description is None else {**out, "description": description}
 
 
 def _conversation_id(body: dict) -> str | None:
@@ -235,6 +265,7 @@ def parse_response_request(
         tool_choice=_tool_choice(body, tools),
         parallel_tool_calls=_get(body, "parallel_tool_calls", "a boolean",
                                  "parallel_tool_calls", True),
+        text_format=_text_format(body),
     )
     return request, _get(body, "stream", "a boolean", "stream", False)
 

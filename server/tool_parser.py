@@ -8,7 +8,7 @@ Text outside the blocks passes through as soon as it cannot be the start of a
 `<tool_call>` tag. A block that opens the way the tool-call grammar writes it,
 `{"name": "<allowed function>", "arguments": {`, is a call from there on: its arguments
 stream out as they arrive (`CallStart`, then `ArgumentsDelta`s), since under the grammar
-(server/tool_grammar.py) they always complete validly unless the token budget runs out.
+(orchestrator/output_structure.py) they always complete validly unless the token budget runs out.
 Any other block is held until it closes and is then either a call (if its body is a JSON
 object naming an allowed function, with object arguments) or given back verbatim as text:
 a malformed call is never dropped, and a stream never sends a call it would later have to

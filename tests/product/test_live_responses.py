@@ -7,6 +7,7 @@ import json
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from openai.types.conversations import Conversation
@@ -134,3 +135,34 @@ def test_cancel_stops_a_response_being_generated(client):
     assert rest[-1].type == "response.incomplete" and rest[-1].response.status == "cancelled"
     assert client.responses.retrieve(response_id).output_text == cancelled.output_text
     assert cancelled.usage.output_tokens < 400
+
+
+PLACE = {"type": "object", "additionalProperties": False, "required": ["city", "country", "rank"],
+         "properties": {"city": {"type": "string", "maxLength": 24},
+                        "country": {"type": "string", "enum": ["Japan", "France", "Peru"]},
+                        "rank": {"type": "integer", "minimum": 1, "maximum": 10}}}
+
+
+def test_json_schema_output_always_validates(client):
+    for i, question in enumerate(["Name a city in Japan.", "Tell me about Paris.",
+                                  "Where is Lima?", "Pick any city."]):
+        response = client.responses.create(
+            model=MODEL, input=question, max_output_tokens=64, temperature=0.8 * (i % 2),
+            text={"format": {"type": "json_schema", "name": "place", "schema": PLACE,
+                             "strict": True}})
+        assert response.status == "completed", response.output_text
+        jsonschema.validate(json.loads(response.output_text), PLACE)
+        assert response.text.format.type == "json_schema"
+
+
+def test_a_forced_tool_call_has_valid_arguments(client):
+    weather = {"type": "function", "name": "get_weather", "description": "Weather in a city",
+               "parameters": {"type": "object", "additionalProperties": False,
+                              "required": ["city"],
+                              "properties": {"city": {"type": "string", "maxLength": 24}}}}
+    response = ask(client, "What is the weather in Paris?", max_output_tokens=64,
+                   tools=[weather], tool_choice="required", parallel_tool_calls=False)
+    assert response.status == "completed"
+    [call] = response.output
+    assert (call.type, call.name) == ("function_call", "get_weather")
+    jsonschema.validate(json.loads(call.arguments), weather["parameters"])

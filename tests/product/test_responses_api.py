@@ -215,7 +215,7 @@ def test_unknown_ids_are_404(product_server):
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
      "input[0].content[0].type"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
-    ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
+    ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type"),
     ({"input": "x", "truncation": "sometimes"}, "truncation"),
     ({"input": "x", "previous_response_id": "resp_1", "conversation": "conv_1"},
      "previous_response_id"),

@@ -1,0 +1,112 @@
+"""The structure a turn's output must have, as the engine's `StructuredOutputsParams`:
+a JSON format (any object, or one matching a schema) and tool calls.
+
+Shared by the chat API (server/structured.py) and the Responses API
+(orchestrator/responses.py), so both give the same guarantee. Tool calls are written in
+the format server/tool_parser.py reads:
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+with `arguments` constrained by the function's JSON schema. A forced choice ("required" or
+a named function) makes the whole output one call, or with parallel calls one or more
+calls separated by newlines. "auto" leaves the model free to write text, but the opening
+tag triggers the grammar lazily (llguidance's lazy lexemes): from `<tool_call>` on, the
+call must complete validly.
+"""
+
+from __future__ import annotations
+
+import json
+
+from engine.structured_output import StructuredOutputsParams, json_schema_grammar_fragment
+from orchestrator.errors import InvalidRequestError
+from server.tool_parser import CALL_PREFIX, CLOSE_TAG, OPEN_TAG
+
+_NO_ARGUMENTS = {"type": "object", "properties": {}}
+ANY_OBJECT = {"type": "object"}
+
+
+def _lark(text: str) -> str:
+    """A Lark string literal (JSON's escapes are Lark's)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def checked(param: str, **kind) -> StructuredOutputsParams:
+    """StructuredOutputsParams, with an invalid schema or grammar a 400 naming `param`."""
+    try:
+        return StructuredOutputsParams(**kind)
+    except ValueError as exc:
+        raise InvalidRequestError(f"{param}: {exc}", param) from None
+
+
+def json_format_params(schema: dict, param: str) -> StructuredOutputsParams:
+    """JSON matching `schema` (ANY_OBJECT: any JSON object, the engine's json_object)."""
+    if schema == ANY_OBJECT:
+        return checked(param, json_object=True)
+    return checked(param, json=schema)
+
+
+def _call_rules(functions: list[tuple[str, dict | None]], rule: str,
+                opening: str) -> list[str]:
+    """Lark rules: `rule` is `opening` then the rest of a block calling one of `functions`
+    (name, parameters schema)."""
+    names = [f"fn_{i}" for i in range(len(functions))]
+    closing = "}\n" + CLOSE_TAG  # the wrapping object's brace, then the tag on its own line
+    rules = [f"{rule}: {_lark(opening)} ({' | '.join(names)}) {_lark(closing)}"]
+    for rule_name, (name, schema) in zip(names, functions, strict=True):
+        rules.append(f"{rule_name}: {_lark(CALL_PREFIX.format(name=name))} {rule_name}_args")
+        rules.append(f"{rule_name}_args: {json_schema_grammar_fragment(schema or _NO_ARGUMENTS)}")
+    return rules
+
+
+def tool_call_grammar(functions: list[tuple[str, dict | None]], forced: bool, parallel: bool,
+                      answer_schema: dict | None = None) -> str:
+    """The Lark grammar for a turn with `functions` (name, parameters schema) offered.
+
+    forced: only calls (one, or one or more if `parallel`). Otherwise text with lazily
+    triggered calls; with `answer_schema` (a JSON format), the text is that JSON instead
+    (chosen by its first character), so an answer is either the JSON or calls.
+    """
+    calls = 'call ("\\n" call)*' if parallel else "call"
+    if forced:
+        start = [f"start: {calls}"]
+    elif answer_schema is not None:
+        start = [f"start: answer | {calls}",
+                 f"answer: {json_schema_grammar_fragment(answer_schema)}"]
+    else:
+        # The opening tag ends free text lazily: at its first occurrence the call begins,
+        # and the rest of the block (`call_body`) follows it. Without parallel calls the
+        # turn ends after one.
+        start = ["start: (lazy_call)* TEXT" if parallel else "start: TEXT | lazy_call",
+                 "TEXT: /(.|\\n)*/",
+                 f"call_trigger[lazy]: TEXT {_lark(OPEN_TAG)}",
+                 "lazy_call: call_trigger call_body"]
+        return _grammar(start, _call_rules(functions, "call_body", "\n"))
+    return _grammar(start, _call_rules(functions, "call", OPEN_TAG + "\n"))
+
+
+def _grammar(start: list[str], rules: list[str]) -> str:
+    return "\n".join(["%llguidance {}", *start, *rules]) + "\n"
+
+
+def turn_structure(functions: list[tuple[str, dict | None]], forced: bool, parallel: bool,
+                   fmt_schema: dict | None, fmt_param: str, schema_param: str | None = None,
+                   tools_param: str = "tools") -> StructuredOutputsParams | None:
+    """What a turn's output is constrained to (None: free text).
+
+    fmt_schema: the JSON format's schema (ANY_OBJECT for any object), None for text. A bad
+    schema is a 400 naming `schema_param` (default `fmt_param`), checked on its own first
+    so that the error names the schema even when tools are offered too.
+    """
+    answer = None
+    if fmt_schema is not None:
+        answer = json_format_params(fmt_schema, schema_param or fmt_param)
+    if not functions:
+        return answer
+    if forced and answer is not None:
+        raise InvalidRequestError(f"{fmt_param} cannot be combined with a tool_choice that "
+                                  "forces a call", fmt_param)
+    grammar = tool_call_grammar(functions, forced, parallel, fmt_schema)
+    return checked(tools_param, grammar=grammar)
