@@ -323,8 +323,8 @@ def _validity_module():
 
 
 def test_json_schema_answers_and_forced_tool_calls_are_all_valid(live):
-    """The CI-sized run of benchmarks/structured_validity.py (docs/server.md has the
-    large run): every answer parses and validates, every forced call validates."""
+    """A CI-sized run of benchmarks/structured_validity.py (docs/server.md has larger
+    runs): every answer parses and validates, every forced call validates."""
     validity = _validity_module()
     report = asyncio.run(validity.run(f"{live.url}/v1", API_KEY, requests=6, concurrency=12))
     assert report.failures == []
