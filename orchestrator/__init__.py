@@ -14,6 +14,7 @@ from orchestrator.conversations import ConversationService
 from orchestrator.errors import InvalidRequestError, NotFoundError, ProductError
 from orchestrator.responses import FunctionTool, ResponseRequest, ResponseService
 from orchestrator.store import Page, Store
+from orchestrator.tools import ToolRegistry
 from server.engine_client import EngineClient
 
 # Every object belongs to a user; until accounts exist, all requests act as this one.
@@ -27,8 +28,11 @@ class Product:
     conversations: ConversationService
 
     @classmethod
-    def open(cls, engine: EngineClient, database_url: str) -> Product:
-        """Open (and migrate) the database and build the services on `engine`.
+    def open(cls, engine: EngineClient, database_url: str, tools: ToolRegistry | None = None,
+             default_tools: tuple[str, ...] = ()) -> Product:
+        """Open (and migrate) the database and build the services on `engine`, with the
+        built-in `tools` (this server's `builtin_tools()` by default) and the ones offered
+        without being declared (`default_tools`).
 
         A SQLite file belongs to this server alone, so responses left `in_progress` there
         were cut off by a crash: they are marked `incomplete`. A PostgreSQL database may
@@ -36,7 +40,8 @@ class Product:
         store = Store(database_url)
         if store.engine.dialect.name == "sqlite":
             store.repo.interrupt_unfinished()
-        return cls(store, ResponseService(engine, store), ConversationService(store))
+        return cls(store, ResponseService(engine, store, tools, default_tools),
+                   ConversationService(store))
 
     def close(self) -> None:
         self.store.close()
