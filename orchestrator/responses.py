@@ -24,6 +24,7 @@ from typing import Protocol
 
 from engine import SamplingParams
 from engine.errors import EngineError
+from engine.structured_output import StructuredOutputsParams
 from orchestrator.agent import (
     CODE_INTERPRETER,
     DEFAULT_MAX_TOOL_CALLS,
@@ -40,6 +41,7 @@ from orchestrator.tools import ResolvedTools, ToolRegistry, ToolUnavailable, bui
 from orchestrator.untrusted import spotlight
 from server.engine_client import EngineClient
 from server.protocol import Tool
+from server.structured import tool_call_grammar
 from server.tool_parser import ChoiceAssembler, ParsedCall
 
 log = logging.getLogger("tokenmill")
@@ -136,6 +138,19 @@ def _sampling_params(request: ResponseRequest) -> SamplingParams:
     except ValueError as exc:  # SamplingParams names the field first
         message = str(exc).replace("max_tokens", "max_output_tokens")
         raise InvalidRequestError(message, param=message.split(" ", 1)[0]) from None
+
+
+def forced_call_grammar(config: ToolConfig) -> StructuredOutputsParams | None:
+    """When the tool choice forces a call ("required", or a named function), the grammar
+    that makes the generation exactly such calls (as /v1/chat/completions does); a
+    schema the grammar cannot take is a 400 naming `tools`."""
+    if config.mode not in ("required", "function") or not config.tools:
+        return None
+    try:
+        return StructuredOutputsParams(
+            grammar=tool_call_grammar(config.tools, True, config.parallel))
+    except ValueError as exc:
+        raise InvalidRequestError(f"tools: {exc}", "tools") from None
 
 
 def _new_response(request: ResponseRequest) -> dict:
@@ -341,6 +356,9 @@ class Turn:
         if left is not None and left < 1:
             raise _Cut("max_output_tokens")
         params = dataclasses.replace(self.params, max_tokens=left)
+        forced = forced_call_grammar(config)
+        if forced is not None:
+            params = dataclasses.replace(params, structured_outputs=forced)
         if self.prompt is not None:
             prompt, self.prompt = self.prompt, None
             return prompt, params
@@ -442,8 +460,10 @@ class ResponseService:
         tools = self._resolve_tools(request)
         declared = [FunctionTool(d["name"], d.get("description"), d.get("parameters"),
                                  d.get("strict")) for d in tools.declarations]
-        prompt = self.context.build(request.instructions, history, input_items,
-                                    request.tool_config(declared), request.max_output_tokens,
+        config = request.tool_config(declared)
+        forced_call_grammar(config)  # a bad schema is the client's error, before any output
+        prompt = self.context.build(request.instructions, history, input_items, config,
+                                    request.max_output_tokens,
                                     truncate=request.truncation == "auto")
         turn = Turn(self, owner, request, history, input_items, tools, prompt, params,
                     observer or _NoObserver())
