@@ -8,9 +8,11 @@ import re
 import sqlite3
 
 import httpx
+import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
+from engine.serve import build_parser, tool_registry
 from orchestrator.tools import ToolRegistry
 from orchestrator.tools.calculator import Calculator
 from orchestrator.tools.sql_query import DEMO_DATABASE
@@ -225,3 +227,15 @@ def test_cancel_during_a_code_run_ends_it_and_keeps_the_item(product_server):
         ("code_interpreter_call", "incomplete")]
     stored = httpx.get(f"{server.url}/v1/responses/{response_id}", timeout=10).json()
     assert stored["output"] == cancelled["output"]
+
+
+def test_serve_flags_build_the_registry_or_refuse_to_start(tmp_path):
+    args = build_parser().parse_args(["--default-tools", "calculator", "sql_query"])
+    assert args.tool_database is None and args.default_tools == ["calculator", "sql_query"]
+    assert {"calculator", "sql_query"} <= set(tool_registry(args).tools)
+    missing = build_parser().parse_args(["--tool-database", str(tmp_path / "none.db")])
+    with pytest.raises(ValueError, match="--tool-database"):
+        tool_registry(missing)
+    unknown = build_parser().parse_args(["--default-tools", "web_search"])
+    with pytest.raises(ValueError, match="--default-tools web_search"):
+        tool_registry(unknown)
