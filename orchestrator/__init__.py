@@ -17,6 +17,7 @@ from orchestrator.files import FileService
 from orchestrator.responses import FunctionTool, ResponseRequest, ResponseService
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store import Page, Store
+from orchestrator.tools import ToolRegistry
 from orchestrator.vector_stores import VectorStoreService
 from server.engine_client import EngineClient
 
@@ -35,8 +36,11 @@ class Product:
 
     @classmethod
     def open(cls, engine: EngineClient, database_url: str, data_dir: Path | None = None,
-             embedder: Embedder | None = None) -> Product:
-        """Open (and migrate) the database and build the services on `engine`.
+             embedder: Embedder | None = None, tools: ToolRegistry | None = None,
+             default_tools: tuple[str, ...] = ()) -> Product:
+        """Open (and migrate) the database and build the services on `engine`, with the
+        built-in `tools` (this server's `builtin_tools()` by default) and the ones offered
+        without being declared (`default_tools`).
 
         A SQLite file belongs to this server alone, so responses left `in_progress` there
         were cut off by a crash: they are marked `incomplete`. A PostgreSQL database may
@@ -44,7 +48,8 @@ class Product:
         store = Store(database_url)
         if store.engine.dialect.name == "sqlite":
             store.repo.interrupt_unfinished()
-        product = cls(store, ResponseService(engine, store), ConversationService(store))
+        product = cls(store, ResponseService(engine, store, tools, default_tools),
+                      ConversationService(store))
         if data_dir is not None:
             product.files = FileService(store, Path(data_dir))
             if embedder is not None and store.engine.dialect.name == "sqlite":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from orchestrator.agent import code_interpreter_as_function_items
 from orchestrator.errors import InvalidRequestError
 from orchestrator.store import History
 from server.chat_prompt import build_chat_prompt, template_supports_tools
@@ -49,11 +50,23 @@ def _item_text(item: dict) -> str:
     return "\n".join(part.get("text", "") for part in content)
 
 
+def _function_items(items: list[dict]) -> list[dict]:
+    """Items with each code_interpreter_call as the function call + output pair a chat
+    template can render."""
+    flat = []
+    for item in items:
+        if item.get("type") == "code_interpreter_call":
+            flat += code_interpreter_as_function_items(item)
+        else:
+            flat.append(item)
+    return flat
+
+
 def items_to_messages(items: list[dict]) -> list[Message]:
     """Responses items -> chat messages: a function call joins the assistant message it
     follows (as a chat assistant turn holds text and tool calls together)."""
     messages: list[Message] = []
-    for item in items:
+    for item in _function_items(items):
         kind = item.get("type", "message")
         if kind == "message":
             messages.append(Message(item["role"], _item_text(item)))

@@ -86,6 +86,15 @@ class ResponseEvents:
                                   delta=delta, logprobs=[]))
         return events
 
+    def numbered(self, event: dict) -> Event:
+        """An event made elsewhere (the agent's tool events), numbered in this stream."""
+        fields = dict(event)
+        return self._event(fields.pop("type"), **fields)
+
+    def close_message(self) -> list[Event]:
+        """End the message being written, if any (a model turn is over)."""
+        return self._close_message("completed")
+
     def _close_message(self, status: str) -> list[Event]:
         message, self._message = self._message, None
         if message is None:

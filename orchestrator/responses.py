@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +25,12 @@ from typing import Protocol
 from engine import SamplingParams
 from engine.errors import EngineError
 from engine.structured_output import StructuredOutputsParams
+from orchestrator.agent import (
+    CODE_INTERPRETER,
+    DEFAULT_MAX_TOOL_CALLS,
+    Agent,
+    code_interpreter_as_function_items,
+)
 from orchestrator.context import ContextBuilder, Prompt, ToolConfig
 from orchestrator.errors import InvalidRequestError, NotFoundError
 from orchestrator.events import Event, ResponseEvents, usage
@@ -31,6 +38,8 @@ from orchestrator.ids import new_id
 from orchestrator.items import item_list, stored_item
 from orchestrator.output_structure import ANY_OBJECT, turn_structure
 from orchestrator.store import History, Page, Repository, Store
+from orchestrator.tools import ResolvedTools, ToolRegistry, ToolUnavailable, builtin_tools
+from orchestrator.untrusted import spotlight
 from server.engine_client import EngineClient
 from server.protocol import Tool
 from server.tool_parser import ChoiceAssembler, ParsedCall
@@ -59,6 +68,18 @@ class FunctionTool:
 
 
 @dataclass
+class CodeInterpreterTool:
+    """The built-in code_interpreter tool (`{"type": "code_interpreter", "container":
+    {"type": "auto"}}`); the server runs its calls in a sandbox."""
+
+    container: dict | str = field(default_factory=lambda: {"type": "auto"})
+    name: str = CODE_INTERPRETER
+
+    def as_dict(self) -> dict:
+        return {"type": "code_interpreter", "container": self.container}
+
+
+@dataclass
 class ResponseRequest:
     """A validated `POST /v1/responses` body (the server parses and checks it)."""
 
@@ -73,12 +94,13 @@ class ResponseRequest:
     top_p: float | None = None
     truncation: str = "disabled"  # "disabled" | "auto"
     metadata: dict = field(default_factory=dict)
-    tools: list[FunctionTool] = field(default_factory=list)
+    tools: list[FunctionTool | CodeInterpreterTool] = field(default_factory=list)
     tool_choice: str | dict = "auto"  # "none" | "auto" | "required" | {"type": "function", ...}
     parallel_tool_calls: bool = True
     # text.format as given: {"type": "text"}, {"type": "json_object"} or
     # {"type": "json_schema", "name", "schema", "strict"[, "description"]}.
     text_format: dict = field(default_factory=lambda: {"type": "text"})
+    max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS  # built-in calls one response may run
 
     def format_schema(self) -> dict | None:
         """The JSON schema text.format asks for (None: free text)."""
@@ -87,13 +109,17 @@ class ResponseRequest:
             return None
         return ANY_OBJECT if kind == "json_object" else self.text_format["schema"]
 
-    def tool_config(self) -> ToolConfig:
+    def tool_config(self, declared: list[FunctionTool] | None = None) -> ToolConfig:
+        """The tools offered to the model: `declared` (every tool's function declaration,
+        built-ins with their schema filled in) or the request's own function tools."""
+        tools = declared if declared is not None else [
+            t for t in self.tools if isinstance(t, FunctionTool)]
         choice = self.tool_choice
         mode, forced = ("function", choice["name"]) if isinstance(choice, dict) else (choice,
                                                                                       None)
-        if not self.tools:
+        if not tools:
             mode = "none"
-        offered = [t for t in self.tools if mode != "function" or t.name == forced]
+        offered = [t for t in tools if mode != "function" or t.name == forced]
         return ToolConfig([t.chat_tool() for t in offered] if mode != "none" else [], mode,
                           forced, self.parallel_tool_calls)
 
@@ -114,10 +140,10 @@ class _NoObserver:
         pass
 
 
-def _structure(request: ResponseRequest) -> StructuredOutputsParams | None:
-    """The grammar the output must follow: text.format's JSON, and the offered function
-    tools' calls (forced by "required" or a named function, lazily triggered by "auto")."""
-    config = request.tool_config()
+def _structure(request: ResponseRequest, config: ToolConfig) -> StructuredOutputsParams | None:
+    """The grammar a model turn's output must follow: text.format's JSON, and the turn's
+    offered tools' calls (forced by "required" or a named function, lazily triggered by
+    "auto"). A schema the grammar cannot take is a 400 naming its field."""
     functions = [(t.name, t.spec["function"].get("parameters")) for t in config.tools]
     return turn_structure(functions, config.mode in ("required", "function"), config.parallel,
                           request.format_schema(), "text.format", "text.format.schema")
@@ -125,10 +151,8 @@ def _structure(request: ResponseRequest) -> StructuredOutputsParams | None:
 
 def _sampling_params(request: ResponseRequest) -> SamplingParams:
     chosen = {"temperature": request.temperature, "top_p": request.top_p}
-    structure = _structure(request)
     try:
         return SamplingParams(max_tokens=request.max_output_tokens,
-                              structured_outputs=structure,
                               **{k: v for k, v in chosen.items() if v is not None})
     except ValueError as exc:  # SamplingParams names the field first
         message = str(exc).replace("max_tokens", "max_output_tokens")
@@ -148,6 +172,7 @@ def _new_response(request: ResponseRequest) -> dict:
         "incomplete_details": None,
         "instructions": request.instructions,
         "max_output_tokens": request.max_output_tokens,
+        "max_tool_calls": request.max_tool_calls,
         "metadata": request.metadata,
         "model": request.model,
         "output": [],
@@ -167,7 +192,7 @@ def _new_response(request: ResponseRequest) -> dict:
 
 @dataclass
 class _Progress:
-    """What a turn's engine reader has gathered so far."""
+    """What one engine generation has gathered so far."""
 
     assembler: ChoiceAssembler
     output_ids: list[int] = field(default_factory=list)
@@ -175,21 +200,54 @@ class _Progress:
     cached: int = 0
 
 
+@dataclass
+class _Totals:
+    """Token counts over all of a turn's generations, and the latest prompt + output
+    (what the next response's prompt extends)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached: int = 0
+    context_tokens: list[int] | None = None
+
+
+class _Cut(Exception):
+    """A generation ended without finishing its answer: stop the agent loop there."""
+
+    def __init__(self, reason: str | None) -> None:
+        super().__init__(reason)
+        self.reason = reason  # the incomplete reason ("max_output_tokens") or None
+
+
 class Turn:
-    """One response being generated: events flow to `stream()`, the end to `wait()`."""
+    """One response being generated: events flow to `stream()`, the end to `wait()`.
+
+    The turn is an agent loop (`orchestrator.agent.Agent`): each model turn is one engine
+    generation over instructions + history + input + the output so far, built-in tool
+    calls run server-side between them, and a call of a client function ends the turn.
+    The agent appends to the response's own output list, so its `output_index`es are
+    the stream's."""
 
     def __init__(self, service: ResponseService, owner: str, request: ResponseRequest,
-                 input_items: list[dict], prompt: Prompt, params: SamplingParams,
-                 observer: TokenObserver) -> None:
+                 history: History, input_items: list[dict], tools: ResolvedTools,
+                 prompt: Prompt, params: SamplingParams, observer: TokenObserver) -> None:
         self.service = service
         self.owner = owner
         self.request = request
+        self.history = history
         self.input_items = input_items
-        self.prompt = prompt
+        self.tools = tools
+        self.declared = [FunctionTool(d["name"], d.get("description"), d.get("parameters"),
+                                      d.get("strict")) for d in tools.declarations]
+        self.prompt: Prompt | None = prompt  # the first generation's, built by `create`
         self.params = params
         self.observer = observer
         self.events = ResponseEvents(_new_response(request))
         self.id: str = self.events.response["id"]
+        self.totals = _Totals()
+        self._generations = 0
+        self._code_calls: list[dict] = []  # code_interpreter calls of the model turn
+        self._spotlit: dict[str, str] = {}  # tool output item id -> its prompt text
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self._stop_status: str | None = None
         self._consumer: asyncio.Task | None = None
@@ -206,7 +264,8 @@ class Turn:
 
     def stop(self, status: str) -> None:
         """End generation early: "cancelled" (the cancel endpoint) or "incomplete" (the
-        client went away). A no-op once the turn has finished."""
+        client went away); running tools are cancelled (sandboxes killed). A no-op once
+        the turn has finished."""
         if self._task.done() or self._stop_status is not None:
             return
         self._stop_status = status
@@ -226,13 +285,14 @@ class Turn:
                                                    snapshot, self.input_items))
         try:
             self._put(self.events.start())
-            status, reason, error, output_ids, cached = await self._generate()
-            final = self.events.finish(status, usage(len(self.prompt.token_ids),
-                                                     len(output_ids), cached),
+            status, reason, error = await self._generate()
+            totals = self.totals
+            final = self.events.finish(status, usage(totals.input_tokens, totals.output_tokens,
+                                                     totals.cached),
                                        time.time(), reason, error)
             if store is not None:
                 await begun
-                tokens = None if status == "failed" else self.prompt.token_ids + output_ids
+                tokens = None if status == "failed" else totals.context_tokens
                 await store.call(Repository.finish_response, self.owner, self.events.response,
                                  self.input_items, tokens)
             self._put(final)
@@ -244,42 +304,111 @@ class Turn:
             self.service.running.pop(self.id, None)
             self.observer.on_finished()
 
-    async def _generate(self) -> tuple[str, str | None, dict | None, list[int], int]:
-        """Run the engine; returns (status, incomplete reason, error, output ids, cached).
+    async def _generate(self) -> tuple[str, str | None, dict | None]:
+        """Run the agent loop; returns (status, incomplete reason, error).
 
-        The engine is read by a task of its own, which `stop` cancels: a stopped turn
-        ends at once even if the engine has no further output to deliver."""
-        config = self.request.tool_config()
-        progress = _Progress(ChoiceAssembler([t.name for t in config.tools],
-                                             None if config.parallel else 1))
-        error = None
-        self._consumer = asyncio.create_task(self._consume(progress))
+        The loop runs in a task of its own, which `stop` cancels: a stopped turn ends at
+        once even if the engine has no further output to deliver or a tool is running."""
+        agent = Agent(self._model_turn, self.tools.builtins, self.tools.client_functions,
+                      self._tool_event, self.request.max_tool_calls)
+        agent.output = self.events.output
+        self._consumer = asyncio.create_task(agent.run(self.input_items))
         try:
-            await self._consumer
+            result = await self._consumer
         except asyncio.CancelledError:
             if self._stop_status is None:
                 raise  # the turn itself is being cancelled (shutdown)
+            return self._stop_status, None, None
         except (EngineError, ValueError) as exc:
-            error = {"code": "server_error", "message": f"the engine failed: {exc}"}
-        finally:
-            if progress.finish_reason is None:
-                await self.service.engine.abort(self.id)
-        reason = progress.finish_reason
-        if reason is None or reason == "abort":
-            self._emit(progress.assembler.push("", final=True))  # the text held back so far
-        result = progress.output_ids, progress.cached
-        if error is not None:
-            return "failed", None, error, *result
-        if self._stop_status is not None:
-            return self._stop_status, None, None, *result
-        if reason == "length":
-            return "incomplete", "max_output_tokens", None, *result
-        if reason == "stop":
-            return "completed", None, None, *result
-        return "incomplete", None, None, *result
+            return "failed", None, {"code": "server_error",
+                                    "message": f"the engine failed: {exc}"}
+        except InvalidRequestError as exc:  # the tools' output no longer fits the context
+            return "failed", None, {"code": exc.code or "invalid_request",
+                                    "message": exc.message}
+        except _Cut as cut:
+            return "incomplete", cut.reason, None
+        if result.status == "incomplete":
+            return "incomplete", result.incomplete_reason, None
+        return "completed", None, None
 
-    async def _consume(self, progress: _Progress) -> None:
-        outputs = self.service.engine.generate(self.prompt.token_ids, self.params, self.id)
+    def _tool_event(self, event: dict) -> None:
+        self._put([self.events.numbered(event)])
+
+    def _prompt_items(self, output: list[dict]) -> list[dict]:
+        """This turn's output as the prompt shows it: each tool output spotlighted (once
+        per item, so later generations render the same text and extend the prompt)."""
+        names = {i["call_id"]: i["name"] for i in output if i["type"] == "function_call"}
+        special = getattr(self.service.engine.tokenizer, "all_special_tokens", ())
+        items = []
+        for item in output:
+            if item["type"] == "code_interpreter_call":
+                call, result = code_interpreter_as_function_items(item)
+                items += [call, {**result, "id": item["id"]}]
+                names[call["call_id"]] = CODE_INTERPRETER
+            else:
+                items.append(item)
+        for i, item in enumerate(items):
+            if item["type"] == "function_call_output":
+                if item["id"] not in self._spotlit:
+                    origin = f"tool {names.get(item['call_id'], 'function')}"
+                    self._spotlit[item["id"]] = spotlight(item["output"], origin,
+                                                          special_tokens=special)
+                items[i] = {**item, "output": self._spotlit[item["id"]]}
+        return items
+
+    def _next_prompt(self, items: list[dict], config: ToolConfig) -> tuple[Prompt, SamplingParams]:
+        limit = self.request.max_output_tokens
+        left = None if limit is None else limit - self.totals.output_tokens
+        if left is not None and left < 1:
+            raise _Cut("max_output_tokens")
+        params = dataclasses.replace(self.params, max_tokens=left,
+                                     structured_outputs=_structure(self.request, config))
+        if self.prompt is not None:
+            prompt, self.prompt = self.prompt, None
+            return prompt, params
+        output = self._prompt_items(items[len(self.input_items):])
+        history = History(self.history.items, self.totals.context_tokens)
+        prompt = self.service.context.build(self.request.instructions, history,
+                                            [*self.input_items, *output], config, left,
+                                            truncate=self.request.truncation == "auto")
+        return prompt, params
+
+    async def _model_turn(self, items: list[dict], tools_enabled: bool) -> list[dict]:
+        """One engine generation: streams its text and calls, returns its new items
+        (taken back out of the output list, where the agent appends them again)."""
+        request = self.request
+        if self._generations > 0:  # a forced or required call was made: now free to answer
+            request = dataclasses.replace(request, tool_choice="auto")
+        config = request.tool_config(self.declared if tools_enabled else [])
+        prompt, params = self._next_prompt(items, config)
+        request_id = self.id if self._generations == 0 else f"{self.id}-{self._generations}"
+        self._generations += 1
+        start = len(self.events.output)
+        self._code_calls = []
+        progress = _Progress(ChoiceAssembler([t.name for t in config.tools],
+                                             None if config.parallel else 1))
+        try:
+            await self._consume(progress, prompt.token_ids, params, request_id)
+        finally:
+            totals = self.totals
+            totals.input_tokens += len(prompt.token_ids)
+            totals.output_tokens += len(progress.output_ids)
+            totals.cached += progress.cached
+            totals.context_tokens = prompt.token_ids + progress.output_ids
+            if progress.finish_reason is None:
+                await self.service.engine.abort(request_id)
+            if progress.finish_reason in (None, "abort"):
+                self._emit(progress.assembler.push("", final=True))  # the text held back
+        if progress.finish_reason != "stop":
+            raise _Cut("max_output_tokens" if progress.finish_reason == "length" else None)
+        self._put(self.events.close_message())
+        new = self.events.output[start:]
+        del self.events.output[start:]
+        return [*new, *self._code_calls]
+
+    async def _consume(self, progress: _Progress, prompt: list[int], params: SamplingParams,
+                       request_id: str) -> None:
+        outputs = self.service.engine.generate(prompt, params, request_id)
         async with aclosing(outputs):
             async for out in outputs:
                 for o in out.outputs:
@@ -292,10 +421,18 @@ class Turn:
 
     def _emit(self, pieces: list) -> None:
         """Text and whole calls become events; a call's streamed pieces (`CallStart`,
-        `ArgumentsDelta`) are not needed here, since its `ParsedCall` carries it all."""
+        `ArgumentsDelta`) are not needed here, since its `ParsedCall` carries it all. A
+        code_interpreter call is not streamed as a function call: the agent turns it
+        into a code_interpreter_call item, with events of its own."""
         for piece in pieces:
             if isinstance(piece, str):
                 self._put(self.events.text(piece))
+            elif isinstance(piece, ParsedCall) and (
+                    piece.name == CODE_INTERPRETER and CODE_INTERPRETER in self.tools.builtins):
+                self._put(self.events.close_message())
+                self._code_calls.append(
+                    {"id": new_id("fc"), "type": "function_call", "call_id": new_id("call"),
+                     "name": piece.name, "arguments": piece.arguments, "status": "completed"})
             elif isinstance(piece, ParsedCall):
                 self._put(self.events.function_call(piece))
 
@@ -306,9 +443,12 @@ def _missing(response_id: str) -> NotFoundError:
 
 
 class ResponseService:
-    def __init__(self, engine: EngineClient, store: Store) -> None:
+    def __init__(self, engine: EngineClient, store: Store, tools: ToolRegistry | None = None,
+                 default_tools: tuple[str, ...] = ()) -> None:
         self.engine = engine
         self.store = store
+        self.tools = tools if tools is not None else builtin_tools()
+        self.default_tools = default_tools
         self.context = ContextBuilder(engine.tokenizer, engine.max_model_len)
         self.running: dict[str, Turn] = {}
 
@@ -321,13 +461,27 @@ class ResponseService:
         history = await self._history(owner, request)
         input_items = [stored_item(i) for i in request.input]
         params = _sampling_params(request)
-        prompt = self.context.build(request.instructions, history, input_items,
-                                    request.tool_config(), request.max_output_tokens,
+        tools = self._resolve_tools(request)
+        declared = [FunctionTool(d["name"], d.get("description"), d.get("parameters"),
+                                 d.get("strict")) for d in tools.declarations]
+        config = request.tool_config(declared)
+        _structure(request, config)  # a bad schema is the client's error, before any output
+        prompt = self.context.build(request.instructions, history, input_items, config,
+                                    request.max_output_tokens,
                                     truncate=request.truncation == "auto")
-        turn = Turn(self, owner, request, input_items, prompt, params,
+        turn = Turn(self, owner, request, history, input_items, tools, prompt, params,
                     observer or _NoObserver())
         self.running[turn.id] = turn
         return turn
+
+    def _resolve_tools(self, request: ResponseRequest) -> ResolvedTools:
+        """The request's tools sorted into built-ins and client functions; a built-in this
+        server cannot run is a 400 naming its `tools[i]` entry."""
+        try:
+            return self.tools.resolve([t.as_dict() for t in request.tools], self.default_tools)
+        except ToolUnavailable as exc:
+            message = str(exc)
+            raise InvalidRequestError(message, param=message.split(":", 1)[0]) from None
 
     async def _history(self, owner: str, request: ResponseRequest) -> History:
         if request.previous_response_id is not None:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator import FunctionTool, Page, ResponseRequest
+from orchestrator.agent import DEFAULT_MAX_TOOL_CALLS
+from orchestrator.responses import CodeInterpreterTool
 from server.errors import invalid
 
 MAX_METADATA_KEYS = 16
@@ -23,7 +25,7 @@ _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 _RESPONSE_FIELDS = {
     "model", "input", "instructions", "previous_response_id", "conversation", "store",
     "stream", "max_output_tokens", "temperature", "top_p", "truncation", "metadata", "tools",
-    "tool_choice", "parallel_tool_calls", "text", "background", "include",
+    "tool_choice", "parallel_tool_calls", "max_tool_calls", "text", "background", "include",
 }
 
 _KINDS: dict[str, tuple[type, ...]] = {
@@ -134,14 +136,19 @@ def _input(body: dict) -> list[dict]:
 # -- responses -----------------------------------------------------------------------------
 
 
-def _tools(body: dict) -> list[FunctionTool]:
-    tools = []
+def _tools(body: dict) -> list[FunctionTool | CodeInterpreterTool]:
+    """Function tools (a function declared by name only is a built-in the server runs,
+    e.g. calculator) and the built-in code_interpreter."""
+    tools: list[FunctionTool | CodeInterpreterTool] = []
     for i, raw in enumerate(_get(body, "tools", "an array", "tools", [])):
         param = f"tools[{i}]"
         kind = raw.get("type") if isinstance(raw, dict) else None
+        if kind == "code_interpreter":
+            tools.append(CodeInterpreterTool(raw.get("container", {"type": "auto"})))
+            continue
         if kind != "function":
-            raise invalid(f"{param}.type {kind!r} is not supported: only function tools are",
-                          f"{param}.type")
+            raise invalid(f"{param}.type {kind!r} is not supported: only function and "
+                          "code_interpreter tools are", f"{param}.type")
         tools.append(FunctionTool(
             name=_required_string(raw, "name", param),
             description=_get(raw, "description", "a string", f"{param}.description"),
@@ -249,6 +256,11 @@ def parse_response_request(
     if temperature is not None and not 0 <= temperature <= 2:
         raise invalid(f"temperature must be in [0, 2], got {temperature}", "temperature")
     tools = _tools(body)
+    max_tool_calls = _get(body, "max_tool_calls", "an integer", "max_tool_calls",
+                          DEFAULT_MAX_TOOL_CALLS)
+    if max_tool_calls < 0:
+        raise invalid(f"max_tool_calls must be at least 0, got {max_tool_calls}",
+                      "max_tool_calls")
     request = ResponseRequest(
         model=resolve_model(_get(body, "model", "a string", "model")),
         input=_input(body),
@@ -266,6 +278,7 @@ def parse_response_request(
         parallel_tool_calls=_get(body, "parallel_tool_calls", "a boolean",
                                  "parallel_tool_calls", True),
         text_format=_text_format(body),
+        max_tool_calls=max_tool_calls,
     )
     return request, _get(body, "stream", "a boolean", "stream", False)
 

@@ -60,3 +60,16 @@ def test_openai_sdk_against_the_server():
     assert "Tokyo" in lines["chat"]
     assert len(lines["stream"]) > len("stream: ") + 10
     assert lines["answer"] != "answer: ''"
+
+
+@pytest.mark.slow
+def test_agent_sales_example_runs_sql_query_on_the_server():
+    server = start_server("--compile", "off")
+    try:
+        output = run_example("agent_sales.py", "--base-url", f"{server.url}/v1")
+    finally:
+        assert server.stop() == 0
+    lines = output.splitlines()
+    assert lines[0].startswith("call: sql_query {")
+    assert lines[1].startswith("result: ")
+    assert lines[2].startswith("answer: ") and lines[2] != "answer: ''"

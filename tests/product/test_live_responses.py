@@ -13,6 +13,7 @@ import pytest
 from openai.types.conversations import Conversation
 from openai.types.responses import Response
 
+from orchestrator.tools.sql_query import DEMO_DATABASE
 from tests.server.live_server import LiveServer, start_server
 
 MODEL = "smollm2-135m-instruct"
@@ -22,7 +23,7 @@ INSTRUCTIONS = ("You are a geography tutor. Answer in one short sentence. " * 12
 
 @pytest.fixture(scope="module")
 def live():
-    server = start_server("--compile", "off")
+    server = start_server("--compile", "off", "--tool-database", str(DEMO_DATABASE))
     yield server
     assert server.stop() == 0
 
@@ -166,3 +167,20 @@ def test_a_forced_tool_call_has_valid_arguments(client):
     [call] = response.output
     assert (call.type, call.name) == ("function_call", "get_weather")
     jsonschema.validate(json.loads(call.arguments), weather["parameters"])
+
+
+def test_sql_query_runs_inside_a_response(client):
+    """A forced call is grammar-constrained, so even the small model makes a valid one;
+    whether its SQL is right is up to the model (the tool's error goes back to it)."""
+    response = client.responses.create(
+        model=MODEL, input="What were East China sales in 2026-Q3?", temperature=0,
+        tools=[{"type": "function", "name": "sql_query"}], parallel_tool_calls=False,
+        tool_choice={"type": "function", "name": "sql_query"}, max_output_tokens=120)
+    kinds = [item.type for item in response.output]
+    assert kinds[:2] == ["function_call", "function_call_output"]
+    call, result = response.output[:2]
+    assert call.name == "sql_query" and isinstance(json.loads(call.arguments)["sql"], str)
+    assert result.call_id == call.call_id and result.output
+    assert kinds[2:] == ["message"]  # the model answered after reading the result
+    stored = client.responses.retrieve(response.id)
+    assert stored.output == response.output

@@ -18,7 +18,7 @@ MODEL = "fake-model"
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
         "additionalProperties": False}
 WEATHER = {"type": "function", "name": "get_weather", "parameters": CITY}
-TIME = {"type": "function", "name": "get_time"}
+TIME = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TIME_CALL = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
 JSON_SCHEMA = {"type": "json_schema", "name": "place", "schema": CITY, "strict": True}
