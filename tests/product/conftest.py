@@ -4,20 +4,18 @@ with a real store, served by uvicorn in a thread (real sockets, streaming, disco
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 import pytest
-import uvicorn
 
 from orchestrator import Product
 from orchestrator.retrieval.embeddings import Embedder
 from server import ServerConfig, build_app
 from tests.product.postgres import PostgresServer, start_postgres
+from tests.server.conftest import serve_in_thread
 from tests.server.fake_engine import FakeEngine
 
 
@@ -59,21 +57,12 @@ def product_server(tmp_path) -> Iterator[Callable[..., ProductServer]]:
                                data_dir, embedder)
         config.setdefault("served_model_names", ["fake-model"])
         app = build_app(engine, ServerConfig(**config), product, embedder)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
-                                               log_level="warning", lifespan="off"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        url, stop_server = serve_in_thread(app)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
         def stop() -> None:
             client.close()
-            server.should_exit = True
-            thread.join(10)
+            stop_server()
             product.close()
 
         stops.append(stop)

@@ -24,6 +24,24 @@ class RunningServer:
     client: httpx.Client
 
 
+def serve_in_thread(app: object) -> tuple[str, Callable[[], None]]:
+    """Serve `app` with uvicorn on a free port in a daemon thread: (its URL, a stop)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", stop
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[..., RunningServer]]:
     """Factory: serve(engine=None, **ServerConfig fields) -> RunningServer."""
@@ -33,22 +51,12 @@ def serve() -> Iterator[Callable[..., RunningServer]]:
         engine = engine or FakeEngine()
         config.setdefault("served_model_names", ["fake-model"])
         app = build_app(engine, ServerConfig(**config))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
-                                               log_level="warning", lifespan="off"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
+        url, stop_server = serve_in_thread(app)
         client = httpx.Client(base_url=url, timeout=10)
 
         def stop() -> None:
             client.close()
-            server.should_exit = True
-            thread.join(10)
+            stop_server()
 
         stops.append(stop)
         return RunningServer(url, engine, app, client)
