@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -216,7 +217,8 @@ def test_client_errors(live, client):
     bad_key = openai.OpenAI(base_url=f"{live.url}/v1", api_key="wrong", max_retries=0)
     assert isinstance(error_of(bad_key.models.list), openai.AuthenticationError)
     raw = httpx.post(f"{live.url}/v1/chat/completions", content=b"{not json",
-                     headers={"Authorization": f"Bearer {API_KEY}"})
+                     headers={"Authorization": f"Bearer {API_KEY}",
+                              "Content-Type": "application/json"})
     assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
 
 
@@ -318,6 +320,7 @@ _VALIDITY = Path(__file__).resolve().parents[2] / "benchmarks" / "structured_val
 def _validity_module():
     spec = importlib.util.spec_from_file_location("structured_validity", _VALIDITY)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while decorating
     spec.loader.exec_module(module)
     return module
 
