@@ -172,10 +172,10 @@ def test_a_request_failing_in_a_step_fails_alone(tiny_path, monkeypatch):
         engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
         append = engine.engine.outputs.append
 
-        def append_or_fail(seq, *args):
+        def append_or_fail(seq, *args, **kwargs):
             if seq.request.request_id == "bad" and seq.num_output_tokens >= 2:
                 raise TypeError("detokenizer exploded")
-            return append(seq, *args)
+            return append(seq, *args, **kwargs)
 
         monkeypatch.setattr(engine.engine.outputs, "append", append_or_fail)
         try:
