@@ -212,10 +212,10 @@ def test_a_request_failing_in_the_engine_fails_the_offline_call_cleanly(tiny_mod
     llm = _llm(tiny_model_dir("llama"))
     append = llm.engine.outputs.append
 
-    def append_or_fail(seq, *args):
+    def append_or_fail(seq, *args, **kwargs):
         if seq.request.request_id == "1":
             raise TypeError("detokenizer exploded")
-        return append(seq, *args)
+        return append(seq, *args, **kwargs)
 
     monkeypatch.setattr(llm.engine.outputs, "append", append_or_fail)
     prompts = _prompts(384, [5, 6, 7])
