@@ -12,9 +12,10 @@ clients send, back to back, the largest prompts the server's checks let through:
   * a conversation of as many one-word messages as the body limit holds, refused after
     its parse for having more messages than the window has tokens.
 
-Before the worker threads and limits, one such prompt stalled every stream for seconds
-(tokenizing ran on the event loop, holding the GIL). The figure of merit is the normal
-requests' p99 time to first token with the abuse over without it (target: <= 1.5).
+Tokenized on the event loop (holding the GIL), one such prompt would stall every stream
+for seconds; the server parses and tokenizes them on worker threads. The figure of merit
+is the normal requests' p99 time to first token with the abuse over without it
+(target: <= 1.5).
 `--fitting` adds a client sending the largest prompt that fits the context window, which
 is real work the engine must do (chunked prefill), not abuse the server can refuse.
 
