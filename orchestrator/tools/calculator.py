@@ -1,34 +1,39 @@
 """`calculator`: exact arithmetic on an expression, parsed, never evaluated as code.
 
-The expression is parsed with Python's `ast` and only numeric literals, + - * / // %
-**, unary signs and parentheses are accepted; everything else (names, calls,
-attributes, strings) is refused before any evaluation. Numbers are `Fraction`s, so
-0.1 + 0.2 is exactly 0.3 and 1/3 stays a third; decimal literals are read from their
-text, not from the nearest float. Powers are bounded so that one call cannot build a
-number of millions of digits.
+A small recursive-descent parser reads numbers, + - * / // % **, unary signs and
+parentheses, with Python's precedence (** binds tighter than a unary sign and
+associates to the right); anything else (names, calls, strings) is refused at the
+character where it starts. The parser is ours rather than `ast.parse` because CPython
+3.11's AST builder keeps one recursion counter per interpreter, not per thread, and fails
+with SystemError when another thread parses at the same moment.
+
+Numbers are `Fraction`s, so 0.1 + 0.2 is exactly 0.3 and 1/3 stays a third; decimal
+literals are read from their text, not from the nearest float. Powers are bounded so
+that one call cannot build a number of millions of digits.
 """
 
 from __future__ import annotations
 
-import ast
 import operator
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 from orchestrator.tools.base import ToolError, ToolOutput, string_argument
 
 MAX_CHARS = 1000
+MAX_DEPTH = 100  # nested parentheses and signs
 MAX_EXPONENT = 10_000
 MAX_BITS = 13_000  # of any intermediate numerator or denominator (about 3900 digits)
 APPROX_DIGITS = 12
 
-_BINARY = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-    ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
-}
-_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-_HINTS = {ast.BitXor: " (use ** for powers)", ast.Name: " (only numbers are allowed)",
-          ast.Call: " (functions are not supported)"}
+_DIGITS = r"\d(?:_?\d)*"
+_TOKEN = re.compile(
+    rf"\s*(?:(?P<number>(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][+-]?{_DIGITS})?)"
+    r"|(?P<op>\*\*|//|[-+*/%()]))")
+_HINTS = {"^": " (use ** for powers)", "=": " (write only the expression)"}
 
 
 def _bits(value: Fraction) -> int:
@@ -50,40 +55,137 @@ def _power(base: Fraction, exponent: Fraction) -> Fraction:
         raise ToolError("the result of this power would be too large")
     if base == 0 and exponent < 0:
         raise ToolError("division by zero")
-    return base ** int(exponent)
+    return _checked(base ** int(exponent))
 
 
-def _literal(node: ast.Constant, source: str) -> Fraction:
-    """A number as written (0.1 is one tenth, not the float nearest to it)."""
-    if isinstance(node.value, int):
-        return _checked(Fraction(node.value))
-    text = ast.get_source_segment(source, node) or repr(node.value)
-    try:
-        return _checked(Fraction(text.replace("_", "")))
-    except ValueError:
-        raise ToolError(f"the number {text} is not supported") from None
+def _divided(op: Callable[[Fraction, Fraction], Fraction]):
+    def apply(left: Fraction, right: Fraction) -> Fraction:
+        if right == 0:
+            raise ToolError("division by zero")
+        return _checked(Fraction(op(left, right)))
+    return apply
 
 
-def _evaluate(node: ast.AST, source: str) -> Fraction:
-    if isinstance(node, ast.Expression):
-        return _evaluate(node.body, source)
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return _literal(node, source)
-    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-        return _UNARY[type(node.op)](_evaluate(node.operand, source))
-    if isinstance(node, ast.BinOp):
-        left, right = _evaluate(node.left, source), _evaluate(node.right, source)
-        if isinstance(node.op, ast.Pow):
-            return _checked(_power(left, right))
-        if type(node.op) in _BINARY:
-            if right == 0 and not isinstance(node.op, ast.Add | ast.Sub | ast.Mult):
-                raise ToolError("division by zero")
-            return _checked(Fraction(_BINARY[type(node.op)](left, right)))
-        what = type(node.op)
-    else:
-        what = type(node)
-    raise ToolError(f"unsupported element in the expression: {what.__name__}"
-                    f"{_HINTS.get(what, '')}")
+def _plain(op: Callable[[Fraction, Fraction], Fraction]):
+    return lambda left, right: _checked(op(left, right))
+
+
+_ADDITIVE = {"+": _plain(operator.add), "-": _plain(operator.sub)}
+_MULTIPLICATIVE = {"*": _plain(operator.mul), "/": _divided(operator.truediv),
+                   "//": _divided(operator.floordiv), "%": _divided(operator.mod)}
+
+
+@dataclass
+class _Token:
+    kind: str  # "number", "op" or "end"
+    text: str
+    at: int
+
+
+def _tokens(source: str) -> list[_Token]:
+    found, at = [], 0
+    while True:
+        match = _TOKEN.match(source, at)
+        if match is None:
+            rest = source[at:].lstrip()
+            if not rest:
+                return [*found, _Token("end", "", len(source))]
+            start = len(source) - len(rest)
+            word = re.match(r"[A-Za-z_]\w*|\S", rest).group()
+            hint = " (only numbers are allowed)" if word[0].isalpha() or word[0] == "_" else (
+                _HINTS.get(word, ""))
+            raise ToolError(f"the expression is not valid arithmetic: unexpected {word!r} "
+                            f"at position {start}{hint}")
+        kind = match.lastgroup
+        found.append(_Token(kind, match.group(kind), match.start(kind)))
+        at = match.end()
+
+
+class _Parser:
+    """expression := term (('+'|'-') term)*;  term := unary (('*'|'/'|'//'|'%') unary)*;
+    unary := ('+'|'-') unary | power;  power := atom ('**' unary)?;
+    atom := number | '(' expression ')'."""
+
+    def __init__(self, source: str) -> None:
+        self.tokens = _tokens(source)
+        self.position = 0
+        self.depth = 0
+
+    def parse(self) -> Fraction:
+        value = self.expression()
+        token = self.tokens[self.position]
+        if token.kind != "end":
+            self.unexpected(token)
+        return value
+
+    def peek(self) -> _Token:
+        return self.tokens[self.position]
+
+    def take(self) -> _Token:
+        token = self.tokens[self.position]
+        self.position += 1
+        return token
+
+    def unexpected(self, token: _Token) -> NoReturn:
+        what = "end of the expression" if token.kind == "end" else repr(token.text)
+        hint = " (a function call or a missing operator?)" if token.text == "(" else ""
+        raise ToolError(f"the expression is not valid arithmetic: unexpected {what} "
+                        f"at position {token.at}{hint}")
+
+    def binary(self, operand: Callable[[], Fraction], table: dict) -> Fraction:
+        value = operand()
+        while self.peek().kind == "op" and self.peek().text in table:
+            value = table[self.take().text](value, operand())
+        return value
+
+    def expression(self) -> Fraction:
+        return self.binary(self.term, _ADDITIVE)
+
+    def term(self) -> Fraction:
+        return self.binary(self.unary, _MULTIPLICATIVE)
+
+    def unary(self) -> Fraction:
+        if self.peek().kind == "op" and self.peek().text in ("+", "-"):
+            sign = self.take().text
+            with _Nesting(self):
+                value = self.unary()
+            return -value if sign == "-" else value
+        return self.power()
+
+    def power(self) -> Fraction:
+        base = self.atom()
+        if self.peek().text == "**":
+            self.take()
+            with _Nesting(self):
+                return _power(base, self.unary())
+        return base
+
+    def atom(self) -> Fraction:
+        token = self.take()
+        if token.kind == "number":
+            return _checked(Fraction(token.text.replace("_", "")))
+        if token.text == "(":
+            with _Nesting(self):
+                value = self.expression()
+            if self.take().text != ")":
+                self.unexpected(self.tokens[self.position - 1])
+            return value
+        self.unexpected(token)
+
+
+class _Nesting:
+    """Bounds recursion so that '((((…' is refused politely, not by RecursionError."""
+
+    def __init__(self, parser: _Parser) -> None:
+        self.parser = parser
+
+    def __enter__(self) -> None:
+        self.parser.depth += 1
+        if self.parser.depth > MAX_DEPTH:
+            raise ToolError("the expression is nested too deeply")
+
+    def __exit__(self, *exc: object) -> None:
+        self.parser.depth -= 1
 
 
 def _finite_decimal(value: Fraction) -> str | None:
@@ -115,17 +217,7 @@ def format_number(value: Fraction) -> str:
 
 def calculate(expression: str) -> Fraction:
     """The exact value of `expression`, or ToolError saying what is wrong with it."""
-    expression = expression.strip()
-    try:
-        tree = ast.parse(expression, mode="eval")
-    except SyntaxError as exc:
-        raise ToolError(f"the expression is not valid arithmetic: {exc.msg}") from None
-    except (ValueError, RecursionError, MemoryError):
-        raise ToolError("the expression is too complex") from None
-    try:
-        return _evaluate(tree, expression)
-    except RecursionError:
-        raise ToolError("the expression is nested too deeply") from None
+    return _Parser(expression).parse()
 
 
 class Calculator:
