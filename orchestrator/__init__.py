@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.client import EngineClient
 from orchestrator.conversations import ConversationService
 from orchestrator.errors import InvalidRequestError, NotFoundError, ProductError
 from orchestrator.files import FileService
@@ -19,7 +20,6 @@ from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store import Page, Store
 from orchestrator.tools import ToolRegistry
 from orchestrator.vector_stores import VectorStoreService
-from server.engine_client import EngineClient
 
 # Every object belongs to a user; until accounts exist, all requests act as this one.
 LOCAL_USER = "user_local"

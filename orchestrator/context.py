@@ -1,7 +1,7 @@
 """Context assembly: instructions + history + this turn's input -> the prompt's token ids.
 
 Items are turned into chat messages and rendered with the model's chat template through
-the same chat format as /v1/chat/completions (`server.chat_prompt`: tool listing, calls
+the same chat format as /v1/chat/completions (`orchestrator.chat_prompt`: tool listing, calls
 and results), so a conversation reads the same to the model whichever API carried it.
 
 The prompt extends the previous turn token for token wherever it can: when the newly
@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.client import TokenizerLike
 from orchestrator.agent import code_interpreter_as_function_items
+from orchestrator.chat_prompt import build_chat_prompt, template_supports_tools
+from orchestrator.chat_types import ChatRequest, Message, Tool, ToolCall
 from orchestrator.errors import InvalidRequestError
 from orchestrator.store import History
-from server.chat_prompt import build_chat_prompt, template_supports_tools
-from server.engine_client import TokenizerLike
-from server.protocol import ChatRequest, Message, Tool, ToolCall
 
 
 @dataclass

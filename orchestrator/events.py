@@ -18,7 +18,7 @@ import copy
 from typing import Any
 
 from orchestrator.ids import new_id
-from server.tool_parser import ParsedCall
+from orchestrator.tool_parser import ParsedCall
 
 Event = dict[str, Any]
 

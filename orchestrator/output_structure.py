@@ -22,7 +22,7 @@ import json
 
 from engine.structured_output import StructuredOutputsParams, json_schema_grammar_fragment
 from orchestrator.errors import InvalidRequestError
-from server.tool_parser import CALL_PREFIX, CLOSE_TAG, OPEN_TAG
+from orchestrator.tool_parser import CALL_PREFIX, CLOSE_TAG, OPEN_TAG
 
 _NO_ARGUMENTS = {"type": "object", "properties": {}}
 ANY_OBJECT = {"type": "object"}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from engine import SamplingParams
+from engine.client import EngineClient
 from engine.errors import EngineError
 from engine.structured_output import StructuredOutputsParams
 from orchestrator.agent import (
@@ -31,6 +32,7 @@ from orchestrator.agent import (
     Agent,
     code_interpreter_as_function_items,
 )
+from orchestrator.chat_types import Tool
 from orchestrator.context import ContextBuilder, Prompt, ToolConfig
 from orchestrator.errors import InvalidRequestError, NotFoundError
 from orchestrator.events import Event, ResponseEvents, usage
@@ -38,11 +40,9 @@ from orchestrator.ids import new_id
 from orchestrator.items import item_list, stored_item
 from orchestrator.output_structure import ANY_OBJECT, turn_structure
 from orchestrator.store import History, Page, Repository, Store
+from orchestrator.tool_parser import ChoiceAssembler, ParsedCall
 from orchestrator.tools import ResolvedTools, ToolRegistry, ToolUnavailable, builtin_tools
 from orchestrator.untrusted import spotlight
-from server.engine_client import EngineClient
-from server.protocol import Tool
-from server.tool_parser import ChoiceAssembler, ParsedCall
 
 log = logging.getLogger("tokenmill")
 

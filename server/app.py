@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from engine.client import EngineClient
 from orchestrator import Product, ProductError
 from server import conversations as conv
 from server import files as fil
@@ -27,7 +28,6 @@ from server import vector_stores as vs
 from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.embeddings import create_embeddings, parse_embedding_request
-from server.engine_client import EngineClient
 from server.errors import APIError, api_error_handler, http_error_handler
 from server.metrics import CONTENT_TYPE
 from server.protocol import parse_chat_request, parse_completion_request

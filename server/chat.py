@@ -13,7 +13,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
 from engine import RequestOutput, SamplingParams
-from server.chat_prompt import active_tools, build_chat_prompt, template_supports_tools
+from orchestrator.chat_prompt import active_tools, build_chat_prompt, template_supports_tools
+from orchestrator.chat_types import ChatRequest
+from orchestrator.tool_parser import (
+    ArgumentsDelta,
+    CallEvent,
+    CallStart,
+    ChoiceAssembler,
+    ParsedCall,
+)
 from server.disconnect import unless_disconnected
 from server.errors import invalid
 from server.generation import (
@@ -32,11 +40,9 @@ from server.generation import (
 )
 from server.logprobs import chat_logprobs
 from server.metrics import RequestTimer
-from server.protocol import ChatRequest
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
 from server.structured import chat_structured_outputs
-from server.tool_parser import ArgumentsDelta, CallEvent, CallStart, ChoiceAssembler, ParsedCall
 
 
 @dataclass

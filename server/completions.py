@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
 from engine import RequestOutput
+from orchestrator.chat_types import CompletionRequest
 from server.disconnect import unless_disconnected
 from server.errors import invalid
 from server.generation import (
@@ -27,7 +28,6 @@ from server.generation import (
 )
 from server.logprobs import completion_logprobs
 from server.metrics import RequestTimer
-from server.protocol import CompletionRequest
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
 from server.structured import response_format_params

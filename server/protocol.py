@@ -15,9 +15,16 @@ module as anything but a 400 or a well-formed request.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.chat_types import (
+    ChatRequest,
+    CompletionRequest,
+    Message,
+    ResponseFormat,
+    Tool,
+    ToolCall,
+)
 from server.errors import invalid
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -36,66 +43,6 @@ _SAMPLING_FIELDS = (
     "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
     "skip_special_tokens", "include_stop_str_in_output",
 )
-
-
-@dataclass
-class Tool:
-    name: str
-    spec: dict  # the request's {"type": "function", "function": {...}} object, for templates
-
-
-@dataclass
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # a JSON text, as OpenAI sends it
-
-
-@dataclass
-class Message:
-    role: str
-    content: str | None
-    name: str | None = None
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    tool_call_id: str | None = None
-
-
-@dataclass
-class ResponseFormat:
-    """A `response_format` other than text: any JSON object, or one matching `schema`."""
-
-    type: str  # "json_object" | "json_schema"
-    schema: dict | None = None  # json_schema only
-    name: str | None = None
-    strict: bool = False
-
-
-@dataclass
-class ChatRequest:
-    model: str | None
-    messages: list[Message]
-    sampling: dict[str, Any]
-    stream: bool = False
-    include_usage: bool = False
-    logprobs: bool = False
-    top_logprobs: int = 0
-    tools: list[Tool] = field(default_factory=list)
-    tool_choice: str = "none"  # "none" | "auto" | "required" | "function"
-    forced_tool: str | None = None  # the function named by tool_choice, if any
-    parallel_tool_calls: bool = True
-    response_format: ResponseFormat | None = None
-
-
-@dataclass
-class CompletionRequest:
-    model: str | None
-    prompts: list[str | list[int]]
-    sampling: dict[str, Any]
-    stream: bool = False
-    include_usage: bool = False
-    logprobs: int | None = None
-    echo: bool = False
-    response_format: ResponseFormat | None = None
 
 
 # -- field helpers --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import Any, TypeVar
 
-from server.engine_client import EngineClient
+from engine.client import EngineClient
 from server.errors import APIError
 from server.metrics import ServerMetrics
 

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 
 from engine.structured_output import StructuredOutputsParams
 from orchestrator import InvalidRequestError
+from orchestrator.chat_types import ChatRequest, ResponseFormat, Tool
 from orchestrator.output_structure import ANY_OBJECT, json_format_params, turn_structure
 from server.errors import invalid
-from server.protocol import ChatRequest, ResponseFormat, Tool
 
 
 @contextmanager

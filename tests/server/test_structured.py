@@ -9,11 +9,11 @@ from engine.loader import resolve_model
 from engine.loader.gguf import read_gguf
 from engine.structured_output import GrammarCompiler
 from engine.tokenizer import Tokenizer
-from server.chat_prompt import active_tools
+from orchestrator.chat_prompt import active_tools
+from orchestrator.tool_parser import parse_tool_calls
 from server.errors import APIError
 from server.protocol import parse_chat_request
 from server.structured import chat_structured_outputs
-from server.tool_parser import parse_tool_calls
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather",

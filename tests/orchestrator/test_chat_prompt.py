@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from server.chat_prompt import build_chat_prompt, template_supports_tools
+from orchestrator.chat_prompt import build_chat_prompt, template_supports_tools
 from server.errors import APIError
 from server.protocol import parse_chat_request, parse_completion_request
 

@@ -1,7 +1,7 @@
-"""The slice of `engine.AsyncLLM` the server uses, written down as Protocols.
+"""The slice of `engine.AsyncLLM` that serving uses, written down as Protocols.
 
-The server depends on this shape only, never on engine internals, so the dependency
-stays server -> engine public API and tests can serve a small fake engine.
+The server and the orchestrator depend on this shape only, never on engine internals,
+and tests can serve a small fake engine through it.
 """
 
 from __future__ import annotations

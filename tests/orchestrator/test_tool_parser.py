@@ -8,14 +8,14 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.chat import ChoiceAssembler
-from server.tool_parser import (
+from orchestrator.tool_parser import (
     ArgumentsDelta,
     CallStart,
     ParsedCall,
     ToolCallParser,
     parse_tool_calls,
 )
+from server.chat import ChoiceAssembler
 
 TOOLS = ["get_weather", "get_time"]
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'

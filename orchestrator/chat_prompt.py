@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from server.protocol import ChatRequest, Message, Tool, ToolCall
-from server.tool_parser import CLOSE_TAG, OPEN_TAG
+from orchestrator.chat_types import ChatRequest, Message, Tool, ToolCall
+from orchestrator.tool_parser import CLOSE_TAG, OPEN_TAG
 
 DEFAULT_TOOL_PROMPT = """# Tools
 

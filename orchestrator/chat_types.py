@@ -1,0 +1,69 @@
+"""The chat request, parsed: what chat completions and the Responses API both turn into a
+prompt. `server.protocol` builds these from HTTP bodies; the orchestrator's context
+assembly builds a `ChatRequest` from stored items, so both render through one path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Tool:
+    name: str
+    spec: dict  # the request's {"type": "function", "function": {...}} object, for templates
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON text, as OpenAI sends it
+
+
+@dataclass
+class Message:
+    role: str
+    content: str | None
+    name: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str | None = None
+
+
+@dataclass
+class ResponseFormat:
+    """A `response_format` other than text: any JSON object, or one matching `schema`."""
+
+    type: str  # "json_object" | "json_schema"
+    schema: dict | None = None  # json_schema only
+    name: str | None = None
+    strict: bool = False
+
+
+@dataclass
+class ChatRequest:
+    model: str | None
+    messages: list[Message]
+    sampling: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: str = "none"  # "none" | "auto" | "required" | "function"
+    forced_tool: str | None = None  # the function named by tool_choice, if any
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+
+
+@dataclass
+class CompletionRequest:
+    model: str | None
+    prompts: list[str | list[int]]
+    sampling: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None
+    echo: bool = False
+    response_format: ResponseFormat | None = None
