@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import jsonschema
 import openai
@@ -82,6 +83,13 @@ def _sampling(i: int) -> dict:
     return {"temperature": 0.0} if i % 2 == 0 else {"temperature": 0.8, "seed": i}
 
 
+def validate(text: str, schema: dict) -> None:
+    """`jsonschema.validate` on JSON numbers read as decimals, as JSON writes them: with
+    floats, 1.15 is not a multiple of 0.01 (1.15 / 0.01 = 114.99999999999999)."""
+    decimal_schema = json.loads(json.dumps(schema), parse_float=Decimal)
+    jsonschema.validate(json.loads(text, parse_float=Decimal), decimal_schema)
+
+
 async def _json_request(client: openai.AsyncOpenAI, i: int, report: Report) -> None:
     name, question, schema = SCHEMAS[i % len(SCHEMAS)]
     reply = await client.chat.completions.create(
@@ -93,7 +101,7 @@ async def _json_request(client: openai.AsyncOpenAI, i: int, report: Report) -> N
     report.json_total += 1
     try:
         assert choice.finish_reason == "stop", f"finish_reason {choice.finish_reason}"
-        jsonschema.validate(json.loads(choice.message.content), schema)
+        validate(choice.message.content, schema)
         report.json_valid += 1
     except (AssertionError, ValueError, jsonschema.ValidationError) as exc:
         report.failures.append(f"json #{i}: {exc}: {choice.message.content!r}")
@@ -117,8 +125,7 @@ async def _tool_request(client: openai.AsyncOpenAI, i: int, report: Report) -> N
         assert len(calls) == 1, f"{len(calls)} calls"
         if isinstance(choice_arg, dict):
             assert calls[0].function.name == tool["function"]["name"]
-        jsonschema.validate(json.loads(calls[0].function.arguments),
-                            schemas[calls[0].function.name])
+        validate(calls[0].function.arguments, schemas[calls[0].function.name])
         report.tools_valid += 1
     except (AssertionError, ValueError, KeyError, jsonschema.ValidationError) as exc:
         report.failures.append(f"tools #{i}: {exc}: {choice.message}")
