@@ -11,12 +11,15 @@ than by its first 256 tokens.
 
 Encoding sorts the sequences by length before batching, so a batch pads only to its own
 longest member, and runs on a dedicated thread (`aencode`) so the event loop stays free.
+The model itself is built at the first encode, not when the server starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,23 +63,39 @@ class Embedder:
     window = 256  # tokens per sequence the model was trained on, [CLS] and [SEP] included
 
     def __init__(self, model_dir: Path, batch_size: int = 32) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
-        from safetensors.torch import load_file
-        from transformers import BertConfig, BertModel
-
+        config = json.loads((model_dir / "config.json").read_text())
+        self.model_dir = model_dir
         self.tokenizer = load_tokenizer(model_dir)
-        config = BertConfig.from_json_file(model_dir / "config.json")
-        config._attn_implementation = "sdpa"
-        self.model = BertModel(config).eval()
-        weights = load_file(model_dir / "model.safetensors")
-        weights.pop("embeddings.position_ids", None)  # a buffer the model builds itself
-        self.model.load_state_dict(weights)
-        self.dimensions: int = self.model.config.hidden_size
-        self.vocab_size: int = self.model.config.vocab_size
+        self.dimensions: int = config["hidden_size"]
+        self.vocab_size: int = config["vocab_size"]
         self.cls_id = self.tokenizer.token_to_id("[CLS]")
         self.sep_id = self.tokenizer.token_to_id("[SEP]")
         self.batch_size = batch_size
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-embed")
+        self._model: torch.nn.Module | None = None
+        self._loading = threading.Lock()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The BERT model, built on first use: importing transformers and reading the
+        weights takes seconds, which a server that never embeds should not pay at start."""
+        with self._loading:
+            if self._model is None:
+                self._model = self._build_model()
+            return self._model
+
+    def _build_model(self) -> torch.nn.Module:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
+        from safetensors.torch import load_file
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig.from_json_file(self.model_dir / "config.json")
+        config._attn_implementation = "sdpa"
+        model = BertModel(config).eval()
+        weights = load_file(self.model_dir / "model.safetensors")
+        weights.pop("embeddings.position_ids", None)  # a buffer the model builds itself
+        model.load_state_dict(weights)
+        return model
 
     @classmethod
     def load(cls, model_dir: Path | None = None) -> Embedder:
@@ -129,6 +148,7 @@ class Embedder:
         sums = torch.empty(len(sequences), self.dimensions, dtype=torch.float32)
         counts = torch.tensor([len(s) for s in sequences], dtype=torch.float32)
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        model = self.model
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
             width = len(sequences[batch[-1]])
@@ -137,6 +157,6 @@ class Embedder:
             for row, i in enumerate(batch):
                 input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
                 mask[row, : len(sequences[i])] = 1
-            states = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            states = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
             sums[batch] = (states * mask.unsqueeze(-1)).sum(dim=1)
         return sums, counts

@@ -24,7 +24,7 @@ def _stream_body(max_tokens: int) -> dict:
 
 
 def test_sigterm_drains_in_flight_streams_then_exits():
-    server = start_server("--shutdown-timeout", "45", "--compile", "off")
+    server = start_server("--shutdown-timeout", "10", "--compile", "off")
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         short = iter(client.chat.completions.create(
