@@ -85,7 +85,8 @@ def _state(request: Request) -> ServerState:
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
     timer = state.metrics.timer()  # started at arrival: TTFT is what the client waits
-    parsed = await read_json(request, state.config.max_body_bytes, parse_chat_request)
+    parsed = await read_json(request, state.config.max_body_bytes, partial(
+        parse_chat_request, max_messages=state.engine.max_model_len))
     return await create_chat_completion(state, parsed, request.receive, timer)
 
 

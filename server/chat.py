@@ -32,7 +32,6 @@ from server.generation import (
     check_prompt_chars,
     check_token_ids,
     collect,
-    context_error,
     engine_outputs,
     make_sampling_params,
     merge,
@@ -128,10 +127,6 @@ def _default_max_tokens(state: ServerState, params: SamplingParams, num_prompt: 
 
 def _encode_prompt(state: ServerState, request: ChatRequest) -> list[int]:
     """Render and tokenize (on a worker thread), after checking the request's size."""
-    max_len = state.engine.max_model_len
-    if len(request.messages) > max_len:  # every message costs at least one token
-        raise context_error(f"messages has {len(request.messages)} messages; the context "
-                            f"window holds {max_len} tokens", "messages")
     check_prompt_chars(_prompt_chars(request), state.max_prompt_chars, "messages")
     tokenizer = state.engine.tokenizer
     prompt = build_chat_prompt(request, template_supports_tools(tokenizer.chat_template))

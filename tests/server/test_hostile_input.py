@@ -176,3 +176,12 @@ def test_a_dead_engine_makes_health_503(serve):
     engine.failure = RuntimeError("engine loop died")
     r = server.client.get("/health")
     assert r.status_code == 503 and r.json()["status"] == "engine failed"
+
+
+def test_more_messages_than_the_window_holds_are_refused_before_each_is_checked(serve):
+    """Counted first: checking each of 200,000 messages would hold the GIL for a second."""
+    server = serve(FakeEngine(max_model_len=64))
+    messages = USER * 64 + [{"role": 5, "content": "never looked at"}]
+    reply = server.client.post("/v1/chat/completions", json={"messages": messages})
+    error = assert_error(reply, 400, "messages", code="context_length_exceeded")
+    assert "65 messages" in error["message"]
