@@ -11,11 +11,12 @@ Every way a body can be wrong ends in a 4xx here, before any handler sees it:
 
 Parsing a large body takes a while (tens of milliseconds per MB of small objects), so
 above `OFFLOAD_BYTES` the JSON parse and the request's own parse run on a worker thread;
-small bodies, the common case, are parsed at once and never queue behind a large one. The json module holds the GIL while it parses, so this shortens rather than
-removes every other thread's wait: the byte limit is what bounds it. Everything after
-the parse that scales with the body avoids holding the GIL per object: the nesting
-depth is read from the bytes by numpy, and a chat request's message count is checked
-before any message is.
+small bodies, the common case, are parsed at once and never queue behind a large one.
+The json module holds the GIL while it parses, so this shortens rather than removes
+every other thread's wait: the byte limit is what bounds it. Everything after the parse
+that scales with the body avoids holding the GIL per object: the nesting depth is read
+from the bytes by numpy, and a chat request's message count is checked before any
+message is.
 """
 
 from __future__ import annotations
