@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import time
 
 import httpx
 import pytest
@@ -227,6 +228,33 @@ def test_cancel_during_a_code_run_ends_it_and_keeps_the_item(product_server):
         ("code_interpreter_call", "incomplete")]
     stored = httpx.get(f"{server.url}/v1/responses/{response_id}", timeout=10).json()
     assert stored["output"] == cancelled["output"]
+
+
+def test_a_client_that_disconnects_during_a_code_run_stops_the_loop(product_server):
+    """Nobody is reading: the sandbox is killed and the response stored incomplete, at
+    once rather than after the code's two minutes, and the model is not asked again."""
+    code = _call("code_interpreter", code="import time; time.sleep(120)")
+    server = product_server(FakeEngine(reply=_scripted(code)))
+    adapter = TypeAdapter(ResponseStreamEvent)
+    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=30, json={
+            "model": MODEL, "input": "Sleep", "stream": True,
+            "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                event = adapter.validate_json(line[len("data: "):])
+                if event.type == "response.created":
+                    response_id = event.response.id
+                if event.type == "response.code_interpreter_call.interpreting":
+                    break
+    deadline = time.monotonic() + 20
+    while (stored := httpx.get(f"{server.url}/v1/responses/{response_id}",
+                               timeout=10).json())["status"] == "in_progress":
+        assert time.monotonic() < deadline, "the turn ran on after its client left"
+        time.sleep(0.05)
+    assert stored["status"] == "incomplete"
+    assert [(i["type"], i["status"]) for i in stored["output"]] == [
+        ("code_interpreter_call", "incomplete")]
+    assert len(server.engine.prompts) == 1  # no second model turn for nobody
 
 
 def test_serve_flags_build_the_registry_or_refuse_to_start(tmp_path):
