@@ -81,7 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY",
-        help="require 'Authorization: Bearer KEY' on /v1 routes; repeat to accept several keys",
+        help="require 'Authorization: Bearer KEY' on /v1 routes; repeat to accept several keys "
+        "(operator keys: the local user, no limits; users' keys come from "
+        "`python -m orchestrator.admin`)",
+    )
+    srv.add_argument(
+        "--max-sequences-per-user",
+        type=int,
+        default=8,
+        metavar="N",
+        help="sequences one user (an account with keys) may have in the engine at once; "
+        "their further requests wait in the server's queue, so one user's flood cannot "
+        "crowd out the others (0: no cap). The local user is not capped",
     )
     srv.add_argument(
         "--max-waiting-requests",
@@ -311,6 +322,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         allowed_origins=args.allowed_origins,
         max_tokens_default=args.max_tokens_default,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_sequences_per_user=args.max_sequences_per_user or None,
     )
 
 

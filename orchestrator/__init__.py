@@ -12,17 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.client import EngineClient
+from orchestrator.accounts import LOCAL_USER, Accounts
 from orchestrator.conversations import ConversationService
 from orchestrator.errors import InvalidRequestError, NotFoundError, ProductError
 from orchestrator.files import FileService
 from orchestrator.responses import FunctionTool, ResponseRequest, ResponseService
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store import Page, Store
+from orchestrator.store.accounts import release_reservations
 from orchestrator.tools import ToolRegistry
 from orchestrator.vector_stores import VectorStoreService
-
-# Every object belongs to a user; until accounts exist, all requests act as this one.
-LOCAL_USER = "user_local"
 
 
 @dataclass
@@ -30,6 +29,7 @@ class Product:
     store: Store
     responses: ResponseService
     conversations: ConversationService
+    accounts: Accounts
     # With a data directory: uploaded files; with an embedder too, on SQLite: vector stores.
     files: FileService | None = None
     vector_stores: VectorStoreService | None = None
@@ -43,13 +43,15 @@ class Product:
         without being declared (`default_tools`).
 
         A SQLite file belongs to this server alone, so responses left `in_progress` there
-        were cut off by a crash: they are marked `incomplete`. A PostgreSQL database may
-        be shared by several servers, whose responses in flight must be left alone."""
+        were cut off by a crash: they are marked `incomplete`, and quota reservations
+        left there are released. A PostgreSQL database may be shared by several servers,
+        whose responses and reservations in flight must be left alone."""
         store = Store(database_url)
         if store.engine.dialect.name == "sqlite":
             store.repo.interrupt_unfinished()
+            release_reservations(store.repo)
         product = cls(store, ResponseService(engine, store, tools, default_tools),
-                      ConversationService(store))
+                      ConversationService(store), Accounts(store))
         if data_dir is not None:
             product.files = FileService(store, Path(data_dir))
             if embedder is not None and store.engine.dialect.name == "sqlite":
@@ -77,6 +79,7 @@ class Product:
 
 __all__ = [
     "LOCAL_USER",
+    "Accounts",
     "ConversationService",
     "FileService",
     "FunctionTool",

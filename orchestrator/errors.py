@@ -23,3 +23,18 @@ class NotFoundError(ProductError):
 
 class InvalidRequestError(ProductError):
     """A request the product cannot serve as asked: the message names the field."""
+
+
+class QuotaExceededError(ProductError):
+    """The user's token quota for the period cannot hold this request (OpenAI's 429
+    `insufficient_quota`)."""
+
+
+class RateLimitError(ProductError):
+    """A per-minute limit is reached: retry after `retry_after` seconds (None: the
+    request can never fit the limit). `headers` are the x-ratelimit-* headers."""
+
+    def __init__(self, message: str, retry_after: float | None, headers: dict[str, str]):
+        super().__init__(message, code="rate_limit_exceeded")
+        self.retry_after = retry_after
+        self.headers = headers

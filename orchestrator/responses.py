@@ -34,7 +34,12 @@ from orchestrator.agent import (
 )
 from orchestrator.chat_types import Tool
 from orchestrator.context import ContextBuilder, Prompt, ToolConfig
-from orchestrator.errors import InvalidRequestError, NotFoundError
+from orchestrator.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    QuotaExceededError,
+    RateLimitError,
+)
 from orchestrator.events import Event, ResponseEvents, usage
 from orchestrator.ids import new_id
 from orchestrator.items import item_list, stored_item
@@ -140,6 +145,26 @@ class _NoObserver:
         pass
 
 
+class Budget(Protocol):
+    """The requester's token allowance (`orchestrator.accounts.Meter`): each generation
+    reserves its prompt plus output budget before it runs (QuotaExceededError or
+    RateLimitError when that does not fit), and the turn settles once, with its usage."""
+
+    async def reserve(self, tokens: int) -> None: ...
+
+    async def settle(self, status: str, input_tokens: int, cached_tokens: int,
+                     output_tokens: int) -> None: ...
+
+
+class _Unlimited:
+    async def reserve(self, tokens: int) -> None:
+        pass
+
+    async def settle(self, status: str, input_tokens: int, cached_tokens: int,
+                     output_tokens: int) -> None:
+        pass
+
+
 def _structure(request: ResponseRequest, config: ToolConfig) -> StructuredOutputsParams | None:
     """The grammar a model turn's output must follow: text.format's JSON, and the turn's
     offered tools' calls (forced by "required" or a named function, lazily triggered by
@@ -230,7 +255,8 @@ class Turn:
 
     def __init__(self, service: ResponseService, owner: str, request: ResponseRequest,
                  history: History, input_items: list[dict], tools: ResolvedTools,
-                 prompt: Prompt, params: SamplingParams, observer: TokenObserver) -> None:
+                 prompt: Prompt, params: SamplingParams, observer: TokenObserver,
+                 budget: Budget) -> None:
         self.service = service
         self.owner = owner
         self.request = request
@@ -242,6 +268,7 @@ class Turn:
         self.prompt: Prompt | None = prompt  # the first generation's, built by `create`
         self.params = params
         self.observer = observer
+        self.budget = budget
         self.events = ResponseEvents(_new_response(request))
         self.id: str = self.events.response["id"]
         self.totals = _Totals()
@@ -295,14 +322,21 @@ class Turn:
                 tokens = None if status == "failed" else totals.context_tokens
                 await store.call(Repository.finish_response, self.owner, self.events.response,
                                  self.input_items, tokens)
+            await self._settle(status)
             self._put(final)
         except Exception:
             log.exception("response %s could not be completed", self.id)
             self._put([self.events.error("the response could not be recorded")])
         finally:
+            await self._settle("failed")  # a no-op when settled above
             self._queue.put_nowait(None)
             self.service.running.pop(self.id, None)
             self.observer.on_finished()
+
+    async def _settle(self, status: str) -> None:
+        totals = self.totals
+        await self.budget.settle(status, totals.input_tokens, totals.cached,
+                                 totals.output_tokens)
 
     async def _generate(self) -> tuple[str, str | None, dict | None]:
         """Run the agent loop; returns (status, incomplete reason, error).
@@ -325,6 +359,8 @@ class Turn:
         except InvalidRequestError as exc:  # the tools' output no longer fits the context
             return "failed", None, {"code": exc.code or "invalid_request",
                                     "message": exc.message}
+        except (QuotaExceededError, RateLimitError) as exc:  # a later generation's budget
+            return "failed", None, {"code": exc.code, "message": exc.message}
         except _Cut as cut:
             return "incomplete", cut.reason, None
         if result.status == "incomplete":
@@ -382,6 +418,10 @@ class Turn:
         config = request.tool_config(self.declared if tools_enabled else [])
         prompt, params = self._next_prompt(items, config)
         request_id = self.id if self._generations == 0 else f"{self.id}-{self._generations}"
+        if self._generations > 0:  # the first was reserved before the turn started
+            await self.budget.reserve(
+                output_budget(len(prompt.token_ids), params.max_tokens,
+                              self.service.engine.max_model_len))
         self._generations += 1
         start = len(self.events.output)
         self._code_calls = []
@@ -437,6 +477,13 @@ class Turn:
                 self._put(self.events.function_call(piece))
 
 
+def output_budget(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
+    """What one generation may cost: its prompt plus the most it may generate (its
+    max_tokens, else what the context window leaves)."""
+    most = max_model_len - prompt_tokens if max_tokens is None else max_tokens
+    return prompt_tokens + max(most, 0)
+
+
 def _missing(response_id: str) -> NotFoundError:
     return NotFoundError(f"Response with id '{response_id}' not found.", param="response_id",
                          code="not_found")
@@ -453,8 +500,10 @@ class ResponseService:
         self.running: dict[str, Turn] = {}
 
     async def create(self, owner: str, request: ResponseRequest,
-                     observer: TokenObserver | None = None) -> Turn:
-        """Check the request against the store, build the prompt and start the turn."""
+                     observer: TokenObserver | None = None,
+                     budget: Budget | None = None) -> Turn:
+        """Check the request against the store, build the prompt, reserve its tokens from
+        `budget` and start the turn."""
         if request.conversation_id is not None and not request.store:
             raise InvalidRequestError("a response in a conversation must be stored "
                                       "(store cannot be false with conversation)", "store")
@@ -469,8 +518,11 @@ class ResponseService:
         prompt = self.context.build(request.instructions, history, input_items, config,
                                     request.max_output_tokens,
                                     truncate=request.truncation == "auto")
+        budget = budget or _Unlimited()
+        await budget.reserve(output_budget(len(prompt.token_ids), request.max_output_tokens,
+                                           self.engine.max_model_len))
         turn = Turn(self, owner, request, history, input_items, tools, prompt, params,
-                    observer or _NoObserver())
+                    observer or _NoObserver(), budget)
         self.running[turn.id] = turn
         return turn
 

@@ -1,30 +1,30 @@
-"""The Starlette app: routes, API-key check, body limit. Handlers stay thin: they read
-the body, parse it (`protocol`), and hand over to `chat` / `completions`."""
+"""The Starlette app: routes, authentication, body limit. Handlers stay thin: they read
+the body, parse it (`protocol`), and hand over to `chat` / `completions` / the product;
+the generation routes pass through `access.metered` (rate limits, quota, usage rows)."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import datetime
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.client import EngineClient
-from orchestrator import Product, ProductError
+from orchestrator import Accounts, Product, ProductError
+from orchestrator.accounts import Meter
 from server import conversations as conv
 from server import files as fil
 from server import responses as resp
 from server import vector_stores as vs
+from server.access import AuthMiddleware, identity, metered
 from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.embeddings import create_embeddings, parse_embedding_request
@@ -38,40 +38,6 @@ if TYPE_CHECKING:
     from orchestrator.retrieval.embeddings import Embedder
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
-class APIKeyMiddleware:
-    """With keys configured, every /v1 route needs `Authorization: Bearer <key>`.
-
-    Keys are compared as SHA-256 digests with `hmac.compare_digest`, against every
-    configured key without stopping early, so timing reveals neither a key's content
-    nor its length nor which key matched.
-    """
-
-    def __init__(self, app: ASGIApp, api_keys: list[str]) -> None:
-        self.app = app
-        self.digests = [_digest(k) for k in api_keys]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        guarded = scope["type"] == "http" and scope["path"].startswith("/v1")
-        if guarded and not self._authorized(Headers(scope=scope).get("authorization", "")):
-            error = APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-            await error.response()(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _authorized(self, header: str) -> bool:
-        scheme, _, token = header.partition(" ")
-        presented = _digest(token.strip())
-        matched = False
-        for digest in self.digests:
-            matched |= hmac.compare_digest(presented, digest)
-        return scheme.lower() == "bearer" and matched
-
-
 async def read_json(request: Request, limit: int, parse: Callable[[Any], Any] | None = None) -> Any:
     """The body as JSON, through `parse` if given (415, 413 and 400 for what is not; a
     large body is parsed off the event loop; see `server.request_body`)."""
@@ -82,19 +48,49 @@ def _state(request: Request) -> ServerState:
     return request.app.state.tokenmill
 
 
-async def chat_completions(request: Request) -> Response:
+def _accounts(request: Request) -> Accounts | None:
+    product: Product | None = request.app.state.product
+    return None if product is None else product.accounts
+
+
+async def chat_completions(request: Request, meter: Meter) -> Response:
     state = _state(request)
     timer = state.metrics.timer()  # started at arrival: TTFT is what the client waits
     parsed = await read_json(request, state.config.max_body_bytes, partial(
         parse_chat_request, max_messages=state.engine.max_model_len))
-    return await create_chat_completion(state, parsed, request.receive, timer)
+    return await create_chat_completion(state, parsed, request.receive, timer, meter,
+                                        identity(request).user_id)
 
 
-async def completions(request: Request) -> Response:
+async def completions(request: Request, meter: Meter) -> Response:
     state = _state(request)
     timer = state.metrics.timer()
     parsed = await read_json(request, state.config.max_body_bytes, parse_completion_request)
-    return await create_completion(state, parsed, request.receive, timer)
+    return await create_completion(state, parsed, request.receive, timer, meter,
+                                   identity(request).user_id)
+
+
+async def create_response(request: Request, meter: Meter) -> Response:
+    body = await read_json(request, _state(request).config.max_body_bytes)
+    return await resp.create_response(request, body, meter)
+
+
+async def usage(request: Request) -> Response:
+    """The caller's quota and usage per day and model (`?since=YYYY-MM-DD` to start later)."""
+    accounts = _accounts(request)
+    if accounts is None:
+        raise APIError(404, "this server keeps no usage records (it has no store)")
+    since = request.query_params.get("since")
+    if since is not None and not _is_date(since):
+        raise APIError(400, "since must be a date, YYYY-MM-DD", param="since")
+    return JSONResponse(await accounts.usage_report(identity(request), since))
+
+
+def _is_date(text: str) -> bool:
+    try:
+        return datetime.date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
 
 
 async def embeddings(request: Request) -> Response:
@@ -161,7 +157,9 @@ def product_routes() -> list[Route]:
     """The Responses and Conversations APIs (served when the app has a product)."""
     post, get, delete = ["POST"], ["GET"], ["DELETE"]
     return [
-        Route("/v1/responses", _with_json_body(resp.create_response), methods=post),
+        Route("/v1/responses", metered("responses", create_response, _accounts),
+              methods=post),
+        Route("/v1/usage", usage, methods=get),
         Route("/v1/responses/{response_id}", resp.retrieve_response, methods=get),
         Route("/v1/responses/{response_id}", resp.delete_response, methods=delete),
         Route("/v1/responses/{response_id}/cancel", resp.cancel_response, methods=post),
@@ -210,8 +208,10 @@ def build_app(engine: EngineClient, config: ServerConfig, product: Product | Non
     """The app; with a `product`, the Responses and Conversations APIs are served too, and
     with an `embedder`, /v1/embeddings."""
     routes = [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", metered("chat.completions", chat_completions, _accounts),
+              methods=["POST"]),
+        Route("/v1/completions", metered("completions", completions, _accounts),
+              methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
@@ -220,7 +220,9 @@ def build_app(engine: EngineClient, config: ServerConfig, product: Product | Non
     ]
     if embedder is not None:
         routes.append(Route("/v1/embeddings", embeddings, methods=["POST"]))
-    middleware = [Middleware(APIKeyMiddleware, api_keys=config.api_keys)] if config.api_keys else []
+    accounts = None if product is None else product.accounts
+    middleware = [Middleware(AuthMiddleware, api_keys=config.api_keys, accounts=accounts)
+                  ] if config.api_keys or accounts is not None else []
     if config.allowed_origins:
         # Outermost, so a browser's preflight is answered before the key check.
         middleware.insert(0, Middleware(

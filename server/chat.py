@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
 from engine import RequestOutput, SamplingParams
+from orchestrator.accounts import Meter
 from orchestrator.chat_prompt import active_tools, build_chat_prompt, template_supports_tools
 from orchestrator.chat_types import ChatRequest
 from orchestrator.tool_parser import (
@@ -35,6 +36,8 @@ from server.generation import (
     engine_outputs,
     make_sampling_params,
     merge,
+    metered_stream,
+    reservation,
     usage,
 )
 from server.logprobs import chat_logprobs
@@ -68,34 +71,47 @@ class ChatRun:
 
 
 async def create_chat_completion(
-    state: ServerState, request: ChatRequest, receive: Receive, timer: RequestTimer
+    state: ServerState, request: ChatRequest, receive: Receive, timer: RequestTimer,
+    meter: Meter, fair_share: str | None = None,
 ) -> Response:
+    """Admit (`fair_share`: the user whose share of the engine it takes), tokenize,
+    reserve the tokens on `meter`, then generate; `meter` is finished on every way out."""
     model = state.resolve_model(request.model)
+    meter.model = model
     tools = active_tools(request)
     structure = chat_structured_outputs(request, tools)
     params = make_sampling_params({**request.sampling, "structured_outputs": structure})
     check_token_ids(params.stop_token_ids, state.engine.vocab_size, "stop_token_ids")
-    ticket = state.admission.acquire(params.n, "n")
+    ticket = await state.admission.acquire(params.n, "n", fair_share)
     try:
         prompt_ids = await state.prepare(_prompt_size(request), _encode_prompt, state, request)
         params = _default_max_tokens(state, params, len(prompt_ids))
-        check_context(len(prompt_ids), params.max_tokens, state.engine.max_model_len,
-                      "messages")
+        max_len = state.engine.max_model_len
+        check_context(len(prompt_ids), params.max_tokens, max_len, "messages")
+        await meter.reserve(reservation(len(prompt_ids), params.max_tokens, params.n, max_len))
         header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", model)
         run = ChatRun(state, request, header, [t.name for t in tools], len(prompt_ids))
-        outputs = merge([engine_outputs(state, prompt_ids, params, header.id, timer)])
+        outputs = merge([engine_outputs(state, prompt_ids, params, header.id, timer, meter)])
     except BaseException:
         ticket.release()
         raise
     if request.stream:
-        return EventStreamResponse(_chat_events(run, outputs), on_close=ticket.release)
+        def close() -> None:
+            ticket.release()
+            meter.close()
+
+        return EventStreamResponse(metered_stream(_chat_events(run, outputs), meter),
+                                   on_close=close)
     try:
         collected = await unless_disconnected(receive, lambda: collect(outputs, params.n))
     finally:
         ticket.release()
     if collected is None:  # the client is gone; nobody will read this
+        await meter.finish("incomplete")
         return Response(status_code=499)
-    return JSONResponse(_chat_response(run, collected))
+    body = _chat_response(run, collected)
+    await meter.finish("completed")
+    return JSONResponse(body)
 
 
 def _prompt_size(request: ChatRequest) -> int:

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
 from engine import RequestOutput
+from orchestrator.accounts import Meter
 from orchestrator.chat_types import CompletionRequest
 from server.disconnect import unless_disconnected
 from server.errors import invalid
@@ -24,6 +25,8 @@ from server.generation import (
     engine_outputs,
     make_sampling_params,
     merge,
+    metered_stream,
+    reservation,
     usage,
 )
 from server.logprobs import completion_logprobs
@@ -74,40 +77,56 @@ def _prepare_prompts(
 
 
 async def create_completion(
-    state: ServerState, request: CompletionRequest, receive: Receive, timer: RequestTimer
+    state: ServerState, request: CompletionRequest, receive: Receive, timer: RequestTimer,
+    meter: Meter, fair_share: str | None = None,
 ) -> Response:
+    """Admit (`fair_share`: the user whose share of the engine it takes), tokenize,
+    reserve the tokens on `meter`, then generate; `meter` is finished on every way out."""
     model = state.resolve_model(request.model)
+    meter.model = model
     structure = response_format_params(request.response_format)
     params = make_sampling_params({**request.sampling, "structured_outputs": structure})
     check_token_ids(params.stop_token_ids, state.engine.vocab_size, "stop_token_ids")
     sequences = len(request.prompts) * params.n
-    ticket = state.admission.acquire(sequences, "prompt" if len(request.prompts) > 1 else "n")
+    ticket = await state.admission.acquire(sequences, "prompt" if len(request.prompts) > 1
+                                           else "n", fair_share)
     try:
         size = sum(len(p) for p in request.prompts)
         prompts, texts = await state.prepare(size, _prepare_prompts, state, request.prompts,
                                              request.echo)
+        max_len = state.engine.max_model_len
         for ids in prompts:
-            check_context(len(ids), params.max_tokens, state.engine.max_model_len, "prompt")
+            check_context(len(ids), params.max_tokens, max_len, "prompt")
+        await meter.reserve(sum(reservation(len(ids), params.max_tokens, params.n, max_len)
+                                for ids in prompts))
         header = ResponseHeader(f"cmpl-{uuid.uuid4().hex}", model)
         run = CompletionRun(state, request, header, params.n, texts)
         timers = [timer] + [RequestTimer(state.metrics, arrival=timer.arrival)
                             for _ in prompts[1:]]
         outputs = merge([
-            engine_outputs(state, ids, params, f"{header.id}-{i}", t)
+            engine_outputs(state, ids, params, f"{header.id}-{i}", t, meter)
             for i, (ids, t) in enumerate(zip(prompts, timers, strict=True))
         ])
     except BaseException:
         ticket.release()
         raise
     if request.stream:
-        return EventStreamResponse(_completion_events(run, outputs), on_close=ticket.release)
+        def close() -> None:
+            ticket.release()
+            meter.close()
+
+        return EventStreamResponse(metered_stream(_completion_events(run, outputs), meter),
+                                   on_close=close)
     try:
         collected = await unless_disconnected(receive, lambda: collect(outputs, params.n))
     finally:
         ticket.release()
     if collected is None:  # the client is gone; nobody will read this
+        await meter.finish("incomplete")
         return Response(status_code=499)
-    return JSONResponse(_completion_response(run, collected))
+    body = _completion_response(run, collected)
+    await meter.finish("completed")
+    return JSONResponse(body)
 
 
 def _completion_response(run: CompletionRun, collected: Collected) -> dict:

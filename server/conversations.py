@@ -7,8 +7,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from server.access import owner
 from server.errors import invalid
-from server.responses import owner, product
+from server.responses import product
 from server.responses_protocol import MAX_ITEMS_PER_CALL, parse_items, parse_metadata, parse_page
 
 

@@ -38,6 +38,8 @@ class APIError(Exception):
     param: str | None = None
     code: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    # OpenAI's `type` when it is not the status's usual one (`insufficient_quota`).
+    type: str | None = None
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -46,7 +48,7 @@ class APIError(Exception):
         return {
             "error": {
                 "message": self.message,
-                "type": _TYPES.get(self.status, "invalid_request_error"),
+                "type": self.type or _TYPES.get(self.status, "invalid_request_error"),
                 "param": self.param,
                 "code": self.code,
             }

@@ -10,8 +10,9 @@ from starlette.responses import JSONResponse, Response
 from orchestrator import FileService
 from orchestrator.files import PURPOSES
 from orchestrator.items import item_list
+from server.access import owner
 from server.errors import APIError, invalid
-from server.responses import owner, product
+from server.responses import product
 from server.responses_protocol import parse_page
 
 # Room for the multipart envelope (boundaries, headers, the purpose field) beyond the file.

@@ -16,8 +16,10 @@ from typing import TypeVar
 
 from engine import RequestOutput, SamplingParams
 from engine.errors import ContextLengthExceededError, EngineError, RequestFailedError
+from orchestrator.accounts import Meter
 from server.errors import APIError, from_value_error, invalid
 from server.metrics import RequestTimer
+from server.sse import DONE
 from server.state import ServerState
 
 T = TypeVar("T")
@@ -69,14 +71,20 @@ async def engine_outputs(
     params: SamplingParams,
     request_id: str,
     timer: RequestTimer,
+    meter: Meter,
 ) -> AsyncGenerator[RequestOutput, None]:
-    """`engine.generate` with API errors, metrics, and abort-on-early-close."""
+    """`engine.generate` with API errors, metrics, metering, and abort-on-early-close."""
     finished = False
+    meter.on_submit(len(prompt))
     try:
         async with aclosing(state.engine.generate(prompt, params, request_id)) as outputs:
             async for out in outputs:
-                timer.on_tokens(sum(len(o.token_ids) for o in out.outputs))
+                count = sum(len(o.token_ids) for o in out.outputs)
+                timer.on_tokens(count)
+                meter.on_tokens(count)
                 finished = out.finished
+                if finished:
+                    meter.on_cached(out.num_cached_tokens)
                 yield out
     except ContextLengthExceededError as exc:
         raise context_error(str(exc), "prompt") from None
@@ -181,6 +189,29 @@ class ResponseHeader:
     def body(self, obj: str, choices: list[dict], **extra: object) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices, **extra}
+
+
+def reservation(prompt_tokens: int, max_tokens: int | None, n: int, max_model_len: int) -> int:
+    """The most a prompt's `n` sequences may cost: the prompt once, plus each sequence's
+    max_tokens (or what the context window leaves)."""
+    most = max_model_len - prompt_tokens if max_tokens is None else max_tokens
+    return prompt_tokens + n * max(most, 0)
+
+
+async def metered_stream(
+    stream: AsyncGenerator[bytes, None], meter: Meter
+) -> AsyncGenerator[bytes, None]:
+    """`stream`, telling `meter` how it ended: its end reached (completed: set before the
+    `[DONE]` line goes out, since the client may be gone once it has it), or an error."""
+    try:
+        async with aclosing(stream):
+            async for chunk in stream:
+                if chunk.endswith(DONE):
+                    meter.outcome = "completed"
+                yield chunk
+    except APIError as err:
+        meter.outcome = meter.error_status(err.status)
+        raise
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:

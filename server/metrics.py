@@ -12,12 +12,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from engine.client import EngineStatsLike
+
+if TYPE_CHECKING:
+    from orchestrator.store.accounts import UsageRecord
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -101,6 +105,24 @@ class ServerMetrics:
             "Time from request arrival to its last token, for requests that finished.",
             buckets=_E2E_BUCKETS, registry=self.registry,
         )
+
+        # Per endpoint (never per user: a label per user would grow without bound).
+        self.requests = Counter(
+            "tokenmill:endpoint_requests", "Generation requests that ended, by endpoint and "
+            "status (completed, incomplete, cancelled, failed, rejected).",
+            ["endpoint", "status"], registry=self.registry)
+        self.tokens = Counter(
+            "tokenmill:endpoint_tokens", "Tokens of generation requests, by endpoint and kind "
+            "(input, cached_input, output), as the usage records count them.",
+            ["endpoint", "kind"], registry=self.registry)
+
+    def on_usage(self, record: UsageRecord) -> None:
+        """Count a request's usage row (called once per request, when it ends)."""
+        self.requests.labels(record.endpoint, record.status).inc()
+        for kind, count in (("input", record.input_tokens),
+                            ("cached_input", record.cached_input_tokens),
+                            ("output", record.output_tokens)):
+            self.tokens.labels(record.endpoint, kind).inc(count)
 
     def timer(self) -> RequestTimer:
         return RequestTimer(self)

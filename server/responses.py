@@ -14,10 +14,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from orchestrator import LOCAL_USER, NotFoundError, Product, ProductError
+from orchestrator import Product, ProductError
+from orchestrator.accounts import Meter
 from orchestrator.responses import Turn
+from server.access import identity, owner, product_api_error
 from server.disconnect import unless_disconnected
-from server.errors import APIError
 from server.responses_protocol import parse_page, parse_response_request
 from server.sse import EventStreamResponse
 from server.state import ServerState
@@ -27,15 +28,24 @@ def product(request: Request) -> Product:
     return request.app.state.product
 
 
-def owner(request: Request) -> str:
-    """The user a request acts for (one local user until accounts exist)."""
-    return LOCAL_USER
-
-
 async def product_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ProductError)
-    status = 404 if isinstance(exc, NotFoundError) else 400
-    return APIError(status, exc.message, param=exc.param, code=exc.code).response()
+    return product_api_error(exc).response()
+
+
+class _Observers:
+    """The turn's token observer: the latency metrics and the usage meter."""
+
+    def __init__(self, *observers: Any) -> None:
+        self.observers = observers
+
+    def on_tokens(self, count: int) -> None:
+        for observer in self.observers:
+            observer.on_tokens(count)
+
+    def on_finished(self) -> None:
+        for observer in self.observers:
+            observer.on_finished()
 
 
 def _sse(event: dict) -> bytes:
@@ -48,13 +58,18 @@ async def _event_stream(turn: Turn) -> AsyncGenerator[bytes, None]:
         yield _sse(event)
 
 
-async def create_response(request: Request, body: Any) -> Response:
+async def create_response(request: Request, body: Any, meter: Meter) -> Response:
+    """Start a turn; the turn itself settles `meter` (its reservation and usage row)
+    when it ends, however it ends."""
     state: ServerState = request.app.state.tokenmill
     timer = state.metrics.timer()
     parsed, stream = parse_response_request(body, state.resolve_model)
-    ticket = state.admission.acquire()
+    meter.model = parsed.model
+    ticket = await state.admission.acquire(owner=identity(request).user_id)
     try:
-        turn = await product(request).responses.create(owner(request), parsed, timer)
+        turn = await product(request).responses.create(
+            owner(request), parsed, _Observers(timer, meter), meter)
+        meter.on_submit(0)  # the turn's task submits its first generation
     except BaseException:
         ticket.release()
         raise

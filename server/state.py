@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,6 +52,10 @@ class ServerConfig:
     allowed_origins: list[str] = field(default_factory=list)
     # The largest file `POST /v1/files` accepts (larger: 413).
     max_upload_bytes: int = 512 * 1024 * 1024
+    # Sequences one user (an account; not the local user) may have in the engine at once;
+    # more wait in the server's queue, so one user's flood cannot crowd out the others.
+    # None: no cap.
+    max_sequences_per_user: int | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -59,27 +64,41 @@ class ServerConfig:
             raise ValueError("max_running_requests must be >= 1, max_waiting_requests >= 0")
         if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
             raise ValueError("max_prompt_chars must be >= 1")
+        if self.max_sequences_per_user is not None and self.max_sequences_per_user < 1:
+            raise ValueError("max_sequences_per_user must be >= 1")
 
 
 class Admission:
-    """A bounded count of sequences in flight, and the draining switch for shutdown.
+    """A bounded count of sequences in flight, per-user fair share, and the draining
+    switch for shutdown.
 
     It counts sequences, the engine's unit of work, not requests: a completions batch of
     P prompts with n choices each is P x n sequences, so neither a batch nor a large `n`
     slips past the bound. Counting here, at the door, rather than reading the engine's
     queue length keeps the bound exact under a burst: requests admitted in the same
     instant have not reached the engine yet, so its queue would not show them.
+
+    Fair share: a user (`owner` given) may have at most `per_user` sequences in the
+    engine; their further requests wait here, first come first served, and go on as the
+    user's own requests end. Waiting requests count against the capacity like running
+    ones, so a flood still meets the 429 at the same bound. The engine never learns of
+    users: it just never sees more than `per_user` sequences of one.
     """
 
     def __init__(self, config: ServerConfig) -> None:
         self.capacity = config.max_running_requests + config.max_waiting_requests
         self.retry_after_s = config.retry_after_s
+        self.per_user = config.max_sequences_per_user
         self.active = 0
         self.draining = False
+        self.running: dict[str, int] = {}
+        self.waiting: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {}
 
-    def acquire(self, sequences: int = 1, param: str = "n") -> Ticket:
-        """Admit a request of `sequences` sequences; `param` is the field to blame when
-        the request alone is larger than the server could ever hold."""
+    async def acquire(self, sequences: int = 1, param: str = "n",
+                      owner: str | None = None) -> Ticket:
+        """Admit a request of `sequences` sequences for `owner` (None: no fair-share cap),
+        waiting for the owner's share if need be; `param` is the field to blame when the
+        request alone is larger than the server could ever hold."""
         if self.draining:
             raise APIError(503, "the server is shutting down", code="server_shutting_down")
         if sequences > self.capacity:
@@ -98,20 +117,76 @@ class Admission:
                 headers={"Retry-After": str(self.retry_after_s)},
             )
         self.active += sequences
-        return Ticket(self, sequences)
+        ticket = Ticket(self, sequences, owner if self.per_user is not None else None)
+        if ticket.owner is not None and not self._fits(ticket.owner, sequences):
+            await self._wait_turn(ticket)
+        elif ticket.owner is not None:
+            self.running[ticket.owner] = self.running.get(ticket.owner, 0) + sequences
+        return ticket
+
+    def _fits(self, owner: str, sequences: int) -> bool:
+        """Within the share, or the owner has nothing running (a request larger than the
+        share runs alone) and nobody of theirs queued first."""
+        running = self.running.get(owner, 0)
+        if self.waiting.get(owner):
+            return False
+        assert self.per_user is not None
+        return running == 0 or running + sequences <= self.per_user
+
+    async def _wait_turn(self, ticket: Ticket) -> None:
+        assert ticket.owner is not None
+        ticket_owner = ticket.owner
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self.waiting.setdefault(ticket.owner, deque())
+        queue.append((ticket.sequences, granted))
+        try:
+            await granted
+        except BaseException:
+            if granted.done() and not granted.cancelled():
+                ticket.release()  # admitted as it was cancelled: give the share back
+            else:
+                queue.remove((ticket.sequences, granted))
+                ticket.owner = None  # it never ran
+                ticket.release()
+                self._wake(ticket_owner)
+            raise
+
+    def _release(self, ticket: Ticket) -> None:
+        self.active -= ticket.sequences
+        owner = ticket.owner
+        if owner is None:
+            return
+        self.running[owner] -= ticket.sequences
+        self._wake(owner)
+
+    def _wake(self, owner: str) -> None:
+        """Admit the owner's queued requests that now fit their share, in order."""
+        running = self.running.get(owner, 0)
+        queue = self.waiting.get(owner)
+        while queue and (running == 0 or running + queue[0][0] <= (self.per_user or 0)):
+            sequences, granted = queue.popleft()
+            running += sequences
+            granted.set_result(None)
+        if running:
+            self.running[owner] = running
+        else:
+            self.running.pop(owner, None)
+        if queue is not None and not queue:
+            del self.waiting[owner]
 
 
 class Ticket:
     """One admitted request; `release` is idempotent so every exit path may call it."""
 
-    def __init__(self, admission: Admission, sequences: int) -> None:
+    def __init__(self, admission: Admission, sequences: int, owner: str | None) -> None:
         self._admission: Admission | None = admission
         self.sequences = sequences
+        self.owner = owner  # whose share it takes (None: no fair-share cap)
 
     def release(self) -> None:
         if self._admission is not None:
-            self._admission.active -= self.sequences
-            self._admission = None
+            admission, self._admission = self._admission, None
+            admission._release(self)
 
 
 class ServerState:

@@ -12,8 +12,9 @@ from orchestrator import VectorStoreService
 from orchestrator.items import item_list
 from orchestrator.retrieval.chunking import parse_chunking_strategy
 from orchestrator.vector_stores import FileToAdd, Search
+from server.access import owner
 from server.errors import APIError, invalid
-from server.responses import owner, product
+from server.responses import product
 from server.responses_protocol import parse_metadata, parse_page
 from server.vector_store_search import parse_search_request, search_results_page
 

@@ -126,3 +126,77 @@ vector_store_files = Table(
     UniqueConstraint("vector_store_id", "id", name="uq_vector_store_files_store_id_id"),
     Index("ix_vector_store_files_id", "id"),
 )
+
+# -- accounts ------------------------------------------------------------------------------
+
+# A user: the owner of everything above (`owner_id` is a user's `id`), and the limits that
+# apply to their requests (None: unlimited).
+users = Table(
+    "users",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("token_quota", BigInteger, nullable=True),
+    Column("quota_period", String(8), nullable=False),  # "day" | "month" | "total"
+    Column("rpm", Integer, nullable=True),
+    Column("tpm", Integer, nullable=True),
+)
+
+# An API key: only its SHA-256 digest is kept, with a short hint of the secret for lists.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("user_id", ID, ForeignKey("users.id", ondelete="CASCADE"), nullable=False,
+           index=True),
+    Column("digest", String(64), nullable=False, unique=True),
+    Column("hint", String(32), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=True),
+)
+
+# A user's tokens in one quota period (`period_start`: the period's first second, 0 for
+# "total"): settled usage and tokens reserved by requests still running. Admission
+# reserves with one conditional UPDATE, so concurrent requests can never overspend.
+quota_periods = Table(
+    "quota_periods",
+    metadata,
+    Column("user_id", ID, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("period_start", BigInteger, primary_key=True),
+    Column("used", BigInteger, nullable=False),
+    Column("reserved", BigInteger, nullable=False),
+)
+
+# A reservation not yet settled: kept so that one cut off by a crash can be released.
+quota_reservations = Table(
+    "quota_reservations",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("user_id", ID, ForeignKey("users.id", ondelete="CASCADE"), nullable=False,
+           index=True),
+    Column("period_start", BigInteger, nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    Column("created_at", Double, nullable=False),
+)
+
+# One row per generation request, however it ended. `user_id` is None for requests made
+# with an `--api-key` key or on an open server; times are in seconds.
+usage_records = Table(
+    "usage_records",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", ID, nullable=True, index=True),
+    Column("key_id", ID, nullable=True),
+    Column("endpoint", String(32), nullable=False),
+    Column("model", String(128), nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("cached_input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("queue_time", Double, nullable=True),
+    Column("ttft", Double, nullable=True),
+    Column("duration", Double, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("day", String(10), nullable=False, index=True),  # created_at's UTC date
+)

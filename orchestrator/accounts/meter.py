@@ -1,0 +1,123 @@
+"""One generation request's account: its reservation, its token counts and times, and
+the single usage row written when it ends.
+
+The routes create a `Meter` at arrival and feed it as the request runs (`on_submit` when
+a prompt goes to the engine, `on_tokens` as tokens come back, `on_cached` when a prompt
+finishes). `finish(status)` settles the reservation and writes the row exactly once;
+every way a request can end (completed, cut, cancelled, the client gone, an error, a
+refusal before any compute) calls it, and the later calls do nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from orchestrator.accounts.identity import LOCAL, Identity
+from orchestrator.accounts.service import Accounts, Reservation
+from orchestrator.store.accounts import UsageRecord
+
+log = logging.getLogger("tokenmill")
+
+STATUSES = ("completed", "incomplete", "cancelled", "failed", "rejected")
+# Settlements started from synchronous callbacks, held until done (the event loop keeps
+# only weak references to tasks).
+_pending: set[asyncio.Task] = set()
+
+
+@dataclass
+class Meter:
+    accounts: Accounts | None
+    endpoint: str
+    identity: Identity = LOCAL
+    model: str = ""
+    arrival: float = field(default_factory=time.perf_counter)
+    created_at: float = field(default_factory=time.time)
+    submitted_at: float | None = None
+    first_token_at: float | None = None
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    held: Reservation = field(default_factory=Reservation)
+    # Called with the row once written (the server's per-endpoint counters).
+    listeners: list[Callable[[UsageRecord], None]] = field(default_factory=list)
+    record: UsageRecord | None = None
+    # How a stream ended, as far as its generator saw (`close` finishes with it): a
+    # stream cut before its end was left by its client.
+    outcome: str = "incomplete"
+    _settling: asyncio.Task | None = None
+
+    async def reserve(self, tokens: int) -> None:
+        """Hold `tokens` (prompt + output budget) before they are spent."""
+        if self.accounts is not None:
+            await self.accounts.reserve(self.identity, self.held, tokens)
+
+    def on_submit(self, prompt_tokens: int) -> None:
+        if self.submitted_at is None:
+            self.submitted_at = time.perf_counter()
+        self.input_tokens += prompt_tokens
+
+    def on_tokens(self, count: int) -> None:
+        if count > 0 and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.output_tokens += count
+
+    def on_cached(self, count: int) -> None:
+        self.cached_input_tokens += count
+
+    def on_finished(self) -> None:
+        """(The token observer's end: the row is written by `finish`.)"""
+
+    async def settle(self, status: str, input_tokens: int, cached_tokens: int,
+                     output_tokens: int) -> None:
+        """Finish with counts the caller kept itself (a response's usage)."""
+        self.input_tokens, self.cached_input_tokens = input_tokens, cached_tokens
+        self.output_tokens = output_tokens
+        await self.finish(status)
+
+    async def finish(self, status: str) -> None:
+        """Write the usage row and settle the reservation (once; later calls wait for it)."""
+        if self._settling is None:
+            self._settling = asyncio.ensure_future(self._finish(status))
+        await asyncio.shield(self._settling)
+
+    def close(self) -> None:
+        """`finish` with the stream's `outcome`, from a synchronous callback."""
+        if self._settling is None:
+            self._settling = asyncio.ensure_future(self._finish(self.outcome))
+            _pending.add(self._settling)
+            self._settling.add_done_callback(_pending.discard)
+
+    def error_status(self, http_status: int) -> str:
+        """How a request that raised an error ended: `rejected` when refused before it
+        produced anything (a client's error, a limit), else `failed`."""
+        return "rejected" if http_status < 500 and self.output_tokens == 0 else "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self._settling is not None
+
+    def _record(self, status: str) -> UsageRecord:
+        def since_arrival(moment: float | None) -> float | None:
+            return None if moment is None else moment - self.arrival
+
+        return UsageRecord(
+            user_id=self.identity.user_id, key_id=self.identity.key_id, endpoint=self.endpoint,
+            model=self.model, input_tokens=self.input_tokens,
+            cached_input_tokens=self.cached_input_tokens, output_tokens=self.output_tokens,
+            status=status, queue_time=since_arrival(self.submitted_at),
+            ttft=since_arrival(self.first_token_at),
+            duration=time.perf_counter() - self.arrival, created_at=self.created_at)
+
+    async def _finish(self, status: str) -> None:
+        self.record = self._record(status)
+        try:
+            if self.accounts is not None:
+                await self.accounts.settle(self.identity, self.held, self.record)
+        except Exception:  # the request is over either way; the operator must hear of it
+            log.exception("the usage of a %s request could not be recorded", self.endpoint)
+        for listener in self.listeners:
+            listener(self.record)

@@ -1,0 +1,117 @@
+"""Accounts: key -> user, quota reservations and their settlement, rate limits, usage.
+
+The server asks three things of it per generation request: who is asking
+(`authenticate`), may they start (`take_request`, then `reserve` once the prompt is
+tokenized: rpm, tpm and the token quota, all before any compute), and what did it cost
+(`settle`, exactly once however the request ends). Everything that touches the database
+goes through the store's worker thread.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+
+from orchestrator.accounts import keys
+from orchestrator.accounts.identity import LOCAL, Identity
+from orchestrator.accounts.limiter import RateLimiter
+from orchestrator.accounts.periods import period_start, resets_at
+from orchestrator.errors import QuotaExceededError
+from orchestrator.store import Store
+from orchestrator.store import accounts as db
+from orchestrator.store.accounts import UsageRecord
+
+
+class Reservation:
+    """What one request holds: quota tokens under one reservation id, and tpm tokens."""
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.period_start = 0
+        self.quota_tokens = 0
+        self.rate_tokens = 0
+
+
+class Accounts:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time,
+                 limiter: RateLimiter | None = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.limiter = limiter or RateLimiter()
+
+    async def authenticate(self, secret: str) -> Identity | None:
+        """The identity of a live key (None: unknown or revoked)."""
+        found = await self.store.call(db.find_key, keys.digest(secret))
+        return None if found is None else Identity.of(found[1], found[0])
+
+    async def keys_required(self) -> bool:
+        """Whether any key was ever issued: then every request must present one."""
+        return await self.store.call(db.any_keys)
+
+    def take_request(self, identity: Identity) -> None:
+        """Count one request against the user's rpm (RateLimitError when over)."""
+        user = identity.user
+        if user is not None:
+            self.limiter.take_request(user.id, user.rpm, user.tpm)
+
+    def rate_headers(self, identity: Identity) -> dict[str, str]:
+        return {} if identity.user is None else self.limiter.headers(identity.user.id)
+
+    async def reserve(self, identity: Identity, held: Reservation, tokens: int) -> None:
+        """Hold `tokens` more for a request: from the user's tpm bucket, then from the
+        quota period (one conditional UPDATE). QuotaExceededError / RateLimitError, with
+        nothing held, when they do not fit."""
+        user = identity.user
+        if user is None:
+            return
+        self.limiter.take_tokens(user.id, user.rpm, user.tpm, tokens)
+        now = self.clock()
+        if held.id is None:
+            held.id = f"rsv_{secrets.token_hex(12)}"
+            held.period_start = period_start(user.quota_period, now)
+        fits = await self.store.call(db.reserve, held.id, user.id, held.period_start, tokens,
+                                     user.token_quota, now)
+        if not fits:
+            self.limiter.refund_tokens(user.id, tokens)
+            raise QuotaExceededError(
+                f"You exceeded your current quota: this request needs up to {tokens} tokens "
+                f"(prompt + max output), more than is left of your {user.token_quota}-token "
+                f"{user.quota_period} quota. Lower max_tokens, or ask the operator for more.",
+                code="insufficient_quota")
+        held.rate_tokens += tokens
+        held.quota_tokens += tokens
+
+    async def settle(self, identity: Identity, held: Reservation, record: UsageRecord) -> None:
+        """Write the request's usage row, charge what it used and release the rest."""
+        await self.store.call(db.settle, held.id, record)
+        if identity.user is not None:
+            self.limiter.refund_tokens(identity.user.id, held.rate_tokens - record.total_tokens)
+
+    async def usage_report(self, identity: Identity, since: str | None = None) -> dict:
+        """`GET /v1/usage`: the caller's quota and usage per day and model."""
+        user = identity.user
+        now = self.clock()
+        if user is None:
+            used = await self.store.call(db.usage_total, None)
+            quota = {"limit": None, "period": "total", "used": used, "reserved": 0,
+                     "remaining": None, "resets_at": None}
+        else:
+            state = await self.store.call(db.quota_state, user.id,
+                                          period_start(user.quota_period, now))
+            limit = user.token_quota
+            quota = {"limit": limit, "period": user.quota_period, "used": state.used,
+                     "reserved": state.reserved,
+                     "remaining": None if limit is None
+                     else max(0, limit - state.used - state.reserved),
+                     "resets_at": resets_at(user.quota_period, now)}
+        days = await self.store.call(db.usage_by_day, identity.user_id, since)
+        return {"object": "usage.report", "user": identity.name, "quota": quota,
+                "data": [{"date": d.date, "model": d.model, "requests": d.requests,
+                          "input_tokens": d.input_tokens,
+                          "cached_input_tokens": d.cached_input_tokens,
+                          "output_tokens": d.output_tokens, "total_tokens": d.total_tokens}
+                         for d in days]}
+
+
+__all__ = ["LOCAL", "Accounts", "Identity", "Reservation"]

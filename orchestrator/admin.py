@@ -1,0 +1,234 @@
+"""The operator's CLI for accounts: users, API keys and usage.
+
+    python -m orchestrator.admin --data-dir DIR users create alice --token-quota 100000 \\
+        --quota-period month --rpm 60 --tpm 20000
+    python -m orchestrator.admin --data-dir DIR keys create alice     # prints the key once
+    python -m orchestrator.admin --data-dir DIR usage --user alice --json
+
+It opens the same store as the server (`--data-dir`, or `--database-url`), migrating it
+if needed, and may run while the server does: a new key works, and a revoked one is
+refused, on the server's next request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from orchestrator.accounts import keys
+from orchestrator.accounts.periods import PERIODS
+from orchestrator.store import Store, sqlite_url
+from orchestrator.store import accounts as db
+from orchestrator.store.accounts import KeyRow, UserRow
+
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@-")
+
+
+class AdminError(Exception):
+    """A command that cannot be done as asked (printed, exit status 1)."""
+
+
+def _count(text: str) -> int | None:
+    """A limit: a non-negative integer, or "none" for no limit."""
+    if text.lower() == "none":
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 (or 'none')")
+    return value
+
+
+def _positive(text: str) -> int | None:
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be >= 1 (or 'none')")
+    return value
+
+
+def _limit_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    default = None if defaults else argparse.SUPPRESS
+    parser.add_argument("--token-quota", type=_count, default=default, metavar="N",
+                        help="tokens (input + output) per period; 'none': unlimited")
+    parser.add_argument("--quota-period", choices=PERIODS,
+                        default="month" if defaults else argparse.SUPPRESS)
+    parser.add_argument("--rpm", type=_positive, default=default, metavar="N",
+                        help="requests per minute; 'none': unlimited")
+    parser.add_argument("--tpm", type=_positive, default=default, metavar="N",
+                        help="tokens per minute (prompt + max output); 'none': unlimited")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.admin",
+                                     description="Manage tokenmill's users, keys and usage.")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data-dir", type=Path, help="the server's --data-dir (its SQLite store)")
+    where.add_argument("--database-url", help="the server's --database-url")
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    users = groups.add_parser("users", help="create, list, update, delete users")
+    user_commands = users.add_subparsers(dest="command", required=True)
+    create = user_commands.add_parser("create", help="add a user")
+    create.add_argument("name")
+    _limit_options(create, defaults=True)
+    user_commands.add_parser("list", help="list users and their limits")
+    update = user_commands.add_parser("update", help="change a user's limits")
+    update.add_argument("name")
+    _limit_options(update, defaults=False)
+    delete = user_commands.add_parser(
+        "delete", help="delete a user with their keys, conversations, responses, files and "
+        "vector stores (their usage records stay)")
+    delete.add_argument("name")
+
+    key_group = groups.add_parser("keys", help="create, list, revoke API keys")
+    key_commands = key_group.add_subparsers(dest="command", required=True)
+    key_commands.add_parser("create", help="issue a key (printed once, as JSON)").add_argument(
+        "name")
+    key_commands.add_parser("list", help="a user's keys").add_argument("name")
+    key_commands.add_parser("revoke", help="revoke a key (refused at once)").add_argument(
+        "key_id")
+
+    usage = groups.add_parser("usage", help="tokens used, per day, model and user")
+    usage.add_argument("--user", help="one user's usage")
+    usage.add_argument("--since", help="from this UTC date (YYYY-MM-DD)")
+    usage.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _user(store: Store, name: str) -> UserRow:
+    user = db.get_user(store.repo, name)
+    if user is None:
+        raise AdminError(f"no user named {name!r}")
+    return user
+
+
+def _print_table(rows: list[dict]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
+
+
+def _limits(user: UserRow) -> dict:
+    return {k: v for k, v in asdict(user).items() if k != "created_at"}
+
+
+def users_command(store: Store, args: argparse.Namespace) -> None:
+    if args.command == "create":
+        if not args.name or set(args.name) - NAME_CHARS or len(args.name) > 64:
+            raise AdminError("a user name is 1 to 64 of the characters A-Z a-z 0-9 . _ @ -")
+        user = UserRow(f"user_{secrets.token_hex(12)}", args.name, int(time.time()),
+                       args.token_quota, args.quota_period, args.rpm, args.tpm)
+        if not db.create_user(store.repo, user):
+            raise AdminError(f"a user named {args.name!r} exists already")
+        print(json.dumps(_limits(user)))
+    elif args.command == "list":
+        _print_table([_limits(u) for u in db.list_users(store.repo)])
+    elif args.command == "update":
+        _user(store, args.name)
+        changes = {k: getattr(args, k) for k in ("token_quota", "quota_period", "rpm", "tpm")
+                   if hasattr(args, k)}
+        if not changes:
+            raise AdminError("nothing to change: give --token-quota, --quota-period, --rpm "
+                             "or --tpm")
+        updated = db.update_user(store.repo, args.name, changes)
+        assert updated is not None
+        print(json.dumps(_limits(updated)))
+    else:
+        user = _user(store, args.name)
+        removed = db.delete_user(store.repo, user.id)
+        if removed is None:
+            raise AdminError(f"no user named {args.name!r}")
+        _delete_file_bytes(args, removed)
+        print(json.dumps({"deleted": user.name, "id": user.id, "files": len(removed)}))
+
+
+def _delete_file_bytes(args: argparse.Namespace, file_ids: list[str]) -> None:
+    """Uploaded files' bytes live in the data directory (the server's FileService)."""
+    if args.data_dir is None:
+        if file_ids:
+            print(f"note: {len(file_ids)} files' bytes stay under the server's data directory "
+                  "(files/<id>); give --data-dir to remove them", file=sys.stderr)
+        return
+    for file_id in file_ids:
+        (Path(args.data_dir).expanduser() / "files" / file_id).unlink(missing_ok=True)
+
+
+def keys_command(store: Store, args: argparse.Namespace) -> None:
+    if args.command == "create":
+        user = _user(store, args.name)
+        secret = keys.new_secret()
+        key = KeyRow(keys.new_key_id(), user.id, keys.hint(secret), int(time.time()))
+        db.add_key(store.repo, key, keys.digest(secret))
+        print(json.dumps({"id": key.id, "user": user.name, "key": secret,
+                          "created_at": key.created_at}))
+    elif args.command == "list":
+        user = _user(store, args.name)
+        _print_table([{"id": k.id, "key": k.hint, "created_at": k.created_at,
+                       "revoked_at": k.revoked_at or "-"} for k in db.list_keys(store.repo,
+                                                                                user.id)])
+    elif not db.revoke_key(store.repo, args.key_id, int(time.time())):
+        raise AdminError(f"no live key with id {args.key_id!r}")
+    else:
+        print(json.dumps({"revoked": args.key_id}))
+
+
+def usage_command(store: Store, args: argparse.Namespace) -> None:
+    names = {u.id: u.name for u in db.list_users(store.repo)}
+    if args.user is not None:
+        days = db.usage_by_day(store.repo, _user(store, args.user).id, args.since)
+    else:
+        days = db.usage_by_day(store.repo, since=args.since)
+    rows = [{"date": d.date, "user": names.get(d.user_id, d.user_id) if d.user_id else None,
+             "model": d.model, "requests": d.requests, "input_tokens": d.input_tokens,
+             "cached_input_tokens": d.cached_input_tokens, "output_tokens": d.output_tokens,
+             "total_tokens": d.total_tokens} for d in days]
+    if args.json:
+        print(json.dumps({"object": "list", "data": rows}))
+    else:
+        _print_table([replace_none(r) for r in rows])
+
+
+def replace_none(row: dict) -> dict:
+    return {k: "-" if v is None else v for k, v in row.items()}
+
+
+COMMANDS = {"users": users_command, "keys": keys_command, "usage": usage_command}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "since", None) is not None:
+        try:
+            time.strptime(args.since, "%Y-%m-%d")
+        except ValueError:
+            print("error: --since must be a date, YYYY-MM-DD", file=sys.stderr)
+            return 2
+    try:
+        store = Store(args.database_url or sqlite_url(args.data_dir))
+    except (SQLAlchemyError, OSError) as exc:
+        print(f"error: cannot open the store: {exc}", file=sys.stderr)
+        return 1
+    try:
+        COMMANDS[args.group](store, args)
+    except AdminError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

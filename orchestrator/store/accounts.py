@@ -1,0 +1,332 @@
+"""The repositories of users, API keys, token quotas and usage records.
+
+Plain functions taking the `Repository` first, like `knowledge.py`, so they run through
+`await store.call(fn, ...)` on the store's thread (the admin CLI calls them directly).
+
+A quota is enforced by one conditional UPDATE (`reserved = reserved + n WHERE used +
+reserved + n <= limit`): the database applies it atomically per row, on SQLite (one writer
+at a time) and on PostgreSQL (the row lock makes a concurrent UPDATE re-check the WHERE
+on the row's newest version), so concurrent requests can never reserve past the limit.
+Settling a reservation, recording the request's usage row and charging the tokens
+actually used happen in one transaction: a request is billed once, or not at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import delete, exists, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
+
+from orchestrator.store.knowledge import delete_file, delete_vector_store
+from orchestrator.store.repository import Repository
+from orchestrator.store.tables import (
+    api_keys,
+    conversation_items,
+    conversations,
+    files,
+    quota_periods,
+    quota_reservations,
+    response_items,
+    responses,
+    usage_records,
+    users,
+    vector_stores,
+)
+
+
+@dataclass(frozen=True)
+class UserRow:
+    id: str
+    name: str
+    created_at: int
+    token_quota: int | None = None
+    quota_period: str = "month"
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    id: str
+    user_id: str
+    hint: str
+    created_at: int
+    revoked_at: int | None = None
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One request's usage row (see `tables.usage_records`)."""
+
+    user_id: str | None
+    key_id: str | None
+    endpoint: str
+    model: str
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    status: str
+    queue_time: float | None
+    ttft: float | None
+    duration: float
+    created_at: float
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class UsageDay:
+    """Usage aggregated over one UTC day and model."""
+
+    date: str
+    model: str
+    requests: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    user_id: str | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class QuotaState:
+    used: int = 0
+    reserved: int = 0
+
+
+def utc_day(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d")
+
+
+# -- users -------------------------------------------------------------------------------
+
+def _user(row) -> UserRow:
+    return UserRow(row.id, row.name, row.created_at, row.token_quota, row.quota_period,
+                   row.rpm, row.tpm)
+
+
+def create_user(repo: Repository, user: UserRow) -> bool:
+    """Add a user; False if the name is taken."""
+    with repo.engine.begin() as conn:
+        if conn.execute(select(users.c.id).where(users.c.name == user.name)).first():
+            return False
+        conn.execute(insert(users).values(**asdict(user)))
+    return True
+
+
+def get_user(repo: Repository, name: str) -> UserRow | None:
+    with repo.engine.connect() as conn:
+        row = conn.execute(select(users).where(users.c.name == name)).first()
+    return None if row is None else _user(row)
+
+
+def get_user_by_id(repo: Repository, user_id: str) -> UserRow | None:
+    with repo.engine.connect() as conn:
+        row = conn.execute(select(users).where(users.c.id == user_id)).first()
+    return None if row is None else _user(row)
+
+
+def list_users(repo: Repository) -> list[UserRow]:
+    with repo.engine.connect() as conn:
+        rows = conn.execute(select(users).order_by(users.c.created_at, users.c.name)).all()
+    return [_user(r) for r in rows]
+
+
+def update_user(repo: Repository, name: str, changes: dict) -> UserRow | None:
+    """Change a user's limits (`changes`: column -> value); None if there is no such user."""
+    with repo.engine.begin() as conn:
+        if changes:
+            conn.execute(update(users).where(users.c.name == name).values(**changes))
+    return get_user(repo, name)
+
+
+def delete_user(repo: Repository, user_id: str) -> list[str] | None:
+    """Delete a user with everything they own: conversations, responses, files, vector
+    stores (with their index rows), keys and quota rows, in one transaction. Returns the
+    ids of the deleted files (whose bytes the caller removes), None if no such user.
+    Usage records stay: they are the billing history."""
+    file_ids = _owned_ids(repo, files.c.id, files.c.owner_id, user_id)
+    store_ids = _owned_ids(repo, vector_stores.c.id, vector_stores.c.owner_id, user_id)
+    for store_id in store_ids:
+        delete_vector_store(repo, user_id, store_id)
+    for file_id in file_ids:
+        delete_file(repo, user_id, file_id)
+    with repo.engine.begin() as conn:
+        for table in (conversation_items, conversations, response_items, responses):
+            conn.execute(delete(table).where(table.c.owner_id == user_id))
+        for table in (api_keys, quota_reservations, quota_periods):
+            conn.execute(delete(table).where(table.c.user_id == user_id))
+        deleted = conn.execute(delete(users).where(users.c.id == user_id)).rowcount
+    return file_ids if deleted else None
+
+
+def _owned_ids(repo: Repository, column, owner_column, owner: str) -> list[str]:
+    with repo.engine.connect() as conn:
+        return list(conn.execute(select(column).where(owner_column == owner)).scalars())
+
+
+# -- keys --------------------------------------------------------------------------------
+
+def add_key(repo: Repository, key: KeyRow, digest: str) -> None:
+    with repo.engine.begin() as conn:
+        conn.execute(insert(api_keys).values(digest=digest, **asdict(key)))
+
+
+def list_keys(repo: Repository, user_id: str) -> list[KeyRow]:
+    with repo.engine.connect() as conn:
+        rows = conn.execute(select(api_keys).where(api_keys.c.user_id == user_id)
+                            .order_by(api_keys.c.created_at, api_keys.c.id)).all()
+    return [KeyRow(r.id, r.user_id, r.hint, r.created_at, r.revoked_at) for r in rows]
+
+
+def revoke_key(repo: Repository, key_id: str, now: int) -> bool:
+    """Revoke a key (at once: every request looks its key up); False if unknown or
+    already revoked."""
+    with repo.engine.begin() as conn:
+        return conn.execute(update(api_keys).where(
+            api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None),
+        ).values(revoked_at=now)).rowcount > 0
+
+
+def find_key(repo: Repository, digest: str) -> tuple[str, UserRow] | None:
+    """The key id and user of a live (not revoked) key with this digest."""
+    with repo.engine.connect() as conn:
+        row = conn.execute(select(api_keys.c.id.label("key_id"), users).join(
+            users, users.c.id == api_keys.c.user_id).where(
+            api_keys.c.digest == digest, api_keys.c.revoked_at.is_(None))).first()
+    return None if row is None else (row.key_id, _user(row))
+
+
+def any_keys(repo: Repository) -> bool:
+    """Whether any key was ever issued (revoked ones count): then every request needs one."""
+    with repo.engine.connect() as conn:
+        return bool(conn.execute(select(exists().select_from(api_keys))).scalar())
+
+
+# -- quotas ------------------------------------------------------------------------------
+
+def _ensure_period(conn: Connection, user_id: str, period_start: int) -> None:
+    values = {"user_id": user_id, "period_start": period_start, "used": 0, "reserved": 0}
+    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    conn.execute(dialect_insert(quota_periods).values(**values).on_conflict_do_nothing())
+
+
+def reserve(repo: Repository, reservation_id: str, user_id: str, period_start: int,
+            tokens: int, limit: int | None, now: float) -> bool:
+    """Reserve `tokens` of the user's quota period (at most `limit` used + reserved; None:
+    no limit, the tokens are only counted), under `reservation_id` (new, or one to extend).
+    False, and nothing changed, when they do not fit."""
+    period = quota_periods.c
+    with repo.engine.begin() as conn:
+        _ensure_period(conn, user_id, period_start)
+        stmt = update(quota_periods).where(
+            period.user_id == user_id, period.period_start == period_start,
+        ).values(reserved=period.reserved + tokens)
+        if limit is not None:
+            stmt = stmt.where(period.used + period.reserved + tokens <= limit)
+        if conn.execute(stmt).rowcount != 1:
+            return False
+        extended = conn.execute(update(quota_reservations).where(
+            quota_reservations.c.id == reservation_id,
+        ).values(tokens=quota_reservations.c.tokens + tokens)).rowcount
+        if not extended:
+            conn.execute(insert(quota_reservations).values(
+                id=reservation_id, user_id=user_id, period_start=period_start, tokens=tokens,
+                created_at=now))
+    return True
+
+
+def settle(repo: Repository, reservation_id: str | None, record: UsageRecord) -> None:
+    """Record a request's usage row and, if it holds a reservation, release it and charge
+    the tokens it used to the reservation's period: one transaction."""
+    with repo.engine.begin() as conn:
+        if reservation_id is not None:
+            _settle(conn, reservation_id, record.total_tokens)
+        conn.execute(insert(usage_records).values(day=utc_day(record.created_at),
+                                                  **asdict(record)))
+
+
+def _settle(conn: Connection, reservation_id: str, used: int) -> None:
+    held = conn.execute(select(quota_reservations).where(
+        quota_reservations.c.id == reservation_id)).first()
+    if held is None:
+        return
+    conn.execute(delete(quota_reservations).where(quota_reservations.c.id == reservation_id))
+    period = quota_periods.c
+    conn.execute(update(quota_periods).where(
+        period.user_id == held.user_id, period.period_start == held.period_start,
+    ).values(reserved=period.reserved - held.tokens, used=period.used + used))
+
+
+def release_reservations(repo: Repository) -> int:
+    """Release every reservation (charging nothing): start-up maintenance for a database
+    only this server uses, where one left behind was cut off by a crash."""
+    with repo.engine.begin() as conn:
+        held = conn.execute(select(quota_reservations.c.id)).scalars().all()
+        for reservation_id in held:
+            _settle(conn, reservation_id, 0)
+    return len(held)
+
+
+def quota_state(repo: Repository, user_id: str, period_start: int) -> QuotaState:
+    with repo.engine.connect() as conn:
+        row = conn.execute(select(quota_periods.c.used, quota_periods.c.reserved).where(
+            quota_periods.c.user_id == user_id,
+            quota_periods.c.period_start == period_start)).first()
+    return QuotaState() if row is None else QuotaState(row.used, row.reserved)
+
+
+# -- usage -------------------------------------------------------------------------------
+
+_ANY = object()
+
+
+def usage_by_day(repo: Repository, user_id: str | object | None = _ANY,
+                 since: str | None = None) -> list[UsageDay]:
+    """Usage per UTC day and model (and user, when not asked for one user), oldest first;
+    `user_id` None selects the requests of no user (admin keys, an open server)."""
+    u = usage_records.c
+    keys = [u.day, u.model] + ([u.user_id] if user_id is _ANY else [])
+    query = select(*keys, func.count().label("requests"),
+                   func.sum(u.input_tokens).label("input_tokens"),
+                   func.sum(u.cached_input_tokens).label("cached_input_tokens"),
+                   func.sum(u.output_tokens).label("output_tokens")).group_by(*keys)
+    if user_id is not _ANY:
+        query = query.where(u.user_id.is_(None) if user_id is None else u.user_id == user_id)
+    if since is not None:
+        query = query.where(u.day >= since)
+    with repo.engine.connect() as conn:
+        rows = conn.execute(query.order_by(*keys)).all()
+    return [UsageDay(r.day, r.model, r.requests, int(r.input_tokens),
+                     int(r.cached_input_tokens), int(r.output_tokens),
+                     r.user_id if user_id is _ANY else user_id) for r in rows]
+
+
+def usage_total(repo: Repository, user_id: str | None) -> int:
+    """All tokens a user (None: no user) has used, from the usage rows."""
+    u = usage_records.c
+    where = u.user_id.is_(None) if user_id is None else u.user_id == user_id
+    with repo.engine.connect() as conn:
+        total = conn.execute(select(func.sum(u.input_tokens + u.output_tokens)).where(where))
+        return int(total.scalar() or 0)
+
+
+def usage_rows(repo: Repository, user_id: str | object | None = _ANY) -> list[UsageRecord]:
+    """Every usage row (of one user), oldest first: for tests and exports."""
+    u = usage_records.c
+    query = select(usage_records).order_by(u.seq)
+    if user_id is not _ANY:
+        query = query.where(u.user_id.is_(None) if user_id is None else u.user_id == user_id)
+    with repo.engine.connect() as conn:
+        rows = conn.execute(query).all()
+    names = [f for f in UsageRecord.__dataclass_fields__]
+    return [UsageRecord(**{n: getattr(r, n) for n in names}) for r in rows]

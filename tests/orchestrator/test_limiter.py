@@ -1,0 +1,63 @@
+"""Per-user rate limits: token buckets on a fake clock, and OpenAI's headers."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.accounts.limiter import RateLimiter
+from orchestrator.errors import RateLimitError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_requests_per_minute_burst_then_refill_at_the_limits_pace():
+    clock = Clock()
+    limiter = RateLimiter(clock)
+    for _ in range(3):
+        limiter.take_request("u", 3, None)
+    with pytest.raises(RateLimitError) as refused:
+        limiter.take_request("u", 3, None)
+    assert refused.value.retry_after == pytest.approx(20.0)  # 3 per minute: one per 20 s
+    assert refused.value.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.value.headers["x-ratelimit-limit-requests"] == "3"
+    clock.now += 20
+    limiter.take_request("u", 3, None)
+    limiter.take_request("other", 3, None)  # users have buckets of their own
+
+
+def test_tokens_per_minute_refuse_what_does_not_fit_and_refund_what_went_unused():
+    clock = Clock()
+    limiter = RateLimiter(clock)
+    limiter.take_tokens("u", None, 1000, 800)
+    with pytest.raises(RateLimitError) as refused:
+        limiter.take_tokens("u", None, 1000, 300)
+    assert refused.value.retry_after == pytest.approx(6.0)  # 100 tokens at 1000/60 a second
+    limiter.refund_tokens("u", 500)  # the request used 300 of its 800
+    limiter.take_tokens("u", None, 1000, 600)
+    with pytest.raises(RateLimitError) as never:
+        limiter.take_tokens("u", None, 1000, 1001)
+    assert never.value.retry_after is None  # larger than the bucket: it can never fit
+
+
+def test_headers_report_limit_remaining_and_reset_and_follow_a_changed_limit():
+    clock = Clock()
+    limiter = RateLimiter(clock)
+    assert limiter.headers("u") == {}
+    limiter.take_request("u", 60, 6000)
+    limiter.take_tokens("u", 60, 6000, 3000)
+    headers = limiter.headers("u")
+    assert headers == {
+        "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
+        "x-ratelimit-reset-requests": "1s", "x-ratelimit-limit-tokens": "6000",
+        "x-ratelimit-remaining-tokens": "3000", "x-ratelimit-reset-tokens": "30s"}
+    limiter.take_request("u", 120, None)  # raised by the operator; the tpm limit lifted
+    headers = limiter.headers("u")
+    assert headers["x-ratelimit-limit-requests"] == "120"
+    assert headers["x-ratelimit-remaining-requests"] == "118"
+    assert "x-ratelimit-limit-tokens" not in headers

@@ -1,0 +1,202 @@
+"""The accounts repositories on SQLite and PostgreSQL: keys, quotas under concurrency,
+settlement, usage aggregation, and deleting a user with everything they own."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import func, select
+
+from orchestrator.accounts import keys
+from orchestrator.accounts.periods import period_start, resets_at
+from orchestrator.store import Store
+from orchestrator.store import accounts as db
+from orchestrator.store.accounts import KeyRow, UsageRecord, UserRow
+from orchestrator.store.tables import (
+    conversations,
+    quota_periods,
+    quota_reservations,
+    responses,
+    usage_records,
+)
+from tests.product.test_store import _record as _turn
+
+
+@pytest.fixture
+def store(database_url):
+    opened = Store(database_url)
+    yield opened
+    opened.close()
+
+
+def _user(repo, name: str, quota: int | None = None, period: str = "total") -> UserRow:
+    user = UserRow(f"user_{name}", name, int(time.time()), quota, period)
+    assert db.create_user(repo, user)
+    return user
+
+
+def _record(user_id: str | None, input_tokens: int, output_tokens: int, model: str = "m",
+            created_at: float | None = None, status: str = "completed") -> UsageRecord:
+    return UsageRecord(user_id, None, "chat.completions", model, input_tokens, 1,
+                       output_tokens, status, 0.01, 0.02, 0.5,
+                       created_at if created_at is not None else time.time())
+
+
+def test_a_key_is_found_by_its_digest_until_it_is_revoked(store):
+    repo = store.repo
+    alice = _user(repo, "alice")
+    assert not db.any_keys(repo)
+    secret = keys.new_secret()
+    assert secret.startswith("sk-tm-") and len(secret) > 40
+    db.add_key(repo, KeyRow("key_1", alice.id, keys.hint(secret), 1), keys.digest(secret))
+    assert db.any_keys(repo)
+    key_id, user = db.find_key(repo, keys.digest(secret))
+    assert (key_id, user) == ("key_1", alice)
+    assert db.find_key(repo, keys.digest(secret + "x")) is None
+    assert db.revoke_key(repo, "key_1", 2)
+    assert db.find_key(repo, keys.digest(secret)) is None
+    assert not db.revoke_key(repo, "key_1", 3)  # already revoked
+    assert db.any_keys(repo)  # a revoked key still closes the server
+    assert db.list_keys(repo, alice.id)[0].revoked_at == 2
+    with store.engine.connect() as conn:  # only the digest is stored
+        rows = conn.exec_driver_sql("SELECT digest, hint FROM api_keys").all()
+    assert secret not in str(rows)
+
+
+def test_user_names_are_unique_and_updates_apply(store):
+    repo = store.repo
+    _user(repo, "alice", 10)
+    assert not db.create_user(repo, UserRow("user_other", "alice", 0))
+    updated = db.update_user(repo, "alice", {"token_quota": None, "rpm": 5})
+    assert updated.token_quota is None and updated.rpm == 5
+    assert db.update_user(repo, "nobody", {"rpm": 1}) is None
+
+
+def test_fifty_concurrent_reservations_never_exceed_the_quota(store):
+    """50 threads reserve 30 tokens each at once against a 500-token quota: exactly 16 fit
+    (16 x 30 = 480); each settles having used 20; the database holds the sums."""
+    repo = store.repo
+    alice = _user(repo, "alice", 500)
+    barrier = threading.Barrier(50)
+
+    def attempt(i: int) -> bool:
+        barrier.wait()
+        return db.reserve(repo, f"rsv_{i}", alice.id, 0, 30, 500, time.time())
+
+    with ThreadPoolExecutor(50) as pool:
+        granted = [i for i, ok in enumerate(pool.map(attempt, range(50))) if ok]
+    assert len(granted) == 16
+    assert db.quota_state(repo, alice.id, 0) == db.QuotaState(used=0, reserved=480)
+    for i in granted:
+        db.settle(repo, f"rsv_{i}", _record(alice.id, 12, 8))
+    assert db.quota_state(repo, alice.id, 0) == db.QuotaState(used=16 * 20, reserved=0)
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(quota_reservations)).scalar() == 0
+        assert conn.execute(select(func.count()).select_from(usage_records)).scalar() == 16
+
+
+def test_a_reservation_can_be_extended_and_is_settled_once(store):
+    repo = store.repo
+    alice = _user(repo, "alice", 100)
+    assert db.reserve(repo, "rsv_a", alice.id, 0, 40, 100, 1.0)
+    assert db.reserve(repo, "rsv_a", alice.id, 0, 40, 100, 1.0)  # a second generation
+    assert not db.reserve(repo, "rsv_a", alice.id, 0, 40, 100, 1.0)  # 120 > 100
+    assert db.quota_state(repo, alice.id, 0).reserved == 80
+    db.settle(repo, "rsv_a", _record(alice.id, 30, 20))
+    db.settle(repo, "rsv_a", _record(alice.id, 30, 20))  # a second settle charges nothing
+    assert db.quota_state(repo, alice.id, 0) == db.QuotaState(used=50, reserved=0)
+
+
+def test_release_reservations_frees_what_a_crash_left_held(store):
+    repo = store.repo
+    alice = _user(repo, "alice", 100)
+    assert db.reserve(repo, "rsv_a", alice.id, 0, 60, 100, 1.0)
+    assert db.release_reservations(repo) == 1
+    assert db.quota_state(repo, alice.id, 0) == db.QuotaState(used=0, reserved=0)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 200), st.lists(st.tuples(st.integers(1, 80), st.integers(0, 100)),
+                                      min_size=1, max_size=12))
+def test_property_used_plus_reserved_never_exceeds_the_limit(store, limit, requests):
+    """Any sequence of reservations (tokens) each settled with some actual use (at most
+    what it reserved) keeps used + reserved within the limit, and used equals the sum of
+    what the granted requests used."""
+    repo = store.repo
+    user = _user(repo, f"u{uuid.uuid4().hex[:8]}", limit)
+    used = 0
+    open_reservations = []
+    for i, (tokens, use_percent) in enumerate(requests):
+        rid = f"rsv_{user.id}_{i}"
+        if db.reserve(repo, rid, user.id, 0, tokens, limit, 1.0):
+            open_reservations.append((rid, tokens * use_percent // 100))
+        state = db.quota_state(repo, user.id, 0)
+        assert state.used + state.reserved <= limit
+        if i % 3 == 2 and open_reservations:  # settle the oldest now and then
+            rid, actual = open_reservations.pop(0)
+            db.settle(repo, rid, _record(user.id, actual, 0))
+            used += actual
+    for rid, actual in open_reservations:
+        db.settle(repo, rid, _record(user.id, actual, 0))
+        used += actual
+    assert db.quota_state(repo, user.id, 0) == db.QuotaState(used=used, reserved=0)
+
+
+def test_usage_is_aggregated_per_day_and_model(store):
+    repo = store.repo
+    alice = _user(repo, "alice")
+    day1, day2 = 1_700_000_000.0, 1_700_000_000.0 + 86400
+    for record in (_record(alice.id, 10, 5, "a", day1), _record(alice.id, 7, 3, "a", day1),
+                   _record(alice.id, 1, 1, "b", day1), _record(alice.id, 2, 2, "a", day2),
+                   _record(None, 100, 100, "a", day1)):
+        db.settle(repo, None, record)
+    days = db.usage_by_day(repo, alice.id)
+    assert [(d.date, d.model, d.requests, d.input_tokens, d.output_tokens, d.total_tokens)
+            for d in days] == [("2023-11-14", "a", 2, 17, 8, 25), ("2023-11-14", "b", 1, 1, 1, 2),
+                               ("2023-11-15", "a", 1, 2, 2, 4)]
+    assert days[0].cached_input_tokens == 2
+    assert [d.date for d in db.usage_by_day(repo, alice.id, "2023-11-15")] == ["2023-11-15"]
+    assert db.usage_by_day(repo, None)[0].input_tokens == 100
+    assert db.usage_total(repo, alice.id) == 25 + 2 + 4
+    assert {d.user_id for d in db.usage_by_day(repo)} == {alice.id, None}
+
+
+def test_deleting_a_user_deletes_what_they_own_and_keeps_others(store):
+    repo = store.repo
+    alice, bob = _user(repo, "alice", 100), _user(repo, "bob")
+    for owner in (alice.id, bob.id):
+        repo.create_conversation(owner, f"conv_{owner}", 1, {}, [])
+        _turn(repo, owner, f"resp_{owner}", None, "hi", conversation=f"conv_{owner}")
+    db.add_key(repo, KeyRow("key_a", alice.id, "h", 1), "digest_a")
+    assert db.reserve(repo, "rsv_a", alice.id, 0, 5, 100, 1.0)
+    db.settle(repo, None, _record(alice.id, 1, 1))
+    assert db.delete_user(repo, alice.id) == []
+    assert db.get_user(repo, "alice") is None and db.find_key(repo, "digest_a") is None
+    with store.engine.connect() as conn:
+        owners = {t.name: set(conn.execute(select(t.c.owner_id)).scalars())
+                  for t in (conversations, responses)}
+        periods = conn.execute(select(func.count()).select_from(quota_periods)).scalar()
+    assert owners == {"conversations": {bob.id}, "responses": {bob.id}}
+    assert periods == 0
+    assert repo.get_response(bob.id, f"resp_{bob.id}") is not None
+    assert db.usage_total(repo, alice.id) == 2  # the billing history stays
+    assert db.delete_user(repo, alice.id) is None
+
+
+def test_periods_start_and_reset_on_utc_boundaries():
+    moment = 1_700_000_000  # 2023-11-14 22:13:20 UTC
+    assert period_start("day", moment) == 1_699_920_000
+    assert resets_at("day", moment) == 1_699_920_000 + 86400
+    assert period_start("month", moment) == 1_698_796_800  # 2023-11-01
+    assert resets_at("month", moment) == 1_701_388_800  # 2023-12-01
+    assert resets_at("month", 1_703_000_000) == 1_704_067_200  # December -> 2024-01-01
+    assert period_start("total", moment) == 0 and resets_at("total", moment) is None
+    with pytest.raises(ValueError):
+        period_start("week", moment)
