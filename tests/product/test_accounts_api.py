@@ -1,0 +1,382 @@
+"""The access layer over HTTP, on the app with a scripted engine (tokens are characters)
+and a real store: keys, tenant isolation, quotas, rate limits, usage rows and reports."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from openai.types.responses import Response as SDKResponse
+from sqlalchemy import func, select
+
+from orchestrator.accounts import keys
+from orchestrator.admin import main as admin
+from orchestrator.store import accounts as db
+from orchestrator.store.accounts import KeyRow, UserRow
+from orchestrator.store.tables import quota_periods
+from tests.product.conftest import ProductServer
+from tests.server.fake_engine import FakeEngine
+from tests.server.sse_client import events
+
+MODEL = "fake-model"
+REPLY = "Hello, world!"  # 13 tokens
+
+
+def _account(server: ProductServer, name: str, **limits) -> str:
+    """A user with one key; returns the key."""
+    repo = server.product.store.repo
+    user = UserRow(f"user_{name}", name, int(time.time()), **limits)
+    assert db.create_user(repo, user)
+    secret = keys.new_secret()
+    db.add_key(repo, KeyRow(keys.new_key_id(), user.id, keys.hint(secret), 1),
+               keys.digest(secret))
+    return secret
+
+
+def _client(server: ProductServer, key: str | None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=f"{server.url}/v1", headers=headers, timeout=20)
+
+
+def _chat(client: httpx.Client, **extra) -> httpx.Response:
+    return client.post("/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **extra})
+
+
+def _rows(server: ProductServer, user_id: str | object | None = db._ANY,
+          count: int | None = None) -> list[db.UsageRecord]:
+    """The usage rows, waiting (a stream's row is written as it closes) for `count`."""
+    deadline = time.monotonic() + 10
+    while True:
+        rows = db.usage_rows(server.product.store.repo, user_id)
+        if count is None or len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.02)
+
+
+def _quota(server: ProductServer, user_id: str) -> db.QuotaState:
+    return db.quota_state(server.product.store.repo, user_id, 0)
+
+
+def test_the_server_is_open_until_a_key_is_issued_then_every_v1_route_needs_one(
+        product_server):
+    server = product_server(api_keys=["operator-key"])
+    with _client(server, "operator-key") as operator:
+        assert _chat(operator).status_code == 200
+    with _client(server, None) as anonymous:
+        assert anonymous.get("/models").status_code == 401
+    open_server = product_server()
+    with _client(open_server, None) as anonymous:
+        assert _chat(anonymous).status_code == 200
+        key = _account(open_server, "alice")
+        for path in ("/models", "/usage", "/responses/resp_x", "/conversations/conv_x"):
+            refused = anonymous.get(path)
+            assert refused.status_code == 401
+            assert refused.json() == {"error": {
+                "message": "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+    with pytest.raises(openai.AuthenticationError):  # the SDK's client has no valid key
+        open_server.client.models.list()
+    with _client(open_server, key + "x") as wrong:
+        assert wrong.get("/models").status_code == 401
+    with _client(open_server, key) as alice:
+        assert _chat(alice).status_code == 200
+        key_id = db.list_keys(open_server.product.store.repo, "user_alice")[0].id
+        assert db.revoke_key(open_server.product.store.repo, key_id, int(time.time()))
+        assert _chat(alice).status_code == 401  # refused at once
+    assert open_server.engine.prompts  # health and metrics stay open
+    assert httpx.get(f"{open_server.url}/health").status_code == 200
+
+
+class _UnusedEmbedder:
+    """Vector stores need an embedder; a cross-user request must fail before using it."""
+
+    name, dimensions, vocab_size = "unused", 384, 1000
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the embedder was used ({name})")
+
+
+def test_another_users_ids_answer_404_like_unknown_ids_on_every_route(product_server,
+                                                                      tmp_path):
+    server = product_server(data_dir=tmp_path / "data", embedder=_UnusedEmbedder())
+    alice_key, bob_key = _account(server, "alice"), _account(server, "bob")
+    with _client(server, alice_key) as alice, _client(server, bob_key) as bob:
+        response = alice.post("/responses", json={"model": MODEL, "input": "x"}).json()
+        conversation = alice.post("/conversations", json={"items": [
+            {"type": "message", "role": "user", "content": "hi"}]}).json()
+        item = alice.get(f"/conversations/{conversation['id']}/items").json()["data"][0]
+        file = alice.post("/files", files={"file": ("a.txt", io.BytesIO(b"secret"))},
+                          data={"purpose": "assistants"}).json()
+        store = alice.post("/vector_stores", json={"name": "s"}).json()
+        r, c, f, v = response["id"], conversation["id"], file["id"], store["id"]
+        routes = [
+            ("GET", f"/responses/{r}", None), ("DELETE", f"/responses/{r}", None),
+            ("POST", f"/responses/{r}/cancel", None),
+            ("GET", f"/responses/{r}/input_items", None),
+            ("POST", "/responses", {"model": MODEL, "input": "x", "previous_response_id": r}),
+            ("POST", "/responses", {"model": MODEL, "input": "x", "conversation": c}),
+            ("GET", f"/conversations/{c}", None), ("POST", f"/conversations/{c}",
+                                                   {"metadata": {"a": "b"}}),
+            ("DELETE", f"/conversations/{c}", None), ("GET", f"/conversations/{c}/items", None),
+            ("POST", f"/conversations/{c}/items", {"items": [
+                {"type": "message", "role": "user", "content": "x"}]}),
+            ("GET", f"/conversations/{c}/items/{item['id']}", None),
+            ("DELETE", f"/conversations/{c}/items/{item['id']}", None),
+            ("GET", f"/files/{f}", None), ("GET", f"/files/{f}/content", None),
+            ("DELETE", f"/files/{f}", None),
+            ("GET", f"/vector_stores/{v}", None), ("POST", f"/vector_stores/{v}", {"name": "t"}),
+            ("DELETE", f"/vector_stores/{v}", None),
+            ("POST", f"/vector_stores/{v}/search", {"query": "secret"}),
+            ("GET", f"/vector_stores/{v}/files", None),
+            ("POST", f"/vector_stores/{v}/files", {"file_id": f}),
+            ("GET", f"/vector_stores/{v}/files/{f}", None),
+            ("DELETE", f"/vector_stores/{v}/files/{f}", None),
+        ]
+        for method, path, body in routes:
+            answer = bob.request(method, path, json=body)
+            assert answer.status_code == 404, (method, path, answer.text)
+            unknown = path.replace(r, "resp_0").replace(c, "conv_0").replace(
+                f, "file-0").replace(v, "vs_0")
+            assert bob.request(method, unknown, json=body).status_code == 404
+        assert bob.get("/files").json()["data"] == []
+        assert bob.get("/vector_stores").json()["data"] == []
+        # Alice's objects are all still there.
+        assert alice.get(f"/responses/{r}").status_code == 200
+        assert alice.get(f"/conversations/{c}/items").json()["data"] == [item]
+        assert alice.get(f"/files/{f}/content").content == b"secret"
+        assert alice.get(f"/vector_stores/{v}").status_code == 200
+
+
+def test_over_quota_is_a_429_insufficient_quota_before_any_compute_and_others_go_on(
+        product_server):
+    server = product_server()
+    alice_key = _account(server, "alice", token_quota=100, quota_period="day")
+    bob_key = _account(server, "bob")
+    with _client(server, alice_key) as alice, _client(server, bob_key) as bob:
+        prompt = len("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        assert _chat(alice, max_tokens=13).status_code == 200  # prompt + 13 <= 100
+        prompts_before = len(server.engine.prompts)
+        refused = _chat(alice, max_tokens=13)
+        assert refused.status_code == 429
+        error = refused.json()["error"]
+        assert error["type"] == "insufficient_quota" and error["code"] == "insufficient_quota"
+        assert error["param"] is None and "quota" in error["message"]
+        assert len(server.engine.prompts) == prompts_before  # nothing reached the engine
+        assert _chat(bob, max_tokens=13).status_code == 200
+        report = alice.get("/usage").json()
+    assert report["quota"]["used"] == prompt + 13 and report["quota"]["reserved"] == 0
+    assert report["quota"]["remaining"] == 100 - prompt - 13
+    statuses = [r.status for r in _rows(server, "user_alice")]
+    assert statuses == ["completed", "rejected"]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+def test_fifty_concurrent_requests_never_overspend_the_quota(product_server, database_url,
+                                                             endpoint):
+    """Each request reserves its prompt + 13 tokens; the quota fits 10 of them at once. The
+    tokens reach the engine only for admitted requests, and the database agrees."""
+    engine = FakeEngine(reply=REPLY, token_delay=0.005)
+    server = product_server(engine, database_url=database_url)
+    with _client(server, None) as probe:  # the prompt's size, before accounts exist
+        probe_usage = _chat(probe, max_tokens=13).json()["usage"]
+    prompt = probe_usage["prompt_tokens"] if endpoint == "chat" else 0
+    if endpoint == "responses":
+        with _client(server, None) as probe:
+            prompt = probe.post("/responses", json={
+                "model": MODEL, "input": "Hi", "max_output_tokens": 13}).json()[
+                "usage"]["input_tokens"]
+    limit = 10 * (prompt + 13) + 5
+    key = _account(server, "alice", token_quota=limit, quota_period="month")
+    barrier = threading.Barrier(50)
+
+    def request(_: int) -> httpx.Response:
+        with _client(server, key) as alice:
+            barrier.wait()
+            if endpoint == "chat":
+                return _chat(alice, max_tokens=13)
+            return alice.post("/responses", json={"model": MODEL, "input": "Hi",
+                                                  "max_output_tokens": 13})
+
+    with ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(request, range(50)))
+    ok = [a for a in answers if a.status_code == 200]
+    refused = [a for a in answers if a.status_code == 429]
+    assert len(ok) + len(refused) == 50 and 10 <= len(ok) < 50
+    assert all(a.json()["error"]["code"] == "insufficient_quota" for a in refused)
+    spent = sum(a.json()["usage"]["total_tokens"] for a in ok)
+    rows = _rows(server, "user_alice", count=50)
+    with server.product.store.engine.connect() as conn:
+        used, reserved = conn.execute(select(func.sum(quota_periods.c.used),
+                                             func.sum(quota_periods.c.reserved))).one()
+    assert used == spent <= limit and reserved == 0
+    assert sum(r.total_tokens for r in rows) == spent
+    assert sorted(r.status for r in rows) == ["completed"] * len(ok) + ["rejected"] * len(
+        refused)
+
+
+def test_rate_limits_answer_429_with_retry_after_and_every_answer_carries_the_headers(
+        product_server):
+    server = product_server()
+    key = _account(server, "alice", rpm=2, tpm=10_000)
+    with _client(server, key) as alice:
+        first = _chat(alice, max_tokens=5)
+        assert first.status_code == 200
+        assert first.headers["x-ratelimit-limit-requests"] == "2"
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        assert first.headers["x-ratelimit-limit-tokens"] == "10000"
+        assert int(first.headers["x-ratelimit-remaining-tokens"]) < 10_000
+        assert first.headers["x-ratelimit-reset-requests"].endswith("s")
+        with alice.stream("POST", "/chat/completions", json={
+                "model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 5}) as streamed:
+            assert streamed.headers["x-ratelimit-remaining-requests"] == "0"
+            streamed.read()
+        limited = _chat(alice, max_tokens=5)
+        assert limited.status_code == 429
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(limited.headers["retry-after"]) >= 1
+        assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+    tokens_key = _account(server, "bob", tpm=100)
+    with _client(server, tokens_key) as bob:
+        too_big = _chat(bob, max_tokens=500)
+        assert too_big.status_code == 429 and too_big.headers["x-ratelimit-limit-tokens"] == "100"
+        assert "retry-after" not in too_big.headers  # it can never fit the limit
+        assert _chat(bob, max_tokens=20).status_code == 200
+        assert _chat(bob, max_tokens=60).status_code == 429  # the bucket holds ~100 - used
+    assert [r.status for r in _rows(server, "user_bob")] == ["rejected", "completed",
+                                                             "rejected"]
+
+
+def test_usage_rows_add_up_to_what_the_responses_reported_and_the_report_has_its_shape(
+        product_server):
+    server = product_server(FakeEngine(reply=REPLY))
+    key = _account(server, "alice", token_quota=100_000, quota_period="month")
+    reported = 0
+    with _client(server, key) as alice:
+        reported += _chat(alice).json()["usage"]["total_tokens"]
+        with alice.stream("POST", "/chat/completions", json={
+                "model": MODEL, "stream": True, "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": "Hi"}]}) as streamed:
+            chunks = [e for e in events(streamed) if isinstance(e, dict)]
+        reported += chunks[-1]["usage"]["total_tokens"]
+        batch = alice.post("/completions", json={"model": MODEL, "prompt": ["ab", "cde"],
+                                                 "n": 2, "max_tokens": 4}).json()
+        assert batch["usage"]["completion_tokens"] == 16
+        reported += batch["usage"]["total_tokens"]
+        response = SDKResponse.model_validate(
+            alice.post("/responses", json={"model": MODEL, "input": "Hi"}).json())
+        reported += response.usage.total_tokens
+        with alice.stream("POST", "/responses", json={"model": MODEL, "input": "Yo",
+                                                      "stream": True}) as streamed:
+            final = [e for e in events_named(streamed)][-1]
+        reported += final["response"]["usage"]["total_tokens"]
+        rows = _rows(server, "user_alice", count=5)
+        report = alice.get("/usage").json()
+    assert sorted((r.endpoint, r.status) for r in rows) == [
+        ("chat.completions", "completed"), ("chat.completions", "completed"),
+        ("completions", "completed"), ("responses", "completed"), ("responses", "completed")]
+    assert sum(r.total_tokens for r in rows) == reported
+    assert all(r.model == MODEL and r.key_id.startswith("key_") and r.duration > 0
+               and r.ttft is not None and r.queue_time is not None for r in rows)
+    assert set(report) == {"object", "user", "quota", "data"}
+    assert report["object"] == "usage.report" and report["user"] == "alice"
+    quota = report["quota"]
+    assert set(quota) == {"limit", "period", "used", "reserved", "remaining", "resets_at"}
+    assert quota["limit"] == 100_000 and quota["period"] == "month"
+    assert quota["used"] == reported and quota["reserved"] == 0
+    assert quota["remaining"] == 100_000 - reported and quota["resets_at"] > time.time()
+    [day] = report["data"]
+    assert set(day) == {"date", "model", "requests", "input_tokens", "cached_input_tokens",
+                        "output_tokens", "total_tokens"}
+    assert day["requests"] == 5 and day["total_tokens"] == reported and day["model"] == MODEL
+    assert day["date"] == time.strftime("%Y-%m-%d", time.gmtime())
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'tokenmill:endpoint_tokens_total{endpoint="completions",kind="output"} 16.0' in metrics
+    assert 'tokenmill:endpoint_requests_total{endpoint="responses",status="completed"} 2.0' \
+        in metrics
+    assert "alice" not in metrics
+
+
+def events_named(response: httpx.Response) -> list[dict]:
+    return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_a_disconnect_and_a_cancel_settle_the_reservation(product_server):
+    engine = FakeEngine(reply="abcdefghijklmnopqrstuvwxyz", token_delay=0.02)
+    server = product_server(engine)
+    key = _account(server, "alice", token_quota=10_000, quota_period="total")
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=10,
+                      headers={"Authorization": f"Bearer {key}"},
+                      json={"model": MODEL, "stream": True, "max_tokens": 26,
+                            "messages": [{"role": "user", "content": "x"}]}) as stream:
+        for n, _ in enumerate(events(stream)):
+            if n == 3:
+                break
+    [row] = _rows(server, "user_alice", count=1)
+    assert row.status == "incomplete" and 1 <= row.output_tokens < 26
+    with _client(server, key) as alice:
+        started = threading.Event()
+
+        def stream_response() -> None:
+            with alice.stream("POST", "/responses", json={
+                    "model": MODEL, "input": "x", "stream": True}) as streamed:
+                for line in streamed.iter_lines():
+                    if line.startswith("data: "):
+                        event = json.loads(line[6:])
+                        if event["type"] == "response.output_text.delta":
+                            holder.append(event)
+                            started.set()
+
+        holder: list[dict] = []
+        thread = threading.Thread(target=stream_response)
+        thread.start()
+        assert started.wait(10)
+        response_id = next(iter(server.product.responses.running))
+        assert alice.post(f"/responses/{response_id}/cancel").json()["status"] == "cancelled"
+        thread.join(10)
+    rows = _rows(server, "user_alice", count=2)
+    assert rows[1].status == "cancelled" and rows[1].endpoint == "responses"
+    state = _quota(server, "user_alice")
+    assert state.reserved == 0 and state.used == sum(r.total_tokens for r in rows)
+
+
+def test_the_admin_cli_manages_users_and_keys_the_server_accepts(product_server, tmp_path,
+                                                                  capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    server = product_server(database_url=f"sqlite:///{data / 'tokenmill.db'}")
+    run = ["--data-dir", str(data)]
+    assert admin([*run, "users", "create", "carol", "--token-quota", "500", "--quota-period",
+                  "day", "--rpm", "30"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_quota"] == 500
+    assert admin([*run, "users", "create", "carol"]) == 1
+    assert "exists already" in capsys.readouterr().err
+    assert admin([*run, "keys", "create", "carol"]) == 0
+    issued = json.loads(capsys.readouterr().out)
+    with _client(server, issued["key"]) as carol:
+        assert carol.post("/conversations", json={}).status_code == 200
+        assert _chat(carol, max_tokens=3).headers["x-ratelimit-limit-requests"] == "30"
+        assert admin([*run, "users", "update", "carol", "--rpm", "none"]) == 0
+        assert "x-ratelimit-limit-requests" not in _chat(carol, max_tokens=3).headers
+        assert admin([*run, "usage", "--user", "carol", "--json"]) == 0
+        capsys.readouterr()
+        assert admin([*run, "keys", "list", "carol"]) == 0
+        assert issued["key"] not in capsys.readouterr().out  # only a hint is shown
+        assert admin([*run, "keys", "revoke", issued["id"]]) == 0
+        assert json.loads(capsys.readouterr().out) == {"revoked": issued["id"]}
+        assert _chat(carol).status_code == 401
+    assert admin([*run, "usage", "--json"]) == 0
+    usage = json.loads(capsys.readouterr().out)["data"]
+    assert usage[0]["user"] == "carol" and usage[0]["requests"] == 2
+    assert admin([*run, "users", "delete", "carol"]) == 0
+    repo = server.product.store.repo
+    assert db.get_user(repo, "carol") is None
+    with server.product.store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM conversations").scalar() == 0
