@@ -226,15 +226,16 @@ def reserve(repo: Repository, reservation_id: str, user_id: str, period_start: i
     no limit, the tokens are only counted), under `reservation_id` (new, or one to extend).
     False, and nothing changed, when they do not fit."""
     period = quota_periods.c
+    stmt = update(quota_periods).where(
+        period.user_id == user_id, period.period_start == period_start,
+    ).values(reserved=period.reserved + tokens)
+    if limit is not None:
+        stmt = stmt.where(period.used + period.reserved + tokens <= limit)
     with repo.engine.begin() as conn:
-        _ensure_period(conn, user_id, period_start)
-        stmt = update(quota_periods).where(
-            period.user_id == user_id, period.period_start == period_start,
-        ).values(reserved=period.reserved + tokens)
-        if limit is not None:
-            stmt = stmt.where(period.used + period.reserved + tokens <= limit)
-        if conn.execute(stmt).rowcount != 1:
-            return False
+        if conn.execute(stmt).rowcount != 1:  # over the limit, or the period's first request
+            _ensure_period(conn, user_id, period_start)
+            if conn.execute(stmt).rowcount != 1:
+                return False
         extended = conn.execute(update(quota_reservations).where(
             quota_reservations.c.id == reservation_id,
         ).values(tokens=quota_reservations.c.tokens + tokens)).rowcount
@@ -293,13 +294,16 @@ _ANY = object()
 def usage_by_day(repo: Repository, user_id: str | object | None = _ANY,
                  since: str | None = None) -> list[UsageDay]:
     """Usage per UTC day and model (and user, when not asked for one user), oldest first;
-    `user_id` None selects the requests of no user (admin keys, an open server)."""
+    `user_id` None selects the requests of no user (admin keys, an open server).
+    Rejected requests (refused before any compute, often before their model was known)
+    are left out: they cost nothing."""
     u = usage_records.c
     keys = [u.day, u.model] + ([u.user_id] if user_id is _ANY else [])
     query = select(*keys, func.count().label("requests"),
                    func.sum(u.input_tokens).label("input_tokens"),
                    func.sum(u.cached_input_tokens).label("cached_input_tokens"),
-                   func.sum(u.output_tokens).label("output_tokens")).group_by(*keys)
+                   func.sum(u.output_tokens).label("output_tokens")).where(
+        u.status != "rejected").group_by(*keys)
     if user_id is not _ANY:
         query = query.where(u.user_id.is_(None) if user_id is None else u.user_id == user_id)
     if since is not None:

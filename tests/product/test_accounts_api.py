@@ -250,6 +250,8 @@ def test_rate_limits_answer_429_with_retry_after_and_every_answer_carries_the_he
         assert "retry-after" not in too_big.headers  # it can never fit the limit
         assert _chat(bob, max_tokens=20).status_code == 200
         assert _chat(bob, max_tokens=60).status_code == 429  # the bucket holds ~100 - used
+        [day] = bob.get("/usage").json()["data"]
+        assert day["requests"] == 1  # refusals cost nothing and are not reported
     assert [r.status for r in _rows(server, "user_bob")] == ["rejected", "completed",
                                                              "rejected"]
 
