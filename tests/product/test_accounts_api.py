@@ -382,3 +382,31 @@ def test_the_admin_cli_manages_users_and_keys_the_server_accepts(product_server,
     assert db.get_user(repo, "carol") is None
     with server.product.store.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM conversations").scalar() == 0
+
+
+def test_a_users_requests_beyond_their_share_wait_while_another_user_goes_first(
+        product_server):
+    engine = FakeEngine(reply="x" * 40, token_delay=0.02)  # about 0.8 s a request
+    server = product_server(engine, max_sequences_per_user=1)
+    a_key, b_key = _account(server, "a"), _account(server, "b")
+
+    def wait_until(condition) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+
+    with _client(server, a_key) as a, _client(server, b_key) as b, \
+            ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_chat, a)
+        wait_until(lambda: len(engine.running) == 1)
+        second = pool.submit(_chat, a)
+        time.sleep(0.1)
+        assert len(engine.running) == 1 and not second.done()  # it waits in the server
+        assert _chat(b).status_code == 200
+        assert not second.done()  # b went ahead of it
+        assert first.result().status_code == 200 and second.result().status_code == 200
+    rows = _rows(server, count=3)
+    [b_row] = [r for r in rows if r.user_id == "user_b"]
+    assert b_row.queue_time < 0.5
+    assert max(r.queue_time for r in rows if r.user_id == "user_a") > 0.5  # after the first
