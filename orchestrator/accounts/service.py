@@ -71,7 +71,7 @@ class Accounts:
             held.id = f"rsv_{secrets.token_hex(12)}"
             held.period_start = period_start(user.quota_period, now)
         fits = await self.store.call(db.reserve, held.id, user.id, held.period_start, tokens,
-                                     user.token_quota, now)
+                                     user.token_quota, now, held.quota_tokens > 0)
         if not fits:
             self.limiter.refund_tokens(user.id, tokens)
             raise QuotaExceededError(

@@ -221,10 +221,10 @@ def _ensure_period(conn: Connection, user_id: str, period_start: int) -> None:
 
 
 def reserve(repo: Repository, reservation_id: str, user_id: str, period_start: int,
-            tokens: int, limit: int | None, now: float) -> bool:
+            tokens: int, limit: int | None, now: float, extend: bool = False) -> bool:
     """Reserve `tokens` of the user's quota period (at most `limit` used + reserved; None:
-    no limit, the tokens are only counted), under `reservation_id` (new, or one to extend).
-    False, and nothing changed, when they do not fit."""
+    no limit, the tokens are only counted), under `reservation_id` (new, or with `extend`
+    one this request holds already). False, and nothing changed, when they do not fit."""
     period = quota_periods.c
     stmt = update(quota_periods).where(
         period.user_id == user_id, period.period_start == period_start,
@@ -236,7 +236,7 @@ def reserve(repo: Repository, reservation_id: str, user_id: str, period_start: i
             _ensure_period(conn, user_id, period_start)
             if conn.execute(stmt).rowcount != 1:
                 return False
-        extended = conn.execute(update(quota_reservations).where(
+        extended = extend and conn.execute(update(quota_reservations).where(
             quota_reservations.c.id == reservation_id,
         ).values(tokens=quota_reservations.c.tokens + tokens)).rowcount
         if not extended:

@@ -16,11 +16,13 @@ from openai.types.responses import Response as SDKResponse
 from sqlalchemy import func, select
 
 from orchestrator.accounts import keys
+from orchestrator.accounts.periods import period_start
 from orchestrator.admin import main as admin
 from orchestrator.store import accounts as db
 from orchestrator.store.accounts import KeyRow, UserRow
 from orchestrator.store.tables import quota_periods
 from tests.product.conftest import ProductServer
+from tests.product.test_responses_tools import CALCULATOR, _call, _scripted
 from tests.server.fake_engine import FakeEngine
 from tests.server.sse_client import events
 
@@ -410,3 +412,31 @@ def test_a_users_requests_beyond_their_share_wait_while_another_user_goes_first(
     [b_row] = [r for r in rows if r.user_id == "user_b"]
     assert b_row.queue_time < 0.5
     assert max(r.queue_time for r in rows if r.user_id == "user_a") > 0.5  # after the first
+
+
+def test_each_model_turn_of_a_tool_loop_reserves_before_it_runs(product_server):
+    script = _scripted(_call("calculator", expression="6 * 7"))
+    server = product_server(FakeEngine(reply=script))
+    rich = _account(server, "rich", token_quota=100_000, quota_period="month")
+    with _client(server, rich) as client:
+        done = client.post("/responses", json={"model": MODEL, "input": "6 times 7?",
+                                               "tools": [CALCULATOR],
+                                               "max_output_tokens": 200}).json()
+    assert done["status"] == "completed" and len(server.engine.prompts) == 2
+    first_prompt = len(server.engine.prompts[0])
+    state = db.quota_state(server.product.store.repo, "user_rich",
+                           period_start("month", time.time()))
+    assert state.reserved == 0 and state.used == done["usage"]["total_tokens"]
+    # A quota that holds the first model turn (prompt + 200) but not the second too.
+    poor = _account(server, "poor", token_quota=first_prompt + 200 + 50, quota_period="month")
+    with _client(server, poor) as client:
+        cut = client.post("/responses", json={"model": MODEL, "input": "6 times 7?",
+                                              "tools": [CALCULATOR],
+                                              "max_output_tokens": 200}).json()
+    assert cut["status"] == "failed" and cut["error"]["code"] == "insufficient_quota"
+    assert [item["type"] for item in cut["output"]] == ["function_call", "function_call_output"]
+    state = db.quota_state(server.product.store.repo, "user_poor",
+                           period_start("month", time.time()))
+    assert state.reserved == 0 and state.used == cut["usage"]["total_tokens"]
+    [row] = _rows(server, "user_poor", count=1)
+    assert row.status == "failed" and row.total_tokens == cut["usage"]["total_tokens"]

@@ -105,8 +105,8 @@ def test_a_reservation_can_be_extended_and_is_settled_once(store):
     repo = store.repo
     alice = _user(repo, "alice", 100)
     assert db.reserve(repo, "rsv_a", alice.id, 0, 40, 100, 1.0)
-    assert db.reserve(repo, "rsv_a", alice.id, 0, 40, 100, 1.0)  # a second generation
-    assert not db.reserve(repo, "rsv_a", alice.id, 0, 40, 100, 1.0)  # 120 > 100
+    assert db.reserve(repo, "rsv_a", alice.id, 0, 40, 100, 1.0, extend=True)  # a next turn
+    assert not db.reserve(repo, "rsv_a", alice.id, 0, 40, 100, 1.0, extend=True)  # 120 > 100
     assert db.quota_state(repo, alice.id, 0).reserved == 80
     db.settle(repo, "rsv_a", _record(alice.id, 30, 20))
     db.settle(repo, "rsv_a", _record(alice.id, 30, 20))  # a second settle charges nothing
