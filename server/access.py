@@ -54,6 +54,9 @@ class AuthMiddleware:
         self.app = app
         self.digests = [_digest(k) for k in api_keys]
         self.accounts = accounts
+        # Once a key has been issued the server stays closed (until it restarts, even if
+        # every user is deleted): failing closed, and no lookup per request from then on.
+        self.closed = bool(api_keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
@@ -73,9 +76,9 @@ class AuthMiddleware:
             found = await self.accounts.authenticate(token)
             if found is not None:
                 return found
-        if self.digests or (self.accounts is not None and await self.accounts.keys_required()):
-            return None
-        return LOCAL
+        if not self.closed and self.accounts is not None:
+            self.closed = await self.accounts.keys_required()
+        return None if self.closed else LOCAL
 
     def _is_admin_key(self, token: str) -> bool:
         presented = _digest(token)
