@@ -80,16 +80,22 @@ class Meter:
 
     async def finish(self, status: str) -> None:
         """Write the usage row and settle the reservation (once; later calls wait for it)."""
-        if self._settling is None:
-            self._settling = asyncio.ensure_future(self._finish(status))
-        await asyncio.shield(self._settling)
+        await asyncio.shield(self._start(status))
 
     def close(self) -> None:
         """`finish` with the stream's `outcome`, from a synchronous callback."""
+        self._start(self.outcome)
+
+    def _start(self, status: str) -> asyncio.Task:
+        """The settlement's task (started by the first call), held until it is done even
+        if whoever started it goes away."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
         if self._settling is None:
-            self._settling = asyncio.ensure_future(self._finish(self.outcome))
+            self._settling = asyncio.ensure_future(self._finish(status))
             _pending.add(self._settling)
             self._settling.add_done_callback(_pending.discard)
+        return self._settling
 
     def error_status(self, http_status: int) -> str:
         """How a request that raised an error ended: `rejected` when refused before it

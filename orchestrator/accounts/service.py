@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from orchestrator.accounts import keys
 from orchestrator.accounts.identity import LOCAL, Identity
@@ -23,14 +24,15 @@ from orchestrator.store import accounts as db
 from orchestrator.store.accounts import UsageRecord
 
 
+@dataclass
 class Reservation:
-    """What one request holds: quota tokens under one reservation id, and tpm tokens."""
+    """What one request holds: quota tokens under one reservation id (None until its
+    first reservation), in the period it was made in, and tpm tokens."""
 
-    def __init__(self) -> None:
-        self.id: str | None = None
-        self.period_start = 0
-        self.quota_tokens = 0
-        self.rate_tokens = 0
+    id: str | None = None
+    period_start: int = 0
+    quota_tokens: int = 0
+    rate_tokens: int = 0
 
 
 class Accounts:
