@@ -30,6 +30,17 @@ class ConversationService:
                               metadata, [stored_item(i) for i in items])
         return _conversation(row)
 
+    async def list(self, owner: str, page: Page) -> dict:
+        """The owner's conversations, newest first by default: what a client shows as its
+        list of chats (OpenAI's API has no such route; the web page needs one)."""
+        rows = await self.store.call(Repository.list_conversations, owner, page)
+        if rows is None:
+            raise NotFoundError(f"Conversation with id '{page.after}' not found.",
+                                param="after", code="not_found")
+        found = ItemPage([_conversation(r) for r in rows[: page.limit]],
+                         has_more=len(rows) > page.limit)
+        return item_list(found)
+
     async def retrieve(self, owner: str, conversation_id: str) -> dict:
         row = await self.store.call(Repository.get_conversation, owner, conversation_id)
         if row is None:

@@ -33,6 +33,7 @@ from server.metrics import CONTENT_TYPE
 from server.protocol import parse_chat_request, parse_completion_request
 from server.request_body import read_json_body
 from server.state import ServerConfig, ServerState
+from server.web import SecurityHeadersMiddleware, web_routes
 
 if TYPE_CHECKING:
     from orchestrator.retrieval.embeddings import Embedder
@@ -165,6 +166,7 @@ def product_routes() -> list[Route]:
         Route("/v1/responses/{response_id}/cancel", resp.cancel_response, methods=post),
         Route("/v1/responses/{response_id}/input_items", resp.list_input_items, methods=get),
         Route("/v1/conversations", _with_json_body(conv.create_conversation), methods=post),
+        Route("/v1/conversations", conv.list_conversations, methods=get),
         Route("/v1/conversations/{conversation_id}", conv.retrieve_conversation, methods=get),
         Route("/v1/conversations/{conversation_id}", _with_json_body(conv.update_conversation),
               methods=post),
@@ -205,8 +207,8 @@ def file_routes() -> list[Route]:
 
 def build_app(engine: EngineClient, config: ServerConfig, product: Product | None = None,
               embedder: Embedder | None = None) -> Starlette:
-    """The app; with a `product`, the Responses and Conversations APIs are served too, and
-    with an `embedder`, /v1/embeddings."""
+    """The app; with a `product`, the Responses and Conversations APIs and the web page
+    (`/`) are served too, and with an `embedder`, /v1/embeddings."""
     routes = [
         Route("/v1/chat/completions", metered("chat.completions", chat_completions, _accounts),
               methods=["POST"]),
@@ -216,7 +218,7 @@ def build_app(engine: EngineClient, config: ServerConfig, product: Product | Non
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        *(product_routes() if product is not None else []),
+        *(product_routes() + web_routes() if product is not None else []),
     ]
     if embedder is not None:
         routes.append(Route("/v1/embeddings", embeddings, methods=["POST"]))
@@ -228,6 +230,7 @@ def build_app(engine: EngineClient, config: ServerConfig, product: Product | Non
         middleware.insert(0, Middleware(
             CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"], max_age=600))
+    middleware.insert(0, Middleware(SecurityHeadersMiddleware))
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -34,6 +34,11 @@ async def create_conversation(request: Request, body: Any) -> Response:
                                                                     items))
 
 
+async def list_conversations(request: Request) -> Response:
+    page = parse_page(request.query_params)
+    return JSONResponse(await product(request).conversations.list(owner(request), page))
+
+
 async def retrieve_conversation(request: Request) -> Response:
     return JSONResponse(await product(request).conversations.retrieve(*_ids(request)))
 

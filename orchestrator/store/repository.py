@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import Engine, and_, delete, insert, literal, select, update
+from sqlalchemy import Engine, and_, delete, insert, literal, or_, select, update
 from sqlalchemy.engine import Connection
 
 from orchestrator.store.tables import (
@@ -128,6 +128,27 @@ class Repository:
             deleted = conn.execute(delete(conversations).where(
                 conversations.c.id == conversation_id, conversations.c.owner_id == owner))
         return deleted.rowcount > 0
+
+    def list_conversations(self, owner: str, page: Page) -> list[ConversationRow] | None:
+        """Up to `page.limit + 1` of the owner's conversations by creation time (then id),
+        after the conversation `page.after`; None when that cursor is not one of theirs."""
+        table = conversations
+        where = [table.c.owner_id == owner]
+        with self.engine.connect() as conn:
+            if page.after is not None:
+                cursor = conn.execute(select(table.c.created_at).where(
+                    table.c.id == page.after, table.c.owner_id == owner)).scalar()
+                if cursor is None:
+                    return None
+                later = page.order == "asc"
+                newer = table.c.created_at > cursor if later else table.c.created_at < cursor
+                tie = table.c.id > page.after if later else table.c.id < page.after
+                where.append(or_(newer, and_(table.c.created_at == cursor, tie)))
+            order = (table.c.created_at.asc(), table.c.id.asc()) if page.order == "asc" else (
+                table.c.created_at.desc(), table.c.id.desc())
+            rows = conn.execute(select(table.c.id, table.c.created_at, table.c.meta)
+                                .where(*where).order_by(*order).limit(page.limit + 1)).all()
+        return [ConversationRow(r.id, r.created_at, r.meta) for r in rows]
 
     def add_conversation_items(self, owner: str, conversation_id: str, created_at: int,
                                items: list[dict]) -> bool:

@@ -1,0 +1,811 @@
+// The chat page's controller: conversations in the sidebar, the branch tree of the open
+// one, streaming turns through /v1/responses, settings, uploads and sign-in.
+
+import {
+  ApiError, listAll, request, setUnauthorizedHandler, storeKey, storedKey, streamResponse,
+} from "./api.js";
+import { assistantBody, button, el, isToolItem, messageText, toolCard, userBubble } from "./render.js";
+import { decodeMetadata, encodeMetadata, MAX_INSTRUCTIONS, Node, Tree } from "./tree.js";
+
+const $ = (id) => document.getElementById(id);
+const DEFAULTS_STORAGE = "tokenmill.defaults";
+const TITLE_LENGTH = 60;
+
+// What the page holds: the sidebar's conversations and the open one.
+const state = {
+  conversations: [],
+  open: null, // {id, meta (decoded), tree} or null for a chat not yet created
+  tree: new Tree(),
+  draft: null, // the decoded metadata of a chat not yet created
+  stream: null, // {controller, nodeId} while a turn streams
+  models: [],
+  searchText: new Map(), // conversation id -> its transcript, lower-cased (for search)
+  pendingRender: false,
+};
+
+// -- settings -------------------------------------------------------------------------
+
+function defaults() {
+  try {
+    return JSON.parse(localStorage.getItem(DEFAULTS_STORAGE) || "{}");
+  } catch {
+    return {};
+  }
+}
+
+function freshMeta() {
+  const saved = defaults();
+  return {
+    title: "", instructions: saved.instructions || "", leaf: null, leaves: [], vectorStore: null,
+    settings: {
+      model: saved.model || state.models[0] || "",
+      temperature: saved.temperature ?? 0.7,
+      max_output_tokens: saved.max_output_tokens ?? 1024,
+    },
+  };
+}
+
+function meta() {
+  return state.open ? state.open.meta : state.draft;
+}
+
+function setStatus(text, isError = false) {
+  const status = $("status");
+  status.textContent = text;
+  status.classList.toggle("error", isError);
+}
+
+function reportError(error) {
+  if (error instanceof ApiError && error.status === 401) return; // the sign-in dialog says it
+  setStatus(error instanceof ApiError ? `Error: ${error.message}` : `Error: ${error}`, true);
+}
+
+// -- sign-in and usage ----------------------------------------------------------------
+
+function askForKey(message) {
+  const dialog = $("sign-in");
+  $("sign-in-error").textContent = message || "";
+  if (!dialog.open) dialog.showModal();
+  $("api-key").focus();
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  const key = $("api-key").value.trim();
+  try {
+    await request("GET", "/v1/models", undefined, { key });
+  } catch (error) {
+    const text = error instanceof ApiError && error.status === 401
+      ? "The server did not accept this API key. Check it and try again."
+      : `Could not sign in: ${error.message}`;
+    $("sign-in-error").textContent = text;
+    return;
+  }
+  storeKey(key);
+  $("api-key").value = "";
+  $("sign-in").close();
+  await start();
+}
+
+function formatNumber(n) {
+  return Number(n).toLocaleString("en-US");
+}
+
+async function refreshUsage() {
+  const box = $("usage");
+  let report;
+  try {
+    report = await request("GET", "/v1/usage");
+  } catch {
+    box.hidden = true; // a server without usage reports
+    return;
+  }
+  const quota = report.quota || {};
+  box.replaceChildren();
+  if (report.user) box.append(el("div", "usage-user", `Signed in as ${report.user}`));
+  const used = formatNumber((quota.used || 0) + (quota.reserved || 0));
+  const text = quota.limit == null
+    ? `${used} tokens used (no limit)`
+    : `${used} of ${formatNumber(quota.limit)} tokens used this ${quota.period}; ` +
+      `${formatNumber(quota.remaining ?? 0)} remaining`;
+  box.append(el("div", "usage-quota", text));
+  if (quota.resets_at) {
+    box.append(el("div", "usage-reset",
+      `Resets ${new Date(quota.resets_at * 1000).toLocaleString()}`));
+  }
+  box.hidden = false;
+}
+
+// -- the sidebar ----------------------------------------------------------------------
+
+async function loadConversations() {
+  const all = await listAll("/v1/conversations");
+  state.conversations = all.sort((a, b) => b.created_at - a.created_at || (a.id < b.id ? 1 : -1));
+  renderSidebar();
+}
+
+function titleOf(conversation) {
+  return decodeMetadata(conversation.metadata).title || "Untitled";
+}
+
+function renderSidebar() {
+  const list = $("conversation-list");
+  const query = $("search").value.trim().toLowerCase();
+  list.replaceChildren();
+  for (const conversation of state.conversations) {
+    const title = titleOf(conversation);
+    if (query && !title.toLowerCase().includes(query) &&
+        !(state.searchText.get(conversation.id) || "").includes(query)) continue;
+    list.append(sidebarEntry(conversation, title));
+  }
+  if (query && !list.children.length) list.append(el("li", "empty", "No conversation matches."));
+}
+
+function sidebarEntry(conversation, title) {
+  const li = el("li", "conversation");
+  li.dataset.id = conversation.id;
+  if (state.open && state.open.id === conversation.id) li.classList.add("active");
+  const open = button(title, "conversation-title", () => openConversation(conversation.id));
+  if (state.open && state.open.id === conversation.id) open.setAttribute("aria-current", "page");
+  const rename = button("Rename", "small", () => startRename(li, conversation), `Rename ${title}`);
+  const remove = button("Delete", "small danger", () => confirmDelete(conversation), `Delete ${title}`);
+  li.append(open, rename, remove);
+  return li;
+}
+
+function startRename(li, conversation) {
+  const input = el("input", "rename-input");
+  input.value = titleOf(conversation);
+  input.setAttribute("aria-label", "New title");
+  li.replaceChildren(input);
+  input.focus();
+  input.select();
+  let done = false;
+  const finish = async (save) => {
+    if (done) return;
+    done = true;
+    const title = input.value.trim();
+    if (save && title) await renameConversation(conversation.id, title).catch(reportError);
+    renderSidebar();
+  };
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") finish(true);
+    if (event.key === "Escape") finish(false);
+  });
+  input.addEventListener("blur", () => finish(true));
+}
+
+async function renameConversation(id, title) {
+  const conversation = state.conversations.find((c) => c.id === id);
+  const decoded = state.open && state.open.id === id ? state.open.meta
+    : decodeMetadata(conversation.metadata);
+  decoded.title = title.slice(0, 512);
+  await saveMeta(id, decoded);
+  if (state.open && state.open.id === id) $("chat-title").textContent = title;
+}
+
+function confirmDelete(conversation) {
+  const dialog = $("confirm");
+  $("confirm-text").textContent = `Delete "${titleOf(conversation)}"? This cannot be undone.`;
+  dialog.returnValue = "";
+  dialog.onclose = async () => {
+    if (dialog.returnValue !== "ok") return;
+    try {
+      await request("DELETE", `/v1/conversations/${conversation.id}`);
+    } catch (error) {
+      reportError(error);
+      return;
+    }
+    state.conversations = state.conversations.filter((c) => c.id !== conversation.id);
+    if (state.open && state.open.id === conversation.id) newChat();
+    renderSidebar();
+  };
+  dialog.showModal();
+  $("confirm-cancel").focus();
+}
+
+let searchTimer = null;
+
+function onSearch() {
+  renderSidebar();
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(searchContent, 150);
+}
+
+// Fetches the transcripts not yet known, then filters again.
+async function searchContent() {
+  if (!$("search").value.trim()) return;
+  const missing = state.conversations.filter((c) => !state.searchText.has(c.id));
+  await Promise.all(missing.map(async (conversation) => {
+    try {
+      const items = await listAll(`/v1/conversations/${conversation.id}/items`);
+      state.searchText.set(conversation.id, items.map(messageText).join("\n").toLowerCase());
+    } catch (error) {
+      reportError(error);
+    }
+  }));
+  renderSidebar();
+}
+
+// -- opening a conversation: its tree from the stored responses ------------------------
+
+function newChat() {
+  stopStream();
+  state.open = null;
+  state.draft = freshMeta();
+  state.tree = new Tree();
+  $("chat-title").textContent = "New chat";
+  $("attachments").replaceChildren();
+  renderMessages();
+  renderSidebar();
+  closeSidebarOnPhone();
+  $("prompt").focus();
+}
+
+async function fetchNode(id) {
+  const [response, inputs] = await Promise.all([
+    request("GET", `/v1/responses/${id}`),
+    listAll(`/v1/responses/${id}/input_items`),
+  ]);
+  const node = new Node(response.id, response.previous_response_id || null, inputs,
+    response.output || [], response.status, response.created_at);
+  if (response.error) node.error = response.error.message;
+  node.reason = response.incomplete_details ? response.incomplete_details.reason : null;
+  return node;
+}
+
+// Every node reachable from the leaves, fetched level by level (siblings in parallel).
+async function loadTree(leaves) {
+  const tree = new Tree();
+  let wanted = [...new Set(leaves)];
+  const seen = new Set();
+  while (wanted.length) {
+    wanted.forEach((id) => seen.add(id));
+    const nodes = await Promise.all(wanted.map((id) => fetchNode(id).catch((error) => {
+      if (error instanceof ApiError && error.status === 404) return null; // deleted
+      throw error;
+    })));
+    const next = [];
+    for (const node of nodes.filter(Boolean)) {
+      tree.add(node);
+      if (node.parent && !seen.has(node.parent)) next.push(node.parent);
+    }
+    wanted = [...new Set(next)];
+  }
+  return tree;
+}
+
+async function openConversation(id) {
+  stopStream();
+  setStatus("Loading…");
+  try {
+    const conversation = await request("GET", `/v1/conversations/${id}`);
+    const decoded = decodeMetadata(conversation.metadata);
+    const tree = await loadTree(decoded.leaves);
+    if (decoded.leaf && tree.nodes.has(decoded.leaf)) tree.choose(decoded.leaf);
+    state.open = { id, meta: decoded };
+    state.tree = tree;
+    state.draft = null;
+    $("chat-title").textContent = decoded.title || "Untitled";
+    setStatus("");
+    renderMessages();
+    renderSidebar();
+    renderAttachments();
+    closeSidebarOnPhone();
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+async function saveMeta(id, decoded) {
+  const saved = await request("POST", `/v1/conversations/${id}`, { metadata: encodeMetadata(decoded) });
+  const index = state.conversations.findIndex((c) => c.id === id);
+  if (index >= 0) state.conversations[index] = saved;
+  return saved;
+}
+
+function persistTree() {
+  if (!state.open) return Promise.resolve();
+  const decoded = state.open.meta;
+  decoded.leaves = state.tree.leaves().filter((id) => id.startsWith("resp_"));
+  const leaf = state.tree.leaf();
+  decoded.leaf = leaf && leaf.id.startsWith("resp_") ? leaf.id : decoded.leaf;
+  return saveMeta(state.open.id, decoded).catch(reportError);
+}
+
+async function ensureConversation(firstText) {
+  if (state.open) return state.open;
+  const decoded = state.draft || freshMeta();
+  decoded.title = firstText.replace(/\s+/g, " ").trim().slice(0, TITLE_LENGTH) || "Untitled";
+  const conversation = await request("POST", "/v1/conversations", { metadata: encodeMetadata(decoded) });
+  state.conversations.unshift(conversation);
+  state.open = { id: conversation.id, meta: decoded };
+  state.draft = null;
+  $("chat-title").textContent = decoded.title;
+  renderSidebar();
+  return state.open;
+}
+
+// -- the messages ---------------------------------------------------------------------
+
+function scheduleRender() {
+  if (state.pendingRender) return;
+  state.pendingRender = true;
+  requestAnimationFrame(() => {
+    state.pendingRender = false;
+    renderMessages();
+  });
+}
+
+function renderMessages() {
+  const box = $("messages");
+  const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+  box.replaceChildren();
+  const path = state.tree.path();
+  if (!path.length) {
+    box.append(el("p", "empty-chat", "Ask anything. Enter sends, Shift+Enter starts a new line."));
+  }
+  for (const node of path) box.append(turnView(node));
+  if (atBottom || state.stream) box.scrollTop = box.scrollHeight;
+}
+
+function lastUserIndex(items) {
+  for (let i = items.length - 1; i >= 0; i -= 1) {
+    if (items[i].type === "message" && items[i].role === "user") return i;
+  }
+  return -1;
+}
+
+function turnView(node) {
+  const turn = el("article", "turn");
+  turn.dataset.responseId = node.id;
+  const userAt = lastUserIndex(node.input);
+  node.input.forEach((item, index) => {
+    if (index === userAt) turn.append(userMessage(node, item));
+    else turn.append(inputItemView(item));
+  });
+  const assistant = el("div", "bubble assistant");
+  let text = "";
+  for (const item of node.output) {
+    if (item.type === "message") {
+      assistant.append(assistantBody(item, openFile));
+      text += messageText(item);
+    } else if (isToolItem(item)) {
+      assistant.append(toolCard(item));
+    }
+  }
+  const streaming = state.stream && state.stream.nodeId === node.id;
+  if (streaming && !text) assistant.append(el("div", "typing", "…"));
+  if (node.status === "incomplete" || node.status === "cancelled") {
+    const cut = node.reason === "max_output_tokens";
+    assistant.append(el("div", "note", cut ? "Cut off at the output token limit." : "Stopped."));
+  }
+  if (node.error) assistant.append(el("div", "note error", `Error: ${node.error}`));
+  if (!streaming) assistant.append(assistantTools(node, text));
+  else assistant.classList.add("streaming");
+  turn.append(assistant);
+  return turn;
+}
+
+function inputItemView(item) {
+  if (item.type === "message" && item.role === "assistant") {
+    const bubble = el("div", "bubble assistant");
+    bubble.append(assistantBody(item, openFile));
+    return bubble;
+  }
+  if (item.type === "message") {
+    const bubble = userBubble(messageText(item));
+    bubble.classList.add(item.role);
+    return bubble;
+  }
+  return toolCard(item);
+}
+
+function userMessage(node, item) {
+  const bubble = userBubble(messageText(item));
+  const tools = el("div", "message-tools");
+  const siblings = state.tree.siblings(node);
+  if (siblings.length > 1) tools.append(branchSwitcher(node, siblings));
+  tools.append(button("Edit", "small", () => startEdit(bubble, node, messageText(item)),
+    "Edit message"));
+  bubble.append(tools);
+  return bubble;
+}
+
+function branchSwitcher(node, siblings) {
+  const at = siblings.indexOf(node.id);
+  const box = el("span", "branches");
+  const go = (step) => () => {
+    if (state.stream) return;
+    state.tree.choose(siblings[at + step]);
+    renderMessages();
+    persistTree();
+  };
+  const prev = button("<", "small", go(-1), "Previous branch");
+  const next = button(">", "small", go(1), "Next branch");
+  prev.disabled = at === 0;
+  next.disabled = at === siblings.length - 1;
+  box.append(prev, el("span", "branch-position", `${at + 1}/${siblings.length}`), next);
+  return box;
+}
+
+function assistantTools(node, text) {
+  const tools = el("div", "message-tools");
+  if (text) {
+    tools.append(button("Copy", "small", () => navigator.clipboard.writeText(text).catch(() => {}),
+      "Copy answer"));
+  }
+  tools.append(button("Regenerate", "small", () => regenerate(node), "Regenerate answer"));
+  return tools;
+}
+
+function startEdit(bubble, node, text) {
+  if (state.stream) return;
+  const form = el("form", "edit-form");
+  const area = el("textarea");
+  area.value = text;
+  area.rows = Math.min(10, text.split("\n").length + 1);
+  area.setAttribute("aria-label", "Edited message");
+  const save = el("button", "primary", "Send");
+  save.type = "submit";
+  const cancel = button("Cancel", "", () => renderMessages());
+  form.append(area, el("div", "dialog-actions"));
+  form.lastChild.append(cancel, save);
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const edited = area.value.trim();
+    if (edited) runTurn(node.parent, edited);
+  });
+  area.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      form.requestSubmit();
+    }
+    if (event.key === "Escape") renderMessages();
+  });
+  bubble.replaceChildren(form);
+  area.focus();
+}
+
+function regenerate(node) {
+  const userAt = lastUserIndex(node.input);
+  if (userAt < 0 || state.stream) return;
+  runTurn(node.parent, messageText(node.input[userAt]));
+}
+
+// -- a turn ---------------------------------------------------------------------------
+
+function requestBody(parent, text) {
+  const { settings, instructions, vectorStore } = meta();
+  const body = { model: settings.model || state.models[0], input: text };
+  if (parent) body.previous_response_id = parent;
+  if (instructions) body.instructions = instructions;
+  if (settings.temperature !== "" && settings.temperature != null) body.temperature = Number(settings.temperature);
+  if (settings.max_output_tokens) body.max_output_tokens = Number(settings.max_output_tokens);
+  if (vectorStore) body.tools = [{ type: "file_search", vector_store_ids: [vectorStore] }];
+  return body;
+}
+
+let pendingCount = 0;
+
+async function runTurn(parent, text) {
+  if (state.stream) return;
+  setStatus("");
+  let open;
+  try {
+    open = await ensureConversation(text);
+  } catch (error) {
+    reportError(error);
+    return;
+  }
+  pendingCount += 1;
+  const node = new Node(`pending_${pendingCount}`, parent,
+    [{ type: "message", role: "user", content: [{ type: "input_text", text }] }], [],
+    "in_progress", Date.now() / 1000);
+  state.tree.add(node);
+  state.tree.choose(node.id);
+  const controller = new AbortController();
+  state.stream = { controller, nodeId: node.id };
+  showStreaming(true);
+  renderMessages();
+  try {
+    await streamResponse(requestBody(parent, text), (event) => onEvent(node, event), controller.signal);
+  } catch (error) {
+    if (error.name === "AbortError") {
+      node.status = "incomplete";
+    } else {
+      node.error = error.message;
+      node.status = "failed";
+      if (!(error instanceof ApiError && error.status === 401)) setStatus(`Error: ${error.message}`, true);
+    }
+  }
+  const started = node.id.startsWith("resp_");
+  if (!started) state.tree.remove(node.id);
+  if (node.status === "in_progress") node.status = "incomplete";
+  state.stream = null;
+  showStreaming(false);
+  renderMessages();
+  if (!started) {
+    if (!$("prompt").value) $("prompt").value = text;
+    finished();
+    return;
+  }
+  await persistTree();
+  await appendTranscript(open.id, text, node);
+  await refreshUsage();
+  finished();
+}
+
+// Counts finished turns on <body data-turns>: a hook for tests and benchmarks to wait on.
+function finished() {
+  document.body.dataset.turns = String(Number(document.body.dataset.turns || 0) + 1);
+}
+
+// The conversation's items are a transcript of every turn of every branch: what the
+// sidebar's search reads.
+async function appendTranscript(id, text, node) {
+  const answer = node.output.filter((i) => i.type === "message").map(messageText).join("\n");
+  const items = [{ type: "message", role: "user", content: text }];
+  if (answer) items.push({ type: "message", role: "assistant", content: answer });
+  try {
+    await request("POST", `/v1/conversations/${id}/items`, { items });
+    state.searchText.delete(id);
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+function ensurePart(item, index) {
+  item.content = item.content || [];
+  while (item.content.length <= index) {
+    item.content.push({ type: "output_text", text: "", annotations: [] });
+  }
+  return item.content[index];
+}
+
+function onEvent(node, event) {
+  const item = node.output[event.output_index];
+  switch (event.type) {
+    case "response.created":
+      state.tree.rename(node.id, event.response.id);
+      state.stream.nodeId = event.response.id;
+      node.createdAt = event.response.created_at;
+      persistTree(); // a reload from now on finds this turn
+      break;
+    case "response.output_item.added":
+      node.output[event.output_index] = structuredClone(event.item);
+      break;
+    case "response.content_part.added":
+      if (item) item.content[event.content_index] = structuredClone(event.part);
+      break;
+    case "response.output_text.delta":
+      if (item) ensurePart(item, event.content_index).text += event.delta;
+      break;
+    case "response.output_text.annotation.added":
+      if (item) {
+        const part = ensurePart(item, event.content_index);
+        part.annotations = [...(part.annotations || []), event.annotation];
+      }
+      break;
+    case "response.function_call_arguments.delta":
+      if (item) item.arguments = (item.arguments || "") + event.delta;
+      break;
+    case "response.code_interpreter_call_code.delta":
+      if (item) item.code = (item.code || "") + event.delta;
+      break;
+    case "response.output_item.done":
+      node.output[event.output_index] = structuredClone(event.item);
+      break;
+    case "response.completed":
+    case "response.incomplete":
+    case "response.failed":
+      node.status = event.response.status;
+      node.output = event.response.output || node.output;
+      node.reason = event.response.incomplete_details ? event.response.incomplete_details.reason : null;
+      if (event.response.error) node.error = event.response.error.message;
+      break;
+    case "error":
+      node.error = event.message || (event.error && event.error.message) || "the server failed";
+      break;
+    default:
+      return;
+  }
+  scheduleRender();
+}
+
+function stopStream() {
+  if (state.stream) state.stream.controller.abort();
+}
+
+function showStreaming(on) {
+  $("send").hidden = on;
+  $("stop").hidden = !on;
+  $("prompt").setAttribute("aria-busy", on ? "true" : "false");
+  if (!on && document.activeElement === $("stop")) $("prompt").focus();
+}
+
+function send(event) {
+  event.preventDefault();
+  const text = $("prompt").value.trim();
+  if (!text || state.stream) return;
+  $("prompt").value = "";
+  const leaf = state.tree.leaf();
+  runTurn(leaf && leaf.id.startsWith("resp_") ? leaf.id : null, text);
+}
+
+// -- files ----------------------------------------------------------------------------
+
+async function openFile(fileId, filename) {
+  try {
+    const blob = await request("GET", `/v1/files/${encodeURIComponent(fileId)}/content`);
+    // Always a download: the page never renders a file's bytes as a document.
+    const url = URL.createObjectURL(new Blob([blob], { type: "application/octet-stream" }));
+    const a = el("a");
+    a.href = url;
+    a.download = filename;
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+function attachmentChip(name, status) {
+  const chip = el("span", `attachment ${status}`);
+  chip.append(el("span", "attachment-name", name), el("span", "attachment-status", status));
+  return chip;
+}
+
+async function renderAttachments() {
+  const box = $("attachments");
+  box.replaceChildren();
+  const store = meta() && meta().vectorStore;
+  if (!store) return;
+  try {
+    const files = await listAll(`/v1/vector_stores/${store}/files`);
+    const named = await Promise.all(files.map(async (f) => {
+      const file = await request("GET", `/v1/files/${f.id}`).catch(() => ({ filename: f.id }));
+      return attachmentChip(file.filename, f.status);
+    }));
+    box.replaceChildren(...named);
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+async function upload(event) {
+  const file = event.target.files[0];
+  event.target.value = "";
+  if (!file) return;
+  const chip = attachmentChip(file.name, "uploading");
+  $("attachments").append(chip);
+  try {
+    const open = await ensureConversation(file.name);
+    if (!open.meta.vectorStore) {
+      const store = await request("POST", "/v1/vector_stores", { name: `chat ${open.id}` });
+      open.meta.vectorStore = store.id;
+      await saveMeta(open.id, open.meta);
+    }
+    const form = new FormData();
+    form.append("purpose", "assistants");
+    form.append("file", file, file.name);
+    const uploaded = await request("POST", "/v1/files", form);
+    const store = open.meta.vectorStore;
+    let entry = await request("POST", `/v1/vector_stores/${store}/files`, { file_id: uploaded.id });
+    chip.lastChild.textContent = "indexing";
+    while (entry.status === "in_progress") {
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      entry = await request("GET", `/v1/vector_stores/${store}/files/${uploaded.id}`);
+    }
+    chip.className = `attachment ${entry.status}`;
+    chip.lastChild.textContent = entry.status === "completed" ? "ready" : entry.status;
+    if (entry.last_error) setStatus(`${file.name}: ${entry.last_error.message}`, true);
+  } catch (error) {
+    chip.className = "attachment failed";
+    chip.lastChild.textContent = "failed";
+    reportError(error);
+  }
+}
+
+// -- the settings dialog --------------------------------------------------------------
+
+function openSettings() {
+  const current = meta();
+  $("instructions").value = current.instructions;
+  $("instructions").maxLength = MAX_INSTRUCTIONS;
+  $("model").replaceChildren(...state.models.map((name) => {
+    const option = el("option", null, name);
+    option.value = name;
+    return option;
+  }));
+  $("model").value = current.settings.model || state.models[0] || "";
+  $("temperature").value = current.settings.temperature ?? "";
+  $("max-output-tokens").value = current.settings.max_output_tokens ?? "";
+  $("settings").showModal();
+  $("instructions").focus();
+}
+
+async function saveSettings(event) {
+  event.preventDefault();
+  const current = meta();
+  current.instructions = $("instructions").value;
+  current.settings = {
+    model: $("model").value,
+    temperature: $("temperature").value === "" ? null : Number($("temperature").value),
+    max_output_tokens: $("max-output-tokens").value === "" ? null : Number($("max-output-tokens").value),
+  };
+  localStorage.setItem(DEFAULTS_STORAGE, JSON.stringify({ ...current.settings,
+    instructions: current.instructions }));
+  $("settings").close();
+  if (state.open) await saveMeta(state.open.id, current).catch(reportError);
+}
+
+// -- layout and start-up --------------------------------------------------------------
+
+function toggleSidebar() {
+  const open = !document.body.classList.contains("sidebar-open");
+  document.body.classList.toggle("sidebar-open", open);
+  $("toggle-sidebar").setAttribute("aria-expanded", String(open));
+}
+
+function closeSidebarOnPhone() {
+  document.body.classList.remove("sidebar-open");
+  $("toggle-sidebar").setAttribute("aria-expanded", "false");
+}
+
+function onPromptKey(event) {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+}
+
+async function start() {
+  try {
+    const models = await request("GET", "/v1/models");
+    state.models = models.data.map((m) => m.id);
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 401)) reportError(error);
+    return;
+  }
+  $("sign-out").hidden = !storedKey();
+  if (!state.open) state.draft = freshMeta();
+  renderMessages();
+  await Promise.all([loadConversations().catch(reportError), refreshUsage()]);
+  document.body.dataset.ready = "true";
+}
+
+function wire() {
+  setUnauthorizedHandler(() => askForKey(storedKey()
+    ? "The server no longer accepts the stored API key. Enter a valid key."
+    : ""));
+  $("composer").addEventListener("submit", send);
+  $("prompt").addEventListener("keydown", onPromptKey);
+  $("stop").addEventListener("click", stopStream);
+  $("new-chat").addEventListener("click", newChat);
+  $("search").addEventListener("input", onSearch);
+  $("open-settings").addEventListener("click", openSettings);
+  $("settings-form").addEventListener("submit", saveSettings);
+  $("settings-cancel").addEventListener("click", () => $("settings").close());
+  $("sign-in-form").addEventListener("submit", signIn);
+  $("sign-out").addEventListener("click", () => {
+    storeKey("");
+    window.location.reload();
+  });
+  $("upload").addEventListener("change", upload);
+  $("upload-label").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      $("upload").click();
+    }
+  });
+  $("toggle-sidebar").addEventListener("click", toggleSidebar);
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && state.stream) stopStream();
+  });
+}
+
+wire();
+start();

@@ -1,0 +1,134 @@
+// A conversation as a tree of stored responses. Every turn is a response whose
+// previous_response_id is its parent; editing a message or regenerating an answer makes a
+// sibling. The tree is persisted through public APIs only: the responses themselves hold
+// the edges, and the conversation's metadata holds the leaves (from which every node is
+// reachable) and the leaf on screen. See docs/web.md.
+
+const ID_LENGTH = 38; // "resp_" + 32 hex digits, and a separating space
+const LEAF_KEYS = 8;
+const LEAVES_PER_KEY = Math.floor(512 / ID_LENGTH);
+export const MAX_LEAVES = LEAF_KEYS * LEAVES_PER_KEY;
+const INSTRUCTION_KEYS = 4;
+export const MAX_INSTRUCTIONS = INSTRUCTION_KEYS * 512;
+
+export class Node {
+  constructor(id, parent, input = [], output = [], status = "completed", createdAt = 0) {
+    this.id = id;
+    this.parent = parent; // the previous response's id, or null for a first turn
+    this.input = input;
+    this.output = output;
+    this.status = status;
+    this.createdAt = createdAt;
+    this.error = null;
+    this.reason = null; // why an incomplete response ended ("max_output_tokens", ...)
+  }
+}
+
+export class Tree {
+  constructor() {
+    this.nodes = new Map();
+    this.children = new Map(); // parent id ("" for the roots) -> child ids, oldest first
+    this.chosen = new Map(); // parent id -> the child on screen
+  }
+
+  add(node) {
+    this.nodes.set(node.id, node);
+    const key = node.parent || "";
+    const siblings = this.children.get(key) || [];
+    if (!siblings.includes(node.id)) siblings.push(node.id);
+    siblings.sort((a, b) => this.nodes.get(a).createdAt - this.nodes.get(b).createdAt);
+    this.children.set(key, siblings);
+  }
+
+  // Replaces a node's id (a pending turn gets its id from response.created).
+  rename(oldId, newId) {
+    const node = this.nodes.get(oldId);
+    this.nodes.delete(oldId);
+    const siblings = this.children.get(node.parent || "");
+    siblings[siblings.indexOf(oldId)] = newId;
+    if (this.chosen.get(node.parent || "") === oldId) this.chosen.set(node.parent || "", newId);
+    node.id = newId;
+    this.nodes.set(newId, node);
+  }
+
+  remove(id) {
+    const node = this.nodes.get(id);
+    if (!node) return;
+    this.nodes.delete(id);
+    const key = node.parent || "";
+    this.children.set(key, (this.children.get(key) || []).filter((c) => c !== id));
+    if (this.chosen.get(key) === id) this.chosen.delete(key);
+  }
+
+  siblings(node) {
+    return this.children.get(node.parent || "") || [];
+  }
+
+  // Shows `id` and, below it, the children chosen before (else the newest).
+  choose(id) {
+    let node = this.nodes.get(id);
+    while (node) {
+      this.chosen.set(node.parent || "", node.id);
+      node = node.parent ? this.nodes.get(node.parent) : null;
+    }
+  }
+
+  // The nodes on screen, first turn first.
+  path() {
+    const out = [];
+    let key = "";
+    for (;;) {
+      const kids = this.children.get(key) || [];
+      if (!kids.length) return out;
+      const id = this.chosen.get(key) || kids[kids.length - 1];
+      out.push(this.nodes.get(id));
+      key = id;
+    }
+  }
+
+  leaf() {
+    const path = this.path();
+    return path.length ? path[path.length - 1] : null;
+  }
+
+  leaves() {
+    return [...this.nodes.keys()].filter((id) => !(this.children.get(id) || []).length);
+  }
+}
+
+// -- the conversation's metadata ------------------------------------------------------
+
+export function encodeMetadata({ title, instructions, settings, leaf, leaves, vectorStore }) {
+  const meta = { title: (title || "").slice(0, 512) };
+  const text = (instructions || "").slice(0, MAX_INSTRUCTIONS);
+  for (let i = 0; i * 512 < text.length; i += 1) meta[`sys${i}`] = text.slice(i * 512, (i + 1) * 512);
+  meta.settings = JSON.stringify(settings || {});
+  if (leaf) meta.leaf = leaf;
+  if (vectorStore) meta.vs = vectorStore;
+  const kept = leaves.slice(-MAX_LEAVES); // the oldest branches drop out beyond the limit
+  for (let i = 0; i * LEAVES_PER_KEY < kept.length; i += 1) {
+    meta[`leaves${i}`] = kept.slice(i * LEAVES_PER_KEY, (i + 1) * LEAVES_PER_KEY).join(" ");
+  }
+  return meta;
+}
+
+export function decodeMetadata(meta = {}) {
+  let instructions = "";
+  for (let i = 0; i < INSTRUCTION_KEYS && meta[`sys${i}`] !== undefined; i += 1) {
+    instructions += meta[`sys${i}`];
+  }
+  const leaves = [];
+  for (let i = 0; i < LEAF_KEYS && meta[`leaves${i}`]; i += 1) {
+    leaves.push(...meta[`leaves${i}`].split(" ").filter(Boolean));
+  }
+  let settings = {};
+  try {
+    settings = JSON.parse(meta.settings || "{}");
+  } catch {
+    settings = {};
+  }
+  return {
+    title: meta.title || "", instructions, settings, leaf: meta.leaf || null, leaves,
+    vectorStore: meta.vs || null,
+  };
+}

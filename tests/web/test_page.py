@@ -1,0 +1,418 @@
+"""The web chat page at `/`, driven in headless Chromium against `python -m engine.serve`
+with the default model (one server for the module, with an API key, answers kept short)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from tests.server.live_server import API_KEY, ROOT, LiveServer, start_server
+from tests.web.browser import chromium_path
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m-instruct"
+SCREENSHOT = ROOT / "docs" / "images" / "chat.png"
+EVIL = "<img src=x onerror=window.pwned=1>"
+SCRIPT = "<script>window.pwned=2</script>"
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveServer]:
+    server = start_server("--compile", "off", "--api-key", API_KEY)
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def api(live: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live.url, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_path()
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(executable),
+                                              args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@dataclass
+class Console:
+    """What the page logged as errors, and the failed loads a test expects."""
+
+    errors: list[str] = field(default_factory=list)
+    expected: list[str] = field(default_factory=list)  # regexes over "message @ url"
+
+    def unexpected(self) -> list[str]:
+        return [e for e in self.errors if not any(re.search(p, e) for p in self.expected)]
+
+
+@pytest.fixture(scope="module")
+def usage_missing(api: httpx.Client) -> bool:
+    """True while this server has no GET /v1/usage: the page then hides the usage panel,
+    and the 404 Chromium logs for that probe is expected."""
+    return api.get("/v1/usage").status_code == 404
+
+
+def _open_context(browser, live: LiveServer, usage_missing: bool, *, key: str | None,
+                  **options):
+    context = browser.new_context(base_url=live.url, **options)
+    setup = {"tokenmill.defaults": json.dumps({"max_output_tokens": 12, "temperature": 0})}
+    if key:
+        setup["tokenmill.apiKey"] = key
+    writes = "".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});"
+                     for k, v in setup.items())
+    context.add_init_script(f"if (location.origin === {json.dumps(live.url)}) {{ {writes} }}")
+    console = Console()
+    if usage_missing:
+        console.expected.append(r"404 .*@ .*/v1/usage$")
+
+    def on_console(message) -> None:
+        if message.type == "error":
+            console.errors.append(f"{message.text} @ {message.location.get('url', '')}")
+
+    context.on("console", on_console)
+    context.on("weberror", lambda error: console.errors.append(f"uncaught: {error.error}"))
+    return context, console
+
+
+@pytest.fixture
+def session(browser, live, usage_missing):
+    """A signed-in browser context (the key in localStorage) and its console."""
+    context, console = _open_context(browser, live, usage_missing, key=API_KEY)
+    yield context, console
+    context.close()
+    assert console.unexpected() == []
+
+
+@pytest.fixture
+def page(session):
+    context, _ = session
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    return page
+
+
+def finished_turns(page) -> int:
+    return int(page.evaluate("document.body.dataset.turns || '0'"))
+
+
+def wait_for_turn(page, before: int) -> None:
+    """Until the page has finished (and stored) one more turn than `before`."""
+    page.wait_for_function(f"() => Number(document.body.dataset.turns || 0) > {before}",
+                           timeout=90_000)
+
+
+def send(page, text: str) -> None:
+    """Types `text` and presses Enter; returns once the answer has finished."""
+    before = finished_turns(page)
+    page.fill("#prompt", text)
+    page.press("#prompt", "Enter")
+    wait_for_turn(page, before)
+
+
+def turns(page) -> list[str]:
+    return page.eval_on_selector_all("#messages .turn", "els => els.map(e => e.dataset.responseId)")
+
+
+def open_conversation(page, title: str) -> None:
+    """Clicks the conversation in the sidebar; returns once its turns are shown.
+    (Waits take functions: the page's policy forbids evaluating strings.)"""
+    page.get_by_role("button", name=title, exact=True).click()
+    page.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
+
+
+def test_page_is_served_with_a_strict_content_security_policy(live):
+    page = httpx.get(f"{live.url}/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "script-src 'self'" in policy
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy and "http" not in policy
+    assert "<script" not in re.sub(r'<script type="module" src="/static/app\.js"></script>', "",
+                                   page.text)
+    assert not re.search(r'(src|href)="(https?:)?//', page.text)  # nothing remote
+    script = httpx.get(f"{live.url}/static/app.js", timeout=10)
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert "'self'" in script.headers["content-security-policy"]
+    assert httpx.get(f"{live.url}/v1/models", timeout=10).status_code == 401  # the page is open
+
+
+def test_a_message_streams_into_the_page(page, api):
+    page.evaluate("""() => {
+        window.__lengths = [];
+        new MutationObserver(() => {
+            const last = document.querySelector('#messages .turn:last-child .assistant-body');
+            if (last) window.__lengths.push(last.textContent.length);
+        }).observe(document.getElementById('messages'), {childList: true, subtree: true});
+    }""")
+    send(page, "Name three colors.")
+    lengths = page.evaluate("window.__lengths")
+    assert len(set(lengths)) >= 3, lengths  # the answer grew piece by piece
+    [response_id] = turns(page)
+    stored = api.get(f"/v1/responses/{response_id}").json()
+    answer = page.inner_text("#messages .turn .assistant-body")
+    assert stored["output"][0]["content"][0]["text"].split()[0] in answer
+    assert page.inner_text("#chat-title") == "Name three colors."
+    # Shift+Enter is a new line, not a send.
+    page.fill("#prompt", "one")
+    page.press("#prompt", "Shift+Enter")
+    page.keyboard.type("two")
+    assert page.input_value("#prompt") == "one\ntwo"
+    assert turns(page) == [response_id]
+
+
+def test_stop_ends_the_stream_and_the_response(page, api):
+    page.click("#open-settings")
+    page.fill("#max-output-tokens", "400")
+    page.click("#settings-save")
+    page.fill("#prompt", "Count from one to one hundred in words, one number per line.")
+    page.press("#prompt", "Enter")
+    page.wait_for_function(
+        "() => (document.querySelector('#messages .assistant-body') || {textContent: ''})"
+        ".textContent.length > 10")
+    page.click("#stop")
+    page.wait_for_selector("#send:not([hidden])")
+    assert page.get_by_text("Stopped.").is_visible()
+    shown = page.inner_text("#messages .assistant-body")
+    [response_id] = turns(page)
+    deadline = time.monotonic() + 30
+    while (stored := api.get(f"/v1/responses/{response_id}").json())["status"] == "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert stored["status"] in ("incomplete", "cancelled")
+    assert stored["usage"]["output_tokens"] < 400
+    time.sleep(0.5)
+    assert page.inner_text("#messages .assistant-body") == shown  # nothing more arrived
+
+
+def test_branches_from_regenerate_and_edit_survive_a_reload(page):
+    send(page, "What is the capital of France?")
+    send(page, "And of Spain?")
+    first, second = turns(page)
+    # Regenerate the second answer: a sibling of the second turn.
+    before = finished_turns(page)
+    page.locator("#messages .turn").nth(1).get_by_role("button", name="Regenerate answer").click()
+    wait_for_turn(page, before)
+    first_again, regenerated = turns(page)
+    assert first_again == first and regenerated != second
+    assert page.locator("#messages .turn").nth(1).locator(".branch-position").inner_text() == "2/2"
+    # Edit the first message: a sibling of the first turn, with no second turn yet.
+    page.locator("#messages .turn").nth(0).get_by_role("button", name="Edit message").click()
+    page.fill("#messages textarea", "What is the capital of Italy?")
+    before = finished_turns(page)
+    page.press("#messages textarea", "Enter")
+    wait_for_turn(page, before)
+    [edited] = turns(page)
+    assert edited not in (first, second, regenerated)
+    assert "Italy" in page.inner_text("#messages .bubble.user")
+    assert page.inner_text("#messages .branch-position") == "2/2"
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+    # The tree comes back after a reload, on the branch last shown.
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    open_conversation(page, "What is the capital of France?")
+    assert turns(page) == [edited]
+    page.get_by_role("button", name="Previous branch").click()
+    assert turns(page) == [first, regenerated]
+    assert page.locator("#messages .turn").nth(1).locator(".branch-position").inner_text() == "2/2"
+    page.locator("#messages .turn").nth(1).get_by_role("button", name="Previous branch").click()
+    assert turns(page) == [first, second]
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    open_conversation(page, "What is the capital of France?")
+    assert turns(page) == [first, second]
+
+
+def test_rename_search_and_delete_conversations(page, api):
+    send(page, "Tell me about zebras.")
+    page.click("#new-chat")
+    send(page, "Tell me about volcanoes.")
+    send(page, "My favourite colour is turquoise.")
+    page.locator("#conversation-list li", has_text="Tell me about zebras.").get_by_role(
+        "button", name="Rename").click()
+    page.fill("#conversation-list .rename-input", "Safari notes")
+    page.press("#conversation-list .rename-input", "Enter")
+    page.wait_for_selector("#conversation-list button:text-is('Safari notes')")
+    titles = [c["metadata"]["title"] for c in api.get("/v1/conversations").json()["data"]]
+    assert "Safari notes" in titles and "Tell me about zebras." not in titles
+
+    def listed() -> list[str]:
+        return page.eval_on_selector_all("#conversation-list .conversation-title",
+                                         "els => els.map(e => e.textContent)")
+
+    page.fill("#search", "safari")
+    page.wait_for_function("() => document.querySelectorAll('.conversation-title').length === 1")
+    assert listed() == ["Safari notes"]
+    page.fill("#search", "turquoise")  # only in the second message of a conversation
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.conversation-title')]"
+        ".map(e => e.textContent).join() === 'Tell me about volcanoes.'")
+    page.fill("#search", "")
+    entry = page.locator("#conversation-list li", has_text="Safari notes")
+    conversation_id = entry.get_attribute("data-id")
+    entry.get_by_role("button", name="Delete").click()
+    page.click("#confirm-cancel")
+    assert "Safari notes" in listed()
+    entry.get_by_role("button", name="Delete").click()
+    assert "Safari notes" in page.inner_text("#confirm-text")
+    page.click("#confirm-ok")
+    page.wait_for_function("() => ![...document.querySelectorAll('.conversation-title')]"
+                           ".some(e => e.textContent === 'Safari notes')")
+    assert api.get(f"/v1/conversations/{conversation_id}").status_code == 404
+
+
+def _stored_turn(api: httpx.Client, assistant_text: str, title: str) -> str:
+    """A conversation whose one turn holds `assistant_text` as an earlier assistant
+    message, stored through the public API as the page stores its own."""
+    response = api.post("/v1/responses", json={
+        "model": MODEL, "max_output_tokens": 1, "input": [
+            {"role": "user", "content": "Show me."},
+            {"role": "assistant", "content": assistant_text},
+            {"role": "user", "content": "Thanks."},
+        ]}).json()
+    metadata = {"title": title, "settings": "{}", "leaf": response["id"],
+                "leaves0": response["id"]}
+    return api.post("/v1/conversations", json={"metadata": metadata}).json()["id"]
+
+
+MARKDOWN = f"""## Results
+
+- first point with **bold** and `code`
+- second point
+
+| fruit | colour |
+|---|:---:|
+| apple | red |
+
+```python
+def add(a, b):
+    return a + b  # sum
+```
+
+{EVIL} and {SCRIPT} and [a link](javascript:window.pwned=3) and ![pic](http://example.com/x.png)
+"""
+
+
+def test_markdown_renders_and_model_text_stays_inert(session, api, live):
+    context, _ = session
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live.url)
+    _stored_turn(api, MARKDOWN, f"Evil {EVIL}")
+    page = context.new_page()
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    open_conversation(page, f"Evil {EVIL}")
+    body = page.locator("#messages .assistant-body").first
+    assert body.locator("h2").inner_text() == "Results"
+    assert body.locator("ul > li").count() == 2 and body.locator("li strong").inner_text() == "bold"
+    assert body.locator("th").all_inner_texts() == ["fruit", "colour"]
+    assert body.locator("td").all_inner_texts() == ["apple", "red"]
+    assert body.locator(".code-block .tok-keyword").first.inner_text() == "def"
+    assert body.locator(".code-block .tok-comment").inner_text() == "# sum"
+    body.get_by_role("button", name="Copy python").click()
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert copied == "def add(a, b):\n    return a + b  # sum"
+    text = body.inner_text()
+    assert EVIL in text and SCRIPT in text  # shown as text
+    assert page.locator("#messages img, #messages script").count() == 0
+    assert page.locator("#messages a[href^='javascript']").count() == 0
+    assert page.locator("#messages a[href='http://example.com/x.png']").count() == 1  # a link only
+    assert page.get_by_role("button", name=f"Evil {EVIL}", exact=True).count() == 1
+    assert page.evaluate("window.pwned") is None
+    assert not [u for u in requests if not u.startswith(live.url)]  # nothing remote loaded
+
+
+def test_sign_in_with_a_wrong_then_the_right_key(browser, live, usage_missing):
+    context, console = _open_context(browser, live, usage_missing, key=None)
+    console.expected.append(r"status of 401 ")  # the page's probes before a key is accepted
+    page = context.new_page()
+    page.goto("/")
+    dialog = page.locator("#sign-in")
+    dialog.wait_for(state="visible")
+    page.fill("#api-key", "sk-wrong")
+    page.click("#sign-in-submit")
+    page.wait_for_function("() => document.getElementById('sign-in-error').textContent.length > 0")
+    assert "did not accept this API key" in page.inner_text("#sign-in-error")
+    assert page.evaluate("localStorage.getItem('tokenmill.apiKey')") is None
+    page.fill("#api-key", API_KEY)
+    page.click("#sign-in-submit")
+    page.wait_for_selector("body[data-ready=true]")
+    assert not dialog.is_visible()
+    assert page.evaluate("localStorage.getItem('tokenmill.apiKey')") == API_KEY
+    assert API_KEY not in page.url
+    assert page.locator("#sign-out").is_visible()
+    context.close()
+    assert console.unexpected() == []
+
+
+def test_usage_and_quota_are_shown(session):
+    context, _ = session
+    report = {"object": "usage.report", "user": "user_ada", "quota": {
+        "limit": 100000, "period": "day", "used": 1234, "reserved": 16, "remaining": 98750,
+        "resets_at": 1790000000}, "data": [{
+            "date": "2026-12-02", "model": MODEL, "requests": 3, "input_tokens": 1000,
+            "cached_input_tokens": 500, "output_tokens": 250, "total_tokens": 1250}]}
+    page = context.new_page()
+    page.route("**/v1/usage", lambda route: route.fulfill(json=report))
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    usage = page.inner_text("#usage")
+    assert "user_ada" in usage
+    assert "1,250 of 100,000 tokens used this day" in usage and "98,750 remaining" in usage
+
+
+def test_a_phone_screen(browser, live, usage_missing):
+    context, console = _open_context(browser, live, usage_missing, key=API_KEY,
+                                     viewport={"width": 375, "height": 740})
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    assert not page.locator("#new-chat").is_visible()  # the sidebar is folded away
+    page.get_by_role("button", name="Show conversations").click()
+    page.locator("#new-chat").wait_for(state="visible")
+    page.click("#new-chat")
+    send(page, "Hi!")
+    assert page.locator("#messages .assistant-body").is_visible()
+    for control in ("#prompt", "#send", "#upload-label", "#open-settings"):
+        box = page.locator(control).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 375, control
+    page.keyboard.press("Tab")
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline != "none"  # focus is visible
+    context.close()
+    assert console.unexpected() == []
+
+
+def test_an_uploaded_file_is_cited(page, api):
+    """Needs the file_search tool in /v1/responses."""
+    page.set_input_files("#upload", files=[{
+        "name": f"{EVIL}.txt", "mimeType": "text/plain",
+        "buffer": b"Facts about tokenmill. The secret code word of the project is PELICAN-42.\n"}])
+    page.wait_for_selector("#attachments .attachment.completed", timeout=60_000)
+    assert f"{EVIL}.txt" in page.inner_text("#attachments")  # the name is text
+    assert page.locator("#attachments img").count() == 0
+    send(page, "What is the secret code word of the project? Search the files.")
+    link = page.locator("#messages a.citation")
+    link.wait_for()
+    file_id = link.get_attribute("data-file-id")
+    assert link.get_attribute("href") == f"/v1/files/{file_id}/content"
+    assert link.inner_text() == f"{EVIL}.txt"
+    assert b"PELICAN-42" in api.get(f"/v1/files/{file_id}/content").content
+    assert page.evaluate("window.pwned") is None
