@@ -482,7 +482,12 @@ function requestBody(parent, text) {
   if (instructions) body.instructions = instructions;
   if (settings.temperature !== "" && settings.temperature != null) body.temperature = Number(settings.temperature);
   if (settings.max_output_tokens) body.max_output_tokens = Number(settings.max_output_tokens);
-  if (vectorStore) body.tools = [{ type: "file_search", vector_store_ids: [vectorStore] }];
+  if (vectorStore) {
+    body.tools = [{ type: "file_search", vector_store_ids: [vectorStore] }];
+    // Searching on every message is what a small model needs to use the files at all.
+    body.tool_choice = settings.always_search === false ? "auto" : "required";
+    body.include = ["file_search_call.results"];
+  }
   return body;
 }
 
@@ -723,6 +728,7 @@ function openSettings() {
   $("model").value = current.settings.model || state.models[0] || "";
   $("temperature").value = current.settings.temperature ?? "";
   $("max-output-tokens").value = current.settings.max_output_tokens ?? "";
+  $("always-search").checked = current.settings.always_search !== false;
   $("settings").showModal();
   $("instructions").focus();
 }
@@ -735,6 +741,7 @@ async function saveSettings(event) {
     model: $("model").value,
     temperature: $("temperature").value === "" ? null : Number($("temperature").value),
     max_output_tokens: $("max-output-tokens").value === "" ? null : Number($("max-output-tokens").value),
+    always_search: $("always-search").checked,
   };
   localStorage.setItem(DEFAULTS_STORAGE, JSON.stringify({ ...current.settings,
     instructions: current.instructions }));
