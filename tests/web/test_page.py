@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -401,18 +402,27 @@ def test_a_phone_screen(browser, live, usage_missing):
 
 
 def test_an_uploaded_file_is_cited(page, api):
-    """Needs the file_search tool in /v1/responses."""
+    """Upload into the conversation's vector store, ask, and follow the answer's
+    file_citation (the file_search tool of /v1/responses; the question is one the default
+    model answers with words of the file, which is what earns a citation)."""
     page.set_input_files("#upload", files=[{
         "name": f"{EVIL}.txt", "mimeType": "text/plain",
-        "buffer": b"Facts about tokenmill. The secret code word of the project is PELICAN-42.\n"}])
+        "buffer": b"Our office cat is named Whiskers. Whiskers likes tuna.\n"}])
     page.wait_for_selector("#attachments .attachment.completed", timeout=60_000)
     assert f"{EVIL}.txt" in page.inner_text("#attachments")  # the name is text
     assert page.locator("#attachments img").count() == 0
-    send(page, "What is the secret code word of the project? Search the files.")
+    page.click("#open-settings")
+    assert page.is_checked("#always-search")
+    page.fill("#max-output-tokens", "60")
+    page.click("#settings-save")
+    send(page, "What is the name of the office cat?")
+    assert "File search (completed)" in page.inner_text("#messages .tool-card summary")
     link = page.locator("#messages a.citation")
-    link.wait_for()
     file_id = link.get_attribute("data-file-id")
     assert link.get_attribute("href") == f"/v1/files/{file_id}/content"
     assert link.inner_text() == f"{EVIL}.txt"
-    assert b"PELICAN-42" in api.get(f"/v1/files/{file_id}/content").content
+    assert b"Whiskers" in api.get(f"/v1/files/{file_id}/content").content
+    with page.expect_download() as download:
+        link.click()
+    assert Path(download.value.path()).read_bytes().startswith(b"Our office cat")
     assert page.evaluate("window.pwned") is None
