@@ -333,8 +333,23 @@ function scheduleRender() {
   state.pendingRender = true;
   requestAnimationFrame(() => {
     state.pendingRender = false;
-    renderMessages();
+    renderStreamingTurn();
   });
+}
+
+// Redraws only the turn being streamed (the others do not change meanwhile).
+function renderStreamingTurn() {
+  const id = state.stream && state.stream.nodeId;
+  const node = id && state.tree.nodes.get(id);
+  const shown = [...$("messages").querySelectorAll(".turn")].at(-1);
+  if (!node || !shown || (shown.dataset.responseId !== id && !shown.dataset.pending)) {
+    renderMessages();
+    return;
+  }
+  const box = $("messages");
+  const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+  shown.replaceWith(turnView(node));
+  if (atBottom) box.scrollTop = box.scrollHeight;
 }
 
 function renderMessages() {
@@ -359,6 +374,7 @@ function lastUserIndex(items) {
 function turnView(node) {
   const turn = el("article", "turn");
   turn.dataset.responseId = node.id;
+  if (!node.id.startsWith("resp_")) turn.dataset.pending = "true";
   const userAt = lastUserIndex(node.input);
   node.input.forEach((item, index) => {
     if (index === userAt) turn.append(userMessage(node, item));
@@ -512,9 +528,12 @@ async function runTurn(parent, text) {
   const controller = new AbortController();
   state.stream = { controller, nodeId: node.id };
   showStreaming(true);
-  renderMessages();
   try {
-    await streamResponse(requestBody(parent, text), (event) => onEvent(node, event), controller.signal);
+    // The request goes out first; the page redraws while the server starts the turn.
+    const streamed = streamResponse(requestBody(parent, text), (event) => onEvent(node, event),
+      controller.signal);
+    renderMessages();
+    await streamed;
   } catch (error) {
     if (error.name === "AbortError") {
       node.status = "incomplete";
@@ -575,16 +594,26 @@ function onEvent(node, event) {
       state.tree.rename(node.id, event.response.id);
       state.stream.nodeId = event.response.id;
       node.createdAt = event.response.created_at;
-      persistTree(); // a reload from now on finds this turn
-      break;
+      return; // nothing new to show: no redraw until there is
     case "response.output_item.added":
       node.output[event.output_index] = structuredClone(event.item);
+      if (event.item.type === "message") return;
       break;
     case "response.content_part.added":
       if (item) item.content[event.content_index] = structuredClone(event.part);
-      break;
+      return;
     case "response.output_text.delta":
-      if (item) ensurePart(item, event.content_index).text += event.delta;
+      if (!item) break;
+      ensurePart(item, event.content_index).text += event.delta;
+      if (!node.shown) {
+        // The first words are drawn at once (later ones once a frame), and only then is
+        // the tree stored, so that a reload finds this turn: nothing delays them.
+        performance.mark("tokenmill:first-token"); // benchmarks/bench_page.py reads it
+        node.shown = true;
+        renderStreamingTurn();
+        setTimeout(persistTree, 0);
+        return;
+      }
       break;
     case "response.output_text.annotation.added":
       if (item) {

@@ -21,6 +21,7 @@ export class Node {
     this.createdAt = createdAt;
     this.error = null;
     this.reason = null; // why an incomplete response ended ("max_output_tokens", ...)
+    this.shown = false; // whether its first words are on screen (while it streams)
   }
 }
 
