@@ -211,6 +211,8 @@ def test_branches_from_regenerate_and_edit_survive_a_reload(page):
     first_again, regenerated = turns(page)
     assert first_again == first and regenerated != second
     assert page.locator("#messages .turn").nth(1).locator(".branch-position").inner_text() == "2/2"
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
     # Edit the first message: a sibling of the first turn, with no second turn yet.
     page.locator("#messages .turn").nth(0).get_by_role("button", name="Edit message").click()
     page.fill("#messages textarea", "What is the capital of Italy?")
@@ -221,8 +223,6 @@ def test_branches_from_regenerate_and_edit_survive_a_reload(page):
     assert edited not in (first, second, regenerated)
     assert "Italy" in page.inner_text("#messages .bubble.user")
     assert page.inner_text("#messages .branch-position") == "2/2"
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
     # The tree comes back after a reload, on the branch last shown.
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
