@@ -90,6 +90,11 @@ def test_the_installed_wheel_serves_a_chat_completion(venv, tmp_path):
         ).json()
         assert reply["choices"][0]["message"]["content"].strip()
         assert reply["usage"]["completion_tokens"] >= 1
+        # The web page's files are package data.
+        page = httpx.get(f"{server.url}/", timeout=60)
+        assert page.status_code == 200 and "/static/app.js" in page.text
+        for name in ("app.js", "api.js", "markdown.js", "render.js", "tree.js", "chat.css"):
+            assert httpx.get(f"{server.url}/static/{name}", timeout=60).status_code == 200
         health = f"{server.url}/health"
         if httpx.get(health, timeout=60).json()["cpu"]["compile_in_use"] != "off":
             deadline = time.monotonic() + 600
