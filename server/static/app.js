@@ -588,6 +588,12 @@ function ensurePart(item, index) {
 }
 
 function onEvent(node, event) {
+  if (!event.type && event.error) {
+    // An error after the stream started comes as a bare OpenAI error object.
+    node.error = event.error.message || "the server failed";
+    scheduleRender();
+    return;
+  }
   const item = node.output[event.output_index];
   switch (event.type) {
     case "response.created":
