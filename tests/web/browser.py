@@ -14,7 +14,8 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser")
 
 
 def chromium_path() -> Path:
-    """Debian's Chromium, or a skip (a failure under CI) when it or Playwright is missing."""
+    """Debian's Chromium, or a skip (a failure under CI) when it or Playwright is missing.
+    Called at import, so that a module without a browser does not start its server."""
     found = next((shutil.which(name) for name in CHROMIUM_NAMES if shutil.which(name)), None)
     try:
         import playwright.sync_api  # noqa: F401
@@ -28,4 +29,4 @@ def chromium_path() -> Path:
 def _missing(message: str) -> None:
     if os.environ.get("TOKENMILL_REQUIRE_BROWSER") == "1":
         pytest.fail(message)
-    pytest.skip(message)
+    pytest.skip(message, allow_module_level=True)

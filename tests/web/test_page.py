@@ -17,6 +17,7 @@ from tests.server.live_server import API_KEY, ROOT, LiveServer, start_server
 from tests.web.browser import chromium_path
 
 pytestmark = pytest.mark.slow
+CHROMIUM = chromium_path()
 
 MODEL = "smollm2-135m-instruct"
 SCREENSHOT = ROOT / "docs" / "images" / "chat.png"
@@ -42,9 +43,8 @@ def api(live: LiveServer) -> Iterator[httpx.Client]:
 def browser():
     from playwright.sync_api import sync_playwright
 
-    executable = chromium_path()
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(executable),
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM),
                                               args=["--no-sandbox"])
         yield chromium
         chromium.close()
