@@ -1,8 +1,9 @@
 """The web page's latency: Enter to the first token painted, against the API's own TTFT.
 
-One server with the default model. The page (headless Debian Chromium through Playwright)
-and a plain HTTP client take turns, each holding its own 20-message conversation
-(`previous_response_id` chains, the same questions, greedy, a few output tokens):
+One server with the default model. The page (headless Debian Chromium through Playwright),
+a plain HTTP client and a bare fetch() in the same browser take turns (each going first
+in turn), each holding its own 20-message conversation (`previous_response_id` chains,
+the same questions, greedy, a few output tokens):
 - page: from the Enter keydown (performance.now() in a capture listener) to the first
   answer text painted: a MutationObserver sees the DOM update that shows it, and the
   task queued from the next animation frame runs once that frame has been painted;
@@ -143,24 +144,36 @@ def measure(url: str, args: argparse.Namespace) -> tuple[list[float], ...]:
         page.goto("/")
         page.wait_for_selector("body[data-ready=true]")
         page.evaluate(PROBE)
-        previous, raw_previous = None, None
-        for i, question in enumerate(QUESTIONS[: args.messages]):
+        chains: dict[str, str | None] = {"api": None, "fetch": None}
+
+        def body(question: str, path: str) -> dict:
+            fields = {"model": args.model, "input": question, "temperature": 0,
+                      "max_output_tokens": args.max_tokens}
+            if chains[path]:
+                fields["previous_response_id"] = chains[path]
+            return fields
+
+        def run_page(question: str) -> None:
             painted, requested, parsed = page_turn(page, question)
             page_times.append(painted)
             request_times.append(requested)
             parsed_times.append(parsed)
-            body = {"model": args.model, "input": question, "temperature": 0,
-                    "max_output_tokens": args.max_tokens}
-            if previous:
-                body["previous_response_id"] = previous
-            seconds, previous = api_turn(client, body)
+
+        def run_api(question: str) -> None:
+            seconds, chains["api"] = api_turn(client, body(question, "api"))
             api_times.append(seconds)
-            raw_body = {**body, "previous_response_id": raw_previous} if raw_previous else {
-                k: v for k, v in body.items() if k != "previous_response_id"}
-            raw, raw_previous = browser_fetch_turn(page, raw_body)
-            raw_times.append(raw)
-            print(f"{i + 1:3}  page {page_times[-1] * 1e3:7.1f} ms   api {seconds * 1e3:7.1f} ms"
-                  f"   browser fetch {raw * 1e3:7.1f} ms", file=sys.stderr)
+
+        def run_fetch(question: str) -> None:
+            seconds, chains["fetch"] = browser_fetch_turn(page, body(question, "fetch"))
+            raw_times.append(seconds)
+
+        paths = [run_page, run_api, run_fetch]
+        for i, question in enumerate(QUESTIONS[: args.messages]):
+            for run in paths[i % 3:] + paths[: i % 3]:  # each goes first in turn
+                run(question)
+            print(f"{i + 1:3}  page {page_times[-1] * 1e3:7.1f} ms   api "
+                  f"{api_times[-1] * 1e3:7.1f} ms   browser fetch {raw_times[-1] * 1e3:7.1f} ms",
+                  file=sys.stderr)
         browser.close()
     return page_times, api_times, request_times, parsed_times, raw_times
 
