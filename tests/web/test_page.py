@@ -279,11 +279,15 @@ def test_rename_search_and_delete_conversations(page, api):
 
 def _stored_turn(api: httpx.Client, assistant_text: str, title: str) -> str:
     """A conversation whose one turn holds `assistant_text` as an earlier assistant
-    message, stored through the public API as the page stores its own."""
+    message and a tool call with its result, stored through the public API as the page
+    stores its own turns."""
     response = api.post("/v1/responses", json={
         "model": MODEL, "max_output_tokens": 1, "input": [
             {"role": "user", "content": "Show me."},
             {"role": "assistant", "content": assistant_text},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+             "arguments": json.dumps({"city": EVIL})},
+            {"type": "function_call_output", "call_id": "call_1", "output": f"sunny {SCRIPT}"},
             {"role": "user", "content": "Thanks."},
         ]}).json()
     metadata = {"title": title, "settings": "{}", "leaf": response["id"],
@@ -309,7 +313,7 @@ def add(a, b):
 """
 
 
-def test_markdown_renders_and_model_text_stays_inert(session, api, live):
+def test_markdown_and_tool_cards_render_and_model_text_stays_inert(session, api, live):
     context, _ = session
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live.url)
     _stored_turn(api, MARKDOWN, f"Evil {EVIL}")
@@ -334,6 +338,13 @@ def test_markdown_renders_and_model_text_stays_inert(session, api, live):
     assert page.locator("#messages img, #messages script").count() == 0
     assert page.locator("#messages a[href^='javascript']").count() == 0
     assert page.locator("#messages a[href='http://example.com/x.png']").count() == 1  # a link only
+    call, result = page.locator("#messages details.tool-card").all()
+    assert call.locator("summary").inner_text() == "Tool call: get_weather"
+    assert not call.locator("pre").is_visible()  # folded until opened
+    call.locator("summary").click()
+    assert json.loads(call.locator("pre").inner_text()) == {"city": EVIL}
+    result.locator("summary").click()
+    assert result.locator("pre").inner_text() == f"sunny {SCRIPT}"
     assert page.get_by_role("button", name=f"Evil {EVIL}", exact=True).count() == 1
     assert page.evaluate("window.pwned") is None
     assert not [u for u in requests if not u.startswith(live.url)]  # nothing remote loaded
