@@ -56,6 +56,10 @@ class Product:
             product.files = FileService(store, Path(data_dir))
             if embedder is not None and store.engine.dialect.name == "sqlite":
                 product.vector_stores = VectorStoreService(store, product.files, embedder)
+        product.responses.file_search = product.vector_stores
+        if product.vector_stores is None:
+            product.responses.file_search_unavailable = (
+                f"file_search is not available: {product.vector_stores_unavailable()}")
         return product
 
     def vector_stores_unavailable(self) -> str:

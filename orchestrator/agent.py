@@ -12,6 +12,9 @@ Items follow OpenAI's Responses shapes. The model returns `message` and
   - `code_interpreter`: the function_call is replaced by a `code_interpreter_call` item
     (`code`, `container_id`, `outputs`: logs and images, `status`), as OpenAI's
     built-in tool appears;
+  - `file_search`: the function_call is replaced by a `file_search_call` item (`queries`,
+    `results`: null unless the request includes them, `status`); what the model reads
+    is kept in `Agent.tool_results` under the item's id;
   - any other built-in (calculator, sql_query): a `function_call_output` item after the
     call, with the result (or the error) as `output`.
 Calls of one turn run concurrently; their results are appended in call order (calls
@@ -28,6 +31,9 @@ without `sequence_number`; `output_index` counts in `Agent.output`:
     response.code_interpreter_call_code.delta, response.code_interpreter_call_code.done,
     response.code_interpreter_call.interpreting, response.code_interpreter_call.completed,
     response.output_item.done;
+  file_search: response.output_item.added, response.file_search_call.in_progress,
+    response.file_search_call.searching, response.file_search_call.completed (not when
+    it failed), response.output_item.done;
   other built-ins: response.output_item.added and .done of the function_call_output.
 The model's own items (text, function calls) are streamed by the model turn itself.
 """
@@ -46,11 +52,13 @@ from typing import Protocol
 from orchestrator.ids import new_id
 from orchestrator.sandbox import SandboxUnavailable
 from orchestrator.tools.base import Tool, ToolError, ToolOutput, ToolUnavailable
+from orchestrator.tools.file_search import FILE_SEARCH, FileSearchOutput
 
 log = logging.getLogger("tokenmill")
 
 DEFAULT_MAX_TOOL_CALLS = 8
 CODE_INTERPRETER = "code_interpreter"
+ITEM_TOOLS = (CODE_INTERPRETER, FILE_SEARCH)  # built-ins whose call becomes an item of its own
 
 Event = dict
 EventSink = Callable[[Event], None]
@@ -88,6 +96,14 @@ def code_interpreter_as_function_items(item: dict) -> tuple[dict, dict]:
     return call, function_call_output(item["id"], logs)
 
 
+def file_search_as_function_items(item: dict, text: str) -> tuple[dict, dict]:
+    """A file_search_call as the function_call + function_call_output pair a chat template
+    renders; `text` is what the model read (or reads now) as the search's result."""
+    call = {"type": "function_call", "call_id": item["id"], "name": FILE_SEARCH,
+            "arguments": json.dumps({"queries": item["queries"]}, ensure_ascii=False)}
+    return call, function_call_output(item["id"], text)
+
+
 def _arguments(call: dict) -> dict:
     try:
         arguments = json.loads(call["arguments"] or "{}")
@@ -109,13 +125,14 @@ class Agent:
         self.max_tool_calls = max_tool_calls
         self.output: list[dict] = []
         self.tool_calls = 0
+        self.tool_results: dict[str, ToolOutput] = {}  # file_search_call id -> its output
 
     async def run(self, input_items: list[dict]) -> AgentResult:
         tools_enabled = True
         while True:
             turn = await self.model([*input_items, *self.output], tools_enabled)
             calls = [item for item in turn if item["type"] == "function_call"]
-            self.output += [item for item in turn if not self._is_code_call(item)]
+            self.output += [item for item in turn if not self._is_item_call(item)]
             if not calls:
                 return AgentResult(self.output, "completed", None, self.tool_calls)
             if not tools_enabled:
@@ -129,6 +146,13 @@ class Agent:
     def _is_code_call(self, item: dict) -> bool:
         return item["type"] == "function_call" and item["name"] == CODE_INTERPRETER and (
             CODE_INTERPRETER in self.tools)
+
+    def _is_search_call(self, item: dict) -> bool:
+        return item["type"] == "function_call" and item["name"] == FILE_SEARCH and (
+            FILE_SEARCH in self.tools)
+
+    def _is_item_call(self, item: dict) -> bool:
+        return self._is_code_call(item) or self._is_search_call(item)
 
     def _emit(self, kind: str, of: dict, **fields) -> None:
         """An event about the output item `of`."""
@@ -146,7 +170,8 @@ class Agent:
             texts = await asyncio.gather(*(run for _, run in started))
         except asyncio.CancelledError:
             for item, _ in started:
-                if item["type"] == "code_interpreter_call" and item["status"] != "completed":
+                if item["type"] in ("code_interpreter_call", "file_search_call") and (
+                        item["status"] not in ("completed", "failed")):
                     item["status"] = "incomplete"
             raise
         for call, text in zip(runs, texts, strict=True):
@@ -158,6 +183,11 @@ class Agent:
                 item = self._code_item(call, "incomplete", [{"type": "logs", "logs": refusal}])
                 self._emit("response.output_item.added", item, item=copy.deepcopy(item))
                 self._emit("response.output_item.done", item, item=copy.deepcopy(item))
+            elif self._is_search_call(call):
+                item = self._search_item(call, "incomplete")
+                self.tool_results[item["id"]] = ToolOutput(refusal)
+                self._emit("response.output_item.added", item, item=copy.deepcopy(item))
+                self._emit("response.output_item.done", item, item=copy.deepcopy(item))
             else:
                 self._add_output(call, refusal)
 
@@ -167,6 +197,9 @@ class Agent:
         if self._is_code_call(call):
             item = self._code_item(call, "in_progress", None)
             return item, self._run_code(call, item)
+        if self._is_search_call(call):
+            item = self._search_item(call, "in_progress")
+            return item, self._run_search(call, item)
         return call, self._run_function(call)
 
     def _code_item(self, call: dict, status: str, outputs: list[dict] | None) -> dict:
@@ -177,6 +210,18 @@ class Agent:
         item = {"id": new_id("ci"), "type": "code_interpreter_call", "status": status,
                 "code": code if isinstance(code, str) else "",
                 "container_id": new_id("cntr"), "outputs": outputs}
+        self.output.append(item)
+        return item
+
+    def _search_item(self, call: dict, status: str) -> dict:
+        try:
+            queries = _arguments(call).get("queries")
+        except ToolError:
+            queries = None
+        if not (isinstance(queries, list) and all(isinstance(q, str) for q in queries)):
+            queries = []
+        item = {"id": new_id("fs"), "type": "file_search_call", "status": status,
+                "queries": queries, "results": None}
         self.output.append(item)
         return item
 
@@ -218,4 +263,19 @@ class Agent:
         item["outputs"] = result.outputs
         item["status"] = "failed" if failed else "completed"
         self._emit("response.code_interpreter_call.completed", item, **ids)
+        self._emit("response.output_item.done", item, item=copy.deepcopy(item))
+
+    async def _run_search(self, call: dict, item: dict) -> None:
+        ids = {"item_id": item["id"]}
+        self._emit("response.output_item.added", item, item=copy.deepcopy(item))
+        self._emit("response.file_search_call.in_progress", item, **ids)
+        item["status"] = "searching"
+        self._emit("response.file_search_call.searching", item, **ids)
+        result, failed = await self._execute(call, item["id"])
+        self.tool_results[item["id"]] = result
+        if isinstance(result, FileSearchOutput):
+            item["queries"], item["results"] = result.queries, result.results
+        item["status"] = "failed" if failed else "completed"
+        if not failed:
+            self._emit("response.file_search_call.completed", item, **ids)
         self._emit("response.output_item.done", item, item=copy.deepcopy(item))

@@ -19,11 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.client import TokenizerLike
-from orchestrator.agent import code_interpreter_as_function_items
+from orchestrator.agent import code_interpreter_as_function_items, file_search_as_function_items
 from orchestrator.chat_prompt import build_chat_prompt, template_supports_tools
 from orchestrator.chat_types import ChatRequest, Message, Tool, ToolCall
 from orchestrator.errors import InvalidRequestError
+from orchestrator.retrieval.index import Hit
 from orchestrator.store import History
+from orchestrator.tools.file_search import render_sources
+
+SEARCH_HISTORY_BUDGET = 4_000  # characters of an earlier search's results in a prompt
 
 
 @dataclass
@@ -50,13 +54,26 @@ def _item_text(item: dict) -> str:
     return "\n".join(part.get("text", "") for part in content)
 
 
+def _search_text(item: dict) -> str:
+    """What an earlier response's file_search_call shows now: its results when the
+    request included them (stored), else a note that they were not kept."""
+    results = item.get("results")
+    if not results:
+        return "[the results of this search were not kept; search again to read them]"
+    hits = [Hit("", r["file_id"], r["filename"], 0, r["text"], r.get("attributes") or {},
+                r["score"]) for r in results]
+    return render_sources(hits, 1, SEARCH_HISTORY_BUDGET)[0]
+
+
 def _function_items(items: list[dict]) -> list[dict]:
-    """Items with each code_interpreter_call as the function call + output pair a chat
-    template can render."""
+    """Items with each code_interpreter_call and file_search_call as the function call +
+    output pair a chat template can render."""
     flat = []
     for item in items:
         if item.get("type") == "code_interpreter_call":
             flat += code_interpreter_as_function_items(item)
+        elif item.get("type") == "file_search_call":
+            flat += file_search_as_function_items(item, _search_text(item))
         else:
             flat.append(item)
     return flat

@@ -15,6 +15,7 @@ output item of its own with response.function_call_arguments.delta/.done events.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator.ids import new_id
@@ -31,8 +32,9 @@ _FINAL_EVENTS = {
 }
 
 
-def output_text_part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text_part(text: str, annotations: list[dict] | None = None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": list(annotations or []),
+            "logprobs": []}
 
 
 def usage(input_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
@@ -91,23 +93,32 @@ class ResponseEvents:
         fields = dict(event)
         return self._event(fields.pop("type"), **fields)
 
-    def close_message(self) -> list[Event]:
-        """End the message being written, if any (a model turn is over)."""
-        return self._close_message("completed")
+    def close_message(self, annotate: Callable[[str], list[dict]] | None = None
+                      ) -> list[Event]:
+        """End the message being written, if any (a model turn is over); `annotate` gives
+        its text's annotations (file citations), each announced by an event."""
+        return self._close_message("completed", annotate)
 
-    def _close_message(self, status: str) -> list[Event]:
+    def _close_message(self, status: str,
+                       annotate: Callable[[str], list[dict]] | None = None) -> list[Event]:
         message, self._message = self._message, None
         if message is None:
             return []
         index = self.output.index(message)
-        text = message["content"][0]["text"]
+        part = message["content"][0]
+        text = part["text"]
         message["status"] = status
         ids = {"item_id": message["id"], "output_index": index}
+        part["annotations"] = annotate(text) if annotate is not None else []
+        events = [self._event("response.output_text.annotation.added", **ids, content_index=0,
+                              annotation_index=i, annotation=copy.deepcopy(annotation))
+                  for i, annotation in enumerate(part["annotations"])]
         return [
+            *events,
             self._event("response.output_text.done", **ids, content_index=0, text=text,
                         logprobs=[]),
             self._event("response.content_part.done", **ids, content_index=0,
-                        part=output_text_part(text)),
+                        part=output_text_part(text, part["annotations"])),
             self._event("response.output_item.done", output_index=index,
                         item=copy.deepcopy(message)),
         ]

@@ -29,10 +29,13 @@ from engine.structured_output import StructuredOutputsParams
 from orchestrator.agent import (
     CODE_INTERPRETER,
     DEFAULT_MAX_TOOL_CALLS,
+    ITEM_TOOLS,
     Agent,
     code_interpreter_as_function_items,
+    file_search_as_function_items,
 )
 from orchestrator.chat_types import Tool
+from orchestrator.citations import file_citations
 from orchestrator.context import ContextBuilder, Prompt, ToolConfig
 from orchestrator.errors import (
     InvalidRequestError,
@@ -47,6 +50,13 @@ from orchestrator.output_structure import ANY_OBJECT, turn_structure
 from orchestrator.store import History, Page, Repository, Store
 from orchestrator.tool_parser import ChoiceAssembler, ParsedCall
 from orchestrator.tools import ResolvedTools, ToolRegistry, ToolUnavailable, builtin_tools
+from orchestrator.tools.file_search import (
+    FILE_SEARCH,
+    FileSearch,
+    FileSearchBackend,
+    FileSearchOutput,
+    FileSearchTool,
+)
 from orchestrator.untrusted import spotlight
 
 log = logging.getLogger("tokenmill")
@@ -99,13 +109,16 @@ class ResponseRequest:
     top_p: float | None = None
     truncation: str = "disabled"  # "disabled" | "auto"
     metadata: dict = field(default_factory=dict)
-    tools: list[FunctionTool | CodeInterpreterTool] = field(default_factory=list)
-    tool_choice: str | dict = "auto"  # "none" | "auto" | "required" | {"type": "function", ...}
+    tools: list[FunctionTool | CodeInterpreterTool | FileSearchTool] = field(
+        default_factory=list)
+    # "none" | "auto" | "required" | {"type": "function", "name"} | {"type": "file_search"}
+    tool_choice: str | dict = "auto"
     parallel_tool_calls: bool = True
     # text.format as given: {"type": "text"}, {"type": "json_object"} or
     # {"type": "json_schema", "name", "schema", "strict"[, "description"]}.
     text_format: dict = field(default_factory=lambda: {"type": "text"})
     max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS  # built-in calls one response may run
+    include: list[str] = field(default_factory=list)  # e.g. "file_search_call.results"
 
     def format_schema(self) -> dict | None:
         """The JSON schema text.format asks for (None: free text)."""
@@ -120,8 +133,8 @@ class ResponseRequest:
         tools = declared if declared is not None else [
             t for t in self.tools if isinstance(t, FunctionTool)]
         choice = self.tool_choice
-        mode, forced = ("function", choice["name"]) if isinstance(choice, dict) else (choice,
-                                                                                      None)
+        mode, forced = (("function", choice.get("name", choice["type"]))
+                        if isinstance(choice, dict) else (choice, None))
         if not tools:
             mode = "none"
         offered = [t for t in tools if mode != "function" or t.name == forced]
@@ -273,7 +286,8 @@ class Turn:
         self.id: str = self.events.response["id"]
         self.totals = _Totals()
         self._generations = 0
-        self._code_calls: list[dict] = []  # code_interpreter calls of the model turn
+        self._code_calls: list[dict] = []  # code_interpreter/file_search calls of the turn
+        self._agent: Agent | None = None
         self._spotlit: dict[str, str] = {}  # tool output item id -> its prompt text
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self._stop_status: str | None = None
@@ -346,6 +360,7 @@ class Turn:
         agent = Agent(self._model_turn, self.tools.builtins, self.tools.client_functions,
                       self._tool_event, self.request.max_tool_calls)
         agent.output = self.events.output
+        self._agent = agent
         self._consumer = asyncio.create_task(agent.run(self.input_items))
         try:
             result = await self._consumer
@@ -381,6 +396,10 @@ class Turn:
                 call, result = code_interpreter_as_function_items(item)
                 items += [call, {**result, "id": item["id"]}]
                 names[call["call_id"]] = CODE_INTERPRETER
+            elif item["type"] == "file_search_call":
+                call, result = self._search_items(item)
+                items += [call, {**result, "id": item["id"]}]
+                names[call["call_id"]] = FILE_SEARCH
             else:
                 items.append(item)
         for i, item in enumerate(items):
@@ -391,6 +410,22 @@ class Turn:
                                                           special_tokens=special)
                 items[i] = {**item, "output": self._spotlit[item["id"]]}
         return items
+
+    def _search_items(self, item: dict) -> tuple[dict, dict]:
+        """A file_search_call as the call and output the prompt shows. Its sources are
+        spotlighted chunk by chunk already, so the output is not framed again."""
+        found = self._agent.tool_results.get(item["id"]) if self._agent else None
+        text = found.text if found is not None else "[the search did not run]"
+        if isinstance(found, FileSearchOutput):
+            self._spotlit[item["id"]] = text
+        return file_search_as_function_items(item, text)
+
+    def _annotate(self, text: str) -> list[dict]:
+        """The file citations of an answer written after file_search showed sources."""
+        search = self.tools.builtins.get(FILE_SEARCH)
+        if not isinstance(search, FileSearch):
+            return []
+        return file_citations(text, search.sources, search.question)
 
     def _next_prompt(self, items: list[dict], config: ToolConfig) -> tuple[Prompt, SamplingParams]:
         limit = self.request.max_output_tokens
@@ -441,7 +476,7 @@ class Turn:
                 self._emit(progress.assembler.push("", final=True))  # the text held back
         if progress.finish_reason != "stop":
             raise _Cut("max_output_tokens" if progress.finish_reason == "length" else None)
-        self._put(self.events.close_message())
+        self._put(self.events.close_message(self._annotate))
         new = self.events.output[start:]
         del self.events.output[start:]
         return [*new, *self._code_calls]
@@ -462,13 +497,14 @@ class Turn:
     def _emit(self, pieces: list) -> None:
         """Text and whole calls become events; a call's streamed pieces (`CallStart`,
         `ArgumentsDelta`) are not needed here, since its `ParsedCall` carries it all. A
-        code_interpreter call is not streamed as a function call: the agent turns it
-        into a code_interpreter_call item, with events of its own."""
+        code_interpreter or file_search call is not streamed as a function call: the agent
+        turns it into a code_interpreter_call or file_search_call item, with events of
+        its own."""
         for piece in pieces:
             if isinstance(piece, str):
                 self._put(self.events.text(piece))
             elif isinstance(piece, ParsedCall) and (
-                    piece.name == CODE_INTERPRETER and CODE_INTERPRETER in self.tools.builtins):
+                    piece.name in ITEM_TOOLS and piece.name in self.tools.builtins):
                 self._put(self.events.close_message())
                 self._code_calls.append(
                     {"id": new_id("fc"), "type": "function_call", "call_id": new_id("call"),
@@ -482,6 +518,15 @@ def output_budget(prompt_tokens: int, max_tokens: int | None, max_model_len: int
     max_tokens, else what the context window leaves)."""
     most = max_model_len - prompt_tokens if max_tokens is None else max_tokens
     return prompt_tokens + max(most, 0)
+
+
+def _question(items: list[dict]) -> str | None:
+    """The text of the last user message of the input (what file_search also searches)."""
+    for item in reversed(items):
+        if item.get("type", "message") == "message" and item.get("role") == "user":
+            text = "\n".join(p.get("text", "") for p in item["content"]).strip()
+            return text or None
+    return None
 
 
 def _missing(response_id: str) -> NotFoundError:
@@ -498,6 +543,9 @@ class ResponseService:
         self.default_tools = default_tools
         self.context = ContextBuilder(engine.tokenizer, engine.max_model_len)
         self.running: dict[str, Turn] = {}
+        # The vector stores file_search reads (set by Product.open), or why there are none.
+        self.file_search: FileSearchBackend | None = None
+        self.file_search_unavailable = "file_search needs vector stores, which this server lacks"
 
     async def create(self, owner: str, request: ResponseRequest,
                      observer: TokenObserver | None = None,
@@ -511,6 +559,7 @@ class ResponseService:
         input_items = [stored_item(i) for i in request.input]
         params = _sampling_params(request)
         tools = self._resolve_tools(request)
+        await self._add_file_search(owner, request, tools)
         declared = [FunctionTool(d["name"], d.get("description"), d.get("parameters"),
                                  d.get("strict")) for d in tools.declarations]
         config = request.tool_config(declared)
@@ -528,12 +577,40 @@ class ResponseService:
 
     def _resolve_tools(self, request: ResponseRequest) -> ResolvedTools:
         """The request's tools sorted into built-ins and client functions; a built-in this
-        server cannot run is a 400 naming its `tools[i]` entry."""
+        server cannot run is a 400 naming its `tools[i]` entry. file_search is added by
+        `_add_file_search`."""
+        declared = [t.as_dict() for t in request.tools if not isinstance(t, FileSearchTool)]
         try:
-            return self.tools.resolve([t.as_dict() for t in request.tools], self.default_tools)
+            return self.tools.resolve(declared, self.default_tools)
         except ToolUnavailable as exc:
             message = str(exc)
             raise InvalidRequestError(message, param=message.split(":", 1)[0]) from None
+
+    async def _add_file_search(self, owner: str, request: ResponseRequest,
+                               tools: ResolvedTools) -> None:
+        """The request's file_search, made for `owner`: each vector store must be theirs
+        (404 naming it otherwise, as for a store that does not exist)."""
+        for i, tool in enumerate(request.tools):
+            if not isinstance(tool, FileSearchTool):
+                continue
+            param = f"tools[{i}]"
+            if self.file_search is None:
+                raise InvalidRequestError(f"{param}: {self.file_search_unavailable}", param)
+            for vector_store_id in tool.vector_store_ids:
+                try:
+                    await self.file_search.retrieve(owner, vector_store_id)
+                except NotFoundError as exc:
+                    raise NotFoundError(exc.message, f"{param}.vector_store_ids",
+                                        exc.code) from None
+            search = FileSearch(
+                self.file_search, owner, tool, _question(request.input),
+                include_results="file_search_call.results" in request.include,
+                text_budget=min(12_000, self.context.max_model_len),
+                special_tokens=getattr(self.engine.tokenizer, "all_special_tokens", ()))
+            tools.builtins[FILE_SEARCH] = search
+            tools.declarations.append({"type": "function", "name": FILE_SEARCH,
+                                       "description": search.description,
+                                       "parameters": search.parameters, "strict": True})
 
     async def _history(self, owner: str, request: ResponseRequest) -> History:
         if request.previous_response_id is not None:

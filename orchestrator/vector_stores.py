@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orchestrator.errors import NotFoundError
@@ -112,6 +113,29 @@ class VectorStoreService:
                                 search.filters, search.max_num_results, search.score_threshold,
                                 search.mode)
         return await self.store.call(kb.search, owner, request)
+
+    async def search_stores(self, owner: str, vector_store_ids: Sequence[str],
+                            searches: Sequence[Search]) -> list[Hit]:
+        """Several queries over several of the owner's stores (404 for a store that is not
+        theirs): the queries embedded in one batch, each searched, and the hits merged,
+        a chunk found by more than one query keeping its best score, best first; at
+        most the largest `max_num_results` of the searches."""
+        for vector_store_id in vector_store_ids:
+            await self.retrieve(owner, vector_store_id)
+        if not searches:
+            return []
+        encoded = await self.embedder.aencode([s.query for s in searches])
+        best: dict[tuple[str, str, int], Hit] = {}
+        for search, vector in zip(searches, encoded.vectors, strict=True):
+            request = SearchRequest(tuple(vector_store_ids), search.query, vector,
+                                    search.filters, search.max_num_results,
+                                    search.score_threshold, search.mode)
+            for hit in await self.store.call(kb.search, owner, request):
+                key = (hit.vector_store_id, hit.file_id, hit.chunk_index)
+                if key not in best or hit.score > best[key].score:
+                    best[key] = hit
+        ranked = sorted(best.values(), key=lambda h: (-h.score, h.file_id, h.chunk_index))
+        return ranked[: max(s.max_num_results for s in searches)]
 
     # -- vector store files --------------------------------------------------------------
 

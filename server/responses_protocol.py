@@ -15,11 +15,15 @@ from typing import Any
 from orchestrator import FunctionTool, Page, ResponseRequest
 from orchestrator.agent import DEFAULT_MAX_TOOL_CALLS
 from orchestrator.responses import CodeInterpreterTool
+from orchestrator.tools.file_search import DEFAULT_MAX_RESULTS, FileSearchTool
 from server.errors import invalid
+from server.vector_store_search import parse_filters, parse_max_results, parse_ranking
 
 MAX_METADATA_KEYS = 16
 MAX_ITEMS_PER_CALL = 20  # OpenAI's limit for conversation items per request
 MAX_PAGE = 100
+MAX_SEARCHED_STORES = 16
+INCLUDABLE = ("file_search_call.results",)
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 
 _RESPONSE_FIELDS = {
@@ -136,19 +140,47 @@ def _input(body: dict) -> list[dict]:
 # -- responses -----------------------------------------------------------------------------
 
 
-def _tools(body: dict) -> list[FunctionTool | CodeInterpreterTool]:
+_FILE_SEARCH_KEYS = {"type", "vector_store_ids", "max_num_results", "filters",
+                     "ranking_options"}
+
+
+def _file_search(raw: dict, param: str) -> FileSearchTool:
+    """`{"type": "file_search", "vector_store_ids", "max_num_results"?, "filters"?,
+    "ranking_options"?}`, checked as the vector store search route checks its body."""
+    for key in raw:
+        if key not in _FILE_SEARCH_KEYS and raw[key] is not None:
+            raise invalid(f"{param}.{key} is not supported", f"{param}.{key}")
+    ids = raw.get("vector_store_ids")
+    if (not isinstance(ids, list) or not ids or len(ids) > MAX_SEARCHED_STORES
+            or not all(isinstance(i, str) and i for i in ids)):
+        raise invalid(f"{param}.vector_store_ids must be an array of 1 to "
+                      f"{MAX_SEARCHED_STORES} vector store ids", f"{param}.vector_store_ids")
+    limit = raw.get("max_num_results")
+    threshold, ranker = parse_ranking(raw.get("ranking_options"), f"{param}.ranking_options")
+    return FileSearchTool(
+        vector_store_ids=list(dict.fromkeys(ids)),
+        max_num_results=(DEFAULT_MAX_RESULTS if limit is None
+                         else parse_max_results(limit, f"{param}.max_num_results")),
+        filters=parse_filters(raw.get("filters"), f"{param}.filters"),
+        raw_filters=raw.get("filters"), score_threshold=threshold, ranker=ranker)
+
+
+def _tools(body: dict) -> list[FunctionTool | CodeInterpreterTool | FileSearchTool]:
     """Function tools (a function declared by name only is a built-in the server runs,
-    e.g. calculator) and the built-in code_interpreter."""
-    tools: list[FunctionTool | CodeInterpreterTool] = []
+    e.g. calculator), the built-in code_interpreter and file_search."""
+    tools: list[FunctionTool | CodeInterpreterTool | FileSearchTool] = []
     for i, raw in enumerate(_get(body, "tools", "an array", "tools", [])):
         param = f"tools[{i}]"
         kind = raw.get("type") if isinstance(raw, dict) else None
         if kind == "code_interpreter":
             tools.append(CodeInterpreterTool(raw.get("container", {"type": "auto"})))
             continue
+        if kind == "file_search":
+            tools.append(_file_search(raw, param))
+            continue
         if kind != "function":
-            raise invalid(f"{param}.type {kind!r} is not supported: only function and "
-                          "code_interpreter tools are", f"{param}.type")
+            raise invalid(f"{param}.type {kind!r} is not supported: only function, "
+                          "code_interpreter and file_search tools are", f"{param}.type")
         tools.append(FunctionTool(
             name=_required_string(raw, "name", param),
             description=_get(raw, "description", "a string", f"{param}.description"),
@@ -160,7 +192,7 @@ def _tools(body: dict) -> list[FunctionTool | CodeInterpreterTool]:
     return tools
 
 
-def _tool_choice(body: dict, tools: list[FunctionTool]) -> str | dict:
+def _tool_choice(body: dict, tools: list) -> str | dict:
     choice = body.get("tool_choice")
     if choice is None:
         return "auto"
@@ -174,8 +206,14 @@ def _tool_choice(body: dict, tools: list[FunctionTool]) -> str | dict:
             raise invalid(f"tool_choice names function {name!r}, which is not in tools",
                           "tool_choice")
         return {"type": "function", "name": name}
-    raise invalid('tool_choice must be "none", "auto", "required" or '
-                  '{"type": "function", "name": ...}', "tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "file_search":
+        if not any(isinstance(t, FileSearchTool) for t in tools):
+            raise invalid('tool_choice {"type": "file_search"} needs a file_search tool',
+                          "tool_choice")
+        return {"type": "file_search"}
+    raise invalid('tool_choice must be "none", "auto", "required", '
+                  '{"type": "function", "name": ...} or {"type": "file_search"}',
+                  "tool_choice")
 
 
 def _check_unsupported(body: dict) -> None:
@@ -184,8 +222,16 @@ def _check_unsupported(body: dict) -> None:
             raise invalid(f"{name} is not supported by this server", name)
     if _get(body, "background", "a boolean", "background"):
         raise invalid("background responses are not supported", "background")
-    if _get(body, "include", "an array", "include"):
-        raise invalid("include is not supported", "include")
+
+
+
+def _include(body: dict) -> list[str]:
+    include = _get(body, "include", "an array", "include", [])
+    for i, value in enumerate(include):
+        if value not in INCLUDABLE:
+            raise invalid(f"include[{i}] {value!r} is not supported: only "
+                          f"{', '.join(INCLUDABLE)} is", f"include[{i}]")
+    return list(dict.fromkeys(include))
 
 
 _FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"},
@@ -279,6 +325,7 @@ def parse_response_request(
                                  "parallel_tool_calls", True),
         text_format=_text_format(body),
         max_tool_calls=max_tool_calls,
+        include=_include(body),
     )
     return request, _get(body, "stream", "a boolean", "stream", False)
 

@@ -38,37 +38,55 @@ def _query(value: Any) -> str:
     return value
 
 
+def parse_max_results(value: Any, param: str = "max_num_results") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_RESULTS:
+        raise invalid(f"{param} must be an integer from 1 to {MAX_RESULTS}", param=param)
+    return value
+
+
+def parse_filters(value: Any, param: str = "filters") -> Filter | None:
+    if value is None:
+        return None
+    try:
+        return parse_filter(value, param)
+    except ValueError as exc:
+        raise invalid(str(exc), param=param) from None
+
+
+def parse_ranking(value: Any, param: str = "ranking_options") -> tuple[float, str]:
+    """`ranking_options`: its score_threshold and its ranker ("none" asks for no
+    re-ranking: the plain vector ranking; "auto" and "default-2024-11-15" are hybrid)."""
+    ranking = value or {}
+    if not isinstance(ranking, dict):
+        raise invalid(f"{param} must be an object", param=param)
+    for key in ranking:
+        if key not in ("ranker", "score_threshold") and ranking[key] is not None:
+            raise invalid(f"{param}.{key} is not supported (hybrid search fuses vector and "
+                          "text rankings with equal weights)", param=f"{param}.{key}")
+    threshold = ranking.get("score_threshold")
+    threshold = 0.0 if threshold is None else threshold
+    if (not isinstance(threshold, int | float) or isinstance(threshold, bool)
+            or not 0.0 <= threshold <= 1.0):
+        raise invalid(f"{param}.score_threshold must be a number from 0 to 1",
+                      param=f"{param}.score_threshold")
+    ranker = ranking.get("ranker") or "auto"
+    if ranker not in ("auto", "default-2024-11-15", "none"):
+        raise invalid(f"{param}.ranker must be 'auto', 'default-2024-11-15' or 'none'",
+                      param=f"{param}.ranker")
+    return float(threshold), ranker
+
+
 def parse_search_request(body: Any) -> SearchOptions:
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
     query = _query(body.get("query"))
-    limit = body.get("max_num_results", 10)
-    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_RESULTS:
-        raise invalid(f"max_num_results must be an integer from 1 to {MAX_RESULTS}",
-                      param="max_num_results")
-    filters = None
-    if body.get("filters") is not None:
-        try:
-            filters = parse_filter(body["filters"])
-        except ValueError as exc:
-            raise invalid(str(exc), param="filters") from None
-    ranking = body.get("ranking_options") or {}
-    if not isinstance(ranking, dict):
-        raise invalid("ranking_options must be an object", param="ranking_options")
-    threshold = ranking.get("score_threshold", 0.0)
-    if (not isinstance(threshold, int | float) or isinstance(threshold, bool)
-            or not 0.0 <= threshold <= 1.0):
-        raise invalid("ranking_options.score_threshold must be a number from 0 to 1",
-                      param="ranking_options.score_threshold")
-    ranker = ranking.get("ranker", "auto")
-    if ranker not in ("auto", "default-2024-11-15", "none"):
-        raise invalid("ranking_options.ranker must be 'auto', 'default-2024-11-15' or 'none'",
-                      param="ranking_options.ranker")
+    limit = parse_max_results(body.get("max_num_results", 10))
+    filters = parse_filters(body.get("filters"))
+    threshold, ranker = parse_ranking(body.get("ranking_options"))
     if not isinstance(body.get("rewrite_query", False), bool):
         raise invalid("rewrite_query must be a boolean", param="rewrite_query")
-    # "none" asks for no re-ranking: the plain vector ranking; otherwise hybrid.
     mode: SearchMode = "vector" if ranker == "none" else "hybrid"
-    return SearchOptions(query, filters, limit, float(threshold), mode)
+    return SearchOptions(query, filters, limit, threshold, mode)
 
 
 def search_results_page(query: str, hits: list[Hit]) -> dict:
