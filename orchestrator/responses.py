@@ -420,6 +420,27 @@ class Turn:
             self._spotlit[item["id"]] = text
         return file_search_as_function_items(item, text)
 
+    def _searched_enough(self) -> bool:
+        """Whether file_search, the only tool, has run in this response: the next turn
+        is then asked to answer without tools. (Offered tools after its results, the
+        default 135M model answers with a made-up `<tool_response>` block instead.)"""
+        return [d["name"] for d in self.tools.declarations] == [FILE_SEARCH] and any(
+            item["type"] == "file_search_call" for item in self.events.output)
+
+    def _search_forced(self, config: ToolConfig) -> bool:
+        """Whether this turn must call file_search and nothing else (tool_choice
+        `{"type": "file_search"}`, or "required" with file_search the only tool) while
+        the input has a user message. Then the model is not asked to write the call: the
+        search runs on the user's message, which is what a forced call of a small model
+        would have asked less well (the default 135M model writes queries such as
+        "file_search_query_id", call after call)."""
+        search = self.tools.builtins.get(FILE_SEARCH)
+        if not isinstance(search, FileSearch) or search.question is None:
+            return False
+        names = [t.name for t in config.tools]
+        return (config.mode == "function" and config.forced == FILE_SEARCH) or (
+            config.mode == "required" and names == [FILE_SEARCH])
+
     def _annotate(self, text: str) -> list[dict]:
         """The file citations of an answer written after file_search showed sources."""
         search = self.tools.builtins.get(FILE_SEARCH)
@@ -450,7 +471,14 @@ class Turn:
         request = self.request
         if self._generations > 0:  # a forced or required call was made: now free to answer
             request = dataclasses.replace(request, tool_choice="auto")
-        config = request.tool_config(self.declared if tools_enabled else [])
+        offered = tools_enabled and not self._searched_enough()
+        config = request.tool_config(self.declared if offered else [])
+        if self._generations == 0 and self._search_forced(config):
+            self._generations += 1
+            self.prompt = None  # the first prompt asked for the call this replaces
+            return [{"id": new_id("fc"), "type": "function_call", "call_id": new_id("call"),
+                     "name": FILE_SEARCH, "arguments": '{"queries": []}',
+                     "status": "completed"}]
         prompt, params = self._next_prompt(items, config)
         request_id = self.id if self._generations == 0 else f"{self.id}-{self._generations}"
         if self._generations > 0:  # the first was reserved before the turn started

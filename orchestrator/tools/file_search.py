@@ -113,9 +113,11 @@ def _distinct(queries: Iterable[str]) -> list[str]:
 
 
 def render_sources(hits: Sequence[Hit], first_number: int, budget: int,
-                   special_tokens: Iterable[str] = ()) -> tuple[str, list[Source]]:
+                   special_tokens: Iterable[str] = (), question: str | None = None
+                   ) -> tuple[str, list[Source]]:
     """The text the model reads for `hits`, and the sources it shows (numbered from
-    `first_number`): chunks in rank order while `budget` characters last."""
+    `first_number`): chunks in rank order while `budget` characters last, then the
+    question again (a small model answers what it read last) and how to cite."""
     special = tuple(special_tokens)
     parts, sources = [], []
     left = budget
@@ -134,9 +136,12 @@ def render_sources(hits: Sequence[Hit], first_number: int, budget: int,
         return "No matching text was found in the files.", []
     omitted = len(hits) - len(sources)
     note = f"\n({omitted} more results were not shown.)" if omitted else ""
-    return ("\n\n".join(parts) + note + "\n\nAnswer from these sources when they are "
-            "relevant, and cite each source you use by its number in brackets, e.g. "
-            f"[{first_number}]."), sources
+    ask = (f"Question: {question}\nAnswer the question in one short sentence, using the "
+           "sources above, and end it with the source number in brackets, like "
+           f"[{first_number}]." if question else
+           "Answer from these sources when they are relevant, and cite each source you use "
+           f"by its number in brackets, like [{first_number}].")
+    return "\n\n".join(parts) + note + "\n\n" + ask, sources
 
 
 class FileSearch:
@@ -177,7 +182,7 @@ class FileSearch:
                     for q in queries]
         hits = await self.backend.search_stores(self.owner, c.vector_store_ids, searches)
         text, shown = render_sources(hits, len(self.sources) + 1, self.text_budget,
-                                     self.special_tokens)
+                                     self.special_tokens, self.question)
         self.sources += shown
         results = [result_dict(h) for h in hits] if self.include_results else None
         return FileSearchOutput(text, [], queries, results)
