@@ -73,3 +73,16 @@ def test_agent_sales_example_runs_sql_query_on_the_server():
     assert lines[0].startswith("call: sql_query {")
     assert lines[1].startswith("result: ")
     assert lines[2].startswith("answer: ") and lines[2] != "answer: ''"
+
+
+@pytest.mark.slow
+def test_rag_answers_with_a_citation():
+    """rag.py starts its own server, indexes its guide and asks with file_search."""
+    lines = run_example("rag.py").splitlines()
+    assert lines[0].startswith("indexed: starter.md as file_") and lines[0].endswith(
+        "(completed)")
+    fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    assert fields["searched"] == "['How often does a starter kept in the fridge need feeding?']"
+    assert fields["result"].endswith(" starter.md")
+    assert fields["answer"].strip()
+    assert fields["citation"].startswith("starter.md (file_")
