@@ -60,6 +60,26 @@ def _vector_store(body: dict, counts: kb.FileCounts, usage_bytes: int) -> dict:
                             "total": counts.total}}
 
 
+def missing_batch(batch_id: str) -> NotFoundError:
+    return NotFoundError(f"No file batch found with id '{batch_id}'.", param="batch_id",
+                         code="not_found")
+
+
+def _file_batch(body: dict, counts: kb.FileCounts, cancelled: bool) -> dict:
+    if counts.in_progress:
+        status = "in_progress"
+    elif cancelled:
+        status = "cancelled"
+    elif counts.total and counts.failed == counts.total:
+        status = "failed"
+    else:
+        status = "completed"
+    return {**body, "status": status,
+            "file_counts": {"in_progress": counts.in_progress, "completed": counts.completed,
+                            "failed": counts.failed, "cancelled": counts.cancelled,
+                            "total": counts.total}}
+
+
 def _error(code: str, message: str) -> dict:
     return {"code": code, "message": message}
 
@@ -70,6 +90,7 @@ class VectorStoreService:
         self.files = files
         self.embedder = embedder
         self._tasks: set[asyncio.Task] = set()
+        self._running: dict[tuple[str, str, str], asyncio.Task] = {}  # by (owner, store, file)
 
     # -- vector stores -------------------------------------------------------------------
 
@@ -165,6 +186,48 @@ class VectorStoreService:
             raise missing_file(file_id)
         return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
 
+    # -- file batches --------------------------------------------------------------------
+
+    async def create_file_batch(self, owner: str, vector_store_id: str,
+                                files: list[FileToAdd]) -> dict:
+        """Add several files at once; the batch reports their progress together."""
+        store_files = await self._store_files(owner, vector_store_id, files)
+        body = {"id": new_id("vsfb"), "object": "vector_store.files_batch",
+                "created_at": int(time.time()), "vector_store_id": vector_store_id}
+        if not await self.store.call(kb.add_file_batch, owner, vector_store_id, body,
+                                     store_files):
+            raise missing_store(vector_store_id)
+        self._start(owner, vector_store_id, store_files)
+        return await self.retrieve_file_batch(owner, vector_store_id, body["id"])
+
+    async def retrieve_file_batch(self, owner: str, vector_store_id: str,
+                                  batch_id: str) -> dict:
+        found = await self.store.call(kb.get_file_batch, owner, vector_store_id, batch_id)
+        if found is None:
+            raise missing_batch(batch_id)
+        return _file_batch(*found)
+
+    async def cancel_file_batch(self, owner: str, vector_store_id: str, batch_id: str) -> dict:
+        """Cancel the batch: its files still in progress become `cancelled` and their
+        ingestion stops; files already indexed stay."""
+        stopped = await self.store.call(kb.cancel_file_batch, owner, vector_store_id,
+                                        batch_id)
+        if stopped is None:
+            raise missing_batch(batch_id)
+        for file_id in stopped:
+            task = self._running.get((owner, vector_store_id, file_id))
+            if task is not None:
+                task.cancel()
+        return await self.retrieve_file_batch(owner, vector_store_id, batch_id)
+
+    async def list_batch_files(self, owner: str, vector_store_id: str, batch_id: str,
+                               page: Page, status: str | None) -> ItemPage:
+        found = await self.store.call(kb.list_batch_files, owner, vector_store_id, batch_id,
+                                      page, status)
+        if found is None:
+            raise missing_batch(batch_id)
+        return found
+
     # -- ingestion -----------------------------------------------------------------------
 
     def resume(self) -> int:
@@ -203,7 +266,15 @@ class VectorStoreService:
         task = asyncio.get_running_loop().create_task(
             self._ingest(owner, vector_store_id, file_id))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        key = (owner, vector_store_id, file_id)
+        self._running[key] = task
+
+        def done(finished: asyncio.Task) -> None:
+            self._tasks.discard(finished)
+            if self._running.get(key) is finished:
+                del self._running[key]
+
+        task.add_done_callback(done)
 
     async def _ingest(self, owner: str, vector_store_id: str, file_id: str) -> None:
         chunks, error = None, None

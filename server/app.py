@@ -186,6 +186,7 @@ def file_routes() -> list[Route]:
     """The Files and Vector Stores APIs (served with the product)."""
     post, get, delete = ["POST"], ["GET"], ["DELETE"]
     store, store_file = "/v1/vector_stores/{vector_store_id}", "/files/{file_id}"
+    batch = "/file_batches/{batch_id}"
     return [
         Route("/v1/files", fil.create_file, methods=post),
         Route("/v1/files", fil.list_files, methods=get),
@@ -202,6 +203,10 @@ def file_routes() -> list[Route]:
         Route(f"{store}/files", vs.list_store_files, methods=get),
         Route(f"{store}{store_file}", vs.retrieve_store_file, methods=get),
         Route(f"{store}{store_file}", vs.delete_store_file, methods=delete),
+        Route(f"{store}/file_batches", _with_json_body(vs.create_file_batch), methods=post),
+        Route(f"{store}{batch}", vs.retrieve_file_batch, methods=get),
+        Route(f"{store}{batch}/cancel", vs.cancel_file_batch, methods=post),
+        Route(f"{store}{batch}/files", vs.list_batch_files, methods=get),
     ]
 
 

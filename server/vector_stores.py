@@ -145,3 +145,61 @@ async def retrieve_store_file(request: Request) -> Response:
 async def delete_store_file(request: Request) -> Response:
     return JSONResponse(await _service(request).delete_file(
         owner(request), _store_id(request), request.path_params["file_id"]))
+
+
+# -- file batches ----------------------------------------------------------------------------
+
+
+def _batch_files(body: dict) -> list[FileToAdd]:
+    """`file_ids` (with the batch's `attributes` and `chunking_strategy`) or `files`
+    (each with its own), one of the two."""
+    if (body.get("file_ids") is None) == (body.get("files") is None):
+        raise invalid("give either file_ids or files", "file_ids")
+    if body.get("file_ids") is not None:
+        file_ids = body["file_ids"]
+        if not isinstance(file_ids, list) or not file_ids or len(file_ids) > MAX_FILE_IDS:
+            raise invalid(f"file_ids must be an array of 1 to {MAX_FILE_IDS} file ids",
+                          "file_ids")
+        chunking, attributes = _chunking(body), _attributes(body)
+        return [FileToAdd(_file_id(f, "file_ids"), chunking, attributes)
+                for f in dict.fromkeys(file_ids)]
+    if body.get("attributes") is not None or body.get("chunking_strategy") is not None:
+        raise invalid("with files, give attributes and chunking_strategy per file", "files")
+    entries = body["files"]
+    if not isinstance(entries, list) or not entries or len(entries) > MAX_FILE_IDS:
+        raise invalid(f"files must be an array of 1 to {MAX_FILE_IDS} objects", "files")
+    added: dict[str, FileToAdd] = {}
+    for i, entry in enumerate(entries):
+        entry = _object(entry, {"file_id", "attributes", "chunking_strategy"})
+        file_id = _file_id(entry.get("file_id"), f"files[{i}].file_id")
+        added[file_id] = FileToAdd(file_id, _chunking(entry), _attributes(entry))
+    return list(added.values())
+
+
+def _batch_id(request: Request) -> str:
+    return request.path_params["batch_id"]
+
+
+async def create_file_batch(request: Request, body: Any) -> Response:
+    body = _object(body, {"file_ids", "files", "attributes", "chunking_strategy"})
+    return JSONResponse(await _service(request).create_file_batch(
+        owner(request), _store_id(request), _batch_files(body)))
+
+
+async def retrieve_file_batch(request: Request) -> Response:
+    return JSONResponse(await _service(request).retrieve_file_batch(
+        owner(request), _store_id(request), _batch_id(request)))
+
+
+async def cancel_file_batch(request: Request) -> Response:
+    return JSONResponse(await _service(request).cancel_file_batch(
+        owner(request), _store_id(request), _batch_id(request)))
+
+
+async def list_batch_files(request: Request) -> Response:
+    status = request.query_params.get("filter")
+    if status is not None and status not in STATUSES:
+        raise invalid(f"filter must be one of {', '.join(STATUSES)}", "filter")
+    page = parse_page(request.query_params)
+    return JSONResponse(item_list(await _service(request).list_batch_files(
+        owner(request), _store_id(request), _batch_id(request), page, status)))

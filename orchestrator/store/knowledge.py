@@ -16,7 +16,12 @@ from sqlalchemy.engine import Connection
 
 from orchestrator.retrieval.index import ChunkRecord, Hit, SearchRequest, SqliteIndex
 from orchestrator.store.repository import ItemPage, Page, Repository, _page
-from orchestrator.store.tables import files, vector_store_files, vector_stores
+from orchestrator.store.tables import (
+    files,
+    vector_store_file_batches,
+    vector_store_files,
+    vector_stores,
+)
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,9 @@ def delete_vector_store(repo: Repository, owner: str, vector_store_id: str) -> b
         conn.execute(delete(vector_store_files).where(
             vector_store_files.c.vector_store_id == vector_store_id,
             vector_store_files.c.owner_id == owner))
+        conn.execute(delete(vector_store_file_batches).where(
+            vector_store_file_batches.c.vector_store_id == vector_store_id,
+            vector_store_file_batches.c.owner_id == owner))
         deleted = conn.execute(delete(vector_stores).where(
             vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner))
     return deleted.rowcount > 0
@@ -221,17 +229,95 @@ def unfinished_store_files(repo: Repository) -> list[tuple[str, str, str]]:
     return [(r.owner_id, r.vector_store_id, r.id) for r in rows]
 
 
+# -- file batches ------------------------------------------------------------------------
+
+def add_file_batch(repo: Repository, owner: str, vector_store_id: str, body: dict,
+                   store_files: list[dict]) -> bool:
+    """Record a batch and add its files (queued again from scratch if already in the
+    store); False if the store is not this owner's."""
+    index = index_for(repo)
+    with repo.engine.begin() as conn:
+        if not _owns_store(conn, owner, vector_store_id):
+            return False
+        conn.execute(insert(vector_store_file_batches).values(
+            id=body["id"], vector_store_id=vector_store_id, owner_id=owner, cancelled=False,
+            body=body))
+        for store_file in store_files:
+            _remove_store_file(conn, index, owner, vector_store_id, store_file["id"])
+        _insert_store_files(conn, owner, vector_store_id, store_files, body["id"])
+    return True
+
+
+def get_file_batch(repo: Repository, owner: str, vector_store_id: str,
+                   batch_id: str) -> tuple[dict, FileCounts, bool] | None:
+    """The stored body, its files' counts by status, and whether it was cancelled."""
+    b = vector_store_file_batches
+    with repo.engine.connect() as conn:
+        row = conn.execute(select(b.c.body, b.c.cancelled).where(
+            b.c.id == batch_id, b.c.vector_store_id == vector_store_id,
+            b.c.owner_id == owner)).first()
+        if row is None:
+            return None
+        t = vector_store_files
+        counts = conn.execute(select(t.c.status, func.count()).where(
+            t.c.batch_id == batch_id, t.c.owner_id == owner).group_by(t.c.status)).all()
+    return row.body, FileCounts(**{status: n for status, n in counts}), row.cancelled
+
+
+def cancel_file_batch(repo: Repository, owner: str, vector_store_id: str,
+                      batch_id: str) -> list[str] | None:
+    """Mark the batch cancelled and its files still in progress `cancelled` (ingestion
+    then writes nothing for them); the ids of those files, or None if no such batch."""
+    b, t = vector_store_file_batches, vector_store_files
+    with repo.engine.begin() as conn:
+        found = conn.execute(update(b).where(
+            b.c.id == batch_id, b.c.vector_store_id == vector_store_id, b.c.owner_id == owner,
+        ).values(cancelled=True)).rowcount
+        if not found:
+            return None
+        rows = conn.execute(select(t.c.id, t.c.body).where(
+            t.c.batch_id == batch_id, t.c.owner_id == owner,
+            t.c.status == "in_progress")).all()
+        for row in rows:
+            conn.execute(update(t).where(
+                t.c.vector_store_id == vector_store_id, t.c.id == row.id,
+                t.c.owner_id == owner).values(
+                status="cancelled", body={**row.body, "status": "cancelled"}))
+    return [row.id for row in rows]
+
+
+def list_batch_files(repo: Repository, owner: str, vector_store_id: str, batch_id: str,
+                     page: Page, status: str | None) -> ItemPage | None:
+    b, t = vector_store_file_batches, vector_store_files
+    with repo.engine.connect() as conn:
+        if conn.execute(select(b.c.id).where(
+                b.c.id == batch_id, b.c.vector_store_id == vector_store_id,
+                b.c.owner_id == owner)).first() is None:
+            return None
+        query = t.select().where(t.c.batch_id == batch_id)
+        if status is not None:
+            query = query.where(t.c.status == status)
+        table = query.subquery()
+        return _page(conn, table, table.c.vector_store_id, vector_store_id, owner, page)
+
+
+def _owns_store(conn: Connection, owner: str, vector_store_id: str) -> bool:
+    return conn.execute(select(vector_stores.c.id).where(
+        vector_stores.c.id == vector_store_id,
+        vector_stores.c.owner_id == owner)).first() is not None
+
+
 def search(repo: Repository, owner: str, request: SearchRequest) -> list[Hit]:
     with repo.engine.connect() as conn:
         return _index(repo).search(conn, owner, request)
 
 
 def _insert_store_files(conn: Connection, owner: str, vector_store_id: str,
-                        store_files: list[dict]) -> None:
+                        store_files: list[dict], batch_id: str | None = None) -> None:
     if store_files:
         conn.execute(insert(vector_store_files), [
             {"id": body["id"], "vector_store_id": vector_store_id, "owner_id": owner,
-             "status": body["status"], "body": body}
+             "status": body["status"], "body": body, "batch_id": batch_id}
             for body in store_files
         ])
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     Double,
     ForeignKey,
@@ -123,8 +124,26 @@ vector_store_files = Table(
     Column("owner_id", ID, nullable=False),
     Column("status", String(16), nullable=False, index=True),
     Column("body", JSON, nullable=False),
+    # The file batch that added the file, if one did (a later add takes it out).
+    Column("batch_id", ID, nullable=True, index=True),
     UniqueConstraint("vector_store_id", "id", name="uq_vector_store_files_store_id_id"),
     Index("ix_vector_store_files_id", "id"),
+)
+
+# File batches: the object as `body` without `status` and `file_counts`, computed from the
+# files the batch added; `cancelled` once it was cancelled.
+vector_store_file_batches = Table(
+    "vector_store_file_batches",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", ID, nullable=False, unique=True),
+    Column(
+        "vector_store_id", ID, ForeignKey("vector_stores.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("owner_id", ID, nullable=False),
+    Column("cancelled", Boolean, nullable=False, default=False),
+    Column("body", JSON, nullable=False),
+    Index("ix_vector_store_file_batches_store", "vector_store_id", "owner_id"),
 )
 
 # -- accounts ------------------------------------------------------------------------------
