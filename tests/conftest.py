@@ -1,12 +1,17 @@
-"""Shared fixtures: tiny random Hugging Face models saved to disk, and the test device."""
+"""Shared fixtures: tiny random Hugging Face models saved to disk, the test device, and a
+throwaway PostgreSQL server (the store's and the retrieval index's tests)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
 
 import pytest
 import torch
+
+from tests.product.postgres import PostgresServer, start_postgres
 
 TEST_DEVICE = torch.device(os.environ.get("TOKENMILL_TEST_DEVICE", "cpu"))
 
@@ -104,3 +109,11 @@ def tiny_chat_model_dir(tmp_path_factory):
               "chat_template": tokenizer.chat_template}
     (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = start_postgres()
+    yield server
+    server.stop()
+    shutil.rmtree(server.root, ignore_errors=True)

@@ -7,11 +7,11 @@ commits together with the file's row. Every method takes the owner and filters o
 
 `SqliteIndex` keeps chunks in the table `retrieval_chunks`, their embeddings in a
 sqlite-vec `vec0` table partitioned by vector store, and an FTS5 table over their text;
-triggers keep both in step with the chunks. The vector search is sqlite-vec's exact
-k-nearest-neighbour scan of the requested stores' partitions; attribute filters restrict
-that scan to the rows they select (rather than thinning its results), so a selective
-filter never costs recall. A PostgreSQL index would keep the same table with pgvector's
-`vector` column and a `tsvector`, behind the same protocol.
+triggers keep both in step with the chunks. `ChunkTableIndex` holds what any database's
+index shares (deletion, counts, fusion); `pg_index.PgIndex` is the PostgreSQL one.
+SQLite's vector search is sqlite-vec's exact k-nearest-neighbour scan of the requested
+stores' partitions; attribute filters restrict that scan to the rows they select (rather
+than thinning its results), so a selective filter never costs recall.
 """
 
 from __future__ import annotations
@@ -45,7 +45,12 @@ from sqlalchemy import (
 from sqlalchemy import Table as SqlTable
 from sqlalchemy.engine import Connection
 
-from orchestrator.retrieval.filters import Filter, SqliteJsonAttributes, compile_filter
+from orchestrator.retrieval.filters import (
+    Filter,
+    JsonAttributes,
+    SqliteJsonAttributes,
+    compile_filter,
+)
 from orchestrator.retrieval.fusion import reciprocal_rank_fusion
 
 SearchMode = Literal["hybrid", "vector", "text"]
@@ -207,13 +212,17 @@ STOPWORDS = frozenset({
 })
 
 
-def fts_query(text: str) -> str | None:
-    """A user's query as an FTS5 expression: its words less stopwords (all of them if
-    nothing else is left), each quoted so no word is read as an operator, joined by OR so
-    BM25 ranks partial matches; None without words."""
+def query_terms(text: str) -> list[str]:
+    """A user's query as full-text terms: its distinct words less stopwords (all of them
+    if nothing else is left), at most MAX_QUERY_TERMS."""
     words = list(dict.fromkeys(w.lower() for w in _WORD.findall(text)))
-    terms = [w for w in words if w not in STOPWORDS] or words
-    return " OR ".join(f'"{t}"' for t in terms[:MAX_QUERY_TERMS]) or None
+    return ([w for w in words if w not in STOPWORDS] or words)[:MAX_QUERY_TERMS]
+
+
+def fts_query(text: str) -> str | None:
+    """A user's query as an FTS5 expression: its terms, each quoted so no word is read as
+    an operator, joined by OR so BM25 ranks partial matches; None without words."""
+    return " OR ".join(f'"{t}"' for t in query_terms(text)) or None
 
 
 def candidates_for(max_num_results: int) -> int:
@@ -222,35 +231,27 @@ def candidates_for(max_num_results: int) -> int:
     return max(50, 5 * max_num_results)
 
 
-class SqliteIndex:
-    """`RetrievalIndex` on SQLite with sqlite-vec and FTS5."""
+class ChunkTableIndex:
+    """What every index on the `retrieval_chunks` table shares: deletion, attributes,
+    counts, and the search itself (rankings, fusion, threshold); a database's index
+    adds its schema, its inserts and its two rankings."""
 
     table = retrieval_chunks
 
     def __init__(self, dimensions: int = 384) -> None:
         self.dimensions = dimensions
 
-    def create_schema(self, conn: Connection) -> None:
-        metadata.create_all(conn, tables=[self.table])
-        for statement in sqlite_ddl(self.dimensions):
-            conn.exec_driver_sql(statement)
+    def json_attributes(self) -> JsonAttributes:
+        raise NotImplementedError
 
-    def add(self, conn: Connection, owner: str, vector_store_id: str,
-            chunks: list[ChunkRecord]) -> None:
-        if not chunks:
-            return
-        ids = conn.execute(insert(self.table).returning(self.table.c.id,
-                                                        sort_by_parameter_order=True), [
-            {"owner_id": owner, "vector_store_id": vector_store_id, "file_id": c.file_id,
-             "filename": c.filename, "chunk_index": c.chunk_index, "text": c.text,
-             "attributes": c.attributes}
-            for c in chunks
-        ]).scalars().all()
-        conn.exec_driver_sql(
-            "INSERT INTO retrieval_vectors(id, vector_store_id, owner_id, embedding) "
-            "VALUES (?, ?, ?, ?)",
-            [(i, vector_store_id, owner, _vector_bytes(c.vector))
-             for i, c in zip(ids, chunks, strict=True)])
+    def _vector_ranking(self, conn: Connection, owner: str, request: SearchRequest,
+                        depth: int) -> list[tuple[int, float]]:
+        raise NotImplementedError
+
+    def _text_ranking(self, conn: Connection, owner: str, request: SearchRequest,
+                      depth: int) -> list[tuple[int, float]]:
+        raise NotImplementedError
+
 
     def delete_file(self, conn: Connection, owner: str, vector_store_id: str,
                     file_id: str) -> int:
@@ -295,8 +296,47 @@ class SqliteIndex:
         t = self.table
         where = [t.c.owner_id == owner, t.c.vector_store_id.in_(request.vector_store_ids)]
         if request.filters is not None:
-            where.append(compile_filter(request.filters, SqliteJsonAttributes(t.c.attributes)))
+            where.append(compile_filter(request.filters, self.json_attributes()))
         return where
+
+    def _hits(self, conn: Connection, scored: list[tuple[int, float]]) -> list[Hit]:
+        if not scored:
+            return []
+        t = self.table
+        rows = {row.id: row for row in conn.execute(
+            select(t).where(t.c.id.in_([i for i, _ in scored])))}
+        return [Hit(rows[i].vector_store_id, rows[i].file_id, rows[i].filename,
+                    rows[i].chunk_index, rows[i].text, rows[i].attributes, score)
+                for i, score in scored]
+
+
+class SqliteIndex(ChunkTableIndex):
+    """`RetrievalIndex` on SQLite with sqlite-vec and FTS5."""
+
+    def create_schema(self, conn: Connection) -> None:
+        metadata.create_all(conn, tables=[self.table])
+        for statement in sqlite_ddl(self.dimensions):
+            conn.exec_driver_sql(statement)
+
+    def json_attributes(self) -> JsonAttributes:
+        return SqliteJsonAttributes(self.table.c.attributes)
+
+    def add(self, conn: Connection, owner: str, vector_store_id: str,
+            chunks: list[ChunkRecord]) -> None:
+        if not chunks:
+            return
+        ids = conn.execute(insert(self.table).returning(self.table.c.id,
+                                                        sort_by_parameter_order=True), [
+            {"owner_id": owner, "vector_store_id": vector_store_id, "file_id": c.file_id,
+             "filename": c.filename, "chunk_index": c.chunk_index, "text": c.text,
+             "attributes": c.attributes}
+            for c in chunks
+        ]).scalars().all()
+        conn.exec_driver_sql(
+            "INSERT INTO retrieval_vectors(id, vector_store_id, owner_id, embedding) "
+            "VALUES (?, ?, ?, ?)",
+            [(i, vector_store_id, owner, _vector_bytes(c.vector))
+             for i, c in zip(ids, chunks, strict=True)])
 
     def _vector_ranking(self, conn: Connection, owner: str, request: SearchRequest,
                         depth: int) -> list[tuple[int, float]]:
@@ -335,13 +375,3 @@ class SqliteIndex:
             return []
         best = rows[0].rank
         return [(row.id, row.rank / best if best < 0 else 1.0) for row in rows]
-
-    def _hits(self, conn: Connection, scored: list[tuple[int, float]]) -> list[Hit]:
-        if not scored:
-            return []
-        t = self.table
-        rows = {row.id: row for row in conn.execute(
-            select(t).where(t.c.id.in_([i for i, _ in scored])))}
-        return [Hit(rows[i].vector_store_id, rows[i].file_id, rows[i].filename,
-                    rows[i].chunk_index, rows[i].text, rows[i].attributes, score)
-                for i, score in scored]

