@@ -20,6 +20,7 @@ from orchestrator.responses import FunctionTool, ResponseRequest, ResponseServic
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store import Page, Store
 from orchestrator.store.accounts import release_reservations
+from orchestrator.store.knowledge import prepare_index
 from orchestrator.tools import ToolRegistry
 from orchestrator.vector_stores import VectorStoreService
 
@@ -30,9 +31,11 @@ class Product:
     responses: ResponseService
     conversations: ConversationService
     accounts: Accounts
-    # With a data directory: uploaded files; with an embedder too, on SQLite: vector stores.
+    # With a data directory: uploaded files; with an embedder too: vector stores (on
+    # PostgreSQL only when it has pgvector).
     files: FileService | None = None
     vector_stores: VectorStoreService | None = None
+    index_unavailable: str | None = None  # why the database cannot hold the index
 
     @classmethod
     def open(cls, engine: EngineClient, database_url: str, data_dir: Path | None = None,
@@ -54,7 +57,9 @@ class Product:
                       ConversationService(store), Accounts(store))
         if data_dir is not None:
             product.files = FileService(store, Path(data_dir))
-            if embedder is not None and store.engine.dialect.name == "sqlite":
+            if embedder is not None:
+                product.index_unavailable = prepare_index(store.repo)
+            if embedder is not None and product.index_unavailable is None:
                 product.vector_stores = VectorStoreService(store, product.files, embedder)
         product.responses.file_search = product.vector_stores
         if product.vector_stores is None:
@@ -64,15 +69,16 @@ class Product:
 
     def vector_stores_unavailable(self) -> str:
         """Why this product serves no vector stores (for the routes' error)."""
-        if self.store.engine.dialect.name != "sqlite":
-            return ("vector stores and file search are not supported on PostgreSQL yet "
-                    "(the retrieval index needs SQLite with sqlite-vec): use the SQLite store")
+        if self.index_unavailable is not None:
+            return (f"vector stores and file search are not available on this database: "
+                    f"{self.index_unavailable}")
         return "vector stores need the embedding model: start the server with --embeddings"
 
     def resume(self) -> None:
         """Start-up work that needs the event loop: ingestion cut off by the last stop is
-        queued again (SQLite only: that database belongs to this server alone)."""
-        if self.vector_stores is not None:
+        queued again (SQLite only: that database belongs to this server alone, while a
+        PostgreSQL one may hold files other servers are ingesting right now)."""
+        if self.vector_stores is not None and self.store.engine.dialect.name == "sqlite":
             self.vector_stores.resume()
 
     def close(self) -> None:

@@ -13,8 +13,16 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
-from orchestrator.retrieval.index import ChunkRecord, Hit, SearchRequest, SqliteIndex
+from orchestrator.retrieval import pg_index
+from orchestrator.retrieval.index import (
+    ChunkRecord,
+    ChunkTableIndex,
+    Hit,
+    SearchRequest,
+    SqliteIndex,
+)
 from orchestrator.store.repository import ItemPage, Page, Repository, _page
 from orchestrator.store.tables import (
     files,
@@ -36,15 +44,37 @@ class FileCounts:
         return self.in_progress + self.completed + self.failed + self.cancelled
 
 
-def index_for(repo: Repository) -> SqliteIndex | None:
-    """The retrieval index this database can hold (SQLite only, for now)."""
-    return SqliteIndex() if repo.engine.dialect.name == "sqlite" else None
+def index_for(repo: Repository) -> ChunkTableIndex | None:
+    """The retrieval index of this database: SQLite's (made by the migrations), or on
+    PostgreSQL the pgvector one once `prepare_index` made it (else None)."""
+    if repo.engine.dialect.name == "sqlite":
+        return SqliteIndex()
+    return repo.retrieval_index
 
 
-def _index(repo: Repository) -> SqliteIndex:
+def prepare_index(repo: Repository) -> str | None:
+    """Make the retrieval index ready (on PostgreSQL: the pgvector extension, the table
+    and its indexes, if missing); None when ready, else why it cannot be."""
+    if repo.engine.dialect.name == "sqlite":
+        return None
+    with repo.engine.connect() as conn:
+        reason = pg_index.unavailable_reason(conn)
+    if reason is not None:
+        return reason
+    index = pg_index.PgIndex()
+    try:
+        with repo.engine.begin() as conn:
+            index.create_schema(conn)
+    except DBAPIError as exc:
+        return f"creating the pgvector index failed: {str(exc.orig).strip()}"
+    repo.retrieval_index = index
+    return None
+
+
+def _index(repo: Repository) -> ChunkTableIndex:
     index = index_for(repo)
     if index is None:
-        raise RuntimeError("the retrieval index needs SQLite")
+        raise RuntimeError("this database holds no retrieval index (see prepare_index)")
     return index
 
 
@@ -322,7 +352,7 @@ def _insert_store_files(conn: Connection, owner: str, vector_store_id: str,
         ])
 
 
-def _remove_store_file(conn: Connection, index: SqliteIndex | None, owner: str,
+def _remove_store_file(conn: Connection, index: ChunkTableIndex | None, owner: str,
                        vector_store_id: str, file_id: str) -> bool:
     if index is not None:
         index.delete_file(conn, owner, vector_store_id, file_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import array
 import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import Engine, and_, delete, insert, literal, or_, select, update
 from sqlalchemy.engine import Connection
@@ -94,6 +94,8 @@ def _page(conn: Connection, table, parent_column, parent_id: str, owner: str,
 class Repository:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # PostgreSQL's retrieval index, once knowledge.prepare_index made it.
+        self.retrieval_index: Any = None
 
     # -- conversations -------------------------------------------------------------------
 

@@ -1,18 +1,22 @@
 """Files and vector stores below the HTTP layer: ingestion resumed after a restart,
-ownership, and PostgreSQL (files yes, vector stores refused with a clear error)."""
+ownership on both databases, and the whole round on PostgreSQL (pgvector), or a clear
+refusal where it lacks pgvector."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import openai
 import pytest
 
 from orchestrator import FileService, VectorStoreService
+from orchestrator.retrieval import pg_index
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.retrieval.index import SearchRequest, SqliteIndex
 from orchestrator.store import Page, Store
 from orchestrator.store import knowledge as kb
+from tests.server.fake_engine import FakeEngine
 
 TEXT = b"Glaciers carve U-shaped valleys as the ice grinds slowly downhill."
 
@@ -68,9 +72,10 @@ def test_ingestion_cut_off_by_a_stop_resumes_at_start(tmp_path, embedder):
     store.close()
 
 
-def test_every_row_belongs_to_its_owner(tmp_path, embedder):
-    store = Store(f"sqlite:///{tmp_path / 'tokenmill.db'}")
+def test_every_row_belongs_to_its_owner(database_url, embedder):
+    store = Store(database_url)
     repo = store.repo
+    assert kb.prepare_index(repo) is None
     repo_file = {"id": "file_a", "object": "file", "bytes": len(TEXT), "created_at": 0,
                  "filename": "a.txt", "purpose": "assistants"}
     kb.add_file(repo, "alice", repo_file, None)
@@ -102,20 +107,53 @@ async def _chunks(embedder: Embedder):
     return await prepare_chunks(embedder, "file_a", "a.txt", TEXT)
 
 
-def test_postgresql_serves_files_and_refuses_vector_stores_clearly(product_server, postgres,
-                                                                   tmp_path, embedder):
+def test_postgresql_serves_vector_stores_and_file_search(product_server, postgres, tmp_path,
+                                                         embedder):
+    """The whole round on PostgreSQL (pgvector): index, search, file_search, delete."""
+    url = postgres.create_database()
+    server = product_server(FakeEngine(reply="Glaciers carve valleys.", max_model_len=32_000),
+                            database_url=url, data_dir=tmp_path, embedder=embedder)
+    client = server.client
+    file = client.files.create(file=("glaciers.txt", TEXT), purpose="assistants")
+    other = client.files.create(file=("bread.txt", b"Sourdough needs a starter."),
+                                purpose="assistants")
+    store = client.vector_stores.create(file_ids=[file.id, other.id])
+    for _ in range(600):
+        if client.vector_stores.retrieve(store.id).file_counts.completed == 2:
+            break
+        time.sleep(0.05)
+    hits = client.vector_stores.search(store.id, query="how do valleys form").data
+    assert hits[0].file_id == file.id and hits[0].filename == "glaciers.txt"
+    response = client.responses.create(
+        model="fake-model", input="How are valleys carved?", include=["file_search_call.results"],
+        tools=[{"type": "file_search", "vector_store_ids": [store.id]}], tool_choice="required")
+    assert response.output[0].results[0].file_id == file.id
+    assert response.output[1].content[0].annotations[0].file_id == file.id
+    repo = server.product.store.repo
+    with repo.engine.connect() as conn:
+        assert kb.index_for(repo).count(conn, "user_local", store.id, file.id) == 1
+    assert client.files.delete(file.id).deleted
+    with repo.engine.connect() as conn:
+        assert kb.index_for(repo).count(conn, "user_local", store.id, file.id) == 0
+    assert [h.file_id for h in client.vector_stores.search(store.id, query="valleys").data] \
+        == [other.id]
+
+
+def test_a_database_without_pgvector_refuses_vector_stores_clearly(
+        product_server, postgres, tmp_path, embedder, monkeypatch):
+    reason = "the PostgreSQL server lacks the pgvector extension"
+    monkeypatch.setattr(pg_index, "unavailable_reason", lambda conn: reason)
     server = product_server(database_url=postgres.create_database(), data_dir=tmp_path,
                             embedder=embedder)
     client = server.client
     file = client.files.create(file=("notes.txt", TEXT), purpose="assistants")
     assert client.files.content(file.id).content == TEXT
-    assert [f.id for f in client.files.list()] == [file.id]
     with pytest.raises(openai.APIStatusError) as caught:
         client.vector_stores.create(file_ids=[file.id])
-    assert caught.value.status_code == 501
-    assert "not supported on PostgreSQL yet" in caught.value.message
-    with pytest.raises(openai.APIStatusError) as caught:
-        client.vector_stores.search("vs_any", query="glaciers")
-    assert caught.value.status_code == 501
+    assert caught.value.status_code == 501 and reason in caught.value.message
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="fake-model", input="hi", tools=[
+            {"type": "file_search", "vector_store_ids": ["vs_1"]}])
+    assert reason in refused.value.message
     assert client.files.delete(file.id).deleted
     assert not (tmp_path / "files" / file.id).exists()
