@@ -1,7 +1,11 @@
 """Retrieval quality and speed: vector vs BM25 vs hybrid, search latency, embedding speed.
 
     python benchmarks/bench_retrieval.py [--queries 500] [--latency-chunks 10000]
-        [--embed-texts 256] [--threads N]
+        [--embed-texts 256] [--threads N] [--database-url postgresql+psycopg://...]
+
+With --database-url (a PostgreSQL database with pgvector, used only by the benchmark:
+its `retrieval_chunks` table is dropped and made again) the index is PostgreSQL's
+(pgvector + full-text search); by default SQLite's, in memory.
 
 Quality runs on a known-item collection built from public text shipped with every Python:
 the docstrings of the standard library. Each documented function, method or class whose
@@ -34,15 +38,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sqlalchemy import Engine, create_engine
 
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.retrieval.index import (
     ChunkRecord,
+    ChunkTableIndex,
     SearchRequest,
     SqliteIndex,
     sqlite_vec_engine,
 )
 from orchestrator.retrieval.ingest import prepare_chunks
+from orchestrator.retrieval.pg_index import PgIndex
 
 MODES = ("vector", "text", "hybrid")
 SKIP_MODULES = ("antigravity", "this", "idlelib", "tkinter", "turtle", "test", "lib2to3",
@@ -125,9 +132,20 @@ def _sample(items: list[KnownItem], n: int) -> list[KnownItem]:
     return [items[int(i * step)] for i in range(n)]
 
 
-def quality(embedder: Embedder, items: list[KnownItem]) -> tuple[dict, list[ChunkRecord], float]:
-    engine = sqlite_vec_engine()
-    index = SqliteIndex()
+def fresh_index(database_url: str | None) -> tuple[Engine, ChunkTableIndex]:
+    """An empty index: SQLite's in memory, or PostgreSQL's in `database_url` (its
+    `retrieval_chunks` dropped first)."""
+    if database_url is None:
+        return sqlite_vec_engine(), SqliteIndex()
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS retrieval_chunks")
+    return engine, PgIndex()
+
+
+def quality(embedder: Embedder, items: list[KnownItem],
+            database_url: str | None = None) -> tuple[dict, list[ChunkRecord], float]:
+    engine, index = fresh_index(database_url)
     started = time.perf_counter()
     records: list[ChunkRecord] = []
 
@@ -157,9 +175,8 @@ def quality(embedder: Embedder, items: list[KnownItem]) -> tuple[dict, list[Chun
 
 
 def latency(embedder: Embedder, records: list[ChunkRecord], items: list[KnownItem],
-            chunks: int) -> dict:
-    engine = sqlite_vec_engine()
-    index = SqliteIndex()
+            chunks: int, database_url: str | None = None) -> dict:
+    engine, index = fresh_index(database_url)
     grown = [ChunkRecord(f"{r.file_id}#{i}", r.filename, r.chunk_index, r.text, r.vector)
              for i in range(math.ceil(chunks / len(records))) for r in records][:chunks]
     with engine.begin() as conn:
@@ -221,6 +238,10 @@ def main() -> None:
     parser.add_argument("--latency-chunks", type=int, default=10_000)
     parser.add_argument("--embed-texts", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--database-url", default=None,
+                        help="a PostgreSQL database with pgvector (default: SQLite)")
+    parser.add_argument("--skip-embeddings", action="store_true",
+                        help="leave out the embedding speed comparison")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,15 +252,19 @@ def main() -> None:
     sample = _sample(items, args.queries)
     print(f"collection: {len(items)} known items from the standard library; "
           f"{len(sample)} queries over {len(sample)} documents")
-    summary, records, chunks_per_s = quality(embedder, sample)
+    print(f"index: {'PostgreSQL (pgvector)' if args.database_url else 'SQLite (sqlite-vec)'}")
+    summary, records, chunks_per_s = quality(embedder, sample, args.database_url)
     print(f"\n{'mode':<8} {'recall@5':>9} {'nDCG@10':>9}")
     for mode in MODES:
         print(f"{mode:<8} {summary[mode]['recall@5']:>9.3f} {summary[mode]['ndcg@10']:>9.3f}")
     print(f"\ningestion: {chunks_per_s:.1f} chunks/s ({len(records)} chunks, "
           "extract + chunk + embed + insert)")
     print(f"\nsearch latency at {args.latency_chunks} chunks (ms, the query already embedded):")
-    for mode, (p50, p99) in latency(embedder, records, sample, args.latency_chunks).items():
+    timings = latency(embedder, records, sample, args.latency_chunks, args.database_url)
+    for mode, (p50, p99) in timings.items():
         print(f"  {mode:<16} p50 {p50:7.2f}  p99 {p99:7.2f}")
+    if args.skip_embeddings:
+        return
     ours, theirs = embedding_speed(embedder, items, args.embed_texts)
     print(f"\nembeddings: ours {ours:.0f} tok/s, sentence-transformers {theirs:.0f} tok/s, "
           f"ratio {ours / theirs:.2f}x ({args.embed_texts} texts <= 254 tokens, best of 2)")
