@@ -8,9 +8,12 @@ chunk row takes its vector and text with it: they are columns of the row.
 - Vector ranking: cosine distance (`<=>`), exact (a sequential scan of the requested
   stores' rows, after the owner/store/filter conditions), scored max(0, 1 - distance) as
   on SQLite.
-- Text ranking: the query's terms (`query_terms`, as on SQLite) joined by `or` into
-  `websearch_to_tsquery('english', …)`, so partial matches rank; ranked by `ts_rank`
-  (term frequency, not BM25: PostgreSQL has no BM25), scored relative to the best.
+- Text ranking: Okapi BM25, as FTS5 ranks on SQLite. PostgreSQL has no BM25 (`ts_rank`
+  weighs no term by its rarity, and ranked far worse here: docs/retrieval.md), so it
+  is computed in SQL: the chunks matching any query term (`query_terms` joined by `or`
+  into `websearch_to_tsquery('english', …)`, the GIN index) give each term's frequency
+  (its positions in the `tsvector`) and document frequency; the chunk count and mean
+  length are counted over the chunks the owner, stores and filters select.
 
 The schema needs the `vector` extension: `create_schema` runs `CREATE EXTENSION IF NOT
 EXISTS vector` (a superuser's right, unless it exists already) and creates the table and
@@ -32,6 +35,7 @@ from sqlalchemy import (
     literal_column,
     select,
     text,
+    true,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import UserDefinedType
@@ -101,6 +105,7 @@ _INSERT = text(
     "text, attributes, embedding) VALUES (:owner, :store, :file_id, :filename, :chunk_index, "
     ":text, CAST(:attributes AS jsonb), CAST(:embedding AS vector))")
 _EMBEDDING = literal_column("embedding")
+BM25_K1, BM25_B = 1.2, 0.75  # FTS5's bm25() defaults
 _TSV = literal_column("tsv")
 
 
@@ -144,16 +149,39 @@ class PgIndex(ChunkTableIndex):
 
     def _text_ranking(self, conn: Connection, owner: str, request: SearchRequest,
                       depth: int) -> list[tuple[int, float]]:
+        """Chunk ids by Okapi BM25 (k1 1.2, b 0.75) over the requested stores' chunks,
+        best first, scored relative to the best: term frequencies from the `tsvector`
+        positions, document frequencies and the mean length counted in SQL over the
+        chunks the owner, stores and filters select."""
         terms = query_terms(request.query)
         if not terms:
             return []
         t = self.table
+        words = " ".join(terms)
+        scope = (select(t.c.id, _TSV.label("tsv")).where(*self._where(owner, request))
+                 .cte("scope"))
+        stats = select(func.count().label("n"),
+                       func.avg(func.length(scope.c.tsv)).label("avgdl")).cte("stats")
+        lexemes = select(func.unnest(func.tsvector_to_array(
+            func.to_tsvector("english", words))).label("lexeme")).scalar_subquery()
+        entry = func.unnest(scope.c.tsv).table_valued("lexeme", "positions").alias("entry")
         query = func.websearch_to_tsquery("english", " or ".join(terms))
-        rank = func.ts_rank(_TSV, query).label("rank")
-        rows = conn.execute(select(t.c.id, rank).where(_TSV.op("@@")(query),
-                                                       *self._where(owner, request))
-                            .order_by(rank.desc(), t.c.id).limit(depth)).all()
+        matches = (select(scope.c.id, func.length(scope.c.tsv).label("dl"), entry.c.lexeme,
+                          func.cardinality(entry.c.positions).label("tf"))
+                   .select_from(scope).join(entry, true())
+                   .where(scope.c.tsv.op("@@")(query), entry.c.lexeme.in_(lexemes))
+                   .cte("matches"))
+        df = (select(matches.c.lexeme, func.count().label("df"))
+              .group_by(matches.c.lexeme).cte("df"))
+        idf = func.ln(1 + (stats.c.n - df.c.df + 0.5) / (df.c.df + 0.5))
+        norm = BM25_K1 * (1 - BM25_B + BM25_B * matches.c.dl / stats.c.avgdl)
+        score = func.sum(idf * matches.c.tf * (BM25_K1 + 1) / (matches.c.tf + norm)
+                         ).label("score")
+        rows = conn.execute(
+            select(matches.c.id, score)
+            .select_from(matches.join(df, df.c.lexeme == matches.c.lexeme).join(stats, true()))
+            .group_by(matches.c.id).order_by(score.desc(), matches.c.id).limit(depth)).all()
         if not rows:
             return []
-        best = float(rows[0].rank)
-        return [(row.id, float(row.rank) / best if best > 0 else 1.0) for row in rows]
+        best = float(rows[0].score)
+        return [(row.id, float(row.score) / best if best > 0 else 1.0) for row in rows]
