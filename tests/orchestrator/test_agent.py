@@ -250,3 +250,62 @@ def test_cancelling_during_a_code_run_kills_the_sandbox():
     agent, label = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert wait_until_gone(label) == []
     assert agent.output[0]["status"] == "incomplete"
+
+
+@dataclass
+class FakeSearch:
+    """A file_search stand-in: finds one result per query, or fails on "boom"."""
+
+    name: str = "file_search"
+    description: str = "test"
+    parameters: dict = field(default_factory=dict)
+
+    async def execute(self, arguments: dict, call_id: str):
+        from orchestrator.tools.base import ToolError
+        from orchestrator.tools.file_search import FileSearchOutput
+
+        queries = arguments["queries"]
+        if "boom" in queries:
+            raise ToolError("the vector store is gone")
+        results = [{"file_id": "file_1", "filename": "a.txt", "score": 1.0, "text": q,
+                    "attributes": {}} for q in queries]
+        return FileSearchOutput(f"[1] found {queries}", [], [*queries, "the question"],
+                                results)
+
+
+def test_a_file_search_call_becomes_its_item_with_its_events():
+    events: list[dict] = []
+    model = ScriptedModel([[call("file_search", queries=["glaciers"])],
+                           [call("file_search", queries=["boom"])], [message("Done.")]])
+    agent = Agent(model, {"file_search": FakeSearch()}, on_event=events.append)
+    result = asyncio.run(agent.run(USER))
+    first, failed, answer = result.output
+    assert first["type"] == "file_search_call" and first["status"] == "completed"
+    assert first["queries"] == ["glaciers", "the question"]  # as the tool searched them
+    assert first["results"][0]["text"] == "glaciers"
+    assert agent.tool_results[first["id"]].text == "[1] found ['glaciers']"
+    assert failed["status"] == "failed" and failed["results"] is None
+    assert agent.tool_results[failed["id"]].text == "Error: the vector store is gone"
+    for item in result.output:
+        ITEM.validate_python(item)
+    for event in events:
+        EVENT.validate_python({**event, "sequence_number": 0})
+    kinds = [(e["type"], e["output_index"]) for e in events]
+    assert kinds == [
+        ("response.output_item.added", 0), ("response.file_search_call.in_progress", 0),
+        ("response.file_search_call.searching", 0), ("response.file_search_call.completed", 0),
+        ("response.output_item.done", 0),
+        ("response.output_item.added", 1), ("response.file_search_call.in_progress", 1),
+        ("response.file_search_call.searching", 1), ("response.output_item.done", 1)]
+    assert answer["type"] == "message"
+
+
+def test_a_file_search_over_the_budget_is_incomplete():
+    model = ScriptedModel([[call("file_search", queries=["a"]), call("file_search", queries=["b"])],
+                           [message("Done.")]])
+    agent = Agent(model, {"file_search": FakeSearch()}, max_tool_calls=1)
+    output = asyncio.run(agent.run(USER)).output
+    assert [(o["type"], o["status"]) for o in output] == [
+        ("file_search_call", "completed"), ("file_search_call", "incomplete"),
+        ("message", "completed")]
+    assert "max_tool_calls" in agent.tool_results[output[1]["id"]].text
