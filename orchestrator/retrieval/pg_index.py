@@ -1,8 +1,9 @@
 """The retrieval index on PostgreSQL: pgvector for the vectors, full-text search for text.
 
-The `retrieval_chunks` table is the SQLite index's, with two more columns: `embedding
-vector(384)` (pgvector) and `tsv tsvector`, generated from the text
-(`to_tsvector('english', text)`, stemmed, stopwords dropped) and GIN-indexed. Deleting a
+The `retrieval_chunks` table is the SQLite index's, with three more columns: `embedding
+vector(384)` (pgvector), `tsv tsvector`, generated from the text
+(`to_tsvector('english', text)`, stemmed, stopwords dropped) and GIN-indexed, and
+`tsv_length`, its count of distinct lexemes (BM25's document length). Deleting a
 chunk row takes its vector and text with it: they are columns of the row.
 
 - Vector ranking: cosine distance (`<=>`), exact (a sequential scan of the requested
@@ -93,7 +94,8 @@ _DDL = (
     "owner_id VARCHAR(64) NOT NULL, vector_store_id VARCHAR(64) NOT NULL, "
     "file_id VARCHAR(64) NOT NULL, filename TEXT NOT NULL, chunk_index INTEGER NOT NULL, "
     "text TEXT NOT NULL, attributes JSONB NOT NULL, embedding vector({dimensions}) NOT NULL, "
-    "tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', text)) STORED)",
+    "tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', text)) STORED, "
+    "tsv_length INTEGER GENERATED ALWAYS AS (length(to_tsvector('english', text))) STORED)",
     "CREATE INDEX IF NOT EXISTS ix_retrieval_chunks_store "
     "ON retrieval_chunks (vector_store_id, owner_id)",
     "CREATE INDEX IF NOT EXISTS ix_retrieval_chunks_file "
@@ -106,7 +108,8 @@ _INSERT = text(
     ":text, CAST(:attributes AS jsonb), CAST(:embedding AS vector))")
 _EMBEDDING = literal_column("embedding")
 BM25_K1, BM25_B = 1.2, 0.75  # FTS5's bm25() defaults
-_TSV = literal_column("tsv")
+_TSV = literal_column("retrieval_chunks.tsv")
+_TSV_LENGTH = literal_column("retrieval_chunks.tsv_length")
 
 
 def unavailable_reason(conn: Connection) -> str | None:
@@ -157,19 +160,20 @@ class PgIndex(ChunkTableIndex):
         if not terms:
             return []
         t = self.table
-        words = " ".join(terms)
-        scope = (select(t.c.id, _TSV.label("tsv")).where(*self._where(owner, request))
-                 .cte("scope"))
-        stats = select(func.count().label("n"),
-                       func.avg(func.length(scope.c.tsv)).label("avgdl")).cte("stats")
+        where = self._where(owner, request)
+        # The matches come from the table itself (its GIN index), never from a CTE of the
+        # stores' chunks, which PostgreSQL would scan whole; the statistics read the
+        # stored lengths, not the tsvectors.
+        stats = select(func.count().label("n"), func.avg(_TSV_LENGTH).label("avgdl")).where(
+            *where).cte("stats")
         lexemes = select(func.unnest(func.tsvector_to_array(
-            func.to_tsvector("english", words))).label("lexeme")).scalar_subquery()
-        entry = func.unnest(scope.c.tsv).table_valued("lexeme", "positions").alias("entry")
+            func.to_tsvector("english", " ".join(terms)))).label("lexeme")).scalar_subquery()
+        entry = func.unnest(_TSV).table_valued("lexeme", "positions").alias("entry")
         query = func.websearch_to_tsquery("english", " or ".join(terms))
-        matches = (select(scope.c.id, func.length(scope.c.tsv).label("dl"), entry.c.lexeme,
+        matches = (select(t.c.id, _TSV_LENGTH.label("dl"), entry.c.lexeme,
                           func.cardinality(entry.c.positions).label("tf"))
-                   .select_from(scope).join(entry, true())
-                   .where(scope.c.tsv.op("@@")(query), entry.c.lexeme.in_(lexemes))
+                   .select_from(t).join(entry, true())
+                   .where(_TSV.op("@@")(query), entry.c.lexeme.in_(lexemes), *where)
                    .cte("matches"))
         df = (select(matches.c.lexeme, func.count().label("df"))
               .group_by(matches.c.lexeme).cte("df"))
