@@ -140,6 +140,9 @@ def test_another_users_ids_answer_404_like_unknown_ids_on_every_route(product_se
             ("POST", f"/vector_stores/{v}/files", {"file_id": f}),
             ("GET", f"/vector_stores/{v}/files/{f}", None),
             ("DELETE", f"/vector_stores/{v}/files/{f}", None),
+            ("POST", f"/vector_stores/{v}/file_batches", {"file_ids": [f]}),
+            ("POST", "/responses", {"model": MODEL, "input": "x", "tools": [
+                {"type": "file_search", "vector_store_ids": [v]}]}),
         ]
         for method, path, body in routes:
             answer = bob.request(method, path, json=body)
