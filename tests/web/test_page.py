@@ -27,7 +27,9 @@ SCRIPT = "<script>window.pwned=2</script>"
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[LiveServer]:
-    server = start_server("--compile", "off", "--api-key", API_KEY)
+    # Greedy answers of the 135M model flip between a cached and a fresh prefill (different
+    # float summation order); the citation test needs the answer it gets on a fresh prompt.
+    server = start_server("--compile", "off", "--no-enable-prefix-caching", "--api-key", API_KEY)
     yield server
     assert server.stop() == 0
 
@@ -429,6 +431,7 @@ def test_an_uploaded_file_is_cited(page, api):
     send(page, "What is the name of the office cat?")
     assert "File search (completed)" in page.inner_text("#messages .tool-card summary")
     link = page.locator("#messages a.citation")
+    assert link.count() == 1, page.inner_text("#messages")  # the answer, when it cites nothing
     file_id = link.get_attribute("data-file-id")
     assert link.get_attribute("href") == f"/v1/files/{file_id}/content"
     assert link.inner_text() == f"{EVIL}.txt"
