@@ -41,8 +41,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 import loadgen
 from bench_serving import free_port, running_server, served_model
 
-WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
-         "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo")
+WORDS = (
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+    "quebec",
+    "romeo",
+)
 
 
 @dataclass
@@ -60,26 +78,40 @@ def words(chars: int, seed: int) -> str:
     return text[:chars]
 
 
-def abusive_bodies(model: str, max_chars: int, max_model_len: int, body_limit: int,
-                   fitting: bool) -> list[tuple[str, bytes]]:
+def abusive_bodies(
+    model: str, max_chars: int, max_model_len: int, body_limit: int, fitting: bool
+) -> list[tuple[str, bytes]]:
     """(path, JSON body) of each abusive request kind, encoded once up front."""
     big = words(max_chars, 1)
     count = min(body_limit // 40, 200_000)  # ~35 bytes a message, under the body limit
     kinds = [
         ("/v1/completions", {"model": model, "prompt": big, "max_tokens": 1}),
-        ("/v1/chat/completions", {"model": model, "max_tokens": 1,
-                                  "messages": [{"role": "user", "content": big}]}),
-        ("/v1/chat/completions", {"model": model, "max_tokens": 1,
-                                  "messages": [{"role": "user", "content": "hi"}] * count}),
+        (
+            "/v1/chat/completions",
+            {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": big}]},
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": model,
+                "max_tokens": 1,
+                "messages": [{"role": "user", "content": "hi"}] * count,
+            },
+        ),
     ]
     if fitting:  # about 5 characters a token for these words; stay inside the window
-        kinds.append(("/v1/completions", {"model": model, "prompt": words(
-            4 * (max_model_len - 64), 2), "max_tokens": 1}))
+        kinds.append(
+            (
+                "/v1/completions",
+                {"model": model, "prompt": words(4 * (max_model_len - 64), 2), "max_tokens": 1},
+            )
+        )
     return [(path, json.dumps(body).encode()) for path, body in kinds]
 
 
-async def abuse(url: str, bodies: list[tuple[str, bytes]], stop: asyncio.Event,
-                stats: AbuseStats) -> None:
+async def abuse(
+    url: str, bodies: list[tuple[str, bytes]], stop: asyncio.Event, stats: AbuseStats
+) -> None:
     headers = {"content-type": "application/json"}
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         i = 0
@@ -96,8 +128,17 @@ async def abuse(url: str, bodies: list[tuple[str, bytes]], stop: asyncio.Event,
 async def measure(url: str, args: argparse.Namespace) -> dict:
     model = served_model(url)
     load = loadgen.build_parser().parse_args(
-        ["--base-url", f"{url}/v1", "--model", model, "--max-tokens", str(args.max_tokens),
-         "--requests", str(args.requests)])
+        [
+            "--base-url",
+            f"{url}/v1",
+            "--model",
+            model,
+            "--max-tokens",
+            str(args.max_tokens),
+            "--requests",
+            str(args.requests),
+        ]
+    )
     card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
     max_model_len = card["max_model_len"]
     max_chars = args.max_prompt_chars or 16 * max_model_len
@@ -113,49 +154,77 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
     stop.set()
     await asyncio.gather(*abusers)
     health = httpx.get(f"{url}/health", timeout=10).status_code
-    return {"baseline": baseline, "abused": abused, "abuse": stats, "health": health,
-            "max_chars": max_chars, "max_model_len": max_model_len,
-            "abusive_sizes": [len(b) for _, b in bodies]}
+    return {
+        "baseline": baseline,
+        "abused": abused,
+        "abuse": stats,
+        "health": health,
+        "max_chars": max_chars,
+        "max_model_len": max_model_len,
+        "abusive_sizes": [len(b) for _, b in bodies],
+    }
 
 
 def report(result: dict, args: argparse.Namespace) -> None:
     base, abused, stats = result["baseline"], result["abused"], result["abuse"]
     ratio = abused.ttft_p99_ms / base.ttft_p99_ms if base.ttft_p99_ms else float("inf")
-    print(f"server: python -m engine.serve {args.server_args}; context window "
-          f"{result['max_model_len']} tokens, prompt limit {result['max_chars']} characters")
-    print(f"normal load: {args.concurrency} streams, {args.requests} requests of "
-          f"{args.max_tokens} tokens per run; {args.abusers} abusive client(s), bodies of "
-          f"{', '.join(str(s) for s in result['abusive_sizes'])} bytes")
+    print(
+        f"server: python -m engine.serve {args.server_args}; context window "
+        f"{result['max_model_len']} tokens, prompt limit {result['max_chars']} characters"
+    )
+    print(
+        f"normal load: {args.concurrency} streams, {args.requests} requests of "
+        f"{args.max_tokens} tokens per run; {args.abusers} abusive client(s), bodies of "
+        f"{', '.join(str(s) for s in result['abusive_sizes'])} bytes"
+    )
     print()
     print("| run | requests (failed) | TTFT p50 (ms) | TTFT p99 (ms) | ITL p99 (ms) | tok/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in (("normal load alone", base), ("with abusive clients", abused)):
-        print(f"| {name} | {r.requests} ({r.failed}) | {r.ttft_p50_ms} | {r.ttft_p99_ms} "
-              f"| {r.itl_p99_ms} | {r.output_tok_s} |")
+        print(
+            f"| {name} | {r.requests} ({r.failed}) | {r.ttft_p50_ms} | {r.ttft_p99_ms} "
+            f"| {r.itl_p99_ms} | {r.output_tok_s} |"
+        )
     print()
     mean = 1000 * sum(stats.seconds) / len(stats.seconds) if stats.seconds else 0.0
-    print(f"abusive requests: {stats.sent}, statuses {dict(sorted(stats.statuses.items()))}, "
-          f"mean {mean:.0f} ms each")
-    print(f"p99 TTFT ratio (abused / alone): {ratio:.2f} (target <= 1.5); "
-          f"/health afterwards: {result['health']}")
+    print(
+        f"abusive requests: {stats.sent}, statuses {dict(sorted(stats.statuses.items()))}, "
+        f"mean {mean:.0f} ms each"
+    )
+    print(
+        f"p99 TTFT ratio (abused / alone): {ratio:.2f} (target <= 1.5); "
+        f"/health afterwards: {result['health']}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--server-args", default="--compile off",
-                   help="extra options for python -m engine.serve")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--server-args", default="--compile off", help="extra options for python -m engine.serve"
+    )
     p.add_argument("--concurrency", type=int, default=4, help="normal streams")
     p.add_argument("--requests", type=int, default=32, help="normal requests per run")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--abusers", type=int, default=1, help="abusive clients")
-    p.add_argument("--body-limit", type=int, default=8 * 1024 * 1024,
-                   help="the server's --max-request-body-bytes (passed to it too)")
-    p.add_argument("--max-prompt-chars", type=int, default=None,
-                   help="the server's --max-prompt-chars (passed to it too); "
-                   "default: the server's own")
-    p.add_argument("--fitting", action="store_true",
-                   help="also send the largest prompt that fits the context window")
+    p.add_argument(
+        "--body-limit",
+        type=int,
+        default=8 * 1024 * 1024,
+        help="the server's --max-request-body-bytes (passed to it too)",
+    )
+    p.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=None,
+        help="the server's --max-prompt-chars (passed to it too); default: the server's own",
+    )
+    p.add_argument(
+        "--fitting",
+        action="store_true",
+        help="also send the largest prompt that fits the context window",
+    )
     p.add_argument("--startup-timeout", type=float, default=600)
     return p
 
@@ -163,9 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     port = free_port()
-    server_argv = [sys.executable, "-m", "engine.serve", "--port", str(port), "--log-level",
-                   "warning", "--no-access-log", "--max-request-body-bytes",
-                   str(args.body_limit), *shlex.split(args.server_args)]
+    server_argv = [
+        sys.executable,
+        "-m",
+        "engine.serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "--max-request-body-bytes",
+        str(args.body_limit),
+        *shlex.split(args.server_args),
+    ]
     if args.max_prompt_chars:
         server_argv += ["--max-prompt-chars", str(args.max_prompt_chars)]
     print(f"starting {shlex.join(server_argv)}", file=sys.stderr)

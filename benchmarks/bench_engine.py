@@ -85,9 +85,7 @@ def time_hf_batched(hf, prompts: list[list[int]], tokens: int, pad_id: int) -> f
     GPU's queued work is inside the timing)."""
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=hf.device)
-    mask = torch.tensor(
-        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device
-    )
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
     t0 = time.perf_counter()
     hf.generate(
         ids,

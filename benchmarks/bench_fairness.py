@@ -66,9 +66,26 @@ def create_accounts(data_dir: str) -> dict[str, str]:
     found = {}
     for name in USERS:
         with redirect_stdout(io.StringIO()):
-            assert admin(["--data-dir", data_dir, "users", "create", name, "--token-quota",
-                          "1000000000", "--quota-period", "month", "--rpm", "100000",
-                          "--tpm", "100000000"]) == 0
+            assert (
+                admin(
+                    [
+                        "--data-dir",
+                        data_dir,
+                        "users",
+                        "create",
+                        name,
+                        "--token-quota",
+                        "1000000000",
+                        "--quota-period",
+                        "month",
+                        "--rpm",
+                        "100000",
+                        "--tpm",
+                        "100000000",
+                    ]
+                )
+                == 0
+            )
         out = io.StringIO()
         with redirect_stdout(out):
             assert admin(["--data-dir", data_dir, "keys", "create", name]) == 0
@@ -81,24 +98,44 @@ def server(args: argparse.Namespace, name: str, accounts: bool) -> Iterator[tupl
     with tempfile.TemporaryDirectory(prefix="tokenmill-fair-") as data_dir:
         found = create_accounts(data_dir) if accounts else {}
         port = free_port()
-        argv = [sys.executable, "-m", "engine.serve", "--model", args.model, "--port",
-                str(port), "--log-level", "warning", "--no-access-log", "--data-dir",
-                data_dir, *shlex.split(args.server_args)]
+        argv = [
+            sys.executable,
+            "-m",
+            "engine.serve",
+            "--model",
+            args.model,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            "--data-dir",
+            data_dir,
+            *shlex.split(args.server_args),
+        ]
         print(f"{name}: {shlex.join(argv)}", file=sys.stderr)
         with running_server(name, argv, port, args.startup_timeout) as url:
             yield url, found
 
 
-async def stream_chat(client: httpx.AsyncClient, model: str, key: str | None, text: str,
-                      max_tokens: int) -> Result:
+async def stream_chat(
+    client: httpx.AsyncClient, model: str, key: str | None, text: str, max_tokens: int
+) -> Result:
     """One streaming chat request: time to its first content token, and tokens received."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0,
-            "messages": [{"role": "user", "content": text}], "ignore_eos": True}
+    body = {
+        "model": model,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": text}],
+        "ignore_eos": True,
+    }
     start = time.perf_counter()
     first, tokens = None, 0
-    async with client.stream("POST", "/v1/chat/completions", json=body,
-                             headers=headers) as response:
+    async with client.stream(
+        "POST", "/v1/chat/completions", json=body, headers=headers
+    ) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{response.status_code}: {(await response.aread())[:300]!r}")
         async for line in response.aiter_lines():
@@ -111,19 +148,22 @@ async def stream_chat(client: httpx.AsyncClient, model: str, key: str | None, te
     return Result(first, tokens)
 
 
-async def probes(client: httpx.AsyncClient, key: str | None, count: int, tag: str,
-                 args: argparse.Namespace) -> list[float]:
+async def probes(
+    client: httpx.AsyncClient, key: str | None, count: int, tag: str, args: argparse.Namespace
+) -> list[float]:
     ttfts = []
     for i in range(count):
-        result = await stream_chat(client, args.model, key, f"[{tag}{i:03d}] Name a colour.",
-                                   args.probe_tokens)
+        result = await stream_chat(
+            client, args.model, key, f"[{tag}{i:03d}] Name a colour.", args.probe_tokens
+        )
         assert result.ttft is not None
         ttfts.append(result.ttft)
     return ttfts
 
 
-async def fairness(url: str, keys: dict[str, str], args: argparse.Namespace,
-                   tag: str) -> tuple[list[float], list[float]]:
+async def fairness(
+    url: str, keys: dict[str, str], args: argparse.Namespace, tag: str
+) -> tuple[list[float], list[float]]:
     """B's TTFTs idle (half before, half after) and under A's flood."""
     limits = httpx.Limits(max_connections=args.flood + 8)
     async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as client:
@@ -133,8 +173,13 @@ async def fairness(url: str, keys: dict[str, str], args: argparse.Namespace,
         async def flood_stream(i: int) -> None:
             n = 0
             while not stop.is_set():
-                await stream_chat(client, args.model, keys.get("a"),
-                                  f"[{tag}f{i}-{n}] Tell a long story.", args.flood_tokens)
+                await stream_chat(
+                    client,
+                    args.model,
+                    keys.get("a"),
+                    f"[{tag}f{i}-{n}] Tell a long story.",
+                    args.flood_tokens,
+                )
                 n += 1
 
         flooders = [asyncio.create_task(flood_stream(i)) for i in range(args.flood)]
@@ -144,21 +189,29 @@ async def fairness(url: str, keys: dict[str, str], args: argparse.Namespace,
         for task in flooders:
             task.cancel()
         await asyncio.gather(*flooders, return_exceptions=True)
-        idle += await probes(client, keys.get("b"), args.probes - args.probes // 2, f"{tag}j",
-                             args)
+        idle += await probes(client, keys.get("b"), args.probes - args.probes // 2, f"{tag}j", args)
     return idle, flooded
 
 
-async def one_round(url: str, keys: list[str | None], args: argparse.Namespace,
-                    tag: str) -> tuple[float, list[float]]:
+async def one_round(
+    url: str, keys: list[str | None], args: argparse.Namespace, tag: str
+) -> tuple[float, list[float]]:
     """`--streams` requests at once: output tok/s over the round, and each TTFT."""
     limits = httpx.Limits(max_connections=args.streams + 4)
     async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as client:
         start = time.perf_counter()
-        results = await asyncio.gather(*(
-            stream_chat(client, args.model, keys[i % len(keys)],
-                        f"[{tag}{i:03d}] Describe the sea.", args.stream_tokens)
-            for i in range(args.streams)))
+        results = await asyncio.gather(
+            *(
+                stream_chat(
+                    client,
+                    args.model,
+                    keys[i % len(keys)],
+                    f"[{tag}{i:03d}] Describe the sea.",
+                    args.stream_tokens,
+                )
+                for i in range(args.streams)
+            )
+        )
         elapsed = time.perf_counter() - start
     return sum(r.tokens for r in results) / elapsed, [r.ttft for r in results if r.ttft]
 
@@ -169,8 +222,10 @@ def p50(values: list[float]) -> float:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    with server(args, "accounts", accounts=True) as (accounts_url, found), \
-            server(args, "open", accounts=False) as (open_url, _):
+    with (
+        server(args, "accounts", accounts=True) as (accounts_url, found),
+        server(args, "open", accounts=False) as (open_url, _),
+    ):
         fair = asyncio.run(fairness(accounts_url, found, args, "acc"))
         unfair = asyncio.run(fairness(open_url, {}, args, "open"))
         rates: dict[str, list[float]] = {"accounts": [], "open": []}
@@ -187,22 +242,30 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def report(fair, unfair, rates, ttfts, args: argparse.Namespace) -> None:
     load = os.getloadavg()
-    print(f"\n{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC  ISA: {_isa()}  "
-          f"model: {args.model}  load before: {args.load_before}  load after: "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(
+        f"\n{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC  ISA: {_isa()}  "
+        f"model: {args.model}  load before: {args.load_before}  load after: "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
     print(f"command: python benchmarks/bench_fairness.py {shlex.join(sys.argv[1:])}\n")
     for name, (idle, flooded) in (("accounts (fair share)", fair), ("open (no cap)", unfair)):
-        print(f"{name}: B's TTFT p50 idle {p50(idle) * 1e3:.0f} ms, with A's {args.flood} "
-              f"streams {p50(flooded) * 1e3:.0f} ms -> {p50(flooded) / p50(idle):.2f}x")
+        print(
+            f"{name}: B's TTFT p50 idle {p50(idle) * 1e3:.0f} ms, with A's {args.flood} "
+            f"streams {p50(flooded) * 1e3:.0f} ms -> {p50(flooded) / p50(idle):.2f}x"
+        )
     print("  (target on the accounts server: <= 2x)")
     acc_rate, open_rate = statistics.fmean(rates["accounts"]), statistics.fmean(rates["open"])
     acc_ttft, open_ttft = p50(ttfts["accounts"]), p50(ttfts["open"])
-    print(f"\n{args.streams} streams x {args.rounds} rounds: output tok/s accounts "
-          f"{acc_rate:.1f}, open {open_rate:.1f} -> {acc_rate / open_rate:.3f}x "
-          f"(target >= 0.97); TTFT p50 accounts {acc_ttft * 1e3:.1f} ms, open "
-          f"{open_ttft * 1e3:.1f} ms -> {(acc_ttft - open_ttft) * 1e3:+.1f} ms (target <= +5)")
-    print(f"rounds tok/s: accounts {[round(r, 1) for r in rates['accounts']]}, "
-          f"open {[round(r, 1) for r in rates['open']]}")
+    print(
+        f"\n{args.streams} streams x {args.rounds} rounds: output tok/s accounts "
+        f"{acc_rate:.1f}, open {open_rate:.1f} -> {acc_rate / open_rate:.3f}x "
+        f"(target >= 0.97); TTFT p50 accounts {acc_ttft * 1e3:.1f} ms, open "
+        f"{open_ttft * 1e3:.1f} ms -> {(acc_ttft - open_ttft) * 1e3:+.1f} ms (target <= +5)"
+    )
+    print(
+        f"rounds tok/s: accounts {[round(r, 1) for r in rates['accounts']]}, "
+        f"open {[round(r, 1) for r in rates['open']]}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,8 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--flood", type=int, default=32, help="user A's concurrent streams")
     p.add_argument("--flood-tokens", type=int, default=128, help="tokens of each A request")
-    p.add_argument("--flood-warmup", type=float, default=3.0,
-                   help="seconds of flood before B's first probe")
+    p.add_argument(
+        "--flood-warmup", type=float, default=3.0, help="seconds of flood before B's first probe"
+    )
     p.add_argument("--probes", type=int, default=12, help="B's requests per condition")
     p.add_argument("--probe-tokens", type=int, default=4)
     p.add_argument("--streams", type=int, default=16, help="concurrent streams (overhead)")
@@ -219,8 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=4, help="overhead rounds per server")
     p.add_argument("--server-args", default="", help="extra engine.serve flags for both")
     p.add_argument("--startup-timeout", type=float, default=900)
-    p.add_argument("--load-before", default=" ".join(f"{x:.2f}" for x in os.getloadavg()),
-                   help=argparse.SUPPRESS)
+    p.add_argument(
+        "--load-before",
+        default=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+        help=argparse.SUPPRESS,
+    )
     return p
 
 

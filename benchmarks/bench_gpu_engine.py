@@ -61,9 +61,11 @@ def main() -> None:
     prompts = torch.randint(100, 49000, (max(args.concurrency), args.prompt_len), generator=gen)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, {args.layers} layers of SmolLM2-135M "
-          f"(random weights), bfloat16, prompts of {args.prompt_len} tokens, "
-          f"{args.tokens} output tokens each")
+    print(
+        f"device {name}, torch {torch.__version__}, {args.layers} layers of SmolLM2-135M "
+        f"(random weights), bfloat16, prompts of {args.prompt_len} tokens, "
+        f"{args.tokens} output tokens each"
+    )
     print("| concurrency | tokenmill tok/s | transformers padded batch tok/s | ratio |")
     print("| ---: | ---: | ---: | ---: |")
     for c in args.concurrency:

@@ -92,14 +92,16 @@ def bench_llguidance(tokenizer, vocab: int, token_docs: list[list[int]], threads
     import llguidance.torch as llt
 
     t0 = time.perf_counter()
-    lltok = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab,
-                                   eos_token=tokenizer.eos_token_id)
+    lltok = llguidance.LLTokenizer(
+        tokenizer.backend.to_str(), n_vocab=vocab, eos_token=tokenizer.eos_token_id
+    )
     print(f"  llguidance tokenizer build: {_ms(t0):.0f} ms")
     executor = llguidance.LLExecutor(num_threads=threads)
 
     def compile_one(schema: dict):
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
-            schema, defaults={"whitespace_flexible": False})
+            schema, defaults={"whitespace_flexible": False}
+        )
         matcher = llguidance.LLMatcher(lltok, grammar)
         assert not matcher.is_error(), matcher.get_error()
         return matcher
@@ -134,8 +136,9 @@ def bench_xgrammar(tokenizer, vocab: int, token_docs: list[list[int]], threads: 
     import transformers
     import xgrammar
 
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend,
-                                              eos_token=tokenizer.eos_token)
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend, eos_token=tokenizer.eos_token
+    )
     t0 = time.perf_counter()
     info = xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=vocab)
     print(f"  xgrammar tokenizer build: {_ms(t0):.0f} ms")
@@ -143,8 +146,9 @@ def bench_xgrammar(tokenizer, vocab: int, token_docs: list[list[int]], threads: 
     batch_matcher = xgrammar.BatchGrammarMatcher(max_threads=threads)
 
     def compile_one(schema: dict):
-        return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False,
-                                            separators=(",", ":"))
+        return compiler.compile_json_schema(
+            json.dumps(schema), any_whitespace=False, separators=(",", ":")
+        )
 
     compile_ms = []
     for schema in SCHEMAS:
@@ -164,8 +168,7 @@ def bench_xgrammar(tokenizer, vocab: int, token_docs: list[list[int]], threads: 
             if batch == 1:
                 matchers[0].fill_next_token_bitmask(mask, 0)
             else:
-                batch_matcher.batch_fill_next_token_bitmask(
-                    [matchers[i] for i in live], mask, live)
+                batch_matcher.batch_fill_next_token_bitmask([matchers[i] for i in live], mask, live)
             times.append(_ms(t0))
             for i in live:
                 assert matchers[i].accept_token(docs[i][step])
@@ -188,8 +191,9 @@ def _summary(name: str, f: Figures) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="threads for batch mask filling and compilation")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="threads for batch mask filling and compilation"
+    )
     args = parser.parse_args()
     from engine.loader import resolve_model
     from engine.loader.gguf import config_from_gguf, read_gguf
@@ -201,16 +205,22 @@ def main() -> None:
     vocab = config_from_gguf(gguf).vocab_size
     token_docs = [tokenizer.encode(json.dumps(d, separators=(",", ":"))) for d in DOCUMENTS]
     torch.set_num_threads(1)
-    runs: list[tuple[str, Callable]] = [("llguidance", bench_llguidance),
-                                        ("xgrammar", bench_xgrammar)]
-    print(f"vocabulary {vocab}; {len(SCHEMAS)} schemas; documents of "
-          f"{[len(d) for d in token_docs]} tokens")
+    runs: list[tuple[str, Callable]] = [
+        ("llguidance", bench_llguidance),
+        ("xgrammar", bench_xgrammar),
+    ]
+    print(
+        f"vocabulary {vocab}; {len(SCHEMAS)} schemas; documents of "
+        f"{[len(d) for d in token_docs]} tokens"
+    )
     rows = []
     for name, run in runs:
         print(name)
         rows.append(_summary(name, run(tokenizer, vocab, token_docs, args.threads)))
-    print("| engine | compile ms mean (max) | mask ms/step b=1 mean (p99) "
-          "| mask ms/step b=16 mean (p99) |")
+    print(
+        "| engine | compile ms mean (max) | mask ms/step b=1 mean (p99) "
+        "| mask ms/step b=16 mean (p99) |"
+    )
     print("|---|---:|---:|---:|")
     print("\n".join(rows))
 

@@ -37,9 +37,24 @@ import httpx
 from bench_product import _isa
 from bench_serving import free_port, running_server
 
-QUESTIONS = [f"Question {i}: name one animal that lives in {place}." for i, place in enumerate(
-    ["the sea", "the desert", "the forest", "the arctic", "a river", "the jungle",
-     "the mountains", "a city", "a lake", "the savanna"] * 3)]
+QUESTIONS = [
+    f"Question {i}: name one animal that lives in {place}."
+    for i, place in enumerate(
+        [
+            "the sea",
+            "the desert",
+            "the forest",
+            "the arctic",
+            "a river",
+            "the jungle",
+            "the mountains",
+            "a city",
+            "a lake",
+            "the savanna",
+        ]
+        * 3
+    )
+]
 
 PROBE = """() => {
   const fetchOriginal = window.fetch;
@@ -74,8 +89,9 @@ def page_turn(page, text: str) -> tuple[float, float, float]:
     page.press("#prompt", "Enter")
     page.wait_for_function("() => window.__t1 != null && window.__t1 > 0", timeout=120_000)
     # The turn is over once the page has stored it (tree, transcript): <body data-turns>.
-    page.wait_for_function(f"() => Number(document.body.dataset.turns || 0) > {before}",
-                           timeout=120_000)
+    page.wait_for_function(
+        f"() => Number(document.body.dataset.turns || 0) > {before}", timeout=120_000
+    )
     marks = page.evaluate("""() => {
         const token = performance.getEntriesByName('tokenmill:first-token').at(-1).startTime;
         return [window.__t1 - window.__t0, window.__tf - window.__t0, token - window.__t0];
@@ -139,7 +155,8 @@ def measure(url: str, args: argparse.Namespace) -> tuple[list[float], ...]:
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         context = browser.new_context(base_url=url)
         context.add_init_script(
-            f"localStorage.setItem('tokenmill.defaults', {json.dumps(defaults)});")
+            f"localStorage.setItem('tokenmill.defaults', {json.dumps(defaults)});"
+        )
         page = context.new_page()
         page.goto("/")
         page.wait_for_selector("body[data-ready=true]")
@@ -147,8 +164,12 @@ def measure(url: str, args: argparse.Namespace) -> tuple[list[float], ...]:
         chains: dict[str, str | None] = {"api": None, "fetch": None}
 
         def body(question: str, path: str) -> dict:
-            fields = {"model": args.model, "input": question, "temperature": 0,
-                      "max_output_tokens": args.max_tokens}
+            fields = {
+                "model": args.model,
+                "input": question,
+                "temperature": 0,
+                "max_output_tokens": args.max_tokens,
+            }
             if chains[path]:
                 fields["previous_response_id"] = chains[path]
             return fields
@@ -169,11 +190,13 @@ def measure(url: str, args: argparse.Namespace) -> tuple[list[float], ...]:
 
         paths = [run_page, run_api, run_fetch]
         for i, question in enumerate(QUESTIONS[: args.messages]):
-            for run in paths[i % 3:] + paths[: i % 3]:  # each goes first in turn
+            for run in paths[i % 3 :] + paths[: i % 3]:  # each goes first in turn
                 run(question)
-            print(f"{i + 1:3}  page {page_times[-1] * 1e3:7.1f} ms   api "
-                  f"{api_times[-1] * 1e3:7.1f} ms   browser fetch {raw_times[-1] * 1e3:7.1f} ms",
-                  file=sys.stderr)
+            print(
+                f"{i + 1:3}  page {page_times[-1] * 1e3:7.1f} ms   api "
+                f"{api_times[-1] * 1e3:7.1f} ms   browser fetch {raw_times[-1] * 1e3:7.1f} ms",
+                file=sys.stderr,
+            )
         browser.close()
     return page_times, api_times, request_times, parsed_times, raw_times
 
@@ -192,9 +215,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tokenmill-bench-") as data_dir:
         port = free_port()
-        server = [sys.executable, "-m", "engine.serve", "--model", args.model, "--port",
-                  str(port), "--log-level", "warning", "--no-access-log", "--data-dir", data_dir,
-                  *shlex.split(args.server_args)]
+        server = [
+            sys.executable,
+            "-m",
+            "engine.serve",
+            "--model",
+            args.model,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            "--data-dir",
+            data_dir,
+            *shlex.split(args.server_args),
+        ]
         with running_server("tokenmill", server, port, args.startup_timeout) as url:
             page_times, api_times, request_times, parsed_times, raw_times = measure(url, args)
     page_p50, api_p50 = statistics.median(page_times), statistics.median(api_times)
@@ -202,13 +237,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n{datetime.date.today()}  ISA: {_isa()}  load average: {load}  model: {args.model}")
     print(f"command: python benchmarks/bench_page.py {shlex.join(sys.argv[1:])}")
-    print(f"{len(page_times)} messages; p50 Enter -> first token painted: {page_p50 * 1e3:.0f} ms; "
-          f"p50 API TTFT: {api_p50 * 1e3:.0f} ms; difference {(page_p50 - api_p50) * 1e3:+.0f} ms "
-          "(target <= +50 ms)")
-    print(f"p50 Enter -> the page's fetch() of /v1/responses: "
-          f"{statistics.median(request_times) * 1e3:.1f} ms; -> first delta parsed: "
-          f"{statistics.median(parsed_times) * 1e3:.0f} ms; the API's TTFT from a bare fetch() "
-          f"in the same browser: p50 {statistics.median(raw_times) * 1e3:.0f} ms")
+    print(
+        f"{len(page_times)} messages; p50 Enter -> first token painted: {page_p50 * 1e3:.0f} ms; "
+        f"p50 API TTFT: {api_p50 * 1e3:.0f} ms; difference {(page_p50 - api_p50) * 1e3:+.0f} ms "
+        "(target <= +50 ms)"
+    )
+    print(
+        f"p50 Enter -> the page's fetch() of /v1/responses: "
+        f"{statistics.median(request_times) * 1e3:.1f} ms; -> first delta parsed: "
+        f"{statistics.median(parsed_times) * 1e3:.0f} ms; the API's TTFT from a bare fetch() "
+        f"in the same browser: p50 {statistics.median(raw_times) * 1e3:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

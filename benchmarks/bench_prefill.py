@@ -22,8 +22,13 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 512])
     p.add_argument("--repeats", type=int, default=4)
-    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                   help="an engine option, e.g. dtype=float32 or quantization=int8")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an engine option, e.g. dtype=float32 or quantization=int8",
+    )
     args = p.parse_args()
     options = dict(o.split("=", 1) for o in args.option)
     llm = LLM(args.model, enable_prefix_caching=False, **options)

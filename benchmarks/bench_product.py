@@ -55,7 +55,9 @@ QUESTIONS = [
 ]
 REFERENCE = "\n".join(
     f"- Fact {i}: the city numbered {i} in the atlas has {1000 + 37 * i} parks and "
-    f"{20 + i % 17} museums." for i in range(30))
+    f"{20 + i % 17} museums."
+    for i in range(30)
+)
 
 
 @dataclass
@@ -67,8 +69,7 @@ class Turn:
 
 
 def _client(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
-                              timeout=1800)
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=1800)
 
 
 def instructions(session: str, reference: bool) -> str:
@@ -83,8 +84,9 @@ def instructions(session: str, reference: bool) -> str:
 class ResponsesConversation:
     """Each turn sends only the new question and names the previous response."""
 
-    def __init__(self, client: openai.AsyncOpenAI, model: str, system: str,
-                 max_tokens: int) -> None:
+    def __init__(
+        self, client: openai.AsyncOpenAI, model: str, system: str, max_tokens: int
+    ) -> None:
         self.client, self.model, self.max_tokens = client, model, max_tokens
         self.instructions = system
         self.previous: str | None = None
@@ -93,8 +95,14 @@ class ResponsesConversation:
         start = time.perf_counter()
         ttft = None
         stream = await self.client.responses.create(
-            model=self.model, input=question, instructions=self.instructions, temperature=0,
-            max_output_tokens=self.max_tokens, previous_response_id=self.previous, stream=True)
+            model=self.model,
+            input=question,
+            instructions=self.instructions,
+            temperature=0,
+            max_output_tokens=self.max_tokens,
+            previous_response_id=self.previous,
+            stream=True,
+        )
         async for event in stream:
             if event.type == "response.output_text.delta" and ttft is None:
                 ttft = time.perf_counter() - start
@@ -102,15 +110,20 @@ class ResponsesConversation:
                 final = event.response
         self.previous = final.id
         usage = final.usage
-        return Turn(ttft or float("nan"), usage.input_tokens,
-                    usage.input_tokens_details.cached_tokens, usage.output_tokens)
+        return Turn(
+            ttft or float("nan"),
+            usage.input_tokens,
+            usage.input_tokens_details.cached_tokens,
+            usage.output_tokens,
+        )
 
 
 class ChatConversation:
     """Each turn resends the whole history, as stateless chat completions need."""
 
-    def __init__(self, client: openai.AsyncOpenAI, model: str, system: str,
-                 max_tokens: int) -> None:
+    def __init__(
+        self, client: openai.AsyncOpenAI, model: str, system: str, max_tokens: int
+    ) -> None:
         self.client, self.model, self.max_tokens = client, model, max_tokens
         self.messages = [{"role": "system", "content": system}]
 
@@ -119,30 +132,42 @@ class ChatConversation:
         start = time.perf_counter()
         ttft, text, usage = None, "", None
         stream = await self.client.chat.completions.create(
-            model=self.model, messages=self.messages, temperature=0, max_tokens=self.max_tokens,
-            stream=True, stream_options={"include_usage": True})
+            model=self.model,
+            messages=self.messages,
+            temperature=0,
+            max_tokens=self.max_tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 ttft = ttft or time.perf_counter() - start
                 text += chunk.choices[0].delta.content
             usage = chunk.usage or usage
         self.messages.append({"role": "assistant", "content": text})
-        return Turn(ttft or float("nan"), usage.prompt_tokens,
-                    usage.prompt_tokens_details.cached_tokens, usage.completion_tokens)
+        return Turn(
+            ttft or float("nan"),
+            usage.prompt_tokens,
+            usage.prompt_tokens_details.cached_tokens,
+            usage.completion_tokens,
+        )
 
 
-async def one_conversation_each(cached_url: str, uncached_url: str,
-                                args: argparse.Namespace) -> dict[str, list[Turn]]:
+async def one_conversation_each(
+    cached_url: str, uncached_url: str, args: argparse.Namespace
+) -> dict[str, list[Turn]]:
     """The same questions through the three paths, turn by turn interleaved, so load that
     drifts during the run (a shared machine) hits all three alike."""
     async with _client(cached_url) as cached, _client(uncached_url) as uncached:
         model = (await cached.models.list()).data[0].id
         paths = {
-            "responses": ResponsesConversation(cached, model, instructions("responses", True),
-                                               args.max_tokens),
+            "responses": ResponsesConversation(
+                cached, model, instructions("responses", True), args.max_tokens
+            ),
             "chat": ChatConversation(cached, model, instructions("chat", True), args.max_tokens),
-            "no_cache": ResponsesConversation(uncached, model, instructions("responses", True),
-                                              args.max_tokens),
+            "no_cache": ResponsesConversation(
+                uncached, model, instructions("responses", True), args.max_tokens
+            ),
         }
         turns: dict[str, list[Turn]] = {name: [] for name in paths}
         for question in QUESTIONS[: args.turns]:
@@ -158,10 +183,15 @@ async def throughput(url: str, api: str, session: str, args: argparse.Namespace)
         model = (await client.models.list()).data[0].id
 
         async def run(i: int) -> int:
-            conversation = kind(client, model, instructions(f"{session} {i}", False),
-                                args.max_tokens)
-            return sum([(await conversation.turn(q)).output_tokens
-                        for q in QUESTIONS[: args.concurrent_turns]])
+            conversation = kind(
+                client, model, instructions(f"{session} {i}", False), args.max_tokens
+            )
+            return sum(
+                [
+                    (await conversation.turn(q)).output_tokens
+                    for q in QUESTIONS[: args.concurrent_turns]
+                ]
+            )
 
         start = time.perf_counter()
         tokens = await asyncio.gather(*(run(i) for i in range(args.concurrency)))
@@ -178,9 +208,22 @@ async def throughputs(url: str, args: argparse.Namespace) -> dict[str, list[floa
 
 
 def server_argv(args: argparse.Namespace, port: int, data_dir: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "engine.serve", "--model", args.model, "--port", str(port),
-            "--log-level", "warning", "--no-access-log", "--data-dir", data_dir,
-            *shlex.split(args.server_args), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "engine.serve",
+        "--model",
+        args.model,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "--data-dir",
+        data_dir,
+        *shlex.split(args.server_args),
+        *extra,
+    ]
 
 
 @contextlib.contextmanager
@@ -202,36 +245,48 @@ def _isa() -> str:
     return ", ".join(found) or platform.machine()
 
 
-def report(turns: dict[str, list[Turn]], rates: dict[str, list[float]],
-           args: argparse.Namespace) -> None:
-    print(f"\n{datetime.date.today()}  ISA: {_isa()}  model: {args.model}  "
-          f"max_output_tokens {args.max_tokens}")
+def report(
+    turns: dict[str, list[Turn]], rates: dict[str, list[float]], args: argparse.Namespace
+) -> None:
+    print(
+        f"\n{datetime.date.today()}  ISA: {_isa()}  model: {args.model}  "
+        f"max_output_tokens {args.max_tokens}"
+    )
     print(f"command: python benchmarks/bench_product.py {shlex.join(sys.argv[1:])}\n")
     print("turn | /v1/responses         | /v1/chat/completions  | no prefix cache")
     print("     | TTFT ms  cached/input  | TTFT ms  cached/input  | TTFT ms  input")
-    for i, (r, c, u) in enumerate(zip(turns["responses"], turns["chat"], turns["no_cache"],
-                                      strict=True), 1):
-        print(f"{i:4} | {r.ttft * 1e3:7.0f}  {r.cached_tokens:5}/{r.input_tokens:<6} "
-              f"| {c.ttft * 1e3:7.0f}  {c.cached_tokens:5}/{c.input_tokens:<6} "
-              f"| {u.ttft * 1e3:7.0f}  {u.input_tokens:5}")
+    for i, (r, c, u) in enumerate(
+        zip(turns["responses"], turns["chat"], turns["no_cache"], strict=True), 1
+    ):
+        print(
+            f"{i:4} | {r.ttft * 1e3:7.0f}  {r.cached_tokens:5}/{r.input_tokens:<6} "
+            f"| {c.ttft * 1e3:7.0f}  {c.cached_tokens:5}/{c.input_tokens:<6} "
+            f"| {u.ttft * 1e3:7.0f}  {u.input_tokens:5}"
+        )
     last, previous = turns["responses"][-1], turns["responses"][-2]
     n = len(turns["responses"])
-    print(f"\nturn-{n} TTFT, responses / no-cache server: "
-          f"{last.ttft / turns['no_cache'][-1].ttft:.2f}x (target <= 0.3); "
-          f"chat / no-cache: {turns['chat'][-1].ttft / turns['no_cache'][-1].ttft:.2f}x")
-    later = [r.ttft / u.ttft for r, u in zip(turns["responses"][1:], turns["no_cache"][1:],
-                                              strict=True)]
-    print(f"turns 2-{n}, median TTFT ratio responses / no-cache: "
-          f"{statistics.median(later):.2f}x")
-    print(f"turn-{n} cached tokens / turn-{n - 1} input+output: "
-          f"{last.cached_tokens / (previous.input_tokens + previous.output_tokens):.2f} "
-          "(target >= 0.9)")
+    print(
+        f"\nturn-{n} TTFT, responses / no-cache server: "
+        f"{last.ttft / turns['no_cache'][-1].ttft:.2f}x (target <= 0.3); "
+        f"chat / no-cache: {turns['chat'][-1].ttft / turns['no_cache'][-1].ttft:.2f}x"
+    )
+    later = [
+        r.ttft / u.ttft for r, u in zip(turns["responses"][1:], turns["no_cache"][1:], strict=True)
+    ]
+    print(f"turns 2-{n}, median TTFT ratio responses / no-cache: {statistics.median(later):.2f}x")
+    print(
+        f"turn-{n} cached tokens / turn-{n - 1} input+output: "
+        f"{last.cached_tokens / (previous.input_tokens + previous.output_tokens):.2f} "
+        "(target >= 0.9)"
+    )
     ratio = statistics.fmean(rates["responses"]) / statistics.fmean(rates["chat"])
-    print(f"{args.concurrency} concurrent conversations x {args.concurrent_turns} turns, "
-          f"output tok/s: responses {statistics.fmean(rates['responses']):.1f}, chat "
-          f"{statistics.fmean(rates['chat']):.1f} -> {ratio:.2f}x (target >= 0.95); rounds: "
-          f"responses {[round(r, 1) for r in rates['responses']]}, "
-          f"chat {[round(r, 1) for r in rates['chat']]}")
+    print(
+        f"{args.concurrency} concurrent conversations x {args.concurrent_turns} turns, "
+        f"output tok/s: responses {statistics.fmean(rates['responses']):.1f}, chat "
+        f"{statistics.fmean(rates['chat']):.1f} -> {ratio:.2f}x (target >= 0.95); rounds: "
+        f"responses {[round(r, 1) for r in rates['responses']]}, "
+        f"chat {[round(r, 1) for r in rates['chat']]}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, default=10, help="turns of the measured conversation")
     p.add_argument("--max-tokens", type=int, default=48, help="max output tokens per turn")
     p.add_argument("--concurrency", type=int, default=16, help="conversations at once")
-    p.add_argument("--concurrent-turns", type=int, default=3,
-                   help="turns of each concurrent conversation")
+    p.add_argument(
+        "--concurrent-turns", type=int, default=3, help="turns of each concurrent conversation"
+    )
     p.add_argument("--rounds", type=int, default=4, help="throughput rounds per API")
     p.add_argument("--server-args", default="", help="extra engine.serve flags for both servers")
     p.add_argument("--startup-timeout", type=float, default=900)
@@ -253,8 +309,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not 2 <= args.turns <= len(QUESTIONS):
         raise SystemExit(f"--turns must be from 2 to {len(QUESTIONS)}")
     with with_server(args, "tokenmill") as cached:
-        with with_server(args, "tokenmill, no prefix cache",
-                         "--no-enable-prefix-caching") as uncached:
+        with with_server(
+            args, "tokenmill, no prefix cache", "--no-enable-prefix-caching"
+        ) as uncached:
             turns = asyncio.run(one_conversation_each(cached, uncached, args))
         rates = asyncio.run(throughputs(cached, args))
     report(turns, rates, args)

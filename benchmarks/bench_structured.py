@@ -54,11 +54,16 @@ def main() -> None:
     llm = LLM(args.model, compile=args.compile)
     print(f"compile: {llm.engine.wait_for_compile()}")
     texts = (bench_prompts() * args.streams)[: args.streams]
-    prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": f"{t} Answer in JSON."}])
-               for t in texts]
+    prompts = [
+        llm.tokenizer.encode_chat([{"role": "user", "content": f"{t} Answer in JSON."}])
+        for t in texts
+    ]
     free = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
-    constrained = SamplingParams(temperature=0, max_tokens=args.tokens,
-                                 structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    constrained = SamplingParams(
+        temperature=0,
+        max_tokens=args.tokens,
+        structured_outputs=StructuredOutputsParams(json=SCHEMA),
+    )
     _round(llm, prompts[:2], constrained)  # warm-up: llguidance's tokenizer, caches
     times = llm.engine.runner.grammar_masks.times
     base_steps, base_compute, base_wait = times.num_steps, times.compute_s, times.wait_s
@@ -74,9 +79,11 @@ def main() -> None:
     for name, (tokens, elapsed) in totals.items():
         print(f"  {name:14s} {tokens:6d} tokens in {elapsed:6.1f} s: {rate[name]:6.1f} tok/s")
     print(f"  ratio json schema / unconstrained: {rate['json schema'] / rate['unconstrained']:.3f}")
-    print(f"  mask time per step ({steps} steps): "
-          f"{(times.compute_s - base_compute) / steps * 1e3:.3f} ms computed on the worker, "
-          f"{(times.wait_s - base_wait) / steps * 1e3:.3f} ms waited for by the engine thread")
+    print(
+        f"  mask time per step ({steps} steps): "
+        f"{(times.compute_s - base_compute) / steps * 1e3:.3f} ms computed on the worker, "
+        f"{(times.wait_s - base_wait) / steps * 1e3:.3f} ms waited for by the engine thread"
+    )
 
 
 if __name__ == "__main__":

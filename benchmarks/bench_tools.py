@@ -43,8 +43,9 @@ BUSY_LOOP = "while True:\n    pass\n"
 
 async def _unsandboxed(python: str) -> float:
     started = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(python, "-I", "-c", "print(1)",
-                                                stdout=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        python, "-I", "-c", "print(1)", stdout=asyncio.subprocess.PIPE
+    )
     await proc.communicate()
     return time.perf_counter() - started
 
@@ -79,12 +80,16 @@ async def cpu_share(busy: int, seconds: float, nice: int) -> dict[str, float]:
     labels = [uuid.uuid4().hex for _ in range(busy)]
     limits = replace(SandboxLimits(), wall_seconds=3600, cpu_seconds=3600, nice=nice)
     loops = [asyncio.create_task(sandbox.run(BUSY_LOOP, limits, label)) for label in labels]
-    host = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], start_new_session=True)
-            for _ in range(os.cpu_count() or 1)]
+    host = [
+        subprocess.Popen([sys.executable, "-c", BUSY_LOOP], start_new_session=True)
+        for _ in range(os.cpu_count() or 1)
+    ]
     try:
         await asyncio.sleep(2)  # every run started and lowered
-        groups = {"host": lambda: [p.pid for p in host],
-                  "sandboxes": lambda: [pid for label in labels for pid in running_pids(label)]}
+        groups = {
+            "host": lambda: [p.pid for p in host],
+            "sandboxes": lambda: [pid for label in labels for pid in running_pids(label)],
+        }
         before = {name: _cpu_seconds(pids()) for name, pids in groups.items()}
         await asyncio.sleep(seconds)
         return {name: _cpu_seconds(pids()) - before[name] for name, pids in groups.items()}
@@ -99,10 +104,20 @@ async def cpu_share(busy: int, seconds: float, nice: int) -> dict[str, float]:
 
 async def _level(args: argparse.Namespace, url: str, model: str, first: int) -> float:
     level = loadgen.build_parser().parse_args(
-        ["--base-url", f"{url}/v1", "--model", model, "--max-tokens", str(args.tokens),
-         "--requests", str(args.requests)])
-    report = await loadgen.run_level(level, args.streams, bench_serving.bench_prompts(),
-                                     first=first)
+        [
+            "--base-url",
+            f"{url}/v1",
+            "--model",
+            model,
+            "--max-tokens",
+            str(args.tokens),
+            "--requests",
+            str(args.requests),
+        ]
+    )
+    report = await loadgen.run_level(
+        level, args.streams, bench_serving.bench_prompts(), first=first
+    )
     if report.failed:
         raise RuntimeError(f"{report.failed} requests failed")
     return report.output_tok_s
@@ -127,15 +142,26 @@ async def serving_rounds(args: argparse.Namespace, url: str) -> dict[str, list[f
                 loop.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
         sent += args.requests
-        print(f"round: alone {rates['alone'][-1]} tok/s, with {args.busy} busy sandboxes "
-              f"{rates['with busy sandboxes'][-1]} tok/s", file=sys.stderr)
+        print(
+            f"round: alone {rates['alone'][-1]} tok/s, with {args.busy} busy sandboxes "
+            f"{rates['with busy sandboxes'][-1]} tok/s",
+            file=sys.stderr,
+        )
     return rates
 
 
 def serving(args: argparse.Namespace) -> dict[str, list[float]]:
     port = bench_serving.free_port()
-    argv = [sys.executable, "-m", "engine.serve", "--port", str(port), "--log-level",
-            "warning", "--no-access-log"]
+    argv = [
+        sys.executable,
+        "-m",
+        "engine.serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
     with bench_serving.running_server("tokenmill", argv, port, args.startup_timeout) as url:
         return asyncio.run(serving_rounds(args, url))
 
@@ -153,34 +179,45 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--startup-timeout", type=float, default=600)
     args = p.parse_args(argv)
 
-    isa = sorted(set(Path("/proc/cpuinfo").read_text().split()) &
-                 {"avx2", "avx512_vnni", "avx_vnni"})
-    print(f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, ISA "
-          f"{'/'.join(isa)}, load average {os.getloadavg()[0]:.1f}: "
-          f"python benchmarks/bench_tools.py {' '.join(argv or sys.argv[1:])}\n")
+    isa = sorted(
+        set(Path("/proc/cpuinfo").read_text().split()) & {"avx2", "avx512_vnni", "avx_vnni"}
+    )
+    print(
+        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, ISA "
+        f"{'/'.join(isa)}, load average {os.getloadavg()[0]:.1f}: "
+        f"python benchmarks/bench_tools.py {' '.join(argv or sys.argv[1:])}\n"
+    )
     times = asyncio.run(latency(args.runs))
     print("| start-to-result, print(1) | p50 (ms) | p90 (ms) |\n|---|---:|---:|")
     for name, values in times.items():
-        print(f"| {name} | {1000 * loadgen.percentile(values, 50):.0f} "
-              f"| {1000 * loadgen.percentile(values, 90):.0f} |")
+        print(
+            f"| {name} | {1000 * loadgen.percentile(values, 50):.0f} "
+            f"| {1000 * loadgen.percentile(values, 90):.0f} |"
+        )
     ratio = loadgen.percentile(times["sandbox"], 50) / loadgen.percentile(times["unsandboxed"], 50)
-    print(f"\nsandbox p50 / unsandboxed p50 = {ratio:.2f}x "
-          f"(target: sandbox p50 <= 150 ms)\n")
-    print(f"| CPU seconds over {args.share_seconds:g} s, against {os.cpu_count()} host busy "
-          f"loops | host loops | {args.busy} busy sandboxes |\n|---|---:|---:|")
+    print(f"\nsandbox p50 / unsandboxed p50 = {ratio:.2f}x (target: sandbox p50 <= 150 ms)\n")
+    print(
+        f"| CPU seconds over {args.share_seconds:g} s, against {os.cpu_count()} host busy "
+        f"loops | host loops | {args.busy} busy sandboxes |\n|---|---:|---:|"
+    )
     for nice in (SandboxLimits().nice, 0):
         share = asyncio.run(cpu_share(args.busy, args.share_seconds, nice))
-        print(f"| sandboxes at nice {nice}{' (baseline)' if nice == 0 else ''} "
-              f"| {share['host']:.2f} | {share['sandboxes']:.2f} |")
+        print(
+            f"| sandboxes at nice {nice}{' (baseline)' if nice == 0 else ''} "
+            f"| {share['host']:.2f} | {share['sandboxes']:.2f} |"
+        )
     print()
     if args.no_serving:
         return
     rates = serving(args)
-    print(f"| {args.streams} streams, {args.tokens} tokens each | output tok/s (rounds) | mean |"
-          "\n|---|---|---:|")
+    print(
+        f"| {args.streams} streams, {args.tokens} tokens each | output tok/s (rounds) | mean |"
+        "\n|---|---|---:|"
+    )
     for name, values in rates.items():
-        print(f"| {name} | {', '.join(f'{v:.1f}' for v in values)} "
-              f"| {statistics.mean(values):.1f} |")
+        print(
+            f"| {name} | {', '.join(f'{v:.1f}' for v in values)} | {statistics.mean(values):.1f} |"
+        )
     ratio = statistics.mean(rates["with busy sandboxes"]) / statistics.mean(rates["alone"])
     print(f"\nwith {args.busy} busy sandboxes / alone = {ratio:.2f}x (target >= 0.8x)")
 

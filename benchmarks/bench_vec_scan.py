@@ -40,15 +40,18 @@ def main() -> None:
     con.enable_load_extension(True)
     load_sqlite_vec(con)
     print(con.execute("SELECT vec_debug()").fetchone()[0].replace("\n", "; "))
-    kinds = {"cosine": "float[384] distance_metric=cosine", "l2": "float[384]",
-             "int8": "int8[384]"}
+    kinds = {"cosine": "float[384] distance_metric=cosine", "l2": "float[384]", "int8": "int8[384]"}
     for name, column in kinds.items():
-        con.execute(f"CREATE VIRTUAL TABLE v_{name} USING vec0(id INTEGER PRIMARY KEY, "
-                    f"p TEXT PARTITION KEY, embedding {column})")
+        con.execute(
+            f"CREATE VIRTUAL TABLE v_{name} USING vec0(id INTEGER PRIMARY KEY, "
+            f"p TEXT PARTITION KEY, embedding {column})"
+        )
         wrap = "vec_int8(?)" if name == "int8" else "?"
         encode = _int8 if name == "int8" else (lambda v: v.tobytes())
-        con.executemany(f"INSERT INTO v_{name}(id, p, embedding) VALUES (?, 'vs', {wrap})",
-                        [(i + 1, encode(v)) for i, v in enumerate(matrix)])
+        con.executemany(
+            f"INSERT INTO v_{name}(id, p, embedding) VALUES (?, 'vs', {wrap})",
+            [(i + 1, encode(v)) for i, v in enumerate(matrix)],
+        )
 
     def median_ms(run: Callable[[np.ndarray], object]) -> float:
         times = []
@@ -62,10 +65,14 @@ def main() -> None:
         for name in kinds:
             wrap = "vec_int8(?)" if name == "int8" else "?"
             encode = _int8 if name == "int8" else (lambda v: v.tobytes())
-            sql = (f"SELECT id, distance FROM v_{name} WHERE embedding MATCH {wrap} "
-                   "AND k = 50 AND p = 'vs'")
-            print(f"sqlite-vec {name:<7} {median_ms(lambda q, s=sql, e=encode: con.execute(s, (e(q),)).fetchall()):6.2f} ms")  # noqa: E501
-        print(f"numpy             {median_ms(lambda q: np.argpartition(-(matrix @ q), 50)[:50]):6.2f} ms")  # noqa: E501
+            sql = (
+                f"SELECT id, distance FROM v_{name} WHERE embedding MATCH {wrap} "
+                "AND k = 50 AND p = 'vs'"
+            )
+            scan_ms = median_ms(lambda q, s=sql, e=encode: con.execute(s, (e(q),)).fetchall())
+            print(f"sqlite-vec {name:<7} {scan_ms:6.2f} ms")
+        numpy_ms = median_ms(lambda q: np.argpartition(-(matrix @ q), 50)[:50])
+        print(f"numpy             {numpy_ms:6.2f} ms")
 
 
 if __name__ == "__main__":

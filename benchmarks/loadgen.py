@@ -77,7 +77,6 @@ class LevelReport:
     prompt_tokens_mean: float = 0.0  # what the server counted, to check prompt lengths
 
 
-
 def percentile(values: list[float], q: float) -> float:
     """Linearly interpolated percentile, q in [0, 100]; 0 for no data."""
     if not values:
@@ -90,9 +89,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _payload(args: argparse.Namespace, prompt: str) -> dict:
-    body: dict = {"model": args.model, "max_tokens": args.max_tokens, "stream": True,
-                  "temperature": args.temperature,
-                  "stream_options": {"include_usage": True}}
+    body: dict = {
+        "model": args.model,
+        "max_tokens": args.max_tokens,
+        "stream": True,
+        "temperature": args.temperature,
+        "stream_options": {"include_usage": True},
+    }
     if args.ignore_eos:
         body["ignore_eos"] = True
     if args.endpoint == "chat":
@@ -111,8 +114,9 @@ def _chunk_text(chunk: dict, endpoint: str) -> str:
     return choice.get("text") or ""
 
 
-async def _open_stream(stack: contextlib.AsyncExitStack, client: httpx.AsyncClient,
-                       path: str, body: dict) -> httpx.Response:
+async def _open_stream(
+    stack: contextlib.AsyncExitStack, client: httpx.AsyncClient, path: str, body: dict
+) -> httpx.Response:
     """Send the request, and once more if the connection closed before any response.
 
     llama.cpp's server now and then drops a connection without answering; nothing was
@@ -124,8 +128,9 @@ async def _open_stream(stack: contextlib.AsyncExitStack, client: httpx.AsyncClie
         return await stack.enter_async_context(client.stream("POST", path, json=body))
 
 
-async def one_request(client: httpx.AsyncClient, args: argparse.Namespace,
-                      prompt: str) -> RequestResult:
+async def one_request(
+    client: httpx.AsyncClient, args: argparse.Namespace, prompt: str
+) -> RequestResult:
     path = "/chat/completions" if args.endpoint == "chat" else "/completions"
     start = time.perf_counter()
     result = RequestResult(ok=False)
@@ -164,8 +169,9 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace,
     return result
 
 
-async def run_level(args: argparse.Namespace, concurrency: int,
-                    prompts: Sequence[str] = PROMPTS, first: int = 0) -> LevelReport:
+async def run_level(
+    args: argparse.Namespace, concurrency: int, prompts: Sequence[str] = PROMPTS, first: int = 0
+) -> LevelReport:
     """One closed-loop level; request i sends prompts[(first + i) % len(prompts)].
 
     `first` lets a caller give each level prompts the earlier levels did not send, so a
@@ -184,8 +190,9 @@ async def run_level(args: argparse.Namespace, concurrency: int,
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    async with httpx.AsyncClient(base_url=args.base_url, timeout=args.timeout, limits=limits,
-                                 headers=headers) as client:
+    async with httpx.AsyncClient(
+        base_url=args.base_url, timeout=args.timeout, limits=limits, headers=headers
+    ) as client:
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         duration = time.perf_counter() - started
@@ -231,20 +238,30 @@ def markdown(reports: list[LevelReport]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
-                   help="the server's OpenAI API root")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--base-url", default="http://127.0.0.1:8000/v1", help="the server's OpenAI API root"
+    )
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--api-key", default=None)
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
-    p.add_argument("--requests", type=int, default=0,
-                   help="requests per level; 0: 4 x concurrency (at least 8)")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=0,
+        help="requests per level; 0: 4 x concurrency (at least 8)",
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                   help="ask the server to generate exactly --max-tokens (vLLM extension)")
+    p.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ask the server to generate exactly --max-tokens (vLLM extension)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--json", default=None, metavar="PATH", help="also write results as JSON")
     return p
@@ -252,16 +269,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def sweep(args: argparse.Namespace) -> list[LevelReport]:
     warmup = argparse.Namespace(**{**vars(args), "max_tokens": 4})
-    async with httpx.AsyncClient(base_url=args.base_url, timeout=args.timeout, headers=(
-            {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {})) as client:
+    async with httpx.AsyncClient(
+        base_url=args.base_url,
+        timeout=args.timeout,
+        headers=({"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}),
+    ) as client:
         first = await one_request(client, warmup, PROMPTS[0])
     if not first.ok:
         raise SystemExit(f"warm-up request failed: {first.error}")
     reports = []
     for concurrency in args.concurrency:
         report = await run_level(args, concurrency)
-        print(f"concurrency {concurrency}: {report.output_tok_s} tok/s, "
-              f"TTFT p50 {report.ttft_p50_ms} ms", file=sys.stderr)
+        print(
+            f"concurrency {concurrency}: {report.output_tok_s} tok/s, "
+            f"TTFT p50 {report.ttft_p50_ms} ms",
+            file=sys.stderr,
+        )
         reports.append(report)
     return reports
 

@@ -130,8 +130,10 @@ def main() -> None:
     for r in results:
         right = sum(correct(a, k) for a, (_, k) in zip(r.answers, FACTS, strict=True))
         same = sum(a == b for a, b in zip(r.answers, base.answers, strict=True))
-        print(f"| {r.config} | {r.perplexity:.3f} | {r.perplexity / base.perplexity:.4f}x "
-              f"| {right}/{len(FACTS)} | {same}/{len(FACTS)} |")
+        print(
+            f"| {r.config} | {r.perplexity:.3f} | {r.perplexity / base.perplexity:.4f}x "
+            f"| {right}/{len(FACTS)} | {same}/{len(FACTS)} |"
+        )
     for r in results:
         print(f"\n{r.config}:")
         for (q, _), a in zip(FACTS, r.answers, strict=True):

@@ -27,47 +27,95 @@ import openai
 MODEL = "smollm2-135m-instruct"
 
 SCHEMAS = [
-    ("city", "Describe Paris.", {
-        "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 40},
-                       "country": {"type": "string", "maxLength": 40},
-                       "population": {"type": "integer", "minimum": 0,
-                                      "maximum": 50_000_000}},
-        "required": ["city", "country", "population"], "additionalProperties": False}),
-    ("recipe", "Give me a pancake recipe.", {
-        "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 40},
-                       "ingredients": {"type": "array", "maxItems": 5,
-                                       "items": {"type": "string", "maxLength": 30}},
-                       "minutes": {"type": "integer", "minimum": 1, "maximum": 240}},
-        "required": ["name", "ingredients", "minutes"], "additionalProperties": False}),
-    ("review", "Review the film Casablanca.", {
-        "type": "object",
-        "properties": {"stars": {"type": "integer", "minimum": 1, "maximum": 5},
-                       "verdict": {"enum": ["must see", "worth it", "skip"]},
-                       "summary": {"type": "string", "maxLength": 80}},
-        "required": ["stars", "verdict", "summary"], "additionalProperties": False}),
+    (
+        "city",
+        "Describe Paris.",
+        {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "country": {"type": "string", "maxLength": 40},
+                "population": {"type": "integer", "minimum": 0, "maximum": 50_000_000},
+            },
+            "required": ["city", "country", "population"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "recipe",
+        "Give me a pancake recipe.",
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 40},
+                "ingredients": {
+                    "type": "array",
+                    "maxItems": 5,
+                    "items": {"type": "string", "maxLength": 30},
+                },
+                "minutes": {"type": "integer", "minimum": 1, "maximum": 240},
+            },
+            "required": ["name", "ingredients", "minutes"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "review",
+        "Review the film Casablanca.",
+        {
+            "type": "object",
+            "properties": {
+                "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+                "verdict": {"enum": ["must see", "worth it", "skip"]},
+                "summary": {"type": "string", "maxLength": 80},
+            },
+            "required": ["stars", "verdict", "summary"],
+            "additionalProperties": False,
+        },
+    ),
 ]
 
 TOOLS = [
-    {"type": "function", "function": {
-        "name": "get_weather", "description": "Current weather in a city",
-        "parameters": {"type": "object",
-                       "properties": {"city": {"type": "string", "maxLength": 40},
-                                      "unit": {"enum": ["celsius", "fahrenheit"]}},
-                       "required": ["city", "unit"], "additionalProperties": False}}},
-    {"type": "function", "function": {
-        "name": "convert_currency", "description": "Convert an amount between currencies",
-        "parameters": {"type": "object",
-                       "properties": {"amount": {"type": "number", "minimum": 0,
-                                                 "multipleOf": 0.01},
-                                      "source": {"type": "string", "pattern": "^[A-Z]{3}$"},
-                                      "target": {"type": "string", "pattern": "^[A-Z]{3}$"}},
-                       "required": ["amount", "source", "target"],
-                       "additionalProperties": False}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 40},
+                    "unit": {"enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "convert_currency",
+            "description": "Convert an amount between currencies",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "amount": {"type": "number", "minimum": 0, "multipleOf": 0.01},
+                    "source": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                    "target": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                },
+                "required": ["amount", "source", "target"],
+                "additionalProperties": False,
+            },
+        },
+    },
 ]
-TOOL_QUESTIONS = ["What is the weather in Oslo?", "How much is 20 euros in dollars?",
-                  "Is it raining in Lima?", "Convert 99.5 GBP to JPY."]
+TOOL_QUESTIONS = [
+    "What is the weather in Oslo?",
+    "How much is 20 euros in dollars?",
+    "Is it raining in Lima?",
+    "Convert 99.5 GBP to JPY.",
+]
 
 
 @dataclass
@@ -93,10 +141,15 @@ def validate(text: str, schema: dict) -> None:
 async def _json_request(client: openai.AsyncOpenAI, i: int, report: Report) -> None:
     name, question, schema = SCHEMAS[i % len(SCHEMAS)]
     reply = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=160,
-        response_format={"type": "json_schema",
-                         "json_schema": {"name": name, "schema": schema, "strict": True}},
-        **_sampling(i))
+        model=MODEL,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=160,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": name, "schema": schema, "strict": True},
+        },
+        **_sampling(i),
+    )
     choice = reply.choices[0]
     report.json_total += 1
     try:
@@ -109,13 +162,20 @@ async def _json_request(client: openai.AsyncOpenAI, i: int, report: Report) -> N
 
 async def _tool_request(client: openai.AsyncOpenAI, i: int, report: Report) -> None:
     tool = TOOLS[i % len(TOOLS)]
-    choice_arg = ("required" if i % 4 < 2
-                  else {"type": "function", "function": {"name": tool["function"]["name"]}})
+    choice_arg = (
+        "required"
+        if i % 4 < 2
+        else {"type": "function", "function": {"name": tool["function"]["name"]}}
+    )
     reply = await client.chat.completions.create(
-        model=MODEL, max_tokens=120, tools=TOOLS, tool_choice=choice_arg,
+        model=MODEL,
+        max_tokens=120,
+        tools=TOOLS,
+        tool_choice=choice_arg,
         parallel_tool_calls=False,
         messages=[{"role": "user", "content": TOOL_QUESTIONS[i % len(TOOL_QUESTIONS)]}],
-        **_sampling(i))
+        **_sampling(i),
+    )
     choice = reply.choices[0]
     report.tools_total += 1
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
@@ -131,20 +191,26 @@ async def _tool_request(client: openai.AsyncOpenAI, i: int, report: Report) -> N
         report.failures.append(f"tools #{i}: {exc}: {choice.message}")
 
 
-async def run(base_url: str, api_key: str, requests: int, concurrency: int,
-              progress: int = 0) -> Report:
+async def run(
+    base_url: str, api_key: str, requests: int, concurrency: int, progress: int = 0
+) -> Report:
     """`requests` json_schema and `requests` forced-tool requests, `concurrency` at a time;
     with `progress`, a running count every that many answers."""
     report = Report()
     limit = asyncio.Semaphore(concurrency)
-    async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0,
-                                  timeout=600) as client:
+    async with openai.AsyncOpenAI(
+        base_url=base_url, api_key=api_key, max_retries=0, timeout=600
+    ) as client:
+
         async def one(kind, i):
             async with limit:
                 await kind(client, i, report)
             if progress and (report.json_total + report.tools_total) % progress == 0:
-                print(f"  {report.json_valid}/{report.json_total} json_schema valid, "
-                      f"{report.tools_valid}/{report.tools_total} tool calls valid", flush=True)
+                print(
+                    f"  {report.json_valid}/{report.json_total} json_schema valid, "
+                    f"{report.tools_valid}/{report.tools_total} tool calls valid",
+                    flush=True,
+                )
 
         jobs = [one(k, i) for i in range(requests) for k in (_json_request, _tool_request)]
         await asyncio.gather(*jobs)
@@ -158,8 +224,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=300, help="of each kind")
     p.add_argument("--concurrency", type=int, default=16)
     args = p.parse_args()
-    report = asyncio.run(run(args.base_url, args.api_key, args.requests, args.concurrency,
-                             progress=20))
+    report = asyncio.run(
+        run(args.base_url, args.api_key, args.requests, args.concurrency, progress=20)
+    )
     print(f"response_format json_schema: {report.json_valid}/{report.json_total} valid")
     print(f"forced tool calls:           {report.tools_valid}/{report.tools_total} valid")
     for failure in report.failures[:10]:

@@ -193,8 +193,12 @@ class AsyncLLM:
                 except Exception as exc:
                     log.exception("request %s failed on entering the engine", payload.request_id)
                     self.engine.abort_request(payload.request_id)
-                    self._finish_stream(payload.request_id, RequestFailedError(
-                        f"request {payload.request_id} failed in the engine: {exc!r}"))
+                    self._finish_stream(
+                        payload.request_id,
+                        RequestFailedError(
+                            f"request {payload.request_id} failed in the engine: {exc!r}"
+                        ),
+                    )
             else:
                 out = self.engine.abort_request(payload)
                 if out is not None:

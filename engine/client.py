@@ -20,8 +20,11 @@ class TokenizerLike(Protocol):
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
     def encode_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True,
-        tools: list[dict] | None = None, **template_kwargs: Any,
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **template_kwargs: Any,
     ) -> list[int]: ...
 
 

@@ -94,7 +94,12 @@ class LLMEngine:
         stop_ids = set(self.tokenizer.stop_token_ids) if self.tokenizer else set(cfg.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size, stop_ids)
         self.runner = ModelRunner(
-            model, num_blocks, args.block_size, self.device, self.kv_cache_dtype, stop_ids,
+            model,
+            num_blocks,
+            args.block_size,
+            self.device,
+            self.kv_cache_dtype,
+            stop_ids,
             GrammarMasks(cfg.vocab_size),
         )
         self.outputs = OutputProcessor(self.tokenizer, stop_ids, self.max_model_len)

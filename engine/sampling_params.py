@@ -89,8 +89,9 @@ class SamplingParams:
         else:
             self.stop = _as_list(self.stop, "stop", "a string or a list of strings")
         ids = self.stop_token_ids
-        self.stop_token_ids = [] if ids is None else _as_list(
-            ids, "stop_token_ids", "a list of integers >= 0")
+        self.stop_token_ids = (
+            [] if ids is None else _as_list(ids, "stop_token_ids", "a list of integers >= 0")
+        )
         self._validate()
 
     @property

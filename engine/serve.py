@@ -343,8 +343,9 @@ class _Server(uvicorn.Server):
 
     FAILURE_LINGER_S = 2.0
 
-    def __init__(self, config: uvicorn.Config, app: Starlette, engine: AsyncLLM,
-                 shutdown_timeout: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, app: Starlette, engine: AsyncLLM, shutdown_timeout: float
+    ) -> None:
         super().__init__(config)
         self.app = app
         self.engine = engine
@@ -396,8 +397,10 @@ class _Server(uvicorn.Server):
     async def _watch_engine(self) -> None:
         while self.engine.failure is None:
             await asyncio.sleep(0.1)
-        log.critical("the engine failed (%r): exiting so a supervisor can restart the server",
-                     self.engine.failure)
+        log.critical(
+            "the engine failed (%r): exiting so a supervisor can restart the server",
+            self.engine.failure,
+        )
         self.draining = True
         start_draining(self.app)
         await asyncio.sleep(self.FAILURE_LINGER_S)
@@ -441,8 +444,9 @@ async def serve(args: argparse.Namespace) -> bool:
     # The embedder first: vector stores are built on it when the store opens.
     embedder = Embedder.load() if args.embeddings else None
     try:
-        product = Product.open(engine, database_url(args), args.data_dir, embedder, tools,
-                               tuple(args.default_tools))
+        product = Product.open(
+            engine, database_url(args), args.data_dir, embedder, tools, tuple(args.default_tools)
+        )
     except BaseException:
         await engine.shutdown()
         if embedder is not None:

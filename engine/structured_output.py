@@ -98,11 +98,7 @@ def _to_llguidance(kind: str, value: Any) -> str:
             raise ValueError("structured_outputs.regex must be a string")
         return M.grammar_from_regex(value)
     if kind == "choice":
-        if not (
-            isinstance(value, list)
-            and value
-            and all(isinstance(c, str) and c for c in value)
-        ):
+        if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
             raise ValueError("structured_outputs.choice must be a non-empty list of strings")
         return M.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
     if not isinstance(value, str) or not value.strip():
@@ -221,9 +217,7 @@ class GrammarMasks:
             self._executor = llguidance.LLExecutor(num_threads=threads)
         rows = [(m, j) for j, m in enumerate(m for m in matchers if m is not None)]
         bits = np.zeros((len(rows), self._words), dtype=np.int32)
-        self._executor.unsafe_compute_mask_ptr(
-            rows, bits.ctypes.data, self._words * 4, len(rows)
-        )
+        self._executor.unsafe_compute_mask_ptr(rows, bits.ctypes.data, self._words * 4, len(rows))
         # Bit i of word w is token 32w + i; little-endian bytes keep that order.
         allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")
         allowed = allowed[:, : self.vocab_size].astype(bool)

@@ -1,6 +1,6 @@
 """Offline batch generation with `LLM`: several chats in one call, run as one batch.
 
-    python examples/offline_batch.py
+python examples/offline_batch.py
 """
 
 from engine import LLM, SamplingParams

@@ -1,7 +1,7 @@
 """The openai SDK against tokenmill's server: a chat completion, a stream, and tools.
 
-    python -m engine.serve            # in another terminal
-    python examples/openai_client.py [--base-url http://127.0.0.1:8000/v1] [--api-key KEY]
+python -m engine.serve            # in another terminal
+python examples/openai_client.py [--base-url http://127.0.0.1:8000/v1] [--api-key KEY]
 """
 
 import argparse
@@ -35,8 +35,10 @@ def chat(client: OpenAI, model: str) -> None:
         max_tokens=24,  # always set one: a small model does not always stop by itself
     )
     choice = reply.choices[0]
-    print(f"chat: {choice.message.content!r} ({choice.finish_reason}, "
-          f"{reply.usage.completion_tokens} tokens)")
+    print(
+        f"chat: {choice.message.content!r} ({choice.finish_reason}, "
+        f"{reply.usage.completion_tokens} tokens)"
+    )
 
 
 def stream(client: OpenAI, model: str) -> None:
@@ -66,9 +68,7 @@ def tools(client: OpenAI, model: str) -> None:
         for call in message.tool_calls:
             city = json.loads(call.function.arguments).get("city", "")
             print(f"tool call: {call.function.name}(city={city!r})")
-            messages.append(
-                {"role": "tool", "tool_call_id": call.id, "content": get_weather(city)}
-            )
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": get_weather(city)})
         reply = client.chat.completions.create(
             model=model, messages=messages, tools=[WEATHER_TOOL], temperature=0, max_tokens=32
         )

@@ -41,9 +41,21 @@ def own_server() -> Iterator[str]:
     """`python -m engine.serve` on a free port with a scratch data directory; its URL."""
     with tempfile.TemporaryDirectory(prefix="tokenmill-rag-") as data_dir:
         process = subprocess.Popen(
-            [sys.executable, "-m", "engine.serve", "--port", "0", "--data-dir", data_dir,
-             "--log-level", "warning", "--no-access-log"],
-            stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "engine.serve",
+                "--port",
+                "0",
+                "--data-dir",
+                data_dir,
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert process.stdout is not None
             for line in process.stdout:
@@ -65,7 +77,8 @@ def own_server() -> Iterator[str]:
 def ask(client: OpenAI, document: tuple[str, bytes], question: str) -> None:
     store = client.vector_stores.create(name="rag example")
     indexed = client.vector_stores.files.upload_and_poll(
-        vector_store_id=store.id, file=document, poll_interval_ms=200)
+        vector_store_id=store.id, file=document, poll_interval_ms=200
+    )
     print(f"indexed: {document[0]} as {indexed.id} ({indexed.status})")
     try:
         if indexed.status != "completed":
@@ -73,8 +86,7 @@ def ask(client: OpenAI, document: tuple[str, bytes], question: str) -> None:
         response = client.responses.create(
             model=client.models.list().data[0].id,
             input=question,
-            tools=[{"type": "file_search", "vector_store_ids": [store.id],
-                    "max_num_results": 3}],
+            tools=[{"type": "file_search", "vector_store_ids": [store.id], "max_num_results": 3}],
             tool_choice={"type": "file_search"},  # a small model needs the push to search
             include=["file_search_call.results"],
             temperature=0,
@@ -85,8 +97,13 @@ def ask(client: OpenAI, document: tuple[str, bytes], question: str) -> None:
         for result in search.results or []:
             print(f"result: {result.score:.3f} {result.filename}")
         print(f"answer: {response.output_text.strip()}")
-        cited = [a for item in response.output if item.type == "message"
-                 for part in item.content for a in part.annotations]
+        cited = [
+            a
+            for item in response.output
+            if item.type == "message"
+            for part in item.content
+            for a in part.annotations
+        ]
         for citation in cited:
             print(f"citation: {citation.filename} ({citation.file_id}) at {citation.index}")
         if not cited:
@@ -101,8 +118,9 @@ def main() -> None:
     parser.add_argument("--base-url", help="a running server's /v1 URL (default: start one)")
     parser.add_argument("--api-key", default="unused", help="the key given to --api-key, if any")
     parser.add_argument("--file", type=Path, help="the document to upload")
-    parser.add_argument("--question",
-                        default="How often does a starter kept in the fridge need feeding?")
+    parser.add_argument(
+        "--question", default="How often does a starter kept in the fridge need feeding?"
+    )
     args = parser.parse_args()
     document = (args.file.name, args.file.read_bytes()) if args.file else ("starter.md", GUIDE)
     if args.base_url:

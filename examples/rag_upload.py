@@ -40,7 +40,8 @@ def main() -> None:
     store = client.vector_stores.create(name="rag example")
     # Uploads the file, adds it to the store, and polls until it is indexed.
     indexed = client.vector_stores.files.upload_and_poll(
-        vector_store_id=store.id, file=document, poll_interval_ms=200)
+        vector_store_id=store.id, file=document, poll_interval_ms=200
+    )
     print(f"indexed: {document[0]} as {indexed.id} ({indexed.status})")
     if indexed.status != "completed":
         raise SystemExit(f"indexing failed: {indexed.last_error.message}")

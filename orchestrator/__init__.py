@@ -38,9 +38,15 @@ class Product:
     index_unavailable: str | None = None  # why the database cannot hold the index
 
     @classmethod
-    def open(cls, engine: EngineClient, database_url: str, data_dir: Path | None = None,
-             embedder: Embedder | None = None, tools: ToolRegistry | None = None,
-             default_tools: tuple[str, ...] = ()) -> Product:
+    def open(
+        cls,
+        engine: EngineClient,
+        database_url: str,
+        data_dir: Path | None = None,
+        embedder: Embedder | None = None,
+        tools: ToolRegistry | None = None,
+        default_tools: tuple[str, ...] = (),
+    ) -> Product:
         """Open (and migrate) the database and build the services on `engine`, with the
         built-in `tools` (this server's `builtin_tools()` by default) and the ones offered
         without being declared (`default_tools`).
@@ -53,8 +59,12 @@ class Product:
         if store.engine.dialect.name == "sqlite":
             store.repo.interrupt_unfinished()
             release_reservations(store.repo)
-        product = cls(store, ResponseService(engine, store, tools, default_tools),
-                      ConversationService(store), Accounts(store))
+        product = cls(
+            store,
+            ResponseService(engine, store, tools, default_tools),
+            ConversationService(store),
+            Accounts(store),
+        )
         if data_dir is not None:
             product.files = FileService(store, Path(data_dir))
             if embedder is not None:
@@ -64,14 +74,17 @@ class Product:
         product.responses.file_search = product.vector_stores
         if product.vector_stores is None:
             product.responses.file_search_unavailable = (
-                f"file_search is not available: {product.vector_stores_unavailable()}")
+                f"file_search is not available: {product.vector_stores_unavailable()}"
+            )
         return product
 
     def vector_stores_unavailable(self) -> str:
         """Why this product serves no vector stores (for the routes' error)."""
         if self.index_unavailable is not None:
-            return (f"vector stores and file search are not available on this database: "
-                    f"{self.index_unavailable}")
+            return (
+                f"vector stores and file search are not available on this database: "
+                f"{self.index_unavailable}"
+            )
         return "vector stores need the embedding model: start the server with --embeddings"
 
     def resume(self) -> None:

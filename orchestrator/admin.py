@@ -55,19 +55,36 @@ def _positive(text: str) -> int | None:
 
 def _limit_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     default = None if defaults else argparse.SUPPRESS
-    parser.add_argument("--token-quota", type=_count, default=default, metavar="N",
-                        help="tokens (input + output) per period; 'none': unlimited")
-    parser.add_argument("--quota-period", choices=PERIODS,
-                        default="month" if defaults else argparse.SUPPRESS)
-    parser.add_argument("--rpm", type=_positive, default=default, metavar="N",
-                        help="requests per minute; 'none': unlimited")
-    parser.add_argument("--tpm", type=_positive, default=default, metavar="N",
-                        help="tokens per minute (prompt + max output); 'none': unlimited")
+    parser.add_argument(
+        "--token-quota",
+        type=_count,
+        default=default,
+        metavar="N",
+        help="tokens (input + output) per period; 'none': unlimited",
+    )
+    parser.add_argument(
+        "--quota-period", choices=PERIODS, default="month" if defaults else argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--rpm",
+        type=_positive,
+        default=default,
+        metavar="N",
+        help="requests per minute; 'none': unlimited",
+    )
+    parser.add_argument(
+        "--tpm",
+        type=_positive,
+        default=default,
+        metavar="N",
+        help="tokens per minute (prompt + max output); 'none': unlimited",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.admin",
-                                     description="Manage tokenmill's users, keys and usage.")
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator.admin", description="Manage tokenmill's users, keys and usage."
+    )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--data-dir", type=Path, help="the server's --data-dir (its SQLite store)")
     where.add_argument("--database-url", help="the server's --database-url")
@@ -83,17 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("name")
     _limit_options(update, defaults=False)
     delete = user_commands.add_parser(
-        "delete", help="delete a user with their keys, conversations, responses, files and "
-        "vector stores (their usage records stay)")
+        "delete",
+        help="delete a user with their keys, conversations, responses, files and "
+        "vector stores (their usage records stay)",
+    )
     delete.add_argument("name")
 
     key_group = groups.add_parser("keys", help="create, list, revoke API keys")
     key_commands = key_group.add_subparsers(dest="command", required=True)
     key_commands.add_parser("create", help="issue a key (printed once, as JSON)").add_argument(
-        "name")
+        "name"
+    )
     key_commands.add_parser("list", help="a user's keys").add_argument("name")
-    key_commands.add_parser("revoke", help="revoke a key (refused at once)").add_argument(
-        "key_id")
+    key_commands.add_parser("revoke", help="revoke a key (refused at once)").add_argument("key_id")
 
     usage = groups.add_parser("usage", help="tokens used, per day, model and user")
     usage.add_argument("--user", help="one user's usage")
@@ -128,8 +147,15 @@ def users_command(store: Store, args: argparse.Namespace) -> None:
     if args.command == "create":
         if not args.name or set(args.name) - NAME_CHARS or len(args.name) > 64:
             raise AdminError("a user name is 1 to 64 of the characters A-Z a-z 0-9 . _ @ -")
-        user = UserRow(f"user_{secrets.token_hex(12)}", args.name, int(time.time()),
-                       args.token_quota, args.quota_period, args.rpm, args.tpm)
+        user = UserRow(
+            f"user_{secrets.token_hex(12)}",
+            args.name,
+            int(time.time()),
+            args.token_quota,
+            args.quota_period,
+            args.rpm,
+            args.tpm,
+        )
         if not db.create_user(store.repo, user):
             raise AdminError(f"a user named {args.name!r} exists already")
         print(json.dumps(_limits(user)))
@@ -137,11 +163,15 @@ def users_command(store: Store, args: argparse.Namespace) -> None:
         _print_table([_limits(u) for u in db.list_users(store.repo)])
     elif args.command == "update":
         _user(store, args.name)
-        changes = {k: getattr(args, k) for k in ("token_quota", "quota_period", "rpm", "tpm")
-                   if hasattr(args, k)}
+        changes = {
+            k: getattr(args, k)
+            for k in ("token_quota", "quota_period", "rpm", "tpm")
+            if hasattr(args, k)
+        }
         if not changes:
-            raise AdminError("nothing to change: give --token-quota, --quota-period, --rpm "
-                             "or --tpm")
+            raise AdminError(
+                "nothing to change: give --token-quota, --quota-period, --rpm or --tpm"
+            )
         updated = db.update_user(store.repo, args.name, changes)
         assert updated is not None
         print(json.dumps(_limits(updated)))
@@ -158,8 +188,11 @@ def _delete_file_bytes(args: argparse.Namespace, file_ids: list[str]) -> None:
     """Uploaded files' bytes live in the data directory (the server's FileService)."""
     if args.data_dir is None:
         if file_ids:
-            print(f"note: {len(file_ids)} files' bytes stay under the server's data directory "
-                  "(files/<id>); give --data-dir to remove them", file=sys.stderr)
+            print(
+                f"note: {len(file_ids)} files' bytes stay under the server's data directory "
+                "(files/<id>); give --data-dir to remove them",
+                file=sys.stderr,
+            )
         return
     for file_id in file_ids:
         (Path(args.data_dir).expanduser() / "files" / file_id).unlink(missing_ok=True)
@@ -171,13 +204,24 @@ def keys_command(store: Store, args: argparse.Namespace) -> None:
         secret = keys.new_secret()
         key = KeyRow(keys.new_key_id(), user.id, keys.hint(secret), int(time.time()))
         db.add_key(store.repo, key, keys.digest(secret))
-        print(json.dumps({"id": key.id, "user": user.name, "key": secret,
-                          "created_at": key.created_at}))
+        print(
+            json.dumps(
+                {"id": key.id, "user": user.name, "key": secret, "created_at": key.created_at}
+            )
+        )
     elif args.command == "list":
         user = _user(store, args.name)
-        _print_table([{"id": k.id, "key": k.hint, "created_at": k.created_at,
-                       "revoked_at": k.revoked_at or "-"} for k in db.list_keys(store.repo,
-                                                                                user.id)])
+        _print_table(
+            [
+                {
+                    "id": k.id,
+                    "key": k.hint,
+                    "created_at": k.created_at,
+                    "revoked_at": k.revoked_at or "-",
+                }
+                for k in db.list_keys(store.repo, user.id)
+            ]
+        )
     elif not db.revoke_key(store.repo, args.key_id, int(time.time())):
         raise AdminError(f"no live key with id {args.key_id!r}")
     else:
@@ -190,10 +234,19 @@ def usage_command(store: Store, args: argparse.Namespace) -> None:
         days = db.usage_by_day(store.repo, _user(store, args.user).id, args.since)
     else:
         days = db.usage_by_day(store.repo, since=args.since)
-    rows = [{"date": d.date, "user": names.get(d.user_id, d.user_id) if d.user_id else None,
-             "model": d.model, "requests": d.requests, "input_tokens": d.input_tokens,
-             "cached_input_tokens": d.cached_input_tokens, "output_tokens": d.output_tokens,
-             "total_tokens": d.total_tokens} for d in days]
+    rows = [
+        {
+            "date": d.date,
+            "user": names.get(d.user_id, d.user_id) if d.user_id else None,
+            "model": d.model,
+            "requests": d.requests,
+            "input_tokens": d.input_tokens,
+            "cached_input_tokens": d.cached_input_tokens,
+            "output_tokens": d.output_tokens,
+            "total_tokens": d.total_tokens,
+        }
+        for d in days
+    ]
     if args.json:
         print(json.dumps({"object": "list", "data": rows}))
     else:

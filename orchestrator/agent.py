@@ -81,15 +81,24 @@ class AgentResult:
 
 
 def function_call_output(call_id: str, output: str) -> dict:
-    return {"id": new_id("fco"), "type": "function_call_output", "call_id": call_id,
-            "output": output, "status": "completed"}
+    return {
+        "id": new_id("fco"),
+        "type": "function_call_output",
+        "call_id": call_id,
+        "output": output,
+        "status": "completed",
+    }
 
 
 def code_interpreter_as_function_items(item: dict) -> tuple[dict, dict]:
     """A code_interpreter_call as the function_call + function_call_output pair a chat
     template renders (the tool call, then its logs as the tool's answer)."""
-    call = {"type": "function_call", "call_id": item["id"], "name": CODE_INTERPRETER,
-            "arguments": json.dumps({"code": item["code"]}, ensure_ascii=False)}
+    call = {
+        "type": "function_call",
+        "call_id": item["id"],
+        "name": CODE_INTERPRETER,
+        "arguments": json.dumps({"code": item["code"]}, ensure_ascii=False),
+    }
     logs = "\n".join(o["logs"] for o in item.get("outputs") or [] if o["type"] == "logs")
     if item["status"] != "completed":
         logs = f"{logs}\n[the code run did not complete: {item['status']}]".lstrip("\n")
@@ -99,8 +108,12 @@ def code_interpreter_as_function_items(item: dict) -> tuple[dict, dict]:
 def file_search_as_function_items(item: dict, text: str) -> tuple[dict, dict]:
     """A file_search_call as the function_call + function_call_output pair a chat template
     renders; `text` is what the model read (or reads now) as the search's result."""
-    call = {"type": "function_call", "call_id": item["id"], "name": FILE_SEARCH,
-            "arguments": json.dumps({"queries": item["queries"]}, ensure_ascii=False)}
+    call = {
+        "type": "function_call",
+        "call_id": item["id"],
+        "name": FILE_SEARCH,
+        "arguments": json.dumps({"queries": item["queries"]}, ensure_ascii=False),
+    }
     return call, function_call_output(item["id"], text)
 
 
@@ -115,9 +128,14 @@ def _arguments(call: dict) -> dict:
 
 
 class Agent:
-    def __init__(self, model: Model, tools: Mapping[str, Tool],
-                 client_functions: Iterable[str] = (), on_event: EventSink | None = None,
-                 max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS) -> None:
+    def __init__(
+        self,
+        model: Model,
+        tools: Mapping[str, Tool],
+        client_functions: Iterable[str] = (),
+        on_event: EventSink | None = None,
+        max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS,
+    ) -> None:
         self.model = model
         self.tools = MappingProxyType(dict(tools))  # this request's built-ins, fixed
         self.client_functions = frozenset(client_functions)
@@ -136,20 +154,25 @@ class Agent:
             if not calls:
                 return AgentResult(self.output, "completed", None, self.tool_calls)
             if not tools_enabled:
-                return AgentResult(self.output, "incomplete", "max_tool_calls",
-                                   self.tool_calls)
+                return AgentResult(self.output, "incomplete", "max_tool_calls", self.tool_calls)
             await self._run_calls([c for c in calls if c["name"] not in self.client_functions])
             if any(c["name"] in self.client_functions for c in calls):
                 return AgentResult(self.output, "completed", None, self.tool_calls)
             tools_enabled = self.tool_calls < self.max_tool_calls
 
     def _is_code_call(self, item: dict) -> bool:
-        return item["type"] == "function_call" and item["name"] == CODE_INTERPRETER and (
-            CODE_INTERPRETER in self.tools)
+        return (
+            item["type"] == "function_call"
+            and item["name"] == CODE_INTERPRETER
+            and (CODE_INTERPRETER in self.tools)
+        )
 
     def _is_search_call(self, item: dict) -> bool:
-        return item["type"] == "function_call" and item["name"] == FILE_SEARCH and (
-            FILE_SEARCH in self.tools)
+        return (
+            item["type"] == "function_call"
+            and item["name"] == FILE_SEARCH
+            and (FILE_SEARCH in self.tools)
+        )
 
     def _is_item_call(self, item: dict) -> bool:
         return self._is_code_call(item) or self._is_search_call(item)
@@ -171,7 +194,8 @@ class Agent:
         except asyncio.CancelledError:
             for item, _ in started:
                 if item["type"] in ("code_interpreter_call", "file_search_call") and (
-                        item["status"] not in ("completed", "failed")):
+                    item["status"] not in ("completed", "failed")
+                ):
                     item["status"] = "incomplete"
             raise
         for call, text in zip(runs, texts, strict=True):
@@ -207,9 +231,14 @@ class Agent:
             code = _arguments(call).get("code")
         except ToolError:
             code = None
-        item = {"id": new_id("ci"), "type": "code_interpreter_call", "status": status,
-                "code": code if isinstance(code, str) else "",
-                "container_id": new_id("cntr"), "outputs": outputs}
+        item = {
+            "id": new_id("ci"),
+            "type": "code_interpreter_call",
+            "status": status,
+            "code": code if isinstance(code, str) else "",
+            "container_id": new_id("cntr"),
+            "outputs": outputs,
+        }
         self.output.append(item)
         return item
 
@@ -220,8 +249,13 @@ class Agent:
             queries = None
         if not (isinstance(queries, list) and all(isinstance(q, str) for q in queries)):
             queries = []
-        item = {"id": new_id("fs"), "type": "file_search_call", "status": status,
-                "queries": queries, "results": None}
+        item = {
+            "id": new_id("fs"),
+            "type": "file_search_call",
+            "status": status,
+            "queries": queries,
+            "results": None,
+        }
         self.output.append(item)
         return item
 

@@ -100,8 +100,11 @@ def _native_message(message: Message) -> dict:
     out = _base(message)
     if message.tool_calls:
         out["tool_calls"] = [
-            {"id": c.id, "type": "function",
-             "function": {"name": c.name, "arguments": _arguments_value(c)}}
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": _arguments_value(c)},
+            }
             for c in message.tool_calls
         ]
     if message.tool_call_id is not None:
@@ -129,10 +132,11 @@ def _plain_messages(messages: list[Message]) -> list[dict]:
         entry = _base(message)
         if message.tool_calls:
             blocks = [
-                OPEN_TAG + "\n"
-                + json.dumps({"name": c.name, "arguments": _arguments_value(c)},
-                             ensure_ascii=False)
-                + "\n" + CLOSE_TAG
+                OPEN_TAG
+                + "\n"
+                + json.dumps({"name": c.name, "arguments": _arguments_value(c)}, ensure_ascii=False)
+                + "\n"
+                + CLOSE_TAG
                 for c in message.tool_calls
             ]
             entry["content"] = "\n".join(filter(None, [entry["content"], *blocks]))

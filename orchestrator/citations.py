@@ -29,13 +29,20 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def _content_words(text: str) -> set[str]:
-    return {w for w in (m.lower() for m in _WORD.findall(text))
-            if w not in STOPWORDS and (len(w) > 2 or w.isdigit())}
+    return {
+        w
+        for w in (m.lower() for m in _WORD.findall(text))
+        if w not in STOPWORDS and (len(w) > 2 or w.isdigit())
+    }
 
 
 def _citation(source: Source, index: int) -> dict:
-    return {"type": "file_citation", "file_id": source.file_id, "filename": source.filename,
-            "index": index}
+    return {
+        "type": "file_citation",
+        "file_id": source.file_id,
+        "filename": source.filename,
+        "index": index,
+    }
 
 
 def _marker_citations(text: str, by_number: dict[int, Source]) -> list[dict]:

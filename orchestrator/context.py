@@ -60,8 +60,10 @@ def _search_text(item: dict) -> str:
     results = item.get("results")
     if not results:
         return "[the results of this search were not kept; search again to read them]"
-    hits = [Hit("", r["file_id"], r["filename"], 0, r["text"], r.get("attributes") or {},
-                r["score"]) for r in results]
+    hits = [
+        Hit("", r["file_id"], r["filename"], 0, r["text"], r.get("attributes") or {}, r["score"])
+        for r in results
+    ]
     return render_sources(hits, 1, SEARCH_HISTORY_BUDGET)[0]
 
 
@@ -100,8 +102,11 @@ def items_to_messages(items: list[dict]) -> list[Message]:
 
 def _turn_starts(items: list[dict]) -> list[int]:
     """Indexes of the items that open a turn (a user message), oldest first."""
-    return [i for i, item in enumerate(items)
-            if item.get("type", "message") == "message" and item.get("role") == "user"]
+    return [
+        i
+        for i, item in enumerate(items)
+        if item.get("type", "message") == "message" and item.get("role") == "user"
+    ]
 
 
 class ContextBuilder:
@@ -110,8 +115,15 @@ class ContextBuilder:
         self.max_model_len = max_model_len
         self.native_tools = template_supports_tools(tokenizer.chat_template)
 
-    def build(self, instructions: str | None, history: History, input_items: list[dict],
-              tools: ToolConfig, max_output_tokens: int | None, truncate: bool) -> Prompt:
+    def build(
+        self,
+        instructions: str | None,
+        history: History,
+        input_items: list[dict],
+        tools: ToolConfig,
+        max_output_tokens: int | None,
+        truncate: bool,
+    ) -> Prompt:
         """The prompt for this turn, or InvalidRequestError when it cannot fit. With
         `truncate`, the oldest turns of the history are dropped until it does (never
         the instructions or this turn's input)."""
@@ -136,21 +148,35 @@ class ContextBuilder:
             f"this response needs {wanted} tokens ({len(ids)} in the input, "
             f"{max_output_tokens or 'at least 1'} in the output). Shorten the input or "
             f"max_output_tokens{hint}.",
-            param="input", code="context_length_exceeded",
+            param="input",
+            code="context_length_exceeded",
         )
 
-    def _render(self, instructions: str | None, history: list[dict], input_items: list[dict],
-                tools: ToolConfig, base: list[int] | None) -> tuple[list[int], int]:
+    def _render(
+        self,
+        instructions: str | None,
+        history: list[dict],
+        input_items: list[dict],
+        tools: ToolConfig,
+        base: list[int] | None,
+    ) -> tuple[list[int], int]:
         messages = items_to_messages([*history, *input_items])
         if instructions:
             messages.insert(0, Message("system", instructions))
-        request = ChatRequest(model=None, messages=messages, sampling={}, tools=tools.tools,
-                              tool_choice=tools.mode, forced_tool=tools.forced,
-                              parallel_tool_calls=tools.parallel)
+        request = ChatRequest(
+            model=None,
+            messages=messages,
+            sampling={},
+            tools=tools.tools,
+            tool_choice=tools.mode,
+            forced_tool=tools.forced,
+            parallel_tool_calls=tools.parallel,
+        )
         chat = build_chat_prompt(request, self.native_tools)
         try:
-            fresh = self.tokenizer.encode_chat(chat.messages, add_generation_prompt=True,
-                                               tools=chat.tools)
+            fresh = self.tokenizer.encode_chat(
+                chat.messages, add_generation_prompt=True, tools=chat.tools
+            )
         # A template rejects a conversation with raise_exception or trips on its shape.
         except Exception as exc:
             raise InvalidRequestError(
@@ -165,4 +191,4 @@ class ContextBuilder:
         text = decode(fresh, skip_special_tokens=False)
         if not text.startswith(base_text):
             return fresh, 0
-        return base + self.tokenizer.encode(text[len(base_text):]), len(base)
+        return base + self.tokenizer.encode(text[len(base_text) :]), len(base)

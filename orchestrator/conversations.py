@@ -11,13 +11,20 @@ from orchestrator.store import ConversationRow, ItemPage, Page, Repository, Stor
 
 
 def _conversation(row: ConversationRow) -> dict:
-    return {"id": row.id, "object": "conversation", "created_at": row.created_at,
-            "metadata": row.metadata}
+    return {
+        "id": row.id,
+        "object": "conversation",
+        "created_at": row.created_at,
+        "metadata": row.metadata,
+    }
 
 
 def _missing(conversation_id: str) -> NotFoundError:
-    return NotFoundError(f"Conversation with id '{conversation_id}' not found.",
-                         param="conversation_id", code="not_found")
+    return NotFoundError(
+        f"Conversation with id '{conversation_id}' not found.",
+        param="conversation_id",
+        code="not_found",
+    )
 
 
 class ConversationService:
@@ -26,8 +33,14 @@ class ConversationService:
 
     async def create(self, owner: str, metadata: dict, items: list[dict]) -> dict:
         row = ConversationRow(new_id("conv"), int(time.time()), metadata)
-        await self.store.call(Repository.create_conversation, owner, row.id, row.created_at,
-                              metadata, [stored_item(i) for i in items])
+        await self.store.call(
+            Repository.create_conversation,
+            owner,
+            row.id,
+            row.created_at,
+            metadata,
+            [stored_item(i) for i in items],
+        )
         return _conversation(row)
 
     async def list(self, owner: str, page: Page) -> dict:
@@ -35,10 +48,12 @@ class ConversationService:
         list of chats (OpenAI's API has no such route; the web page needs one)."""
         rows = await self.store.call(Repository.list_conversations, owner, page)
         if rows is None:
-            raise NotFoundError(f"Conversation with id '{page.after}' not found.",
-                                param="after", code="not_found")
-        found = ItemPage([_conversation(r) for r in rows[: page.limit]],
-                         has_more=len(rows) > page.limit)
+            raise NotFoundError(
+                f"Conversation with id '{page.after}' not found.", param="after", code="not_found"
+            )
+        found = ItemPage(
+            [_conversation(r) for r in rows[: page.limit]], has_more=len(rows) > page.limit
+        )
         return item_list(found)
 
     async def retrieve(self, owner: str, conversation_id: str) -> dict:
@@ -48,8 +63,9 @@ class ConversationService:
         return _conversation(row)
 
     async def update(self, owner: str, conversation_id: str, metadata: dict) -> dict:
-        row = await self.store.call(Repository.update_conversation, owner, conversation_id,
-                                    metadata)
+        row = await self.store.call(
+            Repository.update_conversation, owner, conversation_id, metadata
+        )
         if row is None:
             raise _missing(conversation_id)
         return _conversation(row)
@@ -61,31 +77,33 @@ class ConversationService:
 
     async def add_items(self, owner: str, conversation_id: str, items: list[dict]) -> dict:
         stored = [stored_item(i) for i in items]
-        added = await self.store.call(Repository.add_conversation_items, owner,
-                                      conversation_id, int(time.time()), stored)
+        added = await self.store.call(
+            Repository.add_conversation_items, owner, conversation_id, int(time.time()), stored
+        )
         if not added:
             raise _missing(conversation_id)
         return item_list(ItemPage(stored, has_more=False))
 
     async def list_items(self, owner: str, conversation_id: str, page: Page) -> dict:
-        found = await self.store.call(Repository.list_conversation_items, owner,
-                                      conversation_id, page)
+        found = await self.store.call(
+            Repository.list_conversation_items, owner, conversation_id, page
+        )
         if found is None:
             raise _missing(conversation_id)
         return item_list(found)
 
     async def retrieve_item(self, owner: str, conversation_id: str, item_id: str) -> dict:
-        item = await self.store.call(Repository.get_conversation_item, owner, conversation_id,
-                                     item_id)
+        item = await self.store.call(
+            Repository.get_conversation_item, owner, conversation_id, item_id
+        )
         if item is None:
-            raise NotFoundError(f"Item with id '{item_id}' not found.", param="item_id",
-                                code="not_found")
+            raise NotFoundError(
+                f"Item with id '{item_id}' not found.", param="item_id", code="not_found"
+            )
         return item
 
     async def delete_item(self, owner: str, conversation_id: str, item_id: str) -> dict:
         """Returns the conversation, as OpenAI's API does."""
         await self.retrieve_item(owner, conversation_id, item_id)
-        await self.store.call(Repository.delete_conversation_item, owner, conversation_id,
-                              item_id)
+        await self.store.call(Repository.delete_conversation_item, owner, conversation_id, item_id)
         return await self.retrieve(owner, conversation_id)
-

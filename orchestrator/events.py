@@ -33,8 +33,12 @@ _FINAL_EVENTS = {
 
 
 def output_text_part(text: str, annotations: list[dict] | None = None) -> dict:
-    return {"type": "output_text", "text": text, "annotations": list(annotations or []),
-            "logprobs": []}
+    return {
+        "type": "output_text",
+        "text": text,
+        "annotations": list(annotations or []),
+        "logprobs": [],
+    }
 
 
 def usage(input_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
@@ -72,20 +76,43 @@ class ResponseEvents:
         """Model text: opens the output message on first use, then one delta event."""
         events = []
         if self._message is None:
-            self._message = {"id": new_id("msg"), "type": "message", "role": "assistant",
-                             "status": "in_progress", "content": []}
+            self._message = {
+                "id": new_id("msg"),
+                "type": "message",
+                "role": "assistant",
+                "status": "in_progress",
+                "content": [],
+            }
             self.output.append(self._message)
             index = len(self.output) - 1
-            events.append(self._event("response.output_item.added", output_index=index,
-                                      item=copy.deepcopy(self._message)))
+            events.append(
+                self._event(
+                    "response.output_item.added",
+                    output_index=index,
+                    item=copy.deepcopy(self._message),
+                )
+            )
             self._message["content"].append(output_text_part(""))
-            events.append(self._event("response.content_part.added", output_index=index,
-                                      item_id=self._message["id"], content_index=0,
-                                      part=output_text_part("")))
+            events.append(
+                self._event(
+                    "response.content_part.added",
+                    output_index=index,
+                    item_id=self._message["id"],
+                    content_index=0,
+                    part=output_text_part(""),
+                )
+            )
         self._message["content"][0]["text"] += delta
-        events.append(self._event("response.output_text.delta", item_id=self._message["id"],
-                                  output_index=len(self.output) - 1, content_index=0,
-                                  delta=delta, logprobs=[]))
+        events.append(
+            self._event(
+                "response.output_text.delta",
+                item_id=self._message["id"],
+                output_index=len(self.output) - 1,
+                content_index=0,
+                delta=delta,
+                logprobs=[],
+            )
+        )
         return events
 
     def numbered(self, event: dict) -> Event:
@@ -93,14 +120,14 @@ class ResponseEvents:
         fields = dict(event)
         return self._event(fields.pop("type"), **fields)
 
-    def close_message(self, annotate: Callable[[str], list[dict]] | None = None
-                      ) -> list[Event]:
+    def close_message(self, annotate: Callable[[str], list[dict]] | None = None) -> list[Event]:
         """End the message being written, if any (a model turn is over); `annotate` gives
         its text's annotations (file citations), each announced by an event."""
         return self._close_message("completed", annotate)
 
-    def _close_message(self, status: str,
-                       annotate: Callable[[str], list[dict]] | None = None) -> list[Event]:
+    def _close_message(
+        self, status: str, annotate: Callable[[str], list[dict]] | None = None
+    ) -> list[Event]:
         message, self._message = self._message, None
         if message is None:
             return []
@@ -110,37 +137,64 @@ class ResponseEvents:
         message["status"] = status
         ids = {"item_id": message["id"], "output_index": index}
         part["annotations"] = annotate(text) if annotate is not None else []
-        events = [self._event("response.output_text.annotation.added", **ids, content_index=0,
-                              annotation_index=i, annotation=copy.deepcopy(annotation))
-                  for i, annotation in enumerate(part["annotations"])]
+        events = [
+            self._event(
+                "response.output_text.annotation.added",
+                **ids,
+                content_index=0,
+                annotation_index=i,
+                annotation=copy.deepcopy(annotation),
+            )
+            for i, annotation in enumerate(part["annotations"])
+        ]
         return [
             *events,
-            self._event("response.output_text.done", **ids, content_index=0, text=text,
-                        logprobs=[]),
-            self._event("response.content_part.done", **ids, content_index=0,
-                        part=output_text_part(text, part["annotations"])),
-            self._event("response.output_item.done", output_index=index,
-                        item=copy.deepcopy(message)),
+            self._event(
+                "response.output_text.done", **ids, content_index=0, text=text, logprobs=[]
+            ),
+            self._event(
+                "response.content_part.done",
+                **ids,
+                content_index=0,
+                part=output_text_part(text, part["annotations"]),
+            ),
+            self._event(
+                "response.output_item.done", output_index=index, item=copy.deepcopy(message)
+            ),
         ]
 
     def function_call(self, call: ParsedCall) -> list[Event]:
         """A complete tool call from the parser: an output item of its own."""
         events = self._close_message("completed")
-        item = {"id": new_id("fc"), "type": "function_call", "call_id": new_id("call"),
-                "name": call.name, "arguments": "", "status": "in_progress"}
+        item = {
+            "id": new_id("fc"),
+            "type": "function_call",
+            "call_id": new_id("call"),
+            "name": call.name,
+            "arguments": "",
+            "status": "in_progress",
+        }
         self.output.append(item)
         index = len(self.output) - 1
-        events.append(self._event("response.output_item.added", output_index=index,
-                                  item=copy.deepcopy(item)))
+        events.append(
+            self._event("response.output_item.added", output_index=index, item=copy.deepcopy(item))
+        )
         item["arguments"] = call.arguments
         item["status"] = "completed"
         events += [
-            self._event("response.function_call_arguments.delta", item_id=item["id"],
-                        output_index=index, delta=call.arguments),
-            self._event("response.function_call_arguments.done", item_id=item["id"],
-                        output_index=index, arguments=call.arguments),
-            self._event("response.output_item.done", output_index=index,
-                        item=copy.deepcopy(item)),
+            self._event(
+                "response.function_call_arguments.delta",
+                item_id=item["id"],
+                output_index=index,
+                delta=call.arguments,
+            ),
+            self._event(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=index,
+                arguments=call.arguments,
+            ),
+            self._event("response.output_item.done", output_index=index, item=copy.deepcopy(item)),
         ]
         return events
 
@@ -148,8 +202,14 @@ class ResponseEvents:
         """A failure outside the model's output (the store, say), as an `error` event."""
         return self._event("error", code="server_error", message=message, param=None)
 
-    def finish(self, status: str, totals: dict | None, completed_at: float,
-               incomplete_reason: str | None = None, error: dict | None = None) -> list[Event]:
+    def finish(
+        self,
+        status: str,
+        totals: dict | None,
+        completed_at: float,
+        incomplete_reason: str | None = None,
+        error: dict | None = None,
+    ) -> list[Event]:
         """Close what is open and end the response with `status`. A completed response
         with no output at all still gets its (empty) message, as OpenAI's do."""
         events = []

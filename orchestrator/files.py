@@ -41,11 +41,20 @@ class FileService:
     def path(self, file_id: str) -> Path:
         return self.folder / file_id
 
-    async def create(self, owner: str, filename: str, purpose: str, data: bytes,
-                     content_type: str | None) -> dict:
-        body = {"id": new_id("file"), "object": "file", "bytes": len(data),
-                "created_at": int(time.time()), "filename": filename, "purpose": purpose,
-                "status": "processed", "status_details": None, "expires_at": None}
+    async def create(
+        self, owner: str, filename: str, purpose: str, data: bytes, content_type: str | None
+    ) -> dict:
+        body = {
+            "id": new_id("file"),
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "status_details": None,
+            "expires_at": None,
+        }
         await asyncio.to_thread(_write, self.path(body["id"]), data)
         await self.store.call(kb.add_file, owner, body, content_type)
         return body

@@ -48,8 +48,7 @@ def json_format_params(schema: dict, param: str) -> StructuredOutputsParams:
     return checked(param, json=schema)
 
 
-def _call_rules(functions: list[tuple[str, dict | None]], rule: str,
-                opening: str) -> list[str]:
+def _call_rules(functions: list[tuple[str, dict | None]], rule: str, opening: str) -> list[str]:
     """Lark rules: `rule` is `opening` then the rest of a block calling one of `functions`
     (name, parameters schema)."""
     names = [f"fn_{i}" for i in range(len(functions))]
@@ -61,8 +60,12 @@ def _call_rules(functions: list[tuple[str, dict | None]], rule: str,
     return rules
 
 
-def tool_call_grammar(functions: list[tuple[str, dict | None]], forced: bool, parallel: bool,
-                      answer_schema: dict | None = None) -> str:
+def tool_call_grammar(
+    functions: list[tuple[str, dict | None]],
+    forced: bool,
+    parallel: bool,
+    answer_schema: dict | None = None,
+) -> str:
     """The Lark grammar for a turn with `functions` (name, parameters schema) offered.
 
     forced: only calls (one, or one or more if `parallel`). Otherwise text with lazily
@@ -73,16 +76,20 @@ def tool_call_grammar(functions: list[tuple[str, dict | None]], forced: bool, pa
     if forced:
         start = [f"start: {calls}"]
     elif answer_schema is not None:
-        start = [f"start: answer | {calls}",
-                 f"answer: {json_schema_grammar_fragment(answer_schema)}"]
+        start = [
+            f"start: answer | {calls}",
+            f"answer: {json_schema_grammar_fragment(answer_schema)}",
+        ]
     else:
         # The opening tag ends free text lazily: at its first occurrence the call begins,
         # and the rest of the block (`call_body`) follows it. Without parallel calls the
         # turn ends after one.
-        start = ["start: (lazy_call)* TEXT" if parallel else "start: TEXT | lazy_call",
-                 "TEXT: /(.|\\n)*/",
-                 f"call_trigger[lazy]: TEXT {_lark(OPEN_TAG)}",
-                 "lazy_call: call_trigger call_body"]
+        start = [
+            "start: (lazy_call)* TEXT" if parallel else "start: TEXT | lazy_call",
+            "TEXT: /(.|\\n)*/",
+            f"call_trigger[lazy]: TEXT {_lark(OPEN_TAG)}",
+            "lazy_call: call_trigger call_body",
+        ]
         return _grammar(start, _call_rules(functions, "call_body", "\n"))
     return _grammar(start, _call_rules(functions, "call", OPEN_TAG + "\n"))
 
@@ -91,9 +98,15 @@ def _grammar(start: list[str], rules: list[str]) -> str:
     return "\n".join(["%llguidance {}", *start, *rules]) + "\n"
 
 
-def turn_structure(functions: list[tuple[str, dict | None]], forced: bool, parallel: bool,
-                   fmt_schema: dict | None, fmt_param: str, schema_param: str | None = None,
-                   tools_param: str = "tools") -> StructuredOutputsParams | None:
+def turn_structure(
+    functions: list[tuple[str, dict | None]],
+    forced: bool,
+    parallel: bool,
+    fmt_schema: dict | None,
+    fmt_param: str,
+    schema_param: str | None = None,
+    tools_param: str = "tools",
+) -> StructuredOutputsParams | None:
     """What a turn's output is constrained to (None: free text).
 
     fmt_schema: the JSON format's schema (ANY_OBJECT for any object), None for text. A bad
@@ -106,7 +119,8 @@ def turn_structure(functions: list[tuple[str, dict | None]], forced: bool, paral
     if not functions:
         return answer
     if forced and answer is not None:
-        raise InvalidRequestError(f"{fmt_param} cannot be combined with a tool_choice that "
-                                  "forces a call", fmt_param)
+        raise InvalidRequestError(
+            f"{fmt_param} cannot be combined with a tool_choice that forces a call", fmt_param
+        )
     grammar = tool_call_grammar(functions, forced, parallel, fmt_schema)
     return checked(tools_param, grammar=grammar)

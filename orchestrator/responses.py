@@ -72,12 +72,20 @@ class FunctionTool:
     strict: bool | None = None
 
     def as_dict(self) -> dict:
-        return {"type": "function", "name": self.name, "description": self.description,
-                "parameters": self.parameters, "strict": self.strict}
+        return {
+            "type": "function",
+            "name": self.name,
+            "description": self.description,
+            "parameters": self.parameters,
+            "strict": self.strict,
+        }
 
     def chat_tool(self) -> Tool:
-        function = {"name": self.name, "description": self.description,
-                    "parameters": self.parameters}
+        function = {
+            "name": self.name,
+            "description": self.description,
+            "parameters": self.parameters,
+        }
         spec = {k: v for k, v in function.items() if v is not None}
         return Tool(self.name, {"type": "function", "function": spec})
 
@@ -109,8 +117,7 @@ class ResponseRequest:
     top_p: float | None = None
     truncation: str = "disabled"  # "disabled" | "auto"
     metadata: dict = field(default_factory=dict)
-    tools: list[FunctionTool | CodeInterpreterTool | FileSearchTool] = field(
-        default_factory=list)
+    tools: list[FunctionTool | CodeInterpreterTool | FileSearchTool] = field(default_factory=list)
     # "none" | "auto" | "required" | {"type": "function", "name"} | {"type": "file_search"}
     tool_choice: str | dict = "auto"
     parallel_tool_calls: bool = True
@@ -130,16 +137,26 @@ class ResponseRequest:
     def tool_config(self, declared: list[FunctionTool] | None = None) -> ToolConfig:
         """The tools offered to the model: `declared` (every tool's function declaration,
         built-ins with their schema filled in) or the request's own function tools."""
-        tools = declared if declared is not None else [
-            t for t in self.tools if isinstance(t, FunctionTool)]
+        tools = (
+            declared
+            if declared is not None
+            else [t for t in self.tools if isinstance(t, FunctionTool)]
+        )
         choice = self.tool_choice
-        mode, forced = (("function", choice.get("name", choice["type"]))
-                        if isinstance(choice, dict) else (choice, None))
+        mode, forced = (
+            ("function", choice.get("name", choice["type"]))
+            if isinstance(choice, dict)
+            else (choice, None)
+        )
         if not tools:
             mode = "none"
         offered = [t for t in tools if mode != "function" or t.name == forced]
-        return ToolConfig([t.chat_tool() for t in offered] if mode != "none" else [], mode,
-                          forced, self.parallel_tool_calls)
+        return ToolConfig(
+            [t.chat_tool() for t in offered] if mode != "none" else [],
+            mode,
+            forced,
+            self.parallel_tool_calls,
+        )
 
 
 class TokenObserver(Protocol):
@@ -165,16 +182,18 @@ class Budget(Protocol):
 
     async def reserve(self, tokens: int) -> None: ...
 
-    async def settle(self, status: str, input_tokens: int, cached_tokens: int,
-                     output_tokens: int) -> None: ...
+    async def settle(
+        self, status: str, input_tokens: int, cached_tokens: int, output_tokens: int
+    ) -> None: ...
 
 
 class _Unlimited:
     async def reserve(self, tokens: int) -> None:
         pass
 
-    async def settle(self, status: str, input_tokens: int, cached_tokens: int,
-                     output_tokens: int) -> None:
+    async def settle(
+        self, status: str, input_tokens: int, cached_tokens: int, output_tokens: int
+    ) -> None:
         pass
 
 
@@ -183,15 +202,23 @@ def _structure(request: ResponseRequest, config: ToolConfig) -> StructuredOutput
     offered tools' calls (forced by "required" or a named function, lazily triggered by
     "auto"). A schema the grammar cannot take is a 400 naming its field."""
     functions = [(t.name, t.spec["function"].get("parameters")) for t in config.tools]
-    return turn_structure(functions, config.mode in ("required", "function"), config.parallel,
-                          request.format_schema(), "text.format", "text.format.schema")
+    return turn_structure(
+        functions,
+        config.mode in ("required", "function"),
+        config.parallel,
+        request.format_schema(),
+        "text.format",
+        "text.format.schema",
+    )
 
 
 def _sampling_params(request: ResponseRequest) -> SamplingParams:
     chosen = {"temperature": request.temperature, "top_p": request.top_p}
     try:
-        return SamplingParams(max_tokens=request.max_output_tokens,
-                              **{k: v for k, v in chosen.items() if v is not None})
+        return SamplingParams(
+            max_tokens=request.max_output_tokens,
+            **{k: v for k, v in chosen.items() if v is not None},
+        )
     except ValueError as exc:  # SamplingParams names the field first
         message = str(exc).replace("max_tokens", "max_output_tokens")
         raise InvalidRequestError(message, param=message.split(" ", 1)[0]) from None
@@ -266,18 +293,29 @@ class Turn:
     The agent appends to the response's own output list, so its `output_index`es are
     the stream's."""
 
-    def __init__(self, service: ResponseService, owner: str, request: ResponseRequest,
-                 history: History, input_items: list[dict], tools: ResolvedTools,
-                 prompt: Prompt, params: SamplingParams, observer: TokenObserver,
-                 budget: Budget) -> None:
+    def __init__(
+        self,
+        service: ResponseService,
+        owner: str,
+        request: ResponseRequest,
+        history: History,
+        input_items: list[dict],
+        tools: ResolvedTools,
+        prompt: Prompt,
+        params: SamplingParams,
+        observer: TokenObserver,
+        budget: Budget,
+    ) -> None:
         self.service = service
         self.owner = owner
         self.request = request
         self.history = history
         self.input_items = input_items
         self.tools = tools
-        self.declared = [FunctionTool(d["name"], d.get("description"), d.get("parameters"),
-                                      d.get("strict")) for d in tools.declarations]
+        self.declared = [
+            FunctionTool(d["name"], d.get("description"), d.get("parameters"), d.get("strict"))
+            for d in tools.declarations
+        ]
         self.prompt: Prompt | None = prompt  # the first generation's, built by `create`
         self.params = params
         self.observer = observer
@@ -322,20 +360,30 @@ class Turn:
         begun = None
         if store is not None:
             snapshot = copy.deepcopy(self.events.response)
-            begun = asyncio.create_task(store.call(Repository.begin_response, self.owner,
-                                                   snapshot, self.input_items))
+            begun = asyncio.create_task(
+                store.call(Repository.begin_response, self.owner, snapshot, self.input_items)
+            )
         try:
             self._put(self.events.start())
             status, reason, error = await self._generate()
             totals = self.totals
-            final = self.events.finish(status, usage(totals.input_tokens, totals.output_tokens,
-                                                     totals.cached),
-                                       time.time(), reason, error)
+            final = self.events.finish(
+                status,
+                usage(totals.input_tokens, totals.output_tokens, totals.cached),
+                time.time(),
+                reason,
+                error,
+            )
             if store is not None:
                 await begun
                 tokens = None if status == "failed" else totals.context_tokens
-                await store.call(Repository.finish_response, self.owner, self.events.response,
-                                 self.input_items, tokens)
+                await store.call(
+                    Repository.finish_response,
+                    self.owner,
+                    self.events.response,
+                    self.input_items,
+                    tokens,
+                )
             await self._settle(status)
             self._put(final)
         except Exception:
@@ -349,16 +397,20 @@ class Turn:
 
     async def _settle(self, status: str) -> None:
         totals = self.totals
-        await self.budget.settle(status, totals.input_tokens, totals.cached,
-                                 totals.output_tokens)
+        await self.budget.settle(status, totals.input_tokens, totals.cached, totals.output_tokens)
 
     async def _generate(self) -> tuple[str, str | None, dict | None]:
         """Run the agent loop; returns (status, incomplete reason, error).
 
         The loop runs in a task of its own, which `stop` cancels: a stopped turn ends at
         once even if the engine has no further output to deliver or a tool is running."""
-        agent = Agent(self._model_turn, self.tools.builtins, self.tools.client_functions,
-                      self._tool_event, self.request.max_tool_calls)
+        agent = Agent(
+            self._model_turn,
+            self.tools.builtins,
+            self.tools.client_functions,
+            self._tool_event,
+            self.request.max_tool_calls,
+        )
         agent.output = self.events.output
         self._agent = agent
         self._consumer = asyncio.create_task(agent.run(self.input_items))
@@ -369,11 +421,9 @@ class Turn:
                 raise  # the turn itself is being cancelled (shutdown)
             return self._stop_status, None, None
         except (EngineError, ValueError) as exc:
-            return "failed", None, {"code": "server_error",
-                                    "message": f"the engine failed: {exc}"}
+            return "failed", None, {"code": "server_error", "message": f"the engine failed: {exc}"}
         except InvalidRequestError as exc:  # the tools' output no longer fits the context
-            return "failed", None, {"code": exc.code or "invalid_request",
-                                    "message": exc.message}
+            return "failed", None, {"code": exc.code or "invalid_request", "message": exc.message}
         except (QuotaExceededError, RateLimitError) as exc:  # a later generation's budget
             return "failed", None, {"code": exc.code, "message": exc.message}
         except _Cut as cut:
@@ -406,8 +456,9 @@ class Turn:
             if item["type"] == "function_call_output":
                 if item["id"] not in self._spotlit:
                     origin = f"tool {names.get(item['call_id'], 'function')}"
-                    self._spotlit[item["id"]] = spotlight(item["output"], origin,
-                                                          special_tokens=special)
+                    self._spotlit[item["id"]] = spotlight(
+                        item["output"], origin, special_tokens=special
+                    )
                 items[i] = {**item, "output": self._spotlit[item["id"]]}
         return items
 
@@ -425,7 +476,8 @@ class Turn:
         is then asked to answer without tools. (Offered tools after its results, the
         default 135M model answers with a made-up `<tool_response>` block instead.)"""
         return [d["name"] for d in self.tools.declarations] == [FILE_SEARCH] and any(
-            item["type"] == "file_search_call" for item in self.events.output)
+            item["type"] == "file_search_call" for item in self.events.output
+        )
 
     def _search_forced(self, config: ToolConfig) -> bool:
         """Whether this turn must call file_search and nothing else (tool_choice
@@ -439,7 +491,8 @@ class Turn:
             return False
         names = [t.name for t in config.tools]
         return (config.mode == "function" and config.forced == FILE_SEARCH) or (
-            config.mode == "required" and names == [FILE_SEARCH])
+            config.mode == "required" and names == [FILE_SEARCH]
+        )
 
     def _annotate(self, text: str) -> list[dict]:
         """The file citations of an answer written after file_search showed sources."""
@@ -453,16 +506,22 @@ class Turn:
         left = None if limit is None else limit - self.totals.output_tokens
         if left is not None and left < 1:
             raise _Cut("max_output_tokens")
-        params = dataclasses.replace(self.params, max_tokens=left,
-                                     structured_outputs=_structure(self.request, config))
+        params = dataclasses.replace(
+            self.params, max_tokens=left, structured_outputs=_structure(self.request, config)
+        )
         if self.prompt is not None:
             prompt, self.prompt = self.prompt, None
             return prompt, params
-        output = self._prompt_items(items[len(self.input_items):])
+        output = self._prompt_items(items[len(self.input_items) :])
         history = History(self.history.items, self.totals.context_tokens)
-        prompt = self.service.context.build(self.request.instructions, history,
-                                            [*self.input_items, *output], config, left,
-                                            truncate=self.request.truncation == "auto")
+        prompt = self.service.context.build(
+            self.request.instructions,
+            history,
+            [*self.input_items, *output],
+            config,
+            left,
+            truncate=self.request.truncation == "auto",
+        )
         return prompt, params
 
     async def _model_turn(self, items: list[dict], tools_enabled: bool) -> list[dict]:
@@ -476,20 +535,30 @@ class Turn:
         if self._generations == 0 and self._search_forced(config):
             self._generations += 1
             self.prompt = None  # the first prompt asked for the call this replaces
-            return [{"id": new_id("fc"), "type": "function_call", "call_id": new_id("call"),
-                     "name": FILE_SEARCH, "arguments": '{"queries": []}',
-                     "status": "completed"}]
+            return [
+                {
+                    "id": new_id("fc"),
+                    "type": "function_call",
+                    "call_id": new_id("call"),
+                    "name": FILE_SEARCH,
+                    "arguments": '{"queries": []}',
+                    "status": "completed",
+                }
+            ]
         prompt, params = self._next_prompt(items, config)
         request_id = self.id if self._generations == 0 else f"{self.id}-{self._generations}"
         if self._generations > 0:  # the first was reserved before the turn started
             await self.budget.reserve(
-                output_budget(len(prompt.token_ids), params.max_tokens,
-                              self.service.engine.max_model_len))
+                output_budget(
+                    len(prompt.token_ids), params.max_tokens, self.service.engine.max_model_len
+                )
+            )
         self._generations += 1
         start = len(self.events.output)
         self._code_calls = []
-        progress = _Progress(ChoiceAssembler([t.name for t in config.tools],
-                                             None if config.parallel else 1))
+        progress = _Progress(
+            ChoiceAssembler([t.name for t in config.tools], None if config.parallel else 1)
+        )
         try:
             await self._consume(progress, prompt.token_ids, params, request_id)
         finally:
@@ -509,8 +578,9 @@ class Turn:
         del self.events.output[start:]
         return [*new, *self._code_calls]
 
-    async def _consume(self, progress: _Progress, prompt: list[int], params: SamplingParams,
-                       request_id: str) -> None:
+    async def _consume(
+        self, progress: _Progress, prompt: list[int], params: SamplingParams, request_id: str
+    ) -> None:
         outputs = self.service.engine.generate(prompt, params, request_id)
         async with aclosing(outputs):
             async for out in outputs:
@@ -532,11 +602,19 @@ class Turn:
             if isinstance(piece, str):
                 self._put(self.events.text(piece))
             elif isinstance(piece, ParsedCall) and (
-                    piece.name in ITEM_TOOLS and piece.name in self.tools.builtins):
+                piece.name in ITEM_TOOLS and piece.name in self.tools.builtins
+            ):
                 self._put(self.events.close_message())
                 self._code_calls.append(
-                    {"id": new_id("fc"), "type": "function_call", "call_id": new_id("call"),
-                     "name": piece.name, "arguments": piece.arguments, "status": "completed"})
+                    {
+                        "id": new_id("fc"),
+                        "type": "function_call",
+                        "call_id": new_id("call"),
+                        "name": piece.name,
+                        "arguments": piece.arguments,
+                        "status": "completed",
+                    }
+                )
             elif isinstance(piece, ParsedCall):
                 self._put(self.events.function_call(piece))
 
@@ -558,13 +636,19 @@ def _question(items: list[dict]) -> str | None:
 
 
 def _missing(response_id: str) -> NotFoundError:
-    return NotFoundError(f"Response with id '{response_id}' not found.", param="response_id",
-                         code="not_found")
+    return NotFoundError(
+        f"Response with id '{response_id}' not found.", param="response_id", code="not_found"
+    )
 
 
 class ResponseService:
-    def __init__(self, engine: EngineClient, store: Store, tools: ToolRegistry | None = None,
-                 default_tools: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        store: Store,
+        tools: ToolRegistry | None = None,
+        default_tools: tuple[str, ...] = (),
+    ) -> None:
         self.engine = engine
         self.store = store
         self.tools = tools if tools is not None else builtin_tools()
@@ -575,31 +659,58 @@ class ResponseService:
         self.file_search: FileSearchBackend | None = None
         self.file_search_unavailable = "file_search needs vector stores, which this server lacks"
 
-    async def create(self, owner: str, request: ResponseRequest,
-                     observer: TokenObserver | None = None,
-                     budget: Budget | None = None) -> Turn:
+    async def create(
+        self,
+        owner: str,
+        request: ResponseRequest,
+        observer: TokenObserver | None = None,
+        budget: Budget | None = None,
+    ) -> Turn:
         """Check the request against the store, build the prompt, reserve its tokens from
         `budget` and start the turn."""
         if request.conversation_id is not None and not request.store:
-            raise InvalidRequestError("a response in a conversation must be stored "
-                                      "(store cannot be false with conversation)", "store")
+            raise InvalidRequestError(
+                "a response in a conversation must be stored "
+                "(store cannot be false with conversation)",
+                "store",
+            )
         history = await self._history(owner, request)
         input_items = [stored_item(i) for i in request.input]
         params = _sampling_params(request)
         tools = self._resolve_tools(request)
         await self._add_file_search(owner, request, tools)
-        declared = [FunctionTool(d["name"], d.get("description"), d.get("parameters"),
-                                 d.get("strict")) for d in tools.declarations]
+        declared = [
+            FunctionTool(d["name"], d.get("description"), d.get("parameters"), d.get("strict"))
+            for d in tools.declarations
+        ]
         config = request.tool_config(declared)
         _structure(request, config)  # a bad schema is the client's error, before any output
-        prompt = self.context.build(request.instructions, history, input_items, config,
-                                    request.max_output_tokens,
-                                    truncate=request.truncation == "auto")
+        prompt = self.context.build(
+            request.instructions,
+            history,
+            input_items,
+            config,
+            request.max_output_tokens,
+            truncate=request.truncation == "auto",
+        )
         budget = budget or _Unlimited()
-        await budget.reserve(output_budget(len(prompt.token_ids), request.max_output_tokens,
-                                           self.engine.max_model_len))
-        turn = Turn(self, owner, request, history, input_items, tools, prompt, params,
-                    observer or _NoObserver(), budget)
+        await budget.reserve(
+            output_budget(
+                len(prompt.token_ids), request.max_output_tokens, self.engine.max_model_len
+            )
+        )
+        turn = Turn(
+            self,
+            owner,
+            request,
+            history,
+            input_items,
+            tools,
+            prompt,
+            params,
+            observer or _NoObserver(),
+            budget,
+        )
         self.running[turn.id] = turn
         return turn
 
@@ -614,8 +725,9 @@ class ResponseService:
             message = str(exc)
             raise InvalidRequestError(message, param=message.split(":", 1)[0]) from None
 
-    async def _add_file_search(self, owner: str, request: ResponseRequest,
-                               tools: ResolvedTools) -> None:
+    async def _add_file_search(
+        self, owner: str, request: ResponseRequest, tools: ResolvedTools
+    ) -> None:
         """The request's file_search, made for `owner`: each vector store must be theirs
         (404 naming it otherwise, as for a store that does not exist)."""
         for i, tool in enumerate(request.tools):
@@ -628,38 +740,56 @@ class ResponseService:
                 try:
                     await self.file_search.retrieve(owner, vector_store_id)
                 except NotFoundError as exc:
-                    raise NotFoundError(exc.message, f"{param}.vector_store_ids",
-                                        exc.code) from None
+                    raise NotFoundError(
+                        exc.message, f"{param}.vector_store_ids", exc.code
+                    ) from None
             search = FileSearch(
-                self.file_search, owner, tool, _question(request.input),
+                self.file_search,
+                owner,
+                tool,
+                _question(request.input),
                 include_results="file_search_call.results" in request.include,
                 text_budget=min(12_000, self.context.max_model_len),
-                special_tokens=getattr(self.engine.tokenizer, "all_special_tokens", ()))
+                special_tokens=getattr(self.engine.tokenizer, "all_special_tokens", ()),
+            )
             tools.builtins[FILE_SEARCH] = search
-            tools.declarations.append({"type": "function", "name": FILE_SEARCH,
-                                       "description": search.description,
-                                       "parameters": search.parameters, "strict": True})
+            tools.declarations.append(
+                {
+                    "type": "function",
+                    "name": FILE_SEARCH,
+                    "description": search.description,
+                    "parameters": search.parameters,
+                    "strict": True,
+                }
+            )
 
     async def _history(self, owner: str, request: ResponseRequest) -> History:
         if request.previous_response_id is not None:
-            found = await self.store.call(Repository.response_history, owner,
-                                          request.previous_response_id)
+            found = await self.store.call(
+                Repository.response_history, owner, request.previous_response_id
+            )
             if found is None:
                 raise NotFoundError(
                     f"Previous response with id '{request.previous_response_id}' not found.",
-                    param="previous_response_id", code="previous_response_not_found")
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                )
             status, history = found
             if status == "in_progress":
-                raise InvalidRequestError("the previous response is still in progress",
-                                          "previous_response_id")
+                raise InvalidRequestError(
+                    "the previous response is still in progress", "previous_response_id"
+                )
             return history
         if request.conversation_id is not None:
-            history = await self.store.call(Repository.conversation_history, owner,
-                                            request.conversation_id)
+            history = await self.store.call(
+                Repository.conversation_history, owner, request.conversation_id
+            )
             if history is None:
                 raise NotFoundError(
                     f"Conversation with id '{request.conversation_id}' not found.",
-                    param="conversation", code="not_found")
+                    param="conversation",
+                    code="not_found",
+                )
             return history
         return History([], None)
 
@@ -686,7 +816,8 @@ class ResponseService:
         if body["status"] != "cancelled":
             raise InvalidRequestError(
                 f"only an in-progress response can be cancelled; this one is {body['status']}",
-                param="response_id")
+                param="response_id",
+            )
         return body
 
     async def delete(self, owner: str, response_id: str) -> dict:

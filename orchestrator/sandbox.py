@@ -118,8 +118,18 @@ def seccomp_program() -> bytes | None:
         return None
     arch, setsid = _ARCHES[machine]
     x32 = [_instruction(0x35, 0x40000000, 0, 1), _KILL] if machine == "x86_64" else []
-    return b"".join([_LOAD_ARCH, _instruction(0x15, arch, 1, 0), _KILL, _LOAD_NR, *x32,
-                     _instruction(0x15, setsid, 0, 1), _EPERM, _ALLOW])
+    return b"".join(
+        [
+            _LOAD_ARCH,
+            _instruction(0x15, arch, 1, 0),
+            _KILL,
+            _LOAD_NR,
+            *x32,
+            _instruction(0x15, setsid, 0, 1),
+            _EPERM,
+            _ALLOW,
+        ]
+    )
 
 
 class SandboxUnavailable(RuntimeError):
@@ -177,8 +187,13 @@ class _Output:
 
 
 class Sandbox:
-    def __init__(self, limits: SandboxLimits | None = None, bwrap: str = "/usr/bin/bwrap",
-                 python: str = "/usr/bin/python3", max_concurrent: int = 4) -> None:
+    def __init__(
+        self,
+        limits: SandboxLimits | None = None,
+        bwrap: str = "/usr/bin/bwrap",
+        python: str = "/usr/bin/python3",
+        max_concurrent: int = 4,
+    ) -> None:
         self.limits = limits or SandboxLimits()
         self.bwrap = bwrap
         self.python = python
@@ -186,14 +201,17 @@ class Sandbox:
 
     def unavailable_reason(self) -> str | None:
         if not os.access(self.bwrap, os.X_OK):
-            return (f"the code sandbox needs bubblewrap ({self.bwrap} not found; "
-                    "install it with `apt-get install bubblewrap`)")
+            return (
+                f"the code sandbox needs bubblewrap ({self.bwrap} not found; "
+                "install it with `apt-get install bubblewrap`)"
+            )
         if not self.python.startswith("/usr/") or not os.access(self.python, os.X_OK):
             return f"the code sandbox needs a system Python under /usr ({self.python} not found)"
         return None
 
-    async def run(self, code: str, limits: SandboxLimits | None = None,
-                  label: str | None = None) -> SandboxResult:
+    async def run(
+        self, code: str, limits: SandboxLimits | None = None, label: str | None = None
+    ) -> SandboxResult:
         """Run `code` as a Python script. `label` tags the sandbox's command line (for
         operators' `ps` and for tests that look for leftover processes)."""
         reason = self.unavailable_reason()
@@ -202,28 +220,86 @@ class Sandbox:
         async with self._slots:
             return await self._run(code, limits or self.limits, label or uuid.uuid4().hex)
 
-    def _argv(self, limits: SandboxLimits, manifest_fd: int, seccomp_fd: int | None,
-              label: str) -> list[str]:
-        settings = [limits.nice, limits.report_bytes, manifest_fd,
-                    # soft and hard: CPU, address space, processes, file size, core
-                    limits.cpu_seconds, limits.cpu_seconds + 1,
-                    limits.memory_bytes, limits.memory_bytes, limits.processes,
-                    limits.processes, limits.file_bytes, limits.file_bytes, 0, 0]
+    def _argv(
+        self, limits: SandboxLimits, manifest_fd: int, seccomp_fd: int | None, label: str
+    ) -> list[str]:
+        settings = [
+            limits.nice,
+            limits.report_bytes,
+            manifest_fd,
+            # soft and hard: CPU, address space, processes, file size, core
+            limits.cpu_seconds,
+            limits.cpu_seconds + 1,
+            limits.memory_bytes,
+            limits.memory_bytes,
+            limits.processes,
+            limits.processes,
+            limits.file_bytes,
+            limits.file_bytes,
+            0,
+            0,
+        ]
         size = str(limits.workdir_bytes)
         return [
-            self.bwrap, "--unshare-all", "--die-with-parent",
-            "--hostname", "sandbox",
-            "--ro-bind", "/usr", "/usr",
-            "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-            "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
-            "--proc", "/proc", "--dev", "/dev",
-            "--size", size, "--tmpfs", "/work", "--size", size, "--tmpfs", "/tmp",
-            "--remount-ro", "/", "--chdir", "/work", "--clearenv",
-            "--setenv", "PATH", "/usr/local/bin:/usr/bin", "--setenv", "HOME", "/work",
-            "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
-            "--setenv", "MPLBACKEND", "Agg",
+            self.bwrap,
+            "--unshare-all",
+            "--die-with-parent",
+            "--hostname",
+            "sandbox",
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            "--symlink",
+            "usr/bin",
+            "/bin",
+            "--symlink",
+            "usr/lib",
+            "/lib",
+            "--symlink",
+            "usr/lib64",
+            "/lib64",
+            "--symlink",
+            "usr/sbin",
+            "/sbin",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--size",
+            size,
+            "--tmpfs",
+            "/work",
+            "--size",
+            size,
+            "--tmpfs",
+            "/tmp",
+            "--remount-ro",
+            "/",
+            "--chdir",
+            "/work",
+            "--clearenv",
+            "--setenv",
+            "PATH",
+            "/usr/local/bin:/usr/bin",
+            "--setenv",
+            "HOME",
+            "/work",
+            "--setenv",
+            "LANG",
+            "C.UTF-8",
+            "--setenv",
+            "PYTHONDONTWRITEBYTECODE",
+            "1",
+            "--setenv",
+            "MPLBACKEND",
+            "Agg",
             *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
-            "--", self.python, "-I", "-c", _LAUNCHER, " ".join(map(str, settings)),
+            "--",
+            self.python,
+            "-I",
+            "-c",
+            _LAUNCHER,
+            " ".join(map(str, settings)),
             f"tokenmill-sandbox:{label}",  # see running_pids
         ]
 
@@ -238,9 +314,13 @@ class Sandbox:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self._argv(limits, write_end, seccomp_fd, label),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, pass_fds=passed, start_new_session=True,
-                **user)
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=passed,
+                start_new_session=True,
+                **user,
+            )
         except BaseException:
             os.close(read_end)
             raise
@@ -248,8 +328,9 @@ class Sandbox:
             for fd in passed:
                 os.close(fd)
         manifest_pipe = os.fdopen(read_end, "rb", 0)
-        lowering = asyncio.create_task(_lower_autogroup(proc.pid, limits.nice,
-                                                        limits.nice_after_seconds))
+        lowering = asyncio.create_task(
+            _lower_autogroup(proc.pid, limits.nice, limits.nice_after_seconds)
+        )
         output = _Output(limits.output_bytes)
         manifest = bytearray()
         timed_out = False
@@ -259,8 +340,7 @@ class Sandbox:
                     _feed(proc, code.encode()),
                     _pump(proc, proc.stdout, output, output.stdout),
                     _pump(proc, proc.stderr, output, output.stderr),
-                    _read_manifest(manifest_pipe, manifest,
-                                   limits.report_bytes * 4 + (1 << 20)),
+                    _read_manifest(manifest_pipe, manifest, limits.report_bytes * 4 + (1 << 20)),
                 )
                 await proc.wait()
         except TimeoutError:
@@ -273,8 +353,9 @@ class Sandbox:
         return _result(proc.returncode, manifest, output, timed_out, time.monotonic() - started)
 
 
-def _result(returncode: int | None, manifest: bytes, output: _Output, timed_out: bool,
-            seconds: float) -> SandboxResult:
+def _result(
+    returncode: int | None, manifest: bytes, output: _Output, timed_out: bool, seconds: float
+) -> SandboxResult:
     stderr = output.stderr.decode("utf-8", "replace")
     files: list[SandboxFile] = []
     exit_code = None if timed_out or output.truncated else returncode
@@ -286,8 +367,15 @@ def _result(returncode: int | None, manifest: bytes, output: _Output, timed_out:
             pass
     elif returncode == 1 and stderr.startswith("bwrap:"):
         raise SandboxUnavailable(f"the code sandbox could not start: {stderr.strip()}")
-    return SandboxResult(output.stdout.decode("utf-8", "replace"), stderr, exit_code, timed_out,
-                         output.truncated, files, seconds)
+    return SandboxResult(
+        output.stdout.decode("utf-8", "replace"),
+        stderr,
+        exit_code,
+        timed_out,
+        output.truncated,
+        files,
+        seconds,
+    )
 
 
 def running_pids(label: str) -> list[int]:
@@ -339,8 +427,12 @@ async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
     proc.stdin.close()
 
 
-async def _pump(proc: asyncio.subprocess.Process, stream: asyncio.StreamReader | None,
-                output: _Output, buffer: bytearray) -> None:
+async def _pump(
+    proc: asyncio.subprocess.Process,
+    stream: asyncio.StreamReader | None,
+    output: _Output,
+    buffer: bytearray,
+) -> None:
     assert stream is not None
     while chunk := await stream.read(1 << 16):
         if not output.add(buffer, chunk):
@@ -351,8 +443,7 @@ async def _pump(proc: asyncio.subprocess.Process, stream: asyncio.StreamReader |
 async def _read_manifest(pipe: BinaryIO, into: bytearray, limit: int) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
     try:
         while (chunk := await reader.read(1 << 16)) and len(into) < limit:
             into += chunk
@@ -365,4 +456,3 @@ def _kill(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-

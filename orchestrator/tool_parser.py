@@ -105,7 +105,7 @@ class ToolCallParser:
                     events += self._stream_block()
                     return events
                 events += self._close_block(self._buffer[:end], closed=True)
-                self._buffer = self._buffer[end + len(CLOSE_TAG):]
+                self._buffer = self._buffer[end + len(CLOSE_TAG) :]
                 self._in_block = False
             else:
                 start = self._buffer.find(OPEN_TAG)
@@ -118,7 +118,7 @@ class ToolCallParser:
                     return events
                 if start:
                     events.append(TextPiece(self._buffer[:start]))
-                self._buffer = self._buffer[start + len(OPEN_TAG):]
+                self._buffer = self._buffer[start + len(OPEN_TAG) :]
                 self._in_block = True
 
     def finish(self) -> list[ToolEvent]:
@@ -141,13 +141,13 @@ class ToolCallParser:
         call = self._streaming
         if call is None:
             return events
-        region = self._buffer[call.args_start:]
+        region = self._buffer[call.args_start :]
         safe = len(region) - _partial_tag_suffix(region, CLOSE_TAG)
         brace = region.rfind("}")
         if brace >= 0:
             safe = min(safe, brace)
         if safe > call.num_sent:
-            events.append(ArgumentsDelta(region[call.num_sent:safe]))
+            events.append(ArgumentsDelta(region[call.num_sent : safe]))
             call.num_sent = safe
         return events
 
@@ -185,12 +185,12 @@ class _StreamingCall:
         """The rest of the arguments and the whole call. A complete block drops the
         wrapping object's closing brace; a truncated one (the budget ran out) keeps all
         it has, which is what the stream has been sending."""
-        region = body[self.args_start:]
+        region = body[self.args_start :]
         if parse_call(body.strip(), allowed) is not None:
             region = region.rstrip().removesuffix("}").rstrip()
         events: list[ToolEvent] = []
         if len(region) > self.num_sent:
-            events.append(ArgumentsDelta(region[self.num_sent:]))
+            events.append(ArgumentsDelta(region[self.num_sent :]))
         return [*events, ParsedCall(self.name, region, streamed=True)]
 
 
@@ -226,7 +226,7 @@ class ChoiceAssembler:
                 continue
             piece = self.pending_space + e.text
             body = piece.rstrip()
-            self.pending_space = piece[len(body):]
+            self.pending_space = piece[len(body) :]
             if body:
                 out.append(body)
         if final and self.pending_space and not self.num_calls:

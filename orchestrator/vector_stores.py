@@ -48,21 +48,32 @@ class Search:
 
 
 def missing_store(vector_store_id: str) -> NotFoundError:
-    return NotFoundError(f"No vector store found with id '{vector_store_id}'.",
-                         param="vector_store_id", code="not_found")
+    return NotFoundError(
+        f"No vector store found with id '{vector_store_id}'.",
+        param="vector_store_id",
+        code="not_found",
+    )
 
 
 def _vector_store(body: dict, counts: kb.FileCounts, usage_bytes: int) -> dict:
-    return {**body, "usage_bytes": usage_bytes,
-            "status": "in_progress" if counts.in_progress else "completed",
-            "file_counts": {"in_progress": counts.in_progress, "completed": counts.completed,
-                            "failed": counts.failed, "cancelled": counts.cancelled,
-                            "total": counts.total}}
+    return {
+        **body,
+        "usage_bytes": usage_bytes,
+        "status": "in_progress" if counts.in_progress else "completed",
+        "file_counts": {
+            "in_progress": counts.in_progress,
+            "completed": counts.completed,
+            "failed": counts.failed,
+            "cancelled": counts.cancelled,
+            "total": counts.total,
+        },
+    }
 
 
 def missing_batch(batch_id: str) -> NotFoundError:
-    return NotFoundError(f"No file batch found with id '{batch_id}'.", param="batch_id",
-                         code="not_found")
+    return NotFoundError(
+        f"No file batch found with id '{batch_id}'.", param="batch_id", code="not_found"
+    )
 
 
 def _file_batch(body: dict, counts: kb.FileCounts, cancelled: bool) -> dict:
@@ -74,10 +85,17 @@ def _file_batch(body: dict, counts: kb.FileCounts, cancelled: bool) -> dict:
         status = "failed"
     else:
         status = "completed"
-    return {**body, "status": status,
-            "file_counts": {"in_progress": counts.in_progress, "completed": counts.completed,
-                            "failed": counts.failed, "cancelled": counts.cancelled,
-                            "total": counts.total}}
+    return {
+        **body,
+        "status": status,
+        "file_counts": {
+            "in_progress": counts.in_progress,
+            "completed": counts.completed,
+            "failed": counts.failed,
+            "cancelled": counts.cancelled,
+            "total": counts.total,
+        },
+    }
 
 
 def _error(code: str, message: str) -> dict:
@@ -94,12 +112,20 @@ class VectorStoreService:
 
     # -- vector stores -------------------------------------------------------------------
 
-    async def create(self, owner: str, name: str | None, metadata: dict,
-                     files: list[FileToAdd]) -> dict:
+    async def create(
+        self, owner: str, name: str | None, metadata: dict, files: list[FileToAdd]
+    ) -> dict:
         now = int(time.time())
-        body = {"id": new_id("vs"), "object": "vector_store", "created_at": now, "name": name,
-                "metadata": metadata, "last_active_at": now, "expires_after": None,
-                "expires_at": None}
+        body = {
+            "id": new_id("vs"),
+            "object": "vector_store",
+            "created_at": now,
+            "name": name,
+            "metadata": metadata,
+            "last_active_at": now,
+            "expires_after": None,
+            "expires_at": None,
+        }
         store_files = await self._store_files(owner, body["id"], files)
         await self.store.call(kb.add_vector_store, owner, body, store_files)
         self._start(owner, body["id"], store_files)
@@ -113,9 +139,10 @@ class VectorStoreService:
 
     async def list(self, owner: str, page: Page) -> ItemPage:
         found, counts = await self.store.call(kb.list_vector_stores, owner, page)
-        return ItemPage([_vector_store(body, *c) for body, c in zip(found.items, counts,
-                                                                      strict=True)],
-                        found.has_more)
+        return ItemPage(
+            [_vector_store(body, *c) for body, c in zip(found.items, counts, strict=True)],
+            found.has_more,
+        )
 
     async def update(self, owner: str, vector_store_id: str, changes: dict) -> dict:
         if not await self.store.call(kb.update_vector_store, owner, vector_store_id, changes):
@@ -130,13 +157,20 @@ class VectorStoreService:
     async def search(self, owner: str, vector_store_id: str, search: Search) -> list[Hit]:
         await self.retrieve(owner, vector_store_id)  # 404 for another owner's store
         encoded = await self.embedder.aencode([search.query])
-        request = SearchRequest((vector_store_id,), search.query, encoded.vectors[0],
-                                search.filters, search.max_num_results, search.score_threshold,
-                                search.mode)
+        request = SearchRequest(
+            (vector_store_id,),
+            search.query,
+            encoded.vectors[0],
+            search.filters,
+            search.max_num_results,
+            search.score_threshold,
+            search.mode,
+        )
         return await self.store.call(kb.search, owner, request)
 
-    async def search_stores(self, owner: str, vector_store_ids: Sequence[str],
-                            searches: Sequence[Search]) -> list[Hit]:
+    async def search_stores(
+        self, owner: str, vector_store_ids: Sequence[str], searches: Sequence[Search]
+    ) -> list[Hit]:
         """Several queries over several of the owner's stores (404 for a store that is not
         theirs): the queries embedded in one batch, each searched, and the hits merged,
         a chunk found by more than one query keeping its best score, best first; at
@@ -148,9 +182,15 @@ class VectorStoreService:
         encoded = await self.embedder.aencode([s.query for s in searches])
         best: dict[tuple[str, str, int], Hit] = {}
         for search, vector in zip(searches, encoded.vectors, strict=True):
-            request = SearchRequest(tuple(vector_store_ids), search.query, vector,
-                                    search.filters, search.max_num_results,
-                                    search.score_threshold, search.mode)
+            request = SearchRequest(
+                tuple(vector_store_ids),
+                search.query,
+                vector,
+                search.filters,
+                search.max_num_results,
+                search.score_threshold,
+                search.mode,
+            )
             for hit in await self.store.call(kb.search, owner, request):
                 key = (hit.vector_store_id, hit.file_id, hit.chunk_index)
                 if key not in best or hit.score > best[key].score:
@@ -173,8 +213,9 @@ class VectorStoreService:
             raise missing_file(file_id)
         return body
 
-    async def list_files(self, owner: str, vector_store_id: str, page: Page,
-                         status: str | None) -> ItemPage:
+    async def list_files(
+        self, owner: str, vector_store_id: str, page: Page, status: str | None
+    ) -> ItemPage:
         found = await self.store.call(kb.list_store_files, owner, vector_store_id, page, status)
         if found is None:
             raise missing_store(vector_store_id)
@@ -188,20 +229,23 @@ class VectorStoreService:
 
     # -- file batches --------------------------------------------------------------------
 
-    async def create_file_batch(self, owner: str, vector_store_id: str,
-                                files: list[FileToAdd]) -> dict:
+    async def create_file_batch(
+        self, owner: str, vector_store_id: str, files: list[FileToAdd]
+    ) -> dict:
         """Add several files at once; the batch reports their progress together."""
         store_files = await self._store_files(owner, vector_store_id, files)
-        body = {"id": new_id("vsfb"), "object": "vector_store.files_batch",
-                "created_at": int(time.time()), "vector_store_id": vector_store_id}
-        if not await self.store.call(kb.add_file_batch, owner, vector_store_id, body,
-                                     store_files):
+        body = {
+            "id": new_id("vsfb"),
+            "object": "vector_store.files_batch",
+            "created_at": int(time.time()),
+            "vector_store_id": vector_store_id,
+        }
+        if not await self.store.call(kb.add_file_batch, owner, vector_store_id, body, store_files):
             raise missing_store(vector_store_id)
         self._start(owner, vector_store_id, store_files)
         return await self.retrieve_file_batch(owner, vector_store_id, body["id"])
 
-    async def retrieve_file_batch(self, owner: str, vector_store_id: str,
-                                  batch_id: str) -> dict:
+    async def retrieve_file_batch(self, owner: str, vector_store_id: str, batch_id: str) -> dict:
         found = await self.store.call(kb.get_file_batch, owner, vector_store_id, batch_id)
         if found is None:
             raise missing_batch(batch_id)
@@ -210,8 +254,7 @@ class VectorStoreService:
     async def cancel_file_batch(self, owner: str, vector_store_id: str, batch_id: str) -> dict:
         """Cancel the batch: its files still in progress become `cancelled` and their
         ingestion stops; files already indexed stay."""
-        stopped = await self.store.call(kb.cancel_file_batch, owner, vector_store_id,
-                                        batch_id)
+        stopped = await self.store.call(kb.cancel_file_batch, owner, vector_store_id, batch_id)
         if stopped is None:
             raise missing_batch(batch_id)
         for file_id in stopped:
@@ -220,10 +263,12 @@ class VectorStoreService:
                 task.cancel()
         return await self.retrieve_file_batch(owner, vector_store_id, batch_id)
 
-    async def list_batch_files(self, owner: str, vector_store_id: str, batch_id: str,
-                               page: Page, status: str | None) -> ItemPage:
-        found = await self.store.call(kb.list_batch_files, owner, vector_store_id, batch_id,
-                                      page, status)
+    async def list_batch_files(
+        self, owner: str, vector_store_id: str, batch_id: str, page: Page, status: str | None
+    ) -> ItemPage:
+        found = await self.store.call(
+            kb.list_batch_files, owner, vector_store_id, batch_id, page, status
+        )
         if found is None:
             raise missing_batch(batch_id)
         return found
@@ -243,19 +288,28 @@ class VectorStoreService:
         for task in self._tasks:
             task.cancel()
 
-    async def _store_files(self, owner: str, vector_store_id: str,
-                           files: list[FileToAdd]) -> list[dict]:
+    async def _store_files(
+        self, owner: str, vector_store_id: str, files: list[FileToAdd]
+    ) -> list[dict]:
         now = int(time.time())
         bodies = []
         for file in files:
             found = await self.store.call(kb.get_file, owner, file.file_id)
             if found is None:
                 raise missing_file(file.file_id)
-            bodies.append({"id": file.file_id, "object": "vector_store.file",
-                           "usage_bytes": found[0]["bytes"], "created_at": now,
-                           "vector_store_id": vector_store_id, "status": "in_progress",
-                           "last_error": None, "chunking_strategy": file.chunking.to_dict(),
-                           "attributes": file.attributes})
+            bodies.append(
+                {
+                    "id": file.file_id,
+                    "object": "vector_store.file",
+                    "usage_bytes": found[0]["bytes"],
+                    "created_at": now,
+                    "vector_store_id": vector_store_id,
+                    "status": "in_progress",
+                    "last_error": None,
+                    "chunking_strategy": file.chunking.to_dict(),
+                    "attributes": file.attributes,
+                }
+            )
         return bodies
 
     def _start(self, owner: str, vector_store_id: str, store_files: list[dict]) -> None:
@@ -263,8 +317,7 @@ class VectorStoreService:
             self._spawn(owner, vector_store_id, body["id"])
 
     def _spawn(self, owner: str, vector_store_id: str, file_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._ingest(owner, vector_store_id, file_id))
+        task = asyncio.get_running_loop().create_task(self._ingest(owner, vector_store_id, file_id))
         self._tasks.add(task)
         key = (owner, vector_store_id, file_id)
         self._running[key] = task
@@ -283,11 +336,19 @@ class VectorStoreService:
             if body is None or body["status"] != "in_progress":
                 return
             static = body["chunking_strategy"]["static"]
-            strategy = StaticChunking(static["max_chunk_size_tokens"],
-                                      static["chunk_overlap_tokens"])
+            strategy = StaticChunking(
+                static["max_chunk_size_tokens"], static["chunk_overlap_tokens"]
+            )
             file, content_type, data = await self.files.content(owner, file_id)
-            chunks = await prepare_chunks(self.embedder, file_id, file["filename"], data,
-                                          content_type, strategy, body["attributes"])
+            chunks = await prepare_chunks(
+                self.embedder,
+                file_id,
+                file["filename"],
+                data,
+                content_type,
+                strategy,
+                body["attributes"],
+            )
         except UnsupportedFile as exc:
             error = _error("unsupported_file", str(exc))
         except ExtractionError as exc:
@@ -299,5 +360,4 @@ class VectorStoreService:
         except Exception:
             log.exception("ingesting %s into %s failed", file_id, vector_store_id)
             error = _error("server_error", "the server failed to index this file")
-        await self.store.call(kb.finish_store_file, owner, vector_store_id, file_id,
-                              chunks, error)
+        await self.store.call(kb.finish_store_file, owner, vector_store_id, file_id, chunks, error)

@@ -38,8 +38,12 @@ def _digest(key: str) -> bytes:
 
 
 def _unauthorized() -> APIError:
-    return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return APIError(
+        401,
+        "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 class AuthMiddleware:
@@ -115,15 +119,17 @@ def product_api_error(exc: ProductError) -> APIError:
 Route = Callable[[Request], Awaitable[Response]]
 
 
-def metered(endpoint: str, handler: Handler,
-            accounts: Callable[[Request], Accounts | None]) -> Route:
+def metered(
+    endpoint: str, handler: Handler, accounts: Callable[[Request], Accounts | None]
+) -> Route:
     """A generation route under rate limits and metering (see the module's docstring)."""
 
     async def route(request: Request) -> Response:
         who = identity(request)
         found = accounts(request)
-        meter = Meter(found, endpoint, who,
-                      listeners=[request.app.state.tokenmill.metrics.on_usage])
+        meter = Meter(
+            found, endpoint, who, listeners=[request.app.state.tokenmill.metrics.on_usage]
+        )
         try:
             if found is not None:
                 found.take_request(who)

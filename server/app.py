@@ -57,18 +57,23 @@ def _accounts(request: Request) -> Accounts | None:
 async def chat_completions(request: Request, meter: Meter) -> Response:
     state = _state(request)
     timer = state.metrics.timer()  # started at arrival: TTFT is what the client waits
-    parsed = await read_json(request, state.config.max_body_bytes, partial(
-        parse_chat_request, max_messages=state.engine.max_model_len))
-    return await create_chat_completion(state, parsed, request.receive, timer, meter,
-                                        identity(request).user_id)
+    parsed = await read_json(
+        request,
+        state.config.max_body_bytes,
+        partial(parse_chat_request, max_messages=state.engine.max_model_len),
+    )
+    return await create_chat_completion(
+        state, parsed, request.receive, timer, meter, identity(request).user_id
+    )
 
 
 async def completions(request: Request, meter: Meter) -> Response:
     state = _state(request)
     timer = state.metrics.timer()
     parsed = await read_json(request, state.config.max_body_bytes, parse_completion_request)
-    return await create_completion(state, parsed, request.receive, timer, meter,
-                                   identity(request).user_id)
+    return await create_completion(
+        state, parsed, request.receive, timer, meter, identity(request).user_id
+    )
 
 
 async def create_response(request: Request, meter: Meter) -> Response:
@@ -97,8 +102,9 @@ def _is_date(text: str) -> bool:
 async def embeddings(request: Request) -> Response:
     state = _state(request)
     embedder = request.app.state.embedder
-    parsed = await read_json(request, state.config.max_body_bytes,
-                             partial(parse_embedding_request, embedder=embedder))
+    parsed = await read_json(
+        request, state.config.max_body_bytes, partial(parse_embedding_request, embedder=embedder)
+    )
     return await create_embeddings(embedder, parsed)
 
 
@@ -132,8 +138,9 @@ async def health(request: Request) -> Response:
     default modes were chosen."""
     state = _state(request)
     if state.engine.failure is not None:
-        return JSONResponse({"status": "engine failed", "error": repr(state.engine.failure)},
-                            status_code=503)
+        return JSONResponse(
+            {"status": "engine failed", "error": repr(state.engine.failure)}, status_code=503
+        )
     if state.admission.draining:
         return JSONResponse({"status": "shutting down"}, status_code=503)
     stats = state.engine.stats()
@@ -158,8 +165,7 @@ def product_routes() -> list[Route]:
     """The Responses and Conversations APIs (served when the app has a product)."""
     post, get, delete = ["POST"], ["GET"], ["DELETE"]
     return [
-        Route("/v1/responses", metered("responses", create_response, _accounts),
-              methods=post),
+        Route("/v1/responses", metered("responses", create_response, _accounts), methods=post),
         Route("/v1/usage", usage, methods=get),
         Route("/v1/responses/{response_id}", resp.retrieve_response, methods=get),
         Route("/v1/responses/{response_id}", resp.delete_response, methods=delete),
@@ -168,16 +174,24 @@ def product_routes() -> list[Route]:
         Route("/v1/conversations", _with_json_body(conv.create_conversation), methods=post),
         Route("/v1/conversations", conv.list_conversations, methods=get),
         Route("/v1/conversations/{conversation_id}", conv.retrieve_conversation, methods=get),
-        Route("/v1/conversations/{conversation_id}", _with_json_body(conv.update_conversation),
-              methods=post),
+        Route(
+            "/v1/conversations/{conversation_id}",
+            _with_json_body(conv.update_conversation),
+            methods=post,
+        ),
         Route("/v1/conversations/{conversation_id}", conv.delete_conversation, methods=delete),
         Route("/v1/conversations/{conversation_id}/items", conv.list_items, methods=get),
-        Route("/v1/conversations/{conversation_id}/items", _with_json_body(conv.create_items),
-              methods=post),
-        Route("/v1/conversations/{conversation_id}/items/{item_id}", conv.retrieve_item,
-              methods=get),
-        Route("/v1/conversations/{conversation_id}/items/{item_id}", conv.delete_item,
-              methods=delete),
+        Route(
+            "/v1/conversations/{conversation_id}/items",
+            _with_json_body(conv.create_items),
+            methods=post,
+        ),
+        Route(
+            "/v1/conversations/{conversation_id}/items/{item_id}", conv.retrieve_item, methods=get
+        ),
+        Route(
+            "/v1/conversations/{conversation_id}/items/{item_id}", conv.delete_item, methods=delete
+        ),
         *file_routes(),
     ]
 
@@ -210,15 +224,21 @@ def file_routes() -> list[Route]:
     ]
 
 
-def build_app(engine: EngineClient, config: ServerConfig, product: Product | None = None,
-              embedder: Embedder | None = None) -> Starlette:
+def build_app(
+    engine: EngineClient,
+    config: ServerConfig,
+    product: Product | None = None,
+    embedder: Embedder | None = None,
+) -> Starlette:
     """The app; with a `product`, the Responses and Conversations APIs and the web page
     (`/`) are served too, and with an `embedder`, /v1/embeddings."""
     routes = [
-        Route("/v1/chat/completions", metered("chat.completions", chat_completions, _accounts),
-              methods=["POST"]),
-        Route("/v1/completions", metered("completions", completions, _accounts),
-              methods=["POST"]),
+        Route(
+            "/v1/chat/completions",
+            metered("chat.completions", chat_completions, _accounts),
+            methods=["POST"],
+        ),
+        Route("/v1/completions", metered("completions", completions, _accounts), methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
@@ -228,19 +248,32 @@ def build_app(engine: EngineClient, config: ServerConfig, product: Product | Non
     if embedder is not None:
         routes.append(Route("/v1/embeddings", embeddings, methods=["POST"]))
     accounts = None if product is None else product.accounts
-    middleware = [Middleware(AuthMiddleware, api_keys=config.api_keys, accounts=accounts)
-                  ] if config.api_keys or accounts is not None else []
+    middleware = (
+        [Middleware(AuthMiddleware, api_keys=config.api_keys, accounts=accounts)]
+        if config.api_keys or accounts is not None
+        else []
+    )
     if config.allowed_origins:
         # Outermost, so a browser's preflight is answered before the key check.
-        middleware.insert(0, Middleware(
-            CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"], max_age=600))
+        middleware.insert(
+            0,
+            Middleware(
+                CORSMiddleware,
+                allow_origins=config.allowed_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+                max_age=600,
+            ),
+        )
     middleware.insert(0, Middleware(SecurityHeadersMiddleware))
     app = Starlette(
         routes=routes,
         middleware=middleware,
-        exception_handlers={APIError: api_error_handler, HTTPException: http_error_handler,
-                            ProductError: resp.product_error_handler},
+        exception_handlers={
+            APIError: api_error_handler,
+            HTTPException: http_error_handler,
+            ProductError: resp.product_error_handler,
+        },
     )
     app.state.tokenmill = ServerState(engine, config)
     app.state.product = product

@@ -71,8 +71,12 @@ class ChatRun:
 
 
 async def create_chat_completion(
-    state: ServerState, request: ChatRequest, receive: Receive, timer: RequestTimer,
-    meter: Meter, fair_share: str | None = None,
+    state: ServerState,
+    request: ChatRequest,
+    receive: Receive,
+    timer: RequestTimer,
+    meter: Meter,
+    fair_share: str | None = None,
 ) -> Response:
     """Admit (`fair_share`: the user whose share of the engine it takes), tokenize,
     reserve the tokens on `meter`, then generate; `meter` is finished on every way out."""
@@ -96,12 +100,14 @@ async def create_chat_completion(
         ticket.release()
         raise
     if request.stream:
+
         def close() -> None:
             ticket.release()
             meter.close()
 
-        return EventStreamResponse(metered_stream(_chat_events(run, outputs), meter),
-                                   on_close=close)
+        return EventStreamResponse(
+            metered_stream(_chat_events(run, outputs), meter), on_close=close
+        )
     try:
         collected = await unless_disconnected(receive, lambda: collect(outputs, params.n))
     finally:
@@ -129,8 +135,9 @@ def _prompt_chars(request: ChatRequest) -> int:
     return chars
 
 
-def _default_max_tokens(state: ServerState, params: SamplingParams, num_prompt: int
-                        ) -> SamplingParams:
+def _default_max_tokens(
+    state: ServerState, params: SamplingParams, num_prompt: int
+) -> SamplingParams:
     """The operator's cap (--max-tokens-default) for a request that names no max_tokens,
     within what the context window leaves: a small model at temperature 1 may never emit
     its end token, and without a cap would generate until the window is full."""
@@ -147,13 +154,15 @@ def _encode_prompt(state: ServerState, request: ChatRequest) -> list[int]:
     tokenizer = state.engine.tokenizer
     prompt = build_chat_prompt(request, template_supports_tools(tokenizer.chat_template))
     try:
-        return tokenizer.encode_chat(prompt.messages, add_generation_prompt=True,
-                                     tools=prompt.tools)
+        return tokenizer.encode_chat(
+            prompt.messages, add_generation_prompt=True, tools=prompt.tools
+        )
     # Templates reject conversations with jinja's raise_exception (a TemplateError) or
     # trip on a shape they do not expect; either way the messages are what to fix.
     except Exception as exc:
-        raise invalid(f"the model's chat template cannot render these messages: {exc}",
-                      "messages") from None
+        raise invalid(
+            f"the model's chat template cannot render these messages: {exc}", "messages"
+        ) from None
 
 
 def new_call_id() -> str:
@@ -164,12 +173,18 @@ def _chat_choice(run: ChatRun, index: int, result: ChoiceResult) -> dict:
     pieces = run.assembler().push(result.text, final=True)
     calls = [p for p in pieces if isinstance(p, ParsedCall)]
     content = "".join(p for p in pieces if isinstance(p, str))
-    message: dict = {"role": "assistant", "content": content or None if calls else content,
-                     "refusal": None}
+    message: dict = {
+        "role": "assistant",
+        "content": content or None if calls else content,
+        "refusal": None,
+    }
     if calls:
         message["tool_calls"] = [
-            {"id": new_call_id(), "type": "function",
-             "function": {"name": c.name, "arguments": c.arguments}}
+            {
+                "id": new_call_id(),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            }
             for c in calls
         ]
     return {
@@ -181,7 +196,7 @@ def _chat_choice(run: ChatRun, index: int, result: ChoiceResult) -> dict:
 
 
 def _finish_reason(num_calls: int, engine_reason: str | None) -> str | None:
-    """"tool_calls" when the turn made calls, unless the budget cut it ("length")."""
+    """ "tool_calls" when the turn made calls, unless the budget cut it ("length")."""
     return "tool_calls" if num_calls and engine_reason != "length" else engine_reason
 
 
@@ -200,10 +215,14 @@ def _chunk(run: ChatRun, choices: list[dict], totals: dict | None = None) -> byt
     return event(run.header.body("chat.completion.chunk", choices, **extra))
 
 
-def _choice_chunk(run: ChatRun, index: int, delta: dict, logprobs: dict | None = None,
-                  finish_reason: str | None = None) -> bytes:
-    choice = {"index": index, "delta": delta, "logprobs": logprobs,
-              "finish_reason": finish_reason}
+def _choice_chunk(
+    run: ChatRun,
+    index: int,
+    delta: dict,
+    logprobs: dict | None = None,
+    finish_reason: str | None = None,
+) -> bytes:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return _chunk(run, [choice])
 
 
@@ -215,8 +234,16 @@ class _StreamChoice:
 
 def _call_head(name: str, call_index: int) -> dict:
     """OpenAI's streaming shape: id, type and name once, then the arguments in pieces."""
-    return {"tool_calls": [{"index": call_index, "id": new_call_id(), "type": "function",
-                            "function": {"name": name, "arguments": ""}}]}
+    return {
+        "tool_calls": [
+            {
+                "index": call_index,
+                "id": new_call_id(),
+                "type": "function",
+                "function": {"name": name, "arguments": ""},
+            }
+        ]
+    }
 
 
 def _call_arguments(text: str, call_index: int) -> dict:

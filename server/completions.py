@@ -77,8 +77,12 @@ def _prepare_prompts(
 
 
 async def create_completion(
-    state: ServerState, request: CompletionRequest, receive: Receive, timer: RequestTimer,
-    meter: Meter, fair_share: str | None = None,
+    state: ServerState,
+    request: CompletionRequest,
+    receive: Receive,
+    timer: RequestTimer,
+    meter: Meter,
+    fair_share: str | None = None,
 ) -> Response:
     """Admit (`fair_share`: the user whose share of the engine it takes), tokenize,
     reserve the tokens on `meter`, then generate; `meter` is finished on every way out."""
@@ -88,35 +92,41 @@ async def create_completion(
     params = make_sampling_params({**request.sampling, "structured_outputs": structure})
     check_token_ids(params.stop_token_ids, state.engine.vocab_size, "stop_token_ids")
     sequences = len(request.prompts) * params.n
-    ticket = await state.admission.acquire(sequences, "prompt" if len(request.prompts) > 1
-                                           else "n", fair_share)
+    ticket = await state.admission.acquire(
+        sequences, "prompt" if len(request.prompts) > 1 else "n", fair_share
+    )
     try:
         size = sum(len(p) for p in request.prompts)
-        prompts, texts = await state.prepare(size, _prepare_prompts, state, request.prompts,
-                                             request.echo)
+        prompts, texts = await state.prepare(
+            size, _prepare_prompts, state, request.prompts, request.echo
+        )
         max_len = state.engine.max_model_len
         for ids in prompts:
             check_context(len(ids), params.max_tokens, max_len, "prompt")
-        await meter.reserve(sum(reservation(len(ids), params.max_tokens, params.n, max_len)
-                                for ids in prompts))
+        await meter.reserve(
+            sum(reservation(len(ids), params.max_tokens, params.n, max_len) for ids in prompts)
+        )
         header = ResponseHeader(f"cmpl-{uuid.uuid4().hex}", model)
         run = CompletionRun(state, request, header, params.n, texts)
-        timers = [timer] + [RequestTimer(state.metrics, arrival=timer.arrival)
-                            for _ in prompts[1:]]
-        outputs = merge([
-            engine_outputs(state, ids, params, f"{header.id}-{i}", t, meter)
-            for i, (ids, t) in enumerate(zip(prompts, timers, strict=True))
-        ])
+        timers = [timer] + [RequestTimer(state.metrics, arrival=timer.arrival) for _ in prompts[1:]]
+        outputs = merge(
+            [
+                engine_outputs(state, ids, params, f"{header.id}-{i}", t, meter)
+                for i, (ids, t) in enumerate(zip(prompts, timers, strict=True))
+            ]
+        )
     except BaseException:
         ticket.release()
         raise
     if request.stream:
+
         def close() -> None:
             ticket.release()
             meter.close()
 
-        return EventStreamResponse(metered_stream(_completion_events(run, outputs), meter),
-                                   on_close=close)
+        return EventStreamResponse(
+            metered_stream(_completion_events(run, outputs), meter), on_close=close
+        )
     try:
         collected = await unless_disconnected(receive, lambda: collect(outputs, params.n))
     finally:
@@ -133,12 +143,14 @@ def _completion_response(run: CompletionRun, collected: Collected) -> dict:
     choices = []
     for index, c in sorted(collected.choices.items()):
         echo = run.echo_text(index)
-        choices.append({
-            "index": index,
-            "text": echo + c.text,
-            "logprobs": run.logprobs(c.logprobs, len(echo)),
-            "finish_reason": c.finish_reason,
-        })
+        choices.append(
+            {
+                "index": index,
+                "text": echo + c.text,
+                "logprobs": run.logprobs(c.logprobs, len(echo)),
+                "finish_reason": c.finish_reason,
+            }
+        )
     completion_tokens = sum(len(c.token_ids) for c in collected.choices.values())
     totals = usage(collected.prompt_tokens, completion_tokens, collected.cached_tokens)
     return run.header.body("text_completion", choices, usage=totals)
@@ -168,12 +180,17 @@ async def _completion_events(
                 text = o.text if index in offsets else run.echo_text(index) + o.text
                 offset = offsets.get(index, len(text) - len(o.text))
                 offsets[index] = offset + len(o.text)
-                yield _chunk(run, [{
-                    "index": index,
-                    "text": text,
-                    "logprobs": run.logprobs(o.logprobs or [], offset),
-                    "finish_reason": o.finish_reason,
-                }])
+                yield _chunk(
+                    run,
+                    [
+                        {
+                            "index": index,
+                            "text": text,
+                            "logprobs": run.logprobs(o.logprobs or [], offset),
+                            "finish_reason": o.finish_reason,
+                        }
+                    ],
+                )
     if run.request.include_usage:
         yield _chunk(run, [], usage(prompt_tokens, completion_tokens, cached_tokens))
     yield DONE

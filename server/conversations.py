@@ -30,8 +30,9 @@ async def create_conversation(request: Request, body: Any) -> Response:
     body = _checked(body, {"items", "metadata"})
     items = parse_items(body["items"], "items", MAX_ITEMS_PER_CALL) if body.get("items") else []
     metadata = parse_metadata(body.get("metadata"))
-    return JSONResponse(await product(request).conversations.create(owner(request), metadata,
-                                                                    items))
+    return JSONResponse(
+        await product(request).conversations.create(owner(request), metadata, items)
+    )
 
 
 async def list_conversations(request: Request) -> Response:
@@ -68,8 +69,7 @@ async def list_items(request: Request) -> Response:
 
 async def retrieve_item(request: Request) -> Response:
     item_id = request.path_params["item_id"]
-    return JSONResponse(
-        await product(request).conversations.retrieve_item(*_ids(request), item_id))
+    return JSONResponse(await product(request).conversations.retrieve_item(*_ids(request), item_id))
 
 
 async def delete_item(request: Request) -> Response:

@@ -33,26 +33,34 @@ class EmbeddingRequest:
 
 def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value)
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    )
 
 
 def _parse_input(value: Any, vocab_size: int) -> tuple[list[str] | None, list[list[int]] | None]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise invalid("input must be a non-empty string, array of strings, array of token ids "
-                      "or array of token-id arrays", param="input")
+        raise invalid(
+            "input must be a non-empty string, array of strings, array of token ids "
+            "or array of token-id arrays",
+            param="input",
+        )
     if len(value) > MAX_INPUTS:
-        raise invalid(f"input must have at most {MAX_INPUTS} items, got {len(value)}",
-                      param="input")
+        raise invalid(
+            f"input must have at most {MAX_INPUTS} items, got {len(value)}", param="input"
+        )
     if all(isinstance(v, str) for v in value):
         if any(not v for v in value):
             raise invalid("input must not contain empty strings", param="input")
         return value, None
     sequences = [value] if _is_token_list(value) else value
     if not all(_is_token_list(s) and s for s in sequences):
-        raise invalid("input must be a string, an array of strings, an array of token ids or "
-                      "an array of non-empty token-id arrays, not a mix", param="input")
+        raise invalid(
+            "input must be a string, an array of strings, an array of token ids or "
+            "an array of non-empty token-id arrays, not a mix",
+            param="input",
+        )
     if any(t < 0 or t >= vocab_size for s in sequences for t in s):
         raise invalid(f"input token ids must be in [0, {vocab_size})", param="input")
     return None, sequences
@@ -65,16 +73,21 @@ def parse_embedding_request(body: Any, embedder: Embedder) -> EmbeddingRequest:
     if not isinstance(model, str):
         raise invalid("model is required and must be a string", param="model")
     if model != embedder.name:
-        raise APIError(404, f"the model {model!r} does not exist; this server embeds with "
-                       f"{embedder.name!r}", param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server embeds with {embedder.name!r}",
+            param="model",
+            code="model_not_found",
+        )
     texts, token_ids = _parse_input(body.get("input"), embedder.vocab_size)
     encoding_format = body.get("encoding_format", "float")
     if encoding_format not in ("float", "base64"):
         raise invalid("encoding_format must be 'float' or 'base64'", param="encoding_format")
     dimensions = body.get("dimensions")
     if dimensions is not None and dimensions != embedder.dimensions:
-        raise invalid(f"dimensions must be {embedder.dimensions} for {embedder.name}",
-                      param="dimensions")
+        raise invalid(
+            f"dimensions must be {embedder.dimensions} for {embedder.name}", param="dimensions"
+        )
     if "user" in body and not isinstance(body["user"], str):
         raise invalid("user must be a string", param="user")
     return EmbeddingRequest(texts, token_ids, encoding_format)
@@ -83,12 +96,14 @@ def parse_embedding_request(body: Any, embedder: Embedder) -> EmbeddingRequest:
 def _check_lengths(token_ids: list[list[int]]) -> None:
     for i, ids in enumerate(token_ids):
         if len(ids) > MAX_INPUT_TOKENS:
-            raise invalid(f"input[{i}] has {len(ids)} tokens; the limit is {MAX_INPUT_TOKENS}",
-                          param="input")
+            raise invalid(
+                f"input[{i}] has {len(ids)} tokens; the limit is {MAX_INPUT_TOKENS}", param="input"
+            )
     total = sum(len(ids) for ids in token_ids)
     if total > MAX_REQUEST_TOKENS:
-        raise invalid(f"input has {total} tokens in all; the limit is {MAX_REQUEST_TOKENS}",
-                      param="input")
+        raise invalid(
+            f"input has {total} tokens in all; the limit is {MAX_REQUEST_TOKENS}", param="input"
+        )
 
 
 def _format_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
@@ -106,14 +121,18 @@ async def create_embeddings(embedder: Embedder, request: EmbeddingRequest) -> Re
     encoded = await embedder.aencode_ids(token_ids)
     tokens = sum(encoded.token_counts)
     data = [
-        {"object": "embedding", "index": i,
-         "embedding": _format_vector(vector, request.encoding_format)}
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": _format_vector(vector, request.encoding_format),
+        }
         for i, vector in enumerate(encoded.vectors)
     ]
-    return JSONResponse({
-        "object": "list",
-        "data": data,
-        "model": embedder.name,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    })
-
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": embedder.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )

@@ -27,14 +27,21 @@ def _files(request: Request) -> FileService:
 
 
 def _too_large(limit: int) -> APIError:
-    return APIError(413, f"the file is larger than this server accepts ({limit} bytes; "
-                    "see --max-upload-mb)", param="file", code="file_too_large")
+    return APIError(
+        413,
+        f"the file is larger than this server accepts ({limit} bytes; see --max-upload-mb)",
+        param="file",
+        code="file_too_large",
+    )
 
 
 async def _upload(request: Request, limit: int) -> tuple[UploadFile, str, bytes]:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise APIError(415, "POST /v1/files takes multipart/form-data with 'file' and 'purpose'",
-                       code="unsupported_media_type")
+        raise APIError(
+            415,
+            "POST /v1/files takes multipart/form-data with 'file' and 'purpose'",
+            code="unsupported_media_type",
+        )
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
         raise _too_large(limit)
@@ -55,12 +62,14 @@ async def _upload(request: Request, limit: int) -> tuple[UploadFile, str, bytes]
 async def create_file(request: Request) -> Response:
     service = _files(request)
     upload, purpose, data = await _upload(
-        request, request.app.state.tokenmill.config.max_upload_bytes)
+        request, request.app.state.tokenmill.config.max_upload_bytes
+    )
     filename = (upload.filename or "").rsplit("/", 1)[-1]
     if not filename:
         raise invalid("file must have a filename", "file")
-    return JSONResponse(await service.create(owner(request), filename, purpose, data,
-                                             upload.content_type))
+    return JSONResponse(
+        await service.create(owner(request), filename, purpose, data, upload.content_type)
+    )
 
 
 async def list_files(request: Request) -> Response:
@@ -71,15 +80,18 @@ async def list_files(request: Request) -> Response:
 
 async def retrieve_file(request: Request) -> Response:
     return JSONResponse(
-        await _files(request).retrieve(owner(request), request.path_params["file_id"]))
+        await _files(request).retrieve(owner(request), request.path_params["file_id"])
+    )
 
 
 async def file_content(request: Request) -> Response:
-    _, content_type, data = await _files(request).content(owner(request),
-                                                          request.path_params["file_id"])
+    _, content_type, data = await _files(request).content(
+        owner(request), request.path_params["file_id"]
+    )
     return Response(data, media_type=content_type or "application/octet-stream")
 
 
 async def delete_file(request: Request) -> Response:
     return JSONResponse(
-        await _files(request).delete(owner(request), request.path_params["file_id"]))
+        await _files(request).delete(owner(request), request.path_params["file_id"])
+    )

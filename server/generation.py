@@ -36,8 +36,10 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
     """Token ids a client sends (prompts, stop_token_ids) must name tokens of the model."""
     beyond = next((t for t in ids if t >= vocab_size), None)
     if beyond is not None:
-        raise invalid(f"{param} must hold token ids below the vocabulary size ({vocab_size}), "
-                      f"got {beyond}", param=param)
+        raise invalid(
+            f"{param} must hold token ids below the vocabulary size ({vocab_size}), got {beyond}",
+            param=param,
+        )
 
 
 def check_prompt_chars(num_chars: int, limit: int, param: str) -> None:
@@ -45,7 +47,9 @@ def check_prompt_chars(num_chars: int, limit: int, param: str) -> None:
     if num_chars > limit:
         raise context_error(
             f"the {param} has {num_chars} characters; this server accepts at most {limit} "
-            "per prompt (its context window could not hold more)", param)
+            "per prompt (its context window could not hold more)",
+            param,
+        )
 
 
 def context_error(message: str, param: str) -> APIError:
@@ -187,8 +191,15 @@ class ResponseHeader:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def body(self, obj: str, choices: list[dict], **extra: object) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None, "choices": choices, **extra}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+            **extra,
+        }
 
 
 def reservation(prompt_tokens: int, max_tokens: int | None, n: int, max_model_len: int) -> int:

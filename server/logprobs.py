@@ -42,5 +42,9 @@ def completion_logprobs(
         top.append({token_text(t): _finite(lp) for t, lp in e.top[:top_n]})
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }

@@ -25,12 +25,66 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                 7.5, 10.0, 20.0, 40.0, 80.0)
-_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
-                0.5, 0.75, 1.0, 2.5)
-_E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
-                50.0, 60.0, 120.0, 240.0, 480.0)
+_TTFT_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_ITL_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+_E2E_BUCKETS = (
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+)
 
 
 class _EngineCollector(Collector):
@@ -39,21 +93,29 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
-        yield GaugeMetricFamily("tokenmill:num_requests_running",
-                                "Requests in the engine's running batch.", value=s.num_running)
-        yield GaugeMetricFamily("tokenmill:num_requests_waiting",
-                                "Requests queued in the engine, waiting to run.",
-                                value=s.num_waiting)
-        yield GaugeMetricFamily("tokenmill:kv_cache_usage_perc",
-                                "Fraction of KV cache blocks in use (0 to 1).",
-                                value=s.kv_cache_usage)
+        yield GaugeMetricFamily(
+            "tokenmill:num_requests_running",
+            "Requests in the engine's running batch.",
+            value=s.num_running,
+        )
+        yield GaugeMetricFamily(
+            "tokenmill:num_requests_waiting",
+            "Requests queued in the engine, waiting to run.",
+            value=s.num_waiting,
+        )
+        yield GaugeMetricFamily(
+            "tokenmill:kv_cache_usage_perc",
+            "Fraction of KV cache blocks in use (0 to 1).",
+            value=s.kv_cache_usage,
+        )
         counters = (
-            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-             s.prefix_cache_queries),
-            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-             s.prefix_cache_hits),
-            ("num_preemptions", "Running requests preempted to free KV blocks.",
-             s.num_preemptions),
+            (
+                "prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                s.prefix_cache_queries,
+            ),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
+            ("num_preemptions", "Running requests preempted to free KV blocks.", s.num_preemptions),
             ("prompt_tokens", "Prompt tokens received.", s.prompt_tokens_total),
             ("generation_tokens", "Tokens generated.", s.generation_tokens_total),
         )
@@ -93,35 +155,46 @@ class ServerMetrics:
         self.ttft = Histogram(
             "tokenmill:time_to_first_token_seconds",
             "Time from request arrival to its first generated token.",
-            buckets=_TTFT_BUCKETS, registry=self.registry,
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
         )
         self.itl = Histogram(
             "tokenmill:inter_token_latency_seconds",
             "Time between consecutive generated tokens of a request.",
-            buckets=_ITL_BUCKETS, registry=self.registry,
+            buckets=_ITL_BUCKETS,
+            registry=self.registry,
         )
         self.e2e = Histogram(
             "tokenmill:e2e_request_latency_seconds",
             "Time from request arrival to its last token, for requests that finished.",
-            buckets=_E2E_BUCKETS, registry=self.registry,
+            buckets=_E2E_BUCKETS,
+            registry=self.registry,
         )
 
         # Per endpoint (never per user: a label per user would grow without bound).
         self.requests = Counter(
-            "tokenmill:endpoint_requests", "Generation requests that ended, by endpoint and "
+            "tokenmill:endpoint_requests",
+            "Generation requests that ended, by endpoint and "
             "status (completed, incomplete, cancelled, failed, rejected).",
-            ["endpoint", "status"], registry=self.registry)
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
         self.tokens = Counter(
-            "tokenmill:endpoint_tokens", "Tokens of generation requests, by endpoint and kind "
+            "tokenmill:endpoint_tokens",
+            "Tokens of generation requests, by endpoint and kind "
             "(input, cached_input, output), as the usage records count them.",
-            ["endpoint", "kind"], registry=self.registry)
+            ["endpoint", "kind"],
+            registry=self.registry,
+        )
 
     def on_usage(self, record: UsageRecord) -> None:
         """Count a request's usage row (called once per request, when it ends)."""
         self.requests.labels(record.endpoint, record.status).inc()
-        for kind, count in (("input", record.input_tokens),
-                            ("cached_input", record.cached_input_tokens),
-                            ("output", record.output_tokens)):
+        for kind, count in (
+            ("input", record.input_tokens),
+            ("cached_input", record.cached_input_tokens),
+            ("output", record.output_tokens),
+        ):
             self.tokens.labels(record.endpoint, kind).inc(count)
 
     def timer(self) -> RequestTimer:

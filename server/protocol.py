@@ -39,9 +39,21 @@ MAX_STOP_TOKEN_IDS = 256
 
 # Passed straight to SamplingParams under the same name (vLLM's extensions included).
 _SAMPLING_FIELDS = (
-    "n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-    "skip_special_tokens", "include_stop_str_in_output",
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
 )
 
 
@@ -84,14 +96,15 @@ def _check_sizes(sampling: dict[str, Any]) -> None:
     stop = sampling.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
     if len(stops) > MAX_STOP_STRINGS:
-        raise invalid(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}",
-                      "stop")
+        raise invalid(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}", "stop")
     if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops):
         raise invalid(f"stop strings may be at most {MAX_STOP_CHARS} characters long", "stop")
     ids = sampling.get("stop_token_ids")
     if isinstance(ids, list) and len(ids) > MAX_STOP_TOKEN_IDS:
-        raise invalid(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}",
-                      "stop_token_ids")
+        raise invalid(
+            f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}",
+            "stop_token_ids",
+        )
 
 
 def _max_tokens(body: dict, *names: str) -> int | None:
@@ -141,8 +154,9 @@ def _tool_call(raw: Any, param: str) -> ToolCall:
     if not name:
         raise invalid(f"{param}.function.name is required", param)
     arguments = _field(function, "arguments", "a string", "{}", f"{param}.function.arguments")
-    return ToolCall(id=_field(raw, "id", "a string", "", f"{param}.id"), name=name,
-                    arguments=arguments)
+    return ToolCall(
+        id=_field(raw, "id", "a string", "", f"{param}.id"), name=name, arguments=arguments
+    )
 
 
 def _message(raw: Any, i: int) -> Message:
@@ -196,8 +210,12 @@ def _tool_choice(body: dict, tools: list[Tool]) -> tuple[str, str | None]:
         return choice, None
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
-    if not (isinstance(choice, dict) and choice.get("type") == "function"
-            and isinstance(name, str) and name):
+    if not (
+        isinstance(choice, dict)
+        and choice.get("type") == "function"
+        and isinstance(name, str)
+        and name
+    ):
         raise invalid(
             'tool_choice must be "none", "auto", "required" or '
             '{"type": "function", "function": {"name": ...}}',
@@ -223,15 +241,20 @@ def _response_format(body: dict) -> ResponseFormat | None:
     if kind == "json_object":
         return ResponseFormat("json_object")
     if kind != "json_schema":
-        raise invalid('response_format.type must be "text", "json_object" or "json_schema", '
-                      f"got {kind!r}", "response_format")
+        raise invalid(
+            f'response_format.type must be "text", "json_object" or "json_schema", got {kind!r}',
+            "response_format",
+        )
     spec = _field(fmt, "json_schema", "an object", param="response_format.json_schema")
     if spec is None:
         raise invalid("response_format.json_schema is required", "response_format")
     name = _field(spec, "name", "a string", param="response_format.json_schema.name")
     if name is None or not _FUNCTION_NAME.match(name):
-        raise invalid("response_format.json_schema.name must be 1 to 64 letters, digits, '_' "
-                      f"or '-', got {name!r}", "response_format")
+        raise invalid(
+            "response_format.json_schema.name must be 1 to 64 letters, digits, '_' "
+            f"or '-', got {name!r}",
+            "response_format",
+        )
     _field(spec, "description", "a string", param="response_format.json_schema.description")
     schema = _field(spec, "schema", "an object", {}, "response_format.json_schema.schema")
     strict = _field(spec, "strict", "a boolean", False, "response_format.json_schema.strict")
@@ -247,8 +270,9 @@ def _logit_bias(body: dict, sampling: dict[str, Any]) -> None:
     parsed = {}
     for key, value in bias.items():
         if not (isinstance(key, str) and key.isdigit()):
-            raise invalid(f"logit_bias keys must be token ids (digit strings), got {key!r}",
-                          "logit_bias")
+            raise invalid(
+                f"logit_bias keys must be token ids (digit strings), got {key!r}", "logit_bias"
+            )
         parsed[int(key)] = value
     sampling["logit_bias"] = parsed
 
@@ -263,8 +287,12 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
     if not messages_raw:
         raise invalid("messages must be a non-empty array", "messages")
     if max_messages is not None and len(messages_raw) > max_messages:
-        raise invalid(f"messages has {len(messages_raw)} messages; the context window holds "
-                      f"{max_messages} tokens", "messages", code="context_length_exceeded")
+        raise invalid(
+            f"messages has {len(messages_raw)} messages; the context window holds "
+            f"{max_messages} tokens",
+            "messages",
+            code="context_length_exceeded",
+        )
     _check_common(body)
     messages = [_message(m, i) for i, m in enumerate(messages_raw)]
     tools = [_tool(t, i) for i, t in enumerate(_field(body, "tools", "an array", []))]
@@ -278,8 +306,9 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
         if not logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
         if not 0 <= top <= MAX_TOP_LOGPROBS:
-            raise invalid(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}",
-                          "top_logprobs")
+            raise invalid(
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs"
+            )
     sampling = _sampling_fields(body)
     sampling["max_tokens"] = _max_tokens(body, "max_completion_tokens", "max_tokens")
     if logprobs:
@@ -317,8 +346,10 @@ def _prompts(body: dict) -> list[str | list[int]]:
     prompt = body.get("prompt")
     if isinstance(prompt, str) or _is_token_ids(prompt):
         return [prompt]
-    if isinstance(prompt, list) and prompt and all(
-        isinstance(p, str) or _is_token_ids(p) for p in prompt
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(p, str) or _is_token_ids(p) for p in prompt)
     ):
         return list(prompt)
     raise invalid(

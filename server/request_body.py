@@ -71,8 +71,9 @@ def _parse(body: bytes, parse: Callable[[Any], T] | None) -> T | Any:
 
 
 async def _read_limited(request: Request, limit: int) -> bytearray:
-    too_large = APIError(413, f"the request body is larger than {limit} bytes",
-                         code="request_too_large")
+    too_large = APIError(
+        413, f"the request body is larger than {limit} bytes", code="request_too_large"
+    )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -90,15 +91,19 @@ def parse_json(body: bytes) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise invalid(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     except ValueError as exc:  # an integer with more digits than Python converts
-        raise invalid(f"the request body has a number that is too large: {exc}",
-                      code="invalid_json") from None
+        raise invalid(
+            f"the request body has a number that is too large: {exc}", code="invalid_json"
+        ) from None
     except RecursionError:
         raise _too_deep() from None
     if json_depth(body) > MAX_JSON_DEPTH:
         raise _too_deep()
     if _SURROGATE_ESCAPE.search(body) and not _encodable(value):
-        raise invalid("the request body has a string with an unpaired surrogate escape "
-                      "(such as \\ud800), which is not text", code="invalid_json")
+        raise invalid(
+            "the request body has a string with an unpaired surrogate escape "
+            "(such as \\ud800), which is not text",
+            code="invalid_json",
+        )
     return value
 
 
@@ -113,8 +118,9 @@ def _encodable(value: Any) -> bool:
 
 
 def _too_deep() -> APIError:
-    return invalid(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels",
-                   code="invalid_json")
+    return invalid(
+        f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
+    )
 
 
 def json_depth(body: bytes) -> int:

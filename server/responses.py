@@ -68,12 +68,14 @@ async def create_response(request: Request, body: Any, meter: Meter) -> Response
     ticket = await state.admission.acquire(owner=identity(request).user_id)
     try:
         turn = await product(request).responses.create(
-            owner(request), parsed, _Observers(timer, meter), meter)
+            owner(request), parsed, _Observers(timer, meter), meter
+        )
         meter.on_submit(0)  # the turn's task submits its first generation
     except BaseException:
         ticket.release()
         raise
     if stream:
+
         def close() -> None:
             turn.stop("incomplete")  # a no-op when the turn already ended
             ticket.release()
@@ -108,4 +110,5 @@ async def list_input_items(request: Request) -> Response:
     response_id = request.path_params["response_id"]
     page = parse_page(request.query_params)
     return JSONResponse(
-        await product(request).responses.input_items(owner(request), response_id, page))
+        await product(request).responses.input_items(owner(request), response_id, page)
+    )

@@ -27,14 +27,34 @@ INCLUDABLE = ("file_search_call.results",)
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 
 _RESPONSE_FIELDS = {
-    "model", "input", "instructions", "previous_response_id", "conversation", "store",
-    "stream", "max_output_tokens", "temperature", "top_p", "truncation", "metadata", "tools",
-    "tool_choice", "parallel_tool_calls", "max_tool_calls", "text", "background", "include",
+    "model",
+    "input",
+    "instructions",
+    "previous_response_id",
+    "conversation",
+    "store",
+    "stream",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "truncation",
+    "metadata",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "max_tool_calls",
+    "text",
+    "background",
+    "include",
 }
 
 _KINDS: dict[str, tuple[type, ...]] = {
-    "a string": (str,), "a boolean": (bool,), "an integer": (int,), "a number": (int, float),
-    "an object": (dict,), "an array": (list,),
+    "a string": (str,),
+    "a boolean": (bool,),
+    "an integer": (int,),
+    "a number": (int, float),
+    "an object": (dict,),
+    "an array": (list,),
 }
 
 
@@ -66,8 +86,11 @@ def parse_metadata(value: Any, param: str = "metadata") -> dict[str, str]:
         raise invalid(f"{param} may hold at most {MAX_METADATA_KEYS} keys", param)
     for key, text in value.items():
         if len(key) > 64 or not isinstance(text, str) or len(text) > 512:
-            raise invalid(f"{param}[{key!r}] must be a string of at most 512 characters "
-                          "under a key of at most 64", param)
+            raise invalid(
+                f"{param}[{key!r}] must be a string of at most 512 characters "
+                "under a key of at most 64",
+                param,
+            )
     return dict(value)
 
 
@@ -85,8 +108,11 @@ def _content(raw: Any, role: str, param: str) -> list[dict]:
         for j, part in enumerate(raw):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind not in ("input_text", "output_text"):
-                raise invalid(f"{param}[{j}].type {kind!r} is not supported: only text "
-                              "content (input_text, output_text) is", f"{param}[{j}].type")
+                raise invalid(
+                    f"{param}[{j}].type {kind!r} is not supported: only text "
+                    "content (input_text, output_text) is",
+                    f"{param}[{j}].type",
+                )
             texts.append(_required_string(part, "text", f"{param}[{j}]"))
     else:
         raise invalid(f"{param} must be a string or an array of content parts", param)
@@ -102,20 +128,33 @@ def _item(raw: Any, param: str) -> dict:
     if kind == "message":
         role = raw.get("role")
         if role not in _MESSAGE_ROLES:
-            raise invalid(f"{param}.role must be one of {', '.join(_MESSAGE_ROLES)}, got "
-                          f"{role!r}", f"{param}.role")
-        return {"type": "message", "role": role,
-                "content": _content(raw.get("content"), role, f"{param}.content")}
+            raise invalid(
+                f"{param}.role must be one of {', '.join(_MESSAGE_ROLES)}, got {role!r}",
+                f"{param}.role",
+            )
+        return {
+            "type": "message",
+            "role": role,
+            "content": _content(raw.get("content"), role, f"{param}.content"),
+        }
     if kind == "function_call":
-        return {"type": "function_call", "call_id": _required_string(raw, "call_id", param),
-                "name": _required_string(raw, "name", param),
-                "arguments": _required_string(raw, "arguments", param)}
+        return {
+            "type": "function_call",
+            "call_id": _required_string(raw, "call_id", param),
+            "name": _required_string(raw, "name", param),
+            "arguments": _required_string(raw, "arguments", param),
+        }
     if kind == "function_call_output":
-        return {"type": "function_call_output",
-                "call_id": _required_string(raw, "call_id", param),
-                "output": _required_string(raw, "output", param)}
-    raise invalid(f"{param}.type {kind!r} is not supported: items are messages, "
-                  "function_call and function_call_output", f"{param}.type")
+        return {
+            "type": "function_call_output",
+            "call_id": _required_string(raw, "call_id", param),
+            "output": _required_string(raw, "output", param),
+        }
+    raise invalid(
+        f"{param}.type {kind!r} is not supported: items are messages, "
+        "function_call and function_call_output",
+        f"{param}.type",
+    )
 
 
 def parse_items(raw: Any, param: str, limit: int | None = None) -> list[dict]:
@@ -129,8 +168,9 @@ def parse_items(raw: Any, param: str, limit: int | None = None) -> list[dict]:
 def _input(body: dict) -> list[dict]:
     raw = body.get("input")
     if isinstance(raw, str):
-        return [{"type": "message", "role": "user",
-                 "content": [{"type": "input_text", "text": raw}]}]
+        return [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": raw}]}
+        ]
     items = parse_items(raw, "input") if raw is not None else []
     if not items:
         raise invalid("input must be a string or a non-empty array of items", "input")
@@ -140,8 +180,7 @@ def _input(body: dict) -> list[dict]:
 # -- responses -----------------------------------------------------------------------------
 
 
-_FILE_SEARCH_KEYS = {"type", "vector_store_ids", "max_num_results", "filters",
-                     "ranking_options"}
+_FILE_SEARCH_KEYS = {"type", "vector_store_ids", "max_num_results", "filters", "ranking_options"}
 
 
 def _file_search(raw: dict, param: str) -> FileSearchTool:
@@ -151,18 +190,31 @@ def _file_search(raw: dict, param: str) -> FileSearchTool:
         if key not in _FILE_SEARCH_KEYS and raw[key] is not None:
             raise invalid(f"{param}.{key} is not supported", f"{param}.{key}")
     ids = raw.get("vector_store_ids")
-    if (not isinstance(ids, list) or not ids or len(ids) > MAX_SEARCHED_STORES
-            or not all(isinstance(i, str) and i for i in ids)):
-        raise invalid(f"{param}.vector_store_ids must be an array of 1 to "
-                      f"{MAX_SEARCHED_STORES} vector store ids", f"{param}.vector_store_ids")
+    if (
+        not isinstance(ids, list)
+        or not ids
+        or len(ids) > MAX_SEARCHED_STORES
+        or not all(isinstance(i, str) and i for i in ids)
+    ):
+        raise invalid(
+            f"{param}.vector_store_ids must be an array of 1 to "
+            f"{MAX_SEARCHED_STORES} vector store ids",
+            f"{param}.vector_store_ids",
+        )
     limit = raw.get("max_num_results")
     threshold, ranker = parse_ranking(raw.get("ranking_options"), f"{param}.ranking_options")
     return FileSearchTool(
         vector_store_ids=list(dict.fromkeys(ids)),
-        max_num_results=(DEFAULT_MAX_RESULTS if limit is None
-                         else parse_max_results(limit, f"{param}.max_num_results")),
+        max_num_results=(
+            DEFAULT_MAX_RESULTS
+            if limit is None
+            else parse_max_results(limit, f"{param}.max_num_results")
+        ),
         filters=parse_filters(raw.get("filters"), f"{param}.filters"),
-        raw_filters=raw.get("filters"), score_threshold=threshold, ranker=ranker)
+        raw_filters=raw.get("filters"),
+        score_threshold=threshold,
+        ranker=ranker,
+    )
 
 
 def _tools(body: dict) -> list[FunctionTool | CodeInterpreterTool | FileSearchTool]:
@@ -179,14 +231,19 @@ def _tools(body: dict) -> list[FunctionTool | CodeInterpreterTool | FileSearchTo
             tools.append(_file_search(raw, param))
             continue
         if kind != "function":
-            raise invalid(f"{param}.type {kind!r} is not supported: only function, "
-                          "code_interpreter and file_search tools are", f"{param}.type")
-        tools.append(FunctionTool(
-            name=_required_string(raw, "name", param),
-            description=_get(raw, "description", "a string", f"{param}.description"),
-            parameters=_get(raw, "parameters", "an object", f"{param}.parameters"),
-            strict=_get(raw, "strict", "a boolean", f"{param}.strict"),
-        ))
+            raise invalid(
+                f"{param}.type {kind!r} is not supported: only function, "
+                "code_interpreter and file_search tools are",
+                f"{param}.type",
+            )
+        tools.append(
+            FunctionTool(
+                name=_required_string(raw, "name", param),
+                description=_get(raw, "description", "a string", f"{param}.description"),
+                parameters=_get(raw, "parameters", "an object", f"{param}.parameters"),
+                strict=_get(raw, "strict", "a boolean", f"{param}.strict"),
+            )
+        )
     if len({t.name for t in tools}) != len(tools):
         raise invalid("tools must have distinct names", "tools")
     return tools
@@ -203,17 +260,21 @@ def _tool_choice(body: dict, tools: list) -> str | dict:
     if isinstance(choice, dict) and choice.get("type") == "function":
         name = choice.get("name")
         if name not in {t.name for t in tools}:
-            raise invalid(f"tool_choice names function {name!r}, which is not in tools",
-                          "tool_choice")
+            raise invalid(
+                f"tool_choice names function {name!r}, which is not in tools", "tool_choice"
+            )
         return {"type": "function", "name": name}
     if isinstance(choice, dict) and choice.get("type") == "file_search":
         if not any(isinstance(t, FileSearchTool) for t in tools):
-            raise invalid('tool_choice {"type": "file_search"} needs a file_search tool',
-                          "tool_choice")
+            raise invalid(
+                'tool_choice {"type": "file_search"} needs a file_search tool', "tool_choice"
+            )
         return {"type": "file_search"}
-    raise invalid('tool_choice must be "none", "auto", "required", '
-                  '{"type": "function", "name": ...} or {"type": "file_search"}',
-                  "tool_choice")
+    raise invalid(
+        'tool_choice must be "none", "auto", "required", '
+        '{"type": "function", "name": ...} or {"type": "file_search"}',
+        "tool_choice",
+    )
 
 
 def _check_unsupported(body: dict) -> None:
@@ -224,18 +285,22 @@ def _check_unsupported(body: dict) -> None:
         raise invalid("background responses are not supported", "background")
 
 
-
 def _include(body: dict) -> list[str]:
     include = _get(body, "include", "an array", "include", [])
     for i, value in enumerate(include):
         if value not in INCLUDABLE:
-            raise invalid(f"include[{i}] {value!r} is not supported: only "
-                          f"{', '.join(INCLUDABLE)} is", f"include[{i}]")
+            raise invalid(
+                f"include[{i}] {value!r} is not supported: only {', '.join(INCLUDABLE)} is",
+                f"include[{i}]",
+            )
     return list(dict.fromkeys(include))
 
 
-_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"},
-                "json_schema": {"type", "name", "schema", "strict", "description"}}
+_FORMAT_KEYS = {
+    "text": {"type"},
+    "json_object": {"type"},
+    "json_schema": {"type", "name", "schema", "strict", "description"},
+}
 _FORMAT_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 
@@ -249,23 +314,31 @@ def _text_format(body: dict) -> dict:
     fmt = _get(text, "format", "an object", "text.format", {"type": "text"})
     kind = fmt.get("type")
     if kind not in _FORMAT_KEYS:
-        raise invalid('text.format.type must be "text", "json_object" or "json_schema", '
-                      f"got {kind!r}", "text.format.type")
+        raise invalid(
+            f'text.format.type must be "text", "json_object" or "json_schema", got {kind!r}',
+            "text.format.type",
+        )
     for key in fmt:
         if key not in _FORMAT_KEYS[kind]:
-            raise invalid(f"text.format.{key} is not a field of the {kind} format",
-                          f"text.format.{key}")
+            raise invalid(
+                f"text.format.{key} is not a field of the {kind} format", f"text.format.{key}"
+            )
     if kind != "json_schema":
         return {"type": kind}
     name = _required_string(fmt, "name", "text.format")
     if not _FORMAT_NAME.fullmatch(name):
-        raise invalid("text.format.name must be 1 to 64 letters, digits, '_' or '-'",
-                      "text.format.name")
+        raise invalid(
+            "text.format.name must be 1 to 64 letters, digits, '_' or '-'", "text.format.name"
+        )
     schema = _get(fmt, "schema", "an object", "text.format.schema")
     if schema is None:
         raise invalid("text.format.schema is required", "text.format.schema")
-    out = {"type": kind, "name": name, "schema": schema,
-           "strict": _get(fmt, "strict", "a boolean", "text.format.strict")}
+    out = {
+        "type": kind,
+        "name": name,
+        "schema": schema,
+        "strict": _get(fmt, "strict", "a boolean", "text.format.strict"),
+    }
     description = _get(fmt, "description", "a string", "text.format.description")
     return out if description is None else {**out, "description": description}
 
@@ -288,25 +361,26 @@ def parse_response_request(
     previous = _get(body, "previous_response_id", "a string", "previous_response_id")
     conversation = _conversation_id(body)
     if previous is not None and conversation is not None:
-        raise invalid("previous_response_id and conversation cannot both be set",
-                      "previous_response_id")
+        raise invalid(
+            "previous_response_id and conversation cannot both be set", "previous_response_id"
+        )
     truncation = _get(body, "truncation", "a string", "truncation", "disabled")
     if truncation not in ("auto", "disabled"):
-        raise invalid(f'truncation must be "auto" or "disabled", got {truncation!r}',
-                      "truncation")
+        raise invalid(f'truncation must be "auto" or "disabled", got {truncation!r}', "truncation")
     max_output = _get(body, "max_output_tokens", "an integer", "max_output_tokens")
     if max_output is not None and max_output < 1:
-        raise invalid(f"max_output_tokens must be at least 1, got {max_output}",
-                      "max_output_tokens")
+        raise invalid(
+            f"max_output_tokens must be at least 1, got {max_output}", "max_output_tokens"
+        )
     temperature = _get(body, "temperature", "a number", "temperature")
     if temperature is not None and not 0 <= temperature <= 2:
         raise invalid(f"temperature must be in [0, 2], got {temperature}", "temperature")
     tools = _tools(body)
-    max_tool_calls = _get(body, "max_tool_calls", "an integer", "max_tool_calls",
-                          DEFAULT_MAX_TOOL_CALLS)
+    max_tool_calls = _get(
+        body, "max_tool_calls", "an integer", "max_tool_calls", DEFAULT_MAX_TOOL_CALLS
+    )
     if max_tool_calls < 0:
-        raise invalid(f"max_tool_calls must be at least 0, got {max_tool_calls}",
-                      "max_tool_calls")
+        raise invalid(f"max_tool_calls must be at least 0, got {max_tool_calls}", "max_tool_calls")
     request = ResponseRequest(
         model=resolve_model(_get(body, "model", "a string", "model")),
         input=_input(body),
@@ -321,8 +395,9 @@ def parse_response_request(
         metadata=parse_metadata(body.get("metadata")),
         tools=tools,
         tool_choice=_tool_choice(body, tools),
-        parallel_tool_calls=_get(body, "parallel_tool_calls", "a boolean",
-                                 "parallel_tool_calls", True),
+        parallel_tool_calls=_get(
+            body, "parallel_tool_calls", "a boolean", "parallel_tool_calls", True
+        ),
         text_format=_text_format(body),
         max_tool_calls=max_tool_calls,
         include=_include(body),
@@ -334,8 +409,7 @@ def parse_page(query: Any) -> Page:
     """`limit` (1 to 100, default 20), `after` (an item id), `order` ("asc" or "desc")."""
     limit_text = query.get("limit", "20")
     if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_PAGE:
-        raise invalid(f"limit must be an integer from 1 to {MAX_PAGE}, got {limit_text!r}",
-                      "limit")
+        raise invalid(f"limit must be an integer from 1 to {MAX_PAGE}, got {limit_text!r}", "limit")
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise invalid(f'order must be "asc" or "desc", got {order!r}', "order")

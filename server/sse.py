@@ -30,8 +30,10 @@ DONE = b"data: [DONE]\n\n"
 
 
 def event(payload: dict) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + (
-        b"\n\n"
+    return (
+        b"data: "
+        + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        + (b"\n\n")
     )
 
 
@@ -65,8 +67,9 @@ class EventStreamResponse(Response):
         except APIError as err:
             await _send_error_response(send, err)
             return
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
         if first is not None:
             await send({"type": "http.response.body", "body": first, "more_body": True})
             try:
@@ -76,13 +79,23 @@ class EventStreamResponse(Response):
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except APIError as err:
                 self.on_close()
-                await send({"type": "http.response.body", "body": event(err.body()) + DONE,
-                            "more_body": True})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": event(err.body()) + DONE,
+                        "more_body": True,
+                    }
+                )
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _send_error_response(send: Send, err: APIError) -> None:
     response = err.response()
-    await send({"type": "http.response.start", "status": response.status_code,
-                "headers": response.raw_headers})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": response.raw_headers,
+        }
+    )
     await send({"type": "http.response.body", "body": response.body, "more_body": False})

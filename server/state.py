@@ -94,8 +94,9 @@ class Admission:
         self.running: dict[str, int] = {}
         self.waiting: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {}
 
-    async def acquire(self, sequences: int = 1, param: str = "n",
-                      owner: str | None = None) -> Ticket:
+    async def acquire(
+        self, sequences: int = 1, param: str = "n", owner: str | None = None
+    ) -> Ticket:
         """Admit a request of `sequences` sequences for `owner` (None: no fair-share cap),
         waiting for the owner's share if need be; `param` is the field to blame when the
         request alone is larger than the server could ever hold."""
@@ -196,7 +197,8 @@ class ServerState:
         self.metrics = ServerMetrics(engine.stats)
         self.admission = Admission(config)
         self.max_prompt_chars = config.max_prompt_chars or (
-            PROMPT_CHARS_PER_TOKEN * engine.max_model_len)
+            PROMPT_CHARS_PER_TOKEN * engine.max_model_len
+        )
         self.workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="tokenmill-prep")
         self.created = int(time.time())
         # Logprobs name every top token; decoding each id once keeps that cheap.
@@ -222,8 +224,11 @@ class ServerState:
         if requested is None:
             return names[0]
         if requested not in names:
-            shown = requested if len(requested) <= MAX_ECHOED_CHARS else (
-                requested[:MAX_ECHOED_CHARS] + "...")
+            shown = (
+                requested
+                if len(requested) <= MAX_ECHOED_CHARS
+                else (requested[:MAX_ECHOED_CHARS] + "...")
+            )
             raise APIError(
                 404,
                 f"the model {shown!r} does not exist; this server serves "

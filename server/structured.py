@@ -35,11 +35,16 @@ def response_format_params(fmt: ResponseFormat | None) -> StructuredOutputsParam
         return None if schema is None else json_format_params(schema, "response_format")
 
 
-def chat_structured_outputs(request: ChatRequest,
-                            tools: list[Tool]) -> StructuredOutputsParams | None:
+def chat_structured_outputs(
+    request: ChatRequest, tools: list[Tool]
+) -> StructuredOutputsParams | None:
     """What a chat completion's output is constrained to (None: free text)."""
     functions = [(t.name, t.spec["function"].get("parameters")) for t in tools]
     with _as_api_error():
-        return turn_structure(functions, request.tool_choice in ("required", "function"),
-                              request.parallel_tool_calls,
-                              _format_schema(request.response_format), "response_format")
+        return turn_structure(
+            functions,
+            request.tool_choice in ("required", "function"),
+            request.parallel_tool_calls,
+            _format_schema(request.response_format),
+            "response_format",
+        )

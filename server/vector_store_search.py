@@ -61,18 +61,28 @@ def parse_ranking(value: Any, param: str = "ranking_options") -> tuple[float, st
         raise invalid(f"{param} must be an object", param=param)
     for key in ranking:
         if key not in ("ranker", "score_threshold") and ranking[key] is not None:
-            raise invalid(f"{param}.{key} is not supported (hybrid search fuses vector and "
-                          "text rankings with equal weights)", param=f"{param}.{key}")
+            raise invalid(
+                f"{param}.{key} is not supported (hybrid search fuses vector and "
+                "text rankings with equal weights)",
+                param=f"{param}.{key}",
+            )
     threshold = ranking.get("score_threshold")
     threshold = 0.0 if threshold is None else threshold
-    if (not isinstance(threshold, int | float) or isinstance(threshold, bool)
-            or not 0.0 <= threshold <= 1.0):
-        raise invalid(f"{param}.score_threshold must be a number from 0 to 1",
-                      param=f"{param}.score_threshold")
+    if (
+        not isinstance(threshold, int | float)
+        or isinstance(threshold, bool)
+        or not 0.0 <= threshold <= 1.0
+    ):
+        raise invalid(
+            f"{param}.score_threshold must be a number from 0 to 1",
+            param=f"{param}.score_threshold",
+        )
     ranker = ranking.get("ranker") or "auto"
     if ranker not in ("auto", "default-2024-11-15", "none"):
-        raise invalid(f"{param}.ranker must be 'auto', 'default-2024-11-15' or 'none'",
-                      param=f"{param}.ranker")
+        raise invalid(
+            f"{param}.ranker must be 'auto', 'default-2024-11-15' or 'none'",
+            param=f"{param}.ranker",
+        )
     return float(threshold), ranker
 
 
@@ -94,8 +104,13 @@ def search_results_page(query: str, hits: list[Hit]) -> dict:
         "object": "vector_store.search_results.page",
         "search_query": query,
         "data": [
-            {"file_id": h.file_id, "filename": h.filename, "score": h.score,
-             "attributes": h.attributes, "content": [{"type": "text", "text": h.text}]}
+            {
+                "file_id": h.file_id,
+                "filename": h.filename,
+                "score": h.score,
+                "attributes": h.attributes,
+                "content": [{"type": "text", "text": h.text}],
+            }
             for h in hits
         ],
         "has_more": False,

@@ -54,10 +54,15 @@ def _chunking(body: dict):
 
 def _attributes(body: dict) -> dict:
     attributes = body.get("attributes") or {}
-    if not isinstance(attributes, dict) or len(attributes) > 16 or not all(
-            isinstance(v, str | int | float | bool) for v in attributes.values()):
-        raise invalid("attributes must be an object of at most 16 string, number or boolean "
-                      "values", "attributes")
+    if (
+        not isinstance(attributes, dict)
+        or len(attributes) > 16
+        or not all(isinstance(v, str | int | float | bool) for v in attributes.values())
+    ):
+        raise invalid(
+            "attributes must be an object of at most 16 string, number or boolean values",
+            "attributes",
+        )
     return attributes
 
 
@@ -68,18 +73,19 @@ def _file_id(value: Any, param: str) -> str:
 
 
 async def create_vector_store(request: Request, body: Any) -> Response:
-    body = _object(body, {"name", "metadata", "file_ids", "chunking_strategy",
-                          "expires_after"})
+    body = _object(body, {"name", "metadata", "file_ids", "chunking_strategy", "expires_after"})
     if body.get("expires_after") is not None:
         raise invalid("expires_after is not supported by this server", "expires_after")
     file_ids = body.get("file_ids") or []
     if not isinstance(file_ids, list) or len(file_ids) > MAX_FILE_IDS:
-        raise invalid(f"file_ids must be an array of at most {MAX_FILE_IDS} file ids",
-                      "file_ids")
+        raise invalid(f"file_ids must be an array of at most {MAX_FILE_IDS} file ids", "file_ids")
     chunking = _chunking(body)
     files = [FileToAdd(_file_id(f, "file_ids"), chunking, {}) for f in dict.fromkeys(file_ids)]
-    return JSONResponse(await _service(request).create(
-        owner(request), _name(body), parse_metadata(body.get("metadata")), files))
+    return JSONResponse(
+        await _service(request).create(
+            owner(request), _name(body), parse_metadata(body.get("metadata")), files
+        )
+    )
 
 
 async def list_vector_stores(request: Request) -> Response:
@@ -104,8 +110,7 @@ async def update_vector_store(request: Request, body: Any) -> Response:
         changes["name"] = _name(body)
     if "metadata" in body:
         changes["metadata"] = parse_metadata(body["metadata"])
-    return JSONResponse(
-        await _service(request).update(owner(request), _store_id(request), changes))
+    return JSONResponse(await _service(request).update(owner(request), _store_id(request), changes))
 
 
 async def delete_vector_store(request: Request) -> Response:
@@ -114,18 +119,21 @@ async def delete_vector_store(request: Request) -> Response:
 
 async def search_vector_store(request: Request, body: Any) -> Response:
     options = parse_search_request(body)
-    search = Search(options.query, options.filters, options.max_num_results,
-                    options.score_threshold, options.mode)
+    search = Search(
+        options.query,
+        options.filters,
+        options.max_num_results,
+        options.score_threshold,
+        options.mode,
+    )
     hits = await _service(request).search(owner(request), _store_id(request), search)
     return JSONResponse(search_results_page(options.query, hits))
 
 
 async def create_store_file(request: Request, body: Any) -> Response:
     body = _object(body, {"file_id", "chunking_strategy", "attributes"})
-    file = FileToAdd(_file_id(body.get("file_id"), "file_id"), _chunking(body),
-                     _attributes(body))
-    return JSONResponse(
-        await _service(request).add_file(owner(request), _store_id(request), file))
+    file = FileToAdd(_file_id(body.get("file_id"), "file_id"), _chunking(body), _attributes(body))
+    return JSONResponse(await _service(request).add_file(owner(request), _store_id(request), file))
 
 
 async def list_store_files(request: Request) -> Response:
@@ -133,18 +141,27 @@ async def list_store_files(request: Request) -> Response:
     if status is not None and status not in STATUSES:
         raise invalid(f"filter must be one of {', '.join(STATUSES)}", "filter")
     page = parse_page(request.query_params)
-    return JSONResponse(item_list(await _service(request).list_files(
-        owner(request), _store_id(request), page, status)))
+    return JSONResponse(
+        item_list(
+            await _service(request).list_files(owner(request), _store_id(request), page, status)
+        )
+    )
 
 
 async def retrieve_store_file(request: Request) -> Response:
-    return JSONResponse(await _service(request).retrieve_file(
-        owner(request), _store_id(request), request.path_params["file_id"]))
+    return JSONResponse(
+        await _service(request).retrieve_file(
+            owner(request), _store_id(request), request.path_params["file_id"]
+        )
+    )
 
 
 async def delete_store_file(request: Request) -> Response:
-    return JSONResponse(await _service(request).delete_file(
-        owner(request), _store_id(request), request.path_params["file_id"]))
+    return JSONResponse(
+        await _service(request).delete_file(
+            owner(request), _store_id(request), request.path_params["file_id"]
+        )
+    )
 
 
 # -- file batches ----------------------------------------------------------------------------
@@ -158,11 +175,12 @@ def _batch_files(body: dict) -> list[FileToAdd]:
     if body.get("file_ids") is not None:
         file_ids = body["file_ids"]
         if not isinstance(file_ids, list) or not file_ids or len(file_ids) > MAX_FILE_IDS:
-            raise invalid(f"file_ids must be an array of 1 to {MAX_FILE_IDS} file ids",
-                          "file_ids")
+            raise invalid(f"file_ids must be an array of 1 to {MAX_FILE_IDS} file ids", "file_ids")
         chunking, attributes = _chunking(body), _attributes(body)
-        return [FileToAdd(_file_id(f, "file_ids"), chunking, attributes)
-                for f in dict.fromkeys(file_ids)]
+        return [
+            FileToAdd(_file_id(f, "file_ids"), chunking, attributes)
+            for f in dict.fromkeys(file_ids)
+        ]
     if body.get("attributes") is not None or body.get("chunking_strategy") is not None:
         raise invalid("with files, give attributes and chunking_strategy per file", "files")
     entries = body["files"]
@@ -182,18 +200,27 @@ def _batch_id(request: Request) -> str:
 
 async def create_file_batch(request: Request, body: Any) -> Response:
     body = _object(body, {"file_ids", "files", "attributes", "chunking_strategy"})
-    return JSONResponse(await _service(request).create_file_batch(
-        owner(request), _store_id(request), _batch_files(body)))
+    return JSONResponse(
+        await _service(request).create_file_batch(
+            owner(request), _store_id(request), _batch_files(body)
+        )
+    )
 
 
 async def retrieve_file_batch(request: Request) -> Response:
-    return JSONResponse(await _service(request).retrieve_file_batch(
-        owner(request), _store_id(request), _batch_id(request)))
+    return JSONResponse(
+        await _service(request).retrieve_file_batch(
+            owner(request), _store_id(request), _batch_id(request)
+        )
+    )
 
 
 async def cancel_file_batch(request: Request) -> Response:
-    return JSONResponse(await _service(request).cancel_file_batch(
-        owner(request), _store_id(request), _batch_id(request)))
+    return JSONResponse(
+        await _service(request).cancel_file_batch(
+            owner(request), _store_id(request), _batch_id(request)
+        )
+    )
 
 
 async def list_batch_files(request: Request) -> Response:
@@ -201,5 +228,10 @@ async def list_batch_files(request: Request) -> Response:
     if status is not None and status not in STATUSES:
         raise invalid(f"filter must be one of {', '.join(STATUSES)}", "filter")
     page = parse_page(request.query_params)
-    return JSONResponse(item_list(await _service(request).list_batch_files(
-        owner(request), _store_id(request), _batch_id(request), page, status)))
+    return JSONResponse(
+        item_list(
+            await _service(request).list_batch_files(
+                owner(request), _store_id(request), _batch_id(request), page, status
+            )
+        )
+    )

@@ -23,18 +23,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
-PAGE_POLICY = "; ".join([
-    "default-src 'self'",
-    "script-src 'self'",
-    "style-src 'self'",
-    "img-src 'self' data:",  # code_interpreter's images arrive as data: URLs
-    "connect-src 'self'",
-    "font-src 'self'",
-    "object-src 'none'",
-    "base-uri 'none'",
-    "form-action 'self'",
-    "frame-ancestors 'none'",
-])
+PAGE_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",  # code_interpreter's images arrive as data: URLs
+        "connect-src 'self'",
+        "font-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
 API_POLICY = "default-src 'none'; frame-ancestors 'none'; sandbox"
 
 
@@ -68,8 +70,11 @@ class SecurityHeadersMiddleware:
 
 
 async def page(request: Request) -> Response:
-    return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8",
-                        headers={"cache-control": "no-cache"})
+    return FileResponse(
+        STATIC_DIR / "index.html",
+        media_type="text/html; charset=utf-8",
+        headers={"cache-control": "no-cache"},
+    )
 
 
 def web_routes() -> list[BaseRoute]:

@@ -105,8 +105,11 @@ def tiny_chat_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-chat")
     model.save_pretrained(path, safe_serialization=True)
     (path / "tokenizer.json").write_text(tokenizer.backend.to_str(), encoding="utf-8")
-    config = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-              "chat_template": tokenizer.chat_template}
+    config = {
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "chat_template": tokenizer.chat_template,
+    }
     (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return str(path)
 

@@ -55,9 +55,7 @@ def test_cuda_defaults_quantize_nothing():
 
 
 def test_explicit_choices_win():
-    args = EngineArgs(
-        dtype="float32", quantization="int4", kv_cache_dtype="float16", compile="on"
-    )
+    args = EngineArgs(dtype="float32", quantization="int4", kv_cache_dtype="float16", compile="on")
     assert args.resolve_quantization(CPU) == "int4"
     assert args.resolve_kv_cache_dtype(CPU) == torch.float16
     assert args.resolve_compile(CPU) == "on"
@@ -76,8 +74,16 @@ def test_server_flags_reach_the_engine_args():
     from engine.serve import build_parser, engine_args
 
     args = build_parser().parse_args(
-        ["--quantization", "int8", "--kv-cache-dtype", "float32", "--num-threads", "1",
-         "--compile", "off"]
+        [
+            "--quantization",
+            "int8",
+            "--kv-cache-dtype",
+            "float32",
+            "--num-threads",
+            "1",
+            "--compile",
+            "off",
+        ]
     )
     options = engine_args(args)
     chosen = (options.quantization, options.kv_cache_dtype, options.num_threads, options.compile)

@@ -180,7 +180,8 @@ def test_a_request_failing_in_a_step_fails_alone(tiny_path, monkeypatch):
         monkeypatch.setattr(engine.engine.outputs, "append", append_or_fail)
         try:
             good, bad = await asyncio.gather(
-                _tokens(engine, "good", 12), _tokens(engine, "bad", 12), return_exceptions=True)
+                _tokens(engine, "good", 12), _tokens(engine, "bad", 12), return_exceptions=True
+            )
             assert isinstance(bad, RequestFailedError) and "detokenizer exploded" in str(bad)
             assert len(good) == 12
             assert len(await _tokens(engine, "after")) == 6
@@ -258,8 +259,9 @@ def test_a_dead_engine_loop_fails_waiting_requests_and_says_so(tiny_path, monkey
             raise RuntimeError("loop bug")
 
         try:
-            stream = engine.generate(_prompt(8, 1), SamplingParams(max_tokens=500,
-                                                                   ignore_eos=True), "long")
+            stream = engine.generate(
+                _prompt(8, 1), SamplingParams(max_tokens=500, ignore_eos=True), "long"
+            )
             await stream.__anext__()
             monkeypatch.setattr(engine.engine, "stats", broken_stats)
             with pytest.raises(EngineError, match="loop bug"):
@@ -282,14 +284,17 @@ def test_a_token_outside_the_vocabulary_fails_only_its_request(tiny_path, monkey
 
         def run_with_a_bad_token(*args):
             seqs, tokens, logprobs = real_run(*args)
-            tokens = [10**6 if s.request.request_id == "bad" else t
-                      for s, t in zip(seqs, tokens, strict=True)]
+            tokens = [
+                10**6 if s.request.request_id == "bad" else t
+                for s, t in zip(seqs, tokens, strict=True)
+            ]
             return seqs, tokens, logprobs
 
         monkeypatch.setattr(engine.engine.runner, "run", run_with_a_bad_token)
         try:
-            good, bad = await asyncio.gather(_tokens(engine, "good"), _tokens(engine, "bad"),
-                                             return_exceptions=True)
+            good, bad = await asyncio.gather(
+                _tokens(engine, "good"), _tokens(engine, "bad"), return_exceptions=True
+            )
             assert isinstance(bad, RequestFailedError) and "outside the vocabulary" in str(bad)
             assert len(good) == 6 and engine.failure is None
         finally:

@@ -13,9 +13,7 @@ from engine import LLM, SamplingParams
 
 
 @pytest.mark.parametrize("compile_mode", ["off", "on"])
-def test_a_request_computes_the_same_alone_and_in_a_busy_mixed_batch(
-    tiny_model_dir, compile_mode
-):
+def test_a_request_computes_the_same_alone_and_in_a_busy_mixed_batch(tiny_model_dir, compile_mode):
     path = tiny_model_dir("llama")
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     prompt = list(range(5, 25))

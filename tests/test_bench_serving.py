@@ -52,8 +52,7 @@ def test_prompts_are_distinct_and_about_130_tokens():
 
     prompts = bench.bench_prompts()
     assert len(set(prompts)) == len(prompts) >= 109  # the default sweep never repeats one
-    tokenizer = Tokenizer.from_gguf(read_gguf(resolve_model("smollm2-135m-instruct").path)
-                                    .metadata)
+    tokenizer = Tokenizer.from_gguf(read_gguf(resolve_model("smollm2-135m-instruct").path).metadata)
     lengths = [len(tokenizer.encode_chat([{"role": "user", "content": p}])) for p in prompts]
     assert min(lengths) >= 120 and max(lengths) <= 140
     assert abs(sum(lengths) / len(lengths) - 130) < 5
@@ -64,16 +63,26 @@ def _row(system, concurrency, tok_s, ttft):
 
 
 def test_table_groups_by_streams_and_puts_ratios_on_tokenmill_rows():
-    rows = [_row("tokenmill", 1, 40.0, 100.0), _row("tokenmill", 4, 120.0, 200.0),
-            _row("llama.cpp", 1, 80.0, 400.0), _row("llama.cpp", 4, 60.0, 800.0),
-            _row("transformers", 1, 10.0, 50.0), _row("transformers", 4, 30.0, 90.0)]
+    rows = [
+        _row("tokenmill", 1, 40.0, 100.0),
+        _row("tokenmill", 4, 120.0, 200.0),
+        _row("llama.cpp", 1, 80.0, 400.0),
+        _row("llama.cpp", 4, 60.0, 800.0),
+        _row("transformers", 1, 10.0, 50.0),
+        _row("transformers", 4, 30.0, 90.0),
+    ]
     lines = bench.table(rows).splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header[-3:] == ["tok/s vs transformers", "tok/s vs llama.cpp", "TTFT vs llama.cpp"]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert [(c[0], c[1]) for c in cells] == [
-        ("tokenmill", "1"), ("llama.cpp", "1"), ("transformers", "1"),
-        ("tokenmill", "4"), ("llama.cpp", "4"), ("transformers", "4")]
+        ("tokenmill", "1"),
+        ("llama.cpp", "1"),
+        ("transformers", "1"),
+        ("tokenmill", "4"),
+        ("llama.cpp", "4"),
+        ("transformers", "4"),
+    ]
     assert cells[0][-3:] == ["4.00x", "0.50x", "0.25x"]
     assert cells[3][-3:] == ["4.00x", "2.00x", "0.25x"]
     assert cells[1][-3:] == ["", "", ""]
@@ -84,8 +93,9 @@ def test_table_groups_by_streams_and_puts_ratios_on_tokenmill_rows():
 
 
 def test_llama_server_gets_a_slot_per_stream_with_room_for_each_request():
-    args = bench.build_parser().parse_args(["--llama-server", "/opt/llama-server",
-                                            "--llama-args", "--flash-attn on"])
+    args = bench.build_parser().parse_args(
+        ["--llama-server", "/opt/llama-server", "--llama-args", "--flash-attn on"]
+    )
     argv = bench.llama_argv(args, "/m.gguf", 135, port=8123)
     assert argv[0] == "/opt/llama-server" and argv[-2:] == ["--flash-attn", "on"]
     slots = int(argv[argv.index("-np") + 1])
@@ -95,16 +105,21 @@ def test_llama_server_gets_a_slot_per_stream_with_room_for_each_request():
 
 def test_server_dying_at_start_up_is_reported_with_its_output():
     argv = [sys.executable, "-c", "import sys; print('no model here'); sys.exit(3)"]
-    with pytest.raises(RuntimeError, match=r"(?s)code 3.*no model here"), \
-            bench.running_server("dummy", argv, bench.free_port(), timeout=30):
+    with (
+        pytest.raises(RuntimeError, match=r"(?s)code 3.*no model here"),
+        bench.running_server("dummy", argv, bench.free_port(), timeout=30),
+    ):
         pass
 
 
 def test_server_is_stopped_when_the_run_fails():
     port = bench.free_port()
-    with pytest.raises(ValueError), \
-            bench.running_server("ok", [sys.executable, "-c", _OK_SERVER, str(port)], port,
-                                 timeout=30) as url:
+    with (
+        pytest.raises(ValueError),
+        bench.running_server(
+            "ok", [sys.executable, "-c", _OK_SERVER, str(port)], port, timeout=30
+        ) as url,
+    ):
         assert httpx.get(f"{url}/health").status_code == 200
         raise ValueError("the benchmark broke")
     with pytest.raises(httpx.ConnectError):
@@ -123,7 +138,9 @@ def test_transformers_baseline_times_every_step(tiny_model_dir):
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
     rows = bench.measure_transformers(args, tiny_model_dir("llama"), prompts, pad_id=0)
     assert [(r.system, r.concurrency, r.requests) for r in rows] == [
-        ("transformers", 1, 1), ("transformers", 3, 3)]
+        ("transformers", 1, 1),
+        ("transformers", 3, 3),
+    ]
     for row in rows:
         assert row.output_tok_s > 0 and row.failed == 0
         assert 0 < row.ttft_p50_ms == row.ttft_p99_ms  # one batch: one first step
@@ -134,7 +151,9 @@ def test_quick_run_against_tokenmill(tmp_path, capsys):
     out = tmp_path / "serving.md"
     rows = bench.main(["--quick", "--skip-transformers", "--markdown", str(out)])
     assert [(r.system, r.concurrency, r.requests, r.failed) for r in rows] == [
-        ("tokenmill", 1, 4, 0), ("tokenmill", 4, 8, 0)]
+        ("tokenmill", 1, 4, 0),
+        ("tokenmill", 4, 8, 0),
+    ]
     for row in rows:
         assert row.output_tok_s > 0
         assert 0 < row.ttft_p50_ms <= row.ttft_p99_ms

@@ -87,7 +87,10 @@ def test_a_script_exiting_during_the_background_compile_exits_cleanly():
     )
     done = subprocess.run(
         [sys.executable, "-c", script],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -203,8 +203,9 @@ def test_abort_in_every_state_frees_all_blocks(tiny_model_dir):
     assert bm.num_free_blocks + bm.num_evictable_blocks == free_at_start
 
 
-def test_a_request_failing_in_the_engine_fails_the_offline_call_cleanly(tiny_model_dir,
-                                                                        monkeypatch):
+def test_a_request_failing_in_the_engine_fails_the_offline_call_cleanly(
+    tiny_model_dir, monkeypatch
+):
     """LLM.generate raises the failed request's error and leaves no request behind, so
     the next call starts clean."""
     from engine.errors import RequestFailedError

@@ -20,7 +20,11 @@ def run_example(name: str, *args: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / name), *args],
-        capture_output=True, text=True, timeout=600, check=False, env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=env,
     )
     assert done.returncode == 0, f"{name} failed:\n{done.stderr[-3000:]}"
     return done.stdout
@@ -52,8 +56,9 @@ def test_streaming_with_async_llm():
 def test_openai_sdk_against_the_server():
     server = start_server("--api-key", API_KEY)
     try:
-        output = run_example("openai_client.py", "--base-url", f"{server.url}/v1",
-                             "--api-key", API_KEY)
+        output = run_example(
+            "openai_client.py", "--base-url", f"{server.url}/v1", "--api-key", API_KEY
+        )
     finally:
         assert server.stop() == 0
     lines = {line.split(":", 1)[0]: line for line in output.splitlines() if ":" in line}
@@ -79,8 +84,7 @@ def test_agent_sales_example_runs_sql_query_on_the_server():
 def test_rag_answers_with_a_citation():
     """rag.py starts its own server, indexes its guide and asks with file_search."""
     lines = run_example("rag.py").splitlines()
-    assert lines[0].startswith("indexed: starter.md as file_") and lines[0].endswith(
-        "(completed)")
+    assert lines[0].startswith("indexed: starter.md as file_") and lines[0].endswith("(completed)")
     fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
     assert fields["searched"] == "['How often does a starter kept in the fridge need feeding?']"
     assert fields["result"].endswith(" starter.md")

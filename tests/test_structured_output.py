@@ -76,13 +76,17 @@ def test_logit_bias_beyond_the_vocabulary_is_refused(llm):
 
 def test_logit_bias_forces_and_bans_tokens(llm):
     favourite = llm.tokenizer.encode(" yes")[0]
-    out = _texts(llm, [SamplingParams(temperature=1.0, max_tokens=4, seed=1,
-                                      logit_bias={favourite: 100})])
+    out = _texts(
+        llm, [SamplingParams(temperature=1.0, max_tokens=4, seed=1, logit_bias={favourite: 100})]
+    )
     assert out[0][0] == " yes" * 4
     free = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     first = free[0].outputs[0].token_ids[0]
-    banned = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=6,
-                                                 logit_bias={first: -100}), use_tqdm=False)
+    banned = llm.generate(
+        PROMPT,
+        SamplingParams(temperature=0, max_tokens=6, logit_bias={first: -100}),
+        use_tqdm=False,
+    )
     assert banned[0].outputs[0].token_ids[0] != first
 
 
@@ -98,8 +102,11 @@ def test_choice_regex_and_grammar_outputs_match(llm):
         StructuredOutputsParams(regex=r"[a-c]{2}-[0-9]{3}"),
         StructuredOutputsParams(grammar=lark),
     ]
-    params = [SamplingParams(temperature=t, max_tokens=120, structured_outputs=k, seed=s)
-              for k in kinds for t, s in ((0, None), (1.0, 7))]
+    params = [
+        SamplingParams(temperature=t, max_tokens=120, structured_outputs=k, seed=s)
+        for k in kinds
+        for t, s in ((0, None), (1.0, 7))
+    ]
     outs = _texts(llm, params)
     for (text, reason), p in zip(outs, params, strict=True):
         kind = p.structured_outputs.kind
@@ -113,41 +120,51 @@ def test_choice_regex_and_grammar_outputs_match(llm):
 
 
 def _leaf() -> st.SearchStrategy[dict]:
-    bounds = st.integers(-1000, 1000).flatmap(lambda lo: st.tuples(st.just(lo),
-                                                                   st.integers(lo, lo + 500)))
+    bounds = st.integers(-1000, 1000).flatmap(
+        lambda lo: st.tuples(st.just(lo), st.integers(lo, lo + 500))
+    )
     return st.one_of(
         bounds.map(lambda b: {"type": "integer", "minimum": b[0], "maximum": b[1]}),
         # A number's digits never have to end; multipleOf bounds them for a random model.
-        bounds.map(lambda b: {"type": "number", "minimum": b[0], "maximum": b[1],
-                              "multipleOf": 0.25}),
+        bounds.map(
+            lambda b: {"type": "number", "minimum": b[0], "maximum": b[1], "multipleOf": 0.25}
+        ),
         st.just({"type": "boolean"}),
-        st.lists(st.text("abcxyz _", min_size=1, max_size=6), min_size=1, max_size=4,
-                 unique=True).map(lambda e: {"enum": e}),
+        st.lists(
+            st.text("abcxyz _", min_size=1, max_size=6), min_size=1, max_size=4, unique=True
+        ).map(lambda e: {"enum": e}),
         st.integers(1, 8).map(lambda n: {"type": "string", "maxLength": n}),
         st.sampled_from(["^[a-z]{1,6}$", "^[0-9]{3}-[0-9]{2}$", "^(yes|no)$"]).map(
-            lambda p: {"type": "string", "pattern": p}),
+            lambda p: {"type": "string", "pattern": p}
+        ),
     )
 
 
 def _object(children: st.SearchStrategy[dict]) -> st.SearchStrategy[dict]:
     def build(props: dict[str, dict], required_flags: list[bool]) -> dict:
         required = [k for k, r in zip(props, required_flags, strict=False) if r]
-        return {"type": "object", "properties": props, "required": required,
-                "additionalProperties": False}
+        return {
+            "type": "object",
+            "properties": props,
+            "required": required,
+            "additionalProperties": False,
+        }
 
     names = st.text("abcdefgh_", min_size=1, max_size=5)
     return st.dictionaries(names, children, min_size=1, max_size=3).flatmap(
         lambda props: st.lists(st.booleans(), min_size=len(props), max_size=len(props)).map(
-            lambda flags: build(props, flags)))
+            lambda flags: build(props, flags)
+        )
+    )
 
 
 def _array(children: st.SearchStrategy[dict]) -> st.SearchStrategy[dict]:
     return st.tuples(children, st.integers(0, 1), st.integers(1, 3)).map(
-        lambda t: {"type": "array", "items": t[0], "minItems": t[1], "maxItems": t[2]})
+        lambda t: {"type": "array", "items": t[0], "minItems": t[1], "maxItems": t[2]}
+    )
 
 
-SCHEMAS = _object(st.recursive(_leaf(), lambda c: st.one_of(_array(c), _object(c)),
-                               max_leaves=6))
+SCHEMAS = _object(st.recursive(_leaf(), lambda c: st.one_of(_array(c), _object(c)), max_leaves=6))
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -155,9 +172,11 @@ SCHEMAS = _object(st.recursive(_leaf(), lambda c: st.one_of(_array(c), _object(c
 def test_every_output_parses_and_validates_against_its_schema(llm, schemas):
     """Six generated schemas per batch, each once greedy and once sampled."""
     params = [
-        SamplingParams(temperature=t, max_tokens=400,
-                       structured_outputs=StructuredOutputsParams(json=s))
-        for s in schemas for t in (0, 1.0)
+        SamplingParams(
+            temperature=t, max_tokens=400, structured_outputs=StructuredOutputsParams(json=s)
+        )
+        for s in schemas
+        for t in (0, 1.0)
     ]
     outs = _texts(llm, params)
     for (text, reason), p in zip(outs, params, strict=True):
@@ -169,13 +188,19 @@ def test_every_output_parses_and_validates_against_its_schema(llm, schemas):
 
 
 def test_unconstrained_requests_are_bit_identical_beside_constrained_ones(tiny_chat_model_dir):
-    free = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3),
-            SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=16, ignore_eos=True,
-                           logprobs=2)]
+    free = [
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3),
+        SamplingParams(
+            temperature=0.9, top_p=0.9, seed=5, max_tokens=16, ignore_eos=True, logprobs=2
+        ),
+    ]
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    constrained = [SamplingParams(temperature=t, max_tokens=16,
-                                  structured_outputs=StructuredOutputsParams(json=schema))
-                   for t in (0, 1.0)]
+    constrained = [
+        SamplingParams(
+            temperature=t, max_tokens=16, structured_outputs=StructuredOutputsParams(json=schema)
+        )
+        for t in (0, 1.0)
+    ]
     alone = LLM(tiny_chat_model_dir, device="cpu", num_threads=1, compile="off")
     solo = [alone.generate(PROMPT, p, use_tqdm=False)[0].outputs[0] for p in free]
     busy = LLM(tiny_chat_model_dir, device="cpu", num_threads=1, compile="off")
@@ -188,24 +213,33 @@ def test_unconstrained_requests_are_bit_identical_beside_constrained_ones(tiny_c
 
 
 def test_n_siblings_each_follow_the_grammar(llm):
-    params = SamplingParams(n=3, temperature=1.0, max_tokens=40, seed=3,
-                            structured_outputs=StructuredOutputsParams(regex=r"[xyz]{4}"))
+    params = SamplingParams(
+        n=3,
+        temperature=1.0,
+        max_tokens=40,
+        seed=3,
+        structured_outputs=StructuredOutputsParams(regex=r"[xyz]{4}"),
+    )
     out = llm.generate(PROMPT, params, use_tqdm=False)[0]
     assert len(out.outputs) == 3
-    assert all(re.fullmatch("[xyz]{4}", o.text) and o.finish_reason == "stop"
-               for o in out.outputs)
+    assert all(re.fullmatch("[xyz]{4}", o.text) and o.finish_reason == "stop" for o in out.outputs)
 
 
 def test_a_grammar_cut_by_the_budget_finishes_with_length(llm):
-    params = SamplingParams(temperature=0, max_tokens=3,
-                            structured_outputs=StructuredOutputsParams(regex="[a-z]{40}"))
+    params = SamplingParams(
+        temperature=0, max_tokens=3, structured_outputs=StructuredOutputsParams(regex="[a-z]{40}")
+    )
     ((text, reason),) = _texts(llm, [params])
     assert reason == "length" and re.fullmatch("[a-z]+", text)
 
 
 def test_chat_and_async_llm_take_structured_outputs(llm, tiny_chat_model_dir):
-    params = SamplingParams(temperature=1.0, max_tokens=20, seed=2,
-                            structured_outputs=StructuredOutputsParams(choice=["up", "down"]))
+    params = SamplingParams(
+        temperature=1.0,
+        max_tokens=20,
+        seed=2,
+        structured_outputs=StructuredOutputsParams(choice=["up", "down"]),
+    )
     chat = llm.chat([{"role": "user", "content": "Which way?"}], params, use_tqdm=False)
     assert chat[0].outputs[0].text in ("up", "down")
 

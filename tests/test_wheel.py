@@ -48,15 +48,36 @@ def venv(tmp_path_factory) -> Path:
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(source, copy)
     python = sys.executable
-    _run(python, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", tmp / "dist", tmp / "src")
+    _run(
+        python,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        tmp / "dist",
+        tmp / "src",
+    )
     (wheel,) = (tmp / "dist").glob("tokenmill-*.whl")
     env = tmp / "venv"
     _run(python, "-m", "venv", "--without-pip", env)
-    _run(python, "-m", "pip", "--python", env / "bin" / "python", "install", "-q",
-         "--no-deps", "--no-index", wheel)
-    purelib = _run(env / "bin" / "python", "-c",
-                   "import sysconfig; print(sysconfig.get_path('purelib'))")
+    _run(
+        python,
+        "-m",
+        "pip",
+        "--python",
+        env / "bin" / "python",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-index",
+        wheel,
+    )
+    purelib = _run(
+        env / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"
+    )
     Path(purelib.strip(), "third_party.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     hidden = ", ".join(f"{name!r}: None" for name in TEST_ONLY)
     Path(purelib.strip(), "hide_test_only.pth").write_text(
@@ -68,13 +89,18 @@ def venv(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_the_installed_wheel_serves_a_chat_completion(venv, tmp_path):
     python = venv / "bin" / "python"
-    files = _run(python, "-c", "import engine, kernels, server, orchestrator as o; "
-                 "print(engine.__file__, kernels.__file__, server.__file__, o.__file__)",
-                 cwd=tmp_path).split()
+    files = _run(
+        python,
+        "-c",
+        "import engine, kernels, server, orchestrator as o; "
+        "print(engine.__file__, kernels.__file__, server.__file__, o.__file__)",
+        cwd=tmp_path,
+    ).split()
     assert all(Path(f).is_relative_to(venv) for f in files), files
     # The test extra's packages are out of reach: the server below runs without them.
-    blocked = subprocess.run([python, "-c", "import accelerate"], capture_output=True,
-                             cwd=tmp_path, check=False)
+    blocked = subprocess.run(
+        [python, "-c", "import accelerate"], capture_output=True, cwd=tmp_path, check=False
+    )
     assert blocked.returncode != 0
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "torch_extensions")
@@ -84,8 +110,11 @@ def test_the_installed_wheel_serves_a_chat_completion(venv, tmp_path):
     try:
         reply = httpx.post(
             f"{server.url}/v1/chat/completions",
-            json={"messages": [{"role": "user", "content": "What is the capital of Japan?"}],
-                  "max_tokens": 8, "temperature": 0},
+            json={
+                "messages": [{"role": "user", "content": "What is the capital of Japan?"}],
+                "max_tokens": 8,
+                "temperature": 0,
+            },
             timeout=600,
         ).json()
         assert reply["choices"][0]["message"]["content"].strip()

@@ -23,7 +23,7 @@ def digest(secret: str) -> str:
 
 def hint(secret: str) -> str:
     """What lists show of a key: its prefix and last four characters."""
-    return f"{secret[:len(PREFIX) + 2]}...{secret[-4:]}"
+    return f"{secret[: len(PREFIX) + 2]}...{secret[-4:]}"
 
 
 def new_key_id() -> str:

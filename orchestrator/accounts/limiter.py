@@ -120,8 +120,9 @@ def _sized(bucket: Bucket | None, limit: int | None, now: float) -> Bucket | Non
     return bucket
 
 
-def _take(bucket: Bucket, amount: int, name: str, limit: int | None,
-          headers: dict[str, str]) -> None:
+def _take(
+    bucket: Bucket, amount: int, name: str, limit: int | None, headers: dict[str, str]
+) -> None:
     if bucket.level >= amount:
         bucket.level -= amount
         return
@@ -129,7 +130,10 @@ def _take(bucket: Bucket, amount: int, name: str, limit: int | None,
     if math.isinf(wait):
         raise RateLimitError(
             f"this request needs {amount} {name}, more than the limit of {limit} {name} per "
-            "minute allows at once; lower max_tokens or the prompt", None, headers)
+            "minute allows at once; lower max_tokens or the prompt",
+            None,
+            headers,
+        )
     raise RateLimitError(
-        f"rate limit reached: {limit} {name} per minute; retry in {_duration(wait)}",
-        wait, headers)
+        f"rate limit reached: {limit} {name} per minute; retry in {_duration(wait)}", wait, headers
+    )

@@ -71,8 +71,9 @@ class Meter:
     def on_finished(self) -> None:
         """(The token observer's end: the row is written by `finish`.)"""
 
-    async def settle(self, status: str, input_tokens: int, cached_tokens: int,
-                     output_tokens: int) -> None:
+    async def settle(
+        self, status: str, input_tokens: int, cached_tokens: int, output_tokens: int
+    ) -> None:
         """Finish with counts the caller kept itself (a response's usage)."""
         self.input_tokens, self.cached_input_tokens = input_tokens, cached_tokens
         self.output_tokens = output_tokens
@@ -111,12 +112,19 @@ class Meter:
             return None if moment is None else moment - self.arrival
 
         return UsageRecord(
-            user_id=self.identity.user_id, key_id=self.identity.key_id, endpoint=self.endpoint,
-            model=self.model, input_tokens=self.input_tokens,
-            cached_input_tokens=self.cached_input_tokens, output_tokens=self.output_tokens,
-            status=status, queue_time=since_arrival(self.submitted_at),
+            user_id=self.identity.user_id,
+            key_id=self.identity.key_id,
+            endpoint=self.endpoint,
+            model=self.model,
+            input_tokens=self.input_tokens,
+            cached_input_tokens=self.cached_input_tokens,
+            output_tokens=self.output_tokens,
+            status=status,
+            queue_time=since_arrival(self.submitted_at),
             ttft=since_arrival(self.first_token_at),
-            duration=time.perf_counter() - self.arrival, created_at=self.created_at)
+            duration=time.perf_counter() - self.arrival,
+            created_at=self.created_at,
+        )
 
     async def _finish(self, status: str) -> None:
         self.record = self._record(status)

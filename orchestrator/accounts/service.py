@@ -36,8 +36,12 @@ class Reservation:
 
 
 class Accounts:
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time,
-                 limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.store = store
         self.clock = clock
         self.limiter = limiter or RateLimiter()
@@ -72,15 +76,24 @@ class Accounts:
         if held.id is None:
             held.id = f"rsv_{secrets.token_hex(12)}"
             held.period_start = period_start(user.quota_period, now)
-        fits = await self.store.call(db.reserve, held.id, user.id, held.period_start, tokens,
-                                     user.token_quota, now, held.quota_tokens > 0)
+        fits = await self.store.call(
+            db.reserve,
+            held.id,
+            user.id,
+            held.period_start,
+            tokens,
+            user.token_quota,
+            now,
+            held.quota_tokens > 0,
+        )
         if not fits:
             self.limiter.refund_tokens(user.id, tokens)
             raise QuotaExceededError(
                 f"You exceeded your current quota: this request needs up to {tokens} tokens "
                 f"(prompt + max output), more than is left of your {user.token_quota}-token "
                 f"{user.quota_period} quota. Lower max_tokens, or ask the operator for more.",
-                code="insufficient_quota")
+                code="insufficient_quota",
+            )
         held.rate_tokens += tokens
         held.quota_tokens += tokens
 
@@ -96,24 +109,45 @@ class Accounts:
         now = self.clock()
         if user is None:
             used = await self.store.call(db.usage_total, None)
-            quota = {"limit": None, "period": "total", "used": used, "reserved": 0,
-                     "remaining": None, "resets_at": None}
+            quota = {
+                "limit": None,
+                "period": "total",
+                "used": used,
+                "reserved": 0,
+                "remaining": None,
+                "resets_at": None,
+            }
         else:
-            state = await self.store.call(db.quota_state, user.id,
-                                          period_start(user.quota_period, now))
+            state = await self.store.call(
+                db.quota_state, user.id, period_start(user.quota_period, now)
+            )
             limit = user.token_quota
-            quota = {"limit": limit, "period": user.quota_period, "used": state.used,
-                     "reserved": state.reserved,
-                     "remaining": None if limit is None
-                     else max(0, limit - state.used - state.reserved),
-                     "resets_at": resets_at(user.quota_period, now)}
+            quota = {
+                "limit": limit,
+                "period": user.quota_period,
+                "used": state.used,
+                "reserved": state.reserved,
+                "remaining": None if limit is None else max(0, limit - state.used - state.reserved),
+                "resets_at": resets_at(user.quota_period, now),
+            }
         days = await self.store.call(db.usage_by_day, identity.user_id, since)
-        return {"object": "usage.report", "user": identity.name, "quota": quota,
-                "data": [{"date": d.date, "model": d.model, "requests": d.requests,
-                          "input_tokens": d.input_tokens,
-                          "cached_input_tokens": d.cached_input_tokens,
-                          "output_tokens": d.output_tokens, "total_tokens": d.total_tokens}
-                         for d in days]}
+        return {
+            "object": "usage.report",
+            "user": identity.name,
+            "quota": quota,
+            "data": [
+                {
+                    "date": d.date,
+                    "model": d.model,
+                    "requests": d.requests,
+                    "input_tokens": d.input_tokens,
+                    "cached_input_tokens": d.cached_input_tokens,
+                    "output_tokens": d.output_tokens,
+                    "total_tokens": d.total_tokens,
+                }
+                for d in days
+            ],
+        }
 
 
 __all__ = ["LOCAL", "Accounts", "Identity", "Reservation"]

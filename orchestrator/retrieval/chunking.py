@@ -27,17 +27,25 @@ class StaticChunking:
     def __post_init__(self) -> None:
         size, overlap = self.max_chunk_size_tokens, self.chunk_overlap_tokens
         if not MIN_MAX_TOKENS <= size <= MAX_MAX_TOKENS:
-            raise ValueError(f"chunking_strategy.static.max_chunk_size_tokens must be between "
-                             f"{MIN_MAX_TOKENS} and {MAX_MAX_TOKENS}, got {size}")
+            raise ValueError(
+                f"chunking_strategy.static.max_chunk_size_tokens must be between "
+                f"{MIN_MAX_TOKENS} and {MAX_MAX_TOKENS}, got {size}"
+            )
         if not 0 <= overlap <= size // 2:
-            raise ValueError("chunking_strategy.static.chunk_overlap_tokens must be between 0 "
-                             f"and half of max_chunk_size_tokens ({size // 2}), got {overlap}")
+            raise ValueError(
+                "chunking_strategy.static.chunk_overlap_tokens must be between 0 "
+                f"and half of max_chunk_size_tokens ({size // 2}), got {overlap}"
+            )
 
     def to_dict(self) -> dict:
         """The strategy as OpenAI reports it on a vector store file."""
-        return {"type": "static", "static": {
-            "max_chunk_size_tokens": self.max_chunk_size_tokens,
-            "chunk_overlap_tokens": self.chunk_overlap_tokens}}
+        return {
+            "type": "static",
+            "static": {
+                "max_chunk_size_tokens": self.max_chunk_size_tokens,
+                "chunk_overlap_tokens": self.chunk_overlap_tokens,
+            },
+        }
 
 
 def _int_field(static: dict, name: str) -> int:
@@ -61,8 +69,9 @@ def parse_chunking_strategy(value: Any) -> StaticChunking:
     static = value.get("static")
     if not isinstance(static, dict):
         raise ValueError("chunking_strategy.static must be an object")
-    return StaticChunking(_int_field(static, "max_chunk_size_tokens"),
-                          _int_field(static, "chunk_overlap_tokens"))
+    return StaticChunking(
+        _int_field(static, "max_chunk_size_tokens"), _int_field(static, "chunk_overlap_tokens")
+    )
 
 
 @dataclass(frozen=True)
@@ -74,8 +83,9 @@ class Chunk:
     n_tokens: int
 
 
-def chunk_text(text: str, tokenizer: Tokenizer,
-               strategy: StaticChunking | None = None) -> list[Chunk]:
+def chunk_text(
+    text: str, tokenizer: Tokenizer, strategy: StaticChunking | None = None
+) -> list[Chunk]:
     """Split `text` into overlapping token windows; an empty text has no chunks."""
     strategy = strategy or StaticChunking()
     offsets = tokenizer.encode(text, add_special_tokens=False).offsets
@@ -83,7 +93,7 @@ def chunk_text(text: str, tokenizer: Tokenizer,
     step = size - strategy.chunk_overlap_tokens
     chunks: list[Chunk] = []
     for start in range(0, len(offsets), step):
-        window = offsets[start:start + size]
+        window = offsets[start : start + size]
         begin, end = window[0][0], window[-1][1]
         chunks.append(Chunk(len(chunks), text[begin:end], begin, end, len(window)))
         if start + size >= len(offsets):

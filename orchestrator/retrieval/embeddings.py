@@ -116,7 +116,7 @@ class Embedder:
         owners: list[int] = []
         for i, seq in enumerate(ids):
             for start in range(0, max(len(seq), 1), body):
-                sequences.append([self.cls_id, *seq[start:start + body], self.sep_id])
+                sequences.append([self.cls_id, *seq[start : start + body], self.sep_id])
                 owners.append(i)
         sums, counts = self._token_sums(sequences)
         pooled = torch.zeros(len(ids), self.dimensions, dtype=torch.float32)
@@ -150,7 +150,7 @@ class Embedder:
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         model = self.model
         for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
+            batch = order[start : start + self.batch_size]
             width = len(sequences[batch[-1]])
             input_ids = torch.zeros(len(batch), width, dtype=torch.long)
             mask = torch.zeros(len(batch), width, dtype=torch.long)

@@ -23,23 +23,59 @@ class UnsupportedFile(ExtractionError):
     """A file of a type this server does not index."""
 
 
-TEXT_EXTENSIONS = frozenset({
-    ".txt", ".text", ".log", ".csv", ".tsv", ".json", ".jsonl", ".yaml", ".yml", ".toml",
-    ".xml", ".rst", ".tex", ".py", ".js", ".ts", ".c", ".h", ".cc", ".cpp", ".hpp", ".java",
-    ".go", ".rs", ".rb", ".php", ".sh", ".css", ".sql",
-})
+TEXT_EXTENSIONS = frozenset(
+    {
+        ".txt",
+        ".text",
+        ".log",
+        ".csv",
+        ".tsv",
+        ".json",
+        ".jsonl",
+        ".yaml",
+        ".yml",
+        ".toml",
+        ".xml",
+        ".rst",
+        ".tex",
+        ".py",
+        ".js",
+        ".ts",
+        ".c",
+        ".h",
+        ".cc",
+        ".cpp",
+        ".hpp",
+        ".java",
+        ".go",
+        ".rs",
+        ".rb",
+        ".php",
+        ".sh",
+        ".css",
+        ".sql",
+    }
+)
 MARKDOWN_EXTENSIONS = frozenset({".md", ".markdown"})
 HTML_EXTENSIONS = frozenset({".html", ".htm", ".xhtml"})
 PDF_EXTENSIONS = frozenset({".pdf"})
-_BY_CONTENT_TYPE = {"text/plain": "text", "text/markdown": "markdown", "text/html": "html",
-                    "application/pdf": "pdf"}
+_BY_CONTENT_TYPE = {
+    "text/plain": "text",
+    "text/markdown": "markdown",
+    "text/html": "html",
+    "application/pdf": "pdf",
+}
 
 
 def file_kind(filename: str, content_type: str | None = None) -> str:
-    """"text", "markdown", "html" or "pdf"; raises `UnsupportedFile` for anything else."""
+    """ "text", "markdown", "html" or "pdf"; raises `UnsupportedFile` for anything else."""
     suffix = PurePosixPath(filename.lower()).suffix
-    for kind, extensions in (("text", TEXT_EXTENSIONS), ("markdown", MARKDOWN_EXTENSIONS),
-                             ("html", HTML_EXTENSIONS), ("pdf", PDF_EXTENSIONS)):
+    for kind, extensions in (
+        ("text", TEXT_EXTENSIONS),
+        ("markdown", MARKDOWN_EXTENSIONS),
+        ("html", HTML_EXTENSIONS),
+        ("pdf", PDF_EXTENSIONS),
+    ):
         if suffix in extensions:
             return kind
     declared = (content_type or "").split(";")[0].strip().lower()
@@ -47,7 +83,8 @@ def file_kind(filename: str, content_type: str | None = None) -> str:
         return _BY_CONTENT_TYPE[declared]
     raise UnsupportedFile(
         f"unsupported file type {suffix or '(no extension)'!r} for {filename!r}: file_search "
-        "indexes text, Markdown (.md), HTML (.html) and PDF (.pdf) files")
+        "indexes text, Markdown (.md), HTML (.html) and PDF (.pdf) files"
+    )
 
 
 def extract_text(data: bytes, filename: str, content_type: str | None = None) -> str:
@@ -65,7 +102,8 @@ def _decode(data: bytes, filename: str) -> str:
     except UnicodeDecodeError as exc:
         raise ExtractionError(
             f"{filename!r} is not UTF-8 text (invalid byte at offset {exc.start}); "
-            "convert it to UTF-8 and upload it again") from None
+            "convert it to UTF-8 and upload it again"
+        ) from None
 
 
 class _HTMLText(HTMLParser):
@@ -73,12 +111,44 @@ class _HTMLText(HTMLParser):
     dropped, and block elements end lines so paragraphs do not run together."""
 
     HIDDEN = frozenset({"script", "style", "noscript", "template", "svg", "iframe", "object"})
-    BLOCKS = frozenset({
-        "address", "article", "aside", "blockquote", "br", "dd", "div", "dl", "dt",
-        "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6", "header",
-        "hr", "li", "main", "nav", "ol", "p", "pre", "section", "table", "td", "th", "title",
-        "tr", "ul",
-    })
+    BLOCKS = frozenset(
+        {
+            "address",
+            "article",
+            "aside",
+            "blockquote",
+            "br",
+            "dd",
+            "div",
+            "dl",
+            "dt",
+            "figcaption",
+            "figure",
+            "footer",
+            "form",
+            "h1",
+            "h2",
+            "h3",
+            "h4",
+            "h5",
+            "h6",
+            "header",
+            "hr",
+            "li",
+            "main",
+            "nav",
+            "ol",
+            "p",
+            "pre",
+            "section",
+            "table",
+            "td",
+            "th",
+            "title",
+            "tr",
+            "ul",
+        }
+    )
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -110,8 +180,9 @@ def html_text(html: str) -> str:
     parser = _HTMLText()
     parser.feed(html)
     parser.close()
-    lines = (re.sub(r"[ \t\r\f\v\xa0]+", " ", line).strip()
-             for line in "".join(parser.parts).split("\n"))
+    lines = (
+        re.sub(r"[ \t\r\f\v\xa0]+", " ", line).strip() for line in "".join(parser.parts).split("\n")
+    )
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
@@ -130,6 +201,8 @@ def _pdf_text(data: bytes) -> str:
         raise ExtractionError(f"the PDF could not be read ({exc}); is it a valid PDF?") from None
     text = "\n\n".join(p.strip() for p in pages if p.strip())
     if not text:
-        raise ExtractionError("the PDF has no extractable text (scanned pages would need OCR, "
-                              "which this server does not do)")
+        raise ExtractionError(
+            "the PDF has no extractable text (scanned pages would need OCR, "
+            "which this server does not do)"
+        )
     return text

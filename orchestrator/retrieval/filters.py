@@ -56,25 +56,31 @@ def parse_filter(value: Any, path: str = "filters", depth: int = 0) -> Filter:
         items = value.get("filters")
         if not isinstance(items, list) or not items:
             raise ValueError(f"{path}.filters must be a non-empty array")
-        return Compound(kind, tuple(parse_filter(f, f"{path}.filters[{i}]", depth + 1)
-                                    for i, f in enumerate(items)))
+        return Compound(
+            kind,
+            tuple(parse_filter(f, f"{path}.filters[{i}]", depth + 1) for i, f in enumerate(items)),
+        )
     if kind not in COMPARISONS:
         raise ValueError(f"{path}.type must be one of {', '.join((*COMPARISONS, 'and', 'or'))}")
     key = value.get("key")
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or '"' in key:
-        raise ValueError(f"{path}.key must be a string of 1 to {MAX_KEY_LENGTH} characters "
-                         "without double quotes")
+        raise ValueError(
+            f"{path}.key must be a string of 1 to {MAX_KEY_LENGTH} characters without double quotes"
+        )
     if "value" not in value:
         raise ValueError(f"{path}.value is required")
     operand = value["value"]
     if kind in ("in", "nin"):
-        if not isinstance(operand, list) or not operand or not all(
-                isinstance(v, str) or _is_number(v) for v in operand):
-            raise ValueError(f"{path}.value must be a non-empty array of strings or numbers "
-                             f"for '{kind}'")
+        if (
+            not isinstance(operand, list)
+            or not operand
+            or not all(isinstance(v, str) or _is_number(v) for v in operand)
+        ):
+            raise ValueError(
+                f"{path}.value must be a non-empty array of strings or numbers for '{kind}'"
+            )
         return Comparison(key, kind, tuple(operand))
-    if kind in ("gt", "gte", "lt", "lte") and not (isinstance(operand, str)
-                                                  or _is_number(operand)):
+    if kind in ("gt", "gte", "lt", "lte") and not (isinstance(operand, str) or _is_number(operand)):
         raise ValueError(f"{path}.value must be a number or a string for '{kind}'")
     if not isinstance(operand, str | int | float):
         raise ValueError(f"{path}.value must be a string, number or boolean")
@@ -103,8 +109,12 @@ class SqliteJsonAttributes:
 
     def kind(self, key: str) -> ColumnElement:
         raw = func.json_type(self.column, self._path(key))
-        return case((raw == "text", "string"), (raw.in_(("integer", "real")), "number"),
-                    (raw.in_(("true", "false")), "boolean"), else_="other")
+        return case(
+            (raw == "text", "string"),
+            (raw.in_(("integer", "real")), "number"),
+            (raw.in_(("true", "false")), "boolean"),
+            else_="other",
+        )
 
     def value(self, key: str, like: Scalar) -> ColumnElement:
         return func.json_extract(self.column, self._path(key))
@@ -135,8 +145,12 @@ def compile_filter(f: Filter, attrs: JsonAttributes) -> ColumnElement:
     else:
         assert not isinstance(f.value, tuple)
         value = attrs.value(f.key, f.value)
-        compare = {"gt": value > f.value, "gte": value >= f.value, "lt": value < f.value,
-                   "lte": value <= f.value}[f.type]
+        compare = {
+            "gt": value > f.value,
+            "gte": value >= f.value,
+            "lt": value < f.value,
+            "lte": value <= f.value,
+        }[f.type]
         condition = and_(attrs.kind(f.key) == _kind_of(f.value), compare)
     condition = func.coalesce(condition, false())
     return not_(condition) if f.type in ("ne", "nin") else condition

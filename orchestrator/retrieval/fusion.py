@@ -12,8 +12,9 @@ from __future__ import annotations
 RRF_K = 60
 
 
-def reciprocal_rank_fusion(rankings: list[list[tuple[int, float]]],
-                           k: int = RRF_K) -> list[tuple[int, float]]:
+def reciprocal_rank_fusion(
+    rankings: list[list[tuple[int, float]]], k: int = RRF_K
+) -> list[tuple[int, float]]:
     """(id, score) best first, from lists of (id, score) each sorted best first."""
     fused: dict[int, float] = {}
     for ranking in rankings:
@@ -23,5 +24,7 @@ def reciprocal_rank_fusion(rankings: list[list[tuple[int, float]]],
     if not lists:
         return []
     best = lists / (k + 1)
-    return sorted(((item, score / best) for item, score in fused.items()),
-                  key=lambda pair: (-pair[1], pair[0]))
+    return sorted(
+        ((item, score / best) for item, score in fused.items()),
+        key=lambda pair: (-pair[1], pair[0]),
+    )

@@ -74,7 +74,6 @@ retrieval_chunks = SqlTable(
 )
 
 
-
 def sqlite_ddl(dimensions: int) -> tuple[str, ...]:
     """What SQLAlchemy cannot declare, run after creating `retrieval_chunks` (an Alembic
     migration runs the same statements): the vectors' `vec0` table, with the vector store
@@ -105,8 +104,15 @@ _FTS_DDL = (
     "INSERT INTO retrieval_chunks_fts(rowid, text) VALUES (new.id, new.text); END",
 )
 
-_VECTORS = table("retrieval_vectors", column("id", Integer), column("vector_store_id"),
-                 column("owner_id"), column("embedding"), column("k"), column("distance"))
+_VECTORS = table(
+    "retrieval_vectors",
+    column("id", Integer),
+    column("vector_store_id"),
+    column("owner_id"),
+    column("embedding"),
+    column("k"),
+    column("distance"),
+)
 _FTS = table("retrieval_chunks_fts", column("rowid", Integer))
 _FTS_SELF = literal_column("retrieval_chunks_fts")  # FTS5's hidden column named as its table
 
@@ -133,8 +139,7 @@ def load_sqlite_vec(dbapi_connection: Any, _record: Any = None) -> None:
 def sqlite_vec_engine(url: str = "sqlite://") -> Engine:
     """A SQLite engine whose connections have sqlite-vec; the store's engine for SQLite
     must be made the same way (`module=sqlite_module()` plus the listener)."""
-    engine = create_engine(url, module=sqlite_module(),
-                           connect_args={"check_same_thread": False})
+    engine = create_engine(url, module=sqlite_module(), connect_args={"check_same_thread": False})
     event.listen(engine, "connect", load_sqlite_vec)
     return engine
 
@@ -182,19 +187,23 @@ class RetrievalIndex(Protocol):
 
     def create_schema(self, conn: Connection) -> None: ...
 
-    def add(self, conn: Connection, owner: str, vector_store_id: str,
-            chunks: list[ChunkRecord]) -> None: ...
+    def add(
+        self, conn: Connection, owner: str, vector_store_id: str, chunks: list[ChunkRecord]
+    ) -> None: ...
 
-    def delete_file(self, conn: Connection, owner: str, vector_store_id: str,
-                    file_id: str) -> int: ...
+    def delete_file(
+        self, conn: Connection, owner: str, vector_store_id: str, file_id: str
+    ) -> int: ...
 
     def delete_vector_store(self, conn: Connection, owner: str, vector_store_id: str) -> int: ...
 
-    def set_attributes(self, conn: Connection, owner: str, vector_store_id: str, file_id: str,
-                       attributes: dict) -> None: ...
+    def set_attributes(
+        self, conn: Connection, owner: str, vector_store_id: str, file_id: str, attributes: dict
+    ) -> None: ...
 
-    def count(self, conn: Connection, owner: str, vector_store_id: str,
-              file_id: str | None = None) -> int: ...
+    def count(
+        self, conn: Connection, owner: str, vector_store_id: str, file_id: str | None = None
+    ) -> int: ...
 
     def search(self, conn: Connection, owner: str, request: SearchRequest) -> list[Hit]: ...
 
@@ -203,13 +212,67 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 MAX_QUERY_TERMS = 64
 # English function words: in nearly every chunk, so BM25 gives them almost no weight,
 # yet each would make FTS5 walk a posting list as long as the index.
-STOPWORDS = frozenset({
-    "a", "an", "and", "are", "as", "at", "be", "but", "by", "can", "do", "does", "for", "from",
-    "has", "have", "how", "i", "if", "in", "into", "is", "it", "its", "me", "my", "no", "not",
-    "of", "on", "or", "our", "so", "than", "that", "the", "their", "them", "then", "there",
-    "these", "they", "this", "to", "was", "we", "were", "what", "when", "where", "which", "who",
-    "why", "will", "with", "you", "your",
-})
+STOPWORDS = frozenset(
+    {
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "but",
+        "by",
+        "can",
+        "do",
+        "does",
+        "for",
+        "from",
+        "has",
+        "have",
+        "how",
+        "i",
+        "if",
+        "in",
+        "into",
+        "is",
+        "it",
+        "its",
+        "me",
+        "my",
+        "no",
+        "not",
+        "of",
+        "on",
+        "or",
+        "our",
+        "so",
+        "than",
+        "that",
+        "the",
+        "their",
+        "them",
+        "then",
+        "there",
+        "these",
+        "they",
+        "this",
+        "to",
+        "was",
+        "we",
+        "were",
+        "what",
+        "when",
+        "where",
+        "which",
+        "who",
+        "why",
+        "will",
+        "with",
+        "you",
+        "your",
+    }
+)
 
 
 def query_terms(text: str) -> list[str]:
@@ -244,36 +307,49 @@ class ChunkTableIndex:
     def json_attributes(self) -> JsonAttributes:
         raise NotImplementedError
 
-    def _vector_ranking(self, conn: Connection, owner: str, request: SearchRequest,
-                        depth: int) -> list[tuple[int, float]]:
+    def _vector_ranking(
+        self, conn: Connection, owner: str, request: SearchRequest, depth: int
+    ) -> list[tuple[int, float]]:
         raise NotImplementedError
 
-    def _text_ranking(self, conn: Connection, owner: str, request: SearchRequest,
-                      depth: int) -> list[tuple[int, float]]:
+    def _text_ranking(
+        self, conn: Connection, owner: str, request: SearchRequest, depth: int
+    ) -> list[tuple[int, float]]:
         raise NotImplementedError
 
-
-    def delete_file(self, conn: Connection, owner: str, vector_store_id: str,
-                    file_id: str) -> int:
+    def delete_file(self, conn: Connection, owner: str, vector_store_id: str, file_id: str) -> int:
         t = self.table
-        return conn.execute(delete(t).where(
-            t.c.owner_id == owner, t.c.vector_store_id == vector_store_id,
-            t.c.file_id == file_id)).rowcount
+        return conn.execute(
+            delete(t).where(
+                t.c.owner_id == owner,
+                t.c.vector_store_id == vector_store_id,
+                t.c.file_id == file_id,
+            )
+        ).rowcount
 
     def delete_vector_store(self, conn: Connection, owner: str, vector_store_id: str) -> int:
         t = self.table
-        return conn.execute(delete(t).where(
-            t.c.owner_id == owner, t.c.vector_store_id == vector_store_id)).rowcount
+        return conn.execute(
+            delete(t).where(t.c.owner_id == owner, t.c.vector_store_id == vector_store_id)
+        ).rowcount
 
-    def set_attributes(self, conn: Connection, owner: str, vector_store_id: str, file_id: str,
-                       attributes: dict) -> None:
+    def set_attributes(
+        self, conn: Connection, owner: str, vector_store_id: str, file_id: str, attributes: dict
+    ) -> None:
         t = self.table
-        conn.execute(update(t).where(
-            t.c.owner_id == owner, t.c.vector_store_id == vector_store_id,
-            t.c.file_id == file_id).values(attributes=attributes))
+        conn.execute(
+            update(t)
+            .where(
+                t.c.owner_id == owner,
+                t.c.vector_store_id == vector_store_id,
+                t.c.file_id == file_id,
+            )
+            .values(attributes=attributes)
+        )
 
-    def count(self, conn: Connection, owner: str, vector_store_id: str,
-              file_id: str | None = None) -> int:
+    def count(
+        self, conn: Connection, owner: str, vector_store_id: str, file_id: str | None = None
+    ) -> int:
         t = self.table
         where = [t.c.owner_id == owner, t.c.vector_store_id == vector_store_id]
         if file_id is not None:
@@ -281,8 +357,11 @@ class ChunkTableIndex:
         return conn.execute(select(func.count()).select_from(t).where(*where)).scalar_one()
 
     def search(self, conn: Connection, owner: str, request: SearchRequest) -> list[Hit]:
-        depth = (request.max_num_results if request.mode != "hybrid"
-                 else candidates_for(request.max_num_results))
+        depth = (
+            request.max_num_results
+            if request.mode != "hybrid"
+            else candidates_for(request.max_num_results)
+        )
         ranked: list[list[tuple[int, float]]] = []
         if request.mode in ("hybrid", "vector"):
             ranked.append(self._vector_ranking(conn, owner, request, depth))
@@ -303,11 +382,21 @@ class ChunkTableIndex:
         if not scored:
             return []
         t = self.table
-        rows = {row.id: row for row in conn.execute(
-            select(t).where(t.c.id.in_([i for i, _ in scored])))}
-        return [Hit(rows[i].vector_store_id, rows[i].file_id, rows[i].filename,
-                    rows[i].chunk_index, rows[i].text, rows[i].attributes, score)
-                for i, score in scored]
+        rows = {
+            row.id: row for row in conn.execute(select(t).where(t.c.id.in_([i for i, _ in scored])))
+        }
+        return [
+            Hit(
+                rows[i].vector_store_id,
+                rows[i].file_id,
+                rows[i].filename,
+                rows[i].chunk_index,
+                rows[i].text,
+                rows[i].attributes,
+                score,
+            )
+            for i, score in scored
+        ]
 
 
 class SqliteIndex(ChunkTableIndex):
@@ -321,32 +410,52 @@ class SqliteIndex(ChunkTableIndex):
     def json_attributes(self) -> JsonAttributes:
         return SqliteJsonAttributes(self.table.c.attributes)
 
-    def add(self, conn: Connection, owner: str, vector_store_id: str,
-            chunks: list[ChunkRecord]) -> None:
+    def add(
+        self, conn: Connection, owner: str, vector_store_id: str, chunks: list[ChunkRecord]
+    ) -> None:
         if not chunks:
             return
-        ids = conn.execute(insert(self.table).returning(self.table.c.id,
-                                                        sort_by_parameter_order=True), [
-            {"owner_id": owner, "vector_store_id": vector_store_id, "file_id": c.file_id,
-             "filename": c.filename, "chunk_index": c.chunk_index, "text": c.text,
-             "attributes": c.attributes}
-            for c in chunks
-        ]).scalars().all()
+        ids = (
+            conn.execute(
+                insert(self.table).returning(self.table.c.id, sort_by_parameter_order=True),
+                [
+                    {
+                        "owner_id": owner,
+                        "vector_store_id": vector_store_id,
+                        "file_id": c.file_id,
+                        "filename": c.filename,
+                        "chunk_index": c.chunk_index,
+                        "text": c.text,
+                        "attributes": c.attributes,
+                    }
+                    for c in chunks
+                ],
+            )
+            .scalars()
+            .all()
+        )
         conn.exec_driver_sql(
             "INSERT INTO retrieval_vectors(id, vector_store_id, owner_id, embedding) "
             "VALUES (?, ?, ?, ?)",
-            [(i, vector_store_id, owner, _vector_bytes(c.vector))
-             for i, c in zip(ids, chunks, strict=True)])
+            [
+                (i, vector_store_id, owner, _vector_bytes(c.vector))
+                for i, c in zip(ids, chunks, strict=True)
+            ],
+        )
 
-    def _vector_ranking(self, conn: Connection, owner: str, request: SearchRequest,
-                        depth: int) -> list[tuple[int, float]]:
+    def _vector_ranking(
+        self, conn: Connection, owner: str, request: SearchRequest, depth: int
+    ) -> list[tuple[int, float]]:
         """Chunk ids by cosine similarity, best first, scored max(0, similarity): sqlite-vec's
         exact k-nearest scan of each requested store's partition (k per partition, merged
         here), restricted to the filtered chunks when there are filters."""
         v = _VECTORS
-        where = [v.c.embedding.op("MATCH")(_vector_bytes(request.query_vector)),
-                 v.c.k == depth, v.c.vector_store_id.in_(request.vector_store_ids),
-                 v.c.owner_id == owner]
+        where = [
+            v.c.embedding.op("MATCH")(_vector_bytes(request.query_vector)),
+            v.c.k == depth,
+            v.c.vector_store_id.in_(request.vector_store_ids),
+            v.c.owner_id == owner,
+        ]
         if request.filters is not None:
             t = self.table
             where.append(v.c.id.in_(select(t.c.id).where(*self._where(owner, request))))
@@ -354,8 +463,9 @@ class SqliteIndex(ChunkTableIndex):
         best = sorted(rows, key=lambda row: (row.distance, row.id))[:depth]
         return [(row.id, max(0.0, 1.0 - row.distance)) for row in best]
 
-    def _text_ranking(self, conn: Connection, owner: str, request: SearchRequest,
-                      depth: int) -> list[tuple[int, float]]:
+    def _text_ranking(
+        self, conn: Connection, owner: str, request: SearchRequest, depth: int
+    ) -> list[tuple[int, float]]:
         """Chunk ids by BM25, best first, scored relative to the best match (1.0)."""
         expression = fts_query(request.query)
         if expression is None:
@@ -363,14 +473,19 @@ class SqliteIndex(ChunkTableIndex):
         t = self.table
         # The full-text match runs first, once (a materialised CTE): joined directly,
         # SQLite's planner may probe the FTS index once per candidate row instead.
-        matches = (select(_FTS.c.rowid, func.bm25(_FTS_SELF).label("rank"))
-                   .where(_FTS_SELF.op("MATCH")(expression))
-                   .cte("matches").prefix_with("MATERIALIZED"))
+        matches = (
+            select(_FTS.c.rowid, func.bm25(_FTS_SELF).label("rank"))
+            .where(_FTS_SELF.op("MATCH")(expression))
+            .cte("matches")
+            .prefix_with("MATERIALIZED")
+        )
         rows = conn.execute(
             select(t.c.id, matches.c.rank)
             .select_from(matches.join(t, t.c.id == matches.c.rowid))
             .where(*self._where(owner, request))
-            .order_by(matches.c.rank).limit(depth)).all()
+            .order_by(matches.c.rank)
+            .limit(depth)
+        ).all()
         if not rows:
             return []
         best = rows[0].rank

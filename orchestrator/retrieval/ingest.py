@@ -15,8 +15,13 @@ from orchestrator.retrieval.extract import ExtractionError, extract_text
 from orchestrator.retrieval.index import ChunkRecord
 
 
-def split_file(data: bytes, filename: str, content_type: str | None, embedder: Embedder,
-               strategy: StaticChunking | None = None) -> list[Chunk]:
+def split_file(
+    data: bytes,
+    filename: str,
+    content_type: str | None,
+    embedder: Embedder,
+    strategy: StaticChunking | None = None,
+) -> list[Chunk]:
     text = extract_text(data, filename, content_type)
     chunks = chunk_text(text, embedder.tokenizer, strategy)
     if not chunks:
@@ -24,13 +29,19 @@ def split_file(data: bytes, filename: str, content_type: str | None, embedder: E
     return chunks
 
 
-async def prepare_chunks(embedder: Embedder, file_id: str, filename: str, data: bytes,
-                         content_type: str | None = None,
-                         strategy: StaticChunking | None = None,
-                         attributes: dict | None = None) -> list[ChunkRecord]:
+async def prepare_chunks(
+    embedder: Embedder,
+    file_id: str,
+    filename: str,
+    data: bytes,
+    content_type: str | None = None,
+    strategy: StaticChunking | None = None,
+    attributes: dict | None = None,
+) -> list[ChunkRecord]:
     """The file's chunks with their embeddings, ready for `RetrievalIndex.add`."""
-    chunks = await asyncio.to_thread(split_file, data, filename, content_type, embedder,
-                                     strategy)
+    chunks = await asyncio.to_thread(split_file, data, filename, content_type, embedder, strategy)
     encoded = await embedder.aencode([c.text for c in chunks])
-    return [ChunkRecord(file_id, filename, c.index, c.text, vector, dict(attributes or {}))
-            for c, vector in zip(chunks, encoded.vectors, strict=True)]
+    return [
+        ChunkRecord(file_id, filename, c.index, c.text, vector, dict(attributes or {}))
+        for c, vector in zip(chunks, encoded.vectors, strict=True)
+    ]

@@ -105,7 +105,8 @@ _DDL = (
 _INSERT = text(
     "INSERT INTO retrieval_chunks (owner_id, vector_store_id, file_id, filename, chunk_index, "
     "text, attributes, embedding) VALUES (:owner, :store, :file_id, :filename, :chunk_index, "
-    ":text, CAST(:attributes AS jsonb), CAST(:embedding AS vector))")
+    ":text, CAST(:attributes AS jsonb), CAST(:embedding AS vector))"
+)
 _EMBEDDING = literal_column("embedding")
 BM25_K1, BM25_B = 1.2, 0.75  # FTS5's bm25() defaults
 _TSV = literal_column("retrieval_chunks.tsv")
@@ -114,11 +115,14 @@ _TSV_LENGTH = literal_column("retrieval_chunks.tsv_length")
 
 def unavailable_reason(conn: Connection) -> str | None:
     """Why this PostgreSQL server cannot hold the index (None: it can)."""
-    found = conn.execute(text(
-        "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")).first()
+    found = conn.execute(
+        text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")
+    ).first()
     if found is None:
-        return ("the PostgreSQL server lacks the pgvector extension ('vector' is not in "
-                "pg_available_extensions)")
+        return (
+            "the PostgreSQL server lacks the pgvector extension ('vector' is not in "
+            "pg_available_extensions)"
+        )
     return None
 
 
@@ -132,26 +136,44 @@ class PgIndex(ChunkTableIndex):
     def json_attributes(self) -> JsonAttributes:
         return PgJsonAttributes(self.table.c.attributes)
 
-    def add(self, conn: Connection, owner: str, vector_store_id: str,
-            chunks: list[ChunkRecord]) -> None:
+    def add(
+        self, conn: Connection, owner: str, vector_store_id: str, chunks: list[ChunkRecord]
+    ) -> None:
         if chunks:
-            conn.execute(_INSERT, [
-                {"owner": owner, "store": vector_store_id, "file_id": c.file_id,
-                 "filename": c.filename, "chunk_index": c.chunk_index, "text": c.text,
-                 "attributes": json.dumps(c.attributes), "embedding": _vector_text(c.vector)}
-                for c in chunks])
+            conn.execute(
+                _INSERT,
+                [
+                    {
+                        "owner": owner,
+                        "store": vector_store_id,
+                        "file_id": c.file_id,
+                        "filename": c.filename,
+                        "chunk_index": c.chunk_index,
+                        "text": c.text,
+                        "attributes": json.dumps(c.attributes),
+                        "embedding": _vector_text(c.vector),
+                    }
+                    for c in chunks
+                ],
+            )
 
-    def _vector_ranking(self, conn: Connection, owner: str, request: SearchRequest,
-                        depth: int) -> list[tuple[int, float]]:
+    def _vector_ranking(
+        self, conn: Connection, owner: str, request: SearchRequest, depth: int
+    ) -> list[tuple[int, float]]:
         t = self.table
         query = cast(literal(_vector_text(request.query_vector)), _Vector())
         distance = _EMBEDDING.op("<=>")(query).label("distance")
-        rows = conn.execute(select(t.c.id, distance).where(*self._where(owner, request))
-                            .order_by(distance, t.c.id).limit(depth)).all()
+        rows = conn.execute(
+            select(t.c.id, distance)
+            .where(*self._where(owner, request))
+            .order_by(distance, t.c.id)
+            .limit(depth)
+        ).all()
         return [(row.id, max(0.0, 1.0 - float(row.distance))) for row in rows]
 
-    def _text_ranking(self, conn: Connection, owner: str, request: SearchRequest,
-                      depth: int) -> list[tuple[int, float]]:
+    def _text_ranking(
+        self, conn: Connection, owner: str, request: SearchRequest, depth: int
+    ) -> list[tuple[int, float]]:
         """Chunk ids by Okapi BM25 (k1 1.2, b 0.75) over the requested stores' chunks,
         best first, scored relative to the best: term frequencies from the `tsvector`
         positions, document frequencies and the mean length counted in SQL over the
@@ -164,27 +186,41 @@ class PgIndex(ChunkTableIndex):
         # The matches come from the table itself (its GIN index), never from a CTE of the
         # stores' chunks, which PostgreSQL would scan whole; the statistics read the
         # stored lengths, not the tsvectors.
-        stats = select(func.count().label("n"), func.avg(_TSV_LENGTH).label("avgdl")).where(
-            *where).cte("stats")
-        lexemes = select(func.unnest(func.tsvector_to_array(
-            func.to_tsvector("english", " ".join(terms)))).label("lexeme")).scalar_subquery()
+        stats = (
+            select(func.count().label("n"), func.avg(_TSV_LENGTH).label("avgdl"))
+            .where(*where)
+            .cte("stats")
+        )
+        lexemes = select(
+            func.unnest(func.tsvector_to_array(func.to_tsvector("english", " ".join(terms)))).label(
+                "lexeme"
+            )
+        ).scalar_subquery()
         entry = func.unnest(_TSV).table_valued("lexeme", "positions").alias("entry")
         query = func.websearch_to_tsquery("english", " or ".join(terms))
-        matches = (select(t.c.id, _TSV_LENGTH.label("dl"), entry.c.lexeme,
-                          func.cardinality(entry.c.positions).label("tf"))
-                   .select_from(t).join(entry, true())
-                   .where(_TSV.op("@@")(query), entry.c.lexeme.in_(lexemes), *where)
-                   .cte("matches"))
-        df = (select(matches.c.lexeme, func.count().label("df"))
-              .group_by(matches.c.lexeme).cte("df"))
+        matches = (
+            select(
+                t.c.id,
+                _TSV_LENGTH.label("dl"),
+                entry.c.lexeme,
+                func.cardinality(entry.c.positions).label("tf"),
+            )
+            .select_from(t)
+            .join(entry, true())
+            .where(_TSV.op("@@")(query), entry.c.lexeme.in_(lexemes), *where)
+            .cte("matches")
+        )
+        df = select(matches.c.lexeme, func.count().label("df")).group_by(matches.c.lexeme).cte("df")
         idf = func.ln(1 + (stats.c.n - df.c.df + 0.5) / (df.c.df + 0.5))
         norm = BM25_K1 * (1 - BM25_B + BM25_B * matches.c.dl / stats.c.avgdl)
-        score = func.sum(idf * matches.c.tf * (BM25_K1 + 1) / (matches.c.tf + norm)
-                         ).label("score")
+        score = func.sum(idf * matches.c.tf * (BM25_K1 + 1) / (matches.c.tf + norm)).label("score")
         rows = conn.execute(
             select(matches.c.id, score)
             .select_from(matches.join(df, df.c.lexeme == matches.c.lexeme).join(stats, true()))
-            .group_by(matches.c.id).order_by(score.desc(), matches.c.id).limit(depth)).all()
+            .group_by(matches.c.id)
+            .order_by(score.desc(), matches.c.id)
+            .limit(depth)
+        ).all()
         if not rows:
             return []
         best = float(rows[0].score)

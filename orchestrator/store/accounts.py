@@ -109,9 +109,11 @@ def utc_day(timestamp: float) -> str:
 
 # -- users -------------------------------------------------------------------------------
 
+
 def _user(row) -> UserRow:
-    return UserRow(row.id, row.name, row.created_at, row.token_quota, row.quota_period,
-                   row.rpm, row.tpm)
+    return UserRow(
+        row.id, row.name, row.created_at, row.token_quota, row.quota_period, row.rpm, row.tpm
+    )
 
 
 def create_user(repo: Repository, user: UserRow) -> bool:
@@ -176,6 +178,7 @@ def _owned_ids(repo: Repository, column, owner_column, owner: str) -> list[str]:
 
 # -- keys --------------------------------------------------------------------------------
 
+
 def add_key(repo: Repository, key: KeyRow, digest: str) -> None:
     with repo.engine.begin() as conn:
         conn.execute(insert(api_keys).values(digest=digest, **asdict(key)))
@@ -183,8 +186,11 @@ def add_key(repo: Repository, key: KeyRow, digest: str) -> None:
 
 def list_keys(repo: Repository, user_id: str) -> list[KeyRow]:
     with repo.engine.connect() as conn:
-        rows = conn.execute(select(api_keys).where(api_keys.c.user_id == user_id)
-                            .order_by(api_keys.c.created_at, api_keys.c.id)).all()
+        rows = conn.execute(
+            select(api_keys)
+            .where(api_keys.c.user_id == user_id)
+            .order_by(api_keys.c.created_at, api_keys.c.id)
+        ).all()
     return [KeyRow(r.id, r.user_id, r.hint, r.created_at, r.revoked_at) for r in rows]
 
 
@@ -192,17 +198,27 @@ def revoke_key(repo: Repository, key_id: str, now: int) -> bool:
     """Revoke a key (at once: every request looks its key up); False if unknown or
     already revoked."""
     with repo.engine.begin() as conn:
-        return conn.execute(update(api_keys).where(
-            api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None),
-        ).values(revoked_at=now)).rowcount > 0
+        return (
+            conn.execute(
+                update(api_keys)
+                .where(
+                    api_keys.c.id == key_id,
+                    api_keys.c.revoked_at.is_(None),
+                )
+                .values(revoked_at=now)
+            ).rowcount
+            > 0
+        )
 
 
 def find_key(repo: Repository, digest: str) -> tuple[str, UserRow] | None:
     """The key id and user of a live (not revoked) key with this digest."""
     with repo.engine.connect() as conn:
-        row = conn.execute(select(api_keys.c.id.label("key_id"), users).join(
-            users, users.c.id == api_keys.c.user_id).where(
-            api_keys.c.digest == digest, api_keys.c.revoked_at.is_(None))).first()
+        row = conn.execute(
+            select(api_keys.c.id.label("key_id"), users)
+            .join(users, users.c.id == api_keys.c.user_id)
+            .where(api_keys.c.digest == digest, api_keys.c.revoked_at.is_(None))
+        ).first()
     return None if row is None else (row.key_id, _user(row))
 
 
@@ -214,21 +230,35 @@ def any_keys(repo: Repository) -> bool:
 
 # -- quotas ------------------------------------------------------------------------------
 
+
 def _ensure_period(conn: Connection, user_id: str, period_start: int) -> None:
     values = {"user_id": user_id, "period_start": period_start, "used": 0, "reserved": 0}
     dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     conn.execute(dialect_insert(quota_periods).values(**values).on_conflict_do_nothing())
 
 
-def reserve(repo: Repository, reservation_id: str, user_id: str, period_start: int,
-            tokens: int, limit: int | None, now: float, extend: bool = False) -> bool:
+def reserve(
+    repo: Repository,
+    reservation_id: str,
+    user_id: str,
+    period_start: int,
+    tokens: int,
+    limit: int | None,
+    now: float,
+    extend: bool = False,
+) -> bool:
     """Reserve `tokens` of the user's quota period (at most `limit` used + reserved; None:
     no limit, the tokens are only counted), under `reservation_id` (new, or with `extend`
     one this request holds already). False, and nothing changed, when they do not fit."""
     period = quota_periods.c
-    stmt = update(quota_periods).where(
-        period.user_id == user_id, period.period_start == period_start,
-    ).values(reserved=period.reserved + tokens)
+    stmt = (
+        update(quota_periods)
+        .where(
+            period.user_id == user_id,
+            period.period_start == period_start,
+        )
+        .values(reserved=period.reserved + tokens)
+    )
     if limit is not None:
         stmt = stmt.where(period.used + period.reserved + tokens <= limit)
     with repo.engine.begin() as conn:
@@ -236,13 +266,26 @@ def reserve(repo: Repository, reservation_id: str, user_id: str, period_start: i
             _ensure_period(conn, user_id, period_start)
             if conn.execute(stmt).rowcount != 1:
                 return False
-        extended = extend and conn.execute(update(quota_reservations).where(
-            quota_reservations.c.id == reservation_id,
-        ).values(tokens=quota_reservations.c.tokens + tokens)).rowcount
+        extended = (
+            extend
+            and conn.execute(
+                update(quota_reservations)
+                .where(
+                    quota_reservations.c.id == reservation_id,
+                )
+                .values(tokens=quota_reservations.c.tokens + tokens)
+            ).rowcount
+        )
         if not extended:
-            conn.execute(insert(quota_reservations).values(
-                id=reservation_id, user_id=user_id, period_start=period_start, tokens=tokens,
-                created_at=now))
+            conn.execute(
+                insert(quota_reservations).values(
+                    id=reservation_id,
+                    user_id=user_id,
+                    period_start=period_start,
+                    tokens=tokens,
+                    created_at=now,
+                )
+            )
     return True
 
 
@@ -252,20 +295,25 @@ def settle(repo: Repository, reservation_id: str | None, record: UsageRecord) ->
     with repo.engine.begin() as conn:
         if reservation_id is not None:
             _settle(conn, reservation_id, record.total_tokens)
-        conn.execute(insert(usage_records).values(day=utc_day(record.created_at),
-                                                  **asdict(record)))
+        conn.execute(insert(usage_records).values(day=utc_day(record.created_at), **asdict(record)))
 
 
 def _settle(conn: Connection, reservation_id: str, used: int) -> None:
-    held = conn.execute(select(quota_reservations).where(
-        quota_reservations.c.id == reservation_id)).first()
+    held = conn.execute(
+        select(quota_reservations).where(quota_reservations.c.id == reservation_id)
+    ).first()
     if held is None:
         return
     conn.execute(delete(quota_reservations).where(quota_reservations.c.id == reservation_id))
     period = quota_periods.c
-    conn.execute(update(quota_periods).where(
-        period.user_id == held.user_id, period.period_start == held.period_start,
-    ).values(reserved=period.reserved - held.tokens, used=period.used + used))
+    conn.execute(
+        update(quota_periods)
+        .where(
+            period.user_id == held.user_id,
+            period.period_start == held.period_start,
+        )
+        .values(reserved=period.reserved - held.tokens, used=period.used + used)
+    )
 
 
 def release_reservations(repo: Repository) -> int:
@@ -280,9 +328,11 @@ def release_reservations(repo: Repository) -> int:
 
 def quota_state(repo: Repository, user_id: str, period_start: int) -> QuotaState:
     with repo.engine.connect() as conn:
-        row = conn.execute(select(quota_periods.c.used, quota_periods.c.reserved).where(
-            quota_periods.c.user_id == user_id,
-            quota_periods.c.period_start == period_start)).first()
+        row = conn.execute(
+            select(quota_periods.c.used, quota_periods.c.reserved).where(
+                quota_periods.c.user_id == user_id, quota_periods.c.period_start == period_start
+            )
+        ).first()
     return QuotaState() if row is None else QuotaState(row.used, row.reserved)
 
 
@@ -291,28 +341,44 @@ def quota_state(repo: Repository, user_id: str, period_start: int) -> QuotaState
 _ANY = object()
 
 
-def usage_by_day(repo: Repository, user_id: str | object | None = _ANY,
-                 since: str | None = None) -> list[UsageDay]:
+def usage_by_day(
+    repo: Repository, user_id: str | object | None = _ANY, since: str | None = None
+) -> list[UsageDay]:
     """Usage per UTC day and model (and user, when not asked for one user), oldest first;
     `user_id` None selects the requests of no user (admin keys, an open server).
     Rejected requests (refused before any compute, often before their model was known)
     are left out: they cost nothing."""
     u = usage_records.c
     keys = [u.day, u.model] + ([u.user_id] if user_id is _ANY else [])
-    query = select(*keys, func.count().label("requests"),
-                   func.sum(u.input_tokens).label("input_tokens"),
-                   func.sum(u.cached_input_tokens).label("cached_input_tokens"),
-                   func.sum(u.output_tokens).label("output_tokens")).where(
-        u.status != "rejected").group_by(*keys)
+    query = (
+        select(
+            *keys,
+            func.count().label("requests"),
+            func.sum(u.input_tokens).label("input_tokens"),
+            func.sum(u.cached_input_tokens).label("cached_input_tokens"),
+            func.sum(u.output_tokens).label("output_tokens"),
+        )
+        .where(u.status != "rejected")
+        .group_by(*keys)
+    )
     if user_id is not _ANY:
         query = query.where(u.user_id.is_(None) if user_id is None else u.user_id == user_id)
     if since is not None:
         query = query.where(u.day >= since)
     with repo.engine.connect() as conn:
         rows = conn.execute(query.order_by(*keys)).all()
-    return [UsageDay(r.day, r.model, r.requests, int(r.input_tokens),
-                     int(r.cached_input_tokens), int(r.output_tokens),
-                     r.user_id if user_id is _ANY else user_id) for r in rows]
+    return [
+        UsageDay(
+            r.day,
+            r.model,
+            r.requests,
+            int(r.input_tokens),
+            int(r.cached_input_tokens),
+            int(r.output_tokens),
+            r.user_id if user_id is _ANY else user_id,
+        )
+        for r in rows
+    ]
 
 
 def usage_total(repo: Repository, user_id: str | None) -> int:

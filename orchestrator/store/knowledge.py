@@ -80,24 +80,38 @@ def _index(repo: Repository) -> ChunkTableIndex:
 
 # -- files -------------------------------------------------------------------------------
 
+
 def add_file(repo: Repository, owner: str, body: dict, content_type: str | None) -> None:
     with repo.engine.begin() as conn:
-        conn.execute(insert(files).values(id=body["id"], owner_id=owner, purpose=body["purpose"],
-                                          content_type=content_type, body=body))
+        conn.execute(
+            insert(files).values(
+                id=body["id"],
+                owner_id=owner,
+                purpose=body["purpose"],
+                content_type=content_type,
+                body=body,
+            )
+        )
 
 
 def get_file(repo: Repository, owner: str, file_id: str) -> tuple[dict, str | None] | None:
     """The file object and its declared content type."""
     with repo.engine.connect() as conn:
-        row = conn.execute(select(files.c.body, files.c.content_type).where(
-            files.c.id == file_id, files.c.owner_id == owner)).first()
+        row = conn.execute(
+            select(files.c.body, files.c.content_type).where(
+                files.c.id == file_id, files.c.owner_id == owner
+            )
+        ).first()
     return None if row is None else (row.body, row.content_type)
 
 
 def list_files(repo: Repository, owner: str, page: Page, purpose: str | None) -> ItemPage:
     with repo.engine.connect() as conn:
-        table = files if purpose is None else (
-            files.select().where(files.c.purpose == purpose).subquery())
+        table = (
+            files
+            if purpose is None
+            else (files.select().where(files.c.purpose == purpose).subquery())
+        )
         return _page(conn, table, table.c.owner_id, owner, owner, page)
 
 
@@ -105,55 +119,72 @@ def delete_file(repo: Repository, owner: str, file_id: str) -> bool:
     """Delete the file, its place in every vector store, and its chunks."""
     index = index_for(repo)
     with repo.engine.begin() as conn:
-        stores = conn.execute(select(vector_store_files.c.vector_store_id).where(
-            vector_store_files.c.id == file_id,
-            vector_store_files.c.owner_id == owner)).scalars().all()
+        stores = (
+            conn.execute(
+                select(vector_store_files.c.vector_store_id).where(
+                    vector_store_files.c.id == file_id, vector_store_files.c.owner_id == owner
+                )
+            )
+            .scalars()
+            .all()
+        )
         for store_id in stores:
             _remove_store_file(conn, index, owner, store_id, file_id)
-        deleted = conn.execute(delete(files).where(files.c.id == file_id,
-                                                   files.c.owner_id == owner))
+        deleted = conn.execute(
+            delete(files).where(files.c.id == file_id, files.c.owner_id == owner)
+        )
     return deleted.rowcount > 0
 
 
 # -- vector stores -----------------------------------------------------------------------
 
-def add_vector_store(repo: Repository, owner: str, body: dict,
-                     store_files: list[dict]) -> None:
+
+def add_vector_store(repo: Repository, owner: str, body: dict, store_files: list[dict]) -> None:
     with repo.engine.begin() as conn:
         conn.execute(insert(vector_stores).values(id=body["id"], owner_id=owner, body=body))
         _insert_store_files(conn, owner, body["id"], store_files)
 
 
-def get_vector_store(repo: Repository, owner: str,
-                     vector_store_id: str) -> tuple[dict, FileCounts, int] | None:
+def get_vector_store(
+    repo: Repository, owner: str, vector_store_id: str
+) -> tuple[dict, FileCounts, int] | None:
     """The stored body, its files' counts by status, and the bytes of its completed files."""
     with repo.engine.connect() as conn:
-        body = conn.execute(select(vector_stores.c.body).where(
-            vector_stores.c.id == vector_store_id,
-            vector_stores.c.owner_id == owner)).scalar()
+        body = conn.execute(
+            select(vector_stores.c.body).where(
+                vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner
+            )
+        ).scalar()
         if body is None:
             return None
         return body, *_counts(conn, owner, vector_store_id)
 
 
-def list_vector_stores(repo: Repository, owner: str,
-                       page: Page) -> tuple[ItemPage, list[tuple[FileCounts, int]]]:
+def list_vector_stores(
+    repo: Repository, owner: str, page: Page
+) -> tuple[ItemPage, list[tuple[FileCounts, int]]]:
     with repo.engine.connect() as conn:
         found = _page(conn, vector_stores, vector_stores.c.owner_id, owner, owner, page)
         return found, [_counts(conn, owner, body["id"]) for body in found.items]
 
 
-def update_vector_store(repo: Repository, owner: str, vector_store_id: str,
-                        changes: dict) -> bool:
+def update_vector_store(repo: Repository, owner: str, vector_store_id: str, changes: dict) -> bool:
     with repo.engine.begin() as conn:
-        body = conn.execute(select(vector_stores.c.body).where(
-            vector_stores.c.id == vector_store_id,
-            vector_stores.c.owner_id == owner)).scalar()
+        body = conn.execute(
+            select(vector_stores.c.body).where(
+                vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner
+            )
+        ).scalar()
         if body is None:
             return False
-        conn.execute(update(vector_stores).where(
-            vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner,
-        ).values(body={**body, **changes}))
+        conn.execute(
+            update(vector_stores)
+            .where(
+                vector_stores.c.id == vector_store_id,
+                vector_stores.c.owner_id == owner,
+            )
+            .values(body={**body, **changes})
+        )
     return True
 
 
@@ -162,40 +193,70 @@ def delete_vector_store(repo: Repository, owner: str, vector_store_id: str) -> b
     with repo.engine.begin() as conn:
         if index is not None:
             index.delete_vector_store(conn, owner, vector_store_id)
-        conn.execute(delete(vector_store_files).where(
-            vector_store_files.c.vector_store_id == vector_store_id,
-            vector_store_files.c.owner_id == owner))
-        conn.execute(delete(vector_store_file_batches).where(
-            vector_store_file_batches.c.vector_store_id == vector_store_id,
-            vector_store_file_batches.c.owner_id == owner))
-        deleted = conn.execute(delete(vector_stores).where(
-            vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner))
+        conn.execute(
+            delete(vector_store_files).where(
+                vector_store_files.c.vector_store_id == vector_store_id,
+                vector_store_files.c.owner_id == owner,
+            )
+        )
+        conn.execute(
+            delete(vector_store_file_batches).where(
+                vector_store_file_batches.c.vector_store_id == vector_store_id,
+                vector_store_file_batches.c.owner_id == owner,
+            )
+        )
+        deleted = conn.execute(
+            delete(vector_stores).where(
+                vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner
+            )
+        )
     return deleted.rowcount > 0
 
 
 def _counts(conn: Connection, owner: str, vector_store_id: str) -> tuple[FileCounts, int]:
     t = vector_store_files
-    rows = conn.execute(select(t.c.status, func.count()).where(
-        t.c.vector_store_id == vector_store_id, t.c.owner_id == owner,
-    ).group_by(t.c.status)).all()
-    completed = conn.execute(select(files.c.body).join(
-        t, (t.c.id == files.c.id) & (t.c.owner_id == files.c.owner_id)).where(
-        t.c.vector_store_id == vector_store_id, t.c.owner_id == owner,
-        t.c.status == "completed")).scalars().all()
+    rows = conn.execute(
+        select(t.c.status, func.count())
+        .where(
+            t.c.vector_store_id == vector_store_id,
+            t.c.owner_id == owner,
+        )
+        .group_by(t.c.status)
+    ).all()
+    completed = (
+        conn.execute(
+            select(files.c.body)
+            .join(t, (t.c.id == files.c.id) & (t.c.owner_id == files.c.owner_id))
+            .where(
+                t.c.vector_store_id == vector_store_id,
+                t.c.owner_id == owner,
+                t.c.status == "completed",
+            )
+        )
+        .scalars()
+        .all()
+    )
     return FileCounts(**{status: n for status, n in rows}), sum(b["bytes"] for b in completed)
 
 
 # -- vector store files ------------------------------------------------------------------
 
-def add_store_files(repo: Repository, owner: str, vector_store_id: str,
-                    store_files: list[dict]) -> bool:
+
+def add_store_files(
+    repo: Repository, owner: str, vector_store_id: str, store_files: list[dict]
+) -> bool:
     """Add files (bodies with status in_progress) to a store; False if the store is not
     this owner's. A file already in the store is queued again from scratch."""
     index = index_for(repo)
     with repo.engine.begin() as conn:
-        if conn.execute(select(vector_stores.c.id).where(
-                vector_stores.c.id == vector_store_id,
-                vector_stores.c.owner_id == owner)).first() is None:
+        if (
+            conn.execute(
+                select(vector_stores.c.id).where(
+                    vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner
+                )
+            ).first()
+            is None
+        ):
             return False
         for body in store_files:
             _remove_store_file(conn, index, owner, vector_store_id, body["id"])
@@ -203,21 +264,29 @@ def add_store_files(repo: Repository, owner: str, vector_store_id: str,
     return True
 
 
-def get_store_file(repo: Repository, owner: str, vector_store_id: str,
-                   file_id: str) -> dict | None:
+def get_store_file(repo: Repository, owner: str, vector_store_id: str, file_id: str) -> dict | None:
     with repo.engine.connect() as conn:
-        return conn.execute(select(vector_store_files.c.body).where(
-            vector_store_files.c.vector_store_id == vector_store_id,
-            vector_store_files.c.id == file_id,
-            vector_store_files.c.owner_id == owner)).scalar()
+        return conn.execute(
+            select(vector_store_files.c.body).where(
+                vector_store_files.c.vector_store_id == vector_store_id,
+                vector_store_files.c.id == file_id,
+                vector_store_files.c.owner_id == owner,
+            )
+        ).scalar()
 
 
-def list_store_files(repo: Repository, owner: str, vector_store_id: str, page: Page,
-                     status: str | None) -> ItemPage | None:
+def list_store_files(
+    repo: Repository, owner: str, vector_store_id: str, page: Page, status: str | None
+) -> ItemPage | None:
     with repo.engine.connect() as conn:
-        if conn.execute(select(vector_stores.c.id).where(
-                vector_stores.c.id == vector_store_id,
-                vector_stores.c.owner_id == owner)).first() is None:
+        if (
+            conn.execute(
+                select(vector_stores.c.id).where(
+                    vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner
+                )
+            ).first()
+            is None
+        ):
             return None
         t = vector_store_files
         table = t if status is None else t.select().where(t.c.status == status).subquery()
@@ -229,23 +298,40 @@ def delete_store_file(repo: Repository, owner: str, vector_store_id: str, file_i
         return _remove_store_file(conn, index_for(repo), owner, vector_store_id, file_id)
 
 
-def finish_store_file(repo: Repository, owner: str, vector_store_id: str, file_id: str,
-                      chunks: list[ChunkRecord] | None, last_error: dict | None) -> bool:
+def finish_store_file(
+    repo: Repository,
+    owner: str,
+    vector_store_id: str,
+    file_id: str,
+    chunks: list[ChunkRecord] | None,
+    last_error: dict | None,
+) -> bool:
     """Record ingestion's outcome: the chunks and status completed, or status failed with
     `last_error`. False (and nothing written) if the file left the store meanwhile."""
     t = vector_store_files
     with repo.engine.begin() as conn:
-        body = conn.execute(select(t.c.body).where(
-            t.c.vector_store_id == vector_store_id, t.c.id == file_id, t.c.owner_id == owner,
-            t.c.status == "in_progress")).scalar()
+        body = conn.execute(
+            select(t.c.body).where(
+                t.c.vector_store_id == vector_store_id,
+                t.c.id == file_id,
+                t.c.owner_id == owner,
+                t.c.status == "in_progress",
+            )
+        ).scalar()
         if body is None:
             return False
         status = "failed" if last_error is not None else "completed"
         if chunks:
             _index(repo).add(conn, owner, vector_store_id, chunks)
-        conn.execute(update(t).where(
-            t.c.vector_store_id == vector_store_id, t.c.id == file_id, t.c.owner_id == owner,
-        ).values(status=status, body={**body, "status": status, "last_error": last_error}))
+        conn.execute(
+            update(t)
+            .where(
+                t.c.vector_store_id == vector_store_id,
+                t.c.id == file_id,
+                t.c.owner_id == owner,
+            )
+            .values(status=status, body={**body, "status": status, "last_error": last_error})
+        )
     return True
 
 
@@ -254,75 +340,117 @@ def unfinished_store_files(repo: Repository) -> list[tuple[str, str, str]]:
     maintenance for a database only this server uses, whose ingestion was cut off."""
     t = vector_store_files
     with repo.engine.connect() as conn:
-        rows = conn.execute(select(t.c.owner_id, t.c.vector_store_id, t.c.id).where(
-            t.c.status == "in_progress").order_by(t.c.seq)).all()
+        rows = conn.execute(
+            select(t.c.owner_id, t.c.vector_store_id, t.c.id)
+            .where(t.c.status == "in_progress")
+            .order_by(t.c.seq)
+        ).all()
     return [(r.owner_id, r.vector_store_id, r.id) for r in rows]
 
 
 # -- file batches ------------------------------------------------------------------------
 
-def add_file_batch(repo: Repository, owner: str, vector_store_id: str, body: dict,
-                   store_files: list[dict]) -> bool:
+
+def add_file_batch(
+    repo: Repository, owner: str, vector_store_id: str, body: dict, store_files: list[dict]
+) -> bool:
     """Record a batch and add its files (queued again from scratch if already in the
     store); False if the store is not this owner's."""
     index = index_for(repo)
     with repo.engine.begin() as conn:
         if not _owns_store(conn, owner, vector_store_id):
             return False
-        conn.execute(insert(vector_store_file_batches).values(
-            id=body["id"], vector_store_id=vector_store_id, owner_id=owner, cancelled=False,
-            body=body))
+        conn.execute(
+            insert(vector_store_file_batches).values(
+                id=body["id"],
+                vector_store_id=vector_store_id,
+                owner_id=owner,
+                cancelled=False,
+                body=body,
+            )
+        )
         for store_file in store_files:
             _remove_store_file(conn, index, owner, vector_store_id, store_file["id"])
         _insert_store_files(conn, owner, vector_store_id, store_files, body["id"])
     return True
 
 
-def get_file_batch(repo: Repository, owner: str, vector_store_id: str,
-                   batch_id: str) -> tuple[dict, FileCounts, bool] | None:
+def get_file_batch(
+    repo: Repository, owner: str, vector_store_id: str, batch_id: str
+) -> tuple[dict, FileCounts, bool] | None:
     """The stored body, its files' counts by status, and whether it was cancelled."""
     b = vector_store_file_batches
     with repo.engine.connect() as conn:
-        row = conn.execute(select(b.c.body, b.c.cancelled).where(
-            b.c.id == batch_id, b.c.vector_store_id == vector_store_id,
-            b.c.owner_id == owner)).first()
+        row = conn.execute(
+            select(b.c.body, b.c.cancelled).where(
+                b.c.id == batch_id, b.c.vector_store_id == vector_store_id, b.c.owner_id == owner
+            )
+        ).first()
         if row is None:
             return None
         t = vector_store_files
-        counts = conn.execute(select(t.c.status, func.count()).where(
-            t.c.batch_id == batch_id, t.c.owner_id == owner).group_by(t.c.status)).all()
+        counts = conn.execute(
+            select(t.c.status, func.count())
+            .where(t.c.batch_id == batch_id, t.c.owner_id == owner)
+            .group_by(t.c.status)
+        ).all()
     return row.body, FileCounts(**{status: n for status, n in counts}), row.cancelled
 
 
-def cancel_file_batch(repo: Repository, owner: str, vector_store_id: str,
-                      batch_id: str) -> list[str] | None:
+def cancel_file_batch(
+    repo: Repository, owner: str, vector_store_id: str, batch_id: str
+) -> list[str] | None:
     """Mark the batch cancelled and its files still in progress `cancelled` (ingestion
     then writes nothing for them); the ids of those files, or None if no such batch."""
     b, t = vector_store_file_batches, vector_store_files
     with repo.engine.begin() as conn:
-        found = conn.execute(update(b).where(
-            b.c.id == batch_id, b.c.vector_store_id == vector_store_id, b.c.owner_id == owner,
-        ).values(cancelled=True)).rowcount
+        found = conn.execute(
+            update(b)
+            .where(
+                b.c.id == batch_id,
+                b.c.vector_store_id == vector_store_id,
+                b.c.owner_id == owner,
+            )
+            .values(cancelled=True)
+        ).rowcount
         if not found:
             return None
-        rows = conn.execute(select(t.c.id, t.c.body).where(
-            t.c.batch_id == batch_id, t.c.owner_id == owner,
-            t.c.status == "in_progress")).all()
+        rows = conn.execute(
+            select(t.c.id, t.c.body).where(
+                t.c.batch_id == batch_id, t.c.owner_id == owner, t.c.status == "in_progress"
+            )
+        ).all()
         for row in rows:
-            conn.execute(update(t).where(
-                t.c.vector_store_id == vector_store_id, t.c.id == row.id,
-                t.c.owner_id == owner).values(
-                status="cancelled", body={**row.body, "status": "cancelled"}))
+            conn.execute(
+                update(t)
+                .where(
+                    t.c.vector_store_id == vector_store_id, t.c.id == row.id, t.c.owner_id == owner
+                )
+                .values(status="cancelled", body={**row.body, "status": "cancelled"})
+            )
     return [row.id for row in rows]
 
 
-def list_batch_files(repo: Repository, owner: str, vector_store_id: str, batch_id: str,
-                     page: Page, status: str | None) -> ItemPage | None:
+def list_batch_files(
+    repo: Repository,
+    owner: str,
+    vector_store_id: str,
+    batch_id: str,
+    page: Page,
+    status: str | None,
+) -> ItemPage | None:
     b, t = vector_store_file_batches, vector_store_files
     with repo.engine.connect() as conn:
-        if conn.execute(select(b.c.id).where(
-                b.c.id == batch_id, b.c.vector_store_id == vector_store_id,
-                b.c.owner_id == owner)).first() is None:
+        if (
+            conn.execute(
+                select(b.c.id).where(
+                    b.c.id == batch_id,
+                    b.c.vector_store_id == vector_store_id,
+                    b.c.owner_id == owner,
+                )
+            ).first()
+            is None
+        ):
             return None
         query = t.select().where(t.c.batch_id == batch_id)
         if status is not None:
@@ -332,9 +460,14 @@ def list_batch_files(repo: Repository, owner: str, vector_store_id: str, batch_i
 
 
 def _owns_store(conn: Connection, owner: str, vector_store_id: str) -> bool:
-    return conn.execute(select(vector_stores.c.id).where(
-        vector_stores.c.id == vector_store_id,
-        vector_stores.c.owner_id == owner)).first() is not None
+    return (
+        conn.execute(
+            select(vector_stores.c.id).where(
+                vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner
+            )
+        ).first()
+        is not None
+    )
 
 
 def search(repo: Repository, owner: str, request: SearchRequest) -> list[Hit]:
@@ -342,21 +475,42 @@ def search(repo: Repository, owner: str, request: SearchRequest) -> list[Hit]:
         return _index(repo).search(conn, owner, request)
 
 
-def _insert_store_files(conn: Connection, owner: str, vector_store_id: str,
-                        store_files: list[dict], batch_id: str | None = None) -> None:
+def _insert_store_files(
+    conn: Connection,
+    owner: str,
+    vector_store_id: str,
+    store_files: list[dict],
+    batch_id: str | None = None,
+) -> None:
     if store_files:
-        conn.execute(insert(vector_store_files), [
-            {"id": body["id"], "vector_store_id": vector_store_id, "owner_id": owner,
-             "status": body["status"], "body": body, "batch_id": batch_id}
-            for body in store_files
-        ])
+        conn.execute(
+            insert(vector_store_files),
+            [
+                {
+                    "id": body["id"],
+                    "vector_store_id": vector_store_id,
+                    "owner_id": owner,
+                    "status": body["status"],
+                    "body": body,
+                    "batch_id": batch_id,
+                }
+                for body in store_files
+            ],
+        )
 
 
-def _remove_store_file(conn: Connection, index: ChunkTableIndex | None, owner: str,
-                       vector_store_id: str, file_id: str) -> bool:
+def _remove_store_file(
+    conn: Connection, index: ChunkTableIndex | None, owner: str, vector_store_id: str, file_id: str
+) -> bool:
     if index is not None:
         index.delete_file(conn, owner, vector_store_id, file_id)
-    return conn.execute(delete(vector_store_files).where(
-        vector_store_files.c.vector_store_id == vector_store_id,
-        vector_store_files.c.id == file_id,
-        vector_store_files.c.owner_id == owner)).rowcount > 0
+    return (
+        conn.execute(
+            delete(vector_store_files).where(
+                vector_store_files.c.vector_store_id == vector_store_id,
+                vector_store_files.c.id == file_id,
+                vector_store_files.c.owner_id == owner,
+            )
+        ).rowcount
+        > 0
+    )

@@ -75,19 +75,24 @@ def unpack_tokens(data: bytes | None) -> list[int] | None:
     return packed.tolist()
 
 
-def _page(conn: Connection, table, parent_column, parent_id: str, owner: str,
-          page: Page) -> ItemPage:
+def _page(
+    conn: Connection, table, parent_column, parent_id: str, owner: str, page: Page
+) -> ItemPage:
     """One page of a parent's items in insertion order (`seq`), the cursor being an item id."""
     where = [parent_column == parent_id, table.c.owner_id == owner]
     if page.after is not None:
-        after_seq = select(table.c.seq).where(
-            parent_column == parent_id, table.c.owner_id == owner, table.c.id == page.after
-        ).scalar_subquery()
+        after_seq = (
+            select(table.c.seq)
+            .where(parent_column == parent_id, table.c.owner_id == owner, table.c.id == page.after)
+            .scalar_subquery()
+        )
         where.append(table.c.seq > after_seq if page.order == "asc" else table.c.seq < after_seq)
     order = table.c.seq.asc() if page.order == "asc" else table.c.seq.desc()
-    rows = conn.execute(
-        select(table.c.body).where(*where).order_by(order).limit(page.limit + 1)
-    ).scalars().all()
+    rows = (
+        conn.execute(select(table.c.body).where(*where).order_by(order).limit(page.limit + 1))
+        .scalars()
+        .all()
+    )
     return ItemPage(list(rows[: page.limit]), has_more=len(rows) > page.limit)
 
 
@@ -99,36 +104,53 @@ class Repository:
 
     # -- conversations -------------------------------------------------------------------
 
-    def create_conversation(self, owner: str, conversation_id: str, created_at: int,
-                            metadata: dict, items: list[dict]) -> None:
+    def create_conversation(
+        self, owner: str, conversation_id: str, created_at: int, metadata: dict, items: list[dict]
+    ) -> None:
         with self.engine.begin() as conn:
-            conn.execute(insert(conversations).values(
-                id=conversation_id, owner_id=owner, created_at=created_at, meta=metadata))
+            conn.execute(
+                insert(conversations).values(
+                    id=conversation_id, owner_id=owner, created_at=created_at, meta=metadata
+                )
+            )
             self._append_items(conn, owner, conversation_id, created_at, items)
 
     def get_conversation(self, owner: str, conversation_id: str) -> ConversationRow | None:
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(conversations.c.id, conversations.c.created_at, conversations.c.meta)
-                .where(conversations.c.id == conversation_id, conversations.c.owner_id == owner)
+                select(conversations.c.id, conversations.c.created_at, conversations.c.meta).where(
+                    conversations.c.id == conversation_id, conversations.c.owner_id == owner
+                )
             ).first()
         return None if row is None else ConversationRow(row.id, row.created_at, row.meta)
 
-    def update_conversation(self, owner: str, conversation_id: str,
-                            metadata: dict) -> ConversationRow | None:
+    def update_conversation(
+        self, owner: str, conversation_id: str, metadata: dict
+    ) -> ConversationRow | None:
         with self.engine.begin() as conn:
-            conn.execute(update(conversations).where(
-                conversations.c.id == conversation_id, conversations.c.owner_id == owner,
-            ).values(meta=metadata))
+            conn.execute(
+                update(conversations)
+                .where(
+                    conversations.c.id == conversation_id,
+                    conversations.c.owner_id == owner,
+                )
+                .values(meta=metadata)
+            )
         return self.get_conversation(owner, conversation_id)
 
     def delete_conversation(self, owner: str, conversation_id: str) -> bool:
         with self.engine.begin() as conn:
-            conn.execute(delete(conversation_items).where(
-                conversation_items.c.conversation_id == conversation_id,
-                conversation_items.c.owner_id == owner))
-            deleted = conn.execute(delete(conversations).where(
-                conversations.c.id == conversation_id, conversations.c.owner_id == owner))
+            conn.execute(
+                delete(conversation_items).where(
+                    conversation_items.c.conversation_id == conversation_id,
+                    conversation_items.c.owner_id == owner,
+                )
+            )
+            deleted = conn.execute(
+                delete(conversations).where(
+                    conversations.c.id == conversation_id, conversations.c.owner_id == owner
+                )
+            )
         return deleted.rowcount > 0
 
     def list_conversations(self, owner: str, page: Page) -> list[ConversationRow] | None:
@@ -138,147 +160,237 @@ class Repository:
         where = [table.c.owner_id == owner]
         with self.engine.connect() as conn:
             if page.after is not None:
-                cursor = conn.execute(select(table.c.created_at).where(
-                    table.c.id == page.after, table.c.owner_id == owner)).scalar()
+                cursor = conn.execute(
+                    select(table.c.created_at).where(
+                        table.c.id == page.after, table.c.owner_id == owner
+                    )
+                ).scalar()
                 if cursor is None:
                     return None
                 later = page.order == "asc"
                 newer = table.c.created_at > cursor if later else table.c.created_at < cursor
                 tie = table.c.id > page.after if later else table.c.id < page.after
                 where.append(or_(newer, and_(table.c.created_at == cursor, tie)))
-            order = (table.c.created_at.asc(), table.c.id.asc()) if page.order == "asc" else (
-                table.c.created_at.desc(), table.c.id.desc())
-            rows = conn.execute(select(table.c.id, table.c.created_at, table.c.meta)
-                                .where(*where).order_by(*order).limit(page.limit + 1)).all()
+            order = (
+                (table.c.created_at.asc(), table.c.id.asc())
+                if page.order == "asc"
+                else (table.c.created_at.desc(), table.c.id.desc())
+            )
+            rows = conn.execute(
+                select(table.c.id, table.c.created_at, table.c.meta)
+                .where(*where)
+                .order_by(*order)
+                .limit(page.limit + 1)
+            ).all()
         return [ConversationRow(r.id, r.created_at, r.meta) for r in rows]
 
-    def add_conversation_items(self, owner: str, conversation_id: str, created_at: int,
-                               items: list[dict]) -> bool:
+    def add_conversation_items(
+        self, owner: str, conversation_id: str, created_at: int, items: list[dict]
+    ) -> bool:
         with self.engine.begin() as conn:
             if not self._owns_conversation(conn, owner, conversation_id):
                 return False
             self._append_items(conn, owner, conversation_id, created_at, items)
         return True
 
-    def list_conversation_items(self, owner: str, conversation_id: str,
-                                page: Page) -> ItemPage | None:
+    def list_conversation_items(
+        self, owner: str, conversation_id: str, page: Page
+    ) -> ItemPage | None:
         with self.engine.connect() as conn:
             if not self._owns_conversation(conn, owner, conversation_id):
                 return None
-            return _page(conn, conversation_items, conversation_items.c.conversation_id,
-                         conversation_id, owner, page)
+            return _page(
+                conn,
+                conversation_items,
+                conversation_items.c.conversation_id,
+                conversation_id,
+                owner,
+                page,
+            )
 
-    def get_conversation_item(self, owner: str, conversation_id: str,
-                              item_id: str) -> dict | None:
+    def get_conversation_item(self, owner: str, conversation_id: str, item_id: str) -> dict | None:
         with self.engine.connect() as conn:
-            return conn.execute(select(conversation_items.c.body).where(
-                conversation_items.c.conversation_id == conversation_id,
-                conversation_items.c.owner_id == owner,
-                conversation_items.c.id == item_id,
-            )).scalar()
+            return conn.execute(
+                select(conversation_items.c.body).where(
+                    conversation_items.c.conversation_id == conversation_id,
+                    conversation_items.c.owner_id == owner,
+                    conversation_items.c.id == item_id,
+                )
+            ).scalar()
 
     def delete_conversation_item(self, owner: str, conversation_id: str, item_id: str) -> bool:
         with self.engine.begin() as conn:
-            deleted = conn.execute(delete(conversation_items).where(
-                conversation_items.c.conversation_id == conversation_id,
-                conversation_items.c.owner_id == owner,
-                conversation_items.c.id == item_id,
-            ))
+            deleted = conn.execute(
+                delete(conversation_items).where(
+                    conversation_items.c.conversation_id == conversation_id,
+                    conversation_items.c.owner_id == owner,
+                    conversation_items.c.id == item_id,
+                )
+            )
         return deleted.rowcount > 0
 
     def conversation_history(self, owner: str, conversation_id: str) -> History | None:
         with self.engine.connect() as conn:
-            last = conn.execute(select(conversations.c.last_response_id).where(
-                conversations.c.id == conversation_id, conversations.c.owner_id == owner,
-            )).first()
+            last = conn.execute(
+                select(conversations.c.last_response_id).where(
+                    conversations.c.id == conversation_id,
+                    conversations.c.owner_id == owner,
+                )
+            ).first()
             if last is None:
                 return None
-            items = conn.execute(select(conversation_items.c.body).where(
-                conversation_items.c.conversation_id == conversation_id,
-                conversation_items.c.owner_id == owner,
-            ).order_by(conversation_items.c.seq)).scalars().all()
+            items = (
+                conn.execute(
+                    select(conversation_items.c.body)
+                    .where(
+                        conversation_items.c.conversation_id == conversation_id,
+                        conversation_items.c.owner_id == owner,
+                    )
+                    .order_by(conversation_items.c.seq)
+                )
+                .scalars()
+                .all()
+            )
             tokens = None
             if last.last_response_id is not None:
-                tokens = conn.execute(select(responses.c.context_tokens).where(
-                    responses.c.id == last.last_response_id, responses.c.owner_id == owner,
-                )).scalar()
+                tokens = conn.execute(
+                    select(responses.c.context_tokens).where(
+                        responses.c.id == last.last_response_id,
+                        responses.c.owner_id == owner,
+                    )
+                ).scalar()
         return History(list(items), unpack_tokens(tokens))
 
     @staticmethod
     def _owns_conversation(conn: Connection, owner: str, conversation_id: str) -> bool:
-        return conn.execute(select(conversations.c.id).where(
-            conversations.c.id == conversation_id, conversations.c.owner_id == owner,
-        )).first() is not None
+        return (
+            conn.execute(
+                select(conversations.c.id).where(
+                    conversations.c.id == conversation_id,
+                    conversations.c.owner_id == owner,
+                )
+            ).first()
+            is not None
+        )
 
     @staticmethod
-    def _append_items(conn: Connection, owner: str, conversation_id: str, created_at: int,
-                      items: list[dict]) -> None:
+    def _append_items(
+        conn: Connection, owner: str, conversation_id: str, created_at: int, items: list[dict]
+    ) -> None:
         if items:
-            conn.execute(insert(conversation_items), [
-                {"id": item["id"], "conversation_id": conversation_id, "owner_id": owner,
-                 "created_at": created_at, "body": item}
-                for item in items
-            ])
+            conn.execute(
+                insert(conversation_items),
+                [
+                    {
+                        "id": item["id"],
+                        "conversation_id": conversation_id,
+                        "owner_id": owner,
+                        "created_at": created_at,
+                        "body": item,
+                    }
+                    for item in items
+                ],
+            )
 
     # -- responses -----------------------------------------------------------------------
 
     def begin_response(self, owner: str, body: dict, input_items: list[dict]) -> None:
         """Record a turn as it starts (status in_progress), with its input items."""
         with self.engine.begin() as conn:
-            conn.execute(insert(responses).values(
-                id=body["id"], owner_id=owner, created_at=body["created_at"],
-                status=body["status"], previous_response_id=body["previous_response_id"],
-                conversation_id=_conversation_id(body), body=_without_output(body)))
+            conn.execute(
+                insert(responses).values(
+                    id=body["id"],
+                    owner_id=owner,
+                    created_at=body["created_at"],
+                    status=body["status"],
+                    previous_response_id=body["previous_response_id"],
+                    conversation_id=_conversation_id(body),
+                    body=_without_output(body),
+                )
+            )
             self._insert_response_items(conn, owner, body["id"], "input", input_items)
 
-    def finish_response(self, owner: str, body: dict, input_items: list[dict],
-                        context_tokens: list[int] | None) -> None:
+    def finish_response(
+        self, owner: str, body: dict, input_items: list[dict], context_tokens: list[int] | None
+    ) -> None:
         """Record a turn's final state, its output items, and (with a conversation) its
         input and output items appended to the conversation: all in one transaction."""
         output = body["output"]
         with self.engine.begin() as conn:
-            conn.execute(update(responses).where(
-                responses.c.id == body["id"], responses.c.owner_id == owner,
-            ).values(status=body["status"], body=_without_output(body),
-                     context_tokens=None if context_tokens is None
-                     else pack_tokens(context_tokens)))
+            conn.execute(
+                update(responses)
+                .where(
+                    responses.c.id == body["id"],
+                    responses.c.owner_id == owner,
+                )
+                .values(
+                    status=body["status"],
+                    body=_without_output(body),
+                    context_tokens=None if context_tokens is None else pack_tokens(context_tokens),
+                )
+            )
             self._insert_response_items(conn, owner, body["id"], "output", output)
             conversation_id = _conversation_id(body)
             if conversation_id is not None and self._owns_conversation(
                 conn, owner, conversation_id
             ):
-                self._append_items(conn, owner, conversation_id, int(body["created_at"]),
-                                   [*input_items, *output])
-                conn.execute(update(conversations).where(
-                    conversations.c.id == conversation_id, conversations.c.owner_id == owner,
-                ).values(last_response_id=body["id"]))
+                self._append_items(
+                    conn, owner, conversation_id, int(body["created_at"]), [*input_items, *output]
+                )
+                conn.execute(
+                    update(conversations)
+                    .where(
+                        conversations.c.id == conversation_id,
+                        conversations.c.owner_id == owner,
+                    )
+                    .values(last_response_id=body["id"])
+                )
 
     def get_response(self, owner: str, response_id: str) -> dict | None:
         with self.engine.connect() as conn:
-            body = conn.execute(select(responses.c.body).where(
-                responses.c.id == response_id, responses.c.owner_id == owner)).scalar()
+            body = conn.execute(
+                select(responses.c.body).where(
+                    responses.c.id == response_id, responses.c.owner_id == owner
+                )
+            ).scalar()
             if body is None:
                 return None
-            output = conn.execute(select(response_items.c.body).where(
-                response_items.c.response_id == response_id,
-                response_items.c.owner_id == owner,
-                response_items.c.kind == "output",
-            ).order_by(response_items.c.seq)).scalars().all()
+            output = (
+                conn.execute(
+                    select(response_items.c.body)
+                    .where(
+                        response_items.c.response_id == response_id,
+                        response_items.c.owner_id == owner,
+                        response_items.c.kind == "output",
+                    )
+                    .order_by(response_items.c.seq)
+                )
+                .scalars()
+                .all()
+            )
         return {**body, "output": list(output)}
 
     def delete_response(self, owner: str, response_id: str) -> bool:
         with self.engine.begin() as conn:
-            conn.execute(delete(response_items).where(
-                response_items.c.response_id == response_id,
-                response_items.c.owner_id == owner))
-            deleted = conn.execute(delete(responses).where(
-                responses.c.id == response_id, responses.c.owner_id == owner))
+            conn.execute(
+                delete(response_items).where(
+                    response_items.c.response_id == response_id, response_items.c.owner_id == owner
+                )
+            )
+            deleted = conn.execute(
+                delete(responses).where(
+                    responses.c.id == response_id, responses.c.owner_id == owner
+                )
+            )
         return deleted.rowcount > 0
 
     def list_input_items(self, owner: str, response_id: str, page: Page) -> ItemPage | None:
         with self.engine.connect() as conn:
-            exists = conn.execute(select(responses.c.id).where(
-                responses.c.id == response_id, responses.c.owner_id == owner)).first()
+            exists = conn.execute(
+                select(responses.c.id).where(
+                    responses.c.id == response_id, responses.c.owner_id == owner
+                )
+            ).first()
             if exists is None:
                 return None
             inputs = response_items.select().where(response_items.c.kind == "input").subquery()
@@ -288,25 +400,34 @@ class Repository:
         """The chain ending at `response_id` (its status, and every response's input then
         output items, oldest response first), found with one recursive query."""
         with self.engine.connect() as conn:
-            head = conn.execute(select(responses.c.status, responses.c.context_tokens).where(
-                responses.c.id == response_id, responses.c.owner_id == owner)).first()
+            head = conn.execute(
+                select(responses.c.status, responses.c.context_tokens).where(
+                    responses.c.id == response_id, responses.c.owner_id == owner
+                )
+            ).first()
             if head is None:
                 return None
-            chain = select(
-                responses.c.id, responses.c.previous_response_id, literal(0).label("depth")
-            ).where(responses.c.id == response_id, responses.c.owner_id == owner).cte(
-                "chain", recursive=True)
+            chain = (
+                select(responses.c.id, responses.c.previous_response_id, literal(0).label("depth"))
+                .where(responses.c.id == response_id, responses.c.owner_id == owner)
+                .cte("chain", recursive=True)
+            )
             parent = responses.alias("parent")
             chain = chain.union_all(
                 select(parent.c.id, parent.c.previous_response_id, chain.c.depth + 1).where(
-                    and_(parent.c.id == chain.c.previous_response_id,
-                         parent.c.owner_id == owner)))
-            items = conn.execute(
-                select(response_items.c.body)
-                .join(chain, response_items.c.response_id == chain.c.id)
-                .where(response_items.c.owner_id == owner)
-                .order_by(chain.c.depth.desc(), response_items.c.seq)
-            ).scalars().all()
+                    and_(parent.c.id == chain.c.previous_response_id, parent.c.owner_id == owner)
+                )
+            )
+            items = (
+                conn.execute(
+                    select(response_items.c.body)
+                    .join(chain, response_items.c.response_id == chain.c.id)
+                    .where(response_items.c.owner_id == owner)
+                    .order_by(chain.c.depth.desc(), response_items.c.seq)
+                )
+                .scalars()
+                .all()
+            )
         return head.status, History(list(items), unpack_tokens(head.context_tokens))
 
     def interrupt_unfinished(self) -> int:
@@ -314,24 +435,36 @@ class Repository:
         for a database only this server uses, where such a response was cut off by a
         crash and will never finish. Acts for all owners; returns how many it marked."""
         with self.engine.begin() as conn:
-            rows = conn.execute(select(responses.c.id, responses.c.body).where(
-                responses.c.status == "in_progress")).all()
+            rows = conn.execute(
+                select(responses.c.id, responses.c.body).where(responses.c.status == "in_progress")
+            ).all()
             for row in rows:
-                body = {**row.body, "status": "incomplete",
-                        "incomplete_details": {"reason": None}}
-                conn.execute(update(responses).where(responses.c.id == row.id).values(
-                    status="incomplete", body=body))
+                body = {**row.body, "status": "incomplete", "incomplete_details": {"reason": None}}
+                conn.execute(
+                    update(responses)
+                    .where(responses.c.id == row.id)
+                    .values(status="incomplete", body=body)
+                )
         return len(rows)
 
     @staticmethod
-    def _insert_response_items(conn: Connection, owner: str, response_id: str, kind: str,
-                               items: list[dict]) -> None:
+    def _insert_response_items(
+        conn: Connection, owner: str, response_id: str, kind: str, items: list[dict]
+    ) -> None:
         if items:
-            conn.execute(insert(response_items), [
-                {"id": item["id"], "response_id": response_id, "owner_id": owner,
-                 "kind": kind, "body": item}
-                for item in items
-            ])
+            conn.execute(
+                insert(response_items),
+                [
+                    {
+                        "id": item["id"],
+                        "response_id": response_id,
+                        "owner_id": owner,
+                        "kind": kind,
+                        "body": item,
+                    }
+                    for item in items
+                ],
+            )
 
 
 def _conversation_id(body: dict) -> str | None:

@@ -36,8 +36,12 @@ def sqlite_url(data_dir: str | Path) -> str:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
-                   "busy_timeout=10000"):
+    for pragma in (
+        "journal_mode=WAL",
+        "synchronous=NORMAL",
+        "foreign_keys=ON",
+        "busy_timeout=10000",
+    ):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
 
@@ -45,8 +49,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def create_db_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # sqlite-vec (the retrieval index's vectors) needs a sqlite3 that loads extensions.
-        engine = create_engine(url, module=sqlite_module(),
-                               connect_args={"check_same_thread": False})
+        engine = create_engine(
+            url, module=sqlite_module(), connect_args={"check_same_thread": False}
+        )
         event.listen(engine, "connect", load_sqlite_vec)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine

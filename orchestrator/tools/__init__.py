@@ -43,9 +43,13 @@ class ToolRegistry:
     def declaration(self, name: str) -> dict:
         """The Responses function-tool declaration the prompt lists for `name`."""
         tool = self.get(name)
-        return {"type": "function", "name": tool.name, "description": tool.description,
-                "parameters": tool.parameters, "strict": True}
-
+        return {
+            "type": "function",
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": tool.parameters,
+            "strict": True,
+        }
 
     def resolve(self, declared: list[dict], defaults: Iterable[str] = ()) -> ResolvedTools:
         """Sort a request's `tools` into built-ins and client functions.
@@ -61,8 +65,10 @@ class ToolRegistry:
             if tool.get("type") == "code_interpreter":
                 container = tool.get("container", {"type": "auto"})
                 if not (isinstance(container, dict) and container.get("type") == "auto"):
-                    raise ToolUnavailable(f'tools[{i}].container: only {{"type": "auto"}} '
-                                          "is supported (each call runs in a fresh sandbox)")
+                    raise ToolUnavailable(
+                        f'tools[{i}].container: only {{"type": "auto"}} '
+                        "is supported (each call runs in a fresh sandbox)"
+                    )
                 wanted.append(("code_interpreter", f"tools[{i}]"))
             elif tool.get("type") == "function" and tool.get("parameters") is None:
                 wanted.append((tool.get("name"), f"tools[{i}]"))
@@ -97,5 +103,12 @@ def builtin_tools(database: Path | None = None, sandbox: Sandbox | None = None) 
     return ToolRegistry(tools, unavailable)
 
 
-__all__ = ["ResolvedTools", "Tool", "ToolError", "ToolOutput", "ToolRegistry",
-           "ToolUnavailable", "builtin_tools"]
+__all__ = [
+    "ResolvedTools",
+    "Tool",
+    "ToolError",
+    "ToolOutput",
+    "ToolRegistry",
+    "ToolUnavailable",
+    "builtin_tools",
+]

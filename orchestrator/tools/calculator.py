@@ -32,7 +32,8 @@ APPROX_DIGITS = 12
 _DIGITS = r"\d(?:_?\d)*"
 _TOKEN = re.compile(
     rf"\s*(?:(?P<number>(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][+-]?{_DIGITS})?)"
-    r"|(?P<op>\*\*|//|[-+*/%()]))")
+    r"|(?P<op>\*\*|//|[-+*/%()]))"
+)
 _HINTS = {"^": " (use ** for powers)", "=": " (write only the expression)"}
 
 
@@ -63,6 +64,7 @@ def _divided(op: Callable[[Fraction, Fraction], Fraction]):
         if right == 0:
             raise ToolError("division by zero")
         return _checked(Fraction(op(left, right)))
+
     return apply
 
 
@@ -71,8 +73,12 @@ def _plain(op: Callable[[Fraction, Fraction], Fraction]):
 
 
 _ADDITIVE = {"+": _plain(operator.add), "-": _plain(operator.sub)}
-_MULTIPLICATIVE = {"*": _plain(operator.mul), "/": _divided(operator.truediv),
-                   "//": _divided(operator.floordiv), "%": _divided(operator.mod)}
+_MULTIPLICATIVE = {
+    "*": _plain(operator.mul),
+    "/": _divided(operator.truediv),
+    "//": _divided(operator.floordiv),
+    "%": _divided(operator.mod),
+}
 
 
 @dataclass
@@ -92,10 +98,15 @@ def _tokens(source: str) -> list[_Token]:
                 return [*found, _Token("end", "", len(source))]
             start = len(source) - len(rest)
             word = re.match(r"[A-Za-z_]\w*|\S", rest).group()
-            hint = " (only numbers are allowed)" if word[0].isalpha() or word[0] == "_" else (
-                _HINTS.get(word, ""))
-            raise ToolError(f"the expression is not valid arithmetic: unexpected {word!r} "
-                            f"at position {start}{hint}")
+            hint = (
+                " (only numbers are allowed)"
+                if word[0].isalpha() or word[0] == "_"
+                else (_HINTS.get(word, ""))
+            )
+            raise ToolError(
+                f"the expression is not valid arithmetic: unexpected {word!r} "
+                f"at position {start}{hint}"
+            )
         kind = match.lastgroup
         found.append(_Token(kind, match.group(kind), match.start(kind)))
         at = match.end()
@@ -129,8 +140,10 @@ class _Parser:
     def unexpected(self, token: _Token) -> NoReturn:
         what = "end of the expression" if token.kind == "end" else repr(token.text)
         hint = " (a function call or a missing operator?)" if token.text == "(" else ""
-        raise ToolError(f"the expression is not valid arithmetic: unexpected {what} "
-                        f"at position {token.at}{hint}")
+        raise ToolError(
+            f"the expression is not valid arithmetic: unexpected {what} "
+            f"at position {token.at}{hint}"
+        )
 
     def binary(self, operand: Callable[[], Fraction], table: dict) -> Fraction:
         value = operand()
@@ -222,12 +235,15 @@ def calculate(expression: str) -> Fraction:
 
 class Calculator:
     name = "calculator"
-    description = ("Exact arithmetic. Evaluates an expression of numbers with + - * / // % ** "
-                   "and parentheses, e.g. '(1200 - 950) / 950 * 100'. Fractions stay exact.")
+    description = (
+        "Exact arithmetic. Evaluates an expression of numbers with + - * / // % ** "
+        "and parentheses, e.g. '(1200 - 950) / 950 * 100'. Fractions stay exact."
+    )
     parameters: ClassVar[dict] = {
         "type": "object",
-        "properties": {"expression": {"type": "string",
-                                      "description": "The arithmetic expression."}},
+        "properties": {
+            "expression": {"type": "string", "description": "The arithmetic expression."}
+        },
         "required": ["expression"],
         "additionalProperties": False,
     }

@@ -15,8 +15,12 @@ from orchestrator.sandbox import Sandbox, SandboxLimits, SandboxResult
 from orchestrator.tools.base import ToolOutput, ToolUnavailable, string_argument
 
 MAX_CODE_CHARS = 100_000
-_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
-                ".gif": "image/gif"}
+_IMAGE_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+}
 
 
 def _ending(result: SandboxResult, limits: SandboxLimits) -> str:
@@ -40,7 +44,7 @@ def logs(result: SandboxResult, limits: SandboxLimits) -> str:
 def _images(result: SandboxResult) -> list[dict]:
     images = []
     for f in result.files:
-        kind = _IMAGE_TYPES.get(f.path[f.path.rfind("."):].lower())
+        kind = _IMAGE_TYPES.get(f.path[f.path.rfind(".") :].lower())
         if kind and f.content is not None:
             url = f"data:{kind};base64,{base64.b64encode(f.content).decode()}"
             images.append({"type": "image", "url": url})
@@ -49,9 +53,11 @@ def _images(result: SandboxResult) -> list[dict]:
 
 class CodeInterpreter:
     name = "code_interpreter"
-    description = ("Run Python 3 code in a fresh sandbox (no network; the system Python's "
-                   "packages) and get what it prints. Files written to the working directory "
-                   "are listed. Use print() to see results.")
+    description = (
+        "Run Python 3 code in a fresh sandbox (no network; the system Python's "
+        "packages) and get what it prints. Files written to the working directory "
+        "are listed. Use print() to see results."
+    )
     parameters: ClassVar[dict] = {
         "type": "object",
         "properties": {"code": {"type": "string", "description": "The Python code to run."}},

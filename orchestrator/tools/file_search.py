@@ -55,10 +55,13 @@ class FileSearchTool:
         return "vector" if self.ranker == "none" else "hybrid"
 
     def as_dict(self) -> dict:
-        return {"type": "file_search", "vector_store_ids": self.vector_store_ids,
-                "filters": self.raw_filters, "max_num_results": self.max_num_results,
-                "ranking_options": {"ranker": self.ranker,
-                                    "score_threshold": self.score_threshold}}
+        return {
+            "type": "file_search",
+            "vector_store_ids": self.vector_store_ids,
+            "filters": self.raw_filters,
+            "max_num_results": self.max_num_results,
+            "ranking_options": {"ranker": self.ranker, "score_threshold": self.score_threshold},
+        }
 
 
 class FileSearchBackend(Protocol):
@@ -66,8 +69,9 @@ class FileSearchBackend(Protocol):
 
     async def retrieve(self, owner: str, vector_store_id: str) -> dict: ...
 
-    async def search_stores(self, owner: str, vector_store_ids: Sequence[str],
-                            searches: Sequence[Search]) -> list[Hit]: ...
+    async def search_stores(
+        self, owner: str, vector_store_ids: Sequence[str], searches: Sequence[Search]
+    ) -> list[Hit]: ...
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,13 @@ class FileSearchOutput(ToolOutput):
 
 
 def result_dict(hit: Hit) -> dict:
-    return {"file_id": hit.file_id, "filename": hit.filename, "score": hit.score,
-            "text": hit.text, "attributes": hit.attributes}
+    return {
+        "file_id": hit.file_id,
+        "filename": hit.filename,
+        "score": hit.score,
+        "text": hit.text,
+        "attributes": hit.attributes,
+    }
 
 
 def _model_queries(arguments: dict) -> list[str]:
@@ -112,9 +121,13 @@ def _distinct(queries: Iterable[str]) -> list[str]:
     return kept
 
 
-def render_sources(hits: Sequence[Hit], first_number: int, budget: int,
-                   special_tokens: Iterable[str] = (), question: str | None = None
-                   ) -> tuple[str, list[Source]]:
+def render_sources(
+    hits: Sequence[Hit],
+    first_number: int,
+    budget: int,
+    special_tokens: Iterable[str] = (),
+    question: str | None = None,
+) -> tuple[str, list[Source]]:
     """The text the model reads for `hits`, and the sources it shows (numbered from
     `first_number`): chunks in rank order while `budget` characters last, then the
     question again (a small model answers what it read last) and how to cite."""
@@ -126,21 +139,22 @@ def render_sources(hits: Sequence[Hit], first_number: int, budget: int,
             break
         number = first_number + len(sources)
         origin = f"file {hit.filename} id {hit.file_id}"
-        framed = spotlight(hit.text, origin, limit=min(CHUNK_LIMIT, left),
-                           special_tokens=special)
-        parts.append(f"[{number}] {hit.filename} ({hit.file_id}), score {hit.score:.2f}:\n"
-                     f"{framed}")
+        framed = spotlight(hit.text, origin, limit=min(CHUNK_LIMIT, left), special_tokens=special)
+        parts.append(f"[{number}] {hit.filename} ({hit.file_id}), score {hit.score:.2f}:\n{framed}")
         sources.append(Source(number, hit.file_id, hit.filename, hit.text))
         left -= min(len(hit.text), CHUNK_LIMIT)
     if not parts:
         return "No matching text was found in the files.", []
     omitted = len(hits) - len(sources)
     note = f"\n({omitted} more results were not shown.)" if omitted else ""
-    ask = (f"Question: {question}\nAnswer the question in one short sentence, using the "
-           "sources above, and end it with the source number in brackets, like "
-           f"[{first_number}]." if question else
-           "Answer from these sources when they are relevant, and cite each source you use "
-           f"by its number in brackets, like [{first_number}].")
+    ask = (
+        f"Question: {question}\nAnswer the question in one short sentence, using the "
+        "sources above, and end it with the source number in brackets, like "
+        f"[{first_number}]."
+        if question
+        else "Answer from these sources when they are relevant, and cite each source you use "
+        f"by its number in brackets, like [{first_number}]."
+    )
     return "\n\n".join(parts) + note + "\n\n" + ask, sources
 
 
@@ -148,41 +162,58 @@ class FileSearch:
     """The `file_search` tool of one request, acting for `owner`."""
 
     name = FILE_SEARCH
-    description = ("Search the user's uploaded files for passages relevant to the question. "
-                   "Returns numbered excerpts; cite them as [n].")
+    description = (
+        "Search the user's uploaded files for passages relevant to the question. "
+        "Returns numbered excerpts; cite them as [n]."
+    )
     parameters: ClassVar[dict] = {
         "type": "object",
-        "properties": {"queries": {
-            "type": "array", "minItems": 1, "maxItems": MAX_QUERIES,
-            "items": {"type": "string", "maxLength": MAX_QUERY_CHARS},
-            "description": "What to search for, as short questions or keywords."}},
+        "properties": {
+            "queries": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_QUERIES,
+                "items": {"type": "string", "maxLength": MAX_QUERY_CHARS},
+                "description": "What to search for, as short questions or keywords.",
+            }
+        },
         "required": ["queries"],
         "additionalProperties": False,
     }
 
-    def __init__(self, backend: FileSearchBackend, owner: str, config: FileSearchTool,
-                 question: str | None = None, include_results: bool = False,
-                 text_budget: int = 8_000, special_tokens: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        backend: FileSearchBackend,
+        owner: str,
+        config: FileSearchTool,
+        question: str | None = None,
+        include_results: bool = False,
+        text_budget: int = 8_000,
+        special_tokens: Iterable[str] = (),
+    ) -> None:
         self.backend = backend
         self.owner = owner
         self.config = config
-        self.question = question.strip()[:MAX_QUERY_CHARS * 4] if question else None
+        self.question = question.strip()[: MAX_QUERY_CHARS * 4] if question else None
         self.include_results = include_results
         self.text_budget = text_budget
         self.special_tokens = tuple(special_tokens)
         self.sources: list[Source] = []  # every source shown in this response, numbered
 
     async def execute(self, arguments: dict, call_id: str) -> FileSearchOutput:
-        queries = _distinct([*_model_queries(arguments),
-                             *([self.question] if self.question else [])])
+        queries = _distinct(
+            [*_model_queries(arguments), *([self.question] if self.question else [])]
+        )
         if not queries:
             raise ToolError("give at least one non-empty query in 'queries'")
         c = self.config
-        searches = [Search(q, c.filters, c.max_num_results, c.score_threshold, c.mode)
-                    for q in queries]
+        searches = [
+            Search(q, c.filters, c.max_num_results, c.score_threshold, c.mode) for q in queries
+        ]
         hits = await self.backend.search_stores(self.owner, c.vector_store_ids, searches)
-        text, shown = render_sources(hits, len(self.sources) + 1, self.text_budget,
-                                     self.special_tokens, self.question)
+        text, shown = render_sources(
+            hits, len(self.sources) + 1, self.text_budget, self.special_tokens, self.question
+        )
         self.sources += shown
         results = [result_dict(h) for h in hits] if self.include_results else None
         return FileSearchOutput(text, [], queries, results)

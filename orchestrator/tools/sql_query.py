@@ -30,12 +30,17 @@ DEMO_DATABASE = DATA / "demo_sales.db"
 DEMO_SQL = DATA / "demo_sales.sql"
 MAX_SQL_CHARS = 4000
 
-_ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
-            sqlite3.SQLITE_RECURSIVE}
+_ALLOWED = {
+    sqlite3.SQLITE_SELECT,
+    sqlite3.SQLITE_READ,
+    sqlite3.SQLITE_FUNCTION,
+    sqlite3.SQLITE_RECURSIVE,
+}
 
 
-def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None,
-               source: str | None) -> int:
+def _authorize(
+    action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None
+) -> int:
     return sqlite3.SQLITE_OK if action in _ALLOWED else sqlite3.SQLITE_DENY
 
 
@@ -48,8 +53,9 @@ def build_database(sql: Path, target: Path) -> None:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True,
-                           check_same_thread=False)
+    return sqlite3.connect(
+        f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, check_same_thread=False
+    )
 
 
 def open_read_only(path: Path) -> sqlite3.Connection:
@@ -64,9 +70,13 @@ def _schema(path: Path) -> str:
     (Our own query: it reads table_info, which the tool's authorizer refuses.)"""
     db = _connect(path)
     try:
-        tables = [r[0] for r in db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-            "ORDER BY name")]
+        tables = [
+            r[0]
+            for r in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+                "ORDER BY name"
+            )
+        ]
         parts = []
         for table in tables:
             columns = db.execute("SELECT name, type FROM pragma_table_info(?)", (table,))
@@ -89,14 +99,14 @@ class SqlQuery:
     name = "sql_query"
     parameters: ClassVar[dict] = {
         "type": "object",
-        "properties": {"sql": {"type": "string",
-                               "description": "One SQLite SELECT statement."}},
+        "properties": {"sql": {"type": "string", "description": "One SQLite SELECT statement."}},
         "required": ["sql"],
         "additionalProperties": False,
     }
 
-    def __init__(self, database: Path | None = None, max_rows: int = 200,
-                 time_limit: float = 5.0) -> None:
+    def __init__(
+        self, database: Path | None = None, max_rows: int = 200, time_limit: float = 5.0
+    ) -> None:
         self.database = database or DEMO_DATABASE
         if not self.database.is_file():
             raise ToolUnavailable(f"the sql_query database {self.database} does not exist")
@@ -106,8 +116,10 @@ class SqlQuery:
             schema = _schema(self.database)
         except sqlite3.DatabaseError as exc:
             raise ToolUnavailable(f"the sql_query database cannot be read: {exc}") from None
-        self.description = (f"Run one read-only SQLite SELECT query and get the rows back as "
-                            f"CSV (at most {max_rows}). Tables: {schema}.")
+        self.description = (
+            f"Run one read-only SQLite SELECT query and get the rows back as "
+            f"CSV (at most {max_rows}). Tables: {schema}."
+        )
 
     async def execute(self, arguments: dict, call_id: str) -> ToolOutput:
         sql = string_argument(arguments, "sql", MAX_SQL_CHARS)
@@ -121,7 +133,8 @@ class SqlQuery:
         deadline = time.monotonic() + self.time_limit
         db = open_read_only(self.database)
         db.set_progress_handler(
-            lambda: int(cancelled.is_set() or time.monotonic() > deadline), 1000)
+            lambda: int(cancelled.is_set() or time.monotonic() > deadline), 1000
+        )
         try:
             cursor = db.execute(sql)
             rows = cursor.fetchmany(self.max_rows + 1)

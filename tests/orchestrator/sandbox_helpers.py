@@ -8,9 +8,17 @@ import time
 from orchestrator.sandbox import SandboxLimits, running_pids
 
 # nice 0: on a busy machine a nice-19 run may not get its CPU-second before the deadline.
-FAST = SandboxLimits(wall_seconds=10, cpu_seconds=2, memory_bytes=256 << 20, processes=16,
-                     file_bytes=1 << 20, workdir_bytes=8 << 20, output_bytes=64 << 10,
-                     report_bytes=64 << 10, nice=0)
+FAST = SandboxLimits(
+    wall_seconds=10,
+    cpu_seconds=2,
+    memory_bytes=256 << 20,
+    processes=16,
+    file_bytes=1 << 20,
+    workdir_bytes=8 << 20,
+    output_bytes=64 << 10,
+    report_bytes=64 << 10,
+    nice=0,
+)
 
 
 def wait_until_gone(label: str, seconds: float = 10) -> list[int]:

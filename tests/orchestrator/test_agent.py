@@ -24,13 +24,24 @@ USER = [{"type": "message", "role": "user", "content": "What were East China's s
 
 
 def call(name: str, **arguments) -> dict:
-    return {"id": new_id("fc"), "type": "function_call", "call_id": new_id("call"),
-            "name": name, "arguments": json.dumps(arguments), "status": "completed"}
+    return {
+        "id": new_id("fc"),
+        "type": "function_call",
+        "call_id": new_id("call"),
+        "name": name,
+        "arguments": json.dumps(arguments),
+        "status": "completed",
+    }
 
 
 def message(text: str) -> dict:
-    return {"id": new_id("msg"), "type": "message", "role": "assistant", "status": "completed",
-            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    return {
+        "id": new_id("msg"),
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
 
 
 @dataclass
@@ -75,8 +86,11 @@ def run(agent: Agent, items=USER):
 
 
 def test_several_rounds_feed_each_result_back_to_the_model():
-    query = call("sql_query", sql="SELECT SUM(revenue_usd) FROM sales "
-                                  "WHERE region = 'East China' AND quarter = '2026-Q3'")
+    query = call(
+        "sql_query",
+        sql="SELECT SUM(revenue_usd) FROM sales "
+        "WHERE region = 'East China' AND quarter = '2026-Q3'",
+    )
 
     def second(items):
         total = items[-1]["output"].splitlines()[1]
@@ -87,8 +101,12 @@ def test_several_rounds_feed_each_result_back_to_the_model():
     result = run(agent)
     assert (result.status, result.tool_calls) == ("completed", 2)
     assert [o["type"] for o in result.output] == [
-        "function_call", "function_call_output", "function_call", "function_call_output",
-        "message"]
+        "function_call",
+        "function_call_output",
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
     assert result.output[1]["call_id"] == query["call_id"]
     assert result.output[1]["output"].startswith("SUM(revenue_usd)\n")
     total = float(result.output[1]["output"].splitlines()[1])
@@ -114,11 +132,18 @@ def test_calls_of_one_turn_run_concurrently_and_results_keep_call_order():
 
     result, first, second = asyncio.run(scenario())
     assert [o["type"] for o in result.output] == [
-        "message", "function_call", "function_call", "function_call_output",
-        "function_call_output", "message"]
+        "message",
+        "function_call",
+        "function_call",
+        "function_call_output",
+        "function_call_output",
+        "message",
+    ]
     assert [o["call_id"] for o in result.output[3:5]] == [first["call_id"], second["call_id"]]
-    assert outputs_by_call(result.output) == {first["call_id"]: "from a",
-                                              second["call_id"]: "from b"}
+    assert outputs_by_call(result.output) == {
+        first["call_id"]: "from a",
+        second["call_id"]: "from b",
+    }
 
 
 class Broken:
@@ -131,8 +156,13 @@ class Broken:
 
 
 def test_tool_failures_go_back_to_the_model_as_outputs():
-    calls = [call("calculator", expression="1 / 0"), call("broken"), call("weather", city="x"),
-             {**call("calculator"), "arguments": "{not json"}, call("calculator", expr="1")]
+    calls = [
+        call("calculator", expression="1 / 0"),
+        call("broken"),
+        call("weather", city="x"),
+        {**call("calculator"), "arguments": "{not json"},
+        call("calculator", expr="1"),
+    ]
     model = ScriptedModel([calls, [message("Sorry.")]])
     tools = {**builtin_tools().tools, "broken": Broken()}
     result = run(Agent(model, tools))
@@ -157,8 +187,9 @@ def test_only_the_requests_tools_run():
     model = ScriptedModel([[attempt], [message("ok")]])
     result = run(Agent(model, {"calculator": builtin_tools().get("calculator")}))
     assert secret.calls == 0
-    assert outputs_by_call(result.output)[attempt["call_id"]].endswith("not available in "
-                                                                       "this response")
+    assert outputs_by_call(result.output)[attempt["call_id"]].endswith(
+        "not available in this response"
+    )
 
 
 def test_max_tool_calls_refuses_extra_calls_then_asks_for_an_answer():
@@ -179,7 +210,11 @@ def test_a_code_call_over_the_budget_is_an_incomplete_code_item():
     result = run(Agent(model, builtin_tools().tools, max_tool_calls=1))
     # The calls that ran are answered first, then the refused ones.
     assert [o["type"] for o in result.output] == [
-        "function_call", "function_call_output", "code_interpreter_call", "message"]
+        "function_call",
+        "function_call_output",
+        "code_interpreter_call",
+        "message",
+    ]
     refused = result.output[2]
     assert (refused["status"], refused["code"]) == ("incomplete", "print(1)")
     assert refused["outputs"][0]["logs"].startswith("Error: not run")
@@ -214,10 +249,14 @@ def test_code_interpreter_items_and_events_have_openais_shapes():
     assert item["outputs"] == [{"type": "logs", "logs": "45"}]
     ITEM.validate_python(item)
     assert [e["type"] for e in events] == [
-        "response.output_item.added", "response.code_interpreter_call.in_progress",
-        "response.code_interpreter_call_code.delta", "response.code_interpreter_call_code.done",
-        "response.code_interpreter_call.interpreting", "response.code_interpreter_call.completed",
-        "response.output_item.done"]
+        "response.output_item.added",
+        "response.code_interpreter_call.in_progress",
+        "response.code_interpreter_call_code.delta",
+        "response.code_interpreter_call_code.done",
+        "response.code_interpreter_call.interpreting",
+        "response.code_interpreter_call.completed",
+        "response.output_item.done",
+    ]
     for number, event in enumerate(events):
         assert event["output_index"] == 0
         EVENT.validate_python({**event, "sequence_number": number})
@@ -267,16 +306,22 @@ class FakeSearch:
         queries = arguments["queries"]
         if "boom" in queries:
             raise ToolError("the vector store is gone")
-        results = [{"file_id": "file_1", "filename": "a.txt", "score": 1.0, "text": q,
-                    "attributes": {}} for q in queries]
-        return FileSearchOutput(f"[1] found {queries}", [], [*queries, "the question"],
-                                results)
+        results = [
+            {"file_id": "file_1", "filename": "a.txt", "score": 1.0, "text": q, "attributes": {}}
+            for q in queries
+        ]
+        return FileSearchOutput(f"[1] found {queries}", [], [*queries, "the question"], results)
 
 
 def test_a_file_search_call_becomes_its_item_with_its_events():
     events: list[dict] = []
-    model = ScriptedModel([[call("file_search", queries=["glaciers"])],
-                           [call("file_search", queries=["boom"])], [message("Done.")]])
+    model = ScriptedModel(
+        [
+            [call("file_search", queries=["glaciers"])],
+            [call("file_search", queries=["boom"])],
+            [message("Done.")],
+        ]
+    )
     agent = Agent(model, {"file_search": FakeSearch()}, on_event=events.append)
     result = asyncio.run(agent.run(USER))
     first, failed, answer = result.output
@@ -292,20 +337,31 @@ def test_a_file_search_call_becomes_its_item_with_its_events():
         EVENT.validate_python({**event, "sequence_number": 0})
     kinds = [(e["type"], e["output_index"]) for e in events]
     assert kinds == [
-        ("response.output_item.added", 0), ("response.file_search_call.in_progress", 0),
-        ("response.file_search_call.searching", 0), ("response.file_search_call.completed", 0),
+        ("response.output_item.added", 0),
+        ("response.file_search_call.in_progress", 0),
+        ("response.file_search_call.searching", 0),
+        ("response.file_search_call.completed", 0),
         ("response.output_item.done", 0),
-        ("response.output_item.added", 1), ("response.file_search_call.in_progress", 1),
-        ("response.file_search_call.searching", 1), ("response.output_item.done", 1)]
+        ("response.output_item.added", 1),
+        ("response.file_search_call.in_progress", 1),
+        ("response.file_search_call.searching", 1),
+        ("response.output_item.done", 1),
+    ]
     assert answer["type"] == "message"
 
 
 def test_a_file_search_over_the_budget_is_incomplete():
-    model = ScriptedModel([[call("file_search", queries=["a"]), call("file_search", queries=["b"])],
-                           [message("Done.")]])
+    model = ScriptedModel(
+        [
+            [call("file_search", queries=["a"]), call("file_search", queries=["b"])],
+            [message("Done.")],
+        ]
+    )
     agent = Agent(model, {"file_search": FakeSearch()}, max_tool_calls=1)
     output = asyncio.run(agent.run(USER)).output
     assert [(o["type"], o["status"]) for o in output] == [
-        ("file_search_call", "completed"), ("file_search_call", "incomplete"),
-        ("message", "completed")]
+        ("file_search_call", "completed"),
+        ("file_search_call", "incomplete"),
+        ("message", "completed"),
+    ]
     assert "max_tool_calls" in agent.tool_results[output[1]["id"]].text

@@ -21,14 +21,29 @@ WEATHER_TOOL = {
 TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {}}}
 ROUND_TRIP = [
     {"role": "developer", "content": "Be brief."},
-    {"role": "user", "content": [{"type": "text", "text": "Weather in Paris"},
-                                 {"type": "text", "text": "and Rome?"}]},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-        {"id": "call_2", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
-    ]},
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "Weather in Paris"},
+            {"type": "text", "text": "and Rome?"},
+        ],
+    },
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            },
+            {
+                "id": "call_2",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+            },
+        ],
+    },
     {"role": "tool", "tool_call_id": "call_1", "content": "18C, sunny"},
     {"role": "tool", "tool_call_id": "call_2", "content": "25C, clear"},
 ]
@@ -51,8 +66,10 @@ def test_default_tool_format_for_templates_without_a_tool_section():
     assert '"arguments": {"city": "Rome"}' in assistant["content"]
     # Both results share one user turn, so roles still alternate.
     assert results["role"] == "user"
-    assert results["content"] == ("<tool_response>\n18C, sunny\n</tool_response>\n"
-                                  "<tool_response>\n25C, clear\n</tool_response>")
+    assert results["content"] == (
+        "<tool_response>\n18C, sunny\n</tool_response>\n"
+        "<tool_response>\n25C, clear\n</tool_response>"
+    )
 
 
 def test_native_tool_templates_get_tools_and_structured_calls():
@@ -62,17 +79,18 @@ def test_native_tool_templates_get_tools_and_structured_calls():
     assert prompt.messages[0] == {"role": "system", "content": "Be brief."}
     call = prompt.messages[2]["tool_calls"][0]
     assert call["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
-    assert prompt.messages[3] == {"role": "tool", "content": "18C, sunny",
-                                  "tool_call_id": "call_1"}
+    assert prompt.messages[3] == {"role": "tool", "content": "18C, sunny", "tool_call_id": "call_1"}
 
 
 def test_tool_choice_shapes_what_the_model_is_offered():
     none = build_chat_prompt(chat(tools=[WEATHER_TOOL], tool_choice="none"), False)
     assert len(none.messages) == 1  # no tools section, no system message added
     named = build_chat_prompt(
-        chat(tools=[WEATHER_TOOL, TIME_TOOL],
-             tool_choice={"type": "function", "function": {"name": "get_time"}},
-             parallel_tool_calls=False),
+        chat(
+            tools=[WEATHER_TOOL, TIME_TOOL],
+            tool_choice={"type": "function", "function": {"name": "get_time"}},
+            parallel_tool_calls=False,
+        ),
         False,
     )
     system = named.messages[0]["content"]
@@ -97,8 +115,10 @@ def test_template_tool_detection():
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
         ({"messages": [{"role": "user"}]}, "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-         "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content",
+        ),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_completion_tokens": "8"}, "max_completion_tokens"),
         ({"stream": "yes"}, "stream"),
@@ -108,8 +128,13 @@ def test_template_tool_detection():
         ({"n": 1000}, "n"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": [TIME_TOOL], "tool_choice": {"type": "function",
-                                               "function": {"name": "nope"}}}, "tool_choice"),
+        (
+            {
+                "tools": [TIME_TOOL],
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+            "tool_choice",
+        ),
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"logit_bias": {"a": 1}}, "logit_bias"),
@@ -123,10 +148,24 @@ def test_chat_request_errors_name_the_parameter(body, param):
 
 
 def test_chat_request_maps_openai_fields_to_sampling():
-    request = chat(max_tokens=5, max_completion_tokens=7, temperature=0, stop="x",
-                   logprobs=True, top_logprobs=2, top_k=4, seed=3)
-    assert request.sampling == {"max_tokens": 7, "temperature": 0, "stop": "x",
-                                "logprobs": 2, "top_k": 4, "seed": 3}
+    request = chat(
+        max_tokens=5,
+        max_completion_tokens=7,
+        temperature=0,
+        stop="x",
+        logprobs=True,
+        top_logprobs=2,
+        top_k=4,
+        seed=3,
+    )
+    assert request.sampling == {
+        "max_tokens": 7,
+        "temperature": 0,
+        "stop": "x",
+        "logprobs": 2,
+        "top_k": 4,
+        "seed": 3,
+    }
 
 
 def test_completion_prompt_shapes():

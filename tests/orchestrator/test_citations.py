@@ -5,21 +5,26 @@ from __future__ import annotations
 from orchestrator.citations import file_citations
 from orchestrator.tools.file_search import Source
 
-SOURCES = [Source(1, "file_ice", "ice.txt", "Glaciers advance thirty metres a year."),
-           Source(2, "file_ice", "ice.txt", "Moraines are left where glaciers melt."),
-           Source(3, "file_bread", "bread.txt", "Feed the sourdough starter once a week.")]
+SOURCES = [
+    Source(1, "file_ice", "ice.txt", "Glaciers advance thirty metres a year."),
+    Source(2, "file_ice", "ice.txt", "Moraines are left where glaciers melt."),
+    Source(3, "file_bread", "bread.txt", "Feed the sourdough starter once a week."),
+]
 
 
 def _cited(text: str, question: str | None = "How fast do glaciers move?") -> list[tuple]:
-    return [(a["file_id"], a["filename"], a["index"])
-            for a in file_citations(text, SOURCES, question)]
+    return [
+        (a["file_id"], a["filename"], a["index"]) for a in file_citations(text, SOURCES, question)
+    ]
 
 
 def test_markers_cite_their_source_at_their_index():
     text = "Thirty metres a year [1], fed weekly 【3†bread.txt】 and [2]."
-    assert _cited(text) == [("file_ice", "ice.txt", text.index("[1]")),
-                            ("file_bread", "bread.txt", text.index("【3")),
-                            ("file_ice", "ice.txt", text.index("[2]"))]
+    assert _cited(text) == [
+        ("file_ice", "ice.txt", text.index("[1]")),
+        ("file_bread", "bread.txt", text.index("【3")),
+        ("file_ice", "ice.txt", text.index("[2]")),
+    ]
 
 
 def test_markers_of_sources_never_shown_are_ignored():

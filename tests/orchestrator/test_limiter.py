@@ -53,9 +53,13 @@ def test_headers_report_limit_remaining_and_reset_and_follow_a_changed_limit():
     limiter.take_tokens("u", 60, 6000, 3000)
     headers = limiter.headers("u")
     assert headers == {
-        "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
-        "x-ratelimit-reset-requests": "1s", "x-ratelimit-limit-tokens": "6000",
-        "x-ratelimit-remaining-tokens": "3000", "x-ratelimit-reset-tokens": "30s"}
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "59",
+        "x-ratelimit-reset-requests": "1s",
+        "x-ratelimit-limit-tokens": "6000",
+        "x-ratelimit-remaining-tokens": "3000",
+        "x-ratelimit-reset-tokens": "30s",
+    }
     limiter.take_request("u", 120, None)  # raised by the operator; the tpm limit lifted
     headers = limiter.headers("u")
     assert headers["x-ratelimit-limit-requests"] == "120"

@@ -88,8 +88,14 @@ def test_cannot_read_the_data_dir_the_source_tree_or_home(tmp_path):
     home_file = Path.home() / f".tokenmill-sandbox-test-{uuid.uuid4().hex}"
     home_file.write_text("SECRET-HOME")
     try:
-        paths = [database, home_file, ROOT / "orchestrator" / "sandbox.py", Path.home(),
-                 tmp_path, ROOT]
+        paths = [
+            database,
+            home_file,
+            ROOT / "orchestrator" / "sandbox.py",
+            Path.home(),
+            tmp_path,
+            ROOT,
+        ]
         result, _ = run(f"""
             import os
             for path in {[str(p) for p in paths]!r}:
@@ -108,8 +114,14 @@ def test_cannot_read_the_data_dir_the_source_tree_or_home(tmp_path):
 
 
 def test_cannot_write_outside_its_working_directory(tmp_path):
-    targets = ["/usr/escape", "/usr/lib/escape", "/escape", "/bin/escape",
-               str(tmp_path / "escape"), "/proc/sys/kernel/hostname"]
+    targets = [
+        "/usr/escape",
+        "/usr/lib/escape",
+        "/escape",
+        "/bin/escape",
+        str(tmp_path / "escape"),
+        "/proc/sys/kernel/hostname",
+    ]
     result, _ = run(f"""
         for path in {targets!r}:
             try:
@@ -125,14 +137,17 @@ def test_cannot_write_outside_its_working_directory(tmp_path):
 
 
 def test_a_fork_bomb_is_contained():
-    result, label = run("""
+    result, label = run(
+        """
         import os
         while True:
             try:
                 os.fork()
             except OSError:
                 pass
-    """, replace(FAST, wall_seconds=3))
+    """,
+        replace(FAST, wall_seconds=3),
+    )
     assert result.timed_out or result.exit_code != 0
     assert wait_until_gone(label) == []
 
@@ -149,8 +164,9 @@ def test_an_infinite_loop_ends_at_its_cpu_limit():
 
 
 def test_a_sleeping_run_ends_at_its_wall_clock_limit():
-    result, _ = run("import time\nprint('started', flush=True)\ntime.sleep(60)\n",
-                    replace(FAST, wall_seconds=1))
+    result, _ = run(
+        "import time\nprint('started', flush=True)\ntime.sleep(60)\n", replace(FAST, wall_seconds=1)
+    )
     assert result.timed_out and result.exit_code is None
     assert result.stdout == "started\n"
 
@@ -184,12 +200,16 @@ def test_killing_its_parent_or_the_host_only_ends_the_run():
 def test_a_run_cannot_see_another_runs_files():
     async def both():
         sandbox = Sandbox()
-        writer = sandbox.run(textwrap.dedent("""
+        writer = sandbox.run(
+            textwrap.dedent("""
             import time
             open("secret.txt", "w").write("RUN-A-SECRET")
             time.sleep(2)
-        """), FAST)
-        reader = sandbox.run(textwrap.dedent("""
+        """),
+            FAST,
+        )
+        reader = sandbox.run(
+            textwrap.dedent("""
             import os, time
             time.sleep(1)
             found = []
@@ -197,7 +217,9 @@ def test_a_run_cannot_see_another_runs_files():
                 for folder, _, names in os.walk(root):
                     found += [os.path.join(folder, n) for n in names]
             print(found)
-        """), FAST)
+        """),
+            FAST,
+        )
         return await asyncio.gather(writer, reader)
 
     first, second = asyncio.run(both())
@@ -211,9 +233,13 @@ def test_cancelling_the_run_kills_its_process_tree():
     label = uuid.uuid4().hex
 
     async def cancel_midway():
-        task = asyncio.create_task(Sandbox().run(
-            "import os, time\nos.fork()\nprint('up', flush=True)\ntime.sleep(60)\n", FAST,
-            label=label))
+        task = asyncio.create_task(
+            Sandbox().run(
+                "import os, time\nos.fork()\nprint('up', flush=True)\ntime.sleep(60)\n",
+                FAST,
+                label=label,
+            )
+        )
         while len(wait_until_gone(label, 0)) < 3:  # bwrap, its init, the launcher
             await asyncio.sleep(0.05)
         task.cancel()
@@ -240,8 +266,9 @@ def test_the_code_runs_at_the_lowest_cpu_priority():
     label = uuid.uuid4().hex
 
     async def look():
-        task = asyncio.create_task(Sandbox().run("import time\ntime.sleep(30)",
-                                                 replace(FAST, nice=19), label=label))
+        task = asyncio.create_task(
+            Sandbox().run("import time\ntime.sleep(30)", replace(FAST, nice=19), label=label)
+        )
         while ("19", "19") not in (seen := _priorities(label)):
             await asyncio.sleep(0.05)
         task.cancel()

@@ -68,7 +68,7 @@ def test_canonical_call_streams_its_arguments_before_the_block_closes():
     assert events == [CallStart("get_weather"), ArgumentsDelta('{"city": "Pa')]
     # The last `}` may close the wrapping object and `</tool` may open the closing tag.
     assert parser.feed('ris"}') == [ArgumentsDelta('ris"')]
-    assert parser.feed('}\n</tool') == [ArgumentsDelta("}")]
+    assert parser.feed("}\n</tool") == [ArgumentsDelta("}")]
     assert parser.feed("_call>") == [ParsedCall("get_weather", '{"city": "Paris"}')]
 
 
@@ -121,8 +121,10 @@ def test_streamed_parsing_matches_whole_text_for_any_delta_boundaries(text, cuts
         streamed += assembler.push(piece, final=i == len(pieces) - 1)
 
     def normal(items):
-        return ("".join(p for p in items if isinstance(p, str)),
-                [p for p in items if isinstance(p, ParsedCall)])
+        return (
+            "".join(p for p in items if isinstance(p, str)),
+            [p for p in items if isinstance(p, ParsedCall)],
+        )
 
     assert normal(streamed) == normal(whole)
     # What a stream sends of a call (its argument deltas, or all at once) is the call.
@@ -130,7 +132,8 @@ def test_streamed_parsing_matches_whole_text_for_any_delta_boundaries(text, cuts
     deltas = "".join(p.text for p in streamed if isinstance(p, ArgumentsDelta))
     streamed_args = [p.arguments for p in streamed if isinstance(p, ParsedCall) and p.streamed]
     assert deltas == "".join(streamed_args) and len(sent) + len(streamed_args) == len(
-        normal(whole)[1])
+        normal(whole)[1]
+    )
 
 
 def test_assembler_drops_only_whitespace_next_to_calls():

@@ -30,25 +30,28 @@ def execute(tool, **arguments):
 # calculator
 
 
-@pytest.mark.parametrize(("expression", "value"), [
-    ("0.1 + 0.2", Fraction(3, 10)),
-    ("1/3 + 1/6", Fraction(1, 2)),
-    ("(1200 - 950) / 950 * 100", Fraction(500, 19)),
-    ("2 ** 100", Fraction(2**100)),
-    ("2 ** -3", Fraction(1, 8)),
-    ("-7 // 2", Fraction(-4)),
-    ("7 % 3", Fraction(1)),
-    ("0.10000000000000000001 * 10", Fraction(10**19 + 1, 10**19)),
-    ("1_000.5 * 2", Fraction(2001)),
-    ("-2 ** 2", Fraction(-4)),
-    ("2 ** 3 ** 2", Fraction(512)),
-    ("2 ** -1 * 4", Fraction(2)),
-    ("10 - 4 - 3", Fraction(3)),
-    ("2 * 3 % 4", Fraction(2)),
-    ("--3 + +2", Fraction(5)),
-    ("1.5e3 + .5 + 2.", Fraction(3005, 2)),
-    (" ( 1 + 2 ) * 3 ", Fraction(9)),
-])
+@pytest.mark.parametrize(
+    ("expression", "value"),
+    [
+        ("0.1 + 0.2", Fraction(3, 10)),
+        ("1/3 + 1/6", Fraction(1, 2)),
+        ("(1200 - 950) / 950 * 100", Fraction(500, 19)),
+        ("2 ** 100", Fraction(2**100)),
+        ("2 ** -3", Fraction(1, 8)),
+        ("-7 // 2", Fraction(-4)),
+        ("7 % 3", Fraction(1)),
+        ("0.10000000000000000001 * 10", Fraction(10**19 + 1, 10**19)),
+        ("1_000.5 * 2", Fraction(2001)),
+        ("-2 ** 2", Fraction(-4)),
+        ("2 ** 3 ** 2", Fraction(512)),
+        ("2 ** -1 * 4", Fraction(2)),
+        ("10 - 4 - 3", Fraction(3)),
+        ("2 * 3 % 4", Fraction(2)),
+        ("--3 + +2", Fraction(5)),
+        ("1.5e3 + .5 + 2.", Fraction(3005, 2)),
+        (" ( 1 + 2 ) * 3 ", Fraction(9)),
+    ],
+)
 def test_calculator_is_exact(expression, value):
     assert calculate(expression) == value
 
@@ -59,34 +62,38 @@ def test_calculator_formats_exact_decimals_and_fractions():
     assert format_number(Fraction(2**100)) == str(2**100)
     assert format_number(Fraction(1, 3)) == "1/3 (≈ 0.333333333333)"
     assert execute(Calculator(), expression="(1200 - 950) / 950 * 100").text == (
-        "500/19 (≈ 26.3157894737)")
+        "500/19 (≈ 26.3157894737)"
+    )
 
 
-@pytest.mark.parametrize(("expression", "message"), [
-    ("__import__('os').system('true')", "unexpected '__import__' at position 0 (only numbers"),
-    ("x + 1", "unexpected 'x' at position 0 (only numbers are allowed)"),
-    ("(1).real", "unexpected '.' at position 3"),
-    ("'a' * 3", "unexpected \"'\""),
-    ("[1, 2]", "unexpected '['"),
-    ("2 ^ 3", "use ** for powers"),
-    ("x = 2", "unexpected 'x'"),
-    ("2 (3)", "unexpected '(' at position 2 (a function call or a missing operator?)"),
-    ("1 / 0", "division by zero"),
-    ("5 % (2 - 2)", "division by zero"),
-    ("7 // 0.0", "division by zero"),
-    ("0 ** -1", "division by zero"),
-    ("2 ** 0.5", "whole-number exponents"),
-    ("10 ** 100000", "exponents are limited"),
-    ("(2 ** 10000) ** 10000", "too large"),
-    ("(2 ** 9000) * (2 ** 9000)", "too large"),
-    ("1 +", "unexpected end of the expression at position 3"),
-    ("(1 + 2", "unexpected end of the expression"),
-    ("1 + 2)", "unexpected ')' at position 5"),
-    ("", "unexpected end of the expression at position 0"),
-    ("True + 1", "unexpected 'True'"),
-    ("(" * 500 + "1" + ")" * 500, "nested too deeply"),
-    ("-" * 500 + "1", "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    ("expression", "message"),
+    [
+        ("__import__('os').system('true')", "unexpected '__import__' at position 0 (only numbers"),
+        ("x + 1", "unexpected 'x' at position 0 (only numbers are allowed)"),
+        ("(1).real", "unexpected '.' at position 3"),
+        ("'a' * 3", 'unexpected "\'"'),
+        ("[1, 2]", "unexpected '['"),
+        ("2 ^ 3", "use ** for powers"),
+        ("x = 2", "unexpected 'x'"),
+        ("2 (3)", "unexpected '(' at position 2 (a function call or a missing operator?)"),
+        ("1 / 0", "division by zero"),
+        ("5 % (2 - 2)", "division by zero"),
+        ("7 // 0.0", "division by zero"),
+        ("0 ** -1", "division by zero"),
+        ("2 ** 0.5", "whole-number exponents"),
+        ("10 ** 100000", "exponents are limited"),
+        ("(2 ** 10000) ** 10000", "too large"),
+        ("(2 ** 9000) * (2 ** 9000)", "too large"),
+        ("1 +", "unexpected end of the expression at position 3"),
+        ("(1 + 2", "unexpected end of the expression"),
+        ("1 + 2)", "unexpected ')' at position 5"),
+        ("", "unexpected end of the expression at position 0"),
+        ("True + 1", "unexpected 'True'"),
+        ("(" * 500 + "1" + ")" * 500, "nested too deeply"),
+        ("-" * 500 + "1", "nested too deeply"),
+    ],
+)
 def test_calculator_refuses_what_is_not_bounded_arithmetic(expression, message):
     with pytest.raises(ToolError, match=re.escape(message)):
         calculate(expression)
@@ -112,29 +119,39 @@ def test_the_demo_database_is_built_from_its_sql(tmp_path):
 def test_sql_query_answers_the_sales_question():
     tool = SqlQuery()
     assert "sales(region TEXT, quarter TEXT" in tool.description
-    text = execute(tool, sql="SELECT SUM(revenue_usd) AS revenue FROM sales "
-                             "WHERE region = 'East China' AND quarter = '2026-Q3'").text
-    expected = sqlite3.connect(DEMO_DATABASE).execute(
-        "SELECT SUM(units * CASE product WHEN 'Tea' THEN 12.5 WHEN 'Coffee' THEN 18.0 "
-        "ELSE 6.0 END) FROM sales WHERE region = 'East China' AND quarter = '2026-Q3'"
-    ).fetchone()[0]
+    text = execute(
+        tool,
+        sql="SELECT SUM(revenue_usd) AS revenue FROM sales "
+        "WHERE region = 'East China' AND quarter = '2026-Q3'",
+    ).text
+    expected = (
+        sqlite3.connect(DEMO_DATABASE)
+        .execute(
+            "SELECT SUM(units * CASE product WHEN 'Tea' THEN 12.5 WHEN 'Coffee' THEN 18.0 "
+            "ELSE 6.0 END) FROM sales WHERE region = 'East China' AND quarter = '2026-Q3'"
+        )
+        .fetchone()[0]
+    )
     assert text == f"revenue\n{expected}\n(1 rows)"
 
 
-@pytest.mark.parametrize("sql", [
-    "DELETE FROM sales",
-    "UPDATE sales SET units = 0",
-    "INSERT INTO regions VALUES ('Mars', 'Olympus')",
-    "DROP TABLE sales",
-    "CREATE TABLE t (x)",
-    "CREATE TEMP TABLE t (x)",
-    "ATTACH DATABASE 'file:/tmp/other.db' AS other",
-    "PRAGMA writable_schema = 1",
-    "PRAGMA table_info(sales)",
-    "SELECT * FROM pragma_table_info('sales')",
-    "BEGIN",
-    "VACUUM",
-])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DELETE FROM sales",
+        "UPDATE sales SET units = 0",
+        "INSERT INTO regions VALUES ('Mars', 'Olympus')",
+        "DROP TABLE sales",
+        "CREATE TABLE t (x)",
+        "CREATE TEMP TABLE t (x)",
+        "ATTACH DATABASE 'file:/tmp/other.db' AS other",
+        "PRAGMA writable_schema = 1",
+        "PRAGMA table_info(sales)",
+        "SELECT * FROM pragma_table_info('sales')",
+        "BEGIN",
+        "VACUUM",
+    ],
+)
 def test_sql_query_refuses_everything_but_reading(tmp_path, sql):
     database = tmp_path / "copy.db"
     database.write_bytes(DEMO_DATABASE.read_bytes())
@@ -148,11 +165,15 @@ def test_sql_query_refuses_everything_but_reading(tmp_path, sql):
 def test_sql_query_limits_rows_and_time_and_reports_errors():
     tool = SqlQuery(max_rows=3, time_limit=0.2)
     text = execute(tool, sql="SELECT region FROM regions ORDER BY region").text
-    assert text == ("region\nCentral China\nEast China\nNorth China\n"
-                    "(first 3 rows; the query returned more)")
+    assert text == (
+        "region\nCentral China\nEast China\nNorth China\n(first 3 rows; the query returned more)"
+    )
     with pytest.raises(ToolError, match=r"longer than 0\.2 s"):
-        execute(tool, sql="WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
-                          "SELECT count(*) FROM c")
+        execute(
+            tool,
+            sql="WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+            "SELECT count(*) FROM c",
+        )
     with pytest.raises(ToolError, match="one statement"):
         execute(tool, sql="SELECT 1; SELECT 2")
     with pytest.raises(ToolError, match="no such table: customers"):
@@ -174,10 +195,15 @@ def test_sql_query_without_its_database_is_unavailable(tmp_path):
 def test_code_interpreter_returns_logs_and_images():
     png = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
     tool = CodeInterpreter(Sandbox(FAST))
-    out = execute(tool, code=f"import base64\nprint(6 * 7)\n"
-                             f"open('chart.png', 'wb').write(base64.b64decode('{png}'))\n")
-    assert out.outputs == [{"type": "logs", "logs": "42"},
-                           {"type": "image", "url": f"data:image/png;base64,{png}"}]
+    out = execute(
+        tool,
+        code=f"import base64\nprint(6 * 7)\n"
+        f"open('chart.png', 'wb').write(base64.b64decode('{png}'))\n",
+    )
+    assert out.outputs == [
+        {"type": "logs", "logs": "42"},
+        {"type": "image", "url": f"data:image/png;base64,{png}"},
+    ]
     assert out.text == "42\n[files written: chart.png (12 bytes)]"
 
 
@@ -210,11 +236,14 @@ def test_registry_declares_tools_and_explains_missing_ones():
 def test_a_requests_tools_are_sorted_into_builtins_and_client_functions():
     registry = builtin_tools()
     weather = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
-    resolved = registry.resolve([
-        {"type": "code_interpreter", "container": {"type": "auto"}},
-        {"type": "function", "name": "calculator"},
-        weather,
-    ], defaults=["sql_query", "calculator"])
+    resolved = registry.resolve(
+        [
+            {"type": "code_interpreter", "container": {"type": "auto"}},
+            {"type": "function", "name": "calculator"},
+            weather,
+        ],
+        defaults=["sql_query", "calculator"],
+    )
     assert set(resolved.builtins) == {"sql_query", "calculator", "code_interpreter"}
     assert resolved.client_functions == ["get_weather"]
     names = [d["name"] for d in resolved.declarations]
@@ -226,19 +255,27 @@ def test_a_requests_tools_are_sorted_into_builtins_and_client_functions():
 def test_resolving_a_tool_this_server_cannot_run_names_the_entry():
     registry = builtin_tools(sandbox=Sandbox(bwrap="/nonexistent/bwrap"))
     with pytest.raises(ToolUnavailable, match=r"tools\[1\]: the code sandbox needs bubblewrap"):
-        registry.resolve([{"type": "function", "name": "calculator"},
-                          {"type": "code_interpreter", "container": {"type": "auto"}}])
+        registry.resolve(
+            [
+                {"type": "function", "name": "calculator"},
+                {"type": "code_interpreter", "container": {"type": "auto"}},
+            ]
+        )
     with pytest.raises(ToolUnavailable, match=r"tools\[0\]: there is no built-in tool 'x'"):
         registry.resolve([{"type": "function", "name": "x"}])
     with pytest.raises(ToolUnavailable, match=r"tools\[0\]\.container"):
         builtin_tools().resolve([{"type": "code_interpreter", "container": "cntr_1"}])
 
 
-@given(st.recursive(
-    st.integers(-10**6, 10**6).map(str),
-    lambda inner: st.tuples(inner, st.sampled_from(["+", "-", "*"]), inner).map(
-        lambda t: f"({t[0]} {t[1]} {t[2]})"),
-    max_leaves=20))
+@given(
+    st.recursive(
+        st.integers(-(10**6), 10**6).map(str),
+        lambda inner: st.tuples(inner, st.sampled_from(["+", "-", "*"]), inner).map(
+            lambda t: f"({t[0]} {t[1]} {t[2]})"
+        ),
+        max_leaves=20,
+    )
+)
 def test_calculator_agrees_with_python_on_integer_arithmetic(expression):
     assert calculate(expression) == eval(expression)  # the oracle, on generated text
 

@@ -39,12 +39,17 @@ def product_server(tmp_path) -> Iterator[Callable[..., ProductServer]]:
     -> ProductServer (files need a data_dir, vector stores an embedder too)."""
     stops: list[Callable[[], None]] = []
 
-    def start(engine: FakeEngine | None = None, database_url: str | None = None,
-              data_dir: Path | None = None, embedder: Embedder | None = None,
-              **config) -> ProductServer:
+    def start(
+        engine: FakeEngine | None = None,
+        database_url: str | None = None,
+        data_dir: Path | None = None,
+        embedder: Embedder | None = None,
+        **config,
+    ) -> ProductServer:
         engine = engine or FakeEngine()
-        product = Product.open(engine, database_url or f"sqlite:///{tmp_path / 'product.db'}",
-                               data_dir, embedder)
+        product = Product.open(
+            engine, database_url or f"sqlite:///{tmp_path / 'product.db'}", data_dir, embedder
+        )
         config.setdefault("served_model_names", ["fake-model"])
         app = build_app(engine, ServerConfig(**config), product, embedder)
         url, stop_server = serve_in_thread(app)

@@ -73,16 +73,42 @@ class PostgresServer:
             os.chmod(self.root, 0o755)
             for path in (self.root, self.socket_dir):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
-        self._run(str(self.bin_dir / "initdb"), "-D", str(data), "-U", "postgres",
-                  "--auth=trust", "--no-sync", "-E", "UTF8")
-        options = (f"-c listen_addresses='' -c unix_socket_directories={self.socket_dir} "
-                   "-c fsync=off")
-        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-w",
-                  "-l", str(self.root / "log"), "start")
+        self._run(
+            str(self.bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
+        options = (
+            f"-c listen_addresses='' -c unix_socket_directories={self.socket_dir} -c fsync=off"
+        )
+        self._run(
+            str(self.bin_dir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-w",
+            "-l",
+            str(self.root / "log"),
+            "start",
+        )
 
     def stop(self) -> None:
-        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.root / "data"), "-m", "immediate",
-                  "-w", "stop")
+        self._run(
+            str(self.bin_dir / "pg_ctl"),
+            "-D",
+            str(self.root / "data"),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        )
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://postgres@/{database}?host={self.socket_dir}"
@@ -92,8 +118,9 @@ class PostgresServer:
         import psycopg
 
         name = f"test_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(host=str(self.socket_dir), user="postgres", dbname="postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            host=str(self.socket_dir), user="postgres", dbname="postgres", autocommit=True
+        ) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 

@@ -36,8 +36,7 @@ def _account(server: ProductServer, name: str, **limits) -> str:
     user = UserRow(f"user_{name}", name, int(time.time()), **limits)
     assert db.create_user(repo, user)
     secret = keys.new_secret()
-    db.add_key(repo, KeyRow(keys.new_key_id(), user.id, keys.hint(secret), 1),
-               keys.digest(secret))
+    db.add_key(repo, KeyRow(keys.new_key_id(), user.id, keys.hint(secret), 1), keys.digest(secret))
     return secret
 
 
@@ -47,12 +46,15 @@ def _client(server: ProductServer, key: str | None) -> httpx.Client:
 
 
 def _chat(client: httpx.Client, **extra) -> httpx.Response:
-    return client.post("/chat/completions", json={
-        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **extra})
+    return client.post(
+        "/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **extra},
+    )
 
 
-def _rows(server: ProductServer, user_id: str | object | None = db._ANY,
-          count: int | None = None) -> list[db.UsageRecord]:
+def _rows(
+    server: ProductServer, user_id: str | object | None = db._ANY, count: int | None = None
+) -> list[db.UsageRecord]:
     """The usage rows, waiting (a stream's row is written as it closes) for `count`."""
     deadline = time.monotonic() + 10
     while True:
@@ -66,8 +68,7 @@ def _quota(server: ProductServer, user_id: str) -> db.QuotaState:
     return db.quota_state(server.product.store.repo, user_id, 0)
 
 
-def test_the_server_is_open_until_a_key_is_issued_then_every_v1_route_needs_one(
-        product_server):
+def test_the_server_is_open_until_a_key_is_issued_then_every_v1_route_needs_one(product_server):
     server = product_server(api_keys=["operator-key"])
     with _client(server, "operator-key") as operator:
         assert _chat(operator).status_code == 200
@@ -80,9 +81,14 @@ def test_the_server_is_open_until_a_key_is_issued_then_every_v1_route_needs_one(
         for path in ("/models", "/usage", "/responses/resp_x", "/conversations/conv_x"):
             refused = anonymous.get(path)
             assert refused.status_code == 401
-            assert refused.json() == {"error": {
-                "message": "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+            assert refused.json() == {
+                "error": {
+                    "message": "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+            }
     with pytest.raises(openai.AuthenticationError):  # the SDK's client has no valid key
         open_server.client.models.list()
     with _client(open_server, key + "x") as wrong:
@@ -105,35 +111,45 @@ class _UnusedEmbedder:
         raise AssertionError(f"the embedder was used ({name})")
 
 
-def test_another_users_ids_answer_404_like_unknown_ids_on_every_route(product_server,
-                                                                      tmp_path):
+def test_another_users_ids_answer_404_like_unknown_ids_on_every_route(product_server, tmp_path):
     server = product_server(data_dir=tmp_path / "data", embedder=_UnusedEmbedder())
     alice_key, bob_key = _account(server, "alice"), _account(server, "bob")
     with _client(server, alice_key) as alice, _client(server, bob_key) as bob:
         response = alice.post("/responses", json={"model": MODEL, "input": "x"}).json()
-        conversation = alice.post("/conversations", json={"items": [
-            {"type": "message", "role": "user", "content": "hi"}]}).json()
+        conversation = alice.post(
+            "/conversations", json={"items": [{"type": "message", "role": "user", "content": "hi"}]}
+        ).json()
         item = alice.get(f"/conversations/{conversation['id']}/items").json()["data"][0]
-        file = alice.post("/files", files={"file": ("a.txt", io.BytesIO(b"secret"))},
-                          data={"purpose": "assistants"}).json()
+        file = alice.post(
+            "/files",
+            files={"file": ("a.txt", io.BytesIO(b"secret"))},
+            data={"purpose": "assistants"},
+        ).json()
         store = alice.post("/vector_stores", json={"name": "s"}).json()
         r, c, f, v = response["id"], conversation["id"], file["id"], store["id"]
         routes = [
-            ("GET", f"/responses/{r}", None), ("DELETE", f"/responses/{r}", None),
+            ("GET", f"/responses/{r}", None),
+            ("DELETE", f"/responses/{r}", None),
             ("POST", f"/responses/{r}/cancel", None),
             ("GET", f"/responses/{r}/input_items", None),
             ("POST", "/responses", {"model": MODEL, "input": "x", "previous_response_id": r}),
             ("POST", "/responses", {"model": MODEL, "input": "x", "conversation": c}),
-            ("GET", f"/conversations/{c}", None), ("POST", f"/conversations/{c}",
-                                                   {"metadata": {"a": "b"}}),
-            ("DELETE", f"/conversations/{c}", None), ("GET", f"/conversations/{c}/items", None),
-            ("POST", f"/conversations/{c}/items", {"items": [
-                {"type": "message", "role": "user", "content": "x"}]}),
+            ("GET", f"/conversations/{c}", None),
+            ("POST", f"/conversations/{c}", {"metadata": {"a": "b"}}),
+            ("DELETE", f"/conversations/{c}", None),
+            ("GET", f"/conversations/{c}/items", None),
+            (
+                "POST",
+                f"/conversations/{c}/items",
+                {"items": [{"type": "message", "role": "user", "content": "x"}]},
+            ),
             ("GET", f"/conversations/{c}/items/{item['id']}", None),
             ("DELETE", f"/conversations/{c}/items/{item['id']}", None),
-            ("GET", f"/files/{f}", None), ("GET", f"/files/{f}/content", None),
+            ("GET", f"/files/{f}", None),
+            ("GET", f"/files/{f}/content", None),
             ("DELETE", f"/files/{f}", None),
-            ("GET", f"/vector_stores/{v}", None), ("POST", f"/vector_stores/{v}", {"name": "t"}),
+            ("GET", f"/vector_stores/{v}", None),
+            ("POST", f"/vector_stores/{v}", {"name": "t"}),
             ("DELETE", f"/vector_stores/{v}", None),
             ("POST", f"/vector_stores/{v}/search", {"query": "secret"}),
             ("GET", f"/vector_stores/{v}/files", None),
@@ -141,14 +157,25 @@ def test_another_users_ids_answer_404_like_unknown_ids_on_every_route(product_se
             ("GET", f"/vector_stores/{v}/files/{f}", None),
             ("DELETE", f"/vector_stores/{v}/files/{f}", None),
             ("POST", f"/vector_stores/{v}/file_batches", {"file_ids": [f]}),
-            ("POST", "/responses", {"model": MODEL, "input": "x", "tools": [
-                {"type": "file_search", "vector_store_ids": [v]}]}),
+            (
+                "POST",
+                "/responses",
+                {
+                    "model": MODEL,
+                    "input": "x",
+                    "tools": [{"type": "file_search", "vector_store_ids": [v]}],
+                },
+            ),
         ]
         for method, path, body in routes:
             answer = bob.request(method, path, json=body)
             assert answer.status_code == 404, (method, path, answer.text)
-            unknown = path.replace(r, "resp_0").replace(c, "conv_0").replace(
-                f, "file-0").replace(v, "vs_0")
+            unknown = (
+                path.replace(r, "resp_0")
+                .replace(c, "conv_0")
+                .replace(f, "file-0")
+                .replace(v, "vs_0")
+            )
             assert bob.request(method, unknown, json=body).status_code == 404
         assert bob.get("/files").json()["data"] == []
         assert bob.get("/vector_stores").json()["data"] == []
@@ -159,8 +186,7 @@ def test_another_users_ids_answer_404_like_unknown_ids_on_every_route(product_se
         assert alice.get(f"/vector_stores/{v}").status_code == 200
 
 
-def test_over_quota_is_a_429_insufficient_quota_before_any_compute_and_others_go_on(
-        product_server):
+def test_over_quota_is_a_429_insufficient_quota_before_any_compute_and_others_go_on(product_server):
     server = product_server()
     alice_key = _account(server, "alice", token_quota=100, quota_period="day")
     bob_key = _account(server, "bob")
@@ -183,8 +209,9 @@ def test_over_quota_is_a_429_insufficient_quota_before_any_compute_and_others_go
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "responses"])
-def test_fifty_concurrent_requests_never_overspend_the_quota(product_server, database_url,
-                                                             endpoint):
+def test_fifty_concurrent_requests_never_overspend_the_quota(
+    product_server, database_url, endpoint
+):
     """Each request reserves its prompt + 13 tokens; the quota fits 10 of them at once. The
     tokens reach the engine only for admitted requests, and the database agrees."""
     engine = FakeEngine(reply=REPLY, token_delay=0.005)
@@ -194,9 +221,9 @@ def test_fifty_concurrent_requests_never_overspend_the_quota(product_server, dat
     prompt = probe_usage["prompt_tokens"] if endpoint == "chat" else 0
     if endpoint == "responses":
         with _client(server, None) as probe:
-            prompt = probe.post("/responses", json={
-                "model": MODEL, "input": "Hi", "max_output_tokens": 13}).json()[
-                "usage"]["input_tokens"]
+            prompt = probe.post(
+                "/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 13}
+            ).json()["usage"]["input_tokens"]
     limit = 10 * (prompt + 13) + 5
     key = _account(server, "alice", token_quota=limit, quota_period="month")
     barrier = threading.Barrier(50)
@@ -206,8 +233,9 @@ def test_fifty_concurrent_requests_never_overspend_the_quota(product_server, dat
             barrier.wait()
             if endpoint == "chat":
                 return _chat(alice, max_tokens=13)
-            return alice.post("/responses", json={"model": MODEL, "input": "Hi",
-                                                  "max_output_tokens": 13})
+            return alice.post(
+                "/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 13}
+            )
 
     with ThreadPoolExecutor(50) as pool:
         answers = list(pool.map(request, range(50)))
@@ -218,16 +246,17 @@ def test_fifty_concurrent_requests_never_overspend_the_quota(product_server, dat
     spent = sum(a.json()["usage"]["total_tokens"] for a in ok)
     rows = _rows(server, "user_alice", count=50)
     with server.product.store.engine.connect() as conn:
-        used, reserved = conn.execute(select(func.sum(quota_periods.c.used),
-                                             func.sum(quota_periods.c.reserved))).one()
+        used, reserved = conn.execute(
+            select(func.sum(quota_periods.c.used), func.sum(quota_periods.c.reserved))
+        ).one()
     assert used == spent <= limit and reserved == 0
     assert sum(r.total_tokens for r in rows) == spent
-    assert sorted(r.status for r in rows) == ["completed"] * len(ok) + ["rejected"] * len(
-        refused)
+    assert sorted(r.status for r in rows) == ["completed"] * len(ok) + ["rejected"] * len(refused)
 
 
 def test_rate_limits_answer_429_with_retry_after_and_every_answer_carries_the_headers(
-        product_server):
+    product_server,
+):
     server = product_server()
     key = _account(server, "alice", rpm=2, tpm=10_000)
     with _client(server, key) as alice:
@@ -238,9 +267,16 @@ def test_rate_limits_answer_429_with_retry_after_and_every_answer_carries_the_he
         assert first.headers["x-ratelimit-limit-tokens"] == "10000"
         assert int(first.headers["x-ratelimit-remaining-tokens"]) < 10_000
         assert first.headers["x-ratelimit-reset-requests"].endswith("s")
-        with alice.stream("POST", "/chat/completions", json={
-                "model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}],
-                "max_tokens": 5}) as streamed:
+        with alice.stream(
+            "POST",
+            "/chat/completions",
+            json={
+                "model": MODEL,
+                "stream": True,
+                "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 5,
+            },
+        ) as streamed:
             assert streamed.headers["x-ratelimit-remaining-requests"] == "0"
             streamed.read()
         limited = _chat(alice, max_tokens=5)
@@ -257,41 +293,61 @@ def test_rate_limits_answer_429_with_retry_after_and_every_answer_carries_the_he
         assert _chat(bob, max_tokens=60).status_code == 429  # the bucket holds ~100 - used
         [day] = bob.get("/usage").json()["data"]
         assert day["requests"] == 1  # refusals cost nothing and are not reported
-    assert [r.status for r in _rows(server, "user_bob")] == ["rejected", "completed",
-                                                             "rejected"]
+    assert [r.status for r in _rows(server, "user_bob")] == ["rejected", "completed", "rejected"]
 
 
 def test_usage_rows_add_up_to_what_the_responses_reported_and_the_report_has_its_shape(
-        product_server):
+    product_server,
+):
     server = product_server(FakeEngine(reply=REPLY))
     key = _account(server, "alice", token_quota=100_000, quota_period="month")
     reported = 0
     with _client(server, key) as alice:
         reported += _chat(alice).json()["usage"]["total_tokens"]
-        with alice.stream("POST", "/chat/completions", json={
-                "model": MODEL, "stream": True, "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": "Hi"}]}) as streamed:
+        with alice.stream(
+            "POST",
+            "/chat/completions",
+            json={
+                "model": MODEL,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": "Hi"}],
+            },
+        ) as streamed:
             chunks = [e for e in events(streamed) if isinstance(e, dict)]
         reported += chunks[-1]["usage"]["total_tokens"]
-        batch = alice.post("/completions", json={"model": MODEL, "prompt": ["ab", "cde"],
-                                                 "n": 2, "max_tokens": 4}).json()
+        batch = alice.post(
+            "/completions", json={"model": MODEL, "prompt": ["ab", "cde"], "n": 2, "max_tokens": 4}
+        ).json()
         assert batch["usage"]["completion_tokens"] == 16
         reported += batch["usage"]["total_tokens"]
         response = SDKResponse.model_validate(
-            alice.post("/responses", json={"model": MODEL, "input": "Hi"}).json())
+            alice.post("/responses", json={"model": MODEL, "input": "Hi"}).json()
+        )
         reported += response.usage.total_tokens
-        with alice.stream("POST", "/responses", json={"model": MODEL, "input": "Yo",
-                                                      "stream": True}) as streamed:
+        with alice.stream(
+            "POST", "/responses", json={"model": MODEL, "input": "Yo", "stream": True}
+        ) as streamed:
             final = [e for e in events_named(streamed)][-1]
         reported += final["response"]["usage"]["total_tokens"]
         rows = _rows(server, "user_alice", count=5)
         report = alice.get("/usage").json()
     assert sorted((r.endpoint, r.status) for r in rows) == [
-        ("chat.completions", "completed"), ("chat.completions", "completed"),
-        ("completions", "completed"), ("responses", "completed"), ("responses", "completed")]
+        ("chat.completions", "completed"),
+        ("chat.completions", "completed"),
+        ("completions", "completed"),
+        ("responses", "completed"),
+        ("responses", "completed"),
+    ]
     assert sum(r.total_tokens for r in rows) == reported
-    assert all(r.model == MODEL and r.key_id.startswith("key_") and r.duration > 0
-               and r.ttft is not None and r.queue_time is not None for r in rows)
+    assert all(
+        r.model == MODEL
+        and r.key_id.startswith("key_")
+        and r.duration > 0
+        and r.ttft is not None
+        and r.queue_time is not None
+        for r in rows
+    )
     assert set(report) == {"object", "user", "quota", "data"}
     assert report["object"] == "usage.report" and report["user"] == "alice"
     quota = report["quota"]
@@ -300,14 +356,22 @@ def test_usage_rows_add_up_to_what_the_responses_reported_and_the_report_has_its
     assert quota["used"] == reported and quota["reserved"] == 0
     assert quota["remaining"] == 100_000 - reported and quota["resets_at"] > time.time()
     [day] = report["data"]
-    assert set(day) == {"date", "model", "requests", "input_tokens", "cached_input_tokens",
-                        "output_tokens", "total_tokens"}
+    assert set(day) == {
+        "date",
+        "model",
+        "requests",
+        "input_tokens",
+        "cached_input_tokens",
+        "output_tokens",
+        "total_tokens",
+    }
     assert day["requests"] == 5 and day["total_tokens"] == reported and day["model"] == MODEL
     assert day["date"] == time.strftime("%Y-%m-%d", time.gmtime())
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'tokenmill:endpoint_tokens_total{endpoint="completions",kind="output"} 16.0' in metrics
-    assert 'tokenmill:endpoint_requests_total{endpoint="responses",status="completed"} 2.0' \
-        in metrics
+    assert (
+        'tokenmill:endpoint_requests_total{endpoint="responses",status="completed"} 2.0' in metrics
+    )
     assert "alice" not in metrics
 
 
@@ -319,10 +383,18 @@ def test_a_disconnect_and_a_cancel_settle_the_reservation(product_server):
     engine = FakeEngine(reply="abcdefghijklmnopqrstuvwxyz", token_delay=0.02)
     server = product_server(engine)
     key = _account(server, "alice", token_quota=10_000, quota_period="total")
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=10,
-                      headers={"Authorization": f"Bearer {key}"},
-                      json={"model": MODEL, "stream": True, "max_tokens": 26,
-                            "messages": [{"role": "user", "content": "x"}]}) as stream:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        timeout=10,
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "model": MODEL,
+            "stream": True,
+            "max_tokens": 26,
+            "messages": [{"role": "user", "content": "x"}],
+        },
+    ) as stream:
         for n, _ in enumerate(events(stream)):
             if n == 3:
                 break
@@ -332,8 +404,9 @@ def test_a_disconnect_and_a_cancel_settle_the_reservation(product_server):
         started = threading.Event()
 
         def stream_response() -> None:
-            with alice.stream("POST", "/responses", json={
-                    "model": MODEL, "input": "x", "stream": True}) as streamed:
+            with alice.stream(
+                "POST", "/responses", json={"model": MODEL, "input": "x", "stream": True}
+            ) as streamed:
                 for line in streamed.iter_lines():
                     if line.startswith("data: "):
                         event = json.loads(line[6:])
@@ -354,14 +427,28 @@ def test_a_disconnect_and_a_cancel_settle_the_reservation(product_server):
     assert state.reserved == 0 and state.used == sum(r.total_tokens for r in rows)
 
 
-def test_the_admin_cli_manages_users_and_keys_the_server_accepts(product_server, tmp_path,
-                                                                  capsys):
+def test_the_admin_cli_manages_users_and_keys_the_server_accepts(product_server, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     server = product_server(database_url=f"sqlite:///{data / 'tokenmill.db'}")
     run = ["--data-dir", str(data)]
-    assert admin([*run, "users", "create", "carol", "--token-quota", "500", "--quota-period",
-                  "day", "--rpm", "30"]) == 0
+    assert (
+        admin(
+            [
+                *run,
+                "users",
+                "create",
+                "carol",
+                "--token-quota",
+                "500",
+                "--quota-period",
+                "day",
+                "--rpm",
+                "30",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["token_quota"] == 500
     assert admin([*run, "users", "create", "carol"]) == 1
     assert "exists already" in capsys.readouterr().err
@@ -389,8 +476,7 @@ def test_the_admin_cli_manages_users_and_keys_the_server_accepts(product_server,
         assert conn.exec_driver_sql("SELECT count(*) FROM conversations").scalar() == 0
 
 
-def test_a_users_requests_beyond_their_share_wait_while_another_user_goes_first(
-        product_server):
+def test_a_users_requests_beyond_their_share_wait_while_another_user_goes_first(product_server):
     engine = FakeEngine(reply="x" * 40, token_delay=0.02)  # about 0.8 s a request
     server = product_server(engine, max_sequences_per_user=1)
     a_key, b_key = _account(server, "a"), _account(server, "b")
@@ -401,8 +487,7 @@ def test_a_users_requests_beyond_their_share_wait_while_another_user_goes_first(
             assert time.monotonic() < deadline
             time.sleep(0.005)
 
-    with _client(server, a_key) as a, _client(server, b_key) as b, \
-            ThreadPoolExecutor(2) as pool:
+    with _client(server, a_key) as a, _client(server, b_key) as b, ThreadPoolExecutor(2) as pool:
         first = pool.submit(_chat, a)
         wait_until(lambda: len(engine.running) == 1)
         second = pool.submit(_chat, a)
@@ -422,24 +507,38 @@ def test_each_model_turn_of_a_tool_loop_reserves_before_it_runs(product_server):
     server = product_server(FakeEngine(reply=script))
     rich = _account(server, "rich", token_quota=100_000, quota_period="month")
     with _client(server, rich) as client:
-        done = client.post("/responses", json={"model": MODEL, "input": "6 times 7?",
-                                               "tools": [CALCULATOR],
-                                               "max_output_tokens": 200}).json()
+        done = client.post(
+            "/responses",
+            json={
+                "model": MODEL,
+                "input": "6 times 7?",
+                "tools": [CALCULATOR],
+                "max_output_tokens": 200,
+            },
+        ).json()
     assert done["status"] == "completed" and len(server.engine.prompts) == 2
     first_prompt = len(server.engine.prompts[0])
-    state = db.quota_state(server.product.store.repo, "user_rich",
-                           period_start("month", time.time()))
+    state = db.quota_state(
+        server.product.store.repo, "user_rich", period_start("month", time.time())
+    )
     assert state.reserved == 0 and state.used == done["usage"]["total_tokens"]
     # A quota that holds the first model turn (prompt + 200) but not the second too.
     poor = _account(server, "poor", token_quota=first_prompt + 200 + 50, quota_period="month")
     with _client(server, poor) as client:
-        cut = client.post("/responses", json={"model": MODEL, "input": "6 times 7?",
-                                              "tools": [CALCULATOR],
-                                              "max_output_tokens": 200}).json()
+        cut = client.post(
+            "/responses",
+            json={
+                "model": MODEL,
+                "input": "6 times 7?",
+                "tools": [CALCULATOR],
+                "max_output_tokens": 200,
+            },
+        ).json()
     assert cut["status"] == "failed" and cut["error"]["code"] == "insufficient_quota"
     assert [item["type"] for item in cut["output"]] == ["function_call", "function_call_output"]
-    state = db.quota_state(server.product.store.repo, "user_poor",
-                           period_start("month", time.time()))
+    state = db.quota_state(
+        server.product.store.repo, "user_poor", period_start("month", time.time())
+    )
     assert state.reserved == 0 and state.used == cut["usage"]["total_tokens"]
     [row] = _rows(server, "user_poor", count=1)
     assert row.status == "failed" and row.total_tokens == cut["usage"]["total_tokens"]

@@ -41,11 +41,28 @@ def _user(repo, name: str, quota: int | None = None, period: str = "total") -> U
     return user
 
 
-def _record(user_id: str | None, input_tokens: int, output_tokens: int, model: str = "m",
-            created_at: float | None = None, status: str = "completed") -> UsageRecord:
-    return UsageRecord(user_id, None, "chat.completions", model, input_tokens, 1,
-                       output_tokens, status, 0.01, 0.02, 0.5,
-                       created_at if created_at is not None else time.time())
+def _record(
+    user_id: str | None,
+    input_tokens: int,
+    output_tokens: int,
+    model: str = "m",
+    created_at: float | None = None,
+    status: str = "completed",
+) -> UsageRecord:
+    return UsageRecord(
+        user_id,
+        None,
+        "chat.completions",
+        model,
+        input_tokens,
+        1,
+        output_tokens,
+        status,
+        0.01,
+        0.02,
+        0.5,
+        created_at if created_at is not None else time.time(),
+    )
 
 
 def test_a_key_is_found_by_its_digest_until_it_is_revoked(store):
@@ -121,10 +138,13 @@ def test_release_reservations_frees_what_a_crash_left_held(store):
     assert db.quota_state(repo, alice.id, 0) == db.QuotaState(used=0, reserved=0)
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.integers(1, 200), st.lists(st.tuples(st.integers(1, 80), st.integers(0, 100)),
-                                      min_size=1, max_size=12))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.integers(1, 200),
+    st.lists(st.tuples(st.integers(1, 80), st.integers(0, 100)), min_size=1, max_size=12),
+)
 def test_property_used_plus_reserved_never_exceeds_the_limit(store, limit, requests):
     """Any sequence of reservations (tokens) each settled with some actual use (at most
     what it reserved) keeps used + reserved within the limit, and used equals the sum of
@@ -153,14 +173,22 @@ def test_usage_is_aggregated_per_day_and_model(store):
     repo = store.repo
     alice = _user(repo, "alice")
     day1, day2 = 1_700_000_000.0, 1_700_000_000.0 + 86400
-    for record in (_record(alice.id, 10, 5, "a", day1), _record(alice.id, 7, 3, "a", day1),
-                   _record(alice.id, 1, 1, "b", day1), _record(alice.id, 2, 2, "a", day2),
-                   _record(None, 100, 100, "a", day1)):
+    for record in (
+        _record(alice.id, 10, 5, "a", day1),
+        _record(alice.id, 7, 3, "a", day1),
+        _record(alice.id, 1, 1, "b", day1),
+        _record(alice.id, 2, 2, "a", day2),
+        _record(None, 100, 100, "a", day1),
+    ):
         db.settle(repo, None, record)
     days = db.usage_by_day(repo, alice.id)
-    assert [(d.date, d.model, d.requests, d.input_tokens, d.output_tokens, d.total_tokens)
-            for d in days] == [("2023-11-14", "a", 2, 17, 8, 25), ("2023-11-14", "b", 1, 1, 1, 2),
-                               ("2023-11-15", "a", 1, 2, 2, 4)]
+    assert [
+        (d.date, d.model, d.requests, d.input_tokens, d.output_tokens, d.total_tokens) for d in days
+    ] == [
+        ("2023-11-14", "a", 2, 17, 8, 25),
+        ("2023-11-14", "b", 1, 1, 1, 2),
+        ("2023-11-15", "a", 1, 2, 2, 4),
+    ]
     assert days[0].cached_input_tokens == 2
     assert [d.date for d in db.usage_by_day(repo, alice.id, "2023-11-15")] == ["2023-11-15"]
     assert db.usage_by_day(repo, None)[0].input_tokens == 100
@@ -180,8 +208,10 @@ def test_deleting_a_user_deletes_what_they_own_and_keeps_others(store):
     assert db.delete_user(repo, alice.id) == []
     assert db.get_user(repo, "alice") is None and db.find_key(repo, "digest_a") is None
     with store.engine.connect() as conn:
-        owners = {t.name: set(conn.execute(select(t.c.owner_id)).scalars())
-                  for t in (conversations, responses)}
+        owners = {
+            t.name: set(conn.execute(select(t.c.owner_id)).scalars())
+            for t in (conversations, responses)
+        }
         periods = conn.execute(select(func.count()).select_from(quota_periods)).scalar()
     assert owners == {"conversations": {bob.id}, "responses": {bob.id}}
     assert periods == 0

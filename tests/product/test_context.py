@@ -25,14 +25,23 @@ def user(text: str) -> dict:
 
 
 def assistant(text: str) -> dict:
-    return {"type": "message", "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    return {
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
 
 
 def test_the_next_turn_extends_the_previous_prompt_and_output_token_for_token(tok):
     builder = ContextBuilder(tok, 2048)
-    first = builder.build("Be brief.", History([], None), [user("Capital of Japan?")],
-                          ToolConfig(), 32, truncate=False)
+    first = builder.build(
+        "Be brief.",
+        History([], None),
+        [user("Capital of Japan?")],
+        ToolConfig(),
+        32,
+        truncate=False,
+    )
     # A sampled reply need not be the canonical tokenization of its text: here "Tokyo"
     # arrives as "Tok" + "yo", then the end-of-turn token.
     output = tok.encode(" It is Tok") + tok.encode("yo.") + [tok.backend.token_to_id("<|im_end|>")]
@@ -40,12 +49,19 @@ def test_the_next_turn_extends_the_previous_prompt_and_output_token_for_token(to
     context = first.token_ids + output
     reply = assistant(tok.decode(output))
     history = History([user("Capital of Japan?"), reply], context)
-    second = builder.build("Be brief.", history, [user("And of France?")], ToolConfig(), 32,
-                           truncate=False)
+    second = builder.build(
+        "Be brief.", history, [user("And of France?")], ToolConfig(), 32, truncate=False
+    )
     assert second.token_ids[: len(context)] == context
     assert second.reused_tokens == len(context)
-    fresh = builder.build("Be brief.", History(history.items, None), [user("And of France?")],
-                          ToolConfig(), 32, truncate=False)
+    fresh = builder.build(
+        "Be brief.",
+        History(history.items, None),
+        [user("And of France?")],
+        ToolConfig(),
+        32,
+        truncate=False,
+    )
     assert fresh.reused_tokens == 0
     # Same text for the model either way; only the token split of the reply differs.
     assert tok.decode(second.token_ids, False) == tok.decode(fresh.token_ids, False)
@@ -67,11 +83,18 @@ def test_auto_truncation_drops_the_oldest_turns_only(tok):
         turns += [user(f"Question {i}: " + "words " * 40), assistant(f"Answer {i}.")]
     builder = ContextBuilder(tok, 400)
     with pytest.raises(InvalidRequestError) as info:
-        builder.build("Stay polite.", History(turns, None), [user("Last one?")], ToolConfig(),
-                      50, truncate=False)
+        builder.build(
+            "Stay polite.",
+            History(turns, None),
+            [user("Last one?")],
+            ToolConfig(),
+            50,
+            truncate=False,
+        )
     assert info.value.code == "context_length_exceeded"
-    prompt = builder.build("Stay polite.", History(turns, None), [user("Last one?")],
-                           ToolConfig(), 50, truncate=True)
+    prompt = builder.build(
+        "Stay polite.", History(turns, None), [user("Last one?")], ToolConfig(), 50, truncate=True
+    )
     assert len(prompt.token_ids) + 50 <= 400
     assert prompt.dropped_items % 2 == 0 and prompt.dropped_items >= 2
     text = tok.decode(prompt.token_ids, False)
@@ -79,30 +102,52 @@ def test_auto_truncation_drops_the_oldest_turns_only(tok):
     assert "Question 0:" not in text
     # Keeping one more turn would not have fit.
     with pytest.raises(InvalidRequestError):
-        builder.build("Stay polite.", History(turns[prompt.dropped_items - 2:], None),
-                      [user("Last one?")], ToolConfig(), 50, truncate=False)
+        builder.build(
+            "Stay polite.",
+            History(turns[prompt.dropped_items - 2 :], None),
+            [user("Last one?")],
+            ToolConfig(),
+            50,
+            truncate=False,
+        )
 
 
 def test_even_the_input_alone_too_long_is_refused(tok):
     builder = ContextBuilder(tok, 64)
     with pytest.raises(InvalidRequestError):
-        builder.build(None, History([user("hi"), assistant("yo")], None),
-                      [user("words " * 100)], ToolConfig(), 8, truncate=True)
+        builder.build(
+            None,
+            History([user("hi"), assistant("yo")], None),
+            [user("words " * 100)],
+            ToolConfig(),
+            8,
+            truncate=True,
+        )
 
 
 def test_function_calls_join_the_assistant_turn_and_outputs_become_tool_messages():
     items = [
         user("Weather in Paris?"),
         assistant("Let me check."),
-        {"type": "function_call", "call_id": "call_1", "name": "weather",
-         "arguments": '{"city": "Paris"}'},
-        {"type": "function_call", "call_id": "call_2", "name": "weather",
-         "arguments": '{"city": "Lyon"}'},
+        {
+            "type": "function_call",
+            "call_id": "call_1",
+            "name": "weather",
+            "arguments": '{"city": "Paris"}',
+        },
+        {
+            "type": "function_call",
+            "call_id": "call_2",
+            "name": "weather",
+            "arguments": '{"city": "Lyon"}',
+        },
         {"type": "function_call_output", "call_id": "call_1", "output": "18C"},
     ]
     messages = items_to_messages(items)
     assert [m.role for m in messages] == ["user", "assistant", "tool"]
     assert messages[1].content == "Let me check."
-    assert [(c.id, c.name) for c in messages[1].tool_calls] == [("call_1", "weather"),
-                                                                ("call_2", "weather")]
+    assert [(c.id, c.name) for c in messages[1].tool_calls] == [
+        ("call_1", "weather"),
+        ("call_2", "weather"),
+    ]
     assert (messages[2].tool_call_id, messages[2].content) == ("call_1", "18C")

@@ -47,8 +47,10 @@ class HeldEmbedder:
 
 def _server(product_server, tmp_path, embedder) -> tuple[ProductServer, dict[str, str]]:
     server = product_server(data_dir=tmp_path / "data", embedder=embedder)
-    ids = {name: server.client.files.create(file=(name, data), purpose="assistants").id
-           for name, data in DOCUMENTS.items()}
+    ids = {
+        name: server.client.files.create(file=(name, data), purpose="assistants").id
+        for name, data in DOCUMENTS.items()
+    }
     return server, ids
 
 
@@ -57,42 +59,47 @@ def test_a_batch_indexes_its_files_and_lists_them(product_server, tmp_path, embe
     client = server.client
     store = client.vector_stores.create(name="batches")
     batch = client.vector_stores.file_batches.create_and_poll(
-        vector_store_id=store.id, file_ids=list(ids.values()), attributes={"team": "docs"},
-        poll_interval_ms=50)
+        vector_store_id=store.id,
+        file_ids=list(ids.values()),
+        attributes={"team": "docs"},
+        poll_interval_ms=50,
+    )
     assert batch.id.startswith("vsfb_") and batch.object == "vector_store.files_batch"
     assert batch.vector_store_id == store.id and batch.status == "completed"
     assert batch.file_counts.completed == 2 and batch.file_counts.total == 2
     assert client.vector_stores.file_batches.retrieve(batch.id, vector_store_id=store.id) == batch
     listed = client.vector_stores.file_batches.list_files(batch.id, vector_store_id=store.id)
     assert sorted(f.id for f in listed.data) == sorted(ids.values())
-    assert all(f.status == "completed" and f.attributes == {"team": "docs"}
-               for f in listed.data)
-    page = client.vector_stores.file_batches.list_files(batch.id, vector_store_id=store.id,
-                                                        limit=1, filter="completed")
+    assert all(f.status == "completed" and f.attributes == {"team": "docs"} for f in listed.data)
+    page = client.vector_stores.file_batches.list_files(
+        batch.id, vector_store_id=store.id, limit=1, filter="completed"
+    )
     assert len(page.data) == 1 and page.has_more
     hits = client.vector_stores.search(store.id, query="glacier valleys").data
     assert hits[0].file_id == ids["glaciers.txt"]
 
 
-def test_files_with_their_own_attributes_and_a_failed_batch(product_server, tmp_path,
-                                                            embedder):
+def test_files_with_their_own_attributes_and_a_failed_batch(product_server, tmp_path, embedder):
     server, ids = _server(product_server, tmp_path, embedder)
     client = server.client
     store = client.vector_stores.create()
     batch = client.vector_stores.file_batches.create_and_poll(
-        vector_store_id=store.id, poll_interval_ms=50,
-        files=[{"file_id": ids["glaciers.txt"], "attributes": {"topic": "ice"}},
-               {"file_id": ids["bread.txt"], "attributes": {"topic": "food"}}])
+        vector_store_id=store.id,
+        poll_interval_ms=50,
+        files=[
+            {"file_id": ids["glaciers.txt"], "attributes": {"topic": "ice"}},
+            {"file_id": ids["bread.txt"], "attributes": {"topic": "food"}},
+        ],
+    )
     assert batch.status == "completed"
     topics = {f.id: f.attributes["topic"] for f in client.vector_stores.files.list(store.id)}
     assert topics == {ids["glaciers.txt"]: "ice", ids["bread.txt"]: "food"}
-    image = client.files.create(file=("photo.png", b"\x89PNG\r\n\x1a\n0000"),
-                                purpose="assistants")
+    image = client.files.create(file=("photo.png", b"\x89PNG\r\n\x1a\n0000"), purpose="assistants")
     failed = client.vector_stores.file_batches.create_and_poll(
-        vector_store_id=store.id, file_ids=[image.id], poll_interval_ms=50)
+        vector_store_id=store.id, file_ids=[image.id], poll_interval_ms=50
+    )
     assert failed.status == "failed" and failed.file_counts.failed == 1
-    (only,) = client.vector_stores.file_batches.list_files(failed.id,
-                                                           vector_store_id=store.id).data
+    (only,) = client.vector_stores.file_batches.list_files(failed.id, vector_store_id=store.id).data
     assert only.status == "failed" and only.last_error.code == "unsupported_file"
 
 
@@ -101,27 +108,29 @@ def test_cancel_stops_the_files_still_in_progress(product_server, tmp_path, embe
     server, ids = _server(product_server, tmp_path, held)
     client = server.client
     store = client.vector_stores.create()
-    batch = client.vector_stores.file_batches.create(vector_store_id=store.id,
-                                                     file_ids=list(ids.values()))
+    batch = client.vector_stores.file_batches.create(
+        vector_store_id=store.id, file_ids=list(ids.values())
+    )
     assert batch.status == "in_progress" and batch.file_counts.in_progress == 2
     cancelled = client.vector_stores.file_batches.cancel(batch.id, vector_store_id=store.id)
     assert cancelled.status == "cancelled"
     assert (cancelled.file_counts.cancelled, cancelled.file_counts.in_progress) == (2, 0)
     held.release.set()
-    listed = client.vector_stores.file_batches.list_files(batch.id, vector_store_id=store.id,
-                                                          filter="cancelled")
+    listed = client.vector_stores.file_batches.list_files(
+        batch.id, vector_store_id=store.id, filter="cancelled"
+    )
     assert sorted(f.id for f in listed.data) == sorted(ids.values())
     assert client.vector_stores.search(store.id, query="glaciers").data == []
     assert client.vector_stores.retrieve(store.id).file_counts.cancelled == 2
 
 
-def test_batches_belong_to_their_owner_and_bad_bodies_are_400(product_server, tmp_path,
-                                                              embedder):
+def test_batches_belong_to_their_owner_and_bad_bodies_are_400(product_server, tmp_path, embedder):
     server, ids = _server(product_server, tmp_path, embedder)
     client = server.client
     store = client.vector_stores.create()
     batch = client.vector_stores.file_batches.create_and_poll(
-        vector_store_id=store.id, file_ids=[ids["bread.txt"]], poll_interval_ms=50)
+        vector_store_id=store.id, file_ids=[ids["bread.txt"]], poll_interval_ms=50
+    )
     repo = server.product.store.repo
     assert kb.get_file_batch(repo, "user_bob", store.id, batch.id) is None
     assert kb.cancel_file_batch(repo, "user_bob", store.id, batch.id) is None
@@ -130,18 +139,21 @@ def test_batches_belong_to_their_owner_and_bad_bodies_are_400(product_server, tm
     with pytest.raises(openai.NotFoundError):
         client.vector_stores.file_batches.retrieve("vsfb_missing", vector_store_id=store.id)
     with pytest.raises(openai.NotFoundError):
-        client.vector_stores.file_batches.create(vector_store_id="vs_missing",
-                                                 file_ids=[ids["bread.txt"]])
+        client.vector_stores.file_batches.create(
+            vector_store_id="vs_missing", file_ids=[ids["bread.txt"]]
+        )
     with pytest.raises(openai.NotFoundError):
-        client.vector_stores.file_batches.create(vector_store_id=store.id,
-                                                 file_ids=["file_missing"])
+        client.vector_stores.file_batches.create(
+            vector_store_id=store.id, file_ids=["file_missing"]
+        )
     url = f"{server.url}/v1/vector_stores/{store.id}/file_batches"
-    for body, param in [({}, "file_ids"),
-                        ({"file_ids": [ids["bread.txt"]], "files": []}, "file_ids"),
-                        ({"file_ids": []}, "file_ids"),
-                        ({"files": [{"file_id": 3}]}, "files[0].file_id"),
-                        ({"files": [{"file_id": ids["bread.txt"]}], "attributes": {}},
-                         "files")]:
+    for body, param in [
+        ({}, "file_ids"),
+        ({"file_ids": [ids["bread.txt"]], "files": []}, "file_ids"),
+        ({"file_ids": []}, "file_ids"),
+        ({"files": [{"file_id": 3}]}, "files[0].file_id"),
+        ({"files": [{"file_id": ids["bread.txt"]}], "attributes": {}}, "files"),
+    ]:
         raw = httpx.post(url, json=body, timeout=10)
         assert raw.status_code == 400 and raw.json()["error"]["param"] == param, body
     client.vector_stores.delete(store.id)

@@ -27,8 +27,11 @@ async def _streams_then_kill(url: str, pid: int) -> tuple[dict, set[str]]:
     async def one(client: openai.AsyncOpenAI, i: int) -> None:
         try:
             stream = await client.responses.create(
-                model=MODEL, input=f"Tell a long story about the number {i}.", stream=True,
-                max_output_tokens=4 if i % 2 == 0 else 400)
+                model=MODEL,
+                input=f"Tell a long story about the number {i}.",
+                stream=True,
+                max_output_tokens=4 if i % 2 == 0 else 400,
+            )
             async for event in stream:
                 if event.type == "response.created":
                     started.add(event.response.id)
@@ -41,8 +44,9 @@ async def _streams_then_kill(url: str, pid: int) -> tuple[dict, set[str]]:
         finally:
             begun[i].set()
 
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
-                                  timeout=600) as client:
+    async with openai.AsyncOpenAI(
+        base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600
+    ) as client:
         tasks = [asyncio.create_task(one(client, i)) for i in range(8)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in begun)), 600)
         while len(completed) < 4 and not all(t.done() for t in tasks):
@@ -58,8 +62,13 @@ def test_sigkill_mid_streams_leaves_an_intact_store(tmp_path):
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         conv = client.conversations.create()
-        first = client.responses.create(model=MODEL, conversation=conv.id, temperature=0,
-                                        input="My name is Ada.", max_output_tokens=8)
+        first = client.responses.create(
+            model=MODEL,
+            conversation=conv.id,
+            temperature=0,
+            input="My name is Ada.",
+            max_output_tokens=8,
+        )
         completed, cut = asyncio.run(_streams_then_kill(server.url, server.process.pid))
         assert server.process.wait(30) == -signal.SIGKILL
     finally:
@@ -83,12 +92,20 @@ def test_sigkill_mid_streams_leaves_an_intact_store(tmp_path):
             with contextlib.suppress(openai.NotFoundError):
                 assert client.responses.retrieve(response_id).status == "incomplete"
         # The conversation from before the kill goes on.
-        again = client.responses.create(model=MODEL, conversation=conv.id, temperature=0,
-                                        input="What is my name?", max_output_tokens=8)
+        again = client.responses.create(
+            model=MODEL,
+            conversation=conv.id,
+            temperature=0,
+            input="What is my name?",
+            max_output_tokens=8,
+        )
         assert again.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
-        texts = [i.content[0].text for i in client.conversations.items.list(conv.id,
-                                                                             order="asc")]
-        assert texts == ["My name is Ada.", first.output_text, "What is my name?",
-                         again.output_text]
+        texts = [i.content[0].text for i in client.conversations.items.list(conv.id, order="asc")]
+        assert texts == [
+            "My name is Ada.",
+            first.output_text,
+            "What is my name?",
+            again.output_text,
+        ]
     finally:
         assert server.stop() == 0

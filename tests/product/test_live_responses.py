@@ -35,8 +35,9 @@ def client(live: LiveServer) -> openai.OpenAI:
 
 def ask(client: openai.OpenAI, text: str, **kwargs) -> Response:
     kwargs.setdefault("max_output_tokens", 16)
-    return client.responses.create(model=MODEL, input=text, temperature=0,
-                                   instructions=INSTRUCTIONS, **kwargs)
+    return client.responses.create(
+        model=MODEL, input=text, temperature=0, instructions=INSTRUCTIONS, **kwargs
+    )
 
 
 def test_a_two_turn_conversation_is_served_from_the_prefix_cache(client):
@@ -53,11 +54,20 @@ def test_a_two_turn_conversation_is_served_from_the_prefix_cache(client):
 
 
 def test_streamed_deltas_add_up_to_the_stored_text(client):
-    events = list(client.responses.create(model=MODEL, input="Name three colors.",
-                                          temperature=0, max_output_tokens=12, stream=True))
+    events = list(
+        client.responses.create(
+            model=MODEL,
+            input="Name three colors.",
+            temperature=0,
+            max_output_tokens=12,
+            stream=True,
+        )
+    )
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert events[0].type == "response.created" and events[-1].type in (
-        "response.completed", "response.incomplete")
+        "response.completed",
+        "response.incomplete",
+    )
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     final = events[-1].response
     assert text and text == final.output_text
@@ -66,18 +76,27 @@ def test_streamed_deltas_add_up_to_the_stored_text(client):
 
 
 def test_conversation_and_item_endpoints(client):
-    conv = client.conversations.create(metadata={"user": "test"}, items=[
-        {"role": "user", "content": "My name is Ada."},
-        {"role": "assistant", "content": "Nice to meet you, Ada."},
-    ])
-    reply = client.responses.create(model=MODEL, conversation=conv.id, temperature=0,
-                                    input="What is my name?", max_output_tokens=12)
+    conv = client.conversations.create(
+        metadata={"user": "test"},
+        items=[
+            {"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": "Nice to meet you, Ada."},
+        ],
+    )
+    reply = client.responses.create(
+        model=MODEL,
+        conversation=conv.id,
+        temperature=0,
+        input="What is my name?",
+        max_output_tokens=12,
+    )
     assert reply.status in ("completed", "incomplete") and reply.output_text
     items = list(client.conversations.items.list(conv.id, order="asc", limit=2))
     assert [i.role for i in items] == ["user", "assistant", "user", "assistant"]
     assert items[-1].content[0].text == reply.output_text
-    added = client.conversations.items.create(conv.id, items=[
-        {"role": "user", "content": "I live in Rome."}])
+    added = client.conversations.items.create(
+        conv.id, items=[{"role": "user", "content": "I live in Rome."}]
+    )
     item = client.conversations.items.retrieve(added.data[0].id, conversation_id=conv.id)
     assert item.content[0].text == "I live in Rome."
     client.conversations.items.delete(item.id, conversation_id=conv.id)
@@ -91,8 +110,10 @@ def test_conversation_and_item_endpoints(client):
         client.responses.cancel(reply.id)  # it has finished
     client.responses.delete(reply.id)
     assert client.conversations.delete(conv.id).deleted
-    for call in (lambda: client.responses.retrieve(reply.id),
-                 lambda: client.conversations.retrieve(conv.id)):
+    for call in (
+        lambda: client.responses.retrieve(reply.id),
+        lambda: client.conversations.retrieve(conv.id),
+    ):
         with pytest.raises(openai.NotFoundError):
             call()
     with pytest.raises(openai.BadRequestError) as info:
@@ -101,10 +122,17 @@ def test_conversation_and_item_endpoints(client):
 
 
 def test_a_dropped_stream_is_stored_incomplete_with_its_text(live, client):
-    with httpx.stream("POST", f"{live.url}/v1/responses", timeout=60, json={
-        "model": MODEL, "input": "Count from one to one hundred in words.", "stream": True,
-        "max_output_tokens": 400,
-    }) as stream:
+    with httpx.stream(
+        "POST",
+        f"{live.url}/v1/responses",
+        timeout=60,
+        json={
+            "model": MODEL,
+            "input": "Count from one to one hundred in words.",
+            "stream": True,
+            "max_output_tokens": 400,
+        },
+    ) as stream:
         response_id, deltas = None, ""
         for line in stream.iter_lines():
             if line.startswith("data: "):
@@ -123,8 +151,9 @@ def test_a_dropped_stream_is_stored_incomplete_with_its_text(live, client):
 
 
 def test_cancel_stops_a_response_being_generated(client):
-    stream = client.responses.create(model=MODEL, input="Count from one to one hundred.",
-                                     max_output_tokens=400, stream=True)
+    stream = client.responses.create(
+        model=MODEL, input="Count from one to one hundred.", max_output_tokens=400, stream=True
+    )
     events = iter(stream)
     response_id = next(events).response.id
     for event in events:
@@ -138,31 +167,56 @@ def test_cancel_stops_a_response_being_generated(client):
     assert cancelled.usage.output_tokens < 400
 
 
-PLACE = {"type": "object", "additionalProperties": False, "required": ["city", "country", "rank"],
-         "properties": {"city": {"type": "string", "maxLength": 24},
-                        "country": {"type": "string", "enum": ["Japan", "France", "Peru"]},
-                        "rank": {"type": "integer", "minimum": 1, "maximum": 10}}}
+PLACE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["city", "country", "rank"],
+    "properties": {
+        "city": {"type": "string", "maxLength": 24},
+        "country": {"type": "string", "enum": ["Japan", "France", "Peru"]},
+        "rank": {"type": "integer", "minimum": 1, "maximum": 10},
+    },
+}
 
 
 def test_json_schema_output_always_validates(client):
-    for i, question in enumerate(["Name a city in Japan.", "Tell me about Paris.",
-                                  "Where is Lima?", "Pick any city."]):
+    for i, question in enumerate(
+        ["Name a city in Japan.", "Tell me about Paris.", "Where is Lima?", "Pick any city."]
+    ):
         response = client.responses.create(
-            model=MODEL, input=question, max_output_tokens=64, temperature=0.8 * (i % 2),
-            text={"format": {"type": "json_schema", "name": "place", "schema": PLACE,
-                             "strict": True}})
+            model=MODEL,
+            input=question,
+            max_output_tokens=64,
+            temperature=0.8 * (i % 2),
+            text={
+                "format": {"type": "json_schema", "name": "place", "schema": PLACE, "strict": True}
+            },
+        )
         assert response.status == "completed", response.output_text
         jsonschema.validate(json.loads(response.output_text), PLACE)
         assert response.text.format.type == "json_schema"
 
 
 def test_a_forced_tool_call_has_valid_arguments(client):
-    weather = {"type": "function", "name": "get_weather", "description": "Weather in a city",
-               "parameters": {"type": "object", "additionalProperties": False,
-                              "required": ["city"],
-                              "properties": {"city": {"type": "string", "maxLength": 24}}}}
-    response = ask(client, "What is the weather in Paris?", max_output_tokens=64,
-                   tools=[weather], tool_choice="required", parallel_tool_calls=False)
+    weather = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["city"],
+            "properties": {"city": {"type": "string", "maxLength": 24}},
+        },
+    }
+    response = ask(
+        client,
+        "What is the weather in Paris?",
+        max_output_tokens=64,
+        tools=[weather],
+        tool_choice="required",
+        parallel_tool_calls=False,
+    )
     assert response.status == "completed"
     [call] = response.output
     assert (call.type, call.name) == ("function_call", "get_weather")
@@ -173,9 +227,14 @@ def test_sql_query_runs_inside_a_response(client):
     """A forced call is grammar-constrained, so even the small model makes a valid one;
     whether its SQL is right is up to the model (the tool's error goes back to it)."""
     response = client.responses.create(
-        model=MODEL, input="What were East China sales in 2026-Q3?", temperature=0,
-        tools=[{"type": "function", "name": "sql_query"}], parallel_tool_calls=False,
-        tool_choice={"type": "function", "name": "sql_query"}, max_output_tokens=120)
+        model=MODEL,
+        input="What were East China sales in 2026-Q3?",
+        temperature=0,
+        tools=[{"type": "function", "name": "sql_query"}],
+        parallel_tool_calls=False,
+        tool_choice={"type": "function", "name": "sql_query"},
+        max_output_tokens=120,
+    )
     kinds = [item.type for item in response.output]
     assert kinds[:2] == ["function_call", "function_call_output"]
     call, result = response.output[:2]

@@ -25,8 +25,12 @@ from tests.server.fake_engine import FakeEngine
 
 MODEL = "fake-model"
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
 
 
 def _prompt(server: ProductServer, index: int = -1) -> str:
@@ -39,9 +43,18 @@ def _raw(server: ProductServer, method: str, path: str, **kwargs) -> httpx.Respo
 
 def test_create_and_retrieve_return_openai_response_objects(product_server):
     server = product_server(FakeEngine(reply="Tokyo is the capital."))
-    raw = _raw(server, "POST", "/responses", json={
-        "model": MODEL, "input": "Capital of Japan?", "instructions": "Be brief.",
-        "metadata": {"case": "1"}, "temperature": 0})
+    raw = _raw(
+        server,
+        "POST",
+        "/responses",
+        json={
+            "model": MODEL,
+            "input": "Capital of Japan?",
+            "instructions": "Be brief.",
+            "metadata": {"case": "1"},
+            "temperature": 0,
+        },
+    )
     assert raw.status_code == 200
     response = Response.model_validate(raw.json())
     assert response.status == "completed" and response.output_text == "Tokyo is the capital."
@@ -51,8 +64,7 @@ def test_create_and_retrieve_return_openai_response_objects(product_server):
     assert response.usage.total_tokens == response.usage.input_tokens + 21
     prompt = _prompt(server)
     assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>")
-    assert prompt.endswith("<|im_start|>user\nCapital of Japan?<|im_end|>\n"
-                           "<|im_start|>assistant\n")
+    assert prompt.endswith("<|im_start|>user\nCapital of Japan?<|im_end|>\n<|im_start|>assistant\n")
     again = Response.model_validate(_raw(server, "GET", f"/responses/{response.id}").json())
     assert again == response
     assert server.client.responses.retrieve(response.id).output_text == response.output_text
@@ -62,11 +74,19 @@ def test_streaming_events_come_in_order_and_add_up_to_the_stored_response(produc
     server = product_server(FakeEngine(reply="Hi there!"))
     events = list(server.client.responses.create(model=MODEL, input="Hello", stream=True))
     types = [e.type for e in events]
-    assert types[:4] == ["response.created", "response.in_progress",
-                         "response.output_item.added", "response.content_part.added"]
+    assert types[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
     assert set(types[4:-4]) == {"response.output_text.delta"}
-    assert types[-4:] == ["response.output_text.done", "response.content_part.done",
-                          "response.output_item.done", "response.completed"]
+    assert types[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == "Hi there!" == events[-4].text
@@ -81,16 +101,19 @@ def test_every_streamed_event_is_a_valid_sdk_event_named_by_its_sse_event_line(p
     server = product_server(FakeEngine(reply=lambda p: CALL if "Paris" in p else "Sunny."))
     adapter = TypeAdapter(ResponseStreamEvent)
     for text in ("Weather in Paris?", "Weather?"):
-        with httpx.stream("POST", f"{server.url}/v1/responses", timeout=10, json={
-                "model": MODEL, "input": text, "tools": [WEATHER], "stream": True}) as stream:
+        with httpx.stream(
+            "POST",
+            f"{server.url}/v1/responses",
+            timeout=10,
+            json={"model": MODEL, "input": text, "tools": [WEATHER], "stream": True},
+        ) as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")
             lines = [line for line in stream.iter_lines() if line]
-        names = [line[len("event: "):] for line in lines[::2]]
-        events = [adapter.validate_json(line[len("data: "):]) for line in lines[1::2]]
+        names = [line[len("event: ") :] for line in lines[::2]]
+        events = [adapter.validate_json(line[len("data: ") :]) for line in lines[1::2]]
         assert names == [e.type for e in events] and len(events) >= 7
     deleted = _raw(server, "DELETE", f"/responses/{events[-1].response.id}").json()
-    assert deleted == {"id": events[-1].response.id, "object": "response.deleted",
-                       "deleted": True}
+    assert deleted == {"id": events[-1].response.id, "object": "response.deleted", "deleted": True}
     conv = server.client.conversations.create()
     raw = _raw(server, "DELETE", f"/conversations/{conv.id}").json()
     assert ConversationDeletedResource.model_validate(raw).deleted
@@ -100,20 +123,23 @@ def test_previous_response_id_continues_and_branches(product_server):
     server = product_server(FakeEngine(reply=lambda prompt: f"Reply #{prompt.count('user')}"))
     client = server.client
     first = client.responses.create(model=MODEL, input="One", instructions="Sys")
-    second = client.responses.create(model=MODEL, input="Two", instructions="Sys",
-                                     previous_response_id=first.id)
+    second = client.responses.create(
+        model=MODEL, input="Two", instructions="Sys", previous_response_id=first.id
+    )
     assert second.previous_response_id == first.id
     prompt = _prompt(server)
-    assert "One" in prompt and "Reply #1" in prompt and prompt.index("Reply #1") < prompt.index(
-        "Two")
+    assert (
+        "One" in prompt and "Reply #1" in prompt and prompt.index("Reply #1") < prompt.index("Two")
+    )
     # The new prompt extends the previous prompt + output, so the cache serves it.
     previous_context = server.engine.prompts[-2] + [ord(c) for c in first.output_text]
     assert server.engine.prompts[-1][: len(previous_context)] == previous_context
     # (The scripted engine caches prompts only, in 4-token blocks.)
     assert second.usage.input_tokens_details.cached_tokens >= len(server.engine.prompts[-2]) - 4
     # A branch from the first response sees it, not its sibling.
-    branch = client.responses.create(model=MODEL, input="Two, edited", instructions="Sys",
-                                     previous_response_id=first.id)
+    branch = client.responses.create(
+        model=MODEL, input="Two, edited", instructions="Sys", previous_response_id=first.id
+    )
     prompt = _prompt(server)
     assert "Two, edited" in prompt and "Two<" not in prompt
     assert branch.output_text == second.output_text == "Reply #2"
@@ -124,11 +150,11 @@ def test_previous_response_id_continues_and_branches(product_server):
 def test_conversations_collect_the_items_of_their_responses(product_server, database_url):
     server = product_server(FakeEngine(reply="Noted."), database_url=database_url)
     client = server.client
-    conv = client.conversations.create(metadata={"topic": "notes"},
-                                       items=[{"role": "user", "content": "Remember: 42."}])
+    conv = client.conversations.create(
+        metadata={"topic": "notes"}, items=[{"role": "user", "content": "Remember: 42."}]
+    )
     assert Conversation.model_validate(conv.model_dump()).metadata == {"topic": "notes"}
-    response = client.responses.create(model=MODEL, input="What number?",
-                                       conversation=conv.id)
+    response = client.responses.create(model=MODEL, input="What number?", conversation=conv.id)
     assert response.conversation.id == conv.id
     assert "Remember: 42." in _prompt(server)
     items = client.conversations.items.list(conv.id, order="asc")
@@ -137,20 +163,31 @@ def test_conversations_collect_the_items_of_their_responses(product_server, data
     assert items.data[2].id == response.output[0].id
     raw = _raw(server, "GET", f"/conversations/{conv.id}/items", params={"limit": 2})
     page = ConversationItemList.model_validate(raw.json())
-    assert page.has_more and [i.content[0].text for i in page.data] == ["Noted.",
-                                                                       "What number?"]
-    added = client.conversations.items.create(conv.id, items=[
-        {"type": "message", "role": "user", "content": [{"type": "input_text",
-                                                         "text": "Also 7."}]}])
+    assert page.has_more and [i.content[0].text for i in page.data] == ["Noted.", "What number?"]
+    added = client.conversations.items.create(
+        conv.id,
+        items=[
+            {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "Also 7."}],
+            }
+        ],
+    )
     assert [i.content[0].text for i in added.data] == ["Also 7."]
     item = client.conversations.items.retrieve(added.data[0].id, conversation_id=conv.id)
     assert item.id == added.data[0].id
     client.responses.create(model=MODEL, input="Both?", conversation={"id": conv.id})
     prompt = _prompt(server)
-    assert prompt.index("Remember") < prompt.index("Noted.") < prompt.index("Also 7.") < (
-        prompt.index("Both?"))
+    assert (
+        prompt.index("Remember")
+        < prompt.index("Noted.")
+        < prompt.index("Also 7.")
+        < (prompt.index("Both?"))
+    )
     assert client.conversations.update(conv.id, metadata={"topic": "n2"}).metadata == {
-        "topic": "n2"}
+        "topic": "n2"
+    }
     after_delete = client.conversations.items.delete(item.id, conversation_id=conv.id)
     assert after_delete.id == conv.id
     assert client.conversations.retrieve(conv.id).metadata == {"topic": "n2"}
@@ -159,8 +196,11 @@ def test_conversations_collect_the_items_of_their_responses(product_server, data
     with pytest.raises(openai.NotFoundError):
         client.conversations.retrieve(conv.id)
     with server.product.store.engine.connect() as db:
-        left = db.execute(select(func.count()).select_from(conversation_items).where(
-            conversation_items.c.conversation_id == conv.id)).scalar_one()
+        left = db.execute(
+            select(func.count())
+            .select_from(conversation_items)
+            .where(conversation_items.c.conversation_id == conv.id)
+        ).scalar_one()
     assert left == 0
 
 
@@ -170,8 +210,9 @@ def test_input_items_are_paginated(product_server):
     response = server.client.responses.create(model=MODEL, input=inputs)
     listed = server.client.responses.input_items.list(response.id, order="asc", limit=2)
     assert [i.content[0].text for i in listed] == [f"part {i}" for i in range(5)]  # all pages
-    raw = _raw(server, "GET", f"/responses/{response.id}/input_items",
-               params={"limit": 2, "order": "desc"}).json()
+    raw = _raw(
+        server, "GET", f"/responses/{response.id}/input_items", params={"limit": 2, "order": "desc"}
+    ).json()
     page = ResponseItemList.model_validate(raw)
     assert [i.content[0].text for i in page.data] == ["part 4", "part 3"] and page.has_more
 
@@ -183,8 +224,11 @@ def test_deleting_a_response_deletes_its_items(product_server):
     with pytest.raises(openai.NotFoundError):
         server.client.responses.retrieve(response.id)
     with server.product.store.engine.connect() as db:
-        left = db.execute(select(func.count()).select_from(response_items).where(
-            response_items.c.response_id == response.id)).scalar_one()
+        left = db.execute(
+            select(func.count())
+            .select_from(response_items)
+            .where(response_items.c.response_id == response.id)
+        ).scalar_one()
     assert left == 0
 
 
@@ -195,8 +239,9 @@ def test_unknown_ids_are_404(product_server):
         lambda: client.responses.delete("resp_missing"),
         lambda: client.responses.cancel("resp_missing"),
         lambda: client.responses.input_items.list("resp_missing"),
-        lambda: client.responses.create(model=MODEL, input="x",
-                                        previous_response_id="resp_missing"),
+        lambda: client.responses.create(
+            model=MODEL, input="x", previous_response_id="resp_missing"
+        ),
         lambda: client.responses.create(model=MODEL, input="x", conversation="conv_missing"),
         lambda: client.conversations.retrieve("conv_missing"),
         lambda: client.conversations.update("conv_missing", metadata={}),
@@ -209,24 +254,31 @@ def test_unknown_ids_are_404(product_server):
             call()
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"input": "x", "reasoning": {"effort": "low"}}, "reasoning"),
-    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
-     "input[0].content[0].type"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
-    ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type"),
-    ({"input": "x", "truncation": "sometimes"}, "truncation"),
-    ({"input": "x", "previous_response_id": "resp_1", "conversation": "conv_1"},
-     "previous_response_id"),
-    ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
-    ({"input": "x", "temperature": 5}, "temperature"),
-    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
-    ({"input": "x", "background": True}, "background"),
-    ({"input": "x", "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
-    ({"input": []}, "input"),
-    ({"input": "x" * 3000}, "input"),  # does not fit the fake engine's 2048-token window
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": "x", "reasoning": {"effort": "low"}}, "reasoning"),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
+            "input[0].content[0].type",
+        ),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+        ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type"),
+        ({"input": "x", "truncation": "sometimes"}, "truncation"),
+        (
+            {"input": "x", "previous_response_id": "resp_1", "conversation": "conv_1"},
+            "previous_response_id",
+        ),
+        ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+        ({"input": "x", "temperature": 5}, "temperature"),
+        ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": "x", "background": True}, "background"),
+        ({"input": "x", "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+        ({"input": []}, "input"),
+        ({"input": "x" * 3000}, "input"),  # does not fit the fake engine's 2048-token window
+    ],
+)
 def test_bad_requests_are_400_naming_the_field(product_server, body, param):
     server = product_server()
     raw = _raw(server, "POST", "/responses", json={"model": MODEL, **body})
@@ -251,28 +303,44 @@ def test_conversation_bodies_are_checked(product_server):
 
 
 def test_function_tools_round_trip(product_server):
-    server = product_server(FakeEngine(
-        reply=lambda p: "It is 18C in Paris." if "18C" in p else CALL))
+    server = product_server(
+        FakeEngine(reply=lambda p: "It is 18C in Paris." if "18C" in p else CALL)
+    )
     client = server.client
-    events = list(client.responses.create(model=MODEL, input="Weather in Paris?",
-                                          tools=[WEATHER], stream=True))
+    events = list(
+        client.responses.create(
+            model=MODEL, input="Weather in Paris?", tools=[WEATHER], stream=True
+        )
+    )
     types = [e.type for e in events]
-    assert types == ["response.created", "response.in_progress", "response.output_item.added",
-                     "response.function_call_arguments.delta",
-                     "response.function_call_arguments.done", "response.output_item.done",
-                     "response.completed"]
+    assert types == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     call = events[-1].response.output[0]
     assert (call.type, call.name, json.loads(call.arguments)) == (
-        "function_call", "get_weather", {"city": "Paris"})
+        "function_call",
+        "get_weather",
+        {"city": "Paris"},
+    )
     assert "get_weather" in _prompt(server)  # the tool list is in the prompt
     answer = client.responses.create(
-        model=MODEL, tools=[WEATHER], previous_response_id=events[-1].response.id,
-        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "18C"}])
+        model=MODEL,
+        tools=[WEATHER],
+        previous_response_id=events[-1].response.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "18C"}],
+    )
     assert answer.output_text == "It is 18C in Paris."
     prompt = _prompt(server)
     assert prompt.index('"city": "Paris"') < prompt.index("<tool_response>\n18C")
-    none = client.responses.create(model=MODEL, input="Weather?", tools=[WEATHER],
-                                   tool_choice="none")
+    none = client.responses.create(
+        model=MODEL, input="Weather?", tools=[WEATHER], tool_choice="none"
+    )
     assert none.output[0].type == "message"  # no tools offered, so the text stays text
     assert "get_weather" not in _prompt(server)
 
@@ -303,8 +371,12 @@ def _wait_for_generation(engine: FakeEngine) -> None:
 def test_a_client_that_disconnects_mid_stream_leaves_an_incomplete_response(product_server):
     engine = FakeEngine(reply="abcdefghijklmnopqrstuvwxyz", token_delay=0.02)
     server = product_server(engine)
-    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=10,
-                      json={"model": MODEL, "input": "x", "stream": True}) as stream:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/responses",
+        timeout=10,
+        json={"model": MODEL, "input": "x", "stream": True},
+    ) as stream:
         lines = stream.iter_lines()
         deltas = 0
         response_id = None
@@ -330,8 +402,9 @@ def test_cancel_stops_a_response_in_progress(product_server):
     engine.hold.clear()  # generation pauses after the first token
     server = product_server(engine)
     result: dict = {}
-    creator = threading.Thread(target=lambda: result.update(
-        r=server.client.responses.create(model=MODEL, input="x")))
+    creator = threading.Thread(
+        target=lambda: result.update(r=server.client.responses.create(model=MODEL, input="x"))
+    )
     creator.start()
     _wait_for_generation(engine)
     (response_id,) = engine.running

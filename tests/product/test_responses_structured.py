@@ -15,8 +15,12 @@ from tests.server.fake_engine import FakeEngine
 from tests.server.test_structured import compiler  # noqa: F401  (the module fixture)
 
 MODEL = "fake-model"
-CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
-        "additionalProperties": False}
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
 WEATHER = {"type": "function", "name": "get_weather", "parameters": CITY}
 TIME = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -25,8 +29,11 @@ JSON_SCHEMA = {"type": "json_schema", "name": "place", "schema": CITY, "strict":
 
 
 def _create(server: ProductServer, **body) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/responses", timeout=10,
-                      json={"model": MODEL, "input": "Weather in Paris?", **body})
+    return httpx.post(
+        f"{server.url}/v1/responses",
+        timeout=10,
+        json={"model": MODEL, "input": "Weather in Paris?", **body},
+    )
 
 
 def _accepts(compiler, structure, text: str) -> bool:  # noqa: F811
@@ -52,8 +59,9 @@ def test_json_schema_format_reaches_the_engine_and_is_echoed(product_server, com
 
 def test_json_object_format_allows_any_object_only(product_server, compiler):  # noqa: F811
     server = product_server(FakeEngine(reply="{}"))
-    response = server.client.responses.create(model=MODEL, input="x",
-                                              text={"format": {"type": "json_object"}})
+    response = server.client.responses.create(
+        model=MODEL, input="x", text={"format": {"type": "json_object"}}
+    )
     assert response.text.format.type == "json_object"
     structure = server.engine.params[-1].structured_outputs
     assert _accepts(compiler, structure, '{"any": [1, 2]}')
@@ -69,17 +77,25 @@ def test_text_format_and_no_tools_leave_the_output_free(product_server):
 
 def test_required_and_named_tool_choice_force_valid_calls(product_server, compiler):  # noqa: F811
     server = product_server(FakeEngine(reply=CALL))
-    response = server.client.responses.create(model=MODEL, input="x", tools=[WEATHER, TIME],
-                                              tool_choice="required")
+    response = server.client.responses.create(
+        model=MODEL, input="x", tools=[WEATHER, TIME], tool_choice="required"
+    )
     call = response.output[0]
     assert (call.type, call.name, json.loads(call.arguments)) == (
-        "function_call", "get_weather", {"city": "Paris"})
+        "function_call",
+        "get_weather",
+        {"city": "Paris"},
+    )
     required = server.engine.params[-1].structured_outputs
     assert _accepts(compiler, required, CALL) and _accepts(compiler, required, TIME_CALL)
     assert not _accepts(compiler, required, "Sure. " + CALL)
     assert not _accepts(compiler, required, CALL.replace('"Paris"', "3"))
-    server.client.responses.create(model=MODEL, input="x", tools=[WEATHER, TIME],
-                                   tool_choice={"type": "function", "name": "get_time"})
+    server.client.responses.create(
+        model=MODEL,
+        input="x",
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "name": "get_time"},
+    )
     named = server.engine.params[-1].structured_outputs
     assert _accepts(compiler, named, TIME_CALL) and not _accepts(compiler, named, CALL)
 
@@ -93,18 +109,27 @@ def test_auto_tool_choice_triggers_the_call_grammar_lazily(product_server, compi
     assert not _accepts(compiler, auto, "x " + CALL.replace('"Paris"', "[]"))
 
 
-@pytest.mark.parametrize(("fmt", "extra", "param"), [
-    ({**JSON_SCHEMA, "schema": {"type": "array", "uniqueItems": True}}, {},
-     "text.format.schema"),
-    ({**JSON_SCHEMA, "schema": {"type": "array", "uniqueItems": True}}, {"tools": [WEATHER]},
-     "text.format.schema"),
-    ({"type": "json_schema", "schema": CITY}, {}, "text.format.name"),
-    ({"type": "json_schema", "name": "place"}, {}, "text.format.schema"),
-    ({"type": "json_schema", "name": "a place", "schema": CITY}, {}, "text.format.name"),
-    ({"type": "json_object", "schema": CITY}, {}, "text.format.schema"),
-    ({"type": "yaml"}, {}, "text.format.type"),
-    ({"type": "json_object"}, {"tools": [WEATHER], "tool_choice": "required"}, "text.format"),
-])
+@pytest.mark.parametrize(
+    ("fmt", "extra", "param"),
+    [
+        (
+            {**JSON_SCHEMA, "schema": {"type": "array", "uniqueItems": True}},
+            {},
+            "text.format.schema",
+        ),
+        (
+            {**JSON_SCHEMA, "schema": {"type": "array", "uniqueItems": True}},
+            {"tools": [WEATHER]},
+            "text.format.schema",
+        ),
+        ({"type": "json_schema", "schema": CITY}, {}, "text.format.name"),
+        ({"type": "json_schema", "name": "place"}, {}, "text.format.schema"),
+        ({"type": "json_schema", "name": "a place", "schema": CITY}, {}, "text.format.name"),
+        ({"type": "json_object", "schema": CITY}, {}, "text.format.schema"),
+        ({"type": "yaml"}, {}, "text.format.type"),
+        ({"type": "json_object"}, {"tools": [WEATHER], "tool_choice": "required"}, "text.format"),
+    ],
+)
 def test_bad_formats_are_400s_naming_the_field(product_server, fmt, extra, param):
     server = product_server()
     raw = _create(server, text={"format": fmt}, **extra)

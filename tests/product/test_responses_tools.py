@@ -23,23 +23,30 @@ from tests.server.fake_engine import FakeEngine
 MODEL = "fake-model"
 CALCULATOR = {"type": "function", "name": "calculator"}
 SQL = {"type": "function", "name": "sql_query"}
-EAST_Q3 = ("SELECT SUM(revenue_usd) AS total FROM sales "
-           "WHERE region = 'East China' AND quarter = '2026-Q3'")
+EAST_Q3 = (
+    "SELECT SUM(revenue_usd) AS total FROM sales "
+    "WHERE region = 'East China' AND quarter = '2026-Q3'"
+)
 
 
 def _call(name: str, **arguments) -> str:
-    return f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments})}\n</tool_call>'
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
 
 
 def _tool_results(prompt: str) -> list[str]:
     """The spotlighted tool outputs in a prompt, oldest first (without the frame)."""
-    return re.findall(r'<untrusted origin="tool \w+" id="\w+">\n\(Data from [^)]*\)\n'
-                      r"(.*?)\n</untrusted", prompt, re.DOTALL)
+    return re.findall(
+        r'<untrusted origin="tool \w+" id="\w+">\n\(Data from [^)]*\)\n'
+        r"(.*?)\n</untrusted",
+        prompt,
+        re.DOTALL,
+    )
 
 
 def _scripted(*calls: str, answer: str = "Result: {}"):
     """A model that makes `calls` (one generation each, while tools are offered), then
     answers with the last tool output it was given."""
+
     def reply(prompt: str) -> str:
         done = len(_tool_results(prompt))
         rounds = sum(c.count("<tool_call>") for c in calls)
@@ -51,6 +58,7 @@ def _scripted(*calls: str, answer: str = "Result: {}"):
                     return call
         results = _tool_results(prompt)
         return answer.format(results[-1] if results else "")
+
     return reply
 
 
@@ -67,8 +75,9 @@ def _prompt(server: ProductServer, index: int = -1) -> str:
 
 
 def test_calculator_call_then_an_answer_is_stored_whole(product_server):
-    server = product_server(FakeEngine(reply=_scripted(_call("calculator",
-                                                             expression="0.1 + 0.2"))))
+    server = product_server(
+        FakeEngine(reply=_scripted(_call("calculator", expression="0.1 + 0.2")))
+    )
     raw = _post(server, input="What is 0.1 + 0.2?", tools=[CALCULATOR])
     assert raw.status_code == 200
     body = raw.json()
@@ -89,11 +98,15 @@ def test_calculator_call_then_an_answer_is_stored_whole(product_server):
 
 def test_sql_query_on_the_demo_database(product_server):
     server = product_server(FakeEngine(reply=_scripted(_call("sql_query", sql=EAST_Q3))))
-    body = _post(server, input="What were East China sales in 2026-Q3?", tools=[SQL],
-                 tool_choice={"type": "function", "name": "sql_query"}).json()
+    body = _post(
+        server,
+        input="What were East China sales in 2026-Q3?",
+        tools=[SQL],
+        tool_choice={"type": "function", "name": "sql_query"},
+    ).json()
     assert _types(body) == ["function_call", "function_call_output", "message"]
     with sqlite3.connect(DEMO_DATABASE) as db:
-        (total,), = db.execute(EAST_Q3).fetchall()
+        ((total,),) = db.execute(EAST_Q3).fetchall()
     assert str(total) in body["output"][1]["output"]
     assert str(total) in body["output"][2]["content"][0]["text"]
     assert '"sql_query"' in _prompt(server, 0)  # the schema-filled declaration is listed
@@ -107,8 +120,13 @@ def test_parallel_calls_run_and_answer_in_call_order(product_server):
     both = _call("calculator", expression="6 * 7") + _call("calculator", expression="1 / 8")
     server = product_server(FakeEngine(reply=_scripted(both)))
     body = _post(server, input="Two sums", tools=[CALCULATOR]).json()
-    assert _types(body) == ["function_call", "function_call", "function_call_output",
-                            "function_call_output", "message"]
+    assert _types(body) == [
+        "function_call",
+        "function_call",
+        "function_call_output",
+        "function_call_output",
+        "message",
+    ]
     first, second, out1, out2, _ = body["output"]
     assert (out1["call_id"], out1["output"]) == (first["call_id"], "42")
     assert (out2["call_id"], out2["output"]) == (second["call_id"], "0.125")
@@ -120,8 +138,13 @@ def test_max_tool_calls_refuses_the_rest_and_asks_for_an_answer(product_server):
     server = product_server(FakeEngine(reply=_scripted(greedy, greedy, answer="Done.")))
     body = _post(server, input="Add", tools=[CALCULATOR], max_tool_calls=1).json()
     assert body["max_tool_calls"] == 1 and body["status"] == "completed"
-    assert _types(body) == ["function_call", "function_call", "function_call_output",
-                            "function_call_output", "message"]
+    assert _types(body) == [
+        "function_call",
+        "function_call",
+        "function_call_output",
+        "function_call_output",
+        "message",
+    ]
     assert body["output"][2]["output"] == "2"
     assert "max_tool_calls" in body["output"][3]["output"]
     assert len(server.engine.prompts) == 2
@@ -129,8 +152,11 @@ def test_max_tool_calls_refuses_the_rest_and_asks_for_an_answer(product_server):
 
 
 def test_a_tool_error_goes_back_to_the_model(product_server):
-    server = product_server(FakeEngine(reply=_scripted(
-        _call("calculator", expression="__import__('os')"), answer="Sorry: {}")))
+    server = product_server(
+        FakeEngine(
+            reply=_scripted(_call("calculator", expression="__import__('os')"), answer="Sorry: {}")
+        )
+    )
     body = _post(server, input="Break it", tools=[CALCULATOR]).json()
     assert body["status"] == "completed"
     error = body["output"][1]["output"]
@@ -139,23 +165,37 @@ def test_a_tool_error_goes_back_to_the_model(product_server):
 
 
 def test_streamed_events_are_openai_events_and_match_the_stored_response(product_server):
-    server = product_server(FakeEngine(reply=_scripted(_call("calculator", expression="2 ** 10"),
-                                                       _call("calculator", expression="3 * 3"))))
+    server = product_server(
+        FakeEngine(
+            reply=_scripted(
+                _call("calculator", expression="2 ** 10"), _call("calculator", expression="3 * 3")
+            )
+        )
+    )
     adapter = TypeAdapter(ResponseStreamEvent)
-    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=30, json={
-            "model": MODEL, "input": "Powers", "tools": [CALCULATOR], "stream": True}) as s:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/responses",
+        timeout=30,
+        json={"model": MODEL, "input": "Powers", "tools": [CALCULATOR], "stream": True},
+    ) as s:
         lines = [line for line in s.iter_lines() if line]
-    events = [adapter.validate_json(line[len("data: "):]) for line in lines[1::2]]
-    assert [line[len("event: "):] for line in lines[::2]] == [e.type for e in events]
+    events = [adapter.validate_json(line[len("data: ") :]) for line in lines[1::2]]
+    assert [line[len("event: ") :] for line in lines[::2]] == [e.type for e in events]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     final = events[-1].response
     assert final.status == "completed"
-    assert [i.type for i in final.output] == ["function_call", "function_call_output",
-                                              "function_call", "function_call_output",
-                                              "message"]
+    assert [i.type for i in final.output] == [
+        "function_call",
+        "function_call_output",
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
     added = [e for e in events if e.type == "response.output_item.added"]
     assert [(e.output_index, e.item.type) for e in added] == [
-        (i, item.type) for i, item in enumerate(final.output)]
+        (i, item.type) for i, item in enumerate(final.output)
+    ]
     stored = server.client.responses.retrieve(final.id)
     assert stored.output == final.output
     assert final.output[3].output == "9"
@@ -164,8 +204,9 @@ def test_streamed_events_are_openai_events_and_match_the_stored_response(product
 def test_code_interpreter_runs_in_the_sandbox(product_server):
     code = _call("code_interpreter", code="print(6 * 7)")
     server = product_server(FakeEngine(reply=_scripted(code)))
-    body = _post(server, input="Compute", tools=[
-        {"type": "code_interpreter", "container": {"type": "auto"}}]).json()
+    body = _post(
+        server, input="Compute", tools=[{"type": "code_interpreter", "container": {"type": "auto"}}]
+    ).json()
     assert _types(body) == ["code_interpreter_call", "message"]
     item = body["output"][0]
     assert item["status"] == "completed" and item["code"] == "print(6 * 7)"
@@ -195,7 +236,8 @@ def test_default_tools_are_offered_without_being_declared(product_server):
 def test_a_builtin_the_server_cannot_run_is_a_400_naming_it(product_server):
     server = product_server()
     server.product.responses.tools = ToolRegistry(
-        [Calculator()], {"code_interpreter": "the code sandbox needs bubblewrap"})
+        [Calculator()], {"code_interpreter": "the code sandbox needs bubblewrap"}
+    )
     raw = _post(server, input="x", tools=[CALCULATOR, {"type": "code_interpreter"}])
     assert raw.status_code == 400
     error = raw.json()["error"]
@@ -203,29 +245,38 @@ def test_a_builtin_the_server_cannot_run_is_a_400_naming_it(product_server):
     raw = _post(server, input="x", tools=[{"type": "function", "name": "nope"}])
     assert raw.status_code == 400 and raw.json()["error"]["param"] == "tools[0]"
     assert _post(server, input="x", max_tool_calls=-1).json()["error"]["param"] == (
-        "max_tool_calls")
+        "max_tool_calls"
+    )
 
 
 def test_cancel_during_a_code_run_ends_it_and_keeps_the_item(product_server):
     code = _call("code_interpreter", code="import time; time.sleep(120)")
     server = product_server(FakeEngine(reply=_scripted(code)))
     adapter = TypeAdapter(ResponseStreamEvent)
-    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=30, json={
-            "model": MODEL, "input": "Sleep", "stream": True,
-            "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}) as s:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/responses",
+        timeout=30,
+        json={
+            "model": MODEL,
+            "input": "Sleep",
+            "stream": True,
+            "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}],
+        },
+    ) as s:
         lines = s.iter_lines()
         for line in lines:
             if line.startswith("data: "):
-                event = adapter.validate_json(line[len("data: "):])
+                event = adapter.validate_json(line[len("data: ") :])
                 if event.type == "response.created":
                     response_id = event.response.id
                 if event.type == "response.code_interpreter_call.interpreting":
                     break
-        cancelled = httpx.post(f"{server.url}/v1/responses/{response_id}/cancel",
-                               timeout=30).json()
+        cancelled = httpx.post(f"{server.url}/v1/responses/{response_id}/cancel", timeout=30).json()
     assert cancelled["status"] == "cancelled"
     assert [(i["type"], i["status"]) for i in cancelled["output"]] == [
-        ("code_interpreter_call", "incomplete")]
+        ("code_interpreter_call", "incomplete")
+    ]
     stored = httpx.get(f"{server.url}/v1/responses/{response_id}", timeout=10).json()
     assert stored["output"] == cancelled["output"]
 
@@ -236,24 +287,34 @@ def test_a_client_that_disconnects_during_a_code_run_stops_the_loop(product_serv
     code = _call("code_interpreter", code="import time; time.sleep(120)")
     server = product_server(FakeEngine(reply=_scripted(code)))
     adapter = TypeAdapter(ResponseStreamEvent)
-    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=30, json={
-            "model": MODEL, "input": "Sleep", "stream": True,
-            "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}) as s:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/responses",
+        timeout=30,
+        json={
+            "model": MODEL,
+            "input": "Sleep",
+            "stream": True,
+            "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}],
+        },
+    ) as s:
         for line in s.iter_lines():
             if line.startswith("data: "):
-                event = adapter.validate_json(line[len("data: "):])
+                event = adapter.validate_json(line[len("data: ") :])
                 if event.type == "response.created":
                     response_id = event.response.id
                 if event.type == "response.code_interpreter_call.interpreting":
                     break
     deadline = time.monotonic() + 20
-    while (stored := httpx.get(f"{server.url}/v1/responses/{response_id}",
-                               timeout=10).json())["status"] == "in_progress":
+    while (stored := httpx.get(f"{server.url}/v1/responses/{response_id}", timeout=10).json())[
+        "status"
+    ] == "in_progress":
         assert time.monotonic() < deadline, "the turn ran on after its client left"
         time.sleep(0.05)
     assert stored["status"] == "incomplete"
     assert [(i["type"], i["status"]) for i in stored["output"]] == [
-        ("code_interpreter_call", "incomplete")]
+        ("code_interpreter_call", "incomplete")
+    ]
     assert len(server.engine.prompts) == 1  # no second model turn for nobody
 
 

@@ -24,26 +24,46 @@ def store(database_url):
 
 def _count(store: Store, table, **where) -> int:
     with store.engine.connect() as conn:
-        query = select(func.count()).select_from(table).where(
-            *(table.c[k] == v for k, v in where.items()))
+        query = (
+            select(func.count())
+            .select_from(table)
+            .where(*(table.c[k] == v for k, v in where.items()))
+        )
         return conn.execute(query).scalar_one()
 
 
 def _message(item_id: str, text: str) -> dict:
-    return {"id": item_id, "type": "message", "role": "user",
-            "content": [{"type": "input_text", "text": text}]}
+    return {
+        "id": item_id,
+        "type": "message",
+        "role": "user",
+        "content": [{"type": "input_text", "text": text}],
+    }
 
 
-def _record(repo: Repository, owner: str, response_id: str, previous: str | None,
-            text: str, conversation: str | None = None, tokens=(1, 2, 3)) -> None:
-    body = {"id": response_id, "created_at": 1.0, "status": "in_progress",
-            "previous_response_id": previous, "output": [],
-            "conversation": {"id": conversation} if conversation else None}
+def _record(
+    repo: Repository,
+    owner: str,
+    response_id: str,
+    previous: str | None,
+    text: str,
+    conversation: str | None = None,
+    tokens=(1, 2, 3),
+) -> None:
+    body = {
+        "id": response_id,
+        "created_at": 1.0,
+        "status": "in_progress",
+        "previous_response_id": previous,
+        "output": [],
+        "conversation": {"id": conversation} if conversation else None,
+    }
     inputs = [_message(f"msg_in_{response_id}", text)]
     repo.begin_response(owner, body, inputs)
     output = [{**_message(f"msg_out_{response_id}", text.upper()), "role": "assistant"}]
-    repo.finish_response(owner, {**body, "status": "completed", "output": output}, inputs,
-                         list(tokens))
+    repo.finish_response(
+        owner, {**body, "status": "completed", "output": output}, inputs, list(tokens)
+    )
 
 
 def _declared_schema(dialect: str) -> MetaData:
@@ -81,7 +101,8 @@ def test_conversations_belong_to_their_owner(store):
     assert not repo.delete_conversation("bob", "conv_a")
     assert repo.update_conversation("alice", "conv_a", {"topic": "y"}).metadata == {"topic": "y"}
     assert [i["id"] for i in repo.list_conversation_items("alice", "conv_a", Page()).items] == [
-        "msg_1"]
+        "msg_1"
+    ]
 
 
 def test_pages_follow_the_cursor_in_either_order(store):
@@ -110,11 +131,19 @@ def test_history_follows_the_branch_it_ends_on(store):
     status, history = repo.response_history("alice", "resp_2")
     assert status == "completed"
     assert [i["id"] for i in history.items] == [
-        "msg_in_resp_1", "msg_out_resp_1", "msg_in_resp_2", "msg_out_resp_2"]
+        "msg_in_resp_1",
+        "msg_out_resp_1",
+        "msg_in_resp_2",
+        "msg_out_resp_2",
+    ]
     assert history.context_tokens == [7, 8, 70000]
     _, branch = repo.response_history("alice", "resp_2b")
-    assert [i["content"][0]["text"] for i in branch.items] == ["one", "ONE", "two again",
-                                                                "TWO AGAIN"]
+    assert [i["content"][0]["text"] for i in branch.items] == [
+        "one",
+        "ONE",
+        "two again",
+        "TWO AGAIN",
+    ]
     assert repo.response_history("bob", "resp_2") is None
 
 
@@ -181,9 +210,18 @@ def test_serve_stores_in_the_data_dir_unless_given_a_database_url(tmp_path):
 def test_responses_cut_off_by_a_crash_are_marked_incomplete(store):
     repo = store.repo
     _record(repo, "alice", "resp_done", None, "one")
-    repo.begin_response("alice", {"id": "resp_cut", "created_at": 1.0, "status": "in_progress",
-                                  "previous_response_id": None, "conversation": None,
-                                  "output": []}, [])
+    repo.begin_response(
+        "alice",
+        {
+            "id": "resp_cut",
+            "created_at": 1.0,
+            "status": "in_progress",
+            "previous_response_id": None,
+            "conversation": None,
+            "output": [],
+        },
+        [],
+    )
     assert repo.interrupt_unfinished() == 1
     assert repo.get_response("alice", "resp_cut")["status"] == "incomplete"
     assert repo.get_response("alice", "resp_done")["status"] == "completed"

@@ -51,9 +51,11 @@ def test_long_text_pools_every_window(embedder, reference):
     assert len(ids) > 254  # two windows at least
     states = []
     for start in range(0, len(ids), 254):
-        window = [embedder.cls_id, *ids[start:start + 254], embedder.sep_id]
-        features = {"input_ids": torch.tensor([window]),
-                    "attention_mask": torch.ones(1, len(window), dtype=torch.long)}
+        window = [embedder.cls_id, *ids[start : start + 254], embedder.sep_id]
+        features = {
+            "input_ids": torch.tensor([window]),
+            "attention_mask": torch.ones(1, len(window), dtype=torch.long),
+        }
         with torch.no_grad():
             states.append(reference[0](features)["token_embeddings"][0])
     expected = torch.nn.functional.normalize(torch.cat(states).mean(0), dim=0).numpy()

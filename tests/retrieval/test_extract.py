@@ -28,13 +28,23 @@ def test_html_drops_scripts_styles_and_markup():
     text = extract_text(html.encode(), "guide.html")
     assert "secret" not in text and "color" not in text and "enable js" not in text
     assert "<" not in text
-    assert text.splitlines() == ["Guide", "", "Install", "", "Run make now & wait.", "",
-                                 "one", "", "two"]
+    assert text.splitlines() == [
+        "Guide",
+        "",
+        "Install",
+        "",
+        "Run make now & wait.",
+        "",
+        "one",
+        "",
+        "two",
+    ]
 
 
 def test_pdf_text_from_every_page():
-    text = extract_text(pdf_bytes(["First page about whales", "Second page about krill"]),
-                        "report.pdf")
+    text = extract_text(
+        pdf_bytes(["First page about whales", "Second page about krill"]), "report.pdf"
+    )
     assert "First page about whales" in text
     assert "Second page about krill" in text
     assert text.index("whales") < text.index("krill")

@@ -19,8 +19,9 @@ ROWS = {
 @pytest.fixture(scope="module")
 def matching():
     engine = sqlite_vec_engine()
-    docs = Table("docs", MetaData(), Column("id", Integer, primary_key=True),
-                 Column("attributes", JSON))
+    docs = Table(
+        "docs", MetaData(), Column("id", Integer, primary_key=True), Column("attributes", JSON)
+    )
     with engine.begin() as conn:
         docs.create(conn)
         conn.execute(insert(docs), [{"id": i, "attributes": a} for i, a in ROWS.items()])
@@ -33,46 +34,74 @@ def matching():
     return ids
 
 
-@pytest.mark.parametrize(("filters", "expected"), [
-    ({"key": "author", "type": "eq", "value": "ann"}, {1}),
-    ({"key": "author", "type": "ne", "value": "ann"}, {2, 3, 4}),
-    ({"key": "year", "type": "eq", "value": 2023}, {2}),  # not the string "2023"
-    ({"key": "year", "type": "gte", "value": 2022}, {2}),
-    ({"key": "year", "type": "lt", "value": 2022}, {1}),
-    ({"key": "year", "type": "lte", "value": 2023.0}, {1, 2}),
-    ({"key": "author", "type": "gt", "value": "b"}, {2, 3}),
-    ({"key": "draft", "type": "eq", "value": True}, {1}),  # not 1, not "true"
-    ({"key": "draft", "type": "eq", "value": False}, {2}),
-    ({"key": "score", "type": "eq", "value": 0.5}, {1}),
-    ({"key": "author", "type": "in", "value": ["bob", "cy", "zed"]}, {2, 3}),
-    ({"key": "year", "type": "in", "value": [2021, "2023"]}, {1, 3}),
-    ({"key": "author", "type": "nin", "value": ["ann", "bob"]}, {3, 4}),
-    ({"key": "missing", "type": "eq", "value": "x"}, set()),
-    ({"type": "and", "filters": [{"key": "year", "type": "gte", "value": 2021},
-                                 {"key": "draft", "type": "eq", "value": False}]}, {2}),
-    ({"type": "or", "filters": [{"key": "author", "type": "eq", "value": "cy"},
-                                {"type": "and", "filters": [
-                                    {"key": "year", "type": "eq", "value": 2021},
-                                    {"key": "draft", "type": "eq", "value": True}]}]}, {1, 3}),
-])
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({"key": "author", "type": "eq", "value": "ann"}, {1}),
+        ({"key": "author", "type": "ne", "value": "ann"}, {2, 3, 4}),
+        ({"key": "year", "type": "eq", "value": 2023}, {2}),  # not the string "2023"
+        ({"key": "year", "type": "gte", "value": 2022}, {2}),
+        ({"key": "year", "type": "lt", "value": 2022}, {1}),
+        ({"key": "year", "type": "lte", "value": 2023.0}, {1, 2}),
+        ({"key": "author", "type": "gt", "value": "b"}, {2, 3}),
+        ({"key": "draft", "type": "eq", "value": True}, {1}),  # not 1, not "true"
+        ({"key": "draft", "type": "eq", "value": False}, {2}),
+        ({"key": "score", "type": "eq", "value": 0.5}, {1}),
+        ({"key": "author", "type": "in", "value": ["bob", "cy", "zed"]}, {2, 3}),
+        ({"key": "year", "type": "in", "value": [2021, "2023"]}, {1, 3}),
+        ({"key": "author", "type": "nin", "value": ["ann", "bob"]}, {3, 4}),
+        ({"key": "missing", "type": "eq", "value": "x"}, set()),
+        (
+            {
+                "type": "and",
+                "filters": [
+                    {"key": "year", "type": "gte", "value": 2021},
+                    {"key": "draft", "type": "eq", "value": False},
+                ],
+            },
+            {2},
+        ),
+        (
+            {
+                "type": "or",
+                "filters": [
+                    {"key": "author", "type": "eq", "value": "cy"},
+                    {
+                        "type": "and",
+                        "filters": [
+                            {"key": "year", "type": "eq", "value": 2021},
+                            {"key": "draft", "type": "eq", "value": True},
+                        ],
+                    },
+                ],
+            },
+            {1, 3},
+        ),
+    ],
+)
 def test_filter_semantics(matching, filters, expected):
     assert matching(filters) == expected
 
 
-@pytest.mark.parametrize(("filters", "field"), [
-    ([], "filters must be an object"),
-    ({"type": "like", "key": "a", "value": 1}, "filters.type"),
-    ({"type": "eq", "value": 1}, "filters.key"),
-    ({"type": "eq", "key": 'a"b', "value": 1}, "filters.key"),
-    ({"type": "eq", "key": "a"}, "filters.value"),
-    ({"type": "eq", "key": "a", "value": None}, "filters.value"),
-    ({"type": "gt", "key": "a", "value": True}, "filters.value"),
-    ({"type": "in", "key": "a", "value": "x"}, "filters.value"),
-    ({"type": "in", "key": "a", "value": [True]}, "filters.value"),
-    ({"type": "and", "filters": []}, "filters.filters"),
-    ({"type": "or", "filters": [{"type": "eq", "key": "a", "value": {}}]},
-     r"filters.filters\[0\].value"),
-])
+@pytest.mark.parametrize(
+    ("filters", "field"),
+    [
+        ([], "filters must be an object"),
+        ({"type": "like", "key": "a", "value": 1}, "filters.type"),
+        ({"type": "eq", "value": 1}, "filters.key"),
+        ({"type": "eq", "key": 'a"b', "value": 1}, "filters.key"),
+        ({"type": "eq", "key": "a"}, "filters.value"),
+        ({"type": "eq", "key": "a", "value": None}, "filters.value"),
+        ({"type": "gt", "key": "a", "value": True}, "filters.value"),
+        ({"type": "in", "key": "a", "value": "x"}, "filters.value"),
+        ({"type": "in", "key": "a", "value": [True]}, "filters.value"),
+        ({"type": "and", "filters": []}, "filters.filters"),
+        (
+            {"type": "or", "filters": [{"type": "eq", "key": "a", "value": {}}]},
+            r"filters.filters\[0\].value",
+        ),
+    ],
+)
 def test_bad_filters_name_the_field(filters, field):
     with pytest.raises(ValueError, match=field):
         parse_filter(filters)

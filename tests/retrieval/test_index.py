@@ -20,15 +20,19 @@ from tests.retrieval.documents import pdf_bytes
 DOCS = {
     "file-pets": ("pets.txt", "A small kitten naps on the rug by the fireplace."),
     "file-code": ("errors.md", "Error XJ9000 means the flux capacitor overheated."),
-    "file-money": ("markets.html",
-                   "<html><script>var kitten = 1;</script><p>Bond yields rose as "
-                   "central banks raised interest rates.</p></html>"),
+    "file-money": (
+        "markets.html",
+        "<html><script>var kitten = 1;</script><p>Bond yields rose as "
+        "central banks raised interest rates.</p></html>",
+    ),
     "file-ocean": ("ocean.pdf", None),
 }
-ATTRS = {"file-pets": {"topic": "animals", "year": 2024},
-         "file-code": {"topic": "tech", "year": 2022},
-         "file-money": {"topic": "finance", "year": 2023},
-         "file-ocean": {"topic": "animals", "year": 2020}}
+ATTRS = {
+    "file-pets": {"topic": "animals", "year": 2024},
+    "file-code": {"topic": "tech", "year": 2022},
+    "file-money": {"topic": "finance", "year": 2023},
+    "file-ocean": {"topic": "animals", "year": 2020},
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -43,13 +47,20 @@ def index(request, embedder, tmp_path):
     with engine.begin() as conn:
         idx.create_schema(conn)
         for file_id, (name, text) in DOCS.items():
-            data = pdf_bytes(["Whales eat krill in the cold southern ocean"]) if text is None \
+            data = (
+                pdf_bytes(["Whales eat krill in the cold southern ocean"])
+                if text is None
                 else text.encode()
-            records = asyncio.run(prepare_chunks(embedder, file_id, name, data,
-                                                 attributes=ATTRS[file_id]))
+            )
+            records = asyncio.run(
+                prepare_chunks(embedder, file_id, name, data, attributes=ATTRS[file_id])
+            )
             idx.add(conn, "alice", "vs_a", records)
-        other = asyncio.run(prepare_chunks(embedder, "file-bob", "bob.txt",
-                                           b"A kitten sleeps on a rug.", attributes={}))
+        other = asyncio.run(
+            prepare_chunks(
+                embedder, "file-bob", "bob.txt", b"A kitten sleeps on a rug.", attributes={}
+            )
+        )
         idx.add(conn, "bob", "vs_b", other)
     yield engine, idx
     engine.dispose()
@@ -62,18 +73,24 @@ def _count(conn, table: str) -> int:
 def _rows(conn) -> tuple[int, int, int]:
     """(chunks, vectors, full-text rows) the index holds, whichever the database."""
     if conn.dialect.name == "sqlite":
-        return (_count(conn, "retrieval_chunks"), _count(conn, "retrieval_vectors"),
-                _count(conn, "retrieval_chunks_fts"))
+        return (
+            _count(conn, "retrieval_chunks"),
+            _count(conn, "retrieval_vectors"),
+            _count(conn, "retrieval_chunks_fts"),
+        )
     return conn.exec_driver_sql(
-        "SELECT count(*), count(embedding), count(tsv) FROM retrieval_chunks").one()
+        "SELECT count(*), count(embedding), count(tsv) FROM retrieval_chunks"
+    ).one()
 
 
 def _text_matches(conn, word: str) -> int:
     if conn.dialect.name == "sqlite":
-        return conn.exec_driver_sql("SELECT count(*) FROM retrieval_chunks_fts WHERE "
-                                    f"retrieval_chunks_fts MATCH '{word}'").scalar()
-    return conn.exec_driver_sql("SELECT count(*) FROM retrieval_chunks WHERE "
-                                f"tsv @@ to_tsquery('english', '{word}')").scalar()
+        return conn.exec_driver_sql(
+            f"SELECT count(*) FROM retrieval_chunks_fts WHERE retrieval_chunks_fts MATCH '{word}'"
+        ).scalar()
+    return conn.exec_driver_sql(
+        f"SELECT count(*) FROM retrieval_chunks WHERE tsv @@ to_tsquery('english', '{word}')"
+    ).scalar()
 
 
 def search(index, embedder, query, owner="alice", stores=("vs_a",), **options):
@@ -98,9 +115,11 @@ def test_text_search_finds_exact_identifiers(index, embedder):
 
 
 def test_hybrid_ranks_what_either_method_finds(index, embedder):
-    for query, expected in [("cat sleeping on a carpet", "file-pets"),
-                            ("XJ9000", "file-code"),
-                            ("what do whales eat", "file-ocean")]:
+    for query, expected in [
+        ("cat sleeping on a carpet", "file-pets"),
+        ("XJ9000", "file-code"),
+        ("what do whales eat", "file-ocean"),
+    ]:
         hits = search(index, embedder, query)
         assert hits[0].file_id == expected, query
         assert 0 < hits[-1].score <= hits[0].score <= 1
@@ -115,14 +134,20 @@ def test_filters_threshold_and_limit(index, embedder):
     animals = parse_filter({"key": "topic", "type": "eq", "value": "animals"})
     hits = search(index, embedder, "interest rates", filters=animals)
     assert {h.file_id for h in hits} == {"file-pets", "file-ocean"}
-    recent = parse_filter({"type": "and", "filters": [
-        {"key": "year", "type": "gte", "value": 2023},
-        {"key": "topic", "type": "ne", "value": "animals"}]})
+    recent = parse_filter(
+        {
+            "type": "and",
+            "filters": [
+                {"key": "year", "type": "gte", "value": 2023},
+                {"key": "topic", "type": "ne", "value": "animals"},
+            ],
+        }
+    )
     assert [h.file_id for h in search(index, embedder, "anything", filters=recent)] == [
-        "file-money"]
+        "file-money"
+    ]
     assert len(search(index, embedder, "kitten", max_num_results=2)) == 2
-    strict = search(index, embedder, "cat sleeping on a carpet", mode="vector",
-                    score_threshold=0.5)
+    strict = search(index, embedder, "cat sleeping on a carpet", mode="vector", score_threshold=0.5)
     assert [h.file_id for h in strict] == ["file-pets"]
 
 
@@ -169,8 +194,9 @@ def test_query_text_is_never_fts_syntax(index, embedder):
 
 def test_ingestion_honours_chunking_and_refuses_bad_files(embedder):
     text = " ".join(f"sentence number {i} about rivers." for i in range(100)).encode()
-    records = asyncio.run(prepare_chunks(embedder, "file-x", "long.txt", text,
-                                         strategy=StaticChunking(100, 50)))
+    records = asyncio.run(
+        prepare_chunks(embedder, "file-x", "long.txt", text, strategy=StaticChunking(100, 50))
+    )
     assert len(records) > 5
     assert [r.chunk_index for r in records] == list(range(len(records)))
     assert all(r.vector.shape == (384,) for r in records)
@@ -187,18 +213,21 @@ def test_filtered_and_unfiltered_vector_paths_agree(index, embedder):
     plain = search(index, embedder, "animals in the sea", mode="vector")
     filtered = search(index, embedder, "animals in the sea", mode="vector", filters=everything)
     assert [(h.file_id, h.chunk_index) for h in plain] == [
-        (h.file_id, h.chunk_index) for h in filtered]
+        (h.file_id, h.chunk_index) for h in filtered
+    ]
     assert [h.score for h in plain] == pytest.approx([h.score for h in filtered], abs=1e-6)
 
 
 def test_search_spans_several_stores(index, embedder):
     engine, idx = index
-    records = asyncio.run(prepare_chunks(embedder, "file-cat2", "cats.txt",
-                                         b"Cats sleep on carpets all afternoon."))
+    records = asyncio.run(
+        prepare_chunks(embedder, "file-cat2", "cats.txt", b"Cats sleep on carpets all afternoon.")
+    )
     with engine.begin() as conn:
         idx.add(conn, "alice", "vs_second", records)
-    both = search(index, embedder, "cat sleeping on a carpet", stores=("vs_a", "vs_second"),
-                  mode="vector")
+    both = search(
+        index, embedder, "cat sleeping on a carpet", stores=("vs_a", "vs_second"), mode="vector"
+    )
     assert {both[0].file_id, both[1].file_id} == {"file-pets", "file-cat2"}
     assert {h.vector_store_id for h in both} == {"vs_a", "vs_second"}
     assert len(both) == 5

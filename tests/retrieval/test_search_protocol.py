@@ -13,30 +13,44 @@ from server.vector_store_search import parse_search_request, search_results_page
 
 def test_defaults_and_options():
     options = parse_search_request({"query": "whales"})
-    assert (options.query, options.max_num_results, options.score_threshold, options.mode,
-            options.filters) == ("whales", 10, 0.0, "hybrid", None)
-    options = parse_search_request({
-        "query": ["blue", "whales"], "max_num_results": 3,
-        "filters": {"key": "topic", "type": "eq", "value": "ocean"},
-        "ranking_options": {"ranker": "none", "score_threshold": 0.4}})
+    assert (
+        options.query,
+        options.max_num_results,
+        options.score_threshold,
+        options.mode,
+        options.filters,
+    ) == ("whales", 10, 0.0, "hybrid", None)
+    options = parse_search_request(
+        {
+            "query": ["blue", "whales"],
+            "max_num_results": 3,
+            "filters": {"key": "topic", "type": "eq", "value": "ocean"},
+            "ranking_options": {"ranker": "none", "score_threshold": 0.4},
+        }
+    )
     assert options.query == "blue whales"
     assert options.filters == Comparison("topic", "eq", "ocean")
     assert (options.max_num_results, options.score_threshold, options.mode) == (3, 0.4, "vector")
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({}, "query"),
-    ({"query": "  "}, "query"),
-    ({"query": ["a", 1]}, "query"),
-    ({"query": "a", "max_num_results": 0}, "max_num_results"),
-    ({"query": "a", "max_num_results": 51}, "max_num_results"),
-    ({"query": "a", "max_num_results": True}, "max_num_results"),
-    ({"query": "a", "filters": {"type": "eq", "key": "k"}}, "filters"),
-    ({"query": "a", "ranking_options": {"score_threshold": 1.5}},
-     "ranking_options.score_threshold"),
-    ({"query": "a", "ranking_options": {"ranker": "bm25"}}, "ranking_options.ranker"),
-    ({"query": "a", "rewrite_query": "yes"}, "rewrite_query"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "query"),
+        ({"query": "  "}, "query"),
+        ({"query": ["a", 1]}, "query"),
+        ({"query": "a", "max_num_results": 0}, "max_num_results"),
+        ({"query": "a", "max_num_results": 51}, "max_num_results"),
+        ({"query": "a", "max_num_results": True}, "max_num_results"),
+        ({"query": "a", "filters": {"type": "eq", "key": "k"}}, "filters"),
+        (
+            {"query": "a", "ranking_options": {"score_threshold": 1.5}},
+            "ranking_options.score_threshold",
+        ),
+        ({"query": "a", "ranking_options": {"ranker": "bm25"}}, "ranking_options.ranker"),
+        ({"query": "a", "rewrite_query": "yes"}, "rewrite_query"),
+    ],
+)
 def test_bad_bodies_name_the_field(body, param):
     with pytest.raises(APIError) as caught:
         parse_search_request(body)

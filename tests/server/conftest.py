@@ -26,8 +26,9 @@ class RunningServer:
 
 def serve_in_thread(app: object) -> tuple[str, Callable[[], None]]:
     """Serve `app` with uvicorn on a free port in a daemon thread: (its URL, a stop)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
-                                           log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

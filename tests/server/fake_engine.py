@@ -42,11 +42,16 @@ class FakeTokenizer:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(t) for t in token_ids)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> list[int]:
+    def encode_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> list[int]:
         template = jinja2.Environment().from_string(self.chat_template)
-        self.last_prompt = template.render(messages=messages, tools=tools,
-                                           add_generation_prompt=add_generation_prompt)
+        self.last_prompt = template.render(
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt
+        )
         self.last_tools = tools
         return self.encode(self.last_prompt)
 
@@ -131,17 +136,19 @@ class FakeEngine:
             while pos == 1 and not self.hold.is_set():
                 await asyncio.sleep(0.005)
             last = pos >= len(text) - 1
-            outputs = [self._delta(i, text[pos:pos + 1], last, reason, params)
-                       for i in range(params.n)]
-            self.generated_total += params.n * len(text[pos:pos + 1])
+            outputs = [
+                self._delta(i, text[pos : pos + 1], last, reason, params) for i in range(params.n)
+            ]
+            self.generated_total += params.n * len(text[pos : pos + 1])
             if last:
                 self.running.discard(request_id)
                 self.finished.append(request_id)
             yield RequestOutput(request_id, None, ids, outputs, cached, finished=last)
 
     @staticmethod
-    def _delta(index: int, piece: str, last: bool, reason: str,
-               params: SamplingParams) -> CompletionOutput:
+    def _delta(
+        index: int, piece: str, last: bool, reason: str, params: SamplingParams
+    ) -> CompletionOutput:
         token_ids = [ord(c) for c in piece]
         logprobs = None
         if params.logprobs is not None:

@@ -66,9 +66,12 @@ def start_server(
     # Lives as long as the server (closed by stop()); read back if start-up fails.
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
     process = subprocess.Popen(
-        [python, "-m", entry, "--port", "0", "--log-level", "warning",
-         "--no-access-log", *args],
-        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+        [python, "-m", entry, "--port", "0", "--log-level", "warning", "--no-access-log", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
     )
     deadline = time.monotonic() + startup_timeout
     assert process.stdout is not None

@@ -12,7 +12,7 @@ def events(response: httpx.Response) -> Iterator[dict | str]:
     """Each `data:` payload, parsed; the final "[DONE]" as that string."""
     for line in response.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             yield data if data == "[DONE]" else json.loads(data)
 
 

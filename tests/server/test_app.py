@@ -29,16 +29,22 @@ def test_chat_completion_shape_and_usage(serve):
     (choice,) = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": "Hello, world!", "refusal": None}
     assert choice["finish_reason"] == "stop" and choice["logprobs"] is None
-    assert body["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 13,
-                             "total_tokens": len(PROMPT) + 13,
-                             "prompt_tokens_details": {"cached_tokens": 0}}
+    assert body["usage"] == {
+        "prompt_tokens": len(PROMPT),
+        "completion_tokens": 13,
+        "total_tokens": len(PROMPT) + 13,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert server.engine.tokenizer.last_prompt == PROMPT
 
 
 def test_chat_stream_follows_openai_chunk_shape(serve):
     server = serve()
-    chunks = stream(server.client, "/v1/chat/completions",
-                    {"messages": USER, "stream_options": {"include_usage": True}})
+    chunks = stream(
+        server.client,
+        "/v1/chat/completions",
+        {"messages": USER, "stream_options": {"include_usage": True}},
+    )
     assert chunks[-1] == "[DONE]"
     data = chunks[:-1]
     assert len({(c["id"], c["created"]) for c in data}) == 1
@@ -65,14 +71,20 @@ def test_stream_without_usage_has_no_usage_chunk(serve):
 
 def test_max_tokens_stop_n_and_seed_reach_the_engine(serve):
     server = serve()
-    body = chat(server, max_completion_tokens=4, n=2, seed=7, temperature=0.5,
-                stop=[","], top_k=3).json()
+    body = chat(
+        server, max_completion_tokens=4, n=2, seed=7, temperature=0.5, stop=[","], top_k=3
+    ).json()
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert {c["message"]["content"] for c in body["choices"]} == {"Hell"}
     assert {c["finish_reason"] for c in body["choices"]} == {"length"}
     params = server.engine.params[-1]
     assert (params.max_tokens, params.n, params.seed, params.stop, params.top_k) == (
-        4, 2, 7, [","], 3)
+        4,
+        2,
+        7,
+        [","],
+        3,
+    )
     assert chat(server, stop=",").json()["choices"][0]["message"]["content"] == "Hello"
 
 
@@ -108,8 +120,12 @@ def test_chat_logprobs(serve):
     assert [t["token"] for t in content] == ["H", "e", "l"]
     assert content[0]["logprob"] == -0.25 and content[0]["bytes"] == [72]
     assert [t["token"] for t in content[0]["top_logprobs"]] == ["H", "?"]
-    assert chat(serve(), logprobs=True, max_tokens=1).json()["choices"][0]["logprobs"][
-        "content"][0]["top_logprobs"] == []
+    assert (
+        chat(serve(), logprobs=True, max_tokens=1).json()["choices"][0]["logprobs"]["content"][0][
+            "top_logprobs"
+        ]
+        == []
+    )
 
 
 def test_completions_text_ids_batch_echo_and_logprobs(serve):
@@ -122,10 +138,15 @@ def test_completions_text_ids_batch_echo_and_logprobs(serve):
     assert single["usage"]["prompt_tokens"] == 2
     ids = post("/v1/completions", json={"prompt": [72, 105], "max_tokens": 2}).json()
     assert ids["choices"][0]["text"] == "He"
-    batch = post("/v1/completions",
-                 json={"prompt": ["a", "bc"], "n": 2, "max_tokens": 2, "echo": True}).json()
+    batch = post(
+        "/v1/completions", json={"prompt": ["a", "bc"], "n": 2, "max_tokens": 2, "echo": True}
+    ).json()
     assert [(c["index"], c["text"]) for c in batch["choices"]] == [
-        (0, "aHe"), (1, "aHe"), (2, "bcHe"), (3, "bcHe")]
+        (0, "aHe"),
+        (1, "aHe"),
+        (2, "bcHe"),
+        (3, "bcHe"),
+    ]
     assert batch["usage"]["prompt_tokens"] == 3
     assert batch["usage"]["completion_tokens"] == 8
     lp = post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "logprobs": 1}).json()
@@ -137,9 +158,16 @@ def test_completions_text_ids_batch_echo_and_logprobs(serve):
 
 
 def test_completions_stream(serve):
-    chunks = stream(serve().client, "/v1/completions",
-                    {"prompt": ["a", "b"], "max_tokens": 4, "logprobs": 0,
-                     "stream_options": {"include_usage": True}})
+    chunks = stream(
+        serve().client,
+        "/v1/completions",
+        {
+            "prompt": ["a", "b"],
+            "max_tokens": 4,
+            "logprobs": 0,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert chunks[-1] == "[DONE]" and chunks[-2]["choices"] == []
     assert chunks[-2]["usage"]["completion_tokens"] == 8
     texts: dict[int, str] = {}
@@ -166,9 +194,14 @@ def test_models_health_and_metrics(serve):
     assert "tokenmill:inter_token_latency_seconds_count 12.0" in text
     assert f"tokenmill:prompt_tokens_total {float(len(PROMPT))}" in text
     assert "tokenmill:generation_tokens_total 13.0" in text
-    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
-                 "prefix_cache_queries_total", "prefix_cache_hits_total",
-                 "num_preemptions_total"):
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "prefix_cache_queries_total",
+        "prefix_cache_hits_total",
+        "num_preemptions_total",
+    ):
         assert f"tokenmill:{name} " in text
 
 
@@ -198,8 +231,11 @@ def assert_error(response: httpx.Response, status: int, param=None, code=None) -
 def test_client_mistakes_get_openai_shaped_4xx(serve):
     server = serve(max_body_bytes=3000)
     post = server.client.post
-    r = post("/v1/chat/completions", content=b'{"messages": [', headers={
-        "content-type": "application/json"})
+    r = post(
+        "/v1/chat/completions",
+        content=b'{"messages": [',
+        headers={"content-type": "application/json"},
+    )
     assert_error(r, 400, code="invalid_json")
     assert_error(chat(server, temperature="hot"), 400, "temperature")
     assert_error(chat(server, temperature=-1), 400, "temperature")
@@ -208,12 +244,19 @@ def test_client_mistakes_get_openai_shaped_4xx(serve):
     assert_error(chat(server, stop=[""]), 400, "stop")
     assert_error(chat(server, model="gpt-9"), 404, "model", "model_not_found")
     assert_error(server.client.get("/v1/models/gpt-9"), 404, "model")
-    assert_error(post("/v1/chat/completions", json={"messages": USER, "pad": "x" * 4000}),
-                 413, code="request_too_large")
+    assert_error(
+        post("/v1/chat/completions", json={"messages": USER, "pad": "x" * 4000}),
+        413,
+        code="request_too_large",
+    )
     error = assert_error(chat(server, max_tokens=2040), 400, "messages", "context_length_exceeded")
     assert "maximum context length is 2048" in error["message"]
-    assert_error(post("/v1/completions", json={"prompt": "x" * 2040, "max_tokens": 20}), 400,
-                 "prompt", "context_length_exceeded")
+    assert_error(
+        post("/v1/completions", json={"prompt": "x" * 2040, "max_tokens": 20}),
+        400,
+        "prompt",
+        "context_length_exceeded",
+    )
     assert_error(post("/v1/completions", json={"prompt": ""}), 400, "prompt")
     assert_error(post("/v1/chat/completions", json=[1, 2]), 400)
     assert_error(server.client.get("/v1/nothing"), 404)
@@ -232,8 +275,9 @@ def test_engine_failure_before_output_is_an_error_response(serve):
 
 
 def test_engine_failure_mid_stream_is_an_error_event(serve):
-    chunks = stream(serve(FakeEngine(fail_after=3)).client, "/v1/chat/completions",
-                    {"messages": USER})
+    chunks = stream(
+        serve(FakeEngine(fail_after=3)).client, "/v1/chat/completions", {"messages": USER}
+    )
     assert chunks[-1] == "[DONE]"
     assert chunks[-2]["error"]["code"] == "engine_error"
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-2]) == "Hel"
@@ -242,11 +286,11 @@ def test_engine_failure_mid_stream_is_an_error_event(serve):
 def test_api_keys_guard_v1_but_not_health(serve):
     server = serve(api_keys=["k1", "k2"])
     assert_error(chat(server), 401, code="invalid_api_key")
-    r = server.client.post("/v1/chat/completions", json={"messages": USER},
-                           headers={"Authorization": "Bearer nope"})
+    r = server.client.post(
+        "/v1/chat/completions", json={"messages": USER}, headers={"Authorization": "Bearer nope"}
+    )
     assert_error(r, 401)
-    assert server.client.get("/v1/models", headers={"Authorization": "Basic k1"}).status_code \
-        == 401
+    assert server.client.get("/v1/models", headers={"Authorization": "Basic k1"}).status_code == 401
     for key in ("k1", "k2"):
         ok = server.client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert ok.status_code == 200
@@ -268,8 +312,9 @@ def test_first_chunk_reaches_the_client_before_generation_ends(serve):
     engine = FakeEngine()
     engine.hold.clear()  # the engine will not go past its first token until we say so
     server = serve(engine)
-    with server.client.stream("POST", "/v1/chat/completions",
-                              json={"messages": USER, "stream": True}) as response:
+    with server.client.stream(
+        "POST", "/v1/chat/completions", json={"messages": USER, "stream": True}
+    ) as response:
         received = events(response)
         assert next(received)["choices"][0]["delta"]["role"] == "assistant"
         assert next(received)["choices"][0]["delta"]["content"] == "H"
@@ -282,8 +327,9 @@ def test_first_chunk_reaches_the_client_before_generation_ends(serve):
 def test_dropped_stream_aborts_the_request(serve):
     engine = FakeEngine(token_delay=0.01, reply="x" * 400)
     server = serve(engine)
-    with server.client.stream("POST", "/v1/chat/completions",
-                              json={"messages": USER, "stream": True}) as response:
+    with server.client.stream(
+        "POST", "/v1/chat/completions", json={"messages": USER, "stream": True}
+    ) as response:
         received = events(response)
         next(received), next(received)
     wait_for(lambda: engine.aborted)
@@ -306,10 +352,12 @@ def test_queue_limit_answers_429_with_retry_after(serve):
     engine = FakeEngine()
     engine.hold.clear()
     server = serve(engine, max_running_requests=1, max_waiting_requests=1, retry_after_s=3)
-    with server.client.stream("POST", "/v1/chat/completions",
-                              json={"messages": USER, "stream": True}) as a, \
-            server.client.stream("POST", "/v1/completions",
-                                 json={"prompt": "x", "stream": True}) as b:
+    with (
+        server.client.stream(
+            "POST", "/v1/chat/completions", json={"messages": USER, "stream": True}
+        ) as a,
+        server.client.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}) as b,
+    ):
         a_events, b_events = events(a), events(b)  # (dropping one would close its stream)
         next(a_events), next(b_events)
         r = chat(server)
@@ -331,11 +379,17 @@ def test_draining_server_answers_503(serve):
 
 # -- tool calls ----------------------------------------------------------------------------
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "parameters": {"type": "object",
-                                          "properties": {"city": {"type": "string"}}}}}
-CALLS = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
-         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>')
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+CALLS = (
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+)
 
 
 def test_tool_calls_non_streaming(serve):
@@ -347,7 +401,9 @@ def test_tool_calls_non_streaming(serve):
     assert message["content"] is None
     calls = message["tool_calls"]
     assert [json.loads(c["function"]["arguments"]) for c in calls] == [
-        {"city": "Paris"}, {"city": "Rome"}]
+        {"city": "Paris"},
+        {"city": "Rome"},
+    ]
     assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
     assert calls[0]["id"] != calls[1]["id"]
     assert "<tools>" in server.engine.tokenizer.last_prompt  # default tool section
@@ -355,22 +411,23 @@ def test_tool_calls_non_streaming(serve):
 
 def test_tool_calls_streaming(serve):
     server = serve(FakeEngine(reply="On it." + CALLS))
-    chunks = stream(server.client, "/v1/chat/completions",
-                    {"messages": USER, "tools": [WEATHER_TOOL]})
+    chunks = stream(
+        server.client, "/v1/chat/completions", {"messages": USER, "tools": [WEATHER_TOOL]}
+    )
     deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
     assert "".join(d.get("content") or "" for d in deltas) == "On it."
     fragments = [tc for d in deltas for tc in d.get("tool_calls", [])]
     heads = [f for f in fragments if "id" in f]
     assert [h["index"] for h in heads] == [0, 1]
-    assert all(h["type"] == "function" and h["function"]["name"] == "get_weather"
-               for h in heads)
-    assert all("id" not in f and "name" not in f["function"] for f in fragments
-               if f not in heads)
+    assert all(h["type"] == "function" and h["function"]["name"] == "get_weather" for h in heads)
+    assert all("id" not in f and "name" not in f["function"] for f in fragments if f not in heads)
     args = {0: "", 1: ""}
     for f in fragments:
         args[f["index"]] += f["function"]["arguments"]
-    assert {k: json.loads(v) for k, v in args.items()} == {0: {"city": "Paris"},
-                                                            1: {"city": "Rome"}}
+    assert {k: json.loads(v) for k, v in args.items()} == {
+        0: {"city": "Paris"},
+        1: {"city": "Rome"},
+    }
     assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
 
 
@@ -382,8 +439,9 @@ def test_malformed_tool_call_is_returned_as_text(serve):
     body = chat(server, tools=[WEATHER_TOOL]).json()
     assert body["choices"][0]["message"]["content"] == broken
     assert body["choices"][0]["finish_reason"] == "stop"
-    chunks = stream(server.client, "/v1/chat/completions",
-                    {"messages": USER, "tools": [WEATHER_TOOL]})
+    chunks = stream(
+        server.client, "/v1/chat/completions", {"messages": USER, "tools": [WEATHER_TOOL]}
+    )
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == broken
 
 
@@ -417,15 +475,19 @@ def test_tool_call_round_trip_with_the_openai_sdk(serve):
     server = serve(FakeEngine(reply=model))
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": "Weather in Paris?"}]
-    first = client.chat.completions.create(model="fake-model", messages=messages,
-                                           tools=[WEATHER_TOOL])
+    first = client.chat.completions.create(
+        model="fake-model", messages=messages, tools=[WEATHER_TOOL]
+    )
     assert first.choices[0].finish_reason == "tool_calls"
     (call,) = first.choices[0].message.tool_calls
     assert call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"}
-    messages += [first.choices[0].message.model_dump(exclude_none=True),
-                 {"role": "tool", "tool_call_id": call.id, "content": "18C"}]
-    final = client.chat.completions.create(model="fake-model", messages=messages,
-                                           tools=[WEATHER_TOOL], stream=True)
+    messages += [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18C"},
+    ]
+    final = client.chat.completions.create(
+        model="fake-model", messages=messages, tools=[WEATHER_TOOL], stream=True
+    )
     text = "".join(c.choices[0].delta.content or "" for c in final if c.choices)
     assert text == "It is 18C in Paris."

@@ -46,21 +46,27 @@ def test_token_arrays_match_text(client, live):
     by_ids = client.embeddings.create(model=MODEL, input=[ids, ids[:2]], encoding_format="float")
     assert by_ids.usage.prompt_tokens == len(ids) + 2
     assert len(by_ids.data) == 2
-    raw = httpx.post(f"{live.url}/v1/embeddings", headers={"Authorization": f"Bearer {API_KEY}"},
-                     json={"model": MODEL, "input": ids}).json()
+    raw = httpx.post(
+        f"{live.url}/v1/embeddings",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": MODEL, "input": ids},
+    ).json()
     np.testing.assert_allclose(raw["data"][0]["embedding"], by_ids.data[0].embedding, atol=1e-6)
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"input": ""}, "input"),
-    ({"input": []}, "input"),
-    ({"input": [1, "a"]}, "input"),
-    ({"input": [[1, 2], []]}, "input"),
-    ({"input": [10**9]}, "input"),
-    ({"input": ["a"] * 2049}, "input"),
-    ({"input": "a", "encoding_format": "int8"}, "encoding_format"),
-    ({"input": "a", "dimensions": 64}, "dimensions"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": ""}, "input"),
+        ({"input": []}, "input"),
+        ({"input": [1, "a"]}, "input"),
+        ({"input": [[1, 2], []]}, "input"),
+        ({"input": [10**9]}, "input"),
+        ({"input": ["a"] * 2049}, "input"),
+        ({"input": "a", "encoding_format": "int8"}, "encoding_format"),
+        ({"input": "a", "dimensions": 64}, "dimensions"),
+    ],
+)
 def test_bad_input_is_400_naming_the_field(client, body, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model=MODEL, **body)

@@ -12,8 +12,14 @@ from server.state import Admission, ServerConfig
 
 
 def _admission(per_user: int | None, capacity: int = 16) -> Admission:
-    return Admission(ServerConfig(["m"], max_running_requests=capacity, max_waiting_requests=0,
-                                  max_sequences_per_user=per_user))
+    return Admission(
+        ServerConfig(
+            ["m"],
+            max_running_requests=capacity,
+            max_waiting_requests=0,
+            max_sequences_per_user=per_user,
+        )
+    )
 
 
 async def _pending(coro) -> asyncio.Task:

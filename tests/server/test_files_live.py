@@ -24,11 +24,16 @@ def tiny_pdf(sentence: str) -> bytes:
     """A one-page PDF whose text is `sentence` (Helvetica, one text object)."""
     writer = PdfWriter()
     page = writer.add_blank_page(612, 792)
-    font = DictionaryObject({NameObject("/Type"): NameObject("/Font"),
-                             NameObject("/Subtype"): NameObject("/Type1"),
-                             NameObject("/BaseFont"): NameObject("/Helvetica")})
+    font = DictionaryObject(
+        {
+            NameObject("/Type"): NameObject("/Font"),
+            NameObject("/Subtype"): NameObject("/Type1"),
+            NameObject("/BaseFont"): NameObject("/Helvetica"),
+        }
+    )
     page[NameObject("/Resources")] = DictionaryObject(
-        {NameObject("/Font"): DictionaryObject({NameObject("/F1"): writer._add_object(font)})})
+        {NameObject("/Font"): DictionaryObject({NameObject("/F1"): writer._add_object(font)})}
+    )
     content = DecodedStreamObject()
     content.set_data(f"BT /F1 12 Tf 72 720 Td ({sentence}) Tj ET".encode())
     page[NameObject("/Contents")] = writer._add_object(content)
@@ -38,26 +43,44 @@ def tiny_pdf(sentence: str) -> bytes:
 
 
 DOCUMENTS = {
-    "volcanoes.txt": (b"Volcanoes erupt when magma rises through the crust. Basalt lava flows "
-                      b"are runny, while andesite lava builds steep stratovolcanoes.",
-                      "how does magma make a volcano erupt"),
-    "bread.md": (b"# Sourdough\n\nA sourdough starter is flour and water fermented by wild "
-                 b"yeast and lactobacilli. Feed the starter daily before baking the loaf.",
-                 "feeding a sourdough starter"),
-    "borrow.html": (b"<html><head><style>p{color:red}</style></head><body><h1>Rust</h1><p>The "
-                    b"borrow checker rejects a mutable reference while shared references to the "
-                    b"same value are alive.</p></body></html>",
-                    "rust borrow checker mutable reference"),
-    "aurora.pdf": (tiny_pdf("The aurora borealis glows green when solar wind particles strike "
-                            "oxygen atoms high in the atmosphere."),
-                   "why is the northern lights aurora green"),
+    "volcanoes.txt": (
+        b"Volcanoes erupt when magma rises through the crust. Basalt lava flows "
+        b"are runny, while andesite lava builds steep stratovolcanoes.",
+        "how does magma make a volcano erupt",
+    ),
+    "bread.md": (
+        b"# Sourdough\n\nA sourdough starter is flour and water fermented by wild "
+        b"yeast and lactobacilli. Feed the starter daily before baking the loaf.",
+        "feeding a sourdough starter",
+    ),
+    "borrow.html": (
+        b"<html><head><style>p{color:red}</style></head><body><h1>Rust</h1><p>The "
+        b"borrow checker rejects a mutable reference while shared references to the "
+        b"same value are alive.</p></body></html>",
+        "rust borrow checker mutable reference",
+    ),
+    "aurora.pdf": (
+        tiny_pdf(
+            "The aurora borealis glows green when solar wind particles strike "
+            "oxygen atoms high in the atmosphere."
+        ),
+        "why is the northern lights aurora green",
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def live():
-    server = start_server("--api-key", API_KEY, "--compile", "off", "--dtype", "float32",
-                          "--max-upload-mb", str(UPLOAD_LIMIT_MB))
+    server = start_server(
+        "--api-key",
+        API_KEY,
+        "--compile",
+        "off",
+        "--dtype",
+        "float32",
+        "--max-upload-mb",
+        str(UPLOAD_LIMIT_MB),
+    )
     yield server
     assert server.stop() == 0
 
@@ -88,8 +111,9 @@ def _wait_indexed(client: openai.OpenAI, vector_store_id: str, timeout: float = 
 
 @pytest.fixture(scope="module")
 def vector_store(client, uploaded):
-    store = client.vector_stores.create(name="knowledge", file_ids=list(uploaded.values()),
-                                        metadata={"team": "docs"})
+    store = client.vector_stores.create(
+        name="knowledge", file_ids=list(uploaded.values()), metadata={"team": "docs"}
+    )
     assert store.status in ("in_progress", "completed")
     assert store.file_counts.total == len(uploaded)
     return _wait_indexed(client, store.id)
@@ -100,14 +124,27 @@ def _chunk_rows(live, file_id: str) -> tuple[int, int, int]:
     engine = sqlite_vec_engine(f"sqlite:///{Path(live.scratch_dir) / 'tokenmill.db'}")
     try:
         with engine.connect() as conn:
-            chunk_ids = conn.execute(text("SELECT id FROM retrieval_chunks WHERE file_id = :f"),
-                                     {"f": file_id}).scalars().all()
-            vectors = conn.execute(text("SELECT count(*) FROM retrieval_vectors WHERE id IN "
-                                        "(SELECT value FROM json_each(:ids))"),
-                                   {"ids": str(chunk_ids)}).scalar_one()
-            words = conn.execute(text(
-                "SELECT count(*) FROM retrieval_chunks_fts_docsize WHERE id IN "
-                "(SELECT value FROM json_each(:ids))"), {"ids": str(chunk_ids)}).scalar_one()
+            chunk_ids = (
+                conn.execute(
+                    text("SELECT id FROM retrieval_chunks WHERE file_id = :f"), {"f": file_id}
+                )
+                .scalars()
+                .all()
+            )
+            vectors = conn.execute(
+                text(
+                    "SELECT count(*) FROM retrieval_vectors WHERE id IN "
+                    "(SELECT value FROM json_each(:ids))"
+                ),
+                {"ids": str(chunk_ids)},
+            ).scalar_one()
+            words = conn.execute(
+                text(
+                    "SELECT count(*) FROM retrieval_chunks_fts_docsize WHERE id IN "
+                    "(SELECT value FROM json_each(:ids))"
+                ),
+                {"ids": str(chunk_ids)},
+            ).scalar_one()
         return len(chunk_ids), vectors, words
     finally:
         engine.dispose()
@@ -129,8 +166,9 @@ def test_the_store_indexes_supported_files_and_fails_the_rest(client, uploaded, 
     assert (counts.completed, counts.failed, counts.in_progress) == (len(DOCUMENTS), 1, 0)
     assert vector_store.status == "completed" and vector_store.metadata == {"team": "docs"}
     assert vector_store.usage_bytes == sum(len(d) for d, _ in DOCUMENTS.values())
-    failed = client.vector_stores.files.retrieve(uploaded["photo.png"],
-                                                 vector_store_id=vector_store.id)
+    failed = client.vector_stores.files.retrieve(
+        uploaded["photo.png"], vector_store_id=vector_store.id
+    )
     assert failed.status == "failed"
     assert failed.last_error.code == "unsupported_file" and ".png" in failed.last_error.message
     done = client.vector_stores.files.list(vector_store.id, filter="completed")
@@ -163,8 +201,9 @@ def test_unknown_ids_are_404(client, vector_store):
 
 def test_an_upload_over_the_limit_is_413(client):
     with pytest.raises(openai.APIStatusError) as caught:
-        client.files.create(file=("big.txt", b"x" * (UPLOAD_LIMIT_MB * 2**20 + 1)),
-                            purpose="assistants")
+        client.files.create(
+            file=("big.txt", b"x" * (UPLOAD_LIMIT_MB * 2**20 + 1)), purpose="assistants"
+        )
     assert caught.value.status_code == 413
     with pytest.raises(openai.BadRequestError) as caught:
         client.files.create(file=("a.txt", b"a"), purpose="homework")
@@ -199,7 +238,6 @@ def test_removing_a_file_removes_its_chunks_and_vectors(client, live, uploaded, 
 def test_the_rag_example_uploads_indexes_and_finds(live):
     output = run_example("rag_upload.py", "--base-url", f"{live.url}/v1", "--api-key", API_KEY)
     lines = output.splitlines()
-    assert lines[0].startswith("indexed: starter.md as file_") and lines[0].endswith(
-        "(completed)")
+    assert lines[0].startswith("indexed: starter.md as file_") and lines[0].endswith("(completed)")
     hits = [line for line in lines if line.startswith("hit: ")]
     assert hits and "starter.md: # Caring for a sourdough starter" in hits[0]

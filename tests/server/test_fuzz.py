@@ -26,18 +26,33 @@ from tests.server.sse_client import events
 MODEL = "smollm2-135m-instruct"
 VOCAB = 49152
 BODY_LIMIT = 65536
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 @pytest.fixture(scope="module")
 def server():
     live = start_server(
-        "--quantization", "none", "--compile", "off", "--max-model-len", "512",
-        "--max-num-seqs", "16", "--max-waiting-requests", "32",
-        "--max-request-body-bytes", str(BODY_LIMIT),
+        "--quantization",
+        "none",
+        "--compile",
+        "off",
+        "--max-model-len",
+        "512",
+        "--max-num-seqs",
+        "16",
+        "--max-waiting-requests",
+        "32",
+        "--max-request-body-bytes",
+        str(BODY_LIMIT),
         # A valid fuzzed chat body names no max_tokens mostly: keep its answer short.
-        "--max-tokens-default", "8",
+        "--max-tokens-default",
+        "8",
     )
     yield live
     assert live.stop() == 0
@@ -48,9 +63,14 @@ def client(server: LiveServer):
     # Generous: a loaded CI machine is slow, and only a server that stopped answering is a
     # failure. The first requests warm the model and the chat template up.
     with httpx.Client(base_url=server.url, timeout=180) as c:
-        warm = c.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "tools": [{
-                "type": "function", "function": {"name": "f", "parameters": {}}}]})
+        warm = c.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 1,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            },
+        )
         assert warm.status_code == 200
         yield c
     # The server survived it all: it still generates and says it is healthy.
@@ -63,14 +83,22 @@ def client(server: LiveServer):
 # -- values ----------------------------------------------------------------------------------
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
     st.sampled_from([2**63, 2**64 - 1, 2**64, -(2**63) - 1, 10**300, 0, -1]),
-    st.text(max_size=12), st.integers(1000, 40000).map(lambda n: "x" * n),
+    st.text(max_size=12),
+    st.integers(1000, 40000).map(lambda n: "x" * n),
     st.sampled_from(["\ud800", "a\udfffb", "\U0001f600", "\x00"]),  # lone surrogates, NUL
 )
 anything = st.recursive(
-    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.text(max_size=8), inner, max_size=4), max_leaves=12)
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 def field(valid: st.SearchStrategy) -> st.SearchStrategy:
@@ -87,30 +115,66 @@ words = st.text(min_size=1, max_size=10)
 valid_ids = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=6)
 any_ids = st.lists(st.integers(0, VOCAB + 10), min_size=1, max_size=6)
 parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
-weather_tool = {"type": "function",
-                "function": {"name": "get_weather", "parameters": parameters}}
+weather_tool = {"type": "function", "function": {"name": "get_weather", "parameters": parameters}}
 # Nested structures with hostile values inside them.
-tools = st.lists(st.fixed_dictionaries(
-    {"type": field(st.just("function")),
-     "function": field(st.fixed_dictionaries(
-         {"name": field(st.sampled_from(["get_weather", "f", "bad name!", ""]))},
-         optional={"description": field(texts), "parameters": field(st.just(parameters))}))}),
-    max_size=3)
+tools = st.lists(
+    st.fixed_dictionaries(
+        {
+            "type": field(st.just("function")),
+            "function": field(
+                st.fixed_dictionaries(
+                    {"name": field(st.sampled_from(["get_weather", "f", "bad name!", ""]))},
+                    optional={
+                        "description": field(texts),
+                        "parameters": field(st.just(parameters)),
+                    },
+                )
+            ),
+        }
+    ),
+    max_size=3,
+)
 tool_choice = st.one_of(
     st.sampled_from(["none", "auto", "required", "other"]),
-    st.fixed_dictionaries({"type": field(st.just("function")), "function": field(
-        st.fixed_dictionaries({"name": field(st.sampled_from(["get_weather", "f"]))}))}),
+    st.fixed_dictionaries(
+        {
+            "type": field(st.just("function")),
+            "function": field(
+                st.fixed_dictionaries({"name": field(st.sampled_from(["get_weather", "f"]))})
+            ),
+        }
+    ),
 )
-content = st.one_of(texts, st.lists(st.fixed_dictionaries(
-    {"type": field(st.just("text")), "text": field(texts)}), max_size=3))
+content = st.one_of(
+    texts,
+    st.lists(
+        st.fixed_dictionaries({"type": field(st.just("text")), "text": field(texts)}), max_size=3
+    ),
+)
 message = st.fixed_dictionaries(
-    {"role": field(st.sampled_from(["system", "developer", "user", "assistant", "tool"])),
-     "content": field(content)},
-    optional={"name": field(texts), "tool_call_id": field(texts),
-              "tool_calls": field(st.lists(st.fixed_dictionaries({
-                  "id": field(texts), "type": st.just("function"),
-                  "function": field(st.fixed_dictionaries(
-                      {"name": field(texts), "arguments": field(texts)}))}), max_size=2))})
+    {
+        "role": field(st.sampled_from(["system", "developer", "user", "assistant", "tool"])),
+        "content": field(content),
+    },
+    optional={
+        "name": field(texts),
+        "tool_call_id": field(texts),
+        "tool_calls": field(
+            st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "id": field(texts),
+                        "type": st.just("function"),
+                        "function": field(
+                            st.fixed_dictionaries({"name": field(texts), "arguments": field(texts)})
+                        ),
+                    }
+                ),
+                max_size=2,
+            )
+        ),
+    },
+)
 NESTED = {
     "messages": st.lists(message, max_size=4),
     "tools": tools,
@@ -146,8 +210,11 @@ SAMPLING = {
     "logit_bias": st.just({}),
 }
 CHAT = {
-    "messages": st.lists(st.fixed_dictionaries(
-        {"role": st.sampled_from(["system", "user"]), "content": texts}), min_size=1, max_size=3),
+    "messages": st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["system", "user"]), "content": texts}),
+        min_size=1,
+        max_size=3,
+    ),
     "max_tokens": st.integers(1, 3),
     "max_completion_tokens": st.integers(1, 3),
     "logprobs": st.booleans(),
@@ -173,11 +240,13 @@ def hostile_value(name: str) -> st.SearchStrategy:
 def bodies(valid: dict[str, st.SearchStrategy], required: str) -> st.SearchStrategy[dict]:
     """A valid body, or one with one or two fields set to a hostile value: a single bad
     value on an otherwise valid request is what reaches deepest into the server."""
-    base = st.fixed_dictionaries({required: valid[required]},
-                                 optional={k: v for k, v in valid.items() if k != required})
+    base = st.fixed_dictionaries(
+        {required: valid[required]}, optional={k: v for k, v in valid.items() if k != required}
+    )
     names = st.sampled_from(sorted({*valid, *EXTRA}))
-    hostile = st.lists(names.flatmap(lambda n: st.tuples(st.just(n), hostile_value(n))),
-                       min_size=1, max_size=2).map(dict)
+    hostile = st.lists(
+        names.flatmap(lambda n: st.tuples(st.just(n), hostile_value(n))), min_size=1, max_size=2
+    ).map(dict)
     overlaid = st.tuples(base, hostile).map(lambda pair: {**pair[0], **pair[1]})
     return st.one_of(base, overlaid, overlaid, overlaid).map(_bounded)
 
@@ -197,14 +266,16 @@ def _bounded(body: dict) -> dict:
 # -- checking one exchange -------------------------------------------------------------------
 
 
-def check(client: httpx.Client, path: str, content: bytes,
-          content_type: str | None = "application/json") -> int:
+def check(
+    client: httpx.Client, path: str, content: bytes, content_type: str | None = "application/json"
+) -> int:
     """Send one request; it must get a well-formed answer below 500."""
     headers = {"content-type": content_type} if content_type else {}
     try:
         with client.stream("POST", path, content=content, headers=headers) as response:
             if response.status_code == 200 and response.headers["content-type"].startswith(
-                    "text/event-stream"):
+                "text/event-stream"
+            ):
                 received = list(events(response))
                 errors = [e for e in received if isinstance(e, dict) and "error" in e]
                 assert not errors, f"error event in a stream: {errors} for {content[:300]!r}"
@@ -246,10 +317,22 @@ raw_bodies = st.one_of(
     st.integers(1, 3000).map(lambda d: b'{"prompt": ' + b"[" * d + b"1" + b"]" * d + b"}"),
     st.integers(4200, 6000).map(lambda d: b'{"prompt": "hi", "max_tokens": 1' + b"0" * d + b"}"),
     st.integers(1, 5).map(lambda d: b'{"prompt": "hi", "n": 1e' + b"9" * d + b"}"),
-    st.sampled_from([b"", b"null", b"[]", b"{}", b'"x"', b"{\"prompt\": \"hi\"", b"\xff\xfe",
-                     b'{"prompt": NaN}', b'{"messages": Infinity}']),
+    st.sampled_from(
+        [
+            b"",
+            b"null",
+            b"[]",
+            b"{}",
+            b'"x"',
+            b'{"prompt": "hi"',
+            b"\xff\xfe",
+            b'{"prompt": NaN}',
+            b'{"messages": Infinity}',
+        ]
+    ),
     st.integers(BODY_LIMIT - 100, BODY_LIMIT + 100).map(
-        lambda n: b'{"prompt": "' + b"a" * n + b'", "max_tokens": 1}'),
+        lambda n: b'{"prompt": "' + b"a" * n + b'", "max_tokens": 1}'
+    ),
 )
 
 
@@ -260,13 +343,26 @@ def test_fuzz_malformed_bodies(client, path, body):
 
 
 @settings(FUZZ, max_examples=25)
-@given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
-       content_type=st.one_of(st.none(), st.sampled_from(
-           ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-            "application/jsonx", "application/json; charset=utf-8", "APPLICATION/JSON"]),
-           # (what HTTP allows in a header value: no surrounding blanks)
-           st.text(max_size=20).filter(lambda t: t.isascii() and t.isprintable()
-                                       and t == t.strip() and t != "")))
+@given(
+    path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+    content_type=st.one_of(
+        st.none(),
+        st.sampled_from(
+            [
+                "text/plain",
+                "application/x-www-form-urlencoded",
+                "multipart/form-data",
+                "application/jsonx",
+                "application/json; charset=utf-8",
+                "APPLICATION/JSON",
+            ]
+        ),
+        # (what HTTP allows in a header value: no surrounding blanks)
+        st.text(max_size=20).filter(
+            lambda t: t.isascii() and t.isprintable() and t == t.strip() and t != ""
+        ),
+    ),
+)
 def test_fuzz_content_types(client, path, content_type):
     body = {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     status = check(client, path, dumps(body), content_type)
@@ -280,21 +376,33 @@ def test_fuzz_content_types(client, path, content_type):
 def test_requests_that_once_broke_the_engine_leave_other_streams_alone(server, client):
     """Each of these used to fail inside the engine thread, killing it or failing every
     request in flight; now each is a 400 and the streams around them finish normally."""
+
     def stream(i: int) -> list:
         body = {"prompt": f"Count to {i}:", "max_tokens": 24, "ignore_eos": True, "stream": True}
-        with httpx.Client(base_url=server.url, timeout=120) as c, \
-                c.stream("POST", "/v1/completions", json=body) as response:
+        with (
+            httpx.Client(base_url=server.url, timeout=120) as c,
+            c.stream("POST", "/v1/completions", json=body) as response,
+        ):
             assert response.status_code == 200
             return list(events(response))
 
     hostile = [
-        ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "skip_special_tokens": 0},
-         "skip_special_tokens"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                  "max_tokens": 2, "min_tokens": 1, "stop_token_ids": [VOCAB]},
-         "stop_token_ids"),
-        ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "n": 2, "seed": 2**64 - 1},
-         "seed"),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "max_tokens": 1, "skip_special_tokens": 0},
+            "skip_special_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 2,
+                "min_tokens": 1,
+                "stop_token_ids": [VOCAB],
+            },
+            "stop_token_ids",
+        ),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "n": 2, "seed": 2**64 - 1}, "seed"),
         ("/v1/completions", {"prompt": ["hi"] * 1000, "max_tokens": 1}, "prompt"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "n": 128}, "n"),
     ]

@@ -19,24 +19,29 @@ def post_raw(server, path: str, content: bytes, content_type: str | None = "appl
     return server.client.post(path, content=content, headers=headers)
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"messages": USER, "stop": 5}, "stop"),
-    ({"messages": USER, "stop": {"a": "b"}}, "stop"),
-    ({"messages": USER, "stop": ["x"] * 17}, "stop"),
-    ({"messages": USER, "stop": "x" * 257}, "stop"),
-    ({"messages": USER, "stop_token_ids": 3}, "stop_token_ids"),
-    ({"messages": USER, "stop_token_ids": [0x110000]}, "stop_token_ids"),
-    ({"messages": USER, "stop_token_ids": list(range(257))}, "stop_token_ids"),
-    ({"messages": USER, "skip_special_tokens": 0}, "skip_special_tokens"),
-    ({"messages": USER, "ignore_eos": "false"}, "ignore_eos"),
-    ({"messages": USER, "n": 2, "seed": 2**64 - 1}, "seed"),
-    ({"messages": USER, "seed": 2**64}, "seed"),
-    ({"messages": USER, "temperature": 10**400}, "temperature"),
-    ({"messages": USER, "tool_choice": {"type": "function", "function": []}}, "tool_choice"),
-    ({"messages": USER, "tool_choice": {"type": "function", "function": {"name": 5}}},
-     "tool_choice"),
-    ({"messages": USER, "tool_choice": ["auto"]}, "tool_choice"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": USER, "stop": 5}, "stop"),
+        ({"messages": USER, "stop": {"a": "b"}}, "stop"),
+        ({"messages": USER, "stop": ["x"] * 17}, "stop"),
+        ({"messages": USER, "stop": "x" * 257}, "stop"),
+        ({"messages": USER, "stop_token_ids": 3}, "stop_token_ids"),
+        ({"messages": USER, "stop_token_ids": [0x110000]}, "stop_token_ids"),
+        ({"messages": USER, "stop_token_ids": list(range(257))}, "stop_token_ids"),
+        ({"messages": USER, "skip_special_tokens": 0}, "skip_special_tokens"),
+        ({"messages": USER, "ignore_eos": "false"}, "ignore_eos"),
+        ({"messages": USER, "n": 2, "seed": 2**64 - 1}, "seed"),
+        ({"messages": USER, "seed": 2**64}, "seed"),
+        ({"messages": USER, "temperature": 10**400}, "temperature"),
+        ({"messages": USER, "tool_choice": {"type": "function", "function": []}}, "tool_choice"),
+        (
+            {"messages": USER, "tool_choice": {"type": "function", "function": {"name": 5}}},
+            "tool_choice",
+        ),
+        ({"messages": USER, "tool_choice": ["auto"]}, "tool_choice"),
+    ],
+)
 def test_values_that_once_broke_the_engine_or_the_server_are_400s(serve, body, param):
     server = serve()
     assert_error(server.client.post("/v1/chat/completions", json=body), 400, param)
@@ -47,21 +52,24 @@ def test_completion_token_ids_must_be_in_the_vocabulary(serve):
     server = serve(FakeEngine(vocab_size=1000))
     post = server.client.post
     assert_error(post("/v1/completions", json={"prompt": [1, 1000]}), 400, "prompt")
-    assert_error(post("/v1/completions", json={"prompt": [[1], [2**70]], "echo": True}), 400,
-                 "prompt")
-    assert post("/v1/completions", json={"prompt": [72, 999], "max_tokens": 1}).status_code \
-        == 200
+    assert_error(
+        post("/v1/completions", json={"prompt": [[1], [2**70]], "echo": True}), 400, "prompt"
+    )
+    assert post("/v1/completions", json={"prompt": [72, 999], "max_tokens": 1}).status_code == 200
 
 
-@pytest.mark.parametrize("content", [
-    b'{"messages": [], "max_tokens": 1' + b"0" * 4300 + b"}",  # past Python's int digits
-    b"[" * 1000 + b"]" * 1000,
-    b"[" * 100_000,
-    b'{"messages": ' + b"[" * 65 + b"]" * 65 + b"}",
-    b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
-    b"\xff\xfe{}",
-    b'{"messages": [{"role": "user", "content": "lone \\ud800 surrogate"}]}',
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"messages": [], "max_tokens": 1' + b"0" * 4300 + b"}",  # past Python's int digits
+        b"[" * 1000 + b"]" * 1000,
+        b"[" * 100_000,
+        b'{"messages": ' + b"[" * 65 + b"]" * 65 + b"}",
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+        b"\xff\xfe{}",
+        b'{"messages": [{"role": "user", "content": "lone \\ud800 surrogate"}]}',
+    ],
+)
 def test_malformed_bodies_are_400(serve, content):
     server = serve(max_body_bytes=1 << 20)
     r = post_raw(server, "/v1/chat/completions", content)
@@ -69,31 +77,51 @@ def test_malformed_bodies_are_400(serve, content):
     assert r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("content_type", [
-    None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-    "application/jsonp"])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+        "application/jsonp",
+    ],
+)
 def test_only_json_bodies_are_accepted(serve, content_type):
     server = serve()
     body = json.dumps({"messages": USER}).encode()
-    assert_error(post_raw(server, "/v1/chat/completions", body, content_type), 415,
-                 code="unsupported_media_type")
+    assert_error(
+        post_raw(server, "/v1/chat/completions", body, content_type),
+        415,
+        code="unsupported_media_type",
+    )
     assert_error(post_raw(server, "/v1/completions", body, content_type), 415)
-    assert post_raw(server, "/v1/chat/completions", body,
-                    "application/json; charset=utf-8").status_code == 200
+    assert (
+        post_raw(
+            server, "/v1/chat/completions", body, "application/json; charset=utf-8"
+        ).status_code
+        == 200
+    )
 
 
 def test_cors_is_off_by_default_and_opt_in(serve):
     origin = {"Origin": "https://evil.example"}
-    preflight = {**origin, "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "content-type"}
+    preflight = {
+        **origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
     closed = serve()
     r = closed.client.options("/v1/chat/completions", headers=preflight)
     assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
     assert "access-control-allow-origin" not in chat(closed).headers
 
     opened = serve(allowed_origins=["https://app.example"], api_keys=["k"])
-    ok = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-          "Access-Control-Request-Headers": "authorization, content-type"}
+    ok = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
     r = opened.client.options("/v1/chat/completions", headers=ok)
     assert r.status_code == 200  # answered before the key check, as browsers send no key
     assert r.headers["access-control-allow-origin"] == "https://app.example"
@@ -106,14 +134,16 @@ def test_admission_counts_sequences(serve):
     engine.hold.clear()
     server = serve(engine, max_running_requests=2, max_waiting_requests=2)
     post = server.client.post
-    error = assert_error(post("/v1/completions", json={"prompt": ["a"] * 1000}), 400, "prompt",
-                         "too_many_sequences")
+    error = assert_error(
+        post("/v1/completions", json={"prompt": ["a"] * 1000}), 400, "prompt", "too_many_sequences"
+    )
     assert "1000 sequences" in error["message"]
     assert_error(post("/v1/completions", json={"prompt": "a", "n": 5}), 400, "n")
     assert_error(chat(server, n=5), 400, "n")
     assert engine.params == []
-    with server.client.stream("POST", "/v1/completions",
-                              json={"prompt": ["a", "b", "c"], "stream": True}) as held:
+    with server.client.stream(
+        "POST", "/v1/completions", json={"prompt": ["a", "b", "c"], "stream": True}
+    ) as held:
         received = events(held)
         next(received)
         # 3 of 4 sequences are taken: one more fits, two do not.
@@ -127,16 +157,27 @@ def test_admission_counts_sequences(serve):
 def test_prompt_size_is_bounded_before_tokenizing(serve):
     tokenizer = FakeTokenizer()
     tokenizer.encode_chat = tokenizer.encode = None  # any tokenizing would fail the test
-    server = serve(FakeEngine(tokenizer=tokenizer), max_prompt_chars=1000,
-                   max_body_bytes=10 << 20)
+    server = serve(FakeEngine(tokenizer=tokenizer), max_prompt_chars=1000, max_body_bytes=10 << 20)
     post = server.client.post
-    error = assert_error(post("/v1/completions", json={"prompt": "x" * 7_800_000}), 400,
-                         "prompt", "context_length_exceeded")
+    error = assert_error(
+        post("/v1/completions", json={"prompt": "x" * 7_800_000}),
+        400,
+        "prompt",
+        "context_length_exceeded",
+    )
     assert "7800000 characters" in error["message"]
-    assert_error(chat(server, messages=[{"role": "user", "content": "x" * 1001}]), 400,
-                 "messages", "context_length_exceeded")
-    assert_error(chat(server, messages=[{"role": "user", "content": "x"}] * 3000), 400,
-                 "messages", "context_length_exceeded")
+    assert_error(
+        chat(server, messages=[{"role": "user", "content": "x" * 1001}]),
+        400,
+        "messages",
+        "context_length_exceeded",
+    )
+    assert_error(
+        chat(server, messages=[{"role": "user", "content": "x"}] * 3000),
+        400,
+        "messages",
+        "context_length_exceeded",
+    )
 
 
 def test_large_prompts_are_prepared_off_the_event_loop(serve):
@@ -151,8 +192,9 @@ def test_large_prompts_are_prepared_off_the_event_loop(serve):
 
     server = serve(FakeEngine(tokenizer=RecordingTokenizer(), max_model_len=100_000))
     post = server.client.post
-    assert post("/v1/completions", json={"prompt": "x" * 20_000, "max_tokens": 1}).status_code \
-        == 200
+    assert (
+        post("/v1/completions", json={"prompt": "x" * 20_000, "max_tokens": 1}).status_code == 200
+    )
     assert chat(server, messages=[{"role": "user", "content": "y" * 20_000}]).status_code == 200
     assert post("/v1/completions", json={"prompt": "small", "max_tokens": 1}).status_code == 200
     assert [t.startswith("tokenmill-prep") for t in threads] == [True, True, False]

@@ -66,8 +66,7 @@ def aclient(live: LiveServer) -> openai.AsyncOpenAI:
 
 def greedy(client: openai.OpenAI, messages=QUESTION, **kwargs):
     kwargs.setdefault("max_tokens", 12)
-    return client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
-                                          **kwargs)
+    return client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **kwargs)
 
 
 def test_models_health_and_metrics_routes(live, client):
@@ -90,14 +89,16 @@ def test_non_streaming_chat(client):
     assert "Tokyo" in choice.message.content
     assert choice.finish_reason in ("stop", "length")
     assert response.usage.prompt_tokens > 10
-    assert response.usage.total_tokens == (response.usage.prompt_tokens
-                                           + response.usage.completion_tokens)
+    assert response.usage.total_tokens == (
+        response.usage.prompt_tokens + response.usage.completion_tokens
+    )
 
 
 def test_stream_with_usage_matches_non_stream(client):
     whole = greedy(client, max_tokens=16)
-    chunks = list(greedy(client, max_tokens=16, stream=True,
-                         stream_options={"include_usage": True}))
+    chunks = list(
+        greedy(client, max_tokens=16, stream=True, stream_options={"include_usage": True})
+    )
     assert len({c.id for c in chunks}) == 1
     *content_chunks, usage_chunk = chunks
     assert usage_chunk.choices == []
@@ -120,15 +121,15 @@ def test_max_tokens_gives_finish_reason_length(client):
     response = greedy(client, max_tokens=3)
     assert response.choices[0].finish_reason == "length"
     assert response.usage.completion_tokens == 3
-    legacy = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=3,
-                                       temperature=0)
+    legacy = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=3, temperature=0)
     assert legacy.choices[0].finish_reason == "length"
     assert legacy.usage.prompt_tokens == 3
 
 
 def test_n_choices(client):
-    response = client.chat.completions.create(model=MODEL, messages=QUESTION, n=2,
-                                              temperature=1.0, max_tokens=6, seed=5)
+    response = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, n=2, temperature=1.0, max_tokens=6, seed=5
+    )
     assert [c.index for c in response.choices] == [0, 1]
     assert all(c.message.content for c in response.choices)
     assert all(c.finish_reason in ("stop", "length") for c in response.choices)
@@ -137,10 +138,17 @@ def test_n_choices(client):
 
 def test_seed_makes_sampling_reproducible(client):
     def sample(seed: int) -> str:
-        return client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}],
-            temperature=1.0, max_tokens=12, seed=seed,
-        ).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Tell me a story."}],
+                temperature=1.0,
+                max_tokens=12,
+                seed=seed,
+            )
+            .choices[0]
+            .message.content
+        )
 
     assert sample(1234) == sample(1234)
     assert len({sample(1), sample(2), sample(3)}) >= 2
@@ -162,8 +170,11 @@ WEATHER_TOOL = {
     "function": {
         "name": "get_weather",
         "description": "Current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
     },
 }
 
@@ -174,9 +185,17 @@ def test_tool_result_round_trip_gets_a_final_answer(client):
     holding a call and its result, rendered in the default tool format, and answers."""
     messages = [
         {"role": "user", "content": "What is the weather in Paris?"},
-        {"role": "assistant", "content": None, "tool_calls": [{
-            "id": "call_1", "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"},
     ]
     without_tools = greedy(client, messages=messages, max_tokens=1)
@@ -191,8 +210,9 @@ def test_tool_result_round_trip_gets_a_final_answer(client):
 def test_cached_tokens_on_a_repeated_long_system_prompt(client):
     system = {"role": "system", "content": f"Session {uuid.uuid4()}. " + "Answer briefly. " * 40}
     first = greedy(client, messages=[system, QUESTION[0]], max_tokens=1)
-    second = greedy(client, messages=[system, {"role": "user", "content": "And Spain?"}],
-                    max_tokens=1)
+    second = greedy(
+        client, messages=[system, {"role": "user", "content": "And Spain?"}], max_tokens=1
+    )
     assert first.usage.prompt_tokens_details.cached_tokens < 16
     assert second.usage.prompt_tokens_details.cached_tokens >= 0.8 * first.usage.prompt_tokens
 
@@ -216,9 +236,11 @@ def test_client_errors(live, client):
     assert err.status_code == 413
     bad_key = openai.OpenAI(base_url=f"{live.url}/v1", api_key="wrong", max_retries=0)
     assert isinstance(error_of(bad_key.models.list), openai.AuthenticationError)
-    raw = httpx.post(f"{live.url}/v1/chat/completions", content=b"{not json",
-                     headers={"Authorization": f"Bearer {API_KEY}",
-                              "Content-Type": "application/json"})
+    raw = httpx.post(
+        f"{live.url}/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
     assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
 
 
@@ -238,8 +260,12 @@ def test_first_chunk_arrives_while_generation_is_still_running(live, client):
 def test_dropped_streams_free_their_kv_blocks(live):
     async def open_and_drop(client: openai.AsyncOpenAI, i: int) -> None:
         stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"Count to {1000 + i}."}],
-            max_tokens=2000, stream=True, extra_body={"ignore_eos": True})
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Count to {1000 + i}."}],
+            max_tokens=2000,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         received = 0
         async for chunk in stream:
             received += bool(chunk.choices and chunk.choices[0].delta.content)
@@ -269,8 +295,9 @@ def test_32_parallel_streams_complete_with_the_right_outputs(live):
     prompts = [f"Write one sentence about the number {i}." for i in range(32)]
 
     async def ask(client: openai.AsyncOpenAI, prompt: str, stream: bool) -> tuple[str, str]:
-        kwargs = dict(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                      temperature=0, max_tokens=8)
+        kwargs = dict(
+            model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=8
+        )
         if not stream:
             response = await client.chat.completions.create(**kwargs)
             return response.choices[0].message.content, response.choices[0].finish_reason
@@ -295,15 +322,26 @@ def test_32_parallel_streams_complete_with_the_right_outputs(live):
 def test_seeded_sampling_is_reproducible_under_concurrent_load(live):
     """The default mode (w8a8) is batch-invariant, so a seeded request samples the same
     tokens alone and among identical and unrelated concurrent requests."""
-    body = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}],
-                temperature=1.0, max_tokens=16, seed=42)
+    body = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        temperature=1.0,
+        max_tokens=16,
+        seed=42,
+    )
 
     async def main() -> tuple[str, list[str]]:
         async with aclient(live) as client:
             alone = (await client.chat.completions.create(**body)).choices[0].message.content
-            noise = [client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}],
-                max_tokens=24, temperature=0.7) for i in range(6)]
+            noise = [
+                client.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": f"Count to {i}."}],
+                    max_tokens=24,
+                    temperature=0.7,
+                )
+                for i in range(6)
+            ]
             seeded = [client.chat.completions.create(**body) for _ in range(6)]
             replies = await asyncio.gather(*seeded, *noise)
         return alone, [r.choices[0].message.content for r in replies[:6]]
@@ -337,9 +375,15 @@ def test_json_schema_answers_and_forced_tool_calls_are_all_valid(live):
 def test_forced_tool_call_streams_its_arguments_in_pieces(client):
     tools = _validity_module().TOOLS
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo, please."}],
-        tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        parallel_tool_calls=False, temperature=0, max_tokens=80, stream=True)
+        model=MODEL,
+        messages=[{"role": "user", "content": "Weather in Oslo, please."}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=80,
+        stream=True,
+    )
     fragments, reasons = [], []
     for chunk in stream:
         fragments += chunk.choices[0].delta.tool_calls or []
@@ -354,7 +398,15 @@ def test_forced_tool_call_streams_its_arguments_in_pieces(client):
 def test_unsupported_schema_is_a_400_naming_the_keyword(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
-            model=MODEL, messages=QUESTION, max_tokens=8,
-            response_format={"type": "json_schema", "json_schema": {
-                "name": "x", "schema": {"type": "object", "not": {"required": ["a"]}}}})
+            model=MODEL,
+            messages=QUESTION,
+            max_tokens=8,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "not": {"required": ["a"]}},
+                },
+            },
+        )
     assert "not" in err.value.body["message"] and err.value.body["param"] == "response_format"

@@ -18,21 +18,31 @@ MODEL = "smollm2-135m-instruct"
 
 
 def _stream_body(max_tokens: int) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "Hi!"}], "stream": True,
-            "max_tokens": max_tokens, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi!"}],
+        "stream": True,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 def test_sigterm_drains_in_flight_streams_then_exits():
     server = start_server("--shutdown-timeout", "10", "--compile", "off")
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-        short = iter(client.chat.completions.create(
-            **{k: v for k, v in _stream_body(8).items() if k != "ignore_eos"},
-            extra_body={"ignore_eos": True}))
+        short = iter(
+            client.chat.completions.create(
+                **{k: v for k, v in _stream_body(8).items() if k != "ignore_eos"},
+                extra_body={"ignore_eos": True},
+            )
+        )
         received = [next(short), next(short)]  # role, then the first token
-        with httpx.Client(base_url=server.url, timeout=60) as http, \
-                http.stream("POST", "/v1/chat/completions", json=_stream_body(6000)) as long:
+        with (
+            httpx.Client(base_url=server.url, timeout=60) as http,
+            http.stream("POST", "/v1/chat/completions", json=_stream_body(6000)) as long,
+        ):
             long_events = events(long)
             next(long_events)
             server.process.send_signal(signal.SIGTERM)
@@ -41,8 +51,9 @@ def test_sigterm_drains_in_flight_streams_then_exits():
             while httpx.get(f"{server.url}/health", timeout=5).status_code != 503:
                 assert time.monotonic() < deadline, "still healthy after SIGTERM"
                 time.sleep(0.05)
-            refused = httpx.post(f"{server.url}/v1/chat/completions", json=_stream_body(1),
-                                 timeout=5)
+            refused = httpx.post(
+                f"{server.url}/v1/chat/completions", json=_stream_body(1), timeout=5
+            )
             assert refused.status_code == 503
             assert refused.json()["error"]["code"] == "server_shutting_down"
             received += list(short)
@@ -60,8 +71,11 @@ def test_a_dead_engine_loop_turns_health_503_and_exits_nonzero():
     server = start_server("--compile", "off", entry="tests.server.faulty_serve")
     try:
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
-        r = httpx.post(f"{server.url}/v1/completions", timeout=60,
-                       json={"model": MODEL, "prompt": "hi", "max_tokens": 4, "stop": [KILL]})
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            timeout=60,
+            json={"model": MODEL, "prompt": "hi", "max_tokens": 4, "stop": [KILL]},
+        )
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_error"
         health = httpx.get(f"{server.url}/health", timeout=10)
         assert health.status_code == 503

@@ -29,8 +29,21 @@ def test_percentile_interpolates():
 def test_sweep_reports_every_level(serve, tmp_path, capsys):
     server = serve(FakeEngine(reply="abcdefgh" * 4, token_delay=0.002))
     out = tmp_path / "results.json"
-    loadgen.main(["--base-url", f"{server.url}/v1", "--model", "fake-model",
-                  "--concurrency", "1", "3", "--max-tokens", "10", "--json", str(out)])
+    loadgen.main(
+        [
+            "--base-url",
+            f"{server.url}/v1",
+            "--model",
+            "fake-model",
+            "--concurrency",
+            "1",
+            "3",
+            "--max-tokens",
+            "10",
+            "--json",
+            str(out),
+        ]
+    )
     levels = json.loads(out.read_text())["levels"]
     assert [lv["concurrency"] for lv in levels] == [1, 3]
     assert [lv["requests"] for lv in levels] == [8, 12]
@@ -46,12 +59,15 @@ def test_sweep_reports_every_level(serve, tmp_path, capsys):
 
 def test_level_sends_prompts_from_offset_and_counts_prompt_tokens(serve):
     server = serve(FakeEngine(reply="xyz"))
-    args = loadgen.build_parser().parse_args(["--base-url", f"{server.url}/v1", "--model",
-                                              "fake-model", "--requests", "3"])
+    args = loadgen.build_parser().parse_args(
+        ["--base-url", f"{server.url}/v1", "--model", "fake-model", "--requests", "3"]
+    )
     prompts = ["p0", "p1", "p2 is longer", "p3"]
     report = asyncio.run(loadgen.run_level(args, 1, prompts, first=2))
-    expected = [FakeTokenizer().encode_chat([{"role": "user", "content": p}])
-                for p in ("p2 is longer", "p3", "p0")]  # from index 2 on, wrapping round
+    expected = [
+        FakeTokenizer().encode_chat([{"role": "user", "content": p}])
+        for p in ("p2 is longer", "p3", "p0")
+    ]  # from index 2 on, wrapping round
     assert server.engine.prompts == expected
     assert report.prompt_tokens_mean == round(sum(map(len, expected)) / 3, 1)
     assert report.output_tokens == 9 and report.failed == 0
@@ -65,13 +81,18 @@ async def _dropping_server_run(drops: int) -> tuple[loadgen.RequestResult, int]:
         nonlocal connections
         connections += 1
         head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length"))
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
         await reader.readexactly(length)
         if connections > drops:
             body = b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\ndata: [DONE]\n\n'
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
             await writer.drain()
         writer.close()
 

@@ -16,7 +16,8 @@ TRICKY = st.text(alphabet='[]{}"\\,:ab é\n', max_size=12)
 VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TRICKY,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TRICKY, inner, max_size=4),
-    max_leaves=30)
+    max_leaves=30,
+)
 
 
 def walked_depth(value) -> int:

@@ -15,10 +15,18 @@ from server.errors import APIError
 from server.protocol import parse_chat_request
 from server.structured import chat_structured_outputs
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
 TIME = {"type": "function", "function": {"name": "get_time"}}  # no parameters
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TIME_CALL = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
@@ -63,8 +71,10 @@ def test_without_parallel_calls_one_call_completes_the_grammar(compiler):
 
 
 def test_named_function_allows_only_that_function(compiler):
-    named = {"tools": [WEATHER, TIME],
-             "tool_choice": {"type": "function", "function": {"name": "get_time"}}}
+    named = {
+        "tools": [WEATHER, TIME],
+        "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+    }
     assert _accepts(compiler, TIME_CALL, **named)[0]
     assert not _accepts(compiler, CALL, **named)[0]
 
@@ -78,10 +88,15 @@ def test_auto_leaves_text_free_until_a_call_opens(compiler):
 
 
 def test_response_format_schema_and_json_object(compiler):
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}},
-              "required": ["n"], "additionalProperties": False}
-    fmt = {"response_format": {"type": "json_schema",
-                               "json_schema": {"name": "n", "schema": schema}}}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    fmt = {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    }
     assert _accepts(compiler, '{"n": 7}', **fmt) == (True, True)
     assert not _accepts(compiler, '{"n": 70}', **fmt)[0]
     assert not _accepts(compiler, 'Here: {"n": 7}', **fmt)[0]
@@ -97,13 +112,34 @@ def test_response_format_schema_and_json_object(compiler):
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"response_format": {"type": "json_schema", "json_schema": {
-            "name": "x", "schema": {"type": "array", "uniqueItems": True}}}},
-         "response_format"),
-        ({"tools": [{"type": "function", "function": {
-            "name": "f", "parameters": {"type": "object", "not": {}}}}]}, "tools"),
-        ({"tools": [WEATHER], "tool_choice": "required",
-          "response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}},
+                }
+            },
+            "response_format",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "object", "not": {}}},
+                    }
+                ]
+            },
+            "tools",
+        ),
+        (
+            {
+                "tools": [WEATHER],
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+        ),
     ],
 )
 def test_structures_that_cannot_be_enforced_are_400s(body, param):

@@ -36,8 +36,9 @@ def live() -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def api(live: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=live.url, timeout=60,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+    with httpx.Client(
+        base_url=live.url, timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as client:
         yield client
 
 
@@ -46,8 +47,7 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                              args=["--no-sandbox"])
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         yield chromium
         chromium.close()
 
@@ -70,14 +70,14 @@ def usage_missing(api: httpx.Client) -> bool:
     return api.get("/v1/usage").status_code == 404
 
 
-def _open_context(browser, live: LiveServer, usage_missing: bool, *, key: str | None,
-                  **options):
+def _open_context(browser, live: LiveServer, usage_missing: bool, *, key: str | None, **options):
     context = browser.new_context(base_url=live.url, **options)
     setup = {"tokenmill.defaults": json.dumps({"max_output_tokens": 12, "temperature": 0})}
     if key:
         setup["tokenmill.apiKey"] = key
-    writes = "".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});"
-                     for k, v in setup.items())
+    writes = "".join(
+        f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});" for k, v in setup.items()
+    )
     context.add_init_script(f"if (location.origin === {json.dumps(live.url)}) {{ {writes} }}")
     console = Console()
     if usage_missing:
@@ -116,8 +116,9 @@ def finished_turns(page) -> int:
 
 def wait_for_turn(page, before: int) -> None:
     """Until the page has finished (and stored) one more turn than `before`."""
-    page.wait_for_function(f"() => Number(document.body.dataset.turns || 0) > {before}",
-                           timeout=90_000)
+    page.wait_for_function(
+        f"() => Number(document.body.dataset.turns || 0) > {before}", timeout=90_000
+    )
 
 
 def send(page, text: str) -> None:
@@ -145,8 +146,9 @@ def test_page_is_served_with_a_strict_content_security_policy(live):
     policy = page.headers["content-security-policy"]
     assert "default-src 'self'" in policy and "script-src 'self'" in policy
     assert "unsafe-inline" not in policy and "unsafe-eval" not in policy and "http" not in policy
-    assert "<script" not in re.sub(r'<script type="module" src="/static/app\.js"></script>', "",
-                                   page.text)
+    assert "<script" not in re.sub(
+        r'<script type="module" src="/static/app\.js"></script>', "", page.text
+    )
     assert not re.search(r'(src|href)="(https?:)?//', page.text)  # nothing remote
     script = httpx.get(f"{live.url}/static/app.js", timeout=10)
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
@@ -186,7 +188,8 @@ def test_stop_ends_the_stream_and_the_response(page, api):
     page.press("#prompt", "Enter")
     page.wait_for_function(
         "() => (document.querySelector('#messages .assistant-body') || {textContent: ''})"
-        ".textContent.length > 10")
+        ".textContent.length > 10"
+    )
     page.click("#stop")
     page.wait_for_selector("#send:not([hidden])")
     assert page.get_by_text("Stopped.").is_visible()
@@ -247,7 +250,8 @@ def test_rename_search_and_delete_conversations(page, api):
     send(page, "Tell me about volcanoes.")
     send(page, "My favourite colour is turquoise.")
     page.locator("#conversation-list li", has_text="Tell me about zebras.").get_by_role(
-        "button", name="Rename").click()
+        "button", name="Rename"
+    ).click()
     page.fill("#conversation-list .rename-input", "Safari notes")
     page.press("#conversation-list .rename-input", "Enter")
     page.wait_for_selector("#conversation-list button:text-is('Safari notes')")
@@ -255,8 +259,9 @@ def test_rename_search_and_delete_conversations(page, api):
     assert "Safari notes" in titles and "Tell me about zebras." not in titles
 
     def listed() -> list[str]:
-        return page.eval_on_selector_all("#conversation-list .conversation-title",
-                                         "els => els.map(e => e.textContent)")
+        return page.eval_on_selector_all(
+            "#conversation-list .conversation-title", "els => els.map(e => e.textContent)"
+        )
 
     page.fill("#search", "safari")
     page.wait_for_function("() => document.querySelectorAll('.conversation-title').length === 1")
@@ -264,7 +269,8 @@ def test_rename_search_and_delete_conversations(page, api):
     page.fill("#search", "turquoise")  # only in the second message of a conversation
     page.wait_for_function(
         "() => [...document.querySelectorAll('.conversation-title')]"
-        ".map(e => e.textContent).join() === 'Tell me about volcanoes.'")
+        ".map(e => e.textContent).join() === 'Tell me about volcanoes.'"
+    )
     page.fill("#search", "")
     entry = page.locator("#conversation-list li", has_text="Safari notes")
     conversation_id = entry.get_attribute("data-id")
@@ -274,8 +280,10 @@ def test_rename_search_and_delete_conversations(page, api):
     entry.get_by_role("button", name="Delete").click()
     assert "Safari notes" in page.inner_text("#confirm-text")
     page.click("#confirm-ok")
-    page.wait_for_function("() => ![...document.querySelectorAll('.conversation-title')]"
-                           ".some(e => e.textContent === 'Safari notes')")
+    page.wait_for_function(
+        "() => ![...document.querySelectorAll('.conversation-title')]"
+        ".some(e => e.textContent === 'Safari notes')"
+    )
     assert api.get(f"/v1/conversations/{conversation_id}").status_code == 404
 
 
@@ -283,17 +291,26 @@ def _stored_turn(api: httpx.Client, assistant_text: str, title: str) -> str:
     """A conversation whose one turn holds `assistant_text` as an earlier assistant
     message and a tool call with its result, stored through the public API as the page
     stores its own turns."""
-    response = api.post("/v1/responses", json={
-        "model": MODEL, "max_output_tokens": 1, "input": [
-            {"role": "user", "content": "Show me."},
-            {"role": "assistant", "content": assistant_text},
-            {"type": "function_call", "call_id": "call_1", "name": "get_weather",
-             "arguments": json.dumps({"city": EVIL})},
-            {"type": "function_call_output", "call_id": "call_1", "output": f"sunny {SCRIPT}"},
-            {"role": "user", "content": "Thanks."},
-        ]}).json()
-    metadata = {"title": title, "settings": "{}", "leaf": response["id"],
-                "leaves0": response["id"]}
+    response = api.post(
+        "/v1/responses",
+        json={
+            "model": MODEL,
+            "max_output_tokens": 1,
+            "input": [
+                {"role": "user", "content": "Show me."},
+                {"role": "assistant", "content": assistant_text},
+                {
+                    "type": "function_call",
+                    "call_id": "call_1",
+                    "name": "get_weather",
+                    "arguments": json.dumps({"city": EVIL}),
+                },
+                {"type": "function_call_output", "call_id": "call_1", "output": f"sunny {SCRIPT}"},
+                {"role": "user", "content": "Thanks."},
+            ],
+        },
+    ).json()
+    metadata = {"title": title, "settings": "{}", "leaf": response["id"], "leaves0": response["id"]}
     return api.post("/v1/conversations", json={"metadata": metadata}).json()["id"]
 
 
@@ -377,11 +394,29 @@ def test_sign_in_with_a_wrong_then_the_right_key(browser, live, usage_missing):
 
 def test_usage_and_quota_are_shown(session):
     context, _ = session
-    report = {"object": "usage.report", "user": "user_ada", "quota": {
-        "limit": 100000, "period": "day", "used": 1234, "reserved": 16, "remaining": 98750,
-        "resets_at": 1790000000}, "data": [{
-            "date": "2026-12-02", "model": MODEL, "requests": 3, "input_tokens": 1000,
-            "cached_input_tokens": 500, "output_tokens": 250, "total_tokens": 1250}]}
+    report = {
+        "object": "usage.report",
+        "user": "user_ada",
+        "quota": {
+            "limit": 100000,
+            "period": "day",
+            "used": 1234,
+            "reserved": 16,
+            "remaining": 98750,
+            "resets_at": 1790000000,
+        },
+        "data": [
+            {
+                "date": "2026-12-02",
+                "model": MODEL,
+                "requests": 3,
+                "input_tokens": 1000,
+                "cached_input_tokens": 500,
+                "output_tokens": 250,
+                "total_tokens": 1250,
+            }
+        ],
+    }
     page = context.new_page()
     page.route("**/v1/usage", lambda route: route.fulfill(json=report))
     page.goto("/")
@@ -392,8 +427,9 @@ def test_usage_and_quota_are_shown(session):
 
 
 def test_a_phone_screen(browser, live, usage_missing):
-    context, console = _open_context(browser, live, usage_missing, key=API_KEY,
-                                     viewport={"width": 375, "height": 740})
+    context, console = _open_context(
+        browser, live, usage_missing, key=API_KEY, viewport={"width": 375, "height": 740}
+    )
     page = context.new_page()
     page.goto("/")
     page.wait_for_selector("body[data-ready=true]")
@@ -418,9 +454,16 @@ def test_an_uploaded_file_is_cited(page, api):
     """Upload into the conversation's vector store, ask, and follow the answer's
     file_citation (the file_search tool of /v1/responses; the question is one the default
     model answers with words of the file, which is what earns a citation)."""
-    page.set_input_files("#upload", files=[{
-        "name": f"{EVIL}.txt", "mimeType": "text/plain",
-        "buffer": b"Our office cat is named Whiskers. Whiskers likes tuna.\n"}])
+    page.set_input_files(
+        "#upload",
+        files=[
+            {
+                "name": f"{EVIL}.txt",
+                "mimeType": "text/plain",
+                "buffer": b"Our office cat is named Whiskers. Whiskers likes tuna.\n",
+            }
+        ],
+    )
     page.wait_for_selector("#attachments .attachment.completed", timeout=60_000)
     assert f"{EVIL}.txt" in page.inner_text("#attachments")  # the name is text
     assert page.locator("#attachments img").count() == 0

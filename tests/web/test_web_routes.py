@@ -39,8 +39,12 @@ def test_the_page_and_its_files_carry_the_page_policy(product_server):
 
 def test_api_responses_allow_nothing_to_run(product_server, tmp_path):
     server = product_server(data_dir=tmp_path)
-    uploaded = httpx.post(f"{server.url}/v1/files", timeout=10, data={"purpose": "assistants"},
-                          files={"file": ("x.html", b"<script>alert(1)</script>", "text/html")})
+    uploaded = httpx.post(
+        f"{server.url}/v1/files",
+        timeout=10,
+        data={"purpose": "assistants"},
+        files={"file": ("x.html", b"<script>alert(1)</script>", "text/html")},
+    )
     content = _get(server, f"/v1/files/{uploaded.json()['id']}/content")
     assert content.headers["content-type"].startswith("text/html")
     assert content.headers["content-security-policy"] == API_POLICY  # sandboxed, no script
@@ -54,8 +58,10 @@ def test_the_page_is_public_while_the_api_needs_the_key(product_server):
     assert _get(server, "/static/app.js").status_code == 200
     denied = _get(server, "/v1/conversations")
     assert denied.status_code == 401 and denied.headers["content-security-policy"] == API_POLICY
-    assert _get(server, "/v1/conversations",
-                headers={"Authorization": "Bearer sk-page"}).status_code == 200
+    assert (
+        _get(server, "/v1/conversations", headers={"Authorization": "Bearer sk-page"}).status_code
+        == 200
+    )
 
 
 def test_without_a_product_there_is_no_page():
@@ -78,7 +84,8 @@ def test_conversations_are_listed_newest_first_and_paginated(product_server, dat
     ids = [c["id"] for c in listed["data"]]
     assert sorted(ids) == sorted(made)
     assert [c["created_at"] for c in listed["data"]] == sorted(
-        (c["created_at"] for c in listed["data"]), reverse=True)
+        (c["created_at"] for c in listed["data"]), reverse=True
+    )
     assert {c["metadata"]["title"] for c in listed["data"]} == {f"chat {i}" for i in range(5)}
     # Pages of two, in both orders, cover the list exactly once.
     for order, expected in (("desc", ids), ("asc", ids[::-1])):
@@ -95,8 +102,10 @@ def test_conversations_are_listed_newest_first_and_paginated(product_server, dat
     assert made[0] not in [c["id"] for c in _get(server, "/v1/conversations").json()["data"]]
 
 
-@pytest.mark.parametrize("query, param", [({"limit": "0"}, "limit"), ({"order": "up"}, "order"),
-                                          ({"after": "conv_unknown"}, "after")])
+@pytest.mark.parametrize(
+    "query, param",
+    [({"limit": "0"}, "limit"), ({"order": "up"}, "order"), ({"after": "conv_unknown"}, "after")],
+)
 def test_bad_list_queries_name_the_field(product_server, query, param):
     response = _get(product_server(), "/v1/conversations", params=query)
     assert response.status_code in (400, 404)

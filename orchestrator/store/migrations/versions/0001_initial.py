@@ -45,29 +45,37 @@ def upgrade() -> None:
         "response_items",
         sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("id", ID, nullable=False),
-        sa.Column("response_id", ID, sa.ForeignKey("responses.id", ondelete="CASCADE"),
-                  nullable=False),
+        sa.Column(
+            "response_id", ID, sa.ForeignKey("responses.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("owner_id", ID, nullable=False),
         sa.Column("kind", sa.String(8), nullable=False),
         sa.Column("body", sa.JSON, nullable=False),
         sa.UniqueConstraint("response_id", "id", name="uq_response_items_response_id_id"),
     )
-    op.create_index("ix_response_items_response_id_seq", "response_items",
-                    ["response_id", "seq"])
+    op.create_index("ix_response_items_response_id_seq", "response_items", ["response_id", "seq"])
     op.create_table(
         "conversation_items",
         sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("id", ID, nullable=False),
-        sa.Column("conversation_id", ID,
-                  sa.ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "conversation_id",
+            ID,
+            sa.ForeignKey("conversations.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
         sa.Column("owner_id", ID, nullable=False),
         sa.Column("created_at", sa.BigInteger, nullable=False),
         sa.Column("body", sa.JSON, nullable=False),
-        sa.UniqueConstraint("conversation_id", "id",
-                            name="uq_conversation_items_conversation_id_id"),
+        sa.UniqueConstraint(
+            "conversation_id", "id", name="uq_conversation_items_conversation_id_id"
+        ),
     )
-    op.create_index("ix_conversation_items_conversation_id_seq", "conversation_items",
-                    ["conversation_id", "seq"])
+    op.create_index(
+        "ix_conversation_items_conversation_id_seq",
+        "conversation_items",
+        ["conversation_id", "seq"],
+    )
 
 
 def downgrade() -> None:

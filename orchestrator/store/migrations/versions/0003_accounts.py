@@ -40,8 +40,7 @@ def upgrade() -> None:
     op.create_index("ix_api_keys_user_id", "api_keys", ["user_id"])
     op.create_table(
         "quota_periods",
-        sa.Column("user_id", ID, sa.ForeignKey("users.id", ondelete="CASCADE"),
-                  primary_key=True),
+        sa.Column("user_id", ID, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
         sa.Column("period_start", sa.BigInteger, primary_key=True),
         sa.Column("used", sa.BigInteger, nullable=False),
         sa.Column("reserved", sa.BigInteger, nullable=False),

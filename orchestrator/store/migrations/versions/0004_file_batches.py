@@ -22,14 +22,21 @@ def upgrade() -> None:
         "vector_store_file_batches",
         sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("id", ID, nullable=False, unique=True),
-        sa.Column("vector_store_id", ID,
-                  sa.ForeignKey("vector_stores.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "vector_store_id",
+            ID,
+            sa.ForeignKey("vector_stores.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
         sa.Column("owner_id", ID, nullable=False),
         sa.Column("cancelled", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("body", sa.JSON, nullable=False),
     )
-    op.create_index("ix_vector_store_file_batches_store", "vector_store_file_batches",
-                    ["vector_store_id", "owner_id"])
+    op.create_index(
+        "ix_vector_store_file_batches_store",
+        "vector_store_file_batches",
+        ["vector_store_id", "owner_id"],
+    )
     with op.batch_alter_table("vector_store_files") as batch:
         batch.add_column(sa.Column("batch_id", ID, nullable=True))
     op.create_index("ix_vector_store_files_batch_id", "vector_store_files", ["batch_id"])
