@@ -89,10 +89,12 @@ class Product:
 
     def resume(self) -> None:
         """Start-up work that needs the event loop: ingestion cut off by the last stop is
-        queued again (SQLite only: that database belongs to this server alone, while a
-        PostgreSQL one may hold files other servers are ingesting right now)."""
-        if self.vector_stores is not None and self.store.engine.dialect.name == "sqlite":
+        queued again (on PostgreSQL, only the files no live server has claimed, and again
+        every minute for claimants that die later)."""
+        if self.vector_stores is not None:
             self.vector_stores.resume()
+            if self.store.engine.dialect.name == "postgresql":
+                self.vector_stores.start_sweeping()
 
     def close(self) -> None:
         if self.vector_stores is not None:

@@ -5,7 +5,9 @@ read the bytes, extract and chunk them (a worker thread), embed the chunks (the
 embedder's thread), then write the chunks and the status `completed` in one transaction,
 or `failed` with `last_error` saying why. Nothing of this runs on the event loop. A file
 still `in_progress` when the server starts was cut off by a stop or crash, and `resume`
-queues it again, so no file stays in progress forever.
+queues it again, so no file stays in progress forever. On PostgreSQL, which several
+servers may share, an ingestion first claims its file (orchestrator/store/
+ingest_claims.py), so a resumed file that another live server is ingesting is left to it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from orchestrator.retrieval.index import Hit, SearchMode, SearchRequest
 from orchestrator.retrieval.ingest import prepare_chunks
 from orchestrator.store import ItemPage, Page, Store
 from orchestrator.store import knowledge as kb
+from orchestrator.store.ingest_claims import IngestClaims, claim_key
 
 log = logging.getLogger("tokenmill.vector_stores")
 
@@ -102,6 +105,9 @@ def _error(code: str, message: str) -> dict:
     return {"code": code, "message": message}
 
 
+SWEEP_SECONDS = 60.0
+
+
 class VectorStoreService:
     def __init__(self, store: Store, files: FileService, embedder: Embedder) -> None:
         self.store = store
@@ -109,6 +115,7 @@ class VectorStoreService:
         self.embedder = embedder
         self._tasks: set[asyncio.Task] = set()
         self._running: dict[tuple[str, str, str], asyncio.Task] = {}  # by (owner, store, file)
+        self._claims = IngestClaims()
 
     # -- vector stores -------------------------------------------------------------------
 
@@ -276,12 +283,27 @@ class VectorStoreService:
     # -- ingestion -----------------------------------------------------------------------
 
     def resume(self) -> int:
-        """Queue again every file left in_progress (call once, at start-up, on a database
-        only this server uses); returns how many."""
-        unfinished = kb.unfinished_store_files(self.store.repo)
-        for owner, vector_store_id, file_id in unfinished:
+        """Queue again every file left in_progress (call once, at start-up); returns how
+        many. On a shared PostgreSQL database the claims sort out which ones nobody is
+        ingesting, and `sweep` picks up those whose claimant dies later."""
+        return self._queue(kb.unfinished_store_files(self.store.repo))
+
+    def start_sweeping(self) -> None:
+        """On PostgreSQL: every `SWEEP_SECONDS`, queue the files in_progress that this
+        server is not ingesting, so that a file whose claimant died after this server
+        started (or was still dying when it started) is not left in progress."""
+        self._tasks.add(asyncio.get_running_loop().create_task(self._sweep()))
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            self._queue(await self.store.call(kb.unfinished_store_files))
+
+    def _queue(self, unfinished: list[tuple[str, str, str]]) -> int:
+        queued = [key for key in unfinished if key not in self._running]
+        for owner, vector_store_id, file_id in queued:
             self._spawn(owner, vector_store_id, file_id)
-        return len(unfinished)
+        return len(queued)
 
     def cancel(self) -> None:
         """Stop ingestion in flight (at shutdown); such files resume at the next start."""
@@ -330,6 +352,15 @@ class VectorStoreService:
         task.add_done_callback(done)
 
     async def _ingest(self, owner: str, vector_store_id: str, file_id: str) -> None:
+        key = claim_key(owner, vector_store_id, file_id)
+        if not await self.store.call(self._claims.claim, key):
+            return  # another server sharing this database is ingesting it
+        try:
+            await self._ingest_claimed(owner, vector_store_id, file_id)
+        finally:
+            await self.store.call(self._claims.release, key)
+
+    async def _ingest_claimed(self, owner: str, vector_store_id: str, file_id: str) -> None:
         chunks, error = None, None
         try:
             body = await self.store.call(kb.get_store_file, owner, vector_store_id, file_id)

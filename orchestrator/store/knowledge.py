@@ -337,7 +337,7 @@ def finish_store_file(
 
 def unfinished_store_files(repo: Repository) -> list[tuple[str, str, str]]:
     """(owner, vector store id, file id) of every file still in_progress: start-up
-    maintenance for a database only this server uses, whose ingestion was cut off."""
+    maintenance, for ingestion a stop or crash cut off."""
     t = vector_store_files
     with repo.engine.connect() as conn:
         rows = conn.execute(

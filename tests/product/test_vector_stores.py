@@ -10,12 +10,14 @@ import time
 import openai
 import pytest
 
-from orchestrator import FileService, VectorStoreService
+from orchestrator import FileService, VectorStoreService, vector_stores
 from orchestrator.retrieval import pg_index
 from orchestrator.retrieval.embeddings import Embedder
-from orchestrator.retrieval.index import SearchRequest, SqliteIndex
+from orchestrator.retrieval.index import SearchRequest
 from orchestrator.store import Page, Store
 from orchestrator.store import knowledge as kb
+from orchestrator.store.ingest_claims import IngestClaims, claim_key
+from orchestrator.vector_stores import Search
 from tests.server.fake_engine import FakeEngine
 
 TEXT = b"Glaciers carve U-shaped valleys as the ice grinds slowly downhill."
@@ -45,45 +47,103 @@ def _store_file(file_id: str, vector_store_id: str) -> dict:
     }
 
 
-def test_ingestion_cut_off_by_a_stop_resumes_at_start(tmp_path, embedder):
-    url = f"sqlite:///{tmp_path / 'tokenmill.db'}"
+def _open(url: str) -> Store:
+    store = Store(url)
+    assert kb.prepare_index(store.repo) is None
+    return store
 
-    async def before_the_stop() -> tuple[str, str]:
-        store = Store(url)
-        files = FileService(store, tmp_path)
-        file = await files.create("alice", "glaciers.txt", "assistants", TEXT, "text/plain")
-        # Recorded in_progress, as `create` does, but the server stops before ingesting.
-        body = {
-            "id": "vs_1",
-            "object": "vector_store",
-            "created_at": 0,
-            "name": None,
-            "metadata": {},
-        }
-        await store.call(kb.add_vector_store, "alice", body, [_store_file(file["id"], "vs_1")])
-        store.close()
-        return file["id"], "vs_1"
 
-    async def after_the_restart(file_id: str, vector_store_id: str) -> dict:
-        store = Store(url)
+async def _left_in_progress(url: str, tmp_path) -> tuple[str, str]:
+    """A file recorded in_progress in a vector store, as `create` does, by a server that
+    then stopped before ingesting it."""
+    store = _open(url)
+    files = FileService(store, tmp_path)
+    file = await files.create("alice", "glaciers.txt", "assistants", TEXT, "text/plain")
+    body = {
+        "id": "vs_1",
+        "object": "vector_store",
+        "created_at": 0,
+        "name": None,
+        "metadata": {},
+    }
+    await store.call(kb.add_vector_store, "alice", body, [_store_file(file["id"], "vs_1")])
+    store.close()
+    return file["id"], "vs_1"
+
+
+async def _status_after(service: VectorStoreService, file_id: str, seconds: float) -> str:
+    """The file's status once it left in_progress, or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        body = await service.retrieve_file("alice", "vs_1", file_id)
+        if body["status"] != "in_progress" or time.monotonic() > deadline:
+            return body["status"]
+        await asyncio.sleep(0.05)
+
+
+def test_ingestion_cut_off_by_a_stop_resumes_at_start(database_url, tmp_path, embedder):
+    async def after_the_restart(file_id: str) -> str:
+        store = _open(database_url)
         service = VectorStoreService(store, FileService(store, tmp_path), embedder)
         assert service.resume() == 1
-        for _ in range(600):
-            body = await service.retrieve_file("alice", vector_store_id, file_id)
-            if body["status"] != "in_progress":
-                break
-            await asyncio.sleep(0.05)
+        status = await _status_after(service, file_id, 30)
+        query = Search("glaciers carving valleys", None, 5, 0.0, "hybrid")
+        hits = await service.search("alice", "vs_1", query)
+        assert [hit.file_id for hit in hits] == [file_id]
         store.close()
-        return body
+        return status
 
-    file_id, vector_store_id = asyncio.run(before_the_stop())
-    body = asyncio.run(after_the_restart(file_id, vector_store_id))
-    assert body["status"] == "completed" and body["last_error"] is None
-    store = Store(url)
-    with store.engine.connect() as conn:
-        assert SqliteIndex().count(conn, "alice", vector_store_id, file_id) == 1
+    file_id, _ = asyncio.run(_left_in_progress(database_url, tmp_path))
+    assert asyncio.run(after_the_restart(file_id)) == "completed"
+    store = Store(database_url)
     assert kb.unfinished_store_files(store.repo) == []
     store.close()
+
+
+def _terminate_claimants(repo) -> None:
+    """What a crash does to a server's claims: PostgreSQL ends its sessions (and then, a
+    moment later, their locks are gone)."""
+    claimants = (
+        "FROM pg_locks WHERE locktype = 'advisory' AND pid <> pg_backend_pid() AND database = "
+        "(SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    with repo.engine.begin() as conn:
+        conn.exec_driver_sql(f"SELECT pg_terminate_backend(pid) {claimants}")
+    deadline = time.monotonic() + 10
+    while True:
+        with repo.engine.connect() as conn:
+            if not conn.exec_driver_sql(f"SELECT count(*) {claimants}").scalar():
+                return
+        assert time.monotonic() < deadline, "the terminated session kept its lock"
+        time.sleep(0.02)
+
+
+def test_a_file_another_server_is_ingesting_is_left_to_it(
+    postgres, tmp_path, embedder, monkeypatch
+):
+    """PostgreSQL may be shared: a restarting server resumes only the files no live server
+    has claimed, and its sweep resumes one whose claimant died (its session gone)."""
+    monkeypatch.setattr(vector_stores, "SWEEP_SECONDS", 0.1)
+    url = postgres.create_database()
+
+    async def restart_beside_a_live_server(file_id: str) -> tuple[str, str]:
+        store = _open(url)
+        other_server, key = IngestClaims(), claim_key("alice", "vs_1", file_id)
+        other_store = Store(url)
+        assert await other_store.call(other_server.claim, key)
+        service = VectorStoreService(store, FileService(store, tmp_path), embedder)
+        assert service.resume() == 1
+        service.start_sweeping()
+        while_claimed = await _status_after(service, file_id, 3)
+        await store.call(_terminate_claimants)  # the other server dies, and its sessions
+        other_store.close()
+        after = await _status_after(service, file_id, 30)
+        service.cancel()
+        store.close()
+        return while_claimed, after
+
+    file_id, _ = asyncio.run(_left_in_progress(url, tmp_path))
+    assert asyncio.run(restart_beside_a_live_server(file_id)) == ("in_progress", "completed")
 
 
 def test_every_row_belongs_to_its_owner(database_url, embedder):

@@ -1,0 +1,59 @@
+"""Which server ingests a vector store file, when several share one PostgreSQL database.
+
+A claim is a session-level advisory lock (`pg_try_advisory_lock`) held, for the whole
+ingestion, on a connection of its own. A server that stops or crashes loses its sessions
+and with them its claims, so a server starting later can queue every file still
+`in_progress` and ingest exactly those that nobody holds: a file is never stuck, and never
+ingested twice at once. SQLite needs no claims: its database belongs to one server.
+
+Claims are taken and released on the store's worker thread (`Store.call`), like every
+other statement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy import Connection, func, select
+
+from orchestrator.store.repository import Repository
+
+
+def claim_key(owner: str, vector_store_id: str, file_id: str) -> int:
+    """A signed 64-bit advisory-lock key for one file of one store."""
+    digest = hashlib.sha256(f"ingest\0{owner}\0{vector_store_id}\0{file_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class IngestClaims:
+    def __init__(self) -> None:
+        self._held: dict[int, Connection] = {}
+
+    def claim(self, repo: Repository, key: int) -> bool:
+        """Whether this server may ingest the file (False: another server is)."""
+        if repo.engine.dialect.name != "postgresql":
+            return True
+        conn = repo.engine.connect()
+        try:
+            taken = bool(conn.execute(select(func.pg_try_advisory_lock(key))).scalar())
+            conn.commit()  # the lock is the session's: no transaction stays open
+        except BaseException:
+            conn.close()
+            raise
+        if not taken:
+            conn.close()
+            return False
+        self._held[key] = conn
+        return True
+
+    def release(self, repo: Repository, key: int) -> None:
+        conn = self._held.pop(key, None)
+        if conn is None:
+            return
+        try:
+            conn.execute(select(func.pg_advisory_unlock(key)))
+            conn.commit()
+        except BaseException:
+            conn.invalidate()  # never hand a session that may still hold it back to the pool
+            raise
+        conn.close()
