@@ -39,7 +39,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 import loadgen
-from bench_serving import free_port, running_server, served_model
+from bench_serving import free_port, running_server, serve_argv, served_model
 
 WORDS = (
     "alpha",
@@ -232,19 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     port = free_port()
-    server_argv = [
-        sys.executable,
-        "-m",
-        "engine.serve",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-        "--max-request-body-bytes",
-        str(args.body_limit),
-        *shlex.split(args.server_args),
-    ]
+    server_argv = serve_argv(
+        port, "--max-request-body-bytes", str(args.body_limit), *shlex.split(args.server_args)
+    )
     if args.max_prompt_chars:
         server_argv += ["--max-prompt-chars", str(args.max_prompt_chars)]
     print(f"starting {shlex.join(server_argv)}", file=sys.stderr)

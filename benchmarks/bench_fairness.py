@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_product import _isa
-from bench_serving import free_port, running_server
+from bench_serving import free_port, running_server, serve_argv
 
 from orchestrator.admin import main as admin
 
@@ -98,21 +98,9 @@ def server(args: argparse.Namespace, name: str, accounts: bool) -> Iterator[tupl
     with tempfile.TemporaryDirectory(prefix="tokenmill-fair-") as data_dir:
         found = create_accounts(data_dir) if accounts else {}
         port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "engine.serve",
-            "--model",
-            args.model,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-            "--data-dir",
-            data_dir,
-            *shlex.split(args.server_args),
-        ]
+        argv = serve_argv(
+            port, "--model", args.model, "--data-dir", data_dir, *shlex.split(args.server_args)
+        )
         print(f"{name}: {shlex.join(argv)}", file=sys.stderr)
         with running_server(name, argv, port, args.startup_timeout) as url:
             yield url, found

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import httpx
 from bench_product import _isa
-from bench_serving import free_port, running_server
+from bench_serving import free_port, running_server, serve_argv
 
 QUESTIONS = [
     f"Question {i}: name one animal that lives in {place}."
@@ -215,21 +215,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tokenmill-bench-") as data_dir:
         port = free_port()
-        server = [
-            sys.executable,
-            "-m",
-            "engine.serve",
-            "--model",
-            args.model,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-            "--data-dir",
-            data_dir,
-            *shlex.split(args.server_args),
-        ]
+        server = serve_argv(
+            port, "--model", args.model, "--data-dir", data_dir, *shlex.split(args.server_args)
+        )
         with running_server("tokenmill", server, port, args.startup_timeout) as url:
             page_times, api_times, request_times, parsed_times, raw_times = measure(url, args)
     page_p50, api_p50 = statistics.median(page_times), statistics.median(api_times)

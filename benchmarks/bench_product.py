@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import openai
-from bench_serving import free_port, running_server
+from bench_serving import free_port, running_server, serve_argv
 
 INSTRUCTIONS = "You are a friendly geography tutor. Answer in two or three sentences."
 QUESTIONS = [
@@ -208,22 +208,9 @@ async def throughputs(url: str, args: argparse.Namespace) -> dict[str, list[floa
 
 
 def server_argv(args: argparse.Namespace, port: int, data_dir: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "engine.serve",
-        "--model",
-        args.model,
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-        "--data-dir",
-        data_dir,
-        *shlex.split(args.server_args),
-        *extra,
-    ]
+    return serve_argv(
+        port, "--model", args.model, "--data-dir", data_dir, *shlex.split(args.server_args), *extra
+    )
 
 
 @contextlib.contextmanager

@@ -285,20 +285,17 @@ def measure_server(
         return asyncio.run(_drive(url, served_model(url), args, prompts, system))
 
 
-def tokenmill_argv(args: argparse.Namespace, port: int) -> list[str]:
+def serve_argv(port: int, *options: str) -> list[str]:
+    """`python -m engine.serve` on `port`, quiet (warnings only, no access log), plus
+    `options`: every benchmark starts tokenmill's server through this."""
     return [
-        sys.executable,
-        "-m",
-        "engine.serve",
-        "--model",
-        args.model,
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-        *shlex.split(args.tokenmill_args),
-    ]
+        sys.executable, "-m", "engine.serve", "--port", str(port),
+        "--log-level", "warning", "--no-access-log", *options,
+    ]  # fmt: skip
+
+
+def tokenmill_argv(args: argparse.Namespace, port: int) -> list[str]:
+    return serve_argv(port, "--model", args.model, *shlex.split(args.tokenmill_args))
 
 
 def llama_argv(args: argparse.Namespace, gguf: str, prompt_tokens: int, port: int) -> list[str]:

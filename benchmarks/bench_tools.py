@@ -152,16 +152,7 @@ async def serving_rounds(args: argparse.Namespace, url: str) -> dict[str, list[f
 
 def serving(args: argparse.Namespace) -> dict[str, list[float]]:
     port = bench_serving.free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "engine.serve",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
+    argv = bench_serving.serve_argv(port)
     with bench_serving.running_server("tokenmill", argv, port, args.startup_timeout) as url:
         return asyncio.run(serving_rounds(args, url))
 

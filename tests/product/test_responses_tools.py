@@ -3,10 +3,12 @@ scripted engine (its reply depends on the prompt it is given) and a real store."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -249,22 +251,19 @@ def test_a_builtin_the_server_cannot_run_is_a_400_naming_it(product_server):
     )
 
 
-def test_cancel_during_a_code_run_ends_it_and_keeps_the_item(product_server):
-    code = _call("code_interpreter", code="import time; time.sleep(120)")
-    server = product_server(FakeEngine(reply=_scripted(code)))
+@contextlib.contextmanager
+def _sleeping_code_run(server: ProductServer) -> Iterator[str]:
+    """A streamed response whose code_interpreter call sleeps for two minutes, read until
+    the code runs; yields the response id with the stream still open, closed on exit."""
     adapter = TypeAdapter(ResponseStreamEvent)
-    with httpx.stream(
-        "POST",
-        f"{server.url}/v1/responses",
-        timeout=30,
-        json={
-            "model": MODEL,
-            "input": "Sleep",
-            "stream": True,
-            "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}],
-        },
-    ) as s:
-        lines = s.iter_lines()
+    body = {
+        "model": MODEL,
+        "input": "Sleep",
+        "stream": True,
+        "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}],
+    }
+    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=30, json=body) as s:
+        lines = s.iter_lines()  # held: a dropped iterator would close the stream
         for line in lines:
             if line.startswith("data: "):
                 event = adapter.validate_json(line[len("data: ") :])
@@ -272,6 +271,17 @@ def test_cancel_during_a_code_run_ends_it_and_keeps_the_item(product_server):
                     response_id = event.response.id
                 if event.type == "response.code_interpreter_call.interpreting":
                     break
+        yield response_id
+
+
+def _sleeping_code_server(product_server) -> ProductServer:
+    code = _call("code_interpreter", code="import time; time.sleep(120)")
+    return product_server(FakeEngine(reply=_scripted(code)))
+
+
+def test_cancel_during_a_code_run_ends_it_and_keeps_the_item(product_server):
+    server = _sleeping_code_server(product_server)
+    with _sleeping_code_run(server) as response_id:
         cancelled = httpx.post(f"{server.url}/v1/responses/{response_id}/cancel", timeout=30).json()
     assert cancelled["status"] == "cancelled"
     assert [(i["type"], i["status"]) for i in cancelled["output"]] == [
@@ -284,27 +294,9 @@ def test_cancel_during_a_code_run_ends_it_and_keeps_the_item(product_server):
 def test_a_client_that_disconnects_during_a_code_run_stops_the_loop(product_server):
     """Nobody is reading: the sandbox is killed and the response stored incomplete, at
     once rather than after the code's two minutes, and the model is not asked again."""
-    code = _call("code_interpreter", code="import time; time.sleep(120)")
-    server = product_server(FakeEngine(reply=_scripted(code)))
-    adapter = TypeAdapter(ResponseStreamEvent)
-    with httpx.stream(
-        "POST",
-        f"{server.url}/v1/responses",
-        timeout=30,
-        json={
-            "model": MODEL,
-            "input": "Sleep",
-            "stream": True,
-            "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}],
-        },
-    ) as s:
-        for line in s.iter_lines():
-            if line.startswith("data: "):
-                event = adapter.validate_json(line[len("data: ") :])
-                if event.type == "response.created":
-                    response_id = event.response.id
-                if event.type == "response.code_interpreter_call.interpreting":
-                    break
+    server = _sleeping_code_server(product_server)
+    with _sleeping_code_run(server) as response_id:
+        pass  # the stream closes here, mid-run
     deadline = time.monotonic() + 20
     while (stored := httpx.get(f"{server.url}/v1/responses/{response_id}", timeout=10).json())[
         "status"
