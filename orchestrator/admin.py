@@ -235,16 +235,9 @@ def usage_command(store: Store, args: argparse.Namespace) -> None:
     else:
         days = db.usage_by_day(store.repo, since=args.since)
     rows = [
-        {
-            "date": d.date,
-            "user": names.get(d.user_id, d.user_id) if d.user_id else None,
-            "model": d.model,
-            "requests": d.requests,
-            "input_tokens": d.input_tokens,
-            "cached_input_tokens": d.cached_input_tokens,
-            "output_tokens": d.output_tokens,
-            "total_tokens": d.total_tokens,
-        }
+        # date first, then the user, then the report's columns (dict order is the table's)
+        {"date": d.date, "user": names.get(d.user_id, d.user_id) if d.user_id else None}
+        | d.report()
         for d in days
     ]
     if args.json:

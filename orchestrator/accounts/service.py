@@ -135,18 +135,7 @@ class Accounts:
             "object": "usage.report",
             "user": identity.name,
             "quota": quota,
-            "data": [
-                {
-                    "date": d.date,
-                    "model": d.model,
-                    "requests": d.requests,
-                    "input_tokens": d.input_tokens,
-                    "cached_input_tokens": d.cached_input_tokens,
-                    "output_tokens": d.output_tokens,
-                    "total_tokens": d.total_tokens,
-                }
-                for d in days
-            ],
+            "data": [d.report() for d in days],
         }
 
 

@@ -96,6 +96,18 @@ class UsageDay:
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
+    def report(self) -> dict:
+        """The day as the usage report shows it (`GET /v1/usage`, `admin usage`)."""
+        return {
+            "date": self.date,
+            "model": self.model,
+            "requests": self.requests,
+            "input_tokens": self.input_tokens,
+            "cached_input_tokens": self.cached_input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
 
 @dataclass(frozen=True)
 class QuotaState:
