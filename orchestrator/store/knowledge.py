@@ -23,7 +23,7 @@ from orchestrator.retrieval.index import (
     SearchRequest,
     SqliteIndex,
 )
-from orchestrator.store.repository import ItemPage, Page, Repository, _page
+from orchestrator.store.repository import ItemPage, Page, Repository, _page, delete_owned
 from orchestrator.store.tables import (
     files,
     vector_store_file_batches,
@@ -193,24 +193,9 @@ def delete_vector_store(repo: Repository, owner: str, vector_store_id: str) -> b
     with repo.engine.begin() as conn:
         if index is not None:
             index.delete_vector_store(conn, owner, vector_store_id)
-        conn.execute(
-            delete(vector_store_files).where(
-                vector_store_files.c.vector_store_id == vector_store_id,
-                vector_store_files.c.owner_id == owner,
-            )
-        )
-        conn.execute(
-            delete(vector_store_file_batches).where(
-                vector_store_file_batches.c.vector_store_id == vector_store_id,
-                vector_store_file_batches.c.owner_id == owner,
-            )
-        )
-        deleted = conn.execute(
-            delete(vector_stores).where(
-                vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner
-            )
-        )
-    return deleted.rowcount > 0
+        delete_owned(conn, vector_store_files, owner, vector_store_id=vector_store_id)
+        delete_owned(conn, vector_store_file_batches, owner, vector_store_id=vector_store_id)
+        return delete_owned(conn, vector_stores, owner, id=vector_store_id) > 0
 
 
 def _counts(conn: Connection, owner: str, vector_store_id: str) -> tuple[FileCounts, int]:

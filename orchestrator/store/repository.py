@@ -75,6 +75,14 @@ def unpack_tokens(data: bytes | None) -> list[int] | None:
     return packed.tolist()
 
 
+def delete_owned(conn: Connection, table: Any, owner: str, **equal: str) -> int:
+    """Delete the owner's rows of `table` whose columns equal `equal`; how many went
+    (the owner is part of the statement, so another user's rows are never touched)."""
+    return conn.execute(
+        delete(table).where(table.c.owner_id == owner, *(table.c[k] == v for k, v in equal.items()))
+    ).rowcount
+
+
 def _page(
     conn: Connection, table, parent_column, parent_id: str, owner: str, page: Page
 ) -> ItemPage:
@@ -140,18 +148,8 @@ class Repository:
 
     def delete_conversation(self, owner: str, conversation_id: str) -> bool:
         with self.engine.begin() as conn:
-            conn.execute(
-                delete(conversation_items).where(
-                    conversation_items.c.conversation_id == conversation_id,
-                    conversation_items.c.owner_id == owner,
-                )
-            )
-            deleted = conn.execute(
-                delete(conversations).where(
-                    conversations.c.id == conversation_id, conversations.c.owner_id == owner
-                )
-            )
-        return deleted.rowcount > 0
+            delete_owned(conn, conversation_items, owner, conversation_id=conversation_id)
+            return delete_owned(conn, conversations, owner, id=conversation_id) > 0
 
     def list_conversations(self, owner: str, page: Page) -> list[ConversationRow] | None:
         """Up to `page.limit + 1` of the owner's conversations by creation time (then id),
@@ -372,17 +370,8 @@ class Repository:
 
     def delete_response(self, owner: str, response_id: str) -> bool:
         with self.engine.begin() as conn:
-            conn.execute(
-                delete(response_items).where(
-                    response_items.c.response_id == response_id, response_items.c.owner_id == owner
-                )
-            )
-            deleted = conn.execute(
-                delete(responses).where(
-                    responses.c.id == response_id, responses.c.owner_id == owner
-                )
-            )
-        return deleted.rowcount > 0
+            delete_owned(conn, response_items, owner, response_id=response_id)
+            return delete_owned(conn, responses, owner, id=response_id) > 0
 
     def list_input_items(self, owner: str, response_id: str, page: Page) -> ItemPage | None:
         with self.engine.connect() as conn:
