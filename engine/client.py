@@ -15,7 +15,9 @@ from engine import RequestOutput, SamplingParams
 class TokenizerLike(Protocol):
     chat_template: str | None
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+    def encode(
+        self, text: str, add_special_tokens: bool = False, max_tokens: int | None = None
+    ) -> list[int]: ...
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
@@ -24,6 +26,8 @@ class TokenizerLike(Protocol):
         messages: list[dict],
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        *,
+        max_tokens: int | None = None,
         **template_kwargs: Any,
     ) -> list[int]: ...
 

@@ -476,6 +476,10 @@ async def serve(args: argparse.Namespace) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The server tokenizes one text at a time on its low-priority worker threads
+    # (server/state.py); the tokenizers library would hand each text to a thread pool of
+    # its own, running at the engine's priority.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         healthy = asyncio.run(serve(args))

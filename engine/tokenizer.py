@@ -24,6 +24,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
 from engine.config import UnsupportedModelError
+from engine.errors import ContextLengthExceededError
+
+# A text longer than this many characters per token it may have is first tokenized up
+# to that length only: most text averages 3 to 5 characters a token, so a text too
+# long to fit is usually refused after tokenizing that much of it.
+PREFIX_CHARS_PER_TOKEN = 4
 
 # End-of-turn markers of the chat formats we serve; any present in the vocabulary stops
 # generation, since instruct models often end a turn with one that is not their EOS.
@@ -181,11 +187,42 @@ class Tokenizer:
 
     # -- encode / decode -------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(
+        self, text: str, add_special_tokens: bool = False, max_tokens: int | None = None
+    ) -> list[int]:
+        """The text's token ids; with `max_tokens`, `ContextLengthExceededError` for a text
+        of more tokens, raised without tokenizing the rest when its head alone has more."""
+        if max_tokens is not None and len(text) > PREFIX_CHARS_PER_TOKEN * max_tokens:
+            self._refuse_if_head_exceeds(text, max_tokens)
+        ids = self._encode(text, add_special_tokens)
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise ContextLengthExceededError(
+                f"the prompt has {len(ids)} tokens, more than {max_tokens}"
+            )
+        return ids
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         # encode_batch lets go of the GIL while it works (encode holds it: 1.4 s for 800k
         # characters), so a server tokenizing on a worker thread keeps serving meanwhile.
         (encoding,) = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)
         return encoding.ids
+
+    def _refuse_if_head_exceeds(self, text: str, max_tokens: int) -> None:
+        """Tokenizing 130,000 characters takes ~30 ms of a core; a client can send such
+        prompts back to back. The head is cut where a word ends before whitespace, where
+        the pre-tokenizer splits too, so its tokens are the text's first tokens and their
+        count is a lower bound on the whole text's."""
+        head = text[: PREFIX_CHARS_PER_TOKEN * max_tokens]
+        end = max(head.rfind(c) for c in " \n\t")
+        head = head[:end].rstrip() if end > 0 else ""
+        if not head:
+            return
+        count = len(self._encode(head, add_special_tokens=False))
+        if count > max_tokens:
+            raise ContextLengthExceededError(
+                f"the prompt has more than {max_tokens} tokens (its first {len(head)} of "
+                f"{len(text)} characters alone make {count})"
+            )
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
@@ -222,16 +259,19 @@ class Tokenizer:
         messages: list[dict],
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        *,
+        max_tokens: int | None = None,
         **template_kwargs: Any,
     ) -> list[int]:
-        """Render then encode; the template writes its own special tokens as text.
+        """Render then encode (`max_tokens` as for `encode`); the template writes its own
+        special tokens as text.
 
         Encoding without the post-processor avoids a second BOS when the template already
         starts with one; a BOS is added only when the model wants one and the template
         did not write it (llama.cpp's rule).
         """
         text = self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
-        ids = self.encode(text, add_special_tokens=False)
+        ids = self.encode(text, add_special_tokens=False, max_tokens=max_tokens)
         if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
         return ids

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
 from engine import RequestOutput, SamplingParams
+from engine.errors import ContextLengthExceededError
 from orchestrator.accounts import Meter
 from orchestrator.chat_prompt import active_tools, build_chat_prompt, template_supports_tools
 from orchestrator.chat_types import ChatRequest
@@ -39,6 +40,7 @@ from server.generation import (
     metered_stream,
     reservation,
     usage,
+    window_error,
 )
 from server.logprobs import chat_logprobs
 from server.metrics import RequestTimer
@@ -153,10 +155,13 @@ def _encode_prompt(state: ServerState, request: ChatRequest) -> list[int]:
     check_prompt_chars(_prompt_chars(request), state.max_prompt_chars, "messages")
     tokenizer = state.engine.tokenizer
     prompt = build_chat_prompt(request, template_supports_tools(tokenizer.chat_template))
+    max_len = state.engine.max_model_len
     try:
         return tokenizer.encode_chat(
-            prompt.messages, add_generation_prompt=True, tools=prompt.tools
+            prompt.messages, add_generation_prompt=True, tools=prompt.tools, max_tokens=max_len
         )
+    except ContextLengthExceededError as exc:
+        raise window_error(exc, max_len, "messages") from None
     # Templates reject conversations with jinja's raise_exception (a TemplateError) or
     # trip on a shape they do not expect; either way the messages are what to fix.
     except Exception as exc:

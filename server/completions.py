@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
 from engine import RequestOutput
+from engine.errors import ContextLengthExceededError
 from orchestrator.accounts import Meter
 from orchestrator.chat_types import CompletionRequest
 from server.disconnect import unless_disconnected
@@ -28,6 +29,7 @@ from server.generation import (
     metered_stream,
     reservation,
     usage,
+    window_error,
 )
 from server.logprobs import completion_logprobs
 from server.metrics import RequestTimer
@@ -63,7 +65,12 @@ def _prepare_prompts(
     for prompt in prompts:
         if isinstance(prompt, str):
             check_prompt_chars(len(prompt), state.max_prompt_chars, "prompt")
-            ids = engine.tokenizer.encode(prompt, add_special_tokens=True)
+            try:
+                ids = engine.tokenizer.encode(
+                    prompt, add_special_tokens=True, max_tokens=engine.max_model_len
+                )
+            except ContextLengthExceededError as exc:
+                raise window_error(exc, engine.max_model_len, "prompt") from None
         else:
             check_context(len(prompt), None, engine.max_model_len, "prompt")
             check_token_ids(prompt, engine.vocab_size, "prompt")

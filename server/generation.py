@@ -56,6 +56,13 @@ def context_error(message: str, param: str) -> APIError:
     return invalid(message, param=param, code="context_length_exceeded")
 
 
+def window_error(exc: ContextLengthExceededError, max_model_len: int, param: str) -> APIError:
+    """A prompt the tokenizer found too long before tokenizing all of it."""
+    return context_error(
+        f"This model's maximum context length is {max_model_len} tokens; {exc}", param
+    )
+
+
 def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int, param: str) -> None:
     """Reject up front what cannot fit, with OpenAI's wording and error code."""
     wanted = num_prompt + (max_tokens or 1)

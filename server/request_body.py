@@ -6,8 +6,8 @@ Every way a body can be wrong ends in a 4xx here, before any handler sees it:
   send without asking the server first;
 - more than the byte limit is a 413, refused as it streams in, never buffered whole;
 - text that is not JSON, a number too long for Python to convert (over 4,300 digits),
-  nesting deeper than `MAX_JSON_DEPTH`, or a string holding a lone UTF-16 surrogate is
-  a 400.
+  nesting deeper than `MAX_JSON_DEPTH`, more than `MAX_JSON_CONTAINERS` arrays and
+  objects, or a string holding a lone UTF-16 surrogate is a 400.
 
 Parsing a large body takes a while (tens of milliseconds per MB of small objects), so
 above `OFFLOAD_BYTES` the JSON parse and the request's own parse run on a worker thread;
@@ -26,7 +26,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 from starlette.requests import Request
@@ -36,6 +36,9 @@ from server.errors import APIError, invalid
 # Deeper JSON than any OpenAI request needs (tool schemas nest a few levels); beyond it
 # a body only exercises recursion in the parser, the templates and the encoders.
 MAX_JSON_DEPTH = 64
+# More arrays and objects than any request needs (a chat request of as many messages as
+# the context window has tokens, each with a list of content parts, stays well below).
+MAX_JSON_CONTAINERS = 65_536
 OFFLOAD_BYTES = 64 * 1024
 # A \u escape in the surrogate range: only then can a parsed string hold a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -86,6 +89,15 @@ async def _read_limited(request: Request, limit: int) -> bytearray:
 
 
 def parse_json(body: bytes) -> Any:
+    shape = json_shape(body)  # before the parse, which holds the GIL per value it builds
+    if shape.depth > MAX_JSON_DEPTH:
+        raise _too_deep()
+    if shape.containers > MAX_JSON_CONTAINERS:
+        raise invalid(
+            f"the request body has {shape.containers} JSON arrays and objects; this server "
+            f"accepts at most {MAX_JSON_CONTAINERS}",
+            code="invalid_json",
+        )
     try:
         value = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -96,8 +108,6 @@ def parse_json(body: bytes) -> Any:
         ) from None
     except RecursionError:
         raise _too_deep() from None
-    if json_depth(body) > MAX_JSON_DEPTH:
-        raise _too_deep()
     if _SURROGATE_ESCAPE.search(body) and not _encodable(value):
         raise invalid(
             "the request body has a string with an unpaired surrogate escape "
@@ -123,29 +133,43 @@ def _too_deep() -> APIError:
     )
 
 
-def json_depth(body: bytes) -> int:
-    """How deeply arrays and objects nest in a valid JSON text (a scalar is 0).
+class JsonShape(NamedTuple):
+    depth: int  # how deeply arrays and objects nest (a scalar is 0)
+    containers: int  # how many arrays and objects there are
 
-    Read from the bytes with vectorised numpy passes, which release the GIL, instead of
-    walking the parsed value: the walk costs a microsecond a container, so a body of
-    200,000 small objects held every other thread (the engine's included) for a second.
-    A bracket counts unless it is inside a string: a string opens at a quote preceded by
-    an even run of backslashes and closes at the next such quote."""
+
+def json_shape(body: bytes) -> JsonShape:
+    """The nesting depth and container count of a valid JSON text, read from its bytes.
+
+    Vectorised numpy passes release the GIL, unlike parsing or walking the parsed value:
+    `json.loads` of 7 MB of 200,000 small objects holds every other thread (the engine's
+    included) for 80 ms, and a walk costs a microsecond a container. Checked first, the
+    limits refuse such a body before it is parsed. Only quotes, backslashes and brackets
+    can matter, so after one pass over the body the work is on those alone. A bracket
+    counts unless it is inside a string: a string opens at a quote preceded by an even
+    run of backslashes and closes at the next such quote."""
     if body[:4].count(0) or body.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         body = body.decode(json.detect_encoding(body)).encode()  # UTF-16/32 -> UTF-8
     codes = np.frombuffer(body, dtype=np.uint8)
-    if codes.size == 0:
-        return 0
-    positions = np.arange(codes.size, dtype=np.int32)
-    last_plain = np.maximum.accumulate(np.where(codes == ord("\\"), -1, positions))
-    quotes = np.flatnonzero(codes == ord('"'))
-    before = np.maximum(quotes - 1, 0)
-    escapes = np.where(quotes > 0, before - last_plain[before], 0)
-    marks = np.zeros(codes.size, dtype=np.int8)
-    marks[quotes[escapes % 2 == 0]] = 1
-    in_string = (np.cumsum(marks, dtype=np.int32) & 1).astype(bool)
-    steps = np.zeros(codes.size, dtype=np.int8)
-    steps[(codes == ord("[")) | (codes == ord("{"))] = 1
-    steps[(codes == ord("]")) | (codes == ord("}"))] = -1
-    steps[in_string] = 0
-    return int(np.cumsum(steps, dtype=np.int32).max())
+    folded = codes | 0x20  # "[" and "{" fold to 0x7B, "]" and "}" to 0x7D
+    where = np.flatnonzero(
+        (codes == ord('"')) | (codes == ord("\\")) | (folded == 0x7B) | (folded == 0x7D)
+    )
+    if where.size == 0:
+        return JsonShape(0, 0)
+    marks, folded = codes[where], folded[where]
+    quotes = marks == ord('"')
+    backslashes = marks == ord("\\")
+    if backslashes.any():  # a quote right after an odd run of backslashes is escaped
+        index = np.arange(where.size)
+        continues_run = np.zeros(where.size, dtype=bool)
+        continues_run[1:] = backslashes[:-1] & (np.diff(where) == 1)
+        run_start = np.maximum.accumulate(np.where(continues_run, -1, index))
+        quotes &= (index - run_start) % 2 == 0
+    in_string = (np.cumsum(quotes, dtype=np.int32) & 1).astype(bool)
+    steps = np.zeros(where.size, dtype=np.int8)
+    opens = (folded == 0x7B) & ~in_string
+    steps[opens] = 1
+    steps[(folded == 0x7D) & ~in_string] = -1
+    depth = max(0, int(np.cumsum(steps, dtype=np.int32).max()))
+    return JsonShape(depth, int(np.count_nonzero(opens)))

@@ -4,6 +4,9 @@ the worker threads that keep heavy request preparation off the event loop."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +28,12 @@ PROMPT_CHARS_PER_TOKEN = 16
 # Threads that parse large bodies, render chat templates and tokenize. Few on purpose:
 # they share the cores with the engine, and admission bounds the requests queued for them.
 WORKER_THREADS = 2
+# Their CPU priority below the engine's (a nice value, Linux only): when the cores are
+# short, the streams in flight go first and a client sending megabytes waits, not
+# everyone else. Their work either releases the GIL (numpy scans, tokenizing) or holds
+# it briefly (the JSON parse of a body within MAX_JSON_CONTAINERS), so a worker that
+# waits for a core rarely holds the GIL meanwhile.
+WORKER_NICENESS = 10
 # Prompts up to this many characters are rendered and tokenized on the event loop (well
 # under a millisecond); larger ones go to the workers, so small requests never queue
 # behind large ones.
@@ -190,6 +199,12 @@ class Ticket:
             admission._release(self)
 
 
+def _lower_priority() -> None:
+    """Give the calling thread WORKER_NICENESS (on Linux a thread's nice value is its own)."""
+    if sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
+
+
 class ServerState:
     def __init__(self, engine: EngineClient, config: ServerConfig) -> None:
         self.engine = engine
@@ -199,7 +214,9 @@ class ServerState:
         self.max_prompt_chars = config.max_prompt_chars or (
             PROMPT_CHARS_PER_TOKEN * engine.max_model_len
         )
-        self.workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="tokenmill-prep")
+        self.workers = ThreadPoolExecutor(
+            WORKER_THREADS, thread_name_prefix="tokenmill-prep", initializer=_lower_priority
+        )
         self.created = int(time.time())
         # Logprobs name every top token; decoding each id once keeps that cheap.
         self.token_text = lru_cache(maxsize=65536)(self._decode_one)

@@ -9,11 +9,14 @@ import gguf
 import jinja2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import SentencePieceBPETokenizer, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoTokenizer
 
 from engine.config import UnsupportedModelError
+from engine.errors import ContextLengthExceededError
 from engine.loader.gguf import read_gguf
 from engine.loader.resolve import resolve_model
 from engine.tokenizer import Tokenizer
@@ -273,3 +276,39 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path):
         assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
     # Characters outside the vocabulary fall back to byte tokens and decode back intact.
     assert tok.decode(tok.encode("日本 😀")) == "日本 😀"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    words=st.lists(
+        st.sampled_from(["tea", "coffee", "  ", "\n", "a", "ünïcode", "1234", "x" * 40, "!?"]),
+        max_size=300,
+    ),
+    max_tokens=st.integers(1, 60),
+)
+def test_a_bounded_encode_refuses_only_texts_over_the_bound(tok, words, max_tokens):
+    """`max_tokens` refuses exactly the texts of more tokens (early, from the text's head,
+    when it can); the ids of any other are the unbounded encode's."""
+    text = " ".join(words)
+    whole = tok.encode(text)
+    try:
+        ids = tok.encode(text, max_tokens=max_tokens)
+    except ContextLengthExceededError:
+        assert len(whole) > max_tokens
+    else:
+        assert ids == whole and len(whole) <= max_tokens
+
+
+def test_a_long_text_is_refused_from_its_head(tok, monkeypatch):
+    text = "a b c " * 50_000  # 300,000 characters, 150,000 tokens
+    seen: list[int] = []
+    encode = tok._encode
+
+    def counted(text: str, add_special_tokens: bool) -> list[int]:
+        seen.append(len(text))
+        return encode(text, add_special_tokens)
+
+    monkeypatch.setattr(tok, "_encode", counted)
+    with pytest.raises(ContextLengthExceededError, match="more than 100 tokens"):
+        tok.encode(text, max_tokens=100)
+    assert seen and max(seen) <= 400  # four characters per token of the bound, not 300,000

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import jinja2
 
 from engine import CompletionOutput, EngineStats, RequestOutput, SamplingParams
-from engine.errors import EngineError
+from engine.errors import ContextLengthExceededError, EngineError
 from engine.sampler import TokenLogprobs
 
 CHATML = (
@@ -36,7 +36,11 @@ class FakeTokenizer:
         self.last_prompt: str | None = None
         self.last_tools: list[dict] | None = None
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(
+        self, text: str, add_special_tokens: bool = False, max_tokens: int | None = None
+    ) -> list[int]:
+        if max_tokens is not None and len(text) > max_tokens:
+            raise ContextLengthExceededError(f"the prompt has {len(text)} tokens")
         return [ord(c) for c in text]
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -47,13 +51,14 @@ class FakeTokenizer:
         messages: list[dict],
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        max_tokens: int | None = None,
     ) -> list[int]:
         template = jinja2.Environment().from_string(self.chat_template)
         self.last_prompt = template.render(
             messages=messages, tools=tools, add_generation_prompt=add_generation_prompt
         )
         self.last_tools = tools
-        return self.encode(self.last_prompt)
+        return self.encode(self.last_prompt, max_tokens=max_tokens)
 
 
 @dataclass

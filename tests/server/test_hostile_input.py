@@ -186,9 +186,9 @@ def test_large_prompts_are_prepared_off_the_event_loop(serve):
     threads: list[str] = []
 
     class RecordingTokenizer(FakeTokenizer):
-        def encode(self, text, add_special_tokens=False):
+        def encode(self, text, add_special_tokens=False, max_tokens=None):
             threads.append(threading.current_thread().name)
-            return super().encode(text, add_special_tokens)
+            return super().encode(text, add_special_tokens, max_tokens)
 
     server = serve(FakeEngine(tokenizer=RecordingTokenizer(), max_model_len=100_000))
     post = server.client.post
