@@ -7,7 +7,7 @@ Every way a body can be wrong ends in a 4xx here, before any handler sees it:
 - more than the byte limit is a 413, refused as it streams in, never buffered whole;
 - text that is not JSON, a number too long for Python to convert (over 4,300 digits),
   nesting deeper than `MAX_JSON_DEPTH`, more than `MAX_JSON_CONTAINERS` arrays and
-  objects, or a string holding a lone UTF-16 surrogate is a 400.
+  objects or `MAX_JSON_VALUES` values, or a string holding a lone UTF-16 surrogate is a 400.
 
 Parsing a large body takes a while (tens of milliseconds per MB of small objects), so
 above `OFFLOAD_BYTES` the JSON parse and the request's own parse run on a worker thread;
@@ -39,6 +39,9 @@ MAX_JSON_DEPTH = 64
 # More arrays and objects than any request needs (a chat request of as many messages as
 # the context window has tokens, each with a list of content parts, stays well below).
 MAX_JSON_CONTAINERS = 65_536
+# More values than any request needs (an embeddings request of 300,000 token ids, the
+# most it may hold, stays below). Parsing 500,000 numbers holds the GIL for ~20 ms.
+MAX_JSON_VALUES = 524_288
 OFFLOAD_BYTES = 64 * 1024
 # A \u escape in the surrogate range: only then can a parsed string hold a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -92,10 +95,11 @@ def parse_json(body: bytes) -> Any:
     shape = json_shape(body)  # before the parse, which holds the GIL per value it builds
     if shape.depth > MAX_JSON_DEPTH:
         raise _too_deep()
-    if shape.containers > MAX_JSON_CONTAINERS:
+    if shape.containers > MAX_JSON_CONTAINERS or shape.values > MAX_JSON_VALUES:
         raise invalid(
-            f"the request body has {shape.containers} JSON arrays and objects; this server "
-            f"accepts at most {MAX_JSON_CONTAINERS}",
+            f"the request body has {shape.containers} JSON arrays and objects and about "
+            f"{shape.values} values; this server accepts at most {MAX_JSON_CONTAINERS} and "
+            f"{MAX_JSON_VALUES}",
             code="invalid_json",
         )
     try:
@@ -136,27 +140,37 @@ def _too_deep() -> APIError:
 class JsonShape(NamedTuple):
     depth: int  # how deeply arrays and objects nest (a scalar is 0)
     containers: int  # how many arrays and objects there are
+    commas: int  # separators between elements and members: about one per value
+
+    @property
+    def values(self) -> int:
+        """About how many values the parse would build (containers, elements, members)."""
+        return self.containers + self.commas
 
 
 def json_shape(body: bytes) -> JsonShape:
-    """The nesting depth and container count of a valid JSON text, read from its bytes.
+    """The nesting depth, containers and commas of a valid JSON text, read from its bytes.
 
     Vectorised numpy passes release the GIL, unlike parsing or walking the parsed value:
     `json.loads` of 7 MB of 200,000 small objects holds every other thread (the engine's
     included) for 80 ms, and a walk costs a microsecond a container. Checked first, the
-    limits refuse such a body before it is parsed. Only quotes, backslashes and brackets
-    can matter, so after one pass over the body the work is on those alone. A bracket
-    counts unless it is inside a string: a string opens at a quote preceded by an even
-    run of backslashes and closes at the next such quote."""
+    limits refuse such a body before it is parsed. Only quotes, backslashes, brackets and
+    commas can matter, so after one pass over the body the work is on those alone. A
+    bracket or comma counts unless it is inside a string: a string opens at a quote
+    preceded by an even run of backslashes and closes at the next such quote."""
     if body[:4].count(0) or body.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         body = body.decode(json.detect_encoding(body)).encode()  # UTF-16/32 -> UTF-8
     codes = np.frombuffer(body, dtype=np.uint8)
     folded = codes | 0x20  # "[" and "{" fold to 0x7B, "]" and "}" to 0x7D
     where = np.flatnonzero(
-        (codes == ord('"')) | (codes == ord("\\")) | (folded == 0x7B) | (folded == 0x7D)
+        (codes == ord('"'))
+        | (codes == ord("\\"))
+        | (codes == ord(","))
+        | (folded == 0x7B)
+        | (folded == 0x7D)
     )
     if where.size == 0:
-        return JsonShape(0, 0)
+        return JsonShape(0, 0, 0)
     marks, folded = codes[where], folded[where]
     quotes = marks == ord('"')
     backslashes = marks == ord("\\")
@@ -172,4 +186,5 @@ def json_shape(body: bytes) -> JsonShape:
     steps[opens] = 1
     steps[(folded == 0x7D) & ~in_string] = -1
     depth = max(0, int(np.cumsum(steps, dtype=np.int32).max()))
-    return JsonShape(depth, int(np.count_nonzero(opens)))
+    commas = np.count_nonzero((marks == ord(",")) & ~in_string)
+    return JsonShape(depth, int(np.count_nonzero(opens)), int(commas))

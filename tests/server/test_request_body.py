@@ -9,7 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.errors import APIError
-from server.request_body import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, json_shape, parse_json
+from server.request_body import (
+    MAX_JSON_CONTAINERS,
+    MAX_JSON_DEPTH,
+    MAX_JSON_VALUES,
+    json_shape,
+    parse_json,
+)
 
 # Strings full of the characters a byte scan could mistake for structure.
 TRICKY = st.text(alphabet='[]{}"\\,:ab é\n', max_size=12)
@@ -28,6 +34,13 @@ def containers(value) -> int:
     return 0
 
 
+def commas(value) -> int:
+    if isinstance(value, dict | list):
+        children = list(value.values() if isinstance(value, dict) else value)
+        return max(len(children) - 1, 0) + sum(commas(v) for v in children)
+    return 0
+
+
 def walked_depth(value) -> int:
     if isinstance(value, dict):
         return 1 + max((walked_depth(v) for v in value.values()), default=0)
@@ -39,7 +52,8 @@ def walked_depth(value) -> int:
 @given(VALUES, st.sampled_from(["utf-8", "utf-16", "utf-32-le"]), st.booleans())
 def test_shape_from_bytes_equals_the_parsed_values(value, encoding, ascii_only):
     text = json.dumps(value, ensure_ascii=ascii_only, indent=None if ascii_only else 1)
-    assert json_shape(text.encode(encoding)) == (walked_depth(value), containers(value))
+    shape = (walked_depth(value), containers(value), commas(value))
+    assert json_shape(text.encode(encoding)) == shape
 
 
 def test_too_deep_a_body_is_a_400_and_escaped_brackets_do_not_count():
@@ -51,9 +65,24 @@ def test_too_deep_a_body_is_a_400_and_escaped_brackets_do_not_count():
     assert parse_json(shallow.encode()) == json.loads(shallow)
 
 
-def test_a_body_of_too_many_objects_is_refused_before_it_is_parsed(monkeypatch):
-    many = json.dumps({"messages": [{"role": "user", "content": "hi"}] * MAX_JSON_CONTAINERS})
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": "hi"}] * MAX_JSON_CONTAINERS},
+        {"input": [[1] * 1024] * (MAX_JSON_VALUES // 1024)},
+    ],
+    ids=["objects", "numbers"],
+)
+def test_a_body_of_too_many_values_is_refused_before_it_is_parsed(monkeypatch, body):
+    text = json.dumps(body).encode()
     monkeypatch.setattr(json, "loads", lambda *_: pytest.fail("parsed a body it must refuse"))
     with pytest.raises(APIError, match=f"at most {MAX_JSON_CONTAINERS}") as refused:
-        parse_json(many.encode())
+        parse_json(text)
     assert refused.value.status == 400 and refused.value.code == "invalid_json"
+
+
+def test_the_largest_embeddings_request_is_within_the_value_limit():
+    """300,000 token ids in 2,048 inputs: the most an embeddings request may hold."""
+    ids = [[7] * 146] * 2047 + [[7] * 1138]
+    assert sum(map(len, ids)) == 300_000
+    assert parse_json(json.dumps({"input": ids}).encode())["input"] == ids
