@@ -6,11 +6,16 @@ dispatch), and the GEMMs and attention run in ATen kernels tuned for other shape
 C++ kernels a 16-sequence decode step of SmolLM2-135M takes about a third of the eager
 step's time (docs/performance.md, `benchmarks/bench_step.py`).
 
-What `compile_model` does, in order, then installs in one go:
-1. `use_native_kernels`: builds kernels/csrc for the CPU's instruction set
-   (kernels/native.py: AVX-512 VNNI, AVX2 or portable C++) and moves w8a8 linears onto its
-   int8 GEMM (bit-identical outputs) and attention and the KV write onto their C++
-   versions.
+The result is a new `Backend` (engine/backend.py), the one object a forward consults for
+its blocks, decode stack, attention kernels and GEMMs. `compiled_backend` builds it from
+new objects only, the model's modules and installed backend untouched, and `compile_model`
+installs it with one reference assignment (`model.backend = ...`): a step reads the backend
+once, so it runs wholly on the eager backend or wholly on the compiled one, whichever
+thread the compile runs on. In order:
+1. `with_native_kernels`: builds kernels/csrc for the CPU's instruction set
+   (kernels/native.py: AVX-512 VNNI, AVX2 or portable C++), packs w8a8 linears' weights
+   for its int8 GEMM (new tensors; bit-identical outputs) and takes attention and the KV
+   write in their C++ versions.
 2. Where every layer then runs on C++ kernels (the default w8a8 mode on AVX-512 VNNI and
    AVX2 CPUs): engine/native_layers.py's blocks for prefill and mixed steps, and its
    one-call decode stack for pure decode steps. Nothing is left for Inductor.
@@ -31,11 +36,12 @@ choice.
 
 Modes (`EngineArgs.compile`; the default per instruction set is engine/cpu_path.py's):
 "off"; "on" compiles before the engine takes requests; "background" serves eagerly at once
-and installs the compiled model when ready, so start-up stays fast. For SmolLM2-135M on
-two cores that is the C++ build (~30 s once per checkout and target, then a cached load;
-the model switched within a second); the Inductor route takes 14 s with its caches warm
-and 92 s cold. Compiling needs a C++ compiler; in "background" mode a failure is logged and
-reported (`BackgroundCompile.state`, the server's /health) and the engine stays eager.
+and installs the compiled backend when ready (`BackgroundCompile`), so start-up stays fast.
+For SmolLM2-135M on two cores that is the C++ build (~30 s once per checkout and target,
+then a cached load; the backend installed within a second); the Inductor route takes 14 s
+with its caches warm and 92 s cold. Compiling needs a C++ compiler; in "background" mode a
+failure is logged and reported (`BackgroundCompile.state`, the server's /health) and the
+engine stays on the eager backend.
 """
 
 from __future__ import annotations
@@ -51,12 +57,13 @@ import torch.nn.functional as F
 
 import kernels.native
 from engine import native_layers
-from engine.backend import Backend, PackedLayer
+from engine.backend import Backend, Packed, PackedLayer
 from engine.linear import CpuLinear
 from engine.model import (
     Attention,
     AttentionMetadata,
     CausalLM,
+    DecoderLayer,
     DenseBlocks,
     attention_input,
     attention_output_and_mlp,
@@ -96,11 +103,11 @@ def with_native_kernels(model: CausalLM) -> Backend:
     )
 
 
-def _pack(linear: torch.nn.Module):
+def _pack(linear: torch.nn.Module) -> Packed | None:
     return linear.pack_int8() if isinstance(linear, CpuLinear) else None
 
 
-def _pack_layer(layer) -> PackedLayer:
+def _pack_layer(layer: DecoderLayer) -> PackedLayer:
     attn, mlp = layer.self_attn, layer.mlp
     return PackedLayer(*map(_pack, (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)))
 
@@ -116,8 +123,8 @@ def _native_attention_fits(attn: Attention) -> bool:
 def compiled_backend(model: CausalLM) -> Backend:
     """Everything the compile step does, as a new backend: the C++ kernels, then either the
     layers on them alone (engine/native_layers.py) or the compiled dense blocks and, with the
-    C++ decode attention, the one-graph decode stack. Every part is run once on the way, and
-    the model's installed backend is neither read by it nor changed, so it may keep serving
+    C++ decode attention, the one-graph decode stack. Every part is run once on the way; the
+    model and its installed backend stay as they are, so that backend keeps serving
     meanwhile."""
     backend = with_native_kernels(model)
     if native_layers.fits(model, backend):

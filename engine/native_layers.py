@@ -1,14 +1,15 @@
-"""The decoder layers on tokenmill's C++ kernels alone, for a model whose every linear runs
-the C++ int8 GEMM (w8a8 with float32 activations) and whose attention runs the C++ decode kernel.
+"""The decoder layers on tokenmill's C++ kernels alone, for a backend (engine/backend.py) that
+`fits`: every linear of every layer packed for the C++ int8 GEMM (w8a8 with float32
+activations) and attention in the C++ kernels. `native_backend` completes such a backend
+with two ways in, on the same per-row code (kernels/csrc/layer_ops.cpp):
 
-Two ways in, with the same per-row code (kernels/csrc/layer_ops.cpp):
-
-* `native_dense_blocks`: `DenseBlocks` of C++ ops for prefill and mixed steps, in place of
-  Inductor's compiled blocks. They need no compile and are as fast (the GEMMs dominate).
+* its `DenseBlocks`, of C++ ops, for prefill and mixed steps, in place of Inductor's
+  compiled blocks. They need no compile and are as fast (the GEMMs dominate).
 * `native_decode_layers`: a pure decode step's layers as one C++ call
-  (kernels/csrc/decode_layers.cpp). A compiled decode graph still spent ~3 ms of a
-  16-sequence step on two cores outside the kernels, in Dynamo's guards, Inductor's Python
-  wrapper and an OpenMP team per small loop (docs/performance.md).
+  (kernels/csrc/decode_layers.cpp), its operands laid out once by the slot names that file
+  defines (`decode_slots`). A compiled decode graph still spent ~3 ms of a 16-sequence step
+  on two cores outside the kernels, in Dynamo's guards, Inductor's Python wrapper and an
+  OpenMP team per small loop (docs/performance.md).
 
 A row's floats go through the same operations in the same order on both, so a decode token
 computes the same bits in a pure decode step as in a step shared with prefill chunks: the
