@@ -235,6 +235,8 @@ class CausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
+        """Logits of the given hidden states, on `backend` (default: the model's) as the
+        forward that produced them."""
         if backend is None:
             backend = self.backend
         return apply_linear(self.lm_head, hidden, backend.lm_head)

@@ -1,5 +1,6 @@
-"""Compiled dense blocks (engine/compilation.py): the same function as the eager blocks, per-row
-results independent of the row count, and the background mode's switch and failure path."""
+"""The compiled backend (engine/compilation.py): compiled dense blocks compute the same function
+as the eager blocks, per-row results independent of the row count, the C++ layers and decode
+stacks, and the background mode's install (every step on one backend) and failure path."""
 
 from __future__ import annotations
 
@@ -241,8 +242,9 @@ def test_background_compile_serves_meanwhile_then_switches(tiny_model_dir):
 def test_every_step_runs_on_one_backend_across_the_background_install(tiny_model_dir, monkeypatch):
     """The engine steps on while the background compile builds and installs its backend, the
     install landing in the middle of a step (between its first and second layer): each
-    step's output is bit for bit what the eager backend or the compiled one computes for it,
-    never a mixture, and the step in flight finishes on the backend it started with."""
+    step's output (the hidden states its logits come from) is bit for bit what the eager
+    backend or the compiled one computes for it, never a mixture, and the step in flight
+    finishes on the backend it started with."""
     gate = threading.Event()
     build = engine.compilation.with_native_kernels
 
@@ -285,14 +287,17 @@ def test_every_step_runs_on_one_backend_across_the_background_install(tiny_model
     # Prefill chunks, mixed steps and pure decode steps on both sides of the install.
     for i, prompt in enumerate([list(range(3, 33)), list(range(40, 49)), [7, 8, 9, 10, 11]]):
         llm.engine.add_request(str(i), prompt, params)
-    while llm.engine.has_unfinished_requests():
-        llm.engine.step()
-    for hook in hooks:
-        hook.remove()
+    try:
+        while llm.engine.has_unfinished_requests():
+            llm.engine.step()
+    finally:
+        gate.set()  # never leave the compile thread waiting
+        for hook in hooks:
+            hook.remove()
     compiled = model.backend
     assert compiled is not eager and compiled.decode_layers is not None
 
-    differ = 0
+    differ, ran_on = 0, []
     with torch.inference_mode():
         for number, (args, before, output) in enumerate(steps):
             *inputs, backend = args
@@ -305,9 +310,10 @@ def test_every_step_runs_on_one_backend_across_the_background_install(tiny_model
             assert backend is eager or backend is compiled
             assert torch.equal(output, want[ran]), f"step {number} is not the {ran} backend's"
             differ += not torch.equal(want["eager"], want["compiled"])
-            steps[number] = ran
-    assert steps[2] == "eager"  # the step the install landed in finished on its backend
-    assert "compiled" in steps[3:] and set(steps[steps.index("compiled") :]) == {"compiled"}
+            ran_on.append(ran)
+    assert ran_on[2] == "eager"  # the step the install landed in finished on its backend
+    assert "compiled" in ran_on and set(ran_on[ran_on.index("compiled") :]) == {"compiled"}
+    assert ran_on.index("compiled") == 3  # the next step took the new backend
     assert differ > 0  # the two backends are told apart
 
 
