@@ -154,8 +154,9 @@ class CpuLinear(nn.Module):
         `forward`: the layer itself does not change, so a forward on another thread keeps
         running on its own weights meanwhile. The C++ GEMM gives the same outputs bit for
         bit, about 1.5x faster than `_int_mm` at decode's row counts on AVX-512 VNNI and many
-        times faster on AVX2 (it runs float32 activations only). None where the layer cannot
-        take it: not w8a8, or a shape the layout cannot hold."""
+        times faster on AVX2 (it runs float32 activations only). The layer keeps its plain
+        copy for the eager backend, so a compiled model holds its w8a8 weights twice. None
+        where the layer cannot take it: not w8a8, or a shape the layout cannot hold."""
         if self.quantization != "w8a8":
             return None
         qweight, scale = self.quantized

@@ -377,7 +377,7 @@ def decode_layers(
     `pack_int8_vnni` weight, comp, per-output scale and optional SmoothQuant input scale."""
     rows, head_dim = x.shape[0], k_caches[0].shape[-1]
 
-    def linear(h: torch.Tensor, w: dict, name: str) -> torch.Tensor:
+    def linear(h: torch.Tensor, w: Mapping, name: str) -> torch.Tensor:
         if w[f"{name}_input_scale"] is not None:
             h = h * w[f"{name}_input_scale"]
         return int8_packed_linear(h, w[f"{name}_packed"], w[f"{name}_comp"], w[f"{name}_scale"])

@@ -32,7 +32,7 @@ namespace {
 
 // One layer's entries of `weights`, in order: (enumerator, name Python fills it by). A linear
 // is its packed weight, comp and scale (consecutive, as `linear` reads them), then its
-// SmoothQuant input scale; every entry after the norms may be None where absent.
+// SmoothQuant input scale. Input scales, the q/k/v bias and the q/k norms may be None.
 #define TM_DECODE_LAYER_SLOTS(X)                                                        \
   X(kInputNorm, "input_norm")                                                           \
   X(kQkv, "qkv_packed") X(kQkvComp, "qkv_comp") X(kQkvScale, "qkv_scale")               \
