@@ -6,11 +6,16 @@ dispatch), and the GEMMs and attention run in ATen kernels tuned for other shape
 C++ kernels a 16-sequence decode step of SmolLM2-135M takes about a third of the eager
 step's time (docs/performance.md, `benchmarks/bench_step.py`).
 
-What `compile_model` does, in order, then installs in one go:
-1. `use_native_kernels`: builds kernels/csrc for the CPU's instruction set
-   (kernels/native.py: AVX-512 VNNI, AVX2 or portable C++) and moves w8a8 linears onto its
-   int8 GEMM (bit-identical outputs) and attention and the KV write onto their C++
-   versions.
+The result is a new `Backend` (engine/backend.py), the one object a forward consults for
+its blocks, decode stack, attention kernels and GEMMs. `compiled_backend` builds it from
+new objects only, the model's modules and installed backend untouched, and `compile_model`
+installs it with one reference assignment (`model.backend = ...`): a step reads the backend
+once, so it runs wholly on the eager backend or wholly on the compiled one, whichever
+thread the compile runs on. In order:
+1. `with_native_kernels`: builds kernels/csrc for the CPU's instruction set
+   (kernels/native.py: AVX-512 VNNI, AVX2 or portable C++), packs w8a8 linears' weights
+   for its int8 GEMM (new tensors; bit-identical outputs) and takes attention and the KV
+   write in their C++ versions.
 2. Where every layer then runs on C++ kernels (the default w8a8 mode on AVX-512 VNNI and
    AVX2 CPUs): engine/native_layers.py's blocks for prefill and mixed steps, and its
    one-call decode stack for pure decode steps. Nothing is left for Inductor.
@@ -31,11 +36,12 @@ choice.
 
 Modes (`EngineArgs.compile`; the default per instruction set is engine/cpu_path.py's):
 "off"; "on" compiles before the engine takes requests; "background" serves eagerly at once
-and installs the compiled model when ready, so start-up stays fast. For SmolLM2-135M on
-two cores that is the C++ build (~30 s once per checkout and target, then a cached load;
-the model switched within a second); the Inductor route takes 14 s with its caches warm
-and 92 s cold. Compiling needs a C++ compiler; in "background" mode a failure is logged and
-reported (`BackgroundCompile.state`, the server's /health) and the engine stays eager.
+and installs the compiled backend when ready (`BackgroundCompile`), so start-up stays fast.
+For SmolLM2-135M on two cores that is the C++ build (~30 s once per checkout and target,
+then a cached load; the backend installed within a second); the Inductor route takes 14 s
+with its caches warm and 92 s cold. Compiling needs a C++ compiler; in "background" mode a
+failure is logged and reported (`BackgroundCompile.state`, the server's /health) and the
+engine stays on the eager backend.
 """
 
 from __future__ import annotations
@@ -51,11 +57,13 @@ import torch.nn.functional as F
 
 import kernels.native
 from engine import native_layers
+from engine.backend import Backend, Packed, PackedLayer
 from engine.linear import CpuLinear
 from engine.model import (
     Attention,
     AttentionMetadata,
     CausalLM,
+    DecoderLayer,
     DenseBlocks,
     attention_input,
     attention_output_and_mlp,
@@ -67,25 +75,41 @@ logger = logging.getLogger(__name__)
 COMPILE_MODES = ("off", "on", "background")
 
 
-def use_native_kernels(model: CausalLM) -> int:
-    """Build tokenmill's C++ kernels (kernels/native.py) and move the model onto them where
-    they apply: w8a8 linears to the int8 GEMM, attention and the KV write to their C++
-    versions, for the CPU's instruction set (`kernels.native.cpu_isa`). Returns how many
-    modules moved. None do when the activations are not float32 (the kernels' only input
-    type)."""
+def with_native_kernels(model: CausalLM) -> Backend:
+    """The model's backend with tokenmill's C++ kernels (kernels/native.py, built here for the
+    CPU's instruction set, `kernels.native.cpu_isa`) where they apply: w8a8 linears on the
+    int8 GEMM (new packed copies of their weights), attention and the KV write on their C++
+    versions. Unchanged where none apply, as when the activations are not float32 (the
+    kernels' only input type)."""
+    backend = model.backend
     if model.embed_tokens.weight.dtype != torch.float32:
-        return 0
-    linears = [m for m in model.modules() if isinstance(m, CpuLinear) and m.w8a8 is not None]
-    attentions = [layer.self_attn for layer in model.layers]
-    attentions = [attn for attn in attentions if _native_attention_fits(attn)]
-    if not linears and not attentions:
-        return 0
+        return backend
+    linears = [m for m in model.modules() if isinstance(m, CpuLinear) and m.quantization == "w8a8"]
+    attention = all(_native_attention_fits(layer.self_attn) for layer in model.layers)
+    if not linears and not attention:
+        return backend
     kernels.native.load()
-    for attn in attentions:
-        attn.store_kv = kernels.native.store_kv
-        attn.decode_attention = kernels.native.paged_decode_attention
-        attn.prefill_attention = kernels.native.paged_prefill_attention
-    return sum(linear.pack_for_vnni() for linear in linears) + len(attentions)
+    if attention:
+        backend = dataclasses.replace(
+            backend,
+            store_kv=kernels.native.store_kv,
+            decode_attention=kernels.native.paged_decode_attention,
+            prefill_attention=kernels.native.paged_prefill_attention,
+        )
+    return dataclasses.replace(
+        backend,
+        packed=tuple(_pack_layer(layer) for layer in model.layers),
+        lm_head=_pack(model.lm_head),
+    )
+
+
+def _pack(linear: torch.nn.Module) -> Packed | None:
+    return linear.pack_int8() if isinstance(linear, CpuLinear) else None
+
+
+def _pack_layer(layer: DecoderLayer) -> PackedLayer:
+    attn, mlp = layer.self_attn, layer.mlp
+    return PackedLayer(*map(_pack, (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)))
 
 
 def _native_attention_fits(attn: Attention) -> bool:
@@ -96,44 +120,46 @@ def _native_attention_fits(attn: Attention) -> bool:
     )
 
 
+def compiled_backend(model: CausalLM) -> Backend:
+    """Everything the compile step does, as a new backend: the C++ kernels, then either the
+    layers on them alone (engine/native_layers.py) or the compiled dense blocks and, with the
+    C++ decode attention, the one-graph decode stack. Every part is run once on the way; the
+    model and its installed backend stay as they are, so that backend keeps serving
+    meanwhile."""
+    backend = with_native_kernels(model)
+    if native_layers.fits(model, backend):
+        backend = native_layers.native_backend(model, backend)
+        _try_native(model, backend)
+        return backend
+    blocks = compile_dense_blocks(model, backend)
+    decode_layers = None
+    if backend.decode_attention is kernels.native.paged_decode_attention:
+        decode_layers = compile_decode_layers(model, backend)
+    return dataclasses.replace(backend, blocks=blocks, decode_layers=decode_layers)
+
+
 def compile_model(model: CausalLM) -> None:
-    """Everything the compile step does, installed at the end so that a concurrent forward
-    sees the model before or after, never between: the C++ kernels, then either the layers
-    on them alone (engine/native_layers.py) or the compiled dense blocks and, with the C++
-    decode attention, the one-graph decode stack."""
-    use_native_kernels(model)
-    if native_layers.fits(model):
-        blocks = native_layers.native_dense_blocks()
-        decode_layers = native_layers.native_decode_layers(model)
-        _try_native(model, blocks, decode_layers)
-    else:
-        blocks = compile_dense_blocks(model)
-        decode_layers = compile_decode_layers(model) if _native_decode(model) else None
-    model.dense_blocks = blocks
-    model.decode_layers = decode_layers
+    """Build `compiled_backend` and install it with one reference assignment: a forward on
+    another thread runs each step on the backend it read at the start, the old or the new,
+    never a mixture."""
+    model.backend = compiled_backend(model)
 
 
-def _try_native(model: CausalLM, blocks: DenseBlocks, decode_layers: Callable) -> None:
+def _try_native(model: CausalLM, backend: Backend) -> None:
     """Run the C++ layers once before installing them, as the compiled graphs are, so that
     a failure shows as a failed compile rather than in a request."""
     with torch.inference_mode():
         x, residual, positions, meta = _warm_up_decode(model, rows=2, width=1)
-        decode_layers(model, x, residual, positions, meta)
-        layer = model.layers[0]
-        blocks.attention_input(layer, x, residual, positions, model.rope_cache)
+        backend.decode_layers(model, x, residual, positions, meta)
+        layer, packed, blocks = model.layers[0], backend.packed[0], backend.blocks
+        blocks.attention_input(layer, x, residual, positions, model.rope_cache, packed)
         attn = torch.zeros(2, model.config.num_attention_heads * model.config.head_dim)
-        blocks.attention_output_and_mlp(layer, attn, residual)
+        blocks.attention_output_and_mlp(layer, attn, residual, packed)
 
 
-def _native_decode(model: CausalLM) -> bool:
-    return all(
-        layer.self_attn.decode_attention is kernels.native.paged_decode_attention
-        for layer in model.layers
-    )
-
-
-def compile_dense_blocks(model: CausalLM) -> DenseBlocks:
-    """Compiled versions of the model's dense blocks, every graph built and run once."""
+def compile_dense_blocks(model: CausalLM, backend: Backend) -> DenseBlocks:
+    """Compiled versions of the model's dense blocks, every graph built and run once on
+    `backend`'s packed weights."""
     import torch._dynamo  # a second of import: only when compiling
 
     # Dynamo keeps its graphs per code object, and every model compiled in this process adds
@@ -153,16 +179,17 @@ def compile_dense_blocks(model: CausalLM) -> DenseBlocks:
             if rows > 1:  # compile the row count as a symbol straight away
                 for t in (x, residual, attn, positions):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
-            for layer in model.layers:
-                blocks.attention_input(layer, x, residual, positions, model.rope_cache)
-                blocks.attention_output_and_mlp(layer, attn, residual)
+            for layer, packed in zip(model.layers, backend.packed, strict=True):
+                blocks.attention_input(layer, x, residual, positions, model.rope_cache, packed)
+                blocks.attention_output_and_mlp(layer, attn, residual, packed)
     return blocks
 
 
-def compile_decode_layers(model: CausalLM) -> Callable:
-    """`run_layers` for pure decode steps as one graph. With the dense blocks compiled one
-    by one, Dynamo's guards and wrappers cost ~35 us a call, 60 calls a step; here one.
-    Attention must be the C++ op (`use_native_kernels`): the ATen path plans on the host.
+def compile_decode_layers(model: CausalLM, backend: Backend) -> Callable:
+    """`run_layers` on `backend`'s kernels for pure decode steps as one graph. With the dense
+    blocks compiled one by one, Dynamo's guards and wrappers cost ~35 us a call, 60 calls a
+    step; here one. Attention must be the C++ op (`with_native_kernels`): the ATen path
+    plans on the host.
 
     Rows and block-table columns are padded to at least two (padding rows write no K/V and
     attend to nothing), so one graph with both sizes symbolic serves every step; the warm-up
@@ -170,7 +197,7 @@ def compile_decode_layers(model: CausalLM) -> Callable:
     import torch._dynamo
 
     compiled = torch.compile(run_layers)
-    blocks = DenseBlocks()
+    layered = dataclasses.replace(backend, blocks=DenseBlocks(), decode_layers=None)
 
     def decode_layers(
         model: CausalLM,
@@ -181,7 +208,7 @@ def compile_decode_layers(model: CausalLM) -> Callable:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = x.shape[0]
         x, residual, positions, meta = _pad_decode(x, residual, positions, meta)
-        x, residual = compiled(model, x, residual, positions, meta, blocks)
+        x, residual = compiled(model, x, residual, positions, meta, layered)
         return x[:rows], residual[:rows]
 
     with torch.inference_mode():
@@ -245,7 +272,8 @@ def warm_up_rows(model: CausalLM) -> list[int]:
 
 
 class BackgroundCompile:
-    """Runs `compile_model` on a thread of its own, which installs the result when done.
+    """Runs `compile_model` on a thread of its own, which installs the new backend when done
+    while the engine serves on the eager one.
 
     The thread uses the engine's thread count, so the generated kernels are parallelised for
     it; its OpenMP team lives only as long as the warm-up.
@@ -271,10 +299,10 @@ class BackgroundCompile:
         logger.info("compiling the model in the background; serving eagerly meanwhile")
         try:
             compile_model(self._model)
-        except Exception as exc:  # any compiler failure leaves the eager blocks on
+        except Exception as exc:  # any compiler failure leaves the eager backend on
             self.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
             self.state = "failed"
-            logger.warning("compile failed, staying on eager blocks: %s", self.error)
+            logger.warning("compile failed, staying on the eager backend: %s", self.error)
         else:
             self.state = "ready"
             logger.info("compiled model in use after %.1f s", time.perf_counter() - start)

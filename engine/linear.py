@@ -12,7 +12,7 @@ cache as they are in a real step (benchmarks/bench_linear.py, docs/performance.m
   MKL's float32 GEMM. The float32 GEMM is faster on a weight stored ``[in, out]`` than on
   PyTorch's ``[out, in]``, so that copy is kept pre-transposed.
 * Without AVX-512 VNNI, `_int_mm` runs at a few GOP/s, slower than float32; tokenmill's
-  AVX2 GEMM (`pack_for_vnni`) is 2-3x faster than float32 at 16 rows. engine/cpu_path.py
+  AVX2 GEMM (`CpuLinear.pack_int8`) is 2-3x faster than float32 at 16 rows. engine/cpu_path.py
   picks the default mode per instruction set from such measurements.
 
 Quantized weights are rounded once at load time, and both paths of a layer compute with
@@ -21,12 +21,11 @@ the same rounded weights; they differ only in how activations are rounded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 import kernels
+from engine.backend import Packed
 
 # Row counts up to which the weight-only kernels (activations in bfloat16) beat the float32
 # GEMM (benchmarks/bench_linear.py). w8a8 never takes them, to stay batch-invariant.
@@ -82,8 +81,8 @@ class CpuLinear(nn.Module):
       result does not depend on what else is in the batch. Given calibration statistics
       (``input_absmax``), outlier channels are first moved from the activations into the
       weights (SmoothQuant), which brings its perplexity cost from 2.7% to under 1% on
-      SmolLM2-135M (docs/performance.md). The GEMM is ATen's ``_int_mm`` until
-      `pack_for_vnni` moves the layer onto tokenmill's C++ kernel, with the same results.
+      SmolLM2-135M (docs/performance.md). The GEMM is ATen's ``_int_mm``, or tokenmill's C++
+      kernel, with the same results, where the forward is given `pack_int8`'s weights.
     * ``int4``: W in 4 bits per group of 32 (as GGUF's Q4_1). Up to 20 rows the int4
       weight-only kernel; beyond, a float32 GEMM on the dequantized weights. Falls back to
       ``int8`` for a weight whose shape the int4 layout cannot hold.
@@ -111,9 +110,6 @@ class CpuLinear(nn.Module):
         # w8a8 with calibration: inputs are divided by s (multiplied by this), weights' columns
         # multiplied by it; see engine/calibration.py.
         self.input_scale: torch.Tensor | None = None
-        # The w8a8 kernel and its tensors, swapped as one attribute by `pack_for_vnni` so that
-        # a forward on another thread sees either the old pair or the new one.
-        self.w8a8: tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]] | None = None
         if quantization == "w8a8" and input_absmax is not None:
             smooth = smoothing_factors(input_absmax, weight)
             self.input_scale = (1 / smooth).to(weight.dtype)
@@ -122,7 +118,6 @@ class CpuLinear(nn.Module):
             self.quantized = quantize_int8(weight)
             if quantization == "w8a8":  # its kernels apply the scales in float32
                 self.quantized = (self.quantized[0], self.quantized[1].float())
-                self.w8a8 = (kernels.int8_dynamic_linear, self.quantized)
                 return
             weight = kernels.reference.dequantize_int8(*self.quantized).to(weight.dtype)
         elif quantization == "int4":
@@ -131,46 +126,49 @@ class CpuLinear(nn.Module):
             weight = kernels.reference.dequantize_int4(q, scales_zeros, INT4_GROUP).to(weight.dtype)
         self.weight_t = weight.t().contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
+        """``x @ W.T + b``; with ``packed`` (this layer's `pack_int8`), on the C++ int8 GEMM."""
         if self.input_scale is not None:
             x = x * self.input_scale
-        return self.project(x)
+        return self.project(x, packed)
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
         """`forward` for an input the SmoothQuant input scale already multiplies (a C++ pass
         before it can apply the scale on the way, engine/native_layers.py)."""
-        if x.shape[0] <= self.max_weight_only_rows:
+        if packed is not None:
+            y = kernels.int8_packed_linear(x, *packed)
+        elif x.shape[0] <= self.max_weight_only_rows:
             if self.quantization == "int4":
                 y = kernels.int4_linear(x, *self.quantized, INT4_GROUP)
             else:
                 y = kernels.int8_linear(x, *self.quantized)
-        elif self.w8a8 is not None:
-            kernel, tensors = self.w8a8
-            y = kernel(x, *tensors)
+        elif self.quantization == "w8a8":
+            y = kernels.int8_dynamic_linear(x, *self.quantized)
         else:
             y = torch.mm(x, self.weight_t)
         return y if self.bias is None else y + self.bias
 
-    @property
-    def on_vnni(self) -> bool:
-        """Whether the layer runs tokenmill's C++ int8 GEMM (`pack_for_vnni` moved it)."""
-        return self.w8a8 is not None and self.w8a8[0] is kernels.int8_packed_linear
-
-    def pack_for_vnni(self) -> bool:
-        """Move a w8a8 layer with float32 activations onto the C++ int8 GEMM for the CPU's
-        instruction set (`kernels.native.load()` first; the layout is named for VNNI's
-        operand): about 1.5x faster than `_int_mm` at decode's row counts on AVX-512 VNNI,
-        many times faster on AVX2. The weight
-        is repacked and its plain copy dropped. Outputs stay the same bit for bit, so the
-        switch may happen between any two steps. False where the layer cannot move."""
-        if self.w8a8 is None or self.on_vnni:
-            return False
+    def pack_int8(self) -> Packed | None:
+        """The w8a8 weight laid out for tokenmill's C++ int8 GEMM (`kernels.pack_int8_vnni`;
+        the layout is named for VNNI's operand), as new tensors for a `Backend` to pass to
+        `forward`: the layer itself does not change, so a forward on another thread keeps
+        running on its own weights meanwhile. The C++ GEMM gives the same outputs bit for
+        bit, about 1.5x faster than `_int_mm` at decode's row counts on AVX-512 VNNI and many
+        times faster on AVX2 (it runs float32 activations only). The layer keeps its plain
+        copy for the eager backend, so a compiled model holds its w8a8 weights twice. None
+        where the layer cannot take it: not w8a8, or a shape the layout cannot hold."""
+        if self.quantization != "w8a8":
+            return None
         qweight, scale = self.quantized
         if not kernels.reference.int8_vnni_fits(qweight):
-            return False
-        self.quantized = (*kernels.pack_int8_vnni(qweight), scale)
-        self.w8a8 = (kernels.int8_packed_linear, self.quantized)
-        return True
+            return None
+        return (*kernels.pack_int8_vnni(qweight), scale)
+
+
+def apply_linear(module: nn.Module, x: torch.Tensor, packed: Packed | None) -> torch.Tensor:
+    """``module(x)``, on the packed weights where a backend has them for it (a `CpuLinear`;
+    other devices' plain `nn.Linear`s never have any)."""
+    return module(x) if packed is None else module(x, packed)
 
 
 def smoothing_factors(input_absmax: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,9 @@ One implementation serves every device: all the heavy per-token work goes throug
 the `kernels` dispatchers, which pick Triton on CUDA and the PyTorch references on
 CPU. Projections that read the same input are fused (q/k/v, gate/up) at load time
 so a layer is four matmuls instead of seven.
+
+How a forward runs (which blocks, attention kernels and GEMMs) is the model's `backend`
+(engine/backend.py), read once per step and passed down.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import torch
 from torch import nn
 
 import kernels
+from engine.backend import UNPACKED, Backend, PackedLayer
 from engine.config import ModelConfig
+from engine.linear import apply_linear
 
 
 @dataclass
@@ -64,17 +69,19 @@ class Attention(nn.Module):
         # Bound by the model runner once the KV pool is allocated.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
-        # The paged-cache kernels; engine.compilation swaps in C++ ones where they apply.
-        self.store_kv = kernels.store_kv
-        self.decode_attention = kernels.paged_decode_attention
-        self.prefill_attention = kernels.paged_prefill_attention
 
     def project(
-        self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope_cache: torch.Tensor,
+        packed: PackedLayer = UNPACKED,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Heads of q, k (both rotated) and v for normalised hidden states."""
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = apply_linear(self.qkv_proj, x, packed.qkv).split(
+            [self.q_size, self.kv_size, self.kv_size], dim=-1
+        )
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
@@ -85,23 +92,31 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        backend: Backend,
     ) -> torch.Tensor:
-        """Store the new K/V and attend: the part of a layer that touches the paged cache
-        (see `DenseBlocks` for the rest). Returns the heads flattened, before `o_proj`."""
-        self.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return self._attend(q, meta).reshape(q.shape[0], self.q_size)
+        """Store the new K/V and attend, on the backend's kernels: the part of a layer that
+        touches the paged cache (see `DenseBlocks` for the rest). Returns the heads
+        flattened, before `o_proj`."""
+        backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self._attend(q, meta, backend).reshape(q.shape[0], self.q_size)
 
-    def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, meta: AttentionMetadata, backend: Backend) -> torch.Tensor:
         if meta.parts is not None:
             decodes, rest = meta.parts
             split = decodes.context_lens.shape[0]
-            return torch.cat([self._attend(q[:split], decodes), self._attend(q[split:], rest)])
+            return torch.cat(
+                [self._attend(q[:split], decodes, backend), self._attend(q[split:], rest, backend)]
+            )
         if meta.is_decode:
-            return self.decode_attention(
+            return backend.decode_attention(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
             )
-        return self.prefill_attention(
+        return backend.prefill_attention(
             q,
             self.k_cache,
             self.v_cache,
@@ -118,8 +133,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, packed: PackedLayer = UNPACKED) -> torch.Tensor:
+        act = kernels.silu_and_mul(apply_linear(self.gate_up_proj, x, packed.gate_up))
+        return apply_linear(self.down_proj, act, packed.down)
 
 
 class DecoderLayer(nn.Module):
@@ -130,10 +146,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, positions, meta, rope_cache, blocks: DenseBlocks):
-        q, k, v, residual = blocks.attention_input(self, x, residual, positions, rope_cache)
-        attn = self.self_attn(q, k, v, meta)
-        return blocks.attention_output_and_mlp(self, attn, residual)
+    def forward(self, x, residual, positions, meta, rope_cache, backend: Backend, packed):
+        blocks = backend.blocks
+        q, k, v, residual = blocks.attention_input(self, x, residual, positions, rope_cache, packed)
+        attn = self.self_attn(q, k, v, meta, backend)
+        return blocks.attention_output_and_mlp(self, attn, residual, packed)
 
 
 def attention_input(
@@ -142,28 +159,31 @@ def attention_input(
     residual: torch.Tensor,
     positions: torch.Tensor,
     rope_cache: torch.Tensor,
+    packed: PackedLayer,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Add the residual, normalise, project to heads, rotate. Returns (q, k, v, residual)."""
     x, residual = layer.input_layernorm(x, residual)
-    return *layer.self_attn.project(x, positions, rope_cache), residual
+    return *layer.self_attn.project(x, positions, rope_cache, packed), residual
 
 
 def attention_output_and_mlp(
-    layer: DecoderLayer, attn: torch.Tensor, residual: torch.Tensor
+    layer: DecoderLayer, attn: torch.Tensor, residual: torch.Tensor, packed: PackedLayer
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output projection, residual add and norm, then the MLP. Returns (out, new residual)."""
-    x, residual = layer.post_attention_layernorm(layer.self_attn.o_proj(attn), residual)
-    return layer.mlp(x), residual
+    o = apply_linear(layer.self_attn.o_proj, attn, packed.o)
+    x, residual = layer.post_attention_layernorm(o, residual)
+    return layer.mlp(x, packed), residual
 
 
 @dataclass(frozen=True)
 class DenseBlocks:
-    """The two stretches of a decoder layer that never touch the paged cache, as swappable
-    functions of (layer, activations, residual, ...): everything but attention itself.
+    """The two stretches of a decoder layer that never touch the paged cache, as functions of
+    (layer, activations, residual, ..., the layer's `PackedLayer`): everything but attention
+    itself.
 
     On CPU they are where eager mode's per-op overhead goes (quantize, GEMM, dequantize,
-    norms, activation), so engine/compilation.py can replace them with compiled versions;
-    the model reads them once per forward, so a step never mixes the two.
+    norms, activation), so engine/compilation.py builds a `Backend` with compiled or C++
+    versions.
     """
 
     attention_input: Callable = attention_input
@@ -188,28 +208,38 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("rope_cache", torch.empty(0), persistent=False)
-        self.dense_blocks = DenseBlocks()
-        # All layers of a pure decode step as one compiled graph (engine/compilation.py);
-        # None: every step runs `run_layers`.
-        self.decode_layers: Callable | None = None
+        # The eager backend; the compile step (engine/compilation.py) replaces it as a whole,
+        # the only change to the model once it serves.
+        self.backend = Backend(DenseBlocks(), packed=(UNPACKED,) * cfg.num_hidden_layers)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        backend: Backend | None = None,
     ) -> torch.Tensor:
+        """Hidden states of every token, on `backend` (default: the model's, read once here,
+        so that a backend installed meanwhile takes effect from the next step)."""
+        if backend is None:
+            backend = self.backend
         x = self.embed_tokens(input_ids)
         # A zero residual lets the first layer take the same fused add-and-norm as the others
         # (x + 0 is exact), so one compiled block serves every layer.
         residual = torch.zeros_like(x)
-        decode_layers = self.decode_layers
-        if decode_layers is not None and meta.is_decode and meta.parts is None:
-            x, residual = decode_layers(self, x, residual, positions, meta)
+        if backend.decode_layers is not None and meta.is_decode and meta.parts is None:
+            x, residual = backend.decode_layers(self, x, residual, positions, meta)
         else:
-            x, residual = run_layers(self, x, residual, positions, meta, self.dense_blocks)
+            x, residual = run_layers(self, x, residual, positions, meta, backend)
         x, _ = self.norm(x, residual)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, backend: Backend | None = None) -> torch.Tensor:
+        """Logits of the given hidden states, on `backend` (default: the model's) as the
+        forward that produced them."""
+        if backend is None:
+            backend = self.backend
+        return apply_linear(self.lm_head, hidden, backend.lm_head)
 
 
 def run_layers(
@@ -218,11 +248,12 @@ def run_layers(
     residual: torch.Tensor,
     positions: torch.Tensor,
     meta: AttentionMetadata,
-    blocks: DenseBlocks,
+    backend: Backend,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decoder stack: (hidden states, residual) after every layer."""
-    for layer in model.layers:
-        x, residual = layer(x, residual, positions, meta, model.rope_cache, blocks)
+    """The decoder stack, layer by layer on `backend`: (hidden states, residual) after every
+    layer."""
+    for layer, packed in zip(model.layers, backend.packed, strict=True):
+        x, residual = layer(x, residual, positions, meta, model.rope_cache, backend, packed)
     return x, residual
 
 

@@ -101,11 +101,13 @@ class ModelRunner:
         sampling_seqs = parents + [child for _, child in batch.forks]
         # Grammar masks are computed on a worker thread while the forward pass runs.
         masks = self.grammar_masks.submit([s.grammar_matcher() for s in sampling_seqs])
-        hidden = self.model(input_ids, positions, meta)
+        # One backend for the whole step, though the compile thread may install another.
+        backend = self.model.backend
+        hidden = self.model(input_ids, positions, meta, backend)
         if not sampling_seqs:
             return [], [], []
         rows = torch.tensor(sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden[rows])
+        logits = self.model.compute_logits(hidden[rows], backend)
         row_of = {id(s): r for r, s in enumerate(parents)}
         for parent, _child in batch.forks:
             logits = torch.cat([logits, logits[row_of[id(parent)]].unsqueeze(0)])

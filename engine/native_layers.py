@@ -1,14 +1,15 @@
-"""The decoder layers on tokenmill's C++ kernels alone, for a model whose every linear runs
-the C++ int8 GEMM (w8a8 with float32 activations) and whose attention runs the C++ decode kernel.
+"""The decoder layers on tokenmill's C++ kernels alone, for a backend (engine/backend.py) that
+`fits`: every linear of every layer packed for the C++ int8 GEMM (w8a8 with float32
+activations) and attention in the C++ kernels. `native_backend` completes such a backend
+with two ways in, on the same per-row code (kernels/csrc/layer_ops.cpp):
 
-Two ways in, with the same per-row code (kernels/csrc/layer_ops.cpp):
-
-* `native_dense_blocks`: `DenseBlocks` of C++ ops for prefill and mixed steps, in place of
-  Inductor's compiled blocks. They need no compile and are as fast (the GEMMs dominate).
+* its `DenseBlocks`, of C++ ops, for prefill and mixed steps, in place of Inductor's
+  compiled blocks. They need no compile and are as fast (the GEMMs dominate).
 * `native_decode_layers`: a pure decode step's layers as one C++ call
-  (kernels/csrc/decode_layers.cpp). A compiled decode graph still spent ~3 ms of a
-  16-sequence step on two cores outside the kernels, in Dynamo's guards, Inductor's Python
-  wrapper and an OpenMP team per small loop (docs/performance.md).
+  (kernels/csrc/decode_layers.cpp), its operands laid out once by the slot names that file
+  defines (`decode_slots`). A compiled decode graph still spent ~3 ms of a 16-sequence step
+  on two cores outside the kernels, in Dynamo's guards, Inductor's Python wrapper and an
+  OpenMP team per small loop (docs/performance.md).
 
 A row's floats go through the same operations in the same order on both, so a decode token
 computes the same bits in a pure decode step as in a step shared with prefill chunks: the
@@ -17,29 +18,40 @@ default mode stays batch-invariant (tests/test_batch_invariance.py).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 
 import kernels
 import kernels.native
-from engine.linear import CpuLinear
+from engine.backend import Backend, PackedLayer
 from engine.model import Attention, AttentionMetadata, CausalLM, DecoderLayer, DenseBlocks
 
 
-def fits(model: CausalLM) -> bool:
-    """Whether every layer can run on the C++ kernels alone: each linear on the C++ int8 GEMM
-    (`CpuLinear.pack_for_vnni`), only the q/k/v projection with a bias, and decode attention
-    in C++ (`engine.compilation.use_native_kernels` moves them)."""
-    for layer in model.layers:
+def fits(model: CausalLM, backend: Backend) -> bool:
+    """Whether every layer can run on the C++ kernels alone under `backend`: decode attention
+    in C++, each linear of every layer packed for the C++ int8 GEMM, and only the q/k/v
+    projection with a bias (`engine.compilation.with_native_kernels` builds such a
+    backend)."""
+    if backend.decode_attention is not kernels.native.paged_decode_attention:
+        return False
+    for layer, packed in zip(model.layers, backend.packed, strict=True):
         attn, mlp = layer.self_attn, layer.mlp
-        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if attn.decode_attention is not kernels.native.paged_decode_attention:
+        if any(p is None for p in packed):
             return False
-        on_vnni = all(isinstance(m, CpuLinear) and m.on_vnni for m in linears)
-        if not on_vnni or any(m.bias is not None for m in linears[1:]):
+        if any(m.bias is not None for m in (attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
             return False
     return True
+
+
+def native_backend(model: CausalLM, backend: Backend) -> Backend:
+    """`backend` (one that `fits`) with the blocks and the decode stack below."""
+    return dataclasses.replace(
+        backend,
+        blocks=DenseBlocks(_attention_input, _attention_output_and_mlp, compiled=True),
+        decode_layers=native_decode_layers(model, backend),
+    )
 
 
 def _qk_norms(attn: Attention) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -55,45 +67,64 @@ def _attention_input(
     residual: torch.Tensor,
     positions: torch.Tensor,
     rope_cache: torch.Tensor,
+    packed: PackedLayer,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     norm, attn = layer.input_layernorm, layer.self_attn
     x, residual = kernels.native.add_rms_norm(
         x, residual, norm.weight, attn.qkv_proj.input_scale, norm.eps
     )
     q, k, v = kernels.native.rotary_heads(
-        attn.qkv_proj.project(x), *_qk_norms(attn), positions.long(), rope_cache,
+        attn.qkv_proj.project(x, packed.qkv), *_qk_norms(attn), positions.long(), rope_cache,
         attn.num_heads, attn.num_kv_heads, norm.eps,
     )  # fmt: skip
     return q, k, v, residual
 
 
 def _attention_output_and_mlp(
-    layer: DecoderLayer, attn: torch.Tensor, residual: torch.Tensor
+    layer: DecoderLayer, attn: torch.Tensor, residual: torch.Tensor, packed: PackedLayer
 ) -> tuple[torch.Tensor, torch.Tensor]:
     norm, mlp = layer.post_attention_layernorm, layer.mlp
     x, residual = kernels.native.add_rms_norm(
-        layer.self_attn.o_proj(attn), residual, norm.weight, mlp.gate_up_proj.input_scale, norm.eps
+        layer.self_attn.o_proj(attn, packed.o), residual, norm.weight,
+        mlp.gate_up_proj.input_scale, norm.eps,
+    )  # fmt: skip
+    act = kernels.native.silu_and_mul(
+        mlp.gate_up_proj.project(x, packed.gate_up), mlp.down_proj.input_scale
     )
-    act = kernels.native.silu_and_mul(mlp.gate_up_proj.project(x), mlp.down_proj.input_scale)
-    return mlp.down_proj.project(act), residual
+    return mlp.down_proj.project(act, packed.down), residual
 
 
-def native_dense_blocks() -> DenseBlocks:
-    """`DenseBlocks` on the C++ per-row ops, for a model that `fits`."""
-    return DenseBlocks(_attention_input, _attention_output_and_mlp, compiled=True)
+def decode_slots(layer: DecoderLayer, packed: PackedLayer) -> dict[str, torch.Tensor | None]:
+    """A layer's operands of the one-call decode stack, by the names of
+    `kernels.native.decode_layer_slots` (kernels/csrc/decode_layers.cpp defines their order):
+    norms, then each linear's packed weight, comp, scale and SmoothQuant input scale."""
+    attn, mlp = layer.self_attn, layer.mlp
+    q_norm, k_norm = _qk_norms(attn)
+    slots = {
+        "input_norm": layer.input_layernorm.weight,
+        "qkv_bias": attn.qkv_proj.bias,
+        "q_norm": q_norm,
+        "k_norm": k_norm,
+        "post_norm": layer.post_attention_layernorm.weight,
+    }
+    linears = {
+        "qkv": (attn.qkv_proj, packed.qkv),
+        "o": (attn.o_proj, packed.o),
+        "gate_up": (mlp.gate_up_proj, packed.gate_up),
+        "down": (mlp.down_proj, packed.down),
+    }
+    for name, (linear, (weight, comp, scale)) in linears.items():
+        slots |= {f"{name}_packed": weight, f"{name}_comp": comp, f"{name}_scale": scale}
+        slots[f"{name}_input_scale"] = linear.input_scale
+    return slots
 
 
-def native_decode_layers(model: CausalLM) -> Callable:
-    """`CausalLM.decode_layers` for a model that `fits`: all layers of a pure decode step in
-    one `kernels.native.decode_layers` call."""
-    weights: list[torch.Tensor | None] = []
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
-        weights += [layer.input_layernorm.weight, *qkv.w8a8[1], qkv.input_scale, qkv.bias]
-        weights += [*_qk_norms(attn), *o.w8a8[1], o.input_scale]
-        weights += [layer.post_attention_layernorm.weight, *gate_up.w8a8[1], gate_up.input_scale]
-        weights += [*down.w8a8[1], down.input_scale]
+def native_decode_layers(model: CausalLM, backend: Backend) -> Callable:
+    """A decode stack for a backend that `fits`: all layers of a pure decode step in one
+    `kernels.native.decode_layers` call."""
+    weights = kernels.native.decode_layer_weights(
+        [decode_slots(layer, p) for layer, p in zip(model.layers, backend.packed, strict=True)]
+    )
     first = model.layers[0]
     num_heads, eps, scale = (
         first.self_attn.num_heads,

@@ -51,7 +51,8 @@ class EngineStats:
     num_preemptions: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
-    # torch.compile of the dense blocks: "off", "compiling" (eager meanwhile), "ready", "failed"
+    # The compiled backend (engine/compilation.py): "off", "compiling" (eager meanwhile),
+    # "ready", "failed"
     compile_state: str = "off"
     # The CPU path (engine/cpu_path.py) and the modes in use; empty off CPU
     cpu: dict[str, object] = field(default_factory=dict)

@@ -25,6 +25,7 @@ import shutil
 import sys
 import sysconfig
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -307,7 +308,7 @@ def decode_layers(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     slot_mapping: torch.Tensor,
-    weights: list[torch.Tensor | None],
+    weights: Sequence[Mapping[str, torch.Tensor | None]] | list[torch.Tensor | None],
     k_caches: list[torch.Tensor],
     v_caches: list[torch.Tensor],
     num_heads: int,
@@ -316,7 +317,11 @@ def decode_layers(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`kernels.reference.decode_layers` in C++ (kernels/csrc/decode_layers.cpp): every layer
     of a decode step in one call, on the ops above. float32 activations, w8a8 linears packed
-    by `pack_int8_vnni`."""
+    by `pack_int8_vnni`. ``weights``: each layer's operands by slot name, as the reference
+    takes them, or `decode_layer_weights`' flat list of them, which a caller stepping many
+    times prepares once."""
+    if weights and isinstance(weights[0], Mapping):
+        weights = decode_layer_weights(weights)
     return _ops.decode_layers(
         x,
         residual,
@@ -332,6 +337,33 @@ def decode_layers(
         eps,
         scale,
     )
+
+
+def decode_layer_slots() -> tuple[str, ...]:
+    """The names of one layer's operands of `decode_layers`, in the order its ``weights``
+    holds them: kernels/csrc/decode_layers.cpp's definition, the only one."""
+    return _decode_layer_slots(_ops)
+
+
+@functools.cache
+def _decode_layer_slots(namespace) -> tuple[str, ...]:
+    return tuple(namespace.decode_layer_slots())
+
+
+def decode_layer_weights(
+    layers: Sequence[Mapping[str, torch.Tensor | None]],
+) -> list[torch.Tensor | None]:
+    """`decode_layers`' ``weights`` from each layer's operands by slot name (what
+    `kernels.reference.decode_layers` takes). Raises ValueError where a layer's names are
+    not exactly the slots."""
+    slots = decode_layer_slots()
+    for layer in layers:
+        if set(layer) != set(slots):
+            raise ValueError(
+                f"decode layer operands {sorted(set(layer) ^ set(slots))} do not match the "
+                "slots of kernels/csrc/decode_layers.cpp"
+            )
+    return [layer[slot] for layer in layers for slot in slots]
 
 
 def _like_x_and_residual(x: torch.Tensor, residual: torch.Tensor, *args):

@@ -12,6 +12,7 @@ slot ``s`` lives in block ``s // block_size`` at offset ``s % block_size``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -354,19 +355,6 @@ def dequantize_int4(
     return (qweight.float() - 8) * scale + zero
 
 
-# The per-layer tensors of `decode_layers`, in order; a linear is its `pack_int8_vnni` weight,
-# comp, per-output scale and optional SmoothQuant input scale (and for qkv a bias).
-DECODE_LAYER_SLOTS = (
-    "input_norm",
-    "qkv_packed", "qkv_comp", "qkv_scale", "qkv_input_scale", "qkv_bias",
-    "q_norm", "k_norm",
-    "o_packed", "o_comp", "o_scale", "o_input_scale",
-    "post_norm",
-    "gate_up_packed", "gate_up_comp", "gate_up_scale", "gate_up_input_scale",
-    "down_packed", "down_comp", "down_scale", "down_input_scale",
-)  # fmt: skip
-
-
 def decode_layers(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -375,7 +363,7 @@ def decode_layers(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     slot_mapping: torch.Tensor,
-    weights: list[torch.Tensor | None],
+    layers: Sequence[Mapping[str, torch.Tensor | None]],
     k_caches: list[torch.Tensor],
     v_caches: list[torch.Tensor],
     num_heads: int,
@@ -384,17 +372,17 @@ def decode_layers(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every decoder layer of a decode step (one query token per sequence), as engine.model
     runs them with w8a8 linears: returns (hidden states, residual) after the last layer and
-    writes each layer's K/V. ``weights`` holds `DECODE_LAYER_SLOTS` for each layer in turn."""
-    per_layer = len(DECODE_LAYER_SLOTS)
+    writes each layer's K/V. ``layers`` holds each layer's operands by the slot names of
+    kernels/csrc/decode_layers.cpp (`kernels.native.decode_layer_slots`): a linear's
+    `pack_int8_vnni` weight, comp, per-output scale and optional SmoothQuant input scale."""
     rows, head_dim = x.shape[0], k_caches[0].shape[-1]
 
-    def linear(h: torch.Tensor, w: dict, name: str) -> torch.Tensor:
+    def linear(h: torch.Tensor, w: Mapping, name: str) -> torch.Tensor:
         if w[f"{name}_input_scale"] is not None:
             h = h * w[f"{name}_input_scale"]
         return int8_packed_linear(h, w[f"{name}_packed"], w[f"{name}_comp"], w[f"{name}_scale"])
 
-    for i, (k_cache, v_cache) in enumerate(zip(k_caches, v_caches, strict=True)):
-        w = dict(zip(DECODE_LAYER_SLOTS, weights[i * per_layer : (i + 1) * per_layer], strict=True))
+    for w, k_cache, v_cache in zip(layers, k_caches, v_caches, strict=True):
         h, residual = rms_norm(x, w["input_norm"], eps, residual)
         qkv = linear(h, w, "qkv")
         if w["qkv_bias"] is not None:

@@ -133,7 +133,7 @@ async def get_model(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     """200 while serving; 503 once draining or once the engine has died, so load balancers
-    stop sending traffic. `compile` says whether the engine runs compiled blocks yet
+    stop sending traffic. `compile` says whether the engine runs its compiled backend yet
     ("compiling" while it serves eagerly); `cpu` which kernels the CPU runs and why its
     default modes were chosen."""
     state = _state(request)

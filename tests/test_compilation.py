@@ -1,7 +1,11 @@
-"""Compiled dense blocks (engine/compilation.py): the same function as the eager blocks, per-row
-results independent of the row count, and the background mode's switch and failure path."""
+"""The compiled backend (engine/compilation.py): compiled dense blocks compute the same function
+as the eager blocks, per-row results independent of the row count, the C++ layers and decode
+stacks, and the background mode's install (every step on one backend) and failure path."""
 
 from __future__ import annotations
+
+import dataclasses
+import threading
 
 import pytest
 import torch
@@ -9,7 +13,8 @@ import torch
 import engine.compilation
 import kernels.native
 from engine import LLM, SamplingParams, native_layers
-from engine.compilation import compile_dense_blocks, use_native_kernels, warm_up_rows
+from engine.backend import UNPACKED
+from engine.compilation import compile_dense_blocks, warm_up_rows, with_native_kernels
 from engine.linear import CpuLinear
 from engine.model import DenseBlocks
 
@@ -24,13 +29,13 @@ def eager_and_compiled(request, tiny_model_dir):
     arch, quantization = request.param
     llm = LLM(tiny_model_dir(arch), device="cpu", quantization=quantization, compile="off")
     model = llm.engine.runner.model
-    return model, compile_dense_blocks(model)
+    return model, compile_dense_blocks(model, model.backend)
 
 
 def _run(model, blocks: DenseBlocks, layer, x, residual, positions, attn):
     with torch.inference_mode():
-        outputs = blocks.attention_input(layer, x, residual, positions, model.rope_cache)
-        outputs += blocks.attention_output_and_mlp(layer, attn, residual)
+        outputs = blocks.attention_input(layer, x, residual, positions, model.rope_cache, UNPACKED)
+        outputs += blocks.attention_output_and_mlp(layer, attn, residual, UNPACKED)
     return outputs  # q, k, v, residual, mlp output, residual
 
 
@@ -50,10 +55,10 @@ def _inputs(model, rows: int, seed: int):
 @pytest.mark.parametrize("rows", [1, 3, 12, 13, 40])
 def test_compiled_blocks_compute_what_the_eager_ones_do(eager_and_compiled, rows):
     model, compiled = eager_and_compiled
-    assert compiled.compiled and not model.dense_blocks.compiled
+    assert compiled.compiled and not model.backend.compiled
     for i, layer in enumerate(model.layers):
         inputs = _inputs(model, rows, seed=rows * 100 + i)
-        want = _run(model, model.dense_blocks, layer, *inputs)
+        want = _run(model, model.backend.blocks, layer, *inputs)
         got = _run(model, compiled, layer, *inputs)
         for w, g in zip(want, got, strict=True):
             assert g.shape == w.shape and torch.isfinite(g).all()
@@ -93,12 +98,13 @@ def test_native_kernels_take_over_the_default_mode(tiny_model_dir):
     model = llm.engine.runner.model
     before = _greedy(llm, PROMPTS)
     linears = [m for m in model.modules() if isinstance(m, CpuLinear)]
-    # every linear and every layer's attention of the tiny model fits the kernels
-    assert use_native_kernels(model) == len(linears) + len(model.layers)
-    assert all(
-        layer.self_attn.decode_attention is kernels.native.paged_decode_attention
-        for layer in model.layers
-    )
+    backend = with_native_kernels(model)
+    # every linear and the attention of the tiny model fit the kernels
+    packed = [p for layer in backend.packed for p in layer] + [backend.lm_head]
+    assert len(packed) == len(linears) and all(p is not None for p in packed)
+    assert backend.decode_attention is kernels.native.paged_decode_attention
+    assert backend.store_kv is kernels.native.store_kv
+    model.backend = backend
     after = _greedy(llm, PROMPTS)
     # A prefill runs no decode attention, and the GEMM is bit-identical (tests/test_linear.py):
     # the first token's distribution is exactly the same.
@@ -118,7 +124,12 @@ def test_native_attention_keeps_float32_logprobs(tiny_model_dir):
         compile="off",
     )
     before = _greedy(llm, PROMPTS)
-    assert use_native_kernels(llm.engine.runner.model) == 2  # the two layers' attention
+    model = llm.engine.runner.model
+    backend = with_native_kernels(model)
+    # attention only: the float32 linears stay on their own GEMM
+    assert backend.decode_attention is kernels.native.paged_decode_attention
+    assert backend.lm_head is None and all(p is None for p in backend.packed[0])
+    model.backend = backend
     for a, b in zip(_greedy(llm, PROMPTS), before, strict=True):
         assert a.token_ids == b.token_ids
         for step_a, step_b in zip(a.logprobs, b.logprobs, strict=True):
@@ -139,18 +150,19 @@ def test_one_graph_decode_stack_matches_the_layer_by_layer_path(tiny_model_dir, 
         compile="on",
     )
     model = llm.engine.runner.model
-    assert model.decode_layers is not None and model.dense_blocks.compiled
-    assert not native_layers.fits(model)  # unquantized linears: the Inductor route
-    stack, calls = model.decode_layers, []
+    backend = model.backend
+    assert backend.decode_layers is not None and backend.compiled
+    assert not native_layers.fits(model, backend)  # unquantized linears: the Inductor route
+    stack, calls = backend.decode_layers, []
 
     def counted(*args):
         calls.append(args[1].shape[0])
         return stack(*args)
 
     for prompts in ([[5, 6, 7]], PROMPTS):
-        model.decode_layers = counted
+        model.backend = dataclasses.replace(backend, decode_layers=counted)
         stacked = _greedy(llm, prompts)
-        model.decode_layers = None
+        model.backend = dataclasses.replace(backend, decode_layers=None)
         layered = _greedy(llm, prompts)
         for a, b in zip(stacked, layered, strict=True):
             assert a.token_ids == b.token_ids
@@ -173,8 +185,9 @@ def test_native_decode_stack_serves_the_default_mode(tiny_model_dir, isa, arch, 
     monkeypatch.setenv(kernels.native.ISA_ENV, isa)
     llm = LLM(tiny_model_dir(arch), device="cpu", quantization="w8a8", compile="on")
     model = llm.engine.runner.model
-    assert model.dense_blocks.attention_input is native_layers._attention_input
-    stack, calls = model.decode_layers, []
+    backend = model.backend
+    assert backend.blocks.attention_input is native_layers._attention_input
+    calls = []
     native = kernels.native.decode_layers
 
     def counted(x, *args):
@@ -184,19 +197,18 @@ def test_native_decode_stack_serves_the_default_mode(tiny_model_dir, isa, arch, 
     monkeypatch.setattr(kernels.native, "decode_layers", counted)
     stacked = _greedy(llm, PROMPTS)
     assert calls == [2] * 11  # every decode step, in the C++ stack
-    model.decode_layers = None
+    model.backend = dataclasses.replace(backend, decode_layers=None)
     layered = _greedy(llm, PROMPTS)
-    model.decode_layers = stack
     for a, b in zip(stacked, layered, strict=True):
         assert a.token_ids == b.token_ids
         assert [lp.top for lp in a.logprobs] == [lp.top for lp in b.logprobs]
 
 
 def test_no_decode_stack_without_the_native_attention(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(engine.compilation, "use_native_kernels", lambda model: 0)
+    monkeypatch.setattr(engine.compilation, "with_native_kernels", lambda model: model.backend)
     llm = LLM(tiny_model_dir("llama"), device="cpu", compile="on")
-    model = llm.engine.runner.model
-    assert model.dense_blocks.compiled and model.decode_layers is None
+    backend = llm.engine.runner.model.backend
+    assert backend.compiled and backend.decode_layers is None
 
 
 def test_warm_up_reaches_every_row_count_threshold(tiny_model_dir):
@@ -218,13 +230,91 @@ def test_background_compile_serves_meanwhile_then_switches(tiny_model_dir):
     assert all(len(o.outputs[0].token_ids) == 8 for o in during)
     assert llm.engine.wait_for_compile(timeout=600) == "ready"
     assert compile_job.state == "ready" and llm.engine.stats().compile_state == "ready"
-    assert llm.engine.runner.model.dense_blocks.compiled
+    assert llm.engine.runner.model.backend.compiled
     # Once switched it computes exactly what an engine compiled before serving does.
     after = llm.generate(prompts, params, use_tqdm=False)
     blocking = LLM(path, device="cpu", compile="on")
     assert blocking.engine.stats().compile_state == "ready"
     want = blocking.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in after] == [o.outputs[0].token_ids for o in want]
+
+
+def test_every_step_runs_on_one_backend_across_the_background_install(tiny_model_dir, monkeypatch):
+    """The engine steps on while the background compile builds and installs its backend, the
+    install landing in the middle of a step (between its first and second layer): each
+    step's output (the hidden states its logits come from) is bit for bit what the eager
+    backend or the compiled one computes for it, never a mixture, and the step in flight
+    finishes on the backend it started with."""
+    gate = threading.Event()
+    build = engine.compilation.with_native_kernels
+
+    def gated(model):  # the compile waits until the engine is mid-step
+        assert gate.wait(timeout=600)
+        return build(model)
+
+    monkeypatch.setattr(engine.compilation, "with_native_kernels", gated)
+    llm = LLM(
+        tiny_model_dir("llama"),
+        device="cpu",
+        quantization="w8a8",
+        compile="background",
+        num_kv_blocks=32,
+        max_num_batched_tokens=24,
+    )
+    runner, job = llm.engine.runner, llm.engine.background_compile
+    model = runner.model
+    eager = model.backend
+    caches = [*runner.k_caches, *runner.v_caches]
+    steps = []  # [forward's arguments, caches before the step, its output]
+
+    def record_inputs(module, args):
+        steps.append([args, [c.clone() for c in caches], None])
+
+    def record_output(module, args, output):
+        steps[-1][2] = output.clone()
+
+    def install_mid_step(layer, args, output):
+        if len(steps) == 3 and not gate.is_set():
+            gate.set()
+            assert job.wait(timeout=600) and job.state == "ready"
+
+    hooks = [
+        model.register_forward_pre_hook(record_inputs),
+        model.register_forward_hook(record_output),
+        model.layers[0].register_forward_hook(install_mid_step),
+    ]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    # Prefill chunks, mixed steps and pure decode steps on both sides of the install.
+    for i, prompt in enumerate([list(range(3, 33)), list(range(40, 49)), [7, 8, 9, 10, 11]]):
+        llm.engine.add_request(str(i), prompt, params)
+    try:
+        while llm.engine.has_unfinished_requests():
+            llm.engine.step()
+    finally:
+        gate.set()  # never leave the compile thread waiting
+        for hook in hooks:
+            hook.remove()
+    compiled = model.backend
+    assert compiled is not eager and compiled.decode_layers is not None
+
+    differ, ran_on = 0, []
+    with torch.inference_mode():
+        for number, (args, before, output) in enumerate(steps):
+            *inputs, backend = args
+            want = {}
+            for name, candidate in (("eager", eager), ("compiled", compiled)):
+                for cache, saved in zip(caches, before, strict=True):
+                    cache.copy_(saved)
+                want[name] = model(*inputs, candidate)
+            ran = "eager" if backend is eager else "compiled"
+            assert backend is eager or backend is compiled
+            assert torch.equal(output, want[ran]), f"step {number} is not the {ran} backend's"
+            differ += not torch.equal(want["eager"], want["compiled"])
+            ran_on.append(ran)
+    assert ran_on[2] == "eager"  # the step the install landed in finished on its backend
+    assert "compiled" in ran_on and set(ran_on[ran_on.index("compiled") :]) == {"compiled"}
+    assert ran_on.index("compiled") == 3  # the next step took the new backend
+    assert differ > 0  # the two backends are told apart
 
 
 def _no_compiler(model):
@@ -234,14 +324,14 @@ def _no_compiler(model):
 def test_a_failed_background_compile_is_reported_and_serving_goes_on(
     tiny_model_dir, monkeypatch, caplog
 ):
-    monkeypatch.setattr(engine.compilation, "use_native_kernels", _no_compiler)
+    monkeypatch.setattr(engine.compilation, "with_native_kernels", _no_compiler)
     llm = LLM(tiny_model_dir("llama"), device="cpu", compile="background")
     job = llm.engine.background_compile
     assert job.wait(timeout=60)
     assert job.state == "failed" and llm.engine.stats().compile_state == "failed"
     assert job.error == "RuntimeError: no C++ compiler found"
     assert "compile failed" in caplog.text
-    assert not llm.engine.runner.model.dense_blocks.compiled
+    assert not llm.engine.runner.model.backend.compiled
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     assert len(llm.generate([5, 6, 7], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
 

@@ -69,23 +69,21 @@ def test_w8a8_is_the_dynamic_int8_kernel_and_batch_invariant():
 
 
 @pytest.mark.parametrize("isa", kernels.native.runnable_isas())
-def test_pack_for_vnni_keeps_every_output_bit_for_bit(isa):
+def test_packed_weights_keep_every_output_bit_for_bit(isa):
     kernels.native.load(isa)
     layer = CpuLinear(*_weights(), "w8a8")
     x = torch.randn(21, 64)
     before = layer(x)
-    assert layer.pack_for_vnni()
-    assert layer.w8a8[0] is kernels.int8_packed_linear
-    assert layer.quantized[0].shape == (96 // 16, 64 // 4, 16, 4)  # the plain copy is gone
-    assert torch.equal(layer(x), before)
-    assert not layer.pack_for_vnni()  # already moved
+    packed = layer.pack_int8()
+    assert packed[0].shape == (96 // 16, 64 // 4, 16, 4)
+    assert torch.equal(layer(x, packed), before)
+    assert torch.equal(layer(x), before)  # the layer itself keeps its own GEMM
 
 
-def test_pack_for_vnni_leaves_other_layers_alone():
-    assert not CpuLinear(*_weights(), "int8").pack_for_vnni()
-    assert not CpuLinear(*_weights(), "none").pack_for_vnni()
-    odd = CpuLinear(*_weights(n=40), "w8a8")  # 40 outputs: not whole 16-column blocks
-    assert not odd.pack_for_vnni() and odd.w8a8[0] is kernels.int8_dynamic_linear
+def test_only_w8a8_layers_of_whole_blocks_pack():
+    assert CpuLinear(*_weights(), "int8").pack_int8() is None
+    assert CpuLinear(*_weights(), "none").pack_int8() is None
+    assert CpuLinear(*_weights(n=40), "w8a8").pack_int8() is None  # not whole 16-column blocks
 
 
 def test_int4_falls_back_to_int8_for_shapes_its_layout_cannot_hold():

@@ -12,7 +12,8 @@
 // rotate-half rotary, optional q/k bias and per-head q/k norms (Qwen2, Qwen3). Every float
 // operation on a row is the one engine/native_layers.py's blocks perform, in the same order,
 // so both give the same bits. `weights` holds kPerLayer entries per layer in the order of
-// reference.DECODE_LAYER_SLOTS.
+// TM_DECODE_LAYER_SLOTS below, the one definition of that layout: Python reads the names
+// (the `decode_layer_slots` op, kernels/native.py) and fills the list by name.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,23 +24,37 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
 namespace {
 
-// One layer's entries of `weights`: reference.DECODE_LAYER_SLOTS. A linear is its packed
-// weight, comp and scale (consecutive, as `linear` reads them), then its input scale.
-enum Slot : int64_t {
-  kInputNorm,
-  kQkv, kQkvComp, kQkvScale, kQkvInputScale, kQkvBias,
-  kQNorm, kKNorm,
-  kO, kOComp, kOScale, kOInputScale,
-  kPostNorm,
-  kGateUp, kGateUpComp, kGateUpScale, kGateUpInputScale,
-  kDown, kDownComp, kDownScale, kDownInputScale,
-  kPerLayer,
-};
+// One layer's entries of `weights`, in order: (enumerator, name Python fills it by). A linear
+// is its packed weight, comp and scale (consecutive, as `linear` reads them), then its
+// SmoothQuant input scale. Input scales, the q/k/v bias and the q/k norms may be None.
+#define TM_DECODE_LAYER_SLOTS(X)                                                        \
+  X(kInputNorm, "input_norm")                                                           \
+  X(kQkv, "qkv_packed") X(kQkvComp, "qkv_comp") X(kQkvScale, "qkv_scale")               \
+  X(kQkvInputScale, "qkv_input_scale") X(kQkvBias, "qkv_bias")                          \
+  X(kQNorm, "q_norm") X(kKNorm, "k_norm")                                               \
+  X(kO, "o_packed") X(kOComp, "o_comp") X(kOScale, "o_scale")                           \
+  X(kOInputScale, "o_input_scale")                                                      \
+  X(kPostNorm, "post_norm")                                                             \
+  X(kGateUp, "gate_up_packed") X(kGateUpComp, "gate_up_comp")                           \
+  X(kGateUpScale, "gate_up_scale") X(kGateUpInputScale, "gate_up_input_scale")          \
+  X(kDown, "down_packed") X(kDownComp, "down_comp") X(kDownScale, "down_scale")         \
+  X(kDownInputScale, "down_input_scale")
+
+#define TM_SLOT_ENUMERATOR(enumerator, name) enumerator,
+enum Slot : int64_t { TM_DECODE_LAYER_SLOTS(TM_SLOT_ENUMERATOR) kPerLayer };
+#undef TM_SLOT_ENUMERATOR
+
+std::vector<std::string> decode_layer_slots() {
+#define TM_SLOT_NAME(enumerator, name) name,
+  return {TM_DECODE_LAYER_SLOTS(TM_SLOT_NAME)};
+#undef TM_SLOT_NAME
+}
 
 using Weights = std::vector<std::optional<at::Tensor>>;
 
@@ -148,6 +163,8 @@ TM_OPS_FRAGMENT(m) {
       "Tensor block_tables, Tensor context_lens, Tensor slot_mapping, Tensor?[] weights, "
       "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int num_heads, float eps, float scale) "
       "-> (Tensor, Tensor)");
+  // No tensor to dispatch on: one kernel for every dispatch key.
+  m.def("decode_layer_slots() -> str[]", &decode_layer_slots);
 }
 
 TM_OPS_IMPL(m) { m.impl("decode_layers", tokenmill::decode_layers); }

@@ -228,27 +228,33 @@ def _decode_stack_case(
     layers: int, rows: int, heads: int, kv_heads: int, head_dim: int, seed: int,
     bias: bool, qk_norm: bool, smooth: bool,
 ):  # fmt: skip
-    """Random weights for `decode_layers` (reference.DECODE_LAYER_SLOTS order), and a paged
-    batch whose sequences end on their new token's slot."""
+    """Random operands of `decode_layers`, each layer's by slot name, and a paged batch whose
+    sequences end on their new token's slot."""
     gen = torch.Generator().manual_seed(seed)
     hidden, inter = 48, 80
 
     def positive(n: int) -> torch.Tensor:
         return torch.rand(n, generator=gen) + 0.5
 
-    def linear(n: int, k: int) -> list:
+    def linear(name: str, n: int, k: int) -> dict:
         w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
-        scale = torch.rand(n, generator=gen) * 0.04 / k**0.5 + 1e-4
-        return [*reference.pack_int8_vnni(w), scale, positive(k) if smooth else None]
+        packed, comp = reference.pack_int8_vnni(w)
+        return {
+            f"{name}_packed": packed,
+            f"{name}_comp": comp,
+            f"{name}_scale": torch.rand(n, generator=gen) * 0.04 / k**0.5 + 1e-4,
+            f"{name}_input_scale": positive(k) if smooth else None,
+        }
 
     qkv = (heads + 2 * kv_heads) * head_dim
     weights = []
     for _ in range(layers):
-        weights += [positive(hidden), *linear(qkv, hidden)]
-        weights += [torch.randn(qkv, generator=gen) if bias else None]
-        weights += [positive(head_dim) if qk_norm else None] * 2
-        weights += [*linear(hidden, heads * head_dim), positive(hidden)]
-        weights += [*linear(2 * inter, hidden), *linear(hidden, inter)]
+        layer = {"input_norm": positive(hidden), **linear("qkv", qkv, hidden)}
+        layer["qkv_bias"] = torch.randn(qkv, generator=gen) if bias else None
+        layer["q_norm"] = layer["k_norm"] = positive(head_dim) if qk_norm else None
+        layer |= {**linear("o", hidden, heads * head_dim), "post_norm": positive(hidden)}
+        layer |= {**linear("gate_up", 2 * inter, hidden), **linear("down", hidden, inter)}
+        weights.append(layer)
     batch = make_paged_batch(
         [int(n) for n in torch.randint(1, 70, (rows,), generator=gen)],
         [1] * rows, heads, kv_heads, head_dim, 16, torch.float32, "cpu", seed=seed,
@@ -307,6 +313,7 @@ def test_decode_stack_matches_reference(
 def test_decode_stack_rejects_bad_inputs():
     args, caches, heads, scale = _decode_stack_case(1, 3, 2, 1, 16, 0, False, False, False)
     k_caches, v_caches = [caches[0][0]], [caches[0][1]]
+    args = (*args[:-1], kernels.native.decode_layer_weights(args[-1]))
     with pytest.raises(RuntimeError, match="weights"):
         kernels.native.decode_layers(
             *args[:-1], args[-1][:-1], k_caches, v_caches, heads, 1e-5, scale
@@ -318,9 +325,26 @@ def test_decode_stack_rejects_bad_inputs():
             *args[:2], positions, *args[3:], k_caches, v_caches, heads, 1e-5, scale
         )
     weights = list(args[-1])
-    weights[reference.DECODE_LAYER_SLOTS.index("down_input_scale")] = torch.ones(7)
+    weights[kernels.native.decode_layer_slots().index("down_input_scale")] = torch.ones(7)
     with pytest.raises(RuntimeError, match="float32 tensor of 80 values"):  # the MLP's width
         kernels.native.decode_layers(*args[:-1], weights, k_caches, v_caches, heads, 1e-5, scale)
+
+
+def test_decode_layer_weights_are_laid_out_by_the_cpp_slot_names():
+    slots = kernels.native.decode_layer_slots()
+    assert len(slots) == len(set(slots))
+    # layer i's operand in slot j holds i * 100 + j; the first layer's names come reversed
+    layers = [
+        {name: torch.tensor([float(i * 100 + slots.index(name))]) for name in order}
+        for i, order in enumerate([slots[::-1], slots])
+    ]
+    flat = kernels.native.decode_layer_weights(layers)
+    assert [float(t) for t in flat] == [
+        float(i * 100 + j) for i in range(2) for j in range(len(slots))
+    ]
+    del layers[1]["q_norm"]
+    with pytest.raises(ValueError, match="q_norm"):
+        kernels.native.decode_layer_weights(layers)
 
 
 @example_budget(cpu=40, cuda=40)
