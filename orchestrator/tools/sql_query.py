@@ -24,6 +24,7 @@ from typing import ClassVar
 from urllib.parse import quote
 
 from orchestrator.tools.base import ToolError, ToolOutput, ToolUnavailable, string_argument
+from orchestrator.tools.sql_grammar import Table, describe, read_shape, select_pattern
 
 DATA = Path(__file__).parent / "data"
 DEMO_DATABASE = DATA / "demo_sales.db"
@@ -65,23 +66,12 @@ def open_read_only(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _schema(path: Path) -> str:
-    """`table(column TYPE, …)` for each table: the model needs it to write queries.
-    (Our own query: it reads table_info, which the tool's authorizer refuses.)"""
+def _shape(path: Path) -> list[Table]:
+    """The database's tables, columns and categorical values, read once at start.
+    (Our own connection: it reads table_info, which the tool's authorizer refuses.)"""
     db = _connect(path)
     try:
-        tables = [
-            r[0]
-            for r in db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-                "ORDER BY name"
-            )
-        ]
-        parts = []
-        for table in tables:
-            columns = db.execute("SELECT name, type FROM pragma_table_info(?)", (table,))
-            parts.append(f"{table}({', '.join(f'{n} {t}' for n, t in columns)})")
-        return "; ".join(parts)
+        return read_shape(db)
     finally:
         db.close()
 
@@ -113,13 +103,18 @@ class SqlQuery:
         self.max_rows = max_rows
         self.time_limit = time_limit
         try:
-            schema = _schema(self.database)
+            shape = _shape(self.database)
         except sqlite3.DatabaseError as exc:
             raise ToolUnavailable(f"the sql_query database cannot be read: {exc}") from None
+        if not shape:
+            raise ToolUnavailable(f"the sql_query database {self.database} has no tables")
         self.description = (
             f"Run one read-only SQLite SELECT query and get the rows back as "
-            f"CSV (at most {max_rows}). Tables: {schema}."
+            f"CSV (at most {max_rows}).\n{describe(shape)}"
         )
+        # Decoding enforces this; the model is shown `parameters` and the description.
+        sql = {**self.parameters["properties"]["sql"], "pattern": select_pattern(shape)}
+        self.argument_schema = {**self.parameters, "properties": {"sql": sql}}
 
     async def execute(self, arguments: dict, call_id: str) -> ToolOutput:
         sql = string_argument(arguments, "sql", MAX_SQL_CHARS)
