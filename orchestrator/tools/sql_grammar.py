@@ -231,8 +231,9 @@ def _select(table: Table) -> str:
     return (
         f"SELECT {item}(, {item}){{0,3}} FROM {escape(identifier(table.name))}"
         f"({_where(table.columns)})?"
-        f"( GROUP BY {column}(, {column}){{0,2}})?"
-        f"( ORDER BY {item}( ASC| DESC)?)?"
+        # An aggregate in ORDER BY needs a grouped query (SQLite: "misuse of aggregate").
+        f"( GROUP BY {column}(, {column}){{0,2}}( ORDER BY {item}( ASC| DESC)?)?"
+        f"| ORDER BY {column}( ASC| DESC)?)?"
         r"( LIMIT [1-9][0-9]{0,3})?"
     )
 
