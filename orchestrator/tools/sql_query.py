@@ -7,6 +7,11 @@ changes, ATTACH (which would open another file), PRAGMA and transactions. A prog
 handler stops a query at its time limit or when the call is cancelled, and at most
 `max_rows` rows come back. Queries run in a worker thread, never on the event loop.
 
+The database's shape is read once, at start (orchestrator/tools/sql_grammar.py): the
+description the model reads lists its tables, columns and categorical values, and
+`argument_schema` (what a call is decoded under, never shown to the model) holds a
+regular expression of the SELECT statements that can run on it.
+
 Without `--tool-database`, the tool serves the demo sales database shipped in
 `orchestrator/tools/data/` (built from demo_sales.sql by scripts/build_demo_db.py).
 """
