@@ -11,6 +11,7 @@ import re
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,7 +24,8 @@ from orchestrator.chat_types import Tool
 from orchestrator.context import ContextBuilder, ToolConfig
 from orchestrator.output_structure import turn_structure
 from orchestrator.store.repository import History
-from orchestrator.tools import builtin_tools
+from orchestrator.tool_parser import parse_tool_calls
+from orchestrator.tools import ToolUnavailable, builtin_tools
 from orchestrator.tools.sql_grammar import identifier, literal
 from orchestrator.tools.sql_query import DEMO_DATABASE, SqlQuery
 
@@ -133,9 +135,56 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.from_gguf(read_gguf(resolve_model("smollm2-135m-instruct").path).metadata)
 
 
+EOS = 0  # the end token the test's matchers are given
+
+
+def compiler_for(tokenizer: Tokenizer) -> GrammarCompiler:
+    return GrammarCompiler(tokenizer, tokenizer.backend.get_vocab_size(), [EOS])
+
+
+def walk(tool: SqlQuery, tokenizer: Tokenizer, data) -> str:
+    """The SQL of a forced call written by a random walk through the tokens its grammar
+    allows, step by step as the sampler sees them."""
+    structure = turn_structure([("sql_query", tool.argument_schema)], True, False, None, "x")
+    matcher = compiler_for(tokenizer).compile(structure)
+    vocab = tokenizer.backend.get_vocab_size()
+    ids: list[int] = []
+    while not matcher.is_stopped():
+        bits = np.frombuffer(bytes(matcher.compute_bitmask()), dtype=np.uint8)
+        allowed = np.flatnonzero(np.unpackbits(bits, bitorder="little")[:vocab])
+        token = int(allowed[data.draw(st.integers(0, len(allowed) - 1))])
+        if token == EOS:
+            break
+        assert matcher.consume_token(token)
+        ids.append(token)
+    _, calls = parse_tool_calls(tokenizer.decode(ids), ["sql_query"])
+    (call,) = calls
+    return json.loads(call.arguments)["sql"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_every_call_llguidance_lets_the_model_write_runs(demo, tokenizer, data):
+    sql = walk(demo, tokenizer, data)
+    assert re.fullmatch(pattern(demo), sql)
+    assert run(demo, sql).endswith("rows)")
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_llguidance_calls_on_any_database_run(tmp_path, tokenizer, data):
+    """Names and values that need quoting or JSON escapes (`say "hi"`) survive both."""
+    tool = SqlQuery(data.draw(databases(tmp_path)))
+    assert run(tool, walk(tool, tokenizer, data)).endswith("rows)")
+
+
 def test_a_forced_call_is_decoded_under_the_grammar(demo, tokenizer):
     structure = turn_structure([("sql_query", demo.argument_schema)], True, False, None, "x")
-    compiler = GrammarCompiler(tokenizer, tokenizer.backend.get_vocab_size(), [0])
+    compiler = compiler_for(tokenizer)
 
     def accepted(sql: str) -> bool:
         call = json.dumps({"name": "sql_query", "arguments": {"sql": sql}})
@@ -184,3 +233,11 @@ def test_the_declaration_the_model_reads_is_compact(tokenizer):
     )
     assert len(prompt.token_ids) < WINDOW // 3
     assert "(latest '2026-Q3')" in tokenizer.decode(prompt.token_ids)
+
+
+def test_a_database_without_tables_is_unavailable(tmp_path):
+    empty = tmp_path / "empty.db"
+    with sqlite3.connect(empty) as db:
+        db.execute("PRAGMA user_version = 1")  # a real (empty) database file
+    with pytest.raises(ToolUnavailable, match="has no tables"):
+        SqlQuery(empty)
