@@ -1,6 +1,8 @@
 """A question the server answers with its built-in sql_query tool (the demo sales database,
 or the one given to the server with --tool-database): the server runs the query between
-two model turns, and the response holds the call, its result and the answer.
+two model turns, and the response holds the call, its result and the answer. The call is
+decoded under an SQL grammar the server derives from the database (its tables, columns and
+values), so even the default 135M model writes a query that runs and names real values.
 
     python -m engine.serve            # in another terminal
     python examples/agent_sales.py [--base-url http://127.0.0.1:8000/v1] [--api-key KEY]

@@ -197,11 +197,15 @@ class _Unlimited:
         pass
 
 
-def _structure(request: ResponseRequest, config: ToolConfig) -> StructuredOutputsParams | None:
+def _structure(
+    request: ResponseRequest, config: ToolConfig, tools: ResolvedTools
+) -> StructuredOutputsParams | None:
     """The grammar a model turn's output must follow: text.format's JSON, and the turn's
     offered tools' calls (forced by "required" or a named function, lazily triggered by
-    "auto"). A schema the grammar cannot take is a 400 naming its field."""
-    functions = [(t.name, t.spec["function"].get("parameters")) for t in config.tools]
+    "auto"), a built-in's arguments under its enforced schema (`argument_schema`), which
+    can be stricter than the parameters the prompt lists. A schema the grammar cannot
+    take is a 400 naming its field."""
+    functions = [(t.name, tools.call_schema(t.name, t.spec["function"])) for t in config.tools]
     return turn_structure(
         functions,
         config.mode in ("required", "function"),
@@ -506,9 +510,8 @@ class Turn:
         left = None if limit is None else limit - self.totals.output_tokens
         if left is not None and left < 1:
             raise _Cut("max_output_tokens")
-        params = dataclasses.replace(
-            self.params, max_tokens=left, structured_outputs=_structure(self.request, config)
-        )
+        structure = _structure(self.request, config, self.tools)
+        params = dataclasses.replace(self.params, max_tokens=left, structured_outputs=structure)
         if self.prompt is not None:
             prompt, self.prompt = self.prompt, None
             return prompt, params
@@ -684,7 +687,7 @@ class ResponseService:
             for d in tools.declarations
         ]
         config = request.tool_config(declared)
-        _structure(request, config)  # a bad schema is the client's error, before any output
+        _structure(request, config, tools)  # a bad schema is the client's error, before any output
         prompt = self.context.build(
             request.instructions,
             history,

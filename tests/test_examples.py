@@ -4,12 +4,15 @@ says it does. The openai SDK example runs against one live server."""
 from __future__ import annotations
 
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from orchestrator.tools.sql_query import DEMO_DATABASE
 from tests.server.live_server import API_KEY, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +31,12 @@ def run_example(name: str, *args: str) -> str:
     )
     assert done.returncode == 0, f"{name} failed:\n{done.stderr[-3000:]}"
     return done.stdout
+
+
+def mentions(text: str, value: float) -> bool:
+    """Whether `text` writes the number `value` (58388, 58,388.0 and $58388.00 alike)."""
+    numbers = re.findall(r"\d[\d,]*(?:\.\d+)?", text)
+    return any(abs(float(n.replace(",", "")) - value) < 0.005 for n in numbers)
 
 
 def answers(output: str) -> list[str]:
@@ -77,7 +86,12 @@ def test_agent_sales_example_runs_sql_query_on_the_server():
     lines = output.splitlines()
     assert lines[0].startswith("call: sql_query {")
     assert lines[1].startswith("result: ")
-    assert lines[2].startswith("answer: ") and lines[2] != "answer: ''"
+    assert lines[2].startswith("answer: ")
+    with sqlite3.connect(DEMO_DATABASE) as db:
+        ((total,),) = db.execute(
+            "SELECT SUM(revenue_usd) FROM sales WHERE region = 'East China' AND quarter = '2026-Q3'"
+        ).fetchall()
+    assert mentions(lines[1], total) and mentions(lines[2], total), output
 
 
 @pytest.mark.slow

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.sandbox import Sandbox
-from orchestrator.tools.base import Tool, ToolError, ToolOutput, ToolUnavailable
+from orchestrator.tools.base import (
+    Tool,
+    ToolError,
+    ToolOutput,
+    ToolUnavailable,
+    argument_schema,
+)
 from orchestrator.tools.calculator import Calculator
 from orchestrator.tools.code_interpreter import CodeInterpreter
 from orchestrator.tools.sql_query import SqlQuery
@@ -27,6 +33,14 @@ class ResolvedTools:
     builtins: dict[str, Tool] = field(default_factory=dict)
     client_functions: list[str] = field(default_factory=list)
     declarations: list[dict] = field(default_factory=list)
+
+    def call_schema(self, name: str, declaration: dict) -> dict | None:
+        """The schema a call of `name` is decoded under: a built-in's enforced
+        `argument_schema`, else the declaration's own `parameters`."""
+        tool = self.builtins.get(name)
+        if tool is None or name in self.client_functions:
+            return declaration.get("parameters")
+        return argument_schema(tool)
 
 
 class ToolRegistry:

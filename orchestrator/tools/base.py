@@ -1,5 +1,10 @@
 """What every built-in tool is: a name, a JSON schema for its arguments and an async
-`execute`, returning a `ToolOutput` or raising `ToolError` with a message for the model."""
+`execute`, returning a `ToolOutput` or raising `ToolError` with a message for the model.
+
+A tool may also have an `argument_schema`: a stricter schema that constrained decoding
+enforces on its calls, kept apart from the `parameters` the model is shown. sql_query's
+holds a regular expression of every query its database can run, far too long for the
+prompt; its `parameters` say only `{"sql": string}` and its description lists the schema."""
 
 from __future__ import annotations
 
@@ -27,6 +32,12 @@ class Tool(Protocol):
     parameters: dict  # JSON schema of the arguments object
 
     async def execute(self, arguments: dict, call_id: str) -> ToolOutput: ...
+
+
+def argument_schema(tool: Tool) -> dict:
+    """The schema a call of `tool` is decoded under: its `argument_schema` if it has one,
+    else the `parameters` the model is shown."""
+    return getattr(tool, "argument_schema", None) or tool.parameters
 
 
 def string_argument(arguments: dict, name: str, max_chars: int) -> str:

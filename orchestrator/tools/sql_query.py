@@ -7,6 +7,11 @@ changes, ATTACH (which would open another file), PRAGMA and transactions. A prog
 handler stops a query at its time limit or when the call is cancelled, and at most
 `max_rows` rows come back. Queries run in a worker thread, never on the event loop.
 
+The database's shape is read once, at start (orchestrator/tools/sql_grammar.py): the
+description the model reads lists its tables, columns and categorical values, and
+`argument_schema` (what a call is decoded under, never shown to the model) holds a
+regular expression of the SELECT statements that can run on it.
+
 Without `--tool-database`, the tool serves the demo sales database shipped in
 `orchestrator/tools/data/` (built from demo_sales.sql by scripts/build_demo_db.py).
 """
@@ -24,6 +29,7 @@ from typing import ClassVar
 from urllib.parse import quote
 
 from orchestrator.tools.base import ToolError, ToolOutput, ToolUnavailable, string_argument
+from orchestrator.tools.sql_grammar import Table, describe, read_shape, select_pattern
 
 DATA = Path(__file__).parent / "data"
 DEMO_DATABASE = DATA / "demo_sales.db"
@@ -65,23 +71,12 @@ def open_read_only(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _schema(path: Path) -> str:
-    """`table(column TYPE, …)` for each table: the model needs it to write queries.
-    (Our own query: it reads table_info, which the tool's authorizer refuses.)"""
+def _shape(path: Path) -> list[Table]:
+    """The database's tables, columns and categorical values, read once at start.
+    (Our own connection: it reads table_info, which the tool's authorizer refuses.)"""
     db = _connect(path)
     try:
-        tables = [
-            r[0]
-            for r in db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-                "ORDER BY name"
-            )
-        ]
-        parts = []
-        for table in tables:
-            columns = db.execute("SELECT name, type FROM pragma_table_info(?)", (table,))
-            parts.append(f"{table}({', '.join(f'{n} {t}' for n, t in columns)})")
-        return "; ".join(parts)
+        return read_shape(db)
     finally:
         db.close()
 
@@ -113,13 +108,18 @@ class SqlQuery:
         self.max_rows = max_rows
         self.time_limit = time_limit
         try:
-            schema = _schema(self.database)
+            shape = _shape(self.database)
         except sqlite3.DatabaseError as exc:
             raise ToolUnavailable(f"the sql_query database cannot be read: {exc}") from None
+        if not shape:
+            raise ToolUnavailable(f"the sql_query database {self.database} has no tables")
         self.description = (
             f"Run one read-only SQLite SELECT query and get the rows back as "
-            f"CSV (at most {max_rows}). Tables: {schema}."
+            f"CSV (at most {max_rows}).\n{describe(shape)}"
         )
+        # Decoding enforces this; the model is shown `parameters` and the description.
+        sql = {**self.parameters["properties"]["sql"], "pattern": select_pattern(shape)}
+        self.argument_schema = {**self.parameters, "properties": {"sql": sql}}
 
     async def execute(self, arguments: dict, call_id: str) -> ToolOutput:
         sql = string_argument(arguments, "sql", MAX_SQL_CHARS)

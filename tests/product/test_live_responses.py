@@ -4,6 +4,8 @@ the default model. One server for the module; answers are kept short."""
 from __future__ import annotations
 
 import json
+import re
+import sqlite3
 import time
 
 import httpx
@@ -223,23 +225,40 @@ def test_a_forced_tool_call_has_valid_arguments(client):
     jsonschema.validate(json.loads(call.arguments), weather["parameters"])
 
 
-def test_sql_query_runs_inside_a_response(client):
-    """A forced call is grammar-constrained, so even the small model makes a valid one;
-    whether its SQL is right is up to the model (the tool's error goes back to it)."""
+def mentions(text: str, value: float) -> bool:
+    """Whether `text` writes the number `value` (58388, 58,388.0 and $58388.00 alike)."""
+    numbers = re.findall(r"\d[\d,]*(?:\.\d+)?", text)
+    return any(abs(float(n.replace(",", "")) - value) < 0.005 for n in numbers)
+
+
+def test_sql_query_answers_the_sales_question_inside_a_response(client):
+    """The forced call is decoded under the database's SQL grammar, and the description
+    lists the columns, the values and an example: the default model sums the revenue of
+    the asked region and quarter, and its answer carries the total."""
+    question = "What were East China sales in 2026-Q3?"
     response = client.responses.create(
         model=MODEL,
-        input="What were East China sales in 2026-Q3?",
+        input=question,
         temperature=0,
         tools=[{"type": "function", "name": "sql_query"}],
         parallel_tool_calls=False,
         tool_choice={"type": "function", "name": "sql_query"},
-        max_output_tokens=120,
+        max_output_tokens=200,
     )
     kinds = [item.type for item in response.output]
     assert kinds[:2] == ["function_call", "function_call_output"]
     call, result = response.output[:2]
-    assert call.name == "sql_query" and isinstance(json.loads(call.arguments)["sql"], str)
-    assert result.call_id == call.call_id and result.output
+    sql = json.loads(call.arguments)["sql"]
+    assert call.name == "sql_query" and result.call_id == call.call_id
+    with sqlite3.connect(DEMO_DATABASE) as db:
+        ((total,),) = db.execute(
+            "SELECT SUM(revenue_usd) FROM sales WHERE region = ? AND quarter = ?",
+            ("East China", "2026-Q3"),
+        ).fetchall()
+        # What the model's own query returns is that total.
+        assert db.execute(sql).fetchall() == [(total,)], sql
+    assert mentions(result.output, total)
     assert kinds[2:] == ["message"]  # the model answered after reading the result
+    assert mentions(response.output_text, total), response.output_text
     stored = client.responses.retrieve(response.id)
     assert stored.output == response.output

@@ -25,10 +25,7 @@ from tests.server.fake_engine import FakeEngine
 MODEL = "fake-model"
 CALCULATOR = {"type": "function", "name": "calculator"}
 SQL = {"type": "function", "name": "sql_query"}
-EAST_Q3 = (
-    "SELECT SUM(revenue_usd) AS total FROM sales "
-    "WHERE region = 'East China' AND quarter = '2026-Q3'"
-)
+EAST_Q3 = "SELECT SUM(revenue_usd) FROM sales WHERE region = 'East China' AND quarter = '2026-Q3'"
 
 
 def _call(name: str, **arguments) -> str:
@@ -99,7 +96,9 @@ def test_calculator_call_then_an_answer_is_stored_whole(product_server):
 
 
 def test_sql_query_on_the_demo_database(product_server):
-    server = product_server(FakeEngine(reply=_scripted(_call("sql_query", sql=EAST_Q3))))
+    # The fake tokenizer spends a token per character: room for the schema's description.
+    engine = FakeEngine(reply=_scripted(_call("sql_query", sql=EAST_Q3)), max_model_len=8192)
+    server = product_server(engine)
     body = _post(
         server,
         input="What were East China sales in 2026-Q3?",
@@ -113,6 +112,11 @@ def test_sql_query_on_the_demo_database(product_server):
     assert str(total) in body["output"][2]["content"][0]["text"]
     assert '"sql_query"' in _prompt(server, 0)  # the schema-filled declaration is listed
     assert "Tables:" in _prompt(server, 0)
+    # The call is decoded under the database's SQL grammar, which the prompt leaves out.
+    grammar = server.engine.params[0].structured_outputs.grammar
+    assert "'East China'" in grammar and '"pattern"' in grammar
+    assert "pattern" not in _prompt(server, 0)
+    assert server.engine.params[1].structured_outputs.grammar.count('"pattern"') == 1
     assert "sql_query" in _prompt(server, 0).split("<|im_start|>user")[0]
     assert "You must call the function 'sql_query'" in _prompt(server, 0)
     assert "You must call" not in _prompt(server, 1)  # forced only for the first call

@@ -10,7 +10,7 @@ CREATE TABLE sales (
     quarter TEXT NOT NULL,  -- 'YYYY-Qn'
     product TEXT NOT NULL,
     units INTEGER NOT NULL,
-    revenue_usd REAL NOT NULL,  -- units x unit price
+    revenue_usd REAL NOT NULL,  -- sales in US dollars (units x unit price)
     PRIMARY KEY (region, quarter, product)
 );
 INSERT INTO regions VALUES
