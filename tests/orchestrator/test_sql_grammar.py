@@ -162,7 +162,7 @@ def walk(tool: SqlQuery, tokenizer: Tokenizer, data) -> str:
     return json.loads(call.arguments)["sql"]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_every_call_llguidance_lets_the_model_write_runs(demo, tokenizer, data):
     sql = walk(demo, tokenizer, data)
@@ -171,7 +171,7 @@ def test_every_call_llguidance_lets_the_model_write_runs(demo, tokenizer, data):
 
 
 @settings(
-    max_examples=25,
+    max_examples=10,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
