@@ -163,6 +163,8 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
     max_model_len = card["max_model_len"]
     max_chars = args.max_prompt_chars or 16 * max_model_len
     bodies = abusive_bodies(model, max_chars, max_model_len, args.body_limit, args.fitting)
+    if args.kinds:
+        bodies = [bodies[i] for i in args.kinds]
     warmup = argparse.Namespace(**{**vars(load), "requests": args.concurrency})
     await loadgen.run_level(warmup, args.concurrency)  # caches, allocator, threads
     baseline = await loadgen.run_level(load, args.concurrency, first=100)
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-args", default="--compile off", help="extra options for python -m engine.serve"
     )
     p.add_argument("--concurrency", type=int, default=4, help="normal streams")
-    p.add_argument("--requests", type=int, default=32, help="normal requests per run")
+    p.add_argument("--requests", type=int, default=64, help="normal requests per run")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--abusers", type=int, default=1, help="abusive clients")
     p.add_argument(
@@ -247,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="the server's --max-prompt-chars (passed to it too); default: the server's own",
+    )
+    p.add_argument(
+        "--kinds",
+        type=int,
+        nargs="+",
+        help="send only these abusive bodies: 0 the completions prompt, 1 the chat message, "
+        "2 the many-message conversation, 3 the fitting prompt (with --fitting)",
     )
     p.add_argument(
         "--fitting",

@@ -28,12 +28,16 @@ PROMPT_CHARS_PER_TOKEN = 16
 # Threads that parse large bodies, render chat templates and tokenize. Few on purpose:
 # they share the cores with the engine, and admission bounds the requests queued for them.
 WORKER_THREADS = 2
-# Their CPU priority below the engine's (a nice value, Linux only): when the cores are
-# short, the streams in flight go first and a client sending megabytes waits, not
-# everyone else. Their work either releases the GIL (numpy scans, tokenizing) or holds
-# it briefly (the JSON parse of a body within MAX_JSON_CONTAINERS), so a worker that
-# waits for a core rarely holds the GIL meanwhile.
-WORKER_NICENESS = 10
+# Their CPU priority, the lowest (a nice value, Linux only): when the cores are short,
+# the streams in flight go first and a client sending megabytes waits, not everyone
+# else. The price is paid by large prompts while the engine is busy: tokenizing 100 KB
+# (~20 ms of a core) may then take several times as long, still well under the prefill
+# that follows. Their work either releases the GIL (numpy scans, tokenizing) or holds
+# it briefly (the JSON parse of a body within the container and value limits), so a
+# worker waiting for a core rarely holds the GIL meanwhile. Measured with
+# benchmarks/bench_abuse.py (docs/server.md): nice 0, 10 and 19 gave the normal
+# requests' p99 TTFT 7.0x, 1.7-3.7x and 0.7-1.8x their figure without the abuse.
+WORKER_NICENESS = 19
 # Prompts up to this many characters are rendered and tokenized on the event loop (well
 # under a millisecond); larger ones go to the workers, so small requests never queue
 # behind large ones.
