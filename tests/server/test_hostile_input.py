@@ -5,10 +5,13 @@ the real engine, and tests/test_async_llm.py)."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 
 import pytest
 
+from server.state import WORKER_NICENESS
 from tests.server.fake_engine import FakeEngine, FakeTokenizer
 from tests.server.sse_client import events
 from tests.server.test_app import USER, assert_error, chat
@@ -198,6 +201,23 @@ def test_large_prompts_are_prepared_off_the_event_loop(serve):
     assert chat(server, messages=[{"role": "user", "content": "y" * 20_000}]).status_code == 200
     assert post("/v1/completions", json={"prompt": "small", "max_tokens": 1}).status_code == 200
     assert [t.startswith("tokenmill-prep") for t in threads] == [True, True, False]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+def test_large_prompts_are_prepared_at_the_lowest_cpu_priority(serve):
+    """The workers yield the cores to the engine: a client sending megabytes waits for
+    idle cycles instead of taking them from everyone's streams."""
+    niceness: list[int] = []
+
+    class RecordingTokenizer(FakeTokenizer):
+        def encode(self, text, add_special_tokens=False, max_tokens=None):
+            niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            return super().encode(text, add_special_tokens, max_tokens)
+
+    server = serve(FakeEngine(tokenizer=RecordingTokenizer(), max_model_len=100_000))
+    body = {"prompt": "x" * 20_000, "max_tokens": 1}
+    assert server.client.post("/v1/completions", json=body).status_code == 200
+    assert niceness == [WORKER_NICENESS]
 
 
 def test_405_says_which_methods_are_allowed(serve):
