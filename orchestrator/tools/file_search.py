@@ -138,9 +138,9 @@ def render_sources(
         if left < MIN_SHOWN_CHARS:
             break
         number = first_number + len(sources)
-        origin = f"file {hit.filename} id {hit.file_id}"
+        origin = f"file {hit.filename}"
         framed = spotlight(hit.text, origin, limit=min(CHUNK_LIMIT, left), special_tokens=special)
-        parts.append(f"[{number}] {hit.filename} ({hit.file_id}), score {hit.score:.2f}:\n{framed}")
+        parts.append(f"[{number}] {hit.filename}, score {hit.score:.2f}:\n{framed}")
         sources.append(Source(number, hit.file_id, hit.filename, hit.text))
         left -= min(len(hit.text), CHUNK_LIMIT)
     if not parts:

@@ -27,8 +27,13 @@ def test_short_text_is_kept_whole_and_labelled_with_its_origin():
     assert body == "East China,Q3,1200"
 
 
-def test_each_call_gets_its_own_nonce():
-    assert _parts(spotlight("a", "x"))[1] != _parts(spotlight("a", "x"))[1]
+def test_the_nonce_is_a_digest_of_what_it_frames():
+    """The same data frames the same way (reproducible prompts, cached prefixes); other
+    data or another origin gets another id."""
+    nonce = _parts(spotlight("a", "x"))[1]
+    assert _parts(spotlight("a", "x"))[1] == nonce
+    assert _parts(spotlight("b", "x"))[1] != nonce
+    assert _parts(spotlight("a", "y"))[1] != nonce
 
 
 def test_an_injection_cannot_close_the_frame_or_open_a_turn():
