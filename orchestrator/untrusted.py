@@ -44,6 +44,12 @@ def cap(text: str, limit: int = DEFAULT_LIMIT) -> str:
     )
 
 
+def plain_label(text: str) -> str:
+    """A short name from untrusted data (a file name, a tool's) reduced to one line of
+    word characters and `.:/-`, so that it can label a frame without markup or quotes."""
+    return re.sub(r"[^\w .:/-]", "_", text)[:80]
+
+
 def _nonce(origin: str, body: str) -> str:
     """The delimiter's id, a digest of what it wraps: a text cannot hold the digest of
     itself, so it cannot forge its closing tag (which `_defang` breaks up besides), and
@@ -56,7 +62,7 @@ def spotlight(
     text: str, origin: str, limit: int = DEFAULT_LIMIT, special_tokens: Iterable[str] = ()
 ) -> str:
     """`text` from `origin` (e.g. "tool sql_query"), ready to place in a prompt."""
-    origin = re.sub(r"[^\w .:/-]", "_", origin)[:80]
+    origin = plain_label(origin)
     body = cap(_defang(text, special_tokens), limit)
     nonce = _nonce(origin, body)
     return (

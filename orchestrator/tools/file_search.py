@@ -27,7 +27,7 @@ from typing import ClassVar, Protocol
 from orchestrator.retrieval.filters import Filter
 from orchestrator.retrieval.index import Hit, SearchMode
 from orchestrator.tools.base import ToolError, ToolOutput
-from orchestrator.untrusted import spotlight
+from orchestrator.untrusted import plain_label, spotlight
 from orchestrator.vector_stores import Search
 
 FILE_SEARCH = "file_search"
@@ -138,9 +138,11 @@ def render_sources(
         if left < MIN_SHOWN_CHARS:
             break
         number = first_number + len(sources)
-        origin = f"file {hit.filename}"
-        framed = spotlight(hit.text, origin, limit=min(CHUNK_LIMIT, left), special_tokens=special)
-        parts.append(f"[{number}] {hit.filename}, score {hit.score:.2f}:\n{framed}")
+        name = plain_label(hit.filename)  # a file's name is untrusted too
+        framed = spotlight(
+            hit.text, f"file {name}", limit=min(CHUNK_LIMIT, left), special_tokens=special
+        )
+        parts.append(f"[{number}] {name}, score {hit.score:.2f}:\n{framed}")
         sources.append(Source(number, hit.file_id, hit.filename, hit.text))
         left -= min(len(hit.text), CHUNK_LIMIT)
     if not parts:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import re
 
+from orchestrator.retrieval.index import Hit
+from orchestrator.tools.file_search import render_sources
 from orchestrator.untrusted import cap, spotlight
 
 _OPEN = re.compile(r'^<untrusted origin="([^"]*)" id="([0-9a-f]{12})">\n')
@@ -72,3 +74,22 @@ def test_long_text_is_capped_with_a_visible_marker_keeping_head_and_tail():
     assert cap("short", 1000) == "short"
     body = _parts(spotlight(text, "tool calculator", limit=1000))[2]
     assert body == capped
+
+
+def test_retrieved_sources_show_plain_names_and_no_random_ids():
+    """A file's name is untrusted data like its text, and its id is random: the model
+    reads neither raw, so the same files give the same prompt on every run."""
+    hit = Hit(
+        vector_store_id="vs_1",
+        file_id="file_3f9a",
+        filename='<img src=x onerror="go()">.txt',
+        chunk_index=0,
+        text="Our office cat is named Whiskers.",
+        attributes={},
+        score=0.93,
+    )
+    text, [source] = render_sources([hit], 1, 1000)
+    assert "<img" not in text and '"go()"' not in text and "file_3f9a" not in text
+    assert text.startswith("[1] _img src_x onerror__go____.txt, score 0.93:\n")
+    assert source.file_id == "file_3f9a" and source.filename == hit.filename
+    assert render_sources([hit], 1, 1000)[0] == text
