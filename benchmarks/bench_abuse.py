@@ -147,18 +147,7 @@ def abuse_process(
 
 async def measure(url: str, args: argparse.Namespace) -> dict:
     model = served_model(url)
-    load = loadgen.build_parser().parse_args(
-        [
-            "--base-url",
-            f"{url}/v1",
-            "--model",
-            model,
-            "--max-tokens",
-            str(args.max_tokens),
-            "--requests",
-            str(args.requests),
-        ]
-    )
+    load = loadgen.options_for(url, model, args.max_tokens, "--requests", str(args.requests))
     card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
     max_model_len = card["max_model_len"]
     max_chars = args.max_prompt_chars or 16 * max_model_len

@@ -229,18 +229,7 @@ def served_model(url: str) -> str:
 async def _drive(
     url: str, model: str, args: argparse.Namespace, prompts: list[str], system: str
 ) -> list[Row]:
-    base = loadgen.build_parser().parse_args(
-        [
-            "--base-url",
-            f"{url}/v1",
-            "--model",
-            model,
-            "--max-tokens",
-            str(args.tokens),
-            "--timeout",
-            str(args.request_timeout),
-        ]
-    )
+    base = loadgen.options_for(url, model, args.tokens, "--timeout", str(args.request_timeout))
     warmup = argparse.Namespace(**{**vars(base), "max_tokens": min(8, args.tokens)})
     async with httpx.AsyncClient(base_url=base.base_url, timeout=base.timeout) as client:
         first = await loadgen.one_request(client, warmup, WARMUP_PROMPT)

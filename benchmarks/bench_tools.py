@@ -103,18 +103,7 @@ async def cpu_share(busy: int, seconds: float, nice: int) -> dict[str, float]:
 
 
 async def _level(args: argparse.Namespace, url: str, model: str, first: int) -> float:
-    level = loadgen.build_parser().parse_args(
-        [
-            "--base-url",
-            f"{url}/v1",
-            "--model",
-            model,
-            "--max-tokens",
-            str(args.tokens),
-            "--requests",
-            str(args.requests),
-        ]
-    )
+    level = loadgen.options_for(url, model, args.tokens, "--requests", str(args.requests))
     report = await loadgen.run_level(
         level, args.streams, bench_serving.bench_prompts(), first=first
     )

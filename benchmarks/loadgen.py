@@ -237,6 +237,13 @@ def markdown(reports: list[LevelReport]) -> str:
     return "\n".join(lines)
 
 
+def options_for(url: str, model: str, max_tokens: int, *more: str) -> argparse.Namespace:
+    """The options of a run against the server at `url` (its root), for a benchmark that
+    drives `run_level` in-process; `more` are further command-line options."""
+    argv = ["--base-url", f"{url}/v1", "--model", model, "--max-tokens", str(max_tokens)]
+    return build_parser().parse_args([*argv, *more])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
