@@ -58,18 +58,22 @@ def missing_store(vector_store_id: str) -> NotFoundError:
     )
 
 
+def _file_counts(counts: kb.FileCounts) -> dict:
+    return {
+        "in_progress": counts.in_progress,
+        "completed": counts.completed,
+        "failed": counts.failed,
+        "cancelled": counts.cancelled,
+        "total": counts.total,
+    }
+
+
 def _vector_store(body: dict, counts: kb.FileCounts, usage_bytes: int) -> dict:
     return {
         **body,
         "usage_bytes": usage_bytes,
         "status": "in_progress" if counts.in_progress else "completed",
-        "file_counts": {
-            "in_progress": counts.in_progress,
-            "completed": counts.completed,
-            "failed": counts.failed,
-            "cancelled": counts.cancelled,
-            "total": counts.total,
-        },
+        "file_counts": _file_counts(counts),
     }
 
 
@@ -91,13 +95,7 @@ def _file_batch(body: dict, counts: kb.FileCounts, cancelled: bool) -> dict:
     return {
         **body,
         "status": status,
-        "file_counts": {
-            "in_progress": counts.in_progress,
-            "completed": counts.completed,
-            "failed": counts.failed,
-            "cancelled": counts.cancelled,
-            "total": counts.total,
-        },
+        "file_counts": _file_counts(counts),
     }
 
 

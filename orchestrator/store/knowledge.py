@@ -234,14 +234,7 @@ def add_store_files(
     this owner's. A file already in the store is queued again from scratch."""
     index = index_for(repo)
     with repo.engine.begin() as conn:
-        if (
-            conn.execute(
-                select(vector_stores.c.id).where(
-                    vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner
-                )
-            ).first()
-            is None
-        ):
+        if not _owns_store(conn, owner, vector_store_id):
             return False
         for body in store_files:
             _remove_store_file(conn, index, owner, vector_store_id, body["id"])
@@ -264,14 +257,7 @@ def list_store_files(
     repo: Repository, owner: str, vector_store_id: str, page: Page, status: str | None
 ) -> ItemPage | None:
     with repo.engine.connect() as conn:
-        if (
-            conn.execute(
-                select(vector_stores.c.id).where(
-                    vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner
-                )
-            ).first()
-            is None
-        ):
+        if not _owns_store(conn, owner, vector_store_id):
             return None
         t = vector_store_files
         table = t if status is None else t.select().where(t.c.status == status).subquery()
