@@ -69,8 +69,11 @@ _KINDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def _field(body: dict, name: str, kind: str, default: Any = None, param: str | None = None) -> Any:
-    """body[name] if present and not null, checked against `kind` (bool is not a number)."""
+def typed_field(
+    body: dict, name: str, kind: str, default: Any = None, param: str | None = None
+) -> Any:
+    """body[name] if present and not null, checked against `kind` (bool is not a number); a
+    400 naming `param` (default: `name`) otherwise. Every request parser checks fields here."""
     value = body.get(name)
     if value is None:
         return default
@@ -110,7 +113,7 @@ def _check_sizes(sampling: dict[str, Any]) -> None:
 def _max_tokens(body: dict, *names: str) -> int | None:
     """The first of `names` that is set; must be a positive integer."""
     for name in names:
-        value = _field(body, name, "an integer")
+        value = typed_field(body, name, "an integer")
         if value is not None:
             if value < 1:
                 raise invalid(f"{name} must be at least 1, got {value}", param=name)
@@ -119,12 +122,12 @@ def _max_tokens(body: dict, *names: str) -> int | None:
 
 
 def _stream_options(body: dict, stream: bool) -> bool:
-    options = _field(body, "stream_options", "an object")
+    options = typed_field(body, "stream_options", "an object")
     if options is None:
         return False
     if not stream:
         raise invalid("stream_options is only allowed when stream is true", "stream_options")
-    return _field(options, "include_usage", "a boolean", False, "stream_options.include_usage")
+    return typed_field(options, "include_usage", "a boolean", False, "stream_options.include_usage")
 
 
 # -- chat ----------------------------------------------------------------------------------
@@ -140,22 +143,22 @@ def _text_content(content: Any, param: str) -> str:
     for i, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") != "text":
             raise invalid(f"{param}[{i}]: only text content parts are supported", param)
-        texts.append(_field(part, "text", "a string", param=f"{param}[{i}].text") or "")
+        texts.append(typed_field(part, "text", "a string", param=f"{param}[{i}].text") or "")
     return "\n".join(texts)
 
 
 def _tool_call(raw: Any, param: str) -> ToolCall:
     if not isinstance(raw, dict):
         raise invalid(f"{param} must be an object", param)
-    function = _field(raw, "function", "an object", param=f"{param}.function")
+    function = typed_field(raw, "function", "an object", param=f"{param}.function")
     if function is None:
         raise invalid(f"{param}.function is required", param)
-    name = _field(function, "name", "a string", param=f"{param}.function.name")
+    name = typed_field(function, "name", "a string", param=f"{param}.function.name")
     if not name:
         raise invalid(f"{param}.function.name is required", param)
-    arguments = _field(function, "arguments", "a string", "{}", f"{param}.function.arguments")
+    arguments = typed_field(function, "arguments", "a string", "{}", f"{param}.function.arguments")
     return ToolCall(
-        id=_field(raw, "id", "a string", "", f"{param}.id"), name=name, arguments=arguments
+        id=typed_field(raw, "id", "a string", "", f"{param}.id"), name=name, arguments=arguments
     )
 
 
@@ -168,16 +171,16 @@ def _message(raw: Any, i: int) -> Message:
         raise invalid(f"{param}.role must be one of {', '.join(ROLES)}, got {role!r}", "messages")
     content = raw.get("content")
     text = None if content is None else _text_content(content, f"{param}.content")
-    calls_raw = _field(raw, "tool_calls", "an array", [], f"{param}.tool_calls")
+    calls_raw = typed_field(raw, "tool_calls", "an array", [], f"{param}.tool_calls")
     if calls_raw and role != "assistant":
         raise invalid(f"{param}: only assistant messages may have tool_calls", "messages")
     calls = [_tool_call(c, f"{param}.tool_calls[{j}]") for j, c in enumerate(calls_raw)]
     if text is None and not (role == "assistant" and calls):
         raise invalid(f"{param}.content is required for a {role} message", "messages")
-    tool_call_id = _field(raw, "tool_call_id", "a string", param=f"{param}.tool_call_id")
+    tool_call_id = typed_field(raw, "tool_call_id", "a string", param=f"{param}.tool_call_id")
     if role == "tool" and tool_call_id is None:
         raise invalid(f"{param}.tool_call_id is required for a tool message", "messages")
-    name = _field(raw, "name", "a string", param=f"{param}.name")
+    name = typed_field(raw, "name", "a string", param=f"{param}.name")
     return Message(role, text, name=name, tool_calls=calls, tool_call_id=tool_call_id)
 
 
@@ -185,17 +188,17 @@ def _tool(raw: Any, i: int) -> Tool:
     param = f"tools[{i}]"
     if not isinstance(raw, dict) or raw.get("type") != "function":
         raise invalid(f'{param} must be an object with "type": "function"', "tools")
-    function = _field(raw, "function", "an object", param=f"{param}.function")
+    function = typed_field(raw, "function", "an object", param=f"{param}.function")
     if function is None:
         raise invalid(f"{param}.function is required", "tools")
-    name = _field(function, "name", "a string", "", f"{param}.function.name")
+    name = typed_field(function, "name", "a string", "", f"{param}.function.name")
     if not _FUNCTION_NAME.match(name):
         raise invalid(
             f"{param}.function.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
             "tools",
         )
-    _field(function, "description", "a string", param=f"{param}.function.description")
-    _field(function, "parameters", "an object", param=f"{param}.function.parameters")
+    typed_field(function, "description", "a string", param=f"{param}.function.description")
+    typed_field(function, "parameters", "an object", param=f"{param}.function.parameters")
     return Tool(name=name, spec={"type": "function", "function": function})
 
 
@@ -228,13 +231,13 @@ def _tool_choice(body: dict, tools: list[Tool]) -> tuple[str, str | None]:
 
 def _check_common(body: dict) -> None:
     """Fields both endpoints accept but do not use: check their types."""
-    _field(body, "user", "a string")
+    typed_field(body, "user", "a string")
 
 
 def _response_format(body: dict) -> ResponseFormat | None:
     """OpenAI's `response_format`; None for text. The schema itself is checked when the
     engine's grammar is built (an unsupported feature is a 400 there)."""
-    fmt = _field(body, "response_format", "an object")
+    fmt = typed_field(body, "response_format", "an object")
     kind = None if fmt is None else fmt.get("type")
     if kind in (None, "text"):
         return None
@@ -245,26 +248,26 @@ def _response_format(body: dict) -> ResponseFormat | None:
             f'response_format.type must be "text", "json_object" or "json_schema", got {kind!r}',
             "response_format",
         )
-    spec = _field(fmt, "json_schema", "an object", param="response_format.json_schema")
+    spec = typed_field(fmt, "json_schema", "an object", param="response_format.json_schema")
     if spec is None:
         raise invalid("response_format.json_schema is required", "response_format")
-    name = _field(spec, "name", "a string", param="response_format.json_schema.name")
+    name = typed_field(spec, "name", "a string", param="response_format.json_schema.name")
     if name is None or not _FUNCTION_NAME.match(name):
         raise invalid(
             "response_format.json_schema.name must be 1 to 64 letters, digits, '_' "
             f"or '-', got {name!r}",
             "response_format",
         )
-    _field(spec, "description", "a string", param="response_format.json_schema.description")
-    schema = _field(spec, "schema", "an object", {}, "response_format.json_schema.schema")
-    strict = _field(spec, "strict", "a boolean", False, "response_format.json_schema.strict")
+    typed_field(spec, "description", "a string", param="response_format.json_schema.description")
+    schema = typed_field(spec, "schema", "an object", {}, "response_format.json_schema.schema")
+    strict = typed_field(spec, "strict", "a boolean", False, "response_format.json_schema.strict")
     return ResponseFormat("json_schema", schema=schema, name=name, strict=strict)
 
 
 def _logit_bias(body: dict, sampling: dict[str, Any]) -> None:
     """OpenAI's `logit_bias` ({"token id": bias}) into `sampling["logit_bias"]`, with int
     keys; the engine checks the values' range and the ids against its vocabulary."""
-    bias = _field(body, "logit_bias", "an object")
+    bias = typed_field(body, "logit_bias", "an object")
     if not bias:
         return
     parsed = {}
@@ -283,7 +286,7 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
     second, stalling every stream, only to refuse the request afterwards."""
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
-    messages_raw = _field(body, "messages", "an array")
+    messages_raw = typed_field(body, "messages", "an array")
     if not messages_raw:
         raise invalid("messages must be a non-empty array", "messages")
     if max_messages is not None and len(messages_raw) > max_messages:
@@ -295,13 +298,13 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
         )
     _check_common(body)
     messages = [_message(m, i) for i, m in enumerate(messages_raw)]
-    tools = [_tool(t, i) for i, t in enumerate(_field(body, "tools", "an array", []))]
+    tools = [_tool(t, i) for i, t in enumerate(typed_field(body, "tools", "an array", []))]
     if len({t.name for t in tools}) != len(tools):
         raise invalid("tools must have distinct function names", "tools")
     mode, forced = _tool_choice(body, tools)
-    stream = _field(body, "stream", "a boolean", False)
-    logprobs = _field(body, "logprobs", "a boolean", False)
-    top = _field(body, "top_logprobs", "an integer")
+    stream = typed_field(body, "stream", "a boolean", False)
+    logprobs = typed_field(body, "logprobs", "a boolean", False)
+    top = typed_field(body, "top_logprobs", "an integer")
     if top is not None:
         if not logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
@@ -315,7 +318,7 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
         sampling["logprobs"] = top or 0
     _logit_bias(body, sampling)
     return ChatRequest(
-        model=_field(body, "model", "a string"),
+        model=typed_field(body, "model", "a string"),
         messages=messages,
         sampling=sampling,
         stream=stream,
@@ -325,7 +328,7 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
         tools=tools,
         tool_choice=mode,
         forced_tool=forced,
-        parallel_tool_calls=_field(body, "parallel_tool_calls", "a boolean", True),
+        parallel_tool_calls=typed_field(body, "parallel_tool_calls", "a boolean", True),
         response_format=_response_format(body),
     )
 
@@ -365,14 +368,14 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     _check_common(body)
     if body.get("suffix"):
         raise invalid("suffix is not supported", "suffix")
-    stream = _field(body, "stream", "a boolean", False)
-    logprobs = _field(body, "logprobs", "an integer")
+    stream = typed_field(body, "stream", "a boolean", False)
+    logprobs = typed_field(body, "logprobs", "an integer")
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise invalid(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", "logprobs")
-    echo = _field(body, "echo", "a boolean", False)
+    echo = typed_field(body, "echo", "a boolean", False)
     if echo and logprobs is not None:
         raise invalid("echo with logprobs is not supported (no prompt logprobs)", "echo")
-    best_of = _field(body, "best_of", "an integer")
+    best_of = typed_field(body, "best_of", "an integer")
     if best_of is not None and best_of != body.get("n", 1):
         raise invalid("best_of is not supported (it must equal n)", "best_of")
     sampling = _sampling_fields(body)
@@ -382,7 +385,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         sampling["logprobs"] = logprobs
     _logit_bias(body, sampling)
     return CompletionRequest(
-        model=_field(body, "model", "a string"),
+        model=typed_field(body, "model", "a string"),
         prompts=prompts,
         sampling=sampling,
         stream=stream,

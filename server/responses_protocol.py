@@ -17,6 +17,7 @@ from orchestrator.agent import DEFAULT_MAX_TOOL_CALLS
 from orchestrator.responses import CodeInterpreterTool
 from orchestrator.tools.file_search import DEFAULT_MAX_RESULTS, FileSearchTool
 from server.errors import invalid
+from server.protocol import typed_field
 from server.vector_store_search import parse_filters, parse_max_results, parse_ranking
 
 MAX_METADATA_KEYS = 16
@@ -48,29 +49,9 @@ _RESPONSE_FIELDS = {
     "include",
 }
 
-_KINDS: dict[str, tuple[type, ...]] = {
-    "a string": (str,),
-    "a boolean": (bool,),
-    "an integer": (int,),
-    "a number": (int, float),
-    "an object": (dict,),
-    "an array": (list,),
-}
-
-
-def _get(body: dict, name: str, kind: str, param: str, default: Any = None) -> Any:
-    """body[name] if present and not null, of the JSON type `kind` (a bool is no number)."""
-    value = body.get(name)
-    if value is None:
-        return default
-    numeric = kind in ("an integer", "a number")
-    if not isinstance(value, _KINDS[kind]) or (numeric and isinstance(value, bool)):
-        raise invalid(f"{param} must be {kind}, got {value!r}", param)
-    return value
-
 
 def _required_string(body: dict, name: str, param: str) -> str:
-    value = _get(body, name, "a string", f"{param}.{name}")
+    value = typed_field(body, name, "a string", param=f"{param}.{name}")
     if value is None:
         raise invalid(f"{param}.{name} is required", f"{param}.{name}")
     return value
@@ -221,7 +202,7 @@ def _tools(body: dict) -> list[FunctionTool | CodeInterpreterTool | FileSearchTo
     """Function tools (a function declared by name only is a built-in the server runs,
     e.g. calculator), the built-in code_interpreter and file_search."""
     tools: list[FunctionTool | CodeInterpreterTool | FileSearchTool] = []
-    for i, raw in enumerate(_get(body, "tools", "an array", "tools", [])):
+    for i, raw in enumerate(typed_field(body, "tools", "an array", [])):
         param = f"tools[{i}]"
         kind = raw.get("type") if isinstance(raw, dict) else None
         if kind == "code_interpreter":
@@ -239,9 +220,11 @@ def _tools(body: dict) -> list[FunctionTool | CodeInterpreterTool | FileSearchTo
         tools.append(
             FunctionTool(
                 name=_required_string(raw, "name", param),
-                description=_get(raw, "description", "a string", f"{param}.description"),
-                parameters=_get(raw, "parameters", "an object", f"{param}.parameters"),
-                strict=_get(raw, "strict", "a boolean", f"{param}.strict"),
+                description=typed_field(
+                    raw, "description", "a string", param=f"{param}.description"
+                ),
+                parameters=typed_field(raw, "parameters", "an object", param=f"{param}.parameters"),
+                strict=typed_field(raw, "strict", "a boolean", param=f"{param}.strict"),
             )
         )
     if len({t.name for t in tools}) != len(tools):
@@ -281,12 +264,12 @@ def _check_unsupported(body: dict) -> None:
     for name in body:
         if name not in _RESPONSE_FIELDS and body[name] is not None:
             raise invalid(f"{name} is not supported by this server", name)
-    if _get(body, "background", "a boolean", "background"):
+    if typed_field(body, "background", "a boolean"):
         raise invalid("background responses are not supported", "background")
 
 
 def _include(body: dict) -> list[str]:
-    include = _get(body, "include", "an array", "include", [])
+    include = typed_field(body, "include", "an array", [])
     for i, value in enumerate(include):
         if value not in INCLUDABLE:
             raise invalid(
@@ -307,11 +290,11 @@ _FORMAT_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 def _text_format(body: dict) -> dict:
     """text.format in OpenAI's shapes: text, json_object, or json_schema with a name and a
     schema (the schema itself is checked when its grammar is built)."""
-    text = _get(body, "text", "an object", "text", {})
+    text = typed_field(body, "text", "an object", {})
     for key in text:
         if key != "format":
             raise invalid(f"text.{key} is not supported", f"text.{key}")
-    fmt = _get(text, "format", "an object", "text.format", {"type": "text"})
+    fmt = typed_field(text, "format", "an object", {"type": "text"}, "text.format")
     kind = fmt.get("type")
     if kind not in _FORMAT_KEYS:
         raise invalid(
@@ -330,16 +313,16 @@ def _text_format(body: dict) -> dict:
         raise invalid(
             "text.format.name must be 1 to 64 letters, digits, '_' or '-'", "text.format.name"
         )
-    schema = _get(fmt, "schema", "an object", "text.format.schema")
+    schema = typed_field(fmt, "schema", "an object", param="text.format.schema")
     if schema is None:
         raise invalid("text.format.schema is required", "text.format.schema")
     out = {
         "type": kind,
         "name": name,
         "schema": schema,
-        "strict": _get(fmt, "strict", "a boolean", "text.format.strict"),
+        "strict": typed_field(fmt, "strict", "a boolean", param="text.format.strict"),
     }
-    description = _get(fmt, "description", "a string", "text.format.description")
+    description = typed_field(fmt, "description", "a string", param="text.format.description")
     return out if description is None else {**out, "description": description}
 
 
@@ -347,7 +330,7 @@ def _conversation_id(body: dict) -> str | None:
     raw = body.get("conversation")
     if isinstance(raw, dict):
         return _required_string(raw, "id", "conversation")
-    return _get(body, "conversation", "a string", "conversation")
+    return typed_field(body, "conversation", "a string")
 
 
 def parse_response_request(
@@ -358,51 +341,47 @@ def parse_response_request(
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
     _check_unsupported(body)
-    previous = _get(body, "previous_response_id", "a string", "previous_response_id")
+    previous = typed_field(body, "previous_response_id", "a string")
     conversation = _conversation_id(body)
     if previous is not None and conversation is not None:
         raise invalid(
             "previous_response_id and conversation cannot both be set", "previous_response_id"
         )
-    truncation = _get(body, "truncation", "a string", "truncation", "disabled")
+    truncation = typed_field(body, "truncation", "a string", "disabled")
     if truncation not in ("auto", "disabled"):
         raise invalid(f'truncation must be "auto" or "disabled", got {truncation!r}', "truncation")
-    max_output = _get(body, "max_output_tokens", "an integer", "max_output_tokens")
+    max_output = typed_field(body, "max_output_tokens", "an integer")
     if max_output is not None and max_output < 1:
         raise invalid(
             f"max_output_tokens must be at least 1, got {max_output}", "max_output_tokens"
         )
-    temperature = _get(body, "temperature", "a number", "temperature")
+    temperature = typed_field(body, "temperature", "a number")
     if temperature is not None and not 0 <= temperature <= 2:
         raise invalid(f"temperature must be in [0, 2], got {temperature}", "temperature")
     tools = _tools(body)
-    max_tool_calls = _get(
-        body, "max_tool_calls", "an integer", "max_tool_calls", DEFAULT_MAX_TOOL_CALLS
-    )
+    max_tool_calls = typed_field(body, "max_tool_calls", "an integer", DEFAULT_MAX_TOOL_CALLS)
     if max_tool_calls < 0:
         raise invalid(f"max_tool_calls must be at least 0, got {max_tool_calls}", "max_tool_calls")
     request = ResponseRequest(
-        model=resolve_model(_get(body, "model", "a string", "model")),
+        model=resolve_model(typed_field(body, "model", "a string")),
         input=_input(body),
-        instructions=_get(body, "instructions", "a string", "instructions"),
+        instructions=typed_field(body, "instructions", "a string"),
         previous_response_id=previous,
         conversation_id=conversation,
-        store=_get(body, "store", "a boolean", "store", True),
+        store=typed_field(body, "store", "a boolean", True),
         max_output_tokens=max_output,
         temperature=temperature,
-        top_p=_get(body, "top_p", "a number", "top_p"),
+        top_p=typed_field(body, "top_p", "a number"),
         truncation=truncation,
         metadata=parse_metadata(body.get("metadata")),
         tools=tools,
         tool_choice=_tool_choice(body, tools),
-        parallel_tool_calls=_get(
-            body, "parallel_tool_calls", "a boolean", "parallel_tool_calls", True
-        ),
+        parallel_tool_calls=typed_field(body, "parallel_tool_calls", "a boolean", True),
         text_format=_text_format(body),
         max_tool_calls=max_tool_calls,
         include=_include(body),
     )
-    return request, _get(body, "stream", "a boolean", "stream", False)
+    return request, typed_field(body, "stream", "a boolean", False)
 
 
 def parse_page(query: Any) -> Page:
