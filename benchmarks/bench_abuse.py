@@ -1,8 +1,9 @@
 """What an abusive client does to everyone else's latency (issue 21).
 
 One command starts `python -m engine.serve`, then measures the same closed-loop load of
-normal streaming chat requests (`loadgen.run_level`) twice: alone, and while abusive
-clients send, back to back, the largest prompts the server's checks let through:
+normal streaming chat requests (`loadgen.run_requests`) alone and while abusive clients
+send, back to back, the largest prompts the server's checks let through, in `--rounds`
+rounds of the two phases (in alternating order; each condition's samples pooled):
 
   * a completions prompt of exactly the server's character limit (16 per token of the
     context window by default), made of varied words so it tokenizes to several times
@@ -20,7 +21,7 @@ is the normal requests' p99 time to first token with the abuse over without it
 is real work the engine must do (chunked prefill), not abuse the server can refuse.
 
     python benchmarks/bench_abuse.py                  # default model, 4 streams
-    python benchmarks/bench_abuse.py --requests 64 --abusers 2
+    python benchmarks/bench_abuse.py --rounds 6 --requests 64 --abusers 2
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -111,23 +113,54 @@ def abusive_bodies(
     return [(path, json.dumps(body).encode()) for path, body in kinds]
 
 
-async def abuse(url: str, bodies: list[tuple[str, bytes]], stop, stats: AbuseStats) -> None:
-    """Send the bodies round-robin, back to back, until `stop` (a process event) is set."""
+async def abuse(url: str, bodies: list[tuple[str, bytes]], control, stats: AbuseStats) -> None:
+    """Send the bodies round-robin, back to back, while the abuse is switched on, until
+    it is stopped; `control.busy` counts the requests in flight."""
     headers = {"content-type": "application/json"}
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         i = 0
-        while not stop.is_set():
+        while not control.stop.is_set():
+            if not control.active.is_set():
+                await asyncio.sleep(0.02)
+                continue
             path, body = bodies[i % len(bodies)]
             i += 1
+            with control.busy.get_lock():
+                control.busy.value += 1
             start = time.perf_counter()
-            response = await client.post(path, content=body, headers=headers)
+            try:
+                response = await client.post(path, content=body, headers=headers)
+            finally:
+                with control.busy.get_lock():
+                    control.busy.value -= 1
             stats.seconds.append(time.perf_counter() - start)
             stats.sent += 1
             stats.statuses[response.status_code] = stats.statuses.get(response.status_code, 0) + 1
 
 
+@dataclass
+class AbuseControl:
+    """Switches shared with the abusive process: `active` turns the abuse on and off
+    between phases, `busy` counts its requests in flight (so a phase without abuse starts
+    only once the last one has been answered), `stop` ends it."""
+
+    active: Any
+    stop: Any
+    busy: Any
+    started: Any
+
+    @classmethod
+    def create(cls, context) -> AbuseControl:
+        return cls(context.Event(), context.Event(), context.Value("i", 0), context.Event())
+
+    async def pause(self) -> None:
+        self.active.clear()
+        while self.busy.value:
+            await asyncio.sleep(0.02)
+
+
 def abuse_process(
-    url: str, bodies: list[tuple[str, bytes]], clients: int, started, stop, results
+    url: str, bodies: list[tuple[str, bytes]], clients: int, control: AbuseControl, results
 ) -> None:
     """The abusive clients in a process of their own at the lowest CPU priority, standing
     in for clients on another machine: in the measuring process their event loop (sending
@@ -138,11 +171,36 @@ def abuse_process(
 
     async def run() -> AbuseStats:
         stats = AbuseStats()
-        started.set()
-        await asyncio.gather(*(abuse(url, bodies, stop, stats) for _ in range(clients)))
+        control.started.set()
+        await asyncio.gather(*(abuse(url, bodies, control, stats) for _ in range(clients)))
         return stats
 
     results.put(asyncio.run(run()))
+
+
+async def phases(
+    load: argparse.Namespace, args: argparse.Namespace, control: AbuseControl
+) -> tuple[loadgen.LevelReport, loadgen.LevelReport]:
+    """`args.rounds` rounds of a phase alone and a phase with the abuse, in alternating
+    order (alone first in even rounds), each condition's requests pooled over the rounds:
+    the two conditions share the machine's drift alike, and a p99 over several rounds'
+    samples is not just the slowest request of one."""
+    pooled: dict[bool, tuple[list, float]] = {False: ([], 0.0), True: ([], 0.0)}
+    for round_ in range(args.rounds):
+        for abused in (False, True) if round_ % 2 == 0 else (True, False):
+            if abused:
+                control.active.set()
+                await asyncio.sleep(0.5)  # let the abuse start before the measured requests
+            first = 100 * (2 * round_ + abused)
+            results, seconds = await loadgen.run_requests(load, args.concurrency, first=first)
+            await control.pause()
+            done, total = pooled[abused]
+            pooled[abused] = (done + results, total + seconds)
+            report = loadgen.summarize(args.concurrency, results, seconds)
+            name = "abused" if abused else "alone"
+            print(f"round {round_ + 1} {name}: TTFT p99 {report.ttft_p99_ms} ms", file=sys.stderr)
+    alone, abused = (loadgen.summarize(args.concurrency, *pooled[k]) for k in (False, True))
+    return alone, abused
 
 
 async def measure(url: str, args: argparse.Namespace) -> dict:
@@ -156,20 +214,15 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
         bodies = [bodies[i] for i in args.kinds]
     warmup = argparse.Namespace(**{**vars(load), "requests": args.concurrency})
     await loadgen.run_level(warmup, args.concurrency)  # caches, allocator, threads
-    baseline = await loadgen.run_level(load, args.concurrency, first=100)
-    print(f"alone: TTFT p99 {baseline.ttft_p99_ms} ms", file=sys.stderr)
     context = multiprocessing.get_context("spawn")
-    started, stop, results = context.Event(), context.Event(), context.Queue()
+    control, results = AbuseControl.create(context), context.Queue()
     abusers = context.Process(
-        target=abuse_process,
-        args=(url, bodies, args.abusers, started, stop, results),
-        daemon=True,
+        target=abuse_process, args=(url, bodies, args.abusers, control, results), daemon=True
     )
     abusers.start()
-    await asyncio.to_thread(started.wait, 60)
-    await asyncio.sleep(0.5)  # let the abuse start before the measured requests
-    abused = await loadgen.run_level(load, args.concurrency, first=200)
-    stop.set()
+    await asyncio.to_thread(control.started.wait, 60)
+    baseline, abused = await phases(load, args, control)
+    control.stop.set()
     stats = results.get(timeout=600)
     abusers.join()
     health = httpx.get(f"{url}/health", timeout=10).status_code
@@ -192,8 +245,9 @@ def report(result: dict, args: argparse.Namespace) -> None:
         f"{result['max_model_len']} tokens, prompt limit {result['max_chars']} characters"
     )
     print(
-        f"normal load: {args.concurrency} streams, {args.requests} requests of "
-        f"{args.max_tokens} tokens per run; {args.abusers} abusive client(s), bodies of "
+        f"normal load: {args.concurrency} streams, {args.rounds} rounds x {args.requests} "
+        f"requests of {args.max_tokens} tokens per condition; {args.abusers} abusive "
+        f"client(s), bodies of "
         f"{', '.join(str(s) for s in result['abusive_sizes'])} bytes"
     )
     print()
@@ -224,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-args", default="--compile off", help="extra options for python -m engine.serve"
     )
     p.add_argument("--concurrency", type=int, default=4, help="normal streams")
-    p.add_argument("--requests", type=int, default=64, help="normal requests per run")
+    p.add_argument("--requests", type=int, default=64, help="normal requests per phase (and round)")
+    p.add_argument(
+        "--rounds", type=int, default=4, help="rounds of a phase alone and a phase abused"
+    )
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--abusers", type=int, default=1, help="abusive clients")
     p.add_argument(

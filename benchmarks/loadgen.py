@@ -177,6 +177,15 @@ async def run_level(
     `first` lets a caller give each level prompts the earlier levels did not send, so a
     server's prefix cache cannot turn later levels into cache hits.
     """
+    results, duration = await run_requests(args, concurrency, prompts, first)
+    return summarize(concurrency, results, duration)
+
+
+async def run_requests(
+    args: argparse.Namespace, concurrency: int, prompts: Sequence[str] = PROMPTS, first: int = 0
+) -> tuple[list[RequestResult], float]:
+    """`run_level`'s requests and their wall time, unsummarized: a caller measuring in
+    several rounds pools the results of all of them before taking percentiles."""
     total = args.requests or max(4 * concurrency, 8)
     next_index = 0
     results: list[RequestResult] = []
@@ -196,10 +205,15 @@ async def run_level(
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         duration = time.perf_counter() - started
-    ok = [r for r in results if r.ok]
     for r in results:
         if not r.ok:
             print(f"  request failed: {r.error}", file=sys.stderr)
+    return results, duration
+
+
+def summarize(concurrency: int, results: list[RequestResult], duration: float) -> LevelReport:
+    """The level's report: throughput over `duration`, percentiles over the successes."""
+    ok = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in ok)
     ttft = [r.ttft for r in ok]
     gaps = [g for r in ok for g in r.gaps]
