@@ -33,7 +33,14 @@ from orchestrator import Product
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store import sqlite_url
 from orchestrator.tools import ToolRegistry, ToolUnavailable, builtin_tools
-from server import ServerConfig, build_app, in_flight, start_draining
+from server import (
+    ServerConfig,
+    build_app,
+    in_flight,
+    start_draining,
+    start_preparation,
+    stop_preparation,
+)
 
 log = logging.getLogger("tokenmill")
 
@@ -477,6 +484,7 @@ async def serve(args: argparse.Namespace) -> bool:
         raise
     product.resume()
     app = build_app(engine, server_config(args), product, embedder)
+    start_preparation(app)
     settle_heap()
     config = uvicorn.Config(
         app,
@@ -492,6 +500,7 @@ async def serve(args: argparse.Namespace) -> bool:
         await _Server(config, app, engine, args.shutdown_timeout).serve()
     finally:
         await engine.shutdown()
+        stop_preparation(app)
         product.close()
         if embedder is not None:
             embedder.close()

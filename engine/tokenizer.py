@@ -276,6 +276,13 @@ class Tokenizer:
             ids.insert(0, self.bos_token_id)
         return ids
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the compiled template (jinja's are not picklable); it compiles again
+        on first use. The server sends its tokenizer to its preparation process."""
+        state = dict(self.__dict__)
+        state.pop("_template", None)
+        return state
+
     @cached_property
     def _template(self) -> jinja2.Template | None:
         if self.chat_template is None:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 async def read_json(request: Request, limit: int, parse: Callable[[Any], Any] | None = None) -> Any:
     """The body as JSON, through `parse` if given (415, 413 and 400 for what is not; a
     large body is parsed off the event loop; see `server.request_body`)."""
-    return await read_json_body(request, limit, _state(request).offload, parse)
+    return await read_json_body(request, limit, _state(request), parse)
 
 
 def _state(request: Request) -> ServerState:
@@ -285,6 +285,16 @@ def start_draining(app: Starlette) -> None:
     """Shutdown's first step: new requests get 503 and /health turns 503, while
     requests already admitted run to completion."""
     app.state.tokenmill.admission.draining = True
+
+
+def start_preparation(app: Starlette) -> None:
+    """Start the preparation process now rather than on the first large request (it
+    takes an interpreter's start-up, seconds)."""
+    app.state.tokenmill.prep.start()
+
+
+def stop_preparation(app: Starlette) -> None:
+    app.state.tokenmill.prep.close()
 
 
 def in_flight(app: Starlette) -> int:

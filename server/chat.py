@@ -44,6 +44,7 @@ from server.generation import (
 )
 from server.logprobs import chat_logprobs
 from server.metrics import RequestTimer
+from server.prep_process import PromptContext
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
 from server.structured import chat_structured_outputs
@@ -90,7 +91,7 @@ async def create_chat_completion(
     check_token_ids(params.stop_token_ids, state.engine.vocab_size, "stop_token_ids")
     ticket = await state.admission.acquire(params.n, "n", fair_share)
     try:
-        prompt_ids = await state.prepare(_prompt_size(request), _encode_prompt, state, request)
+        prompt_ids = await state.prepare(_prompt_size(request), _encode_prompt, request)
         params = _default_max_tokens(state, params, len(prompt_ids))
         max_len = state.engine.max_model_len
         check_context(len(prompt_ids), params.max_tokens, max_len, "messages")
@@ -150,12 +151,13 @@ def _default_max_tokens(
     return replace(params, max_tokens=min(cap, room))
 
 
-def _encode_prompt(state: ServerState, request: ChatRequest) -> list[int]:
-    """Render and tokenize (on a worker thread), after checking the request's size."""
-    check_prompt_chars(_prompt_chars(request), state.max_prompt_chars, "messages")
-    tokenizer = state.engine.tokenizer
+def _encode_prompt(context: PromptContext, request: ChatRequest) -> list[int]:
+    """Render and tokenize (in the preparation process for a large prompt), after
+    checking the request's size."""
+    check_prompt_chars(_prompt_chars(request), context.max_prompt_chars, "messages")
+    tokenizer = context.tokenizer
     prompt = build_chat_prompt(request, template_supports_tools(tokenizer.chat_template))
-    max_len = state.engine.max_model_len
+    max_len = context.max_model_len
     try:
         return tokenizer.encode_chat(
             prompt.messages, add_generation_prompt=True, tools=prompt.tools, max_tokens=max_len

@@ -33,6 +33,7 @@ from server.generation import (
 )
 from server.logprobs import completion_logprobs
 from server.metrics import RequestTimer
+from server.prep_process import PromptContext
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
 from server.structured import response_format_params
@@ -56,31 +57,30 @@ class CompletionRun:
 
 
 def _prepare_prompts(
-    state: ServerState, prompts: list[str | list[int]], echo: bool
+    context: PromptContext, prompts: list[str | list[int]], echo: bool
 ) -> tuple[list[list[int]], list[str]]:
-    """Each prompt as token ids, and as text when echoed (on a worker thread), after the
-    size and vocabulary checks that make tokenizing and decoding them safe and bounded."""
-    engine = state.engine
+    """Each prompt as token ids, and as text when echoed (in the preparation process for
+    large prompts), after the size and vocabulary checks that make tokenizing and
+    decoding them safe and bounded."""
+    tokenizer, max_len = context.tokenizer, context.max_model_len
     ids_list = []
     for prompt in prompts:
         if isinstance(prompt, str):
-            check_prompt_chars(len(prompt), state.max_prompt_chars, "prompt")
+            check_prompt_chars(len(prompt), context.max_prompt_chars, "prompt")
             try:
-                ids = engine.tokenizer.encode(
-                    prompt, add_special_tokens=True, max_tokens=engine.max_model_len
-                )
+                ids = tokenizer.encode(prompt, add_special_tokens=True, max_tokens=max_len)
             except ContextLengthExceededError as exc:
-                raise window_error(exc, engine.max_model_len, "prompt") from None
+                raise window_error(exc, max_len, "prompt") from None
         else:
-            check_context(len(prompt), None, engine.max_model_len, "prompt")
-            check_token_ids(prompt, engine.vocab_size, "prompt")
+            check_context(len(prompt), None, max_len, "prompt")
+            check_token_ids(prompt, context.vocab_size, "prompt")
             ids = prompt
         if not ids:
             raise invalid("prompt must not be empty", "prompt")
         ids_list.append(ids)
     if not echo:
         return ids_list, []
-    return ids_list, [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
+    return ids_list, [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
 
 
 async def create_completion(
@@ -104,9 +104,7 @@ async def create_completion(
     )
     try:
         size = sum(len(p) for p in request.prompts)
-        prompts, texts = await state.prepare(
-            size, _prepare_prompts, state, request.prompts, request.echo
-        )
+        prompts, texts = await state.prepare(size, _prepare_prompts, request.prompts, request.echo)
         max_len = state.engine.max_model_len
         for ids in prompts:
             check_context(len(ids), params.max_tokens, max_len, "prompt")

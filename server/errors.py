@@ -44,6 +44,12 @@ class APIError(Exception):
     def __post_init__(self) -> None:
         super().__init__(self.message)
 
+    def __reduce__(self) -> tuple:
+        """Rebuilt from its fields: it crosses from the preparation process
+        (server.prep_process), and an exception unpickles from `args` by default."""
+        fields = (self.status, self.message, self.param, self.code, self.headers, self.type)
+        return (type(self), fields)
+
     def body(self) -> dict:
         return {
             "error": {

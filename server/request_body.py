@@ -10,13 +10,12 @@ Every way a body can be wrong ends in a 4xx here, before any handler sees it:
   objects or `MAX_JSON_VALUES` values, or a string holding a lone UTF-16 surrogate is a 400.
 
 Parsing a large body takes a while (tens of milliseconds per MB of small objects), so
-above `OFFLOAD_BYTES` the JSON parse and the request's own parse run on a worker thread;
-small bodies, the common case, are parsed at once and never queue behind a large one.
-The json module holds the GIL while it parses, so this shortens rather than removes
-every other thread's wait: the byte limit is what bounds it. Everything after the parse
-that scales with the body avoids holding the GIL per object: the nesting depth is read
-from the bytes by numpy, and a chat request's message count is checked before any
-message is.
+above `OFFLOAD_BYTES` the JSON parse runs in the preparation process
+(server/prep_process.py), which has a GIL of its own, and the request's own parse of the
+result on a worker thread; small bodies, the common case, are parsed at once and never
+queue behind a large one. The shape checks run before the parse: the nesting depth and
+the counts are read from the bytes by numpy, and a chat request's message count is
+checked before any message is.
 """
 
 from __future__ import annotations
@@ -24,9 +23,8 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import Awaitable, Callable
-from functools import partial
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 from starlette.requests import Request
@@ -47,7 +45,14 @@ OFFLOAD_BYTES = 64 * 1024
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 T = TypeVar("T")
-Offload = Callable[..., Awaitable[Any]]
+
+
+class OffLoop(Protocol):
+    """Where a large body's work runs (server.state.ServerState)."""
+
+    async def parse_json(self, body: bytes) -> Any: ...
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T: ...
 
 
 def is_json_content_type(header: str) -> bool:
@@ -56,24 +61,26 @@ def is_json_content_type(header: str) -> bool:
 
 
 async def read_json_body(
-    request: Request, limit: int, offload: Offload, parse: Callable[[Any], T] | None = None
+    request: Request,
+    limit: int,
+    off_loop: OffLoop,
+    parse: Callable[[Any], T] | None = None,
 ) -> T | Any:
     """The body as JSON, after the content-type and size checks, passed through `parse`
-    if given; `offload(fn)` runs both parses of a large body off the event loop."""
+    if given; a large body is parsed in the preparation process and `parse` runs on a
+    worker thread (`off_loop`), never on the event loop."""
     if not is_json_content_type(request.headers.get("content-type", "")):
         raise APIError(
             415,
             "the request body must be JSON, sent with 'Content-Type: application/json'",
             code="unsupported_media_type",
         )
-    body = await _read_limited(request, limit)
-    work = partial(_parse, bytes(body), parse)
-    return await offload(work) if len(body) > OFFLOAD_BYTES else work()
-
-
-def _parse(body: bytes, parse: Callable[[Any], T] | None) -> T | Any:
-    value = parse_json(body)
-    return value if parse is None else parse(value)
+    body = bytes(await _read_limited(request, limit))
+    if len(body) <= OFFLOAD_BYTES:
+        value = parse_json(body)
+        return value if parse is None else parse(value)
+    value = await off_loop.parse_json(body)
+    return value if parse is None else await off_loop.offload(parse, value)
 
 
 async def _read_limited(request: Request, limit: int) -> bytearray:

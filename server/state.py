@@ -1,12 +1,10 @@
-"""What every handler needs: the engine, the settings, metrics, admission control and
-the worker threads that keep heavy request preparation off the event loop."""
+"""What every handler needs: the engine, the settings, metrics, admission control, and the
+preparation process and worker threads that keep heavy request preparation off the event
+loop."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -18,6 +16,8 @@ from typing import Any, TypeVar
 from engine.client import EngineClient
 from server.errors import APIError
 from server.metrics import ServerMetrics
+from server.prep_process import PrepProcess, PromptContext
+from server.request_body import parse_json
 
 T = TypeVar("T")
 
@@ -25,22 +25,13 @@ T = TypeVar("T")
 # (tokenizers average 3 to 5 characters a token on text, and rarely reach 16), so it is
 # refused before it costs any tokenizing.
 PROMPT_CHARS_PER_TOKEN = 16
-# Threads that parse large bodies, render chat templates and tokenize. Few on purpose:
-# they share the cores with the engine, and admission bounds the requests queued for them.
+# Threads that turn a large body's parsed JSON into a request (the parsing itself, and
+# rendering and tokenizing large prompts, run in the preparation process,
+# server/prep_process.py). Few on purpose: admission bounds the requests queued for them.
 WORKER_THREADS = 2
-# Their CPU priority, the lowest (a nice value, Linux only): when the cores are short,
-# the streams in flight go first and a client sending megabytes waits, not everyone
-# else. The price is paid by large prompts while the engine is busy: tokenizing 100 KB
-# (~20 ms of a core) may then take several times as long, still well under the prefill
-# that follows. Their work either releases the GIL (numpy scans, tokenizing) or holds
-# it briefly (the JSON parse of a body within the container and value limits), so a
-# worker waiting for a core rarely holds the GIL meanwhile. Measured with
-# benchmarks/bench_abuse.py (docs/server.md): nice 0, 10 and 19 gave the normal
-# requests' p99 TTFT 7.0x, 1.7-3.7x and 0.7-1.8x their figure without the abuse.
-WORKER_NICENESS = 19
 # Prompts up to this many characters are rendered and tokenized on the event loop (well
-# under a millisecond); larger ones go to the workers, so small requests never queue
-# behind large ones.
+# under a millisecond); larger ones go to the preparation process, so small requests
+# never queue behind large ones.
 INLINE_PROMPT_CHARS = 8192
 # Names echoed back in errors are cut to this length.
 MAX_ECHOED_CHARS = 64
@@ -203,12 +194,6 @@ class Ticket:
             admission._release(self)
 
 
-def _lower_priority() -> None:
-    """Give the calling thread WORKER_NICENESS (on Linux a thread's nice value is its own)."""
-    if sys.platform == "linux":
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
-
-
 class ServerState:
     def __init__(self, engine: EngineClient, config: ServerConfig) -> None:
         self.engine = engine
@@ -218,23 +203,30 @@ class ServerState:
         self.max_prompt_chars = config.max_prompt_chars or (
             PROMPT_CHARS_PER_TOKEN * engine.max_model_len
         )
-        self.workers = ThreadPoolExecutor(
-            WORKER_THREADS, thread_name_prefix="tokenmill-prep", initializer=_lower_priority
+        self.prompt_context = PromptContext(
+            engine.tokenizer, engine.max_model_len, engine.vocab_size, self.max_prompt_chars
         )
+        self.prep = PrepProcess(self.prompt_context)
+        self.workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="tokenmill-parse")
         self.created = int(time.time())
         # Logprobs name every top token; decoding each id once keeps that cheap.
         self.token_text = lru_cache(maxsize=65536)(self._decode_one)
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on a worker thread: for parsing, template rendering and tokenizing,
-        which would otherwise stall every stream while they run."""
+        """`fn(*args)` on a worker thread: for turning a large parsed body into a request,
+        which would otherwise stall every stream while it runs."""
         return await asyncio.get_running_loop().run_in_executor(self.workers, partial(fn, *args))
 
+    async def parse_json(self, body: bytes) -> Any:
+        """A large body's JSON, parsed (and checked) in the preparation process."""
+        return await self.prep.run(parse_json, body)
+
     async def prepare(self, prompt_chars: int, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)`, a prompt's preparation: at once for a small prompt, else offloaded."""
+        """`fn(prompt_context, *args)`, a prompt's preparation: at once for a small
+        prompt, else in the preparation process."""
         if prompt_chars <= INLINE_PROMPT_CHARS:
-            return fn(*args)
-        return await self.offload(fn, *args)
+            return fn(self.prompt_context, *args)
+        return await self.prep.run_with_context(fn, *args)
 
     def _decode_one(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import threading
+from pathlib import Path
 
 import pytest
 
-from server.state import WORKER_NICENESS
+from server.prep_process import NICENESS
 from tests.server.fake_engine import FakeEngine, FakeTokenizer
 from tests.server.sse_client import events
 from tests.server.test_app import USER, assert_error, chat
@@ -183,41 +182,37 @@ def test_prompt_size_is_bounded_before_tokenizing(serve):
     )
 
 
-def test_large_prompts_are_prepared_off_the_event_loop(serve):
-    """Rendering and tokenizing a large prompt would stall every stream: it happens on a
-    worker thread; a small one is done at once on the event loop."""
-    threads: list[str] = []
+class WhereTokenizer(FakeTokenizer):
+    """Writes the process and CPU priority each encode runs at to `log` (a file, since
+    the preparation process has its own copy of the tokenizer)."""
 
-    class RecordingTokenizer(FakeTokenizer):
-        def encode(self, text, add_special_tokens=False, max_tokens=None):
-            threads.append(threading.current_thread().name)
-            return super().encode(text, add_special_tokens, max_tokens)
+    def __init__(self, log: Path) -> None:
+        super().__init__()
+        self.log = log
 
-    server = serve(FakeEngine(tokenizer=RecordingTokenizer(), max_model_len=100_000))
+    def encode(self, text, add_special_tokens=False, max_tokens=None):
+        with self.log.open("a") as f:
+            f.write(f"{os.getpid()} {os.getpriority(os.PRIO_PROCESS, 0)}\n")
+        return super().encode(text, add_special_tokens, max_tokens)
+
+
+def test_large_prompts_are_prepared_in_the_low_priority_process(serve, tmp_path):
+    """Rendering and tokenizing a large prompt would stall every stream: it happens in the
+    preparation process, at the lowest CPU priority, where even a preempted parse holds no
+    lock the server's threads need; a small prompt is done at once on the event loop."""
+    log = tmp_path / "encodes"
+    server = serve(FakeEngine(tokenizer=WhereTokenizer(log), max_model_len=100_000))
     post = server.client.post
     assert (
         post("/v1/completions", json={"prompt": "x" * 20_000, "max_tokens": 1}).status_code == 200
     )
     assert chat(server, messages=[{"role": "user", "content": "y" * 20_000}]).status_code == 200
     assert post("/v1/completions", json={"prompt": "small", "max_tokens": 1}).status_code == 200
-    assert [t.startswith("tokenmill-prep") for t in threads] == [True, True, False]
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
-def test_large_prompts_are_prepared_at_the_lowest_cpu_priority(serve):
-    """The workers yield the cores to the engine: a client sending megabytes waits for
-    idle cycles instead of taking them from everyone's streams."""
-    niceness: list[int] = []
-
-    class RecordingTokenizer(FakeTokenizer):
-        def encode(self, text, add_special_tokens=False, max_tokens=None):
-            niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-            return super().encode(text, add_special_tokens, max_tokens)
-
-    server = serve(FakeEngine(tokenizer=RecordingTokenizer(), max_model_len=100_000))
-    body = {"prompt": "x" * 20_000, "max_tokens": 1}
-    assert server.client.post("/v1/completions", json=body).status_code == 200
-    assert niceness == [WORKER_NICENESS]
+    (child, low), (child_again, low_again), (here, _) = (
+        tuple(map(int, line.split())) for line in log.read_text().splitlines()
+    )
+    assert child == child_again != os.getpid() == here
+    assert low == low_again == NICENESS
 
 
 def test_405_says_which_methods_are_allowed(serve):

@@ -1,0 +1,125 @@
+"""The preparation process: the heavy, untrusted part of reading a request (parsing a large
+JSON body, rendering and tokenizing a large prompt) in a child process at the lowest CPU
+priority.
+
+Why a process rather than low-priority threads: a thread of the server holds the server's
+GIL whenever it runs Python, and a thread at nice 19 that the kernel preempts while it
+holds the GIL holds up the event loop and the engine's thread until it gets a core again,
+which on a busy machine takes tens to hundreds of milliseconds (a priority inversion;
+measured in docs/server.md). The child has a GIL of its own, so however long a client's
+megabytes take there, or however long the kernel leaves the child waiting, the server's
+threads never wait for it; the server only sends the bytes and reads back the result
+(the parsed body, token ids, or the error to answer).
+
+What runs here must be picklable: module-level functions, and arguments and results made
+of plain data. Functions that need the tokenizer take a `PromptContext` first; the child
+receives it once, when it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from engine.tokenizer import Tokenizer
+from server.errors import APIError
+
+T = TypeVar("T")
+
+# The child's CPU priority, the lowest (a nice value): when the cores are short, the
+# streams in flight go first and a client sending megabytes waits, not everyone else.
+NICENESS = 19
+
+
+@dataclass(frozen=True)
+class PromptContext:
+    """What turning a prompt into token ids needs, in the server and in the child."""
+
+    tokenizer: Tokenizer
+    max_model_len: int
+    vocab_size: int
+    max_prompt_chars: int
+
+
+_context: PromptContext | None = None  # the child's copy, set when it starts
+
+
+def _start_child(context: PromptContext) -> None:
+    global _context
+    _context = context
+    os.nice(NICENESS)
+
+
+def _call(fn: Callable[..., T], args: tuple) -> T:
+    return fn(*args)
+
+
+def _call_with_context(fn: Callable[..., T], args: tuple) -> T:
+    assert _context is not None, "the preparation process starts with its context"
+    return fn(_context, *args)
+
+
+def _ready() -> bool:
+    return True
+
+
+class PrepProcess:
+    """One child process (started on first use, or by `start`), restarted if it dies."""
+
+    def __init__(self, context: PromptContext) -> None:
+        self.context = context
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=1,
+                    # Never fork: the server holds the engine's threads and OpenMP state.
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_start_child,
+                    initargs=(self.context,),
+                )
+            return self._pool
+
+    def start(self) -> None:
+        """Start the child now and wait until it is ready, so that the first large request
+        does not wait for an interpreter to start."""
+        self._executor().submit(_ready).result()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in the child."""
+        return await self._submit(_call, fn, args)
+
+    async def run_with_context(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(context, *args)` in the child."""
+        return await self._submit(_call_with_context, fn, args)
+
+    async def _submit(self, call: Callable[..., T], fn: Callable[..., Any], args: tuple) -> T:
+        pool = self._executor()
+        try:
+            return await asyncio.wrap_future(pool.submit(call, fn, args))
+        except BrokenProcessPool:
+            self._discard(pool)
+            raise APIError(503, "the server could not prepare this request; try again") from None
+
+    def _discard(self, pool: ProcessPoolExecutor) -> None:
+        """Forget a pool whose child died, so the next request starts a new one."""
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

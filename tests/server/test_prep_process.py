@@ -1,0 +1,95 @@
+"""The preparation process (server/prep_process.py) and what goes to it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from typing import Any
+
+import pytest
+from starlette.requests import Request
+
+from server.errors import APIError, invalid
+from server.prep_process import NICENESS, PrepProcess, PromptContext
+from server.request_body import OFFLOAD_BYTES, parse_json, read_json_body
+from tests.server.fake_engine import FakeTokenizer
+
+
+def where(context: PromptContext) -> tuple[int, int, int]:
+    return os.getpid(), os.getpriority(os.PRIO_PROCESS, 0), context.max_model_len
+
+
+def refuse(field: str) -> None:
+    raise invalid("refused there", field, code="too_big")
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def prep():
+    process = PrepProcess(PromptContext(FakeTokenizer(), 77, 100, 1000))
+    process.start()
+    yield process
+    process.close()
+
+
+def test_work_runs_in_a_child_at_the_lowest_priority_with_the_context(prep):
+    pid, nice, max_len = asyncio.run(prep.run_with_context(where))
+    assert pid != os.getpid() and nice == NICENESS and max_len == 77
+    assert asyncio.run(prep.run(parse_json, b'{"a": [1, 2]}')) == {"a": [1, 2]}
+
+
+def test_a_refusal_comes_back_whole(prep):
+    with pytest.raises(APIError) as raised:
+        asyncio.run(prep.run(refuse, "messages"))
+    error = raised.value
+    assert (error.status, error.message, error.param, error.code) == (
+        400,
+        "refused there",
+        "messages",
+        "too_big",
+    )
+
+
+def test_a_dead_child_is_a_503_and_the_next_request_gets_a_new_one(prep):
+    first, *_ = asyncio.run(prep.run_with_context(where))
+    with pytest.raises(APIError) as raised:
+        asyncio.run(prep.run(die))
+    assert raised.value.status == 503
+    second, *_ = asyncio.run(prep.run_with_context(where))
+    assert second not in (first, os.getpid())
+
+
+class RecordingOffLoop:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def parse_json(self, body: bytes) -> Any:
+        self.calls.append("parse_json")
+        return json.loads(body)
+
+    async def offload(self, fn, *args):
+        self.calls.append("offload")
+        return fn(*args)
+
+
+def body_request(body: bytes) -> Request:
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    return Request({"type": "http", "method": "POST", "headers": headers}, receive)
+
+
+@pytest.mark.parametrize(
+    ("size", "calls"), [(100, []), (OFFLOAD_BYTES + 1, ["parse_json", "offload"])]
+)
+def test_only_a_large_body_leaves_the_event_loop(size, calls):
+    body = json.dumps({"text": "x" * size}).encode()
+    off_loop = RecordingOffLoop()
+    value = asyncio.run(read_json_body(body_request(body), 1 << 30, off_loop, lambda v: v["text"]))
+    assert len(value) == size and off_loop.calls == calls
