@@ -45,7 +45,8 @@ _KEYWORD_TEXT = """abort action add after all alter always analyze and as asc at
 _KEYWORDS = frozenset(_KEYWORD_TEXT.split())
 _META = re.compile(r"([\\.+*?()|\[\]{}^$])")
 NUMBER = r"-?[0-9]{1,12}(\.[0-9]{1,6})?"
-FREE_TEXT = r"'[^'\\\"\n]{0,40}'"  # a literal for a column whose values are not listed
+# A literal for a column whose values are not listed (SQLite refuses a NUL in a query).
+FREE_TEXT = r"'[^'\\\"\n\x00]{0,40}'"
 COMPARISON = "(=|!=|<|>|<=|>=)"
 MONEY_WORDS = ("usd", "eur", "dollar", "euro", "price", "revenue", "amount", "cost", "money")
 YEAR_FIRST = re.compile(r"\d{4}\b")  # dates, months, quarters: sorted, the last is latest
@@ -111,7 +112,7 @@ def _distinct_values(db: sqlite3.Connection, table: str, column: str) -> list[st
         return None
     if not all(isinstance(v, str) and 0 < len(v) <= MAX_VALUE_CHARS for v in values):
         return None
-    if any("\n" in v or "\\" in v for v in values):
+    if any(c in v for v in values for c in "\n\\\x00"):
         return None
     return sorted(values)
 
