@@ -497,9 +497,7 @@ class Turn:
         then offered no tools and answers. (Offered them again, the default 135M model
         calls the function once more or writes a made-up `<tool_response>` block.)"""
         choice = self.request.tool_choice
-        return (
-            self._generations > 0 and isinstance(choice, dict) and choice["type"] == "function"
-        )
+        return self._generations > 0 and isinstance(choice, dict) and choice["type"] == "function"
 
     def _search_forced(self, config: ToolConfig) -> bool:
         """Whether this turn must call file_search and nothing else (tool_choice
