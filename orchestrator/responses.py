@@ -526,7 +526,8 @@ class Turn:
         left = None if limit is None else limit - self.totals.output_tokens
         if left is not None and left < 1:
             raise _Cut("max_output_tokens")
-        output = self._prompt_items(items[len(self.input_items) :])
+        made = items[len(self.input_items) :]
+        output = self._prompt_items(made)
         answering = not config.tools and bool(output) and output[-1]["type"] == RESULT
         structure = _structure(self.request, config, self.tools, answering)
         params = dataclasses.replace(self.params, max_tokens=left, structured_outputs=structure)
@@ -534,7 +535,8 @@ class Turn:
             prompt, self.prompt = self.prompt, None
             return prompt, params
         question = _question(self.input_items)
-        if answering and question is not None:
+        # file_search's own output ends with the question already (and how to cite).
+        if answering and question is not None and made[-1]["type"] != "file_search_call":
             output.append(_question_reminder(question))
         history = History(self.history.items, self.totals.context_tokens)
         prompt = self.service.context.build(
