@@ -61,7 +61,7 @@ from orchestrator.untrusted import spotlight
 
 log = logging.getLogger("tokenmill")
 
-RESULT = "function_call_output"  # every tool's result, as the prompt items show it
+_RESULT = "function_call_output"  # every tool's result, as the prompt items show it
 ANSWER_REMINDER = (
     "Question: {}\nAnswer the question in one short sentence, using the results above."
 )
@@ -528,7 +528,7 @@ class Turn:
             raise _Cut("max_output_tokens")
         made = items[len(self.input_items) :]
         output = self._prompt_items(made)
-        answering = not config.tools and bool(output) and output[-1]["type"] == RESULT
+        answering = not config.tools and bool(output) and output[-1]["type"] == _RESULT
         structure = _structure(self.request, config, self.tools, answering)
         params = dataclasses.replace(self.params, max_tokens=left, structured_outputs=structure)
         if self.prompt is not None:
@@ -653,9 +653,10 @@ def output_budget(prompt_tokens: int, max_tokens: int | None, max_model_len: int
 
 def _question_reminder(question: str) -> dict:
     """The user message that follows tool results on an answer turn: the question again,
-    outside the results' untrusted frame, and what to do with them. (A small model
-    otherwise answers the frame (repeating its markup or its reminder) rather than the
-    question, which may be far above the results.) Only the prompt shows it."""
+    outside the results' untrusted frame, and what to do with them. Without it a small
+    model answers the frame rather than the question, which may be far above the
+    results: it repeats the frame's markup or its reminder line. Only the prompt shows
+    it, never the response's items."""
     return {"type": "message", "role": "user", "content": ANSWER_REMINDER.format(question)}
 
 
