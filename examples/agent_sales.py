@@ -2,7 +2,8 @@
 or the one given to the server with --tool-database): the server runs the query between
 two model turns, and the response holds the call, its result and the answer. The call is
 decoded under an SQL grammar the server derives from the database (its tables, columns and
-values), so even the default 135M model writes a query that runs and names real values.
+values), so even the default 135M model writes a query that runs and names real values;
+the description lists periods latest first, so "last quarter" reads as the latest one.
 
     python -m engine.serve            # in another terminal
     python examples/agent_sales.py [--base-url http://127.0.0.1:8000/v1] [--api-key KEY]
@@ -12,7 +13,7 @@ import argparse
 
 from openai import OpenAI
 
-QUESTION = "What were East China sales in 2026-Q3?"
+QUESTION = "What were our East China sales last quarter?"
 
 
 def main() -> None:

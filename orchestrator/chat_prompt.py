@@ -115,8 +115,9 @@ def _native_message(message: Message) -> dict:
 def _plain_messages(messages: list[Message]) -> list[dict]:
     """Default format: calls and results become text the model was told about.
 
-    Tool results go in a user turn (consecutive results share one), so that templates
-    which insist on alternating roles still render.
+    Tool results go in a user turn (consecutive results share one, and a user message
+    right after them joins it), so that templates which insist on alternating roles
+    still render.
     """
     out: list[dict] = []
     previous_was_result = False
@@ -128,6 +129,10 @@ def _plain_messages(messages: list[Message]) -> list[dict]:
             else:
                 out.append({"role": "user", "content": block})
             previous_was_result = True
+            continue
+        if message.role == "user" and previous_was_result:
+            out[-1]["content"] += "\n\n" + (message.content or "")
+            previous_was_result = False
             continue
         entry = _base(message)
         if message.tool_calls:

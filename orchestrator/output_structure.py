@@ -26,6 +26,8 @@ from orchestrator.tool_parser import CALL_PREFIX, CLOSE_TAG, OPEN_TAG
 
 _NO_ARGUMENTS = {"type": "object", "properties": {}}
 ANY_OBJECT = {"type": "object"}
+# Text whose first character past any whitespace is not `<` (or no text at all).
+PLAIN_ANSWER = r"(\s*[^<\s](.|\n)*)?"
 
 
 def _lark(text: str) -> str:
@@ -46,6 +48,13 @@ def json_format_params(schema: dict, param: str) -> StructuredOutputsParams:
     if schema == ANY_OBJECT:
         return checked(param, json_object=True)
     return checked(param, json=schema)
+
+
+def plain_answer() -> StructuredOutputsParams:
+    """An answer written after tool results, without tools: free text that does not open
+    with `<`. (The default 135M model otherwise goes on with the markup it has just read,
+    `<tool_response>` or the results' `<untrusted ...>` frame, instead of answering.)"""
+    return StructuredOutputsParams(regex=PLAIN_ANSWER)
 
 
 def _call_rules(functions: list[tuple[str, dict | None]], rule: str, opening: str) -> list[str]:

@@ -46,7 +46,7 @@ from orchestrator.errors import (
 from orchestrator.events import Event, ResponseEvents, usage
 from orchestrator.ids import new_id
 from orchestrator.items import item_list, stored_item
-from orchestrator.output_structure import ANY_OBJECT, turn_structure
+from orchestrator.output_structure import ANY_OBJECT, plain_answer, turn_structure
 from orchestrator.store import History, Page, Repository, Store
 from orchestrator.tool_parser import ChoiceAssembler, ParsedCall
 from orchestrator.tools import ResolvedTools, ToolRegistry, ToolUnavailable, builtin_tools
@@ -60,6 +60,11 @@ from orchestrator.tools.file_search import (
 from orchestrator.untrusted import spotlight
 
 log = logging.getLogger("tokenmill")
+
+_RESULT = "function_call_output"  # every tool's result, as the prompt items show it
+ANSWER_REMINDER = (
+    "Question: {}\nAnswer the question in one short sentence, using the results above."
+)
 
 
 @dataclass
@@ -198,13 +203,16 @@ class _Unlimited:
 
 
 def _structure(
-    request: ResponseRequest, config: ToolConfig, tools: ResolvedTools
+    request: ResponseRequest, config: ToolConfig, tools: ResolvedTools, answering: bool = False
 ) -> StructuredOutputsParams | None:
     """The grammar a model turn's output must follow: text.format's JSON, and the turn's
     offered tools' calls (forced by "required" or a named function, lazily triggered by
     "auto"), a built-in's arguments under its enforced schema (`argument_schema`), which
     can be stricter than the parameters the prompt lists. A schema the grammar cannot
-    take is a 400 naming its field."""
+    take is a 400 naming its field. `answering`: the turn answers after tool results,
+    offered no tools; as text, it cannot open with `<` (`plain_answer`)."""
+    if answering and request.format_schema() is None:
+        return plain_answer()
     functions = [(t.name, tools.call_schema(t.name, t.spec["function"])) for t in config.tools]
     return turn_structure(
         functions,
@@ -483,6 +491,14 @@ class Turn:
             item["type"] == "file_search_call" for item in self.events.output
         )
 
+    def _forced_call_made(self) -> bool:
+        """Whether the request named the function to call (tool_choice `{"type":
+        "function", "name": ...}`) and a generation has made that call: the next turn is
+        then offered no tools and answers. (Offered them again, the default 135M model
+        calls the function once more or writes a made-up `<tool_response>` block.)"""
+        choice = self.request.tool_choice
+        return self._generations > 0 and isinstance(choice, dict) and choice["type"] == "function"
+
     def _search_forced(self, config: ToolConfig) -> bool:
         """Whether this turn must call file_search and nothing else (tool_choice
         `{"type": "file_search"}`, or "required" with file_search the only tool) while
@@ -510,12 +526,18 @@ class Turn:
         left = None if limit is None else limit - self.totals.output_tokens
         if left is not None and left < 1:
             raise _Cut("max_output_tokens")
-        structure = _structure(self.request, config, self.tools)
+        made = items[len(self.input_items) :]
+        output = self._prompt_items(made)
+        answering = not config.tools and bool(output) and output[-1]["type"] == _RESULT
+        structure = _structure(self.request, config, self.tools, answering)
         params = dataclasses.replace(self.params, max_tokens=left, structured_outputs=structure)
         if self.prompt is not None:
             prompt, self.prompt = self.prompt, None
             return prompt, params
-        output = self._prompt_items(items[len(self.input_items) :])
+        question = _question(self.input_items)
+        # file_search's own output ends with the question already (and how to cite).
+        if answering and question is not None and made[-1]["type"] != "file_search_call":
+            output.append(_question_reminder(question))
         history = History(self.history.items, self.totals.context_tokens)
         prompt = self.service.context.build(
             self.request.instructions,
@@ -533,7 +555,7 @@ class Turn:
         request = self.request
         if self._generations > 0:  # a forced or required call was made: now free to answer
             request = dataclasses.replace(request, tool_choice="auto")
-        offered = tools_enabled and not self._searched_enough()
+        offered = tools_enabled and not (self._searched_enough() or self._forced_call_made())
         config = request.tool_config(self.declared if offered else [])
         if self._generations == 0 and self._search_forced(config):
             self._generations += 1
@@ -627,6 +649,15 @@ def output_budget(prompt_tokens: int, max_tokens: int | None, max_model_len: int
     max_tokens, else what the context window leaves)."""
     most = max_model_len - prompt_tokens if max_tokens is None else max_tokens
     return prompt_tokens + max(most, 0)
+
+
+def _question_reminder(question: str) -> dict:
+    """The user message that follows tool results on an answer turn: the question again,
+    outside the results' untrusted frame, and what to do with them. Without it a small
+    model answers the frame rather than the question, which may be far above the
+    results: it repeats the frame's markup or its reminder line. Only the prompt shows
+    it, never the response's items."""
+    return {"type": "message", "role": "user", "content": ANSWER_REMINDER.format(question)}
 
 
 def _question(items: list[dict]) -> str | None:

@@ -3,6 +3,7 @@ says it does. The openai SDK example runs against one live server."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -87,6 +88,9 @@ def test_agent_sales_example_runs_sql_query_on_the_server():
     assert lines[0].startswith("call: sql_query {")
     assert lines[1].startswith("result: ")
     assert lines[2].startswith("answer: ")
+    # "last quarter" is the database's latest one, 2026-Q3.
+    sql = json.loads(lines[0].removeprefix("call: sql_query "))["sql"]
+    assert "'East China'" in sql and "'2026-Q3'" in sql, sql
     with sqlite3.connect(DEMO_DATABASE) as db:
         ((total,),) = db.execute(
             "SELECT SUM(revenue_usd) FROM sales WHERE region = 'East China' AND quarter = '2026-Q3'"

@@ -45,7 +45,8 @@ _KEYWORD_TEXT = """abort action add after all alter always analyze and as asc at
 _KEYWORDS = frozenset(_KEYWORD_TEXT.split())
 _META = re.compile(r"([\\.+*?()|\[\]{}^$])")
 NUMBER = r"-?[0-9]{1,12}(\.[0-9]{1,6})?"
-FREE_TEXT = r"'[^'\\\"\n]{0,40}'"  # a literal for a column whose values are not listed
+# A literal for a column whose values are not listed (SQLite refuses a NUL in a query).
+FREE_TEXT = r"'[^'\\\"\n\x00]{0,40}'"
 COMPARISON = "(=|!=|<|>|<=|>=)"
 MONEY_WORDS = ("usd", "eur", "dollar", "euro", "price", "revenue", "amount", "cost", "money")
 YEAR_FIRST = re.compile(r"\d{4}\b")  # dates, months, quarters: sorted, the last is latest
@@ -111,7 +112,7 @@ def _distinct_values(db: sqlite3.Connection, table: str, column: str) -> list[st
         return None
     if not all(isinstance(v, str) and 0 < len(v) <= MAX_VALUE_CHARS for v in values):
         return None
-    if any("\n" in v or "\\" in v for v in values):
+    if any(c in v for v in values for c in "\n\\\x00"):
         return None
     return sorted(values)
 
@@ -138,10 +139,34 @@ def read_shape(db: sqlite3.Connection) -> list[Table]:
     return tables
 
 
+def _listed_values(values: list[str]) -> str:
+    """A categorical column's values as the description lists them: dates and periods
+    latest first, the first marked `(latest)`, so that "last quarter" reads as the first
+    value (the default model picks early entries of a list); other values sorted."""
+    if not all(YEAR_FIRST.match(v) for v in values):
+        return ", ".join(map(literal, values))
+    latest, *earlier = [literal(v) for v in reversed(values)]
+    return ", ".join([f"{latest} (latest)", *earlier])
+
+
+def _value_lines(tables: list[Table]) -> list[str]:
+    """One line per distinct value set, naming every column that holds it (a key and
+    the column referring to it share theirs): a list repeated would cost tokens and
+    weigh its first values more."""
+    columns: dict[tuple[str, ...], list[str]] = {}
+    for table in tables:
+        for col in table.columns:
+            if col.values is not None:
+                columns.setdefault(tuple(col.values), []).append(f"{table.name}.{col.name}")
+    return [
+        f"{', '.join(names)} values: {_listed_values(list(values))}."
+        for values, names in columns.items()
+    ]
+
+
 def describe(tables: list[Table]) -> str:
-    """The schema as the model reads it: each table with its columns (type, note), then
-    the values of each categorical column, sorted (with the latest named when they are
-    dates or periods)."""
+    """The schema as the model reads it: each table with its columns (type, note), the
+    values of the categorical columns, and an example query."""
     parts = []
     for table in tables:
         columns = []
@@ -149,15 +174,7 @@ def describe(tables: list[Table]) -> str:
             text = f"{col.name} {col.type}".strip()
             columns.append(f"{text} -- {col.note}" if col.note else text)
         parts.append(f"{table.name}({', '.join(columns)})")
-    lines = ["Tables: " + "; ".join(parts) + "."]
-    for table in tables:
-        for col in table.columns:
-            if col.values is None:
-                continue
-            line = f"{table.name}.{col.name} values: {', '.join(map(literal, col.values))}"
-            if all(YEAR_FIRST.match(v) for v in col.values):
-                line += f" (latest {literal(col.values[-1])})"
-            lines.append(line + ".")
+    lines = ["Tables: " + "; ".join(parts) + ".", *_value_lines(tables)]
     example = example_query(tables)
     if example:
         lines.append(f"Example: {example}")
@@ -172,9 +189,10 @@ def _measure_rank(col: Column) -> tuple[bool, bool]:
 
 
 def example_query(tables: list[Table]) -> str | None:
-    """A query of the form most questions take, with placeholders for the values: the
-    sum of the table's amount filtered by its first two categorical columns. (A small
-    model copies the form; given real values, it copies those instead of the question's.)
+    """A query of the form most questions take, with a neutral placeholder `'...'` for
+    the values: the sum of the table's amount filtered by its first two categorical
+    columns. (A small model copies the form: given real values, it copies those instead
+    of the question's, and given `'<region>'` it writes the first region listed.)
     The table is the one with the most categorical columns; None if none has any."""
     table = max(tables, key=lambda t: sum(c.values is not None for c in t.columns))
     categorical = [c for c in table.columns if c.values is not None][:2]
@@ -182,7 +200,7 @@ def example_query(tables: list[Table]) -> str | None:
         return None
     numeric = sorted((c for c in table.columns if c.numeric), key=_measure_rank)
     measure = f"SUM({identifier(numeric[0].name)})" if numeric else "COUNT(*)"
-    filters = " AND ".join(f"{identifier(c.name)} = '<{c.name}>'" for c in categorical)
+    filters = " AND ".join(f"{identifier(c.name)} = '...'" for c in categorical)
     return f"SELECT {measure} FROM {identifier(table.name)} WHERE {filters}"
 
 

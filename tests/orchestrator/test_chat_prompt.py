@@ -72,6 +72,21 @@ def test_default_tool_format_for_templates_without_a_tool_section():
     )
 
 
+def test_a_user_message_after_tool_results_joins_their_turn():
+    follow_up = {"role": "user", "content": "Which is warmer?"}
+    request = parse_chat_request({"messages": [*ROUND_TRIP, follow_up], "tools": [WEATHER_TOOL]})
+    messages = build_chat_prompt(request, native_tools=False).messages
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[-1]["content"] == (
+        "<tool_response>\n18C, sunny\n</tool_response>\n"
+        "<tool_response>\n25C, clear\n</tool_response>\n\n"
+        "Which is warmer?"
+    )
+    # A template with a tool section keeps the roles as they are.
+    native = build_chat_prompt(request, native_tools=True).messages
+    assert [m["role"] for m in native][-3:] == ["tool", "tool", "user"]
+
+
 def test_native_tool_templates_get_tools_and_structured_calls():
     request = parse_chat_request({"messages": ROUND_TRIP, "tools": [WEATHER_TOOL]})
     prompt = build_chat_prompt(request, native_tools=True)

@@ -1,6 +1,7 @@
 """sql_query's grammar: every query it accepts runs read-only on its database (the demo
 one and any other), llguidance enforces it on a forced call, and the declaration the
-model reads stays compact (the grammar is not in it)."""
+model reads stays compact (the grammar is not in it) and leads to the latest period.
+Also the answer turn's constraint after the result: text that does not open with `<`."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from engine.structured_output import GrammarCompiler
 from engine.tokenizer import Tokenizer
 from orchestrator.chat_types import Tool
 from orchestrator.context import ContextBuilder, ToolConfig
-from orchestrator.output_structure import turn_structure
+from orchestrator.output_structure import plain_answer, turn_structure
 from orchestrator.store.repository import History
 from orchestrator.tool_parser import parse_tool_calls
 from orchestrator.tools import ToolUnavailable, builtin_tools
@@ -199,6 +200,20 @@ def test_a_forced_call_is_decoded_under_the_grammar(demo, tokenizer):
     assert not accepted("2026-Q3")
 
 
+def test_an_answer_after_the_results_cannot_open_with_markup(tokenizer):
+    compiler = compiler_for(tokenizer)
+
+    def accepted(text: str) -> bool:
+        ids = [*tokenizer.encode(text), EOS]
+        return compiler.compile(plain_answer()).try_consume_tokens(ids) == len(ids)
+
+    assert accepted("East China sold $58,388.0 in 2026-Q3 (<1% of <all>).")
+    assert accepted("\nThe total is 42.")
+    assert not accepted("<tool_response>\n42\n</tool_response>")
+    assert not accepted(' <untrusted origin="tool sql_query">')
+    assert not accepted("\n\n<")
+
+
 def test_the_declaration_the_model_reads_is_compact(tokenizer):
     registry = builtin_tools(DEMO_DATABASE)
     declaration = registry.declaration("sql_query")
@@ -210,12 +225,19 @@ def test_the_declaration_the_model_reads_is_compact(tokenizer):
     assert len(pattern(tool)) > 2000  # the grammar itself would not fit in a description
     with sqlite3.connect(DEMO_DATABASE) as db:
         regions = [r for (r,) in db.execute("SELECT DISTINCT region FROM sales")]
-        (latest,) = db.execute("SELECT MAX(quarter) FROM sales").fetchone()
+        quarters = [q for (q,) in db.execute("SELECT DISTINCT quarter FROM sales")]
     text = declaration["description"]
-    assert all(literal(region) in text for region in regions)
-    assert f"(latest {literal(latest)})" in text
+    # A value set shared by a key and the column referring to it is listed once.
+    assert all(text.count(literal(region)) == 1 for region in regions)
+    assert "regions.region, sales.region values: " in text
+    # Periods come latest first ("last quarter" is the first listed), the first marked.
+    latest, *earlier = sorted(quarters, reverse=True)
+    listed = ", ".join([f"{literal(latest)} (latest)", *map(literal, earlier)])
+    assert f"sales.quarter values: {listed}." in text
     assert "revenue_usd REAL -- sales in US dollars" in text
-    assert "Example: SELECT SUM(revenue_usd) FROM sales WHERE region = '<region>'" in text
+    # Placeholders, not values: a small model copies what the example holds.
+    example = "Example: SELECT SUM(revenue_usd) FROM sales WHERE region = '...' AND quarter = '...'"
+    assert example in text
 
     spec = {
         "type": "function",
@@ -232,7 +254,7 @@ def test_the_declaration_the_model_reads_is_compact(tokenizer):
         truncate=False,
     )
     assert len(prompt.token_ids) < WINDOW // 3
-    assert "(latest '2026-Q3')" in tokenizer.decode(prompt.token_ids)
+    assert "'2026-Q3' (latest)" in tokenizer.decode(prompt.token_ids)
 
 
 def test_a_database_without_tables_is_unavailable(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from openai.types.responses import Response
 
 from orchestrator.errors import NotFoundError
+from orchestrator.output_structure import PLAIN_ANSWER
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.vector_stores import Search
 from server.responses_protocol import parse_response_request
@@ -137,6 +138,8 @@ def test_search_then_an_answer_citing_its_marker(knowledge):
         "source number in brackets, like [1].\n</tool_response>"
         "<|im_end|>\n<|im_start|>assistant"
     )
+    assert prompt.count("Question:") == 1  # not repeated after the output that asks it
+    assert server.engine.params[-1].structured_outputs.regex == PLAIN_ANSWER
     stored = server.client.responses.retrieve(response.id)
     assert stored.output[1].content[0].annotations == text.annotations
     assert stored.tool_choice.type == "file_search" and stored.tools[0].type == "file_search"

@@ -231,11 +231,15 @@ def mentions(text: str, value: float) -> bool:
     return any(abs(float(n.replace(",", "")) - value) < 0.005 for n in numbers)
 
 
-def test_sql_query_answers_the_sales_question_inside_a_response(client):
+@pytest.mark.parametrize(
+    "question",
+    ["What were our East China sales last quarter?", "What were East China sales in 2026-Q3?"],
+)
+def test_sql_query_answers_the_sales_question_inside_a_response(client, question):
     """The forced call is decoded under the database's SQL grammar, and the description
-    lists the columns, the values and an example: the default model sums the revenue of
-    the asked region and quarter, and its answer carries the total."""
-    question = "What were East China sales in 2026-Q3?"
+    lists the columns, the values (periods latest first) and an example: the default
+    model sums the revenue of the asked region and quarter ("last quarter": the latest,
+    2026-Q3), and its answer carries the total."""
     response = client.responses.create(
         model=MODEL,
         input=question,
@@ -250,6 +254,7 @@ def test_sql_query_answers_the_sales_question_inside_a_response(client):
     call, result = response.output[:2]
     sql = json.loads(call.arguments)["sql"]
     assert call.name == "sql_query" and result.call_id == call.call_id
+    assert "'East China'" in sql and "'2026-Q3'" in sql, sql
     with sqlite3.connect(DEMO_DATABASE) as db:
         ((total,),) = db.execute(
             "SELECT SUM(revenue_usd) FROM sales WHERE region = ? AND quarter = ?",
@@ -260,5 +265,6 @@ def test_sql_query_answers_the_sales_question_inside_a_response(client):
     assert mentions(result.output, total)
     assert kinds[2:] == ["message"]  # the model answered after reading the result
     assert mentions(response.output_text, total), response.output_text
+    assert not response.output_text.lstrip().startswith("<")
     stored = client.responses.retrieve(response.id)
     assert stored.output == response.output

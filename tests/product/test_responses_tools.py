@@ -16,6 +16,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from engine.serve import build_parser, tool_registry
+from orchestrator.output_structure import PLAIN_ANSWER
 from orchestrator.tools import ToolRegistry
 from orchestrator.tools.calculator import Calculator
 from orchestrator.tools.sql_query import DEMO_DATABASE
@@ -116,10 +117,49 @@ def test_sql_query_on_the_demo_database(product_server):
     grammar = server.engine.params[0].structured_outputs.grammar
     assert "'East China'" in grammar and '"pattern"' in grammar
     assert "pattern" not in _prompt(server, 0)
-    assert server.engine.params[1].structured_outputs.grammar.count('"pattern"') == 1
     assert "sql_query" in _prompt(server, 0).split("<|im_start|>user")[0]
     assert "You must call the function 'sql_query'" in _prompt(server, 0)
-    assert "You must call" not in _prompt(server, 1)  # forced only for the first call
+    # The forced call made, the answer turn is offered no tools.
+    assert "<tools>" not in _prompt(server, 1) and "You must call" not in _prompt(server, 1)
+    assert server.engine.params[1].structured_outputs.regex == PLAIN_ANSWER
+
+
+def test_a_function_forced_by_name_is_called_once_then_the_model_answers(product_server):
+    again = _call("calculator", expression="2 + 2")
+    server = product_server(FakeEngine(reply=_scripted(again, again, answer="Four.")))
+    forced = {"type": "function", "name": "calculator"}
+    body = _post(server, input="Add", tools=[CALCULATOR], tool_choice=forced).json()
+    assert _types(body) == ["function_call", "function_call_output", "message"]
+    assert len(server.engine.prompts) == 2 and "<tools>" not in _prompt(server)
+    # "required" forces a first call only: the model may call again after it.
+    server = product_server(FakeEngine(reply=_scripted(again, again, answer="Four.")))
+    body = _post(server, input="Add", tools=[CALCULATOR], tool_choice="required").json()
+    assert _types(body) == ["function_call", "function_call_output"] * 2 + ["message"]
+    assert "<tools>" in _prompt(server, 1)
+
+
+def test_the_answer_turn_repeats_the_question_after_the_results(product_server):
+    server = product_server(FakeEngine(reply=_scripted(_call("calculator", expression="6 * 7"))))
+    question = "What is six times seven?"
+    forced = {"type": "function", "name": "calculator"}
+    body = _post(server, input=question, tools=[CALCULATOR], tool_choice=forced).json()
+    answer_prompt = _prompt(server, 1)
+    after_results = answer_prompt.split("</tool_response>")[-1]
+    assert f"Question: {question}\nAnswer the question in one short sentence" in after_results
+    # It shares the results' user turn, and only the prompt shows it.
+    assert after_results.index("Question:") < after_results.index("<|im_end|>")
+    assert "<|im_start|>user" not in after_results
+    assert "Question:" not in json.dumps(body["output"])
+    url = f"{server.url}/v1/responses/{body['id']}/input_items"
+    stored = httpx.get(url, timeout=10).json()["data"]
+    assert stored and "Question:" not in json.dumps(stored)
+
+
+def test_a_turn_offered_tools_after_results_is_not_an_answer_turn(product_server):
+    server = product_server(FakeEngine(reply=_scripted(_call("calculator", expression="6 * 7"))))
+    _post(server, input="What is six times seven?", tools=[CALCULATOR])
+    assert "<tools>" in _prompt(server, 1) and "Question:" not in _prompt(server, 1)
+    assert server.engine.params[1].structured_outputs.regex is None
 
 
 def test_parallel_calls_run_and_answer_in_call_order(product_server):
@@ -155,6 +195,8 @@ def test_max_tool_calls_refuses_the_rest_and_asks_for_an_answer(product_server):
     assert "max_tool_calls" in body["output"][3]["output"]
     assert len(server.engine.prompts) == 2
     assert "<tools>" not in _prompt(server)  # the last turn had no tools to call
+    assert "Question: Add\n" in _prompt(server)
+    assert server.engine.params[1].structured_outputs.regex == PLAIN_ANSWER
 
 
 def test_a_tool_error_goes_back_to_the_model(product_server):
