@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
 import random
 import shlex
 import sys
@@ -42,8 +41,11 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
 import loadgen
 from bench_serving import free_port, running_server, serve_argv, served_model
+
+from server.prep_process import lowest_priority
 
 WORDS = (
     "alpha",
@@ -166,8 +168,10 @@ def abuse_process(
     in for clients on another machine: in the measuring process their event loop (sending
     megabytes, reading the refusals) would delay the normal requests' own timings, and at
     the server's priority their own CPU time would count against it on a small machine.
-    What is measured is the server's work for them."""
-    os.nice(19)
+    What is measured is the server's work for them. (SCHED_IDLE as well as nice 19: on
+    Linux's scheduler a nice-19 process still delays a woken engine thread by tens of
+    milliseconds now and then; see server/prep_process.py.)"""
+    lowest_priority()
 
     async def run() -> AbuseStats:
         stats = AbuseStats()

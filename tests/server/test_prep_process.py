@@ -17,8 +17,9 @@ from server.request_body import OFFLOAD_BYTES, parse_json, read_json_body
 from tests.server.fake_engine import FakeTokenizer
 
 
-def where(context: PromptContext) -> tuple[int, int, int]:
-    return os.getpid(), os.getpriority(os.PRIO_PROCESS, 0), context.max_model_len
+def where(context: PromptContext) -> tuple[int, int, int, int | None]:
+    policy = os.sched_getscheduler(0) if hasattr(os, "SCHED_IDLE") else None
+    return os.getpid(), os.getpriority(os.PRIO_PROCESS, 0), context.max_model_len, policy
 
 
 def refuse(field: str) -> None:
@@ -38,8 +39,9 @@ def prep():
 
 
 def test_work_runs_in_a_child_at_the_lowest_priority_with_the_context(prep):
-    pid, nice, max_len = asyncio.run(prep.run_with_context(where))
+    pid, nice, max_len, policy = asyncio.run(prep.run_with_context(where))
     assert pid != os.getpid() and nice == NICENESS and max_len == 77
+    assert policy == getattr(os, "SCHED_IDLE", None)
     assert asyncio.run(prep.run(parse_json, b'{"a": [1, 2]}')) == {"a": [1, 2]}
 
 
