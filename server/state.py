@@ -17,7 +17,6 @@ from engine.client import EngineClient
 from server.errors import APIError
 from server.metrics import ServerMetrics
 from server.prep_process import PrepProcess, PromptContext
-from server.request_body import parse_json
 
 T = TypeVar("T")
 
@@ -219,7 +218,7 @@ class ServerState:
 
     async def parse_json(self, body: bytes) -> Any:
         """A large body's JSON, parsed (and checked) in the preparation process."""
-        return await self.prep.run(parse_json, body)
+        return await self.prep.parse_json(body)
 
     async def prepare(self, prompt_chars: int, fn: Callable[..., T], *args: Any) -> T:
         """`fn(prompt_context, *args)`, a prompt's preparation: at once for a small

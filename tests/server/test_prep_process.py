@@ -45,6 +45,14 @@ def test_work_runs_in_a_child_at_the_lowest_priority_with_the_context(prep):
     assert asyncio.run(prep.run(parse_json, b'{"a": [1, 2]}')) == {"a": [1, 2]}
 
 
+def test_a_body_parsed_through_shared_memory_is_the_body(prep):
+    body = json.dumps({"text": "x" * 200_000, "n": [1.5, None]}).encode()
+    assert asyncio.run(prep.parse_json(body)) == json.loads(body)
+    with pytest.raises(APIError) as raised:
+        asyncio.run(prep.parse_json(b"[" * 100))
+    assert raised.value.status == 400
+
+
 def test_a_refusal_comes_back_whole(prep):
     with pytest.raises(APIError) as raised:
         asyncio.run(prep.run(refuse, "messages"))
