@@ -102,21 +102,28 @@ class PrepProcess:
         self._lock = threading.Lock()
 
     def _executor(self) -> ProcessPoolExecutor:
+        """The pool, its child started: starting one blocks for an interpreter's start-up
+        (seconds), so the event loop calls this on a thread."""
         with self._lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(
+                pool = ProcessPoolExecutor(
                     max_workers=1,
                     # Never fork: the server holds the engine's threads and OpenMP state.
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_start_child,
                     initargs=(self.context,),
                 )
+                try:
+                    pool.submit(_ready).result()
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+                self._pool = pool
             return self._pool
 
     def start(self) -> None:
-        """Start the child now and wait until it is ready, so that the first large request
-        does not wait for an interpreter to start."""
-        self._executor().submit(_ready).result()
+        """Start the child now, so that the first large request does not wait for it."""
+        self._executor()
 
     async def parse_json(self, body: bytes) -> Any:
         """`request_body.parse_json(body)` in the child. The body travels through shared
@@ -140,11 +147,13 @@ class PrepProcess:
         return await self._submit(_call_with_context, fn, args)
 
     async def _submit(self, call: Callable[..., T], fn: Callable[..., Any], args: tuple) -> T:
-        pool = self._executor()
+        pool = self._pool
         try:
+            pool = pool or await asyncio.to_thread(self._executor)
             return await asyncio.wrap_future(pool.submit(call, fn, args))
         except BrokenProcessPool:
-            self._discard(pool)
+            if pool is not None:
+                self._discard(pool)
             raise APIError(503, "the server could not prepare this request; try again") from None
 
     def _discard(self, pool: ProcessPoolExecutor) -> None:
