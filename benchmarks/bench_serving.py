@@ -51,6 +51,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import kernels.native
 
 ROOT = Path(__file__).resolve().parents[1]
+# The caps torch's own kernels (ATen's vectorized ops, MKL, oneDNN) read when they load.
+# With a tokenmill target forced, every system compared runs that instruction set:
+# tokenmill's torch ops and transformers as well as its own kernels, like the llama.cpp
+# build the comparison names. (Uncapped, transformers' float32 matmuls ran 1.5x faster
+# on AVX-512 than on AVX2 here.)
+TORCH_ISA_CAPS = {
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+    }
+}
 TOKENMILL = "tokenmill"
 LLAMA = "llama.cpp"
 TRANSFORMERS = "transformers"
@@ -471,6 +483,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join([fmt(header), rule, *(fmt(cells) for cells in body)])
 
 
+def torch_isa() -> str:
+    """The instruction set torch's vectorized ops run, and the caps given to MKL/oneDNN."""
+    import torch
+
+    caps = [f"{name}={os.environ[name]}" for name in TORCH_ISA_CAPS["avx2"] if name in os.environ]
+    return torch.backends.cpu.get_cpu_capability() + (f" ({', '.join(caps)})" if caps else "")
+
+
 def describe(
     args: argparse.Namespace, prompt_lengths: list[int], loads: dict[str, tuple[float, float]]
 ) -> str:
@@ -487,10 +507,11 @@ def describe(
             f"CPU kernel targets: the CPU runs {', '.join(kernels.native.runnable_isas())}; "
             f"tokenmill used {kernels.native.cpu_isa()}"
             + (
-                f" ({kernels.native.ISA_ENV}={os.environ[kernels.native.ISA_ENV]})."
+                f" ({kernels.native.ISA_ENV}={os.environ[kernels.native.ISA_ENV]})"
                 if os.environ.get(kernels.native.ISA_ENV)
-                else "."
-            ),
+                else ""
+            )
+            + f"; torch's kernels: {torch_isa()}.",
             f"Model {args.model}; greedy, {args.tokens} output tokens per request (ignore_eos); "
             f"prompts {min(used)}-{max(used)} tokens (mean {sum(used) / len(used):.1f}) after "
             f"the chat template; closed-loop streams; requests per level ({levels}).",
@@ -563,6 +584,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cap_torch_isa() -> None:
+    """Run this script again with torch's kernels capped to the forced target (see
+    TORCH_ISA_CAPS) unless they already are: they read the caps only when they load."""
+    caps = TORCH_ISA_CAPS.get(os.environ.get(kernels.native.ISA_ENV, ""), {})
+    missing = {name: value for name, value in caps.items() if os.environ.get(name) != value}
+    if missing:
+        argv = [sys.executable, *sys.argv]
+        os.execve(sys.executable, argv, {**os.environ, **missing})
+
+
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     args = build_parser().parse_args(argv)
     if args.quick:
@@ -609,6 +640,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
 
 
 if __name__ == "__main__":
+    cap_torch_isa()
     try:
         main()
     except KeyboardInterrupt:  # the servers are already stopped by then
