@@ -6,6 +6,9 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
@@ -103,3 +106,34 @@ def test_only_a_large_body_leaves_the_event_loop(size, calls):
     off_loop = RecordingOffLoop()
     value = asyncio.run(read_json_body(body_request(body), 1 << 30, off_loop, lambda v: v["text"]))
     assert len(value) == size and off_loop.calls == calls
+
+
+CHILD_OF_A_KILLED_SERVER = """
+import asyncio, os, sys
+from server.prep_process import PrepProcess, PromptContext
+from tests.server.fake_engine import FakeTokenizer
+
+prep = PrepProcess(PromptContext(FakeTokenizer(), 8, 8, 8))
+prep.start()
+print(asyncio.run(prep.run(os.getpid)), flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_the_child_ends_when_its_server_is_killed():
+    """A server killed outright (it stops nothing) leaves no preparation process behind."""
+    script = [sys.executable, "-c", CHILD_OF_A_KILLED_SERVER]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=60)
+    child = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
