@@ -85,10 +85,6 @@ def lowest_priority() -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
-def _call(fn: Callable[..., T], args: tuple) -> T:
-    return fn(*args)
-
-
 def _call_with_context(fn: Callable[..., T], args: tuple) -> T:
     assert _context is not None, "the preparation process starts with its context"
     return fn(_context, *args)
@@ -153,17 +149,17 @@ class PrepProcess:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in the child."""
-        return await self._submit(_call, fn, args)
+        return await self._submit(fn, *args)
 
     async def run_with_context(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(context, *args)` in the child."""
         return await self._submit(_call_with_context, fn, args)
 
-    async def _submit(self, call: Callable[..., T], fn: Callable[..., Any], args: tuple) -> T:
+    async def _submit(self, fn: Callable[..., T], *args: Any) -> T:
         pool = self._pool
         try:
             pool = pool or await asyncio.to_thread(self._executor)
-            return await asyncio.wrap_future(pool.submit(call, fn, args))
+            return await asyncio.wrap_future(pool.submit(fn, *args))
         except BrokenProcessPool:
             if pool is not None:
                 self._discard(pool)

@@ -199,11 +199,11 @@ class ServerState:
         self.config = config
         self.metrics = ServerMetrics(engine.stats)
         self.admission = Admission(config)
-        self.max_prompt_chars = config.max_prompt_chars or (
+        max_prompt_chars = config.max_prompt_chars or (
             PROMPT_CHARS_PER_TOKEN * engine.max_model_len
         )
         self.prompt_context = PromptContext(
-            engine.tokenizer, engine.max_model_len, engine.vocab_size, self.max_prompt_chars
+            engine.tokenizer, engine.max_model_len, engine.vocab_size, max_prompt_chars
         )
         self.prep = PrepProcess(self.prompt_context)
         self.workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="tokenmill-parse")
