@@ -61,7 +61,6 @@ from orchestrator.untrusted import spotlight
 
 log = logging.getLogger("tokenmill")
 
-_RESULT = "function_call_output"  # every tool's result, as the prompt items show it
 ANSWER_REMINDER = (
     "Question: {}\nAnswer the question in one short sentence, using the results above."
 )
@@ -528,7 +527,8 @@ class Turn:
             raise _Cut("max_output_tokens")
         made = items[len(self.input_items) :]
         output = self._prompt_items(made)
-        answering = not config.tools and bool(output) and output[-1]["type"] == _RESULT
+        after_results = bool(output) and output[-1]["type"] == "function_call_output"
+        answering = not config.tools and after_results
         structure = _structure(self.request, config, self.tools, answering)
         params = dataclasses.replace(self.params, max_tokens=left, structured_outputs=structure)
         if self.prompt is not None:
