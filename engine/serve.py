@@ -50,8 +50,8 @@ def settle_heap() -> None:
 
     After start-up the server holds some 240,000 long-lived objects (torch, the model,
     the tokenizer, the store), and each full collection walks them all, holding the GIL:
-    measured at 60-100 ms, a stall of every stream and of the engine's next step that
-    surfaced as the rare 100-200 ms first-token outliers. Frozen objects are never
+    60-100 ms (measured: docs/server.md), a stall of every stream and of the engine's
+    next step that surfaced as the rare 100-200 ms first-token outliers. Frozen objects are never
     walked again, so a full collection sees only what was made since; they are never
     freed either, which is why the garbage is collected first.
     """
