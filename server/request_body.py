@@ -24,6 +24,7 @@ import codecs
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
@@ -41,6 +42,9 @@ MAX_JSON_CONTAINERS = 65_536
 # most it may hold, stays below). Parsing 500,000 numbers holds the GIL for ~20 ms.
 MAX_JSON_VALUES = 524_288
 OFFLOAD_BYTES = 64 * 1024
+# Bytes scanned at a time for the shape (json_shape): a chunk's temporary arrays stay in a
+# core's cache, which makes the scan twice as fast as one pass over a 7 MB body.
+SCAN_CHUNK_BYTES = 64 * 1024
 # A \u escape in the surrogate range: only then can a parsed string hold a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -50,7 +54,7 @@ T = TypeVar("T")
 class OffLoop(Protocol):
     """Where a large body's work runs (server.state.ServerState)."""
 
-    async def parse_json(self, body: bytes) -> Any: ...
+    async def parse_json(self, body: bytes | bytearray) -> Any: ...
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T: ...
 
@@ -75,7 +79,7 @@ async def read_json_body(
             "the request body must be JSON, sent with 'Content-Type: application/json'",
             code="unsupported_media_type",
         )
-    body = bytes(await _read_limited(request, limit))
+    body = await _read_limited(request, limit)
     if len(body) <= OFFLOAD_BYTES:
         value = parse_json(body)
         return value if parse is None else parse(value)
@@ -98,15 +102,17 @@ async def _read_limited(request: Request, limit: int) -> bytearray:
     return body
 
 
-def parse_json(body: bytes) -> Any:
-    shape = json_shape(body)  # before the parse, which holds the GIL per value it builds
+def parse_json(body: bytes | bytearray) -> Any:
+    # The shape before the parse, which holds the GIL per value it builds; the scan stops
+    # as soon as a limit is passed, so the counts in its message are a lower bound.
+    shape = json_shape(body, stop_over_limits=True)
     if shape.depth > MAX_JSON_DEPTH:
         raise _too_deep()
-    if shape.containers > MAX_JSON_CONTAINERS or shape.values > MAX_JSON_VALUES:
+    if shape.over_limits:
         raise invalid(
-            f"the request body has {shape.containers} JSON arrays and objects and about "
-            f"{shape.values} values; this server accepts at most {MAX_JSON_CONTAINERS} and "
-            f"{MAX_JSON_VALUES}",
+            f"the request body has at least {shape.containers} JSON arrays and objects and "
+            f"about {shape.values} values; this server accepts at most "
+            f"{MAX_JSON_CONTAINERS} and {MAX_JSON_VALUES}",
             code="invalid_json",
         )
     try:
@@ -154,20 +160,59 @@ class JsonShape(NamedTuple):
         """About how many values the parse would build (containers, elements, members)."""
         return self.containers + self.commas
 
+    @property
+    def over_limits(self) -> bool:
+        return (
+            self.depth > MAX_JSON_DEPTH
+            or self.containers > MAX_JSON_CONTAINERS
+            or self.values > MAX_JSON_VALUES
+        )
 
-def json_shape(body: bytes) -> JsonShape:
+
+@dataclass
+class _Scan:
+    """The scan's state between chunks of the body."""
+
+    in_string: int = 0  # 1 when the chunk starts inside a string
+    odd_backslashes: bool = False  # the previous chunk ended in an odd run of backslashes
+    depth: int = 0
+    deepest: int = 0
+    containers: int = 0
+    commas: int = 0
+
+    @property
+    def shape(self) -> JsonShape:
+        return JsonShape(max(0, self.deepest), self.containers, self.commas)
+
+
+def json_shape(
+    body: bytes | bytearray, chunk_bytes: int = SCAN_CHUNK_BYTES, stop_over_limits: bool = False
+) -> JsonShape:
     """The nesting depth, containers and commas of a valid JSON text, read from its bytes.
 
-    Vectorised numpy passes release the GIL, unlike parsing or walking the parsed value:
-    `json.loads` of 7 MB of 200,000 small objects holds every other thread (the engine's
-    included) for 80 ms, and a walk costs a microsecond a container. Checked first, the
-    limits refuse such a body before it is parsed. Only quotes, backslashes, brackets and
-    commas can matter, so after one pass over the body the work is on those alone. A
-    bracket or comma counts unless it is inside a string: a string opens at a quote
-    preceded by an even run of backslashes and closes at the next such quote."""
+    Vectorised numpy passes are far cheaper than parsing: `json.loads` of 7 MB of 200,000
+    small objects takes 80 ms and builds every object, and a walk of the result costs a
+    microsecond a container. Checked first, the limits refuse such a body before it is
+    parsed. The body is scanned a chunk at a time, so that the temporary arrays stay in
+    a core's cache, and with `stop_over_limits` the scan ends at the first chunk that
+    passes a limit (returning the shape so far): refusing a 7 MB body of 200,000
+    objects then reads its first 2.5 MB."""
     if body[:4].count(0) or body.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         body = body.decode(json.detect_encoding(body)).encode()  # UTF-16/32 -> UTF-8
     codes = np.frombuffer(body, dtype=np.uint8)
+    scan = _Scan()
+    for start in range(0, codes.size, chunk_bytes):
+        _scan_chunk(codes[start : start + chunk_bytes], scan)
+        if stop_over_limits and scan.shape.over_limits:
+            break
+    return scan.shape
+
+
+def _scan_chunk(codes: np.ndarray, scan: _Scan) -> None:
+    """Only quotes, backslashes, brackets and commas can matter, so after one pass over
+    the chunk the work is on those alone. A bracket or comma counts unless it is inside
+    a string: a string opens at a quote preceded by an even run of backslashes and closes
+    at the next such quote. A run may continue from the previous chunk."""
     folded = codes | 0x20  # "[" and "{" fold to 0x7B, "]" and "}" to 0x7D
     where = np.flatnonzero(
         (codes == ord('"'))
@@ -176,22 +221,30 @@ def json_shape(body: bytes) -> JsonShape:
         | (folded == 0x7B)
         | (folded == 0x7D)
     )
+    carried_run = scan.odd_backslashes
+    scan.odd_backslashes = False
     if where.size == 0:
-        return JsonShape(0, 0, 0)
+        return
     marks, folded = codes[where], folded[where]
     quotes = marks == ord('"')
     backslashes = marks == ord("\\")
-    if backslashes.any():  # a quote right after an odd run of backslashes is escaped
+    if backslashes.any() or carried_run:  # a quote after an odd run of backslashes is escaped
         index = np.arange(where.size)
         continues_run = np.zeros(where.size, dtype=bool)
+        continues_run[0] = carried_run and where[0] == 0  # counts as one backslash before
         continues_run[1:] = backslashes[:-1] & (np.diff(where) == 1)
-        run_start = np.maximum.accumulate(np.where(continues_run, -1, index))
-        quotes &= (index - run_start) % 2 == 0
-    in_string = (np.cumsum(quotes, dtype=np.int32) & 1).astype(bool)
-    steps = np.zeros(where.size, dtype=np.int8)
-    opens = (folded == 0x7B) & ~in_string
-    steps[opens] = 1
-    steps[(folded == 0x7D) & ~in_string] = -1
-    depth = max(0, int(np.cumsum(steps, dtype=np.int32).max()))
-    commas = np.count_nonzero((marks == ord(",")) & ~in_string)
-    return JsonShape(depth, int(np.count_nonzero(opens)), int(commas))
+        before = index - np.maximum.accumulate(np.where(continues_run, -1, index))
+        quotes &= before % 2 == 0
+        scan.odd_backslashes = bool(
+            backslashes[-1] and where[-1] == codes.size - 1 and before[-1] % 2 == 0
+        )
+    seen_quotes = np.cumsum(quotes, dtype=np.int32)
+    outside = ((seen_quotes + scan.in_string) & 1) == 0
+    scan.in_string = (scan.in_string + int(seen_quotes[-1])) & 1
+    opens = (folded == 0x7B) & outside
+    steps = opens.astype(np.int8) - ((folded == 0x7D) & outside).astype(np.int8)
+    levels = np.cumsum(steps, dtype=np.int32)
+    scan.deepest = max(scan.deepest, scan.depth + int(levels.max()))
+    scan.depth += int(levels[-1])
+    scan.containers += int(np.count_nonzero(opens))
+    scan.commas += int(np.count_nonzero((marks == ord(",")) & outside))

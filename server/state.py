@@ -216,7 +216,7 @@ class ServerState:
         which would otherwise stall every stream while it runs."""
         return await asyncio.get_running_loop().run_in_executor(self.workers, partial(fn, *args))
 
-    async def parse_json(self, body: bytes) -> Any:
+    async def parse_json(self, body: bytes | bytearray) -> Any:
         """A large body's JSON, parsed (and checked) in the preparation process."""
         return await self.prep.parse_json(body)
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -54,6 +55,37 @@ def test_a_body_parsed_through_shared_memory_is_the_body(prep):
     with pytest.raises(APIError) as raised:
         asyncio.run(prep.parse_json(b"[" * 100))
     assert raised.value.status == 400
+
+
+def test_large_bodies_reuse_one_shared_block(prep, monkeypatch):
+    taken: list[str] = []
+    take = prep._blocks.take
+
+    def recording_take(size: int):
+        block = take(size)
+        taken.append(block.name)
+        return block
+
+    monkeypatch.setattr(prep._blocks, "take", recording_take)
+    for size in (300_000, 100_000):
+        body = json.dumps({"text": "x" * size}).encode()
+        assert asyncio.run(prep.parse_json(body)) == json.loads(body)
+    assert len(taken) == 2 and taken[0] == taken[1]
+
+
+def test_a_jobs_done_callback_waits_for_the_child_even_when_its_request_goes(prep):
+    """A block goes back for reuse only once the child has read it."""
+    done = threading.Event()
+
+    async def abandoned() -> None:
+        job = asyncio.ensure_future(prep._submit(time.sleep, 0.3, done=done.set))
+        await asyncio.sleep(0.05)
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+
+    asyncio.run(abandoned())
+    assert not done.is_set()
+    assert done.wait(5)
 
 
 def test_a_refusal_comes_back_whole(prep):

@@ -13,6 +13,7 @@ from server.request_body import (
     MAX_JSON_CONTAINERS,
     MAX_JSON_DEPTH,
     MAX_JSON_VALUES,
+    SCAN_CHUNK_BYTES,
     json_shape,
     parse_json,
 )
@@ -49,11 +50,24 @@ def walked_depth(value) -> int:
     return 0
 
 
-@given(VALUES, st.sampled_from(["utf-8", "utf-16", "utf-32-le"]), st.booleans())
-def test_shape_from_bytes_equals_the_parsed_values(value, encoding, ascii_only):
+@given(
+    VALUES,
+    st.sampled_from(["utf-8", "utf-16", "utf-32-le"]),
+    st.booleans(),
+    st.sampled_from([1, 2, 3, 7, SCAN_CHUNK_BYTES]),
+)
+def test_shape_from_bytes_equals_the_parsed_values(value, encoding, ascii_only, chunk_bytes):
+    """Whatever the chunk size, so a string or a run of backslashes may span chunks."""
     text = json.dumps(value, ensure_ascii=ascii_only, indent=None if ascii_only else 1)
     shape = (walked_depth(value), containers(value), commas(value))
-    assert json_shape(text.encode(encoding)) == shape
+    assert json_shape(text.encode(encoding), chunk_bytes) == shape
+
+
+def test_the_scan_stops_at_the_first_chunk_over_a_limit():
+    body = json.dumps([{"a": "\\"}] * (4 * MAX_JSON_CONTAINERS)).encode()
+    assert json_shape(body).containers == 4 * MAX_JSON_CONTAINERS + 1
+    partial = json_shape(body, stop_over_limits=True)
+    assert MAX_JSON_CONTAINERS < partial.containers < 2 * MAX_JSON_CONTAINERS
 
 
 def test_too_deep_a_body_is_a_400_and_escaped_brackets_do_not_count():
