@@ -45,6 +45,9 @@ class EngineArgs:
     # Set on the thread that builds the engine, which must be the one that steps it (OpenMP
     # keeps one worker team per thread that runs parallel ops; see engine/async_llm.py).
     num_threads: int | None = None
+    # AsyncLLM pins its engine thread's OpenMP team, one thread per CPU, when the team
+    # fills the process's CPUs (engine/thread_pinning.py); False leaves placement to the OS.
+    pin_threads: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:

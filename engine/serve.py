@@ -309,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=available_cpus(),
         help="CPU threads for the forward pass; default: every core this process may run on",
     )
+    eng.add_argument(
+        "--no-pin-threads",
+        dest="pin_threads",
+        action="store_false",
+        help="leave the engine's CPU threads unpinned (by default, when they are as many as "
+        "the CPUs, each is pinned to its own)",
+    )
     return p
 
 
@@ -330,6 +337,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
         num_threads=args.num_threads,
+        pin_threads=args.pin_threads,
     )
 
 

@@ -34,6 +34,8 @@ import llguidance
 import numpy as np
 import torch
 
+from engine.thread_pinning import keep_cpus
+
 # Compact, deterministic JSON: what json.dumps writes, and no free whitespace a model could
 # fill until its budget ends.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -199,7 +201,10 @@ class GrammarMasks:
         self.vocab_size = vocab_size
         self._words = (vocab_size + 31) // 32
         self._executor: llguidance.LLExecutor | None = None  # made on the worker, when needed
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-grammar")
+        # Started on first use by the engine thread, which may be pinned to one CPU by then.
+        self._worker = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="tokenmill-grammar", initializer=keep_cpus()
+        )
         self.times = MaskTimes()
 
     def submit(self, matchers: list[llguidance.LLMatcher | None]) -> PendingMasks:

@@ -1,0 +1,107 @@
+"""Pinning the engine thread's OpenMP team to one CPU per thread.
+
+Why: with as many engine threads as CPUs, Linux's scheduler now and then places two of
+the team's threads on one CPU (a wake-up that arrived while the other CPU was busy) and
+leaves them there for tens of milliseconds while the other CPU runs lower-priority work,
+such as the server's SCHED_IDLE preparation process. The two then take turns in 3-4 ms
+slices, a parallel region runs at half speed or worse, and the waiting thread spins its
+slice away. Seen with `perf sched timehist` on a 2-vCPU Intel Xeon (avx512_vnni, Linux
+6.18, 2026-12-03) while `benchmarks/bench_abuse.py` ran: decode steps of 27 ms took
+80-160 ms. Pinned, each thread keeps a CPU that only other processes' threads share, and
+a woken thread preempts SCHED_IDLE work on it at once.
+
+Only a team that fills the process's CPUs is pinned: a smaller one, pinned to the first
+CPUs, would crowd another process doing the same (two servers on one machine), where
+left alone the scheduler spreads them.
+
+Threads and processes that the pinned engine thread starts afterwards inherit its single
+CPU; `keep_cpus()` gives a thread pool's threads the CPUs of the thread that made it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+# OpenMP runtimes that torch may have loaded (GNU, Intel, LLVM); each exports GCC's
+# GOMP_parallel, the call a `#pragma omp parallel` compiles to.
+_RUNTIMES = ("libgomp.so.1", "libiomp5.so", "libomp.so")
+
+
+def pin_openmp_team(num_threads: int) -> list[int] | None:
+    """Pin the calling thread's OpenMP team of `num_threads` (itself, thread 0, and its
+    workers) to one CPU each, in order; the CPUs, or None if it was left alone (why is
+    logged). The team is the one the calling thread's parallel regions reuse."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if num_threads < 2 or num_threads != len(cpus):
+        log.info(
+            "engine threads not pinned: %d thread(s) for %d CPU(s); only a team that "
+            "fills the CPUs is pinned",
+            num_threads,
+            len(cpus),
+        )
+        return None
+    runtime = _loaded_runtime()
+    if runtime is None:
+        log.info("engine threads not pinned: no OpenMP runtime is loaded")
+        return None
+    pinned: dict[int, int] = {}
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def pin_self(_: ctypes.c_void_p) -> None:  # runs on every thread of the team
+        index = runtime.omp_get_thread_num()
+        try:
+            os.sched_setaffinity(0, {cpus[index]})
+        except (OSError, IndexError) as exc:
+            with lock:
+                failures.append(exc)
+            return
+        with lock:
+            pinned[index] = cpus[index]
+
+    callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(pin_self)
+    runtime.GOMP_parallel(callback, None, ctypes.c_uint(num_threads), ctypes.c_uint(0))
+    if failures or len(pinned) != num_threads:
+        os.sched_setaffinity(0, cpus)  # this thread back to them all; workers may stay
+        log.warning(
+            "engine threads not pinned: the OpenMP team ran %d of %d threads (%s)",
+            len(pinned),
+            num_threads,
+            failures[0] if failures else "fewer threads than asked",
+        )
+        return None
+    log.info("engine threads pinned, one per CPU: %s", cpus)
+    return cpus
+
+
+def keep_cpus() -> Callable[[], None]:
+    """A thread-pool initializer that gives the pool's threads the CPUs the calling thread
+    has now, whatever the thread that later starts them is pinned to."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+    def restore() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    return restore
+
+
+def _loaded_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime already in the process (never a second one loaded here)."""
+    for name in _RUNTIMES:
+        try:
+            runtime = ctypes.CDLL(name, mode=os.RTLD_NOLOAD)
+        except OSError:
+            continue
+        runtime.GOMP_parallel.restype = None
+        runtime.omp_get_thread_num.restype = ctypes.c_int
+        return runtime
+    return None
