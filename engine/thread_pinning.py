@@ -3,12 +3,18 @@
 Why: with as many engine threads as CPUs, Linux's scheduler now and then places two of
 the team's threads on one CPU (a wake-up that arrived while the other CPU was busy) and
 leaves them there for tens of milliseconds while the other CPU runs lower-priority work,
-such as the server's SCHED_IDLE preparation process. The two then take turns in 3-4 ms
-slices, a parallel region runs at half speed or worse, and the waiting thread spins its
-slice away. Seen with `perf sched timehist` on a 2-vCPU Intel Xeon (avx512_vnni, Linux
-6.18, 2026-12-03) while `benchmarks/bench_abuse.py` ran: decode steps of 27 ms took
-80-160 ms. Pinned, each thread keeps a CPU that only other processes' threads share, and
-a woken thread preempts SCHED_IDLE work on it at once.
+such as the server's SCHED_IDLE preparation process; the two then take turns in 3-4 ms
+slices, and a parallel region runs at half speed or worse. Pinned, each thread keeps a
+CPU that only other tasks share, and a woken thread preempts SCHED_IDLE work on it at
+once. Measured 2026-12-03 on a 2-vCPU Intel Xeon (avx512_vnni, Linux 6.18):
+- `python benchmarks/bench_abuse.py --requests 64 --rounds 4`, p99 TTFT ratio: 0.98-1.26
+  in six runs pinned, 1.14-2.12 in eighteen unpinned (`perf sched timehist` showed the
+  two threads sharing CPU 0 during the slowest steps, 80-160 ms against 27);
+- `bench_serving.py --skip-transformers`, 16 streams: the same tok/s (720-744 pinned,
+  714-738 not) with ITL p99 20 ms against 28-128 ms; one stream (16 requests) 4-8%
+  slower, 162-164 tok/s against 177-179: the event loop's work for each token now
+  always waits for a team thread's CPU. Pinning only the workers kept the single
+  stream's speed but not the abuse ratio (1.73-2.10).
 
 Only a team that fills the process's CPUs is pinned: a smaller one, pinned to the first
 CPUs, would crowd another process doing the same (two servers on one machine), where
