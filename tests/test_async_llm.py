@@ -4,6 +4,7 @@ and an engine failure ends requests with an error instead of hanging them."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -138,9 +139,34 @@ def test_engine_is_built_and_stepped_on_its_own_thread(tiny_path, monkeypatch):
 
     monkeypatch.setattr(llm_engine.LLMEngine, "__init__", init)
     monkeypatch.setattr(llm_engine.LLMEngine, "step", step)
+    generate_briefly(model=tiny_path)
+    assert threads == {"init": "tokenmill-engine", "step": "tokenmill-engine"}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a team of one is never pinned")
+@pytest.mark.parametrize("pin", [True, False])
+def test_the_engine_steps_on_a_pinned_thread_unless_told_not_to(tiny_path, monkeypatch, pin):
+    from engine import llm_engine
+
+    cpus = sorted(os.sched_getaffinity(0))
+    seen: list[set[int]] = []
+    real_step = llm_engine.LLMEngine.step
+
+    def step(self):
+        seen.append(os.sched_getaffinity(0))
+        return real_step(self)
+
+    monkeypatch.setattr(llm_engine.LLMEngine, "step", step)
+    generate_briefly(model=tiny_path, num_threads=len(cpus), pin_threads=pin)
+    assert seen and all(s == ({cpus[0]} if pin else set(cpus)) for s in seen)
+    assert sorted(os.sched_getaffinity(0)) == cpus  # the caller's thread is untouched
+
+
+def generate_briefly(**engine_options) -> None:
+    """One two-token request through a new AsyncLLM, shut down after."""
 
     async def run():
-        engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
+        engine = AsyncLLM(device="cpu", compile="off", **engine_options)
         try:
             async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=2), "t"):
                 pass
@@ -148,7 +174,6 @@ def test_engine_is_built_and_stepped_on_its_own_thread(tiny_path, monkeypatch):
             await engine.shutdown()
 
     asyncio.run(run())
-    assert threads == {"init": "tokenmill-engine", "step": "tokenmill-engine"}
 
 
 def test_a_load_error_reaches_the_caller(tmp_path):

@@ -1,9 +1,9 @@
 """Pinning the engine thread's OpenMP team: one CPU per thread when the team fills the
-CPUs, nothing otherwise, and never the caller's thread."""
+CPUs, nothing otherwise, and never the caller's thread (AsyncLLM's use of it:
+tests/test_async_llm.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from engine import AsyncLLM, SamplingParams
 from engine.thread_pinning import keep_cpus, pin_openmp_team
 
 CPUS = sorted(os.sched_getaffinity(0))
@@ -71,36 +70,3 @@ def test_a_team_smaller_than_the_cpus_is_left_alone():
 
     pinned, own = on_new_thread(engine_thread)
     assert pinned is None and sorted(own) == CPUS
-
-
-@needs_two_cpus
-@pytest.mark.parametrize("pin", [True, False])
-def test_async_llm_steps_on_a_pinned_thread_unless_told_not_to(tiny_model_dir, monkeypatch, pin):
-    from engine import llm_engine
-
-    seen: list[set[int]] = []
-    real_step = llm_engine.LLMEngine.step
-
-    def step(self):
-        seen.append(os.sched_getaffinity(0))
-        return real_step(self)
-
-    monkeypatch.setattr(llm_engine.LLMEngine, "step", step)
-
-    async def run():
-        engine = AsyncLLM(
-            model=tiny_model_dir("llama"),
-            device="cpu",
-            compile="off",
-            num_threads=len(CPUS),
-            pin_threads=pin,
-        )
-        try:
-            async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=2), "t"):
-                pass
-        finally:
-            await engine.shutdown()
-
-    asyncio.run(run())
-    assert seen and all(cpus == ({CPUS[0]} if pin else set(CPUS)) for cpus in seen)
-    assert sorted(os.sched_getaffinity(0)) == CPUS
