@@ -7,8 +7,8 @@ such as the server's SCHED_IDLE preparation process; the two then take turns in 
 slices, and a parallel region runs at half speed or worse. Pinned, each thread keeps a
 CPU that only other tasks share, and a woken thread preempts SCHED_IDLE work on it at
 once. Measured 2026-12-03 on a 2-vCPU Intel Xeon (avx512_vnni, Linux 6.18):
-- `python benchmarks/bench_abuse.py --requests 64 --rounds 4`, p99 TTFT ratio: 0.98-1.26
-  in six runs pinned, 1.14-2.12 in eighteen unpinned (`perf sched timehist` showed the
+- `python benchmarks/bench_abuse.py --requests 64 --rounds 4`, p99 TTFT ratio: 0.94-1.26
+  in eight runs pinned, 1.14-2.12 in eighteen unpinned (`perf sched timehist` showed the
   two threads sharing CPU 0 during the slowest steps, 80-160 ms against 27);
 - `bench_serving.py --skip-transformers`, 16 streams: the same tok/s (720-744 pinned,
   714-738 not) with ITL p99 20 ms against 28-128 ms; one stream (16 requests) 4-8%
