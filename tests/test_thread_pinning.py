@@ -65,8 +65,12 @@ def test_a_team_that_fills_the_cpus_runs_one_thread_per_cpu():
 
 def test_a_team_smaller_than_the_cpus_is_left_alone():
     def engine_thread():
+        threads = torch.get_num_threads()
         torch.set_num_threads(max(1, len(CPUS) - 1))
-        return pin_openmp_team(torch.get_num_threads()), os.sched_getaffinity(0)
+        try:
+            return pin_openmp_team(torch.get_num_threads()), os.sched_getaffinity(0)
+        finally:
+            torch.set_num_threads(threads)  # MKL's count is process-wide
 
     pinned, own = on_new_thread(engine_thread)
     assert pinned is None and sorted(own) == CPUS
