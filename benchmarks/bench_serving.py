@@ -56,13 +56,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # tokenmill's torch ops and transformers as well as its own kernels, like the llama.cpp
 # build the comparison names. (Uncapped, transformers' float32 matmuls ran 1.5x faster
 # on AVX-512 than on AVX2 here.)
-TORCH_ISA_CAPS = {
-    "avx2": {
-        "ATEN_CPU_CAPABILITY": "avx2",
-        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-        "ONEDNN_MAX_CPU_ISA": "AVX2",
-    }
+_AVX2_CAPS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
 }
+# A CPU with AVX-VNNI and no AVX-512 (Intel's client CPUs) runs torch's AVX2 kernels too.
+TORCH_ISA_CAPS = {"avx2": _AVX2_CAPS, "avx_vnni": _AVX2_CAPS}
 TOKENMILL = "tokenmill"
 LLAMA = "llama.cpp"
 TRANSFORMERS = "transformers"
@@ -487,7 +487,7 @@ def torch_isa() -> str:
     """The instruction set torch's vectorized ops run, and the caps given to MKL/oneDNN."""
     import torch
 
-    caps = [f"{name}={os.environ[name]}" for name in TORCH_ISA_CAPS["avx2"] if name in os.environ]
+    caps = [f"{name}={os.environ[name]}" for name in _AVX2_CAPS if name in os.environ]
     return torch.backends.cpu.get_cpu_capability() + (f" ({', '.join(caps)})" if caps else "")
 
 

@@ -40,6 +40,12 @@ _DEFAULTS = {
         "int8 x int8 GEMM on AVX-512 VNNI and the one-call C++ decode stack: the fastest mode "
         "measured on this instruction set",
     ),
+    "avx_vnni": (
+        "w8a8",
+        "background",
+        "int8 x int8 GEMM on AVX-VNNI (vpdpbusd on ymm) and the one-call C++ decode stack: "
+        "the AVX2 target's mode, with a GEMM of one instruction per 32 multiply-adds",
+    ),
     "avx2": (
         "w8a8",
         "background",

@@ -52,15 +52,17 @@ _HEADERS = [Path(__file__).parent / "csrc" / f for f in ("tokenmill.h", "simd.h"
 # inlined into the kernels, and without it compiles to a serial loop (as Inductor's kernels,
 # this links the system libgomp). Hidden visibility keeps two targets' libraries, loaded
 # into one process, from resolving each other's functions.
-ISAS = ("avx512_vnni", "avx2", "generic")
+ISAS = ("avx512_vnni", "avx_vnni", "avx2", "generic")
 _ISA_CFLAGS = {
     "avx512_vnni": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni"],
+    "avx_vnni": ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "generic": [],
 }
 _CFLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden"]
 _ISA_CPU_FLAGS = {
     "avx512_vnni": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
+    "avx_vnni": ("avx2", "fma", "f16c", "avx_vnni"),
     "avx2": ("avx2", "fma", "f16c"),
     "generic": (),
 }
@@ -88,7 +90,7 @@ def cpu_features() -> dict[str, bool]:
     flags = cpu_flags()
     return {
         "avx512_vnni": all(f in flags for f in _ISA_CPU_FLAGS["avx512_vnni"]),
-        "avx_vnni": "avx_vnni" in flags,
+        "avx_vnni": all(f in flags for f in _ISA_CPU_FLAGS["avx_vnni"]),
         "avx2_fma": all(f in flags for f in _ISA_CPU_FLAGS["avx2"]),
         "aarch64_dotprod": "asimddp" in flags,
     }

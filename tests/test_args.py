@@ -16,6 +16,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 # where it has vector code, float32 on ATen's GEMM where it has none.
 FASTEST = {
     "avx512_vnni": ("w8a8", "background"),
+    "avx_vnni": ("w8a8", "background"),
     "avx2": ("w8a8", "background"),
     "generic": ("none", "off"),
 }

@@ -1,6 +1,8 @@
 // int8 x int8 GEMM for the w8a8 linears of a CPU decode step, one inner kernel per target:
 //
 // * AVX-512 VNNI: vpdpbusd, four multiply-adds of 16 outputs in one instruction.
+// * AVX-VNNI (Intel client CPUs from Alder Lake on, which lack AVX-512): vpdpbusd on ymm,
+//   four multiply-adds of 8 outputs in one instruction.
 // * AVX2: vpmaddubsw + vpmaddwd on signed bytes (|w| * sign(a, w), so that a pair of
 //   products, at most 2 x 128 x 127, never saturates the 16-bit sums).
 // * generic: plain C++ loops over the same layout.
@@ -15,9 +17,10 @@
 //
 // Layout: the weight [N, K] (int8, one scale per output) is packed by
 // kernels.reference.pack_int8_vnni as [N / 16][K / 4][16][4]: one 64-byte load gives four
-// consecutive k of 16 outputs, the operand of one vpdpbusd (two ymm loads on AVX2). vpdpbusd
-// multiplies unsigned by signed bytes, so there activations are stored as q + 128 and
-// 128 * sum_k w[n, k] (`comp`) is subtracted from every sum; the other targets store q.
+// consecutive k of 16 outputs, the operand of one vpdpbusd (two ymm loads on AVX2 and
+// AVX-VNNI). vpdpbusd multiplies unsigned by signed bytes, so on both VNNI targets
+// activations are stored as q + 128 and 128 * sum_k w[n, k] (`comp`) is subtracted from
+// every sum; the other targets store q.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -101,22 +104,32 @@ void tile(const uint8_t* a, int64_t k_len, const int8_t* b, int64_t block_bytes,
   }
 }
 
-#else  // AVX2 and generic: signed activations, one column block per tile
+#else  // AVX-VNNI, AVX2 and generic: one column block per tile
 
-constexpr int kActivationOffset = 0;
+#if defined(__AVXVNNI__)
+constexpr int kActivationOffset = 128;  // unsigned activations, as for vpdpbusd on zmm
+#else
+constexpr int kActivationOffset = 0;  // signed activations
+#endif
 constexpr int kRows = 4;
 constexpr int kBlocks = 1;
 
 #if defined(__AVX2__)
-// The sums of MB rows x 16 outputs, two ymm of 8 each per row.
+// The sums of MB rows x 16 outputs, two ymm of 8 each per row (minus `comp` still to come
+// on AVX-VNNI).
 template <int MB>
 void block_sums(const int8_t* a, int64_t k_len, const int8_t* b, const int8_t* prefetch,
                 int prefetch_blocks, int32_t (*sums)[kLanes]) {
-  const __m256i z = _mm256_setzero_si256(), ones = _mm256_set1_epi16(1);
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i z = _mm256_setzero_si256();
   __m256i c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z;
+#if defined(__AVXVNNI__)
+#define TM_HALF(acc, w, u) acc = _mm256_dpbusd_avx_epi32(acc, av, w);
+#else
 #define TM_HALF(acc, w, u)                                                                      \
   acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(av, w)), \
                                                 ones));
+#endif
 #define TM_ROW(I)                                                                        \
   if constexpr (MB > I) {                                                                \
     const __m256i av = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(a + I * k_len + k)); \
@@ -126,7 +139,8 @@ void block_sums(const int8_t* a, int64_t k_len, const int8_t* b, const int8_t* p
   for (int64_t k = 0; k < k_len; k += 4) {
     const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k * kLanes));
     const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k * kLanes + 32));
-    const __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);  // |w|
+    [[maybe_unused]] const __m256i u0 = _mm256_sign_epi8(w0, w0);  // |w|, for vpmaddubsw
+    [[maybe_unused]] const __m256i u1 = _mm256_sign_epi8(w1, w1);
     TM_ROW(0) TM_ROW(1) TM_ROW(2) TM_ROW(3)
     prefetch_next(prefetch, k, prefetch_blocks);
   }
@@ -156,7 +170,7 @@ void block_sums(const int8_t* a, int64_t k_len, const int8_t* b, const int8_t* p
 #endif
 
 template <int MB, int NV>
-void tile(const uint8_t* a, int64_t k_len, const int8_t* b, int64_t, const int32_t*,
+void tile(const uint8_t* a, int64_t k_len, const int8_t* b, int64_t, const int32_t* comp,
           const float* a_scale, const float* b_scale, float* c, int64_t ldc,
           const int8_t* prefetch, int prefetch_blocks) {
   static_assert(MB >= 1 && MB <= kRows && NV == 1);
@@ -164,8 +178,10 @@ void tile(const uint8_t* a, int64_t k_len, const int8_t* b, int64_t, const int32
   block_sums<MB>(reinterpret_cast<const int8_t*>(a), k_len, b, prefetch, prefetch_blocks, sums);
   // (sum * row scale) * column scale, the order of cpu_ops.int8_dynamic_linear.
   for (int i = 0; i < MB; ++i)
-    for (int64_t n = 0; n < kLanes; ++n)
-      c[i * ldc + n] = static_cast<float>(sums[i][n]) * a_scale[i] * b_scale[n];
+    for (int64_t n = 0; n < kLanes; ++n) {
+      const int32_t sum = sums[i][n] - (kActivationOffset != 0 ? comp[n] : 0);
+      c[i * ldc + n] = static_cast<float>(sum) * a_scale[i] * b_scale[n];
+    }
 }
 
 #endif
