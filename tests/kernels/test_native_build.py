@@ -19,7 +19,23 @@ def test_the_detected_target_is_the_fastest_the_cpu_runs(monkeypatch):
     assert kernels.native.cpu_isa() == runnable[0]
     features = kernels.native.cpu_features()
     assert ("avx512_vnni" in runnable) == features["avx512_vnni"]
+    assert ("avx_vnni" in runnable) == features["avx_vnni"]
     assert ("avx2" in runnable) == features["avx2_fma"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "isas"),
+    [
+        ("avx2 fma f16c avx_vnni", ["avx_vnni", "avx2", "generic"]),  # Alder Lake and later
+        ("avx2 fma f16c", ["avx2", "generic"]),  # Zen 2/3, Skylake client
+        ("sse4_2", ["generic"]),
+    ],
+)
+def test_an_avx_vnni_cpu_without_avx512_runs_the_avx_vnni_target(monkeypatch, flags, isas):
+    monkeypatch.setattr(kernels.native, "cpu_flags", lambda: frozenset(flags.split()))
+    monkeypatch.setattr(kernels.native.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv(kernels.native.ISA_ENV, raising=False)
+    assert kernels.native.runnable_isas() == isas and kernels.native.cpu_isa() == isas[0]
 
 
 @pytest.mark.parametrize("isa", kernels.native.runnable_isas())
