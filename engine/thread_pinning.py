@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -60,18 +59,15 @@ def pin_openmp_team(num_threads: int) -> list[int] | None:
         return None
     pinned: dict[int, int] = {}
     failures: list[BaseException] = []
-    lock = threading.Lock()
 
-    def pin_self(_: ctypes.c_void_p) -> None:  # runs on every thread of the team
+    def pin_self(_: ctypes.c_void_p) -> None:  # runs on every thread of the team, with the GIL
         index = runtime.omp_get_thread_num()
         try:
             os.sched_setaffinity(0, {cpus[index]})
         except (OSError, IndexError) as exc:
-            with lock:
-                failures.append(exc)
+            failures.append(exc)
             return
-        with lock:
-            pinned[index] = cpus[index]
+        pinned[index] = cpus[index]
 
     callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(pin_self)
     runtime.GOMP_parallel(callback, None, ctypes.c_uint(num_threads), ctypes.c_uint(0))
