@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -34,9 +35,10 @@ def _int8(w: torch.Tensor) -> Prepared:
     return quantize_int8(w)
 
 
-def _int8_vnni(w: torch.Tensor) -> Prepared:
-    q, scale = quantize_int8(w)
-    return (*kernels.pack_int8_vnni(q), scale.float())
+def _int8_vnni(w: torch.Tensor, isa: str) -> Prepared:
+    """w8a8's weights as `isa`'s GEMM takes them: codes in its range, then packed."""
+    q, scale = quantize_int8(w, kernels.native.int8_weight_range(isa)[1])
+    return (*kernels.reference.pack_int8_vnni(q), scale.float())
 
 
 def _int4(w: torch.Tensor) -> Prepared:
@@ -55,7 +57,7 @@ FORMATS: dict[str, tuple[Callable[[torch.Tensor], Prepared], Runner, torch.dtype
 # per instruction set this CPU runs
 for _isa in kernels.native.runnable_isas():
     FORMATS[f"int8-cpp-{_isa}"] = (
-        _int8_vnni,
+        partial(_int8_vnni, isa=_isa),
         lambda x, p, isa=_isa: kernels.native.ops(isa).int8_packed_linear(x, *p),
         torch.float32,
     )

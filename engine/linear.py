@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import kernels
+import kernels.native
 from engine.backend import Packed
 
 # Row counts up to which the weight-only kernels (activations in bfloat16) beat the float32
@@ -34,10 +35,11 @@ QUANTIZATIONS = ("none", "int8", "w8a8", "int4")
 INT4_GROUP = 32
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: ``weight ~= qweight * scale[:, None]``, with the
-    scale in bfloat16, the precision the weight-only kernel applies it in."""
-    qweight, scale = kernels.reference.quantize_rows_int8(weight, torch.bfloat16)
+def quantize_int8(weight: torch.Tensor, limit: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``weight ~= qweight * scale[:, None]`` with codes in
+    [-limit, limit], and the scale in bfloat16, the precision the weight-only kernel applies
+    it in."""
+    qweight, scale = kernels.reference.quantize_rows_int8(weight, torch.bfloat16, limit)
     return qweight, scale.to(torch.bfloat16)
 
 
@@ -114,11 +116,14 @@ class CpuLinear(nn.Module):
             smooth = smoothing_factors(input_absmax, weight)
             self.input_scale = (1 / smooth).to(weight.dtype)
             weight = weight * smooth.to(weight.dtype)
-        if quantization in ("int8", "w8a8"):
+        if quantization == "w8a8":
+            # codes the C++ GEMM multiplies exactly, scales in float32 as its kernels apply them
+            limit = kernels.native.int8_weight_range(kernels.native.cpu_isa())[1]
+            qweight, scale = quantize_int8(weight, limit)
+            self.quantized = (qweight, scale.float())
+            return
+        if quantization == "int8":
             self.quantized = quantize_int8(weight)
-            if quantization == "w8a8":  # its kernels apply the scales in float32
-                self.quantized = (self.quantized[0], self.quantized[1].float())
-                return
             weight = kernels.reference.dequantize_int8(*self.quantized).to(weight.dtype)
         elif quantization == "int4":
             q, scales_zeros = quantize_int4(weight)

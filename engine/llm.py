@@ -69,17 +69,21 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         partial: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generating", disable=not use_tqdm or len(ids) < 2) as bar:
-            while self.engine.has_unfinished_requests():
-                for delta in self.engine.step():
-                    if delta.error is not None:
-                        for request_id in ids:
-                            self.engine.abort_request(request_id)
-                        raise delta.error
-                    merged = _merge(partial.get(delta.request_id), delta)
-                    partial[delta.request_id] = merged
-                    if delta.finished:
-                        done[delta.request_id] = partial.pop(delta.request_id)
-                        bar.update(1)
+            try:
+                while self.engine.has_unfinished_requests():
+                    for delta in self.engine.step():
+                        if delta.error is not None:
+                            raise delta.error
+                        merged = _merge(partial.get(delta.request_id), delta)
+                        partial[delta.request_id] = merged
+                        if delta.finished:
+                            done[delta.request_id] = partial.pop(delta.request_id)
+                            bar.update(1)
+            except BaseException:
+                # a failed call leaves no request behind to run on in the next one
+                for request_id in ids:
+                    self.engine.abort_request(request_id)
+                raise
         return [done[i] for i in ids]
 
 

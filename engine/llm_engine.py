@@ -252,6 +252,7 @@ class LLMEngine:
         try:
             seqs, tokens, logprobs = self.runner.run(batch, tables)
         except Exception as exc:
+            self.scheduler.discard(batch)
             raise BatchFailedError(exc, {s.request.request_id for s in batch.seqs}) from exc
         self.scheduler.advance(batch)
         changed: dict[str, list[Sequence]] = {}

@@ -6,6 +6,15 @@ sequence cap (`max_num_seqs`). Decodes are counted first so a long prompt never
 stalls the streams already flowing; prompts longer than what is left of the budget
 are prefilled in chunks over several steps.
 
+Prompts admitted in the same step share what they have in common. As soon as a prompt is
+admitted, the whole blocks its chunk will fill this step go into the prefix cache, so a
+later prompt of the same step that starts with the same tokens takes those blocks instead
+of computing them again: a burst of chats behind one system prompt computes the system
+prompt once. This is sound because every layer writes the whole step's K/V before any
+sequence of the step attends (engine/model.py, `Attention.forward`). Should the step fail,
+those blocks were never written: `discard` has the whole unused cache dropped before the
+next step.
+
 When the KV pool runs dry the newest running sequence is preempted by recompute:
 its computed blocks go into the prefix cache, its blocks are freed, and it returns
 to the head of the waiting queue keeping what it generated. Admission is strictly
@@ -57,6 +66,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order, oldest first
         self.num_preemptions = 0
+        self._drop_cache = False  # a failed step cached blocks it never wrote
 
     # -- queue management ---------------------------------------------------------
 
@@ -83,6 +93,10 @@ class Scheduler:
     # -- scheduling ---------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch:
+        if self._drop_cache:
+            # The failed step's sequences are ended by now, so its blocks are unlocked.
+            self.bm.reset_prefix_cache()
+            self._drop_cache = False
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         budget -= self._schedule_running(batch, budget)
@@ -152,6 +166,8 @@ class Scheduler:
             n = min(seq.num_tokens - cached, budget)
             budget -= n
             self._add_to_batch(batch, seq, n)
+            # for the prompts admitted after this one (see the module docstring)
+            self.bm.cache(seq.seq_id, seq.token_ids[: cached + n])
 
     def _add_to_batch(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         batch.seqs.append(seq)
@@ -203,6 +219,12 @@ class Scheduler:
         self.num_preemptions += 1
 
     # -- after the model ran --------------------------------------------------------
+
+    def discard(self, batch: ScheduledBatch) -> None:
+        """The batch failed, nothing of it was advanced: the blocks its prompts put in the
+        prefix cache at admission hold no K/V. Its caller ends its requests; the next
+        `schedule` then drops every cached block no running sequence uses, those included."""
+        self._drop_cache = bool(batch.seqs)
 
     def advance(self, batch: ScheduledBatch) -> None:
         """Record that the batch's tokens are now in the KV cache; cache whole

@@ -188,9 +188,10 @@ def int8_dynamic_linear(
 
 
 def pack_int8_vnni(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lay out an int8 ``[out, in]`` weight for `int8_packed_linear` (the same on every
-    device)."""
-    return reference.pack_int8_vnni(qweight)
+    """Lay out an int8 ``[out, in]`` weight for `int8_packed_linear` (the same layout on every
+    device; on CPU its codes must lie in `kernels.native.int8_weight_range`)."""
+    impl = _impl("pack_int8_vnni", qweight)
+    return impl(qweight)
 
 
 def int8_packed_linear(

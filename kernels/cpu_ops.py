@@ -50,6 +50,20 @@ def int8_packed_linear(
     return native.int8_packed_linear(x, packed, comp, scale)
 
 
+def pack_int8_vnni(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's layout, for the C++ GEMM of the target in use, which refuses a weight
+    it could not multiply exactly (the AVX2 target takes codes in [-64, 64] only) rather
+    than return saturated sums later."""
+    low, high = native.int8_weight_range(native.target())
+    if qweight.numel() and not (low <= int(qweight.min()) and int(qweight.max()) <= high):
+        raise ValueError(
+            f"the {native.target()} int8 GEMM multiplies weight codes in [{low}, {high}]; this "
+            f"weight has [{int(qweight.min())}, {int(qweight.max())}] (round it with "
+            "kernels.native.int8_weight_range)"
+        )
+    return reference.pack_int8_vnni(qweight)
+
+
 def pack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """``[out, in]`` values in [0, 15] to ATen's CPU int4 layout (``out`` a multiple of 16)."""
     return torch._convert_weight_to_int4pack_for_cpu(qweight.to(torch.int32), 1)

@@ -67,6 +67,10 @@ _ISA_CPU_FLAGS = {
     "generic": (),
 }
 ISA_ENV = "TOKENMILL_CPU_ISA"
+# The weight codes each target's int8 GEMM multiplies exactly, where not all of int8: the
+# AVX2 GEMM's vpmaddubsw sums two products of an activation byte (up to 255) and a weight in
+# 16 signed bits, which only |w| <= 64 keeps from saturating (kernels/csrc/int8_gemm.cpp).
+_INT8_WEIGHT_RANGES = {"avx2": (-64, 64)}
 
 
 @functools.cache
@@ -125,6 +129,13 @@ def cpu_isa() -> str:
     return forced
 
 
+def int8_weight_range(isa: str) -> tuple[int, int]:
+    """The lowest and highest weight code `isa`'s int8 GEMM multiplies exactly. w8a8 rounds
+    its weights to the range of the target the process runs (`cpu_isa`), so on the AVX2
+    target it computes with weights of 7 bits and a sign where the others keep 8 bits."""
+    return _INT8_WEIGHT_RANGES.get(isa, (-128, 127))
+
+
 def build_directory(isa: str | None = None) -> Path:
     """Where a target's library is built and cached: one directory per checkout (so two
     clones do not rebuild over each other), target, and torch and Python version, under
@@ -135,9 +146,16 @@ def build_directory(isa: str | None = None) -> Path:
     return Path(root) / f"tokenmill_cpu-{isa or cpu_isa()}-{version}-{checkout}"
 
 
-# The op namespace (`torch.ops.tokenmill_<isa>`) the functions below call: the last target
-# `load` was given.
+# The op namespace (`torch.ops.tokenmill_<isa>`) the functions below call, and its target:
+# the last target `load` was given.
 _ops = None
+_target: str | None = None
+
+
+def target() -> str:
+    """The target whose kernels this module's functions call: the one last loaded, before
+    any load the one `load` will pick (`cpu_isa`)."""
+    return _target or cpu_isa()
 
 
 def load(isa: str | None = None) -> str:
@@ -146,9 +164,10 @@ def load(isa: str | None = None) -> str:
 
     Raises ValueError for a target this CPU cannot run, RuntimeError when the compiler fails.
     """
-    global _ops
+    global _ops, _target
     isa = isa or cpu_isa()
     _ops = ops(isa)
+    _target = isa
     return isa
 
 

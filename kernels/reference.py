@@ -274,17 +274,19 @@ def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rows_int8(
-    x: torch.Tensor, scale_dtype: torch.dtype = torch.float32
+    x: torch.Tensor, scale_dtype: torch.dtype = torch.float32, limit: int = 127
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: ``x ~= q * scale[:, None]`` with ``scale = max|row| / 127``.
+    """Symmetric int8 per row: ``x ~= q * scale[:, None]`` with ``scale = max|row| / limit``,
+    so codes lie in [-limit, limit] (a smaller `limit` for a kernel that multiplies fewer
+    bits exactly, `kernels.native.int8_weight_range`).
 
     The float32 scales are first rounded to ``scale_dtype`` (a kernel that applies them in
     bfloat16 wants the rows rounded with exactly those values). An all-zero row gets the
     smallest normal scale, so it divides to zeros. No clamp is needed: a scale rounded down
-    to bfloat16 stretches a row's extreme to at most 127.25, which still rounds to 127.
-    This runs on every matmul input in w8a8 mode, hence the few, plain ops."""
+    to bfloat16 stretches a row's extreme to at most limit * (1 + 2**-9), which still rounds
+    to the limit. This runs on every matmul input in w8a8 mode, hence the few, plain ops."""
     xf = x.float()
-    scale = xf.abs().amax(dim=1).div_(127)
+    scale = xf.abs().amax(dim=1).div_(limit)
     if scale_dtype != torch.float32:
         scale = scale.to(scale_dtype).float()
     scale.clamp_(min=torch.finfo(torch.float32).tiny)

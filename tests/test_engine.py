@@ -95,9 +95,7 @@ def test_greedy_matches_transformers(greedy_case, arch, scenario):
     path, prompts, expected = greedy_case(arch)
     llm = _llm(path, **SCENARIOS[scenario])
     if scenario == "nan-poisoned-pool":
-        # The pool is not zeroed at start-up: no slot may be read before it is written.
-        for cache in (*llm.engine.runner.k_caches, *llm.engine.runner.v_caches):
-            cache.fill_(float("nan"))
+        _poison(llm)  # the pool is not zeroed at start-up
     assert _run_staggered(llm, prompts, _greedy()) == expected
     if scenario == "preemption":
         assert llm.engine.scheduler.num_preemptions > 0
@@ -115,6 +113,44 @@ def test_prefix_cache_hit_is_reported_and_correct(tiny_model_dir):
     assert out1.num_cached_tokens == 0
     assert out2.num_cached_tokens == 48
     assert out2.outputs[0].token_ids == _hf_greedy(path, [second])[0]
+
+
+def _poison(llm: LLM) -> None:
+    """Fill the KV pool with NaN: a slot read before this engine wrote it spoils the output."""
+    for cache in (*llm.engine.runner.k_caches, *llm.engine.runner.v_caches):
+        cache.fill_(float("nan"))
+
+
+def test_prompts_admitted_together_compute_their_shared_prefix_once(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    llm = _llm(path)
+    _poison(llm)
+    system = _prompts(384, [48], seed=3)[0]
+    prompts = [[*system, 5, 6, 7], [*system, 9, 10], [*system[:20], 11]]
+    outs = llm.generate(prompts, _greedy(), use_tqdm=False)  # all three in the first step
+    # the second reads the 48 tokens the first writes in the same step; the third shares one
+    # whole block (16 of its 20 tokens)
+    assert [o.num_cached_tokens for o in outs] == [0, 48, 16]
+    assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(path, prompts)
+
+
+def test_a_failed_step_leaves_no_unwritten_block_in_the_prefix_cache(tiny_model_dir, monkeypatch):
+    from engine.errors import BatchFailedError
+
+    path = tiny_model_dir("llama")
+    llm = _llm(path)
+    _poison(llm)
+    system = _prompts(384, [48], seed=4)[0]
+    prompts = [[*system, 5, 6, 7], [*system, 9, 10]]
+    run = llm.engine.runner.run
+    monkeypatch.setattr(llm.engine.runner, "run", lambda *a: 1 / 0)
+    with pytest.raises(BatchFailedError):
+        llm.generate(prompts, _greedy(), use_tqdm=False)
+    assert llm.engine.requests == {} and llm.engine.block_manager.num_used_blocks == 0
+    monkeypatch.setattr(llm.engine.runner, "run", run)
+    outs = llm.generate(prompts, _greedy(), use_tqdm=False)
+    assert [o.num_cached_tokens for o in outs] == [0, 48]  # nothing kept from the failed step
+    assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(path, prompts)
 
 
 def test_seeded_sampling_is_independent_of_the_batch(tiny_model_dir):

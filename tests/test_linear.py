@@ -68,10 +68,20 @@ def test_w8a8_is_the_dynamic_int8_kernel_and_batch_invariant():
         assert torch.equal(layer(x[:rows]), out[:rows])
 
 
+@pytest.fixture
+def restore_kernel_target():
+    yield
+    kernels.native.load()  # the process's own target again (after monkeypatch's undo)
+
+
 @pytest.mark.parametrize("isa", kernels.native.runnable_isas())
-def test_packed_weights_keep_every_output_bit_for_bit(isa):
+def test_packed_weights_keep_every_output_bit_for_bit(isa, restore_kernel_target, monkeypatch):
+    monkeypatch.setenv(kernels.native.ISA_ENV, isa)  # the target w8a8 rounds weights for
     kernels.native.load(isa)
     layer = CpuLinear(*_weights(), "w8a8")
+    # each row's largest weight takes the target's largest code: 64 on AVX2, 127 elsewhere
+    codes = layer.quantized[0].abs().amax(dim=1)
+    assert torch.equal(codes, torch.full_like(codes, kernels.native.int8_weight_range(isa)[1]))
     x = torch.randn(21, 64)
     before = layer(x)
     packed = layer.pack_int8()

@@ -3,8 +3,12 @@
 // * AVX-512 VNNI: vpdpbusd, four multiply-adds of 16 outputs in one instruction.
 // * AVX-VNNI (Intel client CPUs from Alder Lake on, which lack AVX-512): vpdpbusd on ymm,
 //   four multiply-adds of 8 outputs in one instruction.
-// * AVX2: vpmaddubsw + vpmaddwd on signed bytes (|w| * sign(a, w), so that a pair of
-//   products, at most 2 x 128 x 127, never saturates the 16-bit sums).
+// * AVX2: vpmaddubsw + vpmaddwd + vpaddd, three instructions per 32 multiply-adds.
+//   vpmaddubsw adds two products of an unsigned activation byte and a signed weight in 16
+//   signed bits, which holds only for |w| <= 64 (2 x 255 x 64 = 32640), so on this target
+//   w8a8 rounds its weights to [-64, 64] (kernels.native.int8_weight_range) and packing
+//   refuses others. Full-range weights need |w| * sign(a, w) on signed activations: a
+//   fourth instruction per 32 multiply-adds, and a GEMM 1.4x slower.
 // * generic: plain C++ loops over the same layout.
 //
 // Why not torch._int_mm: oneDNN's kernel is tuned for large row counts; at the 1-32 rows of a
@@ -18,9 +22,9 @@
 // Layout: the weight [N, K] (int8, one scale per output) is packed by
 // kernels.reference.pack_int8_vnni as [N / 16][K / 4][16][4]: one 64-byte load gives four
 // consecutive k of 16 outputs, the operand of one vpdpbusd (two ymm loads on AVX2 and
-// AVX-VNNI). vpdpbusd multiplies unsigned by signed bytes, so on both VNNI targets
-// activations are stored as q + 128 and 128 * sum_k w[n, k] (`comp`) is subtracted from
-// every sum; the other targets store q.
+// AVX-VNNI). vpdpbusd and vpmaddubsw multiply unsigned by signed bytes, so on the SIMD
+// targets activations are stored as q + 128 and 128 * sum_k w[n, k] (`comp`) is subtracted
+// from every sum; the generic target stores q.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -106,8 +110,8 @@ void tile(const uint8_t* a, int64_t k_len, const int8_t* b, int64_t block_bytes,
 
 #else  // AVX-VNNI, AVX2 and generic: one column block per tile
 
-#if defined(__AVXVNNI__)
-constexpr int kActivationOffset = 128;  // unsigned activations, as for vpdpbusd on zmm
+#if defined(__AVX2__)
+constexpr int kActivationOffset = 128;  // unsigned activations, as on AVX-512 VNNI
 #else
 constexpr int kActivationOffset = 0;  // signed activations
 #endif
@@ -115,32 +119,27 @@ constexpr int kRows = 4;
 constexpr int kBlocks = 1;
 
 #if defined(__AVX2__)
-// The sums of MB rows x 16 outputs, two ymm of 8 each per row (minus `comp` still to come
-// on AVX-VNNI).
+// The sums of MB rows x 16 outputs, two ymm of 8 each per row (minus `comp` still to come).
 template <int MB>
-void block_sums(const int8_t* a, int64_t k_len, const int8_t* b, const int8_t* prefetch,
+void block_sums(const uint8_t* a, int64_t k_len, const int8_t* b, const int8_t* prefetch,
                 int prefetch_blocks, int32_t (*sums)[kLanes]) {
   [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
   const __m256i z = _mm256_setzero_si256();
   __m256i c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z;
 #if defined(__AVXVNNI__)
-#define TM_HALF(acc, w, u) acc = _mm256_dpbusd_avx_epi32(acc, av, w);
+#define TM_HALF(acc, w) acc = _mm256_dpbusd_avx_epi32(acc, av, w);
 #else
-#define TM_HALF(acc, w, u)                                                                      \
-  acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(av, w)), \
-                                                ones));
+#define TM_HALF(acc, w) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(av, w), ones));
 #endif
 #define TM_ROW(I)                                                                        \
   if constexpr (MB > I) {                                                                \
     const __m256i av = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(a + I * k_len + k)); \
-    TM_HALF(c##I##0, w0, u0)                                                             \
-    TM_HALF(c##I##1, w1, u1)                                                             \
+    TM_HALF(c##I##0, w0)                                                                 \
+    TM_HALF(c##I##1, w1)                                                                 \
   }
   for (int64_t k = 0; k < k_len; k += 4) {
     const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k * kLanes));
     const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k * kLanes + 32));
-    [[maybe_unused]] const __m256i u0 = _mm256_sign_epi8(w0, w0);  // |w|, for vpmaddubsw
-    [[maybe_unused]] const __m256i u1 = _mm256_sign_epi8(w1, w1);
     TM_ROW(0) TM_ROW(1) TM_ROW(2) TM_ROW(3)
     prefetch_next(prefetch, k, prefetch_blocks);
   }
@@ -153,13 +152,13 @@ void block_sums(const int8_t* a, int64_t k_len, const int8_t* b, const int8_t* p
 }
 #else
 template <int MB>
-void block_sums(const int8_t* a, int64_t k_len, const int8_t* b, const int8_t* prefetch,
+void block_sums(const uint8_t* a, int64_t k_len, const int8_t* b, const int8_t* prefetch,
                 int prefetch_blocks, int32_t (*sums)[kLanes]) {
   for (int i = 0; i < MB; ++i) std::fill(sums[i], sums[i] + kLanes, 0);
   for (int64_t k = 0; k < k_len; k += 4) {
     const int8_t* w = b + k * kLanes;
     for (int i = 0; i < MB; ++i) {
-      const int8_t* x = a + i * k_len + k;
+      const int8_t* x = reinterpret_cast<const int8_t*>(a + i * k_len + k);  // signed codes
       for (int64_t n = 0; n < kLanes; ++n)
         sums[i][n] += x[0] * w[4 * n] + x[1] * w[4 * n + 1] + x[2] * w[4 * n + 2] +
                       x[3] * w[4 * n + 3];
@@ -175,7 +174,7 @@ void tile(const uint8_t* a, int64_t k_len, const int8_t* b, int64_t, const int32
           const int8_t* prefetch, int prefetch_blocks) {
   static_assert(MB >= 1 && MB <= kRows && NV == 1);
   int32_t sums[kRows][kLanes];
-  block_sums<MB>(reinterpret_cast<const int8_t*>(a), k_len, b, prefetch, prefetch_blocks, sums);
+  block_sums<MB>(a, k_len, b, prefetch, prefetch_blocks, sums);
   // (sum * row scale) * column scale, the order of cpu_ops.int8_dynamic_linear.
   for (int i = 0; i < MB; ++i)
     for (int64_t n = 0; n < kLanes; ++n) {

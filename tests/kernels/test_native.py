@@ -47,10 +47,11 @@ def _case(m: int, n: int, k: int, seed: int, outliers: bool = False):
             x[1] = torch.randint(-254, 255, (k,), generator=gen) / 2
             x[1, 0] = 127
         x[-1, k // 2] = 1000.0  # one channel dominating a row
-    qweight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    low, high = kernels.native.int8_weight_range(kernels.native.target())
+    qweight = torch.randint(low, high + 1, (n, k), generator=gen, dtype=torch.int8)
     if outliers:  # the most negative code too, and products of the largest magnitude
-        qweight[0, : k // 2] = -128
-        qweight[-1, ::2] = 127
+        qweight[0, : k // 2] = low
+        qweight[-1, ::2] = high
     scale = torch.rand(n, generator=gen) * 0.02 + 1e-4
     return x, qweight, scale
 
@@ -69,6 +70,30 @@ def test_vnni_linear_equals_aten_path_bit_for_bit(m, n, k, outliers, seed):
     out = cpu_ops.int8_packed_linear(x, packed, comp, s)
     assert torch.equal(out, cpu_ops.int8_dynamic_linear(x, q, s))
     assert torch.equal(out, reference.int8_packed_linear(x, packed, comp, s))
+
+
+def test_the_largest_products_are_exact():
+    """Rows of codes +-127 against the target's extreme weights: on AVX2, vpmaddubsw's 16-bit
+    pair sums reach 2 x 255 x 64, one step short of saturating."""
+    low, high = kernels.native.int8_weight_range(kernels.native.target())
+    x = torch.full((3, 64), 127.0)  # row scale 1: every code is 127
+    x[1] = -127.0
+    x[2, ::2] = -127.0
+    q = torch.full((32, 64), high, dtype=torch.int8)
+    q[16:] = low
+    s = torch.ones(32)
+    out = cpu_ops.int8_packed_linear(x, *kernels.pack_int8_vnni(q), s)
+    assert torch.equal(out, cpu_ops.int8_dynamic_linear(x, q, s))
+    assert out[0, 0] == 127 * high * 64 and out[0, 16] == 127 * low * 64
+
+
+def test_packing_refuses_codes_the_target_would_saturate():
+    low, high = kernels.native.int8_weight_range(kernels.native.target())
+    kernels.pack_int8_vnni(torch.tensor([[low, high, 0, 0]] * 16, dtype=torch.int8))
+    if (low, high) != (-128, 127):  # outside the range only where int8 has codes beyond it
+        for code in (low - 1, high + 1):
+            with pytest.raises(ValueError, match=rf"\[{low}, {high}\]"):
+                kernels.pack_int8_vnni(torch.full((16, 4), code, dtype=torch.int8))
 
 
 def test_rows_do_not_depend_on_the_batch():
@@ -237,7 +262,8 @@ def _decode_stack_case(
         return torch.rand(n, generator=gen) + 0.5
 
     def linear(name: str, n: int, k: int) -> dict:
-        w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        low, high = kernels.native.int8_weight_range(kernels.native.target())
+        w = torch.randint(low, high + 1, (n, k), generator=gen, dtype=torch.int8)
         packed, comp = reference.pack_int8_vnni(w)
         return {
             f"{name}_packed": packed,
