@@ -139,28 +139,32 @@ def read_shape(db: sqlite3.Connection) -> list[Table]:
     return tables
 
 
-def _listed_values(values: list[str]) -> str:
+def _listed_values(values: list[str], column: str) -> str:
     """A categorical column's values as the description lists them: dates and periods
-    latest first, the first marked `(latest)`, so that "last quarter" reads as the first
-    value (the default model picks early entries of a list); other values sorted."""
+    latest first, the first named for what a question calls it (`'2026-Q3' (the last
+    quarter)` for a column `quarter`), so that "last quarter" reads as the first value
+    (the default model picks early entries of a list, and matches words more readily than
+    it reasons about order); other values sorted."""
     if not all(YEAR_FIRST.match(v) for v in values):
         return ", ".join(map(literal, values))
     latest, *earlier = [literal(v) for v in reversed(values)]
-    return ", ".join([f"{latest} (latest)", *earlier])
+    return ", ".join([f"{latest} (the last {column.replace('_', ' ')})", *earlier])
 
 
 def _value_lines(tables: list[Table]) -> list[str]:
     """One line per distinct value set, naming every column that holds it (a key and
     the column referring to it share theirs): a list repeated would cost tokens and
     weigh its first values more."""
-    columns: dict[tuple[str, ...], list[str]] = {}
+    columns: dict[tuple[str, ...], list[Column]] = {}
+    names: dict[tuple[str, ...], list[str]] = {}
     for table in tables:
         for col in table.columns:
             if col.values is not None:
-                columns.setdefault(tuple(col.values), []).append(f"{table.name}.{col.name}")
+                columns.setdefault(tuple(col.values), []).append(col)
+                names.setdefault(tuple(col.values), []).append(f"{table.name}.{col.name}")
     return [
-        f"{', '.join(names)} values: {_listed_values(list(values))}."
-        for values, names in columns.items()
+        f"{', '.join(names[values])} values: {_listed_values(list(values), cols[0].name)}."
+        for values, cols in columns.items()
     ]
 
 

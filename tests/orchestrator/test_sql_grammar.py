@@ -230,9 +230,9 @@ def test_the_declaration_the_model_reads_is_compact(tokenizer):
     # A value set shared by a key and the column referring to it is listed once.
     assert all(text.count(literal(region)) == 1 for region in regions)
     assert "regions.region, sales.region values: " in text
-    # Periods come latest first ("last quarter" is the first listed), the first marked.
+    # Periods come latest first, the first named as a question says it ("last quarter").
     latest, *earlier = sorted(quarters, reverse=True)
-    listed = ", ".join([f"{literal(latest)} (latest)", *map(literal, earlier)])
+    listed = ", ".join([f"{literal(latest)} (the last quarter)", *map(literal, earlier)])
     assert f"sales.quarter values: {listed}." in text
     assert "revenue_usd REAL -- sales in US dollars" in text
     # Placeholders, not values: a small model copies what the example holds.
@@ -254,7 +254,7 @@ def test_the_declaration_the_model_reads_is_compact(tokenizer):
         truncate=False,
     )
     assert len(prompt.token_ids) < WINDOW // 3
-    assert "'2026-Q3' (latest)" in tokenizer.decode(prompt.token_ids)
+    assert "'2026-Q3' (the last quarter)" in tokenizer.decode(prompt.token_ids)
 
 
 def test_a_database_without_tables_is_unavailable(tmp_path):
