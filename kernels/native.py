@@ -2,7 +2,7 @@
 
 Why C++ here when the rest of the CPU path is ATen and Inductor: neither has a fast int8 GEMM
 for the few rows of a decode step on CPUs without AMX (`kernels/csrc/int8_gemm.cpp` says
-how much). The build takes 10-25 s on two cores, once per checkout: PyTorch's extension
+how much). The build takes 20-40 s on two cores, once per checkout: PyTorch's extension
 loader caches the library (`build_directory`) and rebuilds only when a source changes. The
 engine builds it on its background compile thread (engine/compilation.py), never on a
 request's path.

@@ -14,7 +14,6 @@
 // so both give the same bits. `weights` holds kPerLayer entries per layer in the order of
 // TM_DECODE_LAYER_SLOTS below, the one definition of that layout: Python reads the names
 // (the `decode_layer_slots` op, kernels/native.py) and fills the list by name.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -25,7 +25,6 @@
 // AVX-VNNI). vpdpbusd and vpmaddubsw multiply unsigned by signed bytes, so on the SIMD
 // targets activations are stored as q + 128 and 128 * sum_k w[n, k] (`comp`) is subtracted
 // from every sum; the generic target stores q.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -6,7 +6,6 @@
 // Each row is computed on its own, in a fixed order of float operations, whatever the row
 // count or thread split: the engine's batch invariance rests on it. Semantics are those of
 // kernels.reference.rms_norm, apply_rotary (rotate-half) and silu_and_mul, to float rounding.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

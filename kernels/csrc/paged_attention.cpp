@@ -16,7 +16,6 @@
 // and write_kv: q [tokens, H, D] float32; caches [blocks, block_size, KVH, D] in float32 or
 // bfloat16; block_tables [S, *] and context_lens [S] int32; a sequence with an empty context
 // gets zeros.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>

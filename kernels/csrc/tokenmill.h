@@ -2,7 +2,11 @@
 // the others layer after layer), and vector helpers used by more than one file.
 #pragma once
 
-#include <ATen/ATen.h>
+// The few ATen headers the kernels use, not <ATen/ATen.h>: that one declares every
+// operator, and dropping it cuts each file's compile time by a quarter or more.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <optional>
