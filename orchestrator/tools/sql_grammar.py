@@ -155,17 +155,16 @@ def _value_lines(tables: list[Table]) -> list[str]:
     """One line per distinct value set, naming every column that holds it (a key and
     the column referring to it share theirs): a list repeated would cost tokens and
     weigh its first values more."""
-    columns: dict[tuple[str, ...], list[Column]] = {}
-    names: dict[tuple[str, ...], list[str]] = {}
+    holders: dict[tuple[str, ...], list[tuple[str, str]]] = {}  # values -> (table, column)
     for table in tables:
         for col in table.columns:
             if col.values is not None:
-                columns.setdefault(tuple(col.values), []).append(col)
-                names.setdefault(tuple(col.values), []).append(f"{table.name}.{col.name}")
-    return [
-        f"{', '.join(names[values])} values: {_listed_values(list(values), cols[0].name)}."
-        for values, cols in columns.items()
-    ]
+                holders.setdefault(tuple(col.values), []).append((table.name, col.name))
+    lines = []
+    for values, names in holders.items():
+        listed = _listed_values(list(values), names[0][1])
+        lines.append(f"{', '.join(f'{t}.{c}' for t, c in names)} values: {listed}.")
+    return lines
 
 
 def describe(tables: list[Table]) -> str:
