@@ -258,7 +258,12 @@ def test_first_chunk_arrives_while_generation_is_still_running(live, client):
 
 
 def test_dropped_streams_free_their_kv_blocks(live):
+    all_streaming = asyncio.Event()
+    sampled = asyncio.Event()
+    streaming = 0
+
     async def open_and_drop(client: openai.AsyncOpenAI, i: int) -> None:
+        nonlocal streaming
         stream = await client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": f"Count to {1000 + i}."}],
@@ -271,18 +276,20 @@ def test_dropped_streams_free_their_kv_blocks(live):
             received += bool(chunk.choices and chunk.choices[0].delta.content)
             if received == 2:
                 break
+        streaming += 1
+        if streaming == 20:
+            all_streaming.set()
+        await sampled.wait()  # hold the stream open until its blocks have been seen in use
         await stream.close()
 
     async def main() -> float:
         async with aclient(live) as client:
             streams = [asyncio.create_task(open_and_drop(client, i)) for i in range(20)]
-            await asyncio.sleep(0)
-            usage_seen = 0.0
-            while not all(s.done() for s in streams):
-                usage_seen = max(usage_seen, live.metric("kv_cache_usage_perc"))
-                await asyncio.sleep(0.05)
+            await asyncio.wait_for(all_streaming.wait(), timeout=120)
+            usage = live.metric("kv_cache_usage_perc")
+            sampled.set()
             await asyncio.gather(*streams)
-            return usage_seen
+            return usage
 
     assert asyncio.run(main()) > 0
     deadline = time.monotonic() + 10
