@@ -214,6 +214,23 @@ void quantize_row(const float* x, int64_t k_len, uint8_t* q, float* scale) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
                      _mm512_cvtepi32_epi8(_mm512_add_epi32(v, offset)));
   }
+#elif defined(__AVX2__)
+  // Four vectors of eight codes packed to 32 bytes: the packs interleave 128-bit lanes, so
+  // dwords come out as v0[0:4], v1[0:4], v2[0:4], v3[0:4], v0[4:8], .. and one permute
+  // restores their order.
+  const __m256i offset = _mm256_set1_epi32(kActivationOffset);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const auto codes = [&](int64_t at) {
+    return _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + at), sv.lo)),
+                            offset);
+  };
+  for (; k + 32 <= k_len; k += 32) {
+    const __m256i low = _mm256_packs_epi32(codes(k), codes(k + 8));
+    const __m256i high = _mm256_packs_epi32(codes(k + 16), codes(k + 24));
+    const __m256i bytes = _mm256_packus_epi16(low, high);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k),
+                        _mm256_permutevar8x32_epi32(bytes, order));
+  }
 #else
   for (; k + kLanes <= k_len; k += kLanes) {
     float r[kLanes];
@@ -250,7 +267,9 @@ at::Tensor int8_packed_linear(const at::Tensor& x, const at::Tensor& packed,
   const float* xp = xc.data_ptr<float>();
   uint8_t* qp = q.data_ptr<uint8_t>();
   float* sp = row_scale.data_ptr<float>();
-  for (int64_t i = 0; i < m; ++i) quantize_row(xp + i * k_len, k_len, qp + i * k_len, sp + i);
+  at::parallel_for(0, m, tokenmill::serial_grain(k_len), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) quantize_row(xp + i * k_len, k_len, qp + i * k_len, sp + i);
+  });
 
   const int8_t* bp = packed.data_ptr<int8_t>();
   const int32_t* cp = comp.data_ptr<int32_t>();

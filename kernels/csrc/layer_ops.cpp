@@ -24,10 +24,6 @@ using tokenmill::simd::kLanes;
 namespace simd = tokenmill::simd;
 constexpr int64_t kMaxHeadDim = 128;
 
-// Rows per task: one thread up to ~32k values, where starting an OpenMP team costs more than
-// the pass itself.
-int64_t grain(int64_t width) { return std::max<int64_t>(1, 32768 / width); }
-
 // One head of `d` values: plus bias, RMSNorm with `norm` (both optional), then rotate-half
 // rotary with cos = cs[0, d/2) and sin = cs[d/2, d) unless cs is null, into dst.
 void head_in(const float* src, const float* bias, const float* norm, float eps, const float* cs,
@@ -69,7 +65,7 @@ void add_rms_norm_into(const at::Tensor& x, const at::Tensor& residual, const fl
   const float* rp = residual.data_ptr<float>();
   float* sp = sum.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, rows, grain(h), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, serial_grain(h), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* xr = xp + i * h;
       const float* rr = rp + i * h;
@@ -103,7 +99,7 @@ void rotary_heads_into(const at::Tensor& qkv, const float* bias, const float* q_
   float* qp = q.data_ptr<float>();
   float* kp = k.data_ptr<float>();
   float* vp = v.data_ptr<float>();
-  at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, serial_grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* row = src + i * width;
       const float* cs = rope + positions[i] * d;
@@ -126,7 +122,7 @@ void silu_and_mul_into(const at::Tensor& gate_up, const float* input_scale, at::
   const float* gp = gate_up.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const F16 one = simd::set1(1.0f);
-  at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, serial_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* g = gp + i * 2 * n;
       const float* u = g + n;

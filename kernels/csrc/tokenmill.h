@@ -9,6 +9,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <optional>
 
 #include "simd.h"
@@ -46,6 +48,9 @@ void rotary_heads_into(const at::Tensor& qkv, const float* bias, const float* q_
                        const float* k_norm, float eps, const int64_t* positions,
                        const float* rope, at::Tensor& q, at::Tensor& k, at::Tensor& v);
 void silu_and_mul_into(const at::Tensor& gate_up, const float* input_scale, at::Tensor& out);
+// Rows per task of a per-row pass `width` values wide: one thread up to ~32k values, where
+// starting an OpenMP team costs more than the pass itself.
+inline int64_t serial_grain(int64_t width) { return std::max<int64_t>(1, 32768 / width); }
 // An optional float32 operand's data, checked to be contiguous with `numel` values; null
 // where it is absent.
 const float* data_or_null(const std::optional<at::Tensor>& t, int64_t numel);
