@@ -215,6 +215,7 @@ void attend(const float* q, const T* k_cache, const T* v_cache, const int32_t* t
       simd::store(p[g], e);
       total[g] = simd::add(total[g], e);
     }
+#if defined(__AVX512F__)
     for (int i = 0; i < n; ++i) {
       F16 v[NC];
       load_row<NC>(rows_v[i], v);
@@ -223,6 +224,21 @@ void attend(const float* q, const T* k_cache, const T* v_cache, const int32_t* t
         for (int c = 0; c < NC; ++c) acc[g][c] = simd::fmadd(w, v[c], acc[g][c]);
       }
     }
+#else
+    // Elsewhere an F16 takes two registers or more, and a group's G x NC accumulators do
+    // not fit in AVX2's sixteen: one 16-dimension slice at a time keeps that slice's G in
+    // registers. Each accumulator still adds the positions in order: the same sums.
+    for (int c = 0; c < NC; ++c) {
+      F16 slice[G];
+      for (int g = 0; g < G; ++g) slice[g] = acc[g][c];
+      for (int i = 0; i < n; ++i) {
+        F16 v;
+        load_row<1>(rows_v[i] + c * kLanes, &v);
+        for (int g = 0; g < G; ++g) slice[g] = simd::fmadd(simd::set1(p[g][i]), v, slice[g]);
+      }
+      for (int g = 0; g < G; ++g) acc[g][c] = slice[g];
+    }
+#endif
   }
   for (int g = 0; g < G; ++g)
     from_kernel_order<NC, T>(acc[g], 1.0f / simd::reduce_add(total[g]), out + g * D);
