@@ -63,14 +63,17 @@ def test_abort_and_closed_streams_free_blocks(tiny_path):
             await gen.__anext__()
             await gen.aclose()  # a client that went away
 
+            streaming = asyncio.Event()
+
             async def consume():
                 reasons = []
                 async for out in engine.generate(_prompt(20, 2), params, request_id="b"):
                     reasons += [o.finish_reason for o in out.outputs if o.finish_reason]
+                    streaming.set()
                 return reasons
 
             task = asyncio.create_task(consume())
-            await asyncio.sleep(0.2)
+            await asyncio.wait_for(streaming.wait(), timeout=60)
             await engine.abort("b")
             assert await task == ["abort"]
             for _ in range(100):
