@@ -1,5 +1,5 @@
 """Every script in examples/ runs to completion with the default model and prints what it
-says it does. The openai SDK example runs against one live server."""
+says it does. The examples that need a running server share one."""
 
 from __future__ import annotations
 
@@ -62,15 +62,19 @@ def test_streaming_with_async_llm():
     assert "Tokyo" in answers(output)[0]
 
 
+@pytest.fixture(scope="module")
+def server():
+    """One server for the examples that talk to a running one. Eager float32 (compile off):
+    a background compile finishing mid-run would switch the numerics between requests, and
+    agent_sales.py's SQL is checked against the database."""
+    live = start_server("--api-key", API_KEY, "--compile", "off")
+    yield live
+    assert live.stop() == 0
+
+
 @pytest.mark.slow
-def test_openai_sdk_against_the_server():
-    server = start_server("--api-key", API_KEY)
-    try:
-        output = run_example(
-            "openai_client.py", "--base-url", f"{server.url}/v1", "--api-key", API_KEY
-        )
-    finally:
-        assert server.stop() == 0
+def test_openai_sdk_against_the_server(server):
+    output = run_example("openai_client.py", "--base-url", f"{server.url}/v1", "--api-key", API_KEY)
     lines = {line.split(":", 1)[0]: line for line in output.splitlines() if ":" in line}
     assert "Tokyo" in lines["chat"]
     assert len(lines["stream"]) > len("stream: ") + 10
@@ -78,12 +82,8 @@ def test_openai_sdk_against_the_server():
 
 
 @pytest.mark.slow
-def test_agent_sales_example_runs_sql_query_on_the_server():
-    server = start_server("--compile", "off")
-    try:
-        output = run_example("agent_sales.py", "--base-url", f"{server.url}/v1")
-    finally:
-        assert server.stop() == 0
+def test_agent_sales_example_runs_sql_query_on_the_server(server):
+    output = run_example("agent_sales.py", "--base-url", f"{server.url}/v1", "--api-key", API_KEY)
     lines = output.splitlines()
     assert lines[0].startswith("call: sql_query {")
     assert lines[1].startswith("result: ")
