@@ -349,7 +349,7 @@ class Sandbox:
             lowering.cancel()
             _kill(proc)
             manifest_pipe.close()  # already closed unless the run ended before reading
-            await asyncio.shield(proc.wait())
+            await asyncio.shield(_reap(proc))
         return _result(proc.returncode, manifest, output, timed_out, time.monotonic() - started)
 
 
@@ -449,6 +449,17 @@ async def _read_manifest(pipe: BinaryIO, into: bytearray, limit: int) -> None:
             into += chunk
     finally:
         transport.close()
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Wait for the killed run, then read its output pipes to their end. A pipe whose reader
+    stopped early (output over its cap) stays open otherwise, and its transport is closed
+    only by the garbage collector, after the event loop has gone, which raises there."""
+    await proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        assert stream is not None
+        while await stream.read(1 << 16):
+            pass
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:

@@ -4,11 +4,13 @@ and the host (this test process) stays healthy, with no process of the run left 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import socket
 import textwrap
 import uuid
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +27,17 @@ def run(code: str, limits=FAST) -> tuple[SandboxResult, str]:
     result = asyncio.run(Sandbox().run(textwrap.dedent(code), limits, label=label))
     assert wait_until_gone(label) == [], "a sandbox process outlived its run"
     assert host_can_spawn()
+    assert unclosed_transports() == [], "a pipe of the run outlived its event loop"
     return result, label
+
+
+def unclosed_transports() -> list[str]:
+    """What the garbage collector finds still open of the runs' pipes. A transport closed
+    that late raises inside whatever code the collector interrupts."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    return [str(w.message) for w in caught if "unclosed transport" in str(w.message)]
 
 
 def test_runs_code_and_reports_output_status_and_files():

@@ -42,6 +42,8 @@ class LiveServer:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         if self.scratch_dir is not None:
             shutil.rmtree(self.scratch_dir, ignore_errors=True)
         return self.process.returncode
@@ -81,5 +83,6 @@ def start_server(
             return LiveServer(process, match.group(1), log, scratch)
         assert time.monotonic() < deadline, "server did not start in time"
     code = process.wait()
+    process.stdout.close()
     log.seek(0)
     raise AssertionError(f"server exited during start-up with code {code}:\n{log.read()[-3000:]}")
