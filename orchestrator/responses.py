@@ -709,6 +709,7 @@ class ResponseService:
                 "store",
             )
         history = await self._history(owner, request)
+        _check_call_outputs(history.items, request.input)
         input_items = [stored_item(i) for i in request.input]
         params = _sampling_params(request)
         tools = self._resolve_tools(request)
@@ -868,3 +869,18 @@ class ResponseService:
         if found is None:
             raise _missing(response_id)
         return item_list(found)
+
+
+def _check_call_outputs(history: list[dict], input_items: list[dict]) -> None:
+    """Each function_call_output must answer a function call made before it, in the
+    history or earlier in the input (OpenAI's rule): an output for no call would reach the
+    model as a tool result nothing asked for."""
+    calls = {item["call_id"] for item in history if item["type"] == "function_call"}
+    for item in input_items:
+        if item["type"] == "function_call":
+            calls.add(item["call_id"])
+        elif item["type"] == "function_call_output" and item["call_id"] not in calls:
+            raise InvalidRequestError(
+                f"No tool call found for function call output with call_id {item['call_id']}.",
+                "input",
+            )

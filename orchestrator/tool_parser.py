@@ -163,12 +163,14 @@ class ToolCallParser:
         return [CallStart(match.group(1))]
 
     def _close_block(self, body: str, closed: bool) -> list[ToolEvent]:
+        # A block the budget cut inside its closing tag ends where the tag began.
+        call_body = body if closed else body[: len(body) - _partial_tag_suffix(body, CLOSE_TAG)]
         # However the text was split, a canonical opening makes the block a call.
-        started = self._try_start(body)
+        started = self._try_start(call_body)
         call, self._streaming = self._streaming, None
         if call is not None:
-            return started + call.finish(body, self.allowed)
-        parsed = parse_call(body.strip(), self.allowed)
+            return started + call.finish(call_body, self.allowed)
+        parsed = parse_call(call_body.strip(), self.allowed)
         if parsed is not None and self._room_for_a_call():
             self.num_calls += 1
             return [parsed]

@@ -79,6 +79,22 @@ def test_truncated_canonical_call_keeps_the_arguments_it_has():
     assert content == "" and calls == [ParsedCall("get_time", '{"tz')]
 
 
+def test_a_call_cut_inside_its_closing_tag_has_only_its_arguments():
+    """The budget ran out in `</tool_call>`: the call is whole, and what was written of
+    the tag is neither arguments nor text, streamed or not."""
+    for cut in range(1, len("</tool_call>")):
+        text = WEATHER[:-cut]
+        assert parse_tool_calls(text, TOOLS) == (
+            "",
+            [ParsedCall("get_weather", '{"city": "Paris"}')],
+        )
+        parser = ToolCallParser(TOOLS)
+        deltas = [
+            e.text for e in parser.feed(text) + parser.finish() if isinstance(e, ArgumentsDelta)
+        ]
+        assert "".join(deltas) == '{"city": "Paris"}'
+
+
 def test_partial_tag_is_held_back_until_it_is_known_not_to_be_a_tag():
     parser = ToolCallParser(TOOLS)
     assert [e.text for e in parser.feed("a <tool_")] == ["a "]
@@ -107,6 +123,7 @@ SAMPLES = [
     WEATHER + '\n<tool_call>{"name": "get_time", "arguments": {}}',
     '<tool_call>{"name": "get_time", "arguments": {"tz": "U</tool_call> then ' + WEATHER,
     WEATHER + '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lo',
+    TIME + "\n" + WEATHER[:-4],
 ]
 
 

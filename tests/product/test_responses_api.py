@@ -345,6 +345,24 @@ def test_function_tools_round_trip(product_server):
     assert "get_weather" not in _prompt(server)
 
 
+def test_a_function_call_output_must_answer_a_call(product_server):
+    server = product_server(FakeEngine(reply=CALL))
+    client = server.client
+    call = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER])
+    stray = [{"type": "function_call_output", "call_id": "call_nope", "output": "18C"}]
+    for chained in ({"previous_response_id": call.id}, {}):
+        with pytest.raises(openai.BadRequestError, match="call_id call_nope") as caught:
+            client.responses.create(model=MODEL, tools=[WEATHER], input=stray, **chained)
+        assert caught.value.body["param"] == "input"
+    # A call written in the same input is answered there.
+    own = {"type": "function_call", "call_id": "call_own", "name": "get_weather"}
+    answer = {"type": "function_call_output", "call_id": "call_own", "output": "18C"}
+    done = client.responses.create(
+        model=MODEL, input=[{**own, "arguments": "{}"}, answer], tools=[WEATHER]
+    )
+    assert done.status == "completed"
+
+
 def test_max_output_tokens_ends_incomplete(product_server):
     server = product_server(FakeEngine(reply="A long answer"))
     response = server.client.responses.create(model=MODEL, input="x", max_output_tokens=4)
