@@ -164,7 +164,8 @@ class ResponseEvents:
         ]
 
     def function_call(self, call: ParsedCall) -> list[Event]:
-        """A complete tool call from the parser: an output item of its own."""
+        """A tool call from the parser: an output item of its own, `incomplete` when the
+        token budget ran out inside its arguments."""
         events = self._close_message("completed")
         item = {
             "id": new_id("fc"),
@@ -180,7 +181,7 @@ class ResponseEvents:
             self._event("response.output_item.added", output_index=index, item=copy.deepcopy(item))
         )
         item["arguments"] = call.arguments
-        item["status"] = "completed"
+        item["status"] = "completed" if call.complete else "incomplete"
         events += [
             self._event(
                 "response.function_call_arguments.delta",

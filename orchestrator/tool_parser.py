@@ -35,6 +35,8 @@ class ParsedCall:
     arguments: str  # JSON text of an object
     # Its CallStart and ArgumentsDelta events came before it (how, not what: not compared).
     streamed: bool = field(default=False, compare=False)
+    # False when the budget ran out inside the arguments: they are what was written.
+    complete: bool = True
 
 
 @dataclass
@@ -188,12 +190,13 @@ class _StreamingCall:
         wrapping object's closing brace; a truncated one (the budget ran out) keeps all
         it has, which is what the stream has been sending."""
         region = body[self.args_start :]
-        if parse_call(body.strip(), allowed) is not None:
+        complete = parse_call(body.strip(), allowed) is not None
+        if complete:
             region = region.rstrip().removesuffix("}").rstrip()
         events: list[ToolEvent] = []
         if len(region) > self.num_sent:
             events.append(ArgumentsDelta(region[self.num_sent :]))
-        return [*events, ParsedCall(self.name, region, streamed=True)]
+        return [*events, ParsedCall(self.name, region, streamed=True, complete=complete)]
 
 
 CallEvent = ParsedCall | CallStart | ArgumentsDelta

@@ -76,7 +76,7 @@ def test_truncated_canonical_call_keeps_the_arguments_it_has():
     """The budget ran out mid-call: the call stands with what was generated, streamed or
     not, as OpenAI returns a truncated call with finish_reason "length"."""
     content, calls = parse_tool_calls('<tool_call>\n{"name": "get_time", "arguments": {"tz', TOOLS)
-    assert content == "" and calls == [ParsedCall("get_time", '{"tz')]
+    assert content == "" and calls == [ParsedCall("get_time", '{"tz', complete=False)]
 
 
 def test_a_call_cut_inside_its_closing_tag_has_only_its_arguments():

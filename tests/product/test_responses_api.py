@@ -363,6 +363,24 @@ def test_a_function_call_output_must_answer_a_call(product_server):
     assert done.status == "completed"
 
 
+def test_a_call_cut_by_max_output_tokens_is_an_incomplete_item(product_server):
+    server = product_server(FakeEngine(reply=CALL))
+    cut = CALL.index("Paris") + 3
+    for stream in (False, True):
+        response = server.client.responses.create(
+            model=MODEL, input="Weather?", tools=[WEATHER], max_output_tokens=cut, stream=stream
+        )
+        if stream:
+            response = list(response)[-1].response
+        assert response.status == "incomplete"
+        call = response.output[0]
+        assert (call.type, call.status, call.arguments) == (
+            "function_call",
+            "incomplete",
+            '{"city": "Par',
+        )
+
+
 def test_max_output_tokens_ends_incomplete(product_server):
     server = product_server(FakeEngine(reply="A long answer"))
     response = server.client.responses.create(model=MODEL, input="x", max_output_tokens=4)
