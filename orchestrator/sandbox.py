@@ -41,6 +41,7 @@ import ast
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import signal
 import struct
@@ -96,6 +97,12 @@ for root, dirs, names in os.walk("/work"):
 with os.fdopen(manifest_fd, "w") as out:
     out.write(repr((os.waitstatus_to_exitcode(wait_status), files)))
 """
+
+
+log = logging.getLogger(__name__)
+# How long a killed run's pipes may take to reach their end (the kernel tears the
+# namespace down asynchronously).
+_DRAIN_SECONDS = 10
 
 
 def _instruction(code: int, k: int, jump_true: int = 0, jump_false: int = 0) -> bytes:
@@ -456,10 +463,15 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
     stopped early (output over its cap) stays open otherwise, and its transport is closed
     only by the garbage collector, after the event loop has gone, which raises there."""
     await proc.wait()
-    for stream in (proc.stdout, proc.stderr):
-        assert stream is not None
-        while await stream.read(1 << 16):
-            pass
+    try:
+        # The namespace dies with bwrap (--die-with-parent), which closes every write end.
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            for stream in (proc.stdout, proc.stderr):
+                assert stream is not None
+                while await stream.read(1 << 16):
+                    pass
+    except TimeoutError:
+        log.warning("a sandbox run's output pipes stayed open %ss after it ended", _DRAIN_SECONDS)
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:
