@@ -201,8 +201,13 @@ class Agent:
         for call, text in zip(runs, texts, strict=True):
             if text is not None:
                 self._add_output(call, text)
-        refusal = f"Error: not run: this response reached max_tool_calls ({self.max_tool_calls})."
-        for call in refused:
+        self.not_run(refused, f"this response reached max_tool_calls ({self.max_tool_calls})")
+
+    def not_run(self, calls: list[dict], why: str) -> None:
+        """Record calls that will not run: a code_interpreter or file_search call as an
+        incomplete item of its own, another as a function_call_output, each saying why."""
+        refusal = f"Error: not run: {why}."
+        for call in calls:
             if self._is_code_call(call):
                 item = self._code_item(call, "incomplete", [{"type": "logs", "logs": refusal}])
                 self._emit("response.output_item.added", item, item=copy.deepcopy(item))

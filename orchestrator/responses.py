@@ -597,7 +597,11 @@ class Turn:
             if progress.finish_reason in (None, "abort"):
                 self._emit(progress.assembler.push("", final=True))  # the text held back
         if progress.finish_reason != "stop":
-            raise _Cut("max_output_tokens" if progress.finish_reason == "length" else None)
+            reason = "max_output_tokens" if progress.finish_reason == "length" else None
+            if reason is not None and self._agent is not None:
+                # The calls this generation wrote stay in the response, as not run.
+                self._agent.not_run(self._code_calls, f"this response reached {reason}")
+            raise _Cut(reason)
         self._put(self.events.close_message(self._annotate))
         new = self.events.output[start:]
         del self.events.output[start:]

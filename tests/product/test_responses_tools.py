@@ -66,6 +66,15 @@ def _post(server: ProductServer, **body) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, **body}, timeout=30)
 
 
+def _events(raw: httpx.Response) -> list:
+    """The events of a whole streamed response body."""
+    adapter = TypeAdapter(ResponseStreamEvent)
+    lines = raw.text.splitlines()
+    return [
+        adapter.validate_json(line[len("data: ") :]) for line in lines if line.startswith("data: ")
+    ]
+
+
 def _types(response: dict) -> list[str]:
     return [item["type"] for item in response["output"]]
 
@@ -262,6 +271,34 @@ def test_code_interpreter_runs_in_the_sandbox(product_server):
     assert body["output"][1]["content"][0]["text"].startswith("Result: 42")
     assert '<untrusted origin="tool code_interpreter"' in _prompt(server)
     Response.model_validate(body)
+
+
+def test_code_calls_cut_by_max_output_tokens_stay_in_the_response_unrun(product_server):
+    """The budget ran out while the model wrote a second call: both calls are items, not
+    run, as the response ended there (the cut one without code: its arguments do not
+    parse)."""
+    first = _call("code_interpreter", code="print(6 * 7)")
+    second = _call("code_interpreter", code="print(7 * 8)")
+    server = product_server(FakeEngine(reply=_scripted(first + "\n" + second)))
+    cut = len(first) + 1 + second.index("7 * 8")
+    tools = [{"type": "code_interpreter", "container": {"type": "auto"}}]
+    for stream in (False, True):
+        raw = _post(server, input="Compute", tools=tools, max_output_tokens=cut, stream=stream)
+        if stream:
+            events = _events(raw)
+            body = events[-1].response.model_dump()
+            added = [e.item.code for e in events if e.type == "response.output_item.added"]
+            assert added == ["print(6 * 7)", ""]
+        else:
+            body = raw.json()
+        assert body["status"] == "incomplete"
+        items = [(i["type"], i["status"], i["code"]) for i in body["output"]]
+        assert items == [
+            ("code_interpreter_call", "incomplete", "print(6 * 7)"),
+            ("code_interpreter_call", "incomplete", ""),
+        ]
+        logs = body["output"][0]["outputs"][0]["logs"]
+        assert logs == "Error: not run: this response reached max_output_tokens."
 
 
 def test_a_client_function_still_ends_the_response(product_server):
