@@ -22,6 +22,7 @@ from orchestrator.tools.calculator import Calculator
 from orchestrator.tools.sql_query import DEMO_DATABASE
 from tests.product.conftest import ProductServer
 from tests.server.fake_engine import FakeEngine
+from tests.server.sse_client import events
 
 MODEL = "fake-model"
 CALCULATOR = {"type": "function", "name": "calculator"}
@@ -64,15 +65,6 @@ def _scripted(*calls: str, answer: str = "Result: {}"):
 
 def _post(server: ProductServer, **body) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, **body}, timeout=30)
-
-
-def _events(raw: httpx.Response) -> list:
-    """The events of a whole streamed response body."""
-    adapter = TypeAdapter(ResponseStreamEvent)
-    lines = raw.text.splitlines()
-    return [
-        adapter.validate_json(line[len("data: ") :]) for line in lines if line.startswith("data: ")
-    ]
 
 
 def _types(response: dict) -> list[str]:
@@ -285,9 +277,9 @@ def test_code_calls_cut_by_max_output_tokens_stay_in_the_response_unrun(product_
     for stream in (False, True):
         raw = _post(server, input="Compute", tools=tools, max_output_tokens=cut, stream=stream)
         if stream:
-            events = _events(raw)
-            body = events[-1].response.model_dump()
-            added = [e.item.code for e in events if e.type == "response.output_item.added"]
+            sent = list(events(raw))
+            body = sent[-1]["response"]
+            added = [e["item"]["code"] for e in sent if e["type"] == "response.output_item.added"]
             assert added == ["print(6 * 7)", ""]
         else:
             body = raw.json()
