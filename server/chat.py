@@ -31,8 +31,8 @@ from server.generation import (
     Collected,
     ResponseHeader,
     check_context,
+    check_params_vocabulary,
     check_prompt_chars,
-    check_token_ids,
     collect,
     engine_outputs,
     make_sampling_params,
@@ -88,7 +88,7 @@ async def create_chat_completion(
     tools = active_tools(request)
     structure = chat_structured_outputs(request, tools)
     params = make_sampling_params({**request.sampling, "structured_outputs": structure})
-    check_token_ids(params.stop_token_ids, state.engine.vocab_size, "stop_token_ids")
+    check_params_vocabulary(params, state.engine.vocab_size)
     ticket = await state.admission.acquire(params.n, "n", fair_share)
     try:
         prompt_ids = await state.prepare(_prompt_size(request), _encode_prompt, request)

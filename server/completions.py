@@ -20,6 +20,7 @@ from server.generation import (
     Collected,
     ResponseHeader,
     check_context,
+    check_params_vocabulary,
     check_prompt_chars,
     check_token_ids,
     collect,
@@ -97,7 +98,7 @@ async def create_completion(
     meter.model = model
     structure = response_format_params(request.response_format)
     params = make_sampling_params({**request.sampling, "structured_outputs": structure})
-    check_token_ids(params.stop_token_ids, state.engine.vocab_size, "stop_token_ids")
+    check_params_vocabulary(params, state.engine.vocab_size)
     sequences = len(request.prompts) * params.n
     ticket = await state.admission.acquire(
         sequences, "prompt" if len(request.prompts) > 1 else "n", fair_share

@@ -12,6 +12,7 @@ from orchestrator.files import PURPOSES
 from orchestrator.items import item_list
 from server.access import owner
 from server.errors import APIError, invalid
+from server.request_body import content_length
 from server.responses import product
 from server.responses_protocol import parse_page
 
@@ -42,8 +43,8 @@ async def _upload(request: Request, limit: int) -> tuple[UploadFile, str, bytes]
             "POST /v1/files takes multipart/form-data with 'file' and 'purpose'",
             code="unsupported_media_type",
         )
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
+    length = content_length(request)
+    if length is not None and length > limit + MULTIPART_OVERHEAD:
         raise _too_large(limit)
     async with request.form(max_files=1, max_fields=8) as form:
         upload, purpose = form.get("file"), form.get("purpose")

@@ -42,6 +42,13 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
         )
 
 
+def check_params_vocabulary(params: SamplingParams, vocab_size: int) -> None:
+    """The token ids in a request's sampling parameters, checked before anything is
+    reserved or charged: the engine would refuse them only after the prompt was counted."""
+    check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
+    check_token_ids(list(params.logit_bias or ()), vocab_size, "logit_bias")
+
+
 def check_prompt_chars(num_chars: int, limit: int, param: str) -> None:
     """Refuse a prompt too long to fit before paying to render or tokenize it."""
     if num_chars > limit:

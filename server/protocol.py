@@ -28,7 +28,7 @@ from orchestrator.chat_types import (
 from server.errors import invalid
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-_FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 MAX_N = 128  # OpenAI's own upper bound for `n`
 MAX_TOP_LOGPROBS = 20
 # Stop strings are searched for after every token (the held-back tail costs up to the
@@ -67,6 +67,12 @@ _KINDS: dict[str, tuple[type, ...]] = {
     "an object": (dict,),
     "an array": (list,),
 }
+
+
+def valid_name(name: str) -> bool:
+    """OpenAI's rule for function and schema names: 1 to 64 letters, digits, '_' or '-'.
+    The names also go into the tool-call grammar, so nothing else may reach it."""
+    return _NAME.fullmatch(name) is not None
 
 
 def typed_field(
@@ -192,7 +198,7 @@ def _tool(raw: Any, i: int) -> Tool:
     if function is None:
         raise invalid(f"{param}.function is required", "tools")
     name = typed_field(function, "name", "a string", "", f"{param}.function.name")
-    if not _FUNCTION_NAME.match(name):
+    if not valid_name(name):
         raise invalid(
             f"{param}.function.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
             "tools",
@@ -252,7 +258,7 @@ def _response_format(body: dict) -> ResponseFormat | None:
     if spec is None:
         raise invalid("response_format.json_schema is required", "response_format")
     name = typed_field(spec, "name", "a string", param="response_format.json_schema.name")
-    if name is None or not _FUNCTION_NAME.match(name):
+    if name is None or not valid_name(name):
         raise invalid(
             "response_format.json_schema.name must be 1 to 64 letters, digits, '_' "
             f"or '-', got {name!r}",
@@ -272,7 +278,7 @@ def _logit_bias(body: dict, sampling: dict[str, Any]) -> None:
         return
     parsed = {}
     for key, value in bias.items():
-        if not (isinstance(key, str) and key.isdigit()):
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9):
             raise invalid(
                 f"logit_bias keys must be token ids (digit strings), got {key!r}", "logit_bias"
             )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,12 +88,21 @@ async def read_json_body(
     return value if parse is None else await off_loop.offload(parse, value)
 
 
+def content_length(request: Request) -> int | None:
+    """The declared Content-Length, or None where there is none or it is not a plain
+    decimal number (str.isdigit alone takes '²', which int() refuses)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and len(declared) <= 18:
+        return int(declared)
+    return None
+
+
 async def _read_limited(request: Request, limit: int) -> bytearray:
     too_large = APIError(
         413, f"the request body is larger than {limit} bytes", code="request_too_large"
     )
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = content_length(request)
+    if declared is not None and declared > limit:
         raise too_large
     body = bytearray()
     async for chunk in request.stream():
@@ -100,6 +110,19 @@ async def _read_limited(request: Request, limit: int) -> bytearray:
         if len(body) > limit:
             raise too_large
     return body
+
+
+def _reject_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON (RFC 8259), though Python's parser takes them: a value
+    stored from one breaks every later response that has to write it back out."""
+    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 reads as infinity
+        raise json.JSONDecodeError(f"{text} is out of a double's range", text, 0)
+    return value
 
 
 def parse_json(body: bytes | bytearray) -> Any:
@@ -116,7 +139,7 @@ def parse_json(body: bytes | bytearray) -> Any:
             code="invalid_json",
         )
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise invalid(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     except ValueError as exc:  # an integer with more digits than Python converts

@@ -8,7 +8,6 @@ that silently ignored it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ from orchestrator.agent import DEFAULT_MAX_TOOL_CALLS
 from orchestrator.responses import CodeInterpreterTool
 from orchestrator.tools.file_search import DEFAULT_MAX_RESULTS, FileSearchTool
 from server.errors import invalid
-from server.protocol import typed_field
+from server.protocol import typed_field, valid_name
 from server.vector_store_search import parse_filters, parse_max_results, parse_ranking
 
 MAX_METADATA_KEYS = 16
@@ -217,9 +216,15 @@ def _tools(body: dict) -> list[FunctionTool | CodeInterpreterTool | FileSearchTo
                 "code_interpreter and file_search tools are",
                 f"{param}.type",
             )
+        name = _required_string(raw, "name", param)
+        if not valid_name(name):
+            raise invalid(
+                f"{param}.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
+                f"{param}.name",
+            )
         tools.append(
             FunctionTool(
-                name=_required_string(raw, "name", param),
+                name=name,
                 description=typed_field(
                     raw, "description", "a string", param=f"{param}.description"
                 ),
@@ -284,7 +289,6 @@ _FORMAT_KEYS = {
     "json_object": {"type"},
     "json_schema": {"type", "name", "schema", "strict", "description"},
 }
-_FORMAT_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 
 def _text_format(body: dict) -> dict:
@@ -309,7 +313,7 @@ def _text_format(body: dict) -> dict:
     if kind != "json_schema":
         return {"type": kind}
     name = _required_string(fmt, "name", "text.format")
-    if not _FORMAT_NAME.fullmatch(name):
+    if not valid_name(name):
         raise invalid(
             "text.format.name must be 1 to 64 letters, digits, '_' or '-'", "text.format.name"
         )
@@ -387,7 +391,9 @@ def parse_response_request(
 def parse_page(query: Any) -> Page:
     """`limit` (1 to 100, default 20), `after` (an item id), `order` ("asc" or "desc")."""
     limit_text = query.get("limit", "20")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_PAGE:
+    # ASCII digits only: str.isdigit also takes '²' (int() refuses it) and '５'
+    digits = limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 3
+    if not digits or not 1 <= int(limit_text) <= MAX_PAGE:
         raise invalid(f"limit must be an integer from 1 to {MAX_PAGE}, got {limit_text!r}", "limit")
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):

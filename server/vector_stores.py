@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from orchestrator import VectorStoreService
 from orchestrator.items import item_list
 from orchestrator.retrieval.chunking import parse_chunking_strategy
+from orchestrator.retrieval.filters import MAX_KEY_LENGTH, is_number
 from orchestrator.vector_stores import FileToAdd, Search
 from server.access import owner
 from server.errors import APIError, invalid
@@ -52,15 +53,27 @@ def _chunking(body: dict):
         raise invalid(str(exc), "chunking_strategy") from None
 
 
+def _attribute_fits(key: str, value: Any) -> bool:
+    """OpenAI's limits: keys of at most 64 characters; values strings of at most 512,
+    booleans or numbers (here integers within 64 bits, which filters can compare)."""
+    if not 1 <= len(key) <= MAX_KEY_LENGTH:
+        return False
+    if isinstance(value, str):
+        return len(value) <= 512
+    return isinstance(value, bool) or is_number(value)
+
+
 def _attributes(body: dict) -> dict:
     attributes = body.get("attributes") or {}
     if (
         not isinstance(attributes, dict)
         or len(attributes) > 16
-        or not all(isinstance(v, str | int | float | bool) for v in attributes.values())
+        or not all(_attribute_fits(k, v) for k, v in attributes.items())
     ):
         raise invalid(
-            "attributes must be an object of at most 16 string, number or boolean values",
+            "attributes must be an object of at most 16 keys of 1 to 64 characters, whose "
+            "values are strings of at most 512 characters, booleans or numbers (integers "
+            "within 64 bits)",
             "attributes",
         )
     return attributes
@@ -72,6 +85,12 @@ def _file_id(value: Any, param: str) -> str:
     return value
 
 
+def _distinct_file_ids(values: list) -> list[str]:
+    """The ids of a `file_ids` array in order, each once; every entry checked first (an
+    object or array in it is a client's mistake, not something to hash)."""
+    return list(dict.fromkeys([_file_id(v, "file_ids") for v in values]))
+
+
 async def create_vector_store(request: Request, body: Any) -> Response:
     body = _object(body, {"name", "metadata", "file_ids", "chunking_strategy", "expires_after"})
     if body.get("expires_after") is not None:
@@ -80,7 +99,7 @@ async def create_vector_store(request: Request, body: Any) -> Response:
     if not isinstance(file_ids, list) or len(file_ids) > MAX_FILE_IDS:
         raise invalid(f"file_ids must be an array of at most {MAX_FILE_IDS} file ids", "file_ids")
     chunking = _chunking(body)
-    files = [FileToAdd(_file_id(f, "file_ids"), chunking, {}) for f in dict.fromkeys(file_ids)]
+    files = [FileToAdd(file_id, chunking, {}) for file_id in _distinct_file_ids(file_ids)]
     return JSONResponse(
         await _service(request).create(
             owner(request), _name(body), parse_metadata(body.get("metadata")), files
@@ -177,10 +196,7 @@ def _batch_files(body: dict) -> list[FileToAdd]:
         if not isinstance(file_ids, list) or not file_ids or len(file_ids) > MAX_FILE_IDS:
             raise invalid(f"file_ids must be an array of 1 to {MAX_FILE_IDS} file ids", "file_ids")
         chunking, attributes = _chunking(body), _attributes(body)
-        return [
-            FileToAdd(_file_id(f, "file_ids"), chunking, attributes)
-            for f in dict.fromkeys(file_ids)
-        ]
+        return [FileToAdd(f, chunking, attributes) for f in _distinct_file_ids(file_ids)]
     if body.get("attributes") is not None or body.get("chunking_strategy") is not None:
         raise invalid("with files, give attributes and chunking_strategy per file", "files")
     entries = body["files"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, and_, case, false, func, not_, or_
+from sqlalchemy import ColumnElement, and_, case, false, func, not_, or_, select
 
 COMPARISONS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "nin")
 MAX_DEPTH = 8
@@ -41,8 +41,16 @@ class Compound:
 Filter = Comparison | Compound
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+# Integers the databases store as they are (SQLite's INTEGER, PostgreSQL's bigint).
+_INT64 = range(-(2**63), 2**63)
+
+
+def is_number(value: Any) -> bool:
+    """A JSON number an attribute or a filter may hold: not a boolean, and an integer only
+    within 64 bits (a larger one fails in the database's comparison, not at the client)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return not isinstance(value, int) or value in _INT64
 
 
 def parse_filter(value: Any, path: str = "filters", depth: int = 0) -> Filter:
@@ -63,10 +71,8 @@ def parse_filter(value: Any, path: str = "filters", depth: int = 0) -> Filter:
     if kind not in COMPARISONS:
         raise ValueError(f"{path}.type must be one of {', '.join((*COMPARISONS, 'and', 'or'))}")
     key = value.get("key")
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or '"' in key:
-        raise ValueError(
-            f"{path}.key must be a string of 1 to {MAX_KEY_LENGTH} characters without double quotes"
-        )
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
+        raise ValueError(f"{path}.key must be a string of 1 to {MAX_KEY_LENGTH} characters")
     if "value" not in value:
         raise ValueError(f"{path}.value is required")
     operand = value["value"]
@@ -74,16 +80,21 @@ def parse_filter(value: Any, path: str = "filters", depth: int = 0) -> Filter:
         if (
             not isinstance(operand, list)
             or not operand
-            or not all(isinstance(v, str) or _is_number(v) for v in operand)
+            or not all(isinstance(v, str) or is_number(v) for v in operand)
         ):
             raise ValueError(
-                f"{path}.value must be a non-empty array of strings or numbers for '{kind}'"
+                f"{path}.value must be a non-empty array of strings or numbers (integers "
+                f"within 64 bits) for '{kind}'"
             )
         return Comparison(key, kind, tuple(operand))
-    if kind in ("gt", "gte", "lt", "lte") and not (isinstance(operand, str) or _is_number(operand)):
-        raise ValueError(f"{path}.value must be a number or a string for '{kind}'")
-    if not isinstance(operand, str | int | float):
-        raise ValueError(f"{path}.value must be a string, number or boolean")
+    if kind in ("gt", "gte", "lt", "lte") and not (isinstance(operand, str) or is_number(operand)):
+        raise ValueError(
+            f"{path}.value must be a number (integers within 64 bits) or a string for '{kind}'"
+        )
+    if not (isinstance(operand, str | bool) or is_number(operand)):
+        raise ValueError(
+            f"{path}.value must be a string, number or boolean (integers within 64 bits)"
+        )
     return Comparison(key, kind, operand)
 
 
@@ -98,17 +109,20 @@ class JsonAttributes(Protocol):
 
 
 class SqliteJsonAttributes:
-    """SQLite's JSON1 functions over `column`."""
+    """SQLite's JSON1 functions over `column`. An attribute is looked up through
+    `json_each`, whose keys are decoded: a JSON path (`$."key"`) is matched against the key
+    as the stored text escapes it, so a key with a backslash or non-ASCII letters (stored
+    as \\u escapes) would never match."""
 
     def __init__(self, column: ColumnElement) -> None:
         self.column = column
 
-    @staticmethod
-    def _path(key: str) -> str:
-        return f'$."{key}"'
+    def _field(self, key: str, part: str) -> ColumnElement:
+        entries = func.json_each(self.column).table_valued("key", "type", "value")
+        return select(entries.c[part]).where(entries.c.key == key).scalar_subquery()
 
     def kind(self, key: str) -> ColumnElement:
-        raw = func.json_type(self.column, self._path(key))
+        raw = self._field(key, "type")
         return case(
             (raw == "text", "string"),
             (raw.in_(("integer", "real")), "number"),
@@ -117,13 +131,13 @@ class SqliteJsonAttributes:
         )
 
     def value(self, key: str, like: Scalar) -> ColumnElement:
-        return func.json_extract(self.column, self._path(key))
+        return self._field(key, "value")
 
 
 def _kind_of(value: Scalar) -> str:
     if isinstance(value, bool):
         return "boolean"
-    return "number" if _is_number(value) else "string"
+    return "number" if is_number(value) else "string"
 
 
 def _equals(attrs: JsonAttributes, key: str, value: Scalar) -> ColumnElement:

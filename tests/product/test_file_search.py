@@ -283,6 +283,38 @@ def test_unknown_or_malformed_declarations_are_refused(knowledge):
     assert server.engine.prompts == []  # nothing reached the model
 
 
+def test_malformed_vector_store_bodies_are_400s(knowledge):
+    """Each once answered 500, or stored a value that broke every later read of the store."""
+    server, vs, files = knowledge("unused")
+    file_id = files["glaciers.txt"]
+    base = f"{server.url}/v1/vector_stores"
+    checks = [
+        (base, {"file_ids": [{"id": file_id}]}, "file_ids"),
+        (base, {"file_ids": [[file_id]]}, "file_ids"),
+        (f"{base}/{vs}/file_batches", {"file_ids": [{}]}, "file_ids"),
+        (f"{base}/{vs}/files", {"file_id": file_id, "attributes": {"n": 10**30}}, "attributes"),
+        (f"{base}/{vs}/files", {"file_id": file_id, "attributes": {"k" * 65: 1}}, "attributes"),
+        (f"{base}/{vs}/files", {"file_id": file_id, "attributes": {"s": "x" * 513}}, "attributes"),
+        (
+            f"{base}/{vs}/search",
+            {"query": "ice", "filters": {"type": "gt", "key": "year", "value": 10**30}},
+            "filters",
+        ),
+    ]
+    for url, body, param in checks:
+        raw = httpx.post(url, json=body, timeout=30)
+        assert raw.status_code == 400, (url, body, raw.text)
+        assert raw.json()["error"]["param"].startswith(param), (body, raw.json())
+    raw = httpx.post(
+        f"{base}/{vs}/files",
+        content=f'{{"file_id": "{file_id}", "attributes": {{"score": NaN}}}}',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert raw.status_code == 400, raw.text
+    assert server.client.vector_stores.files.list(vs).data  # the store still reads back
+
+
 def test_another_users_vector_store_is_not_found(knowledge):
     server, vs, _ = knowledge("unused")
     request, _ = parse_response_request(

@@ -275,6 +275,10 @@ def test_unknown_ids_are_404(product_server):
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
         ({"input": "x", "background": True}, "background"),
         ({"input": "x", "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+        ({"input": "x", "tools": [{"type": "function", "name": ""}]}, "tools[0].name"),
+        ({"input": "x", "tools": [{"type": "function", "name": "has space"}]}, "tools[0].name"),
+        ({"input": "x", "tools": [{"type": "function", "name": 'get"x'}]}, "tools[0].name"),
+        ({"input": "x", "tools": [{"type": "function", "name": "f\n"}]}, "tools[0].name"),
         ({"input": []}, "input"),
         ({"input": "x" * 3000}, "input"),  # does not fit the fake engine's 2048-token window
     ],
@@ -284,6 +288,27 @@ def test_bad_requests_are_400_naming_the_field(product_server, body, param):
     raw = _raw(server, "POST", "/responses", json={"model": MODEL, **body})
     assert raw.status_code == 400, raw.text
     assert raw.json()["error"]["param"] == param
+
+
+def test_non_json_numbers_and_odd_limits_are_400(product_server):
+    """NaN, Infinity and numbers past a double's range are not JSON; a `limit` must be
+    ASCII digits ('²' passes str.isdigit and made int() raise)."""
+    server = product_server()
+    for text in ("NaN", "Infinity", "-Infinity", "1e400"):
+        raw = _raw(
+            server,
+            "POST",
+            "/responses",
+            content=f'{{"model": "{MODEL}", "input": "x", "temperature": {text}}}',
+            headers={"content-type": "application/json"},
+        )
+        assert raw.status_code == 400, (text, raw.text)
+        assert raw.json()["error"]["code"] == "invalid_json"
+    conv = server.client.conversations.create()
+    for path in ("/conversations", f"/conversations/{conv.id}/items"):
+        for limit in ("²", "５", "1" * 5000):
+            raw = _raw(server, "GET", path, params={"limit": limit})
+            assert (raw.status_code, raw.json()["error"]["param"]) == (400, "limit"), raw.text
 
 
 def test_conversation_bodies_are_checked(product_server):

@@ -42,6 +42,10 @@ def post_raw(server, path: str, content: bytes, content_type: str | None = "appl
             "tool_choice",
         ),
         ({"messages": USER, "tool_choice": ["auto"]}, "tool_choice"),
+        ({"messages": USER, "logit_bias": {"²": 1}}, "logit_bias"),  # isdigit, not int()
+        ({"messages": USER, "logit_bias": {"1" * 5000: 1}}, "logit_bias"),
+        # refused before the prompt is counted, so it costs the user nothing
+        ({"messages": USER, "logit_bias": {"99999999": 5}}, "logit_bias"),
     ],
 )
 def test_values_that_once_broke_the_engine_or_the_server_are_400s(serve, body, param):
