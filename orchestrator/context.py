@@ -16,16 +16,22 @@ whatever prefix is shared.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.client import TokenizerLike
-from orchestrator.agent import code_interpreter_as_function_items, file_search_as_function_items
+from orchestrator.agent import (
+    FILE_SEARCH,
+    code_interpreter_as_function_items,
+    file_search_as_function_items,
+)
 from orchestrator.chat_prompt import build_chat_prompt, template_supports_tools
 from orchestrator.chat_types import ChatRequest, Message, Tool, ToolCall
 from orchestrator.errors import InvalidRequestError
 from orchestrator.retrieval.index import Hit
 from orchestrator.store import History
 from orchestrator.tools.file_search import render_sources
+from orchestrator.untrusted import spotlight
 
 SEARCH_HISTORY_BUDGET = 4_000  # characters of an earlier search's results in a prompt
 
@@ -81,11 +87,26 @@ def _function_items(items: list[dict]) -> list[dict]:
     return flat
 
 
-def items_to_messages(items: list[dict]) -> list[Message]:
+def _framed_output(item: dict, names: dict[str, str], special_tokens: Iterable[str]) -> str:
+    """A function call's output as the prompt shows it: spotlighted as data from its tool.
+    file_search's output is framed source by source already (`render_sources`). The same
+    item framed again reads the same, so every turn that shows it extends the last one's
+    prompt token for token."""
+    name = names.get(item["call_id"], "function")
+    if name == FILE_SEARCH:
+        return item["output"]
+    return spotlight(item["output"], f"tool {name}", special_tokens=special_tokens)
+
+
+def items_to_messages(items: list[dict], special_tokens: Iterable[str] = ()) -> list[Message]:
     """Responses items -> chat messages: a function call joins the assistant message it
-    follows (as a chat assistant turn holds text and tool calls together)."""
+    follows (as a chat assistant turn holds text and tool calls together). Every tool
+    output, of this turn or an earlier one, the server's tools or the client's, enters as
+    untrusted data (`spotlight`), with `special_tokens` (the tokenizer's) broken up."""
+    flat = _function_items(items)
+    names = {i["call_id"]: i["name"] for i in flat if i.get("type") == "function_call"}
     messages: list[Message] = []
-    for item in _function_items(items):
+    for item in flat:
         kind = item.get("type", "message")
         if kind == "message":
             messages.append(Message(item["role"], _item_text(item)))
@@ -96,7 +117,8 @@ def items_to_messages(items: list[dict]) -> list[Message]:
             else:
                 messages.append(Message("assistant", None, tool_calls=[call]))
         elif kind == "function_call_output":
-            messages.append(Message("tool", item["output"], tool_call_id=item["call_id"]))
+            output = _framed_output(item, names, special_tokens)
+            messages.append(Message("tool", output, tool_call_id=item["call_id"]))
     return messages
 
 
@@ -114,6 +136,7 @@ class ContextBuilder:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.native_tools = template_supports_tools(tokenizer.chat_template)
+        self.special_tokens = tuple(getattr(tokenizer, "all_special_tokens", ()))
 
     def build(
         self,
@@ -160,7 +183,7 @@ class ContextBuilder:
         tools: ToolConfig,
         base: list[int] | None,
     ) -> tuple[list[int], int]:
-        messages = items_to_messages([*history, *input_items])
+        messages = items_to_messages([*history, *input_items], self.special_tokens)
         if instructions:
             messages.insert(0, Message("system", instructions))
         request = ChatRequest(

@@ -54,10 +54,8 @@ from orchestrator.tools.file_search import (
     FILE_SEARCH,
     FileSearch,
     FileSearchBackend,
-    FileSearchOutput,
     FileSearchTool,
 )
-from orchestrator.untrusted import spotlight
 
 log = logging.getLogger("tokenmill")
 
@@ -337,7 +335,6 @@ class Turn:
         self._generations = 0
         self._code_calls: list[dict] = []  # code_interpreter/file_search calls of the turn
         self._agent: Agent | None = None
-        self._spotlit: dict[str, str] = {}  # tool output item id -> its prompt text
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self._stop_status: str | None = None
         self._consumer: asyncio.Task | None = None
@@ -447,30 +444,18 @@ class Turn:
         self._put([self.events.numbered(event)])
 
     def _prompt_items(self, output: list[dict]) -> list[dict]:
-        """This turn's output as the prompt shows it: each tool output spotlighted (once
-        per item, so later generations render the same text and extend the prompt)."""
-        names = {i["call_id"]: i["name"] for i in output if i["type"] == "function_call"}
-        special = getattr(self.service.engine.tokenizer, "all_special_tokens", ())
+        """This turn's output as the prompt shows it: code_interpreter and file_search
+        calls as function call + output pairs (the context builder frames each output)."""
         items = []
         for item in output:
             if item["type"] == "code_interpreter_call":
                 call, result = code_interpreter_as_function_items(item)
                 items += [call, {**result, "id": item["id"]}]
-                names[call["call_id"]] = CODE_INTERPRETER
             elif item["type"] == "file_search_call":
                 call, result = self._search_items(item)
                 items += [call, {**result, "id": item["id"]}]
-                names[call["call_id"]] = FILE_SEARCH
             else:
                 items.append(item)
-        for i, item in enumerate(items):
-            if item["type"] == "function_call_output":
-                if item["id"] not in self._spotlit:
-                    origin = f"tool {names.get(item['call_id'], 'function')}"
-                    self._spotlit[item["id"]] = spotlight(
-                        item["output"], origin, special_tokens=special
-                    )
-                items[i] = {**item, "output": self._spotlit[item["id"]]}
         return items
 
     def _search_items(self, item: dict) -> tuple[dict, dict]:
@@ -478,8 +463,6 @@ class Turn:
         spotlighted chunk by chunk already, so the output is not framed again."""
         found = self._agent.tool_results.get(item["id"]) if self._agent else None
         text = found.text if found is not None else "[the search did not run]"
-        if isinstance(found, FileSearchOutput):
-            self._spotlit[item["id"]] = text
         return file_search_as_function_items(item, text)
 
     def _searched_enough(self) -> bool:

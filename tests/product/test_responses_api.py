@@ -362,7 +362,9 @@ def test_function_tools_round_trip(product_server):
     )
     assert answer.output_text == "It is 18C in Paris."
     prompt = _prompt(server)
-    assert prompt.index('"city": "Paris"') < prompt.index("<tool_response>\n18C")
+    # the client's result enters as data from its tool, like the server's own tools'
+    result = prompt.index('<tool_response>\n<untrusted origin="tool get_weather"')
+    assert prompt.index('"city": "Paris"') < result < prompt.index("\n18C\n", result)
     none = client.responses.create(
         model=MODEL, input="Weather?", tools=[WEATHER], tool_choice="none"
     )
