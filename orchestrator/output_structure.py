@@ -9,9 +9,9 @@ the format server/tool_parser.py reads:
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-with `arguments` constrained by the function's JSON schema. A forced choice ("required" or
-a named function) makes the whole output one call, or with parallel calls one or more
-calls separated by newlines. "auto" leaves the model free to write text, but the opening
+with `arguments` constrained by the function's JSON schema. A forced choice makes the whole
+output calls: a named function exactly one, "required" one, or with parallel calls one or
+more separated by newlines. "auto" leaves the model free to write text, but the opening
 tag triggers the grammar lazily (llguidance's lazy lexemes): from `<tool_call>` on, the
 call must complete validly.
 """
@@ -109,7 +109,7 @@ def _grammar(start: list[str], rules: list[str]) -> str:
 
 def turn_structure(
     functions: list[tuple[str, dict | None]],
-    forced: bool,
+    choice: str,
     parallel: bool,
     fmt_schema: dict | None,
     fmt_param: str,
@@ -117,6 +117,10 @@ def turn_structure(
     tools_param: str = "tools",
 ) -> StructuredOutputsParams | None:
     """What a turn's output is constrained to (None: free text).
+
+    choice: the tool choice, "auto", "required" or "function" (one named function). The
+    last two force a call; a named function is called once, even with `parallel` calls
+    (a small model would otherwise repeat the same call until the budget runs out).
 
     fmt_schema: the JSON format's schema (ANY_OBJECT for any object), None for text. A bad
     schema is a 400 naming `schema_param` (default `fmt_param`), checked on its own first
@@ -127,9 +131,10 @@ def turn_structure(
         answer = json_format_params(fmt_schema, schema_param or fmt_param)
     if not functions:
         return answer
+    forced = choice in ("required", "function")
     if forced and answer is not None:
         raise InvalidRequestError(
             f"{fmt_param} cannot be combined with a tool_choice that forces a call", fmt_param
         )
-    grammar = tool_call_grammar(functions, forced, parallel, fmt_schema)
+    grammar = tool_call_grammar(functions, forced, parallel and choice != "function", fmt_schema)
     return checked(tools_param, grammar=grammar)

@@ -213,7 +213,7 @@ def _structure(
     functions = [(t.name, tools.call_schema(t.name, t.spec["function"])) for t in config.tools]
     return turn_structure(
         functions,
-        config.mode in ("required", "function"),
+        config.mode,
         config.parallel,
         request.format_schema(),
         "text.format",

@@ -43,7 +43,7 @@ def chat_structured_outputs(
     with _as_api_error():
         return turn_structure(
             functions,
-            request.tool_choice in ("required", "function"),
+            request.tool_choice,
             request.parallel_tool_calls,
             _format_schema(request.response_format),
             "response_format",

@@ -146,7 +146,7 @@ def compiler_for(tokenizer: Tokenizer) -> GrammarCompiler:
 def walk(tool: SqlQuery, tokenizer: Tokenizer, data) -> str:
     """The SQL of a forced call written by a random walk through the tokens its grammar
     allows, step by step as the sampler sees them."""
-    structure = turn_structure([("sql_query", tool.argument_schema)], True, False, None, "x")
+    structure = turn_structure([("sql_query", tool.argument_schema)], "required", False, None, "x")
     matcher = compiler_for(tokenizer).compile(structure)
     vocab = tokenizer.backend.get_vocab_size()
     ids: list[int] = []
@@ -184,7 +184,7 @@ def test_llguidance_calls_on_any_database_run(tmp_path, tokenizer, data):
 
 
 def test_a_forced_call_is_decoded_under_the_grammar(demo, tokenizer):
-    structure = turn_structure([("sql_query", demo.argument_schema)], True, False, None, "x")
+    structure = turn_structure([("sql_query", demo.argument_schema)], "required", False, None, "x")
     compiler = compiler_for(tokenizer)
 
     def accepted(sql: str) -> bool:

@@ -75,7 +75,9 @@ def test_named_function_allows_only_that_function(compiler):
         "tools": [WEATHER, TIME],
         "tool_choice": {"type": "function", "function": {"name": "get_time"}},
     }
-    assert _accepts(compiler, TIME_CALL, **named)[0]
+    # exactly one call, parallel calls on (the default) or not
+    assert _accepts(compiler, TIME_CALL, **named) == (True, True)
+    assert not _accepts(compiler, TIME_CALL + "\n" + TIME_CALL, **named)[0]
     assert not _accepts(compiler, CALL, **named)[0]
 
 
