@@ -10,9 +10,9 @@ from engine.loader.gguf import read_gguf
 from engine.loader.resolve import resolve_model
 from engine.tokenizer import Tokenizer
 from orchestrator.context import ContextBuilder, ToolConfig, items_to_messages
-from orchestrator.untrusted import spotlight
 from orchestrator.errors import InvalidRequestError
 from orchestrator.store import History
+from orchestrator.untrusted import spotlight
 
 
 @pytest.fixture(scope="module")
@@ -173,5 +173,5 @@ def test_every_tool_output_in_the_history_enters_as_untrusted_data():
     assert "<|im_start|>" not in tool.content and "<|im_end|>" not in tool.content
     assert tool.content.startswith('<untrusted origin="tool calculator"')
     assert search.content == "[1] a.txt (framed)"  # framed source by source already
-    again = [m for m in items_to_messages(items, special) if m.role == "tool"][0]
+    again = next(m for m in items_to_messages(items, special) if m.role == "tool")
     assert again.content == tool.content  # the same text each turn: the prefix cache holds
