@@ -27,6 +27,8 @@ CLOSE_TAG = "</tool_call>"
 # What the grammar writes after OPEN_TAG, up to the arguments object's opening brace.
 CALL_PREFIX = '{{"name": "{name}", "arguments": '
 _CANONICAL_START = re.compile(r'\s*\{"name": "([a-zA-Z0-9_-]{1,64})", "arguments": (?=\{)')
+# A JSON string (its closing quote may not have come yet) or the closing tag.
+_STRING_OR_CLOSE = re.compile(r'"(?:[^"\\]|\\.)*"?|' + re.escape(CLOSE_TAG))
 
 
 @dataclass
@@ -102,7 +104,7 @@ class ToolCallParser:
         events: list[ToolEvent] = []
         while True:
             if self._in_block:
-                end = self._buffer.find(CLOSE_TAG)
+                end = self._block_end(self._buffer)
                 if end < 0:
                     events += self._stream_block()
                     return events
@@ -123,14 +125,36 @@ class ToolCallParser:
                 self._buffer = self._buffer[start + len(OPEN_TAG) :]
                 self._in_block = True
 
-    def finish(self) -> list[ToolEvent]:
+    def finish(self, cut: bool = False) -> list[ToolEvent]:
         """Flush at the end of generation. An unclosed final block still counts as a call
-        when its body parses: models often stop right before writing the closing tag."""
+        when its body parses: models often stop right before writing the closing tag.
+
+        cut: the token budget ended the generation. A call it cut before the call's name
+        was written (a held-back `<tool_`, or a block that is not a call yet) is dropped:
+        under the call grammar that text can only be the start of a call, and it is
+        markup, not an answer. A call with its name keeps what it has (incomplete)."""
         rest, self._buffer = self._buffer, ""
         if self._in_block:
             self._in_block = False
+            unfinished = cut and self._streaming is None and not _CANONICAL_START.match(rest)
+            if unfinished and parse_call(rest.strip(), self.allowed) is None:
+                return []
             return self._close_block(rest, closed=False)
+        if cut:
+            rest = rest[: len(rest) - _partial_tag_suffix(rest, OPEN_TAG)]
         return [TextPiece(rest)] if rest else []
+
+    def _block_end(self, body: str) -> int:
+        """Where the open block's closing tag starts, -1 if it has not come. In a call
+        written the canonical way the body is JSON, and the tag counts only outside its
+        strings: an argument may hold the text `</tool_call>` (the grammar allows it)."""
+        match = _CANONICAL_START.match(body)
+        if not (match and match.group(1) in self.allowed):
+            return body.find(CLOSE_TAG)
+        for token in _STRING_OR_CLOSE.finditer(body, match.end()):
+            if token.group() == CLOSE_TAG:
+                return token.start()
+        return -1
 
     def _room_for_a_call(self) -> bool:
         return self.max_calls is None or self.num_calls < self.max_calls
@@ -216,12 +240,13 @@ class ChoiceAssembler:
         self.pending_space = ""
         self.num_calls = 0
 
-    def push(self, text: str, final: bool) -> list[str | CallEvent]:
+    def push(self, text: str, final: bool, cut: bool = False) -> list[str | CallEvent]:
         """Content strings and call events; a call's `CallStart` and `ArgumentsDelta`s (if
-        it streamed) come before its `ParsedCall`."""
+        it streamed) come before its `ParsedCall`. `cut`: the budget ended the choice
+        (`ToolCallParser.finish`)."""
         if self.parser is None:
             return [text] if text else []
-        events = self.parser.feed(text) + (self.parser.finish() if final else [])
+        events = self.parser.feed(text) + (self.parser.finish(cut) if final else [])
         out: list[str | CallEvent] = []
         for e in events:
             if isinstance(e, CallStart | ArgumentsDelta | ParsedCall):

@@ -177,7 +177,7 @@ def new_call_id() -> str:
 
 
 def _chat_choice(run: ChatRun, index: int, result: ChoiceResult) -> dict:
-    pieces = run.assembler().push(result.text, final=True)
+    pieces = run.assembler().push(result.text, final=True, cut=result.finish_reason == "length")
     calls = [p for p in pieces if isinstance(p, ParsedCall)]
     content = "".join(p for p in pieces if isinstance(p, str))
     message: dict = {
@@ -276,7 +276,8 @@ def _choice_events(run: ChatRun, choice: _StreamChoice, o) -> list[bytes]:
         chunks.append(_choice_chunk(run, o.index, {"role": "assistant", "content": ""}))
     calls_before = choice.assembler.num_calls
     logprobs = run.logprobs(o.logprobs or [])
-    for piece in choice.assembler.push(o.text, final=o.finish_reason is not None):
+    final, cut = o.finish_reason is not None, o.finish_reason == "length"
+    for piece in choice.assembler.push(o.text, final, cut):
         if isinstance(piece, str):
             chunks.append(_choice_chunk(run, o.index, {"content": piece}, logprobs))
             logprobs = None  # they ride on the first content chunk of the delta

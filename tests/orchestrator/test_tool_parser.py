@@ -12,6 +12,7 @@ from orchestrator.tool_parser import (
     ArgumentsDelta,
     CallStart,
     ParsedCall,
+    TextPiece,
     ToolCallParser,
     parse_tool_calls,
 )
@@ -101,6 +102,46 @@ def test_partial_tag_is_held_back_until_it_is_known_not_to_be_a_tag():
     assert [e.text for e in parser.feed("x> b")] == ["<tool_x> b"]
     assert [e.text for e in parser.feed("c <")] == ["c "]
     assert [e.text for e in parser.finish()] == ["<"]
+
+
+def test_a_closing_tag_inside_an_argument_string_does_not_end_the_call():
+    """The call grammar lets a string argument hold `</tool_call>` (even after an escaped
+    quote); only the tag outside the JSON closes the block."""
+    arguments = {"tz": 'a</tool_call>b\\"</tool_call>'}
+    text = (
+        '<tool_call>\n{"name": "get_time", "arguments": '
+        + json.dumps(arguments)
+        + "}\n</tool_call> after"
+    )
+    for pieces in ([text], list(text)):
+        parser = ToolCallParser(TOOLS)
+        events = [e for piece in pieces for e in parser.feed(piece)] + parser.finish()
+        calls = [e for e in events if isinstance(e, ParsedCall)]
+        assert [(c.name, json.loads(c.arguments), c.complete) for c in calls] == [
+            ("get_time", arguments, True)
+        ]
+        assert "".join(e.text for e in events if isinstance(e, TextPiece)) == " after"
+
+
+def test_a_call_the_budget_cut_before_its_name_is_dropped_not_shown_as_text():
+    """Markup of a call that never got its name is no answer; a named one stays, cut."""
+    for text in ("<tool_", "<tool_call>", '<tool_call>\n{"name": "get_w'):
+        _, events = _finished("Here. " + text, cut=True)
+        assert events == [TextPiece("Here. ")]
+        # a generation that ended by itself keeps the text as the model wrote it
+        _, events = _finished("Here. " + text, cut=False)
+        assert "".join(e.text for e in events) == "Here. " + text
+    _, events = _finished(WEATHER + '\n<tool_call>\n{"name": "get_time", "argu', cut=True)
+    assert [e.name for e in events if isinstance(e, ParsedCall)] == ["get_weather"]
+    _, events = _finished('<tool_call>\n{"name": "get_time", "arguments": {"tz": "U', cut=True)
+    (call,) = [e for e in events if isinstance(e, ParsedCall)]
+    assert (call.name, call.arguments, call.complete) == ("get_time", '{"tz": "U', False)
+
+
+def _finished(text: str, cut: bool) -> tuple[ToolCallParser, list]:
+    parser = ToolCallParser(TOOLS)
+    events = parser.feed(text) + parser.finish(cut)
+    return parser, [e for e in events if not isinstance(e, CallStart | ArgumentsDelta)]
 
 
 def test_max_calls_turns_extra_calls_into_text():

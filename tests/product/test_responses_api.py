@@ -408,6 +408,25 @@ def test_a_call_cut_by_max_output_tokens_is_an_incomplete_item(product_server):
         )
 
 
+def test_a_call_cut_before_its_name_leaves_no_markup_behind(product_server):
+    """The budget ran out in `<tool_call>` itself: no call to show, and no markup as text."""
+    server = product_server(FakeEngine(reply=CALL))
+    for cut in (5, len("<tool_call>\n") + 3):
+        for stream in (False, True):
+            response = server.client.responses.create(
+                model=MODEL,
+                input="Weather?",
+                tools=[WEATHER],
+                tool_choice={"type": "function", "name": "get_weather"},
+                max_output_tokens=cut,
+                stream=stream,
+            )
+            if stream:
+                response = list(response)[-1].response
+            assert response.status == "incomplete"
+            assert response.output == [], (cut, response.output)
+
+
 def test_max_output_tokens_ends_incomplete(product_server):
     server = product_server(FakeEngine(reply="A long answer"))
     response = server.client.responses.create(model=MODEL, input="x", max_output_tokens=4)
