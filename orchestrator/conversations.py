@@ -46,15 +46,15 @@ class ConversationService:
     async def list(self, owner: str, page: Page) -> dict:
         """The owner's conversations, newest first by default: what a client shows as its
         list of chats (OpenAI's API has no such route; the web page needs one)."""
-        rows = await self.store.call(Repository.list_conversations, owner, page)
-        if rows is None:
+        listed = await self.store.call(Repository.list_conversations, owner, page)
+        if listed is None:
+            param = "before" if page.before is not None else "after"
+            cursor = page.before or page.after
             raise NotFoundError(
-                f"Conversation with id '{page.after}' not found.", param="after", code="not_found"
+                f"Conversation with id '{cursor}' not found.", param=param, code="not_found"
             )
-        found = ItemPage(
-            [_conversation(r) for r in rows[: page.limit]], has_more=len(rows) > page.limit
-        )
-        return item_list(found)
+        rows, has_more = listed
+        return item_list(ItemPage([_conversation(r) for r in rows], has_more=has_more))
 
     async def retrieve(self, owner: str, conversation_id: str) -> dict:
         row = await self.store.call(Repository.get_conversation, owner, conversation_id)

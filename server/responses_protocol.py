@@ -389,7 +389,8 @@ def parse_response_request(
 
 
 def parse_page(query: Any) -> Page:
-    """`limit` (1 to 100, default 20), `after` (an item id), `order` ("asc" or "desc")."""
+    """`limit` (1 to 100, default 20), `after` or `before` (an item id: the page after it,
+    or the one before it), `order` ("asc" or "desc")."""
     limit_text = query.get("limit", "20")
     # ASCII digits only: str.isdigit also takes '²' (int() refuses it) and '５'
     digits = limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 3
@@ -398,4 +399,7 @@ def parse_page(query: Any) -> Page:
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise invalid(f'order must be "asc" or "desc", got {order!r}', "order")
-    return Page(limit=int(limit_text), after=query.get("after"), order=order)
+    after, before = query.get("after"), query.get("before")
+    if after is not None and before is not None:
+        raise invalid("give after or before, not both", "before")
+    return Page(limit=int(limit_text), after=after, order=order, before=before)

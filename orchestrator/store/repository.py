@@ -28,11 +28,13 @@ Order = Literal["asc", "desc"]
 
 @dataclass(frozen=True)
 class Page:
-    """A cursor page: up to `limit` items after the item `after`, in `order`."""
+    """A cursor page: up to `limit` items in `order`, those right after the item `after`,
+    or those right before the item `before` (the previous page)."""
 
     limit: int = 20
     after: str | None = None
     order: Order = "desc"
+    before: str | None = None
 
 
 @dataclass
@@ -86,22 +88,29 @@ def delete_owned(conn: Connection, table: Any, owner: str, **equal: str) -> int:
 def _page(
     conn: Connection, table, parent_column, parent_id: str, owner: str, page: Page
 ) -> ItemPage:
-    """One page of a parent's items in insertion order (`seq`), the cursor being an item id."""
+    """One page of a parent's items in insertion order (`seq`), the cursor being an item id.
+    A `before` page is read backwards from its cursor, then put in the list's order."""
     where = [parent_column == parent_id, table.c.owner_id == owner]
-    if page.after is not None:
-        after_seq = (
+    backwards = page.before is not None
+    cursor = page.before if backwards else page.after
+    rising = (page.order == "asc") != backwards  # the direction rows are read in
+    if cursor is not None:
+        cursor_seq = (
             select(table.c.seq)
-            .where(parent_column == parent_id, table.c.owner_id == owner, table.c.id == page.after)
+            .where(parent_column == parent_id, table.c.owner_id == owner, table.c.id == cursor)
             .scalar_subquery()
         )
-        where.append(table.c.seq > after_seq if page.order == "asc" else table.c.seq < after_seq)
-    order = table.c.seq.asc() if page.order == "asc" else table.c.seq.desc()
+        where.append(table.c.seq > cursor_seq if rising else table.c.seq < cursor_seq)
+    order = table.c.seq.asc() if rising else table.c.seq.desc()
     rows = (
         conn.execute(select(table.c.body).where(*where).order_by(order).limit(page.limit + 1))
         .scalars()
         .all()
     )
-    return ItemPage(list(rows[: page.limit]), has_more=len(rows) > page.limit)
+    items = list(rows[: page.limit])
+    if backwards:
+        items.reverse()
+    return ItemPage(items, has_more=len(rows) > page.limit)
 
 
 class Repository:
@@ -151,27 +160,32 @@ class Repository:
             delete_owned(conn, conversation_items, owner, conversation_id=conversation_id)
             return delete_owned(conn, conversations, owner, id=conversation_id) > 0
 
-    def list_conversations(self, owner: str, page: Page) -> list[ConversationRow] | None:
-        """Up to `page.limit + 1` of the owner's conversations by creation time (then id),
-        after the conversation `page.after`; None when that cursor is not one of theirs."""
+    def list_conversations(
+        self, owner: str, page: Page
+    ) -> tuple[list[ConversationRow], bool] | None:
+        """A page of the owner's conversations by creation time (then id), after the
+        conversation `page.after` or before `page.before`, and whether there are more; None
+        when the cursor is not one of theirs."""
         table = conversations
         where = [table.c.owner_id == owner]
+        backwards = page.before is not None
+        cursor_id = page.before if backwards else page.after
+        rising = (page.order == "asc") != backwards  # the direction rows are read in
         with self.engine.connect() as conn:
-            if page.after is not None:
+            if cursor_id is not None:
                 cursor = conn.execute(
                     select(table.c.created_at).where(
-                        table.c.id == page.after, table.c.owner_id == owner
+                        table.c.id == cursor_id, table.c.owner_id == owner
                     )
                 ).scalar()
                 if cursor is None:
                     return None
-                later = page.order == "asc"
-                newer = table.c.created_at > cursor if later else table.c.created_at < cursor
-                tie = table.c.id > page.after if later else table.c.id < page.after
+                newer = table.c.created_at > cursor if rising else table.c.created_at < cursor
+                tie = table.c.id > cursor_id if rising else table.c.id < cursor_id
                 where.append(or_(newer, and_(table.c.created_at == cursor, tie)))
             order = (
                 (table.c.created_at.asc(), table.c.id.asc())
-                if page.order == "asc"
+                if rising
                 else (table.c.created_at.desc(), table.c.id.desc())
             )
             rows = conn.execute(
@@ -180,7 +194,10 @@ class Repository:
                 .order_by(*order)
                 .limit(page.limit + 1)
             ).all()
-        return [ConversationRow(r.id, r.created_at, r.meta) for r in rows]
+        found = [ConversationRow(r.id, r.created_at, r.meta) for r in rows[: page.limit]]
+        if backwards:
+            found.reverse()
+        return found, len(rows) > page.limit
 
     def add_conversation_items(
         self, owner: str, conversation_id: str, created_at: int, items: list[dict]

@@ -315,6 +315,17 @@ def test_malformed_vector_store_bodies_are_400s(knowledge):
     assert server.client.vector_stores.files.list(vs).data  # the store still reads back
 
 
+def test_vector_stores_page_backwards_with_before(knowledge):
+    server, first, _ = knowledge("unused")
+    ids = [first] + [server.client.vector_stores.create(name=f"s{i}").id for i in range(3)]
+    newest_first = [s.id for s in server.client.vector_stores.list(limit=10).data]
+    assert newest_first == ids[::-1]
+    page = server.client.vector_stores.list(limit=2, before=ids[1])
+    assert [s.id for s in page.data] == [ids[3], ids[2]] and not page.has_more
+    page = server.client.vector_stores.list(limit=1, before=ids[1])
+    assert [s.id for s in page.data] == [ids[2]] and page.has_more
+
+
 def test_another_users_vector_store_is_not_found(knowledge):
     server, vs, _ = knowledge("unused")
     request, _ = parse_response_request(

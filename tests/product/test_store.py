@@ -122,6 +122,34 @@ def test_pages_follow_the_cursor_in_either_order(store):
     assert walk("asc") == ids
     assert walk("desc") == ids[::-1]
 
+    def back(order: str) -> list[list[str]]:
+        """From the list's end, pages taken with `before` (the previous page each time)."""
+        last = ids[-1] if order == "asc" else ids[0]
+        pages, before = [], last
+        while True:
+            page = repo.list_conversation_items(
+                "alice", "conv_p", Page(3, order=order, before=before)
+            )
+            pages.append([i["id"] for i in page.items])
+            if not page.has_more:
+                return pages
+            before = page.items[0]["id"]
+
+    # each page in the list's order, the pages from the cursor back to the start
+    assert back("asc") == [["msg_3", "msg_4", "msg_5"], ["msg_0", "msg_1", "msg_2"]]
+    assert back("desc") == [["msg_3", "msg_2", "msg_1"], ["msg_6", "msg_5", "msg_4"]]
+
+
+def test_conversations_page_backwards_with_before(store):
+    repo = store.repo
+    for i in range(5):
+        repo.create_conversation("alice", f"conv_{i}", 100 + i, {}, [])
+    rows, more = repo.list_conversations("alice", Page(2, order="desc", before="conv_1"))
+    assert ([r.id for r in rows], more) == (["conv_3", "conv_2"], True)
+    rows, more = repo.list_conversations("alice", Page(2, order="desc", before="conv_3"))
+    assert ([r.id for r in rows], more) == (["conv_4"], False)
+    assert repo.list_conversations("alice", Page(2, before="conv_nope")) is None
+
 
 def test_history_follows_the_branch_it_ends_on(store):
     repo = store.repo
