@@ -337,9 +337,16 @@ class VectorStoreService:
             self._spawn(owner, vector_store_id, body["id"])
 
     def _spawn(self, owner: str, vector_store_id: str, file_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._ingest(owner, vector_store_id, file_id))
-        self._tasks.add(task)
+        """Ingest the file; one added again while its ingestion runs stops that one, and
+        the new one starts once it has let go of its claim."""
         key = (owner, vector_store_id, file_id)
+        previous = self._running.get(key)
+        if previous is not None:
+            previous.cancel()
+        task = asyncio.get_running_loop().create_task(
+            self._ingest(owner, vector_store_id, file_id, previous)
+        )
+        self._tasks.add(task)
         self._running[key] = task
 
         def done(finished: asyncio.Task) -> None:
@@ -349,7 +356,11 @@ class VectorStoreService:
 
         task.add_done_callback(done)
 
-    async def _ingest(self, owner: str, vector_store_id: str, file_id: str) -> None:
+    async def _ingest(
+        self, owner: str, vector_store_id: str, file_id: str, previous: asyncio.Task | None = None
+    ) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
         key = claim_key(owner, vector_store_id, file_id)
         if not await self.store.call(self._claims.claim, key):
             return  # another server sharing this database is ingesting it
@@ -359,7 +370,7 @@ class VectorStoreService:
             await self.store.call(self._claims.release, key)
 
     async def _ingest_claimed(self, owner: str, vector_store_id: str, file_id: str) -> None:
-        chunks, error = None, None
+        chunks, error, body = None, None, None
         try:
             body = await self.store.call(kb.get_store_file, owner, vector_store_id, file_id)
             if body is None or body["status"] != "in_progress":
@@ -389,4 +400,6 @@ class VectorStoreService:
         except Exception:
             log.exception("ingesting %s into %s failed", file_id, vector_store_id)
             error = _error("server_error", "the server failed to index this file")
-        await self.store.call(kb.finish_store_file, owner, vector_store_id, file_id, chunks, error)
+        await self.store.call(
+            kb.finish_store_file, owner, vector_store_id, file_id, chunks, error, body
+        )

@@ -276,9 +276,12 @@ def finish_store_file(
     file_id: str,
     chunks: list[ChunkRecord] | None,
     last_error: dict | None,
+    ingested: dict | None = None,
 ) -> bool:
     """Record ingestion's outcome: the chunks and status completed, or status failed with
-    `last_error`. False (and nothing written) if the file left the store meanwhile."""
+    `last_error`. False (and nothing written) if the file left the store meanwhile, or was
+    added again: its row is then no longer the body `ingested` was read as (other
+    attributes or chunking), and that row's own ingestion writes its outcome."""
     t = vector_store_files
     with repo.engine.begin() as conn:
         body = conn.execute(
@@ -289,7 +292,7 @@ def finish_store_file(
                 t.c.status == "in_progress",
             )
         ).scalar()
-        if body is None:
+        if body is None or (ingested is not None and body != ingested):
             return False
         status = "failed" if last_error is not None else "completed"
         if chunks:

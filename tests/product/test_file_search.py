@@ -315,6 +315,48 @@ def test_malformed_vector_store_bodies_are_400s(knowledge):
     assert server.client.vector_stores.files.list(vs).data  # the store still reads back
 
 
+def test_a_file_added_again_while_indexing_is_indexed_as_added_last(knowledge):
+    """The first ingestion (old attributes, 800-token chunks) must not write its chunks
+    under the row of the second (new attributes, one big chunk)."""
+    server, vs, _ = knowledge("unused")
+    words = [
+        "apple",
+        "river",
+        "mountain",
+        "cloud",
+        "engine",
+        "paper",
+        "garden",
+        "silver",
+        "window",
+        "stone",
+    ]
+    text = " ".join(words[(i * 7) % len(words)] for i in range(4000)).encode()
+    file_id = server.client.files.create(file=("long.txt", text), purpose="assistants").id
+    server.client.vector_stores.files.create(vs, file_id=file_id, attributes={"v": "old"})
+    time.sleep(0.3)  # the first ingestion is under way
+    big = {"type": "static", "static": {"max_chunk_size_tokens": 4096, "chunk_overlap_tokens": 0}}
+    server.client.vector_stores.files.create(
+        vs, file_id=file_id, attributes={"v": "new"}, chunking_strategy=big
+    )
+    _wait_indexed(server.client, vs)
+    time.sleep(1)  # anything the first ingestion would still write
+    assert server.client.vector_stores.files.retrieve(file_id, vector_store_id=vs).status == (
+        "completed"
+    )
+    hits = server.client.vector_stores.search(
+        vs,
+        query="apple river",
+        max_num_results=50,
+        filters={"type": "eq", "key": "v", "value": "new"},
+    ).data
+    assert [h.file_id for h in hits] == [file_id]  # one chunk, with the new attributes
+    stale = server.client.vector_stores.search(
+        vs, query="apple river", filters={"type": "eq", "key": "v", "value": "old"}
+    ).data
+    assert stale == []
+
+
 def test_vector_stores_page_backwards_with_before(knowledge):
     server, first, _ = knowledge("unused")
     ids = [first] + [server.client.vector_stores.create(name=f"s{i}").id for i in range(3)]
