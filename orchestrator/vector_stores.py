@@ -18,12 +18,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from orchestrator.errors import NotFoundError
+from orchestrator.errors import InvalidRequestError, NotFoundError
 from orchestrator.files import FileService, missing_file
 from orchestrator.ids import new_id
 from orchestrator.retrieval.chunking import StaticChunking
 from orchestrator.retrieval.embeddings import Embedder
-from orchestrator.retrieval.extract import ExtractionError, UnsupportedFile
+from orchestrator.retrieval.extract import ExtractionError, UnsupportedFile, extract_text
 from orchestrator.retrieval.filters import Filter
 from orchestrator.retrieval.index import Hit, SearchMode, SearchRequest
 from orchestrator.retrieval.ingest import prepare_chunks
@@ -212,11 +212,37 @@ class VectorStoreService:
         self._start(owner, vector_store_id, store_files)
         return store_files[0]
 
+    async def update_file(
+        self, owner: str, vector_store_id: str, file_id: str, attributes: dict
+    ) -> dict:
+        """New attributes for a file in the store; its chunks are searched by them at once."""
+        body = await self.store.call(
+            kb.update_store_file, owner, vector_store_id, file_id, attributes
+        )
+        if body is None:
+            raise missing_file(file_id)
+        return body
+
     async def retrieve_file(self, owner: str, vector_store_id: str, file_id: str) -> dict:
         body = await self.store.call(kb.get_store_file, owner, vector_store_id, file_id)
         if body is None:
             raise missing_file(file_id)
         return body
+
+    async def file_content(self, owner: str, vector_store_id: str, file_id: str) -> dict:
+        """The text a file in the store was indexed from (OpenAI's page of content parts)."""
+        await self.retrieve_file(owner, vector_store_id, file_id)
+        file, content_type, data = await self.files.content(owner, file_id)
+        try:
+            text = await asyncio.to_thread(extract_text, data, file["filename"], content_type)
+        except ExtractionError as exc:
+            raise InvalidRequestError(f"the file has no text to show: {exc}", "file_id") from None
+        return {
+            "object": "vector_store.file_content.page",
+            "data": [{"type": "text", "text": text}],
+            "has_more": False,
+            "next_page": None,
+        }
 
     async def list_files(
         self, owner: str, vector_store_id: str, page: Page, status: str | None

@@ -216,6 +216,8 @@ def file_routes() -> list[Route]:
         Route(f"{store}/files", _with_json_body(vs.create_store_file), methods=post),
         Route(f"{store}/files", vs.list_store_files, methods=get),
         Route(f"{store}{store_file}", vs.retrieve_store_file, methods=get),
+        Route(f"{store}{store_file}", _with_json_body(vs.update_store_file), methods=post),
+        Route(f"{store}{store_file}/content", vs.store_file_content, methods=get),
         Route(f"{store}{store_file}", vs.delete_store_file, methods=delete),
         Route(f"{store}/file_batches", _with_json_body(vs.create_file_batch), methods=post),
         Route(f"{store}{batch}", vs.retrieve_file_batch, methods=get),

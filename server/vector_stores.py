@@ -175,6 +175,25 @@ async def retrieve_store_file(request: Request) -> Response:
     )
 
 
+async def update_store_file(request: Request, body: Any) -> Response:
+    body = _object(body, {"attributes"})
+    if body.get("attributes") is None:
+        raise invalid("attributes is required", "attributes")
+    return JSONResponse(
+        await _service(request).update_file(
+            owner(request), _store_id(request), request.path_params["file_id"], _attributes(body)
+        )
+    )
+
+
+async def store_file_content(request: Request) -> Response:
+    return JSONResponse(
+        await _service(request).file_content(
+            owner(request), _store_id(request), request.path_params["file_id"]
+        )
+    )
+
+
 async def delete_store_file(request: Request) -> Response:
     return JSONResponse(
         await _service(request).delete_file(

@@ -9,7 +9,7 @@ and the full-text rows with them), so the index never holds a chunk of a file th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection
@@ -242,6 +242,23 @@ def add_store_files(
     return True
 
 
+def update_store_file(
+    repo: Repository, owner: str, vector_store_id: str, file_id: str, attributes: dict
+) -> dict | None:
+    """Replace a store file's attributes, on its row and its indexed chunks (a file still
+    being indexed gets them when its chunks are written); None if it is not in the store."""
+    t = vector_store_files
+    where = (t.c.vector_store_id == vector_store_id, t.c.id == file_id, t.c.owner_id == owner)
+    with repo.engine.begin() as conn:
+        body = conn.execute(select(t.c.body).where(*where)).scalar()
+        if body is None:
+            return None
+        body = {**body, "attributes": attributes}
+        conn.execute(update(t).where(*where).values(body=body))
+        _index(repo).set_attributes(conn, owner, vector_store_id, file_id, attributes)
+    return body
+
+
 def get_store_file(repo: Repository, owner: str, vector_store_id: str, file_id: str) -> dict | None:
     with repo.engine.connect() as conn:
         return conn.execute(
@@ -280,8 +297,9 @@ def finish_store_file(
 ) -> bool:
     """Record ingestion's outcome: the chunks and status completed, or status failed with
     `last_error`. False (and nothing written) if the file left the store meanwhile, or was
-    added again: its row is then no longer the body `ingested` was read as (other
-    attributes or chunking), and that row's own ingestion writes its outcome."""
+    added again with another chunking than the one `ingested` (the body ingestion read)
+    had: that row's own ingestion writes its outcome. The chunks take the row's
+    attributes as they are now, which an update or a new add may have changed."""
     t = vector_store_files
     with repo.engine.begin() as conn:
         body = conn.execute(
@@ -292,10 +310,13 @@ def finish_store_file(
                 t.c.status == "in_progress",
             )
         ).scalar()
-        if body is None or (ingested is not None and body != ingested):
+        if body is None:
+            return False
+        if ingested is not None and body["chunking_strategy"] != ingested["chunking_strategy"]:
             return False
         status = "failed" if last_error is not None else "completed"
         if chunks:
+            chunks = [replace(c, attributes=body["attributes"]) for c in chunks]
             _index(repo).add(conn, owner, vector_store_id, chunks)
         conn.execute(
             update(t)

@@ -357,6 +357,29 @@ def test_a_file_added_again_while_indexing_is_indexed_as_added_last(knowledge):
     assert stale == []
 
 
+def test_a_store_file_s_attributes_update_and_its_content_reads_back(knowledge):
+    server, vs, files = knowledge("unused")
+    client, file_id = server.client, files["glaciers.txt"]
+    updated = client.vector_stores.files.update(
+        file_id, vector_store_id=vs, attributes={"topic": "ice", "year": 2024}
+    )
+    assert updated.attributes == {"topic": "ice", "year": 2024}
+    assert client.vector_stores.files.retrieve(file_id, vector_store_id=vs).attributes == {
+        "topic": "ice",
+        "year": 2024,
+    }
+    hits = client.vector_stores.search(
+        vs, query="glacier", filters={"type": "eq", "key": "topic", "value": "ice"}
+    ).data
+    assert {h.file_id for h in hits} == {file_id}  # the chunks carry the new attributes
+    content = list(client.vector_stores.files.content(file_id, vector_store_id=vs))
+    assert [(c.type, c.text) for c in content] == [("text", GLACIERS)]
+    with pytest.raises(openai.NotFoundError):
+        client.vector_stores.files.update("file_nope", vector_store_id=vs, attributes={})
+    with pytest.raises(openai.BadRequestError):
+        client.vector_stores.files.update(file_id, vector_store_id=vs, attributes={"n": 2**64})
+
+
 def test_vector_stores_page_backwards_with_before(knowledge):
     server, first, _ = knowledge("unused")
     ids = [first] + [server.client.vector_stores.create(name=f"s{i}").id for i in range(3)]
