@@ -21,6 +21,8 @@ class TokenizerLike(Protocol):
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
+    def token_bytes(self, token_id: int) -> bytes: ...
+
     def encode_chat(
         self,
         messages: list[dict],

@@ -9,6 +9,7 @@ the split regex the merges were learned with.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from functools import cached_property
@@ -230,6 +231,33 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (OpenAI's logprob `bytes`). A token may hold part of
+        a character, which decoding it alone turns into U+FFFD; its bytes are exact."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:
+            return piece.encode()
+        if self._byte_of is not None:  # byte-level BPE: one alphabet character per byte
+            raw = [self._byte_of.get(char) for char in piece]
+            return bytes(raw) if None not in raw else piece.encode()  # type: ignore[arg-type]
+        fallback = _BYTE_PIECE.fullmatch(piece)  # SentencePiece's byte fallback, <0xE2>
+        if fallback:
+            return bytes([int(fallback.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    @cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self.backend.get_added_tokens_decoder())
+
+    @cached_property
+    def _byte_of(self) -> dict[str, int] | None:
+        """GPT-2's alphabet back to bytes, for a byte-level vocabulary (else None)."""
+        if not isinstance(self.backend.decoder, decoders.ByteLevel):
+            return None
+        return {char: byte for byte, char in _byte_alphabet().items()}
+
     # -- chat ------------------------------------------------------------------------------
 
     def apply_chat_template(
@@ -384,6 +412,9 @@ def _merges_from_scores(
                 ranked.append((-score, ids[left], ids[right], left, right))
     ranked.sort()
     return [(left, right) for *_, left, right in ranked]
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _byte_alphabet() -> dict[int, str]:

@@ -70,7 +70,7 @@ class ChatRun:
     def logprobs(self, entries: list) -> dict | None:
         if not self.request.logprobs:
             return None
-        return chat_logprobs(entries, self.state.token_text, self.request.top_logprobs)
+        return chat_logprobs(entries, self.state.token_names, self.request.top_logprobs)
 
 
 async def create_chat_completion(

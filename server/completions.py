@@ -51,7 +51,7 @@ class CompletionRun:
     def logprobs(self, entries: list, offset: int) -> dict | None:
         if self.request.logprobs is None:
             return None
-        return completion_logprobs(entries, self.state.token_text, self.request.logprobs, offset)
+        return completion_logprobs(entries, self.state.token_names, self.request.logprobs, offset)
 
     def echo_text(self, choice_index: int) -> str:
         return self.prompt_texts[choice_index // self.n] if self.request.echo else ""

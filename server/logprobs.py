@@ -2,46 +2,60 @@
 
 from __future__ import annotations
 
+import codecs
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-TokenText = Callable[[int], str]
 _FLOOR = -9999.0  # JSON has no -inf; OpenAI and vLLM report this floor instead
+
+
+@dataclass(frozen=True)
+class TokenNames:
+    """How logprobs name a token: its text decoded alone, and its exact bytes. A token
+    holding part of a character decodes alone to U+FFFD; its bytes are what a client
+    joins to rebuild the text."""
+
+    text: Callable[[int], str]
+    bytes: Callable[[int], bytes]
 
 
 def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else _FLOOR
 
 
-def _chat_entry(token_id: int, logprob: float, token_text: TokenText) -> dict[str, Any]:
-    text = token_text(token_id)
-    return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
+def _chat_entry(token_id: int, logprob: float, names: TokenNames) -> dict[str, Any]:
+    return {
+        "token": names.text(token_id),
+        "logprob": _finite(logprob),
+        "bytes": list(names.bytes(token_id)),
+    }
 
 
-def chat_logprobs(entries: Sequence[Any], token_text: TokenText, top_n: int) -> dict:
+def chat_logprobs(entries: Sequence[Any], names: TokenNames, top_n: int) -> dict:
     """`choice.logprobs` of a chat completion: one item per generated token."""
     content = []
     for e in entries:
-        item = _chat_entry(e.token_id, e.logprob, token_text)
-        item["top_logprobs"] = [_chat_entry(t, lp, token_text) for t, lp in e.top[:top_n]]
+        item = _chat_entry(e.token_id, e.logprob, names)
+        item["top_logprobs"] = [_chat_entry(t, lp, names) for t, lp in e.top[:top_n]]
         content.append(item)
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(
-    entries: Sequence[Any], token_text: TokenText, top_n: int, offset: int
-) -> dict:
+def completion_logprobs(entries: Sequence[Any], names: TokenNames, top_n: int, offset: int) -> dict:
     """`choice.logprobs` of a legacy completion; `offset` is where these tokens' text
-    starts in the choice's text (so streamed chunks carry absolute offsets)."""
+    starts in the choice's text (so streamed chunks carry absolute offsets). A token's
+    offset counts the characters the tokens before it completed: the tokens of one
+    character split in pieces share its offset."""
     tokens, token_logprobs, top, offsets = [], [], [], []
+    characters = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for e in entries:
-        text = token_text(e.token_id)
-        tokens.append(text)
+        tokens.append(names.text(e.token_id))
         token_logprobs.append(_finite(e.logprob))
-        top.append({token_text(t): _finite(lp) for t, lp in e.top[:top_n]})
+        top.append({names.text(t): _finite(lp) for t, lp in e.top[:top_n]})
         offsets.append(offset)
-        offset += len(text)
+        offset += len(characters.decode(names.bytes(e.token_id)))
     return {
         "tokens": tokens,
         "token_logprobs": token_logprobs,

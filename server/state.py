@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from engine.client import EngineClient
 from server.errors import APIError
+from server.logprobs import TokenNames
 from server.metrics import ServerMetrics
 from server.prep_process import PrepProcess, PromptContext
 
@@ -209,7 +210,10 @@ class ServerState:
         self.workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="tokenmill-parse")
         self.created = int(time.time())
         # Logprobs name every top token; decoding each id once keeps that cheap.
-        self.token_text = lru_cache(maxsize=65536)(self._decode_one)
+        self.token_names = TokenNames(
+            lru_cache(maxsize=65536)(self._decode_one),
+            lru_cache(maxsize=65536)(engine.tokenizer.token_bytes),
+        )
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on a worker thread: for turning a large parsed body into a request,

@@ -312,3 +312,19 @@ def test_a_long_text_is_refused_from_its_head(tok, monkeypatch):
     with pytest.raises(ContextLengthExceededError, match="more than 100 tokens"):
         tok.encode(text, max_tokens=100)
     assert seen and max(seen) <= 400  # four characters per token of the bound, not 300,000
+
+
+@pytest.mark.parametrize("text", ["Hi 😀 日本語 café", "<|im_end|> plain", "ünïcode\n\ttabs"])
+def test_token_bytes_rebuild_the_text_even_across_split_characters(tok, text):
+    """A token may hold part of a character (decoded alone it is U+FFFD): its bytes are
+    the exact ones, so the bytes of a text's tokens join back to the text."""
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+
+
+def test_sentencepiece_token_bytes_include_byte_fallback_pieces(tmp_path):
+    tok = Tokenizer.from_gguf(read_gguf(write_sentencepiece_gguf(tmp_path)).metadata)
+    for text in ["日本 😀", "tea and coffee"]:
+        ids = tok.encode(text)
+        # SentencePiece writes the word boundary before the first word too
+        assert b"".join(tok.token_bytes(i) for i in ids) == b" " + text.encode()

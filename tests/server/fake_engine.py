@@ -46,6 +46,9 @@ class FakeTokenizer:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(t) for t in token_ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return chr(token_id).encode(errors="surrogatepass")
+
     def encode_chat(
         self,
         messages: list[dict],
