@@ -582,8 +582,16 @@ class Turn:
         if progress.finish_reason != "stop":
             reason = "max_output_tokens" if progress.finish_reason == "length" else None
             if reason is not None and self._agent is not None:
-                # The calls this generation wrote stay in the response, as not run.
-                self._agent.not_run(self._code_calls, f"this response reached {reason}")
+                # The built-in calls this generation wrote stay in the response, as not run.
+                builtin = [
+                    item
+                    for item in self.events.output[start:]
+                    if item["type"] == "function_call"
+                    and item["name"] in self.tools.builtins
+                    and item["status"] == "completed"
+                ]
+                why = f"this response reached {reason}"
+                self._agent.not_run([*builtin, *self._code_calls], why)
             raise _Cut(reason)
         self._put(self.events.close_message(self._annotate))
         new = self.events.output[start:]

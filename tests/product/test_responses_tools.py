@@ -293,6 +293,23 @@ def test_code_calls_cut_by_max_output_tokens_stay_in_the_response_unrun(product_
         assert logs == "Error: not run: this response reached max_output_tokens."
 
 
+def test_a_builtin_function_call_cut_off_by_the_budget_says_it_did_not_run(product_server):
+    """The calculator call was complete, then the budget ran out (in the next call): the
+    call gets an output saying it did not run, instead of a bare call with none."""
+    first = _call("calculator", expression="1 + 2")
+    second = _call("calculator", expression="3 + 4")
+    server = product_server(FakeEngine(reply=_scripted(first + "\n" + second)))
+    cut = len(first) + 1 + second.index("3 + 4")
+    body = _post(server, input="Add", tools=[CALCULATOR], max_output_tokens=cut).json()
+    assert body["status"] == "incomplete"
+    complete, cut_call, output = body["output"]
+    assert (complete["type"], complete["status"]) == ("function_call", "completed")
+    assert (cut_call["type"], cut_call["status"]) == ("function_call", "incomplete")
+    assert (output["type"], output["call_id"]) == ("function_call_output", complete["call_id"])
+    assert output["output"] == "Error: not run: this response reached max_output_tokens."
+    Response.model_validate(body)
+
+
 def test_a_client_function_still_ends_the_response(product_server):
     weather = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
     calls = _call("calculator", expression="1 + 2") + _call("get_weather", city="Oslo")
