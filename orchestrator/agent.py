@@ -44,6 +44,7 @@ import asyncio
 import copy
 import json
 import logging
+import re
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -115,6 +116,42 @@ def file_search_as_function_items(item: dict, text: str) -> tuple[dict, dict]:
         "arguments": json.dumps({"queries": item["queries"]}, ensure_ascii=False),
     }
     return call, function_call_output(item["id"], text)
+
+
+_CODE_START = re.compile(r'\s*\{\s*"code"\s*:\s*"')
+
+
+def _written_code(arguments: str) -> str:
+    """The code a code_interpreter call holds; of a call the budget cut, the code it had
+    written (its arguments stop inside the string), so the item shows what was cut."""
+    try:
+        code = json.loads(arguments or "{}").get("code")
+        return code if isinstance(code, str) else ""
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    start = _CODE_START.match(arguments)
+    if start is None:
+        return ""
+    try:
+        code = json.loads(f'"{_complete_escapes(arguments[start.end() :])}"')
+    except json.JSONDecodeError:
+        return ""
+    # a surrogate pair cut in half leaves a lone surrogate, which is no text
+    return code.encode("utf-8", "ignore").decode("utf-8")
+
+
+def _complete_escapes(contents: str) -> str:
+    """A JSON string's contents cut anywhere, up to the end of its last whole character
+    (an escape cut short is dropped)."""
+    end = i = 0
+    while i < len(contents) and contents[i] != '"':
+        if contents[i] == "\\":
+            i += 6 if contents[i + 1 : i + 2] == "u" else 2
+        else:
+            i += 1
+        if i <= len(contents):
+            end = i
+    return contents[:end]
 
 
 def _arguments(call: dict) -> dict:
@@ -232,15 +269,11 @@ class Agent:
         return call, self._run_function(call)
 
     def _code_item(self, call: dict, status: str, outputs: list[dict] | None) -> dict:
-        try:
-            code = _arguments(call).get("code")
-        except ToolError:
-            code = None
         item = {
             "id": new_id("ci"),
             "type": "code_interpreter_call",
             "status": status,
-            "code": code if isinstance(code, str) else "",
+            "code": _written_code(call["arguments"]),
             "container_id": new_id("cntr"),
             "outputs": outputs,
         }

@@ -267,8 +267,7 @@ def test_code_interpreter_runs_in_the_sandbox(product_server):
 
 def test_code_calls_cut_by_max_output_tokens_stay_in_the_response_unrun(product_server):
     """The budget ran out while the model wrote a second call: both calls are items, not
-    run, as the response ended there (the cut one without code: its arguments do not
-    parse)."""
+    run, as the response ended there (the cut one with the code it had written)."""
     first = _call("code_interpreter", code="print(6 * 7)")
     second = _call("code_interpreter", code="print(7 * 8)")
     server = product_server(FakeEngine(reply=_scripted(first + "\n" + second)))
@@ -280,14 +279,14 @@ def test_code_calls_cut_by_max_output_tokens_stay_in_the_response_unrun(product_
             sent = list(events(raw))
             body = sent[-1]["response"]
             added = [e["item"]["code"] for e in sent if e["type"] == "response.output_item.added"]
-            assert added == ["print(6 * 7)", ""]
+            assert added == ["print(6 * 7)", "print("]
         else:
             body = raw.json()
         assert body["status"] == "incomplete"
         items = [(i["type"], i["status"], i["code"]) for i in body["output"]]
         assert items == [
             ("code_interpreter_call", "incomplete", "print(6 * 7)"),
-            ("code_interpreter_call", "incomplete", ""),
+            ("code_interpreter_call", "incomplete", "print("),
         ]
         logs = body["output"][0]["outputs"][0]["logs"]
         assert logs == "Error: not run: this response reached max_output_tokens."
