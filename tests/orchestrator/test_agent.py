@@ -11,7 +11,7 @@ import pytest
 from openai.types.responses import ResponseItem, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from orchestrator.agent import Agent, code_interpreter_as_function_items
+from orchestrator.agent import Agent, _written_code, code_interpreter_as_function_items
 from orchestrator.ids import new_id
 from orchestrator.sandbox import Sandbox, running_pids
 from orchestrator.tools import builtin_tools
@@ -365,3 +365,17 @@ def test_a_file_search_over_the_budget_is_incomplete():
         ("message", "completed"),
     ]
     assert "max_tool_calls" in agent.tool_results[output[1]["id"]].text
+
+
+def test_the_code_of_a_cut_call_is_what_it_had_written():
+    """Arguments cut anywhere, escapes and surrogate pairs included: the code up to its
+    last whole character, never an invalid string."""
+    code = 'print("hi\\n")\n# é 😀 end'
+    arguments = json.dumps({"code": code})
+    assert _written_code(arguments) == code
+    prefix = len('{"code": "')
+    for cut in range(prefix, len(arguments)):
+        written = _written_code(arguments[:cut])
+        assert code.startswith(written), (cut, written)
+        written.encode("utf-8")  # no lone surrogate
+    assert _written_code('{"other": "x') == ""
