@@ -143,13 +143,16 @@ def _text_content(content: Any, param: str) -> str:
     """A message's content as text: a string, or an array of text parts joined by newlines."""
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        raise invalid(f"{param} must be a string or an array of content parts", param)
+    if not isinstance(content, list) or not content:
+        raise invalid(f"{param} must be a string or a non-empty array of content parts", param)
     texts = []
     for i, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") != "text":
             raise invalid(f"{param}[{i}]: only text content parts are supported", param)
-        texts.append(typed_field(part, "text", "a string", param=f"{param}[{i}].text") or "")
+        text = typed_field(part, "text", "a string", param=f"{param}[{i}].text")
+        if text is None:
+            raise invalid(f"{param}[{i}].text is required", f"{param}[{i}].text")
+        texts.append(text)
     return "\n".join(texts)
 
 

@@ -42,6 +42,11 @@ def post_raw(server, path: str, content: bytes, content_type: str | None = "appl
             "tool_choice",
         ),
         ({"messages": USER, "tool_choice": ["auto"]}, "tool_choice"),
+        ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages[0].content[0].text",
+        ),
         ({"messages": USER, "logit_bias": {"²": 1}}, "logit_bias"),  # isdigit, not int()
         ({"messages": USER, "logit_bias": {"1" * 5000: 1}}, "logit_bias"),
         # refused before the prompt is counted, so it costs the user nothing
