@@ -32,6 +32,9 @@ from orchestrator.store.accounts import KeyRow, UserRow
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@-")
 
 
+MAX_LIMIT = 2**63 - 1  # what the database's integer columns hold
+
+
 class AdminError(Exception):
     """A command that cannot be done as asked (printed, exit status 1)."""
 
@@ -41,8 +44,8 @@ def _count(text: str) -> int | None:
     if text.lower() == "none":
         return None
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0 (or 'none')")
+    if not 0 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_LIMIT} (or 'none')")
     return value
 
 
@@ -255,12 +258,9 @@ COMMANDS = {"users": users_command, "keys": keys_command, "usage": usage_command
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "since", None) is not None:
-        try:
-            time.strptime(args.since, "%Y-%m-%d")
-        except ValueError:
-            print("error: --since must be a date, YYYY-MM-DD", file=sys.stderr)
-            return 2
+    if getattr(args, "since", None) is not None and not db.is_day(args.since):
+        print("error: --since must be a date, YYYY-MM-DD", file=sys.stderr)
+        return 2
     try:
         store = Store(args.database_url or sqlite_url(args.data_dir))
     except (SQLAlchemyError, OSError) as exc:

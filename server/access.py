@@ -21,7 +21,7 @@ import math
 from collections.abc import Awaitable, Callable
 
 from starlette.datastructures import Headers
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -140,6 +140,9 @@ def metered(
             if found is not None:
                 error.headers = {**found.rate_headers(who), **error.headers}
             raise error from None
+        except ClientDisconnect:  # gone before its body arrived: nothing was produced
+            await meter.finish("incomplete" if meter.output_tokens else "rejected")
+            raise
         except BaseException:
             await meter.finish("failed")
             raise

@@ -4,7 +4,6 @@ the generation routes pass through `access.metered` (rate limits, quota, usage r
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -13,13 +12,14 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine.client import EngineClient
 from orchestrator import Accounts, Product, ProductError
 from orchestrator.accounts import Meter
+from orchestrator.store.accounts import is_day
 from server import conversations as conv
 from server import files as fil
 from server import responses as resp
@@ -28,7 +28,7 @@ from server.access import AuthMiddleware, identity, metered
 from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.embeddings import create_embeddings, parse_embedding_request
-from server.errors import APIError, api_error_handler, http_error_handler
+from server.errors import APIError, api_error_handler, client_gone_handler, http_error_handler
 from server.metrics import CONTENT_TYPE
 from server.protocol import parse_chat_request, parse_completion_request
 from server.request_body import read_json_body
@@ -87,16 +87,9 @@ async def usage(request: Request) -> Response:
     if accounts is None:
         raise APIError(404, "this server keeps no usage records (it has no store)")
     since = request.query_params.get("since")
-    if since is not None and not _is_date(since):
+    if since is not None and not is_day(since):
         raise APIError(400, "since must be a date, YYYY-MM-DD", param="since")
     return JSONResponse(await accounts.usage_report(identity(request), since))
-
-
-def _is_date(text: str) -> bool:
-    try:
-        return datetime.date.fromisoformat(text).isoformat() == text
-    except ValueError:
-        return False
 
 
 async def embeddings(request: Request) -> Response:
@@ -273,6 +266,7 @@ def build_app(
         middleware=middleware,
         exception_handlers={
             APIError: api_error_handler,
+            ClientDisconnect: client_gone_handler,
             HTTPException: http_error_handler,
             ProductError: resp.product_error_handler,
         },

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 # The `type` OpenAI uses for each status we send.
 _TYPES = {
@@ -84,6 +84,13 @@ def from_value_error(exc: ValueError) -> APIError:
 async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
     return exc.response()
+
+
+async def client_gone_handler(request: Request, exc: Exception) -> Response:
+    """A client that closed its connection before its request's body arrived: nobody
+    reads an answer, and it is not the server's error (logged as one, it would page an
+    operator). 499, nginx's "client closed request", is what the access log shows."""
+    return Response(status_code=499)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -14,12 +14,13 @@ actually used happen in one transaction: a request is billed once, or not at all
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy import delete, exists, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from orchestrator.store.knowledge import delete_file, delete_vector_store
 from orchestrator.store.repository import Repository
@@ -129,11 +130,15 @@ def _user(row) -> UserRow:
 
 
 def create_user(repo: Repository, user: UserRow) -> bool:
-    """Add a user; False if the name is taken."""
-    with repo.engine.begin() as conn:
-        if conn.execute(select(users.c.id).where(users.c.name == user.name)).first():
-            return False
-        conn.execute(insert(users).values(**asdict(user)))
+    """Add a user; False if the name is taken (also by another admin at the same moment:
+    the unique name refuses the second insert)."""
+    try:
+        with repo.engine.begin() as conn:
+            if conn.execute(select(users.c.id).where(users.c.name == user.name)).first():
+                return False
+            conn.execute(insert(users).values(**asdict(user)))
+    except IntegrityError:
+        return False
     return True
 
 
@@ -351,6 +356,15 @@ def quota_state(repo: Repository, user_id: str, period_start: int) -> QuotaState
 # -- usage -------------------------------------------------------------------------------
 
 _ANY = object()
+
+
+def is_day(text: str) -> bool:
+    """Whether `text` is a date as the usage rows' `day` holds it, YYYY-MM-DD (compared as
+    text, "2026-9-1" would select the wrong days)."""
+    try:
+        return date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
 
 
 def usage_by_day(

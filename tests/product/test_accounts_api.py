@@ -469,6 +469,13 @@ def test_the_admin_cli_manages_users_and_keys_the_server_accepts(product_server,
     assert admin([*run, "usage", "--json"]) == 0
     usage = json.loads(capsys.readouterr().out)["data"]
     assert usage[0]["user"] == "carol" and usage[0]["requests"] == 2
+    # a day without its zeros would compare as text past every real day: refused
+    assert admin([*run, "usage", "--since", "2026-9-1", "--json"]) == 2
+    assert "YYYY-MM-DD" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # argparse's error for a value out of range
+        admin([*run, "users", "update", "carol", "--token-quota", str(2**64)])
+    assert refused.value.code == 2
+    assert "must be from 0 to" in capsys.readouterr().err
     assert admin([*run, "users", "delete", "carol"]) == 0
     repo = server.product.store.repo
     assert db.get_user(repo, "carol") is None

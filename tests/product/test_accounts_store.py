@@ -95,6 +95,20 @@ def test_user_names_are_unique_and_updates_apply(store):
     assert db.update_user(repo, "nobody", {"rpm": 1}) is None
 
 
+def test_one_of_several_admins_creating_the_same_name_at_once_wins(store):
+    """The others are told the name is taken (the unique name refuses their insert),
+    never a database error."""
+    barrier = threading.Barrier(6)
+
+    def create(i: int) -> bool:
+        barrier.wait()
+        return db.create_user(store.repo, UserRow(f"user_{i}", "dana", int(time.time())))
+
+    with ThreadPoolExecutor(6) as pool:
+        created = list(pool.map(create, range(6)))
+    assert created.count(True) == 1
+
+
 def test_fifty_concurrent_reservations_never_exceed_the_quota(store):
     """50 threads reserve 30 tokens each at once against a 500-token quota: exactly 16 fit
     (16 x 30 = 480); each settles having used 20; the database holds the sums."""

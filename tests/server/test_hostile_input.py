@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -251,3 +253,29 @@ def test_more_messages_than_the_window_holds_are_refused_before_each_is_checked(
     reply = server.client.post("/v1/chat/completions", json={"messages": messages})
     error = assert_error(reply, 400, "messages", code="context_length_exceeded")
     assert "65 messages" in error["message"]
+
+
+def test_a_client_gone_before_its_body_arrived_is_no_server_failure(serve, caplog):
+    """It closes the socket right after the headers and part of the body: the request is
+    `rejected` (nothing was produced), not `failed`, and no error is logged."""
+    server = serve()
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"messages": USER, "max_tokens": 5}).encode()
+    for _ in range(3):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body[:10]
+            )
+    deadline = time.monotonic() + 10
+    metrics = ""
+    while 'status="rejected"' not in metrics and time.monotonic() < deadline:
+        time.sleep(0.05)
+        metrics = server.client.get("/metrics").text
+    chat = [line for line in metrics.splitlines() if 'endpoint="chat.completions"' in line]
+    assert any('status="rejected"' in line and line.endswith(" 3.0") for line in chat), chat
+    assert not any('status="failed"' in line for line in chat), chat
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert server.engine.params == []
