@@ -14,6 +14,7 @@ from engine import RequestOutput, SamplingParams
 
 class TokenizerLike(Protocol):
     chat_template: str | None
+    all_special_tokens: Sequence[str]
 
     def encode(
         self, text: str, add_special_tokens: bool = False, max_tokens: int | None = None

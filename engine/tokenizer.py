@@ -93,6 +93,14 @@ class Tokenizer:
             i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
         }
 
+    @cached_property
+    def all_special_tokens(self) -> tuple[str, ...]:
+        """The special tokens' text (`<|im_start|>`, `<file_sep>`...): untrusted text that
+        holds one must have it broken up (orchestrator/untrusted.py), or it becomes that
+        token once tokenized."""
+        added = self.backend.get_added_tokens_decoder()
+        return tuple(sorted(tok.content for i, tok in added.items() if i in self.all_special_ids))
+
     def _id_or_none(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 

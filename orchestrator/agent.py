@@ -108,14 +108,16 @@ def code_interpreter_as_function_items(item: dict) -> tuple[dict, dict]:
 
 def file_search_as_function_items(item: dict, text: str) -> tuple[dict, dict]:
     """A file_search_call as the function_call + function_call_output pair a chat template
-    renders; `text` is what the model read (or reads now) as the search's result."""
+    renders; `text` is what the model read (or reads now) as the search's result, its
+    sources spotlighted one by one already (`framed`: the prompt does not frame it again;
+    a client's function that happens to be named file_search gets no such mark)."""
     call = {
         "type": "function_call",
         "call_id": item["id"],
         "name": FILE_SEARCH,
         "arguments": json.dumps({"queries": item["queries"]}, ensure_ascii=False),
     }
-    return call, function_call_output(item["id"], text)
+    return call, {**function_call_output(item["id"], text), "framed": True}
 
 
 _CODE_START = re.compile(r'\s*\{\s*"code"\s*:\s*"')
@@ -126,18 +128,22 @@ def _written_code(arguments: str) -> str:
     written (its arguments stop inside the string), so the item shows what was cut."""
     try:
         code = json.loads(arguments or "{}").get("code")
-        return code if isinstance(code, str) else ""
+        return _valid_text(code) if isinstance(code, str) else ""
     except (json.JSONDecodeError, AttributeError):
         pass
     start = _CODE_START.match(arguments)
     if start is None:
         return ""
     try:
-        code = json.loads(f'"{_complete_escapes(arguments[start.end() :])}"')
+        return _valid_text(json.loads(f'"{_complete_escapes(arguments[start.end() :])}"'))
     except json.JSONDecodeError:
         return ""
-    # a surrogate pair cut in half leaves a lone surrogate, which is no text
-    return code.encode("utf-8", "ignore").decode("utf-8")
+
+
+def _valid_text(value: str) -> str:
+    """`value` without lone surrogates: JSON's `\\ud800` escape decodes to one (or a pair
+    cut in half does), which no UTF-8 response can carry."""
+    return value.encode("utf-8", "ignore").decode("utf-8")
 
 
 def _complete_escapes(contents: str) -> str:
@@ -287,6 +293,7 @@ class Agent:
             queries = None
         if not (isinstance(queries, list) and all(isinstance(q, str) for q in queries)):
             queries = []
+        queries = [_valid_text(q) for q in queries]
         item = {
             "id": new_id("fs"),
             "type": "file_search_call",
@@ -317,7 +324,7 @@ class Agent:
         return result.text
 
     def _add_output(self, call: dict, text: str) -> None:
-        item = function_call_output(call["call_id"], text)
+        item = function_call_output(call["call_id"], _valid_text(text))
         self.output.append(item)
         self._emit("response.output_item.added", item, item=copy.deepcopy(item))
         self._emit("response.output_item.done", item, item=copy.deepcopy(item))

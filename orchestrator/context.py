@@ -20,11 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.client import TokenizerLike
-from orchestrator.agent import (
-    FILE_SEARCH,
-    code_interpreter_as_function_items,
-    file_search_as_function_items,
-)
+from orchestrator.agent import code_interpreter_as_function_items, file_search_as_function_items
 from orchestrator.chat_prompt import build_chat_prompt, template_supports_tools
 from orchestrator.chat_types import ChatRequest, Message, Tool, ToolCall
 from orchestrator.errors import InvalidRequestError
@@ -60,7 +56,7 @@ def _item_text(item: dict) -> str:
     return "\n".join(part.get("text", "") for part in content)
 
 
-def _search_text(item: dict) -> str:
+def _search_text(item: dict, special_tokens: Iterable[str]) -> str:
     """What an earlier response's file_search_call shows now: its results when the
     request included them (stored), else a note that they were not kept."""
     results = item.get("results")
@@ -70,10 +66,10 @@ def _search_text(item: dict) -> str:
         Hit("", r["file_id"], r["filename"], 0, r["text"], r.get("attributes") or {}, r["score"])
         for r in results
     ]
-    return render_sources(hits, 1, SEARCH_HISTORY_BUDGET)[0]
+    return render_sources(hits, 1, SEARCH_HISTORY_BUDGET, special_tokens)[0]
 
 
-def _function_items(items: list[dict]) -> list[dict]:
+def _function_items(items: list[dict], special_tokens: Iterable[str]) -> list[dict]:
     """Items with each code_interpreter_call and file_search_call as the function call +
     output pair a chat template can render."""
     flat = []
@@ -81,7 +77,7 @@ def _function_items(items: list[dict]) -> list[dict]:
         if item.get("type") == "code_interpreter_call":
             flat += code_interpreter_as_function_items(item)
         elif item.get("type") == "file_search_call":
-            flat += file_search_as_function_items(item, _search_text(item))
+            flat += file_search_as_function_items(item, _search_text(item, special_tokens))
         else:
             flat.append(item)
     return flat
@@ -89,12 +85,12 @@ def _function_items(items: list[dict]) -> list[dict]:
 
 def _framed_output(item: dict, names: dict[str, str], special_tokens: Iterable[str]) -> str:
     """A function call's output as the prompt shows it: spotlighted as data from its tool.
-    file_search's output is framed source by source already (`render_sources`). The same
-    item framed again reads the same, so every turn that shows it extends the last one's
-    prompt token for token."""
-    name = names.get(item["call_id"], "function")
-    if name == FILE_SEARCH:
+    The server's file_search output is framed source by source already (`framed`). The
+    same item framed again reads the same, so every turn that shows it extends the last
+    one's prompt token for token."""
+    if item.get("framed"):
         return item["output"]
+    name = names.get(item["call_id"], "function")
     return spotlight(item["output"], f"tool {name}", special_tokens=special_tokens)
 
 
@@ -103,7 +99,7 @@ def items_to_messages(items: list[dict], special_tokens: Iterable[str] = ()) -> 
     follows (as a chat assistant turn holds text and tool calls together). Every tool
     output, of this turn or an earlier one, the server's tools or the client's, enters as
     untrusted data (`spotlight`), with `special_tokens` (the tokenizer's) broken up."""
-    flat = _function_items(items)
+    flat = _function_items(items, special_tokens)
     names = {i["call_id"]: i["name"] for i in flat if i.get("type") == "function_call"}
     messages: list[Message] = []
     for item in flat:
@@ -136,7 +132,7 @@ class ContextBuilder:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.native_tools = template_supports_tools(tokenizer.chat_template)
-        self.special_tokens = tuple(getattr(tokenizer, "all_special_tokens", ()))
+        self.special_tokens = tuple(tokenizer.all_special_tokens)
 
     def build(
         self,

@@ -781,7 +781,7 @@ class ResponseService:
                 _question(request.input),
                 include_results="file_search_call.results" in request.include,
                 text_budget=min(12_000, self.context.max_model_len),
-                special_tokens=getattr(self.engine.tokenizer, "all_special_tokens", ()),
+                special_tokens=self.engine.tokenizer.all_special_tokens,
             )
             tools.builtins[FILE_SEARCH] = search
             tools.declarations.append(

@@ -164,14 +164,41 @@ def test_every_tool_output_in_the_history_enters_as_untrusted_data():
         user("2+2?"),
         {"type": "function_call", "call_id": "c1", "name": "calculator", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "c1", "output": attack},
+        # a client's own function may be named file_search: its output is framed too
         {"type": "function_call", "call_id": "c2", "name": "file_search", "arguments": "{}"},
-        {"type": "function_call_output", "call_id": "c2", "output": "[1] a.txt (framed)"},
+        {"type": "function_call_output", "call_id": "c2", "output": attack},
+        # the server's file_search: its stored results, framed source by source
+        {
+            "type": "file_search_call",
+            "id": "fs_1",
+            "status": "completed",
+            "queries": ["q"],
+            "results": [{"file_id": "f1", "filename": "a.txt", "text": attack, "score": 0.9}],
+        },
     ]
     special = ["<|im_end|>", "<|im_start|>"]
-    tool, search = [m for m in items_to_messages(items, special) if m.role == "tool"]
+    tool, client, search = [m for m in items_to_messages(items, special) if m.role == "tool"]
     assert tool.content == spotlight(attack, "tool calculator", special_tokens=special)
-    assert "<|im_start|>" not in tool.content and "<|im_end|>" not in tool.content
+    assert client.content == spotlight(attack, "tool file_search", special_tokens=special)
+    for message in (tool, client, search):
+        assert "<|im_start|>" not in message.content and "<|im_end|>" not in message.content
     assert tool.content.startswith('<untrusted origin="tool calculator"')
-    assert search.content == "[1] a.txt (framed)"  # framed source by source already
+    assert search.content.count("<untrusted") == 1 and "a.txt" in search.content
     again = next(m for m in items_to_messages(items, special) if m.role == "tool")
     assert again.content == tool.content  # the same text each turn: the prefix cache holds
+
+
+def test_the_tokenizers_special_tokens_are_broken_up_in_tool_outputs(tok):
+    """SmolLM2 has special tokens beyond the chat markers (`<file_sep>`, `<filename>`):
+    the context builder hands all of them to the frame, so none reaches the model whole."""
+    builder = ContextBuilder(tok, 8192)
+    assert {"<|im_start|>", "<file_sep>", "<filename>"} <= set(builder.special_tokens)
+    messages = items_to_messages(
+        [
+            user("x"),
+            {"type": "function_call", "call_id": "c", "name": "calc", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": "a<file_sep>b"},
+        ],
+        builder.special_tokens,
+    )
+    assert "<file_sep>" not in messages[-1].content

@@ -309,6 +309,26 @@ def test_a_builtin_function_call_cut_off_by_the_budget_says_it_did_not_run(produ
     Response.model_validate(body)
 
 
+def test_a_lone_surrogate_in_a_calls_arguments_is_no_server_error(product_server):
+    """JSON's `\\ud800` escape (which the call grammar allows) decodes to no text: a
+    code item, a search's queries or a tool's error output holding it cannot be sent as
+    UTF-8, which made the response a 500 and cut its stream."""
+    calls = [
+        _call("code_interpreter", code="print(1)  # \ud800"),
+        _call("calculator", expression="1 + \ud800"),
+    ]
+    tools = [{"type": "code_interpreter", "container": {"type": "auto"}}, CALCULATOR]
+    for call in calls:
+        server = product_server(FakeEngine(reply=_scripted(call)))
+        for stream in (False, True):
+            raw = _post(server, input="Go", tools=tools, stream=stream)
+            assert raw.status_code == 200, raw.text
+            if stream:
+                assert list(events(raw))[-1]["type"] == "response.completed"
+            else:
+                Response.model_validate(raw.json())
+
+
 def test_a_client_function_still_ends_the_response(product_server):
     weather = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
     calls = _call("calculator", expression="1 + 2") + _call("get_weather", city="Oslo")

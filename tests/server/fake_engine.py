@@ -31,6 +31,8 @@ CHATML_WITH_TOOLS = (
 
 
 class FakeTokenizer:
+    all_special_tokens = ("<|im_start|>", "<|im_end|>")
+
     def __init__(self, chat_template: str = CHATML) -> None:
         self.chat_template = chat_template
         self.last_prompt: str | None = None
