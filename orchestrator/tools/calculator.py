@@ -27,6 +27,7 @@ MAX_CHARS = 1000
 MAX_DEPTH = 100  # nested parentheses and signs
 MAX_EXPONENT = 10_000
 MAX_BITS = 13_000  # of any intermediate numerator or denominator (about 3900 digits)
+MAX_DECIMAL_EXPONENT = 4_000  # of a literal such as 1e300, within MAX_BITS' 3900 digits
 APPROX_DIGITS = 12
 
 _DIGITS = r"\d(?:_?\d)*"
@@ -39,6 +40,15 @@ _HINTS = {"^": " (use ** for powers)", "=": " (write only the expression)"}
 
 def _bits(value: Fraction) -> int:
     return max(abs(value.numerator).bit_length(), value.denominator.bit_length())
+
+
+def _number(text: str) -> Fraction:
+    """A literal's value. Its decimal exponent is checked first: Fraction("1e999999999")
+    builds 10**999999999 before any size check could run (minutes of CPU, gigabytes)."""
+    exponent = text.lower().partition("e")[2]
+    if exponent and abs(int(exponent)) > MAX_DECIMAL_EXPONENT:
+        raise ToolError(f"a number's exponent is limited to ±{MAX_DECIMAL_EXPONENT}")
+    return Fraction(text)
 
 
 def _checked(value: Fraction) -> Fraction:
@@ -176,7 +186,7 @@ class _Parser:
     def atom(self) -> Fraction:
         token = self.take()
         if token.kind == "number":
-            return _checked(Fraction(token.text.replace("_", "")))
+            return _checked(_number(token.text.replace("_", "")))
         if token.text == "(":
             with _Nesting(self):
                 value = self.expression()

@@ -3,9 +3,11 @@
 Read-only is enforced by SQLite itself, twice: the file is opened with `mode=ro` (no
 write can reach it, whatever the statement), and an authorizer allows only reading
 (SELECT, reading columns, functions, CTEs) and refuses everything else: writes, schema
-changes, ATTACH (which would open another file), PRAGMA and transactions. A progress
-handler stops a query at its time limit or when the call is cancelled, and at most
-`max_rows` rows come back. Queries run in a worker thread, never on the event loop.
+changes, ATTACH (which would open another file), PRAGMA and transactions, and the
+functions that reach past SQL (`_DENIED_FUNCTIONS`). A progress handler stops a query at
+its time limit or when the call is cancelled; no value may grow past `MAX_VALUE_BYTES`,
+at most `max_rows` rows come back, and their text is capped. Queries run in a worker
+thread, never on the event loop.
 
 The database's shape is read once, at start (orchestrator/tools/sql_grammar.py): the
 description the model reads lists its tables, columns and categorical values, and
@@ -30,6 +32,7 @@ from urllib.parse import quote
 
 from orchestrator.tools.base import ToolError, ToolOutput, ToolUnavailable, string_argument
 from orchestrator.tools.sql_grammar import Table, describe, read_shape, select_pattern
+from orchestrator.untrusted import cap
 
 DATA = Path(__file__).parent / "data"
 DEMO_DATABASE = DATA / "demo_sales.db"
@@ -44,9 +47,21 @@ _ALLOWED = {
 }
 
 
+# Functions a query may not call: fts3_tokenizer hands out a native pointer of the SQLite
+# library, load_extension would load code.
+_DENIED_FUNCTIONS = {"fts3_tokenizer", "load_extension"}
+# The longest string or blob a query may make: printf('%.*c', 999999999, 'a') or a
+# zeroblob of half a gigabyte would otherwise take seconds and gigabytes in one function
+# call, which the progress handler cannot interrupt.
+MAX_VALUE_BYTES = 65_536
+MAX_OUTPUT_CHARS = 64_000  # the rows' CSV, whatever the rows hold
+
+
 def _authorize(
     action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None
 ) -> int:
+    if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in _DENIED_FUNCTIONS:
+        return sqlite3.SQLITE_DENY
     return sqlite3.SQLITE_OK if action in _ALLOWED else sqlite3.SQLITE_DENY
 
 
@@ -65,9 +80,10 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def open_read_only(path: Path) -> sqlite3.Connection:
-    """A connection that cannot write, attach or change settings."""
+    """A connection that cannot write, attach, change settings or make huge values."""
     db = _connect(path)
     db.set_authorizer(_authorize)
+    db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
     return db
 
 
@@ -87,7 +103,7 @@ def _table_text(columns: list[str], rows: list[tuple], more: bool, max_rows: int
     writer.writerow(columns)
     writer.writerows(rows)
     count = f"first {max_rows} rows; the query returned more" if more else f"{len(rows)} rows"
-    return f"{out.getvalue()}({count})"
+    return f"{cap(out.getvalue(), MAX_OUTPUT_CHARS)}({count})"
 
 
 class SqlQuery:

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import re
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from fractions import Fraction
@@ -85,6 +86,10 @@ def test_calculator_formats_exact_decimals_and_fractions():
         ("10 ** 100000", "exponents are limited"),
         ("(2 ** 10000) ** 10000", "too large"),
         ("(2 ** 9000) * (2 ** 9000)", "too large"),
+        # refused before Fraction builds 10**999999999 (minutes and gigabytes)
+        ("1e999999999 + 1", "exponent is limited"),
+        ("1e-999999999", "exponent is limited"),
+        ("1e3999 * 1e3999", "too large"),
         ("1 +", "unexpected end of the expression at position 3"),
         ("(1 + 2", "unexpected end of the expression"),
         ("1 + 2)", "unexpected ')' at position 5"),
@@ -150,6 +155,8 @@ def test_sql_query_answers_the_sales_question():
         "SELECT * FROM pragma_table_info('sales')",
         "BEGIN",
         "VACUUM",
+        "SELECT fts3_tokenizer('simple')",  # a native pointer of the SQLite library
+        "SELECT load_extension('x')",
     ],
 )
 def test_sql_query_refuses_everything_but_reading(tmp_path, sql):
@@ -178,6 +185,21 @@ def test_sql_query_limits_rows_and_time_and_reports_errors():
         execute(tool, sql="SELECT 1; SELECT 2")
     with pytest.raises(ToolError, match="no such table: customers"):
         execute(tool, sql="SELECT * FROM customers")
+
+
+def test_sql_query_bounds_what_one_function_call_and_the_rows_may_make():
+    """Single function calls the progress handler cannot interrupt (a printf of a billion
+    characters, a zeroblob of half a gigabyte) end at once; the rows' text is capped."""
+    tool = SqlQuery(time_limit=5)
+    start = time.monotonic()
+    with pytest.raises(ToolError, match="too big"):
+        execute(tool, sql="SELECT zeroblob(540000000)")
+    with pytest.raises(ToolError, match="too big"):
+        execute(tool, sql="SELECT hex(zeroblob(20000000))")
+    execute(tool, sql="SELECT printf('%.*c', 999999999, 'a')")
+    assert time.monotonic() - start < 2
+    text = execute(tool, sql="SELECT printf('%.*c', 60000, 'a') FROM regions").text
+    assert len(text) < 70_000 and "truncated" in text
 
 
 def test_sql_query_without_its_database_is_unavailable(tmp_path):
