@@ -150,7 +150,7 @@ class SandboxLimits:
     memory_bytes: int = 1 << 30  # address space of each process
     processes: int = 32  # processes and threads inside the sandbox
     file_bytes: int = 32 << 20  # largest file the code may write
-    workdir_bytes: int = 64 << 20  # size of the /work tmpfs (and of /tmp)
+    workdir_bytes: int = 64 << 20  # size of the /work tmpfs (and of /tmp and /dev/shm)
     output_bytes: int = 1 << 20  # stdout + stderr kept; more stops the run
     report_bytes: int = 4 << 20  # file contents returned in the result, in total
     nice: int = 19
@@ -271,6 +271,14 @@ class Sandbox:
             "--proc",
             "/proc",
             "--dev",
+            "/dev",
+            # /dev is a tmpfs of bwrap's own, writable and as large as half the RAM: its
+            # shared memory gets the same cap as /work, the rest is read-only
+            "--size",
+            size,
+            "--tmpfs",
+            "/dev/shm",
+            "--remount-ro",
             "/dev",
             "--size",
             size,

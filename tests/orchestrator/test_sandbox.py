@@ -125,6 +125,21 @@ def test_cannot_read_the_data_dir_the_source_tree_or_home(tmp_path):
     assert "SECRET" not in result.stdout
 
 
+def test_shared_memory_is_capped_like_the_working_directory():
+    result, _ = run("""
+        import multiprocessing
+        multiprocessing.Lock()  # POSIX semaphores live in /dev/shm: they still work
+        try:
+            for i in range(400):  # files of 512 KiB, within the per-file limit
+                with open(f"/dev/shm/fill{i}", "wb") as f:
+                    f.write(bytes(1 << 19))
+            print("WROTE 200 MiB")
+        except OSError as exc:
+            print("capped", exc.errno)
+    """)
+    assert result.stdout.strip() == "capped 28", result  # ENOSPC
+
+
 def test_cannot_write_outside_its_working_directory(tmp_path):
     targets = [
         "/usr/escape",
@@ -133,6 +148,7 @@ def test_cannot_write_outside_its_working_directory(tmp_path):
         "/bin/escape",
         str(tmp_path / "escape"),
         "/proc/sys/kernel/hostname",
+        "/dev/escape",  # bwrap's own /dev tmpfs, as large as half the RAM
     ]
     result, _ = run(f"""
         for path in {targets!r}:
