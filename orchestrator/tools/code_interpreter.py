@@ -75,8 +75,8 @@ class CodeInterpreter:
         code = string_argument(arguments, "code", MAX_CODE_CHARS)
         result = await self.sandbox.run(code, label=call_id)
         text = logs(result, self.sandbox.limits)
-        outputs = [{"type": "logs", "logs": text}, *_images(result)]
-        if result.files:
+        if result.files:  # in the logs, which are what the model reads of a run
             listing = ", ".join(f"{f.path} ({f.size} bytes)" for f in result.files)
             text = f"{text}\n[files written: {listing}]".lstrip("\n")
+        outputs = [{"type": "logs", "logs": text}, *_images(result)]
         return ToolOutput(text or "[no output]", outputs)

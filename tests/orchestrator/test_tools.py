@@ -222,8 +222,9 @@ def test_code_interpreter_returns_logs_and_images():
         code=f"import base64\nprint(6 * 7)\n"
         f"open('chart.png', 'wb').write(base64.b64decode('{png}'))\n",
     )
+    # the listing is in the logs: the model reads a run's logs, in this turn and later ones
     assert out.outputs == [
-        {"type": "logs", "logs": "42"},
+        {"type": "logs", "logs": "42\n[files written: chart.png (12 bytes)]"},
         {"type": "image", "url": f"data:image/png;base64,{png}"},
     ]
     assert out.text == "42\n[files written: chart.png (12 bytes)]"
