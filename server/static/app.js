@@ -5,7 +5,7 @@ import {
   ApiError, listAll, request, setUnauthorizedHandler, storeKey, storedKey, streamResponse,
 } from "./api.js";
 import { assistantBody, button, el, isToolItem, messageText, toolCard, userBubble } from "./render.js";
-import { decodeMetadata, encodeMetadata, MAX_INSTRUCTIONS, Node, Tree } from "./tree.js";
+import { clip, decodeMetadata, encodeMetadata, MAX_INSTRUCTIONS, Node, Tree } from "./tree.js";
 
 const $ = (id) => document.getElementById(id);
 const DEFAULTS_STORAGE = "tokenmill.defaults";
@@ -179,7 +179,7 @@ async function renameConversation(id, title) {
   const conversation = state.conversations.find((c) => c.id === id);
   const decoded = state.open && state.open.id === id ? state.open.meta
     : decodeMetadata(conversation.metadata);
-  decoded.title = title.slice(0, 512);
+  decoded.title = clip(title, 512);
   await saveMeta(id, decoded);
   if (state.open && state.open.id === id) $("chat-title").textContent = title;
 }
@@ -316,7 +316,7 @@ function persistTree() {
 async function ensureConversation(firstText) {
   if (state.open) return state.open;
   const decoded = state.draft || freshMeta();
-  decoded.title = firstText.replace(/\s+/g, " ").trim().slice(0, TITLE_LENGTH) || "Untitled";
+  decoded.title = clip(firstText.replace(/\s+/g, " ").trim(), TITLE_LENGTH) || "Untitled";
   const conversation = await request("POST", "/v1/conversations", { metadata: encodeMetadata(decoded) });
   state.conversations.unshift(conversation);
   state.open = { id: conversation.id, meta: decoded };
@@ -517,6 +517,8 @@ async function runTurn(parent, text) {
     open = await ensureConversation(text);
   } catch (error) {
     reportError(error);
+    if (!$("prompt").value) $("prompt").value = text; // nothing was sent: keep what was typed
+    finished();
     return;
   }
   pendingCount += 1;
@@ -845,7 +847,12 @@ function wire() {
   });
   $("toggle-sidebar").addEventListener("click", toggleSidebar);
   document.addEventListener("keydown", (event) => {
-    if (event.key === "Escape" && state.stream) stopStream();
+    if (event.key !== "Escape" || !state.stream) return;
+    // Escape that closes a dialog or leaves a rename or an edit is not meant for the answer.
+    const target = event.target;
+    const editing = target instanceof HTMLElement && target.id !== "prompt"
+      && target.matches("input, textarea");
+    if (!editing && !document.querySelector("dialog[open]")) stopStream();
   });
 }
 

@@ -210,7 +210,8 @@ const INLINE = new RegExp([
   /\*(?=[^\s*])([\s\S]*?[^\s*])\*/.source, // 5: emphasis
   /\b_(?=[^\s_])([\s\S]*?[^\s_])_\b/.source, // 6: emphasis
   /~~(?=\S)([\s\S]*?\S)~~/.source, // 7: strikethrough
-  /(!?)\[([^\]]*)\]\(\s*<?([^)\s>]*)>?(?:\s+"[^"]*")?\s*\)/.source, // 8, 9, 10: link / image
+  // the target may hold balanced parentheses, one level deep (Wikipedia's Foo_(bar))
+  /(!?)\[([^\]]*)\]\(\s*<?((?:[^()\s>]|\([^()\s>]*\))*)>?(?:\s+"[^"]*")?\s*\)/.source, // 8, 9, 10: link / image
   /(https?:\/\/[^\s<>()]+[^\s<>().,;:!?'"])/.source, // 11: bare URL
 ].join("|"), "g");
 
@@ -223,6 +224,8 @@ export function safeHref(url) {
   return null;
 }
 
+// A link showing `label` (inline Markdown) or, without one, its URL as plain text: the URL
+// parsed as Markdown would be a bare URL again, and a link of itself without end.
 function link(label, url) {
   const href = safeHref(url);
   if (!href) return document.createTextNode(label || url);
@@ -230,7 +233,8 @@ function link(label, url) {
   a.href = href;
   a.rel = "noopener noreferrer nofollow";
   a.target = "_blank";
-  appendInline(a, label || url);
+  if (label) appendInline(a, label);
+  else a.textContent = url;
   return a;
 }
 
@@ -258,7 +262,7 @@ export function appendInline(parent, text) {
       const image = match[8] === "!";
       parent.append(link(image ? `image: ${match[9] || match[10]}` : match[9], match[10]));
     } else if (match[11]) {
-      parent.append(link(match[11], match[11]));
+      parent.append(link("", match[11]));
     }
   }
   if (last < text.length) parent.append(document.createTextNode(text.slice(last)));

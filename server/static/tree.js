@@ -99,10 +99,20 @@ export class Tree {
 
 // -- the conversation's metadata ------------------------------------------------------
 
+// At most `n` UTF-16 code units of `text`, never ending inside a surrogate pair: half an
+// emoji is no text, and the server refuses it.
+export function clip(text, n) {
+  const cut = text.slice(0, n);
+  return /[\uD800-\uDBFF]$/.test(cut) ? cut.slice(0, -1) : cut;
+}
+
 export function encodeMetadata({ title, instructions, settings, leaf, leaves, vectorStore }) {
-  const meta = { title: (title || "").slice(0, 512) };
-  const text = (instructions || "").slice(0, MAX_INSTRUCTIONS);
-  for (let i = 0; i * 512 < text.length; i += 1) meta[`sys${i}`] = text.slice(i * 512, (i + 1) * 512);
+  const meta = { title: clip(title || "", 512) };
+  let text = clip(instructions || "", MAX_INSTRUCTIONS);
+  for (let i = 0; text && i < INSTRUCTION_KEYS; i += 1) {
+    meta[`sys${i}`] = clip(text, 512);
+    text = text.slice(meta[`sys${i}`].length);
+  }
   meta.settings = JSON.stringify(settings || {});
   if (leaf) meta.leaf = leaf;
   if (vectorStore) meta.vs = vectorStore;

@@ -331,6 +331,8 @@ def add(a, b):
 ```
 
 {EVIL} and {SCRIPT} and [a link](javascript:window.pwned=3) and ![pic](http://example.com/x.png)
+
+Visit https://example.com/bare today, see [Foo](https://en.wikipedia.org/wiki/Foo_(bar)) and [](https://a.example/empty)
 """
 
 
@@ -359,6 +361,15 @@ def test_markdown_and_tool_cards_render_and_model_text_stays_inert(session, api,
     assert page.locator("#messages img, #messages script").count() == 0
     assert page.locator("#messages a[href^='javascript']").count() == 0
     assert page.locator("#messages a[href='http://example.com/x.png']").count() == 1  # a link only
+    # a bare URL, or a link without a label, shows its URL (it recursed without end)
+    assert body.locator("a[href='https://example.com/bare']").inner_text() == (
+        "https://example.com/bare"
+    )
+    assert (
+        body.locator("a[href='https://a.example/empty']").inner_text() == "https://a.example/empty"
+    )
+    # a target with parentheses keeps them
+    assert body.locator("a[href='https://en.wikipedia.org/wiki/Foo_(bar)']").inner_text() == "Foo"
     call, result = page.locator("#messages details.tool-card").all()
     assert call.locator("summary").inner_text() == "Tool call: get_weather"
     assert not call.locator("pre").is_visible()  # folded until opened
