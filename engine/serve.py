@@ -31,7 +31,7 @@ from engine.compilation import COMPILE_MODES
 from engine.linear import QUANTIZATIONS
 from orchestrator import Product
 from orchestrator.retrieval.embeddings import Embedder
-from orchestrator.store import sqlite_url
+from orchestrator.store import hold_data_dir, sqlite_url
 from orchestrator.tools import ToolRegistry, ToolUnavailable, builtin_tools
 from server import (
     ServerConfig,
@@ -477,6 +477,17 @@ def tool_registry(args: argparse.Namespace) -> ToolRegistry:
 
 async def serve(args: argparse.Namespace) -> bool:
     """Serve until shut down; returns False if it ended because the engine failed."""
+    # The SQLite database in the data directory belongs to this server alone (checked
+    # first: a second server must not load a model only to be refused).
+    lock = hold_data_dir(args.data_dir) if args.database_url is None else None
+    try:
+        return await _serve(args)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+async def _serve(args: argparse.Namespace) -> bool:
     tools = tool_registry(args)
     engine = AsyncLLM(engine_args(args))
     # The embedder first: vector stores are built on it when the store opens.

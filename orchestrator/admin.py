@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         store = Store(args.database_url or sqlite_url(args.data_dir))
-    except (SQLAlchemyError, OSError) as exc:
+    except (SQLAlchemyError, OSError, ValueError) as exc:
         print(f"error: cannot open the store: {exc}", file=sys.stderr)
         return 1
     try:

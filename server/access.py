@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from orchestrator import Accounts, NotFoundError, ProductError
 from orchestrator.accounts import LOCAL, Identity, Meter
 from orchestrator.errors import QuotaExceededError, RateLimitError
-from server.errors import APIError
+from server.errors import APIError, shutting_down
 
 Handler = Callable[[Request, Meter], Awaitable[Response]]
 
@@ -44,6 +44,25 @@ def _unauthorized() -> APIError:
         code="invalid_api_key",
         headers={"WWW-Authenticate": "Bearer"},
     )
+
+
+class DrainGate:
+    """While the server drains (after SIGTERM), every new /v1 request is a 503: the drain
+    waits only for requests already admitted, so an upload or an indexing job started now
+    could be cut off halfway."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"].startswith("/v1")
+            and scope["app"].state.tokenmill.admission.draining
+        ):
+            await shutting_down().response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class AuthMiddleware:

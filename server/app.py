@@ -24,7 +24,7 @@ from server import conversations as conv
 from server import files as fil
 from server import responses as resp
 from server import vector_stores as vs
-from server.access import AuthMiddleware, identity, metered
+from server.access import AuthMiddleware, DrainGate, identity, metered
 from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.embeddings import create_embeddings, parse_embedding_request
@@ -260,6 +260,7 @@ def build_app(
                 max_age=600,
             ),
         )
+    middleware.insert(0, Middleware(DrainGate))
     middleware.insert(0, Middleware(SecurityHeadersMiddleware))
     app = Starlette(
         routes=routes,

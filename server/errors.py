@@ -86,6 +86,10 @@ async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return exc.response()
 
 
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", code="server_shutting_down")
+
+
 async def client_gone_handler(request: Request, exc: Exception) -> Response:
     """A client that closed its connection before its request's body arrived: nobody
     reads an answer, and it is not the server's error (logged as one, it would page an

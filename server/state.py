@@ -14,7 +14,7 @@ from functools import lru_cache, partial
 from typing import Any, TypeVar
 
 from engine.client import EngineClient
-from server.errors import APIError
+from server.errors import APIError, shutting_down
 from server.logprobs import TokenNames
 from server.metrics import ServerMetrics
 from server.prep_process import PrepProcess, PromptContext
@@ -105,7 +105,7 @@ class Admission:
         waiting for the owner's share if need be; `param` is the field to blame when the
         request alone is larger than the server could ever hold."""
         if self.draining:
-            raise APIError(503, "the server is shutting down", code="server_shutting_down")
+            raise shutting_down()
         if sequences > self.capacity:
             raise APIError(
                 400,

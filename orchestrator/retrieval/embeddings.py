@@ -139,7 +139,8 @@ class Embedder:
         return await asyncio.get_running_loop().run_in_executor(self._worker, self.encode_ids, ids)
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True)
+        """Wait for the encoding under way, drop those still queued."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
 
     @torch.inference_mode()
     def _token_sums(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

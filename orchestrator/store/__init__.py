@@ -5,6 +5,15 @@ This package is the only code that runs SQL. Use `Store(url)` (migrates on open)
 """
 
 from orchestrator.store.repository import ConversationRow, History, ItemPage, Page, Repository
-from orchestrator.store.store import Store, sqlite_url
+from orchestrator.store.store import Store, hold_data_dir, sqlite_url
 
-__all__ = ["ConversationRow", "History", "ItemPage", "Page", "Repository", "Store", "sqlite_url"]
+__all__ = [
+    "ConversationRow",
+    "History",
+    "ItemPage",
+    "Page",
+    "Repository",
+    "Store",
+    "hold_data_dir",
+    "sqlite_url",
+]

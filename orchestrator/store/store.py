@@ -10,14 +10,17 @@ goes through the same repositories (`postgresql+psycopg://…`).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
+from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event
 
 from orchestrator.retrieval.index import load_sqlite_vec, sqlite_module
@@ -58,13 +61,49 @@ def create_db_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+class SchemaTooNewError(ValueError):
+    """The database's schema is of a revision this code does not know."""
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (a no-op when it is current)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
         config.attributes["connection"] = conn
-        command.upgrade(config, "head")
+        try:
+            command.upgrade(config, "head")
+        except CommandError as exc:  # e.g. "Can't locate revision identified by '0099'"
+            raise SchemaTooNewError(
+                f"the database {engine.url.render_as_string(hide_password=True)} has a schema "
+                f"this tokenmill does not know ({exc}): it was written by a newer version; "
+                "upgrade tokenmill, or use another database"
+            ) from None
+
+
+def hold_data_dir(data_dir: str | Path) -> IO[str]:
+    """An exclusive lock on the data directory, held while the returned file is open. Its
+    SQLite database belongs to one server: a server starting marks the unfinished responses
+    incomplete, frees quota reservations and queues indexing again, taking the work of
+    another one running there. ValueError when another process holds it."""
+    folder = Path(data_dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / "tokenmill.lock", "a+")  # noqa: SIM115 (held open, by design)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(
+            f"the data directory {folder} is in use by another tokenmill server ({holder}); "
+            "stop it, or give this one another --data-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 class Store:

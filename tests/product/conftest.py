@@ -9,6 +9,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from starlette.applications import Starlette
 
 from orchestrator import Product
 from orchestrator.retrieval.embeddings import Embedder
@@ -31,6 +32,7 @@ class ProductServer:
     engine: FakeEngine
     product: Product
     client: openai.OpenAI
+    app: Starlette
 
 
 @pytest.fixture
@@ -61,7 +63,7 @@ def product_server(tmp_path) -> Iterator[Callable[..., ProductServer]]:
             product.close()
 
         stops.append(stop)
-        return ProductServer(url, engine, product, client)
+        return ProductServer(url, engine, product, client, app)
 
     yield start
     for stop in stops:

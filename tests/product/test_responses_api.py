@@ -20,6 +20,7 @@ from pydantic import TypeAdapter
 from sqlalchemy import func, select
 
 from orchestrator.store.tables import conversation_items, response_items
+from server import start_draining
 from tests.product.conftest import ProductServer
 from tests.server.fake_engine import FakeEngine
 
@@ -309,6 +310,24 @@ def test_non_json_numbers_and_odd_limits_are_400(product_server):
         for limit in ("²", "５", "1" * 5000):
             raw = _raw(server, "GET", path, params={"limit": limit})
             assert (raw.status_code, raw.json()["error"]["param"]) == (400, "limit"), raw.text
+
+
+def test_a_draining_server_refuses_every_new_api_request(product_server):
+    """Not only generations: an upload or a conversation started during the drain would
+    not be waited for."""
+    server = product_server()
+    conversation = server.client.conversations.create()
+    start_draining(server.app)
+    for method, path in [
+        ("POST", "/conversations"),
+        ("POST", f"/conversations/{conversation.id}/items"),
+        ("GET", f"/conversations/{conversation.id}"),
+        ("POST", "/responses"),
+        ("GET", "/models"),
+    ]:
+        raw = _raw(server, method, path, json={"items": []} if method == "POST" else None)
+        assert raw.status_code == 503, (method, path, raw.text)
+        assert raw.json()["error"]["code"] == "server_shutting_down"
 
 
 def test_conversation_bodies_are_checked(product_server):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -11,7 +12,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import MetaData, func, inspect, select
 
 from orchestrator.retrieval.index import retrieval_chunks
-from orchestrator.store import Page, Repository, Store
+from orchestrator.store import Page, Repository, Store, hold_data_dir
+from orchestrator.store.store import SchemaTooNewError
 from orchestrator.store.tables import conversation_items, metadata, response_items, responses
 
 
@@ -263,3 +265,26 @@ def test_retrieval_index_tables_exist_on_sqlite_only(store):
         assert index <= names
     else:
         assert not index & names
+
+
+def test_a_schema_newer_than_the_code_is_refused_with_a_message(database_url):
+    """A database a newer tokenmill wrote: an error that says so, not Alembic's traceback
+    (the server and the admin CLI print ValueErrors as one line)."""
+    store = Store(database_url)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+    store.close()
+    with pytest.raises(SchemaTooNewError, match="newer version"):
+        Store(database_url)
+
+
+def test_one_server_holds_a_data_directory(tmp_path):
+    """A second server on the same SQLite data directory would mark the first one's
+    running responses incomplete as it starts: it is refused until the first lets go."""
+    held = hold_data_dir(tmp_path)
+    with pytest.raises(
+        ValueError, match=rf"in use by another tokenmill server \(pid {os.getpid()}\)"
+    ):
+        hold_data_dir(tmp_path)
+    held.close()
+    hold_data_dir(tmp_path).close()

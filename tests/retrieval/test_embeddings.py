@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from orchestrator.retrieval import ingest
+
 TEXTS = [
     "The cat sat on the mat.",
     "A kitten is sleeping on the rug",
@@ -72,3 +74,33 @@ def test_token_ids_and_async_path_agree_with_text(embedder):
     from_text = asyncio.run(embedder.aencode(TEXTS[:2]))
     np.testing.assert_allclose(from_ids.vectors, from_text.vectors, atol=1e-6)
     assert from_ids.token_counts == [len(i) for i in ids]
+
+
+def test_a_cancelled_ingestion_stops_after_the_batch_under_way(embedder, monkeypatch):
+    """A file of many chunks is embedded EMBED_BATCH chunks per call, so cancelling its
+    ingestion (the server stopping) waits for one batch, not for the whole file."""
+    calls: list[int] = []
+    first_batch_done = asyncio.Event()
+    original = embedder.aencode
+
+    async def counting(texts):
+        calls.append(len(texts))
+        result = await original(texts)
+        first_batch_done.set()
+        return result
+
+    monkeypatch.setattr(embedder, "aencode", counting)
+    text = " ".join(f"word{i} sentence number {i}." for i in range(6000)).encode()
+
+    async def run() -> None:
+        task = asyncio.create_task(
+            ingest.prepare_chunks(embedder, "file_1", "big.txt", text, "text/plain")
+        )
+        await first_batch_done.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert calls and max(calls) <= ingest.EMBED_BATCH
+    assert len(calls) <= 2  # the batch under way, at most, after the cancel
