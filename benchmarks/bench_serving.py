@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import functools
 import os
 import platform
 import shlex
@@ -288,11 +289,21 @@ def measure_server(
 
 def serve_argv(port: int, *options: str) -> list[str]:
     """`python -m engine.serve` on `port`, quiet (warnings only, no access log), plus
-    `options`: every benchmark starts tokenmill's server through this."""
+    `options`: every benchmark starts tokenmill's server through this. Without a data
+    directory or database in `options`, the server gets a scratch directory of its own,
+    removed at exit: not the user's (a server running there holds it, and benchmark
+    responses do not belong in it)."""
+    if "--data-dir" not in options and "--database-url" not in options:
+        options = (*options, "--data-dir", tempfile.mkdtemp(dir=_scratch().name))
     return [
         sys.executable, "-m", "engine.serve", "--port", str(port),
         "--log-level", "warning", "--no-access-log", *options,
     ]  # fmt: skip
+
+
+@functools.cache
+def _scratch() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="tokenmill-bench-")
 
 
 def tokenmill_argv(args: argparse.Namespace, port: int) -> list[str]:
