@@ -157,6 +157,7 @@ class VectorStoreService:
     async def delete(self, owner: str, vector_store_id: str) -> dict:
         if not await self.store.call(kb.delete_vector_store, owner, vector_store_id):
             raise missing_store(vector_store_id)
+        self._stop_ingestion(owner, vector_store_id)
         return {"id": vector_store_id, "object": "vector_store.deleted", "deleted": True}
 
     async def search(self, owner: str, vector_store_id: str, search: Search) -> list[Hit]:
@@ -256,6 +257,7 @@ class VectorStoreService:
         """Remove a file (its chunks and vectors) from the store; the file itself stays."""
         if not await self.store.call(kb.delete_store_file, owner, vector_store_id, file_id):
             raise missing_file(file_id)
+        self._stop_ingestion(owner, vector_store_id, [file_id])
         return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
 
     # -- file batches --------------------------------------------------------------------
@@ -288,10 +290,7 @@ class VectorStoreService:
         stopped = await self.store.call(kb.cancel_file_batch, owner, vector_store_id, batch_id)
         if stopped is None:
             raise missing_batch(batch_id)
-        for file_id in stopped:
-            task = self._running.get((owner, vector_store_id, file_id))
-            if task is not None:
-                task.cancel()
+        self._stop_ingestion(owner, vector_store_id, stopped)
         return await self.retrieve_file_batch(owner, vector_store_id, batch_id)
 
     async def list_batch_files(
@@ -357,6 +356,17 @@ class VectorStoreService:
                 }
             )
         return bodies
+
+    def _stop_ingestion(
+        self, owner: str, vector_store_id: str, file_ids: Sequence[str] | None = None
+    ) -> None:
+        """Cancel the ingestions under way of these files (None: all) of a store: their
+        rows are gone or cancelled, and what they would write would be refused anyway."""
+        for (who, store_id, file_id), task in list(self._running.items()):
+            if (who, store_id) == (owner, vector_store_id) and (
+                file_ids is None or file_id in file_ids
+            ):
+                task.cancel()
 
     def _start(self, owner: str, vector_store_id: str, store_files: list[dict]) -> None:
         for body in store_files:

@@ -694,9 +694,15 @@ async function openFile(fileId, filename) {
   }
 }
 
+// What a chip says of a file's indexing (docs/web.md): the store's status in words.
+function attachmentLabel(status) {
+  return { completed: "ready", in_progress: "indexing" }[status] || status;
+}
+
 function attachmentChip(name, status) {
   const chip = el("span", `attachment ${status}`);
-  chip.append(el("span", "attachment-name", name), el("span", "attachment-status", status));
+  chip.append(el("span", "attachment-name", name),
+    el("span", "attachment-status", attachmentLabel(status)));
   return chip;
 }
 
@@ -736,13 +742,13 @@ async function upload(event) {
     const uploaded = await request("POST", "/v1/files", form);
     const store = open.meta.vectorStore;
     let entry = await request("POST", `/v1/vector_stores/${store}/files`, { file_id: uploaded.id });
-    chip.lastChild.textContent = "indexing";
+    chip.lastChild.textContent = attachmentLabel("in_progress");
     while (entry.status === "in_progress") {
       await new Promise((resolve) => setTimeout(resolve, 300));
       entry = await request("GET", `/v1/vector_stores/${store}/files/${uploaded.id}`);
     }
     chip.className = `attachment ${entry.status}`;
-    chip.lastChild.textContent = entry.status === "completed" ? "ready" : entry.status;
+    chip.lastChild.textContent = attachmentLabel(entry.status);
     if (entry.last_error) setStatus(`${file.name}: ${entry.last_error.message}`, true);
   } catch (error) {
     chip.className = "attachment failed";

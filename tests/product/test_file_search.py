@@ -380,6 +380,23 @@ def test_a_store_file_s_attributes_update_and_its_content_reads_back(knowledge):
         client.vector_stores.files.update(file_id, vector_store_id=vs, attributes={"n": 2**64})
 
 
+def test_deleting_a_store_stops_the_indexing_under_way(knowledge):
+    """Its rows are gone: the ingestion of a large file stops after the embedding batch
+    under way instead of embedding the whole file for nothing."""
+    server, _, _ = knowledge("unused")
+    text = " ".join(f"sentence number {i} about glaciers." for i in range(40_000)).encode()
+    file_id = server.client.files.create(file=("big.txt", text), purpose="assistants").id
+    store = server.client.vector_stores.create(file_ids=[file_id])
+    service = server.product.vector_stores
+    deadline = time.monotonic() + 30
+    while not service._running and time.monotonic() < deadline:  # the ingestion has begun
+        time.sleep(0.05)
+    server.client.vector_stores.delete(store.id)
+    while service._running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not service._running, "the ingestion went on after its store was deleted"
+
+
 def test_vector_stores_page_backwards_with_before(knowledge):
     server, first, _ = knowledge("unused")
     ids = [first] + [server.client.vector_stores.create(name=f"s{i}").id for i in range(3)]

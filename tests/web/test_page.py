@@ -480,6 +480,12 @@ def test_an_uploaded_file_is_cited(page, api):
     page.wait_for_selector("#attachments .attachment.completed", timeout=60_000)
     assert f"{EVIL}.txt" in page.inner_text("#attachments")  # the name is text
     assert page.locator("#attachments img").count() == 0
+    assert page.inner_text("#attachments .attachment-status") == "ready"
+    page.reload()  # the chips drawn from the store read the same
+    page.wait_for_selector("body[data-ready=true]")
+    page.get_by_role("button", name=f"{EVIL}.txt", exact=True).click()  # no turns yet
+    page.wait_for_selector("#attachments .attachment.completed")
+    assert page.inner_text("#attachments .attachment-status") == "ready"
     page.click("#open-settings")
     assert page.is_checked("#always-search")
     page.fill("#max-output-tokens", "60")
