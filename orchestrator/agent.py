@@ -123,14 +123,15 @@ def file_search_as_function_items(item: dict, text: str) -> tuple[dict, dict]:
 _CODE_START = re.compile(r'\s*\{\s*"code"\s*:\s*"')
 
 
-def _written_code(arguments: str) -> str:
+def _written_code(call: dict) -> str:
     """The code a code_interpreter call holds; of a call the budget cut, the code it had
     written (its arguments stop inside the string), so the item shows what was cut."""
     try:
-        code = json.loads(arguments or "{}").get("code")
+        code = _arguments(call).get("code")
         return _valid_text(code) if isinstance(code, str) else ""
-    except (json.JSONDecodeError, AttributeError):
+    except ToolError:
         pass
+    arguments = call["arguments"]
     start = _CODE_START.match(arguments)
     if start is None:
         return ""
@@ -279,7 +280,7 @@ class Agent:
             "id": new_id("ci"),
             "type": "code_interpreter_call",
             "status": status,
-            "code": _written_code(call["arguments"]),
+            "code": _written_code(call),
             "container_id": new_id("cntr"),
             "outputs": outputs,
         }

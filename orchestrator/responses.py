@@ -449,18 +449,16 @@ class Turn:
         items = []
         for item in output:
             if item["type"] == "code_interpreter_call":
-                call, result = code_interpreter_as_function_items(item)
-                items += [call, {**result, "id": item["id"]}]
+                items += code_interpreter_as_function_items(item)
             elif item["type"] == "file_search_call":
-                call, result = self._search_items(item)
-                items += [call, {**result, "id": item["id"]}]
+                items += self._search_items(item)
             else:
                 items.append(item)
         return items
 
     def _search_items(self, item: dict) -> tuple[dict, dict]:
-        """A file_search_call as the call and output the prompt shows. Its sources are
-        spotlighted chunk by chunk already, so the output is not framed again."""
+        """A file_search_call as the call and output the prompt shows: this turn's results
+        (spotlighted source by source already, so the output is marked framed)."""
         found = self._agent.tool_results.get(item["id"]) if self._agent else None
         text = found.text if found is not None else "[the search did not run]"
         return file_search_as_function_items(item, text)

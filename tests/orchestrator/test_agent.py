@@ -372,10 +372,10 @@ def test_the_code_of_a_cut_call_is_what_it_had_written():
     last whole character, never an invalid string."""
     code = 'print("hi\\n")\n# é 😀 end'
     arguments = json.dumps({"code": code})
-    assert _written_code(arguments) == code
+    assert _written_code({"arguments": arguments}) == code
     prefix = len('{"code": "')
     for cut in range(prefix, len(arguments)):
-        written = _written_code(arguments[:cut])
+        written = _written_code({"arguments": arguments[:cut]})
         assert code.startswith(written), (cut, written)
         written.encode("utf-8")  # no lone surrogate
-    assert _written_code('{"other": "x') == ""
+    assert _written_code({"arguments": '{"other": "x'}) == ""
