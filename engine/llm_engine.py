@@ -20,6 +20,7 @@ from engine.calibration import calibration_token_ids, linear_input_absmax
 from engine.compilation import BackgroundCompile, compile_model
 from engine.cpu_path import cpu_path
 from engine.errors import BatchFailedError, ContextLengthExceededError, RequestFailedError
+from engine.heap_tuning import keep_freed_memory
 from engine.linear import use_cpu_linears
 from engine.loader import load_model
 from engine.model import build_model
@@ -59,6 +60,7 @@ class LLMEngine:
                 self.cpu_path.compile,
                 self.cpu_path.reason,
             )
+            keep_freed_memory()
         self.quantization = args.resolve_quantization(self.device)
         self.kv_cache_dtype = args.resolve_kv_cache_dtype(self.device)
         model = build_model(cfg, loaded.weights, self.device, self.dtype)
