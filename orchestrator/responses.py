@@ -606,8 +606,7 @@ class Turn:
                     progress.output_ids += o.token_ids
                     self.observer.on_tokens(len(o.token_ids))
                     progress.finish_reason = o.finish_reason or progress.finish_reason
-                    final, cut = o.finish_reason is not None, o.finish_reason == "length"
-                    self._emit(progress.assembler.push(o.text, final, cut))
+                    self._emit(progress.assembler.push_delta(o.text, o.finish_reason))
                 if out.finished:
                     progress.cached = out.num_cached_tokens
 

@@ -263,6 +263,11 @@ class ChoiceAssembler:
             out.append(self.pending_space)
         return out
 
+    def push_delta(self, text: str, finish_reason: str | None) -> list[str | CallEvent]:
+        """`push` for one engine delta: its finish reason says whether it is the choice's
+        last ("length": the token budget cut it)."""
+        return self.push(text, finish_reason is not None, finish_reason == "length")
+
 
 def parse_tool_calls(
     text: str, allowed: Collection[str], max_calls: int | None = None

@@ -276,8 +276,7 @@ def _choice_events(run: ChatRun, choice: _StreamChoice, o) -> list[bytes]:
         chunks.append(_choice_chunk(run, o.index, {"role": "assistant", "content": ""}))
     calls_before = choice.assembler.num_calls
     logprobs = run.logprobs(o.logprobs or [])
-    final, cut = o.finish_reason is not None, o.finish_reason == "length"
-    for piece in choice.assembler.push(o.text, final, cut):
+    for piece in choice.assembler.push_delta(o.text, o.finish_reason):
         if isinstance(piece, str):
             chunks.append(_choice_chunk(run, o.index, {"content": piece}, logprobs))
             logprobs = None  # they ride on the first content chunk of the delta

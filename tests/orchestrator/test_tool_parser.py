@@ -204,3 +204,13 @@ def test_assembler_drops_only_whitespace_next_to_calls():
 
 def test_assembler_without_tools_passes_text_through():
     assert ChoiceAssembler([], None).push(WEATHER, final=False) == [WEATHER]
+
+
+def test_an_engine_delta_finish_reason_says_whether_it_ends_or_cuts_the_choice():
+    """`push_delta` reads an engine delta's finish reason: none holds trailing space back
+    for what follows, "stop" ends the choice, "length" cuts it (a nameless call dropped)."""
+    nameless = 'Here. <tool_call>\n{"na'
+    assert ChoiceAssembler(TOOLS, None).push_delta("Here.  ", None) == ["Here."]
+    assert ChoiceAssembler(TOOLS, None).push_delta("Here.  ", "stop") == ["Here.", "  "]
+    assert "".join(ChoiceAssembler(TOOLS, None).push_delta(nameless, "length")) == "Here. "
+    assert "".join(ChoiceAssembler(TOOLS, None).push_delta(nameless, "stop")) == nameless
