@@ -60,12 +60,19 @@ async def _upload(request: Request, limit: int) -> tuple[UploadFile, str, bytes]
     return upload, purpose, data
 
 
+def _form_filename(raw: str) -> str:
+    """The name a client gave its file: its last path part, with the `"` that HTML's
+    multipart encoding (browsers, httpx and so the openai SDK) sends as `%22` restored.
+    Only that escape is undone: a CR or LF (`%0D`, `%0A`) has no place in a file name."""
+    return raw.rsplit("/", 1)[-1].replace("%22", '"')
+
+
 async def create_file(request: Request) -> Response:
     service = _files(request)
     upload, purpose, data = await _upload(
         request, request.app.state.tokenmill.config.max_upload_bytes
     )
-    filename = (upload.filename or "").rsplit("/", 1)[-1]
+    filename = _form_filename(upload.filename or "")
     if not filename:
         raise invalid("file must have a filename", "file")
     return JSONResponse(

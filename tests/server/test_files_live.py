@@ -161,6 +161,15 @@ def test_files_are_listed_retrieved_and_returned_byte_for_byte(client, uploaded)
     assert client.files.content(uploaded[name]).content == DOCUMENTS[name][0]
 
 
+def test_a_filename_with_quotes_comes_back_as_uploaded(client):
+    """The SDK sends `"` in a multipart filename as `%22`; the file keeps its real name."""
+    name = 'my "final" notes.txt'
+    created = client.files.create(file=(name, b"notes"), purpose="assistants")
+    assert created.filename == name
+    assert client.files.retrieve(created.id).filename == name
+    client.files.delete(created.id)
+
+
 def test_the_store_indexes_supported_files_and_fails_the_rest(client, uploaded, vector_store):
     counts = vector_store.file_counts
     assert (counts.completed, counts.failed, counts.in_progress) == (len(DOCUMENTS), 1, 0)
