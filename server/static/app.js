@@ -17,7 +17,8 @@ const state = {
   open: null, // {id, meta (decoded), tree} or null for a chat not yet created
   tree: new Tree(),
   draft: null, // the decoded metadata of a chat not yet created
-  stream: null, // {controller, nodeId} while a turn streams
+  stream: null, // {controller, nodeId, conversationId} while a turn streams
+  deleted: new Set(), // ids of conversations deleted here: a turn ending there stores nothing
   models: [],
   searchText: new Map(), // conversation id -> its transcript, lower-cased (for search)
   pendingRender: false,
@@ -190,9 +191,13 @@ function confirmDelete(conversation) {
   dialog.returnValue = "";
   dialog.onclose = async () => {
     if (dialog.returnValue !== "ok") return;
+    // A turn streaming into it stops first, and stores nothing once it has (runTurn).
+    state.deleted.add(conversation.id);
+    if (state.stream && state.stream.conversationId === conversation.id) stopStream();
     try {
       await request("DELETE", `/v1/conversations/${conversation.id}`);
     } catch (error) {
+      state.deleted.delete(conversation.id);
       reportError(error);
       return;
     }
@@ -528,7 +533,7 @@ async function runTurn(parent, text) {
   state.tree.add(node);
   state.tree.choose(node.id);
   const controller = new AbortController();
-  state.stream = { controller, nodeId: node.id };
+  state.stream = { controller, nodeId: node.id, conversationId: open.id };
   showStreaming(true);
   try {
     // The request goes out first; the page redraws while the server starts the turn.
@@ -551,6 +556,10 @@ async function runTurn(parent, text) {
   state.stream = null;
   showStreaming(false);
   renderMessages();
+  if (state.deleted.has(open.id)) {
+    finished();
+    return;
+  }
   if (!started) {
     if (!$("prompt").value) $("prompt").value = text;
     finished();

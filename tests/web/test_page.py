@@ -289,6 +289,35 @@ def test_rename_search_and_delete_conversations(page, api):
     assert api.get(f"/v1/conversations/{conversation_id}").status_code == 404
 
 
+def test_deleting_the_conversation_a_turn_streams_into_stops_it_quietly(page, api):
+    page.click("#open-settings")
+    page.fill("#max-output-tokens", "400")
+    page.click("#settings-save")
+    page.fill("#prompt", "Count from one to one hundred in words, one number per line.")
+    page.press("#prompt", "Enter")
+    page.wait_for_function(
+        "() => (document.querySelector('#messages .assistant-body') || {textContent: ''})"
+        ".textContent.length > 10"
+    )
+    [response_id] = turns(page)
+    entry = page.locator("#conversation-list li").first
+    conversation_id = entry.get_attribute("data-id")
+    before = finished_turns(page)
+    entry.get_by_role("button", name="Delete").click()
+    page.click("#confirm-ok")
+    wait_for_turn(page, before)
+    page.wait_for_selector("#send:not([hidden])")
+    assert api.get(f"/v1/conversations/{conversation_id}").status_code == 404
+    time.sleep(0.5)  # what the turn's end would have stored has had its time to fail
+    assert page.inner_text("#status") == ""
+    assert page.locator("#messages .turn").count() == 0
+    deadline = time.monotonic() + 30  # the stream was closed: the response stopped early
+    while (stored := api.get(f"/v1/responses/{response_id}").json())["status"] == "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert stored["usage"]["output_tokens"] < 400
+
+
 def _stored_turn(api: httpx.Client, assistant_text: str, title: str) -> str:
     """A conversation whose one turn holds `assistant_text` as an earlier assistant
     message and a tool call with its result, stored through the public API as the page
