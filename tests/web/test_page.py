@@ -207,6 +207,30 @@ def test_stop_ends_the_stream_and_the_response(page, api):
     assert page.inner_text("#messages .assistant-body") == shown  # nothing more arrived
 
 
+def test_a_turn_reloaded_away_from_before_it_ends_is_still_there(page, api):
+    page.click("#open-settings")
+    page.fill("#max-output-tokens", "400")
+    page.click("#settings-save")
+    page.fill("#prompt", "Count from one to one hundred in words, one number per line.")
+    page.press("#prompt", "Enter")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#messages .turn')]"
+        ".some(t => (t.dataset.responseId || '').startsWith('resp_'))"
+    )
+    [response_id] = turns(page)
+    conversation_id = page.locator("#conversation-list li").first.get_attribute("data-id")
+    deadline = time.monotonic() + 10  # the page stores the turn's id as the stream starts
+    while response_id not in api.get(f"/v1/conversations/{conversation_id}").text:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    print("CONV", api.get(f"/v1/conversations/{conversation_id}").text)
+    assert page.locator("#stop").is_visible()  # stored while the answer still streams
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    open_conversation(page, "Count from one to one hundred in words, one number per line.")
+    assert turns(page) == [response_id]
+
+
 def test_branches_from_regenerate_and_edit_survive_a_reload(page):
     send(page, "What is the capital of France?")
     send(page, "And of Spain?")
