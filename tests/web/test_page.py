@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 CHROMIUM = chromium_path()
 
 MODEL = "smollm2-135m-instruct"
+LONG_PROMPT = "Count from one to one hundred in words, one number per line."
 SCREENSHOT = ROOT / "docs" / "images" / "chat.png"
 EVIL = "<img src=x onerror=window.pwned=1>"
 SCRIPT = "<script>window.pwned=2</script>"
@@ -129,6 +130,22 @@ def send(page, text: str) -> None:
     wait_for_turn(page, before)
 
 
+def start_long_answer(page) -> None:
+    """Sends a prompt whose answer streams for seconds (up to 400 tokens)."""
+    page.click("#open-settings")
+    page.fill("#max-output-tokens", "400")
+    page.click("#settings-save")
+    page.fill("#prompt", LONG_PROMPT)
+    page.press("#prompt", "Enter")
+
+
+def wait_for_answer_text(page) -> None:
+    page.wait_for_function(
+        "() => (document.querySelector('#messages .assistant-body') || {textContent: ''})"
+        ".textContent.length > 10"
+    )
+
+
 def turns(page) -> list[str]:
     return page.eval_on_selector_all("#messages .turn", "els => els.map(e => e.dataset.responseId)")
 
@@ -183,15 +200,8 @@ def test_a_message_streams_into_the_page(page, api):
 
 
 def test_stop_ends_the_stream_and_the_response(page, api):
-    page.click("#open-settings")
-    page.fill("#max-output-tokens", "400")
-    page.click("#settings-save")
-    page.fill("#prompt", "Count from one to one hundred in words, one number per line.")
-    page.press("#prompt", "Enter")
-    page.wait_for_function(
-        "() => (document.querySelector('#messages .assistant-body') || {textContent: ''})"
-        ".textContent.length > 10"
-    )
+    start_long_answer(page)
+    wait_for_answer_text(page)
     page.click("#stop")
     page.wait_for_selector("#send:not([hidden])")
     assert page.get_by_text("Stopped.").is_visible()
@@ -208,11 +218,7 @@ def test_stop_ends_the_stream_and_the_response(page, api):
 
 
 def test_a_turn_reloaded_away_from_before_it_ends_is_still_there(page, api):
-    page.click("#open-settings")
-    page.fill("#max-output-tokens", "400")
-    page.click("#settings-save")
-    page.fill("#prompt", "Count from one to one hundred in words, one number per line.")
-    page.press("#prompt", "Enter")
+    start_long_answer(page)
     page.wait_for_function(
         "() => [...document.querySelectorAll('#messages .turn')]"
         ".some(t => (t.dataset.responseId || '').startsWith('resp_'))"
@@ -227,7 +233,7 @@ def test_a_turn_reloaded_away_from_before_it_ends_is_still_there(page, api):
     assert page.locator("#stop").is_visible()  # stored while the answer still streams
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
-    open_conversation(page, "Count from one to one hundred in words, one number per line.")
+    open_conversation(page, LONG_PROMPT)
     assert turns(page) == [response_id]
 
 
@@ -314,15 +320,8 @@ def test_rename_search_and_delete_conversations(page, api):
 
 
 def test_deleting_the_conversation_a_turn_streams_into_stops_it_quietly(page, api):
-    page.click("#open-settings")
-    page.fill("#max-output-tokens", "400")
-    page.click("#settings-save")
-    page.fill("#prompt", "Count from one to one hundred in words, one number per line.")
-    page.press("#prompt", "Enter")
-    page.wait_for_function(
-        "() => (document.querySelector('#messages .assistant-body') || {textContent: ''})"
-        ".textContent.length > 10"
-    )
+    start_long_answer(page)
+    wait_for_answer_text(page)
     [response_id] = turns(page)
     entry = page.locator("#conversation-list li").first
     conversation_id = entry.get_attribute("data-id")
