@@ -233,7 +233,9 @@ def test_a_turn_reloaded_away_from_before_it_ends_is_still_there(page, api):
     assert page.locator("#stop").is_visible()  # stored while the answer still streams
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
-    open_conversation(page, LONG_PROMPT)
+    # by its id: other tests' conversations may have the same title
+    page.locator(f"#conversation-list li[data-id='{conversation_id}'] .conversation-title").click()
+    page.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
     assert turns(page) == [response_id]
 
 
