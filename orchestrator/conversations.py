@@ -46,14 +46,7 @@ class ConversationService:
     async def list(self, owner: str, page: Page) -> dict:
         """The owner's conversations, newest first by default: what a client shows as its
         list of chats (OpenAI's API has no such route; the web page needs one)."""
-        listed = await self.store.call(Repository.list_conversations, owner, page)
-        if listed is None:
-            param = "before" if page.before is not None else "after"
-            cursor = page.before or page.after
-            raise NotFoundError(
-                f"Conversation with id '{cursor}' not found.", param=param, code="not_found"
-            )
-        rows, has_more = listed
+        rows, has_more = await self.store.call(Repository.list_conversations, owner, page)
         return item_list(ItemPage([_conversation(r) for r in rows], has_more=has_more))
 
     async def retrieve(self, owner: str, conversation_id: str) -> dict:

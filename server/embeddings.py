@@ -46,15 +46,16 @@ def _parse_input(value: Any, vocab_size: int) -> tuple[list[str] | None, list[li
             "or array of token-id arrays",
             param="input",
         )
-    if len(value) > MAX_INPUTS:
+    # One array of token ids is one input, however long (its length is checked in tokens).
+    sequences = [value] if _is_token_list(value) else value
+    if len(sequences) > MAX_INPUTS:
         raise invalid(
-            f"input must have at most {MAX_INPUTS} items, got {len(value)}", param="input"
+            f"input must have at most {MAX_INPUTS} items, got {len(sequences)}", param="input"
         )
     if all(isinstance(v, str) for v in value):
         if any(not v for v in value):
             raise invalid("input must not contain empty strings", param="input")
         return value, None
-    sequences = [value] if _is_token_list(value) else value
     if not all(_is_token_list(s) and s for s in sequences):
         raise invalid(
             "input must be a string, an array of strings, an array of token ids or "
@@ -80,7 +81,7 @@ def parse_embedding_request(body: Any, embedder: Embedder) -> EmbeddingRequest:
             code="model_not_found",
         )
     texts, token_ids = _parse_input(body.get("input"), embedder.vocab_size)
-    encoding_format = body.get("encoding_format", "float")
+    encoding_format = body.get("encoding_format") or "float"  # null: the default, as omitted
     if encoding_format not in ("float", "base64"):
         raise invalid("encoding_format must be 'float' or 'base64'", param="encoding_format")
     dimensions = body.get("dimensions")
@@ -88,7 +89,7 @@ def parse_embedding_request(body: Any, embedder: Embedder) -> EmbeddingRequest:
         raise invalid(
             f"dimensions must be {embedder.dimensions} for {embedder.name}", param="dimensions"
         )
-    if "user" in body and not isinstance(body["user"], str):
+    if body.get("user") is not None and not isinstance(body["user"], str):
         raise invalid("user must be a string", param="user")
     return EmbeddingRequest(texts, token_ids, encoding_format)
 

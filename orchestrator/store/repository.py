@@ -16,6 +16,7 @@ from typing import Any, Literal
 from sqlalchemy import Engine, and_, delete, insert, literal, or_, select, update
 from sqlalchemy.engine import Connection
 
+from orchestrator.errors import NotFoundError
 from orchestrator.store.tables import (
     conversation_items,
     conversations,
@@ -85,6 +86,14 @@ def delete_owned(conn: Connection, table: Any, owner: str, **equal: str) -> int:
     ).rowcount
 
 
+def unknown_cursor(page: Page, kind: str) -> NotFoundError:
+    """A cursor that names nothing in the list (never there, or deleted since the previous
+    page): an empty page would tell the client the list had ended."""
+    param = "before" if page.before is not None else "after"
+    cursor = page.before if page.before is not None else page.after
+    return NotFoundError(f"{kind} with id '{cursor}' not found.", param=param, code="not_found")
+
+
 def _page(
     conn: Connection, table, parent_column, parent_id: str, owner: str, page: Page
 ) -> ItemPage:
@@ -95,11 +104,13 @@ def _page(
     cursor = page.before if backwards else page.after
     rising = (page.order == "asc") != backwards  # the direction rows are read in
     if cursor is not None:
-        cursor_seq = (
-            select(table.c.seq)
-            .where(parent_column == parent_id, table.c.owner_id == owner, table.c.id == cursor)
-            .scalar_subquery()
-        )
+        cursor_seq = conn.execute(
+            select(table.c.seq).where(
+                parent_column == parent_id, table.c.owner_id == owner, table.c.id == cursor
+            )
+        ).scalar()
+        if cursor_seq is None:
+            raise unknown_cursor(page, "Item")
         where.append(table.c.seq > cursor_seq if rising else table.c.seq < cursor_seq)
     order = table.c.seq.asc() if rising else table.c.seq.desc()
     rows = (
@@ -160,12 +171,9 @@ class Repository:
             delete_owned(conn, conversation_items, owner, conversation_id=conversation_id)
             return delete_owned(conn, conversations, owner, id=conversation_id) > 0
 
-    def list_conversations(
-        self, owner: str, page: Page
-    ) -> tuple[list[ConversationRow], bool] | None:
+    def list_conversations(self, owner: str, page: Page) -> tuple[list[ConversationRow], bool]:
         """A page of the owner's conversations by creation time (then id), after the
-        conversation `page.after` or before `page.before`, and whether there are more; None
-        when the cursor is not one of theirs."""
+        conversation `page.after` or before `page.before`, and whether there are more."""
         table = conversations
         where = [table.c.owner_id == owner]
         backwards = page.before is not None
@@ -179,7 +187,7 @@ class Repository:
                     )
                 ).scalar()
                 if cursor is None:
-                    return None
+                    raise unknown_cursor(page, "Conversation")
                 newer = table.c.created_at > cursor if rising else table.c.created_at < cursor
                 tie = table.c.id > cursor_id if rising else table.c.id < cursor_id
                 where.append(or_(newer, and_(table.c.created_at == cursor, tie)))

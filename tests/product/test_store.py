@@ -11,6 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import MetaData, func, inspect, select
 
+from orchestrator.errors import NotFoundError
 from orchestrator.retrieval.index import retrieval_chunks
 from orchestrator.store import Page, Repository, Store, hold_data_dir
 from orchestrator.store.store import SchemaTooNewError
@@ -150,7 +151,30 @@ def test_conversations_page_backwards_with_before(store):
     assert ([r.id for r in rows], more) == (["conv_3", "conv_2"], True)
     rows, more = repo.list_conversations("alice", Page(2, order="desc", before="conv_3"))
     assert ([r.id for r in rows], more) == (["conv_4"], False)
-    assert repo.list_conversations("alice", Page(2, before="conv_nope")) is None
+    with pytest.raises(NotFoundError) as missing:
+        repo.list_conversations("alice", Page(2, before="conv_nope"))
+    assert missing.value.param == "before"
+
+
+def test_a_cursor_not_in_the_list_is_not_found_not_an_empty_page(store):
+    """A client paging on after a deleted (or made-up) item id must be told, not shown the
+    end of the list: the items after it would be silently lost."""
+    repo = store.repo
+    repo.create_conversation("alice", "conv_c", 1, {}, [_message(f"m_{i}", i) for i in range(3)])
+    repo.create_conversation("alice", "conv_other", 1, {}, [_message("m_x", 0)])
+    _record(repo, "alice", "resp_c", None, "one")
+    for page in (Page(2, after="m_gone"), Page(2, before="m_gone"), Page(2, after="m_x")):
+        with pytest.raises(NotFoundError) as missing:
+            repo.list_conversation_items("alice", "conv_c", page)
+        assert missing.value.param == ("before" if page.before else "after")
+    with pytest.raises(NotFoundError):
+        repo.list_input_items("alice", "resp_c", Page(2, after="m_gone"))
+    assert [
+        i["id"]
+        for i in repo.list_conversation_items(
+            "alice", "conv_c", Page(2, after="m_0", order="asc")
+        ).items
+    ] == ["m_1", "m_2"]
 
 
 def test_history_follows_the_branch_it_ends_on(store):

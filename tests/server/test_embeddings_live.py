@@ -54,6 +54,22 @@ def test_token_arrays_match_text(client, live):
     np.testing.assert_allclose(raw["data"][0]["embedding"], by_ids.data[0].embedding, atol=1e-6)
 
 
+def test_one_long_token_array_is_one_input(client, live):
+    """A flat array of token ids is one input, even past the 2,048-inputs limit; optional
+    fields sent as null mean what their omission means."""
+    ids = [2000 + i % 500 for i in range(3000)]
+    flat = client.embeddings.create(model=MODEL, input=ids, encoding_format="float")
+    nested = client.embeddings.create(model=MODEL, input=[ids], encoding_format="float")
+    assert len(flat.data) == 1 and flat.usage.prompt_tokens == nested.usage.prompt_tokens
+    np.testing.assert_allclose(flat.data[0].embedding, nested.data[0].embedding, atol=1e-6)
+    raw = httpx.post(
+        f"{live.url}/v1/embeddings",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": MODEL, "input": "hi", "encoding_format": None, "user": None},
+    )
+    assert raw.status_code == 200 and isinstance(raw.json()["data"][0]["embedding"], list)
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -63,6 +79,8 @@ def test_token_arrays_match_text(client, live):
         ({"input": [[1, 2], []]}, "input"),
         ({"input": [10**9]}, "input"),
         ({"input": ["a"] * 2049}, "input"),
+        ({"input": [[1]] * 2049}, "input"),
+        ({"input": "a", "user": 7}, "user"),
         ({"input": "a", "encoding_format": "int8"}, "encoding_format"),
         ({"input": "a", "dimensions": 64}, "dimensions"),
     ],
