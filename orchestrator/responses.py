@@ -59,6 +59,11 @@ from orchestrator.tools.file_search import (
 
 log = logging.getLogger("tokenmill")
 
+# How long an unfinished response found in the database keeps its conversation locked
+# against turns from other servers sharing it; older ones are taken to be a crashed
+# server's (a SQLite database's are marked incomplete at start-up).
+CONVERSATION_LOCK_SECONDS = 600
+
 ANSWER_REMINDER = (
     "Question: {}\nAnswer the question in one short sentence, using the results above."
 )
@@ -318,6 +323,7 @@ class Turn:
         self.service = service
         self.owner = owner
         self.request = request
+        self.conversation_claim: str | None = None  # released when the turn ends
         self.history = history
         self.input_items = input_items
         self.tools = tools
@@ -398,6 +404,7 @@ class Turn:
             log.exception("response %s could not be completed", self.id)
             self._put([self.events.error("the response could not be recorded")])
         finally:
+            self.service.busy_conversations.discard(self.conversation_claim)
             await self._settle("failed")  # a no-op when settled above
             self._queue.put_nowait(None)
             self.service.running.pop(self.id, None)
@@ -682,6 +689,8 @@ class ResponseService:
         self.default_tools = default_tools
         self.context = ContextBuilder(engine.tokenizer, engine.max_model_len)
         self.running: dict[str, Turn] = {}
+        # Conversations a turn of this server is running in: one at a time (`_claim`).
+        self.busy_conversations: set[str] = set()
         # The vector stores file_search reads (set by Product.open), or why there are none.
         self.file_search: FileSearchBackend | None = None
         self.file_search_unavailable = "file_search needs vector stores, which this server lacks"
@@ -701,6 +710,33 @@ class ResponseService:
                 "(store cannot be false with conversation)",
                 "store",
             )
+        claimed = self._claim(request.conversation_id)
+        try:
+            turn = await self._start(owner, request, observer, budget)
+        except BaseException:
+            self.busy_conversations.discard(claimed)
+            raise
+        turn.conversation_claim = claimed
+        return turn
+
+    def _claim(self, conversation_id: str | None) -> str | None:
+        """Take the conversation for one turn, as OpenAI does: two turns at once would each
+        answer on a history without the other's, then both be appended as if in sequence.
+        Synchronous, so two requests cannot both pass between the check and the claim."""
+        if conversation_id is None:
+            return None
+        if conversation_id in self.busy_conversations:
+            raise _conversation_locked()
+        self.busy_conversations.add(conversation_id)
+        return conversation_id
+
+    async def _start(
+        self,
+        owner: str,
+        request: ResponseRequest,
+        observer: TokenObserver | None,
+        budget: Budget | None,
+    ) -> Turn:
         history = await self._history(owner, request)
         _check_call_outputs(history.items, request.input)
         input_items = [stored_item(i) for i in request.input]
@@ -809,6 +845,11 @@ class ResponseService:
                 )
             return history
         if request.conversation_id is not None:
+            since = int(time.time()) - CONVERSATION_LOCK_SECONDS
+            if await self.store.call(
+                Repository.conversation_busy, owner, request.conversation_id, since
+            ):
+                raise _conversation_locked()
             history = await self.store.call(
                 Repository.conversation_history, owner, request.conversation_id
             )
@@ -862,6 +903,15 @@ class ResponseService:
         if found is None:
             raise _missing(response_id)
         return item_list(found)
+
+
+def _conversation_locked() -> InvalidRequestError:
+    return InvalidRequestError(
+        "Another process is currently operating on this conversation. "
+        "Please retry in a few seconds.",
+        param="conversation",
+        code="conversation_locked",
+    )
 
 
 def _check_call_outputs(history: list[dict], input_items: list[dict]) -> None:

@@ -444,6 +444,22 @@ class Repository:
             )
         return head.status, History(list(items), unpack_tokens(head.context_tokens))
 
+    def conversation_busy(self, owner: str, conversation_id: str, since: int) -> bool:
+        """Whether a response in the conversation, begun at `since` or later, is still in
+        progress: another server on the same database running a turn there."""
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(responses.c.id).where(
+                        responses.c.conversation_id == conversation_id,
+                        responses.c.owner_id == owner,
+                        responses.c.status == "in_progress",
+                        responses.c.created_at >= since,
+                    )
+                ).first()
+                is not None
+            )
+
     def interrupt_unfinished(self) -> int:
         """Mark every response still `in_progress` as `incomplete`: start-up maintenance
         for a database only this server uses, where such a response was cut off by a

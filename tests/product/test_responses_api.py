@@ -19,7 +19,7 @@ from openai.types.responses import Response, ResponseItemList, ResponseStreamEve
 from pydantic import TypeAdapter
 from sqlalchemy import func, select
 
-from orchestrator.store.tables import conversation_items, response_items
+from orchestrator.store.tables import conversation_items, response_items, responses
 from server import start_draining
 from tests.product.conftest import ProductServer
 from tests.server.fake_engine import FakeEngine
@@ -328,6 +328,50 @@ def test_a_draining_server_refuses_every_new_api_request(product_server):
         raw = _raw(server, method, path, json={"items": []} if method == "POST" else None)
         assert raw.status_code == 503, (method, path, raw.text)
         assert raw.json()["error"]["code"] == "server_shutting_down"
+
+
+def test_a_conversation_runs_one_turn_at_a_time(product_server, database_url):
+    """A second turn while one runs is refused as OpenAI refuses it (it would answer on a
+    history without the first's turn); the conversation is free again once the turn ends,
+    and a response in progress found in the database (another server's) locks it too."""
+    engine = FakeEngine(reply="Noted.")
+    engine.hold.clear()  # generation pauses after the first token
+    server = product_server(engine, database_url=database_url)
+    conv = server.client.conversations.create()
+    other = server.client.conversations.create()
+    result: dict = {}
+    first = threading.Thread(
+        target=lambda: result.update(
+            r=server.client.responses.create(model=MODEL, input="one", conversation=conv.id)
+        )
+    )
+    first.start()
+    _wait_for_generation(engine)
+    with pytest.raises(openai.BadRequestError) as locked:  # at once, not after the first turn
+        server.client.with_options(timeout=5).responses.create(
+            model=MODEL, input="two", conversation=conv.id
+        )
+    assert locked.value.body["code"] == "conversation_locked"
+    assert locked.value.body["param"] == "conversation"
+    # another conversation is not held up
+    engine.hold.set()
+    server.client.responses.create(model=MODEL, input="elsewhere", conversation=other.id)
+    first.join(10)
+    assert result["r"].status == "completed"
+    second = server.client.responses.create(model=MODEL, input="two", conversation=conv.id)
+    assert second.status == "completed"
+    texts = [i.content[0].text for i in server.client.conversations.items.list(conv.id).data]
+    assert texts == ["Noted.", "two", "Noted.", "one"]
+    # a turn another server has in progress, as the database shows it
+    with server.product.store.engine.begin() as db:
+        db.execute(
+            responses.update()
+            .where(responses.c.id == second.id)
+            .values(status="in_progress", created_at=int(time.time()))
+        )
+    with pytest.raises(openai.BadRequestError) as locked:
+        server.client.responses.create(model=MODEL, input="three", conversation=conv.id)
+    assert locked.value.body["code"] == "conversation_locked"
 
 
 def test_conversation_bodies_are_checked(product_server):
