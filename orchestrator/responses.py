@@ -863,12 +863,17 @@ class ResponseService:
         return History([], None)
 
     def _live(self, owner: str, response_id: str) -> Turn | None:
+        """The owner's turn still running under that id, if it is stored: a `store: false`
+        response does not exist for the API (GET, cancel and DELETE answer 404 and leave
+        it running), as it will not once it has ended."""
         turn = self.running.get(response_id)
-        return turn if turn is not None and turn.owner == owner else None
+        if turn is None or turn.owner != owner or not turn.request.store:
+            return None
+        return turn
 
     async def retrieve(self, owner: str, response_id: str) -> dict:
         turn = self._live(owner, response_id)
-        if turn is not None and turn.request.store:
+        if turn is not None:
             return copy.deepcopy(turn.events.response)
         body = await self.store.call(Repository.get_response, owner, response_id)
         if body is None:

@@ -247,7 +247,7 @@ def _tool_choice(body: dict, tools: list) -> str | dict:
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function":
         name = choice.get("name")
-        if name not in {t.name for t in tools}:
+        if not isinstance(name, str) or name not in {t.name for t in tools}:
             raise invalid(
                 f"tool_choice names function {name!r}, which is not in tools", "tool_choice"
             )
@@ -300,7 +300,7 @@ def _text_format(body: dict) -> dict:
             raise invalid(f"text.{key} is not supported", f"text.{key}")
     fmt = typed_field(text, "format", "an object", {"type": "text"}, "text.format")
     kind = fmt.get("type")
-    if kind not in _FORMAT_KEYS:
+    if not isinstance(kind, str) or kind not in _FORMAT_KEYS:
         raise invalid(
             f'text.format.type must be "text", "json_object" or "json_schema", got {kind!r}',
             "text.format.type",

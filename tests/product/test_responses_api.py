@@ -266,6 +266,8 @@ def test_unknown_ids_are_404(product_server):
         ),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
         ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type"),
+        ({"input": "x", "text": {"format": {"type": ["text"]}}}, "text.format.type"),
+        ({"input": "x", "text": {"format": {"type": {"a": 1}}}}, "text.format.type"),
         ({"input": "x", "truncation": "sometimes"}, "truncation"),
         (
             {"input": "x", "previous_response_id": "resp_1", "conversation": "conv_1"},
@@ -276,6 +278,14 @@ def test_unknown_ids_are_404(product_server):
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
         ({"input": "x", "background": True}, "background"),
         ({"input": "x", "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+        (
+            {
+                "input": "x",
+                "tools": [{"type": "function", "name": "f"}],
+                "tool_choice": {"type": "function", "name": ["f"]},
+            },
+            "tool_choice",
+        ),
         ({"input": "x", "tools": [{"type": "function", "name": ""}]}, "tools[0].name"),
         ({"input": "x", "tools": [{"type": "function", "name": "has space"}]}, "tools[0].name"),
         ({"input": "x", "tools": [{"type": "function", "name": 'get"x'}]}, "tools[0].name"),
@@ -504,6 +514,32 @@ def test_store_false_is_not_kept(product_server):
     assert response.status == "completed"
     with pytest.raises(openai.NotFoundError):
         server.client.responses.retrieve(response.id)
+
+
+def test_an_unstored_response_being_generated_does_not_exist_for_the_api(product_server):
+    """GET, cancel and DELETE all answer 404 for a `store: false` response, also while it
+    runs, and none of them stops it: a 404 must have no side effect."""
+    engine = FakeEngine(reply="abcdefghij")
+    engine.hold.clear()  # generation pauses after the first token
+    server = product_server(engine)
+    result: dict = {}
+    creator = threading.Thread(
+        target=lambda: result.update(
+            r=server.client.responses.create(model=MODEL, input="x", store=False)
+        )
+    )
+    creator.start()
+    _wait_for_generation(engine)
+    (response_id,) = engine.running
+    with pytest.raises(openai.NotFoundError):
+        server.client.responses.retrieve(response_id)
+    with pytest.raises(openai.NotFoundError):
+        server.client.responses.cancel(response_id)
+    with pytest.raises(openai.NotFoundError):
+        server.client.responses.delete(response_id)
+    engine.hold.set()
+    creator.join(10)
+    assert result["r"].status == "completed" and result["r"].output_text == "abcdefghij"
 
 
 def _wait_for_generation(engine: FakeEngine) -> None:
