@@ -207,7 +207,7 @@ class ResponseEvents:
         self,
         status: str,
         totals: dict | None,
-        completed_at: float,
+        completed_at: int,
         incomplete_reason: str | None = None,
         error: dict | None = None,
     ) -> list[Event]:

@@ -242,7 +242,7 @@ def _new_response(request: ResponseRequest) -> dict:
     return {
         "id": new_id("resp"),
         "object": "response",
-        "created_at": time.time(),
+        "created_at": int(time.time()),  # whole seconds, as OpenAI gives them
         "status": "in_progress",
         "background": False,
         "completed_at": None,
@@ -384,7 +384,7 @@ class Turn:
             final = self.events.finish(
                 status,
                 usage(totals.input_tokens, totals.output_tokens, totals.cached),
-                time.time(),
+                int(time.time()),
                 reason,
                 error,
             )

@@ -57,6 +57,7 @@ def test_create_and_retrieve_return_openai_response_objects(product_server):
         },
     )
     assert raw.status_code == 200
+    assert all(isinstance(raw.json()[k], int) for k in ("created_at", "completed_at"))
     response = Response.model_validate(raw.json())
     assert response.status == "completed" and response.output_text == "Tokyo is the capital."
     assert response.instructions == "Be brief." and response.metadata == {"case": "1"}
