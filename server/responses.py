@@ -19,6 +19,7 @@ from orchestrator.accounts import Meter
 from orchestrator.responses import Turn
 from server.access import identity, owner, product_api_error
 from server.disconnect import unless_disconnected
+from server.errors import invalid
 from server.responses_protocol import parse_page, parse_response_request
 from server.sse import EventStreamResponse
 from server.state import ServerState
@@ -93,6 +94,14 @@ async def create_response(request: Request, body: Any, meter: Meter) -> Response
 
 async def retrieve_response(request: Request) -> Response:
     response_id = request.path_params["response_id"]
+    if request.query_params.get("stream", "false").lower() not in ("false", "0"):
+        # Resuming a stream is for background responses, which this server does not run:
+        # said plainly, rather than answering with the object and no events.
+        raise invalid(
+            "stream is not supported when retrieving a response: only background responses "
+            "can be streamed again, and this server does not run them",
+            param="stream",
+        )
     return JSONResponse(await product(request).responses.retrieve(owner(request), response_id))
 
 

@@ -69,6 +69,8 @@ def test_create_and_retrieve_return_openai_response_objects(product_server):
     assert prompt.endswith("<|im_start|>user\nCapital of Japan?<|im_end|>\n<|im_start|>assistant\n")
     again = Response.model_validate(_raw(server, "GET", f"/responses/{response.id}").json())
     assert again == response
+    resumed = _raw(server, "GET", f"/responses/{response.id}", params={"stream": "true"})
+    assert resumed.status_code == 400 and resumed.json()["error"]["param"] == "stream"
     assert server.client.responses.retrieve(response.id).output_text == response.output_text
 
 
