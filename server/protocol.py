@@ -385,7 +385,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     if echo and logprobs is not None:
         raise invalid("echo with logprobs is not supported (no prompt logprobs)", "echo")
     best_of = typed_field(body, "best_of", "an integer")
-    if best_of is not None and best_of != body.get("n", 1):
+    if best_of is not None and best_of != (1 if body.get("n") is None else body["n"]):
         raise invalid("best_of is not supported (it must equal n)", "best_of")
     sampling = _sampling_fields(body)
     # The legacy endpoint's default is 16 tokens, not "fill the context".

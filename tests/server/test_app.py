@@ -138,6 +138,9 @@ def test_completions_text_ids_batch_echo_and_logprobs(serve):
     assert single["usage"]["prompt_tokens"] == 2
     ids = post("/v1/completions", json={"prompt": [72, 105], "max_tokens": 2}).json()
     assert ids["choices"][0]["text"] == "He"
+    # n sent as null is n left out: best_of 1 equals it
+    nulls = post("/v1/completions", json={"prompt": "Hi", "n": None, "best_of": 1, "max_tokens": 1})
+    assert nulls.status_code == 200 and len(nulls.json()["choices"]) == 1
     batch = post(
         "/v1/completions", json={"prompt": ["a", "bc"], "n": 2, "max_tokens": 2, "echo": True}
     ).json()
