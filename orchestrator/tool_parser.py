@@ -37,7 +37,8 @@ class ParsedCall:
     arguments: str  # JSON text of an object
     # Its CallStart and ArgumentsDelta events came before it (how, not what: not compared).
     streamed: bool = field(default=False, compare=False)
-    # False when the budget ran out inside the arguments: they are what was written.
+    # False when the choice ended inside the arguments (the token budget, or a stop
+    # string the client gave): they are what was written.
     complete: bool = True
 
 
@@ -239,6 +240,7 @@ class ChoiceAssembler:
         self.parser = ToolCallParser(tool_names, max_calls) if tool_names else None
         self.pending_space = ""
         self.num_calls = 0
+        self.cut_calls = 0  # calls whose arguments the choice's end cut short
 
     def push(self, text: str, final: bool, cut: bool = False) -> list[str | CallEvent]:
         """Content strings and call events; a call's `CallStart` and `ArgumentsDelta`s (if
@@ -252,6 +254,7 @@ class ChoiceAssembler:
             if isinstance(e, CallStart | ArgumentsDelta | ParsedCall):
                 self.pending_space = ""
                 self.num_calls += isinstance(e, ParsedCall)
+                self.cut_calls += isinstance(e, ParsedCall) and not e.complete
                 out.append(e)
                 continue
             piece = self.pending_space + e.text
@@ -263,10 +266,23 @@ class ChoiceAssembler:
             out.append(self.pending_space)
         return out
 
-    def push_delta(self, text: str, finish_reason: str | None) -> list[str | CallEvent]:
+    def push_delta(
+        self, text: str, finish_reason: str | None, stop_reason: str | int | None = None
+    ) -> list[str | CallEvent]:
         """`push` for one engine delta: its finish reason says whether it is the choice's
-        last ("length": the token budget cut it)."""
-        return self.push(text, finish_reason is not None, finish_reason == "length")
+        last, and with its stop reason whether that end cut it (`ends_cut`)."""
+        return self.push(text, finish_reason is not None, ends_cut(finish_reason, stop_reason))
+
+    @property
+    def calls_complete(self) -> bool:
+        """The choice made calls, and none was cut short: what "tool_calls" promises."""
+        return self.num_calls > 0 and self.cut_calls == 0
+
+
+def ends_cut(finish_reason: str | None, stop_reason: str | int | None) -> bool:
+    """Whether a choice's end may fall inside a call: the token budget ("length") or a
+    client's stop string (a stop token is the model's own end of turn)."""
+    return finish_reason == "length" or isinstance(stop_reason, str)
 
 
 def parse_tool_calls(

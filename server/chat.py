@@ -23,6 +23,7 @@ from orchestrator.tool_parser import (
     CallStart,
     ChoiceAssembler,
     ParsedCall,
+    ends_cut,
 )
 from server.disconnect import unless_disconnected
 from server.errors import invalid
@@ -177,7 +178,10 @@ def new_call_id() -> str:
 
 
 def _chat_choice(run: ChatRun, index: int, result: ChoiceResult) -> dict:
-    pieces = run.assembler().push(result.text, final=True, cut=result.finish_reason == "length")
+    assembler = run.assembler()
+    pieces = assembler.push(
+        result.text, final=True, cut=ends_cut(result.finish_reason, result.stop_reason)
+    )
     calls = [p for p in pieces if isinstance(p, ParsedCall)]
     content = "".join(p for p in pieces if isinstance(p, str))
     message: dict = {
@@ -198,13 +202,14 @@ def _chat_choice(run: ChatRun, index: int, result: ChoiceResult) -> dict:
         "index": index,
         "message": message,
         "logprobs": run.logprobs(result.logprobs),
-        "finish_reason": _finish_reason(len(calls), result.finish_reason),
+        "finish_reason": _finish_reason(assembler, result.finish_reason),
     }
 
 
-def _finish_reason(num_calls: int, engine_reason: str | None) -> str | None:
-    """ "tool_calls" when the turn made calls, unless the budget cut it ("length")."""
-    return "tool_calls" if num_calls and engine_reason != "length" else engine_reason
+def _finish_reason(assembler: ChoiceAssembler, engine_reason: str | None) -> str | None:
+    """ "tool_calls" when the turn made calls and none was cut short; else the engine's
+    reason ("length", or "stop" for a stop string inside a call's arguments)."""
+    return "tool_calls" if assembler.calls_complete else engine_reason
 
 
 def _chat_response(run: ChatRun, collected: Collected) -> dict:
@@ -276,7 +281,7 @@ def _choice_events(run: ChatRun, choice: _StreamChoice, o) -> list[bytes]:
         chunks.append(_choice_chunk(run, o.index, {"role": "assistant", "content": ""}))
     calls_before = choice.assembler.num_calls
     logprobs = run.logprobs(o.logprobs or [])
-    for piece in choice.assembler.push_delta(o.text, o.finish_reason):
+    for piece in choice.assembler.push_delta(o.text, o.finish_reason, o.stop_reason):
         if isinstance(piece, str):
             chunks.append(_choice_chunk(run, o.index, {"content": piece}, logprobs))
             logprobs = None  # they ride on the first content chunk of the delta
@@ -286,7 +291,7 @@ def _choice_events(run: ChatRun, choice: _StreamChoice, o) -> list[bytes]:
     if logprobs and logprobs["content"]:
         chunks.append(_choice_chunk(run, o.index, {"content": ""}, logprobs))
     if o.finish_reason is not None:
-        reason = _finish_reason(choice.assembler.num_calls, o.finish_reason)
+        reason = _finish_reason(choice.assembler, o.finish_reason)
         chunks.append(_choice_chunk(run, o.index, {}, finish_reason=reason))
     return chunks
 

@@ -166,6 +166,7 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
 
 
 @dataclass
@@ -192,6 +193,8 @@ async def collect(stream: AsyncGenerator[tuple[int, RequestOutput], None], n: in
                 choice.token_ids += o.token_ids
                 choice.logprobs += o.logprobs or []
                 choice.finish_reason = o.finish_reason or choice.finish_reason
+                if o.stop_reason is not None:
+                    choice.stop_reason = o.stop_reason
     return result
 
 

@@ -102,15 +102,17 @@ class FakeEngine:
             self.running.discard(request_id)
             self.aborted.append(request_id)
 
-    def _completion(self, prompt: list[int], params: SamplingParams) -> tuple[str, str]:
+    def _completion(self, prompt: list[int], params: SamplingParams) -> tuple[str, str, str | None]:
+        """The reply as the engine would end it: text, finish reason and stop reason (the
+        stop string that cut it, as AsyncLLM reports one)."""
         text = self.reply(self.tokenizer.decode(prompt)) if callable(self.reply) else self.reply
-        reason = "stop"
+        reason, stop_reason = "stop", None
         for stop in params.stop:
             if stop in text:
-                text = text[: text.index(stop)]
+                text, stop_reason = text[: text.index(stop)], stop
         if params.max_tokens is not None and len(text) > params.max_tokens:
-            text, reason = text[: params.max_tokens], "length"
-        return text, reason
+            text, reason, stop_reason = text[: params.max_tokens], "length", None
+        return text, reason, stop_reason
 
     def _cached_tokens(self, prompt: list[int]) -> int:
         """Like a prefix cache with 4-token blocks: the longest earlier shared prefix."""
@@ -132,7 +134,7 @@ class FakeEngine:
         self.prompts.append(ids)
         self.params.append(params)
         self.running.add(request_id)
-        text, reason = self._completion(ids, params)
+        text, reason, stop_reason = self._completion(ids, params)
         # Unlike AsyncLLM, closing this generator does not abort: a request stays
         # running until it finishes or the server calls abort(), so tests see whether
         # the server does.
@@ -147,7 +149,8 @@ class FakeEngine:
                 await asyncio.sleep(0.005)
             last = pos >= len(text) - 1
             outputs = [
-                self._delta(i, text[pos : pos + 1], last, reason, params) for i in range(params.n)
+                self._delta(i, text[pos : pos + 1], last, (reason, stop_reason), params)
+                for i in range(params.n)
             ]
             self.generated_total += params.n * len(text[pos : pos + 1])
             if last:
@@ -157,11 +160,16 @@ class FakeEngine:
 
     @staticmethod
     def _delta(
-        index: int, piece: str, last: bool, reason: str, params: SamplingParams
+        index: int,
+        piece: str,
+        last: bool,
+        end: tuple[str, str | None],
+        params: SamplingParams,
     ) -> CompletionOutput:
         token_ids = [ord(c) for c in piece]
         logprobs = None
         if params.logprobs is not None:
             top = [(t, -0.25) for t in token_ids] + [(ord("?"), -2.0), (ord("!"), -3.0)]
             logprobs = [TokenLogprobs(t, -0.25, top[: params.logprobs]) for t in token_ids]
-        return CompletionOutput(index, piece, token_ids, reason if last else None, logprobs)
+        reason, stop_reason = end if last else (None, None)
+        return CompletionOutput(index, piece, token_ids, reason, logprobs, stop_reason)

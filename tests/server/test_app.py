@@ -434,6 +434,28 @@ def test_tool_calls_streaming(serve):
     assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_a_stop_string_inside_a_call_ends_it_cut_not_as_tool_calls(serve):
+    """A client's stop string that falls inside a call's arguments cuts the call, as the
+    token budget does: "tool_calls" would promise arguments that do not parse."""
+    server = serve(FakeEngine(reply=CALLS))
+    body = chat(server, tools=[WEATHER_TOOL], stop=["Paris"]).json()
+    (choice,) = body["choices"]
+    assert choice["finish_reason"] == "stop"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["arguments"] == '{"city": "'
+    chunks = stream(
+        server.client,
+        "/v1/chat/completions",
+        {"messages": USER, "tools": [WEATHER_TOOL], "stop": ["Paris"]},
+    )
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    # a stop string after whole calls leaves them whole
+    server = serve(FakeEngine(reply=CALLS + "\nDone."))
+    body = chat(server, tools=[WEATHER_TOOL], stop=["Done"]).json()
+    assert body["choices"][0]["finish_reason"] == "tool_calls"
+    assert len(body["choices"][0]["message"]["tool_calls"]) == 2
+
+
 def test_malformed_tool_call_is_returned_as_text(serve):
     # Not the grammar's canonical opening (which would make it a call at once), and the
     # arguments string is not JSON.
