@@ -81,7 +81,12 @@ def _prepare_prompts(
         ids_list.append(ids)
     if not echo:
         return ids_list, []
-    return ids_list, [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
+    # Token prompts echo every token as written, special ones (`<|im_start|>`) included, as
+    # a text prompt holding them does.
+    echoed = [
+        p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False) for p in prompts
+    ]
+    return ids_list, echoed
 
 
 async def create_completion(

@@ -117,6 +117,17 @@ def test_stop_string_ends_the_answer_before_it(client):
     assert stopped.choices[0].message.content == text[: text.index(stop)]
 
 
+def test_echo_of_token_ids_keeps_special_tokens(client):
+    """A prompt of token ids echoes as the same prompt written as text does, its special
+    tokens included."""
+    text = "<|im_start|>user\nhi"
+    ids = [1, 4093, 198, 6004]  # that text in SmolLM2's vocabulary
+    for prompt in (text, ids):
+        echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, echo=True)
+        assert echoed.usage.prompt_tokens == len(ids)
+        assert echoed.choices[0].text.startswith(text)
+
+
 def test_max_tokens_gives_finish_reason_length(client):
     response = greedy(client, max_tokens=3)
     assert response.choices[0].finish_reason == "length"
