@@ -920,15 +920,25 @@ def _conversation_locked() -> InvalidRequestError:
 
 
 def _check_call_outputs(history: list[dict], input_items: list[dict]) -> None:
-    """Each function_call_output must answer a function call made before it, in the
-    history or earlier in the input (OpenAI's rule): an output for no call would reach the
-    model as a tool result nothing asked for."""
+    """Calls and outputs must pair up, as OpenAI requires: each function_call_output
+    answers a function call made before it (in the history or earlier in the input), and
+    each call the history left unanswered (a client's function, the previous turn's end)
+    gets its output in this input. Either way the model would otherwise read a tool
+    result nothing asked for, or a call whose result never came."""
     calls = {item["call_id"] for item in history if item["type"] == "function_call"}
+    answered = {item["call_id"] for item in history if item["type"] == "function_call_output"}
+    waiting = calls - answered
     for item in input_items:
         if item["type"] == "function_call":
             calls.add(item["call_id"])
-        elif item["type"] == "function_call_output" and item["call_id"] not in calls:
-            raise InvalidRequestError(
-                f"No tool call found for function call output with call_id {item['call_id']}.",
-                "input",
-            )
+        elif item["type"] == "function_call_output":
+            if item["call_id"] not in calls:
+                raise InvalidRequestError(
+                    f"No tool call found for function call output with call_id {item['call_id']}.",
+                    "input",
+                )
+            waiting.discard(item["call_id"])
+    if waiting:
+        raise InvalidRequestError(
+            f"No tool output found for function call {sorted(waiting)[0]}.", "input"
+        )

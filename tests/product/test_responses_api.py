@@ -457,6 +457,13 @@ def test_a_function_call_output_must_answer_a_call(product_server):
         with pytest.raises(openai.BadRequestError, match="call_id call_nope") as caught:
             client.responses.create(model=MODEL, tools=[WEATHER], input=stray, **chained)
         assert caught.value.body["param"] == "input"
+    # The call the previous response ended with must get its output before the turn goes on.
+    pending = call.output[0].call_id
+    with pytest.raises(openai.BadRequestError, match=f"function call {pending}") as caught:
+        client.responses.create(
+            model=MODEL, tools=[WEATHER], input="And tomorrow?", previous_response_id=call.id
+        )
+    assert caught.value.body["param"] == "input"
     # A call written in the same input is answered there.
     own = {"type": "function_call", "call_id": "call_own", "name": "get_weather"}
     answer = {"type": "function_call_output", "call_id": "call_own", "output": "18C"}
