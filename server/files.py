@@ -80,9 +80,13 @@ async def create_file(request: Request) -> Response:
     )
 
 
+# OpenAI's files list takes up to 10,000 per page, and that is its default.
+FILES_PAGE = 10_000
+
+
 async def list_files(request: Request) -> Response:
     purpose = request.query_params.get("purpose")
-    page = parse_page(request.query_params)
+    page = parse_page(request.query_params, most=FILES_PAGE, default=FILES_PAGE)
     return JSONResponse(item_list(await _files(request).list(owner(request), page, purpose)))
 
 

@@ -388,14 +388,15 @@ def parse_response_request(
     return request, typed_field(body, "stream", "a boolean", False)
 
 
-def parse_page(query: Any) -> Page:
-    """`limit` (1 to 100, default 20), `after` or `before` (an item id: the page after it,
-    or the one before it), `order` ("asc" or "desc")."""
-    limit_text = query.get("limit", "20")
+def parse_page(query: Any, most: int = MAX_PAGE, default: int = 20) -> Page:
+    """`limit` (1 to `most`, default `default`: 100 and 20 for most lists, as OpenAI's),
+    `after` or `before` (an item id: the page after it, or the one before it), `order`
+    ("asc" or "desc")."""
+    limit_text = query.get("limit", str(default))
     # ASCII digits only: str.isdigit also takes '²' (int() refuses it) and '５'
-    digits = limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 3
-    if not digits or not 1 <= int(limit_text) <= MAX_PAGE:
-        raise invalid(f"limit must be an integer from 1 to {MAX_PAGE}, got {limit_text!r}", "limit")
+    digits = limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= len(str(most))
+    if not digits or not 1 <= int(limit_text) <= most:
+        raise invalid(f"limit must be an integer from 1 to {most}, got {limit_text!r}", "limit")
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise invalid(f'order must be "asc" or "desc", got {order!r}', "order")

@@ -7,6 +7,7 @@ import io
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from pypdf import PdfWriter
@@ -159,6 +160,22 @@ def test_files_are_listed_retrieved_and_returned_byte_for_byte(client, uploaded)
     got = client.files.retrieve(uploaded[name])
     assert (got.filename, got.bytes) == (name, len(DOCUMENTS[name][0]))
     assert client.files.content(uploaded[name]).content == DOCUMENTS[name][0]
+
+
+def test_the_files_list_takes_openai_page_sizes(client, uploaded, live):
+    """Up to 10,000 files a page, and that by default, as OpenAI's files list."""
+    everything = client.files.list(limit=10_000)
+    assert set(uploaded.values()) <= {f.id for f in everything.data}
+    default = httpx.get(
+        f"{live.url}/v1/files", headers={"Authorization": f"Bearer {API_KEY}"}
+    ).json()
+    assert len(default["data"]) == len(everything.data)
+    too_many = httpx.get(
+        f"{live.url}/v1/files",
+        params={"limit": 10_001},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "limit"
 
 
 def test_a_filename_with_quotes_comes_back_as_uploaded(client):
