@@ -9,6 +9,7 @@ are written for the file's `last_error`, so they say what to do.
 
 from __future__ import annotations
 
+import codecs
 import io
 import re
 from html.parser import HTMLParser
@@ -96,13 +97,26 @@ def extract_text(data: bytes, filename: str, content_type: str | None = None) ->
     return html_text(text) if kind == "html" else text
 
 
+# Byte-order marks of the encodings file_search reads besides UTF-8 (OpenAI's: UTF-8,
+# UTF-16, ASCII). UTF-32's come first: its little-endian mark begins with UTF-16's.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
 def _decode(data: bytes, filename: str) -> str:
+    """UTF-8 (with or without a byte-order mark), or UTF-16/32 marked as such: what
+    Windows editors write as "Unicode"."""
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8-sig")
     try:
-        return data.decode("utf-8-sig")
+        return data.decode(encoding)
     except UnicodeDecodeError as exc:
         raise ExtractionError(
-            f"{filename!r} is not UTF-8 text (invalid byte at offset {exc.start}); "
-            "convert it to UTF-8 and upload it again"
+            f"{filename!r} is not UTF-8 or UTF-16 text (invalid {encoding} at byte "
+            f"{exc.start}); convert it to UTF-8 and upload it again"
         ) from None
 
 

@@ -16,6 +16,12 @@ from tests.retrieval.documents import pdf_bytes
 def test_plain_text_and_markdown_keep_their_text():
     assert extract_text("caf\u00e9 au lait\n".encode(), "notes.txt") == "caf\u00e9 au lait\n"
     assert extract_text(b"\xef\xbb\xbfbom", "a.TXT") == "bom"
+    # UTF-16 and UTF-32 with their byte-order marks, as Windows editors save "Unicode"
+    for encoding in ("utf-16", "utf-16-be", "utf-32"):
+        data = "caf\u00e9".encode(encoding)
+        if encoding == "utf-16-be":
+            data = b"\xfe\xff" + data
+        assert extract_text(data, "notes.txt") == "caf\u00e9"
     markdown = "# Title\n\nSome *emphasis* and `code`.\n"
     assert extract_text(markdown.encode(), "README.md") == markdown
 
@@ -64,7 +70,9 @@ def test_other_types_are_refused_by_name(name):
 
 def test_unreadable_files_say_why():
     with pytest.raises(ExtractionError, match="not UTF-8"):
-        extract_text(b"\xff\xfe\x00bad", "notes.txt")
+        extract_text(b"\x80bad", "notes.txt")
+    with pytest.raises(ExtractionError, match="invalid utf-16"):
+        extract_text(b"\xff\xfe\x00ba", "notes.txt")  # an odd byte after the mark
     with pytest.raises(ExtractionError, match="PDF could not be read"):
         extract_text(b"%PDF-1.4 garbage", "broken.pdf")
     with pytest.raises(ExtractionError, match="no extractable text"):
