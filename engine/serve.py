@@ -520,6 +520,7 @@ async def _serve(args: argparse.Namespace) -> bool:
     finally:
         await engine.shutdown()
         stop_preparation(app)
+        await product.stop_background()
         product.close()
         if embedder is not None:
             embedder.close()

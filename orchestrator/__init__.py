@@ -96,6 +96,12 @@ class Product:
             if self.store.engine.dialect.name == "postgresql":
                 self.vector_stores.start_sweeping()
 
+    async def stop_background(self) -> None:
+        """End the background work (ingestion) while the store is still open: before
+        `close` where an event loop runs."""
+        if self.vector_stores is not None:
+            await self.vector_stores.stop()
+
     def close(self) -> None:
         if self.vector_stores is not None:
             self.vector_stores.cancel()

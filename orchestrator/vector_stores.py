@@ -333,6 +333,12 @@ class VectorStoreService:
         for task in self._tasks:
             task.cancel()
 
+    async def stop(self) -> None:
+        """`cancel`, then wait for the tasks to unwind (each releases its claim through the
+        store), so that the store can close after them, not under them."""
+        self.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def _store_files(
         self, owner: str, vector_store_id: str, files: list[FileToAdd]
     ) -> list[dict]:

@@ -4,6 +4,7 @@ upload, index in the background, search, failures, limits and deletion."""
 from __future__ import annotations
 
 import io
+import signal
 import time
 from pathlib import Path
 
@@ -267,3 +268,25 @@ def test_the_rag_example_uploads_indexes_and_finds(live):
     assert lines[0].startswith("indexed: starter.md as file_") and lines[0].endswith("(completed)")
     hits = [line for line in lines if line.startswith("hit: ")]
     assert hits and "starter.md: # Caring for a sourdough starter" in hits[0]
+
+
+def test_a_stop_during_indexing_unwinds_it_cleanly(tmp_path):
+    """SIGTERM while a file is being indexed: the ingestion is cancelled before the store
+    closes (it resumes at the next start), and the server exits 0 with no task failing
+    after the store has gone."""
+    server = start_server("--api-key", API_KEY, "--compile", "off", "--data-dir", str(tmp_path))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+        line = "Line {}: glaciers carve valleys over many winters.\n"
+        text = "".join(line.format(i) for i in range(20000))
+        file = client.files.create(file=("long.txt", text.encode()), purpose="assistants")
+        store = client.vector_stores.create(name="long", file_ids=[file.id])
+        entry = client.vector_stores.files.retrieve(file.id, vector_store_id=store.id)
+        assert entry.status == "in_progress"
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(60) == 0
+        server.log.seek(0)
+        log = server.log.read()
+    finally:
+        server.stop()
+    assert "Traceback" not in log, log[-3000:]
