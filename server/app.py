@@ -27,6 +27,7 @@ from server import vector_stores as vs
 from server.access import AuthMiddleware, DrainGate, identity, metered
 from server.chat import create_chat_completion
 from server.completions import create_completion
+from server.disconnect import unless_disconnected
 from server.embeddings import create_embeddings, parse_embedding_request
 from server.errors import APIError, api_error_handler, client_gone_handler, http_error_handler
 from server.metrics import CONTENT_TYPE
@@ -98,7 +99,11 @@ async def embeddings(request: Request) -> Response:
     parsed = await read_json(
         request, state.config.max_body_bytes, partial(parse_embedding_request, embedder=embedder)
     )
-    return await create_embeddings(embedder, parsed)
+    # A client that goes away stops the work: it would hold the embedder's one thread.
+    response = await unless_disconnected(
+        request.receive, partial(create_embeddings, embedder, parsed)
+    )
+    return Response(status_code=499) if response is None else response
 
 
 def _model_card(state: ServerState, name: str) -> dict:

@@ -129,14 +129,34 @@ class Embedder:
         return Encoded(vectors.numpy(), [len(seq) for seq in ids])
 
     async def aencode(self, texts: list[str]) -> Encoded:
-        """`encode` on the embedder's own thread, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, self.encode, texts)
+        """`encode` on the embedder's own thread, off the event loop, in batches."""
+        return await self._in_batches(self.encode, texts)
 
     async def atokenize(self, texts: list[str]) -> list[list[int]]:
         return await asyncio.get_running_loop().run_in_executor(self._worker, self.tokenize, texts)
 
     async def aencode_ids(self, ids: list[list[int]]) -> Encoded:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, self.encode_ids, ids)
+        """`encode_ids` on the embedder's own thread, in batches."""
+        return await self._in_batches(self.encode_ids, ids)
+
+    async def _in_batches(self, encode, inputs: list) -> Encoded:
+        """`encode` over `batch_size` inputs per call on the worker thread: a caller that is
+        cancelled (its client went away, its file was removed, the server is stopping) stops
+        after the call under way, instead of the one thread embedding thousands of inputs
+        for nobody while every other request waits behind them."""
+        loop = asyncio.get_running_loop()
+        parts = [
+            await loop.run_in_executor(
+                self._worker, encode, inputs[start : start + self.batch_size]
+            )
+            for start in range(0, len(inputs), self.batch_size)
+        ]
+        if not parts:
+            return Encoded(np.zeros((0, self.dimensions), dtype=np.float32), [])
+        return Encoded(
+            np.concatenate([part.vectors for part in parts]),
+            [count for part in parts for count in part.token_counts],
+        )
 
     def close(self) -> None:
         """Wait for the encoding under way, drop those still queued."""

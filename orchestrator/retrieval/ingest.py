@@ -14,8 +14,6 @@ from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.retrieval.extract import ExtractionError, extract_text
 from orchestrator.retrieval.index import ChunkRecord
 
-EMBED_BATCH = 32  # chunks per embedding call (a second or two on two cores)
-
 
 def split_file(
     data: bytes,
@@ -40,14 +38,11 @@ async def prepare_chunks(
     strategy: StaticChunking | None = None,
     attributes: dict | None = None,
 ) -> list[ChunkRecord]:
-    """The file's chunks with their embeddings, ready for `RetrievalIndex.add`. They are
-    embedded `EMBED_BATCH` at a time: a cancelled ingestion (the file removed or added
-    again, the server stopping) stops after the batch under way, not after the whole file."""
+    """The file's chunks with their embeddings, ready for `RetrievalIndex.add`. The
+    embedder works in batches, so a cancelled ingestion (the file removed or added again,
+    the server stopping) stops after the batch under way, not after the whole file."""
     chunks = await asyncio.to_thread(split_file, data, filename, content_type, embedder, strategy)
-    vectors = []
-    for start in range(0, len(chunks), EMBED_BATCH):
-        batch = chunks[start : start + EMBED_BATCH]
-        vectors.extend((await embedder.aencode([c.text for c in batch])).vectors)
+    vectors = (await embedder.aencode([c.text for c in chunks])).vectors
     return [
         ChunkRecord(file_id, filename, c.index, c.text, vector, dict(attributes or {}))
         for c, vector in zip(chunks, vectors, strict=True)

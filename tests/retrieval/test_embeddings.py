@@ -77,30 +77,56 @@ def test_token_ids_and_async_path_agree_with_text(embedder):
 
 
 def test_a_cancelled_ingestion_stops_after_the_batch_under_way(embedder, monkeypatch):
-    """A file of many chunks is embedded EMBED_BATCH chunks per call, so cancelling its
-    ingestion (the server stopping) waits for one batch, not for the whole file."""
+    """A file of many chunks is embedded `batch_size` chunks per call on the embedder's
+    thread, so cancelling its ingestion (the server stopping) waits for one batch, not for
+    the whole file."""
     calls: list[int] = []
-    first_batch_done = asyncio.Event()
-    original = embedder.aencode
+    original = embedder.encode
 
-    async def counting(texts):
+    def counting(texts):
         calls.append(len(texts))
-        result = await original(texts)
-        first_batch_done.set()
-        return result
+        return original(texts)
 
-    monkeypatch.setattr(embedder, "aencode", counting)
+    monkeypatch.setattr(embedder, "encode", counting)
     text = " ".join(f"word{i} sentence number {i}." for i in range(6000)).encode()
 
     async def run() -> None:
         task = asyncio.create_task(
             ingest.prepare_chunks(embedder, "file_1", "big.txt", text, "text/plain")
         )
-        await first_batch_done.wait()
+        while not calls:
+            await asyncio.sleep(0.005)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
     asyncio.run(run())
-    assert calls and max(calls) <= ingest.EMBED_BATCH
+    assert calls and max(calls) <= embedder.batch_size
     assert len(calls) <= 2  # the batch under way, at most, after the cancel
+
+
+def test_a_cancelled_request_for_many_inputs_stops_after_the_batch_under_way(embedder, monkeypatch):
+    """The same for token ids (`/v1/embeddings`, whose route cancels when its client goes
+    away): the thread does not go on embedding 2,048 inputs for nobody."""
+    calls: list[int] = []
+    original = embedder.encode_ids
+
+    def counting(ids):
+        calls.append(len(ids))
+        return original(ids)
+
+    monkeypatch.setattr(embedder, "encode_ids", counting)
+    inputs = [embedder.tokenize(["lorem ipsum " * 100])[0]] * 512
+
+    async def run() -> None:
+        task = asyncio.create_task(embedder.aencode_ids(inputs))
+        while not calls:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert calls and max(calls) <= embedder.batch_size
+    assert len(calls) <= 2
+    assert asyncio.run(embedder.aencode_ids([])).vectors.shape == (0, embedder.dimensions)
