@@ -76,24 +76,20 @@ def test_token_ids_and_async_path_agree_with_text(embedder):
     assert from_ids.token_counts == [len(i) for i in ids]
 
 
-def test_a_cancelled_ingestion_stops_after_the_batch_under_way(embedder, monkeypatch):
-    """A file of many chunks is embedded `batch_size` chunks per call on the embedder's
-    thread, so cancelling its ingestion (the server stopping) waits for one batch, not for
-    the whole file."""
+def _calls_until_cancelled(embedder, monkeypatch, method: str, work) -> list[int]:
+    """Runs `work()` (a coroutine) as a task, cancels it once the embedder's `method` has
+    been called, and returns the sizes it was called with."""
     calls: list[int] = []
-    original = embedder.encode
+    original = getattr(embedder, method)
 
-    def counting(texts):
-        calls.append(len(texts))
-        return original(texts)
+    def counting(inputs):
+        calls.append(len(inputs))
+        return original(inputs)
 
-    monkeypatch.setattr(embedder, "encode", counting)
-    text = " ".join(f"word{i} sentence number {i}." for i in range(6000)).encode()
+    monkeypatch.setattr(embedder, method, counting)
 
     async def run() -> None:
-        task = asyncio.create_task(
-            ingest.prepare_chunks(embedder, "file_1", "big.txt", text, "text/plain")
-        )
+        task = asyncio.create_task(work())
         while not calls:
             await asyncio.sleep(0.005)
         task.cancel()
@@ -101,6 +97,20 @@ def test_a_cancelled_ingestion_stops_after_the_batch_under_way(embedder, monkeyp
             await task
 
     asyncio.run(run())
+    return calls
+
+
+def test_a_cancelled_ingestion_stops_after_the_batch_under_way(embedder, monkeypatch):
+    """A file of many chunks is embedded `batch_size` chunks per call on the embedder's
+    thread, so cancelling its ingestion (the server stopping) waits for one batch, not for
+    the whole file."""
+    text = " ".join(f"word{i} sentence number {i}." for i in range(6000)).encode()
+    calls = _calls_until_cancelled(
+        embedder,
+        monkeypatch,
+        "encode",
+        lambda: ingest.prepare_chunks(embedder, "file_1", "big.txt", text, "text/plain"),
+    )
     assert calls and max(calls) <= embedder.batch_size
     assert len(calls) <= 2  # the batch under way, at most, after the cancel
 
@@ -108,25 +118,10 @@ def test_a_cancelled_ingestion_stops_after_the_batch_under_way(embedder, monkeyp
 def test_a_cancelled_request_for_many_inputs_stops_after_the_batch_under_way(embedder, monkeypatch):
     """The same for token ids (`/v1/embeddings`, whose route cancels when its client goes
     away): the thread does not go on embedding 2,048 inputs for nobody."""
-    calls: list[int] = []
-    original = embedder.encode_ids
-
-    def counting(ids):
-        calls.append(len(ids))
-        return original(ids)
-
-    monkeypatch.setattr(embedder, "encode_ids", counting)
     inputs = [embedder.tokenize(["lorem ipsum " * 100])[0]] * 512
-
-    async def run() -> None:
-        task = asyncio.create_task(embedder.aencode_ids(inputs))
-        while not calls:
-            await asyncio.sleep(0.005)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(run())
+    calls = _calls_until_cancelled(
+        embedder, monkeypatch, "encode_ids", lambda: embedder.aencode_ids(inputs)
+    )
     assert calls and max(calls) <= embedder.batch_size
     assert len(calls) <= 2
     assert asyncio.run(embedder.aencode_ids([])).vectors.shape == (0, embedder.dimensions)
