@@ -231,8 +231,16 @@ class VectorStoreService:
         return body
 
     async def file_content(self, owner: str, vector_store_id: str, file_id: str) -> dict:
-        """The text a file in the store was indexed from (OpenAI's page of content parts)."""
-        await self.retrieve_file(owner, vector_store_id, file_id)
+        """The text a file in the store was indexed from (OpenAI's page of content parts):
+        only once it is indexed, since until then (or after a failure or a cancelled batch)
+        search cannot find that text, and showing it would say otherwise."""
+        entry = await self.retrieve_file(owner, vector_store_id, file_id)
+        if entry["status"] != "completed":
+            raise InvalidRequestError(
+                f"the file is not indexed in this vector store (its status is "
+                f"{entry['status']}), so it has no content here",
+                "file_id",
+            )
         file, content_type, data = await self.files.content(owner, file_id)
         try:
             text = await asyncio.to_thread(extract_text, data, file["filename"], content_type)

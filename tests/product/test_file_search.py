@@ -391,6 +391,9 @@ def test_deleting_a_store_stops_the_indexing_under_way(knowledge):
     deadline = time.monotonic() + 30
     while not service._running and time.monotonic() < deadline:  # the ingestion has begun
         time.sleep(0.05)
+    # not indexed yet, so no content: search could not find it
+    with pytest.raises(openai.BadRequestError, match="in_progress"):
+        server.client.vector_stores.files.content(file_id, vector_store_id=store.id)
     server.client.vector_stores.delete(store.id)
     while service._running and time.monotonic() < deadline:
         time.sleep(0.05)
