@@ -71,6 +71,10 @@ def test_create_and_retrieve_return_openai_response_objects(product_server):
     assert again == response
     resumed = _raw(server, "GET", f"/responses/{response.id}", params={"stream": "true"})
     assert resumed.status_code == 400 and resumed.json()["error"]["param"] == "stream"
+    unknown = _raw(server, "GET", f"/responses/{response.id}", params={"include[]": "logprobs"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "include"
+    known = server.client.responses.retrieve(response.id, include=["file_search_call.results"])
+    assert known == response
     assert server.client.responses.retrieve(response.id).output_text == response.output_text
 
 
