@@ -72,7 +72,10 @@ class StructuredOutputsParams:
         self.llg_grammar = _to_llguidance(kind, getattr(self, kind))
         error = llguidance.LLMatcher.validate_grammar(self.llg_grammar)
         if error:
-            raise ValueError(f"structured_outputs.{kind} is not supported: {error.strip()}")
+            # Its first line says what failed; the lines after quote the compiled grammar,
+            # which is ours, not the client's, where a schema was compiled into it.
+            reason = error.strip().splitlines()[0]
+            raise ValueError(f"structured_outputs.{kind} is not supported: {reason}")
 
     @property
     def kind(self) -> str:

@@ -456,6 +456,23 @@ def test_a_stop_string_inside_a_call_ends_it_cut_not_as_tool_calls(serve):
     assert len(body["choices"][0]["message"]["tool_calls"]) == 2
 
 
+def test_a_tool_schema_the_grammar_cannot_enforce_is_a_400_without_the_grammar(serve):
+    """The message names the keyword, and quotes none of the grammar the server compiled
+    the tools into."""
+    server = serve()
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {"type": "object", "properties": {"a": {"uniqueItems": True}}},
+        },
+    }
+    r = chat(server, tools=[tool], tool_choice="required")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    message = r.json()["error"]["message"]
+    assert "uniqueItems" in message and "<tool_call>" not in message and "\n" not in message
+
+
 def test_malformed_tool_call_is_returned_as_text(serve):
     # Not the grammar's canonical opening (which would make it a call at once), and the
     # arguments string is not JSON.
