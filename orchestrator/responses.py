@@ -323,7 +323,6 @@ class Turn:
         self.service = service
         self.owner = owner
         self.request = request
-        self.conversation_claim: str | None = None  # released when the turn ends
         self.history = history
         self.input_items = input_items
         self.tools = tools
@@ -404,7 +403,7 @@ class Turn:
             log.exception("response %s could not be completed", self.id)
             self._put([self.events.error("the response could not be recorded")])
         finally:
-            self.service.busy_conversations.discard(self.conversation_claim)
+            self.service.busy_conversations.discard(self.request.conversation_id)
             await self._settle("failed")  # a no-op when settled above
             self._queue.put_nowait(None)
             self.service.running.pop(self.id, None)
@@ -710,25 +709,23 @@ class ResponseService:
                 "(store cannot be false with conversation)",
                 "store",
             )
-        claimed = self._claim(request.conversation_id)
+        self._claim(request.conversation_id)
         try:
-            turn = await self._start(owner, request, observer, budget)
+            return await self._start(owner, request, observer, budget)
         except BaseException:
-            self.busy_conversations.discard(claimed)
+            self.busy_conversations.discard(request.conversation_id)
             raise
-        turn.conversation_claim = claimed
-        return turn
 
-    def _claim(self, conversation_id: str | None) -> str | None:
+    def _claim(self, conversation_id: str | None) -> None:
         """Take the conversation for one turn, as OpenAI does: two turns at once would each
         answer on a history without the other's, then both be appended as if in sequence.
-        Synchronous, so two requests cannot both pass between the check and the claim."""
+        Synchronous, so two requests cannot both pass between the check and the claim. The
+        turn releases it when it ends (`Turn._run`)."""
         if conversation_id is None:
-            return None
+            return
         if conversation_id in self.busy_conversations:
             raise _conversation_locked()
         self.busy_conversations.add(conversation_id)
-        return conversation_id
 
     async def _start(
         self,

@@ -20,7 +20,7 @@ from orchestrator.responses import Turn
 from server.access import identity, owner, product_api_error
 from server.disconnect import unless_disconnected
 from server.errors import invalid
-from server.responses_protocol import INCLUDABLE, parse_page, parse_response_request
+from server.responses_protocol import check_include, parse_page, parse_response_request
 from server.sse import EventStreamResponse
 from server.state import ServerState
 
@@ -103,11 +103,7 @@ async def retrieve_response(request: Request) -> Response:
             param="stream",
         )
     query = request.query_params
-    for value in query.getlist("include") + query.getlist("include[]"):
-        if value not in INCLUDABLE:
-            raise invalid(
-                f"include {value!r} is not supported: only {', '.join(INCLUDABLE)} is", "include"
-            )
+    check_include(query.getlist("include") + query.getlist("include[]"), lambda _: "include")
     return JSONResponse(await product(request).responses.retrieve(owner(request), response_id))
 
 

@@ -275,13 +275,19 @@ def _check_unsupported(body: dict) -> None:
 
 def _include(body: dict) -> list[str]:
     include = typed_field(body, "include", "an array", [])
-    for i, value in enumerate(include):
+    return check_include(include, lambda i: f"include[{i}]")
+
+
+def check_include(values: list, param: Callable[[int], str]) -> list[str]:
+    """`include` values, each one this server can include (a 400 naming `param(i)` for the
+    first that is not), without repeats: POST's body and GET's query take the same."""
+    for i, value in enumerate(values):
         if value not in INCLUDABLE:
             raise invalid(
-                f"include[{i}] {value!r} is not supported: only {', '.join(INCLUDABLE)} is",
-                f"include[{i}]",
+                f"{param(i)} {value!r} is not supported: only {', '.join(INCLUDABLE)} is",
+                param(i),
             )
-    return list(dict.fromkeys(include))
+    return list(dict.fromkeys(values))
 
 
 _FORMAT_KEYS = {
