@@ -29,6 +29,7 @@ from collections.abc import Sequence as SequenceABC
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import llguidance
 import numpy as np
@@ -72,14 +73,22 @@ class StructuredOutputsParams:
         self.llg_grammar = _to_llguidance(kind, getattr(self, kind))
         error = llguidance.LLMatcher.validate_grammar(self.llg_grammar)
         if error:
-            # Its first line says what failed; the lines after quote the compiled grammar,
-            # which is ours, not the client's, where a schema was compiled into it.
-            reason = error.strip().splitlines()[0]
-            raise ValueError(f"structured_outputs.{kind} is not supported: {reason}")
+            raise ValueError(f"structured_outputs.{kind} is not supported: {_reason(error)}")
 
     @property
     def kind(self) -> str:
         return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+
+
+def _reason(error: str) -> str:
+    """What failed, in one line. llguidance's first line says it, except for a regular
+    expression, whose pattern and cause follow on lines of their own; the lines after
+    quote the compiled grammar, which is ours, not the client's."""
+    lines = [line.strip() for line in error.strip().splitlines()]
+    if lines[0].endswith("regex parse error:") and len(lines) > 1:
+        cause = next((line for line in lines[2:] if line.startswith("error:")), "error:")
+        return f"{lines[0]} {lines[1]} ({cause.removeprefix('error:').strip()})"
+    return lines[0]
 
 
 def _to_llguidance(kind: str, value: Any) -> str:
@@ -93,6 +102,7 @@ def _to_llguidance(kind: str, value: Any) -> str:
                 raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
         if not isinstance(value, dict | bool):
             raise ValueError("structured_outputs.json must be a JSON schema (an object)")
+        check_finite(value)
         return M.grammar_from_json_schema(value, defaults=JSON_OPTIONS)
     if kind == "json_object":
         if value is not True:
@@ -112,6 +122,105 @@ def _to_llguidance(kind: str, value: Any) -> str:
         return llguidance.grammar_from("grammar", value)
     except ValueError as exc:  # a GBNF grammar the converter cannot read
         raise ValueError(f"structured_outputs.grammar: {exc}") from None
+
+
+def check_finite(schema: dict | bool) -> None:
+    """ValueError when no finite JSON value matches `schema`: a subschema every value of
+    which must hold another value of it (a `$ref` cycle through `$ref`, `allOf`, required
+    properties or non-empty arrays, with no way out through `anyOf`). llguidance accepts
+    such a schema, and its output then reaches a dead end partway."""
+    nodes = _schema_graph(schema)
+    finite: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for pointer, (needs, choices) in nodes.items():
+            if pointer in finite:
+                continue
+            if all(n in finite for n in needs) and all(
+                any(c in finite for c in group) for group in choices
+            ):
+                finite.add(pointer)
+                changed = True
+    if "#" not in finite:
+        endless = sorted(p for p in nodes if p not in finite and p != "#") or ["#"]
+        raise ValueError(
+            f"structured_outputs.json has no finite value: every value of {endless[0]} "
+            "would have to contain another one ($ref cycle)"
+        )
+
+
+def _schema_graph(root: dict | bool) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Per subschema (by JSON pointer): the subschemas any value of it must also hold a
+    value of, and the groups of which it must hold a value of one. Only what certainly
+    applies counts: a subschema without a single `type` gets no edges from properties or
+    items, since a value of another type would satisfy it."""
+    nodes: dict[str, tuple[list[str], list[list[str]]]] = {}
+    stack: list[tuple[str, Any]] = [("#", root)]
+    while stack:
+        pointer, schema = stack.pop()
+        if pointer in nodes:
+            continue
+        needs: list[str] = []
+        choices: list[list[str]] = []
+        nodes[pointer] = (needs, choices)
+        if not isinstance(schema, dict) or "enum" in schema or "const" in schema:
+            continue
+
+        def edge(path: str, sub: Any, into: list[str]) -> None:
+            into.append(path)
+            stack.append((path, sub))
+
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            target = _resolve(root, ref)
+            if target is not None:
+                needs.append(ref)
+                stack.append((ref, target))
+        for i, sub in enumerate(_list(schema.get("allOf"))):
+            edge(f"{pointer}/allOf/{i}", sub, needs)
+        for key in ("anyOf", "oneOf"):
+            group: list[str] = []
+            for i, sub in enumerate(_list(schema.get(key))):
+                edge(f"{pointer}/{key}/{i}", sub, group)
+            if group:
+                choices.append(group)
+        kind = schema.get("type")
+        properties = schema.get("properties")
+        if kind == "object" and isinstance(properties, dict):
+            for name in _list(schema.get("required")):
+                if isinstance(name, str) and name in properties:
+                    edge(f"{pointer}/properties/{_escape(name)}", properties[name], needs)
+        min_items = schema.get("minItems")
+        if kind == "array" and isinstance(min_items, int) and min_items > 0:
+            prefix = _list(schema.get("prefixItems"))
+            for i, sub in enumerate(prefix[:min_items]):
+                edge(f"{pointer}/prefixItems/{i}", sub, needs)
+            if min_items > len(prefix) and isinstance(schema.get("items"), dict):
+                edge(f"{pointer}/items", schema["items"], needs)
+    return nodes
+
+
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _escape(name: str) -> str:
+    return name.replace("~", "~0").replace("/", "~1")
+
+
+def _resolve(root: Any, ref: str) -> Any:
+    """The subschema a local `$ref` ("#/$defs/a") names, or None."""
+    node = root
+    for token in ref[1:].split("/")[1:] if ref != "#" else []:
+        token = unquote(token).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and token in node:
+            node = node[token]
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            return None
+    return node
 
 
 def json_schema_grammar_fragment(schema: dict) -> str:
@@ -157,8 +266,15 @@ def accept_token(matcher: llguidance.LLMatcher, token: int) -> bool:
     """Advance a sequence's matcher by its sampled token; True when the grammar is complete.
 
     The mask allowed only tokens the grammar accepts, so a refusal means a bug: it raises
-    rather than let the output leave the grammar unnoticed.
+    rather than let the output leave the grammar unnoticed. A grammar at a dead end (its
+    mask allowed nothing) raises a ValueError, the request's error, rather than ending the
+    output where it stands as if it were complete.
     """
+    if matcher.is_error():
+        raise ValueError(
+            "structured_outputs: no continuation of the output so far matches its structure "
+            f"(llguidance: {_reason(matcher.get_error())})"
+        )
     if not matcher.consume_token(token):
         raise RuntimeError(f"the grammar refused sampled token {token}: {matcher.get_error()}")
     return matcher.is_stopped()

@@ -43,7 +43,10 @@ def _count(text: str) -> int | None:
     """A limit: a non-negative integer, or "none" for no limit."""
     if text.lower() == "none":
         return None
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1  # argparse would name this function in its message
     if not 0 <= value <= MAX_LIMIT:
         raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_LIMIT} (or 'none')")
     return value

@@ -47,7 +47,30 @@ def json_format_params(schema: dict, param: str) -> StructuredOutputsParams:
     """JSON matching `schema` (ANY_OBJECT: any JSON object, the engine's json_object)."""
     if schema == ANY_OBJECT:
         return checked(param, json_object=True)
+    _require_object(schema, param, param)
     return checked(param, json=schema)
+
+
+def _require_object(schema: dict, param: str, what: str) -> None:
+    """OpenAI's rule: a structured output, like a function's arguments, is a JSON object."""
+    kind = schema.get("type")
+    if kind is not None and "object" not in (kind if isinstance(kind, list) else [kind]):
+        raise InvalidRequestError(
+            f'{what} must be a JSON schema of "type": "object", got "type": {json.dumps(kind)}',
+            param,
+        )
+
+
+def _check_functions(functions: list[tuple[str, dict | None]], param: str) -> None:
+    """Each function's parameters checked alone, so that an error names the function: the
+    tool grammar's own error would quote the grammar we compiled them into."""
+    for name, schema in functions:
+        what = f"{param}: function {name!r} parameters"
+        _require_object(schema or _NO_ARGUMENTS, param, what)
+        try:
+            StructuredOutputsParams(json=schema or _NO_ARGUMENTS)
+        except ValueError as exc:
+            raise InvalidRequestError(f"{what}: {exc}", param) from None
 
 
 def plain_answer() -> StructuredOutputsParams:
@@ -136,5 +159,6 @@ def turn_structure(
         raise InvalidRequestError(
             f"{fmt_param} cannot be combined with a tool_choice that forces a call", fmt_param
         )
+    _check_functions(functions, tools_param)
     grammar = tool_call_grammar(functions, forced, parallel and choice != "function", fmt_schema)
     return checked(tools_param, grammar=grammar)

@@ -193,6 +193,29 @@ def _message(raw: Any, i: int) -> Message:
     return Message(role, text, name=name, tool_calls=calls, tool_call_id=tool_call_id)
 
 
+def _check_tool_results(messages: list[Message]) -> None:
+    """OpenAI's rule: tool messages answer the tool_calls of the assistant message just
+    before them (other tool messages aside), each naming one of its calls."""
+    calls: set[str] | None = None  # the ids of the calls being answered, if any
+    for i, message in enumerate(messages):
+        if message.role == "assistant":
+            calls = {c.id for c in message.tool_calls} if message.tool_calls else None
+        elif message.role != "tool":
+            calls = None
+        elif calls is None:
+            raise invalid(
+                f"messages[{i}]: a tool message must follow an assistant message with "
+                "tool_calls (or another tool message answering them)",
+                "messages",
+            )
+        elif "" not in calls and message.tool_call_id not in calls:
+            raise invalid(
+                f"messages[{i}].tool_call_id {message.tool_call_id!r} is not among the "
+                "tool_calls of the assistant message before it",
+                "messages",
+            )
+
+
 def _tool(raw: Any, i: int) -> Tool:
     param = f"tools[{i}]"
     if not isinstance(raw, dict) or raw.get("type") != "function":
@@ -307,6 +330,7 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
         )
     _check_common(body)
     messages = [_message(m, i) for i, m in enumerate(messages_raw)]
+    _check_tool_results(messages)
     tools = [_tool(t, i) for i, t in enumerate(typed_field(body, "tools", "an array", []))]
     if len({t.name for t in tools}) != len(tools):
         raise invalid("tools must have distinct function names", "tools")

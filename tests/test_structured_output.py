@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import LLM, AsyncLLM, SamplingParams, StructuredOutputsParams
+from engine.errors import RequestFailedError
 
 PROMPT = "Answer in JSON."
 
@@ -51,11 +52,61 @@ def _texts(llm: LLM, params: list[SamplingParams]) -> list[tuple[str, str]]:
         ({"choice": ["a", 3]}, "non-empty list"),
         ({"grammar": "start: missing_rule"}, "missing_rule"),
         ({"json_object": False}, "exactly one"),
+        # $ref cycles no finite value can leave: llguidance would reach a dead end partway
+        ({"json": {"$ref": "#"}}, "no finite value"),
+        ({"json": {"anyOf": [{"$ref": "#"}]}}, "no finite value"),
+        (
+            {
+                "json": {
+                    "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                    "$ref": "#/$defs/a",
+                }
+            },
+            "no finite value",
+        ),
+        (
+            {"json": {"type": "object", "properties": {"x": {"$ref": "#"}}, "required": ["x"]}},
+            "#/properties/x",
+        ),
+        ({"json": {"type": "array", "minItems": 1, "items": {"$ref": "#"}}}, "#/items"),
     ],
 )
 def test_bad_structures_are_refused_naming_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         StructuredOutputsParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object", "properties": {"next": {"$ref": "#"}}},  # optional
+        {"anyOf": [{"type": "null"}, {"$ref": "#"}]},
+        {"type": "array", "items": {"$ref": "#"}},  # may be empty
+        {
+            "$defs": {
+                "node": {
+                    "type": "object",
+                    "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+                    "required": ["kids"],
+                }
+            },
+            "$ref": "#/$defs/node",
+        },
+    ],
+)
+def test_recursive_schemas_with_a_finite_value_are_accepted(schema):
+    StructuredOutputsParams(json=schema)
+
+
+def test_a_structure_at_a_dead_end_fails_its_request(llm):
+    """An endless rule the checks cannot see (a schema inside a grammar): the request
+    fails with an error, not an output ended where it stands as if it were complete."""
+    grammar = 'start: "x" obj\nobj: %json {"$ref": "#"}\n'
+    params = SamplingParams(
+        temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(grammar=grammar)
+    )
+    with pytest.raises(RequestFailedError, match="no continuation"):
+        _texts(llm, [params])
 
 
 def test_sampling_params_check_structured_outputs_and_logit_bias_types():

@@ -463,10 +463,20 @@ class Repository:
     def interrupt_unfinished(self) -> int:
         """Mark every response still `in_progress` as `incomplete`: start-up maintenance
         for a database only this server uses, where such a response was cut off by a
-        crash and will never finish. Acts for all owners; returns how many it marked."""
+        crash and will never finish. A turn in a conversation gets its input items
+        appended there, as `finish_response` would have, so the user's message stays in
+        the history. Acts for all owners; returns how many it marked."""
         with self.engine.begin() as conn:
             rows = conn.execute(
-                select(responses.c.id, responses.c.body).where(responses.c.status == "in_progress")
+                select(
+                    responses.c.id,
+                    responses.c.owner_id,
+                    responses.c.conversation_id,
+                    responses.c.created_at,
+                    responses.c.body,
+                )
+                .where(responses.c.status == "in_progress")
+                .order_by(responses.c.created_at, responses.c.id)
             ).all()
             for row in rows:
                 body = {**row.body, "status": "incomplete", "incomplete_details": {"reason": None}}
@@ -475,7 +485,30 @@ class Repository:
                     .where(responses.c.id == row.id)
                     .values(status="incomplete", body=body)
                 )
+                if row.conversation_id is not None and self._owns_conversation(
+                    conn, row.owner_id, row.conversation_id
+                ):
+                    self._keep_interrupted_input(conn, row)
         return len(rows)
+
+    def _keep_interrupted_input(self, conn: Connection, row) -> None:
+        inputs = (
+            conn.execute(
+                select(response_items.c.body)
+                .where(response_items.c.response_id == row.id, response_items.c.kind == "input")
+                .order_by(response_items.c.seq)
+            )
+            .scalars()
+            .all()
+        )
+        self._append_items(
+            conn, row.owner_id, row.conversation_id, int(row.created_at), list(inputs)
+        )
+        conn.execute(
+            update(conversations)
+            .where(conversations.c.id == row.conversation_id)
+            .values(last_response_id=row.id)
+        )
 
     @staticmethod
     def _insert_response_items(

@@ -48,11 +48,13 @@ _ALLOWED = {
 
 
 # Functions a query may not call: fts3_tokenizer hands out a native pointer of the SQLite
-# library, load_extension would load code.
-_DENIED_FUNCTIONS = {"fts3_tokenizer", "load_extension"}
-# The longest string or blob a query may make: printf('%.*c', 999999999, 'a') or a
-# zeroblob of half a gigabyte would otherwise take seconds and gigabytes in one function
-# call, which the progress handler cannot interrupt.
+# library, load_extension would load code, and printf (format is its other name) pads
+# each `%.*c` field to the width asked past the length limit, seconds per field in one
+# call the progress handler cannot interrupt (a 4,000-character query holds ~150 fields).
+_DENIED_FUNCTIONS = {"fts3_tokenizer", "load_extension", "printf", "format"}
+# The longest string or blob a query may make: a zeroblob of half a gigabyte would
+# otherwise take seconds and gigabytes in one function call, which the progress handler
+# cannot interrupt.
 MAX_VALUE_BYTES = 65_536
 MAX_OUTPUT_CHARS = 64_000  # the rows' CSV, whatever the rows hold
 

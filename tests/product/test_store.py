@@ -281,6 +281,31 @@ def test_responses_cut_off_by_a_crash_are_marked_incomplete(store):
     assert repo.get_response("alice", "resp_done")["status"] == "completed"
 
 
+def test_a_turn_cut_off_by_a_crash_keeps_its_input_in_the_conversation(store):
+    """Its user message stays in the history the next turn reads, after the turns before."""
+    repo = store.repo
+    repo.create_conversation("alice", "conv_k", 1, {}, [_message("msg_0", "zero")])
+    _record(repo, "alice", "resp_1", None, "one", conversation="conv_k")
+    body = {
+        "id": "resp_cut",
+        "created_at": 2.0,
+        "status": "in_progress",
+        "previous_response_id": None,
+        "conversation": {"id": "conv_k"},
+        "output": [],
+    }
+    repo.begin_response("alice", body, [_message("msg_in_cut", "two")])
+    assert repo.interrupt_unfinished() == 1
+    history = repo.conversation_history("alice", "conv_k")
+    assert [item["id"] for item in history.items] == [
+        "msg_0",
+        "msg_in_resp_1",
+        "msg_out_resp_1",
+        "msg_in_cut",
+    ]
+    assert history.context_tokens is None  # the cut turn's tokens were never recorded
+
+
 def test_retrieval_index_tables_exist_on_sqlite_only(store):
     names = set(inspect(store.engine).get_table_names())
     assert {"files", "vector_stores", "vector_store_files"} <= names

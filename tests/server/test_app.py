@@ -264,6 +264,15 @@ def test_client_mistakes_get_openai_shaped_4xx(serve):
     assert_error(post("/v1/chat/completions", json=[1, 2]), 400)
     assert_error(server.client.get("/v1/nothing"), 404)
     assert_error(server.client.get("/v1/chat/completions"), 405)
+    # tool messages answer the calls of the assistant message before them, by id
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    asked = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    for messages in (
+        [*USER, {"role": "tool", "tool_call_id": "call_1", "content": "18C"}],
+        [*asked, {"role": "tool", "tool_call_id": "call_2", "content": "18C"}],
+        [*asked, *USER, {"role": "tool", "tool_call_id": "call_1", "content": "18C"}],
+    ):
+        assert_error(chat(server, messages=messages), 400, "messages")
     assert server.engine.params == []  # none of these reached the engine
 
 

@@ -149,3 +149,72 @@ def test_structures_that_cannot_be_enforced_are_400s(body, param):
     with pytest.raises(APIError) as err:
         chat_structured_outputs(request, request.tools)
     assert err.value.status == 400 and err.value.param == param
+
+
+def _function(parameters: dict) -> dict:
+    return {"type": "function", "function": {"name": "f", "parameters": parameters}}
+
+
+CYCLE = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        (  # OpenAI's rule: the answer is a JSON object
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "array"}},
+                }
+            },
+            "response_format",
+            '"type": "object", got "type": "array"',
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": CYCLE},
+                }
+            },
+            "response_format",
+            "no finite value",
+        ),
+        ({"tools": [_function({"type": "string"})]}, "tools", "function 'f' parameters must be"),
+        (
+            {
+                "tools": [
+                    _function(
+                        {
+                            "type": "object",
+                            "$defs": CYCLE["$defs"],
+                            "properties": {"x": {"$ref": "#/$defs/a"}},
+                            "required": ["x"],
+                        }
+                    )
+                ]
+            },
+            "tools",
+            "function 'f' parameters: structured_outputs.json has no finite value",
+        ),
+        (  # the pattern and the cause, not the grammar the schema was compiled into
+            {
+                "tools": [
+                    _function(
+                        {"type": "object", "properties": {"x": {"type": "string", "pattern": "(a"}}}
+                    )
+                ]
+            },
+            "tools",
+            "function 'f' parameters: structured_outputs.json is not supported: "
+            "regex parse error: (a (unclosed group)",
+        ),
+    ],
+)
+def test_schemas_no_object_can_match_are_400s_naming_the_schema(body, param, message):
+    request = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **body})
+    with pytest.raises(APIError) as err:
+        chat_structured_outputs(request, request.tools)
+    assert err.value.status == 400 and err.value.param == param
+    assert message in err.value.message
