@@ -7,7 +7,10 @@ model: the text is capped (with a marker saying what was left out), wrapped in a
 delimiter whose id is a digest of the text, so the text cannot close it early, and labelled
 with its origin and a reminder that it is data. Control tokens of chat templates
 (`<|im_end|>`, `<|start_header_id|>`…) are broken up so the text cannot open a turn of
-its own once tokenized.
+its own once tokenized, and so are the product's own tags, the frame's and those of the
+tool protocol (`<tool_call>`, `<tool_response>`: orchestrator/tool_parser.py,
+orchestrator/chat_prompt.py), so the text can neither end the tool results it sits in
+nor write a call of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Iterable
 
 DEFAULT_LIMIT = 16_000  # characters
 _CONTROL = re.compile(r"<\|[^|<>\s]{1,40}\|>")
-_TAG = re.compile(r"</?untrusted", re.IGNORECASE)
+_TAG = re.compile(r"</?(?:untrusted|tool_call|tool_response)", re.IGNORECASE)
 _ZWSP = "\u200b"
 
 

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from engine.client import EngineClient
 from orchestrator import Accounts, Product, ProductError
 from orchestrator.accounts import Meter
+from orchestrator.store import StoreUnavailableError
 from orchestrator.store.accounts import is_day
 from server import conversations as conv
 from server import files as fil
@@ -29,7 +30,14 @@ from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.disconnect import unless_disconnected
 from server.embeddings import create_embeddings, parse_embedding_request
-from server.errors import APIError, api_error_handler, client_gone_handler, http_error_handler
+from server.errors import (
+    APIError,
+    api_error_handler,
+    client_gone_handler,
+    http_error_handler,
+    server_error_handler,
+    store_unavailable_handler,
+)
 from server.metrics import CONTENT_TYPE
 from server.protocol import parse_chat_request, parse_completion_request
 from server.request_body import read_json_body
@@ -275,6 +283,8 @@ def build_app(
             ClientDisconnect: client_gone_handler,
             HTTPException: http_error_handler,
             ProductError: resp.product_error_handler,
+            StoreUnavailableError: store_unavailable_handler,
+            Exception: server_error_handler,
         },
     )
     app.state.tokenmill = ServerState(engine, config)

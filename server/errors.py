@@ -9,11 +9,14 @@ typo in the request.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+log = logging.getLogger(__name__)
 
 # The `type` OpenAI uses for each status we send.
 _TYPES = {
@@ -95,6 +98,24 @@ async def client_gone_handler(request: Request, exc: Exception) -> Response:
     reads an answer, and it is not the server's error (logged as one, it would page an
     operator). 499, nginx's "client closed request", is what the access log shows."""
     return Response(status_code=499)
+
+
+async def store_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    """The database did not answer: a 503 the client may retry, in OpenAI's shape,
+    instead of Starlette's plain-text 500 and a traceback."""
+    log.error("the database did not answer %s %s: %s", request.method, request.url.path, exc)
+    return APIError(
+        503,
+        "the server's database is unreachable; retry later",
+        code="database_unavailable",
+        headers={"Retry-After": "5"},
+    ).response()
+
+
+async def server_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Any other failure: a 500 in OpenAI's shape (Starlette still logs its traceback),
+    which every SDK can read, not Starlette's plain text."""
+    return APIError(500, "the server failed on this request", code="server_error").response()
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:

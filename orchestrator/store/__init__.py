@@ -4,8 +4,13 @@ This package is the only code that runs SQL. Use `Store(url)` (migrates on open)
 `await store.call(Repository.method, owner, ...)`.
 """
 
+from sqlalchemy.exc import OperationalError as StoreUnavailableError
+
 from orchestrator.store.repository import ConversationRow, History, ItemPage, Page, Repository
 from orchestrator.store.store import Store, hold_data_dir, sqlite_url
+
+# What the database driver raises when the database does not answer (PostgreSQL down,
+# a connection cut, SQLite's file locked past its timeout): the server's 503.
 
 __all__ = [
     "ConversationRow",
@@ -14,6 +19,7 @@ __all__ = [
     "Page",
     "Repository",
     "Store",
+    "StoreUnavailableError",
     "hold_data_dir",
     "sqlite_url",
 ]

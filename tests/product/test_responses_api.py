@@ -18,7 +18,9 @@ from openai.types.conversations import (
 from openai.types.responses import Response, ResponseItemList, ResponseStreamEvent
 from pydantic import TypeAdapter
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
+from orchestrator.store import Repository
 from orchestrator.store.tables import conversation_items, response_items, responses
 from server import start_draining
 from tests.product.conftest import ProductServer
@@ -238,6 +240,34 @@ def test_deleting_a_response_deletes_its_items(product_server):
             .where(response_items.c.response_id == response.id)
         ).scalar_one()
     assert left == 0
+
+
+def test_store_failures_are_openai_shaped_5xx(product_server, monkeypatch):
+    """A database that does not answer is a 503 to retry; any other failure a 500; both
+    in OpenAI's shape, never Starlette's plain-text 500."""
+    server = product_server()
+
+    def unreachable(*_args):
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(Repository, "get_conversation", unreachable)
+    with pytest.raises(openai.InternalServerError) as err:
+        server.client.conversations.retrieve("conv_x")
+    assert err.value.status_code == 503 and err.value.code == "database_unavailable"
+    assert err.value.response.headers["retry-after"] == "5"
+
+    def broken(*_args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Repository, "get_conversation", broken)
+    r = httpx.get(f"{server.url}/v1/conversations/conv_x")
+    assert r.status_code == 500
+    assert r.json()["error"] == {
+        "message": "the server failed on this request",
+        "type": "server_error",
+        "param": None,
+        "code": "server_error",
+    }
 
 
 def test_unknown_ids_are_404(product_server):

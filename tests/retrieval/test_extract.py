@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from pypdf import PdfReader, PdfWriter
 
 from orchestrator.retrieval.extract import (
     ExtractionError,
@@ -77,3 +80,22 @@ def test_unreadable_files_say_why():
         extract_text(b"%PDF-1.4 garbage", "broken.pdf")
     with pytest.raises(ExtractionError, match="no extractable text"):
         extract_text(pdf_bytes([""]), "scan.pdf")
+
+
+def _encrypted(user_password: str, algorithm: str) -> bytes:
+    reader = PdfReader(io.BytesIO(pdf_bytes(["Minutes of the locked meeting"])))
+    writer = PdfWriter(clone_from=reader)
+    writer.encrypt(user_password=user_password, owner_password="owner", algorithm=algorithm)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("algorithm", ["RC4-128", "AES-128", "AES-256"])
+def test_encrypted_pdfs_open_without_a_password_or_say_they_need_one(algorithm):
+    """Owner-password-only PDFs (common: they forbid printing) are read, whatever their
+    cipher; a user password is a clear refusal, not a server error."""
+    text = extract_text(_encrypted("", algorithm), "locked.pdf")
+    assert "Minutes of the locked meeting" in text
+    with pytest.raises(ExtractionError, match="encrypted with a password"):
+        extract_text(_encrypted("secret", algorithm), "locked.pdf")
