@@ -185,9 +185,10 @@ class _NoObserver:
 class Budget(Protocol):
     """The requester's token allowance (`orchestrator.accounts.Meter`): each generation
     reserves its prompt plus output budget before it runs (QuotaExceededError or
-    RateLimitError when that does not fit), and the turn settles once, with its usage."""
+    RateLimitError when that does not fit; a later generation passes what the earlier
+    ones `spent`), and the turn settles once, with its usage."""
 
-    async def reserve(self, tokens: int) -> None: ...
+    async def reserve(self, tokens: int, spent: int | None = None) -> None: ...
 
     async def settle(
         self, status: str, input_tokens: int, cached_tokens: int, output_tokens: int
@@ -195,7 +196,7 @@ class Budget(Protocol):
 
 
 class _Unlimited:
-    async def reserve(self, tokens: int) -> None:
+    async def reserve(self, tokens: int, spent: int | None = None) -> None:
         pass
 
     async def settle(
@@ -563,7 +564,8 @@ class Turn:
             await self.budget.reserve(
                 output_budget(
                     len(prompt.token_ids), params.max_tokens, self.service.engine.max_model_len
-                )
+                ),
+                spent=self.totals.input_tokens + self.totals.output_tokens,
             )
         self._generations += 1
         start = len(self.events.output)

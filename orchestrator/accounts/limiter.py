@@ -80,10 +80,19 @@ class RateLimiter:
         if bucket is not None:
             _take(bucket, 1, "requests", rpm, self.headers(user_id))
 
-    def take_tokens(self, user_id: str, rpm: int | None, tpm: int | None, amount: int) -> None:
-        """Take `amount` tokens from the user's tpm bucket (RateLimitError if short)."""
+    def take_tokens(
+        self, user_id: str, rpm: int | None, tpm: int | None, amount: int, admitted: bool = False
+    ) -> None:
+        """Take `amount` tokens from the user's tpm bucket (RateLimitError if short).
+        `admitted`: for a request already let in (a later generation of a turn), which the
+        limit never cuts short: the tokens are taken even into debt, which the user's
+        next requests wait out."""
         bucket = self._buckets(user_id, rpm, tpm).tokens
-        if bucket is not None:
+        if bucket is None:
+            return
+        if admitted:
+            bucket.level -= amount
+        else:
             _take(bucket, amount, "tokens", tpm, self.headers(user_id))
 
     def refund_tokens(self, user_id: str, amount: int) -> None:

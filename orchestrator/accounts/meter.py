@@ -50,10 +50,11 @@ class Meter:
     outcome: str = "incomplete"
     _settling: asyncio.Task | None = None
 
-    async def reserve(self, tokens: int) -> None:
-        """Hold `tokens` (prompt + output budget) before they are spent."""
+    async def reserve(self, tokens: int, spent: int | None = None) -> None:
+        """Hold `tokens` (prompt + output budget) before they are spent; `spent`: what the
+        request's earlier generations used (`Accounts.reserve`)."""
         if self.accounts is not None:
-            await self.accounts.reserve(self.identity, self.held, tokens)
+            await self.accounts.reserve(self.identity, self.held, tokens, spent)
 
     def on_submit(self, prompt_tokens: int) -> None:
         if self.submitted_at is None:

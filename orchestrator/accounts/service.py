@@ -64,14 +64,25 @@ class Accounts:
     def rate_headers(self, identity: Identity) -> dict[str, str]:
         return {} if identity.user is None else self.limiter.headers(identity.user.id)
 
-    async def reserve(self, identity: Identity, held: Reservation, tokens: int) -> None:
+    async def reserve(
+        self, identity: Identity, held: Reservation, tokens: int, spent: int | None = None
+    ) -> None:
         """Hold `tokens` more for a request: from the user's tpm bucket, then from the
         quota period (one conditional UPDATE). QuotaExceededError / RateLimitError, with
-        nothing held, when they do not fit."""
+        nothing held, when they do not fit.
+
+        `spent`: for a later generation of a request already admitted, the tokens its
+        earlier generations used. The reservation keeps only those of what it held for
+        them (their unused output budget is released, not counted twice), and the tpm
+        limit counts the new tokens without refusing them."""
         user = identity.user
         if user is None:
             return
-        self.limiter.take_tokens(user.id, user.rpm, user.tpm, tokens)
+        released = 0 if spent is None else max(0, held.quota_tokens - spent)
+        if spent is None:
+            self.limiter.take_tokens(user.id, user.rpm, user.tpm, tokens)
+        else:
+            self.limiter.take_tokens(user.id, user.rpm, user.tpm, tokens - released, True)
         now = self.clock()
         if held.id is None:
             held.id = f"rsv_{secrets.token_hex(12)}"
@@ -81,21 +92,21 @@ class Accounts:
             held.id,
             user.id,
             held.period_start,
-            tokens,
+            tokens - released,
             user.token_quota,
             now,
             held.quota_tokens > 0,
         )
         if not fits:
-            self.limiter.refund_tokens(user.id, tokens)
+            self.limiter.refund_tokens(user.id, tokens - released)
             raise QuotaExceededError(
                 f"You exceeded your current quota: this request needs up to {tokens} tokens "
                 f"(prompt + max output), more than is left of your {user.token_quota}-token "
                 f"{user.quota_period} quota. Lower max_tokens, or ask the operator for more.",
                 code="insufficient_quota",
             )
-        held.rate_tokens += tokens
-        held.quota_tokens += tokens
+        held.rate_tokens += tokens - released
+        held.quota_tokens += tokens - released
 
     async def settle(self, identity: Identity, held: Reservation, record: UsageRecord) -> None:
         """Write the request's usage row, charge what it used and release the rest."""

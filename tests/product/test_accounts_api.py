@@ -554,3 +554,40 @@ def test_each_model_turn_of_a_tool_loop_reserves_before_it_runs(product_server):
     assert state.reserved == 0 and state.used == cut["usage"]["total_tokens"]
     [row] = _rows(server, "user_poor", count=1)
     assert row.status == "failed" and row.total_tokens == cut["usage"]["total_tokens"]
+    # The second model turn's reservation keeps of the first's only what it used: a quota
+    # of both prompts + the output budget (the most the turn can use) holds the turn.
+    second_prompt = len(server.engine.prompts[1])
+    exact = _account(
+        server, "exact", token_quota=first_prompt + second_prompt + 200, quota_period="month"
+    )
+    with _client(server, exact) as client:
+        fits = client.post(
+            "/responses",
+            json={
+                "model": MODEL,
+                "input": "6 times 7?",
+                "tools": [CALCULATOR],
+                "max_output_tokens": 200,
+            },
+        ).json()
+    assert fits["status"] == "completed", fits.get("error")
+
+
+def test_a_tool_loop_admitted_under_tpm_is_not_cut_by_it(product_server):
+    """The tpm limit admits requests: a turn let in runs its later model turns even past
+    it, and the next request waits for what they spent."""
+    script = _scripted(_call("calculator", expression="6 * 7"))
+    server = product_server(FakeEngine(reply=script))
+    body = {"model": MODEL, "input": "6 times 7?", "tools": [CALCULATOR], "max_output_tokens": 200}
+    with _client(server, _account(server, "probe")) as client:
+        client.post("/responses", json=body)
+    first_prompt = len(server.engine.prompts[0])
+    # room for the first model turn (prompt + 200), not for the two
+    key = _account(server, "steady", tpm=first_prompt + 200 + 10)
+    with _client(server, key) as client:
+        done = client.post("/responses", json=body).json()
+        assert done["status"] == "completed", done.get("error")
+        assert done["usage"]["total_tokens"] > first_prompt + 200 + 10
+        again = client.post("/responses", json=body)
+    assert again.status_code == 429 and again.json()["error"]["code"] == "rate_limit_exceeded"
+    assert float(again.headers["retry-after"]) > 0
