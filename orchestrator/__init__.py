@@ -97,8 +97,9 @@ class Product:
                 self.vector_stores.start_sweeping()
 
     async def stop_background(self) -> None:
-        """End the background work (ingestion) while the store is still open: before
-        `close` where an event loop runs."""
+        """End the background work (ingestion, responses' records being retried) while
+        the store is still open: before `close` where an event loop runs."""
+        await self.responses.stop_recording()
         if self.vector_stores is not None:
             await self.vector_stores.stop()
 

@@ -47,7 +47,7 @@ from orchestrator.events import Event, ResponseEvents, usage
 from orchestrator.ids import new_id
 from orchestrator.items import item_list, stored_item
 from orchestrator.output_structure import ANY_OBJECT, plain_answer, turn_structure
-from orchestrator.store import History, Page, Repository, Store
+from orchestrator.store import History, Page, Repository, Store, StoreUnavailableError
 from orchestrator.tool_parser import ChoiceAssembler, ParsedCall
 from orchestrator.tools import ResolvedTools, ToolRegistry, ToolUnavailable, builtin_tools
 from orchestrator.tools.file_search import (
@@ -343,6 +343,7 @@ class Turn:
         self._agent: Agent | None = None
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self._stop_status: str | None = None
+        self._begin_recorded = False  # the in_progress row is written (`_record`)
         self._consumer: asyncio.Task | None = None
         self._task = asyncio.create_task(self._run())
 
@@ -389,17 +390,25 @@ class Turn:
                 error,
             )
             if store is not None:
-                await begun
                 tokens = None if status == "failed" else totals.context_tokens
-                await store.call(
-                    Repository.finish_response,
-                    self.owner,
-                    self.events.response,
-                    self.input_items,
-                    tokens,
-                )
+                try:
+                    await self._record(store, begun, tokens)
+                except StoreUnavailableError as exc:
+                    self.service.record_later(self._record_until_stored(store, begun, tokens))
+                    raise _Unrecorded from exc
             await self._settle(status)
             self._put(final)
+        except _Unrecorded as unrecorded:
+            log.error("response %s could not be recorded: %s", self.id, unrecorded.__cause__)
+            await self._settle(status)
+            self._put(
+                [
+                    self.events.error(
+                        "the response could not be recorded: the database did not answer; "
+                        "the server records it once the database is back"
+                    )
+                ]
+            )
         except Exception:
             log.exception("response %s could not be completed", self.id)
             self._put([self.events.error("the response could not be recorded")])
@@ -409,6 +418,40 @@ class Turn:
             self._queue.put_nowait(None)
             self.service.running.pop(self.id, None)
             self.observer.on_finished()
+
+    async def _record(self, store: Store, begun: asyncio.Task, tokens: list[int] | None) -> None:
+        """Write the turn's final state, and its start first if that write failed."""
+        if not self._begin_recorded:
+            try:
+                await begun
+            except StoreUnavailableError:
+                await store.call(
+                    Repository.begin_response, self.owner, self.events.response, self.input_items
+                )
+            self._begin_recorded = True
+        await store.call(
+            Repository.finish_response, self.owner, self.events.response, self.input_items, tokens
+        )
+
+    async def _record_until_stored(
+        self, store: Store, begun: asyncio.Task, tokens: list[int] | None
+    ) -> None:
+        """`_record`, again every few seconds while the database does not answer, so that a
+        short outage leaves no response `in_progress` (and its conversation locked)."""
+        deadline = time.monotonic() + RECORD_RETRY_S
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._record(store, begun, tokens)
+            except StoreUnavailableError as exc:
+                if time.monotonic() > deadline:
+                    log.error("response %s was never recorded: %s", self.id, exc)
+                    return
+                delay = min(delay * 2, 30.0)
+                continue
+            log.info("response %s recorded once the database answered", self.id)
+            return
 
     async def _settle(self, status: str) -> None:
         totals = self.totals
@@ -676,6 +719,14 @@ def _missing(response_id: str) -> NotFoundError:
     )
 
 
+class _Unrecorded(Exception):
+    """The turn's final state could not be written: the database did not answer."""
+
+
+# How long a turn's final state is retried while the database does not answer (seconds).
+RECORD_RETRY_S = 600.0
+
+
 class ResponseService:
     def __init__(
         self,
@@ -695,6 +746,21 @@ class ResponseService:
         # The vector stores file_search reads (set by Product.open), or why there are none.
         self.file_search: FileSearchBackend | None = None
         self.file_search_unavailable = "file_search needs vector stores, which this server lacks"
+        # Final states being retried while the database does not answer (`record_later`).
+        self.recording: set[asyncio.Task] = set()
+
+    def record_later(self, writes) -> None:
+        """Run `writes` (a coroutine) in the background, held until done."""
+        task = asyncio.ensure_future(writes)
+        self.recording.add(task)
+        task.add_done_callback(self.recording.discard)
+
+    async def stop_recording(self) -> None:
+        """Give up the retries (shutdown): a start-up on SQLite marks those responses
+        `incomplete`."""
+        for task in list(self.recording):
+            task.cancel()
+        await asyncio.gather(*self.recording, return_exceptions=True)
 
     async def create(
         self,
@@ -886,6 +952,12 @@ class ResponseService:
             turn.stop("cancelled")
             return copy.deepcopy(await turn.wait())
         body = await self.retrieve(owner, response_id)
+        if body["status"] == "in_progress":
+            raise InvalidRequestError(
+                "this response is being generated by another server sharing this database "
+                "(or was cut off by one that stopped); only that server can cancel it",
+                code="response_not_cancellable",
+            )
         if body["status"] != "cancelled":
             raise InvalidRequestError(
                 f"only an in-progress response can be cancelled; this one is {body['status']}",

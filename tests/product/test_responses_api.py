@@ -270,6 +270,37 @@ def test_store_failures_are_openai_shaped_5xx(product_server, monkeypatch):
     }
 
 
+def test_a_turn_the_database_missed_is_recorded_once_it_answers(product_server, monkeypatch):
+    """The final write fails (the database is down): the stream says so, and the server
+    writes it once the database is back, so the response does not stay in_progress and
+    its conversation is free again."""
+    server = product_server(FakeEngine(reply="Noted."))
+    conv = server.client.conversations.create()
+    finish = Repository.finish_response
+    outage = {"writes": 2}  # the turn's own write, then the first retry
+
+    def flaky(*args):
+        if outage["writes"] > 0:
+            outage["writes"] -= 1
+            raise OperationalError("UPDATE", {}, ConnectionRefusedError("connection refused"))
+        return finish(*args)
+
+    monkeypatch.setattr(Repository, "finish_response", flaky)
+    with server.client.responses.stream(model=MODEL, input="one", conversation=conv.id) as s:
+        events = list(s)
+    assert events[-1].type == "error" and "database did not answer" in events[-1].message
+    response_id = events[0].response.id
+    deadline = time.monotonic() + 20
+    while server.client.responses.retrieve(response_id).status == "in_progress":
+        assert time.monotonic() < deadline, "never recorded"
+        time.sleep(0.2)
+    assert server.client.responses.retrieve(response_id).status == "completed"
+    second = server.client.responses.create(model=MODEL, input="two", conversation=conv.id)
+    assert second.status == "completed"
+    texts = [i.content[0].text for i in server.client.conversations.items.list(conv.id).data]
+    assert texts == ["Noted.", "two", "Noted.", "one"]
+
+
 def test_unknown_ids_are_404(product_server):
     client = product_server().client
     calls = [
