@@ -15,7 +15,7 @@ from engine.client import EngineClient
 from orchestrator.accounts import LOCAL_USER, Accounts
 from orchestrator.conversations import ConversationService
 from orchestrator.errors import InvalidRequestError, NotFoundError, ProductError
-from orchestrator.files import FileService
+from orchestrator.files import FileService, import_disk_files
 from orchestrator.responses import FunctionTool, ResponseRequest, ResponseService
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store import Page, Store
@@ -66,7 +66,8 @@ class Product:
             Accounts(store),
         )
         if data_dir is not None:
-            product.files = FileService(store, Path(data_dir))
+            import_disk_files(store, Path(data_dir).expanduser() / "files")
+            product.files = FileService(store)
             if embedder is not None:
                 product.index_unavailable = prepare_index(store.repo)
             if embedder is not None and product.index_unavailable is None:

@@ -1,13 +1,14 @@
-"""Uploaded files: the file objects in the store, their bytes in `<data dir>/files/<id>`.
+"""Uploaded files: the file objects and their bytes, both in the store.
 
-The bytes are written (and fsynced) before the row is committed, so a file object never
-names missing bytes; a crash between the two leaves only an orphaned blob.
+A file's row and its bytes are written in one transaction, so a file object never names
+missing bytes, and every server on a shared database reads the same files. Files an
+earlier version kept in `<data dir>/files/<id>` are moved into the store at start
+(`import_disk_files`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
+import logging
 import time
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from orchestrator.ids import new_id
 from orchestrator.store import ItemPage, Page, Store
 from orchestrator.store import knowledge as kb
 
+log = logging.getLogger("tokenmill")
+
 PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 
 
@@ -23,23 +26,25 @@ def missing_file(file_id: str) -> NotFoundError:
     return NotFoundError(f"No such File object: {file_id}", param="file_id", code="not_found")
 
 
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    with open(partial, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    partial.replace(path)
+def import_disk_files(store: Store, folder: Path) -> int:
+    """Move the bytes an earlier version kept in `folder` into the store (a file deleted
+    since, or a write a crash cut short, is dropped); returns how many were moved."""
+    if not folder.is_dir():
+        return 0
+    moved = 0
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix != ".partial":
+            moved += kb.import_file_bytes(store.repo, path.name, path.read_bytes())
+        path.unlink()
+    folder.rmdir()
+    if moved:
+        log.info("moved the bytes of %d files from %s into the store", moved, folder)
+    return moved
 
 
 class FileService:
-    def __init__(self, store: Store, data_dir: Path) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
-        self.folder = Path(data_dir).expanduser() / "files"
-
-    def path(self, file_id: str) -> Path:
-        return self.folder / file_id
 
     async def create(
         self, owner: str, filename: str, purpose: str, data: bytes, content_type: str | None
@@ -55,8 +60,7 @@ class FileService:
             "status_details": None,
             "expires_at": None,
         }
-        await asyncio.to_thread(_write, self.path(body["id"]), data)
-        await self.store.call(kb.add_file, owner, body, content_type)
+        await self.store.call(kb.add_file, owner, body, content_type, data)
         return body
 
     async def retrieve(self, owner: str, file_id: str) -> dict:
@@ -68,17 +72,16 @@ class FileService:
     async def content(self, owner: str, file_id: str) -> tuple[dict, str | None, bytes]:
         """The file object, its declared content type, and its bytes."""
         found = await self.store.call(kb.get_file, owner, file_id)
-        if found is None:
+        data = await self.store.call(kb.file_bytes, owner, file_id)
+        if found is None or data is None:
             raise missing_file(file_id)
-        data = await asyncio.to_thread(self.path(file_id).read_bytes)
         return found[0], found[1], data
 
     async def list(self, owner: str, page: Page, purpose: str | None) -> ItemPage:
         return await self.store.call(kb.list_files, owner, page, purpose)
 
     async def delete(self, owner: str, file_id: str) -> dict:
-        """Delete the file, its chunks in every vector store, and its bytes."""
+        """Delete the file, its bytes and its chunks in every vector store."""
         if not await self.store.call(kb.delete_file, owner, file_id):
             raise missing_file(file_id)
-        await asyncio.to_thread(self.path(file_id).unlink, True)
         return {"id": file_id, "object": "file", "deleted": True}

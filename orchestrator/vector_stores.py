@@ -445,8 +445,6 @@ class VectorStoreService:
             error = _error("invalid_file", str(exc))
         except NotFoundError:
             error = _error("invalid_file", f"the file {file_id} was deleted")
-        except FileNotFoundError:
-            error = _error("invalid_file", f"the bytes of file {file_id} are missing")
         except Exception:
             log.exception("ingesting %s into %s failed", file_id, vector_store_id)
             error = _error("server_error", "the server failed to index this file")

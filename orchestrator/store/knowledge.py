@@ -25,6 +25,7 @@ from orchestrator.retrieval.index import (
 )
 from orchestrator.store.repository import ItemPage, Page, Repository, _page, delete_owned
 from orchestrator.store.tables import (
+    file_blobs,
     files,
     vector_store_file_batches,
     vector_store_files,
@@ -81,7 +82,10 @@ def _index(repo: Repository) -> ChunkTableIndex:
 # -- files -------------------------------------------------------------------------------
 
 
-def add_file(repo: Repository, owner: str, body: dict, content_type: str | None) -> None:
+def add_file(
+    repo: Repository, owner: str, body: dict, content_type: str | None, data: bytes
+) -> None:
+    """The file object and its bytes, in one transaction."""
     with repo.engine.begin() as conn:
         conn.execute(
             insert(files).values(
@@ -92,6 +96,31 @@ def add_file(repo: Repository, owner: str, body: dict, content_type: str | None)
                 body=body,
             )
         )
+        conn.execute(insert(file_blobs).values(file_id=body["id"], data=data))
+
+
+def file_bytes(repo: Repository, owner: str, file_id: str) -> bytes | None:
+    with repo.engine.connect() as conn:
+        return conn.execute(
+            select(file_blobs.c.data)
+            .join(files, files.c.id == file_blobs.c.file_id)
+            .where(files.c.id == file_id, files.c.owner_id == owner)
+        ).scalar()
+
+
+def import_file_bytes(repo: Repository, file_id: str, data: bytes) -> bool:
+    """Store the bytes of a file whose row has none (kept on disk by an earlier version);
+    False when there is no such row, or it has its bytes already."""
+    with repo.engine.begin() as conn:
+        found = conn.execute(
+            select(files.c.id)
+            .outerjoin(file_blobs, file_blobs.c.file_id == files.c.id)
+            .where(files.c.id == file_id, file_blobs.c.file_id.is_(None))
+        ).first()
+        if found is None:
+            return False
+        conn.execute(insert(file_blobs).values(file_id=file_id, data=data))
+    return True
 
 
 def get_file(repo: Repository, owner: str, file_id: str) -> tuple[dict, str | None] | None:
@@ -130,6 +159,13 @@ def delete_file(repo: Repository, owner: str, file_id: str) -> bool:
         )
         for store_id in stores:
             _remove_store_file(conn, index, owner, store_id, file_id)
+        conn.execute(
+            delete(file_blobs).where(
+                file_blobs.c.file_id.in_(
+                    select(files.c.id).where(files.c.id == file_id, files.c.owner_id == owner)
+                )
+            )
+        )
         deleted = conn.execute(
             delete(files).where(files.c.id == file_id, files.c.owner_id == owner)
         )

@@ -87,8 +87,8 @@ conversation_items = Table(
     Index("ix_conversation_items_conversation_id_seq", "conversation_id", "seq"),
 )
 
-# Uploaded files (`/v1/files`): the file object as `body`; the bytes live in the data
-# directory under files/<id>, not in the database.
+# Uploaded files (`/v1/files`): the file object as `body`, and its bytes in `file_blobs`,
+# written in the same transaction, so that every server on the database can read them.
 files = Table(
     "files",
     metadata,
@@ -98,6 +98,13 @@ files = Table(
     Column("purpose", String(32), nullable=False),
     Column("content_type", String(128), nullable=True),
     Column("body", JSON, nullable=False),
+)
+
+file_blobs = Table(
+    "file_blobs",
+    metadata,
+    Column("file_id", ID, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
 )
 
 # Vector stores: the object as `body` without `file_counts`, `status` and `usage_bytes`,

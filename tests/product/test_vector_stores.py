@@ -9,14 +9,16 @@ import time
 
 import openai
 import pytest
+from sqlalchemy import func, select
 
-from orchestrator import FileService, VectorStoreService, vector_stores
+from orchestrator import FileService, Product, VectorStoreService, vector_stores
 from orchestrator.retrieval import pg_index
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.retrieval.index import SearchRequest
 from orchestrator.store import Page, Store
 from orchestrator.store import knowledge as kb
 from orchestrator.store.ingest_claims import IngestClaims, claim_key
+from orchestrator.store.tables import file_blobs, files
 from orchestrator.vector_stores import Search
 from tests.server.fake_engine import FakeEngine
 
@@ -57,7 +59,7 @@ async def _left_in_progress(url: str, tmp_path) -> tuple[str, str]:
     """A file recorded in_progress in a vector store, as `create` does, by a server that
     then stopped before ingesting it."""
     store = _open(url)
-    files = FileService(store, tmp_path)
+    files = FileService(store)
     file = await files.create("alice", "glaciers.txt", "assistants", TEXT, "text/plain")
     body = {
         "id": "vs_1",
@@ -84,7 +86,7 @@ async def _status_after(service: VectorStoreService, file_id: str, seconds: floa
 def test_ingestion_cut_off_by_a_stop_resumes_at_start(database_url, tmp_path, embedder):
     async def after_the_restart(file_id: str) -> str:
         store = _open(database_url)
-        service = VectorStoreService(store, FileService(store, tmp_path), embedder)
+        service = VectorStoreService(store, FileService(store), embedder)
         assert service.resume() == 1
         status = await _status_after(service, file_id, 30)
         query = Search("glaciers carving valleys", None, 5, 0.0, "hybrid")
@@ -131,7 +133,7 @@ def test_a_file_another_server_is_ingesting_is_left_to_it(
         other_server, key = IngestClaims(), claim_key("alice", "vs_1", file_id)
         other_store = Store(url)
         assert await other_store.call(other_server.claim, key)
-        service = VectorStoreService(store, FileService(store, tmp_path), embedder)
+        service = VectorStoreService(store, FileService(store), embedder)
         assert service.resume() == 1
         service.start_sweeping()
         while_claimed = await _status_after(service, file_id, 3)
@@ -158,7 +160,7 @@ def test_every_row_belongs_to_its_owner(database_url, embedder):
         "filename": "a.txt",
         "purpose": "assistants",
     }
-    kb.add_file(repo, "alice", repo_file, None)
+    kb.add_file(repo, "alice", repo_file, None, TEXT)
     kb.add_vector_store(
         repo, "alice", {"id": "vs_a", "name": None, "metadata": {}}, [_store_file("file_a", "vs_a")]
     )
@@ -169,6 +171,8 @@ def test_every_row_belongs_to_its_owner(database_url, embedder):
     assert [h.file_id for h in kb.search(repo, "alice", request)] == ["file_a"]
 
     assert kb.get_file(repo, "bob", "file_a") is None
+    assert kb.file_bytes(repo, "bob", "file_a") is None
+    assert kb.file_bytes(repo, "alice", "file_a") == TEXT
     assert kb.list_files(repo, "bob", Page(), None).items == []
     assert kb.get_vector_store(repo, "bob", "vs_a") is None
     assert kb.get_store_file(repo, "bob", "vs_a", "file_a") is None
@@ -177,6 +181,7 @@ def test_every_row_belongs_to_its_owner(database_url, embedder):
     assert not kb.add_store_files(repo, "bob", "vs_a", [_store_file("file_a", "vs_a")])
     assert not kb.delete_store_file(repo, "bob", "vs_a", "file_a")
     assert not kb.delete_file(repo, "bob", "file_a")
+    assert kb.file_bytes(repo, "alice", "file_a") == TEXT
     assert not kb.delete_vector_store(repo, "bob", "vs_a")
     assert [h.file_id for h in kb.search(repo, "alice", request)] == ["file_a"]
     store.close()
@@ -231,6 +236,53 @@ def test_postgresql_serves_vector_stores_and_file_search(
     ]
 
 
+def test_servers_sharing_a_database_read_each_others_files(
+    product_server, postgres, tmp_path, embedder
+):
+    """A file's bytes live in the database: uploaded through one server, read and
+    indexed through another with its own data directory."""
+    url = postgres.create_database()
+    first, second = (
+        product_server(database_url=url, data_dir=tmp_path / name, embedder=embedder)
+        for name in ("a", "b")
+    )
+    file = first.client.files.create(file=("glaciers.txt", TEXT), purpose="assistants")
+    assert second.client.files.content(file.id).content == TEXT
+    store = second.client.vector_stores.create(file_ids=[file.id])
+    for _ in range(600):
+        if second.client.vector_stores.retrieve(store.id).file_counts.completed == 1:
+            break
+        time.sleep(0.05)
+    hits = first.client.vector_stores.search(store.id, query="how do valleys form").data
+    assert [h.file_id for h in hits] == [file.id]
+
+
+def test_files_an_earlier_version_kept_on_disk_move_into_the_store(tmp_path):
+    """Bytes under <data dir>/files/<id> (the earlier layout) are read into the store at
+    start, and the folder goes; a write a crash cut short, or a deleted file's leftover,
+    is dropped."""
+    url = f"sqlite:///{tmp_path / 'product.db'}"
+    store = Store(url)
+    body = {"id": "file_old", "object": "file", "bytes": len(TEXT), "purpose": "assistants"}
+    with store.engine.begin() as conn:  # the row as the earlier version wrote it
+        conn.execute(
+            files.insert().values(id="file_old", owner_id="alice", purpose="assistants", body=body)
+        )
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "file_old").write_bytes(TEXT)
+    (folder / "file_gone").write_bytes(b"deleted since")
+    (folder / "file_cut.partial").write_bytes(b"half")
+    store.close()
+    product = Product.open(FakeEngine(), url, tmp_path)
+    try:
+        assert not folder.exists()
+        assert kb.file_bytes(product.store.repo, "alice", "file_old") == TEXT
+        assert kb.file_bytes(product.store.repo, "alice", "file_gone") is None
+    finally:
+        product.close()
+
+
 def test_a_database_without_pgvector_refuses_vector_stores_clearly(
     product_server, postgres, tmp_path, embedder, monkeypatch
 ):
@@ -253,4 +305,5 @@ def test_a_database_without_pgvector_refuses_vector_stores_clearly(
         )
     assert reason in refused.value.message
     assert client.files.delete(file.id).deleted
-    assert not (tmp_path / "files" / file.id).exists()
+    with server.product.store.engine.connect() as conn:  # its bytes went with it
+        assert conn.execute(select(func.count()).select_from(file_blobs)).scalar() == 0
