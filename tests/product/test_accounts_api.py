@@ -514,6 +514,15 @@ def test_a_users_requests_beyond_their_share_wait_while_another_user_goes_first(
     assert max(r.queue_time for r in rows if r.user_id == "user_a") > 0.5  # after the first
 
 
+# A turn of two model generations with the FakeEngine's scripted calculator call.
+TOOL_TURN = {
+    "model": MODEL,
+    "input": "6 times 7?",
+    "tools": [CALCULATOR],
+    "max_output_tokens": 200,
+}
+
+
 def test_each_model_turn_of_a_tool_loop_reserves_before_it_runs(product_server):
     script = _scripted(_call("calculator", expression="6 * 7"))
     server = product_server(FakeEngine(reply=script))
@@ -521,12 +530,7 @@ def test_each_model_turn_of_a_tool_loop_reserves_before_it_runs(product_server):
     with _client(server, rich) as client:
         done = client.post(
             "/responses",
-            json={
-                "model": MODEL,
-                "input": "6 times 7?",
-                "tools": [CALCULATOR],
-                "max_output_tokens": 200,
-            },
+            json=TOOL_TURN,
         ).json()
     assert done["status"] == "completed" and len(server.engine.prompts) == 2
     first_prompt = len(server.engine.prompts[0])
@@ -539,12 +543,7 @@ def test_each_model_turn_of_a_tool_loop_reserves_before_it_runs(product_server):
     with _client(server, poor) as client:
         cut = client.post(
             "/responses",
-            json={
-                "model": MODEL,
-                "input": "6 times 7?",
-                "tools": [CALCULATOR],
-                "max_output_tokens": 200,
-            },
+            json=TOOL_TURN,
         ).json()
     assert cut["status"] == "failed" and cut["error"]["code"] == "insufficient_quota"
     assert [item["type"] for item in cut["output"]] == ["function_call", "function_call_output"]
@@ -563,12 +562,7 @@ def test_each_model_turn_of_a_tool_loop_reserves_before_it_runs(product_server):
     with _client(server, exact) as client:
         fits = client.post(
             "/responses",
-            json={
-                "model": MODEL,
-                "input": "6 times 7?",
-                "tools": [CALCULATOR],
-                "max_output_tokens": 200,
-            },
+            json=TOOL_TURN,
         ).json()
     assert fits["status"] == "completed", fits.get("error")
 
@@ -578,16 +572,15 @@ def test_a_tool_loop_admitted_under_tpm_is_not_cut_by_it(product_server):
     it, and the next request waits for what they spent."""
     script = _scripted(_call("calculator", expression="6 * 7"))
     server = product_server(FakeEngine(reply=script))
-    body = {"model": MODEL, "input": "6 times 7?", "tools": [CALCULATOR], "max_output_tokens": 200}
     with _client(server, _account(server, "probe")) as client:
-        client.post("/responses", json=body)
+        client.post("/responses", json=TOOL_TURN)
     first_prompt = len(server.engine.prompts[0])
     # room for the first model turn (prompt + 200), not for the two
     key = _account(server, "steady", tpm=first_prompt + 200 + 10)
     with _client(server, key) as client:
-        done = client.post("/responses", json=body).json()
+        done = client.post("/responses", json=TOOL_TURN).json()
         assert done["status"] == "completed", done.get("error")
         assert done["usage"]["total_tokens"] > first_prompt + 200 + 10
-        again = client.post("/responses", json=body)
+        again = client.post("/responses", json=TOOL_TURN)
     assert again.status_code == 429 and again.json()["error"]["code"] == "rate_limit_exceeded"
     assert float(again.headers["retry-after"]) > 0
