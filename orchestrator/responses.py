@@ -344,6 +344,8 @@ class Turn:
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self._stop_status: str | None = None
         self._begin_recorded = False  # the in_progress row is written (`_record`)
+        self._turn_over = asyncio.Event()  # ends the checkpoints (`_checkpoint`)
+        self._checkpoints: asyncio.Task | None = None
         self._consumer: asyncio.Task | None = None
         self._task = asyncio.create_task(self._run())
 
@@ -378,9 +380,11 @@ class Turn:
             begun = asyncio.create_task(
                 store.call(Repository.begin_response, self.owner, snapshot, self.input_items)
             )
+            self._checkpoints = asyncio.create_task(self._checkpoint(store, begun))
         try:
             self._put(self.events.start())
             status, reason, error = await self._generate()
+            await self._stop_checkpoints()
             totals = self.totals
             final = self.events.finish(
                 status,
@@ -413,11 +417,42 @@ class Turn:
             log.exception("response %s could not be completed", self.id)
             self._put([self.events.error("the response could not be recorded")])
         finally:
+            await self._stop_checkpoints()
             self.service.busy_conversations.discard(self.request.conversation_id)
             await self._settle("failed")  # a no-op when settled above
             self._queue.put_nowait(None)
             self.service.running.pop(self.id, None)
             self.observer.on_finished()
+
+    async def _checkpoint(self, store: Store, begun: asyncio.Task) -> None:
+        """Every CHECKPOINT_S while the turn runs, write its output as it stands, so a crash
+        of the server loses only the last seconds of it (Repository.checkpoint_response)."""
+        try:
+            await begun
+        except StoreUnavailableError:
+            return  # no row to write to; the final record writes both
+        written: list[dict] = []
+        while True:
+            try:
+                await asyncio.wait_for(self._turn_over.wait(), CHECKPOINT_S)
+                return
+            except TimeoutError:
+                pass
+            output = copy.deepcopy(self.events.output)
+            if output == written:
+                continue
+            try:
+                await store.call(Repository.checkpoint_response, self.owner, self.id, output)
+            except StoreUnavailableError:
+                continue  # the next one, or the final record, writes it
+            written = output
+
+    async def _stop_checkpoints(self) -> None:
+        """End the checkpoints and wait for one being written (a write in its thread cannot
+        be cancelled), so none lands after the final record."""
+        self._turn_over.set()
+        if self._checkpoints is not None:
+            await asyncio.gather(self._checkpoints, return_exceptions=True)
 
     async def _record(self, store: Store, begun: asyncio.Task, tokens: list[int] | None) -> None:
         """Write the turn's final state, and its start first if that write failed."""
@@ -725,6 +760,8 @@ class _Unrecorded(Exception):
 
 # How long a turn's final state is retried while the database does not answer (seconds).
 RECORD_RETRY_S = 600.0
+# How often a turn's output is written as it stands while it runs (seconds).
+CHECKPOINT_S = 2.0
 
 
 class ResponseService:

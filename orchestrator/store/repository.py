@@ -352,7 +352,7 @@ class Repository:
                     context_tokens=None if context_tokens is None else pack_tokens(context_tokens),
                 )
             )
-            self._insert_response_items(conn, owner, body["id"], "output", output)
+            self._replace_output(conn, owner, body["id"], output)
             conversation_id = _conversation_id(body)
             if conversation_id is not None and self._owns_conversation(
                 conn, owner, conversation_id
@@ -368,6 +368,25 @@ class Repository:
                     )
                     .values(last_response_id=body["id"])
                 )
+
+    def checkpoint_response(self, owner: str, response_id: str, output: list[dict]) -> None:
+        """A response's output items as they stand mid-turn, so that a crash loses at most
+        what came since (`interrupt_unfinished` keeps them); `finish_response` replaces
+        them with the final ones."""
+        with self.engine.begin() as conn:
+            self._replace_output(conn, owner, response_id, output)
+
+    def _replace_output(
+        self, conn: Connection, owner: str, response_id: str, output: list[dict]
+    ) -> None:
+        conn.execute(
+            delete(response_items).where(
+                response_items.c.response_id == response_id,
+                response_items.c.owner_id == owner,
+                response_items.c.kind == "output",
+            )
+        )
+        self._insert_response_items(conn, owner, response_id, "output", output)
 
     def get_response(self, owner: str, response_id: str) -> dict | None:
         with self.engine.connect() as conn:
@@ -463,9 +482,11 @@ class Repository:
     def interrupt_unfinished(self) -> int:
         """Mark every response still `in_progress` as `incomplete`: start-up maintenance
         for a database only this server uses, where such a response was cut off by a
-        crash and will never finish. A turn in a conversation gets its input items
-        appended there, as `finish_response` would have, so the user's message stays in
-        the history. Acts for all owners; returns how many it marked."""
+        crash and will never finish. Its output as last checkpointed is kept, the items
+        still being written marked `incomplete`; a turn in a conversation gets its input
+        and those output items appended there, as `finish_response` would have, so the
+        history keeps the user's message and what the model had said. Acts for all
+        owners; returns how many it marked."""
         with self.engine.begin() as conn:
             rows = conn.execute(
                 select(
@@ -485,13 +506,31 @@ class Repository:
                     .where(responses.c.id == row.id)
                     .values(status="incomplete", body=body)
                 )
+                output = self._close_interrupted_output(conn, row.owner_id, row.id)
                 if row.conversation_id is not None and self._owns_conversation(
                     conn, row.owner_id, row.conversation_id
                 ):
-                    self._keep_interrupted_input(conn, row)
+                    self._keep_interrupted_turn(conn, row, output)
         return len(rows)
 
-    def _keep_interrupted_input(self, conn: Connection, row) -> None:
+    def _close_interrupted_output(
+        self, conn: Connection, owner: str, response_id: str
+    ) -> list[dict]:
+        """The checkpointed output, with the items still `in_progress` now `incomplete`."""
+        output = [
+            {**body, "status": "incomplete"} if body.get("status") == "in_progress" else body
+            for body in conn.execute(
+                select(response_items.c.body)
+                .where(
+                    response_items.c.response_id == response_id, response_items.c.kind == "output"
+                )
+                .order_by(response_items.c.seq)
+            ).scalars()
+        ]
+        self._replace_output(conn, owner, response_id, output)
+        return output
+
+    def _keep_interrupted_turn(self, conn: Connection, row, output: list[dict]) -> None:
         inputs = (
             conn.execute(
                 select(response_items.c.body)
@@ -502,7 +541,7 @@ class Repository:
             .all()
         )
         self._append_items(
-            conn, row.owner_id, row.conversation_id, int(row.created_at), list(inputs)
+            conn, row.owner_id, row.conversation_id, int(row.created_at), [*inputs, *output]
         )
         conn.execute(
             update(conversations)

@@ -20,6 +20,7 @@ from pydantic import TypeAdapter
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
+from orchestrator import responses as responses_module
 from orchestrator.store import Repository
 from orchestrator.store.tables import conversation_items, response_items, responses
 from server import start_draining
@@ -268,6 +269,38 @@ def test_store_failures_are_openai_shaped_5xx(product_server, monkeypatch):
         "param": None,
         "code": "server_error",
     }
+
+
+def test_a_running_turn_checkpoints_its_output(product_server, monkeypatch):
+    """While a turn runs, its output as it stands reaches the database every few seconds
+    (what a crash would keep), and the final record replaces it."""
+    monkeypatch.setattr(responses_module, "CHECKPOINT_S", 0.05)
+    engine = FakeEngine(reply="Noted, and more.")
+    engine.hold.clear()  # generation pauses after the first token
+    server = product_server(engine)
+    result: dict = {}
+    turn = threading.Thread(
+        target=lambda: result.update(r=server.client.responses.create(model=MODEL, input="one"))
+    )
+    turn.start()
+    _wait_for_generation(engine)
+    repo = server.product.store.repo
+    deadline = time.monotonic() + 10
+    while True:
+        [running] = list(server.product.responses.running)
+        output = repo.get_response("user_local", running)["output"]
+        if output:
+            break
+        assert time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.05)
+    [message] = output
+    assert message["status"] == "in_progress"
+    assert "Noted, and more.".startswith(message["content"][0]["text"])
+    engine.hold.set()
+    turn.join(10)
+    final = repo.get_response("user_local", result["r"].id)["output"]
+    assert [m["content"][0]["text"] for m in final] == ["Noted, and more."]
+    assert final[0]["status"] == "completed"
 
 
 def test_a_turn_the_database_missed_is_recorded_once_it_answers(product_server, monkeypatch):

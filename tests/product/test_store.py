@@ -281,8 +281,9 @@ def test_responses_cut_off_by_a_crash_are_marked_incomplete(store):
     assert repo.get_response("alice", "resp_done")["status"] == "completed"
 
 
-def test_a_turn_cut_off_by_a_crash_keeps_its_input_in_the_conversation(store):
-    """Its user message stays in the history the next turn reads, after the turns before."""
+def test_a_turn_cut_off_by_a_crash_keeps_what_it_checkpointed(store):
+    """Its user message and the output it had checkpointed stay in the response and in
+    the history the next turn reads, after the turns before."""
     repo = store.repo
     repo.create_conversation("alice", "conv_k", 1, {}, [_message("msg_0", "zero")])
     _record(repo, "alice", "resp_1", None, "one", conversation="conv_k")
@@ -295,6 +296,8 @@ def test_a_turn_cut_off_by_a_crash_keeps_its_input_in_the_conversation(store):
         "output": [],
     }
     repo.begin_response("alice", body, [_message("msg_in_cut", "two")])
+    partial = {**_message("msg_out_cut", "Half an ans"), "role": "assistant"}
+    repo.checkpoint_response("alice", "resp_cut", [{**partial, "status": "in_progress"}])
     assert repo.interrupt_unfinished() == 1
     history = repo.conversation_history("alice", "conv_k")
     assert [item["id"] for item in history.items] == [
@@ -302,7 +305,10 @@ def test_a_turn_cut_off_by_a_crash_keeps_its_input_in_the_conversation(store):
         "msg_in_resp_1",
         "msg_out_resp_1",
         "msg_in_cut",
+        "msg_out_cut",
     ]
+    assert history.items[-1]["status"] == "incomplete"
+    assert repo.get_response("alice", "resp_cut")["output"] == [{**partial, "status": "incomplete"}]
     assert history.context_tokens is None  # the cut turn's tokens were never recorded
 
 
