@@ -40,10 +40,14 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
         ids = []
-        for prompt, p in zip(prompts, params_list, strict=True):
-            request_id = str(next(self._ids))
-            self.engine.add_request(request_id, prompt, p)
-            ids.append(request_id)
+        try:
+            for prompt, p in zip(prompts, params_list, strict=True):
+                request_id = str(next(self._ids))
+                self.engine.add_request(request_id, prompt, p)
+                ids.append(request_id)
+        except BaseException:
+            self._abort(ids)  # a prompt refused: the ones before it must not run later
+            raise
         return self._run(ids, use_tqdm)
 
     def chat(
@@ -80,11 +84,14 @@ class LLM:
                             done[delta.request_id] = partial.pop(delta.request_id)
                             bar.update(1)
             except BaseException:
-                # a failed call leaves no request behind to run on in the next one
-                for request_id in ids:
-                    self.engine.abort_request(request_id)
+                self._abort(ids)
                 raise
         return [done[i] for i in ids]
+
+    def _abort(self, ids: list[str]) -> None:
+        """A failed call leaves no request behind to run on in the next one."""
+        for request_id in ids:
+            self.engine.abort_request(request_id)
 
 
 def _merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:

@@ -263,6 +263,16 @@ def test_a_request_failing_in_the_engine_fails_the_offline_call_cleanly(
     assert len(llm.generate(prompts, _greedy(), use_tqdm=False)) == 3
 
 
+def test_a_refused_prompt_leaves_none_of_the_call_behind(tiny_model_dir):
+    """A prompt after good ones fails validation: the good ones do not run on into the
+    next call."""
+    llm = _llm(tiny_model_dir("llama"))
+    with pytest.raises(ValueError, match="prompt token ids must be integers"):
+        llm.generate([[5, 6, 7], [5, 9999]], _greedy(), use_tqdm=False)
+    assert llm.engine.requests == {} and not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
 def test_stop_token_ids_must_be_in_the_vocabulary(tiny_model_dir):
     llm = _llm(tiny_model_dir("llama"))
     with pytest.raises(ValueError, match="stop_token_ids must be token ids below"):
