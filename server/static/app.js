@@ -56,9 +56,17 @@ function setStatus(text, isError = false) {
   status.classList.toggle("error", isError);
 }
 
+// What went wrong, in words: the server's own message, or, when fetch itself failed
+// (TypeError "Failed to fetch", "network error"), that the server cannot be reached.
+function describe(error) {
+  if (error instanceof ApiError) return error.message;
+  if (error instanceof TypeError) return "cannot reach the server; check that it is running, then try again";
+  return error.message || `${error}`;
+}
+
 function reportError(error) {
   if (error instanceof ApiError && error.status === 401) return; // the sign-in dialog says it
-  setStatus(error instanceof ApiError ? `Error: ${error.message}` : `Error: ${error}`, true);
+  setStatus(`Error: ${describe(error)}`, true);
 }
 
 // -- sign-in and usage ----------------------------------------------------------------
@@ -397,9 +405,11 @@ function turnView(node) {
   }
   const streaming = state.stream && state.stream.nodeId === node.id;
   if (streaming && !text) assistant.append(el("div", "typing", "…"));
-  if (node.status === "incomplete" || node.status === "cancelled") {
+  if (node.status === "cancelled") assistant.append(el("div", "note", "Stopped."));
+  if (node.status === "incomplete") {
     const cut = node.reason === "max_output_tokens";
-    assistant.append(el("div", "note", cut ? "Cut off at the output token limit." : "Stopped."));
+    assistant.append(el("div", "note",
+      cut ? "Cut off at the output token limit." : "Interrupted before the end."));
   }
   if (node.error) assistant.append(el("div", "note error", `Error: ${node.error}`));
   if (!streaming) assistant.append(assistantTools(node, text));
@@ -543,11 +553,11 @@ async function runTurn(parent, text) {
     await streamed;
   } catch (error) {
     if (error.name === "AbortError") {
-      node.status = "incomplete";
+      node.status = state.stream.stopped ? "cancelled" : "incomplete";
     } else {
-      node.error = error.message;
+      node.error = describe(error);
       node.status = "failed";
-      if (!(error instanceof ApiError && error.status === 401)) setStatus(`Error: ${error.message}`, true);
+      reportError(error);
     }
   }
   const started = node.id.startsWith("resp_");
@@ -664,8 +674,26 @@ function onEvent(node, event) {
   scheduleRender();
 }
 
+// Leaving the answer (another conversation, a new chat, a deletion): the connection
+// closes, and the server stops the response as `incomplete`.
 function stopStream() {
   if (state.stream) state.stream.controller.abort();
+}
+
+// The Stop button and Escape: the response is cancelled (`cancelled`, shown as stopped),
+// then the connection closes if the stream has not ended by then.
+async function stopAnswer() {
+  const stream = state.stream;
+  if (!stream || stream.stopped) return;
+  stream.stopped = true;
+  if (stream.nodeId.startsWith("resp_")) {
+    try {
+      await request("POST", `/v1/responses/${stream.nodeId}/cancel`);
+    } catch (error) {
+      // closing the connection below stops it all the same
+    }
+  }
+  if (state.stream === stream) stream.controller.abort();
 }
 
 function showStreaming(on) {
@@ -842,7 +870,7 @@ function wire() {
     : ""));
   $("composer").addEventListener("submit", send);
   $("prompt").addEventListener("keydown", onPromptKey);
-  $("stop").addEventListener("click", stopStream);
+  $("stop").addEventListener("click", stopAnswer);
   $("new-chat").addEventListener("click", newChat);
   $("search").addEventListener("input", onSearch);
   $("open-settings").addEventListener("click", openSettings);
@@ -867,7 +895,7 @@ function wire() {
     const target = event.target;
     const editing = target instanceof HTMLElement && target.id !== "prompt"
       && target.matches("input, textarea");
-    if (!editing && !document.querySelector("dialog[open]")) stopStream();
+    if (!editing && !document.querySelector("dialog[open]")) stopAnswer();
   });
 }
 

@@ -211,10 +211,27 @@ def test_stop_ends_the_stream_and_the_response(page, api):
     while (stored := api.get(f"/v1/responses/{response_id}").json())["status"] == "in_progress":
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert stored["status"] in ("incomplete", "cancelled")
+    assert stored["status"] == "cancelled"  # the Stop button cancels the response
     assert stored["usage"]["output_tokens"] < 400
     time.sleep(0.5)
     assert page.inner_text("#messages .assistant-body") == shown  # nothing more arrived
+
+
+def test_a_server_out_of_reach_is_said_plainly_and_the_message_kept(session):
+    context, console = session
+    console.expected.append(r"net::ERR_FAILED")  # the browser's own line for the failed fetch
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.route("**/v1/responses", lambda route: route.abort())  # fetch fails: no server
+    page.fill("#prompt", "anyone there?")
+    page.press("#prompt", "Enter")
+    deadline = time.monotonic() + 10
+    while "cannot reach the server" not in page.inner_text("#status"):
+        assert time.monotonic() < deadline, page.inner_text("#status")
+        time.sleep(0.05)
+    assert "TypeError" not in page.inner_text("#status")
+    assert page.input_value("#prompt") == "anyone there?"
 
 
 def test_a_turn_reloaded_away_from_before_it_ends_is_still_there(page, api):
