@@ -63,6 +63,8 @@ class LLM:
             raise ValueError("this model has no tokenizer, so it has no chat template")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
+        for conversation in conversations:
+            _check_messages(conversation)
         prompts = [
             self.tokenizer.encode_chat(c, add_generation_prompt=add_generation_prompt, tools=tools)
             for c in conversations
@@ -92,6 +94,16 @@ class LLM:
         """A failed call leaves no request behind to run on in the next one."""
         for request_id in ids:
             self.engine.abort_request(request_id)
+
+
+def _check_messages(messages: list[dict]) -> None:
+    """The shape every chat template reads, checked here so that a slip is a ValueError
+    naming the message rather than an error from inside the template."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"messages[{i}] must be a dict with a string 'role'")
+        if "content" not in message and not message.get("tool_calls"):
+            raise ValueError(f"messages[{i}] has no 'content'")
 
 
 def _merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:

@@ -273,6 +273,21 @@ def test_a_refused_prompt_leaves_none_of_the_call_behind(tiny_model_dir):
     assert llm.engine.block_manager.num_used_blocks == 0
 
 
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        ([{"role": "user"}], r"messages\[0\] has no 'content'"),
+        ([{"content": "hi"}], r"messages\[0\] must be a dict with a string 'role'"),
+        (["hi"], r"messages\[0\] must be a dict"),
+    ],
+)
+def test_chat_messages_of_the_wrong_shape_are_value_errors(tiny_chat_model_dir, messages, message):
+    llm = _llm(tiny_chat_model_dir)
+    with pytest.raises(ValueError, match=message):
+        llm.chat(messages, _greedy(), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_stop_token_ids_must_be_in_the_vocabulary(tiny_model_dir):
     llm = _llm(tiny_model_dir("llama"))
     with pytest.raises(ValueError, match="stop_token_ids must be token ids below"):
