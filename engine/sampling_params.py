@@ -80,6 +80,10 @@ class SamplingParams:
     # Constrain every output to a structure (JSON schema, regex, choice, grammar).
     structured_outputs: StructuredOutputsParams | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI)
+    # Prefix-cache namespace (vLLM's cache_salt): a request reuses, and leaves, cached
+    # prompt blocks only for requests with the same salt. A server salts with the user, so
+    # one user's prompts can neither serve nor be detected (cached_tokens, timing) by another.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -129,6 +133,12 @@ class SamplingParams:
                 f"at most {SEED_MAX} - (n - 1) so every completion gets a seed (n={self.n})",
                 self.seed,
             )
+        _require(
+            self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt),
+            "cache_salt",
+            "None or a non-empty string",
+            self.cache_salt,
+        )
         for s in self.stop:
             _require(isinstance(s, str) and s != "", "stop", "a list of non-empty strings", s)
         for t in self.stop_token_ids:

@@ -6,6 +6,10 @@ sequence cap (`max_num_seqs`). Decodes are counted first so a long prompt never
 stalls the streams already flowing; prompts longer than what is left of the budget
 are prefilled in chunks over several steps.
 
+The prefix cache is keyed by `Sequence.cache_key`: the token ids, shifted out of every
+vocabulary for a request with a `cache_salt`, so that requests of different salts (users)
+never share blocks.
+
 Prompts admitted in the same step share what they have in common. As soon as a prompt is
 admitted, the whole blocks its chunk will fill this step go into the prefix cache, so a
 later prompt of the same step that starts with the same tokens takes those blocks instead
@@ -87,7 +91,7 @@ class Scheduler:
         """Take a running sequence off the batch; its computed blocks go into the prefix
         cache (so a resumed or follow-up request finds them) before its blocks are freed."""
         self.running.remove(seq)
-        self.bm.cache(seq.seq_id, seq.token_ids[: seq.num_computed_tokens])
+        self.bm.cache(seq.seq_id, seq.cache_key(seq.num_computed_tokens))
         self.bm.free(seq.seq_id)
 
     # -- scheduling ---------------------------------------------------------------
@@ -151,10 +155,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             # With nothing running, the watermark must not block the only candidate.
-            if self.running and not self.bm.can_allocate(seq.token_ids):
+            if self.running and not self.bm.can_allocate(seq.cache_key()):
                 break
             try:
-                cached = self.bm.allocate(seq.seq_id, seq.token_ids)
+                cached = self.bm.allocate(seq.seq_id, seq.cache_key())
             except NoFreeBlocksError:
                 break
             self.waiting.popleft()
@@ -167,7 +171,7 @@ class Scheduler:
             budget -= n
             self._add_to_batch(batch, seq, n)
             # for the prompts admitted after this one (see the module docstring)
-            self.bm.cache(seq.seq_id, seq.token_ids[: cached + n])
+            self.bm.cache(seq.seq_id, seq.cache_key(cached + n))
 
     def _add_to_batch(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         batch.seqs.append(seq)
@@ -232,7 +236,7 @@ class Scheduler:
         for seq, n in zip(batch.seqs, batch.num_query_tokens, strict=True):
             seq.num_computed_tokens += n
             if seq.num_computed_tokens == seq.num_tokens and seq.num_output_tokens == 0:
-                self.bm.cache(seq.seq_id, seq.token_ids)
+                self.bm.cache(seq.seq_id, seq.cache_key())
         for parent, child in batch.forks:
             child.num_computed_tokens = parent.num_computed_tokens
 

@@ -10,11 +10,13 @@ a preempted sequence all look alike.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from functools import cached_property
 
 import torch
 
@@ -68,6 +70,17 @@ class Request:
     def finished(self) -> bool:
         return len(self.seqs) == self.params.n and all(s.finished for s in self.seqs)
 
+    @cached_property
+    def cache_offset(self) -> int:
+        """What the request's `cache_salt` adds to every token id in the prefix cache's keys
+        (0 without one): salted keys fall outside any vocabulary and differ per salt, so
+        requests of different salts never match each other's blocks."""
+        salt = self.params.cache_salt
+        if salt is None:
+            return 0
+        digest = hashlib.sha256(salt.encode()).digest()
+        return (1 + int.from_bytes(digest[:8], "big")) << 32
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -94,6 +107,12 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    def cache_key(self, end: int | None = None) -> list[int]:
+        """`token_ids[:end]` as the prefix cache keys them (`Request.cache_offset`)."""
+        tokens = self.token_ids if end is None else self.token_ids[:end]
+        offset = self.request.cache_offset
+        return [t + offset for t in tokens] if offset else tokens
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -26,6 +26,7 @@ from engine import SamplingParams
 from engine.client import EngineClient
 from engine.errors import EngineError
 from engine.structured_output import StructuredOutputsParams
+from orchestrator.accounts.identity import cache_salt
 from orchestrator.agent import (
     CODE_INTERPRETER,
     DEFAULT_MAX_TOOL_CALLS,
@@ -842,7 +843,7 @@ class ResponseService:
         history = await self._history(owner, request)
         _check_call_outputs(history.items, request.input)
         input_items = [stored_item(i) for i in request.input]
-        params = _sampling_params(request)
+        params = dataclasses.replace(_sampling_params(request), cache_salt=cache_salt(owner))
         tools = self._resolve_tools(request)
         await self._add_file_search(owner, request, tools)
         declared = [

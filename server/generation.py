@@ -8,6 +8,7 @@ its consumer stops early (a client that went away), so KV blocks are freed at on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -17,6 +18,7 @@ from typing import TypeVar
 from engine import RequestOutput, SamplingParams
 from engine.errors import ContextLengthExceededError, EngineError, RequestFailedError
 from orchestrator.accounts import Meter
+from orchestrator.accounts.identity import cache_salt
 from server.errors import APIError, from_value_error, invalid
 from server.metrics import RequestTimer
 from server.sse import DONE
@@ -94,6 +96,7 @@ async def engine_outputs(
     """`engine.generate` with API errors, metrics, metering, and abort-on-early-close."""
     finished = False
     meter.on_submit(len(prompt))
+    params = dataclasses.replace(params, cache_salt=cache_salt(meter.identity.owner))
     try:
         async with aclosing(state.engine.generate(prompt, params, request_id)) as outputs:
             async for out in outputs:

@@ -4,6 +4,8 @@ preemption; sampling parameters; n > 1; aborts."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import transformers
@@ -113,6 +115,28 @@ def test_prefix_cache_hit_is_reported_and_correct(tiny_model_dir):
     assert out1.num_cached_tokens == 0
     assert out2.num_cached_tokens == 48
     assert out2.outputs[0].token_ids == _hf_greedy(path, [second])[0]
+
+
+def test_prefix_cache_entries_are_shared_only_within_a_cache_salt(tiny_model_dir):
+    """A salted request reuses blocks only of its own salt (a server's user), whether they
+    were cached by an earlier request or by one admitted in the same step; what it
+    computes is the same."""
+    path = tiny_model_dir("llama")
+    llm = _llm(path)
+    system = _prompts(384, [48], seed=3)[0]
+    prompt = [*system, 5, 6, 7]
+
+    def cached(salts: list[str | None]) -> list[int]:
+        params = [dataclasses.replace(_greedy(), cache_salt=salt) for salt in salts]
+        outs = llm.generate([prompt] * len(salts), params, use_tqdm=False)
+        assert all(o.outputs[0].token_ids == outs[0].outputs[0].token_ids for o in outs)
+        return [o.num_cached_tokens for o in outs]
+
+    assert cached(["alice"]) == [0]
+    assert cached(["bob", None, "alice"]) == [0, 0, 48]
+    assert cached(["bob", "bob", None]) == [48, 48, 48]
+    with pytest.raises(ValueError, match="cache_salt"):
+        SamplingParams(cache_salt="")
 
 
 def _poison(llm: LLM) -> None:

@@ -34,3 +34,10 @@ class Identity:
 
 
 LOCAL = Identity()
+
+
+def cache_salt(owner: str) -> str | None:
+    """The engine's prefix-cache namespace for `owner`'s requests (SamplingParams.cache_salt):
+    each user's own, so one user's prompts neither serve nor reveal another's through
+    `cached_tokens` or timing; the local user's (an open server, admin keys), none."""
+    return None if owner == LOCAL_USER else owner

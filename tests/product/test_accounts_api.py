@@ -64,6 +64,23 @@ def _rows(
         time.sleep(0.02)
 
 
+def test_each_users_prompts_are_cached_apart(product_server):
+    """Chat, completions and responses reach the engine salted with their user, so one
+    user's cached prompt blocks neither serve nor reveal another's; the operator's keys and
+    an open server's requests share the unsalted cache."""
+    server = product_server(api_keys=["operator-key"])
+    keys = [_account(server, name) for name in ("alice", "bob")]
+    for key in [*keys, "operator-key"]:
+        with _client(server, key) as client:
+            assert _chat(client).status_code == 200
+            body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4}
+            assert client.post("/completions", json=body).status_code == 200
+            body = {"model": MODEL, "input": "Hi", "max_output_tokens": 4}
+            assert client.post("/responses", json=body).status_code == 200
+    salts = [p.cache_salt for p in server.engine.params]
+    assert salts == ["user_alice"] * 3 + ["user_bob"] * 3 + [None] * 3
+
+
 def _quota(server: ProductServer, user_id: str) -> db.QuotaState:
     return db.quota_state(server.product.store.repo, user_id, 0)
 
