@@ -278,12 +278,7 @@ def test_a_running_turn_checkpoints_its_output(product_server, monkeypatch):
     engine = FakeEngine(reply="Noted, and more.")
     engine.hold.clear()  # generation pauses after the first token
     server = product_server(engine)
-    result: dict = {}
-    turn = threading.Thread(
-        target=lambda: result.update(r=server.client.responses.create(model=MODEL, input="one"))
-    )
-    turn.start()
-    _wait_for_generation(engine)
+    turn, result = _held_turn(server, input="one")
     repo = server.product.store.repo
     deadline = time.monotonic() + 10
     while True:
@@ -451,14 +446,7 @@ def test_a_conversation_runs_one_turn_at_a_time(product_server, database_url):
     server = product_server(engine, database_url=database_url)
     conv = server.client.conversations.create()
     other = server.client.conversations.create()
-    result: dict = {}
-    first = threading.Thread(
-        target=lambda: result.update(
-            r=server.client.responses.create(model=MODEL, input="one", conversation=conv.id)
-        )
-    )
-    first.start()
-    _wait_for_generation(engine)
+    first, result = _held_turn(server, input="one", conversation=conv.id)
     with pytest.raises(openai.BadRequestError) as locked:  # at once, not after the first turn
         server.client.with_options(timeout=5).responses.create(
             model=MODEL, input="two", conversation=conv.id
@@ -631,14 +619,7 @@ def test_an_unstored_response_being_generated_does_not_exist_for_the_api(product
     engine = FakeEngine(reply="abcdefghij")
     engine.hold.clear()  # generation pauses after the first token
     server = product_server(engine)
-    result: dict = {}
-    creator = threading.Thread(
-        target=lambda: result.update(
-            r=server.client.responses.create(model=MODEL, input="x", store=False)
-        )
-    )
-    creator.start()
-    _wait_for_generation(engine)
+    creator, result = _held_turn(server, input="x", store=False)
     (response_id,) = engine.running
     with pytest.raises(openai.NotFoundError):
         server.client.responses.retrieve(response_id)
@@ -656,6 +637,19 @@ def _wait_for_generation(engine: FakeEngine) -> None:
     while not engine.running:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def _held_turn(server: ProductServer, **body) -> tuple[threading.Thread, dict]:
+    """Create a response on a thread, its engine holding generation after the first token
+    (`engine.hold` cleared); returns once generation has started: the thread, and the dict
+    its response lands in (as "r")."""
+    result: dict = {}
+    creator = threading.Thread(
+        target=lambda: result.update(r=server.client.responses.create(model=MODEL, **body))
+    )
+    creator.start()
+    _wait_for_generation(server.engine)
+    return creator, result
 
 
 def test_a_client_that_disconnects_mid_stream_leaves_an_incomplete_response(product_server):
@@ -691,12 +685,7 @@ def test_cancel_stops_a_response_in_progress(product_server):
     engine = FakeEngine(reply="abcdefghij" * 10)
     engine.hold.clear()  # generation pauses after the first token
     server = product_server(engine)
-    result: dict = {}
-    creator = threading.Thread(
-        target=lambda: result.update(r=server.client.responses.create(model=MODEL, input="x"))
-    )
-    creator.start()
-    _wait_for_generation(engine)
+    creator, result = _held_turn(server, input="x")
     (response_id,) = engine.running
     live = server.client.responses.retrieve(response_id)
     assert live.status == "in_progress"
