@@ -242,9 +242,15 @@ async function searchContent() {
 
 // -- opening a conversation: its tree from the stored responses ------------------------
 
+// The open conversation is in the address (#conv_…), so a reload, or the link, opens it.
+function showInAddress(id) {
+  history.replaceState(null, "", id ? `#${id}` : location.pathname + location.search);
+}
+
 function newChat() {
   stopStream();
   state.open = null;
+  showInAddress(null);
   state.draft = freshMeta();
   state.tree = new Tree();
   $("chat-title").textContent = "New chat";
@@ -297,6 +303,7 @@ async function openConversation(id) {
     const tree = await loadTree(decoded.leaves);
     if (decoded.leaf && tree.nodes.has(decoded.leaf)) tree.choose(decoded.leaf);
     state.open = { id, meta: decoded };
+    showInAddress(id);
     state.tree = tree;
     state.draft = null;
     $("chat-title").textContent = decoded.title || "Untitled";
@@ -333,6 +340,7 @@ async function ensureConversation(firstText) {
   const conversation = await request("POST", "/v1/conversations", { metadata: encodeMetadata(decoded) });
   state.conversations.unshift(conversation);
   state.open = { id: conversation.id, meta: decoded };
+  showInAddress(conversation.id);
   state.draft = null;
   $("chat-title").textContent = decoded.title;
   renderSidebar();
@@ -861,6 +869,9 @@ async function start() {
   if (!state.open) state.draft = freshMeta();
   renderMessages();
   await Promise.all([loadConversations().catch(reportError), refreshUsage()]);
+  const wanted = decodeURIComponent(location.hash.slice(1));
+  if (state.conversations.some((c) => c.id === wanted)) await openConversation(wanted);
+  else if (wanted) showInAddress(null); // deleted since, or another user's
   document.body.dataset.ready = "true";
 }
 

@@ -246,14 +246,15 @@ def test_a_turn_reloaded_away_from_before_it_ends_is_still_there(page, api):
     while response_id not in api.get(f"/v1/conversations/{conversation_id}").text:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    print("CONV", api.get(f"/v1/conversations/{conversation_id}").text)
     assert page.locator("#stop").is_visible()  # stored while the answer still streams
+    assert page.url.endswith(f"#{conversation_id}")  # the open conversation is in the address
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
-    # by its id: other tests' conversations may have the same title
-    page.locator(f"#conversation-list li[data-id='{conversation_id}'] .conversation-title").click()
+    # the reload opens it again by itself, with the turn as far as the server recorded it
     page.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
     assert turns(page) == [response_id]
+    page.click("#new-chat")
+    assert "#" not in page.url
 
 
 def test_branches_from_regenerate_and_edit_survive_a_reload(page):
