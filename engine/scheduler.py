@@ -154,11 +154,12 @@ class Scheduler:
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            key = seq.cache_key()
             # With nothing running, the watermark must not block the only candidate.
-            if self.running and not self.bm.can_allocate(seq.cache_key()):
+            if self.running and not self.bm.can_allocate(key):
                 break
             try:
-                cached = self.bm.allocate(seq.seq_id, seq.cache_key())
+                cached = self.bm.allocate(seq.seq_id, key)
             except NoFreeBlocksError:
                 break
             self.waiting.popleft()
@@ -171,7 +172,7 @@ class Scheduler:
             budget -= n
             self._add_to_batch(batch, seq, n)
             # for the prompts admitted after this one (see the module docstring)
-            self.bm.cache(seq.seq_id, seq.cache_key(cached + n))
+            self.bm.cache(seq.seq_id, key[: cached + n])
 
     def _add_to_batch(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         batch.seqs.append(seq)

@@ -102,7 +102,7 @@ def _to_llguidance(kind: str, value: Any) -> str:
                 raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
         if not isinstance(value, dict | bool):
             raise ValueError("structured_outputs.json must be a JSON schema (an object)")
-        check_finite(value)
+        _check_finite(value)
         return M.grammar_from_json_schema(value, defaults=JSON_OPTIONS)
     if kind == "json_object":
         if value is not True:
@@ -124,7 +124,7 @@ def _to_llguidance(kind: str, value: Any) -> str:
         raise ValueError(f"structured_outputs.grammar: {exc}") from None
 
 
-def check_finite(schema: dict | bool) -> None:
+def _check_finite(schema: dict | bool) -> None:
     """ValueError when no finite JSON value matches `schema`: a subschema every value of
     which must hold another value of it (a `$ref` cycle through `$ref`, `allOf`, required
     properties or non-empty arrays, with no way out through `anyOf`). llguidance accepts
@@ -157,6 +157,11 @@ def _schema_graph(root: dict | bool) -> dict[str, tuple[list[str], list[list[str
     items, since a value of another type would satisfy it."""
     nodes: dict[str, tuple[list[str], list[list[str]]]] = {}
     stack: list[tuple[str, Any]] = [("#", root)]
+
+    def edge(path: str, sub: Any, into: list[str]) -> None:
+        into.append(path)
+        stack.append((path, sub))
+
     while stack:
         pointer, schema = stack.pop()
         if pointer in nodes:
@@ -166,17 +171,11 @@ def _schema_graph(root: dict | bool) -> dict[str, tuple[list[str], list[list[str
         nodes[pointer] = (needs, choices)
         if not isinstance(schema, dict) or "enum" in schema or "const" in schema:
             continue
-
-        def edge(path: str, sub: Any, into: list[str]) -> None:
-            into.append(path)
-            stack.append((path, sub))
-
         ref = schema.get("$ref")
         if isinstance(ref, str) and ref.startswith("#"):
             target = _resolve(root, ref)
             if target is not None:
-                needs.append(ref)
-                stack.append((ref, target))
+                edge(ref, target, needs)
         for i, sub in enumerate(_list(schema.get("allOf"))):
             edge(f"{pointer}/allOf/{i}", sub, needs)
         for key in ("anyOf", "oneOf"):

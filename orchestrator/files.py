@@ -71,11 +71,10 @@ class FileService:
 
     async def content(self, owner: str, file_id: str) -> tuple[dict, str | None, bytes]:
         """The file object, its declared content type, and its bytes."""
-        found = await self.store.call(kb.get_file, owner, file_id)
-        data = await self.store.call(kb.file_bytes, owner, file_id)
-        if found is None or data is None:
+        found = await self.store.call(kb.file_content, owner, file_id)
+        if found is None:
             raise missing_file(file_id)
-        return found[0], found[1], data
+        return found
 
     async def list(self, owner: str, page: Page, purpose: str | None) -> ItemPage:
         return await self.store.call(kb.list_files, owner, page, purpose)

@@ -35,20 +35,25 @@ def _lark(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def checked(param: str, **kind) -> StructuredOutputsParams:
-    """StructuredOutputsParams, with an invalid schema or grammar a 400 naming `param`."""
+def checked(param: str, what: str | None = None, **kind) -> StructuredOutputsParams:
+    """StructuredOutputsParams, with an invalid schema or grammar a 400 naming `param`,
+    its message about `what` (default: `param`)."""
     try:
         return StructuredOutputsParams(**kind)
     except ValueError as exc:
-        raise InvalidRequestError(f"{param}: {exc}", param) from None
+        raise InvalidRequestError(f"{what or param}: {exc}", param) from None
 
 
-def json_format_params(schema: dict, param: str) -> StructuredOutputsParams:
-    """JSON matching `schema` (ANY_OBJECT: any JSON object, the engine's json_object)."""
+def json_format_params(
+    schema: dict, param: str, what: str | None = None
+) -> StructuredOutputsParams:
+    """JSON matching `schema` (ANY_OBJECT: any JSON object, the engine's json_object); an
+    error is a 400 naming `param`, its message about `what` (default: `param`)."""
+    what = what or param
     if schema == ANY_OBJECT:
-        return checked(param, json_object=True)
-    _require_object(schema, param, param)
-    return checked(param, json=schema)
+        return checked(param, what, json_object=True)
+    _require_object(schema, param, what)
+    return checked(param, what, json=schema)
 
 
 def _require_object(schema: dict, param: str, what: str) -> None:
@@ -65,12 +70,7 @@ def _check_functions(functions: list[tuple[str, dict | None]], param: str) -> No
     """Each function's parameters checked alone, so that an error names the function: the
     tool grammar's own error would quote the grammar we compiled them into."""
     for name, schema in functions:
-        what = f"{param}: function {name!r} parameters"
-        _require_object(schema or _NO_ARGUMENTS, param, what)
-        try:
-            StructuredOutputsParams(json=schema or _NO_ARGUMENTS)
-        except ValueError as exc:
-            raise InvalidRequestError(f"{what}: {exc}", param) from None
+        json_format_params(schema or _NO_ARGUMENTS, param, f"{param}: function {name!r} parameters")
 
 
 def plain_answer() -> StructuredOutputsParams:

@@ -394,26 +394,12 @@ class Turn:
                 reason,
                 error,
             )
+            recorded = True
             if store is not None:
                 tokens = None if status == "failed" else totals.context_tokens
-                try:
-                    await self._record(store, begun, tokens)
-                except StoreUnavailableError as exc:
-                    self.service.record_later(self._record_until_stored(store, begun, tokens))
-                    raise _Unrecorded from exc
+                recorded = await self._record_or_retry(store, begun, tokens)
             await self._settle(status)
-            self._put(final)
-        except _Unrecorded as unrecorded:
-            log.error("response %s could not be recorded: %s", self.id, unrecorded.__cause__)
-            await self._settle(status)
-            self._put(
-                [
-                    self.events.error(
-                        "the response could not be recorded: the database did not answer; "
-                        "the server records it once the database is back"
-                    )
-                ]
-            )
+            self._put(final if recorded else [self.events.error(UNRECORDED)])
         except Exception:
             log.exception("response %s could not be completed", self.id)
             self._put([self.events.error("the response could not be recorded")])
@@ -468,6 +454,19 @@ class Turn:
         await store.call(
             Repository.finish_response, self.owner, self.events.response, self.input_items, tokens
         )
+
+    async def _record_or_retry(
+        self, store: Store, begun: asyncio.Task, tokens: list[int] | None
+    ) -> bool:
+        """`_record`; False when the database does not answer, the record then retried in
+        the background (`_record_until_stored`)."""
+        try:
+            await self._record(store, begun, tokens)
+        except StoreUnavailableError as exc:
+            log.error("response %s could not be recorded: %s", self.id, exc)
+            self.service.record_later(self._record_until_stored(store, begun, tokens))
+            return False
+        return True
 
     async def _record_until_stored(
         self, store: Store, begun: asyncio.Task, tokens: list[int] | None
@@ -755,10 +754,11 @@ def _missing(response_id: str) -> NotFoundError:
     )
 
 
-class _Unrecorded(Exception):
-    """The turn's final state could not be written: the database did not answer."""
-
-
+# The stream's last event when the database did not answer the turn's final write.
+UNRECORDED = (
+    "the response could not be recorded: the database did not answer; "
+    "the server records it once the database is back"
+)
 # How long a turn's final state is retried while the database does not answer (seconds).
 RECORD_RETRY_S = 600.0
 # How often a turn's output is written as it stands while it runs (seconds).

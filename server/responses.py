@@ -94,7 +94,8 @@ async def create_response(request: Request, body: Any, meter: Meter) -> Response
 
 async def retrieve_response(request: Request) -> Response:
     response_id = request.path_params["response_id"]
-    if request.query_params.get("stream", "false").lower() not in ("false", "0"):
+    query = request.query_params
+    if query.get("stream", "false").lower() not in ("false", "0"):
         # Resuming a stream is for background responses, which this server does not run:
         # said plainly, rather than answering with the object and no events.
         raise invalid(
@@ -102,7 +103,6 @@ async def retrieve_response(request: Request) -> Response:
             "can be streamed again, and this server does not run them",
             param="stream",
         )
-    query = request.query_params
     check_include(query.getlist("include") + query.getlist("include[]"), lambda _: "include")
     return JSONResponse(await product(request).responses.retrieve(owner(request), response_id))
 

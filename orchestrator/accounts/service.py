@@ -78,11 +78,9 @@ class Accounts:
         user = identity.user
         if user is None:
             return
-        released = 0 if spent is None else max(0, held.quota_tokens - spent)
-        if spent is None:
-            self.limiter.take_tokens(user.id, user.rpm, user.tpm, tokens)
-        else:
-            self.limiter.take_tokens(user.id, user.rpm, user.tpm, tokens - released, True)
+        admitted = spent is not None
+        more = tokens - (max(0, held.quota_tokens - spent) if admitted else 0)
+        self.limiter.take_tokens(user.id, user.rpm, user.tpm, more, admitted)
         now = self.clock()
         if held.id is None:
             held.id = f"rsv_{secrets.token_hex(12)}"
@@ -92,21 +90,21 @@ class Accounts:
             held.id,
             user.id,
             held.period_start,
-            tokens - released,
+            more,
             user.token_quota,
             now,
             held.quota_tokens > 0,
         )
         if not fits:
-            self.limiter.refund_tokens(user.id, tokens - released)
+            self.limiter.refund_tokens(user.id, more)
             raise QuotaExceededError(
                 f"You exceeded your current quota: this request needs up to {tokens} tokens "
                 f"(prompt + max output), more than is left of your {user.token_quota}-token "
                 f"{user.quota_period} quota. Lower max_tokens, or ask the operator for more.",
                 code="insufficient_quota",
             )
-        held.rate_tokens += tokens - released
-        held.quota_tokens += tokens - released
+        held.rate_tokens += more
+        held.quota_tokens += more
 
     async def settle(self, identity: Identity, held: Reservation, record: UsageRecord) -> None:
         """Write the request's usage row, charge what it used and release the rest."""

@@ -99,13 +99,17 @@ def add_file(
         conn.execute(insert(file_blobs).values(file_id=body["id"], data=data))
 
 
-def file_bytes(repo: Repository, owner: str, file_id: str) -> bytes | None:
+def file_content(
+    repo: Repository, owner: str, file_id: str
+) -> tuple[dict, str | None, bytes] | None:
+    """The file object, its declared content type and its bytes, in one query."""
     with repo.engine.connect() as conn:
-        return conn.execute(
-            select(file_blobs.c.data)
-            .join(files, files.c.id == file_blobs.c.file_id)
+        row = conn.execute(
+            select(files.c.body, files.c.content_type, file_blobs.c.data)
+            .join(file_blobs, file_blobs.c.file_id == files.c.id)
             .where(files.c.id == file_id, files.c.owner_id == owner)
-        ).scalar()
+        ).first()
+    return None if row is None else (row.body, row.content_type, row.data)
 
 
 def import_file_bytes(repo: Repository, file_id: str, data: bytes) -> bool:
@@ -145,7 +149,7 @@ def list_files(repo: Repository, owner: str, page: Page, purpose: str | None) ->
 
 
 def delete_file(repo: Repository, owner: str, file_id: str) -> bool:
-    """Delete the file, its place in every vector store, and its chunks."""
+    """Delete the file, its bytes, its place in every vector store, and its chunks."""
     index = index_for(repo)
     with repo.engine.begin() as conn:
         stores = (
@@ -159,13 +163,7 @@ def delete_file(repo: Repository, owner: str, file_id: str) -> bool:
         )
         for store_id in stores:
             _remove_store_file(conn, index, owner, store_id, file_id)
-        conn.execute(
-            delete(file_blobs).where(
-                file_blobs.c.file_id.in_(
-                    select(files.c.id).where(files.c.id == file_id, files.c.owner_id == owner)
-                )
-            )
-        )
+        # its bytes go with the row (file_blobs' foreign key cascades)
         deleted = conn.execute(
             delete(files).where(files.c.id == file_id, files.c.owner_id == owner)
         )

@@ -397,20 +397,23 @@ class Repository:
             ).scalar()
             if body is None:
                 return None
-            output = (
-                conn.execute(
-                    select(response_items.c.body)
-                    .where(
-                        response_items.c.response_id == response_id,
-                        response_items.c.owner_id == owner,
-                        response_items.c.kind == "output",
-                    )
-                    .order_by(response_items.c.seq)
+            output = self._item_bodies(conn, owner, response_id, "output")
+        return {**body, "output": output}
+
+    @staticmethod
+    def _item_bodies(conn: Connection, owner: str, response_id: str, kind: str) -> list[dict]:
+        """A response's input or output items, in order."""
+        return list(
+            conn.execute(
+                select(response_items.c.body)
+                .where(
+                    response_items.c.response_id == response_id,
+                    response_items.c.owner_id == owner,
+                    response_items.c.kind == kind,
                 )
-                .scalars()
-                .all()
-            )
-        return {**body, "output": list(output)}
+                .order_by(response_items.c.seq)
+            ).scalars()
+        )
 
     def delete_response(self, owner: str, response_id: str) -> bool:
         with self.engine.begin() as conn:
@@ -519,27 +522,13 @@ class Repository:
         """The checkpointed output, with the items still `in_progress` now `incomplete`."""
         output = [
             {**body, "status": "incomplete"} if body.get("status") == "in_progress" else body
-            for body in conn.execute(
-                select(response_items.c.body)
-                .where(
-                    response_items.c.response_id == response_id, response_items.c.kind == "output"
-                )
-                .order_by(response_items.c.seq)
-            ).scalars()
+            for body in self._item_bodies(conn, owner, response_id, "output")
         ]
         self._replace_output(conn, owner, response_id, output)
         return output
 
     def _keep_interrupted_turn(self, conn: Connection, row, output: list[dict]) -> None:
-        inputs = (
-            conn.execute(
-                select(response_items.c.body)
-                .where(response_items.c.response_id == row.id, response_items.c.kind == "input")
-                .order_by(response_items.c.seq)
-            )
-            .scalars()
-            .all()
-        )
+        inputs = self._item_bodies(conn, row.owner_id, row.id, "input")
         self._append_items(
             conn, row.owner_id, row.conversation_id, int(row.created_at), [*inputs, *output]
         )

@@ -171,8 +171,8 @@ def test_every_row_belongs_to_its_owner(database_url, embedder):
     assert [h.file_id for h in kb.search(repo, "alice", request)] == ["file_a"]
 
     assert kb.get_file(repo, "bob", "file_a") is None
-    assert kb.file_bytes(repo, "bob", "file_a") is None
-    assert kb.file_bytes(repo, "alice", "file_a") == TEXT
+    assert kb.file_content(repo, "bob", "file_a") is None
+    assert kb.file_content(repo, "alice", "file_a")[2] == TEXT
     assert kb.list_files(repo, "bob", Page(), None).items == []
     assert kb.get_vector_store(repo, "bob", "vs_a") is None
     assert kb.get_store_file(repo, "bob", "vs_a", "file_a") is None
@@ -181,9 +181,12 @@ def test_every_row_belongs_to_its_owner(database_url, embedder):
     assert not kb.add_store_files(repo, "bob", "vs_a", [_store_file("file_a", "vs_a")])
     assert not kb.delete_store_file(repo, "bob", "vs_a", "file_a")
     assert not kb.delete_file(repo, "bob", "file_a")
-    assert kb.file_bytes(repo, "alice", "file_a") == TEXT
+    assert kb.file_content(repo, "alice", "file_a")[2] == TEXT
     assert not kb.delete_vector_store(repo, "bob", "vs_a")
     assert [h.file_id for h in kb.search(repo, "alice", request)] == ["file_a"]
+    assert kb.delete_file(repo, "alice", "file_a")  # the bytes go with the row
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(file_blobs)).scalar() == 0
     store.close()
 
 
@@ -277,8 +280,8 @@ def test_files_an_earlier_version_kept_on_disk_move_into_the_store(tmp_path):
     product = Product.open(FakeEngine(), url, tmp_path)
     try:
         assert not folder.exists()
-        assert kb.file_bytes(product.store.repo, "alice", "file_old") == TEXT
-        assert kb.file_bytes(product.store.repo, "alice", "file_gone") is None
+        assert kb.file_content(product.store.repo, "alice", "file_old")[2] == TEXT
+        assert kb.file_content(product.store.repo, "alice", "file_gone") is None
     finally:
         product.close()
 
