@@ -154,6 +154,9 @@ def open_conversation(page, title: str) -> None:
     """Clicks the conversation in the sidebar; returns once its turns are shown.
     (Waits take functions: the page's policy forbids evaluating strings.)"""
     page.get_by_role("button", name=title, exact=True).click()
+    # The click starts loading it ("Loading…") even when it is open already (a reload
+    # reopens the conversation in the address): wait for that load, not the turns shown.
+    page.wait_for_function("() => document.querySelector('#status').textContent !== 'Loading…'")
     page.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
 
 
