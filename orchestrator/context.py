@@ -49,7 +49,8 @@ class Prompt:
     dropped_items: int  # history items left out to fit the window (truncation "auto")
 
 
-def _item_text(item: dict) -> str:
+def item_text(item: dict) -> str:
+    """A message item's text, its parts joined."""
     content = item.get("content", "")
     if isinstance(content, str):
         return content
@@ -105,7 +106,7 @@ def items_to_messages(items: list[dict], special_tokens: Iterable[str] = ()) -> 
     for item in flat:
         kind = item.get("type", "message")
         if kind == "message":
-            messages.append(Message(item["role"], _item_text(item)))
+            messages.append(Message(item["role"], item_text(item)))
         elif kind == "function_call":
             call = ToolCall(item["call_id"], item["name"], item["arguments"])
             if messages and messages[-1].role == "assistant":

@@ -19,6 +19,7 @@ call must complete validly.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 from engine.structured_output import StructuredOutputsParams, json_schema_grammar_fragment
 from orchestrator.errors import InvalidRequestError
@@ -54,6 +55,18 @@ def json_format_params(
         return checked(param, what, json_object=True)
     _require_object(schema, param, what)
     return checked(param, what, json=schema)
+
+
+def require_json_mention(texts: Iterable[str | None], param: str, fmt_param: str) -> None:
+    """OpenAI's rule for the json_object format: the messages must ask for JSON by name
+    (any case). The format fixes only the syntax, so a model never told what JSON to write
+    tends to fill its budget with whitespace or an empty object."""
+    if not any(text and "json" in text.lower() for text in texts):
+        raise InvalidRequestError(
+            f"'{param}' must contain the word 'json' in some form, to use '{fmt_param}' "
+            "of type 'json_object'.",
+            param,
+        )
 
 
 def _require_object(schema: dict, param: str, what: str) -> None:

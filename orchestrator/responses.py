@@ -37,7 +37,7 @@ from orchestrator.agent import (
 )
 from orchestrator.chat_types import Tool
 from orchestrator.citations import file_citations
-from orchestrator.context import ContextBuilder, Prompt, ToolConfig
+from orchestrator.context import ContextBuilder, Prompt, ToolConfig, item_text
 from orchestrator.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -47,7 +47,12 @@ from orchestrator.errors import (
 from orchestrator.events import Event, ResponseEvents, usage
 from orchestrator.ids import new_id
 from orchestrator.items import item_list, stored_item
-from orchestrator.output_structure import ANY_OBJECT, plain_answer, turn_structure
+from orchestrator.output_structure import (
+    ANY_OBJECT,
+    plain_answer,
+    require_json_mention,
+    turn_structure,
+)
 from orchestrator.store import History, Page, Repository, Store, StoreUnavailableError
 from orchestrator.tool_parser import ChoiceAssembler, ParsedCall
 from orchestrator.tools import ResolvedTools, ToolRegistry, ToolUnavailable, builtin_tools
@@ -103,7 +108,7 @@ class CodeInterpreterTool:
     """The built-in code_interpreter tool (`{"type": "code_interpreter", "container":
     {"type": "auto"}}`); the server runs its calls in a sandbox."""
 
-    container: dict | str = field(default_factory=lambda: {"type": "auto"})
+    container: dict | str
     name: str = CODE_INTERPRETER
 
     def as_dict(self) -> dict:
@@ -226,6 +231,16 @@ def _structure(
         "text.format",
         "text.format.schema",
     )
+
+
+def _check_json_mention(request: ResponseRequest, history: History) -> None:
+    """The json_object format needs the word JSON in the instructions or a message of the
+    context, as OpenAI requires."""
+    if request.text_format["type"] != "json_object":
+        return
+    items = [*history.items, *request.input]
+    messages = [i for i in items if i.get("type", "message") == "message"]
+    require_json_mention([request.instructions, *map(item_text, messages)], "input", "text.format")
 
 
 def _sampling_params(request: ResponseRequest) -> SamplingParams:
@@ -743,8 +758,7 @@ def _question(items: list[dict]) -> str | None:
     """The text of the last user message of the input (what file_search also searches)."""
     for item in reversed(items):
         if item.get("type", "message") == "message" and item.get("role") == "user":
-            text = "\n".join(p.get("text", "") for p in item["content"]).strip()
-            return text or None
+            return item_text(item).strip() or None
     return None
 
 
@@ -852,6 +866,7 @@ class ResponseService:
         ]
         config = request.tool_config(declared)
         _structure(request, config, tools)  # a bad schema is the client's error, before any output
+        _check_json_mention(request, history)
         prompt = self.context.build(
             request.instructions,
             history,

@@ -205,7 +205,11 @@ def _tools(body: dict) -> list[FunctionTool | CodeInterpreterTool | FileSearchTo
         param = f"tools[{i}]"
         kind = raw.get("type") if isinstance(raw, dict) else None
         if kind == "code_interpreter":
-            tools.append(CodeInterpreterTool(raw.get("container", {"type": "auto"})))
+            if raw.get("container") is None:  # required in OpenAI's API too
+                raise invalid(
+                    f"Missing required parameter: '{param}.container'.", f"{param}.container"
+                )
+            tools.append(CodeInterpreterTool(raw["container"]))
             continue
         if kind == "file_search":
             tools.append(_file_search(raw, param))

@@ -10,7 +10,12 @@ from contextlib import contextmanager
 from engine.structured_output import StructuredOutputsParams
 from orchestrator import InvalidRequestError
 from orchestrator.chat_types import ChatRequest, ResponseFormat, Tool
-from orchestrator.output_structure import ANY_OBJECT, json_format_params, turn_structure
+from orchestrator.output_structure import (
+    ANY_OBJECT,
+    json_format_params,
+    require_json_mention,
+    turn_structure,
+)
 from server.errors import invalid
 
 
@@ -41,10 +46,14 @@ def chat_structured_outputs(
     """What a chat completion's output is constrained to (None: free text)."""
     functions = [(t.name, t.spec["function"].get("parameters")) for t in tools]
     with _as_api_error():
-        return turn_structure(
+        structure = turn_structure(
             functions,
             request.tool_choice,
             request.parallel_tool_calls,
             _format_schema(request.response_format),
             "response_format",
         )
+        if request.response_format and request.response_format.type == "json_object":
+            texts = (m.content for m in request.messages)
+            require_json_mention(texts, "messages", "response_format")
+    return structure

@@ -77,7 +77,7 @@ class ToolRegistry:
         wanted: list[tuple[str, str]] = [(name, "default tools") for name in defaults]
         for i, tool in enumerate(declared):
             if tool.get("type") == "code_interpreter":
-                container = tool.get("container", {"type": "auto"})
+                container = tool.get("container")
                 if not (isinstance(container, dict) and container.get("type") == "auto"):
                     raise ToolUnavailable(
                         f'tools[{i}].container: only {{"type": "auto"}} '

@@ -60,12 +60,31 @@ def test_json_schema_format_reaches_the_engine_and_is_echoed(product_server, com
 def test_json_object_format_allows_any_object_only(product_server, compiler):  # noqa: F811
     server = product_server(FakeEngine(reply="{}"))
     response = server.client.responses.create(
-        model=MODEL, input="x", text={"format": {"type": "json_object"}}
+        model=MODEL,
+        input="x",
+        instructions="Reply in JSON.",
+        text={"format": {"type": "json_object"}},
     )
     assert response.text.format.type == "json_object"
     structure = server.engine.params[-1].structured_outputs
     assert _accepts(compiler, structure, '{"any": [1, 2]}')
     assert not _accepts(compiler, structure, "[1, 2]")
+
+
+def test_json_object_format_needs_the_word_json_in_the_context(product_server):
+    server = product_server(FakeEngine(reply="{}"))
+    raw = _create(server, text={"format": {"type": "json_object"}})
+    assert raw.status_code == 400, raw.text
+    assert raw.json()["error"]["param"] == "input" and "'json'" in raw.json()["error"]["message"]
+    assert server.engine.params == []
+    first = server.client.responses.create(model=MODEL, input="Give the city as JSON.")
+    later = _create(
+        server,
+        previous_response_id=first.id,
+        input="And now?",
+        text={"format": {"type": "json_object"}},
+    )
+    assert later.status_code == 200, later.text  # an earlier message of the context asked
 
 
 def test_text_format_and_no_tools_leave_the_output_free(product_server):

@@ -351,10 +351,13 @@ def test_a_builtin_the_server_cannot_run_is_a_400_naming_it(product_server):
     server.product.responses.tools = ToolRegistry(
         [Calculator()], {"code_interpreter": "the code sandbox needs bubblewrap"}
     )
-    raw = _post(server, input="x", tools=[CALCULATOR, {"type": "code_interpreter"}])
+    sandboxed = {"type": "code_interpreter", "container": {"type": "auto"}}
+    raw = _post(server, input="x", tools=[CALCULATOR, sandboxed])
     assert raw.status_code == 400
     error = raw.json()["error"]
     assert error["param"] == "tools[1]" and "bubblewrap" in error["message"]
+    raw = _post(server, input="x", tools=[{"type": "code_interpreter"}])  # no container
+    assert raw.status_code == 400 and raw.json()["error"]["param"] == "tools[0].container"
     raw = _post(server, input="x", tools=[{"type": "function", "name": "nope"}])
     assert raw.status_code == 400 and raw.json()["error"]["param"] == "tools[0]"
     assert _post(server, input="x", max_tool_calls=-1).json()["error"]["param"] == (

@@ -40,7 +40,7 @@ def compiler():
 
 def _matcher(compiler, **body):
     tok, grammars = compiler
-    request = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **body})
+    request = parse_chat_request({"messages": [{"role": "user", "content": "hi, in JSON"}], **body})
     return tok, grammars.compile(chat_structured_outputs(request, active_tools(request)))
 
 
@@ -218,3 +218,16 @@ def test_schemas_no_object_can_match_are_400s_naming_the_schema(body, param, mes
         chat_structured_outputs(request, request.tools)
     assert err.value.status == 400 and err.value.param == param
     assert message in err.value.message
+
+
+def test_json_object_needs_the_word_json_in_the_messages():
+    """OpenAI's rule: json_object is refused unless a message asks for JSON by name."""
+    fmt = {"response_format": {"type": "json_object"}}
+    quiet = parse_chat_request({"messages": [{"role": "user", "content": "a city?"}], **fmt})
+    with pytest.raises(APIError) as err:
+        chat_structured_outputs(quiet, [])
+    assert err.value.status == 400 and err.value.param == "messages"
+    assert "'json'" in err.value.message
+    told = [{"role": "system", "content": "Answer in Json."}, {"role": "user", "content": "city?"}]
+    request = parse_chat_request({"messages": told, **fmt})
+    assert chat_structured_outputs(request, []).json_object
