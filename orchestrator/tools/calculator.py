@@ -18,6 +18,7 @@ import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal, localcontext
 from fractions import Fraction
 from typing import ClassVar, NoReturn
 
@@ -222,6 +223,8 @@ def _finite_decimal(value: Fraction) -> str | None:
         return None
     places = max(twos, fives)
     scaled = abs(value.numerator) * 10**places // value.denominator
+    if scaled.bit_length() > MAX_BITS:  # past what Python prints (and anyone reads)
+        return None
     sign = "-" if value < 0 else ""
     digits = str(scaled).rjust(places + 1, "0")
     return f"{sign}{digits[:-places]}.{digits[-places:]}" if places else f"{sign}{digits}"
@@ -231,10 +234,8 @@ def format_number(value: Fraction) -> str:
     exact = _finite_decimal(value)
     if exact is not None:
         return exact
-    try:
-        approx = f"{value.numerator / value.denominator:.{APPROX_DIGITS}g}"
-    except OverflowError:
-        approx = "beyond the float range"
+    with localcontext(prec=APPROX_DIGITS):  # any magnitude: no float over- or underflow
+        approx = f"{Decimal(value.numerator) / Decimal(value.denominator):g}"
     return f"{value.numerator}/{value.denominator} (≈ {approx})"
 
 

@@ -66,6 +66,13 @@ def test_calculator_formats_exact_decimals_and_fractions():
     )
 
 
+def test_calculator_answers_results_whose_exact_decimal_python_would_not_print():
+    """1/2^6400 is exactly a 6,400-place decimal, whose 4,474 significant digits are past
+    Python's int-to-text limit: it is given as a fraction, approximated in any range."""
+    text = execute(Calculator(), expression="(1/2)**6400").text
+    assert text.startswith(f"1/{2**6400}") and text.endswith("(≈ 2.55874938048e-1927)")
+
+
 @pytest.mark.parametrize(
     ("expression", "message"),
     [
