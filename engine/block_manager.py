@@ -115,7 +115,7 @@ class BlockManager:
 
     # -------------------------------------------------------------- admission
 
-    def _prompt_needs(self, token_ids: Sequence[int]) -> tuple[int, int]:
+    def _prompt_needs(self, token_ids: Sequence[int], reuse: bool = True) -> tuple[int, int]:
         """(fresh blocks `allocate` would take, blocks it would still find available).
 
         Locking the cache hit pins whatever part of it is evictable now, so that part is
@@ -123,28 +123,29 @@ class BlockManager:
         """
         bs = self.block_size
         cached = pinned = 0
-        if self.prefix_cache is not None and len(token_ids) > 1:
+        if self.prefix_cache is not None and len(token_ids) > 1 and reuse:
             cached, pinned = self.prefix_cache.peek(token_ids[:-1])
         need = _cdiv(len(token_ids), bs) - cached // bs
         return need, self.num_available_blocks() - pinned // bs
 
-    def can_allocate(self, token_ids: Sequence[int]) -> bool:
+    def can_allocate(self, token_ids: Sequence[int], reuse: bool = True) -> bool:
         """Could a prompt be admitted now and still leave the watermark free?"""
-        need, available = self._prompt_needs(token_ids)
+        need, available = self._prompt_needs(token_ids, reuse)
         return need + self.watermark_blocks <= available
 
-    def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: int, token_ids: Sequence[int], reuse: bool = True) -> int:
         """Build `seq_id`'s block table covering `len(token_ids)` token slots.
 
         Reuses the longest cached prefix of `token_ids[:-1]` in whole blocks (the last
         prompt token is always computed, since its logits are needed) and locks it; fresh
         blocks cover the rest. Returns the number of cached tokens, a multiple of
         `block_size`. Raises `NoFreeBlocksError` (changing nothing) if the blocks cannot be
-        found even after evicting from the cache.
+        found even after evicting from the cache. Without `reuse`, every token is computed
+        (the lock is then on the cache's root, where `cache` moves it down as usual).
         """
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id} already has a block table")
-        need, available = self._prompt_needs(token_ids)
+        need, available = self._prompt_needs(token_ids, reuse)
         if need > available:
             raise NoFreeBlocksError(
                 f"prompt of {len(token_ids)} tokens needs {need} blocks, {available} available"
@@ -152,7 +153,7 @@ class BlockManager:
         table: list[int] = []
         cached = 0
         if self.prefix_cache is not None:
-            match = self.prefix_cache.match_prefix(token_ids[:-1])
+            match = self.prefix_cache.match_prefix(token_ids[:-1] if reuse else [])
             self.prefix_cache.lock(match.node)  # before evicting, so the hit stays put
             self._locks[seq_id] = match.node
             table = match.blocks

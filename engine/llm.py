@@ -115,6 +115,8 @@ def _merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
             delta.prompt_token_ids,
             num_cached_tokens=delta.num_cached_tokens,
         )
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
     by_index = {o.index: o for o in acc.outputs}
     for out in delta.outputs:
         cur = by_index.get(out.index)

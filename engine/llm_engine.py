@@ -323,6 +323,9 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                 )
             )
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+            prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
@@ -330,6 +333,7 @@ class LLMEngine:
             outputs=outputs,
             num_cached_tokens=request.num_cached_tokens,
             finished=request.finished or all(s.finished for s in request.seqs),
+            prompt_logprobs=prompt_logprobs,
         )
 
     def stats(self) -> EngineStats:

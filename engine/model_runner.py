@@ -13,13 +13,16 @@ import torch
 
 from engine.config import ModelConfig
 from engine.model import AttentionMetadata, CausalLM
-from engine.sampler import Sampler, SamplingRow, TokenLogprobs
+from engine.sampler import Sampler, SamplingRow, TokenLogprobs, token_logprobs
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence, TokenSlice
 from engine.structured_output import GrammarMasks
 
 _GIB = 1 << 30
 DEFAULT_CPU_KV_GIB = 2.0
+# Prompt positions put through the LM head at once for prompt logprobs (float32 logits
+# of 256 rows and a 49k vocabulary: 50 MB).
+_PROMPT_LOGPROB_ROWS = 256
 # Room left on the GPU for activations, the sampler and allocator slack.
 _CUDA_ACTIVATION_RESERVE = 2 * _GIB
 
@@ -104,6 +107,7 @@ class ModelRunner:
         # One backend for the whole step, though the compile thread may install another.
         backend = self.model.backend
         hidden = self.model(input_ids, positions, meta, backend)
+        self._prompt_logprobs(batch, order, hidden, backend)
         if not sampling_seqs:
             return [], [], []
         rows = torch.tensor(sample_rows, device=self.device)
@@ -117,6 +121,30 @@ class ModelRunner:
         ]
         tokens, logprobs = self.sampler(logits, sampling_rows)
         return sampling_seqs, tokens, logprobs
+
+    def _prompt_logprobs(
+        self, batch: ScheduledBatch, order: list[int], hidden: torch.Tensor, backend
+    ) -> None:
+        """Append to each asking request's `prompt_logprobs` what this step's chunk of its
+        prompt gives: position p's logits score prompt token p + 1."""
+        row = 0
+        for i in order:
+            seq, n = batch.seqs[i], batch.num_query_tokens[i]
+            request = seq.request
+            if request.needs_prompt_logprobs:
+                done = request.prompt_logprobs
+                start = seq.num_computed_tokens
+                first = max(start, len(done) - 1)  # a recomputed chunk scores nothing twice
+                last = min(start + n, seq.num_prompt_tokens - 1)
+                k = request.params.prompt_logprobs
+                for at in range(first, last, _PROMPT_LOGPROB_ROWS):
+                    upto = min(at + _PROMPT_LOGPROB_ROWS, last)
+                    logits = self.model.compute_logits(
+                        hidden[row + at - start : row + upto - start], backend
+                    )
+                    targets = torch.tensor(seq.token_ids[at + 1 : upto + 1], device=self.device)
+                    done += token_logprobs(logits, targets, [k] * (upto - at))
+            row += n
 
     def _sampling_row(self, seq: Sequence, allowed: torch.Tensor | None) -> SamplingRow:
         # The sampler adds params.stop_token_ids itself and honours ignore_eos.

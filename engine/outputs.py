@@ -35,6 +35,9 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
     finished: bool = False
+    # SamplingParams.prompt_logprobs: one entry per prompt token, the first None. A stream
+    # of deltas carries it once, in the output of the first generated token.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     # Set (with finished) when the engine had to end this request because it failed there.
     error: Exception | None = None
 

@@ -433,14 +433,30 @@ def _logprobs(
     if not which:
         return out
     idx = torch.tensor(which, device=logits.device)
-    logp = torch.log_softmax(_take(logits, which).float(), dim=-1)
-    chosen = tokens[idx].unsqueeze(1)
+    found = token_logprobs(
+        _take(logits, which), tokens[idx], [rows[i].params.logprobs for i in which]
+    )
+    for i, lp in zip(which, found, strict=True):
+        out[i] = lp
+    return out
+
+
+def token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, top_k: Sequence[int]
+) -> list[TokenLogprobs]:
+    """Row i's logprob of `token_ids[i]` under the raw distribution of `logits[i]`, with
+    its `top_k[i]` most likely tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = token_ids.unsqueeze(1)
     chosen_logp = logp.gather(1, chosen).squeeze(1).tolist()
-    max_k = min(logp.shape[1], max(rows[i].params.logprobs for i in which))
+    max_k = min(logp.shape[1], max(top_k))
     top_logp, top_ids = logp.topk(max_k, dim=-1)
     top_logp, top_ids = top_logp.tolist(), top_ids.tolist()
-    for j, (i, token_id) in enumerate(zip(which, chosen.squeeze(1).tolist(), strict=True)):
-        k = rows[i].params.logprobs
-        top = list(zip(top_ids[j][:k], top_logp[j][:k], strict=True))
-        out[i] = TokenLogprobs(token_id=token_id, logprob=chosen_logp[j], top=top)
-    return out
+    return [
+        TokenLogprobs(
+            token_id=token_id,
+            logprob=chosen_logp[j],
+            top=list(zip(top_ids[j][:k], top_logp[j][:k], strict=True)),
+        )
+        for j, (token_id, k) in enumerate(zip(token_ids.tolist(), top_k, strict=True))
+    ]

@@ -75,6 +75,10 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs, 0..20 (0: only the sampled token's)
+    # Logprobs of the prompt's own tokens (each under the model given the tokens before
+    # it), with this many top alternatives, as vLLM's; the prompt is then computed in full,
+    # never served from the prefix cache.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Constrain every output to a structure (JSON schema, regex, choice, grammar).
@@ -165,13 +169,14 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             value = getattr(self, name)
             _require(isinstance(value, bool), name, "a boolean", value)
-        lp = self.logprobs
-        _require(
-            lp is None or (_is_int(lp) and 0 <= lp <= MAX_LOGPROBS),
-            "logprobs",
-            f"None or an integer in [0, {MAX_LOGPROBS}]",
-            lp,
-        )
+        for name in ("logprobs", "prompt_logprobs"):
+            lp = getattr(self, name)
+            _require(
+                lp is None or (_is_int(lp) and 0 <= lp <= MAX_LOGPROBS),
+                name,
+                f"None or an integer in [0, {MAX_LOGPROBS}]",
+                lp,
+            )
         _require(
             self.structured_outputs is None
             or isinstance(self.structured_outputs, StructuredOutputsParams),

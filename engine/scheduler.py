@@ -155,11 +155,12 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             key = seq.cache_key()
+            reuse = not seq.request.needs_prompt_logprobs
             # With nothing running, the watermark must not block the only candidate.
-            if self.running and not self.bm.can_allocate(key):
+            if self.running and not self.bm.can_allocate(key, reuse):
                 break
             try:
-                cached = self.bm.allocate(seq.seq_id, key)
+                cached = self.bm.allocate(seq.seq_id, key, reuse)
             except NoFreeBlocksError:
                 break
             self.waiting.popleft()

@@ -65,10 +65,25 @@ class Request:
     num_cached_tokens: int = 0  # prefix-cache hit at first admission
     # Structured outputs: the matcher at the start of the output, copied into each sequence.
     grammar: object | None = None
+    # params.prompt_logprobs: one entry per prompt token computed so far (the first None:
+    # nothing predicts it), and whether the list went out in an output yet.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    prompt_logprobs_sent: bool = False
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def finished(self) -> bool:
         return len(self.seqs) == self.params.n and all(s.finished for s in self.seqs)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether some prompt token still lacks its logprob: then the prompt is computed in
+        full, since a prefix-cache hit skips the positions whose logits give them."""
+        done = self.prompt_logprobs
+        return done is not None and len(done) < len(self.prompt_token_ids)
 
     @cached_property
     def cache_offset(self) -> int:

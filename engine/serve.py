@@ -163,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, how long in-flight requests may take to finish",
     )
     srv.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="the server's log level",
     )
     srv.add_argument("--no-access-log", action="store_true", help="do not log each request")
     srv.add_argument(
@@ -310,11 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads for the forward pass; default: every core this process may run on",
     )
     eng.add_argument(
-        "--no-pin-threads",
-        dest="pin_threads",
-        action="store_false",
-        help="leave the engine's CPU threads unpinned (by default, when they are as many as "
-        "the CPUs, each is pinned to its own)",
+        "--pin-threads",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pin each of the engine's CPU threads to its own CPU, when they are as many as "
+        "the CPUs",
     )
     return p
 

@@ -233,6 +233,18 @@ def _structure(
     )
 
 
+def _check_tool_choice(choice: str | dict, offered: list[FunctionTool]) -> None:
+    """A tool choice that forces a call needs the tool: among the request's own, or the
+    server's default tools, which are offered without being declared."""
+    if choice == "required" and not offered:
+        raise InvalidRequestError('tool_choice "required" needs tools', "tool_choice")
+    name = choice.get("name") if isinstance(choice, dict) else None
+    if name is not None and name not in {t.name for t in offered}:
+        raise InvalidRequestError(
+            f"tool_choice names function {name!r}, which is not in tools", "tool_choice"
+        )
+
+
 def _check_json_mention(request: ResponseRequest, history: History) -> None:
     """The json_object format needs the word JSON in the instructions or a message of the
     context, as OpenAI requires."""
@@ -864,6 +876,7 @@ class ResponseService:
             FunctionTool(d["name"], d.get("description"), d.get("parameters"), d.get("strict"))
             for d in tools.declarations
         ]
+        _check_tool_choice(request.tool_choice, declared)
         config = request.tool_config(declared)
         _structure(request, config, tools)  # a bad schema is the client's error, before any output
         _check_json_mention(request, history)

@@ -32,7 +32,7 @@ from server.generation import (
     usage,
     window_error,
 )
-from server.logprobs import completion_logprobs
+from server.logprobs import completion_logprobs, echoed_prompt
 from server.metrics import RequestTimer
 from server.prep_process import PromptContext
 from server.sse import DONE, EventStreamResponse, event
@@ -52,6 +52,15 @@ class CompletionRun:
         if self.request.logprobs is None:
             return None
         return completion_logprobs(entries, self.state.token_names, self.request.logprobs, offset)
+
+    def first_logprobs(
+        self, index: int, scored: RequestOutput | None, entries: list
+    ) -> dict | None:
+        """A choice's logprobs from its start: with echo, the prompt's tokens come first
+        (from the text's start), then the generated ones."""
+        if not self.request.echo or scored is None:
+            return self.logprobs(entries, len(self.echo_text(index)))
+        return self.logprobs([*echoed_prompt(scored), *entries], 0)
 
     def echo_text(self, choice_index: int) -> str:
         return self.prompt_texts[choice_index // self.n] if self.request.echo else ""
@@ -158,7 +167,9 @@ def _completion_response(run: CompletionRun, collected: Collected) -> dict:
             {
                 "index": index,
                 "text": echo + c.text,
-                "logprobs": run.logprobs(c.logprobs, len(echo)),
+                "logprobs": run.first_logprobs(
+                    index, collected.scored_prompts.get(index // run.n), c.logprobs
+                ),
                 "finish_reason": c.finish_reason,
             }
         )
@@ -178,6 +189,7 @@ async def _completion_events(
     offsets: dict[int, int] = {}  # per choice: characters sent so far, for text_offset
     prompt_tokens = completion_tokens = cached_tokens = 0
     seen_prompts: set[int] = set()
+    scored_prompts: dict[int, RequestOutput] = {}  # the outputs with prompt logprobs
     async with aclosing(outputs):
         async for position, out in outputs:
             if position not in seen_prompts:
@@ -185,19 +197,25 @@ async def _completion_events(
                 prompt_tokens += len(out.prompt_token_ids)
             if out.finished:
                 cached_tokens += out.num_cached_tokens
+            if out.prompt_logprobs is not None:
+                scored_prompts[position] = out
             for o in out.outputs:
                 index = position * run.n + o.index
                 completion_tokens += len(o.token_ids)
-                text = o.text if index in offsets else run.echo_text(index) + o.text
-                offset = offsets.get(index, len(text) - len(o.text))
-                offsets[index] = offset + len(o.text)
+                entries = o.logprobs or []
+                if index in offsets:
+                    text, logprobs = o.text, run.logprobs(entries, offsets[index])
+                else:  # the choice's first chunk: with echo, the prompt too
+                    text = run.echo_text(index) + o.text
+                    logprobs = run.first_logprobs(index, scored_prompts.get(position), entries)
+                offsets[index] = offsets.get(index, len(text) - len(o.text)) + len(o.text)
                 yield _chunk(
                     run,
                     [
                         {
                             "index": index,
                             "text": text,
-                            "logprobs": run.logprobs(o.logprobs or [], offset),
+                            "logprobs": logprobs,
                             "finish_reason": o.finish_reason,
                         }
                     ],

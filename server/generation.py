@@ -177,6 +177,8 @@ class Collected:
     choices: dict[int, ChoiceResult] = field(default_factory=dict)
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    # Per prompt position: the output that carried its prompt logprobs, if asked for.
+    scored_prompts: dict[int, RequestOutput] = field(default_factory=dict)
 
 
 async def collect(stream: AsyncGenerator[tuple[int, RequestOutput], None], n: int) -> Collected:
@@ -190,6 +192,8 @@ async def collect(stream: AsyncGenerator[tuple[int, RequestOutput], None], n: in
                 result.prompt_tokens += len(out.prompt_token_ids)
             if out.finished:
                 result.cached_tokens += out.num_cached_tokens
+            if out.prompt_logprobs is not None:
+                result.scored_prompts[position] = out
             for o in out.outputs:
                 choice = result.choices.setdefault(position * n + o.index, ChoiceResult())
                 choice.text += o.text

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine import RequestOutput
+
 _FLOOR = -9999.0  # JSON has no -inf; OpenAI and vLLM report this floor instead
 
 
@@ -43,6 +45,22 @@ def chat_logprobs(entries: Sequence[Any], names: TokenNames, top_n: int) -> dict
     return {"content": content, "refusal": None}
 
 
+@dataclass(frozen=True)
+class Unscored:
+    """A token without a logprob: an echoed prompt's first, which nothing predicts."""
+
+    token_id: int
+    logprob: None = None
+    top: None = None
+
+
+def echoed_prompt(out: RequestOutput) -> list[Any]:
+    """The logprob entries of an echoed prompt (the engine's prompt logprobs), its first
+    token unscored: OpenAI gives it null logprobs."""
+    scored = out.prompt_logprobs or []
+    return [Unscored(out.prompt_token_ids[0]), *scored[1:]]
+
+
 def completion_logprobs(entries: Sequence[Any], names: TokenNames, top_n: int, offset: int) -> dict:
     """`choice.logprobs` of a legacy completion; `offset` is where these tokens' text
     starts in the choice's text (so streamed chunks carry absolute offsets). A token's
@@ -52,8 +70,12 @@ def completion_logprobs(entries: Sequence[Any], names: TokenNames, top_n: int, o
     characters = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for e in entries:
         tokens.append(names.text(e.token_id))
-        token_logprobs.append(_finite(e.logprob))
-        top.append({names.text(t): _finite(lp) for t, lp in e.top[:top_n]})
+        if e.logprob is None:
+            token_logprobs.append(None)
+            top.append(None)
+        else:
+            token_logprobs.append(_finite(e.logprob))
+            top.append({names.text(t): _finite(lp) for t, lp in e.top[:top_n]})
         offsets.append(offset)
         offset += len(characters.decode(names.bytes(e.token_id)))
     return {

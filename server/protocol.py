@@ -406,8 +406,6 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise invalid(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", "logprobs")
     echo = typed_field(body, "echo", "a boolean", False)
-    if echo and logprobs is not None:
-        raise invalid("echo with logprobs is not supported (no prompt logprobs)", "echo")
     best_of = typed_field(body, "best_of", "an integer")
     if best_of is not None and best_of != (1 if body.get("n") is None else body["n"]):
         raise invalid("best_of is not supported (it must equal n)", "best_of")
@@ -416,6 +414,8 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     sampling["max_tokens"] = _max_tokens(body, "max_tokens") or 16
     if logprobs is not None:
         sampling["logprobs"] = logprobs
+        if echo:  # the echoed prompt's tokens are scored too
+            sampling["prompt_logprobs"] = logprobs
     _logit_bias(body, sampling)
     return CompletionRequest(
         model=typed_field(body, "model", "a string"),

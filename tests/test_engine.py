@@ -316,3 +316,52 @@ def test_stop_token_ids_must_be_in_the_vocabulary(tiny_model_dir):
     llm = _llm(tiny_model_dir("llama"))
     with pytest.raises(ValueError, match="stop_token_ids must be token ids below"):
         llm.generate([1, 2, 3], SamplingParams(stop_token_ids=[384]), use_tqdm=False)
+
+
+def _hf_prompt_logprobs(path: str, prompt: list[int]) -> torch.Tensor:
+    """log_softmax of transformers' logits at every prompt position: row p scores p + 1."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@pytest.mark.parametrize("chunk", [2048, 16])
+def test_prompt_logprobs_score_every_prompt_token_as_transformers_does(tiny_model_dir, chunk):
+    """Each prompt token's logprob given the tokens before it, with the top alternatives;
+    the prompt is computed in full (here in chunks of 16 too), even when a request before
+    it left its prefix in the cache."""
+    path = tiny_model_dir("llama")
+    llm = _llm(path, max_num_batched_tokens=chunk)
+    prompt = _prompts(384, [53], seed=5)[0]
+    llm.generate(prompt, _greedy(), use_tqdm=False)  # its blocks now in the prefix cache
+    params = dataclasses.replace(_greedy(), prompt_logprobs=3, logprobs=1)
+    out = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0
+    scored = out.prompt_logprobs
+    assert len(scored) == len(prompt) and scored[0] is None
+    assert [lp.token_id for lp in scored[1:]] == prompt[1:]
+    reference = _hf_prompt_logprobs(path, prompt)
+    expected = reference[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    got = torch.tensor([lp.logprob for lp in scored[1:]])
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
+    for p, lp in enumerate(scored[1:]):
+        top = reference[p].topk(3)
+        assert [t for t, _ in lp.top] == top.indices.tolist()
+    assert llm.generate(prompt, _greedy(), use_tqdm=False)[0].num_cached_tokens == 48
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_prompt_logprobs_arrive_once_in_a_stream_of_deltas(tiny_model_dir):
+    llm = _llm(tiny_model_dir("llama"))
+    prompt = _prompts(384, [20], seed=6)[0]
+    engine = llm.engine
+    engine.add_request("r", prompt, dataclasses.replace(_greedy(4), prompt_logprobs=0))
+    deltas = []
+    while engine.has_unfinished_requests():
+        deltas += engine.step()
+    carried = [d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None]
+    assert len(deltas) == 4 and len(carried) == 1 and deltas[0].prompt_logprobs is carried[0]
+    assert len(carried[0]) == 20 and all(lp.top == [] for lp in carried[0][1:])
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=21)

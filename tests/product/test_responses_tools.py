@@ -344,6 +344,14 @@ def test_default_tools_are_offered_without_being_declared(product_server):
     server.product.responses.default_tools = ("calculator",)
     body = _post(server, input="Subtract").json()
     assert body["output"][1]["output"] == "-2"
+    # and they can be forced, by "required" or by name, as declared ones can
+    for choice in ("required", {"type": "function", "name": "calculator"}):
+        body = _post(server, input="Subtract", tool_choice=choice).json()
+        assert body["output"][1]["output"] == "-2", body
+    for choice, tools in (("required", []), ({"type": "function", "name": "sql_query"}, [])):
+        server.product.responses.default_tools = ()
+        raw = _post(server, input="x", tools=tools, tool_choice=choice)
+        assert raw.status_code == 400 and raw.json()["error"]["param"] == "tool_choice"
 
 
 def test_a_builtin_the_server_cannot_run_is_a_400_naming_it(product_server):

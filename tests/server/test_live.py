@@ -176,6 +176,42 @@ def test_logprobs(client):
         assert token.top_logprobs[0].logprob >= token.top_logprobs[1].logprob
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_read_it(client):
+    """The legacy API's echo + logprobs (lm-evaluation-harness's loglikelihood request):
+    the prompt's tokens come first, the first unscored, then the generated one; a prompt
+    token scores as that token scored when it was generated."""
+    prompt = "The capital of Japan is"
+    first = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=1
+    )
+    generated = first.choices[0].logprobs
+    text = prompt + first.choices[0].text
+    for stream in (False, True):
+        chunks = client.completions.create(
+            model=MODEL,
+            prompt=text,
+            max_tokens=1,
+            temperature=0,
+            logprobs=1,
+            echo=True,
+            stream=stream,
+        )
+        choice = next(iter(chunks)).choices[0] if stream else chunks.choices[0]
+        logprobs = choice.logprobs
+        assert choice.text.startswith(text) and "".join(logprobs.tokens) == choice.text
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+        scored = logprobs.token_logprobs[1:]
+        assert all(lp <= 0 for lp in scored)
+        assert all(
+            len(top) == 1 and max(top.values()) >= lp
+            for top, lp in zip(logprobs.top_logprobs[1:], scored, strict=True)
+        )
+        # the answer's token, second to last now, scores as it did when generated
+        assert logprobs.tokens[-2] == generated.tokens[0]
+        assert logprobs.token_logprobs[-2] == pytest.approx(generated.token_logprobs[0], abs=0.05)
+
+
 WEATHER_TOOL = {
     "type": "function",
     "function": {
