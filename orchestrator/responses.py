@@ -139,6 +139,7 @@ class ResponseRequest:
     text_format: dict = field(default_factory=lambda: {"type": "text"})
     max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS  # built-in calls one response may run
     include: list[str] = field(default_factory=list)  # e.g. "file_search_call.results"
+    user: str | None = None  # the client's own end-user label, echoed (OpenAI's, deprecated)
 
     def format_schema(self) -> dict | None:
         """The JSON schema text.format asks for (None: free text)."""
@@ -294,7 +295,7 @@ def _new_response(request: ResponseRequest) -> dict:
         "top_p": 1.0 if request.top_p is None else request.top_p,
         "truncation": request.truncation,
         "usage": None,
-        "user": None,
+        "user": request.user,
     }
 
 

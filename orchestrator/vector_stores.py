@@ -221,13 +221,21 @@ class VectorStoreService:
             kb.update_store_file, owner, vector_store_id, file_id, attributes
         )
         if body is None:
-            raise missing_file(file_id)
+            raise await self._missing(owner, vector_store_id, missing_file(file_id))
         return body
+
+    async def _missing(
+        self, owner: str, vector_store_id: str, error: NotFoundError
+    ) -> NotFoundError:
+        """What a lookup inside a store that found nothing reports: the store itself when
+        it is the one missing, else `error` (the file or batch)."""
+        await self.retrieve(owner, vector_store_id)  # raises missing_store
+        return error
 
     async def retrieve_file(self, owner: str, vector_store_id: str, file_id: str) -> dict:
         body = await self.store.call(kb.get_store_file, owner, vector_store_id, file_id)
         if body is None:
-            raise missing_file(file_id)
+            raise await self._missing(owner, vector_store_id, missing_file(file_id))
         return body
 
     async def file_content(self, owner: str, vector_store_id: str, file_id: str) -> dict:
@@ -264,7 +272,7 @@ class VectorStoreService:
     async def delete_file(self, owner: str, vector_store_id: str, file_id: str) -> dict:
         """Remove a file (its chunks and vectors) from the store; the file itself stays."""
         if not await self.store.call(kb.delete_store_file, owner, vector_store_id, file_id):
-            raise missing_file(file_id)
+            raise await self._missing(owner, vector_store_id, missing_file(file_id))
         self._stop_ingestion(owner, vector_store_id, [file_id])
         return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
 
@@ -289,7 +297,7 @@ class VectorStoreService:
     async def retrieve_file_batch(self, owner: str, vector_store_id: str, batch_id: str) -> dict:
         found = await self.store.call(kb.get_file_batch, owner, vector_store_id, batch_id)
         if found is None:
-            raise missing_batch(batch_id)
+            raise await self._missing(owner, vector_store_id, missing_batch(batch_id))
         return _file_batch(*found)
 
     async def cancel_file_batch(self, owner: str, vector_store_id: str, batch_id: str) -> dict:
@@ -297,7 +305,7 @@ class VectorStoreService:
         ingestion stops; files already indexed stay."""
         stopped = await self.store.call(kb.cancel_file_batch, owner, vector_store_id, batch_id)
         if stopped is None:
-            raise missing_batch(batch_id)
+            raise await self._missing(owner, vector_store_id, missing_batch(batch_id))
         self._stop_ingestion(owner, vector_store_id, stopped)
         return await self.retrieve_file_batch(owner, vector_store_id, batch_id)
 
@@ -308,7 +316,7 @@ class VectorStoreService:
             kb.list_batch_files, owner, vector_store_id, batch_id, page, status
         )
         if found is None:
-            raise missing_batch(batch_id)
+            raise await self._missing(owner, vector_store_id, missing_batch(batch_id))
         return found
 
     # -- ingestion -----------------------------------------------------------------------

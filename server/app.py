@@ -122,17 +122,38 @@ def _model_card(state: ServerState, name: str) -> dict:
         "owned_by": "tokenmill",
         "root": state.engine.model_name,
         "max_model_len": state.engine.max_model_len,
+        "task": "generate",
+    }
+
+
+def _embedding_card(state: ServerState, embedder) -> dict:
+    """The embedding model's card: `task` tells it apart (the web page lists only the
+    models it can chat with)."""
+    return {
+        "id": embedder.name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "tokenmill",
+        "root": embedder.name,
+        "max_model_len": embedder.window,
+        "task": "embed",
     }
 
 
 async def list_models(request: Request) -> Response:
     state = _state(request)
     cards = [_model_card(state, n) for n in state.config.served_model_names]
+    embedder = request.app.state.embedder
+    if embedder is not None:
+        cards.append(_embedding_card(state, embedder))
     return JSONResponse({"object": "list", "data": cards})
 
 
 async def get_model(request: Request) -> Response:
     state = _state(request)
+    embedder = request.app.state.embedder
+    if embedder is not None and request.path_params["model"] == embedder.name:
+        return JSONResponse(_embedding_card(state, embedder))
     name = state.resolve_model(request.path_params["model"])
     return JSONResponse(_model_card(state, name))
 

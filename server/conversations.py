@@ -10,7 +10,13 @@ from starlette.responses import JSONResponse, Response
 from server.access import owner
 from server.errors import invalid
 from server.responses import product
-from server.responses_protocol import MAX_ITEMS_PER_CALL, parse_items, parse_metadata, parse_page
+from server.responses_protocol import (
+    MAX_ITEMS_PER_CALL,
+    check_query_include,
+    parse_items,
+    parse_metadata,
+    parse_page,
+)
 
 
 def _checked(body: Any, allowed: set[str]) -> dict:
@@ -64,6 +70,7 @@ async def create_items(request: Request, body: Any) -> Response:
 
 async def list_items(request: Request) -> Response:
     page = parse_page(request.query_params)
+    check_query_include(request.query_params)
     return JSONResponse(await product(request).conversations.list_items(*_ids(request), page))
 
 

@@ -20,7 +20,7 @@ from orchestrator.responses import Turn
 from server.access import identity, owner, product_api_error
 from server.disconnect import unless_disconnected
 from server.errors import invalid
-from server.responses_protocol import check_include, parse_page, parse_response_request
+from server.responses_protocol import check_query_include, parse_page, parse_response_request
 from server.sse import EventStreamResponse
 from server.state import ServerState
 
@@ -103,7 +103,7 @@ async def retrieve_response(request: Request) -> Response:
             "can be streamed again, and this server does not run them",
             param="stream",
         )
-    check_include(query.getlist("include") + query.getlist("include[]"), lambda _: "include")
+    check_query_include(query)
     return JSONResponse(await product(request).responses.retrieve(owner(request), response_id))
 
 
@@ -120,6 +120,7 @@ async def cancel_response(request: Request) -> Response:
 async def list_input_items(request: Request) -> Response:
     response_id = request.path_params["response_id"]
     page = parse_page(request.query_params)
+    check_query_include(request.query_params)
     return JSONResponse(
         await product(request).responses.input_items(owner(request), response_id, page)
     )

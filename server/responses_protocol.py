@@ -46,6 +46,7 @@ _RESPONSE_FIELDS = {
     "text",
     "background",
     "include",
+    "user",
 }
 
 
@@ -290,6 +291,11 @@ def check_include(values: list, param: Callable[[int], str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+def check_query_include(query) -> None:
+    """A GET's `include` values (`include` or `include[]`, repeated), checked as POST's."""
+    check_include(query.getlist("include") + query.getlist("include[]"), lambda _: "include")
+
+
 _FORMAT_KEYS = {
     "text": {"type"},
     "json_object": {"type"},
@@ -390,6 +396,7 @@ def parse_response_request(
         text_format=_text_format(body),
         max_tool_calls=max_tool_calls,
         include=_include(body),
+        user=typed_field(body, "user", "a string"),
     )
     return request, typed_field(body, "stream", "a boolean", False)
 

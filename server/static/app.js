@@ -860,7 +860,7 @@ function onPromptKey(event) {
 async function start() {
   try {
     const models = await request("GET", "/v1/models");
-    state.models = models.data.map((m) => m.id);
+    state.models = models.data.filter((m) => m.task !== "embed").map((m) => m.id);
   } catch (error) {
     if (!(error instanceof ApiError && error.status === 401)) reportError(error);
     return;

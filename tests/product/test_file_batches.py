@@ -138,6 +138,20 @@ def test_batches_belong_to_their_owner_and_bad_bodies_are_400(product_server, tm
     assert not kb.add_file_batch(repo, "user_bob", store.id, {"id": "vsfb_x"}, [])
     with pytest.raises(openai.NotFoundError):
         client.vector_stores.file_batches.retrieve("vsfb_missing", vector_store_id=store.id)
+    # in a store that does not exist, the store is what is missing
+    file_id = ids["bread.txt"]
+    for call in (
+        lambda: client.vector_stores.file_batches.retrieve(batch.id, vector_store_id="vs_x"),
+        lambda: client.vector_stores.file_batches.cancel(batch.id, vector_store_id="vs_x"),
+        lambda: client.vector_stores.file_batches.list_files(batch.id, vector_store_id="vs_x"),
+        lambda: client.vector_stores.files.retrieve(file_id, vector_store_id="vs_x"),
+        lambda: client.vector_stores.files.content(file_id, vector_store_id="vs_x"),
+        lambda: client.vector_stores.files.update(file_id, vector_store_id="vs_x", attributes={}),
+        lambda: client.vector_stores.files.delete(file_id, vector_store_id="vs_x"),
+    ):
+        with pytest.raises(openai.NotFoundError) as caught:
+            call()
+        assert caught.value.body["param"] == "vector_store_id"
     with pytest.raises(openai.NotFoundError):
         client.vector_stores.file_batches.create(
             vector_store_id="vs_missing", file_ids=[ids["bread.txt"]]

@@ -72,10 +72,13 @@ def test_create_and_retrieve_return_openai_response_objects(product_server):
     assert prompt.endswith("<|im_start|>user\nCapital of Japan?<|im_end|>\n<|im_start|>assistant\n")
     again = Response.model_validate(_raw(server, "GET", f"/responses/{response.id}").json())
     assert again == response
+    labelled = server.client.responses.create(model=MODEL, input="x", user="end-user-7")
+    assert labelled.user == "end-user-7"
     resumed = _raw(server, "GET", f"/responses/{response.id}", params={"stream": "true"})
     assert resumed.status_code == 400 and resumed.json()["error"]["param"] == "stream"
-    unknown = _raw(server, "GET", f"/responses/{response.id}", params={"include[]": "logprobs"})
-    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "include"
+    for path in (f"/responses/{response.id}", f"/responses/{response.id}/input_items"):
+        unknown = _raw(server, "GET", path, params={"include[]": "logprobs"})
+        assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "include"
     known = server.client.responses.retrieve(response.id, include=["file_search_call.results"])
     assert known == response
     assert server.client.responses.retrieve(response.id).output_text == response.output_text
@@ -175,6 +178,8 @@ def test_conversations_collect_the_items_of_their_responses(product_server, data
     raw = _raw(server, "GET", f"/conversations/{conv.id}/items", params={"limit": 2})
     page = ConversationItemList.model_validate(raw.json())
     assert page.has_more and [i.content[0].text for i in page.data] == ["Noted.", "What number?"]
+    raw = _raw(server, "GET", f"/conversations/{conv.id}/items", params={"include": "bogus"})
+    assert raw.status_code == 400 and raw.json()["error"]["param"] == "include"
     added = client.conversations.items.create(
         conv.id,
         items=[

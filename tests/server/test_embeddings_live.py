@@ -91,6 +91,14 @@ def test_bad_input_is_400_naming_the_field(client, body, param):
     assert caught.value.body["param"] == param
 
 
+def test_the_embedding_model_is_listed_apart_from_the_chat_model(client):
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards[MODEL].task == "embed" and cards["smollm2-135m-instruct"].task == "generate"
+    assert client.models.retrieve(MODEL).max_model_len == 256
+    with pytest.raises(openai.NotFoundError):  # chat is the chat model's
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+
+
 def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.embeddings.create(model="text-embedding-3-small", input="hi")
