@@ -26,6 +26,9 @@ from orchestrator.errors import InvalidRequestError
 from orchestrator.tool_parser import CALL_PREFIX, CLOSE_TAG, OPEN_TAG
 
 _NO_ARGUMENTS = {"type": "object", "properties": {}}
+# Calls one forced turn may make with parallel calls on: a small model, once forced to
+# call, tends to repeat the call until its budget runs out and cuts the last one.
+MAX_PARALLEL_CALLS = 8
 ANY_OBJECT = {"type": "object"}
 # Text whose first character past any whitespace is not `<` (or no text at all).
 PLAIN_ANSWER = r"(\s*[^<\s](.|\n)*)?"
@@ -113,11 +116,11 @@ def tool_call_grammar(
 ) -> str:
     """The Lark grammar for a turn with `functions` (name, parameters schema) offered.
 
-    forced: only calls (one, or one or more if `parallel`). Otherwise text with lazily
+    forced: only calls (one, or 1 to MAX_PARALLEL_CALLS if `parallel`). Otherwise text with lazily
     triggered calls; with `answer_schema` (a JSON format), the text is that JSON instead
     (chosen by its first character), so an answer is either the JSON or calls.
     """
-    calls = 'call ("\\n" call)*' if parallel else "call"
+    calls = f'call ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else "call"
     if forced:
         start = [f"start: {calls}"]
     elif answer_schema is not None:

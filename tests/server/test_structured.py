@@ -10,6 +10,7 @@ from engine.loader.gguf import read_gguf
 from engine.structured_output import GrammarCompiler
 from engine.tokenizer import Tokenizer
 from orchestrator.chat_prompt import active_tools
+from orchestrator.output_structure import MAX_PARALLEL_CALLS
 from orchestrator.tool_parser import parse_tool_calls
 from server.errors import APIError
 from server.protocol import parse_chat_request
@@ -68,6 +69,10 @@ def test_without_parallel_calls_one_call_completes_the_grammar(compiler):
     assert not _accepts(compiler, CALL + "\n" + CALL, **single)[0]
     parallel = {"tools": [WEATHER], "tool_choice": "required"}
     assert _accepts(compiler, CALL + "\n" + CALL, **parallel) == (True, False)
+    # at most MAX_PARALLEL_CALLS: the last one ends the output
+    most = "\n".join([CALL] * MAX_PARALLEL_CALLS)
+    assert _accepts(compiler, most, **parallel) == (True, True)
+    assert not _accepts(compiler, most + "\n" + CALL, **parallel)[0]
 
 
 def test_named_function_allows_only_that_function(compiler):
