@@ -23,7 +23,7 @@ logits costs milliseconds:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -38,11 +38,40 @@ _BLOCK = 256
 _TOP_P_CANDIDATES = (64, 1024)
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """One token's entry in vLLM's per-position logprobs dict."""
+
+    logprob: float
+    rank: int | None = None  # 1: the most likely token
+    decoded_token: str | None = None
+
+
 @dataclass
-class TokenLogprobs:
+class TokenLogprobs(Mapping[int, Logprob]):
+    """One position's logprobs: the token there and the most likely ones. Also read as
+    vLLM's `{token_id: Logprob}` dict (that token first, then the top ones by rank), so
+    code written against vLLM's outputs runs unchanged."""
+
     token_id: int
     logprob: float  # of the sampled token, under the raw model distribution
     top: list[tuple[int, float]]  # the params.logprobs most likely (token_id, logprob), best first
+    rank: int | None = None  # of token_id in the distribution (1: the most likely)
+
+    def _entries(self) -> dict[int, Logprob]:
+        entries = {self.token_id: Logprob(self.logprob, self.rank)}
+        for rank, (token_id, logprob) in enumerate(self.top, 1):
+            entries.setdefault(token_id, Logprob(logprob, rank))
+        return entries
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        return self._entries()[token_id]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._entries())
+
+    def __len__(self) -> int:
+        return len(self._entries())
 
 
 @dataclass
@@ -447,8 +476,9 @@ def token_logprobs(
     """Row i's logprob of `token_ids[i]` under the raw distribution of `logits[i]`, with
     its `top_k[i]` most likely tokens."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = token_ids.unsqueeze(1)
-    chosen_logp = logp.gather(1, chosen).squeeze(1).tolist()
+    chosen = logp.gather(1, token_ids.unsqueeze(1))
+    ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()
+    chosen_logp = chosen.squeeze(1).tolist()
     max_k = min(logp.shape[1], max(top_k))
     top_logp, top_ids = logp.topk(max_k, dim=-1)
     top_logp, top_ids = top_logp.tolist(), top_ids.tolist()
@@ -457,6 +487,7 @@ def token_logprobs(
             token_id=token_id,
             logprob=chosen_logp[j],
             top=list(zip(top_ids[j][:k], top_logp[j][:k], strict=True)),
+            rank=ranks[j],
         )
         for j, (token_id, k) in enumerate(zip(token_ids.tolist(), top_k, strict=True))
     ]

@@ -223,6 +223,20 @@ def test_logprobs_are_of_the_raw_distribution(logits):
             assert values == pytest.approx(expected.values.tolist(), abs=1e-5)
 
 
+def test_logprobs_read_as_vllms_dict_of_ranked_entries(logits):
+    """vLLM's shape: {token_id: Logprob(logprob, rank)}, the sampled token first with its
+    rank in the distribution, then the top tokens by rank."""
+    params = SamplingParams(temperature=1.0, seed=3, logprobs=3)
+    tokens, lps = sample(logits[:1], [row(params)])
+    lp, raw = lps[0], torch.log_softmax(logits[0], dim=-1)
+    assert next(iter(lp)) == tokens[0]
+    assert lp[tokens[0]].rank == int((raw > raw[tokens[0]]).sum()) + 1
+    top = raw.topk(3).indices.tolist()
+    assert [lp[t].rank for t in top] == [1, 2, 3] and set(lp) == {tokens[0], *top}
+    assert lp[top[0]].logprob == pytest.approx(raw.max().item(), abs=1e-5)
+    assert dict(lp) == {t: lp[t] for t in lp} and len(lp) == len({tokens[0], *top})
+
+
 def test_logprobs_of_a_vocabulary_smaller_than_k():
     x = torch.tensor([[0.0, 2.0, 1.0]])
     _, lps = sample(x, [row(SamplingParams(temperature=0, logprobs=20))])
