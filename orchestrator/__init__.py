@@ -19,7 +19,7 @@ from orchestrator.files import FileService, import_disk_files
 from orchestrator.responses import FunctionTool, ResponseRequest, ResponseService
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store import Page, Store
-from orchestrator.store.accounts import release_reservations
+from orchestrator.store.accounts import release_reservations, settle_checkpoints
 from orchestrator.store.knowledge import prepare_index
 from orchestrator.tools import ToolRegistry
 from orchestrator.vector_stores import VectorStoreService
@@ -52,12 +52,14 @@ class Product:
         without being declared (`default_tools`).
 
         A SQLite file belongs to this server alone, so responses left `in_progress` there
-        were cut off by a crash: they are marked `incomplete`, and quota reservations
-        left there are released. A PostgreSQL database may be shared by several servers,
+        were cut off by a crash: they are marked `incomplete`, the usage they had
+        checkpointed is recorded and charged, and quota reservations left there are
+        released. A PostgreSQL database may be shared by several servers,
         whose responses and reservations in flight must be left alone."""
         store = Store(database_url)
         if store.engine.dialect.name == "sqlite":
             store.repo.interrupt_unfinished()
+            settle_checkpoints(store.repo)
             release_reservations(store.repo)
         product = cls(
             store,

@@ -193,9 +193,14 @@ class Budget(Protocol):
     """The requester's token allowance (`orchestrator.accounts.Meter`): each generation
     reserves its prompt plus output budget before it runs (QuotaExceededError or
     RateLimitError when that does not fit; a later generation passes what the earlier
-    ones `spent`), and the turn settles once, with its usage."""
+    ones `spent`), the turn checkpoints its usage so far as it runs, and settles once,
+    with its usage."""
 
     async def reserve(self, tokens: int, spent: int | None = None) -> None: ...
+
+    async def checkpoint(
+        self, input_tokens: int, cached_tokens: int, output_tokens: int
+    ) -> None: ...
 
     async def settle(
         self, status: str, input_tokens: int, cached_tokens: int, output_tokens: int
@@ -204,6 +209,9 @@ class Budget(Protocol):
 
 class _Unlimited:
     async def reserve(self, tokens: int, spent: int | None = None) -> None:
+        pass
+
+    async def checkpoint(self, input_tokens: int, cached_tokens: int, output_tokens: int) -> None:
         pass
 
     async def settle(
@@ -367,6 +375,8 @@ class Turn:
         self.events = ResponseEvents(_new_response(request))
         self.id: str = self.events.response["id"]
         self.totals = _Totals()
+        # The generation running now: its prompt length and progress (`_usage_so_far`).
+        self._running: tuple[int, _Progress] | None = None
         self._generations = 0
         self._code_calls: list[dict] = []  # code_interpreter/file_search calls of the turn
         self._agent: Agent | None = None
@@ -409,7 +419,7 @@ class Turn:
             begun = asyncio.create_task(
                 store.call(Repository.begin_response, self.owner, snapshot, self.input_items)
             )
-            self._checkpoints = asyncio.create_task(self._checkpoint(store, begun))
+        self._checkpoints = asyncio.create_task(self._checkpoint(store, begun))
         try:
             self._put(self.events.start())
             status, reason, error = await self._generate()
@@ -439,13 +449,11 @@ class Turn:
             self.service.running.pop(self.id, None)
             self.observer.on_finished()
 
-    async def _checkpoint(self, store: Store, begun: asyncio.Task) -> None:
-        """Every CHECKPOINT_S while the turn runs, write its output as it stands, so a crash
-        of the server loses only the last seconds of it (Repository.checkpoint_response)."""
-        try:
-            await begun
-        except StoreUnavailableError:
-            return  # no row to write to; the final record writes both
+    async def _checkpoint(self, store: Store | None, begun: asyncio.Task | None) -> None:
+        """Every CHECKPOINT_S while the turn runs, write its usage so far and (when stored)
+        its output as it stands, so a crash of the server loses only the last seconds of
+        it (Repository.checkpoint_response) and still leaves its usage row
+        (`Budget.checkpoint`)."""
         written: list[dict] = []
         while True:
             try:
@@ -453,14 +461,42 @@ class Turn:
                 return
             except TimeoutError:
                 pass
-            output = copy.deepcopy(self.events.output)
-            if output == written:
-                continue
             try:
-                await store.call(Repository.checkpoint_response, self.owner, self.id, output)
-            except StoreUnavailableError:
-                continue  # the next one, or the final record, writes it
-            written = output
+                await self.budget.checkpoint(*self._usage_so_far())
+            except Exception:  # the next one, or the settlement, writes it
+                log.warning("response %s: its usage so far was not checkpointed", self.id)
+            if store is not None and begun is not None:
+                written = await self._checkpoint_output(store, begun, written)
+
+    async def _checkpoint_output(
+        self, store: Store, begun: asyncio.Task, written: list[dict]
+    ) -> list[dict]:
+        """Write the output if it changed since `written`; returns what is written now."""
+        try:
+            await begun
+        except StoreUnavailableError:
+            return written  # no row to write to; the final record writes both
+        output = copy.deepcopy(self.events.output)
+        if output == written:
+            return written
+        try:
+            await store.call(Repository.checkpoint_response, self.owner, self.id, output)
+        except StoreUnavailableError:
+            return written  # the next one, or the final record, writes it
+        return output
+
+    def _usage_so_far(self) -> tuple[int, int, int]:
+        """(input, cached, output) tokens of the generations so far, the running one's
+        included."""
+        totals = self.totals
+        if self._running is None:
+            return totals.input_tokens, totals.cached, totals.output_tokens
+        prompt, progress = self._running
+        return (
+            totals.input_tokens + prompt,
+            totals.cached + progress.cached,
+            totals.output_tokens + len(progress.output_ids),
+        )
 
     async def _stop_checkpoints(self) -> None:
         """End the checkpoints and wait for one being written (a write in its thread cannot
@@ -679,9 +715,11 @@ class Turn:
         progress = _Progress(
             ChoiceAssembler([t.name for t in config.tools], None if config.parallel else 1)
         )
+        self._running = (len(prompt.token_ids), progress)
         try:
             await self._consume(progress, prompt.token_ids, params, request_id)
         finally:
+            self._running = None
             totals = self.totals
             totals.input_tokens += len(prompt.token_ids)
             totals.output_tokens += len(progress.output_ids)

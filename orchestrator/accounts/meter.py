@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class Meter:
     # Called with the row once written (the server's per-endpoint counters).
     listeners: list[Callable[[UsageRecord], None]] = field(default_factory=list)
     record: UsageRecord | None = None
+    # Set by the first `checkpoint`: the key of this request's usage checkpoint row.
+    checkpoint_id: str | None = None
     # How a stream ended, as far as its generator saw (`close` finishes with it): a
     # stream cut before its end was left by its client.
     outcome: str = "incomplete"
@@ -79,6 +82,18 @@ class Meter:
         self.input_tokens, self.cached_input_tokens = input_tokens, cached_tokens
         self.output_tokens = output_tokens
         await self.finish(status)
+
+    async def checkpoint(self, input_tokens: int, cached_tokens: int, output_tokens: int) -> None:
+        """Write the usage so far, which a crash would otherwise lose (a Responses turn's
+        checkpoints call this): the next start settles it as `incomplete`. Once the
+        request settles, this does nothing."""
+        if self.accounts is None or self.finished:
+            return
+        self.input_tokens, self.cached_input_tokens = input_tokens, cached_tokens
+        self.output_tokens = output_tokens
+        if self.checkpoint_id is None:
+            self.checkpoint_id = f"ckpt_{secrets.token_hex(12)}"
+        await self.accounts.checkpoint(self.held, self.checkpoint_id, self._record("incomplete"))
 
     async def finish(self, status: str) -> None:
         """Write the usage row and settle the reservation (once; later calls wait for it)."""
@@ -131,7 +146,9 @@ class Meter:
         self.record = self._record(status)
         try:
             if self.accounts is not None:
-                await self.accounts.settle(self.identity, self.held, self.record)
+                await self.accounts.settle(
+                    self.identity, self.held, self.record, self.checkpoint_id
+                )
         except Exception:  # the request is over either way; the operator must hear of it
             log.exception("the usage of a %s request could not be recorded", self.endpoint)
         for listener in self.listeners:

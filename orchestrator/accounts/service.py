@@ -106,9 +106,20 @@ class Accounts:
         held.rate_tokens += more
         held.quota_tokens += more
 
-    async def settle(self, identity: Identity, held: Reservation, record: UsageRecord) -> None:
-        """Write the request's usage row, charge what it used and release the rest."""
-        await self.store.call(db.settle, held.id, record)
+    async def checkpoint(self, held: Reservation, checkpoint_id: str, record: UsageRecord) -> None:
+        """Write a running request's usage so far (`db.checkpoint_usage`)."""
+        await self.store.call(db.checkpoint_usage, checkpoint_id, held.id, record)
+
+    async def settle(
+        self,
+        identity: Identity,
+        held: Reservation,
+        record: UsageRecord,
+        checkpoint_id: str | None = None,
+    ) -> None:
+        """Write the request's usage row, charge what it used and release the rest (and
+        drop its usage checkpoint)."""
+        await self.store.call(db.settle, held.id, record, checkpoint_id)
         if identity.user is not None:
             self.limiter.refund_tokens(identity.user.id, held.rate_tokens - record.total_tokens)
 

@@ -33,6 +33,7 @@ from orchestrator.store.tables import (
     quota_reservations,
     response_items,
     responses,
+    usage_checkpoints,
     usage_records,
     users,
     vector_stores,
@@ -306,13 +307,51 @@ def reserve(
     return True
 
 
-def settle(repo: Repository, reservation_id: str | None, record: UsageRecord) -> None:
+def settle(
+    repo: Repository,
+    reservation_id: str | None,
+    record: UsageRecord,
+    checkpoint_id: str | None = None,
+) -> None:
     """Record a request's usage row and, if it holds a reservation, release it and charge
-    the tokens it used to the reservation's period: one transaction."""
+    the tokens it used to the reservation's period; drop its usage checkpoint, if any: one
+    transaction."""
     with repo.engine.begin() as conn:
-        if reservation_id is not None:
-            _settle(conn, reservation_id, record.total_tokens)
-        conn.execute(insert(usage_records).values(day=utc_day(record.created_at), **asdict(record)))
+        _write_usage(conn, reservation_id, record)
+        if checkpoint_id is not None:
+            conn.execute(delete(usage_checkpoints).where(usage_checkpoints.c.id == checkpoint_id))
+
+
+def _write_usage(conn: Connection, reservation_id: str | None, record: UsageRecord) -> None:
+    if reservation_id is not None:
+        _settle(conn, reservation_id, record.total_tokens)
+    conn.execute(insert(usage_records).values(day=utc_day(record.created_at), **asdict(record)))
+
+
+def checkpoint_usage(
+    repo: Repository, checkpoint_id: str, reservation_id: str | None, record: UsageRecord
+) -> None:
+    """Write (or overwrite) a running request's usage so far."""
+    values = {"id": checkpoint_id, "reservation_id": reservation_id, "record": asdict(record)}
+    dialect_insert = pg_insert if repo.engine.dialect.name == "postgresql" else sqlite_insert
+    stmt = dialect_insert(usage_checkpoints).values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[usage_checkpoints.c.id], set_={"record": stmt.excluded.record}
+    )
+    with repo.engine.begin() as conn:
+        conn.execute(stmt)
+
+
+def settle_checkpoints(repo: Repository) -> int:
+    """Settle every request a crash cut off after a usage checkpoint, as `incomplete` with
+    the usage last checkpointed: start-up maintenance for a database only this server uses
+    (before `release_reservations`, which would charge them nothing)."""
+    with repo.engine.begin() as conn:
+        rows = conn.execute(select(usage_checkpoints)).all()
+        for row in rows:
+            _write_usage(conn, row.reservation_id, UsageRecord(**row.record))
+        conn.execute(delete(usage_checkpoints))
+    return len(rows)
 
 
 def _settle(conn: Connection, reservation_id: str, used: int) -> None:

@@ -204,6 +204,17 @@ quota_reservations = Table(
     Column("created_at", Double, nullable=False),
 )
 
+# A running request's usage so far, written with each checkpoint of a Responses turn, so
+# that a crash still leaves the turn's usage row: the next start (on SQLite) settles it as
+# `incomplete`, charging its reservation's period. Deleted when the request settles.
+usage_checkpoints = Table(
+    "usage_checkpoints",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("reservation_id", ID, nullable=True),
+    Column("record", JSON, nullable=False),  # the UsageRecord, status "incomplete"
+)
+
 # One row per generation request, however it ended. `user_id` is None for requests made
 # with an `--api-key` key or on an open server; times are in seconds.
 usage_records = Table(

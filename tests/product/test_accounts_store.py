@@ -152,6 +152,26 @@ def test_release_reservations_frees_what_a_crash_left_held(store):
     assert db.quota_state(repo, alice.id, 0) == db.QuotaState(used=0, reserved=0)
 
 
+def test_usage_a_crash_cut_off_after_a_checkpoint_is_charged_and_recorded(store):
+    """A checkpoint overwrites the last; at the next start the request settles with the
+    usage last checkpointed (its reservation charged that much), and one that settled
+    normally leaves no checkpoint behind."""
+    repo = store.repo
+    alice = _user(repo, "alice", 100)
+    assert db.reserve(repo, "rsv_a", alice.id, 0, 60, 100, 1.0)
+    db.checkpoint_usage(repo, "ckpt_a", "rsv_a", _record(alice.id, 10, 2, status="incomplete"))
+    db.checkpoint_usage(repo, "ckpt_a", "rsv_a", _record(alice.id, 10, 7, status="incomplete"))
+    assert db.reserve(repo, "rsv_b", alice.id, 0, 20, 100, 1.0)
+    db.checkpoint_usage(repo, "ckpt_b", "rsv_b", _record(alice.id, 5, 1, status="incomplete"))
+    db.settle(repo, "rsv_b", _record(alice.id, 5, 3), "ckpt_b")  # finished before the crash
+    assert db.settle_checkpoints(repo) == 1
+    assert db.release_reservations(repo) == 0
+    assert db.quota_state(repo, alice.id, 0) == db.QuotaState(used=17 + 8, reserved=0)
+    rows = [(r.status, r.input_tokens, r.output_tokens) for r in db.usage_rows(repo, alice.id)]
+    assert sorted(rows) == [("completed", 5, 3), ("incomplete", 10, 7)]
+    assert db.settle_checkpoints(repo) == 0
+
+
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

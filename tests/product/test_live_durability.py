@@ -77,6 +77,10 @@ def test_sigkill_mid_streams_leaves_an_intact_store(tmp_path):
 
     db = sqlite3.connect(os.path.join(data_dir, "tokenmill.db"))
     assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    # the usage of the turns cut off, as last checkpointed
+    checkpointed = db.execute("SELECT count(*) FROM usage_checkpoints").fetchone()[0]
+    incomplete = "SELECT count(*) FROM usage_records WHERE status = 'incomplete'"
+    recorded = db.execute(incomplete).fetchone()[0]  # the short ones end at their budget
     db.close()
 
     server = start_server("--compile", "off", "--data-dir", data_dir)
@@ -91,6 +95,11 @@ def test_sigkill_mid_streams_leaves_an_intact_store(tmp_path):
         for response_id in cut:
             with contextlib.suppress(openai.NotFoundError):
                 assert client.responses.retrieve(response_id).status == "incomplete"
+        # Their usage is recorded, charged to no one twice.
+        db = sqlite3.connect(os.path.join(data_dir, "tokenmill.db"))
+        assert db.execute("SELECT count(*) FROM usage_checkpoints").fetchone() == (0,)
+        assert db.execute(incomplete).fetchone() == (recorded + checkpointed,)
+        db.close()
         # The conversation from before the kill goes on.
         again = client.responses.create(
             model=MODEL,

@@ -22,7 +22,13 @@ from sqlalchemy.exc import OperationalError
 
 from orchestrator import responses as responses_module
 from orchestrator.store import Repository
-from orchestrator.store.tables import conversation_items, response_items, responses
+from orchestrator.store.accounts import usage_rows
+from orchestrator.store.tables import (
+    conversation_items,
+    response_items,
+    responses,
+    usage_checkpoints,
+)
 from server import start_draining
 from tests.product.conftest import ProductServer
 from tests.server.fake_engine import FakeEngine
@@ -302,6 +308,34 @@ def test_a_running_turn_checkpoints_its_output(product_server, monkeypatch):
     final = repo.get_response("user_local", result["r"].id)["output"]
     assert [m["content"][0]["text"] for m in final] == ["Noted, and more."]
     assert final[0]["status"] == "completed"
+
+
+def test_a_running_turn_checkpoints_its_usage_which_settling_replaces(product_server, monkeypatch):
+    """The usage so far (the running generation's prompt and tokens) is written as the
+    turn runs, for a crash to leave a usage row; the settlement replaces it with the row."""
+    monkeypatch.setattr(responses_module, "CHECKPOINT_S", 0.05)
+    engine = FakeEngine(reply="Noted, and more.")
+    engine.hold.clear()
+    server = product_server(engine)
+    turn, result = _held_turn(server, input="one", store=False)
+    repo = server.product.store.repo
+    deadline = time.monotonic() + 10
+    while not (checkpoints := _usage_checkpoints(repo)):
+        assert time.monotonic() < deadline, "no usage checkpoint"
+        time.sleep(0.05)
+    record = checkpoints[0]
+    assert record["status"] == "incomplete" and record["output_tokens"] >= 1
+    assert record["input_tokens"] == len(engine.prompts[-1])
+    engine.hold.set()
+    turn.join(10)
+    assert _usage_checkpoints(repo) == []
+    [row] = usage_rows(repo)
+    assert (row.status, row.output_tokens) == ("completed", result["r"].usage.output_tokens)
+
+
+def _usage_checkpoints(repo) -> list[dict]:
+    with repo.engine.connect() as conn:
+        return list(conn.execute(select(usage_checkpoints.c.record)).scalars())
 
 
 def test_a_turn_the_database_missed_is_recorded_once_it_answers(product_server, monkeypatch):
