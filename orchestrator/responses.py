@@ -443,7 +443,7 @@ class Turn:
             self._put([self.events.error("the response could not be recorded")])
         finally:
             await self._stop_checkpoints()
-            self.service.busy_conversations.discard(self.request.conversation_id)
+            self.service.busy_conversations.discard((self.owner, self.request.conversation_id))
             await self._settle("failed")  # a no-op when settled above
             self._queue.put_nowait(None)
             self.service.running.pop(self.id, None)
@@ -463,8 +463,8 @@ class Turn:
                 pass
             try:
                 await self.budget.checkpoint(*self._usage_so_far())
-            except Exception:  # the next one, or the settlement, writes it
-                log.warning("response %s: its usage so far was not checkpointed", self.id)
+            except Exception as exc:  # the next one, or the settlement, writes it
+                log.warning("response %s: its usage so far was not checkpointed: %r", self.id, exc)
             if store is not None and begun is not None:
                 written = await self._checkpoint_output(store, begun, written)
 
@@ -844,8 +844,9 @@ class ResponseService:
         self.default_tools = default_tools
         self.context = ContextBuilder(engine.tokenizer, engine.max_model_len)
         self.running: dict[str, Turn] = {}
-        # Conversations a turn of this server is running in: one at a time (`_claim`).
-        self.busy_conversations: set[str] = set()
+        # (owner, conversation id) of the conversations a turn of this server is running
+        # in: one at a time (`_claim`).
+        self.busy_conversations: set[tuple[str, str | None]] = set()
         # The vector stores file_search reads (set by Product.open), or why there are none.
         self.file_search: FileSearchBackend | None = None
         self.file_search_unavailable = "file_search needs vector stores, which this server lacks"
@@ -880,23 +881,25 @@ class ResponseService:
                 "(store cannot be false with conversation)",
                 "store",
             )
-        self._claim(request.conversation_id)
+        self._claim(owner, request.conversation_id)
         try:
             return await self._start(owner, request, observer, budget)
         except BaseException:
-            self.busy_conversations.discard(request.conversation_id)
+            self.busy_conversations.discard((owner, request.conversation_id))
             raise
 
-    def _claim(self, conversation_id: str | None) -> None:
+    def _claim(self, owner: str, conversation_id: str | None) -> None:
         """Take the conversation for one turn, as OpenAI does: two turns at once would each
         answer on a history without the other's, then both be appended as if in sequence.
         Synchronous, so two requests cannot both pass between the check and the claim. The
-        turn releases it when it ends (`Turn._run`)."""
+        turn releases it when it ends (`Turn._run`). Claimed under its owner: another
+        user naming it neither finds it busy nor holds it (theirs is a 404 when the
+        history is read)."""
         if conversation_id is None:
             return
-        if conversation_id in self.busy_conversations:
+        if (owner, conversation_id) in self.busy_conversations:
             raise _conversation_locked()
-        self.busy_conversations.add(conversation_id)
+        self.busy_conversations.add((owner, conversation_id))
 
     async def _start(
         self,

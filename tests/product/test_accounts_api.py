@@ -22,6 +22,7 @@ from orchestrator.store import accounts as db
 from orchestrator.store.accounts import KeyRow, UserRow
 from orchestrator.store.tables import quota_periods
 from tests.product.conftest import ProductServer
+from tests.product.test_responses_api import _wait_for_generation
 from tests.product.test_responses_tools import CALCULATOR, _call, _scripted
 from tests.server.fake_engine import FakeEngine
 from tests.server.sse_client import events
@@ -601,3 +602,25 @@ def test_a_tool_loop_admitted_under_tpm_is_not_cut_by_it(product_server):
         again = client.post("/responses", json=TOOL_TURN)
     assert again.status_code == 429 and again.json()["error"]["code"] == "rate_limit_exceeded"
     assert float(again.headers["retry-after"]) > 0
+
+
+def test_another_users_conversation_is_not_found_even_while_its_turn_runs(product_server):
+    """The one-turn-at-a-time lock is the owner's: a user naming another's conversation
+    gets the 404 of an unknown one, never `conversation_locked` (which would tell that it
+    exists and is in use), and holds nothing the owner could be refused by."""
+    engine = FakeEngine(reply=REPLY)
+    engine.hold.clear()  # generation pauses after the first token
+    server = product_server(engine)
+    alice, bob = _account(server, "alice"), _account(server, "bob")
+    with _client(server, alice) as a, _client(server, bob) as b:
+        conv = a.post("/conversations", json={}).json()["id"]
+        body = {"model": MODEL, "input": "x", "conversation": conv}
+        alices_turn = _client(server, alice)
+        turn = ThreadPoolExecutor(1).submit(lambda: alices_turn.post("/responses", json=body))
+        _wait_for_generation(engine)
+        for _ in range(3):
+            raw = b.post("/responses", json=body)
+            assert raw.status_code == 404 and raw.json()["error"]["code"] == "not_found"
+        engine.hold.set()
+        assert turn.result(10).status_code == 200
+        assert a.post("/responses", json=body).status_code == 200
