@@ -164,6 +164,7 @@ function sidebarEntry(conversation, title) {
 
 function startRename(li, conversation) {
   const input = el("input", "rename-input");
+  input.maxLength = 512; // a metadata value's limit
   input.value = titleOf(conversation);
   input.setAttribute("aria-label", "New title");
   li.replaceChildren(input);
@@ -189,8 +190,7 @@ async function renameConversation(id, title) {
   const decoded = state.open && state.open.id === id ? state.open.meta
     : decodeMetadata(conversation.metadata);
   decoded.title = clip(title, 512);
-  await saveMeta(id, decoded);
-  if (state.open && state.open.id === id) $("chat-title").textContent = title;
+  await saveMeta(id, decoded, ["title"]);
 }
 
 function confirmDelete(conversation) {
@@ -317,10 +317,24 @@ async function openConversation(id) {
   }
 }
 
-async function saveMeta(id, decoded) {
-  const saved = await request("POST", `/v1/conversations/${id}`, { metadata: encodeMetadata(decoded) });
+// Saves the fields `changed` of this tab's copy of a conversation's metadata. Another tab
+// may have saved since this one read it: the other fields stay as stored (its rename, its
+// settings), and the branches of both are kept, but for the turns this tab has gone on
+// from (no leaves any more). This tab's copy then takes the stored fields.
+async function saveMeta(id, decoded, changed) {
+  const current = await request("GET", `/v1/conversations/${id}`);
+  const stored = decodeMetadata(current.metadata);
+  const merged = { ...stored };
+  for (const key of changed) merged[key] = decoded[key];
+  const inner = new Set(state.open && state.open.id === id ? state.tree.inner() : []);
+  const theirs = stored.leaves.filter((l) => !inner.has(l) && !decoded.leaves.includes(l));
+  merged.leaves = [...theirs, ...decoded.leaves];
+  const saved = await request("POST", `/v1/conversations/${id}`, { metadata: encodeMetadata(merged) });
+  Object.assign(decoded, merged);
+  if (state.open && state.open.id === id) $("chat-title").textContent = decoded.title || "Untitled";
   const index = state.conversations.findIndex((c) => c.id === id);
   if (index >= 0) state.conversations[index] = saved;
+  renderSidebar();
   return saved;
 }
 
@@ -330,7 +344,7 @@ function persistTree() {
   decoded.leaves = state.tree.leaves().filter((id) => id.startsWith("resp_"));
   const leaf = state.tree.leaf();
   decoded.leaf = leaf && leaf.id.startsWith("resp_") ? leaf.id : decoded.leaf;
-  return saveMeta(state.open.id, decoded).catch(reportError);
+  return saveMeta(state.open.id, decoded, ["leaf"]).catch(reportError);
 }
 
 async function ensureConversation(firstText) {
@@ -532,12 +546,36 @@ function requestBody(parent, text) {
 
 let pendingCount = 0;
 
+// Whether the conversation still exists: another tab or window may have deleted it.
+async function stillThere(id) {
+  try {
+    await request("GET", `/v1/conversations/${id}`);
+    return true;
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 404) return false;
+    throw error;
+  }
+}
+
+function forgetDeleted(id) {
+  state.conversations = state.conversations.filter((c) => c.id !== id);
+  newChat();
+}
+
 async function runTurn(parent, text) {
   if (state.stream) return;
   setStatus("");
   let open;
   try {
     open = await ensureConversation(text);
+    if (!(await stillThere(open.id))) {
+      forgetDeleted(open.id);
+      $("prompt").value = text;
+      setStatus("This conversation was deleted in another tab or window. Send again to start "
+        + "a new chat with your message.", true);
+      finished();
+      return;
+    }
   } catch (error) {
     reportError(error);
     if (!$("prompt").value) $("prompt").value = text; // nothing was sent: keep what was typed
@@ -562,6 +600,9 @@ async function runTurn(parent, text) {
   } catch (error) {
     if (error.name === "AbortError") {
       node.status = state.stream.stopped ? "cancelled" : "incomplete";
+    } else if (node.id.startsWith("resp_") && !(error instanceof ApiError)) {
+      node.status = "incomplete"; // the connection was lost mid-answer
+      reportError(error);
     } else {
       node.error = describe(error);
       node.status = "failed";
@@ -689,19 +730,22 @@ function stopStream() {
 }
 
 // The Stop button and Escape: the response is cancelled (`cancelled`, shown as stopped),
-// then the connection closes if the stream has not ended by then.
+// then the connection closes if the stream has not ended by then, after at most
+// CANCEL_WAIT_MS: a server that does not answer (stopped, overloaded) must not hold the
+// page, and closing the connection stops the turn all the same.
+const CANCEL_WAIT_MS = 2000;
+
 async function stopAnswer() {
   const stream = state.stream;
   if (!stream || stream.stopped) return;
   stream.stopped = true;
+  setStatus("Stopping…");
   if (stream.nodeId.startsWith("resp_")) {
-    try {
-      await request("POST", `/v1/responses/${stream.nodeId}/cancel`);
-    } catch (error) {
-      // closing the connection below stops it all the same
-    }
+    const cancel = request("POST", `/v1/responses/${stream.nodeId}/cancel`).catch(() => {});
+    await Promise.race([cancel, new Promise((resolve) => setTimeout(resolve, CANCEL_WAIT_MS))]);
   }
   if (state.stream === stream) stream.controller.abort();
+  if ($("status").textContent === "Stopping…") setStatus("");
 }
 
 function showStreaming(on) {
@@ -779,7 +823,7 @@ async function upload(event) {
     if (!open.meta.vectorStore) {
       const store = await request("POST", "/v1/vector_stores", { name: `chat ${open.id}` });
       open.meta.vectorStore = store.id;
-      await saveMeta(open.id, open.meta);
+      await saveMeta(open.id, open.meta, ["vectorStore"]);
     }
     const form = new FormData();
     form.append("purpose", "assistants");
@@ -834,7 +878,9 @@ async function saveSettings(event) {
   localStorage.setItem(DEFAULTS_STORAGE, JSON.stringify({ ...current.settings,
     instructions: current.instructions }));
   $("settings").close();
-  if (state.open) await saveMeta(state.open.id, current).catch(reportError);
+  if (state.open) {
+    await saveMeta(state.open.id, current, ["settings", "instructions"]).catch(reportError);
+  }
 }
 
 // -- layout and start-up --------------------------------------------------------------
@@ -871,7 +917,10 @@ async function start() {
   await Promise.all([loadConversations().catch(reportError), refreshUsage()]);
   const wanted = decodeURIComponent(location.hash.slice(1));
   if (state.conversations.some((c) => c.id === wanted)) await openConversation(wanted);
-  else if (wanted) showInAddress(null); // deleted since, or another user's
+  else if (wanted) { // deleted since, or another user's
+    showInAddress(null);
+    setStatus("The conversation in the address no longer exists.");
+  }
   document.body.dataset.ready = "true";
 }
 
@@ -900,13 +949,25 @@ function wire() {
     }
   });
   $("toggle-sidebar").addEventListener("click", toggleSidebar);
+  // On a phone the open sidebar covers its own button: Escape or a tap beside it closes it.
+  document.addEventListener("click", (event) => {
+    const inside = event.target instanceof Element
+      && event.target.closest("#sidebar, #toggle-sidebar, dialog");
+    if (document.body.classList.contains("sidebar-open") && !inside) closeSidebarOnPhone();
+  });
   document.addEventListener("keydown", (event) => {
-    if (event.key !== "Escape" || !state.stream) return;
-    // Escape that closes a dialog or leaves a rename or an edit is not meant for the answer.
+    // Escape that closes a dialog is not meant for the page.
+    if (event.key !== "Escape" || document.querySelector("dialog[open]")) return;
+    if (document.body.classList.contains("sidebar-open")) {
+      closeSidebarOnPhone();
+      return;
+    }
+    if (!state.stream) return;
+    // Escape that leaves a rename or an edit is not meant for the answer.
     const target = event.target;
     const editing = target instanceof HTMLElement && target.id !== "prompt"
       && target.matches("input, textarea");
-    if (!editing && !document.querySelector("dialog[open]")) stopAnswer();
+    if (!editing) stopAnswer();
   });
 }
 

@@ -95,6 +95,11 @@ export class Tree {
   leaves() {
     return [...this.nodes.keys()].filter((id) => !(this.children.get(id) || []).length);
   }
+
+  // The nodes with children: no leaves, whatever an older copy of the leaves says.
+  inner() {
+    return [...this.nodes.keys()].filter((id) => (this.children.get(id) || []).length);
+  }
 }
 
 // -- the conversation's metadata ------------------------------------------------------

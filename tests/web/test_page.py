@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 CHROMIUM = chromium_path()
 
 MODEL = "smollm2-135m-instruct"
-LONG_PROMPT = "Count from one to one hundred in words, one number per line."
+LONG_PROMPT = "Write a long story about a dragon who learns to cook."  # 400 tokens, greedy
 SCREENSHOT = ROOT / "docs" / "images" / "chat.png"
 EVIL = "<img src=x onerror=window.pwned=1>"
 SCRIPT = "<script>window.pwned=2</script>"
@@ -131,7 +131,7 @@ def send(page, text: str) -> None:
 
 
 def start_long_answer(page) -> None:
-    """Sends a prompt whose answer streams for seconds (up to 400 tokens)."""
+    """Sends a prompt whose answer streams for seconds (400 tokens)."""
     page.click("#open-settings")
     page.fill("#max-output-tokens", "400")
     page.click("#settings-save")
@@ -218,6 +218,66 @@ def test_stop_ends_the_stream_and_the_response(page, api):
     assert stored["usage"]["output_tokens"] < 400
     time.sleep(0.5)
     assert page.inner_text("#messages .assistant-body") == shown  # nothing more arrived
+
+
+def test_stop_does_not_wait_for_a_server_that_does_not_answer(page):
+    """A cancel the server never answers (stopped, overloaded): Stop still ends the turn
+    on the page, within a few seconds, by closing the connection."""
+    page.route("**/cancel", lambda route: None)  # the request hangs, never answered
+    start_long_answer(page)
+    wait_for_answer_text(page)
+    started = time.monotonic()
+    page.click("#stop")
+    page.wait_for_selector("#send:not([hidden])", timeout=5_000)
+    assert time.monotonic() - started < 4.5
+    assert page.get_by_text("Stopped.").is_visible()
+
+
+def test_two_tabs_on_one_conversation_keep_each_others_branches_and_title(session, api):
+    """Tab A saves after tab B branched and renamed: B's branch and title stay."""
+    context, _ = session
+    a = context.new_page()
+    a.goto("/")
+    a.wait_for_selector("body[data-ready=true]")
+    send(a, "First tab, first message.")
+    conversation = a.evaluate("location.hash")
+    b = context.new_page()
+    b.goto(f"/{conversation}")
+    b.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
+    before = finished_turns(b)
+    b.locator("#messages .turn").last.get_by_role("button", name="Regenerate answer").click()
+    wait_for_turn(b, before)
+    b.get_by_role("button", name=re.compile("^Rename ")).first.click()
+    b.fill(".rename-input", "Renamed in tab B")
+    b.press(".rename-input", "Enter")
+    b.get_by_role("button", name="Renamed in tab B", exact=True).wait_for()
+    send(a, "First tab, second message.")
+    assert a.inner_text("#chat-title") == "Renamed in tab B"  # tab A took B's title
+    c = context.new_page()
+    c.goto(f"/{conversation}")
+    c.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
+    assert c.inner_text("#chat-title") == "Renamed in tab B"
+    metadata = api.get(f"/v1/conversations/{conversation[1:]}").json()["metadata"]
+    leaves = " ".join(v for k, v in metadata.items() if k.startswith("leaves")).split()
+    assert len(leaves) == 2  # tab B's regenerated answer, and tab A's second turn
+
+
+def test_a_conversation_deleted_in_another_tab_keeps_the_message_typed(session, api):
+    context, console = session
+    console.expected.append(r"404 .*@ .*/v1/conversations/conv_")  # the page's check
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    send(page, "Soon deleted elsewhere.")
+    conversation = page.evaluate("location.hash")[1:]
+    assert api.delete(f"/v1/conversations/{conversation}").status_code == 200
+    before = finished_turns(page)
+    page.fill("#prompt", "Still there?")
+    page.press("#prompt", "Enter")
+    wait_for_turn(page, before)
+    assert "deleted in another tab" in page.inner_text("#status")
+    assert page.input_value("#prompt") == "Still there?"
+    assert page.inner_text("#chat-title") == "New chat"
 
 
 def test_a_server_out_of_reach_is_said_plainly_and_the_message_kept(session):
@@ -523,6 +583,14 @@ def test_a_phone_screen(browser, live, usage_missing):
     page.wait_for_selector("body[data-ready=true]")
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     assert not page.locator("#new-chat").is_visible()  # the sidebar is folded away
+    page.get_by_role("button", name="Show conversations").click()
+    page.locator("#new-chat").wait_for(state="visible")
+    page.keyboard.press("Escape")  # the open sidebar covers its button: Escape folds it
+    page.locator("#new-chat").wait_for(state="hidden")
+    page.get_by_role("button", name="Show conversations").click()
+    page.locator("#new-chat").wait_for(state="visible")
+    page.mouse.click(360, 400)  # and so does a tap beside it
+    page.locator("#new-chat").wait_for(state="hidden")
     page.get_by_role("button", name="Show conversations").click()
     page.locator("#new-chat").wait_for(state="visible")
     page.click("#new-chat")
