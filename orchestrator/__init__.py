@@ -13,6 +13,7 @@ from pathlib import Path
 
 from engine.client import EngineClient
 from orchestrator.accounts import LOCAL_USER, Accounts
+from orchestrator.conversation_lock import ConversationLock
 from orchestrator.conversations import ConversationService
 from orchestrator.errors import InvalidRequestError, NotFoundError, ProductError
 from orchestrator.files import FileService, import_disk_files
@@ -61,10 +62,11 @@ class Product:
             store.repo.interrupt_unfinished()
             settle_checkpoints(store.repo)
             release_reservations(store.repo)
+        lock = ConversationLock(store)
         product = cls(
             store,
-            ResponseService(engine, store, tools, default_tools),
-            ConversationService(store),
+            ResponseService(engine, store, tools, default_tools, lock),
+            ConversationService(store, lock),
             Accounts(store),
         )
         if data_dir is not None:

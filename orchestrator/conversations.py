@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import NotFoundError
 from orchestrator.ids import new_id
 from orchestrator.items import item_list, stored_item
@@ -28,8 +29,9 @@ def _missing(conversation_id: str) -> NotFoundError:
 
 
 class ConversationService:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, lock: ConversationLock | None = None) -> None:
         self.store = store
+        self.lock = lock or ConversationLock(store)  # the responses' turns hold it
 
     async def create(self, owner: str, metadata: dict, items: list[dict]) -> dict:
         row = ConversationRow(new_id("conv"), int(time.time()), metadata)
@@ -69,6 +71,9 @@ class ConversationService:
         return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
     async def add_items(self, owner: str, conversation_id: str, items: list[dict]) -> dict:
+        """Append items; not while a turn runs there (`conversation_locked`): they would
+        land before the turn's own input, which it appends when it ends."""
+        await self.lock.check_free(owner, conversation_id, "conversation_id")
         stored = [stored_item(i) for i in items]
         added = await self.store.call(
             Repository.add_conversation_items, owner, conversation_id, int(time.time()), stored

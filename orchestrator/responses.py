@@ -38,6 +38,7 @@ from orchestrator.agent import (
 from orchestrator.chat_types import Tool
 from orchestrator.citations import file_citations
 from orchestrator.context import ContextBuilder, Prompt, ToolConfig, item_text
+from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -64,11 +65,6 @@ from orchestrator.tools.file_search import (
 )
 
 log = logging.getLogger("tokenmill")
-
-# How long an unfinished response found in the database keeps its conversation locked
-# against turns from other servers sharing it; older ones are taken to be a crashed
-# server's (a SQLite database's are marked incomplete at start-up).
-CONVERSATION_LOCK_SECONDS = 600
 
 ANSWER_REMINDER = (
     "Question: {}\nAnswer the question in one short sentence, using the results above."
@@ -443,7 +439,8 @@ class Turn:
             self._put([self.events.error("the response could not be recorded")])
         finally:
             await self._stop_checkpoints()
-            self.service.busy_conversations.discard((self.owner, self.request.conversation_id))
+            if self.request.conversation_id is not None:
+                self.service.lock.release(self.owner, self.request.conversation_id)
             await self._settle("failed")  # a no-op when settled above
             self._queue.put_nowait(None)
             self.service.running.pop(self.id, None)
@@ -837,6 +834,7 @@ class ResponseService:
         store: Store,
         tools: ToolRegistry | None = None,
         default_tools: tuple[str, ...] = (),
+        lock: ConversationLock | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -844,9 +842,8 @@ class ResponseService:
         self.default_tools = default_tools
         self.context = ContextBuilder(engine.tokenizer, engine.max_model_len)
         self.running: dict[str, Turn] = {}
-        # (owner, conversation id) of the conversations a turn of this server is running
-        # in: one at a time (`_claim`).
-        self.busy_conversations: set[tuple[str, str | None]] = set()
+        # One turn at a time per conversation (shared with the conversations' service).
+        self.lock = lock or ConversationLock(store)
         # The vector stores file_search reads (set by Product.open), or why there are none.
         self.file_search: FileSearchBackend | None = None
         self.file_search_unavailable = "file_search needs vector stores, which this server lacks"
@@ -881,25 +878,15 @@ class ResponseService:
                 "(store cannot be false with conversation)",
                 "store",
             )
-        self._claim(owner, request.conversation_id)
+        conversation = request.conversation_id
+        if conversation is None:
+            return await self._start(owner, request, observer, budget)
+        self.lock.claim(owner, conversation)  # the turn releases it when it ends
         try:
             return await self._start(owner, request, observer, budget)
         except BaseException:
-            self.busy_conversations.discard((owner, request.conversation_id))
+            self.lock.release(owner, conversation)
             raise
-
-    def _claim(self, owner: str, conversation_id: str | None) -> None:
-        """Take the conversation for one turn, as OpenAI does: two turns at once would each
-        answer on a history without the other's, then both be appended as if in sequence.
-        Synchronous, so two requests cannot both pass between the check and the claim. The
-        turn releases it when it ends (`Turn._run`). Claimed under its owner: another
-        user naming it neither finds it busy nor holds it (theirs is a 404 when the
-        history is read)."""
-        if conversation_id is None:
-            return
-        if (owner, conversation_id) in self.busy_conversations:
-            raise _conversation_locked()
-        self.busy_conversations.add((owner, conversation_id))
 
     async def _start(
         self,
@@ -1018,11 +1005,7 @@ class ResponseService:
                 )
             return history
         if request.conversation_id is not None:
-            since = int(time.time()) - CONVERSATION_LOCK_SECONDS
-            if await self.store.call(
-                Repository.conversation_busy, owner, request.conversation_id, since
-            ):
-                raise _conversation_locked()
+            await self.lock.check_others(owner, request.conversation_id, "conversation")
             history = await self.store.call(
                 Repository.conversation_history, owner, request.conversation_id
             )
@@ -1087,15 +1070,6 @@ class ResponseService:
         if found is None:
             raise _missing(response_id)
         return item_list(found)
-
-
-def _conversation_locked() -> InvalidRequestError:
-    return InvalidRequestError(
-        "Another process is currently operating on this conversation. "
-        "Please retry in a few seconds.",
-        param="conversation",
-        code="conversation_locked",
-    )
 
 
 def _check_call_outputs(history: list[dict], input_items: list[dict]) -> None:

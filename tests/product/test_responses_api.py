@@ -492,6 +492,12 @@ def test_a_conversation_runs_one_turn_at_a_time(product_server, database_url):
         )
     assert locked.value.body["code"] == "conversation_locked"
     assert locked.value.body["param"] == "conversation"
+    # nor can items be appended: they would land before the running turn's input
+    with pytest.raises(openai.BadRequestError) as locked:
+        server.client.conversations.items.create(
+            conv.id, items=[{"type": "message", "role": "user", "content": "between"}]
+        )
+    assert locked.value.body["code"] == "conversation_locked"
     # another conversation is not held up
     engine.hold.set()
     server.client.responses.create(model=MODEL, input="elsewhere", conversation=other.id)
