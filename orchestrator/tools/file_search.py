@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
+from orchestrator.errors import NotFoundError
 from orchestrator.retrieval.filters import Filter
 from orchestrator.retrieval.index import Hit, SearchMode
 from orchestrator.tools.base import ToolError, ToolOutput
@@ -212,7 +213,10 @@ class FileSearch:
         searches = [
             Search(q, c.filters, c.max_num_results, c.score_threshold, c.mode) for q in queries
         ]
-        hits = await self.backend.search_stores(self.owner, c.vector_store_ids, searches)
+        try:
+            hits = await self.backend.search_stores(self.owner, c.vector_store_ids, searches)
+        except NotFoundError as exc:  # a store deleted since the turn began
+            raise ToolError(exc.message) from None
         text, shown = render_sources(
             hits, len(self.sources) + 1, self.text_budget, self.special_tokens, self.question
         )

@@ -15,10 +15,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from orchestrator.errors import NotFoundError
 from orchestrator.sandbox import Sandbox
 from orchestrator.tools import ToolError, ToolUnavailable, builtin_tools
 from orchestrator.tools.calculator import Calculator, calculate, format_number
 from orchestrator.tools.code_interpreter import CodeInterpreter
+from orchestrator.tools.file_search import FileSearch, FileSearchTool
 from orchestrator.tools.sql_query import DEMO_DATABASE, DEMO_SQL, SqlQuery, build_database
 from tests.orchestrator.sandbox_helpers import FAST
 
@@ -314,3 +316,20 @@ def test_calculator_is_safe_to_call_from_many_threads():
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(calculate, expressions))
     assert results == [calculate(e) for e in expressions]
+
+
+# file_search
+
+
+class _StoreDeleted:
+    """A file_search backend whose store was deleted after the turn began."""
+
+    async def search_stores(self, owner, vector_store_ids, searches):
+        raise NotFoundError(f"No vector store found with id '{vector_store_ids[0]}'.")
+
+
+def test_file_search_on_a_store_deleted_mid_turn_is_the_tools_error_not_a_fault():
+    """The model reads why (the tool's error), and no server fault is logged."""
+    search = FileSearch(_StoreDeleted(), "alice", FileSearchTool(["vs_gone"]), "glaciers?")
+    with pytest.raises(ToolError, match="No vector store found with id 'vs_gone'"):
+        asyncio.run(search.execute({"queries": ["glaciers"]}, "call_1"))
