@@ -21,6 +21,10 @@ from sqlalchemy import ColumnElement, and_, case, false, func, not_, or_, select
 COMPARISONS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "nin")
 MAX_DEPTH = 8
 MAX_KEY_LENGTH = 64
+# Every comparison is SQL the database runs on every candidate chunk: a filter holds at
+# most MAX_COMPARISONS of them, and its `in`/`nin` lists at most MAX_VALUES values in all.
+MAX_COMPARISONS = 100
+MAX_VALUES = 1000
 
 Scalar = str | int | float | bool
 
@@ -53,8 +57,29 @@ def is_number(value: Any) -> bool:
     return not isinstance(value, int) or value in _INT64
 
 
-def parse_filter(value: Any, path: str = "filters", depth: int = 0) -> Filter:
+def parse_filter(value: Any, path: str = "filters") -> Filter:
     """Validate a request's `filters`; raises ValueError whose message names the field."""
+    parsed = _parse(value, path, 0)
+    comparisons = list(_comparisons(parsed))
+    values = sum(len(c.value) if isinstance(c.value, tuple) else 1 for c in comparisons)
+    if len(comparisons) > MAX_COMPARISONS or values > MAX_VALUES:
+        raise ValueError(
+            f"{path} has {len(comparisons)} comparisons and {values} values; at most "
+            f"{MAX_COMPARISONS} comparisons and {MAX_VALUES} values (each value of an "
+            "in/nin list counts) are allowed"
+        )
+    return parsed
+
+
+def _comparisons(f: Filter):
+    if isinstance(f, Comparison):
+        yield f
+        return
+    for child in f.filters:
+        yield from _comparisons(child)
+
+
+def _parse(value: Any, path: str, depth: int) -> Filter:
     if not isinstance(value, dict):
         raise ValueError(f"{path} must be an object")
     kind = value.get("type")
@@ -66,7 +91,7 @@ def parse_filter(value: Any, path: str = "filters", depth: int = 0) -> Filter:
             raise ValueError(f"{path}.filters must be a non-empty array")
         return Compound(
             kind,
-            tuple(parse_filter(f, f"{path}.filters[{i}]", depth + 1) for i, f in enumerate(items)),
+            tuple(_parse(f, f"{path}.filters[{i}]", depth + 1) for i, f in enumerate(items)),
         )
     if kind not in COMPARISONS:
         raise ValueError(f"{path}.type must be one of {', '.join((*COMPARISONS, 'and', 'or'))}")
@@ -145,6 +170,20 @@ def _equals(attrs: JsonAttributes, key: str, value: Scalar) -> ColumnElement:
     return and_(attrs.kind(key) == _kind_of(value), attrs.value(key, value) == operand)
 
 
+def _one_of(attrs: JsonAttributes, key: str, values: tuple) -> ColumnElement:
+    """The attribute is one of `values`: one IN list per kind (strings, numbers), so the
+    attribute is read once per kind rather than once per value."""
+    kinds: dict[str, list] = {}
+    for v in values:
+        kinds.setdefault(_kind_of(v), []).append(v)
+    return or_(
+        *(
+            and_(attrs.kind(key) == kind, attrs.value(key, same[0]).in_(same))
+            for kind, same in kinds.items()
+        )
+    )
+
+
 def compile_filter(f: Filter, attrs: JsonAttributes) -> ColumnElement:
     """The SQL condition for `f`; never NULL, so negation is exact."""
     if isinstance(f, Compound):
@@ -152,7 +191,7 @@ def compile_filter(f: Filter, attrs: JsonAttributes) -> ColumnElement:
         return and_(*parts) if f.type == "and" else or_(*parts)
     if f.type in ("in", "nin"):
         assert isinstance(f.value, tuple)
-        condition = or_(*(_equals(attrs, f.key, v) for v in f.value))
+        condition = _one_of(attrs, f.key, f.value)
     elif f.type in ("eq", "ne"):
         assert not isinstance(f.value, tuple)
         condition = _equals(attrs, f.key, f.value)

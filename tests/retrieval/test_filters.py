@@ -123,3 +123,20 @@ def test_nesting_is_bounded():
         deep = {"type": "and", "filters": [deep]}
     with pytest.raises(ValueError, match="deeper than"):
         parse_filter(deep)
+
+
+def test_comparisons_and_values_are_bounded(matching):
+    """At most 100 comparisons and 1,000 values in all; a long in-list is one IN per kind,
+    so it runs like a short one."""
+    eq = {"type": "eq", "key": "year", "value": 2021}
+    with pytest.raises(ValueError, match="at most 100 comparisons"):
+        parse_filter({"type": "or", "filters": [eq] * 101})
+    many = list(range(3000, 3999)) + ["bob"]
+    assert matching({"key": "author", "type": "in", "value": many}) == {2}
+    assert matching({"key": "year", "type": "in", "value": [*many[:-1], 2023]}) == {2}
+    with pytest.raises(ValueError, match="1000 values"):
+        parse_filter({"key": "author", "type": "in", "value": [*many, "x"]})
+    split = [{"key": "author", "type": "in", "value": many[:500]}] * 2
+    assert parse_filter({"type": "and", "filters": split})
+    with pytest.raises(ValueError, match="1001 values"):
+        parse_filter({"type": "and", "filters": [*split, eq]})
