@@ -30,6 +30,10 @@ from orchestrator.tools.file_search import render_sources
 from orchestrator.untrusted import spotlight
 
 SEARCH_HISTORY_BUDGET = 4_000  # characters of an earlier search's results in a prompt
+# No token takes more characters than this (the tokenizers here average 3-5): a prompt of
+# more characters than this many per token of the window cannot fit, which can be known
+# before paying to render and tokenize it.
+PROMPT_CHARS_PER_TOKEN = 16
 
 
 @dataclass
@@ -119,6 +123,17 @@ def items_to_messages(items: list[dict], special_tokens: Iterable[str] = ()) -> 
     return messages
 
 
+def _characters(value) -> int:
+    """The characters of every string in an item (texts, arguments, outputs, ids)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_characters(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_characters(v) for v in value)
+    return 0
+
+
 def _turn_starts(items: list[dict]) -> list[int]:
     """Indexes of the items that open a turn (a user message), oldest first."""
     return [
@@ -145,22 +160,37 @@ class ContextBuilder:
         truncate: bool,
     ) -> Prompt:
         """The prompt for this turn, or InvalidRequestError when it cannot fit. With
-        `truncate`, the oldest turns of the history are dropped until it does (never
-        the instructions or this turn's input)."""
+        `truncate`, the fewest oldest turns of the history are dropped for it to fit
+        (never the instructions or this turn's input), found by bisection over the
+        turns, so a long history costs a few renders, not one per turn."""
         budget = self.max_model_len - (max_output_tokens or 1)
         items = history.items
-        starts = _turn_starts(items)
-        dropped = 0
-        base = history.context_tokens
-        while True:
-            ids, reused = self._render(instructions, items[dropped:], input_items, tools, base)
-            if len(ids) <= budget:
-                return Prompt(ids, reused, dropped)
-            later = [s for s in starts if s > dropped]
-            if not truncate or dropped == len(items):
-                break
-            dropped = later[0] if later else len(items)
-            base = None
+        dropped = self._drop_beyond_characters(instructions, items, input_items, truncate)
+        # Where the kept history may start: whole turns, the fewest dropped first.
+        starts = [dropped, *(s for s in _turn_starts(items) if s > dropped), len(items)]
+
+        def render(k: int) -> Prompt:
+            base = history.context_tokens if starts[k] == 0 else None
+            ids, reused = self._render(instructions, items[starts[k] :], input_items, tools, base)
+            return Prompt(ids, reused, starts[k])
+
+        prompt = render(0)
+        if len(prompt.token_ids) <= budget:
+            return prompt
+        if truncate and len(starts) > 1:
+            fits, too_long = len(starts) - 1, 0
+            shortest = render(fits)
+            if len(shortest.token_ids) <= budget:
+                while fits - too_long > 1:
+                    middle = (fits + too_long) // 2
+                    tried = render(middle)
+                    if len(tried.token_ids) <= budget:
+                        fits, shortest = middle, tried
+                    else:
+                        too_long = middle
+                return shortest
+            prompt = shortest
+        ids = prompt.token_ids
         wanted = len(ids) + (max_output_tokens or 1)
         hint = "" if truncate else ' or set truncation to "auto"'
         raise InvalidRequestError(
@@ -171,6 +201,42 @@ class ContextBuilder:
             param="input",
             code="context_length_exceeded",
         )
+
+    def _drop_beyond_characters(
+        self,
+        instructions: str | None,
+        items: list[dict],
+        input_items: list[dict],
+        truncate: bool,
+    ) -> int:
+        """How many oldest history items to leave out before rendering, by characters
+        alone: a conversation grown far past the window (megabytes of items) would
+        otherwise be rendered and tokenized whole, in time and memory that grow with it.
+        Without `truncate` that is a 400 at once."""
+        limit = PROMPT_CHARS_PER_TOKEN * self.max_model_len
+        fixed = len(instructions or "") + sum(map(_characters, input_items))
+        sizes = [_characters(item) for item in items]
+        total = fixed + sum(sizes)
+        if total <= limit:
+            return 0
+        if not truncate:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens, and "
+                f"this response's instructions, history and input have {total} characters, "
+                f"more than {limit} could ever fit. Shorten the input or set truncation to "
+                '"auto".',
+                param="input",
+                code="context_length_exceeded",
+            )
+        dropped = 0
+        for start in [*_turn_starts(items), len(items)]:  # whole turns, oldest first
+            if start <= dropped:
+                continue
+            total -= sum(sizes[dropped:start])
+            dropped = start
+            if total <= limit:
+                break
+        return dropped
 
     def _render(
         self,

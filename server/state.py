@@ -14,6 +14,7 @@ from functools import lru_cache, partial
 from typing import Any, TypeVar
 
 from engine.client import EngineClient
+from orchestrator.context import PROMPT_CHARS_PER_TOKEN
 from server.errors import APIError, shutting_down
 from server.logprobs import TokenNames
 from server.metrics import ServerMetrics
@@ -21,10 +22,6 @@ from server.prep_process import PrepProcess, PromptContext
 
 T = TypeVar("T")
 
-# A prompt longer than this many characters per token of the context window cannot fit
-# (tokenizers average 3 to 5 characters a token on text, and rarely reach 16), so it is
-# refused before it costs any tokenizing.
-PROMPT_CHARS_PER_TOKEN = 16
 # Threads that turn a large body's parsed JSON into a request (the parsing itself, and
 # rendering and tokenizing large prompts, run in the preparation process,
 # server/prep_process.py). Few on purpose: admission bounds the requests queued for them.

@@ -202,3 +202,43 @@ def test_the_tokenizers_special_tokens_are_broken_up_in_tool_outputs(tok):
         builder.special_tokens,
     )
     assert "<file_sep>" not in messages[-1].content
+
+
+class _Counting:
+    """The tokenizer, counting its chat renders and the longest text it was given."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok, self.renders, self.longest = tok, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def encode_chat(self, messages, **options):
+        self.renders += 1
+        self.longest = max(self.longest, len(str(messages)))
+        return self.tok.encode_chat(messages, **options)
+
+
+def test_a_history_far_past_the_window_is_never_rendered_whole(tok):
+    """Megabytes of history: refused at once without truncation; with it, dropped by
+    characters before any render, then by bisection over the turns (a few renders)."""
+    counting = _Counting(tok)
+    builder = ContextBuilder(counting, 2048)
+    turns = []
+    for i in range(200):
+        turns += [user(f"Question {i}: " + "many words " * 300), assistant(f"Answer {i}.")]
+    history = History(turns, None)
+    with pytest.raises(InvalidRequestError, match="characters") as info:
+        builder.build(None, history, [user("Last?")], ToolConfig(), 50, truncate=False)
+    assert info.value.code == "context_length_exceeded" and counting.renders == 0
+    prompt = builder.build(None, history, [user("Last?")], ToolConfig(), 50, truncate=True)
+    assert len(prompt.token_ids) + 50 <= 2048 and "Answer 199." in tok.decode(prompt.token_ids)
+    assert counting.longest < 16 * 2048 * 2 and counting.renders <= 8
+    # small turns: the fewest are dropped, found in a few renders
+    small = [m for i in range(300) for m in (user(f"Q{i} " + "w " * 20), assistant(f"A{i}."))]
+    counting.renders = 0
+    prompt = builder.build(None, History(small, None), [user("Last?")], ToolConfig(), 50, True)
+    assert counting.renders <= 12 and len(prompt.token_ids) + 50 <= 2048
+    kept = small[prompt.dropped_items - 2 :]
+    with pytest.raises(InvalidRequestError):  # one more turn would not have fit
+        builder.build(None, History(kept, None), [user("Last?")], ToolConfig(), 50, False)
