@@ -251,7 +251,7 @@ class VectorStoreService:
             )
         file, content_type, data = await self.files.content(owner, file_id)
         try:
-            text = await asyncio.to_thread(extract_text, data, file["filename"], content_type)
+            text = await extract_text(data, file["filename"], content_type)
         except ExtractionError as exc:
             raise InvalidRequestError(f"the file has no text to show: {exc}", "file_id") from None
         return {

@@ -1,8 +1,8 @@
 """A file's bytes -> the chunk records the index stores: extract, chunk, embed.
 
-Extraction and chunking run on a worker thread and embedding on the embedder's own, so a
-large PDF never blocks the event loop. Errors are `ExtractionError`s whose message is
-meant for the vector store file's `last_error`.
+Extraction runs in a subprocess (PDF) or on a worker thread, chunking on a worker thread
+and embedding on the embedder's own, so a large PDF never blocks the event loop. Errors
+are `ExtractionError`s whose message is meant for the vector store file's `last_error`.
 """
 
 from __future__ import annotations
@@ -15,14 +15,9 @@ from orchestrator.retrieval.extract import ExtractionError, extract_text
 from orchestrator.retrieval.index import ChunkRecord
 
 
-def split_file(
-    data: bytes,
-    filename: str,
-    content_type: str | None,
-    embedder: Embedder,
-    strategy: StaticChunking | None = None,
+def split_text(
+    text: str, filename: str, embedder: Embedder, strategy: StaticChunking | None = None
 ) -> list[Chunk]:
-    text = extract_text(data, filename, content_type)
     chunks = chunk_text(text, embedder.tokenizer, strategy)
     if not chunks:
         raise ExtractionError(f"{filename!r} has no text to index")
@@ -41,7 +36,8 @@ async def prepare_chunks(
     """The file's chunks with their embeddings, ready for `RetrievalIndex.add`. The
     embedder works in batches, so a cancelled ingestion (the file removed or added again,
     the server stopping) stops after the batch under way, not after the whole file."""
-    chunks = await asyncio.to_thread(split_file, data, filename, content_type, embedder, strategy)
+    text = await extract_text(data, filename, content_type)
+    chunks = await asyncio.to_thread(split_text, text, filename, embedder, strategy)
     vectors = (await embedder.aencode([c.text for c in chunks])).vectors
     return [
         ChunkRecord(file_id, filename, c.index, c.text, vector, dict(attributes or {}))

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
+import os
+import time
+import zlib
+from pathlib import Path
 
 import pytest
 from pypdf import PdfReader, PdfWriter
 
+from orchestrator.retrieval import extract as extract_module
 from orchestrator.retrieval.extract import (
     ExtractionError,
     UnsupportedFile,
@@ -16,17 +23,21 @@ from orchestrator.retrieval.extract import (
 from tests.retrieval.documents import pdf_bytes
 
 
+def extract(data: bytes, filename: str, content_type: str | None = None) -> str:
+    return asyncio.run(extract_text(data, filename, content_type))
+
+
 def test_plain_text_and_markdown_keep_their_text():
-    assert extract_text("caf\u00e9 au lait\n".encode(), "notes.txt") == "caf\u00e9 au lait\n"
-    assert extract_text(b"\xef\xbb\xbfbom", "a.TXT") == "bom"
+    assert extract("caf\u00e9 au lait\n".encode(), "notes.txt") == "caf\u00e9 au lait\n"
+    assert extract(b"\xef\xbb\xbfbom", "a.TXT") == "bom"
     # UTF-16 and UTF-32 with their byte-order marks, as Windows editors save "Unicode"
     for encoding in ("utf-16", "utf-16-be", "utf-32"):
         data = "caf\u00e9".encode(encoding)
         if encoding == "utf-16-be":
             data = b"\xfe\xff" + data
-        assert extract_text(data, "notes.txt") == "caf\u00e9"
+        assert extract(data, "notes.txt") == "caf\u00e9"
     markdown = "# Title\n\nSome *emphasis* and `code`.\n"
-    assert extract_text(markdown.encode(), "README.md") == markdown
+    assert extract(markdown.encode(), "README.md") == markdown
 
 
 def test_html_drops_scripts_styles_and_markup():
@@ -34,7 +45,7 @@ def test_html_drops_scripts_styles_and_markup():
     <style>body { color: red }</style><script>var secret = "do not index";</script></head>
     <body><h1>Install</h1><p>Run <b>make</b>&nbsp;now &amp; wait.</p>
     <ul><li>one</li><li>two</li></ul><noscript>enable js</noscript></body></html>"""
-    text = extract_text(html.encode(), "guide.html")
+    text = extract(html.encode(), "guide.html")
     assert "secret" not in text and "color" not in text and "enable js" not in text
     assert "<" not in text
     assert text.splitlines() == [
@@ -51,9 +62,7 @@ def test_html_drops_scripts_styles_and_markup():
 
 
 def test_pdf_text_from_every_page():
-    text = extract_text(
-        pdf_bytes(["First page about whales", "Second page about krill"]), "report.pdf"
-    )
+    text = extract(pdf_bytes(["First page about whales", "Second page about krill"]), "report.pdf")
     assert "First page about whales" in text
     assert "Second page about krill" in text
     assert text.index("whales") < text.index("krill")
@@ -61,25 +70,25 @@ def test_pdf_text_from_every_page():
 
 def test_type_falls_back_on_content_type():
     assert file_kind("upload", "text/html; charset=utf-8") == "html"
-    assert extract_text(b"<p>hi</p>", "upload", "text/html") == "hi"
+    assert extract(b"<p>hi</p>", "upload", "text/html") == "hi"
 
 
 @pytest.mark.parametrize("name", ["slides.pptx", "photo.png", "archive", "doc.docx"])
 def test_other_types_are_refused_by_name(name):
     with pytest.raises(UnsupportedFile, match="unsupported file type") as caught:
-        extract_text(b"\x89PNG....", name)
+        extract(b"\x89PNG....", name)
     assert "PDF" in str(caught.value)  # says what is supported
 
 
 def test_unreadable_files_say_why():
     with pytest.raises(ExtractionError, match="not UTF-8"):
-        extract_text(b"\x80bad", "notes.txt")
+        extract(b"\x80bad", "notes.txt")
     with pytest.raises(ExtractionError, match="invalid utf-16"):
-        extract_text(b"\xff\xfe\x00ba", "notes.txt")  # an odd byte after the mark
+        extract(b"\xff\xfe\x00ba", "notes.txt")  # an odd byte after the mark
     with pytest.raises(ExtractionError, match="PDF could not be read"):
-        extract_text(b"%PDF-1.4 garbage", "broken.pdf")
+        extract(b"%PDF-1.4 garbage", "broken.pdf")
     with pytest.raises(ExtractionError, match="no extractable text"):
-        extract_text(pdf_bytes([""]), "scan.pdf")
+        extract(pdf_bytes([""]), "scan.pdf")
 
 
 def _encrypted(user_password: str, algorithm: str) -> bytes:
@@ -95,7 +104,67 @@ def _encrypted(user_password: str, algorithm: str) -> bytes:
 def test_encrypted_pdfs_open_without_a_password_or_say_they_need_one(algorithm):
     """Owner-password-only PDFs (common: they forbid printing) are read, whatever their
     cipher; a user password is a clear refusal, not a server error."""
-    text = extract_text(_encrypted("", algorithm), "locked.pdf")
+    text = extract(_encrypted("", algorithm), "locked.pdf")
     assert "Minutes of the locked meeting" in text
     with pytest.raises(ExtractionError, match="encrypted with a password"):
-        extract_text(_encrypted("secret", algorithm), "locked.pdf")
+        extract(_encrypted("secret", algorithm), "locked.pdf")
+
+
+def _one_stream_many_pages(pages: int, operators: int) -> bytes:
+    """A small PDF of much work: every page draws the same compressed content stream of
+    `operators` text operators, which a reader parses again for each page."""
+    stream = zlib.compress(b"BT /F1 12 Tf 10 10 Td (ab) Tj ET\n" * operators, 9)
+    page = b"<< /Type /Page /Parent 2 0 R /Resources << /Font << /F1 3 0 R >> >> /Contents 4 0 R >>"
+    kids = b" ".join(b"%d 0 R" % (5 + i) for i in range(pages))
+    bodies = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [" + kids + b"] /Count %d >>" % pages,
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        *[page] * pages,
+    ]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(bodies, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(bodies) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    trailer = b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n"
+    out += trailer % (len(bodies) + 1, xref)
+    return bytes(out)
+
+
+def _pdf_readers() -> list[int]:
+    """This process's PDF reader subprocesses still alive."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            lines = dict(line.split(":\t", 1) for line in status.read_text().splitlines())
+            cmdline = (status.parent / "cmdline").read_bytes()
+            if int(lines["PPid"]) == os.getpid() and b"retrieval/extract.py" in cmdline:
+                found.append(int(lines["Pid"]))
+    return found
+
+
+def test_a_pdf_that_takes_too_long_is_refused_and_its_reader_killed(monkeypatch):
+    """Such a file is `invalid` after PDF_SECONDS, and a cancelled ingestion (the file or
+    its store deleted, the server stopping) kills its reader at once."""
+    bomb = _one_stream_many_pages(400, 20_000)
+    monkeypatch.setattr(extract_module, "PDF_SECONDS", 1)
+    started = time.monotonic()
+    with pytest.raises(ExtractionError, match="longer than 1 s"):
+        extract(bomb, "bomb.pdf")
+    assert time.monotonic() - started < 5 and _pdf_readers() == []
+    monkeypatch.setattr(extract_module, "PDF_SECONDS", 600)
+
+    async def cancel_midway() -> None:
+        reading = asyncio.create_task(extract_text(bomb, "bomb.pdf"))
+        await asyncio.sleep(1)
+        assert _pdf_readers()
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+
+    asyncio.run(cancel_midway())
+    assert _pdf_readers() == []
