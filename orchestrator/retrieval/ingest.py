@@ -14,13 +14,29 @@ from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.retrieval.extract import ExtractionError, extract_text
 from orchestrator.retrieval.index import ChunkRecord
 
+# OpenAI indexes at most 5,000,000 tokens of a file. Its characters are checked first,
+# so that a file far past it is refused before it is tokenized (20 million characters
+# are ~5 million tokens of English; tokenizing them takes seconds and about 2 GB).
+MAX_FILE_TOKENS = 5_000_000
+MAX_FILE_CHARACTERS = 4 * MAX_FILE_TOKENS
+
 
 def split_text(
     text: str, filename: str, embedder: Embedder, strategy: StaticChunking | None = None
 ) -> list[Chunk]:
+    too_long = ExtractionError(
+        f"{filename!r} has more text than one file may have indexed (at most "
+        f"{MAX_FILE_TOKENS:,} tokens); split it into smaller files"
+    )
+    if len(text) > MAX_FILE_CHARACTERS:
+        raise too_long
+    strategy = strategy or StaticChunking()
     chunks = chunk_text(text, embedder.tokenizer, strategy)
     if not chunks:
         raise ExtractionError(f"{filename!r} has no text to index")
+    step = strategy.max_chunk_size_tokens - strategy.chunk_overlap_tokens
+    if chunks[-1].index * step + chunks[-1].n_tokens > MAX_FILE_TOKENS:  # the file's tokens
+        raise too_long
     return chunks
 
 

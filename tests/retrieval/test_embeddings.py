@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from orchestrator.retrieval import ingest
+from orchestrator.retrieval.extract import ExtractionError
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -125,3 +126,14 @@ def test_a_cancelled_request_for_many_inputs_stops_after_the_batch_under_way(emb
     assert calls and max(calls) <= embedder.batch_size
     assert len(calls) <= 2
     assert asyncio.run(embedder.aencode_ids([])).vectors.shape == (0, embedder.dimensions)
+
+
+def test_a_file_past_the_token_limit_is_refused_before_it_is_embedded(embedder, monkeypatch):
+    """OpenAI's 5,000,000 tokens a file, checked by characters first (no tokenizing then)
+    and by tokens after chunking; nothing is embedded either way."""
+    monkeypatch.setattr(ingest, "MAX_FILE_TOKENS", 1_000)
+    monkeypatch.setattr(ingest, "MAX_FILE_CHARACTERS", 50_000)
+    monkeypatch.setattr(embedder, "encode", lambda texts: pytest.fail("embedded"))
+    for text in ("word " * 20_000, "word " * 2_000):  # over by characters, then by tokens
+        with pytest.raises(ExtractionError, match="1,000 tokens"):
+            asyncio.run(ingest.prepare_chunks(embedder, "f", "big.txt", text.encode()))
