@@ -219,12 +219,13 @@ class ContextBuilder:
         total = fixed + sum(sizes)
         if total <= limit:
             return 0
-        if not truncate:
+        if not truncate or fixed > limit:
+            what = "instructions and input" if truncate else "instructions, history and input"
             raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens, and "
-                f"this response's instructions, history and input have {total} characters, "
-                f"more than {limit} could ever fit. Shorten the input or set truncation to "
-                '"auto".',
+                f"this response's {what} have {fixed if truncate else total} characters, "
+                f"more than {limit} could ever fit. Shorten the input"
+                + ("." if truncate else ' or set truncation to "auto".'),
                 param="input",
                 code="context_length_exceeded",
             )

@@ -64,7 +64,7 @@ def require_json_mention(texts: Iterable[str | None], param: str, fmt_param: str
     """OpenAI's rule for the json_object format: the messages must ask for JSON by name
     (any case). The format fixes only the syntax, so a model never told what JSON to write
     tends to fill its budget with whitespace or an empty object."""
-    if not any(text and "json" in text.lower() for text in texts):
+    if not any(isinstance(text, str) and "json" in text.lower() for text in texts):
         raise InvalidRequestError(
             f"'{param}' must contain the word 'json' in some form, to use '{fmt_param}' "
             "of type 'json_object'.",

@@ -255,9 +255,11 @@ def _check_json_mention(request: ResponseRequest, history: History) -> None:
     context, as OpenAI requires."""
     if request.text_format["type"] != "json_object":
         return
-    items = [*history.items, *request.input]
-    messages = [i for i in items if i.get("type", "message") == "message"]
-    require_json_mention([request.instructions, *map(item_text, messages)], "input", "text.format")
+    texts = [request.instructions]
+    for item in [*history.items, *request.input]:  # messages and tool results, as in chat
+        kind = item.get("type", "message")
+        texts.append(item_text(item) if kind == "message" else item.get("output"))
+    require_json_mention(texts, "input", "text.format")
 
 
 def _sampling_params(request: ResponseRequest) -> SamplingParams:

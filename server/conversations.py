@@ -64,6 +64,7 @@ async def delete_conversation(request: Request) -> Response:
 
 async def create_items(request: Request, body: Any) -> Response:
     body = _checked(body, {"items"})
+    check_query_include(request.query_params)
     items = parse_items(body.get("items"), "items", MAX_ITEMS_PER_CALL)
     return JSONResponse(await product(request).conversations.add_items(*_ids(request), items))
 
@@ -75,6 +76,7 @@ async def list_items(request: Request) -> Response:
 
 
 async def retrieve_item(request: Request) -> Response:
+    check_query_include(request.query_params)
     item_id = request.path_params["item_id"]
     return JSONResponse(await product(request).conversations.retrieve_item(*_ids(request), item_id))
 

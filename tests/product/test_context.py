@@ -233,6 +233,10 @@ def test_a_history_far_past_the_window_is_never_rendered_whole(tok):
     assert info.value.code == "context_length_exceeded" and counting.renders == 0
     prompt = builder.build(None, history, [user("Last?")], ToolConfig(), 50, truncate=True)
     assert len(prompt.token_ids) + 50 <= 2048 and "Answer 199." in tok.decode(prompt.token_ids)
+    renders = counting.renders
+    with pytest.raises(InvalidRequestError, match="instructions and input"):  # input alone
+        builder.build(None, history, [user("x " * 40_000)], ToolConfig(), 50, truncate=True)
+    assert counting.renders == renders
     assert counting.longest < 16 * 2048 * 2 and counting.renders <= 8
     # small turns: the fewest are dropped, found in a few renders
     small = [m for i in range(300) for m in (user(f"Q{i} " + "w " * 20), assistant(f"A{i}."))]

@@ -184,8 +184,13 @@ def test_conversations_collect_the_items_of_their_responses(product_server, data
     raw = _raw(server, "GET", f"/conversations/{conv.id}/items", params={"limit": 2})
     page = ConversationItemList.model_validate(raw.json())
     assert page.has_more and [i.content[0].text for i in page.data] == ["Noted.", "What number?"]
-    raw = _raw(server, "GET", f"/conversations/{conv.id}/items", params={"include": "bogus"})
-    assert raw.status_code == 400 and raw.json()["error"]["param"] == "include"
+    for method, path, body in (
+        ("GET", f"/conversations/{conv.id}/items", None),
+        ("GET", f"/conversations/{conv.id}/items/{items.data[0].id}", None),
+        ("POST", f"/conversations/{conv.id}/items", {"items": []}),
+    ):
+        raw = _raw(server, method, path, params={"include": "bogus"}, json=body)
+        assert raw.status_code == 400 and raw.json()["error"]["param"] == "include", path
     added = client.conversations.items.create(
         conv.id,
         items=[

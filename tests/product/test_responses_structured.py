@@ -85,6 +85,10 @@ def test_json_object_format_needs_the_word_json_in_the_context(product_server):
         text={"format": {"type": "json_object"}},
     )
     assert later.status_code == 200, later.text  # an earlier message of the context asked
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    result = {"type": "function_call_output", "call_id": "c1", "output": "Reply in JSON."}
+    tool = _create(server, input=[call, result], text={"format": {"type": "json_object"}})
+    assert tool.status_code == 200, tool.text  # a tool's result asked, as in chat
 
 
 def test_text_format_and_no_tools_leave_the_output_free(product_server):
