@@ -251,8 +251,8 @@ def _check_tool_choice(choice: str | dict, offered: list[FunctionTool]) -> None:
 
 
 def _check_json_mention(request: ResponseRequest, history: History) -> None:
-    """The json_object format needs the word JSON in the instructions or a message of the
-    context, as OpenAI requires."""
+    """The json_object format needs the word JSON in the instructions, a message or a tool
+    result of the context, as OpenAI requires of chat messages."""
     if request.text_format["type"] != "json_object":
         return
     texts = [request.instructions]
