@@ -48,8 +48,15 @@ class EngineArgs:
     # AsyncLLM pins its engine thread's OpenMP team, one thread per CPU, when the team
     # fills the process's CPUs (engine/thread_pinning.py); False leaves placement to the OS.
     pin_threads: bool = True
+    # vLLM's option, accepted so its scripts run unchanged: one device per engine here.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                "tensor_parallel_size must be 1: an engine runs on one device, "
+                f"got {self.tensor_parallel_size}"
+            )
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPES:

@@ -12,7 +12,9 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 
-Prompt = str | list[int]
+# Text, token ids, or vLLM's prompt dicts: TextPrompt {"prompt": ...} and TokensPrompt
+# {"prompt_token_ids": ...}.
+Prompt = str | list[int] | dict
 
 
 class LLM:
@@ -26,6 +28,10 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_tokenizer(self):
+        """vLLM's accessor for `tokenizer`."""
+        return self.engine.tokenizer
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -33,8 +39,15 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; results come back in the input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        one = isinstance(prompts, str | dict) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        )
+        if not (one or isinstance(prompts, Sequence)):
+            raise ValueError(
+                "prompts must be a prompt (text, token ids or a prompt dict) or a list of them, "
+                f"got {type(prompts).__name__}"
+            )
+        prompts = [_as_prompt(p) for p in ([prompts] if one else prompts)]
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
@@ -63,8 +76,7 @@ class LLM:
             raise ValueError("this model has no tokenizer, so it has no chat template")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        for conversation in conversations:
-            _check_messages(conversation)
+        conversations = [_template_messages(c) for c in conversations]
         prompts = [
             self.tokenizer.encode_chat(c, add_generation_prompt=add_generation_prompt, tools=tools)
             for c in conversations
@@ -96,14 +108,46 @@ class LLM:
             self.engine.abort_request(request_id)
 
 
-def _check_messages(messages: list[dict]) -> None:
-    """The shape every chat template reads, checked here so that a slip is a ValueError
-    naming the message rather than an error from inside the template."""
+def _as_prompt(prompt) -> str | list[int]:
+    """A prompt as the engine takes it: text or token ids, from vLLM's dicts too."""
+    if isinstance(prompt, dict):
+        for key in ("prompt_token_ids", "prompt"):
+            if key in prompt:
+                return prompt[key]
+        raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
+    if isinstance(prompt, str | list):
+        return prompt
+    raise ValueError(
+        f"a prompt must be text, a list of token ids or a prompt dict, got {type(prompt).__name__}"
+    )
+
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """Messages with their content as the chat templates read it, a string: OpenAI's text
+    parts joined by newlines, an assistant's missing content (a turn of tool calls) empty.
+    Any other shape is a ValueError naming the message, not an error from inside the
+    template."""
+    out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ValueError(f"messages[{i}] must be a dict with a string 'role'")
-        if "content" not in message and not message.get("tool_calls"):
-            raise ValueError(f"messages[{i}] has no 'content'")
+        content = message.get("content")
+        if content is None:
+            if not message.get("tool_calls"):
+                raise ValueError(f"messages[{i}] has no 'content'")
+            content = ""
+        elif isinstance(content, list):
+            texts = [
+                p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None
+                for p in content
+            ]
+            if not all(isinstance(t, str) for t in texts):
+                raise ValueError(f"messages[{i}].content: only text parts are supported")
+            content = "\n".join(texts)
+        elif not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
+        out.append({**message, "content": content})
+    return out
 
 
 def _merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:

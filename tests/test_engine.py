@@ -365,3 +365,41 @@ def test_prompt_logprobs_arrive_once_in_a_stream_of_deltas(tiny_model_dir):
     assert len(carried[0]) == 20 and all(lp.top == [] for lp in carried[0][1:])
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=21)
+
+
+def test_vllm_prompt_dicts_chat_content_parts_and_options(tiny_chat_model_dir):
+    """What vLLM scripts pass: TextPrompt / TokensPrompt dicts, OpenAI content parts and a
+    tool-call turn without content, tensor_parallel_size=1, get_tokenizer()."""
+    llm = _llm(tiny_chat_model_dir, tensor_parallel_size=1)
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=0)
+    by_ids = llm.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False)[0]
+    assert (
+        by_ids.outputs[0].token_ids
+        == llm.generate([1, 2, 3], params, use_tqdm=False)[0].outputs[0].token_ids
+    )
+    text = llm.generate([{"prompt": "Hello"}], params, use_tqdm=False)[0]
+    assert text.prompt_token_ids == llm.get_tokenizer().encode("Hello")
+    out = text.outputs[0]
+    assert out.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in out.logprobs))
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}],
+        }
+    ]
+    plain = [{"role": "user", "content": "Hi\nthere"}]
+    assert llm.chat(parts, params, use_tqdm=False)[0].prompt_token_ids == (
+        llm.chat(plain, params, use_tqdm=False)[0].prompt_token_ids
+    )
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turns = [*plain, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    assert llm.chat(turns, params, use_tqdm=False)[0].outputs[0].token_ids
+    for bad, message in (
+        (123, "prompts must be"),
+        ({"text": "x"}, "needs 'prompt'"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], "only text parts"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            (llm.chat if isinstance(bad, list) else llm.generate)(bad, params, use_tqdm=False)
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        _llm(tiny_chat_model_dir, tensor_parallel_size=2)
