@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -28,8 +29,8 @@ import torch
 from engine.args import EngineArgs
 from engine.errors import BatchFailedError, EngineError, RequestFailedError
 from engine.llm_engine import LLMEngine
-from engine.outputs import EngineStats, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.outputs import EngineStats, RequestOutput, merge_output
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.sequence import Request
 from engine.thread_pinning import pin_openmp_team
 
@@ -80,9 +81,11 @@ class AsyncLLM:
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        """Yield delta outputs until the request finishes. Raises ValueError for a bad
-        request and EngineError if the engine failed. Closing the iterator early
-        (a client that went away) aborts the request and frees its blocks."""
+        """Yield outputs until the request finishes, as `params.output_kind` says: all so
+        far each time (the default, as vLLM), only what is new (DELTA, what the server
+        streams), or only the finished request. Raises ValueError for a bad request and
+        EngineError if the engine failed. Closing the iterator early (a client that went
+        away) aborts the request and frees its blocks."""
         if self.failure is not None:
             raise EngineError(f"the engine failed: {self.failure!r}")
         if self._stopped.is_set():
@@ -97,6 +100,8 @@ class AsyncLLM:
             raise EngineError("the engine is shut down")
         self._send("add", request)
         finished = False
+        kind = params.output_kind
+        so_far: RequestOutput | None = None
         try:
             while not finished:
                 item = await stream.queue.get()
@@ -104,7 +109,12 @@ class AsyncLLM:
                     finished = True
                     raise item
                 finished = item.finished
-                yield item
+                if kind is RequestOutputKind.DELTA:
+                    yield item
+                    continue
+                so_far = merge_output(so_far, item)
+                if finished or kind is RequestOutputKind.CUMULATIVE:
+                    yield _snapshot(so_far)
         finally:
             if not finished:
                 self._send("abort", request_id)
@@ -228,3 +238,16 @@ class AsyncLLM:
                 self.engine.abort_request(request_id)
         for request_id in list(self._streams):
             self._finish_stream(request_id, error)
+
+
+def _snapshot(output: RequestOutput) -> RequestOutput:
+    """A copy of an accumulating output that later merges leave as it is."""
+    outputs = [
+        dataclasses.replace(
+            o,
+            token_ids=list(o.token_ids),
+            logprobs=None if o.logprobs is None else list(o.logprobs),
+        )
+        for o in output.outputs
+    ]
+    return dataclasses.replace(output, outputs=outputs)

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from engine.args import EngineArgs
 from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import RequestOutput, merge_output
 from engine.sampling_params import SamplingParams
 
 # Text, token ids, or vLLM's prompt dicts: TextPrompt {"prompt": ...} and TokensPrompt
@@ -92,7 +92,7 @@ class LLM:
                     for delta in self.engine.step():
                         if delta.error is not None:
                             raise delta.error
-                        merged = _merge(partial.get(delta.request_id), delta)
+                        merged = merge_output(partial.get(delta.request_id), delta)
                         partial[delta.request_id] = merged
                         if delta.finished:
                             done[delta.request_id] = partial.pop(delta.request_id)
@@ -148,31 +148,3 @@ def _template_messages(messages: list[dict]) -> list[dict]:
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
         out.append({**message, "content": content})
     return out
-
-
-def _merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
-    """Fold a delta output into the accumulated one."""
-    if acc is None:
-        acc = RequestOutput(
-            delta.request_id,
-            delta.prompt,
-            delta.prompt_token_ids,
-            num_cached_tokens=delta.num_cached_tokens,
-        )
-    if delta.prompt_logprobs is not None:
-        acc.prompt_logprobs = delta.prompt_logprobs
-    by_index = {o.index: o for o in acc.outputs}
-    for out in delta.outputs:
-        cur = by_index.get(out.index)
-        if cur is None:
-            cur = by_index[out.index] = CompletionOutput(out.index, "", [], logprobs=None)
-        cur.text += out.text
-        cur.token_ids += out.token_ids
-        if out.logprobs is not None:
-            cur.logprobs = (cur.logprobs or []) + out.logprobs
-        cur.finish_reason = out.finish_reason
-        cur.stop_reason = out.stop_reason
-    acc.outputs = [by_index[i] for i in sorted(by_index)]
-    acc.num_cached_tokens = delta.num_cached_tokens
-    acc.finished = delta.finished
-    return acc

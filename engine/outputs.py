@@ -11,8 +11,10 @@ from engine.sampler import TokenLogprobs
 class CompletionOutput:
     """One of the `n` completions of a request.
 
-    From `LLM` it holds the whole completion; from `AsyncLLM` each yield holds only
-    what is new since the previous yield (a delta), so streams cost O(new tokens).
+    From `LLM` it holds the whole completion; from `AsyncLLM`, as
+    `SamplingParams.output_kind` says: everything so far (the default, as vLLM's), only
+    what is new since the previous yield (DELTA: streams cost O(new tokens); the server's
+    choice), or the whole completion once.
     """
 
     index: int
@@ -64,3 +66,31 @@ class EngineStats:
     compile_state: str = "off"
     # The CPU path (engine/cpu_path.py) and the modes in use; empty off CPU
     cpu: dict[str, object] = field(default_factory=dict)
+
+
+def merge_output(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold a delta output into the accumulated one (changed in place; None: start one)."""
+    if acc is None:
+        acc = RequestOutput(
+            delta.request_id,
+            delta.prompt,
+            delta.prompt_token_ids,
+            num_cached_tokens=delta.num_cached_tokens,
+        )
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
+    by_index = {o.index: o for o in acc.outputs}
+    for out in delta.outputs:
+        cur = by_index.get(out.index)
+        if cur is None:
+            cur = by_index[out.index] = CompletionOutput(out.index, "", [], logprobs=None)
+        cur.text += out.text
+        cur.token_ids += out.token_ids
+        if out.logprobs is not None:
+            cur.logprobs = (cur.logprobs or []) + out.logprobs
+        cur.finish_reason = out.finish_reason
+        cur.stop_reason = out.stop_reason
+    acc.outputs = [by_index[i] for i in sorted(by_index)]
+    acc.num_cached_tokens = delta.num_cached_tokens
+    acc.finished = delta.finished
+    return acc

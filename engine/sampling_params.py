@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 from engine.structured_output import StructuredOutputsParams
 
@@ -25,6 +26,15 @@ REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.01, 100.0
 # seed + i, so seed + n - 1 must stay inside it too.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
+
+
+class RequestOutputKind(Enum):
+    """What `AsyncLLM.generate` yields (vLLM's names): everything so far each time, only
+    what is new since the last yield, or only the finished request."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 def _is_number(value: object) -> bool:
@@ -88,6 +98,8 @@ class SamplingParams:
     # prompt blocks only for requests with the same salt. A server salts with the user, so
     # one user's prompts can neither serve nor be detected (cached_tokens, timing) by another.
     cache_salt: str | None = None
+    # AsyncLLM's outputs: cumulative by default, as vLLM's (the server streams deltas).
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -183,6 +195,12 @@ class SamplingParams:
             "structured_outputs",
             "a StructuredOutputsParams or None",
             self.structured_outputs,
+        )
+        _require(
+            isinstance(self.output_kind, RequestOutputKind),
+            "output_kind",
+            "a RequestOutputKind",
+            self.output_kind,
         )
         self._check_logit_bias()
 

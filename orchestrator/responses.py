@@ -25,6 +25,7 @@ from typing import Protocol
 from engine import SamplingParams
 from engine.client import EngineClient
 from engine.errors import EngineError
+from engine.sampling_params import RequestOutputKind
 from engine.structured_output import StructuredOutputsParams
 from orchestrator.accounts.identity import cache_salt
 from orchestrator.agent import (
@@ -900,7 +901,11 @@ class ResponseService:
         history = await self._history(owner, request)
         _check_call_outputs(history.items, request.input)
         input_items = [stored_item(i) for i in request.input]
-        params = dataclasses.replace(_sampling_params(request), cache_salt=cache_salt(owner))
+        params = dataclasses.replace(
+            _sampling_params(request),
+            cache_salt=cache_salt(owner),
+            output_kind=RequestOutputKind.DELTA,  # the turn streams what is new
+        )
         tools = self._resolve_tools(request)
         await self._add_file_search(owner, request, tools)
         declared = [

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from engine import RequestOutput, SamplingParams
 from engine.errors import ContextLengthExceededError, EngineError, RequestFailedError
+from engine.sampling_params import RequestOutputKind
 from orchestrator.accounts import Meter
 from orchestrator.accounts.identity import cache_salt
 from server.errors import APIError, from_value_error, invalid
@@ -96,7 +97,9 @@ async def engine_outputs(
     """`engine.generate` with API errors, metrics, metering, and abort-on-early-close."""
     finished = False
     meter.on_submit(len(prompt))
-    params = dataclasses.replace(params, cache_salt=cache_salt(meter.identity.owner))
+    params = dataclasses.replace(
+        params, cache_salt=cache_salt(meter.identity.owner), output_kind=RequestOutputKind.DELTA
+    )
     try:
         async with aclosing(state.engine.generate(prompt, params, request_id)) as outputs:
             async for out in outputs:

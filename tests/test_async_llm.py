@@ -4,6 +4,7 @@ and an engine failure ends requests with an error instead of hanging them."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 
 import pytest
@@ -12,6 +13,9 @@ import torch
 from engine import LLM, AsyncLLM, SamplingParams
 from engine.async_llm import MAX_FAILED_STEPS
 from engine.errors import EngineError, RequestFailedError
+from engine.sampling_params import RequestOutputKind
+
+DELTA = RequestOutputKind.DELTA
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -24,7 +28,9 @@ def tiny_path(tiny_model_dir):
 
 
 def test_streamed_deltas_equal_offline_output(tiny_path):
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, n=2, logprobs=2)
+    params = SamplingParams(
+        temperature=0, max_tokens=10, ignore_eos=True, n=2, logprobs=2, output_kind=DELTA
+    )
     prompts = [_prompt(n, i) for i, n in enumerate([9, 30, 3])]
     offline = LLM(tiny_path, device="cpu", compile="off").generate(prompts, params)
 
@@ -51,6 +57,33 @@ def test_streamed_deltas_equal_offline_output(tiny_path):
     streamed = asyncio.run(stream_all())
     for off, got in zip(offline, streamed, strict=True):
         assert [o.token_ids for o in off.outputs] == [got[0], got[1]]
+
+
+def test_outputs_are_cumulative_by_default_as_in_vllm_or_only_the_final_one(tiny_path):
+    """vLLM's default: each output holds everything so far (and stays as it was yielded);
+    FINAL_ONLY yields the finished request alone; both add up to the deltas."""
+    base = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+
+    async def collect(kind: RequestOutputKind) -> list:
+        engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
+        try:
+            params = dataclasses.replace(base, output_kind=kind)
+            return [out async for out in engine.generate(_prompt(9, 4), params, "r")]
+        finally:
+            await engine.shutdown()
+
+    deltas = asyncio.run(collect(DELTA))
+    tokens = [t for out in deltas for t in out.outputs[0].token_ids]
+    cumulative = asyncio.run(collect(RequestOutputKind.CUMULATIVE))
+    assert len(cumulative) == len(deltas)
+    assert [out.outputs[0].token_ids for out in cumulative] == [
+        tokens[: i + 1] for i in range(len(tokens))
+    ]
+    assert cumulative[-1].outputs[0].cumulative_logprob == pytest.approx(
+        sum(lp.logprob for out in deltas for lp in out.outputs[0].logprobs)
+    )
+    [final] = asyncio.run(collect(RequestOutputKind.FINAL_ONLY))
+    assert final.finished and final.outputs[0].token_ids == tokens
 
 
 def test_abort_and_closed_streams_free_blocks(tiny_path):
@@ -185,7 +218,9 @@ def test_a_load_error_reaches_the_caller(tmp_path):
 
 
 async def _tokens(engine: AsyncLLM, request_id: str, max_tokens: int = 6) -> list[int]:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0, max_tokens=max_tokens, ignore_eos=True, output_kind=DELTA
+    )
     tokens: list[int] = []
     async for out in engine.generate(_prompt(8, len(request_id)), params, request_id):
         tokens += out.outputs[0].token_ids if out.outputs else []

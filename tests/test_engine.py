@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from engine import LLM, SamplingParams
-from engine.llm import _merge
+from engine.outputs import merge_output
 from tests.conftest import TEST_DEVICE
 
 MAX_NEW = 12
@@ -60,7 +60,7 @@ def _run_staggered(llm: LLM, prompts: list[list[int]], params: SamplingParams) -
                 i, p = pending.pop(0)
                 engine.add_request(str(i), p, params)
         for delta in engine.step():
-            results[delta.request_id] = _merge(results.get(delta.request_id), delta)
+            results[delta.request_id] = merge_output(results.get(delta.request_id), delta)
     return [results[str(i)].outputs[0].token_ids for i in range(len(prompts))]
 
 
@@ -235,7 +235,7 @@ def test_n_beyond_max_num_seqs_waits_its_turn(tiny_model_dir):
     merged, most_running = None, 0
     while engine.has_unfinished_requests():
         for delta in engine.step():
-            merged = _merge(merged, delta)
+            merged = merge_output(merged, delta)
         most_running = max(most_running, len(engine.scheduler.running))
     assert most_running == 2
     assert [o.token_ids for o in merged.outputs] == [o.token_ids for o in roomy.outputs]
