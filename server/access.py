@@ -6,9 +6,9 @@ route: a key in the store is its user; an `--api-key` key is the operator (the l
 user, no limits); with neither configured nor issued the server is open (the local
 user). The routes read it with `identity(request)` / `owner(request)`.
 
-`metered(endpoint, handler)` wraps the three generation routes: it takes the request
-from the user's rpm bucket, hands the handler a `Meter` (which reserves the prompt and
-output budget before any compute and writes one usage row at the end), finishes the
+`metered(endpoint, handler)` wraps the generation routes and embeddings: it takes the
+request from the user's rpm bucket, hands the handler a `Meter` (which reserves the
+prompt and output budget before any compute and writes one usage row at the end), finishes the
 meter as `rejected` or `failed` when the handler raises, and puts the rate-limit headers
 on every answer, errors included.
 """

@@ -101,16 +101,18 @@ async def usage(request: Request) -> Response:
     return JSONResponse(await accounts.usage_report(identity(request), since))
 
 
-async def embeddings(request: Request) -> Response:
+async def embeddings(request: Request, meter: Meter) -> Response:
     state = _state(request)
     embedder = request.app.state.embedder
+    meter.model = embedder.name
     parsed = await read_json(
         request, state.config.max_body_bytes, partial(parse_embedding_request, embedder=embedder)
     )
     # A client that goes away stops the work: it would hold the embedder's one thread.
     response = await unless_disconnected(
-        request.receive, partial(create_embeddings, embedder, parsed)
+        request.receive, partial(create_embeddings, embedder, parsed, meter)
     )
+    await meter.finish("incomplete" if response is None else "completed")
     return Response(status_code=499) if response is None else response
 
 
@@ -275,7 +277,9 @@ def build_app(
         *(product_routes() + web_routes() if product is not None else []),
     ]
     if embedder is not None:
-        routes.append(Route("/v1/embeddings", embeddings, methods=["POST"]))
+        routes.append(
+            Route("/v1/embeddings", metered("embeddings", embeddings, _accounts), methods=["POST"])
+        )
     accounts = None if product is None else product.accounts
     middleware = (
         [Middleware(AuthMiddleware, api_keys=config.api_keys, accounts=accounts)]

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from server.errors import APIError, invalid
 
 if TYPE_CHECKING:
+    from orchestrator.accounts import Meter
     from orchestrator.retrieval.embeddings import Embedder
 
 MAX_INPUTS = 2048
@@ -113,14 +114,20 @@ def _format_vector(vector: np.ndarray, encoding_format: str) -> list[float] | st
     return vector.tolist()
 
 
-async def create_embeddings(embedder: Embedder, request: EmbeddingRequest) -> Response:
+async def create_embeddings(
+    embedder: Embedder, request: EmbeddingRequest, meter: Meter
+) -> Response:
+    """Embed the inputs, their tokens reserved on `meter` first (a user's quota and tpm, as
+    generation's) and counted as its input once embedded."""
     token_ids = request.token_ids
     if token_ids is None:
         assert request.texts is not None
         token_ids = await embedder.atokenize(request.texts)
     _check_lengths(token_ids)
+    await meter.reserve(sum(len(ids) for ids in token_ids))
     encoded = await embedder.aencode_ids(token_ids)
     tokens = sum(encoded.token_counts)
+    meter.on_submit(tokens)
     data = [
         {
             "object": "embedding",

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from orchestrator.accounts import keys
 from orchestrator.accounts.periods import period_start
 from orchestrator.admin import main as admin
+from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store import accounts as db
 from orchestrator.store.accounts import KeyRow, UserRow
 from orchestrator.store.tables import quota_periods
@@ -624,3 +625,22 @@ def test_another_users_conversation_is_not_found_even_while_its_turn_runs(produc
         engine.hold.set()
         assert turn.result(10).status_code == 200
         assert a.post("/responses", json=body).status_code == 200
+
+
+def test_embeddings_are_metered_and_count_against_the_quota(product_server, tmp_path):
+    """A usage row per request (the inputs' tokens), charged to the quota like generation's;
+    a request over what is left is refused before anything is embedded."""
+    embedder = Embedder.load()
+    server = product_server(data_dir=tmp_path / "data", embedder=embedder)
+    key = _account(server, "alice", token_quota=40)
+    with _client(server, key) as client:
+        first = client.post("/embeddings", json={"model": embedder.name, "input": ["hello world"]})
+        assert first.status_code == 200, first.text
+        tokens = first.json()["usage"]["prompt_tokens"]
+        [row] = _rows(server, "user_alice", count=1)
+        assert (row.endpoint, row.model, row.input_tokens) == ("embeddings", embedder.name, tokens)
+        assert (row.output_tokens, row.status) == (0, "completed")
+        big = client.post("/embeddings", json={"model": embedder.name, "input": "word " * 60})
+        assert big.status_code == 429 and big.json()["error"]["code"] == "insufficient_quota"
+    assert [r.status for r in _rows(server, "user_alice", count=2)] == ["completed", "rejected"]
+    embedder.close()
