@@ -57,7 +57,8 @@ class Meter:
         """Hold `tokens` (prompt + output budget) before they are spent; `spent`: what the
         request's earlier generations used (`Accounts.reserve`)."""
         if self.accounts is not None:
-            await self.accounts.reserve(self.identity, self.held, tokens, spent)
+            generates = self.endpoint != "embeddings"  # which has no output to lower
+            await self.accounts.reserve(self.identity, self.held, tokens, spent, generates)
 
     def on_submit(self, prompt_tokens: int) -> None:
         if self.submitted_at is None:

@@ -65,7 +65,12 @@ class Accounts:
         return {} if identity.user is None else self.limiter.headers(identity.user.id)
 
     async def reserve(
-        self, identity: Identity, held: Reservation, tokens: int, spent: int | None = None
+        self,
+        identity: Identity,
+        held: Reservation,
+        tokens: int,
+        spent: int | None = None,
+        generates: bool = True,
     ) -> None:
         """Hold `tokens` more for a request: from the user's tpm bucket, then from the
         quota period (one conditional UPDATE). QuotaExceededError / RateLimitError, with
@@ -97,10 +102,15 @@ class Accounts:
         )
         if not fits:
             self.limiter.refund_tokens(user.id, more)
+            what, lower = (
+                ("up to {} tokens (prompt + max output)", "Lower max_tokens")
+                if generates
+                else ("{} tokens (its inputs)", "Send less input")
+            )
             raise QuotaExceededError(
-                f"You exceeded your current quota: this request needs up to {tokens} tokens "
-                f"(prompt + max output), more than is left of your {user.token_quota}-token "
-                f"{user.quota_period} quota. Lower max_tokens, or ask the operator for more.",
+                f"You exceeded your current quota: this request needs {what.format(tokens)}, "
+                f"more than is left of your {user.token_quota}-token {user.quota_period} "
+                f"quota. {lower}, or ask the operator for more.",
                 code="insufficient_quota",
             )
         held.rate_tokens += more

@@ -642,5 +642,6 @@ def test_embeddings_are_metered_and_count_against_the_quota(product_server, tmp_
         assert (row.output_tokens, row.status) == (0, "completed")
         big = client.post("/embeddings", json={"model": embedder.name, "input": "word " * 60})
         assert big.status_code == 429 and big.json()["error"]["code"] == "insufficient_quota"
+        assert "(its inputs)" in big.json()["error"]["message"]
     assert [r.status for r in _rows(server, "user_alice", count=2)] == ["completed", "rejected"]
     embedder.close()
