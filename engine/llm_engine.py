@@ -326,6 +326,8 @@ class LLMEngine:
         prompt_logprobs = None
         if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
             prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
+            for entry in prompt_logprobs[1:]:
+                entry.decode = self.outputs.token_text
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,

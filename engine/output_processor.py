@@ -31,6 +31,12 @@ class OutputProcessor:
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
 
+    def token_text(self, token_id: int) -> str | None:
+        """One token's text, as vLLM's `Logprob.decoded_token` gives it."""
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
     def start(self, seq: Sequence) -> None:
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(
@@ -52,6 +58,7 @@ class OutputProcessor:
         params = seq.params
         seq.token_ids.append(token)
         if logprobs is not None:
+            logprobs.decode = self.token_text
             seq.logprobs.append(logprobs)
         n_out = seq.num_output_tokens
         past_min = n_out > params.min_tokens

@@ -24,7 +24,7 @@ logits costs milliseconds:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 import torch
@@ -57,11 +57,16 @@ class TokenLogprobs(Mapping[int, Logprob]):
     logprob: float  # of the sampled token, under the raw model distribution
     top: list[tuple[int, float]]  # the params.logprobs most likely (token_id, logprob), best first
     rank: int | None = None  # of token_id in the distribution (1: the most likely)
+    # A token's text, for the entries' `decoded_token`; set by the output processor and
+    # called only when an entry is read, so unread logprobs cost no decoding.
+    decode: Callable[[int], str | None] | None = field(default=None, compare=False, repr=False)
 
     def _entries(self) -> dict[int, Logprob]:
-        entries = {self.token_id: Logprob(self.logprob, self.rank)}
+        name = self.decode or (lambda _: None)
+        entries = {self.token_id: Logprob(self.logprob, self.rank, name(self.token_id))}
         for rank, (token_id, logprob) in enumerate(self.top, 1):
-            entries.setdefault(token_id, Logprob(logprob, rank))
+            if token_id not in entries:
+                entries[token_id] = Logprob(logprob, rank, name(token_id))
         return entries
 
     def __getitem__(self, token_id: int) -> Logprob:

@@ -381,6 +381,14 @@ def test_vllm_prompt_dicts_chat_content_parts_and_options(tiny_chat_model_dir):
     assert text.prompt_token_ids == llm.get_tokenizer().encode("Hello")
     out = text.outputs[0]
     assert out.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in out.logprobs))
+    first = out.token_ids[0]
+    spelled = llm.get_tokenizer().decode([first], skip_special_tokens=False)
+    assert out.logprobs[0][first].decoded_token == spelled
+    scored = llm.generate("Hello there", dataclasses.replace(params, prompt_logprobs=1))[0]
+    second = scored.prompt_token_ids[1]
+    assert scored.prompt_logprobs[1][second].decoded_token == (
+        llm.get_tokenizer().decode([second], skip_special_tokens=False)
+    )
     parts = [
         {
             "role": "user",
