@@ -94,3 +94,18 @@ def test_a_script_exiting_during_the_background_compile_exits_cleanly():
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_default_offline_engine_answers_a_prompt_alike_on_every_call():
+    """With the CPU's default modes the compile step runs in the background; `LLM` returns
+    once it has ended, so no call runs on another backend than the next (a switch changes
+    rounding, and flipped this prompt's greedy answer between two runs)."""
+    fast = LLM("smollm2-135m-instruct")
+    compile_step = fast.engine.background_compile
+    assert compile_step is None or compile_step.state in ("ready", "failed")
+    params = SamplingParams(max_tokens=6, temperature=0)
+    answers = {
+        fast.generate("The capital of France is", params, use_tqdm=False)[0].outputs[0].text
+        for _ in range(3)
+    }
+    assert len(answers) == 1
