@@ -21,12 +21,14 @@ class LLM:
     """`LLM(model=..., **engine_options)`; see `EngineArgs` for the options."""
 
     def __init__(self, model: str = EngineArgs.model, **engine_options) -> None:
-        """Returns once a background compile step has ended (a cached build takes about a
-        second; a failed one leaves the engine eager, and says so in the log): every call
-        then runs on one backend. Switching between calls would change rounding, and so
-        could flip a close greedy choice between two runs of one prompt."""
-        self.engine = LLMEngine(EngineArgs(model=model, **engine_options))
-        if self.engine.background_compile is not None:
+        """With the default `compile="auto"`, returns once a background compile step has
+        ended (a cached build takes about a second; a failed one leaves the engine eager,
+        and says so in the log): every call then runs on one backend. Switching between
+        calls would change rounding, and so could flip a close greedy choice between two
+        runs of one prompt. An explicit `compile="background"` steps on meanwhile."""
+        args = EngineArgs(model=model, **engine_options)
+        self.engine = LLMEngine(args)
+        if args.compile == "auto" and self.engine.background_compile is not None:
             self.engine.background_compile.wait()
         self._ids = itertools.count()
 
