@@ -173,7 +173,8 @@ def test_prompt_size_is_bounded_before_tokenizing(serve):
     server = serve(FakeEngine(tokenizer=tokenizer), max_prompt_chars=1000, max_body_bytes=10 << 20)
     post = server.client.post
     error = assert_error(
-        post("/v1/completions", json={"prompt": "x" * 7_800_000}),
+        # 8 MB to send and parse: on a loaded 2-core machine this took past the 10 s default
+        post("/v1/completions", json={"prompt": "x" * 7_800_000}, timeout=60),
         400,
         "prompt",
         "context_length_exceeded",
