@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import chain
 
 import torch
@@ -61,7 +62,9 @@ class TokenLogprobs(Mapping[int, Logprob]):
     # called only when an entry is read, so unread logprobs cost no decoding.
     decode: Callable[[int], str | None] | None = field(default=None, compare=False, repr=False)
 
+    @cached_property
     def _entries(self) -> dict[int, Logprob]:
+        """Built on first read (the output processor has set `decode` by then), once."""
         name = self.decode or (lambda _: None)
         entries = {self.token_id: Logprob(self.logprob, self.rank, name(self.token_id))}
         for rank, (token_id, logprob) in enumerate(self.top, 1):
@@ -70,13 +73,13 @@ class TokenLogprobs(Mapping[int, Logprob]):
         return entries
 
     def __getitem__(self, token_id: int) -> Logprob:
-        return self._entries()[token_id]
+        return self._entries[token_id]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._entries())
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._entries())
+        return len(self._entries)
 
 
 @dataclass

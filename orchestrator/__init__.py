@@ -65,7 +65,7 @@ class Product:
         lock = ConversationLock(store)
         product = cls(
             store,
-            ResponseService(engine, store, tools, default_tools, lock),
+            ResponseService(engine, store, lock, tools, default_tools),
             ConversationService(store, lock),
             Accounts(store),
         )

@@ -177,7 +177,7 @@ class ContextBuilder:
         prompt = render(0)
         if len(prompt.token_ids) <= budget:
             return prompt
-        if truncate and len(starts) > 1:
+        if truncate:
             fits, too_long = len(starts) - 1, 0
             shortest = render(fits)
             if len(shortest.token_ids) <= budget:

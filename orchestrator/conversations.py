@@ -29,9 +29,9 @@ def _missing(conversation_id: str) -> NotFoundError:
 
 
 class ConversationService:
-    def __init__(self, store: Store, lock: ConversationLock | None = None) -> None:
+    def __init__(self, store: Store, lock: ConversationLock) -> None:
         self.store = store
-        self.lock = lock or ConversationLock(store)  # the responses' turns hold it
+        self.lock = lock  # the responses' turns hold it
 
     async def create(self, owner: str, metadata: dict, items: list[dict]) -> dict:
         row = ConversationRow(new_id("conv"), int(time.time()), metadata)

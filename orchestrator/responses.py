@@ -835,9 +835,9 @@ class ResponseService:
         self,
         engine: EngineClient,
         store: Store,
+        lock: ConversationLock,
         tools: ToolRegistry | None = None,
         default_tools: tuple[str, ...] = (),
-        lock: ConversationLock | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -845,8 +845,8 @@ class ResponseService:
         self.default_tools = default_tools
         self.context = ContextBuilder(engine.tokenizer, engine.max_model_len)
         self.running: dict[str, Turn] = {}
-        # One turn at a time per conversation (shared with the conversations' service).
-        self.lock = lock or ConversationLock(store)
+        self.lock = lock  # one turn at a time per conversation, shared with conversations
+
         # The vector stores file_search reads (set by Product.open), or why there are none.
         self.file_search: FileSearchBackend | None = None
         self.file_search_unavailable = "file_search needs vector stores, which this server lacks"

@@ -116,30 +116,27 @@ async def embeddings(request: Request, meter: Meter) -> Response:
     return Response(status_code=499) if response is None else response
 
 
-def _model_card(state: ServerState, name: str) -> dict:
+def _card(state: ServerState, name: str, root: str, max_model_len: int, task: str) -> dict:
+    """A model's card; `task` ("generate" or "embed") tells the embedding model apart (the
+    web page lists only the models it can chat with)."""
     return {
         "id": name,
         "object": "model",
         "created": state.created,
         "owned_by": "tokenmill",
-        "root": state.engine.model_name,
-        "max_model_len": state.engine.max_model_len,
-        "task": "generate",
+        "root": root,
+        "max_model_len": max_model_len,
+        "task": task,
     }
+
+
+def _model_card(state: ServerState, name: str) -> dict:
+    engine = state.engine
+    return _card(state, name, engine.model_name, engine.max_model_len, "generate")
 
 
 def _embedding_card(state: ServerState, embedder) -> dict:
-    """The embedding model's card: `task` tells it apart (the web page lists only the
-    models it can chat with)."""
-    return {
-        "id": embedder.name,
-        "object": "model",
-        "created": state.created,
-        "owned_by": "tokenmill",
-        "root": embedder.name,
-        "max_model_len": embedder.window,
-        "task": "embed",
-    }
+    return _card(state, embedder.name, embedder.name, embedder.window, "embed")
 
 
 async def list_models(request: Request) -> Response:

@@ -249,10 +249,14 @@ def any_keys(repo: Repository) -> bool:
 # -- quotas ------------------------------------------------------------------------------
 
 
+def _dialect_insert(conn: Connection):
+    """The INSERT of `conn`'s dialect, which has ON CONFLICT clauses."""
+    return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+
+
 def _ensure_period(conn: Connection, user_id: str, period_start: int) -> None:
     values = {"user_id": user_id, "period_start": period_start, "used": 0, "reserved": 0}
-    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    conn.execute(dialect_insert(quota_periods).values(**values).on_conflict_do_nothing())
+    conn.execute(_dialect_insert(conn)(quota_periods).values(**values).on_conflict_do_nothing())
 
 
 def reserve(
@@ -333,13 +337,13 @@ def checkpoint_usage(
 ) -> None:
     """Write (or overwrite) a running request's usage so far."""
     values = {"id": checkpoint_id, "reservation_id": reservation_id, "record": asdict(record)}
-    dialect_insert = pg_insert if repo.engine.dialect.name == "postgresql" else sqlite_insert
-    stmt = dialect_insert(usage_checkpoints).values(**values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[usage_checkpoints.c.id], set_={"record": stmt.excluded.record}
-    )
     with repo.engine.begin() as conn:
-        conn.execute(stmt)
+        stmt = _dialect_insert(conn)(usage_checkpoints).values(**values)
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[usage_checkpoints.c.id], set_={"record": stmt.excluded.record}
+            )
+        )
 
 
 def settle_checkpoints(repo: Repository) -> int:
