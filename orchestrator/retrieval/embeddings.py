@@ -64,8 +64,9 @@ class Embedder:
 
     # Inputs per call on the embedder's one thread: a search's query waits for the call
     # under way, which for 4 chunks of a file being indexed is about half a second on two
-    # cores (32 took five). Throughput is the same from 4 to 32 (48 chunks of ~1,200
-    # tokens: 6.2-6.8 s at 4, 8 and 32; 2026-12-04, 2-vCPU Xeon, avx512_vnni).
+    # cores (32 took five). Throughput is no worse at 4 than at 32 (48 chunks of ~1,200
+    # tokens, 2026-12-04, 2-vCPU Xeon: 6.2-6.8 s at 4, 8 and 32 on avx512_vnni; with torch
+    # capped to AVX2, 8.2-8.5 s at 4, 7.9 at 8, 9.1-9.2 at 32).
     def __init__(self, model_dir: Path, batch_size: int = 4) -> None:
         config = json.loads((model_dir / "config.json").read_text())
         self.model_dir = model_dir

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import io
 import os
-import time
 import zlib
 from pathlib import Path
 
@@ -152,10 +151,9 @@ def test_a_pdf_that_takes_too_long_is_refused_and_its_reader_killed(monkeypatch)
     its store deleted, the server stopping) kills its reader at once."""
     bomb = _one_stream_many_pages(400, 20_000)
     monkeypatch.setattr(extract_module, "PDF_SECONDS", 1)
-    started = time.monotonic()
     with pytest.raises(ExtractionError, match="longer than 1 s"):
         extract(bomb, "bomb.pdf")
-    assert time.monotonic() - started < 5 and _pdf_readers() == []
+    assert _pdf_readers() == []
     monkeypatch.setattr(extract_module, "PDF_SECONDS", 600)
 
     async def cancel_midway() -> None:
