@@ -48,14 +48,22 @@ class EngineArgs:
     # AsyncLLM pins its engine thread's OpenMP team, one thread per CPU, when the team
     # fills the process's CPUs (engine/thread_pinning.py); False leaves placement to the OS.
     pin_threads: bool = True
-    # vLLM's option, accepted so its scripts run unchanged: one device per engine here.
+    # vLLM's options, accepted so its scripts run unchanged: one device per engine here;
+    # enforce_eager=True means compile="off" (vLLM: no CUDA graphs, here no compile step);
+    # trust_remote_code changes nothing, as the loader never runs a checkpoint's code.
     tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size != 1:
             raise ValueError(
                 "tensor_parallel_size must be 1: an engine runs on one device, "
                 f"got {self.tensor_parallel_size}"
+            )
+        if self.enforce_eager and self.compile not in ("auto", "off"):
+            raise ValueError(
+                f"enforce_eager=True runs the model eagerly, which contradicts compile={self.compile!r}"
             )
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
@@ -107,6 +115,8 @@ class EngineArgs:
         return self.quantization
 
     def resolve_compile(self, device: torch.device) -> str:
+        if self.enforce_eager:
+            return "off"
         if self.compile == "auto":
             return cpu_path().compile if self._fast_cpu_defaults(device) else "off"
         return self.compile

@@ -247,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
         "on: compile before serving; auto: background unless --dtype is given",
     )
     eng.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="vLLM's flag: run the model eagerly, the same as --compile off",
+    )
+    eng.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accepted for vLLM's command lines; no checkpoint code is ever run",
+    )
+    eng.add_argument(
         "--device", default=defaults.device, help="auto (CUDA when available), cpu, cuda, cuda:N"
     )
     eng.add_argument(
@@ -329,6 +339,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
         compile=args.compile,
+        enforce_eager=args.enforce_eager,
+        trust_remote_code=args.trust_remote_code,
         device=args.device,
         block_size=args.block_size,
         kv_cache_memory_gib=args.kv_cache_memory_gib,

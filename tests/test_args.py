@@ -84,11 +84,14 @@ def test_server_flags_reach_the_engine_args():
             "1",
             "--compile",
             "off",
+            "--enforce-eager",
+            "--trust-remote-code",
         ]
     )
     options = engine_args(args)
     chosen = (options.quantization, options.kv_cache_dtype, options.num_threads, options.compile)
     assert chosen == ("int8", "float32", 1, "off")
+    assert options.enforce_eager and options.trust_remote_code
     defaults = engine_args(build_parser().parse_args([]))
     assert (defaults.quantization, defaults.kv_cache_dtype, defaults.compile) == ("auto",) * 3
 
@@ -104,3 +107,12 @@ def test_serve_help_works_without_sched_getaffinity(monkeypatch, capsys):
     assert exit_info.value.code == 0
     assert "--num-threads" in capsys.readouterr().out
     assert serve.build_parser().parse_args([]).num_threads == 3
+
+
+def test_vllm_enforce_eager_turns_the_compile_step_off_and_trust_remote_code_is_accepted():
+    """vLLM scripts pass LLM(..., enforce_eager=True, trust_remote_code=True)."""
+    args = EngineArgs(enforce_eager=True, trust_remote_code=True)
+    assert args.resolve_compile(CPU) == "off"
+    assert EngineArgs(enforce_eager=True, compile="off").resolve_compile(CPU) == "off"
+    with pytest.raises(ValueError, match="enforce_eager"):
+        EngineArgs(enforce_eager=True, compile="on")
