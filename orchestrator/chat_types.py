@@ -66,4 +66,5 @@ class CompletionRequest:
     include_usage: bool = False
     logprobs: int | None = None
     echo: bool = False
+    score_only: bool = False  # max_tokens=0 with echo: the prompt's scores, no completion
     response_format: ResponseFormat | None = None

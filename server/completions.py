@@ -131,7 +131,7 @@ async def create_completion(
         timers = [timer] + [RequestTimer(state.metrics, arrival=timer.arrival) for _ in prompts[1:]]
         outputs = merge(
             [
-                engine_outputs(state, ids, params, f"{header.id}-{i}", t, meter)
+                engine_outputs(state, ids, params, f"{header.id}-{i}", t, meter, request.score_only)
                 for i, (ids, t) in enumerate(zip(prompts, timers, strict=True))
             ]
         )

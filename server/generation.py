@@ -15,7 +15,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from engine import RequestOutput, SamplingParams
+from engine import CompletionOutput, RequestOutput, SamplingParams
 from engine.errors import ContextLengthExceededError, EngineError, RequestFailedError
 from engine.sampling_params import RequestOutputKind
 from orchestrator.accounts import Meter
@@ -93,8 +93,13 @@ async def engine_outputs(
     request_id: str,
     timer: RequestTimer,
     meter: Meter,
+    score_only: bool = False,
 ) -> AsyncGenerator[RequestOutput, None]:
-    """`engine.generate` with API errors, metrics, metering, and abort-on-early-close."""
+    """`engine.generate` with API errors, metrics, metering, and abort-on-early-close.
+
+    `score_only`: the request runs for its prompt logprobs alone, so the token the engine
+    samples from the prefill's last position (at no extra forward pass) is dropped before
+    anything counts or sends it."""
     finished = False
     meter.on_submit(len(prompt))
     params = dataclasses.replace(
@@ -103,6 +108,8 @@ async def engine_outputs(
     try:
         async with aclosing(state.engine.generate(prompt, params, request_id)) as outputs:
             async for out in outputs:
+                if score_only:
+                    out.outputs = [_without_tokens(o) for o in out.outputs]
                 count = sum(len(o.token_ids) for o in out.outputs)
                 timer.on_tokens(count)
                 meter.on_tokens(count)
@@ -123,6 +130,11 @@ async def engine_outputs(
             timer.on_finished()
         else:
             await state.engine.abort(request_id)
+
+
+def _without_tokens(output: CompletionOutput) -> CompletionOutput:
+    empty = None if output.logprobs is None else []
+    return dataclasses.replace(output, text="", token_ids=[], logprobs=empty)
 
 
 async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[int, T], None]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -94,10 +95,6 @@ def _call_with_context(fn: Callable[..., T], args: tuple) -> T:
     return fn(_context, *args)
 
 
-def _ready() -> bool:
-    return True
-
-
 def _parse_shared(name: str, size: int) -> Any:
     block = SharedMemory(name)
     try:
@@ -151,6 +148,7 @@ class PrepProcess:
     def __init__(self, context: PromptContext) -> None:
         self.context = context
         self._pool: ProcessPoolExecutor | None = None
+        self._child: int | None = None  # the pool's one process
         self._lock = threading.Lock()
         self._blocks = SharedBlocks()
 
@@ -167,7 +165,7 @@ class PrepProcess:
                     initargs=(self.context,),
                 )
                 try:
-                    pool.submit(_ready).result()
+                    self._child = pool.submit(os.getpid).result()
                 except BaseException:
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
@@ -226,8 +224,15 @@ class PrepProcess:
         pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
+        """End the child at once. It holds nothing worth finishing, and an orderly exit
+        would need it to run: at SCHED_IDLE on a machine busy with other work it gets a
+        sliver of a core, and the server's exit waited on it for a minute."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
+            try:
+                os.kill(self._child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self._blocks.close()

@@ -410,8 +410,10 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     if best_of is not None and best_of != (1 if body.get("n") is None else body["n"]):
         raise invalid("best_of is not supported (it must equal n)", "best_of")
     sampling = _sampling_fields(body)
-    # The legacy endpoint's default is 16 tokens, not "fill the context".
-    sampling["max_tokens"] = _max_tokens(body, "max_tokens") or 16
+    # The legacy endpoint's default is 16 tokens, not "fill the context". max_tokens=0 with
+    # echo scores a prompt without generating (what evaluation harnesses send).
+    score_only = echo and body.get("max_tokens") == 0 and type(body["max_tokens"]) is int
+    sampling["max_tokens"] = 1 if score_only else _max_tokens(body, "max_tokens") or 16
     if logprobs is not None:
         sampling["logprobs"] = logprobs
         if echo:  # the echoed prompt's tokens are scored too
@@ -425,5 +427,6 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         include_usage=_stream_options(body, stream),
         logprobs=logprobs,
         echo=echo,
+        score_only=score_only,
         response_format=_response_format(body),
     )

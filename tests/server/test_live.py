@@ -213,6 +213,39 @@ def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_read_it(cl
         assert logprobs.token_logprobs[-2] == pytest.approx(generated.token_logprobs[0], abs=0.05)
 
 
+def test_max_tokens_zero_with_echo_scores_the_prompt_alone(client):
+    """The legacy API's scoring request, max_tokens=0 with echo: the prompt and its
+    logprobs, no completion and no completion tokens billed; without echo it is refused."""
+    prompt = "The capital of Japan is Tokyo"
+    with_one = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=2, echo=True
+    )
+    prompt_part = len(with_one.choices[0].logprobs.tokens) - 1
+    for stream in (False, True):
+        options = {"stream_options": {"include_usage": True}} if stream else {}
+        result = client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=0,
+            logprobs=2,
+            echo=True,
+            stream=stream,
+            **options,
+        )
+        chunks = list(result) if stream else [result]
+        choice = chunks[0].choices[0]
+        assert choice.text == prompt and choice.finish_reason == "length"
+        logprobs = choice.logprobs
+        assert logprobs.tokens == with_one.choices[0].logprobs.tokens[:prompt_part]
+        assert (
+            logprobs.token_logprobs == (with_one.choices[0].logprobs.token_logprobs[:prompt_part])
+        )
+        assert chunks[-1].usage.completion_tokens == 0
+        assert chunks[-1].usage.prompt_tokens == with_one.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
+
+
 WEATHER_TOOL = {
     "type": "function",
     "function": {

@@ -169,3 +169,20 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_close_does_not_wait_for_a_child_that_gets_no_cpu():
+    """At SCHED_IDLE on a busy machine the child may not run for a long while (a stopped
+    child stands in for it here); the server's exit must not wait for it."""
+    prep = PrepProcess(PromptContext(FakeTokenizer(), 8, 8, 8))
+    prep.start()
+    child = asyncio.run(prep.run(os.getpid))
+    os.kill(child, signal.SIGSTOP)
+    closing = threading.Thread(target=prep.close, daemon=True)
+    closing.start()
+    closing.join(30)
+    assert not closing.is_alive()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:  # killed and reaped
+        time.sleep(0.1)
+    assert not _alive(child)
