@@ -63,7 +63,8 @@ class EngineArgs:
             )
         if self.enforce_eager and self.compile not in ("auto", "off"):
             raise ValueError(
-                f"enforce_eager=True runs the model eagerly, which contradicts compile={self.compile!r}"
+                "enforce_eager=True runs the model eagerly, which contradicts "
+                f"compile={self.compile!r}"
             )
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")

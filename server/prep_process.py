@@ -19,6 +19,7 @@ receives it once, when it starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -231,8 +232,6 @@ class PrepProcess:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self._child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self._blocks.close()
