@@ -1,7 +1,7 @@
 """The operator's CLI for accounts: users, API keys and usage.
 
     python -m orchestrator.admin --data-dir DIR users create alice --token-quota 100000 \\
-        --quota-period month --rpm 60 --tpm 20000
+        --quota-period month --rpm 60 --tpm 20000 --storage-quota-mb 500
     python -m orchestrator.admin --data-dir DIR keys create alice     # prints the key once
     python -m orchestrator.admin --data-dir DIR usage --user alice --json
 
@@ -85,6 +85,13 @@ def _limit_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
         metavar="N",
         help="tokens per minute (prompt + max output); 'none': unlimited",
     )
+    parser.add_argument(
+        "--storage-quota-mb",
+        type=_count,
+        default=default,
+        metavar="MIB",
+        help="uploaded files' bytes, all told, in MiB; 'none': unlimited",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +152,10 @@ def _print_table(rows: list[dict]) -> None:
         print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
 
 
+def _bytes(mib: int | None) -> int | None:
+    return None if mib is None else min(mib * 2**20, MAX_LIMIT)
+
+
 def _limits(user: UserRow) -> dict:
     return {k: v for k, v in asdict(user).items() if k != "created_at"}
 
@@ -161,6 +172,7 @@ def users_command(store: Store, args: argparse.Namespace) -> None:
             args.quota_period,
             args.rpm,
             args.tpm,
+            _bytes(args.storage_quota_mb),
         )
         if not db.create_user(store.repo, user):
             raise AdminError(f"a user named {args.name!r} exists already")
@@ -174,9 +186,12 @@ def users_command(store: Store, args: argparse.Namespace) -> None:
             for k in ("token_quota", "quota_period", "rpm", "tpm")
             if hasattr(args, k)
         }
+        if hasattr(args, "storage_quota_mb"):
+            changes["storage_quota_bytes"] = _bytes(args.storage_quota_mb)
         if not changes:
             raise AdminError(
-                "nothing to change: give --token-quota, --quota-period, --rpm or --tpm"
+                "nothing to change: give --token-quota, --quota-period, --rpm, --tpm or "
+                "--storage-quota-mb"
             )
         updated = db.update_user(store.repo, args.name, changes)
         assert updated is not None
@@ -186,22 +201,7 @@ def users_command(store: Store, args: argparse.Namespace) -> None:
         removed = db.delete_user(store.repo, user.id)
         if removed is None:
             raise AdminError(f"no user named {args.name!r}")
-        _delete_file_bytes(args, removed)
         print(json.dumps({"deleted": user.name, "id": user.id, "files": len(removed)}))
-
-
-def _delete_file_bytes(args: argparse.Namespace, file_ids: list[str]) -> None:
-    """Uploaded files' bytes live in the data directory (the server's FileService)."""
-    if args.data_dir is None:
-        if file_ids:
-            print(
-                f"note: {len(file_ids)} files' bytes stay under the server's data directory "
-                "(files/<id>); give --data-dir to remove them",
-                file=sys.stderr,
-            )
-        return
-    for file_id in file_ids:
-        (Path(args.data_dir).expanduser() / "files" / file_id).unlink(missing_ok=True)
 
 
 def keys_command(store: Store, args: argparse.Namespace) -> None:

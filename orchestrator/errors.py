@@ -30,6 +30,11 @@ class QuotaExceededError(ProductError):
     `insufficient_quota`)."""
 
 
+class StorageQuotaExceededError(ProductError):
+    """An upload that would take the user's files past their storage quota (a 400: it
+    fits only once files are deleted, so retrying as it is cannot help)."""
+
+
 class RateLimitError(ProductError):
     """A per-minute limit is reached: retry after `retry_after` seconds (None: the
     request can never fit the limit). `headers` are the x-ratelimit-* headers."""

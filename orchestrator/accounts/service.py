@@ -21,6 +21,7 @@ from orchestrator.accounts.periods import period_start, resets_at
 from orchestrator.errors import QuotaExceededError
 from orchestrator.store import Store
 from orchestrator.store import accounts as db
+from orchestrator.store import knowledge as kb
 from orchestrator.store.accounts import UsageRecord
 
 
@@ -161,10 +162,13 @@ class Accounts:
                 "resets_at": resets_at(user.quota_period, now),
             }
         days = await self.store.call(db.usage_by_day, identity.user_id, since)
+        stored = await self.store.call(kb.storage_used, identity.owner)
+        storage_limit = None if user is None else user.storage_quota_bytes
         return {
             "object": "usage.report",
             "user": identity.name,
             "quota": quota,
+            "storage": {"limit_bytes": storage_limit, "used_bytes": stored},
             "data": [d.report() for d in days],
         }
 

@@ -49,6 +49,7 @@ class UserRow:
     quota_period: str = "month"
     rpm: int | None = None
     tpm: int | None = None
+    storage_quota_bytes: int | None = None  # uploaded files' bytes, all told
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,14 @@ def utc_day(timestamp: float) -> str:
 
 def _user(row) -> UserRow:
     return UserRow(
-        row.id, row.name, row.created_at, row.token_quota, row.quota_period, row.rpm, row.tpm
+        row.id,
+        row.name,
+        row.created_at,
+        row.token_quota,
+        row.quota_period,
+        row.rpm,
+        row.tpm,
+        row.storage_quota_bytes,
     )
 
 
@@ -172,7 +180,7 @@ def update_user(repo: Repository, name: str, changes: dict) -> UserRow | None:
 def delete_user(repo: Repository, user_id: str) -> list[str] | None:
     """Delete a user with everything they own: conversations, responses, files, vector
     stores (with their index rows), keys and quota rows, in one transaction. Returns the
-    ids of the deleted files (whose bytes the caller removes), None if no such user.
+    ids of the deleted files, None if no such user.
     Usage records stay: they are the billing history."""
     file_ids = _owned_ids(repo, files.c.id, files.c.owner_id, user_id)
     store_ids = _owned_ids(repo, vector_stores.c.id, vector_stores.c.owner_id, user_id)

@@ -15,6 +15,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
+from orchestrator.errors import StorageQuotaExceededError
 from orchestrator.retrieval import pg_index
 from orchestrator.retrieval.index import (
     ChunkRecord,
@@ -27,6 +28,7 @@ from orchestrator.store.repository import ItemPage, Page, Repository, _page, del
 from orchestrator.store.tables import (
     file_blobs,
     files,
+    users,
     vector_store_file_batches,
     vector_store_files,
     vector_stores,
@@ -85,8 +87,10 @@ def _index(repo: Repository) -> ChunkTableIndex:
 def add_file(
     repo: Repository, owner: str, body: dict, content_type: str | None, data: bytes
 ) -> None:
-    """The file object and its bytes, in one transaction."""
+    """The file object and its bytes, in one transaction; StorageQuotaExceededError if
+    they would take the owner's files past the owner's storage quota."""
     with repo.engine.begin() as conn:
+        _check_storage_quota(conn, owner, len(data))
         conn.execute(
             insert(files).values(
                 id=body["id"],
@@ -94,9 +98,43 @@ def add_file(
                 purpose=body["purpose"],
                 content_type=content_type,
                 body=body,
+                bytes=len(data),
             )
         )
         conn.execute(insert(file_blobs).values(file_id=body["id"], data=data))
+
+
+def _check_storage_quota(conn: Connection, owner: str, size: int) -> None:
+    """The owner's user row is written first, a no-op update that takes its row lock on
+    PostgreSQL and the database's write lock on SQLite before anything is read, so
+    concurrent uploads (threads, or servers sharing a database) are checked one after
+    another and cannot each fit into the same last bytes of the quota."""
+    quota_bytes = users.c.storage_quota_bytes
+    conn.execute(update(users).where(users.c.id == owner).values(storage_quota_bytes=quota_bytes))
+    quota = conn.execute(select(quota_bytes).where(users.c.id == owner)).scalar()
+    if quota is None:
+        return
+    used = _storage_used(conn, owner)
+    if used + size > quota:
+        raise StorageQuotaExceededError(
+            f"This file ({size} bytes) does not fit your storage quota: your files take "
+            f"{used} of your {quota} bytes. Delete files to make room, or ask the operator "
+            "for more.",
+            param="file",
+            code="storage_quota_exceeded",
+        )
+
+
+def _storage_used(conn: Connection, owner: str) -> int:
+    return conn.execute(
+        select(func.coalesce(func.sum(files.c.bytes), 0)).where(files.c.owner_id == owner)
+    ).scalar_one()
+
+
+def storage_used(repo: Repository, owner: str) -> int:
+    """The bytes of the owner's uploaded files."""
+    with repo.engine.connect() as conn:
+        return _storage_used(conn, owner)
 
 
 def file_content(
@@ -124,6 +162,7 @@ def import_file_bytes(repo: Repository, file_id: str, data: bytes) -> bool:
         if found is None:
             return False
         conn.execute(insert(file_blobs).values(file_id=file_id, data=data))
+        conn.execute(update(files).where(files.c.id == file_id).values(bytes=len(data)))
     return True
 
 

@@ -98,6 +98,7 @@ files = Table(
     Column("purpose", String(32), nullable=False),
     Column("content_type", String(128), nullable=True),
     Column("body", JSON, nullable=False),
+    Column("bytes", BigInteger, nullable=False, server_default="0"),  # its blob's size
 )
 
 file_blobs = Table(
@@ -167,6 +168,7 @@ users = Table(
     Column("quota_period", String(8), nullable=False),  # "day" | "month" | "total"
     Column("rpm", Integer, nullable=True),
     Column("tpm", Integer, nullable=True),
+    Column("storage_quota_bytes", BigInteger, nullable=True),  # uploaded files' bytes
 )
 
 # An API key: only its SHA-256 digest is kept, with a short hint of the secret for lists.

@@ -367,7 +367,7 @@ def test_usage_rows_add_up_to_what_the_responses_reported_and_the_report_has_its
         and r.queue_time is not None
         for r in rows
     )
-    assert set(report) == {"object", "user", "quota", "data"}
+    assert set(report) == {"object", "user", "quota", "storage", "data"}
     assert report["object"] == "usage.report" and report["user"] == "alice"
     quota = report["quota"]
     assert set(quota) == {"limit", "period", "used", "reserved", "remaining", "resets_at"}
@@ -645,3 +645,37 @@ def test_embeddings_are_metered_and_count_against_the_quota(product_server, tmp_
         assert "(its inputs)" in big.json()["error"]["message"]
     assert [r.status for r in _rows(server, "user_alice", count=2)] == ["completed", "rejected"]
     embedder.close()
+
+
+def test_a_storage_quota_set_by_the_admin_cli_refuses_uploads_past_it(
+    product_server, tmp_path, capsys
+):
+    """`--storage-quota-mb 1`: uploads fit until the user's files would pass 1 MiB; the
+    next is a 400 the SDK raises as BadRequestError (not a 429 it would retry); deleting a
+    file makes room; /v1/usage reports the bytes; 'none' lifts the limit."""
+    data = tmp_path / "data"
+    data.mkdir()
+    server = product_server(database_url=f"sqlite:///{data / 'tokenmill.db'}", data_dir=data)
+    run = ["--data-dir", str(data)]
+    assert admin([*run, "users", "create", "dora", "--storage-quota-mb", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["storage_quota_bytes"] == 2**20
+    assert admin([*run, "keys", "create", "dora"]) == 0
+    key = json.loads(capsys.readouterr().out)["key"]
+    sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+    chunk = b"a" * 600_000
+    first = sdk.files.create(file=("a.txt", io.BytesIO(chunk)), purpose="assistants")
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.files.create(file=("b.txt", io.BytesIO(chunk)), purpose="assistants")
+    error = refused.value.body
+    assert (error["code"], error["param"]) == ("storage_quota_exceeded", "file")
+    assert "600000 of your 1048576 bytes" in error["message"]
+    assert [f.id for f in sdk.files.list()] == [first.id]
+    with _client(server, key) as dora:
+        storage = dora.get("/usage").json()["storage"]
+    assert storage == {"limit_bytes": 2**20, "used_bytes": 600_000}
+    sdk.files.delete(first.id)
+    second = sdk.files.create(file=("b.txt", io.BytesIO(chunk)), purpose="assistants")
+    assert admin([*run, "users", "update", "dora", "--storage-quota-mb", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["storage_quota_bytes"] is None
+    third = sdk.files.create(file=("c.txt", io.BytesIO(chunk)), purpose="assistants")
+    assert {f.id for f in sdk.files.list()} == {second.id, third.id}

@@ -15,8 +15,10 @@ from sqlalchemy import func, select
 
 from orchestrator.accounts import keys
 from orchestrator.accounts.periods import period_start, resets_at
+from orchestrator.errors import StorageQuotaExceededError
 from orchestrator.store import Store
 from orchestrator.store import accounts as db
+from orchestrator.store import knowledge as kb
 from orchestrator.store.accounts import KeyRow, UsageRecord, UserRow
 from orchestrator.store.tables import (
     conversations,
@@ -264,3 +266,31 @@ def test_periods_start_and_reset_on_utc_boundaries():
     assert period_start("total", moment) == 0 and resets_at("total", moment) is None
     with pytest.raises(ValueError):
         period_start("week", moment)
+
+
+def test_concurrent_uploads_never_pass_the_storage_quota_and_deleting_makes_room(store):
+    """20 threads upload 100 bytes each at once against a 1,000-byte quota: exactly 10
+    fit; another user, without a quota, is not limited by it."""
+    repo = store.repo
+    alice = UserRow("user_alice", "alice", 1, storage_quota_bytes=1000)
+    assert db.create_user(repo, alice)
+    barrier = threading.Barrier(20)
+
+    def upload(i: int, owner: str = alice.id) -> bool:
+        body = {"id": f"file_{owner}_{i}", "purpose": "assistants", "bytes": 100}
+        barrier.wait()
+        try:
+            kb.add_file(repo, owner, body, None, b"x" * 100)
+        except StorageQuotaExceededError as exc:
+            assert exc.code == "storage_quota_exceeded" and "1000 bytes" in exc.message
+            return False
+        return True
+
+    with ThreadPoolExecutor(20) as pool:
+        stored = [i for i, ok in enumerate(pool.map(upload, range(20))) if ok]
+    assert len(stored) == 10 and kb.storage_used(repo, alice.id) == 1000
+    assert kb.delete_file(repo, alice.id, f"file_{alice.id}_{stored[0]}")
+    assert kb.storage_used(repo, alice.id) == 900
+    barrier = threading.Barrier(1)
+    assert upload(99) and not upload(100)
+    assert upload(0, "user_bob") and kb.storage_used(repo, "user_bob") == 100

@@ -7,14 +7,17 @@ import os
 import threading
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import MetaData, func, inspect, select
+from sqlalchemy import MetaData, func, inspect, select, text
 
 from orchestrator.errors import NotFoundError
 from orchestrator.retrieval.index import retrieval_chunks
 from orchestrator.store import Page, Repository, Store, hold_data_dir
-from orchestrator.store.store import SchemaTooNewError
+from orchestrator.store import knowledge as kb
+from orchestrator.store.store import MIGRATIONS, SchemaTooNewError, create_db_engine
 from orchestrator.store.tables import conversation_items, metadata, response_items, responses
 
 
@@ -343,3 +346,30 @@ def test_one_server_holds_a_data_directory(tmp_path):
         hold_data_dir(tmp_path)
     held.close()
     hold_data_dir(tmp_path).close()
+
+
+def test_upgrading_a_store_with_files_records_each_files_size(database_url):
+    """Revision 0007 adds `files.bytes` (what storage quotas sum): files stored before it
+    get their blob's size."""
+    engine = create_db_engine(database_url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0006")
+        conn.execute(
+            text(
+                "INSERT INTO files (id, owner_id, purpose, body) "
+                "VALUES ('file_old', 'user_a', 'assistants', '{}')"
+            )
+        )
+        conn.execute(
+            text("INSERT INTO file_blobs (file_id, data) VALUES ('file_old', :data)"),
+            {"data": b"\x00" * 1234},
+        )
+    engine.dispose()
+    store = Store(database_url)
+    try:
+        assert kb.storage_used(store.repo, "user_a") == 1234
+    finally:
+        store.close()
