@@ -28,6 +28,7 @@ from engine.errors import EngineError
 from engine.sampling_params import RequestOutputKind
 from engine.structured_output import StructuredOutputsParams
 from orchestrator.accounts.identity import cache_salt
+from orchestrator.accounts.meter import CHECKPOINT_S
 from orchestrator.agent import (
     CODE_INTERPRETER,
     DEFAULT_MAX_TOOL_CALLS,
@@ -450,10 +451,10 @@ class Turn:
             self.observer.on_finished()
 
     async def _checkpoint(self, store: Store | None, begun: asyncio.Task | None) -> None:
-        """Every CHECKPOINT_S while the turn runs, write its usage so far and (when stored)
-        its output as it stands, so a crash of the server loses only the last seconds of
-        it (Repository.checkpoint_response) and still leaves its usage row
-        (`Budget.checkpoint`)."""
+        """Every CHECKPOINT_S (orchestrator/accounts/meter.py) while the turn runs, write its
+        usage so far and (when stored) its output as it stands, so a crash of the server
+        loses only the last seconds of it (Repository.checkpoint_response) and still leaves
+        its usage row (`Budget.checkpoint`)."""
         written: list[dict] = []
         while True:
             try:
@@ -826,8 +827,6 @@ UNRECORDED = (
 )
 # How long a turn's final state is retried while the database does not answer (seconds).
 RECORD_RETRY_S = 600.0
-# How often a turn's output is written as it stands while it runs (seconds).
-CHECKPOINT_S = 2.0
 
 
 class ResponseService:

@@ -113,6 +113,7 @@ async def engine_outputs(
                 count = sum(len(o.token_ids) for o in out.outputs)
                 timer.on_tokens(count)
                 meter.on_tokens(count)
+                meter.checkpoint_if_due()
                 finished = out.finished
                 if finished:
                     meter.on_cached(out.num_cached_tokens)

@@ -24,6 +24,9 @@ from orchestrator.store.accounts import UsageRecord
 log = logging.getLogger("tokenmill")
 
 STATUSES = ("completed", "incomplete", "cancelled", "failed", "rejected")
+# How often a running request writes its usage so far (`Meter.checkpoint`): a crash of the
+# server loses at most this much of it.
+CHECKPOINT_S = 2.0
 # Settlements started from synchronous callbacks, held until done (the event loop keeps
 # only weak references to tasks).
 _pending: set[asyncio.Task] = set()
@@ -52,6 +55,8 @@ class Meter:
     # stream cut before its end was left by its client.
     outcome: str = "incomplete"
     _settling: asyncio.Task | None = None
+    _checkpointing: asyncio.Task | None = None  # the latest `checkpoint_if_due` write
+    _checkpointed_at: float = field(default_factory=time.perf_counter)
 
     async def reserve(self, tokens: int, spent: int | None = None) -> None:
         """Hold `tokens` (prompt + output budget) before they are spent; `spent`: what the
@@ -95,6 +100,27 @@ class Meter:
         if self.checkpoint_id is None:
             self.checkpoint_id = f"ckpt_{secrets.token_hex(12)}"
         await self.accounts.checkpoint(self.held, self.checkpoint_id, self._record("incomplete"))
+
+    def checkpoint_if_due(self) -> None:
+        """For the routes whose meter counts the tokens itself (chat and completions; a
+        Responses turn checkpoints its own counts): `checkpoint` those counts once
+        CHECKPOINT_S have passed since the last one. The write runs as a task, which the
+        settlement waits for, so that no checkpoint lands after the usage row."""
+        if self.accounts is None or self.finished:
+            return
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return
+        now = time.perf_counter()
+        if now - self._checkpointed_at < CHECKPOINT_S:
+            return
+        self._checkpointed_at = now
+        self._checkpointing = asyncio.ensure_future(self._checkpoint_counts())
+
+    async def _checkpoint_counts(self) -> None:
+        try:
+            await self.checkpoint(self.input_tokens, self.cached_input_tokens, self.output_tokens)
+        except Exception as exc:  # the next one, or the settlement, writes it
+            log.warning("a %s request's usage so far was not checkpointed: %r", self.endpoint, exc)
 
     async def finish(self, status: str) -> None:
         """Write the usage row and settle the reservation (once; later calls wait for it)."""
@@ -144,6 +170,8 @@ class Meter:
         )
 
     async def _finish(self, status: str) -> None:
+        if self._checkpointing is not None:
+            await asyncio.gather(self._checkpointing, return_exceptions=True)
         self.record = self._record(status)
         try:
             if self.accounts is not None:

@@ -16,6 +16,7 @@ from openai.types.responses import Response as SDKResponse
 from sqlalchemy import func, select
 
 from orchestrator.accounts import keys
+from orchestrator.accounts import meter as meter_module
 from orchestrator.accounts.periods import period_start
 from orchestrator.admin import main as admin
 from orchestrator.retrieval.embeddings import Embedder
@@ -23,7 +24,7 @@ from orchestrator.store import accounts as db
 from orchestrator.store.accounts import KeyRow, UserRow
 from orchestrator.store.tables import quota_periods
 from tests.product.conftest import ProductServer
-from tests.product.test_responses_api import _wait_for_generation
+from tests.product.test_responses_api import _usage_checkpoints, _wait_for_generation
 from tests.product.test_responses_tools import CALCULATOR, _call, _scripted
 from tests.server.fake_engine import FakeEngine
 from tests.server.sse_client import events
@@ -679,3 +680,33 @@ def test_a_storage_quota_set_by_the_admin_cli_refuses_uploads_past_it(
     assert json.loads(capsys.readouterr().out)["storage_quota_bytes"] is None
     third = sdk.files.create(file=("c.txt", io.BytesIO(chunk)), purpose="assistants")
     assert {f.id for f in sdk.files.list()} == {second.id, third.id}
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
+def test_a_running_generation_checkpoints_its_usage_which_settling_replaces(
+    product_server, monkeypatch, path
+):
+    """Chat and completions write their usage so far as they run (what a crash leaves as
+    an `incomplete` row at the next start), and the settlement replaces it with the row."""
+    monkeypatch.setattr(meter_module, "CHECKPOINT_S", 0.05)
+    server = product_server(FakeEngine(token_delay=0.05))
+    key = _account(server, "erin", token_quota=10_000)
+    body = {"model": MODEL, "max_tokens": 13, "stream": True}
+    body |= (
+        {"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path else {"prompt": "Hi"}
+    )
+    with _client(server, key) as client:
+        streamed = threading.Thread(target=lambda: client.post(path, json=body).read())
+        streamed.start()
+        deadline = time.monotonic() + 10
+        while not (checkpoints := _usage_checkpoints(server.product.store.repo)):
+            assert time.monotonic() < deadline, "no usage checkpoint"
+            time.sleep(0.02)
+        streamed.join(10)
+    [record] = checkpoints
+    assert (record["status"], record["user_id"]) == ("incomplete", "user_erin")
+    assert record["input_tokens"] == len(server.engine.prompts[-1])
+    assert 1 <= record["output_tokens"] < 13
+    [row] = _rows(server, "user_erin", count=1)
+    assert (row.status, row.output_tokens) == ("completed", 13)
+    assert _usage_checkpoints(server.product.store.repo) == []
