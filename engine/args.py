@@ -66,6 +66,8 @@ class EngineArgs:
                 "enforce_eager=True runs the model eagerly, which contradicts "
                 f"compile={self.compile!r}"
             )
+        if self.device != "auto":
+            _check_device(self.device)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPES:
@@ -128,3 +130,17 @@ class EngineArgs:
                 return torch.bfloat16
             return self.resolve_dtype(device)
         return DTYPES[self.kv_cache_dtype]
+
+
+def _check_device(name: str) -> None:
+    """ValueError unless `name` is a CPU or a CUDA device this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s)")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.args import EngineArgs
-from engine.errors import BatchFailedError, EngineError, RequestFailedError
+from engine.errors import BatchFailedError, EngineError, EngineShutdownError, RequestFailedError
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, RequestOutput, merge_output
 from engine.sampling_params import RequestOutputKind, SamplingParams
@@ -89,7 +89,7 @@ class AsyncLLM:
         if self.failure is not None:
             raise EngineError(f"the engine failed: {self.failure!r}")
         if self._stopped.is_set():
-            raise EngineError("the engine is shut down")
+            raise EngineShutdownError("the engine is shut down")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = self.engine.make_request(request_id, prompt, params)
@@ -97,7 +97,7 @@ class AsyncLLM:
         self._streams[request_id] = stream
         if self._stopped.is_set():  # the loop ended after the check above: nobody would answer
             del self._streams[request_id]
-            raise EngineError("the engine is shut down")
+            raise EngineShutdownError("the engine is shut down")
         self._send("add", request)
         finished = False
         kind = params.output_kind
@@ -156,7 +156,7 @@ class AsyncLLM:
             self._stopped.set()
             self._fail_all(EngineError(f"the engine failed: {exc!r}"))
             return
-        self._fail_all(EngineError("the engine was shut down"))
+        self._fail_all(EngineShutdownError("the engine was shut down"))
 
     def _loop(self) -> None:
         failed_steps = 0

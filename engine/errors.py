@@ -5,6 +5,10 @@ class EngineError(RuntimeError):
     """The engine itself failed (not the request): requests in flight are ended with it."""
 
 
+class EngineShutdownError(EngineError):
+    """The engine was shut down (the server stopping) before the request finished."""
+
+
 class ContextLengthExceededError(ValueError):
     """A prompt plus its requested output does not fit the model's context window."""
 

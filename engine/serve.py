@@ -31,7 +31,7 @@ from engine.compilation import COMPILE_MODES
 from engine.linear import QUANTIZATIONS
 from orchestrator import Product
 from orchestrator.retrieval.embeddings import Embedder
-from orchestrator.store import hold_data_dir, sqlite_url
+from orchestrator.store import database_error, hold_data_dir, sqlite_url
 from orchestrator.tools import ToolRegistry, ToolUnavailable, builtin_tools
 from server import (
     ServerConfig,
@@ -59,11 +59,32 @@ def settle_heap() -> None:
     gc.freeze()
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _bounded(cast: type[int] | type[float], low: float, high: float | None = None):
+    """An argparse type: a number of `cast`'s kind in [low, high], refused with a message
+    that names the range (argparse's own would name this function)."""
+    kind = "an integer" if cast is int else "a number"
+    bounds = f">= {low}" if high is None else f"from {low} to {high}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+        if value != value or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_int = _bounded(int, 1)
+_count = _bounded(int, 0)
+
+
+def _api_key(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (an unset variable?)")
+    return text
 
 
 def available_cpus() -> int:
@@ -97,10 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="name(s) clients use in the 'model' field; default: --model",
     )
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    srv.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
+    srv.add_argument(
+        "--port", type=_bounded(int, 0, 65535), default=8000, help="port to listen on (0: any free)"
+    )
     srv.add_argument(
         "--api-key",
         action="append",
+        type=_api_key,
         default=[],
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' on /v1 routes; repeat to accept several keys "
@@ -109,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--max-sequences-per-user",
-        type=int,
+        type=_count,
         default=8,
         metavar="N",
         help="sequences one user (an account with keys) may have in the engine at once; "
@@ -118,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--max-waiting-requests",
-        type=int,
+        type=_count,
         default=256,
         metavar="N",
         help="queue limit: requests allowed to wait beyond the running batch "
@@ -157,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--shutdown-timeout",
-        type=float,
+        type=_bounded(float, 0),
         default=30.0,
         metavar="SECONDS",
         help="on SIGTERM, how long in-flight requests may take to finish",
@@ -185,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--max-upload-mb",
-        type=float,
+        type=_bounded(float, 1 / 1024),
         default=ServerConfig.max_upload_bytes / 2**20,
         metavar="MB",
         help="the largest file POST /v1/files accepts (larger: 413)",
@@ -432,7 +456,8 @@ class _Server(uvicorn.Server):
         while in_flight(self.app) and loop.time() < deadline and not self.force_exit:
             await asyncio.sleep(0.05)
         if in_flight(self.app):
-            log.warning("--shutdown-timeout reached: ending %d sequences", in_flight(self.app))
+            why = "a second signal" if self.force_exit else "--shutdown-timeout reached"
+            log.warning("%s: ending %d sequences", why, in_flight(self.app))
             await self.engine.shutdown()  # each request in flight ends with an error
             deadline = loop.time() + 5.0  # for the error events to be written
             while in_flight(self.app) and loop.time() < deadline and not self.force_exit:
@@ -552,8 +577,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         healthy = asyncio.run(serve(args))
     # A bad model path or option, a port in use, a database that cannot be opened.
-    except (ValueError, OSError, SQLAlchemyError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:
+        print(f"error: the database: {database_error(exc)}", file=sys.stderr)
         return 1
     if not healthy:
         print("error: the engine failed (see the log above)", file=sys.stderr)

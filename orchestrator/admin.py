@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator.accounts import keys
 from orchestrator.accounts.periods import PERIODS
-from orchestrator.store import Store, sqlite_url
+from orchestrator.store import Store, database_error, sqlite_url
 from orchestrator.store import accounts as db
 from orchestrator.store.accounts import KeyRow, UserRow
 
@@ -48,14 +48,16 @@ def _count(text: str) -> int | None:
     except ValueError:
         value = -1  # argparse would name this function in its message
     if not 0 <= value <= MAX_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_LIMIT} (or 'none')")
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 0 to {MAX_LIMIT} (or 'none'), got {text!r}"
+        )
     return value
 
 
 def _positive(text: str) -> int | None:
     value = _count(text)
     if value == 0:
-        raise argparse.ArgumentTypeError("must be >= 1 (or 'none')")
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (or 'none'), got {text!r}")
     return value
 
 
@@ -264,9 +266,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "since", None) is not None and not db.is_day(args.since):
         print("error: --since must be a date, YYYY-MM-DD", file=sys.stderr)
         return 2
+    if args.data_dir is not None and not args.data_dir.expanduser().is_dir():
+        print(
+            f"error: no data directory at {args.data_dir}: give the server's --data-dir",
+            file=sys.stderr,
+        )
+        return 1
     try:
         store = Store(args.database_url or sqlite_url(args.data_dir))
-    except (SQLAlchemyError, OSError, ValueError) as exc:
+    except SQLAlchemyError as exc:
+        print(f"error: cannot open the store: {database_error(exc)}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
         print(f"error: cannot open the store: {exc}", file=sys.stderr)
         return 1
     try:

@@ -24,7 +24,7 @@ from typing import Protocol
 
 from engine import SamplingParams
 from engine.client import EngineClient
-from engine.errors import EngineError
+from engine.errors import EngineError, EngineShutdownError
 from engine.sampling_params import RequestOutputKind
 from engine.structured_output import StructuredOutputsParams
 from orchestrator.accounts.identity import cache_salt
@@ -578,6 +578,9 @@ class Turn:
             if self._stop_status is None:
                 raise  # the turn itself is being cancelled (shutdown)
             return self._stop_status, None, None
+        except EngineShutdownError:
+            message = "the server shut down before this response finished"
+            return "failed", None, {"code": "server_shutdown", "message": message}
         except (EngineError, ValueError) as exc:
             return "failed", None, {"code": "server_error", "message": f"the engine failed: {exc}"}
         except InvalidRequestError as exc:  # the tools' output no longer fits the context

@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from engine import CompletionOutput, RequestOutput, SamplingParams
-from engine.errors import ContextLengthExceededError, EngineError, RequestFailedError
+from engine.errors import (
+    ContextLengthExceededError,
+    EngineError,
+    EngineShutdownError,
+    RequestFailedError,
+)
 from engine.sampling_params import RequestOutputKind
 from orchestrator.accounts import Meter
 from orchestrator.accounts.identity import cache_salt
@@ -124,6 +129,10 @@ async def engine_outputs(
         raise from_value_error(exc) from None
     except RequestFailedError as exc:  # a bug this request's input found; the engine goes on
         raise APIError(500, str(exc), code="request_failed") from None
+    except EngineShutdownError:
+        raise APIError(
+            503, "the server shut down before this request finished", code="server_shutdown"
+        ) from None
     except EngineError as exc:
         raise APIError(503, f"the engine failed: {exc}", code="engine_error") from None
     finally:

@@ -116,3 +116,35 @@ def test_vllm_enforce_eager_turns_the_compile_step_off_and_trust_remote_code_is_
     assert EngineArgs(enforce_eager=True, compile="off").resolve_compile(CPU) == "off"
     with pytest.raises(ValueError, match="enforce_eager"):
         EngineArgs(enforce_eager=True, compile="on")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--port", "70000", "from 0 to 65535"),
+        ("--port", "-5", "from 0 to 65535"),
+        ("--port", "http", "must be an integer"),
+        ("--shutdown-timeout", "-1", ">= 0"),
+        ("--max-upload-mb", "-1", ">="),
+        ("--max-upload-mb", "nan", ">="),
+        ("--max-sequences-per-user", "-1", ">= 0"),
+        ("--max-waiting-requests", "-1", ">= 0"),
+        ("--max-num-seqs", "many", "must be an integer"),
+        ("--api-key", "", "must not be empty"),
+    ],
+)
+def test_bad_server_flags_are_refused_by_the_parser_naming_the_rule(flag, value, message, capsys):
+    """At once, before the model loads, and without naming an internal function."""
+    from engine.serve import build_parser
+
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args([flag, value])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and flag in err and "parse" not in err
+
+
+@pytest.mark.parametrize("device", ["bogus", "tpu", "cuda:99"])
+def test_a_device_this_machine_does_not_have_is_a_clear_error(device):
+    with pytest.raises(ValueError, match="device"):
+        EngineArgs(device=device)

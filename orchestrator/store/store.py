@@ -21,7 +21,8 @@ from typing import IO, Any, TypeVar
 from alembic import command
 from alembic.config import Config
 from alembic.util.exc import CommandError
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from orchestrator.retrieval.index import load_sqlite_vec, sqlite_module
 from orchestrator.store.repository import Repository
@@ -30,11 +31,28 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
+def data_folder(data_dir: str | Path) -> Path:
+    """The data directory, created if missing; ValueError naming it when it cannot be."""
+    folder = Path(data_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"the data directory {folder} is a file, not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the data directory {folder}: {exc.strerror}") from None
+    return folder
+
+
 def sqlite_url(data_dir: str | Path) -> str:
     """The default database: `tokenmill.db` in the data directory (created if missing)."""
-    folder = Path(data_dir).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'tokenmill.db'}"
+    return f"sqlite:///{data_folder(data_dir) / 'tokenmill.db'}"
+
+
+def database_error(exc: SQLAlchemyError) -> str:
+    """A database failure in one line: the driver's own message, without SQLAlchemy's
+    wrapping (the statement, a link to its docs)."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    return " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -50,6 +68,20 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def create_db_engine(url: str) -> Engine:
+    """ValueError for a URL of another database than SQLite or PostgreSQL, or one whose
+    driver is not installed."""
+    backend = make_url(url).get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ValueError(f"the store runs on SQLite or PostgreSQL, not {backend!r}")
+    try:
+        return _create_engine(url)
+    except ImportError as exc:
+        raise ValueError(
+            f"the database URL's driver is not installed (no module {exc.name!r})"
+        ) from None
+
+
+def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # sqlite-vec (the retrieval index's vectors) needs a sqlite3 that loads extensions.
         engine = create_engine(
@@ -86,8 +118,7 @@ def hold_data_dir(data_dir: str | Path) -> IO[str]:
     SQLite database belongs to one server: a server starting marks the unfinished responses
     incomplete, frees quota reservations and queues indexing again, taking the work of
     another one running there. ValueError when another process holds it."""
-    folder = Path(data_dir).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = data_folder(data_dir)
     handle = open(folder / "tokenmill.lock", "a+")  # noqa: SIM115 (held open, by design)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

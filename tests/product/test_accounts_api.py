@@ -495,13 +495,17 @@ def test_the_admin_cli_manages_users_and_keys_the_server_accepts(product_server,
     with pytest.raises(SystemExit) as refused:  # argparse's error for a value out of range
         admin([*run, "users", "update", "carol", "--token-quota", str(2**64)])
     assert refused.value.code == 2
-    assert "must be from 0 to" in capsys.readouterr().err
+    assert "must be a whole number from 0 to" in capsys.readouterr().err
     for option, value in (("--token-quota", "abc"), ("--rpm", "1.5")):  # not integers
         with pytest.raises(SystemExit):
             admin([*run, "users", "update", "carol", option, value])
         err = capsys.readouterr().err
         assert "must be" in err and "_count" not in err and "_positive" not in err
     assert admin([*run, "users", "delete", "carol"]) == 0
+    capsys.readouterr()
+    mistyped = tmp_path / "dta"  # no store is made where there was none
+    assert admin(["--data-dir", str(mistyped), "users", "list"]) == 1
+    assert "no data directory" in capsys.readouterr().err and not mistyped.exists()
     repo = server.product.store.repo
     assert db.get_user(repo, "carol") is None
     with server.product.store.engine.connect() as conn:

@@ -12,10 +12,18 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import MetaData, func, inspect, select, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator.errors import NotFoundError
 from orchestrator.retrieval.index import retrieval_chunks
-from orchestrator.store import Page, Repository, Store, hold_data_dir
+from orchestrator.store import (
+    Page,
+    Repository,
+    Store,
+    database_error,
+    hold_data_dir,
+    sqlite_url,
+)
 from orchestrator.store import knowledge as kb
 from orchestrator.store.store import MIGRATIONS, SchemaTooNewError, create_db_engine
 from orchestrator.store.tables import conversation_items, metadata, response_items, responses
@@ -373,3 +381,18 @@ def test_upgrading_a_store_with_files_records_each_files_size(database_url):
         assert kb.storage_used(store.repo, "user_a") == 1234
     finally:
         store.close()
+
+
+def test_bad_data_directories_and_database_urls_are_clear_one_line_errors(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        sqlite_url(a_file)
+    with pytest.raises(ValueError, match="cannot create the data directory"):
+        hold_data_dir(a_file / "below")
+    with pytest.raises(ValueError, match="SQLite or PostgreSQL, not 'mysql'"):
+        Store("mysql://x@127.0.0.1:1/x")
+    with pytest.raises(SQLAlchemyError) as refused:
+        Store("postgresql+psycopg://nobody@127.0.0.1:1/x")
+    message = database_error(refused.value)
+    assert "\n" not in message and "sqlalche.me" not in message and "127.0.0.1" in message

@@ -64,7 +64,7 @@ def test_sigterm_drains_in_flight_streams_then_exits():
     assert received[-1].usage.completion_tokens == 8
     assert received[-2].choices[0].finish_reason == "length"
     assert rest[-1] == "[DONE]"
-    assert rest[-2]["error"]["code"] == "engine_error"
+    assert rest[-2]["error"]["code"] == "server_shutdown"
 
 
 def test_a_dead_engine_loop_turns_health_503_and_exits_nonzero():
