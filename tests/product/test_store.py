@@ -15,7 +15,7 @@ from sqlalchemy import MetaData, func, inspect, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator.errors import NotFoundError
-from orchestrator.retrieval.index import retrieval_chunks
+from orchestrator.retrieval.index import VECTOR_CHUNK, retrieval_chunks, vectors_ddl
 from orchestrator.store import (
     Page,
     Repository,
@@ -396,3 +396,47 @@ def test_bad_data_directories_and_database_urls_are_clear_one_line_errors(tmp_pa
         Store("postgresql+psycopg://nobody@127.0.0.1:1/x")
     message = database_error(refused.value)
     assert "\n" not in message and "sqlalche.me" not in message and "127.0.0.1" in message
+
+
+def test_vectors_are_stored_in_small_chunks_and_an_older_index_is_rebuilt_so(tmp_path):
+    """Revision 0008 rebuilds a `vec0` table made with sqlite-vec's default chunk (1,024
+    vectors: 1.5 MB for any store holding a vector) in chunks of VECTOR_CHUNK, keeping
+    every vector and what a search finds."""
+    url = f"sqlite:///{tmp_path / 'tokenmill.db'}"
+    engine = create_db_engine(url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    vector = bytes(range(256)) * 6  # 384 float32s
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0007")
+        conn.exec_driver_sql("DROP TABLE retrieval_vectors")  # as the older code made it
+        conn.exec_driver_sql(vectors_ddl(384).replace(f", chunk_size={VECTOR_CHUNK}", ""))
+        for i, store_id in enumerate(("vs_a", "vs_b"), start=1):
+            conn.execute(
+                text(
+                    "INSERT INTO retrieval_vectors (id, vector_store_id, owner_id, embedding) "
+                    "VALUES (:id, :store, 'user_a', :vector)"
+                ),
+                {"id": i, "store": store_id, "vector": vector},
+            )
+    engine.dispose()
+    store = Store(url)
+    try:
+        with store.engine.connect() as conn:
+            kept = conn.exec_driver_sql(
+                "SELECT id, vector_store_id, embedding FROM retrieval_vectors ORDER BY id"
+            ).all()
+            chunks = conn.exec_driver_sql(
+                "SELECT length(vectors) FROM retrieval_vectors_vector_chunks00"
+            ).all()
+            found = conn.exec_driver_sql(
+                "SELECT id FROM retrieval_vectors WHERE embedding MATCH ? AND k = 5 "
+                "AND vector_store_id = 'vs_b'",
+                (vector,),
+            ).all()
+    finally:
+        store.close()
+    assert [(r[0], r[1], bytes(r[2])) for r in kept] == [(1, "vs_a", vector), (2, "vs_b", vector)]
+    assert chunks == [(VECTOR_CHUNK * 384 * 4,)] * 2  # one small chunk per store
+    assert found == [(2,)]
