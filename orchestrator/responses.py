@@ -472,7 +472,8 @@ class Turn:
     async def _checkpoint_output(
         self, store: Store, begun: asyncio.Task, written: list[dict]
     ) -> list[dict]:
-        """Write the output if it changed since `written`; returns what is written now."""
+        """Write the output, with the usage so far, if it changed since `written`; returns
+        what is written now."""
         try:
             await begun
         except StoreUnavailableError:
@@ -480,8 +481,10 @@ class Turn:
         output = copy.deepcopy(self.events.output)
         if output == written:
             return written
+        input_tokens, cached, output_tokens = self._usage_so_far()
+        so_far = usage(input_tokens, output_tokens, cached)
         try:
-            await store.call(Repository.checkpoint_response, self.owner, self.id, output)
+            await store.call(Repository.checkpoint_response, self.owner, self.id, output, so_far)
         except StoreUnavailableError:
             return written  # the next one, or the final record, writes it
         return output

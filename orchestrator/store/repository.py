@@ -369,12 +369,21 @@ class Repository:
                     .values(last_response_id=body["id"])
                 )
 
-    def checkpoint_response(self, owner: str, response_id: str, output: list[dict]) -> None:
-        """A response's output items as they stand mid-turn, so that a crash loses at most
-        what came since (`interrupt_unfinished` keeps them); `finish_response` replaces
-        them with the final ones."""
+    def checkpoint_response(
+        self, owner: str, response_id: str, output: list[dict], usage: dict | None = None
+    ) -> None:
+        """A response's output items (and its usage) as they stand mid-turn, so that a
+        crash loses at most what came since (`interrupt_unfinished` keeps them);
+        `finish_response` replaces them with the final ones."""
         with self.engine.begin() as conn:
             self._replace_output(conn, owner, response_id, output)
+            if usage is not None:
+                where = (responses.c.id == response_id, responses.c.owner_id == owner)
+                body = conn.execute(select(responses.c.body).where(*where)).scalar()
+                if body is not None:
+                    conn.execute(
+                        update(responses).where(*where).values(body={**body, "usage": usage})
+                    )
 
     def _replace_output(
         self, conn: Connection, owner: str, response_id: str, output: list[dict]

@@ -307,6 +307,7 @@ def test_a_running_turn_checkpoints_its_output(product_server, monkeypatch):
         time.sleep(0.05)
     [message] = output
     assert message["status"] == "in_progress"
+    assert stored["usage"]["output_tokens"] >= 1  # the usage so far goes with it
     assert "Noted, and more.".startswith(message["content"][0]["text"])
     engine.hold.set()
     turn.join(10)

@@ -308,8 +308,10 @@ def test_a_turn_cut_off_by_a_crash_keeps_what_it_checkpointed(store):
     }
     repo.begin_response("alice", body, [_message("msg_in_cut", "two")])
     partial = {**_message("msg_out_cut", "Half an ans"), "role": "assistant"}
-    repo.checkpoint_response("alice", "resp_cut", [{**partial, "status": "in_progress"}])
+    so_far = {"input_tokens": 9, "output_tokens": 3, "total_tokens": 12}
+    repo.checkpoint_response("alice", "resp_cut", [{**partial, "status": "in_progress"}], so_far)
     assert repo.interrupt_unfinished() == 1
+    assert repo.get_response("alice", "resp_cut")["usage"] == so_far  # as last checkpointed
     history = repo.conversation_history("alice", "conv_k")
     assert [item["id"] for item in history.items] == [
         "msg_0",
