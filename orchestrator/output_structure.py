@@ -163,7 +163,10 @@ def turn_structure(
 
     fmt_schema: the JSON format's schema (ANY_OBJECT for any object), None for text. A bad
     schema is a 400 naming `schema_param` (default `fmt_param`), checked on its own first
-    so that the error names the schema even when tools are offered too.
+    so that the error names the schema even when tools are offered too. A forced turn
+    writes calls only, so the format, as in OpenAI's API, shapes the turns that answer in
+    text (a Responses turn's answer after its tools ran); clients such as instructor's
+    RESPONSES_TOOLS mode and the Agents SDK's output_type send both.
     """
     answer = None
     if fmt_schema is not None:
@@ -171,10 +174,6 @@ def turn_structure(
     if not functions:
         return answer
     forced = choice in ("required", "function")
-    if forced and answer is not None:
-        raise InvalidRequestError(
-            f"{fmt_param} cannot be combined with a tool_choice that forces a call", fmt_param
-        )
     _check_functions(functions, tools_param)
     grammar = tool_call_grammar(functions, forced, parallel and choice != "function", fmt_schema)
     return checked(tools_param, grammar=grammar)

@@ -11,6 +11,7 @@ import pytest
 from openai.types.responses import Response
 
 from tests.product.conftest import ProductServer
+from tests.product.test_responses_tools import CALCULATOR, _call, _scripted
 from tests.server.fake_engine import FakeEngine
 from tests.server.test_structured import compiler  # noqa: F401  (the module fixture)
 
@@ -150,7 +151,6 @@ def test_auto_tool_choice_triggers_the_call_grammar_lazily(product_server, compi
         ({"type": "json_schema", "name": "a place", "schema": CITY}, {}, "text.format.name"),
         ({"type": "json_object", "schema": CITY}, {}, "text.format.schema"),
         ({"type": "yaml"}, {}, "text.format.type"),
-        ({"type": "json_object"}, {"tools": [WEATHER], "tool_choice": "required"}, "text.format"),
     ],
 )
 def test_bad_formats_are_400s_naming_the_field(product_server, fmt, extra, param):
@@ -159,3 +159,32 @@ def test_bad_formats_are_400s_naming_the_field(product_server, fmt, extra, param
     assert raw.status_code == 400, raw.text
     assert raw.json()["error"]["param"] == param
     assert server.engine.params == []
+
+
+def test_a_forced_call_with_a_format_calls_then_answers_in_the_format(
+    product_server,
+    compiler,  # noqa: F811
+):
+    """What instructor's RESPONSES_TOOLS mode and the Agents SDK's output_type send: a
+    forced call's turn writes the call alone, and the answer after the tool ran follows
+    text.format, as in OpenAI's API."""
+    answer = '{"city": "12"}'
+    scripted = _scripted(_call("calculator", expression="3*4"), answer='{{"city": "{}"}}')
+    server = product_server(FakeEngine(reply=scripted))
+    response = server.client.responses.create(
+        model=MODEL,
+        input="What is 3*4? Answer as the place.",
+        tools=[CALCULATOR],
+        tool_choice="required",
+        text={"format": JSON_SCHEMA},
+    )
+    assert [item.type for item in response.output] == [
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
+    assert json.loads(response.output_text) == {"city": "12"}
+    forced, answering = (p.structured_outputs for p in server.engine.params)
+    call = _call("calculator", expression="3*4")
+    assert _accepts(compiler, forced, call) and not _accepts(compiler, forced, answer)
+    assert _accepts(compiler, answering, answer) and not _accepts(compiler, answering, "12")

@@ -63,6 +63,18 @@ def test_required_allows_only_calls_whose_arguments_match_the_schema(compiler):
     assert parse_tool_calls(CALL + "\n" + TIME_CALL, ["get_weather", "get_time"])[1]
 
 
+def test_a_forced_call_with_a_response_format_is_the_call_alone(compiler):
+    """As in OpenAI's API (and what the Agents SDK's output_type sends with "required"):
+    the forced turn's output is the call, so the format does not apply to it."""
+    forced = {
+        "tools": [WEATHER],
+        "tool_choice": "required",
+        "response_format": {"type": "json_object"},
+    }
+    assert _accepts(compiler, CALL, **forced)[0]
+    assert not _accepts(compiler, '{"city": "Paris"}', **forced)[0]
+
+
 def test_without_parallel_calls_one_call_completes_the_grammar(compiler):
     single = {"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False}
     assert _accepts(compiler, CALL, **single) == (True, True)
@@ -138,14 +150,6 @@ def test_response_format_schema_and_json_object(compiler):
                 ]
             },
             "tools",
-        ),
-        (
-            {
-                "tools": [WEATHER],
-                "tool_choice": "required",
-                "response_format": {"type": "json_object"},
-            },
-            "response_format",
         ),
     ],
 )
