@@ -31,7 +31,7 @@ from engine.compilation import COMPILE_MODES
 from engine.linear import QUANTIZATIONS
 from orchestrator import Product
 from orchestrator.retrieval.embeddings import Embedder
-from orchestrator.store import database_error, hold_data_dir, sqlite_url
+from orchestrator.store import check_database_url, database_error, hold_data_dir, sqlite_url
 from orchestrator.tools import ToolRegistry, ToolUnavailable, builtin_tools
 from server import (
     ServerConfig,
@@ -79,6 +79,14 @@ def _bounded(cast: type[int] | type[float], low: float, high: float | None = Non
 
 _positive_int = _bounded(int, 1)
 _count = _bounded(int, 0)
+
+
+def _database_url(text: str) -> str:
+    try:
+        check_database_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _api_key(text: str) -> str:
@@ -202,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--database-url",
+        type=_database_url,
         default=None,
         metavar="URL",
         help="a SQLAlchemy URL for the store instead of the SQLite file in --data-dir, "

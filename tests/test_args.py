@@ -131,6 +131,8 @@ def test_vllm_enforce_eager_turns_the_compile_step_off_and_trust_remote_code_is_
         ("--max-waiting-requests", "-1", ">= 0"),
         ("--max-num-seqs", "many", "must be an integer"),
         ("--api-key", "", "must not be empty"),
+        ("--database-url", "mysql://x@127.0.0.1:1/x", "SQLite or PostgreSQL, not 'mysql'"),
+        ("--database-url", "notaurl", "not a database URL"),
     ],
 )
 def test_bad_server_flags_are_refused_by_the_parser_naming_the_rule(flag, value, message, capsys):

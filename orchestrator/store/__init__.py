@@ -7,7 +7,13 @@ This package is the only code that runs SQL. Use `Store(url)` (migrates on open)
 from sqlalchemy.exc import OperationalError as StoreUnavailableError
 
 from orchestrator.store.repository import ConversationRow, History, ItemPage, Page, Repository
-from orchestrator.store.store import Store, database_error, hold_data_dir, sqlite_url
+from orchestrator.store.store import (
+    Store,
+    check_database_url,
+    database_error,
+    hold_data_dir,
+    sqlite_url,
+)
 
 # What the database driver raises when the database does not answer (PostgreSQL down,
 # a connection cut, SQLite's file locked past its timeout): the server's 503.
@@ -20,6 +26,7 @@ __all__ = [
     "Repository",
     "Store",
     "StoreUnavailableError",
+    "check_database_url",
     "database_error",
     "hold_data_dir",
     "sqlite_url",

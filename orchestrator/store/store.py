@@ -22,7 +22,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event, make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from orchestrator.retrieval.index import load_sqlite_vec, sqlite_module
 from orchestrator.store.repository import Repository
@@ -67,12 +67,20 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def check_database_url(url: str) -> None:
+    """ValueError unless `url` is a SQLAlchemy URL of SQLite or PostgreSQL."""
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise ValueError(f"not a database URL: {url!r}") from None
+    if backend not in ("sqlite", "postgresql"):
+        raise ValueError(f"the store runs on SQLite or PostgreSQL, not {backend!r}")
+
+
 def create_db_engine(url: str) -> Engine:
     """ValueError for a URL of another database than SQLite or PostgreSQL, or one whose
     driver is not installed."""
-    backend = make_url(url).get_backend_name()
-    if backend not in ("sqlite", "postgresql"):
-        raise ValueError(f"the store runs on SQLite or PostgreSQL, not {backend!r}")
+    check_database_url(url)
     try:
         return _create_engine(url)
     except ImportError as exc:
