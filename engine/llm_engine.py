@@ -205,7 +205,9 @@ class LLMEngine:
             raise ValueError("prompt must not be empty")
         n, limit = len(token_ids), self.max_model_len
         wanted = n + (params.max_tokens or 1)
-        if wanted > limit:
+        # The last token sampled is never fed back, so it takes no position: a prompt that
+        # fills the window still gets one token (as in vLLM).
+        if wanted - 1 > limit:
             raise ContextLengthExceededError(
                 f"this model's maximum context length is {limit} tokens; the prompt has {n} "
                 f"tokens and {params.max_tokens or 1} more were requested ({wanted} in all)"

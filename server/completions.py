@@ -67,7 +67,7 @@ class CompletionRun:
 
 
 def _prepare_prompts(
-    context: PromptContext, prompts: list[str | list[int]], echo: bool
+    context: PromptContext, prompts: list[str | list[int]], echo: bool, completion: int | None
 ) -> tuple[list[list[int]], list[str]]:
     """Each prompt as token ids, and as text when echoed (in the preparation process for
     large prompts), after the size and vocabulary checks that make tokenizing and
@@ -82,7 +82,7 @@ def _prepare_prompts(
             except ContextLengthExceededError as exc:
                 raise window_error(exc, max_len, "prompt") from None
         else:
-            check_context(len(prompt), None, max_len, "prompt")
+            check_context(len(prompt), completion, max_len, "prompt")
             check_token_ids(prompt, context.vocab_size, "prompt")
             ids = prompt
         if not ids:
@@ -119,10 +119,15 @@ async def create_completion(
     )
     try:
         size = sum(len(p) for p in request.prompts)
-        prompts, texts = await state.prepare(size, _prepare_prompts, request.prompts, request.echo)
+        # A scored prompt (max_tokens 0) may fill the window: the token the engine samples
+        # after it is dropped, and never takes a position.
+        completion = 0 if request.score_only else params.max_tokens
+        prompts, texts = await state.prepare(
+            size, _prepare_prompts, request.prompts, request.echo, completion
+        )
         max_len = state.engine.max_model_len
         for ids in prompts:
-            check_context(len(ids), params.max_tokens, max_len, "prompt")
+            check_context(len(ids), completion, max_len, "prompt")
         await meter.reserve(
             sum(reservation(len(ids), params.max_tokens, params.n, max_len) for ids in prompts)
         )

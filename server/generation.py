@@ -79,8 +79,9 @@ def window_error(exc: ContextLengthExceededError, max_model_len: int, param: str
 
 
 def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int, param: str) -> None:
-    """Reject up front what cannot fit, with OpenAI's wording and error code."""
-    wanted = num_prompt + (max_tokens or 1)
+    """Reject up front what cannot fit, with OpenAI's wording and error code. `max_tokens`
+    None: at least one token; 0: none (a prompt scored, not continued)."""
+    wanted = num_prompt + (1 if max_tokens is None else max_tokens)
     if wanted > max_model_len:
         completion = max_tokens if max_tokens is not None else "at least 1"
         raise context_error(

@@ -411,3 +411,14 @@ def test_vllm_prompt_dicts_chat_content_parts_and_options(tiny_chat_model_dir):
             (llm.chat if isinstance(bad, list) else llm.generate)(bad, params, use_tqdm=False)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         _llm(tiny_chat_model_dir, tensor_parallel_size=2)
+
+
+def test_a_prompt_that_fills_the_window_gets_one_token(tiny_chat_model_dir):
+    """The last token sampled is never fed back, so it needs no position (as in vLLM);
+    a second token would."""
+    llm = _llm(tiny_chat_model_dir, max_model_len=32)
+    prompt = list(range(1, 33))
+    [out] = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="maximum context length is 32"):
+        llm.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)

@@ -542,3 +542,17 @@ def test_tool_call_round_trip_with_the_openai_sdk(serve):
     )
     text = "".join(c.choices[0].delta.content or "" for c in final if c.choices)
     assert text == "It is 18C in Paris."
+
+
+def test_a_prompt_scored_with_max_tokens_0_may_fill_the_window(serve):
+    """max_tokens 0 with echo asks for no completion, so a prompt of the whole window
+    fits; asking for one token more than the window holds does not."""
+    post = serve().client.post
+    ids = [72] * 2048  # the fake engine's window
+    scored = post("/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True})
+    assert scored.status_code == 200, scored.text
+    body = scored.json()
+    assert body["choices"][0]["text"] == "H" * 2048
+    assert (body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]) == (2048, 0)
+    continued = post("/v1/completions", json={"prompt": ids, "max_tokens": 1, "echo": True})
+    assert_error(continued, 400, "prompt", "context_length_exceeded")
