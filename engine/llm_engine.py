@@ -176,6 +176,8 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer; this model has none")
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
+        if params.allowed_token_ids and max(params.allowed_token_ids) >= vocab:
+            raise ValueError(f"allowed_token_ids must be token ids in [0, {vocab})")
         request = Request(
             request_id, prompt if isinstance(prompt, str) else None, token_ids, params
         )

@@ -149,6 +149,7 @@ def _needs_processing(rows: Sequence[SamplingRow]) -> bool:
         or _uses_penalties(r.params)
         or _suppresses_stops(r)
         or r.params.logit_bias
+        or r.params.allowed_token_ids
         or r.allowed is not None
         for r in rows
     )
@@ -190,6 +191,7 @@ def _prepare(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> _Prepared:
     _apply_presence_frequency_penalties(x, rows, temperature)
     _suppress_stop_tokens(x, rows)
     _apply_grammar_masks(x, rows)
+    _keep_allowed_tokens(x, rows)
     sampled = _rows_where(rows, lambda r: not r.params.greedy)
     if not sampled:
         return _Prepared(x, [], None)
@@ -254,6 +256,17 @@ def _apply_grammar_masks(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     allowed = torch.stack([rows[i].allowed for i in which]).to(x.device, non_blocking=True)
     idx = torch.tensor(which, device=x.device)
     x[idx] = x[idx].masked_fill_(~allowed, float("-inf"))
+
+
+def _keep_allowed_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """vLLM's allowed_token_ids: every other token of the row gets -inf."""
+    which = _rows_where(rows, lambda r: bool(r.params.allowed_token_ids))
+    if not which:
+        return
+    ids = _flat_ids(which, [rows[i].params.allowed_token_ids for i in which], x.device)
+    kept = x[ids]
+    x[torch.tensor(which, device=x.device)] = float("-inf")
+    x.index_put_(ids, kept)
 
 
 def _apply_repetition_penalty(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

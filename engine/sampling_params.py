@@ -94,6 +94,8 @@ class SamplingParams:
     # Constrain every output to a structure (JSON schema, regex, choice, grammar).
     structured_outputs: StructuredOutputsParams | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI)
+    # vLLM's: sample only among these token ids (every other token's logit is -inf).
+    allowed_token_ids: list[int] | None = None
     # Prefix-cache namespace (vLLM's cache_salt): a request reuses, and leaves, cached
     # prompt blocks only for requests with the same salt. A server salts with the user, so
     # one user's prompts can neither serve nor be detected (cached_tokens, timing) by another.
@@ -112,6 +114,13 @@ class SamplingParams:
         self.stop_token_ids = (
             [] if ids is None else _as_list(ids, "stop_token_ids", "a list of integers >= 0")
         )
+        if self.allowed_token_ids is not None:
+            rule = "a non-empty list of integers >= 0"
+            self.allowed_token_ids = _as_list(self.allowed_token_ids, "allowed_token_ids", rule)
+            ok = bool(self.allowed_token_ids) and all(
+                _is_int(t) and t >= 0 for t in self.allowed_token_ids
+            )
+            _require(ok, "allowed_token_ids", rule, self.allowed_token_ids)
         self._validate()
 
     @property

@@ -185,6 +185,29 @@ def test_penalties_change_greedy_choice_per_row():
     assert sample(x, rows)[0] == [0, 1, 1]
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    allowed=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8),
+    seed=st.integers(0, 2**16),
+)
+def test_allowed_token_ids_confine_every_row_that_has_them(allowed, seed):
+    """vLLM's allowed_token_ids: greedy or sampled, the token is one of them (the best of
+    them, greedily); a row without them in the same batch is untouched."""
+    x = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+    rows = [
+        row(SamplingParams(temperature=0, allowed_token_ids=allowed)),
+        row(SamplingParams(temperature=1.0, allowed_token_ids=allowed), seed=seed),
+        row(SamplingParams(temperature=0)),
+    ]
+    greedy, drawn, free = sample(x, rows)[0]
+    best = max(set(allowed), key=lambda t: (x[0, t].item(), -t))
+    assert greedy == best and drawn in allowed and free == int(x[2].argmax())
+    assert sample(x[:1], rows[:1])[0] == [best]  # a batch of greedy rows alone too
+    out = processed(x[:1], rows[:1])[0]
+    assert all(out[t] == x[0, t] for t in allowed)
+    assert all(out[t] == -math.inf for t in range(VOCAB) if t not in allowed)
+
+
 def test_min_tokens_suppresses_eos_and_stop_ids_then_allows_them():
     x = torch.zeros(1, 12)
     x[0, EOS] = 10.0

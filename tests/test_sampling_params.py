@@ -105,6 +105,10 @@ def test_boundary_values_are_accepted(kwargs):
         ({"seed": -(2**63) - 1}, "seed"),
         ({"seed": 2**64 - 1, "n": 2}, "seed"),
         ({"seed": True}, "seed"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
+        ({"allowed_token_ids": 5}, "allowed_token_ids"),
+        ({"allowed_token_ids": [True]}, "allowed_token_ids"),
     ],
 )
 def test_invalid_values_name_the_parameter(kwargs, name):
