@@ -422,3 +422,16 @@ def test_a_prompt_that_fills_the_window_gets_one_token(tiny_chat_model_dir):
     assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"
     with pytest.raises(ValueError, match="maximum context length is 32"):
         llm.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_allowed_token_ids_confine_what_the_engine_generates(tiny_chat_model_dir):
+    llm = _llm(tiny_chat_model_dir)
+    allowed = [5, 9, 42]
+    params = [
+        SamplingParams(temperature=0, max_tokens=6, allowed_token_ids=allowed, ignore_eos=True),
+        SamplingParams(temperature=1, seed=3, max_tokens=6, allowed_token_ids=allowed),
+    ]
+    for out in llm.generate([[1, 2, 3], [4, 5, 6]], params, use_tqdm=False):
+        assert out.outputs[0].token_ids and set(out.outputs[0].token_ids) <= set(allowed)
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        llm.generate([1, 2], SamplingParams(allowed_token_ids=[10**6]), use_tqdm=False)
