@@ -38,7 +38,7 @@ class OutputProcessor:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def start(self, seq: Sequence) -> None:
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and seq.params.detokenize:
             seq.detokenizer = IncrementalDetokenizer(
                 self.tokenizer,
                 skip_special_tokens=seq.params.skip_special_tokens,

@@ -90,6 +90,9 @@ class SamplingParams:
     # never served from the prefix cache.
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # vLLM's: False leaves the output's text empty (token ids only) and skips the work of
+    # decoding it; stop strings, which are matched in the text, then cannot be used.
+    detokenize: bool = True
     include_stop_str_in_output: bool = False
     # Constrain every output to a structure (JSON schema, regex, choice, grammar).
     structured_outputs: StructuredOutputsParams | None = None
@@ -187,9 +190,12 @@ class SamplingParams:
                 f"<= max_tokens ({self.max_tokens})",
                 self.min_tokens,
             )
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        flags = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "detokenize")
+        for name in flags:
             value = getattr(self, name)
             _require(isinstance(value, bool), name, "a boolean", value)
+        if not self.detokenize and self.stop:
+            raise ValueError("stop strings need detokenize=True: they are matched in the text")
         for name in ("logprobs", "prompt_logprobs"):
             lp = getattr(self, name)
             _require(

@@ -435,3 +435,16 @@ def test_allowed_token_ids_confine_what_the_engine_generates(tiny_chat_model_dir
         assert out.outputs[0].token_ids and set(out.outputs[0].token_ids) <= set(allowed)
     with pytest.raises(ValueError, match="allowed_token_ids"):
         llm.generate([1, 2], SamplingParams(allowed_token_ids=[10**6]), use_tqdm=False)
+
+
+def test_detokenize_false_gives_token_ids_without_text(tiny_chat_model_dir):
+    """vLLM's detokenize=False: the same tokens, no text; stop strings need the text."""
+    llm = _llm(tiny_chat_model_dir)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    [with_text] = llm.generate([1, 2, 3], params, use_tqdm=False)
+    raw = dataclasses.replace(params, detokenize=False)
+    [without] = llm.generate([1, 2, 3], raw, use_tqdm=False)
+    assert without.outputs[0].token_ids == with_text.outputs[0].token_ids
+    assert with_text.outputs[0].text and without.outputs[0].text == ""
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(stop=["x"], detokenize=False)

@@ -109,6 +109,7 @@ def test_boundary_values_are_accepted(kwargs):
         ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
         ({"allowed_token_ids": 5}, "allowed_token_ids"),
         ({"allowed_token_ids": [True]}, "allowed_token_ids"),
+        ({"detokenize": 0}, "detokenize"),
     ],
 )
 def test_invalid_values_name_the_parameter(kwargs, name):
