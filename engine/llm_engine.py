@@ -166,18 +166,18 @@ class LLMEngine:
         token_ids = self.tokenize(prompt)
         self._check_fits(token_ids, params)
         vocab = self.model_config.vocab_size
-        beyond = [t for t in params.stop_token_ids if t >= vocab]
-        if beyond:
-            raise ValueError(
-                f"stop_token_ids must be token ids below the vocabulary size ({vocab}), "
-                f"got {beyond[0]}"
-            )
+        for name, ids in (
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias", list(params.logit_bias or ())),
+            ("allowed_token_ids", params.allowed_token_ids or []),
+        ):
+            beyond = next((t for t in ids if t >= vocab), None)
+            if beyond is not None:
+                raise ValueError(
+                    f"{name} must be token ids below the vocabulary size ({vocab}), got {beyond}"
+                )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
-        if params.allowed_token_ids and max(params.allowed_token_ids) >= vocab:
-            raise ValueError(f"allowed_token_ids must be token ids in [0, {vocab})")
         request = Request(
             request_id, prompt if isinstance(prompt, str) else None, token_ids, params
         )

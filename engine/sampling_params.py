@@ -26,6 +26,7 @@ REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.01, 100.0
 # seed + i, so seed + n - 1 must stay inside it too.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
+ALLOWED_IDS_RULE = "a non-empty list of integers >= 0"
 
 
 class RequestOutputKind(Enum):
@@ -118,12 +119,9 @@ class SamplingParams:
             [] if ids is None else _as_list(ids, "stop_token_ids", "a list of integers >= 0")
         )
         if self.allowed_token_ids is not None:
-            rule = "a non-empty list of integers >= 0"
-            self.allowed_token_ids = _as_list(self.allowed_token_ids, "allowed_token_ids", rule)
-            ok = bool(self.allowed_token_ids) and all(
-                _is_int(t) and t >= 0 for t in self.allowed_token_ids
+            self.allowed_token_ids = _as_list(
+                self.allowed_token_ids, "allowed_token_ids", ALLOWED_IDS_RULE
             )
-            _require(ok, "allowed_token_ids", rule, self.allowed_token_ids)
         self._validate()
 
     @property
@@ -171,6 +169,11 @@ class SamplingParams:
             _require(isinstance(s, str) and s != "", "stop", "a list of non-empty strings", s)
         for t in self.stop_token_ids:
             _require(_is_int(t) and t >= 0, "stop_token_ids", "a list of integers >= 0", t)
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            _require(bool(allowed), "allowed_token_ids", ALLOWED_IDS_RULE, allowed)
+            for t in allowed:
+                _require(_is_int(t) and t >= 0, "allowed_token_ids", ALLOWED_IDS_RULE, t)
         _require(
             self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
             "max_tokens",
