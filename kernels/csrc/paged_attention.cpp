@@ -157,39 +157,33 @@ void attend(const float* q, const T* k_cache, const T* v_cache, const int32_t* t
     best[g] = -std::numeric_limits<float>::infinity();
     total[g] = simd::zero();
   }
-  int64_t slots[2][kLanes];  // this chunk's cache slots and the next one's
   F16 part[G][kLanes];
   alignas(64) float p[G][kLanes];
-  int64_t block = 0, offset = 0;  // of the next position to plan; no division per position
-  auto plan = [&](int64_t t0, int64_t* out_slots) {
-    const int64_t n = std::min<int64_t>(kLanes, ctx - t0);
-    for (int64_t i = 0; i < n; ++i, ++offset) {
-      if (offset == s.block_size) {
-        ++block;
-        offset = 0;
-      }
-      out_slots[i] = static_cast<int64_t>(table[block]) * s.block_size + offset;
-    }
+  // A position's cache slot; block sizes are powers of two (checked), so no division.
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(s.block_size));
+  const int64_t mask = s.block_size - 1;
+  auto slot = [&](int64_t t) {
+    return (static_cast<int64_t>(table[t >> shift]) << shift) | (t & mask);
   };
-  plan(0, slots[0]);
-  for (int64_t t0 = 0, chunk = 0; t0 < ctx; t0 += kLanes, ++chunk) {
+  for (int64_t t0 = 0; t0 < ctx; t0 += kLanes) {
     const int n = static_cast<int>(std::min<int64_t>(kLanes, ctx - t0));
-    const int64_t* cur = slots[chunk % 2];
-    if (t0 + kLanes < ctx) {  // start the next chunk's rows on their way from memory
-      int64_t* next = slots[(chunk + 1) % 2];
-      plan(t0 + kLanes, next);
-      const int64_t m = std::min<int64_t>(kLanes, ctx - t0 - kLanes);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) {
-          __builtin_prefetch(reinterpret_cast<const char*>(k_cache + next[i] * row + kvh * D) + b);
-          __builtin_prefetch(reinterpret_cast<const char*>(v_cache + next[i] * row + kvh * D) + b);
-        }
+    // Start the next chunk's rows on their way from memory, into L2 (prefetcht1): on an AMD
+    // Zen 4 host a decode step's attention ran twice as fast as with the same prefetches into
+    // L1 (prefetcht0), and a quarter faster with slots computed here than read back from a
+    // buffer the same loop had just written.
+    for (int64_t t = t0 + kLanes; t < std::min<int64_t>(ctx, t0 + 2 * kLanes); ++t) {
+      const char* k_row = reinterpret_cast<const char*>(k_cache + slot(t) * row + kvh * D);
+      const char* v_row = reinterpret_cast<const char*>(v_cache + slot(t) * row + kvh * D);
+      for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) {
+        __builtin_prefetch(k_row + b, 0, 2);
+        __builtin_prefetch(v_row + b, 0, 2);
+      }
     }
     const T* rows_k[kLanes];
     const T* rows_v[kLanes];
     for (int i = 0; i < n; ++i) {
-      rows_k[i] = k_cache + cur[i] * row + kvh * D;
-      rows_v[i] = v_cache + cur[i] * row + kvh * D;
+      rows_k[i] = k_cache + slot(t0 + i) * row + kvh * D;
+      rows_v[i] = v_cache + slot(t0 + i) * row + kvh * D;
     }
     for (int i = 0; i < n; ++i) {
       F16 k[NC];
@@ -306,6 +300,8 @@ AttendFn check_and_pick(const at::Tensor& q, const at::Tensor& k_cache, const at
               "the KV cache must be float32 or bfloat16");
   const int64_t heads = q.size(1), D = q.size(2);
   const int64_t blocks = k_cache.size(0), block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0,
+              "block_size must be a power of two");
   TORCH_CHECK(k_cache.size(3) == D && (D == 16 || D == 32 || D == 64 || D == 128),
               "head_dim must be 16, 32, 64 or 128, and match the cache");
   TORCH_CHECK(heads % kv_heads == 0 && heads / kv_heads <= kMaxGroup,

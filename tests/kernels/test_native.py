@@ -215,6 +215,9 @@ def test_decode_attention_rejects_bad_tables_and_shapes():
     args[3][0, 1] = batch.k_cache.shape[0]  # a block inside the context, outside the pool
     with pytest.raises(RuntimeError, match="outside the pool"):
         kernels.native.paged_decode_attention(*args)
+    odd = make_paged_batch([20, 5], [1, 1], 4, 2, 64, 12, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="power of two"):  # slots come from shifts
+        kernels.native.paged_decode_attention(*odd.decode_args())
     with pytest.raises(RuntimeError, match="head_dim"):
         kernels.native.paged_decode_attention(
             batch.q[..., :40],
