@@ -18,6 +18,12 @@ class RequestFailedError(EngineError):
     mistake the checks could name): it alone is ended with this; the engine goes on."""
 
 
+class NothingToSampleError(RequestFailedError):
+    """A request's own constraints (allowed_token_ids, bad_words, a structured output)
+    excluded every token at some step of its output: the client's contradiction, found
+    only once generation reached it."""
+
+
 class BatchFailedError(EngineError):
     """A step's batched work (forward pass or sampling) failed. It cannot be pinned on one
     request, so the requests in that batch are ended; the engine state is left as before

@@ -11,6 +11,7 @@ import functools
 import logging
 import time
 import weakref
+from collections.abc import Iterable
 
 import torch
 
@@ -19,7 +20,12 @@ from engine.block_manager import BlockManager
 from engine.calibration import calibration_token_ids, linear_input_absmax
 from engine.compilation import BackgroundCompile, compile_model
 from engine.cpu_path import cpu_path
-from engine.errors import BatchFailedError, ContextLengthExceededError, RequestFailedError
+from engine.errors import (
+    BatchFailedError,
+    ContextLengthExceededError,
+    NothingToSampleError,
+    RequestFailedError,
+)
 from engine.heap_tuning import keep_freed_memory
 from engine.linear import use_cpu_linears
 from engine.loader import load_model
@@ -27,7 +33,7 @@ from engine.model import build_model
 from engine.model_runner import ModelRunner, num_kv_blocks
 from engine.output_processor import OutputProcessor
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
-from engine.sampler import make_generator
+from engine.sampler import NO_TOKEN, make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, max_tokens_for
 from engine.sequence import Request, Sequence
@@ -176,11 +182,12 @@ class LLMEngine:
                 raise ValueError(
                     f"{name} must be token ids below the vocabulary size ({vocab}), got {beyond}"
                 )
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this model has none")
+        if (params.stop or params.bad_words) and self.tokenizer is None:
+            raise ValueError("stop strings and bad_words need a tokenizer; this model has none")
         request = Request(
             request_id, prompt if isinstance(prompt, str) else None, token_ids, params
         )
+        request.bad_words_token_ids = self._bad_words_token_ids(params.bad_words or ())
         if params.structured_outputs is not None:
             request.grammar = self.grammars.compile(params.structured_outputs)
         seq = Sequence(
@@ -193,6 +200,17 @@ class LLMEngine:
         )
         request.seqs.append(seq)
         return request
+
+    def _bad_words_token_ids(self, words: Iterable[str]) -> list[list[int]]:
+        """Each word's token sequences as it starts a text and after a space: a tokenizer
+        like SmolLM2's spells the two differently, and either may appear in an output."""
+        found: list[list[int]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text)
+                if ids and ids not in found:
+                    found.append(ids)
+        return found
 
     def enqueue(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -299,6 +317,11 @@ class LLMEngine:
         """Check the sampled token, advance the sequence's grammar (if any) by it, then
         record it. A token outside the vocabulary (sampled from NaN logits, say) would fail
         the next forward pass for the whole batch; it fails its own request here instead."""
+        if token == NO_TOKEN:
+            raise NothingToSampleError(
+                "no token was left to sample: allowed_token_ids, bad_words and the structured "
+                f"output together exclude every token after {seq.num_output_tokens} tokens"
+            )
         if not 0 <= token < self.model_config.vocab_size:
             raise ValueError(f"sampled token {token} is outside the vocabulary")
         complete = seq.grammar is not None and accept_token(seq.grammar, token)
@@ -310,7 +333,10 @@ class LLMEngine:
         out = self.abort_request(request_id)
         assert out is not None, "only requests in the engine fail in it"
         out.finished = True
-        out.error = RequestFailedError(f"request {request_id} failed in the engine: {cause!r}")
+        if isinstance(cause, NothingToSampleError):
+            out.error = cause
+        else:
+            out.error = RequestFailedError(f"request {request_id} failed in the engine: {cause!r}")
         return out
 
     def _request_output(self, request: Request, seqs: list[Sequence]) -> RequestOutput:

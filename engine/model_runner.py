@@ -155,6 +155,7 @@ class ModelRunner:
             generator=seq.generator,
             eos_token_ids=self.stop_token_ids,
             allowed=allowed,
+            banned=seq.banned_tokens(),
         )
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:

@@ -39,6 +39,10 @@ _BLOCK = 256
 _TOP_P_CANDIDATES = (64, 1024)
 
 
+# The sampler's token for a row that every token is forbidden to (see _mark_dead_ends).
+NO_TOKEN = -1
+
+
 @dataclass(frozen=True)
 class Logprob:
     """One token's entry in vLLM's per-position logprobs dict."""
@@ -94,6 +98,8 @@ class SamplingRow:
     eos_token_ids: Sequence[int] = ()
     # The tokens a structured-output grammar allows now (bool [vocab]); None: unconstrained.
     allowed: torch.Tensor | None = None
+    # Tokens this row may not sample now: those that would complete one of params.bad_words.
+    banned: Sequence[int] = ()
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:
@@ -116,10 +122,25 @@ class Sampler:
         """Pick one token per row of `logits` [len(rows), vocab] (any float dtype)."""
         _check_shape(logits, rows)
         if _needs_processing(rows):
-            tokens = _pick(_prepare(logits, rows), rows)
+            prep = _prepare(logits, rows)
+            tokens = _pick(prep, rows)
+            _mark_dead_ends(prep.x, rows, tokens)
         else:  # all greedy, logits untouched: no copy, no float32 needed
             tokens = argmax_rows(logits)
         return tokens.tolist(), _logprobs(logits, rows, tokens)
+
+
+def _mark_dead_ends(x: torch.Tensor, rows: Sequence[SamplingRow], tokens: torch.Tensor) -> None:
+    """NO_TOKEN for rows whose masks left nothing to sample (allowed_token_ids against
+    bad_words or a grammar, say): argmax or a draw would otherwise return a token that every
+    constraint forbids, or one outside the vocabulary."""
+    masked = _rows_where(
+        rows, lambda r: bool(r.banned or r.params.allowed_token_ids) or r.allowed is not None
+    )
+    if masked:
+        idx = torch.tensor(masked, device=x.device)
+        dead = idx[torch.isneginf(x[idx].amax(dim=-1))]
+        tokens[dead] = NO_TOKEN
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -150,6 +171,7 @@ def _needs_processing(rows: Sequence[SamplingRow]) -> bool:
         or _suppresses_stops(r)
         or r.params.logit_bias
         or r.params.allowed_token_ids
+        or r.banned
         or r.allowed is not None
         for r in rows
     )
@@ -192,6 +214,7 @@ def _prepare(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> _Prepared:
     _suppress_stop_tokens(x, rows)
     _apply_grammar_masks(x, rows)
     _keep_allowed_tokens(x, rows)
+    _ban_tokens(x, rows)
     sampled = _rows_where(rows, lambda r: not r.params.greedy)
     if not sampled:
         return _Prepared(x, [], None)
@@ -267,6 +290,14 @@ def _keep_allowed_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     kept = x[ids]
     x[torch.tensor(which, device=x.device)] = float("-inf")
     x.index_put_(ids, kept)
+
+
+def _ban_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Tokens a row may not sample this step (vLLM's bad_words) get -inf."""
+    pairs = [(i, t) for i, r in enumerate(rows) for t in r.banned]
+    if pairs:
+        ids = _flat_ids([i for i, _ in pairs], [[t] for _, t in pairs], x.device)
+        x.index_put_(ids, torch.tensor(float("-inf"), device=x.device))
 
 
 def _apply_repetition_penalty(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
@@ -477,9 +508,12 @@ def _uniforms(rows: Sequence[SamplingRow]) -> torch.Tensor:
 def _logprobs(
     logits: torch.Tensor, rows: Sequence[SamplingRow], tokens: torch.Tensor
 ) -> list[TokenLogprobs | None]:
-    """Raw-distribution logprobs of the sampled token and the top-k, for rows that asked."""
+    """Raw-distribution logprobs of the sampled token and the top-k, for rows that asked
+    and got a token."""
     out: list[TokenLogprobs | None] = [None] * len(rows)
     which = _rows_where(rows, lambda r: r.params.logprobs is not None)
+    if which:
+        which = [i for i in which if tokens[i] != NO_TOKEN]
     if not which:
         return out
     idx = torch.tensor(which, device=logits.device)

@@ -27,6 +27,7 @@ REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.01, 100.0
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 ALLOWED_IDS_RULE = "a non-empty list of integers >= 0"
+BAD_WORDS_RULE = "a string or a list of strings that are not blank"
 
 
 class RequestOutputKind(Enum):
@@ -100,6 +101,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI)
     # vLLM's: sample only among these token ids (every other token's logit is -inf).
     allowed_token_ids: list[int] | None = None
+    # vLLM's: words the output may not contain. Each is tokenized as it starts a text and
+    # after a space; the token that would complete one of those sequences is banned.
+    bad_words: list[str] | None = None
     # Prefix-cache namespace (vLLM's cache_salt): a request reuses, and leaves, cached
     # prompt blocks only for requests with the same salt. A server salts with the user, so
     # one user's prompts can neither serve nor be detected (cached_tokens, timing) by another.
@@ -122,6 +126,10 @@ class SamplingParams:
             self.allowed_token_ids = _as_list(
                 self.allowed_token_ids, "allowed_token_ids", ALLOWED_IDS_RULE
             )
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        elif self.bad_words is not None:
+            self.bad_words = _as_list(self.bad_words, "bad_words", BAD_WORDS_RULE)
         self._validate()
 
     @property
@@ -169,6 +177,8 @@ class SamplingParams:
             _require(isinstance(s, str) and s != "", "stop", "a list of non-empty strings", s)
         for t in self.stop_token_ids:
             _require(_is_int(t) and t >= 0, "stop_token_ids", "a list of integers >= 0", t)
+        for word in self.bad_words or ():
+            _require(isinstance(word, str) and word.strip(), "bad_words", BAD_WORDS_RULE, word)
         allowed = self.allowed_token_ids
         if allowed is not None:
             _require(bool(allowed), "allowed_token_ids", ALLOWED_IDS_RULE, allowed)

@@ -69,6 +69,8 @@ class Request:
     # nothing predicts it), and whether the list went out in an output yet.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     prompt_logprobs_sent: bool = False
+    # params.bad_words as token sequences (engine.llm_engine tokenizes them).
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None:
@@ -144,6 +146,19 @@ class Sequence:
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    def banned_tokens(self) -> list[int]:
+        """The tokens that would complete one of the request's bad words now: a word's last
+        token, where the output ends with the word's other tokens."""
+        banned = []
+        for word in self.request.bad_words_token_ids:
+            head = len(word) - 1
+            if (
+                head <= self.num_output_tokens
+                and self.token_ids[self.num_tokens - head :] == word[:-1]
+            ):
+                banned.append(word[-1])
+        return banned
 
     def grammar_matcher(self):
         """The sequence's structured-output matcher (None if unconstrained), made on first

@@ -20,6 +20,7 @@ from engine.errors import (
     ContextLengthExceededError,
     EngineError,
     EngineShutdownError,
+    NothingToSampleError,
     RequestFailedError,
 )
 from engine.sampling_params import RequestOutputKind
@@ -55,6 +56,7 @@ def check_params_vocabulary(params: SamplingParams, vocab_size: int) -> None:
     reserved or charged: the engine would refuse them only after the prompt was counted."""
     check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
     check_token_ids(list(params.logit_bias or ()), vocab_size, "logit_bias")
+    check_token_ids(params.allowed_token_ids or [], vocab_size, "allowed_token_ids")
 
 
 def check_prompt_chars(num_chars: int, limit: int, param: str) -> None:
@@ -128,6 +130,8 @@ async def engine_outputs(
         raise context_error(str(exc), "prompt") from None
     except ValueError as exc:  # e.g. a prompt larger than the whole KV pool
         raise from_value_error(exc) from None
+    except NothingToSampleError as exc:
+        raise invalid(str(exc), None) from None
     except RequestFailedError as exc:  # a bug this request's input found; the engine goes on
         raise APIError(500, str(exc), code="request_failed") from None
     except EngineShutdownError:

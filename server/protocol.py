@@ -36,6 +36,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+MAX_BAD_WORDS = 256  # each is matched against the output at every step, like a stop string
 
 # Passed straight to SamplingParams under the same name (vLLM's extensions included).
 _SAMPLING_FIELDS = (
@@ -54,6 +55,8 @@ _SAMPLING_FIELDS = (
     "stop_token_ids",
     "skip_special_tokens",
     "include_stop_str_in_output",
+    "allowed_token_ids",
+    "bad_words",
 )
 
 
@@ -108,6 +111,13 @@ def _check_sizes(sampling: dict[str, Any]) -> None:
         raise invalid(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}", "stop")
     if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops):
         raise invalid(f"stop strings may be at most {MAX_STOP_CHARS} characters long", "stop")
+    words = sampling.get("bad_words")
+    if isinstance(words, list) and len(words) > MAX_BAD_WORDS:
+        raise invalid(f"bad_words may hold at most {MAX_BAD_WORDS} words", "bad_words")
+    if isinstance(words, list) and any(
+        isinstance(w, str) and len(w) > MAX_STOP_CHARS for w in words
+    ):
+        raise invalid(f"bad words may be at most {MAX_STOP_CHARS} characters long", "bad_words")
     ids = sampling.get("stop_token_ids")
     if isinstance(ids, list) and len(ids) > MAX_STOP_TOKEN_IDS:
         raise invalid(

@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from engine import LLM, SamplingParams
+from engine.errors import NothingToSampleError
 from engine.outputs import merge_output
 from tests.conftest import TEST_DEVICE
 
@@ -435,6 +436,39 @@ def test_allowed_token_ids_confine_what_the_engine_generates(tiny_chat_model_dir
         assert out.outputs[0].token_ids and set(out.outputs[0].token_ids) <= set(allowed)
     with pytest.raises(ValueError, match="allowed_token_ids"):
         llm.generate([1, 2], SamplingParams(allowed_token_ids=[10**6]), use_tqdm=False)
+
+
+def test_bad_words_never_complete_in_the_output(tiny_chat_model_dir):
+    """vLLM's bad_words: the words an unconstrained run wrote do not appear, as a start
+    of the text or after a space; a run without them is unchanged."""
+    llm = _llm(tiny_chat_model_dir)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    [free] = llm.generate([[1, 2, 3]], params, use_tqdm=False)
+    tokenizer = llm.engine.tokenizer
+    words = [w for w in free.outputs[0].text.split() if w.strip()][:3]
+    assert words  # the tiny model writes something
+    banned = dataclasses.replace(params, bad_words=words)
+    [out, again] = llm.generate([[1, 2, 3], [1, 2, 3]], [banned, params], use_tqdm=False)
+    assert again.outputs[0].token_ids == free.outputs[0].token_ids
+    ids = out.outputs[0].token_ids
+    for word in words:
+        for seq in (tokenizer.encode(word), tokenizer.encode(" " + word)):
+            windows = (ids[i : i + len(seq)] for i in range(len(ids) - len(seq) + 1))
+            assert list(seq) not in windows, (word, seq)
+
+
+def test_constraints_that_leave_no_token_fail_their_request_alone(tiny_chat_model_dir):
+    """allowed_token_ids whose only token is a bad word: nothing is left to sample, so
+    the request fails with a clear error instead of emitting a forbidden token."""
+    llm = _llm(tiny_chat_model_dir)
+    tokenizer = llm.engine.tokenizer
+    word = next(w for w in ("a", "the", "is", "x", "1") if len(tokenizer.encode(w)) == 1)
+    [token] = tokenizer.encode(word)
+    params = SamplingParams(temperature=0, max_tokens=4, allowed_token_ids=[token])
+    with pytest.raises(NothingToSampleError, match="no token was left"):
+        llm.generate([1, 2, 3], dataclasses.replace(params, bad_words=[word]), use_tqdm=False)
+    [out] = llm.generate([1, 2, 3], params, use_tqdm=False)  # the engine goes on
+    assert set(out.outputs[0].token_ids) == {token}
 
 
 def test_detokenize_false_gives_token_ids_without_text(tiny_chat_model_dir):

@@ -1,12 +1,21 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.sampler import Sampler, SamplingRow, argmax_rows, make_generator, process_logits
+from engine.sampler import (
+    NO_TOKEN,
+    Sampler,
+    SamplingRow,
+    argmax_rows,
+    make_generator,
+    process_logits,
+)
 from engine.sampling_params import SamplingParams
+from engine.sequence import Request, Sequence
 from tests.conftest import TEST_DEVICE
 
 VOCAB = 64
@@ -206,6 +215,41 @@ def test_allowed_token_ids_confine_every_row_that_has_them(allowed, seed):
     out = processed(x[:1], rows[:1])[0]
     assert all(out[t] == x[0, t] for t in allowed)
     assert all(out[t] == -math.inf for t in range(VOCAB) if t not in allowed)
+
+
+def test_banned_tokens_are_never_sampled(logits):
+    """A row's banned tokens (vLLM's bad_words, from Sequence.banned_tokens) get -inf,
+    greedy or sampled; the other rows keep theirs."""
+    best = logits.argmax(dim=-1).tolist()
+    greedy = replace(row(SamplingParams(temperature=0)), banned=[best[0]])
+    # only the last token is left
+    drawn = replace(row(SamplingParams(temperature=1.0), seed=1), banned=list(range(VOCAB - 1)))
+    tokens, _ = sample(logits[:3], [greedy, drawn, row(SamplingParams(temperature=0))])
+    second = max((t for t in range(VOCAB) if t != best[0]), key=lambda t: logits[0, t].item())
+    assert tokens == [second, VOCAB - 1, best[2]]
+
+
+def test_a_row_with_every_token_excluded_gets_no_token(logits):
+    """allowed_token_ids all banned: NO_TOKEN (the engine fails that request alone), greedy
+    or sampled; a batch-mate still gets its own token."""
+    params = [SamplingParams(temperature=t, allowed_token_ids=[3, 4], logprobs=2) for t in (0, 1.0)]
+    rows = [replace(row(p, seed=1), banned=[3, 4]) for p in params] + [row()]
+    tokens, logprobs = Sampler()(logits[:3], rows)
+    assert tokens[:2] == [NO_TOKEN, NO_TOKEN] and 0 <= tokens[2] < VOCAB
+    assert logprobs[:2] == [None, None]
+
+
+def test_a_bad_words_last_token_is_banned_once_the_output_ends_with_the_rest():
+    request = Request("r", None, [7, 8], SamplingParams())
+    request.bad_words_token_ids = [[5, 6, 9], [4]]
+    seq = Sequence(request, 0, [7, 8], 2)
+    assert seq.banned_tokens() == [4]  # a one-token word, always
+    for token, banned in ((5, [4]), (6, [9, 4]), (9, [4]), (5, [4])):
+        seq.token_ids.append(token)
+        assert seq.banned_tokens() == banned
+    # the prompt does not count: only the output may start a word
+    request.bad_words_token_ids = [[8, 1]]
+    assert Sequence(request, 0, [7, 8], 2).banned_tokens() == []
 
 
 def test_min_tokens_suppresses_eos_and_stop_ids_then_allows_them():

@@ -110,6 +110,9 @@ def test_boundary_values_are_accepted(kwargs):
         ({"allowed_token_ids": 5}, "allowed_token_ids"),
         ({"allowed_token_ids": [True]}, "allowed_token_ids"),
         ({"detokenize": 0}, "detokenize"),
+        ({"bad_words": [" "]}, "bad_words"),
+        ({"bad_words": [3]}, "bad_words"),
+        ({"bad_words": 3}, "bad_words"),
     ],
 )
 def test_invalid_values_name_the_parameter(kwargs, name):

@@ -181,6 +181,8 @@ NESTED = {
     "tool_choice": tool_choice,
     "stop": st.one_of(st.lists(texts, max_size=20), st.integers(250, 300).map(lambda n: "s" * n)),
     "stop_token_ids": any_ids,
+    "allowed_token_ids": st.one_of(any_ids, st.just([])),
+    "bad_words": st.one_of(st.lists(texts, max_size=300), st.lists(anything, max_size=3)),
     "prompt": st.lists(any_ids | texts | anything, max_size=3),
     "stream_options": st.fixed_dictionaries({"include_usage": anything}),
 }
@@ -201,6 +203,8 @@ SAMPLING = {
     "min_tokens": st.integers(0, 1),
     "ignore_eos": st.booleans(),
     "stop_token_ids": valid_ids,
+    "allowed_token_ids": valid_ids,
+    "bad_words": st.lists(words, max_size=4),
     "skip_special_tokens": st.booleans(),
     "include_stop_str_in_output": st.booleans(),
     "stream": st.booleans(),
@@ -405,6 +409,12 @@ def test_requests_that_once_broke_the_engine_leave_other_streams_alone(server, c
         ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "n": 2, "seed": 2**64 - 1}, "seed"),
         ("/v1/completions", {"prompt": ["hi"] * 1000, "max_tokens": 1}, "prompt"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "n": 128}, "n"),
+        # token 0 is SmolLM2's "<|endoftext|>": allowed alone and banned, nothing is left
+        (
+            "/v1/completions",
+            {"prompt": "hi", "allowed_token_ids": [0], "bad_words": ["<|endoftext|>"]},
+            None,
+        ),
     ]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         streams = [pool.submit(stream, i) for i in range(4)]
