@@ -224,13 +224,13 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("prompt must not be empty")
         n, limit = len(token_ids), self.max_model_len
-        wanted = n + (params.max_tokens or 1)
-        # The last token sampled is never fed back, so it takes no position: a prompt that
-        # fills the window still gets one token (as in vLLM).
-        if wanted - 1 > limit:
+        # As in vLLM's engine, max_tokens past the window is not an error: the output ends
+        # with "length" where the window does (OutputProcessor.append). The last token
+        # sampled is never fed back, so it takes no position: a prompt that fills the window
+        # still gets one token. The server refuses such requests itself, as OpenAI does.
+        if n > limit:
             raise ContextLengthExceededError(
-                f"this model's maximum context length is {limit} tokens; the prompt has {n} "
-                f"tokens and {params.max_tokens or 1} more were requested ({wanted} in all)"
+                f"this model's maximum context length is {limit} tokens; the prompt has {n}"
             )
         pool = self.block_manager.num_blocks * self.block_manager.block_size
         if n + 1 > pool:

@@ -144,8 +144,9 @@ def test_bad_requests_raise_value_error(tiny_path):
     async def run():
         engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
         try:
+            window = engine.engine.max_model_len
             with pytest.raises(ValueError, match="maximum context length"):
-                async for _ in engine.generate([1] * 500, SamplingParams(max_tokens=100), "y"):
+                async for _ in engine.generate([1] * (window + 1), SamplingParams(), "y"):
                     pass
             with pytest.raises(ValueError, match="token ids"):
                 async for _ in engine.generate([10**6], SamplingParams(), "z"):

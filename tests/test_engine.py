@@ -414,15 +414,18 @@ def test_vllm_prompt_dicts_chat_content_parts_and_options(tiny_chat_model_dir):
         _llm(tiny_chat_model_dir, tensor_parallel_size=2)
 
 
-def test_a_prompt_that_fills_the_window_gets_one_token(tiny_chat_model_dir):
-    """The last token sampled is never fed back, so it needs no position (as in vLLM);
-    a second token would."""
+def test_the_window_cuts_the_output_not_the_request(tiny_chat_model_dir):
+    """As in vLLM's engine: max_tokens past the window ends the output with "length" where
+    the window does; a prompt that fills it gets one token (the last token sampled is
+    never fed back); only a prompt longer than the window is refused."""
     llm = _llm(tiny_chat_model_dir, max_model_len=32)
-    prompt = list(range(1, 33))
-    [out] = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
-    assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"
+    params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
+    for prompt, expected in ((list(range(1, 33)), 1), (list(range(1, 21)), 12)):
+        [out] = llm.generate(prompt, params, use_tqdm=False)
+        assert len(out.outputs[0].token_ids) == expected
+        assert out.outputs[0].finish_reason == "length"
     with pytest.raises(ValueError, match="maximum context length is 32"):
-        llm.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)
+        llm.generate(list(range(1, 34)), SamplingParams(max_tokens=1), use_tqdm=False)
 
 
 def test_allowed_token_ids_confine_what_the_engine_generates(tiny_chat_model_dir):

@@ -128,7 +128,7 @@ class FakeEngine:
         self, prompt: str | list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if len(ids) + (params.max_tokens or 1) - 1 > self.max_model_len:  # as LLMEngine's
+        if len(ids) > self.max_model_len:  # as LLMEngine's
             raise ValueError("prompt too long")
         cached = self._cached_tokens(ids)
         self.prompts.append(ids)
