@@ -93,6 +93,15 @@ class LLMEngine:
             args.kv_cache_memory_gib,
             args.gpu_memory_utilization,
         )
+        if num_blocks * args.block_size < self.max_model_len:
+            # As vLLM refuses it: one sequence could outgrow the pool before its window ends,
+            # and then wait for blocks that never come free.
+            raise ValueError(
+                f"the KV cache holds {num_blocks * args.block_size} tokens ({num_blocks} blocks "
+                f"of {args.block_size}), fewer than the context window of {self.max_model_len}: "
+                "lower max_model_len (--max-model-len) or give the cache more "
+                "(--kv-cache-memory-gib, --num-kv-blocks)"
+            )
         self.block_manager = BlockManager(
             num_blocks, args.block_size, enable_prefix_caching=args.enable_prefix_caching
         )
@@ -307,6 +316,10 @@ class LLMEngine:
             return False
         try:
             work(*args)
+        except NothingToSampleError as exc:  # the client's constraints: no traceback
+            log.info("request %s ended: %s", request.request_id, exc)
+            failures[request.request_id] = exc
+            return False
         except Exception as exc:
             log.exception("request %s failed in the engine", request.request_id)
             failures[request.request_id] = exc
@@ -319,8 +332,9 @@ class LLMEngine:
         the next forward pass for the whole batch; it fails its own request here instead."""
         if token == NO_TOKEN:
             raise NothingToSampleError(
-                "no token was left to sample: allowed_token_ids, bad_words and the structured "
-                f"output together exclude every token after {seq.num_output_tokens} tokens"
+                f"no token was left to sample after {seq.num_output_tokens} output token(s): "
+                "the request's constraints (allowed_token_ids, bad_words, a structured output, "
+                "min_tokens holding back its end) exclude every token"
             )
         if not 0 <= token < self.model_config.vocab_size:
             raise ValueError(f"sampled token {token} is outside the vocabulary")

@@ -68,7 +68,7 @@ def _run_staggered(llm: LLM, prompts: list[list[int]], params: SamplingParams) -
 SCENARIOS = {
     "plain": {},
     "chunked-prefill": {"max_num_batched_tokens": 8},
-    "preemption": {"num_kv_blocks": 6, "block_size": 16},
+    "preemption": {"num_kv_blocks": 6, "block_size": 16, "max_model_len": 96},
     "no-prefix-cache": {"enable_prefix_caching": False},
     "nan-poisoned-pool": {},
 }
@@ -458,6 +458,17 @@ def test_bad_words_never_complete_in_the_output(tiny_chat_model_dir):
         for seq in (tokenizer.encode(word), tokenizer.encode(" " + word)):
             windows = (ids[i : i + len(seq)] for i in range(len(ids) - len(seq) + 1))
             assert list(seq) not in windows, (word, seq)
+
+
+def test_a_kv_cache_smaller_than_the_window_is_refused(tiny_chat_model_dir):
+    """A sequence could outgrow such a pool before its window ends and then wait forever
+    for blocks (as vLLM, the engine refuses to start)."""
+    with pytest.raises(ValueError, match=r"holds 96 tokens .* context window of 512"):
+        _llm(tiny_chat_model_dir, num_kv_blocks=6, block_size=16)
+    [out] = _llm(tiny_chat_model_dir, num_kv_blocks=6, block_size=16, max_model_len=96).generate(
+        [1, 2, 3], SamplingParams(max_tokens=10**6, ignore_eos=True), use_tqdm=False
+    )
+    assert len(out.outputs[0].token_ids) == 93 and out.outputs[0].finish_reason == "length"
 
 
 def test_constraints_that_leave_no_token_fail_their_request_alone(tiny_chat_model_dir):
