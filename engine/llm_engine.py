@@ -180,17 +180,7 @@ class LLMEngine:
         it on the caller's thread while a step is running."""
         token_ids = self.tokenize(prompt)
         self._check_fits(token_ids, params)
-        vocab = self.model_config.vocab_size
-        for name, ids in (
-            ("stop_token_ids", params.stop_token_ids),
-            ("logit_bias", list(params.logit_bias or ())),
-            ("allowed_token_ids", params.allowed_token_ids or []),
-        ):
-            beyond = next((t for t in ids if t >= vocab), None)
-            if beyond is not None:
-                raise ValueError(
-                    f"{name} must be token ids below the vocabulary size ({vocab}), got {beyond}"
-                )
+        params.check_vocabulary(self.model_config.vocab_size)
         if (params.stop or params.bad_words) and self.tokenizer is None:
             raise ValueError("stop strings and bad_words need a tokenizer; this model has none")
         request = Request(
@@ -347,7 +337,7 @@ class LLMEngine:
         out = self.abort_request(request_id)
         assert out is not None, "only requests in the engine fail in it"
         out.finished = True
-        if isinstance(cause, NothingToSampleError):
+        if isinstance(cause, RequestFailedError):  # already says how the request failed
             out.error = cause
         else:
             out.error = RequestFailedError(f"request {request_id} failed in the engine: {cause!r}")

@@ -294,9 +294,9 @@ def _keep_allowed_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
 
 def _ban_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     """Tokens a row may not sample this step (vLLM's bad_words) get -inf."""
-    pairs = [(i, t) for i, r in enumerate(rows) for t in r.banned]
-    if pairs:
-        ids = _flat_ids([i for i, _ in pairs], [[t] for _, t in pairs], x.device)
+    which = _rows_where(rows, lambda r: bool(r.banned))
+    if which:
+        ids = _flat_ids(which, [rows[i].banned for i in which], x.device)
         x.index_put_(ids, torch.tensor(float("-inf"), device=x.device))
 
 

@@ -232,6 +232,21 @@ class SamplingParams:
         )
         self._check_logit_bias()
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """ValueError naming the parameter unless every token id it holds is below
+        `vocab_size`: the engine checks when a request is made, the server before it charges."""
+        for name, ids in (
+            ("stop_token_ids", self.stop_token_ids),
+            ("logit_bias", list(self.logit_bias or ())),
+            ("allowed_token_ids", self.allowed_token_ids or []),
+        ):
+            beyond = next((t for t in ids if t >= vocab_size), None)
+            if beyond is not None:
+                raise ValueError(
+                    f"{name} must be token ids below the vocabulary size ({vocab_size}), "
+                    f"got {beyond}"
+                )
+
     def _check_logit_bias(self) -> None:
         bias = self.logit_bias
         if bias is None:

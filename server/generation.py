@@ -42,7 +42,7 @@ def make_sampling_params(sampling: dict) -> SamplingParams:
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
-    """Token ids a client sends (prompts, stop_token_ids) must name tokens of the model."""
+    """Prompt token ids a client sends must name tokens of the model."""
     beyond = next((t for t in ids if t >= vocab_size), None)
     if beyond is not None:
         raise invalid(
@@ -54,9 +54,10 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
 def check_params_vocabulary(params: SamplingParams, vocab_size: int) -> None:
     """The token ids in a request's sampling parameters, checked before anything is
     reserved or charged: the engine would refuse them only after the prompt was counted."""
-    check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
-    check_token_ids(list(params.logit_bias or ()), vocab_size, "logit_bias")
-    check_token_ids(params.allowed_token_ids or [], vocab_size, "allowed_token_ids")
+    try:
+        params.check_vocabulary(vocab_size)
+    except ValueError as exc:
+        raise from_value_error(exc) from None
 
 
 def check_prompt_chars(num_chars: int, limit: int, param: str) -> None:
