@@ -22,6 +22,7 @@ const state = {
   models: [],
   searchText: new Map(), // conversation id -> its transcript, lower-cased (for search)
   pendingRender: false,
+  saves: Promise.resolve(), // the tree's saves, one after another so that the last one wins
 };
 
 // -- settings -------------------------------------------------------------------------
@@ -338,13 +339,32 @@ async function saveMeta(id, decoded, changed) {
   return saved;
 }
 
+// Saves the tree's leaves and the leaf on screen. The saves run one after another, so a
+// quick second branch switch cannot be overtaken by the first. While any is queued,
+// <body data-saving> counts them: a hook for tests to wait on before a reload.
 function persistTree() {
   if (!state.open) return Promise.resolve();
-  const decoded = state.open.meta;
-  decoded.leaves = state.tree.leaves().filter((id) => id.startsWith("resp_"));
-  const leaf = state.tree.leaf();
-  decoded.leaf = leaf && leaf.id.startsWith("resp_") ? leaf.id : decoded.leaf;
-  return saveMeta(state.open.id, decoded, ["leaf"]).catch(reportError);
+  const { id, meta: decoded } = state.open;
+  const tree = state.tree;
+  // Read when the save runs, not when it is queued: the save before it sets `decoded` to
+  // what it stored, which is older than the tree.
+  const save = () => {
+    decoded.leaves = tree.leaves().filter((leaf) => leaf.startsWith("resp_"));
+    const leaf = tree.leaf();
+    decoded.leaf = leaf && leaf.id.startsWith("resp_") ? leaf.id : decoded.leaf;
+    return saveMeta(id, decoded, ["leaf"]);
+  };
+  const body = document.body.dataset;
+  body.saving = String(Number(body.saving || 0) + 1);
+  state.saves = state.saves
+    .then(save)
+    .catch(reportError)
+    .finally(() => {
+      const left = Number(body.saving) - 1;
+      if (left) body.saving = String(left);
+      else delete body.saving;
+    });
+  return state.saves;
 }
 
 async function ensureConversation(firstText) {

@@ -111,6 +111,13 @@ def page(session):
     return page
 
 
+def reload_when_saved(page) -> None:
+    """Reloads once the page has stored the branch on screen (it saves in the background)."""
+    page.wait_for_function("() => !document.body.dataset.saving")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+
+
 def finished_turns(page) -> int:
     return int(page.evaluate("document.body.dataset.turns || '0'"))
 
@@ -342,8 +349,7 @@ def test_branches_from_regenerate_and_edit_survive_a_reload(page):
     assert "Italy" in page.inner_text("#messages .bubble.user")
     assert page.inner_text("#messages .branch-position") == "2/2"
     # The tree comes back after a reload, on the branch last shown.
-    page.reload()
-    page.wait_for_selector("body[data-ready=true]")
+    reload_when_saved(page)
     open_conversation(page, "What is the capital of France?")
     assert turns(page) == [edited]
     page.get_by_role("button", name="Previous branch").click()
@@ -351,8 +357,7 @@ def test_branches_from_regenerate_and_edit_survive_a_reload(page):
     assert page.locator("#messages .turn").nth(1).locator(".branch-position").inner_text() == "2/2"
     page.locator("#messages .turn").nth(1).get_by_role("button", name="Previous branch").click()
     assert turns(page) == [first, second]
-    page.reload()
-    page.wait_for_selector("body[data-ready=true]")
+    reload_when_saved(page)
     open_conversation(page, "What is the capital of France?")
     assert turns(page) == [first, second]
 
