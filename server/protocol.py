@@ -95,6 +95,7 @@ def typed_field(
 
 
 def _sampling_fields(body: dict) -> dict[str, Any]:
+    typed_field(body, "bad_words", "an array")  # vLLM's server declares a list, not a word
     sampling = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
     n = sampling.get("n")
     if isinstance(n, int) and n > MAX_N:

@@ -34,6 +34,7 @@ def post_raw(server, path: str, content: bytes, content_type: str | None = "appl
         ({"messages": USER, "stop_token_ids": [0x110000]}, "stop_token_ids"),
         ({"messages": USER, "stop_token_ids": list(range(257))}, "stop_token_ids"),
         ({"messages": USER, "bad_words": 5}, "bad_words"),
+        ({"messages": USER, "bad_words": "darn"}, "bad_words"),
         ({"messages": USER, "bad_words": [" "]}, "bad_words"),
         ({"messages": USER, "bad_words": ["x"] * 257}, "bad_words"),
         ({"messages": USER, "bad_words": ["x" * 257]}, "bad_words"),
