@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import functools
+import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from typing import IO, Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
@@ -28,6 +30,7 @@ from orchestrator.retrieval.index import load_sqlite_vec, sqlite_module
 from orchestrator.store.repository import Repository
 
 T = TypeVar("T")
+log = logging.getLogger("tokenmill")
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
@@ -111,6 +114,7 @@ def migrate(engine: Engine) -> None:
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
         config.attributes["connection"] = conn
+        before = MigrationContext.configure(conn).get_current_revision()
         try:
             command.upgrade(config, "head")
         except CommandError as exc:  # e.g. "Can't locate revision identified by '0099'"
@@ -119,6 +123,21 @@ def migrate(engine: Engine) -> None:
                 f"this tokenmill does not know ({exc}): it was written by a newer version; "
                 "upgrade tokenmill, or use another database"
             ) from None
+        upgraded = before != MigrationContext.configure(conn).get_current_revision()
+    if upgraded and engine.dialect.name == "sqlite":
+        _reclaim_free_pages(engine)
+
+
+def _reclaim_free_pages(engine: Engine) -> None:
+    """SQLite keeps the pages a migration's rebuilt tables freed (0008's old vector chunks)
+    in the file; when they are a quarter of it or more, VACUUM gives them back once. It
+    cannot run inside a transaction, so not in the migration itself."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        free = conn.exec_driver_sql("PRAGMA freelist_count").scalar_one()
+        pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
+        if free and 4 * free >= pages:
+            log.info("reclaiming %d free pages of %d after the schema upgrade", free, pages)
+            conn.exec_driver_sql("VACUUM")
 
 
 def hold_data_dir(data_dir: str | Path) -> IO[str]:

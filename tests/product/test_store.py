@@ -403,8 +403,9 @@ def test_bad_data_directories_and_database_urls_are_clear_one_line_errors(tmp_pa
 def test_vectors_are_stored_in_small_chunks_and_an_older_index_is_rebuilt_so(tmp_path):
     """Revision 0008 rebuilds a `vec0` table made with sqlite-vec's default chunk (1,024
     vectors: 1.5 MB for any store holding a vector) in chunks of VECTOR_CHUNK, keeping
-    every vector and what a search finds."""
-    url = f"sqlite:///{tmp_path / 'tokenmill.db'}"
+    every vector and what a search finds, and the file gives the freed pages back."""
+    path = tmp_path / "tokenmill.db"
+    url = f"sqlite:///{path}"
     engine = create_db_engine(url)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
@@ -423,9 +424,11 @@ def test_vectors_are_stored_in_small_chunks_and_an_older_index_is_rebuilt_so(tmp
                 {"id": i, "store": store_id, "vector": vector},
             )
     engine.dispose()
+    old_bytes = path.stat().st_size
     store = Store(url)
     try:
         with store.engine.connect() as conn:
+            free_pages = conn.exec_driver_sql("PRAGMA freelist_count").scalar_one()
             kept = conn.exec_driver_sql(
                 "SELECT id, vector_store_id, embedding FROM retrieval_vectors ORDER BY id"
             ).all()
@@ -442,3 +445,5 @@ def test_vectors_are_stored_in_small_chunks_and_an_older_index_is_rebuilt_so(tmp
     assert [(r[0], r[1], bytes(r[2])) for r in kept] == [(1, "vs_a", vector), (2, "vs_b", vector)]
     assert chunks == [(VECTOR_CHUNK * 384 * 4,)] * 2  # one small chunk per store
     assert found == [(2,)]
+    assert old_bytes > 3_000_000  # two default chunks
+    assert free_pages == 0 and path.stat().st_size < old_bytes / 4
