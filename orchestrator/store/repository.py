@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Engine, and_, delete, insert, literal, or_, select, update
+from sqlalchemy import Engine, and_, delete, func, insert, literal, or_, select, update
 from sqlalchemy.engine import Connection
 
 from orchestrator.errors import NotFoundError
@@ -443,7 +443,9 @@ class Repository:
 
     def response_history(self, owner: str, response_id: str) -> tuple[str, History] | None:
         """The chain ending at `response_id` (its status, and every response's input then
-        output items, oldest response first), found with one recursive query."""
+        output items, oldest response first), found with one recursive query. A chain that
+        starts at a response made in a conversation starts with the conversation's items
+        from before that response, as that response saw them."""
         with self.engine.connect() as conn:
             head = conn.execute(
                 select(responses.c.status, responses.c.context_tokens).where(
@@ -463,6 +465,9 @@ class Repository:
                     and_(parent.c.id == chain.c.previous_response_id, parent.c.owner_id == owner)
                 )
             )
+            root = conn.execute(
+                select(chain.c.id).order_by(chain.c.depth.desc()).limit(1)
+            ).scalar_one()
             items = (
                 conn.execute(
                     select(response_items.c.body)
@@ -473,7 +478,43 @@ class Repository:
                 .scalars()
                 .all()
             )
-        return head.status, History(list(items), unpack_tokens(head.context_tokens))
+            before = self._conversation_before(conn, owner, root)
+        return head.status, History([*before, *items], unpack_tokens(head.context_tokens))
+
+    @staticmethod
+    def _conversation_before(conn: Connection, owner: str, response_id: str) -> list[dict]:
+        """The items of the response's conversation (if any) that precede the response's
+        own, which were appended to it with the same ids when the response finished."""
+        conversation_id = conn.execute(
+            select(responses.c.conversation_id).where(
+                responses.c.id == response_id, responses.c.owner_id == owner
+            )
+        ).scalar()
+        if conversation_id is None:
+            return []
+        in_conversation = and_(
+            conversation_items.c.conversation_id == conversation_id,
+            conversation_items.c.owner_id == owner,
+        )
+        own = select(response_items.c.id).where(
+            response_items.c.response_id == response_id, response_items.c.owner_id == owner
+        )
+        first = conn.execute(
+            select(func.min(conversation_items.c.seq)).where(
+                in_conversation, conversation_items.c.id.in_(own)
+            )
+        ).scalar()
+        if first is None:  # its items were deleted from the conversation since
+            return []
+        return list(
+            conn.execute(
+                select(conversation_items.c.body)
+                .where(in_conversation, conversation_items.c.seq < first)
+                .order_by(conversation_items.c.seq)
+            )
+            .scalars()
+            .all()
+        )
 
     def conversation_busy(self, owner: str, conversation_id: str, since: int) -> bool:
         """Whether a response in the conversation, begun at `since` or later, is still in

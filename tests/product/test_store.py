@@ -222,6 +222,35 @@ def test_a_response_in_a_conversation_appends_its_items(store):
     assert repo.conversation_history("bob", "conv_c") is None
 
 
+def test_a_chain_from_a_conversations_response_starts_with_what_it_saw(store):
+    """previous_response_id continues from everything that response had in context: the
+    conversation's items before it, not the items appended after it."""
+    repo = store.repo
+    repo.create_conversation("alice", "conv_h", 1, {}, [_message("msg_0", "zero")])
+    _record(repo, "alice", "resp_h1", None, "one", conversation="conv_h")
+    _record(repo, "alice", "resp_h2", None, "two", conversation="conv_h")
+    _record(repo, "alice", "resp_h3", None, "three", conversation="conv_h")
+    _record(repo, "alice", "resp_h4", "resp_h2", "four")
+    _, history = repo.response_history("alice", "resp_h4")
+    assert [i["id"] for i in history.items] == [
+        "msg_0",
+        "msg_in_resp_h1",
+        "msg_out_resp_h1",
+        "msg_in_resp_h2",
+        "msg_out_resp_h2",
+        "msg_in_resp_h4",
+        "msg_out_resp_h4",
+    ]
+    repo.delete_conversation_item("alice", "conv_h", "msg_in_resp_h1")
+    _, history = repo.response_history("alice", "resp_h2")
+    assert [i["id"] for i in history.items] == [
+        "msg_0",
+        "msg_out_resp_h1",
+        "msg_in_resp_h2",
+        "msg_out_resp_h2",
+    ]
+
+
 def test_deleting_removes_the_rows(store):
     repo = store.repo
     repo.create_conversation("alice", "conv_d", 1, {}, [_message("msg_0", "zero")])
