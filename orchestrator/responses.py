@@ -663,23 +663,19 @@ class Turn:
         if left is not None and left < 1:
             raise _Cut("max_output_tokens")
         made = items[len(self.input_items) :]
-        output = self._prompt_items(made)
-        after_results = bool(output) and output[-1]["type"] == "function_call_output"
-        answering = not config.tools and after_results
+        shown, answering = _prompt_input(
+            self.history.items, self.input_items, made, self._prompt_items(made), config
+        )
         structure = _structure(self.request, config, self.tools, answering)
         params = dataclasses.replace(self.params, max_tokens=left, structured_outputs=structure)
         if self.prompt is not None:
             prompt, self.prompt = self.prompt, None
             return prompt, params
-        question = _question(self.input_items)
-        # file_search's own output ends with the question already (and how to cite).
-        if answering and question is not None and made[-1]["type"] != "file_search_call":
-            output.append(_question_reminder(question))
         history = History(self.history.items, self.totals.context_tokens)
         prompt = self.service.context.build(
             self.request.instructions,
             history,
-            [*self.input_items, *output],
+            shown,
             config,
             left,
             truncate=self.request.truncation == "auto",
@@ -803,6 +799,28 @@ def output_budget(prompt_tokens: int, max_tokens: int | None, max_model_len: int
     return prompt_tokens + max(most, 0)
 
 
+def _prompt_input(
+    history: list[dict],
+    input_items: list[dict],
+    made: list[dict],
+    output: list[dict],
+    config: ToolConfig,
+) -> tuple[list[dict], bool]:
+    """What a generation's prompt shows after the history (the input, this turn's output
+    so far as the prompt renders it, `output`), and whether it is an answer turn: tool
+    results end it (this turn's own, or the client's function_call_output closing the
+    input) and it is offered no tools. An answer turn's prompt repeats the question."""
+    shown = [*input_items, *output]
+    answering = not config.tools and (shown or [{}])[-1].get("type") == "function_call_output"
+    # The question may be in the history when the input holds only the tool results.
+    question = _question([*history, *input_items])
+    # file_search's own output ends with the question already (and how to cite).
+    searched = bool(made) and made[-1]["type"] == "file_search_call"
+    if answering and question is not None and not searched:
+        shown.append(_question_reminder(question))
+    return shown, answering
+
+
 def _question_reminder(question: str) -> dict:
     """The user message that follows tool results on an answer turn: the question again,
     outside the results' untrusted frame, and what to do with them. Without it a small
@@ -921,10 +939,11 @@ class ResponseService:
         config = request.tool_config(declared)
         _structure(request, config, tools)  # a bad schema is the client's error, before any output
         _check_json_mention(request, history)
+        shown, _ = _prompt_input(history.items, input_items, [], [], config)
         prompt = self.context.build(
             request.instructions,
             history,
-            input_items,
+            shown,
             config,
             request.max_output_tokens,
             truncate=request.truncation == "auto",

@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from orchestrator import responses as responses_module
+from orchestrator.output_structure import PLAIN_ANSWER
 from orchestrator.store import Repository
 from orchestrator.store.accounts import usage_rows
 from orchestrator.store.tables import (
@@ -584,6 +585,24 @@ def test_function_tools_round_trip(product_server):
     )
     assert none.output[0].type == "message"  # no tools offered, so the text stays text
     assert "get_weather" not in _prompt(server)
+
+
+def test_the_answer_to_a_clients_tool_results_is_an_answer_turn(product_server):
+    """Offered no tools, the turn after the client's function_call_output answers as after
+    the server's own tools: plain text, with the question repeated after the results."""
+    server = product_server(FakeEngine(reply=CALL))
+    client = server.client
+    call = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER])
+    result = [{"type": "function_call_output", "call_id": call.output[0].call_id, "output": "18C"}]
+    for offered in ({"tools": [WEATHER], "tool_choice": "none"}, {}):
+        client.responses.create(model=MODEL, previous_response_id=call.id, input=result, **offered)
+        assert server.engine.params[-1].structured_outputs.regex == PLAIN_ANSWER
+        assert "Question: Weather in Paris?" in _prompt(server).split("18C")[-1]
+    client.responses.create(
+        model=MODEL, previous_response_id=call.id, input=result, tools=[WEATHER]
+    )
+    assert "Question:" not in _prompt(server)  # offered tools: the model may call again
+    assert server.engine.params[-1].structured_outputs.regex != PLAIN_ANSWER
 
 
 def test_a_function_call_output_must_answer_a_call(product_server):
