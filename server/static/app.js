@@ -22,8 +22,18 @@ const state = {
   models: [],
   searchText: new Map(), // conversation id -> its transcript, lower-cased (for search)
   pendingRender: false,
-  saves: Promise.resolve(), // the tree's saves, one after another so that the last one wins
+  saves: Promise.resolve(), // the metadata saves, one after another (queueSave)
+  pendingKeys: new Map(), // metadata key -> queued saves that change it
+  starting: false, // a turn is on its way to its stream (runTurn): no second one meanwhile
+  creating: null, // the conversation being created (ensureConversation), shared
+  navigation: 0, // counts openings and new chats: a slower opening gives way to a later one
+  renaming: false, // a rename field is open: the sidebar is not redrawn under it
 };
+
+// Whether a turn is streaming or about to: edits, regenerations and branch switches wait.
+function busy() {
+  return Boolean(state.stream) || state.starting;
+}
 
 // -- settings -------------------------------------------------------------------------
 
@@ -139,6 +149,7 @@ function titleOf(conversation) {
 }
 
 function renderSidebar() {
+  if (state.renaming) return; // finishing the rename redraws it
   const list = $("conversation-list");
   const query = $("search").value.trim().toLowerCase();
   list.replaceChildren();
@@ -171,10 +182,12 @@ function startRename(li, conversation) {
   li.replaceChildren(input);
   input.focus();
   input.select();
+  state.renaming = true;
   let done = false;
   const finish = async (save) => {
     if (done) return;
     done = true;
+    state.renaming = false;
     const title = input.value.trim();
     if (save && title) await renameConversation(conversation.id, title).catch(reportError);
     renderSidebar();
@@ -191,7 +204,7 @@ async function renameConversation(id, title) {
   const decoded = state.open && state.open.id === id ? state.open.meta
     : decodeMetadata(conversation.metadata);
   decoded.title = clip(title, 512);
-  await saveMeta(id, decoded, ["title"]);
+  await queueSave(id, decoded, ["title"]);
 }
 
 function confirmDelete(conversation) {
@@ -250,6 +263,8 @@ function showInAddress(id) {
 
 function newChat() {
   stopStream();
+  state.navigation += 1;
+  setStatus("");
   state.open = null;
   showInAddress(null);
   state.draft = freshMeta();
@@ -297,11 +312,14 @@ async function loadTree(leaves) {
 
 async function openConversation(id) {
   stopStream();
+  const ticket = ++state.navigation;
   setStatus("Loading…");
   try {
     const conversation = await request("GET", `/v1/conversations/${id}`);
     const decoded = decodeMetadata(conversation.metadata);
     const tree = await loadTree(decoded.leaves);
+    // Another conversation, a new chat or a turn was started meanwhile: it stays on screen.
+    if (ticket !== state.navigation || busy()) return;
     if (decoded.leaf && tree.nodes.has(decoded.leaf)) tree.choose(decoded.leaf);
     state.open = { id, meta: decoded };
     showInAddress(id);
@@ -314,14 +332,15 @@ async function openConversation(id) {
     renderAttachments();
     closeSidebarOnPhone();
   } catch (error) {
-    reportError(error);
+    if (ticket === state.navigation) reportError(error);
   }
 }
 
 // Saves the fields `changed` of this tab's copy of a conversation's metadata. Another tab
 // may have saved since this one read it: the other fields stay as stored (its rename, its
 // settings), and the branches of both are kept, but for the turns this tab has gone on
-// from (no leaves any more). This tab's copy then takes the stored fields.
+// from (no leaves any more). This tab's copy then takes the stored fields, but for those a
+// save still queued here changes (they are newer). Only queueSave calls it.
 async function saveMeta(id, decoded, changed) {
   const current = await request("GET", `/v1/conversations/${id}`);
   const stored = decodeMetadata(current.metadata);
@@ -331,7 +350,9 @@ async function saveMeta(id, decoded, changed) {
   const theirs = stored.leaves.filter((l) => !inner.has(l) && !decoded.leaves.includes(l));
   merged.leaves = [...theirs, ...decoded.leaves];
   const saved = await request("POST", `/v1/conversations/${id}`, { metadata: encodeMetadata(merged) });
-  Object.assign(decoded, merged);
+  for (const [key, value] of Object.entries(merged)) {
+    if (changed.includes(key) || !state.pendingKeys.has(key)) decoded[key] = value;
+  }
   if (state.open && state.open.id === id) $("chat-title").textContent = decoded.title || "Untitled";
   const index = state.conversations.findIndex((c) => c.id === id);
   if (index >= 0) state.conversations[index] = saved;
@@ -339,36 +360,60 @@ async function saveMeta(id, decoded, changed) {
   return saved;
 }
 
-// Saves the tree's leaves and the leaf on screen. The saves run one after another, so a
-// quick second branch switch cannot be overtaken by the first. While any is queued,
-// <body data-saving> counts them: a hook for tests to wait on before a reload.
-function persistTree() {
-  if (!state.open) return Promise.resolve();
-  const { id, meta: decoded } = state.open;
-  const tree = state.tree;
-  // Read when the save runs, not when it is queued: the save before it sets `decoded` to
-  // what it stored, which is older than the tree.
-  const save = () => {
-    decoded.leaves = tree.leaves().filter((leaf) => leaf.startsWith("resp_"));
-    const leaf = tree.leaf();
-    decoded.leaf = leaf && leaf.id.startsWith("resp_") ? leaf.id : decoded.leaf;
-    return saveMeta(id, decoded, ["leaf"]);
-  };
+// Every save of a conversation's metadata goes through one queue: a save reads what is
+// stored and writes it back with its own fields, so two at once would undo one another (a
+// rename lost to a branch switch's save). `prepare` runs when the save's turn comes. While
+// any is queued, <body data-saving> counts them: a hook for tests to wait on before a
+// reload, since a branch switch saves in the background.
+function queueSave(id, decoded, changed, prepare = () => {}) {
+  for (const key of changed) state.pendingKeys.set(key, (state.pendingKeys.get(key) || 0) + 1);
   const body = document.body.dataset;
   body.saving = String(Number(body.saving || 0) + 1);
-  state.saves = state.saves
-    .then(save)
-    .catch(reportError)
+  const run = state.saves
+    .then(() => {
+      prepare();
+      return saveMeta(id, decoded, changed);
+    })
     .finally(() => {
+      for (const key of changed) {
+        const left = state.pendingKeys.get(key) - 1;
+        if (left) state.pendingKeys.set(key, left);
+        else state.pendingKeys.delete(key);
+      }
       const left = Number(body.saving) - 1;
       if (left) body.saving = String(left);
       else delete body.saving;
     });
-  return state.saves;
+  state.saves = run.catch(() => {});
+  return run;
 }
 
-async function ensureConversation(firstText) {
-  if (state.open) return state.open;
+// Saves the tree's leaves and the leaf on screen, read when the save's turn comes: the
+// tree may have changed since it was queued.
+function persistTree() {
+  if (!state.open) return Promise.resolve();
+  const { id, meta: decoded } = state.open;
+  const tree = state.tree;
+  return queueSave(id, decoded, ["leaf"], () => {
+    decoded.leaves = tree.leaves().filter((leaf) => leaf.startsWith("resp_"));
+    const leaf = tree.leaf();
+    decoded.leaf = leaf && leaf.id.startsWith("resp_") ? leaf.id : decoded.leaf;
+  }).catch(reportError);
+}
+
+// The open conversation, created first in a new chat. An upload and a message sent before
+// the creation answers share it.
+function ensureConversation(firstText) {
+  if (state.open) return Promise.resolve(state.open);
+  if (!state.creating) {
+    state.creating = createConversation(firstText).finally(() => {
+      state.creating = null;
+    });
+  }
+  return state.creating;
+}
+
+async function createConversation(firstText) {
   const decoded = state.draft || freshMeta();
   decoded.title = clip(firstText.replace(/\s+/g, " ").trim(), TITLE_LENGTH) || "Untitled";
   const conversation = await request("POST", "/v1/conversations", { metadata: encodeMetadata(decoded) });
@@ -489,7 +534,7 @@ function branchSwitcher(node, siblings) {
   const at = siblings.indexOf(node.id);
   const box = el("span", "branches");
   const go = (step) => () => {
-    if (state.stream) return;
+    if (busy()) return;
     state.tree.choose(siblings[at + step]);
     renderMessages();
     persistTree();
@@ -513,7 +558,7 @@ function assistantTools(node, text) {
 }
 
 function startEdit(bubble, node, text) {
-  if (state.stream) return;
+  if (busy()) return;
   const form = el("form", "edit-form");
   const area = el("textarea");
   area.value = text;
@@ -542,7 +587,7 @@ function startEdit(bubble, node, text) {
 
 function regenerate(node) {
   const userAt = lastUserIndex(node.input);
-  if (userAt < 0 || state.stream) return;
+  if (userAt < 0 || busy()) return;
   runTurn(node.parent, messageText(node.input[userAt]));
 }
 
@@ -583,7 +628,9 @@ function forgetDeleted(id) {
 }
 
 async function runTurn(parent, text) {
-  if (state.stream) return;
+  if (busy()) return; // a double click, or Enter held down
+  state.starting = true;
+  state.navigation += 1; // an opening still loading gives way to this turn
   setStatus("");
   let open;
   try {
@@ -601,6 +648,8 @@ async function runTurn(parent, text) {
     if (!$("prompt").value) $("prompt").value = text; // nothing was sent: keep what was typed
     finished();
     return;
+  } finally {
+    state.starting = false; // state.stream takes over below, before anything else runs
   }
   pendingCount += 1;
   const node = new Node(`pending_${pendingCount}`, parent,
@@ -690,6 +739,9 @@ function onEvent(node, event) {
       state.tree.rename(node.id, event.response.id);
       state.stream.nodeId = event.response.id;
       node.createdAt = event.response.created_at;
+      // Stored now, so that a reload before the first words (a long prompt's prefill) finds
+      // the turn and its message; after this event's handling, which delays nothing.
+      setTimeout(persistTree, 0);
       return; // nothing new to show: no redraw until there is
     case "response.output_item.added":
       node.output[event.output_index] = structuredClone(event.item);
@@ -702,12 +754,10 @@ function onEvent(node, event) {
       if (!item) break;
       ensurePart(item, event.content_index).text += event.delta;
       if (!node.shown) {
-        // The first words are drawn at once (later ones once a frame), and only then is
-        // the tree stored, so that a reload finds this turn: nothing delays them.
+        // The first words are drawn at once (later ones once a frame).
         performance.mark("tokenmill:first-token"); // benchmarks/bench_page.py reads it
         node.shown = true;
         renderStreamingTurn();
-        setTimeout(persistTree, 0);
         return;
       }
       break;
@@ -778,7 +828,7 @@ function showStreaming(on) {
 function send(event) {
   event.preventDefault();
   const text = $("prompt").value.trim();
-  if (!text || state.stream) return;
+  if (!text || busy()) return;
   $("prompt").value = "";
   const leaf = state.tree.leaf();
   runTurn(leaf && leaf.id.startsWith("resp_") ? leaf.id : null, text);
@@ -843,7 +893,7 @@ async function upload(event) {
     if (!open.meta.vectorStore) {
       const store = await request("POST", "/v1/vector_stores", { name: `chat ${open.id}` });
       open.meta.vectorStore = store.id;
-      await saveMeta(open.id, open.meta, ["vectorStore"]);
+      await queueSave(open.id, open.meta, ["vectorStore"]);
     }
     const form = new FormData();
     form.append("purpose", "assistants");
@@ -899,7 +949,7 @@ async function saveSettings(event) {
     instructions: current.instructions }));
   $("settings").close();
   if (state.open) {
-    await saveMeta(state.open.id, current, ["settings", "instructions"]).catch(reportError);
+    await queueSave(state.open.id, current, ["settings", "instructions"]).catch(reportError);
   }
 }
 

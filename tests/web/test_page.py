@@ -362,6 +362,87 @@ def test_branches_from_regenerate_and_edit_survive_a_reload(page):
     assert turns(page) == [first, second]
 
 
+def test_a_rename_and_a_branch_switch_saved_at_once_both_stick(page, api):
+    """Clicking a branch arrow with a rename field open saves both (the field's blur and
+    the switch): the saves run one after another, so neither writes the other's old value."""
+    send(page, "What is the capital of Japan?")
+    before = finished_turns(page)
+    page.get_by_role("button", name="Regenerate answer").click()
+    wait_for_turn(page, before)
+    conversation_id = page.url.rsplit("#", 1)[1]
+    first, regenerated = (
+        api.get(f"/v1/conversations/{conversation_id}").json()["metadata"]["leaves0"].split()
+    )
+    page.locator(f"#conversation-list li[data-id={conversation_id}]").get_by_role(
+        "button", name="Rename"
+    ).click()
+    page.fill("#conversation-list .rename-input", "Capitals")
+    page.get_by_role("button", name="Previous branch").click()
+    assert turns(page) == [first]
+    reload_when_saved(page)
+    stored = api.get(f"/v1/conversations/{conversation_id}").json()["metadata"]
+    assert (stored["title"], stored["leaf"]) == ("Capitals", first)
+    assert page.inner_text("#chat-title") == "Capitals" and turns(page) == [first]
+
+
+def test_one_turn_at_a_time(page, api):
+    """A double click on Regenerate starts one answer, not two (the second would run on
+    with no Stop button for it)."""
+    send(page, "Hi!")
+    before = finished_turns(page)
+    page.get_by_role("button", name="Regenerate answer").dblclick()
+    wait_for_turn(page, before)
+    assert page.inner_text("#messages .branch-position") == "2/2"
+    page.wait_for_function("() => !document.body.dataset.saving")
+    conversation_id = page.url.rsplit("#", 1)[1]
+    stored = api.get(f"/v1/conversations/{conversation_id}").json()["metadata"]
+    assert len(stored["leaves0"].split()) == 2
+    assert finished_turns(page) == before + 1
+
+
+def test_a_file_attached_and_a_message_sent_at_once_make_one_conversation(page, api):
+    """In a new chat, an upload and a message sent before the chat's creation answered share
+    the one conversation (it was two: the file in one, the turn in the other)."""
+    known = {c["id"] for c in api.get("/v1/conversations").json()["data"]}
+    before = finished_turns(page)
+    page.evaluate("""() => {
+        const files = new DataTransfer();
+        files.items.add(new File(["Our office cat is named Whiskers."], "cat.txt"));
+        const upload = document.getElementById('upload');
+        upload.files = files.files;
+        upload.dispatchEvent(new Event('change'));
+        document.getElementById('prompt').value = 'What is the cat called?';
+        document.getElementById('composer').requestSubmit();
+    }""")
+    wait_for_turn(page, before)
+    page.wait_for_selector("#attachments .attachment.completed", timeout=60_000)
+    page.wait_for_function("() => !document.body.dataset.saving")
+    [new] = [c for c in api.get("/v1/conversations").json()["data"] if c["id"] not in known]
+    assert new["metadata"]["vs"] and new["metadata"]["leaf"] == turns(page)[0]
+    assert page.url.endswith(f"#{new['id']}")
+
+
+def test_an_opening_still_loading_gives_way_to_a_later_click(page):
+    """Clicking a conversation, then New chat before it has loaded, ends on the new chat:
+    the slower load does not take the screen back (a message would go to the wrong chat)."""
+    send(page, "Name a fruit.")
+    title = page.inner_text("#chat-title")
+    page.click("#new-chat")
+    held = []
+    page.route("**/v1/responses/**", lambda route: held.append(route))  # its turns, held back
+    page.get_by_role("button", name=title, exact=True).click()
+    page.wait_for_function("() => document.querySelector('#status').textContent === 'Loading…'")
+    page.click("#new-chat")
+    page.wait_for_timeout(100)  # lets the route handler see the held requests
+    for route in held:
+        route.continue_()
+    page.unroute("**/v1/responses/**")
+    page.wait_for_function("() => document.querySelector('#status').textContent !== 'Loading…'")
+    page.wait_for_timeout(300)
+    assert held and page.inner_text("#chat-title") == "New chat" and turns(page) == []
+    assert "#" not in page.url
+
+
 def test_rename_search_and_delete_conversations(page, api):
     send(page, "Tell me about zebras.")
     page.click("#new-chat")
