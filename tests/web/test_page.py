@@ -373,6 +373,7 @@ def test_a_rename_and_a_branch_switch_saved_at_once_both_stick(page, api):
     first, regenerated = (
         api.get(f"/v1/conversations/{conversation_id}").json()["metadata"]["leaves0"].split()
     )
+    assert turns(page) == [regenerated]
     page.locator(f"#conversation-list li[data-id={conversation_id}]").get_by_role(
         "button", name="Rename"
     ).click()
