@@ -60,7 +60,7 @@ if pid == 0:
     os.close(manifest_fd)
     null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
     for i, name in enumerate(("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE",
-                              "RLIMIT_CORE")):
+                              "RLIMIT_CORE", "RLIMIT_NOFILE")):
         resource.setrlimit(getattr(resource, name), (rlimits[2 * i], rlimits[2 * i + 1]))
     os.nice(nice)  # start-up ran at normal priority: it is short
     status = 0
@@ -93,7 +93,9 @@ for root, dirs, names in os.walk("/work"):
             with open(path, "rb") as f:
                 content = f.read(size)
             budget -= size
-        files.append((os.path.relpath(path, "/work"), size, content))
+        # a name need not be UTF-8: the manifest carries text that encodes
+        shown = os.fsencode(os.path.relpath(path, "/work")).decode("utf-8", "replace")
+        files.append((shown, size, content))
 with os.fdopen(manifest_fd, "w") as out:
     out.write(repr((os.waitstatus_to_exitcode(wait_status), files)))
 """
@@ -112,30 +114,29 @@ def _instruction(code: int, k: int, jump_true: int = 0, jump_false: int = 0) -> 
 _LOAD_ARCH, _LOAD_NR = _instruction(0x20, 4), _instruction(0x20, 0)  # seccomp_data fields
 _KILL, _ALLOW = _instruction(0x06, 0x80000000), _instruction(0x06, 0x7FFF0000)
 _EPERM = _instruction(0x06, 0x00050000 | errno.EPERM)
-# machine -> (AUDIT_ARCH_*, setsid's number); x86-64 also refuses the x32 ABI's numbers.
-_ARCHES = {"x86_64": (0xC000003E, 112), "aarch64": (0xC00000B7, 157)}
+# machine -> (AUDIT_ARCH_*, the numbers of the calls refused: setsid, memfd_create,
+# memfd_secret, shmget); x86-64 also refuses the x32 ABI's numbers.
+_ARCHES = {
+    "x86_64": (0xC000003E, (112, 319, 447, 29)),
+    "aarch64": (0xC00000B7, (157, 279, 447, 194)),
+}
 
 
 def seccomp_program() -> bytes | None:
-    """A classic-BPF seccomp filter refusing setsid() (EPERM) and killing calls of another
-    ABI: a new session would be a new autogroup, out of the nice-19 group the run is in.
-    None on machines not listed (there the code could leave its priority group)."""
+    """A classic-BPF seccomp filter refusing (EPERM) setsid() and the memory no rlimit
+    counts, and killing calls of another ABI. A new session would be a new autogroup, out
+    of the nice-19 group the run is in. memfd_create's files and System V segments hold
+    memory outside the address space RLIMIT_AS bounds (a run held 3 GiB of them under a
+    1 GiB limit), and /dev/shm, the POSIX way, is a capped tmpfs. None on machines not
+    listed (there the code could leave its priority group and hold that memory)."""
     machine = os.uname().machine
     if machine not in _ARCHES:
         return None
-    arch, setsid = _ARCHES[machine]
+    arch, refused = _ARCHES[machine]
     x32 = [_instruction(0x35, 0x40000000, 0, 1), _KILL] if machine == "x86_64" else []
+    checks = [b"".join((_instruction(0x15, nr, 0, 1), _EPERM)) for nr in refused]
     return b"".join(
-        [
-            _LOAD_ARCH,
-            _instruction(0x15, arch, 1, 0),
-            _KILL,
-            _LOAD_NR,
-            *x32,
-            _instruction(0x15, setsid, 0, 1),
-            _EPERM,
-            _ALLOW,
-        ]
+        [_LOAD_ARCH, _instruction(0x15, arch, 1, 0), _KILL, _LOAD_NR, *x32, *checks, _ALLOW]
     )
 
 
@@ -149,6 +150,8 @@ class SandboxLimits:
     cpu_seconds: int = 20
     memory_bytes: int = 1 << 30  # address space of each process
     processes: int = 32  # processes and threads inside the sandbox
+    # open files of each process: bounds the pipes' and sockets' buffers it can fill
+    open_files: int = 256
     file_bytes: int = 32 << 20  # largest file the code may write
     workdir_bytes: int = 64 << 20  # size of the /work tmpfs (and of /tmp and /dev/shm)
     output_bytes: int = 1 << 20  # stdout + stderr kept; more stops the run
@@ -234,7 +237,7 @@ class Sandbox:
             limits.nice,
             limits.report_bytes,
             manifest_fd,
-            # soft and hard: CPU, address space, processes, file size, core
+            # soft and hard: CPU, address space, processes, file size, core, open files
             limits.cpu_seconds,
             limits.cpu_seconds + 1,
             limits.memory_bytes,
@@ -245,6 +248,8 @@ class Sandbox:
             limits.file_bytes,
             0,
             0,
+            limits.open_files,
+            limits.open_files,
         ]
         size = str(limits.workdir_bytes)
         return [

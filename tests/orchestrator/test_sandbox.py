@@ -140,6 +140,34 @@ def test_shared_memory_is_capped_like_the_working_directory():
     assert result.stdout.strip() == "capped 28", result  # ENOSPC
 
 
+def test_memory_no_rlimit_counts_is_refused():
+    """memfd_create's files and System V segments hold memory outside the address space
+    RLIMIT_AS bounds (a run held 3 GiB of them under a 1 GiB limit); the seccomp filter
+    refuses both, and each process may open 256 files (pipes and sockets buffer memory)."""
+    result, _ = run("""
+        import ctypes, os, resource
+        try:
+            os.memfd_create("hold")
+            print("MEMFD")
+        except OSError as exc:
+            print("memfd", exc.errno)
+        libc = ctypes.CDLL(None, use_errno=True)
+        segment = libc.shmget(0, 1 << 20, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+        print("shmget", segment, ctypes.get_errno())
+        print("open files", *resource.getrlimit(resource.RLIMIT_NOFILE))
+    """)
+    assert result.stdout == "memfd 1\nshmget -1 1\nopen files 256 256\n", result
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_as_text():
+    result, _ = run("""
+        open(b"r\\xffport.csv", "wb").write(b"x")
+    """)
+    [written] = result.files
+    assert written.path == "r\ufffdport.csv" and written.content == b"x"
+    written.path.encode()  # no lone surrogate: it goes into JSON and the next prompt
+
+
 def test_cannot_write_outside_its_working_directory(tmp_path):
     targets = [
         "/usr/escape",
