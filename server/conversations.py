@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server.access import owner
-from server.errors import invalid
+from server.errors import invalid, known_fields
 from server.responses import product
 from server.responses_protocol import (
     MAX_ITEMS_PER_CALL,
@@ -19,21 +19,12 @@ from server.responses_protocol import (
 )
 
 
-def _checked(body: Any, allowed: set[str]) -> dict:
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    for name in body:
-        if name not in allowed and body[name] is not None:
-            raise invalid(f"{name} is not supported by this server", name)
-    return body
-
-
 def _ids(request: Request) -> tuple[str, str]:
     return owner(request), request.path_params["conversation_id"]
 
 
 async def create_conversation(request: Request, body: Any) -> Response:
-    body = _checked(body, {"items", "metadata"})
+    body = known_fields(body, {"items", "metadata"})
     items = parse_items(body["items"], "items", MAX_ITEMS_PER_CALL) if body.get("items") else []
     metadata = parse_metadata(body.get("metadata"))
     return JSONResponse(
@@ -51,7 +42,7 @@ async def retrieve_conversation(request: Request) -> Response:
 
 
 async def update_conversation(request: Request, body: Any) -> Response:
-    body = _checked(body, {"metadata"})
+    body = known_fields(body, {"metadata"})
     if "metadata" not in body:
         raise invalid("metadata is required", "metadata")
     metadata = parse_metadata(body["metadata"])
@@ -63,7 +54,7 @@ async def delete_conversation(request: Request) -> Response:
 
 
 async def create_items(request: Request, body: Any) -> Response:
-    body = _checked(body, {"items"})
+    body = known_fields(body, {"items"})
     check_query_include(request.query_params)
     items = parse_items(body.get("items"), "items", MAX_ITEMS_PER_CALL)
     return JSONResponse(await product(request).conversations.add_items(*_ids(request), items))

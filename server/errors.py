@@ -72,6 +72,18 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
+def known_fields(body: object, fields: set[str] | frozenset[str]) -> dict:
+    """The body, a JSON object whose fields set (not null) are all among `fields`; a 400
+    naming the first that is not: as OpenAI's API, the product's routes refuse a field
+    they would otherwise ignore."""
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    for name in body:
+        if name not in fields and body[name] is not None:
+            raise invalid(f"{name} is not supported by this server", name)
+    return body
+
+
 def from_value_error(exc: ValueError) -> APIError:
     """Turn a validation `ValueError("<param> must ...")` into a 400 naming that param.
 

@@ -15,7 +15,7 @@ from orchestrator import FunctionTool, Page, ResponseRequest
 from orchestrator.agent import DEFAULT_MAX_TOOL_CALLS
 from orchestrator.responses import CodeInterpreterTool
 from orchestrator.tools.file_search import DEFAULT_MAX_RESULTS, FileSearchTool
-from server.errors import invalid
+from server.errors import invalid, known_fields
 from server.protocol import typed_field, valid_name
 from server.vector_store_search import parse_filters, parse_max_results, parse_ranking
 
@@ -267,9 +267,7 @@ def _tool_choice(body: dict, tools: list) -> str | dict:
 
 
 def _check_unsupported(body: dict) -> None:
-    for name in body:
-        if name not in _RESPONSE_FIELDS and body[name] is not None:
-            raise invalid(f"{name} is not supported by this server", name)
+    known_fields(body, _RESPONSE_FIELDS)
     if typed_field(body, "background", "a boolean"):
         raise invalid("background responses are not supported", "background")
 
@@ -354,8 +352,6 @@ def parse_response_request(
 ) -> tuple[ResponseRequest, bool]:
     """The request and whether to stream it; `resolve_model` maps the requested model
     name to the served one (or raises 404)."""
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
     _check_unsupported(body)
     previous = typed_field(body, "previous_response_id", "a string")
     conversation = _conversation_id(body)

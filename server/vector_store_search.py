@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator.retrieval.filters import Filter, parse_filter
 from orchestrator.retrieval.index import Hit, SearchMode
-from server.errors import invalid
+from server.errors import invalid, known_fields
 
 MAX_RESULTS = 50
 MAX_QUERY_CHARS = 4096
@@ -86,9 +86,13 @@ def parse_ranking(value: Any, param: str = "ranking_options") -> tuple[float, st
     return float(threshold), ranker
 
 
+SEARCH_FIELDS = frozenset(
+    {"query", "filters", "max_num_results", "ranking_options", "rewrite_query"}
+)
+
+
 def parse_search_request(body: Any) -> SearchOptions:
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
+    known_fields(body, SEARCH_FIELDS)
     query = _query(body.get("query"))
     limit = parse_max_results(body.get("max_num_results", 10))
     filters = parse_filters(body.get("filters"))

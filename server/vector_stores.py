@@ -14,7 +14,7 @@ from orchestrator.retrieval.chunking import parse_chunking_strategy
 from orchestrator.retrieval.filters import MAX_KEY_LENGTH, is_number
 from orchestrator.vector_stores import FileToAdd, Search
 from server.access import owner
-from server.errors import APIError, invalid
+from server.errors import APIError, invalid, known_fields
 from server.responses import product
 from server.responses_protocol import parse_metadata, parse_page
 from server.vector_store_search import parse_search_request, search_results_page
@@ -28,15 +28,6 @@ def _service(request: Request) -> VectorStoreService:
     if found.vector_stores is None:
         raise APIError(501, found.vector_stores_unavailable(), code="not_supported")
     return found.vector_stores
-
-
-def _object(body: Any, allowed: set[str]) -> dict:
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    for name in body:
-        if name not in allowed and body[name] is not None:
-            raise invalid(f"{name} is not supported by this server", name)
-    return body
 
 
 def _name(body: dict) -> str | None:
@@ -92,7 +83,8 @@ def _distinct_file_ids(values: list) -> list[str]:
 
 
 async def create_vector_store(request: Request, body: Any) -> Response:
-    body = _object(body, {"name", "metadata", "file_ids", "chunking_strategy", "expires_after"})
+    fields = {"name", "metadata", "file_ids", "chunking_strategy", "expires_after"}
+    body = known_fields(body, fields)
     if body.get("expires_after") is not None:
         raise invalid("expires_after is not supported by this server", "expires_after")
     file_ids = body.get("file_ids") or []
@@ -121,7 +113,7 @@ async def retrieve_vector_store(request: Request) -> Response:
 
 
 async def update_vector_store(request: Request, body: Any) -> Response:
-    body = _object(body, {"name", "metadata", "expires_after"})
+    body = known_fields(body, {"name", "metadata", "expires_after"})
     if body.get("expires_after") is not None:
         raise invalid("expires_after is not supported by this server", "expires_after")
     changes: dict = {}
@@ -150,7 +142,7 @@ async def search_vector_store(request: Request, body: Any) -> Response:
 
 
 async def create_store_file(request: Request, body: Any) -> Response:
-    body = _object(body, {"file_id", "chunking_strategy", "attributes"})
+    body = known_fields(body, {"file_id", "chunking_strategy", "attributes"})
     file = FileToAdd(_file_id(body.get("file_id"), "file_id"), _chunking(body), _attributes(body))
     return JSONResponse(await _service(request).add_file(owner(request), _store_id(request), file))
 
@@ -176,7 +168,7 @@ async def retrieve_store_file(request: Request) -> Response:
 
 
 async def update_store_file(request: Request, body: Any) -> Response:
-    body = _object(body, {"attributes"})
+    body = known_fields(body, {"attributes"})
     if body.get("attributes") is None:
         raise invalid("attributes is required", "attributes")
     return JSONResponse(
@@ -223,7 +215,7 @@ def _batch_files(body: dict) -> list[FileToAdd]:
         raise invalid(f"files must be an array of 1 to {MAX_FILE_IDS} objects", "files")
     added: dict[str, FileToAdd] = {}
     for i, entry in enumerate(entries):
-        entry = _object(entry, {"file_id", "attributes", "chunking_strategy"})
+        entry = known_fields(entry, {"file_id", "attributes", "chunking_strategy"})
         file_id = _file_id(entry.get("file_id"), f"files[{i}].file_id")
         added[file_id] = FileToAdd(file_id, _chunking(entry), _attributes(entry))
     return list(added.values())
@@ -234,7 +226,7 @@ def _batch_id(request: Request) -> str:
 
 
 async def create_file_batch(request: Request, body: Any) -> Response:
-    body = _object(body, {"file_ids", "files", "attributes", "chunking_strategy"})
+    body = known_fields(body, {"file_ids", "files", "attributes", "chunking_strategy"})
     return JSONResponse(
         await _service(request).create_file_batch(
             owner(request), _store_id(request), _batch_files(body)

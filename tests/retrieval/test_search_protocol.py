@@ -49,6 +49,7 @@ def test_defaults_and_options():
         ),
         ({"query": "a", "ranking_options": {"ranker": "bm25"}}, "ranking_options.ranker"),
         ({"query": "a", "rewrite_query": "yes"}, "rewrite_query"),
+        ({"query": "a", "bogus": 1}, "bogus"),  # refused, as OpenAI does, not ignored
     ],
 )
 def test_bad_bodies_name_the_field(body, param):
