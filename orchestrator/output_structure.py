@@ -25,7 +25,8 @@ from engine.structured_output import StructuredOutputsParams, json_schema_gramma
 from orchestrator.errors import InvalidRequestError
 from orchestrator.tool_parser import CALL_PREFIX, CLOSE_TAG, OPEN_TAG
 
-_NO_ARGUMENTS = {"type": "object", "properties": {}}
+# A function declared without parameters takes none: `{}` is its only arguments.
+_NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 # Calls one forced turn may make with parallel calls on: a small model, once forced to
 # call, tends to repeat the call until its budget runs out and cuts the last one.
 MAX_PARALLEL_CALLS = 8
@@ -54,6 +55,7 @@ def json_format_params(
     """JSON matching `schema` (ANY_OBJECT: any JSON object, the engine's json_object); an
     error is a 400 naming `param`, its message about `what` (default: `param`)."""
     what = what or param
+    schema = _rooted(schema)
     if schema == ANY_OBJECT:
         return checked(param, what, json_object=True)
     _require_object(schema, param, what)
@@ -72,10 +74,16 @@ def require_json_mention(texts: Iterable[str | None], param: str, fmt_param: str
         )
 
 
+def _rooted(schema: dict) -> dict:
+    """A schema whose root names no type (`{}`, or properties alone) as an object's: a
+    grammar would otherwise allow any JSON value there, such as an endless string."""
+    return schema if "type" in schema else {**schema, "type": "object"}
+
+
 def _require_object(schema: dict, param: str, what: str) -> None:
     """OpenAI's rule: a structured output, like a function's arguments, is a JSON object."""
-    kind = schema.get("type")
-    if kind is not None and "object" not in (kind if isinstance(kind, list) else [kind]):
+    kind = schema["type"]
+    if "object" not in (kind if isinstance(kind, list) else [kind]):
         raise InvalidRequestError(
             f'{what} must be a JSON schema of "type": "object", got "type": {json.dumps(kind)}',
             param,
@@ -104,7 +112,8 @@ def _call_rules(functions: list[tuple[str, dict | None]], rule: str, opening: st
     rules = [f"{rule}: {_lark(opening)} ({' | '.join(names)}) {_lark(closing)}"]
     for rule_name, (name, schema) in zip(names, functions, strict=True):
         rules.append(f"{rule_name}: {_lark(CALL_PREFIX.format(name=name))} {rule_name}_args")
-        rules.append(f"{rule_name}_args: {json_schema_grammar_fragment(schema or _NO_ARGUMENTS)}")
+        arguments = _rooted(schema) if schema else _NO_ARGUMENTS
+        rules.append(f"{rule_name}_args: {json_schema_grammar_fragment(arguments)}")
     return rules
 
 
@@ -126,7 +135,7 @@ def tool_call_grammar(
     elif answer_schema is not None:
         start = [
             f"start: answer | {calls}",
-            f"answer: {json_schema_grammar_fragment(answer_schema)}",
+            f"answer: {json_schema_grammar_fragment(_rooted(answer_schema))}",
         ]
     else:
         # The opening tag ends free text lazily: at its first occurrence the call begins,

@@ -128,6 +128,32 @@ def test_response_format_schema_and_json_object(compiler):
     assert not _accepts(compiler, "plain text", **both)[0]
 
 
+def test_a_schema_that_names_no_root_type_is_an_objects(compiler):
+    """`{}`, no schema, or properties without `"type"`: still a JSON object (the grammar
+    allowed any value, and the model wrote an endless string)."""
+    loose = {"properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    for spec in ({"name": "x", "schema": loose}, {"name": "x", "schema": {}}, {"name": "x"}):
+        fmt = {"response_format": {"type": "json_schema", "json_schema": spec}}
+        assert _accepts(compiler, '{"a": 1}', **fmt) == (True, True)
+        assert not _accepts(compiler, '"a string"', **fmt)[0]
+        assert not _accepts(compiler, "[1]", **fmt)[0]
+    loose_fmt = {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": loose}}
+    }
+    assert not _accepts(compiler, '{"a": "x"}', **loose_fmt)[0]
+    tool = {"type": "function", "function": {"name": "f", "parameters": loose}}
+    call = '<tool_call>\n{"name": "f", "arguments": ARGS}\n</tool_call>'
+    forced = {"tools": [tool], "tool_choice": "required"}
+    assert _accepts(compiler, call.replace("ARGS", '{"a": 1}'), **forced)[0]
+    assert not _accepts(compiler, call.replace("ARGS", '"x"'), **forced)[0]
+
+
+def test_a_function_without_parameters_takes_no_arguments(compiler):
+    forced = {"tools": [TIME], "tool_choice": "required"}
+    assert _accepts(compiler, TIME_CALL, **forced)[0]
+    assert not _accepts(compiler, TIME_CALL.replace("{}", '{"zone": "UTC"}'), **forced)[0]
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
