@@ -263,8 +263,21 @@ def _dialect_insert(conn: Connection):
 
 
 def _ensure_period(conn: Connection, user_id: str, period_start: int) -> None:
-    values = {"user_id": user_id, "period_start": period_start, "used": 0, "reserved": 0}
+    """The period's row, made at its first reservation with what the user's usage rows
+    already hold since it began: a period changed by the operator (month to day, say)
+    counts the tokens spent in it, as a fresh count would give a new allowance."""
+    used = _used_since(conn, user_id, period_start)
+    values = {"user_id": user_id, "period_start": period_start, "used": used, "reserved": 0}
     conn.execute(_dialect_insert(conn)(quota_periods).values(**values).on_conflict_do_nothing())
+
+
+def _used_since(conn: Connection, user_id: str, period_start: int) -> int:
+    """The tokens of the user's usage rows recorded from `period_start` on."""
+    rows = usage_records.c
+    total = select(func.coalesce(func.sum(rows.input_tokens + rows.output_tokens), 0)).where(
+        rows.user_id == user_id, rows.created_at >= period_start
+    )
+    return int(conn.execute(total).scalar_one())
 
 
 def reserve(
@@ -395,13 +408,16 @@ def release_reservations(repo: Repository) -> int:
 
 
 def quota_state(repo: Repository, user_id: str, period_start: int) -> QuotaState:
+    """The period's count; before its first reservation, what its row will start from."""
     with repo.engine.connect() as conn:
         row = conn.execute(
             select(quota_periods.c.used, quota_periods.c.reserved).where(
                 quota_periods.c.user_id == user_id, quota_periods.c.period_start == period_start
             )
         ).first()
-    return QuotaState() if row is None else QuotaState(row.used, row.reserved)
+        if row is None:
+            return QuotaState(used=_used_since(conn, user_id, period_start))
+    return QuotaState(row.used, row.reserved)
 
 
 # -- usage -------------------------------------------------------------------------------

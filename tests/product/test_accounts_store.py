@@ -146,6 +146,22 @@ def test_a_reservation_can_be_extended_and_is_settled_once(store):
     assert db.quota_state(repo, alice.id, 0) == db.QuotaState(used=50, reserved=0)
 
 
+def test_a_period_changed_by_the_operator_counts_what_was_spent_in_it(store):
+    """Moving a user from a monthly to a daily quota (or to "total") starts the new period
+    from the usage rows already in it, not from zero: a fresh count was a new allowance."""
+    repo = store.repo
+    alice = _user(repo, "alice", 200, "month")
+    now = time.time()
+    month, day = period_start("month", now), period_start("day", now)
+    assert db.reserve(repo, "rsv_1", alice.id, month, 189, 200, now)
+    db.settle(repo, "rsv_1", _record(alice.id, 150, 39, created_at=now))
+    db.settle(repo, None, _record(alice.id, 1000, 0, created_at=now - 40 * 86400))  # before
+    assert db.quota_state(repo, alice.id, day) == db.QuotaState(used=189, reserved=0)
+    assert db.reserve(repo, "rsv_2", alice.id, day, 11, 200, now)
+    assert not db.reserve(repo, "rsv_3", alice.id, day, 1, 200, now)
+    assert db.quota_state(repo, alice.id, 0).used == 1189
+
+
 def test_release_reservations_frees_what_a_crash_left_held(store):
     repo = store.repo
     alice = _user(repo, "alice", 100)
