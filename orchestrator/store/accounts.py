@@ -266,6 +266,12 @@ def _ensure_period(conn: Connection, user_id: str, period_start: int) -> None:
     """The period's row, made at its first reservation with what the user's usage rows
     already hold since it began: a period changed by the operator (month to day, say)
     counts the tokens spent in it, as a fresh count would give a new allowance."""
+    period = quota_periods.c
+    found = select(period.used).where(
+        period.user_id == user_id, period.period_start == period_start
+    )
+    if conn.execute(found).first() is not None:  # the request was over the limit
+        return
     used = _used_since(conn, user_id, period_start)
     values = {"user_id": user_id, "period_start": period_start, "used": used, "reserved": 0}
     conn.execute(_dialect_insert(conn)(quota_periods).values(**values).on_conflict_do_nothing())
