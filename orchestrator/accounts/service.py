@@ -103,6 +103,10 @@ class Accounts:
         )
         if not fits:
             self.limiter.refund_tokens(user.id, more)
+            state = await self.store.call(db.quota_state, user.id, held.period_start)
+            # what this generation could have had: the period's free tokens and, for a later
+            # generation, what the request holds beyond what it used
+            left = max(0, user.token_quota - state.used - state.reserved) + (tokens - more)
             what, lower = (
                 ("up to {} tokens (prompt + max output)", "Lower max_tokens")
                 if generates
@@ -110,8 +114,8 @@ class Accounts:
             )
             raise QuotaExceededError(
                 f"You exceeded your current quota: this request needs {what.format(tokens)}, "
-                f"more than is left of your {user.token_quota}-token {user.quota_period} "
-                f"quota. {lower}, or ask the operator for more.",
+                f"more than the {left} left of your {user.token_quota}-token "
+                f"{user.quota_period} quota. {lower}, or ask the operator for more.",
                 code="insufficient_quota",
             )
         held.rate_tokens += more

@@ -219,6 +219,8 @@ def test_over_quota_is_a_429_insufficient_quota_before_any_compute_and_others_go
         error = refused.json()["error"]
         assert error["type"] == "insufficient_quota" and error["code"] == "insufficient_quota"
         assert error["param"] is None and "quota" in error["message"]
+        assert f"needs up to {prompt + 13} tokens" in error["message"]
+        assert f"more than the {100 - prompt - 13} left of your 100-token day" in error["message"]
         assert len(server.engine.prompts) == prompts_before  # nothing reached the engine
         assert _chat(bob, max_tokens=13).status_code == 200
         report = alice.get("/usage").json()
@@ -570,6 +572,9 @@ def test_each_model_turn_of_a_tool_loop_reserves_before_it_runs(product_server):
             json=TOOL_TURN,
         ).json()
     assert cut["status"] == "failed" and cut["error"]["code"] == "insufficient_quota"
+    # what the second turn could have had: the quota less what the first turn used
+    left = first_prompt + 200 + 50 - cut["usage"]["total_tokens"]
+    assert f"more than the {left} left of your" in cut["error"]["message"]
     assert [item["type"] for item in cut["output"]] == ["function_call", "function_call_output"]
     state = db.quota_state(
         server.product.store.repo, "user_poor", period_start("month", time.time())
