@@ -54,6 +54,16 @@ def _count(text: str) -> int | None:
     return value
 
 
+def _mebibytes(text: str) -> int | None:
+    """A storage limit in MiB, whose bytes must fit the store's 64-bit column."""
+    value = _count(text)
+    if value is not None and value > MAX_LIMIT >> 20:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 0 to {MAX_LIMIT >> 20} (or 'none'), got {text!r}"
+        )
+    return value
+
+
 def _positive(text: str) -> int | None:
     value = _count(text)
     if value == 0:
@@ -89,7 +99,7 @@ def _limit_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     )
     parser.add_argument(
         "--storage-quota-mb",
-        type=_count,
+        type=_mebibytes,
         default=default,
         metavar="MIB",
         help="uploaded files' bytes, all told, in MiB; 'none': unlimited",
@@ -155,7 +165,7 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _bytes(mib: int | None) -> int | None:
-    return None if mib is None else min(mib * 2**20, MAX_LIMIT)
+    return None if mib is None else mib * 2**20
 
 
 def _limits(user: UserRow) -> dict:
