@@ -205,26 +205,52 @@ def _message(raw: Any, i: int) -> Message:
 
 
 def _check_tool_results(messages: list[Message]) -> None:
-    """OpenAI's rule: tool messages answer the tool_calls of the assistant message just
-    before them (other tool messages aside), each naming one of its calls."""
+    """OpenAI's rules: tool messages answer the tool_calls of the assistant message just
+    before them (other tool messages aside), each naming one of its calls, once; and
+    every call is answered before the conversation goes on. Calls without ids (some
+    clients drop them) can be answered by any tool message, and are not counted."""
     calls: set[str] | None = None  # the ids of the calls being answered, if any
+    answered: set[str] = set()
     for i, message in enumerate(messages):
-        if message.role == "assistant":
-            calls = {c.id for c in message.tool_calls} if message.tool_calls else None
-        elif message.role != "tool":
+        if message.role != "tool":
+            _require_answers(calls, answered, i)
             calls = None
+            if message.role == "assistant" and message.tool_calls:
+                calls = {c.id for c in message.tool_calls}
+            answered = set()
         elif calls is None:
             raise invalid(
                 f"messages[{i}]: a tool message must follow an assistant message with "
                 "tool_calls (or another tool message answering them)",
                 "messages",
             )
-        elif "" not in calls and message.tool_call_id not in calls:
-            raise invalid(
-                f"messages[{i}].tool_call_id {message.tool_call_id!r} is not among the "
-                "tool_calls of the assistant message before it",
-                "messages",
-            )
+        elif "" not in calls:
+            if message.tool_call_id not in calls:
+                raise invalid(
+                    f"messages[{i}].tool_call_id {message.tool_call_id!r} is not among the "
+                    "tool_calls of the assistant message before it",
+                    "messages",
+                )
+            if message.tool_call_id in answered:
+                raise invalid(
+                    f"messages[{i}].tool_call_id {message.tool_call_id!r} answers a call "
+                    "answered before it",
+                    "messages",
+                )
+            answered.add(message.tool_call_id)
+    _require_answers(calls, answered, len(messages))
+
+
+def _require_answers(calls: set[str] | None, answered: set[str], at: int) -> None:
+    """The calls being answered are all answered by messages[at] (where a message of
+    another role, or the end, comes)."""
+    if calls and "" not in calls and calls - answered:
+        missing = ", ".join(sorted(calls - answered))
+        raise invalid(
+            "an assistant message with tool_calls must be followed by tool messages "
+            f"answering each of its calls; not answered before messages[{at}]: {missing}",
+            "messages",
+        )
 
 
 def _tool(raw: Any, i: int) -> Tool:
@@ -340,6 +366,13 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
             code="context_length_exceeded",
         )
     _check_common(body)
+    for legacy in ("functions", "function_call"):  # ignored, a forced call would be lost
+        if body.get(legacy) is not None:
+            raise invalid(
+                f"{legacy} (the deprecated form of tools and tool_choice) is not supported: "
+                "send tools and tool_choice",
+                legacy,
+            )
     messages = [_message(m, i) for i, m in enumerate(messages_raw)]
     _check_tool_results(messages)
     tools = [_tool(t, i) for i, t in enumerate(typed_field(body, "tools", "an array", []))]

@@ -17,6 +17,15 @@ from tests.server.fake_engine import FakeEngine, FakeTokenizer
 from tests.server.sse_client import events
 from tests.server.test_app import USER, assert_error, chat
 
+CALLS = {
+    "role": "assistant",
+    "tool_calls": [
+        {"id": i, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        for i in ("call_a", "call_b")
+    ],
+}
+ANSWER_A = {"role": "tool", "tool_call_id": "call_a", "content": "1"}
+
 
 def post_raw(server, path: str, content: bytes, content_type: str | None = "application/json"):
     headers = {"content-type": content_type} if content_type else {}
@@ -51,6 +60,11 @@ def post_raw(server, path: str, content: bytes, content_type: str | None = "appl
             "tool_choice",
         ),
         ({"messages": USER, "tool_choice": ["auto"]}, "tool_choice"),
+        ({"messages": USER, "functions": [{"name": "f"}]}, "functions"),
+        ({"messages": USER, "function_call": {"name": "f"}}, "function_call"),
+        ({"messages": [*USER, CALLS], "max_tokens": 4}, "messages"),  # calls left unanswered
+        ({"messages": [*USER, CALLS, ANSWER_A, USER[0]]}, "messages"),  # call_b unanswered
+        ({"messages": [*USER, CALLS, ANSWER_A, ANSWER_A]}, "messages"),  # answered twice
         ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
         (
             {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
