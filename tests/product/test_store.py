@@ -231,24 +231,14 @@ def test_a_chain_from_a_conversations_response_starts_with_what_it_saw(store):
     _record(repo, "alice", "resp_h2", None, "two", conversation="conv_h")
     _record(repo, "alice", "resp_h3", None, "three", conversation="conv_h")
     _record(repo, "alice", "resp_h4", "resp_h2", "four")
-    _, history = repo.response_history("alice", "resp_h4")
-    assert [i["id"] for i in history.items] == [
-        "msg_0",
-        "msg_in_resp_h1",
-        "msg_out_resp_h1",
-        "msg_in_resp_h2",
-        "msg_out_resp_h2",
-        "msg_in_resp_h4",
-        "msg_out_resp_h4",
-    ]
+
+    def chain(response_id: str) -> list[str]:
+        return [i["id"] for i in repo.response_history("alice", response_id)[1].items]
+
+    own = [f"msg_{kind}_resp_h{n}" for n in (1, 2, 4) for kind in ("in", "out")]
+    assert chain("resp_h4") == ["msg_0", *own]
     repo.delete_conversation_item("alice", "conv_h", "msg_in_resp_h1")
-    _, history = repo.response_history("alice", "resp_h2")
-    assert [i["id"] for i in history.items] == [
-        "msg_0",
-        "msg_out_resp_h1",
-        "msg_in_resp_h2",
-        "msg_out_resp_h2",
-    ]
+    assert chain("resp_h2") == ["msg_0", *own[1:4]]
 
 
 def test_deleting_removes_the_rows(store):
