@@ -39,29 +39,28 @@ class AdminError(Exception):
     """A command that cannot be done as asked (printed, exit status 1)."""
 
 
-def _count(text: str) -> int | None:
-    """A limit: a non-negative integer, or "none" for no limit."""
+def _whole(text: str, most: int) -> int | None:
+    """A limit from 0 to `most`, or "none" for no limit."""
     if text.lower() == "none":
         return None
     try:
         value = int(text)
     except ValueError:
         value = -1  # argparse would name this function in its message
-    if not 0 <= value <= MAX_LIMIT:
+    if not 0 <= value <= most:
         raise argparse.ArgumentTypeError(
-            f"must be a whole number from 0 to {MAX_LIMIT} (or 'none'), got {text!r}"
+            f"must be a whole number from 0 to {most} (or 'none'), got {text!r}"
         )
     return value
+
+
+def _count(text: str) -> int | None:
+    return _whole(text, MAX_LIMIT)
 
 
 def _mebibytes(text: str) -> int | None:
     """A storage limit in MiB, whose bytes must fit the store's 64-bit column."""
-    value = _count(text)
-    if value is not None and value > MAX_LIMIT >> 20:
-        raise argparse.ArgumentTypeError(
-            f"must be a whole number from 0 to {MAX_LIMIT >> 20} (or 'none'), got {text!r}"
-        )
-    return value
+    return _whole(text, MAX_LIMIT >> 20)
 
 
 def _positive(text: str) -> int | None:

@@ -170,10 +170,25 @@ def list_users(repo: Repository) -> list[UserRow]:
 
 
 def update_user(repo: Repository, name: str, changes: dict) -> UserRow | None:
-    """Change a user's limits (`changes`: column -> value); None if there is no such user."""
+    """Change a user's limits (`changes`: column -> value); None if there is no such user.
+    A new quota period recounts the user's period rows from their usage rows: a row of a
+    period left and now taken again (month, day, month) missed what was spent meanwhile."""
     with repo.engine.begin() as conn:
         if changes:
             conn.execute(update(users).where(users.c.name == name).values(**changes))
+        if "quota_period" in changes:
+            user_id = conn.execute(select(users.c.id).where(users.c.name == name)).scalar()
+            starts = conn.execute(
+                select(quota_periods.c.period_start).where(quota_periods.c.user_id == user_id)
+            ).scalars()
+            for start in list(starts):
+                conn.execute(
+                    update(quota_periods)
+                    .where(
+                        quota_periods.c.user_id == user_id, quota_periods.c.period_start == start
+                    )
+                    .values(used=_used_since(conn, user_id, start))
+                )
     return get_user(repo, name)
 
 

@@ -156,10 +156,15 @@ def test_a_period_changed_by_the_operator_counts_what_was_spent_in_it(store):
     assert db.reserve(repo, "rsv_1", alice.id, month, 189, 200, now)
     db.settle(repo, "rsv_1", _record(alice.id, 150, 39, created_at=now))
     db.settle(repo, None, _record(alice.id, 1000, 0, created_at=now - 40 * 86400))  # before
+    db.update_user(repo, "alice", {"quota_period": "day"})
     assert db.quota_state(repo, alice.id, day) == db.QuotaState(used=189, reserved=0)
     assert db.reserve(repo, "rsv_2", alice.id, day, 11, 200, now)
     assert not db.reserve(repo, "rsv_3", alice.id, day, 1, 200, now)
     assert db.quota_state(repo, alice.id, 0).used == 1189
+    # Back to the month: its row, made before, is recounted with what the day spent.
+    db.settle(repo, "rsv_2", _record(alice.id, 5, 5, created_at=now))
+    db.update_user(repo, "alice", {"quota_period": "month"})
+    assert db.quota_state(repo, alice.id, month) == db.QuotaState(used=199, reserved=0)
 
 
 def test_release_reservations_frees_what_a_crash_left_held(store):
