@@ -64,8 +64,11 @@ if pid == 0:
         resource.setrlimit(getattr(resource, name), (rlimits[2 * i], rlimits[2 * i + 1]))
     os.nice(nice)  # start-up ran at normal priority: it is short
     status = 0
+    # the code's own module as __main__, so pickle finds its functions (multiprocessing)
+    main = type(sys)("__main__")
+    sys.modules["__main__"] = main
     try:
-        exec(compile(source, "main.py", "exec"), {"__name__": "__main__"})
+        exec(compile(source, "main.py", "exec"), main.__dict__)
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             status = exc.code or 0

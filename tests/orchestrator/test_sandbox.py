@@ -55,6 +55,19 @@ def test_runs_code_and_reports_output_status_and_files():
     assert files == {"plots/a.txt": b"hello", "b.bin": bytes(range(5))}
 
 
+def test_a_process_pool_runs_the_codes_own_functions():
+    result, _ = run("""
+        from multiprocessing import Pool
+
+        def square(x):
+            return x * x
+
+        with Pool(2) as pool:
+            print(pool.map(square, range(5)))
+    """)
+    assert (result.stdout, result.exit_code) == ("[0, 1, 4, 9, 16]\n", 0), result
+
+
 def test_an_exception_gives_its_traceback_and_status_1():
     result, _ = run("x = 1\nraise ValueError('boom')\n")
     assert result.exit_code == 1
