@@ -118,7 +118,12 @@ class VectorStoreService:
     # -- vector stores -------------------------------------------------------------------
 
     async def create(
-        self, owner: str, name: str | None, metadata: dict, files: list[FileToAdd]
+        self,
+        owner: str,
+        name: str | None,
+        metadata: dict,
+        files: list[FileToAdd],
+        description: str | None = None,
     ) -> dict:
         now = int(time.time())
         body = {
@@ -126,6 +131,7 @@ class VectorStoreService:
             "object": "vector_store",
             "created_at": now,
             "name": name,
+            "description": description,
             "metadata": metadata,
             "last_active_at": now,
             "expires_after": None,

@@ -15,11 +15,13 @@ from orchestrator.retrieval.filters import MAX_KEY_LENGTH, is_number
 from orchestrator.vector_stores import FileToAdd, Search
 from server.access import owner
 from server.errors import APIError, invalid, known_fields
+from server.protocol import typed_field
 from server.responses import product
 from server.responses_protocol import parse_metadata, parse_page
 from server.vector_store_search import parse_search_request, search_results_page
 
 MAX_FILE_IDS = 500
+MAX_DESCRIPTION = 512
 STATUSES = ("in_progress", "completed", "failed", "cancelled")
 
 
@@ -83,8 +85,11 @@ def _distinct_file_ids(values: list) -> list[str]:
 
 
 async def create_vector_store(request: Request, body: Any) -> Response:
-    fields = {"name", "metadata", "file_ids", "chunking_strategy", "expires_after"}
+    fields = {"name", "description", "metadata", "file_ids", "chunking_strategy", "expires_after"}
     body = known_fields(body, fields)
+    description = typed_field(body, "description", "a string")
+    if description is not None and len(description) > MAX_DESCRIPTION:
+        raise invalid(f"description may be at most {MAX_DESCRIPTION} characters", "description")
     if body.get("expires_after") is not None:
         raise invalid("expires_after is not supported by this server", "expires_after")
     file_ids = body.get("file_ids") or []
@@ -94,7 +99,7 @@ async def create_vector_store(request: Request, body: Any) -> Response:
     files = [FileToAdd(file_id, chunking, {}) for file_id in _distinct_file_ids(file_ids)]
     return JSONResponse(
         await _service(request).create(
-            owner(request), _name(body), parse_metadata(body.get("metadata")), files
+            owner(request), _name(body), parse_metadata(body.get("metadata")), files, description
         )
     )
 

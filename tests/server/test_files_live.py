@@ -243,6 +243,15 @@ def test_vector_store_update_and_list(client, vector_store):
     assert vector_store.id in {s.id for s in client.vector_stores.list(limit=100)}
 
 
+def test_a_vector_store_keeps_the_description_the_sdk_sends(client):
+    store = client.vector_stores.create(name="described", description="Team handbook")
+    assert client.vector_stores.retrieve(store.id).model_extra["description"] == "Team handbook"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.vector_stores.create(description="x" * 513)
+    assert caught.value.body["param"] == "description"
+    client.vector_stores.delete(store.id)
+
+
 def test_removing_a_file_removes_its_chunks_and_vectors(client, live, uploaded, vector_store):
     """Last: it changes the shared store."""
     bread, volcano = uploaded["bread.md"], uploaded["volcanoes.txt"]
