@@ -20,6 +20,7 @@ const state = {
   stream: null, // {controller, nodeId, conversationId} while a turn streams
   deleted: new Set(), // ids of conversations deleted here: a turn ending there stores nothing
   models: [],
+  windows: new Map(), // model id -> its context window in tokens (max_model_len)
   searchText: new Map(), // conversation id -> its transcript, lower-cased (for search)
   pendingRender: false,
   saves: Promise.resolve(), // the metadata saves, one after another (queueSave)
@@ -191,6 +192,8 @@ function startRename(li, conversation) {
     const title = input.value.trim();
     if (save && title) await renameConversation(conversation.id, title).catch(reportError);
     renderSidebar();
+    const entry = $("conversation-list").querySelector(`li[data-id="${conversation.id}"]`);
+    if (entry && document.activeElement === document.body) entry.querySelector("button").focus();
   };
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter") finish(true);
@@ -226,6 +229,7 @@ function confirmDelete(conversation) {
     state.conversations = state.conversations.filter((c) => c.id !== conversation.id);
     if (state.open && state.open.id === conversation.id) newChat();
     renderSidebar();
+    if (document.activeElement === document.body) $("prompt").focus();
   };
   dialog.showModal();
   $("confirm-cancel").focus();
@@ -535,9 +539,16 @@ function branchSwitcher(node, siblings) {
   const box = el("span", "branches");
   const go = (step) => () => {
     if (busy()) return;
-    state.tree.choose(siblings[at + step]);
+    const shown = siblings[at + step];
+    state.tree.choose(shown);
     renderMessages();
     persistTree();
+    // The arrows were drawn again: keep the keyboard on the one used (or, at the end of
+    // the row, on the other).
+    const turn = document.querySelector(`#messages .turn[data-response-id="${shown}"]`);
+    const arrows = turn ? [...turn.querySelectorAll(".branches button")] : [];
+    const used = arrows[step < 0 ? 0 : arrows.length - 1];
+    (used && !used.disabled ? used : arrows.find((b) => !b.disabled))?.focus();
   };
   const prev = button("<", "small", go(-1), "Previous branch");
   const next = button(">", "small", go(1), "Next branch");
@@ -579,7 +590,10 @@ function startEdit(bubble, node, text) {
       event.preventDefault();
       form.requestSubmit();
     }
-    if (event.key === "Escape") renderMessages();
+    if (event.key === "Escape") {
+      renderMessages();
+      $("prompt").focus();
+    }
   });
   bubble.replaceChildren(form);
   area.focus();
@@ -595,7 +609,8 @@ function regenerate(node) {
 
 function requestBody(parent, text) {
   const { settings, instructions, vectorStore } = meta();
-  const body = { model: settings.model || state.models[0], input: text };
+  // A long conversation drops its oldest turns from the prompt rather than fail.
+  const body = { model: settings.model || state.models[0], input: text, truncation: "auto" };
   if (parent) body.previous_response_id = parent;
   if (instructions) body.instructions = instructions;
   if (settings.temperature !== "" && settings.temperature != null) body.temperature = Number(settings.temperature);
@@ -822,7 +837,9 @@ function showStreaming(on) {
   $("send").hidden = on;
   $("stop").hidden = !on;
   $("prompt").setAttribute("aria-busy", on ? "true" : "false");
-  if (!on && document.activeElement === $("stop")) $("prompt").focus();
+  // Stop (or Send, hidden meanwhile) had the focus: it goes back to the prompt.
+  const lost = document.activeElement === $("stop") || document.activeElement === document.body;
+  if (!on && lost) $("prompt").focus();
 }
 
 function send(event) {
@@ -928,11 +945,20 @@ function openSettings() {
     return option;
   }));
   $("model").value = current.settings.model || state.models[0] || "";
+  limitOutputTokens();
   $("temperature").value = current.settings.temperature ?? "";
   $("max-output-tokens").value = current.settings.max_output_tokens ?? "";
   $("always-search").checked = current.settings.always_search !== false;
   $("settings").showModal();
   $("instructions").focus();
+}
+
+// Max output tokens stays below the model's window: a value past it fails every message
+// (the window holds the prompt and the output together).
+function limitOutputTokens() {
+  const size = state.windows.get($("model").value);
+  if (size) $("max-output-tokens").max = String(size - 1);
+  else $("max-output-tokens").removeAttribute("max");
 }
 
 async function saveSettings(event) {
@@ -976,7 +1002,9 @@ function onPromptKey(event) {
 async function start() {
   try {
     const models = await request("GET", "/v1/models");
-    state.models = models.data.filter((m) => m.task !== "embed").map((m) => m.id);
+    const generating = models.data.filter((m) => m.task !== "embed");
+    state.models = generating.map((m) => m.id);
+    state.windows = new Map(generating.map((m) => [m.id, m.max_model_len]));
   } catch (error) {
     if (!(error instanceof ApiError && error.status === 401)) reportError(error);
     return;
@@ -1005,6 +1033,7 @@ function wire() {
   $("search").addEventListener("input", onSearch);
   $("open-settings").addEventListener("click", openSettings);
   $("settings-form").addEventListener("submit", saveSettings);
+  $("model").addEventListener("change", limitOutputTokens);
   $("settings-cancel").addEventListener("click", () => $("settings").close());
   $("sign-in-form").addEventListener("submit", signIn);
   $("sign-out").addEventListener("click", () => {

@@ -444,6 +444,35 @@ def test_an_opening_still_loading_gives_way_to_a_later_click(page):
     assert "#" not in page.url
 
 
+def test_keyboard_focus_stays_on_the_branch_arrows(page):
+    send(page, "Hi!")
+    before = finished_turns(page)
+    page.get_by_role("button", name="Regenerate answer").click()
+    wait_for_turn(page, before)
+    page.get_by_role("button", name="Previous branch").focus()
+    page.keyboard.press("Enter")  # to 1/2: the arrows are drawn again, "previous" disabled
+    assert page.inner_text("#messages .branch-position") == "1/2"
+    focused = "document.activeElement.getAttribute('aria-label')"
+    assert page.evaluate(focused) == "Next branch"
+    page.keyboard.press("Enter")
+    assert page.inner_text("#messages .branch-position") == "2/2"
+    assert page.evaluate(focused) == "Previous branch"
+
+
+def test_settings_take_any_temperature_and_bound_the_output_tokens(page, api):
+    [model] = [m for m in api.get("/v1/models").json()["data"] if m["id"] == MODEL]
+    page.click("#open-settings")
+    page.fill("#temperature", "0.15")
+    page.fill("#max-output-tokens", str(model["max_model_len"]))  # no room left for a prompt
+    page.click("#settings-save")
+    assert page.locator("#settings").is_visible()  # refused in the dialog
+    assert page.evaluate("document.getElementById('max-output-tokens').validity.rangeOverflow")
+    assert page.evaluate("document.getElementById('temperature').validity.valid")
+    page.fill("#max-output-tokens", "12")
+    page.click("#settings-save")
+    assert not page.locator("#settings").is_visible()
+
+
 def test_rename_search_and_delete_conversations(page, api):
     send(page, "Tell me about zebras.")
     page.click("#new-chat")
