@@ -131,13 +131,18 @@ def migrate(engine: Engine) -> None:
 def _reclaim_free_pages(engine: Engine) -> None:
     """SQLite keeps the pages a migration's rebuilt tables freed (0008's old vector chunks)
     in the file; when they are a quarter of it or more, VACUUM gives them back once. It
-    cannot run inside a transaction, so not in the migration itself."""
+    cannot run inside a transaction, so not in the migration itself. Best effort: a VACUUM
+    that fails (another process reading the file, no disk for its copy) leaves the pages
+    free, and the store works as before."""
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         free = conn.exec_driver_sql("PRAGMA freelist_count").scalar_one()
         pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
         if free and 4 * free >= pages:
             log.info("reclaiming %d free pages of %d after the schema upgrade", free, pages)
-            conn.exec_driver_sql("VACUUM")
+            try:
+                conn.exec_driver_sql("VACUUM")
+            except DBAPIError as exc:
+                log.warning("could not reclaim them (%s); the file keeps them", exc.orig)
 
 
 def hold_data_dir(data_dir: str | Path) -> IO[str]:

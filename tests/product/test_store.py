@@ -11,7 +11,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import MetaData, func, inspect, select, text
+from sqlalchemy import MetaData, event, func, inspect, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator.errors import NotFoundError
@@ -25,6 +25,7 @@ from orchestrator.store import (
     sqlite_url,
 )
 from orchestrator.store import knowledge as kb
+from orchestrator.store import store as store_module
 from orchestrator.store.store import MIGRATIONS, SchemaTooNewError, create_db_engine
 from orchestrator.store.tables import conversation_items, metadata, response_items, responses
 
@@ -419,20 +420,19 @@ def test_bad_data_directories_and_database_urls_are_clear_one_line_errors(tmp_pa
     assert "\n" not in message and "sqlalche.me" not in message and "127.0.0.1" in message
 
 
-def test_vectors_are_stored_in_small_chunks_and_an_older_index_is_rebuilt_so(tmp_path):
-    """Revision 0008 rebuilds a `vec0` table made with sqlite-vec's default chunk (1,024
-    vectors: 1.5 MB for any store holding a vector) in chunks of VECTOR_CHUNK, keeping
-    every vector and what a search finds, and the file gives the freed pages back."""
-    path = tmp_path / "tokenmill.db"
-    url = f"sqlite:///{path}"
+VECTOR = bytes(range(256)) * 6  # 384 float32s
+
+
+def _older_vector_index(url: str) -> None:
+    """A store at revision 0007 whose `vec0` table has sqlite-vec's default chunk (1,024
+    vectors), as the older code made it, holding one vector in each of two stores."""
     engine = create_db_engine(url)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    vector = bytes(range(256)) * 6  # 384 float32s
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, "0007")
-        conn.exec_driver_sql("DROP TABLE retrieval_vectors")  # as the older code made it
+        conn.exec_driver_sql("DROP TABLE retrieval_vectors")
         conn.exec_driver_sql(vectors_ddl(384).replace(f", chunk_size={VECTOR_CHUNK}", ""))
         for i, store_id in enumerate(("vs_a", "vs_b"), start=1):
             conn.execute(
@@ -440,29 +440,71 @@ def test_vectors_are_stored_in_small_chunks_and_an_older_index_is_rebuilt_so(tmp
                     "INSERT INTO retrieval_vectors (id, vector_store_id, owner_id, embedding) "
                     "VALUES (:id, :store, 'user_a', :vector)"
                 ),
-                {"id": i, "store": store_id, "vector": vector},
+                {"id": i, "store": store_id, "vector": VECTOR},
             )
     engine.dispose()
+
+
+def _kept_vectors(store: Store) -> list[tuple]:
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT id, vector_store_id, embedding FROM retrieval_vectors ORDER BY id"
+        ).all()
+    return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+
+def test_vectors_are_stored_in_small_chunks_and_an_older_index_is_rebuilt_so(tmp_path):
+    """Revision 0008 rebuilds a `vec0` table made with sqlite-vec's default chunk (1,024
+    vectors: 1.5 MB for any store holding a vector) in chunks of VECTOR_CHUNK, keeping
+    every vector and what a search finds, and the file gives the freed pages back."""
+    path = tmp_path / "tokenmill.db"
+    url = f"sqlite:///{path}"
+    _older_vector_index(url)
     old_bytes = path.stat().st_size
     store = Store(url)
     try:
+        kept = _kept_vectors(store)
         with store.engine.connect() as conn:
             free_pages = conn.exec_driver_sql("PRAGMA freelist_count").scalar_one()
-            kept = conn.exec_driver_sql(
-                "SELECT id, vector_store_id, embedding FROM retrieval_vectors ORDER BY id"
-            ).all()
             chunks = conn.exec_driver_sql(
                 "SELECT length(vectors) FROM retrieval_vectors_vector_chunks00"
             ).all()
             found = conn.exec_driver_sql(
                 "SELECT id FROM retrieval_vectors WHERE embedding MATCH ? AND k = 5 "
                 "AND vector_store_id = 'vs_b'",
-                (vector,),
+                (VECTOR,),
             ).all()
     finally:
         store.close()
-    assert [(r[0], r[1], bytes(r[2])) for r in kept] == [(1, "vs_a", vector), (2, "vs_b", vector)]
+    assert kept == [(1, "vs_a", VECTOR), (2, "vs_b", VECTOR)]
     assert chunks == [(VECTOR_CHUNK * 384 * 4,)] * 2  # one small chunk per store
     assert found == [(2,)]
     assert old_bytes > 3_000_000  # two default chunks
     assert free_pages == 0 and path.stat().st_size < old_bytes / 4
+
+
+def test_a_vacuum_that_fails_after_an_upgrade_leaves_the_store_working(tmp_path, monkeypatch):
+    """The VACUUM after an upgrade is best effort: refused (another process reading the
+    file, no disk for its copy), the server starts with the pages left free."""
+    url = f"sqlite:///{tmp_path / 'tokenmill.db'}"
+    _older_vector_index(url)
+    make_engine = store_module._create_engine
+
+    def refusing_vacuum(url: str):
+        engine = make_engine(url)
+
+        def refuse(_conn, _cursor, statement, *_args) -> None:
+            if statement.strip().upper() == "VACUUM":
+                raise engine.dialect.loaded_dbapi.OperationalError("database is locked")
+
+        event.listen(engine, "before_cursor_execute", refuse)
+        return engine
+
+    monkeypatch.setattr(store_module, "_create_engine", refusing_vacuum)
+    store = Store(url)
+    try:
+        assert _kept_vectors(store) == [(1, "vs_a", VECTOR), (2, "vs_b", VECTOR)]
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA freelist_count").scalar_one() > 0
+    finally:
+        store.close()
