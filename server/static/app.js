@@ -378,6 +378,10 @@ function queueSave(id, decoded, changed, prepare = () => {}) {
       prepare();
       return saveMeta(id, decoded, changed);
     })
+    .catch((error) => {
+      if (!(error instanceof ApiError && error.status === 404)) throw error;
+      deletedElsewhere(id); // nothing left to save into
+    })
     .finally(() => {
       for (const key of changed) {
         const left = state.pendingKeys.get(key) - 1;
@@ -640,6 +644,19 @@ async function stillThere(id) {
 function forgetDeleted(id) {
   state.conversations = state.conversations.filter((c) => c.id !== id);
   newChat();
+}
+
+// A save found the conversation gone: another tab or window deleted it. It leaves the
+// sidebar (and the screen, when open), and the page says why.
+function deletedElsewhere(id) {
+  if (state.open && state.open.id === id) {
+    if (busy()) return; // the turn on its way says so itself (runTurn)
+    forgetDeleted(id);
+  } else {
+    state.conversations = state.conversations.filter((c) => c.id !== id);
+    renderSidebar();
+  }
+  setStatus("This conversation was deleted in another tab or window.", true);
 }
 
 async function runTurn(parent, text) {

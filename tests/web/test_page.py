@@ -285,6 +285,24 @@ def test_a_conversation_deleted_in_another_tab_keeps_the_message_typed(session, 
     assert page.inner_text("#chat-title") == "New chat"
 
 
+def test_a_conversation_deleted_elsewhere_leaves_the_sidebar_at_the_next_save(session, api):
+    context, console = session
+    console.expected.append(r"404 .*@ .*/v1/conversations/conv_")  # the save's read
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    send(page, "Then deleted elsewhere.")
+    conversation = page.evaluate("location.hash")[1:]
+    assert api.delete(f"/v1/conversations/{conversation}").status_code == 200
+    entry = page.locator(f"#conversation-list li[data-id={conversation}]")
+    entry.get_by_role("button", name="Rename").click()
+    page.fill("#conversation-list .rename-input", "Too late")
+    page.press("#conversation-list .rename-input", "Enter")
+    page.wait_for_function("() => !document.body.dataset.saving")
+    assert "deleted in another tab" in page.inner_text("#status")
+    assert entry.count() == 0 and page.inner_text("#chat-title") == "New chat"
+
+
 def test_a_server_out_of_reach_is_said_plainly_and_the_message_kept(session):
     context, console = session
     console.expected.append(r"net::ERR_FAILED")  # the browser's own line for the failed fetch
