@@ -69,10 +69,11 @@ class ToolRegistry:
         """Sort a request's `tools` into built-ins and client functions.
 
         `{"type": "code_interpreter", "container": {"type": "auto"}}` and a function
-        declared by name only (`{"type": "function", "name": "calculator"}`) are
-        built-ins, their schema filled in here; a function with `parameters` is the
-        client's. `defaults` (the server's --default-tools) are offered as well. A
-        built-in this server cannot run raises ToolUnavailable naming the entry."""
+        declared by a built-in's name only (`{"type": "function", "name": "calculator"}`)
+        are built-ins, their schema filled in here; a function with `parameters`, or
+        another name, is the client's (one without `parameters` takes none). `defaults`
+        (the server's --default-tools) are offered as well. A built-in this server cannot
+        run raises ToolUnavailable naming the entry."""
         resolved = ResolvedTools()
         wanted: list[tuple[str, str]] = [(name, "default tools") for name in defaults]
         for i, tool in enumerate(declared):
@@ -84,7 +85,7 @@ class ToolRegistry:
                         "is supported (each call runs in a fresh sandbox)"
                     )
                 wanted.append(("code_interpreter", f"tools[{i}]"))
-            elif tool.get("type") == "function" and tool.get("parameters") is None:
+            elif tool.get("type") == "function" and self._builtin_named(tool):
                 wanted.append((tool.get("name"), f"tools[{i}]"))
             else:
                 resolved.client_functions.append(tool.get("name"))
@@ -98,6 +99,12 @@ class ToolRegistry:
                 raise ToolUnavailable(f"{where}: {exc}") from None
             resolved.declarations.append(self.declaration(name))
         return resolved
+
+    def _builtin_named(self, tool: dict) -> bool:
+        """A function declared without parameters under a built-in's name (one this
+        server runs, or one it would name the reason it cannot)."""
+        name = tool.get("name")
+        return tool.get("parameters") is None and (name in self.tools or name in self.unavailable)
 
 
 def builtin_tools(database: Path | None = None, sandbox: Sandbox | None = None) -> ToolRegistry:

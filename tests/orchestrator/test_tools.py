@@ -292,8 +292,11 @@ def test_resolving_a_tool_this_server_cannot_run_names_the_entry():
                 {"type": "code_interpreter", "container": {"type": "auto"}},
             ]
         )
-    with pytest.raises(ToolUnavailable, match=r"tools\[0\]: there is no built-in tool 'x'"):
-        registry.resolve([{"type": "function", "name": "x"}])
+    # Another name without parameters is the client's function, taking none (OpenAI's
+    # `parameters: null`), not a built-in this server lacks.
+    ping = {"type": "function", "name": "ping", "description": "Ping.", "parameters": None}
+    resolved = registry.resolve([ping, {"type": "function", "name": "x"}])
+    assert resolved.client_functions == ["ping", "x"] and not resolved.builtins
     with pytest.raises(ToolUnavailable, match=r"tools\[0\]\.container"):
         builtin_tools().resolve([{"type": "code_interpreter", "container": "cntr_1"}])
 
