@@ -267,15 +267,22 @@ def test_two_tabs_on_one_conversation_keep_each_others_branches_and_title(sessio
     assert len(leaves) == 2  # tab B's regenerated answer, and tab A's second turn
 
 
-def test_a_conversation_deleted_in_another_tab_keeps_the_message_typed(session, api):
+def deleted_elsewhere(session, api, text: str):
+    """A page with one turn of `text` in a conversation deleted since through the API (as
+    another tab would); returns the page and the conversation's id."""
     context, console = session
-    console.expected.append(r"404 .*@ .*/v1/conversations/conv_")  # the page's check
+    console.expected.append(r"404 .*@ .*/v1/conversations/conv_")  # the page's reads
     page = context.new_page()
     page.goto("/")
     page.wait_for_selector("body[data-ready=true]")
-    send(page, "Soon deleted elsewhere.")
+    send(page, text)
     conversation = page.evaluate("location.hash")[1:]
     assert api.delete(f"/v1/conversations/{conversation}").status_code == 200
+    return page, conversation
+
+
+def test_a_conversation_deleted_in_another_tab_keeps_the_message_typed(session, api):
+    page, _ = deleted_elsewhere(session, api, "Soon deleted elsewhere.")
     before = finished_turns(page)
     page.fill("#prompt", "Still there?")
     page.press("#prompt", "Enter")
@@ -286,14 +293,7 @@ def test_a_conversation_deleted_in_another_tab_keeps_the_message_typed(session, 
 
 
 def test_a_conversation_deleted_elsewhere_leaves_the_sidebar_at_the_next_save(session, api):
-    context, console = session
-    console.expected.append(r"404 .*@ .*/v1/conversations/conv_")  # the save's read
-    page = context.new_page()
-    page.goto("/")
-    page.wait_for_selector("body[data-ready=true]")
-    send(page, "Then deleted elsewhere.")
-    conversation = page.evaluate("location.hash")[1:]
-    assert api.delete(f"/v1/conversations/{conversation}").status_code == 200
+    page, conversation = deleted_elsewhere(session, api, "Then deleted elsewhere.")
     entry = page.locator(f"#conversation-list li[data-id={conversation}]")
     entry.get_by_role("button", name="Rename").click()
     page.fill("#conversation-list .rename-input", "Too late")
