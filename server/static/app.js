@@ -646,6 +646,24 @@ function forgetDeleted(id) {
   newChat();
 }
 
+// The conversation a first message made, when that message was refused (too long, say):
+// it holds nothing, so it leaves the sidebar and the page is a new chat again, with the
+// conversation's settings and the message still in the box.
+async function discardEmpty(open) {
+  try {
+    await request("DELETE", `/v1/conversations/${open.id}`);
+  } catch {
+    return; // left as it is: an empty conversation is harmless
+  }
+  state.conversations = state.conversations.filter((c) => c.id !== open.id);
+  if (state.open !== open) return;
+  state.open = null;
+  state.draft = open.meta;
+  showInAddress(null);
+  $("chat-title").textContent = "New chat";
+  renderSidebar();
+}
+
 // A save found the conversation gone: another tab or window deleted it. It leaves the
 // sidebar (and the screen, when open), and the page says why.
 function deletedElsewhere(id) {
@@ -664,6 +682,7 @@ async function runTurn(parent, text) {
   state.starting = true;
   state.navigation += 1; // an opening still loading gives way to this turn
   setStatus("");
+  const fresh = !state.open && !state.creating; // this turn starts the conversation
   let open;
   try {
     open = await ensureConversation(text);
@@ -722,6 +741,7 @@ async function runTurn(parent, text) {
   }
   if (!started) {
     if (!$("prompt").value) $("prompt").value = text;
+    if (fresh && !state.tree.nodes.size && !open.meta.vectorStore) await discardEmpty(open);
     finished();
     return;
   }

@@ -303,6 +303,27 @@ def test_a_conversation_deleted_elsewhere_leaves_the_sidebar_at_the_next_save(se
     assert entry.count() == 0 and page.inner_text("#chat-title") == "New chat"
 
 
+def test_a_refused_first_message_leaves_no_empty_conversation(session, api):
+    context, console = session
+    console.expected.append(r"400 .*@ .*/v1/responses$")  # longer than the context window
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+
+    def conversations() -> set[str]:
+        return {c["id"] for c in api.get("/v1/conversations?limit=100").json()["data"]}
+
+    known = conversations()
+    before = finished_turns(page)
+    page.fill("#prompt", "hello " * 9000)
+    page.press("#prompt", "Enter")
+    wait_for_turn(page, before)
+    assert "context" in page.inner_text("#status")
+    assert page.input_value("#prompt").startswith("hello hello")
+    assert conversations() == known and page.inner_text("#chat-title") == "New chat"
+    assert "#" not in page.url
+
+
 def test_a_server_out_of_reach_is_said_plainly_and_the_message_kept(session):
     context, console = session
     console.expected.append(r"net::ERR_FAILED")  # the browser's own line for the failed fetch
