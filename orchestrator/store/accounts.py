@@ -16,11 +16,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 
-from sqlalchemy import delete, exists, func, insert, select, update
+from sqlalchemy import Select, delete, exists, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql import ColumnElement
 
 from orchestrator.store.knowledge import delete_file, delete_vector_store
 from orchestrator.store.repository import Repository
@@ -177,18 +178,13 @@ def update_user(repo: Repository, name: str, changes: dict) -> UserRow | None:
         if changes:
             conn.execute(update(users).where(users.c.name == name).values(**changes))
         if "quota_period" in changes:
-            user_id = conn.execute(select(users.c.id).where(users.c.name == name)).scalar()
-            starts = conn.execute(
-                select(quota_periods.c.period_start).where(quota_periods.c.user_id == user_id)
-            ).scalars()
-            for start in list(starts):
-                conn.execute(
-                    update(quota_periods)
-                    .where(
-                        quota_periods.c.user_id == user_id, quota_periods.c.period_start == start
-                    )
-                    .values(used=_used_since(conn, user_id, start))
-                )
+            user_id = select(users.c.id).where(users.c.name == name).scalar_subquery()
+            period = quota_periods.c
+            conn.execute(
+                update(quota_periods)
+                .where(period.user_id == user_id)
+                .values(used=_usage_since(period.user_id, period.period_start).scalar_subquery())
+            )
     return get_user(repo, name)
 
 
@@ -292,13 +288,17 @@ def _ensure_period(conn: Connection, user_id: str, period_start: int) -> None:
     conn.execute(_dialect_insert(conn)(quota_periods).values(**values).on_conflict_do_nothing())
 
 
-def _used_since(conn: Connection, user_id: str, period_start: int) -> int:
-    """The tokens of the user's usage rows recorded from `period_start` on."""
+def _usage_since(user_id: str | ColumnElement, since: int | ColumnElement) -> Select:
+    """The tokens of the user's usage rows recorded from `since` on (values, or columns of
+    an enclosing statement)."""
     rows = usage_records.c
-    total = select(func.coalesce(func.sum(rows.input_tokens + rows.output_tokens), 0)).where(
-        rows.user_id == user_id, rows.created_at >= period_start
+    return select(func.coalesce(func.sum(rows.input_tokens + rows.output_tokens), 0)).where(
+        rows.user_id == user_id, rows.created_at >= since
     )
-    return int(conn.execute(total).scalar_one())
+
+
+def _used_since(conn: Connection, user_id: str, period_start: int) -> int:
+    return int(conn.execute(_usage_since(user_id, period_start)).scalar_one())
 
 
 def reserve(
