@@ -24,7 +24,7 @@ const state = {
   searchText: new Map(), // conversation id -> its transcript, lower-cased (for search)
   pendingRender: false,
   saves: Promise.resolve(), // the metadata saves, one after another (queueSave)
-  pendingKeys: new Map(), // metadata key -> queued saves that change it
+  queued: [], // the keys each queued or running save changes
   starting: false, // a turn is on its way to its stream (runTurn): no second one meanwhile
   creating: null, // the conversation being created (ensureConversation), shared
   navigation: 0, // counts openings and new chats: a slower opening gives way to a later one
@@ -354,8 +354,9 @@ async function saveMeta(id, decoded, changed) {
   const theirs = stored.leaves.filter((l) => !inner.has(l) && !decoded.leaves.includes(l));
   merged.leaves = [...theirs, ...decoded.leaves];
   const saved = await request("POST", `/v1/conversations/${id}`, { metadata: encodeMetadata(merged) });
+  const pending = state.queued.flat();
   for (const [key, value] of Object.entries(merged)) {
-    if (changed.includes(key) || !state.pendingKeys.has(key)) decoded[key] = value;
+    if (changed.includes(key) || !pending.includes(key)) decoded[key] = value;
   }
   if (state.open && state.open.id === id) $("chat-title").textContent = decoded.title || "Untitled";
   const index = state.conversations.findIndex((c) => c.id === id);
@@ -370,9 +371,8 @@ async function saveMeta(id, decoded, changed) {
 // any is queued, <body data-saving> counts them: a hook for tests to wait on before a
 // reload, since a branch switch saves in the background.
 function queueSave(id, decoded, changed, prepare = () => {}) {
-  for (const key of changed) state.pendingKeys.set(key, (state.pendingKeys.get(key) || 0) + 1);
-  const body = document.body.dataset;
-  body.saving = String(Number(body.saving || 0) + 1);
+  state.queued.push(changed);
+  document.body.dataset.saving = String(state.queued.length);
   const run = state.saves
     .then(() => {
       prepare();
@@ -383,14 +383,9 @@ function queueSave(id, decoded, changed, prepare = () => {}) {
       deletedElsewhere(id); // nothing left to save into
     })
     .finally(() => {
-      for (const key of changed) {
-        const left = state.pendingKeys.get(key) - 1;
-        if (left) state.pendingKeys.set(key, left);
-        else state.pendingKeys.delete(key);
-      }
-      const left = Number(body.saving) - 1;
-      if (left) body.saving = String(left);
-      else delete body.saving;
+      state.queued.splice(state.queued.indexOf(changed), 1);
+      if (state.queued.length) document.body.dataset.saving = String(state.queued.length);
+      else delete document.body.dataset.saving;
     });
   state.saves = run.catch(() => {});
   return run;
