@@ -290,8 +290,12 @@ def build_app(
             Middleware(
                 CORSMiddleware,
                 allow_origins=config.allowed_origins,
-                allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "Content-Type"],
+                allow_methods=["GET", "POST", "DELETE"],
+                # Any header: the OpenAI SDKs add their own (x-stainless-*, OpenAI-Project,
+                # Idempotency-Key), and a preflight naming one not allowed fails the call.
+                # Headers grant nothing here; the API key does.
+                allow_headers=["*"],
+                expose_headers=["*"],  # ETag, Retry-After, x-ratelimit-*
                 max_age=600,
             ),
         )

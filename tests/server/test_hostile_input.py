@@ -161,6 +161,16 @@ def test_cors_is_off_by_default_and_opt_in(serve):
     assert r.headers["access-control-allow-origin"] == "https://app.example"
     r = opened.client.options("/v1/chat/completions", headers=preflight)
     assert "access-control-allow-origin" not in r.headers
+    # The OpenAI JS SDK's own headers, and a DELETE, pass the preflight too.
+    sdk = {
+        **ok,
+        "Access-Control-Request-Method": "DELETE",
+        "Access-Control-Request-Headers": "authorization, x-stainless-os, openai-project",
+    }
+    r = opened.client.options("/v1/conversations/conv_1", headers=sdk)
+    assert r.status_code == 200 and "DELETE" in r.headers["access-control-allow-methods"]
+    r = opened.client.get("/v1/models", headers={"Origin": "https://app.example"})
+    assert r.headers["access-control-expose-headers"] == "*"
 
 
 def test_admission_counts_sequences(serve):
