@@ -8,7 +8,7 @@ from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import NotFoundError
 from orchestrator.ids import new_id
 from orchestrator.items import item_list, stored_item
-from orchestrator.store import ConversationRow, ItemPage, Page, Repository, Store
+from orchestrator.store import ConversationRow, ItemPage, Page, Repository, Store, metadata_tag
 
 
 def _conversation(row: ConversationRow) -> dict:
@@ -18,6 +18,12 @@ def _conversation(row: ConversationRow) -> dict:
         "created_at": row.created_at,
         "metadata": row.metadata,
     }
+
+
+def etag(conversation: dict) -> str:
+    """The ETag of a conversation as the API shows it: a tag of its metadata, which an
+    update's `If-Match` names to apply only over what the client read."""
+    return metadata_tag(conversation["metadata"])
 
 
 def _missing(conversation_id: str) -> NotFoundError:
@@ -57,9 +63,14 @@ class ConversationService:
             raise _missing(conversation_id)
         return _conversation(row)
 
-    async def update(self, owner: str, conversation_id: str, metadata: dict) -> dict:
+    async def update(
+        self, owner: str, conversation_id: str, metadata: dict, if_match: str | None = None
+    ) -> dict:
+        """Replace the metadata; with `if_match` (an `etag`), only if it is still the
+        stored one, else PreconditionFailedError: two clients reading, changing and writing
+        back the same metadata would otherwise lose one of the two changes."""
         row = await self.store.call(
-            Repository.update_conversation, owner, conversation_id, metadata
+            Repository.update_conversation, owner, conversation_id, metadata, if_match
         )
         if row is None:
             raise _missing(conversation_id)

@@ -25,6 +25,11 @@ class InvalidRequestError(ProductError):
     """A request the product cannot serve as asked: the message names the field."""
 
 
+class PreconditionFailedError(ProductError):
+    """A conditional write (`If-Match`) whose object changed since the client read it:
+    the client reads it again and re-applies its change."""
+
+
 class QuotaExceededError(ProductError):
     """The user's token quota for the period cannot hold this request (OpenAI's 429
     `insufficient_quota`)."""

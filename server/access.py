@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator import Accounts, NotFoundError, ProductError
 from orchestrator.accounts import LOCAL, Identity, Meter
-from orchestrator.errors import QuotaExceededError, RateLimitError
+from orchestrator.errors import PreconditionFailedError, QuotaExceededError, RateLimitError
 from server.errors import APIError, shutting_down
 
 Handler = Callable[[Request, Meter], Awaitable[Response]]
@@ -122,9 +122,11 @@ def owner(request: Request) -> str:
 
 
 def product_api_error(exc: ProductError) -> APIError:
-    """A product error as the API answers it: 404, 429 (quota, rate) or 400."""
+    """A product error as the API answers it: 404, 412, 429 (quota, rate) or 400."""
     if isinstance(exc, NotFoundError):
         return APIError(404, exc.message, param=exc.param, code=exc.code)
+    if isinstance(exc, PreconditionFailedError):
+        return APIError(412, exc.message, param=exc.param, code=exc.code)
     if isinstance(exc, QuotaExceededError):
         return APIError(429, exc.message, code="insufficient_quota", type="insufficient_quota")
     if isinstance(exc, RateLimitError):

@@ -7,6 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from orchestrator.conversations import etag
 from server.access import owner
 from server.errors import invalid, known_fields
 from server.responses import product
@@ -23,13 +24,16 @@ def _ids(request: Request) -> tuple[str, str]:
     return owner(request), request.path_params["conversation_id"]
 
 
+def _tagged(conversation: dict) -> JSONResponse:
+    """A conversation with its ETag, which an update's If-Match may name."""
+    return JSONResponse(conversation, headers={"ETag": etag(conversation)})
+
+
 async def create_conversation(request: Request, body: Any) -> Response:
     body = known_fields(body, {"items", "metadata"})
     items = parse_items(body["items"], "items", MAX_ITEMS_PER_CALL) if body.get("items") else []
     metadata = parse_metadata(body.get("metadata"))
-    return JSONResponse(
-        await product(request).conversations.create(owner(request), metadata, items)
-    )
+    return _tagged(await product(request).conversations.create(owner(request), metadata, items))
 
 
 async def list_conversations(request: Request) -> Response:
@@ -38,7 +42,7 @@ async def list_conversations(request: Request) -> Response:
 
 
 async def retrieve_conversation(request: Request) -> Response:
-    return JSONResponse(await product(request).conversations.retrieve(*_ids(request)))
+    return _tagged(await product(request).conversations.retrieve(*_ids(request)))
 
 
 async def update_conversation(request: Request, body: Any) -> Response:
@@ -46,7 +50,9 @@ async def update_conversation(request: Request, body: Any) -> Response:
     if "metadata" not in body:
         raise invalid("metadata is required", "metadata")
     metadata = parse_metadata(body["metadata"])
-    return JSONResponse(await product(request).conversations.update(*_ids(request), metadata))
+    if_match = request.headers.get("if-match")
+    conversations = product(request).conversations
+    return _tagged(await conversations.update(*_ids(request), metadata, if_match))
 
 
 async def delete_conversation(request: Request) -> Response:

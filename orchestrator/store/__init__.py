@@ -6,7 +6,14 @@ This package is the only code that runs SQL. Use `Store(url)` (migrates on open)
 
 from sqlalchemy.exc import OperationalError as StoreUnavailableError
 
-from orchestrator.store.repository import ConversationRow, History, ItemPage, Page, Repository
+from orchestrator.store.repository import (
+    ConversationRow,
+    History,
+    ItemPage,
+    Page,
+    Repository,
+    metadata_tag,
+)
 from orchestrator.store.store import (
     Store,
     check_database_url,
@@ -29,5 +36,6 @@ __all__ = [
     "check_database_url",
     "database_error",
     "hold_data_dir",
+    "metadata_tag",
     "sqlite_url",
 ]

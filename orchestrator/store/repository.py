@@ -9,6 +9,8 @@ crash leaves each turn either recorded whole or not at all.
 from __future__ import annotations
 
 import array
+import hashlib
+import json
 import sys
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,7 +18,7 @@ from typing import Any, Literal
 from sqlalchemy import Engine, and_, delete, func, insert, literal, or_, select, update
 from sqlalchemy.engine import Connection
 
-from orchestrator.errors import NotFoundError
+from orchestrator.errors import NotFoundError, PreconditionFailedError
 from orchestrator.store.tables import (
     conversation_items,
     conversations,
@@ -49,6 +51,14 @@ class ConversationRow:
     id: str
     created_at: int
     metadata: dict
+
+
+def metadata_tag(metadata: dict) -> str:
+    """A strong ETag of a conversation's metadata: a client that read it can ask for its
+    update to apply only if no one changed the metadata since (`If-Match`). A hash rather
+    than a version column, so every stored conversation has one already."""
+    canonical = json.dumps(metadata, sort_keys=True, separators=(",", ":"))
+    return '"' + hashlib.sha256(canonical.encode()).hexdigest()[:32] + '"'
 
 
 @dataclass
@@ -153,18 +163,27 @@ class Repository:
         return None if row is None else ConversationRow(row.id, row.created_at, row.meta)
 
     def update_conversation(
-        self, owner: str, conversation_id: str, metadata: dict
+        self, owner: str, conversation_id: str, metadata: dict, if_match: str | None = None
     ) -> ConversationRow | None:
+        """Replace the metadata; with `if_match`, only while the stored metadata's tag is
+        that one (compared under the row's lock, so two writers cannot both pass)."""
+        where = (conversations.c.id == conversation_id, conversations.c.owner_id == owner)
         with self.engine.begin() as conn:
-            conn.execute(
-                update(conversations)
-                .where(
-                    conversations.c.id == conversation_id,
-                    conversations.c.owner_id == owner,
+            row = conn.execute(
+                select(conversations.c.created_at, conversations.c.meta)
+                .where(*where)
+                .with_for_update()
+            ).first()
+            if row is None:
+                return None
+            if if_match is not None and if_match != metadata_tag(row.meta):
+                raise PreconditionFailedError(
+                    "The conversation's metadata changed since it was read (If-Match).",
+                    param="If-Match",
+                    code="precondition_failed",
                 )
-                .values(meta=metadata)
-            )
-        return self.get_conversation(owner, conversation_id)
+            conn.execute(update(conversations).where(*where).values(meta=metadata))
+        return ConversationRow(conversation_id, row.created_at, metadata)
 
     def delete_conversation(self, owner: str, conversation_id: str) -> bool:
         with self.engine.begin() as conn:

@@ -56,8 +56,15 @@ async function checked(response) {
   throw error;
 }
 
-export async function request(method, path, body, { key } = {}) {
+export async function request(method, path, body, options = {}) {
+  return (await requestTagged(method, path, body, options)).body;
+}
+
+// The same, with the response's ETag: a write that should apply only over what was read
+// names it in `ifMatch`, and the server answers 412 if it changed since.
+export async function requestTagged(method, path, body, { key, ifMatch } = {}) {
   const init = { method, headers: headers({}, key ?? storedKey()) };
+  if (ifMatch) init.headers["If-Match"] = ifMatch;
   if (body instanceof FormData) {
     init.body = body;
   } else if (body !== undefined) {
@@ -66,7 +73,8 @@ export async function request(method, path, body, { key } = {}) {
   }
   const response = await checked(await fetch(path, init));
   const type = response.headers.get("content-type") || "";
-  return type.includes("json") ? response.json() : response.blob();
+  const parsed = await (type.includes("json") ? response.json() : response.blob());
+  return { body: parsed, etag: response.headers.get("etag") };
 }
 
 // Splits an SSE byte stream into events: {event, data} with data parsed as JSON.

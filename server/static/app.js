@@ -2,7 +2,8 @@
 // one, streaming turns through /v1/responses, settings, uploads and sign-in.
 
 import {
-  ApiError, listAll, request, setUnauthorizedHandler, storeKey, storedKey, streamResponse,
+  ApiError, listAll, request, requestTagged, setUnauthorizedHandler, storeKey, storedKey,
+  streamResponse,
 } from "./api.js";
 import { assistantBody, button, el, isToolItem, messageText, toolCard, userBubble } from "./render.js";
 import { clip, decodeMetadata, encodeMetadata, MAX_INSTRUCTIONS, Node, Tree } from "./tree.js";
@@ -343,26 +344,42 @@ async function openConversation(id) {
 // Saves the fields `changed` of this tab's copy of a conversation's metadata. Another tab
 // may have saved since this one read it: the other fields stay as stored (its rename, its
 // settings), and the branches of both are kept, but for the turns this tab has gone on
-// from (no leaves any more). This tab's copy then takes the stored fields, but for those a
-// save still queued here changes (they are newer). Only queueSave calls it.
+// from (no leaves any more). The write applies only over the metadata it merged with
+// (If-Match); another tab's save landing in between is read and merged again. This tab's
+// copy then takes the stored fields, but for those a save still queued here changes (they
+// are newer). Only queueSave calls it.
 async function saveMeta(id, decoded, changed) {
-  const current = await request("GET", `/v1/conversations/${id}`);
-  const stored = decodeMetadata(current.metadata);
+  for (let attempt = 1; ; attempt++) {
+    const { body: current, etag } = await requestTagged("GET", `/v1/conversations/${id}`);
+    const merged = mergeStored(id, decodeMetadata(current.metadata), decoded, changed);
+    let saved;
+    try {
+      saved = await request("POST", `/v1/conversations/${id}`,
+        { metadata: encodeMetadata(merged) }, { ifMatch: etag });
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 412 && attempt < 5) continue;
+      throw error;
+    }
+    const pending = state.queued.flat();
+    for (const [key, value] of Object.entries(merged)) {
+      if (changed.includes(key) || !pending.includes(key)) decoded[key] = value;
+    }
+    if (state.open && state.open.id === id) $("chat-title").textContent = decoded.title || "Untitled";
+    const index = state.conversations.findIndex((c) => c.id === id);
+    if (index >= 0) state.conversations[index] = saved;
+    renderSidebar();
+    return saved;
+  }
+}
+
+// The stored metadata with this tab's fields `changed`, and the branches of both.
+function mergeStored(id, stored, decoded, changed) {
   const merged = { ...stored };
   for (const key of changed) merged[key] = decoded[key];
   const inner = new Set(state.open && state.open.id === id ? state.tree.inner() : []);
   const theirs = stored.leaves.filter((l) => !inner.has(l) && !decoded.leaves.includes(l));
   merged.leaves = [...theirs, ...decoded.leaves];
-  const saved = await request("POST", `/v1/conversations/${id}`, { metadata: encodeMetadata(merged) });
-  const pending = state.queued.flat();
-  for (const [key, value] of Object.entries(merged)) {
-    if (changed.includes(key) || !pending.includes(key)) decoded[key] = value;
-  }
-  if (state.open && state.open.id === id) $("chat-title").textContent = decoded.title || "Untitled";
-  const index = state.conversations.findIndex((c) => c.id === id);
-  if (index >= 0) state.conversations[index] = saved;
-  renderSidebar();
-  return saved;
+  return merged;
 }
 
 // Every save of a conversation's metadata goes through one queue: a save reads what is

@@ -542,6 +542,41 @@ def test_conversation_bodies_are_checked(product_server):
     assert (raw.status_code, raw.json()["error"]["param"]) == (400, "limit")
 
 
+def test_a_conversation_update_with_if_match_applies_only_over_what_was_read(
+    product_server, database_url
+):
+    server = product_server(database_url=database_url)
+    conv = server.client.conversations.create(metadata={"title": "a"})
+    read = _raw(server, "GET", f"/conversations/{conv.id}")
+    tag = read.headers["etag"]
+    # Another client writes in between: the first one's write, made over what it read, is
+    # refused, and the stored metadata stays the other's.
+    other = _raw(server, "POST", f"/conversations/{conv.id}", json={"metadata": {"title": "b"}})
+    assert other.status_code == 200 and other.headers["etag"] != tag
+    stale = _raw(
+        server,
+        "POST",
+        f"/conversations/{conv.id}",
+        json={"metadata": {"title": "c"}},
+        headers={"If-Match": tag},
+    )
+    assert (stale.status_code, stale.json()["error"]["code"]) == (412, "precondition_failed")
+    assert server.client.conversations.retrieve(conv.id).metadata == {"title": "b"}
+    fresh = _raw(
+        server,
+        "POST",
+        f"/conversations/{conv.id}",
+        json={"metadata": {"title": "c"}},
+        headers={"If-Match": other.headers["etag"]},
+    )
+    assert fresh.status_code == 200 and fresh.json()["metadata"] == {"title": "c"}
+    assert fresh.headers["etag"] == _raw(server, "GET", f"/conversations/{conv.id}").headers["etag"]
+    gone = _raw(
+        server, "POST", "/conversations/conv_x", json={"metadata": {}}, headers={"If-Match": tag}
+    )
+    assert gone.status_code == 404
+
+
 def test_function_tools_round_trip(product_server):
     server = product_server(
         FakeEngine(reply=lambda p: "It is 18C in Paris." if "18C" in p else CALL)

@@ -267,6 +267,33 @@ def test_two_tabs_on_one_conversation_keep_each_others_branches_and_title(sessio
     assert len(leaves) == 2  # tab B's regenerated answer, and tab A's second turn
 
 
+def test_a_save_racing_another_tabs_save_keeps_both_changes(session, page, api):
+    """Another tab writes between this tab's read and write of the metadata: the write is
+    refused (412), and the page reads and merges again instead of overwriting it."""
+    _, console = session
+    console.expected.append(r"412 .*@ .*/v1/conversations/conv_")  # the refused write
+    send(page, "Racing saves.")
+    conversation = page.evaluate("location.hash")[1:]
+    path = f"/v1/conversations/{conversation}"
+    raced = []
+
+    def other_tab_first(route, request):
+        if request.method == "POST" and not raced:
+            metadata = api.get(path).json()["metadata"]
+            raced.append(api.post(path, json={"metadata": {**metadata, "sys0": "Be brief."}}))
+        route.continue_()
+
+    page.route(f"**{path}", other_tab_first)
+    entry = page.locator(f"#conversation-list li[data-id={conversation}]")
+    entry.get_by_role("button", name="Rename").click()
+    page.fill("#conversation-list .rename-input", "Renamed here")
+    page.press("#conversation-list .rename-input", "Enter")
+    page.wait_for_function("() => !document.body.dataset.saving")
+    assert raced and raced[0].status_code == 200
+    stored = api.get(path).json()["metadata"]
+    assert (stored["title"], stored.get("sys0")) == ("Renamed here", "Be brief.")
+
+
 def deleted_elsewhere(session, api, text: str):
     """A page with one turn of `text` in a conversation deleted since through the API (as
     another tab would); returns the page and the conversation's id."""
