@@ -984,7 +984,8 @@ class ResponseService:
         self, owner: str, request: ResponseRequest, tools: ResolvedTools
     ) -> None:
         """The request's file_search, made for `owner`: each vector store must be theirs
-        (404 naming it otherwise, as for a store that does not exist)."""
+        (404 naming it otherwise, as for a store that does not exist) and not expired
+        (400); declaring it is a use of it (its `last_active_at` moves)."""
         for i, tool in enumerate(request.tools):
             if not isinstance(tool, FileSearchTool):
                 continue
@@ -993,11 +994,9 @@ class ResponseService:
                 raise InvalidRequestError(f"{param}: {self.file_search_unavailable}", param)
             for vector_store_id in tool.vector_store_ids:
                 try:
-                    await self.file_search.retrieve(owner, vector_store_id)
-                except NotFoundError as exc:
-                    raise NotFoundError(
-                        exc.message, f"{param}.vector_store_ids", exc.code
-                    ) from None
+                    await self.file_search.use(owner, vector_store_id)
+                except (NotFoundError, InvalidRequestError) as exc:
+                    raise type(exc)(exc.message, f"{param}.vector_store_ids", exc.code) from None
             search = FileSearch(
                 self.file_search,
                 owner,

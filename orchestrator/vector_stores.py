@@ -68,11 +68,32 @@ def _file_counts(counts: kb.FileCounts) -> dict:
     }
 
 
+def expired_store(vector_store_id: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"The vector store '{vector_store_id}' has expired (see its expires_after), so it "
+        "can no longer be searched or have files added. Its files stay until it is "
+        "deleted; an update of expires_after that puts expires_at ahead makes it usable "
+        "again.",
+        param="vector_store_id",
+        code="vector_store_expired",
+    )
+
+
 def _vector_store(body: dict, counts: kb.FileCounts, usage_bytes: int) -> dict:
+    """The vector store object: its stored body with what is computed when it is read
+    (`expires_at` from its `last_active_at` and `expires_after`, and `expired` once that
+    has passed)."""
+    days = (body["expires_after"] or {}).get("days")
+    expires_at = None if days is None else body["last_active_at"] + days * kb.DAY
+    if expires_at is not None and expires_at <= time.time():
+        status = "expired"
+    else:
+        status = "in_progress" if counts.in_progress else "completed"
     return {
         **body,
+        "expires_at": expires_at,
         "usage_bytes": usage_bytes,
-        "status": "in_progress" if counts.in_progress else "completed",
+        "status": status,
         "file_counts": _file_counts(counts),
     }
 
@@ -124,7 +145,10 @@ class VectorStoreService:
         metadata: dict,
         files: list[FileToAdd],
         description: str | None = None,
+        expires_after: dict | None = None,
     ) -> dict:
+        """A new store, active from now; with `expires_after` (`{"anchor":
+        "last_active_at", "days": n}`) it expires n days after its last use."""
         now = int(time.time())
         body = {
             "id": new_id("vs"),
@@ -134,8 +158,7 @@ class VectorStoreService:
             "description": description,
             "metadata": metadata,
             "last_active_at": now,
-            "expires_after": None,
-            "expires_at": None,
+            "expires_after": expires_after,
         }
         store_files = await self._store_files(owner, body["id"], files)
         await self.store.call(kb.add_vector_store, owner, body, store_files)
@@ -156,6 +179,8 @@ class VectorStoreService:
         )
 
     async def update(self, owner: str, vector_store_id: str, changes: dict) -> dict:
+        """Change `name`, `metadata` or `expires_after` (None: the store no longer
+        expires); a change of expiry is no use of the store."""
         if not await self.store.call(kb.update_vector_store, owner, vector_store_id, changes):
             raise missing_store(vector_store_id)
         return await self.retrieve(owner, vector_store_id)
@@ -166,8 +191,19 @@ class VectorStoreService:
         self._stop_ingestion(owner, vector_store_id)
         return {"id": vector_store_id, "object": "vector_store.deleted", "deleted": True}
 
+    async def use(self, owner: str, vector_store_id: str) -> None:
+        """Record a use of the store (a search, file_search, files added): its
+        `last_active_at` moves to now, from which it expires. 404 for a store that is not
+        the owner's; a 400 for an expired one, which cannot be used (nor made active by
+        trying)."""
+        now = int(time.time())
+        if await self.store.call(kb.mark_vector_store_active, owner, vector_store_id, now):
+            return
+        if (await self.retrieve(owner, vector_store_id))["status"] == "expired":
+            raise expired_store(vector_store_id)
+
     async def search(self, owner: str, vector_store_id: str, search: Search) -> list[Hit]:
-        await self.retrieve(owner, vector_store_id)  # 404 for another owner's store
+        await self.use(owner, vector_store_id)
         encoded = await self.embedder.aencode([search.query])
         request = SearchRequest(
             (vector_store_id,),
@@ -184,11 +220,12 @@ class VectorStoreService:
         self, owner: str, vector_store_ids: Sequence[str], searches: Sequence[Search]
     ) -> list[Hit]:
         """Several queries over several of the owner's stores (404 for a store that is not
-        theirs): the queries embedded in one batch, each searched, and the hits merged,
-        a chunk found by more than one query keeping its best score, best first; at
-        most the largest `max_num_results` of the searches."""
+        theirs, 400 for an expired one; each is `use`d): the queries embedded in one
+        batch, each searched, and the hits merged, a chunk found by more than one query
+        keeping its best score, best first; at most the largest `max_num_results` of the
+        searches."""
         for vector_store_id in vector_store_ids:
-            await self.retrieve(owner, vector_store_id)
+            await self.use(owner, vector_store_id)
         if not searches:
             return []
         encoded = await self.embedder.aencode([s.query for s in searches])
@@ -213,6 +250,7 @@ class VectorStoreService:
     # -- vector store files --------------------------------------------------------------
 
     async def add_file(self, owner: str, vector_store_id: str, file: FileToAdd) -> dict:
+        await self.use(owner, vector_store_id)
         store_files = await self._store_files(owner, vector_store_id, [file])
         if not await self.store.call(kb.add_store_files, owner, vector_store_id, store_files):
             raise missing_store(vector_store_id)
@@ -288,6 +326,7 @@ class VectorStoreService:
         self, owner: str, vector_store_id: str, files: list[FileToAdd]
     ) -> dict:
         """Add several files at once; the batch reports their progress together."""
+        await self.use(owner, vector_store_id)
         store_files = await self._store_files(owner, vector_store_id, files)
         body = {
             "id": new_id("vsfb"),

@@ -22,6 +22,7 @@ from server.vector_store_search import parse_search_request, search_results_page
 
 MAX_FILE_IDS = 500
 MAX_DESCRIPTION = 512
+MAX_EXPIRY_DAYS = 365
 STATUSES = ("in_progress", "completed", "failed", "cancelled")
 
 
@@ -37,6 +38,27 @@ def _name(body: dict) -> str | None:
     if name is not None and not isinstance(name, str):
         raise invalid("name must be a string", "name")
     return name
+
+
+def _expires_after(value: Any) -> dict | None:
+    """OpenAI's expiration policy: `{"anchor": "last_active_at", "days": 1..365}`, or
+    null for none."""
+    param = "expires_after"
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid(f"{param} must be an object with anchor and days, or null", param)
+    for key in value:
+        if key not in ("anchor", "days"):
+            raise invalid(f"{param}.{key} is not a field of {param}", f"{param}.{key}")
+    if value.get("anchor") != "last_active_at":
+        raise invalid(f"{param}.anchor must be 'last_active_at'", f"{param}.anchor")
+    days = value.get("days")
+    if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= MAX_EXPIRY_DAYS:
+        raise invalid(
+            f"{param}.days must be an integer from 1 to {MAX_EXPIRY_DAYS}", f"{param}.days"
+        )
+    return {"anchor": "last_active_at", "days": days}
 
 
 def _chunking(body: dict):
@@ -90,8 +112,7 @@ async def create_vector_store(request: Request, body: Any) -> Response:
     description = typed_field(body, "description", "a string")
     if description is not None and len(description) > MAX_DESCRIPTION:
         raise invalid(f"description may be at most {MAX_DESCRIPTION} characters", "description")
-    if body.get("expires_after") is not None:
-        raise invalid("expires_after is not supported by this server", "expires_after")
+    expires_after = _expires_after(body.get("expires_after"))
     file_ids = body.get("file_ids") or []
     if not isinstance(file_ids, list) or len(file_ids) > MAX_FILE_IDS:
         raise invalid(f"file_ids must be an array of at most {MAX_FILE_IDS} file ids", "file_ids")
@@ -99,7 +120,12 @@ async def create_vector_store(request: Request, body: Any) -> Response:
     files = [FileToAdd(file_id, chunking, {}) for file_id in _distinct_file_ids(file_ids)]
     return JSONResponse(
         await _service(request).create(
-            owner(request), _name(body), parse_metadata(body.get("metadata")), files, description
+            owner(request),
+            _name(body),
+            parse_metadata(body.get("metadata")),
+            files,
+            description,
+            expires_after,
         )
     )
 
@@ -119,13 +145,13 @@ async def retrieve_vector_store(request: Request) -> Response:
 
 async def update_vector_store(request: Request, body: Any) -> Response:
     body = known_fields(body, {"name", "metadata", "expires_after"})
-    if body.get("expires_after") is not None:
-        raise invalid("expires_after is not supported by this server", "expires_after")
     changes: dict = {}
     if "name" in body:
         changes["name"] = _name(body)
     if "metadata" in body:
         changes["metadata"] = parse_metadata(body["metadata"])
+    if "expires_after" in body:
+        changes["expires_after"] = _expires_after(body["expires_after"])
     return JSONResponse(await _service(request).update(owner(request), _store_id(request), changes))
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DBAPIError
 
 from orchestrator.errors import StorageQuotaExceededError
@@ -211,26 +211,60 @@ def delete_file(repo: Repository, owner: str, file_id: str) -> bool:
 
 # -- vector stores -----------------------------------------------------------------------
 
+DAY = 86_400  # seconds: `expires_after.days` counts these after `last_active_at`
+_EXPIRY = ("last_active_at", "expires_after", "expires_at")  # kept in columns, not the body
+
+
+def _expiry_days(expires_after: dict | None) -> int | None:
+    return None if expires_after is None else expires_after["days"]
+
+
+def _with_expiry(row: Row) -> dict:
+    """The stored body with `last_active_at` and `expires_after` from their columns."""
+    days = row.expires_after_days
+    return {
+        **row.body,
+        "last_active_at": row.last_active_at,
+        "expires_after": None if days is None else {"anchor": "last_active_at", "days": days},
+    }
+
+
+def _stored_stores():
+    return select(
+        vector_stores.c.body, vector_stores.c.last_active_at, vector_stores.c.expires_after_days
+    )
+
 
 def add_vector_store(repo: Repository, owner: str, body: dict, store_files: list[dict]) -> None:
+    """Record the store (`body` the vector store object, its `last_active_at` and
+    `expires_after` going to their columns) and add its files."""
     with repo.engine.begin() as conn:
-        conn.execute(insert(vector_stores).values(id=body["id"], owner_id=owner, body=body))
+        conn.execute(
+            insert(vector_stores).values(
+                id=body["id"],
+                owner_id=owner,
+                body={k: v for k, v in body.items() if k not in _EXPIRY},
+                last_active_at=body["last_active_at"],
+                expires_after_days=_expiry_days(body["expires_after"]),
+            )
+        )
         _insert_store_files(conn, owner, body["id"], store_files)
 
 
 def get_vector_store(
     repo: Repository, owner: str, vector_store_id: str
 ) -> tuple[dict, FileCounts, int] | None:
-    """The stored body, its files' counts by status, and the bytes of its completed files."""
+    """The stored body (with `last_active_at` and `expires_after`), its files' counts by
+    status, and the bytes of its completed files."""
     with repo.engine.connect() as conn:
-        body = conn.execute(
-            select(vector_stores.c.body).where(
+        row = conn.execute(
+            _stored_stores().where(
                 vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner
             )
-        ).scalar()
-        if body is None:
+        ).first()
+        if row is None:
             return None
-        return body, *_counts(conn, owner, vector_store_id)
+        return _with_expiry(row), *_counts(conn, owner, vector_store_id)
 
 
 def list_vector_stores(
@@ -238,27 +272,50 @@ def list_vector_stores(
 ) -> tuple[ItemPage, list[tuple[FileCounts, int]]]:
     with repo.engine.connect() as conn:
         found = _page(conn, vector_stores, vector_stores.c.owner_id, owner, owner, page)
-        return found, [_counts(conn, owner, body["id"]) for body in found.items]
+        stored = {
+            row.body["id"]: _with_expiry(row)
+            for row in conn.execute(
+                _stored_stores().where(
+                    vector_stores.c.owner_id == owner,
+                    vector_stores.c.id.in_([body["id"] for body in found.items]),
+                )
+            )
+        }
+        items = [stored[body["id"]] for body in found.items]
+        return ItemPage(items, found.has_more), [_counts(conn, owner, b["id"]) for b in items]
 
 
 def update_vector_store(repo: Repository, owner: str, vector_store_id: str, changes: dict) -> bool:
+    """Apply `changes` to the body; an `expires_after` among them (None: none) replaces
+    the store's expiry."""
+    where = (vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner)
     with repo.engine.begin() as conn:
-        body = conn.execute(
-            select(vector_stores.c.body).where(
-                vector_stores.c.id == vector_store_id, vector_stores.c.owner_id == owner
-            )
-        ).scalar()
+        body = conn.execute(select(vector_stores.c.body).where(*where)).scalar()
         if body is None:
             return False
-        conn.execute(
-            update(vector_stores)
-            .where(
-                vector_stores.c.id == vector_store_id,
-                vector_stores.c.owner_id == owner,
-            )
-            .values(body={**body, **changes})
-        )
+        values: dict = {"body": {**body, **{k: v for k, v in changes.items() if k not in _EXPIRY}}}
+        if "expires_after" in changes:
+            values["expires_after_days"] = _expiry_days(changes["expires_after"])
+        conn.execute(update(vector_stores).where(*where).values(**values))
     return True
+
+
+def mark_vector_store_active(repo: Repository, owner: str, vector_store_id: str, now: int) -> bool:
+    """Move the store's `last_active_at` to `now`, in one statement that finds it not
+    expired at `now`; False (nothing written) when it is expired, or not the owner's."""
+    t = vector_stores
+    expires_at = t.c.last_active_at + t.c.expires_after_days * DAY
+    with repo.engine.begin() as conn:
+        moved = conn.execute(
+            update(t)
+            .where(
+                t.c.id == vector_store_id,
+                t.c.owner_id == owner,
+                or_(t.c.expires_after_days.is_(None), expires_at > now),
+            )
+            .values(last_active_at=now)
+        )
+    return moved.rowcount > 0
 
 
 def delete_vector_store(repo: Repository, owner: str, vector_store_id: str) -> bool:

@@ -109,7 +109,9 @@ file_blobs = Table(
 )
 
 # Vector stores: the object as `body` without `file_counts`, `status` and `usage_bytes`,
-# which are computed from the store's files when it is read.
+# which are computed from the store's files when it is read, and without its expiry,
+# kept in columns (a use moves `last_active_at` without rewriting the body; the store
+# expires `expires_after_days` days after it, none when null).
 vector_stores = Table(
     "vector_stores",
     metadata,
@@ -117,6 +119,8 @@ vector_stores = Table(
     Column("id", ID, nullable=False, unique=True),
     Column("owner_id", ID, nullable=False, index=True),
     Column("body", JSON, nullable=False),
+    Column("last_active_at", BigInteger, nullable=False, server_default="0"),
+    Column("expires_after_days", Integer, nullable=True),
 )
 
 # A file in a vector store, with its ingestion status (in_progress -> completed | failed)

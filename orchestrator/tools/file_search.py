@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
-from orchestrator.errors import NotFoundError
+from orchestrator.errors import InvalidRequestError, NotFoundError
 from orchestrator.retrieval.filters import Filter
 from orchestrator.retrieval.index import Hit, SearchMode
 from orchestrator.tools.base import ToolError, ToolOutput
@@ -68,7 +68,7 @@ class FileSearchTool:
 class FileSearchBackend(Protocol):
     """What the tool needs from the vector stores (`VectorStoreService`)."""
 
-    async def retrieve(self, owner: str, vector_store_id: str) -> dict: ...
+    async def use(self, owner: str, vector_store_id: str) -> None: ...
 
     async def search_stores(
         self, owner: str, vector_store_ids: Sequence[str], searches: Sequence[Search]
@@ -215,7 +215,7 @@ class FileSearch:
         ]
         try:
             hits = await self.backend.search_stores(self.owner, c.vector_store_ids, searches)
-        except NotFoundError as exc:  # a store deleted since the turn began
+        except (NotFoundError, InvalidRequestError) as exc:  # deleted or expired mid-turn
             raise ToolError(exc.message) from None
         text, shown = render_sources(
             hits, len(self.sources) + 1, self.text_budget, self.special_tokens, self.question

@@ -12,10 +12,15 @@ import httpx
 import openai
 import pytest
 from openai.types.responses import Response
+from sqlalchemy import update
 
-from orchestrator.errors import NotFoundError
+from orchestrator.errors import InvalidRequestError, NotFoundError
 from orchestrator.output_structure import PLAIN_ANSWER
 from orchestrator.retrieval.embeddings import Embedder
+from orchestrator.store.knowledge import DAY
+from orchestrator.store.tables import vector_stores
+from orchestrator.tools.base import ToolError
+from orchestrator.tools.file_search import FileSearch, FileSearchTool
 from orchestrator.vector_stores import Search
 from server.responses_protocol import parse_response_request
 from tests.product.conftest import ProductServer
@@ -291,6 +296,22 @@ def test_malformed_vector_store_bodies_are_400s(knowledge):
     checks = [
         (base, {"file_ids": [{"id": file_id}]}, "file_ids"),
         (base, {"file_ids": [[file_id]]}, "file_ids"),
+        (base, {"expires_after": {"anchor": "last_active_at", "days": 0}}, "expires_after.days"),
+        (base, {"expires_after": {"anchor": "last_active_at", "days": 366}}, "expires_after.days"),
+        (base, {"expires_after": {"anchor": "last_active_at", "days": True}}, "expires_after.days"),
+        (base, {"expires_after": {"anchor": "last_active_at"}}, "expires_after.days"),
+        (base, {"expires_after": {"anchor": "created_at", "days": 1}}, "expires_after.anchor"),
+        (
+            base,
+            {"expires_after": {"anchor": "last_active_at", "days": 1, "hours": 1}},
+            "expires_after.hours",
+        ),
+        (base, {"expires_after": 7}, "expires_after"),
+        (
+            f"{base}/{vs}",
+            {"expires_after": {"anchor": "last_active_at", "days": 0}},
+            "expires_after.days",
+        ),
         (f"{base}/{vs}/file_batches", {"file_ids": [{}]}, "file_ids"),
         (f"{base}/{vs}/files", {"file_id": file_id, "attributes": {"n": 10**30}}, "attributes"),
         (f"{base}/{vs}/files", {"file_id": file_id, "attributes": {"k" * 65: 1}}, "attributes"),
@@ -429,3 +450,73 @@ def test_without_vector_stores_file_search_is_a_clear_400(product_server):
     status, error = _error(server, tools=[_tool("vs_1")])
     assert status == 400 and error["param"] == "tools[0]"
     assert "file_search is not available" in error["message"]
+
+
+def _last_used(server: ProductServer, vector_store_id: str, seconds_ago: int) -> int:
+    """Set the store's last use `seconds_ago` (what a store left alone that long has)."""
+    at = int(time.time()) - seconds_ago
+    with server.product.store.engine.begin() as conn:
+        conn.execute(
+            update(vector_stores)
+            .where(vector_stores.c.id == vector_store_id)
+            .values(last_active_at=at)
+        )
+    return at
+
+
+def test_a_vector_store_expires_days_after_its_last_use(knowledge):
+    server, vs, files = knowledge(_scripted("About thirty metres a year [{}]."))
+    client = server.client
+    expiry = {"anchor": "last_active_at", "days": 1}
+    made = client.vector_stores.create(name="short-lived", expires_after=expiry)
+    assert made.expires_after.model_dump() == expiry
+    assert made.expires_at == made.last_active_at + DAY and made.status == "completed"
+
+    store = client.vector_stores.update(vs, expires_after=expiry)
+    assert store.expires_at == store.last_active_at + DAY
+    hour_ago = _last_used(server, vs, 3600)
+    before = int(time.time())
+    assert client.vector_stores.search(vs, query="glacier").data
+    store = client.vector_stores.retrieve(vs)
+    assert store.last_active_at >= before > hour_ago  # a search is a use
+    assert store.expires_at == store.last_active_at + DAY
+
+    two_days_ago = _last_used(server, vs, 2 * DAY)
+    store = client.vector_stores.retrieve(vs)
+    assert store.status == "expired" and store.expires_at == two_days_ago + DAY
+    assert [s.status for s in client.vector_stores.list() if s.id == vs] == ["expired"]
+    uses = [
+        lambda: client.vector_stores.search(vs, query="glacier"),
+        lambda: client.vector_stores.files.create(vector_store_id=vs, file_id=files["bread.txt"]),
+        lambda: client.vector_stores.file_batches.create(
+            vector_store_id=vs, file_ids=[files["bread.txt"]]
+        ),
+    ]
+    for use in uses:
+        with pytest.raises(openai.BadRequestError) as refused:
+            use()
+        error = refused.value.body
+        assert (error["code"], error["param"]) == ("vector_store_expired", "vector_store_id")
+        assert vs in error["message"]
+    status, error = _error(server, tools=[_tool(vs)])
+    assert status == 400 and error["param"] == "tools[0].vector_store_ids"
+    assert error["code"] == "vector_store_expired" and server.engine.prompts == []
+    store = client.vector_stores.retrieve(vs)
+    assert store.last_active_at == two_days_ago  # refused uses do not revive it
+    assert store.file_counts.completed == 2  # nor is anything deleted
+
+    store = client.vector_stores.update(vs, expires_after=None)
+    assert (store.status, store.expires_after, store.expires_at) == ("completed", None, None)
+    assert client.vector_stores.search(vs, query="glacier").data
+
+
+def test_a_store_expiring_mid_turn_is_the_tools_error(knowledge):
+    server, vs, _ = knowledge("unused")
+    server.client.vector_stores.update(vs, expires_after={"anchor": "last_active_at", "days": 1})
+    _last_used(server, vs, 2 * DAY)
+    search = Search(QUESTION, None, 5, 0.0, "hybrid")
+    tool = FileSearch(server.product.vector_stores, "user_local", FileSearchTool([vs]))
+    with pytest.raises(ToolError, match="has expired"):
+        asyncio.run(tool.execute({"queries": ["glaciers"]}, "call_1"))
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(server.product.vector_stores.search_stores("user_local", [vs], [search]))

@@ -405,6 +405,35 @@ def test_upgrading_a_store_with_files_records_each_files_size(database_url):
         store.close()
 
 
+def test_upgrading_a_store_with_vector_stores_keeps_when_each_was_last_active(database_url):
+    """Revision 0009 moves `last_active_at` (what expiry counts from) into a column:
+    stores made before it keep the time their body held, or their creation time."""
+    engine = create_db_engine(database_url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0008")
+        for store_id, body in (
+            ("vs_used", '{"id": "vs_used", "created_at": 100, "last_active_at": 250}'),
+            ("vs_new", '{"id": "vs_new", "created_at": 300}'),
+        ):
+            conn.execute(
+                text("INSERT INTO vector_stores (id, owner_id, body) VALUES (:id, 'a', :body)"),
+                {"id": store_id, "body": body},
+            )
+    engine.dispose()
+    store = Store(database_url)
+    try:
+        found = {s: kb.get_vector_store(store.repo, "a", s)[0] for s in ("vs_used", "vs_new")}
+    finally:
+        store.close()
+    assert {s: (b["last_active_at"], b["expires_after"]) for s, b in found.items()} == {
+        "vs_used": (250, None),
+        "vs_new": (300, None),
+    }
+
+
 def test_bad_data_directories_and_database_urls_are_clear_one_line_errors(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")

@@ -67,6 +67,8 @@ async def _left_in_progress(url: str, tmp_path) -> tuple[str, str]:
         "created_at": 0,
         "name": None,
         "metadata": {},
+        "last_active_at": 0,
+        "expires_after": None,
     }
     await store.call(kb.add_vector_store, "alice", body, [_store_file(file["id"], "vs_1")])
     store.close()
@@ -161,9 +163,8 @@ def test_every_row_belongs_to_its_owner(database_url, embedder):
         "purpose": "assistants",
     }
     kb.add_file(repo, "alice", repo_file, None, TEXT)
-    kb.add_vector_store(
-        repo, "alice", {"id": "vs_a", "name": None, "metadata": {}}, [_store_file("file_a", "vs_a")]
-    )
+    body = {"id": "vs_a", "name": None, "metadata": {}, "last_active_at": 0, "expires_after": None}
+    kb.add_vector_store(repo, "alice", body, [_store_file("file_a", "vs_a")])
     chunks = asyncio.run(_chunks(embedder))
     assert kb.finish_store_file(repo, "alice", "vs_a", "file_a", chunks, None)
     vector = embedder.encode(["glaciers"]).vectors[0]
@@ -175,6 +176,13 @@ def test_every_row_belongs_to_its_owner(database_url, embedder):
     assert kb.file_content(repo, "alice", "file_a")[2] == TEXT
     assert kb.list_files(repo, "bob", Page(), None).items == []
     assert kb.get_vector_store(repo, "bob", "vs_a") is None
+    assert not kb.mark_vector_store_active(repo, "bob", "vs_a", 1)
+    assert not kb.update_vector_store(repo, "bob", "vs_a", {"expires_after": None})
+    expiry = {"anchor": "last_active_at", "days": 1}
+    assert kb.update_vector_store(repo, "alice", "vs_a", {"expires_after": expiry})
+    assert kb.mark_vector_store_active(repo, "alice", "vs_a", kb.DAY - 1)
+    assert not kb.mark_vector_store_active(repo, "alice", "vs_a", 2 * kb.DAY - 1)  # expired
+    assert kb.get_vector_store(repo, "alice", "vs_a")[0]["last_active_at"] == kb.DAY - 1
     assert kb.get_store_file(repo, "bob", "vs_a", "file_a") is None
     assert kb.list_store_files(repo, "bob", "vs_a", Page(), None) is None
     assert kb.search(repo, "bob", request) == []
