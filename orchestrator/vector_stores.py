@@ -202,20 +202,6 @@ class VectorStoreService:
         if (await self.retrieve(owner, vector_store_id))["status"] == "expired":
             raise expired_store(vector_store_id)
 
-    async def search(self, owner: str, vector_store_id: str, search: Search) -> list[Hit]:
-        await self.use(owner, vector_store_id)
-        encoded = await self.embedder.aencode([search.query])
-        request = SearchRequest(
-            (vector_store_id,),
-            search.query,
-            encoded.vectors[0],
-            search.filters,
-            search.max_num_results,
-            search.score_threshold,
-            search.mode,
-        )
-        return await self.store.call(kb.search, owner, request)
-
     async def search_stores(
         self, owner: str, vector_store_ids: Sequence[str], searches: Sequence[Search]
     ) -> list[Hit]:

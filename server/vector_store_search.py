@@ -3,7 +3,9 @@
 The route itself is wired with the vector store routes; this module is its boundary:
 `parse_search_request` turns the body into the index's `SearchRequest` fields (a 400
 naming the field for anything wrong) and `search_results_page` formats the hits as
-OpenAI's `vector_store.search_results.page`.
+OpenAI's `vector_store.search_results.page`. A `query` may be several queries: each is
+searched and the hits merged (`VectorStoreService.search_stores`), and the page's
+`search_query` lists them, as OpenAI's does (an array of strings).
 """
 
 from __future__ import annotations
@@ -16,26 +18,34 @@ from orchestrator.retrieval.index import Hit, SearchMode
 from server.errors import invalid, known_fields
 
 MAX_RESULTS = 50
-MAX_QUERY_CHARS = 4096
+MAX_QUERY_CHARS = 4096  # all of a request's queries together
+MAX_QUERIES = 10  # each is embedded and searched
 
 
 @dataclass(frozen=True)
 class SearchOptions:
-    query: str
+    queries: list[str]
     filters: Filter | None
     max_num_results: int
     score_threshold: float
     mode: SearchMode
 
 
-def _query(value: Any) -> str:
-    if isinstance(value, list) and value and all(isinstance(q, str) for q in value):
-        value = " ".join(value)
-    if not isinstance(value, str) or not value.strip():
-        raise invalid("query must be a non-empty string or array of strings", param="query")
-    if len(value) > MAX_QUERY_CHARS:
+def _queries(value: Any) -> list[str]:
+    """`query`: a string, or an array of 1 to MAX_QUERIES strings; none of them blank."""
+    queries = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(queries, list)
+        or not 1 <= len(queries) <= MAX_QUERIES
+        or not all(isinstance(q, str) and q.strip() for q in queries)
+    ):
+        raise invalid(
+            f"query must be a non-empty string or an array of 1 to {MAX_QUERIES} non-empty strings",
+            param="query",
+        )
+    if sum(len(q) for q in queries) > MAX_QUERY_CHARS:
         raise invalid(f"query must be at most {MAX_QUERY_CHARS} characters", param="query")
-    return value
+    return queries
 
 
 def parse_max_results(value: Any, param: str = "max_num_results") -> int:
@@ -93,20 +103,20 @@ SEARCH_FIELDS = frozenset(
 
 def parse_search_request(body: Any) -> SearchOptions:
     known_fields(body, SEARCH_FIELDS)
-    query = _query(body.get("query"))
+    queries = _queries(body.get("query"))
     limit = parse_max_results(body.get("max_num_results", 10))
     filters = parse_filters(body.get("filters"))
     threshold, ranker = parse_ranking(body.get("ranking_options"))
     if not isinstance(body.get("rewrite_query", False), bool):
         raise invalid("rewrite_query must be a boolean", param="rewrite_query")
     mode: SearchMode = "vector" if ranker == "none" else "hybrid"
-    return SearchOptions(query, filters, limit, threshold, mode)
+    return SearchOptions(queries, filters, limit, threshold, mode)
 
 
-def search_results_page(query: str, hits: list[Hit]) -> dict:
+def search_results_page(queries: list[str], hits: list[Hit]) -> dict:
     return {
         "object": "vector_store.search_results.page",
-        "search_query": query,
+        "search_query": queries,
         "data": [
             {
                 "file_id": h.file_id,

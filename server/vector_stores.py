@@ -161,15 +161,12 @@ async def delete_vector_store(request: Request) -> Response:
 
 async def search_vector_store(request: Request, body: Any) -> Response:
     options = parse_search_request(body)
-    search = Search(
-        options.query,
-        options.filters,
-        options.max_num_results,
-        options.score_threshold,
-        options.mode,
-    )
-    hits = await _service(request).search(owner(request), _store_id(request), search)
-    return JSONResponse(search_results_page(options.query, hits))
+    searches = [
+        Search(q, options.filters, options.max_num_results, options.score_threshold, options.mode)
+        for q in options.queries
+    ]
+    hits = await _service(request).search_stores(owner(request), [_store_id(request)], searches)
+    return JSONResponse(search_results_page(options.queries, hits))
 
 
 async def create_store_file(request: Request, body: Any) -> Response:

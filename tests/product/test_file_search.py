@@ -520,3 +520,18 @@ def test_a_store_expiring_mid_turn_is_the_tools_error(knowledge):
         asyncio.run(tool.execute({"queries": ["glaciers"]}, "call_1"))
     with pytest.raises(InvalidRequestError):
         asyncio.run(server.product.vector_stores.search_stores("user_local", [vs], [search]))
+
+
+def test_a_search_of_several_queries_finds_each_and_lists_them(knowledge):
+    server, vs, files = knowledge("unused")
+    raw = httpx.post(
+        f"{server.url}/v1/vector_stores/{vs}/search",
+        json={"query": ["glacier valleys", "sourdough starter"], "max_num_results": 2},
+        timeout=30,
+    )
+    assert raw.status_code == 200, raw.text
+    page = raw.json()
+    assert page["search_query"] == ["glacier valleys", "sourdough starter"]
+    assert {hit["file_id"] for hit in page["data"]} == set(files.values())
+    one = server.client.vector_stores.search(vs, query="glacier valleys")
+    assert one.model_extra["search_query"] == ["glacier valleys"]

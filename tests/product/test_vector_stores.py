@@ -92,7 +92,7 @@ def test_ingestion_cut_off_by_a_stop_resumes_at_start(database_url, tmp_path, em
         assert service.resume() == 1
         status = await _status_after(service, file_id, 30)
         query = Search("glaciers carving valleys", None, 5, 0.0, "hybrid")
-        hits = await service.search("alice", "vs_1", query)
+        hits = await service.search_stores("alice", ["vs_1"], [query])
         assert [hit.file_id for hit in hits] == [file_id]
         store.close()
         return status

@@ -14,12 +14,12 @@ from server.vector_store_search import parse_search_request, search_results_page
 def test_defaults_and_options():
     options = parse_search_request({"query": "whales"})
     assert (
-        options.query,
+        options.queries,
         options.max_num_results,
         options.score_threshold,
         options.mode,
         options.filters,
-    ) == ("whales", 10, 0.0, "hybrid", None)
+    ) == (["whales"], 10, 0.0, "hybrid", None)
     options = parse_search_request(
         {
             "query": ["blue", "whales"],
@@ -28,7 +28,7 @@ def test_defaults_and_options():
             "ranking_options": {"ranker": "none", "score_threshold": 0.4},
         }
     )
-    assert options.query == "blue whales"
+    assert options.queries == ["blue", "whales"]  # each searched, not one joined string
     assert options.filters == Comparison("topic", "eq", "ocean")
     assert (options.max_num_results, options.score_threshold, options.mode) == (3, 0.4, "vector")
 
@@ -39,6 +39,10 @@ def test_defaults_and_options():
         ({}, "query"),
         ({"query": "  "}, "query"),
         ({"query": ["a", 1]}, "query"),
+        ({"query": []}, "query"),
+        ({"query": ["a", " "]}, "query"),
+        ({"query": ["a"] * 11}, "query"),
+        ({"query": ["a" * 3000, "b" * 3000]}, "query"),
         ({"query": "a", "max_num_results": 0}, "max_num_results"),
         ({"query": "a", "max_num_results": 51}, "max_num_results"),
         ({"query": "a", "max_num_results": True}, "max_num_results"),
@@ -60,8 +64,9 @@ def test_bad_bodies_name_the_field(body, param):
 
 def test_page_parses_as_openai_results():
     hits = [Hit("vs_1", "file-a", "a.pdf", 0, "Whales eat krill.", {"topic": "ocean"}, 0.9)]
-    page = search_results_page("whales", hits)
+    page = search_results_page(["blue", "whales"], hits)
     assert page["object"] == "vector_store.search_results.page"
+    assert page["search_query"] == ["blue", "whales"]  # OpenAI's: an array of strings
     (result,) = [VectorStoreSearchResponse.model_validate(d) for d in page["data"]]
     assert (result.file_id, result.filename, result.score) == ("file-a", "a.pdf", 0.9)
     assert result.content[0].text == "Whales eat krill."
