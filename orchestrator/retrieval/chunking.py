@@ -57,6 +57,14 @@ def _int_field(static: dict, name: str) -> int:
     return value
 
 
+def _only(value: dict, keys: tuple[str, ...], where: str) -> None:
+    """A key of `value` outside `keys` is a ValueError naming it: a misspelt field would
+    otherwise be ignored and the file chunked as the client did not ask."""
+    for key in value:
+        if key not in keys:
+            raise ValueError(f"{where}.{key} is not a field of {where}")
+
+
 def parse_chunking_strategy(value: Any) -> StaticChunking:
     """A request's `chunking_strategy` (absent, {"type": "auto"} or {"type": "static", ...});
     raises ValueError with a message naming the bad field."""
@@ -65,10 +73,13 @@ def parse_chunking_strategy(value: Any) -> StaticChunking:
     if not isinstance(value, dict) or value.get("type") not in ("auto", "static"):
         raise ValueError("chunking_strategy.type must be 'auto' or 'static'")
     if value["type"] == "auto":
+        _only(value, ("type",), "chunking_strategy")
         return StaticChunking()
+    _only(value, ("type", "static"), "chunking_strategy")
     static = value.get("static")
     if not isinstance(static, dict):
         raise ValueError("chunking_strategy.static must be an object")
+    _only(static, ("max_chunk_size_tokens", "chunk_overlap_tokens"), "chunking_strategy.static")
     return StaticChunking(
         _int_field(static, "max_chunk_size_tokens"), _int_field(static, "chunk_overlap_tokens")
     )

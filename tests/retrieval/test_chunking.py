@@ -84,6 +84,12 @@ def test_strategy_parsing_and_limits():
             "max_chunk_size_tokens",
         ),
         ({"type": "fixed"}, "chunking_strategy.type"),
+        ({"type": "auto", "size": 100}, r"chunking_strategy\.size is not a field"),
+        (
+            {"type": "static", "static": {**static["static"], "overlap": 0}},
+            r"chunking_strategy\.static\.overlap is not a field",
+        ),
+        ({**static, "auto": {}}, r"chunking_strategy\.auto is not a field"),
     ]
     for value, field in bad:
         with pytest.raises(ValueError, match=field):
