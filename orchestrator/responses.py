@@ -130,6 +130,7 @@ class ResponseRequest:
     metadata: dict = field(default_factory=dict)
     tools: list[FunctionTool | CodeInterpreterTool | FileSearchTool] = field(default_factory=list)
     # "none" | "auto" | "required" | {"type": "function", "name"} | {"type": "file_search"}
+    # | {"type": "code_interpreter"}
     tool_choice: str | dict = "auto"
     parallel_tool_calls: bool = True
     # text.format as given: {"type": "text"}, {"type": "json_object"} or
@@ -242,13 +243,14 @@ def _structure(
 
 def _check_tool_choice(choice: str | dict, offered: list[FunctionTool]) -> None:
     """A tool choice that forces a call needs the tool: among the request's own, or the
-    server's default tools, which are offered without being declared."""
+    server's default tools, which are offered without being declared. A built-in is
+    named by its type (`{"type": "code_interpreter"}`), a function by its name."""
     if choice == "required" and not offered:
         raise InvalidRequestError('tool_choice "required" needs tools', "tool_choice")
-    name = choice.get("name") if isinstance(choice, dict) else None
+    name = choice.get("name", choice["type"]) if isinstance(choice, dict) else None
     if name is not None and name not in {t.name for t in offered}:
         raise InvalidRequestError(
-            f"tool_choice names function {name!r}, which is not in tools", "tool_choice"
+            f"tool_choice names the tool {name!r}, which is not in tools", "tool_choice"
         )
 
 
@@ -628,12 +630,17 @@ class Turn:
         )
 
     def _forced_call_made(self) -> bool:
-        """Whether the request named the function to call (tool_choice `{"type":
-        "function", "name": ...}`) and a generation has made that call: the next turn is
-        then offered no tools and answers. (Offered them again, the default 135M model
-        calls the function once more or writes a made-up `<tool_response>` block.)"""
+        """Whether the request named the tool to call (tool_choice `{"type": "function",
+        "name": ...}` or `{"type": "code_interpreter"}`) and a generation has made that
+        call: the next turn is then offered no tools and answers. (Offered them again,
+        the default 135M model calls the tool once more or writes a made-up
+        `<tool_response>` block.)"""
         choice = self.request.tool_choice
-        return self._generations > 0 and isinstance(choice, dict) and choice["type"] == "function"
+        return (
+            self._generations > 0
+            and isinstance(choice, dict)
+            and choice["type"] in ("function", CODE_INTERPRETER)
+        )
 
     def _search_forced(self, config: ToolConfig) -> bool:
         """Whether this turn must call file_search and nothing else (tool_choice

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator import FunctionTool, Page, ResponseRequest
-from orchestrator.agent import DEFAULT_MAX_TOOL_CALLS
+from orchestrator.agent import CODE_INTERPRETER, DEFAULT_MAX_TOOL_CALLS
 from orchestrator.responses import CodeInterpreterTool
 from orchestrator.tools.file_search import DEFAULT_MAX_RESULTS, FileSearchTool
 from server.errors import invalid, known_fields
@@ -259,9 +259,11 @@ def _tool_choice(body: dict, tools: list) -> str | dict:
                 'tool_choice {"type": "file_search"} needs a file_search tool', "tool_choice"
             )
         return {"type": "file_search"}
+    if isinstance(choice, dict) and choice.get("type") == CODE_INTERPRETER:
+        return {"type": CODE_INTERPRETER}  # declared or a default tool, the service checks
     raise invalid(
-        'tool_choice must be "none", "auto", "required", '
-        '{"type": "function", "name": ...} or {"type": "file_search"}',
+        'tool_choice must be "none", "auto", "required", {"type": "function", "name": ...}, '
+        '{"type": "file_search"} or {"type": "code_interpreter"}',
         "tool_choice",
     )
 

@@ -265,6 +265,21 @@ def test_code_interpreter_runs_in_the_sandbox(product_server):
     Response.model_validate(body)
 
 
+def test_code_interpreter_forced_by_its_type_runs_once_then_the_model_answers(product_server):
+    code = _call("code_interpreter", code="print(6 * 7)")
+    server = product_server(FakeEngine(reply=_scripted(code, code)))
+    sandboxed = {"type": "code_interpreter", "container": {"type": "auto"}}
+    forced = {"type": "code_interpreter"}
+    body = _post(server, input="Compute", tools=[sandboxed], tool_choice=forced).json()
+    assert _types(body) == ["code_interpreter_call", "message"], body
+    assert body["output"][0]["outputs"][0]["logs"].strip() == "42"
+    assert "You must call the function 'code_interpreter'" in _prompt(server, 0)
+    assert len(server.engine.prompts) == 2 and "<tools>" not in _prompt(server)
+    assert Response.model_validate(body).tool_choice.type == "code_interpreter"
+    raw = _post(server, input="Compute", tools=[CALCULATOR], tool_choice=forced)
+    assert raw.status_code == 400 and raw.json()["error"]["param"] == "tool_choice"
+
+
 def test_code_calls_cut_by_max_output_tokens_stay_in_the_response_unrun(product_server):
     """The budget ran out while the model wrote a second call: both calls are items, not
     run, as the response ended there (the cut one with the code it had written)."""
