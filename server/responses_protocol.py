@@ -23,7 +23,8 @@ MAX_METADATA_KEYS = 16
 MAX_ITEMS_PER_CALL = 20  # OpenAI's limit for conversation items per request
 MAX_PAGE = 100
 MAX_SEARCHED_STORES = 16
-INCLUDABLE = ("file_search_call.results",)
+# A code_interpreter_call carries its outputs whether or not they are asked for.
+INCLUDABLE = ("file_search_call.results", "code_interpreter_call.outputs")
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 
 _RESPONSE_FIELDS = {
@@ -285,7 +286,7 @@ def check_include(values: list, param: Callable[[int], str]) -> list[str]:
     for i, value in enumerate(values):
         if value not in INCLUDABLE:
             raise invalid(
-                f"{param(i)} {value!r} is not supported: only {', '.join(INCLUDABLE)} is",
+                f"{param(i)} {value!r} is not supported: only {' and '.join(INCLUDABLE)} are",
                 param(i),
             )
     return list(dict.fromkeys(values))

@@ -253,9 +253,8 @@ def test_streamed_events_are_openai_events_and_match_the_stored_response(product
 def test_code_interpreter_runs_in_the_sandbox(product_server):
     code = _call("code_interpreter", code="print(6 * 7)")
     server = product_server(FakeEngine(reply=_scripted(code)))
-    body = _post(
-        server, input="Compute", tools=[{"type": "code_interpreter", "container": {"type": "auto"}}]
-    ).json()
+    sandboxed = {"type": "code_interpreter", "container": {"type": "auto"}}
+    body = _post(server, input="Compute", tools=[sandboxed]).json()
     assert _types(body) == ["code_interpreter_call", "message"]
     item = body["output"][0]
     assert item["status"] == "completed" and item["code"] == "print(6 * 7)"
@@ -263,6 +262,14 @@ def test_code_interpreter_runs_in_the_sandbox(product_server):
     assert body["output"][1]["content"][0]["text"].startswith("Result: 42")
     assert '<untrusted origin="tool code_interpreter"' in _prompt(server)
     Response.model_validate(body)
+    # OpenAI's include for the outputs is taken (they are there either way), on POST and GET.
+    include = ["code_interpreter_call.outputs"]
+    raw = _post(server, input="Compute", tools=[sandboxed], include=include)
+    assert raw.status_code == 200, raw.json()
+    assert raw.json()["output"][0]["outputs"][0]["logs"].strip() == "42"
+    url = f"{server.url}/v1/responses/{raw.json()['id']}"
+    stored = httpx.get(url, params={"include[]": include}, timeout=10)
+    assert stored.status_code == 200 and stored.json()["output"] == raw.json()["output"]
 
 
 def test_code_interpreter_forced_by_its_type_runs_once_then_the_model_answers(product_server):
