@@ -78,12 +78,7 @@ class ToolRegistry:
         wanted: list[tuple[str, str]] = [(name, "default tools") for name in defaults]
         for i, tool in enumerate(declared):
             if tool.get("type") == "code_interpreter":
-                container = tool.get("container")
-                if not (isinstance(container, dict) and container.get("type") == "auto"):
-                    raise ToolUnavailable(
-                        f'tools[{i}].container: only {{"type": "auto"}} '
-                        "is supported (each call runs in a fresh sandbox)"
-                    )
+                _check_container(tool.get("container"), f"tools[{i}].container")
                 wanted.append(("code_interpreter", f"tools[{i}]"))
             elif tool.get("type") == "function" and self._builtin_named(tool):
                 wanted.append((tool.get("name"), f"tools[{i}]"))
@@ -105,6 +100,22 @@ class ToolRegistry:
         server runs, or one it would name the reason it cannot)."""
         name = tool.get("name")
         return tool.get("parameters") is None and (name in self.tools or name in self.unavailable)
+
+
+def _check_container(container: object, param: str) -> None:
+    """code_interpreter's container: `{"type": "auto"}`, each call a fresh empty sandbox.
+    What else OpenAI's auto container takes (`file_ids` to copy in, `memory_limit`,
+    `network_policy`) is refused rather than ignored: the code would run without it."""
+    if not (isinstance(container, dict) and container.get("type") == "auto"):
+        raise ToolUnavailable(
+            f'{param}: only {{"type": "auto"}} is supported (each call runs in a fresh sandbox)'
+        )
+    for key, value in container.items():
+        if key != "type" and value not in (None, []):
+            raise ToolUnavailable(
+                f"{param}.{key}: not supported (each call runs in a fresh, empty sandbox "
+                "with the server's limits)"
+            )
 
 
 def builtin_tools(database: Path | None = None, sandbox: Sandbox | None = None) -> ToolRegistry:

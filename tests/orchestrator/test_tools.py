@@ -299,6 +299,13 @@ def test_resolving_a_tool_this_server_cannot_run_names_the_entry():
     assert resolved.client_functions == ["ping", "x"] and not resolved.builtins
     with pytest.raises(ToolUnavailable, match=r"tools\[0\]\.container"):
         builtin_tools().resolve([{"type": "code_interpreter", "container": "cntr_1"}])
+    # Files to copy in, or limits of its own, would be ignored: refused, naming the field.
+    for key, value in (("file_ids", ["file_1"]), ("memory_limit", "4g")):
+        container = {"type": "auto", key: value}
+        with pytest.raises(ToolUnavailable, match=rf"^tools\[0\]\.container\.{key}: "):
+            builtin_tools().resolve([{"type": "code_interpreter", "container": container}])
+    empty = {"type": "auto", "file_ids": [], "memory_limit": None}
+    assert builtin_tools().resolve([{"type": "code_interpreter", "container": empty}]).builtins
 
 
 @given(
