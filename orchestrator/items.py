@@ -5,12 +5,19 @@ from __future__ import annotations
 from orchestrator.ids import new_id
 from orchestrator.store import ItemPage
 
-_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+_PREFIXES = {
+    "message": "msg",
+    "function_call": "fc",
+    "function_call_output": "fco",
+    "code_interpreter_call": "ci",
+    "file_search_call": "fs",
+}
 
 
 def stored_item(item: dict) -> dict:
-    """A client's input item (already validated) with an id and a final status."""
-    return {"id": new_id(_PREFIXES[item["type"]]), **item, "status": "completed"}
+    """A client's input item (already validated) with an id of its own and a final status
+    (a built-in call given back keeps the one it had: a failed run stays failed)."""
+    return {"id": new_id(_PREFIXES[item["type"]]), "status": "completed", **item}
 
 
 def item_list(page: ItemPage) -> dict:

@@ -132,11 +132,87 @@ def _item(raw: Any, param: str) -> dict:
             "call_id": _required_string(raw, "call_id", param),
             "output": _required_string(raw, "output", param),
         }
+    if kind == "code_interpreter_call":
+        return _code_interpreter_call(raw, param)
+    if kind == "file_search_call":
+        return _file_search_call(raw, param)
     raise invalid(
-        f"{param}.type {kind!r} is not supported: items are messages, "
-        "function_call and function_call_output",
+        f"{param}.type {kind!r} is not supported: items are messages, function_call, "
+        "function_call_output, code_interpreter_call and file_search_call",
         f"{param}.type",
     )
+
+
+_CODE_STATUSES = ("in_progress", "completed", "incomplete", "interpreting", "failed")
+_SEARCH_STATUSES = ("in_progress", "searching", "completed", "incomplete", "failed")
+_CODE_OUTPUT_TEXT = {"logs": "logs", "image": "url"}  # an output's type -> its text field
+
+
+def _status(raw: dict, allowed: tuple[str, ...], param: str) -> str:
+    """The status of a built-in call given back, required as OpenAI requires it (with the
+    call's `id`, which only says the item came from a response: the stored copy gets an id
+    of its own)."""
+    _required_string(raw, "id", param)
+    status = raw.get("status")
+    if status not in allowed:
+        raise invalid(
+            f"{param}.status must be one of {', '.join(allowed)}, got {status!r}", f"{param}.status"
+        )
+    return status
+
+
+def _code_interpreter_call(raw: dict, param: str) -> dict:
+    """An earlier response's code_interpreter_call: its code and outputs (logs, images),
+    which the prompt shows as the call and its logs."""
+    status = _status(raw, _CODE_STATUSES, param)
+    outputs = []
+    for j, out in enumerate(typed_field(raw, "outputs", "an array", [], f"{param}.outputs")):
+        where = f"{param}.outputs[{j}]"
+        kind = out.get("type") if isinstance(out, dict) else None
+        if kind not in _CODE_OUTPUT_TEXT:
+            raise invalid(f'{where}.type must be "logs" or "image", got {kind!r}', f"{where}.type")
+        text = _CODE_OUTPUT_TEXT[kind]
+        outputs.append({"type": kind, text: _required_string(out, text, where)})
+    return {
+        "type": "code_interpreter_call",
+        "code": typed_field(raw, "code", "a string", "", f"{param}.code"),
+        "container_id": _required_string(raw, "container_id", param),
+        "outputs": outputs,
+        "status": status,
+    }
+
+
+def _file_search_call(raw: dict, param: str) -> dict:
+    """An earlier response's file_search_call: its queries and, when it carries them, its
+    results, which the prompt shows again as numbered, spotlighted sources."""
+    status = _status(raw, _SEARCH_STATUSES, param)
+    queries = typed_field(raw, "queries", "an array", param=f"{param}.queries")
+    if queries is None:
+        raise invalid(f"{param}.queries is required", f"{param}.queries")
+    for j, query in enumerate(queries):
+        if not isinstance(query, str):
+            raise invalid(f"{param}.queries[{j}] must be a string", f"{param}.queries[{j}]")
+    results = typed_field(raw, "results", "an array", None, f"{param}.results")
+    return {
+        "type": "file_search_call",
+        "queries": list(queries),
+        "results": None
+        if results is None
+        else [_search_result(r, f"{param}.results[{j}]") for j, r in enumerate(results)],
+        "status": status,
+    }
+
+
+def _search_result(raw: Any, param: str) -> dict:
+    if not isinstance(raw, dict):
+        raise invalid(f"{param} must be an object", param)
+    return {
+        "file_id": typed_field(raw, "file_id", "a string", "", f"{param}.file_id"),
+        "filename": typed_field(raw, "filename", "a string", "", f"{param}.filename"),
+        "score": typed_field(raw, "score", "a number", 0.0, f"{param}.score"),
+        "text": _required_string(raw, "text", param),
+        "attributes": typed_field(raw, "attributes", "an object", {}, f"{param}.attributes"),
+    }
 
 
 def parse_items(raw: Any, param: str, limit: int | None = None) -> list[dict]:

@@ -531,7 +531,8 @@ def test_conversation_bodies_are_checked(product_server):
     too_many = [{"role": "user", "content": "x"}] * 21
     for path, body, param in [
         ("/conversations", {"items": too_many}, "items"),
-        ("/conversations", {"items": [{"type": "file_search_call"}]}, "items[0].type"),
+        ("/conversations", {"items": [{"type": "web_search_call"}]}, "items[0].type"),
+        ("/conversations", {"items": [{"type": "file_search_call"}]}, "items[0].id"),
         ("/conversations", {"metadata": {"k": 1}}, "metadata"),
         ("/conversations", {"name": "x"}, "name"),
     ]:

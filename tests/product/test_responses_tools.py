@@ -272,6 +272,49 @@ def test_code_interpreter_runs_in_the_sandbox(product_server):
     assert stored.status_code == 200 and stored.json()["output"] == raw.json()["output"]
 
 
+def test_a_clients_own_history_may_give_back_builtin_call_items(product_server):
+    """A client that keeps the state itself sends the output it got back as input
+    (`input=[*earlier, *response.output, next]`): code_interpreter_call and
+    file_search_call items are shown as the calls and results they were."""
+    code = _call("code_interpreter", code="print(6 * 7)")
+    server = product_server(FakeEngine(reply=_scripted(code)))
+    sandboxed = {"type": "code_interpreter", "container": {"type": "auto"}}
+    first = _post(server, input="Compute", tools=[sandboxed], store=False).json()
+    searched = {
+        "id": "fs_1",
+        "type": "file_search_call",
+        "status": "completed",
+        "queries": ["zebra food"],
+        "results": [{"file_id": "file_1", "filename": "zoo.txt", "score": 0.9, "text": "Hay."}],
+    }
+    again = [*first["output"], searched, {"role": "user", "content": "And doubled?"}]
+    raw = _post(server, input=[{"role": "user", "content": "Compute"}, *again], store=False)
+    assert raw.status_code == 200, raw.json()
+    prompt = _prompt(server)
+    assert '"code": "print(6 * 7)"' in prompt and _tool_results(prompt)[0] == "42"
+    assert '<untrusted origin="file zoo.txt"' in prompt and "Hay." in prompt
+    # Stored, they keep their outputs and status, under ids of their own.
+    failed = {**first["output"][0], "status": "failed"}
+    body = _post(server, input=[failed, {"role": "user", "content": "Again?"}]).json()
+    url = f"{server.url}/v1/responses/{body['id']}/input_items?order=asc"
+    item = httpx.get(url, timeout=10).json()["data"][0]
+    assert item["status"] == "failed" and item["outputs"] == failed["outputs"]
+    assert item["id"].startswith("ci_") and item["id"] != failed["id"]
+    for bad, param in (
+        ({**failed, "outputs": [{"type": "files"}]}, "input[0].outputs[0].type"),
+        ({**failed, "status": "done"}, "input[0].status"),
+        ({**searched, "queries": [1]}, "input[0].queries[0]"),
+        ({**searched, "queries": None}, "input[0].queries"),
+        (
+            {"type": "code_interpreter_call", "container_id": "c", "status": "completed"},
+            "input[0].id",
+        ),
+        ({**searched, "results": [{"score": 1}]}, "input[0].results[0].text"),
+    ):
+        raw = _post(server, input=[bad, {"role": "user", "content": "x"}])
+        assert raw.status_code == 400 and raw.json()["error"]["param"] == param, raw.json()
+
+
 def test_code_interpreter_forced_by_its_type_runs_once_then_the_model_answers(product_server):
     code = _call("code_interpreter", code="print(6 * 7)")
     server = product_server(FakeEngine(reply=_scripted(code, code)))
