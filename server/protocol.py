@@ -271,14 +271,38 @@ def _tool(raw: Any, i: int) -> Tool:
     return Tool(name=name, spec={"type": "function", "function": function})
 
 
+def _tools(body: dict) -> list[Tool]:
+    """The request's function tools. As in OpenAI's API, an empty array is a 400 rather
+    than "no tools": leave the field out for that."""
+    raw = typed_field(body, "tools", "an array")
+    if raw is None:
+        return []
+    if not raw:
+        raise invalid(
+            "Invalid 'tools': empty array. Expected an array with minimum length 1, "
+            "but got an empty array instead.",
+            "tools",
+            code="empty_array",
+        )
+    tools = [_tool(t, i) for i, t in enumerate(raw)]
+    if len({t.name for t in tools}) != len(tools):
+        raise invalid("tools must have distinct function names", "tools")
+    return tools
+
+
 def _tool_choice(body: dict, tools: list[Tool]) -> tuple[str, str | None]:
-    """(mode, forced function name). OpenAI's default is "auto" with tools, else "none"."""
+    """(mode, forced function name). OpenAI's default is "auto" with tools, else "none";
+    a tool_choice without tools, even "none", is a 400 there, and here."""
     choice = body.get("tool_choice")
     if choice is None:
         return ("auto" if tools else "none"), None
+    if not tools:
+        raise invalid(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+            "'tools' are specified.",
+            "tool_choice",
+        )
     if choice in ("none", "auto", "required"):
-        if choice == "required" and not tools:
-            raise invalid('tool_choice "required" needs tools', "tool_choice")
         return choice, None
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
@@ -375,9 +399,7 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
             )
     messages = [_message(m, i) for i, m in enumerate(messages_raw)]
     _check_tool_results(messages)
-    tools = [_tool(t, i) for i, t in enumerate(typed_field(body, "tools", "an array", []))]
-    if len({t.name for t in tools}) != len(tools):
-        raise invalid("tools must have distinct function names", "tools")
+    tools = _tools(body)
     mode, forced = _tool_choice(body, tools)
     stream = typed_field(body, "stream", "a boolean", False)
     logprobs = typed_field(body, "logprobs", "a boolean", False)

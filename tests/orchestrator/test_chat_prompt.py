@@ -162,6 +162,24 @@ def test_chat_request_errors_name_the_parameter(body, param):
     assert err.value.param == param
 
 
+@pytest.mark.parametrize(
+    "tool_choice",
+    ["none", "auto", "required", {"type": "function", "function": {"name": "get_time"}}],
+)
+def test_tool_choice_without_tools_is_a_400_as_in_openai(tool_choice):
+    with pytest.raises(APIError) as err:
+        chat(tool_choice=tool_choice)
+    assert (err.value.status, err.value.param) == (400, "tool_choice")
+    assert "only allowed when 'tools' are specified" in err.value.message
+
+
+def test_an_empty_tools_array_is_a_400_as_in_openai():
+    for tool_choice in (None, "none", "auto"):
+        with pytest.raises(APIError) as err:
+            chat(tools=[], tool_choice=tool_choice)
+        assert (err.value.status, err.value.param, err.value.code) == (400, "tools", "empty_array")
+
+
 def test_chat_request_maps_openai_fields_to_sampling():
     request = chat(
         max_tokens=5,
