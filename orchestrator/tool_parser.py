@@ -96,6 +96,7 @@ class ToolCallParser:
         self.allowed = allowed
         self.max_calls = max_calls  # calls beyond it come back as text
         self.num_calls = 0
+        self.dropped_cut_call = False  # `finish` dropped a call cut before its name
         self._buffer = ""
         self._in_block = False
         self._streaming: _StreamingCall | None = None  # the open block, once it is a call
@@ -139,10 +140,13 @@ class ToolCallParser:
             self._in_block = False
             unfinished = cut and self._streaming is None and not _CANONICAL_START.match(rest)
             if unfinished and parse_call(rest.strip(), self.allowed) is None:
+                self.dropped_cut_call = True
                 return []
             return self._close_block(rest, closed=False)
         if cut:
-            rest = rest[: len(rest) - _partial_tag_suffix(rest, OPEN_TAG)]
+            partial = _partial_tag_suffix(rest, OPEN_TAG)
+            self.dropped_cut_call = partial > 0
+            rest = rest[: len(rest) - partial]
         return [TextPiece(rest)] if rest else []
 
     def _block_end(self, body: str) -> int:
@@ -272,6 +276,12 @@ class ChoiceAssembler:
         """`push` for one engine delta: its finish reason says whether it is the choice's
         last, and with its stop reason whether that end cut it (`ends_cut`)."""
         return self.push(text, finish_reason is not None, ends_cut(finish_reason, stop_reason))
+
+    @property
+    def began_calls(self) -> bool:
+        """The choice made calls, or began one the budget cut before its name: its
+        message's empty content is then `null`, as OpenAI gives beside calls."""
+        return self.num_calls > 0 or (self.parser is not None and self.parser.dropped_cut_call)
 
     @property
     def calls_complete(self) -> bool:

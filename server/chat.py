@@ -186,7 +186,7 @@ def _chat_choice(run: ChatRun, index: int, result: ChoiceResult) -> dict:
     content = "".join(p for p in pieces if isinstance(p, str))
     message: dict = {
         "role": "assistant",
-        "content": content or None if calls else content,
+        "content": content or None if assembler.began_calls else content,
         "refusal": None,
     }
     if calls:

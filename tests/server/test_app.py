@@ -465,6 +465,23 @@ def test_a_stop_string_inside_a_call_ends_it_cut_not_as_tool_calls(serve):
     assert len(body["choices"][0]["message"]["tool_calls"]) == 2
 
 
+def test_a_call_cut_before_its_name_leaves_content_null_not_empty(serve):
+    """The budget ran out inside the call's opening (dropped as markup): no text was
+    written, so the message's content is null, as OpenAI gives when a turn has none."""
+    server = serve(FakeEngine(reply=CALLS))
+    for max_tokens in (6, 20):  # inside `<tool_call>`, then inside the function's name
+        for tool_choice in ("required", "auto"):
+            body = chat(
+                server, tools=[WEATHER_TOOL], tool_choice=tool_choice, max_tokens=max_tokens
+            )
+            (choice,) = body.json()["choices"]
+            assert choice["finish_reason"] == "length"
+            assert choice["message"] == {"role": "assistant", "content": None, "refusal": None}
+    # an answer that is empty by itself stays "", as OpenAI's is
+    body = chat(serve(FakeEngine(reply="")), tools=[WEATHER_TOOL]).json()
+    assert body["choices"][0]["message"]["content"] == ""
+
+
 def test_a_tool_schema_the_grammar_cannot_enforce_is_a_400_without_the_grammar(serve):
     """The message names the keyword, and quotes none of the grammar the server compiled
     the tools into."""
