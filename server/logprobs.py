@@ -61,6 +61,15 @@ def echoed_prompt(out: RequestOutput) -> list[Any]:
     return [Unscored(out.prompt_token_ids[0]), *scored[1:]]
 
 
+def _completion_top(entry: Any, names: TokenNames, top_n: int) -> dict[str, float]:
+    """One token's `top_logprobs` in the legacy shape: the `top_n` likeliest, and the token
+    itself (OpenAI's "always the sampled token", so up to top_n + 1), which harnesses
+    that score a prompt read to find its tokens' places among the likeliest."""
+    top = {names.text(t): _finite(lp) for t, lp in entry.top[:top_n]}
+    top.setdefault(names.text(entry.token_id), _finite(entry.logprob))
+    return top
+
+
 def completion_logprobs(entries: Sequence[Any], names: TokenNames, top_n: int, offset: int) -> dict:
     """`choice.logprobs` of a legacy completion; `offset` is where these tokens' text
     starts in the choice's text (so streamed chunks carry absolute offsets). A token's
@@ -75,7 +84,7 @@ def completion_logprobs(entries: Sequence[Any], names: TokenNames, top_n: int, o
             top.append(None)
         else:
             token_logprobs.append(_finite(e.logprob))
-            top.append({names.text(t): _finite(lp) for t, lp in e.top[:top_n]})
+            top.append(_completion_top(e, names, top_n))
         offsets.append(offset)
         offset += len(characters.decode(names.bytes(e.token_id)))
     return {

@@ -204,9 +204,12 @@ def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_read_it(cl
         assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
         scored = logprobs.token_logprobs[1:]
         assert all(lp <= 0 for lp in scored)
+        # the likeliest token, and the prompt's own (OpenAI's "up to logprobs + 1")
         assert all(
-            len(top) == 1 and max(top.values()) >= lp
-            for top, lp in zip(logprobs.top_logprobs[1:], scored, strict=True)
+            len(top) in (1, 2) and top[token] == lp and max(top.values()) >= lp
+            for top, token, lp in zip(
+                logprobs.top_logprobs[1:], logprobs.tokens[1:], scored, strict=True
+            )
         )
         # the answer's token, second to last now, scores as it did when generated
         assert logprobs.tokens[-2] == generated.tokens[0]

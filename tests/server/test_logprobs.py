@@ -49,3 +49,14 @@ def test_completion_offsets_stay_within_the_text(names_and_ids):
     for token_id, offset in zip(ids, offsets, strict=True):
         assert offset == len(TEXT.encode()[:position].decode(errors="ignore"))
         position += len(names.bytes(token_id))
+
+
+def test_completion_top_logprobs_hold_the_token_itself(names_and_ids):
+    """OpenAI's legacy logprobs: "always the logprob of the sampled token", so up to
+    logprobs + 1 entries; an echoed prompt token outside the top is there too."""
+    names, (a, b, *_) = names_and_ids
+    entries = [Entry(a, -3.0, [(b, -0.1)]), Entry(b, -0.1, [(b, -0.1), (a, -3.0)])]
+    top = completion_logprobs(entries, names, 1, offset=0)["top_logprobs"]
+    assert top == [{names.text(b): -0.1, names.text(a): -3.0}, {names.text(b): -0.1}]
+    none = completion_logprobs(entries, names, 0, offset=0)["top_logprobs"]
+    assert none == [{names.text(a): -3.0}, {names.text(b): -0.1}]
