@@ -15,6 +15,7 @@ import numpy as np
 from starlette.responses import JSONResponse, Response
 
 from server.errors import APIError, invalid
+from server.protocol import typed_field
 
 if TYPE_CHECKING:
     from orchestrator.accounts import Meter
@@ -82,16 +83,16 @@ def parse_embedding_request(body: Any, embedder: Embedder) -> EmbeddingRequest:
             code="model_not_found",
         )
     texts, token_ids = _parse_input(body.get("input"), embedder.vocab_size)
-    encoding_format = body.get("encoding_format") or "float"  # null: the default, as omitted
+    # null is the default, as omitted; any other value not a string is a 400, not the default
+    encoding_format = typed_field(body, "encoding_format", "a string", "float")
     if encoding_format not in ("float", "base64"):
         raise invalid("encoding_format must be 'float' or 'base64'", param="encoding_format")
-    dimensions = body.get("dimensions")
+    dimensions = typed_field(body, "dimensions", "an integer")
     if dimensions is not None and dimensions != embedder.dimensions:
         raise invalid(
             f"dimensions must be {embedder.dimensions} for {embedder.name}", param="dimensions"
         )
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise invalid("user must be a string", param="user")
+    typed_field(body, "user", "a string")
     return EmbeddingRequest(texts, token_ids, encoding_format)
 
 

@@ -82,6 +82,9 @@ def test_one_long_token_array_is_one_input(client, live):
         ({"input": [[1]] * 2049}, "input"),
         ({"input": "a", "user": 7}, "user"),
         ({"input": "a", "encoding_format": "int8"}, "encoding_format"),
+        ({"input": "a", "encoding_format": ""}, "encoding_format"),
+        ({"input": "a", "encoding_format": 0}, "encoding_format"),
+        ({"input": "a", "dimensions": 384.0}, "dimensions"),
         ({"input": "a", "dimensions": 64}, "dimensions"),
     ],
 )
