@@ -60,6 +60,9 @@ class LLM:
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        wrong = next((p for p in params_list if not isinstance(p, SamplingParams)), None)
+        if wrong is not None:  # a dict of options, say, would fail deep in the engine
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(wrong).__name__}")
         ids = []
         try:
             for prompt, p in zip(prompts, params_list, strict=True):

@@ -410,6 +410,9 @@ def test_vllm_prompt_dicts_chat_content_parts_and_options(tiny_chat_model_dir):
     ):
         with pytest.raises(ValueError, match=message):
             (llm.chat if isinstance(bad, list) else llm.generate)(bad, params, use_tqdm=False)
+    for options in ({"max_tokens": 3}, [{"max_tokens": 3}]):
+        with pytest.raises(TypeError, match="sampling_params must be SamplingParams, got dict"):
+            llm.generate("Hi", options, use_tqdm=False)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         _llm(tiny_chat_model_dir, tensor_parallel_size=2)
 
