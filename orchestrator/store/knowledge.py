@@ -126,9 +126,13 @@ def _check_storage_quota(conn: Connection, owner: str, size: int) -> None:
 
 
 def _storage_used(conn: Connection, owner: str) -> int:
-    return conn.execute(
-        select(func.coalesce(func.sum(files.c.bytes), 0)).where(files.c.owner_id == owner)
-    ).scalar_one()
+    """The sum as an int: PostgreSQL sums a BIGINT as NUMERIC, which psycopg returns as a
+    Decimal (not JSON)."""
+    return int(
+        conn.execute(
+            select(func.coalesce(func.sum(files.c.bytes), 0)).where(files.c.owner_id == owner)
+        ).scalar_one()
+    )
 
 
 def storage_used(repo: Repository, owner: str) -> int:

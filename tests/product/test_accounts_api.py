@@ -401,6 +401,21 @@ def events_named(response: httpx.Response) -> list[dict]:
     return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
 
 
+def test_the_usage_report_answers_on_every_database(product_server, database_url, tmp_path):
+    """PostgreSQL sums a BIGINT column as NUMERIC (a Decimal in Python): the report's
+    byte count must still be a JSON integer there."""
+    server = product_server(database_url=database_url, data_dir=tmp_path / "data")
+    key = _account(server, "alice", storage_quota_bytes=1000)
+    with _client(server, key) as alice:
+        upload = alice.post(
+            "/files", files={"file": ("a.txt", b"hello")}, data={"purpose": "assistants"}
+        )
+        assert upload.status_code == 200, upload.text
+        report = alice.get("/usage")
+    assert report.status_code == 200, report.text
+    assert report.json()["storage"] == {"limit_bytes": 1000, "used_bytes": 5}
+
+
 def test_a_disconnect_and_a_cancel_settle_the_reservation(product_server):
     engine = FakeEngine(reply="abcdefghijklmnopqrstuvwxyz", token_delay=0.02)
     server = product_server(engine)
