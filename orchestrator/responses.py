@@ -584,8 +584,10 @@ class Turn:
                 raise  # the turn itself is being cancelled (shutdown)
             return self._stop_status, None, None
         except EngineShutdownError:
+            # `server_error`: a response's error code is one of OpenAI's (the SDK's
+            # ResponseError.code), which has none for a shutdown; the message says it.
             message = "the server shut down before this response finished"
-            return "failed", None, {"code": "server_shutdown", "message": message}
+            return "failed", None, {"code": "server_error", "message": message}
         except (EngineError, ValueError) as exc:
             return "failed", None, {"code": "server_error", "message": f"the engine failed: {exc}"}
         except InvalidRequestError as exc:  # the tools' output no longer fits the context

@@ -20,6 +20,7 @@ from pydantic import TypeAdapter
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
+from engine.errors import EngineShutdownError
 from orchestrator import responses as responses_module
 from orchestrator.output_structure import PLAIN_ANSWER
 from orchestrator.store import Repository
@@ -785,6 +786,28 @@ def test_a_client_that_disconnects_mid_stream_leaves_an_incomplete_response(prod
     assert 3 <= len(stored.output_text) < 26
     assert "abcdefghijklmnopqrstuvwxyz".startswith(stored.output_text)
     assert engine.aborted  # the engine stopped generating for nobody
+
+
+class _ShutDownMidTurn(FakeEngine):
+    """Shut down (as AsyncLLM.shutdown ends a request in flight) after the third token."""
+
+    async def generate(self, prompt, params, request_id):
+        count = 0
+        async for output in super().generate(prompt, params, request_id):
+            yield output
+            count += 1
+            if count == 3:
+                raise EngineShutdownError("the engine was shut down")
+
+
+def test_a_turn_ended_by_a_shutdown_fails_with_an_error_code_the_sdk_knows(product_server):
+    server = product_server(_ShutDownMidTurn(reply="abcdefgh"))
+    raw = _raw(server, "POST", "/responses", json={"model": MODEL, "input": "x"}).json()
+    response = Response.model_validate(raw)  # strict: the code is one of ResponseError's
+    assert (response.status, response.output_text) == ("failed", "abc")
+    assert response.error.code == "server_error"
+    assert "shut down" in response.error.message
+    assert server.client.responses.retrieve(response.id).error == response.error
 
 
 def test_cancel_stops_a_response_in_progress(product_server):
