@@ -212,7 +212,10 @@ class ResponseEvents:
         error: dict | None = None,
     ) -> list[Event]:
         """Close what is open and end the response with `status`. A completed response
-        with no output at all still gets its (empty) message, as OpenAI's do."""
+        with no output at all still gets its (empty) message, as OpenAI's do. An
+        incomplete one without a reason (the client went away) has no
+        `incomplete_details`: the Open Responses spec requires their `reason` to be a
+        string, and none of the OpenAI SDK's reasons applies."""
         events = []
         if status == "completed" and not self.output:
             events += self.text("")
@@ -221,7 +224,11 @@ class ResponseEvents:
             status=status,
             usage=totals,
             error=error,
-            incomplete_details={"reason": incomplete_reason} if status == "incomplete" else None,
+            incomplete_details=(
+                {"reason": incomplete_reason}
+                if status == "incomplete" and incomplete_reason is not None
+                else None
+            ),
             completed_at=completed_at if status == "completed" else None,
         )
         events.append(self._snapshot(_FINAL_EVENTS[status]))

@@ -557,8 +557,9 @@ class Repository:
         crash and will never finish. Its output as last checkpointed is kept, the items
         still being written marked `incomplete`; a turn in a conversation gets its input
         and those output items appended there, as `finish_response` would have, so the
-        history keeps the user's message and what the model had said. Acts for all
-        owners; returns how many it marked."""
+        history keeps the user's message and what the model had said. It has no
+        `incomplete_details`, as a turn whose client went away (`ResponseEvents.finish`).
+        Acts for all owners; returns how many it marked."""
         with self.engine.begin() as conn:
             rows = conn.execute(
                 select(
@@ -572,7 +573,7 @@ class Repository:
                 .order_by(responses.c.created_at, responses.c.id)
             ).all()
             for row in rows:
-                body = {**row.body, "status": "incomplete", "incomplete_details": {"reason": None}}
+                body = {**row.body, "status": "incomplete", "incomplete_details": None}
                 conn.execute(
                     update(responses)
                     .where(responses.c.id == row.id)

@@ -783,6 +783,9 @@ def test_a_client_that_disconnects_mid_stream_leaves_an_incomplete_response(prod
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert stored.status == "incomplete"
+    # No reason of the SDK's applies: no details, rather than a null reason (which the
+    # Open Responses spec, whose `reason` is a string, does not allow).
+    assert stored.incomplete_details is None
     assert 3 <= len(stored.output_text) < 26
     assert "abcdefghijklmnopqrstuvwxyz".startswith(stored.output_text)
     assert engine.aborted  # the engine stopped generating for nobody

@@ -308,7 +308,8 @@ def test_responses_cut_off_by_a_crash_are_marked_incomplete(store):
         [],
     )
     assert repo.interrupt_unfinished() == 1
-    assert repo.get_response("alice", "resp_cut")["status"] == "incomplete"
+    cut = repo.get_response("alice", "resp_cut")
+    assert (cut["status"], cut["incomplete_details"]) == ("incomplete", None)
     assert repo.get_response("alice", "resp_done")["status"] == "completed"
 
 
