@@ -8,8 +8,12 @@ event stream and the state it builds), `responses` (the turn's state machine) an
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from engine.client import EngineClient
 from orchestrator.accounts import LOCAL_USER, Accounts
@@ -19,11 +23,13 @@ from orchestrator.errors import InvalidRequestError, NotFoundError, ProductError
 from orchestrator.files import FileService, import_disk_files
 from orchestrator.responses import FunctionTool, ResponseRequest, ResponseService
 from orchestrator.retrieval.embeddings import Embedder
-from orchestrator.store import Page, Store
+from orchestrator.store import Page, Store, database_error, servers
 from orchestrator.store.accounts import release_reservations, settle_checkpoints
 from orchestrator.store.knowledge import prepare_index
 from orchestrator.tools import ToolRegistry
 from orchestrator.vector_stores import VectorStoreService
+
+log = logging.getLogger("tokenmill")
 
 
 @dataclass
@@ -37,6 +43,8 @@ class Product:
     files: FileService | None = None
     vector_stores: VectorStoreService | None = None
     index_unavailable: str | None = None  # why the database cannot hold the index
+    # On PostgreSQL, from `resume`: recovering the turns of servers that crash later.
+    recovery: asyncio.Task | None = None
 
     @classmethod
     def open(
@@ -55,13 +63,16 @@ class Product:
         A SQLite file belongs to this server alone, so responses left `in_progress` there
         were cut off by a crash: they are marked `incomplete`, the usage they had
         checkpointed is recorded and charged, and quota reservations left there are
-        released. A PostgreSQL database may be shared by several servers,
-        whose responses and reservations in flight must be left alone."""
+        released. A PostgreSQL database may be shared by several servers: only the rows
+        of the servers that are gone get that (`store/servers.py`), now and (from
+        `resume`) every `RECOVERY_SECONDS`."""
         store = Store(database_url)
-        if store.engine.dialect.name == "sqlite":
+        if store.server_lock is None:
             store.repo.interrupt_unfinished()
             settle_checkpoints(store.repo)
             release_reservations(store.repo)
+        else:
+            servers.recover_departed(store.repo, store.server_lock)
         lock = ConversationLock(store)
         product = cls(
             store,
@@ -95,20 +106,37 @@ class Product:
     def resume(self) -> None:
         """Start-up work that needs the event loop: ingestion cut off by the last stop is
         queued again (on PostgreSQL, only the files no live server has claimed, and again
-        every minute for claimants that die later)."""
+        every minute for claimants that die later); on PostgreSQL, the turns of servers
+        that crash from now on are recovered every `RECOVERY_SECONDS`."""
         if self.vector_stores is not None:
             self.vector_stores.resume()
             if self.store.engine.dialect.name == "postgresql":
                 self.vector_stores.start_sweeping()
+        if self.store.server_lock is not None:
+            self.recovery = asyncio.get_running_loop().create_task(self._recover_departed())
+
+    async def _recover_departed(self) -> None:
+        while True:
+            await asyncio.sleep(servers.RECOVERY_SECONDS)
+            try:
+                await self.store.call(servers.recover_departed, self.store.server_lock)
+            except SQLAlchemyError as exc:  # the database down: try again next time
+                log.warning("recovering crashed servers' turns failed: %s", database_error(exc))
 
     async def stop_background(self) -> None:
-        """End the background work (ingestion, responses' records being retried) while
-        the store is still open: before `close` where an event loop runs."""
+        """End the background work (ingestion, responses' records being retried, the
+        recovery of crashed servers) while the store is still open: before `close` where
+        an event loop runs."""
         await self.responses.stop_recording()
+        if self.recovery is not None:
+            self.recovery.cancel()
+            await asyncio.gather(self.recovery, return_exceptions=True)
         if self.vector_stores is not None:
             await self.vector_stores.stop()
 
     def close(self) -> None:
+        if self.recovery is not None:
+            self.recovery.cancel()
         if self.vector_stores is not None:
             self.vector_stores.cancel()
         self.store.close()

@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import ColumnElement
 
 from orchestrator.store.knowledge import delete_file, delete_vector_store
-from orchestrator.store.repository import Repository
+from orchestrator.store.repository import Repository, written_by
 from orchestrator.store.tables import (
     api_keys,
     conversation_items,
@@ -348,6 +348,7 @@ def reserve(
                     period_start=period_start,
                     tokens=tokens,
                     created_at=now,
+                    server_id=repo.server_id,
                 )
             )
     return True
@@ -378,7 +379,12 @@ def checkpoint_usage(
     repo: Repository, checkpoint_id: str, reservation_id: str | None, record: UsageRecord
 ) -> None:
     """Write (or overwrite) a running request's usage so far."""
-    values = {"id": checkpoint_id, "reservation_id": reservation_id, "record": asdict(record)}
+    values = {
+        "id": checkpoint_id,
+        "reservation_id": reservation_id,
+        "record": asdict(record),
+        "server_id": repo.server_id,
+    }
     with repo.engine.begin() as conn:
         stmt = _dialect_insert(conn)(usage_checkpoints).values(**values)
         conn.execute(
@@ -388,15 +394,18 @@ def checkpoint_usage(
         )
 
 
-def settle_checkpoints(repo: Repository) -> int:
-    """Settle every request a crash cut off after a usage checkpoint, as `incomplete` with
-    the usage last checkpointed: start-up maintenance for a database only this server uses
-    (before `release_reservations`, which would charge them nothing)."""
+def settle_checkpoints(repo: Repository, server_id: str | None = None) -> int:
+    """Settle every request (with `server_id`, every one that server ran) a crash cut off
+    after a usage checkpoint, as `incomplete` with the usage last checkpointed: at
+    start-up on a database only this server uses, or for a crashed server on a shared one
+    (`servers.py`); before `release_reservations`, which would charge them nothing."""
     with repo.engine.begin() as conn:
-        rows = conn.execute(select(usage_checkpoints)).all()
+        rows = conn.execute(
+            select(usage_checkpoints).where(*written_by(usage_checkpoints, server_id))
+        ).all()
         for row in rows:
             _write_usage(conn, row.reservation_id, UsageRecord(**row.record))
-        conn.execute(delete(usage_checkpoints))
+            conn.execute(delete(usage_checkpoints).where(usage_checkpoints.c.id == row.id))
     return len(rows)
 
 
@@ -418,11 +427,18 @@ def _settle(conn: Connection, reservation_id: str, used: int) -> None:
     )
 
 
-def release_reservations(repo: Repository) -> int:
-    """Release every reservation (charging nothing): start-up maintenance for a database
-    only this server uses, where one left behind was cut off by a crash."""
+def release_reservations(repo: Repository, server_id: str | None = None) -> int:
+    """Release every reservation (with `server_id`, every one that server holds),
+    charging nothing: at start-up on a database only this server uses, where one left
+    behind was cut off by a crash, or for a crashed server on a shared one (`servers.py`)."""
     with repo.engine.begin() as conn:
-        held = conn.execute(select(quota_reservations.c.id)).scalars().all()
+        held = (
+            conn.execute(
+                select(quota_reservations.c.id).where(*written_by(quota_reservations, server_id))
+            )
+            .scalars()
+            .all()
+        )
         for reservation_id in held:
             _settle(conn, reservation_id, 0)
     return len(held)

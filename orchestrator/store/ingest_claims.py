@@ -19,10 +19,15 @@ from sqlalchemy import Connection, func, select
 from orchestrator.store.repository import Repository
 
 
-def claim_key(owner: str, vector_store_id: str, file_id: str) -> int:
-    """A signed 64-bit advisory-lock key for one file of one store."""
-    digest = hashlib.sha256(f"ingest\0{owner}\0{vector_store_id}\0{file_id}".encode()).digest()
+def advisory_key(*parts: str) -> int:
+    """A signed 64-bit advisory-lock key for what `parts` name (the first, its kind)."""
+    digest = hashlib.sha256("\0".join(parts).encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def claim_key(owner: str, vector_store_id: str, file_id: str) -> int:
+    """The key of one file of one store."""
+    return advisory_key("ingest", owner, vector_store_id, file_id)
 
 
 class IngestClaims:

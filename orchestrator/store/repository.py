@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Engine, and_, delete, func, insert, literal, or_, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql import ColumnElement
 
 from orchestrator.errors import NotFoundError, PreconditionFailedError
 from orchestrator.store.tables import (
@@ -96,6 +97,11 @@ def delete_owned(conn: Connection, table: Any, owner: str, **equal: str) -> int:
     ).rowcount
 
 
+def written_by(table: Any, server_id: str | None) -> list[ColumnElement[bool]]:
+    """The WHERE clause of `table`'s rows that server `server_id` wrote (None: all rows)."""
+    return [] if server_id is None else [table.c.server_id == server_id]
+
+
 def unknown_cursor(page: Page, kind: str) -> NotFoundError:
     """A cursor that names nothing in the list (never there, or deleted since the previous
     page): an empty page would tell the client the list had ended."""
@@ -135,8 +141,11 @@ def _page(
 
 
 class Repository:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, server_id: str | None = None) -> None:
         self.engine = engine
+        # This server's id, written in the rows of the turns it runs (`servers.py`): on
+        # PostgreSQL, so that another server can end them if this one crashes.
+        self.server_id = server_id
         # PostgreSQL's retrieval index, once knowledge.prepare_index made it.
         self.retrieval_index: Any = None
 
@@ -348,6 +357,7 @@ class Repository:
                     previous_response_id=body["previous_response_id"],
                     conversation_id=_conversation_id(body),
                     body=_without_output(body),
+                    server_id=self.server_id,
                 )
             )
             self._insert_response_items(conn, owner, body["id"], "input", input_items)
@@ -551,13 +561,14 @@ class Repository:
                 is not None
             )
 
-    def interrupt_unfinished(self) -> int:
-        """Mark every response still `in_progress` as `incomplete`: start-up maintenance
-        for a database only this server uses, where such a response was cut off by a
-        crash and will never finish. Its output as last checkpointed is kept, the items
-        still being written marked `incomplete`; a turn in a conversation gets its input
-        and those output items appended there, as `finish_response` would have, so the
-        history keeps the user's message and what the model had said. It has no
+    def interrupt_unfinished(self, server_id: str | None = None) -> int:
+        """Mark every response still `in_progress` (with `server_id`, only those that
+        server ran) as `incomplete`: maintenance for turns cut off by a crash, which will
+        never finish: at start-up on a database only this server uses, or for a crashed
+        server on a shared one (`servers.py`). Its output as last checkpointed is kept,
+        the items still being written marked `incomplete`; a turn in a conversation gets
+        its input and those output items appended there, as `finish_response` would have,
+        so the history keeps the user's message and what the model had said. It has no
         `incomplete_details`, as a turn whose client went away (`ResponseEvents.finish`).
         Acts for all owners; returns how many it marked."""
         with self.engine.begin() as conn:
@@ -569,7 +580,7 @@ class Repository:
                     responses.c.created_at,
                     responses.c.body,
                 )
-                .where(responses.c.status == "in_progress")
+                .where(responses.c.status == "in_progress", *written_by(responses, server_id))
                 .order_by(responses.c.created_at, responses.c.id)
             ).all()
             for row in rows:

@@ -28,6 +28,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from orchestrator.retrieval.index import load_sqlite_vec, sqlite_module
 from orchestrator.store.repository import Repository
+from orchestrator.store.servers import ServerLock
 
 T = TypeVar("T")
 log = logging.getLogger("tokenmill")
@@ -176,7 +177,13 @@ class Store:
         self.url = url
         self.engine = create_db_engine(url)
         migrate(self.engine)
-        self.repo = Repository(self.engine)
+        # A PostgreSQL database may be shared: this server's id marks the turns it runs.
+        self.server_lock = (
+            ServerLock(self.engine) if self.engine.dialect.name == "postgresql" else None
+        )
+        self.repo = Repository(
+            self.engine, None if self.server_lock is None else self.server_lock.server_id
+        )
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-store")
 
     async def call(self, method: Callable[..., T], *args: Any) -> T:
@@ -186,4 +193,6 @@ class Store:
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
+        if self.server_lock is not None:
+            self.server_lock.close()
         self.engine.dispose()

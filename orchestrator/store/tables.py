@@ -57,6 +57,10 @@ responses = Table(
     Column("body", JSON, nullable=False),
     # Prompt + output token ids (little-endian uint32): the next turn extends them.
     Column("context_tokens", LargeBinary, nullable=True),
+    # The server running the turn, on PostgreSQL (`servers.py`): if it crashes, another
+    # server ends the turn. Null on SQLite, whose database belongs to one server.
+    Column("server_id", ID, nullable=True),
+    Index("ix_responses_status_server_id", "status", "server_id"),
 )
 
 response_items = Table(
@@ -208,17 +212,20 @@ quota_reservations = Table(
     Column("period_start", BigInteger, nullable=False),
     Column("tokens", BigInteger, nullable=False),
     Column("created_at", Double, nullable=False),
+    Column("server_id", ID, nullable=True),  # the server holding it, as `responses`
 )
 
 # A running request's usage so far, written with each checkpoint of a Responses turn, so
-# that a crash still leaves the turn's usage row: the next start (on SQLite) settles it as
-# `incomplete`, charging its reservation's period. Deleted when the request settles.
+# that a crash still leaves the turn's usage row: the next start (on SQLite), or another
+# server (on PostgreSQL, `servers.py`), settles it as `incomplete`, charging its
+# reservation's period. Deleted when the request settles.
 usage_checkpoints = Table(
     "usage_checkpoints",
     metadata,
     Column("id", ID, primary_key=True),
     Column("reservation_id", ID, nullable=True),
     Column("record", JSON, nullable=False),  # the UsageRecord, status "incomplete"
+    Column("server_id", ID, nullable=True),  # the server running the request, as `responses`
 )
 
 # One row per generation request, however it ended. `user_id` is None for requests made

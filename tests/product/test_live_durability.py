@@ -1,6 +1,8 @@
-"""A server killed with SIGKILL in the middle of 8 streams restarts on the same data
-directory with an intact database: every response a client saw complete is there, and
-a conversation started before the kill goes on after it."""
+"""A server killed with SIGKILL in the middle of 8 streams restarts on the same database
+(SQLite in its data directory, or PostgreSQL) intact: every response a client saw complete
+is there, those cut off are incomplete with their usage recorded, and a conversation
+started before the kill goes on after it. On PostgreSQL the restarted server is another
+server id: it recovers the killed one's turns because nobody holds that one's lock."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ import asyncio
 import contextlib
 import os
 import signal
-import sqlite3
 
 import openai
+import pytest
+from sqlalchemy import create_engine, text
 
 from tests.server.live_server import start_server
 
@@ -56,9 +59,33 @@ async def _streams_then_kill(url: str, pid: int) -> tuple[dict, set[str]]:
     return completed, started - set(completed)
 
 
-def test_sigkill_mid_streams_leaves_an_intact_store(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_args(request, tmp_path) -> tuple[tuple[str, ...], str]:
+    """The server's arguments for a store of each kind, and the store's URL."""
     data_dir = str(tmp_path / "data")
-    server = start_server("--compile", "off", "--data-dir", data_dir)
+    if request.param == "sqlite":
+        return ("--data-dir", data_dir), f"sqlite:///{os.path.join(data_dir, 'tokenmill.db')}"
+    url = request.getfixturevalue("postgres").create_database()
+    return ("--data-dir", data_dir, "--database-url", url), url
+
+
+def _counts(url: str) -> tuple[int, int]:
+    """The usage checkpoints left, and the usage rows of turns ended incomplete."""
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA integrity_check").fetchall() == [("ok",)]
+        checkpoints = conn.execute(text("SELECT count(*) FROM usage_checkpoints")).scalar_one()
+        incomplete = conn.execute(
+            text("SELECT count(*) FROM usage_records WHERE status = 'incomplete'")
+        ).scalar_one()
+    engine.dispose()
+    return checkpoints, incomplete
+
+
+def test_sigkill_mid_streams_leaves_an_intact_store(store_args):
+    args, url = store_args
+    server = start_server("--compile", "off", *args)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         conv = client.conversations.create()
@@ -75,15 +102,11 @@ def test_sigkill_mid_streams_leaves_an_intact_store(tmp_path):
         server.stop()
     assert len(completed) >= 4 and cut  # the kill came mid-stream
 
-    db = sqlite3.connect(os.path.join(data_dir, "tokenmill.db"))
-    assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    # the usage of the turns cut off, as last checkpointed
-    checkpointed = db.execute("SELECT count(*) FROM usage_checkpoints").fetchone()[0]
-    incomplete = "SELECT count(*) FROM usage_records WHERE status = 'incomplete'"
-    recorded = db.execute(incomplete).fetchone()[0]  # the short ones end at their budget
-    db.close()
+    # the usage of the turns cut off, as last checkpointed; the short ones end at their
+    # budget, incomplete
+    checkpointed, recorded = _counts(url)
 
-    server = start_server("--compile", "off", "--data-dir", data_dir)
+    server = start_server("--compile", "off", *args)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         for response_id, seen in completed.items():
@@ -96,10 +119,7 @@ def test_sigkill_mid_streams_leaves_an_intact_store(tmp_path):
             with contextlib.suppress(openai.NotFoundError):
                 assert client.responses.retrieve(response_id).status == "incomplete"
         # Their usage is recorded, charged to no one twice.
-        db = sqlite3.connect(os.path.join(data_dir, "tokenmill.db"))
-        assert db.execute("SELECT count(*) FROM usage_checkpoints").fetchone() == (0,)
-        assert db.execute(incomplete).fetchone() == (recorded + checkpointed,)
-        db.close()
+        assert _counts(url) == (0, recorded + checkpointed)
         # The conversation from before the kill goes on.
         again = client.responses.create(
             model=MODEL,
