@@ -210,8 +210,11 @@ class ResponseEvents:
         completed_at: int,
         incomplete_reason: str | None = None,
         error: dict | None = None,
+        annotate: Callable[[str], list[dict]] | None = None,
     ) -> list[Event]:
-        """Close what is open and end the response with `status`. A completed response
+        """Close what is open and end the response with `status`. A message still being
+        written (cut by max_output_tokens, say) gets the annotations of the text it has,
+        by `annotate`, as OpenAI's incomplete messages do. A completed response
         with no output at all still gets its (empty) message, as OpenAI's do. An
         incomplete one without a reason (the client went away) has no
         `incomplete_details`: the Open Responses spec requires their `reason` to be a
@@ -219,7 +222,9 @@ class ResponseEvents:
         events = []
         if status == "completed" and not self.output:
             events += self.text("")
-        events += self._close_message("completed" if status == "completed" else "incomplete")
+        events += self._close_message(
+            "completed" if status == "completed" else "incomplete", annotate
+        )
         self.response.update(
             status=status,
             usage=totals,

@@ -433,6 +433,7 @@ class Turn:
                 int(time.time()),
                 reason,
                 error,
+                annotate=self._annotate,
             )
             recorded = True
             if store is not None:

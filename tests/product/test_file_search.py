@@ -215,6 +215,38 @@ def test_the_stream_carries_the_search_and_citation_events(knowledge):
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
 
+def test_an_answer_cut_by_max_output_tokens_cites_the_markers_it_wrote(knowledge):
+    server, vs, files = knowledge(
+        _scripted("Thirty metres [{}] a year, and faster in a warm summer.")
+    )
+    with server.client.responses.stream(
+        model=MODEL,
+        input=QUESTION,
+        tools=[_tool(vs)],
+        tool_choice={"type": "file_search"},
+        max_output_tokens=20,
+    ) as stream:
+        events = list(stream)
+    assert events[-1].type == "response.incomplete"
+    final = events[-1].response
+    assert final.status == "incomplete"
+    assert final.incomplete_details.reason == "max_output_tokens"
+    message = final.output[-1]
+    text = message.content[0]
+    assert message.status == "incomplete" and text.text == "Thirty metres [1] a "
+    citation = {
+        "type": "file_citation",
+        "file_id": files["glaciers.txt"],
+        "filename": "glaciers.txt",
+        "index": text.text.index("[1]"),
+    }
+    assert [a.model_dump() for a in text.annotations] == [citation]
+    added = [e for e in events if e.type == "response.output_text.annotation.added"]
+    assert [e.annotation.model_dump() for e in added] == [citation]
+    stored = server.client.responses.retrieve(final.id)
+    assert stored.output[-1].content[0].annotations == text.annotations
+
+
 def test_filters_and_max_num_results_reach_the_search(knowledge):
     server, _, files = knowledge(_scripted("Done."))
     vs = server.client.vector_stores.create().id
