@@ -73,15 +73,16 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
-def known_fields(body: object, fields: set[str] | frozenset[str]) -> dict:
+def known_fields(body: object, fields: set[str] | frozenset[str], param: str = "") -> dict:
     """The body, a JSON object whose fields set (not null) are all among `fields`; a 400
-    naming the first that is not: as OpenAI's API, the product's routes refuse a field
-    they would otherwise ignore."""
+    naming the first that is not (under `param`, for an object nested in a body): as
+    OpenAI's API, the product's routes refuse a field they would otherwise ignore."""
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
     for name in body:
         if name not in fields and body[name] is not None:
-            raise invalid(f"{name} is not supported by this server", name)
+            named = f"{param}.{name}" if param else name
+            raise invalid(f"{named} is not supported by this server", named)
     return body
 
 

@@ -35,6 +35,7 @@ _RESPONSE_FIELDS = {
     "conversation",
     "store",
     "stream",
+    "stream_options",
     "max_output_tokens",
     "temperature",
     "top_p",
@@ -351,6 +352,23 @@ def _check_unsupported(body: dict) -> None:
         raise invalid("background responses are not supported", "background")
 
 
+def _stream(body: dict) -> bool:
+    """`stream`, and its `stream_options` checked: OpenAI's one option,
+    `include_obfuscation`, may be false (what this server does: its events carry no
+    `obfuscation` padding); true is refused rather than silently not done."""
+    stream = typed_field(body, "stream", "a boolean", False)
+    options = typed_field(body, "stream_options", "an object")
+    if options is None:
+        return stream
+    if not stream:
+        raise invalid("stream_options is only allowed when stream is true", "stream_options")
+    known_fields(options, {"include_obfuscation"}, "stream_options")
+    param = "stream_options.include_obfuscation"
+    if typed_field(options, "include_obfuscation", "a boolean", False, param):
+        raise invalid("stream obfuscation is not supported by this server", param)
+    return stream
+
+
 def _include(body: dict) -> list[str]:
     include = typed_field(body, "include", "an array", [])
     return check_include(include, lambda i: f"include[{i}]")
@@ -473,7 +491,7 @@ def parse_response_request(
         include=_include(body),
         user=typed_field(body, "user", "a string"),
     )
-    return request, typed_field(body, "stream", "a boolean", False)
+    return request, _stream(body)
 
 
 def parse_page(query: Any, most: int = MAX_PAGE, default: int = 20) -> Page:

@@ -119,6 +119,33 @@ def test_streaming_events_come_in_order_and_add_up_to_the_stored_response(produc
     assert stored.output == final.output and stored.usage == final.usage
 
 
+def test_a_stream_may_turn_obfuscation_off_but_not_ask_for_it(product_server):
+    """`stream_options.include_obfuscation: false` (the SDK's bandwidth saver) is what
+    this server does anyway; true, or options without streaming, are 400s naming them."""
+    server = product_server(FakeEngine(reply="Hi there!"))
+    events = list(
+        server.client.responses.create(
+            model=MODEL,
+            input="Hello",
+            stream=True,
+            stream_options={"include_obfuscation": False},
+        )
+    )
+    assert events[-1].type == "response.completed"
+    assert all("obfuscation" not in e.model_dump() for e in events)
+    for body, param in (
+        ({"stream": True, "stream_options": {"include_obfuscation": True}}, "include_obfuscation"),
+        ({"stream": True, "stream_options": {"include_obfuscation": "no"}}, "include_obfuscation"),
+        ({"stream": True, "stream_options": {"include_usage": True}}, "include_usage"),
+        ({"stream": False, "stream_options": {"include_obfuscation": False}}, None),
+        ({"stream": True, "stream_options": "off"}, None),
+    ):
+        raw = _raw(server, "POST", "/responses", json={"model": MODEL, "input": "x", **body})
+        assert raw.status_code == 400, raw.text
+        named = "stream_options" + (f".{param}" if param else "")
+        assert raw.json()["error"]["param"] == named
+
+
 def test_every_streamed_event_is_a_valid_sdk_event_named_by_its_sse_event_line(product_server):
     server = product_server(FakeEngine(reply=lambda p: CALL if "Paris" in p else "Sunny."))
     adapter = TypeAdapter(ResponseStreamEvent)
