@@ -11,13 +11,18 @@ matter for an inference server:
 - an API error after the stream has started is sent as an OpenAI-style error event,
   followed by `[DONE]` so clients stop reading;
 - `on_close` (idempotent) runs before `[DONE]` is sent as well as at the end, so a client
-  that sends its next request as soon as it reads `[DONE]` finds the admission slot free.
+  that sends its next request as soon as it reads `[DONE]` finds the admission slot free;
+- a write the client leaves unread for `WRITE_TIMEOUT_S` (its socket's buffers full)
+  ends the stream: the connection is dropped and the request's admission slot freed.
+  Without it a client that stops reading would hold its slot, and the output buffered
+  for it, for as long as it keeps the connection open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncGenerator, Callable
 
 from starlette.responses import Response
@@ -27,6 +32,13 @@ from server.disconnect import wait_for_disconnect
 from server.errors import APIError
 
 DONE = b"data: [DONE]\n\n"
+WRITE_TIMEOUT_S = 60.0  # nginx's send_timeout: how long one write may wait for the client
+
+log = logging.getLogger(__name__)
+
+
+class ClientStalled(Exception):
+    """The client read nothing for WRITE_TIMEOUT_S while a write waited on it."""
 
 
 def event(payload: dict) -> bytes:
@@ -54,6 +66,9 @@ class EventStreamResponse(Response):
             await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if sender.done():
                 sender.result()  # surface a failure in the stream itself
+        except ClientStalled:
+            # Returning without ending the body has the server close the connection.
+            log.warning("a client read nothing for %.0f s: its stream was dropped", WRITE_TIMEOUT_S)
         finally:
             sender.cancel()
             watcher.cancel()
@@ -62,6 +77,7 @@ class EventStreamResponse(Response):
             self.on_close()
 
     async def _send_events(self, send: Send) -> None:
+        send = _bounded(send)
         try:
             first = await anext(self.events, None)
         except APIError as err:
@@ -87,6 +103,20 @@ class EventStreamResponse(Response):
                     }
                 )
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _bounded(send: Send) -> Send:
+    """`send`, where a message the client leaves unread for WRITE_TIMEOUT_S raises
+    ClientStalled (the server waits on the socket's buffers draining)."""
+
+    async def bounded(message: dict) -> None:
+        try:
+            async with asyncio.timeout(WRITE_TIMEOUT_S):
+                await send(message)
+        except TimeoutError:
+            raise ClientStalled from None
+
+    return bounded
 
 
 async def _send_error_response(send: Send, err: APIError) -> None:
