@@ -6,6 +6,7 @@ from __future__ import annotations
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Message
 
 from orchestrator import FileService
 from orchestrator.files import PURPOSES
@@ -36,6 +37,25 @@ def _too_large(limit: int) -> APIError:
     )
 
 
+def _capped(request: Request, limit: int) -> Request:
+    """The request with its body refused (413) as it streams in, once past `limit` bytes.
+    The form parser spools a file to a temporary file on disk with no bound of its own,
+    so a body sent without a Content-Length (chunked) would otherwise be written out
+    whole, however large, before the file's size could be checked."""
+    received = 0
+
+    async def receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit + MULTIPART_OVERHEAD:
+                raise _too_large(limit)
+        return message
+
+    return Request(request.scope, receive)
+
+
 async def _upload(request: Request, limit: int) -> tuple[UploadFile, str, bytes]:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(
@@ -46,7 +66,7 @@ async def _upload(request: Request, limit: int) -> tuple[UploadFile, str, bytes]
     length = content_length(request)
     if length is not None and length > limit + MULTIPART_OVERHEAD:
         raise _too_large(limit)
-    async with request.form(max_files=1, max_fields=8) as form:
+    async with _capped(request, limit).form(max_files=1, max_fields=8) as form:
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(upload, UploadFile):
             raise invalid("file is required (a multipart file field)", "file")

@@ -3,6 +3,7 @@ and a real store: keys, tenant isolation, quotas, rate limits, usage rows and re
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import threading
@@ -708,6 +709,35 @@ def test_a_storage_quota_set_by_the_admin_cli_refuses_uploads_past_it(
     assert json.loads(capsys.readouterr().out)["storage_quota_bytes"] is None
     third = sdk.files.create(file=("c.txt", io.BytesIO(chunk)), purpose="assistants")
     assert {f.id for f in sdk.files.list()} == {second.id, third.id}
+
+
+def test_an_upload_without_a_length_is_refused_once_past_the_limit(product_server, tmp_path):
+    """A chunked upload (no Content-Length) over `--max-upload-mb` is a 413 as soon as the
+    body passes the limit: the app stops reading it there, rather than spooling the whole
+    body, however large, to a temporary file on disk before the size check."""
+    server = product_server(data_dir=tmp_path / "data", max_upload_bytes=1024)
+    chunk, chunks = b"x" * 65536, 64
+    read = 0
+
+    async def body():
+        nonlocal read
+        yield b'--BB\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nassistants\r\n'
+        yield b'--BB\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n\r\n'
+        for _ in range(chunks):
+            read += 1
+            yield chunk
+        yield b"\r\n--BB--\r\n"
+
+    async def upload() -> httpx.Response:
+        transport = httpx.ASGITransport(app=server.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            headers = {"content-type": "multipart/form-data; boundary=BB"}
+            return await client.post("/v1/files", content=body(), headers=headers)
+
+    answer = asyncio.run(upload())
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "file_too_large"
+    assert read <= 2  # the limit and the multipart allowance (64 KiB) end in the second
+    assert server.client.files.list().data == []
 
 
 @pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
