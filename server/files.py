@@ -3,6 +3,8 @@ retrieve, content and delete. The orchestrator's `FileService` keeps them."""
 
 from __future__ import annotations
 
+import re
+
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -80,11 +82,32 @@ async def _upload(request: Request, limit: int) -> tuple[UploadFile, str, bytes]
     return upload, purpose, data
 
 
+MAX_FILENAME_BYTES = 255  # what Linux and macOS file systems take
+
+# Characters refused in a file name: control characters (NUL, which PostgreSQL cannot
+# store, CR, LF, ESC...), and the bidirectional overrides and isolates that make a name
+# display as another (`invoice\u202etxt.exe` shows as `invoiceexe.txt`).
+_REFUSED = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
 def _form_filename(raw: str) -> str:
     """The name a client gave its file: its last path part, with the `"` that HTML's
     multipart encoding (browsers, httpx and so the openai SDK) sends as `%22` restored.
-    Only that escape is undone: a CR or LF (`%0D`, `%0A`) has no place in a file name."""
-    return raw.rsplit("/", 1)[-1].replace("%22", '"')
+    Only that escape is undone: a CR or LF (`%0D`, `%0A`) has no place in a file name.
+    A name with a character `_REFUSED` holds, or longer than MAX_FILENAME_BYTES, is a 400."""
+    name = raw.rsplit("/", 1)[-1].replace("%22", '"')
+    if not name:
+        raise invalid("file must have a filename", "file")
+    bad = _REFUSED.search(name)
+    if bad:
+        raise invalid(
+            f"the file's name holds the character U+{ord(bad.group()):04X}, which a file name "
+            "may not hold (control characters, bidirectional overrides)",
+            "file",
+        )
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_FILENAME_BYTES:
+        raise invalid(f"the file's name is longer than {MAX_FILENAME_BYTES} bytes", "file")
+    return name
 
 
 async def create_file(request: Request) -> Response:
@@ -93,8 +116,6 @@ async def create_file(request: Request) -> Response:
         request, request.app.state.tokenmill.config.max_upload_bytes
     )
     filename = _form_filename(upload.filename or "")
-    if not filename:
-        raise invalid("file must have a filename", "file")
     return JSONResponse(
         await service.create(owner(request), filename, purpose, data, upload.content_type)
     )

@@ -740,6 +740,38 @@ def test_an_upload_without_a_length_is_refused_once_past_the_limit(product_serve
     assert server.client.files.list().data == []
 
 
+def test_file_names_that_cannot_be_stored_or_shown_faithfully_are_refused(
+    product_server, database_url, tmp_path
+):
+    """NUL (which PostgreSQL cannot store), other control characters, bidirectional
+    overrides that make a name display as another, and names past 255 bytes: a 400 on
+    `file`, and nothing stored. Names in any script, quotes and spaces are kept."""
+    server = product_server(database_url=database_url, data_dir=tmp_path / "data")
+
+    def upload(name: str) -> httpx.Response:
+        # Written by hand: clients escape some control characters (httpx sends NUL as %00).
+        body = (
+            b'--BB\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nassistants\r\n'
+            b'--BB\r\nContent-Disposition: form-data; name="file"; filename="'
+            + name.encode()
+            + b'"\r\n\r\ndata\r\n--BB--\r\n'
+        )
+        headers = {"content-type": "multipart/form-data; boundary=BB"}
+        return httpx.post(f"{server.url}/v1/files", content=body, headers=headers, timeout=20)
+
+    for name in ["a\x00b.txt", "a\x1bb.txt", "invoice\u202etxt.exe", "x" * 252 + ".txt"]:
+        refused = upload(name)
+        assert (refused.status_code, refused.json()["error"]["param"]) == (400, "file"), name
+    assert server.client.files.list().data == []
+    for name in [
+        "notes \u05e2\u05d1\u05e8\u05d9\u05ea.txt",
+        "my final plan.md",
+        "x" * 251 + ".txt",
+    ]:
+        kept = upload(name)
+        assert kept.status_code == 200 and kept.json()["filename"] == name
+
+
 @pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
 def test_a_running_generation_checkpoints_its_usage_which_settling_replaces(
     product_server, monkeypatch, path
