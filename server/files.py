@@ -127,6 +127,8 @@ FILES_PAGE = 10_000
 
 async def list_files(request: Request) -> Response:
     purpose = request.query_params.get("purpose")
+    if purpose is not None and purpose not in PURPOSES:
+        raise invalid(f"purpose must be one of {', '.join(PURPOSES)}", "purpose")
     page = parse_page(request.query_params, most=FILES_PAGE, default=FILES_PAGE)
     return JSONResponse(item_list(await _files(request).list(owner(request), page, purpose)))
 

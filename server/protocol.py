@@ -196,7 +196,8 @@ def _message(raw: Any, i: int) -> Message:
         raise invalid(f"{param}: only assistant messages may have tool_calls", "messages")
     calls = [_tool_call(c, f"{param}.tool_calls[{j}]") for j, c in enumerate(calls_raw)]
     if text is None and not (role == "assistant" and calls):
-        raise invalid(f"{param}.content is required for a {role} message", "messages")
+        article = "an" if role[0] in "aeiou" else "a"
+        raise invalid(f"{param}.content is required for {article} {role} message", "messages")
     tool_call_id = typed_field(raw, "tool_call_id", "a string", param=f"{param}.tool_call_id")
     if role == "tool" and tool_call_id is None:
         raise invalid(f"{param}.tool_call_id is required for a tool message", "messages")

@@ -70,7 +70,7 @@ def _chunking(body: dict):
 
 def _attribute_fits(key: str, value: Any) -> bool:
     """OpenAI's limits: keys of at most 64 characters; values strings of at most 512,
-    booleans or numbers (here integers within 64 bits, which filters can compare)."""
+    booleans or numbers (here an integer must fit in 64 bits, which filters can compare)."""
     if not 1 <= len(key) <= MAX_KEY_LENGTH:
         return False
     if isinstance(value, str):
@@ -87,8 +87,8 @@ def _attributes(body: dict) -> dict:
     ):
         raise invalid(
             "attributes must be an object of at most 16 keys of 1 to 64 characters, whose "
-            "values are strings of at most 512 characters, booleans or numbers (integers "
-            "within 64 bits)",
+            "values are strings of at most 512 characters, booleans or numbers (an integer "
+            "must fit in 64 bits)",
             "attributes",
         )
     return attributes

@@ -108,17 +108,18 @@ def _parse(value: Any, path: str, depth: int) -> Filter:
             or not all(isinstance(v, str) or is_number(v) for v in operand)
         ):
             raise ValueError(
-                f"{path}.value must be a non-empty array of strings or numbers (integers "
-                f"within 64 bits) for '{kind}'"
+                f"{path}.value must be a non-empty array of strings or numbers (an integer "
+                f"must fit in 64 bits) for '{kind}'"
             )
         return Comparison(key, kind, tuple(operand))
     if kind in ("gt", "gte", "lt", "lte") and not (isinstance(operand, str) or is_number(operand)):
         raise ValueError(
-            f"{path}.value must be a number (integers within 64 bits) or a string for '{kind}'"
+            f"{path}.value must be a number (an integer must fit in 64 bits) or a string for "
+            f"'{kind}'"
         )
     if not (isinstance(operand, str | bool) or is_number(operand)):
         raise ValueError(
-            f"{path}.value must be a string, number or boolean (integers within 64 bits)"
+            f"{path}.value must be a string, number or boolean (an integer must fit in 64 bits)"
         )
     return Comparison(key, kind, operand)
 

@@ -772,6 +772,14 @@ def test_file_names_that_cannot_be_stored_or_shown_faithfully_are_refused(
         assert kept.status_code == 200 and kept.json()["filename"] == name
 
 
+def test_the_files_list_refuses_a_purpose_no_file_can_have(product_server, tmp_path):
+    server = product_server(data_dir=tmp_path / "data")
+    server.client.files.create(file=("a.txt", b"data"), purpose="assistants")
+    refused = httpx.get(f"{server.url}/v1/files", params={"purpose": "assistant"}, timeout=20)
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "purpose")
+    assert len(server.client.files.list(purpose="assistants").data) == 1
+
+
 @pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
 def test_a_running_generation_checkpoints_its_usage_which_settling_replaces(
     product_server, monkeypatch, path
