@@ -4,7 +4,10 @@
 # Idempotent: when nothing changed since the last run it returns at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || python3 -m venv .venv
+# Made again when it has no pip: that is the .venv a failed `python3 -m venv` leaves behind
+# (on Debian without the python3-venv package, which its error names), and it has no pip
+# to run below.
+[ -x .venv/bin/pip ] || python3 -m venv --clear .venv
 stamp=.venv/.tokenmill-setup
 want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
