@@ -250,10 +250,18 @@ class Calculator:
         "Exact arithmetic. Evaluates an expression of numbers with + - * / // % ** "
         "and parentheses, e.g. '(1200 - 950) / 950 * 100'. Fractions stay exact."
     )
+    # The pattern holds what an expression may hold, so a constrained call (a forced one)
+    # cannot run into markup: the 135M model, offered any string, wrote
+    # `17*23}}</tool_call>...` inside it until its token budget ran out.
     parameters: ClassVar[dict] = {
         "type": "object",
         "properties": {
-            "expression": {"type": "string", "description": "The arithmetic expression."}
+            "expression": {
+                "type": "string",
+                "description": "The arithmetic expression.",
+                "pattern": r"^[0-9eE_.+\-*/%() ]*$",
+                "maxLength": MAX_CHARS,
+            }
         },
         "required": ["expression"],
         "additionalProperties": False,

@@ -122,6 +122,24 @@ def test_calculator_checks_its_argument():
 # sql_query
 
 
+def test_a_constrained_calculator_call_holds_only_an_expression(tiny_chat_model_dir):
+    """Its arguments' grammar (the tool's `parameters`) leaves no room for markup: a random
+    model, which prefers any of the vocabulary's tokens, writes only expression characters."""
+    from engine import LLM, SamplingParams, StructuredOutputsParams
+
+    llm = LLM(tiny_chat_model_dir, device="cpu", num_threads=1, compile="off")
+    grammar = StructuredOutputsParams(json=Calculator.parameters)
+    params = [
+        SamplingParams(max_tokens=40, temperature=1.0, seed=seed, structured_outputs=grammar)
+        for seed in range(8)
+    ]
+    for out in llm.generate(["Compute."] * len(params), params, use_tqdm=False):
+        text = out.outputs[0].text
+        expression = re.search(r'"expression"\s*:\s*"([^"]*)', text)
+        assert expression is not None, text
+        assert re.fullmatch(r"[0-9eE_.+\-*/%() ]*", expression.group(1)), text
+
+
 def test_the_demo_database_is_built_from_its_sql(tmp_path):
     built = tmp_path / "demo.db"
     build_database(DEMO_SQL, built)
