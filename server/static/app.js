@@ -372,10 +372,13 @@ async function saveMeta(id, decoded, changed) {
   }
 }
 
-// The stored metadata with this tab's fields `changed`, and the branches of both.
+// The stored metadata with this tab's fields `changed`, and the branches of both. A
+// conversation has one vector store: the one stored first stays (another tab may have
+// made one while this tab made its own), so no tab's files drop out of the conversation.
 function mergeStored(id, stored, decoded, changed) {
   const merged = { ...stored };
   for (const key of changed) merged[key] = decoded[key];
+  if (stored.vectorStore) merged.vectorStore = stored.vectorStore;
   const inner = new Set(state.open && state.open.id === id ? state.tree.inner() : []);
   const theirs = stored.leaves.filter((l) => !inner.has(l) && !decoded.leaves.includes(l));
   merged.leaves = [...theirs, ...decoded.leaves];
@@ -960,6 +963,10 @@ async function upload(event) {
       const store = await request("POST", "/v1/vector_stores", { name: `chat ${open.id}` });
       open.meta.vectorStore = store.id;
       await queueSave(open.id, open.meta, ["vectorStore"]);
+      // Another tab stored the conversation's store first: the file goes there instead.
+      if (open.meta.vectorStore !== store.id) {
+        await request("DELETE", `/v1/vector_stores/${store.id}`).catch(() => {});
+      }
     }
     const form = new FormData();
     form.append("purpose", "assistants");

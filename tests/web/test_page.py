@@ -489,6 +489,33 @@ def test_a_file_attached_and_a_message_sent_at_once_make_one_conversation(page, 
     assert page.url.endswith(f"#{new['id']}")
 
 
+def test_two_tabs_attaching_files_keep_both_in_the_conversations_store(session, api):
+    """A tab that had the conversation open before another attached a file makes no store
+    of its own over the other's: both files stay in the one store the conversation names
+    (the second store replaced the first in the metadata, and its file dropped out)."""
+    context, _ = session
+    a = context.new_page()
+    a.goto("/")
+    a.wait_for_selector("body[data-ready=true]")
+    send(a, "Two tabs, two files.")
+    conversation = a.evaluate("location.hash")
+    b = context.new_page()
+    b.goto(f"/{conversation}")
+    b.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
+    for tab, name in ((a, "first.txt"), (b, "second.txt")):
+        tab.set_input_files(
+            "#upload", files=[{"name": name, "mimeType": "text/plain", "buffer": b"Some text.\n"}]
+        )
+        tab.wait_for_selector("#attachments .attachment.completed", timeout=60_000)
+        tab.wait_for_function("() => !document.body.dataset.saving")
+    store = api.get(f"/v1/conversations/{conversation[1:]}").json()["metadata"]["vs"]
+    files = api.get(f"/v1/vector_stores/{store}/files").json()["data"]
+    names = {api.get(f"/v1/files/{f['id']}").json()["filename"] for f in files}
+    assert names == {"first.txt", "second.txt"}
+    stores = api.get("/v1/vector_stores", params={"limit": 100}).json()["data"]
+    assert [s["id"] for s in stores if s["name"] == f"chat {conversation[1:]}"] == [store]
+
+
 def test_an_opening_still_loading_gives_way_to_a_later_click(page):
     """Clicking a conversation, then New chat before it has loaded, ends on the new chat:
     the slower load does not take the screen back (a message would go to the wrong chat)."""
