@@ -169,6 +169,7 @@ function sidebarEntry(conversation, title) {
   li.dataset.id = conversation.id;
   if (state.open && state.open.id === conversation.id) li.classList.add("active");
   const open = button(title, "conversation-title", () => openConversation(conversation.id));
+  open.dir = "auto";
   if (state.open && state.open.id === conversation.id) open.setAttribute("aria-current", "page");
   const rename = button("Rename", "small", () => startRename(li, conversation), `Rename ${title}`);
   const remove = button("Delete", "small danger", () => confirmDelete(conversation), `Delete ${title}`);
@@ -178,6 +179,7 @@ function sidebarEntry(conversation, title) {
 
 function startRename(li, conversation) {
   const input = el("input", "rename-input");
+  input.dir = "auto";
   input.maxLength = 512; // a metadata value's limit
   input.value = titleOf(conversation);
   input.setAttribute("aria-label", "New title");
@@ -591,6 +593,7 @@ function startEdit(bubble, node, text) {
   if (busy()) return;
   const form = el("form", "edit-form");
   const area = el("textarea");
+  area.dir = "auto";
   area.value = text;
   area.rows = Math.min(10, text.split("\n").length + 1);
   area.setAttribute("aria-label", "Edited message");
@@ -929,7 +932,9 @@ function attachmentLabel(status) {
 
 function attachmentChip(name, status) {
   const chip = el("span", `attachment ${status}`);
-  chip.append(el("span", "attachment-name", name),
+  const label = el("span", "attachment-name", name);
+  label.dir = "auto";
+  chip.append(label,
     el("span", "attachment-status", attachmentLabel(status)));
   return chip;
 }

@@ -18,6 +18,15 @@ function el(tag, className, text) {
   return node;
 }
 
+// A block of text whose direction is its own (dir="auto": the first strong character's),
+// so an Arabic or Hebrew paragraph reads right to left, its punctuation and list markers
+// on the right side, beside English ones that read left to right. Code stays left to right.
+function block(tag) {
+  const node = el(tag);
+  node.dir = "auto";
+  return node;
+}
+
 // Renders `text` into a new <div class="markdown">.
 export function renderMarkdown(text) {
   const root = el("div", "markdown");
@@ -46,7 +55,7 @@ function renderBlocks(lines, parent) {
     } else if ((match = FENCE.exec(line))) {
       i = codeBlock(lines, i + 1, match, parent);
     } else if ((match = HEADING.exec(line))) {
-      const heading = el(`h${match[1].length}`);
+      const heading = block(`h${match[1].length}`);
       appendInline(heading, match[2]);
       parent.append(heading);
       i += 1;
@@ -59,7 +68,7 @@ function renderBlocks(lines, parent) {
         inner.push(match[1]);
         i += 1;
       }
-      const quote = el("blockquote");
+      const quote = block("blockquote");
       renderBlocks(inner, quote);
       parent.append(quote);
     } else if (ITEM.test(line)) {
@@ -72,7 +81,7 @@ function renderBlocks(lines, parent) {
         paragraph.push(lines[i].trim());
         i += 1;
       }
-      const p = el("p");
+      const p = block("p");
       paragraph.forEach((text, n) => {
         if (n) p.append(el("br"));
         appendInline(p, text);
@@ -131,7 +140,7 @@ function list(lines, i, parent) {
   const first = ITEM.exec(lines[i]);
   const indent = first[1].length;
   const ordered = /\d/.test(first[2]);
-  const node = el(ordered ? "ol" : "ul");
+  const node = block(ordered ? "ol" : "ul");
   if (ordered && parseInt(first[2], 10) !== 1) node.start = parseInt(first[2], 10);
   const items = [];
   let item = null;
@@ -172,7 +181,7 @@ function cells(line) {
 
 function table(lines, i, parent) {
   const wrap = el("div", "table-wrap");
-  const node = el("table");
+  const node = block("table");
   const aligns = cells(lines[i + 1]).map((c) =>
     c.startsWith(":") && c.endsWith(":") ? "center" : c.endsWith(":") ? "right" : "");
   const head = el("thead");

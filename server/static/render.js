@@ -27,7 +27,9 @@ export function messageText(item) {
 
 export function userBubble(text) {
   const bubble = el("div", "bubble user");
-  bubble.append(el("div", "plain", text));
+  const plain = el("div", "plain", text);
+  plain.dir = "auto"; // right to left when it starts so (Arabic, Hebrew)
+  bubble.append(plain);
   return bubble;
 }
 
@@ -51,6 +53,7 @@ function citationList(annotations, openFile) {
     const li = el("li");
     if (note.type === "file_citation" || note.type === "container_file_citation") {
       const a = el("a", "citation", note.filename || note.file_id);
+      a.dir = "auto";
       a.href = `/v1/files/${encodeURIComponent(note.file_id)}/content`;
       a.dataset.fileId = note.file_id;
       a.addEventListener("click", (event) => {

@@ -724,6 +724,42 @@ def test_markdown_and_tool_cards_render_and_model_text_stays_inert(session, api,
     assert not [u for u in requests if not u.startswith(live.url)]  # nothing remote loaded
 
 
+def test_right_to_left_text_reads_right_to_left(session, api):
+    """Arabic and Hebrew paragraphs, list items, messages and titles take their direction
+    from their text (their punctuation and list markers were on the wrong side); English
+    beside them and code stay left to right."""
+    context, _ = session
+    hebrew = "שלום, מה שלומך?"
+    answer = "مرحبا بالعالم! كيف حالك؟\n\n- عنصر أول.\n- عنصر ثاني.\n\nEnglish.\n\n```\nx = 1\n```"
+    response = api.post(
+        "/v1/responses",
+        json={
+            "model": MODEL,
+            "max_output_tokens": 1,
+            "input": [
+                {"role": "user", "content": hebrew},
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": "Thanks."},
+            ],
+        },
+    ).json()
+    metadata = {"title": hebrew, "settings": "{}", "leaf": response["id"]}
+    metadata["leaves0"] = response["id"]
+    conversation = api.post("/v1/conversations", json={"metadata": metadata}).json()["id"]
+    page = context.new_page()
+    page.goto(f"/#{conversation}")
+    page.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
+    direction = "e => getComputedStyle(e).direction"
+    body = page.locator("#messages .assistant-body").first
+    assert [p.evaluate(direction) for p in body.locator("p").all()] == ["rtl", "ltr"]
+    assert body.locator("ul").evaluate(direction) == "rtl"
+    assert body.locator("pre").evaluate(direction) == "ltr"
+    assert page.locator("#messages .bubble.user .plain").first.evaluate(direction) == "rtl"
+    assert page.locator("#chat-title").evaluate(direction) == "rtl"
+    entry = page.get_by_role("button", name=hebrew, exact=True)
+    assert entry.evaluate(direction) == "rtl"
+
+
 def test_sign_in_with_a_wrong_then_the_right_key(browser, live, usage_missing):
     context, console = _open_context(browser, live, usage_missing, key=None)
     console.expected.append(r"status of 401 ")  # the page's probes before a key is accepted
