@@ -517,17 +517,35 @@ function turnView(node) {
   }
   const streaming = state.stream && state.stream.nodeId === node.id;
   if (streaming && !text) assistant.append(el("div", "typing", "…"));
-  if (node.status === "cancelled") assistant.append(el("div", "note", "Stopped."));
-  if (node.status === "incomplete") {
-    const cut = node.reason === "max_output_tokens";
-    assistant.append(el("div", "note",
-      cut ? "Cut off at the output token limit." : "Interrupted before the end."));
-  }
-  if (node.error) assistant.append(el("div", "note error", `Error: ${node.error}`));
+  for (const [note, className] of endNotes(node)) assistant.append(el("div", className, note));
   if (!streaming) assistant.append(assistantTools(node, text));
-  else assistant.classList.add("streaming");
+  else {
+    assistant.classList.add("streaming");
+    turn.setAttribute("aria-busy", "true");
+  }
   turn.append(assistant);
   return turn;
+}
+
+// What is said under an answer of how it ended: [text, class] pairs.
+function endNotes(node) {
+  const notes = [];
+  if (node.status === "cancelled") notes.push(["Stopped.", "note"]);
+  if (node.status === "incomplete") {
+    const cut = node.reason === "max_output_tokens";
+    notes.push([cut ? "Cut off at the output token limit." : "Interrupted before the end.", "note"]);
+  }
+  if (node.error) notes.push([`Error: ${node.error}`, "note error"]);
+  return notes;
+}
+
+// A finished answer, read out once by screen readers (#announcer is the live region). The
+// messages themselves are no live region: a streamed turn is drawn anew every frame, and
+// each drawing would be read out from its start.
+function announce(node) {
+  const answer = node.output.filter((i) => i.type === "message").map(messageText).join("\n");
+  const words = [answer, ...endNotes(node).map(([note]) => note)].filter(Boolean).join(" ");
+  $("announcer").textContent = words || "The answer is empty.";
 }
 
 function inputItemView(item) {
@@ -753,6 +771,7 @@ async function runTurn(parent, text) {
   state.stream = null;
   showStreaming(false);
   renderMessages();
+  if (started && state.tree.path().includes(node)) announce(node); // still on screen
   if (state.deleted.has(open.id)) {
     finished();
     return;

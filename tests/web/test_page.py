@@ -214,7 +214,7 @@ def test_stop_ends_the_stream_and_the_response(page, api):
     wait_for_answer_text(page)
     page.click("#stop")
     page.wait_for_selector("#send:not([hidden])")
-    assert page.get_by_text("Stopped.").is_visible()
+    assert page.locator("#messages").get_by_text("Stopped.").is_visible()
     shown = page.inner_text("#messages .assistant-body")
     [response_id] = turns(page)
     deadline = time.monotonic() + 30
@@ -235,7 +235,7 @@ def test_stop_does_not_wait_for_a_server_that_does_not_answer(page):
     wait_for_answer_text(page)
     page.click("#stop")
     page.wait_for_selector("#send:not([hidden])", timeout=10_000)  # never, before the fix
-    assert page.get_by_text("Stopped.").is_visible()
+    assert page.locator("#messages").get_by_text("Stopped.").is_visible()
 
 
 def test_two_tabs_on_one_conversation_keep_each_others_branches_and_title(session, api):
@@ -758,6 +758,19 @@ def test_right_to_left_text_reads_right_to_left(session, api):
     assert page.locator("#chat-title").evaluate(direction) == "rtl"
     entry = page.get_by_role("button", name=hebrew, exact=True)
     assert entry.evaluate(direction) == "rtl"
+
+
+def test_a_finished_answer_is_read_out_once(page):
+    """Screen readers hear the answer once it has ended, from one live region: the messages
+    are no live region (a streamed turn is drawn anew each frame, and each drawing was read
+    out again from the user's message on)."""
+    assert page.locator("#messages").get_attribute("aria-live") is None
+    announcer = page.locator("#announcer")
+    assert announcer.get_attribute("aria-live") == "polite"
+    send(page, "Name a color.")
+    said = announcer.text_content()
+    assert page.inner_text("#messages .turn .assistant-body").split()[0] in said
+    assert "Regenerate" not in said  # the answer, not the controls under it
 
 
 def test_sign_in_with_a_wrong_then_the_right_key(browser, live, usage_missing):
