@@ -42,6 +42,10 @@ from engine.thread_pinning import keep_cpus
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 _KINDS = ("json", "json_object", "regex", "choice", "grammar")
+# llguidance compiles a schema recursively, into each `$ref`'s target, on the native stack:
+# about 2,800 nested objects fill an 8 MiB stack and crash the process. A request body
+# nests at most 64 levels, so only `$ref` chains get near; real schemas stay far below.
+MAX_SCHEMA_DEPTH = 1024
 
 
 @dataclass
@@ -102,6 +106,7 @@ def _to_llguidance(kind: str, value: Any) -> str:
                 raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
         if not isinstance(value, dict | bool):
             raise ValueError("structured_outputs.json must be a JSON schema (an object)")
+        _check_depth(value)
         _check_finite(value)
         return M.grammar_from_json_schema(value, defaults=JSON_OPTIONS)
     if kind == "json_object":
@@ -148,6 +153,83 @@ def _check_finite(schema: dict | bool) -> None:
             f"structured_outputs.json has no finite value: every value of {endless[0]} "
             "would have to contain another one ($ref cycle)"
         )
+
+
+def _check_depth(schema: dict | bool) -> None:
+    """ValueError when the schema, with its local `$ref`s followed, may nest deeper than
+    MAX_SCHEMA_DEPTH objects. The bound is safe whatever order llguidance follows them in:
+    objects that reach each other (a recursive definition) count as deep as they are many."""
+    children: dict[int, list[int]] = {}
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if id(node) in children:
+            continue
+        found: list[int] = []
+        children[id(node)] = found
+        values = list(node.values()) if isinstance(node, dict) else []
+        ref = values and node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            values.append(_resolve(schema, ref))
+        while values:
+            value = values.pop()
+            if isinstance(value, list):
+                values.extend(value)
+            elif isinstance(value, dict):
+                found.append(id(value))
+                stack.append(value)
+    if _longest_path(children, id(schema)) > MAX_SCHEMA_DEPTH:
+        raise ValueError(
+            f"structured_outputs.json nests deeper than {MAX_SCHEMA_DEPTH} objects "
+            "once its $refs are followed"
+        )
+
+
+def _longest_path(children: dict[int, list[int]], root: int) -> int:
+    """An upper bound on the nodes of a path from `root`: the longest path between the
+    graph's strongly connected components (Tarjan's, iterative), each weighing its size."""
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    on_stack: set[int] = set()
+    path: list[int] = []
+    component: dict[int, int] = {}
+    depth: list[int] = []  # per component, in the order found: its successors come first
+    work = [(root, 0)]
+    while work:
+        node, i = work.pop()
+        if i == 0:
+            index[node] = low[node] = len(index)
+            path.append(node)
+            on_stack.add(node)
+        kids = children[node]
+        if i < len(kids):
+            work.append((node, i + 1))
+            kid = kids[i]
+            if kid not in index:
+                work.append((kid, 0))
+            elif kid in on_stack:
+                low[node] = min(low[node], index[kid])
+            continue
+        for kid in kids:
+            if kid in on_stack:
+                low[node] = min(low[node], low[kid])
+        if low[node] == index[node]:
+            members = []
+            while True:
+                member = path.pop()
+                on_stack.discard(member)
+                component[member] = len(depth)
+                members.append(member)
+                if member == node:
+                    break
+            below = [
+                depth[component[k]]
+                for m in members
+                for k in children[m]
+                if component.get(k, len(depth)) < len(depth)
+            ]
+            depth.append(len(members) + max(below, default=0))
+    return depth[component[root]]
 
 
 def _schema_graph(root: dict | bool) -> dict[str, tuple[list[str], list[list[str]]]]:

@@ -98,6 +98,32 @@ def test_recursive_schemas_with_a_finite_value_are_accepted(schema):
     StructuredOutputsParams(json=schema)
 
 
+def _ref_chain(length: int) -> dict:
+    """A schema whose value nests `length` objects deep, each a `$ref` to the next: a
+    small body (a request's JSON may nest 64 levels, a `$ref` chain any number)."""
+    defs = {
+        f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}}}
+        for i in range(length)
+    }
+    defs[f"d{length}"] = {"type": "integer"}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
+def test_schemas_nested_too_deep_through_refs_are_refused():
+    """llguidance compiles `$ref`s recursively on the native stack: a chain of a thousand
+    crashed the whole process (segfault) instead of failing the request."""
+    with pytest.raises(ValueError, match="nests deeper than 1024 objects"):
+        StructuredOutputsParams(json=_ref_chain(4000))
+    # a recursive definition cannot hide its size behind a cycle
+    ring = {
+        f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{(i + 1) % 600}"}}}
+        for i in range(600)
+    }
+    with pytest.raises(ValueError, match="nests deeper"):
+        StructuredOutputsParams(json={"$defs": ring, "$ref": "#/$defs/d0"})
+    StructuredOutputsParams(json=_ref_chain(300))
+
+
 def test_a_structure_at_a_dead_end_fails_its_request(llm):
     """An endless rule the checks cannot see (a schema inside a grammar): the request
     fails with an error, not an output ended where it stands as if it were complete."""
