@@ -20,8 +20,8 @@ class RequestFailedError(EngineError):
 
 class NothingToSampleError(RequestFailedError):
     """A request's own constraints (allowed_token_ids, bad_words, a structured output)
-    excluded every token at some step of its output: the client's contradiction, found
-    only once generation reached it."""
+    excluded every token at some step of its output, or its structure outgrew what the
+    grammar engine can follow: the client's to fix, found only once generation reached it."""
 
 
 class BatchFailedError(EngineError):

@@ -35,6 +35,7 @@ import llguidance
 import numpy as np
 import torch
 
+from engine.errors import NothingToSampleError
 from engine.thread_pinning import keep_cpus
 
 # Compact, deterministic JSON: what json.dumps writes, and no free whitespace a model could
@@ -346,10 +347,12 @@ class GrammarCompiler:
 def accept_token(matcher: llguidance.LLMatcher, token: int) -> bool:
     """Advance a sequence's matcher by its sampled token; True when the grammar is complete.
 
-    The mask allowed only tokens the grammar accepts, so a refusal means a bug: it raises
-    rather than let the output leave the grammar unnoticed. A grammar at a dead end (its
-    mask allowed nothing) raises a ValueError, the request's error, rather than ending the
-    output where it stands as if it were complete.
+    The mask allowed only tokens the grammar accepts, so a refusal means llguidance could
+    not follow its own grammar: its parser's limits ran out on this structure (an object of
+    about 500 optional properties does that). It ends the request, the client's to fix,
+    with llguidance's reason, rather than let the output leave the grammar. A grammar at a
+    dead end (its mask allowed nothing) raises a ValueError, the request's error, rather
+    than ending the output where it stands as if it were complete.
     """
     if matcher.is_error():
         raise ValueError(
@@ -357,7 +360,10 @@ def accept_token(matcher: llguidance.LLMatcher, token: int) -> bool:
             f"(llguidance: {_reason(matcher.get_error())})"
         )
     if not matcher.consume_token(token):
-        raise RuntimeError(f"the grammar refused sampled token {token}: {matcher.get_error()}")
+        raise NothingToSampleError(
+            "structured_outputs: the grammar engine cannot follow this structure past "
+            f"token {token} (llguidance: {_reason(matcher.get_error())})"
+        )
     return matcher.is_stopped()
 
 

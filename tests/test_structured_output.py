@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import LLM, AsyncLLM, SamplingParams, StructuredOutputsParams
-from engine.errors import RequestFailedError
+from engine.errors import NothingToSampleError, RequestFailedError
 
 PROMPT = "Answer in JSON."
 
@@ -132,6 +132,19 @@ def test_a_structure_at_a_dead_end_fails_its_request(llm):
         temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(grammar=grammar)
     )
     with pytest.raises(RequestFailedError, match="no continuation"):
+        _texts(llm, [params])
+
+
+def test_a_structure_beyond_the_grammar_engines_limits_is_the_clients_error(llm):
+    """An object of a thousand optional properties passes every check, then llguidance's
+    parser exceeds its limit on the first token its mask allowed: the request ends with
+    the client's error (a 400 at the server), not an internal one (a 500)."""
+    many = {f"f{i}": {"type": "integer"} for i in range(1000)}
+    schema = {"type": "object", "properties": many, "additionalProperties": False}
+    params = SamplingParams(
+        temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(json=schema)
+    )
+    with pytest.raises(NothingToSampleError, match=r"cannot follow this structure.*max is"):
         _texts(llm, [params])
 
 
