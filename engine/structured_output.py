@@ -109,6 +109,7 @@ def _to_llguidance(kind: str, value: Any) -> str:
             raise ValueError("structured_outputs.json must be a JSON schema (an object)")
         _check_depth(value)
         _check_finite(value)
+        _check_min_properties(value)
         return M.grammar_from_json_schema(value, defaults=JSON_OPTIONS)
     if kind == "json_object":
         if value is not True:
@@ -154,6 +155,36 @@ def _check_finite(schema: dict | bool) -> None:
             f"structured_outputs.json has no finite value: every value of {endless[0]} "
             "would have to contain another one ($ref cycle)"
         )
+
+
+# Keywords whose values are JSON data, not subschemas.
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")
+
+
+def _check_min_properties(schema: dict | bool) -> None:
+    """ValueError for a `minProperties` above the required properties' count: the others
+    would be additional ones (llguidance allows none of `properties` to be optional
+    beside it), whose names the grammar cannot keep apart, and a name written twice is one
+    property once parsed: `{"a": 1, "a": 2}` would pass for two."""
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        stack.extend(v for k, v in node.items() if k not in _DATA_KEYWORDS)
+        least = node.get("minProperties")
+        if not isinstance(least, int) or least <= 1:
+            continue
+        required = {name for name in _list(node.get("required")) if isinstance(name, str)}
+        if least > len(required):
+            raise ValueError(
+                f"structured_outputs.json is not supported: minProperties {least} counts "
+                "properties beyond the required ones, whose names the grammar cannot keep "
+                "distinct"
+            )
 
 
 def _check_depth(schema: dict | bool) -> None:

@@ -45,6 +45,17 @@ def _texts(llm: LLM, params: list[SamplingParams]) -> list[tuple[str, str]]:
         ({"json": {"type": "string", "pattern": "(("}}, "regex"),
         ({"json": {"type": "object", "not": {"required": ["a"]}}}, "not"),
         ({"json": {"type": "array", "uniqueItems": True}}, "uniqueItems"),
+        # {"a": 1, "a": 2} would parse as one property
+        ({"json": {"type": "object", "minProperties": 2}}, "minProperties 2"),
+        (
+            {
+                "json": {
+                    "type": "object",
+                    "properties": {"p": {"patternProperties": {"^x": {}}, "minProperties": 3}},
+                }
+            },
+            "minProperties 3",
+        ),
         ({"json": "{not json"}, "not valid JSON"),
         ({"json": [1, 2]}, "JSON schema"),
         ({"regex": "[a-"}, "regex"),
@@ -74,6 +85,16 @@ def _texts(llm: LLM, params: list[SamplingParams]) -> list[tuple[str, str]]:
 def test_bad_structures_are_refused_naming_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         StructuredOutputsParams(**kwargs)
+
+
+def test_min_properties_that_distinct_names_guarantee_are_accepted():
+    declared = {"a": {"type": "integer"}, "b": {"type": "integer"}}
+    for schema in (
+        {"type": "object", "minProperties": 1},
+        {"type": "object", "properties": declared, "required": ["a", "b"], "minProperties": 2},
+        {"type": "object", "properties": {"c": {"const": {"minProperties": 5}}}},
+    ):
+        StructuredOutputsParams(json=schema)
 
 
 @pytest.mark.parametrize(
