@@ -90,9 +90,12 @@ class AsyncLLM:
             raise EngineError(f"the engine failed: {self.failure!r}")
         if self._stopped.is_set():
             raise EngineShutdownError("the engine is shut down")
+        if params.structured_outputs is None:
+            request = self.engine.make_request(request_id, prompt, params)
+        else:  # a large schema's matcher takes up to a second: not on the event loop
+            request = await asyncio.to_thread(self.engine.make_request, request_id, prompt, params)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.engine.make_request(request_id, prompt, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         if self._stopped.is_set():  # the loop ended after the check above: nobody would answer

@@ -713,7 +713,9 @@ class Turn:
                     "status": "completed",
                 }
             ]
-        prompt, params = self._next_prompt(items, config)
+        # In a thread: a large text.format schema's grammar, and a long history's prompt,
+        # take up to a second to build, which the event loop's other streams need not wait for.
+        prompt, params = await asyncio.to_thread(self._next_prompt, items, config)
         request_id = self.id if self._generations == 0 else f"{self.id}-{self._generations}"
         if self._generations > 0:  # the first was reserved before the turn started
             await self.budget.reserve(
@@ -947,7 +949,8 @@ class ResponseService:
         ]
         _check_tool_choice(request.tool_choice, declared)
         config = request.tool_config(declared)
-        _structure(request, config, tools)  # a bad schema is the client's error, before any output
+        # A bad schema is the client's error, before any output (in a thread: see `_model_turn`).
+        await asyncio.to_thread(_structure, request, config, tools)
         _check_json_mention(request, history)
         shown, _ = _prompt_input(history.items, input_items, [], [], config)
         prompt = self.context.build(

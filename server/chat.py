@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import uuid
@@ -87,7 +88,9 @@ async def create_chat_completion(
     model = state.resolve_model(request.model)
     meter.model = model
     tools = active_tools(request)
-    structure = chat_structured_outputs(request, tools)
+    # Building a grammar takes up to a second for a large schema; llguidance releases the
+    # GIL meanwhile, so in a thread it leaves the event loop to the other streams.
+    structure = await asyncio.to_thread(chat_structured_outputs, request, tools)
     params = make_sampling_params({**request.sampling, "structured_outputs": structure})
     check_params_vocabulary(params, state.engine.vocab_size)
     ticket = await state.admission.acquire(params.n, "n", fair_share)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -110,7 +111,8 @@ async def create_completion(
     reserve the tokens on `meter`, then generate; `meter` is finished on every way out."""
     model = state.resolve_model(request.model)
     meter.model = model
-    structure = response_format_params(request.response_format)
+    # In a thread, off the event loop: see the same call in chat.py.
+    structure = await asyncio.to_thread(response_format_params, request.response_format)
     params = make_sampling_params({**request.sampling, "structured_outputs": structure})
     check_params_vocabulary(params, state.engine.vocab_size)
     sequences = len(request.prompts) * params.n

@@ -365,3 +365,35 @@ def test_a_token_outside_the_vocabulary_fails_only_its_request(tiny_path, monkey
             await engine.shutdown()
 
     asyncio.run(run())
+
+
+def test_a_grammar_is_compiled_off_the_event_loop(tiny_chat_model_dir, monkeypatch):
+    """A structured request's matcher (up to a second for a large schema) is built in a
+    worker thread, where llguidance releases the GIL, so the event loop serves the other
+    streams meanwhile."""
+    from engine.structured_output import GrammarCompiler, StructuredOutputsParams
+
+    compiled_on_loop: list[bool] = []
+    compile_matcher = GrammarCompiler.compile
+
+    def recording(self, params):
+        try:
+            asyncio.get_running_loop()
+            compiled_on_loop.append(True)
+        except RuntimeError:
+            compiled_on_loop.append(False)
+        return compile_matcher(self, params)
+
+    monkeypatch.setattr(GrammarCompiler, "compile", recording)
+    params = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="[ab]+"))
+
+    async def run() -> str:
+        engine = AsyncLLM(model=tiny_chat_model_dir, device="cpu", compile="off")
+        try:
+            outs = [out async for out in engine.generate("x", params, request_id="r1")]
+        finally:
+            await engine.shutdown()
+        return outs[-1].outputs[0].text
+
+    text = asyncio.run(run())
+    assert compiled_on_loop == [False] and set(text) <= {"a", "b"}

@@ -4,6 +4,7 @@ llguidance with the default model's tokenizer, lets through exactly the valid ou
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -56,6 +57,28 @@ def test_json_schema_format_reaches_the_engine_and_is_echoed(product_server, com
     assert _accepts(compiler, structure, '{"city": "Paris"}')
     assert not _accepts(compiler, structure, '{"town": "Paris"}')
     assert not _accepts(compiler, structure, "Paris")
+
+
+def test_a_turns_grammar_is_built_off_the_event_loop(product_server, monkeypatch):
+    """At create (the schema checked before any output) and for each model turn, the
+    grammar is built in a worker thread: a large schema's takes up to a second."""
+    from engine.structured_output import StructuredOutputsParams
+
+    built_on_loop: list[bool] = []
+    build = StructuredOutputsParams.__post_init__
+
+    def recording(self) -> None:
+        try:
+            asyncio.get_running_loop()
+            built_on_loop.append(True)
+        except RuntimeError:
+            built_on_loop.append(False)
+        build(self)
+
+    monkeypatch.setattr(StructuredOutputsParams, "__post_init__", recording)
+    server = product_server(FakeEngine(reply='{"city": "Paris"}'))
+    assert _create(server, text={"format": JSON_SCHEMA}).status_code == 200
+    assert len(built_on_loop) >= 2 and not any(built_on_loop)
 
 
 def test_json_object_format_allows_any_object_only(product_server, compiler):  # noqa: F811

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -573,3 +574,29 @@ def test_a_prompt_scored_with_max_tokens_0_may_fill_the_window(serve):
     assert (body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]) == (2048, 0)
     continued = post("/v1/completions", json={"prompt": ids, "max_tokens": 1, "echo": True})
     assert_error(continued, 400, "prompt", "context_length_exceeded")
+
+
+def test_grammars_are_built_off_the_event_loop(serve, monkeypatch):
+    """A large schema's grammar takes up to a second to build: in a worker thread (where
+    llguidance releases the GIL), not on the event loop the other streams need."""
+    from engine.structured_output import StructuredOutputsParams
+
+    built_on_loop: list[bool] = []
+    build = StructuredOutputsParams.__post_init__
+
+    def recording(self) -> None:
+        try:
+            asyncio.get_running_loop()
+            built_on_loop.append(True)
+        except RuntimeError:
+            built_on_loop.append(False)
+        build(self)
+
+    monkeypatch.setattr(StructuredOutputsParams, "__post_init__", recording)
+    server = serve()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    assert chat(server, response_format=fmt).status_code == 200
+    body = {"prompt": "Say hello", "max_tokens": 5, "response_format": fmt}
+    assert server.client.post("/v1/completions", json=body).status_code == 200
+    assert len(built_on_loop) == 2 and not any(built_on_loop)
