@@ -88,9 +88,10 @@ def _attention_output_and_mlp(
         layer.self_attn.o_proj(attn, packed.o), residual, norm.weight,
         mlp.gate_up_proj.input_scale, norm.eps,
     )  # fmt: skip
-    act = kernels.native.silu_and_mul(
-        mlp.gate_up_proj.project(x, packed.gate_up), mlp.down_proj.input_scale
-    )
+    if packed.gate_up is None:
+        act = kernels.native.silu_and_mul(mlp.gate_up_proj.project(x), mlp.down_proj.input_scale)
+    else:  # SwiGLU in the GEMM's epilogue: the gate_up output is never written out
+        act = kernels.native.int8_packed_swiglu(x, *packed.gate_up, mlp.down_proj.input_scale)
     return mlp.down_proj.project(act, packed.down), residual
 
 

@@ -225,6 +225,7 @@ def _load(isa: str) -> None:
         )
     fakes = {
         "int8_packed_linear": _int8_packed_linear_fake,
+        "int8_packed_swiglu": _int8_packed_swiglu_fake,
         "paged_decode_attention": _like_q,
         "paged_prefill_attention": _like_q,
         "store_kv": _nothing,
@@ -244,6 +245,19 @@ def int8_packed_linear(
     """The int8 GEMM of kernels/csrc/int8_gemm.cpp: quantization, GEMM and scaling in one
     pass, bit for bit `cpu_ops.int8_dynamic_linear`'s result on every target."""
     return _ops.int8_packed_linear(x, packed, comp, scale)
+
+
+def int8_packed_swiglu(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    comp: torch.Tensor,
+    scale: torch.Tensor,
+    input_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`silu_and_mul(int8_packed_linear(x, ...), input_scale)` for a gate_up weight (its gate
+    outputs, then its up outputs) in one pass, bit for bit: each tile's gate and up sums
+    meet in its epilogue, so the [rows, 2n] gate_up output is never written out."""
+    return _ops.int8_packed_swiglu(x, packed, comp, scale, input_scale)
 
 
 def paged_decode_attention(
@@ -420,3 +434,9 @@ def _int8_packed_linear_fake(
     x: torch.Tensor, packed: torch.Tensor, comp: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     return x.new_empty(x.shape[0], packed.shape[0] * packed.shape[2])
+
+
+def _int8_packed_swiglu_fake(
+    x: torch.Tensor, packed: torch.Tensor, comp: torch.Tensor, scale: torch.Tensor, input_scale
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0] * packed.shape[2] // 2)

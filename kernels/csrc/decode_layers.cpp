@@ -146,9 +146,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     if (p.o_input_scale != nullptr) scale_columns(attn, p.o_input_scale);
     const at::Tensor o = linear(attn, w, b + kO);
     add_rms_norm_into(o, residual, p.post_norm, p.gate_up_input_scale, feps, residual, normed);
-    const at::Tensor gate_up = linear(normed, w, b + kGateUp);
-    at::Tensor act = at::empty({rows, gate_up.size(1) / 2}, opts);
-    silu_and_mul_into(gate_up, p.down_input_scale, act);
+    const at::Tensor act = int8_packed_swiglu(normed, *w[b + kGateUp], *w[b + kGateUpComp],
+                                              *w[b + kGateUpScale], p.down_input_scale);
     x = linear(act, w, b + kDown);
   }
   return {x, residual};

@@ -247,9 +247,31 @@ void quantize_row(const float* x, int64_t k_len, uint8_t* q, float* scale) {
 }  // namespace
 
 namespace tokenmill {
+namespace {
 
-at::Tensor int8_packed_linear(const at::Tensor& x, const at::Tensor& packed,
-                              const at::Tensor& comp, const at::Tensor& scale) {
+// A GEMM's checked operands, and its activations rounded to int8 codes per row.
+struct Operands {
+  int64_t m, k_len, blocks;
+  at::Tensor q, row_scale;  // the codes' and scales' storage, which qp and sp point into
+  const uint8_t* qp;
+  const float* sp;
+  const int8_t* packed;
+  const int32_t* comp;
+  const float* scale;
+
+  // The tile for rows [i, i + mb) and column blocks [j, j + nv) into c (row stride ldc),
+  // pulling `count` panels from block `next` on toward L2 meanwhile.
+  void tile(int64_t i, int mb, int64_t j, int nv, float* c, int64_t ldc, int64_t next,
+            int count) const {
+    const int64_t block_bytes = k_len * kLanes;
+    kTiles[mb][nv](qp + i * k_len, k_len, packed + j * block_bytes, block_bytes,
+                   comp + j * kLanes, sp + i, scale + j * kLanes, c, ldc,
+                   packed + next * block_bytes, count);
+  }
+};
+
+Operands operands(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& comp,
+                  const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be 2-D float32");
   TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kLanes && packed.size(3) == 4 &&
                   packed.scalar_type() == at::kChar && packed.is_contiguous(),
@@ -263,22 +285,23 @@ at::Tensor int8_packed_linear(const at::Tensor& x, const at::Tensor& packed,
   const at::Tensor xc = x.contiguous();
   at::Tensor q = at::empty({m, k_len}, x.options().dtype(at::kByte));
   at::Tensor row_scale = at::empty({m}, x.options());
-  at::Tensor out = at::empty({m, n}, x.options());
   const float* xp = xc.data_ptr<float>();
   uint8_t* qp = q.data_ptr<uint8_t>();
   float* sp = row_scale.data_ptr<float>();
   at::parallel_for(0, m, tokenmill::serial_grain(k_len), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) quantize_row(xp + i * k_len, k_len, qp + i * k_len, sp + i);
   });
+  return {m,  k_len, blocks, q, row_scale, qp, sp, packed.data_ptr<int8_t>(),
+          comp.data_ptr<int32_t>(), scale.data_ptr<float>()};
+}
 
-  const int8_t* bp = packed.data_ptr<int8_t>();
-  const int32_t* cp = comp.data_ptr<int32_t>();
-  const float* wp = scale.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t block_bytes = k_len * kLanes;
+// Threads split the column blocks [0, blocks); each walks its share kBlocks at a time, all
+// rows per step, so a weight panel is read from memory once and reused from cache by every
+// row tile. `step(j, nv, i, mb, next, count)` computes one tile's worth; `next` and `count`
+// spread the prefetch of the share's next blocks over the row tiles.
+template <typename Step>
+void for_tiles(int64_t m, int64_t blocks, const Step& step) {
   const int64_t row_tiles = (m + kRows - 1) / kRows;
-  // Threads split the column blocks; each walks its blocks four at a time, all rows per step,
-  // so a weight panel is read from memory once and reused from cache by every row tile.
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; j += kBlocks) {
       const int nv = static_cast<int>(std::min<int64_t>(kBlocks, end - j));
@@ -288,19 +311,63 @@ at::Tensor int8_packed_linear(const at::Tensor& x, const at::Tensor& packed,
         const int mb = static_cast<int>(std::min<int64_t>(kRows, m - i));
         const int64_t first = std::min(t * per_tile, next);
         const int count = static_cast<int>(std::min(per_tile, next - first));
-        kTiles[mb][nv](qp + i * k_len, k_len, bp + j * block_bytes, block_bytes,
-                       cp + j * kLanes, sp + i, wp + j * kLanes, op + i * n + j * kLanes, n,
-                       bp + (j + nv + first) * block_bytes, count);
+        step(j, nv, i, mb, j + nv + first, count);
       }
     }
   });
+}
+
+}  // namespace
+
+at::Tensor int8_packed_linear(const at::Tensor& x, const at::Tensor& packed,
+                              const at::Tensor& comp, const at::Tensor& scale) {
+  const Operands a = operands(x, packed, comp, scale);
+  const int64_t n = a.blocks * kLanes;
+  at::Tensor out = at::empty({a.m, n}, x.options());
+  float* op = out.data_ptr<float>();
+  for_tiles(a.m, a.blocks, [&](int64_t j, int nv, int64_t i, int mb, int64_t next, int count) {
+    a.tile(i, mb, j, nv, op + i * n + j * kLanes, n, next, count);
+  });
   return out;
+}
+
+at::Tensor int8_packed_swiglu(const at::Tensor& x, const at::Tensor& packed,
+                              const at::Tensor& comp, const at::Tensor& scale,
+                              const float* input_scale) {
+  const Operands a = operands(x, packed, comp, scale);
+  TORCH_CHECK(a.blocks % 2 == 0, "gate_up must have as many gate as up outputs, in blocks of ",
+              kLanes);
+  const int64_t half = a.blocks / 2, n = half * kLanes;  // gate: blocks [0, half), up: the rest
+  at::Tensor out = at::empty({a.m, n}, x.options());
+  float* op = out.data_ptr<float>();
+  for_tiles(a.m, half, [&](int64_t j, int nv, int64_t i, int mb, int64_t next, int count) {
+    alignas(64) float gate[kRows][kBlocks * kLanes], up[kRows][kBlocks * kLanes];
+    a.tile(i, mb, j, nv, gate[0], kBlocks * kLanes, next, count);
+    a.tile(i, mb, half + j, nv, up[0], kBlocks * kLanes, half + next, count);
+    for (int r = 0; r < mb; ++r)
+      swiglu_span(gate[r], up[r], input_scale != nullptr ? input_scale + j * kLanes : nullptr,
+                  nv * kLanes, op + (i + r) * n + j * kLanes);
+  });
+  return out;
+}
+
+at::Tensor int8_packed_swiglu_op(const at::Tensor& x, const at::Tensor& packed,
+                                 const at::Tensor& comp, const at::Tensor& scale,
+                                 const std::optional<at::Tensor>& input_scale) {
+  return int8_packed_swiglu(x, packed, comp, scale,
+                            data_or_null(input_scale, packed.size(0) / 2 * kLanes));
 }
 
 }  // namespace tokenmill
 
 TM_OPS_FRAGMENT(m) {
   m.def("int8_packed_linear(Tensor x, Tensor packed, Tensor comp, Tensor scale) -> Tensor");
+  m.def(
+      "int8_packed_swiglu(Tensor x, Tensor packed, Tensor comp, Tensor scale, "
+      "Tensor? input_scale) -> Tensor");
 }
 
-TM_OPS_IMPL(m) { m.impl("int8_packed_linear", tokenmill::int8_packed_linear); }
+TM_OPS_IMPL(m) {
+  m.impl("int8_packed_linear", tokenmill::int8_packed_linear);
+  m.impl("int8_packed_swiglu", tokenmill::int8_packed_swiglu_op);
+}

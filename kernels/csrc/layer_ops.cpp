@@ -117,25 +117,29 @@ void rotary_heads_into(const at::Tensor& qkv, const float* bias, const float* q_
   });
 }
 
+void swiglu_span(const float* g, const float* u, const float* input_scale, int64_t n,
+                 float* out) {
+  const F16 one = simd::set1(1.0f);
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const int64_t m = n - j;
+    const F16 gv = simd::load_first(g + j, m);
+    // sigmoid from exp(-|g|), which never overflows
+    const F16 e = simd::exp_nonpositive(simd::sub(simd::zero(), simd::abs(gv)));
+    const F16 sigmoid = simd::div(simd::select_negative(gv, e, one), simd::add(one, e));
+    F16 v = simd::mul(simd::mul(gv, sigmoid), simd::load_first(u + j, m));
+    if (input_scale != nullptr) v = simd::mul(v, simd::load_first(input_scale + j, m));
+    simd::store_first(out + j, v, m);
+  }
+}
+
 void silu_and_mul_into(const at::Tensor& gate_up, const float* input_scale, at::Tensor& out) {
   const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
   const float* gp = gate_up.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const F16 one = simd::set1(1.0f);
   at::parallel_for(0, rows, serial_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* g = gp + i * 2 * n;
-      const float* u = g + n;
-      for (int64_t j = 0; j < n; j += kLanes) {
-        const int64_t m = n - j;
-        const F16 gv = simd::load_first(g + j, m);
-        // sigmoid from exp(-|g|), which never overflows
-        const F16 e = simd::exp_nonpositive(simd::sub(simd::zero(), simd::abs(gv)));
-        const F16 sigmoid = simd::div(simd::select_negative(gv, e, one), simd::add(one, e));
-        F16 v = simd::mul(simd::mul(gv, sigmoid), simd::load_first(u + j, m));
-        if (input_scale != nullptr) v = simd::mul(v, simd::load_first(input_scale + j, m));
-        simd::store_first(op + i * n + j, v, m);
-      }
+      swiglu_span(g, g + n, input_scale, n, op + i * n);
     }
   });
 }

@@ -31,6 +31,9 @@ namespace tokenmill {
 // kernels/csrc/int8_gemm.cpp
 at::Tensor int8_packed_linear(const at::Tensor& x, const at::Tensor& packed,
                               const at::Tensor& comp, const at::Tensor& scale);
+at::Tensor int8_packed_swiglu(const at::Tensor& x, const at::Tensor& packed,
+                              const at::Tensor& comp, const at::Tensor& scale,
+                              const float* input_scale);
 
 // kernels/csrc/paged_attention.cpp
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
@@ -48,6 +51,11 @@ void rotary_heads_into(const at::Tensor& qkv, const float* bias, const float* q_
                        const float* k_norm, float eps, const int64_t* positions,
                        const float* rope, at::Tensor& q, at::Tensor& k, at::Tensor& v);
 void silu_and_mul_into(const at::Tensor& gate_up, const float* input_scale, at::Tensor& out);
+// SwiGLU of n values: out = silu(g) * u (times input_scale where given). One definition,
+// out of line, for silu_and_mul_into and int8_packed_swiglu's epilogue, so that both round
+// every value alike whatever the compiler would contract inline.
+void swiglu_span(const float* g, const float* u, const float* input_scale, int64_t n,
+                 float* out);
 // Rows per task of a per-row pass `width` values wide: one thread up to ~32k values, where
 // starting an OpenMP team costs more than the pass itself.
 inline int64_t serial_grain(int64_t width) { return std::max<int64_t>(1, 32768 / width); }

@@ -72,6 +72,30 @@ def test_vnni_linear_equals_aten_path_bit_for_bit(m, n, k, outliers, seed):
     assert torch.equal(out, reference.int8_packed_linear(x, packed, comp, s))
 
 
+@example_budget(cpu=40, cuda=40)
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 8).map(lambda b: 32 * b),  # gate and up: every count of column tiles
+    k=st.integers(1, 70).map(lambda g: 4 * g),
+    outliers=st.booleans(),
+    scaled=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_swiglu_gemm_equals_the_linear_then_silu_and_mul_bit_for_bit(
+    m, n, k, outliers, scaled, seed
+):
+    """The decode stack and the prefill layers take SwiGLU in the gate_up GEMM's epilogue:
+    every value as the two passes it replaces would round it."""
+    x, q, s = _case(m, n, k, seed, outliers)
+    x = x * 4  # gates past silu's linear range on both sides
+    packed, comp = kernels.pack_int8_vnni(q)
+    gen = torch.Generator().manual_seed(seed)
+    input_scale = torch.rand(n // 2, generator=gen) + 0.5 if scaled else None
+    fused = kernels.native.int8_packed_swiglu(x, packed, comp, s, input_scale)
+    gate_up = kernels.native.int8_packed_linear(x, packed, comp, s)
+    assert torch.equal(fused, kernels.native.silu_and_mul(gate_up, input_scale))
+
+
 def test_the_largest_products_are_exact():
     """Rows of codes +-127 against the target's extreme weights: on AVX2, vpmaddubsw's 16-bit
     pair sums reach 2 x 255 x 64, one step short of saturating."""
