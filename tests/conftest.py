@@ -3,6 +3,7 @@ throwaway PostgreSQL server (the store's and the retrieval index's tests)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -120,3 +121,21 @@ def postgres() -> Iterator[PostgresServer]:
     yield server
     server.stop()
     shutil.rmtree(server.root, ignore_errors=True)
+
+
+def record_event_loop_calls(monkeypatch, owner: type, name: str) -> list[bool]:
+    """Wrap `owner.name`: each call appends whether it ran on an event loop's thread (True)
+    or off it, in a worker thread (False)."""
+    on_loop: list[bool] = []
+    original = getattr(owner, name)
+
+    def recording(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return on_loop

@@ -14,6 +14,7 @@ from engine import LLM, AsyncLLM, SamplingParams
 from engine.async_llm import MAX_FAILED_STEPS
 from engine.errors import EngineError, RequestFailedError
 from engine.sampling_params import RequestOutputKind
+from tests.conftest import record_event_loop_calls
 
 DELTA = RequestOutputKind.DELTA
 
@@ -373,18 +374,7 @@ def test_a_grammar_is_compiled_off_the_event_loop(tiny_chat_model_dir, monkeypat
     streams meanwhile."""
     from engine.structured_output import GrammarCompiler, StructuredOutputsParams
 
-    compiled_on_loop: list[bool] = []
-    compile_matcher = GrammarCompiler.compile
-
-    def recording(self, params):
-        try:
-            asyncio.get_running_loop()
-            compiled_on_loop.append(True)
-        except RuntimeError:
-            compiled_on_loop.append(False)
-        return compile_matcher(self, params)
-
-    monkeypatch.setattr(GrammarCompiler, "compile", recording)
+    compiled_on_loop = record_event_loop_calls(monkeypatch, GrammarCompiler, "compile")
     params = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="[ab]+"))
 
     async def run() -> str:

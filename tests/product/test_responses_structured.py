@@ -4,13 +4,13 @@ llguidance with the default model's tokenizer, lets through exactly the valid ou
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
 import pytest
 from openai.types.responses import Response
 
+from tests.conftest import record_event_loop_calls
 from tests.product.conftest import ProductServer
 from tests.product.test_responses_tools import CALCULATOR, _call, _scripted
 from tests.server.fake_engine import FakeEngine
@@ -64,18 +64,7 @@ def test_a_turns_grammar_is_built_off_the_event_loop(product_server, monkeypatch
     grammar is built in a worker thread: a large schema's takes up to a second."""
     from engine.structured_output import StructuredOutputsParams
 
-    built_on_loop: list[bool] = []
-    build = StructuredOutputsParams.__post_init__
-
-    def recording(self) -> None:
-        try:
-            asyncio.get_running_loop()
-            built_on_loop.append(True)
-        except RuntimeError:
-            built_on_loop.append(False)
-        build(self)
-
-    monkeypatch.setattr(StructuredOutputsParams, "__post_init__", recording)
+    built_on_loop = record_event_loop_calls(monkeypatch, StructuredOutputsParams, "__post_init__")
     server = product_server(FakeEngine(reply='{"city": "Paris"}'))
     assert _create(server, text={"format": JSON_SCHEMA}).status_code == 200
     assert len(built_on_loop) >= 2 and not any(built_on_loop)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 
 import pytest
 from alembic import command
@@ -12,6 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import MetaData, event, func, inspect, select, text
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator.errors import NotFoundError
@@ -379,15 +382,26 @@ def test_one_server_holds_a_data_directory(tmp_path):
     hold_data_dir(tmp_path).close()
 
 
+@contextlib.contextmanager
+def _at_revision(url: str, revision: str) -> Iterator[Connection]:
+    """A connection to a store migrated only to `revision`, as an older version left it,
+    to fill with that version's rows (committed on exit)."""
+    engine = create_db_engine(url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    try:
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, revision)
+            yield conn
+    finally:
+        engine.dispose()
+
+
 def test_upgrading_a_store_with_files_records_each_files_size(database_url):
     """Revision 0007 adds `files.bytes` (what storage quotas sum): files stored before it
     get their blob's size."""
-    engine = create_db_engine(database_url)
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0006")
+    with _at_revision(database_url, "0006") as conn:
         conn.execute(
             text(
                 "INSERT INTO files (id, owner_id, purpose, body) "
@@ -398,7 +412,6 @@ def test_upgrading_a_store_with_files_records_each_files_size(database_url):
             text("INSERT INTO file_blobs (file_id, data) VALUES ('file_old', :data)"),
             {"data": b"\x00" * 1234},
         )
-    engine.dispose()
     store = Store(database_url)
     try:
         assert kb.storage_used(store.repo, "user_a") == 1234
@@ -409,12 +422,7 @@ def test_upgrading_a_store_with_files_records_each_files_size(database_url):
 def test_upgrading_a_store_with_vector_stores_keeps_when_each_was_last_active(database_url):
     """Revision 0009 moves `last_active_at` (what expiry counts from) into a column:
     stores made before it keep the time their body held, or their creation time."""
-    engine = create_db_engine(database_url)
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0008")
+    with _at_revision(database_url, "0008") as conn:
         for store_id, body in (
             ("vs_used", '{"id": "vs_used", "created_at": 100, "last_active_at": 250}'),
             ("vs_new", '{"id": "vs_new", "created_at": 300}'),
@@ -423,7 +431,6 @@ def test_upgrading_a_store_with_vector_stores_keeps_when_each_was_last_active(da
                 text("INSERT INTO vector_stores (id, owner_id, body) VALUES (:id, 'a', :body)"),
                 {"id": store_id, "body": body},
             )
-    engine.dispose()
     store = Store(database_url)
     try:
         found = {s: kb.get_vector_store(store.repo, "a", s)[0] for s in ("vs_used", "vs_new")}
@@ -456,12 +463,7 @@ VECTOR = bytes(range(256)) * 6  # 384 float32s
 def _older_vector_index(url: str) -> None:
     """A store at revision 0007 whose `vec0` table has sqlite-vec's default chunk (1,024
     vectors), as the older code made it, holding one vector in each of two stores."""
-    engine = create_db_engine(url)
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0007")
+    with _at_revision(url, "0007") as conn:
         conn.exec_driver_sql("DROP TABLE retrieval_vectors")
         conn.exec_driver_sql(vectors_ddl(384).replace(f", chunk_size={VECTOR_CHUNK}", ""))
         for i, store_id in enumerate(("vs_a", "vs_b"), start=1):
@@ -472,7 +474,6 @@ def _older_vector_index(url: str) -> None:
                 ),
                 {"id": i, "store": store_id, "vector": VECTOR},
             )
-    engine.dispose()
 
 
 def _kept_vectors(store: Store) -> list[tuple]:

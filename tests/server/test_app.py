@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
 import httpx
 import pytest
 
+from tests.conftest import record_event_loop_calls
 from tests.server.fake_engine import CHATML_WITH_TOOLS, FakeEngine, FakeTokenizer
 from tests.server.sse_client import events, stream
 
@@ -581,18 +581,7 @@ def test_grammars_are_built_off_the_event_loop(serve, monkeypatch):
     llguidance releases the GIL), not on the event loop the other streams need."""
     from engine.structured_output import StructuredOutputsParams
 
-    built_on_loop: list[bool] = []
-    build = StructuredOutputsParams.__post_init__
-
-    def recording(self) -> None:
-        try:
-            asyncio.get_running_loop()
-            built_on_loop.append(True)
-        except RuntimeError:
-            built_on_loop.append(False)
-        build(self)
-
-    monkeypatch.setattr(StructuredOutputsParams, "__post_init__", recording)
+    built_on_loop = record_event_loop_calls(monkeypatch, StructuredOutputsParams, "__post_init__")
     server = serve()
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}

@@ -238,17 +238,23 @@ def test_stop_does_not_wait_for_a_server_that_does_not_answer(page):
     assert page.locator("#messages").get_by_text("Stopped.").is_visible()
 
 
-def test_two_tabs_on_one_conversation_keep_each_others_branches_and_title(session, api):
-    """Tab A saves after tab B branched and renamed: B's branch and title stay."""
+def two_tabs(session, text: str):
+    """Tab A sends `text` in a new conversation, then tab B opens it: (a, b, "#conv_...")."""
     context, _ = session
     a = context.new_page()
     a.goto("/")
     a.wait_for_selector("body[data-ready=true]")
-    send(a, "First tab, first message.")
+    send(a, text)
     conversation = a.evaluate("location.hash")
     b = context.new_page()
     b.goto(f"/{conversation}")
     b.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
+    return a, b, conversation
+
+
+def test_two_tabs_on_one_conversation_keep_each_others_branches_and_title(session, api):
+    """Tab A saves after tab B branched and renamed: B's branch and title stay."""
+    a, b, conversation = two_tabs(session, "First tab, first message.")
     before = finished_turns(b)
     b.locator("#messages .turn").last.get_by_role("button", name="Regenerate answer").click()
     wait_for_turn(b, before)
@@ -258,7 +264,7 @@ def test_two_tabs_on_one_conversation_keep_each_others_branches_and_title(sessio
     b.get_by_role("button", name="Renamed in tab B", exact=True).wait_for()
     send(a, "First tab, second message.")
     assert a.inner_text("#chat-title") == "Renamed in tab B"  # tab A took B's title
-    c = context.new_page()
+    c = session[0].new_page()
     c.goto(f"/{conversation}")
     c.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
     assert c.inner_text("#chat-title") == "Renamed in tab B"
@@ -493,15 +499,7 @@ def test_two_tabs_attaching_files_keep_both_in_the_conversations_store(session, 
     """A tab that had the conversation open before another attached a file makes no store
     of its own over the other's: both files stay in the one store the conversation names
     (the second store replaced the first in the metadata, and its file dropped out)."""
-    context, _ = session
-    a = context.new_page()
-    a.goto("/")
-    a.wait_for_selector("body[data-ready=true]")
-    send(a, "Two tabs, two files.")
-    conversation = a.evaluate("location.hash")
-    b = context.new_page()
-    b.goto(f"/{conversation}")
-    b.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
+    a, b, conversation = two_tabs(session, "Two tabs, two files.")
     for tab, name in ((a, "first.txt"), (b, "second.txt")):
         tab.set_input_files(
             "#upload", files=[{"name": name, "mimeType": "text/plain", "buffer": b"Some text.\n"}]
