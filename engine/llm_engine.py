@@ -227,15 +227,11 @@ class LLMEngine:
         # with "length" where the window does (OutputProcessor.append). The last token
         # sampled is never fed back, so it takes no position: a prompt that fills the window
         # still gets one token. The server refuses such requests itself, as OpenAI does.
+        # The KV pool holds at least the window (checked at start-up), so whatever fits the
+        # window fits the pool.
         if n > limit:
             raise ContextLengthExceededError(
                 f"this model's maximum context length is {limit} tokens; the prompt has {n}"
-            )
-        pool = self.block_manager.num_blocks * self.block_manager.block_size
-        if n + 1 > pool:
-            raise ContextLengthExceededError(
-                f"the prompt ({n} tokens) does not fit the KV cache ({pool} tokens); "
-                "raise the KV cache budget"
             )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

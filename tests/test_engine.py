@@ -474,6 +474,18 @@ def test_a_kv_cache_smaller_than_the_window_is_refused(tiny_chat_model_dir):
     assert len(out.outputs[0].token_ids) == 93 and out.outputs[0].finish_reason == "length"
 
 
+def test_a_prompt_that_fills_a_window_as_large_as_the_kv_cache_gets_its_token(
+    tiny_chat_model_dir,
+):
+    """The pool may hold exactly the window; a prompt that fills both still fits (its one
+    sampled token is never fed back), so it is answered, not refused."""
+    llm = _llm(tiny_chat_model_dir, num_kv_blocks=6, block_size=16, max_model_len=96)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    [out] = llm.generate(list(range(1, 97)), params, use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
 def test_constraints_that_leave_no_token_fail_their_request_alone(tiny_chat_model_dir):
     """allowed_token_ids whose only token is a bad word: nothing is left to sample, so
     the request fails with a clear error instead of emitting a forbidden token."""
