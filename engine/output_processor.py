@@ -93,8 +93,10 @@ class OutputProcessor:
         stops = seq.params.stop
         if not (stops and check_stops):
             return
-        search_from = max(0, len(seq.text) - len(delta) - max(len(s) for s in stops) + 1)
-        hits = [(seq.text.find(s, search_from), s) for s in stops]
+        # Only a match that ends in the new text counts: one wholly before it completed
+        # while min_tokens held stops back, and that text may have been streamed already.
+        new_from = len(seq.text) - len(delta)
+        hits = [(seq.text.find(s, max(0, new_from - len(s) + 1)), s) for s in stops]
         hits = [(i, s) for i, s in hits if i >= 0]
         if hits:
             i, stop = min(hits)

@@ -46,3 +46,13 @@ def test_stop_string_spanning_tokens_is_never_emitted(tok):
     ids = tok.encode("The answer is Paris, of course.")
     text, reason = _run(tok, ids, SamplingParams(max_tokens=64, stop=["Paris"]))
     assert (text, reason) == ("The answer is ", "stop")
+
+
+def test_a_stop_string_completed_within_min_tokens_does_not_stop_later(tok):
+    """The stop string "two" completes while min_tokens holds stops back, and is streamed: a
+    later token must not find it again, whether or not a longer stop string widens the
+    search (vLLM's min_tokens: stop strings count from the first token past it)."""
+    ids = tok.encode("one two three four five six seven")
+    for stop in (["two"], ["two", "a-much-longer-stop"]):
+        params = SamplingParams(max_tokens=len(ids), min_tokens=3, stop=stop)
+        assert _run(tok, ids, params) == ("one two three four five six seven", "length")
