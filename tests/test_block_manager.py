@@ -246,10 +246,13 @@ def test_free_is_idempotent_and_fork_shares_the_lock() -> None:
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
-    """Random interleavings of allocate / append / fork / cache / free / evict.
+    """Random interleavings of allocate / prefill / append / fork / cache / free / evict.
 
-    Every live sequence's KV is fully computed (prefill happens at allocation), so its
-    table must hold exactly its tokens' prefixes, and so must every cached block.
+    As the scheduler does, a prompt is admitted with or without reusing the cache (a
+    request asking for prompt logprobs computes its whole prompt) and prefilled in chunks:
+    `computed[seq]` tokens of it have KV, and only those are cached, appended to or forked
+    from. Every computed slot of a table must hold exactly its tokens' prefix, and so must
+    every cached block.
     """
 
     @initialize(
@@ -262,6 +265,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bs = bs
         self.kv: list[list[tuple[int, ...] | None]] = [[None] * bs for _ in range(num_blocks)]
         self.seqs: dict[int, list[int]] = {}
+        self.computed: dict[int, int] = {}  # tokens of each sequence whose KV is written
         self.ids = itertools.count()
         self.history: list[list[int]] = [[]]
 
@@ -283,31 +287,57 @@ class BlockManagerMachine(RuleBasedStateMachine):
         tokens = base[: data.draw(st.integers(0, len(base)))]
         tokens += data.draw(st.lists(st.integers(0, 1), max_size=10))
         seq_id = next(self.ids)
+        reuse = data.draw(st.booleans())
         before = _state(self.bm)
-        admissible = self.bm.can_allocate(tokens)
+        admissible = self.bm.can_allocate(tokens, reuse)
         try:
-            cached = self.bm.allocate(seq_id, tokens)
+            cached = self.bm.allocate(seq_id, tokens, reuse)
         except NoFreeBlocksError:
             assert not admissible
             assert _state(self.bm) == before
             return
         assert admissible
         assert cached % self.bs == 0 and cached <= max(len(tokens) - 1, 0)
+        assert reuse or cached == 0
         assert len(self.bm.block_table(seq_id)) == -(-len(tokens) // self.bs)
         for pos in range(cached):  # a cache hit must bring exactly this prefix's KV
             block = self.bm.block_table(seq_id)[pos // self.bs]
             assert self.kv[block][pos % self.bs] == tuple(tokens[: pos + 1])
-        assert self.bm.ensure(seq_id, len(tokens), cached) == []
-        self._write(seq_id, cached, tokens)
         self.seqs[seq_id] = tokens
-        self.history.append(tokens)
+        self.computed[seq_id] = cached
+        self._prefill(seq_id, data.draw(st.integers(0, len(tokens) - cached)))
         if data.draw(st.booleans()):
-            self.bm.cache(seq_id, tokens)
+            self.bm.cache(seq_id, tokens[: self.computed[seq_id]])
 
-    @precondition(lambda self: self.seqs)
+    def _prefill(self, seq_id: int, n: int) -> None:
+        """Compute the next `n` prompt tokens (a chunk): the table already covers them."""
+        tokens, start = self.seqs[seq_id], self.computed[seq_id]
+        end = start + n
+        assert self.bm.blocks_needed(seq_id, end, start) == 0
+        self._copy(self.bm.ensure(seq_id, end, start))
+        self._write(seq_id, start, tokens[:end])
+        self.computed[seq_id] = end
+        if end == len(tokens):
+            self.history.append(list(tokens))
+
+    @precondition(lambda self: any(c < len(self.seqs[s]) for s, c in self.computed.items()))
+    @rule(data=st.data())
+    def prefill(self, data: st.DataObject) -> None:
+        seq_id = data.draw(
+            st.sampled_from(sorted(s for s, c in self.computed.items() if c < len(self.seqs[s])))
+        )
+        left = len(self.seqs[seq_id]) - self.computed[seq_id]
+        self._prefill(seq_id, data.draw(st.integers(1, left)))
+        if data.draw(st.booleans()):
+            self.bm.cache(seq_id, self.seqs[seq_id][: self.computed[seq_id]])
+
+    def _prefilled(self) -> list[int]:
+        return sorted(s for s, c in self.computed.items() if c == len(self.seqs[s]))
+
+    @precondition(lambda self: self._prefilled())
     @rule(data=st.data(), token=st.integers(0, 1))
     def append(self, data: st.DataObject, token: int) -> None:
-        seq_id = data.draw(st.sampled_from(sorted(self.seqs)))
+        seq_id = data.draw(st.sampled_from(self._prefilled()))
         tokens = self.seqs[seq_id]
         n = len(tokens)
         need = self.bm.blocks_needed(seq_id, n + 1)
@@ -324,33 +354,35 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self._copy(copies)
         tokens.append(token)
         self._write(seq_id, n, tokens)
+        self.computed[seq_id] = n + 1
         self.history.append(list(tokens))
 
-    @precondition(lambda self: self.seqs)
+    @precondition(lambda self: self._prefilled())
     @rule(data=st.data())
     def fork(self, data: st.DataObject) -> None:
-        parent = data.draw(st.sampled_from(sorted(self.seqs)))
+        parent = data.draw(st.sampled_from(self._prefilled()))
         child = next(self.ids)
         used = self.bm.num_used_blocks
         self.bm.fork(parent, child)
         assert self.bm.num_used_blocks == used
         self.seqs[child] = list(self.seqs[parent])
+        self.computed[child] = self.computed[parent]
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
     def cache(self, data: st.DataObject) -> None:
         seq_id = data.draw(st.sampled_from(sorted(self.seqs)))
-        self.bm.cache(seq_id, self.seqs[seq_id])
+        self.bm.cache(seq_id, self.seqs[seq_id][: self.computed[seq_id]])
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data(), finish=st.booleans())
     def free(self, data: st.DataObject, finish: bool) -> None:
         seq_id = data.draw(st.sampled_from(sorted(self.seqs)))
-        if finish:
-            self.bm.cache(seq_id, self.seqs[seq_id])
+        if finish:  # or preempted: what it computed goes into the cache
+            self.bm.cache(seq_id, self.seqs[seq_id][: self.computed[seq_id]])
         self.bm.free(seq_id)
         self.bm.free(seq_id)  # an abort racing with completion
-        del self.seqs[seq_id]
+        del self.seqs[seq_id], self.computed[seq_id]
 
     @rule()
     def reset_cache(self) -> None:
@@ -406,7 +438,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for seq_id, tokens in self.seqs.items():
             table = self.bm.block_table(seq_id)
             assert len(table) == -(-len(tokens) // self.bs)
-            for pos in range(len(tokens)):
+            for pos in range(self.computed[seq_id]):
                 got = self.kv[table[pos // self.bs]][pos % self.bs]
                 assert got == tuple(tokens[: pos + 1]), f"seq {seq_id} pos {pos}"
         for node, prefix in self._tree():
