@@ -23,6 +23,8 @@ const state = {
   models: [],
   windows: new Map(), // model id -> its context window in tokens (max_model_len)
   searchText: new Map(), // conversation id -> its transcript, lower-cased (for search)
+  searchQueue: [], // ids of the conversations whose transcripts search is still to fetch
+  searchFetching: new Set(), // ids whose transcripts are being fetched
   pendingRender: false,
   saves: Promise.resolve(), // the metadata saves, one after another (queueSave)
   queued: [], // the keys each queued or running save changes
@@ -239,26 +241,42 @@ function confirmDelete(conversation) {
 }
 
 let searchTimer = null;
+const SEARCH_FETCHES = 4; // transcripts fetched at once: a long sidebar must not flood the server
 
 function onSearch() {
+  state.searchQueue = []; // what an older search had still to fetch is dropped
   renderSidebar();
   clearTimeout(searchTimer);
   searchTimer = setTimeout(searchContent, 150);
 }
 
-// Fetches the transcripts not yet known, then filters again.
-async function searchContent() {
+// Queues the transcripts not yet known (nor being fetched) and fetches them, a few at a
+// time; each conversation that matches shows as its transcript arrives.
+function searchContent() {
   if (!$("search").value.trim()) return;
-  const missing = state.conversations.filter((c) => !state.searchText.has(c.id));
-  await Promise.all(missing.map(async (conversation) => {
-    try {
-      const items = await listAll(`/v1/conversations/${conversation.id}/items`);
-      state.searchText.set(conversation.id, items.map(messageText).join("\n").toLowerCase());
-    } catch (error) {
-      reportError(error);
-    }
-  }));
-  renderSidebar();
+  state.searchQueue = state.conversations.map((c) => c.id)
+    .filter((id) => !state.searchText.has(id) && !state.searchFetching.has(id));
+  while (state.searchFetching.size < SEARCH_FETCHES && state.searchQueue.length) {
+    fetchTranscript(state.searchQueue.shift());
+  }
+}
+
+// Fetches one conversation's transcript for search, then the next queued one.
+async function fetchTranscript(id) {
+  state.searchFetching.add(id);
+  try {
+    const items = await listAll(`/v1/conversations/${id}/items`);
+    const text = items.map(messageText).join("\n").toLowerCase();
+    state.searchText.set(id, text);
+    const query = $("search").value.trim().toLowerCase();
+    if (query && text.includes(query)) renderSidebar();
+  } catch (error) {
+    reportError(error);
+  } finally {
+    state.searchFetching.delete(id);
+  }
+  const next = state.searchQueue.shift();
+  if (next) fetchTranscript(next);
 }
 
 // -- opening a conversation: its tree from the stored responses ------------------------

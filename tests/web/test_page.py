@@ -607,6 +607,56 @@ def test_rename_search_and_delete_conversations(page, api):
     assert api.get(f"/v1/conversations/{conversation_id}").status_code == 404
 
 
+def test_search_fetches_a_few_transcripts_at_a_time(session, api):
+    """Search reads every conversation's items, at most 4 requests at once (held here by a
+    route until released one by one); a match shows as its transcript arrives, and a
+    newer search drops what the older one had still to fetch, fetching nothing twice."""
+    for n in range(12):
+        item = {"type": "message", "role": "user", "content": f"kumquat number {n}"}
+        body = {"metadata": {"title": f"Pool {n}"}, "items": [item]}
+        assert api.post("/v1/conversations", json=body).status_code == 200
+    context, _ = session
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    listed = page.eval_on_selector_all("#conversation-list li", "els => els.map(e => e.dataset.id)")
+    held, fetched = [], []
+
+    def hold(route) -> None:
+        held.append(route)
+        fetched.append(route.request.url.split("/")[-2])
+
+    page.route("**/v1/conversations/*/items?*", hold)
+
+    def release_until(done) -> None:
+        """Releases the held requests one at a time, checking the bound, until `done()`."""
+        for _ in range(600):
+            if done():
+                return
+            page.wait_for_timeout(50)  # lets the page send what it would send now
+            assert len(held) <= 4, len(held)
+            if held:
+                held.pop(0).continue_()
+        raise AssertionError(f"{len(fetched)} fetched, {shown()} shown")
+
+    def shown() -> list[str]:
+        return page.eval_on_selector_all(
+            "#conversation-list .conversation-title", "els => els.map(e => e.textContent)"
+        )
+
+    page.fill("#search", "kumquat")
+    release_until(lambda: len(shown()) > 0)
+    assert len(fetched) < len(listed)  # shown before every transcript was read
+    page.fill("#search", "")  # nothing more to fetch: the queue is dropped
+    release_until(lambda: not held)
+    page.wait_for_timeout(300)
+    assert not held
+    page.fill("#search", "pomelo")
+    release_until(lambda: len(fetched) == len(listed) and not held)
+    assert sorted(fetched) == sorted(listed)  # each fetched once
+    page.wait_for_selector("#conversation-list li.empty")
+
+
 def test_deleting_the_conversation_a_turn_streams_into_stops_it_quietly(page, api):
     start_long_answer(page)
     wait_for_answer_text(page)
