@@ -4,12 +4,17 @@
 const KEY_STORAGE = "tokenmill.apiKey";
 
 export class ApiError extends Error {
-  constructor(status, message, code) {
+  constructor(status, message, code, retryAfter = null) {
     super(message);
     this.status = status;
     this.code = code;
+    this.retryAfter = retryAfter; // seconds, from the Retry-After header, or null
   }
 }
+
+// fetch itself failed: nothing answered (the server is down or restarting, or the network
+// is). A TypeError, as fetch's own failure is, so that code checking for one still works.
+export class Unreachable extends TypeError {}
 
 export function storedKey() {
   return localStorage.getItem(KEY_STORAGE) || "";
@@ -39,7 +44,8 @@ async function errorFrom(response) {
   } catch {
     // not JSON: keep the status line
   }
-  return new ApiError(response.status, message, code);
+  const retryAfter = Number(response.headers.get("retry-after"));
+  return new ApiError(response.status, message, code, retryAfter > 0 ? retryAfter : null);
 }
 
 let onUnauthorized = () => {};
@@ -47,6 +53,16 @@ let onUnauthorized = () => {};
 // Called with the ApiError whenever the server answers 401.
 export function setUnauthorizedHandler(handler) {
   onUnauthorized = handler;
+}
+
+// fetch, with its failure to reach the server as Unreachable (an abort stays an AbortError).
+async function send(path, init) {
+  try {
+    return await fetch(path, init);
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new Unreachable(error.message);
+  }
 }
 
 async function checked(response) {
@@ -71,7 +87,7 @@ export async function requestTagged(method, path, body, { key, ifMatch } = {}) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
-  const response = await checked(await fetch(path, init));
+  const response = await checked(await send(path, init));
   const type = response.headers.get("content-type") || "";
   const parsed = await (type.includes("json") ? response.json() : response.blob());
   return { body: parsed, etag: response.headers.get("etag") };
@@ -112,13 +128,40 @@ function parseBlock(block) {
 // when the stream ends; rejects with an AbortError when `signal` aborts (closing the
 // connection, which stops the response on the server).
 export async function streamResponse(body, onEvent, signal) {
-  const response = await checked(await fetch("/v1/responses", {
+  const response = await checked(await send("/v1/responses", {
     method: "POST",
     headers: headers({ "Content-Type": "application/json", Accept: "text/event-stream" }),
     body: JSON.stringify({ ...body, stream: true }),
     signal,
   }));
   for await (const { data } of sseEvents(response.body)) onEvent(data);
+}
+
+// A refusal that says "not now" rather than "no": a draining or overloaded server (503), a
+// rate limit (429), or no server answering at all. The same request may be sent again.
+function passing(error) {
+  return error instanceof Unreachable
+    || (error instanceof ApiError && (error.status === 503 || error.status === 429));
+}
+
+const RETRY_FIRST_MS = 1000;
+const RETRY_MAX_MS = 30_000;
+
+// Runs `attempt` (a function making requests) until it succeeds or fails for good: after a
+// passing refusal it tries again, after the server's Retry-After or else a wait that starts
+// at 1 s and doubles up to 30 s, for as long as the page is open. For writes the page must
+// not lose, such as a turn's transcript when the server is draining for a restart (a write
+// whose answer was lost with the connection may then be stored twice).
+export async function untilDone(attempt) {
+  for (let wait = RETRY_FIRST_MS; ; wait = Math.min(wait * 2, RETRY_MAX_MS)) {
+    try {
+      return await attempt();
+    } catch (error) {
+      if (!passing(error)) throw error;
+      const delay = error.retryAfter ? error.retryAfter * 1000 : wait;
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+  }
 }
 
 // Every page of a cursor-paginated list.

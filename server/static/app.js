@@ -3,7 +3,7 @@
 
 import {
   ApiError, listAll, request, requestTagged, setUnauthorizedHandler, storeKey, storedKey,
-  streamResponse,
+  streamResponse, untilDone,
 } from "./api.js";
 import { assistantBody, button, el, isToolItem, messageText, toolCard, userBubble } from "./render.js";
 import { clip, decodeMetadata, encodeMetadata, MAX_INSTRUCTIONS, Node, Tree } from "./tree.js";
@@ -25,6 +25,7 @@ const state = {
   searchText: new Map(), // conversation id -> its transcript, lower-cased (for search)
   searchQueue: [], // ids of the conversations whose transcripts search is still to fetch
   searchFetching: new Set(), // ids whose transcripts are being fetched
+  transcripts: Promise.resolve(), // the transcript writes, one after another (appendTranscript)
   pendingRender: false,
   saves: Promise.resolve(), // the metadata saves, one after another (queueSave)
   queued: [], // the keys each queued or running save changes
@@ -410,14 +411,17 @@ function mergeStored(id, stored, decoded, changed) {
 // rename lost to a branch switch's save). `prepare` runs when the save's turn comes. While
 // any is queued, <body data-saving> counts them: a hook for tests to wait on before a
 // reload, since a branch switch saves in the background.
-function queueSave(id, decoded, changed, prepare = () => {}) {
+// With `keep`, a save the server refuses for now (draining, rate limited, out of reach) is
+// tried again until it is stored (untilDone), holding the saves queued after it.
+function queueSave(id, decoded, changed, { prepare = () => {}, keep = false } = {}) {
   state.queued.push(changed);
   document.body.dataset.saving = String(state.queued.length);
+  const save = () => {
+    prepare();
+    return saveMeta(id, decoded, changed);
+  };
   const run = state.saves
-    .then(() => {
-      prepare();
-      return saveMeta(id, decoded, changed);
-    })
+    .then(() => (keep ? untilDone(save) : save()))
     .catch((error) => {
       if (!(error instanceof ApiError && error.status === 404)) throw error;
       deletedElsewhere(id); // nothing left to save into
@@ -432,16 +436,18 @@ function queueSave(id, decoded, changed, prepare = () => {}) {
 }
 
 // Saves the tree's leaves and the leaf on screen, read when the save's turn comes: the
-// tree may have changed since it was queued.
+// tree may have changed since it was queued. Kept until stored: the tree is the only record
+// of the branches, and a turn that ends as the server drains must still be found.
 function persistTree() {
   if (!state.open) return Promise.resolve();
   const { id, meta: decoded } = state.open;
   const tree = state.tree;
-  return queueSave(id, decoded, ["leaf"], () => {
+  const prepare = () => {
     decoded.leaves = tree.leaves().filter((leaf) => leaf.startsWith("resp_"));
     const leaf = tree.leaf();
     decoded.leaf = leaf && leaf.id.startsWith("resp_") ? leaf.id : decoded.leaf;
-  }).catch(reportError);
+  };
+  return queueSave(id, decoded, ["leaf"], { prepare, keep: true }).catch(reportError);
 }
 
 // The open conversation, created first in a new chat. An upload and a message sent before
@@ -812,17 +818,23 @@ function finished() {
 }
 
 // The conversation's items are a transcript of every turn of every branch: what the
-// sidebar's search reads.
-async function appendTranscript(id, text, node) {
+// sidebar's search reads. The turn's answer is complete by now, so a server that refuses
+// the write for now (draining for a restart, rate limited, out of reach) gets it again
+// until it is stored (untilDone), in turn order, and the status line stays quiet about it.
+function appendTranscript(id, text, node) {
   const answer = node.output.filter((i) => i.type === "message").map(messageText).join("\n");
   const items = [{ type: "message", role: "user", content: text }];
   if (answer) items.push({ type: "message", role: "assistant", content: answer });
-  try {
-    await request("POST", `/v1/conversations/${id}/items`, { items });
-    state.searchText.delete(id);
-  } catch (error) {
-    reportError(error);
-  }
+  const write = state.transcripts.then(async () => {
+    try {
+      await untilDone(() => request("POST", `/v1/conversations/${id}/items`, { items }));
+      state.searchText.delete(id);
+    } catch (error) {
+      reportError(error);
+    }
+  });
+  state.transcripts = write;
+  return write;
 }
 
 function ensurePart(item, index) {

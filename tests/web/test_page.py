@@ -657,6 +657,39 @@ def test_search_fetches_a_few_transcripts_at_a_time(session, api):
     page.wait_for_selector("#conversation-list li.empty")
 
 
+def test_a_transcript_write_refused_while_the_server_drains_is_retried(session, api):
+    """After a turn the page appends it to the conversation's items; a 503 (the server is
+    shutting down) is not the answer's failure: the write is sent again until stored."""
+    context, console = session
+    console.expected.append(r"503 .*@ .*/v1/conversations/conv_\w+/items$")
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    writes: list[str] = []
+
+    def drain_first(route) -> None:
+        if route.request.method != "POST":
+            route.fallback()
+            return
+        writes.append(route.request.url)
+        if len(writes) > 1:
+            route.fallback()
+            return
+        error = {"message": "the server is shutting down", "type": "server_error"}
+        error |= {"param": None, "code": "server_shutting_down"}
+        route.fulfill(status=503, json={"error": error})
+
+    page.route("**/v1/conversations/*/items", drain_first)
+    send(page, "Remember the word marmalade.")
+    assert len(writes) == 2
+    status = page.locator("#status")
+    assert status.inner_text() == "" and "error" not in (status.get_attribute("class") or "")
+    conversation = page.evaluate("location.hash")[1:]
+    items = api.get(f"/v1/conversations/{conversation}/items?order=asc").json()["data"]
+    assert items[0]["content"][0]["text"] == "Remember the word marmalade."
+    assert [i["role"] for i in items] == ["user", "assistant"]  # stored once
+
+
 def test_deleting_the_conversation_a_turn_streams_into_stops_it_quietly(page, api):
     start_long_answer(page)
     wait_for_answer_text(page)
