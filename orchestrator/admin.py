@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -152,15 +154,20 @@ def _user(store: Store, name: str) -> UserRow:
     return user
 
 
+def _cell(value: object) -> str:
+    """A table's cell: "-" for an unset value (no limit, not revoked), as in every table."""
+    return "-" if value is None else str(value)
+
+
 def _print_table(rows: list[dict]) -> None:
     if not rows:
         print("(none)")
         return
     columns = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    widths = {c: max(len(c), *(len(_cell(r[c])) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for row in rows:
-        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
+        print("  ".join(_cell(row[c]).ljust(widths[c]) for c in columns))
 
 
 def _bytes(mib: int | None) -> int | None:
@@ -234,7 +241,7 @@ def keys_command(store: Store, args: argparse.Namespace) -> None:
                     "id": k.id,
                     "key": k.hint,
                     "created_at": k.created_at,
-                    "revoked_at": k.revoked_at or "-",
+                    "revoked_at": k.revoked_at,
                 }
                 for k in db.list_keys(store.repo, user.id)
             ]
@@ -260,11 +267,7 @@ def usage_command(store: Store, args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({"object": "list", "data": rows}))
     else:
-        _print_table([replace_none(r) for r in rows])
-
-
-def replace_none(row: dict) -> dict:
-    return {k: "-" if v is None else v for k, v in row.items()}
+        _print_table(rows)
 
 
 COMMANDS = {"users": users_command, "keys": keys_command, "usage": usage_command}
@@ -299,5 +302,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> int:
+    """`main` for a command line, where stdout may be a pipe whose reader stops early
+    (`usage --json | head`): the CLI then exits quietly with the status a shell gives a
+    tool SIGPIPE ends (141), as Unix tools do, instead of printing a traceback."""
+    try:
+        status = main()
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+    except BrokenPipeError:
+        # what is still buffered goes nowhere, so the interpreter's exit cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return status
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

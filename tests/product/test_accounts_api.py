@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -532,6 +535,35 @@ def test_the_admin_cli_manages_users_and_keys_the_server_accepts(product_server,
     assert db.get_user(repo, "carol") is None
     with server.product.store.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM conversations").scalar() == 0
+
+
+def test_the_admin_cli_tables_show_an_unset_value_as_a_dash(tmp_path, capsys):
+    run = ["--data-dir", str(tmp_path)]
+    assert admin([*run, "users", "create", "erin", "--rpm", "5"]) == 0
+    assert admin([*run, "keys", "create", "erin"]) == 0
+    capsys.readouterr()
+    for command in (["users", "list"], ["keys", "list", "erin"]):
+        assert admin([*run, *command]) == 0
+        row = capsys.readouterr().out.splitlines()[1].split()
+        assert "None" not in row and "-" in row  # no token quota, tpm, storage; not revoked
+
+
+def test_the_admin_cli_exits_quietly_when_its_reader_stops(tmp_path):
+    """`usage --json | head`: a closed pipe ends the CLI as SIGPIPE ends a Unix tool."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the CLI writes
+    try:
+        cli = [sys.executable, "-m", "orchestrator.admin", "--data-dir", str(tmp_path)]
+        done = subprocess.run(
+            [*cli, "users", "list"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
 
 
 def test_a_users_requests_beyond_their_share_wait_while_another_user_goes_first(product_server):
