@@ -22,8 +22,9 @@ log = logging.getLogger("tokenmill")
 PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 
 
-def missing_file(file_id: str) -> NotFoundError:
-    return NotFoundError(f"No such File object: {file_id}", param="file_id", code="not_found")
+def missing_file(file_id: str, param: str = "file_id") -> NotFoundError:
+    """`param`: the request's field that named the file."""
+    return NotFoundError(f"No such File object: {file_id}", param=param, code="not_found")
 
 
 def import_disk_files(store: Store, folder: Path) -> int:

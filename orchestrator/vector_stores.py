@@ -39,6 +39,7 @@ class FileToAdd:
     file_id: str
     chunking: StaticChunking
     attributes: dict
+    param: str  # the request's field that named it (`file_ids`, `files[2].file_id`), for errors
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,7 @@ class VectorStoreService:
         for file in files:
             found = await self.store.call(kb.get_file, owner, file.file_id)
             if found is None:
-                raise missing_file(file.file_id)
+                raise missing_file(file.file_id, file.param)
             bodies.append(
                 {
                     "id": file.file_id,

@@ -117,7 +117,7 @@ async def create_vector_store(request: Request, body: Any) -> Response:
     if not isinstance(file_ids, list) or len(file_ids) > MAX_FILE_IDS:
         raise invalid(f"file_ids must be an array of at most {MAX_FILE_IDS} file ids", "file_ids")
     chunking = _chunking(body)
-    files = [FileToAdd(file_id, chunking, {}) for file_id in _distinct_file_ids(file_ids)]
+    files = [FileToAdd(f, chunking, {}, "file_ids") for f in _distinct_file_ids(file_ids)]
     return JSONResponse(
         await _service(request).create(
             owner(request),
@@ -171,7 +171,8 @@ async def search_vector_store(request: Request, body: Any) -> Response:
 
 async def create_store_file(request: Request, body: Any) -> Response:
     body = known_fields(body, {"file_id", "chunking_strategy", "attributes"})
-    file = FileToAdd(_file_id(body.get("file_id"), "file_id"), _chunking(body), _attributes(body))
+    file_id = _file_id(body.get("file_id"), "file_id")
+    file = FileToAdd(file_id, _chunking(body), _attributes(body), "file_id")
     return JSONResponse(await _service(request).add_file(owner(request), _store_id(request), file))
 
 
@@ -235,7 +236,9 @@ def _batch_files(body: dict) -> list[FileToAdd]:
         if not isinstance(file_ids, list) or not file_ids or len(file_ids) > MAX_FILE_IDS:
             raise invalid(f"file_ids must be an array of 1 to {MAX_FILE_IDS} file ids", "file_ids")
         chunking, attributes = _chunking(body), _attributes(body)
-        return [FileToAdd(f, chunking, attributes) for f in _distinct_file_ids(file_ids)]
+        return [
+            FileToAdd(f, chunking, attributes, "file_ids") for f in _distinct_file_ids(file_ids)
+        ]
     if body.get("attributes") is not None or body.get("chunking_strategy") is not None:
         raise invalid("with files, give attributes and chunking_strategy per file", "files")
     entries = body["files"]
@@ -244,8 +247,9 @@ def _batch_files(body: dict) -> list[FileToAdd]:
     added: dict[str, FileToAdd] = {}
     for i, entry in enumerate(entries):
         entry = known_fields(entry, {"file_id", "attributes", "chunking_strategy"})
-        file_id = _file_id(entry.get("file_id"), f"files[{i}].file_id")
-        added[file_id] = FileToAdd(file_id, _chunking(entry), _attributes(entry))
+        param = f"files[{i}].file_id"
+        file_id = _file_id(entry.get("file_id"), param)
+        added[file_id] = FileToAdd(file_id, _chunking(entry), _attributes(entry), param)
     return list(added.values())
 
 

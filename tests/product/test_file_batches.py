@@ -156,10 +156,20 @@ def test_batches_belong_to_their_owner_and_bad_bodies_are_400(product_server, tm
         client.vector_stores.file_batches.create(
             vector_store_id="vs_missing", file_ids=[ids["bread.txt"]]
         )
-    with pytest.raises(openai.NotFoundError):
-        client.vector_stores.file_batches.create(
-            vector_store_id=store.id, file_ids=["file_missing"]
-        )
+    # an unknown file is named by the field that was sent
+    for sent, param in (
+        ({"file_ids": [file_id, "file_missing"]}, "file_ids"),
+        ({"files": [{"file_id": file_id}, {"file_id": "file_missing"}]}, "files[1].file_id"),
+    ):
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.vector_stores.file_batches.create(vector_store_id=store.id, **sent)
+        assert caught.value.body["param"] == param
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.vector_stores.create(file_ids=["file_missing"])
+    assert caught.value.body["param"] == "file_ids"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.vector_stores.files.create(vector_store_id=store.id, file_id="file_missing")
+    assert caught.value.body["param"] == "file_id"
     url = f"{server.url}/v1/vector_stores/{store.id}/file_batches"
     for body, param in [
         ({}, "file_ids"),
