@@ -10,7 +10,8 @@ user). The routes read it with `identity(request)` / `owner(request)`.
 request from the user's rpm bucket, hands the handler a `Meter` (which reserves the
 prompt and output budget before any compute and writes one usage row at the end),
 finishes the meter as `rejected` or `failed` when the handler raises, and puts the
-rate-limit headers on every answer, errors included.
+rate-limit headers on every answer, errors included: as they stood once the request was
+admitted (OpenAI's: what is left after its reservation), not after it ran.
 """
 
 from __future__ import annotations
@@ -158,8 +159,7 @@ def metered(
         except (APIError, ProductError) as exc:
             error = exc if isinstance(exc, APIError) else product_api_error(exc)
             await meter.finish(meter.error_status(error.status))
-            if found is not None:
-                error.headers = {**found.rate_headers(who), **error.headers}
+            error.headers = {**meter.rate_headers(), **error.headers}
             raise error from None
         except ClientDisconnect:  # gone before its body arrived: nothing was produced
             await meter.finish("incomplete" if meter.output_tokens else "rejected")
@@ -167,8 +167,7 @@ def metered(
         except BaseException:
             await meter.finish("failed")
             raise
-        if found is not None:
-            response.headers.update(found.rate_headers(who))
+        response.headers.update(meter.rate_headers())
         return response
 
     return route

@@ -54,6 +54,8 @@ class Meter:
     # How a stream ended, as far as its generator saw (`close` finishes with it): a
     # stream cut before its end was left by its client.
     outcome: str = "incomplete"
+    # The user's x-ratelimit-* headers right after the first reservation (`rate_headers`).
+    admitted_headers: dict[str, str] | None = None
     _settling: asyncio.Task | None = None
     _checkpointing: asyncio.Task | None = None  # the latest `checkpoint_if_due` write
     _checkpointed_at: float = field(default_factory=time.perf_counter)
@@ -64,6 +66,20 @@ class Meter:
         if self.accounts is not None:
             generates = self.endpoint != "embeddings"  # which has no output to lower
             await self.accounts.reserve(self.identity, self.held, tokens, spent, generates)
+            if self.admitted_headers is None:
+                self.admitted_headers = self.accounts.rate_headers(self.identity)
+
+    def rate_headers(self) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers for this request's answer: the user's limits as
+        they stood once it was admitted (what each has left after this request and its
+        tokens' reservation), or as they stand now for one refused before. Taken at the
+        end, a request that ran for seconds would show limits refilled meanwhile, as if it
+        had cost nothing."""
+        if self.accounts is None:
+            return {}
+        if self.admitted_headers is not None:
+            return self.admitted_headers
+        return self.accounts.rate_headers(self.identity)
 
     def on_submit(self, prompt_tokens: int) -> None:
         if self.submitted_at is None:

@@ -322,6 +322,24 @@ def test_rate_limits_answer_429_with_retry_after_and_every_answer_carries_the_he
     assert [r.status for r in _rows(server, "user_bob")] == ["rejected", "completed", "rejected"]
 
 
+def test_the_rate_limit_headers_are_what_is_left_after_the_requests_reservation(
+    product_server,
+):
+    """OpenAI's remaining-* headers: the window after this request's reservation (prompt +
+    max_tokens), not the bucket after the request ran and gave back what it did not use."""
+    server = product_server()
+    server.product.accounts.limiter.clock = lambda: 0.0  # no refill: only what was taken shows
+    key = _account(server, "fay", rpm=10, tpm=1000)
+    with _client(server, key) as fay:
+        answer = _chat(fay, max_tokens=50)
+    assert answer.status_code == 200
+    usage = answer.json()["usage"]
+    assert usage["completion_tokens"] < 50  # the request gave tokens back when it ended
+    reserved = usage["prompt_tokens"] + 50
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(1000 - reserved)
+    assert answer.headers["x-ratelimit-remaining-requests"] == "9"
+
+
 def test_usage_rows_add_up_to_what_the_responses_reported_and_the_report_has_its_shape(
     product_server,
 ):
