@@ -269,6 +269,7 @@ def _tool(raw: Any, i: int) -> Tool:
         )
     typed_field(function, "description", "a string", param=f"{param}.function.description")
     typed_field(function, "parameters", "an object", param=f"{param}.function.parameters")
+    typed_field(function, "strict", "a boolean", param=f"{param}.function.strict")
     return Tool(name=name, spec={"type": "function", "function": function})
 
 

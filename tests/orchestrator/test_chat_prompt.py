@@ -142,6 +142,10 @@ def test_template_tool_detection():
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"n": 1000}, "n"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "strict": "x"}}]},
+            "tools[0].function.strict",
+        ),
         ({"tool_choice": "required"}, "tool_choice"),
         (
             {
