@@ -25,6 +25,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +48,10 @@ _KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # about 2,800 nested objects fill an 8 MiB stack and crash the process. A request body
 # nests at most 64 levels, so only `$ref` chains get near; real schemas stay far below.
 MAX_SCHEMA_DEPTH = 1024
+# The integers llguidance can take in a schema: it reads them as an i64 or a u64, and those
+# whose f64 is -2**63 (from -(2**63 - 512) down) crash the process (a segfault) as a const,
+# an enum's value or a range's both bounds.
+SCHEMA_INTEGERS = range(-(2**63) + 513, 2**64)
 
 
 @dataclass
@@ -108,8 +113,10 @@ def _to_llguidance(kind: str, value: Any) -> str:
         if not isinstance(value, dict | bool):
             raise ValueError("structured_outputs.json must be a JSON schema (an object)")
         _check_depth(value)
+        _check_integers(value)
         _check_finite(value)
         _check_min_properties(value)
+        _check_multiple_of(value)
         return M.grammar_from_json_schema(value, defaults=JSON_OPTIONS)
     if kind == "json_object":
         if value is not True:
@@ -161,20 +168,56 @@ def _check_finite(schema: dict | bool) -> None:
 _DATA_KEYWORDS = ("const", "enum", "default", "examples")
 
 
-def _check_min_properties(schema: dict | bool) -> None:
-    """ValueError for a `minProperties` above the required properties' count: the others
-    would be additional ones (llguidance allows none of `properties` to be optional
-    beside it), whose names the grammar cannot keep apart, and a name written twice is one
-    property once parsed: `{"a": 1, "a": 2}` would pass for two."""
+def _subschemas(schema: dict | bool) -> Iterator[dict]:
+    """Every object of the schema that is a schema, not data (`const`, `enum`, ...)."""
     stack: list[Any] = [schema]
     while stack:
         node = stack.pop()
         if isinstance(node, list):
             stack.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
-        stack.extend(v for k, v in node.items() if k not in _DATA_KEYWORDS)
+        elif isinstance(node, dict):
+            stack.extend(v for k, v in node.items() if k not in _DATA_KEYWORDS)
+            yield node
+
+
+def _check_integers(schema: dict | bool) -> None:
+    """ValueError naming an integer of the schema (a bound, a length, an enum's value)
+    outside SCHEMA_INTEGERS: llguidance's own message for one past 64 bits ("Value is not
+    JSON serializable") says neither where it is nor what is wrong with it, and one near
+    -2**63 crashes the server."""
+    stack: list[tuple[str, Any]] = [("#", schema)]
+    while stack:
+        pointer, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((f"{pointer}/{_escape(str(k))}", v) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((f"{pointer}/{i}", v) for i, v in enumerate(node))
+        elif isinstance(node, int) and not isinstance(node, bool) and node not in SCHEMA_INTEGERS:
+            raise ValueError(
+                f"structured_outputs.json is not supported: {pointer} is {node}, outside the "
+                f"integers a schema may hold ({SCHEMA_INTEGERS.start} to "
+                f"{SCHEMA_INTEGERS.stop - 1})"
+            )
+
+
+def _check_multiple_of(schema: dict | bool) -> None:
+    """ValueError for a `multipleOf` not above 0, as JSON Schema requires: llguidance
+    accepts a negative one, and refuses 0 as "invalid multiple of", naming no keyword."""
+    for node in _subschemas(schema):
+        step = node.get("multipleOf")
+        if isinstance(step, int | float) and not isinstance(step, bool) and step <= 0:
+            raise ValueError(
+                f"structured_outputs.json is not valid: multipleOf must be greater than 0, "
+                f"got {step}"
+            )
+
+
+def _check_min_properties(schema: dict | bool) -> None:
+    """ValueError for a `minProperties` above the required properties' count: the others
+    would be additional ones (llguidance allows none of `properties` to be optional
+    beside it), whose names the grammar cannot keep apart, and a name written twice is one
+    property once parsed: `{"a": 1, "a": 2}` would pass for two."""
+    for node in _subschemas(schema):
         least = node.get("minProperties")
         if not isinstance(least, int) or least <= 1:
             continue

@@ -56,6 +56,23 @@ def _texts(llm: LLM, params: list[SamplingParams]) -> list[tuple[str, str]]:
             },
             "minProperties 3",
         ),
+        # integers past 64 bits: named with their place, not "not JSON serializable"
+        (
+            {"json": {"type": "integer", "maximum": 10**30}},
+            f"#/maximum is {10**30}, outside the integers a schema may hold",
+        ),
+        ({"json": {"enum": [1, -(2**63) - 1]}}, "#/enum/1 is"),
+        # near -2**63, llguidance crashed the process (a segfault)
+        ({"json": {"properties": {"n": {"const": -(2**63)}}}}, "#/properties/n/const is"),
+        (
+            {"json": {"type": "integer", "minimum": -(2**63) + 512, "maximum": -(2**63) + 512}},
+            "#/m",
+        ),
+        ({"json": {"type": "integer", "multipleOf": -3}}, "multipleOf must be greater than 0"),
+        (
+            {"json": {"properties": {"n": {"type": "number", "multipleOf": 0}}}},
+            "multipleOf must be greater than 0, got 0",
+        ),
         ({"json": "{not json"}, "not valid JSON"),
         ({"json": [1, 2]}, "JSON schema"),
         ({"regex": "[a-"}, "regex"),
@@ -93,6 +110,17 @@ def test_min_properties_that_distinct_names_guarantee_are_accepted():
         {"type": "object", "minProperties": 1},
         {"type": "object", "properties": declared, "required": ["a", "b"], "minProperties": 2},
         {"type": "object", "properties": {"c": {"const": {"minProperties": 5}}}},
+    ):
+        StructuredOutputsParams(json=schema)
+
+
+def test_the_widest_integers_and_data_named_multiple_of_are_accepted():
+    for schema in (
+        {"type": "integer", "minimum": -(2**63) + 513, "maximum": -(2**63) + 513},
+        {"enum": [-(2**63) + 513, 2**64 - 1]},
+        {"type": "integer", "multipleOf": 3},
+        {"type": "number", "multipleOf": 0.5},
+        {"const": {"multipleOf": -3}},  # data, not a schema
     ):
         StructuredOutputsParams(json=schema)
 
