@@ -44,6 +44,7 @@ from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import (
     InvalidRequestError,
     NotFoundError,
+    ProductError,
     QuotaExceededError,
     RateLimitError,
 )
@@ -592,9 +593,9 @@ class Turn:
         except (EngineError, ValueError) as exc:
             return "failed", None, {"code": "server_error", "message": f"the engine failed: {exc}"}
         except InvalidRequestError as exc:  # the tools' output no longer fits the context
-            return "failed", None, {"code": exc.code or "invalid_request", "message": exc.message}
+            return "failed", None, _turn_error("invalid_prompt", exc)
         except (QuotaExceededError, RateLimitError) as exc:  # a later generation's budget
-            return "failed", None, {"code": exc.code, "message": exc.message}
+            return "failed", None, _turn_error("rate_limit_exceeded", exc)
         except _Cut as cut:
             return "incomplete", cut.reason, None
         if result.status == "incomplete":
@@ -802,6 +803,16 @@ class Turn:
                 )
             elif isinstance(piece, ParsedCall):
                 self._put(self.events.function_call(piece))
+
+
+def _turn_error(code: str, exc: ProductError) -> dict:
+    """A failed response's `error` for a refusal after its turn started: `code` is the
+    closest of OpenAI's codes for a response (the SDK's ResponseError.code, which has no
+    `insufficient_quota` or `context_length_exceeded`), and the message starts with the
+    refusal's own code, which says the cause."""
+    cause = exc.code or "invalid_request"
+    message = exc.message if cause == code else f"{cause}: {exc.message}"
+    return {"code": code, "message": message}
 
 
 def output_budget(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 from openai.types.responses import Response as SDKResponse
+from openai.types.responses.response_error import ResponseError
 from sqlalchemy import func, select
 
 from orchestrator.accounts import keys
@@ -641,7 +642,11 @@ def test_each_model_turn_of_a_tool_loop_reserves_before_it_runs(product_server):
             "/responses",
             json=TOOL_TURN,
         ).json()
-    assert cut["status"] == "failed" and cut["error"]["code"] == "insufficient_quota"
+    # OpenAI's codes for a response's error have no insufficient_quota: the closest one,
+    # with the cause's own code in the message
+    assert cut["status"] == "failed" and cut["error"]["code"] == "rate_limit_exceeded"
+    ResponseError.model_validate(cut["error"])
+    assert cut["error"]["message"].startswith("insufficient_quota: You exceeded your")
     # what the second turn could have had: the quota less what the first turn used
     left = first_prompt + 200 + 50 - cut["usage"]["total_tokens"]
     assert f"more than the {left} left of your" in cut["error"]["message"]
