@@ -223,7 +223,7 @@ def test_unknown_ids_are_404(client, vector_store):
         client.vector_stores.files.retrieve("file_missing", vector_store_id=vector_store.id)
     with pytest.raises(openai.NotFoundError) as caught:
         client.vector_stores.create(file_ids=["file_missing"])
-    assert caught.value.body["param"] == "file_id"
+    assert caught.value.body["param"] == "file_ids"  # the field the request named it in
 
 
 def test_an_upload_over_the_limit_is_413(client):
