@@ -53,7 +53,10 @@ def serve() -> Iterator[Callable[..., RunningServer]]:
         config.setdefault("served_model_names", ["fake-model"])
         app = build_app(engine, ServerConfig(**config))
         url, stop_server = serve_in_thread(app)
-        client = httpx.Client(base_url=url, timeout=10)
+        # Generous: a large body or prompt is prepared in the SCHED_IDLE child, which runs
+        # only on an idle core, and the other pytest worker's servers may hold both for
+        # seconds (a 100 kB body timed out at 10 s once, with the machine busy).
+        client = httpx.Client(base_url=url, timeout=60)
 
         def stop() -> None:
             client.close()
