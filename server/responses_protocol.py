@@ -438,9 +438,10 @@ def _text_format(body: dict) -> dict:
 
 
 def _conversation_id(body: dict) -> str | None:
+    """`conversation`: an id, or OpenAI's `{"id": ...}`, which has no other field."""
     raw = body.get("conversation")
     if isinstance(raw, dict):
-        return _required_string(raw, "id", "conversation")
+        return _required_string(known_fields(raw, {"id"}, "conversation"), "id", "conversation")
     return typed_field(body, "conversation", "a string")
 
 

@@ -444,6 +444,7 @@ def test_unknown_ids_are_404(product_server):
             {"input": "x", "previous_response_id": "resp_1", "conversation": "conv_1"},
             "previous_response_id",
         ),
+        ({"input": "x", "conversation": {"id": "conv_1", "name": "n"}}, "conversation.name"),
         ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
         ({"input": "x", "temperature": 5}, "temperature"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
