@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import NotFoundError
@@ -64,10 +65,14 @@ class ConversationService:
         return _conversation(row)
 
     async def update(
-        self, owner: str, conversation_id: str, metadata: dict, if_match: str | None = None
+        self,
+        owner: str,
+        conversation_id: str,
+        metadata: dict,
+        if_match: Collection[str] | None = None,
     ) -> dict:
-        """Replace the metadata; with `if_match` (an `etag`), only if it is still the
-        stored one, else PreconditionFailedError: two clients reading, changing and writing
+        """Replace the metadata; with `if_match` (`etag`s), only if the stored one's is
+        among them, else PreconditionFailedError: two clients reading, changing and writing
         back the same metadata would otherwise lose one of the two changes."""
         row = await self.store.call(
             Repository.update_conversation, owner, conversation_id, metadata, if_match

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -22,6 +23,21 @@ from server.responses_protocol import (
 
 def _ids(request: Request) -> tuple[str, str]:
     return owner(request), request.path_params["conversation_id"]
+
+
+# An entity tag in an If-Match list (RFC 9110 8.8.3): weak ones (W/) never match, as
+# If-Match compares strongly, so only the quoted strong tags are kept.
+_STRONG_TAG = re.compile(r'(?:^|,)\s*("[^"]*")\s*(?=,|$)')
+
+
+def _if_match(request: Request) -> frozenset[str] | None:
+    """The ETags an update may apply over, as RFC 9110 reads If-Match: absent or `*` (any
+    current conversation) is None, no condition; else the list's strong tags, any of which
+    matches (a header naming none of ours matches nothing, so its update is a 412)."""
+    header = request.headers.get("if-match")
+    if header is None or header.strip() == "*":
+        return None
+    return frozenset(_STRONG_TAG.findall(header))
 
 
 def _tagged(conversation: dict) -> JSONResponse:
@@ -50,9 +66,8 @@ async def update_conversation(request: Request, body: Any) -> Response:
     if "metadata" not in body:
         raise invalid("metadata is required", "metadata")
     metadata = parse_metadata(body["metadata"])
-    if_match = request.headers.get("if-match")
     conversations = product(request).conversations
-    return _tagged(await conversations.update(*_ids(request), metadata, if_match))
+    return _tagged(await conversations.update(*_ids(request), metadata, _if_match(request)))
 
 
 async def delete_conversation(request: Request) -> Response:

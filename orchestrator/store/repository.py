@@ -12,6 +12,7 @@ import array
 import hashlib
 import json
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -172,10 +173,14 @@ class Repository:
         return None if row is None else ConversationRow(row.id, row.created_at, row.meta)
 
     def update_conversation(
-        self, owner: str, conversation_id: str, metadata: dict, if_match: str | None = None
+        self,
+        owner: str,
+        conversation_id: str,
+        metadata: dict,
+        if_match: Collection[str] | None = None,
     ) -> ConversationRow | None:
         """Replace the metadata; with `if_match`, only while the stored metadata's tag is
-        that one (compared under the row's lock, so two writers cannot both pass)."""
+        one of those (compared under the row's lock, so two writers cannot both pass)."""
         where = (conversations.c.id == conversation_id, conversations.c.owner_id == owner)
         with self.engine.begin() as conn:
             row = conn.execute(
@@ -185,7 +190,7 @@ class Repository:
             ).first()
             if row is None:
                 return None
-            if if_match is not None and if_match != metadata_tag(row.meta):
+            if if_match is not None and metadata_tag(row.meta) not in if_match:
                 raise PreconditionFailedError(
                     "The conversation's metadata changed since it was read (If-Match).",
                     param="If-Match",

@@ -607,6 +607,28 @@ def test_a_conversation_update_with_if_match_applies_only_over_what_was_read(
     assert gone.status_code == 404
 
 
+def test_if_match_reads_a_list_of_tags_and_the_star_as_rfc_9110_does(product_server):
+    server = product_server()
+    conv = server.client.conversations.create(metadata={"title": "a"})
+    tag = _raw(server, "GET", f"/conversations/{conv.id}").headers["etag"]
+
+    def update(if_match: str, title: str) -> httpx.Response:
+        body = {"metadata": {"title": title}}
+        return _raw(
+            server, "POST", f"/conversations/{conv.id}", json=body, headers={"If-Match": if_match}
+        )
+
+    # Any tag of a list matches; `*` matches the conversation as it is now.
+    listed = update(f'"other", {tag}', "b")
+    assert listed.status_code == 200
+    assert update("*", "c").status_code == 200
+    # If-Match compares strongly: a weak tag, or a header naming no tag, matches nothing.
+    weak = update(f"W/{listed.headers['etag']}", "d")
+    assert (weak.status_code, weak.json()["error"]["code"]) == (412, "precondition_failed")
+    assert update("garbage", "d").status_code == 412
+    assert server.client.conversations.retrieve(conv.id).metadata == {"title": "c"}
+
+
 def test_function_tools_round_trip(product_server):
     server = product_server(
         FakeEngine(reply=lambda p: "It is 18C in Paris." if "18C" in p else CALL)
