@@ -7,7 +7,7 @@ or `failed` with `last_error` saying why. Nothing of this runs on the event loop
 still `in_progress` when the server starts was cut off by a stop or crash, and `resume`
 queues it again, so no file stays in progress forever. On PostgreSQL, which several
 servers may share, an ingestion first claims its file (orchestrator/store/
-ingest_claims.py), so a resumed file that another live server is ingesting is left to it.
+advisory_claims.py), so a resumed file that another live server is ingesting is left to it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from orchestrator.retrieval.index import Hit, SearchMode, SearchRequest
 from orchestrator.retrieval.ingest import prepare_chunks
 from orchestrator.store import ItemPage, Page, Store
 from orchestrator.store import knowledge as kb
-from orchestrator.store.ingest_claims import IngestClaims, claim_key
+from orchestrator.store.advisory_claims import AdvisoryClaims, claim_key
 
 log = logging.getLogger("tokenmill.vector_stores")
 
@@ -135,7 +135,7 @@ class VectorStoreService:
         self.embedder = embedder
         self._tasks: set[asyncio.Task] = set()
         self._running: dict[tuple[str, str, str], asyncio.Task] = {}  # by (owner, store, file)
-        self._claims = IngestClaims()
+        self._claims = AdvisoryClaims()
 
     # -- vector stores -------------------------------------------------------------------
 

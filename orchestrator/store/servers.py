@@ -5,7 +5,7 @@ Each server that opens a PostgreSQL store picks a random id and holds, for its w
 a session-level advisory lock on that id's key, on a connection of its own (`ServerLock`).
 The responses, quota reservations and usage checkpoints it writes carry the id
 (`Repository.server_id`). A server that crashes loses its session and with it the lock,
-as a claimant of an ingestion does (`ingest_claims.py`). `recover_departed` (at start-up,
+as a claimant of an ingestion does (`advisory_claims.py`). `recover_departed` (at start-up,
 then every `RECOVERY_SECONDS`, on the store's worker thread) takes the lock of each other
 server whose rows are still in flight: taken, that server is gone, and its rows get the
 maintenance SQLite's start-up gives every row: its responses end `incomplete`, its usage
@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Engine, func, select, union
 from sqlalchemy.exc import DBAPIError
 
 from orchestrator.store.accounts import release_reservations, settle_checkpoints
-from orchestrator.store.ingest_claims import IngestClaims, advisory_key
+from orchestrator.store.advisory_claims import AdvisoryClaims, advisory_key
 from orchestrator.store.repository import Repository
 from orchestrator.store.tables import quota_reservations, responses, usage_checkpoints
 
@@ -80,7 +80,7 @@ def recover_departed(repo: Repository, own: ServerLock) -> list[str]:
     """Hold this server's lock (`own`), then end the turns in flight of every other server
     that is gone; returns the ids of those servers."""
     own.hold()
-    claims = IngestClaims()
+    claims = AdvisoryClaims()
     recovered = []
     for server_id in _servers_in_flight(repo, own.server_id):
         key = server_key(server_id)

@@ -17,7 +17,7 @@ from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.retrieval.index import SearchRequest
 from orchestrator.store import Page, Store
 from orchestrator.store import knowledge as kb
-from orchestrator.store.ingest_claims import IngestClaims, claim_key
+from orchestrator.store.advisory_claims import AdvisoryClaims, claim_key
 from orchestrator.store.tables import file_blobs, files
 from orchestrator.vector_stores import Search
 from tests.server.fake_engine import FakeEngine
@@ -132,7 +132,7 @@ def test_a_file_another_server_is_ingesting_is_left_to_it(
 
     async def restart_beside_a_live_server(file_id: str) -> tuple[str, str]:
         store = _open(url)
-        other_server, key = IngestClaims(), claim_key("alice", "vs_1", file_id)
+        other_server, key = AdvisoryClaims(), claim_key("alice", "vs_1", file_id)
         other_store = Store(url)
         assert await other_store.call(other_server.claim, key)
         service = VectorStoreService(store, FileService(store), embedder)

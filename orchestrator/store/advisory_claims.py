@@ -1,13 +1,15 @@
-"""Which server ingests a vector store file, when several share one PostgreSQL database.
+"""Claims that hold across servers sharing one PostgreSQL database: session-level advisory
+locks (`pg_try_advisory_lock`), each on a connection of its own for as long as it is held.
+A server that stops or crashes loses its sessions and with them its claims. Two uses:
 
-A claim is a session-level advisory lock (`pg_try_advisory_lock`) held, for the whole
-ingestion, on a connection of its own. A server that stops or crashes loses its sessions
-and with them its claims, so a server starting later can queue every file still
-`in_progress` and ingest exactly those that nobody holds: a file is never stuck, and never
-ingested twice at once. SQLite needs no claims: its database belongs to one server.
+- Ingestion: a server claims a vector store file for the whole of its ingestion, so a
+  server starting later can queue every file still `in_progress` and ingest exactly those
+  that nobody holds: a file is never stuck, and never ingested twice at once.
+- Recovery (`servers.py`): a server takes a departed server's lock while it ends that
+  server's turns, so two servers never recover the same one.
 
-Claims are taken and released on the store's worker thread (`Store.call`), like every
-other statement.
+SQLite needs no claims: its database belongs to one server. Claims are taken and released
+on the store's worker thread (`Store.call`), like every other statement.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ def claim_key(owner: str, vector_store_id: str, file_id: str) -> int:
     return advisory_key("ingest", owner, vector_store_id, file_id)
 
 
-class IngestClaims:
+class AdvisoryClaims:
     def __init__(self) -> None:
         self._held: dict[int, Connection] = {}
 
     def claim(self, repo: Repository, key: int) -> bool:
-        """Whether this server may ingest the file (False: another server is)."""
+        """Whether this server now holds `key` (False: another server does)."""
         if repo.engine.dialect.name != "postgresql":
             return True
         conn = repo.engine.connect()
