@@ -48,6 +48,11 @@ class EngineArgs:
     # AsyncLLM pins its engine thread's OpenMP team, one thread per CPU, when the team
     # fills the process's CPUs (engine/thread_pinning.py); False leaves placement to the OS.
     pin_threads: bool = True
+    # AsyncLLM: an idle engine that receives a request waits until none has arrived for
+    # this long (at most MAX_BURST_WAITS times over) before its first step, so a burst of
+    # requests is prefilled in one step rather than its first arrival alone, then the rest
+    # (engine/async_llm.py). 0 steps at once.
+    burst_wait_ms: float = 5.0
     # vLLM's options, accepted so its scripts run unchanged: one device per engine here;
     # enforce_eager=True means compile="off" (vLLM: no CUDA graphs, here no compile step);
     # trust_remote_code changes nothing, as the loader never runs a checkpoint's code.
@@ -93,6 +98,8 @@ class EngineArgs:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1")
+        if not 0 <= self.burst_wait_ms <= 1000:
+            raise ValueError(f"burst_wait_ms must be from 0 to 1000, got {self.burst_wait_ms}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:

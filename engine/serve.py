@@ -344,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse KV blocks of shared prompt prefixes (radix cache)",
     )
     eng.add_argument(
+        "--burst-wait-ms",
+        type=_bounded(float, 0, 1000),
+        default=defaults.burst_wait_ms,
+        metavar="MS",
+        help="an idle engine waits until no request has arrived for this long before its "
+        "first step, so that a burst is prefilled together (0: step at once)",
+    )
+    eng.add_argument(
         "--seed",
         type=int,
         default=defaults.seed,
@@ -386,6 +394,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         seed=args.seed,
         num_threads=args.num_threads,
         pin_threads=args.pin_threads,
+        burst_wait_ms=args.burst_wait_ms,
     )
 
 

@@ -214,6 +214,49 @@ def generate_briefly(**engine_options) -> None:
     asyncio.run(run())
 
 
+def _first_step_batch(tiny_path, monkeypatch, burst_wait_ms: float, gap_s: float) -> int:
+    """How many of three requests, sent `gap_s` apart to an idle engine, its first step saw."""
+    from engine import llm_engine
+
+    seen: list[int] = []
+    real_step = llm_engine.LLMEngine.step
+
+    def step(self):
+        seen.append(len(self.requests))
+        return real_step(self)
+
+    monkeypatch.setattr(llm_engine.LLMEngine, "step", step)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+
+    async def run():
+        engine = AsyncLLM(model=tiny_path, device="cpu", compile="off", burst_wait_ms=burst_wait_ms)
+
+        async def one(i):
+            await asyncio.sleep(i * gap_s)
+            async for _ in engine.generate(_prompt(5, i), params, request_id=f"b{i}"):
+                pass
+
+        try:
+            await asyncio.gather(*(one(i) for i in range(3)))
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+    return seen[0]
+
+
+def test_an_idle_engine_takes_a_burst_in_its_first_step(tiny_path, monkeypatch):
+    """Requests arriving while the burst wait runs join the first step; without the wait
+    the first arrival steps alone."""
+    assert _first_step_batch(tiny_path, monkeypatch, burst_wait_ms=300, gap_s=0.03) == 3
+    assert _first_step_batch(tiny_path, monkeypatch, burst_wait_ms=0, gap_s=0.5) == 1
+
+
+def test_burst_wait_is_bounded():
+    with pytest.raises(ValueError, match="burst_wait_ms"):
+        AsyncLLM(burst_wait_ms=-1)
+
+
 def test_a_load_error_reaches_the_caller(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError)):
         AsyncLLM(model=str(tmp_path / "no-such-model"), device="cpu", compile="off")

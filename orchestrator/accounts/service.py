@@ -49,12 +49,12 @@ class Accounts:
 
     async def authenticate(self, secret: str) -> Identity | None:
         """The identity of a live key (None: unknown or revoked)."""
-        found = await self.store.call(db.find_key, keys.digest(secret))
+        found = await self.store.lookup(db.find_key, keys.digest(secret))
         return None if found is None else Identity.of(found[1], found[0])
 
     async def keys_required(self) -> bool:
         """Whether any key was ever issued: then every request must present one."""
-        return await self.store.call(db.any_keys)
+        return await self.store.lookup(db.any_keys)
 
     def take_request(self, identity: Identity) -> None:
         """Count one request against the user's rpm (RateLimitError when over)."""

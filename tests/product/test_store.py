@@ -275,6 +275,30 @@ def test_calls_run_on_the_store_thread_not_the_event_loop(store):
     assert threading.current_thread().name == "MainThread"
 
 
+def test_key_lookups_do_not_wait_behind_the_writes(store):
+    """A request's key lookup runs while the store's worker thread is busy writing."""
+    from orchestrator.store import accounts as db
+
+    writing, done = threading.Event(), threading.Event()
+
+    def slow_write(repo: Repository) -> None:
+        writing.set()
+        assert done.wait(30), "the lookup never finished"
+
+    async def main() -> tuple[bool, bool]:
+        write = asyncio.ensure_future(store.call(slow_write))
+        await asyncio.to_thread(writing.wait, 30)
+        try:
+            found = await asyncio.wait_for(store.lookup(db.any_keys), 10)
+            still_writing = not write.done()
+        finally:
+            done.set()
+        await write
+        return found, still_writing
+
+    assert asyncio.run(main()) == (False, True)
+
+
 def test_sqlite_runs_in_wal_mode(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'wal.db'}")
     try:
