@@ -348,6 +348,38 @@ class Repository:
                 ],
             )
 
+    @classmethod
+    def _append_turn(
+        cls,
+        conn: Connection,
+        owner: str,
+        conversation_id: str,
+        response_id: str,
+        created_at: int,
+        items: list[dict],
+    ) -> None:
+        """Append a response's input and output items to its conversation, recording its
+        place there (the conversation's last seq before them, which no later item can
+        take) and making it the conversation's latest response. Nothing else appends to
+        the conversation meanwhile: its turn holds it (`conversation_lock.py`)."""
+        place = conn.execute(
+            select(func.coalesce(func.max(conversation_items.c.seq), 0)).where(
+                conversation_items.c.conversation_id == conversation_id,
+                conversation_items.c.owner_id == owner,
+            )
+        ).scalar_one()
+        cls._append_items(conn, owner, conversation_id, created_at, items)
+        conn.execute(
+            update(responses)
+            .where(responses.c.id == response_id, responses.c.owner_id == owner)
+            .values(conversation_seq=place)
+        )
+        conn.execute(
+            update(conversations)
+            .where(conversations.c.id == conversation_id, conversations.c.owner_id == owner)
+            .values(last_response_id=response_id)
+        )
+
     # -- responses -----------------------------------------------------------------------
 
     def begin_response(self, owner: str, body: dict, input_items: list[dict]) -> None:
@@ -391,16 +423,13 @@ class Repository:
             if conversation_id is not None and self._owns_conversation(
                 conn, owner, conversation_id
             ):
-                self._append_items(
-                    conn, owner, conversation_id, int(body["created_at"]), [*input_items, *output]
-                )
-                conn.execute(
-                    update(conversations)
-                    .where(
-                        conversations.c.id == conversation_id,
-                        conversations.c.owner_id == owner,
-                    )
-                    .values(last_response_id=body["id"])
+                self._append_turn(
+                    conn,
+                    owner,
+                    conversation_id,
+                    body["id"],
+                    int(body["created_at"]),
+                    [*input_items, *output],
                 )
 
     def checkpoint_response(
@@ -479,7 +508,7 @@ class Repository:
         """The chain ending at `response_id` (its status, and every response's input then
         output items, oldest response first), found with one recursive query. A chain that
         starts at a response made in a conversation starts with the conversation's items
-        from before that response, as that response saw them."""
+        from before that response still there (`_conversation_before`)."""
         with self.engine.connect() as conn:
             head = conn.execute(
                 select(responses.c.status, responses.c.context_tokens).where(
@@ -517,33 +546,24 @@ class Repository:
 
     @staticmethod
     def _conversation_before(conn: Connection, owner: str, response_id: str) -> list[dict]:
-        """The items of the response's conversation (if any) that precede the response's
-        own, which were appended to it with the same ids when the response finished."""
-        conversation_id = conn.execute(
-            select(responses.c.conversation_id).where(
+        """The items of the response's conversation (if any) up to its place there
+        (`conversation_seq`): those it followed, less any deleted since. Nothing when its
+        place is unknown (its items were deleted before migration 0011 recorded it)."""
+        place = conn.execute(
+            select(responses.c.conversation_id, responses.c.conversation_seq).where(
                 responses.c.id == response_id, responses.c.owner_id == owner
             )
-        ).scalar()
-        if conversation_id is None:
-            return []
-        in_conversation = and_(
-            conversation_items.c.conversation_id == conversation_id,
-            conversation_items.c.owner_id == owner,
-        )
-        own = select(response_items.c.id).where(
-            response_items.c.response_id == response_id, response_items.c.owner_id == owner
-        )
-        first = conn.execute(
-            select(func.min(conversation_items.c.seq)).where(
-                in_conversation, conversation_items.c.id.in_(own)
-            )
-        ).scalar()
-        if first is None:  # its items were deleted from the conversation since
+        ).first()
+        if place is None or place.conversation_seq is None:
             return []
         return list(
             conn.execute(
                 select(conversation_items.c.body)
-                .where(in_conversation, conversation_items.c.seq < first)
+                .where(
+                    conversation_items.c.conversation_id == place.conversation_id,
+                    conversation_items.c.owner_id == owner,
+                    conversation_items.c.seq <= place.conversation_seq,
+                )
                 .order_by(conversation_items.c.seq)
             )
             .scalars()
@@ -615,13 +635,13 @@ class Repository:
 
     def _keep_interrupted_turn(self, conn: Connection, row, output: list[dict]) -> None:
         inputs = self._item_bodies(conn, row.owner_id, row.id, "input")
-        self._append_items(
-            conn, row.owner_id, row.conversation_id, int(row.created_at), [*inputs, *output]
-        )
-        conn.execute(
-            update(conversations)
-            .where(conversations.c.id == row.conversation_id)
-            .values(last_response_id=row.id)
+        self._append_turn(
+            conn,
+            row.owner_id,
+            row.conversation_id,
+            row.id,
+            int(row.created_at),
+            [*inputs, *output],
         )
 
     @staticmethod

@@ -60,6 +60,12 @@ responses = Table(
     # The server running the turn, on PostgreSQL (`servers.py`): if it crashes, another
     # server ends the turn. Null on SQLite, whose database belongs to one server.
     Column("server_id", ID, nullable=True),
+    # The response's place in its conversation: the `seq` of the last conversation item
+    # before its own (0: none), set when its items are appended there. A chain from it
+    # starts with the conversation's items up to there (those not deleted), even once its
+    # own were deleted from the conversation. Null outside a conversation, before its
+    # items are appended, and where migration 0011 found its items gone.
+    Column("conversation_seq", Integer, nullable=True),
     Index("ix_responses_status_server_id", "status", "server_id"),
 )
 
@@ -89,6 +95,9 @@ conversation_items = Table(
     Column("body", JSON, nullable=False),
     UniqueConstraint("conversation_id", "id", name="uq_conversation_items_conversation_id_id"),
     Index("ix_conversation_items_conversation_id_seq", "conversation_id", "seq"),
+    # A deleted item's seq is never given again (SQLite reuses the highest rowids
+    # otherwise), so an item added later can never fall before a response's place.
+    sqlite_autoincrement=True,
 )
 
 # Uploaded files (`/v1/files`): the file object as `body`, and its bytes in `file_blobs`,

@@ -260,6 +260,28 @@ def test_conversations_collect_the_items_of_their_responses(product_server, data
     assert left == 0
 
 
+def test_a_chain_from_a_conversations_response_keeps_what_came_before_its_deleted_items(
+    product_server,
+):
+    """previous_response_id to a response made in a conversation, once its own items were
+    deleted from the conversation: the prompt still has the conversation's items before
+    it, then that response's stored input and output."""
+    server = product_server(FakeEngine(reply="Noted."))
+    client = server.client
+    conv = client.conversations.create(items=[{"role": "user", "content": "Remember: 42."}])
+    first = client.responses.create(model=MODEL, input="What number?", conversation=conv.id)
+    for item in client.conversations.items.list(conv.id, order="asc").data[1:]:
+        client.conversations.items.delete(item.id, conversation_id=conv.id)
+    client.responses.create(model=MODEL, input="And again?", previous_response_id=first.id)
+    prompt = _prompt(server)
+    assert (
+        prompt.index("Remember: 42.")
+        < prompt.index("What number?")
+        < prompt.index("Noted.")
+        < prompt.index("And again?")
+    )
+
+
 def test_input_items_are_paginated(product_server):
     server = product_server()
     inputs = [{"role": "user", "content": f"part {i}"} for i in range(5)]

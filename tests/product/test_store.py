@@ -245,6 +245,29 @@ def test_a_chain_from_a_conversations_response_starts_with_what_it_saw(store):
     assert chain("resp_h2") == ["msg_0", *own[1:4]]
 
 
+def test_a_chain_from_a_conversations_response_keeps_its_place_when_its_items_are_deleted(
+    store,
+):
+    """previous_response_id to a response whose own items were deleted from its
+    conversation still starts with the conversation's items before it (those not deleted),
+    then its own stored input and output; an item added to the conversation afterwards
+    never joins it, even where it is given the seq a deleted item had."""
+    repo = store.repo
+    repo.create_conversation("alice", "conv_k", 1, {}, [_message("msg_0", "zero")])
+    _record(repo, "alice", "resp_k1", None, "one", conversation="conv_k")
+    _record(repo, "alice", "resp_k2", None, "two", conversation="conv_k")
+    for item_id in ("msg_out_resp_k1", "msg_in_resp_k2", "msg_out_resp_k2"):
+        assert repo.delete_conversation_item("alice", "conv_k", item_id)
+    assert repo.add_conversation_items("alice", "conv_k", 2, [_message("msg_later", "later")])
+    _, history = repo.response_history("alice", "resp_k2")
+    assert [i["id"] for i in history.items] == [
+        "msg_0",
+        "msg_in_resp_k1",
+        "msg_in_resp_k2",
+        "msg_out_resp_k2",
+    ]
+
+
 def test_deleting_removes_the_rows(store):
     repo = store.repo
     repo.create_conversation("alice", "conv_d", 1, {}, [_message("msg_0", "zero")])
@@ -464,6 +487,66 @@ def test_upgrading_a_store_with_vector_stores_keeps_when_each_was_last_active(da
         "vs_used": (250, None),
         "vs_new": (300, None),
     }
+
+
+def test_upgrading_a_store_keeps_the_place_of_each_conversations_response(database_url):
+    """Revision 0011 records where each response sits in its conversation: from its items
+    still there, so a chain from it keeps the conversation's earlier items once they are
+    deleted; one whose items were all deleted before it starts with its own items. Seqs
+    of deleted items are not given again (on SQLite, the table is rebuilt AUTOINCREMENT)."""
+    in_conversation = ["msg_0", "msg_in_resp_kept", "msg_out_resp_kept"]
+    in_responses = [
+        ("msg_in_resp_kept", "resp_kept"),
+        ("msg_out_resp_kept", "resp_kept"),
+        ("msg_in_resp_gone", "resp_gone"),  # deleted from the conversation already
+    ]
+    with _at_revision(database_url, "0010") as conn:
+        conn.execute(
+            text(
+                "INSERT INTO conversations (id, owner_id, created_at, meta) "
+                "VALUES ('conv_u', 'alice', 1, '{}')"
+            )
+        )
+        for response_id in ("resp_kept", "resp_gone"):
+            conn.execute(
+                text(
+                    "INSERT INTO responses (id, owner_id, created_at, status, "
+                    "conversation_id, body) VALUES (:id, 'alice', 1, 'completed', 'conv_u', '{}')"
+                ),
+                {"id": response_id},
+            )
+        for item_id in in_conversation:
+            conn.execute(
+                text(
+                    "INSERT INTO conversation_items (id, conversation_id, owner_id, "
+                    "created_at, body) VALUES (:id, 'conv_u', 'alice', 1, :body)"
+                ),
+                {"id": item_id, "body": f'{{"id": "{item_id}"}}'},
+            )
+        for item_id, response_id in in_responses:
+            conn.execute(
+                text(
+                    "INSERT INTO response_items (id, response_id, owner_id, kind, body) "
+                    "VALUES (:id, :response, 'alice', 'input', :body)"
+                ),
+                {"id": item_id, "response": response_id, "body": f'{{"id": "{item_id}"}}'},
+            )
+    store = Store(database_url)
+    try:
+        repo = store.repo
+
+        def chain(response_id: str) -> list[str]:
+            return [i["id"] for i in repo.response_history("alice", response_id)[1].items]
+
+        for item_id in ("msg_in_resp_kept", "msg_out_resp_kept"):
+            assert repo.delete_conversation_item("alice", "conv_u", item_id)
+        assert chain("resp_kept") == ["msg_0", "msg_in_resp_kept", "msg_out_resp_kept"]
+        assert chain("resp_gone") == ["msg_in_resp_gone"]
+        assert repo.delete_conversation_item("alice", "conv_u", "msg_0")
+        assert repo.add_conversation_items("alice", "conv_u", 2, [_message("msg_new", "new")])
+        assert chain("resp_kept") == ["msg_in_resp_kept", "msg_out_resp_kept"]
+    finally:
+        store.close()
 
 
 def test_bad_data_directories_and_database_urls_are_clear_one_line_errors(tmp_path):
