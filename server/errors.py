@@ -103,8 +103,21 @@ async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return exc.response()
 
 
+# How long a client turned away by a draining server should wait: the drain lasts up to
+# --shutdown-timeout (30 s by default), then a supervisor restarts the process, which loads
+# the model for tens of seconds. 30 s spans a typical restart, and stays within the 120 s
+# the OpenAI SDKs honour (beyond it they give up instead of retrying).
+SHUTDOWN_RETRY_AFTER_S = 30
+
+
 def shutting_down() -> APIError:
-    return APIError(503, "the server is shutting down", code="server_shutting_down")
+    """A new request to a draining server: a 503 saying when a restarted one should answer."""
+    return APIError(
+        503,
+        "the server is shutting down",
+        code="server_shutting_down",
+        headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)},
+    )
 
 
 async def client_gone_handler(request: Request, exc: Exception) -> Response:

@@ -386,7 +386,10 @@ def test_draining_server_answers_503(serve):
 
     server = serve()
     start_draining(server.app)
-    assert_error(chat(server), 503)
+    refused = chat(server)
+    assert_error(refused, 503, code="server_shutting_down")
+    # The OpenAI SDKs retry a 503 after Retry-After (up to 120 s): a restart's length.
+    assert refused.headers["retry-after"] == "30"
     assert server.client.get("/health").status_code == 503
 
 
