@@ -233,10 +233,12 @@ def _with_expiry(row: Row) -> dict:
     }
 
 
+# The columns `_with_expiry` reads beside the body.
+_EXPIRY_COLUMNS = (vector_stores.c.last_active_at, vector_stores.c.expires_after_days)
+
+
 def _stored_stores():
-    return select(
-        vector_stores.c.body, vector_stores.c.last_active_at, vector_stores.c.expires_after_days
-    )
+    return select(vector_stores.c.body, *_EXPIRY_COLUMNS)
 
 
 def add_vector_store(repo: Repository, owner: str, body: dict, store_files: list[dict]) -> None:
@@ -275,18 +277,11 @@ def list_vector_stores(
     repo: Repository, owner: str, page: Page
 ) -> tuple[ItemPage, list[tuple[FileCounts, int]]]:
     with repo.engine.connect() as conn:
-        found = _page(conn, vector_stores, vector_stores.c.owner_id, owner, owner, page)
-        stored = {
-            row.body["id"]: _with_expiry(row)
-            for row in conn.execute(
-                _stored_stores().where(
-                    vector_stores.c.owner_id == owner,
-                    vector_stores.c.id.in_([body["id"] for body in found.items]),
-                )
-            )
-        }
-        items = [stored[body["id"]] for body in found.items]
-        return ItemPage(items, found.has_more), [_counts(conn, owner, b["id"]) for b in items]
+        owned = vector_stores.c.owner_id
+        found = _page(
+            conn, vector_stores, owned, owner, owner, page, _EXPIRY_COLUMNS, item=_with_expiry
+        )
+        return found, [_counts(conn, owner, b["id"]) for b in found.items]
 
 
 def update_vector_store(repo: Repository, owner: str, vector_store_id: str, changes: dict) -> bool:

@@ -12,12 +12,12 @@ import array
 import hashlib
 import json
 import sys
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import Engine, and_, delete, func, insert, literal, or_, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.sql import ColumnElement
 
 from orchestrator.errors import NotFoundError, PreconditionFailedError
@@ -111,11 +111,24 @@ def unknown_cursor(page: Page, kind: str) -> NotFoundError:
     return NotFoundError(f"{kind} with id '{cursor}' not found.", param=param, code="not_found")
 
 
+def _body(row: Row) -> dict:
+    return row.body
+
+
 def _page(
-    conn: Connection, table, parent_column, parent_id: str, owner: str, page: Page
+    conn: Connection,
+    table,
+    parent_column,
+    parent_id: str,
+    owner: str,
+    page: Page,
+    columns: Sequence[ColumnElement] = (),
+    item: Callable[[Row], dict] = _body,
 ) -> ItemPage:
     """One page of a parent's items in insertion order (`seq`), the cursor being an item id.
-    A `before` page is read backwards from its cursor, then put in the list's order."""
+    A `before` page is read backwards from its cursor, then put in the list's order. Each
+    item is its row's `body`, or what `item` makes of the body and `columns` (an item
+    whose fields live in columns of their own reads them in the same statement)."""
     where = [parent_column == parent_id, table.c.owner_id == owner]
     backwards = page.before is not None
     cursor = page.before if backwards else page.after
@@ -130,12 +143,9 @@ def _page(
             raise unknown_cursor(page, "Item")
         where.append(table.c.seq > cursor_seq if rising else table.c.seq < cursor_seq)
     order = table.c.seq.asc() if rising else table.c.seq.desc()
-    rows = (
-        conn.execute(select(table.c.body).where(*where).order_by(order).limit(page.limit + 1))
-        .scalars()
-        .all()
-    )
-    items = list(rows[: page.limit])
+    query = select(table.c.body, *columns).where(*where).order_by(order).limit(page.limit + 1)
+    rows = conn.execute(query).all()
+    items = [item(row) for row in rows[: page.limit]]
     if backwards:
         items.reverse()
     return ItemPage(items, has_more=len(rows) > page.limit)

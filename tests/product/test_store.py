@@ -549,6 +549,32 @@ def test_upgrading_a_store_keeps_the_place_of_each_conversations_response(databa
         store.close()
 
 
+def test_a_page_of_vector_stores_reads_their_rows_once(store):
+    """The page's bodies and the expiry kept in columns of their own come in one statement."""
+    for store_id, expires_after in (
+        ("vs_a", None),
+        ("vs_b", {"anchor": "last_active_at", "days": 2}),
+    ):
+        body = {"id": store_id, "created_at": 100, "last_active_at": 200}
+        kb.add_vector_store(store.repo, "a", body | {"expires_after": expires_after}, [])
+    reads: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:
+        if "FROM vector_stores" in statement:
+            reads.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        page, _counts = kb.list_vector_stores(store.repo, "a", Page(order="asc"))
+    finally:
+        event.remove(store.engine, "before_cursor_execute", record)
+    assert len(reads) == 1, reads
+    assert [(s["id"], s["last_active_at"], s["expires_after"]) for s in page.items] == [
+        ("vs_a", 200, None),
+        ("vs_b", 200, {"anchor": "last_active_at", "days": 2}),
+    ]
+
+
 def test_bad_data_directories_and_database_urls_are_clear_one_line_errors(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
