@@ -4,6 +4,7 @@ retrieve, content and delete. The orchestrator's `FileService` keeps them."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -58,6 +59,17 @@ def _capped(request: Request, limit: int) -> Request:
     return Request(request.scope, receive)
 
 
+def _refuse_other_fields(names: Iterable[str]) -> None:
+    """A 400 naming the first form field other than `file` and `purpose`, as for a JSON
+    body's unknown field: ignored, `expires_after` would leave a file that never expires.
+    A nested field comes as `expires_after[anchor]` (the SDKs' form encoding) and is
+    named by its top field."""
+    for name in names:
+        field = name.split("[", 1)[0]
+        if field not in ("file", "purpose"):
+            raise invalid(f"{field} is not supported by this server", field)
+
+
 async def _upload(request: Request, limit: int) -> tuple[UploadFile, str, bytes]:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(
@@ -69,6 +81,7 @@ async def _upload(request: Request, limit: int) -> tuple[UploadFile, str, bytes]
     if length is not None and length > limit + MULTIPART_OVERHEAD:
         raise _too_large(limit)
     async with _capped(request, limit).form(max_files=1, max_fields=8) as form:
+        _refuse_other_fields(form.keys())
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(upload, UploadFile):
             raise invalid("file is required (a multipart file field)", "file")

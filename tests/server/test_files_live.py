@@ -235,6 +235,13 @@ def test_an_upload_over_the_limit_is_413(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.files.create(file=("a.txt", b"a"), purpose="homework")
     assert caught.value.body["param"] == "purpose"
+    with pytest.raises(openai.BadRequestError) as caught:  # a file that would never expire
+        client.files.create(
+            file=("a.txt", b"a"),
+            purpose="assistants",
+            expires_after={"anchor": "created_at", "seconds": 3600},
+        )
+    assert caught.value.body["param"] == "expires_after"
 
 
 def test_vector_store_update_and_list(client, vector_store):
