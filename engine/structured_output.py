@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +53,14 @@ MAX_SCHEMA_DEPTH = 1024
 # whose f64 is -2**63 (from -(2**63 - 512) down) crash the process (a segfault) as a const,
 # an enum's value or a range's both bounds.
 SCHEMA_INTEGERS = range(-(2**63) + 513, 2**64)
+# The least float a schema may hold. An integer schema's float bound, const or enum value
+# is cast to an i64, saturating: -1e300 becomes -2**63 and crashes the process as the
+# integers above do. llguidance's JSON parser may also round a float one step (1024 here)
+# from the nearest f64: -(2**63) + 1024, written as Python writes it, reaches -2**63.
+SCHEMA_FLOAT_MIN = float(-(2**63) + 2048)
+# Where a Lark grammar embeds a JSON schema: the directive, then the schema's JSON (which
+# llguidance's lexer reads after any whitespace).
+_JSON_DIRECTIVE = re.compile(r"%json[ \t\r\n]*")
 
 
 @dataclass
@@ -112,11 +121,7 @@ def _to_llguidance(kind: str, value: Any) -> str:
                 raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
         if not isinstance(value, dict | bool):
             raise ValueError("structured_outputs.json must be a JSON schema (an object)")
-        _check_depth(value)
-        _check_integers(value)
-        _check_finite(value)
-        _check_min_properties(value)
-        _check_multiple_of(value)
+        _check_schema(value, "structured_outputs.json")
         return M.grammar_from_json_schema(value, defaults=JSON_OPTIONS)
     if kind == "json_object":
         if value is not True:
@@ -133,12 +138,40 @@ def _to_llguidance(kind: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("structured_outputs.grammar must be a non-empty string")
     try:
-        return llguidance.grammar_from("grammar", value)
+        lark = llguidance.grammar_from("grammar", value)
     except ValueError as exc:  # a GBNF grammar the converter cannot read
         raise ValueError(f"structured_outputs.grammar: {exc}") from None
+    _check_embedded_schemas(lark)
+    return lark
 
 
-def _check_finite(schema: dict | bool) -> None:
+def _check_schema(schema: dict | bool, where: str) -> None:
+    """ValueError naming `where` for a schema llguidance would crash on, or accept and then
+    fail to follow."""
+    _check_depth(schema, where)
+    _check_numbers(schema, where)
+    _check_finite(schema, where)
+    _check_min_properties(schema, where)
+    _check_multiple_of(schema, where)
+
+
+def _check_embedded_schemas(lark: str) -> None:
+    """A `json` schema's checks on each `%json` schema of a Lark grammar, which llguidance
+    compiles as it does a `json` one, crashes included. Text that only looks like one (in a
+    string or a comment) is checked too, harmlessly; text Python cannot parse as JSON,
+    llguidance's parser (serde_json, nesting at most 128 deep) refuses as well."""
+    decoder = json.JSONDecoder()
+    for found in _JSON_DIRECTIVE.finditer(lark):
+        try:
+            schema, _ = decoder.raw_decode(lark, found.end())
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(schema, dict | bool):
+            line = lark.count("\n", 0, found.start()) + 1
+            _check_schema(schema, f"structured_outputs.grammar's %json schema on line {line}")
+
+
+def _check_finite(schema: dict | bool, where: str) -> None:
     """ValueError when no finite JSON value matches `schema`: a subschema every value of
     which must hold another value of it (a `$ref` cycle through `$ref`, `allOf`, required
     properties or non-empty arrays, with no way out through `anyOf`). llguidance accepts
@@ -159,7 +192,7 @@ def _check_finite(schema: dict | bool) -> None:
     if "#" not in finite:
         endless = sorted(p for p in nodes if p not in finite and p != "#") or ["#"]
         raise ValueError(
-            f"structured_outputs.json has no finite value: every value of {endless[0]} "
+            f"{where} has no finite value: every value of {endless[0]} "
             "would have to contain another one ($ref cycle)"
         )
 
@@ -180,11 +213,11 @@ def _subschemas(schema: dict | bool) -> Iterator[dict]:
             yield node
 
 
-def _check_integers(schema: dict | bool) -> None:
-    """ValueError naming an integer of the schema (a bound, a length, an enum's value)
-    outside SCHEMA_INTEGERS: llguidance's own message for one past 64 bits ("Value is not
-    JSON serializable") says neither where it is nor what is wrong with it, and one near
-    -2**63 crashes the server."""
+def _check_numbers(schema: dict | bool, where: str) -> None:
+    """ValueError naming a number of the schema (a bound, a length, an enum's value) outside
+    SCHEMA_INTEGERS, or a float below SCHEMA_FLOAT_MIN: llguidance's own message for an
+    integer past 64 bits ("Value is not JSON serializable") says neither where it is nor
+    what is wrong with it, and one near -2**63 crashes the server."""
     stack: list[tuple[str, Any]] = [("#", schema)]
     while stack:
         pointer, node = stack.pop()
@@ -192,27 +225,28 @@ def _check_integers(schema: dict | bool) -> None:
             stack.extend((f"{pointer}/{_escape(str(k))}", v) for k, v in node.items())
         elif isinstance(node, list):
             stack.extend((f"{pointer}/{i}", v) for i, v in enumerate(node))
+        elif isinstance(node, float) and node < SCHEMA_FLOAT_MIN:
+            raise ValueError(
+                f"{where} is not supported: {pointer} is {node}, below the least float a "
+                f"schema may hold ({SCHEMA_FLOAT_MIN})"
+            )
         elif isinstance(node, int) and not isinstance(node, bool) and node not in SCHEMA_INTEGERS:
             raise ValueError(
-                f"structured_outputs.json is not supported: {pointer} is {node}, outside the "
-                f"integers a schema may hold ({SCHEMA_INTEGERS.start} to "
-                f"{SCHEMA_INTEGERS.stop - 1})"
+                f"{where} is not supported: {pointer} is {node}, outside the integers a "
+                f"schema may hold ({SCHEMA_INTEGERS.start} to {SCHEMA_INTEGERS.stop - 1})"
             )
 
 
-def _check_multiple_of(schema: dict | bool) -> None:
+def _check_multiple_of(schema: dict | bool, where: str) -> None:
     """ValueError for a `multipleOf` not above 0, as JSON Schema requires: llguidance
     accepts a negative one, and refuses 0 as "invalid multiple of", naming no keyword."""
     for node in _subschemas(schema):
         step = node.get("multipleOf")
         if isinstance(step, int | float) and not isinstance(step, bool) and step <= 0:
-            raise ValueError(
-                f"structured_outputs.json is not valid: multipleOf must be greater than 0, "
-                f"got {step}"
-            )
+            raise ValueError(f"{where} is not valid: multipleOf must be greater than 0, got {step}")
 
 
-def _check_min_properties(schema: dict | bool) -> None:
+def _check_min_properties(schema: dict | bool, where: str) -> None:
     """ValueError for a `minProperties` above the required properties' count: the others
     would be additional ones (llguidance allows none of `properties` to be optional
     beside it), whose names the grammar cannot keep apart, and a name written twice is one
@@ -224,13 +258,13 @@ def _check_min_properties(schema: dict | bool) -> None:
         required = {name for name in _list(node.get("required")) if isinstance(name, str)}
         if least > len(required):
             raise ValueError(
-                f"structured_outputs.json is not supported: minProperties {least} counts "
+                f"{where} is not supported: minProperties {least} counts "
                 "properties beyond the required ones, whose names the grammar cannot keep "
                 "distinct"
             )
 
 
-def _check_depth(schema: dict | bool) -> None:
+def _check_depth(schema: dict | bool, where: str) -> None:
     """ValueError when the schema, with its local `$ref`s followed, may nest deeper than
     MAX_SCHEMA_DEPTH objects. The bound is safe whatever order llguidance follows them in:
     objects that reach each other (a recursive definition) count as deep as they are many."""
@@ -255,8 +289,7 @@ def _check_depth(schema: dict | bool) -> None:
                 stack.append(value)
     if _longest_path(children, id(schema)) > MAX_SCHEMA_DEPTH:
         raise ValueError(
-            f"structured_outputs.json nests deeper than {MAX_SCHEMA_DEPTH} objects "
-            "once its $refs are followed"
+            f"{where} nests deeper than {MAX_SCHEMA_DEPTH} objects once its $refs are followed"
         )
 
 

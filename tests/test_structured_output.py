@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -173,10 +176,62 @@ def test_schemas_nested_too_deep_through_refs_are_refused():
     StructuredOutputsParams(json=_ref_chain(300))
 
 
+# Each of these crashed llguidance (a segfault) where it was accepted.
+_CRASHES = [
+    # a Lark grammar's %json schemas get a `json` schema's checks
+    (
+        {"grammar": 'start: %json {"const": -9223372036854775808}'},
+        "on line 1 is not supported: #/const",
+    ),
+    (
+        {"grammar": 'start: "a" | b\nb: %json\n  {"enum": [1, -9223372036854775296]}'},
+        "%json schema on line 2 is not supported: #/enum/1",
+    ),
+    ({"grammar": "start: %json " + json.dumps(_ref_chain(4000))}, "nests deeper than 1024"),
+    # an integer schema's float bound or const is cast to an i64, -1e300 to -2**63
+    ({"json": {"type": "integer", "minimum": -1e300, "maximum": -1e300}}, "#/maximum is -1e+300"),
+    ({"json": {"type": "integer", "const": -1e300}}, "#/const is -1e+300, below the least float"),
+    # its JSON text, -9.223372036854775e+18, is read as -2**63
+    ({"json": {"type": "integer", "const": -(2.0**63) + 1024}}, "#/const is -9.2"),
+]
+
+
+def test_structures_that_crash_llguidance_are_refused_naming_the_problem():
+    """In a child process, which a crash kills instead of the test run."""
+    script = (
+        "import json, sys\n"
+        "from engine import StructuredOutputsParams\n"
+        "for kwargs in json.load(sys.stdin):\n"
+        "    try:\n"
+        "        StructuredOutputsParams(**kwargs)\n"
+        "        print('accepted')\n"
+        "    except ValueError as exc:\n"
+        "        print(str(exc).replace(chr(10), ' '))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps([kwargs for kwargs, _ in _CRASHES]),
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(_CRASHES)
+    for line, (_, message) in zip(lines, _CRASHES, strict=True):
+        assert message in line
+
+
+def test_a_grammars_json_text_that_only_looks_like_a_schema_is_harmless():
+    StructuredOutputsParams(grammar='start: "%json {\\"const\\": -9223372036854775808}"')
+    StructuredOutputsParams(grammar='start: %json {"type": "number", "minimum": -9.2e18} | "a"')
+
+
 def test_a_structure_at_a_dead_end_fails_its_request(llm):
-    """An endless rule the checks cannot see (a schema inside a grammar): the request
+    """An endless rule the checks cannot see (a Lark rule with no way out): the request
     fails with an error, not an output ended where it stands as if it were complete."""
-    grammar = 'start: "x" obj\nobj: %json {"$ref": "#"}\n'
+    grammar = 'start: "x" obj\nobj: obj "a"\n'
     params = SamplingParams(
         temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(grammar=grammar)
     )
