@@ -26,6 +26,7 @@ import os
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -89,14 +90,78 @@ class StructuredOutputsParams:
                 f"{', '.join(_KINDS)}; got {', '.join(given) or 'none'}"
             )
         kind = given[0]
-        self.llg_grammar = _to_llguidance(kind, getattr(self, kind))
-        error = llguidance.LLMatcher.validate_grammar(self.llg_grammar)
-        if error:
-            raise ValueError(f"structured_outputs.{kind} is not supported: {_reason(error)}")
+        self.llg_grammar = _checked_grammar(kind, getattr(self, kind))
 
     @property
     def kind(self) -> str:
         return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+
+
+class CheckedGrammars:
+    """The grammars of requests already built and validated, by the request's text, least
+    recently used first, so that the same structure asked for again is not built again: a
+    Responses turn checks its structure when created and builds it for each generation, and
+    a client may send one schema with every request. A large schema takes 0.1 s or more.
+
+    Bounded by entries and by the characters held (keys and grammars), so that large
+    bodies cannot grow it without limit; one larger than the whole bound is not kept.
+    """
+
+    def __init__(self, max_entries: int, max_chars: int) -> None:
+        self.max_entries = max_entries
+        self.max_chars = max_chars
+        self._grammars: OrderedDict[str, str] = OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            grammar = self._grammars.get(key)
+            if grammar is not None:
+                self._grammars.move_to_end(key)
+            return grammar
+
+    def put(self, key: str, grammar: str) -> None:
+        size = len(key) + len(grammar)
+        if size > self.max_chars:
+            return
+        with self._lock:
+            if key in self._grammars:
+                return
+            self._grammars[key] = grammar
+            self._chars += size
+            while len(self._grammars) > self.max_entries or self._chars > self.max_chars:
+                old_key, old = self._grammars.popitem(last=False)
+                self._chars -= len(old_key) + len(old)
+
+
+CHECKED_GRAMMARS = CheckedGrammars(max_entries=256, max_chars=32 * 2**20)
+
+
+def _checked_grammar(kind: str, value: Any) -> str:
+    """The llguidance grammar for one kind of request, built and validated (ValueError
+    naming the problem) unless CHECKED_GRAMMARS holds it."""
+    key = _request_text(kind, value)
+    grammar = None if key is None else CHECKED_GRAMMARS.get(key)
+    if grammar is None:
+        grammar = _to_llguidance(kind, value)
+        error = llguidance.LLMatcher.validate_grammar(grammar)
+        if error:
+            raise ValueError(f"structured_outputs.{kind} is not supported: {_reason(error)}")
+        if key is not None:
+            CHECKED_GRAMMARS.put(key, grammar)
+    return grammar
+
+
+def _request_text(kind: str, value: Any) -> str | None:
+    """The request as text, keys in their order (a schema's properties are generated in
+    it): equal for equal requests. None for a value JSON cannot write, which the build
+    refuses."""
+    try:
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return f"{kind}:{text}"
 
 
 def _reason(error: str) -> str:

@@ -19,8 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import LLM, AsyncLLM, SamplingParams, StructuredOutputsParams
+from engine import LLM, AsyncLLM, SamplingParams, StructuredOutputsParams, structured_output
 from engine.errors import NothingToSampleError, RequestFailedError
+from engine.structured_output import CheckedGrammars
 
 PROMPT = "Answer in JSON."
 
@@ -226,6 +227,59 @@ def test_structures_that_crash_llguidance_are_refused_naming_the_problem():
 def test_a_grammars_json_text_that_only_looks_like_a_schema_is_harmless():
     StructuredOutputsParams(grammar='start: "%json {\\"const\\": -9223372036854775808}"')
     StructuredOutputsParams(grammar='start: %json {"type": "number", "minimum": -9.2e18} | "a"')
+
+
+@pytest.fixture
+def builds(monkeypatch) -> list[str]:
+    """The kinds of the grammars built from now on, with an empty cache of two entries and
+    10,000 characters."""
+    built: list[str] = []
+    build = structured_output._to_llguidance
+
+    def counted(kind, value):
+        built.append(kind)
+        return build(kind, value)
+
+    monkeypatch.setattr(structured_output, "_to_llguidance", counted)
+    monkeypatch.setattr(structured_output, "CHECKED_GRAMMARS", CheckedGrammars(2, 10_000))
+    return built
+
+
+def test_a_structure_asked_for_again_is_not_built_again(builds):
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    first = StructuredOutputsParams(json=schema)
+    again = StructuredOutputsParams(json=json.loads(json.dumps(schema)))  # equal, not the same
+    assert again.llg_grammar == first.llg_grammar
+    assert builds == ["json"]
+    # the order of the properties is the order they are written in: another structure
+    StructuredOutputsParams(
+        json={**schema, "properties": dict(reversed(schema["properties"].items()))}
+    )
+    assert builds == ["json", "json"]
+    # a refused structure is refused every time
+    for _ in range(2):
+        with pytest.raises(ValueError, match="regex"):
+            StructuredOutputsParams(regex="[a-")
+    assert builds == ["json", "json", "regex", "regex"]
+
+
+def test_the_built_structures_kept_are_bounded(builds):
+    StructuredOutputsParams(regex="a+")
+    StructuredOutputsParams(regex="b+")
+    StructuredOutputsParams(regex="a+")  # used last: "b+" goes first
+    StructuredOutputsParams(regex="c+")
+    StructuredOutputsParams(regex="a+")
+    assert builds == ["regex"] * 3
+    StructuredOutputsParams(regex="b+")
+    assert builds == ["regex"] * 4
+    # 10,000 characters: one of 9,920 (its text and its grammar) leaves room for no other
+    StructuredOutputsParams(choice=["x" * 4950])
+    StructuredOutputsParams(regex="b+")
+    assert builds == ["regex"] * 4 + ["choice", "regex"]
+    # and one larger than the whole bound is not kept
+    for _ in range(2):
+        StructuredOutputsParams(choice=["y" * 6000])
+    assert builds[-2:] == ["choice", "choice"]
 
 
 def test_a_structure_at_a_dead_end_fails_its_request(llm):
