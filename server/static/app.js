@@ -33,6 +33,7 @@ const state = {
   creating: null, // the conversation being created (ensureConversation), shared
   navigation: 0, // counts openings and new chats: a slower opening gives way to a later one
   renaming: false, // a rename field is open: the sidebar is not redrawn under it
+  expiredStores: new Set(), // vector stores found expired: a renewal's save replaces them
 };
 
 // Whether a turn is streaming or about to: edits, regenerations and branch switches wait.
@@ -395,11 +396,14 @@ async function saveMeta(id, decoded, changed) {
 
 // The stored metadata with this tab's fields `changed`, and the branches of both. A
 // conversation has one vector store: the one stored first stays (another tab may have
-// made one while this tab made its own), so no tab's files drop out of the conversation.
+// made one while this tab made its own), so no tab's files drop out of the conversation;
+// an expired one gives way to its renewal (renewStore).
 function mergeStored(id, stored, decoded, changed) {
   const merged = { ...stored };
   for (const key of changed) merged[key] = decoded[key];
-  if (stored.vectorStore) merged.vectorStore = stored.vectorStore;
+  if (stored.vectorStore && !state.expiredStores.has(stored.vectorStore)) {
+    merged.vectorStore = stored.vectorStore;
+  }
   const inner = new Set(state.open && state.open.id === id ? state.tree.inner() : []);
   const theirs = stored.leaves.filter((l) => !inner.has(l) && !decoded.leaves.includes(l));
   merged.leaves = [...theirs, ...decoded.leaves];
@@ -671,8 +675,8 @@ function regenerate(node) {
 
 // -- a turn ---------------------------------------------------------------------------
 
-function requestBody(parent, text) {
-  const { settings, instructions, vectorStore } = meta();
+function requestBody(decoded, parent, text) {
+  const { settings, instructions, vectorStore } = decoded;
   // A long conversation drops its oldest turns from the prompt rather than fail.
   const body = { model: settings.model || state.models[0], input: text, truncation: "auto" };
   if (parent) body.previous_response_id = parent;
@@ -773,7 +777,7 @@ async function runTurn(parent, text) {
   showStreaming(true);
   try {
     // The request goes out first; the page redraws while the server starts the turn.
-    const streamed = streamResponse(requestBody(parent, text), (event) => onEvent(node, event),
+    const streamed = streamTurn(open, parent, text, (event) => onEvent(node, event),
       controller.signal);
     renderMessages();
     await streamed;
@@ -810,6 +814,46 @@ async function runTurn(parent, text) {
   await appendTranscript(open.id, text, node);
   await refreshUsage();
   finished();
+}
+
+// A turn's request. A conversation whose vector store has expired (its expires_after)
+// would have every message refused, file_search naming that store: the store is renewed
+// (renewStore), and the request sent again, once.
+async function streamTurn(open, parent, text, onEvent, signal) {
+  try {
+    await streamResponse(requestBody(open.meta, parent, text), onEvent, signal);
+  } catch (error) {
+    const expired = open.meta.vectorStore;
+    if (!(error instanceof ApiError && error.code === "vector_store_expired" && expired)) throw error;
+    await renewStore(open, expired);
+    await streamResponse(requestBody(open.meta, parent, text), onEvent, signal);
+  }
+}
+
+// The conversation's files move to a new vector store, with the expired one's name and
+// expires_after, and the conversation names it from now on; the expired store, kept as it
+// is (an expired store keeps its files until it is deleted), is no longer used. Another tab
+// that renewed it first has its store kept, and this one's deleted, as an upload's is.
+async function renewStore(open, expired) {
+  state.expiredStores.add(expired);
+  setStatus("The attached files' vector store has expired: indexing them again…");
+  const old = await request("GET", `/v1/vector_stores/${expired}`);
+  const files = await listAll(`/v1/vector_stores/${expired}/files`);
+  let store = await request("POST", "/v1/vector_stores", {
+    name: old.name, expires_after: old.expires_after, file_ids: files.map((f) => f.id),
+  });
+  open.meta.vectorStore = store.id;
+  await queueSave(open.id, open.meta, ["vectorStore"]);
+  if (open.meta.vectorStore !== store.id) {
+    await request("DELETE", `/v1/vector_stores/${store.id}`).catch(() => {});
+  }
+  if (state.open === open) renderAttachments();
+  while ((store = await request("GET", `/v1/vector_stores/${open.meta.vectorStore}`))
+    .file_counts.in_progress) {
+    await new Promise((resolve) => setTimeout(resolve, 300));
+  }
+  if (state.open === open) renderAttachments();
+  setStatus("The attached files' vector store had expired: they are in a new one now.");
 }
 
 // Counts finished turns on <body data-turns>: a hook for tests and benchmarks to wait on.

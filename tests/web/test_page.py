@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -982,3 +983,47 @@ def test_an_uploaded_file_is_cited(page, api):
         link.click()
     assert Path(download.value.path()).read_bytes().startswith(b"Our office cat")
     assert page.evaluate("window.pwned") is None
+
+
+def _expire(live: LiveServer, api: httpx.Client, vector_store_id: str) -> None:
+    """Makes the store expire: a day after its last use, which was two days ago."""
+    expiry = {"anchor": "last_active_at", "days": 1}
+    assert api.post(f"/v1/vector_stores/{vector_store_id}", json={"expires_after": expiry})
+    assert live.scratch_dir is not None
+    with sqlite3.connect(Path(live.scratch_dir) / "tokenmill.db") as db:
+        db.execute(
+            "UPDATE vector_stores SET last_active_at = ? WHERE id = ?",
+            (int(time.time()) - 2 * 86_400, vector_store_id),
+        )
+    assert api.get(f"/v1/vector_stores/{vector_store_id}").json()["status"] == "expired"
+
+
+def test_a_conversation_whose_vector_store_expired_goes_on_with_its_files(session, page, api, live):
+    """The conversation's vector store expired (its expires_after): file_search over it is
+    a 400, which every next message got. The files move to a new store, which the
+    conversation names from then on; the page says so and the message goes through."""
+    session[1].expected.append(r"400 .*@ .*/v1/responses$")  # the store refused, once
+    page.set_input_files(
+        "#upload",
+        files=[{"name": "cat.txt", "mimeType": "text/plain", "buffer": b"Our cat is Whiskers.\n"}],
+    )
+    page.wait_for_selector("#attachments .attachment.completed", timeout=60_000)
+    page.wait_for_function("() => !document.body.dataset.saving")
+    send(page, "What is the cat called?")
+    conversation = page.evaluate("location.hash")[1:]
+    expired = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
+    _expire(live, api, expired)
+    [first] = turns(page)
+    send(page, "And what does it eat?")
+    assert "Error" not in page.inner_text("#messages")
+    assert turns(page)[0] == first and len(turns(page)) == 2
+    assert "expired" in page.inner_text("#status")
+    page.wait_for_function("() => !document.body.dataset.saving")
+    store = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
+    assert store != expired
+    renewed = api.get(f"/v1/vector_stores/{store}").json()
+    assert renewed["status"] == "completed" and renewed["file_counts"]["completed"] == 1
+    assert renewed["expires_after"] == {"anchor": "last_active_at", "days": 1}
+    answered = api.get(f"/v1/responses/{turns(page)[1]}").json()
+    assert answered["tools"][0]["vector_store_ids"] == [store]
+    assert page.inner_text("#attachments") == "cat.txt\nready"
