@@ -1043,7 +1043,8 @@ async function renderAttachments() {
       const file = await request("GET", `/v1/files/${f.id}`).catch(() => ({ filename: f.id }));
       return attachmentChip(file.filename, f.status);
     }));
-    box.replaceChildren(...named);
+    // Another conversation or a new chat may be on screen by now: its files, not these.
+    if ((meta() && meta().vectorStore) === store) box.replaceChildren(...named);
   } catch (error) {
     reportError(error);
   }

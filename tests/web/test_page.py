@@ -1027,3 +1027,30 @@ def test_a_conversation_whose_vector_store_expired_goes_on_with_its_files(sessio
     answered = api.get(f"/v1/responses/{turns(page)[1]}").json()
     assert answered["tools"][0]["vector_store_ids"] == [store]
     assert page.inner_text("#attachments") == "cat.txt\nready"
+
+
+def test_the_files_shown_are_the_open_chats_after_a_quick_switch(page):
+    """A conversation with a file opened, then New chat before its files were listed: the
+    new chat shows no file (the conversation's list, arriving late, drew its chips there,
+    and a message sent then seemed to search them)."""
+    page.set_input_files(
+        "#upload", files=[{"name": "dog.txt", "mimeType": "text/plain", "buffer": b"Rex.\n"}]
+    )
+    page.wait_for_selector("#attachments .attachment.completed", timeout=60_000)
+    page.wait_for_function("() => !document.body.dataset.saving")
+    page.click("#new-chat")
+    held = []
+    listing = re.compile(r"/v1/vector_stores/[^/]+/files\?")
+    page.route(listing, lambda route: held.append(route))  # the store's files, held back
+    page.get_by_role("button", name="dog.txt", exact=True).click()
+    deadline = time.monotonic() + 30
+    while not held:
+        assert time.monotonic() < deadline
+        page.wait_for_timeout(50)
+    page.click("#new-chat")
+    for route in held:
+        route.continue_()
+    page.unroute(listing)
+    page.wait_for_timeout(500)  # time for the late list to be drawn, were it drawn
+    assert page.inner_text("#chat-title") == "New chat"
+    assert page.locator("#attachments .attachment").count() == 0
