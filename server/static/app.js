@@ -823,11 +823,15 @@ async function streamTurn(open, parent, text, onEvent, signal) {
   try {
     await streamResponse(requestBody(open.meta, parent, text), onEvent, signal);
   } catch (error) {
-    const expired = open.meta.vectorStore;
-    if (!(error instanceof ApiError && error.code === "vector_store_expired" && expired)) throw error;
-    await renewStore(open, expired);
+    if (!expiredStore(error)) throw error;
+    await renewStore(open, open.meta.vectorStore);
     await streamResponse(requestBody(open.meta, parent, text), onEvent, signal);
   }
+}
+
+// Whether a request was refused because the conversation's vector store has expired.
+function expiredStore(error) {
+  return error instanceof ApiError && error.code === "vector_store_expired";
 }
 
 // The conversation's files move to a new vector store, with the expired one's name and
@@ -847,12 +851,12 @@ async function renewStore(open, expired) {
   if (open.meta.vectorStore !== store.id) {
     await request("DELETE", `/v1/vector_stores/${store.id}`).catch(() => {});
   }
-  if (state.open === open) renderAttachments();
+  if (state.open === open) await renderAttachments();
   while ((store = await request("GET", `/v1/vector_stores/${open.meta.vectorStore}`))
     .file_counts.in_progress) {
     await new Promise((resolve) => setTimeout(resolve, 300));
   }
-  if (state.open === open) renderAttachments();
+  if (state.open === open) await renderAttachments();
   setStatus("The attached files' vector store had expired: they are in a new one now.");
 }
 
@@ -1050,6 +1054,21 @@ async function renderAttachments() {
   }
 }
 
+// Adds an uploaded file to the conversation's vector store; a store that has expired is
+// renewed first (renewStore), its chips drawn again, this file's among them.
+async function addToStore(open, fileId, chip) {
+  const add = () => request("POST", `/v1/vector_stores/${open.meta.vectorStore}/files`,
+    { file_id: fileId });
+  try {
+    return await add();
+  } catch (error) {
+    if (!expiredStore(error)) throw error;
+    await renewStore(open, open.meta.vectorStore);
+    if (state.open === open) $("attachments").append(chip);
+    return add();
+  }
+}
+
 async function upload(event) {
   const file = event.target.files[0];
   event.target.value = "";
@@ -1071,8 +1090,8 @@ async function upload(event) {
     form.append("purpose", "assistants");
     form.append("file", file, file.name);
     const uploaded = await request("POST", "/v1/files", form);
+    let entry = await addToStore(open, uploaded.id, chip);
     const store = open.meta.vectorStore;
-    let entry = await request("POST", `/v1/vector_stores/${store}/files`, { file_id: uploaded.id });
     chip.lastChild.textContent = attachmentLabel("in_progress");
     while (entry.status === "in_progress") {
       await new Promise((resolve) => setTimeout(resolve, 300));

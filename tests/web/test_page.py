@@ -1054,3 +1054,28 @@ def test_the_files_shown_are_the_open_chats_after_a_quick_switch(page):
     page.wait_for_timeout(500)  # time for the late list to be drawn, were it drawn
     assert page.inner_text("#chat-title") == "New chat"
     assert page.locator("#attachments .attachment").count() == 0
+
+
+def test_a_file_attached_after_the_vector_store_expired_is_kept(session, page, api, live):
+    """Attaching to a conversation whose vector store expired failed (adding a file is a
+    use of the store, refused): the store is renewed with its files, and the new one too."""
+    session[1].expected.append(r"400 .*@ .*/v1/vector_stores/vs_\w+/files$")  # refused once
+    for name in ("first.txt", "second.txt"):
+        page.set_input_files(
+            "#upload", files=[{"name": name, "mimeType": "text/plain", "buffer": b"Some text.\n"}]
+        )
+        page.wait_for_selector("#attachments .attachment.completed", timeout=60_000)
+        page.wait_for_function("() => !document.body.dataset.saving")
+        if name == "first.txt":
+            conversation = page.evaluate("location.hash")[1:]
+            expired = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
+            _expire(live, api, expired)
+    page.wait_for_function(
+        "() => document.querySelectorAll('#attachments .attachment.completed').length === 2"
+    )
+    store = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
+    assert store != expired
+    files = api.get(f"/v1/vector_stores/{store}/files").json()["data"]
+    names = {api.get(f"/v1/files/{f['id']}").json()["filename"] for f in files}
+    assert names == {"first.txt", "second.txt"}
+    assert "failed" not in page.inner_text("#attachments")
