@@ -3,11 +3,13 @@
 Adding a file records it `in_progress` and starts its ingestion as a background task:
 read the bytes, extract and chunk them (a worker thread), embed the chunks (the
 embedder's thread), then write the chunks and the status `completed` in one transaction,
-or `failed` with `last_error` saying why. Nothing of this runs on the event loop. A file
-still `in_progress` when the server starts was cut off by a stop or crash, and `resume`
-queues it again, so no file stays in progress forever. On PostgreSQL, which several
-servers may share, an ingestion first claims its file (orchestrator/store/
-advisory_claims.py), so a resumed file that another live server is ingesting is left to it.
+or `failed` with `last_error` saying why (a file already `completed` in the store with
+the same chunking is kept as it is: knowledge._put_store_files). Nothing of this runs
+on the event loop. A file still `in_progress` when the server starts was cut off by a stop
+or crash, and `resume` queues it again, so no file stays in progress forever. On
+PostgreSQL, which several servers may share, an ingestion first claims its file
+(orchestrator/store/advisory_claims.py), so a resumed file that another live server is
+ingesting is left to it.
 """
 
 from __future__ import annotations
@@ -239,10 +241,11 @@ class VectorStoreService:
     async def add_file(self, owner: str, vector_store_id: str, file: FileToAdd) -> dict:
         await self.use(owner, vector_store_id)
         store_files = await self._store_files(owner, vector_store_id, [file])
-        if not await self.store.call(kb.add_store_files, owner, vector_store_id, store_files):
+        held = await self.store.call(kb.add_store_files, owner, vector_store_id, store_files)
+        if held is None:
             raise missing_store(vector_store_id)
-        self._start(owner, vector_store_id, store_files)
-        return store_files[0]
+        self._start(owner, vector_store_id, held)
+        return held[0]
 
     async def update_file(
         self, owner: str, vector_store_id: str, file_id: str, attributes: dict
@@ -321,9 +324,10 @@ class VectorStoreService:
             "created_at": int(time.time()),
             "vector_store_id": vector_store_id,
         }
-        if not await self.store.call(kb.add_file_batch, owner, vector_store_id, body, store_files):
+        held = await self.store.call(kb.add_file_batch, owner, vector_store_id, body, store_files)
+        if held is None:
             raise missing_store(vector_store_id)
-        self._start(owner, vector_store_id, store_files)
+        self._start(owner, vector_store_id, held)
         return await self.retrieve_file_batch(owner, vector_store_id, body["id"])
 
     async def retrieve_file_batch(self, owner: str, vector_store_id: str, batch_id: str) -> dict:
@@ -423,8 +427,10 @@ class VectorStoreService:
                 task.cancel()
 
     def _start(self, owner: str, vector_store_id: str, store_files: list[dict]) -> None:
+        """Ingest the files added `in_progress` (not those the store kept as they were)."""
         for body in store_files:
-            self._spawn(owner, vector_store_id, body["id"])
+            if body["status"] == "in_progress":
+                self._spawn(owner, vector_store_id, body["id"])
 
     def _spawn(self, owner: str, vector_store_id: str, file_id: str) -> None:
         """Ingest the file; one added again while its ingestion runs stops that one, and

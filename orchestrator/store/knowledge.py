@@ -358,17 +358,13 @@ def _counts(conn: Connection, owner: str, vector_store_id: str) -> tuple[FileCou
 
 def add_store_files(
     repo: Repository, owner: str, vector_store_id: str, store_files: list[dict]
-) -> bool:
-    """Add files (bodies with status in_progress) to a store; False if the store is not
-    this owner's. A file already in the store is queued again from scratch."""
-    index = index_for(repo)
+) -> list[dict] | None:
+    """Add files (bodies with status in_progress) to a store: each as the store now holds
+    it (see `_put_store_files`), or None if the store is not this owner's."""
     with repo.engine.begin() as conn:
         if not _owns_store(conn, owner, vector_store_id):
-            return False
-        for body in store_files:
-            _remove_store_file(conn, index, owner, vector_store_id, body["id"])
-        _insert_store_files(conn, owner, vector_store_id, store_files)
-    return True
+            return None
+        return _put_store_files(conn, index_for(repo), owner, vector_store_id, store_files)
 
 
 def update_store_file(
@@ -477,13 +473,12 @@ def unfinished_store_files(repo: Repository) -> list[tuple[str, str, str]]:
 
 def add_file_batch(
     repo: Repository, owner: str, vector_store_id: str, body: dict, store_files: list[dict]
-) -> bool:
-    """Record a batch and add its files (queued again from scratch if already in the
-    store); False if the store is not this owner's."""
-    index = index_for(repo)
+) -> list[dict] | None:
+    """Record a batch and add its files: each as the store now holds it (see
+    `_put_store_files`), or None if the store is not this owner's."""
     with repo.engine.begin() as conn:
         if not _owns_store(conn, owner, vector_store_id):
-            return False
+            return None
         conn.execute(
             insert(vector_store_file_batches).values(
                 id=body["id"],
@@ -493,10 +488,9 @@ def add_file_batch(
                 body=body,
             )
         )
-        for store_file in store_files:
-            _remove_store_file(conn, index, owner, vector_store_id, store_file["id"])
-        _insert_store_files(conn, owner, vector_store_id, store_files, body["id"])
-    return True
+        return _put_store_files(
+            conn, index_for(repo), owner, vector_store_id, store_files, body["id"]
+        )
 
 
 def get_file_batch(
@@ -597,6 +591,47 @@ def _owns_store(conn: Connection, owner: str, vector_store_id: str) -> bool:
 def search(repo: Repository, owner: str, request: SearchRequest) -> list[Hit]:
     with repo.engine.connect() as conn:
         return _index(repo).search(conn, owner, request)
+
+
+def _put_store_files(
+    conn: Connection,
+    index: ChunkTableIndex | None,
+    owner: str,
+    vector_store_id: str,
+    store_files: list[dict],
+    batch_id: str | None = None,
+) -> list[dict]:
+    """Add files (bodies with status in_progress) to a store, each as the store then holds
+    it. A file already `completed` there with the same chunking strategy keeps its chunks,
+    status and `created_at` (indexing it again would make it unsearchable until done, and
+    a cancelled batch would leave it so): it takes the add's attributes, on its chunks too,
+    and joins the batch. Any other file already there (in progress, failed, cancelled,
+    or chunked otherwise) is replaced, its chunks gone, and queued again from scratch."""
+    t = vector_store_files
+    held_now, added = [], []
+    for body in store_files:
+        where = (
+            t.c.vector_store_id == vector_store_id,
+            t.c.id == body["id"],
+            t.c.owner_id == owner,
+        )
+        held = conn.execute(select(t.c.body).where(*where)).scalar()
+        if (
+            index is not None
+            and held is not None
+            and held["status"] == "completed"
+            and held["chunking_strategy"] == body["chunking_strategy"]
+        ):
+            held = {**held, "attributes": body["attributes"]}
+            conn.execute(update(t).where(*where).values(body=held, batch_id=batch_id))
+            index.set_attributes(conn, owner, vector_store_id, body["id"], body["attributes"])
+            held_now.append(held)
+        else:
+            _remove_store_file(conn, index, owner, vector_store_id, body["id"])
+            added.append(body)
+            held_now.append(body)
+    _insert_store_files(conn, owner, vector_store_id, added, batch_id)
+    return held_now
 
 
 def _insert_store_files(

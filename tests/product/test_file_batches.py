@@ -182,3 +182,53 @@ def test_batches_belong_to_their_owner_and_bad_bodies_are_400(product_server, tm
         assert raw.status_code == 400 and raw.json()["error"]["param"] == param, body
     client.vector_stores.delete(store.id)
     assert kb.get_file_batch(repo, "user_local", store.id, batch.id) is None
+
+
+def test_a_file_added_again_keeps_its_chunks_unless_its_chunking_changes(
+    product_server, tmp_path, embedder
+):
+    """A file already indexed with the same chunking stays `completed` and searchable when
+    added again (alone or in a batch, which it joins), takes the add's attributes at once,
+    and a cancelled batch leaves it so; one added with another chunking is indexed again,
+    and until it is, the store counts and finds nothing of it."""
+    held = HeldEmbedder(embedder)
+    held.release.set()
+    server, ids = _server(product_server, tmp_path, held)
+    client, glaciers = server.client, ids["glaciers.txt"]
+    store = client.vector_stores.create()
+    first = client.vector_stores.files.create_and_poll(
+        vector_store_id=store.id, file_id=glaciers, poll_interval_ms=50
+    )
+    assert first.status == "completed"
+    size = client.vector_stores.retrieve(store.id).usage_bytes
+    assert size == len(DOCUMENTS["glaciers.txt"])
+    held.release.clear()  # from here, anything indexed again stays in progress
+    again = client.vector_stores.files.create(
+        vector_store_id=store.id, file_id=glaciers, attributes={"topic": "ice"}
+    )
+    assert (again.status, again.attributes) == ("completed", {"topic": "ice"})
+    batch = client.vector_stores.file_batches.create(
+        vector_store_id=store.id, file_ids=list(ids.values()), attributes={"topic": "ice"}
+    )
+    assert (batch.file_counts.completed, batch.file_counts.in_progress) == (1, 1)
+    cancelled = client.vector_stores.file_batches.cancel(batch.id, vector_store_id=store.id)
+    assert (cancelled.file_counts.completed, cancelled.file_counts.cancelled) == (1, 1)
+    kept = client.vector_stores.retrieve(store.id)
+    assert (kept.status, kept.usage_bytes) == ("completed", size)
+    assert (kept.file_counts.completed, kept.file_counts.cancelled) == (1, 1)
+    held.release.set()  # the search embeds its query
+    hits = client.vector_stores.search(
+        store.id, query="glacier valleys", filters={"type": "eq", "key": "topic", "value": "ice"}
+    ).data
+    assert [h.file_id for h in hits] == [glaciers]
+    held.release.clear()
+    big = {"type": "static", "static": {"max_chunk_size_tokens": 4096, "chunk_overlap_tokens": 0}}
+    rechunked = client.vector_stores.file_batches.create(
+        vector_store_id=store.id, file_ids=[glaciers], chunking_strategy=big
+    )
+    assert rechunked.file_counts.in_progress == 1
+    client.vector_stores.file_batches.cancel(rechunked.id, vector_store_id=store.id)
+    emptied = client.vector_stores.retrieve(store.id)
+    assert (emptied.usage_bytes, emptied.file_counts.completed) == (0, 0)
+    held.release.set()
+    assert client.vector_stores.search(store.id, query="glacier valleys").data == []
