@@ -592,6 +592,10 @@ def test_conversation_bodies_are_checked(product_server):
     conv = server.client.conversations.create()
     raw = _raw(server, "GET", f"/conversations/{conv.id}/items", params={"limit": 500})
     assert (raw.status_code, raw.json()["error"]["param"]) == (400, "limit")
+    # nothing to add: the answer, a ConversationItemList, would have no first_id or last_id
+    for items in ([], too_many):
+        raw = _raw(server, "POST", f"/conversations/{conv.id}/items", json={"items": items})
+        assert (raw.status_code, raw.json()["error"]["param"]) == (400, "items"), raw.text
 
 
 def test_a_conversation_update_with_if_match_applies_only_over_what_was_read(
