@@ -110,14 +110,13 @@ async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
 SHUTDOWN_RETRY_AFTER_S = 30
 
 
-def shutting_down() -> APIError:
-    """A new request to a draining server: a 503 saying when a restarted one should answer."""
-    return APIError(
-        503,
-        "the server is shutting down",
-        code="server_shutting_down",
-        headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)},
-    )
+def shutting_down(
+    message: str = "the server is shutting down", code: str = "server_shutting_down"
+) -> APIError:
+    """A 503 from a draining server, saying when a restarted one should answer: to a new
+    request (the defaults), and to one still running when the drain ran out
+    (server.generation, `server_shutdown`), which waits for the same restart."""
+    return APIError(503, message, code=code, headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)})
 
 
 async def client_gone_handler(request: Request, exc: Exception) -> Response:

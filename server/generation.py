@@ -26,7 +26,7 @@ from engine.errors import (
 from engine.sampling_params import RequestOutputKind
 from orchestrator.accounts import Meter
 from orchestrator.accounts.identity import cache_salt
-from server.errors import APIError, from_value_error, invalid
+from server.errors import APIError, from_value_error, invalid, shutting_down
 from server.metrics import RequestTimer
 from server.sse import DONE
 from server.state import ServerState
@@ -136,8 +136,8 @@ async def engine_outputs(
     except RequestFailedError as exc:  # a bug this request's input found; the engine goes on
         raise APIError(500, str(exc), code="request_failed") from None
     except EngineShutdownError:
-        raise APIError(
-            503, "the server shut down before this request finished", code="server_shutdown"
+        raise shutting_down(
+            "the server shut down before this request finished", code="server_shutdown"
         ) from None
     except EngineError as exc:
         raise APIError(503, f"the engine failed: {exc}", code="engine_error") from None

@@ -867,20 +867,11 @@ def test_a_client_that_disconnects_mid_stream_leaves_an_incomplete_response(prod
     assert engine.aborted  # the engine stopped generating for nobody
 
 
-class _ShutDownMidTurn(FakeEngine):
-    """Shut down (as AsyncLLM.shutdown ends a request in flight) after the third token."""
-
-    async def generate(self, prompt, params, request_id):
-        count = 0
-        async for output in super().generate(prompt, params, request_id):
-            yield output
-            count += 1
-            if count == 3:
-                raise EngineShutdownError("the engine was shut down")
-
-
 def test_a_turn_ended_by_a_shutdown_fails_with_an_error_code_the_sdk_knows(product_server):
-    server = product_server(_ShutDownMidTurn(reply="abcdefgh"))
+    # shut down (as AsyncLLM.shutdown ends a request in flight) after the third token
+    server = product_server(
+        FakeEngine(reply="abcdefgh", fail_after=3, fail_with=EngineShutdownError)
+    )
     raw = _raw(server, "POST", "/responses", json={"model": MODEL, "input": "x"}).json()
     response = Response.model_validate(raw)  # strict: the code is one of ResponseError's
     assert (response.status, response.output_text) == ("failed", "abc")

@@ -76,7 +76,8 @@ class FakeEngine:
     token_delay: float = 0.0
     # While set (cleared by a test), generation pauses after the first token.
     hold: threading.Event = field(default_factory=threading.Event)
-    fail_after: int | None = None  # raise EngineError after this many tokens
+    fail_after: int | None = None  # raise `fail_with` after this many tokens
+    fail_with: type[EngineError] = EngineError  # EngineShutdownError: a drain that ran out
     tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
     running: set[str] = field(default_factory=set)
     aborted: list[str] = field(default_factory=list)
@@ -143,7 +144,7 @@ class FakeEngine:
                 return
             if self.fail_after is not None and pos >= self.fail_after:
                 self.running.discard(request_id)
-                raise EngineError("simulated engine failure")
+                raise self.fail_with("simulated engine failure")
             await asyncio.sleep(self.token_delay)
             while pos == 1 and not self.hold.is_set():
                 await asyncio.sleep(0.005)

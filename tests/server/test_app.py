@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from engine.errors import EngineShutdownError
 from tests.conftest import record_event_loop_calls
 from tests.server.fake_engine import CHATML_WITH_TOOLS, FakeEngine, FakeTokenizer
 from tests.server.sse_client import events, stream
@@ -391,6 +392,15 @@ def test_draining_server_answers_503(serve):
     # The OpenAI SDKs retry a 503 after Retry-After (up to 120 s): a restart's length.
     assert refused.headers["retry-after"] == "30"
     assert server.client.get("/health").status_code == 503
+
+
+def test_a_request_the_drain_ran_out_on_answers_503_with_retry_after(serve):
+    """Still running when --shutdown-timeout ends (the engine shut down under it): the same
+    Retry-After as a request refused during the drain, for the same restart to wait out."""
+    server = serve(FakeEngine(fail_after=3, fail_with=EngineShutdownError))
+    cut = chat(server)
+    assert_error(cut, 503, code="server_shutdown")
+    assert cut.headers["retry-after"] == "30"
 
 
 # -- tool calls ----------------------------------------------------------------------------
