@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from engine.compilation import COMPILE_MODES
 from engine.cpu_path import cpu_path
 from engine.linear import QUANTIZATIONS
+from engine.sampling_params import SEED_MAX, SEED_MIN
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,8 +104,14 @@ class EngineArgs:
             raise ValueError(f"burst_wait_ms must be from 0 to 1000, got {self.burst_wait_ms}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
-        if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
-            raise ValueError("kv_cache_memory_gib must be > 0")
+        if self.kv_cache_memory_gib is not None and not 0 < self.kv_cache_memory_gib < math.inf:
+            raise ValueError(
+                f"kv_cache_memory_gib must be a finite number > 0, got {self.kv_cache_memory_gib}"
+            )
+        if not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(
+                f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed}"
+            )
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -586,7 +586,14 @@ async def _serve(args: argparse.Namespace) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        # The engine's own option rules (a block size that is no power of two, a device this
+        # machine lacks), refused as argparse refuses a flag: at once, with status 2.
+        engine_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     # The server tokenizes one text at a time on its low-priority worker threads
     # (server/state.py); the tokenizers library would hand each text to a thread pool of
     # its own, running at the engine's priority.

@@ -150,3 +150,27 @@ def test_bad_server_flags_are_refused_by_the_parser_naming_the_rule(flag, value,
 def test_a_device_this_machine_does_not_have_is_a_clear_error(device):
     with pytest.raises(ValueError, match="device"):
         EngineArgs(device=device)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--block-size", "3"], "block_size must be a power of two"),
+        (["--gpu-memory-utilization", "2"], "gpu_memory_utilization must be in (0, 1]"),
+        (["--kv-cache-memory-gib", "nan"], "kv_cache_memory_gib must be a finite number > 0"),
+        (["--kv-cache-memory-gib", "inf"], "kv_cache_memory_gib must be a finite number > 0"),
+        (["--seed", str(2**64)], "seed must be an integer in"),
+        (["--device", "tpu"], "device must be"),
+        (["--enforce-eager", "--compile", "on"], "enforce_eager"),
+    ],
+)
+def test_bad_engine_flags_are_refused_before_anything_loads(flags, message, tmp_path, capsys):
+    """The engine's option rules are a usage error (status 2, one line after the usage), as
+    argparse's own are, before the data directory is locked or the model loaded."""
+    from engine import serve
+
+    with pytest.raises(SystemExit) as refused:
+        serve.main([*flags, "--data-dir", str(tmp_path / "data")])
+    assert refused.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
