@@ -17,6 +17,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -533,19 +534,39 @@ def tool_registry(args: argparse.Namespace) -> ToolRegistry:
     return registry
 
 
+def bind_address(host: str, port: int) -> socket.socket:
+    """The server's socket, bound but not yet listening.
+
+    Bound before the model loads, so that a port in use or an address this machine does not
+    have is an error at once (OSError) rather than after a load of seconds to minutes, and no
+    other process takes the port meanwhile; connections are refused until uvicorn listens.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
+    return sock
+
+
 async def serve(args: argparse.Namespace) -> bool:
     """Serve until shut down; returns False if it ended because the engine failed."""
-    # The SQLite database in the data directory belongs to this server alone (checked
-    # first: a second server must not load a model only to be refused).
+    # The SQLite database in the data directory belongs to this server alone, and the
+    # address to this process (both checked first: a second server must not load a model
+    # only to be refused).
     lock = hold_data_dir(args.data_dir) if args.database_url is None else None
     try:
-        return await _serve(args)
+        with bind_address(args.host, args.port) as sock:
+            return await _serve(args, sock)
     finally:
         if lock is not None:
             lock.close()
 
 
-async def _serve(args: argparse.Namespace) -> bool:
+async def _serve(args: argparse.Namespace, sock: socket.socket) -> bool:
     tools = tool_registry(args)
     engine = AsyncLLM(engine_args(args))
     # The embedder first: vector stores are built on it when the store opens.
@@ -565,8 +586,6 @@ async def _serve(args: argparse.Namespace) -> bool:
     settle_heap()
     config = uvicorn.Config(
         app,
-        host=args.host,
-        port=args.port,
         log_level=args.log_level,
         access_log=not args.no_access_log,
         # Requests have been drained (or ended) before uvicorn is told to exit.
@@ -574,7 +593,7 @@ async def _serve(args: argparse.Namespace) -> bool:
         lifespan="off",
     )
     try:
-        await _Server(config, app, engine, args.shutdown_timeout).serve()
+        await _Server(config, app, engine, args.shutdown_timeout).serve(sockets=[sock])
     finally:
         await engine.shutdown()
         stop_preparation(app)

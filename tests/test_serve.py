@@ -32,3 +32,22 @@ def test_settle_heap_frees_garbage_then_keeps_survivors_out_of_full_collections(
         [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.split() == ["True", "True", "True"], done.stdout + done.stderr
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """One line and status 1 at once, not uvicorn's status 3 after a model load."""
+    import socket
+
+    from engine import serve
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded although the port is taken")
+
+    monkeypatch.setattr(serve, "AsyncLLM", load)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code = serve.main(["--port", str(port), "--data-dir", str(tmp_path), "--no-embeddings"])
+    assert code == 1
+    assert f"error: cannot listen on 127.0.0.1 port {port}: Address already in use" in (
+        capsys.readouterr().err
+    )
