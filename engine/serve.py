@@ -620,8 +620,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         healthy = asyncio.run(serve(args))
-    # A bad model path or option, a port in use, a database that cannot be opened.
-    except (ValueError, OSError) as exc:
+    # A bad model path or option, a port in use, a database that cannot be opened, a KV
+    # budget with no room for one block (MemoryError, from the engine's sizing).
+    except (ValueError, OSError, MemoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except SQLAlchemyError as exc:

@@ -51,3 +51,12 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path, monkeypatch, 
     assert f"error: cannot listen on 127.0.0.1 port {port}: Address already in use" in (
         capsys.readouterr().err
     )
+
+
+def test_a_kv_budget_without_room_for_one_block_is_one_line(tmp_path, capsys):
+    from engine import serve
+
+    argv = ["--kv-cache-memory-gib", "1e-9", "--compile", "off", "--no-embeddings"]
+    assert serve.main([*argv, "--port", "0", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "error: no room for a KV cache" in err and "Traceback" not in err
