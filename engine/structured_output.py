@@ -213,6 +213,7 @@ def _to_llguidance(kind: str, value: Any) -> str:
 def _check_schema(schema: dict | bool, where: str) -> None:
     """ValueError naming `where` for a schema llguidance would crash on, or accept and then
     fail to follow."""
+    _check_refs(schema, where)
     _check_depth(schema, where)
     _check_numbers(schema, where)
     _check_finite(schema, where)
@@ -327,6 +328,23 @@ def _check_min_properties(schema: dict | bool, where: str) -> None:
                 "properties beyond the required ones, whose names the grammar cannot keep "
                 "distinct"
             )
+
+
+def _check_refs(schema: dict | bool, where: str) -> None:
+    """ValueError for a `$ref` other than a JSON pointer into the schema itself ("#" or
+    "#/..."), or an `$id` below the root: the depth and finiteness checks follow `$ref`s
+    as pointers from the root, and llguidance resolves an anchor ("#a"), a URI ("b.json",
+    "https://...") or a pointer inside a subschema with an `$id` (relative to that
+    subschema) elsewhere, where a `$ref` chain thousands deep would crash the process."""
+    for node in _subschemas(schema):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and not (ref == "#" or ref.startswith("#/")):
+            raise ValueError(
+                f"{where} is not supported: $ref {ref!r} is not a JSON pointer into the "
+                'schema ("#" or "#/...")'
+            )
+        if node is not schema and isinstance(node.get("$id"), str):
+            raise ValueError(f"{where} is not supported: $id below the schema's root")
 
 
 def _check_depth(schema: dict | bool, where: str) -> None:
@@ -464,10 +482,11 @@ def _escape(name: str) -> str:
 
 
 def _resolve(root: Any, ref: str) -> Any:
-    """The subschema a local `$ref` ("#/$defs/a") names, or None."""
+    """The subschema a local `$ref` ("#/$defs/a") names, or None. The fragment is
+    percent-decoded before it is split, as llguidance does: "#/$defs/a%2Fb" is a/b."""
     node = root
-    for token in ref[1:].split("/")[1:] if ref != "#" else []:
-        token = unquote(token).replace("~1", "/").replace("~0", "~")
+    for token in unquote(ref[1:]).split("/")[1:]:
+        token = token.replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict) and token in node:
             node = node[token]
         elif isinstance(node, list) and token.isdigit() and int(token) < len(node):

@@ -151,15 +151,16 @@ def test_recursive_schemas_with_a_finite_value_are_accepted(schema):
     StructuredOutputsParams(json=schema)
 
 
-def _ref_chain(length: int) -> dict:
+def _ref_chain(length: int, ref: str = "#/$defs/d{}") -> dict:
     """A schema whose value nests `length` objects deep, each a `$ref` to the next: a
-    small body (a request's JSON may nest 64 levels, a `$ref` chain any number)."""
+    small body (a request's JSON may nest 64 levels, a `$ref` chain any number). `ref`
+    spells the reference to definition {} of `$defs`."""
     defs = {
-        f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}}}
+        f"d{i}": {"type": "object", "properties": {"a": {"$ref": ref.format(i + 1)}}}
         for i in range(length)
     }
     defs[f"d{length}"] = {"type": "integer"}
-    return {"$defs": defs, "$ref": "#/$defs/d0"}
+    return {"$defs": defs, "$ref": ref.format(0)}
 
 
 def test_schemas_nested_too_deep_through_refs_are_refused():
@@ -194,6 +195,27 @@ _CRASHES = [
     ({"json": {"type": "integer", "const": -1e300}}, "#/const is -1e+300, below the least float"),
     # its JSON text, -9.223372036854775e+18, is read as -2**63
     ({"json": {"type": "integer", "const": -(2.0**63) + 1024}}, "#/const is -9.2"),
+    # $ref chains the depth check cannot follow: a URI, an anchor, a pointer relative to a
+    # subschema's $id, and a pointer whose percent-encoded "/" splits it (x%2Fd1 is x/d1)
+    (
+        {"json": {"$id": "https://x.test/s", **_ref_chain(4000, "https://x.test/s#/$defs/d{}")}},
+        "$ref 'https://x.test/s#/$defs/d0' is not a JSON pointer into the schema",
+    ),
+    ({"json": _ref_chain(4000, "json-schema:///#/$defs/d{}")}, "not a JSON pointer"),
+    ({"json": _ref_chain(4000, "#d{}") | {"$anchor": "d0"}}, "$ref '#d0' is not a JSON pointer"),
+    (
+        {"json": {"$defs": {"w": {"$id": "w", **_ref_chain(4000)}}, "$ref": "#/$defs/w"}},
+        "$id below the schema's root",
+    ),
+    (
+        {
+            "json": {
+                "$defs": {"x": _ref_chain(4000, "#/$defs/x%2Fd{}")["$defs"]},
+                "$ref": "#/$defs/x%2Fd0",
+            }
+        },
+        "nests deeper than 1024",
+    ),
 ]
 
 
@@ -222,6 +244,25 @@ def test_structures_that_crash_llguidance_are_refused_naming_the_problem():
     assert len(lines) == len(_CRASHES)
     for line, (_, message) in zip(lines, _CRASHES, strict=True):
         assert message in line
+
+
+def test_references_resolve_as_json_pointers_from_the_root(llm):
+    """A root `$id` leaves "#/..." pointers to the root; a pointer is percent-decoded
+    before it is split, so the output follows what llguidance reads."""
+    schema = {
+        "$id": "https://x.test/s",
+        "$defs": {"x": {"d": {"type": "integer"}}, "x/d": {"type": "string"}},
+        "type": "object",
+        "properties": {"n": {"$ref": "#/$defs/x%2Fd"}},
+        "required": ["n"],
+    }
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=24,
+        structured_outputs=StructuredOutputsParams(json=schema),
+    )
+    [(text, _)] = _texts(llm, [params])
+    assert isinstance(json.loads(text)["n"], int)
 
 
 def test_a_grammars_json_text_that_only_looks_like_a_schema_is_harmless():
