@@ -21,6 +21,7 @@ ignores them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -62,6 +63,21 @@ SCHEMA_FLOAT_MIN = float(-(2**63) + 2048)
 # Where a Lark grammar embeds a JSON schema: the directive, then the schema's JSON (which
 # llguidance's lexer reads after any whitespace).
 _JSON_DIRECTIVE = re.compile(r"%json[ \t\r\n]*")
+# llguidance also compiles a Lark grammar recursively, through each rule or token into the
+# ones it names and into each group, `(...)` or `[...]`: a chain of about 2,500 rules
+# crashes the process (a segfault), one of 400 rules each nested in 20 groups too.
+MAX_GRAMMAR_DEPTH = 1024
+# A Lark rule's or token's head, at the start of its line: `?name[attributes].priority:`.
+_LARK_HEAD = re.compile(
+    r"^[ \t]*[?!]?([A-Za-z_]\w*)[ \t]*(?:\[[^\]\n]*\])?[ \t]*(?:\.-?\d+)?[ \t]*:", re.M
+)
+# A rule's body as tokens: what cannot name a rule (comments, strings, regular
+# expressions, special tokens, a directive's JSON argument), names, and groups.
+_LARK_TOKEN = re.compile(
+    r"""(?P<skip>//[^\n]*|"(?:[^"\\\n]|\\.)*"|/(?:[^/\\\n]|\\.)+/|<[^>\n]*>)"""
+    r"|(?P<directive>%(?:json|regex|llguidance)[ \t\r\n]*)"
+    r"|(?P<name>[A-Za-z_]\w*)|(?P<open>[(\[])|(?P<close>[)\]])"
+)
 
 
 @dataclass
@@ -206,6 +222,7 @@ def _to_llguidance(kind: str, value: Any) -> str:
         lark = llguidance.grammar_from("grammar", value)
     except ValueError as exc:  # a GBNF grammar the converter cannot read
         raise ValueError(f"structured_outputs.grammar: {exc}") from None
+    _check_grammar_depth(lark)
     _check_embedded_schemas(lark)
     return lark
 
@@ -235,6 +252,38 @@ def _check_embedded_schemas(lark: str) -> None:
         if isinstance(schema, dict | bool):
             line = lark.count("\n", 0, found.start()) + 1
             _check_schema(schema, f"structured_outputs.grammar's %json schema on line {line}")
+
+
+def _check_grammar_depth(lark: str) -> None:
+    """ValueError when a Lark grammar's rules and groups, each rule followed into those it
+    names, may nest deeper than MAX_GRAMMAR_DEPTH (bounded as _check_depth bounds a
+    schema's). A name that is no rule's (an attribute such as `lazy`) is left out."""
+    heads = list(_LARK_HEAD.finditer(lark))
+    rules = {head[1]: i for i, head in enumerate(heads)}
+    children: dict[int, list[int]] = {i: [] for i in range(len(heads))}
+    decoder = json.JSONDecoder()
+    for i, head in enumerate(heads):
+        end = heads[i + 1].start() if i + 1 < len(heads) else len(lark)
+        groups, pos = [i], head.end()
+        while (token := _LARK_TOKEN.search(lark, pos, end)) is not None:
+            pos = token.end()
+            if token["directive"] is not None:
+                with contextlib.suppress(ValueError, RecursionError):
+                    pos = decoder.raw_decode(lark, pos)[1]
+            elif token["name"] in rules:
+                children[groups[-1]].append(rules[token["name"]])
+            elif token["open"] is not None:
+                children[len(children)] = []
+                children[groups[-1]].append(len(children) - 1)
+                groups.append(len(children) - 1)
+            elif token["close"] is not None and len(groups) > 1:
+                groups.pop()
+    children[-1] = list(rules.values())  # a root above every rule, one more level
+    if _longest_path(children, -1) - 1 > MAX_GRAMMAR_DEPTH:
+        raise ValueError(
+            f"structured_outputs.grammar nests deeper than {MAX_GRAMMAR_DEPTH} rules and "
+            "groups once each rule is followed into those it names"
+        )
 
 
 def _check_finite(schema: dict | bool, where: str) -> None:

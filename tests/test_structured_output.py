@@ -178,8 +178,22 @@ def test_schemas_nested_too_deep_through_refs_are_refused():
     StructuredOutputsParams(json=_ref_chain(300))
 
 
+def _rule_chain(length: int, groups: int = 0) -> str:
+    """A Lark grammar of `length` rules, each naming the next inside `groups` groups."""
+    rules = [f'r{i}: {"(" * groups}"a" r{i + 1}{")" * groups}' for i in range(length)]
+    return "\n".join(["start: r0", *rules, f'r{length}: "b"'])
+
+
+def test_grammars_within_the_rule_depth_are_accepted():
+    StructuredOutputsParams(grammar=_rule_chain(1000))
+    StructuredOutputsParams(grammar=_rule_chain(45, groups=20))
+
+
 # Each of these crashed llguidance (a segfault) where it was accepted.
 _CRASHES = [
+    # llguidance compiles a grammar's rules recursively, into those they name and groups
+    ({"grammar": _rule_chain(3000)}, "grammar nests deeper than 1024 rules and groups"),
+    ({"grammar": _rule_chain(400, groups=20)}, "grammar nests deeper than 1024"),
     # a Lark grammar's %json schemas get a `json` schema's checks
     (
         {"grammar": 'start: %json {"const": -9223372036854775808}'},
