@@ -102,6 +102,8 @@ class EngineArgs:
             raise ValueError("num_threads must be >= 1")
         if not 0 <= self.burst_wait_ms <= 1000:
             raise ValueError(f"burst_wait_ms must be from 0 to 1000, got {self.burst_wait_ms}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.kv_cache_memory_gib is not None and not 0 < self.kv_cache_memory_gib < math.inf:
@@ -112,6 +114,19 @@ class EngineArgs:
             raise ValueError(
                 f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed}"
             )
+
+    def resolve_max_model_len(self, model_window: int) -> int:
+        """The context window: max_model_len, or the model's own (`model_window`) when none is
+        given. One above the model's own is a ValueError, as vLLM refuses it: the positions
+        past it were never trained, and a window silently cut would mislead the caller."""
+        if self.max_model_len is None:
+            return model_window
+        if self.max_model_len > model_window:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} is above the context window of "
+                f"{self.model}: {model_window} tokens"
+            )
+        return self.max_model_len
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -52,6 +52,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         loaded = load_model(args.model, dtype=self.dtype)
         self.model_config = cfg = loaded.config
+        self.max_model_len = args.resolve_max_model_len(cfg.max_position_embeddings)
         self.tokenizer = loaded.tokenizer
         # The CPU's kernel target and the defaults chosen for it, with the reason (/health).
         self.cpu_path = cpu_path() if self.device.type == "cpu" else None
@@ -82,9 +83,6 @@ class LLMEngine:
         self.compile_mode = args.resolve_compile(self.device)
         if self.compile_mode != "off" and self.device.type != "cpu":
             raise ValueError(f"compile={self.compile_mode!r} is only implemented on CPU")
-        self.max_model_len = min(
-            args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
-        )
         num_blocks = args.num_kv_blocks or num_kv_blocks(
             cfg,
             args.block_size,

@@ -30,6 +30,7 @@ from engine.args import DTYPES, EngineArgs
 from engine.async_llm import AsyncLLM
 from engine.compilation import COMPILE_MODES
 from engine.linear import QUANTIZATIONS
+from engine.loader import load_config
 from orchestrator import Product
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store import check_database_url, database_error, hold_data_dir, sqlite_url
@@ -336,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-model-len",
         type=_positive_int,
         default=None,
-        help="context window; default: the model's own",
+        help="context window, at most the model's own; default: the model's own",
     )
     eng.add_argument(
         "--enable-prefix-caching",
@@ -397,6 +398,23 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         pin_threads=args.pin_threads,
         burst_wait_ms=args.burst_wait_ms,
     )
+
+
+def check_engine_args(args: argparse.Namespace) -> None:
+    """ValueError for an engine option the engine would refuse, found before anything loads.
+
+    A --max-model-len is checked against the window in the model's config (read alone, in
+    milliseconds); a model that cannot be read is left to fail with its own error where it
+    loads.
+    """
+    checked = engine_args(args)
+    if args.max_model_len is None:
+        return
+    try:
+        window = load_config(args.model).max_position_embeddings
+    except (ValueError, OSError):
+        return
+    checked.resolve_max_model_len(window)
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -609,8 +627,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         # The engine's own option rules (a block size that is no power of two, a device this
-        # machine lacks), refused as argparse refuses a flag: at once, with status 2.
-        engine_args(args)
+        # machine lacks, a window above the model's), refused as argparse refuses a flag: at
+        # once, with status 2.
+        check_engine_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     # The server tokenizes one text at a time on its low-priority worker threads

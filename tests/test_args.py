@@ -162,15 +162,26 @@ def test_a_device_this_machine_does_not_have_is_a_clear_error(device):
         (["--seed", str(2**64)], "seed must be an integer in"),
         (["--device", "tpu"], "device must be"),
         (["--enforce-eager", "--compile", "on"], "enforce_eager"),
+        (
+            ["--max-model-len", "100000"],
+            "max_model_len 100000 is above the context window of smollm2-135m-instruct: "
+            "8192 tokens",
+        ),
     ],
 )
-def test_bad_engine_flags_are_refused_before_anything_loads(flags, message, tmp_path, capsys):
+def test_bad_engine_flags_are_refused_before_anything_loads(
+    flags, message, tmp_path, capsys, monkeypatch
+):
     """The engine's option rules are a usage error (status 2, one line after the usage), as
     argparse's own are, before the data directory is locked or the model loaded."""
     from engine import serve
 
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(serve, "AsyncLLM", load)
     with pytest.raises(SystemExit) as refused:
-        serve.main([*flags, "--data-dir", str(tmp_path / "data")])
+        serve.main([*flags, "--port", "0", "--data-dir", str(tmp_path / "data")])
     assert refused.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "data").exists()

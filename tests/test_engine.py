@@ -431,6 +431,16 @@ def test_the_window_cuts_the_output_not_the_request(tiny_chat_model_dir):
         llm.generate(list(range(1, 34)), SamplingParams(max_tokens=1), use_tqdm=False)
 
 
+def test_a_window_above_the_models_own_is_refused(tiny_chat_model_dir):
+    """As vLLM refuses it: positions past the model's window were never trained, so a
+    larger max_model_len is an error, not silently the model's window."""
+    with pytest.raises(
+        ValueError, match=r"max_model_len 513 is above the context window of .*: 512 tokens"
+    ):
+        _llm(tiny_chat_model_dir, max_model_len=513)
+    assert _llm(tiny_chat_model_dir, max_model_len=512).engine.max_model_len == 512
+
+
 def test_allowed_token_ids_confine_what_the_engine_generates(tiny_chat_model_dir):
     llm = _llm(tiny_chat_model_dir)
     allowed = [5, 9, 42]

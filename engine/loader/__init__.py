@@ -36,6 +36,7 @@ __all__ = [
     "ResolvedModel",
     "UnsupportedModelError",
     "expected_weight_names",
+    "load_config",
     "load_model",
     "resolve_model",
 ]
@@ -60,6 +61,15 @@ def load_model(model: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     if resolved.kind == "gguf":
         return _load_gguf(resolved.path, dtype)
     return _load_hf(Path(resolved.path), dtype)
+
+
+def load_config(model: str) -> ModelConfig:
+    """Resolve `model` and read its config alone (the GGUF header or config.json, no weight):
+    what is needed to check options against the model before a load of seconds to minutes."""
+    resolved = resolve_model(model)
+    if resolved.kind == "gguf":
+        return config_from_gguf(read_gguf(resolved.path))
+    return read_hf_config(Path(resolved.path))
 
 
 def _load_gguf(path: str, dtype: torch.dtype) -> LoadedModel:
