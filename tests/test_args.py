@@ -64,7 +64,13 @@ def test_explicit_choices_win():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("quantization", "int3"), ("kv_cache_dtype", "fp8"), ("dtype", "double"), ("compile", "yes")],
+    [
+        ("quantization", "int3"),
+        ("kv_cache_dtype", "fp8"),
+        ("dtype", "double"),
+        ("compile", "yes"),
+        ("max_model_len", 0),
+    ],
 )
 def test_bad_values_are_rejected_with_the_field_name(field, value):
     with pytest.raises(ValueError, match=field):
