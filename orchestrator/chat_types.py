@@ -42,6 +42,16 @@ class ResponseFormat:
 
 
 @dataclass
+class Guided:
+    """One of vLLM's older structured-output fields (`guided_json`, `guided_regex`,
+    `guided_choice`, `guided_grammar`): the field sent, and its value (a guided_json schema
+    as a dict)."""
+
+    param: str
+    value: Any
+
+
+@dataclass
 class ChatRequest:
     model: str | None
     messages: list[Message]
@@ -55,6 +65,7 @@ class ChatRequest:
     forced_tool: str | None = None  # the function named by tool_choice, if any
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
+    guided: Guided | None = None
 
 
 @dataclass
@@ -68,3 +79,4 @@ class CompletionRequest:
     echo: bool = False
     score_only: bool = False  # max_tokens=0 with echo: the prompt's scores, no completion
     response_format: ResponseFormat | None = None
+    guided: Guided | None = None

@@ -38,7 +38,7 @@ from server.metrics import RequestTimer
 from server.prep_process import PromptContext
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
-from server.structured import response_format_params
+from server.structured import completion_structured_outputs
 
 
 @dataclass
@@ -112,7 +112,7 @@ async def create_completion(
     model = state.resolve_model(request.model)
     meter.model = model
     # In a thread, off the event loop: see the same call in chat.py.
-    structure = await asyncio.to_thread(response_format_params, request.response_format)
+    structure = await asyncio.to_thread(completion_structured_outputs, request)
     params = make_sampling_params({**request.sampling, "structured_outputs": structure})
     check_params_vocabulary(params, state.engine.vocab_size)
     sequences = len(request.prompts) * params.n

@@ -6,7 +6,10 @@ lists). Sampling fields are collected as-is into `sampling` and checked by the
 engine's `SamplingParams`, which refuses any wrong type or range with an error naming
 the parameter, so range rules live in one place. Checks that need the model (token ids
 below the vocabulary size) are `server.generation`'s. Unknown fields are ignored, as
-vLLM does, so clients that send newer OpenAI fields keep working.
+vLLM does, so clients that send newer OpenAI fields keep working; but vLLM's own fields
+are known: its older structured-output fields (`guided_*`) are honoured, and those vLLM
+honours that this server cannot (beam search, prompt logprobs in vLLM's shape, best_of,
+a chat echo) are a 400 naming the field, never an answer other than the one asked for.
 
 Every check raises a 400 naming the field; no value of any type may get past this
 module as anything but a 400 or a well-formed request.
@@ -14,12 +17,14 @@ module as anything but a 400 or a well-formed request.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 from orchestrator.chat_types import (
     ChatRequest,
     CompletionRequest,
+    Guided,
     Message,
     ResponseFormat,
     Tool,
@@ -325,8 +330,59 @@ def _tool_choice(body: dict, tools: list[Tool]) -> tuple[str, str | None]:
 
 
 def _check_common(body: dict) -> None:
-    """Fields both endpoints accept but do not use: check their types."""
+    """Fields both endpoints accept but do not use: check their types. vLLM's fields that
+    would change the answer and have no counterpart here are refused."""
     typed_field(body, "user", "a string")
+    if typed_field(body, "use_beam_search", "a boolean"):
+        raise invalid(
+            "use_beam_search is not supported: beam search is not implemented", "use_beam_search"
+        )
+    if body.get("prompt_logprobs") is not None:
+        raise invalid(
+            "prompt_logprobs is not supported: on /v1/completions, echo with logprobs "
+            "scores the prompt's tokens",
+            "prompt_logprobs",
+        )
+    best_of = typed_field(body, "best_of", "an integer")
+    if best_of is not None and best_of != (1 if body.get("n") is None else body["n"]):
+        raise invalid("best_of is not supported (it must equal n)", "best_of")
+
+
+# vLLM's older structured-output fields, each what the field's JSON kind must be.
+_GUIDED_FIELDS = {
+    "guided_json": "an object",
+    "guided_regex": "a string",
+    "guided_choice": "an array",
+    "guided_grammar": "a string",
+}
+
+
+def _guided(body: dict, response_format: ResponseFormat | None) -> Guided | None:
+    """The one `guided_*` field sent, if any, with its value's shape checked (the structure
+    itself is checked when its grammar is built: server/structured.py). A guided_json
+    string is the schema's JSON text."""
+    given = [name for name in _GUIDED_FIELDS if body.get(name) is not None]
+    if not given:
+        return None
+    param = given[0]
+    if len(given) > 1:
+        raise invalid(f"send one of {', '.join(given)}, not several", given[1])
+    if response_format is not None:
+        raise invalid(f"{param} cannot be combined with response_format", param)
+    value = body[param]
+    if param == "guided_json" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            raise invalid(
+                "guided_json must be a JSON schema, as an object or its JSON text", param
+            ) from None
+        if not isinstance(value, dict):
+            raise invalid("guided_json must be a JSON schema (an object)", param)
+    typed_field({param: value}, param, _GUIDED_FIELDS[param])
+    if param == "guided_choice" and not (value and all(isinstance(c, str) and c for c in value)):
+        raise invalid("guided_choice must be a non-empty array of non-empty strings", param)
+    return Guided(param, value)
 
 
 def _response_format(body: dict) -> ResponseFormat | None:
@@ -392,6 +448,8 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
             code="context_length_exceeded",
         )
     _check_common(body)
+    if typed_field(body, "echo", "a boolean"):
+        raise invalid("echo is not supported on chat completions", "echo")
     for legacy in ("functions", "function_call"):  # ignored, a forced call would be lost
         if body.get(legacy) is not None:
             raise invalid(
@@ -418,6 +476,10 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
     if logprobs:
         sampling["logprobs"] = top or 0
     _logit_bias(body, sampling)
+    response_format = _response_format(body)
+    guided = _guided(body, response_format)
+    if guided is not None and mode != "none":
+        raise invalid(f"{guided.param} cannot be combined with tools", guided.param)
     return ChatRequest(
         model=typed_field(body, "model", "a string"),
         messages=messages,
@@ -430,7 +492,8 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
         tool_choice=mode,
         forced_tool=forced,
         parallel_tool_calls=typed_field(body, "parallel_tool_calls", "a boolean", True),
-        response_format=_response_format(body),
+        response_format=response_format,
+        guided=guided,
     )
 
 
@@ -474,9 +537,6 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise invalid(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", "logprobs")
     echo = typed_field(body, "echo", "a boolean", False)
-    best_of = typed_field(body, "best_of", "an integer")
-    if best_of is not None and best_of != (1 if body.get("n") is None else body["n"]):
-        raise invalid("best_of is not supported (it must equal n)", "best_of")
     sampling = _sampling_fields(body)
     # The legacy endpoint's default is 16 tokens, not "fill the context". max_tokens=0 with
     # echo scores a prompt without generating (what evaluation harnesses send).
@@ -487,6 +547,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         if echo:  # the echoed prompt's tokens are scored too
             sampling["prompt_logprobs"] = logprobs
     _logit_bias(body, sampling)
+    response_format = _response_format(body)
     return CompletionRequest(
         model=typed_field(body, "model", "a string"),
         prompts=prompts,
@@ -496,5 +557,6 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         logprobs=logprobs,
         echo=echo,
         score_only=score_only,
-        response_format=_response_format(body),
+        response_format=response_format,
+        guided=_guided(body, response_format),
     )

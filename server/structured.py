@@ -1,6 +1,6 @@
-"""The chat and completions APIs' output structures (`response_format`, tool calls) as the
-engine's `StructuredOutputsParams`; the grammars are orchestrator/output_structure.py's,
-shared with the Responses API."""
+"""The chat and completions APIs' output structures (`response_format`, vLLM's `guided_*`
+fields, tool calls) as the engine's `StructuredOutputsParams`; the grammars are
+orchestrator/output_structure.py's, shared with the Responses API."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from contextlib import contextmanager
 
 from engine.structured_output import StructuredOutputsParams
 from orchestrator import InvalidRequestError
-from orchestrator.chat_types import ChatRequest, ResponseFormat, Tool
+from orchestrator.chat_types import ChatRequest, CompletionRequest, Guided, ResponseFormat, Tool
 from orchestrator.output_structure import (
     ANY_OBJECT,
+    checked,
     json_format_params,
     require_json_mention,
     turn_structure,
@@ -34,8 +35,21 @@ def _format_schema(fmt: ResponseFormat | None) -> dict | None:
     return ANY_OBJECT if fmt.type == "json_object" else fmt.schema or {}
 
 
-def response_format_params(fmt: ResponseFormat | None) -> StructuredOutputsParams | None:
-    schema = _format_schema(fmt)
+def _guided_params(guided: Guided) -> StructuredOutputsParams:
+    """vLLM's `guided_*` field as the engine's structure; guided_json under response_format's
+    checks (a schema of an object, its root typed as one when it names no type)."""
+    with _as_api_error():
+        if guided.param == "guided_json":
+            return json_format_params(guided.value, "guided_json")
+        kind = guided.param.removeprefix("guided_")
+        return checked(guided.param, **{kind: guided.value})
+
+
+def completion_structured_outputs(request: CompletionRequest) -> StructuredOutputsParams | None:
+    """What a legacy completion's output is constrained to (None: free text)."""
+    if request.guided is not None:
+        return _guided_params(request.guided)
+    schema = _format_schema(request.response_format)
     with _as_api_error():
         return None if schema is None else json_format_params(schema, "response_format")
 
@@ -43,7 +57,10 @@ def response_format_params(fmt: ResponseFormat | None) -> StructuredOutputsParam
 def chat_structured_outputs(
     request: ChatRequest, tools: list[Tool]
 ) -> StructuredOutputsParams | None:
-    """What a chat completion's output is constrained to (None: free text)."""
+    """What a chat completion's output is constrained to (None: free text). A `guided_*`
+    field comes without tools and response_format (server/protocol.py)."""
+    if request.guided is not None:
+        return _guided_params(request.guided)
     functions = [(t.name, t.spec["function"].get("parameters")) for t in tools]
     with _as_api_error():
         structure = turn_structure(

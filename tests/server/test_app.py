@@ -278,6 +278,64 @@ def test_client_mistakes_get_openai_shaped_4xx(serve):
     assert server.engine.params == []  # none of these reached the engine
 
 
+GUIDED_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+def test_vllm_guided_fields_constrain_the_output_on_both_routes(serve):
+    """vLLM's older structured-output fields are the engine's structured outputs, as
+    response_format is; a guided_json string is the schema's JSON text."""
+    server = serve()
+    cases = [
+        ("guided_json", GUIDED_SCHEMA, "json", GUIDED_SCHEMA),
+        ("guided_json", json.dumps(GUIDED_SCHEMA), "json", GUIDED_SCHEMA),
+        ("guided_regex", "[0-9]+", "regex", "[0-9]+"),
+        ("guided_choice", ["yes", "no"], "choice", ["yes", "no"]),
+        ("guided_grammar", 'start: "yes" | "no"', "grammar", 'start: "yes" | "no"'),
+    ]
+    for field, value, kind, expected in cases:
+        for response in (
+            chat(server, **{field: value}),
+            server.client.post("/v1/completions", json={"prompt": "Hi", field: value}),
+        ):
+            assert response.status_code == 200, response.text
+            structure = server.engine.params[-1].structured_outputs
+            assert structure.kind == kind and getattr(structure, kind) == expected
+
+
+def test_vllm_fields_the_server_cannot_honour_are_400s_naming_them(serve):
+    """Silently ignored, they would answer with output other than what was asked for."""
+    server = serve()
+
+    def completion(**body):
+        return server.client.post("/v1/completions", json={"prompt": "Hi", **body})
+
+    for send in (chat, lambda server, **body: completion(**body)):
+        assert_error(send(server, guided_regex="(a"), 400, "guided_regex")
+        assert_error(send(server, guided_json={"type": "array"}), 400, "guided_json")
+        assert_error(send(server, guided_json="{not json"), 400, "guided_json")
+        assert_error(send(server, guided_json=[1]), 400, "guided_json")
+        assert_error(send(server, guided_choice=[]), 400, "guided_choice")
+        assert_error(send(server, guided_choice="yes"), 400, "guided_choice")
+        assert_error(send(server, guided_grammar=3), 400, "guided_grammar")
+        assert_error(send(server, guided_regex="a", guided_choice=["a"]), 400, "guided_choice")
+        fmt = {"type": "json_object"}
+        assert_error(send(server, guided_regex="a", response_format=fmt), 400, "guided_regex")
+        assert_error(send(server, use_beam_search=True), 400, "use_beam_search")
+        assert_error(send(server, prompt_logprobs=1), 400, "prompt_logprobs")
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert_error(chat(server, guided_regex="a", tools=tools), 400, "guided_regex")
+    assert_error(chat(server, echo=True), 400, "echo")
+    assert_error(chat(server, best_of=2), 400, "best_of")
+    assert_error(completion(best_of=2), 400, "best_of")
+    assert server.engine.params == []
+    for response in (
+        chat(server, use_beam_search=False, echo=False, best_of=1, prompt_logprobs=None),
+        chat(server, guided_regex="a", tools=tools, tool_choice="none"),
+        completion(use_beam_search=False, best_of=1),
+    ):
+        assert response.status_code == 200, response.text
+
+
 def test_template_errors_are_400(serve):
     engine = FakeEngine(tokenizer=FakeTokenizer("{{ raise_me() }}"))
     assert_error(chat(serve(engine)), 400, "messages")

@@ -234,7 +234,20 @@ COMPLETIONS = {
     **SAMPLING,
 }
 # Fields valid only together with others, and unknown ones: only ever set to hostile values.
-EXTRA = ("top_logprobs", "stream_options", "echo", "suffix", "best_of", "functions")
+EXTRA = (
+    "top_logprobs",
+    "stream_options",
+    "echo",
+    "suffix",
+    "best_of",
+    "functions",
+    "use_beam_search",
+    "prompt_logprobs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
 
 
 def hostile_value(name: str) -> st.SearchStrategy:
