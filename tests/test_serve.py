@@ -53,6 +53,36 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path, monkeypatch, 
     )
 
 
+def test_connections_to_the_bound_address_send_small_writes_at_once():
+    """The socket bound before the model loads is a TCP one to asyncio, which then turns
+    Nagle's algorithm off (TCP_NODELAY) on each connection: otherwise each small SSE write
+    could wait for the client's delayed ACK."""
+    import asyncio
+    import socket
+
+    from engine.serve import bind_address
+
+    async def nodelay_of_accepted() -> int:
+        accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.Transport) -> None:
+                sock = transport.get_extra_info("socket")
+                accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        sock = bind_address("127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            try:
+                return await asyncio.wait_for(accepted, 10)
+            finally:
+                writer.close()
+
+    assert asyncio.run(nodelay_of_accepted()) != 0
+
+
 def test_a_kv_budget_without_room_for_one_block_is_one_line(tmp_path, capsys):
     from engine import serve
 
