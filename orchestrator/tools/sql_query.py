@@ -5,9 +5,10 @@ write can reach it, whatever the statement), and an authorizer allows only readi
 (SELECT, reading columns, functions, CTEs) and refuses everything else: writes, schema
 changes, ATTACH (which would open another file), PRAGMA and transactions, and the
 functions that reach past SQL (`_DENIED_FUNCTIONS`). A progress handler stops a query at
-its time limit or when the call is cancelled; no value may grow past `MAX_VALUE_BYTES`,
-at most `max_rows` rows come back, and their text is capped. Queries run in a worker
-thread, never on the event loop.
+its time limit or when the call is cancelled; no value may grow past `MAX_VALUE_BYTES`
+and no row past `MAX_RESULT_COLUMNS` values; rows are read one at a time, at most
+`max_rows` of them and none once their text passes `MAX_READ_CHARS`, and that text is
+capped. Queries run in a worker thread, never on the event loop.
 
 The database's shape is read once, at start (orchestrator/tools/sql_grammar.py): the
 description the model reads lists its tables, columns and categorical values, and
@@ -57,6 +58,12 @@ _DENIED_FUNCTIONS = {"fts3_tokenizer", "load_extension", "printf", "format"}
 # cannot interrupt.
 MAX_VALUE_BYTES = 65_536
 MAX_OUTPUT_CHARS = 64_000  # the rows' CSV, whatever the rows hold
+# What the rows may cost before the rest is left unread: a row holds at most
+# MAX_RESULT_COLUMNS values of MAX_VALUE_BYTES (SQLite allows 2,000 columns, 128 MB a
+# row), and the text read stops past MAX_READ_CHARS (200 rows of 40 blobs each were 2 GB
+# of CSV, built past the time limit, which covers only SQLite's own work).
+MAX_RESULT_COLUMNS = 100
+MAX_READ_CHARS = 4 * MAX_OUTPUT_CHARS
 
 
 def _authorize(
@@ -99,12 +106,25 @@ def _shape(path: Path) -> list[Table]:
         db.close()
 
 
-def _table_text(columns: list[str], rows: list[tuple], more: bool, max_rows: int) -> str:
+def _table_text(cursor: sqlite3.Cursor, max_rows: int) -> str:
+    """The query's rows as CSV, read one at a time: at most `max_rows`, and none more once
+    the text passes MAX_READ_CHARS. Raises sqlite3 errors met while stepping the query."""
+    columns = [d[0] for d in cursor.description or ()]
+    if len(columns) > MAX_RESULT_COLUMNS:
+        raise ToolError(
+            f"the query returns {len(columns)} columns; at most {MAX_RESULT_COLUMNS} can come back"
+        )
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
-    writer.writerows(rows)
-    count = f"first {max_rows} rows; the query returned more" if more else f"{len(rows)} rows"
+    shown, more = 0, False
+    for row in cursor:
+        if shown == max_rows or out.tell() > MAX_READ_CHARS:
+            more = True
+            break
+        writer.writerow(row)
+        shown += 1
+    count = f"first {shown} rows; the query returned more" if more else f"{shown} rows"
     return f"{cap(out.getvalue(), MAX_OUTPUT_CHARS)}({count})"
 
 
@@ -154,9 +174,7 @@ class SqlQuery:
             lambda: int(cancelled.is_set() or time.monotonic() > deadline), 1000
         )
         try:
-            cursor = db.execute(sql)
-            rows = cursor.fetchmany(self.max_rows + 1)
-            columns = [d[0] for d in cursor.description or ()]
+            return ToolOutput(_table_text(db.execute(sql), self.max_rows))
         except sqlite3.DatabaseError as exc:
             if "interrupted" in str(exc):
                 raise ToolError(f"the query ran longer than {self.time_limit:g} s") from None
@@ -167,5 +185,3 @@ class SqlQuery:
             raise ToolError(f"SQLite error: {exc}") from None
         finally:
             db.close()
-        more = len(rows) > self.max_rows
-        return ToolOutput(_table_text(columns, rows[: self.max_rows], more, self.max_rows))

@@ -21,7 +21,14 @@ from orchestrator.tools import ToolError, ToolUnavailable, builtin_tools
 from orchestrator.tools.calculator import Calculator, calculate, format_number
 from orchestrator.tools.code_interpreter import CodeInterpreter
 from orchestrator.tools.file_search import FileSearch, FileSearchTool
-from orchestrator.tools.sql_query import DEMO_DATABASE, DEMO_SQL, SqlQuery, build_database
+from orchestrator.tools.sql_query import (
+    DEMO_DATABASE,
+    DEMO_SQL,
+    MAX_READ_CHARS,
+    MAX_RESULT_COLUMNS,
+    SqlQuery,
+    build_database,
+)
 from tests.orchestrator.sandbox_helpers import FAST
 
 
@@ -226,6 +233,22 @@ def test_sql_query_bounds_what_one_function_call_and_the_rows_may_make():
         execute(tool, sql="SELECT hex(zeroblob(20000000))")
     text = execute(tool, sql="SELECT hex(zeroblob(30000)) FROM regions").text
     assert len(text) < 70_000 and "truncated" in text
+
+
+def test_sql_query_reads_no_more_rows_than_their_text_can_show():
+    """Rows of large values (200 of 40 blobs each were 2 GB of CSV, built past the time
+    limit) are read only until their text passes what the tool shows, and a row's width
+    is bounded."""
+    tool = SqlQuery(time_limit=5)
+    rows = "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t LIMIT 200) "
+    text = execute(tool, sql=rows + "SELECT n, hex(zeroblob(30000)) FROM t").text
+    shown = int(re.search(r"\(first (\d+) rows; the query returned more\)$", text).group(1))
+    assert shown * 60_000 <= MAX_READ_CHARS + 60_000
+    assert len(text) < 70_000
+    wide = ", ".join(["n"] * (MAX_RESULT_COLUMNS + 1))
+    with pytest.raises(ToolError, match=f"at most {MAX_RESULT_COLUMNS} "):
+        execute(tool, sql=f"{rows}SELECT {wide} FROM t")
+    assert "(1 rows)" in execute(tool, sql="SELECT " + ", ".join(["1"] * MAX_RESULT_COLUMNS)).text
 
 
 def test_sql_query_without_its_database_is_unavailable(tmp_path):
