@@ -8,6 +8,10 @@ tree or virtualenv, nor any home directory. When the server runs as root, the sa
 runs as `nobody`, so that the process limit applies (the kernel never limits root's
 process count).
 
+bwrap starts with oom_score_adj 1000 (`_OOM_FIRST`), inherited by the whole run, and /proc
+is read-only inside, so the code cannot lower it: the kernel's OOM killer ends the run's
+processes before the server's.
+
 Inside, a small launcher (`_LAUNCHER`) reads the code from stdin, forks, and runs it
 in the child under rlimits: CPU seconds, address space, processes, file size. The
 launcher then lists the files the code left in /work and writes that manifest to a
@@ -105,6 +109,11 @@ with os.fdopen(manifest_fd, "w") as out:
 
 
 log = logging.getLogger(__name__)
+# The run is the first the kernel's OOM killer ends: bwrap starts with oom_score_adj 1000,
+# which every process of the run inherits and none can lower (/proc is read-only inside).
+# RLIMIT_AS bounds each process, not the run: 32 processes of 1 GiB outgrow a host of
+# 23 GiB, and the OOM killer otherwise ends the biggest process, the server.
+_OOM_FIRST = ("/bin/sh", "-c", 'echo 1000 > /proc/self/oom_score_adj && exec "$@"', "sh")
 # How long a killed run's pipes may take to reach their end (the kernel tears the
 # namespace down asynchronously).
 _DRAIN_SECONDS = 10
@@ -256,6 +265,7 @@ class Sandbox:
         ]
         size = str(limits.workdir_bytes)
         return [
+            *_OOM_FIRST,
             self.bwrap,
             "--unshare-all",
             "--die-with-parent",
@@ -277,6 +287,8 @@ class Sandbox:
             "usr/sbin",
             "/sbin",
             "--proc",
+            "/proc",
+            "--remount-ro",  # its oom_score_adj (see _OOM_FIRST) cannot be lowered
             "/proc",
             "--dev",
             "/dev",

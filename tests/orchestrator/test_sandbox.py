@@ -227,6 +227,26 @@ def test_allocating_10_gib_fails():
     assert "ALLOCATED" not in result.stdout
 
 
+def test_the_out_of_memory_killer_ends_the_run_before_the_server():
+    """RLIMIT_AS bounds each process, not the run (32 of 1 GiB outgrow the host): when
+    memory runs out, the kernel ends a sandboxed process first, and the code cannot lower
+    its own score, nor its children's."""
+    result, _ = run("""
+        import os
+        if os.fork() == 0:
+            os._exit(0 if open("/proc/self/oom_score_adj").read() == "1000\\n" else 1)
+        print("child", os.waitstatus_to_exitcode(os.wait()[1]))
+        print("score", open("/proc/self/oom_score_adj").read().strip())
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("0")
+            print("LOWERED")
+        except OSError as exc:
+            print("refused", exc.errno)
+    """)
+    assert result.stdout == "child 0\nscore 1000\nrefused 30\n", result  # EROFS
+
+
 def test_an_infinite_loop_ends_at_its_cpu_limit():
     result, _ = run("while True:\n    pass\n", replace(FAST, cpu_seconds=1))
     assert result.exit_code == -signal.SIGXCPU and not result.timed_out
