@@ -202,6 +202,11 @@ def _to_llguidance(kind: str, value: Any) -> str:
                 raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
         if not isinstance(value, dict | bool):
             raise ValueError("structured_outputs.json must be a JSON schema (an object)")
+        if isinstance(value, dict) and "x-guidance" in value:
+            raise ValueError(
+                "structured_outputs.json is not supported: x-guidance at the schema's root "
+                "(llguidance's JSON options; a grammar's %json schema may set them)"
+            )
         _check_schema(value, "structured_outputs.json")
         return M.grammar_from_json_schema(value, defaults=JSON_OPTIONS)
     if kind == "json_object":

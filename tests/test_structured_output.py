@@ -73,6 +73,11 @@ def _texts(llm: LLM, params: list[SamplingParams]) -> list[tuple[str, str]]:
             "#/m",
         ),
         ({"json": {"type": "integer", "multipleOf": -3}}, "multipleOf must be greater than 0"),
+        # llguidance's own options would override the engine's (compact JSON, strictness)
+        (
+            {"json": {"type": "object", "x-guidance": {"whitespace_flexible": True}}},
+            "structured_outputs.json is not supported: x-guidance",
+        ),
         (
             {"json": {"properties": {"n": {"type": "number", "multipleOf": 0}}}},
             "multipleOf must be greater than 0, got 0",
@@ -127,6 +132,12 @@ def test_the_widest_integers_and_data_named_multiple_of_are_accepted():
         {"const": {"multipleOf": -3}},  # data, not a schema
     ):
         StructuredOutputsParams(json=schema)
+
+
+def test_a_grammars_own_json_options_are_its_authors():
+    StructuredOutputsParams(
+        grammar='start: %json {"type": "object", "x-guidance": {"whitespace_flexible": true}}'
+    )
 
 
 @pytest.mark.parametrize(

@@ -177,6 +177,31 @@ def test_a_function_without_parameters_takes_no_arguments(compiler):
             },
             "tools",
         ),
+        # llguidance's options, which would override the engine's compact, strict JSON
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"x-guidance": {"lenient": True}}},
+                }
+            },
+            "response_format",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {"x-guidance": {"whitespace_flexible": True}},
+                        },
+                    }
+                ]
+            },
+            "tools",
+        ),
+        ({"guided_json": {"x-guidance": {"coerce_one_of": True}}}, "guided_json"),
     ],
 )
 def test_structures_that_cannot_be_enforced_are_400s(body, param):
