@@ -319,18 +319,26 @@ def _check_finite(schema: dict | bool, where: str) -> None:
 
 # Keywords whose values are JSON data, not subschemas.
 _DATA_KEYWORDS = ("const", "enum", "default", "examples")
+# Keywords whose values map names to subschemas: a name there is no keyword.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
 def _subschemas(schema: dict | bool) -> Iterator[dict]:
-    """Every object of the schema that is a schema, not data (`const`, `enum`, ...)."""
+    """Every object in a subschema's place: not data (`const`, `enum`, ...), nor a map of
+    names to subschemas (`properties`, `$defs`, ...), whose values are subschemas even
+    when a name is spelled like a data keyword."""
     stack: list[Any] = [schema]
     while stack:
         node = stack.pop()
         if isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, dict):
-            stack.extend(v for k, v in node.items() if k not in _DATA_KEYWORDS)
             yield node
+            for key, value in node.items():
+                if key in _SCHEMA_MAPS and isinstance(value, dict):
+                    stack.extend(value.values())
+                elif key not in _DATA_KEYWORDS:
+                    stack.append(value)
 
 
 def _check_numbers(schema: dict | bool, where: str) -> None:
@@ -389,13 +397,24 @@ def _check_refs(schema: dict | bool, where: str) -> None:
     "#/..."), or an `$id` below the root: the depth and finiteness checks follow `$ref`s
     as pointers from the root, and llguidance resolves an anchor ("#a"), a URI ("b.json",
     "https://...") or a pointer inside a subschema with an `$id` (relative to that
-    subschema) elsewhere, where a `$ref` chain thousands deep would crash the process."""
-    for node in _subschemas(schema):
+    subschema) elsewhere, where a `$ref` chain thousands deep would crash the process.
+    Also for a pointer to an object that is no subschema (in a `const`, an `enum`, or a
+    `properties` map itself): llguidance compiles it as one, and the checks that see
+    subschemas only would never have seen it."""
+    nodes = list(_subschemas(schema))
+    places = {id(node) for node in nodes}
+    for node in nodes:
         ref = node.get("$ref")
         if isinstance(ref, str) and not (ref == "#" or ref.startswith("#/")):
             raise ValueError(
                 f"{where} is not supported: $ref {ref!r} is not a JSON pointer into the "
                 'schema ("#" or "#/...")'
+            )
+        target = _resolve(schema, ref) if isinstance(ref, str) else None
+        if isinstance(target, dict) and id(target) not in places:
+            raise ValueError(
+                f"{where} is not supported: $ref {ref!r} is not a subschema (it points "
+                "into data, such as a const or an enum, or at a map of names)"
             )
         if node is not schema and isinstance(node.get("$id"), str):
             raise ValueError(f"{where} is not supported: $id below the schema's root")

@@ -73,6 +73,22 @@ def _texts(llm: LLM, params: list[SamplingParams]) -> list[tuple[str, str]]:
             "#/m",
         ),
         ({"json": {"type": "integer", "multipleOf": -3}}, "multipleOf must be greater than 0"),
+        # a property or definition named like a data keyword is a schema all the same
+        (
+            {"json": {"type": "object", "properties": {"enum": {"minProperties": 2}}}},
+            "minProperties 2",
+        ),
+        ({"json": {"$defs": {"const": {"multipleOf": -3}}}}, "multipleOf must be"),
+        # llguidance follows a $ref into data as a schema the checks never saw
+        (
+            {"json": {"$defs": {"a": {"const": {"minProperties": 2}}}, "$ref": "#/$defs/a/const"}},
+            "$ref '#/$defs/a/const' is not a subschema",
+        ),
+        (
+            {"json": {"enum": [{"multipleOf": -3}], "anyOf": [{"$ref": "#/enum/0"}]}},
+            "$ref '#/enum/0' is not a subschema",
+        ),
+        ({"json": {"properties": {}, "$ref": "#/properties"}}, "is not a subschema"),
         # llguidance's own options would override the engine's (compact JSON, strictness)
         (
             {"json": {"type": "object", "x-guidance": {"whitespace_flexible": True}}},
@@ -132,6 +148,13 @@ def test_the_widest_integers_and_data_named_multiple_of_are_accepted():
         {"const": {"multipleOf": -3}},  # data, not a schema
     ):
         StructuredOutputsParams(json=schema)
+
+
+def test_refs_to_subschemas_named_like_data_keywords_are_accepted():
+    StructuredOutputsParams(json={"$defs": {"const": {"type": "integer"}}, "$ref": "#/$defs/const"})
+    StructuredOutputsParams(
+        json={"properties": {"enum": {"type": "string"}}, "$ref": "#/properties/enum"}
+    )
 
 
 def test_a_grammars_own_json_options_are_its_authors():
