@@ -45,6 +45,12 @@ from engine.thread_pinning import keep_cpus
 # Compact, deterministic JSON: what json.dumps writes, and no free whitespace a model could
 # fill until its budget ends.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# The escapes a string may use (the letters after its backslash) in a schema whose objects
+# list properties and allow others: all of JSON's but `\u`. See _json_options.
+_ESCAPES_WITHOUT_U = '"\\bfnrt'
+# The characters llguidance writes only as a `\u` escape in a const's or an enum's text;
+# without `\u` it would leave them out of the value.
+_ONLY_U_ESCAPED = re.compile("[\x00-\x07\x0b\x0e-\x1f\x7f]")
 
 _KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # llguidance compiles a schema recursively, into each `$ref`'s target, on the native stack:
@@ -208,7 +214,7 @@ def _to_llguidance(kind: str, value: Any) -> str:
                 "(llguidance's JSON options; a grammar's %json schema may set them)"
             )
         _check_schema(value, "structured_outputs.json")
-        return M.grammar_from_json_schema(value, defaults=JSON_OPTIONS)
+        return M.grammar_from_json_schema(value, defaults=_json_options(value))
     if kind == "json_object":
         if value is not True:
             raise ValueError("structured_outputs.json_object must be true")
@@ -569,10 +575,50 @@ def _resolve(root: Any, ref: str) -> Any:
     return node
 
 
+def _json_options(schema: dict | bool) -> dict:
+    """The engine's JSON options for `schema`. Where an object lists properties and allows
+    others, llguidance keeps an extra key apart from the listed ones only as written text,
+    and lets it use any `\\u` escape: `{"a": 1, "\\u0061": "text"}` passed a schema whose
+    `a` is an integer, and parses as `{"a": "text"}`. Such a schema's strings take no `\\u`
+    escape, so each key has one spelling; raw UTF-8 still writes every character but the
+    control characters other than \\b \\f \\n \\r \\t, which are then unwritable. A schema
+    holding one of those (in a const, an enum...) keeps `\\u`, which that value needs."""
+    if any(_lists_and_allows_others(node) for node in _subschemas(schema)) and not any(
+        _ONLY_U_ESCAPED.search(text) for text in _strings(schema)
+    ):
+        return {**JSON_OPTIONS, "json_allowed_escapes": _ESCAPES_WITHOUT_U}
+    return JSON_OPTIONS
+
+
+def _lists_and_allows_others(node: dict) -> bool:
+    """Whether an object schema names properties and allows properties beyond them."""
+    properties = node.get("properties")
+    return (
+        isinstance(properties, dict)
+        and bool(properties)
+        and (node.get("additionalProperties") is not False)
+    )
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string of a JSON value, its objects' keys included."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+
+
 def json_schema_grammar_fragment(schema: dict) -> str:
     """`%json {...}` for embedding a schema in a Lark grammar, with the engine's JSON
-    options (compact separators, no free whitespace) written into the schema."""
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
+    options (compact separators, no free whitespace...) written into the schema."""
+    options = _json_options(schema)
+    return "%json " + json.dumps({**schema, "x-guidance": options}, ensure_ascii=False)
 
 
 class GrammarCompiler:

@@ -148,6 +148,40 @@ def test_a_schema_that_names_no_root_type_is_an_objects(compiler):
     assert not _accepts(compiler, call.replace("ARGS", '"x"'), **forced)[0]
 
 
+def test_a_listed_property_cannot_be_written_again_as_an_extra_one(compiler):
+    """With additional properties allowed, llguidance keeps an extra key apart from the
+    listed ones as written text only: `"\\u0061"` was an extra key, and JSON reads it as `a`
+    (here a string where `a` must be an integer)."""
+    loose = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": loose}}
+    }
+    assert _accepts(compiler, '{"a": 1, "b": "text"}', **fmt) == (True, True)
+    assert not _accepts(compiler, '{"a": 1, "\\u0061": "text"}', **fmt)[0]
+    assert not _accepts(compiler, '{"a": 1, "\\u0062": "text"}', **fmt)[0]
+    call = '<tool_call>\n{"name": "f", "arguments": ARGS}\n</tool_call>'
+    forced = {"tools": [_function(loose)], "tool_choice": "required"}
+    assert _accepts(compiler, call.replace("ARGS", '{"a": 1, "b": "x"}'), **forced)[0]
+    assert not _accepts(compiler, call.replace("ARGS", '{"a": 1, "\\u0061": "x"}'), **forced)[0]
+    # Without extra keys to keep apart, a control character keeps its escape.
+    strict = {**loose, "additionalProperties": False}
+    fmt["response_format"]["json_schema"]["schema"] = strict
+    assert _accepts(compiler, '{"a": 1}', **fmt) == (True, True)
+    text = {
+        "type": "object",
+        "properties": {"s": {"type": "string"}},
+        "additionalProperties": False,
+    }
+    fmt["response_format"]["json_schema"]["schema"] = text
+    assert _accepts(compiler, '{"s": "\\u0001"}', **fmt)[0]
+    # A value that needs `\u` keeps it (llguidance would leave the character out), and one
+    # with a short escape writes it.
+    for value, text in (("x\u0001y", '"x\\u0001y"'), ("l1\nl2\f", '"l1\\nl2\\f"')):
+        held = {"type": "object", "properties": {"c": {"const": value}}, "required": ["c"]}
+        fmt["response_format"]["json_schema"]["schema"] = held
+        assert _accepts(compiler, '{"c": ' + text + "}", **fmt) == (True, True)
+
+
 def test_a_function_without_parameters_takes_no_arguments(compiler):
     forced = {"tools": [TIME], "tool_choice": "required"}
     assert _accepts(compiler, TIME_CALL, **forced)[0]
