@@ -23,16 +23,18 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.util.exc import CommandError
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, func, make_url, select
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from orchestrator.retrieval.index import load_sqlite_vec, sqlite_module
+from orchestrator.store.advisory_claims import advisory_key
 from orchestrator.store.repository import Repository
 from orchestrator.store.servers import ServerLock
 
 T = TypeVar("T")
 log = logging.getLogger("tokenmill")
 MIGRATIONS = Path(__file__).with_name("migrations")
+MIGRATION_LOCK = advisory_key("migrate")  # the advisory-lock key migrations run under
 
 
 def data_folder(data_dir: str | Path) -> Path:
@@ -114,6 +116,10 @@ def migrate(engine: Engine) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # Servers sharing the database may start together: one migrates, the others
+            # wait here (the lock is the transaction's) and then find the schema current.
+            conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
         config.attributes["connection"] = conn
         before = MigrationContext.configure(conn).get_current_revision()
         try:

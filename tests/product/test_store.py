@@ -417,6 +417,32 @@ def test_a_schema_newer_than_the_code_is_refused_with_a_message(database_url):
         Store(database_url)
 
 
+def test_servers_starting_together_on_a_new_database_all_open_it(postgres):
+    """Servers of a deployment start at once on an empty PostgreSQL database: one migrates
+    it and the others wait for it, instead of failing on the tables it is creating."""
+    url = postgres.create_database()
+    start = threading.Barrier(4)
+    opened: list[Store] = []
+    failed: list[BaseException] = []
+
+    def open_store() -> None:
+        start.wait()
+        try:
+            opened.append(Store(url))
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for store in opened:
+        store.close()
+    assert failed == []
+    assert len(opened) == 4
+
+
 def test_one_server_holds_a_data_directory(tmp_path):
     """A second server on the same SQLite data directory would mark the first one's
     running responses incomplete as it starts: it is refused until the first lets go."""
