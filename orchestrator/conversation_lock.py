@@ -3,23 +3,28 @@ answer on a history without the other's, then both be appended as if in sequence
 appended while a turn runs would land before that turn's own input, in a history the
 model never saw.
 
-A turn of this server holds its conversation in memory from before its history is read
-(`claim`, synchronous, so two requests cannot both pass between the check and the claim)
-until it ends (`release`). A turn of another server on the same database shows as a
-response `in_progress` there, begun in the last CONVERSATION_LOCK_SECONDS (older ones are
-taken to be a crashed server's; a SQLite database's are marked incomplete at start-up).
+A turn of this server holds its conversation from before its history is read (`claim`)
+until it ends (`release`): in memory (checked and taken with no await between, so two
+requests cannot both pass), and on PostgreSQL also with an advisory lock on this server's
+own session (`store/servers.py`), so two servers sharing the database cannot both start a
+turn there; a server that crashes frees it with its session. A turn of another server also
+shows as a response `in_progress`, begun in the last CONVERSATION_LOCK_SECONDS (older ones
+are taken to be a crashed server's; a SQLite database's are marked incomplete at start-up),
+which holds the conversation until a server recovers the crashed one's turns.
 Locks are the owner's: another user naming the conversation is told it does not exist,
 never that it is busy.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from orchestrator.errors import InvalidRequestError
-from orchestrator.store import Repository, Store
+from orchestrator.store import Repository, Store, servers
 
 CONVERSATION_LOCK_SECONDS = 600
+log = logging.getLogger("tokenmill")
 
 
 def conversation_locked(param: str = "conversation") -> InvalidRequestError:
@@ -36,15 +41,39 @@ class ConversationLock:
         self.store = store
         self.held: set[tuple[str, str]] = set()  # (owner, conversation id)
 
-    def claim(self, owner: str, conversation_id: str) -> None:
-        """Hold the conversation for a turn of this server (`conversation_locked` if one
-        holds it already)."""
+    async def claim(self, owner: str, conversation_id: str) -> None:
+        """Hold the conversation for a turn of this server (`conversation_locked` if a turn
+        of this server or another holds it already)."""
         if (owner, conversation_id) in self.held:
             raise conversation_locked()
         self.held.add((owner, conversation_id))
+        server_lock = self.store.server_lock
+        if server_lock is None:
+            return
+        try:
+            taken = await self.store.call(
+                servers.hold_conversation, server_lock, owner, conversation_id
+            )
+        except BaseException:
+            await self.release(owner, conversation_id)  # taken all the same when cancelled
+            raise
+        if not taken:
+            self.held.discard((owner, conversation_id))
+            raise conversation_locked()
 
-    def release(self, owner: str, conversation_id: str) -> None:
-        self.held.discard((owner, conversation_id))
+    async def release(self, owner: str, conversation_id: str) -> None:
+        """Let the conversation go. Never raises: a turn ends whatever happens here (an
+        advisory lock left held goes with this server's session)."""
+        server_lock = self.store.server_lock
+        try:
+            if server_lock is not None:
+                await self.store.call(
+                    servers.release_conversation, server_lock, owner, conversation_id
+                )
+        except Exception as exc:
+            log.warning("conversation %s could not be let go: %r", conversation_id, exc)
+        finally:
+            self.held.discard((owner, conversation_id))
 
     async def check_others(self, owner: str, conversation_id: str, param: str) -> None:
         """`conversation_locked` while another server's turn runs in the conversation."""
@@ -57,4 +86,11 @@ class ConversationLock:
         items to it)."""
         if (owner, conversation_id) in self.held:
             raise conversation_locked(param)
+        server_lock = self.store.server_lock
+        if server_lock is not None:
+            if not await self.store.call(
+                servers.hold_conversation, server_lock, owner, conversation_id
+            ):
+                raise conversation_locked(param)
+            await self.store.call(servers.release_conversation, server_lock, owner, conversation_id)
         await self.check_others(owner, conversation_id, param)

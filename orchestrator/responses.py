@@ -448,7 +448,7 @@ class Turn:
         finally:
             await self._stop_checkpoints()
             if self.request.conversation_id is not None:
-                self.service.lock.release(self.owner, self.request.conversation_id)
+                await self.service.lock.release(self.owner, self.request.conversation_id)
             await self._settle("failed")  # a no-op when settled above
             self._queue.put_nowait(None)
             self.service.running.pop(self.id, None)
@@ -930,11 +930,11 @@ class ResponseService:
         conversation = request.conversation_id
         if conversation is None:
             return await self._start(owner, request, observer, budget)
-        self.lock.claim(owner, conversation)  # the turn releases it when it ends
+        await self.lock.claim(owner, conversation)  # the turn releases it when it ends
         try:
             return await self._start(owner, request, observer, budget)
         except BaseException:
-            self.lock.release(owner, conversation)
+            await self.lock.release(owner, conversation)
             raise
 
     async def _start(

@@ -12,6 +12,9 @@ maintenance SQLite's start-up gives every row: its responses end `incomplete`, i
 checkpoints are settled and its quota reservations released. The lock is held meanwhile,
 so two servers never recover the same one at once. Rows without a server id (written
 before migration 0010, or on SQLite) are never touched here.
+
+The same session holds the conversations this server's turns run in
+(`hold_conversation`, `conversation_lock.py`), so a crash frees them too.
 """
 
 from __future__ import annotations
@@ -68,12 +71,51 @@ class ServerLock:
             raise
         self._conn = conn
 
+    def try_hold(self, key: int) -> bool:
+        """Take the advisory lock `key` on this server's session too, if no other session
+        holds it (False then). Held until `let_go`, or until the session ends: a server that
+        crashes frees it. Locks of one session stack: take a key once at a time."""
+        self.hold()
+        assert self._conn is not None
+        taken = bool(self._conn.execute(select(func.pg_try_advisory_lock(key))).scalar())
+        self._conn.commit()
+        return taken
+
+    def let_go(self, key: int) -> None:
+        """Release a lock `try_hold` took. A session that no longer answers has lost it
+        already, and this server's own lock with it: the next `hold` takes that again."""
+        if self._conn is None:
+            return
+        try:
+            self._conn.execute(select(func.pg_advisory_unlock(key)))
+            self._conn.commit()
+        except DBAPIError:
+            log.warning("the database session holding this server's locks was lost")
+            self.close()
+
     def close(self) -> None:
         """Let the lock go, with its session (the connection is not pooled again)."""
         if self._conn is not None:
             self._conn.invalidate()
             self._conn.close()
             self._conn = None
+
+
+def conversation_key(owner: str, conversation_id: str) -> int:
+    """The advisory-lock key a server holds while its turn runs in that conversation."""
+    return advisory_key("conversation", owner, conversation_id)
+
+
+def hold_conversation(_repo: Repository, own: ServerLock, owner: str, conversation_id: str) -> bool:
+    """Hold the conversation for a turn of this server (False: another server's turn holds
+    it). On the store's worker thread, as every use of `own`'s session is."""
+    return own.try_hold(conversation_key(owner, conversation_id))
+
+
+def release_conversation(
+    _repo: Repository, own: ServerLock, owner: str, conversation_id: str
+) -> None:
+    own.let_go(conversation_key(owner, conversation_id))
 
 
 def recover_departed(repo: Repository, own: ServerLock) -> list[str]:

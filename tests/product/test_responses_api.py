@@ -577,6 +577,46 @@ def test_a_conversation_runs_one_turn_at_a_time(product_server, database_url):
     assert locked.value.body["code"] == "conversation_locked"
 
 
+def test_two_servers_never_run_turns_in_one_conversation_at_once(
+    product_server, postgres, monkeypatch
+):
+    """Servers sharing a PostgreSQL database: a turn of one holds the conversation for the
+    other too, even when the other looks before the turn's start is written (a turn records
+    it beside generating): both turns would answer on a history without the other's."""
+    url = postgres.create_database()
+    engine = FakeEngine(reply="Noted.")
+    engine.hold.clear()  # generation pauses after the first token
+    first_server = product_server(engine, database_url=url)
+    other_server = product_server(database_url=url)
+    conv = first_server.client.conversations.create()
+    first, result = _held_turn(first_server, input="one", conversation=conv.id)
+    # the other server's look at the database comes before the first turn's row
+    monkeypatch.setattr(Repository, "conversation_busy", lambda *args: False)
+    try:
+        with pytest.raises(openai.BadRequestError) as turn:
+            other_server.client.with_options(timeout=5).responses.create(
+                model=MODEL, input="two", conversation=conv.id
+            )
+        with pytest.raises(openai.BadRequestError) as append:
+            other_server.client.conversations.items.create(
+                conv.id, items=[{"type": "message", "role": "user", "content": "between"}]
+            )
+    finally:
+        engine.hold.set()
+        first.join(10)
+    assert (turn.value.body["code"], turn.value.body["param"]) == (
+        "conversation_locked",
+        "conversation",
+    )
+    assert append.value.body["code"] == "conversation_locked"
+    assert result["r"].status == "completed"
+    # the turn over, the conversation is free on either server
+    second = other_server.client.responses.create(model=MODEL, input="two", conversation=conv.id)
+    assert second.status == "completed"
+    texts = [i.content[0].text for i in other_server.client.conversations.items.list(conv.id).data]
+    assert texts == ["Hello, world!", "two", "Noted.", "one"]
+
+
 def test_conversation_bodies_are_checked(product_server):
     server = product_server()
     too_many = [{"role": "user", "content": "x"}] * 21
