@@ -241,6 +241,7 @@ class Agent:
                     item["status"] not in ("completed", "failed")
                 ):
                     item["status"] = "incomplete"
+                    self._emit("response.output_item.done", item, item=copy.deepcopy(item))
             raise
         for call, text in zip(runs, texts, strict=True):
             if text is not None:
@@ -265,13 +266,18 @@ class Agent:
                 self._add_output(call, refusal)
 
     def _start(self, call: dict) -> tuple[dict, Coroutine[None, None, str | None]]:
-        """The item that holds the call's progress, and the coroutine that runs it (its
-        result: the text of the call's function_call_output, None for code)."""
+        """The item that holds the call's progress, announced by output_item.added here so
+        that a run cancelled before it starts still closes an announced item, and the
+        coroutine that runs it (its result: the text of the call's function_call_output,
+        None for code)."""
         if self._is_code_call(call):
             item = self._code_item(call, "in_progress", None)
+            # The code arrives by the delta events, as it would while the model wrote it.
+            self._emit("response.output_item.added", item, item={**copy.deepcopy(item), "code": ""})
             return item, self._run_code(call, item)
         if self._is_search_call(call):
             item = self._search_item(call, "in_progress")
+            self._emit("response.output_item.added", item, item=copy.deepcopy(item))
             return item, self._run_search(call, item)
         return call, self._run_function(call)
 
@@ -332,8 +338,6 @@ class Agent:
 
     async def _run_code(self, call: dict, item: dict) -> None:
         ids = {"item_id": item["id"]}
-        # The code arrives by the delta events, as it would while the model wrote it.
-        self._emit("response.output_item.added", item, item={**copy.deepcopy(item), "code": ""})
         self._emit("response.code_interpreter_call.in_progress", item, **ids)
         self._emit("response.code_interpreter_call_code.delta", item, delta=item["code"], **ids)
         self._emit("response.code_interpreter_call_code.done", item, code=item["code"], **ids)
@@ -347,7 +351,6 @@ class Agent:
 
     async def _run_search(self, call: dict, item: dict) -> None:
         ids = {"item_id": item["id"]}
-        self._emit("response.output_item.added", item, item=copy.deepcopy(item))
         self._emit("response.file_search_call.in_progress", item, **ids)
         item["status"] = "searching"
         self._emit("response.file_search_call.searching", item, **ids)

@@ -479,6 +479,34 @@ def test_cancel_during_a_code_run_ends_it_and_keeps_the_item(product_server):
     assert stored["output"] == cancelled["output"]
 
 
+def test_a_cancelled_code_run_is_closed_in_the_stream(product_server):
+    """Each output_item.added of the stream gets its output_item.done, a code call cut
+    by a cancel included, carrying the item as the final response holds it."""
+    server = _sleeping_code_server(product_server)
+    adapter = TypeAdapter(ResponseStreamEvent)
+    body = {
+        "model": MODEL,
+        "input": "Sleep",
+        "stream": True,
+        "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}],
+    }
+    seen = []
+    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=30, json=body) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                seen.append(adapter.validate_json(line[len("data: ") :]))
+                if seen[-1].type == "response.code_interpreter_call.interpreting":
+                    response_id = seen[0].response.id
+                    httpx.post(f"{server.url}/v1/responses/{response_id}/cancel", timeout=30)
+    final = seen[-1]
+    assert final.type == "response.incomplete" and final.response.status == "cancelled"
+    added = [e.output_index for e in seen if e.type == "response.output_item.added"]
+    done = {e.output_index: e.item for e in seen if e.type == "response.output_item.done"}
+    assert added == sorted(done) == [0]
+    assert done[0] == final.response.output[0]
+    assert (done[0].type, done[0].status) == ("code_interpreter_call", "incomplete")
+
+
 def test_a_client_that_disconnects_during_a_code_run_stops_the_loop(product_server):
     """Nobody is reading: the sandbox is killed and the response stored incomplete, at
     once rather than after the code's two minutes, and the model is not asked again."""
