@@ -66,8 +66,10 @@ class OutputProcessor:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif past_min and not params.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
-        else:
-            self._append_text(seq, token, past_min)
+        # As vLLM's: the stop token (or EOS) that ended the output keeps its text only with
+        # include_stop_str_in_output; its text then looks for no stop string.
+        if seq.finish_reason is None or params.include_stop_str_in_output:
+            self._append_text(seq, token, past_min and seq.finish_reason is None)
         if seq.finish_reason is None and grammar_complete:
             seq.finish_reason = "stop"
         if seq.finish_reason is None and (

@@ -56,3 +56,21 @@ def test_a_stop_string_completed_within_min_tokens_does_not_stop_later(tok):
     for stop in (["two"], ["two", "a-much-longer-stop"]):
         params = SamplingParams(max_tokens=len(ids), min_tokens=3, stop=stop)
         assert _run(tok, ids, params) == ("one two three four five six seven", "length")
+
+
+def test_include_stop_str_in_output_keeps_the_stop_tokens_text(tok):
+    """vLLM's include_stop_str_in_output covers a stop token id and EOS as well as a stop
+    string: the token that ended the output keeps its text (EOS's shows only with
+    skip_special_tokens=False); without it the text stops before that token."""
+    ids = tok.encode("one two three")
+    eos = tok.eos_token_id
+    for include in (False, True):
+        params = SamplingParams(
+            max_tokens=8, stop_token_ids=[ids[1]], include_stop_str_in_output=include
+        )
+        assert _run(tok, ids, params) == ("one two" if include else "one", "stop")
+        special = SamplingParams(
+            max_tokens=8, skip_special_tokens=False, include_stop_str_in_output=include
+        )
+        expected = "one" + (tok.decode([eos], skip_special_tokens=False) if include else "")
+        assert _run(tok, [ids[0], eos], special) == (expected, "stop")
