@@ -120,12 +120,26 @@ class LLM:
 
 
 def _as_prompt(prompt) -> str | list[int]:
-    """A prompt as the engine takes it: text or token ids, from vLLM's dicts too."""
+    """A prompt as the engine takes it: text or token ids, from vLLM's dicts too. A dict's
+    other keys (vLLM's multi_modal_data, cache_salt...) are refused: dropping them would
+    answer a different request than the one asked."""
     if isinstance(prompt, dict):
-        for key in ("prompt_token_ids", "prompt"):
-            if key in prompt:
-                return prompt[key]
-        raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
+        if not prompt.keys() & {"prompt", "prompt_token_ids"}:
+            raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
+        unknown = sorted(str(k) for k in prompt.keys() - {"prompt", "prompt_token_ids"})
+        if unknown:
+            raise ValueError(
+                f"a prompt dict takes only 'prompt' and 'prompt_token_ids', got {unknown}"
+                + (" (use SamplingParams.cache_salt)" if "cache_salt" in unknown else "")
+            )
+        if "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, list | tuple):
+                raise ValueError(f"'prompt_token_ids' must be a list of token ids, got {ids!r}")
+            return list(ids)
+        if not isinstance(prompt["prompt"], str):
+            raise ValueError(f"'prompt' must be text, got {prompt['prompt']!r}")
+        return prompt["prompt"]
     if isinstance(prompt, str | list):
         return prompt
     raise ValueError(

@@ -34,7 +34,7 @@ from engine.model_runner import ModelRunner, num_kv_blocks
 from engine.output_processor import OutputProcessor
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.sampler import NO_TOKEN, make_generator
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, _is_int
 from engine.scheduler import Scheduler, max_tokens_for
 from engine.sequence import Request, Sequence
 from engine.structured_output import GrammarCompiler, GrammarMasks, accept_token
@@ -156,10 +156,14 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass token ids instead of text")
             return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not isinstance(prompt, list | tuple):
+            raise ValueError(
+                f"prompt must be text or a list of token ids, got {type(prompt).__name__}"
+            )
         if not prompt:
             raise ValueError("prompt must not be empty")
         vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+        if any(not _is_int(t) or not 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         return list(prompt)
 

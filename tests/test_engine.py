@@ -313,6 +313,26 @@ def test_chat_messages_of_the_wrong_shape_are_value_errors(tiny_chat_model_dir, 
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_prompts_the_engine_cannot_honour_are_value_errors_naming_them(tiny_chat_model_dir):
+    """A vLLM prompt dict's keys beyond the text or token ids (images, its cache_salt) are
+    refused rather than dropped, and a prompt of the wrong type is a ValueError saying so,
+    not a TypeError from inside the engine or token ids read as text."""
+    llm = _llm(tiny_chat_model_dir)
+    for prompt, message in (
+        ({"prompt": "Hi", "multi_modal_data": {"image": "x"}}, "multi_modal_data"),
+        ({"prompt": "Hi", "cache_salt": "u1"}, "cache_salt"),
+        ({"prompt": 5}, "'prompt' must be text"),
+        ({"prompt_token_ids": "Hi"}, "'prompt_token_ids' must be a list of token ids"),
+        ({"prompt_token_ids": 5}, "'prompt_token_ids' must be a list of token ids"),
+        ([True, 2], "prompt token ids must be integers"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            llm.generate(prompt, _greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt must be text or a list of token ids"):
+        llm.engine.add_request("r", 5, _greedy())
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_stop_token_ids_must_be_in_the_vocabulary(tiny_model_dir):
     llm = _llm(tiny_model_dir("llama"))
     with pytest.raises(ValueError, match="stop_token_ids must be token ids below"):
