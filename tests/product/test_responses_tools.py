@@ -439,18 +439,23 @@ def test_a_builtin_the_server_cannot_run_is_a_400_naming_it(product_server):
     )
 
 
+# A streamed request whose scripted reply is a code_interpreter call (`_sleeping_code_server`).
+_SLEEPING_CODE_BODY = {
+    "model": MODEL,
+    "input": "Sleep",
+    "stream": True,
+    "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}],
+}
+
+
 @contextlib.contextmanager
 def _sleeping_code_run(server: ProductServer) -> Iterator[str]:
     """A streamed response whose code_interpreter call sleeps for two minutes, read until
     the code runs; yields the response id with the stream still open, closed on exit."""
     adapter = TypeAdapter(ResponseStreamEvent)
-    body = {
-        "model": MODEL,
-        "input": "Sleep",
-        "stream": True,
-        "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}],
-    }
-    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=30, json=body) as s:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/responses", timeout=30, json=_SLEEPING_CODE_BODY
+    ) as s:
         lines = s.iter_lines()  # held: a dropped iterator would close the stream
         for line in lines:
             if line.startswith("data: "):
@@ -484,14 +489,10 @@ def test_a_cancelled_code_run_is_closed_in_the_stream(product_server):
     by a cancel included, carrying the item as the final response holds it."""
     server = _sleeping_code_server(product_server)
     adapter = TypeAdapter(ResponseStreamEvent)
-    body = {
-        "model": MODEL,
-        "input": "Sleep",
-        "stream": True,
-        "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}],
-    }
     seen = []
-    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=30, json=body) as s:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/responses", timeout=30, json=_SLEEPING_CODE_BODY
+    ) as s:
         for line in s.iter_lines():
             if line.startswith("data: "):
                 seen.append(adapter.validate_json(line[len("data: ") :]))
