@@ -80,19 +80,36 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
+        """Apply the model's chat template to each conversation, then generate; each
+        output's `prompt` is the rendered text.
+
+        As vLLM's: `continue_final_message` (with `add_generation_prompt=False`) goes on
+        with the last message instead of opening a turn, and `chat_template_kwargs` are
+        template variables (`{"enable_thinking": False}`) that override the named options.
+        """
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        conversations = [_template_messages(c) for c in conversations]
-        prompts = [
-            self.tokenizer.encode_chat(c, add_generation_prompt=add_generation_prompt, tools=tools)
+        options = {
+            "add_generation_prompt": add_generation_prompt,
+            "continue_final_message": continue_final_message,
+            "tools": tools,
+            **_template_kwargs(chat_template_kwargs),
+        }
+        texts = [
+            self.tokenizer.apply_chat_template(_template_messages(c), **options)
             for c in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        prompts = [self.tokenizer.encode_chat_text(text) for text in texts]
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        for output, text in zip(outputs, texts, strict=True):
+            output.prompt = text
+        return outputs
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
@@ -145,6 +162,17 @@ def _as_prompt(prompt) -> str | list[int]:
     raise ValueError(
         f"a prompt must be text, a list of token ids or a prompt dict, got {type(prompt).__name__}"
     )
+
+
+def _template_kwargs(kwargs: dict | None) -> dict:
+    """`chat_template_kwargs` checked: a dict of template variables, not the messages."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(f"chat_template_kwargs must be a dict keyed by names, got {kwargs!r}")
+    if "messages" in kwargs:
+        raise ValueError("chat_template_kwargs cannot set 'messages': pass the conversation")
+    return kwargs
 
 
 def _template_messages(messages: list[dict]) -> list[dict]:

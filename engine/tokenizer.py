@@ -273,9 +273,20 @@ class Tokenizer:
         messages: list[dict],
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        *,
+        continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> str:
-        """Render the conversation the way transformers' `apply_chat_template` does."""
+        """Render the conversation the way transformers' `apply_chat_template` does.
+
+        `continue_final_message` ends the text at the last message's content (as
+        transformers does), so the model goes on with that message rather than a new one.
+        """
+        if continue_final_message and add_generation_prompt:
+            raise ValueError(
+                "continue_final_message and add_generation_prompt cannot both be set: the "
+                "first continues the last message, the second opens a new assistant turn"
+            )
         if self._template is None:
             raise ValueError(
                 "this model has no chat template (none in tokenizer_config.json, "
@@ -283,12 +294,13 @@ class Tokenizer:
                 "use the completions endpoint or a model with a template"
             )
         variables = {**self.special_tokens, **template_kwargs}
-        return self._template.render(
+        text = self._template.render(
             messages=messages,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             **variables,
         )
+        return _end_at_final_message(text, messages) if continue_final_message else text
 
     def encode_chat(
         self,
@@ -299,14 +311,18 @@ class Tokenizer:
         max_tokens: int | None = None,
         **template_kwargs: Any,
     ) -> list[int]:
-        """Render then encode (`max_tokens` as for `encode`); the template writes its own
-        special tokens as text.
+        """Render (`apply_chat_template`) then encode (`encode_chat_text`)."""
+        text = self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
+        return self.encode_chat_text(text, max_tokens=max_tokens)
+
+    def encode_chat_text(self, text: str, *, max_tokens: int | None = None) -> list[int]:
+        """Encode a rendered chat (`max_tokens` as for `encode`); the template writes its
+        own special tokens as text.
 
         Encoding without the post-processor avoids a second BOS when the template already
         starts with one; a BOS is added only when the model wants one and the template
         did not write it (llama.cpp's rule).
         """
-        text = self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
         ids = self.encode(text, add_special_tokens=False, max_tokens=max_tokens)
         if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
@@ -453,6 +469,25 @@ def _ids(value: Any) -> list[int]:
     if value is None:
         return []
     return [value] if isinstance(value, int) else [int(v) for v in value]
+
+
+def _end_at_final_message(text: str, messages: list[dict]) -> str:
+    """`text` cut after the last message's content, by transformers' rule: a template may
+    trim the message, so its trimmed form is looked for, and its trailing whitespace is
+    kept only where the whole message appears as written."""
+    final = messages[-1]["content"] if messages else ""
+    if not isinstance(final, str):
+        raise ValueError("continue_final_message needs the last message's content as text")
+    start = text.rfind(final.strip())
+    if start < 0:
+        raise ValueError(
+            "continue_final_message is set but the final message does not appear in the "
+            "rendered chat: the chat template changes it"
+        )
+    end = start + len(final.lstrip())
+    if text[start:end] != final:
+        end = start + len(final.strip())
+    return text[:end]
 
 
 def _folder_chat_template(folder: Path, cfg: dict[str, Any]) -> str | None:

@@ -5,6 +5,8 @@ preemption; sampling parameters; n > 1; aborts."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 
 import pytest
 import torch
@@ -435,6 +437,47 @@ def test_vllm_prompt_dicts_chat_content_parts_and_options(tiny_chat_model_dir):
             llm.generate("Hi", options, use_tqdm=False)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         _llm(tiny_chat_model_dir, tensor_parallel_size=2)
+
+
+def test_chat_template_kwargs_continue_final_message_and_prompt_text(tiny_chat_model_dir, tmp_path):
+    """vLLM's LLM.chat options: chat_template_kwargs reach the template (and override the
+    named options, as vLLM merges them), continue_final_message extends the last message
+    instead of opening a turn, and each output's prompt is the rendered text."""
+    folder = shutil.copytree(tiny_chat_model_dir, tmp_path / "model")
+    template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+        "{% if enable_thinking is defined and not enable_thinking %}<no-think>{% endif %}"
+    )
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    llm = _llm(str(folder))
+    params = SamplingParams(temperature=0, max_tokens=2)
+    user = [{"role": "user", "content": "Hi"}]
+    [out] = llm.chat(user, params, use_tqdm=False, chat_template_kwargs={"enable_thinking": False})
+    assert out.prompt == "<user>Hi\n<assistant><no-think>"
+    assert out.prompt_token_ids == llm.tokenizer.encode_chat(user, enable_thinking=False)
+    [out] = llm.chat(
+        user, params, use_tqdm=False, chat_template_kwargs={"add_generation_prompt": False}
+    )
+    assert out.prompt == "<user>Hi\n"
+    started = [*user, {"role": "assistant", "content": "Sure, "}]
+    outs = llm.chat(
+        [user, started],
+        params,
+        use_tqdm=False,
+        add_generation_prompt=False,
+        continue_final_message=True,
+    )
+    assert [o.prompt for o in outs] == ["<user>Hi", "<user>Hi\n<assistant>Sure, "]
+    with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt"):
+        llm.chat(started, params, use_tqdm=False, continue_final_message=True)
+    for kwargs, message in (
+        ([("a", 1)], "chat_template_kwargs must be a dict"),
+        ({"messages": []}, "messages"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            llm.chat(user, params, use_tqdm=False, chat_template_kwargs=kwargs)
 
 
 def test_the_window_cuts_the_output_not_the_request(tiny_chat_model_dir):

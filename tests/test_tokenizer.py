@@ -81,6 +81,31 @@ def test_chat_template_matches_transformers(tok, hf_tok, messages, add_generatio
     )
 
 
+@pytest.mark.parametrize("final", ["The answer is", "Trailing space  ", "  Leading"])
+def test_continue_final_message_matches_transformers(tok, hf_tok, final):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": final}]
+    expected = hf_tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False, continue_final_message=True
+    )
+    rendered = tok.apply_chat_template(messages, False, continue_final_message=True)
+    assert rendered == expected and rendered.rstrip().endswith(final.strip())
+    assert tok.encode_chat(messages, False, continue_final_message=True) == (
+        hf_tok.apply_chat_template(
+            messages, add_generation_prompt=False, continue_final_message=True, return_dict=False
+        )
+    )
+    with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt"):
+        tok.apply_chat_template(messages, continue_final_message=True)
+
+
+def test_continue_final_message_needs_the_template_to_keep_it():
+    t = _byte_tokenizer("hi")
+    with pytest.raises(ValueError, match="final message does not appear"):
+        t.apply_chat_template(
+            [{"role": "assistant", "content": "bye"}], False, continue_final_message=True
+        )
+
+
 def test_default_model_special_tokens(tok):
     assert tok.vocab_size == 49152
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
