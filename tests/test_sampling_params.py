@@ -21,6 +21,16 @@ def test_stop_is_normalised_to_a_list():
     assert SamplingParams(stop_token_ids=(3, 4)).stop_token_ids == [3, 4]
 
 
+def test_clone_is_a_copy_whose_lists_are_its_own():
+    original = SamplingParams(stop=["x"], stop_token_ids=[3], logit_bias={5: 1.0}, seed=7)
+    copy = original.clone()
+    assert copy == original and copy is not original
+    copy.stop.append("y")
+    copy.stop_token_ids.append(4)
+    copy.logit_bias[6] = 2.0
+    assert (original.stop, original.stop_token_ids, original.logit_bias) == (["x"], [3], {5: 1.0})
+
+
 def test_normalisation_survives_replace():
     p = dataclasses.replace(SamplingParams(stop="x"), temperature=0.5)
     assert p.stop == ["x"] and p.temperature == 0.5
