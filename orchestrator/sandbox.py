@@ -4,7 +4,10 @@ Each run gets a fresh process tree in its own user, PID, network, IPC and UTS
 namespaces, a read-only view of /usr only (where the system Python and its libraries
 live), fresh size-capped tmpfs mounts for its working directory (/work) and /tmp (all
 else is read-only), and nothing else of the host: not tokenmill's data directory, source
-tree or virtualenv, nor any home directory. When the server runs as root, the sandbox
+tree or virtualenv, nor any home directory. Of /usr/local, the operator's own tree (its
+etc, share and bin may hold configuration and credentials, e.g. an npmrc), only the
+Python's site-packages directories there are shown (`_local_site_dirs`), on an empty
+read-only tmpfs. When the server runs as root, the sandbox
 runs as `nobody`, so that the process limit applies (the kernel never limits root's
 process count).
 
@@ -215,10 +218,14 @@ class Sandbox:
         bwrap: str = "/usr/bin/bwrap",
         python: str = "/usr/bin/python3",
         max_concurrent: int = 4,
+        usr_local: str = "/usr/local",
     ) -> None:
+        """`usr_local` is the host directory whose parts on the Python's import path appear
+        under the sandbox's /usr/local (a test points it at a directory of its own)."""
         self.limits = limits or SandboxLimits()
         self.bwrap = bwrap
         self.python = python
+        self.usr_local = usr_local
         self._slots = asyncio.Semaphore(max_concurrent)
 
     def unavailable_reason(self) -> str | None:
@@ -229,6 +236,11 @@ class Sandbox:
             )
         if not self.python.startswith("/usr/") or not os.access(self.python, os.X_OK):
             return f"the code sandbox needs a system Python under /usr ({self.python} not found)"
+        if os.path.realpath(self.python).startswith("/usr/local/"):
+            return (
+                f"the code sandbox needs a system Python outside /usr/local ({self.python} "
+                "is there, and the sandbox shows only /usr/local's Python packages)"
+            )
         return None
 
     async def run(
@@ -239,11 +251,19 @@ class Sandbox:
         reason = self.unavailable_reason()
         if reason is not None:
             raise SandboxUnavailable(reason)
+        local_dirs = await _local_site_dirs(self.python)
         async with self._slots:
-            return await self._run(code, limits or self.limits, label or uuid.uuid4().hex)
+            return await self._run(
+                code, limits or self.limits, label or uuid.uuid4().hex, local_dirs
+            )
 
     def _argv(
-        self, limits: SandboxLimits, manifest_fd: int, seccomp_fd: int | None, label: str
+        self,
+        limits: SandboxLimits,
+        manifest_fd: int,
+        seccomp_fd: int | None,
+        label: str,
+        local_dirs: tuple[str, ...],
     ) -> list[str]:
         settings = [
             limits.nice,
@@ -274,6 +294,12 @@ class Sandbox:
             "--ro-bind",
             "/usr",
             "/usr",
+            # /usr/local: only the Python's packages, on an empty read-only tmpfs
+            "--tmpfs",
+            "/usr/local",
+            *_ro_binds_try(self.usr_local, local_dirs),
+            "--remount-ro",
+            "/usr/local",
             "--symlink",
             "usr/bin",
             "/bin",
@@ -315,7 +341,7 @@ class Sandbox:
             "--clearenv",
             "--setenv",
             "PATH",
-            "/usr/local/bin:/usr/bin",
+            "/usr/bin",
             "--setenv",
             "HOME",
             "/work",
@@ -338,7 +364,9 @@ class Sandbox:
             f"tokenmill-sandbox:{label}",  # see running_pids
         ]
 
-    async def _run(self, code: str, limits: SandboxLimits, label: str) -> SandboxResult:
+    async def _run(
+        self, code: str, limits: SandboxLimits, label: str, local_dirs: tuple[str, ...]
+    ) -> SandboxResult:
         started = time.monotonic()
         read_end, write_end = os.pipe()
         program = seccomp_program()
@@ -348,7 +376,7 @@ class Sandbox:
         user = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._argv(limits, write_end, seccomp_fd, label),
+                *self._argv(limits, write_end, seccomp_fd, label, local_dirs),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -426,6 +454,47 @@ def running_pids(label: str) -> list[int]:
             except OSError:  # gone meanwhile
                 pass
     return pids
+
+
+_LOCAL_SITE_DIRS: dict[str, tuple[str, ...]] = {}
+
+
+async def _local_site_dirs(python: str) -> tuple[str, ...]:
+    """`python`'s site-packages directories under /usr/local (where `pip install` puts the
+    system Python's packages), relative to it; asked once per interpreter. `-S` keeps the
+    packages' .pth files from running on the host."""
+    if python not in _LOCAL_SITE_DIRS:
+        proc = await asyncio.create_subprocess_exec(
+            python,
+            "-I",
+            "-S",
+            "-c",
+            "import site; print(repr(site.getsitepackages()))",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise SandboxUnavailable(
+                f"the code sandbox could not ask {python} for its packages: {err.decode()}"
+            )
+        site_dirs = ast.literal_eval(out.decode())
+        _LOCAL_SITE_DIRS[python] = tuple(
+            os.path.relpath(path, "/usr/local")
+            for path in site_dirs
+            if path.startswith("/usr/local/")
+        )
+    return _LOCAL_SITE_DIRS[python]
+
+
+def _ro_binds_try(host_root: str, relative_dirs: tuple[str, ...]) -> list[str]:
+    """bwrap arguments showing each of `host_root`'s `relative_dirs` at the same place
+    under /usr/local, read-only; one the host lacks is left out."""
+    return [
+        arg
+        for rel in relative_dirs
+        for arg in ("--ro-bind-try", os.path.join(host_root, rel), os.path.join("/usr/local", rel))
+    ]
 
 
 def _pipe_with(data: bytes) -> int:

@@ -8,6 +8,8 @@ import gc
 import os
 import signal
 import socket
+import subprocess
+import tempfile
 import textwrap
 import uuid
 import warnings
@@ -22,9 +24,9 @@ from tests.orchestrator.sandbox_helpers import FAST, host_can_spawn, wait_until_
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(code: str, limits=FAST) -> tuple[SandboxResult, str]:
+def run(code: str, limits=FAST, sandbox: Sandbox | None = None) -> tuple[SandboxResult, str]:
     label = uuid.uuid4().hex
-    result = asyncio.run(Sandbox().run(textwrap.dedent(code), limits, label=label))
+    result = asyncio.run((sandbox or Sandbox()).run(textwrap.dedent(code), limits, label=label))
     assert wait_until_gone(label) == [], "a sandbox process outlived its run"
     assert host_can_spawn()
     assert unclosed_transports() == [], "a pipe of the run outlived its event loop"
@@ -179,6 +181,56 @@ def test_a_file_name_that_is_not_utf8_is_reported_as_text():
     [written] = result.files
     assert written.path == "r\ufffdport.csv" and written.content == b"x"
     written.path.encode()  # no lone surrogate: it goes into JSON and the next prompt
+
+
+@pytest.fixture
+def usr_local():
+    """A directory standing in for the host's /usr/local, readable by the sandbox's user
+    (nobody when the tests run as root; pytest's tmp_path is root's alone)."""
+    with tempfile.TemporaryDirectory() as local:
+        os.chmod(local, 0o755)
+        yield Path(local)
+
+
+def test_usr_local_shows_only_the_pythons_packages(usr_local):
+    """/usr/local is the operator's tree (its etc, share and bin may hold credentials, e.g.
+    an npmrc): inside, only the Python's site-packages there exist. `usr_local` stands in
+    for the host's /usr/local, so the test places files without touching the real one."""
+    site_dirs = subprocess.run(
+        ["/usr/bin/python3", "-I", "-S", "-c", "import site; print(*site.getsitepackages())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    local_site_dirs = [
+        Path(d).relative_to("/usr/local") for d in site_dirs if d.startswith("/usr/local/")
+    ]
+    assert local_site_dirs, "the system Python has no site-packages under /usr/local"
+    for rel in local_site_dirs:
+        (usr_local / rel).mkdir(parents=True)
+        (usr_local / rel / "tokenmill_probe.py").write_text("VALUE = 'importable'\n")
+    hidden = ["etc/npmrc", "share/operator/token", "bin/deploy", "lib/secret.txt"]
+    for rel in hidden:
+        (usr_local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (usr_local / rel).write_text("SECRET")
+    paths = [f"/usr/local/{rel}" for rel in hidden] + ["/usr/local/etc", "/usr/local/share"]
+    result, _ = run(
+        f"""
+        import os, tokenmill_probe
+        print(tokenmill_probe.VALUE)
+        for path in {paths!r}:
+            print("EXISTS" if os.path.exists(path) else "hidden", path)
+        try:
+            open("/usr/local/escape", "w")
+            print("WROTE /usr/local/escape")
+        except OSError as exc:
+            print("blocked", type(exc).__name__)
+        """,
+        sandbox=Sandbox(usr_local=str(usr_local)),
+    )
+    assert result.stdout.splitlines()[0] == "importable", result
+    assert result.stdout.count("hidden") == len(paths), result
+    assert result.stdout.rstrip().endswith("blocked OSError"), result  # read-only
 
 
 def test_cannot_write_outside_its_working_directory(tmp_path):
