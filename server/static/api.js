@@ -4,10 +4,11 @@
 const KEY_STORAGE = "tokenmill.apiKey";
 
 export class ApiError extends Error {
-  constructor(status, message, code, retryAfter = null) {
+  constructor(status, message, code, retryAfter = null, param = null) {
     super(message);
     this.status = status;
     this.code = code;
+    this.param = param; // the request's field the error names, as the server gave it
     this.retryAfter = retryAfter; // seconds, from the Retry-After header, or null
   }
 }
@@ -35,17 +36,19 @@ function headers(extra = {}, key = storedKey()) {
 async function errorFrom(response) {
   let message = `${response.status} ${response.statusText}`;
   let code = null;
+  let param = null;
   try {
     const body = await response.json();
     if (body && body.error) {
       message = body.error.message || message;
       code = body.error.code || null;
+      param = body.error.param || null;
     }
   } catch {
     // not JSON: keep the status line
   }
   const retryAfter = Number(response.headers.get("retry-after"));
-  return new ApiError(response.status, message, code, retryAfter > 0 ? retryAfter : null);
+  return new ApiError(response.status, message, code, retryAfter > 0 ? retryAfter : null, param);
 }
 
 let onUnauthorized = () => {};

@@ -33,7 +33,7 @@ const state = {
   creating: null, // the conversation being created (ensureConversation), shared
   navigation: 0, // counts openings and new chats: a slower opening gives way to a later one
   renaming: false, // a rename field is open: the sidebar is not redrawn under it
-  expiredStores: new Set(), // vector stores found expired: a renewal's save replaces them
+  staleStores: new Set(), // vector stores found expired or deleted: a save replaces them
 };
 
 // Whether a turn is streaming or about to: edits, regenerations and branch switches wait.
@@ -397,11 +397,11 @@ async function saveMeta(id, decoded, changed) {
 // The stored metadata with this tab's fields `changed`, and the branches of both. A
 // conversation has one vector store: the one stored first stays (another tab may have
 // made one while this tab made its own), so no tab's files drop out of the conversation;
-// an expired one gives way to its renewal (renewStore).
+// an expired or deleted one gives way to its renewal or to none (recoverStore).
 function mergeStored(id, stored, decoded, changed) {
   const merged = { ...stored };
   for (const key of changed) merged[key] = decoded[key];
-  if (stored.vectorStore && !state.expiredStores.has(stored.vectorStore)) {
+  if (stored.vectorStore && !state.staleStores.has(stored.vectorStore)) {
     merged.vectorStore = stored.vectorStore;
   }
   const inner = new Set(state.open && state.open.id === id ? state.tree.inner() : []);
@@ -816,41 +816,60 @@ async function runTurn(parent, text) {
   finished();
 }
 
-// A turn's request. A conversation whose vector store has expired (its expires_after)
-// would have every message refused, file_search naming that store: the store is renewed
-// (renewStore), and the request sent again, once.
+// A turn's request. A conversation whose vector store has expired (its expires_after) or
+// was deleted (through the API, by another client) would have every message refused,
+// file_search naming that store: the store is renewed or forgotten (recoverStore), and the
+// request sent again, once.
 async function streamTurn(open, parent, text, onEvent, signal) {
   try {
     await streamResponse(requestBody(open.meta, parent, text), onEvent, signal);
   } catch (error) {
-    if (!expiredStore(error)) throw error;
-    await renewStore(open, open.meta.vectorStore);
+    if (!(await recoverStore(open, error))) throw error;
     await streamResponse(requestBody(open.meta, parent, text), onEvent, signal);
   }
 }
 
-// Whether a request was refused because the conversation's vector store has expired.
-function expiredStore(error) {
-  return error instanceof ApiError && error.code === "vector_store_expired";
+// Why a request was refused over a vector store it names: "expired" (its expires_after),
+// "deleted" (a 404: deleted through the API), or null when it was refused for another reason.
+function storeRefusal(error) {
+  if (!(error instanceof ApiError) || !/vector_store_ids?$/.test(error.param || "")) return null;
+  if (error.code === "vector_store_expired") return "expired";
+  return error.status === 404 ? "deleted" : null;
+}
+
+// A request refused over the conversation's vector store: an expired store is renewed
+// (renewStore), a deleted one forgotten (forgetStore). Whether it was, and so whether the
+// request may be sent again.
+async function recoverStore(open, error) {
+  const refusal = storeRefusal(error);
+  if (refusal === "expired") await renewStore(open, open.meta.vectorStore);
+  if (refusal === "deleted") await forgetStore(open, open.meta.vectorStore);
+  return refusal !== null;
+}
+
+// The conversation names `store` (null: none) from now on, in place of `stale` (a store
+// found expired or deleted) when given. A store another tab saved first is kept instead
+// (mergeStored), and `store` deleted.
+async function useStore(open, store, stale = null) {
+  if (stale) state.staleStores.add(stale);
+  open.meta.vectorStore = store;
+  await queueSave(open.id, open.meta, ["vectorStore"]);
+  if (store && open.meta.vectorStore !== store) {
+    await request("DELETE", `/v1/vector_stores/${store}`).catch(() => {});
+  }
 }
 
 // The conversation's files move to a new vector store, with the expired one's name and
 // expires_after, and the conversation names it from now on; the expired store, kept as it
-// is (an expired store keeps its files until it is deleted), is no longer used. Another tab
-// that renewed it first has its store kept, and this one's deleted, as an upload's is.
+// is (an expired store keeps its files until it is deleted), is no longer used.
 async function renewStore(open, expired) {
-  state.expiredStores.add(expired);
   setStatus("The attached files' vector store has expired: indexing them again…");
   const old = await request("GET", `/v1/vector_stores/${expired}`);
   const files = await listAll(`/v1/vector_stores/${expired}/files`);
   let store = await request("POST", "/v1/vector_stores", {
     name: old.name, expires_after: old.expires_after, file_ids: files.map((f) => f.id),
   });
-  open.meta.vectorStore = store.id;
-  await queueSave(open.id, open.meta, ["vectorStore"]);
-  if (open.meta.vectorStore !== store.id) {
-    await request("DELETE", `/v1/vector_stores/${store.id}`).catch(() => {});
-  }
+  await useStore(open, store.id, expired);
   if (state.open === open) await renderAttachments();
   while ((store = await request("GET", `/v1/vector_stores/${open.meta.vectorStore}`))
     .file_counts.in_progress) {
@@ -858,6 +877,16 @@ async function renewStore(open, expired) {
   }
   if (state.open === open) await renderAttachments();
   setStatus("The attached files' vector store had expired: they are in a new one now.");
+}
+
+// The conversation's vector store was deleted (through the API, by another client) and its
+// files with it: the conversation names none from now on, and a file attached later makes
+// a new one (ensureStore).
+async function forgetStore(open, deleted) {
+  await useStore(open, null, deleted);
+  if (state.open === open) await renderAttachments();
+  setStatus("The attached files' vector store was deleted elsewhere: its files are gone from "
+    + "this chat; attach them again to search them.", true);
 }
 
 // Counts finished turns on <body data-turns>: a hook for tests and benchmarks to wait on.
@@ -1054,16 +1083,24 @@ async function renderAttachments() {
   }
 }
 
+// The conversation's vector store, made on its first file.
+async function ensureStore(open) {
+  if (open.meta.vectorStore) return;
+  const store = await request("POST", "/v1/vector_stores", { name: `chat ${open.id}` });
+  await useStore(open, store.id);
+}
+
 // Adds an uploaded file to the conversation's vector store; a store that has expired is
-// renewed first (renewStore), its chips drawn again, this file's among them.
+// renewed first, one that was deleted gives way to a new one (recoverStore, ensureStore),
+// and its chips are drawn again, this file's among them.
 async function addToStore(open, fileId, chip) {
   const add = () => request("POST", `/v1/vector_stores/${open.meta.vectorStore}/files`,
     { file_id: fileId });
   try {
     return await add();
   } catch (error) {
-    if (!expiredStore(error)) throw error;
-    await renewStore(open, open.meta.vectorStore);
+    if (!(await recoverStore(open, error))) throw error;
+    await ensureStore(open);
     if (state.open === open) $("attachments").append(chip);
     return add();
   }
@@ -1077,15 +1114,7 @@ async function upload(event) {
   $("attachments").append(chip);
   try {
     const open = await ensureConversation(file.name);
-    if (!open.meta.vectorStore) {
-      const store = await request("POST", "/v1/vector_stores", { name: `chat ${open.id}` });
-      open.meta.vectorStore = store.id;
-      await queueSave(open.id, open.meta, ["vectorStore"]);
-      // Another tab stored the conversation's store first: the file goes there instead.
-      if (open.meta.vectorStore !== store.id) {
-        await request("DELETE", `/v1/vector_stores/${store.id}`).catch(() => {});
-      }
-    }
+    await ensureStore(open);
     const form = new FormData();
     form.append("purpose", "assistants");
     form.append("file", file, file.name);

@@ -1029,6 +1029,66 @@ def test_a_conversation_whose_vector_store_expired_goes_on_with_its_files(sessio
     assert page.inner_text("#attachments") == "cat.txt\nready"
 
 
+def test_a_conversation_whose_vector_store_was_deleted_goes_on_without_it(session, page, api):
+    """The conversation's vector store was deleted through the API (another client, say):
+    file_search over it is a 404, which every next message got. The conversation forgets
+    the store, the message goes through without file_search, the page says the files are
+    gone, and a file attached then gets a new store."""
+    session[1].expected.append(r"404 .*@ .*/v1/responses$")  # the store refused, once
+    page.set_input_files(
+        "#upload",
+        files=[{"name": "cat.txt", "mimeType": "text/plain", "buffer": b"Our cat is Whiskers.\n"}],
+    )
+    page.wait_for_selector("#attachments .attachment.completed", timeout=60_000)
+    page.wait_for_function("() => !document.body.dataset.saving")
+    send(page, "What is the cat called?")
+    conversation = page.evaluate("location.hash")[1:]
+    deleted = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
+    assert api.delete(f"/v1/vector_stores/{deleted}").json()["deleted"] is True
+    [first] = turns(page)
+    send(page, "And what does it eat?")
+    assert "Error" not in page.inner_text("#messages")
+    assert turns(page)[0] == first and len(turns(page)) == 2
+    assert "deleted" in page.inner_text("#status")
+    assert page.locator("#attachments .attachment").count() == 0
+    page.wait_for_function("() => !document.body.dataset.saving")
+    assert "vs" not in api.get(f"/v1/conversations/{conversation}").json()["metadata"]
+    assert api.get(f"/v1/responses/{turns(page)[1]}").json()["tools"] == []
+    page.set_input_files(
+        "#upload", files=[{"name": "dog.txt", "mimeType": "text/plain", "buffer": b"Rex.\n"}]
+    )
+    page.wait_for_selector("#attachments .attachment.completed", timeout=60_000)
+    page.wait_for_function("() => !document.body.dataset.saving")
+    store = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
+    assert store != deleted
+    assert api.get(f"/v1/vector_stores/{store}").json()["file_counts"]["completed"] == 1
+    assert page.inner_text("#attachments") == "dog.txt\nready"
+
+
+def test_a_file_attached_after_the_vector_store_was_deleted_is_kept(session, page, api):
+    """Attaching to a conversation whose vector store was deleted through the API failed
+    (a 404 naming the store): the conversation forgets it and the file goes to a new one."""
+    session[1].expected.append(r"404 .*@ .*/v1/vector_stores/vs_\w+/files$")  # refused once
+    for name in ("first.txt", "second.txt"):
+        page.set_input_files(
+            "#upload", files=[{"name": name, "mimeType": "text/plain", "buffer": b"Some text.\n"}]
+        )
+        page.wait_for_selector(
+            f"#attachments .attachment.completed:has-text('{name}')", timeout=60_000
+        )
+        page.wait_for_function("() => !document.body.dataset.saving")
+        if name == "first.txt":
+            conversation = page.evaluate("location.hash")[1:]
+            deleted = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
+            assert api.delete(f"/v1/vector_stores/{deleted}").json()["deleted"] is True
+    store = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
+    assert store != deleted
+    files = api.get(f"/v1/vector_stores/{store}/files").json()["data"]
+    assert [api.get(f"/v1/files/{f['id']}").json()["filename"] for f in files] == ["second.txt"]
+    assert page.inner_text("#attachments") == "second.txt\nready"
+    assert "deleted" in page.inner_text("#status")
+
+
 def test_the_files_shown_are_the_open_chats_after_a_quick_switch(page):
     """A conversation with a file opened, then New chat before its files were listed: the
     new chat shows no file (the conversation's list, arriving late, drew its chips there,
