@@ -998,11 +998,9 @@ def _expire(live: LiveServer, api: httpx.Client, vector_store_id: str) -> None:
     assert api.get(f"/v1/vector_stores/{vector_store_id}").json()["status"] == "expired"
 
 
-def test_a_conversation_whose_vector_store_expired_goes_on_with_its_files(session, page, api, live):
-    """The conversation's vector store expired (its expires_after): file_search over it is
-    a 400, which every next message got. The files move to a new store, which the
-    conversation names from then on; the page says so and the message goes through."""
-    session[1].expected.append(r"400 .*@ .*/v1/responses$")  # the store refused, once
+def _a_chat_with_a_file(page, api) -> tuple[str, str]:
+    """A conversation with cat.txt attached and one turn answered: its id and its vector
+    store's."""
     page.set_input_files(
         "#upload",
         files=[{"name": "cat.txt", "mimeType": "text/plain", "buffer": b"Our cat is Whiskers.\n"}],
@@ -1011,7 +1009,15 @@ def test_a_conversation_whose_vector_store_expired_goes_on_with_its_files(sessio
     page.wait_for_function("() => !document.body.dataset.saving")
     send(page, "What is the cat called?")
     conversation = page.evaluate("location.hash")[1:]
-    expired = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
+    return conversation, api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
+
+
+def test_a_conversation_whose_vector_store_expired_goes_on_with_its_files(session, page, api, live):
+    """The conversation's vector store expired (its expires_after): file_search over it is
+    a 400, which every next message got. The files move to a new store, which the
+    conversation names from then on; the page says so and the message goes through."""
+    session[1].expected.append(r"400 .*@ .*/v1/responses$")  # the store refused, once
+    conversation, expired = _a_chat_with_a_file(page, api)
     _expire(live, api, expired)
     [first] = turns(page)
     send(page, "And what does it eat?")
@@ -1035,15 +1041,7 @@ def test_a_conversation_whose_vector_store_was_deleted_goes_on_without_it(sessio
     the store, the message goes through without file_search, the page says the files are
     gone, and a file attached then gets a new store."""
     session[1].expected.append(r"404 .*@ .*/v1/responses$")  # the store refused, once
-    page.set_input_files(
-        "#upload",
-        files=[{"name": "cat.txt", "mimeType": "text/plain", "buffer": b"Our cat is Whiskers.\n"}],
-    )
-    page.wait_for_selector("#attachments .attachment.completed", timeout=60_000)
-    page.wait_for_function("() => !document.body.dataset.saving")
-    send(page, "What is the cat called?")
-    conversation = page.evaluate("location.hash")[1:]
-    deleted = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
+    conversation, deleted = _a_chat_with_a_file(page, api)
     assert api.delete(f"/v1/vector_stores/{deleted}").json()["deleted"] is True
     [first] = turns(page)
     send(page, "And what does it eat?")
