@@ -713,31 +713,32 @@ def test_deleting_the_conversation_a_turn_streams_into_stops_it_quietly(page, ap
     assert stored["usage"]["output_tokens"] < 400
 
 
-def _stored_turn(api: httpx.Client, assistant_text: str, title: str) -> str:
-    """A conversation whose one turn holds `assistant_text` as an earlier assistant
-    message and a tool call with its result, stored through the public API as the page
-    stores its own turns."""
+def _conversation_of(api: httpx.Client, items: list[dict], title: str) -> str:
+    """A conversation titled `title` whose one turn took `items` as its input, stored
+    through the public API as the page stores its own turns."""
     response = api.post(
-        "/v1/responses",
-        json={
-            "model": MODEL,
-            "max_output_tokens": 1,
-            "input": [
-                {"role": "user", "content": "Show me."},
-                {"role": "assistant", "content": assistant_text},
-                {
-                    "type": "function_call",
-                    "call_id": "call_1",
-                    "name": "get_weather",
-                    "arguments": json.dumps({"city": EVIL}),
-                },
-                {"type": "function_call_output", "call_id": "call_1", "output": f"sunny {SCRIPT}"},
-                {"role": "user", "content": "Thanks."},
-            ],
-        },
+        "/v1/responses", json={"model": MODEL, "max_output_tokens": 1, "input": items}
     ).json()
     metadata = {"title": title, "settings": "{}", "leaf": response["id"], "leaves0": response["id"]}
     return api.post("/v1/conversations", json={"metadata": metadata}).json()["id"]
+
+
+def _stored_turn(api: httpx.Client, assistant_text: str, title: str) -> str:
+    """A conversation whose one turn holds `assistant_text` as an earlier assistant
+    message and a tool call with its result."""
+    items = [
+        {"role": "user", "content": "Show me."},
+        {"role": "assistant", "content": assistant_text},
+        {
+            "type": "function_call",
+            "call_id": "call_1",
+            "name": "get_weather",
+            "arguments": json.dumps({"city": EVIL}),
+        },
+        {"type": "function_call_output", "call_id": "call_1", "output": f"sunny {SCRIPT}"},
+        {"role": "user", "content": "Thanks."},
+    ]
+    return _conversation_of(api, items, title)
 
 
 MARKDOWN = f"""## Results
@@ -813,21 +814,12 @@ def test_right_to_left_text_reads_right_to_left(session, api):
     context, _ = session
     hebrew = "שלום, מה שלומך?"
     answer = "مرحبا بالعالم! كيف حالك؟\n\n- عنصر أول.\n- عنصر ثاني.\n\nEnglish.\n\n```\nx = 1\n```"
-    response = api.post(
-        "/v1/responses",
-        json={
-            "model": MODEL,
-            "max_output_tokens": 1,
-            "input": [
-                {"role": "user", "content": hebrew},
-                {"role": "assistant", "content": answer},
-                {"role": "user", "content": "Thanks."},
-            ],
-        },
-    ).json()
-    metadata = {"title": hebrew, "settings": "{}", "leaf": response["id"]}
-    metadata["leaves0"] = response["id"]
-    conversation = api.post("/v1/conversations", json={"metadata": metadata}).json()["id"]
+    items = [
+        {"role": "user", "content": hebrew},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "Thanks."},
+    ]
+    conversation = _conversation_of(api, items, hebrew)
     page = context.new_page()
     page.goto(f"/#{conversation}")
     page.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
