@@ -241,12 +241,13 @@ def _to_llguidance(kind: str, value: Any) -> str:
 def _check_schema(schema: dict | bool, where: str) -> None:
     """ValueError naming `where` for a schema llguidance would crash on, or accept and then
     fail to follow."""
-    _check_refs(schema, where)
+    nodes = list(_subschemas(schema))  # walked once for the three checks that read them
+    _check_refs(schema, nodes, where)
     _check_depth(schema, where)
     _check_numbers(schema, where)
     _check_finite(schema, where)
-    _check_min_properties(schema, where)
-    _check_multiple_of(schema, where)
+    _check_min_properties(nodes, where)
+    _check_multiple_of(nodes, where)
 
 
 def _check_embedded_schemas(lark: str) -> None:
@@ -371,21 +372,21 @@ def _check_numbers(schema: dict | bool, where: str) -> None:
             )
 
 
-def _check_multiple_of(schema: dict | bool, where: str) -> None:
+def _check_multiple_of(nodes: list[dict], where: str) -> None:
     """ValueError for a `multipleOf` not above 0, as JSON Schema requires: llguidance
     accepts a negative one, and refuses 0 as "invalid multiple of", naming no keyword."""
-    for node in _subschemas(schema):
+    for node in nodes:
         step = node.get("multipleOf")
         if isinstance(step, int | float) and not isinstance(step, bool) and step <= 0:
             raise ValueError(f"{where} is not valid: multipleOf must be greater than 0, got {step}")
 
 
-def _check_min_properties(schema: dict | bool, where: str) -> None:
+def _check_min_properties(nodes: list[dict], where: str) -> None:
     """ValueError for a `minProperties` above the required properties' count: the others
     would be additional ones (llguidance allows none of `properties` to be optional
     beside it), whose names the grammar cannot keep apart, and a name written twice is one
     property once parsed: `{"a": 1, "a": 2}` would pass for two."""
-    for node in _subschemas(schema):
+    for node in nodes:
         least = node.get("minProperties")
         if not isinstance(least, int) or least <= 1:
             continue
@@ -398,7 +399,7 @@ def _check_min_properties(schema: dict | bool, where: str) -> None:
             )
 
 
-def _check_refs(schema: dict | bool, where: str) -> None:
+def _check_refs(schema: dict | bool, nodes: list[dict], where: str) -> None:
     """ValueError for a `$ref` other than a JSON pointer into the schema itself ("#" or
     "#/..."), or an `$id` below the root: the depth and finiteness checks follow `$ref`s
     as pointers from the root, and llguidance resolves an anchor ("#a"), a URI ("b.json",
@@ -407,7 +408,6 @@ def _check_refs(schema: dict | bool, where: str) -> None:
     Also for a pointer to an object that is no subschema (in a `const`, an `enum`, or a
     `properties` map itself): llguidance compiles it as one, and the checks that see
     subschemas only would never have seen it."""
-    nodes = list(_subschemas(schema))
     places = {id(node) for node in nodes}
     for node in nodes:
         ref = node.get("$ref")
