@@ -17,8 +17,10 @@ never that it is busy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from orchestrator.errors import InvalidRequestError
 from orchestrator.store import Repository, Store, servers
@@ -41,11 +43,11 @@ class ConversationLock:
         self.store = store
         self.held: set[tuple[str, str]] = set()  # (owner, conversation id)
 
-    async def claim(self, owner: str, conversation_id: str) -> None:
+    async def claim(self, owner: str, conversation_id: str, param: str = "conversation") -> None:
         """Hold the conversation for a turn of this server (`conversation_locked` if a turn
         of this server or another holds it already)."""
         if (owner, conversation_id) in self.held:
-            raise conversation_locked()
+            raise conversation_locked(param)
         self.held.add((owner, conversation_id))
         server_lock = self.store.server_lock
         if server_lock is None:
@@ -59,7 +61,7 @@ class ConversationLock:
             raise
         if not taken:
             self.held.discard((owner, conversation_id))
-            raise conversation_locked()
+            raise conversation_locked(param)
 
     async def release(self, owner: str, conversation_id: str) -> None:
         """Let the conversation go. Never raises: a turn ends whatever happens here (an
@@ -81,16 +83,15 @@ class ConversationLock:
         if await self.store.call(Repository.conversation_busy, owner, conversation_id, since):
             raise conversation_locked(param)
 
-    async def check_free(self, owner: str, conversation_id: str, param: str) -> None:
-        """`conversation_locked` while any turn runs in the conversation (before appending
-        items to it)."""
-        if (owner, conversation_id) in self.held:
-            raise conversation_locked(param)
-        server_lock = self.store.server_lock
-        if server_lock is not None:
-            if not await self.store.call(
-                servers.hold_conversation, server_lock, owner, conversation_id
-            ):
-                raise conversation_locked(param)
-            await self.store.call(servers.release_conversation, server_lock, owner, conversation_id)
-        await self.check_others(owner, conversation_id, param)
+    @contextlib.asynccontextmanager
+    async def holding(self, owner: str, conversation_id: str, param: str) -> AsyncIterator[None]:
+        """Hold the conversation while items are appended to it (`conversation_locked` while
+        any turn runs there). Held through the write, not only checked before it: a turn of
+        another server starting between the check and the write would read a history
+        without the items, which would then land during it."""
+        await self.claim(owner, conversation_id, param)
+        try:
+            await self.check_others(owner, conversation_id, param)
+            yield
+        finally:
+            await self.release(owner, conversation_id)

@@ -89,11 +89,11 @@ class ConversationService:
     async def add_items(self, owner: str, conversation_id: str, items: list[dict]) -> dict:
         """Append items; not while a turn runs there (`conversation_locked`): they would
         land before the turn's own input, which it appends when it ends."""
-        await self.lock.check_free(owner, conversation_id, "conversation_id")
         stored = [stored_item(i) for i in items]
-        added = await self.store.call(
-            Repository.add_conversation_items, owner, conversation_id, int(time.time()), stored
-        )
+        async with self.lock.holding(owner, conversation_id, "conversation_id"):
+            added = await self.store.call(
+                Repository.add_conversation_items, owner, conversation_id, int(time.time()), stored
+            )
         if not added:
             raise _missing(conversation_id)
         return item_list(ItemPage(stored, has_more=False))

@@ -617,6 +617,46 @@ def test_two_servers_never_run_turns_in_one_conversation_at_once(
     assert texts == ["Hello, world!", "two", "Noted.", "one"]
 
 
+def test_an_append_holds_the_conversation_until_its_items_are_written(
+    product_server, postgres, monkeypatch
+):
+    """Servers sharing a PostgreSQL database: a turn of another server that starts while
+    items are being appended is refused, not run on a history without them."""
+    url = postgres.create_database()
+    appending = product_server(database_url=url)
+    other_server = product_server(database_url=url)
+    conv = appending.client.conversations.create()
+    writing, written = threading.Event(), threading.Event()
+    add_items = Repository.add_conversation_items
+
+    def slow_add(*args, **kwargs):
+        writing.set()
+        written.wait(10)
+        return add_items(*args, **kwargs)
+
+    monkeypatch.setattr(Repository, "add_conversation_items", slow_add)
+    append = threading.Thread(
+        target=appending.client.conversations.items.create,
+        args=(conv.id,),
+        kwargs={"items": [{"type": "message", "role": "user", "content": "first"}]},
+    )
+    append.start()
+    try:
+        assert writing.wait(10)
+        with pytest.raises(openai.BadRequestError) as turn:
+            other_server.client.with_options(timeout=5).responses.create(
+                model=MODEL, input="second", conversation=conv.id
+            )
+    finally:
+        written.set()
+        append.join(10)
+    assert turn.value.body["code"] == "conversation_locked"
+    reply = other_server.client.responses.create(model=MODEL, input="second", conversation=conv.id)
+    assert reply.status == "completed"
+    items = other_server.client.conversations.items.list(conv.id, order="asc").data
+    assert [i.content[0].text for i in items][:2] == ["first", "second"]
+
+
 def test_conversation_bodies_are_checked(product_server):
     server = product_server()
     too_many = [{"role": "user", "content": "x"}] * 21
