@@ -1,13 +1,14 @@
 """Run untrusted Python in a bubblewrap sandbox: `await Sandbox().run(code, limits)`.
 
 Each run gets a fresh process tree in its own user, PID, network, IPC and UTS
-namespaces, a read-only view of /usr only (where the system Python and its libraries
-live), fresh size-capped tmpfs mounts for its working directory (/work) and /tmp (all
-else is read-only), and nothing else of the host: not tokenmill's data directory, source
-tree or virtualenv, nor any home directory. Of /usr/local, the operator's own tree (its
-etc, share and bin may hold configuration and credentials, e.g. an npmrc), only the
-Python's site-packages directories there are shown (`_local_site_dirs`), on an empty
-read-only tmpfs. When the server runs as root, the sandbox
+namespaces, a read-only view of the part of /usr the system Python needs (`_usr_binds`:
+/usr/bin, its standard library, its site-packages, its shared libraries, its dynamic
+loader, the time zones and locales), fresh size-capped tmpfs mounts for its working
+directory (/work) and /tmp (all else is read-only), and nothing else of the host: not
+tokenmill's data directory, source tree or virtualenv, nor any home directory, nor the
+rest of /usr (/usr/share, /usr/include, /usr/src). Of /usr/local, the operator's own tree
+(its etc, share and bin may hold configuration and credentials, e.g. an npmrc), only the
+Python's site-packages directories there are shown. When the server runs as root, the sandbox
 runs as `nobody`, so that the process limit applies (the kernel never limits root's
 process count).
 
@@ -251,10 +252,10 @@ class Sandbox:
         reason = self.unavailable_reason()
         if reason is not None:
             raise SandboxUnavailable(reason)
-        local_dirs = await _local_site_dirs(self.python)
+        python_paths = await _python_paths(self.python)
         async with self._slots:
             return await self._run(
-                code, limits or self.limits, label or uuid.uuid4().hex, local_dirs
+                code, limits or self.limits, label or uuid.uuid4().hex, python_paths
             )
 
     def _argv(
@@ -263,7 +264,7 @@ class Sandbox:
         manifest_fd: int,
         seccomp_fd: int | None,
         label: str,
-        local_dirs: tuple[str, ...],
+        python_paths: tuple[str, ...],
     ) -> list[str]:
         settings = [
             limits.nice,
@@ -291,15 +292,12 @@ class Sandbox:
             "--die-with-parent",
             "--hostname",
             "sandbox",
-            "--ro-bind",
-            "/usr",
-            "/usr",
-            # /usr/local: only the Python's packages, on an empty read-only tmpfs
+            # /usr: only what the Python needs, on an empty read-only tmpfs
             "--tmpfs",
-            "/usr/local",
-            *_ro_binds_try(self.usr_local, local_dirs),
+            "/usr",
+            *_usr_binds(python_paths, self.usr_local),
             "--remount-ro",
-            "/usr/local",
+            "/usr",
             "--symlink",
             "usr/bin",
             "/bin",
@@ -309,9 +307,6 @@ class Sandbox:
             "--symlink",
             "usr/lib64",
             "/lib64",
-            "--symlink",
-            "usr/sbin",
-            "/sbin",
             "--proc",
             "/proc",
             "--remount-ro",  # its oom_score_adj (see _OOM_FIRST) cannot be lowered
@@ -365,7 +360,7 @@ class Sandbox:
         ]
 
     async def _run(
-        self, code: str, limits: SandboxLimits, label: str, local_dirs: tuple[str, ...]
+        self, code: str, limits: SandboxLimits, label: str, python_paths: tuple[str, ...]
     ) -> SandboxResult:
         started = time.monotonic()
         read_end, write_end = os.pipe()
@@ -376,7 +371,7 @@ class Sandbox:
         user = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._argv(limits, write_end, seccomp_fd, label, local_dirs),
+                *self._argv(limits, write_end, seccomp_fd, label, python_paths),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -456,44 +451,90 @@ def running_pids(label: str) -> list[int]:
     return pids
 
 
-_LOCAL_SITE_DIRS: dict[str, tuple[str, ...]] = {}
+# Data the Python or its packages read from outside their own directories (relative to
+# /usr): glibc's compiled locales (C.UTF-8) and Debian's python3-matplotlib's mpl-data.
+_USR_DATA = ("lib/locale", "share/matplotlib")
+_PYTHON_PATHS: dict[str, tuple[str, ...]] = {}
+# Asked of the sandbox's Python: its import path (less the site-packages, which `-S` leaves
+# out), its site-packages, the directory of its shared libraries, its time-zone search path.
+_PROBE = """
+import os, site, sys, sysconfig
+tz = (sysconfig.get_config_var("TZPATH") or "").split(os.pathsep)
+print(repr([*sys.path, *site.getsitepackages(), sysconfig.get_config_var("LIBDIR"), *tz]))
+"""
 
 
-async def _local_site_dirs(python: str) -> tuple[str, ...]:
-    """`python`'s site-packages directories under /usr/local (where `pip install` puts the
-    system Python's packages), relative to it; asked once per interpreter. `-S` keeps the
-    packages' .pth files from running on the host."""
-    if python not in _LOCAL_SITE_DIRS:
+async def _python_paths(python: str) -> tuple[str, ...]:
+    """The paths under /usr that `python` reads (its standard library, packages, shared
+    libraries, time zones and dynamic loader); asked once per interpreter. `-S` keeps the
+    packages' .pth files from running on the host. The loader is named as under a merged
+    /usr (/lib64/ld-linux-x86-64.so.2 is /usr/lib64/ld-linux-x86-64.so.2), the layout the
+    sandbox's /lib and /lib64 symlinks assume."""
+    if python not in _PYTHON_PATHS:
         proc = await asyncio.create_subprocess_exec(
             python,
             "-I",
             "-S",
             "-c",
-            "import site; print(repr(site.getsitepackages()))",
+            _PROBE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         out, err = await proc.communicate()
         if proc.returncode != 0:
             raise SandboxUnavailable(
-                f"the code sandbox could not ask {python} for its packages: {err.decode()}"
+                f"the code sandbox could not ask {python} for its directories: {err.decode()}"
             )
-        site_dirs = ast.literal_eval(out.decode())
-        _LOCAL_SITE_DIRS[python] = tuple(
-            os.path.relpath(path, "/usr/local")
-            for path in site_dirs
-            if path.startswith("/usr/local/")
+        paths = ast.literal_eval(out.decode())
+        loader = _elf_interpreter(os.path.realpath(python))
+        if loader is not None:
+            paths.append(loader if loader.startswith("/usr/") else "/usr" + loader)
+        paths = [p for p in paths if p.startswith("/usr/")]
+        _PYTHON_PATHS[python] = tuple(dict.fromkeys(os.path.normpath(p) for p in paths))
+    return _PYTHON_PATHS[python]
+
+
+def _elf_interpreter(executable: str) -> str | None:
+    """The dynamic loader `executable` names (its ELF PT_INTERP, e.g.
+    /lib64/ld-linux-x86-64.so.2), or None for a static or non-ELF file."""
+    with open(executable, "rb") as f:
+        header = f.read(64)
+        if header[:4] != b"\x7fELF":
+            return None
+        order = "<" if header[5] == 1 else ">"
+        # 64- or 32-bit: where e_phoff is, how to reach e_phentsize from it, and the
+        # layout of a program header from p_offset to p_filesz
+        at, table, entry_layout = (
+            (32, "Q14xHH", "Q16xQ") if header[4] == 2 else (28, "I10xHH", "I8xI")
         )
-    return _LOCAL_SITE_DIRS[python]
+        phoff, phentsize, phnum = struct.unpack_from(order + table, header, at)
+        for i in range(phnum):
+            f.seek(phoff + i * phentsize)
+            entry = f.read(phentsize)
+            if struct.unpack_from(order + "I", entry)[0] == 3:  # PT_INTERP
+                offset, size = struct.unpack_from(
+                    order + entry_layout, entry, 8 if header[4] == 2 else 4
+                )
+                f.seek(offset)
+                return f.read(size).rstrip(b"\0").decode()
+    return None
 
 
-def _ro_binds_try(host_root: str, relative_dirs: tuple[str, ...]) -> list[str]:
-    """bwrap arguments showing each of `host_root`'s `relative_dirs` at the same place
-    under /usr/local, read-only; one the host lacks is left out."""
+def _usr_binds(python_paths: tuple[str, ...], usr_local: str) -> list[str]:
+    """bwrap arguments showing, read-only, what of /usr the sandbox's Python needs: the
+    programs (/usr/bin), `python_paths` and `_USR_DATA`. A path under /usr/local is bound
+    from `usr_local`; one the host lacks is left out."""
+    shown = ["/usr/bin", *python_paths, *(os.path.join("/usr", d) for d in _USR_DATA)]
     return [
         arg
-        for rel in relative_dirs
-        for arg in ("--ro-bind-try", os.path.join(host_root, rel), os.path.join("/usr/local", rel))
+        for path in shown
+        for arg in (
+            "--ro-bind-try",
+            os.path.join(usr_local, os.path.relpath(path, "/usr/local"))
+            if path.startswith("/usr/local/")
+            else path,
+            path,
+        )
     ]
 
 

@@ -233,6 +233,26 @@ def test_usr_local_shows_only_the_pythons_packages(usr_local):
     assert result.stdout.rstrip().endswith("blocked OSError"), result  # read-only
 
 
+def test_usr_shows_only_what_the_python_needs():
+    """Of /usr only the Python, its libraries and their data exist inside: the common
+    modules work (time zones, locale, SQLite, TLS, a program run through subprocess), and
+    the rest of the system (headers, sources, /usr/share's documents) does not."""
+    result, _ = run("""
+        import ctypes, datetime, decimal, hashlib, json, locale, math, os, sqlite3, ssl
+        import statistics, subprocess, zoneinfo
+        paris = datetime.datetime(2024, 7, 1, tzinfo=zoneinfo.ZoneInfo("Europe/Paris"))
+        print(paris.utcoffset(), locale.getpreferredencoding())
+        print(sqlite3.connect(":memory:").execute("select 6 * 7").fetchone()[0])
+        print(subprocess.run(["ls", "/usr/lib"], capture_output=True, text=True).returncode)
+        for path in ["/usr/share/doc", "/usr/share/common-licenses", "/usr/include",
+                     "/usr/src", "/usr/sbin", "/usr/lib/apt", "/usr/lib/os-release"]:
+            print("EXISTS" if os.path.lexists(path) else "hidden", path)
+    """)
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["2:00:00 UTF-8", "42", "0"], result
+    assert [line.split()[0] for line in lines[3:]] == ["hidden"] * 7, result
+
+
 def test_cannot_write_outside_its_working_directory(tmp_path):
     targets = [
         "/usr/escape",
