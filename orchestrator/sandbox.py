@@ -377,6 +377,9 @@ class Sandbox:
                 stderr=asyncio.subprocess.PIPE,
                 pass_fds=passed,
                 start_new_session=True,
+                # bwrap's init (pid 1 inside, the code's own user) keeps the environment
+                # it was started with, readable in /proc/1/environ: none of the server's
+                env={},
                 **user,
             )
         except BaseException:

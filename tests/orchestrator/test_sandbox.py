@@ -140,6 +140,20 @@ def test_cannot_read_the_data_dir_the_source_tree_or_home(tmp_path):
     assert "SECRET" not in result.stdout
 
 
+def test_cannot_read_the_servers_environment(monkeypatch):
+    """The server's environment holds its secrets (API keys, database URLs): no process
+    of the run carries it, not even bwrap's own init (pid 1 inside, the code's user)."""
+    monkeypatch.setenv("TOKENMILL_PROBE_API_KEY", "sk-probe-secret")
+    result, _ = run("""
+        import os
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+            environ = open(f"/proc/{pid}/environ", "rb").read()
+            print(pid, "LEAKED" if b"sk-probe-secret" in environ else "clean")
+    """)
+    assert result.exit_code == 0 and "1 clean" in result.stdout.splitlines(), result
+    assert "LEAKED" not in result.stdout, result
+
+
 def test_shared_memory_is_capped_like_the_working_directory():
     result, _ = run("""
         import multiprocessing
