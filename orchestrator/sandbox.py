@@ -19,7 +19,9 @@ processes before the server's.
 Inside, a small launcher (`_LAUNCHER`) reads the code from stdin, forks, and runs it
 in the child under rlimits: CPU seconds, address space, processes, file size. The
 launcher then lists the files the code left in /work and writes that manifest to a
-pipe of its own, which the code cannot reach (its end is closed before the code runs).
+pipe of its own (its end is closed in the code's process). The code can still reopen that
+end through /proc/<launcher>/fd (same user) and forge the manifest: that gains it nothing
+it could not print or write itself, as the host only parses it (`ast.literal_eval`).
 
 The host side never blocks the event loop (asyncio subprocess and pipes), caps the
 output it keeps, and kills the whole tree on the wall-clock deadline, on an output
