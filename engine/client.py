@@ -34,6 +34,18 @@ class TokenizerLike(Protocol):
         **template_kwargs: Any,
     ) -> list[int]: ...
 
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        *,
+        continue_final_message: bool = False,
+        **template_kwargs: Any,
+    ) -> str: ...
+
+    def encode_chat_text(self, text: str, *, max_tokens: int | None = None) -> list[int]: ...
+
 
 class EngineStatsLike(Protocol):
     num_running: int

@@ -11,6 +11,7 @@ from engine.args import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput, merge_output
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import chat_template_options
 
 # Text, token ids, or vLLM's prompt dicts: TextPrompt {"prompt": ...} and TokensPrompt
 # {"prompt_token_ids": ...}.
@@ -95,12 +96,9 @@ class LLM:
             raise ValueError("this model has no tokenizer, so it has no chat template")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        options = {
-            "add_generation_prompt": add_generation_prompt,
-            "continue_final_message": continue_final_message,
-            "tools": tools,
-            **_template_kwargs(chat_template_kwargs),
-        }
+        options = chat_template_options(
+            add_generation_prompt, continue_final_message, tools, chat_template_kwargs
+        )
         texts = [
             self.tokenizer.apply_chat_template(_template_messages(c), **options)
             for c in conversations
@@ -162,17 +160,6 @@ def _as_prompt(prompt) -> str | list[int]:
     raise ValueError(
         f"a prompt must be text, a list of token ids or a prompt dict, got {type(prompt).__name__}"
     )
-
-
-def _template_kwargs(kwargs: dict | None) -> dict:
-    """`chat_template_kwargs` checked: a dict of template variables, not the messages."""
-    if kwargs is None:
-        return {}
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise ValueError(f"chat_template_kwargs must be a dict keyed by names, got {kwargs!r}")
-    if "messages" in kwargs:
-        raise ValueError("chat_template_kwargs cannot set 'messages': pass the conversation")
-    return kwargs
 
 
 def _template_messages(messages: list[dict]) -> list[dict]:

@@ -471,6 +471,35 @@ def _ids(value: Any) -> list[int]:
     return [value] if isinstance(value, int) else [int(v) for v in value]
 
 
+def chat_template_options(
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    tools: list[dict] | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of `Tokenizer.apply_chat_template` for vLLM's chat options
+    (`LLM.chat`, the chat completions route): `chat_template_kwargs` are template
+    variables (`{"enable_thinking": False}`) that override the named options, as vLLM
+    merges them. A ValueError names chat_template_kwargs when it is not a dict keyed by
+    names, or sets the messages."""
+    if chat_template_kwargs is None:
+        chat_template_kwargs = {}
+    if not isinstance(chat_template_kwargs, dict) or not all(
+        isinstance(k, str) for k in chat_template_kwargs
+    ):
+        raise ValueError(
+            f"chat_template_kwargs must be a dict keyed by names, got {chat_template_kwargs!r}"
+        )
+    if "messages" in chat_template_kwargs:
+        raise ValueError("chat_template_kwargs must not set 'messages': pass the conversation")
+    return {
+        "add_generation_prompt": add_generation_prompt,
+        "continue_final_message": continue_final_message,
+        "tools": tools,
+        **chat_template_kwargs,
+    }
+
+
 def _end_at_final_message(text: str, messages: list[dict]) -> str:
     """`text` cut after the last message's content, by transformers' rule: a template may
     trim the message, so its trimmed form is looked for, and its trailing whitespace is

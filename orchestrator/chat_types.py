@@ -66,6 +66,10 @@ class ChatRequest:
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
     guided: Guided | None = None
+    # vLLM's rendering options (engine.tokenizer.chat_template_options).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from starlette.types import Receive
 
 from engine import RequestOutput, SamplingParams
 from engine.errors import ContextLengthExceededError
+from engine.tokenizer import chat_template_options
 from orchestrator.accounts import Meter
 from orchestrator.chat_prompt import active_tools, build_chat_prompt, template_supports_tools
 from orchestrator.chat_types import ChatRequest
@@ -161,11 +162,16 @@ def _encode_prompt(context: PromptContext, request: ChatRequest) -> list[int]:
     check_prompt_chars(_prompt_chars(request), context.max_prompt_chars, "messages")
     tokenizer = context.tokenizer
     prompt = build_chat_prompt(request, template_supports_tools(tokenizer.chat_template))
+    options = chat_template_options(
+        request.add_generation_prompt,
+        request.continue_final_message,
+        prompt.tools,
+        request.chat_template_kwargs,
+    )
     max_len = context.max_model_len
     try:
-        return tokenizer.encode_chat(
-            prompt.messages, add_generation_prompt=True, tools=prompt.tools, max_tokens=max_len
-        )
+        text = tokenizer.apply_chat_template(prompt.messages, **options)
+        return tokenizer.encode_chat_text(text, max_tokens=max_len)
     except ContextLengthExceededError as exc:
         raise window_error(exc, max_len, "messages") from None
     # Templates reject conversations with jinja's raise_exception (a TemplateError) or

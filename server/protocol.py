@@ -21,6 +21,7 @@ import json
 import re
 from typing import Any
 
+from engine.tokenizer import chat_template_options
 from orchestrator.chat_types import (
     ChatRequest,
     CompletionRequest,
@@ -385,6 +386,37 @@ def _guided(body: dict, response_format: ResponseFormat | None) -> Guided | None
     return Guided(param, value)
 
 
+def _rendering(body: dict, messages: list[Message]) -> dict[str, Any]:
+    """vLLM's chat-template options, checked: `add_generation_prompt` (default true),
+    `continue_final_message` (default false: true goes on with the last message, an
+    assistant's, instead of opening a turn, so the two cannot both be true) and
+    `chat_template_kwargs` (template variables, which override the other two)."""
+    add = typed_field(body, "add_generation_prompt", "a boolean", True)
+    extend = typed_field(body, "continue_final_message", "a boolean", False)
+    kwargs = typed_field(body, "chat_template_kwargs", "an object", {})
+    if add and extend:
+        raise invalid(
+            "continue_final_message and add_generation_prompt cannot both be true: the first "
+            "continues the last message, the second opens a new assistant turn",
+            "continue_final_message",
+        )
+    if extend and (messages[-1].role != "assistant" or messages[-1].content is None):
+        raise invalid(
+            "continue_final_message needs the last message to be an assistant message "
+            "with content, for the model to continue",
+            "continue_final_message",
+        )
+    try:
+        chat_template_options(add, extend, None, kwargs)
+    except ValueError as exc:
+        raise invalid(str(exc), "chat_template_kwargs") from None
+    return {
+        "add_generation_prompt": add,
+        "continue_final_message": extend,
+        "chat_template_kwargs": kwargs,
+    }
+
+
 def _response_format(body: dict) -> ResponseFormat | None:
     """OpenAI's `response_format`; None for text. The schema itself is checked when the
     engine's grammar is built (an unsupported feature is a 400 there)."""
@@ -494,6 +526,7 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
         parallel_tool_calls=typed_field(body, "parallel_tool_calls", "a boolean", True),
         response_format=response_format,
         guided=guided,
+        **_rendering(body, messages),
     )
 
 

@@ -12,12 +12,15 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-import jinja2
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
 
 from engine import CompletionOutput, EngineStats, RequestOutput, SamplingParams
 from engine.errors import ContextLengthExceededError, EngineError
 from engine.sampler import TokenLogprobs
+from engine.tokenizer import Tokenizer
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -51,19 +54,37 @@ class FakeTokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         return chr(token_id).encode(errors="surrogatepass")
 
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **options: Any,
+    ) -> str:
+        """Rendered by the engine's own tokenizer code (continue_final_message, template
+        variables), over a vocabulary the text never reaches."""
+        backend = HFTokenizer(models.WordLevel({"?": 0}, unk_token="?"))
+        renderer = Tokenizer(backend, chat_template=self.chat_template)
+        self.last_prompt = renderer.apply_chat_template(
+            messages, add_generation_prompt, tools, **options
+        )
+        self.last_tools = tools
+        return self.last_prompt
+
+    def encode_chat_text(self, text: str, *, max_tokens: int | None = None) -> list[int]:
+        return self.encode(text, max_tokens=max_tokens)
+
     def encode_chat(
         self,
         messages: list[dict],
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        *,
         max_tokens: int | None = None,
+        **options: Any,
     ) -> list[int]:
-        template = jinja2.Environment().from_string(self.chat_template)
-        self.last_prompt = template.render(
-            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt
-        )
-        self.last_tools = tools
-        return self.encode(self.last_prompt, max_tokens=max_tokens)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools, **options)
+        return self.encode_chat_text(text, max_tokens=max_tokens)
 
 
 @dataclass

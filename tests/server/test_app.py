@@ -10,7 +10,7 @@ import pytest
 
 from engine.errors import EngineShutdownError
 from tests.conftest import record_event_loop_calls
-from tests.server.fake_engine import CHATML_WITH_TOOLS, FakeEngine, FakeTokenizer
+from tests.server.fake_engine import CHATML, CHATML_WITH_TOOLS, FakeEngine, FakeTokenizer
 from tests.server.sse_client import events, stream
 
 USER = [{"role": "user", "content": "Say hello"}]
@@ -300,6 +300,44 @@ def test_vllm_guided_fields_constrain_the_output_on_both_routes(serve):
             assert response.status_code == 200, response.text
             structure = server.engine.params[-1].structured_outputs
             assert structure.kind == kind and getattr(structure, kind) == expected
+
+
+def test_vllm_chat_template_options_reach_the_rendering(serve):
+    """vLLM's chat_template_kwargs are template variables; add_generation_prompt false
+    opens no assistant turn; continue_final_message goes on with the last assistant
+    message, without its end of turn."""
+    no_think = "{% if enable_thinking is defined and not enable_thinking %}<no-think>{% endif %}"
+    server = serve(FakeEngine(tokenizer=FakeTokenizer(CHATML + no_think)))
+    tokenizer = server.engine.tokenizer
+    assert chat(server, chat_template_kwargs={"enable_thinking": False}).status_code == 200
+    assert tokenizer.last_prompt == PROMPT + "<no-think>"
+    assert chat(server, chat_template_kwargs={"other": 1}).status_code == 200
+    assert tokenizer.last_prompt == PROMPT
+    assert chat(server, add_generation_prompt=False).status_code == 200
+    assert tokenizer.last_prompt == "<|im_start|>user\nSay hello<|im_end|>\n"
+    started = [*USER, {"role": "assistant", "content": "Hello, "}]
+    body = chat(
+        server, messages=started, add_generation_prompt=False, continue_final_message=True
+    ).json()
+    assert body["usage"]["prompt_tokens"] == len(PROMPT + "Hello, ")
+    assert server.engine.prompts[-1] == [ord(c) for c in PROMPT + "Hello, "]
+
+
+def test_vllm_chat_template_options_are_checked(serve):
+    server = serve()
+    started = [*USER, {"role": "assistant", "content": "Hello, "}]
+    for body, param in (
+        ({"messages": started, "continue_final_message": True}, "continue_final_message"),
+        (
+            {"continue_final_message": True, "add_generation_prompt": False},
+            "continue_final_message",
+        ),
+        ({"chat_template_kwargs": "enable_thinking"}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+        ({"add_generation_prompt": "no"}, "add_generation_prompt"),
+    ):
+        assert_error(chat(server, **body), 400, param)
+    assert server.engine.params == []
 
 
 def test_vllm_fields_the_server_cannot_honour_are_400s_naming_them(serve):
