@@ -43,11 +43,13 @@ class ResponseFormat:
 
 @dataclass
 class Guided:
-    """One of vLLM's older structured-output fields (`guided_json`, `guided_regex`,
-    `guided_choice`, `guided_grammar`): the field sent, and its value (a guided_json schema
-    as a dict)."""
+    """The structure asked for by vLLM's own fields: `structured_outputs` or one of its
+    older `guided_*` fields (`param`, the field sent, for errors), as the engine's
+    structured-output `kind` (json, regex, choice, grammar, json_object) and its value (a
+    json schema as a dict)."""
 
     param: str
+    kind: str
     value: Any
 
 

@@ -7,9 +7,10 @@ engine's `SamplingParams`, which refuses any wrong type or range with an error n
 the parameter, so range rules live in one place. Checks that need the model (token ids
 below the vocabulary size) are `server.generation`'s. Unknown fields are ignored, as
 vLLM does, so clients that send newer OpenAI fields keep working; but vLLM's own fields
-are known: its older structured-output fields (`guided_*`) are honoured, and those vLLM
-honours that this server cannot (beam search, prompt logprobs in vLLM's shape, best_of,
-a chat echo) are a 400 naming the field, never an answer other than the one asked for.
+are known: its structured-output fields (`structured_outputs`, the older `guided_*`) and
+chat-template options are honoured, and those vLLM honours that this server cannot (beam
+search, prompt logprobs in vLLM's shape, best_of, a chat echo) are a 400 naming the
+field, never an answer other than the one asked for.
 
 Every check raises a 400 naming the field; no value of any type may get past this
 module as anything but a 400 or a well-formed request.
@@ -349,20 +350,77 @@ def _check_common(body: dict) -> None:
         raise invalid("best_of is not supported (it must equal n)", "best_of")
 
 
-# vLLM's older structured-output fields, each what the field's JSON kind must be.
-_GUIDED_FIELDS = {
-    "guided_json": "an object",
-    "guided_regex": "a string",
-    "guided_choice": "an array",
-    "guided_grammar": "a string",
+# vLLM's structured-output kinds, each what its JSON value must be: the keys of its
+# `structured_outputs` field, and of its older `guided_*` fields without the prefix.
+_STRUCTURE_KINDS = {
+    "json": "an object",
+    "regex": "a string",
+    "choice": "an array",
+    "grammar": "a string",
 }
+_GUIDED_FIELDS = tuple(f"guided_{kind}" for kind in _STRUCTURE_KINDS)
+# `structured_outputs` options that change nothing here (which grammar backend serves it).
+_STRUCTURE_OPTIONS = ("disable_fallback",)
+
+
+def _structure_value(kind: str, value: Any, name: str, param: str) -> Any:
+    """A structure's value with its shape checked (the structure itself is checked when
+    its grammar is built: server/structured.py); `name` is the field or key it came in.
+    A json schema may come as its JSON text."""
+    if kind == "json" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            raise invalid(
+                f"{name} must be a JSON schema, as an object or its JSON text", param
+            ) from None
+        if not isinstance(value, dict):
+            raise invalid(f"{name} must be a JSON schema (an object)", param)
+    expected = _STRUCTURE_KINDS[kind]
+    if not isinstance(value, _KINDS[expected]):
+        raise invalid(f"{name} must be {expected}, got {value!r}", param)
+    if kind == "choice" and not (value and all(isinstance(c, str) and c for c in value)):
+        raise invalid(f"{name} must be a non-empty array of non-empty strings", param)
+    return value
+
+
+def _structured_outputs(body: dict) -> Guided | None:
+    """vLLM's `structured_outputs` field: exactly one kind (json, regex, choice, grammar,
+    or json_object: true); its other options, which would change the output (structural
+    tags, whitespace rules), are refused."""
+    spec = typed_field(body, "structured_outputs", "an object")
+    if spec is None:
+        return None
+    param = "structured_outputs"
+    known = (*_STRUCTURE_KINDS, "json_object", *_STRUCTURE_OPTIONS)
+    unsupported = [k for k, v in spec.items() if k not in known and v not in (None, False)]
+    if unsupported:
+        raise invalid(f"{param}.{unsupported[0]} is not supported", param)
+    kinds = [k for k in (*_STRUCTURE_KINDS, "json_object") if spec.get(k) not in (None, False)]
+    if len(kinds) != 1:
+        raise invalid(
+            f"{param} must set exactly one of json, regex, choice, grammar or json_object, "
+            f"got {', '.join(kinds) or 'none'}",
+            param,
+        )
+    kind = kinds[0]
+    if kind == "json_object":
+        if spec[kind] is not True:
+            raise invalid(f"{param}.json_object must be true, got {spec[kind]!r}", param)
+        return Guided(param, kind, True)
+    return Guided(param, kind, _structure_value(kind, spec[kind], f"{param}.{kind}", param))
 
 
 def _guided(body: dict, response_format: ResponseFormat | None) -> Guided | None:
-    """The one `guided_*` field sent, if any, with its value's shape checked (the structure
-    itself is checked when its grammar is built: server/structured.py). A guided_json
-    string is the schema's JSON text."""
+    """The structure vLLM's own fields ask for, if any: `structured_outputs`, or one of the
+    older `guided_*` fields; either excludes the other and response_format."""
     given = [name for name in _GUIDED_FIELDS if body.get(name) is not None]
+    structured = _structured_outputs(body)
+    if structured is not None:
+        if given or response_format is not None:
+            other = given[0] if given else "response_format"
+            raise invalid(f"structured_outputs cannot be combined with {other}", structured.param)
+        return structured
     if not given:
         return None
     param = given[0]
@@ -370,20 +428,8 @@ def _guided(body: dict, response_format: ResponseFormat | None) -> Guided | None
         raise invalid(f"send one of {', '.join(given)}, not several", given[1])
     if response_format is not None:
         raise invalid(f"{param} cannot be combined with response_format", param)
-    value = body[param]
-    if param == "guided_json" and isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
-            raise invalid(
-                "guided_json must be a JSON schema, as an object or its JSON text", param
-            ) from None
-        if not isinstance(value, dict):
-            raise invalid("guided_json must be a JSON schema (an object)", param)
-    typed_field({param: value}, param, _GUIDED_FIELDS[param])
-    if param == "guided_choice" and not (value and all(isinstance(c, str) and c for c in value)):
-        raise invalid("guided_choice must be a non-empty array of non-empty strings", param)
-    return Guided(param, value)
+    kind = param.removeprefix("guided_")
+    return Guided(param, kind, _structure_value(kind, body[param], param, param))
 
 
 def _rendering(body: dict, messages: list[Message]) -> dict[str, Any]:

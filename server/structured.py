@@ -1,6 +1,7 @@
-"""The chat and completions APIs' output structures (`response_format`, vLLM's `guided_*`
-fields, tool calls) as the engine's `StructuredOutputsParams`; the grammars are
-orchestrator/output_structure.py's, shared with the Responses API."""
+"""The chat and completions APIs' output structures (`response_format`, vLLM's
+`structured_outputs` and `guided_*` fields, tool calls) as the engine's
+`StructuredOutputsParams`; the grammars are orchestrator/output_structure.py's, shared
+with the Responses API."""
 
 from __future__ import annotations
 
@@ -36,13 +37,13 @@ def _format_schema(fmt: ResponseFormat | None) -> dict | None:
 
 
 def _guided_params(guided: Guided) -> StructuredOutputsParams:
-    """vLLM's `guided_*` field as the engine's structure; guided_json under response_format's
-    checks (a schema of an object, its root typed as one when it names no type)."""
+    """vLLM's structure as the engine's; a json schema under response_format's checks (a
+    schema of an object, its root typed as one when it names no type)."""
+    what = guided.param if guided.param.startswith("guided_") else f"{guided.param}.{guided.kind}"
     with _as_api_error():
-        if guided.param == "guided_json":
-            return json_format_params(guided.value, "guided_json")
-        kind = guided.param.removeprefix("guided_")
-        return checked(guided.param, **{kind: guided.value})
+        if guided.kind == "json":
+            return json_format_params(guided.value, guided.param, what)
+        return checked(guided.param, what, **{guided.kind: guided.value})
 
 
 def completion_structured_outputs(request: CompletionRequest) -> StructuredOutputsParams | None:
@@ -57,8 +58,8 @@ def completion_structured_outputs(request: CompletionRequest) -> StructuredOutpu
 def chat_structured_outputs(
     request: ChatRequest, tools: list[Tool]
 ) -> StructuredOutputsParams | None:
-    """What a chat completion's output is constrained to (None: free text). A `guided_*`
-    field comes without tools and response_format (server/protocol.py)."""
+    """What a chat completion's output is constrained to (None: free text). vLLM's
+    structure fields come without tools and response_format (server/protocol.py)."""
     if request.guided is not None:
         return _guided_params(request.guided)
     functions = [(t.name, t.spec["function"].get("parameters")) for t in tools]

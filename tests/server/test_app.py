@@ -281,9 +281,9 @@ def test_client_mistakes_get_openai_shaped_4xx(serve):
 GUIDED_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
 
 
-def test_vllm_guided_fields_constrain_the_output_on_both_routes(serve):
-    """vLLM's older structured-output fields are the engine's structured outputs, as
-    response_format is; a guided_json string is the schema's JSON text."""
+def test_vllm_structure_fields_constrain_the_output_on_both_routes(serve):
+    """vLLM's structured_outputs and its older guided_* fields are the engine's structured
+    outputs, as response_format is; a json schema as a string is the schema's JSON text."""
     server = serve()
     cases = [
         ("guided_json", GUIDED_SCHEMA, "json", GUIDED_SCHEMA),
@@ -291,6 +291,17 @@ def test_vllm_guided_fields_constrain_the_output_on_both_routes(serve):
         ("guided_regex", "[0-9]+", "regex", "[0-9]+"),
         ("guided_choice", ["yes", "no"], "choice", ["yes", "no"]),
         ("guided_grammar", 'start: "yes" | "no"', "grammar", 'start: "yes" | "no"'),
+        ("structured_outputs", {"json": GUIDED_SCHEMA}, "json", GUIDED_SCHEMA),
+        ("structured_outputs", {"json": json.dumps(GUIDED_SCHEMA)}, "json", GUIDED_SCHEMA),
+        ("structured_outputs", {"regex": "[0-9]+", "grammar": None}, "regex", "[0-9]+"),
+        ("structured_outputs", {"choice": ["yes", "no"]}, "choice", ["yes", "no"]),
+        ("structured_outputs", {"grammar": 'start: "a"'}, "grammar", 'start: "a"'),
+        (
+            "structured_outputs",
+            {"json_object": True, "disable_fallback": True},
+            "json_object",
+            True,
+        ),
     ]
     for field, value, kind, expected in cases:
         for response in (
@@ -358,10 +369,30 @@ def test_vllm_fields_the_server_cannot_honour_are_400s_naming_them(serve):
         assert_error(send(server, guided_regex="a", guided_choice=["a"]), 400, "guided_choice")
         fmt = {"type": "json_object"}
         assert_error(send(server, guided_regex="a", response_format=fmt), 400, "guided_regex")
+        for bad in (
+            {},
+            {"regex": "a", "choice": ["a"]},
+            {"json_object": False},
+            {"json_object": "yes"},
+            {"json": {"type": "array"}},
+            {"json": "{not json"},
+            {"regex": "(a"},
+            {"regex": 1},
+            {"choice": [""]},
+            {"structural_tag": "{}"},
+            {"regex": "a", "whitespace_pattern": " "},
+            ["regex"],
+        ):
+            assert_error(send(server, structured_outputs=bad), 400, "structured_outputs")
+        for other in ({"guided_regex": "a"}, {"response_format": fmt}):
+            so = {"regex": "a"}
+            assert_error(send(server, structured_outputs=so, **other), 400, "structured_outputs")
         assert_error(send(server, use_beam_search=True), 400, "use_beam_search")
         assert_error(send(server, prompt_logprobs=1), 400, "prompt_logprobs")
     tools = [{"type": "function", "function": {"name": "f"}}]
     assert_error(chat(server, guided_regex="a", tools=tools), 400, "guided_regex")
+    so = {"regex": "a"}
+    assert_error(chat(server, structured_outputs=so, tools=tools), 400, "structured_outputs")
     assert_error(chat(server, echo=True), 400, "echo")
     assert_error(chat(server, best_of=2), 400, "best_of")
     assert_error(completion(best_of=2), 400, "best_of")
