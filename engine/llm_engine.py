@@ -34,7 +34,7 @@ from engine.model_runner import ModelRunner, num_kv_blocks
 from engine.output_processor import OutputProcessor
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.sampler import NO_TOKEN, make_generator
-from engine.sampling_params import SamplingParams, _is_int
+from engine.sampling_params import SamplingParams, _is_int, truncate_prompt
 from engine.scheduler import Scheduler, max_tokens_for
 from engine.sequence import Request, Sequence
 from engine.structured_output import GrammarCompiler, GrammarMasks, accept_token
@@ -180,7 +180,9 @@ class LLMEngine:
     ) -> Request:
         """Tokenize and validate without touching engine state, so `AsyncLLM` can do
         it on the caller's thread while a step is running."""
-        token_ids = self.tokenize(prompt)
+        token_ids = truncate_prompt(
+            self.tokenize(prompt), params.truncate_prompt_tokens, self.max_model_len
+        )
         self._check_fits(token_ids, params)
         params.check_vocabulary(self.model_config.vocab_size)
         if (params.stop or params.bad_words) and self.tokenizer is None:

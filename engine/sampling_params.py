@@ -69,6 +69,14 @@ def _require(ok: bool, name: str, rule: str, value: object) -> None:
         raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
+def truncate_prompt(token_ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """The prompt's last `keep` tokens (`truncate_prompt_tokens`; -1: the context window's
+    worth), as vLLM keeps them; the whole prompt when `keep` is None."""
+    if keep is None:
+        return token_ids
+    return token_ids[-(max_model_len if keep == -1 else keep) :]
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request and when to stop it."""
@@ -109,6 +117,8 @@ class SamplingParams:
     # prompt blocks only for requests with the same salt. A server salts with the user, so
     # one user's prompts can neither serve nor be detected (cached_tokens, timing) by another.
     cache_salt: str | None = None
+    # vLLM's: keep only the prompt's last this many tokens (-1: the context window's worth).
+    truncate_prompt_tokens: int | None = None
     # AsyncLLM's outputs: cumulative by default, as vLLM's (the server streams deltas).
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
@@ -209,6 +219,13 @@ class SamplingParams:
                 f"<= max_tokens ({self.max_tokens})",
                 self.min_tokens,
             )
+        keep = self.truncate_prompt_tokens
+        _require(
+            keep is None or (_is_int(keep) and (keep == -1 or keep >= 1)),
+            "truncate_prompt_tokens",
+            "-1 (the context window) or an integer >= 1",
+            keep,
+        )
         flags = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "detokenize")
         for name in flags:
             value = getattr(self, name)

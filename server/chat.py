@@ -15,6 +15,7 @@ from starlette.types import Receive
 
 from engine import RequestOutput, SamplingParams
 from engine.errors import ContextLengthExceededError
+from engine.sampling_params import truncate_prompt
 from engine.tokenizer import chat_template_options
 from orchestrator.accounts import Meter
 from orchestrator.chat_prompt import active_tools, build_chat_prompt, template_supports_tools
@@ -96,7 +97,9 @@ async def create_chat_completion(
     check_params_vocabulary(params, state.engine.vocab_size)
     ticket = await state.admission.acquire(params.n, "n", fair_share)
     try:
-        prompt_ids = await state.prepare(_prompt_size(request), _encode_prompt, request)
+        prompt_ids = await state.prepare(
+            _prompt_size(request), _encode_prompt, request, params.truncate_prompt_tokens
+        )
         params = _default_max_tokens(state, params, len(prompt_ids))
         max_len = state.engine.max_model_len
         check_context(len(prompt_ids), params.max_tokens, max_len, "messages")
@@ -156,9 +159,10 @@ def _default_max_tokens(
     return replace(params, max_tokens=min(cap, room))
 
 
-def _encode_prompt(context: PromptContext, request: ChatRequest) -> list[int]:
+def _encode_prompt(context: PromptContext, request: ChatRequest, truncate: int | None) -> list[int]:
     """Render and tokenize (in the preparation process for a large prompt), after
-    checking the request's size."""
+    checking the request's size; `truncate` (truncate_prompt_tokens) keeps the last
+    tokens of a prompt that may be longer than the window."""
     check_prompt_chars(_prompt_chars(request), context.max_prompt_chars, "messages")
     tokenizer = context.tokenizer
     prompt = build_chat_prompt(request, template_supports_tools(tokenizer.chat_template))
@@ -171,7 +175,8 @@ def _encode_prompt(context: PromptContext, request: ChatRequest) -> list[int]:
     max_len = context.max_model_len
     try:
         text = tokenizer.apply_chat_template(prompt.messages, **options)
-        return tokenizer.encode_chat_text(text, max_tokens=max_len)
+        ids = tokenizer.encode_chat_text(text, max_tokens=None if truncate else max_len)
+        return truncate_prompt(ids, truncate, max_len)
     except ContextLengthExceededError as exc:
         raise window_error(exc, max_len, "messages") from None
     # Templates reject conversations with jinja's raise_exception (a TemplateError) or

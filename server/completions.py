@@ -13,6 +13,7 @@ from starlette.types import Receive
 
 from engine import RequestOutput
 from engine.errors import ContextLengthExceededError
+from engine.sampling_params import truncate_prompt
 from orchestrator.accounts import Meter
 from orchestrator.chat_types import CompletionRequest
 from server.disconnect import unless_disconnected
@@ -68,34 +69,42 @@ class CompletionRun:
 
 
 def _prepare_prompts(
-    context: PromptContext, prompts: list[str | list[int]], echo: bool, completion: int | None
+    context: PromptContext,
+    prompts: list[str | list[int]],
+    echo: bool,
+    completion: int | None,
+    truncate: int | None,
 ) -> tuple[list[list[int]], list[str]]:
     """Each prompt as token ids, and as text when echoed (in the preparation process for
     large prompts), after the size and vocabulary checks that make tokenizing and
-    decoding them safe and bounded."""
+    decoding them safe and bounded. `truncate` (truncate_prompt_tokens) keeps each
+    prompt's last tokens; a prompt it cut echoes the tokens kept."""
     tokenizer, max_len = context.tokenizer, context.max_model_len
-    ids_list = []
+    ids_list: list[list[int]] = []
+    echoed: list[str] = []
     for prompt in prompts:
         if isinstance(prompt, str):
             check_prompt_chars(len(prompt), context.max_prompt_chars, "prompt")
             try:
-                ids = tokenizer.encode(prompt, add_special_tokens=True, max_tokens=max_len)
+                ids = tokenizer.encode(
+                    prompt, add_special_tokens=True, max_tokens=None if truncate else max_len
+                )
             except ContextLengthExceededError as exc:
                 raise window_error(exc, max_len, "prompt") from None
         else:
-            check_context(len(prompt), completion, max_len, "prompt")
-            check_token_ids(prompt, context.vocab_size, "prompt")
             ids = prompt
-        if not ids:
+        kept = truncate_prompt(ids, truncate, max_len)
+        check_context(len(kept), completion, max_len, "prompt")
+        if isinstance(prompt, list):
+            check_token_ids(kept, context.vocab_size, "prompt")
+        if not kept:
             raise invalid("prompt must not be empty", "prompt")
-        ids_list.append(ids)
-    if not echo:
-        return ids_list, []
-    # Token prompts echo every token as written, special ones (`<|im_start|>`) included, as
-    # a text prompt holding them does.
-    echoed = [
-        p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False) for p in prompts
-    ]
+        ids_list.append(kept)
+        if echo:
+            # Token prompts echo every token as written, special ones (`<|im_start|>`)
+            # included, as a text prompt holding them does.
+            whole = isinstance(prompt, str) and len(kept) == len(ids)
+            echoed.append(prompt if whole else tokenizer.decode(kept, skip_special_tokens=False))
     return ids_list, echoed
 
 
@@ -125,7 +134,12 @@ async def create_completion(
         # after it is dropped, and never takes a position.
         completion = 0 if request.score_only else params.max_tokens
         prompts, texts = await state.prepare(
-            size, _prepare_prompts, request.prompts, request.echo, completion
+            size,
+            _prepare_prompts,
+            request.prompts,
+            request.echo,
+            completion,
+            params.truncate_prompt_tokens,
         )
         max_len = state.engine.max_model_len
         for ids in prompts:

@@ -64,6 +64,7 @@ _SAMPLING_FIELDS = (
     "include_stop_str_in_output",
     "allowed_token_ids",
     "bad_words",
+    "truncate_prompt_tokens",
 )
 
 

@@ -494,6 +494,17 @@ def test_the_window_cuts_the_output_not_the_request(tiny_chat_model_dir):
         llm.generate(list(range(1, 34)), SamplingParams(max_tokens=1), use_tqdm=False)
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(tiny_chat_model_dir):
+    """As vLLM's: k keeps the last k tokens, -1 the window's worth, so a prompt longer than
+    the window runs."""
+    llm = _llm(tiny_chat_model_dir, max_model_len=32)
+    prompt = list(range(1, 41))
+    for keep, kept in ((5, prompt[-5:]), (-1, prompt[-32:])):
+        params = SamplingParams(max_tokens=1, truncate_prompt_tokens=keep)
+        [out] = llm.generate(prompt, params, use_tqdm=False)
+        assert out.prompt_token_ids == kept
+
+
 def test_a_window_above_the_models_own_is_refused(tiny_chat_model_dir):
     """As vLLM refuses it: positions past the model's window were never trained, so a
     larger max_model_len is an error, not silently the model's window."""

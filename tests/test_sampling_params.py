@@ -65,6 +65,8 @@ def test_greedy_below_epsilon(temperature, greedy):
         {"max_tokens": 1, "min_tokens": 1},
         {"logprobs": 0},
         {"logprobs": 20},
+        {"truncate_prompt_tokens": 1},
+        {"truncate_prompt_tokens": -1},
     ],
 )
 def test_boundary_values_are_accepted(kwargs):
@@ -123,6 +125,10 @@ def test_boundary_values_are_accepted(kwargs):
         ({"bad_words": [" "]}, "bad_words"),
         ({"bad_words": [3]}, "bad_words"),
         ({"bad_words": 3}, "bad_words"),
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": 2.0}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": True}, "truncate_prompt_tokens"),
     ],
 )
 def test_invalid_values_name_the_parameter(kwargs, name):

@@ -351,6 +351,37 @@ def test_vllm_chat_template_options_are_checked(serve):
     assert server.engine.params == []
 
 
+def test_vllm_truncate_prompt_tokens_keeps_the_prompts_last_tokens(serve):
+    """On both routes, before the window is checked: a prompt longer than the window runs
+    on its last tokens; -1 keeps the window's worth; 0 or below -1 is a 400."""
+    server = serve(FakeEngine(max_model_len=len(PROMPT) + 20))
+
+    def completion(**body):
+        return server.client.post("/v1/completions", json={"max_tokens": 2, **body})
+
+    long_text = "x" * 100 + "tail"
+    body = completion(prompt=long_text, truncate_prompt_tokens=4, echo=True).json()
+    assert server.engine.prompts[-1] == [ord(c) for c in "tail"]
+    assert body["usage"]["prompt_tokens"] == 4
+    assert body["choices"][0]["text"].startswith("tail")
+    window = completion(prompt=[7] * 100, truncate_prompt_tokens=-1, echo=True, max_tokens=0)
+    assert window.status_code == 200, window.text
+    assert server.engine.prompts[-1] == [7] * (len(PROMPT) + 20)
+    # The window's worth leaves no room for a completion, as in vLLM.
+    full = completion(prompt=[7] * 100, truncate_prompt_tokens=-1)
+    assert_error(full, 400, "prompt", "context_length_exceeded")
+    assert completion(prompt="short", truncate_prompt_tokens=50).status_code == 200
+    assert server.engine.prompts[-1] == [ord(c) for c in "short"]
+    assert chat(server, truncate_prompt_tokens=7).status_code == 200
+    assert server.engine.prompts[-1] == [ord(c) for c in PROMPT[-7:]]
+    assert server.engine.params[-1].truncate_prompt_tokens == 7
+    for value in (0, -2, "4", 1.5):
+        assert_error(
+            completion(prompt="Hi", truncate_prompt_tokens=value), 400, "truncate_prompt_tokens"
+        )
+        assert_error(chat(server, truncate_prompt_tokens=value), 400, "truncate_prompt_tokens")
+
+
 def test_vllm_fields_the_server_cannot_honour_are_400s_naming_them(serve):
     """Silently ignored, they would answer with output other than what was asked for."""
     server = serve()
