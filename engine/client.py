@@ -56,6 +56,7 @@ class EngineStatsLike(Protocol):
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    finished_total: dict[str, int]  # sequences ended, by finish reason
     compile_state: str
     cpu: dict[str, object]  # the CPU path (engine/cpu_path.py); empty off CPU
 

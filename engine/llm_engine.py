@@ -7,6 +7,7 @@ background thread for streaming. Both see the same `step()`.
 from __future__ import annotations
 
 import atexit
+import collections
 import functools
 import logging
 import time
@@ -128,6 +129,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        # Sequences ended, by finish reason ("stop", "length", "abort"), as vLLM counts them.
+        self.finished_total: collections.Counter[str] = collections.Counter()
         log.info(
             "loaded %s (%s, %s%s%s on %s) in %.1fs; KV cache: %d blocks x %d = %d tokens (%s)",
             args.model,
@@ -247,6 +250,7 @@ class LLMEngine:
             if not seq.finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = seq.finish_reason or "abort"
+                self.finished_total[seq.finish_reason] += 1
         return self._request_output(
             request, [s for s in request.seqs if s.finish_reason == "abort"]
         )
@@ -287,6 +291,7 @@ class LLMEngine:
             self.generation_tokens_total += 1
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
+                self.finished_total[seq.finish_reason] += 1
             changed.setdefault(request.request_id, []).append(seq)
         results = [self._fail_request(request_id, exc) for request_id, exc in failures.items()]
         for request_id, changed_seqs in changed.items():
@@ -383,6 +388,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            finished_total=dict(self.finished_total),
             compile_state=self.compile_state,
             cpu=self.cpu_info,
         )

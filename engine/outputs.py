@@ -61,6 +61,9 @@ class EngineStats:
     num_preemptions: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    # Sequences ended (each of a request's n), by finish reason: "stop", "length", "abort"
+    # (a client gone, or a request failed in the engine).
+    finished_total: dict[str, int] = field(default_factory=dict)
     # The compiled backend (engine/compilation.py): "off", "compiling" (eager meanwhile),
     # "ready", "failed"
     compile_state: str = "off"

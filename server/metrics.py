@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from orchestrator.store.accounts import UsageRecord
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+FINISH_REASONS = ("stop", "length", "abort")  # the engine's, as vLLM's request_success
 
 _TTFT_BUCKETS = (
     0.005,
@@ -121,6 +122,15 @@ class _EngineCollector(Collector):
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(f"tokenmill:{name}", doc, value=value)
+        finished = CounterMetricFamily(
+            "tokenmill:request_success",
+            "Sequences (each of a request's n) that ended, by finish reason: stop, length, "
+            "or abort (the client went away, or the request failed in the engine).",
+            labels=["finished_reason"],
+        )
+        for reason in FINISH_REASONS:
+            finished.add_metric([reason], s.finished_total.get(reason, 0))
+        yield finished
 
 
 @dataclass

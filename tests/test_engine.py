@@ -266,6 +266,18 @@ def test_abort_in_every_state_frees_all_blocks(tiny_model_dir):
     assert bm.num_free_blocks + bm.num_evictable_blocks == free_at_start
 
 
+def test_stats_count_finished_sequences_by_reason(tiny_model_dir):
+    """As vLLM's request_success counter: each of a request's n sequences, by its reason."""
+    llm = _llm(tiny_model_dir("llama"))
+    engine = llm.engine
+    length = SamplingParams(max_tokens=2, n=2, ignore_eos=True)
+    stop = SamplingParams(max_tokens=5, allowed_token_ids=[5], stop_token_ids=[5])
+    llm.generate([[1, 2, 3], [4, 5, 6]], [length, stop], use_tqdm=False)
+    engine.add_request("gone", [1, 2, 3], SamplingParams(max_tokens=50))
+    engine.abort_request("gone")
+    assert engine.stats().finished_total == {"length": 2, "stop": 1, "abort": 1}
+
+
 def test_a_request_failing_in_the_engine_fails_the_offline_call_cleanly(
     tiny_model_dir, monkeypatch
 ):

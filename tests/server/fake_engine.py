@@ -9,6 +9,7 @@ streams one token per yield as the real engine does.
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -106,6 +107,8 @@ class FakeEngine:
     params: list[SamplingParams] = field(default_factory=list)
     prompts: list[list[int]] = field(default_factory=list)
     generated_total: int = 0
+    finished_total: collections.Counter[str] = field(default_factory=collections.Counter)
+    num_seqs: dict[str, int] = field(default_factory=dict)  # running requests' n
 
     def __post_init__(self) -> None:
         self.hold.set()
@@ -116,6 +119,7 @@ class FakeEngine:
             kv_cache_usage=min(1.0, len(self.running) / 8),
             prompt_tokens_total=sum(len(p) for p in self.prompts),
             generation_tokens_total=self.generated_total,
+            finished_total=dict(self.finished_total),
             prefix_cache_queries=sum(len(p) for p in self.prompts),
         )
 
@@ -123,6 +127,7 @@ class FakeEngine:
         if request_id in self.running:
             self.running.discard(request_id)
             self.aborted.append(request_id)
+            self.finished_total["abort"] += self.num_seqs[request_id]
 
     def _completion(self, prompt: list[int], params: SamplingParams) -> tuple[str, str, str | None]:
         """The reply as the engine would end it: text, finish reason and stop reason (the
@@ -156,6 +161,7 @@ class FakeEngine:
         self.prompts.append(ids)
         self.params.append(params)
         self.running.add(request_id)
+        self.num_seqs[request_id] = params.n
         text, reason, stop_reason = self._completion(ids, params)
         # Unlike AsyncLLM, closing this generator does not abort: a request stays
         # running until it finishes or the server calls abort(), so tests see whether
@@ -178,6 +184,7 @@ class FakeEngine:
             if last:
                 self.running.discard(request_id)
                 self.finished.append(request_id)
+                self.finished_total[reason] += params.n
             yield RequestOutput(request_id, None, ids, outputs, cached, finished=last)
 
     @staticmethod

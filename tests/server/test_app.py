@@ -210,6 +210,18 @@ def test_models_health_and_metrics(serve):
         assert f"tokenmill:{name} " in text
 
 
+def test_metrics_count_finished_sequences_by_reason(serve):
+    """vLLM's request_success counter by finished_reason, each of n counted, the reasons
+    no sequence ended with at zero."""
+    server = serve()
+    chat(server, n=2)
+    chat(server, max_tokens=3)
+    text = server.client.get("/metrics").text
+    assert 'tokenmill:request_success_total{finished_reason="stop"} 2.0' in text
+    assert 'tokenmill:request_success_total{finished_reason="length"} 1.0' in text
+    assert 'tokenmill:request_success_total{finished_reason="abort"} 0.0' in text
+
+
 def test_cached_tokens_reported_from_the_engine(serve):
     server = serve()
     system = [{"role": "system", "content": "You are terse. " * 20}]
