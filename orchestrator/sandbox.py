@@ -300,6 +300,7 @@ class Sandbox:
             *_usr_binds(python_paths, self.usr_local),
             "--remount-ro",
             "/usr",
+            *(arg for path in _ETC_DATA for arg in ("--ro-bind-try", path, path)),
             "--symlink",
             "usr/bin",
             "/bin",
@@ -459,6 +460,10 @@ def running_pids(label: str) -> list[int]:
 # Data the Python or its packages read from outside their own directories (relative to
 # /usr): glibc's compiled locales (C.UTF-8) and Debian's python3-matplotlib's mpl-data.
 _USR_DATA = ("lib/locale", "share/matplotlib")
+# Of /etc (not shown otherwise): Debian's alternatives, through which its packages' shared
+# libraries link (python3-numpy's libblas.so.3 and liblapack.so.3), and the configuration
+# file Debian's python3-matplotlib fails to import without.
+_ETC_DATA = ("/etc/alternatives", "/etc/matplotlibrc")
 _PYTHON_PATHS: dict[str, tuple[str, ...]] = {}
 # Asked of the sandbox's Python: its import path (less the site-packages, which `-S` leaves
 # out), its site-packages, the directory of its shared libraries, its time-zone search path.

@@ -249,7 +249,8 @@ def test_usr_local_shows_only_the_pythons_packages(usr_local):
 
 def test_usr_shows_only_what_the_python_needs():
     """Of /usr only the Python, its libraries and their data exist inside: the common
-    modules work (time zones, locale, SQLite, TLS, a program run through subprocess), and
+    modules work (time zones, locale, SQLite, TLS, programs run through subprocess, also
+    those Debian links through /etc/alternatives), and
     the rest of the system (headers, sources, /usr/share's documents) does not."""
     result, _ = run("""
         import ctypes, datetime, decimal, hashlib, json, locale, math, os, sqlite3, ssl
@@ -258,13 +259,15 @@ def test_usr_shows_only_what_the_python_needs():
         print(paris.utcoffset(), locale.getpreferredencoding())
         print(sqlite3.connect(":memory:").execute("select 6 * 7").fetchone()[0])
         print(subprocess.run(["ls", "/usr/lib"], capture_output=True, text=True).returncode)
+        # a program Debian links through /etc/alternatives, as python3-numpy's BLAS is
+        print(subprocess.run(["awk", "BEGIN{print 6*7}"], capture_output=True).stdout)
         for path in ["/usr/share/doc", "/usr/share/common-licenses", "/usr/include",
                      "/usr/src", "/usr/sbin", "/usr/lib/apt", "/usr/lib/os-release"]:
             print("EXISTS" if os.path.lexists(path) else "hidden", path)
     """)
     lines = result.stdout.splitlines()
-    assert lines[:3] == ["2:00:00 UTF-8", "42", "0"], result
-    assert [line.split()[0] for line in lines[3:]] == ["hidden"] * 7, result
+    assert lines[:4] == ["2:00:00 UTF-8", "42", "0", "b'42\\n'"], result
+    assert [line.split()[0] for line in lines[4:]] == ["hidden"] * 7, result
 
 
 def test_cannot_write_outside_its_working_directory(tmp_path):
