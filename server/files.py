@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from urllib.parse import unquote
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -103,12 +104,37 @@ MAX_FILENAME_BYTES = 255  # what Linux and macOS file systems take
 _REFUSED = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
-def _form_filename(raw: str) -> str:
-    """The name a client gave its file: its last path part, with the `"` that HTML's
-    multipart encoding (browsers, httpx and so the openai SDK) sends as `%22` restored.
-    Only that escape is undone: a CR or LF (`%0D`, `%0A`) has no place in a file name.
+# RFC 5987's extended parameter in a part's Content-Disposition:
+# `filename*=charset'language'percent-encoded-bytes`.
+_EXTENDED_FILENAME = re.compile(r";\s*filename\*\s*=\s*([^;\s]+)", re.IGNORECASE)
+
+
+def _extended_filename(upload: UploadFile) -> str | None:
+    """The name in the part's `filename*` (RFC 5987), or None when it has none or it does
+    not decode. The multipart parser ignores that parameter (RFC 7578 forbids it in
+    forms), but .NET's HttpClient, and so OpenAI's .NET SDK, sends a name outside ASCII
+    there, beside a `filename` holding a MIME encoded word (`=?utf-8?B?...?=`); RFC 6266
+    has a recipient prefer `filename*`."""
+    match = _EXTENDED_FILENAME.search(upload.headers.get("content-disposition", ""))
+    if match is None:
+        return None
+    charset, _, rest = match.group(1).strip('"').partition("'")
+    encoded = rest.partition("'")[2]
+    try:
+        return unquote(encoded, encoding=charset, errors="strict")
+    except (LookupError, UnicodeDecodeError):
+        return None
+
+
+def _form_filename(upload: UploadFile) -> str:
+    """The name a client gave its file: its last path part, from `filename*` when the part
+    has one that decodes, else from `filename`, with the `"` that HTML's multipart
+    encoding (browsers, httpx and so the openai SDK) sends there as `%22` restored. Only
+    that escape is undone: a CR or LF (`%0D`, `%0A`) has no place in a file name.
     A name with a character `_REFUSED` holds, or longer than MAX_FILENAME_BYTES, is a 400."""
-    name = raw.rsplit("/", 1)[-1].replace("%22", '"')
+    extended = _extended_filename(upload)
+    raw = extended if extended is not None else (upload.filename or "").replace("%22", '"')
+    name = raw.rsplit("/", 1)[-1]
     if not name:
         raise invalid("file must have a filename", "file")
     bad = _REFUSED.search(name)
@@ -128,7 +154,7 @@ async def create_file(request: Request) -> Response:
     upload, purpose, data = await _upload(
         request, request.app.state.tokenmill.config.max_upload_bytes
     )
-    filename = _form_filename(upload.filename or "")
+    filename = _form_filename(upload)
     return JSONResponse(
         await service.create(owner(request), filename, purpose, data, upload.content_type)
     )

@@ -3,10 +3,12 @@ upload, index in the background, search, failures, limits and deletion."""
 
 from __future__ import annotations
 
+import base64
 import io
 import signal
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import openai
@@ -186,6 +188,34 @@ def test_a_filename_with_quotes_comes_back_as_uploaded(client):
     assert created.filename == name
     assert client.files.retrieve(created.id).filename == name
     client.files.delete(created.id)
+
+
+def test_a_name_outside_ascii_is_kept_from_filename_or_filename_star(client, live):
+    """Raw UTF-8 in `filename` (httpx, so the openai SDK) and RFC 5987's `filename*`, which
+    .NET's HttpClient sends beside a MIME encoded word in `filename`: the name is the one
+    the user gave. A `filename*` that does not decode leaves `filename`."""
+    name = "报告 2024 🎉 تقرير.txt"
+    assert client.files.create(file=(name, b"data"), purpose="assistants").filename == name
+
+    def upload(disposition: str) -> httpx.Response:
+        body = (
+            '--BB\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nassistants\r\n'
+            f"--BB\r\nContent-Disposition: {disposition}\r\n\r\ndata\r\n--BB--\r\n"
+        ).encode()
+        headers = {
+            "content-type": "multipart/form-data; boundary=BB",
+            "authorization": f"Bearer {API_KEY}",
+        }
+        return httpx.post(f"{live.url}/v1/files", content=body, headers=headers, timeout=20)
+
+    encoded_word = "=?utf-8?B?" + base64.b64encode(name.encode()).decode() + "?="
+    dotnet = upload(
+        f"form-data; name=file; filename=\"{encoded_word}\"; filename*=utf-8''{quote(name)}"
+    )
+    assert dotnet.status_code == 200 and dotnet.json()["filename"] == name
+    assert client.files.retrieve(dotnet.json()["id"]).filename == name
+    undecodable = upload("form-data; name=file; filename=plain.txt; filename*=utf-8''%FF.txt")
+    assert undecodable.json()["filename"] == "plain.txt"
 
 
 def test_the_store_indexes_supported_files_and_fails_the_rest(client, uploaded, vector_store):
