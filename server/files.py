@@ -179,10 +179,13 @@ async def retrieve_file(request: Request) -> Response:
 
 
 async def file_content(request: Request) -> Response:
+    """The bytes with the content type they were uploaded with, as it was sent: set as a
+    media type, a `text/*` type would gain a `charset=utf-8` the file may not be in (a
+    Latin-1 or UTF-16 text file then reads as mojibake)."""
     _, content_type, data = await _files(request).content(
         owner(request), request.path_params["file_id"]
     )
-    return Response(data, media_type=content_type or "application/octet-stream")
+    return Response(data, headers={"content-type": content_type or "application/octet-stream"})
 
 
 async def delete_file(request: Request) -> Response:

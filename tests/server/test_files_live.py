@@ -165,6 +165,19 @@ def test_files_are_listed_retrieved_and_returned_byte_for_byte(client, uploaded)
     assert client.files.content(uploaded[name]).content == DOCUMENTS[name][0]
 
 
+def test_text_comes_back_with_the_content_type_it_was_sent_with(client):
+    """No charset is added to a text type: the server does not know a text file's
+    encoding, and a `charset=utf-8` made a Latin-1 file read as mojibake. One the
+    client declared is kept."""
+    for content_type in ["text/plain", "text/plain; charset=iso-8859-1"]:
+        data = "Crème brûlée à Paris".encode("latin-1")
+        created = client.files.create(file=("menu.txt", data, content_type), purpose="user_data")
+        got = client.files.content(created.id)
+        assert got.response.headers["content-type"] == content_type
+        assert got.content == data
+        client.files.delete(created.id)
+
+
 def test_the_files_list_takes_openai_page_sizes(client, uploaded, live):
     """Up to 10,000 files a page, and that by default, as OpenAI's files list."""
     everything = client.files.list(limit=10_000)
