@@ -123,15 +123,23 @@ _BOMS = (
 
 def _decode(data: bytes, filename: str) -> str:
     """UTF-8 (with or without a byte-order mark), or UTF-16/32 marked as such: what
-    Windows editors write as "Unicode"."""
+    Windows editors write as "Unicode". Text holding NUL is refused: UTF-16 without its
+    mark (every other byte of Latin text is NUL) or a binary file decodes as valid UTF-8,
+    and would be indexed as that mojibake (PostgreSQL cannot store NUL at all)."""
     encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8-sig")
     try:
-        return data.decode(encoding)
+        text = data.decode(encoding)
     except UnicodeDecodeError as exc:
         raise ExtractionError(
             f"{filename!r} is not UTF-8 or UTF-16 text (invalid {encoding} at byte "
             f"{exc.start}); convert it to UTF-8 and upload it again"
         ) from None
+    if "\x00" in text:
+        raise ExtractionError(
+            f"{filename!r} holds NUL characters, so it is not UTF-8 text (UTF-16 without "
+            "a byte-order mark, or not text at all); convert it to UTF-8 and upload it again"
+        )
+    return text
 
 
 class _HTMLText(HTMLParser):

@@ -84,6 +84,11 @@ def test_unreadable_files_say_why():
         extract(b"\x80bad", "notes.txt")
     with pytest.raises(ExtractionError, match="invalid utf-16"):
         extract(b"\xff\xfe\x00ba", "notes.txt")  # an odd byte after the mark
+    # valid UTF-8 only as mojibake: UTF-16 without its mark, NUL after every Latin letter
+    with pytest.raises(ExtractionError, match="NUL characters"):
+        extract("Volcanoes erupt".encode("utf-16-le"), "notes.txt")
+    with pytest.raises(ExtractionError, match="NUL characters"):
+        extract(b"<p>a\x00b</p>", "page.html")
     with pytest.raises(ExtractionError, match="PDF could not be read"):
         extract(b"%PDF-1.4 garbage", "broken.pdf")
     with pytest.raises(ExtractionError, match="no extractable text"):
