@@ -2,8 +2,9 @@
 
 `Product.open(engine, database_url)` builds it; the server's routes call its services.
 Layers: `store/` (the only SQL), `context` (items -> prompt), `events` (the Responses
-event stream and the state it builds), `responses` (the turn's state machine) and
-`conversations`. See docs/product.md.
+event stream and the state it builds), `response_request` (a request and its checks),
+`responses` (the service: create, retrieve, cancel, delete), `turn` (one response's
+state machine) and `conversations`. See docs/product.md.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from orchestrator.conversation_lock import ConversationLock
 from orchestrator.conversations import ConversationService
 from orchestrator.errors import InvalidRequestError, NotFoundError, ProductError
 from orchestrator.files import FileService, import_disk_files
-from orchestrator.responses import FunctionTool, ResponseRequest, ResponseService
+from orchestrator.response_request import FunctionTool, ResponseRequest
+from orchestrator.responses import ResponseService
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store import Page, Store, database_error, servers
 from orchestrator.store.accounts import release_reservations, settle_checkpoints

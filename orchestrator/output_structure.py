@@ -2,8 +2,8 @@
 a JSON format (any object, or one matching a schema) and tool calls.
 
 Shared by the chat API (server/structured.py) and the Responses API
-(orchestrator/responses.py), so both give the same guarantee. Tool calls are written in
-the format server/tool_parser.py reads:
+(orchestrator/turn_prompt.py), so both give the same guarantee. Tool calls are written in
+the format orchestrator/tool_parser.py reads:
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from orchestrator import Product, ProductError
 from orchestrator.accounts import Meter
-from orchestrator.responses import Turn
+from orchestrator.turn import Turn
 from server.access import identity, owner, product_api_error
 from server.disconnect import unless_disconnected
 from server.errors import invalid

@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator import FunctionTool, Page, ResponseRequest
 from orchestrator.agent import CODE_INTERPRETER, DEFAULT_MAX_TOOL_CALLS
-from orchestrator.responses import CodeInterpreterTool
+from orchestrator.response_request import CodeInterpreterTool
 from orchestrator.tools.file_search import DEFAULT_MAX_RESULTS, FileSearchTool
 from server.errors import invalid, known_fields
 from server.protocol import typed_field, valid_name

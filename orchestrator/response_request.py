@@ -1,0 +1,192 @@
+"""The parsed `POST /v1/responses` request, and the checks it must pass before a turn starts.
+
+The server's routes (server/responses_protocol.py) parse a body into a `ResponseRequest`;
+`ResponseService.create` then checks it against what the store and the server's tools
+add (`check_*`) and derives the engine's sampling parameters from it. The turn reads
+its tool configuration and text format from it as it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine import SamplingParams
+from orchestrator.agent import CODE_INTERPRETER, DEFAULT_MAX_TOOL_CALLS
+from orchestrator.chat_types import Tool
+from orchestrator.context import ToolConfig, item_text
+from orchestrator.errors import InvalidRequestError
+from orchestrator.output_structure import ANY_OBJECT, require_json_mention
+from orchestrator.store import History
+from orchestrator.tools.file_search import FileSearchTool
+
+
+@dataclass
+class FunctionTool:
+    """A client-executed function the model may call (Responses' flat tool shape)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "type": "function",
+            "name": self.name,
+            "description": self.description,
+            "parameters": self.parameters,
+            "strict": self.strict,
+        }
+
+    def chat_tool(self) -> Tool:
+        function = {
+            "name": self.name,
+            "description": self.description,
+            "parameters": self.parameters,
+        }
+        spec = {k: v for k, v in function.items() if v is not None}
+        return Tool(self.name, {"type": "function", "function": spec})
+
+
+@dataclass
+class CodeInterpreterTool:
+    """The built-in code_interpreter tool (`{"type": "code_interpreter", "container":
+    {"type": "auto"}}`); the server runs its calls in a sandbox."""
+
+    container: dict | str
+    name: str = CODE_INTERPRETER
+
+    def as_dict(self) -> dict:
+        return {"type": "code_interpreter", "container": self.container}
+
+
+@dataclass
+class ResponseRequest:
+    """A validated `POST /v1/responses` body (the server parses and checks it)."""
+
+    model: str
+    input: list[dict]  # items without ids: message, function_call, function_call_output
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    conversation_id: str | None = None
+    store: bool = True
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    truncation: str = "disabled"  # "disabled" | "auto"
+    metadata: dict = field(default_factory=dict)
+    tools: list[FunctionTool | CodeInterpreterTool | FileSearchTool] = field(default_factory=list)
+    # "none" | "auto" | "required" | {"type": "function", "name"} | {"type": "file_search"}
+    # | {"type": "code_interpreter"}
+    tool_choice: str | dict = "auto"
+    parallel_tool_calls: bool = True
+    # text.format as given: {"type": "text"}, {"type": "json_object"} or
+    # {"type": "json_schema", "name", "schema", "strict"[, "description"]}.
+    text_format: dict = field(default_factory=lambda: {"type": "text"})
+    max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS  # built-in calls one response may run
+    include: list[str] = field(default_factory=list)  # e.g. "file_search_call.results"
+    user: str | None = None  # the client's own end-user label, echoed (OpenAI's, deprecated)
+
+    def format_schema(self) -> dict | None:
+        """The JSON schema text.format asks for (None: free text)."""
+        kind = self.text_format["type"]
+        if kind == "text":
+            return None
+        return ANY_OBJECT if kind == "json_object" else self.text_format["schema"]
+
+    def tool_config(self, declared: list[FunctionTool] | None = None) -> ToolConfig:
+        """The tools offered to the model: `declared` (every tool's function declaration,
+        built-ins with their schema filled in) or the request's own function tools."""
+        tools = (
+            declared
+            if declared is not None
+            else [t for t in self.tools if isinstance(t, FunctionTool)]
+        )
+        choice = self.tool_choice
+        mode, forced = (
+            ("function", choice.get("name", choice["type"]))
+            if isinstance(choice, dict)
+            else (choice, None)
+        )
+        if not tools:
+            mode = "none"
+        offered = [t for t in tools if mode != "function" or t.name == forced]
+        return ToolConfig(
+            [t.chat_tool() for t in offered] if mode != "none" else [],
+            mode,
+            forced,
+            self.parallel_tool_calls,
+        )
+
+
+def function_tools(declarations: list[dict]) -> list[FunctionTool]:
+    """Tool declarations (`ResolvedTools.declarations`: built-ins with their schema filled
+    in, the client's functions) as the function tools offered to the model."""
+    return [
+        FunctionTool(d["name"], d.get("description"), d.get("parameters"), d.get("strict"))
+        for d in declarations
+    ]
+
+
+def check_tool_choice(choice: str | dict, offered: list[FunctionTool]) -> None:
+    """A tool choice that forces a call needs the tool: among the request's own, or the
+    server's default tools, which are offered without being declared. A built-in is
+    named by its type (`{"type": "code_interpreter"}`), a function by its name."""
+    if choice == "required" and not offered:
+        raise InvalidRequestError('tool_choice "required" needs tools', "tool_choice")
+    name = choice.get("name", choice["type"]) if isinstance(choice, dict) else None
+    if name is not None and name not in {t.name for t in offered}:
+        raise InvalidRequestError(
+            f"tool_choice names the tool {name!r}, which is not in tools", "tool_choice"
+        )
+
+
+def check_json_mention(request: ResponseRequest, history: History) -> None:
+    """The json_object format needs the word JSON in the instructions, a message or a tool
+    result of the context, as OpenAI requires of chat messages."""
+    if request.text_format["type"] != "json_object":
+        return
+    texts = [request.instructions]
+    for item in [*history.items, *request.input]:  # messages and tool results, as in chat
+        kind = item.get("type", "message")
+        texts.append(item_text(item) if kind == "message" else item.get("output"))
+    require_json_mention(texts, "input", "text.format")
+
+
+def sampling_params(request: ResponseRequest) -> SamplingParams:
+    """The engine's sampling parameters the request sets; a value they refuse is a 400
+    naming the request's own field."""
+    chosen = {"temperature": request.temperature, "top_p": request.top_p}
+    try:
+        return SamplingParams(
+            max_tokens=request.max_output_tokens,
+            **{k: v for k, v in chosen.items() if v is not None},
+        )
+    except ValueError as exc:  # SamplingParams names the field first
+        message = str(exc).replace("max_tokens", "max_output_tokens")
+        raise InvalidRequestError(message, param=message.split(" ", 1)[0]) from None
+
+
+def check_call_outputs(history: list[dict], input_items: list[dict]) -> None:
+    """Calls and outputs must pair up, as OpenAI requires: each function_call_output
+    answers a function call made before it (in the history or earlier in the input), and
+    each call the history left unanswered (a client's function, the previous turn's end)
+    gets its output in this input. Either way the model would otherwise read a tool
+    result nothing asked for, or a call whose result never came."""
+    calls = {item["call_id"] for item in history if item["type"] == "function_call"}
+    answered = {item["call_id"] for item in history if item["type"] == "function_call_output"}
+    waiting = calls - answered
+    for item in input_items:
+        if item["type"] == "function_call":
+            calls.add(item["call_id"])
+        elif item["type"] == "function_call_output":
+            if item["call_id"] not in calls:
+                raise InvalidRequestError(
+                    f"No tool call found for function call output with call_id {item['call_id']}.",
+                    "input",
+                )
+            waiting.discard(item["call_id"])
+    if waiting:
+        raise InvalidRequestError(
+            f"No tool output found for function call {sorted(waiting)[0]}.", "input"
+        )

@@ -1,0 +1,599 @@
+"""One response being generated: a `Turn`, started by `ResponseService.create`.
+
+A turn runs as its own task, apart from the HTTP request that started it: it records
+the response as `in_progress`, feeds the engine's tokens through the tool-call parser
+into `ResponseEvents`, and records the final state once generation ends, however it
+ends: completed, cut by max_output_tokens, cancelled, or stopped because the client went
+away (then `incomplete`, with the text generated so far). Because the final write
+happens in the turn's own task, a client that disconnects cannot interrupt it. The
+final event is sent only after that write commits, so a client that saw
+`response.completed` can always read the response back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from engine import SamplingParams
+from engine.errors import EngineError, EngineShutdownError
+from orchestrator.accounts.meter import CHECKPOINT_S
+from orchestrator.agent import (
+    CODE_INTERPRETER,
+    ITEM_TOOLS,
+    Agent,
+    code_interpreter_as_function_items,
+    file_search_as_function_items,
+)
+from orchestrator.citations import file_citations
+from orchestrator.context import Prompt, ToolConfig
+from orchestrator.errors import (
+    InvalidRequestError,
+    ProductError,
+    QuotaExceededError,
+    RateLimitError,
+)
+from orchestrator.events import Event, ResponseEvents, usage
+from orchestrator.ids import new_id
+from orchestrator.response_request import ResponseRequest, function_tools
+from orchestrator.store import History, Repository, Store, StoreUnavailableError
+from orchestrator.tool_parser import ChoiceAssembler, ParsedCall
+from orchestrator.tools import ResolvedTools
+from orchestrator.tools.file_search import FILE_SEARCH, FileSearch
+from orchestrator.turn_hooks import Budget, TokenObserver, output_budget
+from orchestrator.turn_prompt import model_turn_structure, prompt_input
+
+if TYPE_CHECKING:
+    from orchestrator.responses import ResponseService
+
+log = logging.getLogger("tokenmill")
+
+# The stream's last event when the database did not answer the turn's final write.
+UNRECORDED = (
+    "the response could not be recorded: the database did not answer; "
+    "the server records it once the database is back"
+)
+# How long a turn's final state is retried while the database does not answer (seconds).
+RECORD_RETRY_S = 600.0
+
+
+def _new_response(request: ResponseRequest) -> dict:
+    """The response object as the request starts it: `in_progress`, with no output yet,
+    and the request's settings echoed."""
+    return {
+        "id": new_id("resp"),
+        "object": "response",
+        "created_at": int(time.time()),  # whole seconds, as OpenAI gives them
+        "status": "in_progress",
+        "background": False,
+        "completed_at": None,
+        "conversation": {"id": request.conversation_id} if request.conversation_id else None,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": request.instructions,
+        "max_output_tokens": request.max_output_tokens,
+        "max_tool_calls": request.max_tool_calls,
+        "metadata": request.metadata,
+        "model": request.model,
+        "output": [],
+        "parallel_tool_calls": request.parallel_tool_calls,
+        "previous_response_id": request.previous_response_id,
+        "store": request.store,
+        "temperature": 1.0 if request.temperature is None else request.temperature,
+        "text": {"format": request.text_format},
+        "tool_choice": request.tool_choice,
+        "tools": [t.as_dict() for t in request.tools],
+        "top_p": 1.0 if request.top_p is None else request.top_p,
+        "truncation": request.truncation,
+        "usage": None,
+        "user": request.user,
+    }
+
+
+@dataclass
+class _Progress:
+    """What one engine generation has gathered so far."""
+
+    assembler: ChoiceAssembler
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cached: int = 0
+
+
+@dataclass
+class _Totals:
+    """Token counts over all of a turn's generations, and the latest prompt + output
+    (what the next response's prompt extends)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached: int = 0
+    context_tokens: list[int] | None = None
+
+
+class _Cut(Exception):
+    """A generation ended without finishing its answer: stop the agent loop there."""
+
+    def __init__(self, reason: str | None) -> None:
+        super().__init__(reason)
+        self.reason = reason  # the incomplete reason ("max_output_tokens") or None
+
+
+class Turn:
+    """One response being generated: events flow to `stream()`, the end to `wait()`.
+
+    The turn is an agent loop (`orchestrator.agent.Agent`): each model turn is one engine
+    generation over instructions + history + input + the output so far, built-in tool
+    calls run server-side between them, and a call of a client function ends the turn.
+    The agent appends to the response's own output list, so its `output_index`es are
+    the stream's."""
+
+    def __init__(
+        self,
+        service: ResponseService,
+        owner: str,
+        request: ResponseRequest,
+        history: History,
+        input_items: list[dict],
+        tools: ResolvedTools,
+        prompt: Prompt,
+        params: SamplingParams,
+        observer: TokenObserver,
+        budget: Budget,
+    ) -> None:
+        self.service = service
+        self.owner = owner
+        self.request = request
+        self.history = history
+        self.input_items = input_items
+        self.tools = tools
+        self.declared = function_tools(tools.declarations)
+        self.prompt: Prompt | None = prompt  # the first generation's, built by `create`
+        self.params = params
+        self.observer = observer
+        self.budget = budget
+        self.events = ResponseEvents(_new_response(request))
+        self.id: str = self.events.response["id"]
+        self.totals = _Totals()
+        # The generation running now: its prompt length and progress (`_usage_so_far`).
+        self._running: tuple[int, _Progress] | None = None
+        self._generations = 0
+        self._code_calls: list[dict] = []  # code_interpreter/file_search calls of the turn
+        self._agent: Agent | None = None
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._stop_status: str | None = None
+        self._begin_recorded = False  # the in_progress row is written (`_record`)
+        self._turn_over = asyncio.Event()  # ends the checkpoints (`_checkpoint`)
+        self._checkpoints: asyncio.Task | None = None
+        self._consumer: asyncio.Task | None = None
+        self._task = asyncio.create_task(self._run())
+
+    async def stream(self) -> AsyncIterator[Event]:
+        while (event := await self._queue.get()) is not None:
+            yield event
+
+    async def wait(self) -> dict:
+        """The final response (shielded: a caller giving up does not stop the turn)."""
+        await asyncio.shield(self._task)
+        return self.events.response
+
+    def stop(self, status: str) -> None:
+        """End generation early: "cancelled" (the cancel endpoint) or "incomplete" (the
+        client went away); running tools are cancelled (sandboxes killed). A no-op once
+        the turn has finished."""
+        if self._task.done() or self._stop_status is not None:
+            return
+        self._stop_status = status
+        if self._consumer is not None:
+            self._consumer.cancel()
+
+    def _put(self, events: list[Event]) -> None:
+        for event in events:
+            self._queue.put_nowait(event)
+
+    async def _run(self) -> None:
+        store = self.service.store if self.request.store else None
+        begun = None
+        if store is not None:
+            snapshot = copy.deepcopy(self.events.response)
+            begun = asyncio.create_task(
+                store.call(Repository.begin_response, self.owner, snapshot, self.input_items)
+            )
+        self._checkpoints = asyncio.create_task(self._checkpoint(store, begun))
+        try:
+            self._put(self.events.start())
+            status, reason, error = await self._generate()
+            await self._stop_checkpoints()
+            totals = self.totals
+            final = self.events.finish(
+                status,
+                usage(totals.input_tokens, totals.output_tokens, totals.cached),
+                int(time.time()),
+                reason,
+                error,
+                annotate=self._annotate,
+            )
+            recorded = True
+            if store is not None:
+                tokens = None if status == "failed" else totals.context_tokens
+                recorded = await self._record_or_retry(store, begun, tokens)
+            await self._settle(status)
+            self._put(final if recorded else [self.events.error(UNRECORDED)])
+        except Exception:
+            log.exception("response %s could not be completed", self.id)
+            self._put([self.events.error("the response could not be recorded")])
+        finally:
+            await self._stop_checkpoints()
+            if self.request.conversation_id is not None:
+                await self.service.lock.release(self.owner, self.request.conversation_id)
+            await self._settle("failed")  # a no-op when settled above
+            self._queue.put_nowait(None)
+            self.service.running.pop(self.id, None)
+            self.observer.on_finished()
+
+    async def _checkpoint(self, store: Store | None, begun: asyncio.Task | None) -> None:
+        """Every CHECKPOINT_S (orchestrator/accounts/meter.py) while the turn runs, write its
+        usage so far and (when stored) its output as it stands, so a crash of the server
+        loses only the last seconds of it (Repository.checkpoint_response) and still leaves
+        its usage row (`Budget.checkpoint`)."""
+        written: list[dict] = []
+        while True:
+            try:
+                await asyncio.wait_for(self._turn_over.wait(), CHECKPOINT_S)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.budget.checkpoint(*self._usage_so_far())
+            except Exception as exc:  # the next one, or the settlement, writes it
+                log.warning("response %s: its usage so far was not checkpointed: %r", self.id, exc)
+            if store is not None and begun is not None:
+                written = await self._checkpoint_output(store, begun, written)
+
+    async def _checkpoint_output(
+        self, store: Store, begun: asyncio.Task, written: list[dict]
+    ) -> list[dict]:
+        """Write the output, with the usage so far, if it changed since `written`; returns
+        what is written now."""
+        try:
+            await begun
+        except StoreUnavailableError:
+            return written  # no row to write to; the final record writes both
+        output = copy.deepcopy(self.events.output)
+        if output == written:
+            return written
+        input_tokens, cached, output_tokens = self._usage_so_far()
+        so_far = usage(input_tokens, output_tokens, cached)
+        try:
+            await store.call(Repository.checkpoint_response, self.owner, self.id, output, so_far)
+        except StoreUnavailableError:
+            return written  # the next one, or the final record, writes it
+        return output
+
+    def _usage_so_far(self) -> tuple[int, int, int]:
+        """(input, cached, output) tokens of the generations so far, the running one's
+        included."""
+        totals = self.totals
+        if self._running is None:
+            return totals.input_tokens, totals.cached, totals.output_tokens
+        prompt, progress = self._running
+        return (
+            totals.input_tokens + prompt,
+            totals.cached + progress.cached,
+            totals.output_tokens + len(progress.output_ids),
+        )
+
+    async def _stop_checkpoints(self) -> None:
+        """End the checkpoints and wait for one being written (a write in its thread cannot
+        be cancelled), so none lands after the final record."""
+        self._turn_over.set()
+        if self._checkpoints is not None:
+            await asyncio.gather(self._checkpoints, return_exceptions=True)
+
+    async def _record(self, store: Store, begun: asyncio.Task, tokens: list[int] | None) -> None:
+        """Write the turn's final state, and its start first if that write failed."""
+        if not self._begin_recorded:
+            try:
+                await begun
+            except StoreUnavailableError:
+                await store.call(
+                    Repository.begin_response, self.owner, self.events.response, self.input_items
+                )
+            self._begin_recorded = True
+        await store.call(
+            Repository.finish_response, self.owner, self.events.response, self.input_items, tokens
+        )
+
+    async def _record_or_retry(
+        self, store: Store, begun: asyncio.Task, tokens: list[int] | None
+    ) -> bool:
+        """`_record`; False when the database does not answer, the record then retried in
+        the background (`_record_until_stored`)."""
+        try:
+            await self._record(store, begun, tokens)
+        except StoreUnavailableError as exc:
+            log.error("response %s could not be recorded: %s", self.id, exc)
+            self.service.record_later(self._record_until_stored(store, begun, tokens))
+            return False
+        return True
+
+    async def _record_until_stored(
+        self, store: Store, begun: asyncio.Task, tokens: list[int] | None
+    ) -> None:
+        """`_record`, again every few seconds while the database does not answer, so that a
+        short outage leaves no response `in_progress` (and its conversation locked)."""
+        deadline = time.monotonic() + RECORD_RETRY_S
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._record(store, begun, tokens)
+            except StoreUnavailableError as exc:
+                if time.monotonic() > deadline:
+                    log.error("response %s was never recorded: %s", self.id, exc)
+                    return
+                delay = min(delay * 2, 30.0)
+                continue
+            log.info("response %s recorded once the database answered", self.id)
+            return
+
+    async def _settle(self, status: str) -> None:
+        totals = self.totals
+        await self.budget.settle(status, totals.input_tokens, totals.cached, totals.output_tokens)
+
+    async def _generate(self) -> tuple[str, str | None, dict | None]:
+        """Run the agent loop; returns (status, incomplete reason, error).
+
+        The loop runs in a task of its own, which `stop` cancels: a stopped turn ends at
+        once even if the engine has no further output to deliver or a tool is running."""
+        agent = Agent(
+            self._model_turn,
+            self.tools.builtins,
+            self.tools.client_functions,
+            self._tool_event,
+            self.request.max_tool_calls,
+        )
+        agent.output = self.events.output
+        self._agent = agent
+        self._consumer = asyncio.create_task(agent.run(self.input_items))
+        try:
+            result = await self._consumer
+        except asyncio.CancelledError:
+            if self._stop_status is None:
+                raise  # the turn itself is being cancelled (shutdown)
+            return self._stop_status, None, None
+        except EngineShutdownError:
+            # `server_error`: a response's error code is one of OpenAI's (the SDK's
+            # ResponseError.code), which has none for a shutdown; the message says it.
+            message = "the server shut down before this response finished"
+            return "failed", None, {"code": "server_error", "message": message}
+        except (EngineError, ValueError) as exc:
+            return "failed", None, {"code": "server_error", "message": f"the engine failed: {exc}"}
+        except InvalidRequestError as exc:  # the tools' output no longer fits the context
+            return "failed", None, _turn_error("invalid_prompt", exc)
+        except (QuotaExceededError, RateLimitError) as exc:  # a later generation's budget
+            return "failed", None, _turn_error("rate_limit_exceeded", exc)
+        except _Cut as cut:
+            return "incomplete", cut.reason, None
+        if result.status == "incomplete":
+            return "incomplete", result.incomplete_reason, None
+        return "completed", None, None
+
+    def _tool_event(self, event: dict) -> None:
+        self._put([self.events.numbered(event)])
+
+    def _prompt_items(self, output: list[dict]) -> list[dict]:
+        """This turn's output as the prompt shows it: code_interpreter and file_search
+        calls as function call + output pairs (the context builder frames each output)."""
+        items = []
+        for item in output:
+            if item["type"] == "code_interpreter_call":
+                items += code_interpreter_as_function_items(item)
+            elif item["type"] == "file_search_call":
+                items += self._search_items(item)
+            else:
+                items.append(item)
+        return items
+
+    def _search_items(self, item: dict) -> tuple[dict, dict]:
+        """A file_search_call as the call and output the prompt shows: this turn's results
+        (spotlighted source by source already, so the output is marked framed)."""
+        found = self._agent.tool_results.get(item["id"]) if self._agent else None
+        text = found.text if found is not None else "[the search did not run]"
+        return file_search_as_function_items(item, text)
+
+    def _searched_enough(self) -> bool:
+        """Whether file_search, the only tool, has run in this response: the next turn
+        is then asked to answer without tools. (Offered tools after its results, the
+        default 135M model answers with a made-up `<tool_response>` block instead.)"""
+        return [d["name"] for d in self.tools.declarations] == [FILE_SEARCH] and any(
+            item["type"] == "file_search_call" for item in self.events.output
+        )
+
+    def _forced_call_made(self) -> bool:
+        """Whether the request named the tool to call (tool_choice `{"type": "function",
+        "name": ...}` or `{"type": "code_interpreter"}`) and a generation has made that
+        call: the next turn is then offered no tools and answers. (Offered them again,
+        the default 135M model calls the tool once more or writes a made-up
+        `<tool_response>` block.)"""
+        choice = self.request.tool_choice
+        return (
+            self._generations > 0
+            and isinstance(choice, dict)
+            and choice["type"] in ("function", CODE_INTERPRETER)
+        )
+
+    def _search_forced(self, config: ToolConfig) -> bool:
+        """Whether this turn must call file_search and nothing else (tool_choice
+        `{"type": "file_search"}`, or "required" with file_search the only tool) while
+        the input has a user message. Then the model is not asked to write the call: the
+        search runs on the user's message, which is what a forced call of a small model
+        would have asked less well (the default 135M model writes queries such as
+        "file_search_query_id", call after call)."""
+        search = self.tools.builtins.get(FILE_SEARCH)
+        if not isinstance(search, FileSearch) or search.question is None:
+            return False
+        names = [t.name for t in config.tools]
+        return (config.mode == "function" and config.forced == FILE_SEARCH) or (
+            config.mode == "required" and names == [FILE_SEARCH]
+        )
+
+    def _annotate(self, text: str) -> list[dict]:
+        """The file citations of an answer written after file_search showed sources."""
+        search = self.tools.builtins.get(FILE_SEARCH)
+        if not isinstance(search, FileSearch):
+            return []
+        return file_citations(text, search.sources, search.question)
+
+    def _next_prompt(self, items: list[dict], config: ToolConfig) -> tuple[Prompt, SamplingParams]:
+        limit = self.request.max_output_tokens
+        left = None if limit is None else limit - self.totals.output_tokens
+        if left is not None and left < 1:
+            raise _Cut("max_output_tokens")
+        made = items[len(self.input_items) :]
+        shown, answering = prompt_input(
+            self.history.items, self.input_items, made, self._prompt_items(made), config
+        )
+        structure = model_turn_structure(self.request, config, self.tools, answering)
+        params = dataclasses.replace(self.params, max_tokens=left, structured_outputs=structure)
+        if self.prompt is not None:
+            prompt, self.prompt = self.prompt, None
+            return prompt, params
+        history = History(self.history.items, self.totals.context_tokens)
+        prompt = self.service.context.build(
+            self.request.instructions,
+            history,
+            shown,
+            config,
+            left,
+            truncate=self.request.truncation == "auto",
+        )
+        return prompt, params
+
+    async def _model_turn(self, items: list[dict], tools_enabled: bool) -> list[dict]:
+        """One engine generation: streams its text and calls, returns its new items
+        (taken back out of the output list, where the agent appends them again)."""
+        request = self.request
+        if self._generations > 0:  # a forced or required call was made: now free to answer
+            request = dataclasses.replace(request, tool_choice="auto")
+        offered = tools_enabled and not (self._searched_enough() or self._forced_call_made())
+        config = request.tool_config(self.declared if offered else [])
+        if self._generations == 0 and self._search_forced(config):
+            self._generations += 1
+            self.prompt = None  # the first prompt asked for the call this replaces
+            return [
+                {
+                    "id": new_id("fc"),
+                    "type": "function_call",
+                    "call_id": new_id("call"),
+                    "name": FILE_SEARCH,
+                    "arguments": '{"queries": []}',
+                    "status": "completed",
+                }
+            ]
+        # In a thread: a large text.format schema's grammar, and a long history's prompt,
+        # take up to a second to build, which the event loop's other streams need not wait for.
+        prompt, params = await asyncio.to_thread(self._next_prompt, items, config)
+        request_id = self.id if self._generations == 0 else f"{self.id}-{self._generations}"
+        if self._generations > 0:  # the first was reserved before the turn started
+            await self.budget.reserve(
+                output_budget(
+                    len(prompt.token_ids), params.max_tokens, self.service.engine.max_model_len
+                ),
+                spent=self.totals.input_tokens + self.totals.output_tokens,
+            )
+        self._generations += 1
+        start = len(self.events.output)
+        self._code_calls = []
+        progress = _Progress(
+            ChoiceAssembler([t.name for t in config.tools], None if config.parallel else 1)
+        )
+        self._running = (len(prompt.token_ids), progress)
+        try:
+            await self._consume(progress, prompt.token_ids, params, request_id)
+        finally:
+            self._running = None
+            totals = self.totals
+            totals.input_tokens += len(prompt.token_ids)
+            totals.output_tokens += len(progress.output_ids)
+            totals.cached += progress.cached
+            totals.context_tokens = prompt.token_ids + progress.output_ids
+            if progress.finish_reason is None:
+                await self.service.engine.abort(request_id)
+            if progress.finish_reason in (None, "abort"):
+                self._emit(progress.assembler.push("", final=True))  # the text held back
+        if progress.finish_reason != "stop":
+            reason = "max_output_tokens" if progress.finish_reason == "length" else None
+            if reason is not None and self._agent is not None:
+                # The built-in calls this generation wrote stay in the response, as not run.
+                builtin = [
+                    item
+                    for item in self.events.output[start:]
+                    if item["type"] == "function_call"
+                    and item["name"] in self.tools.builtins
+                    and item["status"] == "completed"
+                ]
+                why = f"this response reached {reason}"
+                self._agent.not_run([*builtin, *self._code_calls], why)
+            raise _Cut(reason)
+        self._put(self.events.close_message(self._annotate))
+        new = self.events.output[start:]
+        del self.events.output[start:]
+        return [*new, *self._code_calls]
+
+    async def _consume(
+        self, progress: _Progress, prompt: list[int], params: SamplingParams, request_id: str
+    ) -> None:
+        outputs = self.service.engine.generate(prompt, params, request_id)
+        async with aclosing(outputs):
+            async for out in outputs:
+                for o in out.outputs:
+                    progress.output_ids += o.token_ids
+                    self.observer.on_tokens(len(o.token_ids))
+                    progress.finish_reason = o.finish_reason or progress.finish_reason
+                    self._emit(progress.assembler.push_delta(o.text, o.finish_reason))
+                if out.finished:
+                    progress.cached = out.num_cached_tokens
+
+    def _emit(self, pieces: list) -> None:
+        """Text and whole calls become events; a call's streamed pieces (`CallStart`,
+        `ArgumentsDelta`) are not needed here, since its `ParsedCall` carries it all. A
+        code_interpreter or file_search call is not streamed as a function call: the agent
+        turns it into a code_interpreter_call or file_search_call item, with events of
+        its own."""
+        for piece in pieces:
+            if isinstance(piece, str):
+                self._put(self.events.text(piece))
+            elif isinstance(piece, ParsedCall) and (
+                piece.name in ITEM_TOOLS and piece.name in self.tools.builtins
+            ):
+                self._put(self.events.close_message())
+                self._code_calls.append(
+                    {
+                        "id": new_id("fc"),
+                        "type": "function_call",
+                        "call_id": new_id("call"),
+                        "name": piece.name,
+                        "arguments": piece.arguments,
+                        "status": "completed",
+                    }
+                )
+            elif isinstance(piece, ParsedCall):
+                self._put(self.events.function_call(piece))
+
+
+def _turn_error(code: str, exc: ProductError) -> dict:
+    """A failed response's `error` for a refusal after its turn started: `code` is the
+    closest of OpenAI's codes for a response (the SDK's ResponseError.code, which has no
+    `insufficient_quota` or `context_length_exceeded`), and the message starts with the
+    refusal's own code, which says the cause."""
+    cause = exc.code or "invalid_request"
+    message = exc.message if cause == code else f"{cause}: {exc.message}"
+    return {"code": code, "message": message}

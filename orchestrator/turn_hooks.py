@@ -1,0 +1,65 @@
+"""What a turn reports to the one who started it: tokens as they come (`TokenObserver`,
+the server's latency metrics) and their cost (`Budget`, the requester's quota).
+
+Both are protocols, so the turn calls whatever the caller hands it (the server's timer and
+`orchestrator.accounts.Meter`, or a test's); `NoObserver` and `Unlimited` stand in when
+a caller passes none.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class TokenObserver(Protocol):
+    """Latency metrics hook (the server's RequestTimer)."""
+
+    def on_tokens(self, count: int) -> None: ...
+
+    def on_finished(self) -> None: ...
+
+
+class NoObserver:
+    def on_tokens(self, count: int) -> None:
+        pass
+
+    def on_finished(self) -> None:
+        pass
+
+
+class Budget(Protocol):
+    """The requester's token allowance (`orchestrator.accounts.Meter`): each generation
+    reserves its prompt plus output budget before it runs (QuotaExceededError or
+    RateLimitError when that does not fit; a later generation passes what the earlier
+    ones `spent`), the turn checkpoints its usage so far as it runs, and settles once,
+    with its usage."""
+
+    async def reserve(self, tokens: int, spent: int | None = None) -> None: ...
+
+    async def checkpoint(
+        self, input_tokens: int, cached_tokens: int, output_tokens: int
+    ) -> None: ...
+
+    async def settle(
+        self, status: str, input_tokens: int, cached_tokens: int, output_tokens: int
+    ) -> None: ...
+
+
+class Unlimited:
+    async def reserve(self, tokens: int, spent: int | None = None) -> None:
+        pass
+
+    async def checkpoint(self, input_tokens: int, cached_tokens: int, output_tokens: int) -> None:
+        pass
+
+    async def settle(
+        self, status: str, input_tokens: int, cached_tokens: int, output_tokens: int
+    ) -> None:
+        pass
+
+
+def output_budget(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
+    """What one generation may cost: its prompt plus the most it may generate (its
+    max_tokens, else what the context window leaves)."""
+    most = max_model_len - prompt_tokens if max_tokens is None else max_tokens
+    return prompt_tokens + max(most, 0)

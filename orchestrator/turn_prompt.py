@@ -1,0 +1,80 @@
+"""What each generation of a turn is shown after the history, and the grammar its
+output must follow.
+
+`ResponseService.create` builds the first generation's prompt (to check the request and
+reserve its tokens before the turn starts); the `Turn` builds the later ones. Both use
+these, so every generation of a turn is framed the same way.
+"""
+
+from __future__ import annotations
+
+from engine.structured_output import StructuredOutputsParams
+from orchestrator.context import ToolConfig, item_text
+from orchestrator.output_structure import plain_answer, turn_structure
+from orchestrator.response_request import ResponseRequest
+from orchestrator.tools import ResolvedTools
+
+ANSWER_REMINDER = (
+    "Question: {}\nAnswer the question in one short sentence, using the results above."
+)
+
+
+def model_turn_structure(
+    request: ResponseRequest, config: ToolConfig, tools: ResolvedTools, answering: bool = False
+) -> StructuredOutputsParams | None:
+    """The grammar a model turn's output must follow: text.format's JSON, and the turn's
+    offered tools' calls (forced by "required" or a named function, lazily triggered by
+    "auto"), a built-in's arguments under its enforced schema (`argument_schema`), which
+    can be stricter than the parameters the prompt lists. A schema the grammar cannot
+    take is a 400 naming its field. `answering`: the turn answers after tool results,
+    offered no tools; as text, it cannot open with `<` (`plain_answer`)."""
+    if answering and request.format_schema() is None:
+        return plain_answer()
+    functions = [(t.name, tools.call_schema(t.name, t.spec["function"])) for t in config.tools]
+    return turn_structure(
+        functions,
+        config.mode,
+        config.parallel,
+        request.format_schema(),
+        "text.format",
+        "text.format.schema",
+    )
+
+
+def prompt_input(
+    history: list[dict],
+    input_items: list[dict],
+    made: list[dict],
+    output: list[dict],
+    config: ToolConfig,
+) -> tuple[list[dict], bool]:
+    """What a generation's prompt shows after the history (the input, this turn's output
+    so far as the prompt renders it, `output`), and whether it is an answer turn: tool
+    results end it (this turn's own, or the client's function_call_output closing the
+    input) and it is offered no tools. An answer turn's prompt repeats the question."""
+    shown = [*input_items, *output]
+    answering = not config.tools and (shown or [{}])[-1].get("type") == "function_call_output"
+    # The question may be in the history when the input holds only the tool results.
+    question = user_question([*history, *input_items])
+    # file_search's own output ends with the question already (and how to cite).
+    searched = bool(made) and made[-1]["type"] == "file_search_call"
+    if answering and question is not None and not searched:
+        shown.append(_question_reminder(question))
+    return shown, answering
+
+
+def _question_reminder(question: str) -> dict:
+    """The user message that follows tool results on an answer turn: the question again,
+    outside the results' untrusted frame, and what to do with them. Without it a small
+    model answers the frame rather than the question, which may be far above the
+    results: it repeats the frame's markup or its reminder line. Only the prompt shows
+    it, never the response's items."""
+    return {"type": "message", "role": "user", "content": ANSWER_REMINDER.format(question)}
+
+
+def user_question(items: list[dict]) -> str | None:
+    """The text of the last user message of the input (what file_search also searches)."""
+    for item in reversed(items):
+        if item.get("type", "message") == "message" and item.get("role") == "user":
+            return item_text(item).strip() or None
+    return None
