@@ -488,16 +488,7 @@ class Turn:
         if self._generations == 0 and self._search_forced(config):
             self._generations += 1
             self.prompt = None  # the first prompt asked for the call this replaces
-            return [
-                {
-                    "id": new_id("fc"),
-                    "type": "function_call",
-                    "call_id": new_id("call"),
-                    "name": FILE_SEARCH,
-                    "arguments": '{"queries": []}',
-                    "status": "completed",
-                }
-            ]
+            return [_item_call(FILE_SEARCH, '{"queries": []}')]
         # In a thread: a large text.format schema's grammar, and a long history's prompt,
         # take up to a second to build, which the event loop's other streams need not wait for.
         prompt, params = await asyncio.to_thread(self._next_prompt, items, config)
@@ -575,18 +566,22 @@ class Turn:
                 piece.name in ITEM_TOOLS and piece.name in self.tools.builtins
             ):
                 self._put(self.events.close_message())
-                self._code_calls.append(
-                    {
-                        "id": new_id("fc"),
-                        "type": "function_call",
-                        "call_id": new_id("call"),
-                        "name": piece.name,
-                        "arguments": piece.arguments,
-                        "status": "completed",
-                    }
-                )
+                self._code_calls.append(_item_call(piece.name, piece.arguments))
             elif isinstance(piece, ParsedCall):
                 self._put(self.events.function_call(piece))
+
+
+def _item_call(name: str, arguments: str) -> dict:
+    """A completed function_call of a built-in that has items of its own (code_interpreter,
+    file_search): handed to the agent, which makes it that item, and never streamed."""
+    return {
+        "id": new_id("fc"),
+        "type": "function_call",
+        "call_id": new_id("call"),
+        "name": name,
+        "arguments": arguments,
+        "status": "completed",
+    }
 
 
 def _turn_error(code: str, exc: ProductError) -> dict:
