@@ -884,7 +884,8 @@ async function renewStore(open, expired) {
 // a new one (ensureStore).
 async function forgetStore(open, deleted) {
   await useStore(open, null, deleted);
-  if (state.open === open) await renderAttachments();
+  if (state.open !== open) return; // another chat is on screen: this one's files are not
+  await renderAttachments();
   setStatus("The attached files' vector store was deleted elsewhere: its files are gone from "
     + "this chat; attach them again to search them.", true);
 }
@@ -1068,6 +1069,7 @@ function attachmentChip(name, status) {
 async function renderAttachments() {
   const box = $("attachments");
   box.replaceChildren();
+  const open = state.open;
   const store = meta() && meta().vectorStore;
   if (!store) return;
   try {
@@ -1079,7 +1081,13 @@ async function renderAttachments() {
     // Another conversation or a new chat may be on screen by now: its files, not these.
     if ((meta() && meta().vectorStore) === store) box.replaceChildren(...named);
   } catch (error) {
-    reportError(error);
+    // A store deleted through the API (by another client) is forgotten here as when a
+    // message is refused over it (recoverStore): the files are said to be gone.
+    const recovered = await recoverStore(open, error).catch((failure) => {
+      reportError(failure);
+      return true;
+    });
+    if (!recovered) reportError(error);
   }
 }
 

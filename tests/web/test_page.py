@@ -1055,6 +1055,24 @@ def test_a_conversation_whose_vector_store_was_deleted_goes_on_without_it(sessio
     assert page.inner_text("#attachments") == "dog.txt\nready"
 
 
+def test_opening_a_conversation_whose_vector_store_was_deleted_says_its_files_are_gone(
+    session, page, api
+):
+    """Opening a conversation whose vector store was deleted through the API showed the
+    raw 404 of listing its files ("Error: No vector store found ...") until a message was
+    sent. Opening forgets the store as a refused message does: the files are said gone."""
+    session[1].expected.append(r"404 .*@ .*/v1/vector_stores/vs_\w+/files\?")  # listed once
+    conversation, deleted = _a_chat_with_a_file(page, api)
+    assert api.delete(f"/v1/vector_stores/{deleted}").json()["deleted"] is True
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.wait_for_function("() => /deleted/.test(document.querySelector('#status').textContent)")
+    assert "Error" not in page.inner_text("#status")
+    assert page.locator("#attachments .attachment").count() == 0
+    page.wait_for_function("() => !document.body.dataset.saving")
+    assert "vs" not in api.get(f"/v1/conversations/{conversation}").json()["metadata"]
+
+
 def test_a_file_attached_after_the_vector_store_was_deleted_is_kept(session, page, api):
     """Attaching to a conversation whose vector store was deleted through the API failed
     (a 404 naming the store): the conversation forgets it and the file goes to a new one."""
