@@ -9,8 +9,9 @@ as `[n]`. Two ways an answer's text gets its citations, in this order:
 2. **Lexical support**, only when the answer has no valid marker (a small model rarely
    writes them): a shown file is cited when the answer's content words that are not in
    the question (words the answer brought, not echoed) appear in that file's shown
-   chunks: at least two of them, or the only one. The citation's index is the end of
-   the text. An answer that uses no word of any source cites nothing.
+   chunks: at least two of them, or the only one (words as full-text search sees them:
+   CJK as two-character terms). The citation's index is the end of the text. An answer
+   that uses no word of any source cites nothing.
 
 Either way only files whose chunks the model was shown can be cited, each at most once
 per index.
@@ -21,18 +22,21 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from orchestrator.retrieval.index import STOPWORDS
+from orchestrator.retrieval.index import STOPWORDS, is_cjk, keyword_words
 from orchestrator.tools.file_search import Source
 
 _MARKER = re.compile(r"【(\d{1,3})(?:†[^】]{0,200})?】|\[(\d{1,3})\]")
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def _content_words(text: str) -> set[str]:
+    """The words of `text` that can show where an answer came from: the words full-text
+    search matches (`keyword_words`: CJK as two-character terms), less stopwords and
+    words of one or two letters, which say too little (a CJK term is one or two
+    characters by construction, so those stay)."""
     return {
         w
-        for w in (m.lower() for m in _WORD.findall(text))
-        if w not in STOPWORDS and (len(w) > 2 or w.isdigit())
+        for w in keyword_words(text)
+        if w not in STOPWORDS and (len(w) > 2 or w.isdigit() or is_cjk(w))
     }
 
 

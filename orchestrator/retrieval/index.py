@@ -6,9 +6,10 @@ similarity, by full-text BM25, or both fused.
 commits together with the file's row. Every method takes the owner and filters on it.
 
 `SqliteIndex` keeps chunks in the table `retrieval_chunks`, their embeddings in a
-sqlite-vec `vec0` table partitioned by vector store, and an FTS5 table over their text;
-triggers keep both in step with the chunks. `ChunkTableIndex` holds what any database's
-index shares (deletion, counts, fusion); `pg_index.PgIndex` is the PostgreSQL one.
+sqlite-vec `vec0` table partitioned by vector store, and an FTS5 table over their text
+(`keyword_text`: CJK as two-character terms); triggers keep both in step with the
+chunks. `ChunkTableIndex` holds what any database's index shares (deletion, counts,
+fusion); `pg_index.PgIndex` is the PostgreSQL one.
 SQLite's vector search is sqlite-vec's exact k-nearest-neighbour scan of the requested
 stores' partitions; attribute filters restrict that scan to the rows they select (rather
 than thinning its results), so a selective filter never costs recall.
@@ -86,9 +87,9 @@ def sqlite_ddl(dimensions: int) -> tuple[str, ...]:
     """What SQLAlchemy cannot declare, run after creating `retrieval_chunks` (an Alembic
     migration runs the same statements): the vectors' `vec0` table, with the vector store
     as its partition key so a search reads only the stores it asks for; and an FTS5
-    external-content table over the chunks' text (Porter-stemmed). Triggers delete a
-    chunk's vector and text with it and keep the text index in step."""
-    return (vectors_ddl(dimensions), _VECTORS_TRIGGER, *_FTS_DDL)
+    external-content table over the chunks' `keyword_text` (Porter-stemmed). Triggers
+    delete a chunk's vector and text with it and keep the text index in step."""
+    return (vectors_ddl(dimensions), _VECTORS_TRIGGER, *FTS_DDL)
 
 
 def vectors_ddl(dimensions: int) -> str:
@@ -106,18 +107,21 @@ _VECTORS_TRIGGER = (
 )
 
 
-_FTS_DDL = (
+# The FTS5 table over the chunks' keyword text (`keyword_text` of each chunk's text,
+# through the SQL function of that name) and the triggers that keep it in step (also what
+# migration 0012 rebuilds the text index with).
+FTS_DDL = (
     "CREATE VIRTUAL TABLE IF NOT EXISTS retrieval_chunks_fts USING fts5("
     "text, content='retrieval_chunks', content_rowid='id', tokenize='porter unicode61')",
     "CREATE TRIGGER IF NOT EXISTS retrieval_chunks_ai AFTER INSERT ON retrieval_chunks BEGIN "
-    "INSERT INTO retrieval_chunks_fts(rowid, text) VALUES (new.id, new.text); END",
+    "INSERT INTO retrieval_chunks_fts(rowid, text) VALUES (new.id, keyword_text(new.text)); END",
     "CREATE TRIGGER IF NOT EXISTS retrieval_chunks_ad AFTER DELETE ON retrieval_chunks BEGIN "
     "INSERT INTO retrieval_chunks_fts(retrieval_chunks_fts, rowid, text) "
-    "VALUES ('delete', old.id, old.text); END",
+    "VALUES ('delete', old.id, keyword_text(old.text)); END",
     "CREATE TRIGGER IF NOT EXISTS retrieval_chunks_au AFTER UPDATE OF text ON retrieval_chunks "
     "BEGIN INSERT INTO retrieval_chunks_fts(retrieval_chunks_fts, rowid, text) "
-    "VALUES ('delete', old.id, old.text); "
-    "INSERT INTO retrieval_chunks_fts(rowid, text) VALUES (new.id, new.text); END",
+    "VALUES ('delete', old.id, keyword_text(old.text)); "
+    "INSERT INTO retrieval_chunks_fts(rowid, text) VALUES (new.id, keyword_text(new.text)); END",
 )
 
 _VECTORS = table(
@@ -152,11 +156,20 @@ def load_sqlite_vec(dbapi_connection: Any, _record: Any = None) -> None:
     dbapi_connection.enable_load_extension(False)
 
 
+def prepare_sqlite_connection(dbapi_connection: Any, _record: Any = None) -> None:
+    """A SQLAlchemy "connect" listener giving each new connection what the index's tables
+    need: sqlite-vec (the vectors' table) and the `keyword_text` SQL function (the text
+    index's triggers call it)."""
+    load_sqlite_vec(dbapi_connection)
+    dbapi_connection.create_function("keyword_text", 1, keyword_text, deterministic=True)
+
+
 def sqlite_vec_engine(url: str = "sqlite://") -> Engine:
-    """A SQLite engine whose connections have sqlite-vec; the store's engine for SQLite
-    must be made the same way (`module=sqlite_module()` plus the listener)."""
+    """A SQLite engine whose connections have sqlite-vec and `keyword_text`; the store's
+    engine for SQLite must be made the same way (`module=sqlite_module()` plus the
+    listener)."""
     engine = create_engine(url, module=sqlite_module(), connect_args={"check_same_thread": False})
-    event.listen(engine, "connect", load_sqlite_vec)
+    event.listen(engine, "connect", prepare_sqlite_connection)
     return engine
 
 
@@ -291,10 +304,50 @@ STOPWORDS = frozenset(
 )
 
 
+# The scripts written without spaces between words (Korean has spaces, but a particle
+# follows its noun: 서울은, "Seoul" + topic): Hangul jamo and syllables, Hiragana,
+# Katakana (less its punctuation ゠ and ・) with its extensions and half-width forms, and
+# Han ideographs (unified, extensions, compatibility, and 々 〆 〇). Every one is a `\w`.
+_CJK_RUN = re.compile(
+    "["
+    "\u1100-\u11ff\u3005-\u3007\u3041-\u3096\u309d-\u309f\u30a1-\u30fa\u30fc-\u30ff"
+    "\u3131-\u318e\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7a3\uf900-\ufaff"
+    "\uff66-\uff9f\U00020000-\U0003134f"
+    "]+"
+)
+
+
+def keyword_text(text: str) -> str:
+    """`text` as the full-text index and its queries see it: each run of CJK characters
+    becomes its overlapping two-character terms (北京是首都 -> 北京 京是 是首 首都; a
+    lone character stays itself), spaced apart; all else is left as it is, so English is
+    tokenised, stemmed and ranked as without it. Chinese and Japanese put no space
+    between words, so without this a sentence was one token and no word in it could be
+    found. Documents and queries go through this same function on every back end."""
+    return _CJK_RUN.sub(_bigrams, text)
+
+
+def _bigrams(run: re.Match) -> str:
+    chars = run.group()
+    pairs = [chars[i : i + 2] for i in range(len(chars) - 1)] or [chars]
+    return f" {' '.join(pairs)} "
+
+
+def is_cjk(word: str) -> bool:
+    """Whether `word` is a term `keyword_text` made of CJK characters."""
+    return _CJK_RUN.fullmatch(word) is not None
+
+
+def keyword_words(text: str) -> list[str]:
+    """The words of `text` as full-text search matches them: `keyword_text`'s words,
+    lowercased (CJK words are its two-character terms)."""
+    return [w.lower() for w in _WORD.findall(keyword_text(text))]
+
+
 def query_terms(text: str) -> list[str]:
-    """A user's query as full-text terms: its distinct words less stopwords (all of them
-    if nothing else is left), at most MAX_QUERY_TERMS."""
-    words = list(dict.fromkeys(w.lower() for w in _WORD.findall(text)))
+    """A user's query as full-text terms: its distinct words (`keyword_words`) less
+    stopwords (all of them if nothing else is left), at most MAX_QUERY_TERMS."""
+    words = list(dict.fromkeys(keyword_words(text)))
     return ([w for w in words if w not in STOPWORDS] or words)[:MAX_QUERY_TERMS]
 
 

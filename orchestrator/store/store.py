@@ -26,7 +26,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event, func, make_url, select
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
-from orchestrator.retrieval.index import load_sqlite_vec, sqlite_module
+from orchestrator.retrieval.index import prepare_sqlite_connection, sqlite_module
 from orchestrator.store.advisory_claims import advisory_key
 from orchestrator.store.repository import Repository
 from orchestrator.store.servers import ServerLock
@@ -97,11 +97,12 @@ def create_db_engine(url: str) -> Engine:
 
 def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        # sqlite-vec (the retrieval index's vectors) needs a sqlite3 that loads extensions.
+        # sqlite-vec (the retrieval index's vectors) needs a sqlite3 that loads extensions;
+        # the listener also gives each connection the text index's `keyword_text`.
         engine = create_engine(
             url, module=sqlite_module(), connect_args={"check_same_thread": False}
         )
-        event.listen(engine, "connect", load_sqlite_vec)
+        event.listen(engine, "connect", prepare_sqlite_connection)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True)

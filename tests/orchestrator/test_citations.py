@@ -42,3 +42,19 @@ def test_words_echoed_from_the_question_are_no_evidence():
     assert _cited("Glaciers move.") == []  # both words are the question's
     assert _cited("I do not know.") == []
     assert file_citations("Thirty metres.", [], None) == []
+
+
+def test_a_cjk_answer_cites_the_file_holding_its_words():
+    """Chinese writes no spaces: the answer's words are its two-character terms, as the
+    full-text index sees them, so the file it was written from is cited."""
+    sources = [
+        Source(1, "file_bj", "beijing.txt", "北京是中华人民共和国的首都，也是全国的政治中心。"),
+        Source(2, "file_panda", "panda.txt", "大熊猫主要生活在四川的山区，以竹子为食。"),
+    ]
+    for answer, question, cited in [
+        ("北京是中国的首都。", "中国的首都是哪里？", "file_bj"),
+        ("大熊猫吃竹子。", "熊猫吃什么？", "file_panda"),
+    ]:
+        annotations = file_citations(answer, sources, question)
+        assert [(a["file_id"], a["index"]) for a in annotations] == [(cited, len(answer))]
+    assert file_citations("首都。", sources, "中国的首都是哪里？") == []  # echoed only

@@ -189,6 +189,7 @@ def test_query_text_is_never_fts_syntax(index, embedder):
     assert fts_query("What is the cat on?") == '"cat"'  # stopwords add nothing to BM25
     assert fts_query("to be or not to be") == '"to" OR "be" OR "or" OR "not"'  # all stopwords
     assert fts_query("  ...  ") is None
+    assert fts_query("中国的首都？") == '"中国" OR "国的" OR "的首" OR "首都"'  # CJK: bigrams
     assert search(index, embedder, "...", mode="text") == []
 
 
@@ -232,3 +233,63 @@ def test_search_spans_several_stores(index, embedder):
     assert {h.vector_store_id for h in both} == {"vs_a", "vs_second"}
     assert len(both) == 5
     assert [h.score for h in both] == sorted((h.score for h in both), reverse=True)
+
+
+CJK_DOCS = {
+    "file-beijing": ("beijing.txt", "北京是中华人民共和国的首都，也是全国的政治和文化中心。"),
+    "file-panda": ("panda.txt", "大熊猫主要生活在四川的山区，以竹子为食。"),
+    "file-kitten": ("kitten.txt", "小猫喜欢在阳光下睡觉。"),
+    "file-fuji": ("fuji.txt", "富士山は日本で最も高い山です。東京から新幹線で行けます。"),
+    "file-seoul": ("seoul.txt", "서울은 대한민국의 수도이며 가장 큰 도시입니다."),
+    "file-manual": ("manual.md", "Before using the XJ9000 read 安全注意事项; kittens love it."),
+}
+
+
+def _add_cjk_store(index, embedder) -> None:
+    engine, idx = index
+    with engine.begin() as conn:
+        for file_id, (name, text) in CJK_DOCS.items():
+            records = asyncio.run(prepare_chunks(embedder, file_id, name, text.encode()))
+            idx.add(conn, "alice", "vs_cjk", records)
+
+
+def test_cjk_words_are_found_inside_sentences(index, embedder):
+    """Chinese and Japanese write no spaces between words and Korean attaches particles
+    (서울은): a two-character word is found inside a sentence, and only where those two
+    characters stand together (熊猫, "panda", is not 猫, "cat", alone)."""
+    _add_cjk_store(index, embedder)
+    for query, expected in [
+        ("首都", ["file-beijing"]),
+        ("熊猫", ["file-panda"]),
+        ("竹子", ["file-panda"]),
+        ("日本", ["file-fuji"]),
+        ("新幹線", ["file-fuji"]),
+        ("서울", ["file-seoul"]),
+        ("수도", ["file-seoul"]),
+        ("注意", ["file-manual"]),
+    ]:
+        hits = search(index, embedder, query, stores=("vs_cjk",), mode="text")
+        assert [h.file_id for h in hits] == expected, query
+    question = search(index, embedder, "中国的首都是哪里？", stores=("vs_cjk",), mode="text")
+    assert question[0].file_id == "file-beijing"
+
+
+def test_mixed_english_and_cjk_text_keeps_english_stemming(index, embedder):
+    """In a text of both, the English words are stemmed as ever (kittens: kitten) and the
+    CJK words are found; a query of both finds the chunks holding either."""
+    _add_cjk_store(index, embedder)
+    for query in ("kitten", "事项"):
+        hits = search(index, embedder, query, stores=("vs_cjk",), mode="text")
+        assert [h.file_id for h in hits] == ["file-manual"], query
+    both = search(index, embedder, "kitten 睡觉", stores=("vs_cjk",), mode="text")
+    assert {h.file_id for h in both} == {"file-manual", "file-kitten"}
+
+
+def test_deleting_a_cjk_file_removes_its_text(index, embedder):
+    _add_cjk_store(index, embedder)
+    engine, idx = index
+    with engine.begin() as conn:
+        assert _text_matches(conn, "首都") == 1
+        assert idx.delete_file(conn, "alice", "vs_cjk", "file-beijing") == 1
+        assert _text_matches(conn, "首都") == 0
+    assert search(index, embedder, "首都", stores=("vs_cjk",), mode="text") == []
