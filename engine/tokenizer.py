@@ -481,7 +481,9 @@ def chat_template_options(
     (`LLM.chat`, the chat completions route): `chat_template_kwargs` are template
     variables (`{"enable_thinking": False}`) that override the named options, as vLLM
     merges them. A ValueError names chat_template_kwargs when it is not a dict keyed by
-    names, or sets the messages."""
+    names, sets the messages, or sets either option to anything but a boolean or both
+    to true (the checks the named options get: a template tests them for truth, so
+    "no" would open a turn)."""
     if chat_template_kwargs is None:
         chat_template_kwargs = {}
     if not isinstance(chat_template_kwargs, dict) or not all(
@@ -492,12 +494,24 @@ def chat_template_options(
         )
     if "messages" in chat_template_kwargs:
         raise ValueError("chat_template_kwargs must not set 'messages': pass the conversation")
-    return {
+    options = {
         "add_generation_prompt": add_generation_prompt,
         "continue_final_message": continue_final_message,
         "tools": tools,
         **chat_template_kwargs,
     }
+    for name in ("add_generation_prompt", "continue_final_message"):
+        if not isinstance(options[name], bool):
+            raise ValueError(
+                f"chat_template_kwargs.{name} must be a boolean, got {options[name]!r}"
+            )
+    if options["add_generation_prompt"] and options["continue_final_message"]:
+        raise ValueError(
+            "chat_template_kwargs: continue_final_message and add_generation_prompt cannot "
+            "both be true: the first continues the last message, the second opens a new "
+            "assistant turn"
+        )
+    return options
 
 
 def _end_at_final_message(text: str, messages: list[dict]) -> str:

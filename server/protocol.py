@@ -437,7 +437,8 @@ def _rendering(body: dict, messages: list[Message]) -> dict[str, Any]:
     """vLLM's chat-template options, checked: `add_generation_prompt` (default true),
     `continue_final_message` (default false: true goes on with the last message, an
     assistant's, instead of opening a turn, so the two cannot both be true) and
-    `chat_template_kwargs` (template variables, which override the other two)."""
+    `chat_template_kwargs` (template variables, which override the other two and are
+    checked as they are)."""
     add = typed_field(body, "add_generation_prompt", "a boolean", True)
     extend = typed_field(body, "continue_final_message", "a boolean", False)
     kwargs = typed_field(body, "chat_template_kwargs", "an object", {})
@@ -447,16 +448,20 @@ def _rendering(body: dict, messages: list[Message]) -> dict[str, Any]:
             "continues the last message, the second opens a new assistant turn",
             "continue_final_message",
         )
-    if extend and (messages[-1].role != "assistant" or messages[-1].content is None):
+    try:
+        options = chat_template_options(add, extend, None, kwargs)
+    except ValueError as exc:
+        raise invalid(str(exc), "chat_template_kwargs") from None
+    if options["continue_final_message"] and (
+        messages[-1].role != "assistant" or messages[-1].content is None
+    ):
         raise invalid(
             "continue_final_message needs the last message to be an assistant message "
             "with content, for the model to continue",
-            "continue_final_message",
+            "chat_template_kwargs"
+            if "continue_final_message" in kwargs
+            else "continue_final_message",
         )
-    try:
-        chat_template_options(add, extend, None, kwargs)
-    except ValueError as exc:
-        raise invalid(str(exc), "chat_template_kwargs") from None
     return {
         "add_generation_prompt": add,
         "continue_final_message": extend,

@@ -358,6 +358,28 @@ def test_vllm_chat_template_options_are_checked(serve):
         ({"chat_template_kwargs": "enable_thinking"}, "chat_template_kwargs"),
         ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
         ({"add_generation_prompt": "no"}, "add_generation_prompt"),
+        # the template variables override the options, and are checked as the options are
+        (
+            {
+                "messages": started,
+                "add_generation_prompt": False,
+                "continue_final_message": True,
+                "chat_template_kwargs": {"add_generation_prompt": True},
+            },
+            "chat_template_kwargs",
+        ),
+        (
+            {"messages": started, "chat_template_kwargs": {"continue_final_message": True}},
+            "chat_template_kwargs",
+        ),
+        (
+            {
+                "add_generation_prompt": False,
+                "chat_template_kwargs": {"continue_final_message": True},
+            },
+            "chat_template_kwargs",
+        ),
+        ({"chat_template_kwargs": {"add_generation_prompt": "no"}}, "chat_template_kwargs"),
     ):
         assert_error(chat(server, **body), 400, param)
     assert server.engine.params == []
