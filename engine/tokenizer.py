@@ -481,9 +481,9 @@ def chat_template_options(
     (`LLM.chat`, the chat completions route): `chat_template_kwargs` are template
     variables (`{"enable_thinking": False}`) that override the named options, as vLLM
     merges them. A ValueError names chat_template_kwargs when it is not a dict keyed by
-    names, sets the messages, or sets either option to anything but a boolean or both
-    to true (the checks the named options get: a template tests them for truth, so
-    "no" would open a turn)."""
+    names, sets the messages or `self`, or sets either option to anything but a boolean
+    or both to true (the checks the named options get: a template tests them for truth,
+    so "no" would open a turn)."""
     if chat_template_kwargs is None:
         chat_template_kwargs = {}
     if not isinstance(chat_template_kwargs, dict) or not all(
@@ -494,6 +494,10 @@ def chat_template_options(
         )
     if "messages" in chat_template_kwargs:
         raise ValueError("chat_template_kwargs must not set 'messages': pass the conversation")
+    if "self" in chat_template_kwargs:  # also the rendering methods' own first parameter
+        raise ValueError(
+            "chat_template_kwargs must not set 'self': in a template it names the template"
+        )
     options = {
         "add_generation_prompt": add_generation_prompt,
         "continue_final_message": continue_final_message,
