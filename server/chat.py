@@ -133,14 +133,19 @@ async def create_chat_completion(
 
 def _prompt_size(request: ChatRequest) -> int:
     """`_prompt_chars`, or "too many to count here" when even counting would be slow."""
-    if len(request.messages) + len(request.tools) > 64:
+    variables = request.chat_template_kwargs
+    if len(request.messages) + len(request.tools) + len(variables) > 64 or any(
+        isinstance(v, dict | list) for v in variables.values()
+    ):
         return sys.maxsize
     return _prompt_chars(request)
 
 
 def _prompt_chars(request: ChatRequest) -> int:
-    """The text a request puts into its prompt: contents, past calls and tool schemas."""
+    """The text a request puts into its prompt: contents, past calls, tool schemas and
+    the template variables (chat_template_kwargs), which a template may write out."""
     chars = sum(len(t.name) + len(json.dumps(t.spec)) for t in request.tools)
+    chars += len(json.dumps(request.chat_template_kwargs, ensure_ascii=False))
     for m in request.messages:
         chars += len(m.content or "") + sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
     return chars

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from server.prep_process import NICENESS
-from tests.server.fake_engine import FakeEngine, FakeTokenizer
+from tests.server.fake_engine import CHATML_WITH_TOOLS, FakeEngine, FakeTokenizer
 from tests.server.sse_client import events
 from tests.server.test_app import USER, assert_error, chat
 
@@ -256,6 +256,30 @@ def test_large_prompts_are_prepared_in_the_low_priority_process(serve, tmp_path)
     )
     assert child == child_again != os.getpid() == here
     assert low == low_again == NICENESS
+
+
+def test_chat_template_kwargs_count_as_prompt_text(serve, tmp_path):
+    """A template may write its variables out (a tools list, a system prompt): large ones
+    are rendered in the preparation process, not on the event loop, and count toward the
+    character limit, which bounds the tokenizing when truncate_prompt_tokens lifts the
+    window's bound."""
+    log = tmp_path / "encodes"
+    tokenizer = WhereTokenizer(log)
+    tokenizer.chat_template = CHATML_WITH_TOOLS
+    server = serve(FakeEngine(tokenizer=tokenizer, max_model_len=100_000))
+    variables = {"tools": [{"function": {"name": "y" * 20_000}}]}
+    assert chat(server, chat_template_kwargs=variables, max_tokens=1).status_code == 200
+    ((pid, priority),) = (tuple(map(int, line.split())) for line in log.read_text().splitlines())
+    assert pid != os.getpid() and priority == NICENESS
+    server = serve(FakeEngine(tokenizer=FakeTokenizer(CHATML_WITH_TOOLS)), max_prompt_chars=1000)
+    variables = {"tools": [{"function": {"name": "y" * 1001}}]}
+    assert_error(
+        chat(server, chat_template_kwargs=variables, truncate_prompt_tokens=10),
+        400,
+        "messages",
+        "context_length_exceeded",
+    )
+    assert server.engine.params == []
 
 
 def test_405_says_which_methods_are_allowed(serve):
