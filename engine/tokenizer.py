@@ -525,6 +525,11 @@ def _end_at_final_message(text: str, messages: list[dict]) -> str:
     final = messages[-1]["content"] if messages else ""
     if not isinstance(final, str):
         raise ValueError("continue_final_message needs the last message's content as text")
+    if not final.strip():  # found at the text's very end, after the turn was closed
+        raise ValueError(
+            "continue_final_message needs the last message to hold text to continue; "
+            "to start the turn afresh, send add_generation_prompt instead"
+        )
     start = text.rfind(final.strip())
     if start < 0:
         raise ValueError(

@@ -452,12 +452,14 @@ def _rendering(body: dict, messages: list[Message]) -> dict[str, Any]:
         options = chat_template_options(add, extend, None, kwargs)
     except ValueError as exc:
         raise invalid(str(exc), "chat_template_kwargs") from None
+    final = messages[-1]
     if options["continue_final_message"] and (
-        messages[-1].role != "assistant" or messages[-1].content is None
+        final.role != "assistant" or not (final.content or "").strip()
     ):
         raise invalid(
             "continue_final_message needs the last message to be an assistant message "
-            "with content, for the model to continue",
+            "with text, for the model to continue (to start the turn afresh, send "
+            "add_generation_prompt instead)",
             "chat_template_kwargs"
             if "continue_final_message" in kwargs
             else "continue_final_message",

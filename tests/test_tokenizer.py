@@ -106,6 +106,15 @@ def test_continue_final_message_needs_the_template_to_keep_it():
         )
 
 
+@pytest.mark.parametrize("final", ["", "  \n"])
+def test_continue_final_message_needs_text_to_continue(tok, final):
+    """A blank message is found at the rendered text's end, after its end of turn, so
+    the model would get a closed turn (transformers cuts nothing there)."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": final}]
+    with pytest.raises(ValueError, match="hold text to continue"):
+        tok.apply_chat_template(messages, False, continue_final_message=True)
+
+
 def test_default_model_special_tokens(tok):
     assert tok.vocab_size == 49152
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)

@@ -358,6 +358,14 @@ def test_vllm_chat_template_options_are_checked(serve):
         ({"chat_template_kwargs": "enable_thinking"}, "chat_template_kwargs"),
         ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
         ({"chat_template_kwargs": {"self": 1}}, "chat_template_kwargs"),
+        (
+            {
+                "messages": [*USER, {"role": "assistant", "content": " "}],
+                "continue_final_message": True,
+                "add_generation_prompt": False,
+            },
+            "continue_final_message",
+        ),
         ({"add_generation_prompt": "no"}, "add_generation_prompt"),
         # the template variables override the options, and are checked as the options are
         (
