@@ -185,7 +185,47 @@ NESTED = {
     "bad_words": st.one_of(st.lists(texts, max_size=300), st.lists(anything, max_size=3)),
     "prompt": st.lists(any_ids | texts | anything, max_size=3),
     "stream_options": st.fixed_dictionaries({"include_usage": anything}),
+    # keys a template uses or the server sets, with hostile values
+    "chat_template_kwargs": st.dictionaries(
+        st.sampled_from(
+            [
+                "messages",
+                "self",
+                "tools",
+                "add_generation_prompt",
+                "continue_final_message",
+                "bos_token",
+                "raise_exception",
+                "",
+            ]
+        )
+        | texts,
+        anything,
+        max_size=3,
+    ),
+    "structured_outputs": st.dictionaries(
+        st.sampled_from(
+            [
+                "json",
+                "regex",
+                "choice",
+                "grammar",
+                "json_object",
+                "structural_tag",
+                "disable_fallback",
+            ]
+        ),
+        anything | st.sampled_from(["((", "a{99999}", "root ::= (", '{"$ref": "#"}']),
+        max_size=3,
+    ),
 }
+STRUCTURES = [
+    {"regex": "[a-z]+"},
+    {"choice": ["yes", "no"]},
+    {"json_object": True},
+    {"json": {"type": "object", "properties": {"a": {"type": "integer"}}}},
+    {"grammar": 'start: "a" | "b"'},
+]
 
 # Each top-level field's valid values (a body of only these is a valid request); the
 # bodies then set one or two fields to something hostile.
@@ -212,10 +252,14 @@ SAMPLING = {
     "user": texts,
     "response_format": st.just({"type": "text"}),
     "logit_bias": st.just({}),
+    "structured_outputs": st.sampled_from(STRUCTURES),
+    "truncate_prompt_tokens": st.one_of(st.integers(1, 600), st.just(-1)),
 }
 CHAT = {
     "messages": st.lists(
-        st.fixed_dictionaries({"role": st.sampled_from(["system", "user"]), "content": texts}),
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["system", "user", "assistant"]), "content": texts}
+        ),
         min_size=1,
         max_size=3,
     ),
@@ -225,6 +269,9 @@ CHAT = {
     "tools": st.lists(st.just(weather_tool), max_size=1),
     "tool_choice": st.sampled_from(["none", "auto"]),
     "parallel_tool_calls": st.booleans(),
+    "chat_template_kwargs": st.dictionaries(texts, scalars, max_size=3),
+    "add_generation_prompt": st.booleans(),
+    "continue_final_message": st.booleans(),
     **SAMPLING,
 }
 COMPLETIONS = {
