@@ -134,13 +134,30 @@ def _characters(value) -> int:
     return 0
 
 
-def _turn_starts(items: list[dict]) -> list[int]:
-    """Indexes of the items that open a turn (a user message), oldest first."""
-    return [
-        i
-        for i, item in enumerate(items)
-        if item.get("type", "message") == "message" and item.get("role") == "user"
+def _cuts(items: list[dict], input_items: list[dict]) -> list[int]:
+    """Where the history may start when its oldest items are dropped, oldest first: at
+    each user message (a turn's start) and at its end, except where a function_call_output
+    after the cut (in the history or this turn's input) answers a call before it. A call
+    and its output are kept or dropped together: the model never reads a result without
+    the call that asked for it (nor the question of a turn the input continues)."""
+    called = {
+        item["call_id"]: i for i, item in enumerate(items) if item.get("type") == "function_call"
+    }
+    answered = [
+        called.get(item["call_id"], len(items))
+        for item in input_items
+        if item.get("type") == "function_call_output"
     ]
+    earliest = min(answered, default=len(items))  # of the calls answered after the cut
+    cuts = [len(items)] if earliest == len(items) else []
+    for i in range(len(items) - 1, -1, -1):
+        item = items[i]
+        kind = item.get("type", "message")
+        if kind == "function_call_output":
+            earliest = min(earliest, called.get(item["call_id"], i))
+        elif kind == "message" and item.get("role") == "user" and earliest >= i:
+            cuts.append(i)
+    return cuts[::-1]
 
 
 class ContextBuilder:
@@ -165,9 +182,10 @@ class ContextBuilder:
         turns, so a long history costs a few renders, not one per turn."""
         budget = self.max_model_len - (max_output_tokens or 1)
         items = history.items
-        dropped = self._drop_beyond_characters(instructions, items, input_items, truncate)
+        cuts = _cuts(items, input_items)
+        dropped = self._drop_beyond_characters(instructions, items, input_items, cuts, truncate)
         # Where the kept history may start: whole turns, the fewest dropped first.
-        starts = [dropped, *(s for s in _turn_starts(items) if s > dropped), len(items)]
+        starts = [dropped, *(s for s in cuts if s > dropped)]
 
         def render(k: int) -> Prompt:
             base = history.context_tokens if starts[k] == 0 else None
@@ -207,12 +225,13 @@ class ContextBuilder:
         instructions: str | None,
         items: list[dict],
         input_items: list[dict],
+        cuts: list[int],
         truncate: bool,
     ) -> int:
         """How many oldest history items to leave out before rendering, by characters
         alone: a conversation grown far past the window (megabytes of items) would
         otherwise be rendered and tokenized whole, in time and memory that grow with it.
-        Without `truncate` that is a 400 at once."""
+        Without `truncate` that is a 400 at once. `cuts`: where the history may start."""
         limit = PROMPT_CHARS_PER_TOKEN * self.max_model_len
         fixed = len(instructions or "") + sum(map(_characters, input_items))
         sizes = [_characters(item) for item in items]
@@ -230,7 +249,7 @@ class ContextBuilder:
                 code="context_length_exceeded",
             )
         dropped = 0
-        for start in [*_turn_starts(items), len(items)]:  # whole turns, oldest first
+        for start in cuts:  # whole turns, oldest first
             if start <= dropped:
                 continue
             total -= sum(sizes[dropped:start])

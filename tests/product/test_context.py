@@ -246,3 +246,56 @@ def test_a_history_far_past_the_window_is_never_rendered_whole(tok):
     kept = small[prompt.dropped_items - 2 :]
     with pytest.raises(InvalidRequestError):  # one more turn would not have fit
         builder.build(None, History(kept, None), [user("Last?")], ToolConfig(), 50, False)
+
+
+def _call(call_id: str, arguments: str = "{}") -> dict:
+    return {"type": "function_call", "call_id": call_id, "name": "lookup", "arguments": arguments}
+
+
+def _output(call_id: str, output: str) -> dict:
+    return {"type": "function_call_output", "call_id": call_id, "output": output}
+
+
+def test_auto_truncation_keeps_the_call_this_turns_output_answers(tok):
+    """A client's tool loop: the input holds only the output of the call that ended the
+    last response. The turn that made the call (its user message too) is kept whole,
+    however little room is left: the model never reads a result without its call."""
+    turns = []
+    for i in range(4):
+        turns += [user(f"Question {i}: " + "words " * 60), assistant(f"Answer {i}.")]
+    turns += [user("Look it up: " + "words " * 60), _call("call_9", '{"q": "it"}')]
+    builder = ContextBuilder(tok, 300)
+    prompt = builder.build(
+        None, History(turns, None), [_output("call_9", "42")], ToolConfig(), 20, truncate=True
+    )
+    assert prompt.dropped_items == 8
+    assert "Look it up:" in tok.decode(prompt.token_ids, False)
+    with pytest.raises(InvalidRequestError) as info:  # the call's turn alone does not fit
+        builder.build(
+            None,
+            History(turns, None),
+            [_output("call_9", "42 " * 50)],
+            ToolConfig(),
+            20,
+            truncate=True,
+        )
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_auto_truncation_never_parts_a_call_from_its_output_in_the_history(tok):
+    """A call answered in a later turn (its output sent beside the next user message):
+    the history cannot be cut between the two."""
+    turns = [
+        user("First: " + "words " * 60),
+        assistant("Answer."),
+        user("Look it up: " + "words " * 60),
+        _call("call_1"),
+        user("And also this: " + "words " * 10),
+        _output("call_1", "42"),
+        assistant("It is 42."),
+    ]
+    builder = ContextBuilder(tok, 200)
+    prompt = builder.build(None, History(turns, None), [user("Thanks")], ToolConfig(), 20, True)
+    text = tok.decode(prompt.token_ids, False)
+    assert prompt.dropped_items in (2, 7)
+    assert ("Look it up:" in text) == ("42" in text)
