@@ -135,7 +135,10 @@ class ResponseService:
         await asyncio.to_thread(model_turn_structure, request, config, tools)
         check_json_mention(request, history)
         shown, _ = prompt_input(history.items, input_items, [], [], config)
-        prompt = self.context.build(
+        # In a thread, as the turn's later prompts are (`Turn._model_turn`): a long
+        # history's renders need not hold up the event loop's other streams.
+        prompt = await asyncio.to_thread(
+            self.context.build,
             request.instructions,
             history,
             shown,

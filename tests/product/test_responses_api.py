@@ -3,6 +3,7 @@ with a scripted engine (tokens are characters) and a real store."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -22,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 
 from engine.errors import EngineShutdownError
 from orchestrator import turn as turn_module
+from orchestrator.context import ContextBuilder
 from orchestrator.output_structure import PLAIN_ANSWER
 from orchestrator.store import Repository
 from orchestrator.store.accounts import usage_rows
@@ -194,6 +196,28 @@ def test_previous_response_id_continues_and_branches(product_server):
     assert branch.output_text == second.output_text == "Reply #2"
     third = client.responses.create(model=MODEL, input="Three", previous_response_id=second.id)
     assert third.output_text == "Reply #3"
+
+
+def test_every_prompt_is_built_off_the_event_loop(product_server, monkeypatch):
+    """Rendering and tokenizing a long history (bisected by truncation "auto": several
+    renders of a window's worth) takes a while; the other streams on the event loop must
+    not wait for it, the first generation's prompt (built before the turn starts) included."""
+    on_loop = []
+    build = ContextBuilder.build
+
+    def recording(self, *args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(ContextBuilder, "build", recording)
+    server = product_server(FakeEngine(reply="Hi."))
+    response = server.client.responses.create(model=MODEL, input="Hello", truncation="auto")
+    assert response.output_text == "Hi."
+    assert on_loop == [False]
 
 
 def test_conversations_collect_the_items_of_their_responses(product_server, database_url):
