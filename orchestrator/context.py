@@ -210,7 +210,8 @@ class ContextBuilder:
             prompt = shortest
         ids = prompt.token_ids
         wanted = len(ids) + (max_output_tokens or 1)
-        hint = "" if truncate else ' or set truncation to "auto"'
+        # Truncation can only help where there is history it may drop.
+        hint = ' or set truncation to "auto"' if not truncate and len(starts) > 1 else ""
         raise InvalidRequestError(
             f"This model's maximum context length is {self.max_model_len} tokens. However, "
             f"this response needs {wanted} tokens ({len(ids)} in the input, "
@@ -238,13 +239,14 @@ class ContextBuilder:
         total = fixed + sum(sizes)
         if total <= limit:
             return 0
-        if not truncate or fixed > limit:
-            what = "instructions and input" if truncate else "instructions, history and input"
+        hopeless = fixed > limit  # truncation cannot help: it never drops these
+        if not truncate or hopeless:
+            what = "instructions and input" if hopeless else "instructions, history and input"
             raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens, and "
-                f"this response's {what} have {fixed if truncate else total} characters, "
+                f"this response's {what} have {fixed if hopeless else total} characters, "
                 f"more than {limit} could ever fit. Shorten the input"
-                + ("." if truncate else ' or set truncation to "auto".'),
+                + ("." if hopeless else ' or set truncation to "auto".'),
                 param="input",
                 code="context_length_exceeded",
             )

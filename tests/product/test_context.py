@@ -126,6 +126,24 @@ def test_even_the_input_alone_too_long_is_refused(tok):
         )
 
 
+def test_truncation_is_suggested_only_where_it_could_drop_something(tok):
+    builder = ContextBuilder(tok, 64)
+    too_long = [user("words " * 100)]
+    with pytest.raises(InvalidRequestError) as info:
+        builder.build(None, History([], None), too_long, ToolConfig(), 8, truncate=False)
+    assert "truncation" not in info.value.message
+    with pytest.raises(InvalidRequestError) as info:  # room for the input, none for the output
+        builder.build(None, History([], None), [user("hi")], ToolConfig(), 64, truncate=False)
+    assert "truncation" not in info.value.message
+    history = History([user("hi"), assistant("yo")], None)
+    with pytest.raises(InvalidRequestError) as info:
+        builder.build(None, history, too_long, ToolConfig(), 8, truncate=False)
+    assert 'set truncation to "auto"' in info.value.message
+    with pytest.raises(InvalidRequestError) as info:  # refused by its characters alone
+        builder.build(None, history, [user("x " * 1000)], ToolConfig(), 8, truncate=False)
+    assert "truncation" not in info.value.message and "instructions and input" in info.value.message
+
+
 def test_function_calls_join_the_assistant_turn_and_outputs_become_tool_messages():
     items = [
         user("Weather in Paris?"),
