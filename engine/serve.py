@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count,
         default=256,
         metavar="N",
-        help="queue limit: requests allowed to wait beyond the running batch "
-        "(--max-num-seqs) before new ones get 429 with Retry-After",
+        help="queue limit: sequences (prompts x n) allowed to wait beyond the running "
+        "batch (--max-num-seqs) before new requests get 429 with Retry-After",
     )
     srv.add_argument(
         "--max-request-body-bytes",
@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", *COMPILE_MODES],
         help="CPU only: build tokenmill's C++ kernels and move the layers onto them "
         "(torch.compile where they do not fit). background: serve at once and switch "
-        "when built (~30 s on a machine's first start, under a second cached); "
+        "when built (~30 s the first time for a checkout, torch version and CPU target, "
+        "under a second once cached); "
         "on: compile before serving; auto: background unless --dtype is given",
     )
     eng.add_argument(
