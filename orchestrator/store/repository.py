@@ -471,15 +471,18 @@ class Repository:
         self._insert_response_items(conn, owner, response_id, "output", output)
 
     def get_response(self, owner: str, response_id: str) -> dict | None:
+        """The response as stored. Its output is read before its body: each read sees the
+        latest commit (no snapshot spans the two), and a checkpoint commits output and
+        usage together, so read in this order the usage is never older than the output."""
         with self.engine.connect() as conn:
+            output = self._item_bodies(conn, owner, response_id, "output")
             body = conn.execute(
                 select(responses.c.body).where(
                     responses.c.id == response_id, responses.c.owner_id == owner
                 )
             ).scalar()
-            if body is None:
-                return None
-            output = self._item_bodies(conn, owner, response_id, "output")
+        if body is None:
+            return None
         return {**body, "output": output}
 
     @staticmethod

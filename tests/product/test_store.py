@@ -369,6 +369,37 @@ def test_responses_cut_off_by_a_crash_are_marked_incomplete(store):
     assert repo.get_response("alice", "resp_done")["status"] == "completed"
 
 
+def test_a_response_read_during_a_checkpoint_never_has_output_without_its_usage(store):
+    """A checkpoint commits output and usage together; a read racing it (from another
+    server's GET, say) may see the older or the newer state, never output newer than the
+    usage it came with. The checkpoint here lands right after the read's first statement."""
+    repo = store.repo
+    body = {
+        "id": "resp_race",
+        "created_at": 1.0,
+        "status": "in_progress",
+        "previous_response_id": None,
+        "conversation": None,
+        "output": [],
+    }
+    repo.begin_response("alice", body, [_message("msg_in_race", "one")])
+    partial = {**_message("msg_out_race", "Half"), "role": "assistant", "status": "in_progress"}
+    so_far = {"input_tokens": 9, "output_tokens": 1, "total_tokens": 10}
+    statements: list[str] = []
+
+    def checkpoint_after_first_statement(*_args) -> None:
+        statements.append("read")
+        if len(statements) == 1:  # the checkpoint's own statements come after this one
+            repo.checkpoint_response("alice", "resp_race", [partial], so_far)
+
+    event.listen(store.engine, "after_cursor_execute", checkpoint_after_first_statement)
+    try:
+        stored = repo.get_response("alice", "resp_race")
+    finally:
+        event.remove(store.engine, "after_cursor_execute", checkpoint_after_first_statement)
+    assert stored["output"] == [] or stored["usage"] == so_far, stored
+
+
 def test_a_turn_cut_off_by_a_crash_keeps_what_it_checkpointed(store):
     """Its user message and the output it had checkpointed stay in the response and in
     the history the next turn reads, after the turns before."""
