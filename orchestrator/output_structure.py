@@ -42,11 +42,14 @@ def _lark(text: str) -> str:
 
 def checked(param: str, what: str | None = None, **kind) -> StructuredOutputsParams:
     """StructuredOutputsParams, with an invalid schema or grammar a 400 naming `param`,
-    its message about `what` (default: `param`)."""
+    its message about `what` (default: `param`; not repeated where the engine's message
+    starts with it, as it does for vLLM's own `structured_outputs.<kind>` field)."""
     try:
         return StructuredOutputsParams(**kind)
     except ValueError as exc:
-        raise InvalidRequestError(f"{what or param}: {exc}", param) from None
+        what = what or param
+        message = str(exc) if str(exc).startswith(what) else f"{what}: {exc}"
+        raise InvalidRequestError(message, param) from None
 
 
 def json_format_params(

@@ -458,6 +458,12 @@ def test_vllm_fields_the_server_cannot_honour_are_400s_naming_them(serve):
             ["regex"],
         ):
             assert_error(send(server, structured_outputs=bad), 400, "structured_outputs")
+        # the engine's message names the field itself: not said twice
+        broken = send(server, structured_outputs={"grammar": "start: (("})
+        assert_error(broken, 400, "structured_outputs")
+        message = broken.json()["error"]["message"]
+        assert message.startswith("structured_outputs.grammar")
+        assert message.count("structured_outputs.grammar") == 1, message
         for other in ({"guided_regex": "a"}, {"response_format": fmt}):
             so = {"regex": "a"}
             assert_error(send(server, structured_outputs=so, **other), 400, "structured_outputs")
