@@ -16,6 +16,7 @@ whatever prefix is shared.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -176,10 +177,17 @@ class ContextBuilder:
         max_output_tokens: int | None,
         truncate: bool,
     ) -> Prompt:
-        """The prompt for this turn, or InvalidRequestError when it cannot fit. With
-        `truncate`, the fewest oldest turns of the history are dropped for it to fit
-        (never the instructions or this turn's input), found by bisection over the
-        turns, so a long history costs a few renders, not one per turn."""
+        """The prompt for this turn, or InvalidRequestError when it cannot fit.
+
+        With `truncate`, a history too long for the window is cut at a turn's start (never
+        the instructions or this turn's input), chosen so the prefix cache keeps serving it:
+        where the previous prompt started (`history.start`) while that still fits, so the
+        prompt extends the previous one; else anew, dropping enough oldest turns that the
+        prompt takes at most half the room left beside the output, so that the next turns
+        fit at that start too (or the fewest that fit, when no start gets it that short).
+        Cutting at the fewest oldest turns each time would move the start every turn, and
+        no prefix would ever be shared. The starts are bisected, a few renders, not one
+        per turn."""
         budget = self.max_model_len - (max_output_tokens or 1)
         items = history.items
         cuts = _cuts(items, input_items)
@@ -187,26 +195,38 @@ class ContextBuilder:
         # Where the kept history may start: whole turns, the fewest dropped first.
         starts = [dropped, *(s for s in cuts if s > dropped)]
 
+        @functools.cache
         def render(k: int) -> Prompt:
-            base = history.context_tokens if starts[k] == 0 else None
+            base = history.context_tokens if starts[k] == history.start else None
             ids, reused = self._render(instructions, items[starts[k] :], input_items, tools, base)
             return Prompt(ids, reused, starts[k])
+
+        def fewest_dropped(limit: int, too_long: int, fits: int) -> Prompt:
+            """The prompt of the fewest-dropped start within `limit` tokens, between
+            `too_long` (whose prompt exceeds it) and `fits` (whose prompt is within)."""
+            while fits - too_long > 1:
+                middle = (fits + too_long) // 2
+                if len(render(middle).token_ids) <= limit:
+                    fits = middle
+                else:
+                    too_long = middle
+            return render(fits)
 
         prompt = render(0)
         if len(prompt.token_ids) <= budget:
             return prompt
         if truncate:
-            fits, too_long = len(starts) - 1, 0
-            shortest = render(fits)
+            previous = starts.index(history.start) if history.start in starts else 0
+            prompt = render(previous)
+            if len(prompt.token_ids) <= budget:
+                return prompt
+            last = len(starts) - 1
+            shortest = render(last)
             if len(shortest.token_ids) <= budget:
-                while fits - too_long > 1:
-                    middle = (fits + too_long) // 2
-                    tried = render(middle)
-                    if len(tried.token_ids) <= budget:
-                        fits, shortest = middle, tried
-                    else:
-                        too_long = middle
-                return shortest
+                half = budget // 2
+                limit = half if len(shortest.token_ids) <= half else budget
+                # Every start up to the previous one is too long already.
+                return fewest_dropped(limit, previous, last)
             prompt = shortest
         ids = prompt.token_ids
         wanted = len(ids) + (max_output_tokens or 1)

@@ -110,8 +110,9 @@ class _Progress:
 @dataclass
 class _Totals:
     """Token counts over all of a turn's generations, and the latest prompt + output
-    (what the next response's prompt extends)."""
+    (what the next response's prompt extends) with the history items it left out."""
 
+    history_start: int
     input_tokens: int = 0
     output_tokens: int = 0
     cached: int = 0
@@ -161,7 +162,7 @@ class Turn:
         self.budget = budget
         self.events = ResponseEvents(_new_response(request))
         self.id: str = self.events.response["id"]
-        self.totals = _Totals()
+        self.totals = _Totals(history.start)
         # The generation running now: its prompt length and progress (`_usage_so_far`).
         self._running: tuple[int, _Progress] | None = None
         self._generations = 0
@@ -308,7 +309,12 @@ class Turn:
                 )
             self._begin_recorded = True
         await store.call(
-            Repository.finish_response, self.owner, self.events.response, self.input_items, tokens
+            Repository.finish_response,
+            self.owner,
+            self.events.response,
+            self.input_items,
+            tokens,
+            self.totals.history_start,
         )
 
     async def _record_or_retry(
@@ -466,7 +472,8 @@ class Turn:
         if self.prompt is not None:
             prompt, self.prompt = self.prompt, None
             return prompt, params
-        history = History(self.history.items, self.totals.context_tokens)
+        totals = self.totals
+        history = History(self.history.items, totals.context_tokens, totals.history_start)
         prompt = self.service.context.build(
             self.request.instructions,
             history,
@@ -516,6 +523,7 @@ class Turn:
             totals.output_tokens += len(progress.output_ids)
             totals.cached += progress.cached
             totals.context_tokens = prompt.token_ids + progress.output_ids
+            totals.history_start = prompt.dropped_items
             if progress.finish_reason is None:
                 await self.service.engine.abort(request_id)
             if progress.finish_reason in (None, "abort"):

@@ -65,12 +65,25 @@ def metadata_tag(metadata: dict) -> str:
 
 @dataclass
 class History:
-    """What came before a turn: items oldest first, and the token ids of the latest
-    recorded turn's prompt and output (None when unknown), which the next prompt
-    extends so the prefix cache serves it."""
+    """What came before a turn: items oldest first, the token ids of the latest recorded
+    turn's prompt and output (None when unknown), which the next prompt extends so the
+    prefix cache serves it, and where that prompt's history started (`start`: how many of
+    these items it left out, truncation "auto"), where the next prompt starts too while
+    it fits. The index holds as the history grows: the next turn's history is the same
+    items with that turn's input and output appended."""
 
     items: list[dict]
     context_tokens: list[int] | None
+    start: int = 0
+
+
+def _history(items: list[dict], previous: Row | None) -> History:
+    """The history of `items` after the response `previous` (a row with its
+    `context_tokens` and `history_start`, or None: no response recorded). A null start,
+    recorded before the column was, reads as the whole history."""
+    if previous is None:
+        return History(items, None)
+    return History(items, unpack_tokens(previous.context_tokens), previous.history_start or 0)
 
 
 def pack_tokens(ids: list[int]) -> bytes:
@@ -317,15 +330,15 @@ class Repository:
                 .scalars()
                 .all()
             )
-            tokens = None
+            previous = None
             if last.last_response_id is not None:
-                tokens = conn.execute(
-                    select(responses.c.context_tokens).where(
+                previous = conn.execute(
+                    select(responses.c.context_tokens, responses.c.history_start).where(
                         responses.c.id == last.last_response_id,
                         responses.c.owner_id == owner,
                     )
-                ).scalar()
-        return History(list(items), unpack_tokens(tokens))
+                ).first()
+        return _history(list(items), previous)
 
     @staticmethod
     def _owns_conversation(conn: Connection, owner: str, conversation_id: str) -> bool:
@@ -410,10 +423,17 @@ class Repository:
             self._insert_response_items(conn, owner, body["id"], "input", input_items)
 
     def finish_response(
-        self, owner: str, body: dict, input_items: list[dict], context_tokens: list[int] | None
+        self,
+        owner: str,
+        body: dict,
+        input_items: list[dict],
+        context_tokens: list[int] | None,
+        history_start: int | None,
     ) -> None:
         """Record a turn's final state, its output items, and (with a conversation) its
-        input and output items appended to the conversation: all in one transaction."""
+        input and output items appended to the conversation: all in one transaction.
+        `context_tokens` and `history_start`: its last prompt + output, and how many
+        history items that prompt left out (`History`)."""
         output = body["output"]
         with self.engine.begin() as conn:
             conn.execute(
@@ -426,6 +446,7 @@ class Repository:
                     status=body["status"],
                     body=_without_output(body),
                     context_tokens=None if context_tokens is None else pack_tokens(context_tokens),
+                    history_start=history_start,
                 )
             )
             self._replace_output(conn, owner, body["id"], output)
@@ -524,9 +545,9 @@ class Repository:
         from before that response still there (`_conversation_before`)."""
         with self.engine.connect() as conn:
             head = conn.execute(
-                select(responses.c.status, responses.c.context_tokens).where(
-                    responses.c.id == response_id, responses.c.owner_id == owner
-                )
+                select(
+                    responses.c.status, responses.c.context_tokens, responses.c.history_start
+                ).where(responses.c.id == response_id, responses.c.owner_id == owner)
             ).first()
             if head is None:
                 return None
@@ -555,7 +576,7 @@ class Repository:
                 .all()
             )
             before = self._conversation_before(conn, owner, root)
-        return head.status, History([*before, *items], unpack_tokens(head.context_tokens))
+        return head.status, _history([*before, *items], head)
 
     @staticmethod
     def _conversation_before(conn: Connection, owner: str, response_id: str) -> list[dict]:

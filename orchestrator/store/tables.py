@@ -66,6 +66,10 @@ responses = Table(
     # own were deleted from the conversation. Null outside a conversation, before its
     # items are appended, and where migration 0011 found its items gone.
     Column("conversation_seq", Integer, nullable=True),
+    # How many history items its last prompt left out (truncation "auto"): the next turn
+    # starts its history there too while it fits, so its prompt extends this one and the
+    # prefix cache serves it. Null where recorded before migration 0013.
+    Column("history_start", Integer, nullable=True),
     Index("ix_responses_status_server_id", "status", "server_id"),
 )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -96,19 +97,22 @@ def test_auto_truncation_drops_the_oldest_turns_only(tok):
     prompt = builder.build(
         "Stay polite.", History(turns, None), [user("Last one?")], ToolConfig(), 50, truncate=True
     )
-    assert len(prompt.token_ids) + 50 <= 400
+    # The oldest turns are dropped until the prompt takes at most half the room beside
+    # the output, so the next turns fit at the same start.
+    half = (400 - 50) // 2
+    assert len(prompt.token_ids) <= half
     assert prompt.dropped_items % 2 == 0 and prompt.dropped_items >= 2
     text = tok.decode(prompt.token_ids, False)
     assert "Stay polite." in text and "Last one?" in text and "Answer 5." in text
     assert "Question 0:" not in text
-    # Keeping one more turn would not have fit.
+    # Keeping one more turn would not have fit in half.
     with pytest.raises(InvalidRequestError):
         builder.build(
             "Stay polite.",
             History(turns[prompt.dropped_items - 2 :], None),
             [user("Last one?")],
             ToolConfig(),
-            50,
+            400 - half,
             truncate=False,
         )
 
@@ -256,14 +260,15 @@ def test_a_history_far_past_the_window_is_never_rendered_whole(tok):
         builder.build(None, history, [user("x " * 40_000)], ToolConfig(), 50, truncate=True)
     assert counting.renders == renders
     assert counting.longest < 16 * 2048 * 2 and counting.renders <= 8
-    # small turns: the fewest are dropped, found in a few renders
+    # small turns: the fewest that leave half the room free are dropped, in a few renders
     small = [m for i in range(300) for m in (user(f"Q{i} " + "w " * 20), assistant(f"A{i}."))]
     counting.renders = 0
     prompt = builder.build(None, History(small, None), [user("Last?")], ToolConfig(), 50, True)
-    assert counting.renders <= 12 and len(prompt.token_ids) + 50 <= 2048
+    half = (2048 - 50) // 2
+    assert counting.renders <= 12 and len(prompt.token_ids) <= half
     kept = small[prompt.dropped_items - 2 :]
-    with pytest.raises(InvalidRequestError):  # one more turn would not have fit
-        builder.build(None, History(kept, None), [user("Last?")], ToolConfig(), 50, False)
+    with pytest.raises(InvalidRequestError):  # one more turn would not have fit in half
+        builder.build(None, History(kept, None), [user("Last?")], ToolConfig(), 2048 - half, False)
 
 
 def _call(call_id: str, arguments: str = "{}") -> dict:
@@ -316,4 +321,65 @@ def test_auto_truncation_never_parts_a_call_from_its_output_in_the_history(tok):
     prompt = builder.build(None, History(turns, None), [user("Thanks")], ToolConfig(), 20, True)
     text = tok.decode(prompt.token_ids, False)
     assert prompt.dropped_items in (2, 7)
+    assert ("Look it up:" in text) == ("42" in text)
+
+
+def _chat(builder: ContextBuilder, tok: Tokenizer, questions: list[str]) -> list:
+    """A conversation of `questions` with truncation "auto", each turn's history the last
+    one's with its input and reply appended, and the last prompt's tokens and start kept
+    as the store keeps them: each turn's prompt, in order."""
+    history, prompts = History([], None), []
+    for i, question in enumerate(questions):
+        asked = [user(question)]
+        prompt = builder.build("Stay polite.", history, asked, ToolConfig(), 20, truncate=True)
+        prompts.append(prompt)
+        output = [*tok.encode(f"Answer {i}."), tok.backend.token_to_id("<|im_end|>")]
+        reply = assistant(tok.decode(output))
+        history = History(
+            [*history.items, *asked, reply], prompt.token_ids + output, prompt.dropped_items
+        )
+    return prompts
+
+
+def test_auto_truncation_keeps_its_start_while_it_fits_so_the_prefix_is_shared(tok):
+    """A chat grown past the window: the history's start stays where the last prompt's
+    was while that fits, so each prompt extends the previous one token for token (the
+    prefix cache serves all of it); once it does not, enough turns are dropped to free
+    about half the room, and the next turns keep that start in turn."""
+    builder = ContextBuilder(tok, 600)
+    half = (600 - 20) // 2
+    prompts = _chat(builder, tok, [f"Question {i}: " + "words " * 40 for i in range(16)])
+    starts = [p.dropped_items for p in prompts]
+    assert starts[0] == 0 and starts[-1] > 0 and starts == sorted(starts)
+    cuts = 0
+    for previous, prompt in itertools.pairwise(prompts):
+        assert len(prompt.token_ids) + 20 <= 600
+        if prompt.dropped_items == previous.dropped_items:  # the prefix is the last prompt's
+            assert prompt.reused_tokens > len(previous.token_ids)
+            assert prompt.token_ids[: len(previous.token_ids)] == previous.token_ids
+        else:  # cut anew, whole turns dropped until about half the room is free
+            cuts += 1
+            assert prompt.dropped_items % 2 == 0
+            assert half // 2 < len(prompt.token_ids) <= half
+    assert 2 <= cuts <= len(prompts) // 3
+
+
+def test_auto_truncation_does_not_reuse_a_start_that_would_part_a_call_from_its_output(tok):
+    """The last prompt started at "And also this", after a call then unanswered; its
+    output arrived since, so starting there would show the output without its call: the
+    history is cut elsewhere, the call and its output kept or dropped together."""
+    turns = [
+        user("First: " + "words " * 60),
+        assistant("Answer."),
+        user("Look it up: " + "words " * 60),
+        _call("call_1"),
+        user("And also this: " + "words " * 10),
+        _output("call_1", "42"),
+        assistant("It is 42."),
+    ]
+    builder = ContextBuilder(tok, 200)
+    history = History(turns, None, 4)
+    prompt = builder.build(None, history, [user("Thanks")], ToolConfig(), 20, truncate=True)
+    text = tok.decode(prompt.token_ids, False)
+    assert prompt.dropped_items != 4
     assert ("Look it up:" in text) == ("42" in text)

@@ -198,6 +198,42 @@ def test_previous_response_id_continues_and_branches(product_server):
     assert third.output_text == "Reply #3"
 
 
+@pytest.mark.parametrize("continued", ["conversation", "previous_response_id"])
+def test_auto_truncation_keeps_the_prompt_prefix_the_cache_holds(product_server, continued):
+    """A chat past the window with truncation "auto": the history keeps the start the last
+    prompt had while that fits, so each turn's prompt extends the last one's and the prefix
+    cache serves it; when it no longer fits, enough turns are dropped to free half the
+    room, and the turns after that extend that prompt in turn."""
+    server = product_server(FakeEngine(reply="Noted.", max_model_len=1000))
+    conv = server.client.conversations.create()
+    usages, response = [], None
+    for i in range(14):
+        if continued == "conversation":
+            after = {"conversation": conv.id}
+        else:
+            after = {"previous_response_id": response.id} if response else {}
+        response = server.client.responses.create(
+            model=MODEL,
+            input=f"Turn {i}: " + "words " * 25,
+            truncation="auto",
+            max_output_tokens=16,
+            **after,
+        )
+        usages.append(response.usage)
+    prompts = server.engine.prompts
+    cut = [i for i, p in enumerate(prompts) if "Turn 0:" not in server.engine.tokenizer.decode(p)]
+    assert len(cut) >= 6
+    extended = 0
+    for i in cut:
+        previous, prompt = prompts[i - 1], prompts[i]
+        if prompt[: len(previous)] == previous:
+            extended += 1
+            assert usages[i].input_tokens_details.cached_tokens >= len(previous) - 4
+        else:  # cut anew: half the room free for the turns to come
+            assert len(prompt) <= (1000 - 16) // 2
+    assert extended >= len(cut) // 2
+
+
 def test_every_prompt_is_built_off_the_event_loop(product_server, monkeypatch):
     """Rendering and tokenizing a long history (bisected by truncation "auto": several
     renders of a window's worth) takes a while; the other streams on the event loop must

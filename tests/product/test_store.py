@@ -35,6 +35,7 @@ from orchestrator.store import (
 )
 from orchestrator.store import knowledge as kb
 from orchestrator.store import store as store_module
+from orchestrator.store.repository import pack_tokens
 from orchestrator.store.store import MIGRATIONS, SchemaTooNewError, create_db_engine
 from orchestrator.store.tables import conversation_items, metadata, response_items, responses
 
@@ -73,6 +74,7 @@ def _record(
     text: str,
     conversation: str | None = None,
     tokens=(1, 2, 3),
+    start: int | None = None,
 ) -> None:
     body = {
         "id": response_id,
@@ -86,7 +88,7 @@ def _record(
     repo.begin_response(owner, body, inputs)
     output = [{**_message(f"msg_out_{response_id}", text.upper()), "role": "assistant"}]
     repo.finish_response(
-        owner, {**body, "status": "completed", "output": output}, inputs, list(tokens)
+        owner, {**body, "status": "completed", "output": output}, inputs, list(tokens), start
     )
 
 
@@ -201,7 +203,7 @@ def test_a_cursor_not_in_the_list_is_not_found_not_an_empty_page(store):
 def test_history_follows_the_branch_it_ends_on(store):
     repo = store.repo
     _record(repo, "alice", "resp_1", None, "one")
-    _record(repo, "alice", "resp_2", "resp_1", "two", tokens=[7, 8, 70000])
+    _record(repo, "alice", "resp_2", "resp_1", "two", tokens=[7, 8, 70000], start=2)
     _record(repo, "alice", "resp_2b", "resp_1", "two again")
     status, history = repo.response_history("alice", "resp_2")
     assert status == "completed"
@@ -211,8 +213,9 @@ def test_history_follows_the_branch_it_ends_on(store):
         "msg_in_resp_2",
         "msg_out_resp_2",
     ]
-    assert history.context_tokens == [7, 8, 70000]
+    assert (history.context_tokens, history.start) == ([7, 8, 70000], 2)
     _, branch = repo.response_history("alice", "resp_2b")
+    assert branch.start == 0  # where its prompt started: the whole history
     assert [i["content"][0]["text"] for i in branch.items] == [
         "one",
         "ONE",
@@ -225,10 +228,10 @@ def test_history_follows_the_branch_it_ends_on(store):
 def test_a_response_in_a_conversation_appends_its_items(store):
     repo = store.repo
     repo.create_conversation("alice", "conv_c", 1, {}, [_message("msg_0", "zero")])
-    _record(repo, "alice", "resp_c", None, "one", conversation="conv_c", tokens=[5, 6])
+    _record(repo, "alice", "resp_c", None, "one", conversation="conv_c", tokens=[5, 6], start=1)
     history = repo.conversation_history("alice", "conv_c")
     assert [i["id"] for i in history.items] == ["msg_0", "msg_in_resp_c", "msg_out_resp_c"]
-    assert history.context_tokens == [5, 6]
+    assert (history.context_tokens, history.start) == ([5, 6], 1)
     assert repo.conversation_history("bob", "conv_c") is None
 
 
@@ -608,6 +611,29 @@ def test_upgrading_a_store_keeps_the_place_of_each_conversations_response(databa
         assert repo.delete_conversation_item("alice", "conv_u", "msg_0")
         assert repo.add_conversation_items("alice", "conv_u", 2, [_message("msg_new", "new")])
         assert chain("resp_kept") == ["msg_in_resp_kept", "msg_out_resp_kept"]
+    finally:
+        store.close()
+
+
+def test_upgrading_a_store_reads_its_responses_prompts_as_starting_at_the_history(database_url):
+    """Revision 0013 adds where each response's prompt started its history; the responses
+    recorded before have none, read as the whole history (as their next turn read it), and
+    their prompt tokens are extended as before."""
+    with _at_revision(database_url, "0012") as conn:
+        conn.execute(
+            responses.insert().values(
+                id="resp_old",
+                owner_id="alice",
+                created_at=1,
+                status="completed",
+                body={},
+                context_tokens=pack_tokens([4, 5, 6]),
+            )
+        )
+    store = Store(database_url)
+    try:
+        _, history = store.repo.response_history("alice", "resp_old")
+        assert (history.context_tokens, history.start) == ([4, 5, 6], 0)
     finally:
         store.close()
 
