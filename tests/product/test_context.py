@@ -305,10 +305,9 @@ def test_auto_truncation_keeps_the_call_this_turns_output_answers(tok):
     assert info.value.code == "context_length_exceeded"
 
 
-def test_auto_truncation_never_parts_a_call_from_its_output_in_the_history(tok):
-    """A call answered in a later turn (its output sent beside the next user message):
-    the history cannot be cut between the two."""
-    turns = [
+def _call_answered_a_turn_later() -> list[dict]:
+    """A history whose call (call_1) is answered only after the next user message."""
+    return [
         user("First: " + "words " * 60),
         assistant("Answer."),
         user("Look it up: " + "words " * 60),
@@ -317,8 +316,14 @@ def test_auto_truncation_never_parts_a_call_from_its_output_in_the_history(tok):
         _output("call_1", "42"),
         assistant("It is 42."),
     ]
+
+
+def test_auto_truncation_never_parts_a_call_from_its_output_in_the_history(tok):
+    """A call answered in a later turn (its output sent beside the next user message):
+    the history cannot be cut between the two."""
     builder = ContextBuilder(tok, 200)
-    prompt = builder.build(None, History(turns, None), [user("Thanks")], ToolConfig(), 20, True)
+    history = History(_call_answered_a_turn_later(), None)
+    prompt = builder.build(None, history, [user("Thanks")], ToolConfig(), 20, True)
     text = tok.decode(prompt.token_ids, False)
     assert prompt.dropped_items in (2, 7)
     assert ("Look it up:" in text) == ("42" in text)
@@ -368,17 +373,8 @@ def test_auto_truncation_does_not_reuse_a_start_that_would_part_a_call_from_its_
     """The last prompt started at "And also this", after a call then unanswered; its
     output arrived since, so starting there would show the output without its call: the
     history is cut elsewhere, the call and its output kept or dropped together."""
-    turns = [
-        user("First: " + "words " * 60),
-        assistant("Answer."),
-        user("Look it up: " + "words " * 60),
-        _call("call_1"),
-        user("And also this: " + "words " * 10),
-        _output("call_1", "42"),
-        assistant("It is 42."),
-    ]
     builder = ContextBuilder(tok, 200)
-    history = History(turns, None, 4)
+    history = History(_call_answered_a_turn_later(), None, 4)
     prompt = builder.build(None, history, [user("Thanks")], ToolConfig(), 20, truncate=True)
     text = tok.decode(prompt.token_ids, False)
     assert prompt.dropped_items != 4
