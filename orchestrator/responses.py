@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+from collections.abc import Coroutine
 
 from engine.client import EngineClient
 from engine.sampling_params import RequestOutputKind
@@ -37,7 +38,7 @@ from orchestrator.tools.file_search import (
     FileSearchBackend,
     FileSearchTool,
 )
-from orchestrator.turn import Turn
+from orchestrator.turn import Turn, TurnServices
 from orchestrator.turn_hooks import Budget, NoObserver, TokenObserver, Unlimited, output_budget
 from orchestrator.turn_prompt import model_turn_structure, prompt_input, user_question
 
@@ -72,8 +73,11 @@ class ResponseService:
         self.file_search_unavailable = "file_search needs vector stores, which this server lacks"
         # Final states being retried while the database does not answer (`record_later`).
         self.recording: set[asyncio.Task] = set()
+        self.turn_services = TurnServices(
+            engine, self.context, store, lock, self.running, self.record_later
+        )
 
-    def record_later(self, writes) -> None:
+    def record_later(self, writes: Coroutine) -> None:
         """Run `writes` (a coroutine) in the background, held until done."""
         task = asyncio.ensure_future(writes)
         self.recording.add(task)
@@ -153,7 +157,7 @@ class ResponseService:
             )
         )
         turn = Turn(
-            self,
+            self.turn_services,
             owner,
             request,
             history,

@@ -17,12 +17,12 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from engine import SamplingParams
+from engine.client import EngineClient
 from engine.errors import EngineError, EngineShutdownError
 from orchestrator.accounts.meter import CHECKPOINT_S
 from orchestrator.agent import (
@@ -33,7 +33,8 @@ from orchestrator.agent import (
     file_search_as_function_items,
 )
 from orchestrator.citations import file_citations
-from orchestrator.context import Prompt, ToolConfig
+from orchestrator.context import ContextBuilder, Prompt, ToolConfig
+from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import (
     InvalidRequestError,
     ProductError,
@@ -49,9 +50,6 @@ from orchestrator.tools import ResolvedTools
 from orchestrator.tools.file_search import FILE_SEARCH, FileSearch
 from orchestrator.turn_hooks import Budget, TokenObserver, output_budget
 from orchestrator.turn_prompt import model_turn_structure, prompt_input
-
-if TYPE_CHECKING:
-    from orchestrator.responses import ResponseService
 
 log = logging.getLogger("tokenmill")
 
@@ -97,6 +95,19 @@ def _new_response(request: ResponseRequest) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class TurnServices:
+    """What a turn uses of the server that runs it, handed in by `ResponseService` so the
+    turn depends on these pieces alone, not on the service that starts it."""
+
+    engine: EngineClient
+    context: ContextBuilder  # builds each later generation's prompt
+    store: Store  # where a stored response is recorded
+    lock: ConversationLock  # released when a conversation's turn ends
+    running: dict[str, Turn]  # the server's running turns, which the turn leaves as it ends
+    record_later: Callable[[Coroutine], None]  # retries a final write in the background
+
+
 @dataclass
 class _Progress:
     """What one engine generation has gathered so far."""
@@ -138,7 +149,7 @@ class Turn:
 
     def __init__(
         self,
-        service: ResponseService,
+        services: TurnServices,
         owner: str,
         request: ResponseRequest,
         history: History,
@@ -149,7 +160,7 @@ class Turn:
         observer: TokenObserver,
         budget: Budget,
     ) -> None:
-        self.service = service
+        self.services = services
         self.owner = owner
         self.request = request
         self.history = history
@@ -200,7 +211,7 @@ class Turn:
             self._queue.put_nowait(event)
 
     async def _run(self) -> None:
-        store = self.service.store if self.request.store else None
+        store = self.services.store if self.request.store else None
         begun = None
         if store is not None:
             snapshot = copy.deepcopy(self.events.response)
@@ -233,10 +244,10 @@ class Turn:
         finally:
             await self._stop_checkpoints()
             if self.request.conversation_id is not None:
-                await self.service.lock.release(self.owner, self.request.conversation_id)
+                await self.services.lock.release(self.owner, self.request.conversation_id)
             await self._settle("failed")  # a no-op when settled above
             self._queue.put_nowait(None)
-            self.service.running.pop(self.id, None)
+            self.services.running.pop(self.id, None)
             self.observer.on_finished()
 
     async def _checkpoint(self, store: Store | None, begun: asyncio.Task | None) -> None:
@@ -326,7 +337,7 @@ class Turn:
             await self._record(store, begun, tokens)
         except StoreUnavailableError as exc:
             log.error("response %s could not be recorded: %s", self.id, exc)
-            self.service.record_later(self._record_until_stored(store, begun, tokens))
+            self.services.record_later(self._record_until_stored(store, begun, tokens))
             return False
         return True
 
@@ -474,7 +485,7 @@ class Turn:
             return prompt, params
         totals = self.totals
         history = History(self.history.items, totals.context_tokens, totals.history_start)
-        prompt = self.service.context.build(
+        prompt = self.services.context.build(
             self.request.instructions,
             history,
             shown,
@@ -503,7 +514,7 @@ class Turn:
         if self._generations > 0:  # the first was reserved before the turn started
             await self.budget.reserve(
                 output_budget(
-                    len(prompt.token_ids), params.max_tokens, self.service.engine.max_model_len
+                    len(prompt.token_ids), params.max_tokens, self.services.engine.max_model_len
                 ),
                 spent=self.totals.input_tokens + self.totals.output_tokens,
             )
@@ -525,7 +536,7 @@ class Turn:
             totals.context_tokens = prompt.token_ids + progress.output_ids
             totals.history_start = prompt.dropped_items
             if progress.finish_reason is None:
-                await self.service.engine.abort(request_id)
+                await self.services.engine.abort(request_id)
             if progress.finish_reason in (None, "abort"):
                 self._emit(progress.assembler.push("", final=True))  # the text held back
         if progress.finish_reason != "stop":
@@ -550,7 +561,7 @@ class Turn:
     async def _consume(
         self, progress: _Progress, prompt: list[int], params: SamplingParams, request_id: str
     ) -> None:
-        outputs = self.service.engine.generate(prompt, params, request_id)
+        outputs = self.services.engine.generate(prompt, params, request_id)
         async with aclosing(outputs):
             async for out in outputs:
                 for o in out.outputs:
