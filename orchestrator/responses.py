@@ -15,10 +15,11 @@ import copy
 import dataclasses
 from collections.abc import Coroutine
 
+from engine import SamplingParams
 from engine.client import EngineClient
 from engine.sampling_params import RequestOutputKind
 from orchestrator.accounts.identity import cache_salt
-from orchestrator.context import ContextBuilder
+from orchestrator.context import ContextBuilder, Prompt, ToolConfig
 from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import InvalidRequestError, NotFoundError
 from orchestrator.items import item_list, stored_item
@@ -38,7 +39,7 @@ from orchestrator.tools.file_search import (
     FileSearchBackend,
     FileSearchTool,
 )
-from orchestrator.turn import Turn, TurnServices
+from orchestrator.turn import PreparedTurn, Turn, TurnServices
 from orchestrator.turn_hooks import Budget, NoObserver, TokenObserver, Unlimited, output_budget
 from orchestrator.turn_prompt import model_turn_structure, prompt_input, user_question
 
@@ -122,26 +123,60 @@ class ResponseService:
         observer: TokenObserver | None,
         budget: Budget | None,
     ) -> Turn:
+        """Prepare the turn, reserve its first generation's tokens and start it."""
+        prepared = await self._prepare(owner, request)
+        budget = budget or Unlimited()
+        await self._reserve(budget, prepared)
+        turn = Turn(self.turn_services, prepared, observer or NoObserver(), budget)
+        self.running[turn.id] = turn
+        return turn
+
+    async def _prepare(self, owner: str, request: ResponseRequest) -> PreparedTurn:
+        """Load the history and check the request against it and its tools, in the order
+        that decides which 400 a request with several mistakes gets, then build the first
+        prompt: a request that cannot run fails here, before it has a response."""
         history = await self._history(owner, request)
         check_call_outputs(history.items, request.input)
         input_items = [stored_item(i) for i in request.input]
-        params = dataclasses.replace(
-            sampling_params(request),
-            cache_salt=cache_salt(owner),
-            output_kind=RequestOutputKind.DELTA,  # the turn streams what is new
-        )
-        tools = self._resolve_tools(request)
-        await self._add_file_search(owner, request, tools)
-        declared = function_tools(tools.declarations)
-        check_tool_choice(request.tool_choice, declared)
-        config = request.tool_config(declared)
+        params = self._params(owner, request)
+        tools = await self._tools(owner, request)
+        config = request.tool_config(function_tools(tools.declarations))
         # A bad schema is the client's error, before any output (in a thread: see `_model_turn`).
         await asyncio.to_thread(model_turn_structure, request, config, tools)
         check_json_mention(request, history)
+        prompt = await self._first_prompt(request, history, input_items, config)
+        return PreparedTurn(owner, request, history, input_items, tools, prompt, params)
+
+    @staticmethod
+    def _params(owner: str, request: ResponseRequest) -> SamplingParams:
+        """The request's sampling parameters, streamed as deltas (the turn streams what is
+        new) and salted with the owner's cache salt (no prefix cache shared across users)."""
+        return dataclasses.replace(
+            sampling_params(request),
+            cache_salt=cache_salt(owner),
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def _tools(self, owner: str, request: ResponseRequest) -> ResolvedTools:
+        """The request's tools, file_search made for `owner`, with its tool_choice checked
+        against the functions they declare."""
+        tools = self._resolve_tools(request)
+        await self._add_file_search(owner, request, tools)
+        check_tool_choice(request.tool_choice, function_tools(tools.declarations))
+        return tools
+
+    async def _first_prompt(
+        self,
+        request: ResponseRequest,
+        history: History,
+        input_items: list[dict],
+        config: ToolConfig,
+    ) -> Prompt:
+        """The first generation's prompt. In a thread, as the turn's later prompts are
+        (`Turn._model_turn`): a long history's renders need not hold up the event loop's
+        other streams."""
         shown, _ = prompt_input(history.items, input_items, [], [], config)
-        # In a thread, as the turn's later prompts are (`Turn._model_turn`): a long
-        # history's renders need not hold up the event loop's other streams.
-        prompt = await asyncio.to_thread(
+        return await asyncio.to_thread(
             self.context.build,
             request.instructions,
             history,
@@ -150,26 +185,18 @@ class ResponseService:
             request.max_output_tokens,
             truncate=request.truncation == "auto",
         )
-        budget = budget or Unlimited()
+
+    async def _reserve(self, budget: Budget, prepared: PreparedTurn) -> None:
+        """Reserve the first generation's prompt and output from `budget` (a quota or rate
+        limit refuses the request here, before it has a response); the turn reserves its
+        later generations itself."""
         await budget.reserve(
             output_budget(
-                len(prompt.token_ids), request.max_output_tokens, self.engine.max_model_len
+                len(prepared.prompt.token_ids),
+                prepared.request.max_output_tokens,
+                self.engine.max_model_len,
             )
         )
-        turn = Turn(
-            self.turn_services,
-            owner,
-            request,
-            history,
-            input_items,
-            tools,
-            prompt,
-            params,
-            observer or NoObserver(),
-            budget,
-        )
-        self.running[turn.id] = turn
-        return turn
 
     def _resolve_tools(self, request: ResponseRequest) -> ResolvedTools:
         """The request's tools sorted into built-ins and client functions; a built-in this

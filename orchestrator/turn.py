@@ -108,6 +108,21 @@ class TurnServices:
     record_later: Callable[[Coroutine], None]  # retries a final write in the background
 
 
+@dataclass(frozen=True)
+class PreparedTurn:
+    """A request checked against the store and ready to run, as `ResponseService` hands it
+    to a `Turn`: everything a client's mistake could fail on has been worked out before
+    the turn starts, so a bad request is a 4xx and never a failed response."""
+
+    owner: str
+    request: ResponseRequest
+    history: History  # what the request continues (previous response or conversation)
+    input_items: list[dict]  # the request's input, as the store keeps items
+    tools: ResolvedTools
+    prompt: Prompt  # the first generation's (its tokens reserved before the turn starts)
+    params: SamplingParams  # the request's, streaming deltas, with the owner's cache salt
+
+
 @dataclass
 class _Progress:
     """What one engine generation has gathered so far."""
@@ -150,30 +165,24 @@ class Turn:
     def __init__(
         self,
         services: TurnServices,
-        owner: str,
-        request: ResponseRequest,
-        history: History,
-        input_items: list[dict],
-        tools: ResolvedTools,
-        prompt: Prompt,
-        params: SamplingParams,
+        prepared: PreparedTurn,
         observer: TokenObserver,
         budget: Budget,
     ) -> None:
         self.services = services
-        self.owner = owner
-        self.request = request
-        self.history = history
-        self.input_items = input_items
-        self.tools = tools
-        self.declared = function_tools(tools.declarations)
-        self.prompt: Prompt | None = prompt  # the first generation's, built by `create`
-        self.params = params
+        self.owner = prepared.owner
+        self.request = prepared.request
+        self.history = prepared.history
+        self.input_items = prepared.input_items
+        self.tools = prepared.tools
+        self.declared = function_tools(self.tools.declarations)
+        self.prompt: Prompt | None = prepared.prompt  # the first generation's
+        self.params = prepared.params
         self.observer = observer
         self.budget = budget
-        self.events = ResponseEvents(_new_response(request))
+        self.events = ResponseEvents(_new_response(self.request))
         self.id: str = self.events.response["id"]
-        self.totals = _Totals(history.start)
+        self.totals = _Totals(self.history.start)
         # The generation running now: its prompt length and progress (`_usage_so_far`).
         self._running: tuple[int, _Progress] | None = None
         self._generations = 0
