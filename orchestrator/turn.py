@@ -507,61 +507,101 @@ class Turn:
     async def _model_turn(self, items: list[dict], tools_enabled: bool) -> list[dict]:
         """One engine generation: streams its text and calls, returns its new items
         (taken back out of the output list, where the agent appends them again)."""
-        request = self.request
-        if self._generations > 0:  # a forced or required call was made: now free to answer
-            request = dataclasses.replace(request, tool_choice="auto")
-        offered = tools_enabled and not (self._searched_enough() or self._forced_call_made())
-        config = request.tool_config(self.declared if offered else [])
+        config = self._turn_config(tools_enabled)
         if self._generations == 0 and self._search_forced(config):
-            self._generations += 1
-            self.prompt = None  # the first prompt asked for the call this replaces
-            return [_item_call(FILE_SEARCH, '{"queries": []}')]
+            return self._forced_search()
         # In a thread: a large text.format schema's grammar, and a long history's prompt,
         # take up to a second to build, which the event loop's other streams need not wait for.
         prompt, params = await asyncio.to_thread(self._next_prompt, items, config)
         request_id = self.id if self._generations == 0 else f"{self.id}-{self._generations}"
-        if self._generations > 0:  # the first was reserved before the turn started
-            await self.budget.reserve(
-                output_budget(
-                    len(prompt.token_ids), params.max_tokens, self.services.engine.max_model_len
-                ),
-                spent=self.totals.input_tokens + self.totals.output_tokens,
-            )
+        await self._reserve_later(prompt, params)
         self._generations += 1
         start = len(self.events.output)
         self._code_calls = []
         progress = _Progress(
             ChoiceAssembler([t.name for t in config.tools], None if config.parallel else 1)
         )
+        await self._generate_once(progress, prompt, params, request_id)
+        if progress.finish_reason != "stop":
+            raise self._cut(progress.finish_reason, start)
+        return self._new_items(start)
+
+    def _turn_config(self, tools_enabled: bool) -> ToolConfig:
+        """The tools this generation is offered and how it must use them: none once the
+        search or the forced call is done (`_searched_enough`, `_forced_call_made`), and
+        tool_choice "auto" after the first generation."""
+        request = self.request
+        if self._generations > 0:  # a forced or required call was made: now free to answer
+            request = dataclasses.replace(request, tool_choice="auto")
+        offered = tools_enabled and not (self._searched_enough() or self._forced_call_made())
+        return request.tool_config(self.declared if offered else [])
+
+    def _forced_search(self) -> list[dict]:
+        """The file_search call a forced first generation would have written
+        (`_search_forced`), made without one."""
+        self._generations += 1
+        self.prompt = None  # the first prompt asked for the call this replaces
+        return [_item_call(FILE_SEARCH, '{"queries": []}')]
+
+    async def _reserve_later(self, prompt: Prompt, params: SamplingParams) -> None:
+        """Reserve a later generation's prompt and output beside what the earlier ones
+        spent; the first was reserved before the turn started (`ResponseService._reserve`)."""
+        if self._generations == 0:
+            return
+        await self.budget.reserve(
+            output_budget(
+                len(prompt.token_ids), params.max_tokens, self.services.engine.max_model_len
+            ),
+            spent=self.totals.input_tokens + self.totals.output_tokens,
+        )
+
+    async def _generate_once(
+        self, progress: _Progress, prompt: Prompt, params: SamplingParams, request_id: str
+    ) -> None:
+        """Consume the generation into `progress` and count it however it ends: one stopped
+        before its end (the turn stopped, an error) is aborted in the engine, and the text
+        the parser held back is emitted."""
         self._running = (len(prompt.token_ids), progress)
         try:
             await self._consume(progress, prompt.token_ids, params, request_id)
         finally:
             self._running = None
-            totals = self.totals
-            totals.input_tokens += len(prompt.token_ids)
-            totals.output_tokens += len(progress.output_ids)
-            totals.cached += progress.cached
-            totals.context_tokens = prompt.token_ids + progress.output_ids
-            totals.history_start = prompt.dropped_items
+            self._add_to_totals(prompt, progress)
             if progress.finish_reason is None:
                 await self.services.engine.abort(request_id)
             if progress.finish_reason in (None, "abort"):
                 self._emit(progress.assembler.push("", final=True))  # the text held back
-        if progress.finish_reason != "stop":
-            reason = "max_output_tokens" if progress.finish_reason == "length" else None
-            if reason is not None and self._agent is not None:
-                # The built-in calls this generation wrote stay in the response, as not run.
-                builtin = [
-                    item
-                    for item in self.events.output[start:]
-                    if item["type"] == "function_call"
-                    and item["name"] in self.tools.builtins
-                    and item["status"] == "completed"
-                ]
-                why = f"this response reached {reason}"
-                self._agent.not_run([*builtin, *self._code_calls], why)
-            raise _Cut(reason)
+
+    def _add_to_totals(self, prompt: Prompt, progress: _Progress) -> None:
+        """Count a generation's tokens, and keep its prompt + output and where its history
+        started for the next response's prompt to extend."""
+        totals = self.totals
+        totals.input_tokens += len(prompt.token_ids)
+        totals.output_tokens += len(progress.output_ids)
+        totals.cached += progress.cached
+        totals.context_tokens = prompt.token_ids + progress.output_ids
+        totals.history_start = prompt.dropped_items
+
+    def _cut(self, finish_reason: str | None, start: int) -> _Cut:
+        """The end of a generation that did not finish its answer. Cut by max_output_tokens,
+        the built-in calls it wrote (from output index `start`) stay in the response, as
+        not run."""
+        reason = "max_output_tokens" if finish_reason == "length" else None
+        if reason is not None and self._agent is not None:
+            builtin = [
+                item
+                for item in self.events.output[start:]
+                if item["type"] == "function_call"
+                and item["name"] in self.tools.builtins
+                and item["status"] == "completed"
+            ]
+            why = f"this response reached {reason}"
+            self._agent.not_run([*builtin, *self._code_calls], why)
+        return _Cut(reason)
+
+    def _new_items(self, start: int) -> list[dict]:
+        """Close the generation's message and take its items (from output index `start`) back
+        out of the output list for the agent, with the built-in item calls it made."""
         self._put(self.events.close_message(self._annotate))
         new = self.events.output[start:]
         del self.events.output[start:]
