@@ -1,9 +1,9 @@
 """One response being generated: a `Turn`, started by `ResponseService.create`.
 
 A turn runs as its own task, apart from the HTTP request that started it: it records
-the response as `in_progress`, feeds the engine's tokens through the tool-call parser
-into `ResponseEvents`, and records the final state once generation ends, however it
-ends: completed, cut by max_output_tokens, cancelled, or stopped because the client went
+the response as `in_progress` (its writes: `TurnRecorder`, orchestrator/turn_recorder.py),
+feeds the engine's tokens through the tool-call parser into `ResponseEvents`, and
+records the final state once generation ends, however it ends: completed, cut by max_output_tokens, cancelled, or stopped because the client went
 away (then `incomplete`, with the text generated so far). Because the final write
 happens in the turn's own task, a client that disconnects cannot interrupt it. The
 final event is sent only after that write commits, so a client that saw
@@ -13,7 +13,6 @@ final event is sent only after that write commits, so a client that saw
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import logging
 import time
@@ -24,7 +23,6 @@ from dataclasses import dataclass, field
 from engine import SamplingParams
 from engine.client import EngineClient
 from engine.errors import EngineError, EngineShutdownError
-from orchestrator.accounts.meter import CHECKPOINT_S
 from orchestrator.agent import (
     CODE_INTERPRETER,
     ITEM_TOOLS,
@@ -44,12 +42,13 @@ from orchestrator.errors import (
 from orchestrator.events import Event, ResponseEvents, usage
 from orchestrator.ids import new_id
 from orchestrator.response_request import ResponseRequest, function_tools
-from orchestrator.store import History, Repository, Store, StoreUnavailableError
+from orchestrator.store import History, Store
 from orchestrator.tool_parser import ChoiceAssembler, ParsedCall
 from orchestrator.tools import ResolvedTools
 from orchestrator.tools.file_search import FILE_SEARCH, FileSearch
 from orchestrator.turn_hooks import Budget, TokenObserver, output_budget
 from orchestrator.turn_prompt import model_turn_structure, prompt_input
+from orchestrator.turn_recorder import TurnRecorder
 
 log = logging.getLogger("tokenmill")
 
@@ -58,8 +57,6 @@ UNRECORDED = (
     "the response could not be recorded: the database did not answer; "
     "the server records it once the database is back"
 )
-# How long a turn's final state is retried while the database does not answer (seconds).
-RECORD_RETRY_S = 600.0
 
 
 def _new_response(request: ResponseRequest) -> dict:
@@ -190,9 +187,15 @@ class Turn:
         self._agent: Agent | None = None
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self._stop_status: str | None = None
-        self._begin_recorded = False  # the in_progress row is written (`_record`)
-        self._turn_over = asyncio.Event()  # ends the checkpoints (`_checkpoint`)
-        self._checkpoints: asyncio.Task | None = None
+        self._recorder = TurnRecorder(
+            services.store if self.request.store else None,
+            services.record_later,
+            self.owner,
+            self.events,
+            self.input_items,
+            budget,
+            self._usage_so_far,
+        )
         self._consumer: asyncio.Task | None = None
         self._task = asyncio.create_task(self._run())
 
@@ -220,18 +223,11 @@ class Turn:
             self._queue.put_nowait(event)
 
     async def _run(self) -> None:
-        store = self.services.store if self.request.store else None
-        begun = None
-        if store is not None:
-            snapshot = copy.deepcopy(self.events.response)
-            begun = asyncio.create_task(
-                store.call(Repository.begin_response, self.owner, snapshot, self.input_items)
-            )
-        self._checkpoints = asyncio.create_task(self._checkpoint(store, begun))
+        self._recorder.begin()
         try:
             self._put(self.events.start())
             status, reason, error = await self._generate()
-            await self._stop_checkpoints()
+            await self._recorder.stop_checkpoints()
             totals = self.totals
             final = self.events.finish(
                 status,
@@ -241,62 +237,21 @@ class Turn:
                 error,
                 annotate=self._annotate,
             )
-            recorded = True
-            if store is not None:
-                tokens = None if status == "failed" else totals.context_tokens
-                recorded = await self._record_or_retry(store, begun, tokens)
+            tokens = None if status == "failed" else totals.context_tokens
+            recorded = await self._recorder.finish(tokens, totals.history_start)
             await self._settle(status)
             self._put(final if recorded else [self.events.error(UNRECORDED)])
         except Exception:
             log.exception("response %s could not be completed", self.id)
             self._put([self.events.error("the response could not be recorded")])
         finally:
-            await self._stop_checkpoints()
+            await self._recorder.stop_checkpoints()
             if self.request.conversation_id is not None:
                 await self.services.lock.release(self.owner, self.request.conversation_id)
             await self._settle("failed")  # a no-op when settled above
             self._queue.put_nowait(None)
             self.services.running.pop(self.id, None)
             self.observer.on_finished()
-
-    async def _checkpoint(self, store: Store | None, begun: asyncio.Task | None) -> None:
-        """Every CHECKPOINT_S (orchestrator/accounts/meter.py) while the turn runs, write its
-        usage so far and (when stored) its output as it stands, so a crash of the server
-        loses only the last seconds of it (Repository.checkpoint_response) and still leaves
-        its usage row (`Budget.checkpoint`)."""
-        written: list[dict] = []
-        while True:
-            try:
-                await asyncio.wait_for(self._turn_over.wait(), CHECKPOINT_S)
-                return
-            except TimeoutError:
-                pass
-            try:
-                await self.budget.checkpoint(*self._usage_so_far())
-            except Exception as exc:  # the next one, or the settlement, writes it
-                log.warning("response %s: its usage so far was not checkpointed: %r", self.id, exc)
-            if store is not None and begun is not None:
-                written = await self._checkpoint_output(store, begun, written)
-
-    async def _checkpoint_output(
-        self, store: Store, begun: asyncio.Task, written: list[dict]
-    ) -> list[dict]:
-        """Write the output, with the usage so far, if it changed since `written`; returns
-        what is written now."""
-        try:
-            await begun
-        except StoreUnavailableError:
-            return written  # no row to write to; the final record writes both
-        output = copy.deepcopy(self.events.output)
-        if output == written:
-            return written
-        input_tokens, cached, output_tokens = self._usage_so_far()
-        so_far = usage(input_tokens, output_tokens, cached)
-        try:
-            await store.call(Repository.checkpoint_response, self.owner, self.id, output, so_far)
-        except StoreUnavailableError:
-            return written  # the next one, or the final record, writes it
-        return output
 
     def _usage_so_far(self) -> tuple[int, int, int]:
         """(input, cached, output) tokens of the generations so far, the running one's
@@ -310,65 +265,6 @@ class Turn:
             totals.cached + progress.cached,
             totals.output_tokens + len(progress.output_ids),
         )
-
-    async def _stop_checkpoints(self) -> None:
-        """End the checkpoints and wait for one being written (a write in its thread cannot
-        be cancelled), so none lands after the final record."""
-        self._turn_over.set()
-        if self._checkpoints is not None:
-            await asyncio.gather(self._checkpoints, return_exceptions=True)
-
-    async def _record(self, store: Store, begun: asyncio.Task, tokens: list[int] | None) -> None:
-        """Write the turn's final state, and its start first if that write failed."""
-        if not self._begin_recorded:
-            try:
-                await begun
-            except StoreUnavailableError:
-                await store.call(
-                    Repository.begin_response, self.owner, self.events.response, self.input_items
-                )
-            self._begin_recorded = True
-        await store.call(
-            Repository.finish_response,
-            self.owner,
-            self.events.response,
-            self.input_items,
-            tokens,
-            self.totals.history_start,
-        )
-
-    async def _record_or_retry(
-        self, store: Store, begun: asyncio.Task, tokens: list[int] | None
-    ) -> bool:
-        """`_record`; False when the database does not answer, the record then retried in
-        the background (`_record_until_stored`)."""
-        try:
-            await self._record(store, begun, tokens)
-        except StoreUnavailableError as exc:
-            log.error("response %s could not be recorded: %s", self.id, exc)
-            self.services.record_later(self._record_until_stored(store, begun, tokens))
-            return False
-        return True
-
-    async def _record_until_stored(
-        self, store: Store, begun: asyncio.Task, tokens: list[int] | None
-    ) -> None:
-        """`_record`, again every few seconds while the database does not answer, so that a
-        short outage leaves no response `in_progress` (and its conversation locked)."""
-        deadline = time.monotonic() + RECORD_RETRY_S
-        delay = 1.0
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await self._record(store, begun, tokens)
-            except StoreUnavailableError as exc:
-                if time.monotonic() > deadline:
-                    log.error("response %s was never recorded: %s", self.id, exc)
-                    return
-                delay = min(delay * 2, 30.0)
-                continue
-            log.info("response %s recorded once the database answered", self.id)
-            return
 
     async def _settle(self, status: str) -> None:
         totals = self.totals

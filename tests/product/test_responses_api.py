@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from engine.errors import EngineShutdownError
-from orchestrator import turn as turn_module
+from orchestrator import turn_recorder
 from orchestrator.context import ContextBuilder
 from orchestrator.output_structure import PLAIN_ANSWER
 from orchestrator.store import Repository
@@ -401,7 +401,7 @@ def test_store_failures_are_openai_shaped_5xx(product_server, monkeypatch):
 def test_a_running_turn_checkpoints_its_output(product_server, monkeypatch):
     """While a turn runs, its output as it stands reaches the database every few seconds
     (what a crash would keep), and the final record replaces it."""
-    monkeypatch.setattr(turn_module, "CHECKPOINT_S", 0.05)
+    monkeypatch.setattr(turn_recorder, "CHECKPOINT_S", 0.05)
     engine = FakeEngine(reply="Noted, and more.")
     engine.hold.clear()  # generation pauses after the first token
     server = product_server(engine)
@@ -430,7 +430,7 @@ def test_a_running_turn_checkpoints_its_output(product_server, monkeypatch):
 def test_a_running_turn_checkpoints_its_usage_which_settling_replaces(product_server, monkeypatch):
     """The usage so far (the running generation's prompt and tokens) is written as the
     turn runs, for a crash to leave a usage row; the settlement replaces it with the row."""
-    monkeypatch.setattr(turn_module, "CHECKPOINT_S", 0.05)
+    monkeypatch.setattr(turn_recorder, "CHECKPOINT_S", 0.05)
     engine = FakeEngine(reply="Noted, and more.")
     engine.hold.clear()
     server = product_server(engine)
