@@ -3,8 +3,9 @@
 A turn runs as its own task, apart from the HTTP request that started it: it records
 the response as `in_progress` (its writes: `TurnRecorder`, orchestrator/turn_recorder.py),
 feeds the engine's tokens through the tool-call parser into `ResponseEvents`, and
-records the final state once generation ends, however it ends: completed, cut by max_output_tokens, cancelled, or stopped because the client went
-away (then `incomplete`, with the text generated so far). Because the final write
+records the final state once generation ends, however it ends: completed, cut by
+max_output_tokens, cancelled, or stopped because the client went away (then
+`incomplete`, with the text generated so far). Because the final write
 happens in the turn's own task, a client that disconnects cannot interrupt it. The
 final event is sent only after that write commits, so a client that saw
 `response.completed` can always read the response back.
