@@ -259,12 +259,20 @@ class ContextBuilder:
         total = fixed + sum(sizes)
         if total <= limit:
             return 0
-        hopeless = fixed > limit  # truncation cannot help: it never drops these
+        # Truncation cannot help beyond the latest cut: it never drops the instructions,
+        # the input, nor the turn of a call the input answers.
+        latest = cuts[-1] if cuts else 0
+        least = fixed + sum(sizes[latest:])
+        hopeless = least > limit
         if not truncate or hopeless:
-            what = "instructions and input" if hopeless else "instructions, history and input"
+            what = "instructions, history and input"
+            if hopeless:
+                what = "instructions and input" + (
+                    "" if latest == len(items) else " with the turns of the calls it answers"
+                )
             raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens, and "
-                f"this response's {what} have {fixed if hopeless else total} characters, "
+                f"this response's {what} have {least if hopeless else total} characters, "
                 f"more than {limit} could ever fit. Shorten the input"
                 + ("." if hopeless else ' or set truncation to "auto".'),
                 param="input",

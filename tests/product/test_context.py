@@ -305,6 +305,20 @@ def test_auto_truncation_keeps_the_call_this_turns_output_answers(tok):
     assert info.value.code == "context_length_exceeded"
 
 
+def test_a_call_answered_past_megabytes_of_history_is_refused_before_any_render(tok):
+    """The input answers a call with megabytes of history after it (items a client
+    appended): truncation may not drop the call's turn, so no cut can make the prompt fit,
+    and that is a 400 at once, before rendering the megabytes."""
+    counting = _Counting(tok)
+    builder = ContextBuilder(counting, 2048)
+    turns = [user("Look it up."), _call("call_9")]
+    for i in range(200):
+        turns += [user(f"Question {i}: " + "many words " * 300), assistant(f"Answer {i}.")]
+    with pytest.raises(InvalidRequestError, match="calls it answers") as info:
+        builder.build(None, History(turns, None), [_output("call_9", "42")], ToolConfig(), 50, True)
+    assert info.value.code == "context_length_exceeded" and counting.renders == 0
+
+
 def _call_answered_a_turn_later() -> list[dict]:
     """A history whose call (call_1) is answered only after the next user message."""
     return [
