@@ -105,21 +105,22 @@ _REFUSED = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 # RFC 5987's extended parameter in a part's Content-Disposition:
-# `filename*=charset'language'percent-encoded-bytes`.
-_EXTENDED_FILENAME = re.compile(r";\s*filename\*\s*=\s*([^;\s]+)", re.IGNORECASE)
+# `filename*=charset'language'percent-encoded-bytes` (the charset and the bytes captured).
+_EXTENDED_FILENAME = re.compile(
+    r";\s*filename\*\s*=\s*\"?([^'\";\s]*)'[^'\";\s]*'([^\";\s]+)", re.IGNORECASE
+)
 
 
 def _extended_filename(upload: UploadFile) -> str | None:
-    """The name in the part's `filename*` (RFC 5987), or None when it has none or it does
-    not decode. The multipart parser ignores that parameter (RFC 7578 forbids it in
-    forms), but .NET's HttpClient, and so OpenAI's .NET SDK, sends a name outside ASCII
-    there, beside a `filename` holding a MIME encoded word (`=?utf-8?B?...?=`); RFC 6266
-    has a recipient prefer `filename*`."""
+    """The name in the part's `filename*` (RFC 5987), or None when it has none, one not of
+    that form, or one that does not decode. The multipart parser ignores that parameter
+    (RFC 7578 forbids it in forms), but .NET's HttpClient, and so OpenAI's .NET SDK, sends
+    a name outside ASCII there, beside a `filename` holding a MIME encoded word
+    (`=?utf-8?B?...?=`); RFC 6266 has a recipient prefer `filename*`."""
     match = _EXTENDED_FILENAME.search(upload.headers.get("content-disposition", ""))
-    if match is None:
+    if match is None:  # none, or not of that form (no charset and language, no name)
         return None
-    charset, _, rest = match.group(1).strip('"').partition("'")
-    encoded = rest.partition("'")[2]
+    charset, encoded = match.groups()
     try:
         return unquote(encoded, encoding=charset, errors="strict")
     except (LookupError, UnicodeDecodeError):

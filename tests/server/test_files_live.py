@@ -229,6 +229,10 @@ def test_a_name_outside_ascii_is_kept_from_filename_or_filename_star(client, liv
     assert client.files.retrieve(dotnet.json()["id"]).filename == name
     undecodable = upload("form-data; name=file; filename=plain.txt; filename*=utf-8''%FF.txt")
     assert undecodable.json()["filename"] == "plain.txt"
+    # Not of RFC 5987's form (no name after charset'language', no charset): `filename`.
+    for malformed in ("utf-8''", "plain-name.txt", "utf-8'plain-name.txt"):
+        got = upload(f"form-data; name=file; filename=plain.txt; filename*={malformed}")
+        assert got.status_code == 200 and got.json()["filename"] == "plain.txt", got.text
 
 
 def test_the_store_indexes_supported_files_and_fails_the_rest(client, uploaded, vector_store):
