@@ -141,7 +141,8 @@ class ResponseService:
         params = self._params(owner, request)
         tools = await self._tools(owner, request)
         config = request.tool_config(function_tools(tools.declarations))
-        # A bad schema is the client's error, before any output (in a thread: see `_model_turn`).
+        # A bad schema is the client's error, before any output; in a thread, as the turn
+        # builds its structures (`Turn._model_turn`): a large schema's grammar takes a while.
         await asyncio.to_thread(model_turn_structure, request, config, tools)
         check_json_mention(request, history)
         prompt = await self._first_prompt(request, history, input_items, config)
