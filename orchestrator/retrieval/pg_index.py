@@ -144,8 +144,8 @@ def unavailable_reason(conn: Connection) -> str | None:
 def _upgrade_keywords(conn: Connection) -> None:
     """Turn an older table's generated `tsv` and `tsv_length` into plain columns and
     write them again for the chunks whose `keyword_text` is not their text (those with
-    CJK), which the older index held as whole sentences. The table is locked first, so
-    servers starting together upgrade it once; the others then find it current."""
+    CJK), which the older index held as whole sentences. The table is locked first, so no
+    insert lands while its rows are rewritten."""
     conn.exec_driver_sql("LOCK TABLE retrieval_chunks IN SHARE ROW EXCLUSIVE MODE")
     if conn.execute(_GENERATED_TSV).first() is None:
         return

@@ -27,6 +27,10 @@ def advisory_key(*parts: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+# The schema's key: migrations, and the PostgreSQL retrieval index's creation, run under it.
+MIGRATION_LOCK = advisory_key("migrate")
+
+
 def claim_key(owner: str, vector_store_id: str, file_id: str) -> int:
     """The key of one file of one store."""
     return advisory_key("ingest", owner, vector_store_id, file_id)

@@ -24,6 +24,7 @@ from orchestrator.retrieval.index import (
     SearchRequest,
     SqliteIndex,
 )
+from orchestrator.store.advisory_claims import MIGRATION_LOCK
 from orchestrator.store.repository import ItemPage, Page, Repository, _page, delete_owned
 from orchestrator.store.tables import (
     file_blobs,
@@ -67,6 +68,10 @@ def prepare_index(repo: Repository) -> str | None:
     index = pg_index.PgIndex()
     try:
         with repo.engine.begin() as conn:
+            # Servers sharing the database may start together: under the migrations' lock
+            # they make or upgrade the index one after another, where two at once collide
+            # (CREATE EXTENSION IF NOT EXISTS is not atomic) or deadlock on the table's locks.
+            conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
             index.create_schema(conn)
     except DBAPIError as exc:
         return f"creating the pgvector index failed: {str(exc.orig).strip()}"

@@ -27,14 +27,13 @@ from sqlalchemy import Engine, create_engine, event, func, make_url, select
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from orchestrator.retrieval.index import prepare_sqlite_connection, sqlite_module
-from orchestrator.store.advisory_claims import advisory_key
+from orchestrator.store.advisory_claims import MIGRATION_LOCK
 from orchestrator.store.repository import Repository
 from orchestrator.store.servers import ServerLock
 
 T = TypeVar("T")
 log = logging.getLogger("tokenmill")
 MIGRATIONS = Path(__file__).with_name("migrations")
-MIGRATION_LOCK = advisory_key("migrate")  # the advisory-lock key migrations run under
 
 
 def data_folder(data_dir: str | Path) -> Path:

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator.errors import NotFoundError
+from orchestrator.retrieval import pg_index
 from orchestrator.retrieval.index import (
     VECTOR_CHUNK,
     SearchRequest,
@@ -842,3 +843,33 @@ def test_upgrading_a_store_finds_cjk_words_in_chunks_indexed_before(database_url
         assert found("首都") == []
     finally:
         store.close()
+
+
+def test_servers_starting_together_upgrade_an_older_index_once(postgres, monkeypatch):
+    """Two servers start at once on a database whose PostgreSQL index an older version
+    made: both get the index, one after the other, rather than one deadlocking with the
+    other on the table's locks and serving no vector stores."""
+    url = postgres.create_database()
+    _older_text_index(url)
+    upgrade = pg_index._upgrade_keywords
+    both_there = threading.Barrier(2)
+
+    def meet_then_upgrade(conn: Connection) -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):  # the other one waits
+            both_there.wait(timeout=3)
+        upgrade(conn)
+
+    monkeypatch.setattr(pg_index, "_upgrade_keywords", meet_then_upgrade)
+    stores = [Store(url), Store(url)]
+    reasons: list[str | None] = []
+    threads = [
+        threading.Thread(target=lambda s=s: reasons.append(kb.prepare_index(s.repo)))
+        for s in stores
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for store in stores:
+        store.close()
+    assert reasons == [None, None]
