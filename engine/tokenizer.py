@@ -282,11 +282,7 @@ class Tokenizer:
         `continue_final_message` ends the text at the last message's content (as
         transformers does), so the model goes on with that message rather than a new one.
         """
-        if continue_final_message and add_generation_prompt:
-            raise ValueError(
-                "continue_final_message and add_generation_prompt cannot both be set: the "
-                "first continues the last message, the second opens a new assistant turn"
-            )
+        check_turn_options(add_generation_prompt, continue_final_message)
         if self._template is None:
             raise ValueError(
                 "this model has no chat template (none in tokenizer_config.json, "
@@ -471,6 +467,42 @@ def _ids(value: Any) -> list[int]:
     return [value] if isinstance(value, int) else [int(v) for v in value]
 
 
+class ChatTemplateOptionError(ValueError):
+    """A chat-template option set wrongly; `param` names what the caller passed it as (the
+    option's own name, or `chat_template_kwargs` for a template variable), for the
+    server's 400 and for the message."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_turn_options(
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    names: tuple[str, str] = ("add_generation_prompt", "continue_final_message"),
+) -> None:
+    """The one rule on how the rendered chat ends: continuing the last message and opening
+    a new assistant turn exclude each other. `names` are what the caller passed the two
+    as; the error's `param` is a template variable's source if one set them, else the
+    continue option (the one that asks for something other than the default)."""
+    if not (add_generation_prompt and continue_final_message):
+        return
+    add, extend = names
+    dotted = [name for name in (extend, add) if "." in name]
+    raise ChatTemplateOptionError(
+        f"{extend} and {add} cannot both be true: the first continues the last message, "
+        "the second opens a new assistant turn",
+        _field(dotted[0] if dotted else extend),
+    )
+
+
+def _field(name: str) -> str:
+    """The argument an option's `name` was passed in: `chat_template_kwargs.x` was in
+    chat_template_kwargs, a bare name was its own."""
+    return name.split(".")[0]
+
+
 def chat_template_options(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
@@ -480,23 +512,28 @@ def chat_template_options(
     """The keyword arguments of `Tokenizer.apply_chat_template` for vLLM's chat options
     (`LLM.chat`, the chat completions route): `chat_template_kwargs` are template
     variables (`{"enable_thinking": False}`) that override the named options, as vLLM
-    merges them. A ValueError names chat_template_kwargs when it is not a dict keyed by
-    names, sets the messages or `self`, or sets either option to anything but a boolean
-    or both to true (the checks the named options get: a template tests them for truth,
-    so "no" would open a turn)."""
+    merges them. A ChatTemplateOptionError (a ValueError) names chat_template_kwargs
+    when it is not a dict keyed by names or sets the messages or `self`; and names where
+    each option came from when one is anything but a boolean (a template tests them for
+    truth, so "no" would open a turn) or both are true."""
     if chat_template_kwargs is None:
         chat_template_kwargs = {}
     if not isinstance(chat_template_kwargs, dict) or not all(
         isinstance(k, str) for k in chat_template_kwargs
     ):
-        raise ValueError(
-            f"chat_template_kwargs must be a dict keyed by names, got {chat_template_kwargs!r}"
+        raise ChatTemplateOptionError(
+            f"chat_template_kwargs must be a dict keyed by names, got {chat_template_kwargs!r}",
+            "chat_template_kwargs",
         )
     if "messages" in chat_template_kwargs:
-        raise ValueError("chat_template_kwargs must not set 'messages': pass the conversation")
+        raise ChatTemplateOptionError(
+            "chat_template_kwargs must not set 'messages': pass the conversation",
+            "chat_template_kwargs",
+        )
     if "self" in chat_template_kwargs:  # also the rendering methods' own first parameter
-        raise ValueError(
-            "chat_template_kwargs must not set 'self': in a template it names the template"
+        raise ChatTemplateOptionError(
+            "chat_template_kwargs must not set 'self': in a template it names the template",
+            "chat_template_kwargs",
         )
     options = {
         "add_generation_prompt": add_generation_prompt,
@@ -504,17 +541,14 @@ def chat_template_options(
         "tools": tools,
         **chat_template_kwargs,
     }
-    for name in ("add_generation_prompt", "continue_final_message"):
-        if not isinstance(options[name], bool):
-            raise ValueError(
-                f"chat_template_kwargs.{name} must be a boolean, got {options[name]!r}"
+    keys = ("add_generation_prompt", "continue_final_message")
+    add, extend = (f"chat_template_kwargs.{k}" if k in chat_template_kwargs else k for k in keys)
+    for key, name in zip(keys, (add, extend), strict=True):
+        if not isinstance(options[key], bool):
+            raise ChatTemplateOptionError(
+                f"{name} must be a boolean, got {options[key]!r}", _field(name)
             )
-    if options["add_generation_prompt"] and options["continue_final_message"]:
-        raise ValueError(
-            "chat_template_kwargs: continue_final_message and add_generation_prompt cannot "
-            "both be true: the first continues the last message, the second opens a new "
-            "assistant turn"
-        )
+    check_turn_options(options[keys[0]], options[keys[1]], (add, extend))
     return options
 
 

@@ -22,7 +22,7 @@ import json
 import re
 from typing import Any
 
-from engine.tokenizer import chat_template_options
+from engine.tokenizer import ChatTemplateOptionError, chat_template_options
 from orchestrator.chat_types import (
     ChatRequest,
     CompletionRequest,
@@ -438,20 +438,15 @@ def _rendering(body: dict, messages: list[Message]) -> dict[str, Any]:
     `continue_final_message` (default false: true goes on with the last message, an
     assistant's, instead of opening a turn, so the two cannot both be true) and
     `chat_template_kwargs` (template variables, which override the other two and are
-    checked as they are)."""
+    checked as they are). The engine's `chat_template_options` owns those rules; its
+    error's `param` is the field the client sent the bad value in."""
     add = typed_field(body, "add_generation_prompt", "a boolean", True)
     extend = typed_field(body, "continue_final_message", "a boolean", False)
     kwargs = typed_field(body, "chat_template_kwargs", "an object", {})
-    if add and extend:
-        raise invalid(
-            "continue_final_message and add_generation_prompt cannot both be true: the first "
-            "continues the last message, the second opens a new assistant turn",
-            "continue_final_message",
-        )
     try:
         options = chat_template_options(add, extend, None, kwargs)
-    except ValueError as exc:
-        raise invalid(str(exc), "chat_template_kwargs") from None
+    except ChatTemplateOptionError as exc:
+        raise invalid(str(exc), exc.param) from None
     final = messages[-1]
     if options["continue_final_message"] and (
         final.role != "assistant" or not (final.content or "").strip()

@@ -19,7 +19,7 @@ from engine.config import UnsupportedModelError
 from engine.errors import ContextLengthExceededError
 from engine.loader.gguf import read_gguf
 from engine.loader.resolve import resolve_model
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import ChatTemplateOptionError, Tokenizer, chat_template_options
 
 TEXTS = [
     "Hello world",
@@ -96,6 +96,41 @@ def test_continue_final_message_matches_transformers(tok, hf_tok, final):
     )
     with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt"):
         tok.apply_chat_template(messages, continue_final_message=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "param"),
+    [
+        (
+            (True, True),
+            "continue_final_message and add_generation_prompt cannot both be true",
+            "continue_final_message",
+        ),
+        (
+            (True, False, None, {"continue_final_message": True}),
+            "chat_template_kwargs.continue_final_message and add_generation_prompt cannot",
+            "chat_template_kwargs",
+        ),
+        (
+            (False, True, None, {"add_generation_prompt": True}),
+            "continue_final_message and chat_template_kwargs.add_generation_prompt cannot",
+            "chat_template_kwargs",
+        ),
+        (("no",), "add_generation_prompt must be a boolean", "add_generation_prompt"),
+        (
+            (True, False, None, {"continue_final_message": 1}),
+            "chat_template_kwargs.continue_final_message must be a boolean",
+            "chat_template_kwargs",
+        ),
+        ((True, False, None, {"self": 1}), "must not set 'self'", "chat_template_kwargs"),
+    ],
+)
+def test_chat_template_options_name_what_the_caller_passed(args, message, param):
+    """An option passed as an argument is named as one, a template variable as a key of
+    chat_template_kwargs; `param` is the argument to fix (the server's 400 names it)."""
+    with pytest.raises(ChatTemplateOptionError, match=message) as caught:
+        chat_template_options(*args)
+    assert caught.value.param == param
 
 
 def test_continue_final_message_needs_the_template_to_keep_it():

@@ -391,6 +391,11 @@ def test_vllm_chat_template_options_are_checked(serve):
         ({"chat_template_kwargs": {"add_generation_prompt": "no"}}, "chat_template_kwargs"),
     ):
         assert_error(chat(server, **body), 400, param)
+    # the message names the option as the client sent it
+    both = chat(server, messages=started, chat_template_kwargs={"continue_final_message": True})
+    assert assert_error(both, 400, "chat_template_kwargs")["message"].startswith(
+        "chat_template_kwargs.continue_final_message and add_generation_prompt cannot"
+    )
     assert server.engine.params == []
 
 
