@@ -141,24 +141,32 @@ def _cuts(items: list[dict], input_items: list[dict]) -> list[int]:
     after the cut (in the history or this turn's input) answers a call before it. A call
     and its output are kept or dropped together: the model never reads a result without
     the call that asked for it (nor the question of a turn the input continues)."""
-    called = {
-        item["call_id"]: i for i, item in enumerate(items) if item.get("type") == "function_call"
-    }
-    answered = [
-        called.get(item["call_id"], len(items))
-        for item in input_items
-        if item.get("type") == "function_call_output"
-    ]
-    earliest = min(answered, default=len(items))  # of the calls answered after the cut
+    answers = _answered_calls([*items, *input_items])
+    # the earliest call answered after the cut, at first by this turn's input
+    earliest = min([len(items), *(call for out, call in answers.items() if out >= len(items))])
     cuts = [len(items)] if earliest == len(items) else []
     for i in range(len(items) - 1, -1, -1):
         item = items[i]
         kind = item.get("type", "message")
         if kind == "function_call_output":
-            earliest = min(earliest, called.get(item["call_id"], i))
+            earliest = min(earliest, answers[i])
         elif kind == "message" and item.get("role") == "user" and earliest >= i:
             cuts.append(i)
     return cuts[::-1]
+
+
+def _answered_calls(items: list[dict]) -> dict[int, int]:
+    """Each function_call_output's index -> the index of the call it answers: the latest
+    function_call with its call_id before it (a client-built history may reuse an id in
+    two turns), or its own index when none is."""
+    latest: dict[str, int] = {}
+    answers = {}
+    for i, item in enumerate(items):
+        if item.get("type") == "function_call":
+            latest[item["call_id"]] = i
+        elif item.get("type") == "function_call_output":
+            answers[i] = latest.get(item["call_id"], i)
+    return answers
 
 
 class ContextBuilder:

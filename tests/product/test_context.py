@@ -343,6 +343,29 @@ def test_auto_truncation_never_parts_a_call_from_its_output_in_the_history(tok):
     assert ("Look it up:" in text) == ("42" in text)
 
 
+def test_an_output_answers_the_latest_call_of_its_id_before_it(tok):
+    """A client-built history that reuses a call id in a later turn: each output answers
+    the call of that id just before it, so the history is not cut between the first call
+    and its output (the later call of the same id does not stand in for it)."""
+    history = [
+        user("Look it up: " + "words " * 300),
+        _call("call_1"),
+        user("And also this: " + "words " * 10),
+        _output("call_1", "42"),
+        assistant("It is 42."),
+        user("Again."),
+        _call("call_1"),
+        _output("call_1", "7"),
+        assistant("It is 7."),
+    ]
+    prompt = ContextBuilder(tok, 600).build(
+        None, History(history, None), [user("Thanks")], ToolConfig(), 20, True
+    )
+    text = tok.decode(prompt.token_ids, False)
+    assert prompt.dropped_items == 5  # "And also this" (item 2) would fit, but parts call_1
+    assert "42" not in text and "It is 7." in text
+
+
 def _chat(builder: ContextBuilder, tok: Tokenizer, questions: list[str]) -> list:
     """A conversation of `questions` with truncation "auto", each turn's history the last
     one's with its input and reply appended, and the last prompt's tokens and start kept
