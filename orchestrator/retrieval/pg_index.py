@@ -21,8 +21,9 @@ it: they are columns of the row.
 The schema needs the `vector` extension: `create_schema` runs `CREATE EXTENSION IF NOT
 EXISTS vector` (a superuser's right, unless it exists already) and creates the table and
 indexes if missing; a table of an older version, whose `tsv` PostgreSQL generated from the
-raw text, is brought to this form there (`_upgrade_keywords`); `unavailable_reason` says
-why PostgreSQL cannot hold the index.
+raw text, is brought to this form there (`_upgrade_keywords`), and chunks an older server
+stored afterwards without a `tsv` get theirs (`_repair_keywords`); `unavailable_reason`
+says why PostgreSQL cannot hold the index.
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ _DDL = (
     "CREATE INDEX IF NOT EXISTS ix_retrieval_chunks_file "
     "ON retrieval_chunks (vector_store_id, file_id)",
     "CREATE INDEX IF NOT EXISTS ix_retrieval_chunks_tsv ON retrieval_chunks USING gin (tsv)",
+    # Empty but for the chunks a server of an older version wrote without a `tsv`, so
+    # finding those at start-up costs nothing when there are none.
+    "CREATE INDEX IF NOT EXISTS ix_retrieval_chunks_unindexed "
+    "ON retrieval_chunks (id) WHERE tsv IS NULL",
 )
 _INSERT = text(
     "INSERT INTO retrieval_chunks (owner_id, vector_store_id, file_id, filename, chunk_index, "
@@ -122,6 +127,8 @@ _REINDEX = text(
     "UPDATE retrieval_chunks SET tsv = terms.tsv, tsv_length = length(terms.tsv) "
     "FROM (SELECT to_tsvector('english', CAST(:terms AS text)) AS tsv) AS terms WHERE id = :id"
 )
+_LOCK = "LOCK TABLE retrieval_chunks IN SHARE ROW EXCLUSIVE MODE"
+_UNINDEXED = "SELECT id, text FROM retrieval_chunks WHERE tsv IS NULL"
 _EMBEDDING = literal_column("embedding")
 BM25_K1, BM25_B = 1.2, 0.75  # FTS5's bm25() defaults
 _TSV = literal_column("retrieval_chunks.tsv")
@@ -146,21 +153,37 @@ def _upgrade_keywords(conn: Connection) -> None:
     write them again for the chunks whose `keyword_text` is not their text (those with
     CJK), which the older index held as whole sentences. The table is locked first, so no
     insert lands while its rows are rewritten."""
-    conn.exec_driver_sql("LOCK TABLE retrieval_chunks IN SHARE ROW EXCLUSIVE MODE")
+    conn.exec_driver_sql(_LOCK)
     if conn.execute(_GENERATED_TSV).first() is None:
         return
     conn.exec_driver_sql(
         "ALTER TABLE retrieval_chunks ALTER COLUMN tsv DROP EXPRESSION, "
         "ALTER COLUMN tsv_length DROP EXPRESSION"
     )
-    rows = conn.exec_driver_sql(
-        "SELECT id, text FROM retrieval_chunks", execution_options={"yield_per": 1000}
-    )
+    _write_keywords(conn, "SELECT id, text FROM retrieval_chunks", only_changed=True)
+
+
+def _repair_keywords(conn: Connection) -> None:
+    """Write `tsv` and `tsv_length` for the chunks stored without them: a server of an
+    older version, still running after the table was upgraded (a rolling upgrade), inserts
+    chunks whose plain `tsv` stays NULL, which text search never finds. Under the upgrade's
+    table lock, so no insert lands while they are written."""
+    if conn.exec_driver_sql(f"{_UNINDEXED} LIMIT 1").first() is None:
+        return
+    conn.exec_driver_sql(_LOCK)
+    _write_keywords(conn, _UNINDEXED, only_changed=False)
+
+
+def _write_keywords(conn: Connection, rows_sql: str, *, only_changed: bool) -> None:
+    """Write `tsv` and `tsv_length` from `keyword_text` for the chunks (`id`, `text`) that
+    `rows_sql` selects, 1000 at a time; `only_changed` skips those whose keyword text is
+    their text (an older table's generated `tsv` already holds theirs)."""
+    rows = conn.exec_driver_sql(rows_sql, execution_options={"yield_per": 1000})
     for batch in rows.partitions():
         changed = [
             {"id": row.id, "terms": terms}
             for row in batch
-            if (terms := keyword_text(row.text)) != row.text
+            if (terms := keyword_text(row.text)) != row.text or not only_changed
         ]
         if changed:
             conn.execute(_REINDEX, changed)
@@ -174,6 +197,7 @@ class PgIndex(ChunkTableIndex):
             conn.exec_driver_sql(statement.format(dimensions=self.dimensions))
         if conn.execute(_GENERATED_TSV).first() is not None:
             _upgrade_keywords(conn)
+        _repair_keywords(conn)
 
     def json_attributes(self) -> JsonAttributes:
         return PgJsonAttributes(self.table.c.attributes)

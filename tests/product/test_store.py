@@ -802,22 +802,35 @@ def _older_text_index(url: str) -> None:
             for trigger in ("retrieval_chunks_ai", "retrieval_chunks_ad", "retrieval_chunks_au"):
                 conn.exec_driver_sql(f"DROP TRIGGER {trigger}")
             conn.exec_driver_sql("DROP TABLE retrieval_chunks_fts")
-            statements, attributes = _RAW_TEXT_FTS, "'{}'"
+            statements = _RAW_TEXT_FTS
         else:
-            statements, attributes = _GENERATED_TSV_TABLE, "CAST('{}' AS jsonb)"
+            statements = _GENERATED_TSV_TABLE
         for statement in statements:
             conn.exec_driver_sql(statement)
-        extra = "" if conn.dialect.name == "sqlite" else ", embedding"
-        vector = "" if conn.dialect.name == "sqlite" else ", CAST(:vector AS vector)"
         for file_id, chunk in _OLD_CHUNKS.items():
-            conn.execute(
-                text(
-                    "INSERT INTO retrieval_chunks (owner_id, vector_store_id, file_id, "
-                    f"filename, chunk_index, text, attributes{extra}) VALUES ('a', 'vs_a', "
-                    f":file_id, 'f.txt', 0, :text, {attributes}{vector})"
-                ),
-                {"file_id": file_id, "text": chunk, "vector": str([0.05] * 384)},
-            )
+            _insert_as_older_code(conn, file_id, chunk)
+
+
+def _insert_as_older_code(conn: Connection, file_id: str, chunk: str) -> None:
+    """A chunk of store `vs_a` (owner `a`) inserted as the code before revision 0012 did:
+    its text index written by the database (FTS5 triggers, PostgreSQL's generated `tsv`)."""
+    extra = "" if conn.dialect.name == "sqlite" else ", embedding"
+    vector = "" if conn.dialect.name == "sqlite" else ", CAST(:vector AS vector)"
+    attributes = "'{}'" if conn.dialect.name == "sqlite" else "CAST('{}' AS jsonb)"
+    conn.execute(
+        text(
+            "INSERT INTO retrieval_chunks (owner_id, vector_store_id, file_id, "
+            f"filename, chunk_index, text, attributes{extra}) VALUES ('a', 'vs_a', "
+            f":file_id, 'f.txt', 0, :text, {attributes}{vector})"
+        ),
+        {"file_id": file_id, "text": chunk, "vector": str([0.05] * 384)},
+    )
+
+
+def _found_by_text(store: Store, query: str) -> list[str]:
+    """The files of store `vs_a` (owner `a`) whose chunks a text search for `query` finds."""
+    request = SearchRequest(("vs_a",), query, np.zeros(384, np.float32), mode="text")
+    return sorted(h.file_id for h in kb.search(store.repo, "a", request))
 
 
 def test_upgrading_a_store_finds_cjk_words_in_chunks_indexed_before(database_url):
@@ -828,19 +841,14 @@ def test_upgrading_a_store_finds_cjk_words_in_chunks_indexed_before(database_url
     store = Store(database_url)
     try:
         assert kb.prepare_index(store.repo) is None
-
-        def found(query: str) -> list[str]:
-            request = SearchRequest(("vs_a",), query, np.zeros(384, np.float32), mode="text")
-            return [h.file_id for h in kb.search(store.repo, "a", request)]
-
-        assert [found(q) for q in ("首都", "日本", "kittens")] == [
+        assert [_found_by_text(store, q) for q in ("首都", "日本", "kittens")] == [
             ["file_zh"],
             ["file_ja"],
             ["file_en"],
         ]
         with store.engine.begin() as conn:
             assert kb.index_for(store.repo).delete_file(conn, "a", "vs_a", "file_zh") == 1
-        assert found("首都") == []
+        assert _found_by_text(store, "首都") == []
     finally:
         store.close()
 
@@ -873,3 +881,26 @@ def test_servers_starting_together_upgrade_an_older_index_once(postgres, monkeyp
     for store in stores:
         store.close()
     assert reasons == [None, None]
+
+
+def test_chunks_an_older_server_stores_after_the_upgrade_are_indexed_at_the_next_start(postgres):
+    """A rolling upgrade on PostgreSQL: a server of the older version, still running after
+    a new one upgraded the index, stores chunks without a `tsv`. The next new server to
+    start writes it from their keyword text, so they are found by text, CJK words too."""
+    url = postgres.create_database()
+    _older_text_index(url)
+    store = Store(url)
+    try:
+        assert kb.prepare_index(store.repo) is None
+        with store.engine.begin() as conn:
+            _insert_as_older_code(conn, "file_zh_late", "上海是中国最大的城市。")
+            _insert_as_older_code(conn, "file_en_late", "A grey kitten chases the ball.")
+        assert _found_by_text(store, "上海") == []
+        assert kb.prepare_index(store.repo) is None
+        assert _found_by_text(store, "上海") == ["file_zh_late"]
+        assert _found_by_text(store, "kittens") == ["file_en", "file_en_late"]
+        with store.engine.connect() as conn:
+            unindexed = "SELECT count(*) FROM retrieval_chunks WHERE tsv_length IS NULL"
+            assert conn.exec_driver_sql(unindexed).scalar_one() == 0
+    finally:
+        store.close()
