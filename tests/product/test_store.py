@@ -497,16 +497,17 @@ def test_one_server_holds_a_data_directory(tmp_path):
 
 
 @contextlib.contextmanager
-def _at_revision(url: str, revision: str) -> Iterator[Connection]:
-    """A connection to a store migrated only to `revision`, as an older version left it,
-    to fill with that version's rows (committed on exit)."""
+def _at_revision(url: str, revision: str, migrate=command.upgrade) -> Iterator[Connection]:
+    """A connection to a store migrated only to `revision` (or back to it, `migrate`
+    command.downgrade), as an older version left it, to fill with that version's rows
+    (committed on exit)."""
     engine = create_db_engine(url)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     try:
         with engine.begin() as conn:
             config.attributes["connection"] = conn
-            command.upgrade(config, revision)
+            migrate(config, revision)
             yield conn
     finally:
         engine.dispose()
@@ -902,5 +903,27 @@ def test_chunks_an_older_server_stores_after_the_upgrade_are_indexed_at_the_next
         with store.engine.connect() as conn:
             unindexed = "SELECT count(*) FROM retrieval_chunks WHERE tsv_length IS NULL"
             assert conn.exec_driver_sql(unindexed).scalar_one() == 0
+    finally:
+        store.close()
+
+
+def test_downgrading_below_0012_gives_the_older_code_a_tsv_postgresql_writes(postgres):
+    """Back at revision 0011 the older code inserts no `tsv` on PostgreSQL: the downgrade
+    makes it generated from the raw text again, so the chunks the older code stores are
+    found by text; upgrading once more makes it this code's again."""
+    url = postgres.create_database()
+    store = Store(url)
+    assert kb.prepare_index(store.repo) is None
+    store.close()
+    with _at_revision(url, "0011", migrate=command.downgrade) as conn:
+        _insert_as_older_code(conn, "file_en", "A small kitten naps on the rug.")
+        _insert_as_older_code(conn, "file_ja", "富士山は日本で最も高い山です。")
+        written = "SELECT count(*) FROM retrieval_chunks WHERE tsv_length IS NOT NULL"
+        assert conn.exec_driver_sql(written).scalar_one() == 2
+    store = Store(url)
+    try:
+        assert kb.prepare_index(store.repo) is None
+        assert _found_by_text(store, "kittens") == ["file_en"]
+        assert _found_by_text(store, "日本") == ["file_ja"]
     finally:
         store.close()
