@@ -51,14 +51,26 @@ function defaults() {
   }
 }
 
+const DEFAULT_OUTPUT_TOKENS = 1024;
+
+// A new chat's max output tokens, unless one was saved: 1024, or a quarter of the model's
+// window when that is smaller. The window holds the prompt and the output together: 1024
+// of 1024 would refuse every message, and half of it would leave a prompt no room for the
+// last answer of that length (truncation drops it, and the model forgets what it just said).
+function defaultOutputTokens(model) {
+  const size = state.windows.get(model);
+  return size ? Math.min(DEFAULT_OUTPUT_TOKENS, Math.floor(size / 4)) : DEFAULT_OUTPUT_TOKENS;
+}
+
 function freshMeta() {
   const saved = defaults();
+  const model = saved.model || state.models[0] || "";
   return {
     title: "", instructions: saved.instructions || "", leaf: null, leaves: [], vectorStore: null,
     settings: {
-      model: saved.model || state.models[0] || "",
+      model,
       temperature: saved.temperature ?? 0.7,
-      max_output_tokens: saved.max_output_tokens ?? 1024,
+      max_output_tokens: saved.max_output_tokens ?? defaultOutputTokens(model),
     },
   };
 }

@@ -565,6 +565,27 @@ def test_settings_take_any_temperature_and_bound_the_output_tokens(page, api):
     assert not page.locator("#settings").is_visible()
 
 
+def test_a_new_chat_on_a_small_window_leaves_room_for_the_prompt(session):
+    """With no saved settings, the output tokens default to a quarter of a window of 1024
+    (1024 of it would leave no room for a prompt: every message refused; half of it, no
+    room for the last answer beside the next message)."""
+    context, _ = session
+    page = context.new_page()
+    page.add_init_script("localStorage.removeItem('tokenmill.defaults')")
+
+    def small_window(route) -> None:
+        models = route.fetch().json()
+        for model in models["data"]:
+            model["max_model_len"] = 1024
+        route.fulfill(json=models)
+
+    page.route("**/v1/models", small_window)
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#open-settings")
+    assert page.input_value("#max-output-tokens") == "256"
+
+
 def test_rename_search_and_delete_conversations(page, api):
     send(page, "Tell me about zebras.")
     page.click("#new-chat")
