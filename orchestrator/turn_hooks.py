@@ -58,8 +58,11 @@ class Unlimited:
         pass
 
 
-def output_budget(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
-    """What one generation may cost: its prompt plus the most it may generate (its
-    max_tokens, else what the context window leaves)."""
+def output_budget(
+    prompt_tokens: int, max_tokens: int | None, max_model_len: int, n: int = 1
+) -> int:
+    """What one generation may cost, reserved against the quota before it starts: its
+    prompt once, plus the most each of its `n` sequences may generate (its max_tokens,
+    else what the context window leaves)."""
     most = max_model_len - prompt_tokens if max_tokens is None else max_tokens
-    return prompt_tokens + max(most, 0)
+    return prompt_tokens + n * max(most, 0)

@@ -28,6 +28,7 @@ from orchestrator.tool_parser import (
     ParsedCall,
     ends_cut,
 )
+from orchestrator.turn_hooks import output_budget
 from server.disconnect import unless_disconnected
 from server.errors import invalid
 from server.generation import (
@@ -42,7 +43,6 @@ from server.generation import (
     make_sampling_params,
     merge,
     metered_stream,
-    reservation,
     usage,
     window_error,
 )
@@ -103,7 +103,7 @@ async def create_chat_completion(
         params = _default_max_tokens(state, params, len(prompt_ids))
         max_len = state.engine.max_model_len
         check_context(len(prompt_ids), params.max_tokens, max_len, "messages")
-        await meter.reserve(reservation(len(prompt_ids), params.max_tokens, params.n, max_len))
+        await meter.reserve(output_budget(len(prompt_ids), params.max_tokens, max_len, params.n))
         header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", model)
         run = ChatRun(state, request, header, [t.name for t in tools], len(prompt_ids))
         outputs = merge([engine_outputs(state, prompt_ids, params, header.id, timer, meter)])

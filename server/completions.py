@@ -16,6 +16,7 @@ from engine.errors import ContextLengthExceededError
 from engine.sampling_params import truncate_prompt
 from orchestrator.accounts import Meter
 from orchestrator.chat_types import CompletionRequest
+from orchestrator.turn_hooks import output_budget
 from server.disconnect import unless_disconnected
 from server.errors import invalid
 from server.generation import (
@@ -30,7 +31,6 @@ from server.generation import (
     make_sampling_params,
     merge,
     metered_stream,
-    reservation,
     usage,
     window_error,
 )
@@ -145,7 +145,7 @@ async def create_completion(
         for ids in prompts:
             check_context(len(ids), completion, max_len, "prompt")
         await meter.reserve(
-            sum(reservation(len(ids), params.max_tokens, params.n, max_len) for ids in prompts)
+            sum(output_budget(len(ids), params.max_tokens, max_len, params.n) for ids in prompts)
         )
         header = ResponseHeader(f"cmpl-{uuid.uuid4().hex}", model)
         run = CompletionRun(state, request, header, params.n, texts)

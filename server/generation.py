@@ -257,13 +257,6 @@ class ResponseHeader:
         }
 
 
-def reservation(prompt_tokens: int, max_tokens: int | None, n: int, max_model_len: int) -> int:
-    """The most a prompt's `n` sequences may cost: the prompt once, plus each sequence's
-    max_tokens (or what the context window leaves)."""
-    most = max_model_len - prompt_tokens if max_tokens is None else max_tokens
-    return prompt_tokens + n * max(most, 0)
-
-
 async def metered_stream(
     stream: AsyncGenerator[bytes, None], meter: Meter
 ) -> AsyncGenerator[bytes, None]:
