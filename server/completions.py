@@ -142,8 +142,6 @@ async def create_completion(
             params.truncate_prompt_tokens,
         )
         max_len = state.engine.max_model_len
-        for ids in prompts:
-            check_context(len(ids), completion, max_len, "prompt")
         await meter.reserve(
             sum(output_budget(len(ids), params.max_tokens, max_len, params.n) for ids in prompts)
         )
