@@ -35,7 +35,7 @@ from engine.model_runner import ModelRunner, num_kv_blocks
 from engine.output_processor import OutputProcessor
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.sampler import NO_TOKEN, make_generator
-from engine.sampling_params import SamplingParams, _is_int, truncate_prompt
+from engine.sampling_params import SamplingParams, is_int, truncate_prompt
 from engine.scheduler import Scheduler, max_tokens_for
 from engine.sequence import Request, Sequence
 from engine.structured_output import GrammarCompiler, GrammarMasks, accept_token
@@ -166,7 +166,7 @@ class LLMEngine:
         if not prompt:
             raise ValueError("prompt must not be empty")
         vocab = self.model_config.vocab_size
-        if any(not _is_int(t) or not 0 <= t < vocab for t in prompt):
+        if any(not is_int(t) or not 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         return list(prompt)
 

@@ -45,7 +45,8 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """An integer, not a bool (True is an int to Python, never a token id or a count)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -153,11 +154,11 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
     def _validate(self) -> None:
-        _require(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
+        _require(is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
         self._check_float("temperature", lambda t: t >= 0, ">= 0")
         self._check_float("top_p", lambda p: 0 < p <= 1, "in (0, 1]")
         _require(
-            _is_int(self.top_k) and (self.top_k in (-1, 0) or self.top_k >= 1),
+            is_int(self.top_k) and (self.top_k in (-1, 0) or self.top_k >= 1),
             "top_k",
             "-1 or 0 (disabled) or an integer >= 1",
             self.top_k,
@@ -171,7 +172,7 @@ class SamplingParams:
         self._check_float("presence_penalty", lambda p: -2 <= p <= 2, "in [-2, 2]")
         self._check_float("frequency_penalty", lambda p: -2 <= p <= 2, "in [-2, 2]")
         _require(
-            self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+            self.seed is None or (is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
             "seed",
             f"None or an integer in [{SEED_MIN}, {SEED_MAX}]",
             self.seed,
@@ -192,22 +193,22 @@ class SamplingParams:
         for s in self.stop:
             _require(isinstance(s, str) and s != "", "stop", "a list of non-empty strings", s)
         for t in self.stop_token_ids:
-            _require(_is_int(t) and t >= 0, "stop_token_ids", "a list of integers >= 0", t)
+            _require(is_int(t) and t >= 0, "stop_token_ids", "a list of integers >= 0", t)
         for word in self.bad_words or ():
             _require(isinstance(word, str) and word.strip(), "bad_words", BAD_WORDS_RULE, word)
         allowed = self.allowed_token_ids
         if allowed is not None:
             _require(bool(allowed), "allowed_token_ids", ALLOWED_IDS_RULE, allowed)
             for t in allowed:
-                _require(_is_int(t) and t >= 0, "allowed_token_ids", ALLOWED_IDS_RULE, t)
+                _require(is_int(t) and t >= 0, "allowed_token_ids", ALLOWED_IDS_RULE, t)
         _require(
-            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
             "max_tokens",
             "an integer >= 1 or None",
             self.max_tokens,
         )
         _require(
-            _is_int(self.min_tokens) and self.min_tokens >= 0,
+            is_int(self.min_tokens) and self.min_tokens >= 0,
             "min_tokens",
             "an integer >= 0",
             self.min_tokens,
@@ -221,7 +222,7 @@ class SamplingParams:
             )
         keep = self.truncate_prompt_tokens
         _require(
-            keep is None or (_is_int(keep) and (keep == -1 or keep >= 1)),
+            keep is None or (is_int(keep) and (keep == -1 or keep >= 1)),
             "truncate_prompt_tokens",
             "-1 (the context window) or an integer >= 1",
             keep,
@@ -235,7 +236,7 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             lp = getattr(self, name)
             _require(
-                lp is None or (_is_int(lp) and 0 <= lp <= MAX_LOGPROBS),
+                lp is None or (is_int(lp) and 0 <= lp <= MAX_LOGPROBS),
                 name,
                 f"None or an integer in [0, {MAX_LOGPROBS}]",
                 lp,
@@ -276,7 +277,7 @@ class SamplingParams:
             return
         _require(isinstance(bias, dict), "logit_bias", "a dict of token id -> bias", bias)
         for token, value in bias.items():
-            _require(_is_int(token) and token >= 0, "logit_bias", "keyed by token ids >= 0", token)
+            _require(is_int(token) and token >= 0, "logit_bias", "keyed by token ids >= 0", token)
             ok = _is_number(value) and math.isfinite(value) and abs(value) <= MAX_LOGIT_BIAS
             rule = f"a map to numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
             _require(ok, "logit_bias", rule, {token: value})
