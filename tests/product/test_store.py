@@ -48,6 +48,16 @@ def store(database_url):
     store.close()
 
 
+def _run_together(functions: list) -> None:
+    """Call `functions` each on a thread of its own, all started before any is waited on
+    (for at most two minutes each)."""
+    threads = [threading.Thread(target=f) for f in functions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+
 def _count(store: Store, table, **where) -> int:
     with store.engine.connect() as conn:
         query = (
@@ -473,11 +483,7 @@ def test_servers_starting_together_on_a_new_database_all_open_it(postgres):
         except BaseException as exc:
             failed.append(exc)
 
-    threads = [threading.Thread(target=open_store) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    _run_together([open_store] * 4)
     for store in opened:
         store.close()
     assert failed == []
@@ -871,14 +877,7 @@ def test_servers_starting_together_upgrade_an_older_index_once(postgres, monkeyp
     monkeypatch.setattr(pg_index, "_upgrade_keywords", meet_then_upgrade)
     stores = [Store(url), Store(url)]
     reasons: list[str | None] = []
-    threads = [
-        threading.Thread(target=lambda s=s: reasons.append(kb.prepare_index(s.repo)))
-        for s in stores
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    _run_together([lambda s=s: reasons.append(kb.prepare_index(s.repo)) for s in stores])
     for store in stores:
         store.close()
     assert reasons == [None, None]
