@@ -239,7 +239,7 @@ class Turn:
                 annotate=self._annotate,
             )
             tokens = None if status == "failed" else totals.context_tokens
-            recorded = await self._recorder.finish(tokens, totals.history_start)
+            recorded = await self._recorder.finish(tokens, self._history_start_item())
             await self._settle(status)
             self._put(final if recorded else [self.events.error(UNRECORDED)])
         except Exception:
@@ -478,6 +478,15 @@ class Turn:
         totals.cached += progress.cached
         totals.context_tokens = prompt.token_ids + progress.output_ids
         totals.history_start = prompt.dropped_items
+
+    def _history_start_item(self) -> str | None:
+        """The id of the item the last prompt started its history at (None: it kept the
+        whole history), recorded for the next turn, whose history is this one's with this
+        turn's input and output appended (the item is one of those when the prompt kept
+        none of the history). An id, so deleting earlier items does not move the start."""
+        start = self.totals.history_start
+        after = [*self.history.items, *self.input_items, *self.events.output][start:]
+        return after[0]["id"] if start and after else None
 
     def _cut(self, finish_reason: str | None, start: int) -> _Cut:
         """The end of a generation that did not finish its answer. Cut by max_output_tokens,

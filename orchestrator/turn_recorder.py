@@ -67,7 +67,7 @@ class TurnRecorder:
             )
         self._checkpoints = asyncio.create_task(self._checkpoint(store, self._begun))
 
-    async def finish(self, tokens: list[int] | None, history_start: int) -> bool:
+    async def finish(self, tokens: list[int] | None, history_start: str | None) -> bool:
         """Write the final state (`_record_or_retry`); True when it is written or the
         response is not stored."""
         if self.store is None or self._begun is None:
@@ -121,7 +121,7 @@ class TurnRecorder:
             await asyncio.gather(self._checkpoints, return_exceptions=True)
 
     async def _record(
-        self, store: Store, begun: asyncio.Task, tokens: list[int] | None, history_start: int
+        self, store: Store, begun: asyncio.Task, tokens: list[int] | None, history_start: str | None
     ) -> None:
         """Write the turn's final state, and its start first if that write failed."""
         if not self._begin_recorded:
@@ -142,7 +142,7 @@ class TurnRecorder:
         )
 
     async def _record_or_retry(
-        self, store: Store, begun: asyncio.Task, tokens: list[int] | None, history_start: int
+        self, store: Store, begun: asyncio.Task, tokens: list[int] | None, history_start: str | None
     ) -> bool:
         """`_record`; False when the database does not answer, the record then retried in
         the background (`_record_until_stored`)."""
@@ -155,7 +155,7 @@ class TurnRecorder:
         return True
 
     async def _record_until_stored(
-        self, store: Store, begun: asyncio.Task, tokens: list[int] | None, history_start: int
+        self, store: Store, begun: asyncio.Task, tokens: list[int] | None, history_start: str | None
     ) -> None:
         """`_record`, again every few seconds while the database does not answer, so that a
         short outage leaves no response `in_progress` (and its conversation locked)."""

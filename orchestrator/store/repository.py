@@ -30,6 +30,13 @@ from orchestrator.store.tables import (
 
 Order = Literal["asc", "desc"]
 
+# The columns of a response that the next turn's `History` reads (`_history`).
+_HISTORY_COLUMNS = (
+    responses.c.context_tokens,
+    responses.c.history_start_item,
+    responses.c.history_start,
+)
+
 
 @dataclass(frozen=True)
 class Page:
@@ -69,8 +76,8 @@ class History:
     turn's prompt and output (None when unknown), which the next prompt extends so the
     prefix cache serves it, and where that prompt's history started (`start`: how many of
     these items it left out, truncation "auto"), where the next prompt starts too while
-    it fits. The index holds as the history grows: the next turn's history is the same
-    items with that turn's input and output appended."""
+    it fits. The store records that start as the id of the item there (`_history_start`),
+    so it holds as the history grows and as earlier items are deleted."""
 
     items: list[dict]
     context_tokens: list[int] | None
@@ -79,11 +86,22 @@ class History:
 
 def _history(items: list[dict], previous: Row | None) -> History:
     """The history of `items` after the response `previous` (a row with its
-    `context_tokens` and `history_start`, or None: no response recorded). A null start,
-    recorded before the column was, reads as the whole history."""
+    `context_tokens`, `history_start_item` and `history_start`, or None: no response
+    recorded)."""
     if previous is None:
         return History(items, None)
-    return History(items, unpack_tokens(previous.context_tokens), previous.history_start or 0)
+    return History(items, unpack_tokens(previous.context_tokens), _history_start(items, previous))
+
+
+def _history_start(items: list[dict], previous: Row) -> int:
+    """Where `previous`'s last prompt started its history in `items`: at the item it
+    started at, wherever deleting earlier items moved it. Once that item is gone, so is
+    that prompt's prefix: the whole history, truncated anew. A response recorded before
+    migration 0014 has a count instead (null before 0013: the whole history)."""
+    first = previous.history_start_item
+    if first is None:
+        return previous.history_start or 0
+    return next((i for i, item in enumerate(items) if item["id"] == first), 0)
 
 
 def pack_tokens(ids: list[int]) -> bytes:
@@ -333,7 +351,7 @@ class Repository:
             previous = None
             if last.last_response_id is not None:
                 previous = conn.execute(
-                    select(responses.c.context_tokens, responses.c.history_start).where(
+                    select(*_HISTORY_COLUMNS).where(
                         responses.c.id == last.last_response_id,
                         responses.c.owner_id == owner,
                     )
@@ -428,12 +446,12 @@ class Repository:
         body: dict,
         input_items: list[dict],
         context_tokens: list[int] | None,
-        history_start: int | None,
+        history_start: str | None,
     ) -> None:
         """Record a turn's final state, its output items, and (with a conversation) its
         input and output items appended to the conversation: all in one transaction.
-        `context_tokens` and `history_start`: its last prompt + output, and how many
-        history items that prompt left out (`History`)."""
+        `context_tokens` and `history_start`: its last prompt + output, and the id of the
+        history item that prompt started at (None: the whole history; `History`)."""
         output = body["output"]
         with self.engine.begin() as conn:
             conn.execute(
@@ -446,7 +464,7 @@ class Repository:
                     status=body["status"],
                     body=_without_output(body),
                     context_tokens=None if context_tokens is None else pack_tokens(context_tokens),
-                    history_start=history_start,
+                    history_start_item=history_start,
                 )
             )
             self._replace_output(conn, owner, body["id"], output)
@@ -545,9 +563,9 @@ class Repository:
         from before that response still there (`_conversation_before`)."""
         with self.engine.connect() as conn:
             head = conn.execute(
-                select(
-                    responses.c.status, responses.c.context_tokens, responses.c.history_start
-                ).where(responses.c.id == response_id, responses.c.owner_id == owner)
+                select(responses.c.status, *_HISTORY_COLUMNS).where(
+                    responses.c.id == response_id, responses.c.owner_id == owner
+                )
             ).first()
             if head is None:
                 return None

@@ -66,9 +66,13 @@ responses = Table(
     # own were deleted from the conversation. Null outside a conversation, before its
     # items are appended, and where migration 0011 found its items gone.
     Column("conversation_seq", Integer, nullable=True),
-    # How many history items its last prompt left out (truncation "auto"): the next turn
-    # starts its history there too while it fits, so its prompt extends this one and the
-    # prefix cache serves it. Null where recorded before migration 0013.
+    # The id of the history item its last prompt started at (truncation "auto"; null: the
+    # whole history): the next turn starts its history there too while it fits, so its
+    # prompt extends this one and the prefix cache serves it. An id, which deleting
+    # earlier items does not move.
+    Column("history_start_item", ID, nullable=True),
+    # How many history items its last prompt left out, for responses recorded between
+    # migrations 0013 and 0014 (null otherwise); read when `history_start_item` is null.
     Column("history_start", Integer, nullable=True),
     Index("ix_responses_status_server_id", "status", "server_id"),
 )

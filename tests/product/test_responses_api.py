@@ -234,6 +234,46 @@ def test_auto_truncation_keeps_the_prompt_prefix_the_cache_holds(product_server,
     assert extended >= len(cut) // 2
 
 
+@pytest.mark.parametrize("continued", ["conversation", "previous_response_id"])
+def test_auto_truncation_keeps_its_start_when_earlier_items_are_deleted(product_server, continued):
+    """Deleting what came before the start of the last prompt's history (the conversation's
+    oldest turn, or the chain's first response) leaves that start on the same item: the
+    next prompt still extends the last one, with no turn dropped."""
+    server = product_server(FakeEngine(reply="Noted.", max_model_len=1000))
+    client = server.client
+    conv = client.conversations.create()
+    made: list[Response] = []
+
+    def turn(i: int) -> None:
+        if continued == "conversation":
+            after = {"conversation": conv.id}
+        else:
+            after = {"previous_response_id": made[-1].id} if made else {}
+        made.append(
+            client.responses.create(
+                model=MODEL,
+                input=f"Turn {i}: " + "words " * 25,
+                truncation="auto",
+                max_output_tokens=16,
+                **after,
+            )
+        )
+
+    i = 0
+    while not made or "Turn 0:" in _prompt(server):
+        turn(i)
+        i += 1
+    if continued == "conversation":
+        for item in client.conversations.items.list(conv.id, order="asc", limit=2).data:
+            client.conversations.items.delete(item.id, conversation_id=conv.id)
+    else:
+        client.responses.delete(made[0].id)
+    turn(i)
+    previous, prompt = server.engine.prompts[-2:]
+    assert prompt[: len(previous)] == previous
+    assert made[-1].usage.input_tokens_details.cached_tokens >= len(previous) - 4
+
+
 def test_every_prompt_is_built_off_the_event_loop(product_server, monkeypatch):
     """Rendering and tokenizing a long history (bisected by truncation "auto": several
     renders of a window's worth) takes a while; the other streams on the event loop must

@@ -85,7 +85,7 @@ def _record(
     text: str,
     conversation: str | None = None,
     tokens=(1, 2, 3),
-    start: int | None = None,
+    start: str | None = None,
 ) -> None:
     body = {
         "id": response_id,
@@ -214,7 +214,7 @@ def test_a_cursor_not_in_the_list_is_not_found_not_an_empty_page(store):
 def test_history_follows_the_branch_it_ends_on(store):
     repo = store.repo
     _record(repo, "alice", "resp_1", None, "one")
-    _record(repo, "alice", "resp_2", "resp_1", "two", tokens=[7, 8, 70000], start=2)
+    _record(repo, "alice", "resp_2", "resp_1", "two", tokens=[7, 8, 70000], start="msg_in_resp_2")
     _record(repo, "alice", "resp_2b", "resp_1", "two again")
     status, history = repo.response_history("alice", "resp_2")
     assert status == "completed"
@@ -239,11 +239,66 @@ def test_history_follows_the_branch_it_ends_on(store):
 def test_a_response_in_a_conversation_appends_its_items(store):
     repo = store.repo
     repo.create_conversation("alice", "conv_c", 1, {}, [_message("msg_0", "zero")])
-    _record(repo, "alice", "resp_c", None, "one", conversation="conv_c", tokens=[5, 6], start=1)
+    _record(
+        repo,
+        "alice",
+        "resp_c",
+        None,
+        "one",
+        conversation="conv_c",
+        tokens=[5, 6],
+        start="msg_in_resp_c",
+    )
     history = repo.conversation_history("alice", "conv_c")
     assert [i["id"] for i in history.items] == ["msg_0", "msg_in_resp_c", "msg_out_resp_c"]
     assert (history.context_tokens, history.start) == ([5, 6], 1)
     assert repo.conversation_history("bob", "conv_c") is None
+
+
+def _started_at(history) -> str | None:
+    """The id of the item the history's last prompt started at (None: the whole history)."""
+    return history.items[history.start]["id"] if history.start else None
+
+
+def test_a_conversations_history_start_stays_on_its_item_as_items_come_and_go(store):
+    """Deleting items before the start of the last prompt's history, or adding items
+    after it, leaves that start on the same item; deleting the item itself takes its
+    prompt's prefix with it: the whole history, truncated anew."""
+    repo = store.repo
+    repo.create_conversation(
+        "alice", "conv_s", 1, {}, [_message(f"msg_{i}", str(i)) for i in range(3)]
+    )
+    _record(repo, "alice", "resp_s", None, "one", conversation="conv_s", start="msg_2")
+
+    def started_at() -> str | None:
+        return _started_at(repo.conversation_history("alice", "conv_s"))
+
+    assert started_at() == "msg_2"
+    assert repo.delete_conversation_item("alice", "conv_s", "msg_0")
+    assert repo.add_conversation_items("alice", "conv_s", 2, [_message("msg_later", "later")])
+    assert started_at() == "msg_2"
+    assert repo.delete_conversation_item("alice", "conv_s", "msg_2")
+    assert started_at() is None
+
+
+def test_a_chains_history_start_stays_on_its_item_when_responses_are_deleted(store):
+    """Deleting a response of the chain before the start of the last prompt's history
+    leaves that start on the same item; deleting the response it started in leaves
+    only items that prompt kept: the whole history."""
+    repo = store.repo
+    for n in range(1, 4):
+        previous = f"resp_{n - 1}" if n > 1 else None
+        _record(repo, "alice", f"resp_{n}", previous, str(n))
+    _record(repo, "alice", "resp_4", "resp_3", "4", start="msg_in_resp_3")
+    assert _started_at(repo.response_history("alice", "resp_4")[1]) == "msg_in_resp_3"
+    assert repo.delete_response("alice", "resp_1")
+    assert _started_at(repo.response_history("alice", "resp_4")[1]) == "msg_in_resp_3"
+    assert repo.delete_response("alice", "resp_3")
+    _, history = repo.response_history("alice", "resp_4")
+    assert ([i["id"] for i in history.items], history.start) == (
+        ["msg_in_resp_4", "msg_out_resp_4"],
+        0,
+    )
 
 
 def test_a_chain_from_a_conversations_response_starts_with_what_it_saw(store):
@@ -644,6 +699,42 @@ def test_upgrading_a_store_reads_its_responses_prompts_as_starting_at_the_histor
         assert (history.context_tokens, history.start) == ([4, 5, 6], 0)
     finally:
         store.close()
+
+
+def test_upgrading_past_0014_keeps_the_starts_counted_before_and_downgrading_drops_ids(
+    database_url,
+):
+    """Revision 0014 records where a prompt's history started as an item's id; a response
+    recorded before keeps its count, read as before. Back at 0013, the responses recorded
+    since have no count: the whole history, as their next turn then reads it."""
+    with _at_revision(database_url, "0013") as conn:
+        conn.execute(
+            responses.insert().values(
+                id="resp_old", owner_id="alice", created_at=1, status="completed", body={}
+            )
+        )
+        conn.execute(
+            response_items.insert(),
+            [
+                {"id": f"msg_{i}", "response_id": "resp_old", "owner_id": "alice"}
+                | {"kind": "input", "body": _message(f"msg_{i}", str(i))}
+                for i in range(3)
+            ],
+        )
+        conn.execute(text("UPDATE responses SET history_start = 2 WHERE id = 'resp_old'"))
+    store = Store(database_url)
+    try:
+        repo = store.repo
+        assert _started_at(repo.response_history("alice", "resp_old")[1]) == "msg_2"
+        _record(repo, "alice", "resp_new", "resp_old", "new", start="msg_in_resp_new")
+        assert _started_at(repo.response_history("alice", "resp_new")[1]) == "msg_in_resp_new"
+    finally:
+        store.close()
+    with _at_revision(database_url, "0013", migrate=command.downgrade) as conn:
+        columns = {c["name"] for c in inspect(conn).get_columns("responses")}
+        assert "history_start" in columns and "history_start_item" not in columns
+        counts = text("SELECT id, history_start FROM responses ORDER BY id")
+        assert conn.execute(counts).all() == [("resp_new", None), ("resp_old", 2)]
 
 
 def test_a_page_of_vector_stores_reads_their_rows_once(store):
