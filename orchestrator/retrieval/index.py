@@ -7,9 +7,10 @@ commits together with the file's row. Every method takes the owner and filters o
 
 `SqliteIndex` keeps chunks in the table `retrieval_chunks`, their embeddings in a
 sqlite-vec `vec0` table partitioned by vector store, and an FTS5 table over their text
-(`keyword_text`: CJK as two-character terms); triggers keep both in step with the
-chunks. `ChunkTableIndex` holds what any database's index shares (deletion, counts,
-fusion); `pg_index.PgIndex` is the PostgreSQL one.
+(`keyword_text`: NFKC-normalised and casefolded, CJK as two-character terms and single
+characters); triggers keep both in step with the chunks. `ChunkTableIndex` holds what
+any database's index shares (deletion, counts, fusion); `pg_index.PgIndex` is the
+PostgreSQL one.
 SQLite's vector search is sqlite-vec's exact k-nearest-neighbour scan of the requested
 stores' partitions; attribute filters restrict that scan to the rows they select (rather
 than thinning its results), so a selective filter never costs recall.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -123,6 +125,27 @@ FTS_DDL = (
     "VALUES ('delete', old.id, keyword_text(old.text)); "
     "INSERT INTO retrieval_chunks_fts(rowid, text) VALUES (new.id, keyword_text(new.text)); END",
 )
+
+_FTS_TRIGGERS = ("retrieval_chunks_ai", "retrieval_chunks_ad", "retrieval_chunks_au")
+
+
+def rebuild_text_index(
+    conn: Connection, ddl: tuple[str, ...] = FTS_DDL, indexed: str = "keyword_text(text)"
+) -> None:
+    """Drop SQLite's FTS5 table and its triggers, run `ddl` to make them again, and index
+    `indexed` (an SQL expression over `retrieval_chunks`) of every stored chunk: what a
+    migration that changes the indexed terms runs. FTS5's own 'rebuild' would index the
+    raw text, and its 'delete' needs the very terms a row was indexed with, so a row
+    indexed with other terms than the triggers' cannot be left in the table."""
+    for trigger in _FTS_TRIGGERS:
+        conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
+    conn.exec_driver_sql("DROP TABLE IF EXISTS retrieval_chunks_fts")
+    for statement in ddl:
+        conn.exec_driver_sql(statement)
+    conn.exec_driver_sql(
+        f"INSERT INTO retrieval_chunks_fts (rowid, text) SELECT id, {indexed} FROM retrieval_chunks"
+    )
+
 
 _VECTORS = table(
     "retrieval_vectors",
@@ -317,13 +340,35 @@ _CJK_RUN = re.compile(
 )
 
 
+def normalize(text: str) -> str:
+    """`text` as both the index and its queries compare it: NFKC-normalised, so the
+    half-width and full-width forms of a character are one (ｶﾀｶﾅ and カタカナ, ＡＢＣ１２３
+    and ABC123, ㈱ and (株)), and casefolded (Straße and STRASSE). Only terms are made
+    from it: hits and citations keep the stored text and its offsets."""
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
 def keyword_text(text: str) -> str:
-    """`text` as the full-text index and its queries see it: each run of CJK characters
-    becomes its overlapping two-character terms (北京是首都 -> 北京 京是 是首 首都; a
-    lone character stays itself), spaced apart; all else is left as it is, so English is
-    tokenised, stemmed and ranked as without it. Chinese and Japanese put no space
-    between words, so without this a sentence was one token and no word in it could be
-    found. Documents and queries go through this same function on every back end."""
+    """`text` as the full-text index sees it (`normalize`d): each run of CJK characters
+    becomes its overlapping two-character terms and its single characters (北京是首都 ->
+    北京 京是 是首 首都 北 京 是 首 都), spaced apart; all else is left as it is, so
+    English is tokenised, stemmed and ranked as without it. Chinese and Japanese put no
+    space between words, so without this a sentence was one token and no word in it
+    could be found; the single characters let a one-character query (猫) find the
+    character inside a run (小猫). Every back end indexes this same function's output."""
+    return _CJK_RUN.sub(_bigrams_and_characters, normalize(text))
+
+
+def _bigrams_and_characters(run: re.Match) -> str:
+    chars = run.group()
+    pairs = [chars[i : i + 2] for i in range(len(chars) - 1)]
+    return f" {' '.join([*pairs, *chars])} "
+
+
+def cjk_bigrams(text: str) -> str:
+    """`text` with each run of CJK characters as its overlapping two-character terms,
+    spaced apart (a lone character stays itself), not normalised: the query's CJK terms
+    (`keyword_words`), and the whole of the keyword text of revisions 0012 to 0014."""
     return _CJK_RUN.sub(_bigrams, text)
 
 
@@ -334,14 +379,16 @@ def _bigrams(run: re.Match) -> str:
 
 
 def is_cjk(word: str) -> bool:
-    """Whether `word` is a term `keyword_text` made of CJK characters."""
+    """Whether `word` is a term `keyword_words` made of CJK characters."""
     return _CJK_RUN.fullmatch(word) is not None
 
 
 def keyword_words(text: str) -> list[str]:
-    """The words of `text` as full-text search matches them: `keyword_text`'s words,
-    lowercased (CJK words are its two-character terms)."""
-    return [w.lower() for w in _WORD.findall(keyword_text(text))]
+    """The words of `text` as a query matches them (`normalize`d): a run of CJK
+    characters is its two-character terms, a lone CJK character itself (each a term of
+    `keyword_text`). A longer run never gives its single characters: they would match
+    every text sharing any one character (熊猫, "panda", would find every 猫, "cat")."""
+    return _WORD.findall(cjk_bigrams(normalize(text)))
 
 
 def query_terms(text: str) -> list[str]:

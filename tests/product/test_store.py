@@ -23,6 +23,7 @@ from orchestrator.retrieval import pg_index
 from orchestrator.retrieval.index import (
     VECTOR_CHUNK,
     SearchRequest,
+    cjk_bigrams,
     retrieval_chunks,
     vectors_ddl,
 )
@@ -995,6 +996,87 @@ def test_chunks_an_older_server_stores_after_the_upgrade_are_indexed_at_the_next
             assert conn.exec_driver_sql(unindexed).scalar_one() == 0
     finally:
         store.close()
+
+
+_UNNORMALISED_CHUNKS = {
+    "file_zh": "北京是中华人民共和国的首都，也是全国的政治和文化中心。",
+    "file_ja": "ﾃﾞｰﾀﾍﾞｰｽの設定を確認します。",  # half-width Katakana
+    "file_en": "Error ＸＹ７７: a small kitten naps on the rug.",  # full-width Latin
+}
+
+
+def _bigram_text_index(url: str) -> None:
+    """A store at revision 0014 whose chunks' terms are that version's keyword text
+    (`cjk_bigrams`: CJK runs as two-character terms only, nothing normalised)."""
+    with _at_revision(url, "0014") as conn:
+        if conn.dialect.name == "sqlite":  # the older code's triggers call its own function
+            conn.connection.driver_connection.create_function("keyword_text", 1, cjk_bigrams)
+        else:
+            pg_index.PgIndex().create_schema(conn)
+        for file_id, chunk in _UNNORMALISED_CHUNKS.items():
+            _insert_as_older_code(conn, file_id, chunk)
+        if conn.dialect.name != "sqlite":
+            conn.execute(
+                text(
+                    "UPDATE retrieval_chunks SET tsv = to_tsvector('english', :terms), "
+                    "tsv_length = length(to_tsvector('english', :terms)) WHERE file_id = :file"
+                ),
+                [{"file": f, "terms": cjk_bigrams(c)} for f, c in _UNNORMALISED_CHUNKS.items()],
+            )
+
+
+def test_upgrading_a_store_indexes_cjk_characters_and_normalised_text(database_url):
+    """Revision 0015 indexes every stored chunk again as `keyword_text` makes it now: a
+    one-character query finds the character inside a run, half-width Katakana and
+    full-width Latin are found by their usual forms; deleting a chunk takes its terms."""
+    _bigram_text_index(database_url)
+    store = Store(database_url)
+    try:
+        assert kb.prepare_index(store.repo) is None
+        found = [_found_by_text(store, q) for q in ("都", "データベース", "xy77", "kittens")]
+        assert found == [["file_zh"], ["file_ja"], ["file_en"], ["file_en"]]
+        with store.engine.begin() as conn:
+            assert kb.index_for(store.repo).delete_file(conn, "a", "vs_a", "file_ja") == 1
+        assert _found_by_text(store, "データベース") == []
+    finally:
+        store.close()
+
+
+def test_downgrading_below_0015_gives_the_older_code_its_own_terms(database_url):
+    """Back at revision 0014 every chunk's terms are that version's keyword text again:
+    on SQLite the older code's triggers delete a chunk's terms by it (FTS5 removes only
+    the terms it is given), on PostgreSQL its queries match the `tsv`."""
+    _bigram_text_index(database_url)
+    Store(database_url).close()
+    with _at_revision(database_url, "0014", migrate=command.downgrade):
+        pass
+    engine = create_db_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            _check_older_terms(conn)
+    finally:
+        engine.dispose()
+
+
+def _check_older_terms(conn: Connection) -> None:
+    if conn.dialect.name == "sqlite":
+        conn.connection.driver_connection.create_function("keyword_text", 1, cjk_bigrams)
+        conn.exec_driver_sql("DELETE FROM retrieval_chunks WHERE file_id = 'file_zh'")
+        for term in ("北京", "北", "都"):
+            assert _count_matches(conn, term) == 0, term
+        assert _count_matches(conn, "ﾃﾞ") == 1
+    else:
+        rows = conn.exec_driver_sql("SELECT text, tsv::text FROM retrieval_chunks").all()
+        for chunk, tsv in rows:
+            older = "SELECT to_tsvector('english', CAST(:terms AS text))::text"
+            assert conn.execute(text(older), {"terms": cjk_bigrams(chunk)}).scalar() == tsv
+
+
+def _count_matches(conn: Connection, term: str) -> int:
+    """How many rows SQLite's text index holds under `term`."""
+    return conn.exec_driver_sql(
+        f"SELECT count(*) FROM retrieval_chunks_fts WHERE retrieval_chunks_fts MATCH '\"{term}\"'"
+    ).scalar_one()
 
 
 def test_downgrading_below_0012_gives_the_older_code_a_tsv_postgresql_writes(postgres):

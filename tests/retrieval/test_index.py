@@ -190,6 +190,7 @@ def test_query_text_is_never_fts_syntax(index, embedder):
     assert fts_query("to be or not to be") == '"to" OR "be" OR "or" OR "not"'  # all stopwords
     assert fts_query("  ...  ") is None
     assert fts_query("中国的首都？") == '"中国" OR "国的" OR "的首" OR "首都"'  # CJK: bigrams
+    assert fts_query("ＣＡＴ ｶﾀ 猫") == '"cat" OR "カタ" OR "猫"'  # NFKC, casefolded
     assert search(index, embedder, "...", mode="text") == []
 
 
@@ -293,3 +294,47 @@ def test_deleting_a_cjk_file_removes_its_text(index, embedder):
         assert idx.delete_file(conn, "alice", "vs_cjk", "file-beijing") == 1
         assert _text_matches(conn, "首都") == 0
     assert search(index, embedder, "首都", stores=("vs_cjk",), mode="text") == []
+
+
+def test_a_one_character_cjk_query_finds_the_character_inside_words(index, embedder):
+    """A one-character query finds the character wherever it stands in a run: starting a
+    two-character term (猫 in 小猫喜欢, 大熊猫主要) or only ending one (食 in 为食。). Beside
+    a longer word, the chunks holding both rank first; a two-character word still finds
+    only its two characters together (熊猫 is not every 猫)."""
+    _add_cjk_store(index, embedder)
+    for query, expected in [
+        ("猫", {"file-panda", "file-kitten"}),
+        ("食", {"file-panda"}),
+        ("都", {"file-beijing"}),
+        ("山", {"file-fuji", "file-panda"}),
+    ]:
+        hits = search(index, embedder, query, stores=("vs_cjk",), mode="text")
+        assert {h.file_id for h in hits} == expected, query
+    mixed = search(index, embedder, "猫 睡觉", stores=("vs_cjk",), mode="text")
+    assert [h.file_id for h in mixed] == ["file-kitten", "file-panda"]
+    assert [h.file_id for h in search(index, embedder, "熊猫", stores=("vs_cjk",))][:1] == [
+        "file-panda"
+    ]
+
+
+def test_half_and_full_width_forms_are_the_same_terms(index, embedder):
+    """Text and queries are NFKC-normalised and casefolded alike: half-width Katakana
+    finds its full-width form and back, full-width Latin letters and digits their ASCII."""
+    _add_cjk_store(index, embedder)
+    engine, idx = index
+    with engine.begin() as conn:
+        for file_id, text in [
+            ("file-hankaku", "ﾃﾞｰﾀﾍﾞｰｽの設定を確認します。"),
+            ("file-zenkaku", "エラーコード ＸＹ７７ はディスク不足です。"),
+        ]:
+            records = asyncio.run(prepare_chunks(embedder, file_id, "w.txt", text.encode()))
+            idx.add(conn, "alice", "vs_cjk", records)
+    for query, expected in [
+        ("データベース", ["file-hankaku"]),
+        ("ｴﾗｰｺｰﾄﾞ", ["file-zenkaku"]),
+        ("xy77", ["file-zenkaku"]),
+        ("ＸＪ９０００", ["file-manual"]),
+        ("ＫＩＴＴＥＮＳ", ["file-manual"]),
+    ]:
+        hits = search(index, embedder, query, stores=("vs_cjk",), mode="text")
+        assert [h.file_id for h in hits] == expected, query

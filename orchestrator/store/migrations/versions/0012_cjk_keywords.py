@@ -20,14 +20,13 @@ from __future__ import annotations
 from alembic import op
 from sqlalchemy import text
 
-from orchestrator.retrieval.index import FTS_DDL
+from orchestrator.retrieval.index import FTS_DDL, rebuild_text_index
 
 revision = "0012"
 down_revision = "0011"
 branch_labels = None
 depends_on = None
 
-_TRIGGERS = ("retrieval_chunks_ai", "retrieval_chunks_ad", "retrieval_chunks_au")
 # PostgreSQL's index as this code makes it: `tsv` is a plain column.
 _PLAIN_TSV = text(
     "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
@@ -68,16 +67,7 @@ def downgrade() -> None:
 
 
 def _rebuild(ddl: tuple[str, ...], indexed: str) -> None:
-    """Drop the FTS5 table and its triggers, run `ddl`, and index `indexed` (an SQL
-    expression over `retrieval_chunks`) of every stored chunk."""
+    """`rebuild_text_index` on SQLite (PostgreSQL's index has no FTS5 table)."""
     bind = op.get_bind()
-    if bind.dialect.name != "sqlite":
-        return
-    for trigger in _TRIGGERS:
-        bind.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
-    bind.exec_driver_sql("DROP TABLE IF EXISTS retrieval_chunks_fts")
-    for statement in ddl:
-        bind.exec_driver_sql(statement)
-    bind.exec_driver_sql(
-        f"INSERT INTO retrieval_chunks_fts (rowid, text) SELECT id, {indexed} FROM retrieval_chunks"
-    )
+    if bind.dialect.name == "sqlite":
+        rebuild_text_index(bind, ddl, indexed)
