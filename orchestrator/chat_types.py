@@ -62,6 +62,7 @@ class ChatRequest:
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None  # vLLM's; None: not reported
     tools: list[Tool] = field(default_factory=list)
     tool_choice: str = "none"  # "none" | "auto" | "required" | "function"
     forced_tool: str | None = None  # the function named by tool_choice, if any
@@ -82,6 +83,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's; None: not reported
     echo: bool = False
     score_only: bool = False  # max_tokens=0 with echo: the prompt's scores, no completion
     response_format: ResponseFormat | None = None

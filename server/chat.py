@@ -46,7 +46,7 @@ from server.generation import (
     usage,
     window_error,
 )
-from server.logprobs import chat_logprobs
+from server.logprobs import chat_logprobs, prompt_logprobs
 from server.metrics import RequestTimer
 from server.prep_process import PromptContext
 from server.sse import DONE, EventStreamResponse, event
@@ -235,7 +235,12 @@ def _chat_response(run: ChatRun, collected: Collected) -> dict:
     choices = [_chat_choice(run, i, c) for i, c in sorted(collected.choices.items())]
     completion_tokens = sum(len(c.token_ids) for c in collected.choices.values())
     totals = usage(run.prompt_tokens, completion_tokens, collected.cached_tokens)
-    return run.header.body("chat.completion", choices, usage=totals)
+    top_n = run.request.prompt_logprobs
+    extra = {}
+    if top_n is not None:  # vLLM's, on the response: a chat request has one prompt
+        scored = collected.scored_prompts[0]
+        extra["prompt_logprobs"] = prompt_logprobs(scored, run.state.token_names, top_n)
+    return run.header.body("chat.completion", choices, usage=totals, **extra)
 
 
 # -- streaming -----------------------------------------------------------------------------

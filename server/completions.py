@@ -34,7 +34,7 @@ from server.generation import (
     usage,
     window_error,
 )
-from server.logprobs import completion_logprobs, echoed_prompt
+from server.logprobs import completion_logprobs, echoed_prompt, prompt_logprobs
 from server.metrics import RequestTimer
 from server.prep_process import PromptContext
 from server.sse import DONE, EventStreamResponse, event
@@ -178,20 +178,32 @@ async def create_completion(
     return JSONResponse(body)
 
 
+def _prompt_logprobs(run: CompletionRun, collected: Collected) -> dict[int, list] | None:
+    """Per prompt position, vLLM's `prompt_logprobs` (each of the prompt's n choices
+    carries them, as in vLLM); None when not asked for."""
+    top_n = run.request.prompt_logprobs
+    if top_n is None:
+        return None
+    names = run.state.token_names
+    return {p: prompt_logprobs(out, names, top_n) for p, out in collected.scored_prompts.items()}
+
+
 def _completion_response(run: CompletionRun, collected: Collected) -> dict:
     choices = []
+    scored = _prompt_logprobs(run, collected)
     for index, c in sorted(collected.choices.items()):
         echo = run.echo_text(index)
-        choices.append(
-            {
-                "index": index,
-                "text": echo + c.text,
-                "logprobs": run.first_logprobs(
-                    index, collected.scored_prompts.get(index // run.n), c.logprobs
-                ),
-                "finish_reason": c.finish_reason,
-            }
-        )
+        choice = {
+            "index": index,
+            "text": echo + c.text,
+            "logprobs": run.first_logprobs(
+                index, collected.scored_prompts.get(index // run.n), c.logprobs
+            ),
+            "finish_reason": c.finish_reason,
+        }
+        if scored is not None:
+            choice["prompt_logprobs"] = scored[index // run.n]
+        choices.append(choice)
     completion_tokens = sum(len(c.token_ids) for c in collected.choices.values())
     totals = usage(collected.prompt_tokens, completion_tokens, collected.cached_tokens)
     return run.header.body("text_completion", choices, usage=totals)

@@ -61,6 +61,27 @@ def echoed_prompt(out: RequestOutput) -> list[Any]:
     return [Unscored(out.prompt_token_ids[0]), *scored[1:]]
 
 
+def _vllm_logprob(token_id: int, logprob: float, rank: int | None, names: TokenNames) -> dict:
+    return {"logprob": _finite(logprob), "rank": rank, "decoded_token": names.text(token_id)}
+
+
+def _prompt_entry(entry: Any, names: TokenNames, top_n: int) -> dict[str, dict]:
+    """One scored prompt token in vLLM's shape: the token itself, then the `top_n`
+    likeliest, each under its id (a string, as JSON writes vLLM's int keys)."""
+    own = _vllm_logprob(entry.token_id, entry.logprob, entry.rank, names)
+    scored = {str(entry.token_id): own}
+    for rank, (token_id, logprob) in enumerate(entry.top[:top_n], 1):
+        scored.setdefault(str(token_id), _vllm_logprob(token_id, logprob, rank, names))
+    return scored
+
+
+def prompt_logprobs(out: RequestOutput, names: TokenNames, top_n: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, null for the first (nothing predicts
+    it), then its own logprob and rank with the `top_n` likeliest tokens there."""
+    scored = out.prompt_logprobs or []
+    return [None, *(_prompt_entry(e, names, top_n) for e in scored[1:])]
+
+
 def _completion_top(entry: Any, names: TokenNames, top_n: int) -> dict[str, float]:
     """One token's `top_logprobs` in the legacy shape: the `top_n` likeliest, and the token
     itself (OpenAI's "always the sampled token", so up to top_n + 1), which harnesses

@@ -340,15 +340,32 @@ def _check_common(body: dict) -> None:
         raise invalid(
             "use_beam_search is not supported: beam search is not implemented", "use_beam_search"
         )
-    if body.get("prompt_logprobs") is not None:
-        raise invalid(
-            "prompt_logprobs is not supported: on /v1/completions, echo with logprobs "
-            "scores the prompt's tokens",
-            "prompt_logprobs",
-        )
     best_of = typed_field(body, "best_of", "an integer")
     if best_of is not None and best_of != (1 if body.get("n") is None else body["n"]):
         raise invalid("best_of is not supported (it must equal n)", "best_of")
+
+
+def _top_count(body: dict, name: str) -> int | None:
+    """A count of likeliest tokens to report (`logprobs`, `top_logprobs`, ...): an integer
+    in [0, MAX_TOP_LOGPROBS], or None when not sent."""
+    count = typed_field(body, name, "an integer")
+    if count is not None and not 0 <= count <= MAX_TOP_LOGPROBS:
+        raise invalid(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {count}", name)
+    return count
+
+
+def _prompt_logprobs(body: dict, stream: bool) -> int | None:
+    """vLLM's `prompt_logprobs`: how many likeliest tokens to report beside each prompt
+    token's own logprob. As in vLLM, a stream cannot carry them (a count above 0 with
+    `stream` is a 400, and 0 is accepted and reports nothing): None then."""
+    count = _top_count(body, "prompt_logprobs")
+    if count is not None and stream:
+        if count > 0:
+            raise invalid(
+                "prompt_logprobs are not available when stream is true", "prompt_logprobs"
+            )
+        return None
+    return count
 
 
 # vLLM's structured-output kinds, each what its JSON value must be: the keys of its
@@ -544,18 +561,16 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
     mode, forced = _tool_choice(body, tools)
     stream = typed_field(body, "stream", "a boolean", False)
     logprobs = typed_field(body, "logprobs", "a boolean", False)
-    top = typed_field(body, "top_logprobs", "an integer")
-    if top is not None:
-        if not logprobs:
-            raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
-        if not 0 <= top <= MAX_TOP_LOGPROBS:
-            raise invalid(
-                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs"
-            )
+    top = _top_count(body, "top_logprobs")
+    if top is not None and not logprobs:
+        raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+    prompt_logprobs = _prompt_logprobs(body, stream)
     sampling = _sampling_fields(body)
     sampling["max_tokens"] = _max_tokens(body, "max_completion_tokens", "max_tokens")
     if logprobs:
         sampling["logprobs"] = top or 0
+    if prompt_logprobs is not None:
+        sampling["prompt_logprobs"] = prompt_logprobs
     _logit_bias(body, sampling)
     response_format = _response_format(body)
     guided = _guided(body, response_format)
@@ -569,6 +584,7 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
         include_usage=_stream_options(body, stream),
         logprobs=logprobs,
         top_logprobs=top or 0,
+        prompt_logprobs=prompt_logprobs,
         tools=tools,
         tool_choice=mode,
         forced_tool=forced,
@@ -615,9 +631,8 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     if body.get("suffix"):
         raise invalid("suffix is not supported", "suffix")
     stream = typed_field(body, "stream", "a boolean", False)
-    logprobs = typed_field(body, "logprobs", "an integer")
-    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-        raise invalid(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", "logprobs")
+    logprobs = _top_count(body, "logprobs")
+    prompt_logprobs = _prompt_logprobs(body, stream)
     echo = typed_field(body, "echo", "a boolean", False)
     sampling = _sampling_fields(body)
     # The legacy endpoint's default is 16 tokens, not "fill the context". max_tokens=0 with
@@ -626,8 +641,10 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     sampling["max_tokens"] = 1 if score_only else _max_tokens(body, "max_tokens") or 16
     if logprobs is not None:
         sampling["logprobs"] = logprobs
-        if echo:  # the echoed prompt's tokens are scored too
-            sampling["prompt_logprobs"] = logprobs
+    # The echoed prompt's tokens are scored too, with as many alternatives as either asks.
+    asked = [c for c in (logprobs if echo else None, prompt_logprobs) if c is not None]
+    if asked:
+        sampling["prompt_logprobs"] = max(asked)
     _logit_bias(body, sampling)
     response_format = _response_format(body)
     return CompletionRequest(
@@ -637,6 +654,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         stream=stream,
         include_usage=_stream_options(body, stream),
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         echo=echo,
         score_only=score_only,
         response_format=response_format,

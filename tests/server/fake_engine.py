@@ -163,6 +163,7 @@ class FakeEngine:
         self.running.add(request_id)
         self.num_seqs[request_id] = params.n
         text, reason, stop_reason = self._completion(ids, params)
+        scored = self._prompt_logprobs(ids, params.prompt_logprobs)
         # Unlike AsyncLLM, closing this generator does not abort: a request stays
         # running until it finishes or the server calls abort(), so tests see whether
         # the server does.
@@ -185,7 +186,26 @@ class FakeEngine:
                 self.running.discard(request_id)
                 self.finished.append(request_id)
                 self.finished_total[reason] += params.n
-            yield RequestOutput(request_id, None, ids, outputs, cached, finished=last)
+            yield RequestOutput(
+                request_id,
+                None,
+                ids,
+                outputs,
+                cached,
+                finished=last,
+                prompt_logprobs=scored if pos == 0 else None,
+            )
+
+    @staticmethod
+    def _prompt_logprobs(ids: list[int], top_n: int | None) -> list[TokenLogprobs | None] | None:
+        """As AsyncLLM's, sent with the first output: each prompt token after the first
+        scores -1.0, second likeliest after "?" (-0.5), then "!" (-3.0)."""
+        if top_n is None:
+            return None
+        return [None] + [
+            TokenLogprobs(t, -1.0, [(ord("?"), -0.5), (t, -1.0), (ord("!"), -3.0)][:top_n], rank=2)
+            for t in ids[1:]
+        ]
 
     @staticmethod
     def _delta(

@@ -473,7 +473,6 @@ def test_vllm_fields_the_server_cannot_honour_are_400s_naming_them(serve):
             so = {"regex": "a"}
             assert_error(send(server, structured_outputs=so, **other), 400, "structured_outputs")
         assert_error(send(server, use_beam_search=True), 400, "use_beam_search")
-        assert_error(send(server, prompt_logprobs=1), 400, "prompt_logprobs")
     tools = [{"type": "function", "function": {"name": "f"}}]
     assert_error(chat(server, guided_regex="a", tools=tools), 400, "guided_regex")
     so = {"regex": "a"}
@@ -488,6 +487,61 @@ def test_vllm_fields_the_server_cannot_honour_are_400s_naming_them(serve):
         completion(use_beam_search=False, best_of=1),
     ):
         assert response.status_code == 200, response.text
+
+
+def test_prompt_logprobs_in_vllm_shape(serve):
+    """vLLM's `prompt_logprobs`: per prompt token, null for the first, then {token id:
+    {logprob, rank, decoded_token}} for the token and the N likeliest; on each completion
+    choice (a prompt's n choices alike) and on a chat response. The fake engine scores
+    every token -1.0, second after "?" (-0.5)."""
+    server = serve()
+    post = server.client.post
+
+    def scored(token: str, *others: tuple[str, float, int]) -> dict:
+        entries = [(token, -1.0, 2), *others]
+        return {str(ord(t)): {"logprob": lp, "rank": r, "decoded_token": t} for t, lp, r in entries}
+
+    body = {"prompt": ["ab", "xyz"], "n": 2, "max_tokens": 1, "prompt_logprobs": 2}
+    choices = post("/v1/completions", json=body).json()["choices"]
+    # the token itself, at its rank, is not listed twice among the likeliest
+    ab = [None, scored("b", ("?", -0.5, 1))]
+    xyz = [None, scored("y", ("?", -0.5, 1)), scored("z", ("?", -0.5, 1))]
+    assert [c["prompt_logprobs"] for c in choices] == [ab, ab, xyz, xyz]
+    assert server.engine.params[-1].prompt_logprobs == 2
+    # with echo, the engine scores the prompt for the larger count; each gets its own
+    body = {"prompt": "ab", "max_tokens": 1, "echo": True, "logprobs": 2, "prompt_logprobs": 0}
+    (choice,) = post("/v1/completions", json=body).json()["choices"]
+    assert choice["prompt_logprobs"] == [None, scored("b")]
+    assert choice["logprobs"]["top_logprobs"][1] == {"?": -0.5, "b": -1.0}
+    assert server.engine.params[-1].prompt_logprobs == 2
+    response = chat(server, max_tokens=1, n=2, prompt_logprobs=1).json()
+    assert response["prompt_logprobs"][:2] == [None, scored(PROMPT[1], ("?", -0.5, 1))]
+    assert len(response["prompt_logprobs"]) == len(PROMPT)
+    assert all("prompt_logprobs" not in c for c in response["choices"])
+    # not asked for: not there
+    assert "prompt_logprobs" not in chat(server, max_tokens=1).json()
+    plain = post("/v1/completions", json={"prompt": "ab", "max_tokens": 1}).json()
+    assert "prompt_logprobs" not in plain["choices"][0]
+
+
+def test_prompt_logprobs_limits_and_streams_are_vllms(serve):
+    """A count outside [0, 20] or not an integer is a 400; a stream cannot carry them, so
+    a count above 0 with `stream` is a 400 and 0 is accepted and computes nothing."""
+    server = serve()
+
+    def completion(**body):
+        return server.client.post("/v1/completions", json={"prompt": "Hi", **body})
+
+    for send in (chat, lambda server, **body: completion(**body)):
+        for bad in (-1, 21, "2", 1.5, True, [1]):
+            assert_error(send(server, prompt_logprobs=bad), 400, "prompt_logprobs")
+        assert_error(send(server, prompt_logprobs=1, stream=True), 400, "prompt_logprobs")
+    assert server.engine.params == []
+    chunks = stream(server.client, "/v1/completions", {"prompt": "Hi", "prompt_logprobs": 0})
+    assert chunks[-1] == "[DONE]" and all("prompt_logprobs" not in c for c in chunks[:-1])
+    chunks = stream(server.client, "/v1/chat/completions", {"messages": USER, "prompt_logprobs": 0})
+    assert chunks[-1] == "[DONE]" and all("prompt_logprobs" not in c for c in chunks[:-1])
+    assert [p.prompt_logprobs for p in server.engine.params] == [None, None]
 
 
 def test_template_errors_are_400(serve):

@@ -254,6 +254,7 @@ SAMPLING = {
     "logit_bias": st.just({}),
     "structured_outputs": st.sampled_from(STRUCTURES),
     "truncate_prompt_tokens": st.one_of(st.integers(1, 600), st.just(-1)),
+    "prompt_logprobs": st.integers(0, 20),  # above 0 with stream: a 400, as in vLLM
 }
 CHAT = {
     "messages": st.lists(
@@ -289,7 +290,6 @@ EXTRA = (
     "best_of",
     "functions",
     "use_beam_search",
-    "prompt_logprobs",
     "guided_json",
     "guided_regex",
     "guided_choice",

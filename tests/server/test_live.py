@@ -249,6 +249,45 @@ def test_max_tokens_zero_with_echo_scores_the_prompt_alone(client):
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
 
 
+def test_prompt_logprobs_score_the_whole_prompt_as_echo_does(client):
+    """vLLM's `prompt_logprobs` (sent as the SDK's extra_body): the engine computes the
+    whole prompt for them, so a prompt just cached is scored in full; they agree with
+    echo's scores of the same tokens, and follow truncate_prompt_tokens' cut."""
+    prompt = "The capital of Japan is Tokyo, and the capital of France is Paris"
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)  # now cached
+    scored = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=1,
+        logprobs=0,
+        echo=True,
+        extra_body={"prompt_logprobs": 2},
+    )
+    assert scored.usage.prompt_tokens_details.cached_tokens == 0
+    entries = scored.choices[0].model_extra["prompt_logprobs"]
+    assert len(entries) == scored.usage.prompt_tokens and entries[0] is None
+    echoed = scored.choices[0].logprobs
+    for entry, token, logprob in zip(
+        entries[1:], echoed.tokens[1:], echoed.token_logprobs[1:], strict=False
+    ):
+        own = next(iter(entry.values()))  # the prompt's token first, then the 2 likeliest
+        assert (own["decoded_token"], own["logprob"]) == (token, logprob)
+        ranks = {e["rank"]: e["logprob"] for e in entry.values()}
+        assert len(entry) in (2, 3) and {1, 2} <= set(ranks) and ranks[1] >= own["logprob"]
+    chat = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=1, extra_body={"prompt_logprobs": 0}
+    )
+    entries = chat.model_extra["prompt_logprobs"]
+    assert len(entries) == chat.usage.prompt_tokens and all(len(e) == 1 for e in entries[1:])
+    cut = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=1,
+        extra_body={"prompt_logprobs": 0, "truncate_prompt_tokens": 3},
+    )
+    assert len(cut.choices[0].model_extra["prompt_logprobs"]) == 3
+
+
 WEATHER_TOOL = {
     "type": "function",
     "function": {
