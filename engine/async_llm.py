@@ -22,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,13 +83,20 @@ class AsyncLLM:
         self.model_name = engine.args.model
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        on_abort: Callable[[int], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield outputs until the request finishes, as `params.output_kind` says: all so
         far each time (the default, as vLLM), only what is new (DELTA, what the server
         streams), or only the finished request. Raises ValueError for a bad request and
         EngineError if the engine failed. Closing the iterator early (a client that went
-        away) aborts the request and frees its blocks."""
+        away) aborts the request and frees its blocks; `on_abort` is then called, before
+        the close returns, with the number of output tokens the engine generated that no
+        yielded output carried (those it made while the caller was not reading, up to the
+        abort): they were computed, so a server meters them."""
         if self.failure is not None:
             raise EngineError(f"the engine failed: {self.failure!r}")
         if self._stopped.is_set():
@@ -108,7 +115,7 @@ class AsyncLLM:
         self._send("add", request)
         finished = False
         kind = params.output_kind
-        so_far: RequestOutput | None = None
+        so_far: RequestOutput | None = None  # received, and (but for FINAL_ONLY) yielded
         try:
             while not finished:
                 item = await stream.queue.get()
@@ -125,6 +132,9 @@ class AsyncLLM:
         finally:
             if not finished:
                 self._send("abort", request_id)
+                if on_abort is not None:
+                    held = so_far if kind is RequestOutputKind.FINAL_ONLY else None
+                    on_abort(_num_tokens(held) + await _drain(stream.queue))
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its blocks are freed before the next step runs."""
@@ -267,6 +277,24 @@ class AsyncLLM:
                 self.engine.abort_request(request_id)
         for request_id in list(self._streams):
             self._finish_stream(request_id, error)
+
+
+async def _drain(queue_: asyncio.Queue) -> int:
+    """The output tokens still to come on an aborted request's queue: up to its last
+    item, which the engine always sends (the abort's output, the finished request's, or
+    an error), whether the request was still running or had ended unread."""
+    tokens = 0
+    while True:
+        item = await queue_.get()
+        if isinstance(item, Exception):
+            return tokens
+        tokens += _num_tokens(item)
+        if item.finished:
+            return tokens
+
+
+def _num_tokens(output: RequestOutput | None) -> int:
+    return 0 if output is None else sum(len(o.token_ids) for o in output.outputs)
 
 
 def _snapshot(output: RequestOutput) -> RequestOutput:

@@ -6,7 +6,7 @@ and tests can serve a small fake engine through it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from engine import RequestOutput, SamplingParams
@@ -69,7 +69,11 @@ class EngineClient(Protocol):
     failure: BaseException | None  # set once the engine has died; nothing can be served
 
     def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        on_abort: Callable[[int], None] | None = None,
     ) -> AsyncIterator[RequestOutput]: ...
 
     async def abort(self, request_id: str) -> None: ...

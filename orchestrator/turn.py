@@ -129,6 +129,12 @@ class _Progress:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cached: int = 0
+    # Tokens the engine generated past `output_ids` before an abort stopped it: they
+    # are counted in the usage (computed, so billed), but are in no output.
+    unseen: int = 0
+
+    def on_abort(self, unseen: int) -> None:
+        self.unseen += unseen
 
 
 @dataclass
@@ -474,7 +480,7 @@ class Turn:
         started for the next response's prompt to extend."""
         totals = self.totals
         totals.input_tokens += len(prompt.token_ids)
-        totals.output_tokens += len(progress.output_ids)
+        totals.output_tokens += len(progress.output_ids) + progress.unseen
         totals.cached += progress.cached
         totals.context_tokens = prompt.token_ids + progress.output_ids
         totals.history_start = prompt.dropped_items
@@ -516,7 +522,7 @@ class Turn:
     async def _consume(
         self, progress: _Progress, prompt: list[int], params: SamplingParams, request_id: str
     ) -> None:
-        outputs = self.services.engine.generate(prompt, params, request_id)
+        outputs = self.services.engine.generate(prompt, params, request_id, progress.on_abort)
         async with aclosing(outputs):
             async for out in outputs:
                 for o in out.outputs:

@@ -115,7 +115,9 @@ async def engine_outputs(
         params, cache_salt=cache_salt(meter.identity.owner), output_kind=RequestOutputKind.DELTA
     )
     try:
-        async with aclosing(state.engine.generate(prompt, params, request_id)) as outputs:
+        # Tokens the engine made that the client never got (it went away) are metered too.
+        unseen = None if score_only else meter.on_tokens
+        async with aclosing(state.engine.generate(prompt, params, request_id, unseen)) as outputs:
             async for out in outputs:
                 if score_only:
                     out.outputs = [_without_tokens(o) for o in out.outputs]

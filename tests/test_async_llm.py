@@ -122,6 +122,43 @@ def test_abort_and_closed_streams_free_blocks(tiny_path):
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("kind", [DELTA, RequestOutputKind.FINAL_ONLY])
+def test_a_closed_stream_reports_the_tokens_it_never_yielded(tiny_path, kind):
+    """What the engine generated while the caller was not reading, up to the abort, is
+    handed to `on_abort`: with what was yielded, every token the engine made (as its
+    generation counter counts them), so a server can meter them all."""
+
+    async def run():
+        engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, output_kind=kind)
+        reported: list[int] = []
+        try:
+            gen = engine.generate(_prompt(20, 1), params, "a", reported.append)
+            yielded = 0
+            if kind is DELTA:
+                yielded = len((await gen.__anext__()).outputs[0].token_ids)
+            else:  # nothing is yielded before the end: wait for the engine to be under way
+                task = asyncio.ensure_future(gen.__anext__())
+                while engine.stats().generation_tokens_total == 0:
+                    await asyncio.sleep(0.01)
+            while engine.stats().generation_tokens_total < yielded + 3:  # it runs on unread
+                await asyncio.sleep(0.01)
+            if kind is not DELTA:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            await gen.aclose()
+            for _ in range(100):  # the stats snapshot follows the engine's next loop
+                if engine.stats().num_running == 0:
+                    break
+                await asyncio.sleep(0.02)
+            generated = engine.stats().generation_tokens_total
+            assert reported == [generated - yielded] and generated < 200
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+
+
 def test_engine_failure_reaches_the_caller(tiny_path, monkeypatch):
     async def run():
         engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")

@@ -487,6 +487,44 @@ def test_a_disconnect_and_a_cancel_settle_the_reservation(product_server):
     assert state.reserved == 0 and state.used == sum(r.total_tokens for r in rows)
 
 
+def test_tokens_generated_after_the_client_left_are_metered(product_server):
+    """A client that leaves mid-stream is billed for every token the engine generated
+    for it, those it never received (made before the abort stopped the engine) included:
+    on chat completions, completions and responses alike. The stored response keeps the
+    output the client saw, and its usage counts all."""
+    engine = FakeEngine(reply="abcdefghijklmnopqrstuvwxyz", ahead=5)
+    engine.hold.clear()  # generation pauses after the first token
+    server = product_server(engine)
+    key = _account(server, "alice", token_quota=10_000, quota_period="total")
+    bodies = {
+        "chat/completions": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 26},
+        "completions": {"prompt": "x", "max_tokens": 26},
+        "responses": {"input": "x"},
+    }
+    response_id = None
+    for count, (path, body) in enumerate(bodies.items(), start=1):
+        with httpx.stream(
+            "POST",
+            f"{server.url}/v1/{path}",
+            timeout=10,
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": MODEL, "stream": True, **body},
+        ) as stream:
+            for event in events(stream):
+                if event.get("type") == "response.created":
+                    response_id = event["response"]["id"]
+                if '"a"' in json.dumps([event.get("delta"), event.get("choices")]):
+                    break  # the first token reached the client, which leaves
+        row = _rows(server, "user_alice", count=count)[-1]
+        assert (row.status, row.output_tokens) == ("incomplete", 1 + 5), path
+    response = server.product.store.repo.get_response("user_alice", response_id)
+    assert response["usage"]["output_tokens"] == 6
+    assert response["output"][0]["content"][0]["text"] == "a"
+    state = _quota(server, "user_alice")
+    rows = _rows(server, "user_alice")
+    assert state.reserved == 0 and state.used == sum(r.total_tokens for r in rows)
+
+
 def test_the_admin_cli_manages_users_and_keys_the_server_accepts(product_server, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()

@@ -100,6 +100,9 @@ class FakeEngine:
     hold: threading.Event = field(default_factory=threading.Event)
     fail_after: int | None = None  # raise `fail_with` after this many tokens
     fail_with: type[EngineError] = EngineError  # EngineShutdownError: a drain that ran out
+    # Tokens "generated" past those a stream closed early had read, reported to its
+    # on_abort as AsyncLLM reports the ones it made while nobody read.
+    ahead: int = 0
     tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
     running: set[str] = field(default_factory=set)
     aborted: list[str] = field(default_factory=list)
@@ -152,7 +155,11 @@ class FakeEngine:
         return min(best, len(prompt) - 1)
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        on_abort: Callable[[int], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(ids) > self.max_model_len:  # as LLMEngine's
@@ -167,34 +174,38 @@ class FakeEngine:
         # Unlike AsyncLLM, closing this generator does not abort: a request stays
         # running until it finishes or the server calls abort(), so tests see whether
         # the server does.
-        for pos in range(max(len(text), 1)):
-            if request_id not in self.running:
-                return
-            if self.fail_after is not None and pos >= self.fail_after:
-                self.running.discard(request_id)
-                raise self.fail_with("simulated engine failure")
-            await asyncio.sleep(self.token_delay)
-            while pos == 1 and not self.hold.is_set():
-                await asyncio.sleep(0.005)
-            last = pos >= len(text) - 1
-            outputs = [
-                self._delta(i, text[pos : pos + 1], last, (reason, stop_reason), params)
-                for i in range(params.n)
-            ]
-            self.generated_total += params.n * len(text[pos : pos + 1])
-            if last:
-                self.running.discard(request_id)
-                self.finished.append(request_id)
-                self.finished_total[reason] += params.n
-            yield RequestOutput(
-                request_id,
-                None,
-                ids,
-                outputs,
-                cached,
-                finished=last,
-                prompt_logprobs=scored if pos == 0 else None,
-            )
+        try:
+            for pos in range(max(len(text), 1)):
+                if request_id not in self.running:
+                    return
+                if self.fail_after is not None and pos >= self.fail_after:
+                    self.running.discard(request_id)
+                    raise self.fail_with("simulated engine failure")
+                await asyncio.sleep(self.token_delay)
+                while pos == 1 and not self.hold.is_set():
+                    await asyncio.sleep(0.005)
+                last = pos >= len(text) - 1
+                outputs = [
+                    self._delta(i, text[pos : pos + 1], last, (reason, stop_reason), params)
+                    for i in range(params.n)
+                ]
+                self.generated_total += params.n * len(text[pos : pos + 1])
+                if last:
+                    self.running.discard(request_id)
+                    self.finished.append(request_id)
+                    self.finished_total[reason] += params.n
+                yield RequestOutput(
+                    request_id,
+                    None,
+                    ids,
+                    outputs,
+                    cached,
+                    finished=last,
+                    prompt_logprobs=scored if pos == 0 else None,
+                )
+        finally:
+            if request_id in self.running and on_abort is not None:  # closed early
+                on_abort(self.ahead)
 
     @staticmethod
     def _prompt_logprobs(ids: list[int], top_n: int | None) -> list[TokenLogprobs | None] | None:
