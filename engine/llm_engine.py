@@ -286,9 +286,12 @@ class LLMEngine:
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
             request = seq.request
             budget = max_tokens_for(request.params, seq.num_prompt_tokens, self.max_model_len)
-            if not self._guarded(failures, request, self._append_token, seq, token, lp, budget):
+            if request.params.max_tokens == 0:  # the prompt scored alone: drop the token
+                seq.finish_reason = "length"
+            elif self._guarded(failures, request, self._append_token, seq, token, lp, budget):
+                self.generation_tokens_total += 1
+            else:
                 continue
-            self.generation_tokens_total += 1
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
                 self.finished_total[seq.finish_reason] += 1

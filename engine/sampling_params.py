@@ -93,7 +93,9 @@ class SamplingParams:
     seed: int | None = None
     stop: str | list[str] | None = None  # normalised to list[str]
     stop_token_ids: list[int] | None = None  # normalised to list[int]
-    max_tokens: int | None = 16  # None: up to the context window (the engine fills it in)
+    # None: up to the context window (the engine fills it in). 0: the prompt is scored
+    # (prompt_logprobs) and not continued: the output has no token (finish reason "length").
+    max_tokens: int | None = 16
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs, 0..20 (0: only the sampled token's)
@@ -202,9 +204,9 @@ class SamplingParams:
             for t in allowed:
                 _require(is_int(t) and t >= 0, "allowed_token_ids", ALLOWED_IDS_RULE, t)
         _require(
-            self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
+            self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 0),
             "max_tokens",
-            "an integer >= 1 or None",
+            "an integer >= 0 or None",
             self.max_tokens,
         )
         _require(

@@ -85,6 +85,5 @@ class CompletionRequest:
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # vLLM's; None: not reported
     echo: bool = False
-    score_only: bool = False  # max_tokens=0 with echo: the prompt's scores, no completion
     response_format: ResponseFormat | None = None
     guided: Guided | None = None

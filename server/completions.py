@@ -132,13 +132,12 @@ async def create_completion(
         size = sum(len(p) for p in request.prompts)
         # A scored prompt (max_tokens 0) may fill the window: the token the engine samples
         # after it is dropped, and never takes a position.
-        completion = 0 if request.score_only else params.max_tokens
         prompts, texts = await state.prepare(
             size,
             _prepare_prompts,
             request.prompts,
             request.echo,
-            completion,
+            params.max_tokens,
             params.truncate_prompt_tokens,
         )
         max_len = state.engine.max_model_len
@@ -150,7 +149,7 @@ async def create_completion(
         timers = [timer] + [RequestTimer(state.metrics, arrival=timer.arrival) for _ in prompts[1:]]
         outputs = merge(
             [
-                engine_outputs(state, ids, params, f"{header.id}-{i}", t, meter, request.score_only)
+                engine_outputs(state, ids, params, f"{header.id}-{i}", t, meter)
                 for i, (ids, t) in enumerate(zip(prompts, timers, strict=True))
             ]
         )

@@ -15,7 +15,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from engine import CompletionOutput, RequestOutput, SamplingParams
+from engine import RequestOutput, SamplingParams
 from engine.errors import (
     ContextLengthExceededError,
     EngineError,
@@ -102,13 +102,8 @@ async def engine_outputs(
     request_id: str,
     timer: RequestTimer,
     meter: Meter,
-    score_only: bool = False,
 ) -> AsyncGenerator[RequestOutput, None]:
-    """`engine.generate` with API errors, metrics, metering, and abort-on-early-close.
-
-    `score_only`: the request runs for its prompt logprobs alone, so the token the engine
-    samples from the prefill's last position (at no extra forward pass) is dropped before
-    anything counts or sends it."""
+    """`engine.generate` with API errors, metrics, metering, and abort-on-early-close."""
     finished = False
     meter.on_submit(len(prompt))
     params = dataclasses.replace(
@@ -116,11 +111,9 @@ async def engine_outputs(
     )
     try:
         # Tokens the engine made that the client never got (it went away) are metered too.
-        unseen = None if score_only else meter.on_tokens
-        async with aclosing(state.engine.generate(prompt, params, request_id, unseen)) as outputs:
+        generation = state.engine.generate(prompt, params, request_id, meter.on_tokens)
+        async with aclosing(generation) as outputs:
             async for out in outputs:
-                if score_only:
-                    out.outputs = [_without_tokens(o) for o in out.outputs]
                 count = sum(len(o.token_ids) for o in out.outputs)
                 timer.on_tokens(count)
                 meter.on_tokens(count)
@@ -148,11 +141,6 @@ async def engine_outputs(
             timer.on_finished()
         else:
             await state.engine.abort(request_id)
-
-
-def _without_tokens(output: CompletionOutput) -> CompletionOutput:
-    empty = None if output.logprobs is None else []
-    return dataclasses.replace(output, text="", token_ids=[], logprobs=empty)
 
 
 async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[int, T], None]:

@@ -638,7 +638,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     # The legacy endpoint's default is 16 tokens, not "fill the context". max_tokens=0 with
     # echo scores a prompt without generating (what evaluation harnesses send).
     score_only = echo and body.get("max_tokens") == 0 and type(body["max_tokens"]) is int
-    sampling["max_tokens"] = 1 if score_only else _max_tokens(body, "max_tokens") or 16
+    sampling["max_tokens"] = 0 if score_only else _max_tokens(body, "max_tokens") or 16
     if logprobs is not None:
         sampling["logprobs"] = logprobs
     # The echoed prompt's tokens are scored too, with as many alternatives as either asks.
@@ -656,7 +656,6 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         echo=echo,
-        score_only=score_only,
         response_format=response_format,
         guided=_guided(body, response_format),
     )

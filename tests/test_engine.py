@@ -402,6 +402,29 @@ def test_prompt_logprobs_arrive_once_in_a_stream_of_deltas(tiny_model_dir):
         SamplingParams(prompt_logprobs=21)
 
 
+def test_max_tokens_zero_scores_the_prompt_and_generates_nothing(tiny_model_dir):
+    """A prompt scored alone (max_tokens 0, what the completions endpoint's echo-only
+    scoring sends): its prompt logprobs, the same as a request that continues it has, and
+    no output token, in the output or in the engine's generation counter."""
+    llm = _llm(tiny_model_dir("llama"))
+    prompt = _prompts(384, [20], seed=7)[0]
+    params = dataclasses.replace(_greedy(1), prompt_logprobs=2)
+    continued = llm.generate(prompt, params, use_tqdm=False)[0]
+    before = llm.engine.stats().generation_tokens_total
+    params = SamplingParams(max_tokens=0, prompt_logprobs=2, logprobs=1, n=2)
+    scored = llm.generate(prompt, params, use_tqdm=False)[0]
+    for got, expected in zip(
+        scored.prompt_logprobs[1:], continued.prompt_logprobs[1:], strict=True
+    ):
+        assert [t for t, _ in got.top] == [t for t, _ in expected.top]
+        assert got.logprob == pytest.approx(expected.logprob, abs=1e-4)
+    assert [(o.token_ids, o.text, o.finish_reason) for o in scored.outputs] == [
+        ([], "", "length")
+    ] * 2
+    assert llm.engine.stats().generation_tokens_total == before
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
 def test_vllm_prompt_dicts_chat_content_parts_and_options(tiny_chat_model_dir):
     """What vLLM scripts pass: TextPrompt / TokensPrompt dicts, OpenAI content parts and a
     tool-call turn without content, tensor_parallel_size=1, get_tokenizer()."""

@@ -98,7 +98,7 @@ def test_boundary_values_are_accepted(kwargs):
         ({"stop": ["ok", ""]}, "stop"),
         ({"stop": [3]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"min_tokens": -1}, "min_tokens"),
         ({"max_tokens": 4, "min_tokens": 5}, "min_tokens"),
         ({"logprobs": -1}, "logprobs"),

@@ -216,10 +216,12 @@ def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_read_it(cl
         assert logprobs.token_logprobs[-2] == pytest.approx(generated.token_logprobs[0], abs=0.05)
 
 
-def test_max_tokens_zero_with_echo_scores_the_prompt_alone(client):
+def test_max_tokens_zero_with_echo_scores_the_prompt_alone(live, client):
     """The legacy API's scoring request, max_tokens=0 with echo: the prompt and its
-    logprobs, no completion and no completion tokens billed; without echo it is refused."""
+    logprobs, no completion and no completion tokens billed or counted as generated;
+    without echo it is refused."""
     prompt = "The capital of Japan is Tokyo"
+    generated = live.metric("generation_tokens_total")
     with_one = client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=2, echo=True
     )
@@ -245,6 +247,7 @@ def test_max_tokens_zero_with_echo_scores_the_prompt_alone(client):
         )
         assert chunks[-1].usage.completion_tokens == 0
         assert chunks[-1].usage.prompt_tokens == with_one.usage.prompt_tokens
+    assert live.metric("generation_tokens_total") == generated + 1  # with_one's token alone
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
 
