@@ -328,25 +328,28 @@ async function fetchNode(id) {
   return node;
 }
 
-// Every node reachable from the leaves, fetched level by level (siblings in parallel).
+// Every node reachable from the leaves, fetched level by level (siblings in parallel); the
+// ids not found were deleted through the API (Tree.fromFetched).
 async function loadTree(leaves) {
-  const tree = new Tree();
+  const fetched = [];
+  const deleted = new Set();
   let wanted = [...new Set(leaves)];
   const seen = new Set();
   while (wanted.length) {
     wanted.forEach((id) => seen.add(id));
     const nodes = await Promise.all(wanted.map((id) => fetchNode(id).catch((error) => {
-      if (error instanceof ApiError && error.status === 404) return null; // deleted
-      throw error;
+      if (!(error instanceof ApiError && error.status === 404)) throw error;
+      deleted.add(id);
+      return null;
     })));
     const next = [];
     for (const node of nodes.filter(Boolean)) {
-      tree.add(node);
+      fetched.push(node);
       if (node.parent && !seen.has(node.parent)) next.push(node.parent);
     }
     wanted = [...new Set(next)];
   }
-  return tree;
+  return Tree.fromFetched(fetched, deleted, leaves);
 }
 
 async function openConversation(id) {
@@ -522,11 +525,27 @@ function renderMessages() {
   const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
   box.replaceChildren();
   const path = state.tree.path();
-  if (!path.length) {
+  const lost = deletedLeavesNote(state.tree.deletedLeaves.length, path.length);
+  if (lost) box.append(el("p", "note deleted-turn", lost));
+  else if (!path.length) {
     box.append(el("p", "empty-chat", "Ask anything. Enter sends, Shift+Enter starts a new line."));
   }
   for (const node of path) box.append(turnView(node));
   if (atBottom || state.stream) box.scrollTop = box.scrollHeight;
+}
+
+// What is said of branches whose last turn was deleted (through the API): the page finds a
+// branch's turns from its last one, so those only that branch held cannot be shown. Null
+// when there are none.
+function deletedLeavesNote(count, shown) {
+  if (!count) return null;
+  if (!shown) {
+    return "This conversation's last turn was deleted: the turns before it can no longer be "
+      + "shown. A message sent now starts the conversation afresh.";
+  }
+  const which = count === 1 ? "a branch was" : `${count} branches were`;
+  return `The last turn of ${which} deleted: turns that only such a branch held can no `
+    + "longer be shown.";
 }
 
 function lastUserIndex(items) {
@@ -540,6 +559,10 @@ function turnView(node) {
   const turn = el("article", "turn");
   turn.dataset.responseId = node.id;
   if (!node.id.startsWith("resp_")) turn.dataset.pending = "true";
+  if (node.afterDeleted) {
+    turn.append(el("p", "note deleted-turn", "A turn before this one was deleted. The answers "
+      + "from here on no longer see it, nor the turns before it."));
+  }
   const userAt = lastUserIndex(node.input);
   node.input.forEach((item, index) => {
     if (index === userAt) turn.append(userMessage(node, item));

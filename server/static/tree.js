@@ -21,6 +21,9 @@ export class Node {
     this.createdAt = createdAt;
     this.error = null;
     this.reason = null; // why an incomplete response ended ("max_output_tokens", ...)
+    // Its previous response was deleted (through the API): the server's history for the
+    // turns from here on starts at this one, so it is a first turn (no parent) in the tree.
+    this.afterDeleted = false;
     this.shown = false; // whether its first words are on screen (while it streams)
   }
 }
@@ -30,6 +33,24 @@ export class Tree {
     this.nodes = new Map();
     this.children = new Map(); // parent id ("" for the roots) -> child ids, oldest first
     this.chosen = new Map(); // parent id -> the child on screen
+    this.deletedLeaves = []; // leaves from the metadata that were deleted: their branch is lost
+  }
+
+  // The tree of the responses fetched, `deleted` being the ids that were not found (deleted
+  // through the API). A response whose previous one was deleted starts a branch of its own,
+  // as its history on the server does, marked so the page can say a turn is missing; a
+  // deleted leaf gave no parent to follow, so its branch's other turns cannot be found.
+  static fromFetched(nodes, deleted, leaves) {
+    const tree = new Tree();
+    for (const node of nodes) {
+      if (node.parent && deleted.has(node.parent)) {
+        node.parent = null;
+        node.afterDeleted = true;
+      }
+      tree.add(node);
+    }
+    tree.deletedLeaves = [...new Set(leaves)].filter((id) => deleted.has(id));
+    return tree;
   }
 
   add(node) {

@@ -25,6 +25,7 @@ LONG_PROMPT = "Write a long story about a dragon who learns to cook."  # 400 tok
 SCREENSHOT = ROOT / "docs" / "images" / "chat.png"
 EVIL = "<img src=x onerror=window.pwned=1>"
 SCRIPT = "<script>window.pwned=2</script>"
+SETTINGS = json.dumps({"max_output_tokens": 12, "temperature": 0})  # short answers
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def usage_missing(api: httpx.Client) -> bool:
 
 def _open_context(browser, live: LiveServer, usage_missing: bool, *, key: str | None, **options):
     context = browser.new_context(base_url=live.url, **options)
-    setup = {"tokenmill.defaults": json.dumps({"max_output_tokens": 12, "temperature": 0})}
+    setup = {"tokenmill.defaults": SETTINGS}
     if key:
         setup["tokenmill.apiKey"] = key
     writes = "".join(
@@ -737,10 +738,24 @@ def test_deleting_the_conversation_a_turn_streams_into_stops_it_quietly(page, ap
 def _conversation_of(api: httpx.Client, items: list[dict], title: str) -> str:
     """A conversation titled `title` whose one turn took `items` as its input, stored
     through the public API as the page stores its own turns."""
-    response = api.post(
-        "/v1/responses", json={"model": MODEL, "max_output_tokens": 1, "input": items}
-    ).json()
-    metadata = {"title": title, "settings": "{}", "leaf": response["id"], "leaves0": response["id"]}
+    [response_id] = _chain(api, [items])
+    return _conversation_ending_at(api, response_id, title)
+
+
+def _chain(api: httpx.Client, inputs: list) -> list[str]:
+    """Stored responses, one per input, each following the one before (one-token answers)."""
+    ids: list[str] = []
+    for input_ in inputs:
+        body = {"model": MODEL, "max_output_tokens": 1, "input": input_}
+        if ids:
+            body["previous_response_id"] = ids[-1]
+        ids.append(api.post("/v1/responses", json=body).json()["id"])
+    return ids
+
+
+def _conversation_ending_at(api: httpx.Client, leaf: str, title: str) -> str:
+    """A conversation titled `title` whose one branch ends at `leaf`, as the page keeps it."""
+    metadata = {"title": title, "settings": SETTINGS, "leaf": leaf, "leaves0": leaf}
     return api.post("/v1/conversations", json={"metadata": metadata}).json()["id"]
 
 
@@ -760,6 +775,66 @@ def _stored_turn(api: httpx.Client, assistant_text: str, title: str) -> str:
         {"role": "user", "content": "Thanks."},
     ]
     return _conversation_of(api, items, title)
+
+
+def _signed_in_page(session, *expected_console: str):
+    """A new page of the session, ready, with the console errors given expected."""
+    context, console = session
+    console.expected.extend(expected_console)
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    return page
+
+
+def _open_loaded(page, title: str) -> None:
+    """Clicks the conversation in the sidebar; returns once it has loaded (turns or not)."""
+    page.get_by_role("button", name=title, exact=True).click()
+    page.wait_for_function(
+        "() => document.querySelector('#status').textContent !== 'Loading…'"
+        " && document.querySelector('#messages .turn, #messages .deleted-turn')"
+    )
+
+
+DELETED_404 = r"404 .*@ .*/v1/responses/resp_"  # the page's reads of the deleted turns
+
+
+def test_turns_around_a_deleted_turn_are_shown_with_a_marker(session, api):
+    """A turn deleted through the API (`DELETE /v1/responses/{id}`) in the middle of a
+    branch, as its first turn or as its last: the turns still stored are shown, with a
+    marker where one is missing, and the conversation goes on from its leaf."""
+    middle = _chain(api, ["Alpha one.", "Bravo two.", "Charlie three.", "Delta four."])
+    first = _chain(api, ["Echo five.", "Foxtrot six.", "Golf seven."])
+    last = _chain(api, ["Hotel eight.", "India nine."])
+    _conversation_ending_at(api, middle[-1], "Deleted in the middle")
+    _conversation_ending_at(api, first[-1], "Deleted first turn")
+    _conversation_ending_at(api, last[-1], "Deleted last turn")
+    for response_id in (middle[1], first[0], last[-1]):
+        assert api.delete(f"/v1/responses/{response_id}").status_code == 200
+    page = _signed_in_page(session, DELETED_404)
+
+    _open_loaded(page, "Deleted in the middle")
+    assert turns(page) == middle[2:]  # what follows the deleted turn, not nothing
+    markers = page.locator("#messages .deleted-turn")
+    assert markers.count() == 1
+    assert markers.first.evaluate("m => m.closest('.turn').dataset.responseId") == middle[2]
+    assert "deleted" in markers.first.inner_text()
+    send(page, "Go on.")
+    *kept, new = turns(page)
+    assert kept == middle[2:]
+    assert api.get(f"/v1/responses/{new}").json()["previous_response_id"] == middle[-1]
+    # The tree as stored after that turn comes back the same.
+    reload_when_saved(page)
+    page.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
+    assert turns(page) == [*middle[2:], new]
+
+    _open_loaded(page, "Deleted first turn")
+    assert turns(page) == first[1:]
+    assert page.locator("#messages .turn").first.locator(".deleted-turn").count() == 1
+
+    _open_loaded(page, "Deleted last turn")
+    assert turns(page) == []
+    assert "last turn was deleted" in page.inner_text("#messages .deleted-turn")
 
 
 MARKDOWN = f"""## Results
