@@ -810,6 +810,7 @@ async function runTurn(parent, text) {
   const controller = new AbortController();
   state.stream = { controller, nodeId: node.id, conversationId: open.id };
   showStreaming(true);
+  let parentDeleted = false; // the response this turn follows was deleted meanwhile
   try {
     // The request goes out first; the page redraws while the server starts the turn.
     const streamed = streamTurn(open, parent, text, (event) => onEvent(node, event),
@@ -826,6 +827,7 @@ async function runTurn(parent, text) {
       node.error = describe(error);
       node.status = "failed";
       reportError(error);
+      parentDeleted = error instanceof ApiError && error.code === "previous_response_not_found";
     }
   }
   const started = node.id.startsWith("resp_");
@@ -842,6 +844,7 @@ async function runTurn(parent, text) {
   if (!started) {
     if (!$("prompt").value) $("prompt").value = text;
     if (fresh && !state.tree.nodes.size && !open.meta.vectorStore) await discardEmpty(open);
+    if (parentDeleted && state.open === open) await showDeletedParent(open);
     finished();
     return;
   }
@@ -849,6 +852,18 @@ async function runTurn(parent, text) {
   await appendTranscript(open.id, text, node);
   await refreshUsage();
   finished();
+}
+
+// A turn refused because the response it follows was deleted (through the API, by another
+// client) since the conversation was opened: the conversation is opened again, as it is
+// stored now (with what is missing marked), and the message stays in the box.
+async function showDeletedParent(open) {
+  await openConversation(open.id);
+  // Opened anew (a new state.open), rather than left for another click or failed.
+  if (state.open !== open && state.open?.id === open.id) {
+    setStatus("The turn this message followed was deleted elsewhere: the conversation is "
+      + "shown as it is stored now. Send again to go on from its last turn.", true);
+  }
 }
 
 // A turn's request. A conversation whose vector store has expired (its expires_after) or

@@ -837,6 +837,28 @@ def test_turns_around_a_deleted_turn_are_shown_with_a_marker(session, api):
     assert "last turn was deleted" in page.inner_text("#messages .deleted-turn")
 
 
+def test_a_message_after_its_turn_was_deleted_elsewhere_shows_the_stored_conversation(session, api):
+    """The turn on screen deleted through the API while the page shows it: the message sent
+    from it is refused (404, `previous_response_not_found`); the page shows the conversation
+    as stored, says why, keeps the message, and the next send starts afresh."""
+    [leaf] = _chain(api, ["Juliet ten."])
+    _conversation_ending_at(api, leaf, "Deleted while open")
+    page = _signed_in_page(session, DELETED_404, r"404 .*@ .*/v1/responses$")
+    open_conversation(page, "Deleted while open")
+    assert api.delete(f"/v1/responses/{leaf}").status_code == 200
+    before = finished_turns(page)
+    page.fill("#prompt", "Still there?")
+    page.press("#prompt", "Enter")
+    wait_for_turn(page, before)
+    assert "deleted elsewhere" in page.inner_text("#status")
+    assert page.input_value("#prompt") == "Still there?"
+    assert turns(page) == []
+    assert "last turn was deleted" in page.inner_text("#messages .deleted-turn")
+    send(page, "Still there?")
+    [new] = turns(page)
+    assert api.get(f"/v1/responses/{new}").json()["previous_response_id"] is None
+
+
 MARKDOWN = f"""## Results
 
 - first point with **bold** and `code`
