@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from engine import SamplingParams
 from engine.client import EngineClient
@@ -60,6 +61,22 @@ UNRECORDED = (
 )
 
 
+# Settings of every response this server runs, which no request can change (the request
+# fields are 400s): the Open Responses spec requires them on the response object, and
+# OpenAI's responses carry them too.
+FIXED_SETTINGS = MappingProxyType(
+    {
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
+        "prompt_cache_key": None,
+        "reasoning": None,
+        "safety_identifier": None,
+        "service_tier": "default",
+        "top_logprobs": 0,
+    }
+)
+
+
 def _new_response(request: ResponseRequest) -> dict:
     """The response object as the request starts it: `in_progress`, with no output yet,
     and the request's settings echoed."""
@@ -90,6 +107,7 @@ def _new_response(request: ResponseRequest) -> dict:
         "truncation": request.truncation,
         "usage": None,
         "user": request.user,
+        **FIXED_SETTINGS,
     }
 
 

@@ -121,6 +121,36 @@ def test_streaming_events_come_in_order_and_add_up_to_the_stored_response(produc
     assert stored.output == final.output and stored.usage == final.usage
 
 
+def test_every_response_object_has_the_fields_the_open_responses_spec_requires(product_server):
+    """The Open Responses spec's ResponseResource requires these keys (its compliance test
+    validates every streamed snapshot and the final object against it), also the settings
+    this server never varies; a response stored without them still gets them."""
+    required = {
+        "id", "object", "created_at", "completed_at", "status", "incomplete_details",
+        "model", "previous_response_id", "instructions", "output", "error", "tools",
+        "tool_choice", "truncation", "parallel_tool_calls", "text", "top_p",
+        "presence_penalty", "frequency_penalty", "top_logprobs", "temperature", "reasoning",
+        "user", "usage", "max_output_tokens", "max_tool_calls", "store", "background",
+        "service_tier", "metadata", "safety_identifier", "prompt_cache_key",
+    }  # fmt: skip
+    server = product_server(FakeEngine(reply="Hi there!"))
+    body = {"model": MODEL, "input": "Hello", "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/responses", json=body, timeout=10) as stream:
+        events = [json.loads(line[6:]) for line in stream.iter_lines() if line[:6] == "data: "]
+    snapshots = [e["response"] for e in events if "response" in e]
+    assert [s["status"] for s in snapshots] == ["in_progress", "in_progress", "completed"]
+    response_id = snapshots[0]["id"]
+    stored = _raw(server, "GET", f"/responses/{response_id}").json()
+    for response in (*snapshots, stored):
+        assert required <= response.keys()
+    assert stored["service_tier"] == "default" and stored["top_logprobs"] == 0
+    with server.product.store.engine.begin() as db:
+        body = db.execute(select(responses.c.body).where(responses.c.id == response_id))
+        older = {k: v for k, v in body.scalar().items() if k not in ("reasoning", "top_logprobs")}
+        db.execute(responses.update().where(responses.c.id == response_id).values(body=older))
+    assert _raw(server, "GET", f"/responses/{response_id}").json() == stored
+
+
 def test_a_stream_may_turn_obfuscation_off_but_not_ask_for_it(product_server):
     """`stream_options.include_obfuscation: false` (the SDK's bandwidth saver) is what
     this server does anyway; true, or options without streaming, are 400s naming them."""
