@@ -86,6 +86,12 @@ class ResponseRequest:
     max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS  # built-in calls one response may run
     include: list[str] = field(default_factory=list)  # e.g. "file_search_call.results"
     user: str | None = None  # the client's own end-user label, echoed (OpenAI's, deprecated)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Echoed hints: OpenAI routes by the first to its prompt caches (this server's prefix
+    # cache needs no key) and tracks abuse by the second (this server has its own users).
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     def format_schema(self) -> dict | None:
         """The JSON schema text.format asks for (None: free text)."""
@@ -160,6 +166,8 @@ def sampling_params(request: ResponseRequest) -> SamplingParams:
     try:
         return SamplingParams(
             max_tokens=request.max_output_tokens,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
             **{k: v for k, v in chosen.items() if v is not None},
         )
     except ValueError as exc:  # SamplingParams names the field first

@@ -39,7 +39,7 @@ from orchestrator.tools.file_search import (
     FileSearchBackend,
     FileSearchTool,
 )
-from orchestrator.turn import FIXED_SETTINGS, PreparedTurn, Turn, TurnServices
+from orchestrator.turn import RESPONSE_DEFAULTS, PreparedTurn, Turn, TurnServices
 from orchestrator.turn_hooks import Budget, NoObserver, TokenObserver, Unlimited, output_budget
 from orchestrator.turn_prompt import model_turn_structure, prompt_input, user_question
 
@@ -294,7 +294,7 @@ class ResponseService:
         body = await self.store.call(Repository.get_response, owner, response_id)
         if body is None:
             raise _missing(response_id)
-        return {**FIXED_SETTINGS, **body}  # a body stored without them has them too
+        return {**RESPONSE_DEFAULTS, **body}  # a body stored without them has them too
 
     async def cancel(self, owner: str, response_id: str) -> dict:
         """Stop a response still being generated; cancelling a cancelled one is a no-op."""

@@ -61,10 +61,11 @@ UNRECORDED = (
 )
 
 
-# Settings of every response this server runs, which no request can change (the request
-# fields are 400s): the Open Responses spec requires them on the response object, and
-# OpenAI's responses carry them too.
-FIXED_SETTINGS = MappingProxyType(
+# Fields the Open Responses spec requires on every response object, at the values a
+# request that leaves them out runs with (the service tier is the one this server has).
+# A request's own values replace them (`_new_response`); a response stored before they
+# were recorded reads with these (`ResponseService.retrieve`).
+RESPONSE_DEFAULTS = MappingProxyType(
     {
         "frequency_penalty": 0.0,
         "presence_penalty": 0.0,
@@ -81,6 +82,7 @@ def _new_response(request: ResponseRequest) -> dict:
     """The response object as the request starts it: `in_progress`, with no output yet,
     and the request's settings echoed."""
     return {
+        **RESPONSE_DEFAULTS,
         "id": new_id("resp"),
         "object": "response",
         "created_at": int(time.time()),  # whole seconds, as OpenAI gives them
@@ -107,7 +109,10 @@ def _new_response(request: ResponseRequest) -> dict:
         "truncation": request.truncation,
         "usage": None,
         "user": request.user,
-        **FIXED_SETTINGS,
+        "frequency_penalty": request.frequency_penalty,
+        "presence_penalty": request.presence_penalty,
+        "prompt_cache_key": request.prompt_cache_key,
+        "safety_identifier": request.safety_identifier,
     }
 
 

@@ -49,7 +49,14 @@ _RESPONSE_FIELDS = {
     "background",
     "include",
     "user",
+    "presence_penalty",
+    "frequency_penalty",
+    "prompt_cache_key",
+    "safety_identifier",
+    "service_tier",
 }
+# The tiers OpenAI takes: this server has one, which a response reports as "default".
+_SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
 
 
 def _required_string(body: dict, name: str, param: str) -> str:
@@ -350,6 +357,9 @@ def _check_unsupported(body: dict) -> None:
     known_fields(body, _RESPONSE_FIELDS)
     if typed_field(body, "background", "a boolean"):
         raise invalid("background responses are not supported", "background")
+    tier = typed_field(body, "service_tier", "a string")
+    if tier is not None and tier not in _SERVICE_TIERS:
+        raise invalid(f"service_tier must be one of {', '.join(_SERVICE_TIERS)}", "service_tier")
 
 
 def _stream(body: dict) -> bool:
@@ -491,6 +501,10 @@ def parse_response_request(
         max_tool_calls=max_tool_calls,
         include=_include(body),
         user=typed_field(body, "user", "a string"),
+        presence_penalty=typed_field(body, "presence_penalty", "a number", 0.0),
+        frequency_penalty=typed_field(body, "frequency_penalty", "a number", 0.0),
+        prompt_cache_key=typed_field(body, "prompt_cache_key", "a string"),
+        safety_identifier=typed_field(body, "safety_identifier", "a string"),
     )
     return request, _stream(body)
 

@@ -151,6 +151,35 @@ def test_every_response_object_has_the_fields_the_open_responses_spec_requires(p
     assert _raw(server, "GET", f"/responses/{response_id}").json() == stored
 
 
+def test_penalties_and_openai_hints_are_taken_and_echoed(product_server):
+    """Clients such as Codex send `prompt_cache_key`, and SDKs `safety_identifier` and
+    `service_tier`: hints this server takes and echoes (its tier reported as "default");
+    the penalties reach the engine. Values out of range are 400s naming the field."""
+    server = product_server(FakeEngine(reply="Hi there!"))
+    response = server.client.responses.create(
+        model=MODEL,
+        input="Hello",
+        extra_body={"presence_penalty": 0.5, "frequency_penalty": -1},  # not in the SDK
+        prompt_cache_key="thread-7",
+        safety_identifier="user-42",
+        service_tier="flex",
+    )
+    params = server.engine.params[-1]
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1)
+    stored = _raw(server, "GET", f"/responses/{response.id}").json()
+    for body in (response.model_dump(), stored):
+        assert body["prompt_cache_key"] == "thread-7"
+        assert body["safety_identifier"] == "user-42"
+        assert body["service_tier"] == "default"
+    assert stored["presence_penalty"] == 0.5 and stored["frequency_penalty"] == -1
+    for field, value in (("service_tier", "fastest"), ("presence_penalty", 2.5)):
+        refused = _raw(
+            server, "POST", "/responses", json={"model": MODEL, "input": "Hi", field: value}
+        )
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == field
+
+
 def test_a_stream_may_turn_obfuscation_off_but_not_ask_for_it(product_server):
     """`stream_options.include_obfuscation: false` (the SDK's bandwidth saver) is what
     this server does anyway; true, or options without streaming, are 400s naming them."""
