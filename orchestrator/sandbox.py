@@ -1,16 +1,16 @@
 """Run untrusted Python in a bubblewrap sandbox: `await Sandbox().run(code, limits)`.
 
-Each run gets a fresh process tree in its own user, PID, network, IPC and UTS
-namespaces, a read-only view of the part of /usr the system Python needs (`_usr_binds`:
-/usr/bin, its standard library, its site-packages, its shared libraries, its dynamic
-loader, the time zones and locales), fresh size-capped tmpfs mounts for its working
-directory (/work) and /tmp (all else is read-only), and nothing else of the host: not
-tokenmill's data directory, source tree or virtualenv, nor any home directory, nor the
-rest of /usr (/usr/share, /usr/include, /usr/src). Of /usr/local, the operator's own tree
-(its etc, share and bin may hold configuration and credentials, e.g. an npmrc), only the
-Python's site-packages directories there are shown. When the server runs as root, the sandbox
-runs as `nobody`, so that the process limit applies (the kernel never limits root's
-process count).
+Each run gets a fresh process tree in its own user, PID, network, IPC and UTS namespaces
+(and can make no user namespace of its own: `--disable-userns`), a read-only view of the
+part of /usr the system Python needs (`_usr_binds`: /usr/bin, its standard library, its
+site-packages, its shared libraries, its dynamic loader, the time zones and locales),
+fresh size-capped tmpfs mounts for its working directory (/work) and /tmp (all else is
+read-only), and nothing else of the host: not tokenmill's data directory, source tree or
+virtualenv, nor any home directory, nor the rest of /usr (/usr/share, /usr/include,
+/usr/src). Of /usr/local, the operator's own tree (its etc, share and bin may hold
+configuration and credentials, e.g. an npmrc), only the Python's site-packages
+directories there are shown. When the server runs as root, the sandbox runs as `nobody`,
+so that the process limit applies (the kernel never limits root's process count).
 
 bwrap starts with oom_score_adj 1000 (`_OOM_FIRST`), inherited by the whole run, and /proc
 is read-only inside, so the code cannot lower it: the kernel's OOM killer ends the run's
@@ -291,6 +291,9 @@ class Sandbox:
             *_OOM_FIRST,
             self.bwrap,
             "--unshare-all",
+            # and no user namespace of the code's own, where it would hold every capability
+            "--unshare-user",
+            "--disable-userns",
             "--die-with-parent",
             "--hostname",
             "sandbox",

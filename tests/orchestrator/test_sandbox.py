@@ -188,6 +188,18 @@ def test_memory_no_rlimit_counts_is_refused():
     assert result.stdout == "memfd 1\nshmget -1 1\nopen files 256 256\n", result
 
 
+def test_the_code_cannot_make_a_user_namespace():
+    """In a user namespace of its own the code would hold every capability: the kernel's
+    code behind them (netfilter, mounts of tmpfs, overlayfs) is open to it."""
+    result, _ = run("""
+        import ctypes, subprocess
+        libc = ctypes.CDLL(None, use_errno=True)
+        print("unshare", libc.unshare(0x10000000), ctypes.get_errno())  # CLONE_NEWUSER
+        print(subprocess.run(["unshare", "--user", "true"], capture_output=True).returncode)
+    """)
+    assert result.stdout == "unshare -1 28\n1\n", result  # ENOSPC: none may be made
+
+
 def test_a_file_name_that_is_not_utf8_is_reported_as_text():
     result, _ = run("""
         open(b"r\\xffport.csv", "wb").write(b"x")
