@@ -4,24 +4,29 @@ Each run gets a fresh process tree in its own user, PID, network, IPC and UTS na
 (and can make no user namespace of its own: `--disable-userns`), a read-only view of the
 part of /usr the system Python needs (`_usr_binds`: /usr/bin, its standard library, its
 site-packages, its shared libraries, its dynamic loader, the time zones and locales),
-fresh size-capped tmpfs mounts for its working directory (/work) and /tmp (all else is
-read-only), and nothing else of the host: not tokenmill's data directory, source tree or
-virtualenv, nor any home directory, nor the rest of /usr (/usr/share, /usr/include,
-/usr/src). Of /usr/local, the operator's own tree (its etc, share and bin may hold
-configuration and credentials, e.g. an npmrc), only the Python's site-packages
-directories there are shown. When the server runs as root, the sandbox runs as `nobody`,
-so that the process limit applies (the kernel never limits root's process count).
+fresh tmpfs mounts, capped in bytes and in files, for its working directory (/work),
+/tmp and /dev/shm (all else is read-only), and nothing else of the host: not tokenmill's
+data directory, source tree or virtualenv, nor any home directory, nor the rest of /usr
+(/usr/share, /usr/include, /usr/src). Of /usr/local, the operator's own tree (its etc,
+share and bin may hold configuration and credentials, e.g. an npmrc), only the Python's
+site-packages directories there are shown. When the server runs as root, the sandbox
+runs as `nobody`, so that the process limit applies (the kernel never limits root's
+process count).
 
 bwrap starts with oom_score_adj 1000 (`_OOM_FIRST`), inherited by the whole run, and /proc
 is read-only inside, so the code cannot lower it: the kernel's OOM killer ends the run's
 processes before the server's.
 
-Inside, a small launcher (`_LAUNCHER`) reads the code from stdin, forks, and runs it
-in the child under rlimits: CPU seconds, address space, processes, file size. The
-launcher then lists the files the code left in /work and writes that manifest to a
-pipe of its own (its end is closed in the code's process). The code can still reopen that
-end through /proc/<launcher>/fd (same user) and forge the manifest: that gains it nothing
-it could not print or write itself, as the host only parses it (`ast.literal_eval`).
+Inside, a small launcher (`_LAUNCHER`) mounts those tmpfs (bwrap's own `--tmpfs` caps
+bytes, not files, and each file costs the kernel an inode no limit counts), holding
+CAP_SYS_ADMIN (and CAP_SETPCAP) in the run's user namespace only; it then drops every
+capability for good (bounding, ambient and its own sets, no_new_privs), so the code
+cannot remount or unmount them. It then reads the code from stdin, forks, and runs it in
+the child under rlimits: CPU seconds, address space, processes, file size. The launcher
+then lists the files the code left in /work and writes that manifest to a pipe of its
+own (its end is closed in the code's process). The code can still reopen that end
+through /proc/<launcher>/fd (same user) and forge the manifest: that gains it nothing it
+could not print or write itself, as the host only parses it (`ast.literal_eval`).
 
 The host side never blocks the event loop (asyncio subprocess and pipes), caps the
 output it keeps, and kills the whole tree on the wall-clock deadline, on an output
@@ -62,8 +67,31 @@ from typing import BinaryIO
 
 # Imports only what a run always needs (each import costs start-up time on every run).
 _LAUNCHER = r"""
-import os, resource, sys
-nice, report_bytes, manifest_fd, *rlimits = (int(v) for v in sys.argv[1].split())
+import ctypes, os, resource, sys
+nice, report_bytes, manifest_fd, tmpfs_bytes, tmpfs_files, *rlimits = (
+    int(v) for v in sys.argv[1].split())
+libc = ctypes.CDLL(None, use_errno=True)
+def check(result, what):
+    if result < 0:  # "sandbox setup:" makes the host raise SandboxUnavailable
+        sys.exit(f"sandbox setup: {what}: {os.strerror(ctypes.get_errno())}")
+# The writable mounts, capped in bytes and in files, in a mount namespace of the
+# launcher's own user namespace (bwrap's mount namespace belongs to the one above it).
+check(libc.unshare(0x20000), "unshare(CLONE_NEWNS)")
+for path in ("/work", "/tmp", "/dev/shm"):
+    options = f"size={tmpfs_bytes},nr_inodes={tmpfs_files},mode=755".encode()
+    nosuid_nodev = 6
+    check(libc.mount(b"tmpfs", path.encode(), b"tmpfs", nosuid_nodev, options), f"mount {path}")
+os.chdir("/work")  # the new /work, not the directory beneath it
+# Every capability, for good: the bounding set (PR_CAPBSET_READ, _DROP), the ambient set,
+# the process's own sets (capset), and no exec may grant any (PR_SET_NO_NEW_PRIVS).
+cap = 0
+while (held := libc.prctl(23, cap, 0, 0, 0)) >= 0:
+    if held:
+        check(libc.prctl(24, cap, 0, 0, 0), f"PR_CAPBSET_DROP {cap}")
+    cap += 1
+check(libc.prctl(47, 4, 0, 0, 0), "PR_CAP_AMBIENT_CLEAR_ALL")
+check(libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()), "capset")
+check(libc.prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
 source = sys.stdin.buffer.read().decode("utf-8", "replace")
 pid = os.fork()
 if pid == 0:
@@ -172,6 +200,9 @@ class SandboxLimits:
     open_files: int = 256
     file_bytes: int = 32 << 20  # largest file the code may write
     workdir_bytes: int = 64 << 20  # size of the /work tmpfs (and of /tmp and /dev/shm)
+    # files, directories and links each of them may hold (its root included): each costs
+    # the kernel an inode, which no size cap counts
+    workdir_files: int = 16 << 10
     output_bytes: int = 1 << 20  # stdout + stderr kept; more stops the run
     report_bytes: int = 4 << 20  # file contents returned in the result, in total
     nice: int = 19
@@ -272,6 +303,8 @@ class Sandbox:
             limits.nice,
             limits.report_bytes,
             manifest_fd,
+            limits.workdir_bytes,
+            limits.workdir_files,
             # soft and hard: CPU, address space, processes, file size, core, open files
             limits.cpu_seconds,
             limits.cpu_seconds + 1,
@@ -286,7 +319,6 @@ class Sandbox:
             limits.open_files,
             limits.open_files,
         ]
-        size = str(limits.workdir_bytes)
         return [
             *_OOM_FIRST,
             self.bwrap,
@@ -319,24 +351,22 @@ class Sandbox:
             "/proc",
             "--dev",
             "/dev",
-            # /dev is a tmpfs of bwrap's own, writable and as large as half the RAM: its
-            # shared memory gets the same cap as /work, the rest is read-only
-            "--size",
-            size,
-            "--tmpfs",
-            "/dev/shm",
+            # /dev is a tmpfs of bwrap's own, writable and as large as half the RAM: it is
+            # read-only, and the launcher mounts capped tmpfs on /dev/shm, /work and /tmp
+            # (bwrap cannot cap their files), holding CAP_SYS_ADMIN in the run's user
+            # namespace only until then
             "--remount-ro",
             "/dev",
-            "--size",
-            size,
-            "--tmpfs",
+            "--dir",
             "/work",
-            "--size",
-            size,
-            "--tmpfs",
+            "--dir",
             "/tmp",
             "--remount-ro",
             "/",
+            "--cap-add",
+            "CAP_SYS_ADMIN",
+            "--cap-add",
+            "CAP_SETPCAP",  # to empty the bounding set
             "--chdir",
             "/work",
             "--clearenv",
@@ -432,7 +462,7 @@ def _result(
             files = [SandboxFile(*entry) for entry in listed]
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             pass
-    elif returncode == 1 and stderr.startswith("bwrap:"):
+    elif returncode == 1 and stderr.startswith(("bwrap:", "sandbox setup:")):
         raise SandboxUnavailable(f"the code sandbox could not start: {stderr.strip()}")
     return SandboxResult(
         output.stdout.decode("utf-8", "replace"),

@@ -169,6 +169,52 @@ def test_shared_memory_is_capped_like_the_working_directory():
     assert result.stdout.strip() == "capped 28", result  # ENOSPC
 
 
+def test_the_writable_mounts_hold_a_bounded_number_of_files():
+    """Each empty file costs the kernel an inode, which no size cap counts: without a
+    bound, a run made millions within its time limit."""
+    result, _ = run(
+        """
+        for directory in ("/work", "/tmp", "/dev/shm"):
+            made = 0
+            try:
+                while made < 100_000:
+                    open(f"{directory}/{made}", "w").close()
+                    made += 1
+            except OSError as exc:
+                print(directory, made <= 64, exc.strerror)
+        """,
+        replace(FAST, workdir_files=64),
+    )
+    assert result.stdout.splitlines() == [
+        f"{directory} True No space left on device" for directory in ("/work", "/tmp", "/dev/shm")
+    ], result
+
+
+def test_the_code_holds_no_capability_and_cannot_remount():
+    """The launcher mounts the writable tmpfs mounts (with their file limit) holding
+    CAP_SYS_ADMIN in the sandbox's user namespace, then drops every capability before the
+    code runs: the code can neither lift the limits nor get a capability back."""
+    result, _ = run("""
+        import ctypes, subprocess
+        for line in open("/proc/self/status"):
+            if line.startswith("Cap"):
+                print(line.split()[0], int(line.split()[1], 16))
+        libc = ctypes.CDLL(None, use_errno=True)
+        remount = libc.mount(b"tmpfs", b"/work", b"tmpfs", 32, b"nr_inodes=1000000")
+        print("remount", remount, ctypes.get_errno())  # MS_REMOUNT
+        print("mount", libc.mount(b"tmpfs", b"/tmp", b"tmpfs", 0, b""), ctypes.get_errno())
+        print("umount", libc.umount2(b"/work", 2), ctypes.get_errno())  # MNT_DETACH
+        command = ["mount", "-o", "remount,nr_inodes=1000000", "/work"]
+        print("mount(8)", subprocess.run(command, capture_output=True).returncode)
+        status = subprocess.run(["grep", "^Cap", "/proc/self/status"], capture_output=True)
+        print("child", sorted({line.split()[1] for line in status.stdout.splitlines()}))
+    """)
+    lines = result.stdout.splitlines()
+    assert lines[:5] == ["CapInh: 0", "CapPrm: 0", "CapEff: 0", "CapBnd: 0", "CapAmb: 0"], result
+    assert lines[5:9] == ["remount -1 1", "mount -1 1", "umount -1 1", "mount(8) 32"], result
+    assert lines[9:] == ["child [b'0000000000000000']"], result  # what it starts has none
+
+
 def test_memory_no_rlimit_counts_is_refused():
     """memfd_create's files and System V segments hold memory outside the address space
     RLIMIT_AS bounds (a run held 3 GiB of them under a 1 GiB limit); the seccomp filter
