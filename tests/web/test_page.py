@@ -318,10 +318,7 @@ def deleted_elsewhere(session, api, text: str):
 
 def test_a_conversation_deleted_in_another_tab_keeps_the_message_typed(session, api):
     page, _ = deleted_elsewhere(session, api, "Soon deleted elsewhere.")
-    before = finished_turns(page)
-    page.fill("#prompt", "Still there?")
-    page.press("#prompt", "Enter")
-    wait_for_turn(page, before)
+    send(page, "Still there?")
     assert "deleted in another tab" in page.inner_text("#status")
     assert page.input_value("#prompt") == "Still there?"
     assert page.inner_text("#chat-title") == "New chat"
@@ -846,10 +843,7 @@ def test_a_message_after_its_turn_was_deleted_elsewhere_shows_the_stored_convers
     page = _signed_in_page(session, DELETED_404, r"404 .*@ .*/v1/responses$")
     open_conversation(page, "Deleted while open")
     assert api.delete(f"/v1/responses/{leaf}").status_code == 200
-    before = finished_turns(page)
-    page.fill("#prompt", "Still there?")
-    page.press("#prompt", "Enter")
-    wait_for_turn(page, before)
+    send(page, "Still there?")
     assert "deleted elsewhere" in page.inner_text("#status")
     assert page.input_value("#prompt") == "Still there?"
     assert turns(page) == []
