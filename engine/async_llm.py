@@ -87,7 +87,7 @@ class AsyncLLM:
         prompt: str | list[int],
         params: SamplingParams,
         request_id: str,
-        on_abort: Callable[[int], None] | None = None,
+        on_abort: Callable[[int, int], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield outputs until the request finishes, as `params.output_kind` says: all so
         far each time (the default, as vLLM), only what is new (DELTA, what the server
@@ -96,7 +96,9 @@ class AsyncLLM:
         away) aborts the request and frees its blocks; `on_abort` is then called, before
         the close returns, with the number of output tokens the engine generated that no
         yielded output carried (those it made while the caller was not reading, up to the
-        abort): they were computed, so a server meters them."""
+        abort): they were computed, so a server meters them; and with the prompt's
+        prefix-cache hit (`num_cached_tokens`), which the caller would otherwise take from
+        the finished output it never gets (0 for a request aborted before admission)."""
         if self.failure is not None:
             raise EngineError(f"the engine failed: {self.failure!r}")
         if self._stopped.is_set():
@@ -116,13 +118,14 @@ class AsyncLLM:
         finished = False
         kind = params.output_kind
         so_far: RequestOutput | None = None  # received, and (but for FINAL_ONLY) yielded
+        cached = 0  # the prompt's prefix-cache hit, as the latest output received says
         try:
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
                     finished = True
                     raise item
-                finished = item.finished
+                finished, cached = item.finished, item.num_cached_tokens
                 if kind is RequestOutputKind.DELTA:
                     yield item
                     continue
@@ -134,7 +137,8 @@ class AsyncLLM:
                 self._send("abort", request_id)
                 if on_abort is not None:
                     held = so_far if kind is RequestOutputKind.FINAL_ONLY else None
-                    on_abort(_num_tokens(held) + await _drain(stream.queue))
+                    unseen, cached = await _drain(stream.queue, cached)
+                    on_abort(_num_tokens(held) + unseen, cached)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its blocks are freed before the next step runs."""
@@ -279,18 +283,20 @@ class AsyncLLM:
             self._finish_stream(request_id, error)
 
 
-async def _drain(queue_: asyncio.Queue) -> int:
+async def _drain(queue_: asyncio.Queue, cached: int) -> tuple[int, int]:
     """The output tokens still to come on an aborted request's queue: up to its last
     item, which the engine always sends (the abort's output, the finished request's, or
-    an error), whether the request was still running or had ended unread."""
+    an error), whether the request was still running or had ended unread; and the
+    prompt's prefix-cache hit as the latest of them says (`cached`, the one known
+    before, if none does)."""
     tokens = 0
     while True:
         item = await queue_.get()
         if isinstance(item, Exception):
-            return tokens
-        tokens += _num_tokens(item)
+            return tokens, cached
+        tokens, cached = tokens + _num_tokens(item), item.num_cached_tokens
         if item.finished:
-            return tokens
+            return tokens, cached
 
 
 def _num_tokens(output: RequestOutput | None) -> int:

@@ -73,7 +73,7 @@ class EngineClient(Protocol):
         prompt: str | list[int],
         params: SamplingParams,
         request_id: str,
-        on_abort: Callable[[int], None] | None = None,
+        on_abort: Callable[[int, int], None] | None = None,
     ) -> AsyncIterator[RequestOutput]: ...
 
     async def abort(self, request_id: str) -> None: ...

@@ -156,8 +156,11 @@ class _Progress:
     # are counted in the usage (computed, so billed), but are in no output.
     unseen: int = 0
 
-    def on_abort(self, unseen: int) -> None:
+    def on_abort(self, unseen: int, cached: int) -> None:
+        """The generation was stopped before its end: no finished output reports its
+        prompt's cache hit, the engine's abort does."""
         self.unseen += unseen
+        self.cached = cached
 
 
 @dataclass

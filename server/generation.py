@@ -110,8 +110,9 @@ async def engine_outputs(
         params, cache_salt=cache_salt(meter.identity.owner), output_kind=RequestOutputKind.DELTA
     )
     try:
-        # Tokens the engine made that the client never got (it went away) are metered too.
-        generation = state.engine.generate(prompt, params, request_id, meter.on_tokens)
+        # Tokens the engine made that the client never got (it went away) are metered too,
+        # and the prompt's cache hit, which no finished output reports then.
+        generation = state.engine.generate(prompt, params, request_id, meter.on_aborted)
         async with aclosing(generation) as outputs:
             async for out in outputs:
                 count = sum(len(o.token_ids) for o in out.outputs)

@@ -126,20 +126,28 @@ def test_abort_and_closed_streams_free_blocks(tiny_path):
 def test_a_closed_stream_reports_the_tokens_it_never_yielded(tiny_path, kind):
     """What the engine generated while the caller was not reading, up to the abort, is
     handed to `on_abort`: with what was yielded, every token the engine made (as its
-    generation counter counts them), so a server can meter them all."""
+    generation counter counts them), so a server can meter them all; and the prompt's
+    prefix-cache hit, which only the finished output it never yields would carry."""
 
     async def run():
         engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
         params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, output_kind=kind)
-        reported: list[int] = []
+        reported: list[tuple[int, int]] = []
         try:
-            gen = engine.generate(_prompt(20, 1), params, "a", reported.append)
-            yielded = 0
+            one = dataclasses.replace(params, max_tokens=1)
+            [primed] = [out async for out in engine.generate(_prompt(20, 1), one, "p")]
+            assert primed.num_cached_tokens == 0  # the next request finds its prompt cached
+            while engine.stats().generation_tokens_total < 1:  # the snapshot follows the step
+                await asyncio.sleep(0.01)
+            gen = engine.generate(
+                _prompt(20, 1), params, "a", lambda *counts: reported.append(counts)
+            )
+            yielded = 1  # the primed request's token
             if kind is DELTA:
-                yielded = len((await gen.__anext__()).outputs[0].token_ids)
+                yielded += len((await gen.__anext__()).outputs[0].token_ids)
             else:  # nothing is yielded before the end: wait for the engine to be under way
                 task = asyncio.ensure_future(gen.__anext__())
-                while engine.stats().generation_tokens_total == 0:
+                while engine.stats().generation_tokens_total == 1:
                     await asyncio.sleep(0.01)
             while engine.stats().generation_tokens_total < yielded + 3:  # it runs on unread
                 await asyncio.sleep(0.01)
@@ -151,8 +159,10 @@ def test_a_closed_stream_reports_the_tokens_it_never_yielded(tiny_path, kind):
                 if engine.stats().num_running == 0:
                     break
                 await asyncio.sleep(0.02)
-            generated = engine.stats().generation_tokens_total
-            assert reported == [generated - yielded] and generated < 200
+            stats = engine.stats()
+            generated = stats.generation_tokens_total
+            assert reported == [(generated - yielded, stats.prefix_cache_hits)]
+            assert generated < 200 and stats.prefix_cache_hits > 0
         finally:
             await engine.shutdown()
 

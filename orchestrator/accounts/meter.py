@@ -3,9 +3,10 @@ the single usage row written when it ends.
 
 The routes create a `Meter` at arrival and feed it as the request runs (`on_submit` when
 a prompt goes to the engine, `on_tokens` as tokens come back, `on_cached` when a prompt
-finishes). `finish(status)` settles the reservation and writes the row exactly once;
-every way a request can end (completed, cut, cancelled, the client gone, an error, a
-refusal before any compute) calls it, and the later calls do nothing.
+finishes, `on_aborted` when one is stopped before its end). `finish(status)` settles the
+reservation and writes the row exactly once; every way a request can end (completed, cut,
+cancelled, the client gone, an error, a refusal before any compute) calls it, and the later
+calls do nothing.
 """
 
 from __future__ import annotations
@@ -93,6 +94,13 @@ class Meter:
 
     def on_cached(self, count: int) -> None:
         self.cached_input_tokens += count
+
+    def on_aborted(self, unseen_tokens: int, cached_tokens: int) -> None:
+        """A generation stopped before its end (`AsyncLLM.generate`'s `on_abort`): the
+        output tokens the engine made that no output carried, and the prompt's prefix-cache
+        hit, which only its finished output would otherwise have reported."""
+        self.on_tokens(unseen_tokens)
+        self.on_cached(cached_tokens)
 
     def on_finished(self) -> None:
         """(The token observer's end: the row is written by `finish`.)"""

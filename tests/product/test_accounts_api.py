@@ -525,6 +525,40 @@ def test_tokens_generated_after_the_client_left_are_metered(product_server):
     assert state.reserved == 0 and state.used == sum(r.total_tokens for r in rows)
 
 
+def test_a_prompt_cache_hit_is_metered_after_the_client_left(product_server):
+    """A request whose client leaves mid-stream is billed its prompt's prefix-cache hit
+    (which only a finished output would report otherwise) as cached input, on chat
+    completions, completions and responses alike, and a stored response's usage says so."""
+    engine = FakeEngine(reply="abcdefghijklmnopqrstuvwxyz")
+    server = product_server(engine)
+    key = _account(server, "alice", token_quota=10_000, quota_period="total")
+    text = "the same long prompt"
+    bodies = {
+        "chat/completions": {"messages": [{"role": "user", "content": text}], "max_tokens": 26},
+        "completions": {"prompt": text, "max_tokens": 26},
+        "responses": {"input": text},
+    }
+    for count, (path, body) in enumerate(bodies.items(), start=1):
+        engine.hold.set()  # the first request runs to its end, and its prompt is cached
+        url, auth = f"{server.url}/v1/{path}", {"Authorization": f"Bearer {key}"}
+        primed = httpx.post(url, timeout=10, headers=auth, json={"model": MODEL, **body})
+        assert primed.status_code == 200, primed.text
+        engine.hold.clear()  # the second pauses after its first token, and its client leaves
+        with httpx.stream(
+            "POST", url, timeout=10, headers=auth, json={"model": MODEL, "stream": True, **body}
+        ) as stream:
+            for event in events(stream):
+                if event.get("type") == "response.created":
+                    response_id = event["response"]["id"]
+                if '"a"' in json.dumps([event.get("delta"), event.get("choices")]):
+                    break
+        row = _rows(server, "user_alice", count=2 * count)[-1]
+        assert row.status == "incomplete", path
+        assert row.cached_input_tokens == engine.cache_hits[-1] > 0, path
+    response = server.product.store.repo.get_response("user_alice", response_id)
+    assert response["usage"]["input_tokens_details"]["cached_tokens"] == engine.cache_hits[-1]
+
+
 def test_the_admin_cli_manages_users_and_keys_the_server_accepts(product_server, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()

@@ -101,7 +101,7 @@ class FakeEngine:
     fail_after: int | None = None  # raise `fail_with` after this many tokens
     fail_with: type[EngineError] = EngineError  # EngineShutdownError: a drain that ran out
     # Tokens "generated" past those a stream closed early had read, reported to its
-    # on_abort as AsyncLLM reports the ones it made while nobody read.
+    # on_abort as AsyncLLM reports the ones it made while nobody read (with the cache hit).
     ahead: int = 0
     tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
     running: set[str] = field(default_factory=set)
@@ -109,6 +109,7 @@ class FakeEngine:
     finished: list[str] = field(default_factory=list)
     params: list[SamplingParams] = field(default_factory=list)
     prompts: list[list[int]] = field(default_factory=list)
+    cache_hits: list[int] = field(default_factory=list)  # each request's num_cached_tokens
     generated_total: int = 0
     finished_total: collections.Counter[str] = field(default_factory=collections.Counter)
     num_seqs: dict[str, int] = field(default_factory=dict)  # running requests' n
@@ -159,13 +160,14 @@ class FakeEngine:
         prompt: str | list[int],
         params: SamplingParams,
         request_id: str,
-        on_abort: Callable[[int], None] | None = None,
+        on_abort: Callable[[int, int], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(ids) > self.max_model_len:  # as LLMEngine's
             raise ValueError("prompt too long")
         cached = self._cached_tokens(ids)
         self.prompts.append(ids)
+        self.cache_hits.append(cached)
         self.params.append(params)
         self.running.add(request_id)
         self.num_seqs[request_id] = params.n
@@ -205,7 +207,7 @@ class FakeEngine:
                 )
         finally:
             if request_id in self.running and on_abort is not None:  # closed early
-                on_abort(self.ahead)
+                on_abort(self.ahead, cached)
 
     @staticmethod
     def _prompt_logprobs(ids: list[int], top_n: int | None) -> list[TokenLogprobs | None] | None:
