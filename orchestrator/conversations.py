@@ -107,10 +107,12 @@ class ConversationService:
         return item_list(found)
 
     async def retrieve_item(self, owner: str, conversation_id: str, item_id: str) -> dict:
+        """The item; a 404 naming what is missing: the conversation, or the item in it."""
         item = await self.store.call(
             Repository.get_conversation_item, owner, conversation_id, item_id
         )
         if item is None:
+            await self.retrieve(owner, conversation_id)
             raise NotFoundError(
                 f"Item with id '{item_id}' not found.", param="item_id", code="not_found"
             )

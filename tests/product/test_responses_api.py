@@ -410,6 +410,9 @@ def test_conversations_collect_the_items_of_their_responses(product_server, data
     assert deleted.deleted and deleted.id == conv.id
     with pytest.raises(openai.NotFoundError):
         client.conversations.retrieve(conv.id)
+    for method in ("GET", "DELETE"):  # an item of a deleted conversation: the conversation is gone
+        raw = _raw(server, method, f"/conversations/{conv.id}/items/{items.data[0].id}")
+        assert (raw.status_code, raw.json()["error"]["param"]) == (404, "conversation_id"), method
     with server.product.store.engine.connect() as db:
         left = db.execute(
             select(func.count())
