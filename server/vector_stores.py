@@ -198,7 +198,7 @@ async def retrieve_store_file(request: Request) -> Response:
 
 async def update_store_file(request: Request, body: Any) -> Response:
     body = known_fields(body, {"attributes"})
-    if body.get("attributes") is None:
+    if "attributes" not in body:  # required, but null (as the SDK's type allows) clears them
         raise invalid("attributes is required", "attributes")
     return JSONResponse(
         await _service(request).update_file(

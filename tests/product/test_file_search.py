@@ -427,6 +427,11 @@ def test_a_store_file_s_attributes_update_and_its_content_reads_back(knowledge):
     assert {h.file_id for h in hits} == {file_id}  # the chunks carry the new attributes
     content = list(client.vector_stores.files.content(file_id, vector_store_id=vs))
     assert [(c.type, c.text) for c in content] == [("text", GLACIERS)]
+    cleared = client.vector_stores.files.update(file_id, vector_store_id=vs, attributes=None)
+    assert cleared.attributes == {}
+    assert not client.vector_stores.search(
+        vs, query="glacier", filters={"type": "eq", "key": "topic", "value": "ice"}
+    ).data
     with pytest.raises(openai.NotFoundError):
         client.vector_stores.files.update("file_nope", vector_store_id=vs, attributes={})
     with pytest.raises(openai.BadRequestError):
