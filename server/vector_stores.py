@@ -20,7 +20,8 @@ from server.responses import product
 from server.responses_protocol import parse_metadata, parse_page
 from server.vector_store_search import parse_search_request, search_results_page
 
-MAX_FILE_IDS = 500
+MAX_FILE_IDS = 500  # a store's `file_ids` when it is created
+MAX_BATCH_FILES = 2000  # a file batch's `file_ids` or `files`, as OpenAI's
 MAX_DESCRIPTION = 512
 MAX_EXPIRY_DAYS = 365
 STATUSES = ("in_progress", "completed", "failed", "cancelled")
@@ -233,8 +234,10 @@ def _batch_files(body: dict) -> list[FileToAdd]:
         raise invalid("give either file_ids or files", "file_ids")
     if body.get("file_ids") is not None:
         file_ids = body["file_ids"]
-        if not isinstance(file_ids, list) or not file_ids or len(file_ids) > MAX_FILE_IDS:
-            raise invalid(f"file_ids must be an array of 1 to {MAX_FILE_IDS} file ids", "file_ids")
+        if not isinstance(file_ids, list) or not file_ids or len(file_ids) > MAX_BATCH_FILES:
+            raise invalid(
+                f"file_ids must be an array of 1 to {MAX_BATCH_FILES} file ids", "file_ids"
+            )
         chunking, attributes = _chunking(body), _attributes(body)
         return [
             FileToAdd(f, chunking, attributes, "file_ids") for f in _distinct_file_ids(file_ids)
@@ -242,8 +245,8 @@ def _batch_files(body: dict) -> list[FileToAdd]:
     if body.get("attributes") is not None or body.get("chunking_strategy") is not None:
         raise invalid("with files, give attributes and chunking_strategy per file", "files")
     entries = body["files"]
-    if not isinstance(entries, list) or not entries or len(entries) > MAX_FILE_IDS:
-        raise invalid(f"files must be an array of 1 to {MAX_FILE_IDS} objects", "files")
+    if not isinstance(entries, list) or not entries or len(entries) > MAX_BATCH_FILES:
+        raise invalid(f"files must be an array of 1 to {MAX_BATCH_FILES} objects", "files")
     added: dict[str, FileToAdd] = {}
     for i, entry in enumerate(entries):
         entry = known_fields(entry, {"file_id", "attributes", "chunking_strategy"})

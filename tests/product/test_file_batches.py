@@ -164,6 +164,13 @@ def test_batches_belong_to_their_owner_and_bad_bodies_are_400(product_server, tm
         with pytest.raises(openai.NotFoundError) as caught:
             client.vector_stores.file_batches.create(vector_store_id=store.id, **sent)
         assert caught.value.body["param"] == param
+    # a batch takes up to 2000 files, as OpenAI's (so these are looked up: not found)
+    for many in (
+        {"file_ids": [f"file_missing{i}" for i in range(2000)]},
+        {"files": [{"file_id": f"file_missing{i}"} for i in range(2000)]},
+    ):
+        with pytest.raises(openai.NotFoundError):
+            client.vector_stores.file_batches.create(vector_store_id=store.id, **many)
     with pytest.raises(openai.NotFoundError) as caught:
         client.vector_stores.create(file_ids=["file_missing"])
     assert caught.value.body["param"] == "file_ids"
@@ -175,6 +182,8 @@ def test_batches_belong_to_their_owner_and_bad_bodies_are_400(product_server, tm
         ({}, "file_ids"),
         ({"file_ids": [ids["bread.txt"]], "files": []}, "file_ids"),
         ({"file_ids": []}, "file_ids"),
+        ({"file_ids": [f"file_{i}" for i in range(2001)]}, "file_ids"),
+        ({"files": [{"file_id": f"file_{i}"} for i in range(2001)]}, "files"),
         ({"files": [{"file_id": 3}]}, "files[0].file_id"),
         ({"files": [{"file_id": ids["bread.txt"]}], "attributes": {}}, "files"),
     ]:
