@@ -188,12 +188,8 @@ def get_file(repo: Repository, owner: str, file_id: str) -> tuple[dict, str | No
 
 def list_files(repo: Repository, owner: str, page: Page, purpose: str | None) -> ItemPage:
     with repo.engine.connect() as conn:
-        table = (
-            files
-            if purpose is None
-            else (files.select().where(files.c.purpose == purpose).subquery())
-        )
-        return _page(conn, table, table.c.owner_id, owner, owner, page)
+        only = [] if purpose is None else [files.c.purpose == purpose]
+        return _page(conn, files, files.c.owner_id, owner, owner, page, only=only)
 
 
 def delete_file(repo: Repository, owner: str, file_id: str) -> bool:
@@ -407,8 +403,8 @@ def list_store_files(
         if not _owns_store(conn, owner, vector_store_id):
             return None
         t = vector_store_files
-        table = t if status is None else t.select().where(t.c.status == status).subquery()
-        return _page(conn, table, table.c.vector_store_id, vector_store_id, owner, page)
+        only = [] if status is None else [t.c.status == status]
+        return _page(conn, t, t.c.vector_store_id, vector_store_id, owner, page, only=only)
 
 
 def delete_store_file(repo: Repository, owner: str, vector_store_id: str, file_id: str) -> bool:
@@ -575,11 +571,8 @@ def list_batch_files(
             is None
         ):
             return None
-        query = t.select().where(t.c.batch_id == batch_id)
-        if status is not None:
-            query = query.where(t.c.status == status)
-        table = query.subquery()
-        return _page(conn, table, table.c.vector_store_id, vector_store_id, owner, page)
+        only = [t.c.batch_id == batch_id] + ([] if status is None else [t.c.status == status])
+        return _page(conn, t, t.c.vector_store_id, vector_store_id, owner, page, only=only)
 
 
 def _owns_store(conn: Connection, owner: str, vector_store_id: str) -> bool:

@@ -155,12 +155,16 @@ def _page(
     page: Page,
     columns: Sequence[ColumnElement] = (),
     item: Callable[[Row], dict] = _body,
+    only: Sequence[ColumnElement] = (),
 ) -> ItemPage:
     """One page of a parent's items in insertion order (`seq`), the cursor being an item id.
     A `before` page is read backwards from its cursor, then put in the list's order. Each
     item is its row's `body`, or what `item` makes of the body and `columns` (an item
-    whose fields live in columns of their own reads them in the same statement)."""
-    where = [parent_column == parent_id, table.c.owner_id == owner]
+    whose fields live in columns of their own reads them in the same statement).
+    `only`: conditions an item must meet to be listed (a filter by status or batch). The
+    cursor is found among all the parent's items, not just those: the last item of a page
+    of files `in_progress` may be `completed` by the time the next page is asked for."""
+    where = [parent_column == parent_id, table.c.owner_id == owner, *only]
     backwards = page.before is not None
     cursor = page.before if backwards else page.after
     rising = (page.order == "asc") != backwards  # the direction rows are read in

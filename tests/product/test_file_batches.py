@@ -124,6 +124,34 @@ def test_cancel_stops_the_files_still_in_progress(product_server, tmp_path, embe
     assert client.vector_stores.retrieve(store.id).file_counts.cancelled == 2
 
 
+def test_a_filtered_list_pages_on_after_its_cursor_left_the_filter(
+    product_server, tmp_path, embedder
+):
+    """Paging through the files `in_progress`: the last file of a page may be `completed`
+    by the time the next page is asked for; its id still marks the place."""
+    held = HeldEmbedder(embedder)
+    server, ids = _server(product_server, tmp_path, held)
+    client = server.client
+    store = client.vector_stores.create()
+    batch = client.vector_stores.file_batches.create(
+        vector_store_id=store.id, file_ids=list(ids.values())
+    )
+    pages = [
+        client.vector_stores.files.list(store.id, filter="in_progress", limit=1),
+        client.vector_stores.file_batches.list_files(
+            batch.id, vector_store_id=store.id, filter="in_progress", limit=1
+        ),
+    ]
+    assert all(len(page.data) == 1 and page.has_more for page in pages)
+    held.release.set()
+    client.vector_stores.file_batches.poll(batch.id, vector_store_id=store.id, poll_interval_ms=50)
+    for page in pages:
+        following = page.get_next_page()
+        assert following.data == [] and not following.has_more
+    listed = client.files.list(purpose="assistants", limit=1)
+    assert [f.id for f in listed.get_next_page().data] == [ids["glaciers.txt"]]
+
+
 def test_batches_belong_to_their_owner_and_bad_bodies_are_400(product_server, tmp_path, embedder):
     server, ids = _server(product_server, tmp_path, embedder)
     client = server.client
