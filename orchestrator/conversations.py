@@ -7,8 +7,10 @@ from collections.abc import Collection
 
 from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import NotFoundError
+from orchestrator.events import hide_logprobs
 from orchestrator.ids import new_id
 from orchestrator.items import item_list, stored_item
+from orchestrator.response_request import OUTPUT_TEXT_LOGPROBS
 from orchestrator.store import ConversationRow, ItemPage, Page, Repository, Store, metadata_tag
 
 
@@ -98,16 +100,25 @@ class ConversationService:
             raise _missing(conversation_id)
         return item_list(ItemPage(stored, has_more=False))
 
-    async def list_items(self, owner: str, conversation_id: str, page: Page) -> dict:
+    async def list_items(
+        self, owner: str, conversation_id: str, page: Page, include: Collection[str] = ()
+    ) -> dict:
+        """A page of items; their output_text logprobs only when `include` asks for them
+        (`hide_logprobs`)."""
         found = await self.store.call(
             Repository.list_conversation_items, owner, conversation_id, page
         )
         if found is None:
             raise _missing(conversation_id)
+        if OUTPUT_TEXT_LOGPROBS not in include:
+            hide_logprobs(found.items)
         return item_list(found)
 
-    async def retrieve_item(self, owner: str, conversation_id: str, item_id: str) -> dict:
-        """The item; a 404 naming what is missing: the conversation, or the item in it."""
+    async def retrieve_item(
+        self, owner: str, conversation_id: str, item_id: str, include: Collection[str] = ()
+    ) -> dict:
+        """The item (its output_text logprobs only when `include` asks for them); a 404
+        naming what is missing: the conversation, or the item in it."""
         item = await self.store.call(
             Repository.get_conversation_item, owner, conversation_id, item_id
         )
@@ -116,6 +127,8 @@ class ConversationService:
             raise NotFoundError(
                 f"Item with id '{item_id}' not found.", param="item_id", code="not_found"
             )
+        if OUTPUT_TEXT_LOGPROBS not in include:
+            hide_logprobs([item])
         return item
 
     async def delete_item(self, owner: str, conversation_id: str, item_id: str) -> dict:

@@ -32,13 +32,41 @@ _FINAL_EVENTS = {
 }
 
 
-def output_text_part(text: str, annotations: list[dict] | None = None) -> dict:
+def output_text_part(
+    text: str, annotations: list[dict] | None = None, logprobs: list[dict] | None = None
+) -> dict:
     return {
         "type": "output_text",
         "text": text,
         "annotations": list(annotations or []),
-        "logprobs": [],
+        "logprobs": copy.deepcopy(logprobs or []),
     }
+
+
+def event_logprobs(logprobs: list[dict]) -> list[dict]:
+    """Content logprobs as the output_text delta and done events carry them: the OpenAI
+    SDK's event `Logprob` has no `bytes` (the content part's has)."""
+    return [
+        {
+            "token": lp["token"],
+            "logprob": lp["logprob"],
+            "top_logprobs": [
+                {"token": t["token"], "logprob": t["logprob"]} for t in lp["top_logprobs"]
+            ],
+        }
+        for lp in logprobs
+    ]
+
+
+def hide_logprobs(items: list[dict]) -> None:
+    """Empty the logprobs of the output_text parts of `items` (in place): a stored
+    response or item shows them only when a read's `include` asks for them, as
+    its creation's had to."""
+    for item in items:
+        if item.get("type") == "message":
+            for part in item.get("content", ()):
+                if part.get("logprobs"):
+                    part["logprobs"] = []
 
 
 def usage(input_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
@@ -72,8 +100,9 @@ class ResponseEvents:
     def start(self) -> list[Event]:
         return [self._snapshot("response.created"), self._snapshot("response.in_progress")]
 
-    def text(self, delta: str) -> list[Event]:
-        """Model text: opens the output message on first use, then one delta event."""
+    def text(self, delta: str, logprobs: list[dict] | None = None) -> list[Event]:
+        """Model text: opens the output message on first use, then one delta event, with
+        the logprobs of the tokens that wrote it (content part shape) when asked for."""
         events = []
         if self._message is None:
             self._message = {
@@ -102,7 +131,9 @@ class ResponseEvents:
                     part=output_text_part(""),
                 )
             )
-        self._message["content"][0]["text"] += delta
+        part = self._message["content"][0]
+        part["text"] += delta
+        part["logprobs"] += logprobs or []
         events.append(
             self._event(
                 "response.output_text.delta",
@@ -110,7 +141,7 @@ class ResponseEvents:
                 output_index=len(self.output) - 1,
                 content_index=0,
                 delta=delta,
-                logprobs=[],
+                logprobs=event_logprobs(logprobs or []),
             )
         )
         return events
@@ -150,13 +181,17 @@ class ResponseEvents:
         return [
             *events,
             self._event(
-                "response.output_text.done", **ids, content_index=0, text=text, logprobs=[]
+                "response.output_text.done",
+                **ids,
+                content_index=0,
+                text=text,
+                logprobs=event_logprobs(part["logprobs"]),
             ),
             self._event(
                 "response.content_part.done",
                 **ids,
                 content_index=0,
-                part=output_text_part(text, part["annotations"]),
+                part=output_text_part(text, part["annotations"], part["logprobs"]),
             ),
             self._event(
                 "response.output_item.done", output_index=index, item=copy.deepcopy(message)

@@ -60,6 +60,10 @@ class CodeInterpreterTool:
         return {"type": "code_interpreter", "container": self.container}
 
 
+# The `include` value that asks for each output_text token's logprobs.
+OUTPUT_TEXT_LOGPROBS = "message.output_text.logprobs"
+
+
 @dataclass
 class ResponseRequest:
     """A validated `POST /v1/responses` body (the server parses and checks it)."""
@@ -85,6 +89,7 @@ class ResponseRequest:
     text_format: dict = field(default_factory=lambda: {"type": "text"})
     max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS  # built-in calls one response may run
     include: list[str] = field(default_factory=list)  # e.g. "file_search_call.results"
+    top_logprobs: int = 0  # likeliest tokens beside each output_text token's, with the include
     user: str | None = None  # the client's own end-user label, echoed (OpenAI's, deprecated)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -92,6 +97,12 @@ class ResponseRequest:
     # cache needs no key) and tracks abuse by the second (this server has its own users).
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+
+    @property
+    def logprobs(self) -> int | None:
+        """The top logprobs to ask the engine for (None: no logprobs): only when `include`
+        asks for the output text's logprobs, as OpenAI gives them only then."""
+        return self.top_logprobs if OUTPUT_TEXT_LOGPROBS in self.include else None
 
     def format_schema(self) -> dict | None:
         """The JSON schema text.format asks for (None: free text)."""
@@ -166,6 +177,7 @@ def sampling_params(request: ResponseRequest) -> SamplingParams:
     try:
         return SamplingParams(
             max_tokens=request.max_output_tokens,
+            logprobs=request.logprobs,
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             **{k: v for k, v in chosen.items() if v is not None},

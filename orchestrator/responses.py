@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 
 from engine import SamplingParams
 from engine.client import EngineClient
@@ -22,8 +22,11 @@ from orchestrator.accounts.identity import cache_salt
 from orchestrator.context import ContextBuilder, Prompt, ToolConfig
 from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import InvalidRequestError, NotFoundError
+from orchestrator.events import hide_logprobs
 from orchestrator.items import item_list, stored_item
+from orchestrator.logprobs import TokenNames
 from orchestrator.response_request import (
+    OUTPUT_TEXT_LOGPROBS,
     ResponseRequest,
     check_call_outputs,
     check_json_mention,
@@ -75,7 +78,13 @@ class ResponseService:
         # Final states being retried while the database does not answer (`record_later`).
         self.recording: set[asyncio.Task] = set()
         self.turn_services = TurnServices(
-            engine, self.context, store, lock, self.running, self.record_later
+            engine,
+            self.context,
+            store,
+            lock,
+            self.running,
+            self.record_later,
+            TokenNames.cached(engine.tokenizer),
         )
 
     def record_later(self, writes: Coroutine) -> None:
@@ -287,13 +296,18 @@ class ResponseService:
             return None
         return turn
 
-    async def retrieve(self, owner: str, response_id: str) -> dict:
+    async def retrieve(self, owner: str, response_id: str, include: Collection[str] = ()) -> dict:
+        """The response as it stands; its output_text logprobs (kept when its request
+        asked for them) only when `include` asks for them too."""
         turn = self._live(owner, response_id)
         if turn is not None:
-            return copy.deepcopy(turn.events.response)
-        body = await self.store.call(Repository.get_response, owner, response_id)
-        if body is None:
-            raise _missing(response_id)
+            body = copy.deepcopy(turn.events.response)
+        else:
+            body = await self.store.call(Repository.get_response, owner, response_id)
+            if body is None:
+                raise _missing(response_id)
+        if OUTPUT_TEXT_LOGPROBS not in include:
+            hide_logprobs(body["output"])
         return {**RESPONSE_DEFAULTS, **body}  # a body stored without them has them too
 
     async def cancel(self, owner: str, response_id: str) -> dict:

@@ -57,6 +57,20 @@ class ArgumentsDelta:
 @dataclass
 class TextPiece:
     text: str
+    start: int = field(default=0, compare=False)  # where it starts in the text fed
+
+
+class Content(str):
+    """A piece of a choice's content, with where it starts in the choice's raw text (the
+    text fed, tool-call blocks and the whitespace beside them included): what places
+    its tokens' logprobs (orchestrator/logprobs.py, `TextLogprobs`)."""
+
+    start: int
+
+    def __new__(cls, text: str, start: int) -> Content:
+        piece = super().__new__(cls, text)
+        piece.start = start
+        return piece
 
 
 ToolEvent = TextPiece | ParsedCall | CallStart | ArgumentsDelta
@@ -98,6 +112,7 @@ class ToolCallParser:
         self.num_calls = 0
         self.dropped_cut_call = False  # `finish` dropped a call cut before its name
         self._buffer = ""
+        self._offset = 0  # where the buffer starts in the text fed
         self._in_block = False
         self._streaming: _StreamingCall | None = None  # the open block, once it is a call
 
@@ -110,8 +125,8 @@ class ToolCallParser:
                 if end < 0:
                     events += self._stream_block()
                     return events
-                events += self._close_block(self._buffer[:end], closed=True)
-                self._buffer = self._buffer[end + len(CLOSE_TAG) :]
+                events += self._close_block(self._buffer[:end], True, self._offset - len(OPEN_TAG))
+                self._consume(end + len(CLOSE_TAG))
                 self._in_block = False
             else:
                 start = self._buffer.find(OPEN_TAG)
@@ -119,13 +134,18 @@ class ToolCallParser:
                     keep = _partial_tag_suffix(self._buffer, OPEN_TAG)
                     cut = len(self._buffer) - keep
                     if cut:
-                        events.append(TextPiece(self._buffer[:cut]))
-                    self._buffer = self._buffer[cut:]
+                        events.append(TextPiece(self._buffer[:cut], self._offset))
+                    self._consume(cut)
                     return events
                 if start:
-                    events.append(TextPiece(self._buffer[:start]))
-                self._buffer = self._buffer[start + len(OPEN_TAG) :]
+                    events.append(TextPiece(self._buffer[:start], self._offset))
+                self._consume(start + len(OPEN_TAG))
                 self._in_block = True
+
+    def _consume(self, n: int) -> None:
+        """Drop the buffer's first `n` characters, parsed."""
+        self._buffer = self._buffer[n:]
+        self._offset += n
 
     def finish(self, cut: bool = False) -> list[ToolEvent]:
         """Flush at the end of generation. An unclosed final block still counts as a call
@@ -135,19 +155,20 @@ class ToolCallParser:
         was written (a held-back `<tool_`, or a block that is not a call yet) is dropped:
         under the call grammar that text can only be the start of a call, and it is
         markup, not an answer. A call with its name keeps what it has (incomplete)."""
-        rest, self._buffer = self._buffer, ""
+        rest, start = self._buffer, self._offset
+        self._consume(len(rest))
         if self._in_block:
             self._in_block = False
             unfinished = cut and self._streaming is None and not _CANONICAL_START.match(rest)
             if unfinished and parse_call(rest.strip(), self.allowed) is None:
                 self.dropped_cut_call = True
                 return []
-            return self._close_block(rest, closed=False)
+            return self._close_block(rest, False, start - len(OPEN_TAG))
         if cut:
             partial = _partial_tag_suffix(rest, OPEN_TAG)
             self.dropped_cut_call = partial > 0
             rest = rest[: len(rest) - partial]
-        return [TextPiece(rest)] if rest else []
+        return [TextPiece(rest, start)] if rest else []
 
     def _block_end(self, body: str) -> int:
         """Where the open block's closing tag starts, -1 if it has not come. In a call
@@ -193,7 +214,9 @@ class ToolCallParser:
         self._streaming = _StreamingCall(match.group(1), match.end())
         return [CallStart(match.group(1))]
 
-    def _close_block(self, body: str, closed: bool) -> list[ToolEvent]:
+    def _close_block(self, body: str, closed: bool, start: int) -> list[ToolEvent]:
+        """The open block as a call, or as the text it was (starting at `start`, its
+        opening tag's place in the text fed)."""
         # A block the budget cut inside its closing tag ends where the tag began.
         call_body = body if closed else body[: len(body) - _partial_tag_suffix(body, CLOSE_TAG)]
         # However the text was split, a canonical opening makes the block a call.
@@ -205,7 +228,7 @@ class ToolCallParser:
         if parsed is not None and self._room_for_a_call():
             self.num_calls += 1
             return [parsed]
-        return [TextPiece(OPEN_TAG + body + (CLOSE_TAG if closed else ""))]
+        return [TextPiece(OPEN_TAG + body + (CLOSE_TAG if closed else ""), start)]
 
 
 @dataclass
@@ -243,17 +266,20 @@ class ChoiceAssembler:
     def __init__(self, tool_names: list[str], max_calls: int | None) -> None:
         self.parser = ToolCallParser(tool_names, max_calls) if tool_names else None
         self.pending_space = ""
+        self._space_start = 0  # where pending_space starts in the text pushed
         self.num_calls = 0
         self.cut_calls = 0  # calls whose arguments the choice's end cut short
+        self._fed = 0  # characters pushed so far
 
-    def push(self, text: str, final: bool, cut: bool = False) -> list[str | CallEvent]:
-        """Content strings and call events; a call's `CallStart` and `ArgumentsDelta`s (if
-        it streamed) come before its `ParsedCall`. `cut`: the budget ended the choice
-        (`ToolCallParser.finish`)."""
+    def push(self, text: str, final: bool, cut: bool = False) -> list[Content | CallEvent]:
+        """Content pieces (strings that know where they start in the text pushed) and call
+        events; a call's `CallStart` and `ArgumentsDelta`s (if it streamed) come before
+        its `ParsedCall`. `cut`: the budget ended the choice (`ToolCallParser.finish`)."""
+        start, self._fed = self._fed, self._fed + len(text)
         if self.parser is None:
-            return [text] if text else []
+            return [Content(text, start)] if text else []
         events = self.parser.feed(text) + (self.parser.finish(cut) if final else [])
-        out: list[str | CallEvent] = []
+        out: list[Content | CallEvent] = []
         for e in events:
             if isinstance(e, CallStart | ArgumentsDelta | ParsedCall):
                 self.pending_space = ""
@@ -262,17 +288,19 @@ class ChoiceAssembler:
                 out.append(e)
                 continue
             piece = self.pending_space + e.text
+            start = e.start - len(self.pending_space)
             body = piece.rstrip()
             self.pending_space = piece[len(body) :]
+            self._space_start = start + len(body)
             if body:
-                out.append(body)
+                out.append(Content(body, start))
         if final and self.pending_space and not self.num_calls:
-            out.append(self.pending_space)
+            out.append(Content(self.pending_space, self._space_start))
         return out
 
     def push_delta(
         self, text: str, finish_reason: str | None, stop_reason: str | int | None = None
-    ) -> list[str | CallEvent]:
+    ) -> list[Content | CallEvent]:
         """`push` for one engine delta: its finish reason says whether it is the choice's
         last, and with its stop reason whether that end cut it (`ends_cut`)."""
         return self.push(text, finish_reason is not None, ends_cut(finish_reason, stop_reason))

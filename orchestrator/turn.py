@@ -43,9 +43,10 @@ from orchestrator.errors import (
 )
 from orchestrator.events import Event, ResponseEvents, usage
 from orchestrator.ids import new_id
+from orchestrator.logprobs import TextLogprobs, TokenNames
 from orchestrator.response_request import ResponseRequest, function_tools
 from orchestrator.store import History, Store
-from orchestrator.tool_parser import ChoiceAssembler, ParsedCall
+from orchestrator.tool_parser import ChoiceAssembler, Content, ParsedCall
 from orchestrator.tools import ResolvedTools
 from orchestrator.tools.file_search import FILE_SEARCH, FileSearch
 from orchestrator.turn_hooks import Budget, TokenObserver, output_budget
@@ -113,6 +114,7 @@ def _new_response(request: ResponseRequest) -> dict:
         "presence_penalty": request.presence_penalty,
         "prompt_cache_key": request.prompt_cache_key,
         "safety_identifier": request.safety_identifier,
+        "top_logprobs": request.top_logprobs,
     }
 
 
@@ -127,6 +129,7 @@ class TurnServices:
     lock: ConversationLock  # released when a conversation's turn ends
     running: dict[str, Turn]  # the server's running turns, which the turn leaves as it ends
     record_later: Callable[[Coroutine], None]  # retries a final write in the background
+    token_names: TokenNames  # how output_text logprobs name tokens
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ class _Progress:
     """What one engine generation has gathered so far."""
 
     assembler: ChoiceAssembler
+    logprobs: TextLogprobs | None  # None: the request did not ask for them
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cached: int = 0
@@ -448,7 +452,10 @@ class Turn:
         start = len(self.events.output)
         self._code_calls = []
         progress = _Progress(
-            ChoiceAssembler([t.name for t in config.tools], None if config.parallel else 1)
+            ChoiceAssembler([t.name for t in config.tools], None if config.parallel else 1),
+            None
+            if params.logprobs is None
+            else TextLogprobs(self.services.token_names, params.logprobs),
         )
         await self._generate_once(progress, prompt, params, request_id)
         if progress.finish_reason != "stop":
@@ -499,7 +506,7 @@ class Turn:
             if progress.finish_reason is None:
                 await self.services.engine.abort(request_id)
             if progress.finish_reason in (None, "abort"):
-                self._emit(progress.assembler.push("", final=True))  # the text held back
+                self._emit(progress, progress.assembler.push("", final=True))  # the text held back
 
     def _add_to_totals(self, prompt: Prompt, progress: _Progress) -> None:
         """Count a generation's tokens, and keep its prompt + output and where its history
@@ -555,19 +562,24 @@ class Turn:
                     progress.output_ids += o.token_ids
                     self.observer.on_tokens(len(o.token_ids))
                     progress.finish_reason = o.finish_reason or progress.finish_reason
-                    self._emit(progress.assembler.push_delta(o.text, o.finish_reason))
+                    if progress.logprobs is not None:
+                        progress.logprobs.add(o.logprobs or [])
+                    self._emit(progress, progress.assembler.push_delta(o.text, o.finish_reason))
                 if out.finished:
                     progress.cached = out.num_cached_tokens
 
-    def _emit(self, pieces: list) -> None:
-        """Text and whole calls become events; a call's streamed pieces (`CallStart`,
-        `ArgumentsDelta`) are not needed here, since its `ParsedCall` carries it all. A
-        code_interpreter or file_search call is not streamed as a function call: the agent
-        turns it into a code_interpreter_call or file_search_call item, with events of
-        its own."""
+    def _emit(self, progress: _Progress, pieces: list) -> None:
+        """Text (with the logprobs of the tokens that wrote it, when asked for) and whole
+        calls become events; a call's streamed pieces (`CallStart`, `ArgumentsDelta`) are
+        not needed here, since its `ParsedCall` carries it all. A code_interpreter or
+        file_search call is not streamed as a function call: the agent turns it into a
+        code_interpreter_call or file_search_call item, with events of its own."""
         for piece in pieces:
-            if isinstance(piece, str):
-                self._put(self.events.text(piece))
+            if isinstance(piece, Content):
+                logprobs = progress.logprobs
+                end = piece.start + len(piece)
+                taken = None if logprobs is None else logprobs.take(piece.start, end)
+                self._put(self.events.text(piece, taken))
             elif isinstance(piece, ParsedCall) and (
                 piece.name in ITEM_TOOLS and piece.name in self.tools.builtins
             ):

@@ -85,14 +85,16 @@ async def create_items(request: Request, body: Any) -> Response:
 
 async def list_items(request: Request) -> Response:
     page = parse_page(request.query_params)
-    check_query_include(request.query_params)
-    return JSONResponse(await product(request).conversations.list_items(*_ids(request), page))
+    include = check_query_include(request.query_params)
+    conversations = product(request).conversations
+    return JSONResponse(await conversations.list_items(*_ids(request), page, include))
 
 
 async def retrieve_item(request: Request) -> Response:
-    check_query_include(request.query_params)
+    include = check_query_include(request.query_params)
     item_id = request.path_params["item_id"]
-    return JSONResponse(await product(request).conversations.retrieve_item(*_ids(request), item_id))
+    conversations = product(request).conversations
+    return JSONResponse(await conversations.retrieve_item(*_ids(request), item_id, include))
 
 
 async def delete_item(request: Request) -> Response:

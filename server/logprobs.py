@@ -1,48 +1,19 @@
-"""Engine logprobs in the two shapes OpenAI uses (chat and legacy completions)."""
+"""Engine logprobs in the shapes OpenAI and vLLM use (chat, legacy completions, prompt)."""
 
 from __future__ import annotations
 
 import codecs
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from engine import RequestOutput
-
-_FLOOR = -9999.0  # JSON has no -inf; OpenAI and vLLM report this floor instead
-
-
-@dataclass(frozen=True)
-class TokenNames:
-    """How logprobs name a token: its text decoded alone, and its exact bytes. A token
-    holding part of a character decodes alone to U+FFFD; its bytes are what a client
-    joins to rebuild the text."""
-
-    text: Callable[[int], str]
-    bytes: Callable[[int], bytes]
-
-
-def _finite(logprob: float) -> float:
-    return logprob if math.isfinite(logprob) else _FLOOR
-
-
-def _chat_entry(token_id: int, logprob: float, names: TokenNames) -> dict[str, Any]:
-    return {
-        "token": names.text(token_id),
-        "logprob": _finite(logprob),
-        "bytes": list(names.bytes(token_id)),
-    }
+from orchestrator.logprobs import TokenNames, finite, token_logprob
 
 
 def chat_logprobs(entries: Sequence[Any], names: TokenNames, top_n: int) -> dict:
     """`choice.logprobs` of a chat completion: one item per generated token."""
-    content = []
-    for e in entries:
-        item = _chat_entry(e.token_id, e.logprob, names)
-        item["top_logprobs"] = [_chat_entry(t, lp, names) for t, lp in e.top[:top_n]]
-        content.append(item)
-    return {"content": content, "refusal": None}
+    return {"content": [token_logprob(e, names, top_n) for e in entries], "refusal": None}
 
 
 @dataclass(frozen=True)
@@ -62,7 +33,7 @@ def echoed_prompt(out: RequestOutput) -> list[Any]:
 
 
 def _vllm_logprob(token_id: int, logprob: float, rank: int | None, names: TokenNames) -> dict:
-    return {"logprob": _finite(logprob), "rank": rank, "decoded_token": names.text(token_id)}
+    return {"logprob": finite(logprob), "rank": rank, "decoded_token": names.text(token_id)}
 
 
 def _prompt_entry(entry: Any, names: TokenNames, top_n: int) -> dict[str, dict]:
@@ -86,8 +57,8 @@ def _completion_top(entry: Any, names: TokenNames, top_n: int) -> dict[str, floa
     """One token's `top_logprobs` in the legacy shape: the `top_n` likeliest, and the token
     itself (OpenAI's "always the sampled token", so up to top_n + 1), which harnesses
     that score a prompt read to find its tokens' places among the likeliest."""
-    top = {names.text(t): _finite(lp) for t, lp in entry.top[:top_n]}
-    top.setdefault(names.text(entry.token_id), _finite(entry.logprob))
+    top = {names.text(t): finite(lp) for t, lp in entry.top[:top_n]}
+    top.setdefault(names.text(entry.token_id), finite(entry.logprob))
     return top
 
 
@@ -104,7 +75,7 @@ def completion_logprobs(entries: Sequence[Any], names: TokenNames, top_n: int, o
             token_logprobs.append(None)
             top.append(None)
         else:
-            token_logprobs.append(_finite(e.logprob))
+            token_logprobs.append(finite(e.logprob))
             top.append(_completion_top(e, names, top_n))
         offsets.append(offset)
         offset += len(characters.decode(names.bytes(e.token_id)))

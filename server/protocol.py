@@ -345,7 +345,7 @@ def _check_common(body: dict) -> None:
         raise invalid("best_of is not supported (it must equal n)", "best_of")
 
 
-def _top_count(body: dict, name: str) -> int | None:
+def top_count(body: dict, name: str) -> int | None:
     """A count of likeliest tokens to report (`logprobs`, `top_logprobs`, ...): an integer
     in [0, MAX_TOP_LOGPROBS], or None when not sent."""
     count = typed_field(body, name, "an integer")
@@ -358,7 +358,7 @@ def _prompt_logprobs(body: dict, stream: bool) -> int | None:
     """vLLM's `prompt_logprobs`: how many likeliest tokens to report beside each prompt
     token's own logprob. As in vLLM, a stream cannot carry them (a count above 0 with
     `stream` is a 400, and 0 is accepted and reports nothing): None then."""
-    count = _top_count(body, "prompt_logprobs")
+    count = top_count(body, "prompt_logprobs")
     if count is not None and stream:
         if count > 0:
             raise invalid(
@@ -561,7 +561,7 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
     mode, forced = _tool_choice(body, tools)
     stream = typed_field(body, "stream", "a boolean", False)
     logprobs = typed_field(body, "logprobs", "a boolean", False)
-    top = _top_count(body, "top_logprobs")
+    top = top_count(body, "top_logprobs")
     if top is not None and not logprobs:
         raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
     prompt_logprobs = _prompt_logprobs(body, stream)
@@ -631,7 +631,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     if body.get("suffix"):
         raise invalid("suffix is not supported", "suffix")
     stream = typed_field(body, "stream", "a boolean", False)
-    logprobs = _top_count(body, "logprobs")
+    logprobs = top_count(body, "logprobs")
     prompt_logprobs = _prompt_logprobs(body, stream)
     echo = typed_field(body, "echo", "a boolean", False)
     sampling = _sampling_fields(body)

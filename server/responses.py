@@ -103,8 +103,10 @@ async def retrieve_response(request: Request) -> Response:
             "can be streamed again, and this server does not run them",
             param="stream",
         )
-    check_query_include(query)
-    return JSONResponse(await product(request).responses.retrieve(owner(request), response_id))
+    include = check_query_include(query)
+    return JSONResponse(
+        await product(request).responses.retrieve(owner(request), response_id, include)
+    )
 
 
 async def delete_response(request: Request) -> Response:

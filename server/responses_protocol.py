@@ -13,10 +13,10 @@ from typing import Any
 
 from orchestrator import FunctionTool, Page, ResponseRequest
 from orchestrator.agent import CODE_INTERPRETER, DEFAULT_MAX_TOOL_CALLS
-from orchestrator.response_request import CodeInterpreterTool
+from orchestrator.response_request import OUTPUT_TEXT_LOGPROBS, CodeInterpreterTool
 from orchestrator.tools.file_search import DEFAULT_MAX_RESULTS, FileSearchTool
 from server.errors import invalid, known_fields
-from server.protocol import typed_field, valid_name
+from server.protocol import top_count, typed_field, valid_name
 from server.vector_store_search import parse_filters, parse_max_results, parse_ranking
 
 MAX_METADATA_KEYS = 16
@@ -24,7 +24,7 @@ MAX_ITEMS_PER_CALL = 20  # OpenAI's limit for conversation items per request
 MAX_PAGE = 100
 MAX_SEARCHED_STORES = 16
 # A code_interpreter_call carries its outputs whether or not they are asked for.
-INCLUDABLE = ("file_search_call.results", "code_interpreter_call.outputs")
+INCLUDABLE = ("file_search_call.results", "code_interpreter_call.outputs", OUTPUT_TEXT_LOGPROBS)
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 
 _RESPONSE_FIELDS = {
@@ -54,6 +54,7 @@ _RESPONSE_FIELDS = {
     "prompt_cache_key",
     "safety_identifier",
     "service_tier",
+    "top_logprobs",
 }
 # The tiers OpenAI takes: this server has one, which a response reports as "default".
 _SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
@@ -390,15 +391,15 @@ def check_include(values: list, param: Callable[[int], str]) -> list[str]:
     for i, value in enumerate(values):
         if value not in INCLUDABLE:
             raise invalid(
-                f"{param(i)} {value!r} is not supported: only {' and '.join(INCLUDABLE)} are",
+                f"{param(i)} {value!r} is not supported: only {', '.join(INCLUDABLE)} are",
                 param(i),
             )
     return list(dict.fromkeys(values))
 
 
-def check_query_include(query) -> None:
+def check_query_include(query) -> list[str]:
     """A GET's `include` values (`include` or `include[]`, repeated), checked as POST's."""
-    check_include(query.getlist("include") + query.getlist("include[]"), lambda _: "include")
+    return check_include(query.getlist("include") + query.getlist("include[]"), lambda _: "include")
 
 
 _FORMAT_KEYS = {
@@ -505,6 +506,7 @@ def parse_response_request(
         frequency_penalty=typed_field(body, "frequency_penalty", "a number", 0.0),
         prompt_cache_key=typed_field(body, "prompt_cache_key", "a string"),
         safety_identifier=typed_field(body, "safety_identifier", "a string"),
+        top_logprobs=top_count(body, "top_logprobs") or 0,
     )
     return request, _stream(body)
 

@@ -10,13 +10,13 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any, TypeVar
 
 from engine.client import EngineClient
 from orchestrator.context import PROMPT_CHARS_PER_TOKEN
+from orchestrator.logprobs import TokenNames
 from server.errors import APIError, shutting_down
-from server.logprobs import TokenNames
 from server.metrics import ServerMetrics
 from server.prep_process import PrepProcess, PromptContext
 
@@ -206,11 +206,7 @@ class ServerState:
         self.prep = PrepProcess(self.prompt_context)
         self.workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="tokenmill-parse")
         self.created = int(time.time())
-        # Logprobs name every top token; decoding each id once keeps that cheap.
-        self.token_names = TokenNames(
-            lru_cache(maxsize=65536)(self._decode_one),
-            lru_cache(maxsize=65536)(engine.tokenizer.token_bytes),
-        )
+        self.token_names = TokenNames.cached(engine.tokenizer)
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on a worker thread: for turning a large parsed body into a request,
@@ -227,9 +223,6 @@ class ServerState:
         if prompt_chars <= INLINE_PROMPT_CHARS:
             return fn(self.prompt_context, *args)
         return await self.prep.run_with_context(fn, *args)
-
-    def _decode_one(self, token_id: int) -> str:
-        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def resolve_model(self, requested: str | None) -> str:
         """The model name to report back; unknown names are a 404 like OpenAI's."""

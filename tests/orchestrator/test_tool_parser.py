@@ -185,6 +185,9 @@ def test_streamed_parsing_matches_whole_text_for_any_delta_boundaries(text, cuts
         )
 
     assert normal(streamed) == normal(whole)
+    # Each content piece knows where it stands in the text (what places its logprobs).
+    for p in [*whole, *streamed]:
+        assert not isinstance(p, str) or text[p.start : p.start + len(p)] == p
     # What a stream sends of a call (its argument deltas, or all at once) is the call.
     sent = [p.arguments for p in streamed if isinstance(p, ParsedCall) and not p.streamed]
     deltas = "".join(p.text for p in streamed if isinstance(p, ArgumentsDelta))
@@ -214,3 +217,20 @@ def test_an_engine_delta_finish_reason_says_whether_it_ends_or_cuts_the_choice()
     assert ChoiceAssembler(TOOLS, None).push_delta("Here.  ", "stop") == ["Here.", "  "]
     assert "".join(ChoiceAssembler(TOOLS, None).push_delta(nameless, "length")) == "Here. "
     assert "".join(ChoiceAssembler(TOOLS, None).push_delta(nameless, "stop")) == nameless
+
+
+def test_content_pieces_know_their_place_in_the_text_whatever_the_parser_took_out():
+    """Text around calls, a block given back as text, the space after a cut call's
+    dropped `<tool_`: each piece starts where the text pushed has it."""
+    for text, shown in (
+        (
+            "Checking.\n" + WEATHER + "\n x <tool_call>{oops}</tool_call> y  <tool_",
+            "Checking.\n x <tool_call>{oops}</tool_call> y",
+        ),
+        ("Hi  <tool_", "Hi  "),
+    ):
+        assembler = ChoiceAssembler(TOOLS, None)
+        pieces = [*assembler.push(text[:30], False), *assembler.push_delta(text[30:], "length")]
+        content = [p for p in pieces if isinstance(p, str)]
+        assert "".join(content) == shown
+        assert [text[p.start : p.start + len(p)] for p in content] == content

@@ -199,6 +199,38 @@ def test_json_schema_output_always_validates(client):
         assert response.text.format.type == "json_schema"
 
 
+def test_output_text_logprobs_are_the_answers_tokens(client):
+    """With the include, a structured answer's logprobs are its tokens: their bytes join
+    to its text exactly (a character split across tokens included), the deltas' add up
+    to the done event's, each with the two likeliest tokens there."""
+    events = list(
+        client.responses.create(
+            model=MODEL,
+            input="Tell me about Paris.",
+            max_output_tokens=48,
+            temperature=0,
+            include=["message.output_text.logprobs"],
+            top_logprobs=2,
+            stream=True,
+            text={"format": {"type": "json_schema", "name": "place", "schema": PLACE}},
+        )
+    )
+    final = events[-1].response
+    part = final.output[0].content[0]
+    assert b"".join(bytes(lp.bytes) for lp in part.logprobs).decode() == part.text
+    assert len(part.logprobs) <= final.usage.output_tokens and final.top_logprobs == 2
+    assert all(lp.logprob <= 0 and len(lp.top_logprobs) == 2 for lp in part.logprobs)
+    streamed = [
+        (lp.token, lp.logprob)
+        for e in events
+        if e.type == "response.output_text.delta"
+        for lp in e.logprobs
+    ]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert streamed == [(lp.token, lp.logprob) for lp in done.logprobs]
+    assert streamed == [(lp.token, lp.logprob) for lp in part.logprobs]
+
+
 def test_a_forced_tool_call_has_valid_arguments(client):
     weather = {
         "type": "function",

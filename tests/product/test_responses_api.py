@@ -180,6 +180,74 @@ def test_penalties_and_openai_hints_are_taken_and_echoed(product_server):
         assert refused.json()["error"]["param"] == field
 
 
+LOGPROBS = "message.output_text.logprobs"
+
+
+def _joined(logprobs) -> str:
+    return "".join(lp.token for lp in logprobs)
+
+
+def test_output_text_logprobs_come_with_their_include_and_top_logprobs(product_server):
+    """`include: ["message.output_text.logprobs"]` gives each output_text token's logprob
+    with `top_logprobs` (0 to 20) likeliest: on the part, each delta (its own tokens) and
+    the done event (all). A stored response, and a conversation's items, show them only
+    when the read's `include` asks too; `top_logprobs` alone is echoed and adds none."""
+    server = product_server(FakeEngine(reply="Hé, there!"))
+    conv = server.client.conversations.create()
+    response = server.client.responses.create(
+        model=MODEL, input="Hi", include=[LOGPROBS], top_logprobs=2, conversation=conv.id
+    )
+    assert server.engine.params[-1].logprobs == 2 and response.top_logprobs == 2
+    part = response.output[0].content[0]
+    assert _joined(part.logprobs) == "Hé, there!"
+    assert part.logprobs[1].bytes == list("é".encode()) and part.logprobs[1].logprob == -0.25
+    assert [t.token for t in part.logprobs[1].top_logprobs] == ["é", "?"]
+    stored = server.client.responses.retrieve(response.id, include=[LOGPROBS])
+    assert stored.output == response.output and stored.top_logprobs == 2
+    assert server.client.responses.retrieve(response.id).output[0].content[0].logprobs == []
+    items = server.client.conversations.items
+    listed = items.list(conv.id, include=[LOGPROBS]).data[0]
+    assert listed.content[0].logprobs == part.logprobs
+    assert items.list(conv.id).data[0].content[0].logprobs == []
+    assert items.retrieve(listed.id, conversation_id=conv.id).content[0].logprobs == []
+
+    events = list(
+        server.client.responses.create(model=MODEL, input="Hi", include=[LOGPROBS], stream=True)
+    )
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert all(_joined(e.logprobs) == e.delta for e in deltas)
+    assert all(lp.top_logprobs == [] for e in deltas for lp in e.logprobs)
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert _joined(done.logprobs) == "Hé, there!"
+    assert events[-1].response.output[0].content[0].logprobs[0].bytes == [ord("H")]
+
+    plain = server.client.responses.create(model=MODEL, input="Hi", top_logprobs=3)
+    assert server.engine.params[-1].logprobs is None and plain.top_logprobs == 3
+    assert plain.output[0].content[0].logprobs == []
+    for body, param in (({"top_logprobs": 21}, "top_logprobs"), ({"include": ["x"]}, "include[0]")):
+        raw = _raw(server, "POST", "/responses", json={"model": MODEL, "input": "x", **body})
+        assert raw.status_code == 400 and raw.json()["error"]["param"] == param
+
+
+def test_output_text_logprobs_are_those_of_the_text_shown_beside_a_call(product_server):
+    """A turn that writes text and then a call: the message's logprobs are its text's
+    tokens, not those of the call's markup or the whitespace dropped beside it."""
+    server = product_server(FakeEngine(reply="On it.\n" + CALL))
+    for stream in (False, True):
+        body = {"model": MODEL, "input": "Weather in Paris?", "tools": [WEATHER]}
+        body |= {"include": [LOGPROBS], "stream": stream}
+        if stream:
+            events = list(server.client.responses.create(**body))
+            response = events[-1].response
+            delta = [e for e in events if e.type == "response.output_text.delta"]
+            assert all(_joined(e.logprobs) == e.delta for e in delta)
+        else:
+            response = server.client.responses.create(**body)
+        message, call = response.output
+        assert (message.content[0].text, call.name) == ("On it.", "get_weather")
+        assert _joined(message.content[0].logprobs) == "On it."
+
+
 def test_a_stream_may_turn_obfuscation_off_but_not_ask_for_it(product_server):
     """`stream_options.include_obfuscation: false` (the SDK's bandwidth saver) is what
     this server does anyway; true, or options without streaming, are 400s naming them."""

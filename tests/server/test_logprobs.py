@@ -10,7 +10,8 @@ import pytest
 from engine.loader.gguf import read_gguf
 from engine.loader.resolve import resolve_model
 from engine.tokenizer import Tokenizer
-from server.logprobs import TokenNames, chat_logprobs, completion_logprobs
+from orchestrator.logprobs import TextLogprobs, TokenNames
+from server.logprobs import chat_logprobs, completion_logprobs
 
 TEXT = "Hi 😀 日本語 café"
 
@@ -25,7 +26,7 @@ class Entry:
 @pytest.fixture(scope="module")
 def names_and_ids():
     tok = Tokenizer.from_gguf(read_gguf(resolve_model("smollm2-135m-instruct").path).metadata)
-    names = TokenNames(lambda i: tok.decode([i], skip_special_tokens=False), tok.token_bytes)
+    names = TokenNames.cached(tok)
     ids = tok.encode(TEXT)
     assert any("\ufffd" in names.text(i) for i in ids)  # split characters, as intended
     return names, ids
@@ -60,3 +61,14 @@ def test_completion_top_logprobs_hold_the_token_itself(names_and_ids):
     assert top == [{names.text(b): -0.1, names.text(a): -3.0}, {names.text(b): -0.1}]
     none = completion_logprobs(entries, names, 0, offset=0)["top_logprobs"]
     assert none == [{names.text(a): -3.0}, {names.text(b): -0.1}]
+
+
+@pytest.mark.parametrize("cut", range(len(TEXT) + 1))
+def test_output_text_pieces_get_their_tokens_whole_wherever_the_text_is_cut(names_and_ids, cut):
+    """The Responses API's output_text logprobs: the text shown in two pieces, cut at any
+    character, gets every token once, so their bytes join to the text."""
+    names, ids = names_and_ids
+    text = TextLogprobs(names, 0)
+    text.add([Entry(i, -0.5, []) for i in ids])
+    taken = text.take(0, cut) + text.take(cut, len(TEXT))
+    assert bytes(b for item in taken for b in item["bytes"]).decode() == TEXT
