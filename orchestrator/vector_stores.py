@@ -10,6 +10,10 @@ or crash, and `resume` queues it again, so no file stays in progress forever. On
 PostgreSQL, which several servers may share, an ingestion first claims its file
 (orchestrator/store/advisory_claims.py), so a resumed file that another live server is
 ingesting is left to it.
+
+A file holds its bytes, its text and its chunks in memory from the moment its ingestion
+reads it until its chunks are written, so at most `INGEST_SLOTS` files are ingested at
+once (`IngestionSlots`); the others wait, holding nothing, however many files a batch adds.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from orchestrator.errors import InvalidRequestError, NotFoundError
@@ -129,6 +135,40 @@ def _error(code: str, message: str) -> dict:
 
 SWEEP_SECONDS = 60.0
 
+# Files ingested at once by this server, and by one owner. Extraction and chunking run on
+# worker threads and embedding on the embedder's one thread, so a few files at once keep
+# both busy; more would only hold more files in memory.
+INGEST_SLOTS = 4
+INGEST_SLOTS_PER_OWNER = 2
+
+
+class IngestionSlots:
+    """At most `total` files ingested at once, at most `per_owner` of them one owner's.
+
+    An ingestion waits for a slot of its owner's first, then for one of the server's
+    (both FIFO). So each owner has at most `per_owner` ingestions waiting for or holding
+    a server slot, and the server's queue takes owners in turn: another owner's file
+    waits for a few files to finish, not for all 2,000 of a batch queued before it."""
+
+    def __init__(self, total: int = INGEST_SLOTS, per_owner: int = INGEST_SLOTS_PER_OWNER) -> None:
+        self._total = asyncio.Semaphore(total)
+        self._per_owner = per_owner
+        self._owners: dict[str, asyncio.Semaphore] = {}
+        self._users: Counter[str] = Counter()  # ingestions holding or awaiting an owner's
+
+    @asynccontextmanager
+    async def hold(self, owner: str) -> AsyncIterator[None]:
+        """A slot for one of `owner`'s files, for the body of the `async with`."""
+        own = self._owners.setdefault(owner, asyncio.Semaphore(self._per_owner))
+        self._users[owner] += 1
+        try:
+            async with own, self._total:
+                yield
+        finally:
+            self._users[owner] -= 1
+            if not self._users[owner]:  # no owner's semaphore kept for every past owner
+                del self._users[owner], self._owners[owner]
+
 
 class VectorStoreService:
     def __init__(self, store: Store, files: FileService, embedder: Embedder) -> None:
@@ -138,6 +178,7 @@ class VectorStoreService:
         self._tasks: set[asyncio.Task] = set()
         self._running: dict[tuple[str, str, str], asyncio.Task] = {}  # by (owner, store, file)
         self._claims = AdvisoryClaims()
+        self._slots = IngestionSlots()
 
     # -- vector stores -------------------------------------------------------------------
 
@@ -455,15 +496,19 @@ class VectorStoreService:
     async def _ingest(
         self, owner: str, vector_store_id: str, file_id: str, previous: asyncio.Task | None = None
     ) -> None:
+        """Ingest the file once `previous` (its ingestion this one replaces) has ended and
+        a slot is free; the claim is taken in the slot, so a file waiting for one is left
+        to any other server sharing the database that gets to it first."""
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
-        key = claim_key(owner, vector_store_id, file_id)
-        if not await self.store.call(self._claims.claim, key):
-            return  # another server sharing this database is ingesting it
-        try:
-            await self._ingest_claimed(owner, vector_store_id, file_id)
-        finally:
-            await self.store.call(self._claims.release, key)
+        async with self._slots.hold(owner):
+            key = claim_key(owner, vector_store_id, file_id)
+            if not await self.store.call(self._claims.claim, key):
+                return  # another server sharing this database is ingesting it
+            try:
+                await self._ingest_claimed(owner, vector_store_id, file_id)
+            finally:
+                await self.store.call(self._claims.release, key)
 
     async def _ingest_claimed(self, owner: str, vector_store_id: str, file_id: str) -> None:
         chunks, error, body = None, None, None

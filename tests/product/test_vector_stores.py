@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 
 import openai
 import pytest
 from sqlalchemy import func, select
 
 from orchestrator import FileService, Product, VectorStoreService, vector_stores
-from orchestrator.retrieval import pg_index
+from orchestrator.retrieval import ingest, pg_index
+from orchestrator.retrieval.chunking import StaticChunking
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.retrieval.index import SearchRequest
 from orchestrator.store import Page, Store
 from orchestrator.store import knowledge as kb
 from orchestrator.store.advisory_claims import AdvisoryClaims, claim_key
 from orchestrator.store.tables import file_blobs, files
-from orchestrator.vector_stores import Search
+from orchestrator.vector_stores import FileToAdd, Search
 from tests.server.fake_engine import FakeEngine
 
 TEXT = b"Glaciers carve U-shaped valleys as the ice grinds slowly downhill."
@@ -148,6 +150,84 @@ def test_a_file_another_server_is_ingesting_is_left_to_it(
 
     file_id, _ = asyncio.run(_left_in_progress(url, tmp_path))
     assert asyncio.run(restart_beside_a_live_server(file_id)) == ("in_progress", "completed")
+
+
+async def _until(condition, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_ingestion_takes_a_few_files_at_once_and_owners_in_turn(tmp_path, embedder, monkeypatch):
+    """Each file ingested holds its bytes and text in memory, so a server ingests at most
+    INGEST_SLOTS files at once, and one owner at most INGEST_SLOTS_PER_OWNER: another
+    owner's file added after two large batches is among the next to start. Cancelling a
+    batch drops its files still waiting, and every other file completes."""
+    gate = asyncio.Event()  # holds every extraction until the test lets them go
+    started: list[str] = []
+    inside: Counter[str] = Counter()  # owner -> files in extraction now
+    most: Counter[str] = Counter()  # owner (or "all") -> most files in extraction at once
+
+    async def extract(data: bytes, filename: str, content_type: str | None) -> str:
+        owner = filename.split("-")[0]
+        started.append(filename)
+        inside[owner] += 1
+        most[owner] = max(most[owner], inside[owner])
+        most["all"] = max(most["all"], inside.total())
+        try:
+            await gate.wait()
+        finally:
+            inside[owner] -= 1
+        return data.decode()
+
+    monkeypatch.setattr(ingest, "extract_text", extract)
+
+    async def batch(service: VectorStoreService, owner: str, count: int) -> tuple[str, str]:
+        store_id = (await service.create(owner, None, {}, []))["id"]
+        added = [
+            FileToAdd(
+                (await service.files.create(owner, f"{owner}-{i}.txt", "assistants", TEXT, None))[
+                    "id"
+                ],
+                StaticChunking(),
+                {},
+                "file_ids",
+            )
+            for i in range(count)
+        ]
+        return store_id, (await service.create_file_batch(owner, store_id, added))["id"]
+
+    async def run() -> dict[str, dict]:
+        store = _open(f"sqlite:///{tmp_path / 'tokenmill.db'}")
+        service = VectorStoreService(store, FileService(store), embedder)
+        alice = await batch(service, "alice", 10)
+        carol = await batch(service, "carol", 10)
+        await _until(lambda: inside.total() >= vector_stores.INGEST_SLOTS)
+        bob = await batch(service, "bob", 1)
+        await service.cancel_file_batch("carol", *carol)
+        gate.set()
+        batches = {"alice": alice, "bob": bob, "carol": carol}
+
+        async def counts() -> dict[str, dict]:
+            return {
+                owner: (await service.retrieve_file_batch(owner, *ids))["file_counts"]
+                for owner, ids in batches.items()
+            }
+
+        await _until(lambda: not service._tasks)
+        found = await counts()
+        store.close()
+        return found
+
+    counts = asyncio.run(run())
+    assert counts["alice"]["completed"] == 10
+    assert counts["bob"]["completed"] == 1
+    assert counts["carol"]["cancelled"] == 10
+    assert most["all"] == vector_stores.INGEST_SLOTS
+    assert most["alice"] == most["carol"] == vector_stores.INGEST_SLOTS_PER_OWNER
+    assert started.index("bob-0.txt") == vector_stores.INGEST_SLOTS  # the next to start
+    assert sum(name.startswith("carol") for name in started) == 2  # none after the cancel
 
 
 def test_every_row_belongs_to_its_owner(database_url, embedder):
