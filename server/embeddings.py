@@ -3,17 +3,22 @@
 `input` is a string, a list of strings, a list of token ids or a list of such lists; token
 ids are the embedding model's own WordPiece ids. `encoding_format` "base64" sends each
 vector as little-endian float32 bytes, which is what the openai SDK asks for by default.
+vLLM's own fields are honoured (`truncate_prompt_tokens`, `add_special_tokens`,
+`normalize` or `use_activation`, `endianness`) or, where this server cannot, a 400 naming
+the field (`embed_dtype` other than float32, `priority` other than 0).
 """
 
 from __future__ import annotations
 
 import base64
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from starlette.responses import JSONResponse, Response
 
+from engine.sampling_params import truncate_prompt
 from server.errors import APIError, invalid
 from server.protocol import typed_field
 
@@ -31,6 +36,11 @@ class EmbeddingRequest:
     texts: list[str] | None  # exactly one of texts / token_ids is set
     token_ids: list[list[int]] | None
     encoding_format: Literal["float", "base64"]
+    # vLLM's: keep each input's last n tokens (-1: the model's window of them)
+    truncate_prompt_tokens: int | None = None
+    add_special_tokens: bool = True  # vLLM's: [CLS] and [SEP] frame each window
+    normalize: bool = True  # vLLM's: unit length, the model's output; else the mean pooled
+    byte_order: Literal["<", ">"] = "<"  # base64's, from vLLM's `endianness`
 
 
 def _is_token_list(value: Any) -> bool:
@@ -93,11 +103,55 @@ def parse_embedding_request(body: Any, embedder: Embedder) -> EmbeddingRequest:
             f"dimensions must be {embedder.dimensions} for {embedder.name}", param="dimensions"
         )
     typed_field(body, "user", "a string")
-    return EmbeddingRequest(texts, token_ids, encoding_format)
+    return EmbeddingRequest(texts, token_ids, encoding_format, *_vllm_fields(body))
 
 
-def _check_lengths(token_ids: list[list[int]]) -> None:
+_BYTE_ORDERS = {"native": "<" if sys.byteorder == "little" else ">", "little": "<", "big": ">"}
+
+
+def _vllm_fields(body: dict) -> tuple[int | None, bool, bool, Literal["<", ">"]]:
+    """vLLM's own fields of an embedding request: those this server honours, checked, and
+    a 400 naming any that would ask for what it cannot do."""
+    truncate = typed_field(body, "truncate_prompt_tokens", "an integer")
+    if truncate is not None and truncate != -1 and truncate < 1:
+        raise invalid(
+            f"truncate_prompt_tokens must be -1 (the model's window) or an integer >= 1, "
+            f"got {truncate}",
+            param="truncate_prompt_tokens",
+        )
+    special_tokens = typed_field(body, "add_special_tokens", "a boolean", True)
+    normalize = typed_field(body, "normalize", "a boolean")
+    activation = typed_field(body, "use_activation", "a boolean")  # vLLM's newer name
+    if None not in (normalize, activation) and normalize != activation:
+        raise invalid("normalize and use_activation disagree", param="use_activation")
+    embed_dtype = typed_field(body, "embed_dtype", "a string", "float32")
+    if embed_dtype != "float32":
+        raise invalid(
+            f"embed_dtype {embed_dtype!r} is not supported: embeddings are float32",
+            param="embed_dtype",
+        )
+    endianness = typed_field(body, "endianness", "a string", "native")
+    if endianness not in _BYTE_ORDERS:
+        raise invalid("endianness must be 'native', 'little' or 'big'", param="endianness")
+    if typed_field(body, "priority", "an integer", 0) != 0:
+        raise invalid(
+            "priority is not supported: embedding requests are served in arrival order",
+            param="priority",
+        )
+    typed_field(body, "request_id", "a string")
+    unit = next((v for v in (normalize, activation) if v is not None), True)
+    return truncate, special_tokens, unit, _BYTE_ORDERS[endianness]
+
+
+def _check_lengths(token_ids: list[list[int]], special_tokens: bool) -> None:
+    """Each input within MAX_INPUT_TOKENS and all within MAX_REQUEST_TOKENS; without
+    special tokens, a text that has no tokens (whitespace) leaves the model nothing."""
     for i, ids in enumerate(token_ids):
+        if not ids and not special_tokens:
+            raise invalid(
+                f"input[{i}] has no tokens, so without special tokens there is nothing to embed",
+                param="input",
+            )
         if len(ids) > MAX_INPUT_TOKENS:
             raise invalid(
                 f"input[{i}] has {len(ids)} tokens; the limit is {MAX_INPUT_TOKENS}", param="input"
@@ -109,9 +163,9 @@ def _check_lengths(token_ids: list[list[int]]) -> None:
         )
 
 
-def _format_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+def _format_vector(vector: np.ndarray, encoding_format: str, byte_order: str) -> list[float] | str:
     if encoding_format == "base64":
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+        return base64.b64encode(vector.astype(f"{byte_order}f4").tobytes()).decode("ascii")
     return vector.tolist()
 
 
@@ -124,16 +178,18 @@ async def create_embeddings(
     if token_ids is None:
         assert request.texts is not None
         token_ids = await embedder.atokenize(request.texts)
-    _check_lengths(token_ids)
+    window = embedder.window_tokens(request.add_special_tokens)
+    token_ids = [truncate_prompt(ids, request.truncate_prompt_tokens, window) for ids in token_ids]
+    _check_lengths(token_ids, request.add_special_tokens)
     await meter.reserve(sum(len(ids) for ids in token_ids))
-    encoded = await embedder.aencode_ids(token_ids)
+    encoded = await embedder.aencode_ids(token_ids, request.add_special_tokens, request.normalize)
     tokens = sum(encoded.token_counts)
     meter.on_submit(tokens)
     data = [
         {
             "object": "embedding",
             "index": i,
-            "embedding": _format_vector(vector, request.encoding_format),
+            "embedding": _format_vector(vector, request.encoding_format, request.byte_order),
         }
         for i, vector in enumerate(encoded.vectors)
     ]

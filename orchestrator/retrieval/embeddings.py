@@ -22,6 +22,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,9 @@ def load_tokenizer(model_dir: Path | None = None) -> Tokenizer:
 
 @dataclass(frozen=True)
 class Encoded:
-    """Unit-length embeddings (one row per input, float32) and each input's token count
-    (special tokens excluded, as OpenAI counts `usage.prompt_tokens`)."""
+    """Embeddings (one row per input, float32, unit length unless asked otherwise) and
+    each input's token count (special tokens excluded, as OpenAI counts
+    `usage.prompt_tokens`)."""
 
     vectors: np.ndarray
     token_counts: list[int]
@@ -114,14 +116,25 @@ class Embedder:
     def encode(self, texts: list[str]) -> Encoded:
         return self.encode_ids(self.tokenize(texts))
 
-    def encode_ids(self, ids: list[list[int]]) -> Encoded:
-        """Embed token-id sequences (without special tokens), windowing long ones."""
-        body = self.window - 2
+    def window_tokens(self, special_tokens: bool = True) -> int:
+        """Input tokens one window holds: the model's 256, less the [CLS] and [SEP] that
+        frame it when `special_tokens`."""
+        return self.window - 2 if special_tokens else self.window
+
+    def encode_ids(
+        self, ids: list[list[int]], special_tokens: bool = True, normalize: bool = True
+    ) -> Encoded:
+        """Embed token-id sequences (without special tokens), windowing long ones. Each
+        window is framed by [CLS] and [SEP] unless `special_tokens` is False, and the
+        mean is scaled to unit length unless `normalize` is False (vLLM's
+        `add_special_tokens` and `normalize`: the model's own output is the default)."""
+        body = self.window_tokens(special_tokens)
+        head, tail = ([self.cls_id], [self.sep_id]) if special_tokens else ([], [])
         sequences: list[list[int]] = []
         owners: list[int] = []
         for i, seq in enumerate(ids):
             for start in range(0, max(len(seq), 1), body):
-                sequences.append([self.cls_id, *seq[start : start + body], self.sep_id])
+                sequences.append([*head, *seq[start : start + body], *tail])
                 owners.append(i)
         sums, counts = self._token_sums(sequences)
         pooled = torch.zeros(len(ids), self.dimensions, dtype=torch.float32)
@@ -130,7 +143,7 @@ class Embedder:
         pooled.index_add_(0, index, sums)
         total.index_add_(0, index, counts)
         pooled /= total.clamp(min=1e-9).unsqueeze(1)
-        vectors = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        vectors = torch.nn.functional.normalize(pooled, p=2, dim=1) if normalize else pooled
         return Encoded(vectors.numpy(), [len(seq) for seq in ids])
 
     async def aencode(self, texts: list[str]) -> Encoded:
@@ -140,9 +153,12 @@ class Embedder:
     async def atokenize(self, texts: list[str]) -> list[list[int]]:
         return await asyncio.get_running_loop().run_in_executor(self._worker, self.tokenize, texts)
 
-    async def aencode_ids(self, ids: list[list[int]]) -> Encoded:
+    async def aencode_ids(
+        self, ids: list[list[int]], special_tokens: bool = True, normalize: bool = True
+    ) -> Encoded:
         """`encode_ids` on the embedder's own thread, in batches."""
-        return await self._in_batches(self.encode_ids, ids)
+        encode = partial(self.encode_ids, special_tokens=special_tokens, normalize=normalize)
+        return await self._in_batches(encode, ids)
 
     async def _in_batches(self, encode, inputs: list) -> Encoded:
         """`encode` over `batch_size` inputs per call on the worker thread: a caller that is

@@ -77,15 +77,41 @@ def test_token_ids_and_async_path_agree_with_text(embedder):
     assert from_ids.token_counts == [len(i) for i in ids]
 
 
+def test_without_special_tokens_or_normalizing(embedder, reference):
+    """vLLM's add_special_tokens=False leaves the [CLS]/[SEP] framing out (ids framed by
+    hand give the default's vector), and normalize=False gives the mean of the token
+    states as sentence-transformers' transformer module computes them, before scaling."""
+    ids = embedder.tokenize([TEXTS[0]])[0]
+    framed = [embedder.cls_id, *ids, embedder.sep_id]
+    default = embedder.encode_ids([ids])
+    by_hand = embedder.encode_ids([framed], special_tokens=False)
+    np.testing.assert_allclose(by_hand.vectors, default.vectors, atol=1e-6)
+    assert by_hand.token_counts == [len(ids) + 2]
+    bare = embedder.encode_ids([ids], special_tokens=False).vectors[0]
+    assert not np.allclose(bare, default.vectors[0], atol=1e-3)
+    assert embedder.window_tokens(special_tokens=False) == embedder.window == 256
+
+    features = {
+        "input_ids": torch.tensor([framed]),
+        "attention_mask": torch.ones(1, len(framed), dtype=torch.long),
+    }
+    with torch.no_grad():
+        mean = reference[0](features)["token_embeddings"][0].mean(0).numpy()
+    raw = embedder.encode_ids([ids], normalize=False).vectors[0]
+    np.testing.assert_allclose(raw, mean, atol=2e-5)
+    assert abs(np.linalg.norm(raw) - 1) > 0.1
+    np.testing.assert_allclose(raw / np.linalg.norm(raw), default.vectors[0], atol=1e-6)
+
+
 def _calls_until_cancelled(embedder, monkeypatch, method: str, work) -> list[int]:
     """Runs `work()` (a coroutine) as a task, cancels it once the embedder's `method` has
     been called, and returns the sizes it was called with."""
     calls: list[int] = []
     original = getattr(embedder, method)
 
-    def counting(inputs):
+    def counting(inputs, **options):
         calls.append(len(inputs))
-        return original(inputs)
+        return original(inputs, **options)
 
     monkeypatch.setattr(embedder, method, counting)
 

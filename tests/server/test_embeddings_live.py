@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import httpx
 import numpy as np
 import openai
@@ -92,6 +94,78 @@ def test_bad_input_is_400_naming_the_field(client, body, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model=MODEL, **body)
     assert caught.value.body["param"] == param
+
+
+def _vector(client, text_or_ids, **vllm) -> tuple[np.ndarray, int]:
+    """One input's embedding (as floats) and its usage, with vLLM's fields."""
+    found = client.embeddings.create(
+        model=MODEL, input=text_or_ids, encoding_format="float", extra_body=vllm
+    )
+    return np.array(found.data[0].embedding), found.usage.prompt_tokens
+
+
+def test_vllm_fields_are_honoured(client):
+    """truncate_prompt_tokens keeps each input's last tokens (-1: one window's worth),
+    add_special_tokens=False leaves out [CLS]/[SEP], normalize=False (or use_activation)
+    gives the raw mean, and endianness orders base64's bytes, as in vLLM."""
+    ids = list(range(2000, 2300))
+    for keep, kept in ((5, ids[-5:]), (-1, ids[-254:])):
+        vector, tokens = _vector(client, ids, truncate_prompt_tokens=keep)
+        assert tokens == len(kept)
+        np.testing.assert_allclose(vector, _vector(client, kept)[0], atol=1e-6)
+    vector, tokens = _vector(client, "the cat sat on the mat", truncate_prompt_tokens=2)
+    assert tokens == 2
+    np.testing.assert_allclose(vector, _vector(client, "the mat")[0], atol=1e-6)
+    without, tokens = _vector(client, ids, truncate_prompt_tokens=-1, add_special_tokens=False)
+    assert tokens == 256
+    np.testing.assert_allclose(without, _vector(client, ids[-256:], add_special_tokens=False)[0])
+
+    unit = _vector(client, "the cat sat on the mat")[0]
+    framed = [101, *ids[:10], 102]  # [CLS] ... [SEP], written by the client
+    np.testing.assert_allclose(
+        _vector(client, framed, add_special_tokens=False)[0],
+        _vector(client, ids[:10])[0],
+        atol=1e-6,
+    )
+    for field in ("normalize", "use_activation"):
+        raw = _vector(client, "the cat sat on the mat", **{field: False})[0]
+        assert abs(np.linalg.norm(raw) - 1) > 0.1
+        np.testing.assert_allclose(raw / np.linalg.norm(raw), unit, atol=1e-6)
+    little = client.embeddings.create(model=MODEL, input="cat", encoding_format="float")
+    raw_big = client.with_raw_response.embeddings.create(
+        model=MODEL, input="cat", encoding_format="base64", extra_body={"endianness": "big"}
+    ).http_response.json()["data"][0]["embedding"]
+    decoded = np.frombuffer(base64.b64decode(raw_big), dtype=">f4")
+    np.testing.assert_allclose(decoded, little.data[0].embedding, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": "5"}, "truncate_prompt_tokens"),
+        ({"add_special_tokens": "no"}, "add_special_tokens"),
+        ({"normalize": 1}, "normalize"),
+        ({"normalize": True, "use_activation": False}, "use_activation"),
+        ({"embed_dtype": "float16"}, "embed_dtype"),
+        ({"endianness": "middle"}, "endianness"),
+        ({"priority": 1}, "priority"),
+        ({"request_id": 7}, "request_id"),
+    ],
+)
+def test_vllm_fields_this_server_cannot_honour_are_400(client, fields, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model=MODEL, input="a", extra_body=fields)
+    assert caught.value.body["param"] == param
+
+
+def test_a_text_of_no_tokens_without_special_tokens_is_400(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(
+            model=MODEL, input=["a", " "], extra_body={"add_special_tokens": False}
+        )
+    assert caught.value.body["param"] == "input" and "input[1]" in caught.value.body["message"]
 
 
 def test_the_embedding_model_is_listed_apart_from_the_chat_model(client):
