@@ -32,7 +32,6 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
-    String,
     Text,
     column,
     create_engine,
@@ -48,6 +47,7 @@ from sqlalchemy import (
 from sqlalchemy import Table as SqlTable
 from sqlalchemy.engine import Connection
 
+from orchestrator.ids import Id
 from orchestrator.retrieval.filters import (
     Filter,
     JsonAttributes,
@@ -64,9 +64,9 @@ retrieval_chunks = SqlTable(
     "retrieval_chunks",
     metadata,
     Column("id", Integer, primary_key=True),  # the FTS rowid
-    Column("owner_id", String(64), nullable=False),
-    Column("vector_store_id", String(64), nullable=False),
-    Column("file_id", String(64), nullable=False),
+    Column("owner_id", Id(), nullable=False),
+    Column("vector_store_id", Id(), nullable=False),
+    Column("file_id", Id(), nullable=False),
     Column("filename", Text, nullable=False),
     Column("chunk_index", Integer, nullable=False),
     Column("text", Text, nullable=False),

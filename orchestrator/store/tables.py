@@ -28,7 +28,9 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-ID = String(64)
+from orchestrator.ids import Id
+
+ID = Id()
 
 metadata = MetaData()
 

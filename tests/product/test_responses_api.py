@@ -943,6 +943,33 @@ def test_a_conversation_update_with_if_match_applies_only_over_what_was_read(
     assert gone.status_code == 404
 
 
+def test_an_id_holding_a_nul_is_not_found_on_every_database(product_server, database_url):
+    """PostgreSQL refuses a NUL in a text parameter; no id holds one, so an id with a NUL
+    (in a path, a cursor or a body) is a 404 like any unknown id, not a 500. Text with a NUL
+    is stored and read back as sent."""
+    server = product_server(database_url=database_url)
+    conv = server.client.conversations.create()
+    first = server.client.responses.create(model=MODEL, input="a\x00b", conversation=conv.id)
+    assert server.client.responses.input_items.list(first.id).data[0].content[0].text == "a\x00b"
+    for method, path, body, missing in [
+        ("GET", "/conversations/conv_%00x", None, "conv_\x00x"),
+        ("DELETE", "/conversations/conv_%00x", None, "conv_\x00x"),
+        ("GET", "/conversations/conv_%00/items", None, "conv_\x00"),
+        ("GET", f"/conversations/{conv.id}/items/msg_%00", None, "msg_\x00"),
+        ("DELETE", f"/conversations/{conv.id}/items/msg_%00", None, "msg_\x00"),
+        ("GET", f"/conversations/{conv.id}/items?after=msg_%00", None, "msg_\x00"),
+        ("GET", "/responses/resp_%00", None, "resp_\x00"),
+        ("POST", "/responses/resp_%00/cancel", None, "resp_\x00"),
+        ("GET", f"/responses/{first.id}/input_items?after=msg_%00", None, "msg_\x00"),
+        ("POST", "/responses", {"previous_response_id": "resp_\x00"}, "resp_\x00"),
+        ("POST", "/responses", {"conversation": {"id": "conv_\x00"}}, "conv_\x00"),
+    ]:
+        json_body = None if body is None else {"model": MODEL, "input": "hi", **body}
+        raw = _raw(server, method, path, json=json_body)
+        assert raw.status_code == 404, (method, path, raw.text)
+        assert f"'{missing}'" in raw.json()["error"]["message"], raw.text
+
+
 def test_if_match_reads_a_list_of_tags_and_the_star_as_rfc_9110_does(product_server):
     server = product_server()
     conv = server.client.conversations.create(metadata={"title": "a"})

@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections import Counter
 
+import httpx
 import openai
 import pytest
 from sqlalchemy import func, select
@@ -398,3 +399,31 @@ def test_a_database_without_pgvector_refuses_vector_stores_clearly(
     assert client.files.delete(file.id).deleted
     with server.product.store.engine.connect() as conn:  # its bytes went with it
         assert conn.execute(select(func.count()).select_from(file_blobs)).scalar() == 0
+
+
+def test_an_id_holding_a_nul_is_not_found_on_every_database(
+    product_server, database_url, tmp_path, embedder
+):
+    """PostgreSQL refuses a NUL in a text parameter; no id holds one, so a file, store or
+    batch id with a NUL (in a path, a cursor or a body) is a 404 like any unknown id."""
+    server = product_server(database_url=database_url, data_dir=tmp_path, embedder=embedder)
+    store = server.client.vector_stores.create(name="empty").id
+    requests = [
+        ("GET", "/files/file_%00", None),
+        ("GET", "/files/file_%00/content", None),
+        ("DELETE", "/files/file_%00", None),
+        ("GET", "/files?after=file_%00", None),
+        ("GET", "/vector_stores/vs_%00", None),
+        ("DELETE", "/vector_stores/vs_%00", None),
+        ("GET", "/vector_stores?before=vs_%00", None),
+        ("POST", "/vector_stores", {"file_ids": ["file_\x00"]}),
+        ("POST", f"/vector_stores/{store}/files", {"file_id": "file_\x00"}),
+        ("GET", f"/vector_stores/{store}/files/file_%00", None),
+        ("DELETE", f"/vector_stores/{store}/files/file_%00", None),
+        ("GET", f"/vector_stores/{store}/files?after=file_%00", None),
+        ("GET", f"/vector_stores/{store}/file_batches/vsfb_%00", None),
+        ("POST", f"/vector_stores/{store}/file_batches", {"file_ids": ["file_\x00"]}),
+    ]
+    for method, path, body in requests:
+        raw = httpx.request(method, f"{server.url}/v1{path}", json=body, timeout=10)
+        assert raw.status_code == 404, (method, path, raw.text)
