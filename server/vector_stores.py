@@ -71,11 +71,13 @@ def _chunking(body: dict):
 
 def _attribute_fits(key: str, value: Any) -> bool:
     """OpenAI's limits: keys of at most 64 characters; values strings of at most 512,
-    booleans or numbers (here an integer must fit in 64 bits, which filters can compare)."""
-    if not 1 <= len(key) <= MAX_KEY_LENGTH:
+    booleans or numbers (here an integer must fit in 64 bits, which filters can compare).
+    No key or string holds a NUL: the chunks' copy of the attributes is PostgreSQL's
+    `jsonb`, which cannot store one."""
+    if not 1 <= len(key) <= MAX_KEY_LENGTH or "\x00" in key:
         return False
     if isinstance(value, str):
-        return len(value) <= 512
+        return len(value) <= 512 and "\x00" not in value
     return isinstance(value, bool) or is_number(value)
 
 
@@ -89,7 +91,7 @@ def _attributes(body: dict) -> dict:
         raise invalid(
             "attributes must be an object of at most 16 keys of 1 to 64 characters, whose "
             "values are strings of at most 512 characters, booleans or numbers (an integer "
-            "must fit in 64 bits)",
+            "must fit in 64 bits); no key or string may hold a NUL character",
             "attributes",
         )
     return attributes

@@ -96,11 +96,15 @@ def _parse(value: Any, path: str, depth: int) -> Filter:
     if kind not in COMPARISONS:
         raise ValueError(f"{path}.type must be one of {', '.join((*COMPARISONS, 'and', 'or'))}")
     key = value.get("key")
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
-        raise ValueError(f"{path}.key must be a string of 1 to {MAX_KEY_LENGTH} characters")
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or "\x00" in key:
+        raise ValueError(
+            f"{path}.key must be a string of 1 to {MAX_KEY_LENGTH} characters, without NUL"
+        )
     if "value" not in value:
         raise ValueError(f"{path}.value is required")
     operand = value["value"]
+    if _holds_nul(operand):
+        raise ValueError(f"{path}.value must not hold a NUL character (no attribute does)")
     if kind in ("in", "nin"):
         if (
             not isinstance(operand, list)
@@ -122,6 +126,14 @@ def _parse(value: Any, path: str, depth: int) -> Filter:
             f"{path}.value must be a string, number or boolean (an integer must fit in 64 bits)"
         )
     return Comparison(key, kind, operand)
+
+
+def _holds_nul(operand: Any) -> bool:
+    """Whether a comparison's value (or one of its list's) is a string holding a NUL, which
+    no attribute does: the chunks' attributes are PostgreSQL's `jsonb`, which cannot store
+    one, nor take one in a parameter."""
+    values = operand if isinstance(operand, list) else [operand]
+    return any(isinstance(v, str) and "\x00" in v for v in values)
 
 
 class JsonAttributes(Protocol):

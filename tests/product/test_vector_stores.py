@@ -427,3 +427,25 @@ def test_an_id_holding_a_nul_is_not_found_on_every_database(
     for method, path, body in requests:
         raw = httpx.request(method, f"{server.url}/v1{path}", json=body, timeout=10)
         assert raw.status_code == 404, (method, path, raw.text)
+
+
+def test_attributes_and_filters_holding_a_nul_are_400_on_every_database(
+    product_server, database_url, tmp_path, embedder
+):
+    """The chunks' attributes are PostgreSQL's jsonb, which cannot hold a NUL: an attribute
+    with one is refused where it is given (it left the file in_progress for good there),
+    and so is a filter comparing with one (a 500 there), on both databases alike."""
+    server = product_server(database_url=database_url, data_dir=tmp_path, embedder=embedder)
+    file = server.client.files.create(file=("glaciers.txt", TEXT), purpose="assistants")
+    store = server.client.vector_stores.create(name="empty").id
+    base = f"{server.url}/v1/vector_stores/{store}"
+    for attributes in ({"topic": "ice\x00"}, {"to\x00pic": "ice"}):
+        raw = httpx.post(f"{base}/files", json={"file_id": file.id, "attributes": attributes})
+        assert (raw.status_code, raw.json()["error"]["param"]) == (400, "attributes"), raw.text
+    for comparison in (
+        {"type": "eq", "key": "topic", "value": "ice\x00"},
+        {"type": "nin", "key": "topic", "value": ["rock", "ice\x00"]},
+        {"type": "eq", "key": "to\x00pic", "value": "ice"},
+    ):
+        raw = httpx.post(f"{base}/search", json={"query": "ice", "filters": comparison})
+        assert (raw.status_code, raw.json()["error"]["param"]) == (400, "filters"), raw.text
