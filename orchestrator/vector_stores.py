@@ -539,6 +539,18 @@ class VectorStoreService:
         except Exception:
             log.exception("ingesting %s into %s failed", file_id, vector_store_id)
             error = _error("server_error", "the server failed to index this file")
-        await self.store.call(
-            kb.finish_store_file, owner, vector_store_id, file_id, chunks, error, body
-        )
+        try:
+            await self.store.call(
+                kb.finish_store_file, owner, vector_store_id, file_id, chunks, error, body
+            )
+        except Exception:
+            if chunks is None:
+                raise  # not even the failure could be written: the sweep tries again
+            # The chunks could not be written (not the database's absence: then this
+            # write fails too and the sweep takes the file again), so the file fails
+            # rather than staying in progress for every later sweep to fail on again.
+            log.exception("storing the index of %s in %s failed", file_id, vector_store_id)
+            error = _error("server_error", "the server failed to store this file's index")
+            await self.store.call(
+                kb.finish_store_file, owner, vector_store_id, file_id, None, error, body
+            )

@@ -231,6 +231,36 @@ def test_ingestion_takes_a_few_files_at_once_and_owners_in_turn(tmp_path, embedd
     assert sum(name.startswith("carol") for name in started) == 2  # none after the cancel
 
 
+def test_a_file_whose_index_cannot_be_stored_fails_rather_than_stays_in_progress(
+    tmp_path, embedder, monkeypatch
+):
+    """A write of the chunks the database refuses (the error is not its absence) fails
+    the file with a last_error: left in progress, every sweep would fail on it again."""
+    finish = kb.finish_store_file
+
+    def refusing_chunks(repo, owner, store_id, file_id, chunks, *rest):
+        if chunks:
+            raise ValueError("the database refused a chunk")
+        return finish(repo, owner, store_id, file_id, chunks, *rest)
+
+    monkeypatch.setattr(kb, "finish_store_file", refusing_chunks)
+
+    async def run() -> dict:
+        store = _open(f"sqlite:///{tmp_path / 'tokenmill.db'}")
+        service = VectorStoreService(store, FileService(store), embedder)
+        file_id = (await service.files.create("alice", "a.txt", "assistants", TEXT, None))["id"]
+        added = FileToAdd(file_id, StaticChunking(), {}, "file_ids")
+        store_id = (await service.create("alice", None, {}, [added]))["id"]
+        await _until(lambda: not service._tasks)
+        found = await service.retrieve_file("alice", store_id, file_id)
+        store.close()
+        return found
+
+    found = asyncio.run(run())
+    assert found["status"] == "failed"
+    assert found["last_error"]["code"] == "server_error"
+
+
 def test_every_row_belongs_to_its_owner(database_url, embedder):
     store = Store(database_url)
     repo = store.repo
