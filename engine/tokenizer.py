@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -56,6 +56,18 @@ _QWEN2_SPLIT = (
 _LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"}
 _QWEN2_PRE = {"qwen2", "deepseek-r1-qwen"}
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # llama.cpp token types
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+def break_special_tokens(text: str, special_tokens: Iterable[str]) -> str:
+    """`text` with every special token it spells broken up by a zero-width space after
+    the token's first character: it reads the same, but it is tokenized as plain text,
+    where a rendered chat (whose special tokens the template writes as text) would
+    otherwise read a role marker or an end of turn in it."""
+    for token in special_tokens:
+        if len(token) > 1 and token in text:
+            text = text.replace(token, token[0] + ZERO_WIDTH_SPACE + token[1:])
+    return text
 
 
 class Tokenizer:
@@ -277,7 +289,10 @@ class Tokenizer:
         continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> str:
-        """Render the conversation the way transformers' `apply_chat_template` does.
+        """Render the conversation the way transformers' `apply_chat_template` does,
+        except that the special tokens the messages, tools and variables spell are
+        broken up (`break_special_tokens`): only those the template writes itself are
+        special once the text is tokenized, so no content can open a turn of its own.
 
         `continue_final_message` ends the text at the last message's content (as
         transformers does), so the model goes on with that message rather than a new one.
@@ -289,6 +304,7 @@ class Tokenizer:
                 "chat_template.jinja or the GGUF's tokenizer.chat_template); "
                 "use the completions endpoint or a model with a template"
             )
+        messages, tools, template_kwargs = self._as_text((messages, tools, template_kwargs))
         variables = {**self.special_tokens, **template_kwargs}
         text = self._template.render(
             messages=messages,
@@ -297,6 +313,16 @@ class Tokenizer:
             **variables,
         )
         return _end_at_final_message(text, messages) if continue_final_message else text
+
+    def _as_text(self, value: Any) -> Any:
+        """`value` with the special tokens of its every string (keys too) broken up."""
+        if isinstance(value, str):
+            return break_special_tokens(value, self.all_special_tokens)
+        if isinstance(value, dict):
+            return {self._as_text(k): self._as_text(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self._as_text(v) for v in value)
+        return value
 
     def encode_chat(
         self,

@@ -19,18 +19,17 @@ import hashlib
 import re
 from collections.abc import Iterable
 
+from engine.tokenizer import ZERO_WIDTH_SPACE, break_special_tokens
+
 DEFAULT_LIMIT = 16_000  # characters
 _CONTROL = re.compile(r"<\|[^|<>\s]{1,40}\|>")
 _TAG = re.compile(r"</?(?:untrusted|tool_call|tool_response)", re.IGNORECASE)
-_ZWSP = "\u200b"
 
 
 def _defang(text: str, special_tokens: Iterable[str]) -> str:
-    text = _CONTROL.sub(lambda m: m.group(0)[:2] + _ZWSP + m.group(0)[2:], text)
-    for token in special_tokens:
-        if len(token) > 1 and token in text:
-            text = text.replace(token, token[0] + _ZWSP + token[1:])
-    return _TAG.sub(lambda m: "<" + _ZWSP + m.group(0)[1:], text)
+    text = _CONTROL.sub(lambda m: m.group(0)[:2] + ZERO_WIDTH_SPACE + m.group(0)[2:], text)
+    text = break_special_tokens(text, special_tokens)
+    return _TAG.sub(lambda m: "<" + ZERO_WIDTH_SPACE + m.group(0)[1:], text)
 
 
 def cap(text: str, limit: int = DEFAULT_LIMIT) -> str:
