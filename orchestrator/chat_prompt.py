@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from orchestrator.chat_types import ChatRequest, Message, Tool, ToolCall
 from orchestrator.tool_parser import CLOSE_TAG, OPEN_TAG
+from orchestrator.untrusted import break_tool_tags
 
 DEFAULT_TOOL_PROMPT = """# Tools
 
@@ -117,13 +118,14 @@ def _plain_messages(messages: list[Message]) -> list[dict]:
 
     Tool results go in a user turn (consecutive results share one, and a user message
     right after them joins it), so that templates which insist on alternating roles
-    still render.
+    still render. A result's own tool tags are broken up (`break_tool_tags`), so its
+    text stays inside its block.
     """
     out: list[dict] = []
     previous_was_result = False
     for message in messages:
         if message.role == "tool":
-            block = f"<tool_response>\n{message.content}\n</tool_response>"
+            block = f"<tool_response>\n{break_tool_tags(message.content or '')}\n</tool_response>"
             if previous_was_result:
                 out[-1]["content"] += "\n" + block
             else:

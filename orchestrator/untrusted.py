@@ -23,13 +23,26 @@ from engine.tokenizer import ZERO_WIDTH_SPACE, break_special_tokens
 
 DEFAULT_LIMIT = 16_000  # characters
 _CONTROL = re.compile(r"<\|[^|<>\s]{1,40}\|>")
-_TAG = re.compile(r"</?(?:untrusted|tool_call|tool_response)", re.IGNORECASE)
+_FRAME_TAG = re.compile(r"</?untrusted", re.IGNORECASE)
+_TOOL_TAG = re.compile(r"</?(?:tool_call|tool_response)", re.IGNORECASE)
+
+
+def _break_tags(tag: re.Pattern[str], text: str) -> str:
+    return tag.sub(lambda m: "<" + ZERO_WIDTH_SPACE + m.group(0)[1:], text)
+
+
+def break_tool_tags(text: str) -> str:
+    """`text` with the tool protocol's tags (`<tool_call>`, `</tool_response>`, any case)
+    broken up by a zero-width space: it reads the same, but neither ends the
+    `<tool_response>` block it is put in (and goes on as someone else's words) nor
+    writes a call of its own."""
+    return _break_tags(_TOOL_TAG, text)
 
 
 def _defang(text: str, special_tokens: Iterable[str]) -> str:
     text = _CONTROL.sub(lambda m: m.group(0)[:2] + ZERO_WIDTH_SPACE + m.group(0)[2:], text)
     text = break_special_tokens(text, special_tokens)
-    return _TAG.sub(lambda m: "<" + ZERO_WIDTH_SPACE + m.group(0)[1:], text)
+    return break_tool_tags(_break_tags(_FRAME_TAG, text))
 
 
 def cap(text: str, limit: int = DEFAULT_LIMIT) -> str:
