@@ -87,3 +87,4 @@ class CompletionRequest:
     echo: bool = False
     response_format: ResponseFormat | None = None
     guided: Guided | None = None
+    add_special_tokens: bool = True  # vLLM's: text prompts get the model's BOS, if any

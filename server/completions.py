@@ -74,11 +74,13 @@ def _prepare_prompts(
     echo: bool,
     completion: int | None,
     truncate: int | None,
+    special: bool,
 ) -> tuple[list[list[int]], list[str]]:
     """Each prompt as token ids, and as text when echoed (in the preparation process for
     large prompts), after the size and vocabulary checks that make tokenizing and
     decoding them safe and bounded. `truncate` (truncate_prompt_tokens) keeps each
-    prompt's last tokens; a prompt it cut echoes the tokens kept."""
+    prompt's last tokens; a prompt it cut echoes the tokens kept. `special`
+    (add_special_tokens) frames text prompts with the model's special tokens (a BOS)."""
     tokenizer, max_len = context.tokenizer, context.max_model_len
     ids_list: list[list[int]] = []
     echoed: list[str] = []
@@ -87,7 +89,7 @@ def _prepare_prompts(
             check_prompt_chars(len(prompt), context.max_prompt_chars, "prompt")
             try:
                 ids = tokenizer.encode(
-                    prompt, add_special_tokens=True, max_tokens=None if truncate else max_len
+                    prompt, add_special_tokens=special, max_tokens=None if truncate else max_len
                 )
             except ContextLengthExceededError as exc:
                 raise window_error(exc, max_len, "prompt") from None
@@ -139,6 +141,7 @@ async def create_completion(
             request.echo,
             params.max_tokens,
             params.truncate_prompt_tokens,
+            request.add_special_tokens,
         )
         max_len = state.engine.max_model_len
         await meter.reserve(

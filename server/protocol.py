@@ -8,9 +8,10 @@ the parameter, so range rules live in one place. Checks that need the model (tok
 below the vocabulary size) are `server.generation`'s. Unknown fields are ignored, as
 vLLM does, so clients that send newer OpenAI fields keep working; but vLLM's own fields
 are known: its structured-output fields (`structured_outputs`, the older `guided_*`) and
-chat-template options are honoured, and those vLLM honours that this server cannot (beam
-search, prompt logprobs in vLLM's shape, best_of, a chat echo) are a 400 naming the
-field, never an answer other than the one asked for.
+chat-template options are honoured, those that change nothing here are type-checked, and
+those vLLM honours that this server cannot (beam search, best_of, a chat echo,
+priorities, disaggregated serving...) are a 400 naming the field, never an answer other
+than the one asked for.
 
 Every check raises a 400 naming the field; no value of any type may get past this
 module as anything but a 400 or a well-formed request.
@@ -332,10 +333,73 @@ def _tool_choice(body: dict, tools: list[Tool]) -> tuple[str, str | None]:
     return "function", name
 
 
+# vLLM's request fields that change nothing here, as they change nothing in vLLM serving
+# this model on one machine: only their types are checked.
+_INERT_FIELDS = {
+    "length_penalty": "a number",  # beam search's, which is refused
+    # joins special tokens' texts for slow tokenizers only; vLLM's fast ones, like this
+    # server's, write them as decoded
+    "spaces_between_special_tokens": "a boolean",
+    "session_id": "a string",  # routes related requests; one server here
+    "return_token_offsets": "a boolean",  # vLLM's render endpoints only
+    "return_mm_kwargs": "a boolean",  # vLLM's render endpoints only
+    "routed_experts_prompt_start": "an integer",  # mixture-of-experts routing reports
+    "guided_decoding_backend": "a string",  # which grammar engine: there is one
+}
+_CHAT_INERT_FIELDS = {
+    # options for media content, which this server refuses in messages
+    "mm_processor_kwargs": "an object",
+    "media_io_kwargs": "an object",
+}
+
+# vLLM's request fields this server cannot honour: a value other than these defaults (or
+# null) is a 400 naming the field, never an answer other than the one asked for.
+_UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "priority": ((0,), "the scheduler has no priorities (0 is the only one)"),
+    "watermarking": ((False,), "watermarking is not implemented"),
+    "truncation_side": (("left",), 'truncate_prompt_tokens keeps the last tokens ("left")'),
+    "logprob_token_ids": ((), "send logprobs and top_logprobs"),
+    "return_tokens_as_token_ids": ((False,), "logprobs name tokens by their text"),
+    "return_token_ids": ((False,), "responses carry text, not token ids"),
+    "return_prompt_text": ((False,), "the rendered prompt is not returned"),
+    "kv_transfer_params": (({},), "there is no disaggregated serving"),
+    "ec_transfer_params": (({},), "there is no disaggregated serving"),
+    "vllm_xargs": (({},), "no extensions are installed to read them"),
+    "logits_processors": (([],), "custom logits processors cannot be loaded"),
+    "repetition_detection": ((), "repetition detection is not implemented"),
+    "stream_interval": ((1,), "every token is streamed as it comes"),
+    "thinking_token_budget": ((-1,), "there is no reasoning parser to count thinking tokens"),
+    "guided_whitespace_pattern": ((), "the grammar engine sets JSON's whitespace"),
+}
+_CHAT_UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "chat_template": ((), "requests cannot bring their own template"),
+    "add_special_tokens": ((False,), "the chat template writes the prompt's special tokens"),
+    "include_reasoning": ((True,), "there is no reasoning parser: reasoning stays in content"),
+}
+_COMPLETION_UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "prompt_embeds": ((), "send the prompt as text or token ids"),
+}
+
+
+def _check_vllm_fields(
+    body: dict, inert: dict[str, str], unsupported: dict[str, tuple[tuple[Any, ...], str]]
+) -> None:
+    """vLLM's fields are never silently ignored: an inert one's type is checked, and an
+    unsupported one set to anything but its default (same type and value) or null is a
+    400 naming it."""
+    for name, kind in inert.items():
+        typed_field(body, name, kind)
+    for name, (defaults, reason) in unsupported.items():
+        value = body.get(name)
+        if value is not None and not any(type(value) is type(d) and value == d for d in defaults):
+            raise invalid(f"{name} is not supported: {reason}; got {value!r}", name)
+
+
 def _check_common(body: dict) -> None:
     """Fields both endpoints accept but do not use: check their types. vLLM's fields that
     would change the answer and have no counterpart here are refused."""
     typed_field(body, "user", "a string")
+    _check_vllm_fields(body, _INERT_FIELDS, _UNSUPPORTED_FIELDS)
     if typed_field(body, "use_beam_search", "a boolean"):
         raise invalid(
             "use_beam_search is not supported: beam search is not implemented", "use_beam_search"
@@ -450,16 +514,31 @@ def _guided(body: dict, response_format: ResponseFormat | None) -> Guided | None
     return Guided(param, kind, _structure_value(kind, body[param], param, param))
 
 
+def _documents(body: dict) -> list[dict[str, str]] | None:
+    """vLLM's `documents` (for retrieval-augmented templates): objects of strings, such
+    as {"title", "text"}, given to the template as its `documents` variable."""
+    documents = typed_field(body, "documents", "an array")
+    if documents is not None and not all(
+        isinstance(d, dict) and all(isinstance(v, str) for v in d.values()) for d in documents
+    ):
+        raise invalid("documents must be an array of objects of strings", "documents")
+    return documents
+
+
 def _rendering(body: dict, messages: list[Message]) -> dict[str, Any]:
     """vLLM's chat-template options, checked: `add_generation_prompt` (default true),
     `continue_final_message` (default false: true goes on with the last message, an
     assistant's, instead of opening a turn, so the two cannot both be true) and
     `chat_template_kwargs` (template variables, which override the other two and are
-    checked as they are). The engine's `chat_template_options` owns those rules; its
-    error's `param` is the field the client sent the bad value in."""
+    checked as they are; `documents` becomes one unless they set it). The engine's
+    `chat_template_options` owns those rules; its error's `param` is the field the
+    client sent the bad value in."""
     add = typed_field(body, "add_generation_prompt", "a boolean", True)
     extend = typed_field(body, "continue_final_message", "a boolean", False)
     kwargs = typed_field(body, "chat_template_kwargs", "an object", {})
+    documents = _documents(body)
+    if documents is not None and "documents" not in kwargs:
+        kwargs = {**kwargs, "documents": documents}
     try:
         options = chat_template_options(add, extend, None, kwargs)
     except ChatTemplateOptionError as exc:
@@ -546,6 +625,7 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
             code="context_length_exceeded",
         )
     _check_common(body)
+    _check_vllm_fields(body, _CHAT_INERT_FIELDS, _CHAT_UNSUPPORTED_FIELDS)
     if typed_field(body, "echo", "a boolean"):
         raise invalid("echo is not supported on chat completions", "echo")
     for legacy in ("functions", "function_call"):  # ignored, a forced call would be lost
@@ -628,6 +708,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         raise invalid("the request body must be a JSON object")
     prompts = _prompts(body)
     _check_common(body)
+    _check_vllm_fields(body, {}, _COMPLETION_UNSUPPORTED_FIELDS)
     if body.get("suffix"):
         raise invalid("suffix is not supported", "suffix")
     stream = typed_field(body, "stream", "a boolean", False)
@@ -658,4 +739,5 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         echo=echo,
         response_format=response_format,
         guided=_guided(body, response_format),
+        add_special_tokens=typed_field(body, "add_special_tokens", "a boolean", True),
     )

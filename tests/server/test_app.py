@@ -489,6 +489,105 @@ def test_vllm_fields_the_server_cannot_honour_are_400s_naming_them(serve):
         assert response.status_code == 200, response.text
 
 
+def test_every_vllm_field_is_honoured_or_refused(serve):
+    """vLLM's fields that cannot be honoured here are a 400 naming them (their defaults
+    pass); those that change nothing here are type-checked; none is silently ignored."""
+    server = serve()
+
+    def completion(**body):
+        return server.client.post("/v1/completions", json={"prompt": "Hi", **body})
+
+    both = {
+        "priority": 5,
+        "watermarking": True,
+        "truncation_side": "right",
+        "logprob_token_ids": [1],
+        "return_tokens_as_token_ids": True,
+        "return_token_ids": True,
+        "return_prompt_text": True,
+        "kv_transfer_params": {"do_remote_prefill": True},
+        "ec_transfer_params": {"x": 1},
+        "vllm_xargs": {"k": 1},
+        "logits_processors": ["p"],
+        "repetition_detection": {"max_pattern_size": 4},
+        "stream_interval": 4,
+        "thinking_token_budget": 10,
+        "guided_whitespace_pattern": " ",
+    }
+    only_chat = {
+        "chat_template": "{{ 'X' }}",
+        "add_special_tokens": True,
+        "include_reasoning": False,
+    }
+    for name, value in {**both, **only_chat}.items():
+        assert_error(chat(server, **{name: value}), 400, name)
+    for name, value in {**both, "prompt_embeds": "AAAA"}.items():
+        assert_error(completion(**{name: value}), 400, name)
+    assert_error(chat(server, priority=False), 400, "priority")  # not 0
+    inert = {
+        "length_penalty": "long",
+        "spaces_between_special_tokens": 0,
+        "session_id": 1,
+        "return_token_offsets": "yes",
+        "return_mm_kwargs": 1,
+        "routed_experts_prompt_start": 1.5,
+        "guided_decoding_backend": [],
+    }
+    for name, value in inert.items():
+        assert_error(chat(server, **{name: value}), 400, name)
+        assert_error(completion(**{name: value}), 400, name)
+    assert_error(chat(server, mm_processor_kwargs=[1]), 400, "mm_processor_kwargs")
+    assert_error(chat(server, documents=[{"text": 1}]), 400, "documents")
+    assert_error(completion(add_special_tokens="no"), 400, "add_special_tokens")
+    assert server.engine.params == []
+    defaults = {
+        "priority": 0,
+        "watermarking": False,
+        "truncation_side": "left",
+        "return_token_ids": False,
+        "kv_transfer_params": {},
+        "vllm_xargs": {},
+        "stream_interval": 1,
+        "thinking_token_budget": -1,
+        "length_penalty": 1.2,
+        "spaces_between_special_tokens": False,
+        "session_id": "s",
+        "guided_decoding_backend": "xgrammar",
+    }
+    chat_defaults = {
+        "add_special_tokens": False,
+        "include_reasoning": True,
+        "mm_processor_kwargs": {},
+    }
+    assert chat(server, **defaults, **chat_defaults).status_code == 200
+    assert completion(**defaults, add_special_tokens=True).status_code == 200
+
+
+class WithBos(FakeTokenizer):
+    """Frames a text with a BOS (id 1) when asked to add special tokens."""
+
+    def encode(self, text, add_special_tokens=False, max_tokens=None):
+        return [1] * add_special_tokens + super().encode(text, max_tokens=max_tokens)
+
+
+def test_vllm_documents_and_add_special_tokens_are_honoured(serve):
+    """documents reach the chat template as its variable; add_special_tokens false leaves
+    a completion prompt without the model's BOS."""
+
+    docs = "{% for d in documents | default([]) %}[{{ d.title }}]{% endfor %}"
+    server = serve(FakeEngine(tokenizer=WithBos(CHATML + docs)))
+    documents = [{"title": "a", "text": "x"}, {"title": "b", "text": "y"}]
+    assert chat(server, documents=documents).status_code == 200
+    assert server.engine.prompts[-1] == [ord(c) for c in PROMPT + "[a][b]"]
+    kwargs = {"documents": [{"title": "c"}]}
+    assert chat(server, documents=documents, chat_template_kwargs=kwargs).status_code == 200
+    assert server.engine.prompts[-1] == [ord(c) for c in PROMPT + "[c]"]
+    for special, expected in ((True, [1, 72, 105]), (False, [72, 105])):
+        body = {"prompt": "Hi", "max_tokens": 1, "add_special_tokens": special}
+        assert server.client.post("/v1/completions", json=body).status_code == 200
+        assert server.engine.prompts[-1] == expected
+
+
 def test_prompt_logprobs_in_vllm_shape(serve):
     """vLLM's `prompt_logprobs`: per prompt token, null for the first, then {token id:
     {logprob, rank, decoded_token}} for the token and the N likeliest; on each completion

@@ -294,6 +294,28 @@ EXTRA = (
     "guided_regex",
     "guided_choice",
     "guided_grammar",
+    # vLLM's fields refused unless at their default, or only type-checked
+    "priority",
+    "watermarking",
+    "truncation_side",
+    "logprob_token_ids",
+    "return_tokens_as_token_ids",
+    "return_token_ids",
+    "return_prompt_text",
+    "kv_transfer_params",
+    "vllm_xargs",
+    "logits_processors",
+    "repetition_detection",
+    "stream_interval",
+    "thinking_token_budget",
+    "chat_template",
+    "add_special_tokens",
+    "include_reasoning",
+    "prompt_embeds",
+    "documents",
+    "length_penalty",
+    "session_id",
+    "mm_processor_kwargs",
 )
 
 
