@@ -107,7 +107,9 @@ async def engine_outputs(
     finished = False
     meter.on_submit(len(prompt))
     params = dataclasses.replace(
-        params, cache_salt=cache_salt(meter.identity.owner), output_kind=RequestOutputKind.DELTA
+        params,
+        cache_salt=cache_salt(meter.identity.owner, params.cache_salt),
+        output_kind=RequestOutputKind.DELTA,
     )
     try:
         # Tokens the engine made that the client never got (it went away) are metered too,

@@ -45,6 +45,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_BAD_WORDS = 256  # each is matched against the output at every step, like a stop string
+MAX_CACHE_SALT_CHARS = 1024  # vLLM's bound
 
 # Passed straight to SamplingParams under the same name (vLLM's extensions included).
 _SAMPLING_FIELDS = (
@@ -106,11 +107,27 @@ def typed_field(
 def _sampling_fields(body: dict) -> dict[str, Any]:
     typed_field(body, "bad_words", "an array")  # vLLM's server declares a list, not a word
     sampling = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+    salt = _cache_salt(body)
+    if salt is not None:
+        sampling["cache_salt"] = salt
     n = sampling.get("n")
     if isinstance(n, int) and n > MAX_N:
         raise invalid(f"n must be at most {MAX_N}, got {n}", param="n")
     _check_sizes(sampling)
     return sampling
+
+
+def _cache_salt(body: dict) -> str | None:
+    """vLLM's `cache_salt`: 1 to MAX_CACHE_SALT_CHARS characters. The engine's request
+    shares cached prompt blocks only with requests of the same owner and salt
+    (`server.generation` combines it with the owner's)."""
+    salt = typed_field(body, "cache_salt", "a string")
+    if salt is not None and not 1 <= len(salt) <= MAX_CACHE_SALT_CHARS:
+        raise invalid(
+            f"cache_salt must be 1 to {MAX_CACHE_SALT_CHARS} characters, got {len(salt)}",
+            "cache_salt",
+        )
+    return salt
 
 
 def _check_sizes(sampling: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from orchestrator.store.accounts import UserRow
@@ -36,8 +37,12 @@ class Identity:
 LOCAL = Identity()
 
 
-def cache_salt(owner: str) -> str | None:
+def cache_salt(owner: str, requested: str | None = None) -> str | None:
     """The engine's prefix-cache namespace for `owner`'s requests (SamplingParams.cache_salt):
     each user's own, so one user's prompts neither serve nor reveal another's through
-    `cached_tokens` or timing; the local user's (an open server, admin keys), none."""
-    return None if owner == LOCAL_USER else owner
+    `cached_tokens` or timing; the local user's (an open server, admin keys), none.
+    `requested` (a request's own `cache_salt`, vLLM's) narrows it to the requests of
+    that owner with that salt: the pair is encoded unambiguously (a JSON array, which no
+    owner id is), so it can never widen sharing to another owner."""
+    own = None if owner == LOCAL_USER else owner
+    return own if requested is None else json.dumps([own, requested])

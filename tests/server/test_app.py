@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from engine.errors import EngineShutdownError
+from orchestrator.accounts.identity import cache_salt
 from tests.conftest import record_event_loop_calls
 from tests.server.fake_engine import CHATML, CHATML_WITH_TOOLS, FakeEngine, FakeTokenizer
 from tests.server.sse_client import events, stream
@@ -229,6 +230,25 @@ def test_cached_tokens_reported_from_the_engine(serve):
     second = chat(server, messages=system + USER).json()
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 280
+
+
+def test_vllm_cache_salt_narrows_the_owners_namespace(serve):
+    """A request's cache_salt is combined with its owner's: requests share cached blocks
+    only with the same owner and salt, and no salt reaches another owner's namespace."""
+    server = serve()
+    assert chat(server).status_code == 200
+    assert server.engine.params[-1].cache_salt is None  # the local user's: none
+    assert chat(server, cache_salt="abc").status_code == 200
+    salted = server.engine.params[-1].cache_salt
+    body = {"prompt": "Hi", "max_tokens": 1, "cache_salt": "abc"}
+    assert server.client.post("/v1/completions", json=body).status_code == 200
+    assert server.engine.params[-1].cache_salt == salted
+    assert chat(server, cache_salt="abd").status_code == 200
+    assert len({None, salted, server.engine.params[-1].cache_salt}) == 3
+    owners = {cache_salt(o, s) for o in ("user_a", "user_b") for s in (None, "x", salted)}
+    assert len(owners) == 6 and salted not in owners
+    for bad in ("", "x" * 1025, 1):
+        assert_error(chat(server, cache_salt=bad), 400, "cache_salt")
 
 
 # -- errors ----------------------------------------------------------------------------------

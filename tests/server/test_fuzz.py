@@ -316,6 +316,7 @@ EXTRA = (
     "length_penalty",
     "session_id",
     "mm_processor_kwargs",
+    "cache_salt",
 )
 
 
