@@ -73,6 +73,7 @@ class ChatRequest:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = None  # vLLM's: the response id's suffix
 
 
 @dataclass
@@ -88,3 +89,4 @@ class CompletionRequest:
     response_format: ResponseFormat | None = None
     guided: Guided | None = None
     add_special_tokens: bool = True  # vLLM's: text prompts get the model's BOS, if any
+    request_id: str | None = None  # vLLM's: the response id's suffix

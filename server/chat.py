@@ -104,9 +104,12 @@ async def create_chat_completion(
         max_len = state.engine.max_model_len
         check_context(len(prompt_ids), params.max_tokens, max_len, "messages")
         await meter.reserve(output_budget(len(prompt_ids), params.max_tokens, max_len, params.n))
-        header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", model)
+        engine_id = f"chatcmpl-{uuid.uuid4().hex}"
+        header = ResponseHeader(
+            engine_id if request.request_id is None else f"chatcmpl-{request.request_id}", model
+        )
         run = ChatRun(state, request, header, [t.name for t in tools], len(prompt_ids))
-        outputs = merge([engine_outputs(state, prompt_ids, params, header.id, timer, meter)])
+        outputs = merge([engine_outputs(state, prompt_ids, params, engine_id, timer, meter)])
     except BaseException:
         ticket.release()
         raise

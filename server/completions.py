@@ -147,12 +147,15 @@ async def create_completion(
         await meter.reserve(
             sum(output_budget(len(ids), params.max_tokens, max_len, params.n) for ids in prompts)
         )
-        header = ResponseHeader(f"cmpl-{uuid.uuid4().hex}", model)
+        engine_id = f"cmpl-{uuid.uuid4().hex}"
+        header = ResponseHeader(
+            engine_id if request.request_id is None else f"cmpl-{request.request_id}", model
+        )
         run = CompletionRun(state, request, header, params.n, texts)
         timers = [timer] + [RequestTimer(state.metrics, arrival=timer.arrival) for _ in prompts[1:]]
         outputs = merge(
             [
-                engine_outputs(state, ids, params, f"{header.id}-{i}", t, meter)
+                engine_outputs(state, ids, params, f"{engine_id}-{i}", t, meter)
                 for i, (ids, t) in enumerate(zip(prompts, timers, strict=True))
             ]
         )

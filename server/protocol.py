@@ -46,6 +46,7 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_BAD_WORDS = 256  # each is matched against the output at every step, like a stop string
 MAX_CACHE_SALT_CHARS = 1024  # vLLM's bound
+MAX_REQUEST_ID_CHARS = 256  # repeated in every chunk of a stream
 
 # Passed straight to SamplingParams under the same name (vLLM's extensions included).
 _SAMPLING_FIELDS = (
@@ -128,6 +129,18 @@ def _cache_salt(body: dict) -> str | None:
             "cache_salt",
         )
     return salt
+
+
+def request_id(body: dict) -> str | None:
+    """vLLM's `request_id`: the response's id after its prefix (`chatcmpl-`, `cmpl-`), as
+    vLLM answers; 1 to MAX_REQUEST_ID_CHARS characters. The engine's own id stays unique."""
+    value = typed_field(body, "request_id", "a string")
+    if value is not None and not 1 <= len(value) <= MAX_REQUEST_ID_CHARS:
+        raise invalid(
+            f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters, got {len(value)}",
+            "request_id",
+        )
+    return value
 
 
 def _check_sizes(sampling: dict[str, Any]) -> None:
@@ -688,6 +701,7 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
         parallel_tool_calls=typed_field(body, "parallel_tool_calls", "a boolean", True),
         response_format=response_format,
         guided=guided,
+        request_id=request_id(body),
         **_rendering(body, messages),
     )
 
@@ -757,4 +771,5 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         response_format=response_format,
         guided=_guided(body, response_format),
         add_special_tokens=typed_field(body, "add_special_tokens", "a boolean", True),
+        request_id=request_id(body),
     )

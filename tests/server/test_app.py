@@ -251,6 +251,21 @@ def test_vllm_cache_salt_narrows_the_owners_namespace(serve):
         assert_error(chat(server, cache_salt=bad), 400, "cache_salt")
 
 
+def test_vllm_request_id_names_the_response(serve):
+    """As in vLLM, the response's id is the prefix and the request_id, on every chunk;
+    two requests may share one (the engine's own ids stay unique)."""
+    server = serve()
+    assert chat(server, request_id="trace-1").json()["id"] == "chatcmpl-trace-1"
+    chunks = stream(server.client, "/v1/chat/completions", {"messages": USER, "request_id": "t"})
+    assert {c["id"] for c in chunks if c != "[DONE]"} == {"chatcmpl-t"}
+    body = {"prompt": ["a", "b"], "max_tokens": 1, "request_id": "trace-1"}
+    assert server.client.post("/v1/completions", json=body).json()["id"] == "cmpl-trace-1"
+    assert len(server.engine.num_seqs) == 4
+    assert chat(server).json()["id"].startswith("chatcmpl-")
+    for bad in ("", "x" * 257, 7):
+        assert_error(chat(server, request_id=bad), 400, "request_id")
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 

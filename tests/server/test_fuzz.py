@@ -317,6 +317,7 @@ EXTRA = (
     "session_id",
     "mm_processor_kwargs",
     "cache_salt",
+    "request_id",
 )
 
 
