@@ -354,6 +354,15 @@ def _bounded(body: dict) -> dict:
 # -- checking one exchange -------------------------------------------------------------------
 
 
+def _constraints_conflict(error: dict) -> bool:
+    """The documented end of a stream whose constraints (allowed_token_ids, bad_words, a
+    tool call's or structured output's grammar) leave no token at some step after the
+    first: a client's contradiction, found only once generation has got there."""
+    return error["type"] == "invalid_request_error" and error["message"].startswith(
+        "no token was left to sample"
+    )
+
+
 def check(
     client: httpx.Client, path: str, content: bytes, content_type: str | None = "application/json"
 ) -> int:
@@ -366,6 +375,7 @@ def check(
             ):
                 received = list(events(response))
                 errors = [e for e in received if isinstance(e, dict) and "error" in e]
+                errors = [e for e in errors if not _constraints_conflict(e["error"])]
                 assert not errors, f"error event in a stream: {errors} for {content[:300]!r}"
                 assert received[-1] == "[DONE]"
             else:
