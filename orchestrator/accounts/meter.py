@@ -166,9 +166,13 @@ class Meter:
         return self._settling
 
     def error_status(self, http_status: int) -> str:
-        """How a request that raised an error ended: `rejected` when refused before it
-        produced anything (a client's error, a limit), else `failed`."""
-        return "rejected" if http_status < 500 and self.output_tokens == 0 else "failed"
+        """How a request that raised an error ended: `rejected` when refused before the
+        engine took any of its tokens (a client's error, a limit), else `failed`. A request
+        refused after its prompt went in (constraints that leave nothing to sample) is
+        charged that prompt, so it is no refusal: the usage report, which leaves
+        rejected rows out, must show what the quota counts."""
+        refused = self.input_tokens == 0 and self.output_tokens == 0
+        return "rejected" if http_status < 500 and refused else "failed"
 
     @property
     def finished(self) -> bool:

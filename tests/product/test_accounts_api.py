@@ -20,6 +20,7 @@ from openai.types.responses import Response as SDKResponse
 from openai.types.responses.response_error import ResponseError
 from sqlalchemy import func, select
 
+from engine.errors import NothingToSampleError
 from orchestrator.accounts import keys
 from orchestrator.accounts import meter as meter_module
 from orchestrator.accounts.periods import period_start
@@ -233,6 +234,24 @@ def test_over_quota_is_a_429_insufficient_quota_before_any_compute_and_others_go
     assert report["quota"]["remaining"] == 100 - prompt - 13
     statuses = [r.status for r in _rows(server, "user_alice")]
     assert statuses == ["completed", "rejected"]
+
+
+def test_a_request_refused_after_its_prompt_went_in_is_reported_as_it_is_charged(
+    product_server,
+):
+    """Constraints that leave nothing to sample are a 400 only once the engine has the
+    prompt: the quota charges that prompt, so the usage report must show it (as a
+    `failed` row, not a `rejected` one, which the report leaves out as costing nothing)."""
+    server = product_server(FakeEngine(fail_after=0, fail_with=NothingToSampleError))
+    key = _account(server, "alice", token_quota=1000, quota_period="day")
+    with _client(server, key) as alice:
+        refused = _chat(alice, max_tokens=5)
+        assert refused.status_code == 400
+        report = alice.get("/usage").json()
+    [row] = _rows(server, "user_alice", count=1)
+    assert row.status == "failed" and row.input_tokens > 0
+    assert report["quota"]["used"] == row.total_tokens
+    assert sum(day["total_tokens"] for day in report["data"]) == row.total_tokens
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "responses"])
