@@ -92,8 +92,15 @@ def _database_url(text: str) -> str:
 
 
 def _api_key(text: str) -> str:
+    """A key a client can present: `Authorization: Bearer KEY` carries printable ASCII, and
+    the server strips the whitespace around it, so any other key could never match."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty (an unset variable?)")
+    if text != text.strip() or not (text.isascii() and text.isprintable()):
+        raise argparse.ArgumentTypeError(
+            "must be printable ASCII with no whitespace around it (what an Authorization "
+            "header carries; a key read from a file may end in '\\r')"
+        )
     return text
 
 
