@@ -74,6 +74,8 @@ class ChatRequest:
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     request_id: str | None = None  # vLLM's: the response id's suffix
+    return_token_ids: bool = False  # vLLM's: prompt and output token ids in the response
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N"
 
 
 @dataclass
@@ -90,3 +92,5 @@ class CompletionRequest:
     guided: Guided | None = None
     add_special_tokens: bool = True  # vLLM's: text prompts get the model's BOS, if any
     request_id: str | None = None  # vLLM's: the response id's suffix
+    return_token_ids: bool = False  # vLLM's: prompt and output token ids in the response
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N"

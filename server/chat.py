@@ -46,7 +46,7 @@ from server.generation import (
     usage,
     window_error,
 )
-from server.logprobs import chat_logprobs, prompt_logprobs
+from server.logprobs import chat_logprobs, logprob_names, prompt_logprobs
 from server.metrics import RequestTimer
 from server.prep_process import PromptContext
 from server.sse import DONE, EventStreamResponse, event
@@ -74,7 +74,8 @@ class ChatRun:
     def logprobs(self, entries: list) -> dict | None:
         if not self.request.logprobs:
             return None
-        return chat_logprobs(entries, self.state.token_names, self.request.top_logprobs)
+        names = logprob_names(self.state.token_names, self.request.return_tokens_as_token_ids)
+        return chat_logprobs(entries, names, self.request.top_logprobs)
 
 
 async def create_chat_completion(
@@ -220,12 +221,15 @@ def _chat_choice(run: ChatRun, index: int, result: ChoiceResult) -> dict:
             }
             for c in calls
         ]
-    return {
+    choice = {
         "index": index,
         "message": message,
         "logprobs": run.logprobs(result.logprobs),
         "finish_reason": _finish_reason(assembler, result.finish_reason),
     }
+    if run.request.return_token_ids:
+        choice["token_ids"] = result.token_ids
+    return choice
 
 
 def _finish_reason(assembler: ChoiceAssembler, engine_reason: str | None) -> str | None:
@@ -240,29 +244,35 @@ def _chat_response(run: ChatRun, collected: Collected) -> dict:
     totals = usage(run.prompt_tokens, completion_tokens, collected.cached_tokens)
     top_n = run.request.prompt_logprobs
     extra = {}
-    if top_n is not None:  # vLLM's, on the response: a chat request has one prompt
+    # vLLM's, on the response: a chat request has one prompt
+    if top_n is not None:
         scored = collected.scored_prompts[0]
         extra["prompt_logprobs"] = prompt_logprobs(scored, run.state.token_names, top_n)
+    if run.request.return_token_ids:
+        extra["prompt_token_ids"] = collected.prompt_token_ids[0]
     return run.header.body("chat.completion", choices, usage=totals, **extra)
 
 
 # -- streaming -----------------------------------------------------------------------------
 
 
-def _chunk(run: ChatRun, choices: list[dict], totals: dict | None = None) -> bytes:
-    extra = {"usage": totals} if run.request.include_usage else {}
+def _chunk(run: ChatRun, choices: list[dict], totals: dict | None = None, **extra: object) -> bytes:
+    if run.request.include_usage:
+        extra["usage"] = totals
     return event(run.header.body("chat.completion.chunk", choices, **extra))
 
 
-def _choice_chunk(
-    run: ChatRun,
-    index: int,
-    delta: dict,
-    logprobs: dict | None = None,
-    finish_reason: str | None = None,
-) -> bytes:
-    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    return _chunk(run, [choice])
+def _stream_choice(
+    index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None
+) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def _role_chunk(run: ChatRun, index: int, prompt_token_ids: list[int]) -> bytes:
+    """A choice's first chunk; with return_token_ids it carries the prompt's token ids
+    beside its choices, as vLLM's first chunks do (no later chunk repeats them)."""
+    extra = {"prompt_token_ids": prompt_token_ids} if run.request.return_token_ids else {}
+    return _chunk(run, [_stream_choice(index, {"role": "assistant", "content": ""})], **extra)
 
 
 @dataclass
@@ -300,27 +310,36 @@ def _call_deltas(event: CallEvent, call_index: int) -> list[dict]:
     return [_call_head(event.name, call_index), _call_arguments(event.arguments, call_index)]
 
 
-def _choice_events(run: ChatRun, choice: _StreamChoice, o) -> list[bytes]:
-    """The chunks for one engine delta of one choice."""
+def _choice_events(run: ChatRun, choice: _StreamChoice, out: RequestOutput, o) -> list[bytes]:
+    """The chunks for one engine delta `o` of one choice. Its logprobs ride on its first
+    content chunk, its token ids (return_token_ids) on its first chunk of any kind; a
+    chunk of empty content carries them where the delta shows nothing (text held back
+    while it may begin a tool call), so every token reaches the client."""
     chunks = []
     if not choice.started:
         choice.started = True
-        chunks.append(_choice_chunk(run, o.index, {"role": "assistant", "content": ""}))
+        chunks.append(_role_chunk(run, o.index, out.prompt_token_ids))
+    pieces = []
     calls_before = choice.assembler.num_calls
     logprobs = run.logprobs(o.logprobs or [])
     for piece in choice.assembler.push_delta(o.text, o.finish_reason, o.stop_reason):
         if isinstance(piece, str):
-            chunks.append(_choice_chunk(run, o.index, {"content": piece}, logprobs))
+            pieces.append(_stream_choice(o.index, {"content": piece}, logprobs))
             logprobs = None  # they ride on the first content chunk of the delta
         else:
-            chunks += [_choice_chunk(run, o.index, d) for d in _call_deltas(piece, calls_before)]
+            pieces += [_stream_choice(o.index, d) for d in _call_deltas(piece, calls_before)]
             calls_before += isinstance(piece, ParsedCall)
     if logprobs and logprobs["content"]:
-        chunks.append(_choice_chunk(run, o.index, {"content": ""}, logprobs))
+        pieces.append(_stream_choice(o.index, {"content": ""}, logprobs))
     if o.finish_reason is not None:
         reason = _finish_reason(choice.assembler, o.finish_reason)
-        chunks.append(_choice_chunk(run, o.index, {}, finish_reason=reason))
-    return chunks
+        pieces.append(_stream_choice(o.index, {}, finish_reason=reason))
+    if run.request.return_token_ids:
+        if o.token_ids and not pieces:
+            pieces.append(_stream_choice(o.index, {"content": ""}))
+        if pieces:
+            pieces[0]["token_ids"] = o.token_ids
+    return chunks + [_chunk(run, [p]) for p in pieces]
 
 
 async def _chat_events(
@@ -335,7 +354,7 @@ async def _chat_events(
             for o in out.outputs:
                 completion_tokens += len(o.token_ids)
                 choice = choices.setdefault(o.index, _StreamChoice(run.assembler()))
-                for chunk in _choice_events(run, choice, o):
+                for chunk in _choice_events(run, choice, out, o):
                     yield chunk
     if run.request.include_usage:
         yield _chunk(run, [], usage(run.prompt_tokens, completion_tokens, cached_tokens))

@@ -34,7 +34,7 @@ from server.generation import (
     usage,
     window_error,
 )
-from server.logprobs import completion_logprobs, echoed_prompt, prompt_logprobs
+from server.logprobs import completion_logprobs, echoed_prompt, logprob_names, prompt_logprobs
 from server.metrics import RequestTimer
 from server.prep_process import PromptContext
 from server.sse import DONE, EventStreamResponse, event
@@ -53,7 +53,8 @@ class CompletionRun:
     def logprobs(self, entries: list, offset: int) -> dict | None:
         if self.request.logprobs is None:
             return None
-        return completion_logprobs(entries, self.state.token_names, self.request.logprobs, offset)
+        names = logprob_names(self.state.token_names, self.request.return_tokens_as_token_ids)
+        return completion_logprobs(entries, names, self.request.logprobs, offset)
 
     def first_logprobs(
         self, index: int, scored: RequestOutput | None, entries: list
@@ -66,6 +67,15 @@ class CompletionRun:
 
     def echo_text(self, choice_index: int) -> str:
         return self.prompt_texts[choice_index // self.n] if self.request.echo else ""
+
+    def token_ids(self, prompt_ids: list[int] | None, token_ids: list[int]) -> dict:
+        """With return_token_ids, vLLM's fields of a choice (or of its chunk): its prompt's
+        token ids (`prompt_ids`: in a stream, on the choice's first chunk only) and the
+        tokens it generated (an echoed prompt is not among them)."""
+        if not self.request.return_token_ids:
+            return {}
+        ids = {"token_ids": token_ids}
+        return ids if prompt_ids is None else {"prompt_token_ids": prompt_ids, **ids}
 
 
 def _prepare_prompts(
@@ -208,6 +218,7 @@ def _completion_response(run: CompletionRun, collected: Collected) -> dict:
         }
         if scored is not None:
             choice["prompt_logprobs"] = scored[index // run.n]
+        choice |= run.token_ids(collected.prompt_token_ids[index // run.n], c.token_ids)
         choices.append(choice)
     completion_tokens = sum(len(c.token_ids) for c in collected.choices.values())
     totals = usage(collected.prompt_tokens, completion_tokens, collected.cached_tokens)
@@ -239,23 +250,21 @@ async def _completion_events(
                 index = position * run.n + o.index
                 completion_tokens += len(o.token_ids)
                 entries = o.logprobs or []
+                prompt_ids = None
                 if index in offsets:
                     text, logprobs = o.text, run.logprobs(entries, offsets[index])
                 else:  # the choice's first chunk: with echo, the prompt too
                     text = run.echo_text(index) + o.text
                     logprobs = run.first_logprobs(index, scored_prompts.get(position), entries)
+                    prompt_ids = out.prompt_token_ids
                 offsets[index] = offsets.get(index, len(text) - len(o.text)) + len(o.text)
-                yield _chunk(
-                    run,
-                    [
-                        {
-                            "index": index,
-                            "text": text,
-                            "logprobs": logprobs,
-                            "finish_reason": o.finish_reason,
-                        }
-                    ],
-                )
+                choice = {
+                    "index": index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": o.finish_reason,
+                }
+                yield _chunk(run, [choice | run.token_ids(prompt_ids, o.token_ids)])
     if run.request.include_usage:
         yield _chunk(run, [], usage(prompt_tokens, completion_tokens, cached_tokens))
     yield DONE

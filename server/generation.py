@@ -199,21 +199,24 @@ class ChoiceResult:
 @dataclass
 class Collected:
     choices: dict[int, ChoiceResult] = field(default_factory=dict)
-    prompt_tokens: int = 0
+    # Per prompt position: the prompt's token ids as the engine ran them (truncated ones
+    # included), for usage and return_token_ids.
+    prompt_token_ids: dict[int, list[int]] = field(default_factory=dict)
     cached_tokens: int = 0
     # Per prompt position: the output that carried its prompt logprobs, if asked for.
     scored_prompts: dict[int, RequestOutput] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(ids) for ids in self.prompt_token_ids.values())
 
 
 async def collect(stream: AsyncGenerator[tuple[int, RequestOutput], None], n: int) -> Collected:
     """Accumulate (prompt position, delta) pairs into whole choices numbered like OpenAI's."""
     result = Collected()
-    seen_prompts: set[int] = set()
     async with aclosing(stream):
         async for position, out in stream:
-            if position not in seen_prompts:
-                seen_prompts.add(position)
-                result.prompt_tokens += len(out.prompt_token_ids)
+            result.prompt_token_ids.setdefault(position, out.prompt_token_ids)
             if out.finished:
                 result.cached_tokens += out.num_cached_tokens
             if out.prompt_logprobs is not None:

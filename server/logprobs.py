@@ -11,6 +11,16 @@ from engine import RequestOutput
 from orchestrator.logprobs import TokenNames, finite, token_logprob
 
 
+def logprob_names(names: TokenNames, by_id: bool) -> TokenNames:
+    """How logprobs name tokens: by their text, or (`by_id`: vLLM's
+    `return_tokens_as_token_ids`) as "token_id:N", which names the exact token where its
+    text alone cannot (a piece of a character, two tokens of the same text). The bytes
+    stay the token's own, so text offsets and a client joining bytes see the same text."""
+    if not by_id:
+        return names
+    return TokenNames(lambda token_id: f"token_id:{token_id}", names.bytes)
+
+
 def chat_logprobs(entries: Sequence[Any], names: TokenNames, top_n: int) -> dict:
     """`choice.logprobs` of a chat completion: one item per generated token."""
     return {"content": [token_logprob(e, names, top_n) for e in entries], "refusal": None}

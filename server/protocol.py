@@ -143,6 +143,16 @@ def request_id(body: dict) -> str | None:
     return value
 
 
+def _token_ids_options(body: dict) -> dict[str, bool]:
+    """vLLM's token-id options, for clients (RL trainers) that need the exact tokens:
+    `return_token_ids` (the prompt's and each choice's token ids beside the text) and
+    `return_tokens_as_token_ids` (logprobs name each token "token_id:N", not by its text)."""
+    return {
+        name: typed_field(body, name, "a boolean", False)
+        for name in ("return_token_ids", "return_tokens_as_token_ids")
+    }
+
+
 def _check_sizes(sampling: dict[str, Any]) -> None:
     """Bound what the engine searches for after every token (types are SamplingParams')."""
     stop = sampling.get("stop")
@@ -389,8 +399,6 @@ _UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
     "watermarking": ((False,), "watermarking is not implemented"),
     "truncation_side": (("left",), 'truncate_prompt_tokens keeps the last tokens ("left")'),
     "logprob_token_ids": ((), "send logprobs and top_logprobs"),
-    "return_tokens_as_token_ids": ((False,), "logprobs name tokens by their text"),
-    "return_token_ids": ((False,), "responses carry text, not token ids"),
     "return_prompt_text": ((False,), "the rendered prompt is not returned"),
     "kv_transfer_params": (({},), "there is no disaggregated serving"),
     "ec_transfer_params": (({},), "there is no disaggregated serving"),
@@ -702,6 +710,7 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
         response_format=response_format,
         guided=guided,
         request_id=request_id(body),
+        **_token_ids_options(body),
         **_rendering(body, messages),
     )
 
@@ -772,4 +781,5 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         guided=_guided(body, response_format),
         add_special_tokens=typed_field(body, "add_special_tokens", "a boolean", True),
         request_id=request_id(body),
+        **_token_ids_options(body),
     )

@@ -537,8 +537,6 @@ def test_every_vllm_field_is_honoured_or_refused(serve):
         "watermarking": True,
         "truncation_side": "right",
         "logprob_token_ids": [1],
-        "return_tokens_as_token_ids": True,
-        "return_token_ids": True,
         "return_prompt_text": True,
         "kv_transfer_params": {"do_remote_prefill": True},
         "ec_transfer_params": {"x": 1},
@@ -656,6 +654,89 @@ def test_prompt_logprobs_in_vllm_shape(serve):
     assert "prompt_logprobs" not in chat(server, max_tokens=1).json()
     plain = post("/v1/completions", json={"prompt": "ab", "max_tokens": 1}).json()
     assert "prompt_logprobs" not in plain["choices"][0]
+
+
+def ids(text: str) -> list[int]:
+    return [ord(c) for c in text]  # the fake engine's tokens are characters
+
+
+def test_return_token_ids_in_vllm_shape(serve):
+    """vLLM's `return_token_ids`: a chat response carries `prompt_token_ids` and each
+    choice its `token_ids`; a completion choice carries both (its own prompt's). In a
+    stream, each choice's first chunk has the prompt's ids (a chat chunk beside its
+    choices, a completion choice inside it) and the chunks' token ids add up to the
+    choice's; an echoed prompt is not among a choice's token ids."""
+    server = serve(FakeEngine(reply="On it." + CALLS))
+    body = chat(server, n=2, return_token_ids=True).json()
+    assert body["prompt_token_ids"] == ids(PROMPT)
+    assert [c["token_ids"] for c in body["choices"]] == [ids("On it." + CALLS)] * 2
+    chunks = stream(
+        server.client,
+        "/v1/chat/completions",
+        {"messages": USER, "n": 2, "tools": [WEATHER_TOOL], "return_token_ids": True},
+    )[:-1]
+    first = {c["choices"][0]["index"]: c for c in reversed(chunks)}
+    prompt = server.engine.prompts[-1]  # with the template's tool section
+    assert [first[i]["prompt_token_ids"] for i in (0, 1)] == [prompt] * 2
+    assert sum("prompt_token_ids" in c for c in chunks) == 2
+    for i in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert [t for c in mine for t in c.get("token_ids", [])] == ids("On it." + CALLS)
+    server = serve()
+    post = server.client.post
+    body = {"prompt": ["ab", [120, 121]], "n": 2, "max_tokens": 2, "return_token_ids": True}
+    choices = post("/v1/completions", json=body).json()["choices"]
+    assert [c["prompt_token_ids"] for c in choices] == [ids("ab")] * 2 + [[120, 121]] * 2
+    assert [c["token_ids"] for c in choices] == [ids("He")] * 4
+    body |= {"echo": True, "stream": True}
+    chunks = stream(server.client, "/v1/completions", body)[:-1]
+    for i, prompt in enumerate(["ab", "ab", "xy", "xy"]):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert mine[0]["prompt_token_ids"] == ids(prompt) and mine[0]["text"] == prompt + "H"
+        assert all("prompt_token_ids" not in c for c in mine[1:])
+        assert [t for c in mine for t in c["token_ids"]] == ids("He")
+    # not asked for: not there
+    assert "prompt_token_ids" not in chat(server, max_tokens=1).json()
+    plain = post("/v1/completions", json={"prompt": "ab", "max_tokens": 1}).json()
+    assert "token_ids" not in plain["choices"][0]
+
+
+def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(serve):
+    """vLLM's `return_tokens_as_token_ids`: every token a logprob entry names, the
+    likeliest ones and an echoed prompt's included, is "token_id:N"; bytes and text
+    offsets stay the token's own text's, and vLLM's prompt_logprobs keep decoded_token."""
+    server = serve()
+    body = chat(
+        server, max_tokens=2, logprobs=True, top_logprobs=2, return_tokens_as_token_ids=True
+    ).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [t["token"] for t in content] == ["token_id:72", "token_id:101"]
+    assert [t["token"] for t in content[0]["top_logprobs"]] == ["token_id:72", "token_id:63"]
+    assert content[0]["bytes"] == [72] and content[0]["top_logprobs"][1]["bytes"] == [63]
+    chunks = stream(
+        server.client,
+        "/v1/chat/completions",
+        {"messages": USER, "max_tokens": 1, "logprobs": True, "return_tokens_as_token_ids": True},
+    )
+    assert chunks[1]["choices"][0]["logprobs"]["content"][0]["token"] == "token_id:72"
+    body = {
+        "prompt": "ab",
+        "max_tokens": 2,
+        "echo": True,
+        "logprobs": 1,
+        "prompt_logprobs": 0,
+        "return_tokens_as_token_ids": True,
+    }
+    (choice,) = server.client.post("/v1/completions", json=body).json()["choices"]
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == ["token_id:97", "token_id:98", "token_id:72", "token_id:101"]
+    assert logprobs["top_logprobs"][1:] == [
+        {"token_id:63": -0.5, "token_id:98": -1.0},
+        {"token_id:72": -0.25},
+        {"token_id:101": -0.25},
+    ]
+    assert logprobs["text_offset"] == [0, 1, 2, 3]
+    assert choice["prompt_logprobs"][1]["98"]["decoded_token"] == "b"
 
 
 def test_prompt_logprobs_limits_and_streams_are_vllms(serve):

@@ -255,6 +255,8 @@ SAMPLING = {
     "structured_outputs": st.sampled_from(STRUCTURES),
     "truncate_prompt_tokens": st.one_of(st.integers(1, 600), st.just(-1)),
     "prompt_logprobs": st.integers(0, 20),  # above 0 with stream: a 400, as in vLLM
+    "return_token_ids": st.booleans(),
+    "return_tokens_as_token_ids": st.booleans(),
 }
 CHAT = {
     "messages": st.lists(
@@ -299,8 +301,6 @@ EXTRA = (
     "watermarking",
     "truncation_side",
     "logprob_token_ids",
-    "return_tokens_as_token_ids",
-    "return_token_ids",
     "return_prompt_text",
     "kv_transfer_params",
     "vllm_xargs",

@@ -19,6 +19,9 @@ import pytest
 
 import kernels.native
 from engine.linear import QUANTIZATIONS
+from engine.loader import resolve_model
+from engine.loader.gguf import read_gguf
+from engine.tokenizer import Tokenizer
 from tests.server.live_server import API_KEY, LiveServer, start_server
 
 MODEL = "smollm2-135m-instruct"
@@ -127,6 +130,38 @@ def test_echo_of_token_ids_keeps_special_tokens(client):
         echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, echo=True)
         assert echoed.usage.prompt_tokens == len(ids)
         assert echoed.choices[0].text.startswith(text)
+
+
+def test_returned_token_ids_decode_to_the_prompt_and_the_answer(client):
+    """vLLM's return_token_ids, as RL trainers read them: the prompt's ids decode to the
+    rendered prompt, a choice's to its text and the end token; streamed ids add up to
+    the same; logprobs named by id name the same tokens."""
+    tokenizer = Tokenizer.from_gguf(read_gguf(resolve_model(MODEL).path).metadata)
+    extra = {"return_token_ids": True, "return_tokens_as_token_ids": True}
+    response = greedy(client, max_tokens=24, logprobs=True, extra_body=extra).model_dump()
+    prompt = tokenizer.decode(response["prompt_token_ids"], skip_special_tokens=False)
+    assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
+    assert QUESTION[0]["content"] in prompt
+    (choice,) = response["choices"]
+    answer = tokenizer.decode(choice["token_ids"], skip_special_tokens=False)
+    assert answer.removesuffix("<|im_end|>") == choice["message"]["content"]
+    named = [int(t["token"].removeprefix("token_id:")) for t in choice["logprobs"]["content"]]
+    assert named == choice["token_ids"]
+    chunks = [c.model_dump() for c in greedy(client, max_tokens=24, stream=True, extra_body=extra)]
+    assert chunks[0]["prompt_token_ids"] == response["prompt_token_ids"]
+    streamed = [t for c in chunks for t in c["choices"][0].get("token_ids") or []]
+    assert streamed == choice["token_ids"]
+    completion = client.completions.create(
+        model=MODEL,
+        prompt=response["prompt_token_ids"],
+        max_tokens=8,
+        temperature=0,
+        extra_body=extra,
+    ).model_dump()
+    (choice,) = completion["choices"]
+    assert choice["prompt_token_ids"] == response["prompt_token_ids"]
+    text = tokenizer.decode(choice["token_ids"], skip_special_tokens=False)
+    assert text.removesuffix("<|im_end|>") == choice["text"]
 
 
 def test_max_tokens_gives_finish_reason_length(client):
