@@ -69,7 +69,11 @@ async def chat_completions(request: Request, meter: Meter) -> Response:
     parsed = await read_json(
         request,
         state.config.max_body_bytes,
-        partial(parse_chat_request, max_messages=state.engine.max_model_len),
+        partial(
+            parse_chat_request,
+            max_messages=state.engine.max_model_len,
+            request_id_header=request.headers.get("x-request-id"),
+        ),
     )
     return await create_chat_completion(
         state, parsed, request.receive, timer, meter, identity(request).user_id
@@ -79,7 +83,11 @@ async def chat_completions(request: Request, meter: Meter) -> Response:
 async def completions(request: Request, meter: Meter) -> Response:
     state = _state(request)
     timer = state.metrics.timer()
-    parsed = await read_json(request, state.config.max_body_bytes, parse_completion_request)
+    parsed = await read_json(
+        request,
+        state.config.max_body_bytes,
+        partial(parse_completion_request, request_id_header=request.headers.get("x-request-id")),
+    )
     return await create_completion(
         state, parsed, request.receive, timer, meter, identity(request).user_id
     )

@@ -131,16 +131,19 @@ def _cache_salt(body: dict) -> str | None:
     return salt
 
 
-def request_id(body: dict) -> str | None:
-    """vLLM's `request_id`: the response's id after its prefix (`chatcmpl-`, `cmpl-`), as
-    vLLM answers; 1 to MAX_REQUEST_ID_CHARS characters. The engine's own id stays unique."""
+def request_id(body: dict, header: str | None = None) -> str | None:
+    """vLLM's request id: the response's id after its prefix (`chatcmpl-`, `cmpl-`), as
+    vLLM answers. As in vLLM, the `X-Request-Id` header (`header`) wins over the body's
+    `request_id`; either is 1 to MAX_REQUEST_ID_CHARS characters. The engine's own id
+    stays unique."""
     value = typed_field(body, "request_id", "a string")
-    if value is not None and not 1 <= len(value) <= MAX_REQUEST_ID_CHARS:
-        raise invalid(
-            f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters, got {len(value)}",
-            "request_id",
-        )
-    return value
+    for given, param in ((value, "request_id"), (header, "X-Request-Id")):
+        if given is not None and not 1 <= len(given) <= MAX_REQUEST_ID_CHARS:
+            raise invalid(
+                f"{param} must be 1 to {MAX_REQUEST_ID_CHARS} characters, got {len(given)}",
+                param,
+            )
+    return value if header is None else header
 
 
 def _token_ids_options(body: dict) -> dict[str, bool]:
@@ -646,10 +649,13 @@ def _logit_bias(body: dict, sampling: dict[str, Any]) -> None:
     sampling["logit_bias"] = parsed
 
 
-def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatRequest:
+def parse_chat_request(
+    body: Any, max_messages: int | None = None, request_id_header: str | None = None
+) -> ChatRequest:
     """`max_messages` (the context window: every message costs at least one token) is
     checked before any message is: validating 200,000 of them would hold the GIL for a
-    second, stalling every stream, only to refuse the request afterwards."""
+    second, stalling every stream, only to refuse the request afterwards.
+    `request_id_header`: the request's `X-Request-Id` header, if sent."""
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
     messages_raw = typed_field(body, "messages", "an array")
@@ -709,7 +715,7 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatReques
         parallel_tool_calls=typed_field(body, "parallel_tool_calls", "a boolean", True),
         response_format=response_format,
         guided=guided,
-        request_id=request_id(body),
+        request_id=request_id(body, request_id_header),
         **_token_ids_options(body),
         **_rendering(body, messages),
     )
@@ -743,7 +749,8 @@ def _prompts(body: dict) -> list[str | list[int]]:
     )
 
 
-def parse_completion_request(body: Any) -> CompletionRequest:
+def parse_completion_request(body: Any, request_id_header: str | None = None) -> CompletionRequest:
+    """`request_id_header`: the request's `X-Request-Id` header, if sent."""
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
     prompts = _prompts(body)
@@ -780,6 +787,6 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         response_format=response_format,
         guided=_guided(body, response_format),
         add_special_tokens=typed_field(body, "add_special_tokens", "a boolean", True),
-        request_id=request_id(body),
+        request_id=request_id(body, request_id_header),
         **_token_ids_options(body),
     )

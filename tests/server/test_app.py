@@ -264,6 +264,20 @@ def test_vllm_request_id_names_the_response(serve):
     assert chat(server).json()["id"].startswith("chatcmpl-")
     for bad in ("", "x" * 257, 7):
         assert_error(chat(server, request_id=bad), 400, "request_id")
+    # vLLM's X-Request-Id header names it too, and wins over the body's request_id
+    headers = {"X-Request-Id": "from-header"}
+    response = server.client.post(
+        "/v1/chat/completions", json={"messages": USER, "request_id": "b"}, headers=headers
+    )
+    assert response.json()["id"] == "chatcmpl-from-header"
+    response = server.client.post(
+        "/v1/completions", json={"prompt": "a", "max_tokens": 1}, headers=headers
+    )
+    assert response.json()["id"] == "cmpl-from-header"
+    response = server.client.post(
+        "/v1/completions", json={"prompt": "a"}, headers={"X-Request-Id": "x" * 257}
+    )
+    assert_error(response, 400, "X-Request-Id")
 
 
 # -- errors ----------------------------------------------------------------------------------
