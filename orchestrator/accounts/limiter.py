@@ -139,7 +139,7 @@ def _take(
     if math.isinf(wait):
         raise RateLimitError(
             f"this request needs {amount} {name}, more than the limit of {limit} {name} per "
-            "minute allows at once; lower max_tokens or the prompt",
+            "minute allows at once; lower the output token limit or the prompt",
             None,
             headers,
         )

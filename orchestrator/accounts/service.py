@@ -108,7 +108,7 @@ class Accounts:
             # generation, what the request holds beyond what it used
             left = max(0, user.token_quota - state.used - state.reserved) + (tokens - more)
             what, lower = (
-                ("up to {} tokens (prompt + max output)", "Lower max_tokens")
+                ("up to {} tokens (prompt + max output)", "Lower the output token limit")
                 if generates
                 else ("{} tokens (its inputs)", "Send less input")
             )
