@@ -19,7 +19,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import uvicorn
@@ -104,6 +104,19 @@ def _api_key(text: str) -> str:
     return text
 
 
+# The operator key's environment variable (vLLM's is VLLM_API_KEY): a key given there does
+# not show in the process list, as one on the command line does.
+API_KEY_VARIABLE = "TOKENMILL_API_KEY"
+
+
+def operator_keys(flags: list[str], environ: Mapping[str, str]) -> list[str]:
+    """The operator keys: `--api-key`'s, or else the one in API_KEY_VARIABLE (checked as
+    the flag's are: an empty one is refused, not taken as no key)."""
+    if flags or API_KEY_VARIABLE not in environ:
+        return flags
+    return [_api_key(environ[API_KEY_VARIABLE])]
+
+
 def available_cpus() -> int:
     """Cores this process may run on: its affinity mask where the OS has one (Linux), else
     every core (macOS has no `sched_getaffinity`)."""
@@ -146,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' on /v1 routes; repeat to accept several keys "
         "(operator keys: the local user, no limits; users' keys come from "
-        "`python -m orchestrator.admin`)",
+        f"`python -m orchestrator.admin`); default: the key in ${API_KEY_VARIABLE}, if set",
     )
     srv.add_argument(
         "--max-sequences-per-user",
@@ -635,6 +648,10 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        args.api_key = operator_keys(args.api_key, os.environ)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"{API_KEY_VARIABLE}: {exc}")
     try:
         # The engine's own option rules (a block size that is no power of two, a device this
         # machine lacks, a window above the model's), refused as argparse refuses a flag: at

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
@@ -194,3 +196,16 @@ def test_bad_engine_flags_are_refused_before_anything_loads(
     assert refused.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
+
+
+def test_the_operator_key_may_come_from_the_environment_where_ps_cannot_show_it():
+    """TOKENMILL_API_KEY (as vLLM's VLLM_API_KEY) when no --api-key is given; the flags win;
+    a value no client could present (empty, a trailing '\\r') is refused as the flag's is."""
+    from engine.serve import operator_keys
+
+    assert operator_keys([], {"TOKENMILL_API_KEY": "sk-env"}) == ["sk-env"]
+    assert operator_keys(["sk-flag"], {"TOKENMILL_API_KEY": "sk-env"}) == ["sk-flag"]
+    assert operator_keys([], {}) == []
+    for bad in ("", "sk-env\r"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            operator_keys([], {"TOKENMILL_API_KEY": bad})
