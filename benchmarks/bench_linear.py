@@ -2,11 +2,13 @@
 
     python benchmarks/bench_linear.py                 # all formats, 2 threads
     python benchmarks/bench_linear.py --threads 1 --rows 1 16 --formats float32 int8
+    python benchmarks/bench_linear.py --rows 16 --formats int8-cpp-avx2 --shared-weights
 
 Every layer gets its own random weights, as in the model, so they are cold in cache when a
 step reaches them: with one shared weight per shape the whole working set sits in L2 and
 the memory-bound formats look several times faster than they are. This is the measurement
-behind `engine.linear`'s choices (docs/performance.md).
+behind `engine.linear`'s choices (docs/performance.md). `--shared-weights` times both:
+against one layer's weights serving all 30, what the weights' trip from memory costs.
 """
 
 from __future__ import annotations
@@ -63,9 +65,13 @@ for _isa in kernels.native.runnable_isas():
     )
 
 
-def step_ms(fmt: str, rows: int, repeats: int) -> float:
+def step_ms(fmt: str, rows: int, repeats: int, shared: bool = False) -> float:
+    """The best of `repeats` steps through 30 layers of `fmt` at `rows` rows: each layer's
+    own weights, or (`shared`) the first layer's serving all 30."""
     prepare, run, dtype = FORMATS[fmt]
-    layers = [[prepare(torch.randn(n, k) * 0.02) for n, k in SHAPES] for _ in range(LAYERS)]
+    kept = 1 if shared else LAYERS
+    layers = [[prepare(torch.randn(n, k) * 0.02) for n, k in SHAPES] for _ in range(kept)]
+    layers *= LAYERS // kept
     inputs = [torch.randn(rows, k).to(dtype) for _, k in SHAPES]
     best = float("inf")
     for i in range(repeats + 1):
@@ -84,15 +90,22 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--repeats", type=int, default=4, help="timed passes; the best is kept")
+    p.add_argument(
+        "--shared-weights",
+        action="store_true",
+        help="also time each format with one layer's weights serving all 30 (in cache)",
+    )
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    print(f"ms per step (30 layers, cold weights), {args.threads} thread(s)")
-    print("| format | " + " | ".join(f"{m} rows" for m in args.rows) + " |")
-    print("| --- |" + " --- |" * len(args.rows))
+    print(f"ms per step (30 layers), {args.threads} thread(s)")
+    print("| format | weights | " + " | ".join(f"{m} rows" for m in args.rows) + " |")
+    print("| --- | --- |" + " --- |" * len(args.rows))
     for fmt in args.formats:
-        cells = [f"{step_ms(fmt, m, args.repeats):.1f}" for m in args.rows]
-        print(f"| {fmt} | " + " | ".join(cells) + " |", flush=True)
+        for shared in (False, True) if args.shared_weights else (False,):
+            cells = [f"{step_ms(fmt, m, args.repeats, shared):.1f}" for m in args.rows]
+            where = "one layer's, shared" if shared else "each layer's own"
+            print(f"| {fmt} | {where} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
