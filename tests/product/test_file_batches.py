@@ -103,7 +103,9 @@ def test_files_with_their_own_attributes_and_a_failed_batch(product_server, tmp_
     assert only.status == "failed" and only.last_error.code == "unsupported_file"
 
 
-def test_cancel_stops_the_files_still_in_progress(product_server, tmp_path, embedder):
+def _held_batch(product_server, tmp_path, embedder):
+    """A batch of the two files whose embedding waits for `held.release`: both stay
+    in_progress until the test lets them go."""
     held = HeldEmbedder(embedder)
     server, ids = _server(product_server, tmp_path, held)
     client = server.client
@@ -111,6 +113,11 @@ def test_cancel_stops_the_files_still_in_progress(product_server, tmp_path, embe
     batch = client.vector_stores.file_batches.create(
         vector_store_id=store.id, file_ids=list(ids.values())
     )
+    return held, client, store, batch, ids
+
+
+def test_cancel_stops_the_files_still_in_progress(product_server, tmp_path, embedder):
+    held, client, store, batch, ids = _held_batch(product_server, tmp_path, embedder)
     assert batch.status == "in_progress" and batch.file_counts.in_progress == 2
     cancelled = client.vector_stores.file_batches.cancel(batch.id, vector_store_id=store.id)
     assert cancelled.status == "cancelled"
@@ -129,13 +136,7 @@ def test_a_filtered_list_pages_on_after_its_cursor_left_the_filter(
 ):
     """Paging through the files `in_progress`: the last file of a page may be `completed`
     by the time the next page is asked for; its id still marks the place."""
-    held = HeldEmbedder(embedder)
-    server, ids = _server(product_server, tmp_path, held)
-    client = server.client
-    store = client.vector_stores.create()
-    batch = client.vector_stores.file_batches.create(
-        vector_store_id=store.id, file_ids=list(ids.values())
-    )
+    held, client, store, batch, ids = _held_batch(product_server, tmp_path, embedder)
     pages = [
         client.vector_stores.files.list(store.id, filter="in_progress", limit=1),
         client.vector_stores.file_batches.list_files(
