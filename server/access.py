@@ -8,7 +8,8 @@ user). The routes read it with `identity(request)` / `owner(request)`.
 
 `metered(endpoint, handler)` wraps the generation routes and embeddings: it takes the
 request from the user's rpm bucket, hands the handler a `Meter` (which reserves the
-prompt and output budget before any compute and writes one usage row at the end),
+prompt and output budget before any compute and writes one usage row at the end, none
+for a refusal),
 finishes the meter as `rejected` or `failed` when the handler raises, and puts the
 rate-limit headers on every answer, errors included: as they stood once the request was
 admitted (OpenAI's: what is left after its reservation), not after it ran.

@@ -1,5 +1,5 @@
 """One generation request's account: its reservation, its token counts and times, and
-the single usage row written when it ends.
+the single usage row written when it ends (none for a refusal: `UsageRecord.stored`).
 
 The routes create a `Meter` at arrival and feed it as the request runs (`on_submit` when
 a prompt goes to the engine, `on_tokens` as tokens come back, `on_cached` when a prompt
@@ -169,8 +169,8 @@ class Meter:
         """How a request that raised an error ended: `rejected` when refused before the
         engine took any of its tokens (a client's error, a limit), else `failed`. A request
         refused after its prompt went in (constraints that leave nothing to sample) is
-        charged that prompt, so it is no refusal: the usage report, which leaves
-        rejected rows out, must show what the quota counts."""
+        charged that prompt, so it is no refusal: its usage row (which a refusal does
+        not get) lets the usage report show what the quota counts."""
         refused = self.input_tokens == 0 and self.output_tokens == 0
         return "rejected" if http_status < 500 and refused else "failed"
 

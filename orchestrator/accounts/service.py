@@ -88,14 +88,14 @@ class Accounts:
         more = tokens - (max(0, held.quota_tokens - spent) if admitted else 0)
         self.limiter.take_tokens(user.id, user.rpm, user.tpm, more, admitted)
         now = self.clock()
-        if held.id is None:
-            held.id = f"rsv_{secrets.token_hex(12)}"
-            held.period_start = period_start(user.quota_period, now)
+        first = held.id is None
+        reservation_id = f"rsv_{secrets.token_hex(12)}" if first else held.id
+        start = period_start(user.quota_period, now) if first else held.period_start
         fits = await self.store.call(
             db.reserve,
-            held.id,
+            reservation_id,
             user.id,
-            held.period_start,
+            start,
             more,
             user.token_quota,
             now,
@@ -103,7 +103,7 @@ class Accounts:
         )
         if not fits:
             self.limiter.refund_tokens(user.id, more)
-            state = await self.store.call(db.quota_state, user.id, held.period_start)
+            state = await self.store.call(db.quota_state, user.id, start)
             # what this generation could have had: the period's free tokens and, for a later
             # generation, what the request holds beyond what it used
             left = max(0, user.token_quota - state.used - state.reserved) + (tokens - more)
@@ -118,6 +118,7 @@ class Accounts:
                 f"{user.quota_period} quota. {lower}, or ask the operator for more.",
                 code="insufficient_quota",
             )
+        held.id, held.period_start = reservation_id, start
         held.rate_tokens += more
         held.quota_tokens += more
 
@@ -133,8 +134,11 @@ class Accounts:
         checkpoint_id: str | None = None,
     ) -> None:
         """Write the request's usage row, charge what it used and release the rest (and
-        drop its usage checkpoint)."""
-        await self.store.call(db.settle, held.id, record, checkpoint_id)
+        drop its usage checkpoint). A refusal that holds nothing in the database (an rpm
+        or tpm 429, a bad request) has nothing to write there: a flood of them costs the
+        store nothing."""
+        if record.stored or held.id is not None or checkpoint_id is not None:
+            await self.store.call(db.settle, held.id, record, checkpoint_id)
         if identity.user is not None:
             self.limiter.refund_tokens(identity.user.id, held.rate_tokens - record.total_tokens)
 

@@ -83,6 +83,14 @@ class UsageRecord:
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
+    @property
+    def stored(self) -> bool:
+        """Whether the request gets a usage row: all but a refusal before any compute
+        (`rejected`), which cost nothing, which neither the quota nor the usage report
+        counts, and which any key holder can make by the thousand a second (a row each
+        would grow the table without bound). /metrics counts refusals."""
+        return self.status != "rejected"
+
 
 @dataclass(frozen=True)
 class UsageDay:
@@ -360,9 +368,9 @@ def settle(
     record: UsageRecord,
     checkpoint_id: str | None = None,
 ) -> None:
-    """Record a request's usage row and, if it holds a reservation, release it and charge
-    the tokens it used to the reservation's period; drop its usage checkpoint, if any: one
-    transaction."""
+    """Record a request's usage row (none for a refusal: `UsageRecord.stored`) and, if it
+    holds a reservation, release it and charge the tokens it used to the reservation's
+    period; drop its usage checkpoint, if any: one transaction."""
     with repo.engine.begin() as conn:
         _write_usage(conn, reservation_id, record)
         if checkpoint_id is not None:
@@ -372,7 +380,8 @@ def settle(
 def _write_usage(conn: Connection, reservation_id: str | None, record: UsageRecord) -> None:
     if reservation_id is not None:
         _settle(conn, reservation_id, record.total_tokens)
-    conn.execute(insert(usage_records).values(day=utc_day(record.created_at), **asdict(record)))
+    if record.stored:
+        conn.execute(insert(usage_records).values(day=utc_day(record.created_at), **asdict(record)))
 
 
 def checkpoint_usage(
@@ -476,8 +485,8 @@ def usage_by_day(
 ) -> list[UsageDay]:
     """Usage per UTC day and model (and user, when not asked for one user), oldest first;
     `user_id` None selects the requests of no user (admin keys, an open server).
-    Rejected requests (refused before any compute, often before their model was known)
-    are left out: they cost nothing."""
+    `rejected` rows (refusals before any compute, often before their model was known),
+    which a store written by an older server may hold, are left out: they cost nothing."""
     u = usage_records.c
     keys = [u.day, u.model] + ([u.user_id] if user_id is _ANY else [])
     query = (

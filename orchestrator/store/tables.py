@@ -247,8 +247,9 @@ usage_checkpoints = Table(
     Column("server_id", ID, nullable=True),  # the server running the request, as `responses`
 )
 
-# One row per generation request, however it ended. `user_id` is None for requests made
-# with an `--api-key` key or on an open server; times are in seconds.
+# One row per generation request, however it ended, but for refusals before any compute
+# (`UsageRecord.stored`). `user_id` is None for requests made with an `--api-key` key or
+# on an open server; times are in seconds.
 usage_records = Table(
     "usage_records",
     metadata,
