@@ -19,8 +19,7 @@ import numpy as np
 from starlette.responses import JSONResponse, Response
 
 from engine.sampling_params import truncate_prompt
-from server.errors import APIError, invalid
-from server.protocol import typed_field
+from server.errors import APIError, invalid, typed_field
 
 if TYPE_CHECKING:
     from orchestrator.accounts import Meter

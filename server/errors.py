@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -84,6 +85,33 @@ def known_fields(body: object, fields: set[str] | frozenset[str], param: str = "
             named = f"{param}.{name}" if param else name
             raise invalid(f"{named} is not supported by this server", named)
     return body
+
+
+# What `typed_field`'s kinds accept (bool is no number, though Python's is an int).
+KINDS: dict[str, tuple[type, ...]] = {
+    "a string": (str,),
+    "a boolean": (bool,),
+    "an integer": (int,),
+    "a number": (int, float),
+    "an object": (dict,),
+    "an array": (list,),
+}
+
+
+def typed_field(
+    body: dict, name: str, kind: str, default: Any = None, param: str | None = None
+) -> Any:
+    """body[name] if present and not null, checked against `kind` (bool is not a number); a
+    400 naming `param` (default: `name`) otherwise. Every request parser checks fields here."""
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = isinstance(value, KINDS[kind])
+    if kind in ("an integer", "a number") and isinstance(value, bool):
+        ok = False
+    if not ok:
+        raise invalid(f"{param or name} must be {kind}, got {value!r}", param=param or name)
+    return value
 
 
 def from_value_error(exc: ValueError) -> APIError:

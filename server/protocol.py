@@ -7,11 +7,10 @@ engine's `SamplingParams`, which refuses any wrong type or range with an error n
 the parameter, so range rules live in one place. Checks that need the model (token ids
 below the vocabulary size) are `server.generation`'s. Unknown fields are ignored, as
 vLLM does, so clients that send newer OpenAI fields keep working; but vLLM's own fields
-are known: its structured-output fields (`structured_outputs`, the older `guided_*`) and
-chat-template options are honoured, those that change nothing here are type-checked, and
-those vLLM honours that this server cannot (beam search, best_of, a chat echo,
-priorities, disaggregated serving...) are a 400 naming the field, never an answer other
-than the one asked for.
+are known (`server.vllm_fields`): those this server honours are, those that change
+nothing here are type-checked, and those vLLM honours that this server cannot (beam
+search, best_of, a chat echo, priorities, disaggregated serving...) are a 400 naming the
+field, never an answer other than the one asked for.
 
 Every check raises a 400 naming the field; no value of any type may get past this
 module as anything but a 400 or a well-formed request.
@@ -19,7 +18,6 @@ module as anything but a 400 or a well-formed request.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -27,13 +25,22 @@ from engine.tokenizer import ChatTemplateOptionError, chat_template_options
 from orchestrator.chat_types import (
     ChatRequest,
     CompletionRequest,
-    Guided,
     Message,
     ResponseFormat,
     Tool,
     ToolCall,
 )
-from server.errors import invalid
+from server.errors import invalid, typed_field
+from server.vllm_fields import (
+    cache_salt,
+    check_chat_fields,
+    check_common_fields,
+    check_completion_fields,
+    request_id,
+    requested_structure,
+    template_documents,
+    token_ids_options,
+)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -45,8 +52,6 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_BAD_WORDS = 256  # each is matched against the output at every step, like a stop string
-MAX_CACHE_SALT_CHARS = 1024  # vLLM's bound
-MAX_REQUEST_ID_CHARS = 256  # repeated in every chunk of a stream
 
 # Passed straight to SamplingParams under the same name (vLLM's extensions included).
 _SAMPLING_FIELDS = (
@@ -73,15 +78,6 @@ _SAMPLING_FIELDS = (
 
 # -- field helpers --------------------------------------------------------------------------
 
-_KINDS: dict[str, tuple[type, ...]] = {
-    "a string": (str,),
-    "a boolean": (bool,),
-    "an integer": (int,),
-    "a number": (int, float),
-    "an object": (dict,),
-    "an array": (list,),
-}
-
 
 def valid_name(name: str) -> bool:
     """OpenAI's rule for function and schema names: 1 to 64 letters, digits, '_' or '-'.
@@ -89,26 +85,10 @@ def valid_name(name: str) -> bool:
     return _NAME.fullmatch(name) is not None
 
 
-def typed_field(
-    body: dict, name: str, kind: str, default: Any = None, param: str | None = None
-) -> Any:
-    """body[name] if present and not null, checked against `kind` (bool is not a number); a
-    400 naming `param` (default: `name`) otherwise. Every request parser checks fields here."""
-    value = body.get(name)
-    if value is None:
-        return default
-    ok = isinstance(value, _KINDS[kind])
-    if kind in ("an integer", "a number") and isinstance(value, bool):
-        ok = False
-    if not ok:
-        raise invalid(f"{param or name} must be {kind}, got {value!r}", param=param or name)
-    return value
-
-
 def _sampling_fields(body: dict) -> dict[str, Any]:
     typed_field(body, "bad_words", "an array")  # vLLM's server declares a list, not a word
     sampling = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
-    salt = _cache_salt(body)
+    salt = cache_salt(body)
     if salt is not None:
         sampling["cache_salt"] = salt
     n = sampling.get("n")
@@ -116,44 +96,6 @@ def _sampling_fields(body: dict) -> dict[str, Any]:
         raise invalid(f"n must be at most {MAX_N}, got {n}", param="n")
     _check_sizes(sampling)
     return sampling
-
-
-def _cache_salt(body: dict) -> str | None:
-    """vLLM's `cache_salt`: 1 to MAX_CACHE_SALT_CHARS characters. The engine's request
-    shares cached prompt blocks only with requests of the same owner and salt
-    (`server.generation` combines it with the owner's)."""
-    salt = typed_field(body, "cache_salt", "a string")
-    if salt is not None and not 1 <= len(salt) <= MAX_CACHE_SALT_CHARS:
-        raise invalid(
-            f"cache_salt must be 1 to {MAX_CACHE_SALT_CHARS} characters, got {len(salt)}",
-            "cache_salt",
-        )
-    return salt
-
-
-def request_id(body: dict, header: str | None = None) -> str | None:
-    """vLLM's request id: the response's id after its prefix (`chatcmpl-`, `cmpl-`), as
-    vLLM answers. As in vLLM, the `X-Request-Id` header (`header`) wins over the body's
-    `request_id`; either is 1 to MAX_REQUEST_ID_CHARS characters. The engine's own id
-    stays unique."""
-    value = typed_field(body, "request_id", "a string")
-    for given, param in ((value, "request_id"), (header, "X-Request-Id")):
-        if given is not None and not 1 <= len(given) <= MAX_REQUEST_ID_CHARS:
-            raise invalid(
-                f"{param} must be 1 to {MAX_REQUEST_ID_CHARS} characters, got {len(given)}",
-                param,
-            )
-    return value if header is None else header
-
-
-def _token_ids_options(body: dict) -> dict[str, bool]:
-    """vLLM's token-id options, for clients (RL trainers) that need the exact tokens:
-    `return_token_ids` (the prompt's and each choice's token ids beside the text) and
-    `return_tokens_as_token_ids` (logprobs name each token "token_id:N", not by its text)."""
-    return {
-        name: typed_field(body, name, "a boolean", False)
-        for name in ("return_token_ids", "return_tokens_as_token_ids")
-    }
 
 
 def _check_sizes(sampling: dict[str, Any]) -> None:
@@ -376,71 +318,11 @@ def _tool_choice(body: dict, tools: list[Tool]) -> tuple[str, str | None]:
     return "function", name
 
 
-# vLLM's request fields that change nothing here, as they change nothing in vLLM serving
-# this model on one machine: only their types are checked.
-_INERT_FIELDS = {
-    "length_penalty": "a number",  # beam search's, which is refused
-    # joins special tokens' texts for slow tokenizers only; vLLM's fast ones, like this
-    # server's, write them as decoded
-    "spaces_between_special_tokens": "a boolean",
-    "session_id": "a string",  # routes related requests; one server here
-    "return_token_offsets": "a boolean",  # vLLM's render endpoints only
-    "return_mm_kwargs": "a boolean",  # vLLM's render endpoints only
-    "routed_experts_prompt_start": "an integer",  # mixture-of-experts routing reports
-    "guided_decoding_backend": "a string",  # which grammar engine: there is one
-}
-_CHAT_INERT_FIELDS = {
-    # options for media content, which this server refuses in messages
-    "mm_processor_kwargs": "an object",
-    "media_io_kwargs": "an object",
-}
-
-# vLLM's request fields this server cannot honour: a value other than these defaults (or
-# null) is a 400 naming the field, never an answer other than the one asked for.
-_UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
-    "priority": ((0,), "the scheduler has no priorities (0 is the only one)"),
-    "watermarking": ((False,), "watermarking is not implemented"),
-    "truncation_side": (("left",), 'truncate_prompt_tokens keeps the last tokens ("left")'),
-    "logprob_token_ids": ((), "send logprobs and top_logprobs"),
-    "return_prompt_text": ((False,), "the rendered prompt is not returned"),
-    "kv_transfer_params": (({},), "there is no disaggregated serving"),
-    "ec_transfer_params": (({},), "there is no disaggregated serving"),
-    "vllm_xargs": (({},), "no extensions are installed to read them"),
-    "logits_processors": (([],), "custom logits processors cannot be loaded"),
-    "repetition_detection": ((), "repetition detection is not implemented"),
-    "stream_interval": ((1,), "every token is streamed as it comes"),
-    "thinking_token_budget": ((-1,), "there is no reasoning parser to count thinking tokens"),
-    "guided_whitespace_pattern": ((), "the grammar engine sets JSON's whitespace"),
-}
-_CHAT_UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
-    "chat_template": ((), "requests cannot bring their own template"),
-    "add_special_tokens": ((False,), "the chat template writes the prompt's special tokens"),
-    "include_reasoning": ((True,), "there is no reasoning parser: reasoning stays in content"),
-}
-_COMPLETION_UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
-    "prompt_embeds": ((), "send the prompt as text or token ids"),
-}
-
-
-def _check_vllm_fields(
-    body: dict, inert: dict[str, str], unsupported: dict[str, tuple[tuple[Any, ...], str]]
-) -> None:
-    """vLLM's fields are never silently ignored: an inert one's type is checked, and an
-    unsupported one set to anything but its default (same type and value) or null is a
-    400 naming it."""
-    for name, kind in inert.items():
-        typed_field(body, name, kind)
-    for name, (defaults, reason) in unsupported.items():
-        value = body.get(name)
-        if value is not None and not any(type(value) is type(d) and value == d for d in defaults):
-            raise invalid(f"{name} is not supported: {reason}; got {value!r}", name)
-
-
 def _check_common(body: dict) -> None:
     """Fields both endpoints accept but do not use: check their types. vLLM's fields that
     would change the answer and have no counterpart here are refused."""
     typed_field(body, "user", "a string")
-    _check_vllm_fields(body, _INERT_FIELDS, _UNSUPPORTED_FIELDS)
+    check_common_fields(body)
     if typed_field(body, "use_beam_search", "a boolean"):
         raise invalid(
             "use_beam_search is not supported: beam search is not implemented", "use_beam_search"
@@ -473,99 +355,6 @@ def _prompt_logprobs(body: dict, stream: bool) -> int | None:
     return count
 
 
-# vLLM's structured-output kinds, each what its JSON value must be: the keys of its
-# `structured_outputs` field, and of its older `guided_*` fields without the prefix.
-_STRUCTURE_KINDS = {
-    "json": "an object",
-    "regex": "a string",
-    "choice": "an array",
-    "grammar": "a string",
-}
-_GUIDED_FIELDS = tuple(f"guided_{kind}" for kind in _STRUCTURE_KINDS)
-# `structured_outputs` options that change nothing here (which grammar backend serves it).
-_STRUCTURE_OPTIONS = ("disable_fallback",)
-
-
-def _structure_value(kind: str, value: Any, name: str, param: str) -> Any:
-    """A structure's value with its shape checked (the structure itself is checked when
-    its grammar is built: server/structured.py); `name` is the field or key it came in.
-    A json schema may come as its JSON text."""
-    if kind == "json" and isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
-            raise invalid(
-                f"{name} must be a JSON schema, as an object or its JSON text", param
-            ) from None
-        if not isinstance(value, dict):
-            raise invalid(f"{name} must be a JSON schema (an object)", param)
-    expected = _STRUCTURE_KINDS[kind]
-    if not isinstance(value, _KINDS[expected]):
-        raise invalid(f"{name} must be {expected}, got {value!r}", param)
-    if kind == "choice" and not (value and all(isinstance(c, str) and c for c in value)):
-        raise invalid(f"{name} must be a non-empty array of non-empty strings", param)
-    return value
-
-
-def _structured_outputs(body: dict) -> Guided | None:
-    """vLLM's `structured_outputs` field: exactly one kind (json, regex, choice, grammar,
-    or json_object: true); its other options, which would change the output (structural
-    tags, whitespace rules), are refused."""
-    spec = typed_field(body, "structured_outputs", "an object")
-    if spec is None:
-        return None
-    param = "structured_outputs"
-    known = (*_STRUCTURE_KINDS, "json_object", *_STRUCTURE_OPTIONS)
-    unsupported = [k for k, v in spec.items() if k not in known and v not in (None, False)]
-    if unsupported:
-        raise invalid(f"{param}.{unsupported[0]} is not supported", param)
-    kinds = [k for k in (*_STRUCTURE_KINDS, "json_object") if spec.get(k) not in (None, False)]
-    if len(kinds) != 1:
-        raise invalid(
-            f"{param} must set exactly one of json, regex, choice, grammar or json_object, "
-            f"got {', '.join(kinds) or 'none'}",
-            param,
-        )
-    kind = kinds[0]
-    if kind == "json_object":
-        if spec[kind] is not True:
-            raise invalid(f"{param}.json_object must be true, got {spec[kind]!r}", param)
-        return Guided(param, kind, True)
-    return Guided(param, kind, _structure_value(kind, spec[kind], f"{param}.{kind}", param))
-
-
-def _guided(body: dict, response_format: ResponseFormat | None) -> Guided | None:
-    """The structure vLLM's own fields ask for, if any: `structured_outputs`, or one of the
-    older `guided_*` fields; either excludes the other and response_format."""
-    given = [name for name in _GUIDED_FIELDS if body.get(name) is not None]
-    structured = _structured_outputs(body)
-    if structured is not None:
-        if given or response_format is not None:
-            other = given[0] if given else "response_format"
-            raise invalid(f"structured_outputs cannot be combined with {other}", structured.param)
-        return structured
-    if not given:
-        return None
-    param = given[0]
-    if len(given) > 1:
-        raise invalid(f"send one of {', '.join(given)}, not several", given[1])
-    if response_format is not None:
-        raise invalid(f"{param} cannot be combined with response_format", param)
-    kind = param.removeprefix("guided_")
-    return Guided(param, kind, _structure_value(kind, body[param], param, param))
-
-
-def _documents(body: dict) -> list[dict[str, str]] | None:
-    """vLLM's `documents` (for retrieval-augmented templates): objects of strings, such
-    as {"title", "text"}, given to the template as its `documents` variable."""
-    documents = typed_field(body, "documents", "an array")
-    if documents is not None and not all(
-        isinstance(d, dict) and all(isinstance(v, str) for v in d.values()) for d in documents
-    ):
-        raise invalid("documents must be an array of objects of strings", "documents")
-    return documents
-
-
 def _rendering(body: dict, messages: list[Message]) -> dict[str, Any]:
     """vLLM's chat-template options, checked: `add_generation_prompt` (default true),
     `continue_final_message` (default false: true goes on with the last message, an
@@ -577,7 +366,7 @@ def _rendering(body: dict, messages: list[Message]) -> dict[str, Any]:
     add = typed_field(body, "add_generation_prompt", "a boolean", True)
     extend = typed_field(body, "continue_final_message", "a boolean", False)
     kwargs = typed_field(body, "chat_template_kwargs", "an object", {})
-    documents = _documents(body)
+    documents = template_documents(body)
     if documents is not None and "documents" not in kwargs:
         kwargs = {**kwargs, "documents": documents}
     try:
@@ -669,7 +458,7 @@ def parse_chat_request(
             code="context_length_exceeded",
         )
     _check_common(body)
-    _check_vllm_fields(body, _CHAT_INERT_FIELDS, _CHAT_UNSUPPORTED_FIELDS)
+    check_chat_fields(body)
     if typed_field(body, "echo", "a boolean"):
         raise invalid("echo is not supported on chat completions", "echo")
     for legacy in ("functions", "function_call"):  # ignored, a forced call would be lost
@@ -697,7 +486,7 @@ def parse_chat_request(
         sampling["prompt_logprobs"] = prompt_logprobs
     _logit_bias(body, sampling)
     response_format = _response_format(body)
-    guided = _guided(body, response_format)
+    guided = requested_structure(body, response_format)
     if guided is not None and mode != "none":
         raise invalid(f"{guided.param} cannot be combined with tools", guided.param)
     return ChatRequest(
@@ -716,7 +505,7 @@ def parse_chat_request(
         response_format=response_format,
         guided=guided,
         request_id=request_id(body, request_id_header),
-        **_token_ids_options(body),
+        **token_ids_options(body),
         **_rendering(body, messages),
     )
 
@@ -755,7 +544,7 @@ def parse_completion_request(body: Any, request_id_header: str | None = None) ->
         raise invalid("the request body must be a JSON object")
     prompts = _prompts(body)
     _check_common(body)
-    _check_vllm_fields(body, {}, _COMPLETION_UNSUPPORTED_FIELDS)
+    check_completion_fields(body)
     if body.get("suffix"):
         raise invalid("suffix is not supported", "suffix")
     stream = typed_field(body, "stream", "a boolean", False)
@@ -785,8 +574,8 @@ def parse_completion_request(body: Any, request_id_header: str | None = None) ->
         prompt_logprobs=prompt_logprobs,
         echo=echo,
         response_format=response_format,
-        guided=_guided(body, response_format),
+        guided=requested_structure(body, response_format),
         add_special_tokens=typed_field(body, "add_special_tokens", "a boolean", True),
         request_id=request_id(body, request_id_header),
-        **_token_ids_options(body),
+        **token_ids_options(body),
     )

@@ -15,8 +15,8 @@ from orchestrator import FunctionTool, Page, ResponseRequest
 from orchestrator.agent import CODE_INTERPRETER, DEFAULT_MAX_TOOL_CALLS
 from orchestrator.response_request import OUTPUT_TEXT_LOGPROBS, CodeInterpreterTool
 from orchestrator.tools.file_search import DEFAULT_MAX_RESULTS, FileSearchTool
-from server.errors import invalid, known_fields
-from server.protocol import top_count, typed_field, valid_name
+from server.errors import invalid, known_fields, typed_field
+from server.protocol import top_count, valid_name
 from server.vector_store_search import parse_filters, parse_max_results, parse_ranking
 
 MAX_METADATA_KEYS = 16

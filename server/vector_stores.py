@@ -14,8 +14,7 @@ from orchestrator.retrieval.chunking import parse_chunking_strategy
 from orchestrator.retrieval.filters import MAX_KEY_LENGTH, is_number
 from orchestrator.vector_stores import FileToAdd, Search
 from server.access import owner
-from server.errors import APIError, invalid, known_fields
-from server.protocol import typed_field
+from server.errors import APIError, invalid, known_fields, typed_field
 from server.responses import product
 from server.responses_protocol import parse_metadata, parse_page
 from server.vector_store_search import parse_search_request, search_results_page
