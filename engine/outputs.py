@@ -24,8 +24,8 @@ class CompletionOutput:
     logprobs: list[TokenLogprobs] | None = None
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
 
-    @property
     def finished(self) -> bool:
+        """A method, as vLLM's (whose `RequestOutput.finished` is an attribute, as here)."""
         return self.finish_reason is not None
 
     @property

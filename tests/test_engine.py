@@ -438,6 +438,7 @@ def test_vllm_prompt_dicts_chat_content_parts_and_options(tiny_chat_model_dir):
     text = llm.generate([{"prompt": "Hello"}], params, use_tqdm=False)[0]
     assert text.prompt_token_ids == llm.get_tokenizer().encode("Hello")
     out = text.outputs[0]
+    assert text.finished and out.finished() and out.finish_reason == "length"
     assert out.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in out.logprobs))
     first = out.token_ids[0]
     spelled = llm.get_tokenizer().decode([first], skip_special_tokens=False)
