@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
@@ -164,7 +165,8 @@ def _as_prompt(prompt) -> str | list[int]:
 
 def _template_messages(messages: list[dict]) -> list[dict]:
     """Messages with their content as the chat templates read it, a string: OpenAI's text
-    parts joined by newlines, an assistant's missing content (a turn of tool calls) empty.
+    parts joined by newlines, an assistant's missing content (a turn of tool calls) empty;
+    and tool calls' JSON arguments as dicts (`_template_call`).
     Any other shape is a ValueError naming the message, not an error from inside the
     template."""
     out = []
@@ -187,4 +189,21 @@ def _template_messages(messages: list[dict]) -> list[dict]:
         elif not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
         out.append({**message, "content": content})
+        if message.get("tool_calls"):
+            out[-1]["tool_calls"] = [_template_call(call) for call in message["tool_calls"]]
     return out
+
+
+def _template_call(call: object) -> object:
+    """An OpenAI tool call with its `arguments` as the templates read them, a dict (as
+    vLLM parses them): a JSON string's `tojson` would render it twice encoded. Arguments
+    that are not JSON stay as written, as the server keeps them."""
+    function = call.get("function") if isinstance(call, dict) else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    if not isinstance(arguments, str):
+        return call
+    try:
+        parsed = json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError:
+        return call
+    return {**call, "function": {**function, "arguments": parsed}}

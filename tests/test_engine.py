@@ -516,6 +516,34 @@ def test_chat_template_kwargs_continue_final_message_and_prompt_text(tiny_chat_m
             llm.chat(user, params, use_tqdm=False, chat_template_kwargs=kwargs)
 
 
+def test_chat_hands_tool_call_arguments_to_the_template_as_dicts(tiny_chat_model_dir, tmp_path):
+    """As vLLM's LLM.chat: an OpenAI tool call's arguments (a JSON string) reach the
+    template parsed, so a template writing them with `tojson` (Qwen2.5's) renders JSON, not
+    a quoted string; arguments that are not JSON are left as written."""
+    folder = shutil.copytree(tiny_chat_model_dir, tmp_path / "model")
+    template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}{% endfor %}|"
+        "{% endfor %}"
+    )
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    llm = _llm(str(folder))
+    calls = [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+        {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "not json"}},
+    ]
+    turn = {"role": "assistant", "content": None, "tool_calls": calls}
+    [out] = llm.chat(
+        [{"role": "user", "content": "Hi"}, turn],
+        SamplingParams(max_tokens=1),
+        use_tqdm=False,
+        add_generation_prompt=False,
+    )
+    assert out.prompt == '<user>Hi|<assistant>{"x": 1}"not json"|'
+    assert calls[0]["function"]["arguments"] == '{"x": 1}'  # the caller's messages unchanged
+
+
 def test_the_window_cuts_the_output_not_the_request(tiny_chat_model_dir):
     """As in vLLM's engine: max_tokens past the window ends the output with "length" where
     the window does; a prompt that fills it gets one token (the last token sampled is
