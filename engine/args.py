@@ -10,7 +10,7 @@ import torch
 from engine.compilation import COMPILE_MODES
 from engine.cpu_path import cpu_path
 from engine.linear import QUANTIZATIONS
-from engine.sampling_params import SEED_MAX, SEED_MIN
+from engine.sampling_params import SEED_MAX, SEED_MIN, is_int
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,7 +42,9 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the model's own context window
     enable_prefix_caching: bool = True
-    seed: int = 0
+    # Seeds the engine's random numbers, which draw the tokens of requests that set no seed
+    # of their own; None (vLLM's) draws them from a seed chosen at random at start.
+    seed: int | None = 0
     # CPU intra-op threads for the forward pass; None keeps torch's default (every core).
     # Set on the thread that builds the engine, which must be the one that steps it (OpenMP
     # keeps one worker team per thread that runs parallel ops; see engine/async_llm.py).
@@ -110,9 +112,9 @@ class EngineArgs:
             raise ValueError(
                 f"kv_cache_memory_gib must be a finite number > 0, got {self.kv_cache_memory_gib}"
             )
-        if not SEED_MIN <= self.seed <= SEED_MAX:
+        if self.seed is not None and not (is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX):
             raise ValueError(
-                f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed}"
+                f"seed must be None or an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}"
             )
 
     def resolve_max_model_len(self, model_window: int) -> int:

@@ -49,7 +49,10 @@ class LLMEngine:
         self.device = args.resolve_device()
         self.dtype = args.resolve_dtype(self.device)
         self.configure_threads()
-        torch.manual_seed(args.seed)
+        if args.seed is None:
+            torch.seed()
+        else:
+            torch.manual_seed(args.seed)
         t0 = time.perf_counter()
         loaded = load_model(args.model, dtype=self.dtype)
         self.model_config = cfg = loaded.config

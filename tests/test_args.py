@@ -72,6 +72,8 @@ def test_explicit_choices_win():
         ("dtype", "double"),
         ("compile", "yes"),
         ("max_model_len", 0),
+        ("seed", 1.5),
+        ("seed", True),
     ],
 )
 def test_bad_values_are_rejected_with_the_field_name(field, value):
@@ -170,7 +172,7 @@ def test_a_device_this_machine_does_not_have_is_a_clear_error(device):
         (["--gpu-memory-utilization", "2"], "gpu_memory_utilization must be in (0, 1]"),
         (["--kv-cache-memory-gib", "nan"], "kv_cache_memory_gib must be a finite number > 0"),
         (["--kv-cache-memory-gib", "inf"], "kv_cache_memory_gib must be a finite number > 0"),
-        (["--seed", str(2**64)], "seed must be an integer in"),
+        (["--seed", str(2**64)], "seed must be None or an integer in"),
         (["--device", "tpu"], "device must be"),
         (["--enforce-eager", "--compile", "on"], "enforce_eager"),
         (

@@ -195,6 +195,19 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny_model_dir):
     assert len(alone) == 10
 
 
+def test_engine_seed_none_seeds_the_random_numbers_at_random(tiny_model_dir):
+    """vLLM's LLM(seed=None): requests without a seed of their own draw from a seed chosen
+    at start, not from a fixed one (the default, 0, makes runs repeat)."""
+    path = tiny_model_dir("llama")
+    _llm(path)
+    assert torch.initial_seed() == 0
+    seeds = set()
+    for _ in range(2):
+        _llm(path, seed=None)
+        seeds.add(torch.initial_seed())
+    assert len(seeds) == 2 and 0 not in seeds
+
+
 def test_max_tokens_and_stop_token(tiny_model_dir):
     path = tiny_model_dir("llama")
     llm = _llm(path)
