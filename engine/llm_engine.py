@@ -371,7 +371,7 @@ class LLMEngine:
         prompt_logprobs = None
         if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
             prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
-            for entry in prompt_logprobs[1:]:
+            for entry in prompt_logprobs[1:] if request.params.detokenize else ():
                 entry.decode = self.outputs.token_text
         return RequestOutput(
             request_id=request.request_id,

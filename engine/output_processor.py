@@ -58,7 +58,8 @@ class OutputProcessor:
         params = seq.params
         seq.token_ids.append(token)
         if logprobs is not None:
-            logprobs.decode = self.token_text
+            if params.detokenize:  # else decoded_token is None, as vLLM's
+                logprobs.decode = self.token_text
             seq.logprobs.append(logprobs)
         n_out = seq.num_output_tokens
         past_min = n_out > params.min_tokens

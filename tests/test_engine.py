@@ -662,13 +662,22 @@ def test_constraints_that_leave_no_token_fail_their_request_alone(tiny_chat_mode
 
 
 def test_detokenize_false_gives_token_ids_without_text(tiny_chat_model_dir):
-    """vLLM's detokenize=False: the same tokens, no text; stop strings need the text."""
+    """vLLM's detokenize=False: the same tokens, no text (no logprob's decoded_token
+    either); stop strings need the text."""
     llm = _llm(tiny_chat_model_dir)
-    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0, max_tokens=5, ignore_eos=True, logprobs=1, prompt_logprobs=1
+    )
     [with_text] = llm.generate([1, 2, 3], params, use_tqdm=False)
     raw = dataclasses.replace(params, detokenize=False)
     [without] = llm.generate([1, 2, 3], raw, use_tqdm=False)
     assert without.outputs[0].token_ids == with_text.outputs[0].token_ids
     assert with_text.outputs[0].text and without.outputs[0].text == ""
+
+    def decoded(out):
+        positions = [*out.outputs[0].logprobs, *out.prompt_logprobs[1:]]
+        return {entry.decoded_token for position in positions for entry in position.values()}
+
+    assert None not in decoded(with_text) and decoded(without) == {None}
     with pytest.raises(ValueError, match="detokenize"):
         SamplingParams(stop=["x"], detokenize=False)
