@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
@@ -12,7 +11,7 @@ from engine.args import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput, merge_output
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import chat_template_options
+from engine.tokenizer import chat_template_options, template_arguments
 
 # Text, token ids, or vLLM's prompt dicts: TextPrompt {"prompt": ...} and TokensPrompt
 # {"prompt_token_ids": ...}.
@@ -195,15 +194,10 @@ def _template_messages(messages: list[dict]) -> list[dict]:
 
 
 def _template_call(call: object) -> object:
-    """An OpenAI tool call with its `arguments` as the templates read them, a dict (as
-    vLLM parses them): a JSON string's `tojson` would render it twice encoded. Arguments
-    that are not JSON stay as written, as the server keeps them."""
+    """An OpenAI tool call with its `arguments` as the templates read them
+    (`template_arguments`), as the server renders them too."""
     function = call.get("function") if isinstance(call, dict) else None
     arguments = function.get("arguments") if isinstance(function, dict) else None
     if not isinstance(arguments, str):
         return call
-    try:
-        parsed = json.loads(arguments) if arguments.strip() else {}
-    except json.JSONDecodeError:
-        return call
-    return {**call, "function": {**function, "arguments": parsed}}
+    return {**call, "function": {**function, "arguments": template_arguments(arguments)}}

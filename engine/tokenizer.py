@@ -70,6 +70,18 @@ def break_special_tokens(text: str, special_tokens: Iterable[str]) -> str:
     return pattern.sub(lambda m: m.group(0)[0] + ZERO_WIDTH_SPACE + m.group(0)[1:], text)
 
 
+def template_arguments(arguments: str) -> object:
+    """A tool call's `arguments` as chat templates read them (as transformers and vLLM
+    give them): the dict its JSON text holds (blank text: none, {}), for a template's
+    `tojson` would write a JSON string twice encoded; text that is not JSON as written."""
+    if not arguments.strip():
+        return {}
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
 @lru_cache(maxsize=8)
 def _spelled(special_tokens: tuple[str, ...]) -> re.Pattern[str] | None:
     """One pattern for all of a vocabulary's special tokens (Llama 3 has 256), longest

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from orchestrator.chat_types import ChatRequest, Message, Tool, ToolCall
+from engine.tokenizer import template_arguments
+from orchestrator.chat_types import ChatRequest, Message, Tool
 from orchestrator.tool_parser import CLOSE_TAG, OPEN_TAG
 from orchestrator.untrusted import break_tool_tags
 
@@ -80,14 +81,6 @@ def build_chat_prompt(request: ChatRequest, native_tools: bool) -> ChatPrompt:
     )
 
 
-def _arguments_value(call: ToolCall) -> object:
-    """Templates (and transformers) expect arguments as a dict; keep odd strings as-is."""
-    try:
-        return json.loads(call.arguments)
-    except json.JSONDecodeError:
-        return call.arguments
-
-
 def _base(message: Message) -> dict:
     # "developer" is OpenAI's newer name for system; templates only know "system".
     role = "system" if message.role == "developer" else message.role
@@ -104,7 +97,7 @@ def _native_message(message: Message) -> dict:
             {
                 "id": c.id,
                 "type": "function",
-                "function": {"name": c.name, "arguments": _arguments_value(c)},
+                "function": {"name": c.name, "arguments": template_arguments(c.arguments)},
             }
             for c in message.tool_calls
         ]
@@ -141,7 +134,10 @@ def _plain_messages(messages: list[Message]) -> list[dict]:
             blocks = [
                 OPEN_TAG
                 + "\n"
-                + json.dumps({"name": c.name, "arguments": _arguments_value(c)}, ensure_ascii=False)
+                + json.dumps(
+                    {"name": c.name, "arguments": template_arguments(c.arguments)},
+                    ensure_ascii=False,
+                )
                 + "\n"
                 + CLOSE_TAG
                 for c in message.tool_calls
