@@ -166,10 +166,15 @@ function titleOf(conversation) {
   return decodeMetadata(conversation.metadata).title || "Untitled";
 }
 
+// Redraws the list. It is redrawn in the background too (a turn's save, a search's
+// transcript): the keyboard stays on the control it was on, in the entry drawn anew.
 function renderSidebar() {
   if (state.renaming) return; // finishing the rename redraws it
   const list = $("conversation-list");
   const query = $("search").value.trim().toLowerCase();
+  const focused = list.contains(document.activeElement) ? document.activeElement : null;
+  const entry = focused && focused.closest("li.conversation");
+  const control = entry ? [...entry.querySelectorAll("button")].indexOf(focused) : -1;
   list.replaceChildren();
   for (const conversation of state.conversations) {
     const title = titleOf(conversation);
@@ -178,6 +183,10 @@ function renderSidebar() {
     list.append(sidebarEntry(conversation, title));
   }
   if (query && !list.children.length) list.append(el("li", "empty", "No conversation matches."));
+  if (control >= 0) {
+    const again = [...list.children].find((li) => li.dataset.id === entry.dataset.id);
+    again?.querySelectorAll("button")[control]?.focus();
+  }
 }
 
 function sidebarEntry(conversation, title) {

@@ -549,6 +549,25 @@ def test_keyboard_focus_stays_on_the_branch_arrows(page):
     assert page.evaluate(focused) == "Previous branch"
 
 
+def test_keyboard_focus_stays_in_the_sidebar_while_it_is_redrawn(page):
+    """A turn's save redraws the sidebar in the background: the keyboard stays on the
+    sidebar control it was on (it fell to the page, then to the prompt as the answer ended)."""
+    send(page, "Name a mountain range.")
+    held = []
+    page.route("**/v1/responses", lambda route: held.append(route))  # the next turn, held
+    before = finished_turns(page)
+    page.fill("#prompt", "Name a river.")
+    page.press("#prompt", "Enter")
+    while not held:
+        page.wait_for_timeout(50)
+    page.get_by_role("button", name="Rename Name a mountain range.").focus()
+    held[0].continue_()
+    page.unroute("**/v1/responses")
+    wait_for_turn(page, before)
+    focused = "document.activeElement.getAttribute('aria-label')"
+    assert page.evaluate(focused) == "Rename Name a mountain range."
+
+
 def test_settings_take_any_temperature_and_bound_the_output_tokens(page, api):
     [model] = [m for m in api.get("/v1/models").json()["data"] if m["id"] == MODEL]
     page.click("#open-settings")
