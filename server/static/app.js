@@ -1283,13 +1283,29 @@ async function start() {
   if (!state.open) state.draft = freshMeta();
   renderMessages();
   await Promise.all([loadConversations().catch(reportError), refreshUsage()]);
+  await openFromAddress();
+  document.body.dataset.ready = "true";
+}
+
+// Opens the conversation the address names (#conv_…), when it is not the one on screen: at
+// start-up, and when the address changes in the tab (a link to another conversation pasted
+// into it, or the address edited). No name there is a new chat.
+async function openFromAddress() {
   const wanted = decodeURIComponent(location.hash.slice(1));
-  if (state.conversations.some((c) => c.id === wanted)) await openConversation(wanted);
-  else if (wanted) { // deleted since, or another user's
-    showInAddress(null);
+  if (wanted === (state.open ? state.open.id : "")) return;
+  if (!wanted) newChat();
+  else if (state.conversations.some((c) => c.id === wanted)) await openConversation(wanted);
+  else { // deleted since, or another user's
+    showInAddress(state.open ? state.open.id : null);
     setStatus("The conversation in the address no longer exists.");
   }
-  document.body.dataset.ready = "true";
+}
+
+// The address changed in the tab: the sidebar is read again first, since the conversation
+// named may have been made in another tab since this one loaded.
+async function followAddress() {
+  await loadConversations().catch(reportError);
+  await openFromAddress();
 }
 
 function wire() {
@@ -1318,6 +1334,7 @@ function wire() {
     }
   });
   $("toggle-sidebar").addEventListener("click", toggleSidebar);
+  window.addEventListener("hashchange", followAddress); // showInAddress fires none
   // On a phone the open sidebar covers its own button: Escape or a tap beside it closes it.
   document.addEventListener("click", (event) => {
     const inside = event.target instanceof Element

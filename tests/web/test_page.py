@@ -373,6 +373,26 @@ def test_a_server_out_of_reach_is_said_plainly_and_the_message_kept(session):
     assert page.input_value("#prompt") == "anyone there?"
 
 
+def test_a_link_to_another_conversation_followed_in_the_tab_opens_it(page):
+    """The address names the conversation on screen: a link to another one pasted into the
+    tab changes the address's #conv_… alone (nothing reloads) and opens that one; one that
+    does not exist is said so, and the address names the open one again."""
+    send(page, "Name a lake.")
+    lake = page.evaluate("location.hash")
+    page.click("#new-chat")
+    send(page, "Name a desert.")
+    page.goto(f"/{lake}")
+    title = "() => document.querySelector('#chat-title').textContent"
+    page.wait_for_function(f"{title} === 'Name a lake.'")
+    assert "Name a desert." not in page.inner_text("#messages")
+    assert finished_turns(page) == 2  # the same document: the page was not loaded again
+    page.goto("/#conv_0000")
+    page.wait_for_function("() => document.querySelector('#status').textContent !== ''")
+    assert "no longer exists" in page.inner_text("#status")
+    assert page.evaluate("location.hash") == lake
+    assert page.inner_text("#chat-title") == "Name a lake."
+
+
 def test_a_turn_reloaded_away_from_before_it_ends_is_still_there(page, api):
     start_long_answer(page)
     page.wait_for_function(
