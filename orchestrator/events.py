@@ -200,7 +200,8 @@ class ResponseEvents:
 
     def function_call(self, call: ParsedCall) -> list[Event]:
         """A tool call from the parser: an output item of its own, `incomplete` when the
-        token budget ran out inside its arguments."""
+        token budget ran out inside its arguments (or before them, a forced call cut
+        before its name: no arguments, so no delta event)."""
         events = self._close_message("completed")
         item = {
             "id": new_id("fc"),
@@ -217,13 +218,16 @@ class ResponseEvents:
         )
         item["arguments"] = call.arguments
         item["status"] = "completed" if call.complete else "incomplete"
+        if call.arguments:
+            events.append(
+                self._event(
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=index,
+                    delta=call.arguments,
+                )
+            )
         events += [
-            self._event(
-                "response.function_call_arguments.delta",
-                item_id=item["id"],
-                output_index=index,
-                delta=call.arguments,
-            ),
             self._event(
                 "response.function_call_arguments.done",
                 item_id=item["id"],

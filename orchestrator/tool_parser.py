@@ -106,9 +106,13 @@ def _partial_tag_suffix(text: str, tag: str) -> int:
 class ToolCallParser:
     """Feed text deltas; get text pieces and complete calls back, in order."""
 
-    def __init__(self, allowed: Collection[str], max_calls: int | None = None) -> None:
+    def __init__(
+        self, allowed: Collection[str], max_calls: int | None = None, forced: str | None = None
+    ) -> None:
         self.allowed = allowed
         self.max_calls = max_calls  # calls beyond it come back as text
+        # The function the tool choice named: the grammar makes the output its one call.
+        self.forced = forced
         self.num_calls = 0
         self.dropped_cut_call = False  # `finish` dropped a call cut before its name
         self._buffer = ""
@@ -152,23 +156,34 @@ class ToolCallParser:
         when its body parses: models often stop right before writing the closing tag.
 
         cut: the token budget ended the generation. A call it cut before the call's name
-        was written (a held-back `<tool_`, or a block that is not a call yet) is dropped:
-        under the call grammar that text can only be the start of a call, and it is
-        markup, not an answer. A call with its name keeps what it has (incomplete)."""
+        was written (a held-back `<tool_`, or a block that is not a call yet) is
+        `_cut_before_its_name`: under the call grammar that text can only be the start
+        of a call, and it is markup, not an answer. A call with its name keeps what it
+        has (incomplete)."""
         rest, start = self._buffer, self._offset
         self._consume(len(rest))
         if self._in_block:
             self._in_block = False
             unfinished = cut and self._streaming is None and not _CANONICAL_START.match(rest)
             if unfinished and parse_call(rest.strip(), self.allowed) is None:
-                self.dropped_cut_call = True
-                return []
+                return self._cut_before_its_name()
             return self._close_block(rest, False, start - len(OPEN_TAG))
         if cut:
             partial = _partial_tag_suffix(rest, OPEN_TAG)
-            self.dropped_cut_call = partial > 0
             rest = rest[: len(rest) - partial]
+            text = [TextPiece(rest, start)] if rest else []
+            return text + (self._cut_before_its_name() if partial else [])
         return [TextPiece(rest, start)] if rest else []
+
+    def _cut_before_its_name(self) -> list[ToolEvent]:
+        """A call the budget cut before its name was written: the forced function's call,
+        with no arguments yet and incomplete, when it is the one the tool choice named
+        (the output's first call); else dropped, since which function it was is unknown."""
+        if self.forced is not None and self.num_calls == 0:
+            self.num_calls += 1
+            return [ParsedCall(self.forced, "", complete=False)]
+        self.dropped_cut_call = True
+        return []
 
     def _block_end(self, body: str) -> int:
         """Where the open block's closing tag starts, -1 if it has not come. In a call
@@ -263,8 +278,11 @@ class ChoiceAssembler:
     shows what follows it, so streamed and whole-text results always agree.
     """
 
-    def __init__(self, tool_names: list[str], max_calls: int | None) -> None:
-        self.parser = ToolCallParser(tool_names, max_calls) if tool_names else None
+    def __init__(
+        self, tool_names: list[str], max_calls: int | None, forced: str | None = None
+    ) -> None:
+        """forced: the function the tool choice named (`ToolCallParser.forced`)."""
+        self.parser = ToolCallParser(tool_names, max_calls, forced) if tool_names else None
         self.pending_space = ""
         self._space_start = 0  # where pending_space starts in the text pushed
         self.num_calls = 0

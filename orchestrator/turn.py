@@ -452,7 +452,11 @@ class Turn:
         start = len(self.events.output)
         self._code_calls = []
         progress = _Progress(
-            ChoiceAssembler([t.name for t in config.tools], None if config.parallel else 1),
+            ChoiceAssembler(
+                [t.name for t in config.tools],
+                None if config.parallel else 1,
+                config.forced if config.mode == "function" else None,
+            ),
             None
             if params.logprobs is None
             else TextLogprobs(self.services.token_names, params.logprobs),

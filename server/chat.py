@@ -69,7 +69,9 @@ class ChatRun:
         return None if self.request.parallel_tool_calls else 1
 
     def assembler(self) -> ChoiceAssembler:
-        return ChoiceAssembler(self.tool_names, self.max_calls)
+        request = self.request
+        forced = request.forced_tool if request.tool_choice == "function" else None
+        return ChoiceAssembler(self.tool_names, self.max_calls, forced)
 
     def logprobs(self, entries: list) -> dict | None:
         if not self.request.logprobs:

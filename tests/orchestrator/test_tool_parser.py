@@ -138,6 +138,21 @@ def test_a_call_the_budget_cut_before_its_name_is_dropped_not_shown_as_text():
     assert (call.name, call.arguments, call.complete) == ("get_time", '{"tz": "U', False)
 
 
+def test_a_forced_call_the_budget_cut_before_its_name_is_that_functions_call():
+    """The tool choice named the function: a cut before its name is still its call, with
+    no arguments yet; a later call cut that way (a second one) is unknown, so dropped."""
+    named = '<tool_call>\n{"name": "get_weather", "arguments": '  # no `{` yet
+    for text in ("<tool_", "<tool_call>", '<tool_call>\n{"name": "get_w', named):
+        parser = ToolCallParser(TOOLS, forced="get_weather")
+        events = parser.feed(text) + parser.finish(cut=True)
+        assert events == [ParsedCall("get_weather", "", complete=False)], text
+        assert not parser.dropped_cut_call
+    parser = ToolCallParser(TOOLS, forced="get_weather")
+    events = parser.feed(WEATHER + "\n<tool_") + parser.finish(cut=True)
+    assert [e.complete for e in events if isinstance(e, ParsedCall)] == [True]
+    assert parser.dropped_cut_call
+
+
 def _finished(text: str, cut: bool) -> tuple[ToolCallParser, list]:
     parser = ToolCallParser(TOOLS)
     events = parser.feed(text) + parser.finish(cut)

@@ -1099,22 +1099,69 @@ def test_a_call_cut_by_max_output_tokens_is_an_incomplete_item(product_server):
 
 
 def test_a_call_cut_before_its_name_leaves_no_markup_behind(product_server):
-    """The budget ran out in `<tool_call>` itself: no call to show, and no markup as text."""
+    """The budget ran out in `<tool_call>` itself, or inside the name, with the function
+    to call not named by the tool choice: no call to show, and no markup as text."""
     server = product_server(FakeEngine(reply=CALL))
-    for cut in (5, len("<tool_call>\n") + 3):
-        for stream in (False, True):
-            response = server.client.responses.create(
-                model=MODEL,
-                input="Weather?",
-                tools=[WEATHER],
-                tool_choice={"type": "function", "name": "get_weather"},
-                max_output_tokens=cut,
-                stream=stream,
-            )
-            if stream:
-                response = list(response)[-1].response
-            assert response.status == "incomplete"
-            assert response.output == [], (cut, response.output)
+    for cut in (5, len("<tool_call>\n") + 3, CALL.index("get_we") + 3):
+        for choice in ("required", "auto"):
+            for stream in (False, True):
+                response = server.client.responses.create(
+                    model=MODEL,
+                    input="Weather?",
+                    tools=[WEATHER],
+                    tool_choice=choice,
+                    max_output_tokens=cut,
+                    stream=stream,
+                )
+                if stream:
+                    response = list(response)[-1].response
+                assert response.status == "incomplete"
+                assert response.output == [], (cut, response.output)
+
+
+def test_a_forced_call_cut_before_its_name_is_an_incomplete_call_of_that_function(
+    product_server,
+):
+    """The tool choice named the function, so a call the budget cut before its name (or
+    its arguments) is still shown: that function's call, incomplete, with no arguments,
+    streamed as a call item is, and stored as streamed."""
+    server = product_server(FakeEngine(reply=CALL))
+    forced = {"type": "function", "name": "get_weather"}
+    body = {"input": "Weather?", "tools": [WEATHER], "tool_choice": forced}
+    for cut in (3, 8, len("<tool_call>\n") + 3, CALL.index("{", 20)):
+        response = server.client.responses.create(model=MODEL, max_output_tokens=cut, **body)
+        assert (response.status, response.incomplete_details.reason) == (
+            "incomplete",
+            "max_output_tokens",
+        )
+        assert response.usage.output_tokens == cut
+        (call,) = response.output
+        assert (call.type, call.name, call.arguments, call.status) == (
+            "function_call",
+            "get_weather",
+            "",
+            "incomplete",
+        )
+        assert call.call_id.startswith("call_")
+        events = list(
+            server.client.responses.create(model=MODEL, max_output_tokens=cut, stream=True, **body)
+        )
+        assert [e.type for e in events] == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+            "response.incomplete",
+        ]
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        added, done_args, done = events[2:5]
+        assert (added.item.status, added.item.name) == ("in_progress", "get_weather")
+        assert (done_args.item_id, done_args.arguments) == (added.item.id, "")
+        assert done.item.status == "incomplete"
+        final = events[-1].response
+        assert final.output == [done.item]
+        assert server.client.responses.retrieve(final.id).output == [done.item]
 
 
 def test_max_output_tokens_ends_incomplete(product_server):

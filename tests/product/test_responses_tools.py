@@ -328,6 +328,10 @@ def test_code_interpreter_forced_by_its_type_runs_once_then_the_model_answers(pr
     assert Response.model_validate(body).tool_choice.type == "code_interpreter"
     raw = _post(server, input="Compute", tools=[CALCULATOR], tool_choice=forced)
     assert raw.status_code == 400 and raw.json()["error"]["param"] == "tool_choice"
+    # cut before its name was written, the forced call is still shown, not run
+    cut = _post(server, input="Compute", tools=[sandboxed], tool_choice=forced, max_output_tokens=8)
+    items = [(i["type"], i["status"], i["code"]) for i in cut.json()["output"]]
+    assert items == [("code_interpreter_call", "incomplete", "")]
 
 
 def test_code_calls_cut_by_max_output_tokens_stay_in_the_response_unrun(product_server):

@@ -991,6 +991,32 @@ def test_a_call_cut_before_its_name_leaves_content_null_not_empty(serve):
     assert body["choices"][0]["message"]["content"] == ""
 
 
+def test_a_forced_call_cut_before_its_name_is_a_call_of_that_function(serve):
+    """tool_choice named the function, so a call the budget cut before its name is still
+    that function's call, with no arguments yet, as OpenAI gives a cut call; the finish
+    reason says it was cut ("length"), not that the calls are whole."""
+    server = serve(FakeEngine(reply=CALLS))
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    body = {"tools": [WEATHER_TOOL], "tool_choice": forced}
+    for max_tokens in (3, 6, 20):  # inside `<tool_call>`, then inside the function's name
+        (choice,) = chat(server, max_tokens=max_tokens, **body).json()["choices"]
+        assert choice["finish_reason"] == "length"
+        (call,) = choice["message"].pop("tool_calls")
+        assert choice["message"] == {"role": "assistant", "content": None, "refusal": None}
+        assert call["id"].startswith("call_") and call["type"] == "function"
+        assert call["function"] == {"name": "get_weather", "arguments": ""}
+        chunks = stream(
+            server.client,
+            "/v1/chat/completions",
+            {**body, "messages": USER, "max_tokens": max_tokens},
+        )
+        deltas = [c["choices"][0] for c in chunks[:-1]]
+        calls = [d["delta"]["tool_calls"][0] for d in deltas if d["delta"].get("tool_calls")]
+        assert calls[0]["function"] == {"name": "get_weather", "arguments": ""}
+        assert "".join(c["function"]["arguments"] for c in calls) == ""
+        assert deltas[-1]["finish_reason"] == "length"
+
+
 def test_a_tool_schema_the_grammar_cannot_enforce_is_a_400_without_the_grammar(serve):
     """The message names the keyword, and quotes none of the grammar the server compiled
     the tools into."""
