@@ -27,6 +27,8 @@ CLOSE_TAG = "</tool_call>"
 # What the grammar writes after OPEN_TAG, up to the arguments object's opening brace.
 CALL_PREFIX = '{{"name": "{name}", "arguments": '
 _CANONICAL_START = re.compile(r'\s*\{"name": "([a-zA-Z0-9_-]{1,64})", "arguments": (?=\{)')
+# A call's opening with its name written whole, however far its arguments got.
+_NAMED = re.compile(r'\s*\{"name": "([a-zA-Z0-9_-]{1,64})"')
 # A JSON string (its closing quote may not have come yet) or the closing tag.
 _STRING_OR_CLOSE = re.compile(r'"(?:[^"\\]|\\.)*"?|' + re.escape(CLOSE_TAG))
 
@@ -155,35 +157,41 @@ class ToolCallParser:
         """Flush at the end of generation. An unclosed final block still counts as a call
         when its body parses: models often stop right before writing the closing tag.
 
-        cut: the token budget ended the generation. A call it cut before the call's name
-        was written (a held-back `<tool_`, or a block that is not a call yet) is
-        `_cut_before_its_name`: under the call grammar that text can only be the start
-        of a call, and it is markup, not an answer. A call with its name keeps what it
-        has (incomplete)."""
+        cut: the token budget ended the generation. A call it cut before its arguments
+        began (a held-back `<tool_`, or a block that is not a call yet) is
+        `_cut_before_its_arguments`: under the call grammar that text can only be the start
+        of a call, and it is markup, not an answer. A call with arguments begun keeps what
+        it has (incomplete)."""
         rest, start = self._buffer, self._offset
         self._consume(len(rest))
         if self._in_block:
             self._in_block = False
             unfinished = cut and self._streaming is None and not _CANONICAL_START.match(rest)
             if unfinished and parse_call(rest.strip(), self.allowed) is None:
-                return self._cut_before_its_name()
+                return self._cut_before_its_arguments(rest)
             return self._close_block(rest, False, start - len(OPEN_TAG))
         if cut:
             partial = _partial_tag_suffix(rest, OPEN_TAG)
             rest = rest[: len(rest) - partial]
             text = [TextPiece(rest, start)] if rest else []
-            return text + (self._cut_before_its_name() if partial else [])
+            return text + (self._cut_before_its_arguments("") if partial else [])
         return [TextPiece(rest, start)] if rest else []
 
-    def _cut_before_its_name(self) -> list[ToolEvent]:
-        """A call the budget cut before its name was written: the forced function's call,
-        with no arguments yet and incomplete, when it is the one the tool choice named
-        (the output's first call); else dropped, since which function it was is unknown."""
-        if self.forced is not None and self.num_calls == 0:
-            self.num_calls += 1
-            return [ParsedCall(self.forced, "", complete=False)]
-        self.dropped_cut_call = True
-        return []
+    def _cut_before_its_arguments(self, body: str) -> list[ToolEvent]:
+        """A call the budget cut before its arguments began (`body`: its block so far):
+        incomplete and with no arguments yet, the call of the function its text already
+        names (an offered one), else of the forced function when it is the output's first
+        call; else dropped, since which function it was is unknown."""
+        named = _NAMED.match(body)
+        if named and named.group(1) in self.allowed and self._room_for_a_call():
+            name = named.group(1)
+        elif self.forced is not None and self.num_calls == 0:
+            name = self.forced
+        else:
+            self.dropped_cut_call = True
+            return []
+        self.num_calls += 1
+        return [ParsedCall(name, "", complete=False)]
 
     def _block_end(self, body: str) -> int:
         """Where the open block's closing tag starts, -1 if it has not come. In a call

@@ -124,15 +124,24 @@ def test_a_closing_tag_inside_an_argument_string_does_not_end_the_call():
 
 
 def test_a_call_the_budget_cut_before_its_name_is_dropped_not_shown_as_text():
-    """Markup of a call that never got its name is no answer; a named one stays, cut."""
+    """Markup of a call that never got its name is no answer; a named one stays, cut (its
+    arguments begun or not)."""
     for text in ("<tool_", "<tool_call>", '<tool_call>\n{"name": "get_w'):
         _, events = _finished("Here. " + text, cut=True)
         assert events == [TextPiece("Here. ")]
         # a generation that ended by itself keeps the text as the model wrote it
         _, events = _finished("Here. " + text, cut=False)
         assert "".join(e.text for e in events) == "Here. " + text
-    _, events = _finished(WEATHER + '\n<tool_call>\n{"name": "get_time", "argu', cut=True)
+    _, events = _finished(WEATHER + '\n<tool_call>\n{"name": "get_t', cut=True)
     assert [e.name for e in events if isinstance(e, ParsedCall)] == ["get_weather"]
+    _, events = _finished(WEATHER + '\n<tool_call>\n{"name": "get_time", "argu', cut=True)
+    calls = [(e.name, e.complete) for e in events if isinstance(e, ParsedCall)]
+    assert calls == [("get_weather", True), ("get_time", False)]
+    # named whole, cut before its arguments' `{`: that function's call, with none yet
+    _, events = _finished('<tool_call>\n{"name": "get_time", "arguments": ', cut=True)
+    assert events == [ParsedCall("get_time", "", complete=False)]
+    _, events = _finished('<tool_call>\n{"name": "get_date", "arguments": ', cut=True)
+    assert events == []  # a function not offered: unknown
     _, events = _finished('<tool_call>\n{"name": "get_time", "arguments": {"tz": "U', cut=True)
     (call,) = [e for e in events if isinstance(e, ParsedCall)]
     assert (call.name, call.arguments, call.complete) == ("get_time", '{"tz": "U', False)
