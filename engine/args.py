@@ -13,12 +13,16 @@ from engine.linear import QUANTIZATIONS
 from engine.sampling_params import SEED_MAX, SEED_MIN, is_int
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# vLLM's other names for the same dtypes, which its scripts pass as `dtype`.
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 
 
 @dataclass
 class EngineArgs:
     model: str = "smollm2-135m-instruct"
-    dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
+    # "auto": float32 on CPU, bfloat16 on CUDA. vLLM's "half" and "float" and a torch.dtype
+    # (torch.float16) are taken too, and stored under their DTYPES name.
+    dtype: str = "auto"
     # "auto": on CPU when dtype is also "auto", the fastest mode measured for the CPU's
     # instruction set (engine/cpu_path.py: "w8a8", int8 weights and int8 activations with
     # SmoothQuant calibration, where tokenmill's int8 GEMM runs), else "none". An explicit
@@ -77,8 +81,12 @@ class EngineArgs:
             )
         if self.device != "auto":
             _check_device(self.device)
+        self.dtype = _dtype_name(self.dtype)
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(
+                f"dtype must be 'auto' or one of {sorted([*DTYPES, *DTYPE_ALIASES])}, "
+                f"got {self.dtype!r}"
+            )
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPES:
             raise ValueError(
                 f"kv_cache_dtype must be 'auto' or one of {sorted(DTYPES)}, "
@@ -162,6 +170,14 @@ class EngineArgs:
                 return torch.bfloat16
             return self.resolve_dtype(device)
         return DTYPES[self.kv_cache_dtype]
+
+
+def _dtype_name(value: object) -> object:
+    """`value`'s DTYPES name when it is a vLLM alias or a torch.dtype of DTYPES, else `value`
+    as given (for the check that follows to refuse)."""
+    if isinstance(value, torch.dtype):
+        return next((name for name, dtype in DTYPES.items() if dtype == value), value)
+    return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
 
 
 def _check_device(name: str) -> None:

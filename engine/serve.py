@@ -26,7 +26,7 @@ import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 
-from engine.args import DTYPES, EngineArgs
+from engine.args import DTYPE_ALIASES, DTYPES, EngineArgs
 from engine.async_llm import AsyncLLM
 from engine.compilation import COMPILE_MODES
 from engine.linear import QUANTIZATIONS
@@ -273,8 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument(
         "--dtype",
         default=defaults.dtype,
-        choices=["auto", *DTYPES],
-        help="weights and activations; auto: float32 on CPU, bfloat16 on CUDA",
+        choices=["auto", *DTYPES, *DTYPE_ALIASES],
+        help="weights and activations (half: float16, float: float32, as in vLLM); "
+        "auto: float32 on CPU, bfloat16 on CUDA",
     )
     eng.add_argument(
         "--quantization",

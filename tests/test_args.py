@@ -49,6 +49,32 @@ def test_an_explicit_dtype_keeps_the_exact_model():
     assert args.resolve_compile(CPU) == "off"
 
 
+@pytest.mark.parametrize(
+    ("given", "name"),
+    [
+        ("half", "float16"),
+        ("float", "float32"),
+        (torch.float16, "float16"),
+        (torch.bfloat16, "bfloat16"),
+        (torch.float32, "float32"),
+        ("auto", "auto"),
+    ],
+)
+def test_vllm_dtype_spellings_are_the_same_dtypes(given, name):
+    """vLLM scripts pass LLM(..., dtype="half") or a torch.dtype; each is that dtype,
+    with the CPU speed defaults off as for any explicit dtype."""
+    args = EngineArgs(dtype=given)
+    assert args.dtype == name
+    assert args.resolve_dtype(CUDA) == EngineArgs(dtype=name).resolve_dtype(CUDA)
+    assert args.resolve_quantization(CPU) == EngineArgs(dtype=name).resolve_quantization(CPU)
+
+
+def test_the_server_takes_vllm_dtype_spellings():
+    from engine.serve import build_parser, engine_args
+
+    assert engine_args(build_parser().parse_args(["--dtype", "half"])).dtype == "float16"
+
+
 def test_cuda_defaults_quantize_nothing():
     args = EngineArgs()
     assert args.resolve_dtype(CUDA) == torch.bfloat16
@@ -70,6 +96,8 @@ def test_explicit_choices_win():
         ("quantization", "int3"),
         ("kv_cache_dtype", "fp8"),
         ("dtype", "double"),
+        ("dtype", torch.float64),
+        ("dtype", None),
         ("compile", "yes"),
         ("max_model_len", 0),
         ("seed", 1.5),
