@@ -40,9 +40,10 @@ class TokenizerLike(Protocol):
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
         *,
+        tokenize: bool = True,
         continue_final_message: bool = False,
         **template_kwargs: Any,
-    ) -> str: ...
+    ) -> str | list[int]: ...
 
     def encode_chat_text(self, text: str, *, max_tokens: int | None = None) -> list[int]: ...
 

@@ -100,7 +100,7 @@ class LLM:
             add_generation_prompt, continue_final_message, tools, chat_template_kwargs
         )
         texts = [
-            self.tokenizer.apply_chat_template(_template_messages(c), **options)
+            self.tokenizer.apply_chat_template(_template_messages(c), tokenize=False, **options)
             for c in conversations
         ]
         prompts = [self.tokenizer.encode_chat_text(text) for text in texts]

@@ -306,14 +306,17 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
         *,
+        tokenize: bool = True,
         continue_final_message: bool = False,
         **template_kwargs: Any,
-    ) -> str:
+    ) -> str | list[int]:
         """Render the conversation the way transformers' `apply_chat_template` does,
         except that the special tokens the messages, tools and variables spell are
         broken up (`break_special_tokens`): only those the template writes itself are
         special once the text is tokenized, so no content can open a turn of its own.
 
+        As in transformers, `tokenize` (the default) returns the text's token ids
+        (`encode_chat_text`), and `tokenize=False` the text itself.
         `continue_final_message` ends the text at the last message's content (as
         transformers does), so the model goes on with that message rather than a new one.
         """
@@ -332,7 +335,9 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             **variables,
         )
-        return _end_at_final_message(text, messages) if continue_final_message else text
+        if continue_final_message:
+            text = _end_at_final_message(text, messages)
+        return self.encode_chat_text(text) if tokenize else text
 
     def _as_text(self, value: Any) -> Any:
         """`value` with the special tokens of its every string (keys too) broken up."""
@@ -354,7 +359,9 @@ class Tokenizer:
         **template_kwargs: Any,
     ) -> list[int]:
         """Render (`apply_chat_template`) then encode (`encode_chat_text`)."""
-        text = self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
+        text = self.apply_chat_template(
+            messages, add_generation_prompt, tools, tokenize=False, **template_kwargs
+        )
         return self.encode_chat_text(text, max_tokens=max_tokens)
 
     def encode_chat_text(self, text: str, *, max_tokens: int | None = None) -> list[int]:
@@ -558,8 +565,9 @@ def chat_template_options(
     """The keyword arguments of `Tokenizer.apply_chat_template` for vLLM's chat options
     (`LLM.chat`, the chat completions route): `chat_template_kwargs` are template
     variables (`{"enable_thinking": False}`) that override the named options, as vLLM
-    merges them. A ChatTemplateOptionError (a ValueError) names chat_template_kwargs
-    when it is not a dict keyed by names or sets the messages or `self`; and names where
+    merges them; the caller passes `tokenize=False` itself. A ChatTemplateOptionError (a
+    ValueError) names chat_template_kwargs when it is not a dict keyed by names or sets
+    the messages, `self` or `tokenize`; and names where
     each option came from when one is anything but a boolean (a template tests them for
     truth, so "no" would open a turn) or both are true."""
     if chat_template_kwargs is None:
@@ -579,6 +587,11 @@ def chat_template_options(
     if "self" in chat_template_kwargs:  # also the rendering methods' own first parameter
         raise ChatTemplateOptionError(
             "chat_template_kwargs must not set 'self': in a template it names the template",
+            "chat_template_kwargs",
+        )
+    if "tokenize" in chat_template_kwargs:  # vLLM refuses it too
+        raise ChatTemplateOptionError(
+            "chat_template_kwargs must not set 'tokenize': the chat is rendered, then tokenized",
             "chat_template_kwargs",
         )
     options = {

@@ -185,7 +185,7 @@ def _encode_prompt(context: PromptContext, request: ChatRequest, truncate: int |
     )
     max_len = context.max_model_len
     try:
-        text = tokenizer.apply_chat_template(prompt.messages, **options)
+        text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, **options)
         ids = tokenizer.encode_chat_text(text, max_tokens=None if truncate else max_len)
         return truncate_prompt(ids, truncate, max_len)
     except ContextLengthExceededError as exc:

@@ -75,10 +75,23 @@ def test_chat_template_matches_transformers(tok, hf_tok, messages, add_generatio
     expected = hf_tok.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    assert tok.apply_chat_template(messages, add_generation_prompt) == expected
+    assert tok.apply_chat_template(messages, add_generation_prompt, tokenize=False) == expected
     assert tok.encode_chat(messages, add_generation_prompt) == hf_tok.apply_chat_template(
         messages, add_generation_prompt=add_generation_prompt, return_dict=False
     )
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_chat_template_tokenizes_by_default_as_transformers_does(tok, hf_tok, messages):
+    """vLLM's `llm.get_tokenizer()` is a transformers tokenizer to its users: a bare
+    `apply_chat_template(messages)` gives token ids, `tokenize=False` the text."""
+    ids = tok.apply_chat_template(messages)
+    assert ids == tok.encode_chat(messages)
+    assert ids == hf_tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_dict=False
+    )
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 @pytest.mark.parametrize("final", ["The answer is", "Trailing space  ", "  Leading"])
@@ -87,7 +100,7 @@ def test_continue_final_message_matches_transformers(tok, hf_tok, final):
     expected = hf_tok.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=False, continue_final_message=True
     )
-    rendered = tok.apply_chat_template(messages, False, continue_final_message=True)
+    rendered = tok.apply_chat_template(messages, False, tokenize=False, continue_final_message=True)
     assert rendered == expected and rendered.rstrip().endswith(final.strip())
     assert tok.encode_chat(messages, False, continue_final_message=True) == (
         hf_tok.apply_chat_template(
@@ -123,6 +136,11 @@ def test_continue_final_message_matches_transformers(tok, hf_tok, final):
             "chat_template_kwargs",
         ),
         ((True, False, None, {"self": 1}), "must not set 'self'", "chat_template_kwargs"),
+        (
+            (True, False, None, {"tokenize": True}),
+            "must not set 'tokenize'",
+            "chat_template_kwargs",
+        ),
     ],
 )
 def test_chat_template_options_name_what_the_caller_passed(args, message, param):
@@ -197,7 +215,7 @@ def test_template_helpers():
         "{% generation %}{{ eos_token }}{% endgeneration %}"
     )
     out = t.apply_chat_template(
-        [{"role": "user", "content": "é<>"}], tools=[{"name": "f"}], extra="x"
+        [{"role": "user", "content": "é<>"}], tools=[{"name": "f"}], tokenize=False, extra="x"
     )
     assert out == '<s>[{"role": "user", "content": "é<>"}]|[\n {\n  "name": "f"\n }\n]|4|x</s>'
 

@@ -60,17 +60,19 @@ class FakeTokenizer:
         messages: list[dict],
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        *,
+        tokenize: bool = True,
         **options: Any,
-    ) -> str:
+    ) -> str | list[int]:
         """Rendered by the engine's own tokenizer code (continue_final_message, template
         variables), over a vocabulary the text never reaches."""
         backend = HFTokenizer(models.WordLevel({"?": 0}, unk_token="?"))
         renderer = Tokenizer(backend, chat_template=self.chat_template)
         self.last_prompt = renderer.apply_chat_template(
-            messages, add_generation_prompt, tools, **options
+            messages, add_generation_prompt, tools, tokenize=False, **options
         )
         self.last_tools = tools
-        return self.last_prompt
+        return self.encode_chat_text(self.last_prompt) if tokenize else self.last_prompt
 
     def encode_chat_text(self, text: str, *, max_tokens: int | None = None) -> list[int]:
         return self.encode(text, max_tokens=max_tokens)
@@ -84,7 +86,9 @@ class FakeTokenizer:
         max_tokens: int | None = None,
         **options: Any,
     ) -> list[int]:
-        text = self.apply_chat_template(messages, add_generation_prompt, tools, **options)
+        text = self.apply_chat_template(
+            messages, add_generation_prompt, tools, tokenize=False, **options
+        )
         return self.encode_chat_text(text, max_tokens=max_tokens)
 
 
