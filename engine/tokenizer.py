@@ -265,7 +265,13 @@ class Tokenizer:
                 f"{len(text)} characters alone make {count})"
             )
 
-    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    def __len__(self) -> int:
+        """The vocabulary's size, added tokens included, as transformers' `len(tokenizer)`."""
+        return self.vocab_size
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """The ids' text; special tokens are kept unless skipped, as transformers' default
+        is (tokenmill's own callers each say which they want)."""
         return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str | None:

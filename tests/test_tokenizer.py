@@ -65,8 +65,8 @@ def test_encode_decode_match_transformers(tok, hf_tok, text):
     ids = tok.encode(text)
     assert ids == hf_tok.encode(text, add_special_tokens=False)
     assert tok.encode(text, add_special_tokens=True) == hf_tok.encode(text)
-    assert tok.decode(ids, skip_special_tokens=False) == hf_tok.decode(ids) == text
-    assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
+    assert tok.decode(ids) == hf_tok.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=True) == hf_tok.decode(ids, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
@@ -169,13 +169,22 @@ def test_continue_final_message_needs_text_to_continue(tok, final):
 
 
 def test_default_model_special_tokens(tok):
-    assert tok.vocab_size == 49152
+    assert tok.vocab_size == len(tok) == 49152
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
     assert tok.id_to_token(2) == "<|im_end|>"
     # EOS (<|im_end|>) and <|endoftext|> both end generation.
     assert tok.stop_token_ids == {0, 2}
     assert {0, 1, 2} <= tok.all_special_ids
     assert tok.encode("<|im_end|>") == [2]
+
+
+def test_len_and_decode_defaults_match_transformers(tok, hf_tok):
+    """What a vLLM user of llm.get_tokenizer() calls it with: len() is the vocabulary with
+    its added tokens, and decode keeps special tokens unless told to skip them."""
+    assert len(tok) == len(hf_tok)
+    ids = tok.apply_chat_template(CONVERSATIONS[0])
+    assert tok.decode(ids) == hf_tok.decode(ids)
+    assert "<|im_start|>" in tok.decode(ids)
 
 
 def test_hf_folder_tokenizer_matches_gguf_tokenizer(tok, hf_tok, tmp_path):
@@ -360,7 +369,10 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path):
     for text in SPM_TEXTS:
         ids = tok.encode(text, add_special_tokens=True)
         assert ids == hf.encode(text), text
-        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
+        assert tok.decode(ids) == hf.decode(ids), text
+        assert tok.decode(ids, skip_special_tokens=True) == hf.decode(
+            ids, skip_special_tokens=True
+        ), text
     # Characters outside the vocabulary fall back to byte tokens and decode back intact.
     assert tok.decode(tok.encode("日本 😀")) == "日本 😀"
 

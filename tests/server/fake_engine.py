@@ -49,7 +49,7 @@ class FakeTokenizer:
             raise ContextLengthExceededError(f"the prompt has {len(text)} tokens")
         return [ord(c) for c in text]
 
-    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return "".join(chr(t) for t in token_ids)
 
     def token_bytes(self, token_id: int) -> bytes:
