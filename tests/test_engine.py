@@ -208,6 +208,13 @@ def test_engine_seed_none_seeds_the_random_numbers_at_random(tiny_model_dir):
     assert len(seeds) == 2 and 0 not in seeds
 
 
+def test_vllm_dtype_half_loads_the_model_in_float16(tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"), device=str(TEST_DEVICE), dtype="half", num_kv_blocks=64)
+    assert llm.engine.dtype == torch.float16
+    (out,) = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 2
+
+
 def test_max_tokens_and_stop_token(tiny_model_dir):
     path = tiny_model_dir("llama")
     llm = _llm(path)
