@@ -49,7 +49,7 @@ def test_the_next_turn_extends_the_previous_prompt_and_output_token_for_token(to
     output = tok.encode(" It is Tok") + tok.encode("yo.") + [tok.backend.token_to_id("<|im_end|>")]
     assert tok.encode(" It is Tokyo.") != output[:-1]
     context = first.token_ids + output
-    reply = assistant(tok.decode(output))
+    reply = assistant(tok.decode(output, skip_special_tokens=True))
     history = History([user("Capital of Japan?"), reply], context)
     second = builder.build(
         "Be brief.", history, [user("And of France?")], ToolConfig(), 32, truncate=False
@@ -376,7 +376,7 @@ def _chat(builder: ContextBuilder, tok: Tokenizer, questions: list[str]) -> list
         prompt = builder.build("Stay polite.", history, asked, ToolConfig(), 20, truncate=True)
         prompts.append(prompt)
         output = [*tok.encode(f"Answer {i}."), tok.backend.token_to_id("<|im_end|>")]
-        reply = assistant(tok.decode(output))
+        reply = assistant(tok.decode(output, skip_special_tokens=True))
         history = History(
             [*history.items, *asked, reply], prompt.token_ids + output, prompt.dropped_items
         )
