@@ -162,6 +162,12 @@ async function loadConversations() {
   renderSidebar();
 }
 
+// The open chat's title, above it and on the browser's tab; none is a new chat.
+function showTitle(title = "") {
+  $("chat-title").textContent = title || "New chat";
+  document.title = title ? `${title} · tokenmill chat` : "tokenmill chat";
+}
+
 function titleOf(conversation) {
   return decodeMetadata(conversation.metadata).title || "Untitled";
 }
@@ -317,7 +323,7 @@ function newChat() {
   showInAddress(null);
   state.draft = freshMeta();
   state.tree = new Tree();
-  $("chat-title").textContent = "New chat";
+  showTitle();
   $("attachments").replaceChildren();
   renderMessages();
   renderSidebar();
@@ -376,7 +382,7 @@ async function openConversation(id) {
     showInAddress(id);
     state.tree = tree;
     state.draft = null;
-    $("chat-title").textContent = decoded.title || "Untitled";
+    showTitle(decoded.title || "Untitled");
     setStatus("");
     renderMessages();
     renderSidebar();
@@ -410,7 +416,7 @@ async function saveMeta(id, decoded, changed) {
     for (const [key, value] of Object.entries(merged)) {
       if (changed.includes(key) || !pending.includes(key)) decoded[key] = value;
     }
-    if (state.open && state.open.id === id) $("chat-title").textContent = decoded.title || "Untitled";
+    if (state.open && state.open.id === id) showTitle(decoded.title || "Untitled");
     const index = state.conversations.findIndex((c) => c.id === id);
     if (index >= 0) state.conversations[index] = saved;
     renderSidebar();
@@ -498,7 +504,7 @@ async function createConversation(firstText) {
   state.open = { id: conversation.id, meta: decoded };
   showInAddress(conversation.id);
   state.draft = null;
-  $("chat-title").textContent = decoded.title;
+  showTitle(decoded.title);
   renderSidebar();
   return state.open;
 }
@@ -768,7 +774,7 @@ async function discardEmpty(open) {
   state.open = null;
   state.draft = open.meta;
   showInAddress(null);
-  $("chat-title").textContent = "New chat";
+  showTitle();
   renderSidebar();
 }
 

@@ -666,6 +666,22 @@ def test_rename_search_and_delete_conversations(page, api):
     assert api.get(f"/v1/conversations/{conversation_id}").status_code == 404
 
 
+def test_the_browser_tab_is_titled_by_the_open_conversation(page):
+    """The tab names the open conversation and follows its rename; a new chat's tab is
+    the page's own name."""
+    assert page.title() == "tokenmill chat"
+    send(page, "Name a glacier.")
+    assert page.title() == "Name a glacier. · tokenmill chat"
+    page.get_by_role("button", name="Rename Name a glacier.").click()
+    page.fill("#conversation-list .rename-input", "Ice notes")
+    page.press("#conversation-list .rename-input", "Enter")
+    page.wait_for_function("() => document.title === 'Ice notes · tokenmill chat'")
+    page.click("#new-chat")
+    assert page.title() == "tokenmill chat"
+    open_conversation(page, "Ice notes")
+    assert page.title() == "Ice notes · tokenmill chat"
+
+
 def test_search_fetches_a_few_transcripts_at_a_time(session, api):
     """Search reads every conversation's items, at most 4 requests at once (held here by a
     route until released one by one); a match shows as its transcript arrives, and a
