@@ -1340,6 +1340,11 @@ function wire() {
     }
   });
   $("toggle-sidebar").addEventListener("click", toggleSidebar);
+  // The link's own jump would put "#prompt" in the address, which names conversations.
+  $("skip-link").addEventListener("click", (event) => {
+    event.preventDefault();
+    $("prompt").focus();
+  });
   window.addEventListener("hashchange", followAddress); // showInAddress fires none
   // On a phone the open sidebar covers its own button: Escape or a tap beside it closes it.
   document.addEventListener("click", (event) => {

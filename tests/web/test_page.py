@@ -588,6 +588,22 @@ def test_keyboard_focus_stays_in_the_sidebar_while_it_is_redrawn(page):
     assert page.evaluate(focused) == "Rename Name a mountain range."
 
 
+def test_a_skip_link_comes_first_and_leads_to_the_message_box(page):
+    """"Skip to message box" is the first stop of the keyboard, off screen until focused;
+    it puts the keyboard in the message box (and leaves the address, which names
+    conversations, as it was)."""
+    link = page.get_by_role("link", name="Skip to message box")
+    hidden = link.bounding_box()
+    assert hidden["y"] + hidden["height"] <= 0
+    page.focus("#new-chat")  # the first control after it
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.id") == "skip-link"
+    assert link.bounding_box()["y"] >= 0
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    assert "#" not in page.url
+
+
 def test_settings_take_any_temperature_and_bound_the_output_tokens(page, api):
     [model] = [m for m in api.get("/v1/models").json()["data"] if m["id"] == MODEL]
     page.click("#open-settings")
