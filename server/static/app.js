@@ -11,6 +11,7 @@ import { clip, decodeMetadata, encodeMetadata, MAX_INSTRUCTIONS, Node, Tree } fr
 const $ = (id) => document.getElementById(id);
 const DEFAULTS_STORAGE = "tokenmill.defaults";
 const TITLE_LENGTH = 60;
+const PHONE = window.matchMedia("(max-width: 720px)"); // chat.css folds the sidebar there too
 
 // What the page holds: the sidebar's conversations and the open one.
 const state = {
@@ -370,6 +371,7 @@ async function loadTree(leaves) {
 async function openConversation(id) {
   stopStream();
   const ticket = ++state.navigation;
+  const focused = document.activeElement;
   setStatus("Loading…");
   try {
     const conversation = await request("GET", `/v1/conversations/${id}`);
@@ -377,6 +379,7 @@ async function openConversation(id) {
     const tree = await loadTree(decoded.leaves);
     // Another conversation, a new chat or a turn was started meanwhile: it stays on screen.
     if (ticket !== state.navigation || busy()) return;
+    focusPrompt(focused);
     if (decoded.leaf && tree.nodes.has(decoded.leaf)) tree.choose(decoded.leaf);
     state.open = { id, meta: decoded };
     showInAddress(id);
@@ -1263,6 +1266,14 @@ function toggleSidebar() {
   $("toggle-sidebar").setAttribute("aria-expanded", String(open));
 }
 
+// A chat coming on screen takes the keyboard to its message box, to type at once; not on a
+// phone, where that would pop the on-screen keyboard up, nor from a control the user went
+// to meanwhile (the focus no longer on `from`, where it was as the chat was asked for).
+function focusPrompt(from = document.body) {
+  const moved = document.activeElement !== from && document.activeElement !== document.body;
+  if (!PHONE.matches && !moved) $("prompt").focus();
+}
+
 function closeSidebarOnPhone() {
   document.body.classList.remove("sidebar-open");
   $("toggle-sidebar").setAttribute("aria-expanded", "false");
@@ -1290,6 +1301,7 @@ async function start() {
   renderMessages();
   await Promise.all([loadConversations().catch(reportError), refreshUsage()]);
   await openFromAddress();
+  focusPrompt();
   document.body.dataset.ready = "true";
 }
 

@@ -569,6 +569,37 @@ def test_keyboard_focus_stays_on_the_branch_arrows(page):
     assert page.evaluate(focused) == "Previous branch"
 
 
+def test_the_keyboard_is_in_the_message_box_when_a_chat_comes_on_screen(page):
+    """On a desktop screen the page loads, and a conversation opens from the sidebar or the
+    address, with the keyboard in the message box; a control the user went to while the
+    conversation loaded keeps it."""
+    active = "document.activeElement.id"
+    assert page.evaluate(active) == "prompt"
+    send(page, "Name a canyon.")
+    canyon = page.evaluate("location.hash")
+    page.click("#new-chat")
+    open_conversation(page, "Name a canyon.")
+    assert page.evaluate(active) == "prompt"
+    page.click("#new-chat")
+    page.focus("#search")
+    page.goto(f"/{canyon}")
+    page.wait_for_function("() => document.activeElement.id === 'prompt'")
+    reload_when_saved(page)
+    assert page.evaluate(active) == "prompt"
+    page.click("#new-chat")
+    held = []
+    page.route("**/v1/responses/**", lambda route: held.append(route))  # its turns, held back
+    page.get_by_role("button", name="Name a canyon.", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#status').textContent === 'Loading…'")
+    page.focus("#search")
+    page.wait_for_timeout(100)  # lets the route handler see the held requests
+    for route in held:
+        route.continue_()
+    page.unroute("**/v1/responses/**")
+    page.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
+    assert page.evaluate(active) == "search"
+
+
 def test_keyboard_focus_stays_in_the_sidebar_while_it_is_redrawn(page):
     """A turn's save redraws the sidebar in the background: the keyboard stays on the
     sidebar control it was on (it fell to the page, then to the prompt as the answer ended)."""
@@ -589,8 +620,8 @@ def test_keyboard_focus_stays_in_the_sidebar_while_it_is_redrawn(page):
 
 
 def test_a_skip_link_comes_first_and_leads_to_the_message_box(page):
-    """"Skip to message box" is the first stop of the keyboard, off screen until focused;
-    it puts the keyboard in the message box (and leaves the address, which names
+    """The "Skip to message box" link is the first stop of the keyboard, off screen until
+    focused; it puts the keyboard in the message box (and leaves the address, which names
     conversations, as it was)."""
     link = page.get_by_role("link", name="Skip to message box")
     hidden = link.bounding_box()
@@ -1094,6 +1125,7 @@ def test_a_phone_screen(browser, live, usage_missing):
     page = context.new_page()
     page.goto("/")
     page.wait_for_selector("body[data-ready=true]")
+    assert page.evaluate("document.activeElement === document.body")  # no keyboard pops up
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     assert not page.locator("#new-chat").is_visible()  # the sidebar is folded away
     page.get_by_role("button", name="Show conversations").click()
