@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.errors import NotFoundError
@@ -46,6 +47,13 @@ def import_disk_files(store: Store, folder: Path) -> int:
 class FileService:
     def __init__(self, store: Store) -> None:
         self.store = store
+        # called with (owner, file_id) once a file is deleted: the vector stores stop its
+        # ingestions, which depend on this service (so it cannot call them itself)
+        self._on_delete: list[Callable[[str, str], None]] = []
+
+    def on_delete(self, callback: Callable[[str, str], None]) -> None:
+        """Call `callback(owner, file_id)` after each file this service deletes."""
+        self._on_delete.append(callback)
 
     async def create(
         self, owner: str, filename: str, purpose: str, data: bytes, content_type: str | None
@@ -84,4 +92,6 @@ class FileService:
         """Delete the file, its bytes and its chunks in every vector store."""
         if not await self.store.call(kb.delete_file, owner, file_id):
             raise missing_file(file_id)
+        for callback in self._on_delete:
+            callback(owner, file_id)
         return {"id": file_id, "object": "file", "deleted": True}

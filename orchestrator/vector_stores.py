@@ -179,6 +179,7 @@ class VectorStoreService:
         self._running: dict[tuple[str, str, str], asyncio.Task] = {}  # by (owner, store, file)
         self._claims = AdvisoryClaims()
         self._slots = IngestionSlots()
+        files.on_delete(lambda owner, file_id: self._stop_ingestion(owner, None, [file_id]))
 
     # -- vector stores -------------------------------------------------------------------
 
@@ -457,13 +458,16 @@ class VectorStoreService:
         return bodies
 
     def _stop_ingestion(
-        self, owner: str, vector_store_id: str, file_ids: Sequence[str] | None = None
+        self, owner: str, vector_store_id: str | None, file_ids: Sequence[str] | None = None
     ) -> None:
-        """Cancel the ingestions under way of these files (None: all) of a store: their
-        rows are gone or cancelled, and what they would write would be refused anyway."""
+        """Cancel the ingestions under way or waiting of these files (None: all) of a
+        store (None: of every store): their rows are gone or cancelled, and what they
+        would write would be refused anyway."""
         for (who, store_id, file_id), task in list(self._running.items()):
-            if (who, store_id) == (owner, vector_store_id) and (
-                file_ids is None or file_id in file_ids
+            if (
+                who == owner
+                and vector_store_id in (None, store_id)
+                and (file_ids is None or file_id in file_ids)
             ):
                 task.cancel()
 

@@ -231,6 +231,42 @@ def test_ingestion_takes_a_few_files_at_once_and_owners_in_turn(tmp_path, embedd
     assert sum(name.startswith("carol") for name in started) == 2  # none after the cancel
 
 
+def test_deleting_a_file_stops_its_ingestion_in_every_store(tmp_path, embedder, monkeypatch):
+    """A file deleted while vector stores ingest it leaves them: its ingestions, running
+    or waiting for a slot, stop at once (none reads on to a write that would be
+    refused), and its rows are gone."""
+    extracting: list[str] = []
+    cancelled: list[str] = []
+
+    async def held(data: bytes, filename: str, content_type: str | None) -> str:
+        extracting.append(filename)
+        try:
+            await asyncio.Event().wait()  # never set: only a cancellation ends it
+        except asyncio.CancelledError:
+            cancelled.append(filename)
+            raise
+        return data.decode()
+
+    monkeypatch.setattr(ingest, "extract_text", held)
+
+    async def run() -> tuple[list, list]:
+        store = _open(f"sqlite:///{tmp_path / 'tokenmill.db'}")
+        service = VectorStoreService(store, FileService(store), embedder)
+        file_id = (await service.files.create("alice", "a.txt", "assistants", TEXT, None))["id"]
+        added = FileToAdd(file_id, StaticChunking(), {}, "file_ids")
+        stores = [(await service.create("alice", None, {}, [added]))["id"] for _ in range(3)]
+        await _until(lambda: len(extracting) == vector_stores.INGEST_SLOTS_PER_OWNER)
+        await service.files.delete("alice", file_id)
+        await _until(lambda: not service._tasks, seconds=5)
+        rows = [(await service.list_files("alice", s, Page(), None)).items for s in stores]
+        store.close()
+        return cancelled, rows
+
+    cancelled_files, rows = asyncio.run(run())
+    assert cancelled_files == extracting == ["a.txt", "a.txt"]  # the third never started
+    assert rows == [[], [], []]
+
+
 def test_a_file_whose_index_cannot_be_stored_fails_rather_than_stays_in_progress(
     tmp_path, embedder, monkeypatch
 ):
