@@ -4,8 +4,9 @@
 ids are the embedding model's own WordPiece ids. `encoding_format` "base64" sends each
 vector as little-endian float32 bytes, which is what the openai SDK asks for by default.
 vLLM's own fields are honoured (`truncate_prompt_tokens`, `add_special_tokens`,
-`normalize` or `use_activation`, `endianness`) or, where this server cannot, a 400 naming
-the field (`embed_dtype` other than float32, `priority` other than 0).
+`normalize` or `use_activation`, `endianness`), type-checked where they change nothing,
+or, where this server cannot honour them, a 400 naming the field (`embed_dtype` other than
+float32, and server/vllm_fields.py's). vLLM's chat-style request (`messages`) is a 400.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from engine.sampling_params import truncate_prompt
 from server.errors import APIError, invalid, typed_field
+from server.vllm_fields import check_embedding_fields
 
 if TYPE_CHECKING:
     from orchestrator.accounts import Meter
@@ -91,6 +93,11 @@ def parse_embedding_request(body: Any, embedder: Embedder) -> EmbeddingRequest:
             param="model",
             code="model_not_found",
         )
+    if body.get("messages") is not None:
+        raise invalid(
+            "chat embeddings (messages) are not supported: send the text as input",
+            param="messages",
+        )
     texts, token_ids = _parse_input(body.get("input"), embedder.vocab_size)
     # null is the default, as omitted; any other value not a string is a 400, not the default
     encoding_format = typed_field(body, "encoding_format", "a string", "float")
@@ -132,12 +139,8 @@ def _vllm_fields(body: dict) -> tuple[int | None, bool, bool, Literal["<", ">"]]
     endianness = typed_field(body, "endianness", "a string", "native")
     if endianness not in _BYTE_ORDERS:
         raise invalid("endianness must be 'native', 'little' or 'big'", param="endianness")
-    if typed_field(body, "priority", "an integer", 0) != 0:
-        raise invalid(
-            "priority is not supported: embedding requests are served in arrival order",
-            param="priority",
-        )
     typed_field(body, "request_id", "a string")
+    check_embedding_fields(body)
     unit = next((v for v in (normalize, activation) if v is not None), True)
     return truncate, special_tokens, unit, _BYTE_ORDERS[endianness]
 

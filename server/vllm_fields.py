@@ -1,4 +1,5 @@
-"""vLLM's own request fields on chat and completions, beside OpenAI's (server/protocol.py):
+"""vLLM's own request fields on chat, completions and embeddings, beside OpenAI's
+(server/protocol.py, server/embeddings.py):
 those this server honours (cache_salt, request_id, the token-id options, structured outputs
 and the older guided_* fields, documents), those that change nothing here (type-checked),
 and those it cannot honour (a value but the default is a 400 naming the field). None is
@@ -112,6 +113,27 @@ def _check(
         value = body.get(name)
         if value is not None and not any(type(value) is type(d) and value == d for d in defaults):
             raise invalid(f"{name} is not supported: {reason}; got {value!r}", name)
+
+
+# vLLM's embedding request fields (its EmbeddingCompletionRequest) beside those
+# server/embeddings.py honours: the same treatment as on the other routes.
+_EMBEDDING_INERT_FIELDS = {
+    "mm_processor_kwargs": "an object",  # options for media inputs; the inputs are text
+}
+_EMBEDDING_UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "priority": _UNSUPPORTED_FIELDS["priority"],
+    "truncation_side": _UNSUPPORTED_FIELDS["truncation_side"],
+    "padding": (("do_not_pad",), "inputs are not padded"),
+    "additional_data": ((), "no pooler here reads it"),
+}
+
+
+def check_embedding_fields(body: dict) -> None:
+    """vLLM's fields of an embedding request that server/embeddings.py does not read
+    (`_check`); `cache_salt` is checked as vLLM bounds it, and changes nothing: embeddings
+    share no prefix cache."""
+    cache_salt(body)
+    _check(body, _EMBEDDING_INERT_FIELDS, _EMBEDDING_UNSUPPORTED_FIELDS)
 
 
 def check_common_fields(body: dict) -> None:

@@ -151,13 +151,50 @@ def test_vllm_fields_are_honoured(client):
         ({"embed_dtype": "float16"}, "embed_dtype"),
         ({"endianness": "middle"}, "endianness"),
         ({"priority": 1}, "priority"),
+        ({"priority": "high"}, "priority"),
         ({"request_id": 7}, "request_id"),
+        ({"cache_salt": ""}, "cache_salt"),
+        ({"cache_salt": 5}, "cache_salt"),
+        ({"mm_processor_kwargs": "x"}, "mm_processor_kwargs"),
+        ({"additional_data": {"k": 1}}, "additional_data"),
+        ({"padding": "max_length"}, "padding"),
+        ({"truncation_side": "right"}, "truncation_side"),
     ],
 )
 def test_vllm_fields_this_server_cannot_honour_are_400(client, fields, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model=MODEL, input="a", extra_body=fields)
     assert caught.value.body["param"] == param
+
+
+def test_vllm_fields_that_change_nothing_here_are_accepted(client):
+    """cache_salt (embeddings share no prefix cache), mm_processor_kwargs (the inputs are
+    text), and the unsupported fields at their defaults embed as without them."""
+    plain = _vector(client, "the cat sat on the mat")
+    same = _vector(
+        client,
+        "the cat sat on the mat",
+        cache_salt="s" * 1024,
+        mm_processor_kwargs={"size": 1},
+        padding="do_not_pad",
+        truncation_side="left",
+        priority=0,
+        additional_data=None,
+    )
+    np.testing.assert_allclose(same[0], plain[0])
+    assert same[1] == plain[1]
+
+
+def test_chat_embeddings_are_400_naming_messages(client):
+    """vLLM's chat-style embedding request (`messages`, no `input`) is refused as such."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(
+            model=MODEL,
+            input=openai.NOT_GIVEN,
+            extra_body={"messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert caught.value.body["param"] == "messages"
+    assert "chat embeddings" in caught.value.body["message"]
 
 
 def test_a_text_of_no_tokens_without_special_tokens_is_400(client):
