@@ -3,17 +3,19 @@
     python -m orchestrator.admin --data-dir DIR users create alice --token-quota 100000 \\
         --quota-period month --rpm 60 --tpm 20000 --storage-quota-mb 500
     python -m orchestrator.admin --data-dir DIR keys create alice     # prints the key once
+    python -m orchestrator.admin --data-dir DIR keys create alice --expires-in 30d
     python -m orchestrator.admin --data-dir DIR usage --user alice --json
 
 It opens the same store as the server (`--data-dir`, or `--database-url`), migrating it
 if needed, and may run while the server does: a new key works, and a revoked one is
-refused, on the server's next request.
+refused, on the server's next request; a key issued with an expiry is refused from then on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import secrets
 import signal
@@ -21,6 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -70,6 +73,44 @@ def _positive(text: str) -> int | None:
     if value == 0:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (or 'none'), got {text!r}")
     return value
+
+
+# What `--expires-in` counts in: m(inutes), h(ours), d(ays), w(eeks).
+DURATION_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> int:
+    """A key's lifetime in seconds: a whole number >= 1 and a unit (`30d`), short enough
+    that its expiry fits the store's 64-bit column."""
+    number, unit = text[:-1], text[-1:].lower()
+    seconds = (
+        int(number) * DURATION_UNITS[unit]
+        if number.isascii() and number.isdigit() and unit in DURATION_UNITS
+        else 0
+    )
+    if not 0 < seconds <= MAX_LIMIT // 2:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number >= 1 and a unit, m, h, d or w (minutes, hours, days, "
+            f"weeks), such as 30d, got {text!r}"
+        )
+    return seconds
+
+
+def _instant(text: str) -> int:
+    """An ISO 8601 date or date and time (UTC unless it gives an offset) as a Unix time,
+    rounded up: a key never expires before the instant the operator named."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        when = None
+    if when is None:
+        raise argparse.ArgumentTypeError(
+            f"must be an ISO 8601 date or time, such as 2027-01-31 or 2027-01-31T18:00:00+01:00 "
+            f"(UTC unless it gives an offset), got {text!r}"
+        )
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return math.ceil(when.timestamp())
 
 
 def _limit_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
@@ -134,8 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     key_group = groups.add_parser("keys", help="create, list, revoke API keys")
     key_commands = key_group.add_subparsers(dest="command", required=True)
-    key_commands.add_parser("create", help="issue a key (printed once, as JSON)").add_argument(
-        "name"
+    create_key = key_commands.add_parser("create", help="issue a key (printed once, as JSON)")
+    create_key.add_argument("name")
+    expiry = create_key.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--expires-in",
+        type=_duration,
+        metavar="DURATION",
+        help="refuse the key after this long: a number and m, h, d or w (30d); default: never",
+    )
+    expiry.add_argument(
+        "--expires-at",
+        type=_instant,
+        metavar="WHEN",
+        help="refuse the key from this ISO 8601 date or time (2027-01-31: its first second, "
+        "UTC unless an offset is given); default: never",
     )
     key_commands.add_parser("list", help="a user's keys").add_argument("name")
     key_commands.add_parser("revoke", help="revoke a key (refused at once)").add_argument("key_id")
@@ -225,12 +279,22 @@ def users_command(store: Store, args: argparse.Namespace) -> None:
 def keys_command(store: Store, args: argparse.Namespace) -> None:
     if args.command == "create":
         user = _user(store, args.name)
+        now = int(time.time())
+        expires_at = args.expires_at if args.expires_in is None else now + args.expires_in
+        if expires_at is not None and expires_at <= now:
+            raise AdminError(f"--expires-at is not in the future (now: {now}, UTC seconds)")
         secret = keys.new_secret()
-        key = KeyRow(keys.new_key_id(), user.id, keys.hint(secret), int(time.time()))
+        key = KeyRow(keys.new_key_id(), user.id, keys.hint(secret), now, expires_at=expires_at)
         db.add_key(store.repo, key, keys.digest(secret))
         print(
             json.dumps(
-                {"id": key.id, "user": user.name, "key": secret, "created_at": key.created_at}
+                {
+                    "id": key.id,
+                    "user": user.name,
+                    "key": secret,
+                    "created_at": key.created_at,
+                    "expires_at": key.expires_at,
+                }
             )
         )
     elif args.command == "list":
@@ -241,6 +305,7 @@ def keys_command(store: Store, args: argparse.Namespace) -> None:
                     "id": k.id,
                     "key": k.hint,
                     "created_at": k.created_at,
+                    "expires_at": k.expires_at,
                     "revoked_at": k.revoked_at,
                 }
                 for k in db.list_keys(store.repo, user.id)

@@ -48,3 +48,8 @@ class RateLimitError(ProductError):
         super().__init__(message, code="rate_limit_exceeded")
         self.retry_after = retry_after
         self.headers = headers
+
+
+class KeyExpiredError(ProductError):
+    """An issued API key past its expiry: refused as an unknown or revoked key is (a 401),
+    with a message that says why, so its holder asks for a new key."""

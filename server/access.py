@@ -29,7 +29,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator import Accounts, NotFoundError, ProductError
 from orchestrator.accounts import LOCAL, Identity, Meter
-from orchestrator.errors import PreconditionFailedError, QuotaExceededError, RateLimitError
+from orchestrator.errors import (
+    KeyExpiredError,
+    PreconditionFailedError,
+    QuotaExceededError,
+    RateLimitError,
+)
 from server.errors import APIError, shutting_down
 
 Handler = Callable[[Request, Meter], Awaitable[Response]]
@@ -39,10 +44,12 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def _unauthorized() -> APIError:
+def _unauthorized(
+    message: str = "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+) -> APIError:
     return APIError(
         401,
-        "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+        message,
         code="invalid_api_key",
         headers={"WWW-Authenticate": "Bearer"},
     )
@@ -73,7 +80,8 @@ class AuthMiddleware:
     `--api-key` keys are compared as SHA-256 digests with `hmac.compare_digest`, against
     every configured key without stopping early, so timing reveals neither a key's
     content nor which key matched. Issued keys are found by their digest in the store
-    (a revoked one is refused at once: nothing is cached)."""
+    (a revoked one is refused at once, an expired one from its expiry on, with a
+    message saying so: nothing is cached)."""
 
     def __init__(self, app: ASGIApp, api_keys: list[str], accounts: Accounts | None) -> None:
         self.app = app
@@ -85,7 +93,11 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            found = await self._identity(Headers(scope=scope).get("authorization", ""))
+            try:
+                found = await self._identity(Headers(scope=scope).get("authorization", ""))
+            except KeyExpiredError as exc:
+                await _unauthorized(exc.message).response()(scope, receive, send)
+                return
             if found is None:
                 await _unauthorized().response()(scope, receive, send)
                 return

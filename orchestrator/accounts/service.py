@@ -18,7 +18,7 @@ from orchestrator.accounts import keys
 from orchestrator.accounts.identity import LOCAL, Identity
 from orchestrator.accounts.limiter import RateLimiter
 from orchestrator.accounts.periods import period_start, resets_at
-from orchestrator.errors import QuotaExceededError
+from orchestrator.errors import KeyExpiredError, QuotaExceededError
 from orchestrator.store import Store
 from orchestrator.store import accounts as db
 from orchestrator.store import knowledge as kb
@@ -48,9 +48,19 @@ class Accounts:
         self.limiter = limiter or RateLimiter()
 
     async def authenticate(self, secret: str) -> Identity | None:
-        """The identity of a live key (None: unknown or revoked)."""
+        """The identity of a live key (None: unknown or revoked; KeyExpiredError once the
+        clock reaches its expiry). The lookup that finds the key reads its expiry."""
         found = await self.store.lookup(db.find_key, keys.digest(secret))
-        return None if found is None else Identity.of(found[1], found[0])
+        if found is None:
+            return None
+        key_id, user, expires_at = found
+        if expires_at is not None and self.clock() >= expires_at:
+            raise KeyExpiredError(
+                "This API key has expired: ask the operator for a new one, and send it as "
+                "'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+            )
+        return Identity.of(user, key_id)
 
     async def keys_required(self) -> bool:
         """Whether any key was ever issued: then every request must present one."""

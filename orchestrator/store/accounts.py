@@ -60,6 +60,7 @@ class KeyRow:
     hint: str
     created_at: int
     revoked_at: int | None = None
+    expires_at: int | None = None  # the second from which it is refused (None: never)
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ def list_keys(repo: Repository, user_id: str) -> list[KeyRow]:
             .where(api_keys.c.user_id == user_id)
             .order_by(api_keys.c.created_at, api_keys.c.id)
         ).all()
-    return [KeyRow(r.id, r.user_id, r.hint, r.created_at, r.revoked_at) for r in rows]
+    return [KeyRow(r.id, r.user_id, r.hint, r.created_at, r.revoked_at, r.expires_at) for r in rows]
 
 
 def revoke_key(repo: Repository, key_id: str, now: int) -> bool:
@@ -256,15 +257,19 @@ def revoke_key(repo: Repository, key_id: str, now: int) -> bool:
         )
 
 
-def find_key(repo: Repository, digest: str) -> tuple[str, UserRow] | None:
-    """The key id and user of a live (not revoked) key with this digest."""
+def find_key(repo: Repository, digest: str) -> tuple[str, UserRow, int | None] | None:
+    """The key id, user and expiry (None: never) of a key with this digest that is not
+    revoked. Its expiry is the caller's to compare with its clock: an expired key is
+    refused with a message of its own."""
     with repo.engine.connect() as conn:
         row = conn.execute(
-            select(api_keys.c.id.label("key_id"), users)
+            select(
+                api_keys.c.id.label("key_id"), api_keys.c.expires_at.label("key_expires_at"), users
+            )
             .join(users, users.c.id == api_keys.c.user_id)
             .where(api_keys.c.digest == digest, api_keys.c.revoked_at.is_(None))
         ).first()
-    return None if row is None else (row.key_id, _user(row))
+    return None if row is None else (row.key_id, _user(row), row.key_expires_at)
 
 
 def any_keys(repo: Repository) -> bool:

@@ -199,6 +199,7 @@ users = Table(
 )
 
 # An API key: only its SHA-256 digest is kept, with a short hint of the secret for lists.
+# `expires_at`: the second from which it is refused (null: never).
 api_keys = Table(
     "api_keys",
     metadata,
@@ -208,6 +209,7 @@ api_keys = Table(
     Column("hint", String(32), nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("revoked_at", BigInteger, nullable=True),
+    Column("expires_at", BigInteger, nullable=True),
 )
 
 # A user's tokens in one quota period (`period_start`: the period's first second, 0 for

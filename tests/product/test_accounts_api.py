@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import httpx
 import openai
@@ -126,6 +127,50 @@ def test_the_server_is_open_until_a_key_is_issued_then_every_v1_route_needs_one(
         assert _chat(alice).status_code == 401  # refused at once
     assert open_server.engine.prompts  # health and metrics stay open
     assert httpx.get(f"{open_server.url}/health").status_code == 200
+
+
+EXPIRED = (
+    "This API key has expired: ask the operator for a new one, and send it as "
+    "'Authorization: Bearer <key>'."
+)
+
+
+def test_a_key_past_its_expiry_on_the_servers_clock_is_a_401_that_says_it_expired(
+    product_server, caplog
+):
+    """An expiring key works until the server's clock reaches its expiry, then is refused
+    as an unknown key is (401, `invalid_api_key`, nothing metered), with a message saying
+    it expired and naming no key material; a key without an expiry goes on working."""
+    server = product_server()
+    repo = server.product.store.repo
+    user = UserRow("user_ed", "ed", 1)
+    assert db.create_user(repo, user)
+    now = int(time.time())
+    expiring, lasting = keys.new_secret(), keys.new_secret()
+    key = KeyRow("key_ed", user.id, keys.hint(expiring), 1, expires_at=now + 3600)
+    db.add_key(repo, key, keys.digest(expiring))
+    db.add_key(repo, KeyRow("key_ed2", user.id, keys.hint(lasting), 1), keys.digest(lasting))
+    with _client(server, expiring) as ed:
+        assert _chat(ed).status_code == 200
+        server.product.accounts.clock = lambda: now + 3600
+        for refused in (ed.get("/models"), _chat(ed)):
+            assert refused.status_code == 401
+            assert refused.headers["www-authenticate"] == "Bearer"
+            assert refused.json() == {
+                "error": {
+                    "message": EXPIRED,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+            }
+    sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key=expiring, max_retries=0)
+    with sdk, pytest.raises(openai.AuthenticationError, match="has expired"):
+        sdk.models.list()
+    with _client(server, lasting) as ed:
+        assert _chat(ed).status_code == 200
+    assert len(_rows(server, user.id)) == 2  # the refusals are not metered
+    assert expiring not in caplog.text and key.hint not in caplog.text
 
 
 class _UnusedEmbedder:
@@ -694,6 +739,45 @@ def test_the_admin_cli_tables_show_an_unset_value_as_a_dash(tmp_path, capsys):
         assert admin([*run, *command]) == 0
         row = capsys.readouterr().out.splitlines()[1].split()
         assert "None" not in row and "-" in row  # no token quota, tpm, storage; not revoked
+
+
+def test_the_admin_cli_issues_keys_that_expire_and_lists_their_expiry(tmp_path, capsys):
+    run = ["--data-dir", str(tmp_path)]
+    assert admin([*run, "users", "create", "fay"]) == 0
+    capsys.readouterr()
+    before = int(time.time())
+    assert admin([*run, "keys", "create", "fay", "--expires-in", "30d"]) == 0
+    issued = json.loads(capsys.readouterr().out)
+    assert before + 30 * 86400 <= issued["expires_at"] <= time.time() + 30 * 86400
+    expiries = [issued["expires_at"]]
+    for when, at in (
+        ("2999-01-31", datetime(2999, 1, 31, tzinfo=UTC)),  # a date: its first second, UTC
+        ("2999-01-31T18:00:00.5+01:00", datetime(2999, 1, 31, 17, 0, 1, tzinfo=UTC)),
+    ):
+        assert admin([*run, "keys", "create", "fay", "--expires-at", when]) == 0
+        expiries.append(json.loads(capsys.readouterr().out)["expires_at"])
+        assert expiries[-1] == at.timestamp()
+    assert admin([*run, "keys", "create", "fay"]) == 0
+    assert json.loads(capsys.readouterr().out)["expires_at"] is None
+    assert admin([*run, "keys", "create", "fay", "--expires-at", "2001-01-01"]) == 1
+    assert "not in the future" in capsys.readouterr().err
+    for option, value in (
+        *(("--expires-in", v) for v in ("30", "0d", "1.5d", "-1d", "30y", "²d", f"{2**63}w")),
+        ("--expires-at", "31/01/2999"),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            admin([*run, "keys", "create", "fay", f"{option}={value}"])
+        assert refused.value.code == 2
+        err = capsys.readouterr().err
+        assert "must be" in err and "_duration" not in err and "_instant" not in err
+    with pytest.raises(SystemExit):  # one expiry or the other
+        admin([*run, "keys", "create", "fay", "--expires-in", "1d", "--expires-at", "2999-01-01"])
+    capsys.readouterr()
+    assert admin([*run, "keys", "list", "fay"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["id", "key", "created_at", "expires_at", "revoked_at"]
+    # keys made in one second list in the order of their random ids
+    assert sorted(row.split()[3] for row in rows) == sorted([*map(str, expiries), "-"])
 
 
 def test_the_admin_cli_exits_quietly_when_its_reader_stops(tmp_path):

@@ -75,8 +75,7 @@ def test_a_key_is_found_by_its_digest_until_it_is_revoked(store):
     assert secret.startswith("sk-tm-") and len(secret) > 40
     db.add_key(repo, KeyRow("key_1", alice.id, keys.hint(secret), 1), keys.digest(secret))
     assert db.any_keys(repo)
-    key_id, user = db.find_key(repo, keys.digest(secret))
-    assert (key_id, user) == ("key_1", alice)
+    assert db.find_key(repo, keys.digest(secret)) == ("key_1", alice, None)
     assert db.find_key(repo, keys.digest(secret + "x")) is None
     assert db.revoke_key(repo, "key_1", 2)
     assert db.find_key(repo, keys.digest(secret)) is None
@@ -86,6 +85,21 @@ def test_a_key_is_found_by_its_digest_until_it_is_revoked(store):
     with store.engine.connect() as conn:  # only the digest is stored
         rows = conn.exec_driver_sql("SELECT digest, hint FROM api_keys").all()
     assert secret not in str(rows)
+
+
+def test_a_keys_expiry_is_read_with_it_and_listed(store):
+    """The lookup that finds a key gives its expiry, for the server to compare with its
+    clock; the admin's list shows it."""
+    repo = store.repo
+    alice = _user(repo, "alice")
+    db.add_key(repo, KeyRow("key_1", alice.id, "h1", 1, expires_at=1000), "digest_1")
+    db.add_key(repo, KeyRow("key_2", alice.id, "h2", 2), "digest_2")
+    assert db.find_key(repo, "digest_1") == ("key_1", alice, 1000)
+    assert db.find_key(repo, "digest_2") == ("key_2", alice, None)
+    assert [(k.id, k.expires_at) for k in db.list_keys(repo, alice.id)] == [
+        ("key_1", 1000),
+        ("key_2", None),
+    ]
 
 
 def test_user_names_are_unique_and_updates_apply(store):

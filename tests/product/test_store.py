@@ -31,12 +31,14 @@ from orchestrator.store import (
     Page,
     Repository,
     Store,
+    accounts,
     database_error,
     hold_data_dir,
     sqlite_url,
 )
 from orchestrator.store import knowledge as kb
 from orchestrator.store import store as store_module
+from orchestrator.store.accounts import KeyRow
 from orchestrator.store.repository import pack_tokens
 from orchestrator.store.store import MIGRATIONS, SchemaTooNewError, create_db_engine
 from orchestrator.store.tables import conversation_items, metadata, response_items, responses
@@ -120,11 +122,15 @@ def _not_virtual(name, type_, _parent) -> bool:
     return not (type_ == "table" and name.startswith(("retrieval_vectors", "retrieval_chunks_")))
 
 
-def test_migrations_create_exactly_the_declared_schema(store):
+def _schema_differences(store: Store) -> list:
+    """How the store's tables differ from those `tables.py` declares."""
     with store.engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"include_name": _not_virtual})
-        differences = compare_metadata(context, _declared_schema(conn.dialect.name))
-    assert differences == []
+        return compare_metadata(context, _declared_schema(conn.dialect.name))
+
+
+def test_migrations_create_exactly_the_declared_schema(store):
+    assert _schema_differences(store) == []
     Store(store.url).close()  # opening again finds the schema current
 
 
@@ -1023,6 +1029,46 @@ def _bigram_text_index(url: str) -> None:
                 ),
                 [{"file": f, "terms": cjk_bigrams(c)} for f, c in _UNNORMALISED_CHUNKS.items()],
             )
+
+
+def test_keys_issued_before_key_expiry_never_expire_and_the_downgrade_keeps_the_keys(
+    database_url,
+):
+    """Revision 0016 adds `api_keys.expires_at`: a key issued before it never expires.
+    Back at revision 0015 the column is gone (as the older code knows no expiry) and every
+    key, with its digest, is kept."""
+    with _at_revision(database_url, "0015") as conn:
+        conn.execute(
+            text(
+                "INSERT INTO users (id, name, created_at, quota_period) "
+                "VALUES ('user_a', 'alice', 1, 'total')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO api_keys (id, user_id, digest, hint, created_at) "
+                "VALUES ('key_old', 'user_a', 'digest_old', 'sk-tm-ab...wxyz', 1)"
+            )
+        )
+    store = Store(database_url)
+    try:
+        assert accounts.find_key(store.repo, "digest_old")[::2] == ("key_old", None)
+        accounts.add_key(
+            store.repo, KeyRow("key_new", "user_a", "h", 2, expires_at=9), "digest_new"
+        )
+        assert [k.expires_at for k in accounts.list_keys(store.repo, "user_a")] == [None, 9]
+    finally:
+        store.close()
+    with _at_revision(database_url, "0015", migrate=command.downgrade) as conn:
+        assert "expires_at" not in {c["name"] for c in inspect(conn).get_columns("api_keys")}
+        rows = conn.execute(text("SELECT id, digest FROM api_keys ORDER BY id")).all()
+    assert [tuple(r) for r in rows] == [("key_new", "digest_new"), ("key_old", "digest_old")]
+    store = Store(database_url)
+    try:  # upgrading again gives the declared table (its unique digest, its index)
+        assert _schema_differences(store) == []
+        assert accounts.find_key(store.repo, "digest_new")[::2] == ("key_new", None)
+    finally:
+        store.close()
 
 
 def test_upgrading_a_store_indexes_cjk_characters_and_normalised_text(database_url):
