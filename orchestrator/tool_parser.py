@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 OPEN_TAG = "<tool_call>"
@@ -97,6 +97,19 @@ def parse_call(body: str, allowed: Collection[str]) -> ParsedCall | None:
     return ParsedCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
+def first_call_function(mode: str, named: str | None, offered: Sequence[str]) -> str | None:
+    """The function the output's first call must be, under tool choice `mode` ("none",
+    "auto", "required" or "function") with `named` the function a "function" choice
+    names and `offered` every tool the model may call: the named one, or the one tool
+    offered when a call is required; None when the model may answer in text or choose
+    among several (`ToolCallParser.forced`)."""
+    if mode == "function":
+        return named
+    if mode == "required" and len(offered) == 1:
+        return offered[0]
+    return None
+
+
 def _partial_tag_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
@@ -113,7 +126,7 @@ class ToolCallParser:
     ) -> None:
         self.allowed = allowed
         self.max_calls = max_calls  # calls beyond it come back as text
-        # The function the tool choice named: the grammar makes the output its one call.
+        # The function the output's first call must be (`first_call_function`).
         self.forced = forced
         self.num_calls = 0
         self.dropped_cut_call = False  # `finish` dropped a call cut before its name
@@ -289,7 +302,7 @@ class ChoiceAssembler:
     def __init__(
         self, tool_names: list[str], max_calls: int | None, forced: str | None = None
     ) -> None:
-        """forced: the function the tool choice named (`ToolCallParser.forced`)."""
+        """forced: the function the output's first call must be (`ToolCallParser.forced`)."""
         self.parser = ToolCallParser(tool_names, max_calls, forced) if tool_names else None
         self.pending_space = ""
         self._space_start = 0  # where pending_space starts in the text pushed

@@ -46,7 +46,7 @@ from orchestrator.ids import new_id
 from orchestrator.logprobs import TextLogprobs, TokenNames
 from orchestrator.response_request import ResponseRequest, function_tools
 from orchestrator.store import History, Store
-from orchestrator.tool_parser import ChoiceAssembler, Content, ParsedCall
+from orchestrator.tool_parser import ChoiceAssembler, Content, ParsedCall, first_call_function
 from orchestrator.tools import ResolvedTools
 from orchestrator.tools.file_search import FILE_SEARCH, FileSearch
 from orchestrator.turn_hooks import Budget, TokenObserver, output_budget
@@ -451,12 +451,10 @@ class Turn:
         self._generations += 1
         start = len(self.events.output)
         self._code_calls = []
+        names = [t.name for t in config.tools]  # built-ins declared as functions too
+        forced = first_call_function(config.mode, config.forced, names)
         progress = _Progress(
-            ChoiceAssembler(
-                [t.name for t in config.tools],
-                None if config.parallel else 1,
-                config.forced if config.mode == "function" else None,
-            ),
+            ChoiceAssembler(names, None if config.parallel else 1, forced),
             None
             if params.logprobs is None
             else TextLogprobs(self.services.token_names, params.logprobs),

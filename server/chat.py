@@ -27,6 +27,7 @@ from orchestrator.tool_parser import (
     ChoiceAssembler,
     ParsedCall,
     ends_cut,
+    first_call_function,
 )
 from orchestrator.turn_hooks import output_budget
 from server.disconnect import unless_disconnected
@@ -70,7 +71,7 @@ class ChatRun:
 
     def assembler(self) -> ChoiceAssembler:
         request = self.request
-        forced = request.forced_tool if request.tool_choice == "function" else None
+        forced = first_call_function(request.tool_choice, request.forced_tool, self.tool_names)
         return ChoiceAssembler(self.tool_names, self.max_calls, forced)
 
     def logprobs(self, entries: list) -> dict | None:

@@ -1100,15 +1100,22 @@ def test_a_call_cut_by_max_output_tokens_is_an_incomplete_item(product_server):
 
 def test_a_call_cut_before_its_name_leaves_no_markup_behind(product_server):
     """The budget ran out in `<tool_call>` itself, or inside the name, with the function
-    to call not named by the tool choice: no call to show, and no markup as text."""
+    to call not determined by the tool choice (the model may answer in text, or choose
+    among the tools it may call, built-ins counted): no call to show, and no markup as
+    text. "required" with one tool determines it: that function's call, incomplete."""
     server = product_server(FakeEngine(reply=CALL))
+    sandbox = {"type": "code_interpreter", "container": {"type": "auto"}}
     for cut in (5, len("<tool_call>\n") + 3, CALL.index("get_we") + 3):
-        for choice in ("required", "auto"):
+        for tools, choice in (
+            ([WEATHER], "auto"),
+            ([WEATHER, sandbox], "required"),
+            ([WEATHER], "required"),
+        ):
             for stream in (False, True):
                 response = server.client.responses.create(
                     model=MODEL,
                     input="Weather?",
-                    tools=[WEATHER],
+                    tools=tools,
                     tool_choice=choice,
                     max_output_tokens=cut,
                     stream=stream,
@@ -1116,7 +1123,16 @@ def test_a_call_cut_before_its_name_leaves_no_markup_behind(product_server):
                 if stream:
                     response = list(response)[-1].response
                 assert response.status == "incomplete"
-                assert response.output == [], (cut, response.output)
+                if len(tools) == 1 and choice == "required":
+                    (call,) = response.output
+                    assert (call.type, call.name, call.arguments, call.status) == (
+                        "function_call",
+                        "get_weather",
+                        "",
+                        "incomplete",
+                    )
+                else:
+                    assert response.output == [], (cut, response.output)
 
 
 def test_a_forced_call_cut_before_its_name_is_an_incomplete_call_of_that_function(

@@ -975,17 +975,28 @@ def test_a_stop_string_inside_a_call_ends_it_cut_not_as_tool_calls(serve):
 
 
 def test_a_call_cut_before_its_name_leaves_content_null_not_empty(serve):
-    """The budget ran out inside the call's opening (dropped as markup): no text was
-    written, so the message's content is null, as OpenAI gives when a turn has none."""
+    """The budget ran out inside the call's opening with the function not determined (the
+    model may answer in text, or choose among several tools): dropped as markup, and as
+    no text was written the message's content is null, as OpenAI gives when a turn has
+    none. "required" with one tool determines it: that function's call, no arguments yet."""
     server = serve(FakeEngine(reply=CALLS))
+    other = {"type": "function", "function": {"name": "get_time", "parameters": {}}}
     for max_tokens in (6, 20):  # inside `<tool_call>`, then inside the function's name
-        for tool_choice in ("required", "auto"):
-            body = chat(
-                server, tools=[WEATHER_TOOL], tool_choice=tool_choice, max_tokens=max_tokens
-            )
+        for tools, tool_choice in (
+            ([WEATHER_TOOL], "auto"),
+            ([WEATHER_TOOL, other], "required"),
+            ([WEATHER_TOOL], "required"),
+        ):
+            body = chat(server, tools=tools, tool_choice=tool_choice, max_tokens=max_tokens)
             (choice,) = body.json()["choices"]
             assert choice["finish_reason"] == "length"
+            calls = choice["message"].pop("tool_calls", [])
             assert choice["message"] == {"role": "assistant", "content": None, "refusal": None}
+            if len(tools) == 1 and tool_choice == "required":
+                (call,) = calls
+                assert call["function"] == {"name": "get_weather", "arguments": ""}
+            else:
+                assert calls == []
     # an answer that is empty by itself stays "", as OpenAI's is
     body = chat(serve(FakeEngine(reply="")), tools=[WEATHER_TOOL]).json()
     assert body["choices"][0]["message"]["content"] == ""
