@@ -15,8 +15,9 @@ _PREFIXES = {
 
 
 def stored_item(item: dict) -> dict:
-    """A client's input item (already validated) with an id of its own and a final status
-    (a built-in call given back keeps the one it had: a failed run stays failed)."""
+    """A client's input item (already validated) with an id of its own and the status it
+    was given (a failed run given back stays failed, an incomplete message incomplete),
+    completed when it was given none."""
     return {"id": new_id(_PREFIXES[item["type"]]), "status": "completed", **item}
 
 

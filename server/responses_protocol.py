@@ -13,6 +13,7 @@ from typing import Any
 
 from orchestrator import FunctionTool, Page, ResponseRequest
 from orchestrator.agent import CODE_INTERPRETER, DEFAULT_MAX_TOOL_CALLS
+from orchestrator.events import output_text_part
 from orchestrator.response_request import OUTPUT_TEXT_LOGPROBS, CodeInterpreterTool
 from orchestrator.tools.file_search import DEFAULT_MAX_RESULTS, FileSearchTool
 from server.errors import invalid, known_fields, typed_field
@@ -60,8 +61,8 @@ _RESPONSE_FIELDS = {
 _SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
 
 
-def _required_string(body: dict, name: str, param: str) -> str:
-    value = typed_field(body, name, "a string", param=f"{param}.{name}")
+def _required(body: dict, name: str, param: str, kind: str = "a string") -> Any:
+    value = typed_field(body, name, kind, param=f"{param}.{name}")
     if value is None:
         raise invalid(f"{param}.{name} is required", f"{param}.{name}")
     return value
@@ -90,26 +91,119 @@ def parse_metadata(value: Any, param: str = "metadata") -> dict[str, str]:
 
 def _content(raw: Any, role: str, param: str) -> list[dict]:
     """A message's content as text parts: input_text for what users and systems say,
-    output_text for the assistant's own earlier words."""
-    part_type = "output_text" if role == "assistant" else "input_text"
+    output_text for the assistant's own earlier words, which keep the annotations and
+    logprobs they were given (an earlier response's output given back as it was)."""
     if isinstance(raw, str):
-        texts = [raw]
+        parts = [{"type": "input_text", "text": raw}]
     elif isinstance(raw, list):
-        texts = []
-        for j, part in enumerate(raw):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("input_text", "output_text"):
-                raise invalid(
-                    f"{param}[{j}].type {kind!r} is not supported: only text "
-                    "content (input_text, output_text) is",
-                    f"{param}[{j}].type",
-                )
-            texts.append(_required_string(part, "text", f"{param}[{j}]"))
+        parts = raw
     else:
         raise invalid(f"{param} must be a string or an array of content parts", param)
-    if part_type == "output_text":
-        return [{"type": "output_text", "text": t, "annotations": []} for t in texts]
-    return [{"type": "input_text", "text": t} for t in texts]
+    content = []
+    for j, part in enumerate(parts):
+        where = f"{param}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text"):
+            raise invalid(
+                f"{where}.type {kind!r} is not supported: only text content "
+                "(input_text, output_text) is",
+                f"{where}.type",
+            )
+        text = _required(part, "text", where)
+        if role != "assistant":
+            content.append({"type": "input_text", "text": text})
+        elif kind == "input_text":
+            content.append(output_text_part(text))
+        else:
+            content.append(
+                output_text_part(text, _annotations(part, where), _logprobs(part, where))
+            )
+    return content
+
+
+# OpenAI's output_text annotations: each type's fields, all required.
+_ANNOTATION_FIELDS = {
+    "file_citation": {"file_id": "a string", "filename": "a string", "index": "an integer"},
+    "url_citation": {
+        "url": "a string",
+        "title": "a string",
+        "start_index": "an integer",
+        "end_index": "an integer",
+    },
+    "container_file_citation": {
+        "container_id": "a string",
+        "file_id": "a string",
+        "filename": "a string",
+        "start_index": "an integer",
+        "end_index": "an integer",
+    },
+    "file_path": {"file_id": "a string", "index": "an integer"},
+}
+# A content part's token logprob, and each of its top_logprobs: field -> kind.
+_LOGPROB_FIELDS = {"token": "a string", "logprob": "a number", "bytes": "an array"}
+
+
+def _annotations(part: dict, param: str) -> list[dict]:
+    """An output_text part's annotations, each checked against its type's fields."""
+    annotations = []
+    for j, raw in enumerate(
+        typed_field(part, "annotations", "an array", [], f"{param}.annotations")
+    ):
+        where = f"{param}.annotations[{j}]"
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if kind not in _ANNOTATION_FIELDS:
+            raise invalid(
+                f"{where}.type must be one of {', '.join(_ANNOTATION_FIELDS)}, got {kind!r}",
+                f"{where}.type",
+            )
+        fields = _ANNOTATION_FIELDS[kind]
+        annotations.append(
+            {"type": kind} | {f: _required(raw, f, where, k) for f, k in fields.items()}
+        )
+    return annotations
+
+
+def _logprobs(part: dict, param: str) -> list[dict]:
+    """An output_text part's token logprobs in the content part's shape."""
+    logprobs = []
+    for j, raw in enumerate(typed_field(part, "logprobs", "an array", [], f"{param}.logprobs")):
+        where = f"{param}.logprobs[{j}]"
+        entry = _logprob(raw, where)
+        tops = _required(raw, "top_logprobs", where, "an array")
+        entry["top_logprobs"] = [
+            _logprob(t, f"{where}.top_logprobs[{i}]") for i, t in enumerate(tops)
+        ]
+        logprobs.append(entry)
+    return logprobs
+
+
+def _logprob(raw: Any, param: str) -> dict:
+    """A token's `token`, `logprob` and `bytes` (integers of 0 to 255)."""
+    if not isinstance(raw, dict):
+        raise invalid(f"{param} must be an object", param)
+    entry = {f: _required(raw, f, param, k) for f, k in _LOGPROB_FIELDS.items()}
+    if not all(
+        isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256 for b in entry["bytes"]
+    ):
+        raise invalid(f"{param}.bytes must be an array of byte values (0 to 255)", f"{param}.bytes")
+    return entry
+
+
+# The status a client may give a message, function_call or function_call_output.
+_ITEM_STATUSES = ("in_progress", "completed", "incomplete")
+
+
+def _given_status(raw: dict, param: str) -> dict:
+    """`{"status": ...}` as the item was given it, or nothing (stored as completed)."""
+    status = raw.get("status")
+    if status is None:
+        return {}
+    if status not in _ITEM_STATUSES:
+        raise invalid(
+            f"{param}.status must be one of {', '.join(_ITEM_STATUSES)}, got {status!r}",
+            f"{param}.status",
+        )
+    return {"status": status}
 
 
 def _item(raw: Any, param: str) -> dict:
@@ -125,21 +219,24 @@ def _item(raw: Any, param: str) -> dict:
             )
         return {
             "type": "message",
+            **_given_status(raw, param),
             "role": role,
             "content": _content(raw.get("content"), role, f"{param}.content"),
         }
     if kind == "function_call":
         return {
             "type": "function_call",
-            "call_id": _required_string(raw, "call_id", param),
-            "name": _required_string(raw, "name", param),
-            "arguments": _required_string(raw, "arguments", param),
+            **_given_status(raw, param),
+            "call_id": _required(raw, "call_id", param),
+            "name": _required(raw, "name", param),
+            "arguments": _required(raw, "arguments", param),
         }
     if kind == "function_call_output":
         return {
             "type": "function_call_output",
-            "call_id": _required_string(raw, "call_id", param),
-            "output": _required_string(raw, "output", param),
+            **_given_status(raw, param),
+            "call_id": _required(raw, "call_id", param),
+            "output": _required(raw, "output", param),
         }
     if kind == "code_interpreter_call":
         return _code_interpreter_call(raw, param)
@@ -161,7 +258,7 @@ def _status(raw: dict, allowed: tuple[str, ...], param: str) -> str:
     """The status of a built-in call given back, required as OpenAI requires it (with the
     call's `id`, which only says the item came from a response: the stored copy gets an id
     of its own)."""
-    _required_string(raw, "id", param)
+    _required(raw, "id", param)
     status = raw.get("status")
     if status not in allowed:
         raise invalid(
@@ -181,11 +278,11 @@ def _code_interpreter_call(raw: dict, param: str) -> dict:
         if kind not in _CODE_OUTPUT_TEXT:
             raise invalid(f'{where}.type must be "logs" or "image", got {kind!r}', f"{where}.type")
         text = _CODE_OUTPUT_TEXT[kind]
-        outputs.append({"type": kind, text: _required_string(out, text, where)})
+        outputs.append({"type": kind, text: _required(out, text, where)})
     return {
         "type": "code_interpreter_call",
         "code": typed_field(raw, "code", "a string", "", f"{param}.code"),
-        "container_id": _required_string(raw, "container_id", param),
+        "container_id": _required(raw, "container_id", param),
         "outputs": outputs,
         "status": status,
     }
@@ -219,7 +316,7 @@ def _search_result(raw: Any, param: str) -> dict:
         "file_id": typed_field(raw, "file_id", "a string", "", f"{param}.file_id"),
         "filename": typed_field(raw, "filename", "a string", "", f"{param}.filename"),
         "score": typed_field(raw, "score", "a number", 0.0, f"{param}.score"),
-        "text": _required_string(raw, "text", param),
+        "text": _required(raw, "text", param),
         "attributes": typed_field(raw, "attributes", "an object", {}, f"{param}.attributes"),
     }
 
@@ -307,7 +404,7 @@ def _tools(body: dict) -> list[FunctionTool | CodeInterpreterTool | FileSearchTo
                 "code_interpreter and file_search tools are",
                 f"{param}.type",
             )
-        name = _required_string(raw, "name", param)
+        name = _required(raw, "name", param)
         if not valid_name(name):
             raise invalid(
                 f"{param}.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
@@ -430,7 +527,7 @@ def _text_format(body: dict) -> dict:
             )
     if kind != "json_schema":
         return {"type": kind}
-    name = _required_string(fmt, "name", "text.format")
+    name = _required(fmt, "name", "text.format")
     if not valid_name(name):
         raise invalid(
             "text.format.name must be 1 to 64 letters, digits, '_' or '-'", "text.format.name"
@@ -452,7 +549,7 @@ def _conversation_id(body: dict) -> str | None:
     """`conversation`: an id, or OpenAI's `{"id": ...}`, which has no other field."""
     raw = body.get("conversation")
     if isinstance(raw, dict):
-        return _required_string(known_fields(raw, {"id"}, "conversation"), "id", "conversation")
+        return _required(known_fields(raw, {"id"}, "conversation"), "id", "conversation")
     return typed_field(body, "conversation", "a string")
 
 

@@ -512,6 +512,128 @@ def test_a_chain_from_a_conversations_response_keeps_what_came_before_its_delete
     )
 
 
+GIVEN_ANNOTATIONS = [
+    {"type": "file_citation", "file_id": "file_1", "filename": "a.txt", "index": 5},
+    {
+        "type": "url_citation",
+        "url": "https://x.org",
+        "title": "X",
+        "start_index": 0,
+        "end_index": 4,
+    },
+    {
+        "type": "container_file_citation",
+        "container_id": "cntr_1",
+        "file_id": "file_2",
+        "filename": "b.csv",
+        "start_index": 1,
+        "end_index": 3,
+    },
+    {"type": "file_path", "file_id": "file_3", "index": 0},
+]
+GIVEN_LOGPROBS = [
+    {
+        "token": "Sun",
+        "logprob": -0.5,
+        "bytes": [83, 117, 110],
+        "top_logprobs": [{"token": "Sun", "logprob": -0.5, "bytes": [83, 117, 110]}],
+    }
+]
+
+
+def _history(metadata: bool) -> list[dict]:
+    """An earlier turn given back as input: with `metadata`, an unfinished message and call
+    and the answer's annotations and logprobs, as an earlier response's output has them."""
+    items = [
+        {"type": "message", "role": "user", "content": "Weather?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sun"},
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "Sunny.", "annotations": []}],
+        },
+        {"type": "message", "role": "user", "content": "Thanks."},
+    ]
+    if metadata:
+        items[0]["status"], items[1]["status"], items[3]["status"] = (
+            "incomplete",
+            "in_progress",
+            "incomplete",
+        )
+        items[3]["content"][0] |= {"annotations": GIVEN_ANNOTATIONS, "logprobs": GIVEN_LOGPROBS}
+    return items
+
+
+def test_input_items_are_stored_with_their_status_annotations_and_logprobs(product_server):
+    """Items are kept as given (OpenAI's API does): a status other than completed, an
+    output_text's annotations and logprobs; none of it is in the prompt the model reads."""
+    server = product_server(FakeEngine(reply="Noted."))
+    client = server.client
+    plain = client.responses.create(model=MODEL, input=_history(False), tools=[WEATHER])
+    plain_prompt = _prompt(server)
+    response = client.responses.create(model=MODEL, input=_history(True), tools=[WEATHER])
+    assert _prompt(server) == plain_prompt
+    items = client.responses.input_items.list(response.id, order="asc").data
+    assert [getattr(i, "status", None) for i in items] == [
+        "incomplete",
+        "in_progress",
+        "completed",
+        "incomplete",
+        "completed",
+    ]
+    answer = items[3].content[0].model_dump()
+    assert (answer["annotations"], answer["logprobs"]) == (GIVEN_ANNOTATIONS, GIVEN_LOGPROBS)
+    plain_answer = client.responses.input_items.list(plain.id, order="asc").data[3].content[0]
+    assert (plain_answer.annotations, plain_answer.logprobs) == ([], [])
+
+    conv = client.conversations.create(items=_history(True)[3:4])
+    stored = client.conversations.items.list(conv.id, include=[LOGPROBS]).data[0]
+    assert (stored.status, stored.content[0].model_dump()["annotations"]) == (
+        "incomplete",
+        GIVEN_ANNOTATIONS,
+    )
+    assert stored.content[0].model_dump()["logprobs"] == GIVEN_LOGPROBS
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"status": "done"}, "items[0].status"),
+        ({"annotations": [{"type": "footnote"}]}, "items[0].content[0].annotations[0].type"),
+        (
+            {"annotations": [{**GIVEN_ANNOTATIONS[0], "index": "5"}]},
+            "items[0].content[0].annotations[0].index",
+        ),
+        (
+            {"annotations": [{k: v for k, v in GIVEN_ANNOTATIONS[1].items() if k != "url"}]},
+            "items[0].content[0].annotations[0].url",
+        ),
+        (
+            {"logprobs": [{**GIVEN_LOGPROBS[0], "bytes": [256]}]},
+            "items[0].content[0].logprobs[0].bytes",
+        ),
+        (
+            {"logprobs": [{**GIVEN_LOGPROBS[0], "top_logprobs": [{"token": "S"}]}]},
+            "items[0].content[0].logprobs[0].top_logprobs[0].logprob",
+        ),
+    ],
+)
+def test_malformed_item_metadata_is_400_naming_the_field(product_server, change, param):
+    server = product_server()
+    part = {"type": "output_text", "text": "Hi.", "annotations": []}
+    item = {"type": "message", "role": "assistant", "content": [part]}
+    if "status" in change:
+        item |= change
+    else:
+        part |= change
+    raw = _raw(server, "POST", "/conversations", json={"items": [item]})
+    assert (raw.status_code, raw.json()["error"]["param"]) == (400, param), raw.text
+    body = {"model": MODEL, "input": [item]}
+    raw = _raw(server, "POST", "/responses", json=body)
+    assert (raw.status_code, raw.json()["error"]["param"]) == (400, param.replace("items", "input"))
+
+
 def test_input_items_are_paginated(product_server):
     server = product_server()
     inputs = [{"role": "user", "content": f"part {i}"} for i in range(5)]
