@@ -339,8 +339,14 @@ class ResponseService:
             raise _missing(response_id)
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
-    async def input_items(self, owner: str, response_id: str, page: Page) -> dict:
+    async def input_items(
+        self, owner: str, response_id: str, page: Page, include: Collection[str] = ()
+    ) -> dict:
+        """A page of the response's input items; their output_text logprobs only when
+        `include` asks for them, as on every read of items (`hide_logprobs`)."""
         found = await self.store.call(Repository.list_input_items, owner, response_id, page)
         if found is None:
             raise _missing(response_id)
+        if OUTPUT_TEXT_LOGPROBS not in include:
+            hide_logprobs(found.items)
         return item_list(found)

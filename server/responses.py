@@ -122,7 +122,7 @@ async def cancel_response(request: Request) -> Response:
 async def list_input_items(request: Request) -> Response:
     response_id = request.path_params["response_id"]
     page = parse_page(request.query_params)
-    check_query_include(request.query_params)
+    include = check_query_include(request.query_params)
     return JSONResponse(
-        await product(request).responses.input_items(owner(request), response_id, page)
+        await product(request).responses.input_items(owner(request), response_id, page, include)
     )

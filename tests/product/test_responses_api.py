@@ -574,7 +574,7 @@ def test_input_items_are_stored_with_their_status_annotations_and_logprobs(produ
     plain_prompt = _prompt(server)
     response = client.responses.create(model=MODEL, input=_history(True), tools=[WEATHER])
     assert _prompt(server) == plain_prompt
-    items = client.responses.input_items.list(response.id, order="asc").data
+    items = client.responses.input_items.list(response.id, order="asc", include=[LOGPROBS]).data
     assert [getattr(i, "status", None) for i in items] == [
         "incomplete",
         "in_progress",
@@ -586,6 +586,9 @@ def test_input_items_are_stored_with_their_status_annotations_and_logprobs(produ
     assert (answer["annotations"], answer["logprobs"]) == (GIVEN_ANNOTATIONS, GIVEN_LOGPROBS)
     plain_answer = client.responses.input_items.list(plain.id, order="asc").data[3].content[0]
     assert (plain_answer.annotations, plain_answer.logprobs) == ([], [])
+    # as on every read of items, logprobs only when the read's include asks for them
+    unasked = client.responses.input_items.list(response.id, order="asc").data[3].content[0]
+    assert (unasked.model_dump()["annotations"], unasked.logprobs) == (GIVEN_ANNOTATIONS, [])
 
     conv = client.conversations.create(items=_history(True)[3:4])
     stored = client.conversations.items.list(conv.id, include=[LOGPROBS]).data[0]
