@@ -1250,14 +1250,19 @@ def test_a_call_cut_before_its_name_leaves_no_markup_behind(product_server):
                 assert response.status == "incomplete"
                 if len(tools) == 1 and choice == "required":
                     (call,) = response.output
-                    assert (call.type, call.name, call.arguments, call.status) == (
-                        "function_call",
-                        "get_weather",
-                        "",
-                        "incomplete",
-                    )
+                    _assert_cut_weather_call(call)
                 else:
                     assert response.output == [], (cut, response.output)
+
+
+def _assert_cut_weather_call(call) -> None:
+    """A get_weather call the budget cut before its arguments began."""
+    assert (call.type, call.name, call.arguments, call.status) == (
+        "function_call",
+        "get_weather",
+        "",
+        "incomplete",
+    )
 
 
 def test_a_forced_call_cut_before_its_name_is_an_incomplete_call_of_that_function(
@@ -1277,12 +1282,7 @@ def test_a_forced_call_cut_before_its_name_is_an_incomplete_call_of_that_functio
         )
         assert response.usage.output_tokens == cut
         (call,) = response.output
-        assert (call.type, call.name, call.arguments, call.status) == (
-            "function_call",
-            "get_weather",
-            "",
-            "incomplete",
-        )
+        _assert_cut_weather_call(call)
         assert call.call_id.startswith("call_")
         events = list(
             server.client.responses.create(model=MODEL, max_output_tokens=cut, stream=True, **body)
