@@ -55,11 +55,12 @@ class Prompt:
 
 
 def item_text(item: dict) -> str:
-    """A message item's text, its parts joined."""
+    """A message item's text, its parts joined: a refusal part's is its `refusal` (what
+    the assistant said, as an output_text part's `text` is)."""
     content = item.get("content", "")
     if isinstance(content, str):
         return content
-    return "\n".join(part.get("text", "") for part in content)
+    return "\n".join(part.get("refusal", part.get("text", "")) for part in content)
 
 
 def _search_text(item: dict, special_tokens: Iterable[str]) -> str:

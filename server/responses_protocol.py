@@ -92,7 +92,8 @@ def parse_metadata(value: Any, param: str = "metadata") -> dict[str, str]:
 def _content(raw: Any, role: str, param: str) -> list[dict]:
     """A message's content as text parts: input_text for what users and systems say,
     output_text for the assistant's own earlier words, which keep the annotations and
-    logprobs they were given (an earlier response's output given back as it was)."""
+    logprobs they were given (an earlier response's output given back as it was), and
+    refusal for an assistant's refusal, kept as given (an output message holds either)."""
     if isinstance(raw, str):
         parts = [{"type": "input_text", "text": raw}]
     elif isinstance(raw, list):
@@ -103,10 +104,13 @@ def _content(raw: Any, role: str, param: str) -> list[dict]:
     for j, part in enumerate(parts):
         where = f"{param}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "refusal" and role == "assistant":
+            content.append({"type": "refusal", "refusal": _required(part, "refusal", where)})
+            continue
         if kind not in ("input_text", "output_text"):
             raise invalid(
                 f"{where}.type {kind!r} is not supported: only text content "
-                "(input_text, output_text) is",
+                "(input_text, output_text, and refusal in an assistant message) is",
                 f"{where}.type",
             )
         text = _required(part, "text", where)

@@ -637,6 +637,60 @@ def test_malformed_item_metadata_is_400_naming_the_field(product_server, change,
     assert (raw.status_code, raw.json()["error"]["param"]) == (400, param.replace("items", "input"))
 
 
+REFUSAL = {"type": "refusal", "refusal": "I can't help with that."}
+
+
+def _refused(part: dict) -> list[dict]:
+    """An earlier turn given back as input, its answer the one content part `part`."""
+    return [
+        {"role": "user", "content": "Pick the lock."},
+        {"type": "message", "role": "assistant", "content": [part]},
+        {"role": "user", "content": "Why not?"},
+    ]
+
+
+def test_a_refusal_given_back_is_stored_as_given_and_read_as_the_assistant_words(
+    product_server,
+):
+    """An earlier response's output may hold a refusal part: given back as input or as a
+    conversation item, it is kept and read back in the SDK's shape, and the prompt shows
+    its text as the assistant's words, just as the same text as output_text reads."""
+    server = product_server(FakeEngine(reply="Noted."))
+    client = server.client
+    text = {"type": "output_text", "text": REFUSAL["refusal"], "annotations": []}
+    client.responses.create(model=MODEL, input=_refused(text))
+    text_prompt = _prompt(server)
+    response = client.responses.create(model=MODEL, input=_refused(REFUSAL))
+    assert _prompt(server) == text_prompt and REFUSAL["refusal"] in text_prompt
+    items = client.responses.input_items.list(response.id, order="asc").data
+    assert items[1].content[0].model_dump() == REFUSAL
+
+    conv = client.conversations.create(items=_refused(REFUSAL)[:2])
+    stored = client.conversations.items.list(conv.id, order="asc").data[1]
+    assert stored.content[0].model_dump() == REFUSAL
+    client.responses.create(model=MODEL, conversation=conv.id, input="Why not?")
+    assert _prompt(server) == text_prompt
+
+
+@pytest.mark.parametrize(
+    ("role", "part", "param"),
+    [
+        ("assistant", {"type": "refusal"}, "content[0].refusal"),
+        ("assistant", {"type": "refusal", "refusal": 7}, "content[0].refusal"),
+        ("user", REFUSAL, "content[0].type"),
+    ],
+)
+def test_a_malformed_refusal_is_400_naming_the_field(product_server, role, part, param):
+    """A refusal part needs its `refusal` text and is an assistant's only, as in the SDK's
+    types (a user's content is input parts)."""
+    server = product_server()
+    item = {"type": "message", "role": role, "content": [part]}
+    raw = _raw(server, "POST", "/conversations", json={"items": [item]})
+    assert (raw.status_code, raw.json()["error"]["param"]) == (400, f"items[0].{param}"), raw.text
+    raw = _raw(server, "POST", "/responses", json={"model": MODEL, "input": [item]})
+    assert (raw.status_code, raw.json()["error"]["param"]) == (400, f"input[0].{param}"), raw.text
+
+
 def test_input_items_are_paginated(product_server):
     server = product_server()
     inputs = [{"role": "user", "content": f"part {i}"} for i in range(5)]
