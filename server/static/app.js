@@ -68,6 +68,7 @@ function freshMeta() {
   const model = saved.model || state.models[0] || "";
   return {
     title: "", instructions: saved.instructions || "", leaf: null, leaves: [], vectorStore: null,
+    activeAt: 0,
     settings: {
       model,
       temperature: saved.temperature ?? 0.7,
@@ -158,9 +159,18 @@ async function refreshUsage() {
 // -- the sidebar ----------------------------------------------------------------------
 
 async function loadConversations() {
-  const all = await listAll("/v1/conversations");
-  state.conversations = all.sort((a, b) => b.created_at - a.created_at || (a.id < b.id ? 1 : -1));
+  state.conversations = await listAll("/v1/conversations");
+  sortConversations();
   renderSidebar();
+}
+
+// Last active first, as in ChatGPT: a conversation goes up when a turn starts in it, in
+// every tab (the time is the turn's, kept in its metadata), and a new one is at the top.
+function sortConversations() {
+  const active = new Map(state.conversations.map((c) =>
+    [c.id, Math.max(c.created_at, decodeMetadata(c.metadata).activeAt)]));
+  state.conversations.sort((a, b) => active.get(b.id) - active.get(a.id) ||
+    b.created_at - a.created_at || (a.id < b.id ? 1 : -1));
 }
 
 // The open chat's title, above it and on the browser's tab; none is a new chat.
@@ -422,6 +432,7 @@ async function saveMeta(id, decoded, changed) {
     if (state.open && state.open.id === id) showTitle(decoded.title || "Untitled");
     const index = state.conversations.findIndex((c) => c.id === id);
     if (index >= 0) state.conversations[index] = saved;
+    sortConversations();
     renderSidebar();
     return saved;
   }
@@ -432,7 +443,7 @@ async function saveMeta(id, decoded, changed) {
 // made one while this tab made its own), so no tab's files drop out of the conversation;
 // an expired or deleted one gives way to its renewal or to none (recoverStore).
 function mergeStored(id, stored, decoded, changed) {
-  const merged = { ...stored };
+  const merged = { ...stored, activeAt: Math.max(stored.activeAt, decoded.activeAt) };
   for (const key of changed) merged[key] = decoded[key];
   if (stored.vectorStore && !state.staleStores.has(stored.vectorStore)) {
     merged.vectorStore = stored.vectorStore;
@@ -483,6 +494,9 @@ function persistTree() {
     decoded.leaves = tree.leaves().filter((leaf) => leaf.startsWith("resp_"));
     const leaf = tree.leaf();
     decoded.leaf = leaf && leaf.id.startsWith("resp_") ? leaf.id : decoded.leaf;
+    for (const node of tree.nodes.values()) {
+      if (node.id.startsWith("resp_")) decoded.activeAt = Math.max(decoded.activeAt, node.createdAt);
+    }
   };
   return queueSave(id, decoded, ["leaf"], { prepare, keep: true }).catch(reportError);
 }

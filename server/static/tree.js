@@ -132,14 +132,17 @@ export function clip(text, n) {
   return /[\uD800-\uDBFF]$/.test(cut) ? cut.slice(0, -1) : cut;
 }
 
-export function encodeMetadata({ title, instructions, settings, leaf, leaves, vectorStore }) {
+// The `settings` key also carries `at`, the conversation's last activity (the newest turn's
+// created_at, in seconds), by which the sidebar orders: every key is taken, and the
+// settings' JSON has room to spare.
+export function encodeMetadata({ title, instructions, settings, leaf, leaves, vectorStore, activeAt }) {
   const meta = { title: clip(title || "", 512) };
   let text = clip(instructions || "", MAX_INSTRUCTIONS);
   for (let i = 0; text && i < INSTRUCTION_KEYS; i += 1) {
     meta[`sys${i}`] = clip(text, 512);
     text = text.slice(meta[`sys${i}`].length);
   }
-  meta.settings = JSON.stringify(settings || {});
+  meta.settings = JSON.stringify(activeAt ? { ...settings, at: activeAt } : settings || {});
   if (leaf) meta.leaf = leaf;
   if (vectorStore) meta.vs = vectorStore;
   const kept = leaves.slice(-MAX_LEAVES); // the oldest branches drop out beyond the limit
@@ -158,14 +161,15 @@ export function decodeMetadata(meta = {}) {
   for (let i = 0; i < LEAF_KEYS && meta[`leaves${i}`]; i += 1) {
     leaves.push(...meta[`leaves${i}`].split(" ").filter(Boolean));
   }
-  let settings = {};
+  let stored = {};
   try {
-    settings = JSON.parse(meta.settings || "{}");
+    stored = JSON.parse(meta.settings || "{}");
   } catch {
-    settings = {};
+    stored = {};
   }
+  const { at, ...settings } = stored || {};
   return {
     title: meta.title || "", instructions, settings, leaf: meta.leaf || null, leaves,
-    vectorStore: meta.vs || null,
+    vectorStore: meta.vs || null, activeAt: Number(at) || 0,
   };
 }

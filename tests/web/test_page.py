@@ -713,6 +713,33 @@ def test_rename_search_and_delete_conversations(page, api):
     assert api.get(f"/v1/conversations/{conversation_id}").status_code == 404
 
 
+def test_the_sidebar_lists_the_conversation_last_continued_first(session, page, api):
+    """Ordered by last activity, as in ChatGPT: a turn in an older conversation brings it
+    above a newer one, live and after a reload in another tab."""
+    send(page, "Tell me about otters.")
+    time.sleep(1.1)  # times are in seconds: each step below starts in a later one
+    newer = api.post("/v1/conversations", json={"metadata": {"title": "Tell me about owls."}})
+    time.sleep(1.1)
+    reload_when_saved(page)
+    open_conversation(page, "Tell me about otters.")
+
+    def order(tab) -> list[str]:
+        titles = tab.eval_on_selector_all(
+            "#conversation-list .conversation-title", "els => els.map(e => e.textContent)"
+        )
+        return [t for t in titles if t in ("Tell me about otters.", "Tell me about owls.")]
+
+    assert order(page) == ["Tell me about owls.", "Tell me about otters."]
+    send(page, "And their dens?")
+    page.wait_for_function("() => !document.body.dataset.saving")
+    assert order(page) == ["Tell me about otters.", "Tell me about owls."]
+    other = session[0].new_page()
+    other.goto("/")
+    other.wait_for_selector("body[data-ready=true]")
+    assert order(other) == ["Tell me about otters.", "Tell me about owls."]
+    api.delete(f"/v1/conversations/{newer.json()['id']}")
+
+
 def test_the_browser_tab_is_titled_by_the_open_conversation(page):
     """The tab names the open conversation and follows its rename; a new chat's tab is
     the page's own name."""
