@@ -41,6 +41,7 @@ from server.errors import (
 from server.metrics import CONTENT_TYPE
 from server.protocol import parse_chat_request, parse_completion_request
 from server.request_body import read_json_body
+from server.request_ids import RequestIdMiddleware
 from server.state import ServerConfig, ServerState
 from server.web import SecurityHeadersMiddleware, web_routes
 
@@ -309,6 +310,7 @@ def build_app(
         )
     middleware.insert(0, Middleware(DrainGate))
     middleware.insert(0, Middleware(SecurityHeadersMiddleware))
+    middleware.insert(0, Middleware(RequestIdMiddleware))  # on every response, errors too
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -168,8 +168,15 @@ async def store_unavailable_handler(request: Request, exc: Exception) -> JSONRes
 
 async def server_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """Any other failure: a 500 in OpenAI's shape (Starlette still logs its traceback),
-    which every SDK can read, not Starlette's plain text."""
-    return APIError(500, "the server failed on this request", code="server_error").response()
+    which every SDK can read, not Starlette's plain text. The message and the log name
+    the request's id, so a user's report leads the operator to the traceback."""
+    rid = request.scope.get("state", {}).get("request_id")
+    log.error("request %s failed: %s: %s", rid, type(exc).__name__, exc)
+    if rid is None:
+        return APIError(500, "the server failed on this request", code="server_error").response()
+    # Starlette answers a 500 outside every middleware, so the id's header is set here.
+    message = f"the server failed on this request (request id {rid})"
+    return APIError(500, message, code="server_error", headers={"x-request-id": rid}).response()
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:

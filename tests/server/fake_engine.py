@@ -98,7 +98,7 @@ class FakeEngine:
     max_model_len: int = 2048
     vocab_size: int = 0x110000  # token id = Unicode code point
     model_name: str = "fake-model"
-    failure: BaseException | None = None
+    failure: BaseException | None = None  # raised by generate(), as a bug in the engine would be
     token_delay: float = 0.0
     # While set (cleared by a test), generation pauses after the first token.
     hold: threading.Event = field(default_factory=threading.Event)
@@ -166,6 +166,8 @@ class FakeEngine:
         request_id: str,
         on_abort: Callable[[int, int], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
+        if self.failure is not None:
+            raise self.failure
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(ids) > self.max_model_len:  # as LLMEngine's
             raise ValueError("prompt too long")

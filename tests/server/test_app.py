@@ -280,6 +280,40 @@ def test_vllm_request_id_names_the_response(serve):
     assert_error(response, 400, "X-Request-Id")
 
 
+def test_every_response_names_its_request_id(serve):
+    """As OpenAI's API: each response, errors and streams included, carries `x-request-id`
+    (the SDK's `_request_id`); a client's own X-Request-Id comes back as sent."""
+    server = serve(api_keys=["k1"])
+    key = {"Authorization": "Bearer k1"}
+    responses = [
+        server.client.get("/v1/models", headers=key),
+        server.client.get("/v1/models"),  # 401
+        server.client.get("/v1/nowhere", headers=key),  # 404
+        server.client.post("/v1/chat/completions", json={"messages": "x"}, headers=key),  # 400
+        server.client.get("/health"),
+    ]
+    ids = [r.headers["x-request-id"] for r in responses]
+    assert [r.status_code for r in responses] == [200, 401, 404, 400, 200]
+    assert all(i.startswith("req_") and len(i) == 36 for i in ids) and len(set(ids)) == 5
+    with server.client.stream(
+        "POST", "/v1/chat/completions", json={"messages": USER, "stream": True}, headers=key
+    ) as r:
+        assert r.headers["x-request-id"].startswith("req_")
+    mine = {**key, "X-Request-Id": "trace-7"}
+    assert server.client.get("/v1/models", headers=mine).headers["x-request-id"] == "trace-7"
+    for unfit in ("has space", "x" * 257):
+        r = server.client.get("/v1/models", headers={**key, "X-Request-Id": unfit})
+        assert r.headers["x-request-id"].startswith("req_")
+
+
+def test_a_server_failure_names_the_request_in_its_message(serve):
+    server = serve(FakeEngine(failure=RuntimeError("a bug")))
+    r = server.client.post("/v1/chat/completions", json={"messages": USER})
+    error = assert_error(r, 500, code="server_error")
+    assert r.headers["x-request-id"] in error["message"]
+    assert "a bug" not in r.text
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 
