@@ -27,8 +27,9 @@ class EngineArgs:
     # instruction set (engine/cpu_path.py: "w8a8", int8 weights and int8 activations with
     # SmoothQuant calibration, where tokenmill's int8 GEMM runs), else "none". An explicit
     # dtype="float32" therefore keeps the checkpoint's exact weights (and transformers'
-    # greedy output). See engine/linear.py and docs/performance.md for the trade.
-    quantization: str = "auto"
+    # greedy output). See engine/linear.py and docs/performance.md for the trade. None,
+    # vLLM's default ("as the checkpoint says"), is stored as "auto".
+    quantization: str | None = "auto"
     # "auto": bfloat16 on CPU when dtype is also "auto" (it halves the bytes decode attention
     # gathers every layer), else the model's dtype.
     kv_cache_dtype: str = "auto"
@@ -82,6 +83,8 @@ class EngineArgs:
         if self.device != "auto":
             _check_device(self.device)
         self.dtype = _dtype_name(self.dtype)
+        if self.quantization is None:
+            self.quantization = "auto"
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(
                 f"dtype must be 'auto' or one of {sorted([*DTYPES, *DTYPE_ALIASES])}, "

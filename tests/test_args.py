@@ -69,6 +69,13 @@ def test_vllm_dtype_spellings_are_the_same_dtypes(given, name):
     assert args.resolve_quantization(CPU) == EngineArgs(dtype=name).resolve_quantization(CPU)
 
 
+def test_vllm_default_quantization_none_is_auto():
+    """vLLM's LLM(quantization=None), its default, picks this engine's default mode."""
+    args = EngineArgs(quantization=None)
+    assert args.quantization == "auto"
+    assert args.resolve_quantization(CPU) == EngineArgs().resolve_quantization(CPU)
+
+
 def test_the_server_takes_vllm_dtype_spellings():
     from engine.serve import build_parser, engine_args
 
