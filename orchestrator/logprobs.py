@@ -26,9 +26,11 @@ class TokenNames:
     bytes: Callable[[int], bytes]
 
     @classmethod
+    @lru_cache(maxsize=4)
     def cached(cls, tokenizer: Any) -> TokenNames:
         """The names `tokenizer` gives, each id looked up once: logprobs name every top
-        token, so the same ids come back again and again."""
+        token, so the same ids come back again and again. One instance per tokenizer, so
+        the chat routes and the Responses API share its caches."""
         return cls(
             lru_cache(maxsize=65536)(lambda t: tokenizer.decode([t], skip_special_tokens=False)),
             lru_cache(maxsize=65536)(tokenizer.token_bytes),

@@ -41,3 +41,24 @@ def test_each_token_is_given_once_with_the_piece_holding_its_characters():
     assert _tokens(text.take(3, 4)) == b"\xa9"
     text.add([TokenLogprobs(t, -1.0, []) for t in (4, 5)])  # "!", "<"
     assert _tokens(text.take(3, 5)) == b"!"  # "é" was given already
+
+
+def test_one_cached_set_of_names_per_tokenizer():
+    """The chat routes and the Responses API name tokens through one shared cache."""
+
+    class Tokenizer:
+        decodes = 0
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            Tokenizer.decodes += 1
+            return TOKENS[ids[0]].decode(errors="replace")
+
+        def token_bytes(self, token_id: int) -> bytes:
+            return TOKENS[token_id]
+
+    tokenizer = Tokenizer()
+    names = TokenNames.cached(tokenizer)
+    assert TokenNames.cached(tokenizer) is names
+    assert names.text(0) == TokenNames.cached(tokenizer).text(0) == "H"
+    assert Tokenizer.decodes == 1
+    assert TokenNames.cached(Tokenizer()) is not names
