@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from engine.sampling_params import truncate_prompt
 from server.errors import APIError, invalid, typed_field
-from server.vllm_fields import check_embedding_fields
+from server.vllm_fields import check_embedding_fields, request_id
 
 if TYPE_CHECKING:
     from orchestrator.accounts import Meter
@@ -139,7 +139,7 @@ def _vllm_fields(body: dict) -> tuple[int | None, bool, bool, Literal["<", ">"]]
     endianness = typed_field(body, "endianness", "a string", "native")
     if endianness not in _BYTE_ORDERS:
         raise invalid("endianness must be 'native', 'little' or 'big'", param="endianness")
-    typed_field(body, "request_id", "a string")
+    request_id(body)  # checked as on chat and completions; it names nothing here
     check_embedding_fields(body)
     unit = next((v for v in (normalize, activation) if v is not None), True)
     return truncate, special_tokens, unit, _BYTE_ORDERS[endianness]

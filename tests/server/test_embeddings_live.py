@@ -153,6 +153,7 @@ def test_vllm_fields_are_honoured(client):
         ({"priority": 1}, "priority"),
         ({"priority": "high"}, "priority"),
         ({"request_id": 7}, "request_id"),
+        ({"request_id": "x" * 257}, "request_id"),
         ({"cache_salt": ""}, "cache_salt"),
         ({"cache_salt": 5}, "cache_salt"),
         ({"mm_processor_kwargs": "x"}, "mm_processor_kwargs"),
