@@ -125,6 +125,13 @@ class ResponseService:
             await self.lock.release(owner, conversation)
             raise
 
+    async def count_input_tokens(self, owner: str, request: ResponseRequest) -> int:
+        """The tokens the request's first generation would read: its prompt as `create`
+        builds it (instructions, tools, history, input, truncation), with the same 400s
+        for a request that could not run, and nothing generated or stored."""
+        prepared = await self._prepare(owner, request)
+        return len(prepared.prompt.token_ids)
+
     async def _start(
         self,
         owner: str,

@@ -19,7 +19,7 @@ from orchestrator.accounts import Meter
 from orchestrator.turn import Turn
 from server.access import identity, owner, product_api_error
 from server.disconnect import unless_disconnected
-from server.errors import invalid
+from server.errors import invalid, known_fields
 from server.responses_protocol import check_query_include, parse_page, parse_response_request
 from server.sse import EventStreamResponse
 from server.state import ServerState
@@ -90,6 +90,34 @@ async def create_response(request: Request, body: Any, meter: Meter) -> Response
         turn.stop("incomplete")
         return Response(status_code=499)
     return JSONResponse(result)
+
+
+# What POST /v1/responses/input_tokens takes: the fields of a response that shape its prompt.
+_COUNT_FIELDS = {
+    "model",
+    "input",
+    "instructions",
+    "previous_response_id",
+    "conversation",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "text",
+    "truncation",
+}
+
+
+async def count_input_tokens(request: Request, body: Any) -> Response:
+    """OpenAI's input token count: the prompt a response with these fields would start
+    from, counted without generating. A request under the user's rpm limit, as OpenAI
+    counts it; no tokens are metered, as none are computed."""
+    state: ServerState = request.app.state.tokenmill
+    parsed, _ = parse_response_request(known_fields(body, _COUNT_FIELDS), state.resolve_model)
+    accounts = product(request).accounts
+    if accounts is not None:
+        accounts.take_request(identity(request))
+    count = await product(request).responses.count_input_tokens(owner(request), parsed)
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": count})
 
 
 async def retrieve_response(request: Request) -> Response:

@@ -1475,3 +1475,38 @@ def test_cancel_stops_a_response_in_progress(product_server):
     done = server.client.responses.create(model=MODEL, input="y", max_output_tokens=2)
     with pytest.raises(openai.BadRequestError):
         server.client.responses.cancel(done.id)
+
+
+def test_input_tokens_count_the_prompt_a_response_would_start_from(product_server):
+    """POST /v1/responses/input_tokens: the first generation's prompt, counted as `create`
+    builds it (instructions, tools, history), with nothing generated or stored."""
+    server = product_server(FakeEngine(reply="Fine."))
+    count = server.client.responses.input_tokens.count
+    fields = {"model": MODEL, "input": "How are you?", "instructions": "Be brief."}
+    counted = count(**fields)
+    assert counted.object == "response.input_tokens"
+    assert server.engine.prompts == []  # nothing generated
+    first = server.client.responses.create(**fields)
+    assert counted.input_tokens == first.usage.input_tokens
+    assert count(**fields, tools=[WEATHER]).input_tokens > counted.input_tokens
+    # History: the same prompt as a follow-up's, in a chain and in a conversation.
+    follow = {"model": MODEL, "input": "And now?", "previous_response_id": first.id}
+    counted = count(**follow).input_tokens
+    assert counted == server.client.responses.create(**follow).usage.input_tokens
+    conv = server.client.conversations.create(items=[{"role": "user", "content": "Hi there"}])
+    counted = count(model=MODEL, conversation=conv.id, input="Go on").input_tokens
+    made = server.client.responses.create(model=MODEL, conversation=conv.id, input="Go on")
+    assert counted == made.usage.input_tokens
+    stored = [r.id for r in server.client.conversations.items.list(conv.id)]
+    count(model=MODEL, conversation=conv.id, input="Not kept")
+    assert [r.id for r in server.client.conversations.items.list(conv.id)] == stored
+    # What create refuses, counting refuses too; fields that do not shape a prompt are 400s.
+    with pytest.raises(openai.BadRequestError) as caught:
+        count(model=MODEL, input="x" * (server.engine.max_model_len + 10))
+    assert caught.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        count(model=MODEL, input="x", previous_response_id="resp_missing")
+    for extra in ({"stream": True}, {"max_output_tokens": 5}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            count(model=MODEL, input="x", extra_body=extra)
+        assert caught.value.param == next(iter(extra))
