@@ -4,7 +4,8 @@ Each limit is a bucket holding up to a minute's allowance and refilling continuo
 (rpm / 60 a second), so a user may burst up to the limit and then proceeds at the
 limit's pace. The buckets live in this process's memory: a limit is per server, which is
 what it protects. A request takes one request and, once its prompt is tokenized, its
-prompt plus output budget in tokens; what it did not use goes back when it ends.
+prompt plus output budget in tokens; what it did not use goes back when it ends, and one
+refused for its tokens gives its request back.
 """
 
 from __future__ import annotations
@@ -83,17 +84,24 @@ class RateLimiter:
     def take_tokens(
         self, user_id: str, rpm: int | None, tpm: int | None, amount: int, admitted: bool = False
     ) -> None:
-        """Take `amount` tokens from the user's tpm bucket (RateLimitError if short).
+        """Take a request's first `amount` tokens from the user's tpm bucket
+        (RateLimitError if short). A request refused here never ran, so it gives back the
+        request it took from the rpm bucket (`take_request`): a client retrying a request
+        too large for the minute's tokens would otherwise also spend its requests.
         `admitted`: for a request already let in (a later generation of a turn), which the
         limit never cuts short: the tokens are taken even into debt, which the user's
         next requests wait out."""
-        bucket = self._buckets(user_id, rpm, tpm).tokens
+        buckets = self._buckets(user_id, rpm, tpm)
+        bucket = buckets.tokens
         if bucket is None:
             return
         if admitted:
             bucket.level -= amount
-        else:
-            _take(bucket, amount, "tokens", tpm, self.headers(user_id))
+            return
+        if bucket.level < amount and buckets.requests is not None:
+            requests = buckets.requests
+            requests.level = min(requests.capacity, requests.level + 1)
+        _take(bucket, amount, "tokens", tpm, self.headers(user_id))
 
     def refund_tokens(self, user_id: str, amount: int) -> None:
         buckets = self.users.get(user_id)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from orchestrator.accounts.limiter import RateLimiter
 from orchestrator.errors import RateLimitError
@@ -65,3 +67,43 @@ def test_headers_report_limit_remaining_and_reset_and_follow_a_changed_limit():
     assert headers["x-ratelimit-limit-requests"] == "120"
     assert headers["x-ratelimit-remaining-requests"] == "118"
     assert "x-ratelimit-limit-tokens" not in headers
+
+
+def test_a_request_refused_for_its_tokens_gives_its_request_back():
+    """A tpm refusal never ran: it spends none of the minute's requests, and its 429's
+    headers say so."""
+    limiter = RateLimiter(Clock())
+    limiter.take_request("u", 2, 100)
+    with pytest.raises(RateLimitError) as refused:
+        limiter.take_tokens("u", 2, 100, 500)
+    assert refused.value.headers["x-ratelimit-remaining-requests"] == "2"
+    for _ in range(2):
+        limiter.take_request("u", 2, 100)
+        limiter.take_tokens("u", 2, 100, 10)
+    with pytest.raises(RateLimitError):
+        limiter.take_request("u", 2, 100)
+
+
+@given(
+    st.integers(1, 5),
+    st.integers(1, 200),
+    st.lists(st.integers(1, 250), min_size=1, max_size=20),
+)
+def test_property_only_requests_admitted_for_their_tokens_spend_the_rpm(rpm, tpm, requests):
+    """On a stopped clock, any sequence of requests (each its tokens) is refused by the rpm
+    exactly once `rpm` of them were admitted by both limits: tpm refusals count for none."""
+    limiter = RateLimiter(Clock())
+    admitted = 0
+    for tokens in requests:
+        try:
+            limiter.take_request("u", rpm, tpm)
+        except RateLimitError:
+            assert admitted == rpm
+            continue
+        assert admitted < rpm
+        try:
+            limiter.take_tokens("u", rpm, tpm, tokens)
+        except RateLimitError:
+            continue
+        admitted += 1
+    assert limiter.headers("u")["x-ratelimit-remaining-requests"] == str(rpm - admitted)

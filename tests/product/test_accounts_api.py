@@ -425,6 +425,20 @@ def test_rate_limits_answer_429_with_retry_after_and_every_answer_carries_the_he
     assert [r.status for r in _rows(server, "user_bob")] == ["completed"]
 
 
+def test_a_request_refused_for_its_tokens_spends_none_of_the_minutes_requests(product_server):
+    """A tpm 429 never ran: a client retrying too large a request keeps its rpm."""
+    server = product_server()
+    server.product.accounts.limiter.clock = lambda: 0.0  # no refill: only what was taken shows
+    key = _account(server, "gus", rpm=2, tpm=150)
+    with _client(server, key) as gus:
+        too_big = _chat(gus, max_tokens=500)
+        assert too_big.status_code == 429 and "tokens" in too_big.json()["error"]["message"]
+        assert too_big.headers["x-ratelimit-remaining-requests"] == "2"
+        answers = [_chat(gus, max_tokens=5) for _ in range(2)]
+        assert [a.status_code for a in answers] == [200, 200], answers[1].text
+        assert _chat(gus, max_tokens=5).status_code == 429  # the rpm's two are spent
+
+
 def test_the_rate_limit_headers_are_what_is_left_after_the_requests_reservation(
     product_server,
 ):
