@@ -500,21 +500,28 @@ class Turn:
         before its end (the turn stopped, an error) is aborted in the engine, and the text
         the parser held back is emitted."""
         self._running = (len(prompt.token_ids), progress)
+        computed = True
         try:
             await self._consume(progress, prompt.token_ids, params, request_id)
+        except ValueError:
+            # The engine's refusal at submission (its only ValueError, before any output):
+            # it computed none of the prompt, which is therefore not charged.
+            computed = bool(progress.output_ids)
+            raise
         finally:
             self._running = None
-            self._add_to_totals(prompt, progress)
+            self._add_to_totals(prompt, progress, computed)
             if progress.finish_reason is None:
                 await self.services.engine.abort(request_id)
             if progress.finish_reason in (None, "abort"):
                 self._emit(progress, progress.assembler.push("", final=True))  # the text held back
 
-    def _add_to_totals(self, prompt: Prompt, progress: _Progress) -> None:
-        """Count a generation's tokens, and keep its prompt + output and where its history
-        started for the next response's prompt to extend."""
+    def _add_to_totals(self, prompt: Prompt, progress: _Progress, computed: bool) -> None:
+        """Count a generation's tokens (its prompt's only when the engine `computed` it),
+        and keep its prompt + output and where its history started for the next
+        response's prompt to extend."""
         totals = self.totals
-        totals.input_tokens += len(prompt.token_ids)
+        totals.input_tokens += len(prompt.token_ids) if computed else 0
         totals.output_tokens += len(progress.output_ids) + progress.unseen
         totals.cached += progress.cached
         totals.context_tokens = prompt.token_ids + progress.output_ids

@@ -126,8 +126,10 @@ async def engine_outputs(
                     meter.on_cached(out.num_cached_tokens)
                 yield out
     except ContextLengthExceededError as exc:
+        meter.on_refused(len(prompt))
         raise context_error(str(exc), "prompt") from None
-    except ValueError as exc:  # e.g. a prompt larger than the whole KV pool
+    except ValueError as exc:  # the engine's refusal at submission: nothing was computed
+        meter.on_refused(len(prompt))
         raise from_value_error(exc) from None
     except NothingToSampleError as exc:
         raise invalid(str(exc), None) from None

@@ -2,8 +2,9 @@
 the single usage row written when it ends (none for a refusal: `UsageRecord.stored`).
 
 The routes create a `Meter` at arrival and feed it as the request runs (`on_submit` when
-a prompt goes to the engine, `on_tokens` as tokens come back, `on_cached` when a prompt
-finishes, `on_aborted` when one is stopped before its end). `finish(status)` settles the
+a prompt goes to the engine, `on_refused` when the engine refuses it there, `on_tokens` as
+tokens come back, `on_cached` when a prompt finishes, `on_aborted` when one is stopped
+before its end). `finish(status)` settles the
 reservation and writes the row exactly once; every way a request can end (completed, cut,
 cancelled, the client gone, an error, a refusal before any compute) calls it, and the later
 calls do nothing.
@@ -86,6 +87,13 @@ class Meter:
         if self.submitted_at is None:
             self.submitted_at = time.perf_counter()
         self.input_tokens += prompt_tokens
+
+    def on_refused(self, prompt_tokens: int) -> None:
+        """The engine refused a prompt `on_submit` counted, at its submission (a client's
+        mistake only it finds, such as a prompt longer than its context): it computed
+        none of it, so it is not charged, and a request with nothing else computed is a
+        refusal (`error_status`)."""
+        self.input_tokens -= prompt_tokens
 
     def on_tokens(self, count: int) -> None:
         if count > 0 and self.first_token_at is None:

@@ -21,7 +21,7 @@ from openai.types.responses import Response as SDKResponse
 from openai.types.responses.response_error import ResponseError
 from sqlalchemy import func, select
 
-from engine.errors import NothingToSampleError
+from engine.errors import ContextLengthExceededError, NothingToSampleError
 from orchestrator.accounts import keys
 from orchestrator.accounts import meter as meter_module
 from orchestrator.accounts.periods import period_start
@@ -335,6 +335,33 @@ def test_a_request_refused_after_its_prompt_went_in_is_reported_as_it_is_charged
     assert row.status == "failed" and row.input_tokens > 0
     assert report["quota"]["used"] == row.total_tokens
     assert sum(day["total_tokens"] for day in report["data"]) == row.total_tokens
+
+
+class SubmissionRefusingEngine(FakeEngine):
+    """Refuses every prompt as it is submitted, as LLMEngine does a prompt longer than
+    its context: before computing any of it."""
+
+    async def generate(self, prompt, params, request_id, on_abort=None):
+        raise ContextLengthExceededError(f"the prompt has {len(prompt)} tokens, too many")
+        yield  # an async generator, as AsyncLLM.generate
+
+
+def test_a_prompt_the_engine_refuses_at_submission_is_not_charged(product_server):
+    """The engine computed none of it: chat's 400 is a refusal (no usage row), and a
+    response that fails on it used no input tokens; the quota holds nothing of either."""
+    server = product_server(SubmissionRefusingEngine())
+    key = _account(server, "hal", token_quota=1000, quota_period="day")
+    with _client(server, key) as hal:
+        refused = _chat(hal, max_tokens=5)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "context_length_exceeded"
+        body = {"model": MODEL, "input": "Hi", "max_output_tokens": 16}
+        failed = hal.post("/responses", json=body).json()
+        assert failed["status"] == "failed" and failed["usage"]["input_tokens"] == 0
+        report = hal.get("/usage").json()
+    assert report["quota"]["used"] == 0 and report["quota"]["reserved"] == 0
+    rows = _rows(server, "user_hal", count=1)
+    assert [(r.endpoint, r.status, r.total_tokens) for r in rows] == [("responses", "failed", 0)]
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "responses"])
