@@ -88,7 +88,9 @@ class Product:
             if embedder is not None:
                 product.index_unavailable = prepare_index(store.repo)
             if embedder is not None and product.index_unavailable is None:
-                product.vector_stores = VectorStoreService(store, product.files, embedder)
+                product.vector_stores = VectorStoreService(
+                    store, product.files, embedder, product.accounts
+                )
         product.responses.file_search = product.vector_stores
         if product.vector_stores is None:
             product.responses.file_search_unavailable = (

@@ -25,17 +25,20 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
-from orchestrator.errors import InvalidRequestError, NotFoundError
+from orchestrator.accounts import LOCAL, LOCAL_USER, Accounts, Identity, Meter
+from orchestrator.errors import InvalidRequestError, NotFoundError, QuotaExceededError
 from orchestrator.files import FileService, missing_file
 from orchestrator.ids import new_id
 from orchestrator.retrieval.chunking import StaticChunking
-from orchestrator.retrieval.embeddings import Embedder
+from orchestrator.retrieval.embeddings import Embedder, Encoded
 from orchestrator.retrieval.extract import ExtractionError, UnsupportedFile, extract_text
 from orchestrator.retrieval.filters import Filter
 from orchestrator.retrieval.index import Hit, SearchMode, SearchRequest
 from orchestrator.retrieval.ingest import prepare_chunks
 from orchestrator.store import ItemPage, Page, Store
+from orchestrator.store import accounts as accounts_db
 from orchestrator.store import knowledge as kb
 from orchestrator.store.advisory_claims import AdvisoryClaims, claim_key
 
@@ -171,10 +174,17 @@ class IngestionSlots:
 
 
 class VectorStoreService:
-    def __init__(self, store: Store, files: FileService, embedder: Embedder) -> None:
+    def __init__(
+        self,
+        store: Store,
+        files: FileService,
+        embedder: Embedder,
+        accounts: Accounts | None = None,
+    ) -> None:
         self.store = store
         self.files = files
         self.embedder = embedder
+        self.accounts = accounts  # None: embeddings are not metered
         self._tasks: set[asyncio.Task] = set()
         self._running: dict[tuple[str, str, str], asyncio.Task] = {}  # by (owner, store, file)
         self._claims = AdvisoryClaims()
@@ -259,7 +269,7 @@ class VectorStoreService:
             await self.use(owner, vector_store_id)
         if not searches:
             return []
-        encoded = await self.embedder.aencode([s.query for s in searches])
+        encoded = await self._embed(owner, "vector_stores.search", [s.query for s in searches])
         best: dict[tuple[str, str, int], Hit] = {}
         for search, vector in zip(searches, encoded.vectors, strict=True):
             request = SearchRequest(
@@ -277,6 +287,35 @@ class VectorStoreService:
                     best[key] = hit
         ranked = sorted(best.values(), key=lambda h: (-h.score, h.file_id, h.chunk_index))
         return ranked[: max(s.max_num_results for s in searches)]
+
+    async def _embed(self, owner: str, endpoint: str, texts: list[str]) -> Encoded:
+        """Embed `texts` as `owner`'s embedding usage: a usage row (as /v1/embeddings
+        writes, under `endpoint`), charged to their token quota, which is reserved first:
+        QuotaExceededError, with nothing embedded, when it does not hold their tokens. The
+        tpm counts them without refusing them (`spent=0`): neither a search nor a file's
+        ingestion is a request the rpm counts, and a file's chunks are embedded in the
+        background, where a retry is no one's to make."""
+        meter = Meter(self.accounts, endpoint, await self._identity(owner), self.embedder.name)
+        try:
+            tokens = sum(len(ids) for ids in await self.embedder.atokenize(texts))
+            await meter.reserve(tokens, spent=0)
+            encoded = await self.embedder.aencode(texts)
+            meter.on_submit(sum(encoded.token_counts))
+        except QuotaExceededError:
+            await meter.finish("rejected")
+            raise
+        except BaseException:
+            await meter.finish("failed")
+            raise
+        await meter.finish("completed")
+        return encoded
+
+    async def _identity(self, owner: str) -> Identity:
+        """Whose account `owner`'s embeddings are charged to (the local user's: none)."""
+        if self.accounts is None or owner == LOCAL_USER:
+            return LOCAL
+        user = await self.store.call(accounts_db.get_user_by_id, owner)
+        return Identity(owner) if user is None else Identity.of(user, None)
 
     # -- vector store files --------------------------------------------------------------
 
@@ -533,7 +572,10 @@ class VectorStoreService:
                 content_type,
                 strategy,
                 body["attributes"],
+                partial(self._embed, owner, "vector_stores.files"),
             )
+        except QuotaExceededError as exc:
+            error = _error("server_error", f"insufficient_quota: {exc.message}")
         except UnsupportedFile as exc:
             error = _error("unsupported_file", str(exc))
         except ExtractionError as exc:

@@ -26,6 +26,9 @@ from orchestrator.store.accounts import UsageRecord
 log = logging.getLogger("tokenmill")
 
 STATUSES = ("completed", "incomplete", "cancelled", "failed", "rejected")
+# The endpoints whose requests only embed (inputs, no output): /v1/embeddings, a vector
+# store's ingestion of a file's chunks and its searches' queries (VectorStoreService).
+EMBEDDING_ENDPOINTS = ("embeddings", "vector_stores.files", "vector_stores.search")
 # How often a running request writes its usage so far (`Meter.checkpoint`): a crash of the
 # server loses at most this much of it.
 CHECKPOINT_S = 2.0
@@ -66,7 +69,7 @@ class Meter:
         """Hold `tokens` (prompt + output budget) before they are spent; `spent`: what the
         request's earlier generations used (`Accounts.reserve`)."""
         if self.accounts is not None:
-            generates = self.endpoint != "embeddings"  # which has no output to lower
+            generates = self.endpoint not in EMBEDDING_ENDPOINTS  # no output to lower
             await self.accounts.reserve(self.identity, self.held, tokens, spent, generates)
             if self.admitted_headers is None:
                 self.admitted_headers = self.accounts.rate_headers(self.identity)

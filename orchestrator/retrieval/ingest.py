@@ -8,9 +8,10 @@ are `ExtractionError`s whose message is meant for the vector store file's `last_
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from orchestrator.retrieval.chunking import Chunk, StaticChunking, chunk_text
-from orchestrator.retrieval.embeddings import Embedder
+from orchestrator.retrieval.embeddings import Embedder, Encoded
 from orchestrator.retrieval.extract import ExtractionError, extract_text
 from orchestrator.retrieval.index import ChunkRecord
 
@@ -48,13 +49,16 @@ async def prepare_chunks(
     content_type: str | None = None,
     strategy: StaticChunking | None = None,
     attributes: dict | None = None,
+    embed: Callable[[list[str]], Awaitable[Encoded]] | None = None,
 ) -> list[ChunkRecord]:
-    """The file's chunks with their embeddings, ready for `RetrievalIndex.add`. The
-    embedder works in batches, so a cancelled ingestion (the file removed or added again,
-    the server stopping) stops after the batch under way, not after the whole file."""
+    """The file's chunks with their embeddings, ready for `RetrievalIndex.add`; `embed`
+    (the embedder's `aencode` by default) embeds their texts, as a server meters them for
+    the file's owner. The embedder works in batches, so a cancelled ingestion (the file
+    removed or added again, the server stopping) stops after the batch under way, not
+    after the whole file."""
     text = await extract_text(data, filename, content_type)
     chunks = await asyncio.to_thread(split_text, text, filename, embedder, strategy)
-    vectors = (await embedder.aencode([c.text for c in chunks])).vectors
+    vectors = (await (embed or embedder.aencode)([c.text for c in chunks])).vectors
     return [
         ChunkRecord(file_id, filename, c.index, c.text, vector, dict(attributes or {}))
         for c, vector in zip(chunks, vectors, strict=True)

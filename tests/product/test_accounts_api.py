@@ -986,6 +986,64 @@ def test_embeddings_are_metered_and_count_against_the_quota(product_server, tmp_
     embedder.close()
 
 
+def _indexed(client: httpx.Client, store_id: str, file_id: str) -> dict:
+    """The vector store file once its ingestion ended."""
+    deadline = time.monotonic() + 60
+    while True:
+        entry = client.get(f"/vector_stores/{store_id}/files/{file_id}").json()
+        if entry["status"] != "in_progress" or time.monotonic() > deadline:
+            return entry
+        time.sleep(0.05)
+
+
+def test_vector_store_embeddings_are_metered_and_count_against_the_quota(product_server, tmp_path):
+    """A file's chunks and a search's queries are embedded for the owner: each a usage row
+    of embedding input, charged to the quota; past it a search is a 429 and a file
+    fails with a last_error saying so, nothing embedded."""
+    embedder = Embedder.load()
+    server = product_server(data_dir=tmp_path / "data", embedder=embedder)
+    key = _account(server, "ida", token_quota=1000)
+    text = b"Cats sleep on warm carpets all afternoon while the dogs guard the door."
+    with _client(server, key) as ida:
+        file_id = ida.post(
+            "/files", files={"file": ("a.txt", text)}, data={"purpose": "assistants"}
+        )
+        file_id = file_id.json()["id"]
+        store_id = ida.post("/vector_stores", json={"file_ids": [file_id]}).json()["id"]
+        assert _indexed(ida, store_id, file_id)["status"] == "completed"
+        found = ida.post(f"/vector_stores/{store_id}/search", json={"query": "where do cats sleep"})
+        assert found.status_code == 200 and found.json()["data"]
+        rows = _rows(server, "user_ida", count=2)
+        assert [(r.endpoint, r.model, r.status, r.output_tokens) for r in rows] == [
+            ("vector_stores.files", embedder.name, "completed", 0),
+            ("vector_stores.search", embedder.name, "completed", 0),
+        ]
+        assert [r.input_tokens for r in rows] == [
+            len(embedder.tokenize([t])[0])
+            for t in (
+                text.decode(),
+                "where do cats sleep",
+            )
+        ]
+        spent = sum(r.input_tokens for r in rows)
+        assert ida.get("/usage").json()["quota"]["used"] == spent
+        db.update_user(server.product.store.repo, "ida", {"token_quota": spent + 2})
+        refused = ida.post(f"/vector_stores/{store_id}/search", json={"query": "cats and dogs"})
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "insufficient_quota"
+        assert refused.json()["error"]["type"] == "insufficient_quota"
+        other = ida.post("/files", files={"file": ("b.txt", text)}, data={"purpose": "assistants"})
+        other = other.json()["id"]
+        ida.post(f"/vector_stores/{store_id}/files", json={"file_id": other})
+        failed = _indexed(ida, store_id, other)
+        assert failed["status"] == "failed" and failed["last_error"]["code"] == "server_error"
+        assert failed["last_error"]["message"].startswith("insufficient_quota: You exceeded")
+        quota = ida.get("/usage").json()["quota"]
+        assert (quota["used"], quota["reserved"]) == (spent, 0)
+    assert len(_rows(server, "user_ida")) == 2  # the refusals cost nothing
+    embedder.close()
+
+
 def test_a_storage_quota_set_by_the_admin_cli_refuses_uploads_past_it(
     product_server, tmp_path, capsys
 ):
