@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
 
+from orchestrator.errors import QuotaExceededError, RateLimitError
 from orchestrator.ids import new_id
 from orchestrator.sandbox import SandboxUnavailable
 from orchestrator.tools.base import Tool, ToolError, ToolOutput, ToolUnavailable
@@ -312,13 +313,16 @@ class Agent:
         return item
 
     async def _execute(self, call: dict, label: str) -> tuple[ToolOutput, bool]:
-        """The tool's output and whether it failed; a failure becomes an output the model
-        can read, never an exception."""
+        """The tool's output and whether it failed; a tool's failure becomes an output the
+        model can read, never an exception. Only the user's quota or rate limit refusing
+        the tool's work ends the response instead (Turn fails it with rate_limit_exceeded)."""
         try:
             tool = self.tools.get(call["name"])
             if tool is None:
                 raise ToolError(f"the tool '{call['name']}' is not available in this response")
             return await tool.execute(_arguments(call), label), False
+        except (QuotaExceededError, RateLimitError):
+            raise  # the user's budget (a search's embeddings) ends the response, as a turn's does
         except (ToolError, ToolUnavailable, SandboxUnavailable) as exc:
             message = f"Error: {exc}"
         except Exception as exc:

@@ -24,7 +24,7 @@ from types import MappingProxyType
 
 from engine import SamplingParams
 from engine.client import EngineClient
-from engine.errors import EngineError, EngineShutdownError
+from engine.errors import ContextLengthExceededError, EngineError, EngineShutdownError
 from orchestrator.agent import (
     CODE_INTERPRETER,
     ITEM_TOOLS,
@@ -333,6 +333,8 @@ class Turn:
             # ResponseError.code), which has none for a shutdown; the message says it.
             message = "the server shut down before this response finished"
             return "failed", None, {"code": "server_error", "message": message}
+        except ContextLengthExceededError as exc:  # the engine's own check, at submission
+            return "failed", None, {"code": "invalid_prompt", "message": str(exc)}
         except (EngineError, ValueError) as exc:
             return "failed", None, {"code": "server_error", "message": f"the engine failed: {exc}"}
         except InvalidRequestError as exc:  # the tools' output no longer fits the context

@@ -358,6 +358,8 @@ def test_a_prompt_the_engine_refuses_at_submission_is_not_charged(product_server
         body = {"model": MODEL, "input": "Hi", "max_output_tokens": 16}
         failed = hal.post("/responses", json=body).json()
         assert failed["status"] == "failed" and failed["usage"]["input_tokens"] == 0
+        assert failed["error"]["code"] == "invalid_prompt"
+        assert "too many" in failed["error"]["message"]
         report = hal.get("/usage").json()
     assert report["quota"]["used"] == 0 and report["quota"]["reserved"] == 0
     rows = _rows(server, "user_hal", count=1)
@@ -1041,6 +1043,36 @@ def test_vector_store_embeddings_are_metered_and_count_against_the_quota(product
         quota = ida.get("/usage").json()["quota"]
         assert (quota["used"], quota["reserved"]) == (spent, 0)
     assert len(_rows(server, "user_ida")) == 2  # the refusals cost nothing
+    embedder.close()
+
+
+def test_a_file_search_past_the_quota_fails_the_response(product_server, tmp_path):
+    """A search's query embeddings the quota refuses end the response as a model turn's
+    refusal does (failed, rate_limit_exceeded), not as a tool error the model reads."""
+    embedder = Embedder.load()
+    server = product_server(data_dir=tmp_path / "data", embedder=embedder)
+    key = _account(server, "ivo", token_quota=100_000)
+    with _client(server, key) as ivo:
+        upload = {"file": ("a.txt", b"Cats sleep on warm carpets.")}
+        file_id = ivo.post("/files", files=upload, data={"purpose": "assistants"}).json()["id"]
+        store_id = ivo.post("/vector_stores", json={"file_ids": [file_id]}).json()["id"]
+        assert _indexed(ivo, store_id, file_id)["status"] == "completed"
+        body = {
+            "model": MODEL,
+            "input": "where do cats sleep",
+            "tools": [{"type": "file_search", "vector_store_ids": [store_id]}],
+            "tool_choice": "required",  # file_search the only tool: searched before the model
+        }
+        prompt = ivo.post("/responses/input_tokens", json=body).json()["input_tokens"]
+        used = ivo.get("/usage").json()["quota"]["used"]
+        # Room for the first generation's reservation, none for the search's query.
+        quota = used + prompt + 16
+        db.update_user(server.product.store.repo, "ivo", {"token_quota": quota})
+        failed = ivo.post("/responses", json={**body, "max_output_tokens": 16}).json()
+    assert failed["status"] == "failed", failed
+    assert failed["error"]["code"] == "rate_limit_exceeded"
+    assert failed["error"]["message"].startswith("insufficient_quota: ")
+    assert server.engine.prompts == []  # the model never ran
     embedder.close()
 
 
