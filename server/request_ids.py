@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
+from server.response_headers import ResponseHeadersMiddleware
 from server.vllm_fields import MAX_REQUEST_ID_CHARS
 
 HEADER = "x-request-id"
@@ -25,26 +27,17 @@ def new_request_id() -> str:
     return f"req_{uuid.uuid4().hex}"
 
 
-class RequestIdMiddleware:
+class RequestIdMiddleware(ResponseHeadersMiddleware):
     """Gives each HTTP request its id (the client's `X-Request-Id` when it is 1 to
     MAX_REQUEST_ID_CHARS visible ASCII characters, else a new one), keeps it in the
-    request's state and adds it to the response's headers. Pure ASGI, so streamed
-    responses pass through unbuffered."""
+    request's state and adds it to the response's headers."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def prepare(self, scope: Scope) -> Callable[[MutableHeaders], None]:
         given = Headers(scope=scope).get(HEADER)
         rid = given if given is not None and _CLIENT_ID.fullmatch(given) else new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
 
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)[HEADER] = rid
-            await send(message)
+        def add(headers: MutableHeaders) -> None:
+            headers[HEADER] = rid
 
-        await self.app(scope, receive, send_with_id)
+        return add

@@ -12,6 +12,7 @@ uploaded HTML file, say) cannot run script in this origin when a browser opens i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from starlette.datastructures import MutableHeaders
@@ -19,7 +20,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
+
+from server.response_headers import ResponseHeadersMiddleware
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -44,29 +47,19 @@ def _is_page(path: str) -> bool:
     return path == "/" or path.startswith("/static/")
 
 
-class SecurityHeadersMiddleware:
+class SecurityHeadersMiddleware(ResponseHeadersMiddleware):
     """Adds the page's policy to `/` and `/static/*`, the deny-all policy to everything
-    else, and `nosniff` / `no-referrer` to all. Pure ASGI: it edits the response's start
-    message only, so streamed responses pass through unbuffered."""
+    else, and `nosniff` / `no-referrer` to all."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def prepare(self, scope: Scope) -> Callable[[MutableHeaders], None]:
         policy = PAGE_POLICY if _is_page(scope["path"]) else API_POLICY
 
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                headers.setdefault("content-security-policy", policy)
-                headers.setdefault("x-content-type-options", "nosniff")
-                headers.setdefault("referrer-policy", "no-referrer")
-            await send(message)
+        def add(headers: MutableHeaders) -> None:
+            headers.setdefault("content-security-policy", policy)
+            headers.setdefault("x-content-type-options", "nosniff")
+            headers.setdefault("referrer-policy", "no-referrer")
 
-        await self.app(scope, receive, send_with_headers)
+        return add
 
 
 async def page(request: Request) -> Response:
