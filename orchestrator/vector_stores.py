@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -40,6 +40,7 @@ from orchestrator.retrieval.ingest import prepare_chunks
 from orchestrator.store import ItemPage, Page, Store
 from orchestrator.store import accounts as accounts_db
 from orchestrator.store import knowledge as kb
+from orchestrator.store.accounts import UsageRecord
 from orchestrator.store.advisory_claims import AdvisoryClaims, claim_key
 
 log = logging.getLogger("tokenmill.vector_stores")
@@ -185,6 +186,8 @@ class VectorStoreService:
         self.files = files
         self.embedder = embedder
         self.accounts = accounts  # None: embeddings are not metered
+        # Called with each embedding usage row as it is written (the server's /metrics).
+        self.usage_listeners: list[Callable[[UsageRecord], None]] = []
         self._tasks: set[asyncio.Task] = set()
         self._running: dict[tuple[str, str, str], asyncio.Task] = {}  # by (owner, store, file)
         self._claims = AdvisoryClaims()
@@ -295,7 +298,13 @@ class VectorStoreService:
         tpm counts them without refusing them (`spent=0`): neither a search nor a file's
         ingestion is a request the rpm counts, and a file's chunks are embedded in the
         background, where a retry is no one's to make."""
-        meter = Meter(self.accounts, endpoint, await self._identity(owner), self.embedder.name)
+        meter = Meter(
+            self.accounts,
+            endpoint,
+            await self._identity(owner),
+            self.embedder.name,
+            listeners=self.usage_listeners,
+        )
         try:
             tokens = sum(len(ids) for ids in await self.embedder.atokenize(texts))
             await meter.reserve(tokens, spent=0)

@@ -329,6 +329,9 @@ def build_app(
         },
     )
     app.state.tokenmill = ServerState(engine, config)
+    if product is not None and product.vector_stores is not None:
+        # A vector store's embeddings, metered inside the product, count in /metrics too.
+        product.vector_stores.usage_listeners.append(app.state.tokenmill.metrics.on_usage)
     app.state.product = product
     app.state.embedder = embedder
     return app

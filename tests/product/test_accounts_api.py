@@ -1029,6 +1029,10 @@ def test_vector_store_embeddings_are_metered_and_count_against_the_quota(product
         ]
         spent = sum(r.input_tokens for r in rows)
         assert ida.get("/usage").json()["quota"]["used"] == spent
+        metrics = httpx.get(f"{server.url}/metrics").text
+        for endpoint in ("vector_stores.files", "vector_stores.search"):
+            counted = f'requests_total{{endpoint="{endpoint}",status="completed"}} 1.0'
+            assert counted in metrics
         db.update_user(server.product.store.repo, "ida", {"token_quota": spent + 2})
         refused = ida.post(f"/vector_stores/{store_id}/search", json={"query": "cats and dogs"})
         assert refused.status_code == 429
