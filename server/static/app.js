@@ -1139,13 +1139,70 @@ function attachmentLabel(status) {
   return { completed: "ready", in_progress: "indexing" }[status] || status;
 }
 
-function attachmentChip(name, status) {
+// A file's chip; once the file is uploaded (`fileId`), with its remove button.
+function attachmentChip(name, status, fileId = null) {
   const chip = el("span", `attachment ${status}`);
   const label = el("span", "attachment-name", name);
   label.dir = "auto";
   chip.append(label,
     el("span", "attachment-status", attachmentLabel(status)));
+  if (fileId) addRemoveButton(chip, name, fileId);
   return chip;
+}
+
+function setChipStatus(chip, status) {
+  chip.className = `attachment ${status}`;
+  chip.querySelector(".attachment-status").textContent = attachmentLabel(status);
+}
+
+// The × on a chip (drawn by chat.css: the button's name is its label).
+function addRemoveButton(chip, name, fileId) {
+  const remove = button("", "small attachment-remove", () => removeFile(chip, name, fileId),
+    `Remove ${name}`);
+  chip.append(remove);
+}
+
+// DELETE `path`, a 404 counting as done: what was to be removed is gone already.
+async function deleteGone(path) {
+  try {
+    await request("DELETE", path);
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 404)) throw error;
+  }
+}
+
+// Removes a file from the conversation: out of its vector store, so that no later message
+// searches or cites it, and deleted, since the page uploaded it for this conversation only.
+// The last file gone, the store is deleted and forgotten: messages no longer offer
+// file_search (requestBody offers it while the conversation names a store).
+async function removeFile(chip, name, fileId) {
+  const open = state.open;
+  const store = open && open.meta.vectorStore;
+  if (!store || chip.dataset.removing) return;
+  chip.dataset.removing = "true";
+  try {
+    await deleteGone(`/v1/vector_stores/${store}/files/${fileId}`);
+    await deleteGone(`/v1/files/${fileId}`);
+  } catch (error) {
+    delete chip.dataset.removing;
+    setStatus(`Could not remove ${name}: ${describe(error)}`, true);
+    return;
+  }
+  const next = chip.nextElementSibling || chip.previousElementSibling;
+  chip.remove();
+  next?.querySelector(".attachment-remove")?.focus();
+  if (!next) $("prompt").focus();
+  setStatus(`Removed ${name} from this chat.`);
+  await dropEmptyStore(open, store).catch(reportError);
+}
+
+// The conversation's store, once it holds no file (another tab may have added one
+// meanwhile: then it stays), is deleted and no longer named by the conversation.
+async function dropEmptyStore(open, store) {
+  const left = await request("GET", `/v1/vector_stores/${store}/files?limit=1`);
+  if (left.data.length) return;
+  await useStore(open, null, store);
+  await deleteGone(`/v1/vector_stores/${store}`);
 }
 
 async function renderAttachments() {
@@ -1158,7 +1215,7 @@ async function renderAttachments() {
     const files = await listAll(`/v1/vector_stores/${store}/files`);
     const named = await Promise.all(files.map(async (f) => {
       const file = await request("GET", `/v1/files/${f.id}`).catch(() => ({ filename: f.id }));
-      return attachmentChip(file.filename, f.status);
+      return attachmentChip(file.filename, f.status, f.id);
     }));
     // Another conversation or a new chat may be on screen by now: its files, not these.
     if ((meta() && meta().vectorStore) === store) box.replaceChildren(...named);
@@ -1211,17 +1268,17 @@ async function upload(event) {
     const uploaded = await request("POST", "/v1/files", form);
     let entry = await addToStore(open, uploaded.id, chip);
     const store = open.meta.vectorStore;
-    chip.lastChild.textContent = attachmentLabel("in_progress");
+    setChipStatus(chip, "in_progress");
+    addRemoveButton(chip, file.name, uploaded.id);
     while (entry.status === "in_progress") {
       await new Promise((resolve) => setTimeout(resolve, 300));
       entry = await request("GET", `/v1/vector_stores/${store}/files/${uploaded.id}`);
     }
-    chip.className = `attachment ${entry.status}`;
-    chip.lastChild.textContent = attachmentLabel(entry.status);
+    setChipStatus(chip, entry.status);
     if (entry.last_error) setStatus(`${file.name}: ${entry.last_error.message}`, true);
   } catch (error) {
-    chip.className = "attachment failed";
-    chip.lastChild.textContent = "failed";
+    if (chip.dataset.removing) return; // the user removed it meanwhile (removeFile)
+    setChipStatus(chip, "failed");
     reportError(error);
   }
 }

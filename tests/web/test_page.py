@@ -1389,3 +1389,59 @@ def test_a_file_attached_after_the_vector_store_expired_is_kept(session, page, a
     names = {api.get(f"/v1/files/{f['id']}").json()["filename"] for f in files}
     assert names == {"first.txt", "second.txt"}
     assert "failed" not in page.inner_text("#attachments")
+
+
+def test_an_attached_file_can_be_removed(session, page, api):
+    """Each file's chip has a Remove button (keyboard reachable): the file leaves the
+    conversation's vector store and is deleted; a removal that cannot reach the server keeps
+    the chip and says so, one whose file is gone already counts as done, and with the last
+    file the store goes, so that messages no longer offer file_search."""
+    session[1].expected += [
+        r"ERR_FAILED .*@ .*/v1/vector_stores/vs_\w+/files/file_\w+$",  # the removal cut off
+        r"404 .*@ .*/v1/(vector_stores/vs_\w+/)?files/file_\w+$",  # gone already
+    ]
+    for name in ("a.txt", "b.txt"):
+        page.set_input_files(
+            "#upload", files=[{"name": name, "mimeType": "text/plain", "buffer": b"Some text.\n"}]
+        )
+        page.wait_for_selector(
+            f"#attachments .attachment.completed:has-text('{name}')", timeout=60_000
+        )
+    page.wait_for_function("() => !document.body.dataset.saving")
+    conversation = page.evaluate("location.hash")[1:]
+    store = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
+    files = api.get(f"/v1/vector_stores/{store}/files").json()["data"]
+    ids = {api.get(f"/v1/files/{f['id']}").json()["filename"]: f["id"] for f in files}
+
+    cut = re.compile(r"/v1/vector_stores/[^/]+/files/[^/]+$")
+    page.route(cut, lambda route: route.abort())
+    page.get_by_role("button", name="Remove a.txt").click()
+    page.wait_for_function(
+        "() => /Could not remove a.txt/.test(document.querySelector('#status').textContent)"
+    )
+    page.unroute(cut)
+    assert page.locator("#attachments .attachment").count() == 2
+
+    page.get_by_role("button", name="Remove a.txt").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        "() => /Removed a.txt/.test(document.querySelector('#status').textContent)"
+    )
+    assert page.inner_text("#attachments") == "b.txt\nready"
+    assert [f["id"] for f in api.get(f"/v1/vector_stores/{store}/files").json()["data"]] == [
+        ids["b.txt"]
+    ]
+    assert api.get(f"/v1/files/{ids['a.txt']}").status_code == 404
+
+    assert api.delete(f"/v1/files/{ids['b.txt']}").status_code == 200  # gone already
+    page.get_by_role("button", name="Remove b.txt").click()
+    page.wait_for_function(
+        "() => /Removed b.txt/.test(document.querySelector('#status').textContent)"
+    )
+    assert page.locator("#attachments .attachment").count() == 0
+    page.wait_for_function("() => !document.body.dataset.saving")
+    assert "vs" not in api.get(f"/v1/conversations/{conversation}").json()["metadata"]
+    assert api.get(f"/v1/vector_stores/{store}").status_code == 404
+    send(page, "Hello.")
+    [turn] = turns(page)
+    assert api.get(f"/v1/responses/{turn}").json()["tools"] == []
