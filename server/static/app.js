@@ -67,7 +67,8 @@ function freshMeta() {
   const saved = defaults();
   const model = saved.model || state.models[0] || "";
   return {
-    title: "", instructions: saved.instructions || "", leaf: null, leaves: [], vectorStore: null,
+    title: "", instructions: saved.instructions || "", leaf: null, leaves: [], parents: {},
+    vectorStore: null,
     activeAt: 0,
     settings: {
       model,
@@ -355,8 +356,9 @@ async function fetchNode(id) {
 }
 
 // Every node reachable from the leaves, fetched level by level (siblings in parallel); the
-// ids not found were deleted through the API (Tree.fromFetched).
-async function loadTree(leaves) {
+// ids not found were deleted through the API (Tree.fromFetched): a deleted leaf's branch is
+// followed from its parent, as `parents` (the metadata's) names it.
+async function loadTree(leaves, parents) {
   const fetched = [];
   const deleted = new Set();
   let wanted = [...new Set(leaves)];
@@ -368,14 +370,14 @@ async function loadTree(leaves) {
       deleted.add(id);
       return null;
     })));
-    const next = [];
+    const next = wanted.filter((id) => deleted.has(id) && parents[id]).map((id) => parents[id]);
     for (const node of nodes.filter(Boolean)) {
       fetched.push(node);
-      if (node.parent && !seen.has(node.parent)) next.push(node.parent);
+      if (node.parent) next.push(node.parent);
     }
-    wanted = [...new Set(next)];
+    wanted = [...new Set(next)].filter((id) => !seen.has(id));
   }
-  return Tree.fromFetched(fetched, deleted, leaves);
+  return Tree.fromFetched(fetched, deleted, leaves, parents);
 }
 
 async function openConversation(id) {
@@ -386,11 +388,13 @@ async function openConversation(id) {
   try {
     const conversation = await request("GET", `/v1/conversations/${id}`);
     const decoded = decodeMetadata(conversation.metadata);
-    const tree = await loadTree(decoded.leaves);
+    const tree = await loadTree(decoded.leaves, decoded.parents);
     // Another conversation, a new chat or a turn was started meanwhile: it stays on screen.
     if (ticket !== state.navigation || busy()) return;
     focusPrompt(focused);
-    if (decoded.leaf && tree.nodes.has(decoded.leaf)) tree.choose(decoded.leaf);
+    // The leaf on screen, or, deleted, the turn before it.
+    const shown = [decoded.leaf, decoded.parents[decoded.leaf]].find((n) => tree.nodes.has(n));
+    if (shown) tree.choose(shown);
     state.open = { id, meta: decoded };
     showInAddress(id);
     state.tree = tree;
@@ -451,6 +455,7 @@ function mergeStored(id, stored, decoded, changed) {
   const inner = new Set(state.open && state.open.id === id ? state.tree.inner() : []);
   const theirs = stored.leaves.filter((l) => !inner.has(l) && !decoded.leaves.includes(l));
   merged.leaves = [...theirs, ...decoded.leaves];
+  merged.parents = { ...stored.parents, ...decoded.parents };
   return merged;
 }
 
@@ -492,6 +497,8 @@ function persistTree() {
   const tree = state.tree;
   const prepare = () => {
     decoded.leaves = tree.leaves().filter((leaf) => leaf.startsWith("resp_"));
+    decoded.parents = Object.fromEntries(decoded.leaves
+      .map((leaf) => [leaf, tree.nodes.get(leaf).parent]).filter(([, parent]) => parent));
     const leaf = tree.leaf();
     decoded.leaf = leaf && leaf.id.startsWith("resp_") ? leaf.id : decoded.leaf;
     for (const node of tree.nodes.values()) {

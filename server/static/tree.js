@@ -2,12 +2,11 @@
 // previous_response_id is its parent; editing a message or regenerating an answer makes a
 // sibling. The tree is persisted through public APIs only: the responses themselves hold
 // the edges, and the conversation's metadata holds the leaves (from which every node is
-// reachable) and the leaf on screen. See docs/web.md.
+// reachable), each with its parent (a leaf deleted through the API gives no parent to
+// follow), and the leaf on screen. See docs/web.md.
 
-const ID_LENGTH = 38; // "resp_" + 32 hex digits, and a separating space
 const LEAF_KEYS = 8;
-const LEAVES_PER_KEY = Math.floor(512 / ID_LENGTH);
-export const MAX_LEAVES = LEAF_KEYS * LEAVES_PER_KEY;
+const VALUE_LENGTH = 512; // a metadata value's limit
 const INSTRUCTION_KEYS = 4;
 export const MAX_INSTRUCTIONS = INSTRUCTION_KEYS * 512;
 
@@ -38,9 +37,11 @@ export class Tree {
 
   // The tree of the responses fetched, `deleted` being the ids that were not found (deleted
   // through the API). A response whose previous one was deleted starts a branch of its own,
-  // as its history on the server does, marked so the page can say a turn is missing; a
-  // deleted leaf gave no parent to follow, so its branch's other turns cannot be found.
-  static fromFetched(nodes, deleted, leaves) {
+  // as its history on the server does, marked so the page can say a turn is missing. A
+  // deleted leaf's branch goes on from its parent (`parents`, as the metadata kept it); one
+  // whose parent is unknown or deleted too gives none to follow, so its branch's other
+  // turns cannot be found.
+  static fromFetched(nodes, deleted, leaves, parents = {}) {
     const tree = new Tree();
     for (const node of nodes) {
       if (node.parent && deleted.has(node.parent)) {
@@ -49,7 +50,8 @@ export class Tree {
       }
       tree.add(node);
     }
-    tree.deletedLeaves = [...new Set(leaves)].filter((id) => deleted.has(id));
+    tree.deletedLeaves = [...new Set(leaves)]
+      .filter((id) => deleted.has(id) && !tree.nodes.has(parents[id]));
     return tree;
   }
 
@@ -135,7 +137,9 @@ export function clip(text, n) {
 // The `settings` key also carries `at`, the conversation's last activity (the newest turn's
 // created_at, in seconds), by which the sidebar orders: every key is taken, and the
 // settings' JSON has room to spare.
-export function encodeMetadata({ title, instructions, settings, leaf, leaves, vectorStore, activeAt }) {
+export function encodeMetadata({
+  title, instructions, settings, leaf, leaves, parents = {}, vectorStore, activeAt,
+}) {
   const meta = { title: clip(title || "", 512) };
   let text = clip(instructions || "", MAX_INSTRUCTIONS);
   for (let i = 0; text && i < INSTRUCTION_KEYS; i += 1) {
@@ -145,11 +149,28 @@ export function encodeMetadata({ title, instructions, settings, leaf, leaves, ve
   meta.settings = JSON.stringify(activeAt ? { ...settings, at: activeAt } : settings || {});
   if (leaf) meta.leaf = leaf;
   if (vectorStore) meta.vs = vectorStore;
-  const kept = leaves.slice(-MAX_LEAVES); // the oldest branches drop out beyond the limit
-  for (let i = 0; i * LEAVES_PER_KEY < kept.length; i += 1) {
-    meta[`leaves${i}`] = kept.slice(i * LEAVES_PER_KEY, (i + 1) * LEAVES_PER_KEY).join(" ");
-  }
+  const entries = leaves.map((id) => (parents[id] ? `${id}>${parents[id]}` : id));
+  packLeaves(entries).forEach((value, i) => {
+    meta[`leaves${i}`] = value;
+  });
   return meta;
+}
+
+// The leaves' entries ("leaf>parent", or "leaf" for a first turn), oldest first, as at most
+// LEAF_KEYS space-separated values: the newest are kept, the oldest branches drop out.
+function packLeaves(entries) {
+  const values = [];
+  let value = "";
+  for (const entry of [...entries].reverse()) {
+    if (value && value.length + 1 + entry.length > VALUE_LENGTH) {
+      if (values.length + 1 === LEAF_KEYS) break;
+      values.push(value);
+      value = "";
+    }
+    value = value ? `${entry} ${value}` : entry;
+  }
+  if (value) values.push(value);
+  return values.reverse();
 }
 
 export function decodeMetadata(meta = {}) {
@@ -158,8 +179,13 @@ export function decodeMetadata(meta = {}) {
     instructions += meta[`sys${i}`];
   }
   const leaves = [];
+  const parents = {};
   for (let i = 0; i < LEAF_KEYS && meta[`leaves${i}`]; i += 1) {
-    leaves.push(...meta[`leaves${i}`].split(" ").filter(Boolean));
+    for (const entry of meta[`leaves${i}`].split(" ").filter(Boolean)) {
+      const [leaf, parent] = entry.split(">");
+      leaves.push(leaf);
+      if (parent) parents[leaf] = parent;
+    }
   }
   let stored = {};
   try {
@@ -169,7 +195,7 @@ export function decodeMetadata(meta = {}) {
   }
   const { at, ...settings } = stored || {};
   return {
-    title: meta.title || "", instructions, settings, leaf: meta.leaf || null, leaves,
+    title: meta.title || "", instructions, settings, leaf: meta.leaf || null, leaves, parents,
     vectorStore: meta.vs || null, activeAt: Number(at) || 0,
   };
 }

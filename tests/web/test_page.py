@@ -963,6 +963,30 @@ def test_turns_around_a_deleted_turn_are_shown_with_a_marker(session, api):
     assert "last turn was deleted" in page.inner_text("#messages .deleted-turn")
 
 
+def test_a_branch_whose_last_turn_was_deleted_goes_on_from_the_turn_before(session, api):
+    """The page keeps each leaf with its parent's id ("leaf>parent" in `leaves*`): a leaf
+    deleted through the API no longer takes its branch with it. The branch is shown up to
+    the turn before, which the page shows in place of the deleted leaf on screen, and a
+    message goes on from there."""
+    page = _signed_in_page(session, DELETED_404)
+    send(page, "One.")
+    send(page, "Two.")
+    first, last = turns(page)
+    page.wait_for_function("() => !document.body.dataset.saving")
+    conversation = page.evaluate("location.hash")[1:]
+    stored = api.get(f"/v1/conversations/{conversation}").json()["metadata"]
+    assert (stored["leaves0"], stored["leaf"]) == (f"{last}>{first}", last)
+    assert api.delete(f"/v1/responses/{last}").status_code == 200
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
+    assert turns(page) == [first]
+    assert page.locator("#messages .deleted-turn").count() == 0
+    send(page, "Three.")
+    assert turns(page)[0] == first
+    assert api.get(f"/v1/responses/{turns(page)[1]}").json()["previous_response_id"] == first
+
+
 def test_a_message_after_its_turn_was_deleted_elsewhere_shows_the_stored_conversation(session, api):
     """The turn on screen deleted through the API while the page shows it: the message sent
     from it is refused (404, `previous_response_not_found`); the page shows the conversation
