@@ -207,6 +207,7 @@ def product_routes() -> list[Route]:
             _with_json_body(resp.count_input_tokens),
             methods=post,
         ),
+        Route("/v1/tools", resp.list_tools, methods=get),
         Route("/v1/responses/{response_id}", resp.retrieve_response, methods=get),
         Route("/v1/responses/{response_id}", resp.delete_response, methods=delete),
         Route("/v1/responses/{response_id}/cancel", resp.cancel_response, methods=post),

@@ -120,6 +120,13 @@ async def count_input_tokens(request: Request, body: Any) -> Response:
     return JSONResponse({"object": "response.input_tokens", "input_tokens": count})
 
 
+async def list_tools(request: Request) -> Response:
+    """`GET /v1/tools`, tokenmill's own: the built-in tools this server runs (OpenAI's
+    API has no such list; the web page reads it to offer code execution only where the
+    sandbox works)."""
+    return JSONResponse({"object": "list", "data": product(request).responses.builtin_tools()})
+
+
 async def retrieve_response(request: Request) -> Response:
     response_id = request.path_params["response_id"]
     query = request.query_params

@@ -23,6 +23,9 @@ const state = {
   deleted: new Set(), // ids of conversations deleted here: a turn ending there stores nothing
   models: [],
   windows: new Map(), // model id -> its context window in tokens (max_model_len)
+  // code_interpreter on this server (GET /v1/tools): null where its sandbox cannot run, else
+  // {default}: whether the server offers it on every request (--default-tools).
+  codeTool: null,
   searchText: new Map(), // conversation id -> its transcript, lower-cased (for search)
   searchQueue: [], // ids of the conversations whose transcripts search is still to fetch
   searchFetching: new Set(), // ids whose transcripts are being fetched
@@ -74,6 +77,7 @@ function freshMeta() {
       model,
       temperature: saved.temperature ?? 0.7,
       max_output_tokens: saved.max_output_tokens ?? defaultOutputTokens(model),
+      run_code: saved.run_code ?? false,
     },
   };
 }
@@ -763,7 +767,19 @@ function requestBody(decoded, parent, text) {
     body.tool_choice = settings.always_search === false ? "auto" : "required";
     body.include = ["file_search_call.results"];
   }
+  if (settings.run_code && state.codeTool) {
+    body.tools = [...(body.tools || []), { type: "code_interpreter", container: { type: "auto" } }];
+  }
   return body;
+}
+
+// A refusal of the request's code_interpreter (the server's sandbox cannot run: no
+// bubblewrap), said as such; any other error as it is.
+function codeRefusal(error, body) {
+  const at = error instanceof ApiError && /^tools\[(\d+)\]/.exec(error.param || "");
+  if (!at || (body.tools || [])[Number(at[1])]?.type !== "code_interpreter") return error;
+  return new ApiError(error.status, "This server cannot run Python code (turn off \"Run Python "
+    + `code\" in Settings): ${error.message}`, error.code, error.retryAfter, error.param);
 }
 
 let pendingCount = 0;
@@ -910,11 +926,17 @@ async function showDeletedParent(open) {
 // file_search naming that store: the store is renewed or forgotten (recoverStore), and the
 // request sent again, once.
 async function streamTurn(open, parent, text, onEvent, signal) {
+  const attempt = () => {
+    const body = requestBody(open.meta, parent, text);
+    return streamResponse(body, onEvent, signal).catch((error) => {
+      throw codeRefusal(error, body);
+    });
+  };
   try {
-    await streamResponse(requestBody(open.meta, parent, text), onEvent, signal);
+    await attempt();
   } catch (error) {
     if (!(await recoverStore(open, error))) throw error;
-    await streamResponse(requestBody(open.meta, parent, text), onEvent, signal);
+    await attempt();
   }
 }
 
@@ -1306,8 +1328,17 @@ function openSettings() {
   $("temperature").value = current.settings.temperature ?? "";
   $("max-output-tokens").value = current.settings.max_output_tokens ?? "";
   $("always-search").checked = current.settings.always_search !== false;
+  showCodeSetting(current.settings);
   $("settings").showModal();
   $("instructions").focus();
+}
+
+// "Run Python code", shown where the server's sandbox can run; checked and fixed when the
+// server offers code_interpreter on every request anyway (--default-tools).
+function showCodeSetting(settings) {
+  $("run-code-setting").hidden = !state.codeTool;
+  $("run-code").disabled = Boolean(state.codeTool?.default);
+  $("run-code").checked = Boolean(state.codeTool?.default || settings.run_code);
 }
 
 // Max output tokens stays below the model's window: a value past it fails every message
@@ -1327,6 +1358,7 @@ async function saveSettings(event) {
     temperature: $("temperature").value === "" ? null : Number($("temperature").value),
     max_output_tokens: $("max-output-tokens").value === "" ? null : Number($("max-output-tokens").value),
     always_search: $("always-search").checked,
+    run_code: $("run-code").checked && !$("run-code").disabled,
   };
   localStorage.setItem(DEFAULTS_STORAGE, JSON.stringify({ ...current.settings,
     instructions: current.instructions }));
@@ -1374,6 +1406,7 @@ async function start() {
     if (!(error instanceof ApiError && error.status === 401)) reportError(error);
     return;
   }
+  state.codeTool = await codeTool();
   $("sign-out").hidden = !storedKey();
   if (!state.open) state.draft = freshMeta();
   renderMessages();
@@ -1381,6 +1414,18 @@ async function start() {
   await openFromAddress();
   focusPrompt();
   document.body.dataset.ready = "true";
+}
+
+// code_interpreter as this server lists it (GET /v1/tools), or null: the server cannot run
+// it, or does not list its tools.
+async function codeTool() {
+  try {
+    const listed = await request("GET", "/v1/tools");
+    const tool = listed.data.find((t) => t.name === "code_interpreter");
+    return tool ? { default: tool.default } : null;
+  } catch {
+    return null;
+  }
 }
 
 // Opens the conversation the address names (#conv_…), when it is not the one on screen: at

@@ -1469,3 +1469,41 @@ def test_an_attached_file_can_be_removed(session, page, api):
     send(page, "Hello.")
     [turn] = turns(page)
     assert api.get(f"/v1/responses/{turn}").json()["tools"] == []
+
+
+def test_python_code_can_be_turned_on_where_the_server_runs_it(session, page, api):
+    """The server lists code_interpreter (GET /v1/tools: its sandbox runs here): Settings
+    offers "Run Python code", off by default; on, the page's requests declare the tool, and
+    a server refusing it (no bubblewrap) is said to be unable to run Python code."""
+    session[1].expected.append(r"400 .*@ .*/v1/responses$")  # the refusal, below
+    assert {"name": "code_interpreter", "default": False} in api.get("/v1/tools").json()["data"]
+    page.click("#open-settings")
+    assert page.is_visible("#run-code") and not page.is_checked("#run-code")
+    page.check("#run-code")
+    page.click("#settings-save")
+    send(page, "Hi.")
+    [turn] = turns(page)
+    tools = api.get(f"/v1/responses/{turn}").json()["tools"]
+    assert [t["type"] for t in tools] == ["code_interpreter"]
+    page.wait_for_function("() => !document.body.dataset.saving")
+    conversation = page.evaluate("location.hash")[1:]
+    settings = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["settings"]
+    assert json.loads(settings)["run_code"] is True
+
+    refusal = {
+        "message": "tools[0]: the code sandbox needs bubblewrap (/usr/bin/bwrap not found; "
+        "install it with `apt-get install bubblewrap`)",
+        "type": "invalid_request_error",
+        "param": "tools[0]",
+        "code": None,
+    }
+    page.route(
+        re.compile(r"/v1/responses$"),
+        lambda route: route.fulfill(status=400, json={"error": refusal}),
+    )
+    page.fill("#prompt", "Again.")
+    page.press("#prompt", "Enter")
+    page.wait_for_function(
+        "() => /cannot run Python code/.test(document.querySelector('#status').textContent)"
+    )
+    assert page.input_value("#prompt") == "Again."

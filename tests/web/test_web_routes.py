@@ -1,6 +1,6 @@
 """The page's server side, in process: `/` and its static files with their policies, the
-deny-all policy on API responses, and `GET /v1/conversations`, the list the page's sidebar
-shows (on both databases)."""
+deny-all policy on API responses, `GET /v1/conversations`, the list the page's sidebar
+shows (on both databases), and `GET /v1/tools`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import re
 import httpx
 import pytest
 
+from orchestrator.tools import Calculator, ToolRegistry
 from server import ServerConfig, build_app
 from server.web import API_POLICY, PAGE_POLICY, STATIC_DIR
 from tests.server.fake_engine import FakeEngine
@@ -111,3 +112,17 @@ def test_bad_list_queries_name_the_field(product_server, query, param):
     response = _get(product_server(), "/v1/conversations", params=query)
     assert response.status_code in (400, 404)
     assert response.json()["error"]["param"] == param
+
+
+def test_the_built_in_tools_are_listed_without_why_others_are_missing(product_server):
+    """`GET /v1/tools`: the built-ins this server runs and whether each is a default (the
+    page offers "Run Python code" from it); one it cannot run is left out, its reason
+    (a path on the server) unsaid."""
+    server = product_server()
+    responses = server.product.responses
+    responses.tools = ToolRegistry([Calculator()], {"code_interpreter": "/usr/bin/bwrap not found"})
+    responses.default_tools = ("calculator",)
+    listed = _get(server, "/v1/tools")
+    assert listed.status_code == 200
+    assert listed.json() == {"object": "list", "data": [{"name": "calculator", "default": True}]}
+    assert "bwrap" not in listed.text
