@@ -22,6 +22,7 @@ from orchestrator.conversation_lock import ConversationLock
 from orchestrator.conversations import ConversationService
 from orchestrator.errors import InvalidRequestError, NotFoundError, ProductError
 from orchestrator.files import FileService, import_disk_files
+from orchestrator.input_resolver import InputResolver
 from orchestrator.response_request import FunctionTool, ResponseRequest
 from orchestrator.responses import ResponseService
 from orchestrator.retrieval.embeddings import Embedder
@@ -76,15 +77,16 @@ class Product:
         else:
             servers.recover_departed(store.repo, store.server_lock)
         lock = ConversationLock(store)
+        inputs = InputResolver(engine.tokenizer, engine.max_model_len)
         product = cls(
             store,
-            ResponseService(engine, store, lock, tools, default_tools),
-            ConversationService(store, lock),
+            ResponseService(engine, store, lock, inputs, tools, default_tools),
+            ConversationService(store, lock, inputs),
             Accounts(store),
         )
         if data_dir is not None:
             import_disk_files(store, Path(data_dir).expanduser() / "files")
-            product.files = FileService(store)
+            product.files = inputs.files = FileService(store)
             if embedder is not None:
                 product.index_unavailable = prepare_index(store.repo)
             if embedder is not None and product.index_unavailable is None:

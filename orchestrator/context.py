@@ -25,6 +25,7 @@ from orchestrator.agent import code_interpreter_as_function_items, file_search_a
 from orchestrator.chat_prompt import build_chat_prompt, template_supports_tools
 from orchestrator.chat_types import ChatRequest, Message, Tool, ToolCall
 from orchestrator.errors import InvalidRequestError
+from orchestrator.input_resolver import FILE_TEXT
 from orchestrator.retrieval.index import Hit
 from orchestrator.store import History
 from orchestrator.tools.file_search import render_sources
@@ -55,12 +56,36 @@ class Prompt:
 
 
 def item_text(item: dict) -> str:
-    """A message item's text, its parts joined: a refusal part's is its `refusal` (what
-    the assistant said, as an output_text part's `text` is)."""
+    """A message item's own words, its parts joined: a refusal part's is its `refusal`
+    (what the assistant said, as an output_text part's `text` is); its files are not."""
     content = item.get("content", "")
     if isinstance(content, str):
         return content
-    return "\n".join(part.get("refusal", part.get("text", "")) for part in content)
+    return "\n".join(
+        part.get("refusal", part.get("text", ""))
+        for part in content
+        if part.get("type") != "input_file"
+    )
+
+
+def _message_text(item: dict, special_tokens: Iterable[str]) -> str:
+    """A message item as the prompt shows it: its parts in order, each input_file's text
+    whole (it was checked to fit when given) and spotlighted as data from the user's
+    file, so that its instructions, chat tokens and tool tags do not act."""
+    content = item.get("content", "")
+    if isinstance(content, str):
+        return content
+    return "\n".join(
+        spotlight(
+            part[FILE_TEXT],
+            f"file {part['filename']} given by the user",
+            limit=None,
+            special_tokens=special_tokens,
+        )
+        if part.get("type") == "input_file"
+        else part.get("refusal", part.get("text", ""))
+        for part in content
+    )
 
 
 def _search_text(item: dict, special_tokens: Iterable[str]) -> str:
@@ -112,7 +137,7 @@ def items_to_messages(items: list[dict], special_tokens: Iterable[str] = ()) -> 
     for item in flat:
         kind = item.get("type", "message")
         if kind == "message":
-            messages.append(Message(item["role"], item_text(item)))
+            messages.append(Message(item["role"], _message_text(item, special_tokens)))
         elif kind == "function_call":
             call = ToolCall(item["call_id"], item["name"], item["arguments"])
             if messages and messages[-1].role == "assistant":

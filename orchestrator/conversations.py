@@ -7,10 +7,9 @@ from collections.abc import Collection
 
 from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import NotFoundError
-from orchestrator.events import hide_logprobs
 from orchestrator.ids import new_id
-from orchestrator.items import item_list, stored_item
-from orchestrator.response_request import OUTPUT_TEXT_LOGPROBS
+from orchestrator.input_resolver import InputResolver
+from orchestrator.items import item_list, readable, stored_item, without_file_text
 from orchestrator.store import ConversationRow, ItemPage, Page, Repository, Store, metadata_tag
 
 
@@ -38,9 +37,10 @@ def _missing(conversation_id: str) -> NotFoundError:
 
 
 class ConversationService:
-    def __init__(self, store: Store, lock: ConversationLock) -> None:
+    def __init__(self, store: Store, lock: ConversationLock, inputs: InputResolver) -> None:
         self.store = store
         self.lock = lock  # the responses' turns hold it
+        self.inputs = inputs  # reads the files of the items given
 
     async def create(self, owner: str, metadata: dict, items: list[dict]) -> dict:
         row = ConversationRow(new_id("conv"), int(time.time()), metadata)
@@ -50,7 +50,7 @@ class ConversationService:
             row.id,
             row.created_at,
             metadata,
-            [stored_item(i) for i in items],
+            [stored_item(i) for i in await self.inputs.resolve(owner, items, "items")],
         )
         return _conversation(row)
 
@@ -90,28 +90,28 @@ class ConversationService:
 
     async def add_items(self, owner: str, conversation_id: str, items: list[dict]) -> dict:
         """Append items; not while a turn runs there (`conversation_locked`): they would
-        land before the turn's own input, which it appends when it ends."""
-        stored = [stored_item(i) for i in items]
+        land before the turn's own input, which it appends when it ends. Their files are
+        read first, without holding the conversation."""
+        stored = [stored_item(i) for i in await self.inputs.resolve(owner, items, "items")]
         async with self.lock.holding(owner, conversation_id, "conversation_id"):
             added = await self.store.call(
                 Repository.add_conversation_items, owner, conversation_id, int(time.time()), stored
             )
         if not added:
             raise _missing(conversation_id)
-        return item_list(ItemPage(stored, has_more=False))
+        return item_list(ItemPage(without_file_text(stored), has_more=False))
 
     async def list_items(
         self, owner: str, conversation_id: str, page: Page, include: Collection[str] = ()
     ) -> dict:
         """A page of items; their output_text logprobs only when `include` asks for them
-        (`hide_logprobs`)."""
+        (`readable`)."""
         found = await self.store.call(
             Repository.list_conversation_items, owner, conversation_id, page
         )
         if found is None:
             raise _missing(conversation_id)
-        if OUTPUT_TEXT_LOGPROBS not in include:
-            hide_logprobs(found.items)
+        readable(found.items, include)
         return item_list(found)
 
     async def retrieve_item(
@@ -127,9 +127,7 @@ class ConversationService:
             raise NotFoundError(
                 f"Item with id '{item_id}' not found.", param="item_id", code="not_found"
             )
-        if OUTPUT_TEXT_LOGPROBS not in include:
-            hide_logprobs([item])
-        return item
+        return readable([item], include)[0]
 
     async def delete_item(self, owner: str, conversation_id: str, item_id: str) -> dict:
         """Returns the conversation, as OpenAI's API does."""

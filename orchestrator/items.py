@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
+from orchestrator.events import hide_logprobs
 from orchestrator.ids import new_id
+from orchestrator.input_resolver import FILE_TEXT
+from orchestrator.response_request import OUTPUT_TEXT_LOGPROBS
 from orchestrator.store import ItemPage
 
 _PREFIXES = {
@@ -19,6 +24,24 @@ def stored_item(item: dict) -> dict:
     was given (a failed run given back stays failed, an incomplete message incomplete),
     completed when it was given none."""
     return {"id": new_id(_PREFIXES[item["type"]]), "status": "completed", **item}
+
+
+def readable(items: list[dict], include: Collection[str] = ()) -> list[dict]:
+    """`items` as every read of items shows them (changed in place): their output_text
+    logprobs only when `include` asks for them, as their creation had to, and an
+    input_file part as given, without the text the server read from its file."""
+    if OUTPUT_TEXT_LOGPROBS not in include:
+        hide_logprobs(items)
+    return without_file_text(items)
+
+
+def without_file_text(items: list[dict]) -> list[dict]:
+    """`items` (changed in place) without the text read from their input_file parts."""
+    for item in items:
+        if item.get("type") == "message":
+            for part in item["content"]:
+                part.pop(FILE_TEXT, None)
+    return items
 
 
 def item_list(page: ItemPage) -> dict:

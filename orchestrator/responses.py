@@ -23,7 +23,8 @@ from orchestrator.context import ContextBuilder, Prompt, ToolConfig
 from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import InvalidRequestError, NotFoundError
 from orchestrator.events import hide_logprobs
-from orchestrator.items import item_list, stored_item
+from orchestrator.input_resolver import InputResolver
+from orchestrator.items import item_list, readable, stored_item
 from orchestrator.logprobs import TokenNames
 from orchestrator.response_request import (
     OUTPUT_TEXT_LOGPROBS,
@@ -61,11 +62,13 @@ class ResponseService:
         engine: EngineClient,
         store: Store,
         lock: ConversationLock,
+        inputs: InputResolver,
         tools: ToolRegistry | None = None,
         default_tools: tuple[str, ...] = (),
     ) -> None:
         self.engine = engine
         self.store = store
+        self.inputs = inputs  # reads the files of the input items
         self.tools = tools if tools is not None else builtin_tools()
         self.default_tools = default_tools
         self.context = ContextBuilder(engine.tokenizer, engine.max_model_len)
@@ -152,6 +155,8 @@ class ResponseService:
         that decides which 400 a request with several mistakes gets, then build the first
         prompt: a request that cannot run fails here, before it has a response."""
         history = await self._history(owner, request)
+        given = await self.inputs.resolve(owner, request.input, "input")
+        request = dataclasses.replace(request, input=given)
         check_call_outputs(history.items, request.input)
         input_items = [stored_item(i) for i in request.input]
         params = self._params(owner, request)
@@ -359,10 +364,9 @@ class ResponseService:
         self, owner: str, response_id: str, page: Page, include: Collection[str] = ()
     ) -> dict:
         """A page of the response's input items; their output_text logprobs only when
-        `include` asks for them, as on every read of items (`hide_logprobs`)."""
+        `include` asks for them, as on every read of items (`readable`)."""
         found = await self.store.call(Repository.list_input_items, owner, response_id, page)
         if found is None:
             raise _missing(response_id)
-        if OUTPUT_TEXT_LOGPROBS not in include:
-            hide_logprobs(found.items)
+        readable(found.items, include)
         return item_list(found)

@@ -74,11 +74,14 @@ def _nonce(origin: str, body: str) -> str:
 
 
 def spotlight(
-    text: str, origin: str, limit: int = DEFAULT_LIMIT, special_tokens: Iterable[str] = ()
+    text: str, origin: str, limit: int | None = DEFAULT_LIMIT, special_tokens: Iterable[str] = ()
 ) -> str:
-    """`text` from `origin` (e.g. "tool sql_query"), ready to place in a prompt."""
+    """`text` from `origin` (e.g. "tool sql_query"), ready to place in a prompt; capped
+    to `limit` characters, or whole with None (a text already checked to fit)."""
     origin = plain_label(origin)
-    body = cap(_defang(text, special_tokens), limit)
+    body = _defang(text, special_tokens)
+    if limit is not None:
+        body = cap(body, limit)
     nonce = _nonce(origin, body)
     return (
         f'<untrusted origin="{origin}" id="{nonce}">\n'

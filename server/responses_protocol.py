@@ -90,10 +90,11 @@ def parse_metadata(value: Any, param: str = "metadata") -> dict[str, str]:
 
 
 def _content(raw: Any, role: str, param: str) -> list[dict]:
-    """A message's content as text parts: input_text for what users and systems say,
-    output_text for the assistant's own earlier words, which keep the annotations and
-    logprobs they were given (an earlier response's output given back as it was), and
-    refusal for an assistant's refusal, kept as given (an output message holds either)."""
+    """A message's content as text parts: input_text for what users and systems say
+    (with input_file, a file whose text the service reads), output_text for the
+    assistant's own earlier words, which keep the annotations and logprobs they were
+    given (an earlier response's output given back as it was), and refusal for an
+    assistant's refusal, kept as given (an output message holds either)."""
     if isinstance(raw, str):
         parts = [{"type": "input_text", "text": raw}]
     elif isinstance(raw, list):
@@ -107,10 +108,20 @@ def _content(raw: Any, role: str, param: str) -> list[dict]:
         if kind == "refusal" and role == "assistant":
             content.append({"type": "refusal", "refusal": _required(part, "refusal", where)})
             continue
+        if kind == "input_file" and role != "assistant":
+            content.append(_input_file(part, where))
+            continue
+        if kind == "input_image":
+            raise invalid(
+                f"{where}.type 'input_image' is not supported: this model reads text only, "
+                "not images; give what the image shows as input_text",
+                f"{where}.type",
+            )
         if kind not in ("input_text", "output_text"):
             raise invalid(
                 f"{where}.type {kind!r} is not supported: only text content "
-                "(input_text, output_text, and refusal in an assistant message) is",
+                "(input_text, input_file, output_text, and refusal in an assistant "
+                "message) is",
                 f"{where}.type",
             )
         text = _required(part, "text", where)
@@ -123,6 +134,26 @@ def _content(raw: Any, role: str, param: str) -> list[dict]:
                 output_text_part(text, _annotations(part, where), _logprobs(part, where))
             )
     return content
+
+
+def _input_file(part: dict, param: str) -> dict:
+    """`{"type": "input_file"}` with an uploaded file's `file_id`, or a file given inline
+    as `filename` and `file_data` (a base64 data URL); the service reads its text. A
+    `file_url` is refused: this server fetches nothing from the internet."""
+    if part.get("file_url") is not None:
+        raise invalid(
+            f"{param}.file_url is not supported: this server does not fetch URLs; upload "
+            "the file to /v1/files and give its file_id, or give it inline as file_data",
+            f"{param}.file_url",
+        )
+    file_id = typed_field(part, "file_id", "a string", param=f"{param}.file_id")
+    data = typed_field(part, "file_data", "a string", param=f"{param}.file_data")
+    if (file_id is None) == (data is None):
+        raise invalid(f"{param} must have one of file_id or file_data", param)
+    if file_id is not None:
+        return {"type": "input_file", "file_id": file_id}
+    filename = _required(part, "filename", param)
+    return {"type": "input_file", "filename": filename, "file_data": data}
 
 
 # OpenAI's output_text annotations: each type's fields, all required.

@@ -3,6 +3,7 @@ the default model. One server for the module; answers are kept short."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import sqlite3
@@ -35,7 +36,7 @@ def client(live: LiveServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
 
 
-def ask(client: openai.OpenAI, text: str, **kwargs) -> Response:
+def ask(client: openai.OpenAI, text: str | list, **kwargs) -> Response:
     kwargs.setdefault("max_output_tokens", 16)
     return client.responses.create(
         model=MODEL, input=text, temperature=0, instructions=INSTRUCTIONS, **kwargs
@@ -121,6 +122,34 @@ def test_conversation_and_item_endpoints(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(model=MODEL, input="x", tools=[{"type": "web_search"}])
     assert info.value.param == "tools[0].type"
+
+
+def test_a_users_files_are_read_into_the_prompt_and_counted(client):
+    """An uploaded file (file_id) and an inline one (file_data) reach the model as their
+    text: the prompt grows by at least their tokens, and they read back as given."""
+    fact = "The meeting with the Lisbon office is on Thursday at 3 pm in room 12. " * 8
+    uploaded = client.files.create(
+        file=("meeting.txt", fact.encode(), "text/plain"), purpose="user_data"
+    )
+    inline = "data:text/markdown;base64," + base64.b64encode(fact.encode()).decode()
+    question = {"type": "input_text", "text": "When is the meeting?"}
+    files = [
+        {"type": "input_file", "file_id": uploaded.id},
+        {"type": "input_file", "filename": "notes.md", "file_data": inline},
+    ]
+    bare = ask(client, [{"role": "user", "content": [question]}], max_output_tokens=4)
+    read = ask(client, [{"role": "user", "content": [question, *files]}], max_output_tokens=4)
+    fact_tokens = len(fact) // 8  # English text takes more than 8 characters a token rarely
+    assert read.usage.input_tokens >= bare.usage.input_tokens + 2 * fact_tokens
+    (item,) = client.responses.input_items.list(read.id).data
+    assert [(p.type, p.file_id, p.filename) for p in item.content[1:]] == [
+        ("input_file", uploaded.id, "meeting.txt"),
+        ("input_file", None, "notes.md"),
+    ]
+    assert item.content[2].file_data is None
+    with pytest.raises(openai.NotFoundError) as missing:
+        ask(client, [{"role": "user", "content": [{"type": "input_file", "file_id": "file-x"}]}])
+    assert missing.value.param == "input[0].content[0].file_id"
 
 
 def test_a_dropped_stream_is_stored_incomplete_with_its_text(live, client):

@@ -1,0 +1,114 @@
+"""A request's input items made ready to store: each `input_file` part read into its text.
+
+An `input_file` names an uploaded file of the same owner (`file_id`) or carries one
+(`filename` + `file_data`, a base64 data URL). Its text is read as file_search reads an
+uploaded file (`orchestrator.retrieval.extract`) and kept in the stored part under
+`FILE_TEXT`, so that every later prompt that shows the item (this turn's, the next
+response's, the conversation's) shows the file as it was then, even after the file is
+deleted. Reads of items never show that key (`orchestrator.items.readable`), nor the
+inline data: the part reads back as `{"type": "input_file", "file_id", "filename"}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+
+from engine.client import TokenizerLike
+from engine.errors import ContextLengthExceededError
+from orchestrator.errors import InvalidRequestError, NotFoundError
+from orchestrator.files import FileService, missing_file
+from orchestrator.retrieval.extract import ExtractionError, extract_text
+
+FILE_TEXT = "file_text"  # the stored part's text, never shown by a read
+_DATA_URL = re.compile(r"data:([^;,]*)(?:;[^;,]*)*;base64,", re.IGNORECASE)
+
+
+def _decoded(file_data: str, param: str) -> tuple[bytes, str | None]:
+    """`file_data`'s bytes and declared media type: a `data:<type>;base64,` URL, or bare
+    base64."""
+    found = _DATA_URL.match(file_data)
+    payload = file_data[found.end() :] if found else file_data
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(
+            f"{param} must be base64 data, as a data URL (data:application/pdf;base64,...)",
+            param,
+        ) from None
+    return data, (found.group(1) or None) if found else None
+
+
+class InputResolver:
+    """Reads the files of input items for one model: a file's text must fit its context."""
+
+    def __init__(self, tokenizer: TokenizerLike, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.files: FileService | None = None  # set when the server keeps uploaded files
+
+    async def resolve(self, owner: str, items: list[dict], param: str) -> list[dict]:
+        """`items` (parsed from the request's `param`) with each input_file part's text
+        read; a file that cannot be read or would not fit is a 400 naming its part, an
+        unknown file id (or another owner's) a 404 naming its `file_id`."""
+        resolved = []
+        for i, item in enumerate(items):
+            content = item.get("content")
+            if item.get("type") == "message" and any(p["type"] == "input_file" for p in content):
+                where = f"{param}[{i}].content"
+                content = [
+                    await self._file_part(owner, part, f"{where}[{j}]")
+                    if part["type"] == "input_file"
+                    else part
+                    for j, part in enumerate(content)
+                ]
+                item = {**item, "content": content}
+            resolved.append(item)
+        return resolved
+
+    async def _file_part(self, owner: str, part: dict, param: str) -> dict:
+        """The part as stored: its file's id (null for inline data), name and text."""
+        file_id = part.get("file_id")
+        if file_id is not None:
+            data, filename, content_type = await self._uploaded(owner, file_id, param)
+        else:
+            filename = part["filename"]
+            data, content_type = _decoded(part["file_data"], f"{param}.file_data")
+        try:
+            text = await extract_text(data, filename, content_type)
+        except ExtractionError as exc:
+            raise InvalidRequestError(f"{param}: {exc}", param) from None
+        await asyncio.to_thread(self._check_fits, text, filename, param)
+        return {"type": "input_file", "file_id": file_id, "filename": filename, FILE_TEXT: text}
+
+    async def _uploaded(
+        self, owner: str, file_id: str, param: str
+    ) -> tuple[bytes, str, str | None]:
+        """An uploaded file's bytes, name and declared content type."""
+        if self.files is None:
+            raise InvalidRequestError(
+                f"{param}.file_id: this server keeps no uploaded files (it runs without a "
+                "data directory); give the file inline as filename and file_data",
+                f"{param}.file_id",
+            )
+        try:
+            body, content_type, data = await self.files.content(owner, file_id)
+        except NotFoundError:
+            raise missing_file(file_id, f"{param}.file_id") from None
+        return data, body["filename"], content_type
+
+    def _check_fits(self, text: str, filename: str, param: str) -> None:
+        """A 400 for a file whose text alone takes the model's whole context."""
+        most = self.max_model_len - 1  # at least one token of output
+        try:
+            self.tokenizer.encode(text, max_tokens=most)
+        except ContextLengthExceededError:
+            raise InvalidRequestError(
+                f"{param}: the text of {filename!r} ({len(text)} characters) is longer than "
+                f"this model's context of {self.max_model_len} tokens can hold; give a "
+                "shorter file or an excerpt of it",
+                param,
+                code="context_length_exceeded",
+            ) from None
