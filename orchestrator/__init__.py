@@ -77,7 +77,7 @@ class Product:
         else:
             servers.recover_departed(store.repo, store.server_lock)
         lock = ConversationLock(store)
-        inputs = InputResolver(engine.tokenizer, engine.max_model_len)
+        inputs = InputResolver(store, engine.tokenizer, engine.max_model_len)
         product = cls(
             store,
             ResponseService(engine, store, lock, inputs, tools, default_tools),

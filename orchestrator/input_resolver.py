@@ -1,4 +1,10 @@
-"""A request's input items made ready to store: each `input_file` part read into its text.
+"""A request's input items made ready to store: each `item_reference` replaced by the
+stored item it names, and each `input_file` part read into its text.
+
+An `item_reference` (`{"type": "item_reference", "id": ...}`) names an item of the same
+owner: an input or output item of an earlier response, or a conversation's item. It
+becomes a copy of that item, which gets an id of its own when it is stored (an item
+appears once in a conversation), its files as they were read then.
 
 An `input_file` names an uploaded file of the same owner (`file_id`) or carries one
 (`filename` + `file_data`, a base64 data URL). Its text is read as file_search reads an
@@ -21,6 +27,7 @@ from engine.errors import ContextLengthExceededError
 from orchestrator.errors import InvalidRequestError, NotFoundError
 from orchestrator.files import FileService, missing_file
 from orchestrator.retrieval.extract import ExtractionError, extract_text
+from orchestrator.store import Repository, Store
 
 FILE_TEXT = "file_text"  # the stored part's text, never shown by a read
 _DATA_URL = re.compile(r"data:([^;,]*)(?:;[^;,]*)*;base64,", re.IGNORECASE)
@@ -42,31 +49,49 @@ def _decoded(file_data: str, param: str) -> tuple[bytes, str | None]:
 
 
 class InputResolver:
-    """Reads the files of input items for one model: a file's text must fit its context."""
+    """Resolves the input items of one owner for one model: the stored items their
+    references name, and their files' texts (each must fit the model's context)."""
 
-    def __init__(self, tokenizer: TokenizerLike, max_model_len: int) -> None:
+    def __init__(self, store: Store, tokenizer: TokenizerLike, max_model_len: int) -> None:
+        self.store = store
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.files: FileService | None = None  # set when the server keeps uploaded files
 
     async def resolve(self, owner: str, items: list[dict], param: str) -> list[dict]:
-        """`items` (parsed from the request's `param`) with each input_file part's text
-        read; a file that cannot be read or would not fit is a 400 naming its part, an
-        unknown file id (or another owner's) a 404 naming its `file_id`."""
+        """`items` (parsed from the request's `param`) with each item_reference replaced by
+        the item it names (a 404 naming its `id` when the owner has none of that id) and
+        each input_file part's text read: a file that cannot be read or would not fit is a
+        400 naming its part, an unknown file id (or another owner's) a 404 naming its
+        `file_id`."""
         resolved = []
         for i, item in enumerate(items):
-            content = item.get("content")
-            if item.get("type") == "message" and any(p["type"] == "input_file" for p in content):
-                where = f"{param}[{i}].content"
-                content = [
-                    await self._file_part(owner, part, f"{where}[{j}]")
-                    if part["type"] == "input_file"
-                    else part
-                    for j, part in enumerate(content)
-                ]
-                item = {**item, "content": content}
-            resolved.append(item)
+            where = f"{param}[{i}]"
+            if item["type"] == "item_reference":
+                resolved.append(await self._referenced(owner, item["id"], f"{where}.id"))
+            else:
+                resolved.append(await self._with_files(owner, item, f"{where}.content"))
         return resolved
+
+    async def _referenced(self, owner: str, item_id: str, param: str) -> dict:
+        """The stored item of that id, without its id."""
+        found = await self.store.call(Repository.find_item, owner, item_id)
+        if found is None:
+            raise NotFoundError(f"Item with id '{item_id}' not found.", param, "not_found")
+        return {key: value for key, value in found.items() if key != "id"}
+
+    async def _with_files(self, owner: str, item: dict, param: str) -> dict:
+        """The item with the text of each of its input_file parts (`param[j]`) read."""
+        content = item.get("content")
+        if item["type"] != "message" or not any(p["type"] == "input_file" for p in content):
+            return item
+        parts = [
+            await self._file_part(owner, part, f"{param}[{j}]")
+            if part["type"] == "input_file"
+            else part
+            for j, part in enumerate(content)
+        ]
+        return {**item, "content": parts}
 
     async def _file_part(self, owner: str, part: dict, param: str) -> dict:
         """The part as stored: its file's id (null for inline data), name and text."""

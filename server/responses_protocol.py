@@ -244,7 +244,10 @@ def _given_status(raw: dict, param: str) -> dict:
 def _item(raw: Any, param: str) -> dict:
     if not isinstance(raw, dict):
         raise invalid(f"{param} must be an object", param)
-    kind = raw.get("type", "message")
+    # OpenAI's item_reference may leave out its type: an item of an id and no role is one.
+    kind = raw.get("type") or ("item_reference" if "role" not in raw and "id" in raw else "message")
+    if kind == "item_reference":
+        return {"type": "item_reference", "id": _required(raw, "id", param)}
     if kind == "message":
         role = raw.get("role")
         if role not in _MESSAGE_ROLES:
@@ -279,7 +282,7 @@ def _item(raw: Any, param: str) -> dict:
         return _file_search_call(raw, param)
     raise invalid(
         f"{param}.type {kind!r} is not supported: items are messages, function_call, "
-        "function_call_output, code_interpreter_call and file_search_call",
+        "function_call_output, code_interpreter_call, file_search_call and item_reference",
         f"{param}.type",
     )
 

@@ -543,6 +543,20 @@ class Repository:
             ).scalars()
         )
 
+    def find_item(self, owner: str, item_id: str) -> dict | None:
+        """The owner's stored item of that id: an input or output item of a response, or a
+        conversation's item (a response's items in a conversation are the same items)."""
+        with self.engine.connect() as conn:
+            for table in (response_items, conversation_items):
+                body = conn.execute(
+                    select(table.c.body)
+                    .where(table.c.id == item_id, table.c.owner_id == owner)
+                    .limit(1)
+                ).scalar()
+                if body is not None:
+                    return body
+        return None
+
     def delete_response(self, owner: str, response_id: str) -> bool:
         with self.engine.begin() as conn:
             delete_owned(conn, response_items, owner, response_id=response_id)

@@ -90,6 +90,7 @@ response_items = Table(
     Column("body", JSON, nullable=False),
     UniqueConstraint("response_id", "id", name="uq_response_items_response_id_id"),
     Index("ix_response_items_response_id_seq", "response_id", "seq"),
+    Index("ix_response_items_id", "id"),  # an item_reference names an item by its id alone
 )
 
 conversation_items = Table(
@@ -105,6 +106,7 @@ conversation_items = Table(
     Column("body", JSON, nullable=False),
     UniqueConstraint("conversation_id", "id", name="uq_conversation_items_conversation_id_id"),
     Index("ix_conversation_items_conversation_id_seq", "conversation_id", "seq"),
+    Index("ix_conversation_items_id", "id"),
     # A deleted item's seq is never given again (SQLite reuses the highest rowids
     # otherwise), so an item added later can never fall before a response's place.
     sqlite_autoincrement=True,

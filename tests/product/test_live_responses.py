@@ -152,6 +152,22 @@ def test_a_users_files_are_read_into_the_prompt_and_counted(client):
     assert missing.value.param == "input[0].content[0].file_id"
 
 
+def test_an_item_reference_brings_back_an_earlier_answer(client):
+    """An item_reference to an earlier response's output reads as that answer: the turn
+    that names it costs as many input tokens as the one that gives it back in full."""
+    first = ask(client, "What is the capital of Japan?")
+    answer = first.output[0]
+    follow_up = {"role": "user", "content": "Say it again."}
+    given = ask(client, [answer.model_dump(exclude_none=True), follow_up])
+    referenced = ask(client, [{"type": "item_reference", "id": answer.id}, follow_up])
+    assert referenced.usage.input_tokens == given.usage.input_tokens
+    (item, _) = client.responses.input_items.list(referenced.id, order="asc").data
+    assert item.id != answer.id and item.content[0].text == first.output_text
+    with pytest.raises(openai.NotFoundError) as missing:
+        ask(client, [{"type": "item_reference", "id": "msg_nope"}])
+    assert missing.value.param == "input[0].id"
+
+
 def test_a_dropped_stream_is_stored_incomplete_with_its_text(live, client):
     with httpx.stream(
         "POST",

@@ -792,6 +792,54 @@ def test_an_image_is_refused_as_the_model_reads_text_only(product_server):
     assert "reads text only" in refused.value.message
 
 
+def test_an_item_reference_stands_for_the_stored_item_it_names(product_server, tmp_path):
+    """An item_reference (its type may be left out) is the owner's stored item of that id:
+    an earlier response's output or input item, or a conversation's item, files and all.
+    It is stored as a copy with an id of its own, so it may join the conversation that
+    holds the item it names."""
+    server = product_server(FakeEngine(reply="Four."), data_dir=tmp_path)
+    client = server.client
+    inline = {"type": "input_file", "filename": "memo.pdf", "file_data": MEMO_PDF}
+    first = client.responses.create(model=MODEL, input=_asking_about(inline))
+    asked = client.responses.input_items.list(first.id).data[0]
+    answer = first.output[0]
+    response = client.responses.create(
+        model=MODEL,
+        input=[
+            {"type": "item_reference", "id": asked.id},
+            {"id": answer.id},
+            {"role": "user", "content": "And now?"},
+        ],
+    )
+    prompt = _prompt(server)
+    assert "Lunch is at noon" in prompt and "<|im_start|>assistant\nFour.<|im_end|>" in prompt
+    items = _raw(server, "GET", f"/responses/{response.id}/input_items?order=asc").json()["data"]
+    given = _raw(server, "GET", f"/responses/{first.id}/input_items").json()["data"][0]
+    assert [i["content"] for i in items[:2]] == [
+        given["content"],
+        first.model_dump()["output"][0]["content"],
+    ]
+    assert {items[0]["id"], items[1]["id"]}.isdisjoint({asked.id, answer.id})
+
+    conv = client.conversations.create(items=[{"role": "user", "content": "Remember 7."}])
+    item = client.conversations.items.list(conv.id).data[0]
+    client.responses.create(
+        model=MODEL, conversation=conv.id, input=[{"type": "item_reference", "id": item.id}]
+    )
+    assert _prompt(server).count("Remember 7.") == 2
+    client.conversations.items.create(conv.id, items=[{"type": "item_reference", "id": answer.id}])
+    texts = [i.content[0].text for i in client.conversations.items.list(conv.id, order="asc")]
+    assert texts == ["Remember 7.", "Remember 7.", "Four.", "Four."]
+
+    for body, param in (
+        ({"model": MODEL, "input": [{"type": "item_reference", "id": "msg_nope"}]}, "input[0].id"),
+        ({"items": [{"id": "msg_nope"}]}, "items[0].id"),
+    ):
+        path = "/responses" if "model" in body else f"/conversations/{conv.id}/items"
+        raw = _raw(server, "POST", path, json=body)
+        assert (raw.status_code, raw.json()["error"]["param"]) == (404, param), raw.text
+
+
 def test_input_items_are_paginated(product_server):
     server = product_server()
     inputs = [{"role": "user", "content": f"part {i}"} for i in range(5)]
@@ -967,7 +1015,6 @@ def test_unknown_ids_are_404(product_server):
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
             "input[0].content[0].type",
         ),
-        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
         ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type"),
         ({"input": "x", "text": {"format": {"type": ["text"]}}}, "text.format.type"),
         ({"input": "x", "text": {"format": {"type": {"a": 1}}}}, "text.format.type"),

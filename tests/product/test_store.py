@@ -149,6 +149,19 @@ def test_conversations_belong_to_their_owner(store):
     ]
 
 
+def test_an_item_is_found_by_its_id_for_its_owner_only(store):
+    """`find_item` (an item_reference's lookup) reads a response's input and output items
+    and a conversation's, each its owner's only."""
+    repo = store.repo
+    repo.create_conversation("alice", "conv_a", 100, {}, [_message("msg_c", "kept")])
+    _record(repo, "alice", "resp_1", None, "asked")
+    assert repo.find_item("alice", "msg_c")["content"][0]["text"] == "kept"
+    assert repo.find_item("alice", "msg_in_resp_1")["content"][0]["text"] == "asked"
+    assert repo.find_item("alice", "msg_out_resp_1")["role"] == "assistant"
+    for owner, item_id in (("bob", "msg_c"), ("bob", "msg_out_resp_1"), ("alice", "msg_x")):
+        assert repo.find_item(owner, item_id) is None
+
+
 def test_pages_follow_the_cursor_in_either_order(store):
     repo = store.repo
     ids = [f"msg_{i}" for i in range(7)]
