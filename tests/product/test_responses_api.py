@@ -888,8 +888,9 @@ def test_store_failures_are_openai_shaped_5xx(product_server, monkeypatch):
     monkeypatch.setattr(Repository, "get_conversation", broken)
     r = httpx.get(f"{server.url}/v1/conversations/conv_x")
     assert r.status_code == 500
+    rid = r.headers["x-request-id"]
     assert r.json()["error"] == {
-        "message": "the server failed on this request",
+        "message": f"the server failed on this request (request id {rid})",
         "type": "server_error",
         "param": None,
         "code": "server_error",
