@@ -74,6 +74,8 @@ class ResponseRequest:
     previous_response_id: str | None = None
     conversation_id: str | None = None
     store: bool = True
+    # Run on in the server, apart from the request (`orchestrator/background.py`).
+    background: bool = False
     max_output_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None

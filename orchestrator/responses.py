@@ -1,11 +1,14 @@
-"""The Responses API's operations: create, retrieve, cancel, delete and list input items.
+"""The Responses API's operations: create, retrieve (or stream again), cancel, delete and
+list input items.
 
 `ResponseService.create` checks a request against the store (its history, the tools it
 declares, the vector stores file_search reads), builds the first prompt, reserves its
 tokens and starts a `Turn` (orchestrator/turn.py), which generates and records the
 response on its own. The other operations read the running turn while one is
 generating, else the store. The turns of one conversation run one at a time
-(`ConversationLock`, shared with the Conversations API).
+(`ConversationLock`, shared with the Conversations API). A background response's turn
+runs the same way; its events are kept for clients resuming its stream
+(`BackgroundStreams`, orchestrator/background.py), and only it can be cancelled.
 """
 
 from __future__ import annotations
@@ -13,16 +16,17 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-from collections.abc import Collection, Coroutine
+from collections.abc import AsyncIterator, Collection, Coroutine
 
 from engine import SamplingParams
 from engine.client import EngineClient
 from engine.sampling_params import RequestOutputKind
 from orchestrator.accounts.identity import cache_salt
+from orchestrator.background import RETAIN_S, BackgroundStreams
 from orchestrator.context import ContextBuilder, Prompt, ToolConfig
 from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import InvalidRequestError, NotFoundError
-from orchestrator.events import hide_logprobs
+from orchestrator.events import Event, hide_logprobs
 from orchestrator.input_resolver import InputResolver
 from orchestrator.items import item_list, readable, stored_item
 from orchestrator.logprobs import TokenNames
@@ -54,6 +58,14 @@ def _missing(response_id: str) -> NotFoundError:
     )
 
 
+def _check_cancellable(background: bool) -> None:
+    if not background:
+        raise InvalidRequestError(
+            "only a background response (created with background: true) can be cancelled",
+            "response_id",
+        )
+
+
 class ResponseService:
     """The Responses API on one server: its running turns, its tools and the store."""
 
@@ -73,6 +85,7 @@ class ResponseService:
         self.default_tools = default_tools
         self.context = ContextBuilder(engine.tokenizer, engine.max_model_len)
         self.running: dict[str, Turn] = {}
+        self.background = BackgroundStreams()
         self.lock = lock  # one turn at a time per conversation, shared with conversations
 
         # The vector stores file_search reads (set by Product.open), or why there are none.
@@ -118,6 +131,11 @@ class ResponseService:
                 "(store cannot be false with conversation)",
                 "store",
             )
+        if request.background and not request.store:
+            raise InvalidRequestError(
+                "a background response must be stored (store cannot be false with background)",
+                "background",
+            )
         conversation = request.conversation_id
         if conversation is None:
             return await self._start(owner, request, observer, budget)
@@ -148,6 +166,8 @@ class ResponseService:
         await self._reserve(budget, prepared)
         turn = Turn(self.turn_services, prepared, observer or NoObserver(), budget)
         self.running[turn.id] = turn
+        if request.background:
+            self.background.add(owner, turn.id, turn.log)
         return turn
 
     async def _prepare(self, owner: str, request: ResponseRequest) -> PreparedTurn:
@@ -331,23 +351,43 @@ class ResponseService:
             hide_logprobs(body["output"])
         return {**RESPONSE_DEFAULTS, **body}  # a body stored without them has them too
 
+    async def stream(self, owner: str, response_id: str, after: int) -> AsyncIterator[Event]:
+        """A background response's events from sequence_number `after` + 1: those kept,
+        then the rest as they come, until it ends. Checked before the first event: a
+        response that is not the owner's is a 404, one that is not background (or whose
+        events are no longer kept) a 400."""
+        log = self.background.get(owner, response_id)
+        if log is not None:
+            return log.follow(after)
+        body = await self.retrieve(owner, response_id)
+        if not body.get("background"):
+            raise InvalidRequestError(
+                "only a background response (created with background: true) can be streamed "
+                "when retrieved",
+                "stream",
+            )
+        raise InvalidRequestError(
+            "the events of this response are no longer kept (a background response's "
+            f"events are kept in memory by the server that ran it, for {RETAIN_S / 60:.0f} "
+            "minutes after it ends); retrieve it without stream",
+            "stream",
+        )
+
     async def cancel(self, owner: str, response_id: str) -> dict:
-        """Stop a response still being generated; cancelling a cancelled one is a no-op."""
+        """Stop a background response still being generated. Cancelling one that has
+        ended returns it as it is, as OpenAI does; any other response is a 400."""
         turn = self._live(owner, response_id)
         if turn is not None:
+            _check_cancellable(turn.request.background)
             turn.stop("cancelled")
             return copy.deepcopy(await turn.wait())
         body = await self.retrieve(owner, response_id)
+        _check_cancellable(body.get("background", False))
         if body["status"] == "in_progress":
             raise InvalidRequestError(
                 "this response is being generated by another server sharing this database "
                 "(or was cut off by one that stopped); only that server can cancel it",
                 code="response_not_cancellable",
-            )
-        if body["status"] != "cancelled":
-            raise InvalidRequestError(
-                f"only an in-progress response can be cancelled; this one is {body['status']}",
-                param="response_id",
             )
         return body
 

@@ -41,6 +41,7 @@ from orchestrator.errors import (
     QuotaExceededError,
     RateLimitError,
 )
+from orchestrator.event_log import EventLog
 from orchestrator.events import Event, ResponseEvents, usage
 from orchestrator.ids import new_id
 from orchestrator.logprobs import TextLogprobs, TokenNames
@@ -88,7 +89,7 @@ def _new_response(request: ResponseRequest) -> dict:
         "object": "response",
         "created_at": int(time.time()),  # whole seconds, as OpenAI gives them
         "status": "in_progress",
-        "background": False,
+        "background": request.background,
         "completed_at": None,
         "conversation": {"id": request.conversation_id} if request.conversation_id else None,
         "error": None,
@@ -222,7 +223,8 @@ class Turn:
         self._generations = 0
         self._code_calls: list[dict] = []  # code_interpreter/file_search calls of the turn
         self._agent: Agent | None = None
-        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        # A background response's events are kept for readers resuming its stream.
+        self.log = EventLog(keep=self.request.background)
         self._stop_status: str | None = None
         self._recorder = TurnRecorder(
             services.store if self.request.store else None,
@@ -236,9 +238,10 @@ class Turn:
         self._consumer: asyncio.Task | None = None
         self._task = asyncio.create_task(self._run())
 
-    async def stream(self) -> AsyncIterator[Event]:
-        while (event := await self._queue.get()) is not None:
-            yield event
+    def stream(self, after: int = -1) -> AsyncIterator[Event]:
+        """The events whose sequence_number is above `after`, until the turn ends (any
+        number of readers for a background response, one otherwise: `EventLog`)."""
+        return self.log.follow(after)
 
     async def wait(self) -> dict:
         """The final response (shielded: a caller giving up does not stop the turn)."""
@@ -257,7 +260,7 @@ class Turn:
 
     def _put(self, events: list[Event]) -> None:
         for event in events:
-            self._queue.put_nowait(event)
+            self.log.put(event)
 
     async def _run(self) -> None:
         self._recorder.begin()
@@ -286,7 +289,7 @@ class Turn:
             if self.request.conversation_id is not None:
                 await self.services.lock.release(self.owner, self.request.conversation_id)
             await self._settle("failed")  # a no-op when settled above
-            self._queue.put_nowait(None)
+            self.log.close()
             self.services.running.pop(self.id, None)
             self.observer.on_finished()
 

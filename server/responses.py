@@ -2,13 +2,16 @@
 
 A streamed response is sent as named Server-Sent Events (`event: response.created`…),
 as OpenAI sends them, with no `[DONE]` line. If the client goes away mid-stream, the
-turn is told to stop and records itself as `incomplete` with the text so far.
+turn is told to stop and records itself as `incomplete` with the text so far. A
+background response (`background: true`) runs on whatever its client does: its create
+returns it at once (or streams it without the disconnect stopping it), and
+`GET /v1/responses/{id}?stream=true&starting_after=N` streams it again.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -19,8 +22,13 @@ from orchestrator.accounts import Meter
 from orchestrator.turn import Turn
 from server.access import identity, owner, product_api_error
 from server.disconnect import unless_disconnected
-from server.errors import invalid, known_fields
-from server.responses_protocol import check_query_include, parse_page, parse_response_request
+from server.errors import known_fields
+from server.responses_protocol import (
+    check_query_include,
+    parse_page,
+    parse_response_request,
+    parse_stream_query,
+)
 from server.sse import EventStreamResponse
 from server.state import ServerState
 
@@ -54,9 +62,30 @@ def _sse(event: dict) -> bytes:
     return f"event: {event['type']}\ndata: {data}\n\n".encode()
 
 
-async def _event_stream(turn: Turn) -> AsyncGenerator[bytes, None]:
-    async for event in turn.stream():
+class _Release:
+    """Releases a background turn's admission ticket as the turn ends (an observer)."""
+
+    def __init__(self, ticket: Any) -> None:
+        self.ticket = ticket
+
+    def on_tokens(self, count: int) -> None:
+        pass
+
+    def on_finished(self) -> None:
+        self.ticket.release()
+
+
+async def _event_stream(events: AsyncIterator[dict]) -> AsyncGenerator[bytes, None]:
+    async for event in events:
         yield _sse(event)
+
+
+async def _background(request: Request, turn: Turn, stream: bool) -> Response:
+    """A background response's answer: its events, which its client may leave, or the
+    response as it starts."""
+    if stream:
+        return EventStreamResponse(_event_stream(turn.stream()), on_close=lambda: None)
+    return JSONResponse(await product(request).responses.retrieve(owner(request), turn.id))
 
 
 async def create_response(request: Request, body: Any, meter: Meter) -> Response:
@@ -67,21 +96,23 @@ async def create_response(request: Request, body: Any, meter: Meter) -> Response
     parsed, stream = parse_response_request(body, state.resolve_model)
     meter.model = parsed.model
     ticket = await state.admission.acquire(owner=identity(request).user_id)
+    # A background turn holds its ticket until it ends; any other, until its request does.
+    observers = _Observers(timer, meter, *([_Release(ticket)] if parsed.background else []))
     try:
-        turn = await product(request).responses.create(
-            owner(request), parsed, _Observers(timer, meter), meter
-        )
+        turn = await product(request).responses.create(owner(request), parsed, observers, meter)
         meter.on_submit(0)  # the turn's task submits its first generation
     except BaseException:
         ticket.release()
         raise
+    if parsed.background:
+        return await _background(request, turn, stream)
     if stream:
 
         def close() -> None:
             turn.stop("incomplete")  # a no-op when the turn already ended
             ticket.release()
 
-        return EventStreamResponse(_event_stream(turn), on_close=close)
+        return EventStreamResponse(_event_stream(turn.stream()), on_close=close)
     try:
         result = await unless_disconnected(request.receive, turn.wait)
     finally:
@@ -130,15 +161,11 @@ async def list_tools(request: Request) -> Response:
 async def retrieve_response(request: Request) -> Response:
     response_id = request.path_params["response_id"]
     query = request.query_params
-    if query.get("stream", "false").lower() not in ("false", "0"):
-        # Resuming a stream is for background responses, which this server does not run:
-        # said plainly, rather than answering with the object and no events.
-        raise invalid(
-            "stream is not supported when retrieving a response: only background responses "
-            "can be streamed again, and this server does not run them",
-            param="stream",
-        )
     include = check_query_include(query)
+    stream, after = parse_stream_query(query)
+    if stream:
+        events = await product(request).responses.stream(owner(request), response_id, after)
+        return EventStreamResponse(_event_stream(events), on_close=lambda: None)
     return JSONResponse(
         await product(request).responses.retrieve(owner(request), response_id, include)
     )

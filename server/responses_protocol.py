@@ -1,8 +1,8 @@
 """Bodies of the Responses and Conversations APIs, checked and normalised.
 
 Unlike chat completions, unknown or unsupported fields are refused with a 400 naming
-them: a client relying on a Responses feature tokenmill lacks (built-in tools, images,
-background mode) must learn so rather than get a plausible answer
+them: a client relying on a Responses feature tokenmill lacks (built-in tools, images)
+must learn so rather than get a plausible answer
 that silently ignored it.
 """
 
@@ -491,8 +491,6 @@ def _tool_choice(body: dict, tools: list) -> str | dict:
 
 def _check_unsupported(body: dict) -> None:
     known_fields(body, _RESPONSE_FIELDS)
-    if typed_field(body, "background", "a boolean"):
-        raise invalid("background responses are not supported", "background")
     tier = typed_field(body, "service_tier", "a string")
     if tier is not None and tier not in _SERVICE_TIERS:
         raise invalid(f"service_tier must be one of {', '.join(_SERVICE_TIERS)}", "service_tier")
@@ -625,6 +623,7 @@ def parse_response_request(
         previous_response_id=previous,
         conversation_id=conversation,
         store=typed_field(body, "store", "a boolean", True),
+        background=typed_field(body, "background", "a boolean", False),
         max_output_tokens=max_output,
         temperature=temperature,
         top_p=typed_field(body, "top_p", "a number"),
@@ -644,6 +643,26 @@ def parse_response_request(
         top_logprobs=top_count(body, "top_logprobs") or 0,
     )
     return request, _stream(body)
+
+
+def parse_stream_query(query: Any) -> tuple[bool, int]:
+    """A GET's `stream` (true to stream a background response again) and `starting_after`
+    (the sequence_number after which its events start; -1: from the first), which only a
+    stream takes."""
+    stream_text = query.get("stream", "false").lower()
+    if stream_text not in ("true", "1", "false", "0"):
+        raise invalid(f"stream must be true or false, got {stream_text!r}", "stream")
+    stream = stream_text in ("true", "1")
+    after_text = query.get("starting_after")
+    if after_text is None:
+        return stream, -1
+    if not stream:
+        raise invalid("starting_after is only allowed when stream is true", "starting_after")
+    if not (after_text.isascii() and after_text.isdigit() and len(after_text) <= 18):
+        raise invalid(
+            f"starting_after must be a non-negative integer, got {after_text!r}", "starting_after"
+        )
+    return stream, int(after_text)
 
 
 def parse_page(query: Any, most: int = MAX_PAGE, default: int = 20) -> Page:

@@ -186,7 +186,9 @@ def test_another_users_ids_answer_404_like_unknown_ids_on_every_route(product_se
     server = product_server(data_dir=tmp_path / "data", embedder=_UnusedEmbedder())
     alice_key, bob_key = _account(server, "alice"), _account(server, "bob")
     with _client(server, alice_key) as alice, _client(server, bob_key) as bob:
-        response = alice.post("/responses", json={"model": MODEL, "input": "x"}).json()
+        response = alice.post(
+            "/responses", json={"model": MODEL, "input": "x", "background": True}
+        ).json()
         conversation = alice.post(
             "/conversations", json={"items": [{"type": "message", "role": "user", "content": "hi"}]}
         ).json()
@@ -200,6 +202,7 @@ def test_another_users_ids_answer_404_like_unknown_ids_on_every_route(product_se
         r, c, f, v = response["id"], conversation["id"], file["id"], store["id"]
         routes = [
             ("GET", f"/responses/{r}", None),
+            ("GET", f"/responses/{r}?stream=true", None),
             ("DELETE", f"/responses/{r}", None),
             ("POST", f"/responses/{r}/cancel", None),
             ("GET", f"/responses/{r}/input_items", None),
@@ -610,7 +613,9 @@ def test_a_disconnect_and_a_cancel_settle_the_reservation(product_server):
 
         def stream_response() -> None:
             with alice.stream(
-                "POST", "/responses", json={"model": MODEL, "input": "x", "stream": True}
+                "POST",
+                "/responses",
+                json={"model": MODEL, "input": "x", "stream": True, "background": True},
             ) as streamed:
                 for line in streamed.iter_lines():
                     if line.startswith("data: "):

@@ -197,9 +197,13 @@ def test_a_dropped_stream_is_stored_incomplete_with_its_text(live, client):
     assert stored.usage.output_tokens < 400
 
 
-def test_cancel_stops_a_response_being_generated(client):
+def test_cancel_stops_a_background_response_being_generated(client):
     stream = client.responses.create(
-        model=MODEL, input="Count from one to one hundred.", max_output_tokens=400, stream=True
+        model=MODEL,
+        input="Count from one to one hundred.",
+        max_output_tokens=400,
+        stream=True,
+        background=True,
     )
     events = iter(stream)
     response_id = next(events).response.id

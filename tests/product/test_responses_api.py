@@ -1028,7 +1028,8 @@ def test_unknown_ids_are_404(product_server):
         ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
         ({"input": "x", "temperature": 5}, "temperature"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
-        ({"input": "x", "background": True}, "background"),
+        ({"input": "x", "background": True, "store": False}, "background"),
+        ({"input": "x", "background": "yes"}, "background"),
         ({"input": "x", "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
         (
             {
@@ -1608,22 +1609,163 @@ def test_a_turn_ended_by_a_shutdown_fails_with_an_error_code_the_sdk_knows(produ
     assert server.client.responses.retrieve(response.id).error == response.error
 
 
-def test_cancel_stops_a_response_in_progress(product_server):
+def _finished(server: ProductServer, response_id: str) -> Response:
+    """The response once it has ended, polled as a background response's client does."""
+    deadline = time.monotonic() + 10
+    while (polled := server.client.responses.retrieve(response_id)).status in (
+        "queued",
+        "in_progress",
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return polled
+
+
+def test_a_background_response_is_answered_at_once_and_polled_until_it_ends(product_server):
+    engine = FakeEngine(reply="abcdefghij")
+    engine.hold.clear()  # generation pauses after the first token
+    server = product_server(engine)
+    started = server.client.responses.create(model=MODEL, input="x", background=True)
+    assert (started.status, started.background, started.usage) == ("in_progress", True, None)
+    _wait_for_generation(engine)
+    assert server.client.responses.retrieve(started.id).status == "in_progress"
+    engine.hold.set()
+    done = _finished(server, started.id)
+    assert (done.status, done.output_text, done.background) == ("completed", "abcdefghij", True)
+    assert done.usage.output_tokens == 10
+
+
+def test_cancel_stops_a_background_response_in_progress(product_server):
     engine = FakeEngine(reply="abcdefghij" * 10)
+    engine.hold.clear()  # generation pauses after the first token
+    server = product_server(engine)
+    started = server.client.responses.create(model=MODEL, input="x", background=True)
+    _wait_for_generation(engine)
+    cancelled = server.client.responses.cancel(started.id)
+    assert (cancelled.status, cancelled.output_text) == ("cancelled", "a")
+    assert cancelled.usage.output_tokens == 1
+    assert engine.aborted == [started.id]
+    assert server.client.responses.retrieve(started.id) == cancelled
+    assert server.client.responses.cancel(started.id) == cancelled  # ended: as it is
+    engine.hold.set()
+    later = server.client.responses.create(model=MODEL, input="y", background=True)
+    done = _finished(server, later.id)
+    assert server.client.responses.cancel(done.id) == done  # completed: as it is
+    foreground = server.client.responses.create(model=MODEL, input="y", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client.responses.cancel(foreground.id)
+    assert info.value.param == "response_id" and "background" in info.value.message
+
+
+def test_a_foreground_response_in_progress_cannot_be_cancelled(product_server):
+    engine = FakeEngine(reply="abcdefghij")
     engine.hold.clear()  # generation pauses after the first token
     server = product_server(engine)
     creator, result = _held_turn(server, input="x")
     (response_id,) = engine.running
-    live = server.client.responses.retrieve(response_id)
-    assert live.status == "in_progress"
-    cancelled = server.client.responses.cancel(response_id)
-    creator.join(10)
-    assert cancelled.status == "cancelled" == result["r"].status
-    assert server.client.responses.retrieve(response_id).status == "cancelled"
-    engine.hold.set()
-    done = server.client.responses.create(model=MODEL, input="y", max_output_tokens=2)
     with pytest.raises(openai.BadRequestError):
-        server.client.responses.cancel(done.id)
+        server.client.responses.cancel(response_id)
+    engine.hold.set()
+    creator.join(10)
+    assert result["r"].status == "completed" and not engine.aborted
+
+
+def test_a_background_stream_outlives_its_client_and_resumes_after_a_sequence_number(
+    product_server,
+):
+    engine = FakeEngine(reply="abcdefghij")
+    engine.hold.clear()  # generation pauses after the first token
+    server = product_server(engine)
+    stream = server.client.responses.create(model=MODEL, input="x", background=True, stream=True)
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if event.type == "response.output_text.delta":
+            break
+    stream.close()  # the client goes away
+    engine.hold.set()
+    response_id = seen[0].response.id
+    assert _finished(server, response_id).status == "completed"
+    assert not engine.aborted
+    after = seen[-1].sequence_number
+    rest = list(server.client.responses.retrieve(response_id, stream=True, starting_after=after))
+    events = seen + rest
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert rest[-1].type == "response.completed" and rest[-1].response.background
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == "abcdefghij"
+    whole = list(server.client.responses.retrieve(response_id, stream=True))
+    assert [e.model_dump() for e in whole] == [e.model_dump() for e in events]
+
+
+def test_a_running_background_stream_is_followed_by_another_reader(product_server):
+    engine = FakeEngine(reply="abcdefghij")
+    engine.hold.clear()  # generation pauses after the first token
+    server = product_server(engine)
+    started = server.client.responses.create(model=MODEL, input="x", background=True)
+    _wait_for_generation(engine)
+    follower = iter(server.client.responses.retrieve(started.id, stream=True, starting_after=0))
+    first = next(follower)
+    engine.hold.set()
+    rest = [first, *follower]
+    assert first.sequence_number == 1
+    assert rest[-1].type == "response.completed"
+    assert rest[-1].response.output_text == "abcdefghij"
+
+
+def test_streaming_a_response_again_is_for_background_ones(product_server):
+    server = product_server()
+    foreground = server.client.responses.create(model=MODEL, input="x")
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client.responses.retrieve(foreground.id, stream=True)
+    assert info.value.param == "stream"
+    with pytest.raises(openai.NotFoundError):
+        server.client.responses.retrieve("resp_missing", stream=True)
+    for query, param in (
+        ("starting_after=2", "starting_after"),  # without stream
+        ("stream=true&starting_after=-1", "starting_after"),
+        ("stream=true&starting_after=x", "starting_after"),
+        ("stream=maybe", "stream"),
+    ):
+        raw = _raw(server, "GET", f"/responses/{foreground.id}?{query}")
+        assert raw.status_code == 400 and raw.json()["error"]["param"] == param
+
+
+def test_a_background_response_cut_off_by_a_crash_is_incomplete_after_a_restart(
+    product_server, tmp_path
+):
+    engine = FakeEngine(reply="abcdefghij")
+    engine.hold.clear()  # generation pauses after the first token: the server "dies" there
+    database = f"sqlite:///{tmp_path / 'crash.db'}"
+    server = product_server(engine, database_url=database)
+    started = server.client.responses.create(model=MODEL, input="x", background=True)
+    _wait_for_generation(engine)
+    restarted = product_server(database_url=database)  # recovers the database as it opens
+    after = restarted.client.responses.retrieve(started.id)
+    assert (after.status, after.background) == ("incomplete", True)
+    with pytest.raises(openai.BadRequestError) as info:
+        restarted.client.responses.retrieve(started.id, stream=True)
+    assert "no longer kept" in info.value.message
+    engine.hold.set()
+
+
+def test_background_responses_continue_conversations_and_chains(product_server):
+    server = product_server(FakeEngine(reply="noted"))
+    conversation = server.client.conversations.create()
+    first = server.client.responses.create(
+        model=MODEL, input="My name is Ada.", conversation=conversation.id, background=True
+    )
+    assert _finished(server, first.id).status == "completed"
+    items = server.client.conversations.items.list(conversation.id, order="asc")
+    assert [(i.role, i.content[0].text) for i in items] == [
+        ("user", "My name is Ada."),
+        ("assistant", "noted"),
+    ]
+    second = server.client.responses.create(
+        model=MODEL, input="And now?", previous_response_id=first.id, background=True
+    )
+    assert _finished(server, second.id).previous_response_id == first.id
+    assert "My name is Ada." in _prompt(server)
 
 
 def test_input_tokens_count_the_prompt_a_response_would_start_from(product_server):

@@ -453,13 +453,13 @@ _SLEEPING_CODE_BODY = {
 
 
 @contextlib.contextmanager
-def _sleeping_code_run(server: ProductServer) -> Iterator[str]:
-    """A streamed response whose code_interpreter call sleeps for two minutes, read until
-    the code runs; yields the response id with the stream still open, closed on exit."""
+def _sleeping_code_run(server: ProductServer, background: bool = False) -> Iterator[str]:
+    """A streamed response (background: only it can be cancelled) whose code_interpreter
+    call sleeps for two minutes, read until the code runs; yields the response id with the
+    stream still open, closed on exit."""
     adapter = TypeAdapter(ResponseStreamEvent)
-    with httpx.stream(
-        "POST", f"{server.url}/v1/responses", timeout=30, json=_SLEEPING_CODE_BODY
-    ) as s:
+    body = {**_SLEEPING_CODE_BODY, "background": background}
+    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=30, json=body) as s:
         lines = s.iter_lines()  # held: a dropped iterator would close the stream
         for line in lines:
             if line.startswith("data: "):
@@ -478,7 +478,7 @@ def _sleeping_code_server(product_server) -> ProductServer:
 
 def test_cancel_during_a_code_run_ends_it_and_keeps_the_item(product_server):
     server = _sleeping_code_server(product_server)
-    with _sleeping_code_run(server) as response_id:
+    with _sleeping_code_run(server, background=True) as response_id:
         cancelled = httpx.post(f"{server.url}/v1/responses/{response_id}/cancel", timeout=30).json()
     assert cancelled["status"] == "cancelled"
     assert [(i["type"], i["status"]) for i in cancelled["output"]] == [
@@ -494,9 +494,8 @@ def test_a_cancelled_code_run_is_closed_in_the_stream(product_server):
     server = _sleeping_code_server(product_server)
     adapter = TypeAdapter(ResponseStreamEvent)
     seen = []
-    with httpx.stream(
-        "POST", f"{server.url}/v1/responses", timeout=30, json=_SLEEPING_CODE_BODY
-    ) as s:
+    body = {**_SLEEPING_CODE_BODY, "background": True}
+    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=30, json=body) as s:
         for line in s.iter_lines():
             if line.startswith("data: "):
                 seen.append(adapter.validate_json(line[len("data: ") :]))

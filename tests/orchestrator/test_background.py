@@ -1,0 +1,64 @@
+"""The event logs of turns (`EventLog`) and the background responses' ones this server
+keeps (`BackgroundStreams`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from orchestrator.background import BackgroundStreams
+from orchestrator.event_log import EventLog
+
+
+def _event(n: int) -> dict:
+    return {"type": "response.output_text.delta", "sequence_number": n}
+
+
+async def _numbers(log: EventLog, after: int = -1) -> list[int]:
+    return [event["sequence_number"] async for event in log.follow(after)]
+
+
+def test_a_kept_log_replays_its_events_after_a_number_then_follows_the_rest():
+    async def scenario() -> tuple[list[int], list[int], list[int]]:
+        log = EventLog(keep=True)
+        for n in range(3):
+            log.put(_event(n))
+        resumed = asyncio.ensure_future(_numbers(log, after=1))
+        whole = asyncio.ensure_future(_numbers(log))
+        await asyncio.sleep(0)
+        log.put(_event(3))
+        log.close()
+        return await resumed, await whole, await _numbers(log, after=0)
+
+    resumed, whole, again = asyncio.run(scenario())
+    assert resumed == [2, 3]
+    assert whole == [0, 1, 2, 3]
+    assert again == [1, 2, 3]  # a finished log is read again whole
+
+
+def test_a_log_not_kept_drops_what_its_reader_took():
+    log = EventLog(keep=False)
+
+    async def scenario() -> list[int]:
+        log.put(_event(0))
+        log.put(_event(1))
+        log.close()
+        return await _numbers(log)
+
+    assert asyncio.run(scenario()) == [0, 1]
+    assert log._events == []
+
+
+def test_finished_background_logs_are_dropped_after_their_time_or_past_the_most():
+    streams = BackgroundStreams(retain_s=60, most_finished=1)
+    running, old, newer = EventLog(keep=True), EventLog(keep=True), EventLog(keep=True)
+    streams.add("alice", "resp_running", running)
+    streams.add("alice", "resp_old", old)
+    streams.add("alice", "resp_newer", newer)
+    assert streams.get("bob", "resp_running") is None  # another owner's
+    old.close()
+    newer.close()
+    assert streams.get("alice", "resp_old") is None  # past the most kept
+    assert streams.get("alice", "resp_newer") is newer
+    newer.closed_at -= 61
+    assert streams.get("alice", "resp_newer") is None  # kept its time
+    assert streams.get("alice", "resp_running") is running  # a running one stays
