@@ -30,6 +30,10 @@ class BackgroundStreams:
         self._prune()
         self._logs[response_id] = (owner, log)
 
+    def discard(self, response_id: str) -> None:
+        """Forget a response's log (it is deleted: its events are gone with it)."""
+        self._logs.pop(response_id, None)
+
     def get(self, owner: str, response_id: str) -> EventLog | None:
         """The owner's response's log, if it is still kept."""
         self._prune()

@@ -398,6 +398,7 @@ class ResponseService:
             await turn.wait()
         if not await self.store.call(Repository.delete_response, owner, response_id):
             raise _missing(response_id)
+        self.background.discard(response_id)
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     async def input_items(

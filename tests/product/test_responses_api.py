@@ -1651,6 +1651,9 @@ def test_cancel_stops_a_background_response_in_progress(product_server):
     later = server.client.responses.create(model=MODEL, input="y", background=True)
     done = _finished(server, later.id)
     assert server.client.responses.cancel(done.id) == done  # completed: as it is
+    server.client.responses.delete(done.id)  # its events go with it
+    with pytest.raises(openai.NotFoundError):
+        server.client.responses.retrieve(done.id, stream=True)
     foreground = server.client.responses.create(model=MODEL, input="y", max_output_tokens=2)
     with pytest.raises(openai.BadRequestError) as info:
         server.client.responses.cancel(foreground.id)
