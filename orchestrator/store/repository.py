@@ -31,6 +31,15 @@ from orchestrator.store.tables import (
 Order = Literal["asc", "desc"]
 
 # The columns of a response that the next turn's `History` reads (`_history`).
+# The `error` of a response a crash cut off (`Repository.interrupt_unfinished`): its
+# client (a background response's, polling) learns why it ended. `server_error` is the
+# closest of the OpenAI SDK's ResponseError codes.
+INTERRUPTED = {
+    "code": "server_error",
+    "message": "the server stopped before this response finished; "
+    "its output is what it had generated until then",
+}
+
 _HISTORY_COLUMNS = (
     responses.c.context_tokens,
     responses.c.history_start_item,
@@ -664,7 +673,8 @@ class Repository:
         the items still being written marked `incomplete`; a turn in a conversation gets
         its input and those output items appended there, as `finish_response` would have,
         so the history keeps the user's message and what the model had said. It has no
-        `incomplete_details`, as a turn whose client went away (`ResponseEvents.finish`).
+        `incomplete_details`, as a turn whose client went away (`ResponseEvents.finish`),
+        and an `error` saying the server stopped (`INTERRUPTED`).
         Acts for all owners; returns how many it marked."""
         with self.engine.begin() as conn:
             rows = conn.execute(
@@ -679,7 +689,12 @@ class Repository:
                 .order_by(responses.c.created_at, responses.c.id)
             ).all()
             for row in rows:
-                body = {**row.body, "status": "incomplete", "incomplete_details": None}
+                body = {
+                    **row.body,
+                    "status": "incomplete",
+                    "incomplete_details": None,
+                    "error": INTERRUPTED,
+                }
                 conn.execute(
                     update(responses)
                     .where(responses.c.id == row.id)

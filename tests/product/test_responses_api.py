@@ -1746,6 +1746,7 @@ def test_a_background_response_cut_off_by_a_crash_is_incomplete_after_a_restart(
     restarted = product_server(database_url=database)  # recovers the database as it opens
     after = restarted.client.responses.retrieve(started.id)
     assert (after.status, after.background) == ("incomplete", True)
+    assert after.error.code == "server_error" and "server stopped" in after.error.message
     with pytest.raises(openai.BadRequestError) as info:
         restarted.client.responses.retrieve(started.id, stream=True)
     assert "no longer kept" in info.value.message

@@ -455,6 +455,8 @@ def test_responses_cut_off_by_a_crash_are_marked_incomplete(store):
     assert repo.interrupt_unfinished() == 1
     cut = repo.get_response("alice", "resp_cut")
     assert (cut["status"], cut["incomplete_details"]) == ("incomplete", None)
+    assert cut["error"]["code"] == "server_error"
+    assert cut["error"]["message"].startswith("the server stopped before this response finished")
     assert repo.get_response("alice", "resp_done")["status"] == "completed"
 
 
