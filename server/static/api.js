@@ -127,14 +127,15 @@ function parseBlock(block) {
   return { event: name, data: JSON.parse(text) };
 }
 
-// POST /v1/responses with stream: true; calls onEvent for each event's data. Resolves
-// when the stream ends; rejects with an AbortError when `signal` aborts (closing the
-// connection, which stops the response on the server).
+// POST /v1/responses with stream: true, in background mode (only a background response
+// can be cancelled: the Stop button); calls onEvent for each event's data. Resolves when
+// the stream ends; rejects with an AbortError when `signal` aborts (closing the
+// connection, which leaves the response running on the server: cancel it first).
 export async function streamResponse(body, onEvent, signal) {
   const response = await checked(await send("/v1/responses", {
     method: "POST",
     headers: headers({ "Content-Type": "application/json", Accept: "text/event-stream" }),
-    body: JSON.stringify({ ...body, stream: true }),
+    body: JSON.stringify({ ...body, stream: true, background: true }),
     signal,
   }));
   for await (const { data } of sseEvents(response.body)) onEvent(data);

@@ -1101,16 +1101,26 @@ function onEvent(node, event) {
   scheduleRender();
 }
 
-// Leaving the answer (another conversation, a new chat, a deletion): the connection
-// closes, and the server stops the response as `incomplete`.
+// Leaving the answer (another conversation, a new chat, a deletion): the response is
+// cancelled, as by Stop, and the connection closed at once (a background response runs
+// on when only its connection closes).
 function stopStream() {
-  if (state.stream) state.stream.controller.abort();
+  const stream = state.stream;
+  if (!stream) return;
+  stream.stopped = true;
+  cancelResponse(stream);
+  stream.controller.abort();
+}
+
+function cancelResponse(stream) {
+  if (!stream.nodeId.startsWith("resp_")) return Promise.resolve(); // not started yet
+  return request("POST", `/v1/responses/${stream.nodeId}/cancel`).catch(() => {});
 }
 
 // The Stop button and Escape: the response is cancelled (`cancelled`, shown as stopped),
 // then the connection closes if the stream has not ended by then, after at most
 // CANCEL_WAIT_MS: a server that does not answer (stopped, overloaded) must not hold the
-// page, and closing the connection stops the turn all the same.
+// page; the cancel still stops the turn once it arrives.
 const CANCEL_WAIT_MS = 2000;
 
 async function stopAnswer() {
@@ -1118,10 +1128,8 @@ async function stopAnswer() {
   if (!stream || stream.stopped) return;
   stream.stopped = true;
   setStatus("Stopping…");
-  if (stream.nodeId.startsWith("resp_")) {
-    const cancel = request("POST", `/v1/responses/${stream.nodeId}/cancel`).catch(() => {});
-    await Promise.race([cancel, new Promise((resolve) => setTimeout(resolve, CANCEL_WAIT_MS))]);
-  }
+  const cancel = cancelResponse(stream);
+  await Promise.race([cancel, new Promise((resolve) => setTimeout(resolve, CANCEL_WAIT_MS))]);
   if (state.stream === stream) stream.controller.abort();
   if ($("status").textContent === "Stopping…") setStatus("");
 }

@@ -229,6 +229,21 @@ def test_stop_ends_the_stream_and_the_response(page, api):
     assert page.inner_text("#messages .assistant-body") == shown  # nothing more arrived
 
 
+def test_leaving_a_streaming_answer_cancels_it(page, api):
+    """The page streams in background mode, where closing the connection alone leaves
+    the response running: leaving the answer (a new chat) cancels it too."""
+    start_long_answer(page)
+    wait_for_answer_text(page)
+    [response_id] = turns(page)
+    page.click("#new-chat")
+    deadline = time.monotonic() + 30
+    while (stored := api.get(f"/v1/responses/{response_id}").json())["status"] == "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert stored["background"] and stored["status"] == "cancelled"
+    assert stored["usage"]["output_tokens"] < 400
+
+
 def test_stop_does_not_wait_for_a_server_that_does_not_answer(page):
     """A cancel the server never answers (stopped, overloaded): Stop still ends the turn
     on the page, within a few seconds, by closing the connection."""
