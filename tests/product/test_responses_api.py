@@ -34,7 +34,7 @@ from orchestrator.store.tables import (
     responses,
     usage_checkpoints,
 )
-from server import start_draining
+from server import in_flight, start_draining
 from tests.product.conftest import ProductServer
 from tests.retrieval.documents import pdf_bytes
 from tests.server.fake_engine import FakeEngine
@@ -1629,10 +1629,15 @@ def test_a_background_response_is_answered_at_once_and_polled_until_it_ends(prod
     assert (started.status, started.background, started.usage) == ("in_progress", True, None)
     _wait_for_generation(engine)
     assert server.client.responses.retrieve(started.id).status == "in_progress"
+    assert in_flight(server.app) == 1  # its place in the user's queue, until it ends
     engine.hold.set()
     done = _finished(server, started.id)
     assert (done.status, done.output_text, done.background) == ("completed", "abcdefghij", True)
     assert done.usage.output_tokens == 10
+    deadline = time.monotonic() + 10
+    while in_flight(server.app):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def test_cancel_stops_a_background_response_in_progress(product_server):
