@@ -30,7 +30,7 @@ from server.responses_protocol import (
     parse_stream_query,
 )
 from server.sse import EventStreamResponse
-from server.state import ServerState
+from server.state import ServerState, Ticket
 
 
 def product(request: Request) -> Product:
@@ -65,7 +65,7 @@ def _sse(event: dict) -> bytes:
 class _Release:
     """Releases a background turn's admission ticket as the turn ends (an observer)."""
 
-    def __init__(self, ticket: Any) -> None:
+    def __init__(self, ticket: Ticket) -> None:
         self.ticket = ticket
 
     def on_tokens(self, count: int) -> None:
