@@ -236,12 +236,20 @@ class Turn:
             self._usage_so_far,
         )
         self._consumer: asyncio.Task | None = None
+        self._recorder.begin()
         self._task = asyncio.create_task(self._run())
 
     def stream(self, after: int = -1) -> AsyncIterator[Event]:
         """The events whose sequence_number is above `after`, until the turn ends (any
         number of readers for a background response, one otherwise: `EventLog`)."""
         return self.log.follow(after)
+
+    async def begun(self) -> None:
+        """Wait until the response's `in_progress` row is written (when it is stored): a
+        background response's create answers only then, so the id it gives survives a
+        crash and reads on every server sharing the database. A failed write is not
+        raised here: the turn writes its start again as it records its end."""
+        await self._recorder.begun()
 
     async def wait(self) -> dict:
         """The final response (shielded: a caller giving up does not stop the turn)."""
@@ -263,7 +271,6 @@ class Turn:
             self.log.put(event)
 
     async def _run(self) -> None:
-        self._recorder.begin()
         try:
             self._put(self.events.start())
             status, reason, error = await self._generate()

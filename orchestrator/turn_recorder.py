@@ -67,6 +67,11 @@ class TurnRecorder:
             )
         self._checkpoints = asyncio.create_task(self._checkpoint(store, self._begun))
 
+    async def begun(self) -> None:
+        """Wait for the `in_progress` row's write to end, written or failed."""
+        if self._begun is not None:
+            await asyncio.wait([self._begun])
+
     async def finish(self, tokens: list[int] | None, history_start: str | None) -> bool:
         """Write the final state (`_record_or_retry`); True when it is written or the
         response is not stored."""

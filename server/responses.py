@@ -82,7 +82,8 @@ async def _event_stream(events: AsyncIterator[dict]) -> AsyncGenerator[bytes, No
 
 async def _background(request: Request, turn: Turn, stream: bool) -> Response:
     """A background response's answer: its events, which its client may leave, or the
-    response as it starts."""
+    response as it starts, once stored (`Turn.begun`)."""
+    await turn.begun()
     if stream:
         return EventStreamResponse(_event_stream(turn.stream()), on_close=lambda: None)
     return JSONResponse(await product(request).responses.retrieve(owner(request), turn.id))

@@ -24,6 +24,7 @@ from sqlalchemy.exc import OperationalError
 
 from engine.errors import EngineShutdownError
 from orchestrator import turn_recorder
+from orchestrator.accounts.identity import LOCAL_USER
 from orchestrator.context import ContextBuilder
 from orchestrator.output_structure import PLAIN_ANSWER
 from orchestrator.store import Repository
@@ -1619,6 +1620,29 @@ def _finished(server: ProductServer, response_id: str) -> Response:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     return polled
+
+
+def test_a_background_response_is_stored_before_its_create_answers(product_server, monkeypatch):
+    """The id a background create gives must survive a crash right after it, and read on
+    every server sharing the database: its in_progress row is written first."""
+    begin = Repository.begin_response
+
+    def slow_begin(*args, **kwargs):
+        time.sleep(0.3)
+        return begin(*args, **kwargs)
+
+    monkeypatch.setattr(Repository, "begin_response", slow_begin)
+    engine = FakeEngine(reply="abcdefghij")
+    engine.hold.clear()  # generation pauses after the first token
+    server = product_server(engine)
+    for stream in (False, True):
+        started = server.client.responses.create(
+            model=MODEL, input="x", background=True, stream=stream
+        )
+        response_id = next(iter(started)).response.id if stream else started.id
+        stored = server.product.store.repo.get_response(LOCAL_USER, response_id)
+        assert stored is not None and stored["status"] == "in_progress"
+    engine.hold.set()
 
 
 def test_a_background_response_is_answered_at_once_and_polled_until_it_ends(product_server):
