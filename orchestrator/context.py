@@ -25,7 +25,6 @@ from orchestrator.agent import code_interpreter_as_function_items, file_search_a
 from orchestrator.chat_prompt import build_chat_prompt, template_supports_tools
 from orchestrator.chat_types import ChatRequest, Message, Tool, ToolCall
 from orchestrator.errors import InvalidRequestError
-from orchestrator.input_resolver import FILE_TEXT
 from orchestrator.retrieval.index import Hit
 from orchestrator.store import History
 from orchestrator.tools.file_search import render_sources
@@ -36,6 +35,9 @@ SEARCH_HISTORY_BUDGET = 4_000  # characters of an earlier search's results in a 
 # more characters than this many per token of the window cannot fit, which can be known
 # before paying to render and tokenize it.
 PROMPT_CHARS_PER_TOKEN = 16
+# An input_file part's text as stored (orchestrator/input_resolver.py): prompts show it,
+# reads of items never do.
+FILE_TEXT = "file_text"
 
 
 @dataclass
@@ -150,14 +152,14 @@ def items_to_messages(items: list[dict], special_tokens: Iterable[str] = ()) -> 
     return messages
 
 
-def _characters(value) -> int:
+def characters(value) -> int:
     """The characters of every string in an item (texts, arguments, outputs, ids)."""
     if isinstance(value, str):
         return len(value)
     if isinstance(value, dict):
-        return sum(_characters(v) for v in value.values())
+        return sum(characters(v) for v in value.values())
     if isinstance(value, list):
-        return sum(_characters(v) for v in value)
+        return sum(characters(v) for v in value)
     return 0
 
 
@@ -288,8 +290,8 @@ class ContextBuilder:
         otherwise be rendered and tokenized whole, in time and memory that grow with it.
         Without `truncate` that is a 400 at once. `cuts`: where the history may start."""
         limit = PROMPT_CHARS_PER_TOKEN * self.max_model_len
-        fixed = len(instructions or "") + sum(map(_characters, input_items))
-        sizes = [_characters(item) for item in items]
+        fixed = len(instructions or "") + sum(map(characters, input_items))
+        sizes = [characters(item) for item in items]
         total = fixed + sum(sizes)
         if total <= limit:
             return 0

@@ -13,6 +13,12 @@ uploaded file (`orchestrator.retrieval.extract`) and kept in the stored part und
 response's, the conversation's) shows the file as it was then, even after the file is
 deleted. Reads of items never show that key (`orchestrator.items.readable`), nor the
 inline data: the part reads back as `{"type": "input_file", "file_id", "filename"}`.
+
+One request reads each file and each referenced item once, however many parts or
+references name it, and what they bring into its input (the files' texts and the
+referenced items, counted each time they are named) must stay within the characters the
+model's context could ever hold (`PROMPT_CHARS_PER_TOKEN` per token): a few bytes of
+request could otherwise copy a large text thousands of times into memory and the store.
 """
 
 from __future__ import annotations
@@ -24,12 +30,12 @@ import re
 
 from engine.client import TokenizerLike
 from engine.errors import ContextLengthExceededError
+from orchestrator.context import FILE_TEXT, PROMPT_CHARS_PER_TOKEN, characters
 from orchestrator.errors import InvalidRequestError, NotFoundError
 from orchestrator.files import FileService, missing_file
 from orchestrator.retrieval.extract import ExtractionError, extract_text
 from orchestrator.store import Repository, Store
 
-FILE_TEXT = "file_text"  # the stored part's text, never shown by a read
 _DATA_URL = re.compile(r"data:([^;,]*)(?:;[^;,]*)*;base64,", re.IGNORECASE)
 
 
@@ -48,6 +54,30 @@ def _decoded(file_data: str, param: str) -> tuple[bytes, str | None]:
     return data, (found.group(1) or None) if found else None
 
 
+class _Reading:
+    """One request's reads: the files and items read so far (by file id or inline data,
+    by item id) and the characters still left to bring in."""
+
+    def __init__(self, limit: int, max_model_len: int) -> None:
+        self.files: dict[tuple[str, str], tuple[str, str]] = {}  # -> (filename, text)
+        self.items: dict[str, dict] = {}
+        self.limit = limit
+        self.left = limit
+        self.max_model_len = max_model_len
+
+    def take(self, count: int, param: str) -> None:
+        """Count `count` more characters into the input; a 400 at `param` past the limit."""
+        self.left -= count
+        if self.left < 0:
+            raise InvalidRequestError(
+                f"{param}: the files and referenced items of this request hold more than "
+                f"{self.limit} characters, more than this model's context of "
+                f"{self.max_model_len} tokens could ever hold; give fewer or shorter ones",
+                param,
+                code="context_length_exceeded",
+            )
+
+
 class InputResolver:
     """Resolves the input items of one owner for one model: the stored items their
     references name, and their files' texts (each must fit the model's context)."""
@@ -64,37 +94,52 @@ class InputResolver:
         each input_file part's text read: a file that cannot be read or would not fit is a
         400 naming its part, an unknown file id (or another owner's) a 404 naming its
         `file_id`."""
+        reading = _Reading(PROMPT_CHARS_PER_TOKEN * self.max_model_len, self.max_model_len)
         resolved = []
         for i, item in enumerate(items):
             where = f"{param}[{i}]"
             if item["type"] == "item_reference":
-                resolved.append(await self._referenced(owner, item["id"], f"{where}.id"))
+                resolved.append(await self._referenced(owner, item["id"], f"{where}.id", reading))
             else:
-                resolved.append(await self._with_files(owner, item, f"{where}.content"))
+                resolved.append(await self._with_files(owner, item, f"{where}.content", reading))
         return resolved
 
-    async def _referenced(self, owner: str, item_id: str, param: str) -> dict:
+    async def _referenced(self, owner: str, item_id: str, param: str, reading: _Reading) -> dict:
         """The stored item of that id, without its id."""
-        found = await self.store.call(Repository.find_item, owner, item_id)
+        found = reading.items.get(item_id)
         if found is None:
-            raise NotFoundError(f"Item with id '{item_id}' not found.", param, "not_found")
-        return {key: value for key, value in found.items() if key != "id"}
+            stored = await self.store.call(Repository.find_item, owner, item_id)
+            if stored is None:
+                raise NotFoundError(f"Item with id '{item_id}' not found.", param, "not_found")
+            found = reading.items[item_id] = {k: v for k, v in stored.items() if k != "id"}
+        reading.take(characters(found), param)
+        return found
 
-    async def _with_files(self, owner: str, item: dict, param: str) -> dict:
+    async def _with_files(self, owner: str, item: dict, param: str, reading: _Reading) -> dict:
         """The item with the text of each of its input_file parts (`param[j]`) read."""
         content = item.get("content")
         if item["type"] != "message" or not any(p["type"] == "input_file" for p in content):
             return item
         parts = [
-            await self._file_part(owner, part, f"{param}[{j}]")
+            await self._file_part(owner, part, f"{param}[{j}]", reading)
             if part["type"] == "input_file"
             else part
             for j, part in enumerate(content)
         ]
         return {**item, "content": parts}
 
-    async def _file_part(self, owner: str, part: dict, param: str) -> dict:
+    async def _file_part(self, owner: str, part: dict, param: str, reading: _Reading) -> dict:
         """The part as stored: its file's id (null for inline data), name and text."""
+        file_id = part.get("file_id")
+        key = (file_id, "") if file_id is not None else (part["filename"], part["file_data"])
+        if key not in reading.files:
+            reading.files[key] = await self._file_text(owner, part, param)
+        filename, text = reading.files[key]
+        reading.take(len(text), param)
+        return {"type": "input_file", "file_id": file_id, "filename": filename, FILE_TEXT: text}
+
+    async def _file_text(self, owner: str, part: dict, param: str) -> tuple[str, str]:
+        """The part's file's name and text, checked to fit the model's context."""
         file_id = part.get("file_id")
         if file_id is not None:
             data, filename, content_type = await self._uploaded(owner, file_id, param)
@@ -106,7 +151,7 @@ class InputResolver:
         except ExtractionError as exc:
             raise InvalidRequestError(f"{param}: {exc}", param) from None
         await asyncio.to_thread(self._check_fits, text, filename, param)
-        return {"type": "input_file", "file_id": file_id, "filename": filename, FILE_TEXT: text}
+        return filename, text
 
     async def _uploaded(
         self, owner: str, file_id: str, param: str

@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from engine.errors import EngineShutdownError
-from orchestrator import turn_recorder
+from orchestrator import input_resolver, turn_recorder
 from orchestrator.accounts.identity import LOCAL_USER
 from orchestrator.context import ContextBuilder
 from orchestrator.output_structure import PLAIN_ANSWER
@@ -839,6 +839,49 @@ def test_an_item_reference_stands_for_the_stored_item_it_names(product_server, t
         path = "/responses" if "model" in body else f"/conversations/{conv.id}/items"
         raw = _raw(server, "POST", path, json=body)
         assert (raw.status_code, raw.json()["error"]["param"]) == (404, param), raw.text
+
+
+def test_one_request_reads_each_file_and_item_once_within_what_the_context_holds(
+    product_server, tmp_path, monkeypatch
+):
+    """Parts and references naming the same file or item read it once, and what they
+    bring in together (counted each time they are named) is a 400 past the characters
+    the model's context could ever hold (16 per token of the fake engine's 2048): a small
+    request could otherwise copy a text thousands of times into memory and the store."""
+    server = product_server(FakeEngine(reply="Noted."), data_dir=tmp_path)
+    client = server.client
+    reads = {"files": 0, "items": 0}
+    extract, find = input_resolver.extract_text, Repository.find_item
+
+    async def counted_extract(*args):
+        reads["files"] += 1
+        return await extract(*args)
+
+    def counted_find(*args):
+        reads["items"] += 1
+        return find(*args)
+
+    monkeypatch.setattr(input_resolver, "extract_text", counted_extract)
+    monkeypatch.setattr(Repository, "find_item", counted_find)
+    uploaded = client.files.create(
+        file=("notes.txt", b"word " * 300, "text/plain"), purpose="user_data"
+    )
+    part = {"type": "input_file", "file_id": uploaded.id}
+    conv = client.conversations.create(items=[{"role": "user", "content": [part] * 5}])
+    assert reads["files"] == 1
+    item = client.conversations.items.list(conv.id).data[0]
+    client.conversations.items.create(conv.id, items=[{"id": item.id}] * 4)
+    assert reads["items"] == 1
+
+    for path, body, param in (
+        (f"/conversations/{conv.id}/items", {"items": _asking_about(*[part] * 30)}, "items[0]"),
+        ("/responses", {"model": MODEL, "input": [{"id": item.id}] * 5}, "input"),
+    ):
+        raw = _raw(server, "POST", path, json=body)
+        error = raw.json()["error"]
+        assert (raw.status_code, error["code"]) == (400, "context_length_exceeded"), raw.text
+        assert error["param"] in (f"{param}.content[22]", f"{param}[4].id")
+    assert len(client.conversations.items.list(conv.id).data) == 5
 
 
 def test_input_items_are_paginated(product_server):
