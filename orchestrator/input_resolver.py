@@ -19,6 +19,9 @@ references name it, and what they bring into its input (the files' texts and the
 referenced items, counted each time they are named) must stay within the characters the
 model's context could ever hold (`PROMPT_CHARS_PER_TOKEN` per token): a few bytes of
 request could otherwise copy a large text thousands of times into memory and the store.
+Across requests, the texts of the last KEPT_TEXTS uploaded files read are kept (still
+checked to be the owner's and not deleted on each use), and extraction takes one of its
+owner's slots (`IngestionSlots`): at most a few files are read at once, whoever asks.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import asyncio
 import base64
 import binascii
 import re
+from collections import OrderedDict
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from engine.client import TokenizerLike
 from engine.errors import ContextLengthExceededError
@@ -35,7 +41,10 @@ from orchestrator.errors import InvalidRequestError, NotFoundError
 from orchestrator.files import FileService, missing_file
 from orchestrator.retrieval.extract import ExtractionError, extract_text
 from orchestrator.store import Repository, Store
+from orchestrator.vector_stores import IngestionSlots
 
+KEPT_TEXTS = 32  # uploaded files' texts kept, each at most a context's worth
+T = TypeVar("T")
 _DATA_URL = re.compile(r"data:([^;,]*)(?:;[^;,]*)*;base64,", re.IGNORECASE)
 
 
@@ -87,6 +96,11 @@ class InputResolver:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.files: FileService | None = None  # set when the server keeps uploaded files
+        # Extractions at once, in all and per owner: a PDF's is a process of its own.
+        self.slots = IngestionSlots()
+        # Uploaded files' texts by id, most recently used last: a file never changes, and
+        # a conversation about a document names it turn after turn.
+        self._texts: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
     async def resolve(self, owner: str, items: list[dict], param: str) -> list[dict]:
         """`items` (parsed from the request's `param`) with each item_reference replaced by
@@ -141,33 +155,52 @@ class InputResolver:
     async def _file_text(self, owner: str, part: dict, param: str) -> tuple[str, str]:
         """The part's file's name and text, checked to fit the model's context."""
         file_id = part.get("file_id")
-        if file_id is not None:
-            data, filename, content_type = await self._uploaded(owner, file_id, param)
-        else:
+        if file_id is None:
             filename = part["filename"]
             data, content_type = _decoded(part["file_data"], f"{param}.file_data")
-        try:
-            text = await extract_text(data, filename, content_type)
-        except ExtractionError as exc:
-            raise InvalidRequestError(f"{param}: {exc}", param) from None
-        await asyncio.to_thread(self._check_fits, text, filename, param)
-        return filename, text
+            return filename, await self._extract(owner, data, filename, content_type, param)
+        files = self._uploaded_files(param)
+        known = self._texts.get(file_id)
+        if known is not None:
+            await self._owned(files.retrieve(owner, file_id), file_id, param)  # not deleted
+            self._texts.move_to_end(file_id)
+            return known
+        body, content_type, data = await self._owned(files.content(owner, file_id), file_id, param)
+        text = await self._extract(owner, data, body["filename"], content_type, param)
+        self._texts[file_id] = (body["filename"], text)
+        if len(self._texts) > KEPT_TEXTS:
+            self._texts.popitem(last=False)
+        return body["filename"], text
 
-    async def _uploaded(
-        self, owner: str, file_id: str, param: str
-    ) -> tuple[bytes, str, str | None]:
-        """An uploaded file's bytes, name and declared content type."""
+    async def _extract(
+        self, owner: str, data: bytes, filename: str, content_type: str | None, param: str
+    ) -> str:
+        """The file's text, read in one of the owner's extraction slots."""
+        async with self.slots.hold(owner):
+            try:
+                text = await extract_text(data, filename, content_type)
+            except ExtractionError as exc:
+                raise InvalidRequestError(f"{param}: {exc}", param) from None
+            await asyncio.to_thread(self._check_fits, text, filename, param)
+        return text
+
+    def _uploaded_files(self, param: str) -> FileService:
         if self.files is None:
             raise InvalidRequestError(
                 f"{param}.file_id: this server keeps no uploaded files (it runs without a "
                 "data directory); give the file inline as filename and file_data",
                 f"{param}.file_id",
             )
+        return self.files
+
+    @staticmethod
+    async def _owned(lookup: Awaitable[T], file_id: str, param: str) -> T:
+        """The lookup's answer; a 404 naming the part's `file_id` for a file the owner
+        does not have (never had, another owner's, deleted)."""
         try:
-            body, content_type, data = await self.files.content(owner, file_id)
+            return await lookup
         except NotFoundError:
             raise missing_file(file_id, f"{param}.file_id") from None
-        return data, body["filename"], content_type
 
     def _check_fits(self, text: str, filename: str, param: str) -> None:
         """A 400 for a file whose text alone takes the model's whole context."""

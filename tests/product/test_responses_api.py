@@ -884,6 +884,70 @@ def test_one_request_reads_each_file_and_item_once_within_what_the_context_holds
     assert len(client.conversations.items.list(conv.id).data) == 5
 
 
+def test_an_uploaded_files_text_is_read_once_across_requests_while_it_exists(
+    product_server, tmp_path, monkeypatch
+):
+    """A conversation about a document names it turn after turn: its text is extracted
+    once, and a file deleted since is a 404 all the same."""
+    server = product_server(FakeEngine(reply="Noted."), data_dir=tmp_path)
+    client = server.client
+    reads = []
+    extract = input_resolver.extract_text
+
+    async def counted_extract(*args):
+        reads.append(args[1])
+        return await extract(*args)
+
+    monkeypatch.setattr(input_resolver, "extract_text", counted_extract)
+    uploaded = client.files.create(file=("notes.txt", NOTES.encode()), purpose="user_data")
+    part = {"type": "input_file", "file_id": uploaded.id}
+    for _ in range(3):
+        client.responses.create(model=MODEL, input=_asking_about(part))
+    assert reads == ["notes.txt"] and "The vault code is 4711." in _prompt(server)
+    client.files.delete(uploaded.id)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.responses.create(model=MODEL, input=_asking_about(part))
+    assert caught.value.param == "input[0].content[1].file_id"
+
+
+def test_files_are_read_two_at_a_time_per_owner(product_server, tmp_path, monkeypatch):
+    """Reading a file's text (a PDF's takes a process of its own) holds one of its owner's
+    extraction slots, so one user's many requests cannot take every core."""
+    server = product_server(FakeEngine(reply="Noted."), data_dir=tmp_path)
+    inside, release = [0, 0], threading.Event()  # reading now, most at once
+    extract = input_resolver.extract_text
+
+    async def held_extract(*args):
+        inside[0] += 1
+        inside[1] = max(inside)
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        inside[0] -= 1
+        return await extract(*args)
+
+    monkeypatch.setattr(input_resolver, "extract_text", held_extract)
+    codes = []
+
+    def send(n: int) -> None:
+        data = base64.b64encode(f"file {n}".encode()).decode()
+        inline = {"type": "input_file", "filename": f"{n}.txt", "file_data": data}
+        body = {"model": MODEL, "input": _asking_about(inline)}
+        codes.append(_raw(server, "POST", "/responses", json=body).status_code)
+
+    senders = [threading.Thread(target=send, args=(n,)) for n in range(4)]
+    for sender in senders:
+        sender.start()
+    deadline = time.monotonic() + 10
+    while inside[0] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # room for a third to enter, were it let in
+    assert inside[1] == 2
+    release.set()
+    for sender in senders:
+        sender.join(10)
+    assert codes == [200] * 4
+
+
 def test_input_items_are_paginated(product_server):
     server = product_server()
     inputs = [{"role": "user", "content": f"part {i}"} for i in range(5)]
