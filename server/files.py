@@ -17,6 +17,7 @@ from orchestrator.files import PURPOSES
 from orchestrator.items import item_list
 from server.access import owner
 from server.errors import APIError, invalid
+from server.filenames import checked_filename
 from server.request_body import content_length
 from server.responses import product
 from server.responses_protocol import parse_page
@@ -96,14 +97,6 @@ async def _upload(request: Request, limit: int) -> tuple[UploadFile, str, bytes]
     return upload, purpose, data
 
 
-MAX_FILENAME_BYTES = 255  # what Linux and macOS file systems take
-
-# Characters refused in a file name: control characters (NUL, which PostgreSQL cannot
-# store, CR, LF, ESC...), and the bidirectional overrides and isolates that make a name
-# display as another (`invoice\u202etxt.exe` shows as `invoiceexe.txt`).
-_REFUSED = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
 # RFC 5987's extended parameter in a part's Content-Disposition:
 # `filename*=charset'language'percent-encoded-bytes` (the charset and the bytes captured).
 _EXTENDED_FILENAME = re.compile(
@@ -132,22 +125,13 @@ def _form_filename(upload: UploadFile) -> str:
     has one that decodes, else from `filename`, with the `"` that HTML's multipart
     encoding (browsers, httpx and so the openai SDK) sends there as `%22` restored. Only
     that escape is undone: a CR or LF (`%0D`, `%0A`) has no place in a file name.
-    A name with a character `_REFUSED` holds, or longer than MAX_FILENAME_BYTES, is a 400."""
+    A name `checked_filename` refuses is a 400."""
     extended = _extended_filename(upload)
     raw = extended if extended is not None else (upload.filename or "").replace("%22", '"')
     name = raw.rsplit("/", 1)[-1]
     if not name:
         raise invalid("file must have a filename", "file")
-    bad = _REFUSED.search(name)
-    if bad:
-        raise invalid(
-            f"the file's name holds the character U+{ord(bad.group()):04X}, which a file name "
-            "may not hold (control characters, bidirectional overrides)",
-            "file",
-        )
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_FILENAME_BYTES:
-        raise invalid(f"the file's name is longer than {MAX_FILENAME_BYTES} bytes", "file")
-    return name
+    return checked_filename(name, "file")
 
 
 async def create_file(request: Request) -> Response:

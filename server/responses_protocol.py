@@ -17,6 +17,7 @@ from orchestrator.events import output_text_part
 from orchestrator.response_request import OUTPUT_TEXT_LOGPROBS, CodeInterpreterTool
 from orchestrator.tools.file_search import DEFAULT_MAX_RESULTS, FileSearchTool
 from server.errors import invalid, known_fields, typed_field
+from server.filenames import checked_filename
 from server.protocol import top_count, valid_name
 from server.vector_store_search import parse_filters, parse_max_results, parse_ranking
 
@@ -152,7 +153,7 @@ def _input_file(part: dict, param: str) -> dict:
         raise invalid(f"{param} must have one of file_id or file_data", param)
     if file_id is not None:
         return {"type": "input_file", "file_id": file_id}
-    filename = _required(part, "filename", param)
+    filename = checked_filename(_required(part, "filename", param), f"{param}.filename")
     return {"type": "input_file", "filename": filename, "file_data": data}
 
 

@@ -755,6 +755,8 @@ def test_an_input_file_is_read_into_the_prompt_as_data_from_the_users_file(
         ({}, 400, "content[0]"),
         ({"file_id": "file-1", "filename": "a.txt", "file_data": "eA=="}, 400, "content[0]"),
         ({"file_data": "eA=="}, 400, "content[0].filename"),
+        ({"filename": "a" * 300 + ".txt", "file_data": "eA=="}, 400, "content[0].filename"),
+        ({"filename": "a\nb.txt", "file_data": "eA=="}, 400, "content[0].filename"),
         (
             {"filename": "a.txt", "file_data": "data:text/plain;base64,%%"},
             400,
