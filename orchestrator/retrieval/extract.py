@@ -85,8 +85,8 @@ def file_kind(filename: str, content_type: str | None = None) -> str:
     if declared in _BY_CONTENT_TYPE:
         return _BY_CONTENT_TYPE[declared]
     raise UnsupportedFile(
-        f"unsupported file type {suffix or '(no extension)'!r} for {filename!r}: file_search "
-        "indexes text, Markdown (.md), HTML (.html) and PDF (.pdf) files"
+        f"unsupported file type {suffix or '(no extension)'!r} for {filename!r}: this server "
+        "reads text, Markdown (.md), HTML (.html) and PDF (.pdf) files"
     )
 
 
