@@ -763,8 +763,10 @@ function requestBody(decoded, parent, text) {
   if (settings.max_output_tokens) body.max_output_tokens = Number(settings.max_output_tokens);
   if (vectorStore) {
     body.tools = [{ type: "file_search", vector_store_ids: [vectorStore] }];
-    // Searching on every message is what a small model needs to use the files at all.
-    body.tool_choice = settings.always_search === false ? "auto" : "required";
+    // Searching on every message is what a small model needs to use the files at all. The
+    // search is named, not "required": with code_interpreter offered too (Run Python code,
+    // or the server's default tools) "required" would let the model call either.
+    body.tool_choice = settings.always_search === false ? "auto" : { type: "file_search" };
     body.include = ["file_search_call.results"];
   }
   if (settings.run_code && state.codeTool) {

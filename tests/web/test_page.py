@@ -1522,3 +1522,18 @@ def test_python_code_can_be_turned_on_where_the_server_runs_it(session, page, ap
         "() => /cannot run Python code/.test(document.querySelector('#status').textContent)"
     )
     assert page.input_value("#prompt") == "Again."
+
+
+def test_every_message_searches_the_files_with_python_code_on_too(session, page, api):
+    """With a file attached and "Run Python code" on, the message still searches the file
+    first: tool_choice names file_search ("required" let the model call code_interpreter,
+    or write a search of its own, instead of the search on the user's message)."""
+    page.click("#open-settings")
+    page.check("#run-code")
+    page.click("#settings-save")
+    _a_chat_with_a_file(page, api)
+    [turn] = turns(page)
+    response = api.get(f"/v1/responses/{turn}").json()
+    assert response["tool_choice"] == {"type": "file_search"}
+    assert [t["type"] for t in response["tools"]] == ["file_search", "code_interpreter"]
+    assert response["output"][0]["type"] == "file_search_call"
