@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from orchestrator.context import FILE_TEXT
 from orchestrator.events import hide_logprobs
 from orchestrator.ids import new_id
-from orchestrator.input_resolver import FILE_TEXT
 from orchestrator.response_request import OUTPUT_TEXT_LOGPROBS
 from orchestrator.store import ItemPage
 

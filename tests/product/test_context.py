@@ -10,9 +10,8 @@ import pytest
 from engine.loader.gguf import read_gguf
 from engine.loader.resolve import resolve_model
 from engine.tokenizer import Tokenizer
-from orchestrator.context import ContextBuilder, ToolConfig, item_text, items_to_messages
+from orchestrator.context import FILE_TEXT, ContextBuilder, ToolConfig, item_text, items_to_messages
 from orchestrator.errors import InvalidRequestError
-from orchestrator.input_resolver import FILE_TEXT
 from orchestrator.store import History
 from orchestrator.untrusted import spotlight
 
