@@ -244,10 +244,8 @@ class ResponseService:
         """The built-in tools this server runs, each with whether it is offered without
         being declared (--default-tools): what a client may let its user turn on (the web
         page's "Run Python code"). The reasons a tool cannot run here stay unsaid."""
-        return [
-            {"name": name, "default": name in self.default_tools}
-            for name in sorted(self.tools.tools)
-        ]
+        names = [*self.tools.tools, *([FILE_SEARCH] if self.file_search is not None else [])]
+        return [{"name": name, "default": name in self.default_tools} for name in sorted(names)]
 
     def _resolve_tools(self, request: ResponseRequest) -> ResolvedTools:
         """The request's tools sorted into built-ins and client functions; a built-in this

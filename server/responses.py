@@ -144,7 +144,9 @@ async def count_input_tokens(request: Request, body: Any) -> Response:
     from, counted without generating. A request under the user's rpm limit, as OpenAI
     counts it; no tokens are metered, as none are computed."""
     state: ServerState = request.app.state.tokenmill
-    parsed, _ = parse_response_request(known_fields(body, _COUNT_FIELDS), state.resolve_model)
+    parsed, _ = parse_response_request(
+        known_fields(body, _COUNT_FIELDS), state.resolve_model, input_required=False
+    )
     accounts = product(request).accounts
     if accounts is not None:
         accounts.take_request(identity(request))

@@ -150,7 +150,7 @@ def _input_file(part: dict, param: str) -> dict:
     file_id = typed_field(part, "file_id", "a string", param=f"{param}.file_id")
     data = typed_field(part, "file_data", "a string", param=f"{param}.file_data")
     if (file_id is None) == (data is None):
-        raise invalid(f"{param} must have one of file_id or file_data", param)
+        raise invalid(f"{param} must have exactly one of file_id and file_data", param)
     if file_id is not None:
         return {"type": "input_file", "file_id": file_id}
     filename = checked_filename(_required(part, "filename", param), f"{param}.filename")
@@ -368,12 +368,14 @@ def parse_items(raw: Any, param: str, limit: int | None = None) -> list[dict]:
     return [_item(item, f"{param}[{i}]") for i, item in enumerate(raw)]
 
 
-def _input(body: dict) -> list[dict]:
+def _input(body: dict, required: bool) -> list[dict]:
     raw = body.get("input")
     if isinstance(raw, str):
         return [
             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": raw}]}
         ]
+    if raw is None and not required:
+        return []
     items = parse_items(raw, "input") if raw is not None else []
     if not items:
         raise invalid("input must be a string or a non-empty array of items", "input")
@@ -591,10 +593,11 @@ def _conversation_id(body: dict) -> str | None:
 
 
 def parse_response_request(
-    body: Any, resolve_model: Callable[[str | None], str]
+    body: Any, resolve_model: Callable[[str | None], str], input_required: bool = True
 ) -> tuple[ResponseRequest, bool]:
     """The request and whether to stream it; `resolve_model` maps the requested model
-    name to the served one (or raises 404)."""
+    name to the served one (or raises 404). Without `input_required` (counting a
+    conversation's or a chain's tokens), a missing `input` is none."""
     _check_unsupported(body)
     previous = typed_field(body, "previous_response_id", "a string")
     conversation = _conversation_id(body)
@@ -619,7 +622,7 @@ def parse_response_request(
         raise invalid(f"max_tool_calls must be at least 0, got {max_tool_calls}", "max_tool_calls")
     request = ResponseRequest(
         model=resolve_model(typed_field(body, "model", "a string")),
-        input=_input(body),
+        input=_input(body, input_required),
         instructions=typed_field(body, "instructions", "a string"),
         previous_response_id=previous,
         conversation_id=conversation,

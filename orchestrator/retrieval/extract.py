@@ -266,7 +266,8 @@ def _pdf_text(data: bytes) -> str:
     except (PyPdfError, ValueError, KeyError, TypeError) as exc:
         if isinstance(exc, ExtractionError):
             raise
-        raise ExtractionError(f"the PDF could not be read ({exc}); is it a valid PDF?") from None
+        cause = " ".join(str(exc).split())  # pypdf's messages may end in a newline
+        raise ExtractionError(f"the PDF could not be read ({cause}); is it a valid PDF?") from None
     text = "\n\n".join(p.strip() for p in pages if p.strip())
     if not text:
         raise ExtractionError(

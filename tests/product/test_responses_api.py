@@ -1928,6 +1928,8 @@ def test_input_tokens_count_the_prompt_a_response_would_start_from(product_serve
     assert counted == server.client.responses.create(**follow).usage.input_tokens
     conv = server.client.conversations.create(items=[{"role": "user", "content": "Hi there"}])
     counted = count(model=MODEL, conversation=conv.id, input="Go on").input_tokens
+    # A conversation alone, without input: what the next response would read of it.
+    assert 0 < count(model=MODEL, conversation=conv.id).input_tokens < counted
     made = server.client.responses.create(model=MODEL, conversation=conv.id, input="Go on")
     assert counted == made.usage.input_tokens
     stored = [r.id for r in server.client.conversations.items.list(conv.id)]

@@ -131,6 +131,15 @@ def wait_for_turn(page, before: int) -> None:
     )
 
 
+def attach(page, name: str, text: bytes = b"Some text.\n") -> None:
+    """Attach a text file through the page and wait until it is indexed and saved."""
+    page.set_input_files(
+        "#upload", files=[{"name": name, "mimeType": "text/plain", "buffer": text}]
+    )
+    page.wait_for_selector(f"#attachments .attachment.completed:has-text('{name}')", timeout=60_000)
+    page.wait_for_function("() => !document.body.dataset.saving")
+
+
 def send(page, text: str) -> None:
     """Types `text` and presses Enter; returns once the answer has finished."""
     before = finished_turns(page)
@@ -1359,13 +1368,7 @@ def test_a_file_attached_after_the_vector_store_was_deleted_is_kept(session, pag
     (a 404 naming the store): the conversation forgets it and the file goes to a new one."""
     session[1].expected.append(r"404 .*@ .*/v1/vector_stores/vs_\w+/files$")  # refused once
     for name in ("first.txt", "second.txt"):
-        page.set_input_files(
-            "#upload", files=[{"name": name, "mimeType": "text/plain", "buffer": b"Some text.\n"}]
-        )
-        page.wait_for_selector(
-            f"#attachments .attachment.completed:has-text('{name}')", timeout=60_000
-        )
-        page.wait_for_function("() => !document.body.dataset.saving")
+        attach(page, name)
         if name == "first.txt":
             conversation = page.evaluate("location.hash")[1:]
             deleted = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
@@ -1410,11 +1413,7 @@ def test_a_file_attached_after_the_vector_store_expired_is_kept(session, page, a
     use of the store, refused): the store is renewed with its files, and the new one too."""
     session[1].expected.append(r"400 .*@ .*/v1/vector_stores/vs_\w+/files$")  # refused once
     for name in ("first.txt", "second.txt"):
-        page.set_input_files(
-            "#upload", files=[{"name": name, "mimeType": "text/plain", "buffer": b"Some text.\n"}]
-        )
-        page.wait_for_selector("#attachments .attachment.completed", timeout=60_000)
-        page.wait_for_function("() => !document.body.dataset.saving")
+        attach(page, name)
         if name == "first.txt":
             conversation = page.evaluate("location.hash")[1:]
             expired = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
@@ -1440,13 +1439,7 @@ def test_an_attached_file_can_be_removed(session, page, api):
         r"404 .*@ .*/v1/(vector_stores/vs_\w+/)?files/file_\w+$",  # gone already
     ]
     for name in ("a.txt", "b.txt"):
-        page.set_input_files(
-            "#upload", files=[{"name": name, "mimeType": "text/plain", "buffer": b"Some text.\n"}]
-        )
-        page.wait_for_selector(
-            f"#attachments .attachment.completed:has-text('{name}')", timeout=60_000
-        )
-    page.wait_for_function("() => !document.body.dataset.saving")
+        attach(page, name)
     conversation = page.evaluate("location.hash")[1:]
     store = api.get(f"/v1/conversations/{conversation}").json()["metadata"]["vs"]
     files = api.get(f"/v1/vector_stores/{store}/files").json()["data"]

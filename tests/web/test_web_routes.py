@@ -126,3 +126,8 @@ def test_the_built_in_tools_are_listed_without_why_others_are_missing(product_se
     assert listed.status_code == 200
     assert listed.json() == {"object": "list", "data": [{"name": "calculator", "default": True}]}
     assert "bwrap" not in listed.text
+    responses.file_search = object()  # vector stores: file_search runs too
+    assert [t["name"] for t in _get(server, "/v1/tools").json()["data"]] == [
+        "calculator",
+        "file_search",
+    ]
