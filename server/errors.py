@@ -79,6 +79,8 @@ def known_fields(body: object, fields: set[str] | frozenset[str], param: str = "
     naming the first that is not (under `param`, for an object nested in a body): as
     OpenAI's API, the product's routes refuse a field they would otherwise ignore."""
     if not isinstance(body, dict):
+        if param:
+            raise invalid(f"{param} must be an object", param)
         raise invalid("the request body must be a JSON object")
     for name in body:
         if name not in fields and body[name] is not None:

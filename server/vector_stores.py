@@ -61,11 +61,11 @@ def _expires_after(value: Any) -> dict | None:
     return {"anchor": "last_active_at", "days": days}
 
 
-def _chunking(body: dict):
+def _chunking(body: dict, param: str = "chunking_strategy"):
     try:
         return parse_chunking_strategy(body.get("chunking_strategy"))
     except ValueError as exc:
-        raise invalid(str(exc), "chunking_strategy") from None
+        raise invalid(str(exc), param) from None
 
 
 def _attribute_fits(key: str, value: Any) -> bool:
@@ -80,7 +80,7 @@ def _attribute_fits(key: str, value: Any) -> bool:
     return isinstance(value, bool) or is_number(value)
 
 
-def _attributes(body: dict) -> dict:
+def _attributes(body: dict, param: str = "attributes") -> dict:
     attributes = body.get("attributes") or {}
     if (
         not isinstance(attributes, dict)
@@ -91,7 +91,7 @@ def _attributes(body: dict) -> dict:
             "attributes must be an object of at most 16 keys of 1 to 64 characters, whose "
             "values are strings of at most 512 characters, booleans or numbers (an integer "
             "must fit in 64 bits); no key or string may hold a NUL character",
-            "attributes",
+            param,
         )
     return attributes
 
@@ -250,10 +250,13 @@ def _batch_files(body: dict) -> list[FileToAdd]:
         raise invalid(f"files must be an array of 1 to {MAX_BATCH_FILES} objects", "files")
     added: dict[str, FileToAdd] = {}
     for i, entry in enumerate(entries):
-        entry = known_fields(entry, {"file_id", "attributes", "chunking_strategy"})
-        param = f"files[{i}].file_id"
+        where = f"files[{i}]"
+        entry = known_fields(entry, {"file_id", "attributes", "chunking_strategy"}, where)
+        param = f"{where}.file_id"
         file_id = _file_id(entry.get("file_id"), param)
-        added[file_id] = FileToAdd(file_id, _chunking(entry), _attributes(entry), param)
+        chunking = _chunking(entry, f"{where}.chunking_strategy")
+        attributes = _attributes(entry, f"{where}.attributes")
+        added[file_id] = FileToAdd(file_id, chunking, attributes, param)
     return list(added.values())
 
 

@@ -215,6 +215,17 @@ def test_batches_belong_to_their_owner_and_bad_bodies_are_400(product_server, tm
         ({"files": [{"file_id": f"file_{i}"} for i in range(2001)]}, "files"),
         ({"files": [{"file_id": 3}]}, "files[0].file_id"),
         ({"files": [{"file_id": ids["bread.txt"]}], "attributes": {}}, "files"),
+        # a file's own fields are named under its place in `files`
+        ({"files": [ids["bread.txt"]]}, "files[0]"),
+        ({"files": [{"file_id": ids["bread.txt"], "purpose": "x"}]}, "files[0].purpose"),
+        (
+            {"files": [{"file_id": file_id}, {"file_id": file_id, "attributes": {"k": None}}]},
+            "files[1].attributes",
+        ),
+        (
+            {"files": [{"file_id": file_id, "chunking_strategy": {"type": "x"}}]},
+            "files[0].chunking_strategy",
+        ),
     ]:
         raw = httpx.post(url, json=body, timeout=10)
         assert raw.status_code == 400 and raw.json()["error"]["param"] == param, body
