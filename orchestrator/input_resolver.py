@@ -40,8 +40,8 @@ from orchestrator.context import FILE_TEXT, PROMPT_CHARS_PER_TOKEN, characters
 from orchestrator.errors import InvalidRequestError, NotFoundError
 from orchestrator.files import FileService, missing_file
 from orchestrator.retrieval.extract import ExtractionError, extract_text
+from orchestrator.slots import IngestionSlots
 from orchestrator.store import Repository, Store
-from orchestrator.vector_stores import IngestionSlots
 
 KEPT_TEXTS = 32  # uploaded files' texts kept, each at most a context's worth
 T = TypeVar("T")

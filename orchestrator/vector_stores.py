@@ -21,11 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 from orchestrator.accounts import LOCAL, LOCAL_USER, Accounts, Identity, Meter
 from orchestrator.errors import InvalidRequestError, NotFoundError, QuotaExceededError
@@ -37,6 +36,7 @@ from orchestrator.retrieval.extract import ExtractionError, UnsupportedFile, ext
 from orchestrator.retrieval.filters import Filter
 from orchestrator.retrieval.index import Hit, SearchMode, SearchRequest
 from orchestrator.retrieval.ingest import prepare_chunks
+from orchestrator.slots import IngestionSlots, KeyedSlots
 from orchestrator.store import ItemPage, Page, Store
 from orchestrator.store import accounts as accounts_db
 from orchestrator.store import knowledge as kb
@@ -138,40 +138,21 @@ def _error(code: str, message: str) -> dict:
 
 
 SWEEP_SECONDS = 60.0
-
-# Files ingested at once by this server, and by one owner. Extraction and chunking run on
-# worker threads and embedding on the embedder's one thread, so a few files at once keep
-# both busy; more would only hold more files in memory.
-INGEST_SLOTS = 4
-INGEST_SLOTS_PER_OWNER = 2
+T = TypeVar("T")
 
 
-class IngestionSlots:
-    """At most `total` files ingested at once, at most `per_owner` of them one owner's.
-
-    An ingestion waits for a slot of its owner's first, then for one of the server's
-    (both FIFO). So each owner has at most `per_owner` ingestions waiting for or holding
-    a server slot, and the server's queue takes owners in turn: another owner's file
-    waits for a few files to finish, not for all 2,000 of a batch queued before it."""
-
-    def __init__(self, total: int = INGEST_SLOTS, per_owner: int = INGEST_SLOTS_PER_OWNER) -> None:
-        self._total = asyncio.Semaphore(total)
-        self._per_owner = per_owner
-        self._owners: dict[str, asyncio.Semaphore] = {}
-        self._users: Counter[str] = Counter()  # ingestions holding or awaiting an owner's
-
-    @asynccontextmanager
-    async def hold(self, owner: str) -> AsyncIterator[None]:
-        """A slot for one of `owner`'s files, for the body of the `async with`."""
-        own = self._owners.setdefault(owner, asyncio.Semaphore(self._per_owner))
-        self._users[owner] += 1
+async def _ended(call: Awaitable[T]) -> tuple[T, bool]:
+    """`call`'s result once it has ended, and whether this task was cancelled meanwhile. A
+    store call runs on the store's thread: a cancelled wait would cancel it while queued,
+    or leave it running unheard of, so a claim could be taken and never let go."""
+    future = asyncio.ensure_future(call)
+    cancelled = False
+    while not future.done():
         try:
-            async with own, self._total:
-                yield
-        finally:
-            self._users[owner] -= 1
-            if not self._users[owner]:  # no owner's semaphore kept for every past owner
-                del self._users[owner], self._owners[owner]
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancelled = True
+    return future.result(), cancelled
 
 
 class VectorStoreService:
@@ -192,6 +173,8 @@ class VectorStoreService:
         self._running: dict[tuple[str, str, str], asyncio.Task] = {}  # by (owner, store, file)
         self._claims = AdvisoryClaims()
         self._slots = IngestionSlots()
+        # One ingestion of a file of a store at a time: one added again waits for the one it stops.
+        self._turns: KeyedSlots[tuple[str, str, str]] = KeyedSlots(1)
         files.on_delete(lambda owner, file_id: self._stop_ingestion(owner, None, [file_id]))
 
     # -- vector stores -------------------------------------------------------------------
@@ -527,14 +510,12 @@ class VectorStoreService:
 
     def _spawn(self, owner: str, vector_store_id: str, file_id: str) -> None:
         """Ingest the file; one added again while its ingestion runs stops that one, and
-        the new one starts once it has let go of its claim."""
+        the new one starts once it has let go of its claim (`_ingest`)."""
         key = (owner, vector_store_id, file_id)
         previous = self._running.get(key)
         if previous is not None:
             previous.cancel()
-        task = asyncio.get_running_loop().create_task(
-            self._ingest(owner, vector_store_id, file_id, previous)
-        )
+        task = asyncio.get_running_loop().create_task(self._ingest(owner, vector_store_id, file_id))
         self._tasks.add(task)
         self._running[key] = task
 
@@ -545,22 +526,36 @@ class VectorStoreService:
 
         task.add_done_callback(done)
 
-    async def _ingest(
-        self, owner: str, vector_store_id: str, file_id: str, previous: asyncio.Task | None = None
-    ) -> None:
-        """Ingest the file once `previous` (its ingestion this one replaces) has ended and
-        a slot is free; the claim is taken in the slot, so a file waiting for one is left
-        to any other server sharing the database that gets to it first."""
-        if previous is not None:
-            await asyncio.gather(previous, return_exceptions=True)
-        async with self._slots.hold(owner):
+    async def _ingest(self, owner: str, vector_store_id: str, file_id: str) -> None:
+        """Ingest the file once the ingestions of it added before this one (stopped by it)
+        have ended and a slot is free; the claim is taken in the slot, so a file waiting
+        for one is left to any other server sharing the database that gets to it first."""
+        async with self._turns.hold((owner, vector_store_id, file_id)), self._slots.hold(owner):
             key = claim_key(owner, vector_store_id, file_id)
-            if not await self.store.call(self._claims.claim, key):
+            if not await self._claim(key):
                 return  # another server sharing this database is ingesting it
             try:
                 await self._ingest_claimed(owner, vector_store_id, file_id)
             finally:
-                await self.store.call(self._claims.release, key)
+                await self._release(key)
+
+    async def _claim(self, key: int) -> bool:
+        """Take the file's claim. Cancelled meanwhile, the claim is taken or not all the
+        same (`_ended`), and let go before the cancellation goes on."""
+        taken, cancelled = await _ended(self.store.call(self._claims.claim, key))
+        if cancelled:
+            if taken:
+                await self._release(key)
+            raise asyncio.CancelledError
+        return taken
+
+    async def _release(self, key: int) -> None:
+        """Let go of the file's claim, to the end even when cancelled meanwhile (a re-add
+        stops an ingestion as it finishes): a claim kept would hold the file in progress
+        until this server restarts, every later ingestion of it refused."""
+        _, cancelled = await _ended(self.store.call(self._claims.release, key))
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def _ingest_claimed(self, owner: str, vector_store_id: str, file_id: str) -> None:
         chunks, error, body = None, None, None

@@ -13,7 +13,7 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
-from orchestrator import FileService, Product, VectorStoreService, vector_stores
+from orchestrator import FileService, Product, VectorStoreService, slots, vector_stores
 from orchestrator.retrieval import ingest, pg_index
 from orchestrator.retrieval.chunking import StaticChunking
 from orchestrator.retrieval.embeddings import Embedder
@@ -204,7 +204,7 @@ def test_ingestion_takes_a_few_files_at_once_and_owners_in_turn(tmp_path, embedd
         service = VectorStoreService(store, FileService(store), embedder)
         alice = await batch(service, "alice", 10)
         carol = await batch(service, "carol", 10)
-        await _until(lambda: inside.total() >= vector_stores.INGEST_SLOTS)
+        await _until(lambda: inside.total() >= slots.INGEST_SLOTS)
         bob = await batch(service, "bob", 1)
         await service.cancel_file_batch("carol", *carol)
         gate.set()
@@ -225,10 +225,58 @@ def test_ingestion_takes_a_few_files_at_once_and_owners_in_turn(tmp_path, embedd
     assert counts["alice"]["completed"] == 10
     assert counts["bob"]["completed"] == 1
     assert counts["carol"]["cancelled"] == 10
-    assert most["all"] == vector_stores.INGEST_SLOTS
-    assert most["alice"] == most["carol"] == vector_stores.INGEST_SLOTS_PER_OWNER
-    assert started.index("bob-0.txt") == vector_stores.INGEST_SLOTS  # the next to start
+    assert most["all"] == slots.INGEST_SLOTS
+    assert most["alice"] == most["carol"] == slots.INGEST_SLOTS_PER_OWNER
+    assert started.index("bob-0.txt") == slots.INGEST_SLOTS  # the next to start
     assert sum(name.startswith("carol") for name in started) == 2  # none after the cancel
+
+
+class _LockClaims:
+    """Claims as PostgreSQL's advisory locks hold them (one holder of a key at a time),
+    each taken and let go on the store's thread, the letting go a little slow."""
+
+    def __init__(self) -> None:
+        self.held: set[int] = set()
+
+    def claim(self, repo, key: int) -> bool:
+        if key in self.held:
+            return False
+        self.held.add(key)
+        return True
+
+    def release(self, repo, key: int) -> None:
+        time.sleep(0.02)
+        self.held.discard(key)
+
+
+def test_a_file_added_again_and_again_at_once_is_ingested_and_let_go(tmp_path, embedder):
+    """Each add of a file stops its ingestion under way: the stopped one lets go of its
+    claim, however often it is stopped, before the next one takes it, so the last one
+    ingests the file and no claim stays held (on PostgreSQL a kept claim held the file in
+    progress until the server restarted)."""
+
+    async def run() -> tuple[list[str], set[int]]:
+        store = _open(f"sqlite:///{tmp_path / 'tokenmill.db'}")
+        service = VectorStoreService(store, FileService(store), embedder)
+        claims = service._claims = _LockClaims()
+        ids = [
+            (await service.files.create("alice", f"{i}.txt", "assistants", TEXT, None))["id"]
+            for i in range(3)
+        ]
+        added = [FileToAdd(i, StaticChunking(), {}, "file_ids") for i in ids]
+        store_id = (await service.create("alice", None, {}, []))["id"]
+        await asyncio.gather(*(service.add_file("alice", store_id, added[0]) for _ in range(16)))
+        await asyncio.gather(
+            *(service.create_file_batch("alice", store_id, added) for _ in range(8))
+        )
+        await _until(lambda: not service._tasks)
+        statuses = [(await service.retrieve_file("alice", store_id, i))["status"] for i in ids]
+        store.close()
+        return statuses, claims.held
+
+    statuses, held = asyncio.run(run())
+    assert statuses == ["completed"] * 3
+    assert held == set()
 
 
 def test_deleting_a_file_stops_its_ingestion_in_every_store(tmp_path, embedder, monkeypatch):
@@ -255,7 +303,7 @@ def test_deleting_a_file_stops_its_ingestion_in_every_store(tmp_path, embedder, 
         file_id = (await service.files.create("alice", "a.txt", "assistants", TEXT, None))["id"]
         added = FileToAdd(file_id, StaticChunking(), {}, "file_ids")
         stores = [(await service.create("alice", None, {}, [added]))["id"] for _ in range(3)]
-        await _until(lambda: len(extracting) == vector_stores.INGEST_SLOTS_PER_OWNER)
+        await _until(lambda: len(extracting) == slots.INGEST_SLOTS_PER_OWNER)
         await service.files.delete("alice", file_id)
         await _until(lambda: not service._tasks, seconds=5)
         rows = [(await service.list_files("alice", s, Page(), None)).items for s in stores]
