@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import dataclasses
 import functools
 import logging
 import time
@@ -273,6 +274,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
+        _mark_scheduled(batch.seqs, time.time())
         failures: dict[str, Exception] = {}
         for _parent, child in batch.forks:
             self._guarded(failures, child.request, self.outputs.start, child)
@@ -285,6 +287,7 @@ class LLMEngine:
             self.scheduler.discard(batch)
             raise BatchFailedError(exc, {s.request.request_id for s in batch.seqs}) from exc
         self.scheduler.advance(batch)
+        now = time.time()
         changed: dict[str, list[Sequence]] = {}
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
             request = seq.request
@@ -293,6 +296,9 @@ class LLMEngine:
                 seq.finish_reason = "length"
             elif self._guarded(failures, request, self._append_token, seq, token, lp, budget):
                 self.generation_tokens_total += 1
+                metrics = request.metrics
+                metrics.first_token_time = metrics.first_token_time or now
+                metrics.last_token_time = now
             else:
                 continue
             if seq.finish_reason is not None:
@@ -373,14 +379,18 @@ class LLMEngine:
             prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
             for entry in prompt_logprobs[1:] if request.params.detokenize else ():
                 entry.decode = self.outputs.token_text
+        finished = request.finished or all(s.finished for s in request.seqs)
+        if finished and request.metrics.finished_time is None:
+            request.metrics.finished_time = time.time()
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
             outputs=outputs,
             num_cached_tokens=request.num_cached_tokens,
-            finished=request.finished or all(s.finished for s in request.seqs),
+            finished=finished,
             prompt_logprobs=prompt_logprobs,
+            metrics=dataclasses.replace(request.metrics),
         )
 
     def stats(self) -> EngineStats:
@@ -422,6 +432,16 @@ class LLMEngine:
         if self.background_compile is not None:
             return self.background_compile.state
         return "ready" if self.compile_mode == "on" else "off"
+
+
+def _mark_scheduled(seqs: list[Sequence], now: float) -> None:
+    """Record when each request of a step first ran (vLLM's `first_scheduled_time`) and
+    how long it waited before."""
+    for seq in seqs:
+        metrics = seq.request.metrics
+        if metrics.first_scheduled_time is None:
+            metrics.first_scheduled_time = now
+            metrics.time_in_queue = now - metrics.arrival_time
 
 
 def _finish_compile(ref: weakref.ref[BackgroundCompile]) -> None:

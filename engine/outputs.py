@@ -35,6 +35,23 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """vLLM's per-request timings, as `time.time()` seconds, so benchmark scripts can take
+    TTFT as `first_token_time - arrival_time`. `arrival_time` is when the request was made
+    (`LLM.generate`, `AsyncLLM.generate`); `first_scheduled_time` when its prompt first ran
+    in a step (`time_in_queue` the wait before); `first_token_time` and `last_token_time`
+    when the step that produced its first and latest output token ended; `finished_time`
+    when it ended. A time not reached yet is None (`last_token_time`: the arrival)."""
+
+    arrival_time: float
+    last_token_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    time_in_queue: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -47,6 +64,8 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     # Set (with finished) when the engine had to end this request because it failed there.
     error: Exception | None = None
+    # The request's timings when this output was made (a copy, so later steps leave it be).
+    metrics: RequestMetrics | None = None
 
 
 @dataclass
@@ -95,5 +114,6 @@ def merge_output(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutp
         cur.stop_reason = out.stop_reason
     acc.outputs = [by_index[i] for i in sorted(by_index)]
     acc.num_cached_tokens = delta.num_cached_tokens
+    acc.metrics = delta.metrics
     acc.finished = delta.finished
     return acc

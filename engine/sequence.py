@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import time
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from functools import cached_property
 
 import torch
 
+from engine.outputs import RequestMetrics
 from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 
@@ -71,6 +73,8 @@ class Request:
     prompt_logprobs_sent: bool = False
     # params.bad_words as token sequences (engine.llm_engine tokenizes them).
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    # Its timings, as vLLM's RequestOutput.metrics gives them; arrival: when it was made.
+    metrics: RequestMetrics = field(default_factory=lambda: _arrived(time.time()))
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None:
@@ -97,6 +101,10 @@ class Request:
             return 0
         digest = hashlib.sha256(salt.encode()).digest()
         return (1 + int.from_bytes(digest[:8], "big")) << 32
+
+
+def _arrived(now: float) -> RequestMetrics:
+    return RequestMetrics(arrival_time=now, last_token_time=now)
 
 
 @dataclass(eq=False)

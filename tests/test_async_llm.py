@@ -87,6 +87,30 @@ def test_outputs_are_cumulative_by_default_as_in_vllm_or_only_the_final_one(tiny
     assert final.finished and final.outputs[0].token_ids == tokens
 
 
+def test_streamed_outputs_carry_the_requests_metrics_as_they_stood(tiny_path):
+    """Each output holds vLLM's RequestMetrics as they were when it was made: the first
+    token's time fixed from the first output on, the latest token's as of that output, the
+    end's only on the last."""
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+    async def stream():
+        engine = AsyncLLM(model=tiny_path, device="cpu", compile="off")
+        try:
+            return [out async for out in engine.generate(_prompt(9, 2), params, "r")]
+        finally:
+            await engine.shutdown()
+
+    outs = asyncio.run(stream())
+    metrics = [out.metrics for out in outs]
+    first = metrics[0]
+    assert first.arrival_time <= first.first_scheduled_time <= first.first_token_time
+    assert {m.first_token_time for m in metrics} == {first.first_token_time}
+    latest = [m.last_token_time for m in metrics]
+    assert latest == sorted(latest) and latest[0] == first.first_token_time
+    assert [m.finished_time is not None for m in metrics] == [False] * (len(outs) - 1) + [True]
+    assert metrics[-1].finished_time >= metrics[-1].last_token_time
+
+
 def test_abort_and_closed_streams_free_blocks(tiny_path):
     async def run():
         engine = AsyncLLM(model=tiny_path, device="cpu", num_kv_blocks=64, compile="off")

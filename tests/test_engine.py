@@ -229,6 +229,24 @@ def test_max_tokens_and_stop_token(tiny_model_dir):
     assert out.finish_reason == "stop" and out.stop_reason == stop_at
 
 
+def test_outputs_carry_vllms_request_metrics_in_the_order_things_happened(tiny_model_dir):
+    """vLLM's RequestOutput.metrics, as benchmark scripts read them (TTFT as
+    first_token_time - arrival_time): with room for one sequence, the second request waits
+    in the queue until the first has finished."""
+    llm = _llm(tiny_model_dir("llama"), max_num_seqs=1)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    first, second = (out.metrics for out in llm.generate(_prompts(384, [9, 5]), params))
+    for m in (first, second):
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time
+        assert m.first_token_time <= m.last_token_time <= m.finished_time
+        assert m.time_in_queue == m.first_scheduled_time - m.arrival_time
+    assert second.first_scheduled_time >= first.finished_time
+    assert second.time_in_queue >= first.finished_time - first.arrival_time
+    scored = llm.generate([1, 2, 3], SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
+    assert scored.metrics.first_token_time is None  # no token was generated
+    assert scored.metrics.finished_time >= scored.metrics.first_scheduled_time
+
+
 def test_n_completions_share_the_prompt(tiny_model_dir):
     llm = _llm(tiny_model_dir("llama"))
     prompt = _prompts(384, [37], seed=9)[0]
