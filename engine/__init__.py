@@ -12,6 +12,7 @@ _EXPORTS = {
     "EngineArgs": "engine.args",
     "SamplingParams": "engine.sampling_params",
     "StructuredOutputsParams": "engine.structured_output",
+    "GuidedDecodingParams": "engine.structured_output",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     "EngineStats": "engine.outputs",

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+# GuidedDecodingParams is re-exported where vLLM users import it from (vllm.sampling_params).
+from engine.structured_output import GuidedDecodingParams as GuidedDecodingParams
 from engine.structured_output import StructuredOutputsParams
 
 # Below this temperature sampling is treated as greedy argmax (vLLM uses the same cut-off);
@@ -110,6 +112,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Constrain every output to a structure (JSON schema, regex, choice, grammar).
     structured_outputs: StructuredOutputsParams | None = None
+    # vLLM's older name for structured_outputs (a GuidedDecodingParams): either, not both.
+    guided_decoding: StructuredOutputsParams | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI)
     # vLLM's: sample only among these token ids (every other token's logit is -inf).
     allowed_token_ids: list[int] | None = None
@@ -144,7 +148,26 @@ class SamplingParams:
             self.bad_words = [self.bad_words]
         elif self.bad_words is not None:
             self.bad_words = _as_list(self.bad_words, "bad_words", BAD_WORDS_RULE)
+        self._take_guided_decoding()
         self._validate()
+
+    def _take_guided_decoding(self) -> None:
+        """Use vLLM's older `guided_decoding` as `structured_outputs`. Both naming the same
+        structure is a copy of params made so (`clone`, `dataclasses.replace`)."""
+        guided = self.guided_decoding
+        if guided is None:
+            return
+        _require(
+            isinstance(guided, StructuredOutputsParams),
+            "guided_decoding",
+            "a GuidedDecodingParams or None",
+            guided,
+        )
+        if self.structured_outputs is not None and self.structured_outputs is not guided:
+            raise ValueError(
+                "give structured_outputs or guided_decoding (vLLM's older name for it), not both"
+            )
+        self.structured_outputs = guided
 
     def clone(self) -> SamplingParams:
         """vLLM's: a copy whose lists and dicts are its own, to change without touching

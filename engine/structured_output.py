@@ -119,6 +119,38 @@ class StructuredOutputsParams:
         return next(k for k in _KINDS if getattr(self, k) not in (None, False))
 
 
+@dataclass
+class GuidedDecodingParams(StructuredOutputsParams):
+    """vLLM's older name for `StructuredOutputsParams`, with its options, so scripts that
+    pass `SamplingParams(guided_decoding=GuidedDecodingParams(...))` run unchanged.
+
+    The options that pick or tune a grammar engine change nothing here (there is one, and
+    it writes JSON compactly, which is what `disable_any_whitespace` asks for); those that
+    would change the output (`whitespace_pattern`, `structural_tag`,
+    `disable_additional_properties`) are refused rather than ignored."""
+
+    backend: str | None = None
+    backend_was_auto: bool = False
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        unsupported = {
+            "whitespace_pattern": "JSON is written compactly",
+            "structural_tag": "structural tags are not supported",
+            "disable_additional_properties": "a schema's additionalProperties is kept as written",
+        }
+        for name, why in unsupported.items():
+            if getattr(self, name) not in (None, False):
+                raise ValueError(f"guided_decoding.{name} is not supported: {why}")
+        if self.backend is not None and not isinstance(self.backend, str):
+            raise ValueError(f"guided_decoding.backend must be a string, got {self.backend!r}")
+        super().__post_init__()
+
+
 class CheckedGrammars:
     """The grammars of requests already built and validated, by the request's text, least
     recently used first, so that the same structure asked for again is not built again: a

@@ -8,6 +8,7 @@ every token the 49k vocabulary offers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import subprocess
@@ -311,6 +312,49 @@ def test_references_resolve_as_json_pointers_from_the_root(llm):
     )
     [(text, _)] = _texts(llm, [params])
     assert isinstance(json.loads(text)["n"], int)
+
+
+def test_vllms_older_guided_decoding_spelling_constrains_the_output(llm):
+    """SamplingParams(guided_decoding=GuidedDecodingParams(...)), vLLM's older spelling,
+    imported from where vLLM users import it, is the structured output it names."""
+    from engine import GuidedDecodingParams
+    from engine.sampling_params import GuidedDecodingParams as FromSamplingParams
+
+    assert FromSamplingParams is GuidedDecodingParams
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    guided = [
+        GuidedDecodingParams(json=schema, backend="xgrammar", disable_any_whitespace=True),
+        GuidedDecodingParams(regex="[0-9]{3}"),
+        GuidedDecodingParams(choice=["yes", "no"]),
+        GuidedDecodingParams(grammar='start: "a" "b"+ "c"'),
+    ]
+    params = [SamplingParams(temperature=0, max_tokens=24, guided_decoding=g) for g in guided]
+    assert all(p.structured_outputs is g for p, g in zip(params, guided, strict=True))
+    params.append(params[0].clone())
+    params.append(dataclasses.replace(params[1], max_tokens=20))
+    (obj, _), (digits, _), (choice, _), (abc, _), (obj2, _), (digits2, _) = _texts(llm, params)
+    assert isinstance(json.loads(obj)["n"], int) and obj2 == obj
+    assert re.fullmatch("[0-9]{3}", digits) and digits2 == digits
+    assert choice in ("yes", "no") and re.fullmatch("ab+c", abc)
+
+
+def test_guided_decoding_and_structured_outputs_together_are_refused():
+    from engine import GuidedDecodingParams
+
+    with pytest.raises(ValueError, match="structured_outputs or guided_decoding"):
+        SamplingParams(
+            structured_outputs=StructuredOutputsParams(regex="a"),
+            guided_decoding=GuidedDecodingParams(regex="b"),
+        )
+    with pytest.raises(ValueError, match="guided_decoding"):
+        SamplingParams(guided_decoding={"regex": "a"})
+    with pytest.raises(ValueError, match="exactly one"):
+        GuidedDecodingParams(regex="a", choice=["b"])
+    for option in ({"whitespace_pattern": " "}, {"structural_tag": "{}"}):
+        with pytest.raises(ValueError, match=f"guided_decoding.{next(iter(option))}"):
+            GuidedDecodingParams(json={"type": "object"}, **option)
+    with pytest.raises(ValueError, match="disable_additional_properties"):
+        GuidedDecodingParams(json={"type": "object"}, disable_additional_properties=True)
 
 
 def test_a_grammars_json_text_that_only_looks_like_a_schema_is_harmless():
