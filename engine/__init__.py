@@ -16,6 +16,7 @@ _EXPORTS = {
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     "EngineStats": "engine.outputs",
+    "BeamSearchParams": "engine.beam_search",
 }
 
 __all__ = list(_EXPORTS)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from engine.args import EngineArgs
+from engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput, merge_output
 from engine.sampling_params import SamplingParams
@@ -74,6 +75,29 @@ class LLM:
             self._abort(ids)  # a prompt refused: the ones before it must not run later
             raise
         return self._run(ids, use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: Sequence[Prompt],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search (engine/beam_search.py): for each prompt (text, token ids or
+        a prompt dict), its best `params.beam_width` sequences, best first."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be BeamSearchParams, got {type(params).__name__}")
+        if isinstance(prompts, str | dict) or not isinstance(prompts, Sequence):
+            raise ValueError("prompts must be a list of prompts (text, token ids or dicts)")
+        token_ids = [self.engine.tokenize(_as_prompt(p)) for p in prompts]
+        return beam_search(
+            lambda batch, step: self.generate(batch, step, use_tqdm=False),
+            token_ids,
+            params,
+            self.engine.outputs.eos_token_ids,
+            self.engine.max_model_len,
+            None if self.tokenizer is None else self.tokenizer.decode,
+            use_tqdm,
+        )
 
     def chat(
         self,

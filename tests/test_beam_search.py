@@ -1,0 +1,194 @@
+"""LLM.beam_search, vLLM's: width 1 is greedy, wider finds at least as likely sequences,
+and on a model of a four-token vocabulary it finds exactly the best sequences that trying
+every one of them finds."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import transformers
+
+from engine import LLM, BeamSearchParams, SamplingParams
+from tests.conftest import TINY
+
+EOS = 2  # LlamaConfig's default eos_token_id
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(
+        tiny_model_dir("llama"),
+        device="cpu",
+        compile="off",
+        dtype="float32",
+        quantization="none",
+        num_kv_blocks=512,
+    )
+
+
+@pytest.fixture(scope="module")
+def four_tokens(tmp_path_factory):
+    """A tiny random Llama whose vocabulary is four tokens (EOS is 2): the engine on it,
+    and its transformers twin to score sequences by brute force."""
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(**{**TINY, "vocab_size": 4}, eos_token_id=EOS)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5)
+    path = tmp_path_factory.mktemp("tiny-vocab4")
+    model.save_pretrained(path, safe_serialization=True)
+    return LLM(
+        str(path),
+        device="cpu",
+        compile="off",
+        dtype="float32",
+        quantization="none",
+        num_kv_blocks=64,
+    ), model.eval()
+
+
+def _logprob(model, prompt: list[int], continuation: list[int]) -> float:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + continuation])).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(continuation))
+
+
+def test_width_one_is_greedy(llm):
+    prompts = [[5, 9, 200, 17], [300, 1, 2, 3, 4, 5, 6]]
+    greedy = llm.generate(
+        prompts,
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0),
+        use_tqdm=False,
+    )
+    beams = llm.beam_search(prompts, BeamSearchParams(beam_width=1, max_tokens=6, ignore_eos=True))
+    for prompt, g, b in zip(prompts, greedy, beams, strict=True):
+        [best] = b.sequences
+        assert best.tokens == prompt + g.outputs[0].token_ids
+        assert best.cum_logprob == pytest.approx(g.outputs[0].cumulative_logprob, abs=1e-4)
+        assert best.finish_reason == "length" and best.text is None  # no tokenizer
+        assert len(best.logprobs) == 6 and best.tokens[-1] in best.logprobs[-1]
+
+
+def test_a_wider_beam_finds_likelier_sequences_than_greedy_scored_as_transformers_does(
+    llm, tiny_model_dir
+):
+    """Every beam's cum_logprob is its continuation's logprob under the model; width 4
+    finds likelier sequences than greedy on these prompts but one (beam search does not
+    promise it for every prompt: greedy's prefix can fall out of the beam)."""
+    prompts = [[i, 7 * i % 384, 11] for i in range(1, 6)]
+    greedy = llm.generate(
+        prompts,
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0),
+        use_tqdm=False,
+    )
+    params = BeamSearchParams(beam_width=4, max_tokens=8, ignore_eos=True, length_penalty=0.0)
+    beams = llm.beam_search(prompts, params)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    better = 0
+    for prompt, g, b in zip(prompts, greedy, beams, strict=True):
+        scores = [s.cum_logprob for s in b.sequences]
+        assert len(scores) == 4 and scores == sorted(scores, reverse=True)
+        for s in b.sequences:
+            expected = _logprob(model, prompt, s.tokens[len(prompt) :])
+            assert s.cum_logprob == pytest.approx(expected, abs=1e-4)
+        better += scores[0] > g.outputs[0].cumulative_logprob + 1e-4
+    assert better == 4
+
+
+@pytest.mark.parametrize("width,length", [(4, 2), (9, 3)])
+def test_a_beam_as_wide_as_the_prefixes_finds_the_best_sequences_exactly(
+    four_tokens, width, length
+):
+    """With as many beams as there are prefixes one token short, no prefix is dropped:
+    beam search's sequences are the best of all 4**length, as brute force ranks them."""
+    llm, model = four_tokens
+    prompt = [1, 3, 0]
+    params = BeamSearchParams(
+        beam_width=width, max_tokens=length, ignore_eos=True, length_penalty=0.0
+    )
+    [out] = llm.beam_search([prompt], params)
+    every = {
+        seq: _logprob(model, prompt, list(seq))
+        for seq in itertools.product(range(4), repeat=length)
+    }
+    best = sorted(every, key=every.get, reverse=True)[:width]
+    assert [tuple(s.tokens[len(prompt) :]) for s in out.sequences] == best
+    for s in out.sequences:
+        assert s.cum_logprob == pytest.approx(every[tuple(s.tokens[len(prompt) :])], abs=1e-4)
+
+
+def test_beams_end_at_eos_and_rank_with_the_rest(four_tokens):
+    """EOS finishes a beam ("stop"), which is ranked with the unfinished ones; the
+    brute-force best of every sequence that EOS ends or max_tokens cuts is what comes back.
+    The EOS stays in the tokens only with include_stop_str_in_output."""
+    llm, model = four_tokens
+    for prompt in map(list, itertools.product(range(4), repeat=3)):
+        every = {(EOS,): _logprob(model, prompt, [EOS])}
+        for a in (0, 1, 3):
+            for b in range(4):
+                every[(a, b)] = _logprob(model, prompt, [a, b])
+        best = sorted(every, key=every.get, reverse=True)[:4]
+        if (EOS,) in best and any(len(seq) == 2 and seq[-1] == EOS for seq in best):
+            break  # a prompt whose best sequences end at EOS at either step
+    else:
+        pytest.fail("no prompt of the model's makes a case of EOS")
+    kept = BeamSearchParams(
+        beam_width=4, max_tokens=2, length_penalty=0.0, include_stop_str_in_output=True
+    )
+    [out] = llm.beam_search([prompt], kept)
+    assert [tuple(s.tokens[len(prompt) :]) for s in out.sequences] == best
+    for s, seq in zip(out.sequences, best, strict=True):
+        assert s.finish_reason == ("stop" if seq[-1] == EOS else "length")
+        assert s.stop_reason == (EOS if seq[-1] == EOS else None)
+    [dropped] = llm.beam_search([prompt], BeamSearchParams(4, 2, length_penalty=0.0))
+    for s, seq in zip(dropped.sequences, best, strict=True):
+        assert s.tokens[len(prompt) :] == [t for t in seq if t != EOS]
+        assert s.cum_logprob == pytest.approx(every[seq], abs=1e-4)
+
+
+def test_the_length_penalty_divides_by_the_sequence_length_as_vllm_does(four_tokens):
+    """vLLM's score: cumulative logprob / len(tokens) ** length_penalty, the prompt counted."""
+    llm, _ = four_tokens
+    prompt = [0, 1]
+    params = BeamSearchParams(beam_width=3, max_tokens=2, length_penalty=2.0)
+    [out] = llm.beam_search([prompt], params)
+    scores = [s.cum_logprob / len(s.tokens) ** 2.0 for s in out.sequences]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_text_is_the_whole_sequence_as_vllm_gives_it(tiny_chat_model_dir):
+    llm = LLM(tiny_chat_model_dir, device="cpu", compile="off", num_threads=1)
+    [out] = llm.beam_search(["The sky is"], BeamSearchParams(beam_width=2, max_tokens=3))
+    for s in out.sequences:
+        assert s.text == llm.tokenizer.decode(s.tokens)
+        assert s.text.startswith("The sky is")
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"beam_width": 0, "max_tokens": 4}, "beam_width"),
+        ({"beam_width": 11, "max_tokens": 4}, "beam_width"),
+        ({"beam_width": 2, "max_tokens": 0}, "max_tokens"),
+        ({"beam_width": 2, "max_tokens": 4, "temperature": -1}, "temperature"),
+        ({"beam_width": 2, "max_tokens": 4, "length_penalty": math.inf}, "length_penalty"),
+        ({"beam_width": 2, "max_tokens": 4, "ignore_eos": 1}, "ignore_eos"),
+    ],
+)
+def test_bad_beam_search_params_are_refused_naming_them(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        BeamSearchParams(**kwargs)
+
+
+def test_bad_calls_are_clear_errors(llm):
+    with pytest.raises(TypeError, match="BeamSearchParams"):
+        llm.beam_search([[1, 2]], SamplingParams())
+    with pytest.raises(ValueError, match="list of prompts"):
+        llm.beam_search("a prompt", BeamSearchParams(2, 2))
+    assert llm.beam_search([], BeamSearchParams(2, 2)) == []
