@@ -5,7 +5,8 @@ response object and returns the events that describe the change, numbered by
 `sequence_number`. Streaming sends those events; storing writes `response` as the
 events left it, so a stream and a later `GET /v1/responses/{id}` always agree.
 
-Order for a text answer: response.created, response.in_progress,
+Order for a text answer: response.created, (response.queued, for a background response
+waiting for its place, then) response.in_progress,
 response.output_item.added, response.content_part.added, response.output_text.delta…,
 response.output_text.done, response.content_part.done, response.output_item.done, then
 response.completed (or response.incomplete / response.failed). A function call is an
@@ -98,7 +99,15 @@ class ResponseEvents:
         return self._event(kind, response=copy.deepcopy(self.response))
 
     def start(self) -> list[Event]:
-        return [self._snapshot("response.created"), self._snapshot("response.in_progress")]
+        """The first events: the response created, then `queued` or `in_progress` as its
+        status is."""
+        status = self.response["status"]
+        return [self._snapshot("response.created"), self._snapshot(f"response.{status}")]
+
+    def leave_queue(self) -> list[Event]:
+        """A queued response starts: it is `in_progress`."""
+        self.response["status"] = "in_progress"
+        return [self._snapshot("response.in_progress")]
 
     def text(self, delta: str, logprobs: list[dict] | None = None) -> list[Event]:
         """Model text: opens the output message on first use, then one delta event, with

@@ -2,6 +2,7 @@
 
 A turn runs as its own task, apart from the HTTP request that started it: it records
 the response as `in_progress` (its writes: `TurnRecorder`, orchestrator/turn_recorder.py),
+or `queued` while a background one waits for its place in the server's queue (`Place`),
 feeds the engine's tokens through the tool-call parser into `ResponseEvents`, and
 records the final state once generation ends, however it ends: completed, cut by
 max_output_tokens, cancelled, or stopped because the client went away (then
@@ -50,7 +51,7 @@ from orchestrator.store import History, Store
 from orchestrator.tool_parser import ChoiceAssembler, Content, ParsedCall, first_call_function
 from orchestrator.tools import ResolvedTools
 from orchestrator.tools.file_search import FILE_SEARCH, FileSearch
-from orchestrator.turn_hooks import Budget, TokenObserver, output_budget
+from orchestrator.turn_hooks import Budget, Place, TokenObserver, output_budget
 from orchestrator.turn_prompt import model_turn_structure, prompt_input
 from orchestrator.turn_recorder import TurnRecorder
 
@@ -80,15 +81,15 @@ RESPONSE_DEFAULTS = MappingProxyType(
 )
 
 
-def _new_response(request: ResponseRequest) -> dict:
-    """The response object as the request starts it: `in_progress`, with no output yet,
-    and the request's settings echoed."""
+def _new_response(request: ResponseRequest, status: str) -> dict:
+    """The response object as the request starts it: `status` (`in_progress`, or
+    `queued`), with no output yet, and the request's settings echoed."""
     return {
         **RESPONSE_DEFAULTS,
         "id": new_id("resp"),
         "object": "response",
         "created_at": int(time.time()),  # whole seconds, as OpenAI gives them
-        "status": "in_progress",
+        "status": status,
         "background": request.background,
         "completed_at": None,
         "conversation": {"id": request.conversation_id} if request.conversation_id else None,
@@ -195,7 +196,8 @@ class Turn:
     generation over instructions + history + input + the output so far, built-in tool
     calls run server-side between them, and a call of a client function ends the turn.
     The agent appends to the response's own output list, so its `output_index`es are
-    the stream's."""
+    the stream's. A turn given a `place` that is queued starts `queued` and runs once the
+    place is its."""
 
     def __init__(
         self,
@@ -203,6 +205,7 @@ class Turn:
         prepared: PreparedTurn,
         observer: TokenObserver,
         budget: Budget,
+        place: Place | None = None,
     ) -> None:
         self.services = services
         self.owner = prepared.owner
@@ -215,7 +218,11 @@ class Turn:
         self.params = prepared.params
         self.observer = observer
         self.budget = budget
-        self.events = ResponseEvents(_new_response(self.request))
+        self.place = place
+        queued = place is not None and place.queued
+        self.events = ResponseEvents(
+            _new_response(self.request, "queued" if queued else "in_progress")
+        )
         self.id: str = self.events.response["id"]
         self.totals = _Totals(self.history.start)
         # The generation running now: its prompt length and progress (`_usage_so_far`).
@@ -273,7 +280,7 @@ class Turn:
     async def _run(self) -> None:
         try:
             self._put(self.events.start())
-            status, reason, error = await self._generate()
+            status, reason, error = await self._take_place() or await self._generate()
             await self._recorder.stop_checkpoints()
             totals = self.totals
             final = self.events.finish(
@@ -317,11 +324,34 @@ class Turn:
         totals = self.totals
         await self.budget.settle(status, totals.input_tokens, totals.cached, totals.output_tokens)
 
+    async def _take_place(self) -> tuple[str, None, None] | None:
+        """Wait for the turn's place, when it has one (in a task of its own, which `stop`
+        cancels): a queued turn is `in_progress` once it has it. Returns the status the
+        turn ends with when stopped meanwhile, without having run."""
+        if self.place is None:
+            return None
+        if self._stop_status is not None:  # stopped before its task began
+            return self._stop_status, None, None
+        self._consumer = asyncio.create_task(self.place.wait())
+        try:
+            await self._consumer
+        except asyncio.CancelledError:
+            if self._stop_status is None:
+                raise  # the turn itself is being cancelled (shutdown)
+            return self._stop_status, None, None
+        self._consumer = None
+        if self.events.response["status"] == "queued":
+            self._put(self.events.leave_queue())
+            await self._recorder.leave_queue()
+        return None
+
     async def _generate(self) -> tuple[str, str | None, dict | None]:
         """Run the agent loop; returns (status, incomplete reason, error).
 
         The loop runs in a task of its own, which `stop` cancels: a stopped turn ends at
         once even if the engine has no further output to deliver or a tool is running."""
+        if self._stop_status is not None:  # stopped as it left the queue
+            return self._stop_status, None, None
         agent = Agent(
             self._model_turn,
             self.tools.builtins,

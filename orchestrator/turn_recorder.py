@@ -1,6 +1,7 @@
 """How a `Turn` reaches the store and the budget as it runs: `TurnRecorder`.
 
-A stored response is written `in_progress` as its turn starts, checkpointed every few
+A stored response is written `in_progress` (or `queued`) as its turn starts, `in_progress`
+when a queued one leaves the queue, checkpointed every few
 seconds while it runs (with the usage so far, which a turn that is not stored checkpoints
 too), and written in its final state once it ends; while the database does not answer,
 that final write is retried in the background, so a short outage leaves no response
@@ -72,6 +73,17 @@ class TurnRecorder:
         if self._begun is not None:
             await asyncio.wait([self._begun])
 
+    async def leave_queue(self) -> None:
+        """Write a queued response `in_progress`, as it leaves the queue. A failed write is
+        not raised: the final record writes the status it ends with."""
+        if self.store is None or self._begun is None:
+            return
+        try:
+            await self._begun
+            await self.store.call(Repository.leave_queue, self.owner, self.id)
+        except StoreUnavailableError as exc:
+            log.warning("response %s: its start was not recorded: %s", self.id, exc)
+
     async def finish(self, tokens: list[int] | None, history_start: str | None) -> bool:
         """Write the final state (`_record_or_retry`); True when it is written or the
         response is not stored."""
@@ -83,7 +95,7 @@ class TurnRecorder:
         """Every CHECKPOINT_S (orchestrator/accounts/meter.py) while the turn runs, write its
         usage so far and (when stored) its output as it stands, so a crash of the server
         loses only the last seconds of it (Repository.checkpoint_response) and still leaves
-        its usage row (`Budget.checkpoint`)."""
+        its usage row (`Budget.checkpoint`). A queued response has nothing to write."""
         written: list[dict] = []
         while True:
             try:
@@ -91,6 +103,8 @@ class TurnRecorder:
                 return
             except TimeoutError:
                 pass
+            if self.events.response["status"] == "queued":
+                continue
             try:
                 await self.budget.checkpoint(*self.usage_so_far())
             except Exception as exc:  # the next one, or the settlement, writes it

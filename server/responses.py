@@ -4,7 +4,8 @@ A streamed response is sent as named Server-Sent Events (`event: response.create
 as OpenAI sends them, with no `[DONE]` line. If the client goes away mid-stream, the
 turn is told to stop and records itself as `incomplete` with the text so far. A
 background response (`background: true`) runs on whatever its client does: its create
-returns it at once (or streams it without the disconnect stopping it), and
+returns it at once, `queued` while it waits for the user's place in the server's queue
+(or streams it without the disconnect stopping it), and
 `GET /v1/responses/{id}?stream=true&starting_after=N` streams it again.
 """
 
@@ -75,6 +76,23 @@ class _Release:
         self.ticket.release()
 
 
+class _Place:
+    """A background turn's place in the admission queue (the turn's `Place`): its
+    ticket's, and the meter's submission once it is admitted (`queue_time` runs to it)."""
+
+    def __init__(self, ticket: Ticket, meter: Meter) -> None:
+        self.ticket = ticket
+        self.meter = meter
+
+    @property
+    def queued(self) -> bool:
+        return self.ticket.queued
+
+    async def wait(self) -> None:
+        await self.ticket.wait()
+        self.meter.on_submit(0)  # the turn's task submits its first generation
+
+
 async def _event_stream(events: AsyncIterator[dict]) -> AsyncGenerator[bytes, None]:
     async for event in events:
         yield _sse(event)
@@ -96,12 +114,20 @@ async def create_response(request: Request, body: Any, meter: Meter) -> Response
     timer = state.metrics.timer()
     parsed, stream = parse_response_request(body, state.resolve_model)
     meter.model = parsed.model
-    ticket = await state.admission.acquire(owner=identity(request).user_id)
+    user = identity(request).user_id
+    if parsed.background:  # answered at once: the turn waits for its place, queued
+        ticket = state.admission.enter(owner=user, bounded=True)
+    else:
+        ticket = await state.admission.acquire(owner=user)
     # A background turn holds its ticket until it ends; any other, until its request does.
     observers = _Observers(timer, meter, *([_Release(ticket)] if parsed.background else []))
+    place = _Place(ticket, meter) if parsed.background else None
     try:
-        turn = await product(request).responses.create(owner(request), parsed, observers, meter)
-        meter.on_submit(0)  # the turn's task submits its first generation
+        turn = await product(request).responses.create(
+            owner(request), parsed, observers, meter, place
+        )
+        if place is None:
+            meter.on_submit(0)  # the turn's task submits its first generation
     except BaseException:
         ticket.release()
         raise

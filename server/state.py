@@ -93,7 +93,7 @@ class Admission:
         self.active = 0
         self.draining = False
         self.running: dict[str, int] = {}
-        self.waiting: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {}
+        self.waiting: dict[str, deque[Ticket]] = {}
 
     async def acquire(
         self, sequences: int = 1, param: str = "n", owner: str | None = None
@@ -101,6 +101,22 @@ class Admission:
         """Admit a request of `sequences` sequences for `owner` (None: no fair-share cap),
         waiting for the owner's share if need be; `param` is the field to blame when the
         request alone is larger than the server could ever hold."""
+        ticket = self.enter(sequences, param, owner)
+        await ticket.wait()
+        return ticket
+
+    def enter(
+        self,
+        sequences: int = 1,
+        param: str = "n",
+        owner: str | None = None,
+        bounded: bool = False,
+    ) -> Ticket:
+        """Take a place at once (`acquire` without the wait): the ticket is admitted, or
+        `queued` behind the owner's share until `Ticket.wait` says it is admitted.
+        `bounded`: the request waits nowhere but in the queue (a background response),
+        so it is a 429 when the owner already has `per_user` sequences queued: one user
+        cannot fill the server's queue with work no connection holds."""
         if self.draining:
             raise shutting_down()
         if sequences > self.capacity:
@@ -112,19 +128,35 @@ class Admission:
                 code="too_many_sequences",
             )
         if self.active + sequences > self.capacity:
-            raise APIError(
-                429,
-                f"the server is at capacity ({self.capacity} sequences in flight); retry later",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(self.retry_after_s)},
-            )
+            raise self._full(f"the server is at capacity ({self.capacity} sequences in flight)")
+        owner = owner if self.per_user is not None else None
+        fits = owner is None or self._fits(owner, sequences)
+        if bounded and not fits:
+            assert owner is not None and self.per_user is not None
+            queued = sum(t.sequences for t in self.waiting.get(owner, ()))
+            if queued + sequences > self.per_user:
+                raise self._full(
+                    f"you have {queued} sequences queued behind the {self.per_user} you may "
+                    "run at once, and no more may wait"
+                )
         self.active += sequences
-        ticket = Ticket(self, sequences, owner if self.per_user is not None else None)
-        if ticket.owner is not None and not self._fits(ticket.owner, sequences):
-            await self._wait_turn(ticket)
-        elif ticket.owner is not None:
-            self.running[ticket.owner] = self.running.get(ticket.owner, 0) + sequences
+        ticket = Ticket(self, sequences, owner)
+        if fits and owner is not None:
+            self.running[owner] = self.running.get(owner, 0) + sequences
+        elif not fits:
+            assert owner is not None
+            ticket.granted = asyncio.get_running_loop().create_future()
+            ticket.queued = True
+            self.waiting.setdefault(owner, deque()).append(ticket)
         return ticket
+
+    def _full(self, why: str) -> APIError:
+        return APIError(
+            429,
+            f"{why}; retry later",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(self.retry_after_s)},
+        )
 
     def _fits(self, owner: str, sequences: int) -> bool:
         """Within the share, or the owner has nothing running (a request larger than the
@@ -135,40 +167,31 @@ class Admission:
         assert self.per_user is not None
         return running == 0 or running + sequences <= self.per_user
 
-    async def _wait_turn(self, ticket: Ticket) -> None:
-        assert ticket.owner is not None
-        ticket_owner = ticket.owner
-        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue = self.waiting.setdefault(ticket.owner, deque())
-        queue.append((ticket.sequences, granted))
-        try:
-            await granted
-        except BaseException:
-            if granted.done() and not granted.cancelled():
-                ticket.release()  # admitted as it was cancelled: give the share back
-            else:
-                queue.remove((ticket.sequences, granted))
-                ticket.owner = None  # it never ran
-                ticket.release()
-                self._wake(ticket_owner)
-            raise
-
     def _release(self, ticket: Ticket) -> None:
         self.active -= ticket.sequences
         owner = ticket.owner
         if owner is None:
             return
-        self.running[owner] -= ticket.sequences
+        if ticket.queued:  # it never ran: it leaves the queue
+            assert ticket.granted is not None
+            self.waiting[owner].remove(ticket)
+            ticket.queued = False
+            ticket.granted.cancel()
+        else:
+            self.running[owner] -= ticket.sequences
         self._wake(owner)
 
     def _wake(self, owner: str) -> None:
         """Admit the owner's queued requests that now fit their share, in order."""
         running = self.running.get(owner, 0)
         queue = self.waiting.get(owner)
-        while queue and (running == 0 or running + queue[0][0] <= (self.per_user or 0)):
-            sequences, granted = queue.popleft()
-            running += sequences
-            granted.set_result(None)
+        while queue and (running == 0 or running + queue[0].sequences <= (self.per_user or 0)):
+            ticket = queue.popleft()
+            ticket.queued = False
+            running += ticket.sequences
+            assert ticket.granted is not None
+            if not ticket.granted.done():  # done: its waiter gave up, and releases it
+                ticket.granted.set_result(None)
         if running:
             self.running[owner] = running
         else:
@@ -178,12 +201,26 @@ class Admission:
 
 
 class Ticket:
-    """One admitted request; `release` is idempotent so every exit path may call it."""
+    """One request's place; `release` is idempotent so every exit path may call it."""
 
     def __init__(self, admission: Admission, sequences: int, owner: str | None) -> None:
         self._admission: Admission | None = admission
         self.sequences = sequences
         self.owner = owner  # whose share it takes (None: no fair-share cap)
+        # Set when it had to queue: done once admitted (cancelled if it left the queue).
+        self.granted: asyncio.Future[None] | None = None
+        self.queued = False  # in the owner's queue, not admitted yet
+
+    async def wait(self) -> None:
+        """Until admitted. A caller that gives up meanwhile leaves the queue (and gives
+        its place back if admitted as it gave up)."""
+        if self.granted is None:
+            return
+        try:
+            await self.granted
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
         if self._admission is not None:

@@ -7,6 +7,7 @@ This package is the only code that runs SQL. Use `Store(url)` (migrates on open)
 from sqlalchemy.exc import OperationalError as StoreUnavailableError
 
 from orchestrator.store.repository import (
+    UNFINISHED,
     ConversationRow,
     History,
     ItemPage,
@@ -26,6 +27,7 @@ from orchestrator.store.store import (
 # a connection cut, SQLite's file locked past its timeout): the server's 503.
 
 __all__ = [
+    "UNFINISHED",
     "ConversationRow",
     "History",
     "ItemPage",

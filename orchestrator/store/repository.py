@@ -39,6 +39,8 @@ INTERRUPTED = {
     "message": "the server stopped before this response finished; "
     "its output is what it had generated until then",
 }
+# The statuses of a response that has not ended: waiting for its place, or running.
+UNFINISHED = ("queued", "in_progress")
 
 _HISTORY_COLUMNS = (
     responses.c.context_tokens,
@@ -437,7 +439,7 @@ class Repository:
     # -- responses -----------------------------------------------------------------------
 
     def begin_response(self, owner: str, body: dict, input_items: list[dict]) -> None:
-        """Record a turn as it starts (status in_progress), with its input items."""
+        """Record a turn as it starts (status in_progress, or queued), with its input items."""
         with self.engine.begin() as conn:
             conn.execute(
                 insert(responses).values(
@@ -492,6 +494,22 @@ class Repository:
                     body["id"],
                     int(body["created_at"]),
                     [*input_items, *output],
+                )
+
+    def leave_queue(self, owner: str, response_id: str) -> None:
+        """A queued response starts: it is `in_progress`."""
+        where = (
+            responses.c.id == response_id,
+            responses.c.owner_id == owner,
+            responses.c.status == "queued",
+        )
+        with self.engine.begin() as conn:
+            body = conn.execute(select(responses.c.body).where(*where)).scalar()
+            if body is not None:
+                conn.execute(
+                    update(responses)
+                    .where(*where)
+                    .values(status="in_progress", body={**body, "status": "in_progress"})
                 )
 
     def checkpoint_response(
@@ -650,15 +668,15 @@ class Repository:
         )
 
     def conversation_busy(self, owner: str, conversation_id: str, since: int) -> bool:
-        """Whether a response in the conversation, begun at `since` or later, is still in
-        progress: another server on the same database running a turn there."""
+        """Whether a response in the conversation, begun at `since` or later, has not
+        ended: another server on the same database running (or queueing) a turn there."""
         with self.engine.connect() as conn:
             return (
                 conn.execute(
                     select(responses.c.id).where(
                         responses.c.conversation_id == conversation_id,
                         responses.c.owner_id == owner,
-                        responses.c.status == "in_progress",
+                        responses.c.status.in_(UNFINISHED),
                         responses.c.created_at >= since,
                     )
                 ).first()
@@ -666,8 +684,8 @@ class Repository:
             )
 
     def interrupt_unfinished(self, server_id: str | None = None) -> int:
-        """Mark every response still `in_progress` (with `server_id`, only those that
-        server ran) as `incomplete`: maintenance for turns cut off by a crash, which will
+        """Mark every response still `in_progress` or `queued` (with `server_id`, only
+        those that server ran) as `incomplete`: maintenance for turns cut off by a crash, which will
         never finish: at start-up on a database only this server uses, or for a crashed
         server on a shared one (`servers.py`). Its output as last checkpointed is kept,
         the items still being written marked `incomplete`; a turn in a conversation gets
@@ -685,7 +703,7 @@ class Repository:
                     responses.c.created_at,
                     responses.c.body,
                 )
-                .where(responses.c.status == "in_progress", *written_by(responses, server_id))
+                .where(responses.c.status.in_(UNFINISHED), *written_by(responses, server_id))
                 .order_by(responses.c.created_at, responses.c.id)
             ).all()
             for row in rows:

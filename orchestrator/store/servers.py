@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError
 
 from orchestrator.store.accounts import release_reservations, settle_checkpoints
 from orchestrator.store.advisory_claims import AdvisoryClaims, advisory_key
-from orchestrator.store.repository import Repository
+from orchestrator.store.repository import UNFINISHED, Repository
 from orchestrator.store.tables import quota_reservations, responses, usage_checkpoints
 
 log = logging.getLogger("tokenmill")
@@ -147,10 +147,10 @@ def recover_departed(repo: Repository, own: ServerLock) -> list[str]:
 
 
 def _servers_in_flight(repo: Repository, own_id: str) -> list[str]:
-    """The ids of the other servers with a response in progress, a usage checkpoint or a
+    """The ids of the other servers with a response unfinished, a usage checkpoint or a
     quota reservation."""
     found = union(
-        select(responses.c.server_id).where(responses.c.status == "in_progress"),
+        select(responses.c.server_id).where(responses.c.status.in_(UNFINISHED)),
         select(usage_checkpoints.c.server_id),
         select(quota_reservations.c.server_id),
     ).subquery()

@@ -24,11 +24,13 @@ from sqlalchemy.exc import OperationalError
 
 from engine.errors import EngineShutdownError
 from orchestrator import input_resolver, turn_recorder
+from orchestrator.accounts import keys
 from orchestrator.accounts.identity import LOCAL_USER
 from orchestrator.context import ContextBuilder
 from orchestrator.output_structure import PLAIN_ANSWER
 from orchestrator.store import Repository
-from orchestrator.store.accounts import usage_rows
+from orchestrator.store import accounts as accounts_db
+from orchestrator.store.accounts import KeyRow, UserRow, usage_rows
 from orchestrator.store.tables import (
     conversation_items,
     response_items,
@@ -1719,10 +1721,13 @@ def test_a_turn_ended_by_a_shutdown_fails_with_an_error_code_the_sdk_knows(produ
     assert server.client.responses.retrieve(response.id).error == response.error
 
 
-def _finished(server: ProductServer, response_id: str) -> Response:
-    """The response once it has ended, polled as a background response's client does."""
+def _finished(
+    server: ProductServer, response_id: str, client: openai.OpenAI | None = None
+) -> Response:
+    """The response once it has ended, polled as a background response's client
+    (`server.client` unless given) does."""
     deadline = time.monotonic() + 10
-    while (polled := server.client.responses.retrieve(response_id)).status in (
+    while (polled := (client or server.client).responses.retrieve(response_id)).status in (
         "queued",
         "in_progress",
     ):
@@ -1889,6 +1894,124 @@ def test_a_background_response_cut_off_by_a_crash_is_incomplete_after_a_restart(
         restarted.client.responses.retrieve(started.id, stream=True)
     assert "no longer kept" in info.value.message
     engine.hold.set()
+
+
+def _user(server: ProductServer, name: str) -> openai.OpenAI:
+    """A client of a user with an account (the local user has no fair-share cap)."""
+    repo = server.product.store.repo
+    user = UserRow(f"user_{name}", name, int(time.time()))
+    assert accounts_db.create_user(repo, user)
+    secret = keys.new_secret()
+    key = KeyRow(keys.new_key_id(), user.id, keys.hint(secret), 1)
+    accounts_db.add_key(repo, key, keys.digest(secret))
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=secret, max_retries=0, timeout=5)
+
+
+def _queued_behind_one(product_server, **config) -> tuple[ProductServer, openai.OpenAI, str]:
+    """A server capping each user at one sequence, its engine holding generation after the
+    first token, and a user whose first background response runs there: the server, the
+    user's client and that response's id."""
+    engine = FakeEngine(reply="abcdefghij")
+    engine.hold.clear()  # generation pauses after the first token
+    server = product_server(engine, max_sequences_per_user=1, **config)
+    client = _user(server, "ada")
+    running = client.responses.create(model=MODEL, input="first", background=True)
+    _wait_for_generation(engine)
+    return server, client, running.id
+
+
+def test_a_background_response_past_the_users_share_is_queued_at_once(product_server):
+    """OpenAI answers a background create at once, `queued` until it starts: one past the
+    user's share does not hold its client until a place frees (minutes, past its
+    timeout)."""
+    server, client, running = _queued_behind_one(product_server)
+    queued = client.responses.create(model=MODEL, input="second", background=True)
+    assert (queued.status, queued.background, queued.usage) == ("queued", True, None)
+    assert client.responses.retrieve(queued.id).status == "queued"
+    stored = server.product.store.repo.get_response("user_ada", queued.id)
+    assert stored is not None and stored["status"] == "queued"
+    with pytest.raises(openai.BadRequestError) as info:  # its chain waits for it to end
+        client.responses.input_tokens.count(
+            model=MODEL, input="then", previous_response_id=queued.id
+        )
+    assert info.value.param == "previous_response_id" and "queued" in info.value.message
+    follower = iter(client.responses.retrieve(queued.id, stream=True))
+    head = [next(follower), next(follower)]
+    assert [(e.type, e.response.status) for e in head] == [
+        ("response.created", "queued"),
+        ("response.queued", "queued"),
+    ]
+    assert len(server.engine.prompts) == 1  # only the first has reached the engine
+    server.engine.hold.set()
+    events = [*head, *follower]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[2].type == "response.in_progress" and events[2].response.status == "in_progress"
+    assert events[-1].type == "response.completed"
+    done = _finished(server, queued.id, client)
+    assert (done.status, done.output_text) == ("completed", "abcdefghij")
+    assert _finished(server, running, client).status == "completed"
+    resumed = list(client.responses.retrieve(queued.id, stream=True, starting_after=1))
+    assert [e.model_dump() for e in resumed] == [e.model_dump() for e in events[2:]]
+    client.close()
+
+
+def test_a_queued_background_stream_starts_with_its_queued_events(product_server):
+    server, client, _ = _queued_behind_one(product_server)
+    created = client.responses.create(model=MODEL, input="second", background=True, stream=True)
+    stream = iter(created)
+    head = [next(stream), next(stream)]
+    assert [e.type for e in head] == ["response.created", "response.queued"]
+    server.engine.hold.set()
+    rest = list(stream)
+    assert rest[0].type == "response.in_progress" and rest[-1].type == "response.completed"
+    client.close()
+
+
+def test_cancelling_a_queued_background_response_never_runs_it(product_server):
+    server, client, running = _queued_behind_one(product_server)
+    queued = client.responses.create(model=MODEL, input="second", background=True)
+    cancelled = client.responses.cancel(queued.id)
+    assert (cancelled.status, cancelled.output) == ("cancelled", [])
+    assert cancelled.usage.total_tokens == 0
+    assert client.responses.retrieve(queued.id) == cancelled
+    assert in_flight(server.app) == 1  # its place is given back: only the first holds one
+    server.engine.hold.set()
+    assert _finished(server, running, client).status == "completed"
+    assert len(server.engine.prompts) == 1  # the cancelled one never reached the engine
+    rows = usage_rows(server.product.store.repo, "user_ada")
+    [row] = [r for r in rows if r.status == "cancelled"]
+    assert (row.input_tokens, row.output_tokens, row.queue_time) == (0, 0, None)
+    client.close()
+
+
+def test_a_user_queues_no_more_background_work_than_their_share(product_server):
+    """Past the user's share of sequences queued, a background create is a 429 in OpenAI's
+    shape, which the SDK retries; another user still gets in."""
+    server, client, _ = _queued_behind_one(product_server)
+    queued = client.responses.create(model=MODEL, input="second", background=True)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.responses.create(model=MODEL, input="third", background=True)
+    assert refused.value.code == "rate_limit_exceeded"
+    assert refused.value.response.headers["retry-after"] == "1"
+    other = _user(server, "bob")
+    assert other.responses.create(model=MODEL, input="x", background=True).status == "in_progress"
+    server.engine.hold.set()
+    assert _finished(server, queued.id, client).status == "completed"
+    client.close()
+    other.close()
+
+
+def test_a_queued_background_response_is_incomplete_after_a_restart(product_server, tmp_path):
+    database = f"sqlite:///{tmp_path / 'crash.db'}"
+    server, client, running = _queued_behind_one(product_server, database_url=database)
+    queued = client.responses.create(model=MODEL, input="second", background=True)
+    restarted = product_server(database_url=database)  # recovers the database as it opens
+    again = client.with_options(base_url=f"{restarted.url}/v1")
+    for response_id in (running, queued.id):
+        after = again.responses.retrieve(response_id)
+        assert after.status == "incomplete" and "server stopped" in after.error.message
+    server.engine.hold.set()
+    client.close()
 
 
 def test_background_responses_continue_conversations_and_chains(product_server):
