@@ -97,3 +97,28 @@ def test_without_a_cap_owners_are_not_tracked():
         assert admission.active == 0
 
     asyncio.run(scenario())
+
+
+def test_a_place_taken_at_once_queues_up_to_the_share_and_leaves_the_queue_when_released():
+    """`enter` answers at once (a background response's create): queued behind the owner's
+    share, at most `per_user` sequences of it (`bounded`), and a queued ticket released
+    leaves the queue without ever having run."""
+
+    async def scenario() -> None:
+        admission = _admission(per_user=1)
+        running = admission.enter(owner="a", bounded=True)
+        queued = admission.enter(owner="a", bounded=True)
+        assert not running.queued and queued.queued
+        with pytest.raises(APIError) as full:
+            admission.enter(owner="a", bounded=True)
+        assert full.value.status == 429
+        assert not admission.enter(owner="b", bounded=True).queued  # not behind a's queue
+        queued.release()
+        assert admission.waiting == {} and admission.running["a"] == 1
+        later = admission.enter(owner="a", bounded=True)
+        assert later.queued
+        running.release()
+        await later.wait()
+        assert not later.queued and admission.running["a"] == 1 and admission.waiting == {}
+
+    asyncio.run(scenario())
