@@ -2,8 +2,9 @@
 
 A background response (`background: true`) runs on its own, apart from the request that
 created it; its events are kept in memory (`EventLog` with `keep`) while it runs and for
-`RETAIN_S` after it ends, at most `MOST_FINISHED` finished ones (the oldest dropped
-first), so `GET /v1/responses/{id}?stream=true&starting_after=N` can replay them and
+`RETAIN_S` after it ends, the finished ones holding at most `MOST_FINISHED_EVENTS` events
+all told (the oldest responses' dropped first: a delta is an event, so a long answer holds
+thousands), so `GET /v1/responses/{id}?stream=true&starting_after=N` can replay them and
 follow the rest. They are not stored: after a restart, or on another server sharing the
 database, the response reads from the store but its events cannot be streamed again.
 """
@@ -15,15 +16,17 @@ import time
 from orchestrator.event_log import EventLog
 
 RETAIN_S = 600.0  # how long a finished background response's events are kept
-MOST_FINISHED = 256  # the most finished background responses whose events are kept
+# The most events kept of finished background responses, all told: about half a kilobyte
+# each, so some tens of megabytes.
+MOST_FINISHED_EVENTS = 100_000
 
 
 class BackgroundStreams:
     """The event logs of this server's background responses, by response id."""
 
-    def __init__(self, retain_s: float = RETAIN_S, most_finished: int = MOST_FINISHED) -> None:
+    def __init__(self, retain_s: float = RETAIN_S, most_events: int = MOST_FINISHED_EVENTS) -> None:
         self.retain_s = retain_s
-        self.most_finished = most_finished
+        self.most_events = most_events
         self._logs: dict[str, tuple[str, EventLog]] = {}  # id -> (owner, log), oldest first
 
     def add(self, owner: str, response_id: str, log: EventLog) -> None:
@@ -42,7 +45,8 @@ class BackgroundStreams:
 
     def _prune(self) -> None:
         """Drop the logs of responses that ended over `retain_s` ago, then the oldest
-        finished ones past `most_finished`; those of running responses stay."""
+        finished ones until those left hold at most `most_events`; those of running
+        responses stay."""
         now = time.monotonic()
         finished = []
         for response_id, (_, log) in list(self._logs.items()):
@@ -51,6 +55,10 @@ class BackgroundStreams:
             if now - log.closed_at > self.retain_s:
                 del self._logs[response_id]
             else:
-                finished.append(response_id)
-        for response_id in finished[: max(0, len(finished) - self.most_finished)]:
+                finished.append((response_id, len(log)))
+        kept = sum(events for _, events in finished)
+        for response_id, events in finished:  # oldest first
+            if kept <= self.most_events:
+                break
             del self._logs[response_id]
+            kept -= events

@@ -26,6 +26,10 @@ class EventLog:
         self._changed = asyncio.Event()
         self.closed_at: float | None = None  # time.monotonic() when the turn ended
 
+    def __len__(self) -> int:
+        """The events it holds now."""
+        return len(self._events)
+
     def put(self, event: Event) -> None:
         self._events.append(event)
         self._wake()

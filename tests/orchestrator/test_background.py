@@ -49,15 +49,23 @@ def test_a_log_not_kept_drops_what_its_reader_took():
 
 
 def test_finished_background_logs_are_dropped_after_their_time_or_past_the_most():
-    streams = BackgroundStreams(retain_s=60, most_finished=1)
+    """Finished logs are kept for their time, and only as many events as the bound
+    allows all told, the oldest responses' dropped first; running ones stay."""
+    streams = BackgroundStreams(retain_s=60, most_events=2)
     running, old, newer = EventLog(keep=True), EventLog(keep=True), EventLog(keep=True)
+    for n in range(5):
+        running.put(_event(n))
+    old.put(_event(0))
+    newer.put(_event(0))
+    newer.put(_event(1))
     streams.add("alice", "resp_running", running)
     streams.add("alice", "resp_old", old)
     streams.add("alice", "resp_newer", newer)
     assert streams.get("bob", "resp_running") is None  # another owner's
     old.close()
+    assert streams.get("alice", "resp_old") is old  # 1 finished event: within the bound
     newer.close()
-    assert streams.get("alice", "resp_old") is None  # past the most kept
+    assert streams.get("alice", "resp_old") is None  # 3 events past 2: the oldest log goes
     assert streams.get("alice", "resp_newer") is newer
     newer.closed_at -= 61
     assert streams.get("alice", "resp_newer") is None  # kept its time
