@@ -13,10 +13,16 @@ are taken to be a crashed server's; a SQLite database's are marked incomplete at
 which holds the conversation until a server recovers the crashed one's turns.
 Locks are the owner's: another user naming the conversation is told it does not exist,
 never that it is busy.
+
+Appending items (`holding`) is a short store write, so appends wait their turn behind each
+other, as OpenAI serializes them: on this server in line (first come, first served), behind
+another server's by trying again, both for at most APPEND_WAIT_SECONDS. A turn is not
+waited for (it may run for minutes): an append while one runs is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -26,6 +32,8 @@ from orchestrator.errors import InvalidRequestError
 from orchestrator.store import Repository, Store, servers
 
 CONVERSATION_LOCK_SECONDS = 600
+APPEND_WAIT_SECONDS = 10.0  # the longest an append waits behind others
+APPEND_RETRY_SECONDS = 0.05  # between tries to take it from another server's append
 log = logging.getLogger("tokenmill")
 
 
@@ -42,16 +50,24 @@ class ConversationLock:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.held: set[tuple[str, str]] = set()  # (owner, conversation id)
+        # this server's appends to a conversation, in line; gone when none waits
+        self.appends: dict[tuple[str, str], asyncio.Lock] = {}
+        self.appending: dict[tuple[str, str], int] = {}
 
     async def claim(self, owner: str, conversation_id: str, param: str = "conversation") -> None:
         """Hold the conversation for a turn of this server (`conversation_locked` if a turn
-        of this server or another holds it already)."""
-        if (owner, conversation_id) in self.held:
+        or an append of this server or another holds it already)."""
+        if not await self._take(owner, conversation_id):
             raise conversation_locked(param)
+
+    async def _take(self, owner: str, conversation_id: str) -> bool:
+        """Hold the conversation if nothing holds it (False, holding nothing, otherwise)."""
+        if (owner, conversation_id) in self.held:
+            return False
         self.held.add((owner, conversation_id))
         server_lock = self.store.server_lock
         if server_lock is None:
-            return
+            return True
         try:
             taken = await self.store.call(
                 servers.hold_conversation, server_lock, owner, conversation_id
@@ -61,7 +77,7 @@ class ConversationLock:
             raise
         if not taken:
             self.held.discard((owner, conversation_id))
-            raise conversation_locked(param)
+        return taken
 
     async def release(self, owner: str, conversation_id: str) -> None:
         """Let the conversation go. Never raises: a turn ends whatever happens here (an
@@ -85,13 +101,48 @@ class ConversationLock:
 
     @contextlib.asynccontextmanager
     async def holding(self, owner: str, conversation_id: str, param: str) -> AsyncIterator[None]:
-        """Hold the conversation while items are appended to it (`conversation_locked` while
-        any turn runs there). Held through the write, not only checked before it: a turn of
-        another server starting between the check and the write would read a history
-        without the items, which would then land during it."""
-        await self.claim(owner, conversation_id, param)
+        """Hold the conversation while items are appended to it, after the appends before
+        (`conversation_locked` while a turn runs there, or past APPEND_WAIT_SECONDS in
+        line). Held through the write, not only checked before it: a turn of another
+        server starting between the check and the write would read a history without the
+        items, which would then land during it."""
+        async with self._in_line(owner, conversation_id, param):
+            await self._claim_for_append(owner, conversation_id, param)
+            try:
+                await self.check_others(owner, conversation_id, param)
+                yield
+            finally:
+                await self.release(owner, conversation_id)
+
+    @contextlib.asynccontextmanager
+    async def _in_line(self, owner: str, conversation_id: str, param: str) -> AsyncIterator[None]:
+        """First in the line of this server's appends to the conversation, until the block
+        ends (`conversation_locked` when not first within APPEND_WAIT_SECONDS)."""
+        key = (owner, conversation_id)
+        line = self.appends.setdefault(key, asyncio.Lock())
+        self.appending[key] = self.appending.get(key, 0) + 1
         try:
-            await self.check_others(owner, conversation_id, param)
-            yield
+            try:
+                async with asyncio.timeout(APPEND_WAIT_SECONDS):
+                    await line.acquire()
+            except TimeoutError:
+                raise conversation_locked(param) from None
+            try:
+                yield
+            finally:
+                line.release()
         finally:
-            await self.release(owner, conversation_id)
+            self.appending[key] -= 1
+            if not self.appending[key]:
+                del self.appending[key], self.appends[key]
+
+    async def _claim_for_append(self, owner: str, conversation_id: str, param: str) -> None:
+        """Hold the conversation for an append first in this server's line: at once unless
+        another server holds it; then, tried again while no turn shows in the database
+        (another server's append, or a turn about to show), for APPEND_WAIT_SECONDS."""
+        deadline = time.monotonic() + APPEND_WAIT_SECONDS
+        while not await self._take(owner, conversation_id):
+            await self.check_others(owner, conversation_id, param)
+            if (owner, conversation_id) in self.held or time.monotonic() >= deadline:
+                raise conversation_locked(param)  # this server's turn, or waited enough
+            await asyncio.sleep(APPEND_RETRY_SECONDS)

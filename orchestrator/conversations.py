@@ -89,9 +89,10 @@ class ConversationService:
         return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
     async def add_items(self, owner: str, conversation_id: str, items: list[dict]) -> dict:
-        """Append items; not while a turn runs there (`conversation_locked`): they would
-        land before the turn's own input, which it appends when it ends. Their files are
-        read first, without holding the conversation."""
+        """Append items, after the appends to it before (`ConversationLock.holding`); not
+        while a turn runs there (`conversation_locked`): they would land before the turn's
+        own input, which it appends when it ends. Their files are read first, without
+        holding the conversation."""
         stored = [stored_item(i) for i in await self.inputs.resolve(owner, items, "items")]
         async with self.lock.holding(owner, conversation_id, "conversation_id"):
             added = await self.store.call(

@@ -23,12 +23,12 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from engine.errors import EngineShutdownError
-from orchestrator import input_resolver, turn_recorder
+from orchestrator import conversation_lock, input_resolver, turn_recorder
 from orchestrator.accounts import keys
 from orchestrator.accounts.identity import LOCAL_USER
 from orchestrator.context import ContextBuilder
 from orchestrator.output_structure import PLAIN_ANSWER
-from orchestrator.store import Repository
+from orchestrator.store import Repository, servers
 from orchestrator.store import accounts as accounts_db
 from orchestrator.store.accounts import KeyRow, UserRow, usage_rows
 from orchestrator.store.tables import (
@@ -1248,6 +1248,83 @@ def test_a_conversation_runs_one_turn_at_a_time(product_server, database_url):
     assert locked.value.body["code"] == "conversation_locked"
 
 
+def test_concurrent_appends_to_a_conversation_wait_their_turn(
+    product_server, database_url, monkeypatch
+):
+    """Appends at once to one conversation are written one after another, as OpenAI
+    serializes them: none is refused as `conversation_locked`, none lost."""
+    add_items = Repository.add_conversation_items
+
+    def slow_add(*args, **kwargs):  # each write long enough for the others to arrive
+        time.sleep(0.02)
+        return add_items(*args, **kwargs)
+
+    monkeypatch.setattr(Repository, "add_conversation_items", slow_add)
+    server = product_server(database_url=database_url)
+    conv = server.client.conversations.create()
+    errors: list[Exception] = []
+
+    def append(n: int) -> None:
+        try:
+            server.client.conversations.items.create(
+                conv.id, items=[{"type": "message", "role": "user", "content": f"m{n}"}]
+            )
+        except Exception as exc:
+            errors.append(exc)
+
+    appends = [threading.Thread(target=append, args=(n,)) for n in range(40)]
+    for thread in appends:
+        thread.start()
+    for thread in appends:
+        thread.join(30)
+    assert errors == []
+    items = server.client.conversations.items.list(conv.id, limit=100).data
+    assert sorted(i.content[0].text for i in items) == sorted(f"m{n}" for n in range(40))
+
+
+def test_an_append_waits_for_another_servers_append(product_server, postgres, monkeypatch):
+    """Servers sharing a PostgreSQL database: an append while another server's append is
+    being written tries again until it can, not refused."""
+    url = postgres.create_database()
+    first_server = product_server(database_url=url)
+    other_server = product_server(database_url=url)
+    conv = first_server.client.conversations.create()
+    writing, refused = threading.Event(), threading.Event()
+    add_items, hold = Repository.add_conversation_items, servers.hold_conversation
+
+    def slow_add(*args, **kwargs):
+        if not writing.is_set():  # the first append holds it until the other has tried
+            writing.set()
+            refused.wait(10)
+        return add_items(*args, **kwargs)
+
+    def held_elsewhere(*args):
+        taken = hold(*args)
+        if not taken:
+            refused.set()
+        return taken
+
+    monkeypatch.setattr(Repository, "add_conversation_items", slow_add)
+    monkeypatch.setattr(servers, "hold_conversation", held_elsewhere)
+    first = threading.Thread(
+        target=first_server.client.conversations.items.create,
+        args=(conv.id,),
+        kwargs={"items": [{"type": "message", "role": "user", "content": "first"}]},
+    )
+    first.start()
+    try:
+        assert writing.wait(10)
+        other_server.client.conversations.items.create(
+            conv.id, items=[{"type": "message", "role": "user", "content": "second"}]
+        )
+    finally:
+        refused.set()
+        first.join(10)
+    assert refused.is_set()
+    items = other_server.client.conversations.items.list(conv.id, order="asc").data
+    assert [i.content[0].text for i in items] == ["first", "second"]
+
+
 def test_two_servers_never_run_turns_in_one_conversation_at_once(
     product_server, postgres, monkeypatch
 ):
@@ -1261,8 +1338,10 @@ def test_two_servers_never_run_turns_in_one_conversation_at_once(
     other_server = product_server(database_url=url)
     conv = first_server.client.conversations.create()
     first, result = _held_turn(first_server, input="one", conversation=conv.id)
-    # the other server's look at the database comes before the first turn's row
+    # the other server's look at the database comes before the first turn's row (so its
+    # append waits, as behind another server's append, for as long as an append waits)
     monkeypatch.setattr(Repository, "conversation_busy", lambda *args: False)
+    monkeypatch.setattr(conversation_lock, "APPEND_WAIT_SECONDS", 0.5)
     try:
         with pytest.raises(openai.BadRequestError) as turn:
             other_server.client.with_options(timeout=5).responses.create(
