@@ -25,8 +25,20 @@ MAX_METADATA_KEYS = 16
 MAX_ITEMS_PER_CALL = 20  # OpenAI's limit for conversation items per request
 MAX_PAGE = 100
 MAX_SEARCHED_STORES = 16
-# A code_interpreter_call carries its outputs whether or not they are asked for.
-INCLUDABLE = ("file_search_call.results", "code_interpreter_call.outputs", OUTPUT_TEXT_LOGPROBS)
+# Every value OpenAI's API takes. A code_interpreter_call carries its outputs whether or
+# not they are asked for; the rest name what this server never produces (web search calls,
+# input images, computer calls, encrypted reasoning), so asking for them changes nothing,
+# as clients such as OpenAI's Agents SDK ask for reasoning.encrypted_content routinely.
+INCLUDABLE = (
+    "file_search_call.results",
+    "code_interpreter_call.outputs",
+    OUTPUT_TEXT_LOGPROBS,
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "reasoning.encrypted_content",
+)
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 
 _RESPONSE_FIELDS = {
@@ -522,7 +534,7 @@ def _include(body: dict) -> list[str]:
 
 
 def check_include(values: list, param: Callable[[int], str]) -> list[str]:
-    """`include` values, each one this server can include (a 400 naming `param(i)` for the
+    """`include` values, each one OpenAI's API takes (a 400 naming `param(i)` for the
     first that is not), without repeats: POST's body and GET's query take the same."""
     for i, value in enumerate(values):
         if value not in INCLUDABLE:

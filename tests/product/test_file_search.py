@@ -307,7 +307,7 @@ def test_unknown_or_malformed_declarations_are_refused(knowledge):
             {"tools": [_tool(vs, ranking_options={"score_threshold": 2})]},
             "tools[0].ranking_options.score_threshold",
         ),
-        ({"tools": [_tool(vs)], "include": ["message.input_image.image_url"]}, "include[0]"),
+        ({"tools": [_tool(vs)], "include": ["file_search_call.result"]}, "include[0]"),
         ({"tool_choice": {"type": "file_search"}}, "tool_choice"),
     ]
     for body, param in checks:

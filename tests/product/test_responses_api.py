@@ -234,6 +234,45 @@ def test_output_text_logprobs_come_with_their_include_and_top_logprobs(product_s
         assert raw.status_code == 400 and raw.json()["error"]["param"] == param
 
 
+def test_every_include_the_sdk_allows_is_taken_and_changes_nothing(product_server):
+    """`include` values OpenAI's API takes for items this server never produces (OpenAI's
+    Agents SDK sends reasoning.encrypted_content routinely) are accepted on responses and
+    on reads of items, the answer as without them; a value outside OpenAI's list is a 400."""
+    server = product_server(FakeEngine(reply="Noted."))
+    conv = server.client.conversations.create()
+    never_produced = [
+        "reasoning.encrypted_content",
+        "message.input_image.image_url",
+        "computer_call_output.output.image_url",
+        "web_search_call.action.sources",
+        "web_search_call.results",
+    ]
+    response = server.client.responses.create(
+        model=MODEL, input="Hi", conversation=conv.id, include=never_produced
+    )
+    assert response.output_text == "Noted."
+    item = server.client.conversations.items.list(conv.id).data[0]
+    assert server.client.conversations.items.list(conv.id, include=never_produced).data[0] == item
+    assert (
+        server.client.conversations.items.retrieve(
+            item.id, conversation_id=conv.id, include=never_produced
+        )
+        == item
+    )
+    assert server.client.responses.retrieve(response.id, include=never_produced) == response
+    listed = server.client.responses.input_items.list(response.id, include=never_produced)
+    assert listed.data[0].content[0].text == "Hi"
+    raw = _raw(
+        server,
+        "POST",
+        "/responses",
+        json={"model": MODEL, "input": "x", "include": ["reasoning.encrypted"]},
+    )
+    assert raw.status_code == 400 and raw.json()["error"]["param"] == "include[0]"
+    raw = _raw(server, "GET", f"/conversations/{conv.id}/items", params={"include[]": "reasoning"})
+    assert raw.status_code == 400 and raw.json()["error"]["param"] == "include"
+
+
 def test_output_text_logprobs_are_those_of_the_text_shown_beside_a_call(product_server):
     """A turn that writes text and then a call: the message's logprobs are its text's
     tokens, not those of the call's markup or the whitespace dropped beside it."""
