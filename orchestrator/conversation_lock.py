@@ -29,6 +29,7 @@ import time
 from collections.abc import AsyncIterator
 
 from orchestrator.errors import InvalidRequestError
+from orchestrator.slots import KeyedSlots, SlotWaitTooLong
 from orchestrator.store import Repository, Store, servers
 
 CONVERSATION_LOCK_SECONDS = 600
@@ -50,9 +51,8 @@ class ConversationLock:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.held: set[tuple[str, str]] = set()  # (owner, conversation id)
-        # this server's appends to a conversation, in line; gone when none waits
-        self.appends: dict[tuple[str, str], asyncio.Lock] = {}
-        self.appending: dict[tuple[str, str], int] = {}
+        # this server's appends to each conversation, in line
+        self.appends: KeyedSlots[tuple[str, str]] = KeyedSlots(1)
 
     async def claim(self, owner: str, conversation_id: str, param: str = "conversation") -> None:
         """Hold the conversation for a turn of this server (`conversation_locked` if a turn
@@ -106,35 +106,16 @@ class ConversationLock:
         line). Held through the write, not only checked before it: a turn of another
         server starting between the check and the write would read a history without the
         items, which would then land during it."""
-        async with self._in_line(owner, conversation_id, param):
-            await self._claim_for_append(owner, conversation_id, param)
-            try:
-                await self.check_others(owner, conversation_id, param)
-                yield
-            finally:
-                await self.release(owner, conversation_id)
-
-    @contextlib.asynccontextmanager
-    async def _in_line(self, owner: str, conversation_id: str, param: str) -> AsyncIterator[None]:
-        """First in the line of this server's appends to the conversation, until the block
-        ends (`conversation_locked` when not first within APPEND_WAIT_SECONDS)."""
-        key = (owner, conversation_id)
-        line = self.appends.setdefault(key, asyncio.Lock())
-        self.appending[key] = self.appending.get(key, 0) + 1
         try:
-            try:
-                async with asyncio.timeout(APPEND_WAIT_SECONDS):
-                    await line.acquire()
-            except TimeoutError:
-                raise conversation_locked(param) from None
-            try:
-                yield
-            finally:
-                line.release()
-        finally:
-            self.appending[key] -= 1
-            if not self.appending[key]:
-                del self.appending[key], self.appends[key]
+            async with self.appends.hold((owner, conversation_id), APPEND_WAIT_SECONDS):
+                await self._claim_for_append(owner, conversation_id, param)
+                try:
+                    await self.check_others(owner, conversation_id, param)
+                    yield
+                finally:
+                    await self.release(owner, conversation_id)
+        except SlotWaitTooLong:  # not first in this server's line in time
+            raise conversation_locked(param) from None
 
     async def _claim_for_append(self, owner: str, conversation_id: str, param: str) -> None:
         """Hold the conversation for an append first in this server's line: at once unless

@@ -19,6 +19,10 @@ INGEST_SLOTS = 4
 INGEST_SLOTS_PER_OWNER = 2
 
 
+class SlotWaitTooLong(Exception):
+    """A slot did not come within the wait `KeyedSlots.hold` was given."""
+
+
 class KeyedSlots(Generic[K]):
     """At most `per_key` holders at once for each key, the others waiting in turn (FIFO);
     a key's semaphore is forgotten once nobody holds or awaits it."""
@@ -29,13 +33,21 @@ class KeyedSlots(Generic[K]):
         self._users: Counter[K] = Counter()  # holding or awaiting each key's semaphore
 
     @asynccontextmanager
-    async def hold(self, key: K) -> AsyncIterator[None]:
-        """A slot of `key`'s, for the body of the `async with`."""
+    async def hold(self, key: K, wait_s: float | None = None) -> AsyncIterator[None]:
+        """A slot of `key`'s, for the body of the `async with`; SlotWaitTooLong when none
+        came within `wait_s` seconds (None: as long as it takes)."""
         semaphore = self._semaphores.setdefault(key, asyncio.Semaphore(self._per_key))
         self._users[key] += 1
         try:
-            async with semaphore:
+            try:
+                async with asyncio.timeout(wait_s):
+                    await semaphore.acquire()
+            except TimeoutError:
+                raise SlotWaitTooLong from None
+            try:
                 yield
+            finally:
+                semaphore.release()
         finally:
             self._users[key] -= 1
             if not self._users[key]:  # no semaphore kept for every past key
