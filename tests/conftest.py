@@ -54,26 +54,32 @@ def _tiny_config(arch: str):
 TINY_ARCHS = ["llama", "llama3", "qwen2", "qwen3"]
 
 
+def save_random_model(cfg, path, std: float = 0.15):
+    """A random model of `cfg`, saved as safetensors under `path` and returned. transformers' init
+    (std 0.02) makes every logit nearly equal; `std` widens it so that greedy decoding has
+    clear winners and comparisons mean something."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, std)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Factory: arch -> path of a saved tiny random model (cached per session)."""
-    import transformers
 
     cache: dict[str, str] = {}
 
     def make(arch: str) -> str:
         if arch not in cache:
             torch.manual_seed(0)
-            cfg = _tiny_config(arch)
-            model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
-            # Random init with std 0.02 makes every logit nearly equal; widen it so
-            # greedy decoding has clear winners and comparisons are meaningful.
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.dim() > 1:
-                        p.normal_(0, 0.15)
             path = tmp_path_factory.mktemp(f"tiny-{arch}")
-            model.save_pretrained(path, safe_serialization=True)
+            save_random_model(_tiny_config(arch), path)
             cache[arch] = str(path)
         return cache[arch]
 
@@ -98,13 +104,8 @@ def tiny_chat_model_dir(tmp_path_factory):
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
     )
-    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.15)
     path = tmp_path_factory.mktemp("tiny-chat")
-    model.save_pretrained(path, safe_serialization=True)
+    save_random_model(cfg, path)
     (path / "tokenizer.json").write_text(tokenizer.backend.to_str(), encoding="utf-8")
     config = {
         "bos_token": tokenizer.bos_token,

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from engine import LLM, BeamSearchParams, SamplingParams
-from tests.conftest import TINY
+from tests.conftest import TINY, save_random_model
 
 EOS = 2  # LlamaConfig's default eos_token_id
 
@@ -35,13 +35,8 @@ def four_tokens(tmp_path_factory):
     and its transformers twin to score sequences by brute force."""
     torch.manual_seed(1)
     cfg = transformers.LlamaConfig(**{**TINY, "vocab_size": 4}, eos_token_id=EOS)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.5)
     path = tmp_path_factory.mktemp("tiny-vocab4")
-    model.save_pretrained(path, safe_serialization=True)
+    model = save_random_model(cfg, path, std=0.5)
     return LLM(
         str(path),
         device="cpu",
