@@ -11,7 +11,10 @@ than by its first 256 tokens.
 
 Encoding sorts the sequences by length before batching, so a batch pads only to its own
 longest member, and runs on a dedicated thread (`aencode`) so the event loop stays free.
-The model itself is built at the first encode, not when the server starts.
+That one thread takes interactive work (a search's query, `/v1/embeddings`) before the
+batches of files being indexed (`background=True`), so a search waits for the batch under
+way at most, not for every ingestion's. The model itself is built at the first encode, not
+when the server starts.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import asyncio
 import json
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,6 +51,91 @@ def load_tokenizer(model_dir: Path | None = None) -> Tokenizer:
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer
+
+
+class JobQueue:
+    """One thread running jobs, interactive ones first: a background job (an ingestion's
+    batch) runs when no interactive job waits, or after `interactive_in_a_row` interactive
+    jobs have run while it waited, so a stream of searches slows ingestion but never
+    stops it. Each class is first come first served. A job whose future is cancelled
+    while it waits (its caller was cancelled) is dropped without running."""
+
+    def __init__(self, thread_name: str, interactive_in_a_row: int = 8) -> None:
+        self.thread_name = thread_name
+        self.interactive_in_a_row = interactive_in_a_row
+        self._ready = threading.Condition()
+        self._interactive: deque[tuple[Future, Callable[[], object]]] = deque()
+        self._background: deque[tuple[Future, Callable[[], object]]] = deque()
+        self._in_a_row = 0  # interactive jobs run since a background one was, while one waited
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, job: Callable[[], object], background: bool = False) -> Future:
+        """Queue `job`; its future holds what it returns or raises."""
+        future: Future = Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the embedder is closed")
+            (self._background if background else self._interactive).append((future, job))
+            if self._thread is None:  # started at the first job, as an executor's is
+                self._thread = threading.Thread(
+                    target=self._work, name=self.thread_name, daemon=True
+                )
+                self._thread.start()
+            self._ready.notify()
+        return future
+
+    async def run(self, job: Callable[[], object], background: bool = False):
+        """`job`'s result, awaited; cancelling the caller drops the job if it has not
+        started (one under way runs to its end, its result unused)."""
+        return await asyncio.wrap_future(self.submit(job, background))
+
+    def _next(self) -> tuple[Future, Callable[[], object]] | None:
+        """The next job to run (None once closed), marked running; cancelled ones are
+        dropped on the way."""
+        with self._ready:
+            while True:
+                while not (self._interactive or self._background or self._closed):
+                    self._ready.wait()
+                if self._closed:
+                    return None
+                if self._background and (
+                    not self._interactive or self._in_a_row >= self.interactive_in_a_row
+                ):
+                    future, job = self._background.popleft()
+                    started = future.set_running_or_notify_cancel()
+                    if started:
+                        self._in_a_row = 0
+                else:
+                    future, job = self._interactive.popleft()
+                    started = future.set_running_or_notify_cancel()
+                    if started:
+                        self._in_a_row = self._in_a_row + 1 if self._background else 0
+                if started:
+                    return future, job
+
+    def _work(self) -> None:
+        while (next_job := self._next()) is not None:
+            future, job = next_job
+            try:
+                result = job()
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def close(self) -> None:
+        """Wait for the job under way; queued ones are cancelled, later submits refused."""
+        with self._ready:
+            self._closed = True
+            for future, _ in (*self._interactive, *self._background):
+                future.cancel()
+            self._interactive.clear()
+            self._background.clear()
+            self._ready.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
 
 @dataclass(frozen=True)
@@ -78,7 +168,7 @@ class Embedder:
         self.cls_id = self.tokenizer.token_to_id("[CLS]")
         self.sep_id = self.tokenizer.token_to_id("[SEP]")
         self.batch_size = batch_size
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-embed")
+        self.jobs = JobQueue("tokenmill-embed")
         self._model: torch.nn.Module | None = None
         self._loading = threading.Lock()
 
@@ -146,29 +236,36 @@ class Embedder:
         vectors = torch.nn.functional.normalize(pooled, p=2, dim=1) if normalize else pooled
         return Encoded(vectors.numpy(), [len(seq) for seq in ids])
 
-    async def aencode(self, texts: list[str]) -> Encoded:
-        """`encode` on the embedder's own thread, off the event loop, in batches."""
-        return await self._in_batches(self.encode, texts)
+    async def aencode(self, texts: list[str], *, background: bool = False) -> Encoded:
+        """`encode` on the embedder's own thread, off the event loop, in batches;
+        `background` for a file's ingestion, which gives way to interactive work."""
+        return await self._in_batches(self.encode, texts, background)
 
-    async def atokenize(self, texts: list[str]) -> list[list[int]]:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, self.tokenize, texts)
+    async def atokenize(self, texts: list[str], *, background: bool = False) -> list[list[int]]:
+        return await self.jobs.run(partial(self.tokenize, texts), background)
 
     async def aencode_ids(
-        self, ids: list[list[int]], special_tokens: bool = True, normalize: bool = True
+        self,
+        ids: list[list[int]],
+        special_tokens: bool = True,
+        normalize: bool = True,
+        *,
+        background: bool = False,
     ) -> Encoded:
         """`encode_ids` on the embedder's own thread, in batches."""
         encode = partial(self.encode_ids, special_tokens=special_tokens, normalize=normalize)
-        return await self._in_batches(encode, ids)
+        return await self._in_batches(encode, ids, background)
 
-    async def _in_batches(self, encode, inputs: list) -> Encoded:
-        """`encode` over `batch_size` inputs per call on the worker thread: a caller that is
+    async def _in_batches(self, encode, inputs: list, background: bool) -> Encoded:
+        """`encode` over `batch_size` inputs per job on the worker thread: a caller that is
         cancelled (its client went away, its file was removed, the server is stopping) stops
-        after the call under way, instead of the one thread embedding thousands of inputs
-        for nobody while every other request waits behind them."""
-        loop = asyncio.get_running_loop()
+        after the job under way, and its queued job is dropped, instead of the one thread
+        embedding thousands of inputs for nobody while every other request waits behind
+        them. Each batch is queued on its own, so interactive work queued meanwhile goes
+        before a background caller's next batch."""
         parts = [
-            await loop.run_in_executor(
-                self._worker, encode, inputs[start : start + self.batch_size]
+            await self.jobs.run(
+                partial(encode, inputs[start : start + self.batch_size]), background
             )
             for start in range(0, len(inputs), self.batch_size)
         ]
@@ -181,7 +278,7 @@ class Embedder:
 
     def close(self) -> None:
         """Wait for the encoding under way, drop those still queued."""
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        self.jobs.close()
 
     @torch.inference_mode()
     def _token_sums(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

