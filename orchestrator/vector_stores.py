@@ -274,13 +274,16 @@ class VectorStoreService:
         ranked = sorted(best.values(), key=lambda h: (-h.score, h.file_id, h.chunk_index))
         return ranked[: max(s.max_num_results for s in searches)]
 
-    async def _embed(self, owner: str, endpoint: str, texts: list[str]) -> Encoded:
+    async def _embed(
+        self, owner: str, endpoint: str, texts: list[str], background: bool = False
+    ) -> Encoded:
         """Embed `texts` as `owner`'s embedding usage: a usage row (as /v1/embeddings
         writes, under `endpoint`), charged to their token quota, which is reserved first:
         QuotaExceededError, with nothing embedded, when it does not hold their tokens. The
         tpm counts them without refusing them (`spent=0`): neither a search nor a file's
         ingestion is a request the rpm counts, and a file's chunks are embedded in the
-        background, where a retry is no one's to make."""
+        background, where a retry is no one's to make. `background` (a file's ingestion)
+        lets searches go first on the embedder's thread."""
         meter = Meter(
             self.accounts,
             endpoint,
@@ -289,9 +292,9 @@ class VectorStoreService:
             listeners=self.usage_listeners,
         )
         try:
-            tokens = sum(len(ids) for ids in await self.embedder.atokenize(texts))
-            await meter.reserve(tokens, spent=0)
-            encoded = await self.embedder.aencode(texts)
+            ids = await self.embedder.atokenize(texts, background=background)
+            await meter.reserve(sum(len(seq) for seq in ids), spent=0)
+            encoded = await self.embedder.aencode(texts, background=background)
             meter.on_submit(sum(encoded.token_counts))
         except QuotaExceededError:
             await meter.finish("rejected")
@@ -576,7 +579,7 @@ class VectorStoreService:
                 content_type,
                 strategy,
                 body["attributes"],
-                partial(self._embed, owner, "vector_stores.files"),
+                partial(self._embed, owner, "vector_stores.files", background=True),
             )
         except QuotaExceededError as exc:
             error = _error("server_error", f"insufficient_quota: {exc.message}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from orchestrator.retrieval.chunking import Chunk, StaticChunking, chunk_text
 from orchestrator.retrieval.embeddings import Embedder, Encoded
@@ -52,13 +53,14 @@ async def prepare_chunks(
     embed: Callable[[list[str]], Awaitable[Encoded]] | None = None,
 ) -> list[ChunkRecord]:
     """The file's chunks with their embeddings, ready for `RetrievalIndex.add`; `embed`
-    (the embedder's `aencode` by default) embeds their texts, as a server meters them for
-    the file's owner. The embedder works in batches, so a cancelled ingestion (the file
-    removed or added again, the server stopping) stops after the batch under way, not
-    after the whole file."""
+    (the embedder's `aencode` in the background by default) embeds their texts, as a
+    server meters them for the file's owner. The embedder works in batches, so a cancelled
+    ingestion (the file removed or added again, the server stopping) stops after the batch
+    under way, not after the whole file."""
     text = await extract_text(data, filename, content_type)
     chunks = await asyncio.to_thread(split_text, text, filename, embedder, strategy)
-    vectors = (await (embed or embedder.aencode)([c.text for c in chunks])).vectors
+    embed = embed or partial(embedder.aencode, background=True)
+    vectors = (await embed([c.text for c in chunks])).vectors
     return [
         ChunkRecord(file_id, filename, c.index, c.text, vector, dict(attributes or {}))
         for c, vector in zip(chunks, vectors, strict=True)

@@ -39,10 +39,10 @@ class HeldEmbedder:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    async def aencode(self, texts: list[str]):
+    async def aencode(self, texts: list[str], **options):
         while not self.release.is_set():
             await asyncio.sleep(0.01)
-        return await self.inner.aencode(texts)
+        return await self.inner.aencode(texts, **options)
 
 
 def _server(product_server, tmp_path, embedder) -> tuple[ProductServer, dict[str, str]]:

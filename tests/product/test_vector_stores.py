@@ -279,6 +279,40 @@ def test_a_file_added_again_and_again_at_once_is_ingested_and_let_go(tmp_path, e
     assert held == set()
 
 
+def test_ingestion_embeds_in_the_background_and_searches_do_not(tmp_path, embedder, monkeypatch):
+    """A file's chunks are embedded as background work on the embedder's thread, which
+    lets a search's query (interactive) go before them."""
+    queued: list[tuple[str, bool]] = []
+
+    def recording(name: str):
+        inner = getattr(embedder, name)
+
+        def call(texts, *, background=False):
+            queued.append((name, background))
+            return inner(texts, background=background)
+
+        return call
+
+    for name in ("atokenize", "aencode"):
+        monkeypatch.setattr(embedder, name, recording(name))
+
+    async def run() -> None:
+        store = _open(f"sqlite:///{tmp_path / 'tokenmill.db'}")
+        service = VectorStoreService(store, FileService(store), embedder)
+        file = await service.files.create("alice", "g.txt", "assistants", TEXT, None)
+        added = FileToAdd(file["id"], StaticChunking(), {}, "file_ids")
+        store_id = (await service.create("alice", None, {}, [added]))["id"]
+        await _until(lambda: not service._tasks)
+        assert queued == [("atokenize", True), ("aencode", True)]
+        queued.clear()
+        query = Search("glaciers", None, 5, 0.0, "hybrid")
+        assert await service.search_stores("alice", [store_id], [query])
+        assert queued == [("atokenize", False), ("aencode", False)]
+        store.close()
+
+    asyncio.run(run())
+
+
 def test_deleting_a_file_stops_its_ingestion_in_every_store(tmp_path, embedder, monkeypatch):
     """A file deleted while vector stores ingest it leaves them: its ingestions, running
     or waiting for a slot, stop at once (none reads on to a write that would be
