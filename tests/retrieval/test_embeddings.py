@@ -196,6 +196,8 @@ def test_interactive_jobs_go_before_queued_ingestion_which_still_progresses(embe
         ]
         await asyncio.sleep(0)  # every job queued
         ingestion[1].cancel()
+        while not ingestion[1].done():  # its queued job cancelled too
+            await asyncio.sleep(0)
         release.set()
         await asyncio.gather(under_way, ingestion[0], ingestion[2], *searches)
         with pytest.raises(asyncio.CancelledError):
