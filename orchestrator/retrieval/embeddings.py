@@ -99,20 +99,14 @@ class JobQueue:
                     self._ready.wait()
                 if self._closed:
                     return None
-                if self._background and (
+                background = bool(self._background) and (
                     not self._interactive or self._in_a_row >= self.interactive_in_a_row
-                ):
-                    future, job = self._background.popleft()
-                    started = future.set_running_or_notify_cancel()
-                    if started:
-                        self._in_a_row = 0
-                else:
-                    future, job = self._interactive.popleft()
-                    started = future.set_running_or_notify_cancel()
-                    if started:
-                        self._in_a_row = self._in_a_row + 1 if self._background else 0
-                if started:
-                    return future, job
+                )
+                future, job = (self._background if background else self._interactive).popleft()
+                if not future.set_running_or_notify_cancel():
+                    continue  # its caller was cancelled while it waited
+                self._in_a_row = 0 if background or not self._background else self._in_a_row + 1
+                return future, job
 
     def _work(self) -> None:
         while (next_job := self._next()) is not None:
