@@ -206,3 +206,21 @@ def test_interactive_jobs_go_before_queued_ingestion_which_still_progresses(embe
     asyncio.run(run())
     searches = [f"search{i}" for i in range(limit + 2)]
     assert ran == ["busy", *searches[:limit], "file0", *searches[limit:], "file2"]
+
+
+def test_a_files_chunks_are_tokenized_a_few_at_a_time(embedder, monkeypatch):
+    """Tokenizing a large file's chunks for its owner's quota is cut into jobs of
+    `tokenize_batch_size` texts, so a search waits for one of them, not for the file."""
+    size = embedder.tokenize_batch_size
+    texts = [f"glaciers carve valley {i}" for i in range(4 * size + 1)]
+    expected = embedder.tokenize(texts)
+    calls: list[int] = []
+    original = embedder.tokenize
+
+    def counting(inputs):
+        calls.append(len(inputs))
+        return original(inputs)
+
+    monkeypatch.setattr(embedder, "tokenize", counting)
+    assert asyncio.run(embedder.atokenize(texts, background=True)) == expected
+    assert calls == [size, size, size, size, 1]
