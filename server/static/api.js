@@ -141,6 +141,26 @@ export async function streamResponse(body, onEvent, signal) {
   for await (const { data } of sseEvents(response.body)) onEvent(data);
 }
 
+// GET /v1/responses/{id}?stream=true: a background response's events again, those after
+// sequence number `after` (all of them when null) and then the rest as they come, until it
+// ends; calls onEvent as streamResponse does. The server keeps them in memory while the
+// response runs and 10 minutes after: past that, restarted, or on another server, it is
+// a 400 naming `stream` (eventsGone).
+export async function streamAgain(id, after, onEvent, signal) {
+  const query = new URLSearchParams({ stream: "true" });
+  if (after !== null) query.set("starting_after", String(after));
+  const response = await checked(await send(`/v1/responses/${id}?${query}`, {
+    headers: headers({ Accept: "text/event-stream" }),
+    signal,
+  }));
+  for await (const { data } of sseEvents(response.body)) onEvent(data);
+}
+
+// Whether streamAgain was refused because the server no longer has the response's events.
+export function eventsGone(error) {
+  return error instanceof ApiError && error.status === 400 && error.param === "stream";
+}
+
 // A refusal that says "not now" rather than "no": a draining or overloaded server (503), a
 // rate limit (429), or no server answering at all. The same request may be sent again.
 function passing(error) {

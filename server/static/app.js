@@ -2,8 +2,8 @@
 // one, streaming turns through /v1/responses, settings, uploads and sign-in.
 
 import {
-  ApiError, listAll, request, requestTagged, setUnauthorizedHandler, storeKey, storedKey,
-  streamResponse, untilDone,
+  ApiError, eventsGone, listAll, request, requestTagged, setUnauthorizedHandler, storeKey,
+  storedKey, streamAgain, streamResponse, untilDone,
 } from "./api.js";
 import { assistantBody, button, el, isToolItem, messageText, toolCard, userBubble } from "./render.js";
 import { clip, decodeMetadata, encodeMetadata, MAX_INSTRUCTIONS, Node, Tree } from "./tree.js";
@@ -12,6 +12,7 @@ const $ = (id) => document.getElementById(id);
 const DEFAULTS_STORAGE = "tokenmill.defaults";
 const TITLE_LENGTH = 60;
 const PHONE = window.matchMedia("(max-width: 720px)"); // chat.css folds the sidebar there too
+const UNFINISHED = new Set(["queued", "in_progress"]); // a response still being generated
 
 // What the page holds: the sidebar's conversations and the open one.
 const state = {
@@ -352,11 +353,18 @@ async function fetchNode(id) {
     request("GET", `/v1/responses/${id}`),
     listAll(`/v1/responses/${id}/input_items`),
   ]);
-  const node = new Node(response.id, response.previous_response_id || null, inputs,
-    response.output || [], response.status, response.created_at);
-  if (response.error) node.error = response.error.message;
-  node.reason = response.incomplete_details ? response.incomplete_details.reason : null;
+  const node = new Node(response.id, response.previous_response_id || null, inputs);
+  node.createdAt = response.created_at;
+  takeResponse(node, response);
   return node;
+}
+
+// The node takes what a read of its response says: its status, output and how it ended.
+function takeResponse(node, response) {
+  node.status = response.status;
+  node.output = response.output || [];
+  node.error = response.error ? response.error.message : null;
+  node.reason = response.incomplete_details ? response.incomplete_details.reason : null;
 }
 
 // Every node reachable from the leaves, fetched level by level (siblings in parallel); the
@@ -409,6 +417,7 @@ async function openConversation(id) {
     renderSidebar();
     renderAttachments();
     closeSidebarOnPhone();
+    resumeShown();
   } catch (error) {
     if (ticket === state.navigation) reportError(error);
   }
@@ -688,6 +697,7 @@ function branchSwitcher(node, siblings) {
     state.tree.choose(shown);
     renderMessages();
     persistTree();
+    resumeShown();
     // The arrows were drawn again: keep the keyboard on the one used (or, at the end of
     // the row, on the other).
     const turn = document.querySelector(`#messages .turn[data-response-id="${shown}"]`);
@@ -911,6 +921,101 @@ async function runTurn(parent, text) {
   finished();
 }
 
+// Whether a turn's stream failed as a lost connection does (a TypeError, as fetch's own
+// failures are) once its response had started: the response may run on without it.
+function lostMidAnswer(node, error) {
+  return node.id.startsWith("resp_") && error instanceof TypeError;
+}
+
+// How long the page waits before reading a response again (followResponse, pollResponse).
+const FOLLOW_MS = 1500;
+
+// Follows a response still being generated (queued or in_progress) until it ends: its
+// events are streamed again, after the last one the node took (all of them when it took
+// none: opened after a reload), and drawn as a live turn's are. A stream lost or closed
+// before the end is taken up again while a read of the response finds it running (the read
+// fails where the server is out of reach); a server that no longer has the events
+// (restarted, or another server runs it) has the response polled instead. An `error` event
+// ends it: the server could not record the end (its database down), and says so.
+async function followResponse(node, signal) {
+  while (UNFINISHED.has(node.status) && !node.error) {
+    try {
+      await streamAgain(node.id, node.sequence, (event) => onEvent(node, event), signal);
+    } catch (error) {
+      if (eventsGone(error)) return pollResponse(node, signal);
+      if (!lostMidAnswer(node, error)) throw error;
+    }
+    if (UNFINISHED.has(node.status)) await readLater(node, signal);
+  }
+}
+
+// The response read after FOLLOW_MS; when it has ended, the node takes its final state.
+async function readLater(node, signal) {
+  await pause(FOLLOW_MS, signal);
+  const response = await request("GET", `/v1/responses/${node.id}`);
+  signal.throwIfAborted();
+  if (!UNFINISHED.has(response.status)) takeResponse(node, response);
+  return response;
+}
+
+// Resolves after `ms`, or rejects with an AbortError as soon as `signal` aborts.
+function pause(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => {
+      clearTimeout(timer);
+      reject(signal.reason);
+    }, { once: true });
+  });
+}
+
+// The response read every FOLLOW_MS until it ends, its output as stored so far shown
+// meanwhile (the server stores it every few seconds while it runs).
+async function pollResponse(node, signal) {
+  while (UNFINISHED.has(node.status)) {
+    node.output = (await readLater(node, signal)).output || [];
+    scheduleRender();
+  }
+}
+
+// The turn on screen is a response still being generated (the page was reloaded while it
+// streamed, or the conversation opened, here or in another tab, meanwhile): it is followed.
+function resumeShown() {
+  const leaf = state.tree.leaf();
+  if (state.open && leaf && UNFINISHED.has(leaf.status) && !busy()) resumeTurn(state.open, leaf);
+}
+
+// Follows a turn that this page did not start (followResponse) as a live one: streamed,
+// Stop cancelling it, and ended as runTurn ends one. Leaving it closes its stream only
+// (stopStream): the tab that started it may still show it.
+async function resumeTurn(open, node) {
+  const stream = { controller: new AbortController(), nodeId: node.id, conversationId: open.id,
+    resumed: true };
+  state.stream = stream;
+  showStreaming(true);
+  renderStreamingTurn();
+  try {
+    await followResponse(node, stream.controller.signal);
+  } catch (error) {
+    if (error.name !== "AbortError") reportError(error);
+    if (stream.stopped) node.status = "cancelled"; // Stop, with the cancel unanswered
+  }
+  if (state.stream === stream) {
+    state.stream = null;
+    showStreaming(false);
+  }
+  if (stream.left) return; // another chat is on screen
+  if (UNFINISHED.has(node.status)) node.status = "incomplete";
+  renderMessages();
+  if (state.tree.path().includes(node)) announce(node);
+  const userAt = lastUserIndex(node.input);
+  if (userAt >= 0 && !state.deleted.has(open.id)) {
+    await appendTranscript(open.id, messageText(node.input[userAt]), node);
+  }
+  await refreshUsage();
+  finished();
+}
+
 // A turn refused because the response it follows was deleted (through the API, by another
 // client) since the conversation was opened: the conversation is opened again, as it is
 // stored now (with what is missing marked), and the message stays in the box.
@@ -1037,6 +1142,7 @@ function ensurePart(item, index) {
 }
 
 function onEvent(node, event) {
+  if (event.sequence_number !== undefined) node.sequence = event.sequence_number;
   if (!event.type && event.error) {
     // An error after the stream started comes as a bare OpenAI error object.
     node.error = event.error.message || "the server failed";
@@ -1046,6 +1152,10 @@ function onEvent(node, event) {
   const item = node.output[event.output_index];
   switch (event.type) {
     case "response.created":
+      if (node.id === event.response.id) { // streamed again from its start (followResponse)
+        node.output = []; // made anew from the events that follow
+        return;
+      }
       state.tree.rename(node.id, event.response.id);
       state.stream.nodeId = event.response.id;
       node.createdAt = event.response.created_at;
@@ -1105,12 +1215,16 @@ function onEvent(node, event) {
 
 // Leaving the answer (another conversation, a new chat, a deletion): the response is
 // cancelled, as by Stop, and the connection closed at once (a background response runs
-// on when only its connection closes).
+// on when only its connection closes). A turn this page followed without starting it
+// (resumeTurn) runs on: only its stream closes.
 function stopStream() {
   const stream = state.stream;
   if (!stream) return;
-  stream.stopped = true;
-  cancelResponse(stream);
+  if (stream.resumed) stream.left = true;
+  else {
+    stream.stopped = true;
+    cancelResponse(stream);
+  }
   stream.controller.abort();
 }
 

@@ -24,6 +24,7 @@ export class Node {
     // turns from here on starts at this one, so it is a first turn (no parent) in the tree.
     this.afterDeleted = false;
     this.shown = false; // whether its first words are on screen (while it streams)
+    this.sequence = null; // the sequence_number of its last event taken (while it streams)
   }
 }
 

@@ -440,6 +440,73 @@ def test_a_turn_reloaded_away_from_before_it_ends_is_still_there(page, api):
     assert "#" not in page.url
 
 
+def words(text: str) -> list[str]:
+    """The words of `text`, as they read in raw Markdown and drawn alike."""
+    return re.findall(r"[^\W\d_]{2,}", text)
+
+
+def reload_mid_answer(page, api) -> str:
+    """Starts a long answer, reloads the page while the server still generates it and
+    returns its id."""
+    start_long_answer(page)
+    wait_for_answer_text(page)
+    [response_id] = turns(page)
+    reload_when_saved(page)
+    return response_id
+
+
+def assert_shown_whole(page, api, response_id: str) -> None:
+    """The page ended the turn (data-turns) showing the answer as the server stored it."""
+    wait_for_turn(page, 0)  # the reload starts the count again
+    stored = api.get(f"/v1/responses/{response_id}").json()
+    assert stored["status"] in ("completed", "incomplete")
+    answer = page.inner_text("#messages .turn .assistant-body")
+    assert words(answer) == words(stored["output"][0]["content"][0]["text"])
+    assert "Interrupted" not in page.inner_text("#messages")
+    assert page.locator("#send").is_visible() and page.get_attribute(".turn", "aria-busy") is None
+
+
+def test_a_turn_reloaded_mid_answer_streams_on_to_its_end(page, api):
+    """A reload while the answer streams: the page follows the response the server still
+    generates (GET /v1/responses/{id}?stream=true, from its start), as a live turn, to its
+    end, and writes its transcript."""
+    response_id = reload_mid_answer(page, api)
+    assert page.locator("#stop").is_visible()  # followed, not shown as finished
+    assert page.get_attribute(".turn", "aria-busy") == "true"
+    assert_shown_whole(page, api, response_id)
+    conversation = page.evaluate("location.hash")[1:]
+    items = api.get(f"/v1/conversations/{conversation}/items?order=asc").json()["data"]
+    assert [i["role"] for i in items] == ["user", "assistant"]
+
+
+def test_stop_cancels_a_turn_followed_after_a_reload(page, api):
+    response_id = reload_mid_answer(page, api)
+    page.click("#stop")
+    page.wait_for_selector("#send:not([hidden])")
+    assert page.locator("#messages").get_by_text("Stopped.").is_visible()
+    assert api.get(f"/v1/responses/{response_id}").json()["status"] == "cancelled"
+
+
+def test_a_turn_whose_events_are_gone_is_polled_to_its_end(session, page, api):
+    """A server that no longer has the response's events (restarted, or another server
+    runs it) refuses to stream it again (400 naming `stream`): the page reads the response
+    until it ends."""
+    refused: list[str] = []
+
+    def gone(route) -> None:
+        refused.append(route.request.url)
+        error = {"message": "the events of this response are no longer kept"}
+        error |= {"type": "invalid_request_error", "param": "stream", "code": None}
+        route.fulfill(status=400, json={"error": error})
+
+    page.route("**/v1/responses/resp_*?stream=true*", gone)
+    session[1].expected.append(r"400 .*@ .*/v1/responses/resp_\w+\?stream=true")
+    response_id = reload_mid_answer(page, api)
+    assert page.locator("#stop").is_visible()
+    assert_shown_whole(page, api, response_id)
+    assert refused
+
+
 def test_branches_from_regenerate_and_edit_survive_a_reload(page):
     send(page, "What is the capital of France?")
     send(page, "And of Spain?")
