@@ -883,12 +883,16 @@ async function runTurn(parent, text) {
     const streamed = streamTurn(open, parent, text, (event) => onEvent(node, event),
       controller.signal);
     renderMessages();
-    await streamed;
+    await streamed.catch((error) => {
+      if (!lostMidAnswer(node, error)) throw error;
+    });
+    // Its stream closed before the end (a lost connection): the response may run on.
+    if (node.id.startsWith("resp_")) await followResponse(node, controller.signal);
   } catch (error) {
     if (error.name === "AbortError") {
       node.status = state.stream.stopped ? "cancelled" : "incomplete";
     } else if (node.id.startsWith("resp_") && !(error instanceof ApiError)) {
-      node.status = "incomplete"; // the connection was lost mid-answer
+      node.status = "incomplete"; // the server is out of reach: stopped, or the network down
       reportError(error);
     } else {
       node.error = describe(error);

@@ -507,6 +507,42 @@ def test_a_turn_whose_events_are_gone_is_polled_to_its_end(session, page, api):
     assert refused
 
 
+def test_a_stream_closed_mid_answer_is_taken_up_again(page, api):
+    """The turn's stream ends before the response does (a lost connection, a proxy's cut):
+    the page streams the rest from the last event it has, rather than end the turn."""
+    after: list[int] = []
+
+    def cut_short(route) -> None:
+        if route.request.method != "POST":
+            route.fallback()
+            return
+        body = ""
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+        with api.stream(
+            "POST", "/v1/responses", content=route.request.post_data, headers=headers
+        ) as streamed:
+            for line in streamed.iter_lines():
+                body += line + "\n"
+                if line.startswith("data:") and "output_text.delta" in line:
+                    after.append(json.loads(line[5:])["sequence_number"])
+                    if len(after) == 10:
+                        break
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body + "\n")
+
+    page.route("**/v1/responses", cut_short)
+    followed: list[str] = []
+    page.on("request", lambda r: followed.append(r.url) if "stream=true" in r.url else None)
+    before = finished_turns(page)
+    start_long_answer(page)
+    wait_for_turn(page, before)
+    [response_id] = turns(page)
+    assert any(url.endswith(f"starting_after={after[-1]}") for url in followed), followed
+    stored = api.get(f"/v1/responses/{response_id}").json()
+    answer = page.inner_text("#messages .turn .assistant-body")
+    assert words(answer) == words(stored["output"][0]["content"][0]["text"])
+    assert "Interrupted" not in page.inner_text("#messages")
+
+
 def test_branches_from_regenerate_and_edit_survive_a_reload(page):
     send(page, "What is the capital of France?")
     send(page, "And of Spain?")
