@@ -1160,3 +1160,34 @@ def test_downgrading_below_0012_gives_the_older_code_a_tsv_postgresql_writes(pos
         assert _found_by_text(store, "日本") == ["file_ja"]
     finally:
         store.close()
+
+
+def test_downgrading_a_store_keeps_the_rows_of_the_tables_it_rebuilds(database_url):
+    """SQLite drops a column by copying the table (Alembic's batch mode): dropping the old
+    `files`, `responses` or `users` must not cascade to the rows that reference them (a
+    file's bytes, a response's items), as it would with foreign keys enforced."""
+    with _at_revision(database_url, "0006") as conn:
+        conn.execute(
+            text(
+                "INSERT INTO files (id, owner_id, purpose, body) "
+                "VALUES ('file_old', 'alice', 'assistants', '{}')"
+            )
+        )
+        conn.execute(text("INSERT INTO file_blobs (file_id, data) VALUES ('file_old', 'abc')"))
+        conn.execute(
+            text(
+                "INSERT INTO responses (id, owner_id, created_at, status, body) "
+                "VALUES ('resp_old', 'alice', 1, 'completed', '{}')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO response_items (id, response_id, owner_id, kind, body) "
+                "VALUES ('msg_old', 'resp_old', 'alice', 'input', '{}')"
+            )
+        )
+    Store(database_url).close()  # upgraded to the newest revision
+    with _at_revision(database_url, "0006", migrate=command.downgrade) as conn:
+        blobs = conn.execute(text("SELECT file_id FROM file_blobs")).scalars().all()
+        items = conn.execute(text("SELECT id FROM response_items")).scalars().all()
+    assert (blobs, items) == (["file_old"], ["msg_old"])

@@ -1,5 +1,11 @@
 """Alembic's entry point: migrations run on the connection the store hands over
-(`config.attributes["connection"]`), never on a URL of their own."""
+(`config.attributes["connection"]`), never on a URL of their own.
+
+A migration drops a column in place (`op.drop_column`, which SQLite has since 3.35), not
+through a batch (`op.batch_alter_table`): on SQLite a batch copies the table and drops the
+old one, and with foreign keys on (the store's connections have them) that drop cascades
+to every row referencing the table, a response's items or a file's bytes. Batches remain
+for what SQLite cannot alter in place."""
 
 from __future__ import annotations
 

@@ -44,7 +44,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_vector_store_files_batch_id", "vector_store_files")
-    with op.batch_alter_table("vector_store_files") as batch:
-        batch.drop_column("batch_id")
+    op.drop_column("vector_store_files", "batch_id")
     op.drop_index("ix_vector_store_file_batches_store", "vector_store_file_batches")
     op.drop_table("vector_store_file_batches")

@@ -25,7 +25,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("files") as batch:
-        batch.drop_column("bytes")
-    with op.batch_alter_table("users") as batch:
-        batch.drop_column("storage_quota_bytes")
+    op.drop_column("files", "bytes")
+    op.drop_column("users", "storage_quota_bytes")

@@ -35,6 +35,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("vector_stores") as batch:
-        batch.drop_column("expires_after_days")
-        batch.drop_column("last_active_at")
+    op.drop_column("vector_stores", "expires_after_days")
+    op.drop_column("vector_stores", "last_active_at")

@@ -30,5 +30,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_responses_status_server_id", "responses")
     for table in TABLES:
-        with op.batch_alter_table(table) as batch:
-            batch.drop_column("server_id")
+        op.drop_column(table, "server_id")

@@ -64,5 +64,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("responses") as batch:
-        batch.drop_column("conversation_seq")
+    op.drop_column("responses", "conversation_seq")

@@ -24,5 +24,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("responses") as batch:
-        batch.drop_column("history_start")
+    op.drop_column("responses", "history_start")
