@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from engine.args import EngineArgs
+from engine.beam_search import BeamSearch, BeamSearchParams, request_output, step_params
 from engine.errors import BatchFailedError, EngineError, EngineShutdownError, RequestFailedError
 from engine.llm_engine import LLMEngine
-from engine.outputs import EngineStats, RequestOutput, merge_output
+from engine.outputs import EngineStats, RequestOutput, merge_output, num_output_tokens
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.sequence import Request
 from engine.thread_pinning import pin_openmp_team
@@ -52,6 +53,24 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+@dataclass
+class _Spent:
+    """What a beam search's requests generated so far, and its prompt's prefix-cache hit
+    (its first step's, when the prompt alone was the request)."""
+
+    generated: int = 0
+    cached: int = 0
+    first: bool = True
+
+    def add(self, out: RequestOutput) -> None:
+        self.aborted(num_output_tokens(out), out.num_cached_tokens)
+
+    def aborted(self, tokens: int, cached: int) -> None:
+        self.generated += tokens
+        if self.first:
+            self.cached, self.first = cached, False
+
+
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput | Exception]]) -> None:
     for queue_, item in items:
         queue_.put_nowait(item)
@@ -62,6 +81,9 @@ class AsyncLLM:
         args = args or EngineArgs(**engine_options)
         self._inbox: queue.SimpleQueue[tuple[str, Request | str]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
+        # The running beam searches (touched on event loops only): each one's id -> its
+        # step's request ids.
+        self._searches: dict[str, list[str]] = {}
         self._wake = threading.Event()
         self._args = args
         self._stopped = threading.Event()
@@ -138,10 +160,89 @@ class AsyncLLM:
                 if on_abort is not None:
                     held = so_far if kind is RequestOutputKind.FINAL_ONLY else None
                     unseen, cached = await _drain(stream.queue, cached)
-                    on_abort(_num_tokens(held) + unseen, cached)
+                    on_abort(num_output_tokens(held) + unseen, cached)
+
+    async def beam_search(
+        self,
+        prompt: str | list[int],
+        params: BeamSearchParams,
+        request_id: str,
+        on_abort: Callable[[int, int], None] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """vLLM's beam search (engine/beam_search.py, as `LLM.beam_search`) as one request:
+        each step, every live beam is an engine request (`{request_id}-{step}-{beam}`),
+        batched with the engine's other work. Yields once, when the search ends, as vLLM's
+        server-side search does: the best `beam_width` beams as completions, best first,
+        with `num_generated_tokens` (every token the search generated, those of dropped
+        beams included) and the prompt's prefix-cache hit. Raises as `generate` does.
+        `abort(request_id)` ends it after the step under way, whose requests it aborts: it
+        yields the best beams so far, those still live finished with "abort". Closing the
+        iterator early, or cancelling its task, aborts the step's requests too; whenever
+        the search ends without its result (closed, or failed), `on_abort` gets the tokens
+        it generated and the prompt's cache hit, as `generate`'s does, for a server to
+        meter the compute spent."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be BeamSearchParams, got {type(params).__name__}")
+        token_ids = self.engine.tokenize(prompt)
+        if request_id in self._searches or request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        eos = self.engine.outputs.eos_token_ids
+        search = BeamSearch.start(token_ids, params, eos, self.max_model_len)
+        step = dataclasses.replace(step_params(params), output_kind=RequestOutputKind.FINAL_ONLY)
+        spent = _Spent()
+        result: RequestOutput | None = None
+        self._searches[request_id] = []
+        try:
+            while beams := search.next_beams():
+                ids = [f"{request_id}-{search.steps}-{i}" for i in range(len(beams))]
+                self._searches[request_id] = ids
+                outputs = await self._run_step([b.tokens for b in beams], step, ids, spent)
+                if request_id not in self._searches:  # aborted: the outputs are cut
+                    break
+                search.advance([out.outputs[0].logprobs[0] for out in outputs])
+            aborted = request_id not in self._searches
+            result = request_output(
+                request_id,
+                prompt if isinstance(prompt, str) else None,
+                token_ids,
+                search.best("abort" if aborted else "length"),
+                None if self.tokenizer is None else self._decode_output,
+                spent.cached,
+                spent.generated,
+            )
+        finally:
+            self._searches.pop(request_id, None)
+            if result is None and on_abort is not None:
+                on_abort(spent.generated, spent.cached)
+        yield result
+
+    async def _run_step(
+        self, prompts: list[list[int]], params: SamplingParams, ids: list[str], spent: _Spent
+    ) -> list[RequestOutput]:
+        """A beam search step's requests, run together; the outputs in order. Leaving early
+        (a failure, a cancellation) cancels the others, which aborts them."""
+
+        async def final(prompt: list[int], request_id: str) -> RequestOutput:
+            [out] = [o async for o in self.generate(prompt, params, request_id, spent.aborted)]
+            spent.add(out)
+            return out
+
+        tasks = [asyncio.ensure_future(final(p, i)) for p, i in zip(prompts, ids, strict=True)]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _decode_output(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     async def abort(self, request_id: str) -> None:
-        """Stop a request; its blocks are freed before the next step runs."""
+        """Stop a request, or a beam search's step requests; their blocks are freed before
+        the next step runs."""
+        for step_id in self._searches.pop(request_id, ()):
+            self._send("abort", step_id)
         self._send("abort", request_id)
 
     def stats(self) -> EngineStats:
@@ -294,13 +395,9 @@ async def _drain(queue_: asyncio.Queue, cached: int) -> tuple[int, int]:
         item = await queue_.get()
         if isinstance(item, Exception):
             return tokens, cached
-        tokens, cached = tokens + _num_tokens(item), item.num_cached_tokens
+        tokens, cached = tokens + num_output_tokens(item), item.num_cached_tokens
         if item.finished:
             return tokens, cached
-
-
-def _num_tokens(output: RequestOutput | None) -> int:
-    return 0 if output is None else sum(len(o.token_ids) for o in output.outputs)
 
 
 def _snapshot(output: RequestOutput) -> RequestOutput:

@@ -1,4 +1,5 @@
-"""vLLM's beam search (`LLM.beam_search`), built on the engine's ordinary requests.
+"""vLLM's beam search (`LLM.beam_search`, `AsyncLLM.beam_search`), built on the engine's
+ordinary requests.
 
 Each step, every live beam of every prompt is one request for a single token with the
 `2 * beam_width` most likely tokens' logprobs; each of those tokens extends the beam into a
@@ -7,7 +8,8 @@ candidate scored by its cumulative logprob over its length to the power `length_
 finished; of the rest, the best `beam_width` of the prompt live on. At the end the
 finished and the live beams are ranked together and the best `beam_width` returned. A
 beam's prompt and earlier tokens are in the prefix cache from the step before, so each
-step computes about one token per beam.
+step computes about one token per beam. `BeamSearch` holds one prompt's search; the
+offline and the async APIs differ only in how they run a step's requests.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from engine.outputs import RequestOutput
+from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampler import TokenLogprobs
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams, is_int
 
@@ -36,6 +38,8 @@ class BeamSearchParams:
     length_penalty: float = 1.0
     # Keep the stop token that finished a beam in its tokens and text.
     include_stop_str_in_output: bool = False
+    # As SamplingParams': the prefix-cache namespace of the search's requests.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -50,6 +54,10 @@ class BeamSearchParams:
             "include_stop_str_in_output": (
                 isinstance(self.include_stop_str_in_output, bool),
                 "a boolean",
+            ),
+            "cache_salt": (
+                self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt),
+                "a non-empty string or None",
             ),
         }
         for name, (ok, rule) in checks.items():
@@ -82,6 +90,73 @@ class BeamSearchOutput:
 Generate = Callable[[list[list[int]], SamplingParams], list[RequestOutput]]
 
 
+def step_params(params: BeamSearchParams) -> SamplingParams:
+    """The request each live beam makes at a step: one token, with the `2 * beam_width`
+    likeliest tokens' logprobs."""
+    return SamplingParams(
+        temperature=params.temperature,
+        max_tokens=1,
+        logprobs=2 * params.beam_width,
+        detokenize=False,
+        cache_salt=params.cache_salt,
+    )
+
+
+@dataclass
+class BeamSearch:
+    """One prompt's search, a step at a time: `next_beams()` are the beams the next step
+    extends (one engine request each), `advance()` takes those requests' logprobs, and
+    `best()` ranks the finished and live beams once no beam is left to extend. The
+    offline `beam_search` runs one per prompt in lockstep; `AsyncLLM.beam_search` runs one
+    whose requests batch with the engine's other work."""
+
+    params: BeamSearchParams
+    stops: set[int]  # the tokens that finish a beam
+    max_model_len: int
+    live: list[BeamSearchSequence]
+    done: list[BeamSearchSequence] = field(default_factory=list)
+    steps: int = 0
+
+    @classmethod
+    def start(
+        cls,
+        prompt: list[int],
+        params: BeamSearchParams,
+        stop_token_ids: Collection[int],
+        max_model_len: int,
+    ) -> BeamSearch:
+        stops = set() if params.ignore_eos else set(stop_token_ids)
+        return cls(params, stops, max_model_len, [BeamSearchSequence(tokens=list(prompt))])
+
+    def next_beams(self) -> list[BeamSearchSequence]:
+        """The live beams, once a beam that fills the context window has finished (it
+        cannot take another token); none after `max_tokens` steps."""
+        if self.steps >= self.params.max_tokens:
+            return []
+        self.done += [b for b in self.live if len(b.tokens) > self.max_model_len]
+        self.live = [b for b in self.live if len(b.tokens) <= self.max_model_len]
+        return self.live
+
+    def advance(self, logprobs: list[TokenLogprobs]) -> None:
+        """Each of `next_beams()`'s step logprobs, in order: every beam extended by each
+        of its candidate tokens, the finished ones put aside and the best of the rest
+        live on."""
+        candidates: list[BeamSearchSequence] = []
+        for beam, step in zip(self.live, logprobs, strict=True):
+            for seq in _extend(beam, step, self.stops, self.params):
+                (self.done if seq.finish_reason else candidates).append(seq)
+        self.live = _best(candidates, self.params)
+        self.steps += 1
+
+    def best(self, reason: str = "length") -> list[BeamSearchSequence]:
+        """The best `beam_width` of the finished and live beams, best first; a beam still
+        live finishes with `reason` ("abort": the search was stopped)."""
+        best = _best(self.done + self.live, self.params)
+        for beam in best:
+            beam.finish_reason = beam.finish_reason or reason
+        return best
+
+
 def beam_search(
     generate: Generate,
     prompts: list[list[int]],
@@ -93,37 +168,59 @@ def beam_search(
 ) -> list[BeamSearchOutput]:
     """Each prompt's best `beam_width` sequences; `decode` (None: no tokenizer) gives
     their text. A beam that fills the context window finishes with "length"."""
-    step = SamplingParams(
-        temperature=params.temperature,
-        max_tokens=1,
-        logprobs=2 * params.beam_width,
-        detokenize=False,
-    )
-    stops = set() if params.ignore_eos else set(stop_token_ids)
-    live = [[BeamSearchSequence(tokens=list(p))] for p in prompts]
-    done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+    step = step_params(params)
+    searches = [BeamSearch.start(p, params, stop_token_ids, max_model_len) for p in prompts]
     for _ in tqdm(range(params.max_tokens), desc="beam search", disable=not use_tqdm):
-        for i, beams in enumerate(live):  # a full window cannot take another token
-            done[i] += [b for b in beams if len(b.tokens) > max_model_len]
-            live[i] = [b for b in beams if len(b.tokens) <= max_model_len]
-        requests = [(i, beam) for i, beams in enumerate(live) for beam in beams]
-        if not requests:
+        beams = [search.next_beams() for search in searches]
+        batch = [beam.tokens for live in beams for beam in live]
+        if not batch:
             break
-        outputs = generate([beam.tokens for _, beam in requests], step)
-        candidates: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-        for (i, beam), out in zip(requests, outputs, strict=True):
-            for seq in _extend(beam, out.outputs[0].logprobs[0], stops, params):
-                (done[i] if seq.finish_reason else candidates[i]).append(seq)
-        for i, found in enumerate(candidates):
-            live[i] = _best(found, params)
+        outputs = iter(generate(batch, step))
+        for search, live in zip(searches, beams, strict=True):
+            search.advance([next(outputs).outputs[0].logprobs[0] for _ in live])
     results = []
-    for beams, finished in zip(live, done, strict=True):
-        best = _best(finished + beams, params)
+    for search in searches:
+        best = search.best()
         for beam in best:
-            beam.finish_reason = beam.finish_reason or "length"
             beam.text = None if decode is None else decode(beam.tokens)
         results.append(BeamSearchOutput(best))
     return results
+
+
+def request_output(
+    request_id: str,
+    prompt: str | None,
+    prompt_token_ids: list[int],
+    beams: list[BeamSearchSequence],
+    decode: Callable[[list[int]], str] | None,
+    num_cached_tokens: int,
+    num_generated_tokens: int,
+) -> RequestOutput:
+    """A finished search as `AsyncLLM.generate`'s final output, as vLLM's server-side
+    search gives it: each beam a completion (its generated tokens and their text, with
+    `decode`; "" without a tokenizer), best first."""
+    outputs = []
+    for index, beam in enumerate(beams):
+        tokens = beam.tokens[len(prompt_token_ids) :]
+        outputs.append(
+            CompletionOutput(
+                index=index,
+                text="" if decode is None else decode(tokens),
+                token_ids=tokens,
+                finish_reason=beam.finish_reason,
+                logprobs=beam.logprobs,
+                stop_reason=beam.stop_reason,
+            )
+        )
+    return RequestOutput(
+        request_id,
+        prompt,
+        prompt_token_ids,
+        outputs,
+        num_cached_tokens=num_cached_tokens,
+        finished=True,
+        num_generated_tokens=num_generated_tokens,
+    )
 
 
 def _extend(
@@ -133,14 +230,17 @@ def _extend(
     params: BeamSearchParams,
 ) -> list[BeamSearchSequence]:
     """The beam followed by each token of the step's logprobs (the one sampled and the
-    most likely): finished with "stop" on a stop token, whose id stays in the tokens only
-    with `include_stop_str_in_output`."""
-    options = {logprobs.token_id: logprobs.logprob, **dict(logprobs.top)}
+    most likely), each with the step's logprobs as that token's (the token, its logprob
+    and rank, the step's likeliest): finished with "stop" on a stop token, whose id stays
+    in the tokens only with `include_stop_str_in_output`."""
+    options = {logprobs.token_id: (logprobs.logprob, logprobs.rank)}
+    for rank, (token, logprob) in enumerate(logprobs.top, 1):
+        options.setdefault(token, (logprob, rank))
     out = []
-    for token, logprob in options.items():
+    for token, (logprob, rank) in options.items():
         seq = BeamSearchSequence(
             tokens=[*beam.tokens, token],
-            logprobs=[*beam.logprobs, logprobs],
+            logprobs=[*beam.logprobs, TokenLogprobs(token, logprob, logprobs.top, rank)],
             cum_logprob=beam.cum_logprob + logprob,
         )
         if token in stops:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
-from engine import RequestOutput, SamplingParams
+from engine import BeamSearchParams, RequestOutput, SamplingParams
 
 
 class TokenizerLike(Protocol):
@@ -73,6 +73,14 @@ class EngineClient(Protocol):
         self,
         prompt: str | list[int],
         params: SamplingParams,
+        request_id: str,
+        on_abort: Callable[[int, int], None] | None = None,
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    def beam_search(
+        self,
+        prompt: str | list[int],
+        params: BeamSearchParams,
         request_id: str,
         on_abort: Callable[[int, int], None] | None = None,
     ) -> AsyncIterator[RequestOutput]: ...

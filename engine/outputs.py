@@ -66,6 +66,10 @@ class RequestOutput:
     error: Exception | None = None
     # The request's timings when this output was made (a copy, so later steps leave it be).
     metrics: RequestMetrics | None = None
+    # A beam search's (`AsyncLLM.beam_search`): every token the engine generated for it,
+    # those of the beams it dropped on the way included. None for a request's outputs,
+    # whose tokens are all in its completions (`num_output_tokens`).
+    num_generated_tokens: int | None = None
 
 
 @dataclass
@@ -88,6 +92,16 @@ class EngineStats:
     compile_state: str = "off"
     # The CPU path (engine/cpu_path.py) and the modes in use; empty off CPU
     cpu: dict[str, object] = field(default_factory=dict)
+
+
+def num_output_tokens(output: RequestOutput | None) -> int:
+    """The tokens the engine generated for `output` (a delta, or a beam search's result):
+    what a server meters and reports as completion tokens."""
+    if output is None:
+        return 0
+    if output.num_generated_tokens is not None:
+        return output.num_generated_tokens
+    return sum(len(o.token_ids) for o in output.outputs)
 
 
 def merge_output(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:

@@ -4,6 +4,7 @@ every one of them finds."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from engine import LLM, BeamSearchParams, SamplingParams
+from engine import LLM, AsyncLLM, BeamSearchParams, SamplingParams
 from tests.conftest import TINY, save_random_model
 
 EOS = 2  # LlamaConfig's default eos_token_id
@@ -187,3 +188,139 @@ def test_bad_calls_are_clear_errors(llm):
     with pytest.raises(ValueError, match="list of prompts"):
         llm.beam_search("a prompt", BeamSearchParams(2, 2))
     assert llm.beam_search([], BeamSearchParams(2, 2)) == []
+
+
+# -- AsyncLLM.beam_search -----------------------------------------------------------------
+
+ENGINE = dict(device="cpu", compile="off", dtype="float32", quantization="none")
+
+
+def _async_search(engine, prompt, params, request_id="beam", on_abort=None):
+    async def run():
+        outs = [o async for o in engine.beam_search(prompt, params, request_id, on_abort)]
+        assert len(outs) == 1 and outs[0].finished  # vLLM's: the result once, at the end
+        return outs[0]
+
+    return run()
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_async_beam_search_equals_the_offline_one_while_it_batches_with_other_work(
+    llm, tiny_model_dir, width
+):
+    """Each step's beams are engine requests, batched with another caller's generation
+    running meanwhile; the result is the offline search's, each beam a completion of its
+    generated tokens, best first; `num_generated_tokens` is every token the engine made for
+    the search (one per live beam a step), and no block stays in use."""
+    prompt = [5, 9, 200, 17]
+    params = BeamSearchParams(beam_width=width, max_tokens=6, ignore_eos=True)
+    [offline] = llm.beam_search([prompt], params)
+
+    async def run():
+        engine = AsyncLLM(model=tiny_model_dir("llama"), num_kv_blocks=512, **ENGINE)
+        batches: list[set[str]] = []
+        schedule = engine.engine.scheduler.schedule
+
+        def recording():
+            batch = schedule()
+            batches.append({s.request.request_id for s in batch.seqs})
+            return batch
+
+        engine.engine.scheduler.schedule = recording
+        other = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        try:
+            await _drain(engine.generate([1, 2, 3], other, "other"))
+            task = asyncio.ensure_future(_drain(engine.generate([7, 8, 9], other, "other2")))
+            out = await _async_search(engine, prompt, params)
+            await task
+            while engine.stats().num_running or engine.engine.requests:  # stats lag a step
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            generated = engine.stats().generation_tokens_total - 2 * 200
+            return out, batches, generated, engine.engine.block_manager.num_used_blocks
+        finally:
+            await engine.shutdown()
+
+    out, batches, generated, used = asyncio.run(run())
+    assert [prompt + o.token_ids for o in out.outputs] == [s.tokens for s in offline.sequences]
+    assert [o.index for o in out.outputs] == list(range(width))
+    for o, s in zip(out.outputs, offline.sequences, strict=True):
+        assert o.cumulative_logprob == pytest.approx(s.cum_logprob, abs=1e-5)
+        assert o.finish_reason == "length" and o.text == ""  # no tokenizer
+        assert [lp.token_id for lp in o.logprobs] == o.token_ids
+    assert out.prompt_token_ids == prompt
+    assert out.num_generated_tokens == generated == 1 + width * 5
+    assert any("other2" in b and any(i.startswith("beam-") for i in b) for b in batches)
+    assert used == 0
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
+def test_async_beam_search_ends_at_eos_as_the_offline_one(four_tokens, tmp_path_factory):
+    """A beam EOS finishes ranks with the rest, as offline, the EOS kept in the tokens or
+    not as include_stop_str_in_output says."""
+    llm, _ = four_tokens
+    path = llm.engine.args.model
+    engine = AsyncLLM(model=path, num_kv_blocks=64, **ENGINE)
+    try:
+        for keep in (False, True):
+            for prompt in map(list, itertools.product(range(4), repeat=2)):
+                params = BeamSearchParams(4, 3, length_penalty=0.0, include_stop_str_in_output=keep)
+                [offline] = llm.beam_search([prompt], params)
+                out = asyncio.run(_async_search(engine, prompt, params, f"p{keep}{prompt}"))
+                got = [(prompt + o.token_ids, o.finish_reason, o.stop_reason) for o in out.outputs]
+                want = [(s.tokens, s.finish_reason, s.stop_reason) for s in offline.sequences]
+                assert got == want
+    finally:
+        asyncio.run(engine.shutdown())
+    assert any(s.stop_reason == EOS for s in offline.sequences)
+
+
+@pytest.mark.parametrize("how", ["cancel", "abort"])
+def test_a_stopped_async_beam_search_ends_its_requests_and_frees_their_blocks(tiny_model_dir, how):
+    """A client gone mid-search (its task cancelled) or `abort(request_id)` ends the step's
+    requests; no step runs after and no block stays in use. Cancelled, `on_abort` reports
+    every token the search generated and its prompt's cache hit (for metering); aborted,
+    it yields the best beams so far, the live ones finished with "abort", and the count."""
+    prompt = list(range(1, 40))
+    cached = 32  # the primed prompt's whole blocks (of 16), as the first step finds them
+
+    async def run():
+        engine = AsyncLLM(model=tiny_model_dir("llama"), num_kv_blocks=512, **ENGINE)
+        reported: list[tuple[int, int]] = []
+        params = BeamSearchParams(beam_width=4, max_tokens=400, ignore_eos=True)
+        one = SamplingParams(temperature=0, max_tokens=1)
+        try:
+            await _drain(engine.generate(prompt, one, "primed"))  # the prompt, now cached
+            stream = engine.beam_search(prompt, params, "b", lambda *c: reported.append(c))
+            task = asyncio.ensure_future(stream.__anext__())
+            while engine.stats().generation_tokens_total < 1 + 4 * 5:
+                await asyncio.sleep(0.01)
+            if how == "cancel":
+                task.cancel()
+            else:
+                await engine.abort("b")
+            [out] = await asyncio.gather(task, return_exceptions=True)
+            while engine.stats().num_running or engine.engine.requests:
+                await asyncio.sleep(0.01)
+            stats = engine.stats()
+            await asyncio.sleep(0.3)  # nothing more runs
+            assert engine.stats().generation_tokens_total == stats.generation_tokens_total
+            return out, reported, stats, engine.engine.block_manager.num_used_blocks
+        finally:
+            await engine.shutdown()
+
+    out, reported, stats, used = asyncio.run(run())
+    assert used == 0 and stats.kv_cache_usage == 0
+    generated = stats.generation_tokens_total - 1  # the primed request's token aside
+    assert generated < 4 * 400
+    if how == "cancel":
+        assert isinstance(out, asyncio.CancelledError)
+        assert reported == [(generated, cached)]
+    else:
+        assert reported == [] and out.finished and out.num_generated_tokens == generated
+        assert [o.finish_reason for o in out.outputs] == ["abort"] * 4
+        assert out.num_cached_tokens == cached
