@@ -25,6 +25,9 @@ from engine.sampler import TokenLogprobs
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams, is_int
 
 MAX_BEAM_WIDTH = MAX_LOGPROBS // 2  # each step asks for 2 * beam_width logprobs
+# A score divides by the length to this power: beyond it, a long context's power overflows
+# a float (or rounds to 0), and the ranking with it.
+MAX_LENGTH_PENALTY = 10
 
 
 @dataclass
@@ -49,7 +52,10 @@ class BeamSearchParams:
             ),
             "max_tokens": (is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
             "temperature": (_finite(self.temperature) and self.temperature >= 0, "a number >= 0"),
-            "length_penalty": (_finite(self.length_penalty), "a finite number"),
+            "length_penalty": (
+                _finite(self.length_penalty) and abs(self.length_penalty) <= MAX_LENGTH_PENALTY,
+                f"a number in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}]",
+            ),
             "ignore_eos": (isinstance(self.ignore_eos, bool), "a boolean"),
             "include_stop_str_in_output": (
                 isinstance(self.include_stop_str_in_output, bool),

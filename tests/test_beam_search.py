@@ -174,6 +174,8 @@ def test_text_is_the_whole_sequence_as_vllm_gives_it(tiny_chat_model_dir):
         ({"beam_width": 2, "max_tokens": 0}, "max_tokens"),
         ({"beam_width": 2, "max_tokens": 4, "temperature": -1}, "temperature"),
         ({"beam_width": 2, "max_tokens": 4, "length_penalty": math.inf}, "length_penalty"),
+        ({"beam_width": 2, "max_tokens": 4, "length_penalty": 1e308}, "length_penalty"),
+        ({"beam_width": 2, "max_tokens": 4, "length_penalty": -11}, "length_penalty"),
         ({"beam_width": 2, "max_tokens": 4, "ignore_eos": 1}, "ignore_eos"),
     ],
 )
