@@ -76,6 +76,9 @@ class ChatRequest:
     request_id: str | None = None  # vLLM's: the response id's suffix
     return_token_ids: bool = False  # vLLM's: prompt and output token ids in the response
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N"
+    # vLLM's beam search: `n` beams, the best returned (server.generation.beam_search_params)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0  # vLLM's, beam search's: scores divide by length ** this
 
 
 @dataclass
@@ -94,3 +97,6 @@ class CompletionRequest:
     request_id: str | None = None  # vLLM's: the response id's suffix
     return_token_ids: bool = False  # vLLM's: prompt and output token ids in the response
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N"
+    # vLLM's beam search: `n` beams, the best returned (server.generation.beam_search_params)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0  # vLLM's, beam search's: scores divide by length ** this

@@ -15,6 +15,7 @@ from starlette.types import Receive
 
 from engine import RequestOutput, SamplingParams
 from engine.errors import ContextLengthExceededError
+from engine.outputs import num_output_tokens
 from engine.sampling_params import truncate_prompt
 from engine.tokenizer import chat_template_options
 from orchestrator.accounts import Meter
@@ -36,6 +37,7 @@ from server.generation import (
     ChoiceResult,
     Collected,
     ResponseHeader,
+    beam_search_params,
     check_context,
     check_params_vocabulary,
     check_prompt_chars,
@@ -105,6 +107,9 @@ async def create_chat_completion(
             _prompt_size(request), _encode_prompt, request, params.truncate_prompt_tokens
         )
         params = _default_max_tokens(state, params, len(prompt_ids))
+        run_params = params
+        if request.use_beam_search:
+            run_params = beam_search_params(params, request.length_penalty)
         max_len = state.engine.max_model_len
         check_context(len(prompt_ids), params.max_tokens, max_len, "messages")
         await meter.reserve(output_budget(len(prompt_ids), params.max_tokens, max_len, params.n))
@@ -113,7 +118,7 @@ async def create_chat_completion(
             engine_id if request.request_id is None else f"chatcmpl-{request.request_id}", model
         )
         run = ChatRun(state, request, header, [t.name for t in tools], len(prompt_ids))
-        outputs = merge([engine_outputs(state, prompt_ids, params, engine_id, timer, meter)])
+        outputs = merge([engine_outputs(state, prompt_ids, run_params, engine_id, timer, meter)])
     except BaseException:
         ticket.release()
         raise
@@ -243,8 +248,7 @@ def _finish_reason(assembler: ChoiceAssembler, engine_reason: str | None) -> str
 
 def _chat_response(run: ChatRun, collected: Collected) -> dict:
     choices = [_chat_choice(run, i, c) for i, c in sorted(collected.choices.items())]
-    completion_tokens = sum(len(c.token_ids) for c in collected.choices.values())
-    totals = usage(run.prompt_tokens, completion_tokens, collected.cached_tokens)
+    totals = usage(run.prompt_tokens, collected.completion_tokens, collected.cached_tokens)
     top_n = run.request.prompt_logprobs
     extra = {}
     # vLLM's, on the response: a chat request has one prompt
@@ -354,8 +358,8 @@ async def _chat_events(
         async for _, out in outputs:
             if out.finished:
                 cached_tokens = out.num_cached_tokens
+            completion_tokens += num_output_tokens(out)
             for o in out.outputs:
-                completion_tokens += len(o.token_ids)
                 choice = choices.setdefault(o.index, _StreamChoice(run.assembler()))
                 for chunk in _choice_events(run, choice, out, o):
                     yield chunk

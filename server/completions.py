@@ -13,6 +13,7 @@ from starlette.types import Receive
 
 from engine import RequestOutput
 from engine.errors import ContextLengthExceededError
+from engine.outputs import num_output_tokens
 from engine.sampling_params import truncate_prompt
 from orchestrator.accounts import Meter
 from orchestrator.chat_types import CompletionRequest
@@ -22,6 +23,7 @@ from server.errors import invalid
 from server.generation import (
     Collected,
     ResponseHeader,
+    beam_search_params,
     check_context,
     check_params_vocabulary,
     check_prompt_chars,
@@ -136,6 +138,9 @@ async def create_completion(
     structure = await asyncio.to_thread(completion_structured_outputs, request)
     params = make_sampling_params({**request.sampling, "structured_outputs": structure})
     check_params_vocabulary(params, state.engine.vocab_size)
+    run_params = params
+    if request.use_beam_search:
+        run_params = beam_search_params(params, request.length_penalty)
     sequences = len(request.prompts) * params.n
     ticket = await state.admission.acquire(
         sequences, "prompt" if len(request.prompts) > 1 else "n", fair_share
@@ -165,7 +170,7 @@ async def create_completion(
         timers = [timer] + [RequestTimer(state.metrics, arrival=timer.arrival) for _ in prompts[1:]]
         outputs = merge(
             [
-                engine_outputs(state, ids, params, f"{engine_id}-{i}", t, meter)
+                engine_outputs(state, ids, run_params, f"{engine_id}-{i}", t, meter)
                 for i, (ids, t) in enumerate(zip(prompts, timers, strict=True))
             ]
         )
@@ -220,8 +225,7 @@ def _completion_response(run: CompletionRun, collected: Collected) -> dict:
             choice["prompt_logprobs"] = scored[index // run.n]
         choice |= run.token_ids(collected.prompt_token_ids[index // run.n], c.token_ids)
         choices.append(choice)
-    completion_tokens = sum(len(c.token_ids) for c in collected.choices.values())
-    totals = usage(collected.prompt_tokens, completion_tokens, collected.cached_tokens)
+    totals = usage(collected.prompt_tokens, collected.completion_tokens, collected.cached_tokens)
     return run.header.body("text_completion", choices, usage=totals)
 
 
@@ -246,9 +250,9 @@ async def _completion_events(
                 cached_tokens += out.num_cached_tokens
             if out.prompt_logprobs is not None:
                 scored_prompts[position] = out
+            completion_tokens += num_output_tokens(out)
             for o in out.outputs:
                 index = position * run.n + o.index
-                completion_tokens += len(o.token_ids)
                 entries = o.logprobs or []
                 prompt_ids = None
                 if index in offsets:

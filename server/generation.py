@@ -15,7 +15,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from engine import RequestOutput, SamplingParams
+from engine import BeamSearchParams, RequestOutput, SamplingParams
+from engine.beam_search import MAX_BEAM_WIDTH
 from engine.errors import (
     ContextLengthExceededError,
     EngineError,
@@ -23,6 +24,7 @@ from engine.errors import (
     NothingToSampleError,
     RequestFailedError,
 )
+from engine.outputs import num_output_tokens
 from engine.sampling_params import RequestOutputKind
 from orchestrator.accounts import Meter
 from orchestrator.accounts.identity import cache_salt
@@ -37,6 +39,55 @@ T = TypeVar("T")
 def make_sampling_params(sampling: dict) -> SamplingParams:
     try:
         return SamplingParams(**sampling)
+    except ValueError as exc:
+        raise from_value_error(exc) from None
+
+
+# The sampling fields a beam search reads (`beam_search_params`); the prompt's truncation
+# and the cache salt are applied as for any request.
+_BEAM_SEARCH_FIELDS = (
+    "n",
+    "max_tokens",
+    "temperature",
+    "ignore_eos",
+    "include_stop_str_in_output",
+    "truncate_prompt_tokens",
+    "cache_salt",
+)
+
+
+def beam_search_params(params: SamplingParams, length_penalty: float) -> BeamSearchParams:
+    """vLLM's `use_beam_search`: a search `n` beams wide (the `n` best are the choices),
+    `max_tokens` steps at most. It stops only at the model's end tokens and scores by the
+    raw logprobs, so every other sampling field sent (stop, seed, penalties, top_p...) is
+    a 400 naming it rather than ignored, as are the fields `beam_search_fields` refuses."""
+    defaults = SamplingParams()
+    for f in dataclasses.fields(SamplingParams):
+        if f.name not in _BEAM_SEARCH_FIELDS and getattr(params, f.name) != getattr(
+            defaults, f.name
+        ):
+            raise invalid(f"{f.name} cannot be combined with use_beam_search", f.name)
+    if params.n > MAX_BEAM_WIDTH:
+        raise invalid(
+            f"n (the beam width, with use_beam_search) must be at most {MAX_BEAM_WIDTH}, "
+            f"got {params.n}",
+            "n",
+        )
+    if params.max_tokens is None:
+        raise invalid(
+            "max_tokens (or max_completion_tokens) is required with use_beam_search: each "
+            "token is a step of n requests",
+            "max_tokens",
+        )
+    try:
+        return BeamSearchParams(
+            beam_width=params.n,
+            max_tokens=params.max_tokens,
+            ignore_eos=params.ignore_eos,
+            temperature=params.temperature,
+            length_penalty=length_penalty,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
     except ValueError as exc:
         raise from_value_error(exc) from None
 
@@ -98,26 +149,30 @@ def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int, p
 async def engine_outputs(
     state: ServerState,
     prompt: list[int],
-    params: SamplingParams,
+    params: SamplingParams | BeamSearchParams,
     request_id: str,
     timer: RequestTimer,
     meter: Meter,
 ) -> AsyncGenerator[RequestOutput, None]:
-    """`engine.generate` with API errors, metrics, metering, and abort-on-early-close."""
+    """`engine.generate` (or `engine.beam_search`, for BeamSearchParams) with API errors,
+    metrics, metering, and abort-on-early-close."""
     finished = False
     meter.on_submit(len(prompt))
-    params = dataclasses.replace(
-        params,
-        cache_salt=cache_salt(meter.identity.owner, params.cache_salt),
-        output_kind=RequestOutputKind.DELTA,
-    )
+    salt = cache_salt(meter.identity.owner, params.cache_salt)
     try:
         # Tokens the engine made that the client never got (it went away) are metered too,
         # and the prompt's cache hit, which no finished output reports then.
-        generation = state.engine.generate(prompt, params, request_id, meter.on_aborted)
+        if isinstance(params, BeamSearchParams):
+            params = dataclasses.replace(params, cache_salt=salt)
+            generation = state.engine.beam_search(prompt, params, request_id, meter.on_aborted)
+        else:
+            params = dataclasses.replace(
+                params, cache_salt=salt, output_kind=RequestOutputKind.DELTA
+            )
+            generation = state.engine.generate(prompt, params, request_id, meter.on_aborted)
         async with aclosing(generation) as outputs:
             async for out in outputs:
-                count = sum(len(o.token_ids) for o in out.outputs)
+                count = num_output_tokens(out)  # a beam search's: every token it generated
                 timer.on_tokens(count)
                 meter.on_tokens(count)
                 meter.checkpoint_if_due()
@@ -205,6 +260,9 @@ class Collected:
     # included), for usage and return_token_ids.
     prompt_token_ids: dict[int, list[int]] = field(default_factory=dict)
     cached_tokens: int = 0
+    # The tokens the engine generated (`num_output_tokens`): the choices' tokens, or every
+    # token of a beam search, the dropped beams' included.
+    completion_tokens: int = 0
     # Per prompt position: the output that carried its prompt logprobs, if asked for.
     scored_prompts: dict[int, RequestOutput] = field(default_factory=dict)
 
@@ -219,6 +277,7 @@ async def collect(stream: AsyncGenerator[tuple[int, RequestOutput], None], n: in
     async with aclosing(stream):
         async for position, out in stream:
             result.prompt_token_ids.setdefault(position, out.prompt_token_ids)
+            result.completion_tokens += num_output_tokens(out)
             if out.finished:
                 result.cached_tokens += out.num_cached_tokens
             if out.prompt_logprobs is not None:

@@ -8,9 +8,9 @@ the parameter, so range rules live in one place. Checks that need the model (tok
 below the vocabulary size) are `server.generation`'s. Unknown fields are ignored, as
 vLLM does, so clients that send newer OpenAI fields keep working; but vLLM's own fields
 are known (`server.vllm_fields`): those this server honours are, those that change
-nothing here are type-checked, and those vLLM honours that this server cannot (beam
-search, best_of, a chat echo, priorities, disaggregated serving...) are a 400 naming the
-field, never an answer other than the one asked for.
+nothing here are type-checked, and those vLLM honours that this server cannot (best_of,
+a chat echo, priorities, disaggregated serving...) are a 400 naming the field, never an
+answer other than the one asked for.
 
 Every check raises a 400 naming the field; no value of any type may get past this
 module as anything but a 400 or a well-formed request.
@@ -32,6 +32,7 @@ from orchestrator.chat_types import (
 )
 from server.errors import invalid, typed_field
 from server.vllm_fields import (
+    beam_search_fields,
     cache_salt,
     check_chat_fields,
     check_common_fields,
@@ -323,10 +324,6 @@ def _check_common(body: dict) -> None:
     would change the answer and have no counterpart here are refused."""
     typed_field(body, "user", "a string")
     check_common_fields(body)
-    if typed_field(body, "use_beam_search", "a boolean"):
-        raise invalid(
-            "use_beam_search is not supported: beam search is not implemented", "use_beam_search"
-        )
     best_of = typed_field(body, "best_of", "an integer")
     if best_of is not None and best_of != (1 if body.get("n") is None else body["n"]):
         raise invalid("best_of is not supported (it must equal n)", "best_of")
@@ -489,6 +486,16 @@ def parse_chat_request(
     guided = requested_structure(body, response_format)
     if guided is not None and mode != "none":
         raise invalid(f"{guided.param} cannot be combined with tools", guided.param)
+    beam = beam_search_fields(
+        body,
+        {
+            "tools": bool(tools),
+            "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs is not None,
+            "response_format": response_format is not None,
+            **({guided.param: True} if guided is not None else {}),
+        },
+    )
     return ChatRequest(
         model=typed_field(body, "model", "a string"),
         messages=messages,
@@ -507,6 +514,7 @@ def parse_chat_request(
         request_id=request_id(body, request_id_header),
         **token_ids_options(body),
         **_rendering(body, messages),
+        **beam,
     )
 
 
@@ -564,6 +572,16 @@ def parse_completion_request(body: Any, request_id_header: str | None = None) ->
         sampling["prompt_logprobs"] = max(asked)
     _logit_bias(body, sampling)
     response_format = _response_format(body)
+    guided = requested_structure(body, response_format)
+    beam = beam_search_fields(
+        body,
+        {
+            "logprobs": logprobs is not None,
+            "prompt_logprobs": prompt_logprobs is not None,
+            "response_format": response_format is not None,
+            **({guided.param: True} if guided is not None else {}),
+        },
+    )
     return CompletionRequest(
         model=typed_field(body, "model", "a string"),
         prompts=prompts,
@@ -574,8 +592,9 @@ def parse_completion_request(body: Any, request_id_header: str | None = None) ->
         prompt_logprobs=prompt_logprobs,
         echo=echo,
         response_format=response_format,
-        guided=requested_structure(body, response_format),
+        guided=guided,
         add_special_tokens=typed_field(body, "add_special_tokens", "a boolean", True),
         request_id=request_id(body, request_id_header),
         **token_ids_options(body),
+        **beam,
     )

@@ -1,9 +1,10 @@
 """vLLM's own request fields on chat, completions and embeddings, beside OpenAI's
 (server/protocol.py, server/embeddings.py):
 those this server honours (cache_salt, request_id, the token-id options, structured outputs
-and the older guided_* fields, documents), those that change nothing here (type-checked),
-and those it cannot honour (a value but the default is a 400 naming the field). None is
-ever silently ignored: a vLLM client either gets what it asked for or is told why not."""
+and the older guided_* fields, documents, beam search), those that change nothing here
+(type-checked), and those it cannot honour (a value but the default is a 400 naming the
+field). None is ever silently ignored: a vLLM client either gets what it asked for or is
+told why not."""
 
 from __future__ import annotations
 
@@ -58,7 +59,6 @@ def token_ids_options(body: dict) -> dict[str, bool]:
 # vLLM's request fields that change nothing here, as they change nothing in vLLM serving
 # this model on one machine: only their types are checked.
 _INERT_FIELDS = {
-    "length_penalty": "a number",  # beam search's, which is refused
     # joins special tokens' texts for slow tokenizers only; vLLM's fast ones, like this
     # server's, write them as decoded
     "spaces_between_special_tokens": "a boolean",
@@ -231,6 +231,20 @@ def requested_structure(body: dict, response_format: ResponseFormat | None) -> G
         raise invalid(f"{param} cannot be combined with response_format", param)
     kind = param.removeprefix("guided_")
     return Guided(param, kind, _structure_value(kind, body[param], param, param))
+
+
+def beam_search_fields(body: dict, refused: dict[str, bool]) -> dict[str, Any]:
+    """vLLM's `use_beam_search` and `length_penalty` (beam search's: without it, it changes
+    nothing and is only type-checked). `refused`: the request's fields beam search cannot
+    answer (tools, logprobs...), by name, and whether they were sent: the first sent is a
+    400 naming it. The sampling fields it cannot answer are refused once they are
+    parsed (`server.generation.beam_search_params`)."""
+    use = typed_field(body, "use_beam_search", "a boolean", False)
+    length_penalty = typed_field(body, "length_penalty", "a number", 1.0)
+    sent = next((name for name, given in refused.items() if given), None)
+    if use and sent is not None:
+        raise invalid(f"{sent} cannot be combined with use_beam_search", sent)
+    return {"use_beam_search": use, "length_penalty": length_penalty}
 
 
 def template_documents(body: dict) -> list[dict[str, str]] | None:

@@ -555,7 +555,7 @@ def test_vllm_fields_the_server_cannot_honour_are_400s_naming_them(serve):
         for other in ({"guided_regex": "a"}, {"response_format": fmt}):
             so = {"regex": "a"}
             assert_error(send(server, structured_outputs=so, **other), 400, "structured_outputs")
-        assert_error(send(server, use_beam_search=True), 400, "use_beam_search")
+        assert_error(send(server, use_beam_search=1), 400, "use_beam_search")
     tools = [{"type": "function", "function": {"name": "f"}}]
     assert_error(chat(server, guided_regex="a", tools=tools), 400, "guided_regex")
     so = {"regex": "a"}
