@@ -132,7 +132,10 @@ class ResponseService:
         place: Place | None = None,
     ) -> Turn:
         """Check the request against the store, build the prompt, reserve its tokens from
-        `budget` and start the turn (`queued` until `place` is its, when given)."""
+        `budget` and start the turn. A background turn given a `place` starts `queued`
+        until the place is its; any other request waits here for its `place`, after its
+        checks (a mistake is answered at once, however long the queue) and before its
+        reservation."""
         if request.conversation_id is not None and not request.store:
             raise InvalidRequestError(
                 "a response in a conversation must be stored "
@@ -172,6 +175,9 @@ class ResponseService:
         """Prepare the turn, reserve its first generation's tokens and start it."""
         prepared = await self._prepare(owner, request)
         budget = budget or Unlimited()
+        if place is not None and not request.background:
+            await place.wait()  # its client waits with it: it starts `in_progress`
+            place = None
         await self._reserve(budget, prepared)
         turn = Turn(self.turn_services, prepared, observer or NoObserver(), budget, place)
         self.running[turn.id] = turn

@@ -1,6 +1,6 @@
 """What a turn reports to the one who started it: tokens as they come (`TokenObserver`,
 the server's latency metrics) and their cost (`Budget`, the requester's quota); and the
-place a background turn waits for before it runs (`Place`, the server's admission).
+place a turn waits for before it runs (`Place`, the server's admission).
 
 Both are protocols, so the turn calls whatever the caller hands it (the server's timer and
 `orchestrator.accounts.Meter`, or a test's); `NoObserver` and `Unlimited` stand in when
@@ -29,9 +29,10 @@ class NoObserver:
 
 
 class Place(Protocol):
-    """A background turn's place in the server's queue (its admission ticket): the turn
-    is `queued` until `wait` returns, and a turn stopped meanwhile cancels the wait,
-    which gives the place up."""
+    """A response's place in the server's queue (its admission ticket). A background
+    turn is `queued` until `wait` returns, and a turn stopped meanwhile cancels the wait,
+    which gives the place up; any other response waits for it before its turn starts
+    (`ResponseService.create`)."""
 
     @property
     def queued(self) -> bool: ...

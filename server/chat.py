@@ -91,8 +91,10 @@ async def create_chat_completion(
     meter: Meter,
     fair_share: str | None = None,
 ) -> Response:
-    """Admit (`fair_share`: the user whose share of the engine it takes), tokenize,
-    reserve the tokens on `meter`, then generate; `meter` is finished on every way out."""
+    """Take a place (`fair_share`: the user whose share of the engine it takes), tokenize
+    and check the prompt, wait for the place to be admitted, reserve the tokens on
+    `meter`, then generate; `meter` is finished on every way out. The checks come before
+    the wait: a client's mistake is answered at once however full the user's share."""
     model = state.resolve_model(request.model)
     meter.model = model
     tools = active_tools(request)
@@ -101,7 +103,7 @@ async def create_chat_completion(
     structure = await asyncio.to_thread(chat_structured_outputs, request, tools)
     params = make_sampling_params({**request.sampling, "structured_outputs": structure})
     check_params_vocabulary(params, state.engine.vocab_size)
-    ticket = await state.admission.acquire(params.n, "n", fair_share)
+    ticket = state.admission.enter(params.n, "n", fair_share)
     try:
         prompt_ids = await state.prepare(
             _prompt_size(request), _encode_prompt, request, params.truncate_prompt_tokens
@@ -112,6 +114,7 @@ async def create_chat_completion(
             run_params = beam_search_params(params, request.length_penalty)
         max_len = state.engine.max_model_len
         check_context(len(prompt_ids), params.max_tokens, max_len, "messages")
+        await ticket.wait()
         await meter.reserve(output_budget(len(prompt_ids), params.max_tokens, max_len, params.n))
         engine_id = f"chatcmpl-{uuid.uuid4().hex}"
         header = ResponseHeader(

@@ -130,8 +130,10 @@ async def create_completion(
     meter: Meter,
     fair_share: str | None = None,
 ) -> Response:
-    """Admit (`fair_share`: the user whose share of the engine it takes), tokenize,
-    reserve the tokens on `meter`, then generate; `meter` is finished on every way out."""
+    """Take a place (`fair_share`: the user whose share of the engine it takes), tokenize
+    and check the prompts, wait for the place to be admitted, reserve the tokens on
+    `meter`, then generate; `meter` is finished on every way out. The checks come before
+    the wait, as in chat.py."""
     model = state.resolve_model(request.model)
     meter.model = model
     # In a thread, off the event loop: see the same call in chat.py.
@@ -142,7 +144,7 @@ async def create_completion(
     if request.use_beam_search:
         run_params = beam_search_params(params, request.length_penalty)
     sequences = len(request.prompts) * params.n
-    ticket = await state.admission.acquire(
+    ticket = state.admission.enter(
         sequences, "prompt" if len(request.prompts) > 1 else "n", fair_share
     )
     try:
@@ -158,6 +160,7 @@ async def create_completion(
             params.truncate_prompt_tokens,
             request.add_special_tokens,
         )
+        await ticket.wait()
         max_len = state.engine.max_model_len
         await meter.reserve(
             sum(output_budget(len(ids), params.max_tokens, max_len, params.n) for ids in prompts)

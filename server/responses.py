@@ -77,8 +77,8 @@ class _Release:
 
 
 class _Place:
-    """A background turn's place in the admission queue (the turn's `Place`): its
-    ticket's, and the meter's submission once it is admitted (`queue_time` runs to it)."""
+    """A response's place in the admission queue (the turn's `Place`): its ticket's, and
+    the meter's submission once it is admitted (`queue_time` runs to it)."""
 
     def __init__(self, ticket: Ticket, meter: Meter) -> None:
         self.ticket = ticket
@@ -114,20 +114,17 @@ async def create_response(request: Request, body: Any, meter: Meter) -> Response
     timer = state.metrics.timer()
     parsed, stream = parse_response_request(body, state.resolve_model)
     meter.model = parsed.model
-    user = identity(request).user_id
-    if parsed.background:  # answered at once: the turn waits for its place, queued
-        ticket = state.admission.enter(owner=user, bounded=True)
-    else:
-        ticket = await state.admission.acquire(owner=user)
+    # A place taken at once (a 429 when the server is full); the request's checks run
+    # before it is waited for (`ResponseService.create`), so a mistake is answered at once
+    # however full the user's share. A background create is answered at once too: its
+    # turn waits for the place, queued.
+    ticket = state.admission.enter(owner=identity(request).user_id, bounded=parsed.background)
     # A background turn holds its ticket until it ends; any other, until its request does.
     observers = _Observers(timer, meter, *([_Release(ticket)] if parsed.background else []))
-    place = _Place(ticket, meter) if parsed.background else None
     try:
         turn = await product(request).responses.create(
-            owner(request), parsed, observers, meter, place
+            owner(request), parsed, observers, meter, _Place(ticket, meter)
         )
-        if place is None:
-            meter.on_submit(0)  # the turn's task submits its first generation
     except BaseException:
         ticket.release()
         raise

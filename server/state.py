@@ -95,16 +95,6 @@ class Admission:
         self.running: dict[str, int] = {}
         self.waiting: dict[str, deque[Ticket]] = {}
 
-    async def acquire(
-        self, sequences: int = 1, param: str = "n", owner: str | None = None
-    ) -> Ticket:
-        """Admit a request of `sequences` sequences for `owner` (None: no fair-share cap),
-        waiting for the owner's share if need be; `param` is the field to blame when the
-        request alone is larger than the server could ever hold."""
-        ticket = self.enter(sequences, param, owner)
-        await ticket.wait()
-        return ticket
-
     def enter(
         self,
         sequences: int = 1,
@@ -112,11 +102,16 @@ class Admission:
         owner: str | None = None,
         bounded: bool = False,
     ) -> Ticket:
-        """Take a place at once (`acquire` without the wait): the ticket is admitted, or
-        `queued` behind the owner's share until `Ticket.wait` says it is admitted.
-        `bounded`: the request waits nowhere but in the queue (a background response),
-        so it is a 429 when the owner already has `per_user` sequences queued: one user
-        cannot fill the server's queue with work no connection holds."""
+        """Take a place at once for a request of `sequences` sequences of `owner` (None:
+        no fair-share cap): the ticket is admitted, or `queued` behind the owner's share
+        until `Ticket.wait` says it is admitted. A request takes its place as it arrives
+        (the bound holds the preparation of the requests in flight too) and waits for it
+        only once its own checks have passed, so a client's mistake is answered at once
+        however long the queue. `param` is the field to blame when the request alone is
+        larger than the server could ever hold. `bounded`: the request waits nowhere but
+        in the queue (a background response), so it is a 429 when the owner already has
+        `per_user` sequences queued: one user cannot fill the server's queue with work no
+        connection holds."""
         if self.draining:
             raise shutting_down()
         if sequences > self.capacity:

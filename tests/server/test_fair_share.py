@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from server.errors import APIError
-from server.state import Admission, ServerConfig
+from server.state import Admission, ServerConfig, Ticket
 
 
 def _admission(per_user: int | None, capacity: int = 16) -> Admission:
@@ -22,6 +22,13 @@ def _admission(per_user: int | None, capacity: int = 16) -> Admission:
     )
 
 
+async def _acquire(admission: Admission, sequences: int, owner: str | None = None) -> Ticket:
+    """A place, once admitted (a request's checks passed)."""
+    ticket = admission.enter(sequences, owner=owner)
+    await ticket.wait()
+    return ticket
+
+
 async def _pending(coro) -> asyncio.Task:
     task = asyncio.ensure_future(coro)
     await asyncio.sleep(0)
@@ -31,13 +38,13 @@ async def _pending(coro) -> asyncio.Task:
 def test_a_flooding_user_waits_for_their_own_share_while_another_goes_first():
     async def scenario() -> None:
         admission = _admission(per_user=2)
-        a1 = await admission.acquire(1, owner="a")
-        a2 = await admission.acquire(1, owner="a")
-        a3 = await _pending(admission.acquire(1, owner="a"))
-        a4 = await _pending(admission.acquire(1, owner="a"))
+        a1 = await _acquire(admission, 1, owner="a")
+        a2 = await _acquire(admission, 1, owner="a")
+        a3 = await _pending(_acquire(admission, 1, owner="a"))
+        a4 = await _pending(_acquire(admission, 1, owner="a"))
         assert not a3.done() and not a4.done()
-        b1 = await asyncio.wait_for(admission.acquire(1, owner="b"), 1)  # not behind a's queue
-        local = await admission.acquire(5)  # the local user is not capped
+        b1 = await asyncio.wait_for(_acquire(admission, 1, owner="b"), 1)  # not behind a's queue
+        local = await _acquire(admission, 5)  # the local user is not capped
         assert admission.active == 10 and admission.running == {"a": 2, "b": 1}
         a1.release()
         await asyncio.sleep(0)
@@ -56,8 +63,8 @@ def test_a_flooding_user_waits_for_their_own_share_while_another_goes_first():
 def test_a_request_larger_than_the_share_runs_alone_and_a_cancelled_wait_frees_its_slot():
     async def scenario() -> None:
         admission = _admission(per_user=2)
-        big = await admission.acquire(4, owner="a")  # nothing of a's running: it goes
-        waiting = await _pending(admission.acquire(1, owner="a"))
+        big = await _acquire(admission, 4, owner="a")  # nothing of a's running: it goes
+        waiting = await _pending(_acquire(admission, 1, owner="a"))
         assert admission.active == 5
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -72,10 +79,10 @@ def test_a_request_larger_than_the_share_runs_alone_and_a_cancelled_wait_frees_i
 def test_waiting_requests_count_against_capacity():
     async def scenario() -> None:
         admission = _admission(per_user=1, capacity=3)
-        first = await admission.acquire(1, owner="a")
-        queued = [await _pending(admission.acquire(1, owner="a")) for _ in range(2)]
+        first = await _acquire(admission, 1, owner="a")
+        queued = [await _pending(_acquire(admission, 1, owner="a")) for _ in range(2)]
         with pytest.raises(APIError) as full:
-            await admission.acquire(1, owner="b")
+            await _acquire(admission, 1, owner="b")
         assert full.value.status == 429
         first.release()
         await asyncio.sleep(0)
@@ -90,7 +97,7 @@ def test_waiting_requests_count_against_capacity():
 def test_without_a_cap_owners_are_not_tracked():
     async def scenario() -> None:
         admission = _admission(per_user=None)
-        tickets = [await admission.acquire(1, owner="a") for _ in range(10)]
+        tickets = [await _acquire(admission, 1, owner="a") for _ in range(10)]
         assert admission.running == {}
         for ticket in tickets:
             ticket.release()
