@@ -17,7 +17,7 @@ from orchestrator.files import PURPOSES
 from orchestrator.items import item_list
 from server.access import owner
 from server.errors import APIError, invalid
-from server.filenames import checked_filename
+from server.filenames import SEPARATORS, checked_filename
 from server.request_body import content_length
 from server.responses import product
 from server.responses_protocol import parse_page
@@ -121,14 +121,15 @@ def _extended_filename(upload: UploadFile) -> str | None:
 
 
 def _form_filename(upload: UploadFile) -> str:
-    """The name a client gave its file: its last path part, from `filename*` when the part
+    """The name a client gave its file: its last path part (after a `/` or a `\\`, as a
+    client on Windows may send its file's whole path), from `filename*` when the part
     has one that decodes, else from `filename`, with the `"` that HTML's multipart
     encoding (browsers, httpx and so the openai SDK) sends there as `%22` restored. Only
     that escape is undone: a CR or LF (`%0D`, `%0A`) has no place in a file name.
     A name `checked_filename` refuses is a 400."""
     extended = _extended_filename(upload)
     raw = extended if extended is not None else (upload.filename or "").replace("%22", '"')
-    name = raw.rsplit("/", 1)[-1]
+    name = re.split(f"[{re.escape(SEPARATORS)}]", raw)[-1]
     if not name:
         raise invalid("file must have a filename", "file")
     return checked_filename(name, "file")

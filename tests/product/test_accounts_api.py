@@ -1152,8 +1152,9 @@ def test_file_names_that_cannot_be_stored_or_shown_faithfully_are_refused(
     product_server, database_url, tmp_path
 ):
     """NUL (which PostgreSQL cannot store), other control characters, bidirectional
-    overrides that make a name display as another, and names past 255 bytes: a 400 on
-    `file`, and nothing stored. Names in any script, quotes and spaces are kept."""
+    overrides that make a name display as another, names past 255 bytes, and names of
+    dots and spaces only (`.` and `..` name directories, not files): a 400 on `file`, and
+    nothing stored. Names in any script, quotes, spaces and dots are kept."""
     server = product_server(database_url=database_url, data_dir=tmp_path / "data")
 
     def upload(name: str) -> httpx.Response:
@@ -1167,7 +1168,10 @@ def test_file_names_that_cannot_be_stored_or_shown_faithfully_are_refused(
         headers = {"content-type": "multipart/form-data; boundary=BB"}
         return httpx.post(f"{server.url}/v1/files", content=body, headers=headers, timeout=20)
 
-    for name in ["a\x00b.txt", "a\x1bb.txt", "invoice\u202etxt.exe", "x" * 252 + ".txt"]:
+    refused_names = ["a\x00b.txt", "a\x1bb.txt", "invoice\u202etxt.exe", "x" * 252 + ".txt"]
+    # names no file can have: a path's own parts (`.`, `..`), dots and spaces only
+    refused_names += [".", "..", "...", " ", " . ", "dir/..", "C:\\dir\\..", "\u3000.."]
+    for name in refused_names:
         refused = upload(name)
         assert (refused.status_code, refused.json()["error"]["param"]) == (400, "file"), name
     assert server.client.files.list().data == []
@@ -1175,9 +1179,15 @@ def test_file_names_that_cannot_be_stored_or_shown_faithfully_are_refused(
         "notes \u05e2\u05d1\u05e8\u05d9\u05ea.txt",
         "my final plan.md",
         "x" * 251 + ".txt",
+        ".env",
+        "v1.2..txt",
     ]:
         kept = upload(name)
         assert kept.status_code == 200 and kept.json()["filename"] == name
+    # a path keeps its last part, after a `/` or a `\` (Windows' separator)
+    for path in ["dir/a.txt", "C:\\Users\\me\\a.txt"]:
+        kept = upload(path)
+        assert kept.status_code == 200 and kept.json()["filename"] == "a.txt", path
 
 
 def test_the_files_list_refuses_a_purpose_no_file_can_have(product_server, tmp_path):

@@ -798,6 +798,11 @@ def test_an_input_file_is_read_into_the_prompt_as_data_from_the_users_file(
         ({"file_data": "eA=="}, 400, "content[0].filename"),
         ({"filename": "a" * 300 + ".txt", "file_data": "eA=="}, 400, "content[0].filename"),
         ({"filename": "a\nb.txt", "file_data": "eA=="}, 400, "content[0].filename"),
+        ({"filename": "..", "file_data": "eA=="}, 400, "content[0].filename"),
+        ({"filename": " . ", "file_data": "eA=="}, 400, "content[0].filename"),
+        ({"filename": "", "file_data": "eA=="}, 400, "content[0].filename"),
+        ({"filename": "../secret.txt", "file_data": "eA=="}, 400, "content[0].filename"),
+        ({"filename": "dir\\a.txt", "file_data": "eA=="}, 400, "content[0].filename"),
         (
             {"filename": "a.txt", "file_data": "data:text/plain;base64,%%"},
             400,
@@ -815,7 +820,8 @@ def test_a_file_that_cannot_be_read_is_refused_naming_the_field(
     product_server, tmp_path, part, status, param
 ):
     """A URL (never fetched), an unknown file, a part with neither or both of file_id and
-    file_data, bad base64, an unsupported type, and a text longer than the model's context
+    file_data, a name a file may not have (control characters, dots and spaces only, a
+    path), bad base64, an unsupported type, and a text longer than the model's context
     (the fake engine's 2048 tokens) are refused in OpenAI's error shape."""
     server = product_server(data_dir=tmp_path)
     item = _asking_about({"type": "input_file", **part})[0]
