@@ -202,11 +202,7 @@ def product_routes() -> list[Route]:
     return [
         Route("/v1/responses", metered("responses", create_response, _accounts), methods=post),
         Route("/v1/usage", usage, methods=get),
-        Route(
-            "/v1/responses/input_tokens",
-            _with_json_body(resp.count_input_tokens),
-            methods=post,
-        ),
+        Route("/v1/responses/input_tokens", resp.count_input_tokens, methods=post),
         Route("/v1/tools", resp.list_tools, methods=get),
         Route("/v1/responses/{response_id}", resp.retrieve_response, methods=get),
         Route("/v1/responses/{response_id}", resp.delete_response, methods=delete),

@@ -24,6 +24,7 @@ from orchestrator.turn import Turn
 from server.access import identity, owner, product_api_error
 from server.disconnect import unless_disconnected
 from server.errors import known_fields
+from server.request_body import read_json_body
 from server.responses_protocol import (
     check_query_include,
     parse_page,
@@ -162,19 +163,24 @@ _COUNT_FIELDS = {
 }
 
 
-async def count_input_tokens(request: Request, body: Any) -> Response:
+async def count_input_tokens(request: Request) -> Response:
     """OpenAI's input token count: the prompt a response with these fields would start
-    from, counted without generating. A request under the user's rpm limit, as OpenAI
-    counts it; no tokens are metered, as none are computed."""
+    from, counted without generating. A request of the user's rpm limit, as OpenAI
+    counts it, taken before the body is read (as the generation routes take theirs): a
+    user past it costs no parsing, file reading or rendering. No tokens are metered or
+    charged to the quota, as none are computed."""
     state: ServerState = request.app.state.tokenmill
+    accounts = product(request).accounts
+    who = identity(request)
+    if accounts is not None:
+        accounts.take_request(who)
+    body = await read_json_body(request, state.config.max_body_bytes, state)
     parsed, _ = parse_response_request(
         known_fields(body, _COUNT_FIELDS), state.resolve_model, input_required=False
     )
-    accounts = product(request).accounts
-    if accounts is not None:
-        accounts.take_request(identity(request))
     count = await product(request).responses.count_input_tokens(owner(request), parsed)
-    return JSONResponse({"object": "response.input_tokens", "input_tokens": count})
+    headers = {} if accounts is None else accounts.rate_headers(who)
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": count}, headers=headers)
 
 
 async def list_tools(request: Request) -> Response:

@@ -1226,3 +1226,28 @@ def test_a_running_generation_checkpoints_its_usage_which_settling_replaces(
     [row] = _rows(server, "user_erin", count=1)
     assert (row.status, row.output_tokens) == ("completed", 13)
     assert _usage_checkpoints(server.product.store.repo) == []
+
+
+def test_counting_input_tokens_takes_a_request_from_the_rpm_before_reading_the_body(
+    product_server,
+):
+    """POST /v1/responses/input_tokens generates nothing but builds a prompt: it is one
+    request of the user's rpm, taken as it arrives (a user past it gets the 429 before
+    the server reads, parses or renders anything), and costs none of the token quota."""
+    server = product_server()
+    server.product.accounts.limiter.clock = lambda: 0.0  # no refill
+    key = _account(server, "uma", rpm=2, token_quota=1, quota_period="day")
+    body = {"model": MODEL, "input": "How many tokens is this?"}
+    with _client(server, key) as uma:
+        counted = uma.post("/responses/input_tokens", json=body)
+        assert counted.status_code == 200 and counted.json()["input_tokens"] > 1  # > quota
+        assert counted.headers["x-ratelimit-remaining-requests"] == "1"
+        malformed = {"content": b"{not json", "headers": {"content-type": "application/json"}}
+        assert uma.post("/responses/input_tokens", **malformed).status_code == 400
+        refused = uma.post("/responses/input_tokens", **malformed)
+        assert refused.status_code == 429, refused.text  # not the body's 400: never read
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert uma.post("/responses/input_tokens", json=body).status_code == 429
+        assert _chat(uma).status_code == 429  # the same bucket as generation's
+    assert _rows(server) == []  # nothing generated, nothing metered
