@@ -110,10 +110,13 @@ class Product:
         return "vector stores need the embedding model: start the server with --embeddings"
 
     def resume(self) -> None:
-        """Start-up work that needs the event loop: ingestion cut off by the last stop is
-        queued again (on PostgreSQL, only the files no live server has claimed, and again
-        every minute for claimants that die later); on PostgreSQL, the turns of servers
-        that crash from now on are recovered every `RECOVERY_SECONDS`."""
+        """Start-up work that needs the event loop: expired files are deleted, now and every
+        minute; ingestion cut off by the last stop is queued again (on PostgreSQL, only
+        the files no live server has claimed, and again every minute for claimants that
+        die later); on PostgreSQL, the turns of servers that crash from now on are
+        recovered every `RECOVERY_SECONDS`."""
+        if self.files is not None:
+            self.files.start_sweeping()
         if self.vector_stores is not None:
             self.vector_stores.resume()
             if self.store.engine.dialect.name == "postgresql":
@@ -130,19 +133,23 @@ class Product:
                 log.warning("recovering crashed servers' turns failed: %s", database_error(exc))
 
     async def stop_background(self) -> None:
-        """End the background work (ingestion, responses' records being retried, the
-        recovery of crashed servers) while the store is still open: before `close` where
-        an event loop runs."""
+        """End the background work (ingestion, the sweep of expired files, responses'
+        records being retried, the recovery of crashed servers) while the store is still
+        open: before `close` where an event loop runs."""
         await self.responses.stop_recording()
         if self.recovery is not None:
             self.recovery.cancel()
             await asyncio.gather(self.recovery, return_exceptions=True)
+        if self.files is not None:
+            await self.files.stop()
         if self.vector_stores is not None:
             await self.vector_stores.stop()
 
     def close(self) -> None:
         if self.recovery is not None:
             self.recovery.cancel()
+        if self.files is not None:
+            self.files.cancel()
         if self.vector_stores is not None:
             self.vector_stores.cancel()
         self.store.close()

@@ -473,14 +473,12 @@ class VectorStoreService:
         now = int(time.time())
         bodies = []
         for file in files:
-            found = await self.store.call(kb.get_file, owner, file.file_id)
-            if found is None:
-                raise missing_file(file.file_id, file.param)
+            found = await self.files.retrieve(owner, file.file_id, file.param)
             bodies.append(
                 {
                     "id": file.file_id,
                     "object": "vector_store.file",
-                    "usage_bytes": found[0]["bytes"],
+                    "usage_bytes": found["bytes"],
                     "created_at": now,
                     "vector_store_id": vector_store_id,
                     "status": "in_progress",

@@ -1,5 +1,6 @@
-"""Routes of the Files API: `POST /v1/files` (multipart: `file` and `purpose`), list,
-retrieve, content and delete. The orchestrator's `FileService` keeps them."""
+"""Routes of the Files API: `POST /v1/files` (multipart: `file`, `purpose` and optionally
+`expires_after`), list, retrieve, content and delete. The orchestrator's `FileService`
+keeps them."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import re
 from collections.abc import Iterable
 from urllib.parse import unquote
 
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Message
 
 from orchestrator import FileService
-from orchestrator.files import PURPOSES
+from orchestrator.files import PURPOSES, FileExpiry
 from orchestrator.items import item_list
 from server.access import owner
 from server.errors import APIError, invalid
@@ -24,6 +25,11 @@ from server.responses_protocol import parse_page
 
 # Room for the multipart envelope (boundaries, headers, the purpose field) beyond the file.
 MULTIPART_OVERHEAD = 64 * 1024
+
+# OpenAI's bounds on a file's `expires_after.seconds`: one hour to 30 days.
+MIN_EXPIRY_SECONDS, MAX_EXPIRY_SECONDS = 3600, 2_592_000
+# `expires_after` as form fields, as the SDKs encode a nested object: `expires_after[anchor]`.
+EXPIRY_FIELDS = {"expires_after[anchor]": "anchor", "expires_after[seconds]": "seconds"}
 
 
 def _files(request: Request) -> FileService:
@@ -62,17 +68,47 @@ def _capped(request: Request, limit: int) -> Request:
 
 
 def _refuse_other_fields(names: Iterable[str]) -> None:
-    """A 400 naming the first form field other than `file` and `purpose`, as for a JSON
-    body's unknown field: ignored, `expires_after` would leave a file that never expires.
-    A nested field comes as `expires_after[anchor]` (the SDKs' form encoding) and is
-    named by its top field."""
+    """A 400 naming the first form field other than `file`, `purpose` and the fields of
+    `expires_after`, as for a JSON body's unknown field. A nested field comes as
+    `expires_after[anchor]` (the SDKs' form encoding): an unknown one of `expires_after`
+    is named as `expires_after.<key>`, one of another object by its top field."""
     for name in names:
-        field = name.split("[", 1)[0]
-        if field not in ("file", "purpose"):
+        field, _, rest = name.partition("[")
+        if field == "expires_after" and name not in EXPIRY_FIELDS:
+            param = f"expires_after.{rest.rstrip(']')}" if rest else field
+            raise invalid(
+                f"{param}: expires_after takes the fields anchor and seconds "
+                "(form fields expires_after[anchor] and expires_after[seconds])",
+                param,
+            )
+        if field not in ("file", "purpose", "expires_after"):
             raise invalid(f"{field} is not supported by this server", field)
 
 
-async def _upload(request: Request, limit: int) -> tuple[UploadFile, str, bytes]:
+def _expiry(form: FormData) -> FileExpiry | None:
+    """OpenAI's `expires_after` of a file, `{"anchor": "created_at", "seconds":
+    3600..2592000}`, from its form fields (None when neither is sent); a 400 naming the
+    field that is missing or wrong."""
+    values = {key: form.get(name) for name, key in EXPIRY_FIELDS.items()}
+    if all(value is None for value in values.values()):
+        return None
+    if values["anchor"] != "created_at":
+        raise invalid("expires_after.anchor must be 'created_at'", "expires_after.anchor")
+    seconds = values["seconds"]
+    if (
+        isinstance(seconds, str)
+        and re.fullmatch(r"[0-9]{1,8}", seconds)
+        and MIN_EXPIRY_SECONDS <= int(seconds) <= MAX_EXPIRY_SECONDS
+    ):
+        return FileExpiry(int(seconds))
+    raise invalid(
+        f"expires_after.seconds must be an integer from {MIN_EXPIRY_SECONDS} (one hour) to "
+        f"{MAX_EXPIRY_SECONDS} (30 days)",
+        "expires_after.seconds",
+    )
+
+
+async def _upload(request: Request, limit: int) -> tuple[UploadFile, str, FileExpiry | None, bytes]:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(
             415,
@@ -89,12 +125,13 @@ async def _upload(request: Request, limit: int) -> tuple[UploadFile, str, bytes]
             raise invalid("file is required (a multipart file field)", "file")
         if not isinstance(purpose, str) or purpose not in PURPOSES:
             raise invalid(f"purpose must be one of {', '.join(PURPOSES)}", "purpose")
+        expiry = _expiry(form)
         if upload.size is not None and upload.size > limit:
             raise _too_large(limit)
         data = await upload.read(limit + 1)
         if len(data) > limit:
             raise _too_large(limit)
-    return upload, purpose, data
+    return upload, purpose, expiry, data
 
 
 # RFC 5987's extended parameter in a part's Content-Disposition:
@@ -137,12 +174,12 @@ def _form_filename(upload: UploadFile) -> str:
 
 async def create_file(request: Request) -> Response:
     service = _files(request)
-    upload, purpose, data = await _upload(
+    upload, purpose, expiry, data = await _upload(
         request, request.app.state.tokenmill.config.max_upload_bytes
     )
     filename = _form_filename(upload)
     return JSONResponse(
-        await service.create(owner(request), filename, purpose, data, upload.content_type)
+        await service.create(owner(request), filename, purpose, data, upload.content_type, expiry)
     )
 
 

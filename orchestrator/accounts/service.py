@@ -180,7 +180,7 @@ class Accounts:
                 "resets_at": resets_at(user.quota_period, now),
             }
         days = await self.store.call(db.usage_by_day, identity.user_id, since)
-        stored = await self.store.call(kb.storage_used, identity.owner)
+        stored = await self.store.call(kb.storage_used, identity.owner, int(now))
         storage_limit = None if user is None else user.storage_quota_bytes
         return {
             "object": "usage.report",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import ColumnElement
 
 from orchestrator.errors import StorageQuotaExceededError
 from orchestrator.retrieval import pg_index
@@ -87,15 +88,24 @@ def _index(repo: Repository) -> ChunkTableIndex:
 
 
 # -- files -------------------------------------------------------------------------------
+#
+# A file whose `expires_at` has passed is gone: every read below takes the caller's `now`
+# and finds only the files live at it, until `delete_expired_files` deletes the rest.
+
+
+def _live(now: int) -> ColumnElement[bool]:
+    """The files not expired at `now`."""
+    return or_(files.c.expires_at.is_(None), files.c.expires_at > now)
 
 
 def add_file(
     repo: Repository, owner: str, body: dict, content_type: str | None, data: bytes
 ) -> None:
     """The file object and its bytes, in one transaction; StorageQuotaExceededError if
-    they would take the owner's files past the owner's storage quota."""
+    they would take the owner's live files (at the file's `created_at`) past the owner's
+    storage quota."""
     with repo.engine.begin() as conn:
-        _check_storage_quota(conn, owner, len(data))
+        _check_storage_quota(conn, owner, len(data), body["created_at"])
         conn.execute(
             insert(files).values(
                 id=body["id"],
@@ -104,12 +114,13 @@ def add_file(
                 content_type=content_type,
                 body=body,
                 bytes=len(data),
+                expires_at=body["expires_at"],
             )
         )
         conn.execute(insert(file_blobs).values(file_id=body["id"], data=data))
 
 
-def _check_storage_quota(conn: Connection, owner: str, size: int) -> None:
+def _check_storage_quota(conn: Connection, owner: str, size: int, now: int) -> None:
     """The owner's user row is written first, a no-op update that takes its row lock on
     PostgreSQL and the database's write lock on SQLite before anything is read, so
     concurrent uploads (threads, or servers sharing a database) are checked one after
@@ -119,7 +130,7 @@ def _check_storage_quota(conn: Connection, owner: str, size: int) -> None:
     quota = conn.execute(select(quota_bytes).where(users.c.id == owner)).scalar()
     if quota is None:
         return
-    used = _storage_used(conn, owner)
+    used = _storage_used(conn, owner, now)
     if used + size > quota:
         raise StorageQuotaExceededError(
             f"This file ({size} bytes) does not fit your storage quota: your files take "
@@ -130,31 +141,33 @@ def _check_storage_quota(conn: Connection, owner: str, size: int) -> None:
         )
 
 
-def _storage_used(conn: Connection, owner: str) -> int:
+def _storage_used(conn: Connection, owner: str, now: int) -> int:
     """The sum as an int: PostgreSQL sums a BIGINT as NUMERIC, which psycopg returns as a
     Decimal (not JSON)."""
     return int(
         conn.execute(
-            select(func.coalesce(func.sum(files.c.bytes), 0)).where(files.c.owner_id == owner)
+            select(func.coalesce(func.sum(files.c.bytes), 0)).where(
+                files.c.owner_id == owner, _live(now)
+            )
         ).scalar_one()
     )
 
 
-def storage_used(repo: Repository, owner: str) -> int:
-    """The bytes of the owner's uploaded files."""
+def storage_used(repo: Repository, owner: str, now: int) -> int:
+    """The bytes of the owner's uploaded files live at `now`."""
     with repo.engine.connect() as conn:
-        return _storage_used(conn, owner)
+        return _storage_used(conn, owner, now)
 
 
 def file_content(
-    repo: Repository, owner: str, file_id: str
+    repo: Repository, owner: str, file_id: str, now: int
 ) -> tuple[dict, str | None, bytes] | None:
     """The file object, its declared content type and its bytes, in one query."""
     with repo.engine.connect() as conn:
         row = conn.execute(
             select(files.c.body, files.c.content_type, file_blobs.c.data)
             .join(file_blobs, file_blobs.c.file_id == files.c.id)
-            .where(files.c.id == file_id, files.c.owner_id == owner)
+            .where(files.c.id == file_id, files.c.owner_id == owner, _live(now))
         ).first()
     return None if row is None else (row.body, row.content_type, row.data)
 
@@ -175,43 +188,80 @@ def import_file_bytes(repo: Repository, file_id: str, data: bytes) -> bool:
     return True
 
 
-def get_file(repo: Repository, owner: str, file_id: str) -> tuple[dict, str | None] | None:
+def get_file(
+    repo: Repository, owner: str, file_id: str, now: int
+) -> tuple[dict, str | None] | None:
     """The file object and its declared content type."""
     with repo.engine.connect() as conn:
         row = conn.execute(
             select(files.c.body, files.c.content_type).where(
-                files.c.id == file_id, files.c.owner_id == owner
+                files.c.id == file_id, files.c.owner_id == owner, _live(now)
             )
         ).first()
     return None if row is None else (row.body, row.content_type)
 
 
-def list_files(repo: Repository, owner: str, page: Page, purpose: str | None) -> ItemPage:
+def list_files(repo: Repository, owner: str, page: Page, purpose: str | None, now: int) -> ItemPage:
+    """A page of the owner's live files; a cursor that has expired since its page still
+    marks the place (`_page` finds it among all the owner's files)."""
     with repo.engine.connect() as conn:
-        only = [] if purpose is None else [files.c.purpose == purpose]
+        only = [_live(now)] if purpose is None else [_live(now), files.c.purpose == purpose]
         return _page(conn, files, files.c.owner_id, owner, owner, page, only=only)
 
 
-def delete_file(repo: Repository, owner: str, file_id: str) -> bool:
-    """Delete the file, its bytes, its place in every vector store, and its chunks."""
+def delete_file(repo: Repository, owner: str, file_id: str, now: int) -> bool:
+    """Delete the file (if live at `now`), its bytes, its place in every vector store, and
+    its chunks."""
     index = index_for(repo)
     with repo.engine.begin() as conn:
-        stores = (
-            conn.execute(
-                select(vector_store_files.c.vector_store_id).where(
-                    vector_store_files.c.id == file_id, vector_store_files.c.owner_id == owner
-                )
+        return _delete_file(conn, index, owner, file_id, _live(now))
+
+
+def _delete_file(
+    conn: Connection,
+    index: ChunkTableIndex | None,
+    owner: str,
+    file_id: str,
+    condition: ColumnElement[bool],
+) -> bool:
+    """Delete the file if it meets `condition`, with its bytes, its place in every vector
+    store and its chunks; False (nothing written) when no such file is the owner's."""
+    found = conn.execute(
+        select(files.c.id).where(files.c.id == file_id, files.c.owner_id == owner, condition)
+    ).first()
+    if found is None:
+        return False
+    stores = (
+        conn.execute(
+            select(vector_store_files.c.vector_store_id).where(
+                vector_store_files.c.id == file_id, vector_store_files.c.owner_id == owner
             )
-            .scalars()
-            .all()
         )
-        for store_id in stores:
-            _remove_store_file(conn, index, owner, store_id, file_id)
-        # its bytes go with the row (file_blobs' foreign key cascades)
-        deleted = conn.execute(
-            delete(files).where(files.c.id == file_id, files.c.owner_id == owner)
-        )
+        .scalars()
+        .all()
+    )
+    for store_id in stores:
+        _remove_store_file(conn, index, owner, store_id, file_id)
+    # its bytes go with the row (file_blobs' foreign key cascades)
+    deleted = conn.execute(delete(files).where(files.c.id == file_id, files.c.owner_id == owner))
     return deleted.rowcount > 0
+
+
+def delete_expired_files(repo: Repository, now: int, most: int) -> list[tuple[str, str]]:
+    """Delete up to `most` of the files (of every owner) expired at `now`, oldest first, as
+    `delete_file` does, in one transaction; their (owner, id). Servers sharing a database
+    may sweep at once: a file another one deleted first is skipped."""
+    index = index_for(repo)
+    expired = files.c.expires_at <= now
+    with repo.engine.begin() as conn:
+        rows = conn.execute(
+            select(files.c.owner_id, files.c.id).where(expired).order_by(files.c.seq).limit(most)
+        ).all()
+        return [
+            (row.owner_id, row.id)
+            for row in rows
+            if _delete_file(conn, index, row.owner_id, row.id, expired)
+        ]
 
 
 # -- vector stores -----------------------------------------------------------------------

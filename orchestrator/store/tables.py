@@ -114,6 +114,8 @@ conversation_items = Table(
 
 # Uploaded files (`/v1/files`): the file object as `body`, and its bytes in `file_blobs`,
 # written in the same transaction, so that every server on the database can read them.
+# `expires_at` (also in the body): the second from which the file is gone (null: never),
+# indexed for the sweep that deletes expired files.
 files = Table(
     "files",
     metadata,
@@ -124,6 +126,7 @@ files = Table(
     Column("content_type", String(128), nullable=True),
     Column("body", JSON, nullable=False),
     Column("bytes", BigInteger, nullable=False, server_default="0"),  # its blob's size
+    Column("expires_at", BigInteger, nullable=True, index=True),
 )
 
 file_blobs = Table(

@@ -312,7 +312,13 @@ def test_concurrent_uploads_never_pass_the_storage_quota_and_deleting_makes_room
     barrier = threading.Barrier(20)
 
     def upload(i: int, owner: str = alice.id) -> bool:
-        body = {"id": f"file_{owner}_{i}", "purpose": "assistants", "bytes": 100}
+        body = {
+            "id": f"file_{owner}_{i}",
+            "purpose": "assistants",
+            "bytes": 100,
+            "created_at": 0,
+            "expires_at": None,
+        }
         barrier.wait()
         try:
             kb.add_file(repo, owner, body, None, b"x" * 100)
@@ -323,9 +329,9 @@ def test_concurrent_uploads_never_pass_the_storage_quota_and_deleting_makes_room
 
     with ThreadPoolExecutor(20) as pool:
         stored = [i for i, ok in enumerate(pool.map(upload, range(20))) if ok]
-    assert len(stored) == 10 and kb.storage_used(repo, alice.id) == 1000
-    assert kb.delete_file(repo, alice.id, f"file_{alice.id}_{stored[0]}")
-    assert kb.storage_used(repo, alice.id) == 900
+    assert len(stored) == 10 and kb.storage_used(repo, alice.id, 0) == 1000
+    assert kb.delete_file(repo, alice.id, f"file_{alice.id}_{stored[0]}", 0)
+    assert kb.storage_used(repo, alice.id, 0) == 900
     barrier = threading.Barrier(1)
     assert upload(99) and not upload(100)
-    assert upload(0, "user_bob") and kb.storage_used(repo, "user_bob") == 100
+    assert upload(0, "user_bob") and kb.storage_used(repo, "user_bob", 0) == 100

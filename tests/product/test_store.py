@@ -612,7 +612,7 @@ def test_upgrading_a_store_with_files_records_each_files_size(database_url):
         )
     store = Store(database_url)
     try:
-        assert kb.storage_used(store.repo, "user_a") == 1234
+        assert kb.storage_used(store.repo, "user_a", 0) == 1234
     finally:
         store.close()
 
@@ -1082,6 +1082,43 @@ def test_keys_issued_before_key_expiry_never_expire_and_the_downgrade_keeps_the_
     try:  # upgrading again gives the declared table (its unique digest, its index)
         assert _schema_differences(store) == []
         assert accounts.find_key(store.repo, "digest_new")[::2] == ("key_new", None)
+    finally:
+        store.close()
+
+
+def test_files_uploaded_before_file_expiry_never_expire_and_the_downgrade_keeps_them(
+    database_url,
+):
+    """Revision 0018 adds `files.expires_at`: a file uploaded before it never expires.
+    Back at revision 0017 the column is gone (as the older code knows no expiry) and every
+    file, with its bytes, is kept."""
+    with _at_revision(database_url, "0017") as conn:
+        conn.execute(
+            text(
+                "INSERT INTO files (id, owner_id, purpose, body, bytes) "
+                "VALUES ('file_old', 'user_a', 'assistants', '{}', 3)"
+            )
+        )
+        conn.execute(
+            text("INSERT INTO file_blobs (file_id, data) VALUES ('file_old', :data)"),
+            {"data": b"abc"},
+        )
+    store = Store(database_url)
+    try:
+        assert kb.file_content(store.repo, "user_a", "file_old", 2**62)[2] == b"abc"
+        body = {"id": "file_new", "purpose": "assistants", "created_at": 1, "expires_at": 9}
+        kb.add_file(store.repo, "user_a", body, None, b"de")
+        assert kb.delete_expired_files(store.repo, 2**62, 10) == [("user_a", "file_new")]
+        kb.add_file(store.repo, "user_a", body, None, b"de")
+    finally:
+        store.close()
+    with _at_revision(database_url, "0017", migrate=command.downgrade) as conn:
+        assert "expires_at" not in {c["name"] for c in inspect(conn).get_columns("files")}
+        rows = conn.execute(text("SELECT file_id, data FROM file_blobs ORDER BY file_id")).all()
+    assert [(r[0], bytes(r[1])) for r in rows] == [("file_new", b"de"), ("file_old", b"abc")]
+    store = Store(database_url)
+    try:  # upgrading again gives the declared table (its index)
+        assert _schema_differences(store) == []
     finally:
         store.close()
 

@@ -390,6 +390,7 @@ def test_every_row_belongs_to_its_owner(database_url, embedder):
         "created_at": 0,
         "filename": "a.txt",
         "purpose": "assistants",
+        "expires_at": None,
     }
     kb.add_file(repo, "alice", repo_file, None, TEXT)
     body = {"id": "vs_a", "name": None, "metadata": {}, "last_active_at": 0, "expires_after": None}
@@ -400,10 +401,10 @@ def test_every_row_belongs_to_its_owner(database_url, embedder):
     request = SearchRequest(("vs_a",), "glaciers", vector)
     assert [h.file_id for h in kb.search(repo, "alice", request)] == ["file_a"]
 
-    assert kb.get_file(repo, "bob", "file_a") is None
-    assert kb.file_content(repo, "bob", "file_a") is None
-    assert kb.file_content(repo, "alice", "file_a")[2] == TEXT
-    assert kb.list_files(repo, "bob", Page(), None).items == []
+    assert kb.get_file(repo, "bob", "file_a", 0) is None
+    assert kb.file_content(repo, "bob", "file_a", 0) is None
+    assert kb.file_content(repo, "alice", "file_a", 0)[2] == TEXT
+    assert kb.list_files(repo, "bob", Page(), None, 0).items == []
     assert kb.get_vector_store(repo, "bob", "vs_a") is None
     assert not kb.mark_vector_store_active(repo, "bob", "vs_a", 1)
     assert not kb.update_vector_store(repo, "bob", "vs_a", {"expires_after": None})
@@ -417,11 +418,11 @@ def test_every_row_belongs_to_its_owner(database_url, embedder):
     assert kb.search(repo, "bob", request) == []
     assert not kb.add_store_files(repo, "bob", "vs_a", [_store_file("file_a", "vs_a")])
     assert not kb.delete_store_file(repo, "bob", "vs_a", "file_a")
-    assert not kb.delete_file(repo, "bob", "file_a")
-    assert kb.file_content(repo, "alice", "file_a")[2] == TEXT
+    assert not kb.delete_file(repo, "bob", "file_a", 0)
+    assert kb.file_content(repo, "alice", "file_a", 0)[2] == TEXT
     assert not kb.delete_vector_store(repo, "bob", "vs_a")
     assert [h.file_id for h in kb.search(repo, "alice", request)] == ["file_a"]
-    assert kb.delete_file(repo, "alice", "file_a")  # the bytes go with the row
+    assert kb.delete_file(repo, "alice", "file_a", 0)  # the bytes go with the row
     with store.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(file_blobs)).scalar() == 0
     store.close()
@@ -517,8 +518,8 @@ def test_files_an_earlier_version_kept_on_disk_move_into_the_store(tmp_path):
     product = Product.open(FakeEngine(), url, tmp_path)
     try:
         assert not folder.exists()
-        assert kb.file_content(product.store.repo, "alice", "file_old")[2] == TEXT
-        assert kb.file_content(product.store.repo, "alice", "file_gone") is None
+        assert kb.file_content(product.store.repo, "alice", "file_old", 0)[2] == TEXT
+        assert kb.file_content(product.store.repo, "alice", "file_gone", 0) is None
     finally:
         product.close()
 
