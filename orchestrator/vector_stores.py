@@ -234,13 +234,14 @@ class VectorStoreService:
 
     async def use(self, owner: str, vector_store_id: str) -> None:
         """Record a use of the store (a search, file_search, files added): its
-        `last_active_at` moves to now, from which it expires. 404 for a store that is not
-        the owner's; a 400 for an expired one, which cannot be used (nor made active by
-        trying)."""
+        `last_active_at` moves to now (at most once a minute: kb.ACTIVE_EVERY), from which
+        it expires. 404 for a store that is not the owner's; a 400 for an expired one,
+        which cannot be used (nor made active by trying)."""
         now = int(time.time())
-        if await self.store.call(kb.mark_vector_store_active, owner, vector_store_id, now):
-            return
-        if (await self.retrieve(owner, vector_store_id))["status"] == "expired":
+        usable = await self.store.call(kb.mark_vector_store_active, owner, vector_store_id, now)
+        if usable is None:
+            raise missing_store(vector_store_id)
+        if not usable:
             raise expired_store(vector_store_id)
 
     async def search_stores(

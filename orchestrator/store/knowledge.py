@@ -267,6 +267,9 @@ def delete_expired_files(repo: Repository, now: int, most: int) -> list[tuple[st
 # -- vector stores -----------------------------------------------------------------------
 
 DAY = 86_400  # seconds: `expires_after.days` counts these after `last_active_at`
+# A use moves `last_active_at` only once this many seconds have passed since it last did
+# (a store expires days after it: a minute early at most spares a write per search).
+ACTIVE_EVERY = 60
 _EXPIRY = ("last_active_at", "expires_after", "expires_at")  # kept in columns, not the body
 
 
@@ -350,22 +353,34 @@ def update_vector_store(repo: Repository, owner: str, vector_store_id: str, chan
     return True
 
 
-def mark_vector_store_active(repo: Repository, owner: str, vector_store_id: str, now: int) -> bool:
-    """Move the store's `last_active_at` to `now`, in one statement that finds it not
-    expired at `now`; False (nothing written) when it is expired, or not the owner's."""
+def mark_vector_store_active(
+    repo: Repository, owner: str, vector_store_id: str, now: int
+) -> bool | None:
+    """Record a use of the store at `now`: True when it is usable (not expired at `now`),
+    False when it has expired (nothing written), None when it is not the owner's. Its
+    `last_active_at` moves to `now` only once `ACTIVE_EVERY` seconds have passed since
+    it last moved, so a store searched several times a second is written once a minute:
+    one conditional UPDATE that finds it usable and due, else one read of its expiry."""
     t = vector_stores
+    mine = (t.c.id == vector_store_id, t.c.owner_id == owner)
     expires_at = t.c.last_active_at + t.c.expires_after_days * DAY
     with repo.engine.begin() as conn:
         moved = conn.execute(
             update(t)
             .where(
-                t.c.id == vector_store_id,
-                t.c.owner_id == owner,
+                *mine,
+                t.c.last_active_at <= now - ACTIVE_EVERY,
                 or_(t.c.expires_after_days.is_(None), expires_at > now),
             )
             .values(last_active_at=now)
         )
-    return moved.rowcount > 0
+        if moved.rowcount > 0:
+            return True
+        row = conn.execute(select(*_EXPIRY_COLUMNS).where(*mine)).first()
+    if row is None:
+        return None
+    days = row.expires_after_days
+    return days is None or row.last_active_at + days * DAY > now
 
 
 def delete_vector_store(repo: Repository, owner: str, vector_store_id: str) -> bool:

@@ -17,7 +17,7 @@ from sqlalchemy import update
 from orchestrator.errors import InvalidRequestError, NotFoundError
 from orchestrator.output_structure import PLAIN_ANSWER
 from orchestrator.retrieval.embeddings import Embedder
-from orchestrator.store.knowledge import DAY
+from orchestrator.store.knowledge import ACTIVE_EVERY, DAY
 from orchestrator.store.tables import vector_stores
 from orchestrator.tools.base import ToolError
 from orchestrator.tools.file_search import FileSearch, FileSearchTool
@@ -517,6 +517,10 @@ def test_a_vector_store_expires_days_after_its_last_use(knowledge):
     store = client.vector_stores.retrieve(vs)
     assert store.last_active_at >= before > hour_ago  # a search is a use
     assert store.expires_at == store.last_active_at + DAY
+    recent = _last_used(server, vs, ACTIVE_EVERY - 5)
+    assert client.vector_stores.search(vs, query="glacier").data
+    store = client.vector_stores.retrieve(vs)
+    assert store.last_active_at == recent  # moved at most once a minute: not written again
 
     two_days_ago = _last_used(server, vs, 2 * DAY)
     store = client.vector_stores.retrieve(vs)

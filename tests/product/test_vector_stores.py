@@ -428,6 +428,36 @@ def test_every_row_belongs_to_its_owner(database_url, embedder):
     store.close()
 
 
+def test_a_use_moves_last_active_at_at_most_once_a_minute(database_url):
+    """A use finds the store usable, expired or not the owner's; it writes `last_active_at`
+    only once `ACTIVE_EVERY` seconds have passed since it last moved."""
+    store = Store(database_url)
+    repo = store.repo
+    expiry = {"anchor": "last_active_at", "days": 1}
+    body = {"id": "vs_a", "name": None, "metadata": {}, "last_active_at": 1000}
+    kb.add_vector_store(repo, "alice", {**body, "expires_after": expiry}, [])
+
+    def last_active() -> int:
+        return kb.get_vector_store(repo, "alice", "vs_a")[0]["last_active_at"]
+
+    try:
+        assert kb.mark_vector_store_active(repo, "alice", "vs_a", 1000 + kb.ACTIVE_EVERY - 1)
+        assert last_active() == 1000  # usable, and not written within the minute
+        assert kb.mark_vector_store_active(repo, "alice", "vs_a", 1000 + kb.ACTIVE_EVERY)
+        moved = last_active()
+        assert moved == 1000 + kb.ACTIVE_EVERY
+        assert kb.mark_vector_store_active(repo, "alice", "vs_a", moved + kb.DAY - 1) is True
+        assert last_active() == moved + kb.DAY - 1
+        expired = last_active() + kb.DAY
+        assert kb.mark_vector_store_active(repo, "alice", "vs_a", expired) is False
+        assert last_active() == expired - kb.DAY  # a refused use does not revive it
+        assert kb.mark_vector_store_active(repo, "bob", "vs_a", 1000) is None
+        kb.update_vector_store(repo, "alice", "vs_a", {"expires_after": None})
+        assert kb.mark_vector_store_active(repo, "alice", "vs_a", expired) is True
+    finally:
+        store.close()
+
+
 async def _chunks(embedder: Embedder):
     from orchestrator.retrieval.ingest import prepare_chunks
 
