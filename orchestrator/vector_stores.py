@@ -268,7 +268,8 @@ class VectorStoreService:
                 search.score_threshold,
                 search.mode,
             )
-            for hit in await self.store.call(kb.search, owner, request):
+            now = int(self.files.clock())
+            for hit in await self.store.call(kb.search, owner, request, now):
                 key = (hit.vector_store_id, hit.file_id, hit.chunk_index)
                 if key not in best or hit.score > best[key].score:
                     best[key] = hit

@@ -651,9 +651,22 @@ def _owns_store(conn: Connection, owner: str, vector_store_id: str) -> bool:
     )
 
 
-def search(repo: Repository, owner: str, request: SearchRequest) -> list[Hit]:
+def search(repo: Repository, owner: str, request: SearchRequest, now: int) -> list[Hit]:
+    """The index's hits, less those of files expired at `now` (their chunks stay until
+    the sweep deletes the file, and no read may show them meanwhile)."""
     with repo.engine.connect() as conn:
-        return _index(repo).search(conn, owner, request)
+        hits = _index(repo).search(conn, owner, request)
+        found = {hit.file_id for hit in hits}
+        if not found:
+            return hits
+        expired = set(
+            conn.execute(
+                select(files.c.id).where(
+                    files.c.id.in_(found), files.c.owner_id == owner, ~_live(now)
+                )
+            ).scalars()
+        )
+    return [hit for hit in hits if hit.file_id not in expired]
 
 
 def _put_store_files(

@@ -144,11 +144,16 @@ def test_an_expired_file_is_gone_for_every_api(server):
     clock = _clock(server)
     doomed = client.files.create(file=("g.txt", GLACIERS), purpose="assistants", expires_after=HOUR)
     kept = client.files.create(file=("b.txt", BREAD), purpose="assistants")
-    store = client.vector_stores.create(file_ids=[kept.id])
+    store = client.vector_stores.create(file_ids=[doomed.id, kept.id])
     _wait_indexed(client, store.id)
     clock.now = doomed.expires_at - 1
     assert client.files.retrieve(doomed.id).id == doomed.id  # the second before: still there
+    found = client.vector_stores.search(store.id, query="glaciers valleys ice")
+    assert doomed.id in {hit.file_id for hit in found}
     clock.now = doomed.expires_at
+
+    found = client.vector_stores.search(store.id, query="glaciers valleys ice")
+    assert {hit.file_id for hit in found} == {kept.id}  # before the sweep deletes its chunks
 
     for read in (client.files.retrieve, client.files.content, client.files.delete):
         with pytest.raises(openai.NotFoundError) as caught:
@@ -169,7 +174,7 @@ def test_an_expired_file_is_gone_for_every_api(server):
         client.responses.create(model="fake-model", input=[{"role": "user", "content": [part]}])
     assert caught.value.body["param"] == "input[0].content[0].file_id"
     assert server.engine.prompts == []
-    assert client.vector_stores.retrieve(store.id).file_counts.total == 1  # nothing added
+    assert client.vector_stores.retrieve(store.id).file_counts.total == 2  # nothing added
 
 
 def _counts(server: ProductServer) -> tuple[int, int]:

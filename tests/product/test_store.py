@@ -950,7 +950,7 @@ def _insert_as_older_code(conn: Connection, file_id: str, chunk: str) -> None:
 def _found_by_text(store: Store, query: str) -> list[str]:
     """The files of store `vs_a` (owner `a`) whose chunks a text search for `query` finds."""
     request = SearchRequest(("vs_a",), query, np.zeros(384, np.float32), mode="text")
-    return sorted(h.file_id for h in kb.search(store.repo, "a", request))
+    return sorted(h.file_id for h in kb.search(store.repo, "a", request, 0))
 
 
 def test_upgrading_a_store_finds_cjk_words_in_chunks_indexed_before(database_url):

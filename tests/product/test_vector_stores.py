@@ -399,7 +399,7 @@ def test_every_row_belongs_to_its_owner(database_url, embedder):
     assert kb.finish_store_file(repo, "alice", "vs_a", "file_a", chunks, None)
     vector = embedder.encode(["glaciers"]).vectors[0]
     request = SearchRequest(("vs_a",), "glaciers", vector)
-    assert [h.file_id for h in kb.search(repo, "alice", request)] == ["file_a"]
+    assert [h.file_id for h in kb.search(repo, "alice", request, 0)] == ["file_a"]
 
     assert kb.get_file(repo, "bob", "file_a", 0) is None
     assert kb.file_content(repo, "bob", "file_a", 0) is None
@@ -415,13 +415,13 @@ def test_every_row_belongs_to_its_owner(database_url, embedder):
     assert kb.get_vector_store(repo, "alice", "vs_a")[0]["last_active_at"] == kb.DAY - 1
     assert kb.get_store_file(repo, "bob", "vs_a", "file_a") is None
     assert kb.list_store_files(repo, "bob", "vs_a", Page(), None) is None
-    assert kb.search(repo, "bob", request) == []
+    assert kb.search(repo, "bob", request, 0) == []
     assert not kb.add_store_files(repo, "bob", "vs_a", [_store_file("file_a", "vs_a")])
     assert not kb.delete_store_file(repo, "bob", "vs_a", "file_a")
     assert not kb.delete_file(repo, "bob", "file_a", 0)
     assert kb.file_content(repo, "alice", "file_a", 0)[2] == TEXT
     assert not kb.delete_vector_store(repo, "bob", "vs_a")
-    assert [h.file_id for h in kb.search(repo, "alice", request)] == ["file_a"]
+    assert [h.file_id for h in kb.search(repo, "alice", request, 0)] == ["file_a"]
     assert kb.delete_file(repo, "alice", "file_a", 0)  # the bytes go with the row
     with store.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(file_blobs)).scalar() == 0
