@@ -175,7 +175,9 @@ async def create_embeddings(
     embedder: Embedder, request: EmbeddingRequest, meter: Meter
 ) -> Response:
     """Embed the inputs, their tokens reserved on `meter` first (a user's quota and tpm, as
-    generation's) and counted as its input once embedded."""
+    generation's) and counted as its input as they go to the embedder, as a generation's
+    prompt is at submission: a client that goes away mid-way (the route cancels this)
+    is charged them, not given the batches already embedded for free."""
     token_ids = request.token_ids
     if token_ids is None:
         assert request.texts is not None
@@ -183,10 +185,10 @@ async def create_embeddings(
     window = embedder.window_tokens(request.add_special_tokens)
     token_ids = [truncate_prompt(ids, request.truncate_prompt_tokens, window) for ids in token_ids]
     _check_lengths(token_ids, request.add_special_tokens)
-    await meter.reserve(sum(len(ids) for ids in token_ids))
-    encoded = await embedder.aencode_ids(token_ids, request.add_special_tokens, request.normalize)
-    tokens = sum(encoded.token_counts)
+    tokens = sum(len(ids) for ids in token_ids)  # what `Encoded.token_counts` sums to
+    await meter.reserve(tokens)
     meter.on_submit(tokens)
+    encoded = await embedder.aencode_ids(token_ids, request.add_special_tokens, request.normalize)
     data = [
         {
             "object": "embedding",

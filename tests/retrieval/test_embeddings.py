@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from orchestrator.accounts import Meter
 from orchestrator.retrieval import ingest
 from orchestrator.retrieval.extract import ExtractionError
+from server.embeddings import EmbeddingRequest, create_embeddings
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -224,3 +226,18 @@ def test_a_files_chunks_are_tokenized_a_few_at_a_time(embedder, monkeypatch):
     monkeypatch.setattr(embedder, "tokenize", counting)
     assert asyncio.run(embedder.atokenize(texts, background=True)) == expected
     assert calls == [size, size, size, size, 1]
+
+
+def test_a_request_whose_client_left_is_charged_for_what_was_embedded(embedder, monkeypatch):
+    """`/v1/embeddings` cancelled mid-way (its client went away: the route cancels it and
+    settles the meter `incomplete`) is charged its inputs, as a generation is charged its
+    prompt once submitted: the batches already embedded were computed, and a client must
+    not get them free by hanging up before the answer."""
+    inputs = [embedder.tokenize(["lorem ipsum " * 100])[0]] * 64
+    meter = Meter(None, "embeddings")
+    request = EmbeddingRequest(None, inputs, "float")
+    calls = _calls_until_cancelled(
+        embedder, monkeypatch, "encode_ids", lambda: create_embeddings(embedder, request, meter)
+    )
+    assert calls
+    assert meter.input_tokens >= sum(len(ids) for ids in inputs[: sum(calls)])
