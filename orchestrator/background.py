@@ -3,8 +3,8 @@
 A background response (`background: true`) runs on its own, apart from the request that
 created it; its events are kept in memory (`EventLog` with `keep`) while it runs and for
 `RETAIN_S` after it ends, the finished ones holding at most `MOST_FINISHED_EVENTS` events
-all told (the oldest responses' dropped first: a delta is an event, so a long answer holds
-thousands), so `GET /v1/responses/{id}?stream=true&starting_after=N` can replay them and
+all told (those that ended first dropped first: a delta is an event, so a long answer
+holds thousands), so `GET /v1/responses/{id}?stream=true&starting_after=N` can replay them and
 follow the rest. They are not stored: after a restart, or on another server sharing the
 database, the response reads from the store but its events cannot be streamed again.
 """
@@ -44,9 +44,10 @@ class BackgroundStreams:
         return found[1] if found is not None and found[0] == owner else None
 
     def _prune(self) -> None:
-        """Drop the logs of responses that ended over `retain_s` ago, then the oldest
-        finished ones until those left hold at most `most_events`; those of running
-        responses stay."""
+        """Drop the logs of responses that ended over `retain_s` ago, then those that
+        ended first until those left hold at most `most_events`; those of running
+        responses stay. By end, not start: a long response that just ended is the one a
+        client is likeliest to resume."""
         now = time.monotonic()
         finished = []
         for response_id, (_, log) in list(self._logs.items()):
@@ -55,9 +56,9 @@ class BackgroundStreams:
             if now - log.closed_at > self.retain_s:
                 del self._logs[response_id]
             else:
-                finished.append((response_id, len(log)))
-        kept = sum(events for _, events in finished)
-        for response_id, events in finished:  # oldest first
+                finished.append((log.closed_at, response_id, len(log)))
+        kept = sum(events for _, _, events in finished)
+        for _, response_id, events in sorted(finished):  # ended first, first
             if kept <= self.most_events:
                 break
             del self._logs[response_id]

@@ -70,3 +70,20 @@ def test_finished_background_logs_are_dropped_after_their_time_or_past_the_most(
     newer.closed_at -= 61
     assert streams.get("alice", "resp_newer") is None  # kept its time
     assert streams.get("alice", "resp_running") is running  # a running one stays
+
+
+def test_past_the_most_the_logs_that_ended_first_go_first():
+    """A long response started before a short one but ending after it is the one a client
+    is likelier to still resume: past the bound, the log that ended first goes, not the
+    one created first."""
+    streams = BackgroundStreams(retain_s=60, most_events=2)
+    long, short = EventLog(keep=True), EventLog(keep=True)
+    streams.add("alice", "resp_long", long)
+    streams.add("alice", "resp_short", short)
+    for log in (short, long):
+        log.put(_event(0))
+        log.put(_event(1))
+        log.close()
+    long.closed_at = short.closed_at + 1
+    assert streams.get("alice", "resp_long") is long
+    assert streams.get("alice", "resp_short") is None
