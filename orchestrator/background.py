@@ -2,11 +2,13 @@
 
 A background response (`background: true`) runs on its own, apart from the request that
 created it; its events are kept in memory (`EventLog` with `keep`) while it runs and for
-`RETAIN_S` after it ends, the finished ones holding at most `MOST_FINISHED_EVENTS` events
-all told (those that ended first dropped first: a delta is an event, so a long answer
-holds thousands), so `GET /v1/responses/{id}?stream=true&starting_after=N` can replay them and
-follow the rest. They are not stored: after a restart, or on another server sharing the
-database, the response reads from the store but its events cannot be streamed again.
+`RETAIN_S` after it ends, the finished ones holding at most `MOST_FINISHED_CHARS` of
+events (as the JSON they stream as) all told, those that ended first dropped first (a
+delta is an event, so a long answer holds thousands, each some hundreds of bytes, or
+kilobytes with its top logprobs), so `GET /v1/responses/{id}?stream=true&starting_after=N`
+can replay them and follow the rest. They are not stored: after a restart, or on another
+server sharing the database, the response reads from the store but its events cannot be
+streamed again.
 """
 
 from __future__ import annotations
@@ -16,17 +18,17 @@ import time
 from orchestrator.event_log import EventLog
 
 RETAIN_S = 600.0  # how long a finished background response's events are kept
-# The most events kept of finished background responses, all told: about half a kilobyte
-# each, so some tens of megabytes.
-MOST_FINISHED_EVENTS = 100_000
+# The most characters of events (as JSON) kept of finished background responses, all
+# told: their dictionaries take two to six times that in memory, so some tens of megabytes.
+MOST_FINISHED_CHARS = 10_000_000
 
 
 class BackgroundStreams:
     """The event logs of this server's background responses, by response id."""
 
-    def __init__(self, retain_s: float = RETAIN_S, most_events: int = MOST_FINISHED_EVENTS) -> None:
+    def __init__(self, retain_s: float = RETAIN_S, most_chars: int = MOST_FINISHED_CHARS) -> None:
         self.retain_s = retain_s
-        self.most_events = most_events
+        self.most_chars = most_chars
         self._logs: dict[str, tuple[str, EventLog]] = {}  # id -> (owner, log), oldest first
 
     def add(self, owner: str, response_id: str, log: EventLog) -> None:
@@ -45,7 +47,7 @@ class BackgroundStreams:
 
     def _prune(self) -> None:
         """Drop the logs of responses that ended over `retain_s` ago, then those that
-        ended first until those left hold at most `most_events`; those of running
+        ended first until those left hold at most `most_chars`; those of running
         responses stay. By end, not start: a long response that just ended is the one a
         client is likeliest to resume."""
         now = time.monotonic()
@@ -56,10 +58,10 @@ class BackgroundStreams:
             if now - log.closed_at > self.retain_s:
                 del self._logs[response_id]
             else:
-                finished.append((log.closed_at, response_id, len(log)))
-        kept = sum(events for _, _, events in finished)
-        for _, response_id, events in sorted(finished):  # ended first, first
-            if kept <= self.most_events:
+                finished.append((log.closed_at, response_id, log.size))
+        kept = sum(size for _, _, size in finished)
+        for _, response_id, size in sorted(finished):  # ended first, first
+            if kept <= self.most_chars:
                 break
             del self._logs[response_id]
-            kept -= events
+            kept -= size

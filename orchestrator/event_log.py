@@ -10,6 +10,7 @@ and a reader that goes away does not touch the turn.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -25,13 +26,17 @@ class EventLog:
         self._dropped = 0  # events taken by the one reader and dropped
         self._changed = asyncio.Event()
         self.closed_at: float | None = None  # time.monotonic() when the turn ended
-
-    def __len__(self) -> int:
-        """The events it holds now."""
-        return len(self._events)
+        # A kept log's events' size, as the JSON they stream as: what bounds the logs kept
+        # (`BackgroundStreams`), as an event's count would not: a delta with its top
+        # logprobs, or a final event holding the whole answer, is many times a plain one.
+        self.size = 0
 
     def put(self, event: Event) -> None:
         self._events.append(event)
+        if self.keep:
+            # default=str: an estimate, which must never fail the turn
+            text = json.dumps(event, ensure_ascii=False, separators=(",", ":"), default=str)
+            self.size += len(text)
         self._wake()
 
     def close(self) -> None:
