@@ -162,8 +162,10 @@ class InputResolver:
         files = self._uploaded_files(param)
         known = self._texts.get(file_id)
         if known is not None:
-            await self._owned(files.retrieve(owner, file_id), file_id, param)  # not deleted
+            # Used now, before the await: reads of other files meanwhile may evict the
+            # oldest texts, which this one must not be while it is being given.
             self._texts.move_to_end(file_id)
+            await self._owned(files.retrieve(owner, file_id), file_id, param)  # not deleted
             return known
         body, content_type, data = await self._owned(files.content(owner, file_id), file_id, param)
         text = await self._extract(owner, data, body["filename"], content_type, param)
