@@ -16,7 +16,7 @@ never that it is busy.
 
 Appending items (`holding`) is a short store write, so appends wait their turn behind each
 other, as OpenAI serializes them: on this server in line (first come, first served), behind
-another server's by trying again, both for at most APPEND_WAIT_SECONDS. A turn is not
+another server's by trying again, for at most APPEND_WAIT_SECONDS in all. A turn is not
 waited for (it may run for minutes): an append while one runs is refused.
 """
 
@@ -106,9 +106,10 @@ class ConversationLock:
         line). Held through the write, not only checked before it: a turn of another
         server starting between the check and the write would read a history without the
         items, which would then land during it."""
+        deadline = time.monotonic() + APPEND_WAIT_SECONDS  # both lines' waits together
         try:
             async with self.appends.hold((owner, conversation_id), APPEND_WAIT_SECONDS):
-                await self._claim_for_append(owner, conversation_id, param)
+                await self._claim_for_append(owner, conversation_id, param, deadline)
                 try:
                     await self.check_others(owner, conversation_id, param)
                     yield
@@ -117,11 +118,12 @@ class ConversationLock:
         except SlotWaitTooLong:  # not first in this server's line in time
             raise conversation_locked(param) from None
 
-    async def _claim_for_append(self, owner: str, conversation_id: str, param: str) -> None:
+    async def _claim_for_append(
+        self, owner: str, conversation_id: str, param: str, deadline: float
+    ) -> None:
         """Hold the conversation for an append first in this server's line: at once unless
         another server holds it; then, tried again while no turn shows in the database
-        (another server's append, or a turn about to show), for APPEND_WAIT_SECONDS."""
-        deadline = time.monotonic() + APPEND_WAIT_SECONDS
+        (another server's append, or a turn about to show), until `deadline`."""
         while not await self._take(owner, conversation_id):
             await self.check_others(owner, conversation_id, param)
             if (owner, conversation_id) in self.held or time.monotonic() >= deadline:
