@@ -101,16 +101,20 @@ class Accounts:
         first = held.id is None
         reservation_id = f"rsv_{secrets.token_hex(12)}" if first else held.id
         start = period_start(user.quota_period, now) if first else held.period_start
-        fits = await self.store.call(
-            db.reserve,
-            reservation_id,
-            user.id,
-            start,
-            more,
-            user.token_quota,
-            now,
-            held.quota_tokens > 0,
-        )
+        try:
+            fits = await self.store.call(
+                db.reserve,
+                reservation_id,
+                user.id,
+                start,
+                more,
+                user.token_quota,
+                now,
+                held.quota_tokens > 0,
+            )
+        except BaseException:  # the database down, or the request gone: nothing held
+            self.limiter.refund_tokens(user.id, more)
+            raise
         if not fits:
             self.limiter.refund_tokens(user.id, more)
             state = await self.store.call(db.quota_state, user.id, start)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from orchestrator.accounts.identity import Identity
 from orchestrator.accounts.limiter import RateLimiter
+from orchestrator.accounts.service import Accounts, Reservation
 from orchestrator.errors import RateLimitError
+from orchestrator.store import StoreUnavailableError
+from orchestrator.store.accounts import UserRow
 
 
 class Clock:
@@ -107,3 +113,32 @@ def test_property_only_requests_admitted_for_their_tokens_spend_the_rpm(rpm, tpm
             continue
         admitted += 1
     assert limiter.headers("u")["x-ratelimit-remaining-requests"] == str(rpm - admitted)
+
+
+class _DownStore:
+    """A database that does not answer the reservation (then does, once `up`)."""
+
+    def __init__(self) -> None:
+        self.up = False
+
+    async def call(self, fn, *args):
+        if not self.up:
+            raise StoreUnavailableError("reserve", {}, Exception("connection refused"))
+        return True
+
+
+def test_a_reservation_that_fails_in_the_database_gives_its_tokens_back():
+    """A reservation the database does not answer (a 503), or that is cancelled while it
+    waits for it (the client gone), never ran: the tpm tokens it took go back, or each
+    retry during an outage would drain the bucket and the user be limited after it."""
+    clock = Clock()
+    store = _DownStore()
+    accounts = Accounts(store, limiter=RateLimiter(clock))
+    who = Identity.of(UserRow("user_u", "u", 0, tpm=100), None)
+    for _ in range(3):
+        with pytest.raises(StoreUnavailableError):
+            asyncio.run(accounts.reserve(who, Reservation(), 60))
+    store.up = True
+    held = Reservation()
+    asyncio.run(accounts.reserve(who, held, 60))  # not a 429
+    assert held.rate_tokens == 60
