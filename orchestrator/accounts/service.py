@@ -112,8 +112,11 @@ class Accounts:
                 now,
                 held.quota_tokens > 0,
             )
-        except BaseException:  # the database down, or the request gone: nothing held
+        except BaseException:  # the database down, or the request gone: nothing runs
             self.limiter.refund_tokens(user.id, more)
+            if first:  # cancelled, its write may have committed all the same: the
+                # request's settlement releases the reservation if it was made
+                held.id, held.period_start = reservation_id, start
             raise
         if not fits:
             self.limiter.refund_tokens(user.id, more)

@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 
 from orchestrator.accounts.identity import Identity
 from orchestrator.accounts.limiter import RateLimiter
+from orchestrator.accounts.meter import Meter
 from orchestrator.accounts.service import Accounts, Reservation
 from orchestrator.errors import RateLimitError
 from orchestrator.store import StoreUnavailableError
+from orchestrator.store import accounts as db
 from orchestrator.store.accounts import UserRow
 
 
@@ -142,3 +144,40 @@ def test_a_reservation_that_fails_in_the_database_gives_its_tokens_back():
     held = Reservation()
     asyncio.run(accounts.reserve(who, held, 60))  # not a 429
     assert held.rate_tokens == 60
+
+
+class _Quota:
+    """The quota's reservations in memory; a reservation's caller may be cancelled just
+    as its write commits (the client gone at that moment)."""
+
+    def __init__(self) -> None:
+        self.reserved: dict[str, int] = {}
+        self.cancel_after_commit = True
+
+    async def call(self, fn, *args):
+        if fn is db.reserve:
+            reservation_id, tokens = args[0], args[3]
+            self.reserved[reservation_id] = self.reserved.get(reservation_id, 0) + tokens
+            if self.cancel_after_commit:
+                raise asyncio.CancelledError
+            return True
+        if fn is db.settle:
+            self.reserved.pop(args[0], None)
+        return None
+
+
+def test_a_reservation_cancelled_as_it_commits_is_released_when_the_request_settles():
+    """Cancelled while its write runs, a request cannot know whether the reservation was
+    made; settling it must release it if it was, or the user's quota stays held by a
+    request that is gone, until the server restarts."""
+    quota = _Quota()
+    who = Identity.of(UserRow("user_u", "u", 0, token_quota=1_000), None)
+    meter = Meter(Accounts(quota, limiter=RateLimiter(Clock())), "embeddings", who)
+
+    async def scenario() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await meter.reserve(60)
+        await meter.finish("incomplete")
+
+    asyncio.run(scenario())
+    assert quota.reserved == {}
