@@ -284,8 +284,12 @@ class VectorStoreService:
         QuotaExceededError, with nothing embedded, when it does not hold their tokens. The
         tpm counts them without refusing them (`spent=0`): neither a search nor a file's
         ingestion is a request the rpm counts, and a file's chunks are embedded in the
-        background, where a retry is no one's to make. `background` (a file's ingestion)
-        lets searches go first on the embedder's thread."""
+        background, where a retry is no one's to make. They count as the input batch by
+        batch as they go to the embedder (`Embedder.aencode_metered`), so an ingestion or
+        search stopped mid-way (file removed, store deleted, client gone: its row
+        `cancelled`) or failing is charged the batches embedded. They are tokenized once:
+        the ids the quota is reserved for are the ones embedded. `background` (a file's
+        ingestion) lets searches go first on the embedder's thread."""
         meter = Meter(
             self.accounts,
             endpoint,
@@ -295,11 +299,12 @@ class VectorStoreService:
         )
         try:
             ids = await self.embedder.atokenize(texts, background=background)
-            await meter.reserve(sum(len(seq) for seq in ids), spent=0)
-            encoded = await self.embedder.aencode(texts, background=background)
-            meter.on_submit(sum(encoded.token_counts))
+            encoded = await self.embedder.aencode_metered(ids, meter, 0, background=background)
         except QuotaExceededError:
             await meter.finish("rejected")
+            raise
+        except asyncio.CancelledError:
+            await meter.finish("cancelled")
             raise
         except BaseException:
             await meter.finish("failed")

@@ -176,9 +176,9 @@ async def create_embeddings(
     embedder: Embedder, request: EmbeddingRequest, meter: Meter
 ) -> Response:
     """Embed the inputs, their tokens reserved on `meter` first (a user's quota and tpm, as
-    generation's) and counted as its input as they go to the embedder, as a generation's
-    prompt is at submission: a client that goes away mid-way (the route cancels this)
-    is charged them, not given the batches already embedded for free."""
+    generation's) and counted as its input batch by batch as they go to the embedder
+    (`Embedder.aencode_metered`): a client that goes away mid-way (the route cancels this)
+    is charged the batches embedded, not given them for free."""
     token_ids = request.token_ids
     if token_ids is None:
         assert request.texts is not None
@@ -186,10 +186,10 @@ async def create_embeddings(
     window = embedder.window_tokens(request.add_special_tokens)
     token_ids = [truncate_prompt(ids, request.truncate_prompt_tokens, window) for ids in token_ids]
     _check_lengths(token_ids, request.add_special_tokens)
-    tokens = sum(len(ids) for ids in token_ids)  # what `Encoded.token_counts` sums to
-    await meter.reserve(tokens)
-    meter.on_submit(tokens)
-    encoded = await embedder.aencode_ids(token_ids, request.add_special_tokens, request.normalize)
+    encoded = await embedder.aencode_metered(
+        token_ids, meter, special_tokens=request.add_special_tokens, normalize=request.normalize
+    )
+    tokens = sum(encoded.token_counts)
     # 2,048 inputs' vectors as JSON floats are some 15 MB, about a second to format and
     # render: not on the event loop, where every other stream would stall meanwhile.
     return await asyncio.to_thread(_answer, encoded, request, embedder.name, tokens)

@@ -29,10 +29,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    from orchestrator.accounts import Meter
 
 MODEL_NAME = "all-minilm-l6-v2"
 
@@ -257,9 +261,39 @@ class Embedder:
         encode = partial(self.encode_ids, special_tokens=special_tokens, normalize=normalize)
         return await self._in_batches(encode, ids, background)
 
-    async def _in_batches(self, encode, inputs: list, background: bool) -> Encoded:
+    async def aencode_metered(
+        self,
+        ids: list[list[int]],
+        meter: Meter,
+        spent: int | None = None,
+        special_tokens: bool = True,
+        normalize: bool = True,
+        *,
+        background: bool = False,
+    ) -> Encoded:
+        """`aencode_ids` for `meter`'s request: all the tokens reserved first (`spent` as
+        `Meter.reserve`'s), then each job's counted as input as it goes to the embedder, as
+        a generation's prompt is at submission. A caller cancelled mid-way (a client gone,
+        a file removed) is charged the batches embedded (and the one queued when it
+        stopped, which may not have run: one batch at most), not given them for free, nor
+        charged the batches it never sent."""
+        await meter.reserve(sum(len(seq) for seq in ids), spent)
+        encode = partial(self.encode_ids, special_tokens=special_tokens, normalize=normalize)
+
+        def submitted(batch: list[list[int]]) -> None:
+            meter.on_submit(sum(len(seq) for seq in batch))  # what its `token_counts` sum to
+
+        return await self._in_batches(encode, ids, background, submitted)
+
+    async def _in_batches(
+        self,
+        encode,
+        inputs: list,
+        background: bool,
+        on_job: Callable[[list], None] | None = None,
+    ) -> Encoded:
         """`encode` over `batch_size` inputs per job, the parts joined."""
-        parts = await self._jobs(encode, inputs, self.batch_size, background)
+        parts = await self._jobs(encode, inputs, self.batch_size, background, on_job)
         if not parts:
             return Encoded(np.zeros((0, self.dimensions), dtype=np.float32), [])
         return Encoded(
@@ -267,17 +301,28 @@ class Embedder:
             [count for part in parts for count in part.token_counts],
         )
 
-    async def _jobs(self, work, inputs: list, size: int, background: bool) -> list:
+    async def _jobs(
+        self,
+        work,
+        inputs: list,
+        size: int,
+        background: bool,
+        on_job: Callable[[list], None] | None = None,
+    ) -> list:
         """`work` over `size` inputs per job on the worker thread, one job after another: a
         caller that is cancelled (its client went away, its file was removed, the server is
         stopping) stops after the job under way, and its queued job is dropped, instead of
         the one thread working through thousands of inputs for nobody while every other
         request waits behind them. Each job is queued on its own, so interactive work
-        queued meanwhile goes before a background caller's next job."""
-        return [
-            await self.jobs.run(partial(work, inputs[start : start + size]), background)
-            for start in range(0, len(inputs), size)
-        ]
+        queued meanwhile goes before a background caller's next job. `on_job` is called
+        with each job's inputs as it is queued."""
+        parts = []
+        for start in range(0, len(inputs), size):
+            batch = inputs[start : start + size]
+            if on_job is not None:
+                on_job(batch)
+            parts.append(await self.jobs.run(partial(work, batch), background))
+        return parts
 
     def close(self) -> None:
         """Wait for the encoding under way, drop those still queued."""

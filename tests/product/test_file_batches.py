@@ -29,8 +29,8 @@ def embedder():
 
 
 class HeldEmbedder:
-    """The embedder, but `aencode` waits until `release` is set: ingestion stays in
-    progress for as long as a test needs."""
+    """The embedder, but `aencode_metered` (what a vector store embeds with) waits until
+    `release` is set: ingestion stays in progress for as long as a test needs."""
 
     def __init__(self, inner: Embedder) -> None:
         self.inner = inner
@@ -39,10 +39,10 @@ class HeldEmbedder:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    async def aencode(self, texts: list[str], **options):
+    async def aencode_metered(self, ids: list[list[int]], *args, **options):
         while not self.release.is_set():
             await asyncio.sleep(0.01)
-        return await self.inner.aencode(texts, **options)
+        return await self.inner.aencode_metered(ids, *args, **options)
 
 
 def _server(product_server, tmp_path, embedder) -> tuple[ProductServer, dict[str, str]]:

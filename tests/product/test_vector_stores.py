@@ -287,13 +287,13 @@ def test_ingestion_embeds_in_the_background_and_searches_do_not(tmp_path, embedd
     def recording(name: str):
         inner = getattr(embedder, name)
 
-        def call(texts, *, background=False):
+        def call(inputs, *args, background=False):
             queued.append((name, background))
-            return inner(texts, background=background)
+            return inner(inputs, *args, background=background)
 
         return call
 
-    for name in ("atokenize", "aencode"):
+    for name in ("atokenize", "aencode_metered"):
         monkeypatch.setattr(embedder, name, recording(name))
 
     async def run() -> None:
@@ -303,11 +303,11 @@ def test_ingestion_embeds_in_the_background_and_searches_do_not(tmp_path, embedd
         added = FileToAdd(file["id"], StaticChunking(), {}, "file_ids")
         store_id = (await service.create("alice", None, {}, [added]))["id"]
         await _until(lambda: not service._tasks)
-        assert queued == [("atokenize", True), ("aencode", True)]
+        assert queued == [("atokenize", True), ("aencode_metered", True)]
         queued.clear()
         query = Search("glaciers", None, 5, 0.0, "hybrid")
         assert await service.search_stores("alice", [store_id], [query])
-        assert queued == [("atokenize", False), ("aencode", False)]
+        assert queued == [("atokenize", False), ("aencode_metered", False)]
         store.close()
 
     asyncio.run(run())
@@ -347,6 +347,85 @@ def test_deleting_a_file_stops_its_ingestion_in_every_store(tmp_path, embedder, 
     cancelled_files, rows = asyncio.run(run())
     assert cancelled_files == extracting == ["a.txt", "a.txt"]  # the third never started
     assert rows == [[], [], []]
+
+
+def _embedding_recorded(embedder, monkeypatch) -> list[int]:
+    """The tokens of each job the embedder runs, one input per job, as they run."""
+    embedded: list[int] = []
+    encode_ids = embedder.encode_ids
+
+    def counting(ids, *args, **kwargs):
+        embedded.append(sum(len(seq) for seq in ids))
+        return encode_ids(ids, *args, **kwargs)
+
+    monkeypatch.setattr(embedder, "encode_ids", counting)
+    monkeypatch.setattr(embedder, "batch_size", 1)
+    return embedded
+
+
+def test_an_ingestion_stopped_mid_way_is_charged_what_went_to_the_embedder(
+    tmp_path, embedder, monkeypatch
+):
+    """A file removed while its chunks are being embedded stops its ingestion; the chunks
+    already embedded were computed for the owner, so its usage row charges their tokens
+    (counted as they go to the embedder, as /v1/embeddings does), not 0, nor the tokens
+    of the chunks never embedded."""
+    embedded = _embedding_recorded(embedder, monkeypatch)
+    text = " ".join(f"Glacier number {i} carved valley {i} slowly." for i in range(400))
+    chunking = StaticChunking(100, 0)
+    chunks = ingest.split_text(text, "g.txt", embedder, chunking)
+    rows: list = []
+
+    async def run() -> None:
+        store = _open(f"sqlite:///{tmp_path / 'tokenmill.db'}")
+        service = VectorStoreService(store, FileService(store), embedder)
+        service.usage_listeners.append(rows.append)
+        file_id = (await service.files.create("alice", "g.txt", "assistants", text.encode(), None))[
+            "id"
+        ]
+        await service.create("alice", None, {}, [FileToAdd(file_id, chunking, {}, "file_ids")])
+        await _until(lambda: embedded)
+        await service.files.delete("alice", file_id)
+        await _until(lambda: not service._tasks)
+        store.close()
+
+    asyncio.run(run())
+    assert len(embedded) < len(chunks)  # stopped mid-way
+    [row] = rows
+    assert (row.endpoint, row.status, row.output_tokens) == ("vector_stores.files", "cancelled", 0)
+    # the chunks embedded, and at most the next one (queued as it stopped), not the file's
+    most = max(len(ids) for ids in embedder.tokenize([c.text for c in chunks]))
+    assert 0 < sum(embedded) <= row.input_tokens <= sum(embedded) + most
+
+
+def test_a_search_cancelled_mid_way_is_charged_what_went_to_the_embedder(
+    tmp_path, embedder, monkeypatch
+):
+    """The same for a search's queries (its client gone): the queries embedded before the
+    cancellation are charged, the row says `cancelled`."""
+    embedded = _embedding_recorded(embedder, monkeypatch)
+    queries = [f"where did glacier {i} carve its valley" for i in range(64)]
+    rows: list = []
+
+    async def run() -> None:
+        store = _open(f"sqlite:///{tmp_path / 'tokenmill.db'}")
+        service = VectorStoreService(store, FileService(store), embedder)
+        service.usage_listeners.append(rows.append)
+        store_id = (await service.create("alice", None, {}, []))["id"]
+        searches = [Search(q, None, 5, 0.0, "hybrid") for q in queries]
+        task = asyncio.create_task(service.search_stores("alice", [store_id], searches))
+        await _until(lambda: embedded)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        store.close()
+
+    asyncio.run(run())
+    assert len(embedded) < len(queries)
+    [row] = rows
+    assert (row.endpoint, row.status) == ("vector_stores.search", "cancelled")
+    most = max(len(ids) for ids in embedder.tokenize(queries))
+    assert 0 < sum(embedded) <= row.input_tokens <= sum(embedded) + most
 
 
 def test_a_file_whose_index_cannot_be_stored_fails_rather_than_stays_in_progress(

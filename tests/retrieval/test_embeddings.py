@@ -233,9 +233,10 @@ def test_a_files_chunks_are_tokenized_a_few_at_a_time(embedder, monkeypatch):
 
 def test_a_request_whose_client_left_is_charged_for_what_was_embedded(embedder, monkeypatch):
     """`/v1/embeddings` cancelled mid-way (its client went away: the route cancels it and
-    settles the meter `incomplete`) is charged its inputs, as a generation is charged its
-    prompt once submitted: the batches already embedded were computed, and a client must
-    not get them free by hanging up before the answer."""
+    settles the meter `incomplete`) is charged the inputs that went to the embedder, as a
+    generation is charged its prompt once submitted: the batches already embedded were
+    computed, and a client must not get them free by hanging up before the answer; those
+    never sent are not charged."""
     inputs = [embedder.tokenize(["lorem ipsum " * 100])[0]] * 64
     meter = Meter(None, "embeddings")
     request = EmbeddingRequest(None, inputs, "float")
@@ -244,6 +245,8 @@ def test_a_request_whose_client_left_is_charged_for_what_was_embedded(embedder, 
     )
     assert calls
     assert meter.input_tokens >= sum(len(ids) for ids in inputs[: sum(calls)])
+    # not the inputs it never sent: the batch queued as it stopped, at most, beyond those
+    assert meter.input_tokens <= sum(len(ids) for ids in inputs[: sum(calls) + embedder.batch_size])
 
 
 def test_a_large_answer_is_rendered_off_the_event_loop(embedder, monkeypatch):
