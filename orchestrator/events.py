@@ -70,6 +70,33 @@ def hide_logprobs(items: list[dict]) -> None:
                     part["logprobs"] = []
 
 
+def snapshot(response: dict) -> dict:
+    """A copy of a response that the events still to come leave as it is, made
+    without copying its token logprobs. A long answer's logprobs (with `top_logprobs`)
+    run to hundreds of thousands of objects, which a deep copy on every GET of a
+    running response (a page polls one every 1.5 s) copied again each time, on the
+    event loop. The events only append entries to a part's `logprobs` list and never
+    change one, so the copy gets a list of its own holding the same entries."""
+    return {k: _items(v) if k == "output" else copy.deepcopy(v) for k, v in response.items()}
+
+
+def _items(items: list[dict]) -> list[dict]:
+    return [
+        {
+            k: _parts(v) if k == "content" and item.get("type") == "message" else copy.deepcopy(v)
+            for k, v in item.items()
+        }
+        for item in items
+    ]
+
+
+def _parts(parts: list[dict]) -> list[dict]:
+    return [
+        {k: list(v) if k == "logprobs" else copy.deepcopy(v) for k, v in part.items()}
+        for part in parts
+    ]
+
+
 def usage(input_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
     return {
         "input_tokens": input_tokens,
@@ -96,7 +123,7 @@ class ResponseEvents:
         return event
 
     def _snapshot(self, kind: str) -> Event:
-        return self._event(kind, response=copy.deepcopy(self.response))
+        return self._event(kind, response=snapshot(self.response))
 
     def start(self) -> list[Event]:
         """The first events: the response created, then `queued` or `in_progress` as its

@@ -14,7 +14,6 @@ runs the same way; its events are kept for clients resuming its stream
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 from collections.abc import AsyncIterator, Collection, Coroutine
 
@@ -26,7 +25,7 @@ from orchestrator.background import RETAIN_S, BackgroundStreams
 from orchestrator.context import ContextBuilder, Prompt, ToolConfig
 from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import InvalidRequestError, NotFoundError
-from orchestrator.events import Event, hide_logprobs
+from orchestrator.events import Event, hide_logprobs, snapshot
 from orchestrator.input_resolver import InputResolver
 from orchestrator.items import item_list, readable, stored_item
 from orchestrator.logprobs import TokenNames
@@ -356,7 +355,7 @@ class ResponseService:
         asked for them) only when `include` asks for them too."""
         turn = self._live(owner, response_id)
         if turn is not None:
-            body = copy.deepcopy(turn.events.response)
+            body = snapshot(turn.events.response)
         else:
             body = await self.store.call(Repository.get_response, owner, response_id)
             if body is None:
@@ -394,7 +393,7 @@ class ResponseService:
         if turn is not None:
             _check_cancellable(turn.request.background)
             turn.stop("cancelled")
-            return copy.deepcopy(await turn.wait())
+            return snapshot(await turn.wait())
         body = await self.retrieve(owner, response_id)
         _check_cancellable(body.get("background", False))
         if body["status"] in UNFINISHED:
