@@ -20,7 +20,7 @@ const state = {
   open: null, // {id, meta (decoded), tree} or null for a chat not yet created
   tree: new Tree(),
   draft: null, // the decoded metadata of a chat not yet created
-  stream: null, // {controller, nodeId, conversationId} while a turn streams
+  stream: null, // a Streaming while a turn streams
   deleted: new Set(), // ids of conversations deleted here: a turn ending there stores nothing
   models: [],
   windows: new Map(), // model id -> its context window in tokens (max_model_len)
@@ -874,23 +874,18 @@ async function runTurn(parent, text) {
     "in_progress", Date.now() / 1000);
   state.tree.add(node);
   state.tree.choose(node.id);
-  const controller = new AbortController();
-  state.stream = { controller, nodeId: node.id, conversationId: open.id };
+  const stream = new Streaming(node.id, open.id);
+  state.stream = stream;
   showStreaming(true);
   let parentDeleted = false; // the response this turn follows was deleted meanwhile
   try {
     // The request goes out first; the page redraws while the server starts the turn.
-    const streamed = streamTurn(open, parent, text, (event) => onEvent(node, event),
-      controller.signal);
+    const answered = answerTurn(open, parent, text, node, stream);
     renderMessages();
-    await streamed.catch((error) => {
-      if (!lostMidAnswer(node, error)) throw error;
-    });
-    // Its stream closed before the end (a lost connection): the response may run on.
-    if (node.id.startsWith("resp_")) await followResponse(node, controller.signal);
+    await unlessAborted(answered, stream.page.signal);
   } catch (error) {
     if (error.name === "AbortError") {
-      node.status = state.stream.stopped ? "cancelled" : "incomplete";
+      node.status = stream.stopped ? "cancelled" : "incomplete";
     } else if (node.id.startsWith("resp_") && !(error instanceof ApiError)) {
       node.status = "incomplete"; // the server is out of reach: stopped, or the network down
       reportError(error);
@@ -914,6 +909,9 @@ async function runTurn(parent, text) {
   }
   if (!started) {
     if (!$("prompt").value) $("prompt").value = text;
+    if (stream.stopped && !stream.left) {
+      setStatus("Stopped before the answer began: your message is back in the box.");
+    }
     if (fresh && !state.tree.nodes.size && !open.meta.vectorStore) await discardEmpty(open);
     if (parentDeleted && state.open === open) await showDeletedParent(open);
     finished();
@@ -923,6 +921,25 @@ async function runTurn(parent, text) {
   await appendTranscript(open.id, text, node);
   await refreshUsage();
   finished();
+}
+
+// A turn's answer: its request's stream, then, where that closed before the end (a lost
+// connection), the response followed on (it may run on without it). Once the page has given
+// the turn up, its stream is read on only until the response's id comes (takeEvent).
+async function answerTurn(open, parent, text, node, stream) {
+  await streamTurn(open, parent, text, (event) => takeEvent(stream, node, event), stream)
+    .catch((error) => {
+      if (!lostMidAnswer(node, error)) throw error;
+    });
+  if (node.id.startsWith("resp_")) await followResponse(node, stream.connection.signal);
+}
+
+// An event of a turn this page started. The first (response.created) names its response:
+// a turn stopped or left before then is cancelled now (Streaming). Once the page has given
+// the turn up, its events are no longer taken.
+function takeEvent(stream, node, event) {
+  if (event.type === "response.created" && !stream.named) stream.name(event.response.id);
+  if (!stream.page.signal.aborted) onEvent(node, event);
 }
 
 // Whether a turn's stream failed as a lost connection does (a TypeError, as fetch's own
@@ -962,14 +979,24 @@ async function readLater(node, signal) {
   return response;
 }
 
+// Resolves after `ms`.
+function delay(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
 // Resolves after `ms`, or rejects with an AbortError as soon as `signal` aborts.
 function pause(ms, signal) {
+  return unlessAborted(delay(ms), signal);
+}
+
+// `promise`'s outcome, or an AbortError as soon as `signal` aborts: what `promise` waits for
+// then runs on unheeded (its failure included).
+function unlessAborted(promise, signal) {
+  promise.catch(() => {});
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(resolve, ms);
-    signal.addEventListener("abort", () => {
-      clearTimeout(timer);
-      reject(signal.reason);
-    }, { once: true });
+    if (signal.aborted) reject(signal.reason);
+    signal.addEventListener("abort", () => reject(signal.reason), { once: true });
+    promise.then(resolve, reject);
   });
 }
 
@@ -993,13 +1020,12 @@ function resumeShown() {
 // Stop cancelling it, and ended as runTurn ends one. Leaving it closes its stream only
 // (stopStream): the tab that started it may still show it.
 async function resumeTurn(open, node) {
-  const stream = { controller: new AbortController(), nodeId: node.id, conversationId: open.id,
-    resumed: true };
+  const stream = new Streaming(node.id, open.id, { resumed: true });
   state.stream = stream;
   showStreaming(true);
   renderStreamingTurn();
   try {
-    await followResponse(node, stream.controller.signal);
+    await unlessAborted(followResponse(node, stream.connection.signal), stream.page.signal);
   } catch (error) {
     if (error.name !== "AbortError") reportError(error);
     if (stream.stopped) node.status = "cancelled"; // Stop, with the cancel unanswered
@@ -1035,18 +1061,18 @@ async function showDeletedParent(open) {
 // A turn's request. A conversation whose vector store has expired (its expires_after) or
 // was deleted (through the API, by another client) would have every message refused,
 // file_search naming that store: the store is renewed or forgotten (recoverStore), and the
-// request sent again, once.
-async function streamTurn(open, parent, text, onEvent, signal) {
+// request sent again, once (not once the page has given the turn up).
+async function streamTurn(open, parent, text, onEvent, stream) {
   const attempt = () => {
     const body = requestBody(open.meta, parent, text);
-    return streamResponse(body, onEvent, signal).catch((error) => {
+    return streamResponse(body, onEvent, stream.connection.signal).catch((error) => {
       throw codeRefusal(error, body);
     });
   };
   try {
     await attempt();
   } catch (error) {
-    if (!(await recoverStore(open, error))) throw error;
+    if (stream.page.signal.aborted || !(await recoverStore(open, error))) throw error;
     await attempt();
   }
 }
@@ -1095,7 +1121,7 @@ async function renewStore(open, expired) {
   if (state.open === open) await renderAttachments();
   while ((store = await request("GET", `/v1/vector_stores/${open.meta.vectorStore}`))
     .file_counts.in_progress) {
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    await delay(300);
   }
   if (state.open === open) await renderAttachments();
   setStatus("The attached files' vector store had expired: they are in a new one now.");
@@ -1161,7 +1187,6 @@ function onEvent(node, event) {
         return;
       }
       state.tree.rename(node.id, event.response.id);
-      state.stream.nodeId = event.response.id;
       node.createdAt = event.response.created_at;
       // Stored now, so that a reload before the first words (a long prompt's prefill) finds
       // the turn and its message; after this event's handling, which delays nothing.
@@ -1217,40 +1242,73 @@ function onEvent(node, event) {
   scheduleRender();
 }
 
+// A turn on screen while it streams (state.stream). The page's part of it and its
+// connection end apart: a response is cancelled by its id, which comes with its first event
+// (response.created), and closing a background response's connection leaves it running (and
+// billed) on the server. So a turn stopped, or left, before its id came is cancelled as soon
+// as the id comes: its stream is read on until then, after the page has given the turn up.
+class Streaming {
+  constructor(nodeId, conversationId, { resumed = false } = {}) {
+    this.nodeId = nodeId; // the turn's node: its response's id once named, a pending id before
+    this.conversationId = conversationId;
+    this.resumed = resumed; // followed, not started here (resumeTurn)
+    this.page = new AbortController(); // aborts as the page gives the turn up (giveUp)
+    this.connection = new AbortController(); // closes its stream (and its follow-up reads)
+    this.stopped = false; // its response is to be cancelled (cancel)
+    this.left = false; // another chat is on screen, or coming (stopStream)
+    this.named = false;
+    this.id = new Promise((resolve) => {
+      this.resolveId = resolve;
+    });
+    if (nodeId.startsWith("resp_")) this.name(nodeId);
+  }
+
+  // Its response's id, known from now on.
+  name(id) {
+    this.nodeId = id;
+    this.named = true;
+    this.resolveId(id);
+  }
+
+  // Cancels the response, now or as soon as it is named; resolves once the server answered
+  // (or failed to).
+  cancel() {
+    this.stopped = true;
+    return this.id.then((id) => request("POST", `/v1/responses/${id}/cancel`).catch(() => {}));
+  }
+
+  // The page is done with the turn: runTurn or resumeTurn ends it at once. Its connection
+  // closes as soon as its response is named (after cancel's request went out, where asked).
+  giveUp() {
+    this.page.abort();
+    this.id.then(() => this.connection.abort());
+  }
+}
+
 // Leaving the answer (another conversation, a new chat, a deletion): the response is
-// cancelled, as by Stop, and the connection closed at once (a background response runs
-// on when only its connection closes). A turn this page followed without starting it
-// (resumeTurn) runs on: only its stream closes.
+// cancelled, as by Stop, and the page gives the turn up at once. A turn this page followed
+// without starting it (resumeTurn) runs on: only its stream closes.
 function stopStream() {
   const stream = state.stream;
   if (!stream) return;
-  if (stream.resumed) stream.left = true;
-  else {
-    stream.stopped = true;
-    cancelResponse(stream);
-  }
-  stream.controller.abort();
-}
-
-function cancelResponse(stream) {
-  if (!stream.nodeId.startsWith("resp_")) return Promise.resolve(); // not started yet
-  return request("POST", `/v1/responses/${stream.nodeId}/cancel`).catch(() => {});
+  stream.left = true;
+  if (!stream.resumed) stream.cancel();
+  stream.giveUp();
 }
 
 // The Stop button and Escape: the response is cancelled (`cancelled`, shown as stopped),
-// then the connection closes if the stream has not ended by then, after at most
-// CANCEL_WAIT_MS: a server that does not answer (stopped, overloaded) must not hold the
-// page; the cancel still stops the turn once it arrives.
+// and the page gives the turn up if its stream has not ended by then, after at most
+// CANCEL_WAIT_MS: a server that does not answer (stopped, overloaded), or whose stream has
+// not named the response yet, must not hold the page; the cancel still goes out once the
+// response is named, and stops the turn once it arrives.
 const CANCEL_WAIT_MS = 2000;
 
 async function stopAnswer() {
   const stream = state.stream;
   if (!stream || stream.stopped) return;
-  stream.stopped = true;
   setStatus("Stopping…");
-  const cancel = cancelResponse(stream);
-  await Promise.race([cancel, new Promise((resolve) => setTimeout(resolve, CANCEL_WAIT_MS))]);
-  if (state.stream === stream) stream.controller.abort();
+  await Promise.race([stream.cancel(), delay(CANCEL_WAIT_MS)]);
+  if (state.stream === stream) stream.giveUp();
   if ($("status").textContent === "Stopping…") setStatus("");
 }
 
@@ -1428,7 +1486,7 @@ async function upload(event) {
     setChipStatus(chip, "in_progress");
     addRemoveButton(chip, file.name, uploaded.id);
     while (entry.status === "in_progress") {
-      await new Promise((resolve) => setTimeout(resolve, 300));
+      await delay(300);
       entry = await request("GET", `/v1/vector_stores/${store}/files/${uploaded.id}`);
     }
     setChipStatus(chip, entry.status);

@@ -264,6 +264,84 @@ def test_stop_does_not_wait_for_a_server_that_does_not_answer(page):
     assert page.locator("#messages").get_by_text("Stopped.").is_visible()
 
 
+def hold_first_bytes(page, api) -> tuple[str, str, list]:
+    """Starts a long answer whose stream's first bytes are held back from the page (a slow
+    network, a proxy that buffers): the request reaches the server, which starts the
+    response; the page has no id for it yet. Returns the response's id, the stream as the
+    server began it (its response.created), and the held route, to fulfill with it."""
+    held: list = []
+    page.route(
+        "**/v1/responses",
+        lambda route: held.append(route) if route.request.method == "POST" else route.fallback(),
+    )
+    start_long_answer(page)
+    while not held:
+        page.wait_for_timeout(50)
+    [route] = held
+    headers = {"Content-Type": "application/json"}
+    with api.stream(
+        "POST", "/v1/responses", content=route.request.post_data, headers=headers
+    ) as streamed:
+        lines = []
+        for line in streamed.iter_lines():
+            if not line and lines:
+                break  # the end of the first event
+            lines.append(line)
+    created = json.loads(lines[-1].removeprefix("data:"))
+    assert created["type"] == "response.created"
+    return created["response"]["id"], "\n".join(lines) + "\n\n", held
+
+
+def fulfill_stream(route, body: str) -> None:
+    """Answers a held request with `body` as its event stream."""
+    route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+
+
+def assert_cancelled(api, response_id: str) -> None:
+    """The response ends, cancelled before its 400 tokens."""
+    deadline = time.monotonic() + 60
+    while (stored := api.get(f"/v1/responses/{response_id}").json())["status"] in (
+        "queued",
+        "in_progress",
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert stored["status"] == "cancelled" and stored["usage"]["output_tokens"] < 400
+
+
+def test_stop_before_the_answer_began_cancels_its_response(page, api):
+    """Stop pressed before the turn's first event (response.created, with its id) reached
+    the page: the page cancels the response as soon as the id comes, rather than close the
+    connection alone and leave the background response running (and billed); the turn ends
+    as "Stopped."."""
+    response_id, body, [route] = hold_first_bytes(page, api)
+    page.click("#stop")
+    fulfill_stream(route, body)
+    page.wait_for_selector("#send:not([hidden])")
+    assert page.locator("#messages").get_by_text("Stopped.").is_visible()
+    assert turns(page) == [response_id]
+    assert_cancelled(api, response_id)
+    page.wait_for_function("() => !document.body.dataset.saving")
+    conversation = page.evaluate("location.hash")[1:]
+    assert api.get(f"/v1/conversations/{conversation}").json()["metadata"]["leaf"] == response_id
+
+
+@pytest.mark.parametrize("control", ["#stop", "#new-chat"])
+def test_a_turn_given_up_before_its_answer_began_is_cancelled_when_its_id_comes(page, api, control):
+    """Stop, or leaving the chat, while the stream's first bytes are still held back past
+    the few seconds Stop waits: the turn ends on the page at once (its message back in the
+    box), and its response is cancelled once its first event arrives after all."""
+    response_id, body, [route] = hold_first_bytes(page, api)
+    page.click(control)
+    page.wait_for_selector("#send:not([hidden])", timeout=10_000)
+    assert turns(page) == [] and page.input_value("#prompt") == LONG_PROMPT
+    if control == "#stop":
+        assert "Stopped" in page.inner_text("#status")
+    fulfill_stream(route, body)
+    assert_cancelled(api, response_id)
+    assert turns(page) == []
+
+
 def two_tabs(session, text: str):
     """Tab A sends `text` in a new conversation, then tab B opens it: (a, b, "#conv_...")."""
     context, _ = session
