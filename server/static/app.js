@@ -418,6 +418,10 @@ async function openConversation(id) {
     renderAttachments();
     closeSidebarOnPhone();
     resumeShown();
+    // Deleted turns the metadata names are written out of it, so that they no longer take
+    // its room; a deleted leaf's branch is kept from its parent (persistTree).
+    const named = [decoded.leaf, ...decoded.leaves, ...Object.values(decoded.parents)];
+    if (named.some((n) => tree.deleted.has(n))) persistTree();
   } catch (error) {
     if (ticket === state.navigation) reportError(error);
   }
@@ -426,10 +430,10 @@ async function openConversation(id) {
 // Saves the fields `changed` of this tab's copy of a conversation's metadata. Another tab
 // may have saved since this one read it: the other fields stay as stored (its rename, its
 // settings), and the branches of both are kept, but for the turns this tab has gone on
-// from (no leaves any more). The write applies only over the metadata it merged with
-// (If-Match); another tab's save landing in between is read and merged again. This tab's
-// copy then takes the stored fields, but for those a save still queued here changes (they
-// are newer). Only queueSave calls it.
+// from (no leaves any more) or found deleted. The write applies only over the metadata it
+// merged with (If-Match); another tab's save landing in between is read and merged again.
+// This tab's copy then takes the stored fields, but for those a save still queued here
+// changes (they are newer). Only queueSave calls it.
 async function saveMeta(id, decoded, changed) {
   for (let attempt = 1; ; attempt++) {
     const { body: current, etag } = await requestTagged("GET", `/v1/conversations/${id}`);
@@ -465,8 +469,11 @@ function mergeStored(id, stored, decoded, changed) {
   if (stored.vectorStore && !state.staleStores.has(stored.vectorStore)) {
     merged.vectorStore = stored.vectorStore;
   }
-  const inner = new Set(state.open && state.open.id === id ? state.tree.inner() : []);
-  const theirs = stored.leaves.filter((l) => !inner.has(l) && !decoded.leaves.includes(l));
+  const open = state.open && state.open.id === id;
+  const inner = new Set(open ? state.tree.inner() : []);
+  const gone = open ? state.tree.deleted : new Set();
+  const theirs = stored.leaves
+    .filter((l) => !inner.has(l) && !gone.has(l) && !decoded.leaves.includes(l));
   merged.leaves = [...theirs, ...decoded.leaves];
   merged.parents = { ...stored.parents, ...decoded.parents };
   return merged;
@@ -502,8 +509,9 @@ function queueSave(id, decoded, changed, { prepare = () => {}, keep = false } = 
 }
 
 // Saves the tree's leaves and the leaf on screen, read when the save's turn comes: the
-// tree may have changed since it was queued. Kept until stored: the tree is the only record
-// of the branches, and a turn that ends as the server drains must still be found.
+// tree may have changed since it was queued. A deleted leaf gives way to its parent, kept
+// in the tree (Tree.fromFetched), or to nothing. Kept until stored: the tree is the only
+// record of the branches, and a turn that ends as the server drains must still be found.
 function persistTree() {
   if (!state.open) return Promise.resolve();
   const { id, meta: decoded } = state.open;
@@ -513,7 +521,8 @@ function persistTree() {
     decoded.parents = Object.fromEntries(decoded.leaves
       .map((leaf) => [leaf, tree.nodes.get(leaf).parent]).filter(([, parent]) => parent));
     const leaf = tree.leaf();
-    decoded.leaf = leaf && leaf.id.startsWith("resp_") ? leaf.id : decoded.leaf;
+    if (leaf && leaf.id.startsWith("resp_")) decoded.leaf = leaf.id;
+    else if (tree.deleted.has(decoded.leaf)) decoded.leaf = null;
     for (const node of tree.nodes.values()) {
       if (node.id.startsWith("resp_")) decoded.activeAt = Math.max(decoded.activeAt, node.createdAt);
     }

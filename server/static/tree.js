@@ -33,6 +33,7 @@ export class Tree {
     this.nodes = new Map();
     this.children = new Map(); // parent id ("" for the roots) -> child ids, oldest first
     this.chosen = new Map(); // parent id -> the child on screen
+    this.deleted = new Set(); // the ids not found as it was fetched: deleted through the API
     this.deletedLeaves = []; // leaves from the metadata that were deleted: their branch is lost
   }
 
@@ -51,6 +52,7 @@ export class Tree {
       }
       tree.add(node);
     }
+    tree.deleted = deleted;
     tree.deletedLeaves = [...new Set(leaves)]
       .filter((id) => deleted.has(id) && !tree.nodes.has(parents[id]));
     return tree;

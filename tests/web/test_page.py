@@ -1192,6 +1192,39 @@ def test_a_branch_whose_last_turn_was_deleted_goes_on_from_the_turn_before(sessi
     assert api.get(f"/v1/responses/{turns(page)[1]}").json()["previous_response_id"] == first
 
 
+def stored_metadata(api: httpx.Client, conversation: str) -> str:
+    """The conversation's metadata, all its values in one string."""
+    return " ".join(api.get(f"/v1/conversations/{conversation}").json()["metadata"].values())
+
+
+def test_deleted_leaves_leave_the_stored_metadata(session, api):
+    """Leaves deleted through the API are written out of the conversation's metadata when
+    the page finds them gone, so they no longer take its limited room (eight values of 512
+    characters): a deleted leaf's branch is kept from its parent, on screen after another
+    reload as it was, and a branch that has nothing left to follow is dropped."""
+    first, shown = _chain(api, ["Lima eleven.", "Mike twelve."])
+    time.sleep(1.1)  # created_at counts seconds: the sibling is newer, shown by default
+    [newer] = _chain(api, ["Lima eleven, again."])
+    [lost_parent, lost] = _chain(api, ["November thirteen.", "Oscar fourteen."])
+    leaves = f"{newer} {lost}>{lost_parent} {shown}>{first}"
+    metadata = {"title": "Deleted leaves", "settings": SETTINGS, "leaf": shown, "leaves0": leaves}
+    conversation = api.post("/v1/conversations", json={"metadata": metadata}).json()["id"]
+    for response_id in (shown, lost, lost_parent):
+        assert api.delete(f"/v1/responses/{response_id}").status_code == 200
+    page = _signed_in_page(session, DELETED_404)
+    _open_loaded(page, "Deleted leaves")
+    assert turns(page) == [first]  # the older branch, as the deleted leaf was on it
+    page.wait_for_function("() => !document.body.dataset.saving")
+    stored = stored_metadata(api, conversation)
+    assert not {shown, lost, lost_parent} & set(re.split(r"[ >]", stored)), stored
+    assert {first, newer} <= set(stored.split())
+    reload_when_saved(page)
+    page.wait_for_function("() => document.querySelectorAll('#messages .turn').length > 0")
+    assert turns(page) == [first]
+    assert page.inner_text("#messages .branch-position") == "1/2"
+    assert page.locator("#messages .deleted-turn").count() == 0  # nothing left to say
+
+
 def test_a_message_after_its_turn_was_deleted_elsewhere_shows_the_stored_conversation(session, api):
     """The turn on screen deleted through the API while the page shows it: the message sent
     from it is refused (404, `previous_response_not_found`); the page shows the conversation
