@@ -12,6 +12,9 @@ const $ = (id) => document.getElementById(id);
 const DEFAULTS_STORAGE = "tokenmill.defaults";
 const TITLE_LENGTH = 60;
 const PHONE = window.matchMedia("(max-width: 720px)"); // chat.css folds the sidebar there too
+// A touch screen's on-screen keyboard has no Shift+Enter: there the return key starts a new
+// line, as on ChatGPT's mobile site, and the Send button sends (sendsMessage).
+const TOUCH = window.matchMedia("(pointer: coarse)");
 const UNFINISHED = new Set(["queued", "in_progress"]); // a response still being generated
 
 // What the page holds: the sidebar's conversations and the open one.
@@ -589,7 +592,8 @@ function renderMessages() {
   const lost = deletedLeavesNote(state.tree.deletedLeaves.length, path.length);
   if (lost) box.append(el("p", "note deleted-turn", lost));
   else if (!path.length) {
-    box.append(el("p", "empty-chat", "Ask anything. Enter sends, Shift+Enter starts a new line."));
+    box.append(el("p", "empty-chat", TOUCH.matches ? "Ask anything."
+      : "Ask anything. Enter sends, Shift+Enter starts a new line."));
   }
   for (const node of path) box.append(turnView(node));
   if (atBottom || state.stream) box.scrollTop = box.scrollHeight;
@@ -751,7 +755,7 @@ function startEdit(bubble, node, text) {
     if (edited) runTurn(node.parent, edited);
   });
   area.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    if (sendsMessage(event)) {
       event.preventDefault();
       form.requestSubmit();
     }
@@ -1584,8 +1588,16 @@ function closeSidebarOnPhone() {
   $("toggle-sidebar").setAttribute("aria-expanded", "false");
 }
 
+// Whether a key sends the message being typed: Enter (Shift+Enter starts a new line), or
+// Ctrl+Enter (Cmd+Enter), but not while an input method composes a word, nor plain Enter
+// on a touch screen (TOUCH), where Ctrl+Enter from a keyboard still sends.
+function sendsMessage(event) {
+  if (event.key !== "Enter" || event.isComposing) return false;
+  return event.ctrlKey || event.metaKey || (!event.shiftKey && !TOUCH.matches);
+}
+
 function onPromptKey(event) {
-  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+  if (sendsMessage(event)) {
     event.preventDefault();
     $("composer").requestSubmit();
   }
@@ -1645,6 +1657,7 @@ async function followAddress() {
 }
 
 function wire() {
+  if (TOUCH.matches) $("prompt").placeholder = "Message";
   setUnauthorizedHandler(() => askForKey(storedKey()
     ? "The server no longer accepts the stored API key. Enter a valid key."
     : ""));

@@ -1440,6 +1440,40 @@ def test_a_phone_screen(browser, live, usage_missing):
     assert console.unexpected() == []
 
 
+def test_return_starts_a_new_line_on_a_touch_screen(browser, live, usage_missing):
+    """A phone's on-screen keyboard has no Shift+Enter: its return key starts a new line
+    (as on ChatGPT's mobile site), in the message box and in an edit, and Send sends; Enter
+    said to send would make a message of several lines impossible to type."""
+    context, console = _open_context(
+        browser,
+        live,
+        usage_missing,
+        key=API_KEY,
+        viewport={"width": 375, "height": 740},
+        has_touch=True,
+        is_mobile=True,
+    )
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    assert "Enter sends" not in page.get_attribute("#prompt", "placeholder")
+    assert "Enter sends" not in page.inner_text("#messages")
+    page.fill("#prompt", "Name a color.")
+    page.press("#prompt", "Enter")
+    page.keyboard.type("Then a fruit.")
+    assert page.input_value("#prompt") == "Name a color.\nThen a fruit."
+    assert finished_turns(page) == 0 and page.locator("#send").is_visible() and turns(page) == []
+    page.tap("#send")
+    wait_for_turn(page, 0)
+    assert page.inner_text("#messages .bubble.user .plain") == "Name a color.\nThen a fruit."
+    page.get_by_role("button", name="Edit message").tap()
+    page.press("#messages textarea", "Enter")
+    assert page.input_value("#messages textarea").endswith("Then a fruit.\n")
+    assert finished_turns(page) == 1
+    context.close()
+    assert console.unexpected() == []
+
+
 def test_an_uploaded_file_is_cited(page, api):
     """Upload into the conversation's vector store, ask, and follow the answer's
     file_citation (the file_search tool of /v1/responses; the question is one the default
