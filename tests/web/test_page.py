@@ -4,6 +4,7 @@ with the default model (one server for the module, with an API key, answers kept
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import time
@@ -22,7 +23,10 @@ CHROMIUM = chromium_path()
 
 MODEL = "smollm2-135m-instruct"
 LONG_PROMPT = "Write a long story about a dragon who learns to cook."  # 400 tokens, greedy
+# docs/web.md's picture of the page, taken again only when asked: a test run leaves the
+# working tree as it found it.
 SCREENSHOT = ROOT / "docs" / "images" / "chat.png"
+TAKE_SCREENSHOT = os.environ.get("TOKENMILL_SCREENSHOT") == "1"
 EVIL = "<img src=x onerror=window.pwned=1>"
 SCRIPT = "<script>window.pwned=2</script>"
 SETTINGS = json.dumps({"max_output_tokens": 12, "temperature": 0})  # short answers
@@ -632,8 +636,8 @@ def test_branches_from_regenerate_and_edit_survive_a_reload(page):
     first_again, regenerated = turns(page)
     assert first_again == first and regenerated != second
     assert page.locator("#messages .turn").nth(1).locator(".branch-position").inner_text() == "2/2"
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
+    if TAKE_SCREENSHOT:
+        page.screenshot(path=str(SCREENSHOT))
     # Edit the first message: a sibling of the first turn, with no second turn yet.
     page.locator("#messages .turn").nth(0).get_by_role("button", name="Edit message").click()
     page.fill("#messages textarea", "What is the capital of Italy?")
