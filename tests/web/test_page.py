@@ -152,10 +152,10 @@ def send(page, text: str) -> None:
     wait_for_turn(page, before)
 
 
-def start_long_answer(page) -> None:
-    """Sends a prompt whose answer streams for seconds (400 tokens)."""
+def start_long_answer(page, tokens: int = 400) -> None:
+    """Sends a prompt whose answer streams for seconds (`tokens` of them)."""
     page.click("#open-settings")
-    page.fill("#max-output-tokens", "400")
+    page.fill("#max-output-tokens", str(tokens))
     page.click("#settings-save")
     page.fill("#prompt", LONG_PROMPT)
     page.press("#prompt", "Enter")
@@ -527,10 +527,15 @@ def words(text: str) -> list[str]:
     return re.findall(r"[^\W\d_]{2,}", text)
 
 
+# Answers followed to their end: long enough to outlast a reload (~10 s), no longer, as the
+# tests wait for them.
+FOLLOWED_TOKENS = 160
+
+
 def reload_mid_answer(page, api) -> str:
     """Starts a long answer, reloads the page while the server still generates it and
     returns its id."""
-    start_long_answer(page)
+    start_long_answer(page, FOLLOWED_TOKENS)
     wait_for_answer_text(page)
     [response_id] = turns(page)
     reload_when_saved(page)
@@ -615,7 +620,7 @@ def test_a_stream_closed_mid_answer_is_taken_up_again(page, api):
     followed: list[str] = []
     page.on("request", lambda r: followed.append(r.url) if "stream=true" in r.url else None)
     before = finished_turns(page)
-    start_long_answer(page)
+    start_long_answer(page, FOLLOWED_TOKENS)
     wait_for_turn(page, before)
     [response_id] = turns(page)
     assert any(url.endswith(f"starting_after={after[-1]}") for url in followed), followed
