@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from orchestrator.conversations import etag
 from server.access import owner
 from server.errors import invalid, known_fields
+from server.json_body import json_response
 from server.responses import product
 from server.responses_protocol import (
     MAX_ITEMS_PER_CALL,
@@ -87,14 +88,14 @@ async def list_items(request: Request) -> Response:
     page = parse_page(request.query_params)
     include = check_query_include(request.query_params)
     conversations = product(request).conversations
-    return JSONResponse(await conversations.list_items(*_ids(request), page, include))
+    return await json_response(await conversations.list_items(*_ids(request), page, include))
 
 
 async def retrieve_item(request: Request) -> Response:
     include = check_query_include(request.query_params)
     item_id = request.path_params["item_id"]
     conversations = product(request).conversations
-    return JSONResponse(await conversations.retrieve_item(*_ids(request), item_id, include))
+    return await json_response(await conversations.retrieve_item(*_ids(request), item_id, include))
 
 
 async def delete_item(request: Request) -> Response:

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from engine.sampling_params import truncate_prompt
 from server.errors import APIError, invalid, typed_field
+from server.json_body import json_response
 from server.vllm_fields import check_embedding_fields, request_id
 
 if TYPE_CHECKING:
@@ -191,12 +192,14 @@ async def create_embeddings(
     )
     tokens = sum(encoded.token_counts)
     # 2,048 inputs' vectors as JSON floats are some 15 MB, about a second to format and
-    # render: not on the event loop, where every other stream would stall meanwhile.
-    return await asyncio.to_thread(_answer, encoded, request, embedder.name, tokens)
+    # render: not on the event loop, where every other stream would stall meanwhile (the
+    # vectors are formatted on a worker thread, and `json_response` renders them there).
+    content = await asyncio.to_thread(_answer, encoded, request, embedder.name, tokens)
+    return await json_response(content)
 
 
-def _answer(encoded: Encoded, request: EmbeddingRequest, model: str, tokens: int) -> Response:
-    """The embedding list in OpenAI's shape, rendered."""
+def _answer(encoded: Encoded, request: EmbeddingRequest, model: str, tokens: int) -> dict:
+    """The embedding list in OpenAI's shape."""
     data = [
         {
             "object": "embedding",
@@ -205,11 +208,9 @@ def _answer(encoded: Encoded, request: EmbeddingRequest, model: str, tokens: int
         }
         for i, vector in enumerate(encoded.vectors)
     ]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": data,
-            "model": model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-    )
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

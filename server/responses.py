@@ -24,6 +24,7 @@ from orchestrator.turn import Turn
 from server.access import identity, owner, product_api_error
 from server.disconnect import unless_disconnected
 from server.errors import known_fields
+from server.json_body import json_response
 from server.request_body import read_json_body
 from server.responses_protocol import (
     check_query_include,
@@ -105,7 +106,7 @@ async def _background(request: Request, turn: Turn, stream: bool) -> Response:
     await turn.begun()
     if stream:
         return EventStreamResponse(_event_stream(turn.stream()), on_close=lambda: None)
-    return JSONResponse(await product(request).responses.retrieve(owner(request), turn.id))
+    return await json_response(await product(request).responses.retrieve(owner(request), turn.id))
 
 
 async def create_response(request: Request, body: Any, meter: Meter) -> Response:
@@ -145,7 +146,7 @@ async def create_response(request: Request, body: Any, meter: Meter) -> Response
     if result is None:
         turn.stop("incomplete")
         return Response(status_code=499)
-    return JSONResponse(result)
+    return await json_response(result)
 
 
 # What POST /v1/responses/input_tokens takes: the fields of a response that shape its prompt.
@@ -198,7 +199,7 @@ async def retrieve_response(request: Request) -> Response:
     if stream:
         events = await product(request).responses.stream(owner(request), response_id, after)
         return EventStreamResponse(_event_stream(events), on_close=lambda: None)
-    return JSONResponse(
+    return await json_response(
         await product(request).responses.retrieve(owner(request), response_id, include)
     )
 
@@ -210,13 +211,14 @@ async def delete_response(request: Request) -> Response:
 
 async def cancel_response(request: Request) -> Response:
     response_id = request.path_params["response_id"]
-    return JSONResponse(await product(request).responses.cancel(owner(request), response_id))
+    body = await product(request).responses.cancel(owner(request), response_id)
+    return await json_response(body)
 
 
 async def list_input_items(request: Request) -> Response:
     response_id = request.path_params["response_id"]
     page = parse_page(request.query_params)
     include = check_query_include(request.query_params)
-    return JSONResponse(
+    return await json_response(
         await product(request).responses.input_items(owner(request), response_id, page, include)
     )

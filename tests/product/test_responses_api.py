@@ -21,6 +21,7 @@ from openai.types.responses import Response, ResponseItemList, ResponseStreamEve
 from pydantic import TypeAdapter
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
+from starlette.responses import JSONResponse
 
 from engine.errors import EngineShutdownError
 from orchestrator import conversation_lock, input_resolver, turn_recorder
@@ -2192,3 +2193,48 @@ def test_input_tokens_count_the_prompt_a_response_would_start_from(product_serve
         with pytest.raises(openai.BadRequestError) as caught:
             count(model=MODEL, input="x", extra_body=extra)
         assert caught.value.param == next(iter(extra))
+
+
+def test_a_large_response_is_encoded_while_the_event_loop_runs_on(product_server, monkeypatch):
+    """A response of 16,000 tokens with 20 `top_logprobs` each is 21 MB of JSON, half a
+    second of `json.dumps` holding the GIL (on a worker thread as on the loop): served,
+    it must leave the event loop free for the other streams, and arrive as it was."""
+    server = product_server(FakeEngine(reply="Hi."))
+    made = server.client.responses.create(model=MODEL, input="Hi", include=[LOGPROBS])
+    big = server.client.responses.retrieve(made.id, include=[LOGPROBS]).model_dump(mode="json")
+    token = big["output"][0]["content"][0]["logprobs"][0]
+    tops = [{**token, "logprob": -i / 7} for i in range(20)]
+    big["output"][0]["content"][0]["logprobs"] = [
+        {**token, "logprob": -i / 3, "top_logprobs": tops} for i in range(16_000)
+    ]
+    gaps: list[float] = []
+    served = threading.Event()
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.002)
+            if served.is_set():  # a gap that ends after the answer is the test's own work
+                return
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async def retrieve(owner, response_id, include=()) -> dict:
+        ticker = asyncio.get_running_loop().create_task(tick())
+        retrieve.tickers.append(ticker)  # kept, so that it is not collected mid-way
+        await asyncio.sleep(0.05)
+        return big
+
+    retrieve.tickers = []
+    monkeypatch.setattr(server.product.responses, "retrieve", retrieve)
+    raw = _raw(server, "GET", f"/responses/{made.id}", params={"include[]": LOGPROBS})
+    served.set()
+    assert raw.status_code == 200 and raw.content == JSONResponse(big).body
+    # The SDK's type, on the served body less most of its tokens (all 16,000 take pydantic
+    # a minute and a half to validate): the encoding in pieces kept the shape.
+    served_body = json.loads(raw.content)
+    served_body["output"][0]["content"][0]["logprobs"][100:] = []
+    parsed = Response.model_validate(served_body)
+    assert len(parsed.output[0].content[0].logprobs[99].top_logprobs) == 20
+    assert len(gaps) > 10 and max(gaps) < 0.15, max(gaps)

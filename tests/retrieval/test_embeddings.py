@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from openai.types import CreateEmbeddingResponse
-from starlette.responses import JSONResponse
 
 from orchestrator.accounts import Meter
 from orchestrator.retrieval import ingest
 from orchestrator.retrieval.extract import ExtractionError
+from server import embeddings as embeddings_module
 from server.embeddings import EmbeddingRequest, create_embeddings
 
 TEXTS = [
@@ -249,19 +249,20 @@ def test_a_request_whose_client_left_is_charged_for_what_was_embedded(embedder, 
     assert meter.input_tokens <= sum(len(ids) for ids in inputs[: sum(calls) + embedder.batch_size])
 
 
-def test_a_large_answer_is_rendered_off_the_event_loop(embedder, monkeypatch):
+def test_a_large_answer_is_formatted_off_the_event_loop(embedder, monkeypatch):
     """2,048 inputs' vectors as JSON floats are some 15 MB, about a second to format and
-    render: on the event loop that would stall every other request's stream meanwhile."""
-    rendered_on: list[threading.Thread] = []
-    original = JSONResponse.render
+    render: on the event loop that would stall every other request's stream meanwhile (the
+    rendering, in pieces off the loop, is `server.json_body`'s, tested there)."""
+    formatted_on: list[threading.Thread] = []
+    original = embeddings_module._answer
 
-    def render(self, content):
-        rendered_on.append(threading.current_thread())
-        return original(self, content)
+    def answer(*args):
+        formatted_on.append(threading.current_thread())
+        return original(*args)
 
-    monkeypatch.setattr(JSONResponse, "render", render)
+    monkeypatch.setattr(embeddings_module, "_answer", answer)
     request = EmbeddingRequest(["a cat", "a dog"], None, "float")
     response = asyncio.run(create_embeddings(embedder, request, Meter(None, "embeddings")))
     parsed = CreateEmbeddingResponse.model_validate(json.loads(response.body))
     assert [d.index for d in parsed.data] == [0, 1] and parsed.usage.prompt_tokens == 4
-    assert rendered_on and threading.main_thread() not in rendered_on
+    assert formatted_on and threading.main_thread() not in formatted_on
