@@ -163,7 +163,7 @@ export function eventsGone(error) {
 
 // A refusal that says "not now" rather than "no": a draining or overloaded server (503), a
 // rate limit (429), or no server answering at all. The same request may be sent again.
-function passing(error) {
+export function passing(error) {
   return error instanceof Unreachable
     || (error instanceof ApiError && (error.status === 503 || error.status === 429));
 }

@@ -2,8 +2,8 @@
 // one, streaming turns through /v1/responses, settings, uploads and sign-in.
 
 import {
-  ApiError, eventsGone, listAll, request, requestTagged, setUnauthorizedHandler, storeKey,
-  storedKey, streamAgain, streamResponse, untilDone,
+  ApiError, eventsGone, listAll, passing, request, requestTagged, setUnauthorizedHandler,
+  storeKey, storedKey, streamAgain, streamResponse, untilDone,
 } from "./api.js";
 import { assistantBody, button, el, isToolItem, messageText, toolCard, userBubble } from "./render.js";
 import { clip, decodeMetadata, encodeMetadata, MAX_INSTRUCTIONS, Node, Tree } from "./tree.js";
@@ -967,29 +967,38 @@ const FOLLOW_MS = 1500;
 // Follows a response still being generated (queued or in_progress) until it ends: its
 // events are streamed again, after the last one the node took (all of them when it took
 // none: opened after a reload), and drawn as a live turn's are. A stream lost or closed
-// before the end is taken up again while a read of the response finds it running (the read
-// fails where the server is out of reach); a server that no longer has the events
-// (restarted, or another server runs it) has the response polled instead. An `error` event
-// ends it: the server could not record the end (its database down), and says so.
+// before the end, or refused for now (a 503 from a draining or overloaded server, a 429),
+// is taken up again while a read of the response finds it running (the read fails where
+// the server is out of reach); a server that no longer has the events (restarted, or
+// another server runs it) has the response polled instead. An `error` event ends it: the
+// server could not record the end (its database down), and says so.
 async function followResponse(node, signal) {
   while (UNFINISHED.has(node.status) && !node.error) {
     try {
       await streamAgain(node.id, node.sequence, (event) => onEvent(node, event), signal);
     } catch (error) {
       if (eventsGone(error)) return pollResponse(node, signal);
-      if (!lostMidAnswer(node, error)) throw error;
+      if (!lostMidAnswer(node, error) && !passing(error)) throw error;
     }
     if (UNFINISHED.has(node.status)) await readLater(node, signal);
   }
 }
 
-// The response read after FOLLOW_MS; when it has ended, the node takes its final state.
+// The response read after FOLLOW_MS; when it has ended, the node takes its final state. A
+// read refused for now (503, 429) is made again after FOLLOW_MS more: only a server out of
+// reach ends the following (the turn then reads as interrupted).
 async function readLater(node, signal) {
-  await pause(FOLLOW_MS, signal);
-  const response = await request("GET", `/v1/responses/${node.id}`);
-  signal.throwIfAborted();
-  if (!UNFINISHED.has(response.status)) takeResponse(node, response);
-  return response;
+  for (;;) {
+    await pause(FOLLOW_MS, signal);
+    try {
+      const response = await request("GET", `/v1/responses/${node.id}`);
+      signal.throwIfAborted();
+      if (!UNFINISHED.has(response.status)) takeResponse(node, response);
+      return response;
+    } catch (error) {
+      if (!(error instanceof ApiError && passing(error))) throw error;
+    }
+  }
 }
 
 // Resolves after `ms`.

@@ -594,6 +594,30 @@ def test_a_turn_whose_events_are_gone_is_polled_to_its_end(session, page, api):
     assert refused
 
 
+@pytest.mark.parametrize("status", [503, 429])
+def test_a_followed_turn_refused_for_now_is_followed_again(session, page, api, status):
+    """While the page follows an answer after a reload, the server refuses its stream, then
+    the read that follows, for now (503: draining or overloaded; 429): the page tries
+    again after a pause, as after a lost connection, and follows the answer to its end."""
+    refused: list[str] = []
+
+    def refuse_once(route) -> None:
+        kind = "stream" if "stream=true" in route.request.url else "read"
+        order = ["stream", "read"][: len(refused) + 1]  # the reads opening the turn pass
+        if route.request.method != "GET" or kind in refused or kind not in order:
+            route.fallback()
+            return
+        refused.append(kind)
+        error = {"message": "not now", "type": "server_error", "param": None, "code": None}
+        route.fulfill(status=status, json={"error": error})
+
+    page.route(re.compile(r"/v1/responses/resp_\w+(\?stream=true.*)?$"), refuse_once)
+    session[1].expected.append(rf"{status} .*@ .*/v1/responses/resp_\w+")
+    response_id = reload_mid_answer(page, api)
+    assert_shown_whole(page, api, response_id)
+    assert refused == ["stream", "read"]
+
+
 def test_a_stream_closed_mid_answer_is_taken_up_again(page, api):
     """The turn's stream ends before the response does (a lost connection, a proxy's cut):
     the page streams the rest from the last event it has, rather than end the turn."""
