@@ -1268,7 +1268,11 @@ function onEvent(node, event) {
 // connection end apart: a response is cancelled by its id, which comes with its first event
 // (response.created), and closing a background response's connection leaves it running (and
 // billed) on the server. So a turn stopped, or left, before its id came is cancelled as soon
-// as the id comes: its stream is read on until then, after the page has given the turn up.
+// as the id comes: its stream is read on until then, after the page has given the turn up,
+// for NAMING_WAIT_MS at most (a stream whose first bytes never come must not stay open for
+// good; a response the server started then runs on).
+const NAMING_WAIT_MS = 60_000;
+
 class Streaming {
   constructor(nodeId, conversationId, { resumed = false } = {}) {
     this.nodeId = nodeId; // the turn's node: its response's id once named, a pending id before
@@ -1300,10 +1304,12 @@ class Streaming {
   }
 
   // The page is done with the turn: runTurn or resumeTurn ends it at once. Its connection
-  // closes as soon as its response is named (after cancel's request went out, where asked).
+  // closes as soon as its response is named (after cancel's request went out, where asked),
+  // or when NAMING_WAIT_MS have passed without its name.
   giveUp() {
     this.page.abort();
     this.id.then(() => this.connection.abort());
+    if (!this.named) setTimeout(() => this.connection.abort(), NAMING_WAIT_MS);
   }
 }
 

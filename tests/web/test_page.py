@@ -346,6 +346,28 @@ def test_a_turn_given_up_before_its_answer_began_is_cancelled_when_its_id_comes(
     assert turns(page) == []
 
 
+def test_a_stream_held_only_to_cancel_its_response_is_closed_after_a_minute(page, api):
+    """Stop pressed while the stream's first bytes are held back, and they never come: the
+    page does not keep the connection open for ever waiting for the id, but closes it a
+    minute after giving the turn up (the page's clock is run forward)."""
+    failed: list[str] = []
+    page.on("requestfailed", lambda r: failed.append(r.url) if r.method == "POST" else None)
+    page.clock.install()
+    hold_first_bytes(page, api)
+    page.click("#stop")
+    page.clock.run_for(2_000)  # Stop's wait for the cancel
+    page.wait_for_selector("#send:not([hidden])", timeout=10_000)
+    page.clock.run_for(50_000)
+    page.wait_for_timeout(500)
+    assert failed == []  # still waiting for the id
+    page.clock.run_for(10_000)
+    deadline = time.monotonic() + 10
+    while not failed:
+        assert time.monotonic() < deadline
+        page.wait_for_timeout(50)
+    assert failed[0].endswith("/v1/responses")
+
+
 def two_tabs(session, text: str):
     """Tab A sends `text` in a new conversation, then tab B opens it: (a, b, "#conv_...")."""
     context, _ = session
