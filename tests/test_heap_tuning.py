@@ -51,8 +51,10 @@ def _run(env: dict[str, str]) -> tuple[str, int]:
 def test_freed_buffers_are_reused_without_page_faults():
     applied, faults = _run({})
     assert applied == "True"
-    # One 20 MB buffer faulted in again would be 5,120 faults; reuse leaves a few dozen.
-    assert faults < 1000
+    # glibc's defaults fault every buffer in again: ~61,000 faults over the four rounds.
+    # Reuse leaves next to none; under other load one buffer was seen faulted in once
+    # (a 12 MB one: 3,072 faults), so the bound is one 20 MB buffer's 5,120.
+    assert faults < 5120
 
 
 def test_default_glibc_faults_them_in_again():
@@ -60,4 +62,4 @@ def test_default_glibc_faults_them_in_again():
     set to them, which also makes keep_freed_memory stand aside) the rounds fault."""
     applied, faults = _run({"MALLOC_MMAP_THRESHOLD_": str(128 << 10)})
     assert applied == "False"
-    assert faults > 5000
+    assert faults > 4 * 5120

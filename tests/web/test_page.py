@@ -1634,8 +1634,12 @@ def test_a_conversation_whose_vector_store_was_deleted_goes_on_without_it(sessio
     assert turns(page)[0] == first and len(turns(page)) == 2
     assert "deleted" in page.inner_text("#status")
     assert page.locator("#attachments .attachment").count() == 0
-    page.wait_for_function("() => !document.body.dataset.saving")
-    assert "vs" not in api.get(f"/v1/conversations/{conversation}").json()["metadata"]
+    # The page says the file is removed before it drops the emptied store and saves the
+    # conversation's metadata without it.
+    deadline = time.monotonic() + 10
+    while "vs" in api.get(f"/v1/conversations/{conversation}").json()["metadata"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert api.get(f"/v1/responses/{turns(page)[1]}").json()["tools"] == []
     page.set_input_files(
         "#upload", files=[{"name": "dog.txt", "mimeType": "text/plain", "buffer": b"Rex.\n"}]
@@ -1662,8 +1666,12 @@ def test_opening_a_conversation_whose_vector_store_was_deleted_says_its_files_ar
     page.wait_for_function("() => /deleted/.test(document.querySelector('#status').textContent)")
     assert "Error" not in page.inner_text("#status")
     assert page.locator("#attachments .attachment").count() == 0
-    page.wait_for_function("() => !document.body.dataset.saving")
-    assert "vs" not in api.get(f"/v1/conversations/{conversation}").json()["metadata"]
+    # The page says the file is removed before it drops the emptied store and saves the
+    # conversation's metadata without it.
+    deadline = time.monotonic() + 10
+    while "vs" in api.get(f"/v1/conversations/{conversation}").json()["metadata"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_a_file_attached_after_the_vector_store_was_deleted_is_kept(session, page, api):
@@ -1774,8 +1782,12 @@ def test_an_attached_file_can_be_removed(session, page, api):
         "() => /Removed b.txt/.test(document.querySelector('#status').textContent)"
     )
     assert page.locator("#attachments .attachment").count() == 0
-    page.wait_for_function("() => !document.body.dataset.saving")
-    assert "vs" not in api.get(f"/v1/conversations/{conversation}").json()["metadata"]
+    # The page says the file is removed before it drops the emptied store and saves the
+    # conversation's metadata without it.
+    deadline = time.monotonic() + 10
+    while "vs" in api.get(f"/v1/conversations/{conversation}").json()["metadata"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert api.get(f"/v1/vector_stores/{store}").status_code == 404
     send(page, "Hello.")
     [turn] = turns(page)
