@@ -97,7 +97,7 @@ def _vector_store(body: dict, counts: kb.FileCounts, usage_bytes: int) -> dict:
     (`expires_at` from its `last_active_at` and `expires_after`, and `expired` once that
     has passed)."""
     days = (body["expires_after"] or {}).get("days")
-    expires_at = None if days is None else body["last_active_at"] + days * kb.DAY
+    expires_at = kb.store_expires_at(body["last_active_at"], days)
     if expires_at is not None and expires_at <= time.time():
         status = "expired"
     else:

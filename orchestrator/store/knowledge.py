@@ -273,6 +273,11 @@ ACTIVE_EVERY = 60
 _EXPIRY = ("last_active_at", "expires_after", "expires_at")  # kept in columns, not the body
 
 
+def store_expires_at(last_active_at: int, days: int | None) -> int | None:
+    """When a vector store expires: `days` after its last use (None: never)."""
+    return None if days is None else last_active_at + days * DAY
+
+
 def _expiry_days(expires_after: dict | None) -> int | None:
     return None if expires_after is None else expires_after["days"]
 
@@ -379,8 +384,8 @@ def mark_vector_store_active(
         row = conn.execute(select(*_EXPIRY_COLUMNS).where(*mine)).first()
     if row is None:
         return None
-    days = row.expires_after_days
-    return days is None or row.last_active_at + days * DAY > now
+    expires_at = store_expires_at(row.last_active_at, row.expires_after_days)
+    return expires_at is None or expires_at > now
 
 
 def delete_vector_store(repo: Repository, owner: str, vector_store_id: str) -> bool:
