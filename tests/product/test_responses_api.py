@@ -2237,4 +2237,6 @@ def test_a_large_response_is_encoded_while_the_event_loop_runs_on(product_server
     served_body["output"][0]["content"][0]["logprobs"][100:] = []
     parsed = Response.model_validate(served_body)
     assert len(parsed.output[0].content[0].logprobs[99].top_logprobs) == 20
-    assert len(gaps) > 10 and max(gaps) < 0.15, max(gaps)
+    # Encoded on the loop in one piece, the gap was 0.59-0.72 s; in pieces it is ~20 ms on a
+    # quiet machine and stayed under 0.2 s on a loaded one.
+    assert len(gaps) > 10 and max(gaps) < 0.3, max(gaps)
