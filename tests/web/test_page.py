@@ -10,6 +10,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -599,8 +600,13 @@ def test_stop_cancels_a_turn_followed_after_a_reload(page, api):
 def test_a_turn_whose_events_are_gone_is_polled_to_its_end(session, page, api):
     """A server that no longer has the response's events (restarted, or another server
     runs it) refuses to stream it again (400 naming `stream`): the page reads the response
-    until it ends."""
+    until it ends, every 1.5 s (its shipped FOLLOW_MS, which this test keeps)."""
     refused: list[str] = []
+    reads: list[float] = []  # when the page read the response, in the browser's ms
+
+    def on_read(request) -> None:
+        if re.search(r"/v1/responses/resp_\w+$", request.url):
+            reads.append(request.timing["startTime"])
 
     def gone(route) -> None:
         refused.append(route.request.url)
@@ -612,8 +618,15 @@ def test_a_turn_whose_events_are_gone_is_polled_to_its_end(session, page, api):
     session[1].expected.append(r"400 .*@ .*/v1/responses/resp_\w+\?stream=true")
     response_id = reload_mid_answer(page, api)
     assert page.locator("#stop").is_visible()
+    page.on("requestfinished", on_read)
     assert_shown_whole(page, api, response_id)
-    assert refused
+    assert refused and reads
+    assert all(b - a >= 1_450 for a, b in pairwise(reads)), reads
+
+
+# The pause before a followed response is read again, for the tests that only wait it out
+# (the page's own is 1.5 s).
+SHORT_FOLLOW_MS = 100
 
 
 @pytest.mark.parametrize("status", [503, 429])
@@ -635,6 +648,7 @@ def test_a_followed_turn_refused_for_now_is_followed_again(session, page, api, s
 
     page.route(re.compile(r"/v1/responses/resp_\w+(\?stream=true.*)?$"), refuse_once)
     session[1].expected.append(rf"{status} .*@ .*/v1/responses/resp_\w+")
+    page.add_init_script(f"localStorage.setItem('tokenmill.followMs', '{SHORT_FOLLOW_MS}')")
     response_id = reload_mid_answer(page, api)
     assert_shown_whole(page, api, response_id)
     assert refused == ["stream", "read"]
