@@ -550,18 +550,21 @@ def words(text: str) -> list[str]:
     return re.findall(r"[^\W\d_]{2,}", text)
 
 
-# Answers followed to their end: long enough to outlast a reload (~10 s), no longer, as the
-# tests wait for them.
-FOLLOWED_TOKENS = 160
+# Answers followed to their end after a reload: long enough to outlast it, no longer, as
+# the tests wait for them. The reload takes well under a second, while the server generates
+# the 60 tokens left after the first words for seconds; an answer that ended first fails
+# reload_mid_answer rather than pass unfollowed.
+FOLLOWED_TOKENS = 64
 
 
 def reload_mid_answer(page, api) -> str:
     """Starts a long answer, reloads the page while the server still generates it and
-    returns its id."""
+    returns its id, once the page follows it as a live turn."""
     start_long_answer(page, FOLLOWED_TOKENS)
     wait_for_answer_text(page)
     [response_id] = turns(page)
     reload_when_saved(page)
+    assert page.locator("#stop").is_visible(), "the answer ended before the reload"
     return response_id
 
 
@@ -581,8 +584,7 @@ def test_a_turn_reloaded_mid_answer_streams_on_to_its_end(page, api):
     generates (GET /v1/responses/{id}?stream=true, from its start), as a live turn, to its
     end, and writes its transcript."""
     response_id = reload_mid_answer(page, api)
-    assert page.locator("#stop").is_visible()  # followed, not shown as finished
-    assert page.get_attribute(".turn", "aria-busy") == "true"
+    assert page.get_attribute(".turn", "aria-busy") == "true"  # followed, not shown as finished
     assert_shown_whole(page, api, response_id)
     conversation = page.evaluate("location.hash")[1:]
     items = api.get(f"/v1/conversations/{conversation}/items?order=asc").json()["data"]
@@ -617,7 +619,6 @@ def test_a_turn_whose_events_are_gone_is_polled_to_its_end(session, page, api):
     page.route("**/v1/responses/resp_*?stream=true*", gone)
     session[1].expected.append(r"400 .*@ .*/v1/responses/resp_\w+\?stream=true")
     response_id = reload_mid_answer(page, api)
-    assert page.locator("#stop").is_visible()
     page.on("requestfinished", on_read)
     assert_shown_whole(page, api, response_id)
     assert refused and reads
@@ -680,7 +681,7 @@ def test_a_stream_closed_mid_answer_is_taken_up_again(page, api):
     followed: list[str] = []
     page.on("request", lambda r: followed.append(r.url) if "stream=true" in r.url else None)
     before = finished_turns(page)
-    start_long_answer(page, FOLLOWED_TOKENS)
+    start_long_answer(page, 24)  # ten deltas streamed, the rest taken up
     wait_for_turn(page, before)
     [response_id] = turns(page)
     assert any(url.endswith(f"starting_after={after[-1]}") for url in followed), followed
