@@ -262,9 +262,11 @@ def test_stop_does_not_wait_for_a_server_that_does_not_answer(page):
     """A cancel the server never answers (stopped, overloaded): Stop still ends the turn
     on the page, within a few seconds, by closing the connection."""
     page.route("**/cancel", lambda route: None)  # the request hangs, never answered
+    page.clock.install()
     start_long_answer(page)
     wait_for_answer_text(page)
     page.click("#stop")
+    page.clock.run_for(2_000)  # Stop's wait for the cancel, run forward
     page.wait_for_selector("#send:not([hidden])", timeout=10_000)  # never, before the fix
     assert page.locator("#messages").get_by_text("Stopped.").is_visible()
 
@@ -336,8 +338,10 @@ def test_a_turn_given_up_before_its_answer_began_is_cancelled_when_its_id_comes(
     """Stop, or leaving the chat, while the stream's first bytes are still held back past
     the few seconds Stop waits: the turn ends on the page at once (its message back in the
     box), and its response is cancelled once its first event arrives after all."""
+    page.clock.install()
     response_id, body, [route] = hold_first_bytes(page, api)
     page.click(control)
+    page.clock.run_for(2_000)  # Stop's wait for the cancel, run forward
     page.wait_for_selector("#send:not([hidden])", timeout=10_000)
     assert turns(page) == [] and page.input_value("#prompt") == LONG_PROMPT
     if control == "#stop":
