@@ -30,7 +30,7 @@ SCREENSHOT = ROOT / "docs" / "images" / "chat.png"
 TAKE_SCREENSHOT = os.environ.get("TOKENMILL_SCREENSHOT") == "1"
 EVIL = "<img src=x onerror=window.pwned=1>"
 SCRIPT = "<script>window.pwned=2</script>"
-SETTINGS = json.dumps({"max_output_tokens": 12, "temperature": 0})  # short answers
+SETTINGS = json.dumps({"max_output_tokens": 6, "temperature": 0})  # short answers: a few words
 
 
 @pytest.fixture(scope="module")
