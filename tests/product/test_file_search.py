@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 
 import httpx
@@ -368,10 +369,19 @@ def test_malformed_vector_store_bodies_are_400s(knowledge):
     assert server.client.vector_stores.files.list(vs).data  # the store still reads back
 
 
-def test_a_file_added_again_while_indexing_is_indexed_as_added_last(knowledge):
+def test_a_file_added_again_while_indexing_is_indexed_as_added_last(knowledge, monkeypatch):
     """The first ingestion (old attributes, 800-token chunks) must not write its chunks
     under the row of the second (new attributes, one big chunk)."""
     server, vs, _ = knowledge("unused")
+    service = server.product.vector_stores
+    under_way = threading.Event()
+    ingest = service._ingest_claimed
+
+    async def signalling_ingest(*args):
+        under_way.set()
+        return await ingest(*args)
+
+    monkeypatch.setattr(service, "_ingest_claimed", signalling_ingest)
     words = [
         "apple",
         "river",
@@ -387,13 +397,17 @@ def test_a_file_added_again_while_indexing_is_indexed_as_added_last(knowledge):
     text = " ".join(words[(i * 7) % len(words)] for i in range(4000)).encode()
     file_id = server.client.files.create(file=("long.txt", text), purpose="assistants").id
     server.client.vector_stores.files.create(vs, file_id=file_id, attributes={"v": "old"})
-    time.sleep(0.3)  # the first ingestion is under way
+    [first] = [task for key, task in list(service._running.items()) if key[2] == file_id]
+    assert under_way.wait(30)  # the first ingestion has its claim and reads the file
     big = {"type": "static", "static": {"max_chunk_size_tokens": 4096, "chunk_overlap_tokens": 0}}
     server.client.vector_stores.files.create(
         vs, file_id=file_id, attributes={"v": "new"}, chunking_strategy=big
     )
     _wait_indexed(server.client, vs)
-    time.sleep(1)  # anything the first ingestion would still write
+    deadline = time.monotonic() + 30
+    while not first.done():  # anything the first ingestion would still write is written
+        assert time.monotonic() < deadline, "the first ingestion never ended"
+        time.sleep(0.01)
     assert server.client.vector_stores.files.retrieve(file_id, vector_store_id=vs).status == (
         "completed"
     )
