@@ -148,8 +148,20 @@ def test_transformers_baseline_times_every_step(tiny_model_dir):
 
 
 def test_quick_run_against_tokenmill(tmp_path, capsys):
+    """The harness end to end on the real server, eager and without the embedder: the wait
+    for a background compile is the test above's, and the compiled server's is
+    tests/server/test_live.py's, so this run does not wait the seconds of both."""
     out = tmp_path / "serving.md"
-    rows = bench.main(["--quick", "--skip-transformers", "--markdown", str(out)])
+    rows = bench.main(
+        [
+            "--quick",
+            "--skip-transformers",
+            "--tokenmill-args",
+            "--compile off --no-embeddings",
+            "--markdown",
+            str(out),
+        ]
+    )
     assert [(r.system, r.concurrency, r.requests, r.failed) for r in rows] == [
         ("tokenmill", 1, 4, 0),
         ("tokenmill", 4, 8, 0),
