@@ -2,7 +2,9 @@
 (SQLite in its data directory, or PostgreSQL) intact: every response a client saw complete
 is there, those cut off are incomplete with their usage recorded, and a conversation
 started before the kill goes on after it. On PostgreSQL the restarted server is another
-server id: it recovers the killed one's turns because nobody holds that one's lock."""
+server id: it recovers the killed one's turns because nobody holds that one's lock. The
+servers run without the embedder: nothing here embeds, and each of the four start-ups and
+stops would load and close it."""
 
 from __future__ import annotations
 
@@ -85,7 +87,7 @@ def _counts(url: str) -> tuple[int, int]:
 
 def test_sigkill_mid_streams_leaves_an_intact_store(store_args):
     args, url = store_args
-    server = start_server("--compile", "off", *args)
+    server = start_server("--compile", "off", "--no-embeddings", *args)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         conv = client.conversations.create()
@@ -106,7 +108,7 @@ def test_sigkill_mid_streams_leaves_an_intact_store(store_args):
     # budget, incomplete
     checkpointed, recorded = _counts(url)
 
-    server = start_server("--compile", "off", *args)
+    server = start_server("--compile", "off", "--no-embeddings", *args)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         for response_id, seen in completed.items():
