@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -976,19 +977,33 @@ def test_upgrading_a_store_finds_cjk_words_in_chunks_indexed_before(database_url
 def test_servers_starting_together_upgrade_an_older_index_once(postgres, monkeypatch):
     """Two servers start at once on a database whose PostgreSQL index an older version
     made: both get the index, one after the other, rather than one deadlocking with the
-    other on the table's locks and serving no vector stores."""
+    other on the table's locks and serving no vector stores. The first to reach the
+    upgrade waits for the other to reach it too (then they run it together) or to be
+    seen waiting for the migrations' lock (then they take turns), 3 s at most."""
     url = postgres.create_database()
     _older_text_index(url)
     upgrade = pg_index._upgrade_keywords
-    both_there = threading.Barrier(2)
+    arrived: list[Connection] = []
+    stores = [Store(url), Store(url)]
+
+    def other_waits_for_the_lock() -> bool:
+        with stores[0].engine.connect() as conn:
+            waiting = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+            )
+            return waiting.scalar_one() > 0
 
     def meet_then_upgrade(conn: Connection) -> None:
-        with contextlib.suppress(threading.BrokenBarrierError):  # the other one waits
-            both_there.wait(timeout=3)
+        arrived.append(conn)
+        deadline = time.monotonic() + 3
+        while len(arrived) < 2 and not other_waits_for_the_lock():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         upgrade(conn)
 
     monkeypatch.setattr(pg_index, "_upgrade_keywords", meet_then_upgrade)
-    stores = [Store(url), Store(url)]
     reasons: list[str | None] = []
     _run_together([lambda s=s: reasons.append(kb.prepare_index(s.repo)) for s in stores])
     for store in stores:
