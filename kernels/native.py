@@ -2,10 +2,11 @@
 
 Why C++ here when the rest of the CPU path is ATen and Inductor: neither has a fast int8 GEMM
 for the few rows of a decode step on CPUs without AMX (`kernels/csrc/int8_gemm.cpp` says
-how much). The build takes 20-40 s on two cores, once per checkout: PyTorch's extension
-loader caches the library (`build_directory`) and rebuilds only when a source changes. The
-engine builds it on its background compile thread (engine/compilation.py), never on a
-request's path.
+how much). A target builds as one translation unit (kernels/csrc/kernels.cpp includes the
+kernel files, so the ATen and torch headers are parsed once), in ~25 s of one core's time,
+once per checkout: PyTorch's extension loader caches the library (`build_directory`) and
+rebuilds only when the source, a file it includes, or a flag changes. The engine builds it
+on its background compile thread (engine/compilation.py), never on a request's path.
 
 The same sources build for each instruction set in `ISAS` (kernels/csrc/simd.h), one library
 per target, chosen at run time by `cpu_isa`: AVX-512 VNNI, AVX2 + FMA, or portable C++.
@@ -40,11 +41,21 @@ from torch.utils import cpp_extension
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [
-    Path(__file__).parent / "csrc" / f
-    for f in ("int8_gemm.cpp", "paged_attention.cpp", "layer_ops.cpp", "decode_layers.cpp")
+_CSRC = Path(__file__).parent / "csrc"
+# One translation unit per target: kernels.cpp includes the kernel files, so that the ATen and
+# torch headers they share are parsed once, not once per file (kernels/csrc/kernels.cpp).
+_SOURCE = _CSRC / "kernels.cpp"
+_INCLUDED = [
+    _CSRC / f
+    for f in (
+        "int8_gemm.cpp",
+        "paged_attention.cpp",
+        "layer_ops.cpp",
+        "decode_layers.cpp",
+        "tokenmill.h",
+        "simd.h",
+    )
 ]
-_HEADERS = [Path(__file__).parent / "csrc" / f for f in ("tokenmill.h", "simd.h")]
 
 # The kernels' targets, fastest first, with the compiler flags that select each one's code in
 # kernels/csrc (simd.h, int8_gemm.cpp). Each is named explicitly (not -march=native) so that a
@@ -143,7 +154,7 @@ def build_directory(isa: str | None = None) -> Path:
     clones do not rebuild over each other), target, and torch and Python version, under
     ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
-    checkout = hashlib.sha256(str(_SOURCES[0].parent.resolve()).encode()).hexdigest()[:12]
+    checkout = hashlib.sha256(str(_CSRC.resolve()).encode()).hexdigest()[:12]
     version = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
     return Path(root) / f"tokenmill_cpu-{isa or cpu_isa()}-{version}-{checkout}"
 
@@ -182,11 +193,11 @@ def ops(isa: str):
     return getattr(torch.ops, f"tokenmill_{isa}")
 
 
-def _headers_flag() -> str:
-    """A define that changes with the headers: PyTorch's loader rebuilds when a source or a
-    flag changes, and does not look at headers."""
-    digest = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]
-    return f"-DTM_HEADERS={digest}"
+def _included_flag() -> str:
+    """A define that changes with the files kernels.cpp includes: PyTorch's loader versions a
+    build by its sources and flags, and does not look at what a source includes."""
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in _INCLUDED)).hexdigest()[:16]
+    return f"-DTM_INCLUDED={digest}"
 
 
 def put_ninja_on_path() -> None:
@@ -216,10 +227,10 @@ def _load(isa: str) -> None:
         (directory / "lock").unlink(missing_ok=True)
         cpp_extension.load(
             name=f"tokenmill_cpu_{isa}",
-            sources=[str(s) for s in _SOURCES],
-            extra_cflags=[*_CFLAGS, *_ISA_CFLAGS[isa], f"-DTM_OPS={namespace}", _headers_flag()],
+            sources=[str(_SOURCE)],
+            extra_cflags=[*_CFLAGS, *_ISA_CFLAGS[isa], f"-DTM_OPS={namespace}", _included_flag()],
             extra_ldflags=["-fopenmp"],
-            extra_include_paths=[str(_SOURCES[0].parent)],
+            extra_include_paths=[str(_CSRC)],
             build_directory=str(directory),
             is_python_module=False,
         )

@@ -61,6 +61,32 @@ def test_each_target_builds_into_its_own_directory():
     assert len(directories) == len(kernels.native.ISAS)
 
 
+def test_a_change_to_any_file_the_build_includes_rebuilds_it(monkeypatch, tmp_path):
+    """The build compiles one source, kernels.cpp, which includes the kernel files and
+    headers; PyTorch's loader rebuilds only when that source or a flag changes, so every file
+    it includes must feed the flag `_included_flag` hashes."""
+    csrc = kernels.native._SOURCE.parent
+    included, pending = set(), [kernels.native._SOURCE]
+    while pending:
+        for line in pending.pop().read_text().splitlines():
+            if line.startswith('#include "') and (name := line.split('"')[1]) not in included:
+                included.add(name)
+                pending.append(csrc / name)
+    assert included == {f.name for f in kernels.native._INCLUDED}
+    # Every kernel file in the package is part of the build.
+    assert {f.name for f in csrc.glob("*.cpp")} - included == {kernels.native._SOURCE.name}
+    copies = []
+    for f in kernels.native._INCLUDED:
+        copies.append(tmp_path / f.name)
+        copies[-1].write_bytes(f.read_bytes())
+    monkeypatch.setattr(kernels.native, "_INCLUDED", copies)
+    flags = {kernels.native._included_flag()}
+    for copy in copies:
+        copy.write_bytes(copy.read_bytes() + b"\n")
+        flags.add(kernels.native._included_flag())
+    assert len(flags) == len(copies) + 1
+
+
 def test_importing_the_engine_leaves_no_import_hooks_to_the_compile_thread():
     """setuptools (under torch.utils.cpp_extension) edits sys.meta_path on its first import,
     which races with imports on other threads; the engine's import must have done it."""
