@@ -84,6 +84,10 @@ ISA_ENV = "TOKENMILL_CPU_ISA"
 # AVX2 GEMM's vpmaddubsw sums two products of an activation byte (up to 255) and a weight in
 # 16 signed bits, which only |w| <= 64 keeps from saturating (kernels/csrc/int8_gemm.cpp).
 _INT8_WEIGHT_RANGES = {"avx2": (-64, 64)}
+# The activation codes [-limit, limit] each target's int8 GEMM rounds its inputs to, where
+# not 127: the AVX2 GEMM adds two such pair sums in 16 bits before widening them, which
+# codes + 64 <= 127 against those weights keep exact (4 x 127 x 64 = 32512).
+_INT8_ACTIVATION_LIMITS = {"avx2": 63}
 
 
 @functools.cache
@@ -147,6 +151,13 @@ def int8_weight_range(isa: str) -> tuple[int, int]:
     its weights to the range of the target the process runs (`cpu_isa`), so on the AVX2
     target it computes with weights of 7 bits and a sign where the others keep 8 bits."""
     return _INT8_WEIGHT_RANGES.get(isa, (-128, 127))
+
+
+def int8_activation_limit(isa: str) -> int:
+    """The largest activation code `isa`'s int8 GEMM rounds each row to (``max|row|`` maps
+    to it): 63 on the AVX2 target, whose GEMM then spends three multiplies per 64
+    multiply-adds instead of four, 127 elsewhere."""
+    return _INT8_ACTIVATION_LIMITS.get(isa, 127)
 
 
 def build_directory(isa: str | None = None) -> Path:

@@ -294,12 +294,13 @@ def quantize_rows_int8(
 
 
 def int8_dynamic_linear(
-    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, activation_limit: int = 127
 ) -> torch.Tensor:
-    """`int8_linear` with the activations quantized too: each row of ``x`` is rounded to int8
-    with its own scale (`quantize_rows_int8`), the integer product is exact, and the result is
-    ``(xq @ qweight.T) * x_scale[:, None] * scale``, returned in ``x.dtype``."""
-    xq, x_scale = quantize_rows_int8(x)
+    """`int8_linear` with the activations quantized too: each row of ``x`` is rounded to codes
+    in [-activation_limit, activation_limit] with its own scale (`quantize_rows_int8`; a CPU
+    target's limit is `kernels.native.int8_activation_limit`), the integer product is exact,
+    and the result is ``(xq @ qweight.T) * x_scale[:, None] * scale``, in ``x.dtype``."""
+    xq, x_scale = quantize_rows_int8(x, limit=activation_limit)
     acc = xq.double() @ qweight.double().T  # exact: |sums| stay far below 2**53
     return (acc.float() * x_scale[:, None] * scale.float()).to(x.dtype)
 
@@ -322,12 +323,16 @@ def pack_int8_vnni(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_packed_linear(
-    x: torch.Tensor, packed: torch.Tensor, comp: torch.Tensor, scale: torch.Tensor
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    comp: torch.Tensor,
+    scale: torch.Tensor,
+    activation_limit: int = 127,
 ) -> torch.Tensor:
     """`int8_dynamic_linear` on a weight packed by `pack_int8_vnni` (``comp`` follows from the
     weight, so the reference ignores it)."""
     qweight = packed.transpose(1, 2).reshape(packed.shape[0] * 16, packed.shape[1] * 4)
-    return int8_dynamic_linear(x, qweight, scale)
+    return int8_dynamic_linear(x, qweight, scale, activation_limit)
 
 
 def pack_int4(qweight: torch.Tensor) -> torch.Tensor:
@@ -371,18 +376,22 @@ def decode_layers(
     num_heads: int,
     eps: float,
     scale: float,
+    activation_limit: int = 127,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every decoder layer of a decode step (one query token per sequence), as engine.model
     runs them with w8a8 linears: returns (hidden states, residual) after the last layer and
     writes each layer's K/V. ``layers`` holds each layer's operands by the slot names of
     kernels/csrc/decode_layers.cpp (`kernels.native.decode_layer_slots`): a linear's
-    `pack_int8_vnni` weight, comp, per-output scale and optional SmoothQuant input scale."""
+    `pack_int8_vnni` weight, comp, per-output scale and optional SmoothQuant input scale.
+    ``activation_limit``: as in `int8_dynamic_linear`."""
     rows, head_dim = x.shape[0], k_caches[0].shape[-1]
 
     def linear(h: torch.Tensor, w: Mapping, name: str) -> torch.Tensor:
         if w[f"{name}_input_scale"] is not None:
             h = h * w[f"{name}_input_scale"]
-        return int8_packed_linear(h, w[f"{name}_packed"], w[f"{name}_comp"], w[f"{name}_scale"])
+        return int8_packed_linear(
+            h, w[f"{name}_packed"], w[f"{name}_comp"], w[f"{name}_scale"], activation_limit
+        )
 
     for w, k_cache, v_cache in zip(layers, k_caches, v_caches, strict=True):
         h, residual = rms_norm(x, w["input_norm"], eps, residual)

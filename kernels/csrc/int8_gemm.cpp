@@ -3,12 +3,15 @@
 // * AVX-512 VNNI: vpdpbusd, four multiply-adds of 16 outputs in one instruction.
 // * AVX-VNNI (Intel client CPUs from Alder Lake on, which lack AVX-512): vpdpbusd on ymm,
 //   four multiply-adds of 8 outputs in one instruction.
-// * AVX2: vpmaddubsw + vpmaddwd + vpaddd, three instructions per 32 multiply-adds.
+// * AVX2: two vpmaddubsw, a vpaddw, a vpmaddwd and a vpaddd per 64 multiply-adds.
 //   vpmaddubsw adds two products of an unsigned activation byte and a signed weight in 16
-//   signed bits, which holds only for |w| <= 64 (2 x 255 x 64 = 32640), so on this target
-//   w8a8 rounds its weights to [-64, 64] (kernels.native.int8_weight_range) and packing
-//   refuses others. Full-range weights need |w| * sign(a, w) on signed activations: a
-//   fourth instruction per 32 multiply-adds, and a GEMM 1.4x slower.
+//   signed bits; two such sums (four products) still fit there when activations are at
+//   most 127 and |w| <= 64 (4 x 127 x 64 = 32512). So on this target w8a8 rounds its
+//   weights to [-64, 64] (kernels.native.int8_weight_range; packing refuses others) and its
+//   activations to [-63, 63] (kernels.native.int8_activation_limit), stored as code + 64,
+//   and the multiplies, the bound on this instruction sequence, fall from four to three
+//   per 64 multiply-adds. Full-range activations (one vpmaddwd per vpmaddubsw) make a GEMM
+//   ~1.3x slower, full-range weights (|w| * sign(a, w), a fourth instruction) slower still.
 // * generic: plain C++ loops over the same layout.
 //
 // Why not torch._int_mm: oneDNN's kernel is tuned for large row counts; at the 1-32 rows of a
@@ -17,14 +20,15 @@
 // scaling also cost extra passes around it. This kernel takes float32 activations, rounds
 // each row to int8 exactly as kernels.reference.quantize_rows_int8 does, and writes float32
 // outputs scaled as kernels.cpu_ops.int8_dynamic_linear scales them. Integer sums are exact on
-// every target, so all of them agree with that function, and with each other, bit for bit.
+// every target, so all of them agree with that function (given the target's activation
+// limit) bit for bit.
 //
 // Layout: the weight [N, K] (int8, one scale per output) is packed by
 // kernels.reference.pack_int8_vnni as [N / 16][K / 4][16][4]: one 64-byte load gives four
 // consecutive k of 16 outputs, the operand of one vpdpbusd (two ymm loads on AVX2 and
 // AVX-VNNI). vpdpbusd and vpmaddubsw multiply unsigned by signed bytes, so on the SIMD
-// targets activations are stored as q + 128 and 128 * sum_k w[n, k] (`comp`) is subtracted
-// from every sum; the generic target stores q.
+// targets activations are stored as q + 128 (q + 64 on AVX2) and 128 * sum_k w[n, k]
+// (`comp`; half of it on AVX2) is subtracted from every sum; the generic target stores q.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -54,6 +58,7 @@ inline void prefetch_next(const int8_t* prefetch, int64_t k, int prefetch_blocks
 
 #if defined(__AVX512VNNI__)
 
+constexpr int kActivationLimit = 127;
 constexpr int kActivationOffset = 128;
 constexpr int kRows = 4;    // rows per register tile
 constexpr int kBlocks = 4;  // column blocks per register tile (4 x 4 accumulators)
@@ -109,9 +114,14 @@ void tile(const uint8_t* a, int64_t k_len, const int8_t* b, int64_t block_bytes,
 
 #else  // AVX-VNNI, AVX2 and generic: one column block per tile
 
-#if defined(__AVX2__)
+#if defined(__AVXVNNI__)
+constexpr int kActivationLimit = 127;
 constexpr int kActivationOffset = 128;  // unsigned activations, as on AVX-512 VNNI
+#elif defined(__AVX2__)
+constexpr int kActivationLimit = 63;  // codes + 64 <= 127: two pair sums add in 16 bits
+constexpr int kActivationOffset = 64;
 #else
+constexpr int kActivationLimit = 127;
 constexpr int kActivationOffset = 0;  // signed activations
 #endif
 constexpr int kRows = 4;
@@ -122,28 +132,57 @@ constexpr int kBlocks = 1;
 template <int MB>
 void block_sums(const uint8_t* a, int64_t k_len, const int8_t* b, const int8_t* prefetch,
                 int prefetch_blocks, int32_t (*sums)[kLanes]) {
-  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
   const __m256i z = _mm256_setzero_si256();
   __m256i c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z;
+  const auto weights = [&](int64_t k, int half) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k * kLanes + 32 * half));
+  };
+  const auto activations = [&](int row, int64_t k) {
+    return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(a + row * k_len + k));
+  };
+  int64_t k = 0;
 #if defined(__AVXVNNI__)
-#define TM_HALF(acc, w) acc = _mm256_dpbusd_avx_epi32(acc, av, w);
-#else
-#define TM_HALF(acc, w) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(av, w), ones));
-#endif
 #define TM_ROW(I)                                                                        \
   if constexpr (MB > I) {                                                                \
-    const __m256i av = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(a + I * k_len + k)); \
-    TM_HALF(c##I##0, w0)                                                                 \
-    TM_HALF(c##I##1, w1)                                                                 \
+    const __m256i av = activations(I, k);                                                \
+    c##I##0 = _mm256_dpbusd_avx_epi32(c##I##0, av, w0);                                  \
+    c##I##1 = _mm256_dpbusd_avx_epi32(c##I##1, av, w1);                                  \
   }
-  for (int64_t k = 0; k < k_len; k += 4) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k * kLanes));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k * kLanes + 32));
+#else
+  // Eight consecutive k per step: the 16-bit sums of k..k+3 and k+4..k+7 add exactly
+  // (codes + 64 <= 127, |w| <= 64), then one vpmaddwd widens both to 32 bits.
+  const __m256i ones = _mm256_set1_epi16(1);
+#define TM_PAIR(acc, lo, hi) \
+  acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(av, lo), _mm256_maddubs_epi16(av4, hi)), ones));
+#define TM_ROW8(I)                                                                       \
+  if constexpr (MB > I) {                                                                \
+    const __m256i av = activations(I, k), av4 = activations(I, k + 4);                   \
+    TM_PAIR(c##I##0, w0, w2)                                                             \
+    TM_PAIR(c##I##1, w1, w3)                                                             \
+  }
+  for (; k + 8 <= k_len; k += 8) {
+    const __m256i w0 = weights(k, 0), w1 = weights(k, 1), w2 = weights(k + 4, 0),
+                  w3 = weights(k + 4, 1);
+    TM_ROW8(0) TM_ROW8(1) TM_ROW8(2) TM_ROW8(3)
+    prefetch_next(prefetch, k, prefetch_blocks);
+    prefetch_next(prefetch, k + 4, prefetch_blocks);
+  }
+#undef TM_ROW8
+#undef TM_PAIR
+  // K % 8 == 4: the last four k alone.
+#define TM_ROW(I)                                                                        \
+  if constexpr (MB > I) {                                                                \
+    const __m256i av = activations(I, k);                                                \
+    c##I##0 = _mm256_add_epi32(c##I##0, _mm256_madd_epi16(_mm256_maddubs_epi16(av, w0), ones)); \
+    c##I##1 = _mm256_add_epi32(c##I##1, _mm256_madd_epi16(_mm256_maddubs_epi16(av, w1), ones)); \
+  }
+#endif
+  for (; k < k_len; k += 4) {
+    const __m256i w0 = weights(k, 0), w1 = weights(k, 1);
     TM_ROW(0) TM_ROW(1) TM_ROW(2) TM_ROW(3)
     prefetch_next(prefetch, k, prefetch_blocks);
   }
 #undef TM_ROW
-#undef TM_HALF
   const __m256i acc[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
   for (int i = 0; i < MB; ++i)
     for (int h = 0; h < 2; ++h)
@@ -177,7 +216,8 @@ void tile(const uint8_t* a, int64_t k_len, const int8_t* b, int64_t, const int32
   // (sum * row scale) * column scale, the order of cpu_ops.int8_dynamic_linear.
   for (int i = 0; i < MB; ++i)
     for (int64_t n = 0; n < kLanes; ++n) {
-      const int32_t sum = sums[i][n] - (kActivationOffset != 0 ? comp[n] : 0);
+      // comp = 128 * sum_k w[n, k], exactly twice the AVX2 target's 64 * sum.
+      const int32_t sum = sums[i][n] - comp[n] / 128 * kActivationOffset;
       c[i * ldc + n] = static_cast<float>(sum) * a_scale[i] * b_scale[n];
     }
 }
@@ -195,15 +235,15 @@ constexpr std::array<TileFn, kBlocks + 1> kTileRow = tile_row<MB>(std::make_inde
 constexpr const TileFn* kTiles[kRows + 1] = {nullptr, kTileRow<1>.data(), kTileRow<2>.data(),
                                              kTileRow<3>.data(), kTileRow<4>.data()};
 
-// One row to codes round(x / s) (+ kActivationOffset) with s = max|x| / 127, as
-// quantize_rows_int8 rounds it: true division and round-half-even.
+// One row to codes round(x / s) (+ kActivationOffset) with s = max|x| / kActivationLimit,
+// as quantize_rows_int8 rounds it: true division and round-half-even.
 void quantize_row(const float* x, int64_t k_len, uint8_t* q, float* scale) {
   F16 m = simd::zero();
   int64_t k = 0;
   for (; k + kLanes <= k_len; k += kLanes) m = simd::max(m, simd::abs(simd::load(x + k)));
   float absmax = simd::reduce_max(m);
   for (; k < k_len; ++k) absmax = std::max(absmax, std::fabs(x[k]));
-  const float s = std::max(absmax / 127.0f, 1.17549435e-38f);  // the smallest normal float
+  const float s = std::max(absmax / kActivationLimit, 1.17549435e-38f);  // the smallest normal float
   const F16 sv = simd::set1(s);
   k = 0;
 #if defined(__AVX512F__)

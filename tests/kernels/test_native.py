@@ -69,7 +69,8 @@ def test_vnni_linear_equals_aten_path_bit_for_bit(m, n, k, outliers, seed):
     packed, comp = kernels.pack_int8_vnni(q)
     out = cpu_ops.int8_packed_linear(x, packed, comp, s)
     assert torch.equal(out, cpu_ops.int8_dynamic_linear(x, q, s))
-    assert torch.equal(out, reference.int8_packed_linear(x, packed, comp, s))
+    limit = kernels.native.int8_activation_limit(kernels.native.target())
+    assert torch.equal(out, reference.int8_packed_linear(x, packed, comp, s, limit))
 
 
 @example_budget(cpu=40, cuda=40)
@@ -96,19 +97,22 @@ def test_swiglu_gemm_equals_the_linear_then_silu_and_mul_bit_for_bit(
     assert torch.equal(fused, kernels.native.silu_and_mul(gate_up, input_scale))
 
 
-def test_the_largest_products_are_exact():
-    """Rows of codes +-127 against the target's extreme weights: on AVX2, vpmaddubsw's 16-bit
-    pair sums reach 2 x 255 x 64, one step short of saturating."""
+@pytest.mark.parametrize("k", [64, 68])  # K % 8 == 4 takes the AVX2 GEMM's four-k tail
+def test_the_largest_products_are_exact(k):
+    """Rows of the extreme activation codes against the target's extreme weights: on AVX2,
+    two vpmaddubsw pair sums added in 16 bits reach 4 x 127 x 64, 255 short of saturating."""
     low, high = kernels.native.int8_weight_range(kernels.native.target())
-    x = torch.full((3, 64), 127.0)  # row scale 1: every code is 127
-    x[1] = -127.0
-    x[2, ::2] = -127.0
-    q = torch.full((32, 64), high, dtype=torch.int8)
+    limit = kernels.native.int8_activation_limit(kernels.native.target())
+    x = torch.full((3, k), float(limit))  # row scale 1: every code is the limit
+    x[1] = -float(limit)
+    x[2, ::2] = -float(limit)
+    q = torch.full((32, k), high, dtype=torch.int8)
     q[16:] = low
     s = torch.ones(32)
     out = cpu_ops.int8_packed_linear(x, *kernels.pack_int8_vnni(q), s)
     assert torch.equal(out, cpu_ops.int8_dynamic_linear(x, q, s))
-    assert out[0, 0] == 127 * high * 64 and out[0, 16] == 127 * low * 64
+    assert out[0, 0] == limit * high * k and out[0, 16] == limit * low * k
+    assert out[1, 0] == -limit * high * k and bool((out[2] == 0).all())
 
 
 def test_packing_refuses_codes_the_target_would_saturate():
@@ -347,8 +351,9 @@ def test_decode_stack_matches_reference(
     )
     caches = [(k.to(cache_dtype), v.to(cache_dtype)) for k, v in caches]
     native_caches = [(k.clone(), v.clone()) for k, v in caches]
+    limit = kernels.native.int8_activation_limit(kernels.native.target())
     expected = reference.decode_layers(
-        *args, [k for k, _ in caches], [v for _, v in caches], heads, 1e-5, scale
+        *args, [k for k, _ in caches], [v for _, v in caches], heads, 1e-5, scale, limit
     )
     out = kernels.native.decode_layers(
         *args, [k for k, _ in native_caches], [v for _, v in native_caches], heads, 1e-5, scale
