@@ -171,11 +171,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_close_does_not_wait_for_a_child_that_gets_no_cpu():
+def test_close_does_not_wait_for_a_child_that_gets_no_cpu(prep):
     """At SCHED_IDLE on a busy machine the child may not run for a long while (a stopped
-    child stands in for it here); the server's exit must not wait for it."""
-    prep = PrepProcess(PromptContext(FakeTokenizer(), 8, 8, 8))
-    prep.start()
+    child stands in for it here); the server's exit must not wait for it. (The module's
+    process serves: a closed one starts a new child on its next use, as after a death.)"""
     child = asyncio.run(prep.run(os.getpid))
     os.kill(child, signal.SIGSTOP)
     closing = threading.Thread(target=prep.close, daemon=True)
