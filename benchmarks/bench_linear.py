@@ -65,9 +65,11 @@ for _isa in kernels.native.runnable_isas():
     )
 
 
-def step_ms(fmt: str, rows: int, repeats: int, shared: bool = False) -> float:
+def step_ms(
+    fmt: str, rows: int, repeats: int, shared: bool = False, clock=time.perf_counter
+) -> float:
     """The best of `repeats` steps through 30 layers of `fmt` at `rows` rows: each layer's
-    own weights, or (`shared`) the first layer's serving all 30."""
+    own weights, or (`shared`) the first layer's serving all 30, timed by `clock`."""
     prepare, run, dtype = FORMATS[fmt]
     kept = 1 if shared else LAYERS
     layers = [[prepare(torch.randn(n, k) * 0.02) for n, k in SHAPES] for _ in range(kept)]
@@ -75,12 +77,12 @@ def step_ms(fmt: str, rows: int, repeats: int, shared: bool = False) -> float:
     inputs = [torch.randn(rows, k).to(dtype) for _, k in SHAPES]
     best = float("inf")
     for i in range(repeats + 1):
-        start = time.perf_counter()
+        start = clock()
         for weights in layers:
             for x, w in zip(inputs, weights, strict=True):
                 run(x, w)
         if i:  # the first pass warms up
-            best = min(best, time.perf_counter() - start)
+            best = min(best, clock() - start)
     return best * 1e3
 
 
@@ -95,7 +97,16 @@ def main() -> None:
         action="store_true",
         help="also time each format with one layer's weights serving all 30 (in cache)",
     )
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time the calling thread's CPU instead of the wall clock (one thread only): "
+        "a measure that other work on a busy machine leaves nearly unchanged",
+    )
     args = p.parse_args()
+    if args.cpu_time and args.threads != 1:
+        p.error("--cpu-time needs --threads 1: the other threads' CPU is not counted")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     print(f"ms per step (30 layers), {args.threads} thread(s)")
@@ -103,7 +114,7 @@ def main() -> None:
     print("| --- | --- |" + " --- |" * len(args.rows))
     for fmt in args.formats:
         for shared in (False, True) if args.shared_weights else (False,):
-            cells = [f"{step_ms(fmt, m, args.repeats, shared):.1f}" for m in args.rows]
+            cells = [f"{step_ms(fmt, m, args.repeats, shared, clock):.1f}" for m in args.rows]
             where = "one layer's, shared" if shared else "each layer's own"
             print(f"| {fmt} | {where} | " + " | ".join(cells) + " |", flush=True)
 

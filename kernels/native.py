@@ -149,7 +149,8 @@ def cpu_isa() -> str:
 def int8_weight_range(isa: str) -> tuple[int, int]:
     """The lowest and highest weight code `isa`'s int8 GEMM multiplies exactly. w8a8 rounds
     its weights to the range of the target the process runs (`cpu_isa`), so on the AVX2
-    target it computes with weights of 7 bits and a sign where the others keep 8 bits."""
+    target it computes with weights of 7 bits and a sign where the others keep 8 bits (and
+    activations of 6 bits and a sign, `int8_activation_limit`)."""
     return _INT8_WEIGHT_RANGES.get(isa, (-128, 127))
 
 

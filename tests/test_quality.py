@@ -1,9 +1,10 @@
 """The fast CPU default (w8a8: int8 weights, int8 activations at every row count with
 SmoothQuant calibration, bfloat16 KV cache) against the exact float32 configuration on the
 default model: perplexity on a fixed text within 1% (the README's claim; docs/performance.md
-measures 0.07-0.76% for the default) where the int8 GEMM takes 8-bit weights, and within 3%
-on the AVX2 target, whose GEMM takes codes in [-64, 64] (`kernels.native.int8_weight_range`;
-1.6-2.4% measured), and as many of 16 factual questions answered
+measures 0.07-0.76% for the default) where the int8 GEMM takes 8-bit weights, and within 5%
+on the AVX2 target, whose GEMM takes weight codes in [-64, 64] and activation codes in
+[-63, 63] (`kernels.native.int8_weight_range`, `int8_activation_limit`; 2.3% eager and 3.6%
+compiled measured), and as many of 16 factual questions answered
 correctly, give or take one: a question whose answer hangs on a first-token margin under
 0.1 nat (the capital of France, in float32) flips under any perturbation, bfloat16
 included. benchmarks/quality.py prints the full comparison.
@@ -32,7 +33,7 @@ def test_fast_default_keeps_perplexity_close_to_float32(exact_and_fast):
     base = perplexity(exact, TEXT)
     assert 5 < base < 60  # a sane value: the scorer itself works
     full_int8 = kernels.native.int8_weight_range(kernels.native.cpu_isa()) == (-128, 127)
-    bound = 0.01 if full_int8 else 0.03
+    bound = 0.01 if full_int8 else 0.05
     assert abs(perplexity(fast, TEXT) / base - 1) < bound
 
 
