@@ -148,16 +148,16 @@ def test_transformers_baseline_times_every_step(tiny_model_dir):
 
 
 def test_quick_run_against_tokenmill(tmp_path, capsys):
-    """The harness end to end on the real server, eager and without the embedder: the wait
-    for a background compile is the test above's, and the compiled server's is
-    tests/server/test_live.py's, so this run does not wait the seconds of both."""
+    """The harness end to end on the real server, without the embedder, which nothing here
+    uses. The server keeps its background compile: eager (`--compile off`) its w8a8 steps
+    run on ATen's int8 GEMM, and the run took 11.1 s against 8.0 s (quiet AMD EPYC,
+    avx512_vnni)."""
     out = tmp_path / "serving.md"
     rows = bench.main(
         [
             "--quick",
             "--skip-transformers",
-            "--tokenmill-args",
-            "--compile off --no-embeddings",
+            "--tokenmill-args=--no-embeddings",
             "--markdown",
             str(out),
         ]
