@@ -80,13 +80,12 @@ _ISA_CPU_FLAGS = {
     "generic": (),
 }
 ISA_ENV = "TOKENMILL_CPU_ISA"
-# The weight codes each target's int8 GEMM multiplies exactly, where not all of int8: the
-# AVX2 GEMM's vpmaddubsw sums two products of an activation byte (up to 255) and a weight in
-# 16 signed bits, which only |w| <= 64 keeps from saturating (kernels/csrc/int8_gemm.cpp).
+# The weight codes each target's int8 GEMM multiplies exactly, where not all of int8, and
+# the activation codes [-limit, limit] it rounds its inputs to, where not 127: the AVX2
+# GEMM's vpmaddubsw sums two products of an activation byte (code + 64, up to 127) and a
+# weight in 16 signed bits, and it adds two such sums there before widening them, which
+# |w| <= 64 keeps from saturating (4 x 127 x 64 = 32512; kernels/csrc/int8_gemm.cpp).
 _INT8_WEIGHT_RANGES = {"avx2": (-64, 64)}
-# The activation codes [-limit, limit] each target's int8 GEMM rounds its inputs to, where
-# not 127: the AVX2 GEMM adds two such pair sums in 16 bits before widening them, which
-# codes + 64 <= 127 against those weights keep exact (4 x 127 x 64 = 32512).
 _INT8_ACTIVATION_LIMITS = {"avx2": 63}
 
 
