@@ -151,8 +151,8 @@ def render_sources(
     omitted = len(hits) - len(sources)
     note = f"\n({omitted} more results were not shown.)" if omitted else ""
     ask = (
-        f"Question: {question}\nAnswer the question in one short sentence, using the "
-        "sources above, and end it with the source number in brackets, like "
+        f"Question: {question}\nAnswer the question in one short sentence from the "
+        "sources above, then write the number of the source you used in brackets, like "
         f"[{first_number}]."
         if question
         else "Answer from these sources when they are relevant, and cite each source you use "

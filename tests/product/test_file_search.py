@@ -140,8 +140,8 @@ def test_search_then_an_answer_citing_its_marker(knowledge):
     assert "# Tools" not in prompt  # with file_search the only tool, one search, then answer
     assert prompt.rstrip().endswith(
         f"Question: {QUESTION}\nAnswer the question in one short "
-        "sentence, using the sources above, and end it with the "
-        "source number in brackets, like [1].\n</tool_response>"
+        "sentence from the sources above, then write the number of the "
+        "source you used in brackets, like [1].\n</tool_response>"
         "<|im_end|>\n<|im_start|>assistant"
     )
     assert prompt.count("Question:") == 1  # not repeated after the output that asks it
