@@ -45,17 +45,8 @@ _CSRC = Path(__file__).parent / "csrc"
 # One translation unit per target: kernels.cpp includes the kernel files, so that the ATen and
 # torch headers they share are parsed once, not once per file (kernels/csrc/kernels.cpp).
 _SOURCE = _CSRC / "kernels.cpp"
-_INCLUDED = [
-    _CSRC / f
-    for f in (
-        "int8_gemm.cpp",
-        "paged_attention.cpp",
-        "layer_ops.cpp",
-        "decode_layers.cpp",
-        "tokenmill.h",
-        "simd.h",
-    )
-]
+# What it includes: every other source and header beside it.
+_INCLUDED = sorted(f for f in _CSRC.iterdir() if f.suffix in (".cpp", ".h") and f != _SOURCE)
 
 # The kernels' targets, fastest first, with the compiler flags that select each one's code in
 # kernels/csrc (simd.h, int8_gemm.cpp). Each is named explicitly (not -march=native) so that a
