@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import Receive
 
 from engine import RequestOutput, SamplingParams
@@ -31,7 +31,6 @@ from orchestrator.tool_parser import (
     first_call_function,
 )
 from orchestrator.turn_hooks import output_budget
-from server.disconnect import unless_disconnected
 from server.errors import invalid
 from server.generation import (
     ChoiceResult,
@@ -41,18 +40,17 @@ from server.generation import (
     check_context,
     check_params_vocabulary,
     check_prompt_chars,
-    collect,
     engine_outputs,
     make_sampling_params,
     merge,
-    metered_stream,
+    respond,
     usage,
     window_error,
 )
 from server.logprobs import chat_logprobs, logprob_names, prompt_logprobs
 from server.metrics import RequestTimer
 from server.prep_process import PromptContext
-from server.sse import DONE, EventStreamResponse, event
+from server.sse import DONE, event
 from server.state import ServerState
 from server.structured import chat_structured_outputs
 
@@ -125,25 +123,16 @@ async def create_chat_completion(
     except BaseException:
         ticket.release()
         raise
-    if request.stream:
-
-        def close() -> None:
-            ticket.release()
-            meter.close()
-
-        return EventStreamResponse(
-            metered_stream(_chat_events(run, outputs), meter), on_close=close
-        )
-    try:
-        collected = await unless_disconnected(receive, lambda: collect(outputs, params.n))
-    finally:
-        ticket.release()
-    if collected is None:  # the client is gone; nobody will read this
-        await meter.finish("incomplete")
-        return Response(status_code=499)
-    body = _chat_response(run, collected)
-    await meter.finish("completed")
-    return JSONResponse(body)
+    return await respond(
+        outputs,
+        params.n,
+        request.stream,
+        lambda outputs: _chat_events(run, outputs),
+        lambda collected: _chat_response(run, collected),
+        ticket,
+        meter,
+        receive,
+    )
 
 
 def _prompt_size(request: ChatRequest) -> int:

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import Receive
 
 from engine import RequestOutput
@@ -18,7 +18,6 @@ from engine.sampling_params import truncate_prompt
 from orchestrator.accounts import Meter
 from orchestrator.chat_types import CompletionRequest
 from orchestrator.turn_hooks import output_budget
-from server.disconnect import unless_disconnected
 from server.errors import invalid
 from server.generation import (
     Collected,
@@ -28,18 +27,17 @@ from server.generation import (
     check_params_vocabulary,
     check_prompt_chars,
     check_token_ids,
-    collect,
     engine_outputs,
     make_sampling_params,
     merge,
-    metered_stream,
+    respond,
     usage,
     window_error,
 )
 from server.logprobs import completion_logprobs, echoed_prompt, logprob_names, prompt_logprobs
 from server.metrics import RequestTimer
 from server.prep_process import PromptContext
-from server.sse import DONE, EventStreamResponse, event
+from server.sse import DONE, event
 from server.state import ServerState
 from server.structured import completion_structured_outputs
 
@@ -180,25 +178,16 @@ async def create_completion(
     except BaseException:
         ticket.release()
         raise
-    if request.stream:
-
-        def close() -> None:
-            ticket.release()
-            meter.close()
-
-        return EventStreamResponse(
-            metered_stream(_completion_events(run, outputs), meter), on_close=close
-        )
-    try:
-        collected = await unless_disconnected(receive, lambda: collect(outputs, params.n))
-    finally:
-        ticket.release()
-    if collected is None:  # the client is gone; nobody will read this
-        await meter.finish("incomplete")
-        return Response(status_code=499)
-    body = _completion_response(run, collected)
-    await meter.finish("completed")
-    return JSONResponse(body)
+    return await respond(
+        outputs,
+        params.n,
+        request.stream,
+        lambda outputs: _completion_events(run, outputs),
+        lambda collected: _completion_response(run, collected),
+        ticket,
+        meter,
+        receive,
+    )
 
 
 def _prompt_logprobs(run: CompletionRun, collected: Collected) -> dict[int, list] | None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+from starlette.responses import Response
+from starlette.types import Receive
 
 from engine import BeamSearchParams, RequestOutput, SamplingParams
 from engine.beam_search import MAX_BEAM_WIDTH
@@ -28,10 +31,12 @@ from engine.outputs import num_output_tokens
 from engine.sampling_params import RequestOutputKind
 from orchestrator.accounts import Meter
 from orchestrator.accounts.identity import cache_salt
+from server.disconnect import unless_disconnected
 from server.errors import APIError, from_value_error, invalid, shutting_down
+from server.json_body import json_response
 from server.metrics import RequestTimer
-from server.sse import DONE
-from server.state import ServerState
+from server.sse import DONE, EventStreamResponse
+from server.state import ServerState, Ticket
 
 T = TypeVar("T")
 
@@ -271,7 +276,11 @@ class Collected:
         return sum(len(ids) for ids in self.prompt_token_ids.values())
 
 
-async def collect(stream: AsyncGenerator[tuple[int, RequestOutput], None], n: int) -> Collected:
+# A request's merged generations: (prompt position, delta) pairs, as `merge` yields them.
+Outputs = AsyncGenerator[tuple[int, RequestOutput], None]
+
+
+async def collect(stream: Outputs, n: int) -> Collected:
     """Accumulate (prompt position, delta) pairs into whole choices numbered like OpenAI's."""
     result = Collected()
     async with aclosing(stream):
@@ -328,6 +337,41 @@ async def metered_stream(
     except APIError as err:
         meter.outcome = meter.error_status(err.status)
         raise
+
+
+async def respond(
+    outputs: Outputs,
+    n: int,
+    stream: bool,
+    events: Callable[
+        [AsyncGenerator[tuple[int, RequestOutput], None]], AsyncGenerator[bytes, None]
+    ],
+    body: Callable[[Collected], dict],
+    ticket: Ticket,
+    meter: Meter,
+    receive: Receive,
+) -> Response:
+    """A generation's answer: its `events` as server-sent events, or, once the engine is
+    done, the `body` of what it made, a large one encoded off the event loop. `ticket` is
+    released and `meter` finished however it ends; a client gone before a body was ready
+    gets none (499)."""
+    if stream:
+
+        def close() -> None:
+            ticket.release()
+            meter.close()
+
+        return EventStreamResponse(metered_stream(events(outputs), meter), on_close=close)
+    try:
+        collected = await unless_disconnected(receive, lambda: collect(outputs, n))
+    finally:
+        ticket.release()
+    if collected is None:  # the client is gone; nobody will read this
+        await meter.finish("incomplete")
+        return Response(status_code=499)
+    content = body(collected)
+    await meter.finish("completed")
+    return await json_response(content)
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:

@@ -1168,3 +1168,25 @@ def test_grammars_are_built_off_the_event_loop(serve, monkeypatch):
     body = {"prompt": "Say hello", "max_tokens": 5, "response_format": fmt}
     assert server.client.post("/v1/completions", json=body).status_code == 200
     assert len(built_on_loop) == 2 and not any(built_on_loop)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 5}),
+        ("/v1/completions", {"prompt": "Say hello", "logprobs": 5}),
+    ],
+)
+def test_a_large_answer_is_encoded_off_the_event_loop(serve, monkeypatch, path, body):
+    """A long answer with logprobs is a JSON body of thousands of values: encoded on the
+    event loop it would hold every other stream for as long as `json.dumps` runs."""
+    import server.json_body
+
+    encoded_on_loop = record_event_loop_calls(monkeypatch, server.json_body, "encode_json")
+    reply = "".join(chr(ord("a") + i % 26) for i in range(400))
+    server = serve(FakeEngine(reply=reply))
+    answer = server.client.post(path, json={**body, "max_tokens": 400}).json()
+    assert encoded_on_loop == [False]
+    choice = answer["choices"][0]
+    assert choice.get("text", (choice.get("message") or {}).get("content")) == reply
+    assert answer["usage"]["completion_tokens"] == 400
