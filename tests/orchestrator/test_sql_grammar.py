@@ -139,15 +139,18 @@ def tokenizer() -> Tokenizer:
 EOS = 0  # the end token the test's matchers are given
 
 
-def compiler_for(tokenizer: Tokenizer) -> GrammarCompiler:
+@pytest.fixture(scope="module")
+def compiler(tokenizer) -> GrammarCompiler:
+    """One compiler for the module, as an engine keeps one: its view of the vocabulary takes
+    longer to build than a walk takes, and every matcher it compiles starts fresh."""
     return GrammarCompiler(tokenizer, tokenizer.backend.get_vocab_size(), [EOS])
 
 
-def walk(tool: SqlQuery, tokenizer: Tokenizer, data) -> str:
+def walk(tool: SqlQuery, compiler: GrammarCompiler, tokenizer: Tokenizer, data) -> str:
     """The SQL of a forced call written by a random walk through the tokens its grammar
     allows, step by step as the sampler sees them."""
     structure = turn_structure([("sql_query", tool.argument_schema)], "required", False, None, "x")
-    matcher = compiler_for(tokenizer).compile(structure)
+    matcher = compiler.compile(structure)
     vocab = tokenizer.backend.get_vocab_size()
     ids: list[int] = []
     while not matcher.is_stopped():
@@ -165,8 +168,8 @@ def walk(tool: SqlQuery, tokenizer: Tokenizer, data) -> str:
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_every_call_llguidance_lets_the_model_write_runs(demo, tokenizer, data):
-    sql = walk(demo, tokenizer, data)
+def test_every_call_llguidance_lets_the_model_write_runs(demo, compiler, tokenizer, data):
+    sql = walk(demo, compiler, tokenizer, data)
     assert re.fullmatch(pattern(demo), sql)
     assert run(demo, sql).endswith("rows)")
 
@@ -177,15 +180,14 @@ def test_every_call_llguidance_lets_the_model_write_runs(demo, tokenizer, data):
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(data=st.data())
-def test_llguidance_calls_on_any_database_run(tmp_path, tokenizer, data):
+def test_llguidance_calls_on_any_database_run(tmp_path, compiler, tokenizer, data):
     """Names and values that need quoting or JSON escapes (`say "hi"`) survive both."""
     tool = SqlQuery(data.draw(databases(tmp_path)))
-    assert run(tool, walk(tool, tokenizer, data)).endswith("rows)")
+    assert run(tool, walk(tool, compiler, tokenizer, data)).endswith("rows)")
 
 
-def test_a_forced_call_is_decoded_under_the_grammar(demo, tokenizer):
+def test_a_forced_call_is_decoded_under_the_grammar(demo, compiler, tokenizer):
     structure = turn_structure([("sql_query", demo.argument_schema)], "required", False, None, "x")
-    compiler = compiler_for(tokenizer)
 
     def accepted(sql: str) -> bool:
         call = json.dumps({"name": "sql_query", "arguments": {"sql": sql}})
@@ -200,8 +202,7 @@ def test_a_forced_call_is_decoded_under_the_grammar(demo, tokenizer):
     assert not accepted("2026-Q3")
 
 
-def test_an_answer_after_the_results_cannot_open_with_markup(tokenizer):
-    compiler = compiler_for(tokenizer)
+def test_an_answer_after_the_results_cannot_open_with_markup(compiler, tokenizer):
 
     def accepted(text: str) -> bool:
         ids = [*tokenizer.encode(text), EOS]
