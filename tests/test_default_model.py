@@ -3,11 +3,13 @@ transformers' greedy generation from its own load of the same GGUF file; stop st
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 import transformers
@@ -35,9 +37,15 @@ def llm():
 def hf_model():
     path = resolve_model("smollm2-135m-instruct").path
     folder, name = os.path.split(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, torch_dtype=torch.float32
-    )
+    # transformers maps GGUF tensor names to its own by walking the model's ~400 modules and
+    # building gguf's name table (every layer's every name) anew at each: a third of the
+    # load's CPU time. The table depends only on the architecture and the layer count, so
+    # one built once is the same table, and the load reads the same weights.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, torch_dtype=torch.float32
+        )
     return model
 
 
