@@ -25,6 +25,8 @@ log = logging.getLogger("tokenmill")
 
 # How long a turn's final state is retried while the database does not answer (seconds).
 RECORD_RETRY_S = 600.0
+# The wait before its first retry (seconds); each later wait doubles, up to 30 s.
+RECORD_RETRY_FIRST_S = 1.0
 
 
 class TurnRecorder:
@@ -179,7 +181,7 @@ class TurnRecorder:
         """`_record`, again every few seconds while the database does not answer, so that a
         short outage leaves no response `in_progress` (and its conversation locked)."""
         deadline = time.monotonic() + RECORD_RETRY_S
-        delay = 1.0
+        delay = RECORD_RETRY_FIRST_S
         while True:
             await asyncio.sleep(delay)
             try:

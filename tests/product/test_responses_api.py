@@ -1115,7 +1115,8 @@ def _usage_checkpoints(repo) -> list[dict]:
 def test_a_turn_the_database_missed_is_recorded_once_it_answers(product_server, monkeypatch):
     """The final write fails (the database is down): the stream says so, and the server
     writes it once the database is back, so the response does not stay in_progress and
-    its conversation is free again."""
+    its conversation is free again. The retries wait 50 ms, then 100 ms, not 1 s, 2 s."""
+    monkeypatch.setattr(turn_recorder, "RECORD_RETRY_FIRST_S", 0.05)
     server = product_server(FakeEngine(reply="Noted."))
     conv = server.client.conversations.create()
     finish = Repository.finish_response
@@ -1135,7 +1136,8 @@ def test_a_turn_the_database_missed_is_recorded_once_it_answers(product_server, 
     deadline = time.monotonic() + 20
     while server.client.responses.retrieve(response_id).status == "in_progress":
         assert time.monotonic() < deadline, "never recorded"
-        time.sleep(0.2)
+        time.sleep(0.02)
+    assert outage["writes"] == 0  # the first retry failed too: the second wrote it
     assert server.client.responses.retrieve(response_id).status == "completed"
     second = server.client.responses.create(model=MODEL, input="two", conversation=conv.id)
     assert second.status == "completed"
