@@ -4,7 +4,10 @@ is there, those cut off are incomplete with their usage recorded, and a conversa
 started before the kill goes on after it. On PostgreSQL the restarted server is another
 server id: it recovers the killed one's turns because nobody holds that one's lock. The
 servers run without the embedder: nothing here embeds, and each of the four start-ups and
-stops would load and close it."""
+stops would load and close it. They run a tiny random Llama with the default model's
+tokenizer and chat template (tests/conftest.py's tiny_chat_model_dir): what is tested is
+the store, which sees the same requests, turns and usage as with SmolLM2-135M, while the
+start-ups and generations cost a fraction of SmolLM2's, which took most of the time."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from sqlalchemy import create_engine, text
 
 from tests.server.live_server import start_server
 
-MODEL = "smollm2-135m-instruct"
+MODEL = "tiny-chat"
 
 
 async def _streams_then_kill(url: str, pid: int) -> tuple[dict, set[str]]:
@@ -85,9 +88,11 @@ def _counts(url: str) -> tuple[int, int]:
     return checkpoints, incomplete
 
 
-def test_sigkill_mid_streams_leaves_an_intact_store(store_args):
-    args, url = store_args
-    server = start_server("--compile", "off", "--no-embeddings", *args)
+def test_sigkill_mid_streams_leaves_an_intact_store(store_args, tiny_chat_model_dir):
+    store, url = store_args
+    args = ("--model", tiny_chat_model_dir, "--served-model-name", MODEL)
+    args += ("--quantization", "none", "--compile", "off", "--no-embeddings", *store)
+    server = start_server(*args)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         conv = client.conversations.create()
@@ -108,7 +113,7 @@ def test_sigkill_mid_streams_leaves_an_intact_store(store_args):
     # budget, incomplete
     checkpointed, recorded = _counts(url)
 
-    server = start_server("--compile", "off", "--no-embeddings", *args)
+    server = start_server(*args)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         for response_id, seen in completed.items():
