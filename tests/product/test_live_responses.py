@@ -1,5 +1,6 @@
 """The `openai` SDK's `responses` and `conversations` against `python -m engine.serve` with
-the default model. One server for the module; answers are kept short."""
+the default model. One server for the module, without the embedder (nothing here embeds
+or searches: loading it took part of the module's start-up); answers are kept short."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ INSTRUCTIONS = ("You are a geography tutor. Answer in one short sentence. " * 12
 
 @pytest.fixture(scope="module")
 def live():
-    server = start_server("--compile", "off", "--tool-database", str(DEMO_DATABASE))
+    server = start_server(
+        "--compile", "off", "--no-embeddings", "--tool-database", str(DEMO_DATABASE)
+    )
     yield server
     assert server.stop() == 0
 
