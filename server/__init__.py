@@ -3,16 +3,27 @@
 `build_app(engine, config, product)` is the whole public surface; `engine.serve` wires
 it to a real `AsyncLLM` and the orchestrator's `Product`. Routes parse, call the
 orchestrator or the engine's public API (`engine.client`), and format.
+
+The public names are imported lazily (as `engine`'s are), so that importing one light
+module, as a preparation process started outside `engine.serve` does
+(`server.prep_process`), does not import the whole app: torch, the orchestrator.
 """
 
-from server.app import build_app, in_flight, start_draining, start_preparation, stop_preparation
-from server.state import ServerConfig
+from importlib import import_module
 
-__all__ = [
-    "ServerConfig",
-    "build_app",
-    "in_flight",
-    "start_draining",
-    "start_preparation",
-    "stop_preparation",
-]
+_EXPORTS = {
+    "ServerConfig": "server.state",
+    "build_app": "server.app",
+    "in_flight": "server.app",
+    "start_draining": "server.app",
+    "start_preparation": "server.app",
+    "stop_preparation": "server.app",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'server' has no attribute {name!r}")
