@@ -11,7 +11,8 @@ import pytest
 from engine.errors import EngineShutdownError
 from orchestrator.accounts.identity import cache_salt
 from tests.conftest import record_event_loop_calls
-from tests.server.fake_engine import CHATML, CHATML_WITH_TOOLS, FakeEngine, FakeTokenizer
+from tests.server.fake_engine import FakeEngine
+from tests.server.fake_tokenizer import CHATML, CHATML_WITH_TOOLS, FakeTokenizer
 from tests.server.sse_client import events, stream
 
 USER = [{"role": "user", "content": "Say hello"}]

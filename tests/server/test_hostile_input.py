@@ -14,7 +14,8 @@ import pytest
 
 from server.prep_process import NICENESS
 from server.request_body import OFFLOAD_BYTES
-from tests.server.fake_engine import CHATML_WITH_TOOLS, FakeEngine, FakeTokenizer
+from tests.server.fake_engine import FakeEngine
+from tests.server.fake_tokenizer import CHATML_WITH_TOOLS, FakeTokenizer
 from tests.server.sse_client import events
 from tests.server.test_app import USER, assert_error, chat
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.server.fake_engine import FakeEngine, FakeTokenizer
+from tests.server.fake_engine import FakeEngine
+from tests.server.fake_tokenizer import FakeTokenizer
 
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "loadgen.py"
 _spec = importlib.util.spec_from_file_location("loadgen", _PATH)

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from server.errors import APIError, invalid
 from server.prep_process import NICENESS, PrepProcess, PromptContext
 from server.request_body import OFFLOAD_BYTES, parse_json, read_json_body
-from tests.server.fake_engine import FakeTokenizer
+from tests.server.fake_tokenizer import FakeTokenizer
 
 
 def where(context: PromptContext) -> tuple[int, int, int, int | None]:
@@ -143,7 +143,7 @@ def test_only_a_large_body_leaves_the_event_loop(size, calls):
 CHILD_OF_A_KILLED_SERVER = """
 import asyncio, os, sys
 from server.prep_process import PrepProcess, PromptContext
-from tests.server.fake_engine import FakeTokenizer
+from tests.server.fake_tokenizer import FakeTokenizer
 
 prep = PrepProcess(PromptContext(FakeTokenizer(), 8, 8, 8))
 prep.start()
