@@ -17,8 +17,9 @@ from tests.server.sse_client import events
 MODEL = "smollm2-135m-instruct"
 # What these tests need of a server is its process's life, not its speed: without the
 # default w8a8 quantization (SmoothQuant calibrated at load) a start takes a quarter of
-# the CPU time (4.6 s against 19.5 s, 2-vCPU AMD EPYC).
-UNQUANTIZED = ("--quantization", "none", "--compile", "off")
+# the CPU time (4.6 s against 19.5 s, 2-vCPU AMD EPYC). Nor do they use the embedding
+# model (/v1/embeddings, vector stores), which is left unloaded.
+QUICK_START = ("--quantization", "none", "--compile", "off", "--no-embeddings")
 
 
 def _stream_body(max_tokens: int) -> dict:
@@ -33,7 +34,7 @@ def _stream_body(max_tokens: int) -> dict:
 
 
 def test_sigterm_drains_in_flight_streams_then_exits():
-    server = start_server("--shutdown-timeout", "10", *UNQUANTIZED)
+    server = start_server("--shutdown-timeout", "10", *QUICK_START)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         short = iter(
@@ -72,7 +73,7 @@ def test_sigterm_drains_in_flight_streams_then_exits():
 
 
 def test_a_dead_engine_loop_turns_health_503_and_exits_nonzero():
-    server = start_server(*UNQUANTIZED, entry="tests.server.faulty_serve")
+    server = start_server(*QUICK_START, entry="tests.server.faulty_serve")
     try:
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
         r = httpx.post(
