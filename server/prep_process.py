@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import multiprocessing
 import os
 import signal
@@ -67,9 +68,11 @@ class PromptContext:
 _context: PromptContext | None = None  # the child's copy, set when it starts
 
 
-def _start_child(context: PromptContext) -> None:
+def _start_child(context: PromptContext, preload: tuple[str, ...]) -> None:
     global _context
     _context = context
+    for module in preload:  # at the server's priority: see PrepProcess
+        importlib.import_module(module)
     lowest_priority()
     parent = os.getppid()
     threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
@@ -144,10 +147,17 @@ def _destroy(block: SharedMemory) -> None:
 
 
 class PrepProcess:
-    """One child process (started on first use, or by `start`), restarted if it dies."""
+    """One child process (started on first use, or by `start`), restarted if it dies.
 
-    def __init__(self, context: PromptContext) -> None:
+    `preload` names the modules of the functions it will run, imported as the child starts.
+    A job's function is unpickled, and its module imported, in the child at its lowest
+    priority: importing a module that brings torch in there waited for as long as the cores
+    stayed busy. (Under `engine.serve` the child has them already, as it imports
+    `engine.serve` itself, spawn's re-import of the main module.)"""
+
+    def __init__(self, context: PromptContext, preload: tuple[str, ...] = ()) -> None:
         self.context = context
+        self.preload = preload
         self._pool: ProcessPoolExecutor | None = None
         self._child: int | None = None  # the pool's one process
         self._lock = threading.Lock()
@@ -163,7 +173,7 @@ class PrepProcess:
                     # Never fork: the server holds the engine's threads and OpenMP state.
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_start_child,
-                    initargs=(self.context,),
+                    initargs=(self.context, self.preload),
                 )
                 try:
                     self._child = pool.submit(os.getpid).result()

@@ -30,6 +30,8 @@ WORKER_THREADS = 2
 # under a millisecond); larger ones go to the preparation process, so small requests
 # never queue behind large ones.
 INLINE_PROMPT_CHARS = 8192
+# The modules of the prompt functions `prepare` sends to the preparation process.
+PREPARATION_MODULES = ("server.chat", "server.completions")
 # Names echoed back in errors are cut to this length.
 MAX_ECHOED_CHARS = 64
 
@@ -235,7 +237,7 @@ class ServerState:
         self.prompt_context = PromptContext(
             engine.tokenizer, engine.max_model_len, engine.vocab_size, max_prompt_chars
         )
-        self.prep = PrepProcess(self.prompt_context)
+        self.prep = PrepProcess(self.prompt_context, PREPARATION_MODULES)
         self.workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="tokenmill-parse")
         self.created = int(time.time())
         self.token_names = TokenNames.cached(engine.tokenizer)

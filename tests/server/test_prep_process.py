@@ -18,6 +18,7 @@ from starlette.requests import Request
 from server.errors import APIError, invalid
 from server.prep_process import NICENESS, PrepProcess, PromptContext
 from server.request_body import OFFLOAD_BYTES, parse_json, read_json_body
+from tests.server import prep_probe
 from tests.server.fake_tokenizer import FakeTokenizer
 
 
@@ -47,6 +48,22 @@ def test_work_runs_in_a_child_at_the_lowest_priority_with_the_context(prep):
     assert pid != os.getpid() and nice == NICENESS and max_len == 77
     assert policy == getattr(os, "SCHED_IDLE", None)
     assert asyncio.run(prep.run(parse_json, b'{"a": [1, 2]}')) == {"a": [1, 2]}
+
+
+def test_the_jobs_modules_are_imported_before_the_priority_drops():
+    """A job's function is unpickled in the child, at SCHED_IDLE: importing its module
+    there (torch, for the server's prompt functions) waited for as long as the cores stayed
+    busy. The modules named to preload are imported while the child starts, at the
+    server's own priority."""
+    process = PrepProcess(
+        PromptContext(FakeTokenizer(), 8, 8, 8), preload=("tests.server.prep_probe",)
+    )
+    try:
+        assert asyncio.run(process.run(prep_probe.nice_at_import)) == os.getpriority(
+            os.PRIO_PROCESS, 0
+        )
+    finally:
+        process.close()
 
 
 def test_a_body_parsed_through_shared_memory_is_the_body(prep):
