@@ -37,7 +37,8 @@ def die() -> None:
 
 @pytest.fixture(scope="module")
 def prep():
-    process = PrepProcess(PromptContext(FakeTokenizer(), 77, 100, 1000))
+    # Its jobs are this module's functions: imported as the child starts, not at SCHED_IDLE.
+    process = PrepProcess(PromptContext(FakeTokenizer(), 77, 100, 1000), preload=(__name__,))
     process.start()
     yield process
     process.close()
