@@ -258,17 +258,19 @@ def test_leaving_a_streaming_answer_cancels_it(page, api):
     assert stored["usage"]["output_tokens"] < 400
 
 
-def test_stop_does_not_wait_for_a_server_that_does_not_answer(page):
+def test_stop_does_not_wait_for_a_server_that_does_not_answer(page, api):
     """A cancel the server never answers (stopped, overloaded): Stop still ends the turn
     on the page, within a few seconds, by closing the connection."""
     page.route("**/cancel", lambda route: None)  # the request hangs, never answered
     page.clock.install()
     start_long_answer(page)
     wait_for_answer_text(page)
+    [response_id] = turns(page)
     page.click("#stop")
     page.clock.run_for(2_000)  # Stop's wait for the cancel, run forward
     page.wait_for_selector("#send:not([hidden])", timeout=10_000)  # never, before the fix
     assert page.locator("#messages").get_by_text("Stopped.").is_visible()
+    cancel_left_running(api, response_id)
 
 
 def hold_first_bytes(page, api) -> tuple[str, str, list]:
@@ -316,6 +318,12 @@ def assert_cancelled(api, response_id: str) -> None:
     assert stored["status"] == "cancelled" and stored["usage"]["output_tokens"] < 400
 
 
+def cancel_left_running(api, response_id: str) -> None:
+    """Cancels a background response the test left running on the server: what the test
+    checks is done, and the rest of its 400 tokens would slow the tests after it."""
+    assert api.post(f"/v1/responses/{response_id}/cancel").status_code == 200
+
+
 def test_stop_before_the_answer_began_cancels_its_response(page, api):
     """Stop pressed before the turn's first event (response.created, with its id) reached
     the page: the page cancels the response as soon as the id comes, rather than close the
@@ -358,7 +366,7 @@ def test_a_stream_held_only_to_cancel_its_response_is_closed_after_a_minute(page
     failed: list[str] = []
     page.on("requestfailed", lambda r: failed.append(r.url) if r.method == "POST" else None)
     page.clock.install()
-    hold_first_bytes(page, api)
+    response_id, _, _ = hold_first_bytes(page, api)
     page.click("#stop")
     page.clock.run_for(2_000)  # Stop's wait for the cancel
     page.wait_for_selector("#send:not([hidden])", timeout=10_000)
@@ -371,6 +379,7 @@ def test_a_stream_held_only_to_cancel_its_response_is_closed_after_a_minute(page
         assert time.monotonic() < deadline
         page.wait_for_timeout(50)
     assert failed[0].endswith("/v1/responses")
+    cancel_left_running(api, response_id)
 
 
 def two_tabs(session, text: str):
@@ -547,6 +556,7 @@ def test_a_turn_reloaded_away_from_before_it_ends_is_still_there(page, api):
     assert turns(page) == [response_id]
     page.click("#new-chat")
     assert "#" not in page.url
+    cancel_left_running(api, response_id)
 
 
 def words(text: str) -> list[str]:
