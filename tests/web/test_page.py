@@ -169,6 +169,14 @@ def wait_for_answer_text(page) -> None:
     )
 
 
+def into_the_next_second() -> None:
+    """Waits until a whole second has begun: the server's times (created_at) count whole
+    seconds, so what it records from now on is later than what it recorded before."""
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(1.01 - time.time() % 1)
+
+
 def turns(page) -> list[str]:
     return page.eval_on_selector_all("#messages .turn", "els => els.map(e => e.dataset.responseId)")
 
@@ -1006,9 +1014,9 @@ def test_the_sidebar_lists_the_conversation_last_continued_first(session, page, 
     """Ordered by last activity, as in ChatGPT: a turn in an older conversation brings it
     above a newer one, live and after a reload in another tab."""
     send(page, "Tell me about otters.")
-    time.sleep(1.1)  # times are in seconds: each step below starts in a later one
+    into_the_next_second()  # each step below starts in a later second
     newer = api.post("/v1/conversations", json={"metadata": {"title": "Tell me about owls."}})
-    time.sleep(1.1)
+    into_the_next_second()
     reload_when_saved(page)
     open_conversation(page, "Tell me about otters.")
 
@@ -1287,7 +1295,7 @@ def test_deleted_leaves_leave_the_stored_metadata(session, api):
     characters): a deleted leaf's branch is kept from its parent, on screen after another
     reload as it was, and a branch that has nothing left to follow is dropped."""
     first, shown = _chain(api, ["Lima eleven.", "Mike twelve."])
-    time.sleep(1.1)  # created_at counts seconds: the sibling is newer, shown by default
+    into_the_next_second()  # the sibling is newer, shown by default
     [newer] = _chain(api, ["Lima eleven, again."])
     [lost_parent, lost] = _chain(api, ["November thirteen.", "Oscar fourteen."])
     leaves = f"{newer} {lost}>{lost_parent} {shown}>{first}"
