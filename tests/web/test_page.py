@@ -573,16 +573,19 @@ def words(text: str) -> list[str]:
 
 
 # Answers followed to their end after a reload: long enough to outlast it, no longer, as
-# the tests wait for them. The reload takes well under a second, while the server generates
-# the 60 tokens left after the first words for seconds; an answer that ended first fails
-# reload_mid_answer rather than pass unfollowed.
-FOLLOWED_TOKENS = 64
+# the tests wait for them. The reload takes the time of a few tokens (a quarter of a second
+# on a quiet machine), while the server generates the 28 tokens left after the first words
+# for a few seconds; an answer that ended first fails reload_mid_answer rather than pass
+# unfollowed.
+FOLLOWED_TOKENS = 32
+# The answer polled every 1.5 s runs longer, for the pauses between its reads to be seen.
+POLLED_TOKENS = 64
 
 
-def reload_mid_answer(page, api) -> str:
-    """Starts a long answer, reloads the page while the server still generates it and
-    returns its id, once the page follows it as a live turn."""
-    start_long_answer(page, FOLLOWED_TOKENS)
+def reload_mid_answer(page, tokens: int = FOLLOWED_TOKENS) -> str:
+    """Starts an answer of `tokens`, reloads the page while the server still generates it
+    and returns its id, once the page follows it as a live turn."""
+    start_long_answer(page, tokens)
     wait_for_answer_text(page)
     [response_id] = turns(page)
     reload_when_saved(page)
@@ -605,7 +608,7 @@ def test_a_turn_reloaded_mid_answer_streams_on_to_its_end(page, api):
     """A reload while the answer streams: the page follows the response the server still
     generates (GET /v1/responses/{id}?stream=true, from its start), as a live turn, to its
     end, and writes its transcript."""
-    response_id = reload_mid_answer(page, api)
+    response_id = reload_mid_answer(page)
     assert page.get_attribute(".turn", "aria-busy") == "true"  # followed, not shown as finished
     assert_shown_whole(page, api, response_id)
     conversation = page.evaluate("location.hash")[1:]
@@ -614,7 +617,7 @@ def test_a_turn_reloaded_mid_answer_streams_on_to_its_end(page, api):
 
 
 def test_stop_cancels_a_turn_followed_after_a_reload(page, api):
-    response_id = reload_mid_answer(page, api)
+    response_id = reload_mid_answer(page)
     page.click("#stop")
     page.wait_for_selector("#send:not([hidden])")
     assert page.locator("#messages").get_by_text("Stopped.").is_visible()
@@ -640,7 +643,7 @@ def test_a_turn_whose_events_are_gone_is_polled_to_its_end(session, page, api):
 
     page.route("**/v1/responses/resp_*?stream=true*", gone)
     session[1].expected.append(r"400 .*@ .*/v1/responses/resp_\w+\?stream=true")
-    response_id = reload_mid_answer(page, api)
+    response_id = reload_mid_answer(page, POLLED_TOKENS)
     page.on("requestfinished", on_read)
     assert_shown_whole(page, api, response_id)
     assert refused and reads
@@ -672,7 +675,7 @@ def test_a_followed_turn_refused_for_now_is_followed_again(session, page, api, s
     page.route(re.compile(r"/v1/responses/resp_\w+(\?stream=true.*)?$"), refuse_once)
     session[1].expected.append(rf"{status} .*@ .*/v1/responses/resp_\w+")
     page.add_init_script(f"localStorage.setItem('tokenmill.followMs', '{SHORT_FOLLOW_MS}')")
-    response_id = reload_mid_answer(page, api)
+    response_id = reload_mid_answer(page)
     assert_shown_whole(page, api, response_id)
     assert refused == ["stream", "read"]
 
