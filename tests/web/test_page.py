@@ -658,9 +658,10 @@ def test_a_turn_whose_events_are_gone_is_polled_to_its_end(session, page, api):
     assert all(b - a >= 1_450 for a, b in pairwise(reads)), reads
 
 
-# The pause before a followed response is read again, for the tests that only wait it out
-# (the page's own is 1.5 s).
-SHORT_FOLLOW_MS = 100
+# The pauses of the page's test hooks (localStorage "tokenmill.followMs", before a followed
+# response is read again, and "tokenmill.retryMs", before a refused write is sent again), for
+# the tests that only wait them out (the page's own are 1.5 s and 1 s).
+SHORT_PAUSE_MS = 100
 
 
 @pytest.mark.parametrize("status", [503, 429])
@@ -682,7 +683,7 @@ def test_a_followed_turn_refused_for_now_is_followed_again(session, page, api, s
 
     page.route(re.compile(r"/v1/responses/resp_\w+(\?stream=true.*)?$"), refuse_once)
     session[1].expected.append(rf"{status} .*@ .*/v1/responses/resp_\w+")
-    page.add_init_script(f"localStorage.setItem('tokenmill.followMs', '{SHORT_FOLLOW_MS}')")
+    page.add_init_script(f"localStorage.setItem('tokenmill.followMs', '{SHORT_PAUSE_MS}')")
     response_id = reload_mid_answer(page)
     assert_shown_whole(page, api, response_id)
     assert refused == ["stream", "read"]
@@ -1120,6 +1121,7 @@ def test_a_transcript_write_refused_while_the_server_drains_is_retried(session, 
     context, console = session
     console.expected.append(r"503 .*@ .*/v1/conversations/conv_\w+/items$")
     page = context.new_page()
+    page.add_init_script(f"localStorage.setItem('tokenmill.retryMs', '{SHORT_PAUSE_MS}')")
     page.goto("/")
     page.wait_for_selector("body[data-ready=true]")
     writes: list[str] = []
