@@ -707,7 +707,7 @@ def test_a_stream_closed_mid_answer_is_taken_up_again(page, api):
                 body += line + "\n"
                 if line.startswith("data:") and "output_text.delta" in line:
                     after.append(json.loads(line[5:])["sequence_number"])
-                    if len(after) == 10:
+                    if len(after) == 4:
                         break
         route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body + "\n")
 
@@ -715,7 +715,7 @@ def test_a_stream_closed_mid_answer_is_taken_up_again(page, api):
     followed: list[str] = []
     page.on("request", lambda r: followed.append(r.url) if "stream=true" in r.url else None)
     before = finished_turns(page)
-    start_long_answer(page, 24)  # ten deltas streamed, the rest taken up
+    start_long_answer(page, 18)  # four deltas streamed, the 14 tokens left taken up
     wait_for_turn(page, before)
     [response_id] = turns(page)
     assert any(url.endswith(f"starting_after={after[-1]}") for url in followed), followed
