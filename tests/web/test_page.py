@@ -726,6 +726,8 @@ def test_a_stream_closed_mid_answer_is_taken_up_again(page, api):
 
 
 def test_branches_from_regenerate_and_edit_survive_a_reload(page):
+    if TAKE_SCREENSHOT:  # docs/web.md's picture shows whole answers, not the tests' few words
+        set_output_tokens(page, 40)
     send(page, "What is the capital of France?")
     send(page, "And of Spain?")
     first, second = turns(page)
