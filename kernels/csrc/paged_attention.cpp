@@ -36,6 +36,7 @@ using tokenmill::simd::F16;
 using tokenmill::simd::kLanes;
 namespace simd = tokenmill::simd;
 constexpr int kMaxGroup = 8;  // query heads per KV head
+constexpr int kMaxPass = 4;   // query heads one pass over a KV head's context serves
 
 // A cache row of NC * 16 values as NC vectors. On AVX-512, bfloat16 rows of whole 32-value
 // groups load 32 at a time and widen with one instruction per 16: even-indexed values come
@@ -252,38 +253,51 @@ struct Rows {
   float* out;
 };
 
-template <int NC, int G, typename T>
+// A group's query heads in passes of at most kMaxPass: each head's sums are its own in
+// `attend`, so every head gets the same bits in any pass, and four kernels per head size and
+// cache type cover every group (a pass of more would not keep its accumulators in registers).
+template <int NC, typename T>
+void attend_group(int64_t group, const float* q, const T* k_cache, const T* v_cache,
+                  const int32_t* table, int64_t ctx, int64_t kvh, const DecodeShape& s,
+                  float* out) {
+  constexpr int64_t D = NC * kLanes;
+  for (int64_t g = 0; g < group; g += kMaxPass) {
+    const float* qg = q + g * D;
+    float* og = out + g * D;
+    switch (std::min<int64_t>(kMaxPass, group - g)) {
+      case 1: attend<NC, 1, T>(qg, k_cache, v_cache, table, ctx, kvh, s, og); break;
+      case 2: attend<NC, 2, T>(qg, k_cache, v_cache, table, ctx, kvh, s, og); break;
+      case 3: attend<NC, 3, T>(qg, k_cache, v_cache, table, ctx, kvh, s, og); break;
+      default: attend<NC, kMaxPass, T>(qg, k_cache, v_cache, table, ctx, kvh, s, og);
+    }
+  }
+}
+
+template <int NC, typename T>
 void attend_rows(const Rows& rows, const void* k_cache, const void* v_cache, const DecodeShape& s) {
   constexpr int64_t D = NC * kLanes;
   const T* kp = static_cast<const T*>(k_cache);
   const T* vp = static_cast<const T*>(v_cache);
+  const int64_t group = rows.heads / s.kv_heads;
   at::parallel_for(0, rows.count * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = rows.order[task / s.kv_heads], kvh = task % s.kv_heads;
-      const int64_t at = (r * rows.heads + kvh * G) * D;
-      attend<NC, G, T>(rows.q + at, kp, vp, rows.tables + rows.seq[r] * s.table_stride,
-                       rows.ctx[r], kvh, s, rows.out + at);
+      const int64_t at = (r * rows.heads + kvh * group) * D;
+      attend_group<NC, T>(group, rows.q + at, kp, vp, rows.tables + rows.seq[r] * s.table_stride,
+                          rows.ctx[r], kvh, s, rows.out + at);
     }
   });
 }
 
 using AttendFn = void (*)(const Rows&, const void*, const void*, const DecodeShape&);
 
-template <int NC, typename T>
-AttendFn pick_group(int64_t group) {
-  constexpr AttendFn fns[kMaxGroup] = {
-      attend_rows<NC, 1, T>, attend_rows<NC, 2, T>, attend_rows<NC, 3, T>, attend_rows<NC, 4, T>,
-      attend_rows<NC, 5, T>, attend_rows<NC, 6, T>, attend_rows<NC, 7, T>, attend_rows<NC, 8, T>};
-  return fns[group - 1];
-}
-
 template <typename T>
-AttendFn pick_type(int64_t head_dim, int64_t group) {
+AttendFn pick_type(int64_t head_dim) {
   switch (head_dim) {
-    case 16: return pick_group<1, T>(group);
-    case 32: return pick_group<2, T>(group);
-    case 64: return pick_group<4, T>(group);
-    default: return pick_group<8, T>(group);  // 128
+    case 16: return attend_rows<1, T>;
+    case 32: return attend_rows<2, T>;
+    case 64: return attend_rows<4, T>;
+    default: return attend_rows<8, T>;  // 128
   }
 }
 
@@ -322,9 +336,8 @@ AttendFn check_and_pick(const at::Tensor& q, const at::Tensor& k_cache, const at
       TORCH_CHECK(id >= 0 && id < blocks, "block id ", id, " outside the pool of ", blocks);
     }
   }
-  const int64_t group = heads / kv_heads;
-  return k_cache.scalar_type() == at::kFloat ? pick_type<float>(D, group)
-                                             : pick_type<c10::BFloat16>(D, group);
+  return k_cache.scalar_type() == at::kFloat ? pick_type<float>(D)
+                                             : pick_type<c10::BFloat16>(D);
 }
 
 // float32 -> bfloat16 rounding to nearest even, NaN to 0x7FC0: c10::BFloat16's rounding.

@@ -163,7 +163,7 @@ def paged_shapes(draw, decode: bool):
         context_lens=context_lens,
         query_lens=query_lens,
         num_kv_heads=draw(st.sampled_from([1, 2])),
-        group=draw(st.sampled_from([1, 3, 4, 8])),
+        group=draw(st.sampled_from([1, 3, 4, 6, 8])),
         head_dim=draw(st.sampled_from([64, 128])),
         block_size=block_size,
         extra_table_width=draw(st.integers(0, 3)),

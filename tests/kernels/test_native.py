@@ -211,6 +211,20 @@ def test_prefill_attention_rows_equal_decode_steps():
         assert torch.equal(out[row], one[0])
 
 
+@pytest.mark.parametrize("group", [5, 6, 7, 8])
+def test_each_head_of_a_group_gets_the_bits_it_gets_alone(group):
+    """A group of more than four query heads per KV head runs in passes of at most four; a
+    head's sums are its own, so its output must not depend on the group it came in."""
+    batch = make_paged_batch([37, 70], [1, 1], group, 1, 64, 16, torch.bfloat16, "cpu")
+    batch.q = batch.q.float()
+    out = kernels.native.paged_decode_attention(*batch.decode_args())
+    for head in range(group):
+        alone = kernels.native.paged_decode_attention(
+            batch.q[:, head : head + 1].contiguous(), *batch.decode_args()[1:]
+        )
+        assert torch.equal(out[:, head], alone[:, 0])
+
+
 def test_prefill_attention_rejects_inconsistent_queries():
     batch = make_paged_batch([20, 5], [4, 2], 4, 2, 64, 16, torch.float32, "cpu")
     args = list(batch.prefill_args())
