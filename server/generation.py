@@ -343,9 +343,7 @@ async def respond(
     outputs: Outputs,
     n: int,
     stream: bool,
-    events: Callable[
-        [AsyncGenerator[tuple[int, RequestOutput], None]], AsyncGenerator[bytes, None]
-    ],
+    events: Callable[[Outputs], AsyncGenerator[bytes, None]],
     body: Callable[[Collected], dict],
     ticket: Ticket,
     meter: Meter,
