@@ -606,9 +606,18 @@ def cap_torch_isa() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.quick:
         args.concurrency, args.tokens = [1, 4], 16
+    sent = sum(requests_for(c, args) for c in args.concurrency)
+    if sent > len(bench_prompts()):
+        # A repeated prompt is a prefix-cache hit for tokenmill (its whole prompt, across
+        # requests) but only within a slot for llama.cpp: the levels would not compare.
+        parser.error(
+            f"the levels send {sent} requests, more than the {len(bench_prompts())} distinct "
+            "prompts: lower --min-requests or --requests-per-stream"
+        )
 
     from engine.loader import resolve_model  # after parsing, so --help stays instant
     from engine.loader.gguf import read_gguf

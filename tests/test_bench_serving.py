@@ -58,6 +58,14 @@ def test_prompts_are_distinct_and_about_130_tokens():
     assert abs(sum(lengths) / len(lengths) - 130) < 5
 
 
+def test_a_sweep_that_would_repeat_a_prompt_is_refused(capsys):
+    # 16 streams x 200 requests would send prompts the prefix cache already holds.
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--concurrency", "16", "--min-requests", "200", "--skip-transformers"])
+    assert exit_info.value.code == 2
+    assert "more than the 160 distinct prompts" in capsys.readouterr().err
+
+
 def _row(system, concurrency, tok_s, ttft):
     return bench.Row(system, concurrency, 2 * concurrency, 0, tok_s, ttft, 2 * ttft, 10.0, 20.0)
 
