@@ -70,6 +70,13 @@ def item_text(item: dict) -> str:
     )
 
 
+def call_output_text(item: dict) -> str:
+    """A function_call_output's result as text: its string, or its text parts joined (the
+    list form of `output`, which holds input_text parts only)."""
+    output = item["output"]
+    return output if isinstance(output, str) else "\n".join(part["text"] for part in output)
+
+
 def _message_text(item: dict, special_tokens: Iterable[str]) -> str:
     """A message item as the prompt shows it: its parts in order, each input_file's text
     whole (it was checked to fit when given) and spotlighted as data from the user's
@@ -125,7 +132,7 @@ def _framed_output(item: dict, names: dict[str, str], special_tokens: Iterable[s
     if item.get("framed"):
         return item["output"]
     name = names.get(item["call_id"], "function")
-    return spotlight(item["output"], f"tool {name}", special_tokens=special_tokens)
+    return spotlight(call_output_text(item), f"tool {name}", special_tokens=special_tokens)
 
 
 def items_to_messages(items: list[dict], special_tokens: Iterable[str] = ()) -> list[Message]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from engine import SamplingParams
 from orchestrator.agent import CODE_INTERPRETER, DEFAULT_MAX_TOOL_CALLS
 from orchestrator.chat_types import Tool
-from orchestrator.context import ToolConfig, item_text
+from orchestrator.context import ToolConfig, call_output_text, item_text
 from orchestrator.errors import InvalidRequestError
 from orchestrator.output_structure import ANY_OBJECT, require_json_mention
 from orchestrator.store import History
@@ -168,7 +168,10 @@ def check_json_mention(request: ResponseRequest, history: History) -> None:
     texts = [request.instructions]
     for item in [*history.items, *request.input]:  # messages and tool results, as in chat
         kind = item.get("type", "message")
-        texts.append(item_text(item) if kind == "message" else item.get("output"))
+        if kind == "message":
+            texts.append(item_text(item))
+        elif kind == "function_call_output":
+            texts.append(call_output_text(item))
     require_json_mention(texts, "input", "text.format")
 
 

@@ -287,7 +287,7 @@ def _item(raw: Any, param: str) -> dict:
             "type": "function_call_output",
             **_given_status(raw, param),
             "call_id": _required(raw, "call_id", param),
-            "output": _required(raw, "output", param),
+            "output": _call_output(raw, param),
         }
     if kind == "code_interpreter_call":
         return _code_interpreter_call(raw, param)
@@ -298,6 +298,27 @@ def _item(raw: Any, param: str) -> dict:
         "function_call_output, code_interpreter_call, file_search_call and item_reference",
         f"{param}.type",
     )
+
+
+def _call_output(raw: dict, param: str) -> str | list[dict]:
+    """A function_call_output's `output`: a string, or the SDK's list of content parts,
+    of which this server reads text only (`input_text`, kept as given): the model reads
+    no images, and a tool's files are not read."""
+    output = raw.get("output")
+    if not isinstance(output, list):
+        return _required(raw, "output", param)
+    parts = []
+    for j, part in enumerate(output):
+        where = f"{param}.output[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "input_text":
+            raise invalid(
+                f"{where}.type {kind!r} is not supported: a function_call_output's parts "
+                "are input_text only (this model reads text, not images or files)",
+                f"{where}.type" if isinstance(part, dict) else where,
+            )
+        parts.append({"type": "input_text", "text": _required(part, "text", where)})
+    return parts
 
 
 _CODE_STATUSES = ("in_progress", "completed", "incomplete", "interpreting", "failed")

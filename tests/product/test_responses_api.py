@@ -1605,6 +1605,39 @@ def test_function_tools_round_trip(product_server):
     assert "get_weather" not in _prompt(server)
 
 
+def test_a_function_call_output_may_be_a_list_of_text_parts(product_server):
+    """The SDK's `output` is a string or a list of content parts (the Agents SDK sends one
+    for a tool's structured result): text parts are the result, kept as given."""
+    server = product_server(FakeEngine(reply=lambda p: "Warm." if "18C" in p else CALL))
+    client = server.client
+    call = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER])
+    parts = [{"type": "input_text", "text": "18C"}, {"type": "input_text", "text": "sunny"}]
+    result = {"type": "function_call_output", "call_id": call.output[0].call_id, "output": parts}
+    answer = client.responses.create(
+        model=MODEL, previous_response_id=call.id, input=[result], tools=[WEATHER]
+    )
+    assert answer.output_text == "Warm."
+    prompt = _prompt(server)
+    shown = prompt.index('<untrusted origin="tool get_weather"')
+    assert prompt.index("\n18C\nsunny\n", shown) > shown  # the parts' texts, as data
+    stored = client.responses.input_items.list(answer.id).data[0]
+    assert [p.model_dump(exclude_none=True) for p in stored.output] == parts
+    # Only text: the model reads no images, and a tool's files are not read.
+    for part, param in (
+        ({"type": "input_image", "image_url": "data:image/png;base64,AA=="}, "type"),
+        ({"type": "input_file", "file_id": "file-1"}, "type"),
+        ({"type": "input_text"}, "text"),
+        ("18C", ""),
+    ):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(
+                model=MODEL,
+                previous_response_id=call.id,
+                input=[{**result, "output": [part]}],
+            )
+        assert caught.value.body["param"] == f"input[0].output[0]{param and '.' + param}"
+
+
 def test_the_answer_to_a_clients_tool_results_is_an_answer_turn(product_server):
     """Offered no tools, the turn after the client's function_call_output answers as after
     the server's own tools: plain text, with the question repeated after the results."""
