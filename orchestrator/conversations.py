@@ -9,7 +9,7 @@ from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import NotFoundError
 from orchestrator.ids import new_id
 from orchestrator.input_resolver import InputResolver
-from orchestrator.items import item_list, readable, stored_item, without_file_text
+from orchestrator.items import item_list, readable, stored_item
 from orchestrator.store import ConversationRow, ItemPage, Page, Repository, Store, metadata_tag
 
 
@@ -88,11 +88,18 @@ class ConversationService:
             raise _missing(conversation_id)
         return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
-    async def add_items(self, owner: str, conversation_id: str, items: list[dict]) -> dict:
+    async def add_items(
+        self,
+        owner: str,
+        conversation_id: str,
+        items: list[dict],
+        include: Collection[str] = (),
+    ) -> dict:
         """Append items, after the appends to it before (`ConversationLock.holding`); not
         while a turn runs there (`conversation_locked`): they would land before the turn's
         own input, which it appends when it ends. Their files are read first, without
-        holding the conversation."""
+        holding the conversation. The answer reads them as any read of items does
+        (`readable`: output_text logprobs only when `include` asks for them)."""
         stored = [stored_item(i) for i in await self.inputs.resolve(owner, items, "items")]
         async with self.lock.holding(owner, conversation_id, "conversation_id"):
             added = await self.store.call(
@@ -100,7 +107,7 @@ class ConversationService:
             )
         if not added:
             raise _missing(conversation_id)
-        return item_list(ItemPage(without_file_text(stored), has_more=False))
+        return item_list(ItemPage(readable(stored, include), has_more=False))
 
     async def list_items(
         self, owner: str, conversation_id: str, page: Page, include: Collection[str] = ()

@@ -77,11 +77,12 @@ async def delete_conversation(request: Request) -> Response:
 
 async def create_items(request: Request, body: Any) -> Response:
     body = known_fields(body, {"items"})
-    check_query_include(request.query_params)
+    include = check_query_include(request.query_params)
     items = parse_items(body.get("items"), "items", MAX_ITEMS_PER_CALL)
     if not items:  # the answer, a ConversationItemList, names its first and last item
         raise invalid(f"items must hold 1 to {MAX_ITEMS_PER_CALL} items", "items")
-    return JSONResponse(await product(request).conversations.add_items(*_ids(request), items))
+    conversations = product(request).conversations
+    return JSONResponse(await conversations.add_items(*_ids(request), items, include))
 
 
 async def list_items(request: Request) -> Response:

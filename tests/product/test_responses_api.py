@@ -642,6 +642,12 @@ def test_input_items_are_stored_with_their_status_annotations_and_logprobs(produ
         GIVEN_ANNOTATIONS,
     )
     assert stored.content[0].model_dump()["logprobs"] == GIVEN_LOGPROBS
+    # the items an append answers with are read as any: logprobs only with its include
+    for include, logprobs in (([], []), ([LOGPROBS], GIVEN_LOGPROBS)):
+        added = client.conversations.items.create(
+            conv.id, items=_history(True)[3:4], include=include
+        )
+        assert added.data[0].content[0].model_dump()["logprobs"] == logprobs
 
 
 @pytest.mark.parametrize(
