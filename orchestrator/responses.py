@@ -388,12 +388,16 @@ class ResponseService:
 
     async def cancel(self, owner: str, response_id: str) -> dict:
         """Stop a background response still being generated. Cancelling one that has
-        ended returns it as it is, as OpenAI does; any other response is a 400."""
+        ended returns it as it is, as OpenAI does; any other response is a 400. Either
+        answer reads the response as a GET without `include` does (no output_text
+        logprobs), so it does not depend on whether the turn was still running."""
         turn = self._live(owner, response_id)
         if turn is not None:
             _check_cancellable(turn.request.background)
             turn.stop("cancelled")
-            return snapshot(await turn.wait())
+            body = snapshot(await turn.wait())
+            hide_logprobs(body["output"])
+            return body
         body = await self.retrieve(owner, response_id)
         _check_cancellable(body.get("background", False))
         if body["status"] in UNFINISHED:

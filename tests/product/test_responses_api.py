@@ -1948,10 +1948,14 @@ def test_cancel_stops_a_background_response_in_progress(product_server):
     engine = FakeEngine(reply="abcdefghij" * 10)
     engine.hold.clear()  # generation pauses after the first token
     server = product_server(engine)
-    started = server.client.responses.create(model=MODEL, input="x", background=True)
+    # asked with logprobs, which the cancel's answer, a read without include, leaves out
+    started = server.client.responses.create(
+        model=MODEL, input="x", background=True, include=[LOGPROBS]
+    )
     _wait_for_generation(engine)
     cancelled = server.client.responses.cancel(started.id)
     assert (cancelled.status, cancelled.output_text) == ("cancelled", "a")
+    assert cancelled.output[0].content[0].logprobs == []
     assert cancelled.usage.output_tokens == 1
     assert engine.aborted == [started.id]
     assert server.client.responses.retrieve(started.id) == cancelled
