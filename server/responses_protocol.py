@@ -402,16 +402,19 @@ def parse_items(raw: Any, param: str, limit: int | None = None) -> list[dict]:
 
 
 def _input(body: dict, required: bool) -> list[dict]:
+    """The input items; none (missing, null or `[]`) only where not `required`."""
     raw = body.get("input")
     if isinstance(raw, str):
         return [
             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": raw}]}
         ]
-    if raw is None and not required:
-        return []
     items = parse_items(raw, "input") if raw is not None else []
-    if not items:
-        raise invalid("input must be a string or a non-empty array of items", "input")
+    if not items and required:
+        raise invalid(
+            "input must be a string or a non-empty array of items (it may be left out only "
+            "to continue a previous_response_id or a conversation as it stands)",
+            "input",
+        )
     return items
 
 
@@ -629,8 +632,10 @@ def parse_response_request(
     body: Any, resolve_model: Callable[[str | None], str], input_required: bool = True
 ) -> tuple[ResponseRequest, bool]:
     """The request and whether to stream it; `resolve_model` maps the requested model
-    name to the served one (or raises 404). Without `input_required` (counting a
-    conversation's or a chain's tokens), a missing `input` is none."""
+    name to the served one (or raises 404). `input` is optional, as in the Open Responses
+    spec, for a request that continues a history (`previous_response_id`, `conversation`):
+    the model answers the history as it stands, a conversation's items appended with its
+    items route, say. Without `input_required` (counting tokens) it is optional always."""
     _check_unsupported(body)
     previous = typed_field(body, "previous_response_id", "a string")
     conversation = _conversation_id(body)
@@ -655,7 +660,7 @@ def parse_response_request(
         raise invalid(f"max_tool_calls must be at least 0, got {max_tool_calls}", "max_tool_calls")
     request = ResponseRequest(
         model=resolve_model(typed_field(body, "model", "a string")),
-        input=_input(body, input_required),
+        input=_input(body, input_required and previous is None and conversation is None),
         instructions=typed_field(body, "instructions", "a string"),
         previous_response_id=previous,
         conversation_id=conversation,

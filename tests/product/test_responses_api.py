@@ -535,6 +535,27 @@ def test_conversations_collect_the_items_of_their_responses(product_server, data
     assert left == 0
 
 
+def test_a_response_may_continue_its_history_without_input(product_server):
+    """`input` is optional in the Open Responses spec (and the SDK): a conversation whose
+    items were appended with its items route, or a chain, is answered as it stands. With
+    neither, there is nothing to answer: `input` is then required."""
+    server = product_server(FakeEngine(reply="Paris."))
+    client = server.client
+    conv = client.conversations.create()
+    client.conversations.items.create(conv.id, items=[{"role": "user", "content": "Capital?"}])
+    for empty in ({}, {"input": []}):
+        answer = client.responses.create(model=MODEL, conversation=conv.id, **empty)
+        assert answer.output_text == "Paris." and "Capital?" in _prompt(server)
+        assert client.responses.input_items.list(answer.id).data == []
+    items = client.conversations.items.list(conv.id, order="asc").data
+    assert [i.content[0].text for i in items] == ["Capital?", "Paris.", "Paris."]
+    chained = client.responses.create(model=MODEL, previous_response_id=answer.id)
+    assert chained.status == "completed" and _prompt(server).count("Paris.") == 2
+    for body in ({}, {"input": []}, {"input": None}):
+        raw = _raw(server, "POST", "/responses", json={"model": MODEL, **body})
+        assert (raw.status_code, raw.json()["error"]["param"]) == (400, "input"), body
+
+
 def test_a_chain_from_a_conversations_response_keeps_what_came_before_its_deleted_items(
     product_server,
 ):
