@@ -237,6 +237,24 @@ def _logprob(raw: Any, param: str) -> dict:
     return entry
 
 
+_PHASES = ("commentary", "final_answer")
+
+
+def _phase(raw: dict, role: str, param: str) -> dict:
+    """An assistant message's `phase` as it was given (OpenAI's clients resend it on every
+    assistant message, and read it back from stored items), or nothing."""
+    phase = raw.get("phase")
+    if phase is None:
+        return {}
+    if role != "assistant" or phase not in _PHASES:
+        raise invalid(
+            f"{param}.phase must be one of {', '.join(_PHASES)}, on an assistant message; "
+            f"got {phase!r} on a {role} message",
+            f"{param}.phase",
+        )
+    return {"phase": phase}
+
+
 # The status a client may give a message, function_call or function_call_output.
 _ITEM_STATUSES = ("in_progress", "completed", "incomplete")
 
@@ -273,6 +291,7 @@ def _item(raw: Any, param: str) -> dict:
             **_given_status(raw, param),
             "role": role,
             "content": _content(raw.get("content"), role, f"{param}.content"),
+            **_phase(raw, role, param),
         }
     if kind == "function_call":
         return {

@@ -628,6 +628,7 @@ def _history(metadata: bool) -> list[dict]:
             "incomplete",
         )
         items[3]["content"][0] |= {"annotations": GIVEN_ANNOTATIONS, "logprobs": GIVEN_LOGPROBS}
+        items[3]["phase"] = "final_answer"
     return items
 
 
@@ -650,6 +651,7 @@ def test_input_items_are_stored_with_their_status_annotations_and_logprobs(produ
     ]
     answer = items[3].content[0].model_dump()
     assert (answer["annotations"], answer["logprobs"]) == (GIVEN_ANNOTATIONS, GIVEN_LOGPROBS)
+    assert items[3].phase == "final_answer"
     plain_answer = client.responses.input_items.list(plain.id, order="asc").data[3].content[0]
     assert (plain_answer.annotations, plain_answer.logprobs) == ([], [])
     # as on every read of items, logprobs only when the read's include asks for them
@@ -658,8 +660,9 @@ def test_input_items_are_stored_with_their_status_annotations_and_logprobs(produ
 
     conv = client.conversations.create(items=_history(True)[3:4])
     stored = client.conversations.items.list(conv.id, include=[LOGPROBS]).data[0]
-    assert (stored.status, stored.content[0].model_dump()["annotations"]) == (
+    assert (stored.status, stored.phase, stored.content[0].model_dump()["annotations"]) == (
         "incomplete",
+        "final_answer",
         GIVEN_ANNOTATIONS,
     )
     assert stored.content[0].model_dump()["logprobs"] == GIVEN_LOGPROBS
@@ -675,6 +678,7 @@ def test_input_items_are_stored_with_their_status_annotations_and_logprobs(produ
     ("change", "param"),
     [
         ({"status": "done"}, "items[0].status"),
+        ({"phase": "final"}, "items[0].phase"),
         ({"annotations": [{"type": "footnote"}]}, "items[0].content[0].annotations[0].type"),
         (
             {"annotations": [{**GIVEN_ANNOTATIONS[0], "index": "5"}]},
@@ -698,7 +702,7 @@ def test_malformed_item_metadata_is_400_naming_the_field(product_server, change,
     server = product_server()
     part = {"type": "output_text", "text": "Hi.", "annotations": []}
     item = {"type": "message", "role": "assistant", "content": [part]}
-    if "status" in change:
+    if "status" in change or "phase" in change:
         item |= change
     else:
         part |= change
