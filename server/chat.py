@@ -112,7 +112,7 @@ async def create_chat_completion(
             run_params = beam_search_params(params, request.length_penalty)
         max_len = state.engine.max_model_len
         check_context(len(prompt_ids), params.max_tokens, max_len, "messages")
-        await ticket.wait()
+        await ticket.wait_while_connected(receive)
         await meter.reserve(output_budget(len(prompt_ids), params.max_tokens, max_len, params.n))
         engine_id = f"chatcmpl-{uuid.uuid4().hex}"
         header = ResponseHeader(

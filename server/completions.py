@@ -158,7 +158,7 @@ async def create_completion(
             params.truncate_prompt_tokens,
             request.add_special_tokens,
         )
-        await ticket.wait()
+        await ticket.wait_while_connected(receive)
         max_len = state.engine.max_model_len
         await meter.reserve(
             sum(output_budget(len(ids), params.max_tokens, max_len, params.n) for ids in prompts)

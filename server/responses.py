@@ -17,6 +17,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive
 
 from orchestrator import Product, ProductError
 from orchestrator.accounts import Meter
@@ -80,18 +81,24 @@ class _Release:
 
 class _Place:
     """A response's place in the admission queue (the turn's `Place`): its ticket's, and
-    the meter's submission once it is admitted (`queue_time` runs to it)."""
+    the meter's submission once it is admitted (`queue_time` runs to it). `receive`: the
+    client's, which a response waiting with its client gives up with (None: a background
+    response, which waits without one)."""
 
-    def __init__(self, ticket: Ticket, meter: Meter) -> None:
+    def __init__(self, ticket: Ticket, meter: Meter, receive: Receive | None) -> None:
         self.ticket = ticket
         self.meter = meter
+        self.receive = receive
 
     @property
     def queued(self) -> bool:
         return self.ticket.queued
 
     async def wait(self) -> None:
-        await self.ticket.wait()
+        if self.receive is None:
+            await self.ticket.wait()
+        else:
+            await self.ticket.wait_while_connected(self.receive)
         self.meter.on_submit(0)  # the turn's task submits its first generation
 
 
@@ -125,7 +132,11 @@ async def create_response(request: Request, body: Any, meter: Meter) -> Response
     observers = _Observers(timer, meter, *([_Release(ticket)] if parsed.background else []))
     try:
         turn = await product(request).responses.create(
-            owner(request), parsed, observers, meter, _Place(ticket, meter)
+            owner(request),
+            parsed,
+            observers,
+            meter,
+            _Place(ticket, meter, None if parsed.background else request.receive),
         )
     except BaseException:
         ticket.release()

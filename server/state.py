@@ -13,9 +13,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
+
 from engine.client import EngineClient
 from orchestrator.context import PROMPT_CHARS_PER_TOKEN
 from orchestrator.logprobs import TokenNames
+from server.disconnect import unless_disconnected
 from server.errors import APIError, shutting_down
 from server.metrics import ServerMetrics
 from server.prep_process import PrepProcess, PromptContext
@@ -218,6 +222,18 @@ class Ticket:
         except BaseException:
             self.release()
             raise
+
+    async def wait_while_connected(self, receive: Receive) -> None:
+        """`wait`, given up if the client goes away meanwhile (ClientDisconnect, which
+        leaves the queue): once admitted, a request whose client left would otherwise run
+        for nobody and be charged its prompt, and hold the user's place until then, with
+        the client's retry queued behind it."""
+        if self.queued and await unless_disconnected(receive, self._admitted) is None:
+            raise ClientDisconnect
+
+    async def _admitted(self) -> bool:
+        await self.wait()
+        return True
 
     def release(self) -> None:
         if self._admission is not None:

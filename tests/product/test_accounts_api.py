@@ -873,6 +873,42 @@ def test_a_users_requests_beyond_their_share_wait_while_another_user_goes_first(
     assert max(r.queue_time for r in rows if r.user_id == "user_a") > 0.5  # after the first
 
 
+def test_a_request_whose_client_leaves_while_it_waits_for_its_share_never_runs(product_server):
+    """A client that gives up on a request queued behind its user's share (an SDK's
+    timeout, which it then retries) leaves the queue: the request never reaches the
+    engine, is charged nothing and writes no usage row, on every generation route."""
+    engine = FakeEngine(reply="x" * 40)
+    engine.hold.clear()  # the first request holds the user's one sequence
+    server = product_server(engine, max_sequences_per_user=1)
+    key = _account(server, "a", token_quota=100_000, quota_period="total")
+    gone = {
+        "chat/completions": {"messages": [{"role": "user", "content": "gone"}], "max_tokens": 5},
+        "completions": {"prompt": "gone", "max_tokens": 5},
+        "responses": {"input": "gone", "max_output_tokens": 5},
+    }
+    with _client(server, key) as a, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(_chat, a)
+        deadline = time.monotonic() + 10
+        while len(engine.running) != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        for path, body in gone.items():
+            for stream in (False, True):
+                with pytest.raises(httpx.TimeoutException):
+                    a.post(f"/{path}", json={"model": MODEL, "stream": stream, **body}, timeout=0.3)
+        deadline = time.monotonic() + 10
+        while server.app.state.tokenmill.admission.waiting:  # the server saw them leave
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        engine.hold.set()
+        assert first.result().status_code == 200
+        assert _chat(a).status_code == 200  # the next request finds the share free
+    assert len(engine.prompts) == 2
+    rows = _rows(server, "user_a")
+    assert [r.status for r in rows] == ["completed", "completed"]
+    assert _quota(server, "user_a") == db.QuotaState(sum(r.total_tokens for r in rows), 0)
+
+
 # A turn of two model generations with the FakeEngine's scripted calculator call.
 TOOL_TURN = {
     "model": MODEL,
