@@ -7,7 +7,8 @@ matter for an inference server:
   only when a later write happens to fail;
 - it waits for the first event before sending the status line, so an error the engine
   raises before producing anything (a prompt too large for the KV pool, say) is still
-  a proper 4xx JSON response rather than a 200 followed by an error event;
+  a proper 4xx JSON response rather than a 200 followed by an error event, with the
+  headers the stream was given (a limited user's x-ratelimit-*);
 - an API error after the stream has started is sent as an OpenAI-style error event,
   followed by `[DONE]` so clients stop reading;
 - `on_close` (idempotent) runs before `[DONE]` is sent as well as at the end, so a client
@@ -58,6 +59,7 @@ class EventStreamResponse(Response):
         self.status_code = 200
         self.background = None
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self._stream_headers = set(self.headers)  # what an error answered instead drops
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sender = asyncio.ensure_future(self._send_events(send))
@@ -76,11 +78,16 @@ class EventStreamResponse(Response):
             await self.events.aclose()
             self.on_close()
 
+    def _given_headers(self) -> dict[str, str]:
+        """The headers set on this response beyond those of an event stream."""
+        return {k: v for k, v in self.headers.items() if k not in self._stream_headers}
+
     async def _send_events(self, send: Send) -> None:
         send = _bounded(send)
         try:
             first = await anext(self.events, None)
         except APIError as err:
+            err.headers = {**self._given_headers(), **err.headers}
             await _send_error_response(send, err)
             return
         await send(

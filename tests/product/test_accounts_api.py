@@ -370,6 +370,24 @@ def test_a_prompt_the_engine_refuses_at_submission_is_not_charged(product_server
     assert [(r.endpoint, r.status, r.total_tokens) for r in rows] == [("responses", "failed", 0)]
 
 
+def test_a_stream_refused_before_its_first_event_carries_the_rate_limit_headers(
+    product_server,
+):
+    """A stream whose generation fails before its first event is answered as a JSON
+    error, with the x-ratelimit-* headers every answer of a limited user carries, as the
+    same request unstreamed is."""
+    server = product_server(SubmissionRefusingEngine())
+    key = _account(server, "ida", rpm=100, tpm=100_000)
+    with _client(server, key) as ida:
+        answers = [_chat(ida, max_tokens=5, stream=stream) for stream in (False, True)]
+    for answer in answers:
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["code"] == "context_length_exceeded"
+        assert answer.headers["x-ratelimit-limit-requests"] == "100"
+        assert answer.headers["x-ratelimit-limit-tokens"] == "100000"
+    assert answers[1].headers["x-ratelimit-remaining-requests"] == "98"
+
+
 @pytest.mark.parametrize("endpoint", ["chat", "responses"])
 def test_fifty_concurrent_requests_never_overspend_the_quota(
     product_server, database_url, endpoint
