@@ -29,7 +29,13 @@ import torch
 
 from engine.args import EngineArgs
 from engine.beam_search import BeamSearch, BeamSearchParams, request_output, step_params
-from engine.errors import BatchFailedError, EngineError, EngineShutdownError, RequestFailedError
+from engine.errors import (
+    BatchFailedError,
+    EngineError,
+    EngineShutdownError,
+    EngineStoppedError,
+    RequestFailedError,
+)
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, RequestOutput, merge_output, num_output_tokens
 from engine.sampling_params import RequestOutputKind, SamplingParams
@@ -113,18 +119,20 @@ class AsyncLLM:
     ) -> AsyncIterator[RequestOutput]:
         """Yield outputs until the request finishes, as `params.output_kind` says: all so
         far each time (the default, as vLLM), only what is new (DELTA, what the server
-        streams), or only the finished request. Raises ValueError for a bad request and
-        EngineError if the engine failed. Closing the iterator early (a client that went
-        away) aborts the request and frees its blocks; `on_abort` is then called, before
-        the close returns, with the number of output tokens the engine generated that no
-        yielded output carried (those it made while the caller was not reading, up to the
-        abort): they were computed, so a server meters them; and with the prompt's
-        prefix-cache hit (`num_cached_tokens`), which the caller would otherwise take from
-        the finished output it never gets (0 for a request aborted before admission)."""
+        streams), or only the finished request. Raises ValueError for a bad request,
+        EngineStoppedError when submitted to an engine already shut down (neither has
+        computed any of it) and EngineError if the engine failed. Closing the iterator
+        early (a client that went away) aborts the request and frees its blocks;
+        `on_abort` is then called, before the close returns, with the number of output
+        tokens the engine generated that no yielded output carried (those it made while
+        the caller was not reading, up to the abort): they were computed, so a server
+        meters them; and with the prompt's prefix-cache hit (`num_cached_tokens`), which
+        the caller would otherwise take from the finished output it never gets (0 for a
+        request aborted before admission)."""
         if self.failure is not None:
             raise EngineError(f"the engine failed: {self.failure!r}")
         if self._stopped.is_set():
-            raise EngineShutdownError("the engine is shut down")
+            raise EngineStoppedError("the engine is shut down")
         if params.structured_outputs is None:
             request = self.engine.make_request(request_id, prompt, params)
         else:  # a large schema's matcher takes up to a second: not on the event loop
@@ -135,7 +143,7 @@ class AsyncLLM:
         self._streams[request_id] = stream
         if self._stopped.is_set():  # the loop ended after the check above: nobody would answer
             del self._streams[request_id]
-            raise EngineShutdownError("the engine is shut down")
+            raise EngineStoppedError("the engine is shut down")
         self._send("add", request)
         finished = False
         kind = params.output_kind

@@ -9,6 +9,12 @@ class EngineShutdownError(EngineError):
     """The engine was shut down (the server stopping) before the request finished."""
 
 
+class EngineStoppedError(EngineShutdownError):
+    """The engine had shut down when the request was submitted (one admitted while the
+    server drains, once its shutdown timeout has ended the others): none of it was
+    computed, so none of it is charged."""
+
+
 class ContextLengthExceededError(ValueError):
     """A prompt plus its requested output does not fit the model's context window."""
 

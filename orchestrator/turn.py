@@ -25,7 +25,12 @@ from types import MappingProxyType
 
 from engine import SamplingParams
 from engine.client import EngineClient
-from engine.errors import ContextLengthExceededError, EngineError, EngineShutdownError
+from engine.errors import (
+    ContextLengthExceededError,
+    EngineError,
+    EngineShutdownError,
+    EngineStoppedError,
+)
 from orchestrator.agent import (
     CODE_INTERPRETER,
     ITEM_TOOLS,
@@ -545,9 +550,10 @@ class Turn:
         computed = True
         try:
             await self._consume(progress, prompt.token_ids, params, request_id)
-        except ValueError:
-            # The engine's refusal at submission (its only ValueError, before any output):
-            # it computed none of the prompt, which is therefore not charged.
+        except (ValueError, EngineStoppedError):
+            # The engine's refusal at submission (its only ValueError, before any output),
+            # or its having shut down by then: it computed none of the prompt, which is
+            # therefore not charged.
             computed = bool(progress.output_ids)
             raise
         finally:

@@ -24,6 +24,7 @@ from engine.errors import (
     ContextLengthExceededError,
     EngineError,
     EngineShutdownError,
+    EngineStoppedError,
     NothingToSampleError,
     RequestFailedError,
 )
@@ -195,7 +196,9 @@ async def engine_outputs(
         raise invalid(str(exc), None) from None
     except RequestFailedError as exc:  # a bug this request's input found; the engine goes on
         raise APIError(500, str(exc), code="request_failed") from None
-    except EngineShutdownError:
+    except EngineShutdownError as exc:
+        if isinstance(exc, EngineStoppedError) and isinstance(params, SamplingParams):
+            meter.on_refused(len(prompt))  # submitted as the engine stopped: never computed
         raise shutting_down(
             "the server shut down before this request finished", code="server_shutdown"
         ) from None

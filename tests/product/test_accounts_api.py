@@ -21,7 +21,7 @@ from openai.types.responses import Response as SDKResponse
 from openai.types.responses.response_error import ResponseError
 from sqlalchemy import func, select
 
-from engine.errors import ContextLengthExceededError, NothingToSampleError
+from engine.errors import ContextLengthExceededError, EngineStoppedError, NothingToSampleError
 from orchestrator.accounts import keys
 from orchestrator.accounts import meter as meter_module
 from orchestrator.accounts.periods import period_start
@@ -368,6 +368,37 @@ def test_a_prompt_the_engine_refuses_at_submission_is_not_charged(product_server
     assert report["quota"]["used"] == 0 and report["quota"]["reserved"] == 0
     rows = _rows(server, "user_hal", count=1)
     assert [(r.endpoint, r.status, r.total_tokens) for r in rows] == [("responses", "failed", 0)]
+
+
+class StoppedEngine(FakeEngine):
+    """Shut down: refuses every prompt as it is submitted, as AsyncLLM does the requests
+    a drain admits once its shutdown timeout has stopped the engine."""
+
+    async def generate(self, prompt, params, request_id, on_abort=None):
+        raise EngineStoppedError("the engine is shut down")
+        yield  # an async generator, as AsyncLLM.generate
+
+
+def test_a_prompt_submitted_after_the_engine_stopped_is_not_charged(product_server):
+    """A request admitted as the server drains (queued behind its user's share while the
+    shutdown timeout ended the others) reaches an engine already stopped: it fails as the
+    shutdown's requests do, but none of its prompt was computed, so none is charged."""
+    server = product_server(StoppedEngine())
+    key = _account(server, "stu", token_quota=1000, quota_period="day")
+    with _client(server, key) as stu:
+        refused = _chat(stu, max_tokens=5)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutdown"
+        body = {"model": MODEL, "input": "Hi", "max_output_tokens": 16}
+        failed = stu.post("/responses", json=body).json()
+        assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+        assert failed["usage"]["input_tokens"] == 0
+        report = stu.get("/usage").json()
+    assert report["quota"]["used"] == 0 and report["quota"]["reserved"] == 0
+    rows = _rows(server, "user_stu", count=2)
+    assert sorted((r.endpoint, r.status, r.total_tokens) for r in rows) == [
+        ("chat.completions", "failed", 0),
+        ("responses", "failed", 0),
+    ]
 
 
 def test_a_stream_refused_before_its_first_event_carries_the_rate_limit_headers(
