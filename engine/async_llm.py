@@ -182,7 +182,9 @@ class AsyncLLM:
         batched with the engine's other work. Yields once, when the search ends, as vLLM's
         server-side search does: the best `beam_width` beams as completions, best first,
         with `num_generated_tokens` (every token the search generated, those of dropped
-        beams included) and the prompt's prefix-cache hit. Raises as `generate` does.
+        beams included) and the prompt's prefix-cache hit. Raises as `generate` does (an
+        EngineStoppedError only from its first step: a later step's is the shutdown's
+        EngineShutdownError, as the steps before it were computed).
         `abort(request_id)` ends it after the step under way, whose requests it aborts: it
         yields the best beams so far, those still live finished with "abort". Closing the
         iterator early, or cancelling its task, aborts the step's requests too; whenever
@@ -204,7 +206,12 @@ class AsyncLLM:
             while beams := search.next_beams():
                 ids = [f"{request_id}-{search.steps}-{i}" for i in range(len(beams))]
                 self._searches[request_id] = ids
-                outputs = await self._run_step([b.tokens for b in beams], step, ids, spent)
+                try:
+                    outputs = await self._run_step([b.tokens for b in beams], step, ids, spent)
+                except EngineStoppedError:
+                    if search.steps == 0:
+                        raise  # none of the search was computed
+                    raise EngineShutdownError("the engine was shut down") from None
                 if request_id not in self._searches:  # aborted: the outputs are cut
                     break
                 search.advance([out.outputs[0].logprobs[0] for out in outputs])

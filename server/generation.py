@@ -197,7 +197,7 @@ async def engine_outputs(
     except RequestFailedError as exc:  # a bug this request's input found; the engine goes on
         raise APIError(500, str(exc), code="request_failed") from None
     except EngineShutdownError as exc:
-        if isinstance(exc, EngineStoppedError) and isinstance(params, SamplingParams):
+        if isinstance(exc, EngineStoppedError):
             meter.on_refused(len(prompt))  # submitted as the engine stopped: never computed
         raise shutting_down(
             "the server shut down before this request finished", code="server_shutdown"

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from engine import LLM, AsyncLLM, BeamSearchParams, SamplingParams
+from engine.errors import EngineShutdownError, EngineStoppedError
 from tests.conftest import TINY, save_random_model
 
 EOS = 2  # LlamaConfig's default eos_token_id
@@ -328,3 +329,39 @@ def test_a_stopped_async_beam_search_ends_its_requests_and_frees_their_blocks(ti
         assert reported == [] and out.finished and out.num_generated_tokens == generated
         assert [o.finish_reason for o in out.outputs] == ["abort"] * 4
         assert out.num_cached_tokens == cached
+
+
+def test_a_search_submitted_to_a_stopped_engine_says_none_of_it_was_computed(tiny_model_dir):
+    """A search whose first step meets an engine already shut down raises
+    EngineStoppedError (a server charges none of its prompt); one the stop meets between
+    steps had its earlier steps computed, so it raises the shutdown's plain error."""
+    params = BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True)
+
+    async def run() -> tuple[BaseException, BaseException]:
+        engine = AsyncLLM(model=tiny_model_dir("llama"), num_kv_blocks=64, **ENGINE)
+        generate = engine.generate
+        steps: list[str] = []
+
+        def stopping_after_the_first_step(prompt, step_params, request_id, on_abort=None):
+            steps.append(request_id)
+            if not request_id.startswith("late-0-"):  # as if the stop came after step 0
+                raise EngineStoppedError("the engine is shut down")
+            return generate(prompt, step_params, request_id, on_abort)
+
+        try:
+            engine.generate = stopping_after_the_first_step
+            [late] = await asyncio.gather(
+                _async_search(engine, [5, 9, 200], params, "late"), return_exceptions=True
+            )
+            engine.generate = generate
+        finally:
+            await engine.shutdown()
+        [early] = await asyncio.gather(
+            _async_search(engine, [5, 9, 200], params, "early"), return_exceptions=True
+        )
+        assert any(s.startswith("late-1-") for s in steps)
+        return early, late
+
+    early, late = asyncio.run(run())
+    assert isinstance(early, EngineStoppedError)
+    assert isinstance(late, EngineShutdownError) and not isinstance(late, EngineStoppedError)

@@ -379,6 +379,10 @@ class StoppedEngine(FakeEngine):
         raise EngineStoppedError("the engine is shut down")
         yield  # an async generator, as AsyncLLM.generate
 
+    async def beam_search(self, prompt, params, request_id, on_abort=None):
+        raise EngineStoppedError("the engine is shut down")
+        yield  # an async generator, as AsyncLLM.beam_search
+
 
 def test_a_prompt_submitted_after_the_engine_stopped_is_not_charged(product_server):
     """A request admitted as the server drains (queued behind its user's share while the
@@ -387,16 +391,19 @@ def test_a_prompt_submitted_after_the_engine_stopped_is_not_charged(product_serv
     server = product_server(StoppedEngine())
     key = _account(server, "stu", token_quota=1000, quota_period="day")
     with _client(server, key) as stu:
-        refused = _chat(stu, max_tokens=5)
-        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutdown"
+        for extra in ({}, {"use_beam_search": True}):
+            refused = _chat(stu, max_tokens=5, **extra)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "server_shutdown"
         body = {"model": MODEL, "input": "Hi", "max_output_tokens": 16}
         failed = stu.post("/responses", json=body).json()
         assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
         assert failed["usage"]["input_tokens"] == 0
         report = stu.get("/usage").json()
     assert report["quota"]["used"] == 0 and report["quota"]["reserved"] == 0
-    rows = _rows(server, "user_stu", count=2)
+    rows = _rows(server, "user_stu", count=3)
     assert sorted((r.endpoint, r.status, r.total_tokens) for r in rows) == [
+        ("chat.completions", "failed", 0),
         ("chat.completions", "failed", 0),
         ("responses", "failed", 0),
     ]
