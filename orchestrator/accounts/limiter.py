@@ -33,8 +33,12 @@ class Bucket:
         self.updated = now
 
     def resize(self, capacity: float) -> None:
-        """A changed limit applies at once, keeping what was spent."""
-        self.level = min(capacity, self.level + capacity - self.capacity)
+        """A changed limit applies at once, keeping what was spent; but a lowered limit
+        puts no one in debt (what was spent beyond it leaves nothing, not a wait of
+        minutes: a limit per minute is back to its pace a minute later). A debt the
+        bucket already had (a tool loop's later turns) stays."""
+        kept = self.level + capacity - self.capacity
+        self.level = min(capacity, max(kept, min(self.level, 0.0)))
         self.capacity = capacity
 
     def wait_for(self, amount: float) -> float:

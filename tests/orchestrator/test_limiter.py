@@ -117,6 +117,27 @@ def test_property_only_requests_admitted_for_their_tokens_spend_the_rpm(rpm, tpm
     assert limiter.headers("u")["x-ratelimit-remaining-requests"] == str(rpm - admitted)
 
 
+@given(st.integers(1, 1000), st.integers(1, 1000), st.floats(0, 1))
+def test_property_a_changed_limit_keeps_what_was_spent_and_a_minute_restores_it(old, new, share):
+    """An operator's change to a user's rpm applies at once: what they spent of the old
+    limit stays spent under the new one (none left if they spent more than it allows),
+    and one minute later the new limit's pace has come back, as a limit per minute says:
+    a lowered limit leaves no debt that would lock the user out for longer."""
+    clock = Clock()
+    limiter = RateLimiter(clock)
+    spent = round(share * old)
+    for _ in range(spent):
+        limiter.take_request("u", old, None)
+    if spent < new:
+        limiter.take_request("u", new, None)
+        assert limiter.headers("u")["x-ratelimit-remaining-requests"] == str(new - spent - 1)
+    else:
+        with pytest.raises(RateLimitError):
+            limiter.take_request("u", new, None)
+    clock.now += 60
+    limiter.take_request("u", new, None)
+
+
 class _DownStore:
     """A database that does not answer the reservation (then does, once `up`)."""
 
