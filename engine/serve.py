@@ -33,7 +33,13 @@ from engine.linear import QUANTIZATIONS
 from engine.loader import load_config
 from orchestrator import Product
 from orchestrator.retrieval.embeddings import Embedder
-from orchestrator.store import check_database_url, database_error, hold_data_dir, sqlite_url
+from orchestrator.store import (
+    check_database_url,
+    database_error,
+    hold_data_dir,
+    hold_database,
+    sqlite_url,
+)
 from orchestrator.tools import ToolRegistry, ToolUnavailable, builtin_tools
 from server import (
     ServerConfig,
@@ -596,16 +602,16 @@ def bind_address(host: str, port: int) -> socket.socket:
 
 async def serve(args: argparse.Namespace) -> bool:
     """Serve until shut down; returns False if it ended because the engine failed."""
-    # The SQLite database in the data directory belongs to this server alone, and the
-    # address to this process (both checked first: a second server must not load a model
+    # The data directory and a SQLite database belong to this server alone, and the
+    # address to this process (all checked first: a second server must not load a model
     # only to be refused).
-    lock = hold_data_dir(args.data_dir) if args.database_url is None else None
-    try:
+    with contextlib.ExitStack() as held:
+        if args.database_url is None:
+            held.callback(hold_data_dir(args.data_dir).close)
+        if (database := hold_database(database_url(args))) is not None:
+            held.callback(database.close)
         with bind_address(args.host, args.port) as sock:
             return await _serve(args, sock)
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 async def _serve(args: argparse.Namespace, sock: socket.socket) -> bool:

@@ -53,6 +53,32 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path, monkeypatch, 
     )
 
 
+def test_a_sqlite_database_another_server_holds_is_refused_by_any_option(
+    tmp_path, monkeypatch, capsys
+):
+    """A server on the data directory holds its database too: a second one naming that
+    file by --database-url would otherwise end the first one's running turns as its own
+    start-up recovery, and write their usage twice."""
+    from engine import serve
+    from orchestrator.store import hold_data_dir, hold_database, sqlite_url
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded although the database is held")
+
+    monkeypatch.setattr(serve, "AsyncLLM", load)
+    first = tmp_path / "first"
+    url = sqlite_url(first)
+    held = [hold_data_dir(first), hold_database(url)]  # what a server on --data-dir holds
+    argv = ["--port", "0", "--data-dir", str(tmp_path / "second"), "--no-embeddings"]
+    code = serve.main([*argv, "--database-url", url])
+    for lock in held:
+        lock.close()
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"error: the database {first / 'tokenmill.db'} is in use by another tokenmill" in err
+    assert "another --database-url" in err
+
+
 def test_connections_to_the_bound_address_send_small_writes_at_once():
     """The socket bound before the model loads is a TCP one to asyncio, which then turns
     Nagle's algorithm off (TCP_NODELAY) on each connection: otherwise each small SSE write

@@ -20,6 +20,7 @@ from orchestrator.store.store import (
     check_database_url,
     database_error,
     hold_data_dir,
+    hold_database,
     sqlite_url,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "check_database_url",
     "database_error",
     "hold_data_dir",
+    "hold_database",
     "metadata_tag",
     "sqlite_url",
 ]

@@ -158,7 +158,27 @@ def hold_data_dir(data_dir: str | Path) -> IO[str]:
     incomplete, frees quota reservations and queues indexing again, taking the work of
     another one running there. ValueError when another process holds it."""
     folder = data_folder(data_dir)
-    handle = open(folder / "tokenmill.lock", "a+")  # noqa: SIM115 (held open, by design)
+    return _hold(folder / "tokenmill.lock", f"the data directory {folder}", "another --data-dir")
+
+
+def hold_database(url: str) -> IO[str] | None:
+    """The same lock for a SQLite database file, whichever option named it (`--data-dir`
+    or `--database-url`): `<file>.lock` beside it. None for PostgreSQL, whose servers
+    share a database by design (servers.py), and for an in-memory SQLite database."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database).expanduser().absolute()
+    return _hold(path.with_name(f"{path.name}.lock"), f"the database {path}", "another --database-url")
+
+
+def _hold(lock_path: Path, what: str, instead: str) -> IO[str]:
+    """An exclusive lock on `lock_path` naming this process; ValueError naming `what` and
+    its holder when another process has it."""
+    try:
+        handle = open(lock_path, "a+")  # noqa: SIM115 (held open, by design)
+    except OSError as exc:
+        raise ValueError(f"cannot lock {what}: {exc.strerror} ({lock_path})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -166,8 +186,8 @@ def hold_data_dir(data_dir: str | Path) -> IO[str]:
         holder = handle.read().strip() or "another process"
         handle.close()
         raise ValueError(
-            f"the data directory {folder} is in use by another tokenmill server ({holder}); "
-            "stop it, or give this one another --data-dir"
+            f"{what} is in use by another tokenmill server ({holder}); "
+            f"stop it, or give this one {instead}"
         ) from None
     handle.seek(0)
     handle.truncate()

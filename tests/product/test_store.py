@@ -35,6 +35,7 @@ from orchestrator.store import (
     accounts,
     database_error,
     hold_data_dir,
+    hold_database,
     sqlite_url,
 )
 from orchestrator.store import knowledge as kb
@@ -578,6 +579,19 @@ def test_one_server_holds_a_data_directory(tmp_path):
         hold_data_dir(tmp_path)
     held.close()
     hold_data_dir(tmp_path).close()
+
+
+def test_a_sqlite_file_is_held_by_one_server_and_postgresql_by_none(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shop.db'}"
+    held = hold_database(url)
+    with pytest.raises(ValueError, match=r"the database .*shop\.db is in use by another"):
+        hold_database(url.replace("sqlite://", "sqlite+pysqlite://"))
+    held.close()
+    hold_database(url).close()
+    assert hold_database("sqlite://") is None  # in memory: nobody else can open it
+    assert hold_database("postgresql+psycopg://u@localhost/db") is None  # shared by design
+    with pytest.raises(ValueError, match="cannot lock the database"):
+        hold_database(f"sqlite:///{tmp_path / 'missing' / 'shop.db'}")
 
 
 @contextlib.contextmanager
