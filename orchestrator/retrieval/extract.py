@@ -224,18 +224,19 @@ def html_text(html: str) -> str:
 
 async def _isolated_pdf_text(data: bytes) -> str:
     """`_pdf_text` in this file run as a script (isolated: no package, so no engine, is
-    imported): the bytes on its stdin, the text on its stdout, an ExtractionError's
-    message on its stderr (exit status 2)."""
+    imported): the bytes on its stdin, the text on its stdout, or an ExtractionError's
+    message there (exit status 2). Its stderr is not read: pypdf logs what it repairs on
+    the way there ("EOF marker not found"), which is no part of the file's last_error."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-I",
         __file__,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        out, err = await asyncio.wait_for(process.communicate(data), PDF_SECONDS)
+        out, _ = await asyncio.wait_for(process.communicate(data), PDF_SECONDS)
     except TimeoutError:
         raise ExtractionError(
             f"reading the PDF's text took longer than {PDF_SECONDS} s; split it into smaller files"
@@ -247,7 +248,7 @@ async def _isolated_pdf_text(data: bytes) -> str:
     if process.returncode == 0:
         return out.decode()
     if process.returncode == 2:
-        raise ExtractionError(err.decode(errors="replace").strip())
+        raise ExtractionError(out.decode(errors="replace").strip())
     raise ExtractionError(
         "the PDF could not be read: its reader ran out of memory or failed "
         f"(exit status {process.returncode}); is it a valid PDF?"
@@ -289,7 +290,7 @@ def _main() -> None:
     try:
         text = _pdf_text(data)
     except ExtractionError as exc:
-        sys.stderr.write(str(exc))
+        sys.stdout.write(str(exc))
         sys.exit(2)
     sys.stdout.buffer.write(text.encode(errors="replace"))  # a lone surrogate: "?"
 
