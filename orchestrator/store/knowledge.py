@@ -590,25 +590,20 @@ def cancel_file_batch(
     repo: Repository, owner: str, vector_store_id: str, batch_id: str
 ) -> list[str] | None:
     """Mark the batch cancelled and its files still in progress `cancelled` (ingestion
-    then writes nothing for them); the ids of those files, or None if no such batch."""
+    then writes nothing for them); the ids of those files, or None if no such batch. A
+    batch whose files have all ended has nothing to cancel: it keeps its status."""
     b, t = vector_store_file_batches, vector_store_files
+    batch = (b.c.id == batch_id, b.c.vector_store_id == vector_store_id, b.c.owner_id == owner)
     with repo.engine.begin() as conn:
-        found = conn.execute(
-            update(b)
-            .where(
-                b.c.id == batch_id,
-                b.c.vector_store_id == vector_store_id,
-                b.c.owner_id == owner,
-            )
-            .values(cancelled=True)
-        ).rowcount
-        if not found:
+        if conn.execute(select(b.c.id).where(*batch)).first() is None:
             return None
         rows = conn.execute(
             select(t.c.id, t.c.body).where(
                 t.c.batch_id == batch_id, t.c.owner_id == owner, t.c.status == "in_progress"
             )
         ).all()
+        if rows:
+            conn.execute(update(b).where(*batch).values(cancelled=True))
         for row in rows:
             conn.execute(
                 update(t)

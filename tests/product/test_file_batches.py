@@ -77,6 +77,9 @@ def test_a_batch_indexes_its_files_and_lists_them(product_server, tmp_path, embe
     assert len(page.data) == 1 and page.has_more
     hits = client.vector_stores.search(store.id, query="glacier valleys").data
     assert hits[0].file_id == ids["glaciers.txt"]
+    # Cancelling a batch whose files have all ended cancels nothing: it stays completed.
+    assert client.vector_stores.file_batches.cancel(batch.id, vector_store_id=store.id) == batch
+    assert client.vector_stores.file_batches.retrieve(batch.id, vector_store_id=store.id) == batch
 
 
 def test_files_with_their_own_attributes_and_a_failed_batch(product_server, tmp_path, embedder):
@@ -99,6 +102,8 @@ def test_files_with_their_own_attributes_and_a_failed_batch(product_server, tmp_
         vector_store_id=store.id, file_ids=[image.id], poll_interval_ms=50
     )
     assert failed.status == "failed" and failed.file_counts.failed == 1
+    after = client.vector_stores.file_batches.cancel(failed.id, vector_store_id=store.id)
+    assert after.status == "failed"
     (only,) = client.vector_stores.file_batches.list_files(failed.id, vector_store_id=store.id).data
     assert only.status == "failed" and only.last_error.code == "unsupported_file"
 
