@@ -19,6 +19,9 @@ from typing import Any, Protocol
 from sqlalchemy import ColumnElement, and_, case, false, func, not_, or_, select
 
 COMPARISONS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "nin")
+# The fields of OpenAI's CompoundFilter and ComparisonFilter.
+COMPOUND_FIELDS = ("type", "filters")
+COMPARISON_FIELDS = ("type", "key", "value")
 MAX_DEPTH = 8
 MAX_KEY_LENGTH = 64
 # Every comparison is SQL the database runs on every candidate chunk: a filter holds at
@@ -79,11 +82,20 @@ def _comparisons(f: Filter):
         yield from _comparisons(child)
 
 
+def _refuse_other_fields(value: dict, path: str, fields: tuple[str, ...]) -> None:
+    """A field the filter does not have is an error, not something left out of the
+    condition (`values` beside `value`, `key` beside `filters`)."""
+    for name in value:
+        if name not in fields:
+            raise ValueError(f"{path}.{name} is not a field of this filter ({', '.join(fields)})")
+
+
 def _parse(value: Any, path: str, depth: int) -> Filter:
     if not isinstance(value, dict):
         raise ValueError(f"{path} must be an object")
     kind = value.get("type")
     if kind in ("and", "or"):
+        _refuse_other_fields(value, path, COMPOUND_FIELDS)
         if depth >= MAX_DEPTH:
             raise ValueError(f"{path} nests compound filters deeper than {MAX_DEPTH} levels")
         items = value.get("filters")
@@ -95,6 +107,7 @@ def _parse(value: Any, path: str, depth: int) -> Filter:
         )
     if kind not in COMPARISONS:
         raise ValueError(f"{path}.type must be one of {', '.join((*COMPARISONS, 'and', 'or'))}")
+    _refuse_other_fields(value, path, COMPARISON_FIELDS)
     key = value.get("key")
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or "\x00" in key:
         raise ValueError(

@@ -106,6 +106,12 @@ def test_filter_semantics(matching, filters, expected):
         ({"type": "in", "key": "a", "value": "x"}, "filters.value"),
         ({"type": "in", "key": "a", "value": [True]}, "filters.value"),
         ({"type": "and", "filters": []}, "filters.filters"),
+        # a field neither filter has is refused, not left out of the condition
+        ({"type": "eq", "key": "a", "value": 1, "values": [2, 3]}, r"filters\.values is not"),
+        (
+            {"type": "or", "filters": [{"type": "eq", "key": "a", "value": 1}], "key": "a"},
+            r"filters\.key is not",
+        ),
         (
             {"type": "or", "filters": [{"type": "eq", "key": "a", "value": {}}]},
             r"filters.filters\[0\].value",
