@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, and_, case, false, func, not_, or_, select
+from sqlalchemy import ColumnElement, and_, bindparam, case, false, func, not_, or_, select
 
 COMPARISONS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "nin")
 # The fields of OpenAI's CompoundFilter and ComparisonFilter.
@@ -198,16 +198,18 @@ def _equals(attrs: JsonAttributes, key: str, value: Scalar) -> ColumnElement:
 
 def _one_of(attrs: JsonAttributes, key: str, values: tuple) -> ColumnElement:
     """The attribute is one of `values`: one IN list per kind (strings, numbers), so the
-    attribute is read once per kind rather than once per value."""
+    attribute is read once per kind rather than once per value. The list is bound as the
+    attribute's own type: left to SQLAlchemy, a list of numbers takes its first value's
+    type, and PostgreSQL then cast [2019, 2023.5] to integers (2023.5 became 2024)."""
     kinds: dict[str, list] = {}
     for v in values:
         kinds.setdefault(_kind_of(v), []).append(v)
-    return or_(
-        *(
-            and_(attrs.kind(key) == kind, attrs.value(key, same[0]).in_(same))
-            for kind, same in kinds.items()
-        )
-    )
+    parts = []
+    for kind, same in kinds.items():
+        value = attrs.value(key, same[0])
+        listed = bindparam(None, same, type_=value.type, expanding=True)
+        parts.append(and_(attrs.kind(key) == kind, value.in_(listed)))
+    return or_(*parts)
 
 
 def compile_filter(f: Filter, attrs: JsonAttributes) -> ColumnElement:

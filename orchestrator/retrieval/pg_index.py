@@ -35,6 +35,7 @@ import numpy as np
 from sqlalchemy import (
     ColumnElement,
     Double,
+    Text,
     case,
     cast,
     func,
@@ -85,7 +86,7 @@ class PgJsonAttributes:
         return case((raw.in_(("string", "number", "boolean")), raw), else_="other")
 
     def value(self, key: str, like: Scalar) -> ColumnElement:
-        as_text = self.column.op("->>")(literal(key))
+        as_text = self.column.op("->>", return_type=Text)(literal(key))  # text, not jsonb
         kind = func.jsonb_typeof(self._field(key))
         if isinstance(like, bool):  # compared with 0 / 1, as SQLite reads JSON booleans
             return case((kind == "boolean", case((as_text == "true", 1), else_=0)))

@@ -134,6 +134,9 @@ def test_filters_threshold_and_limit(index, embedder):
     animals = parse_filter({"key": "topic", "type": "eq", "value": "animals"})
     hits = search(index, embedder, "interest rates", filters=animals)
     assert {h.file_id for h in hits} == {"file-pets", "file-ocean"}
+    either = parse_filter({"key": "topic", "type": "in", "value": ["animals", "tech", 2022]})
+    hits = search(index, embedder, "interest rates", filters=either)
+    assert {h.file_id for h in hits} == {"file-pets", "file-ocean", "file-code"}
     recent = parse_filter(
         {
             "type": "and",
@@ -180,6 +183,18 @@ def test_updated_attributes_are_searched(index, embedder):
         idx.set_attributes(conn, "alice", "vs_a", "file-code", {"topic": "animals"})
     animals = parse_filter({"key": "topic", "type": "eq", "value": "animals"})
     assert "file-code" in {h.file_id for h in search(index, embedder, "x", filters=animals)}
+    with engine.begin() as conn:
+        idx.set_attributes(conn, "alice", "vs_a", "file-code", {"year": 2022.5})
+
+    def years(kind: str, values: list) -> set[str]:
+        filters = parse_filter({"key": "year", "type": kind, "value": values})
+        return {h.file_id for h in search(index, embedder, "x", filters=filters)}
+
+    # An in-list of integers and fractions compares each as the number it is (on
+    # PostgreSQL they were all bound as integers: 2022.5 as 2023, matching 2023 only).
+    assert years("in", [2020, 2022.5]) == {"file-ocean", "file-code"}
+    assert years("in", [2020, 2023.5]) == {"file-ocean"}
+    assert years("nin", [2020, 2023.5]) == {"file-pets", "file-code", "file-money"}
 
 
 def test_query_text_is_never_fts_syntax(index, embedder):
