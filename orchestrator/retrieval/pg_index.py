@@ -34,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 from sqlalchemy import (
     ColumnElement,
-    Double,
+    Numeric,
     Text,
     case,
     cast,
@@ -90,8 +90,8 @@ class PgJsonAttributes:
         kind = func.jsonb_typeof(self._field(key))
         if isinstance(like, bool):  # compared with 0 / 1, as SQLite reads JSON booleans
             return case((kind == "boolean", case((as_text == "true", 1), else_=0)))
-        if isinstance(like, int | float):
-            return case((kind == "number", cast(as_text, Double)))
+        if isinstance(like, int | float):  # numeric, exact: a double holds integers to 2**53
+            return case((kind == "number", cast(as_text, Numeric)))
         return case((kind == "string", as_text))
 
 

@@ -186,8 +186,8 @@ def test_updated_attributes_are_searched(index, embedder):
     with engine.begin() as conn:
         idx.set_attributes(conn, "alice", "vs_a", "file-code", {"year": 2022.5})
 
-    def years(kind: str, values: list) -> set[str]:
-        filters = parse_filter({"key": "year", "type": kind, "value": values})
+    def years(kind: str, value: object) -> set[str]:
+        filters = parse_filter({"key": "year", "type": kind, "value": value})
         return {h.file_id for h in search(index, embedder, "x", filters=filters)}
 
     # An in-list of integers and fractions compares each as the number it is (on
@@ -195,6 +195,13 @@ def test_updated_attributes_are_searched(index, embedder):
     assert years("in", [2020, 2022.5]) == {"file-ocean", "file-code"}
     assert years("in", [2020, 2023.5]) == {"file-ocean"}
     assert years("nin", [2020, 2023.5]) == {"file-pets", "file-code", "file-money"}
+    # 64-bit integers (nanosecond times, ids) compare exactly: read as doubles on
+    # PostgreSQL, 2**60 and 2**60 + 1 were one number.
+    with engine.begin() as conn:
+        idx.set_attributes(conn, "alice", "vs_a", "file-pets", {"year": 2**60})
+        idx.set_attributes(conn, "alice", "vs_a", "file-money", {"year": 2**60 + 1})
+    assert years("eq", 2**60) == years("in", [2**60]) == {"file-pets"}
+    assert years("gt", 2**60) == {"file-money"}
 
 
 def test_query_text_is_never_fts_syntax(index, embedder):
