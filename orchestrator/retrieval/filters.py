@@ -197,15 +197,17 @@ def _equals(attrs: JsonAttributes, key: str, value: Scalar) -> ColumnElement:
 
 
 def _one_of(attrs: JsonAttributes, key: str, values: tuple) -> ColumnElement:
-    """The attribute is one of `values`: one IN list per kind (strings, numbers), so the
-    attribute is read once per kind rather than once per value. The list is bound as the
-    attribute's own type: left to SQLAlchemy, a list of numbers takes its first value's
-    type, and PostgreSQL then cast [2019, 2023.5] to integers (2023.5 became 2024)."""
-    kinds: dict[str, list] = {}
+    """The attribute is one of `values`: one IN list per kind of value (strings, integers,
+    fractions), so the attribute is read once per kind rather than once per value. A
+    list is bound as the attribute's own type (left to SQLAlchemy, it took its first
+    value's, and PostgreSQL cast [2019, 2023.5] to integers: 2023.5 became 2024), and
+    integers apart from fractions, as PostgreSQL compares a list's values as one type:
+    among fractions, 2**53 + 1 was compared as a double, equal to 2**53."""
+    groups: dict[tuple[str, type], list] = {}
     for v in values:
-        kinds.setdefault(_kind_of(v), []).append(v)
+        groups.setdefault((_kind_of(v), type(v)), []).append(v)
     parts = []
-    for kind, same in kinds.items():
+    for (kind, _), same in groups.items():
         value = attrs.value(key, same[0])
         listed = bindparam(None, same, type_=value.type, expanding=True)
         parts.append(and_(attrs.kind(key) == kind, value.in_(listed)))
