@@ -169,7 +169,8 @@ def hold_database(url: str) -> IO[str] | None:
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     path = Path(parsed.database).expanduser().absolute()
-    return _hold(path.with_name(f"{path.name}.lock"), f"the database {path}", "another --database-url")
+    lock_path = path.with_name(f"{path.name}.lock")
+    return _hold(lock_path, f"the database {path}", "another --database-url")
 
 
 def _hold(lock_path: Path, what: str, instead: str) -> IO[str]:
