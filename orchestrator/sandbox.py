@@ -26,7 +26,8 @@ the child under rlimits: CPU seconds, address space, processes, file size. The l
 then lists the files the code left in /work and writes that manifest to a pipe of its
 own (its end is closed in the code's process). The code can still reopen that end
 through /proc/<launcher>/fd (same user) and forge the manifest: that gains it nothing it
-could not print or write itself, as the host only parses it (`ast.literal_eval`).
+could not print or write itself, as the host only parses it, a binary format of lengths
+it checks (`_manifest`), at a cost linear in what it reads.
 
 The host side never blocks the event loop (asyncio subprocess and pipes), caps the
 output it keeps, and kills the whole tree on the wall-clock deadline, on an output
@@ -68,7 +69,7 @@ from typing import BinaryIO
 # Imports only what a run always needs (each import costs start-up time on every run).
 _LAUNCHER = r"""
 import ctypes, os, resource, sys
-nice, report_bytes, manifest_fd, tmpfs_bytes, tmpfs_files, *rlimits = (
+nice, report_bytes, max_files, manifest_fd, tmpfs_bytes, tmpfs_files, *rlimits = (
     int(v) for v in sys.argv[1].split())
 libc = ctypes.CDLL(None, use_errno=True)
 def check(result, what):
@@ -121,12 +122,15 @@ if pid == 0:
     finally:
         os._exit(status)
 _, wait_status = os.waitpid(pid, 0)
-files, budget = [], report_bytes
+# The manifest (the host's `_manifest` reads it): the exit status, then each file's name,
+# size, and its content (-1 for none reported), as little-endian integers and bytes.
+out = [os.waitstatus_to_exitcode(wait_status).to_bytes(4, "little", signed=True)]
+listed, budget = 0, report_bytes
 for root, dirs, names in os.walk("/work"):
     dirs.sort()
     for name in sorted(names):
         path = os.path.join(root, name)
-        if not os.path.isfile(path) or os.path.islink(path) or len(files) >= 1000:
+        if not os.path.isfile(path) or os.path.islink(path) or listed >= max_files:
             continue
         size = os.path.getsize(path)
         content = None
@@ -134,11 +138,13 @@ for root, dirs, names in os.walk("/work"):
             with open(path, "rb") as f:
                 content = f.read(size)
             budget -= size
-        # a name need not be UTF-8: the manifest carries text that encodes
-        shown = os.fsencode(os.path.relpath(path, "/work")).decode("utf-8", "replace")
-        files.append((shown, size, content))
-with os.fdopen(manifest_fd, "w") as out:
-    out.write(repr((os.waitstatus_to_exitcode(wait_status), files)))
+        shown = os.fsencode(os.path.relpath(path, "/work"))
+        kept = -1 if content is None else len(content)
+        out += [len(shown).to_bytes(4, "little"), shown, size.to_bytes(8, "little"),
+                kept.to_bytes(8, "little", signed=True), content or b""]
+        listed += 1
+with os.fdopen(manifest_fd, "wb") as f:
+    f.write(b"".join(out))
 """
 
 
@@ -148,6 +154,11 @@ log = logging.getLogger(__name__)
 # RLIMIT_AS bounds each process, not the run: 32 processes of 1 GiB outgrow a host of
 # 23 GiB, and the OOM killer otherwise ends the biggest process, the server.
 _OOM_FIRST = ("/bin/sh", "-c", 'echo 1000 > /proc/self/oom_score_adj && exec "$@"', "sh")
+# The most files a run's result lists (the launcher lists no more), and the manifest's
+# fields (`_manifest`): the exit status; each file's name length, then its size and how
+# many bytes of its content follow.
+MAX_REPORTED_FILES = 1000
+_STATUS, _NAME_LENGTH, _SIZES = struct.Struct("<i"), struct.Struct("<I"), struct.Struct("<Qq")
 # How long a killed run's pipes may take to reach their end (the kernel tears the
 # namespace down asynchronously).
 _DRAIN_SECONDS = 10
@@ -302,6 +313,7 @@ class Sandbox:
         settings = [
             limits.nice,
             limits.report_bytes,
+            MAX_REPORTED_FILES,
             manifest_fd,
             limits.workdir_bytes,
             limits.workdir_files,
@@ -437,7 +449,7 @@ class Sandbox:
                     _feed(proc, code.encode()),
                     _pump(proc, proc.stdout, output, output.stdout),
                     _pump(proc, proc.stderr, output, output.stderr),
-                    _read_manifest(manifest_pipe, manifest, limits.report_bytes * 4 + (1 << 20)),
+                    _read_manifest(manifest_pipe, manifest, _manifest_limit(limits)),
                 )
                 await proc.wait()
         except TimeoutError:
@@ -450,6 +462,38 @@ class Sandbox:
         return _result(proc.returncode, manifest, output, timed_out, time.monotonic() - started)
 
 
+def _manifest_limit(limits: SandboxLimits) -> int:
+    """The most bytes of a manifest the host reads: every file's content the report holds,
+    and each listed file's entry with the longest name (PATH_MAX)."""
+    return 4 + limits.report_bytes + MAX_REPORTED_FILES * (_NAME_LENGTH.size + 4096 + _SIZES.size)
+
+
+def _manifest(data: bytes) -> tuple[int, list[SandboxFile]]:
+    """The launcher's manifest: (the code's exit status, the files it lists). The code can
+    write the manifest's pipe itself (see the module's docstring), so it is read as
+    untrusted bytes, on the event loop: every length checked, at most MAX_REPORTED_FILES
+    entries, at a cost linear in its size whatever it holds. ValueError if malformed."""
+    try:
+        (status,) = _STATUS.unpack_from(data)
+        at, files = _STATUS.size, []
+        while at < len(data):
+            if len(files) == MAX_REPORTED_FILES:
+                raise ValueError("the manifest lists too many files")
+            (name_length,) = _NAME_LENGTH.unpack_from(data, at)
+            name = data[at + _NAME_LENGTH.size : at + _NAME_LENGTH.size + name_length]
+            size, kept = _SIZES.unpack_from(data, at + _NAME_LENGTH.size + name_length)
+            at += _NAME_LENGTH.size + name_length + _SIZES.size
+            if kept < -1 or at + kept > len(data):
+                raise ValueError("a file's content in the manifest is cut short")
+            content = data[at : at + kept] if kept >= 0 else None
+            at += max(kept, 0)
+            # a name need not be UTF-8: the result carries text that encodes
+            files.append(SandboxFile(name.decode("utf-8", "replace"), size, content))
+    except struct.error as exc:
+        raise ValueError(f"the manifest is cut short: {exc}") from None
+    return status, files
+
+
 def _result(
     returncode: int | None, manifest: bytes, output: _Output, timed_out: bool, seconds: float
 ) -> SandboxResult:
@@ -457,11 +501,8 @@ def _result(
     files: list[SandboxFile] = []
     exit_code = None if timed_out or output.truncated else returncode
     if manifest and not timed_out:
-        try:
-            exit_code, listed = ast.literal_eval(manifest.decode())
-            files = [SandboxFile(*entry) for entry in listed]
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            pass
+        with contextlib.suppress(ValueError):  # not the launcher's (the code wrote it)
+            exit_code, files = _manifest(bytes(manifest))
     elif returncode == 1 and stderr.startswith(("bwrap:", "sandbox setup:")):
         raise SandboxUnavailable(f"the code sandbox could not start: {stderr.strip()}")
     return SandboxResult(

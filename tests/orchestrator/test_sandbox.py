@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tempfile
 import textwrap
+import tracemalloc
 import uuid
 import warnings
 from dataclasses import replace
@@ -18,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.sandbox import Sandbox, SandboxResult, SandboxUnavailable, running_pids
+from orchestrator.sandbox import (
+    Sandbox,
+    SandboxResult,
+    SandboxUnavailable,
+    _Output,
+    _result,
+    running_pids,
+)
 from tests.orchestrator.sandbox_helpers import FAST, host_can_spawn, wait_until_gone
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -262,6 +270,27 @@ def usr_local():
     with tempfile.TemporaryDirectory() as local:
         os.chmod(local, 0o755)
         yield Path(local)
+
+
+def test_a_forged_manifest_costs_the_host_no_more_than_its_bytes():
+    """Where the server runs as a user other than root, the code can reopen the launcher's
+    manifest pipe (/proc/<launcher>/fd) and write it itself. Whatever it writes, the host
+    reads it at a cost of its size, on its event loop: half a million small values as a
+    Python literal took seconds and over 500 MB to parse (17 MiB of them, 27 s and 8.5 GB)."""
+    forged = bytearray(b"(0, [" + b"0," * (1 << 19) + b"])")
+    entries = b"".join(  # well formed, but more entries than a run lists
+        len(b"f").to_bytes(4, "little") + b"f" + (0).to_bytes(8, "little") * 2
+        for _ in range(20_000)
+    )
+    for manifest in (forged, bytearray(b"\0\0\0\0" + entries)):
+        tracemalloc.start()
+        try:
+            result = _result(7, manifest, _Output(1 << 10), False, 0.0)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * len(manifest) + (1 << 20)
+        assert (result.exit_code, result.files) == (7, [])
 
 
 def test_usr_local_shows_only_the_pythons_packages(usr_local):
