@@ -73,12 +73,13 @@ def break_special_tokens(text: str, special_tokens: Iterable[str]) -> str:
 def template_arguments(arguments: str) -> object:
     """A tool call's `arguments` as chat templates read them (as transformers and vLLM
     give them): the dict its JSON text holds (blank text: none, {}), for a template's
-    `tojson` would write a JSON string twice encoded; text that is not JSON as written."""
+    `tojson` would write a JSON string twice encoded; text that is not JSON, or nested past
+    what the decoder's recursion allows (a client's history may hold it), as written."""
     if not arguments.strip():
         return {}
     try:
         return json.loads(arguments)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return arguments
 
 

@@ -167,6 +167,8 @@ def _arguments(call: dict) -> dict:
         arguments = json.loads(call["arguments"] or "{}")
     except json.JSONDecodeError:
         raise ToolError("the arguments are not valid JSON") from None
+    except RecursionError:
+        raise ToolError("the arguments are nested too deeply") from None
     if not isinstance(arguments, dict):
         raise ToolError("the arguments must be a JSON object")
     return arguments

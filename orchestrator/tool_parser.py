@@ -79,10 +79,12 @@ ToolEvent = TextPiece | ParsedCall | CallStart | ArgumentsDelta
 
 
 def parse_call(body: str, allowed: Collection[str]) -> ParsedCall | None:
-    """The call in one block's body, or None if it is not a valid call to an allowed tool."""
+    """The call in one block's body, or None if it is not a valid call to an allowed tool
+    (JSON nested past what the decoder's recursion allows is not one: a model may write it,
+    and a client function's free-form arguments let the call grammar accept it)."""
     try:
         obj = json.loads(body)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
     if not isinstance(obj, dict) or obj.get("name") not in allowed:
         return None
@@ -90,7 +92,7 @@ def parse_call(body: str, allowed: Collection[str]) -> ParsedCall | None:
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
             args = json.loads(args)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return None
     if not isinstance(args, dict):
         return None

@@ -56,6 +56,20 @@ def test_arguments_given_as_json_string_are_accepted_but_not_other_types():
     assert parse_tool_calls(bad, TOOLS) == (bad, [])
 
 
+def test_a_block_nested_past_the_json_decoders_depth_is_text_not_a_failure():
+    """A model may write arguments nested thousands deep (a client function's free-form
+    object lets the grammar accept them); json.loads raises RecursionError on them, which
+    failed the request (a 500, or a response left in_progress)."""
+    deep = "[" * 5000 + "]" * 5000
+    plain = '<tool_call>{"name":"get_time","arguments":{"x": ' + deep + "}}</tool_call>"
+    assert parse_tool_calls(plain, TOOLS) == (plain, [])
+    text = '<tool_call>{"name": "get_time", "arguments": "' + deep + '"}</tool_call>'
+    assert parse_tool_calls(text, TOOLS) == (text, [])
+    canonical = '<tool_call>{"name": "get_time", "arguments": {"x": ' + deep + "}}</tool_call>"
+    _, calls = parse_tool_calls(canonical, TOOLS)
+    assert [(c.name, c.complete) for c in calls] == [("get_time", False)]
+
+
 def test_unclosed_final_block_counts_if_it_parses_else_is_text():
     unclosed = '<tool_call>{"name": "get_time", "arguments": {}}'
     assert parse_tool_calls(unclosed, TOOLS)[1] == [ParsedCall("get_time", "{}")]

@@ -398,6 +398,29 @@ def test_a_lone_surrogate_in_a_calls_arguments_is_no_server_error(product_server
                 Response.model_validate(raw.json())
 
 
+def test_arguments_nested_past_the_json_decoders_depth_are_no_server_error(product_server):
+    """json.loads raises RecursionError on JSON nested a few thousand deep: a model's call
+    holding it left the response in_progress for good (its stream ended in an error
+    event), and a client's history holding it was a 500."""
+    deep = "[" * 1500 + "]" * 1500
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": ' + deep + "}}"
+    engine = FakeEngine(reply=_scripted(call + "\n</tool_call>"), max_model_len=32768)
+    server = product_server(engine)
+    for stream in (False, True):
+        raw = _post(server, input="Go", tools=[CALCULATOR], stream=stream)
+        assert raw.status_code == 200, raw.text
+        body = list(events(raw))[-1]["response"] if stream else raw.json()
+        assert body["status"] == "completed", body
+        assert body["output"][1]["output"] == "Error: the arguments are nested too deeply"
+    history = [
+        {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": deep},
+        {"type": "function_call_output", "call_id": "call_1", "output": "done"},
+    ]
+    raw = _post(server, input=history)
+    assert raw.status_code == 200, raw.text
+    Response.model_validate(raw.json())
+
+
 def test_a_client_function_still_ends_the_response(product_server):
     weather = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
     calls = _call("calculator", expression="1 + 2") + _call("get_weather", city="Oslo")
