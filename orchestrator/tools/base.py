@@ -41,10 +41,18 @@ def argument_schema(tool: Tool) -> dict:
 
 
 def string_argument(arguments: dict, name: str, max_chars: int) -> str:
-    """The required string argument `name`, or a ToolError that names it."""
+    """The required string argument `name`, or a ToolError that names it. JSON's `\\ud800`
+    escape decodes to a lone surrogate, which is no text a query or a program can be given
+    (encoding it fails): refused here, so the model reads why."""
     value = arguments.get(name)
     if not isinstance(value, str) or not value.strip():
         raise ToolError(f"the argument '{name}' must be a non-empty string")
     if len(value) > max_chars:
         raise ToolError(f"the argument '{name}' is longer than {max_chars} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ToolError(
+            f"the argument '{name}' is not text: it holds an unpaired surrogate"
+        ) from None
     return value

@@ -289,6 +289,20 @@ def test_code_interpreter_reports_errors_and_limits_as_logs():
     assert execute(tool, code="x = 1").text == "[no output]"
 
 
+def test_an_argument_holding_a_lone_surrogate_is_refused_by_name():
+    """JSON's `\\ud800` escape (which the call grammar allows) decodes to no text: a query
+    or code holding it failed with UnicodeEncodeError, logged as the tool's fault and shown
+    to the model as that exception's name only."""
+    tools = [
+        (Calculator(), "expression"),
+        (SqlQuery(), "sql"),
+        (CodeInterpreter(Sandbox(FAST)), "code"),
+    ]
+    for tool, name in tools:
+        with pytest.raises(ToolError, match=f"argument '{name}' is not text"):
+            execute(tool, **{name: "SELECT 1 -- \ud800"})
+
+
 # registry
 
 
