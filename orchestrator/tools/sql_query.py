@@ -27,6 +27,7 @@ import io
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import quote
@@ -64,6 +65,11 @@ MAX_OUTPUT_CHARS = 64_000  # the rows' CSV, whatever the rows hold
 # of CSV, built past the time limit, which covers only SQLite's own work).
 MAX_RESULT_COLUMNS = 100
 MAX_READ_CHARS = 4 * MAX_OUTPUT_CHARS
+# What a query may write to SQLite's temporary files (a sort, DISTINCT or GROUP BY that
+# outgrows memory spills to /var/tmp): ordering rows of 64 KB values wrote 5 GB there in
+# the 5 s time limit. The database is read-only, so all a query's thread writes is those.
+MAX_TEMP_BYTES = 256 << 20
+_IO_CHECK_SECONDS = 0.01  # how often the progress handler reads what the thread wrote
 
 
 def _authorize(
@@ -94,6 +100,37 @@ def open_read_only(path: Path) -> sqlite3.Connection:
     db.set_authorizer(_authorize)
     db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
     return db
+
+
+def _written_bytes() -> int | None:
+    """The bytes the calling thread has written (Linux's per-thread `wchar`), or None where
+    the kernel does not say."""
+    try:
+        with open("/proc/thread-self/io", "rb") as f:
+            return int(f.read().split(b"wchar:")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@dataclass
+class _Watch:
+    """SQLite's progress handler for one query: stop it when the call is cancelled, at its
+    deadline, or once its thread has written MAX_TEMP_BYTES (`spilled`)."""
+
+    cancelled: threading.Event
+    deadline: float
+    written: int | None = field(default_factory=_written_bytes)  # at the start
+    next_io_check: float = 0.0
+    spilled: bool = False
+
+    def __call__(self) -> int:
+        now = time.monotonic()
+        if self.cancelled.is_set() or now > self.deadline:
+            return 1
+        if self.written is not None and now >= self.next_io_check:
+            self.next_io_check = now + _IO_CHECK_SECONDS
+            self.spilled = (_written_bytes() or 0) - self.written > MAX_TEMP_BYTES
+        return int(self.spilled)
 
 
 def _shape(path: Path) -> list[Table]:
@@ -168,14 +205,17 @@ class SqlQuery:
             cancelled.set()
 
     def _query(self, sql: str, cancelled: threading.Event) -> ToolOutput:
-        deadline = time.monotonic() + self.time_limit
+        watch = _Watch(cancelled, time.monotonic() + self.time_limit)
         db = open_read_only(self.database)
-        db.set_progress_handler(
-            lambda: int(cancelled.is_set() or time.monotonic() > deadline), 1000
-        )
+        db.set_progress_handler(watch, 1000)
         try:
             return ToolOutput(_table_text(db.execute(sql), self.max_rows))
         except sqlite3.DatabaseError as exc:
+            if "interrupted" in str(exc) and watch.spilled:
+                raise ToolError(
+                    f"the query needed more than {MAX_TEMP_BYTES >> 20} MiB of temporary "
+                    "storage (a large sort, DISTINCT or GROUP BY)"
+                ) from None
             if "interrupted" in str(exc):
                 raise ToolError(f"the query ran longer than {self.time_limit:g} s") from None
             if "not authorized" in str(exc) or "authorization denied" in str(exc):

@@ -26,6 +26,7 @@ from orchestrator.tools.sql_query import (
     DEMO_SQL,
     MAX_READ_CHARS,
     MAX_RESULT_COLUMNS,
+    MAX_TEMP_BYTES,
     SqlQuery,
     build_database,
 )
@@ -249,6 +250,17 @@ def test_sql_query_reads_no_more_rows_than_their_text_can_show():
     with pytest.raises(ToolError, match=f"at most {MAX_RESULT_COLUMNS} "):
         execute(tool, sql=f"{rows}SELECT {wide} FROM t")
     assert "(1 rows)" in execute(tool, sql="SELECT " + ", ".join(["1"] * MAX_RESULT_COLUMNS)).text
+
+
+def test_sql_query_bounds_the_temporary_storage_a_query_writes():
+    """A sort that outgrows memory spills to SQLite's temporary files: ordering rows of
+    64 KB values wrote 5 GB to /var/tmp within the 5 s time limit. The query stops once
+    its thread has written MAX_TEMP_BYTES, long before its time limit."""
+    rows = "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) "
+    with pytest.raises(ToolError, match=f"more than {MAX_TEMP_BYTES >> 20} MiB of temporary"):
+        execute(
+            SqlQuery(time_limit=10), sql=f"{rows}SELECT n, hex(zeroblob(32000)) FROM t ORDER BY -n"
+        )
 
 
 def test_sql_query_without_its_database_is_unavailable(tmp_path):
