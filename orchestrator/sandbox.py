@@ -172,10 +172,11 @@ _LOAD_ARCH, _LOAD_NR = _instruction(0x20, 4), _instruction(0x20, 0)  # seccomp_d
 _KILL, _ALLOW = _instruction(0x06, 0x80000000), _instruction(0x06, 0x7FFF0000)
 _EPERM = _instruction(0x06, 0x00050000 | errno.EPERM)
 # machine -> (AUDIT_ARCH_*, the numbers of the calls refused: setsid, memfd_create,
-# memfd_secret, shmget); x86-64 also refuses the x32 ABI's numbers.
+# memfd_secret, shmget, io_uring_setup, io_uring_enter, io_uring_register); x86-64 also
+# refuses the x32 ABI's numbers.
 _ARCHES = {
-    "x86_64": (0xC000003E, (112, 319, 447, 29)),
-    "aarch64": (0xC00000B7, (157, 279, 447, 194)),
+    "x86_64": (0xC000003E, (112, 319, 447, 29, 425, 426, 427)),
+    "aarch64": (0xC00000B7, (157, 279, 447, 194, 425, 426, 427)),
 }
 
 
@@ -184,8 +185,11 @@ def seccomp_program() -> bytes | None:
     counts, and killing calls of another ABI. A new session would be a new autogroup, out
     of the nice-19 group the run is in. memfd_create's files and System V segments hold
     memory outside the address space RLIMIT_AS bounds (a run held 3 GiB of them under a
-    1 GiB limit), and /dev/shm, the POSIX way, is a capped tmpfs. None on machines not
-    listed (there the code could leave its priority group and hold that memory)."""
+    1 GiB limit), and /dev/shm, the POSIX way, is a capped tmpfs. io_uring, which no
+    Python needs, is a large part of the kernel open to unprivileged code (the source of
+    several local privilege escalations), whose operations run past any seccomp filter.
+    None on machines not listed (there the code could leave its priority group and hold
+    that memory)."""
     machine = os.uname().machine
     if machine not in _ARCHES:
         return None

@@ -242,6 +242,18 @@ def test_memory_no_rlimit_counts_is_refused():
     assert result.stdout == "memfd 1\nshmget -1 1\nopen files 256 256\n", result
 
 
+def test_the_code_cannot_use_io_uring():
+    """io_uring is kernel code open to unprivileged processes (several local privilege
+    escalations), and its operations run past any seccomp filter: the filter refuses it."""
+    result, _ = run("""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+        print("io_uring_setup", libc.syscall(425, 4, params), ctypes.get_errno())
+    """)
+    assert result.stdout == "io_uring_setup -1 1\n", result  # EPERM
+
+
 def test_the_code_cannot_make_a_user_namespace():
     """In a user namespace of its own the code would hold every capability: the kernel's
     code behind them (netfilter, mounts of tmpfs, overlayfs) is open to it."""
