@@ -72,8 +72,10 @@ class ToolRegistry:
         declared by a built-in's name only (`{"type": "function", "name": "calculator"}`)
         are built-ins, their schema filled in here; a function with `parameters`, or
         another name, is the client's (one without `parameters` takes none). `defaults`
-        (the server's --default-tools) are offered as well. A built-in this server cannot
-        run raises ToolUnavailable naming the entry."""
+        (the server's --default-tools) are offered as well, unless a client function has
+        the name: a call of that name is the client's to run, and a built-in of the same
+        name would take it (the model's call of it vanished, run by neither). A built-in
+        this server cannot run raises ToolUnavailable naming the entry."""
         resolved = ResolvedTools()
         wanted: list[tuple[str, str]] = [(name, "default tools") for name in defaults]
         for i, tool in enumerate(declared):
@@ -87,6 +89,8 @@ class ToolRegistry:
                 resolved.declarations.append(tool)
         for name, where in wanted:
             if name in resolved.builtins:
+                continue
+            if name in resolved.client_functions:  # a default (declared names are distinct)
                 continue
             try:
                 resolved.builtins[name] = self.get(name)

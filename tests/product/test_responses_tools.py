@@ -446,6 +446,20 @@ def test_default_tools_are_offered_without_being_declared(product_server):
         assert raw.status_code == 400 and raw.json()["error"]["param"] == "tool_choice"
 
 
+def test_a_client_function_named_like_a_builtin_is_the_clients(product_server):
+    """A client function named code_interpreter on a server that offers code_interpreter by
+    default: the model's call of it is the client's to run (it vanished, run by neither,
+    when the default built-in took it, and the prompt listed two tools of that name)."""
+    server = product_server(FakeEngine(reply=_scripted(_call("code_interpreter", code="1"))))
+    server.product.responses.default_tools = ("code_interpreter",)
+    own = {"type": "function", "name": "code_interpreter", "parameters": {"type": "object"}}
+    body = _post(server, input="Run it", tools=[own]).json()
+    assert [(i["type"], i.get("name")) for i in body["output"]] == [
+        ("function_call", "code_interpreter")
+    ]
+    assert _prompt(server).count('"name": "code_interpreter"') == 1
+
+
 def test_a_builtin_the_server_cannot_run_is_a_400_naming_it(product_server):
     server = product_server()
     server.product.responses.tools = ToolRegistry(
