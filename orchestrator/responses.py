@@ -265,9 +265,8 @@ class ResponseService:
         """The request's tools sorted into built-ins and client functions; a built-in this
         server cannot run is a 400 naming its `tools[i]` entry. file_search is added by
         `_add_file_search`."""
-        declared = [t.as_dict() for t in request.tools if not isinstance(t, FileSearchTool)]
-        try:
-            return self.tools.resolve(declared, self.default_tools)
+        try:  # all of them, so that an entry's `tools[i]` is the request's
+            return self.tools.resolve([t.as_dict() for t in request.tools], self.default_tools)
         except ToolUnavailable as exc:
             message = str(exc)
             raise InvalidRequestError(message, param=message.split(":", 1)[0]) from None

@@ -75,7 +75,8 @@ class ToolRegistry:
         (the server's --default-tools) are offered as well, unless a client function has
         the name: a call of that name is the client's to run, and a built-in of the same
         name would take it (the model's call of it vanished, run by neither). A built-in
-        this server cannot run raises ToolUnavailable naming the entry."""
+        this server cannot run raises ToolUnavailable naming the entry. Entries of other
+        types (file_search, made per request by the response service) are left out."""
         resolved = ResolvedTools()
         wanted: list[tuple[str, str]] = [(name, "default tools") for name in defaults]
         for i, tool in enumerate(declared):
@@ -84,7 +85,7 @@ class ToolRegistry:
                 wanted.append(("code_interpreter", f"tools[{i}]"))
             elif tool.get("type") == "function" and self._builtin_named(tool):
                 wanted.append((tool.get("name"), f"tools[{i}]"))
-            else:
+            elif tool.get("type") == "function":
                 resolved.client_functions.append(tool.get("name"))
                 resolved.declarations.append(tool)
         for name, where in wanted:

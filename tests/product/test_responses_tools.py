@@ -472,6 +472,10 @@ def test_a_builtin_the_server_cannot_run_is_a_400_naming_it(product_server):
     assert error["param"] == "tools[1]" and "bubblewrap" in error["message"]
     raw = _post(server, input="x", tools=[{"type": "code_interpreter"}])  # no container
     assert raw.status_code == 400 and raw.json()["error"]["param"] == "tools[0].container"
+    # counted among all the request's tools, a file_search entry before it included
+    search = {"type": "file_search", "vector_store_ids": ["vs_1"]}
+    raw = _post(server, input="x", tools=[search, sandboxed])
+    assert raw.status_code == 400 and raw.json()["error"]["param"] == "tools[1]"
     # A built-in's name this server names a reason for, declared by name: the same 400.
     raw = _post(server, input="x", tools=[{"type": "function", "name": "code_interpreter"}])
     assert raw.status_code == 400 and raw.json()["error"]["param"] == "tools[0]"
