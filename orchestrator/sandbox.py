@@ -107,7 +107,16 @@ if pid == 0:
     main = type(sys)("__main__")
     sys.modules["__main__"] = main
     try:
-        exec(compile(source, "main.py", "exec"), main.__dict__)
+        # As a notebook cell: a last statement that is an expression has its value's repr
+        # printed unless None (`_ast` is built in: no import cost).
+        import _ast
+        tree = compile(source, "main.py", "exec", _ast.PyCF_ONLY_AST)
+        last = tree.body.pop() if tree.body and type(tree.body[-1]) is _ast.Expr else None
+        exec(compile(tree, "main.py", "exec"), main.__dict__)
+        if last is not None:
+            shown = eval(compile(_ast.Expression(last.value), "main.py", "eval"), main.__dict__)
+            if shown is not None:
+                print(repr(shown))
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             status = exc.code or 0

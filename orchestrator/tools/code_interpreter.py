@@ -55,8 +55,8 @@ class CodeInterpreter:
     name = "code_interpreter"
     description = (
         "Run Python 3 code in a fresh sandbox (no network; the system Python's "
-        "packages) and get what it prints. Files written to the working directory "
-        "are listed. Use print() to see results."
+        "packages) and get what it prints, then the value of a last bare expression, "
+        "as in a notebook. Files written to the working directory are listed."
     )
     parameters: ClassVar[dict] = {
         "type": "object",

@@ -85,6 +85,20 @@ def test_an_exception_gives_its_traceback_and_status_1():
     assert result.stderr.rstrip().endswith("ValueError: boom")
 
 
+def test_a_last_expression_shows_its_value_as_in_a_notebook():
+    """Models write a bare `2**100` last, as in OpenAI's notebook-like tool: its repr is
+    printed after what the code printed, None shows nothing, an error in it is the run's."""
+    shown, _ = run("values = [1, 2]\nprint('sum:')\n(sum(values)\n * 14)\n")
+    assert (shown.stdout, shown.exit_code) == ("sum:\n42\n", 0), shown
+    quiet, _ = run("print('only')\nprint('this')\n")
+    assert quiet.stdout == "only\nthis\n"
+    failed, _ = run("x = {}\nx['missing']\n")
+    assert failed.exit_code == 1 and failed.stdout == ""
+    assert 'File "main.py", line 2' in failed.stderr and "KeyError: 'missing'" in failed.stderr
+    broken, _ = run("1 +\n")
+    assert broken.exit_code == 1 and "SyntaxError" in broken.stderr
+
+
 def test_cannot_connect_to_a_server_on_the_hosts_loopback():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

@@ -283,12 +283,14 @@ def test_code_interpreter_returns_logs_and_images():
         code=f"import base64\nprint(6 * 7)\n"
         f"open('chart.png', 'wb').write(base64.b64decode('{png}'))\n",
     )
-    # the listing is in the logs: the model reads a run's logs, in this turn and later ones
+    # the listing is in the logs: the model reads a run's logs, in this turn and later ones;
+    # the last line's value (the bytes written) shows as a notebook shows it
+    logs = "42\n12\n[files written: chart.png (12 bytes)]"
     assert out.outputs == [
-        {"type": "logs", "logs": "42\n[files written: chart.png (12 bytes)]"},
+        {"type": "logs", "logs": logs},
         {"type": "image", "url": f"data:image/png;base64,{png}"},
     ]
-    assert out.text == "42\n[files written: chart.png (12 bytes)]"
+    assert out.text == logs
 
 
 def test_code_interpreter_reports_errors_and_limits_as_logs():
