@@ -29,6 +29,7 @@ from orchestrator.store.tables import (
     api_keys,
     conversation_items,
     conversations,
+    cursor_tombstones,
     files,
     quota_periods,
     quota_reservations,
@@ -209,7 +210,13 @@ def delete_user(repo: Repository, user_id: str) -> list[str] | None:
     for file_id in file_ids:
         delete_file(repo, user_id, file_id)
     with repo.engine.begin() as conn:
-        for table in (conversation_items, conversations, response_items, responses):
+        for table in (
+            conversation_items,
+            conversations,
+            response_items,
+            responses,
+            cursor_tombstones,
+        ):
             conn.execute(delete(table).where(table.c.owner_id == user_id))
         for table in (api_keys, quota_reservations, quota_periods):
             conn.execute(delete(table).where(table.c.user_id == user_id))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ColumnElement
@@ -26,7 +26,15 @@ from orchestrator.retrieval.index import (
     SqliteIndex,
 )
 from orchestrator.store.advisory_claims import MIGRATION_LOCK
-from orchestrator.store.repository import ItemPage, Page, Repository, _page, delete_owned
+from orchestrator.store.repository import (
+    ItemPage,
+    Page,
+    Repository,
+    _page,
+    delete_listed,
+    delete_owned,
+    forget_list,
+)
 from orchestrator.store.tables import (
     file_blobs,
     files,
@@ -243,8 +251,7 @@ def _delete_file(
     for store_id in stores:
         _remove_store_file(conn, index, owner, store_id, file_id)
     # its bytes go with the row (file_blobs' foreign key cascades)
-    deleted = conn.execute(delete(files).where(files.c.id == file_id, files.c.owner_id == owner))
-    return deleted.rowcount > 0
+    return delete_listed(conn, files, files.c.owner_id, owner, owner, files.c.id == file_id) > 0
 
 
 def delete_expired_files(repo: Repository, now: int, most: int) -> list[tuple[str, str]]:
@@ -394,8 +401,10 @@ def delete_vector_store(repo: Repository, owner: str, vector_store_id: str) -> b
         if index is not None:
             index.delete_vector_store(conn, owner, vector_store_id)
         delete_owned(conn, vector_store_files, owner, vector_store_id=vector_store_id)
+        forget_list(conn, vector_store_files, vector_store_id, owner)
         delete_owned(conn, vector_store_file_batches, owner, vector_store_id=vector_store_id)
-        return delete_owned(conn, vector_stores, owner, id=vector_store_id) > 0
+        t = vector_stores
+        return delete_listed(conn, t, t.c.owner_id, owner, owner, t.c.id == vector_store_id) > 0
 
 
 def _counts(conn: Connection, owner: str, vector_store_id: str) -> tuple[FileCounts, int]:
@@ -739,13 +748,7 @@ def _remove_store_file(
 ) -> bool:
     if index is not None:
         index.delete_file(conn, owner, vector_store_id, file_id)
+    t = vector_store_files
     return (
-        conn.execute(
-            delete(vector_store_files).where(
-                vector_store_files.c.vector_store_id == vector_store_id,
-                vector_store_files.c.id == file_id,
-                vector_store_files.c.owner_id == owner,
-            )
-        ).rowcount
-        > 0
+        delete_listed(conn, t, t.c.vector_store_id, vector_store_id, owner, t.c.id == file_id) > 0
     )

@@ -12,6 +12,7 @@ import array
 import hashlib
 import json
 import sys
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,6 +25,7 @@ from orchestrator.errors import NotFoundError, PreconditionFailedError
 from orchestrator.store.tables import (
     conversation_items,
     conversations,
+    cursor_tombstones,
     response_items,
     responses,
 )
@@ -145,9 +147,115 @@ def written_by(table: Any, server_id: str | None) -> list[ColumnElement[bool]]:
     return [] if server_id is None else [table.c.server_id == server_id]
 
 
+# How long a deleted object's id still marks its place as a list's cursor: far longer than
+# any loop paging through a list takes, short enough that the tombstones stay few.
+TOMBSTONE_SECONDS = 86_400
+
+
+def delete_listed(
+    conn: Connection,
+    table: Any,
+    parent_column: Any,
+    parent_id: str,
+    owner: str,
+    *where: ColumnElement[bool],
+    position: Any = None,
+) -> int:
+    """Delete the owner's rows of `table` in the list of `parent_id` (its `parent_column`)
+    that meet `where`, leaving each a tombstone at its place in the list (`position`, by
+    default `seq`), so that its id still works as the list's cursor; how many went. The
+    rows are deleted first (RETURNING what they were): a deletion racing this one on
+    PostgreSQL waits for it, then finds nothing and buries nothing."""
+    position = table.c.seq if position is None else position
+    gone = conn.execute(
+        delete(table)
+        .where(parent_column == parent_id, table.c.owner_id == owner, *where)
+        .returning(table.c.id, position)
+    ).all()
+    if gone:
+        _bury(conn, table.name, parent_id, owner, [(row[0], row[1]) for row in gone])
+    return len(gone)
+
+
+def _bury(
+    conn: Connection, list_name: str, parent_id: str, owner: str, gone: list[tuple[str, int]]
+) -> None:
+    """Record where the objects `gone` (id, position) were in the list, replacing an older
+    tombstone of the same id (an object deleted, added again, deleted again), and purge
+    the tombstones past their time, which no cursor resolves any more."""
+    now = int(time.time())
+    t = cursor_tombstones
+    conn.execute(delete(t).where(t.c.deleted_at < now - TOMBSTONE_SECONDS))
+    conn.execute(
+        delete(t).where(
+            t.c.list_name == list_name,
+            t.c.parent_id == parent_id,
+            t.c.id.in_([object_id for object_id, _ in gone]),
+        )
+    )
+    conn.execute(
+        insert(t),
+        [
+            {
+                "list_name": list_name,
+                "parent_id": parent_id,
+                "id": object_id,
+                "owner_id": owner,
+                "position": position,
+                "deleted_at": now,
+            }
+            for object_id, position in gone
+        ],
+    )
+
+
+def forget_list(conn: Connection, table: Any, parent_id: str, owner: str) -> None:
+    """Delete the tombstones of the list of `parent_id`'s rows of `table`: the parent is
+    being deleted, and its lists with it."""
+    t = cursor_tombstones
+    conn.execute(
+        delete(t).where(
+            t.c.list_name == table.name, t.c.parent_id == parent_id, t.c.owner_id == owner
+        )
+    )
+
+
+def cursor_position(
+    conn: Connection,
+    table: Any,
+    parent_column: Any,
+    parent_id: str,
+    owner: str,
+    cursor: str,
+    position: Any = None,
+) -> Any:
+    """The place of the object `cursor` in the owner's list of `parent_id`'s rows of
+    `table` (`position`, by default `seq`): where it is, or where it was when deleted
+    (within `TOMBSTONE_SECONDS`); None for an id that never named an object of this list
+    (made up, another user's, another list's)."""
+    position = table.c.seq if position is None else position
+    found = conn.execute(
+        select(position).where(
+            parent_column == parent_id, table.c.owner_id == owner, table.c.id == cursor
+        )
+    ).scalar()
+    if found is not None:
+        return found
+    t = cursor_tombstones
+    return conn.execute(
+        select(t.c.position).where(
+            t.c.list_name == table.name,
+            t.c.parent_id == parent_id,
+            t.c.owner_id == owner,
+            t.c.id == cursor,
+            t.c.deleted_at >= int(time.time()) - TOMBSTONE_SECONDS,
+        )
+    ).scalar()
+
+
 def unknown_cursor(page: Page, kind: str) -> NotFoundError:
-    """A cursor that names nothing in the list (never there, or deleted since the previous
-    page): an empty page would tell the client the list had ended."""
+    """A cursor that never named an object of the list, or one deleted longer ago than
+    `TOMBSTONE_SECONDS`: an empty page would tell the client the list had ended."""
     param = "before" if page.before is not None else "after"
     cursor = page.before if page.before is not None else page.after
     return NotFoundError(f"{kind} with id '{cursor}' not found.", param=param, code="not_found")
@@ -174,17 +282,15 @@ def _page(
     whose fields live in columns of their own reads them in the same statement).
     `only`: conditions an item must meet to be listed (a filter by status or batch). The
     cursor is found among all the parent's items, not just those: the last item of a page
-    of files `in_progress` may be `completed` by the time the next page is asked for."""
+    of files `in_progress` may be `completed` by the time the next page is asked for; and
+    among those deleted since (`cursor_position`), so a loop deleting each item of a page
+    before asking for the next one sees them all."""
     where = [parent_column == parent_id, table.c.owner_id == owner, *only]
     backwards = page.before is not None
     cursor = page.before if backwards else page.after
     rising = (page.order == "asc") != backwards  # the direction rows are read in
     if cursor is not None:
-        cursor_seq = conn.execute(
-            select(table.c.seq).where(
-                parent_column == parent_id, table.c.owner_id == owner, table.c.id == cursor
-            )
-        ).scalar()
+        cursor_seq = cursor_position(conn, table, parent_column, parent_id, owner, cursor)
         if cursor_seq is None:
             raise unknown_cursor(page, "Item")
         where.append(table.c.seq > cursor_seq if rising else table.c.seq < cursor_seq)
@@ -256,13 +362,25 @@ class Repository:
         return ConversationRow(conversation_id, row.created_at, metadata)
 
     def delete_conversation(self, owner: str, conversation_id: str) -> bool:
+        table = conversations
         with self.engine.begin() as conn:
             delete_owned(conn, conversation_items, owner, conversation_id=conversation_id)
-            return delete_owned(conn, conversations, owner, id=conversation_id) > 0
+            forget_list(conn, conversation_items, conversation_id, owner)
+            deleted = delete_listed(
+                conn,
+                table,
+                table.c.owner_id,
+                owner,
+                owner,
+                table.c.id == conversation_id,
+                position=table.c.created_at,
+            )
+            return deleted > 0
 
     def list_conversations(self, owner: str, page: Page) -> tuple[list[ConversationRow], bool]:
         """A page of the owner's conversations by creation time (then id), after the
-        conversation `page.after` or before `page.before`, and whether there are more."""
+        conversation `page.after` or before `page.before` (or where it was: deleted), and
+        whether there are more."""
         table = conversations
         where = [table.c.owner_id == owner]
         backwards = page.before is not None
@@ -270,11 +388,10 @@ class Repository:
         rising = (page.order == "asc") != backwards  # the direction rows are read in
         with self.engine.connect() as conn:
             if cursor_id is not None:
-                cursor = conn.execute(
-                    select(table.c.created_at).where(
-                        table.c.id == cursor_id, table.c.owner_id == owner
-                    )
-                ).scalar()
+                owned = table.c.owner_id
+                cursor = cursor_position(
+                    conn, table, owned, owner, owner, cursor_id, position=table.c.created_at
+                )
                 if cursor is None:
                     raise unknown_cursor(page, "Conversation")
                 newer = table.c.created_at > cursor if rising else table.c.created_at < cursor
@@ -331,15 +448,12 @@ class Repository:
             ).scalar()
 
     def delete_conversation_item(self, owner: str, conversation_id: str, item_id: str) -> bool:
+        t = conversation_items
         with self.engine.begin() as conn:
-            deleted = conn.execute(
-                delete(conversation_items).where(
-                    conversation_items.c.conversation_id == conversation_id,
-                    conversation_items.c.owner_id == owner,
-                    conversation_items.c.id == item_id,
-                )
+            deleted = delete_listed(
+                conn, t, t.c.conversation_id, conversation_id, owner, t.c.id == item_id
             )
-        return deleted.rowcount > 0
+        return deleted > 0
 
     def conversation_history(self, owner: str, conversation_id: str) -> History | None:
         with self.engine.connect() as conn:

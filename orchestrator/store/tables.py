@@ -186,6 +186,25 @@ vector_store_file_batches = Table(
     Index("ix_vector_store_file_batches_store", "vector_store_id", "owner_id"),
 )
 
+# The place a deleted object held in a cursor-paginated list: its id and its sort key
+# there (`position`: the `seq` of an item, a file, a vector store or a vector store's file;
+# the `created_at` of a conversation). A list asked for the page after (or before) an id
+# no longer listed finds it here and pages on from its place, as OpenAI's API does, so
+# a loop deleting each item as it pages through a list deletes them all. `list_name` is
+# the list's table and `parent_id` what the list belongs to (a conversation, a vector
+# store, or the owner for their files, vector stores and conversations). Kept a day
+# (`deleted_at`, indexed for the purge), and deleted with the list's parent.
+cursor_tombstones = Table(
+    "cursor_tombstones",
+    metadata,
+    Column("list_name", String(32), primary_key=True),
+    Column("parent_id", ID, primary_key=True),
+    Column("id", ID, primary_key=True),
+    Column("owner_id", ID, nullable=False, index=True),
+    Column("position", BigInteger, nullable=False),
+    Column("deleted_at", BigInteger, nullable=False, index=True),
+)
+
 # -- accounts ------------------------------------------------------------------------------
 
 # A user: the owner of everything above (`owner_id` is a user's `id`), and the limits that

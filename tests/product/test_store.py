@@ -7,7 +7,9 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import MetaData, event, func, inspect, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
@@ -36,6 +40,7 @@ from orchestrator.store import (
     database_error,
     hold_data_dir,
     hold_database,
+    repository,
     sqlite_url,
 )
 from orchestrator.store import knowledge as kb
@@ -43,7 +48,13 @@ from orchestrator.store import store as store_module
 from orchestrator.store.accounts import KeyRow
 from orchestrator.store.repository import pack_tokens
 from orchestrator.store.store import MIGRATIONS, SchemaTooNewError, create_db_engine
-from orchestrator.store.tables import conversation_items, metadata, response_items, responses
+from orchestrator.store.tables import (
+    conversation_items,
+    cursor_tombstones,
+    metadata,
+    response_items,
+    responses,
+)
 
 
 @pytest.fixture
@@ -213,8 +224,9 @@ def test_conversations_page_backwards_with_before(store):
 
 
 def test_a_cursor_not_in_the_list_is_not_found_not_an_empty_page(store):
-    """A client paging on after a deleted (or made-up) item id must be told, not shown the
-    end of the list: the items after it would be silently lost."""
+    """A client paging on after an id that never named an item of the list (made up,
+    another list's) must be told, not shown the end of the list: the items after it would
+    be silently lost."""
     repo = store.repo
     repo.create_conversation("alice", "conv_c", 1, {}, [_message(f"m_{i}", i) for i in range(3)])
     repo.create_conversation("alice", "conv_other", 1, {}, [_message("m_x", 0)])
@@ -1257,3 +1269,145 @@ def test_downgrading_a_store_keeps_the_rows_of_the_tables_it_rebuilds(database_u
         blobs = conn.execute(text("SELECT file_id FROM file_blobs")).scalars().all()
         items = conn.execute(text("SELECT id FROM response_items")).scalars().all()
     assert (blobs, items) == (["file_old"], ["msg_old"])
+
+
+@dataclass
+class _PagedList:
+    """A list of the store and its model: each object's place in the list (`keys`, in the
+    list's ascending order), those not yet deleted, and how to delete and page."""
+
+    keys: dict[str, tuple]
+    delete: Callable[[str], bool]
+    page: Callable[[Page], tuple[list[str], bool]]
+    live: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.live = set(self.keys)
+
+    def expected(self, page: Page) -> tuple[list[str], bool]:
+        backwards = page.before is not None
+        cursor = page.before if backwards else page.after
+        rising = (page.order == "asc") != backwards
+        place = None if cursor is None else self.keys[cursor]
+        ahead = sorted(
+            (key, i)
+            for i, key in self.keys.items()
+            if i in self.live and (place is None or (key > place if rising else key < place))
+        )
+        if not rising:
+            ahead.reverse()
+        found = [i for _, i in ahead[: page.limit]]
+        return (found[::-1] if backwards else found), len(ahead) > page.limit
+
+
+def _conversation_items(repo: Repository, created_at: list[int]) -> tuple[_PagedList, list[str]]:
+    """A conversation's items, and ids that never named one of them: made up, another
+    conversation's item (one deleted too), another owner's."""
+    run = uuid.uuid4().hex
+    ids = [f"msg_{run}_{i}" for i in range(len(created_at))]
+    conv = f"conv_{run}"
+    repo.create_conversation("alice", conv, 1, {}, [_message(i, i) for i in ids])
+    repo.create_conversation("alice", f"conv_o{run}", 1, {}, [_message(f"o{run}", "")])
+    repo.create_conversation("alice", f"conv_d{run}", 1, {}, [_message(f"d{run}", "")])
+    repo.delete_conversation_item("alice", f"conv_d{run}", f"d{run}")
+    repo.create_conversation("bob", f"conv_b{run}", 1, {}, [_message(f"b{run}", "")])
+    listed = _PagedList(
+        {item_id: (place,) for place, item_id in enumerate(ids)},
+        lambda i: repo.delete_conversation_item("alice", conv, i),
+        lambda page: _ids(repo.list_conversation_items("alice", conv, page)),
+    )
+    return listed, [f"msg_{run}_x", f"o{run}", f"d{run}", f"b{run}"]
+
+
+def _ids(page) -> tuple[list[str], bool]:
+    return [item["id"] for item in page.items], page.has_more
+
+
+def _conversations(repo: Repository, created_at: list[int]) -> tuple[_PagedList, list[str]]:
+    """An owner's conversations, some created in the same second (then ordered by id), and
+    ids that never named one of them: made up, another owner's (one deleted too), an
+    item's."""
+    run = uuid.uuid4().hex
+    owner = f"user_{run}"
+    ids = [f"conv_{uuid.uuid4().hex}" for _ in created_at]
+    for conv, at in zip(ids, created_at, strict=True):
+        repo.create_conversation(owner, conv, at, {}, [])
+    repo.create_conversation(owner, f"conv_i{run}", 9, {}, [_message(f"msg_{run}", "")])
+    repo.delete_conversation(owner, f"conv_i{run}")
+    for other in (f"conv_b{run}", f"conv_d{run}"):
+        repo.create_conversation("bob", other, 0, {}, [])
+    repo.delete_conversation("bob", f"conv_d{run}")
+
+    def page(page: Page) -> tuple[list[str], bool]:
+        rows, more = repo.list_conversations(owner, page)
+        return [row.id for row in rows], more
+
+    listed = _PagedList(
+        {conv: (at, conv) for conv, at in zip(ids, created_at, strict=True)},
+        lambda i: repo.delete_conversation(owner, i),
+        page,
+    )
+    return listed, ["conv_x", f"conv_b{run}", f"conv_d{run}", f"msg_{run}"]
+
+
+_PAGE_STEP = st.tuples(
+    st.integers(-1, 11),  # the cursor: none, an object of the list, or an unknown id
+    st.integers(1, 3),
+    st.sampled_from(["asc", "desc"]),
+    st.booleans(),  # before rather than after
+)
+_STEPS = st.lists(st.one_of(st.integers(0, 7), _PAGE_STEP), max_size=12)
+
+
+@pytest.mark.parametrize("make", [_conversation_items, _conversations])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(created_at=st.lists(st.integers(0, 2), min_size=1, max_size=8), steps=_STEPS)
+def test_a_cursor_keeps_its_place_once_its_object_is_deleted(store, make, created_at, steps):
+    """Under any deletes, the page after (or before) an object of the list, deleted or
+    not, is the model's: the live objects past the place it had. An id that never named
+    an object of the list is still a 404 on the cursor's parameter."""
+    listed, unknown = make(store.repo, created_at)
+    ids = list(listed.keys)
+    for step in steps:
+        if isinstance(step, int):
+            object_id = ids[step % len(ids)]
+            assert listed.delete(object_id) == (object_id in listed.live)
+            listed.live.discard(object_id)
+            continue
+        at, limit, order, backwards = step
+        cursor = None if at < 0 else (ids + unknown)[at % (len(ids) + len(unknown))]
+        page = Page(limit, order=order, **{"before" if backwards else "after": cursor})
+        if cursor in unknown:
+            with pytest.raises(NotFoundError) as missing:
+                listed.page(page)
+            assert missing.value.param == ("before" if backwards else "after")
+        else:
+            assert listed.page(page) == listed.expected(page)
+
+
+def test_a_deleted_objects_place_is_kept_a_day_and_goes_with_its_list(store, monkeypatch):
+    """Tombstones stay few: a deleted item's id marks its place for `TOMBSTONE_SECONDS`,
+    then is an unknown cursor again and purged at the next deletion; deleting the
+    conversation deletes its items' tombstones at once."""
+    repo = store.repo
+    clock = [1_000_000.0]
+    monkeypatch.setattr(repository.time, "time", lambda: clock[0])
+    repo.create_conversation("alice", "conv_t", 1, {}, [_message(f"m_{i}", i) for i in range(4)])
+    assert repo.delete_conversation_item("alice", "conv_t", "m_1")
+    clock[0] += repository.TOMBSTONE_SECONDS
+    page = repo.list_conversation_items("alice", "conv_t", Page(5, after="m_1", order="asc"))
+    assert [i["id"] for i in page.items] == ["m_2", "m_3"]
+    clock[0] += 1
+    with pytest.raises(NotFoundError):
+        repo.list_conversation_items("alice", "conv_t", Page(5, after="m_1"))
+    assert repo.delete_conversation_item("alice", "conv_t", "m_2")
+    assert [r.id for r in _tombstones(store)] == ["m_2"]
+    assert repo.delete_conversation("alice", "conv_t")
+    assert [(r.list_name, r.id) for r in _tombstones(store)] == [("conversations", "conv_t")]
+
+
+def _tombstones(store: Store) -> list:
+    with store.engine.connect() as conn:
+        return conn.execute(select(cursor_tombstones)).all()

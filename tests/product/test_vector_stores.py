@@ -11,6 +11,8 @@ from collections import Counter
 import httpx
 import openai
 import pytest
+from openai.pagination import SyncCursorPage
+from openai.types.conversations import Conversation
 from sqlalchemy import func, select
 
 from orchestrator import FileService, Product, VectorStoreService, slots, vector_stores
@@ -707,3 +709,61 @@ def test_attributes_and_filters_holding_a_nul_are_400_on_every_database(
     ):
         raw = httpx.post(f"{base}/search", json={"query": "ice", "filters": comparison})
         assert (raw.status_code, raw.json()["error"]["param"]) == (400, "filters"), raw.text
+
+
+def test_deleting_each_item_while_paging_through_a_list_deletes_them_all(
+    product_server, tmp_path, embedder
+):
+    """The SDK's auto-pagination asks for the next page after the last item of the previous
+    one, which the loop has just deleted: each list pages on from where that item was, as
+    OpenAI's API does, so the commonest cleanup loop empties every list."""
+    server = product_server(data_dir=tmp_path / "data", embedder=embedder)
+    client = server.client
+    file_ids = [
+        client.files.create(file=(f"f{i}.txt", TEXT), purpose="assistants").id for i in range(5)
+    ]
+    store = client.vector_stores.create(file_ids=file_ids)
+    batch = client.vector_stores.file_batches.create(store.id, file_ids=file_ids)
+    for _ in range(4):
+        client.vector_stores.create()
+    conversation = client.conversations.create(
+        items=[{"type": "message", "role": "user", "content": str(i)} for i in range(5)]
+    )
+    for _ in range(4):
+        client.conversations.create()
+
+    def emptied(pages, delete, remaining) -> None:
+        for item in pages:
+            delete(item.id)
+        assert [item.id for item in remaining()] == []
+
+    emptied(
+        client.vector_stores.file_batches.list_files(batch.id, vector_store_id=store.id, limit=2),
+        lambda i: client.vector_stores.files.delete(i, vector_store_id=store.id),
+        lambda: client.vector_stores.files.list(store.id),
+    )
+    client.vector_stores.file_batches.create(store.id, file_ids=file_ids)
+    emptied(
+        client.vector_stores.files.list(store.id, limit=2),
+        lambda i: client.vector_stores.files.delete(i, vector_store_id=store.id),
+        lambda: client.vector_stores.files.list(store.id),
+    )
+    emptied(client.files.list(limit=2), client.files.delete, client.files.list)
+    emptied(
+        client.vector_stores.list(limit=2), client.vector_stores.delete, client.vector_stores.list
+    )
+    emptied(
+        client.conversations.items.list(conversation.id, limit=2),
+        lambda i: client.conversations.items.delete(i, conversation_id=conversation.id),
+        lambda: client.conversations.items.list(conversation.id),
+    )
+
+    def conversations(limit: int = 20):  # tokenmill's own list, paged as OpenAI's lists are
+        return client.get_api_list(
+            "/conversations",
+            model=Conversation,
+            page=SyncCursorPage[Conversation],
+            options={"params": {"limit": limit}},
+        )
+
+    emptied(conversations(limit=2), client.conversations.delete, conversations)
