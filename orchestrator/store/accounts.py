@@ -208,7 +208,7 @@ def delete_user(repo: Repository, user_id: str) -> list[str] | None:
     for store_id in store_ids:
         delete_vector_store(repo, user_id, store_id)
     for file_id in file_ids:
-        delete_file(repo, user_id, file_id)
+        delete_file(repo, user_id, file_id, None)
     with repo.engine.begin() as conn:
         for table in (
             conversation_items,

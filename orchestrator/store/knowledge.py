@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import func, insert, or_, select, true, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ColumnElement
@@ -217,12 +217,13 @@ def list_files(repo: Repository, owner: str, page: Page, purpose: str | None, no
         return _page(conn, files, files.c.owner_id, owner, owner, page, only=only)
 
 
-def delete_file(repo: Repository, owner: str, file_id: str, now: int) -> bool:
-    """Delete the file (if live at `now`), its bytes, its place in every vector store, and
-    its chunks."""
+def delete_file(repo: Repository, owner: str, file_id: str, now: int | None) -> bool:
+    """Delete the file (if live at `now`; with None, expired or not, as a user's deletion
+    takes every file), its bytes, its place in every vector store, and its chunks."""
     index = index_for(repo)
+    condition = true() if now is None else _live(now)
     with repo.engine.begin() as conn:
-        return _delete_file(conn, index, owner, file_id, _live(now))
+        return _delete_file(conn, index, owner, file_id, condition)
 
 
 def _delete_file(

@@ -22,6 +22,7 @@ from orchestrator.store import knowledge as kb
 from orchestrator.store.accounts import KeyRow, UsageRecord, UserRow
 from orchestrator.store.tables import (
     conversations,
+    files,
     quota_periods,
     quota_reservations,
     responses,
@@ -276,7 +277,10 @@ def test_deleting_a_user_deletes_what_they_own_and_keeps_others(store):
     db.add_key(repo, KeyRow("key_a", alice.id, "h", 1), "digest_a")
     assert db.reserve(repo, "rsv_a", alice.id, 0, 5, 100, 1.0)
     db.settle(repo, None, _record(alice.id, 1, 1))
-    assert db.delete_user(repo, alice.id) == []
+    for file_id, expires_at in (("file_live", None), ("file_expired", 1)):
+        body = {"id": file_id, "purpose": "assistants", "bytes": 1, "created_at": 0}
+        kb.add_file(repo, alice.id, {**body, "expires_at": expires_at}, None, b"x")
+    assert sorted(db.delete_user(repo, alice.id)) == ["file_expired", "file_live"]
     assert db.get_user(repo, "alice") is None and db.find_key(repo, "digest_a") is None
     with store.engine.connect() as conn:
         owners = {
@@ -284,7 +288,8 @@ def test_deleting_a_user_deletes_what_they_own_and_keeps_others(store):
             for t in (conversations, responses)
         }
         periods = conn.execute(select(func.count()).select_from(quota_periods)).scalar()
-    assert owners == {"conversations": {bob.id}, "responses": {bob.id}}
+        owners["files"] = set(conn.execute(select(files.c.owner_id)).scalars())
+    assert owners == {"conversations": {bob.id}, "responses": {bob.id}, "files": set()}
     assert periods == 0
     assert repo.get_response(bob.id, f"resp_{bob.id}") is not None
     assert db.usage_total(repo, alice.id) == 2  # the billing history stays
