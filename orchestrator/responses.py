@@ -40,6 +40,7 @@ from orchestrator.response_request import (
 )
 from orchestrator.store import UNFINISHED, History, Page, Repository, Store
 from orchestrator.tools import ResolvedTools, ToolRegistry, ToolUnavailable, builtin_tools
+from orchestrator.tools.code_interpreter import CodeInterpreter
 from orchestrator.tools.file_search import (
     FILE_SEARCH,
     FileSearch,
@@ -214,9 +215,13 @@ class ResponseService:
         )
 
     async def _tools(self, owner: str, request: ResponseRequest) -> ResolvedTools:
-        """The request's tools, file_search made for `owner`, with its tool_choice checked
-        against the functions they declare."""
+        """The request's tools, file_search made for `owner` and code_interpreter's runs
+        queued as `owner`'s, with its tool_choice checked against the functions they
+        declare."""
         tools = self._resolve_tools(request)
+        code = tools.builtins.get(CodeInterpreter.name)
+        if isinstance(code, CodeInterpreter):
+            tools.builtins[CodeInterpreter.name] = code.for_owner(owner)
         await self._add_file_search(owner, request, tools)
         check_tool_choice(request.tool_choice, function_tools(tools.declarations))
         return tools

@@ -40,7 +40,8 @@ CPU share: the run's session (its own autogroup) is set to nice 19
 normal priority), and the code's process to nice 19 too, so busy sandboxes take only
 what the engine leaves idle (nice 19 weighs 15 against nice
 0's 1024 in the Linux scheduler); RLIMIT_CPU ends a process that spends its CPU budget,
-and `max_concurrent` bounds how many run at once.
+and `max_concurrent` bounds how many run at once, taken by owners in turn (`FairSlots`):
+one user's queue of runs does not hold up another's.
 
 The host starts bwrap in a new session (`start_new_session`): the sandbox has no
 controlling terminal, so it cannot push input into the server's terminal (TIOCSTI), and
@@ -65,6 +66,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import BinaryIO
+
+from orchestrator.slots import FairSlots
 
 # Imports only what a run always needs (each import costs start-up time on every run).
 _LAUNCHER = r"""
@@ -284,7 +287,7 @@ class Sandbox:
         self.bwrap = bwrap
         self.python = python
         self.usr_local = usr_local
-        self._slots = asyncio.Semaphore(max_concurrent)
+        self._slots = FairSlots(max_concurrent)
 
     def unavailable_reason(self) -> str | None:
         if not os.access(self.bwrap, os.X_OK):
@@ -302,15 +305,20 @@ class Sandbox:
         return None
 
     async def run(
-        self, code: str, limits: SandboxLimits | None = None, label: str | None = None
+        self,
+        code: str,
+        limits: SandboxLimits | None = None,
+        label: str | None = None,
+        owner: str = "",
     ) -> SandboxResult:
-        """Run `code` as a Python script. `label` tags the sandbox's command line (for
-        operators' `ps` and for tests that look for leftover processes)."""
+        """Run `code` as a notebook cell, once one of the slots `owner`'s turn gives it is
+        free. `label` tags the sandbox's command line (for operators' `ps` and for tests
+        that look for leftover processes)."""
         reason = self.unavailable_reason()
         if reason is not None:
             raise SandboxUnavailable(reason)
         python_paths = await _python_paths(self.python)
-        async with self._slots:
+        async with self._slots.hold(owner):
             return await self._run(
                 code, limits or self.limits, label or uuid.uuid4().hex, python_paths
             )

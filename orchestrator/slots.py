@@ -1,5 +1,6 @@
 """Bounds on work that runs beside the requests: how many files are read at once, in all
-and per owner, and one ingestion of a given file at a time."""
+and per owner, one ingestion of a given file at a time, and sandbox runs shared among
+owners in turn."""
 
 from __future__ import annotations
 
@@ -71,3 +72,76 @@ class IngestionSlots:
         """A slot for one of `owner`'s files, for the body of the `async with`."""
         async with self._owners.hold(owner), self._total:
             yield
+
+
+class FairSlots:
+    """At most `total` holders at once; while owners wait, a freed slot goes to the waiting
+    owner who holds the fewest, and among those to the one whose last slot came longest
+    ago (an owner holding and awaiting nothing is forgotten: back, it comes first), then
+    to its earliest waiter. An owner alone may take every slot, but one who queued many
+    runs does not hold the others up: their first run waits for one slot to free, not for
+    the whole queue."""
+
+    def __init__(self, total: int) -> None:
+        self._free = total
+        self._held: Counter[str] = Counter()
+        self._waiting: list[tuple[str, asyncio.Future[None]]] = []
+        self._served: dict[str, int] = {}  # each owner's latest slot, as a grant count
+        self._grants = 0
+
+    @asynccontextmanager
+    async def hold(self, owner: str) -> AsyncIterator[None]:
+        """A slot for `owner`, for the body of the `async with`."""
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            self._grant(owner)
+        else:
+            await self._wait(owner)
+        try:
+            yield
+        finally:
+            self._release(owner)
+
+    async def _wait(self, owner: str) -> None:
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (owner, turn)
+        self._waiting.append(entry)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # handed a slot as it was cancelled
+                self._release(owner)
+            else:
+                if entry in self._waiting:  # (a release may have dropped it already)
+                    self._waiting.remove(entry)
+                self._forget(owner)
+            raise
+
+    def _grant(self, owner: str) -> None:
+        self._held[owner] += 1
+        self._grants += 1
+        self._served[owner] = self._grants
+
+    def _release(self, owner: str) -> None:
+        """`owner` lets a slot go: to the waiter `FairSlots` says, or free."""
+        self._held[owner] -= 1
+        if not self._held[owner]:
+            del self._held[owner]
+        # A waiter cancelled since it queued has not run its own clean-up yet.
+        self._waiting = [entry for entry in self._waiting if not entry[1].cancelled()]
+        if self._waiting:
+            waiter, turn = self._waiting.pop(min(range(len(self._waiting)), key=self._rank))
+            self._grant(waiter)
+            turn.set_result(None)
+        else:
+            self._free += 1
+        self._forget(owner)
+
+    def _rank(self, i: int) -> tuple[int, int, int]:
+        owner = self._waiting[i][0]
+        return (self._held[owner], self._served.get(owner, 0), i)
+
+    def _forget(self, owner: str) -> None:
+        """Drop what is kept of an owner holding and awaiting nothing."""
+        if owner not in self._held and all(o != owner for o, _ in self._waiting):
+            self._served.pop(owner, None)

@@ -9,6 +9,7 @@ the same logs plus the list of files written.
 from __future__ import annotations
 
 import base64
+import copy
 from typing import ClassVar
 
 from orchestrator.sandbox import Sandbox, SandboxLimits, SandboxResult
@@ -67,13 +68,21 @@ class CodeInterpreter:
 
     def __init__(self, sandbox: Sandbox | None = None) -> None:
         self.sandbox = sandbox or Sandbox()
+        self.owner = ""  # whose turn a run waits for among the sandbox's slots
         reason = self.sandbox.unavailable_reason()
         if reason is not None:
             raise ToolUnavailable(reason)
 
+    def for_owner(self, owner: str) -> CodeInterpreter:
+        """This tool for one owner's calls, on the same sandbox: its slots go to owners in
+        turn."""
+        bound = copy.copy(self)
+        bound.owner = owner
+        return bound
+
     async def execute(self, arguments: dict, call_id: str) -> ToolOutput:
         code = string_argument(arguments, "code", MAX_CODE_CHARS)
-        result = await self.sandbox.run(code, label=call_id)
+        result = await self.sandbox.run(code, label=call_id, owner=self.owner)
         text = logs(result, self.sandbox.limits)
         if result.files:  # in the logs, which are what the model reads of a run
             listing = ", ".join(f"{f.path} ({f.size} bytes)" for f in result.files)

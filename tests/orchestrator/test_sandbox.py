@@ -99,6 +99,23 @@ def test_a_last_expression_shows_its_value_as_in_a_notebook():
     assert broken.exit_code == 1 and "SyntaxError" in broken.stderr
 
 
+def test_a_users_queue_of_runs_does_not_hold_up_anothers_first():
+    sandbox = Sandbox(FAST, max_concurrent=1)
+    finished: list[str] = []
+
+    async def one(owner: str, n: int) -> None:
+        await sandbox.run(f"print({n})", owner=owner)
+        finished.append(f"{owner}{n}")
+
+    async def scenario() -> None:
+        alice = [asyncio.ensure_future(one("alice", n)) for n in range(3)]
+        await asyncio.sleep(0)  # alice's three are queued first
+        await asyncio.gather(*alice, one("bob", 0))
+
+    asyncio.run(scenario())
+    assert finished == ["alice0", "bob0", "alice1", "alice2"]
+
+
 def test_cannot_connect_to_a_server_on_the_hosts_loopback():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

@@ -16,7 +16,9 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from engine.serve import build_parser, tool_registry
+from orchestrator.accounts.identity import LOCAL
 from orchestrator.output_structure import PLAIN_ANSWER
+from orchestrator.sandbox import Sandbox
 from orchestrator.tools import ToolRegistry
 from orchestrator.tools.calculator import Calculator
 from orchestrator.tools.sql_query import DEMO_DATABASE
@@ -250,11 +252,20 @@ def test_streamed_events_are_openai_events_and_match_the_stored_response(product
     assert final.output[3].output == "9"
 
 
-def test_code_interpreter_runs_in_the_sandbox(product_server):
+def test_code_interpreter_runs_in_the_sandbox(product_server, monkeypatch):
     code = _call("code_interpreter", code="print(6 * 7)")
     server = product_server(FakeEngine(reply=_scripted(code)))
     sandboxed = {"type": "code_interpreter", "container": {"type": "auto"}}
+    owners = []  # whose turn each run waited for among the sandbox's slots
+    run = Sandbox.run
+
+    async def recorded(self, code, limits=None, label=None, owner=""):
+        owners.append(owner)
+        return await run(self, code, limits, label, owner)
+
+    monkeypatch.setattr(Sandbox, "run", recorded)
     body = _post(server, input="Compute", tools=[sandboxed]).json()
+    assert owners == [LOCAL.owner]
     assert _types(body) == ["code_interpreter_call", "message"]
     item = body["output"][0]
     assert item["status"] == "completed" and item["code"] == "print(6 * 7)"
