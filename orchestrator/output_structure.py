@@ -93,10 +93,14 @@ def _require_object(schema: dict, param: str, what: str) -> None:
         )
 
 
-def _check_functions(functions: list[tuple[str, dict | None]], param: str) -> None:
-    """Each function's parameters checked alone, so that an error names the function: the
+def _check_functions(
+    functions: list[tuple[str, dict | None]], params: dict[str, str], tools_param: str
+) -> None:
+    """Each function's parameters checked alone, so that an error names the function and
+    its schema's place in the request (`params`: name to path, else `tools_param`): the
     tool grammar's own error would quote the grammar we compiled them into."""
     for name, schema in functions:
+        param = params.get(name, tools_param)
         json_format_params(schema or _NO_ARGUMENTS, param, f"{param}: function {name!r} parameters")
 
 
@@ -165,6 +169,7 @@ def turn_structure(
     fmt_schema: dict | None,
     fmt_param: str,
     schema_param: str | None = None,
+    function_params: dict[str, str] | None = None,
     tools_param: str = "tools",
 ) -> StructuredOutputsParams | None:
     """What a turn's output is constrained to (None: free text).
@@ -179,6 +184,10 @@ def turn_structure(
     writes calls only, so the format, as in OpenAI's API, shapes the turns that answer in
     text (a Responses turn's answer after its tools ran); clients such as instructor's
     RESPONSES_TOOLS mode and the Agents SDK's output_type send both.
+
+    function_params: where each function's parameters schema is in the request (name to
+    path, as `tools[0].function.parameters`), the param a bad one's 400 names; a function
+    not in it (a built-in's, whose schema the server fills in) is named by `tools_param`.
     """
     answer = None
     if fmt_schema is not None:
@@ -186,6 +195,6 @@ def turn_structure(
     if not functions:
         return answer
     forced = choice in ("required", "function")
-    _check_functions(functions, tools_param)
+    _check_functions(functions, function_params or {}, tools_param)
     grammar = tool_call_grammar(functions, forced, parallel and choice != "function", fmt_schema)
     return checked(tools_param, grammar=grammar)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from engine.structured_output import StructuredOutputsParams
 from orchestrator.context import ToolConfig, item_text
 from orchestrator.output_structure import plain_answer, turn_structure
-from orchestrator.response_request import ResponseRequest
+from orchestrator.response_request import FunctionTool, ResponseRequest
 from orchestrator.tools import ResolvedTools
 
 ANSWER_REMINDER = (
@@ -26,8 +26,9 @@ def model_turn_structure(
     offered tools' calls (forced by "required" or a named function, lazily triggered by
     "auto"), a built-in's arguments under its enforced schema (`argument_schema`), which
     can be stricter than the parameters the prompt lists. A schema the grammar cannot
-    take is a 400 naming its field. `answering`: the turn answers after tool results,
-    offered no tools; as text, it cannot open with `<` (`plain_answer`)."""
+    take is a 400 naming its field (a function's `tools[i].parameters`). `answering`: the
+    turn answers after tool results, offered no tools; as text, it cannot open with `<`
+    (`plain_answer`)."""
     if answering and request.format_schema() is None:
         return plain_answer()
     functions = [(t.name, tools.call_schema(t.name, t.spec["function"])) for t in config.tools]
@@ -38,6 +39,11 @@ def model_turn_structure(
         request.format_schema(),
         "text.format",
         "text.format.schema",
+        {
+            t.name: f"tools[{i}].parameters"
+            for i, t in enumerate(request.tools)
+            if isinstance(t, FunctionTool)
+        },
     )
 
 

@@ -252,15 +252,15 @@ def _require_answers(calls: set[str] | None, answered: set[str], at: int) -> Non
 def _tool(raw: Any, i: int) -> Tool:
     param = f"tools[{i}]"
     if not isinstance(raw, dict) or raw.get("type") != "function":
-        raise invalid(f'{param} must be an object with "type": "function"', "tools")
+        raise invalid(f'{param} must be an object with "type": "function"', param)
     function = typed_field(raw, "function", "an object", param=f"{param}.function")
     if function is None:
-        raise invalid(f"{param}.function is required", "tools")
+        raise invalid(f"{param}.function is required", f"{param}.function")
     name = typed_field(function, "name", "a string", "", f"{param}.function.name")
     if not valid_name(name):
         raise invalid(
             f"{param}.function.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
-            "tools",
+            f"{param}.function.name",
         )
     typed_field(function, "description", "a string", param=f"{param}.function.description")
     typed_field(function, "parameters", "an object", param=f"{param}.function.parameters")

@@ -63,6 +63,7 @@ def chat_structured_outputs(
     if request.guided is not None:
         return _guided_params(request.guided)
     functions = [(t.name, t.spec["function"].get("parameters")) for t in tools]
+    params = {t.name: f"tools[{i}].function.parameters" for i, t in enumerate(request.tools)}
     with _as_api_error():
         structure = turn_structure(
             functions,
@@ -70,6 +71,7 @@ def chat_structured_outputs(
             request.parallel_tool_calls,
             _format_schema(request.response_format),
             "response_format",
+            function_params=params,
         )
         if request.response_format and request.response_format.type == "json_object":
             texts = (m.content for m in request.messages)

@@ -158,7 +158,12 @@ def test_template_tool_detection():
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"n": 1000}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
+        (
+            {"tools": [TIME_TOOL, {"type": "function", "function": {"name": "bad name"}}]},
+            "tools[1].function.name",
+        ),
+        ({"tools": [TIME_TOOL, {"type": "function"}]}, "tools[1].function"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
         (
             {"tools": [{"type": "function", "function": {"name": "f", "strict": "x"}}]},
             "tools[0].function.strict",

@@ -158,6 +158,11 @@ def test_auto_tool_choice_triggers_the_call_grammar_lazily(product_server, compi
             {"tools": [WEATHER]},
             "text.format.schema",
         ),
+        (  # a function's schema is named by its path
+            {"type": "text"},
+            {"tools": [CALCULATOR, {**WEATHER, "parameters": {"type": "array"}}]},
+            "tools[1].parameters",
+        ),
         ({"type": "json_schema", "schema": CITY}, {}, "text.format.name"),
         ({"type": "json_schema", "name": "place"}, {}, "text.format.schema"),
         ({"type": "json_schema", "name": "a place", "schema": CITY}, {}, "text.format.name"),

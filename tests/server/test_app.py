@@ -1075,7 +1075,8 @@ def test_a_tool_schema_the_grammar_cannot_enforce_is_a_400_without_the_grammar(s
         },
     }
     r = chat(server, tools=[tool], tool_choice="required")
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "tools[0].function.parameters"
     message = r.json()["error"]["message"]
     assert "uniqueItems" in message and "<tool_call>" not in message and "\n" not in message
 

@@ -209,7 +209,7 @@ def test_a_function_without_parameters_takes_no_arguments(compiler):
                     }
                 ]
             },
-            "tools",
+            "tools[0].function.parameters",
         ),
         # llguidance's options, which would override the engine's compact, strict JSON
         (
@@ -233,7 +233,7 @@ def test_a_function_without_parameters_takes_no_arguments(compiler):
                     }
                 ]
             },
-            "tools",
+            "tools[0].function.parameters",
         ),
         ({"guided_json": {"x-guidance": {"coerce_one_of": True}}}, "guided_json"),
     ],
@@ -245,8 +245,8 @@ def test_structures_that_cannot_be_enforced_are_400s(body, param):
     assert err.value.status == 400 and err.value.param == param
 
 
-def _function(parameters: dict) -> dict:
-    return {"type": "function", "function": {"name": "f", "parameters": parameters}}
+def _function(parameters: dict, name: str = "f") -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
 
 
 CYCLE = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
@@ -275,7 +275,14 @@ CYCLE = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$re
             "response_format",
             "no finite value",
         ),
-        ({"tools": [_function({"type": "string"})]}, "tools", "function 'f' parameters must be"),
+        (  # the path of the schema at fault, as OpenAI names it, the choice aside
+            {
+                "tools": [_function({"type": "object"}, "e"), _function({"type": "string"})],
+                "tool_choice": {"type": "function", "function": {"name": "f"}},
+            },
+            "tools[1].function.parameters",
+            "function 'f' parameters must be",
+        ),
         (
             {
                 "tools": [
@@ -289,7 +296,7 @@ CYCLE = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$re
                     )
                 ]
             },
-            "tools",
+            "tools[0].function.parameters",
             "function 'f' parameters: structured_outputs.json has no finite value",
         ),
         (  # the pattern and the cause, not the grammar the schema was compiled into
@@ -300,7 +307,7 @@ CYCLE = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$re
                     )
                 ]
             },
-            "tools",
+            "tools[0].function.parameters",
             "function 'f' parameters: structured_outputs.json is not supported: "
             "regex parse error: (a (unclosed group)",
         ),
