@@ -167,10 +167,10 @@ def _tool_call(raw: Any, param: str) -> ToolCall:
         raise invalid(f"{param} must be an object", param)
     function = typed_field(raw, "function", "an object", param=f"{param}.function")
     if function is None:
-        raise invalid(f"{param}.function is required", param)
+        raise invalid(f"{param}.function is required", f"{param}.function")
     name = typed_field(function, "name", "a string", param=f"{param}.function.name")
     if not name:
-        raise invalid(f"{param}.function.name is required", param)
+        raise invalid(f"{param}.function.name is required", f"{param}.function.name")
     arguments = typed_field(function, "arguments", "a string", "{}", f"{param}.function.arguments")
     return ToolCall(
         id=typed_field(raw, "id", "a string", "", f"{param}.id"), name=name, arguments=arguments
@@ -180,22 +180,30 @@ def _tool_call(raw: Any, param: str) -> ToolCall:
 def _message(raw: Any, i: int) -> Message:
     param = f"messages[{i}]"
     if not isinstance(raw, dict):
-        raise invalid(f"{param} must be an object", "messages")
+        raise invalid(f"{param} must be an object", param)
     role = raw.get("role")
     if role not in ROLES:
-        raise invalid(f"{param}.role must be one of {', '.join(ROLES)}, got {role!r}", "messages")
+        raise invalid(
+            f"{param}.role must be one of {', '.join(ROLES)}, got {role!r}", f"{param}.role"
+        )
     content = raw.get("content")
     text = None if content is None else _text_content(content, f"{param}.content")
     calls_raw = typed_field(raw, "tool_calls", "an array", [], f"{param}.tool_calls")
     if calls_raw and role != "assistant":
-        raise invalid(f"{param}: only assistant messages may have tool_calls", "messages")
+        raise invalid(
+            f"{param}: only assistant messages may have tool_calls", f"{param}.tool_calls"
+        )
     calls = [_tool_call(c, f"{param}.tool_calls[{j}]") for j, c in enumerate(calls_raw)]
     if text is None and not (role == "assistant" and calls):
-        article = "an" if role[0] in "aeiou" else "a"
-        raise invalid(f"{param}.content is required for {article} {role} message", "messages")
+        article = "an" if role == "assistant" else "a"
+        raise invalid(
+            f"{param}.content is required for {article} {role} message", f"{param}.content"
+        )
     tool_call_id = typed_field(raw, "tool_call_id", "a string", param=f"{param}.tool_call_id")
     if role == "tool" and tool_call_id is None:
-        raise invalid(f"{param}.tool_call_id is required for a tool message", "messages")
+        raise invalid(
+            f"{param}.tool_call_id is required for a tool message", f"{param}.tool_call_id"
+        )
     name = typed_field(raw, "name", "a string", param=f"{param}.name")
     return Message(role, text, name=name, tool_calls=calls, tool_call_id=tool_call_id)
 

@@ -144,9 +144,22 @@ def test_template_tool_detection():
     [
         ({"messages": []}, "messages"),
         ({"messages": "hi"}, "messages"),
-        ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
-        ({"messages": [{"role": "user"}]}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "user"}]}, "messages[1].content"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        ({"messages": ["hi"]}, "messages[0]"),
+        (
+            {"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "c"}]}]},
+            "messages[0].tool_calls",
+        ),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": ""}}]}]},
+            "messages[0].tool_calls[0].function.name",
+        ),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{}]}]},
+            "messages[0].tool_calls[0].function",
+        ),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "messages[0].content",
@@ -186,6 +199,12 @@ def test_chat_request_errors_name_the_parameter(body, param):
         parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **body})
     assert err.value.status == 400
     assert err.value.param == param
+
+
+def test_a_message_without_content_is_named_in_plain_english():
+    with pytest.raises(APIError) as err:
+        chat(messages=[{"role": "user"}])
+    assert err.value.message == "messages[0].content is required for a user message"
 
 
 @pytest.mark.parametrize(
