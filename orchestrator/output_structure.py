@@ -93,7 +93,7 @@ def _require_object(schema: dict, param: str, what: str) -> None:
         )
 
 
-def _check_functions(
+def check_functions(
     functions: list[tuple[str, dict | None]], params: dict[str, str], tools_param: str
 ) -> None:
     """Each function's parameters checked alone, so that an error names the function and
@@ -195,6 +195,6 @@ def turn_structure(
     if not functions:
         return answer
     forced = choice in ("required", "function")
-    _check_functions(functions, function_params or {}, tools_param)
+    check_functions(functions, function_params or {}, tools_param)
     grammar = tool_call_grammar(functions, forced, parallel and choice != "function", fmt_schema)
     return checked(tools_param, grammar=grammar)

@@ -275,13 +275,21 @@ CYCLE = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$re
             "response_format",
             "no finite value",
         ),
-        (  # the path of the schema at fault, as OpenAI names it, the choice aside
-            {
-                "tools": [_function({"type": "object"}, "e"), _function({"type": "string"})],
-                "tool_choice": {"type": "function", "function": {"name": "f"}},
-            },
-            "tools[1].function.parameters",
-            "function 'f' parameters must be",
+        *(  # the path of the schema at fault, as OpenAI names it, whatever the choice
+            (
+                {
+                    "tools": [_function({"type": "object"}, "e"), _function({"type": "string"})],
+                    "tool_choice": choice,
+                },
+                "tools[1].function.parameters",
+                "function 'f' parameters must be",
+            )
+            for choice in (
+                "auto",
+                "none",
+                {"type": "function", "function": {"name": "f"}},
+                {"type": "function", "function": {"name": "e"}},
+            )
         ),
         (
             {
@@ -316,7 +324,7 @@ CYCLE = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$re
 def test_schemas_no_object_can_match_are_400s_naming_the_schema(body, param, message):
     request = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **body})
     with pytest.raises(APIError) as err:
-        chat_structured_outputs(request, request.tools)
+        chat_structured_outputs(request, active_tools(request))
     assert err.value.status == 400 and err.value.param == param
     assert message in err.value.message
 
