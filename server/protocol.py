@@ -409,17 +409,17 @@ def _response_format(body: dict) -> ResponseFormat | None:
     if kind != "json_schema":
         raise invalid(
             f'response_format.type must be "text", "json_object" or "json_schema", got {kind!r}',
-            "response_format",
+            "response_format.type",
         )
     spec = typed_field(fmt, "json_schema", "an object", param="response_format.json_schema")
     if spec is None:
-        raise invalid("response_format.json_schema is required", "response_format")
+        raise invalid("response_format.json_schema is required", "response_format.json_schema")
     name = typed_field(spec, "name", "a string", param="response_format.json_schema.name")
     if name is None or not valid_name(name):
         raise invalid(
             "response_format.json_schema.name must be 1 to 64 letters, digits, '_' "
             f"or '-', got {name!r}",
-            "response_format",
+            "response_format.json_schema.name",
         )
     typed_field(spec, "description", "a string", param="response_format.json_schema.description")
     schema = typed_field(spec, "schema", "an object", {}, "response_format.json_schema.schema")

@@ -189,8 +189,13 @@ def test_template_tool_detection():
             },
             "tool_choice",
         ),
-        ({"response_format": {"type": "xml"}}, "response_format"),
-        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}},
+            "response_format.json_schema.name",
+        ),
+        ({"response_format": "json"}, "response_format"),
         ({"logit_bias": {"a": 1}}, "logit_bias"),
     ],
 )
