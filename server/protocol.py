@@ -145,19 +145,23 @@ def _stream_options(body: dict, stream: bool) -> bool:
 # -- chat ----------------------------------------------------------------------------------
 
 
-def _text_content(content: Any, param: str) -> str:
-    """A message's content as text: a string, or an array of text parts joined by newlines."""
+def _text_content(content: Any, param: str, assistant: bool = False) -> str:
+    """A message's content as text: a string, or an array of text parts joined by newlines.
+    An assistant's may hold refusal parts too (OpenAI's history of a refused request),
+    whose `refusal` is what the assistant said."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list) or not content:
         raise invalid(f"{param} must be a string or a non-empty array of content parts", param)
     texts = []
     for i, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text":
+        kind = part.get("type") if isinstance(part, dict) else None
+        key = "refusal" if assistant and kind == "refusal" else "text"
+        if kind != key:
             raise invalid(f"{param}[{i}]: only text content parts are supported", param)
-        text = typed_field(part, "text", "a string", param=f"{param}[{i}].text")
+        text = typed_field(part, key, "a string", param=f"{param}[{i}].{key}")
         if text is None:
-            raise invalid(f"{param}[{i}].text is required", f"{param}[{i}].text")
+            raise invalid(f"{param}[{i}].{key} is required", f"{param}[{i}].{key}")
         texts.append(text)
     return "\n".join(texts)
 
@@ -187,7 +191,10 @@ def _message(raw: Any, i: int) -> Message:
             f"{param}.role must be one of {', '.join(ROLES)}, got {role!r}", f"{param}.role"
         )
     content = raw.get("content")
-    text = None if content is None else _text_content(content, f"{param}.content")
+    assistant = role == "assistant"
+    if content is None and assistant:  # a refusal stands in for the content
+        content = typed_field(raw, "refusal", "a string", param=f"{param}.refusal")
+    text = None if content is None else _text_content(content, f"{param}.content", assistant)
     calls_raw = typed_field(raw, "tool_calls", "an array", [], f"{param}.tool_calls")
     if calls_raw and role != "assistant":
         raise invalid(

@@ -206,6 +206,27 @@ def test_chat_request_errors_name_the_parameter(body, param):
     assert err.value.param == param
 
 
+def test_an_assistant_refusal_in_the_history_is_what_it_said():
+    """OpenAI's history of a refused request: the message's `refusal` with no content, or
+    refusal parts among its content; only an assistant's."""
+    said = [
+        {"role": "assistant", "content": None, "refusal": "I can't."},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+        {"role": "assistant", "refusal": "No.", "content": "I can't."},
+    ]
+    for message in said:
+        request = parse_chat_request({"messages": [{"role": "user", "content": "hi"}, message]})
+        assert request.messages[1].content == "I can't."
+    for message, param in (
+        ({"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}, "messages[1].content"),
+        ({"role": "assistant", "content": [{"type": "refusal"}]}, "messages[1].content[0].refusal"),
+        ({"role": "assistant", "content": None, "refusal": 1}, "messages[1].refusal"),
+    ):
+        with pytest.raises(APIError) as err:
+            parse_chat_request({"messages": [{"role": "user", "content": "hi"}, message]})
+        assert err.value.param == param
+
+
 def test_a_message_without_content_is_named_in_plain_english():
     with pytest.raises(APIError) as err:
         chat(messages=[{"role": "user"}])
