@@ -60,6 +60,7 @@ class ChatRequest:
     sampling: dict[str, Any]
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # vLLM's: every chunk has the usage so far
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: int | None = None  # vLLM's; None: not reported
@@ -88,6 +89,7 @@ class CompletionRequest:
     sampling: dict[str, Any]
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # vLLM's: every chunk has the usage so far
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # vLLM's; None: not reported
     echo: bool = False

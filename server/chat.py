@@ -267,11 +267,14 @@ def _stream_choice(
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def _role_chunk(run: ChatRun, index: int, prompt_token_ids: list[int]) -> bytes:
+def _role_chunk(
+    run: ChatRun, index: int, prompt_token_ids: list[int], totals: dict | None
+) -> bytes:
     """A choice's first chunk; with return_token_ids it carries the prompt's token ids
     beside its choices, as vLLM's first chunks do (no later chunk repeats them)."""
     extra = {"prompt_token_ids": prompt_token_ids} if run.request.return_token_ids else {}
-    return _chunk(run, [_stream_choice(index, {"role": "assistant", "content": ""})], **extra)
+    delta = {"role": "assistant", "content": ""}
+    return _chunk(run, [_stream_choice(index, delta)], totals, **extra)
 
 
 @dataclass
@@ -309,15 +312,18 @@ def _call_deltas(event: CallEvent, call_index: int) -> list[dict]:
     return [_call_head(event.name, call_index), _call_arguments(event.arguments, call_index)]
 
 
-def _choice_events(run: ChatRun, choice: _StreamChoice, out: RequestOutput, o) -> list[bytes]:
-    """The chunks for one engine delta `o` of one choice. Its logprobs ride on its first
-    content chunk, its token ids (return_token_ids) on its first chunk of any kind; a
-    chunk of empty content carries them where the delta shows nothing (text held back
-    while it may begin a tool call), so every token reaches the client."""
+def _choice_events(
+    run: ChatRun, choice: _StreamChoice, out: RequestOutput, o, totals: dict | None
+) -> list[bytes]:
+    """The chunks for one engine delta `o` of one choice, each with the usage `totals`
+    (vLLM's continuous usage stats, else None). Its logprobs ride on its first content
+    chunk, its token ids (return_token_ids) on its first chunk of any kind; a chunk of
+    empty content carries them where the delta shows nothing (text held back while it
+    may begin a tool call), so every token reaches the client."""
     chunks = []
     if not choice.started:
         choice.started = True
-        chunks.append(_role_chunk(run, o.index, out.prompt_token_ids))
+        chunks.append(_role_chunk(run, o.index, out.prompt_token_ids, totals))
     pieces = []
     calls_before = choice.assembler.num_calls
     logprobs = run.logprobs(o.logprobs or [])
@@ -338,7 +344,7 @@ def _choice_events(run: ChatRun, choice: _StreamChoice, out: RequestOutput, o) -
             pieces.append(_stream_choice(o.index, {"content": ""}))
         if pieces:
             pieces[0]["token_ids"] = o.token_ids
-    return chunks + [_chunk(run, [p]) for p in pieces]
+    return chunks + [_chunk(run, [p], totals) for p in pieces]
 
 
 async def _chat_events(
@@ -351,9 +357,12 @@ async def _chat_events(
             if out.finished:
                 cached_tokens = out.num_cached_tokens
             completion_tokens += num_output_tokens(out)
+            totals = None
+            if run.request.continuous_usage:
+                totals = usage(run.prompt_tokens, completion_tokens, cached_tokens)
             for o in out.outputs:
                 choice = choices.setdefault(o.index, _StreamChoice(run.assembler()))
-                for chunk in _choice_events(run, choice, out, o):
+                for chunk in _choice_events(run, choice, out, o, totals):
                     yield chunk
     if run.request.include_usage:
         yield _chunk(run, [], usage(run.prompt_tokens, completion_tokens, cached_tokens))

@@ -243,6 +243,9 @@ async def _completion_events(
             if out.prompt_logprobs is not None:
                 scored_prompts[position] = out
             completion_tokens += num_output_tokens(out)
+            totals = None  # vLLM's continuous usage stats: the usage so far
+            if run.request.continuous_usage:
+                totals = usage(prompt_tokens, completion_tokens, cached_tokens)
             for o in out.outputs:
                 index = position * run.n + o.index
                 entries = o.logprobs or []
@@ -260,7 +263,7 @@ async def _completion_events(
                     "logprobs": logprobs,
                     "finish_reason": o.finish_reason,
                 }
-                yield _chunk(run, [choice | run.token_ids(prompt_ids, o.token_ids)])
+                yield _chunk(run, [choice | run.token_ids(prompt_ids, o.token_ids)], totals)
     if run.request.include_usage:
         yield _chunk(run, [], usage(prompt_tokens, completion_tokens, cached_tokens))
     yield DONE

@@ -133,13 +133,25 @@ def _max_tokens(body: dict, *names: str) -> int | None:
     return None
 
 
-def _stream_options(body: dict, stream: bool) -> bool:
+def _stream_options(body: dict, stream: bool) -> dict[str, bool]:
+    """The request's fields for OpenAI's `include_usage` (a last chunk with the usage) and
+    vLLM's `continuous_usage_stats` (with it, every chunk's usage so far)."""
     options = typed_field(body, "stream_options", "an object")
     if options is None:
-        return False
+        return {}
     if not stream:
         raise invalid("stream_options is only allowed when stream is true", "stream_options")
-    return typed_field(options, "include_usage", "a boolean", False, "stream_options.include_usage")
+    usage = typed_field(
+        options, "include_usage", "a boolean", False, "stream_options.include_usage"
+    )
+    continuous = typed_field(
+        options,
+        "continuous_usage_stats",
+        "a boolean",
+        False,
+        "stream_options.continuous_usage_stats",
+    )
+    return {"include_usage": usage, "continuous_usage": usage and continuous}
 
 
 # -- chat ----------------------------------------------------------------------------------
@@ -516,7 +528,7 @@ def parse_chat_request(
         messages=messages,
         sampling=sampling,
         stream=stream,
-        include_usage=_stream_options(body, stream),
+        **_stream_options(body, stream),
         logprobs=logprobs,
         top_logprobs=top or 0,
         prompt_logprobs=prompt_logprobs,
@@ -602,7 +614,7 @@ def parse_completion_request(body: Any, request_id_header: str | None = None) ->
         prompts=prompts,
         sampling=sampling,
         stream=stream,
-        include_usage=_stream_options(body, stream),
+        **_stream_options(body, stream),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         echo=echo,

@@ -73,6 +73,35 @@ def test_stream_without_usage_has_no_usage_chunk(serve):
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_vllm_continuous_usage_stats_give_every_chunk_the_usage_so_far(serve):
+    """vLLM's stream_options.continuous_usage_stats, with include_usage: each chunk's usage
+    counts the tokens generated up to it; the last chunk is the usage chunk as ever.
+    Without include_usage it adds nothing, as in vLLM."""
+    server = serve()
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for path, body in (
+        ("/v1/chat/completions", {"messages": USER}),
+        ("/v1/completions", {"prompt": "a", "max_tokens": 4}),
+    ):
+        *chunks, last, done = stream(server.client, path, {**body, "stream_options": options})
+        assert done == "[DONE]"
+        counts = [c["usage"]["completion_tokens"] for c in chunks]
+        assert counts == sorted(counts) and counts[0] <= 1
+        assert counts[-1] == last["usage"]["completion_tokens"] > 1 and last["choices"] == []
+        prompt_tokens = last["usage"]["prompt_tokens"]
+        assert all(
+            c["usage"]["total_tokens"] == prompt_tokens + c["usage"]["completion_tokens"]
+            for c in chunks
+        )
+        options_alone = {"continuous_usage_stats": True}
+        chunks = stream(server.client, path, {**body, "stream_options": options_alone})
+        assert all("usage" not in c for c in chunks[:-1])
+    bad = {"messages": USER, "stream": True, "stream_options": {"continuous_usage_stats": 1}}
+    r = server.client.post("/v1/chat/completions", json=bad)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "stream_options.continuous_usage_stats"
+
+
 def test_max_tokens_stop_n_and_seed_reach_the_engine(serve):
     server = serve()
     body = chat(
