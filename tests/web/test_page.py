@@ -1360,6 +1360,10 @@ MARKDOWN = f"""## Results
 |---|:---:|
 | apple | red |
 
+| month | January | February | March | April | May | June | July |
+|---|---|---|---|---|---|---|---|
+| rainfall | high | high | moderate | moderate | low | low | lowest |
+
 ```python
 def add(a, b):
     return a + b  # sum
@@ -1384,8 +1388,9 @@ def test_markdown_and_tool_cards_render_and_model_text_stays_inert(session, api,
     body = page.locator("#messages .assistant-body").first
     assert body.locator("h2").inner_text() == "Results"
     assert body.locator("ul > li").count() == 2 and body.locator("li strong").inner_text() == "bold"
-    assert body.locator("th").all_inner_texts() == ["fruit", "colour"]
-    assert body.locator("td").all_inner_texts() == ["apple", "red"]
+    fruit = body.locator("table").first
+    assert fruit.locator("th").all_inner_texts() == ["fruit", "colour"]
+    assert fruit.locator("td").all_inner_texts() == ["apple", "red"]
     assert body.locator(".code-block .tok-keyword").first.inner_text() == "def"
     assert body.locator(".code-block .tok-comment").inner_text() == "# sum"
     body.get_by_role("button", name="Copy python").click()
@@ -1415,6 +1420,17 @@ def test_markdown_and_tool_cards_render_and_model_text_stays_inert(session, api,
     assert page.get_by_role("button", name=f"Evil {EVIL}", exact=True).count() == 1
     assert page.evaluate("window.pwned") is None
     assert not [u for u in requests if not u.startswith(live.url)]  # nothing remote loaded
+    # On a phone a wide table keeps its words whole and scrolls sideways (its columns were
+    # squeezed to a letter a line, "February" read downwards).
+    page.set_viewport_size({"width": 375, "height": 740})
+    months = body.locator("table").nth(1)
+    lines = months.locator("th, td").evaluate_all(
+        "cells => cells.map(c => { const r = document.createRange(); r.selectNodeContents(c);"
+        " return r.getClientRects().length; })"
+    )
+    assert lines == [1] * 16  # one line each
+    assert page.locator(".table-wrap").nth(1).evaluate("w => w.scrollWidth > w.clientWidth")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
 
 
 def test_right_to_left_text_reads_right_to_left(session, api):
