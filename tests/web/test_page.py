@@ -529,6 +529,28 @@ def test_a_server_out_of_reach_is_said_plainly_and_the_message_kept(session):
         time.sleep(0.05)
     assert "TypeError" not in page.inner_text("#status")
     assert page.input_value("#prompt") == "anyone there?"
+    # A server refusing it for now (overloaded: a 429 with Retry-After) says when to try
+    # again; the message read "...; retry later" alone, the header's 30 s unsaid.
+    console.expected.append(r"429 .*@ .*/v1/responses$")
+    page.unroute("**/v1/responses")
+    refusal = {
+        "message": "too many requests are waiting; retry later",
+        "type": "invalid_request_error",
+    }
+    page.route(
+        "**/v1/responses",
+        lambda route: route.fulfill(
+            status=429,
+            headers={"Retry-After": "30"},
+            json={"error": {**refusal, "param": None, "code": "rate_limit_exceeded"}},
+        ),
+    )
+    page.press("#prompt", "Enter")
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('retry')")
+    assert page.inner_text("#status") == (
+        "Error: too many requests are waiting; retry later (try again in 30 s)"
+    )
+    assert page.input_value("#prompt") == "anyone there?"
 
 
 def test_a_link_to_another_conversation_followed_in_the_tab_opens_it(page):
