@@ -1513,8 +1513,10 @@ async function upload(event) {
   if (!file) return;
   const chip = attachmentChip(file.name, "uploading");
   $("attachments").append(chip);
+  const fresh = !state.open && !state.creating; // this upload starts the conversation
+  let open = null;
   try {
-    const open = await ensureConversation(file.name);
+    open = await ensureConversation(file.name);
     await ensureStore(open);
     const form = new FormData();
     form.append("purpose", "assistants");
@@ -1534,7 +1536,22 @@ async function upload(event) {
     if (chip.dataset.removing) return; // the user removed it meanwhile (removeFile)
     setChipStatus(chip, "failed");
     reportError(error);
+    if (fresh && open) await discardFailedUpload(open);
   }
+}
+
+// The conversation (and its store) a first upload made, when that upload failed (a file
+// larger than the server accepts, say): it holds nothing, so it goes as a refused first
+// message's does (discardEmpty), unless a message or another file went into it meanwhile.
+async function discardFailedUpload(open) {
+  if (busy() || state.open !== open || state.tree.nodes.size) return;
+  const store = open.meta.vectorStore;
+  try {
+    if (store) await dropEmptyStore(open, store);
+  } catch {
+    return; // left as it is, as discardEmpty leaves a conversation it cannot delete
+  }
+  if (!open.meta.vectorStore) await discardEmpty(open);
 }
 
 // -- the settings dialog --------------------------------------------------------------

@@ -514,7 +514,7 @@ def test_a_refused_first_message_leaves_no_empty_conversation(session, api):
     assert "#" not in page.url
 
 
-def test_a_server_out_of_reach_is_said_plainly_and_the_message_kept(session):
+def test_a_server_out_of_reach_is_said_plainly_and_the_message_kept(session, api):
     context, console = session
     console.expected.append(r"net::ERR_FAILED")  # the browser's own line for the failed fetch
     page = context.new_page()
@@ -551,6 +551,28 @@ def test_a_server_out_of_reach_is_said_plainly_and_the_message_kept(session):
         "Error: too many requests are waiting; retry later (try again in 30 s)"
     )
     assert page.input_value("#prompt") == "anyone there?"
+    # A first file the server refuses (too large) leaves no empty conversation named after
+    # it, nor its empty vector store, as a refused first message leaves none.
+    console.expected.append(r"413 .*@ .*/v1/files$")
+    too_large = "the file is larger than this server accepts (1048576 bytes)"
+    page.route(
+        "**/v1/files",
+        lambda route: route.fulfill(
+            status=413,
+            json={"error": {"message": too_large, "type": "invalid_request_error"}},
+        ),
+    )
+    stores = {s["id"] for s in api.get("/v1/vector_stores?limit=100").json()["data"]}
+    known = {c["id"] for c in api.get("/v1/conversations?limit=100").json()["data"]}
+    page.set_input_files(
+        "#upload", files=[{"name": "big.txt", "mimeType": "text/plain", "buffer": b"x"}]
+    )
+    page.wait_for_selector("#attachments .attachment.failed:has-text('big.txt')")
+    page.wait_for_function("() => document.querySelector('#chat-title').textContent === 'New chat'")
+    assert page.inner_text("#status") == f"Error: {too_large}"
+    assert {c["id"] for c in api.get("/v1/conversations?limit=100").json()["data"]} == known
+    assert {s["id"] for s in api.get("/v1/vector_stores?limit=100").json()["data"]} == stores
+    assert "#" not in page.url
 
 
 def test_a_link_to_another_conversation_followed_in_the_tab_opens_it(page):
