@@ -97,15 +97,20 @@ function setStatus(text, isError = false) {
 }
 
 // What went wrong, in words: the server's own message, or, when fetch itself failed
-// (TypeError "Failed to fetch", "network error"), that the server cannot be reached. A
-// refusal for now (a 429, a 503 while the server drains) says when to try again, from its
-// Retry-After, unless its message names the time itself (the rate limiter's "retry in 20s").
+// (TypeError "Failed to fetch", "network error"), that the server (or the network) cannot
+// be reached. A refusal for now (a 429, a 503 while the server drains) says when to try
+// again, from its Retry-After, unless its message names the time itself (the rate
+// limiter's "retry in 20s").
 function describe(error) {
   if (error instanceof ApiError) {
     if (!error.retryAfter || /retry in/i.test(error.message)) return error.message;
     return `${error.message} (try again in ${waitText(error.retryAfter)})`;
   }
-  if (error instanceof TypeError) return "cannot reach the server; check that it is running, then try again";
+  if (error instanceof TypeError) {
+    // The browser knows when it has no network at all: then the server is not to blame.
+    return navigator.onLine ? "cannot reach the server; check that it is running, then try again"
+      : "this device is offline; reconnect, then try again";
+  }
   return error.message || `${error}`;
 }
 

@@ -529,6 +529,16 @@ def test_a_server_out_of_reach_is_said_plainly_and_the_message_kept(session, api
         time.sleep(0.05)
     assert "TypeError" not in page.inner_text("#status")
     assert page.input_value("#prompt") == "anyone there?"
+    # With no network at all the page says so, rather than blame the server.
+    console.expected.append(r"net::ERR_INTERNET_DISCONNECTED")
+    context.set_offline(True)
+    page.press("#prompt", "Enter")
+    page.wait_for_function(
+        "() => document.querySelector('#status').textContent.includes('offline')"
+    )
+    assert page.inner_text("#status") == "Error: this device is offline; reconnect, then try again"
+    assert page.input_value("#prompt") == "anyone there?"
+    context.set_offline(False)
     # A server refusing it for now (overloaded: a 429 with Retry-After) says when to try
     # again; the message read "...; retry later" alone, the header's 30 s unsaid.
     console.expected.append(r"429 .*@ .*/v1/responses$")
