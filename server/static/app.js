@@ -760,7 +760,13 @@ function startEdit(bubble, node, text) {
   area.setAttribute("aria-label", "Edited message");
   const save = el("button", "primary", "Send");
   save.type = "submit";
-  const cancel = button("Cancel", "", () => renderMessages());
+  // Redrawing the messages removes the focused field or button: the keyboard goes to the
+  // message box rather than to the page's body.
+  const leave = () => {
+    renderMessages();
+    $("prompt").focus();
+  };
+  const cancel = button("Cancel", "", leave);
   form.append(area, el("div", "dialog-actions"));
   form.lastChild.append(cancel, save);
   form.addEventListener("submit", (event) => {
@@ -773,10 +779,7 @@ function startEdit(bubble, node, text) {
       event.preventDefault();
       form.requestSubmit();
     }
-    if (event.key === "Escape") {
-      renderMessages();
-      $("prompt").focus();
-    }
+    if (event.key === "Escape") leave();
   });
   bubble.replaceChildren(form);
   area.focus();

@@ -932,6 +932,15 @@ def test_keyboard_focus_stays_on_the_branch_arrows(page):
     page.keyboard.press("Enter")
     assert page.inner_text("#messages .branch-position") == "2/2"
     assert page.evaluate(focused) == "Previous branch"
+    # An edit's Cancel, pressed from the keyboard, leaves the keyboard in the message box,
+    # as Escape does (it was left on the page's body, the Cancel button gone).
+    page.get_by_role("button", name="Edit message").focus()
+    page.keyboard.press("Enter")
+    assert page.evaluate(focused) == "Edited message"
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    assert page.locator("#messages textarea").count() == 0
+    assert page.evaluate("document.activeElement.id") == "prompt"
 
 
 def test_the_keyboard_is_in_the_message_box_when_a_chat_comes_on_screen(page):
