@@ -1418,10 +1418,18 @@ function setChipStatus(chip, status) {
 }
 
 // The × on a chip (drawn by chat.css: the button's name is its label).
+// Without a file id (an upload that failed: nothing is stored) the × only takes the chip away.
 function addRemoveButton(chip, name, fileId) {
-  const remove = button("", "small attachment-remove", () => removeFile(chip, name, fileId),
-    `Remove ${name}`);
-  chip.append(remove);
+  const onClick = fileId ? () => removeFile(chip, name, fileId) : () => dropChip(chip);
+  chip.append(button("", "small attachment-remove", onClick, `Remove ${name}`));
+}
+
+// Takes a chip off the screen, the keyboard going to the chip beside it, or the message box.
+function dropChip(chip) {
+  const next = chip.nextElementSibling || chip.previousElementSibling;
+  chip.remove();
+  next?.querySelector(".attachment-remove")?.focus();
+  if (!next) $("prompt").focus();
 }
 
 // DELETE `path`, a 404 counting as done: what was to be removed is gone already.
@@ -1450,10 +1458,7 @@ async function removeFile(chip, name, fileId) {
     setStatus(`Could not remove ${name}: ${describe(error)}`, true);
     return;
   }
-  const next = chip.nextElementSibling || chip.previousElementSibling;
-  chip.remove();
-  next?.querySelector(".attachment-remove")?.focus();
-  if (!next) $("prompt").focus();
+  dropChip(chip);
   setStatus(`Removed ${name} from this chat.`);
   await dropEmptyStore(open, store).catch(reportError);
 }
@@ -1543,6 +1548,7 @@ async function upload(event) {
   } catch (error) {
     if (chip.dataset.removing) return; // the user removed it meanwhile (removeFile)
     setChipStatus(chip, "failed");
+    if (!chip.querySelector(".attachment-remove")) addRemoveButton(chip, file.name, null);
     reportError(error);
     if (fresh && open) await discardFailedUpload(open);
   }

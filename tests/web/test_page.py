@@ -583,6 +583,10 @@ def test_a_server_out_of_reach_is_said_plainly_and_the_message_kept(session, api
     assert {c["id"] for c in api.get("/v1/conversations?limit=100").json()["data"]} == known
     assert {s["id"] for s in api.get("/v1/vector_stores?limit=100").json()["data"]} == stores
     assert "#" not in page.url
+    # Its failed chip can be taken away (it stayed, with no ×, until another chat opened).
+    page.get_by_role("button", name="Remove big.txt").click()
+    assert page.locator("#attachments .attachment").count() == 0
+    assert page.evaluate("document.activeElement.id") == "prompt"
 
 
 def test_a_link_to_another_conversation_followed_in_the_tab_opens_it(page):
