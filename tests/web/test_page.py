@@ -1011,6 +1011,21 @@ def test_a_skip_link_comes_first_and_leads_to_the_message_box(page):
     page.keyboard.press("Enter")
     assert page.evaluate("document.activeElement.id") == "prompt"
     assert "#" not in page.url
+    # The box grows with a message of several lines (it stayed two lines tall, the rest
+    # scrolled out of sight), up to 40% of the window, and shrinks back once emptied.
+    empty = page.locator("#prompt").bounding_box()["height"]
+    sizes = "t => [t.scrollHeight, t.clientHeight, innerHeight]"
+    page.keyboard.type("one")
+    for line in ("two", "three", "four", "five", "six"):
+        page.keyboard.press("Shift+Enter")
+        page.keyboard.type(line)
+    content, shown, _ = page.locator("#prompt").evaluate(sizes)
+    assert content <= shown + 1 and shown > 1.5 * empty
+    page.fill("#prompt", "line\n" * 80)
+    content, shown, window = page.locator("#prompt").evaluate(sizes)
+    assert content > shown and page.locator("#prompt").bounding_box()["height"] <= 0.4 * window + 1
+    page.fill("#prompt", "")
+    assert page.locator("#prompt").bounding_box()["height"] == empty
 
 
 def test_settings_take_any_temperature_and_bound_the_output_tokens(page, api):
