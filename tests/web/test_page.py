@@ -1026,6 +1026,10 @@ def test_a_skip_link_comes_first_and_leads_to_the_message_box(page):
     assert content > shown and page.locator("#prompt").bounding_box()["height"] <= 0.4 * window + 1
     page.fill("#prompt", "")
     assert page.locator("#prompt").bounding_box()["height"] == empty
+    # "Attach file" is one button to a screen reader, the one the keyboard reaches (the
+    # focusable label had no role; the hidden file field it stands for was the button).
+    attach_button = page.get_by_role("button", name="Attach file")
+    assert attach_button.evaluate("b => b.id") == "upload-label"
 
 
 def test_settings_take_any_temperature_and_bound_the_output_tokens(page, api):
