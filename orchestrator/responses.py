@@ -56,7 +56,7 @@ from orchestrator.turn_hooks import (
     Unlimited,
     output_budget,
 )
-from orchestrator.turn_prompt import model_turn_structure, prompt_input, user_question
+from orchestrator.turn_prompt import check_turn_structures, prompt_input, user_question
 
 
 def _missing(response_id: str) -> NotFoundError:
@@ -199,7 +199,7 @@ class ResponseService:
         config = request.tool_config(function_tools(tools.declarations))
         # A bad schema is the client's error, before any output; in a thread, as the turn
         # builds its structures (`Turn._model_turn`): a large schema's grammar takes a while.
-        await asyncio.to_thread(model_turn_structure, request, config, tools)
+        await asyncio.to_thread(check_turn_structures, request, config, tools)
         check_json_mention(request, history)
         prompt = await self._first_prompt(request, history, input_items, config)
         return PreparedTurn(owner, request, history, input_items, tools, prompt, params)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from engine.structured_output import StructuredOutputsParams
 from orchestrator.context import ToolConfig, item_text
-from orchestrator.output_structure import plain_answer, turn_structure
+from orchestrator.output_structure import check_functions, plain_answer, turn_structure
 from orchestrator.response_request import FunctionTool, ResponseRequest
 from orchestrator.tools import ResolvedTools
 
@@ -39,12 +39,34 @@ def model_turn_structure(
         request.format_schema(),
         "text.format",
         "text.format.schema",
-        {
-            t.name: f"tools[{i}].parameters"
-            for i, t in enumerate(request.tools)
-            if isinstance(t, FunctionTool)
-        },
+        _function_params(request),
     )
+
+
+def check_turn_structures(
+    request: ResponseRequest, config: ToolConfig, tools: ResolvedTools
+) -> None:
+    """A request's schemas checked before its turn starts (a bad one is a 400 naming its
+    field): the first generation's grammar, and the client functions it does not offer
+    ("none", another function named), which a later generation may (tool_choice is "auto"
+    after a forced call); as in OpenAI's API, whatever the tool_choice."""
+    model_turn_structure(request, config, tools)
+    offered = {t.name for t in config.tools}
+    left_out = [
+        (t.name, t.parameters)
+        for t in request.tools
+        if isinstance(t, FunctionTool) and t.name not in offered
+    ]
+    check_functions(left_out, _function_params(request), "tools")
+
+
+def _function_params(request: ResponseRequest) -> dict[str, str]:
+    """Each client function's name to its schema's place in the request."""
+    return {
+        t.name: f"tools[{i}].parameters"
+        for i, t in enumerate(request.tools)
+        if isinstance(t, FunctionTool)
+    }
 
 
 def prompt_input(

@@ -163,6 +163,19 @@ def test_auto_tool_choice_triggers_the_call_grammar_lazily(product_server, compi
             {"tools": [CALCULATOR, {**WEATHER, "parameters": {"type": "array"}}]},
             "tools[1].parameters",
         ),
+        (  # whatever the tool_choice: a later generation may offer the function
+            {"type": "text"},
+            {
+                "tools": [CALCULATOR, {**WEATHER, "parameters": {"type": "array"}}],
+                "tool_choice": {"type": "function", "name": CALCULATOR["name"]},
+            },
+            "tools[1].parameters",
+        ),
+        (
+            {"type": "text"},
+            {"tools": [{**WEATHER, "parameters": {"type": "array"}}], "tool_choice": "none"},
+            "tools[0].parameters",
+        ),
         ({"type": "json_schema", "schema": CITY}, {}, "text.format.name"),
         ({"type": "json_schema", "name": "place"}, {}, "text.format.schema"),
         ({"type": "json_schema", "name": "a place", "schema": CITY}, {}, "text.format.name"),
