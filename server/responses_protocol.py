@@ -709,11 +709,10 @@ def parse_response_request(
 def parse_stream_query(query: Any) -> tuple[bool, int]:
     """A GET's `stream` (true to stream a background response again) and `starting_after`
     (the sequence_number after which its events start; -1: from the first), which only a
-    stream takes."""
-    stream_text = query.get("stream", "false").lower()
-    if stream_text not in ("true", "1", "false", "0"):
-        raise invalid(f"stream must be true or false, got {stream_text!r}", "stream")
-    stream = stream_text in ("true", "1")
+    stream takes. `include_obfuscation` may be false, as on a POST's stream_options."""
+    stream = _query_flag(query, "stream")
+    if _query_flag(query, "include_obfuscation"):
+        raise invalid("stream obfuscation is not supported by this server", "include_obfuscation")
     after_text = query.get("starting_after")
     if after_text is None:
         return stream, -1
@@ -724,6 +723,14 @@ def parse_stream_query(query: Any) -> tuple[bool, int]:
             f"starting_after must be a non-negative integer, got {after_text!r}", "starting_after"
         )
     return stream, int(after_text)
+
+
+def _query_flag(query: Any, name: str) -> bool:
+    """A boolean query parameter (false when absent)."""
+    text = query.get(name, "false").lower()
+    if text not in ("true", "1", "false", "0"):
+        raise invalid(f"{name} must be true or false, got {text!r}", name)
+    return text in ("true", "1")
 
 
 def parse_page(query: Any, most: int = MAX_PAGE, default: int = 20) -> Page:

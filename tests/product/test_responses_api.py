@@ -2067,9 +2067,13 @@ def test_streaming_a_response_again_is_for_background_ones(product_server):
         ("stream=true&starting_after=-1", "starting_after"),
         ("stream=true&starting_after=x", "starting_after"),
         ("stream=maybe", "stream"),
+        ("stream=true&include_obfuscation=true", "include_obfuscation"),  # as a POST's
+        ("include_obfuscation=yes", "include_obfuscation"),
     ):
         raw = _raw(server, "GET", f"/responses/{foreground.id}?{query}")
         assert raw.status_code == 400 and raw.json()["error"]["param"] == param
+    fine = _raw(server, "GET", f"/responses/{foreground.id}?include_obfuscation=false")
+    assert fine.status_code == 200
 
 
 def test_a_background_response_cut_off_by_a_crash_is_incomplete_after_a_restart(
