@@ -141,11 +141,18 @@ def product_api_error(exc: ProductError) -> APIError:
         return APIError(404, exc.message, param=exc.param, code=exc.code)
     if isinstance(exc, PreconditionFailedError):
         return APIError(412, exc.message, param=exc.param, code=exc.code)
+    # OpenAI's SDKs retry a 429 twice (after a second or two) unless told not to: a
+    # spent quota, or a request too large for the limit, would only be refused again.
+    no_retry = {"x-should-retry": "false"}
     if isinstance(exc, QuotaExceededError):
-        return APIError(429, exc.message, code="insufficient_quota", type="insufficient_quota")
+        return APIError(
+            429, exc.message, code="insufficient_quota", type="insufficient_quota", headers=no_retry
+        )
     if isinstance(exc, RateLimitError):
         headers = dict(exc.headers)
-        if exc.retry_after is not None:
+        if exc.retry_after is None:
+            headers.update(no_retry)
+        else:
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
         return APIError(429, exc.message, code=exc.code, headers=headers)
     return APIError(400, exc.message, param=exc.param, code=exc.code)

@@ -274,6 +274,7 @@ def test_over_quota_is_a_429_insufficient_quota_before_any_compute_and_others_go
         error = refused.json()["error"]
         assert error["type"] == "insufficient_quota" and error["code"] == "insufficient_quota"
         assert error["param"] is None and "quota" in error["message"]
+        assert refused.headers["x-should-retry"] == "false"  # the SDKs' retries would not fit
         assert f"needs up to {prompt + 13} tokens" in error["message"]
         assert f"more than the {100 - prompt - 13} left of your 100-token day" in error["message"]
         assert len(server.engine.prompts) == prompts_before  # nothing reached the engine
@@ -508,6 +509,8 @@ def test_rate_limits_answer_429_with_retry_after_and_every_answer_carries_the_he
         too_big = _chat(bob, max_tokens=500)
         assert too_big.status_code == 429 and too_big.headers["x-ratelimit-limit-tokens"] == "100"
         assert "retry-after" not in too_big.headers  # it can never fit the limit
+        assert too_big.headers["x-should-retry"] == "false"
+        assert "x-should-retry" not in limited.headers  # it fits after retry-after
         assert _chat(bob, max_tokens=20).status_code == 200
         assert _chat(bob, max_tokens=60).status_code == 429  # the bucket holds ~100 - used
         [day] = bob.get("/usage").json()["data"]
