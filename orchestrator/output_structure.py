@@ -19,7 +19,7 @@ call must complete validly.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from engine.structured_output import StructuredOutputsParams, json_schema_grammar_fragment
 from orchestrator.errors import InvalidRequestError
@@ -93,7 +93,20 @@ def _require_object(schema: dict, param: str, what: str) -> None:
         )
 
 
-def check_functions(
+def check_left_out(
+    declared: list[tuple[str, dict | None]],
+    offered: Collection[str],
+    params: dict[str, str],
+    tools_param: str,
+) -> None:
+    """The declared functions (name, parameters schema) a generation's grammar leaves out
+    ("none", another function named), checked as the offered ones are: as in OpenAI's API,
+    a bad schema is a 400 whatever the tool choice."""
+    left_out = [(name, schema) for name, schema in declared if name not in offered]
+    _check_functions(left_out, params, tools_param)
+
+
+def _check_functions(
     functions: list[tuple[str, dict | None]], params: dict[str, str], tools_param: str
 ) -> None:
     """Each function's parameters checked alone, so that an error names the function and
@@ -195,6 +208,6 @@ def turn_structure(
     if not functions:
         return answer
     forced = choice in ("required", "function")
-    check_functions(functions, function_params or {}, tools_param)
+    _check_functions(functions, function_params or {}, tools_param)
     grammar = tool_call_grammar(functions, forced, parallel and choice != "function", fmt_schema)
     return checked(tools_param, grammar=grammar)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from engine.structured_output import StructuredOutputsParams
 from orchestrator.context import ToolConfig, item_text
-from orchestrator.output_structure import check_functions, plain_answer, turn_structure
+from orchestrator.output_structure import check_left_out, plain_answer, turn_structure
 from orchestrator.response_request import FunctionTool, ResponseRequest
 from orchestrator.tools import ResolvedTools
 
@@ -51,13 +51,9 @@ def check_turn_structures(
     ("none", another function named), which a later generation may (tool_choice is "auto"
     after a forced call); as in OpenAI's API, whatever the tool_choice."""
     model_turn_structure(request, config, tools)
+    declared = [(t.name, t.parameters) for t in request.tools if isinstance(t, FunctionTool)]
     offered = {t.name for t in config.tools}
-    left_out = [
-        (t.name, t.parameters)
-        for t in request.tools
-        if isinstance(t, FunctionTool) and t.name not in offered
-    ]
-    check_functions(left_out, _function_params(request), "tools")
+    check_left_out(declared, offered, _function_params(request), "tools")
 
 
 def _function_params(request: ResponseRequest) -> dict[str, str]:

@@ -13,7 +13,7 @@ from orchestrator import InvalidRequestError
 from orchestrator.chat_types import ChatRequest, CompletionRequest, Guided, ResponseFormat, Tool
 from orchestrator.output_structure import (
     ANY_OBJECT,
-    check_functions,
+    check_left_out,
     checked,
     json_format_params,
     require_json_mention,
@@ -65,16 +65,9 @@ def chat_structured_outputs(
         return _guided_params(request.guided)
     functions = [(t.name, t.spec["function"].get("parameters")) for t in tools]
     params = {t.name: f"tools[{i}].function.parameters" for i, t in enumerate(request.tools)}
-    # As in OpenAI's API a bad schema is a 400 whatever the tool choice, though a tool the
-    # choice leaves out ("none", another function named) is not in the grammar.
-    offered = {t.name for t in tools}
-    left_out = [
-        (t.name, t.spec["function"].get("parameters"))
-        for t in request.tools
-        if t.name not in offered
-    ]
+    declared = [(t.name, t.spec["function"].get("parameters")) for t in request.tools]
     with _as_api_error():
-        check_functions(left_out, params, "tools")
+        check_left_out(declared, {t.name for t in tools}, params, "tools")
         structure = turn_structure(
             functions,
             request.tool_choice,
