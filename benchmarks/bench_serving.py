@@ -610,12 +610,13 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     args = parser.parse_args(argv)
     if args.quick:
         args.concurrency, args.tokens = [1, 4], 16
+    prompts = bench_prompts()
     sent = sum(requests_for(c, args) for c in args.concurrency)
-    if sent > len(bench_prompts()):
+    if sent > len(prompts):
         # A repeated prompt is a prefix-cache hit for tokenmill (its whole prompt, across
         # requests) but only within a slot for llama.cpp: the levels would not compare.
         parser.error(
-            f"the levels send {sent} requests, more than the {len(bench_prompts())} distinct "
+            f"the levels send {sent} requests, more than the {len(prompts)} distinct "
             "prompts: lower --min-requests or --requests-per-stream"
         )
 
@@ -630,7 +631,6 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         tokenizer = Tokenizer.from_gguf(read_gguf(resolved.path).metadata)
     else:
         tokenizer = Tokenizer.from_hf_folder(resolved.path)
-    prompts = bench_prompts()
     prompt_ids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
     lengths = [len(ids) for ids in prompt_ids]
 
