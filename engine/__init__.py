@@ -4,7 +4,7 @@ The public names are imported lazily so that light modules (`engine.config`,
 `engine.sampling_params`) can be used without loading the whole engine.
 """
 
-from importlib import import_module
+from engine.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "LLM": "engine.llm",
@@ -21,8 +21,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -11,7 +11,7 @@ that needs one light module (the admin CLI, `orchestrator.admin`, on the store a
 does not import the engine and torch with the product.
 """
 
-from importlib import import_module
+from engine.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "LOCAL_USER": "orchestrator.accounts",
@@ -31,8 +31,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -9,7 +9,7 @@ module, as a preparation process started outside `engine.serve` does
 (`server.prep_process`), does not import the whole app: torch, the orchestrator.
 """
 
-from importlib import import_module
+from engine.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "ServerConfig": "server.state",
@@ -22,8 +22,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'server' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
