@@ -1,4 +1,6 @@
-"""The real `openai` SDK against `python -m engine.serve` with the default model.
+"""The real `openai` SDK against `python -m engine.serve` with the default model, and two
+agent frameworks on the same API, unchanged: the OpenAI Agents SDK and LangChain's
+`ChatOpenAI`.
 
 One server for the module (model loading dominates the cost); outputs are kept short.
 """
@@ -13,8 +15,12 @@ import time
 import uuid
 from pathlib import Path
 
+import agents
 import httpx
+import langchain_core.tools
+import langchain_openai
 import openai
+import pydantic
 import pytest
 
 import kernels.native
@@ -578,3 +584,107 @@ def test_unsupported_schema_is_a_400_naming_the_keyword(client):
             },
         )
     assert "not" in err.value.body["message"] and err.value.body["param"] == "response_format"
+
+
+# Agent frameworks, unchanged, on the same server. Their outputs are bounded by the schema
+# (maxLength) or the token limit, so that what the small model writes never decides
+# whether a run ends: the Agents SDK fails a run whose response is `incomplete`.
+
+
+agents.set_tracing_disabled(True)  # its exporter would post to api.openai.com
+
+
+class Word(pydantic.BaseModel):
+    word: str = pydantic.Field(max_length=24)
+
+
+def agents_model(live: LiveServer, kind: str):
+    client = openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key=API_KEY, max_retries=0)
+    if kind == "responses":
+        return agents.OpenAIResponsesModel(model=MODEL, openai_client=client)
+    return agents.OpenAIChatCompletionsModel(model=MODEL, openai_client=client)
+
+
+@pytest.mark.parametrize("kind", ["responses", "chat_completions"])
+def test_the_agents_sdk_calls_a_function_tool(live, kind):
+    calls = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """Get the weather for a city."""
+        calls.append(city)
+        return f"Sunny in {city}."
+
+    agent = agents.Agent(
+        name="weather",
+        instructions="Use the tool to answer questions about the weather.",
+        model=agents_model(live, kind),
+        tools=[get_weather],
+        tool_use_behavior="stop_on_first_tool",
+        model_settings=agents.ModelSettings(
+            temperature=0, max_tokens=64, tool_choice="required", parallel_tool_calls=False
+        ),
+    )
+    result = agents.Runner.run_sync(agent, "What's the weather in Paris?", max_turns=2)
+    assert len(calls) == 1 and isinstance(calls[0], str)
+    assert result.final_output == f"Sunny in {calls[0]}."
+    kinds = [type(item).__name__ for item in result.new_items]
+    assert kinds == ["ToolCallItem", "ToolCallOutputItem"]
+
+
+def test_the_agents_sdk_streams_a_structured_output_into_a_conversation(live, client):
+    agent = agents.Agent(
+        name="one-word",
+        instructions="Answer with one word.",
+        model=agents_model(live, "responses"),
+        output_type=Word,
+        model_settings=agents.ModelSettings(temperature=0, max_tokens=64),
+    )
+    conversation = client.conversations.create()
+
+    async def two_turns():
+        run = agents.Runner.run_streamed(agent, "Name a color.", conversation_id=conversation.id)
+        kinds = [event.type async for event in run.stream_events()]
+        second = await agents.Runner.run(
+            agent, "Name another one.", conversation_id=conversation.id
+        )
+        return run, kinds, second
+
+    first, kinds, second = asyncio.run(two_turns())
+    assert isinstance(first.final_output, Word) and first.final_output.word
+    assert kinds.count("raw_response_event") > 3  # the response's own events, streamed
+    assert isinstance(second.final_output, Word)
+    items = client.conversations.items.list(conversation.id, order="asc").data
+    assert [(item.type, item.role) for item in items] == [
+        ("message", "user"),
+        ("message", "assistant"),
+    ] * 2
+    assert json.loads(items[1].content[0].text) == first.final_output.model_dump()
+
+
+@pytest.mark.parametrize("use_responses_api", [False, True])
+def test_langchain_chat_openai_structured_output_tools_and_streaming(live, use_responses_api):
+    llm = langchain_openai.ChatOpenAI(
+        base_url=f"{live.url}/v1",
+        api_key=API_KEY,
+        model=MODEL,
+        temperature=0,
+        max_tokens=48,
+        max_retries=0,
+        use_responses_api=use_responses_api,
+    )
+    word = llm.with_structured_output(Word).invoke("Name a fruit.")
+    assert isinstance(word, Word) and word.word
+
+    @langchain_core.tools.tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    message = llm.bind_tools([add], tool_choice="add").invoke("What is 2 plus 3?")
+    (call,) = message.tool_calls
+    assert call["name"] == "add" and set(call["args"]) == {"a", "b"}
+    assert all(isinstance(v, int) for v in call["args"].values())
+    chunks = list(llm.stream("Count to three."))
+    text = "".join(chunk.text for chunk in chunks)
+    assert len(chunks) > 3 and text.strip()
