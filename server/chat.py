@@ -267,20 +267,43 @@ def _stream_choice(
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def _role_chunk(
-    run: ChatRun, index: int, prompt_token_ids: list[int], totals: dict | None
-) -> bytes:
-    """A choice's first chunk; with return_token_ids it carries the prompt's token ids
-    beside its choices, as vLLM's first chunks do (no later chunk repeats them)."""
-    extra = {"prompt_token_ids": prompt_token_ids} if run.request.return_token_ids else {}
-    delta = {"role": "assistant", "content": ""}
-    return _chunk(run, [_stream_choice(index, delta)], totals, **extra)
-
-
 @dataclass
 class _StreamChoice:
     assembler: ChoiceAssembler
-    started: bool = False
+    started: bool = False  # its role has been sent
+
+    @property
+    def may_call(self) -> bool:
+        return self.assembler.parser is not None
+
+    def carrier(self) -> dict:
+        """The delta of a chunk that only carries its tokens' logprobs or ids, their text
+        showing nothing yet: empty content in a choice that cannot call tools; no content
+        where the text is held back as a possible call's start, as it may be none."""
+        return {} if self.may_call else {"content": ""}
+
+    def role_pieces(self, index: int, pieces: list[dict]) -> list[dict]:
+        """The role, on a choice's first chunk, as OpenAI sends it: beside the first
+        call's head with `"content": null` when the choice begins with a call; else in a
+        chunk of its own, with empty content before text (or an empty answer) and null
+        content before anything else. A choice that cannot call tools sends it at once;
+        one that may waits for its first piece, its text being held back meanwhile."""
+        if self.started or (self.may_call and not pieces):
+            return []
+        self.started = True
+        if not self.may_call or not pieces:
+            return [_stream_choice(index, {"role": "assistant", "content": ""})]
+        first = pieces[0]
+        if _is_call_head(first["delta"]):
+            first["delta"] = {"role": "assistant", "content": None, **first["delta"]}
+            return []
+        empty_answer = first["finish_reason"] is not None and not self.assembler.began_calls
+        text = "" if first["delta"].get("content") or empty_answer else None
+        return [_stream_choice(index, {"role": "assistant", "content": text})]
+
+
+def _is_call_head(delta: dict) -> bool:
+    return "id" in delta.get("tool_calls", [{}])[0]
 
 
 def _call_head(name: str, call_index: int) -> dict:
@@ -317,13 +340,9 @@ def _choice_events(
 ) -> list[bytes]:
     """The chunks for one engine delta `o` of one choice, each with the usage `totals`
     (vLLM's continuous usage stats, else None). Its logprobs ride on its first content
-    chunk, its token ids (return_token_ids) on its first chunk of any kind; a chunk of
-    empty content carries them where the delta shows nothing (text held back while it
-    may begin a tool call), so every token reaches the client."""
-    chunks = []
-    if not choice.started:
-        choice.started = True
-        chunks.append(_role_chunk(run, o.index, out.prompt_token_ids, totals))
+    chunk, its token ids (return_token_ids) on its first chunk after the role; a chunk
+    of no text (`_StreamChoice.carrier`) carries them where the delta shows nothing (text
+    held back while it may begin a tool call), so every token reaches the client."""
     pieces = []
     calls_before = choice.assembler.num_calls
     logprobs = run.logprobs(o.logprobs or [])
@@ -335,16 +354,20 @@ def _choice_events(
             pieces += [_stream_choice(o.index, d) for d in _call_deltas(piece, calls_before)]
             calls_before += isinstance(piece, ParsedCall)
     if logprobs and logprobs["content"]:
-        pieces.append(_stream_choice(o.index, {"content": ""}, logprobs))
+        pieces.append(_stream_choice(o.index, choice.carrier(), logprobs))
     if o.finish_reason is not None:
         reason = _finish_reason(choice.assembler, o.finish_reason)
         pieces.append(_stream_choice(o.index, {}, finish_reason=reason))
     if run.request.return_token_ids:
         if o.token_ids and not pieces:
-            pieces.append(_stream_choice(o.index, {"content": ""}))
+            pieces.append(_stream_choice(o.index, choice.carrier()))
         if pieces:
             pieces[0]["token_ids"] = o.token_ids
-    return chunks + [_chunk(run, [p], totals) for p in pieces]
+    # The prompt's token ids ride beside the role, as on vLLM's first chunks.
+    opening = not choice.started and run.request.return_token_ids
+    extra = {"prompt_token_ids": out.prompt_token_ids} if opening else {}
+    pieces = choice.role_pieces(o.index, pieces) + pieces
+    return [_chunk(run, [p], totals, **(extra if i == 0 else {})) for i, p in enumerate(pieces)]
 
 
 async def _chat_events(

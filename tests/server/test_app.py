@@ -1016,6 +1016,47 @@ def test_tool_calls_streaming(serve):
     assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_a_streamed_answer_of_calls_only_has_null_content_as_openais(serve):
+    """OpenAI's stream of a turn that only calls tools opens with one chunk of the role,
+    `"content": null` and the first call's head, and no chunk has content: a client that
+    prints every `delta.content is not None` prints nothing. With return_token_ids the
+    held-back tokens' ids come before the head, on chunks of no content after the role's.
+    A turn that writes text first opens with the role and empty content, as a plain
+    answer does."""
+    import openai
+    from openai.types.chat import ChatCompletionChunk
+
+    server = serve(FakeEngine(reply=CALLS))
+    body = {"messages": USER, "tools": [WEATHER_TOOL], "stream_options": {"include_usage": True}}
+    for return_token_ids in (False, True):
+        body["return_token_ids"] = return_token_ids
+        chunks = stream(server.client, "/v1/chat/completions", body)[:-1]
+        first = dict(chunks[0]["choices"][0]["delta"])
+        assert first.pop("role") == "assistant" and first.pop("content") is None
+        if return_token_ids:
+            assert first == {} and chunks[1]["choices"][0]["delta"] == {}
+            assert chunks[1]["choices"][0]["token_ids"] == [ord("<")]
+        else:
+            (head,) = first.pop("tool_calls")
+            assert head["function"] == {"name": "get_weather", "arguments": ""}
+        assert ("prompt_token_ids" in chunks[0]) == return_token_ids
+        parsed = [ChatCompletionChunk.model_validate(c) for c in chunks]
+        deltas = [c.choices[0].delta for c in parsed if c.choices]
+        assert [d.content for d in deltas if d.content is not None] == []
+        assert [d.role for d in deltas if d.role] == ["assistant"]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    sdk = client.chat.completions.create(
+        model="fake-model", messages=USER, tools=[WEATHER_TOOL], stream=True
+    )
+    assert all(c.choices[0].delta.content is None for c in sdk if c.choices)
+
+    server = serve(FakeEngine(reply="On it." + CALLS))
+    chunks = stream(server.client, "/v1/chat/completions", {**body, "return_token_ids": False})
+    deltas = [c["choices"][0]["delta"] for c in chunks[:-1] if c["choices"]]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert deltas[1]["content"] == "O"  # the fake engine writes a character a token
+
+
 def test_a_stop_string_inside_a_call_ends_it_cut_not_as_tool_calls(serve):
     """A client's stop string that falls inside a call's arguments cuts the call, as the
     token budget does: "tool_calls" would promise arguments that do not parse."""
