@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import codecs
 import contextlib
 import errno
 import logging
@@ -515,10 +516,17 @@ def _manifest(data: bytes) -> tuple[int, list[SandboxFile]]:
     return status, files
 
 
+def _text(data: bytearray, cut: bool) -> str:
+    """Output as text, bytes that are not UTF-8 as U+FFFD; of output the cap `cut`, less
+    the character the cut fell inside, whose bytes are not all there (a U+FFFD would
+    stand for it, as for a byte the code wrote wrong)."""
+    return codecs.getincrementaldecoder("utf-8")("replace").decode(bytes(data), final=not cut)
+
+
 def _result(
     returncode: int | None, manifest: bytes, output: _Output, timed_out: bool, seconds: float
 ) -> SandboxResult:
-    stderr = output.stderr.decode("utf-8", "replace")
+    stderr = _text(output.stderr, output.truncated)
     files: list[SandboxFile] = []
     exit_code = None if timed_out or output.truncated else returncode
     if manifest and not timed_out:
@@ -527,7 +535,7 @@ def _result(
     elif returncode == 1 and stderr.startswith(("bwrap:", "sandbox setup:")):
         raise SandboxUnavailable(f"the code sandbox could not start: {stderr.strip()}")
     return SandboxResult(
-        output.stdout.decode("utf-8", "replace"),
+        _text(output.stdout, output.truncated),
         stderr,
         exit_code,
         timed_out,

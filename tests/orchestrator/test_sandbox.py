@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import os
 import signal
 import socket
@@ -18,6 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from orchestrator.sandbox import (
     Sandbox,
@@ -491,6 +494,40 @@ def test_100_mb_of_output_is_capped_and_stops_the_run():
     result, _ = run("import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))\n")
     assert result.output_truncated and result.exit_code is None
     assert len(result.stdout) == FAST.output_bytes
+
+
+def test_output_cut_at_the_cap_ends_on_a_whole_character():
+    """CJK and emoji output over the cap keeps whole characters only: no U+FFFD stands
+    for the part of a character that was cut off."""
+    code = "import sys\nfor _ in range(1 << 14):\n    sys.stdout.write('日本語 🙂 é ')\n"
+    result, _ = run(code)
+    assert result.output_truncated
+    assert "\ufffd" not in result.stdout
+    assert ("日本語 🙂 é " * (1 << 14)).startswith(result.stdout)
+    assert FAST.output_bytes - 4 < len(result.stdout.encode()) <= FAST.output_bytes
+
+
+@given(
+    text=st.text(st.characters(codec="utf-8"), max_size=40),
+    splits=st.lists(st.integers(0, 200), max_size=4),
+    limit=st.integers(0, 120),
+    on_stderr=st.booleans(),
+)
+def test_kept_output_is_a_prefix_of_whole_characters(text, splits, limit, on_stderr):
+    """However the pipe splits the bytes and wherever the cap falls, what is kept reads as
+    the start of what was written, with no U+FFFD that was not in it."""
+    data = text.encode()
+    output = _Output(limit)
+    buffer = output.stderr if on_stderr else output.stdout
+    pieces = [data[a:b] for a, b in itertools.pairwise([0, *sorted(splits), len(data)])]
+    for piece in pieces:
+        if not output.add(buffer, piece):
+            break
+    result = _result(0, b"", output, False, 0.0)
+    kept = result.stderr if on_stderr else result.stdout
+    assert text.startswith(kept)
+    assert output.truncated == (len(data) > limit)
+    assert len(kept.encode()) > min(len(data), limit) - 4
 
 
 def test_killing_its_parent_or_the_host_only_ends_the_run():
