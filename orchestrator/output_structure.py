@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 
 from engine.structured_output import StructuredOutputsParams, json_schema_grammar_fragment
 from orchestrator.errors import InvalidRequestError
@@ -52,17 +53,108 @@ def checked(param: str, what: str | None = None, **kind) -> StructuredOutputsPar
         raise InvalidRequestError(message, param) from None
 
 
+@dataclass(frozen=True)
+class Strict:
+    """A schema its client declared `"strict": true`, held to OpenAI's strict rules
+    (`_check_strict`); `label` and `code` are what OpenAI's 400 calls it."""
+
+    label: str  # "function 'get_weather'", "response_format 'answer'"
+    code: str
+
+    @classmethod
+    def function(cls, name: str) -> Strict:
+        return cls(f"function {name!r}", "invalid_function_parameters")
+
+    @classmethod
+    def response_format(cls, name: str) -> Strict:
+        return cls(f"response_format {name!r}", "invalid_json_schema")
+
+
 def json_format_params(
-    schema: dict, param: str, what: str | None = None
+    schema: dict, param: str, what: str | None = None, strict: Strict | None = None
 ) -> StructuredOutputsParams:
     """JSON matching `schema` (ANY_OBJECT: any JSON object, the engine's json_object); an
-    error is a 400 naming `param`, its message about `what` (default: `param`)."""
+    error is a 400 naming `param`, its message about `what` (default: `param`), or the
+    one OpenAI gives for a `strict` schema outside its strict rules."""
     what = what or param
     schema = _rooted(schema)
+    _require_object(schema, param, what)
+    if strict is not None:
+        _check_strict(schema, param, strict)
     if schema == ANY_OBJECT:
         return checked(param, what, json_object=True)
-    _require_object(schema, param, what)
     return checked(param, what, json=schema)
+
+
+_CLOSED = "'additionalProperties' is required to be supplied and to be false."
+_ALL_REQUIRED = (
+    "'required' is required to be supplied and to be an array including every key in properties."
+)
+
+
+def _check_strict(schema: dict, param: str, strict: Strict) -> None:
+    """OpenAI's rules for a strict schema, as its 400 gives them: every object (the root,
+    a property's, an array's items, a branch of anyOf, a definition) closed with
+    `additionalProperties: false`, with `properties`, each of them in `required` (an
+    optional one is required and nullable). The grammar would enforce any schema; a
+    client that declared it strict is told where it would not pass on OpenAI's API."""
+    for path, node in _objects(schema):
+        rule = _strict_rule(node)
+        if rule is not None:
+            raise InvalidRequestError(
+                f"Invalid schema for {strict.label}: In context={path!r}, {rule}",
+                param,
+                strict.code,
+            )
+
+
+def _objects(schema: dict) -> Iterable[tuple[tuple[str, ...], dict]]:
+    """The object schemas of a (rooted) schema in document order, each with its path:
+    the places OpenAI's strict mode looks for them, `$ref`s not followed (their targets
+    are definitions, visited as such)."""
+    stack: list[tuple[tuple[str, ...], object]] = [((), schema)]
+    while stack:
+        path, node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if not path or _is_object(node):
+            yield path, node
+        children = [
+            ((*path, key, name), sub)
+            for key in ("properties", "$defs", "definitions")
+            if isinstance(node.get(key), dict)
+            for name, sub in node[key].items()
+        ]
+        children.append(((*path, "items"), node.get("items")))
+        for key in ("anyOf", "allOf", "oneOf", "prefixItems"):
+            if isinstance(node.get(key), list):
+                children += [((*path, key, str(i)), sub) for i, sub in enumerate(node[key])]
+        stack.extend(reversed(children))
+
+
+def _is_object(node: dict) -> bool:
+    kind = node.get("type")
+    if kind is None:
+        return isinstance(node.get("properties"), dict)
+    return "object" in (kind if isinstance(kind, list) else [kind])
+
+
+def _strict_rule(node: dict) -> str | None:
+    """The strict rule an object schema breaks, as OpenAI words it, or None."""
+    if node.get("additionalProperties") is not False:
+        return _CLOSED
+    properties = node.get("properties")
+    if not isinstance(properties, dict):
+        return "object schema missing properties."
+    required = node.get("required")
+    required = required if isinstance(required, list) else []
+    missing = [name for name in properties if name not in required]
+    if missing:
+        return f"{_ALL_REQUIRED} Missing {missing[0]!r}."
+    extra = [name for name in required if name not in properties]
+    if extra:
+        return f"{_ALL_REQUIRED} Extra required key {extra[0]!r} supplied."
+    return None
 
 
 def require_json_mention(texts: Iterable[str | None], param: str, fmt_param: str) -> None:
@@ -98,23 +190,34 @@ def check_left_out(
     offered: Collection[str],
     params: dict[str, str],
     tools_param: str,
+    strict: Collection[str] = (),
 ) -> None:
     """The declared functions (name, parameters schema) a generation's grammar leaves out
     ("none", another function named), checked as the offered ones are: as in OpenAI's API,
-    a bad schema is a 400 whatever the tool choice."""
+    a bad schema is a 400 whatever the tool choice. `strict`: the functions declared
+    strict."""
     left_out = [(name, schema) for name, schema in declared if name not in offered]
-    _check_functions(left_out, params, tools_param)
+    _check_functions(left_out, params, tools_param, strict)
 
 
 def _check_functions(
-    functions: list[tuple[str, dict | None]], params: dict[str, str], tools_param: str
+    functions: list[tuple[str, dict | None]],
+    params: dict[str, str],
+    tools_param: str,
+    strict: Collection[str],
 ) -> None:
     """Each function's parameters checked alone, so that an error names the function and
     its schema's place in the request (`params`: name to path, else `tools_param`): the
-    tool grammar's own error would quote the grammar we compiled them into."""
+    tool grammar's own error would quote the grammar we compiled them into. Those of
+    the functions in `strict` (declared strict) are held to OpenAI's strict rules too."""
     for name, schema in functions:
         param = params.get(name, tools_param)
-        json_format_params(schema or _NO_ARGUMENTS, param, f"{param}: function {name!r} parameters")
+        what = f"{param}: function {name!r} parameters"
+        if name in strict:  # as given: `{}` is an object left open there
+            given = _NO_ARGUMENTS if schema is None else schema
+            json_format_params(given, param, what, Strict.function(name))
+        else:
+            json_format_params(schema or _NO_ARGUMENTS, param, what)
 
 
 def plain_answer() -> StructuredOutputsParams:
@@ -184,6 +287,8 @@ def turn_structure(
     schema_param: str | None = None,
     function_params: dict[str, str] | None = None,
     tools_param: str = "tools",
+    strict_functions: Collection[str] = (),
+    strict_format: str | None = None,
 ) -> StructuredOutputsParams | None:
     """What a turn's output is constrained to (None: free text).
 
@@ -201,13 +306,18 @@ def turn_structure(
     function_params: where each function's parameters schema is in the request (name to
     path, as `tools[0].function.parameters`), the param a bad one's 400 names; a function
     not in it (a built-in's, whose schema the server fills in) is named by `tools_param`.
+
+    strict_functions, strict_format: the functions, and the format's name, that the
+    client declared `"strict": true`, whose schemas OpenAI's strict rules hold
+    (`_check_strict`).
     """
     answer = None
     if fmt_schema is not None:
-        answer = json_format_params(fmt_schema, schema_param or fmt_param)
+        strict = None if strict_format is None else Strict.response_format(strict_format)
+        answer = json_format_params(fmt_schema, schema_param or fmt_param, strict=strict)
     if not functions:
         return answer
     forced = choice in ("required", "function")
-    _check_functions(functions, function_params or {}, tools_param)
+    _check_functions(functions, function_params or {}, tools_param, strict_functions)
     grammar = tool_call_grammar(functions, forced, parallel and choice != "function", fmt_schema)
     return checked(tools_param, grammar=grammar)

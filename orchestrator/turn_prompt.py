@@ -32,6 +32,7 @@ def model_turn_structure(
     if answering and request.format_schema() is None:
         return plain_answer()
     functions = [(t.name, tools.call_schema(t.name, t.spec["function"])) for t in config.tools]
+    fmt = request.text_format
     return turn_structure(
         functions,
         config.mode,
@@ -40,6 +41,8 @@ def model_turn_structure(
         "text.format",
         "text.format.schema",
         _function_params(request),
+        strict_functions=_strict_functions(request),
+        strict_format=fmt["name"] if fmt.get("strict") else None,
     )
 
 
@@ -53,7 +56,15 @@ def check_turn_structures(
     model_turn_structure(request, config, tools)
     declared = [(t.name, t.parameters) for t in request.tools if isinstance(t, FunctionTool)]
     offered = {t.name for t in config.tools}
-    check_left_out(declared, offered, _function_params(request), "tools")
+    check_left_out(
+        declared, offered, _function_params(request), "tools", _strict_functions(request)
+    )
+
+
+def _strict_functions(request: ResponseRequest) -> set[str]:
+    """The client functions declared `"strict": true`, held to OpenAI's strict rules; one
+    that leaves `strict` out is not, so that a request accepted before still is."""
+    return {t.name for t in request.tools if isinstance(t, FunctionTool) and t.strict}
 
 
 def _function_params(request: ResponseRequest) -> dict[str, str]:

@@ -13,6 +13,7 @@ from orchestrator import InvalidRequestError
 from orchestrator.chat_types import ChatRequest, CompletionRequest, Guided, ResponseFormat, Tool
 from orchestrator.output_structure import (
     ANY_OBJECT,
+    Strict,
     check_left_out,
     checked,
     json_format_params,
@@ -24,17 +25,22 @@ from server.errors import invalid
 
 @contextmanager
 def _as_api_error() -> Iterator[None]:
-    """The product's 400 as the chat routes' `APIError` (same message and param)."""
+    """The product's 400 as the chat routes' `APIError` (same message, param and code)."""
     try:
         yield
     except InvalidRequestError as exc:
-        raise invalid(exc.message, exc.param) from None
+        raise invalid(exc.message, exc.param, exc.code) from None
 
 
 def _format_schema(fmt: ResponseFormat | None) -> dict | None:
     if fmt is None:
         return None
     return ANY_OBJECT if fmt.type == "json_object" else fmt.schema or {}
+
+
+def _strict_format(fmt: ResponseFormat | None) -> str | None:
+    """The name of a json_schema format declared strict (`output_structure.Strict`)."""
+    return fmt.name if fmt is not None and fmt.strict else None
 
 
 def _guided_params(guided: Guided) -> StructuredOutputsParams:
@@ -51,9 +57,14 @@ def completion_structured_outputs(request: CompletionRequest) -> StructuredOutpu
     """What a legacy completion's output is constrained to (None: free text)."""
     if request.guided is not None:
         return _guided_params(request.guided)
-    schema = _format_schema(request.response_format)
+    fmt = request.response_format
+    schema = _format_schema(fmt)
+    name = _strict_format(fmt)
+    strict = None if name is None else Strict.response_format(name)
     with _as_api_error():
-        return None if schema is None else json_format_params(schema, "response_format")
+        return (
+            None if schema is None else json_format_params(schema, "response_format", None, strict)
+        )
 
 
 def chat_structured_outputs(
@@ -66,8 +77,9 @@ def chat_structured_outputs(
     functions = [(t.name, t.spec["function"].get("parameters")) for t in tools]
     params = {t.name: f"tools[{i}].function.parameters" for i, t in enumerate(request.tools)}
     declared = [(t.name, t.spec["function"].get("parameters")) for t in request.tools]
+    strict = {t.name for t in request.tools if t.spec["function"].get("strict") is True}
     with _as_api_error():
-        check_left_out(declared, {t.name for t in tools}, params, "tools")
+        check_left_out(declared, {t.name for t in tools}, params, "tools", strict)
         structure = turn_structure(
             functions,
             request.tool_choice,
@@ -75,6 +87,8 @@ def chat_structured_outputs(
             _format_schema(request.response_format),
             "response_format",
             function_params=params,
+            strict_functions=strict,
+            strict_format=_strict_format(request.response_format),
         )
         if request.response_format and request.response_format.type == "json_object":
             texts = (m.content for m in request.messages)

@@ -218,3 +218,58 @@ def test_a_forced_call_with_a_format_calls_then_answers_in_the_format(
     call = _call("calculator", expression="3*4")
     assert _accepts(compiler, forced, call) and not _accepts(compiler, forced, answer)
     assert _accepts(compiler, answering, answer) and not _accepts(compiler, answering, "12")
+
+
+def test_strict_schemas_outside_openais_strict_rules_are_its_400s(product_server):
+    """A function or text.format declared strict whose schema leaves an object open or a
+    property optional is OpenAI's 400, naming where; declared otherwise, it runs."""
+    server = product_server(FakeEngine(reply='{"city": "Paris"}'))
+    open_place = {"type": "object", "properties": {"city": {"type": "string"}}}
+    optional = {**CITY, "properties": {**CITY["properties"], "zip": {"type": "string"}}}
+    rule = "'additionalProperties' is required to be supplied and to be false."
+    for body, error in (
+        (
+            {"tools": [CALCULATOR, {**WEATHER, "parameters": open_place, "strict": True}]},
+            {
+                "message": f"Invalid schema for function 'get_weather': In context=(), {rule}",
+                "param": "tools[1].parameters",
+                "code": "invalid_function_parameters",
+            },
+        ),
+        (
+            {
+                "tools": [{**WEATHER, "parameters": optional, "strict": True}],
+                "tool_choice": "none",
+            },
+            {
+                "message": "Invalid schema for function 'get_weather': In context=(), 'required' "
+                "is required to be supplied and to be an array including every key in "
+                "properties. Missing 'zip'.",
+                "param": "tools[0].parameters",
+                "code": "invalid_function_parameters",
+            },
+        ),
+        (
+            {
+                "text": {
+                    "format": {
+                        **JSON_SCHEMA,
+                        "schema": {"type": "object", "properties": {"a": open_place}},
+                    }
+                }
+            },
+            {
+                "message": "Invalid schema for response_format 'place': In context=(), " + rule,
+                "param": "text.format.schema",
+                "code": "invalid_json_schema",
+            },
+        ),
+    ):
+        raw = _create(server, **body)
+        assert raw.status_code == 400, raw.text
+        assert raw.json() == {"error": {**error, "type": "invalid_request_error"}}
+    assert server.engine.params == []
+    loose = {"tools": [{**WEATHER, "parameters": open_place, "strict": False}]}
+    assert _create(server, **loose).status_code == 200
+    loose_format = {**JSON_SCHEMA, "schema": open_place, "strict": False}
+    assert _create(server, text={"format": loose_format}).status_code == 200

@@ -1151,6 +1151,21 @@ def test_a_tool_schema_the_grammar_cannot_enforce_is_a_400_without_the_grammar(s
     assert "uniqueItems" in message and "<tool_call>" not in message and "\n" not in message
 
 
+def test_a_strict_function_whose_schema_openai_would_refuse_is_its_400(serve):
+    """The 400's shape on the wire; which schemas break OpenAI's strict rules is
+    tests/server/test_structured.py's."""
+    strict = {**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "strict": True}}
+    r = chat(serve(), tools=[strict])
+    assert r.status_code == 400
+    assert r.json()["error"] == {
+        "message": "Invalid schema for function 'get_weather': In context=(), "
+        "'additionalProperties' is required to be supplied and to be false.",
+        "type": "invalid_request_error",
+        "param": "tools[0].function.parameters",
+        "code": "invalid_function_parameters",
+    }
+
+
 def test_malformed_tool_call_is_returned_as_text(serve):
     # Not the grammar's canonical opening (which would make it a call at once), and the
     # arguments string is not JSON.

@@ -340,3 +340,148 @@ def test_json_object_needs_the_word_json_in_the_messages():
     told = [{"role": "system", "content": "Answer in Json."}, {"role": "user", "content": "city?"}]
     request = parse_chat_request({"messages": told, **fmt})
     assert chat_structured_outputs(request, []).json_object
+
+
+def _closed(properties: dict, **extra) -> dict:
+    """An object schema as OpenAI's strict mode requires it: closed, every property required."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+        **extra,
+    }
+
+
+STRING = {"type": "string"}
+_CLOSE = "'additionalProperties' is required to be supplied and to be false."
+_REQUIRE = (
+    "'required' is required to be supplied and to be an array including every key in properties."
+)
+# (a schema declared strict, the context OpenAI's 400 names, what it says there)
+STRICT_VIOLATIONS = [
+    ({"type": "object", "properties": {"city": STRING}, "required": ["city"]}, "()", _CLOSE),
+    ({}, "()", _CLOSE),
+    (
+        {**_closed({"city": STRING, "unit": STRING}), "required": ["city"]},
+        "()",
+        f"{_REQUIRE} Missing 'unit'.",
+    ),
+    (
+        {"type": "object", "properties": {"city": STRING}, "additionalProperties": False},
+        "()",
+        f"{_REQUIRE} Missing 'city'.",
+    ),
+    (
+        {**_closed({"city": STRING}), "required": ["city", "country"]},
+        "()",
+        f"{_REQUIRE} Extra required key 'country' supplied.",
+    ),
+    ({"type": "object", "additionalProperties": False}, "()", "object schema missing properties."),
+    (  # every object, however deep: a property's
+        _closed(
+            {"address": {"type": "object", "properties": {"zip": STRING}, "required": ["zip"]}}
+        ),
+        "('properties', 'address')",
+        _CLOSE,
+    ),
+    (  # an array's items
+        _closed(
+            {"stops": {"type": "array", "items": {**_closed({"zip": STRING}), "required": []}}}
+        ),
+        "('properties', 'stops', 'items')",
+        f"{_REQUIRE} Missing 'zip'.",
+    ),
+    (  # a branch of anyOf, a nullable object, a definition
+        _closed({"at": {"anyOf": [{"type": "null"}, {"properties": {"zip": STRING}}]}}),
+        "('properties', 'at', 'anyOf', '1')",
+        _CLOSE,
+    ),
+    (
+        _closed({"at": {"type": ["object", "null"], "properties": {"zip": STRING}}}),
+        "('properties', 'at')",
+        _CLOSE,
+    ),
+    (
+        _closed({"at": {"$ref": "#/$defs/place"}}, **{"$defs": {"place": {"type": "object"}}}),
+        "('$defs', 'place')",
+        _CLOSE,
+    ),
+]
+# Strict schemas OpenAI accepts: closed objects with every property required (optional
+# ones nullable), nested, in arrays, definitions and anyOf; an object without properties.
+STRICT_SCHEMAS = [
+    _closed({"city": STRING}),
+    _closed({}),
+    {"type": "object", "properties": {}, "additionalProperties": False},
+    _closed(
+        {
+            "stops": {"type": "array", "items": {"$ref": "#/$defs/place"}},
+            "at": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/place"}]},
+            "note": {"type": ["string", "null"]},
+        },
+        **{"$defs": {"place": _closed({"zip": STRING, "street": STRING})}},
+    ),
+]
+
+
+def _strict_tool(parameters: dict, strict: bool | None = True, name: str = "f") -> dict:
+    function = {"name": name, "parameters": parameters}
+    return {
+        "type": "function",
+        "function": function if strict is None else {**function, "strict": strict},
+    }
+
+
+def _strict_format(schema: dict, strict: bool | None = True) -> dict:
+    spec = {"name": "answer", "schema": schema}
+    return {
+        "type": "json_schema",
+        "json_schema": spec if strict is None else {**spec, "strict": strict},
+    }
+
+
+def _structure_error(**body) -> APIError | None:
+    messages = [{"role": "user", "content": "hi, in JSON"}]
+    request = parse_chat_request({"messages": messages, **body})
+    try:
+        chat_structured_outputs(request, active_tools(request))
+    except APIError as exc:
+        return exc
+    return None
+
+
+@pytest.mark.parametrize(("schema", "context", "rule"), STRICT_VIOLATIONS)
+def test_a_strict_schema_outside_openais_strict_rules_is_its_400(schema, context, rule):
+    """OpenAI's strict mode: every object closed (`additionalProperties: false`), with
+    properties, each of them required. A function's (offered or not) or a format's schema
+    that breaks it is the 400 OpenAI gives, naming where; without strict it is not held to
+    them (only the grammar's own checks refuse one: a required key no property has)."""
+    other = _strict_tool(_closed({}), name="e")
+    for choice in ("auto", "none", {"type": "function", "function": {"name": "e"}}):
+        err = _structure_error(tools=[other, _strict_tool(schema)], tool_choice=choice)
+        assert err is not None and err.status == 400
+        assert err.message == f"Invalid schema for function 'f': In context={context}, {rule}"
+        assert (err.param, err.code) == (
+            "tools[1].function.parameters",
+            "invalid_function_parameters",
+        )
+    err = _structure_error(response_format=_strict_format(schema))
+    assert err is not None and err.status == 400
+    assert (
+        err.message == f"Invalid schema for response_format 'answer': In context={context}, {rule}"
+    )
+    assert (err.param, err.code) == ("response_format", "invalid_json_schema")
+    for strict in (False, None):
+        for body in (
+            {"tools": [_strict_tool(schema, strict)]},
+            {"response_format": _strict_format(schema, strict)},
+        ):
+            err = _structure_error(**body)
+            assert err is None or ("Extra required" in rule and "'country'" in err.message)
+
+
+@pytest.mark.parametrize("schema", STRICT_SCHEMAS)
+def test_schemas_within_openais_strict_rules_are_accepted(schema):
+    assert _structure_error(tools=[_strict_tool(schema)], tool_choice="required") is None
+    assert _structure_error(response_format=_strict_format(schema)) is None
