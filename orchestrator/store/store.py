@@ -24,6 +24,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event, func, make_url, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from orchestrator.retrieval.index import prepare_sqlite_connection, sqlite_module
@@ -115,24 +116,51 @@ def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (a no-op when it is current)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            # Servers sharing the database may start together: one migrates, the others
-            # wait here (the lock is the transaction's) and then find the schema current.
-            conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
-        config.attributes["connection"] = conn
-        before = MigrationContext.configure(conn).get_current_revision()
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        if sqlite:
+            _set_foreign_keys(conn, on=False)
         try:
-            command.upgrade(config, "head")
-        except CommandError as exc:  # e.g. "Can't locate revision identified by '0099'"
-            raise SchemaTooNewError(
-                f"the database {engine.url.render_as_string(hide_password=True)} has a schema "
-                f"this tokenmill does not know ({exc}): it was written by a newer version; "
-                "upgrade tokenmill, or use another database"
-            ) from None
-        upgraded = before != MigrationContext.configure(conn).get_current_revision()
-    if upgraded and engine.dialect.name == "sqlite":
+            with conn.begin():
+                upgraded = _upgrade(engine, conn, config)
+        finally:
+            if sqlite:
+                _set_foreign_keys(conn, on=True)
+    if upgraded and sqlite:
         _reclaim_free_pages(engine)
+
+
+def _upgrade(engine: Engine, conn: Connection, config: Config) -> bool:
+    """Run the migrations up to the newest revision in `conn`'s transaction; whether
+    there were any. On SQLite, foreign keys are off meanwhile: a migration that rebuilds
+    a table (SQLite alters most things by copying the table and dropping the old one)
+    would otherwise delete the rows referencing it with it, a file's bytes or a vector
+    store's files."""
+    if engine.dialect.name == "postgresql":
+        # Servers sharing the database may start together: one migrates, the others
+        # wait here (the lock is the transaction's) and then find the schema current.
+        conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
+    config.attributes["connection"] = conn
+    before = MigrationContext.configure(conn).get_current_revision()
+    try:
+        command.upgrade(config, "head")
+    except CommandError as exc:  # e.g. "Can't locate revision identified by '0099'"
+        raise SchemaTooNewError(
+            f"the database {engine.url.render_as_string(hide_password=True)} has a schema "
+            f"this tokenmill does not know ({exc}): it was written by a newer version; "
+            "upgrade tokenmill, or use another database"
+        ) from None
+    return before != MigrationContext.configure(conn).get_current_revision()
+
+
+def _set_foreign_keys(conn: Connection, on: bool) -> None:
+    """Turn SQLite's foreign keys on or off for `conn`, outside any transaction (inside
+    one, SQLite ignores the pragma)."""
+    conn.exec_driver_sql(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+    conn.commit()
+    if conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() != on:
+        raise RuntimeError(f"SQLite did not turn its foreign keys {'on' if on else 'off'}")
+    conn.commit()
 
 
 def _reclaim_free_pages(engine: Engine) -> None:

@@ -127,6 +127,10 @@ files = Table(
     Column("body", JSON, nullable=False),
     Column("bytes", BigInteger, nullable=False, server_default="0"),  # its blob's size
     Column("expires_at", BigInteger, nullable=True, index=True),
+    # A deleted file's seq is never given again (as for each list paged by `seq`): its id
+    # marks its place as a cursor (`cursor_tombstones`), and a file made later must sort
+    # after that place, not on it (migration 0020).
+    sqlite_autoincrement=True,
 )
 
 file_blobs = Table(
@@ -149,6 +153,7 @@ vector_stores = Table(
     Column("body", JSON, nullable=False),
     Column("last_active_at", BigInteger, nullable=False, server_default="0"),
     Column("expires_after_days", Integer, nullable=True),
+    sqlite_autoincrement=True,  # a deleted store's seq is never given again, as files'
 )
 
 # A file in a vector store, with its ingestion status (in_progress -> completed | failed)
@@ -168,6 +173,7 @@ vector_store_files = Table(
     Column("batch_id", ID, nullable=True, index=True),
     UniqueConstraint("vector_store_id", "id", name="uq_vector_store_files_store_id_id"),
     Index("ix_vector_store_files_id", "id"),
+    sqlite_autoincrement=True,  # a removed file's seq is never given again, as files'
 )
 
 # File batches: the object as `body` without `status` and `file_counts`, computed from the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import threading
 import time
@@ -17,9 +18,9 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import MetaData, event, func, inspect, select, text
+from sqlalchemy import MetaData, event, func, insert, inspect, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -51,9 +52,13 @@ from orchestrator.store.store import MIGRATIONS, SchemaTooNewError, create_db_en
 from orchestrator.store.tables import (
     conversation_items,
     cursor_tombstones,
+    file_blobs,
+    files,
     metadata,
     response_items,
     responses,
+    vector_store_files,
+    vector_stores,
 )
 
 
@@ -727,6 +732,58 @@ def test_upgrading_a_store_keeps_the_place_of_each_conversations_response(databa
         store.close()
 
 
+def test_upgrading_a_store_never_gives_a_deleted_objects_place_again(database_url):
+    """Revision 0020 rebuilds files, vector stores and a vector store's files (on SQLite:
+    AUTOINCREMENT), keeping every row and the rows that reference them (a file's bytes, a
+    store's files), and their seqs go on past the places the tombstones of the objects
+    deleted before it hold: the page after the deleted newest object of each list, in
+    `asc` order, holds the object made next."""
+    with _at_revision(database_url, "0019") as conn:
+        for i in range(3):
+            body = {"id": f"file_{i}"}
+            conn.execute(
+                insert(files).values(owner_id="alice", purpose="user_data", body=body, **body)
+            )
+            conn.execute(insert(file_blobs).values(file_id=f"file_{i}", data=b"abc"))
+        for store_id in ("vs_0", "vs_1"):
+            body = {"id": store_id}
+            conn.execute(insert(vector_stores).values(owner_id="alice", body=body, **body))
+        for file_id in ("file_0", "file_1"):
+            body = {**_store_file_body(file_id), "status": "completed"}
+            values = {"vector_store_id": "vs_0", "owner_id": "alice", "status": "completed"}
+            conn.execute(insert(vector_store_files).values(id=file_id, body=body, **values))
+        # the newest object of each list deleted, as the code before 0020 did
+        for table, parent, parent_id, gone in (
+            (files, files.c.owner_id, "alice", "file_2"),
+            (vector_stores, vector_stores.c.owner_id, "alice", "vs_1"),
+            (vector_store_files, vector_store_files.c.vector_store_id, "vs_0", "file_1"),
+        ):
+            assert repository.delete_listed(
+                conn, table, parent, parent_id, "alice", table.c.id == gone
+            )
+    store = Store(database_url)
+    try:
+        repo, now = store.repo, int(time.time())
+        assert [kb.file_content(repo, "alice", f"file_{i}", now)[2] for i in (0, 1)] == [b"abc"] * 2
+        assert kb.get_store_file(repo, "alice", "vs_0", "file_0")["status"] == "completed"
+        body = {"id": "file_new", "purpose": "user_data", "created_at": now, "expires_at": None}
+        kb.add_file(repo, "alice", body, None, b"")
+        kb.add_vector_store(repo, "alice", _vector_store_body("vs_new"), [])
+        assert kb.add_store_files(repo, "alice", "vs_0", [_store_file_body("file_new")])
+        pages = (
+            kb.list_files(repo, "alice", Page(after="file_2", order="asc"), None, now),
+            kb.list_vector_stores(repo, "alice", Page(after="vs_1", order="asc"))[0],
+            kb.list_store_files(repo, "alice", "vs_0", Page(after="file_1", order="asc"), None),
+        )
+        assert [_ids(page) for page in pages] == [
+            (["file_new"], False),
+            (["vs_new"], False),
+            (["file_new"], False),
+        ]
+    finally:
+        store.close()
+
+
 def test_upgrading_a_store_reads_its_responses_prompts_as_starting_at_the_history(database_url):
     """Revision 0013 adds where each response's prompt started its history; the responses
     recorded before have none, read as the whole history (as their next turn read it), and
@@ -1274,11 +1331,13 @@ def test_downgrading_a_store_keeps_the_rows_of_the_tables_it_rebuilds(database_u
 @dataclass
 class _PagedList:
     """A list of the store and its model: each object's place in the list (`keys`, in the
-    list's ascending order), those not yet deleted, and how to delete and page."""
+    list's ascending order), those not yet deleted, and how to delete, page and add one
+    more object (`create`: its id and its place)."""
 
     keys: dict[str, tuple]
     delete: Callable[[str], bool]
     page: Callable[[Page], tuple[list[str], bool]]
+    create: Callable[[], tuple[str, tuple]]
     live: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -1311,10 +1370,19 @@ def _conversation_items(repo: Repository, created_at: list[int]) -> tuple[_Paged
     repo.create_conversation("alice", f"conv_d{run}", 1, {}, [_message(f"d{run}", "")])
     repo.delete_conversation_item("alice", f"conv_d{run}", f"d{run}")
     repo.create_conversation("bob", f"conv_b{run}", 1, {}, [_message(f"b{run}", "")])
+    places = itertools.count(len(ids))
+
+    def create() -> tuple[str, tuple]:
+        place = next(places)
+        item_id = f"msg_{run}_{place}"
+        assert repo.add_conversation_items("alice", conv, 2, [_message(item_id, item_id)])
+        return item_id, (place,)
+
     listed = _PagedList(
         {item_id: (place,) for place, item_id in enumerate(ids)},
         lambda i: repo.delete_conversation_item("alice", conv, i),
         lambda page: _ids(repo.list_conversation_items("alice", conv, page)),
+        create,
     )
     return listed, [f"msg_{run}_x", f"o{run}", f"d{run}", f"b{run}"]
 
@@ -1342,12 +1410,126 @@ def _conversations(repo: Repository, created_at: list[int]) -> tuple[_PagedList,
         rows, more = repo.list_conversations(owner, page)
         return [row.id for row in rows], more
 
+    def create() -> tuple[str, tuple]:
+        """A conversation made in the latest second so far: after the earlier seconds',
+        among that second's by its id."""
+        conv, at = f"conv_{uuid.uuid4().hex}", max(created_at)
+        repo.create_conversation(owner, conv, at, {}, [])
+        return conv, (at, conv)
+
     listed = _PagedList(
         {conv: (at, conv) for conv, at in zip(ids, created_at, strict=True)},
         lambda i: repo.delete_conversation(owner, i),
         page,
+        create,
     )
     return listed, ["conv_x", f"conv_b{run}", f"conv_d{run}", f"msg_{run}"]
+
+
+def _in_order_made(
+    ids: list[str],
+    add: Callable[[str], None],
+    delete: Callable[[str], bool],
+    page: Callable[[Page], tuple[list[str], bool]],
+    made: Callable[[int], str],
+) -> _PagedList:
+    """A list in the order its objects were made (`seq`), from ids[0] on, each added by
+    `add`; `made(n)` is the id of the n-th, and a later object always sorts after the
+    earlier ones, deleted or not."""
+    for object_id in ids:
+        add(object_id)
+    places = itertools.count(len(ids))
+
+    def create() -> tuple[str, tuple]:
+        place = next(places)
+        add(made(place))
+        return made(place), (place,)
+
+    return _PagedList({i: (place,) for place, i in enumerate(ids)}, delete, page, create)
+
+
+def _files(repo: Repository, created_at: list[int]) -> tuple[_PagedList, list[str]]:
+    """An owner's files, and ids that never named one of them: made up, another owner's
+    (one deleted too), a vector store's."""
+    run = uuid.uuid4().hex
+    owner, now = f"user_{run}", int(time.time())
+
+    def add(file_id: str, to: str = owner) -> None:
+        body = {"id": file_id, "purpose": "assistants", "created_at": now, "expires_at": None}
+        kb.add_file(repo, to, body, None, b"x")
+
+    for other in (f"file_b{run}", f"file_d{run}"):
+        add(other, "bob")
+    assert kb.delete_file(repo, "bob", f"file_d{run}", now)
+    listed = _in_order_made(
+        [f"file_{run}_{i}" for i in range(len(created_at))],
+        add,
+        lambda i: kb.delete_file(repo, owner, i, now),
+        lambda page: _ids(kb.list_files(repo, owner, page, None, now)),
+        lambda n: f"file_{run}_{n}",
+    )
+    return listed, [f"file_{run}_x", f"file_b{run}", f"file_d{run}", f"vs_{run}"]
+
+
+def _vector_store_body(store_id: str) -> dict:
+    return {"id": store_id, "created_at": 0, "last_active_at": 0, "expires_after": None}
+
+
+def _vector_stores(repo: Repository, created_at: list[int]) -> tuple[_PagedList, list[str]]:
+    """An owner's vector stores, and ids that never named one of them: made up, another
+    owner's (one deleted too), a file's."""
+    run = uuid.uuid4().hex
+    owner = f"user_{run}"
+    for other in (f"vs_b{run}", f"vs_d{run}"):
+        kb.add_vector_store(repo, "bob", _vector_store_body(other), [])
+    assert kb.delete_vector_store(repo, "bob", f"vs_d{run}")
+
+    def page(page: Page) -> tuple[list[str], bool]:
+        return _ids(kb.list_vector_stores(repo, owner, page)[0])
+
+    listed = _in_order_made(
+        [f"vs_{run}_{i}" for i in range(len(created_at))],
+        lambda i: kb.add_vector_store(repo, owner, _vector_store_body(i), []),
+        lambda i: kb.delete_vector_store(repo, owner, i),
+        page,
+        lambda n: f"vs_{run}_{n}",
+    )
+    return listed, [f"vs_{run}_x", f"vs_b{run}", f"vs_d{run}", f"file_{run}"]
+
+
+def _store_file_body(file_id: str) -> dict:
+    return {
+        "id": file_id,
+        "status": "in_progress",
+        "attributes": {},
+        "chunking_strategy": {"type": "auto"},
+    }
+
+
+def _vector_store_files(repo: Repository, created_at: list[int]) -> tuple[_PagedList, list[str]]:
+    """A vector store's files, and ids that never named one of them: made up, another
+    store's file (one removed too), another owner's."""
+    run = uuid.uuid4().hex
+    store, other = f"vs_{run}", f"vs_o{run}"
+    kb.add_vector_store(repo, "alice", _vector_store_body(store), [])
+    kb.add_vector_store(repo, "alice", _vector_store_body(other), [])
+    kb.add_vector_store(repo, "bob", _vector_store_body(f"vs_b{run}"), [])
+    for file_id in (f"file_o{run}", f"file_d{run}"):
+        assert kb.add_store_files(repo, "alice", other, [_store_file_body(file_id)])
+    assert kb.delete_store_file(repo, "alice", other, f"file_d{run}")
+    assert kb.add_store_files(repo, "bob", f"vs_b{run}", [_store_file_body(f"file_b{run}")])
+
+    def add(file_id: str) -> None:
+        assert kb.add_store_files(repo, "alice", store, [_store_file_body(file_id)])
+
+    listed = _in_order_made(
+        [f"file_{run}_{i}" for i in range(len(created_at))],
+        add,
+        lambda i: kb.delete_store_file(repo, "alice", store, i),
+        lambda page: _ids(kb.list_store_files(repo, "alice", store, page, None)),
+        lambda n: f"file_{run}_{n}",
+    )
+    return listed, [f"file_{run}_x", f"file_o{run}", f"file_d{run}", f"file_b{run}"]
 
 
 _PAGE_STEP = st.tuples(
@@ -1356,21 +1538,33 @@ _PAGE_STEP = st.tuples(
     st.sampled_from(["asc", "desc"]),
     st.booleans(),  # before rather than after
 )
-_STEPS = st.lists(st.one_of(st.integers(0, 7), _PAGE_STEP), max_size=12)
+# A step: delete the object at an index, make one more, or ask for a page.
+_STEPS = st.lists(st.one_of(st.integers(0, 7), st.just("create"), _PAGE_STEP), max_size=12)
 
 
-@pytest.mark.parametrize("make", [_conversation_items, _conversations])
+@pytest.mark.parametrize(
+    "make", [_conversation_items, _conversations, _files, _vector_stores, _vector_store_files]
+)
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(created_at=st.lists(st.integers(0, 2), min_size=1, max_size=8), steps=_STEPS)
+# The newest object deleted, one more made, and the pages past the deleted one's place.
+@example(created_at=[0, 0, 0], steps=[2, "create", (2, 3, "asc", False), (2, 3, "desc", True)])
 def test_a_cursor_keeps_its_place_once_its_object_is_deleted(store, make, created_at, steps):
-    """Under any deletes, the page after (or before) an object of the list, deleted or
-    not, is the model's: the live objects past the place it had. An id that never named
-    an object of the list is still a 404 on the cursor's parameter."""
+    """Under any deletes and additions, the page after (or before) an object of the list,
+    deleted or not, is the model's: the live objects past the place it had, those made
+    after it was deleted included. An id that never named an object of the list is still
+    a 404 on the cursor's parameter."""
     listed, unknown = make(store.repo, created_at)
     ids = list(listed.keys)
     for step in steps:
+        if step == "create":
+            object_id, place = listed.create()
+            listed.keys[object_id] = place
+            listed.live.add(object_id)
+            ids.append(object_id)
+            continue
         if isinstance(step, int):
             object_id = ids[step % len(ids)]
             assert listed.delete(object_id) == (object_id in listed.live)

@@ -3,9 +3,10 @@
 
 A migration drops a column in place (`op.drop_column`, which SQLite has since 3.35), not
 through a batch (`op.batch_alter_table`): on SQLite a batch copies the table and drops the
-old one, and with foreign keys on (the store's connections have them) that drop cascades
-to every row referencing the table, a response's items or a file's bytes. Batches remain
-for what SQLite cannot alter in place."""
+old one, and with foreign keys on that drop cascades to every row referencing the table, a
+response's items or a file's bytes. The store's `migrate` runs the upgrades with them off
+(0020 rebuilds `files` and `vector_stores`), but a downgrade run on a connection of its
+own (the tests') may have them on. Batches remain for what SQLite cannot alter in place."""
 
 from __future__ import annotations
 
