@@ -4,8 +4,9 @@ compilation to a SQL condition on a JSON attributes column.
 A comparison matches only an attribute of the value's own kind: a string matches string
 attributes, a number numeric ones, a boolean boolean ones (so `eq 1` never matches
 `true`, nor `"1"`). `ne` and `nin` are the negations of `eq` and `in`, so a file without
-the attribute matches them. Strings order lexicographically under gt/gte/lt/lte (ISO dates
-compare as dates).
+the attribute matches them. Strings order by code point under gt/gte/lt/lte on either
+database, whatever language PostgreSQL's database sorts text in (ISO dates compare as
+dates).
 
 Filtering happens in SQL, before ranking, so a selective filter still returns up to
 `max_num_results` hits instead of thinning a ranked list.

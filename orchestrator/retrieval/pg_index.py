@@ -73,7 +73,9 @@ def _vector_text(vector: np.ndarray) -> str:
 
 class PgJsonAttributes:
     """PostgreSQL's jsonb operators over the attributes column. Each value is cast only
-    when the attribute has that kind (CASE), so a string never reaches a numeric cast."""
+    when the attribute has that kind (CASE), so a string never reaches a numeric cast.
+    Strings compare in code point order (`COLLATE "C"`), as SQLite's do (bytes of UTF-8),
+    not in the database's language: `gt "a"` would leave out "B" in English only."""
 
     def __init__(self, column: ColumnElement) -> None:
         self.column = column
@@ -92,7 +94,7 @@ class PgJsonAttributes:
             return case((kind == "boolean", case((as_text == "true", 1), else_=0)))
         if isinstance(like, int | float):  # numeric, exact: a double holds integers to 2**53
             return case((kind == "number", cast(as_text, Numeric)))
-        return case((kind == "string", as_text))
+        return case((kind == "string", as_text)).collate("C")
 
 
 _DDL = (

@@ -113,25 +113,39 @@ class PostgresServer:
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://postgres@/{database}?host={self.socket_dir}"
 
-    def create_database(self) -> str:
-        """A new empty database; returns its SQLAlchemy URL."""
+    def create_database(self, locale: str | None = None) -> str:
+        """A new empty database; returns its SQLAlchemy URL. `locale`: the C library
+        locale it sorts text by, as a database set up in that language does, rather than
+        the one `initdb` took from the environment (C.UTF-8 on the project's machines:
+        code point order, as SQLite's)."""
         import psycopg
 
         name = f"test_{uuid.uuid4().hex[:12]}"
+        sorted_by = (
+            "" if locale is None else f" TEMPLATE template0 ENCODING 'UTF8' LOCALE '{locale}'"
+        )
         with psycopg.connect(
             host=str(self.socket_dir), user="postgres", dbname="postgres", autocommit=True
         ) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            try:
+                conn.execute(f'CREATE DATABASE "{name}"{sorted_by}')
+            except psycopg.errors.WrongObjectType as exc:  # "invalid LC_COLLATE locale name"
+                _missing(f"the {locale} locale is not installed ({exc}): `localedef` makes it")
         return self.url(name)
+
+
+def _missing(message: str) -> None:
+    """Skip the test for what the machine lacks, or fail it where TOKENMILL_REQUIRE_POSTGRES=1
+    (.ci/run) says the PostgreSQL tests must run."""
+    if os.environ.get("TOKENMILL_REQUIRE_POSTGRES") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def start_postgres() -> PostgresServer:
     bin_dir = _bin_dir()
     if bin_dir is None:
-        message = "PostgreSQL is not installed (apt-get install postgresql)"
-        if os.environ.get("TOKENMILL_REQUIRE_POSTGRES") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        _missing("PostgreSQL is not installed (apt-get install postgresql)")
     user = "postgres" if os.geteuid() == 0 else None
     root = Path(tempfile.mkdtemp(prefix="tokenmill-pg-"))
     if user and not _can_run(user, bin_dir / "initdb"):
