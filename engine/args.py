@@ -15,6 +15,8 @@ from engine.sampling_params import SEED_MAX, SEED_MIN, is_int
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # vLLM's other names for the same dtypes, which its scripts pass as `dtype`.
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}
+# long_prefill_token_threshold's CPU default (docs/performance.md, "Long prompts").
+CPU_PREFILL_CHUNK = 256
 
 
 @dataclass
@@ -45,6 +47,12 @@ class EngineArgs:
     num_kv_blocks: int | None = None  # exact pool size, overriding both budgets (tests, tuning)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # The most tokens of one prompt prefilled in a step (vLLM's option; 0: no cap beyond the
+    # budget), so that prompts arriving behind a long one start within a step and the
+    # streams already flowing keep short steps (engine/scheduler.py). None: 256 on CPU,
+    # where a 2,048-token chunk of a long prompt takes seconds, and 0 on CUDA, where it takes
+    # milliseconds and more steps would only add their overhead.
+    long_prefill_token_threshold: int | None = None
     max_model_len: int | None = None  # default: the model's own context window
     enable_prefix_caching: bool = True
     # Seeds the engine's random numbers, which draw the tokens of requests that set no seed
@@ -109,6 +117,11 @@ class EngineArgs:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        threshold = self.long_prefill_token_threshold
+        if threshold is not None and not (is_int(threshold) and threshold >= 0):
+            raise ValueError(
+                f"long_prefill_token_threshold must be None or an integer >= 0, got {threshold!r}"
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.num_threads is not None and self.num_threads < 1:
@@ -166,6 +179,11 @@ class EngineArgs:
         if self.compile == "auto":
             return cpu_path().compile if self._fast_cpu_defaults(device) else "off"
         return self.compile
+
+    def resolve_long_prefill_token_threshold(self, device: torch.device) -> int:
+        if self.long_prefill_token_threshold is None:
+            return CPU_PREFILL_CHUNK if device.type == "cpu" else 0
+        return self.long_prefill_token_threshold
 
     def resolve_kv_cache_dtype(self, device: torch.device) -> torch.dtype:
         if self.kv_cache_dtype == "auto":

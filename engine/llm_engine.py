@@ -109,7 +109,10 @@ class LLMEngine:
             num_blocks, args.block_size, enable_prefix_caching=args.enable_prefix_caching
         )
         self.scheduler = Scheduler(
-            self.block_manager, args.max_num_seqs, args.max_num_batched_tokens
+            self.block_manager,
+            args.max_num_seqs,
+            args.max_num_batched_tokens,
+            args.resolve_long_prefill_token_threshold(self.device),
         )
         stop_ids = set(self.tokenizer.stop_token_ids) if self.tokenizer else set(cfg.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size, stop_ids)

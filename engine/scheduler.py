@@ -6,6 +6,13 @@ sequence cap (`max_num_seqs`). Decodes are counted first so a long prompt never
 stalls the streams already flowing; prompts longer than what is left of the budget
 are prefilled in chunks over several steps.
 
+A prompt's chunk is also at most `long_prefill_token_threshold` tokens a step (vLLM's
+option; 0: no cap). Without it a long prompt takes the whole budget every step until it is
+prefilled, so a short prompt that arrives meanwhile waits for all of it, and each of those
+steps, whose attention grows with the context, holds up the flowing streams' next tokens:
+on a CPU a 2,048-token chunk deep into an 8K prompt takes seconds. With the cap, what is
+left of the budget admits the prompts behind it in the next step.
+
 The prefix cache is keyed by `Sequence.cache_key`: the token ids, shifted out of every
 vocabulary for a request with a `cache_salt`, so that requests of different salts (users)
 never share blocks.
@@ -62,11 +69,16 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        long_prefill_token_threshold: int = 0,
     ) -> None:
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_chunk = long_prefill_token_threshold or max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order, oldest first
         self.num_preemptions = 0
@@ -124,7 +136,7 @@ class Scheduler:
                     continue
                 n = 1
             else:
-                n = min(remaining, prefill_budget)
+                n = min(remaining, prefill_budget, self.max_chunk)
                 if n == 0:
                     kept.append(seq)
                     continue
@@ -169,7 +181,7 @@ class Scheduler:
             seq.num_computed_tokens = cached
             seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(seq.num_tokens - cached, budget)
+            n = min(seq.num_tokens - cached, budget, self.max_chunk)
             budget -= n
             self._add_to_batch(batch, seq, n)
             # for the prompts admitted after this one (see the module docstring)

@@ -362,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="most tokens (prefill chunks plus decodes) in one step",
     )
     eng.add_argument(
+        "--long-prefill-token-threshold",
+        type=_count,
+        default=defaults.long_prefill_token_threshold,
+        help="most tokens of one prompt prefilled in a step, so that requests behind a long "
+        "prompt start within a step (0: only the step's budget caps it); default: 256 on "
+        "CPU, 0 on CUDA",
+    )
+    eng.add_argument(
         "--max-model-len",
         type=_positive_int,
         default=None,
@@ -419,6 +427,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         num_kv_blocks=args.num_kv_blocks,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,

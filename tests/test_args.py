@@ -90,6 +90,14 @@ def test_cuda_defaults_quantize_nothing():
     assert args.resolve_compile(CUDA) == "off"
 
 
+def test_long_prompts_are_prefilled_in_capped_chunks_on_cpu_only_by_default():
+    assert EngineArgs().resolve_long_prefill_token_threshold(CPU) == 256
+    assert EngineArgs().resolve_long_prefill_token_threshold(CUDA) == 0
+    for given, device in ((0, CPU), (64, CUDA)):
+        args = EngineArgs(long_prefill_token_threshold=given)
+        assert args.resolve_long_prefill_token_threshold(device) == given
+
+
 def test_explicit_choices_win():
     args = EngineArgs(dtype="float32", quantization="int4", kv_cache_dtype="float16", compile="on")
     assert args.resolve_quantization(CPU) == "int4"
@@ -109,6 +117,8 @@ def test_explicit_choices_win():
         ("max_model_len", 0),
         ("seed", 1.5),
         ("seed", True),
+        ("long_prefill_token_threshold", -1),
+        ("long_prefill_token_threshold", 2.5),
     ],
 )
 def test_bad_values_are_rejected_with_the_field_name(field, value):
@@ -131,9 +141,12 @@ def test_server_flags_reach_the_engine_args():
             "off",
             "--enforce-eager",
             "--trust-remote-code",
+            "--long-prefill-token-threshold",
+            "0",
         ]
     )
     options = engine_args(args)
+    assert options.long_prefill_token_threshold == 0
     chosen = (options.quantization, options.kv_cache_dtype, options.num_threads, options.compile)
     assert chosen == ("int8", "float32", 1, "off")
     assert options.enforce_eager and options.trust_remote_code
