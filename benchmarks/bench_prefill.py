@@ -2,6 +2,7 @@
 
     python benchmarks/bench_prefill.py                      # default options, 128 and 512
     python benchmarks/bench_prefill.py --tokens 512 --option dtype=float32
+    python benchmarks/bench_prefill.py --tokens 8000 --option long_prefill_token_threshold=0
 
 Each prompt is fresh random token ids (prefix caching off), generated with `max_tokens=1`
 through `LLM.generate`; the best of `--repeats` runs is kept. Compare with llama.cpp's
@@ -11,10 +12,19 @@ through `LLM.generate`; the best of `--repeats` runs is kept. Compare with llama
 from __future__ import annotations
 
 import argparse
+import ast
 import random
 import time
 
 from engine import LLM, SamplingParams
+
+
+def _value(text: str) -> object:
+    """An option's value: a Python literal (a number, None, True) where it reads as one."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def main() -> None:
@@ -30,7 +40,7 @@ def main() -> None:
         help="an engine option, e.g. dtype=float32 or quantization=int8",
     )
     args = p.parse_args()
-    options = dict(o.split("=", 1) for o in args.option)
+    options = {name: _value(text) for name, text in (o.split("=", 1) for o in args.option)}
     llm = LLM(args.model, enable_prefix_caching=False, **options)
     llm.engine.wait_for_compile()
     rng = random.Random(0)
