@@ -287,7 +287,8 @@ class VectorStoreService:
         background, where a retry is no one's to make. They count as the input batch by
         batch as they go to the embedder (`Embedder.aencode_metered`), so an ingestion or
         search stopped mid-way (file removed, store deleted, client gone: its row
-        `cancelled`) or failing is charged the batches embedded. They are tokenized once:
+        `cancelled`; none when no batch had run) or failing is charged the batches
+        embedded. They are tokenized once:
         the ids the quota is reserved for are the ones embedded. `background` (a file's
         ingestion) lets searches go first on the embedder's thread."""
         meter = Meter(
@@ -304,7 +305,7 @@ class VectorStoreService:
             await meter.finish("rejected")
             raise
         except asyncio.CancelledError:
-            await meter.finish("cancelled")
+            await meter.finish(meter.stopped_status("cancelled"))
             raise
         except BaseException:
             await meter.finish("failed")

@@ -182,7 +182,7 @@ def metered(
             error.headers = {**meter.rate_headers(), **error.headers}
             raise error from None
         except ClientDisconnect:  # gone before its body arrived: nothing was produced
-            await meter.finish("incomplete" if meter.output_tokens else "rejected")
+            await meter.finish(meter.stopped_status("incomplete"))
             raise
         except BaseException:
             await meter.finish("failed")

@@ -121,7 +121,7 @@ async def embeddings(request: Request, meter: Meter) -> Response:
     response = await unless_disconnected(
         request.receive, partial(create_embeddings, embedder, parsed, meter)
     )
-    await meter.finish("incomplete" if response is None else "completed")
+    await meter.finish(meter.stopped_status("incomplete") if response is None else "completed")
     return Response(status_code=499) if response is None else response
 
 

@@ -368,7 +368,7 @@ async def respond(
     finally:
         ticket.release()
     if collected is None:  # the client is gone; nobody will read this
-        await meter.finish("incomplete")
+        await meter.finish(meter.stopped_status("incomplete"))
         return Response(status_code=499)
     content = body(collected)
     await meter.finish("completed")

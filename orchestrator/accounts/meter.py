@@ -93,9 +93,10 @@ class Meter:
 
     def on_refused(self, prompt_tokens: int) -> None:
         """The engine refused a prompt `on_submit` counted, at its submission (a client's
-        mistake only it finds, such as a prompt longer than its context): it computed
-        none of it, so it is not charged, and a request with nothing else computed is a
-        refusal (`error_status`)."""
+        mistake only it finds, such as a prompt longer than its context), or an embedding
+        batch was dropped from the embedder's queue unrun (its request cancelled first):
+        it computed none of it, so it is not charged, and a request with nothing else
+        computed is a refusal (`error_status`, `stopped_status`)."""
         self.input_tokens -= prompt_tokens
 
     def on_tokens(self, count: int) -> None:
@@ -162,8 +163,10 @@ class Meter:
         await asyncio.shield(self._start(status))
 
     def close(self) -> None:
-        """`finish` with the stream's `outcome`, from a synchronous callback."""
-        self._start(self.outcome)
+        """`finish` with the stream's `outcome`, from a synchronous callback (a stream
+        cut before the engine took any of it is a refusal: `stopped_status`)."""
+        cut = self.outcome == "incomplete"
+        self._start(self.stopped_status(self.outcome) if cut else self.outcome)
 
     def _start(self, status: str) -> asyncio.Task:
         """The settlement's task (started by the first call), held until it is done even
@@ -182,8 +185,19 @@ class Meter:
         refused after its prompt went in (constraints that leave nothing to sample) is
         charged that prompt, so it is no refusal: its usage row (which a refusal does
         not get) lets the usage report show what the quota counts."""
-        refused = self.input_tokens == 0 and self.output_tokens == 0
-        return "rejected" if http_status < 500 and refused else "failed"
+        return "rejected" if http_status < 500 and not self.computed else "failed"
+
+    def stopped_status(self, status: str) -> str:
+        """How a request stopped before its end (its client gone: `incomplete`; cancelled:
+        `cancelled`) ended: `status`, charged what the engine computed, once it computed
+        any of it; else `rejected`, with no usage row and nothing charged, as a request
+        that never ran (gone while it waited for its share, or for the embedder)."""
+        return status if self.computed else "rejected"
+
+    @property
+    def computed(self) -> bool:
+        """Whether the engine (or embedder) took any of this request's tokens."""
+        return self.input_tokens > 0 or self.output_tokens > 0
 
     @property
     def finished(self) -> bool:

@@ -75,7 +75,9 @@ class JobQueue:
         self._closed = False
 
     def submit(self, job: Callable[[], object], background: bool = False) -> Future:
-        """Queue `job`; its future holds what it returns or raises."""
+        """Queue `job`; its future holds what it returns or raises. Cancelling the future
+        (`asyncio.wrap_future`'s, when its awaiting task is cancelled) drops the job if it
+        has not started; one under way runs to its end, its result unused."""
         future: Future = Future()
         with self._ready:
             if self._closed:
@@ -88,11 +90,6 @@ class JobQueue:
                 self._thread.start()
             self._ready.notify()
         return future
-
-    async def run(self, job: Callable[[], object], background: bool = False):
-        """`job`'s result, awaited; cancelling the caller drops the job if it has not
-        started (one under way runs to its end, its result unused)."""
-        return await asyncio.wrap_future(self.submit(job, background))
 
     def _next(self) -> tuple[Future, Callable[[], object]] | None:
         """The next job to run (None once closed), marked running; cancelled ones are
@@ -134,6 +131,16 @@ class JobQueue:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+
+
+@dataclass(frozen=True)
+class JobCounter:
+    """What a metered caller hears of its jobs on the embedder's thread: each job's inputs
+    as it is queued (counted then, as a prompt is at submission), and again when a job is
+    dropped from the queue unrun (its caller cancelled first), to take them back."""
+
+    queued: Callable[[list], None]
+    dropped: Callable[[list], None]
 
 
 @dataclass(frozen=True)
@@ -274,26 +281,30 @@ class Embedder:
         """`aencode_ids` for `meter`'s request: all the tokens reserved first (`spent` as
         `Meter.reserve`'s), then each job's counted as input as it goes to the embedder, as
         a generation's prompt is at submission. A caller cancelled mid-way (a client gone,
-        a file removed) is charged the batches embedded (and the one queued when it
-        stopped, which may not have run: one batch at most), not given them for free, nor
-        charged the batches it never sent."""
+        a file removed) is charged exactly the batches the embedder ran, the one under way
+        as it stopped included (the thread finishes it): not given them for free, nor
+        charged a batch dropped from the queue unrun, or never sent."""
         await meter.reserve(sum(len(seq) for seq in ids), spent)
         encode = partial(self.encode_ids, special_tokens=special_tokens, normalize=normalize)
 
-        def submitted(batch: list[list[int]]) -> None:
-            meter.on_submit(sum(len(seq) for seq in batch))  # what its `token_counts` sum to
+        def tokens(batch: list[list[int]]) -> int:
+            return sum(len(seq) for seq in batch)  # what its `token_counts` sum to
 
-        return await self._in_batches(encode, ids, background, submitted)
+        counted = JobCounter(
+            queued=lambda batch: meter.on_submit(tokens(batch)),
+            dropped=lambda batch: meter.on_refused(tokens(batch)),
+        )
+        return await self._in_batches(encode, ids, background, counted)
 
     async def _in_batches(
         self,
         encode,
         inputs: list,
         background: bool,
-        on_job: Callable[[list], None] | None = None,
+        counted: JobCounter | None = None,
     ) -> Encoded:
         """`encode` over `batch_size` inputs per job, the parts joined."""
-        parts = await self._jobs(encode, inputs, self.batch_size, background, on_job)
+        parts = await self._jobs(encode, inputs, self.batch_size, background, counted)
         if not parts:
             return Encoded(np.zeros((0, self.dimensions), dtype=np.float32), [])
         return Encoded(
@@ -307,21 +318,29 @@ class Embedder:
         inputs: list,
         size: int,
         background: bool,
-        on_job: Callable[[list], None] | None = None,
+        counted: JobCounter | None = None,
     ) -> list:
         """`work` over `size` inputs per job on the worker thread, one job after another: a
         caller that is cancelled (its client went away, its file was removed, the server is
         stopping) stops after the job under way, and its queued job is dropped, instead of
         the one thread working through thousands of inputs for nobody while every other
         request waits behind them. Each job is queued on its own, so interactive work
-        queued meanwhile goes before a background caller's next job. `on_job` is called
-        with each job's inputs as it is queued."""
+        queued meanwhile goes before a background caller's next job. `counted` hears of
+        each job's inputs as it is queued, and again if it is dropped unrun."""
         parts = []
         for start in range(0, len(inputs), size):
             batch = inputs[start : start + size]
-            if on_job is not None:
-                on_job(batch)
-            parts.append(await self.jobs.run(partial(work, batch), background))
+            job = self.jobs.submit(partial(work, batch), background)
+            if counted is not None:
+                counted.queued(batch)
+            try:
+                parts.append(await asyncio.wrap_future(job))
+            except asyncio.CancelledError:
+                # Cancelling the wrapper cancelled `job` first (its callback runs before
+                # this task resumes): cancelled, it never ran; else it runs to its end.
+                if counted is not None and job.cancelled():
+                    counted.dropped(batch)
+                raise
         return parts
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from openai.types.responses import Response as SDKResponse
@@ -27,7 +28,7 @@ from orchestrator.accounts import keys
 from orchestrator.accounts import meter as meter_module
 from orchestrator.accounts.periods import period_start
 from orchestrator.admin import main as admin
-from orchestrator.retrieval.embeddings import Embedder
+from orchestrator.retrieval.embeddings import Embedder, Encoded
 from orchestrator.store import accounts as db
 from orchestrator.store.accounts import KeyRow, UserRow
 from orchestrator.store.tables import quota_periods
@@ -1097,6 +1098,77 @@ def test_embeddings_are_metered_and_count_against_the_quota(product_server, tmp_
         assert big.status_code == 429 and big.json()["error"]["code"] == "insufficient_quota"
         assert "(its inputs)" in big.json()["error"]["message"]
     assert [r.status for r in _rows(server, "user_alice")] == ["completed"]
+    embedder.close()
+
+
+def _requests_counted(server: ProductServer, endpoint: str, status: str) -> float:
+    """/metrics' count of `endpoint`'s requests that ended `status`."""
+    metric = f'tokenmill:endpoint_requests_total{{endpoint="{endpoint}",status="{status}"}} '
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(metric):
+            return float(line.removeprefix(metric))
+    return 0.0
+
+
+def _ended_early(server: ProductServer) -> float:
+    return sum(_requests_counted(server, "embeddings", s) for s in ("rejected", "incomplete"))
+
+
+def test_an_embeddings_client_that_leaves_is_charged_what_the_embedder_computed(
+    product_server, tmp_path
+):
+    """A client that leaves /v1/embeddings while its work waits behind another job on the
+    embedder's one thread (its texts' tokenizing, or its batch of token ids) never had
+    anything computed: no usage row, nothing charged, as a generation request that leaves
+    before the engine takes it. One that leaves while its batch runs is charged that batch
+    (the embedder finishes it), `incomplete`, as a generation that leaves mid-way."""
+    embedder = Embedder.load()
+    server = product_server(data_dir=tmp_path / "data", embedder=embedder)
+    key = _account(server, "alice", token_quota=100_000, quota_period="total")
+    host, port = server.url.removeprefix("http://").split(":")
+
+    def leave_once(body: dict, queued_or_running) -> None:
+        payload = json.dumps({"model": embedder.name, **body}).encode()
+        head = (
+            f"POST /v1/embeddings HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        )
+        ended = _ended_early(server)
+        with socket.create_connection((host, int(port))) as client:
+            client.sendall(head.encode() + payload)
+            _until(queued_or_running)
+        _until(lambda: _ended_early(server) > ended)  # the server saw it leave
+
+    started, release = threading.Event(), threading.Event()
+    busy = embedder.jobs.submit(lambda: started.set() or release.wait(30))
+    assert started.wait(30)  # the embedder's one thread is taken
+    try:
+        for body in ({"input": ["hello world"] * 3}, {"input": [[7592, 2088]] * 3}):
+            queued = len(embedder.jobs._interactive)  # a dropped job stays there till popped
+            leave_once(body, lambda n=queued: len(embedder.jobs._interactive) > n)
+    finally:
+        release.set()
+    busy.result(10)
+    assert _rows(server, "user_alice") == []
+    assert _quota(server, "user_alice") == db.QuotaState(0, 0)
+    assert _requests_counted(server, "embeddings", "rejected") == 2
+
+    running, release = threading.Event(), threading.Event()
+
+    def held_encode(ids, **options):  # its result goes to nobody: no model is built for it
+        running.set()
+        release.wait(30)
+        return Encoded(np.zeros((len(ids), embedder.dimensions), np.float32), [2] * len(ids))
+
+    embedder.encode_ids = held_encode
+    try:
+        leave_once({"input": [[7592, 2088]] * 3}, running.is_set)
+    finally:
+        release.set()
+    [row] = _rows(server, "user_alice", count=1)
+    assert (row.status, row.input_tokens, row.output_tokens) == ("incomplete", 6, 0)
+    assert _quota(server, "user_alice") == db.QuotaState(6, 0)
     embedder.close()
 
 

@@ -244,9 +244,36 @@ def test_a_request_whose_client_left_is_charged_for_what_was_embedded(embedder, 
         embedder, monkeypatch, "encode_ids", lambda: create_embeddings(embedder, request, meter)
     )
     assert calls
-    assert meter.input_tokens >= sum(len(ids) for ids in inputs[: sum(calls)])
-    # not the inputs it never sent: the batch queued as it stopped, at most, beyond those
-    assert meter.input_tokens <= sum(len(ids) for ids in inputs[: sum(calls) + embedder.batch_size])
+    # exactly the batches the embedder ran (the one under way as it stopped included);
+    # a batch queued when it stopped was dropped unrun, and is not charged
+    assert meter.input_tokens == sum(len(ids) for ids in inputs[: sum(calls)])
+
+
+def test_a_batch_dropped_before_it_ran_is_not_charged(embedder):
+    """A request cancelled while its batch waits behind another caller's job on the
+    embedder's one thread: the batch is dropped without running, and the request is
+    charged none of it (it computed nothing: its route writes no usage row for it)."""
+    started, release = threading.Event(), threading.Event()
+    busy = embedder.jobs.submit(lambda: started.set() or release.wait(30))
+    assert started.wait(30)
+    meter = Meter(None, "embeddings")
+    request = EmbeddingRequest(None, [[1000, 1001, 1002]] * 3, "float")
+
+    async def run() -> None:
+        task = asyncio.create_task(create_embeddings(embedder, request, meter))
+        while not embedder.jobs._interactive:  # its batch queued behind the busy job
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()
+    busy.result(30)
+    assert meter.input_tokens == 0
+    assert meter.stopped_status("incomplete") == "rejected"
 
 
 def test_a_large_answer_is_formatted_off_the_event_loop(embedder, monkeypatch):
