@@ -51,6 +51,9 @@ class Meter:
     cached_input_tokens: int = 0
     output_tokens: int = 0
     held: Reservation = field(default_factory=Reservation)
+    # The request's id in its usage row, which holds one row per request however many
+    # times it is settled (`store.accounts._write_usage`).
+    request_id: str = field(default_factory=lambda: f"req_{secrets.token_hex(12)}")
     # Called with the row once written (the server's per-endpoint counters).
     listeners: list[Callable[[UsageRecord], None]] = field(default_factory=list)
     record: UsageRecord | None = None
@@ -220,6 +223,7 @@ class Meter:
             ttft=since_arrival(self.first_token_at),
             duration=time.perf_counter() - self.arrival,
             created_at=self.created_at,
+            request_id=self.request_id,
         )
 
     async def _finish(self, status: str) -> None:

@@ -141,7 +141,9 @@ class Accounts:
 
     async def checkpoint(self, held: Reservation, checkpoint_id: str, record: UsageRecord) -> None:
         """Write a running request's usage so far (`db.checkpoint_usage`)."""
-        await self.store.call(db.checkpoint_usage, checkpoint_id, held.id, record)
+        await self.store.call(
+            db.checkpoint_usage, checkpoint_id, held.id, record, held.period_start
+        )
 
     async def settle(
         self,
@@ -155,7 +157,7 @@ class Accounts:
         or tpm 429, a bad request) has nothing to write there: a flood of them costs the
         store nothing."""
         if record.stored or held.id is not None or checkpoint_id is not None:
-            await self.store.call(db.settle, held.id, record, checkpoint_id)
+            await self.store.call(db.settle, held.id, record, checkpoint_id, held.period_start)
         if identity.user is not None:
             self.limiter.refund_tokens(identity.user.id, held.rate_tokens - record.total_tokens)
 

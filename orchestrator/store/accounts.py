@@ -8,7 +8,12 @@ reserved + n <= limit`): the database applies it atomically per row, on SQLite (
 at a time) and on PostgreSQL (the row lock makes a concurrent UPDATE re-check the WHERE
 on the row's newest version), so concurrent requests can never reserve past the limit.
 Settling a reservation, recording the request's usage row and charging the tokens
-actually used happen in one transaction: a request is billed once, or not at all.
+actually used happen in one transaction: a request is billed once, or not at all. It is
+billed once also when it is settled twice: by itself as it ends, and by a PostgreSQL
+server's recovery that took its server for gone (the session holding that server's lock
+was cut while the request ran: `servers.py`), one after the other or at the same moment.
+Its usage row is unique by its request id and its reservation is released by whichever
+settlement deletes it (`_write_usage`).
 """
 
 from __future__ import annotations
@@ -80,6 +85,9 @@ class UsageRecord:
     ttft: float | None
     duration: float
     created_at: float
+    # The request's own id (its meter's), which its row is unique by; None in a usage
+    # checkpoint written before migration 0021.
+    request_id: str | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -379,32 +387,109 @@ def settle(
     reservation_id: str | None,
     record: UsageRecord,
     checkpoint_id: str | None = None,
+    period_start: int | None = None,
 ) -> None:
-    """Record a request's usage row (none for a refusal: `UsageRecord.stored`) and, if it
-    holds a reservation, release it and charge the tokens it used to the reservation's
-    period; drop its usage checkpoint, if any: one transaction."""
+    """Record a request's usage row as it ends (none for a refusal: `UsageRecord.stored`)
+    and, if it holds a reservation, release it and charge the tokens it used to the
+    reservation's period (`period_start`, which it is charged to also when a recovery
+    released the reservation first); drop its usage checkpoint, if any: one transaction.
+    Its own count is the truth: it replaces a row a recovery wrote for it from a checkpoint,
+    and the quota is charged the difference."""
     with repo.engine.begin() as conn:
-        _write_usage(conn, reservation_id, record)
+        _write_usage(conn, reservation_id, record, final=True, period_start=period_start)
         if checkpoint_id is not None:
             conn.execute(delete(usage_checkpoints).where(usage_checkpoints.c.id == checkpoint_id))
 
 
-def _write_usage(conn: Connection, reservation_id: str | None, record: UsageRecord) -> None:
-    if reservation_id is not None:
-        _settle(conn, reservation_id, record.total_tokens)
-    if record.stored:
-        conn.execute(insert(usage_records).values(day=utc_day(record.created_at), **asdict(record)))
+def _write_usage(
+    conn: Connection,
+    reservation_id: str | None,
+    record: UsageRecord,
+    *,
+    final: bool,
+    period_start: int | None = None,
+) -> None:
+    """Settle one request: release its reservation if it is still held (the settlement
+    whose DELETE takes it gives back what it held: no other can), write or correct its
+    usage row, and charge its period what the row gained. `final`: the request's own
+    settlement, whose count replaces the row's; a recovery's checkpoint (not `final`)
+    only raises a row that counted less (a later checkpoint of a request recovered
+    before). Statements take their locks in one order (reservation, usage row, period),
+    so concurrent settlements of one request wait for each other, never deadlock."""
+    released = _release(conn, reservation_id) if reservation_id is not None else None
+    charge = _record_once(conn, record, final)
+    if released is not None:
+        user_id, period_start, held = released
+        _charge(conn, user_id, period_start, charge, held)
+    elif charge and record.user_id is not None and period_start is not None:
+        _charge(conn, record.user_id, period_start, charge, 0)  # released by another
+
+
+def _release(conn: Connection, reservation_id: str) -> tuple[str, int, int] | None:
+    """Delete the reservation: its user, period and tokens, or None when another
+    settlement deleted it already (on PostgreSQL, this waits for one deleting it now)."""
+    held = quota_reservations.c
+    row = conn.execute(
+        delete(quota_reservations)
+        .where(held.id == reservation_id)
+        .returning(held.user_id, held.period_start, held.tokens)
+    ).first()
+    return None if row is None else (row.user_id, row.period_start, row.tokens)
+
+
+def _record_once(conn: Connection, record: UsageRecord, final: bool) -> int:
+    """Write the request's usage row, or correct the one an earlier settlement of it
+    wrote; returns the tokens the quota is to be charged for it (the difference)."""
+    if not record.stored:
+        return record.total_tokens
+    values = {"day": utc_day(record.created_at), **asdict(record)}
+    if record.request_id is None:  # a checkpoint from before migration 0021
+        conn.execute(insert(usage_records).values(**values))
+        return record.total_tokens
+    rows = usage_records.c
+    written = conn.execute(
+        _dialect_insert(conn)(usage_records)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=[rows.request_id])
+        .returning(rows.seq)
+    ).first()
+    if written is not None:
+        return record.total_tokens
+    before = conn.execute(
+        select(rows.seq, (rows.input_tokens + rows.output_tokens).label("tokens"))
+        .where(rows.request_id == record.request_id)
+        .with_for_update()
+    ).one()
+    if not final and record.total_tokens <= before.tokens:
+        return 0
+    conn.execute(update(usage_records).where(rows.seq == before.seq).values(**values))
+    return record.total_tokens - before.tokens
+
+
+def _charge(conn: Connection, user_id: str, period_start: int, used: int, released: int) -> None:
+    period = quota_periods.c
+    conn.execute(
+        update(quota_periods)
+        .where(period.user_id == user_id, period.period_start == period_start)
+        .values(reserved=period.reserved - released, used=period.used + used)
+    )
 
 
 def checkpoint_usage(
-    repo: Repository, checkpoint_id: str, reservation_id: str | None, record: UsageRecord
+    repo: Repository,
+    checkpoint_id: str,
+    reservation_id: str | None,
+    record: UsageRecord,
+    period_start: int | None = None,
 ) -> None:
-    """Write (or overwrite) a running request's usage so far."""
+    """Write (or overwrite) a running request's usage so far (`period_start`: its
+    reservation's quota period)."""
     values = {
         "id": checkpoint_id,
         "reservation_id": reservation_id,
         "record": asdict(record),
         "server_id": repo.server_id,
+        "period_start": period_start,
     }
     with repo.engine.begin() as conn:
         stmt = _dialect_insert(conn)(usage_checkpoints).values(**values)
@@ -425,27 +510,12 @@ def settle_checkpoints(repo: Repository, server_id: str | None = None) -> int:
             select(usage_checkpoints).where(*written_by(usage_checkpoints, server_id))
         ).all()
         for row in rows:
-            _write_usage(conn, row.reservation_id, UsageRecord(**row.record))
+            record = UsageRecord(**row.record)
+            _write_usage(
+                conn, row.reservation_id, record, final=False, period_start=row.period_start
+            )
             conn.execute(delete(usage_checkpoints).where(usage_checkpoints.c.id == row.id))
     return len(rows)
-
-
-def _settle(conn: Connection, reservation_id: str, used: int) -> None:
-    held = conn.execute(
-        select(quota_reservations).where(quota_reservations.c.id == reservation_id)
-    ).first()
-    if held is None:
-        return
-    conn.execute(delete(quota_reservations).where(quota_reservations.c.id == reservation_id))
-    period = quota_periods.c
-    conn.execute(
-        update(quota_periods)
-        .where(
-            period.user_id == held.user_id,
-            period.period_start == held.period_start,
-        )
-        .values(reserved=period.reserved - held.tokens, used=period.used + used)
-    )
 
 
 def release_reservations(repo: Repository, server_id: str | None = None) -> int:
@@ -461,7 +531,9 @@ def release_reservations(repo: Repository, server_id: str | None = None) -> int:
             .all()
         )
         for reservation_id in held:
-            _settle(conn, reservation_id, 0)
+            if (released := _release(conn, reservation_id)) is not None:
+                user_id, period_start, tokens = released
+                _charge(conn, user_id, period_start, 0, tokens)
     return len(held)
 
 

@@ -277,6 +277,9 @@ usage_checkpoints = Table(
     Column("reservation_id", ID, nullable=True),
     Column("record", JSON, nullable=False),  # the UsageRecord, status "incomplete"
     Column("server_id", ID, nullable=True),  # the server running the request, as `responses`
+    # The reservation's quota period, charged also once the reservation is gone (released
+    # by a recovery before this checkpoint); null before migration 0021.
+    Column("period_start", BigInteger, nullable=True),
 )
 
 # One row per generation request, however it ended, but for refusals before any compute
@@ -299,4 +302,9 @@ usage_records = Table(
     Column("duration", Double, nullable=False),
     Column("created_at", Double, nullable=False),
     Column("day", String(10), nullable=False, index=True),  # created_at's UTC date
+    # The request's own id (its meter's): a request has one row however many times it is
+    # settled (by itself, and by a recovery that took its server for gone). Null in rows
+    # written before migration 0021.
+    Column("request_id", ID, nullable=True),
+    Index("ix_usage_records_request_id", "request_id", unique=True),
 )

@@ -51,6 +51,7 @@ def _record(
     model: str = "m",
     created_at: float | None = None,
     status: str = "completed",
+    request_id: str | None = None,
 ) -> UsageRecord:
     return UsageRecord(
         user_id,
@@ -65,6 +66,7 @@ def _record(
         0.02,
         0.5,
         created_at if created_at is not None else time.time(),
+        request_id,
     )
 
 
@@ -239,6 +241,42 @@ def test_property_used_plus_reserved_never_exceeds_the_limit(store, limit, reque
         db.settle(repo, rid, _record(user.id, actual, 0))
         used += actual
     assert db.quota_state(repo, user.id, 0) == db.QuotaState(used=used, reserved=0)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.sampled_from(["checkpoint", "recover"]), max_size=8), st.integers(0, 20))
+def test_property_a_request_settled_again_by_recoveries_is_charged_once(store, steps, more):
+    """A request checkpoints its usage as it runs, recoveries (another server taking its
+    server for gone) settle it from its checkpoint at any moment, as often as they run, and
+    then it settles itself: at every step the quota's `used` is what its usage rows hold,
+    and at the end it has one row, its own final count, and holds nothing reserved."""
+    repo = store.repo
+    user = _user(repo, f"u{uuid.uuid4().hex[:8]}", 1000)
+    rid, ckpt, request = f"rsv_{user.id}", f"ckpt_{user.id}", f"req_{user.id}"
+    assert db.reserve(repo, rid, user.id, 0, 500, 1000, 1.0)
+    output = 0
+
+    def charged_as_recorded() -> None:
+        rows = db.usage_rows(repo, user.id)
+        assert db.quota_state(repo, user.id, 0).used == sum(r.total_tokens for r in rows)
+
+    for step in steps:
+        if step == "checkpoint":  # the request's usage so far grows
+            output += 3
+            record = _record(user.id, 10, output, status="incomplete", request_id=request)
+            db.checkpoint_usage(repo, ckpt, rid, record, 0)
+        else:
+            db.settle_checkpoints(repo)
+            db.release_reservations(repo)
+        charged_as_recorded()
+    final = _record(user.id, 10, output + more, request_id=request)
+    db.settle(repo, rid, final, ckpt, 0)
+    db.settle_checkpoints(repo)  # a recovery after its end finds nothing to settle
+    charged_as_recorded()
+    assert db.usage_rows(repo, user.id) == [final]
+    assert db.quota_state(repo, user.id, 0) == db.QuotaState(used=final.total_tokens, reserved=0)
 
 
 def test_usage_is_aggregated_per_day_and_model(store):

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, text
 
 from orchestrator import Product
+from orchestrator.accounts import Accounts, Identity, Meter
 from orchestrator.store import Page, Repository, Store, servers
 from orchestrator.store import accounts as db
 from orchestrator.store.accounts import UsageRecord, UserRow
@@ -162,3 +164,91 @@ def test_a_crashed_server_is_recovered_when_the_next_one_starts(postgres):
         assert _state(product.store.repo, "gone") == RECOVERED
     finally:
         product.close()
+
+
+def _request_in_flight(store: Store) -> Meter:
+    """A request of the server on `store`, running: its tokens reserved (100 of its user's
+    1,000) and its usage so far checkpointed (10 in, 5 out)."""
+    user = UserRow("user_ann", "ann", 1, 1000, "total")
+    assert db.create_user(store.repo, user)
+    meter = Meter(Accounts(store), "chat.completions", Identity.of(user, None), "m")
+
+    async def start() -> None:
+        await meter.reserve(100)
+        await meter.checkpoint(10, 0, 5)
+
+    asyncio.run(start())
+    return meter
+
+
+def _charged_once(repo: Repository) -> None:
+    """The request's one usage row is its own final count, and the quota charged that."""
+    rows = db.usage_rows(repo, "user_ann")
+    assert [(r.status, r.input_tokens, r.output_tokens) for r in rows] == [("completed", 10, 20)]
+    assert db.quota_state(repo, "user_ann", 0) == db.QuotaState(used=30, reserved=0)
+
+
+def test_a_request_recovered_while_its_server_lives_is_settled_once(postgres):
+    """The session holding a live server's lock is cut (the database restarted, a network
+    blip) while a request of it runs: another server takes it for gone and settles the
+    request from its checkpoint; then the request ends and settles itself. It is charged
+    once, what it used, in one usage row."""
+    url = postgres.create_database()
+    live, other = Store(url), Store(url)
+    try:
+        meter = _request_in_flight(live)
+        _terminate_claimants(live.repo)  # the live server's lock session is cut
+        assert servers.recover_departed(other.repo, other.server_lock) == [
+            live.server_lock.server_id
+        ]
+        asyncio.run(meter.settle("completed", 10, 0, 20))
+        _charged_once(other.repo)
+    finally:
+        live.close()
+        other.close()
+
+
+def _lock_waits(repo: Repository) -> int:
+    """Sessions of the database waiting for a row lock."""
+    with repo.engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            )
+        ).scalar_one()
+
+
+def test_a_recovery_and_the_requests_own_settlement_at_once_charge_it_once(postgres):
+    """The same two settlements at the same moment, each in its transaction: whichever
+    commits second finds the request settled, and neither releases the reservation twice
+    nor writes a second row."""
+    url = postgres.create_database()
+    live, other = Store(url), Store(url)
+    holder = other.engine.connect()
+    try:
+        meter = _request_in_flight(live)
+        _terminate_claimants(live.repo)
+        # Both settlements stop at the user's quota row, which `holder` locks, so that both
+        # run their statements before either commits.
+        holder.execute(text("SELECT * FROM quota_periods WHERE user_id = 'user_ann' FOR UPDATE"))
+        with ThreadPoolExecutor(2) as pool:
+            recovery = pool.submit(servers.recover_departed, other.repo, other.server_lock)
+            _until(lambda: _lock_waits(other.repo) == 1)
+            settling = pool.submit(asyncio.run, meter.settle("completed", 10, 0, 20))
+            _until(lambda: _lock_waits(other.repo) == 2)
+            holder.commit()
+            assert recovery.result(10) == [live.server_lock.server_id]
+            settling.result(10)
+        _charged_once(other.repo)
+    finally:
+        holder.close()
+        live.close()
+        other.close()
+
+
+def _until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
