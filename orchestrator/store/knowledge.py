@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from sqlalchemy import func, insert, or_, select, true, update
+from sqlalchemy import func, insert, or_, select, true, union, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ColumnElement
@@ -36,8 +36,10 @@ from orchestrator.store.repository import (
     forget_list,
 )
 from orchestrator.store.tables import (
+    conversation_items,
     file_blobs,
     files,
+    response_items,
     users,
     vector_store_file_batches,
     vector_store_files,
@@ -141,30 +143,48 @@ def _check_storage_quota(conn: Connection, owner: str, size: int, now: int) -> N
     used = _storage_used(conn, owner, now)
     if used + size > quota:
         raise StorageQuotaExceededError(
-            f"This file ({size} bytes) does not fit your storage quota: your files take "
-            f"{used} of your {quota} bytes. Delete files to make room, or ask the operator "
-            "for more.",
+            f"This file ({size} bytes) does not fit your storage quota: your files and the "
+            f"code_interpreter images kept with your responses take {used} of your {quota} "
+            "bytes. Delete files (or those responses and conversations) to make room, or "
+            "ask the operator for more.",
             param="file",
             code="storage_quota_exceeded",
         )
 
 
 def _storage_used(conn: Connection, owner: str, now: int) -> int:
-    """The sum as an int: PostgreSQL sums a BIGINT as NUMERIC, which psycopg returns as a
-    Decimal (not JSON)."""
-    return int(
-        conn.execute(
-            select(func.coalesce(func.sum(files.c.bytes), 0)).where(
-                files.c.owner_id == owner, _live(now)
-            )
-        ).scalar_one()
+    """The owner's live files' bytes and the code_interpreter images their stored items
+    keep (`output_bytes`; a response's item and its conversation's copy share an id and
+    are one image). Sums as ints: PostgreSQL sums a BIGINT as NUMERIC, which psycopg
+    returns as a Decimal (not JSON)."""
+    stored = files.c.bytes
+    uploaded = select(func.coalesce(func.sum(stored), 0)).where(
+        files.c.owner_id == owner, _live(now)
     )
+    kept = union(
+        *(
+            select(table.c.id, table.c.output_bytes).where(
+                table.c.owner_id == owner, table.c.output_bytes > 0
+            )
+            for table in (response_items, conversation_items)
+        )
+    ).subquery()
+    images = select(func.coalesce(func.sum(kept.c.output_bytes), 0))
+    return int(conn.execute(uploaded).scalar_one()) + int(conn.execute(images).scalar_one())
 
 
 def storage_used(repo: Repository, owner: str, now: int) -> int:
-    """The bytes of the owner's uploaded files live at `now`."""
+    """The bytes of the owner's storage at `now` (`_storage_used`)."""
     with repo.engine.connect() as conn:
         return _storage_used(conn, owner, now)
+
+
+def storage_room(repo: Repository, owner: str, now: int) -> int | None:
+    """The bytes the owner's storage quota leaves at `now` (None: they have none)."""
+    with repo.engine.connect() as conn:
+        quota = conn.execute(select(users.c.storage_quota_bytes).where(users.c.id == owner))
+        limit = quota.scalar()
+        return None if limit is None else max(0, limit - _storage_used(conn, owner, now))
 
 
 def file_content(

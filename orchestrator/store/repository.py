@@ -51,6 +51,20 @@ _HISTORY_COLUMNS = (
 )
 
 
+def output_bytes(outputs: list[dict] | None) -> int:
+    """The bytes a code_interpreter_call's `outputs` keep in the store beyond its text: its
+    images' data URLs, as stored (the run's files, ~4/3 of their size in base64). They
+    count in the owner's storage quota, as an upload's bytes do."""
+    return sum(len(o.get("url") or "") for o in outputs or [] if o.get("type") == "image")
+
+
+def kept_output_bytes(item: dict) -> int:
+    """`output_bytes` of a stored item (0 for any but a code_interpreter_call)."""
+    if item.get("type") != "code_interpreter_call":
+        return 0
+    return output_bytes(item.get("outputs"))
+
+
 @dataclass(frozen=True)
 class Page:
     """A cursor page: up to `limit` items in `order`, those right after the item `after`,
@@ -513,6 +527,7 @@ class Repository:
                         "owner_id": owner,
                         "created_at": created_at,
                         "body": item,
+                        "output_bytes": kept_output_bytes(item),
                     }
                     for item in items
                 ],
@@ -875,6 +890,7 @@ class Repository:
                         "owner_id": owner,
                         "kind": kind,
                         "body": item,
+                        "output_bytes": kept_output_bytes(item),
                     }
                     for item in items
                 ],

@@ -88,9 +88,12 @@ response_items = Table(
     Column("owner_id", ID, nullable=False),
     Column("kind", String(8), nullable=False),  # "input" | "output"
     Column("body", JSON, nullable=False),
+    # The bytes of the code_interpreter images the item keeps: the owner's storage (0022)
+    Column("output_bytes", BigInteger, nullable=False, server_default="0"),
     UniqueConstraint("response_id", "id", name="uq_response_items_response_id_id"),
     Index("ix_response_items_response_id_seq", "response_id", "seq"),
     Index("ix_response_items_id", "id"),  # an item_reference names an item by its id alone
+    Index("ix_response_items_owner_output_bytes", "owner_id", "output_bytes"),
 )
 
 conversation_items = Table(
@@ -104,9 +107,11 @@ conversation_items = Table(
     Column("owner_id", ID, nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("body", JSON, nullable=False),
+    Column("output_bytes", BigInteger, nullable=False, server_default="0"),  # as above
     UniqueConstraint("conversation_id", "id", name="uq_conversation_items_conversation_id_id"),
     Index("ix_conversation_items_conversation_id_seq", "conversation_id", "seq"),
     Index("ix_conversation_items_id", "id"),
+    Index("ix_conversation_items_owner_output_bytes", "owner_id", "output_bytes"),
     # A deleted item's seq is never given again (SQLite reuses the highest rowids
     # otherwise), so an item added later can never fall before a response's place.
     sqlite_autoincrement=True,

@@ -3,17 +3,21 @@
 The result has OpenAI's `code_interpreter_call` output shape: one `logs` output with
 what the code printed (stdout, then stderr) and how it ended, and an `image` output (a
 data URL) for each PNG, JPEG or GIF it wrote to its working directory. The model reads
-the same logs plus the list of files written.
+the same logs plus the list of files written. A stored response keeps the images, which
+count in the owner's storage quota: a run whose images do not fit what it leaves fails,
+saying so, and keeps none.
 """
 
 from __future__ import annotations
 
 import base64
 import copy
+from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
 from orchestrator.sandbox import Sandbox, SandboxLimits, SandboxResult
-from orchestrator.tools.base import ToolOutput, ToolUnavailable, string_argument
+from orchestrator.store.repository import output_bytes
+from orchestrator.tools.base import ToolError, ToolOutput, ToolUnavailable, string_argument
 
 MAX_CODE_CHARS = 100_000
 _IMAGE_TYPES = {
@@ -69,15 +73,20 @@ class CodeInterpreter:
     def __init__(self, sandbox: Sandbox | None = None) -> None:
         self.sandbox = sandbox or Sandbox()
         self.owner = ""  # whose turn a run waits for among the sandbox's slots
+        # The bytes the owner's storage quota leaves (None: no quota); None when nothing
+        # of the run is kept (a `store: false` response)
+        self.storage_room: Callable[[], Awaitable[int | None]] | None = None
         reason = self.sandbox.unavailable_reason()
         if reason is not None:
             raise ToolUnavailable(reason)
 
-    def for_owner(self, owner: str) -> CodeInterpreter:
+    def for_owner(
+        self, owner: str, storage_room: Callable[[], Awaitable[int | None]] | None = None
+    ) -> CodeInterpreter:
         """This tool for one owner's calls, on the same sandbox: its slots go to owners in
-        turn."""
+        turn; `storage_room` tells what their storage quota leaves for a run's images."""
         bound = copy.copy(self)
-        bound.owner = owner
+        bound.owner, bound.storage_room = owner, storage_room
         return bound
 
     async def execute(self, arguments: dict, call_id: str) -> ToolOutput:
@@ -87,5 +96,21 @@ class CodeInterpreter:
         if result.files:  # in the logs, which are what the model reads of a run
             listing = ", ".join(f"{f.path} ({f.size} bytes)" for f in result.files)
             text = f"{text}\n[files written: {listing}]".lstrip("\n")
-        outputs = [{"type": "logs", "logs": text}, *_images(result)]
+        images = _images(result)
+        await self._check_storage(output_bytes(images), text)
+        outputs = [{"type": "logs", "logs": text}, *images]
         return ToolOutput(text or "[no output]", outputs)
+
+    async def _check_storage(self, size: int, text: str) -> None:
+        """Fail the run (a ToolError the model and the client read, with the run's logs)
+        when its images, `size` bytes as kept, do not fit the owner's storage quota."""
+        if not size or self.storage_room is None:
+            return
+        room = await self.storage_room()
+        if room is not None and size > room:
+            raise ToolError(
+                f"the run's images take {size} bytes, more than the {room} bytes left of "
+                "your storage quota, so none of them is kept. Delete files, or responses "
+                "that keep images, to make room, or write smaller images. What the run "
+                f"printed:\n{text or '[no output]'}"
+            )

@@ -1430,3 +1430,77 @@ def test_counting_input_tokens_takes_a_request_from_the_rpm_before_reading_the_b
         assert uma.post("/responses/input_tokens", json=body).status_code == 429
         assert _chat(uma).status_code == 429  # the same bucket as generation's
     assert _rows(server) == []  # nothing generated, nothing metered
+
+
+# A code_interpreter run that writes a 3,000-byte PNG to its working directory.
+PLOT = "open('plot.png', 'wb').write(b'\\x89PNG\\r\\n\\x1a\\n' + bytes(2992))\nprint('saved')"
+SANDBOXED = {"type": "code_interpreter", "container": {"type": "auto"}}
+
+
+def _run_plot(server: ProductServer, key: str, conversation: str | None = None, **extra) -> dict:
+    body = {"model": MODEL, "input": "Plot it", "tools": [SANDBOXED], **extra}
+    if conversation is not None:
+        body["conversation"] = conversation
+    with _client(server, key) as client:
+        raw = client.post("/responses", json=body)
+    assert raw.status_code == 200, raw.text
+    return SDKResponse.model_validate(raw.json()).model_dump(mode="json")
+
+
+def _storage(server: ProductServer, key: str) -> dict:
+    with _client(server, key) as client:
+        return client.get("/usage").json()["storage"]
+
+
+def test_code_interpreter_images_kept_with_a_response_count_in_its_storage_quota(
+    product_server, tmp_path
+):
+    """The images a code_interpreter run writes are kept with the response (and its
+    conversation's copy of its items): their bytes count in the owner's storage, as
+    uploads do, and an upload that no longer fits beside them is refused; deleting the
+    response (and the conversation) gives the room back."""
+    engine = FakeEngine(reply=_scripted(_call("code_interpreter", code=PLOT)))
+    server = product_server(engine, data_dir=tmp_path / "data")
+    key = _account(server, "alice", storage_quota_bytes=10_000)
+    with _client(server, key) as client:
+        conversation = client.post("/conversations", json={}).json()["id"]
+    response = _run_plot(server, key, conversation)
+    call = response["output"][0]
+    assert call["status"] == "completed"
+    [image] = [o for o in call["outputs"] if o["type"] == "image"]
+    kept = len(image["url"])  # the data URL as stored, ~4/3 of the file's 3,000 bytes
+    assert _storage(server, key) == {"limit_bytes": 10_000, "used_bytes": kept}
+    with _client(server, key) as client:
+        upload = client.post(
+            "/files",
+            files={"file": ("a.txt", b"x" * (10_001 - kept))},
+            data={"purpose": "assistants"},
+        )
+        assert upload.status_code == 400 and "storage_quota_exceeded" in upload.text
+        assert client.delete(f"/responses/{response['id']}").status_code == 200
+        assert _storage(server, key)["used_bytes"] == kept  # the conversation still keeps it
+        assert client.delete(f"/conversations/{conversation}").status_code == 200
+    assert _storage(server, key)["used_bytes"] == 0
+
+
+def test_a_code_interpreter_run_whose_images_pass_the_storage_quota_fails_and_keeps_none(
+    product_server,
+):
+    """A run whose images would take the owner past their storage quota fails, its
+    output saying why (and what the code printed), and no image of it is kept; in a
+    `store: false` response, which keeps nothing, the same run completes."""
+    server = product_server(FakeEngine(reply=_scripted(_call("code_interpreter", code=PLOT))))
+    key = _account(server, "bob", storage_quota_bytes=1_000)
+    response = _run_plot(server, key)
+    call = response["output"][0]
+    assert call["status"] == "failed"
+    [logs] = call["outputs"]
+    assert logs["type"] == "logs" and "storage quota" in logs["logs"]
+    assert "1000 bytes" in logs["logs"] and "saved" in logs["logs"]
+    assert _storage(server, key)["used_bytes"] == 0
+    with _client(server, key) as client:
+        stored = client.get(f"/responses/{response['id']}").json()
+    assert stored["output"][0]["outputs"] == call["outputs"]
+    unstored = _run_plot(server, key, store=False)["output"][0]
+    assert unstored["status"] == "completed" and unstored["outputs"][1]["type"] == "image"
+    assert _storage(server, key)["used_bytes"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import threading
 import time
@@ -1219,6 +1220,69 @@ def test_files_uploaded_before_file_expiry_never_expire_and_the_downgrade_keeps_
         assert _schema_differences(store) == []
     finally:
         store.close()
+
+
+def _code_call(item_id: str, image: str) -> dict:
+    """A code_interpreter_call item as a response keeps it, with one image output."""
+    return {
+        "id": item_id,
+        "type": "code_interpreter_call",
+        "status": "completed",
+        "code": "plot()",
+        "container_id": "cntr_1",
+        "outputs": [{"type": "logs", "logs": ""}, {"type": "image", "url": image}],
+    }
+
+
+def test_upgrading_a_store_counts_the_images_its_items_keep_in_their_owners_storage(
+    database_url,
+):
+    """Revision 0022 adds `output_bytes` to response and conversation items (what the
+    storage quota sums beside the files' bytes): code_interpreter images stored before it
+    are counted from the items' bodies, a response's item and its conversation's copy
+    once; the downgrade drops the column and the upgrade counts them again."""
+    image = "data:image/png;base64," + "A" * 100
+    with _at_revision(database_url, "0021") as conn:
+        conn.execute(
+            text(
+                "INSERT INTO responses (id, owner_id, created_at, status, body) "
+                "VALUES ('resp_old', 'user_a', 1, 'completed', '{}')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO conversations (id, owner_id, created_at, meta) "
+                "VALUES ('conv_old', 'user_a', 1, '{}')"
+            )
+        )
+        for item in (_code_call("ci_old", image), _message("msg_old", "hi")):
+            body = json.dumps(item)
+            conn.execute(
+                text(
+                    "INSERT INTO response_items (id, response_id, owner_id, kind, body) "
+                    "VALUES (:id, 'resp_old', 'user_a', 'output', :body)"
+                ),
+                {"id": item["id"], "body": body},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO conversation_items (id, conversation_id, owner_id, "
+                    "created_at, body) VALUES (:id, 'conv_old', 'user_a', 1, :body)"
+                ),
+                {"id": item["id"], "body": body},
+            )
+    for _ in range(2):  # upgraded, then downgraded and upgraded again
+        store = Store(database_url)
+        try:
+            assert kb.storage_used(store.repo, "user_a", 0) == len(image)
+            assert _schema_differences(store) == []
+            store.repo.delete_response("user_a", "resp_old")
+            assert kb.storage_used(store.repo, "user_a", 0) == len(image)  # the copy
+        finally:
+            store.close()
+        with _at_revision(database_url, "0021", migrate=command.downgrade) as conn:
+            columns = inspect(conn).get_columns("conversation_items")
+            assert "output_bytes" not in {c["name"] for c in columns}
 
 
 def test_upgrading_a_store_indexes_cjk_characters_and_normalised_text(database_url):
