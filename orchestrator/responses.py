@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections.abc import AsyncIterator, Collection, Coroutine
-from functools import partial
 
 from engine import SamplingParams
 from engine.client import EngineClient
@@ -41,7 +39,6 @@ from orchestrator.response_request import (
     sampling_params,
 )
 from orchestrator.store import UNFINISHED, History, Page, Repository, Store
-from orchestrator.store import knowledge as kb
 from orchestrator.tools import ResolvedTools, ToolRegistry, ToolUnavailable, builtin_tools
 from orchestrator.tools.code_interpreter import CodeInterpreter
 from orchestrator.tools.file_search import (
@@ -219,21 +216,15 @@ class ResponseService:
 
     async def _tools(self, owner: str, request: ResponseRequest) -> ResolvedTools:
         """The request's tools, file_search made for `owner` and code_interpreter's runs
-        queued as `owner`'s (their images, which a stored response keeps, held to the
-        owner's storage quota), with its tool_choice checked against the functions they
+        queued as `owner`'s, with its tool_choice checked against the functions they
         declare."""
         tools = self._resolve_tools(request)
         code = tools.builtins.get(CodeInterpreter.name)
         if isinstance(code, CodeInterpreter):
-            room = partial(self._storage_room, owner) if request.store else None
-            tools.builtins[CodeInterpreter.name] = code.for_owner(owner, room)
+            tools.builtins[CodeInterpreter.name] = code.for_owner(owner)
         await self._add_file_search(owner, request, tools)
         check_tool_choice(request.tool_choice, function_tools(tools.declarations))
         return tools
-
-    async def _storage_room(self, owner: str) -> int | None:
-        """The bytes the owner's storage quota leaves (None: no quota)."""
-        return await self.store.call(kb.storage_room, owner, int(time.time()))
 
     async def _first_prompt(
         self,

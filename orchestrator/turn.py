@@ -53,8 +53,10 @@ from orchestrator.ids import new_id
 from orchestrator.logprobs import TextLogprobs, TokenNames
 from orchestrator.response_request import ResponseRequest, function_tools
 from orchestrator.store import History, Store
+from orchestrator.store import knowledge as kb
 from orchestrator.tool_parser import ChoiceAssembler, Content, ParsedCall, first_call_function
 from orchestrator.tools import ResolvedTools
+from orchestrator.tools.code_interpreter import CodeInterpreter
 from orchestrator.tools.file_search import FILE_SEARCH, FileSearch
 from orchestrator.turn_hooks import Budget, Place, TokenObserver, output_budget
 from orchestrator.turn_prompt import model_turn_structure, prompt_input
@@ -229,6 +231,9 @@ class Turn:
             _new_response(self.request, "queued" if queued else "in_progress")
         )
         self.id: str = self.events.response["id"]
+        code = self.tools.builtins.get(CodeInterpreter.name)
+        if isinstance(code, CodeInterpreter) and self.request.store:
+            self.tools.builtins[CodeInterpreter.name] = code.keeping(self._hold_storage)
         self.totals = _Totals(self.history.start)
         # The generation running now: its prompt length and progress (`_usage_so_far`).
         self._running: tuple[int, _Progress] | None = None
@@ -250,6 +255,12 @@ class Turn:
         self._consumer: asyncio.Task | None = None
         self._recorder.begin()
         self._task = asyncio.create_task(self._run())
+
+    async def _hold_storage(self, item_id: str, size: int) -> None:
+        """Hold the owner's storage that a code_interpreter run's images take in this
+        stored response (`knowledge.hold_storage`)."""
+        now = int(time.time())
+        await self.services.store.call(kb.hold_storage, self.owner, self.id, item_id, size, now)
 
     def stream(self, after: int = -1) -> AsyncIterator[Event]:
         """The events whose sequence_number is above `after`, until the turn ends (any

@@ -40,6 +40,7 @@ from orchestrator.store.tables import (
     file_blobs,
     files,
     response_items,
+    storage_holds,
     users,
     vector_store_file_batches,
     vector_store_files,
@@ -131,17 +132,10 @@ def add_file(
 
 
 def _check_storage_quota(conn: Connection, owner: str, size: int, now: int) -> None:
-    """The owner's user row is written first, a no-op update that takes its row lock on
-    PostgreSQL and the database's write lock on SQLite before anything is read, so
-    concurrent uploads (threads, or servers sharing a database) are checked one after
-    another and cannot each fit into the same last bytes of the quota."""
-    quota_bytes = users.c.storage_quota_bytes
-    conn.execute(update(users).where(users.c.id == owner).values(storage_quota_bytes=quota_bytes))
-    quota = conn.execute(select(quota_bytes).where(users.c.id == owner)).scalar()
-    if quota is None:
-        return
-    used = _storage_used(conn, owner, now)
-    if used + size > quota:
+    """StorageQuotaExceededError when an upload of `size` bytes does not fit
+    (`_locked_storage`)."""
+    used, quota = _locked_storage(conn, owner, now)
+    if quota is not None and used + size > quota:
         raise StorageQuotaExceededError(
             f"This file ({size} bytes) does not fit your storage quota: your files and the "
             f"code_interpreter images kept with your responses take {used} of your {quota} "
@@ -152,13 +146,49 @@ def _check_storage_quota(conn: Connection, owner: str, size: int, now: int) -> N
         )
 
 
+def _locked_storage(conn: Connection, owner: str, now: int) -> tuple[int, int | None]:
+    """The owner's storage used and their quota (None: none), read after a no-op update of
+    their user row, which takes its row lock on PostgreSQL and the database's write lock
+    on SQLite before anything is read, so that concurrent writes of their storage
+    (uploads, code_interpreter runs' holds; threads, or servers sharing a database) are
+    checked one after another and cannot each fit into the same last bytes of the quota."""
+    quota_bytes = users.c.storage_quota_bytes
+    conn.execute(update(users).where(users.c.id == owner).values(storage_quota_bytes=quota_bytes))
+    quota = conn.execute(select(quota_bytes).where(users.c.id == owner)).scalar()
+    return (0, None) if quota is None else (_storage_used(conn, owner, now), quota)
+
+
+def hold_storage(
+    repo: Repository, owner: str, response_id: str, item_id: str, size: int, now: int
+) -> None:
+    """Hold `size` bytes of the owner's storage for the images of a code_interpreter run
+    (the call item `item_id`) of their stored response, checked and held in one
+    transaction as an upload is, until the response's output is written for good; the
+    item's stored copies then count the same bytes (`_storage_used`).
+    StorageQuotaExceededError when they do not fit what the quota leaves."""
+    with repo.engine.begin() as conn:
+        used, quota = _locked_storage(conn, owner, now)
+        if quota is not None and used + size > quota:
+            raise StorageQuotaExceededError(
+                f"the run's images take {size} bytes, more than the {quota - used} bytes "
+                f"left of your storage quota ({quota} bytes), so none of them is kept. Delete "
+                "files, or responses that keep images, to make room, or write smaller images.",
+                code="storage_quota_exceeded",
+            )
+        conn.execute(
+            insert(storage_holds).values(
+                id=item_id, response_id=response_id, owner_id=owner, bytes=size
+            )
+        )
+
+
 def _storage_used(conn: Connection, owner: str, now: int) -> int:
     """The owner's live files' bytes and the code_interpreter images their stored items
-    keep (`output_bytes`; a response's item and its conversation's copy share an id and
-    are one image). Sums as ints: PostgreSQL sums a BIGINT as NUMERIC, which psycopg
-    returns as a Decimal (not JSON)."""
-    stored = files.c.bytes
-    uploaded = select(func.coalesce(func.sum(stored), 0)).where(
+    keep (`output_bytes`) or their running responses hold (`storage_holds`): a response's
+    item, its conversation's copy and its hold share an id and are one image. Sums as
+    ints: PostgreSQL sums a BIGINT as NUMERIC, which psycopg returns as a Decimal (not
+    JSON)."""
+    uploaded = select(func.coalesce(func.sum(files.c.bytes), 0)).where(
         files.c.owner_id == owner, _live(now)
     )
     kept = union(
@@ -167,7 +197,8 @@ def _storage_used(conn: Connection, owner: str, now: int) -> int:
                 table.c.owner_id == owner, table.c.output_bytes > 0
             )
             for table in (response_items, conversation_items)
-        )
+        ),
+        select(storage_holds.c.id, storage_holds.c.bytes).where(storage_holds.c.owner_id == owner),
     ).subquery()
     images = select(func.coalesce(func.sum(kept.c.output_bytes), 0))
     return int(conn.execute(uploaded).scalar_one()) + int(conn.execute(images).scalar_one())
@@ -177,14 +208,6 @@ def storage_used(repo: Repository, owner: str, now: int) -> int:
     """The bytes of the owner's storage at `now` (`_storage_used`)."""
     with repo.engine.connect() as conn:
         return _storage_used(conn, owner, now)
-
-
-def storage_room(repo: Repository, owner: str, now: int) -> int | None:
-    """The bytes the owner's storage quota leaves at `now` (None: they have none)."""
-    with repo.engine.connect() as conn:
-        quota = conn.execute(select(users.c.storage_quota_bytes).where(users.c.id == owner))
-        limit = quota.scalar()
-        return None if limit is None else max(0, limit - _storage_used(conn, owner, now))
 
 
 def file_content(

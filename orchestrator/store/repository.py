@@ -28,6 +28,7 @@ from orchestrator.store.tables import (
     cursor_tombstones,
     response_items,
     responses,
+    storage_holds,
 )
 
 Order = Literal["asc", "desc"]
@@ -612,6 +613,7 @@ class Repository:
                 )
             )
             self._replace_output(conn, owner, body["id"], output)
+            _drop_storage_holds(conn, body["id"])
             conversation_id = _conversation_id(body)
             if conversation_id is not None and self._owns_conversation(
                 conn, owner, conversation_id
@@ -848,6 +850,7 @@ class Repository:
                     .values(status="incomplete", body=body)
                 )
                 output = self._close_interrupted_output(conn, row.owner_id, row.id)
+                _drop_storage_holds(conn, row.id)
                 if row.conversation_id is not None and self._owns_conversation(
                     conn, row.owner_id, row.conversation_id
                 ):
@@ -895,6 +898,12 @@ class Repository:
                     for item in items
                 ],
             )
+
+
+def _drop_storage_holds(conn: Connection, response_id: str) -> None:
+    """A response's output is written for good: its items now count the storage its
+    code_interpreter images take, and only those it kept (`knowledge.hold_storage`)."""
+    conn.execute(delete(storage_holds).where(storage_holds.c.response_id == response_id))
 
 
 def _conversation_id(body: dict) -> str | None:

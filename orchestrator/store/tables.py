@@ -96,6 +96,25 @@ response_items = Table(
     Index("ix_response_items_owner_output_bytes", "owner_id", "output_bytes"),
 )
 
+# The storage a running response's code_interpreter images take, held from the run (its
+# check against the owner's storage quota) until the response's output is written for good
+# (`Repository.finish_response`, or a crash's recovery): `id` is the call item's, whose
+# stored copies count the same bytes once. Migration 0023.
+storage_holds = Table(
+    "storage_holds",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column(
+        "response_id",
+        ID,
+        ForeignKey("responses.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("owner_id", ID, nullable=False, index=True),
+    Column("bytes", BigInteger, nullable=False),
+)
+
 conversation_items = Table(
     "conversation_items",
     metadata,

@@ -15,6 +15,7 @@ import copy
 from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
+from orchestrator.errors import StorageQuotaExceededError
 from orchestrator.sandbox import Sandbox, SandboxLimits, SandboxResult
 from orchestrator.store.repository import output_bytes
 from orchestrator.tools.base import ToolError, ToolOutput, ToolUnavailable, string_argument
@@ -73,20 +74,25 @@ class CodeInterpreter:
     def __init__(self, sandbox: Sandbox | None = None) -> None:
         self.sandbox = sandbox or Sandbox()
         self.owner = ""  # whose turn a run waits for among the sandbox's slots
-        # The bytes the owner's storage quota leaves (None: no quota); None when nothing
-        # of the run is kept (a `store: false` response)
-        self.storage_room: Callable[[], Awaitable[int | None]] | None = None
+        # Holds the storage a run's images take (its call item's id, their bytes), or
+        # raises StorageQuotaExceededError; None where nothing of a run is kept
+        self.keep: Callable[[str, int], Awaitable[None]] | None = None
         reason = self.sandbox.unavailable_reason()
         if reason is not None:
             raise ToolUnavailable(reason)
 
-    def for_owner(
-        self, owner: str, storage_room: Callable[[], Awaitable[int | None]] | None = None
-    ) -> CodeInterpreter:
+    def for_owner(self, owner: str) -> CodeInterpreter:
         """This tool for one owner's calls, on the same sandbox: its slots go to owners in
-        turn; `storage_room` tells what their storage quota leaves for a run's images."""
+        turn."""
         bound = copy.copy(self)
-        bound.owner, bound.storage_room = owner, storage_room
+        bound.owner = owner
+        return bound
+
+    def keeping(self, keep: Callable[[str, int], Awaitable[None]]) -> CodeInterpreter:
+        """This tool for a stored response, which keeps its runs' images: `keep` holds
+        the storage they take (`knowledge.hold_storage`)."""
+        bound = copy.copy(self)
+        bound.keep = keep
         return bound
 
     async def execute(self, arguments: dict, call_id: str) -> ToolOutput:
@@ -97,20 +103,18 @@ class CodeInterpreter:
             listing = ", ".join(f"{f.path} ({f.size} bytes)" for f in result.files)
             text = f"{text}\n[files written: {listing}]".lstrip("\n")
         images = _images(result)
-        await self._check_storage(output_bytes(images), text)
+        await self._keep(call_id, output_bytes(images), text)
         outputs = [{"type": "logs", "logs": text}, *images]
         return ToolOutput(text or "[no output]", outputs)
 
-    async def _check_storage(self, size: int, text: str) -> None:
-        """Fail the run (a ToolError the model and the client read, with the run's logs)
-        when its images, `size` bytes as kept, do not fit the owner's storage quota."""
-        if not size or self.storage_room is None:
+    async def _keep(self, call_id: str, size: int, text: str) -> None:
+        """Hold the storage the run's images take, `size` bytes as kept; when they do not
+        fit the owner's storage quota, fail the run (a ToolError the model and the client
+        read, with what the run printed), keeping none of them."""
+        if not size or self.keep is None:
             return
-        room = await self.storage_room()
-        if room is not None and size > room:
-            raise ToolError(
-                f"the run's images take {size} bytes, more than the {room} bytes left of "
-                "your storage quota, so none of them is kept. Delete files, or responses "
-                "that keep images, to make room, or write smaller images. What the run "
-                f"printed:\n{text or '[no output]'}"
-            )
+        try:
+            await self.keep(call_id, size)
+        except StorageQuotaExceededError as exc:
+            printed = text or "[no output]"
+            raise ToolError(f"{exc.message} What the run printed:\n{printed}") from None

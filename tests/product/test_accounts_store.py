@@ -26,6 +26,7 @@ from orchestrator.store.tables import (
     quota_periods,
     quota_reservations,
     responses,
+    storage_holds,
     usage_records,
 )
 from tests.product.test_store import _record as _turn
@@ -378,3 +379,73 @@ def test_concurrent_uploads_never_pass_the_storage_quota_and_deleting_makes_room
     barrier = threading.Barrier(1)
     assert upload(99) and not upload(100)
     assert upload(0, "user_bob") and kb.storage_used(repo, "user_bob", 0) == 100
+
+
+def _running_response(repo, owner: str, response_id: str) -> dict:
+    body = {
+        "id": response_id,
+        "created_at": 1.0,
+        "status": "in_progress",
+        "previous_response_id": None,
+        "output": [],
+        "conversation": None,
+    }
+    repo.begin_response(owner, body, [])
+    return body
+
+
+def test_concurrent_code_interpreter_runs_and_uploads_never_pass_the_storage_quota(store):
+    """20 code_interpreter runs of running responses hold 100 bytes of images each, and
+    5 uploads of 100 bytes are made, all at once, against a 1,000-byte quota: exactly 10
+    fit. A response's holds give way to its items when its output is written (the same
+    bytes, counted once, and only for the images it kept), as they do when a crash's
+    recovery ends it, and deleting it frees them."""
+    repo = store.repo
+    alice = UserRow("user_alice", "alice", 1, storage_quota_bytes=1000)
+    assert db.create_user(repo, alice)
+    bodies = [_running_response(repo, alice.id, f"resp_{i}") for i in range(20)]
+    barrier = threading.Barrier(25)
+
+    def run(i: int) -> bool:
+        barrier.wait()
+        try:
+            kb.hold_storage(repo, alice.id, f"resp_{i}", f"ci_{i}", 100, 0)
+        except StorageQuotaExceededError as exc:
+            assert exc.code == "storage_quota_exceeded" and "(1000 bytes)" in exc.message
+            return False
+        return True
+
+    def upload(i: int) -> bool:
+        body = {"id": f"file_{i}", "purpose": "assistants", "created_at": 0, "expires_at": None}
+        barrier.wait()
+        try:
+            kb.add_file(repo, alice.id, body, None, b"x" * 100)
+        except StorageQuotaExceededError:
+            return False
+        return True
+
+    with ThreadPoolExecutor(25) as pool:
+        runs = pool.map(run, range(20))
+        uploads = pool.map(upload, range(5))
+        held = [i for i, ok in enumerate(runs) if ok]
+        stored = sum(uploads)
+    assert len(held) + stored == 10 and kb.storage_used(repo, alice.id, 0) == 1000
+    first, *_ = held
+    image = "data:image/png;base64," + "A" * 78  # 100 bytes, as held
+    call = {"id": f"ci_{first}", "type": "code_interpreter_call", "status": "completed"}
+    call |= {"code": "", "container_id": "c", "outputs": [{"type": "image", "url": image}]}
+    done = {"status": "completed"}
+    repo.finish_response(alice.id, {**bodies[first], **done, "output": [call]}, [], None, None)
+    assert kb.storage_used(repo, alice.id, 0) == 1000  # the item's bytes, not the hold's too
+    repo.finish_response(alice.id, {**bodies[held[1]], **done, "output": []}, [], None, None)
+    assert kb.storage_used(repo, alice.id, 0) == 900  # it kept no image after all
+    assert repo.delete_response(alice.id, f"resp_{first}")
+    assert repo.delete_response(alice.id, f"resp_{held[2]}")  # running: its hold goes too
+    assert kb.storage_used(repo, alice.id, 0) == 700
+    with store.engine.connect() as conn:
+        holds = conn.execute(select(func.count()).select_from(storage_holds)).scalar()
+    assert holds == len(held) - 3
+    # A crash's recovery ends the rest, which kept none of their images (none was
+    # checkpointed): their holds go.
+    assert repo.interrupt_unfinished() == 20 - 3
+    assert kb.storage_used(repo, alice.id, 0) == 100 * stored
