@@ -11,7 +11,10 @@ server whose rows are still in flight: taken, that server is gone, and its rows 
 maintenance SQLite's start-up gives every row: its responses end `incomplete`, its usage
 checkpoints are settled and its quota reservations released. The lock is held meanwhile,
 so two servers never recover the same one at once. Rows without a server id (written
-before migration 0010, or on SQLite) are never touched here.
+before migration 0010, or on SQLite) are never touched here. A live server whose lock
+session was cut (the database restarted, the network dropped it) is taken for gone until
+its next sweep takes the lock again: its requests then settle twice, once here from their
+checkpoints and once as they end, which `accounts._write_usage` counts once.
 
 The same session holds the conversations this server's turns run in
 (`hold_conversation`, `conversation_lock.py`), so a crash frees them too.

@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -449,3 +450,56 @@ def test_concurrent_code_interpreter_runs_and_uploads_never_pass_the_storage_quo
     # checkpointed): their holds go.
     assert repo.interrupt_unfinished() == 20 - 3
     assert kb.storage_used(repo, alice.id, 0) == 100 * stored
+
+
+def _image_call(item_id: str, size: int) -> dict:
+    """A code_interpreter_call item keeping one image of `size` bytes as stored."""
+    url = "data:image/png;base64," + "A" * (size - 22)
+    outputs = [{"type": "logs", "logs": ""}, {"type": "image", "url": url}]
+    return {"id": item_id, "type": "code_interpreter_call", "status": "completed"} | {
+        "code": "",
+        "container_id": "c",
+        "outputs": outputs,
+    }
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.integers(0, 1500),
+    st.lists(st.tuples(st.sampled_from(["upload", "run"]), st.integers(30, 400)), max_size=10),
+)
+def test_property_uploads_and_runs_fit_the_storage_quota_exactly(store, quota, writes):
+    """Any sequence of uploads and code_interpreter runs' images: each is taken exactly
+    when it fits what the quota leaves, the storage used is what was taken (never past the
+    quota), and it stays so as the responses' output is written and drops by their images
+    as they are deleted."""
+    repo = store.repo
+    user = UserRow(f"user_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8], 1, None)
+    assert db.create_user(repo, replace(user, storage_quota_bytes=quota))
+    used, kept = 0, {}  # response id -> its image's bytes
+    for i, (kind, size) in enumerate(writes):
+        try:
+            if kind == "upload":
+                body = {"id": f"file_{user.id}_{i}", "purpose": "assistants", "created_at": 0}
+                kb.add_file(repo, user.id, {**body, "expires_at": None}, None, b"x" * size)
+            else:
+                body = _running_response(repo, user.id, f"resp_{user.id}_{i}")
+                kb.hold_storage(repo, user.id, body["id"], f"ci_{user.id}_{i}", size, 0)
+                kept[body["id"]] = size
+        except StorageQuotaExceededError:
+            assert used + size > quota
+        else:
+            assert used + size <= quota
+            used += size
+        assert kb.storage_used(repo, user.id, 0) == used
+    for response_id, size in kept.items():
+        call = _image_call(response_id.replace("resp_", "ci_", 1), size)
+        body = {"id": response_id, "created_at": 1.0, "status": "completed", "output": [call]}
+        repo.finish_response(user.id, body | {"conversation": None}, [], None, None)
+        assert kb.storage_used(repo, user.id, 0) == used
+    for response_id, size in kept.items():
+        assert repo.delete_response(user.id, response_id)
+        used -= size
+        assert kb.storage_used(repo, user.id, 0) == used
