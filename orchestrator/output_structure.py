@@ -19,12 +19,14 @@ call must complete validly.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from engine.structured_output import StructuredOutputsParams, json_schema_grammar_fragment
 from orchestrator.errors import InvalidRequestError
 from orchestrator.tool_parser import CALL_PREFIX, CLOSE_TAG, OPEN_TAG
+from orchestrator.untrusted import FRAME_NOTE_OPEN
 
 # A function declared without parameters takes none: `{}` is its only arguments.
 _NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -32,8 +34,24 @@ _NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": Fal
 # call, tends to repeat the call until its budget runs out and cuts the last one.
 MAX_PARALLEL_CALLS = 8
 ANY_OBJECT = {"type": "object"}
-# Text whose first character past any whitespace is not `<` (or no text at all).
-PLAIN_ANSWER = r"(\s*[^<\s](.|\n)*)?"
+# What only the server writes, around real calls, their results and untrusted text: how
+# the protocol's tags begin (`<tool_call>`, `</tool_response>`, the frame's `<untrusted
+# ...>`: any tag so begun, since a small model refused the tags themselves writes
+# `<tool_response]` or `<untrust>`), and the frame's note. A model writing one in its text
+# shows the protocol to the user, and forges it: a call, a result or a frame the server
+# never made, in the next turn's prompt.
+RESERVED = ("<tool_", "</tool_", "<untrust", "</untrust", FRAME_NOTE_OPEN)
+_ANY = "(.|\\n)*"
+_RESERVED = "|".join(re.escape(t).replace("/", "\\/") for t in RESERVED)
+# Lark token bodies (llguidance's `&`: both sides match; `~`: the other does not).
+# Text holding nothing RESERVED.
+_FREE_TEXT = f"/{_ANY}/ & ~/{_ANY}({_RESERVED}){_ANY}/"
+# The same, its first character past any whitespace not `<`: text right after tool
+# results, which a small model otherwise opens with the markup it has just read. Before
+# a call there, `_LEAD`: some text comes first (refused `<tool_response>`, the default
+# 135M model calls the function again instead of answering).
+_PLAIN_TEXT = f"/\\s*([^<\\s]{_ANY})?/ & ~/{_ANY}({_RESERVED}){_ANY}/"
+_LEAD = f"/\\s*[^<\\s]{_ANY}/ & ~/{_ANY}({_RESERVED}){_ANY}/"
 
 
 def _lark(text: str) -> str:
@@ -220,11 +238,18 @@ def _check_functions(
             json_format_params(schema or _NO_ARGUMENTS, param, what)
 
 
-def plain_answer() -> StructuredOutputsParams:
-    """An answer written after tool results, without tools: free text that does not open
-    with `<`. (The default 135M model otherwise goes on with the markup it has just read,
-    `<tool_response>` or the results' `<untrusted ...>` frame, instead of answering.)"""
-    return StructuredOutputsParams(regex=PLAIN_ANSWER)
+def _text_token(after_results: bool) -> str:
+    return _PLAIN_TEXT if after_results else _FREE_TEXT
+
+
+def protocol_text(after_results: bool) -> StructuredOutputsParams:
+    """Text holding nothing `RESERVED`: the output of a turn offered no tools whose prompt
+    shows calls or their results, which a small model otherwise copies. `after_results`:
+    the prompt ends with results (an answer), and the text cannot open with `<` either;
+    the default 135M model otherwise goes on with the markup it has just read, writing
+    `<tool_response]` or `<untrust>` where the tags themselves are refused."""
+    rules = ["start: TEXT", f"TEXT: {_text_token(after_results)}"]
+    return StructuredOutputsParams(grammar=_grammar(rules))
 
 
 def _call_rules(functions: list[tuple[str, dict | None]], rule: str, opening: str) -> list[str]:
@@ -245,12 +270,15 @@ def tool_call_grammar(
     forced: bool,
     parallel: bool,
     answer_schema: dict | None = None,
+    after_results: bool = False,
 ) -> str:
     """The Lark grammar for a turn with `functions` (name, parameters schema) offered.
 
     forced: only calls (one, or 1 to MAX_PARALLEL_CALLS if `parallel`). Otherwise text with lazily
     triggered calls; with `answer_schema` (a JSON format), the text is that JSON instead
-    (chosen by its first character), so an answer is either the JSON or calls.
+    (chosen by its first character), so an answer is either the JSON or calls. The text
+    holds nothing `RESERVED` (but the opening tag that starts a call); `after_results`
+    (the prompt ends with tool results) it does not open with `<` either (`protocol_text`).
     """
     calls = f'call ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else "call"
     if forced:
@@ -266,15 +294,16 @@ def tool_call_grammar(
         # turn ends after one.
         start = [
             "start: (lazy_call)* TEXT" if parallel else "start: TEXT | lazy_call",
-            "TEXT: /(.|\\n)*/",
-            f"call_trigger[lazy]: TEXT {_lark(OPEN_TAG)}",
+            f"TEXT: {_text_token(after_results)}",
+            f"LEAD: {_LEAD if after_results else _FREE_TEXT}",
+            f"call_trigger[lazy]: LEAD {_lark(OPEN_TAG)}",
             "lazy_call: call_trigger call_body",
         ]
         return _grammar(start, _call_rules(functions, "call_body", "\n"))
     return _grammar(start, _call_rules(functions, "call", OPEN_TAG + "\n"))
 
 
-def _grammar(start: list[str], rules: list[str]) -> str:
+def _grammar(start: list[str], rules: Iterable[str] = ()) -> str:
     return "\n".join(["%llguidance {}", *start, *rules]) + "\n"
 
 
@@ -289,6 +318,8 @@ def turn_structure(
     tools_param: str = "tools",
     strict_functions: Collection[str] = (),
     strict_format: str | None = None,
+    shows_calls: bool = False,
+    after_results: bool = False,
 ) -> StructuredOutputsParams | None:
     """What a turn's output is constrained to (None: free text).
 
@@ -310,14 +341,21 @@ def turn_structure(
     strict_functions, strict_format: the functions, and the format's name, that the
     client declared `"strict": true`, whose schemas OpenAI's strict rules hold
     (`_check_strict`).
+
+    shows_calls: the prompt holds tool calls or results. Text written with tools offered
+    never holds anything `RESERVED`; nor, with this, text written without.
+    after_results: the prompt ends with tool results; text cannot open with `<`
+    (`protocol_text`).
     """
     answer = None
     if fmt_schema is not None:
         strict = None if strict_format is None else Strict.response_format(strict_format)
         answer = json_format_params(fmt_schema, schema_param or fmt_param, strict=strict)
     if not functions:
-        return answer
+        text = answer is None and (shows_calls or after_results)
+        return protocol_text(after_results) if text else answer
     forced = choice in ("required", "function")
     _check_functions(functions, function_params or {}, tools_param, strict_functions)
-    grammar = tool_call_grammar(functions, forced, parallel and choice != "function", fmt_schema)
+    parallel = parallel and choice != "function"
+    grammar = tool_call_grammar(functions, forced, parallel, fmt_schema, after_results)
     return checked(tools_param, grammar=grammar)

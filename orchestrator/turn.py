@@ -59,7 +59,7 @@ from orchestrator.tools import ResolvedTools
 from orchestrator.tools.code_interpreter import CodeInterpreter
 from orchestrator.tools.file_search import FILE_SEARCH, FileSearch
 from orchestrator.turn_hooks import Budget, Place, TokenObserver, output_budget
-from orchestrator.turn_prompt import model_turn_structure, prompt_input
+from orchestrator.turn_prompt import model_turn_structure, prompt_input, shows_tool_items
 from orchestrator.turn_recorder import TurnRecorder
 
 log = logging.getLogger("tokenmill")
@@ -475,10 +475,13 @@ class Turn:
         if left is not None and left < 1:
             raise _Cut("max_output_tokens")
         made = items[len(self.input_items) :]
-        shown, answering = prompt_input(
+        shown, after_results = prompt_input(
             self.history.items, self.input_items, made, self._prompt_items(made), config
         )
-        structure = model_turn_structure(self.request, config, self.tools, answering)
+        shows_calls = shows_tool_items([*self.history.items, *shown])
+        structure = model_turn_structure(
+            self.request, config, self.tools, shows_calls, after_results
+        )
         params = dataclasses.replace(self.params, max_tokens=left, structured_outputs=structure)
         if self.prompt is not None:
             prompt, self.prompt = self.prompt, None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from engine.structured_output import StructuredOutputsParams
 from orchestrator.context import ToolConfig, item_text
-from orchestrator.output_structure import check_left_out, plain_answer, turn_structure
+from orchestrator.output_structure import check_left_out, turn_structure
 from orchestrator.response_request import FunctionTool, ResponseRequest
 from orchestrator.tools import ResolvedTools
 
@@ -20,17 +20,20 @@ ANSWER_REMINDER = (
 
 
 def model_turn_structure(
-    request: ResponseRequest, config: ToolConfig, tools: ResolvedTools, answering: bool = False
+    request: ResponseRequest,
+    config: ToolConfig,
+    tools: ResolvedTools,
+    shows_calls: bool = False,
+    after_results: bool = False,
 ) -> StructuredOutputsParams | None:
     """The grammar a model turn's output must follow: text.format's JSON, and the turn's
     offered tools' calls (forced by "required" or a named function, lazily triggered by
     "auto"), a built-in's arguments under its enforced schema (`argument_schema`), which
     can be stricter than the parameters the prompt lists. A schema the grammar cannot
-    take is a 400 naming its field (a function's `tools[i].parameters`). `answering`: the
-    turn answers after tool results, offered no tools; as text, it cannot open with `<`
-    (`plain_answer`)."""
-    if answering and request.format_schema() is None:
-        return plain_answer()
+    take is a 400 naming its field (a function's `tools[i].parameters`). Where the prompt
+    shows tool calls or results (`shows_calls`: `shows_tool_items`), text holds none of
+    the protocol's tags, and right after results (`after_results`: `prompt_input`) it
+    does not open with `<` (`output_structure.protocol_text`)."""
     functions = [(t.name, tools.call_schema(t.name, t.spec["function"])) for t in config.tools]
     fmt = request.text_format
     return turn_structure(
@@ -43,7 +46,18 @@ def model_turn_structure(
         _function_params(request),
         strict_functions=_strict_functions(request),
         strict_format=fmt["name"] if fmt.get("strict") else None,
+        shows_calls=shows_calls,
+        after_results=after_results,
     )
+
+
+# The items the prompt renders as tool calls and their results (orchestrator/context.py).
+_TOOL_ITEMS = {"function_call", "function_call_output", "code_interpreter_call", "file_search_call"}
+
+
+def shows_tool_items(items: list[dict]) -> bool:
+    """Whether a prompt showing `items` holds tool calls or results."""
+    return any(item.get("type") in _TOOL_ITEMS for item in items)
 
 
 def check_turn_structures(
@@ -84,18 +98,18 @@ def prompt_input(
     config: ToolConfig,
 ) -> tuple[list[dict], bool]:
     """What a generation's prompt shows after the history (the input, this turn's output
-    so far as the prompt renders it, `output`), and whether it is an answer turn: tool
-    results end it (this turn's own, or the client's function_call_output closing the
-    input) and it is offered no tools. An answer turn's prompt repeats the question."""
+    so far as the prompt renders it, `output`), and whether tool results end it (this
+    turn's own, or the client's function_call_output closing the input). Offered no
+    tools, that is an answer turn, whose prompt repeats the question."""
     shown = [*input_items, *output]
-    answering = not config.tools and (shown or [{}])[-1].get("type") == "function_call_output"
+    after_results = (shown or [{}])[-1].get("type") == "function_call_output"
     # The question may be in the history when the input holds only the tool results.
     question = user_question([*history, *input_items])
     # file_search's own output ends with the question already (and how to cite).
     searched = bool(made) and made[-1]["type"] == "file_search_call"
-    if answering and question is not None and not searched:
+    if after_results and not config.tools and question is not None and not searched:
         shown.append(_question_reminder(question))
-    return shown, answering
+    return shown, after_results
 
 
 def _question_reminder(question: str) -> dict:

@@ -89,6 +89,8 @@ def chat_structured_outputs(
             function_params=params,
             strict_functions=strict,
             strict_format=_strict_format(request.response_format),
+            shows_calls=any(m.role == "tool" or m.tool_calls for m in request.messages),
+            after_results=request.messages[-1].role == "tool",
         )
         if request.response_format and request.response_format.type == "json_object":
             texts = (m.content for m in request.messages)

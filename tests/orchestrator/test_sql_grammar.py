@@ -23,7 +23,7 @@ from engine.structured_output import GrammarCompiler
 from engine.tokenizer import Tokenizer
 from orchestrator.chat_types import Tool
 from orchestrator.context import ContextBuilder, ToolConfig
-from orchestrator.output_structure import plain_answer, turn_structure
+from orchestrator.output_structure import protocol_text, turn_structure
 from orchestrator.store.repository import History
 from orchestrator.tool_parser import parse_tool_calls
 from orchestrator.tools import ToolUnavailable, builtin_tools
@@ -206,7 +206,7 @@ def test_an_answer_after_the_results_cannot_open_with_markup(compiler, tokenizer
 
     def accepted(text: str) -> bool:
         ids = [*tokenizer.encode(text), EOS]
-        return compiler.compile(plain_answer()).try_consume_tokens(ids) == len(ids)
+        return compiler.compile(protocol_text(True)).try_consume_tokens(ids) == len(ids)
 
     assert accepted("East China sold $58,388.0 in 2026-Q3 (<1% of <all>).")
     assert accepted("\nThe total is 42.")

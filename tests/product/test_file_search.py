@@ -16,7 +16,7 @@ from openai.types.responses import Response
 from sqlalchemy import update
 
 from orchestrator.errors import InvalidRequestError, NotFoundError
-from orchestrator.output_structure import PLAIN_ANSWER
+from orchestrator.output_structure import protocol_text
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store.knowledge import ACTIVE_EVERY, DAY
 from orchestrator.store.tables import vector_stores
@@ -145,7 +145,7 @@ def test_search_then_an_answer_citing_its_marker(knowledge):
         "<|im_end|>\n<|im_start|>assistant"
     )
     assert prompt.count("Question:") == 1  # not repeated after the output that asks it
-    assert server.engine.params[-1].structured_outputs.regex == PLAIN_ANSWER
+    assert server.engine.params[-1].structured_outputs == protocol_text(True)
     stored = server.client.responses.retrieve(response.id)
     assert stored.output[1].content[0].annotations == text.annotations
     assert stored.tool_choice.type == "file_search" and stored.tools[0].type == "file_search"

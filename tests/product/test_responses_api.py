@@ -28,7 +28,7 @@ from orchestrator import conversation_lock, input_resolver, turn_recorder
 from orchestrator.accounts import keys
 from orchestrator.accounts.identity import LOCAL_USER
 from orchestrator.context import ContextBuilder
-from orchestrator.output_structure import PLAIN_ANSWER
+from orchestrator.output_structure import protocol_text
 from orchestrator.store import Repository, servers
 from orchestrator.store import accounts as accounts_db
 from orchestrator.store.accounts import KeyRow, UserRow, usage_rows
@@ -1678,13 +1678,13 @@ def test_the_answer_to_a_clients_tool_results_is_an_answer_turn(product_server):
     result = [{"type": "function_call_output", "call_id": call.output[0].call_id, "output": "18C"}]
     for offered in ({"tools": [WEATHER], "tool_choice": "none"}, {}):
         client.responses.create(model=MODEL, previous_response_id=call.id, input=result, **offered)
-        assert server.engine.params[-1].structured_outputs.regex == PLAIN_ANSWER
+        assert server.engine.params[-1].structured_outputs == protocol_text(True)
         assert "Question: Weather in Paris?" in _prompt(server).split("18C")[-1]
     client.responses.create(
         model=MODEL, previous_response_id=call.id, input=result, tools=[WEATHER]
     )
     assert "Question:" not in _prompt(server)  # offered tools: the model may call again
-    assert server.engine.params[-1].structured_outputs.regex != PLAIN_ANSWER
+    assert server.engine.params[-1].structured_outputs != protocol_text(True)
 
 
 def test_a_function_call_output_must_answer_a_call(product_server):

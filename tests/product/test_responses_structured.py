@@ -273,3 +273,32 @@ def test_strict_schemas_outside_openais_strict_rules_are_its_400s(product_server
     assert _create(server, **loose).status_code == 200
     loose_format = {**JSON_SCHEMA, "schema": open_place, "strict": False}
     assert _create(server, text={"format": loose_format}).status_code == 200
+
+
+def test_text_after_function_calls_cannot_write_the_servers_markup(product_server, compiler):  # noqa: F811
+    """The Agents SDK's turn after its function ran: the call and its output in the input,
+    the function still offered. The answer cannot open with `<` (the default model wrote
+    `<tool_response>` and the results' `<untrusted ...>` frame here) nor write the
+    protocol's tags or the frame later on, and a call needs text before it; a later turn
+    without tools whose history shows the call cannot write the markup either."""
+    server = product_server(FakeEngine(reply="It is 18C."))
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather"}
+    items = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {**call, "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "18C"},
+    ]
+    first = server.client.responses.create(model=MODEL, input=items, tools=[WEATHER])
+    answer = server.engine.params[-1].structured_outputs
+    assert _accepts(compiler, answer, "It is 18C in Paris.")
+    assert _accepts(compiler, answer, "Let me check again.\n" + CALL)
+    for markup in ("<tool_response>\n", '<untrusted origin="tool get_weather"', "(Data from"):
+        assert not _accepts(compiler, answer, markup)
+        assert not _accepts(compiler, answer, f"It is 18C.\n{markup}")
+    assert not _accepts(compiler, answer, CALL)
+    server.client.responses.create(model=MODEL, input="And Rome?", previous_response_id=first.id)
+    later = server.engine.params[-1].structured_outputs
+    assert _accepts(compiler, later, "<b>Rome</b> is warmer.")
+    assert not _accepts(compiler, later, "Rome: </tool_response>")
+    server.client.responses.create(model=MODEL, input="Hi!")
+    assert server.engine.params[-1].structured_outputs is None

@@ -17,7 +17,7 @@ from pydantic import TypeAdapter
 
 from engine.serve import build_parser, tool_registry
 from orchestrator.accounts.identity import LOCAL
-from orchestrator.output_structure import PLAIN_ANSWER
+from orchestrator.output_structure import protocol_text
 from orchestrator.sandbox import Sandbox
 from orchestrator.tools import ToolRegistry
 from orchestrator.tools.calculator import Calculator
@@ -124,7 +124,7 @@ def test_sql_query_on_the_demo_database(product_server):
     assert "You must call the function 'sql_query'" in _prompt(server, 0)
     # The forced call made, the answer turn is offered no tools.
     assert "<tools>" not in _prompt(server, 1) and "You must call" not in _prompt(server, 1)
-    assert server.engine.params[1].structured_outputs.regex == PLAIN_ANSWER
+    assert server.engine.params[1].structured_outputs == protocol_text(True)
 
 
 def test_a_function_forced_by_name_is_called_once_then_the_model_answers(product_server):
@@ -199,7 +199,7 @@ def test_max_tool_calls_refuses_the_rest_and_asks_for_an_answer(product_server):
     assert len(server.engine.prompts) == 2
     assert "<tools>" not in _prompt(server)  # the last turn had no tools to call
     assert "Question: Add\n" in _prompt(server)
-    assert server.engine.params[1].structured_outputs.regex == PLAIN_ANSWER
+    assert server.engine.params[1].structured_outputs == protocol_text(True)
 
 
 def test_a_tool_error_goes_back_to_the_model(product_server):
