@@ -27,13 +27,11 @@ between <tools> and </tools>:
 {tools}
 </tools>
 
-To call a function, answer with a JSON object holding its "name" and its "arguments", \
-between <tool_call> and </tool_call> tags:
-<tool_call>
-{{"name": "<function name>", "arguments": {{"<argument>": "<value>"}}}}
-</tool_call>
-For several calls, write several such blocks. Results come back between \
-<tool_response> and </tool_response> tags; use them to write your answer."""
+To call a function, write <tool_call>, then on a line of its own a JSON object whose \
+"name" is the function's name and whose "arguments" object holds a value for each of its \
+parameters, then </tool_call>. For several calls, write several such blocks. Results \
+come back between <tool_response> and </tool_response> tags; use them to write your \
+answer."""
 
 _REQUIRED = "You must call at least one of the functions listed above in your next reply."
 _FORCED = "You must call the function {name!r} in your next reply."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -51,6 +52,24 @@ ROUND_TRIP = [
 
 def chat(**body):
     return parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **body})
+
+
+def test_the_default_tool_format_shows_no_made_up_values():
+    """A small model copies the call it is shown: given the example
+    `{"name": "<function name>", "arguments": {"<argument>": "<value>"}}`, the default
+    135M model wrote "<function name>" into forced calls' arguments. The format is
+    described in words: the only tags the prompt shows are the protocol's, and no value
+    is written out beyond the tools' own schemas."""
+    request = chat(tools=[WEATHER_TOOL], tool_choice="required")
+    system = build_chat_prompt(request, native_tools=False).messages[0]["content"]
+    protocol = {"<tools>", "</tools>", "<tool_call>", "</tool_call>"}
+    assert set(re.findall(r"<[^<>\n]*>", system)) <= {
+        *protocol,
+        "<tool_response>",
+        "</tool_response>",
+    }
+    described = system.replace(json.dumps(WEATHER_TOOL), "")
+    assert '": "' not in described and "{" not in described
 
 
 def test_default_tool_format_for_templates_without_a_tool_section():
