@@ -479,6 +479,9 @@ class Turn:
             self.history.items, self.input_items, made, self._prompt_items(made), config
         )
         shows_calls = shows_tool_items([*self.history.items, *shown])
+        # The answer-after-results rules were measured on models that only read the default
+        # tool prompt; a template with its own tool section keeps its chained calls.
+        after_results = after_results and not self.services.context.native_tools
         structure = model_turn_structure(
             self.request, config, self.tools, shows_calls, after_results
         )

@@ -98,7 +98,8 @@ async def create_chat_completion(
     tools = active_tools(request)
     # Building a grammar takes up to a second for a large schema; llguidance releases the
     # GIL meanwhile, so in a thread it leaves the event loop to the other streams.
-    structure = await asyncio.to_thread(chat_structured_outputs, request, tools)
+    native_tools = template_supports_tools(state.prompt_context.tokenizer.chat_template)
+    structure = await asyncio.to_thread(chat_structured_outputs, request, tools, native_tools)
     params = make_sampling_params({**request.sampling, "structured_outputs": structure})
     check_params_vocabulary(params, state.engine.vocab_size)
     ticket = state.admission.enter(params.n, "n", fair_share)

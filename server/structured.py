@@ -68,10 +68,13 @@ def completion_structured_outputs(request: CompletionRequest) -> StructuredOutpu
 
 
 def chat_structured_outputs(
-    request: ChatRequest, tools: list[Tool]
+    request: ChatRequest, tools: list[Tool], native_tools: bool = False
 ) -> StructuredOutputsParams | None:
     """What a chat completion's output is constrained to (None: free text). vLLM's
-    structure fields come without tools and response_format (server/protocol.py)."""
+    structure fields come without tools and response_format (server/protocol.py).
+    `native_tools`: the model's template has a tool section of its own (chat_prompt), so
+    the rules for an answer right after results, measured on models that only read our
+    default tool prompt, do not apply to it."""
     if request.guided is not None:
         return _guided_params(request.guided)
     functions = [(t.name, t.spec["function"].get("parameters")) for t in tools]
@@ -90,7 +93,7 @@ def chat_structured_outputs(
             strict_functions=strict,
             strict_format=_strict_format(request.response_format),
             shows_calls=any(m.role == "tool" or m.tool_calls for m in request.messages),
-            after_results=request.messages[-1].role == "tool",
+            after_results=request.messages[-1].role == "tool" and not native_tools,
         )
         if request.response_format and request.response_format.type == "json_object":
             texts = (m.content for m in request.messages)

@@ -39,15 +39,17 @@ def compiler():
     return tok, GrammarCompiler(tok, tok.backend.get_vocab_size(), tok.stop_token_ids)
 
 
-def _matcher(compiler, **body):
+def _matcher(compiler, native_tools: bool = False, **body):
     tok, grammars = compiler
     request = parse_chat_request({"messages": [{"role": "user", "content": "hi, in JSON"}], **body})
-    return tok, grammars.compile(chat_structured_outputs(request, active_tools(request)))
+    structure = chat_structured_outputs(request, active_tools(request), native_tools)
+    return tok, grammars.compile(structure)
 
 
-def _accepts(compiler, text: str, **body) -> tuple[bool, bool]:
-    """(the whole text is allowed, the grammar is complete after it)."""
-    tok, matcher = _matcher(compiler, **body)
+def _accepts(compiler, text: str, native_tools: bool = False, **body) -> tuple[bool, bool]:
+    """(the whole text is allowed, the grammar is complete after it); `native_tools`: the
+    model's template has a tool section of its own."""
+    tok, matcher = _matcher(compiler, native_tools, **body)
     ids = tok.encode(text)
     return matcher.try_consume_tokens(ids) == len(ids), matcher.is_stopped()
 
@@ -170,6 +172,16 @@ def test_right_after_results_the_text_cannot_open_with_markup(compiler):
     # Not right after results (a new question), a call may open the text again.
     again = {"tools": [WEATHER], "messages": [*CALLED, {"role": "user", "content": "Rome?"}]}
     assert _accepts(compiler, CALL, **again)[0]
+
+
+def test_a_template_with_its_own_tool_section_keeps_chained_calls_after_results(compiler):
+    """The rules right after results were measured on a model that reads only the default
+    tool prompt; a model whose template has a tool section was trained on results, and
+    may call again at once. The server's markup stays refused in its text."""
+    after = {"tools": [WEATHER], "messages": CALLED}
+    assert _accepts(compiler, CALL, native_tools=True, **after)[0]
+    assert _accepts(compiler, "It is 18C.", native_tools=True, **after)[0]
+    assert not _accepts(compiler, "<tool_response>18C", native_tools=True, **after)[0]
 
 
 def test_a_turn_without_tools_or_their_results_stays_free(compiler):
