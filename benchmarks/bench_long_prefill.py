@@ -11,7 +11,8 @@ then after the long prompt's first step a fresh 64-token prompt, all greedy. It 
 short prompt's time to first token from its arrival, the long prompt's from its own, and
 the stream's longest wait between two tokens meanwhile. The thresholds alternate within
 each repeat, so that they are compared on the same machine state; a first round is
-discarded (warm-up).
+discarded (warm-up). `--flat` adds, for each threshold, a round with the cap the same at
+every context (`Scheduler.chunk_limit` shrinks it past a context of the step budget).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+import types
 from dataclasses import dataclass
 
 from engine import LLM, SamplingParams
@@ -68,10 +70,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[2000, 4000])
     p.add_argument("--thresholds", type=int, nargs="+", default=[0, 256])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--flat", action="store_true", help="also each threshold unscaled")
     args = p.parse_args()
     llm = LLM(args.model)
     llm.engine.wait_for_compile()
     scheduler = llm.engine.scheduler
+    scaled = scheduler.chunk_limit
+    flat = types.MethodType(lambda self, computed: self.long_prefill_token_threshold, scheduler)
+    variants = [("", scaled)] + ([(" flat", flat)] if args.flat else [])
     rng = random.Random(0)
     run_round(llm, 512, rng)  # warm-up
     print(
@@ -82,13 +88,15 @@ def main() -> None:
     for n in args.tokens:
         for _ in range(args.repeats):
             for threshold in args.thresholds:
-                scheduler.max_chunk = threshold or scheduler.max_num_batched_tokens
-                r = run_round(llm, n, rng)
-                print(
-                    f"| {n} | {threshold} | {r.short_ttft:.2f} | {r.long_ttft:.2f} "
-                    f"| {r.stream_gap:.2f} |",
-                    flush=True,
-                )
+                for label, limit in variants if threshold else variants[:1]:
+                    scheduler.long_prefill_token_threshold = threshold
+                    scheduler.chunk_limit = limit
+                    r = run_round(llm, n, rng)
+                    print(
+                        f"| {n} | {threshold}{label} | {r.short_ttft:.2f} | {r.long_ttft:.2f} "
+                        f"| {r.stream_gap:.2f} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

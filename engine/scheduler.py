@@ -11,7 +11,9 @@ option; 0: no cap). Without it a long prompt takes the whole budget every step u
 prefilled, so a short prompt that arrives meanwhile waits for all of it, and each of those
 steps, whose attention grows with the context, holds up the flowing streams' next tokens:
 on a CPU a 2,048-token chunk deep into an 8K prompt takes seconds. With the cap, what is
-left of the budget admits the prompts behind it in the next step.
+left of the budget admits the prompts behind it in the next step. Past a context of
+`max_num_batched_tokens` the cap shrinks in proportion to the context, so that a chunk's
+attention (its tokens times the context they read) stays what the cap's tokens cost there.
 
 The prefix cache is keyed by `Sequence.cache_key`: the token ids, shifted out of every
 vocabulary for a request with a `cache_salt`, so that requests of different salts (users)
@@ -78,7 +80,7 @@ class Scheduler:
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_chunk = long_prefill_token_threshold or max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order, oldest first
         self.num_preemptions = 0
@@ -136,7 +138,7 @@ class Scheduler:
                     continue
                 n = 1
             else:
-                n = min(remaining, prefill_budget, self.max_chunk)
+                n = min(remaining, prefill_budget, self.chunk_limit(seq.num_computed_tokens))
                 if n == 0:
                     kept.append(seq)
                     continue
@@ -181,11 +183,19 @@ class Scheduler:
             seq.num_computed_tokens = cached
             seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(seq.num_tokens - cached, budget, self.max_chunk)
+            n = min(seq.num_tokens - cached, budget, self.chunk_limit(cached))
             budget -= n
             self._add_to_batch(batch, seq, n)
             # for the prompts admitted after this one (see the module docstring)
             self.bm.cache(seq.seq_id, key[: cached + n])
+
+    def chunk_limit(self, computed: int) -> int:
+        """The most tokens of a prompt, `computed` of whose tokens are in the cache, one step
+        may take (see the module docstring)."""
+        cap, reach = self.long_prefill_token_threshold, self.max_num_batched_tokens
+        if not cap:
+            return reach
+        return max(1, cap * reach // max(computed, reach))
 
     def _add_to_batch(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         batch.seqs.append(seq)

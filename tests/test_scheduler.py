@@ -53,6 +53,15 @@ def test_a_prompt_behind_a_long_one_starts_in_the_next_step():
     assert _steps_to_first_token(0) == 4
 
 
+def test_past_the_budget_the_chunk_shrinks_with_the_context_it_reads():
+    """A chunk's attention (its tokens times its context) stays what the cap's tokens cost
+    at a context of the budget; 0 leaves the budget alone."""
+    scheduler = Scheduler(BlockManager(64), 8, 2048, 256)
+    assert [scheduler.chunk_limit(c) for c in (0, 1000, 2048)] == [256] * 3
+    assert [scheduler.chunk_limit(c) for c in (4096, 8192)] == [128, 64]
+    assert Scheduler(BlockManager(64), 8, 2048, 0).chunk_limit(8192) == 2048
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     prompts=st.lists(
@@ -68,7 +77,8 @@ def test_steps_keep_the_budget_and_the_chunk_cap_and_every_request_ends(
     prompts, budget, threshold, max_num_seqs
 ):
     """Arrivals at random steps: no step computes more than its budget, no prompt more
-    than the threshold's tokens a step, and every request finishes."""
+    than its chunk limit (at most the threshold's tokens) a step, and every request
+    finishes."""
     scheduler = Scheduler(BlockManager(256), max_num_seqs, budget, threshold)
     seqs = [_sequence(f"r{i}", n, out) for i, (n, out, _) in enumerate(prompts)]
     arrivals = {i: at for i, (_, _, at) in enumerate(prompts)}
@@ -76,8 +86,10 @@ def test_steps_keep_the_budget_and_the_chunk_cap_and_every_request_ends(
         for i, at in arrivals.items():
             if at == step:
                 scheduler.add(seqs[i])
+        limits = {id(seq): scheduler.chunk_limit(seq.num_computed_tokens) for seq in seqs}
         work = _step(scheduler)
         assert sum(n for _, n in work) <= budget
+        assert all(n <= limits[id(seq)] for seq, n in work)
         assert threshold == 0 or all(n <= threshold for _, n in work)
         if step > max(arrivals.values()) and all(s.status is Status.FINISHED for s in seqs):
             return
