@@ -241,7 +241,9 @@ def test_outputs_carry_vllms_request_metrics_in_the_order_things_happened(tiny_m
         assert m.first_token_time <= m.last_token_time <= m.finished_time
         assert m.time_in_queue == m.first_scheduled_time - m.arrival_time
     assert second.first_scheduled_time >= first.finished_time
-    assert second.time_in_queue >= first.finished_time - first.arrival_time
+    # It waited from its own arrival, a little after the first's, until the first finished.
+    assert second.arrival_time >= first.arrival_time
+    assert second.time_in_queue >= first.finished_time - second.arrival_time
     scored = llm.generate([1, 2, 3], SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
     assert scored.metrics.first_token_time is None  # no token was generated
     assert scored.metrics.finished_time >= scored.metrics.first_scheduled_time
