@@ -44,14 +44,15 @@ RESERVED = ("<tool_", "</tool_", "<untrust", "</untrust", FRAME_NOTE_OPEN)
 _ANY = "(.|\\n)*"
 _RESERVED = "|".join(re.escape(t).replace("/", "\\/") for t in RESERVED)
 # Lark token bodies (llguidance's `&`: both sides match; `~`: the other does not).
+_NOTHING_RESERVED = f"~/{_ANY}({_RESERVED}){_ANY}/"
 # Text holding nothing RESERVED.
-_FREE_TEXT = f"/{_ANY}/ & ~/{_ANY}({_RESERVED}){_ANY}/"
+_FREE_TEXT = f"/{_ANY}/ & {_NOTHING_RESERVED}"
 # The same, its first character past any whitespace not `<`: text right after tool
 # results, which a small model otherwise opens with the markup it has just read. Before
 # a call there, `_LEAD`: some text comes first (refused `<tool_response>`, the default
 # 135M model calls the function again instead of answering).
-_PLAIN_TEXT = f"/\\s*([^<\\s]{_ANY})?/ & ~/{_ANY}({_RESERVED}){_ANY}/"
-_LEAD = f"/\\s*[^<\\s]{_ANY}/ & ~/{_ANY}({_RESERVED}){_ANY}/"
+_PLAIN_TEXT = f"/\\s*([^<\\s]{_ANY})?/ & {_NOTHING_RESERVED}"
+_LEAD = f"/\\s*[^<\\s]{_ANY}/ & {_NOTHING_RESERVED}"
 
 
 def _lark(text: str) -> str:
