@@ -36,10 +36,11 @@ from engine.model_runner import ModelRunner, num_kv_blocks
 from engine.output_processor import OutputProcessor
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.sampler import NO_TOKEN, make_generator
-from engine.sampling_params import SamplingParams, is_int, truncate_prompt
+from engine.sampling_params import SamplingParams, is_int
 from engine.scheduler import Scheduler, max_tokens_for
 from engine.sequence import Request, Sequence
 from engine.structured_output import GrammarCompiler, GrammarMasks, accept_token
+from engine.tokenizer import truncate_prompt
 
 log = logging.getLogger("tokenmill")
 

@@ -72,14 +72,6 @@ def _require(ok: bool, name: str, rule: str, value: object) -> None:
         raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
-def truncate_prompt(token_ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
-    """The prompt's last `keep` tokens (`truncate_prompt_tokens`; -1: the context window's
-    worth), as vLLM keeps them; the whole prompt when `keep` is None."""
-    if keep is None:
-        return token_ids
-    return token_ids[-(max_model_len if keep == -1 else keep) :]
-
-
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request and when to stop it."""

@@ -401,6 +401,14 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------
 
 
+def truncate_prompt(token_ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """The prompt's last `keep` tokens (`truncate_prompt_tokens`; -1: the context window's
+    worth), as vLLM keeps them; the whole prompt when `keep` is None."""
+    if keep is None:
+        return token_ids
+    return token_ids[-(max_model_len if keep == -1 else keep) :]
+
+
 def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     split = _LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT if pre in _QWEN2_PRE else None
     if split is None:

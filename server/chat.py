@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import uuid
 from collections.abc import AsyncGenerator
@@ -14,12 +13,9 @@ from starlette.responses import Response
 from starlette.types import Receive
 
 from engine import RequestOutput, SamplingParams
-from engine.errors import ContextLengthExceededError
 from engine.outputs import num_output_tokens
-from engine.sampling_params import truncate_prompt
-from engine.tokenizer import chat_template_options
 from orchestrator.accounts import Meter
-from orchestrator.chat_prompt import active_tools, build_chat_prompt, template_supports_tools
+from orchestrator.chat_prompt import active_tools, template_supports_tools
 from orchestrator.chat_types import ChatRequest
 from orchestrator.tool_parser import (
     ArgumentsDelta,
@@ -31,25 +27,21 @@ from orchestrator.tool_parser import (
     first_call_function,
 )
 from orchestrator.turn_hooks import output_budget
-from server.errors import invalid
 from server.generation import (
     ChoiceResult,
     Collected,
     ResponseHeader,
     beam_search_params,
-    check_context,
     check_params_vocabulary,
-    check_prompt_chars,
     engine_outputs,
     make_sampling_params,
     merge,
     respond,
     usage,
-    window_error,
 )
 from server.logprobs import chat_logprobs, logprob_names, prompt_logprobs
 from server.metrics import RequestTimer
-from server.prep_process import PromptContext
+from server.prompt_prep import check_context, encode_chat_prompt, prompt_chars
 from server.sse import DONE, event
 from server.state import ServerState
 from server.structured import chat_structured_outputs
@@ -105,7 +97,7 @@ async def create_chat_completion(
     ticket = state.admission.enter(params.n, "n", fair_share)
     try:
         prompt_ids = await state.prepare(
-            _prompt_size(request), _encode_prompt, request, params.truncate_prompt_tokens
+            _prompt_size(request), encode_chat_prompt, request, params.truncate_prompt_tokens
         )
         params = _default_max_tokens(state, params, len(prompt_ids))
         run_params = params
@@ -137,23 +129,13 @@ async def create_chat_completion(
 
 
 def _prompt_size(request: ChatRequest) -> int:
-    """`_prompt_chars`, or "too many to count here" when even counting would be slow."""
+    """`prompt_chars`, or "too many to count here" when even counting would be slow."""
     variables = request.chat_template_kwargs
     if len(request.messages) + len(request.tools) + len(variables) > 64 or any(
         isinstance(v, dict | list) for v in variables.values()
     ):
         return sys.maxsize
-    return _prompt_chars(request)
-
-
-def _prompt_chars(request: ChatRequest) -> int:
-    """The text a request puts into its prompt: contents, past calls, tool schemas and
-    the template variables (chat_template_kwargs), which a template may write out."""
-    chars = sum(len(t.name) + len(json.dumps(t.spec)) for t in request.tools)
-    chars += len(json.dumps(request.chat_template_kwargs, ensure_ascii=False))
-    for m in request.messages:
-        chars += len(m.content or "") + sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
-    return chars
+    return prompt_chars(request)
 
 
 def _default_max_tokens(
@@ -167,34 +149,6 @@ def _default_max_tokens(
     if params.max_tokens is not None or cap is None or room < 1:
         return params
     return replace(params, max_tokens=min(cap, room))
-
-
-def _encode_prompt(context: PromptContext, request: ChatRequest, truncate: int | None) -> list[int]:
-    """Render and tokenize (in the preparation process for a large prompt), after
-    checking the request's size; `truncate` (truncate_prompt_tokens) keeps the last
-    tokens of a prompt that may be longer than the window."""
-    check_prompt_chars(_prompt_chars(request), context.max_prompt_chars, "messages")
-    tokenizer = context.tokenizer
-    prompt = build_chat_prompt(request, template_supports_tools(tokenizer.chat_template))
-    options = chat_template_options(
-        request.add_generation_prompt,
-        request.continue_final_message,
-        prompt.tools,
-        request.chat_template_kwargs,
-    )
-    max_len = context.max_model_len
-    try:
-        text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, **options)
-        ids = tokenizer.encode_chat_text(text, max_tokens=None if truncate else max_len)
-        return truncate_prompt(ids, truncate, max_len)
-    except ContextLengthExceededError as exc:
-        raise window_error(exc, max_len, "messages") from None
-    # Templates reject conversations with jinja's raise_exception (a TemplateError) or
-    # trip on a shape they do not expect; either way the messages are what to fix.
-    except Exception as exc:
-        raise invalid(
-            f"the model's chat template cannot render these messages: {exc}", "messages"
-        ) from None
 
 
 def new_call_id() -> str:

@@ -12,31 +12,24 @@ from starlette.responses import Response
 from starlette.types import Receive
 
 from engine import RequestOutput
-from engine.errors import ContextLengthExceededError
 from engine.outputs import num_output_tokens
-from engine.sampling_params import truncate_prompt
 from orchestrator.accounts import Meter
 from orchestrator.chat_types import CompletionRequest
 from orchestrator.turn_hooks import output_budget
-from server.errors import invalid
 from server.generation import (
     Collected,
     ResponseHeader,
     beam_search_params,
-    check_context,
     check_params_vocabulary,
-    check_prompt_chars,
-    check_token_ids,
     engine_outputs,
     make_sampling_params,
     merge,
     respond,
     usage,
-    window_error,
 )
 from server.logprobs import completion_logprobs, echoed_prompt, logprob_names, prompt_logprobs
 from server.metrics import RequestTimer
-from server.prep_process import PromptContext
+from server.prompt_prep import prepare_prompts
 from server.sse import DONE, event
 from server.state import ServerState
 from server.structured import completion_structured_outputs
@@ -78,48 +71,6 @@ class CompletionRun:
         return ids if prompt_ids is None else {"prompt_token_ids": prompt_ids, **ids}
 
 
-def _prepare_prompts(
-    context: PromptContext,
-    prompts: list[str | list[int]],
-    echo: bool,
-    completion: int | None,
-    truncate: int | None,
-    special: bool,
-) -> tuple[list[list[int]], list[str]]:
-    """Each prompt as token ids, and as text when echoed (in the preparation process for
-    large prompts), after the size and vocabulary checks that make tokenizing and
-    decoding them safe and bounded. `truncate` (truncate_prompt_tokens) keeps each
-    prompt's last tokens; a prompt it cut echoes the tokens kept. `special`
-    (add_special_tokens) frames text prompts with the model's special tokens (a BOS)."""
-    tokenizer, max_len = context.tokenizer, context.max_model_len
-    ids_list: list[list[int]] = []
-    echoed: list[str] = []
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            check_prompt_chars(len(prompt), context.max_prompt_chars, "prompt")
-            try:
-                ids = tokenizer.encode(
-                    prompt, add_special_tokens=special, max_tokens=None if truncate else max_len
-                )
-            except ContextLengthExceededError as exc:
-                raise window_error(exc, max_len, "prompt") from None
-        else:
-            ids = prompt
-        kept = truncate_prompt(ids, truncate, max_len)
-        check_context(len(kept), completion, max_len, "prompt")
-        if isinstance(prompt, list):
-            check_token_ids(kept, context.vocab_size, "prompt")
-        if not kept:
-            raise invalid("prompt must not be empty", "prompt")
-        ids_list.append(kept)
-        if echo:
-            # Token prompts echo every token as written, special ones (`<|im_start|>`)
-            # included, as a text prompt holding them does.
-            whole = isinstance(prompt, str) and len(kept) == len(ids)
-            echoed.append(prompt if whole else tokenizer.decode(kept, skip_special_tokens=False))
-    return ids_list, echoed
-
-
 async def create_completion(
     state: ServerState,
     request: CompletionRequest,
@@ -151,7 +102,7 @@ async def create_completion(
         # after it is dropped, and never takes a position.
         prompts, texts = await state.prepare(
             size,
-            _prepare_prompts,
+            prepare_prompts,
             request.prompts,
             request.echo,
             params.max_tokens,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from starlette.responses import Response
 
-from engine.sampling_params import truncate_prompt
+from engine.tokenizer import truncate_prompt
 from server.errors import APIError, invalid, typed_field
 from server.json_body import json_response
 from server.vllm_fields import check_embedding_fields, request_id

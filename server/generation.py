@@ -36,6 +36,7 @@ from server.disconnect import unless_disconnected
 from server.errors import APIError, from_value_error, invalid, shutting_down
 from server.json_body import json_response
 from server.metrics import RequestTimer
+from server.prompt_prep import context_error
 from server.sse import DONE, EventStreamResponse
 from server.state import ServerState, Ticket
 
@@ -98,16 +99,6 @@ def beam_search_params(params: SamplingParams, length_penalty: float) -> BeamSea
         raise from_value_error(exc) from None
 
 
-def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
-    """Prompt token ids a client sends must name tokens of the model."""
-    beyond = next((t for t in ids if t >= vocab_size), None)
-    if beyond is not None:
-        raise invalid(
-            f"{param} must hold token ids below the vocabulary size ({vocab_size}), got {beyond}",
-            param=param,
-        )
-
-
 def check_params_vocabulary(params: SamplingParams, vocab_size: int) -> None:
     """The token ids in a request's sampling parameters, checked before anything is
     reserved or charged: the engine would refuse them only after the prompt was counted."""
@@ -115,41 +106,6 @@ def check_params_vocabulary(params: SamplingParams, vocab_size: int) -> None:
         params.check_vocabulary(vocab_size)
     except ValueError as exc:
         raise from_value_error(exc) from None
-
-
-def check_prompt_chars(num_chars: int, limit: int, param: str) -> None:
-    """Refuse a prompt too long to fit before paying to render or tokenize it."""
-    if num_chars > limit:
-        raise context_error(
-            f"the {param} has {num_chars} characters; this server accepts at most {limit} "
-            "per prompt (its context window could not hold more)",
-            param,
-        )
-
-
-def context_error(message: str, param: str) -> APIError:
-    return invalid(message, param=param, code="context_length_exceeded")
-
-
-def window_error(exc: ContextLengthExceededError, max_model_len: int, param: str) -> APIError:
-    """A prompt the tokenizer found too long before tokenizing all of it."""
-    return context_error(
-        f"This model's maximum context length is {max_model_len} tokens; {exc}", param
-    )
-
-
-def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int, param: str) -> None:
-    """Reject up front what cannot fit, with OpenAI's wording and error code. `max_tokens`
-    None: at least one token; 0: none (a prompt scored, not continued)."""
-    wanted = num_prompt + (1 if max_tokens is None else max_tokens)
-    if wanted > max_model_len:
-        completion = max_tokens if max_tokens is not None else "at least 1"
-        raise context_error(
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {wanted} tokens ({num_prompt} in the {param}, {completion} in the "
-            "completion). Please reduce the length of the prompt or of max_tokens.",
-            param,
-        )
 
 
 async def engine_outputs(

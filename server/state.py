@@ -35,7 +35,7 @@ WORKER_THREADS = 2
 # never queue behind large ones.
 INLINE_PROMPT_CHARS = 8192
 # The modules of the prompt functions `prepare` sends to the preparation process.
-PREPARATION_MODULES = ("server.chat", "server.completions")
+PREPARATION_MODULES = ("server.prompt_prep",)
 # Names echoed back in errors are cut to this length.
 MAX_ECHOED_CHARS = 64
 

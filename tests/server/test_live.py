@@ -411,6 +411,35 @@ def test_client_errors(live, client):
     assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
 
 
+def test_large_prompts_are_prepared_in_a_child_without_the_engine(live, client):
+    """A prompt past the event loop's inline size is rendered and tokenized in the
+    preparation process, which holds the tokenizer and the prompt code only: spawn's
+    re-import of the server's main module would bring torch and the whole engine in."""
+    text = "hello world " * 1000  # 12,000 characters, above INLINE_PROMPT_CHARS
+    chat = greedy(client, [{"role": "user", "content": text + "Say hi."}], max_tokens=2)
+    completion = client.completions.create(model=MODEL, prompt=text, max_tokens=2, temperature=0)
+    assert chat.usage.prompt_tokens > 2000 and completion.usage.prompt_tokens > 2000
+    (child,) = [
+        pid
+        for pid in _children(live.process.pid)
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert "libtorch" not in Path(f"/proc/{child}/maps").read_text()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def test_first_chunk_arrives_while_generation_is_still_running(live, client):
     stream = greedy(client, max_tokens=48, stream=True, extra_body={"ignore_eos": True})
     arrivals = []
