@@ -15,7 +15,7 @@ from starlette.types import Receive
 from engine import RequestOutput, SamplingParams
 from engine.outputs import num_output_tokens
 from orchestrator.accounts import Meter
-from orchestrator.chat_prompt import active_tools, template_supports_tools
+from orchestrator.chat_prompt import active_tools
 from orchestrator.chat_types import ChatRequest
 from orchestrator.tool_parser import (
     ArgumentsDelta,
@@ -90,7 +90,7 @@ async def create_chat_completion(
     tools = active_tools(request)
     # Building a grammar takes up to a second for a large schema; llguidance releases the
     # GIL meanwhile, so in a thread it leaves the event loop to the other streams.
-    native_tools = template_supports_tools(state.prompt_context.tokenizer.chat_template)
+    native_tools = state.prompt_context.native_tools
     structure = await asyncio.to_thread(chat_structured_outputs, request, tools, native_tools)
     params = make_sampling_params({**request.sampling, "structured_outputs": structure})
     check_params_vocabulary(params, state.engine.vocab_size)

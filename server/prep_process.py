@@ -65,6 +65,9 @@ class PromptContext:
     max_model_len: int
     vocab_size: int
     max_prompt_chars: int
+    # The chat template writes the tools out itself (orchestrator.chat_prompt), worked out
+    # once: the grammar and the prompt of every chat request depend on it.
+    native_tools: bool
 
 
 _context: PromptContext | None = None  # the child's copy, set when it starts

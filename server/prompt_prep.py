@@ -14,7 +14,7 @@ import json
 
 from engine.errors import ContextLengthExceededError
 from engine.tokenizer import chat_template_options, truncate_prompt
-from orchestrator.chat_prompt import build_chat_prompt, template_supports_tools
+from orchestrator.chat_prompt import build_chat_prompt
 from orchestrator.chat_types import ChatRequest
 from server.errors import APIError, invalid
 from server.prep_process import PromptContext
@@ -83,7 +83,7 @@ def encode_chat_prompt(
     tokens of a prompt that may be longer than the window."""
     check_prompt_chars(prompt_chars(request), context.max_prompt_chars, "messages")
     tokenizer = context.tokenizer
-    prompt = build_chat_prompt(request, template_supports_tools(tokenizer.chat_template))
+    prompt = build_chat_prompt(request, context.native_tools)
     options = chat_template_options(
         request.add_generation_prompt,
         request.continue_final_message,

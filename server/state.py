@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
 from engine.client import EngineClient
+from orchestrator.chat_prompt import template_supports_tools
 from orchestrator.context import PROMPT_CHARS_PER_TOKEN
 from orchestrator.logprobs import TokenNames
 from server.disconnect import unless_disconnected
@@ -251,7 +252,11 @@ class ServerState:
             PROMPT_CHARS_PER_TOKEN * engine.max_model_len
         )
         self.prompt_context = PromptContext(
-            engine.tokenizer, engine.max_model_len, engine.vocab_size, max_prompt_chars
+            engine.tokenizer,
+            engine.max_model_len,
+            engine.vocab_size,
+            max_prompt_chars,
+            template_supports_tools(engine.tokenizer.chat_template),
         )
         self.prep = PrepProcess(self.prompt_context, PREPARATION_MODULES)
         self.workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="tokenmill-parse")

@@ -38,7 +38,9 @@ def die() -> None:
 @pytest.fixture(scope="module")
 def prep():
     # Its jobs are this module's functions: imported as the child starts, not at SCHED_IDLE.
-    process = PrepProcess(PromptContext(FakeTokenizer(), 77, 100, 1000), preload=(__name__,))
+    process = PrepProcess(
+        PromptContext(FakeTokenizer(), 77, 100, 1000, native_tools=False), preload=(__name__,)
+    )
     process.start()
     yield process
     process.close()
@@ -57,7 +59,8 @@ def test_the_jobs_modules_are_imported_before_the_priority_drops():
     busy. The modules named to preload are imported while the child starts, at the
     server's own priority."""
     process = PrepProcess(
-        PromptContext(FakeTokenizer(), 8, 8, 8), preload=("tests.server.prep_probe",)
+        PromptContext(FakeTokenizer(), 8, 8, 8, native_tools=False),
+        preload=("tests.server.prep_probe",),
     )
     try:
         assert asyncio.run(process.run(prep_probe.nice_at_import)) == os.getpriority(
@@ -163,7 +166,7 @@ import asyncio, os, sys
 from server.prep_process import PrepProcess, PromptContext
 from tests.server.fake_tokenizer import FakeTokenizer
 
-prep = PrepProcess(PromptContext(FakeTokenizer(), 8, 8, 8))
+prep = PrepProcess(PromptContext(FakeTokenizer(), 8, 8, 8, native_tools=False))
 prep.start()
 print(asyncio.run(prep.run(os.getpid)), flush=True)
 os.kill(os.getpid(), 9)
