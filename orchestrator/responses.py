@@ -39,6 +39,7 @@ from orchestrator.response_request import (
     sampling_params,
 )
 from orchestrator.store import UNFINISHED, History, Page, Repository, Store
+from orchestrator.store.storage_quota import kept_output_bytes
 from orchestrator.tools import ResolvedTools, ToolRegistry, ToolUnavailable, builtin_tools
 from orchestrator.tools.code_interpreter import CodeInterpreter
 from orchestrator.tools.file_search import (
@@ -47,7 +48,7 @@ from orchestrator.tools.file_search import (
     FileSearchBackend,
     FileSearchTool,
 )
-from orchestrator.turn import RESPONSE_DEFAULTS, PreparedTurn, Turn, TurnServices
+from orchestrator.turn import RESPONSE_DEFAULTS, PreparedTurn, Turn, TurnServices, new_response
 from orchestrator.turn_hooks import (
     Budget,
     NoObserver,
@@ -179,7 +180,8 @@ class ResponseService:
             await place.wait()  # its client waits with it: it starts `in_progress`
             place = None
         await self._reserve(budget, prepared)
-        turn = Turn(self.turn_services, prepared, observer or NoObserver(), budget, place)
+        recorded = await self._record_given_images(prepared, place)
+        turn = Turn(self.turn_services, prepared, observer or NoObserver(), budget, place, recorded)
         self.running[turn.id] = turn
         if request.background:
             self.background.add(owner, turn.id, turn.log)
@@ -203,6 +205,24 @@ class ResponseService:
         check_json_mention(request, history)
         prompt = await self._first_prompt(request, history, input_items, config)
         return PreparedTurn(owner, request, history, input_items, tools, prompt, params)
+
+    async def _record_given_images(
+        self, prepared: PreparedTurn, place: Place | None
+    ) -> dict | None:
+        """The response, written before its turn starts when it is stored and its input
+        keeps images (code_interpreter calls given back, each stored as a copy of its
+        own): their bytes count in the owner's storage quota, checked and held by the
+        transaction that writes them (`Repository.begin_response`), so that a request
+        they do not fit is refused (a 400, as an upload is) before it has a response.
+        None for any other response, which its turn writes beside its run."""
+        if not prepared.request.store or not any(map(kept_output_bytes, prepared.input_items)):
+            return None
+        queued = place is not None and place.queued
+        response = new_response(prepared.request, "queued" if queued else "in_progress")
+        await self.store.call(
+            Repository.begin_response, prepared.owner, response, prepared.input_items
+        )
+        return response
 
     @staticmethod
     def _params(owner: str, request: ResponseRequest) -> SamplingParams:

@@ -73,7 +73,7 @@ UNRECORDED = (
 
 # Fields the Open Responses spec requires on every response object, at the values a
 # request that leaves them out runs with (the service tier is the one this server has).
-# A request's own values replace them (`_new_response`); a response stored before they
+# A request's own values replace them (`new_response`); a response stored before they
 # were recorded reads with these (`ResponseService.retrieve`).
 RESPONSE_DEFAULTS = MappingProxyType(
     {
@@ -88,7 +88,7 @@ RESPONSE_DEFAULTS = MappingProxyType(
 )
 
 
-def _new_response(request: ResponseRequest, status: str) -> dict:
+def new_response(request: ResponseRequest, status: str) -> dict:
     """The response object as the request starts it: `status` (`in_progress`, or
     `queued`), with no output yet, and the request's settings echoed."""
     return {
@@ -213,7 +213,11 @@ class Turn:
         observer: TokenObserver,
         budget: Budget,
         place: Place | None = None,
+        recorded: dict | None = None,
     ) -> None:
+        """`recorded`: the response as `ResponseService` already wrote it, `in_progress`
+        or `queued` with its input items (`ResponseService._record_given_images`); None:
+        the turn makes it and writes it beside its run."""
         self.services = services
         self.owner = prepared.owner
         self.request = prepared.request
@@ -228,7 +232,7 @@ class Turn:
         self.place = place
         queued = place is not None and place.queued
         self.events = ResponseEvents(
-            _new_response(self.request, "queued" if queued else "in_progress")
+            recorded or new_response(self.request, "queued" if queued else "in_progress")
         )
         self.id: str = self.events.response["id"]
         code = self.tools.builtins.get(CodeInterpreter.name)
@@ -253,7 +257,7 @@ class Turn:
             self._usage_so_far,
         )
         self._consumer: asyncio.Task | None = None
-        self._recorder.begin()
+        self._recorder.begin(written=recorded is not None)
         self._task = asyncio.create_task(self._run())
 
     async def _hold_storage(self, item_id: str, size: int) -> None:

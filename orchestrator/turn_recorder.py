@@ -54,16 +54,20 @@ class TurnRecorder:
         self.input_items = input_items
         self.budget = budget
         self.usage_so_far = usage_so_far
-        self._begun: asyncio.Task | None = None  # the in_progress row's write
+        self._begun: asyncio.Future | None = None  # the in_progress row's write
         self._begin_recorded = False  # the in_progress row is written (`_record`)
         self._turn_over = asyncio.Event()  # ends the checkpoints (`_checkpoint`)
         self._checkpoints: asyncio.Task | None = None
 
-    def begin(self) -> None:
-        """Write the response `in_progress` (when stored) and start the checkpoints; both
-        run beside the turn, which need not wait for the database to stream."""
+    def begin(self, written: bool = False) -> None:
+        """Write the response `in_progress` (when stored, unless it is `written` already)
+        and start the checkpoints; both run beside the turn, which need not wait for the
+        database to stream."""
         store = self.store
-        if store is not None:
+        if store is not None and written:
+            self._begun = asyncio.get_running_loop().create_future()
+            self._begun.set_result(None)
+        elif store is not None:
             snapshot = copy.deepcopy(self.events.response)
             self._begun = asyncio.create_task(
                 store.call(Repository.begin_response, self.owner, snapshot, self.input_items)
@@ -93,7 +97,7 @@ class TurnRecorder:
             return True
         return await self._record_or_retry(self.store, self._begun, tokens, history_start)
 
-    async def _checkpoint(self, store: Store | None, begun: asyncio.Task | None) -> None:
+    async def _checkpoint(self, store: Store | None, begun: asyncio.Future | None) -> None:
         """Every CHECKPOINT_S (orchestrator/accounts/meter.py) while the turn runs, write its
         usage so far and (when stored) its output as it stands, so a crash of the server
         loses only the last seconds of it (Repository.checkpoint_response) and still leaves
@@ -115,7 +119,7 @@ class TurnRecorder:
                 written = await self._checkpoint_output(store, begun, written)
 
     async def _checkpoint_output(
-        self, store: Store, begun: asyncio.Task, written: list[dict]
+        self, store: Store, begun: asyncio.Future, written: list[dict]
     ) -> list[dict]:
         """Write the output, with the usage so far, if it changed since `written`; returns
         what is written now."""
@@ -142,7 +146,11 @@ class TurnRecorder:
             await asyncio.gather(self._checkpoints, return_exceptions=True)
 
     async def _record(
-        self, store: Store, begun: asyncio.Task, tokens: list[int] | None, history_start: str | None
+        self,
+        store: Store,
+        begun: asyncio.Future,
+        tokens: list[int] | None,
+        history_start: str | None,
     ) -> None:
         """Write the turn's final state, and its start first if that write failed."""
         if not self._begin_recorded:
@@ -163,7 +171,11 @@ class TurnRecorder:
         )
 
     async def _record_or_retry(
-        self, store: Store, begun: asyncio.Task, tokens: list[int] | None, history_start: str | None
+        self,
+        store: Store,
+        begun: asyncio.Future,
+        tokens: list[int] | None,
+        history_start: str | None,
     ) -> bool:
         """`_record`; False when the database does not answer, the record then retried in
         the background (`_record_until_stored`)."""
@@ -176,7 +188,11 @@ class TurnRecorder:
         return True
 
     async def _record_until_stored(
-        self, store: Store, begun: asyncio.Task, tokens: list[int] | None, history_start: str | None
+        self,
+        store: Store,
+        begun: asyncio.Future,
+        tokens: list[int] | None,
+        history_start: str | None,
     ) -> None:
         """`_record`, again every few seconds while the database does not answer, so that a
         short outage leaves no response `in_progress` (and its conversation locked)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from sqlalchemy import func, insert, or_, select, true, union, update
+from sqlalchemy import func, insert, or_, select, true, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ColumnElement
@@ -25,6 +25,7 @@ from orchestrator.retrieval.index import (
     SearchRequest,
     SqliteIndex,
 )
+from orchestrator.store import storage_quota
 from orchestrator.store.advisory_claims import MIGRATION_LOCK
 from orchestrator.store.repository import (
     ItemPage,
@@ -35,13 +36,11 @@ from orchestrator.store.repository import (
     delete_owned,
     forget_list,
 )
+from orchestrator.store.storage_quota import live_files, locked_storage
 from orchestrator.store.tables import (
-    conversation_items,
     file_blobs,
     files,
-    response_items,
     storage_holds,
-    users,
     vector_store_file_batches,
     vector_store_files,
     vector_stores,
@@ -104,11 +103,6 @@ def _index(repo: Repository) -> ChunkTableIndex:
 # and finds only the files live at it, until `delete_expired_files` deletes the rest.
 
 
-def _live(now: int) -> ColumnElement[bool]:
-    """The files not expired at `now`."""
-    return or_(files.c.expires_at.is_(None), files.c.expires_at > now)
-
-
 def add_file(
     repo: Repository, owner: str, body: dict, content_type: str | None, data: bytes
 ) -> None:
@@ -133,8 +127,8 @@ def add_file(
 
 def _check_storage_quota(conn: Connection, owner: str, size: int, now: int) -> None:
     """StorageQuotaExceededError when an upload of `size` bytes does not fit
-    (`_locked_storage`)."""
-    used, quota = _locked_storage(conn, owner, now)
+    (`locked_storage`)."""
+    used, quota = locked_storage(conn, owner, now)
     if quota is not None and used + size > quota:
         raise StorageQuotaExceededError(
             f"This file ({size} bytes) does not fit your storage quota: your files and the "
@@ -146,28 +140,16 @@ def _check_storage_quota(conn: Connection, owner: str, size: int, now: int) -> N
         )
 
 
-def _locked_storage(conn: Connection, owner: str, now: int) -> tuple[int, int | None]:
-    """The owner's storage used and their quota (None: none), read after a no-op update of
-    their user row, which takes its row lock on PostgreSQL and the database's write lock
-    on SQLite before anything is read, so that concurrent writes of their storage
-    (uploads, code_interpreter runs' holds; threads, or servers sharing a database) are
-    checked one after another and cannot each fit into the same last bytes of the quota."""
-    quota_bytes = users.c.storage_quota_bytes
-    conn.execute(update(users).where(users.c.id == owner).values(storage_quota_bytes=quota_bytes))
-    quota = conn.execute(select(quota_bytes).where(users.c.id == owner)).scalar()
-    return (0, None) if quota is None else (_storage_used(conn, owner, now), quota)
-
-
 def hold_storage(
     repo: Repository, owner: str, response_id: str, item_id: str, size: int, now: int
 ) -> None:
     """Hold `size` bytes of the owner's storage for the images of a code_interpreter run
     (the call item `item_id`) of their stored response, checked and held in one
     transaction as an upload is, until the response's output is written for good; the
-    item's stored copies then count the same bytes (`_storage_used`).
+    item's stored copies then count the same bytes (`storage_quota.storage_used`).
     StorageQuotaExceededError when they do not fit what the quota leaves."""
     with repo.engine.begin() as conn:
-        used, quota = _locked_storage(conn, owner, now)
+        used, quota = locked_storage(conn, owner, now)
         if quota is not None and used + size > quota:
             raise StorageQuotaExceededError(
                 f"the run's images take {size} bytes, more than the {quota - used} bytes "
@@ -182,32 +164,10 @@ def hold_storage(
         )
 
 
-def _storage_used(conn: Connection, owner: str, now: int) -> int:
-    """The owner's live files' bytes and the code_interpreter images their stored items
-    keep (`output_bytes`) or their running responses hold (`storage_holds`): a response's
-    item, its conversation's copy and its hold share an id and are one image. Sums as
-    ints: PostgreSQL sums a BIGINT as NUMERIC, which psycopg returns as a Decimal (not
-    JSON)."""
-    uploaded = select(func.coalesce(func.sum(files.c.bytes), 0)).where(
-        files.c.owner_id == owner, _live(now)
-    )
-    kept = union(
-        *(
-            select(table.c.id, table.c.output_bytes).where(
-                table.c.owner_id == owner, table.c.output_bytes > 0
-            )
-            for table in (response_items, conversation_items)
-        ),
-        select(storage_holds.c.id, storage_holds.c.bytes).where(storage_holds.c.owner_id == owner),
-    ).subquery()
-    images = select(func.coalesce(func.sum(kept.c.output_bytes), 0))
-    return int(conn.execute(uploaded).scalar_one()) + int(conn.execute(images).scalar_one())
-
-
 def storage_used(repo: Repository, owner: str, now: int) -> int:
-    """The bytes of the owner's storage at `now` (`_storage_used`)."""
+    """The bytes of the owner's storage at `now` (`storage_quota.storage_used`)."""
     with repo.engine.connect() as conn:
-        return _storage_used(conn, owner, now)
+        return storage_quota.storage_used(conn, owner, now)
 
 
 def file_content(
@@ -218,7 +178,7 @@ def file_content(
         row = conn.execute(
             select(files.c.body, files.c.content_type, file_blobs.c.data)
             .join(file_blobs, file_blobs.c.file_id == files.c.id)
-            .where(files.c.id == file_id, files.c.owner_id == owner, _live(now))
+            .where(files.c.id == file_id, files.c.owner_id == owner, live_files(now))
         ).first()
     return None if row is None else (row.body, row.content_type, row.data)
 
@@ -246,7 +206,7 @@ def get_file(
     with repo.engine.connect() as conn:
         row = conn.execute(
             select(files.c.body, files.c.content_type).where(
-                files.c.id == file_id, files.c.owner_id == owner, _live(now)
+                files.c.id == file_id, files.c.owner_id == owner, live_files(now)
             )
         ).first()
     return None if row is None else (row.body, row.content_type)
@@ -256,7 +216,9 @@ def list_files(repo: Repository, owner: str, page: Page, purpose: str | None, no
     """A page of the owner's live files; a cursor that has expired since its page still
     marks the place (`_page` finds it among all the owner's files)."""
     with repo.engine.connect() as conn:
-        only = [_live(now)] if purpose is None else [_live(now), files.c.purpose == purpose]
+        only = (
+            [live_files(now)] if purpose is None else [live_files(now), files.c.purpose == purpose]
+        )
         return _page(conn, files, files.c.owner_id, owner, owner, page, only=only)
 
 
@@ -264,7 +226,7 @@ def delete_file(repo: Repository, owner: str, file_id: str, now: int | None) -> 
     """Delete the file (if live at `now`; with None, expired or not, as a user's deletion
     takes every file), its bytes, its place in every vector store, and its chunks."""
     index = index_for(repo)
-    condition = true() if now is None else _live(now)
+    condition = true() if now is None else live_files(now)
     with repo.engine.begin() as conn:
         return _delete_file(conn, index, owner, file_id, condition)
 
@@ -715,7 +677,7 @@ def search(repo: Repository, owner: str, request: SearchRequest, now: int) -> li
         expired = set(
             conn.execute(
                 select(files.c.id).where(
-                    files.c.id.in_(found), files.c.owner_id == owner, ~_live(now)
+                    files.c.id.in_(found), files.c.owner_id == owner, ~live_files(now)
                 )
             ).scalars()
         )

@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.sql import ColumnElement
 
 from orchestrator.errors import NotFoundError, PreconditionFailedError
+from orchestrator.store.storage_quota import check_given_items, kept_output_bytes
 from orchestrator.store.tables import (
     conversation_items,
     conversations,
@@ -50,20 +51,6 @@ _HISTORY_COLUMNS = (
     responses.c.history_start_item,
     responses.c.history_start,
 )
-
-
-def output_bytes(outputs: list[dict] | None) -> int:
-    """The bytes a code_interpreter_call's `outputs` keep in the store beyond its text: its
-    images' data URLs, as stored (the run's files, ~4/3 of their size in base64). They
-    count in the owner's storage quota, as an upload's bytes do."""
-    return sum(len(o.get("url") or "") for o in outputs or [] if o.get("type") == "image")
-
-
-def kept_output_bytes(item: dict) -> int:
-    """`output_bytes` of a stored item (0 for any but a code_interpreter_call)."""
-    if item.get("type") != "code_interpreter_call":
-        return 0
-    return output_bytes(item.get("outputs"))
 
 
 @dataclass(frozen=True)
@@ -332,7 +319,10 @@ class Repository:
     def create_conversation(
         self, owner: str, conversation_id: str, created_at: int, metadata: dict, items: list[dict]
     ) -> None:
+        """The conversation with the client's `items`; StorageQuotaExceededError when the
+        images they keep do not fit the owner's storage quota (`check_given_items`)."""
         with self.engine.begin() as conn:
+            check_given_items(conn, owner, items, created_at, "items")
             conn.execute(
                 insert(conversations).values(
                     id=conversation_id, owner_id=owner, created_at=created_at, meta=metadata
@@ -431,9 +421,13 @@ class Repository:
     def add_conversation_items(
         self, owner: str, conversation_id: str, created_at: int, items: list[dict]
     ) -> bool:
+        """Append the client's `items` (False: no such conversation of the owner's);
+        StorageQuotaExceededError when the images they keep do not fit the owner's storage
+        quota (`check_given_items`)."""
         with self.engine.begin() as conn:
             if not self._owns_conversation(conn, owner, conversation_id):
                 return False
+            check_given_items(conn, owner, items, created_at, "items")
             self._append_items(conn, owner, conversation_id, created_at, items)
         return True
 
@@ -569,8 +563,11 @@ class Repository:
     # -- responses -----------------------------------------------------------------------
 
     def begin_response(self, owner: str, body: dict, input_items: list[dict]) -> None:
-        """Record a turn as it starts (status in_progress, or queued), with its input items."""
+        """Record a turn as it starts (status in_progress, or queued), with its input items;
+        StorageQuotaExceededError when the images they keep do not fit the owner's storage
+        quota (`check_given_items`): from then on they count in it, as the response's."""
         with self.engine.begin() as conn:
+            check_given_items(conn, owner, input_items, int(body["created_at"]), "input")
             conn.execute(
                 insert(responses).values(
                     id=body["id"],

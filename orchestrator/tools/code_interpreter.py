@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from orchestrator.errors import StorageQuotaExceededError
 from orchestrator.sandbox import Sandbox, SandboxLimits, SandboxResult
-from orchestrator.store.repository import output_bytes
+from orchestrator.store.storage_quota import output_bytes
 from orchestrator.tools.base import ToolError, ToolOutput, ToolUnavailable, string_argument
 
 MAX_CODE_CHARS = 100_000

@@ -18,7 +18,7 @@ from orchestrator.events import ResponseEvents, hide_logprobs
 from orchestrator.response_request import ResponseRequest
 from orchestrator.responses import ResponseService
 from orchestrator.tool_parser import ParsedCall
-from orchestrator.turn import RESPONSE_DEFAULTS, _new_response
+from orchestrator.turn import RESPONSE_DEFAULTS, new_response
 from tests.server.fake_engine import FakeEngine
 
 OWNER = "user_local"
@@ -50,7 +50,7 @@ def _running(events: ResponseEvents) -> ResponseService:
 
 
 def _live_events() -> ResponseEvents:
-    events = ResponseEvents(_new_response(ResponseRequest(model="m", input=[]), "in_progress"))
+    events = ResponseEvents(new_response(ResponseRequest(model="m", input=[]), "in_progress"))
     events.start()
     return events
 

@@ -31,7 +31,7 @@ from orchestrator.admin import main as admin
 from orchestrator.retrieval.embeddings import Embedder, Encoded
 from orchestrator.store import accounts as db
 from orchestrator.store.accounts import KeyRow, UserRow
-from orchestrator.store.tables import quota_periods
+from orchestrator.store.tables import quota_periods, responses
 from tests.product.conftest import ProductServer
 from tests.product.test_responses_api import _usage_checkpoints, _wait_for_generation
 from tests.product.test_responses_tools import CALCULATOR, _call, _scripted
@@ -1504,3 +1504,88 @@ def test_a_code_interpreter_run_whose_images_pass_the_storage_quota_fails_and_ke
     unstored = _run_plot(server, key, store=False)["output"][0]
     assert unstored["status"] == "completed" and unstored["outputs"][1]["type"] == "image"
     assert _storage(server, key)["used_bytes"] == 0
+
+
+def _given_call(size: int) -> dict:
+    """An earlier run's code_interpreter_call as a client gives it back: one image, its
+    data URL `size` bytes as stored."""
+    url = "data:image/png;base64," + "A" * (size - 22)
+    return {
+        "type": "code_interpreter_call",
+        "id": "ci_earlier",
+        "status": "completed",
+        "code": "plot()",
+        "container_id": "cntr_1",
+        "outputs": [{"type": "image", "url": url}],
+    }
+
+
+def test_images_given_back_count_in_the_storage_quota_and_are_refused_past_it(
+    product_server, database_url
+):
+    """Each code_interpreter_call given back (as input, by item_reference, or as a
+    conversation's items) is stored as a copy of its own, whose images count in the
+    storage quota: a request they would take past it is refused with the upload's 400
+    before anything is stored or generated (stream or background too); `store: false`
+    and text alone still run; a response's input and its conversation's copy of it are
+    one image; requests at once never take more than the quota."""
+    server = product_server(database_url=database_url)
+    key = _account(server, "alice", storage_quota_bytes=1000)
+    hi = {"role": "user", "content": "Go on"}
+    with _client(server, key) as client:
+        first = client.post("/responses", json={"model": MODEL, "input": [_given_call(600), hi]})
+        assert first.status_code == 200, first.text
+        first = SDKResponse.model_validate(first.json())
+        assert _storage(server, key) == {"limit_bytes": 1000, "used_bytes": 600}
+        stored_call = client.get(f"/responses/{first.id}/input_items").json()["data"][-1]
+        assert stored_call["type"] == "code_interpreter_call"
+        conversation = client.post("/conversations", json={}).json()["id"]
+        generated = len(server.engine.prompts)
+        reference = {"type": "item_reference", "id": stored_call["id"]}
+        refusals = [
+            client.post("/responses", json={"model": MODEL, "input": [_given_call(600)]}),
+            client.post("/responses", json={"model": MODEL, "input": [reference]}),
+            client.post(
+                "/responses", json={"model": MODEL, "input": [_given_call(401)], "stream": True}
+            ),
+            client.post(
+                "/responses",
+                json={"model": MODEL, "input": [_given_call(401)], "background": True},
+            ),
+            client.post("/conversations", json={"items": [_given_call(401)]}),
+            client.post(f"/conversations/{conversation}/items", json={"items": [_given_call(401)]}),
+        ]
+        for refused, param in zip(refusals, ["input"] * 4 + ["items"] * 2, strict=True):
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert (error["code"], error["param"]) == ("storage_quota_exceeded", param)
+            assert "600 of your 1000 bytes" in error["message"]
+        assert len(server.engine.prompts) == generated  # nothing generated for them
+        assert _storage(server, key)["used_bytes"] == 600
+        assert client.get(f"/conversations/{conversation}/items").json()["data"] == []
+        for fits in (
+            {"input": [_given_call(401)], "store": False},  # keeps nothing
+            {"input": [hi]},  # text alone adds nothing
+        ):
+            ok = client.post("/responses", json={"model": MODEL, **fits})
+            assert ok.status_code == 200, ok.text
+        with server.product.store.engine.connect() as conn:
+            kept = conn.execute(select(func.count()).select_from(responses)).scalar()
+        assert kept == 2  # the first and the text-only one: no refused request has one
+        assert _storage(server, key)["used_bytes"] == 600
+        body = {"model": MODEL, "input": [_given_call(200)], "conversation": conversation}
+        assert client.post("/responses", json=body).status_code == 200
+        [copy] = client.get(f"/conversations/{conversation}/items").json()["data"][-1:]
+        assert copy["type"] == "code_interpreter_call"
+        assert _storage(server, key)["used_bytes"] == 800  # one image, counted once
+
+    def give_back(_: int) -> int:
+        with _client(server, key) as client:
+            body = {"model": MODEL, "input": [_given_call(100)]}
+            return client.post("/responses", json=body).status_code
+
+    with ThreadPoolExecutor(6) as pool:  # 100 bytes each: 2 fit what is left
+        answers = sorted(pool.map(give_back, range(6)))
+    assert answers == [200] * 2 + [400] * 4
+    assert _storage(server, key)["used_bytes"] == 1000

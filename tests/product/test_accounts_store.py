@@ -22,10 +22,12 @@ from orchestrator.store import accounts as db
 from orchestrator.store import knowledge as kb
 from orchestrator.store.accounts import KeyRow, UsageRecord, UserRow
 from orchestrator.store.tables import (
+    conversation_items,
     conversations,
     files,
     quota_periods,
     quota_reservations,
+    response_items,
     responses,
     storage_holds,
     usage_records,
@@ -214,6 +216,88 @@ def test_usage_a_crash_cut_off_after_a_checkpoint_is_charged_and_recorded(store)
     assert db.settle_checkpoints(repo) == 0
 
 
+def test_concurrent_items_given_back_never_pass_the_storage_quota(store):
+    """Items a client gives keep an earlier run's images as copies of their own: 24
+    writes of them at once (responses' input, new conversations, items appended to one),
+    100 bytes each, with 4 uploads of 100 bytes, against a 1,000-byte quota: exactly 10
+    fit, each refused one stores nothing, and deleting makes room again."""
+    repo = store.repo
+    alice = UserRow("user_alice", "alice", 1, storage_quota_bytes=1000)
+    assert db.create_user(repo, alice)
+    repo.create_conversation(alice.id, "conv_shared", 0, {}, [])
+    barrier = threading.Barrier(28)
+
+    def give(i: int) -> bool:
+        items = [_image_call(f"ci_{i}", 100)]
+        barrier.wait()
+        try:
+            if i % 3 == 0:
+                body = {"id": f"resp_{i}", "created_at": 0, "status": "in_progress"}
+                body |= {"previous_response_id": None, "conversation": None, "output": []}
+                repo.begin_response(alice.id, body, items)
+            elif i % 3 == 1:
+                repo.create_conversation(alice.id, f"conv_{i}", 0, {}, items)
+            else:
+                assert repo.add_conversation_items(alice.id, "conv_shared", 0, items)
+        except StorageQuotaExceededError as exc:
+            assert exc.code == "storage_quota_exceeded" and "1000 bytes" in exc.message
+            assert exc.param == ("input" if i % 3 == 0 else "items")
+            return False
+        return True
+
+    def upload(i: int) -> bool:
+        body = {"id": f"file_{i}", "purpose": "assistants", "created_at": 0, "expires_at": None}
+        barrier.wait()
+        try:
+            kb.add_file(repo, alice.id, body, None, b"x" * 100)
+        except StorageQuotaExceededError:
+            return False
+        return True
+
+    with ThreadPoolExecutor(28) as pool:
+        given = pool.map(give, range(24))
+        uploads = pool.map(upload, range(4))
+        kept = [i for i, ok in enumerate(given) if ok]
+        stored = sum(uploads)
+    assert len(kept) + stored == 10 and kb.storage_used(repo, alice.id, 0) == 1000
+    with store.engine.connect() as conn:
+        counted = (
+            conn.execute(
+                select(func.count())
+                .select_from(response_items)
+                .where(response_items.c.id.like("ci_%"))
+            ).scalar()
+            + conn.execute(
+                select(func.count())
+                .select_from(conversation_items)
+                .where(conversation_items.c.id.like("ci_%"))
+            ).scalar()
+        )
+        conversations_made = conn.execute(
+            select(func.count())
+            .select_from(conversations)
+            .where(conversations.c.id != "conv_shared")
+        ).scalar()
+    assert counted == len(kept)  # a refused write stored none of its items
+    assert conversations_made == sum(1 for i in kept if i % 3 == 1)  # nor its conversation
+    with pytest.raises(StorageQuotaExceededError):
+        repo.add_conversation_items(alice.id, "conv_shared", 0, [_image_call("ci_x", 22)])
+    message = {"id": "msg_1", "type": "message", "role": "user", "status": "completed"}
+    message["content"] = [{"type": "input_text", "text": "no image: not checked"}]
+    assert repo.add_conversation_items(alice.id, "conv_shared", 0, [message])
+    for i in kept:
+        if i % 3 == 0:
+            assert repo.delete_response(alice.id, f"resp_{i}")
+        elif i % 3 == 1:
+            assert repo.delete_conversation(alice.id, f"conv_{i}")
+        else:
+            assert repo.delete_conversation_item(alice.id, "conv_shared", f"ci_{i}")
+    assert kb.storage_used(repo, alice.id, 0) == 100 * stored
+    room = _image_call("ci_again", 1000 - 100 * stored)
+    repo.create_conversation(alice.id, "conv_again", 0, {}, [room])
+    assert kb.storage_used(repo, alice.id, 0) == 1000
+
+
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -382,7 +466,7 @@ def test_concurrent_uploads_never_pass_the_storage_quota_and_deleting_makes_room
     assert upload(0, "user_bob") and kb.storage_used(repo, "user_bob", 0) == 100
 
 
-def _running_response(repo, owner: str, response_id: str) -> dict:
+def _running_response(repo, owner: str, response_id: str, given: tuple[dict, ...] = ()) -> dict:
     body = {
         "id": response_id,
         "created_at": 1.0,
@@ -391,7 +475,7 @@ def _running_response(repo, owner: str, response_id: str) -> dict:
         "output": [],
         "conversation": None,
     }
-    repo.begin_response(owner, body, [])
+    repo.begin_response(owner, body, list(given))
     return body
 
 
@@ -468,38 +552,45 @@ def _image_call(item_id: str, size: int) -> dict:
 )
 @given(
     st.integers(0, 1500),
-    st.lists(st.tuples(st.sampled_from(["upload", "run"]), st.integers(30, 400)), max_size=10),
+    st.lists(
+        st.tuples(st.sampled_from(["upload", "run", "give"]), st.integers(30, 400)), max_size=10
+    ),
 )
 def test_property_uploads_and_runs_fit_the_storage_quota_exactly(store, quota, writes):
-    """Any sequence of uploads and code_interpreter runs' images: each is taken exactly
-    when it fits what the quota leaves, the storage used is what was taken (never past the
+    """Any sequence of uploads, code_interpreter runs' images and responses given such
+    images back as input: each is taken exactly when it fits what the quota leaves (a
+    refused response is not stored), the storage used is what was taken (never past the
     quota), and it stays so as the responses' output is written and drops by their images
     as they are deleted."""
     repo = store.repo
     user = UserRow(f"user_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8], 1, None)
     assert db.create_user(repo, replace(user, storage_quota_bytes=quota))
-    used, kept = 0, {}  # response id -> its image's bytes
+    used, kept = 0, {}  # response id -> its image's bytes, and the output it ends with
     for i, (kind, size) in enumerate(writes):
+        response_id, call = f"resp_{user.id}_{i}", _image_call(f"ci_{user.id}_{i}", size)
         try:
             if kind == "upload":
                 body = {"id": f"file_{user.id}_{i}", "purpose": "assistants", "created_at": 0}
                 kb.add_file(repo, user.id, {**body, "expires_at": None}, None, b"x" * size)
+            elif kind == "run":
+                _running_response(repo, user.id, response_id)
+                kb.hold_storage(repo, user.id, response_id, call["id"], size, 0)
+                kept[response_id] = size, [call]
             else:
-                body = _running_response(repo, user.id, f"resp_{user.id}_{i}")
-                kb.hold_storage(repo, user.id, body["id"], f"ci_{user.id}_{i}", size, 0)
-                kept[body["id"]] = size
+                _running_response(repo, user.id, response_id, (call,))
+                kept[response_id] = size, []
         except StorageQuotaExceededError:
             assert used + size > quota
+            assert kind != "give" or repo.get_response(user.id, response_id) is None
         else:
             assert used + size <= quota
             used += size
         assert kb.storage_used(repo, user.id, 0) == used
-    for response_id, size in kept.items():
-        call = _image_call(response_id.replace("resp_", "ci_", 1), size)
-        body = {"id": response_id, "created_at": 1.0, "status": "completed", "output": [call]}
+    for response_id, (_, output) in kept.items():
+        body = {"id": response_id, "created_at": 1.0, "status": "completed", "output": output}
         repo.finish_response(user.id, body | {"conversation": None}, [], None, None)
         assert kb.storage_used(repo, user.id, 0) == used
-    for response_id, size in kept.items():
+    for response_id, (size, _) in kept.items():
         assert repo.delete_response(user.id, response_id)
         used -= size
         assert kb.storage_used(repo, user.id, 0) == used

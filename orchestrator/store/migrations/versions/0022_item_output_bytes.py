@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from orchestrator.store.repository import kept_output_bytes
+from orchestrator.store.storage_quota import kept_output_bytes
 
 revision = "0022"
 down_revision = "0021"
