@@ -1561,6 +1561,10 @@ def test_images_given_back_count_in_the_storage_quota_and_are_refused_past_it(
             assert set(error) == {"message", "type", "param", "code"}
             assert (error["code"], error["param"]) == ("storage_quota_exceeded", param)
             assert "600 of your 1000 bytes" in error["message"]
+        sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+        with sdk, pytest.raises(openai.BadRequestError) as raised:
+            sdk.responses.create(model=MODEL, input=[_given_call(401)])
+        assert (raised.value.code, raised.value.param) == ("storage_quota_exceeded", "input")
         assert len(server.engine.prompts) == generated  # nothing generated for them
         assert _storage(server, key)["used_bytes"] == 600
         assert client.get(f"/conversations/{conversation}/items").json()["data"] == []
