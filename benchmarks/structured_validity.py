@@ -66,7 +66,7 @@ SCHEMAS = [
             "type": "object",
             "properties": {
                 "stars": {"type": "integer", "minimum": 1, "maximum": 5},
-                "verdict": {"enum": ["must see", "worth it", "skip"]},
+                "verdict": {"type": "string", "enum": ["must see", "worth it", "skip"]},
                 "summary": {"type": "string", "maxLength": 80},
             },
             "required": ["stars", "verdict", "summary"],
