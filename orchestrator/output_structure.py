@@ -105,6 +105,7 @@ def json_format_params(
     return checked(param, what, json=schema)
 
 
+_TYPED = "schema must have a 'type' key."
 _CLOSED = "'additionalProperties' is required to be supplied and to be false."
 _ALL_REQUIRED = (
     "'required' is required to be supplied and to be an array including every key in properties."
@@ -112,12 +113,14 @@ _ALL_REQUIRED = (
 
 
 def _check_strict(schema: dict, param: str, strict: Strict) -> None:
-    """OpenAI's rules for a strict schema, as its 400 gives them: every object (the root,
-    a property's, an array's items, a branch of anyOf, a definition) closed with
+    """OpenAI's rules for a strict schema, as its 400 gives them: every subschema (a
+    property's, an array's items, a branch of anyOf, a definition) names its `type`,
+    unless it is an `anyOf` or a `$ref` (an `enum` or a `const` alone does not do: OpenAI
+    refuses `{"const": "x"}`); every object (the root too) is closed with
     `additionalProperties: false`, with `properties`, each of them in `required` (an
     optional one is required and nullable). The grammar would enforce any schema; a
     client that declared it strict is told where it would not pass on OpenAI's API."""
-    for path, node in _objects(schema):
+    for path, node in _subschemas(schema):
         rule = _strict_rule(node)
         if rule is not None:
             raise InvalidRequestError(
@@ -127,17 +130,16 @@ def _check_strict(schema: dict, param: str, strict: Strict) -> None:
             )
 
 
-def _objects(schema: dict) -> Iterable[tuple[tuple[str, ...], dict]]:
-    """The object schemas of a (rooted) schema in document order, each with its path:
-    the places OpenAI's strict mode looks for them, `$ref`s not followed (their targets
-    are definitions, visited as such)."""
+def _subschemas(schema: dict) -> Iterable[tuple[tuple[str, ...], dict]]:
+    """The subschemas of a (rooted) schema in document order, each with its path: the
+    places OpenAI's strict mode looks for them, `$ref`s not followed (their targets are
+    definitions, visited as such)."""
     stack: list[tuple[tuple[str, ...], object]] = [((), schema)]
     while stack:
         path, node = stack.pop()
         if not isinstance(node, dict):
             continue
-        if not path or _is_object(node):
-            yield path, node
+        yield path, node
         children = [
             ((*path, key, name), sub)
             for key in ("properties", "$defs", "definitions")
@@ -159,7 +161,11 @@ def _is_object(node: dict) -> bool:
 
 
 def _strict_rule(node: dict) -> str | None:
-    """The strict rule an object schema breaks, as OpenAI words it, or None."""
+    """The strict rule a subschema breaks, as OpenAI words it, or None."""
+    if "type" not in node and "anyOf" not in node and "$ref" not in node:
+        return _TYPED
+    if not _is_object(node):
+        return None
     if node.get("additionalProperties") is not False:
         return _CLOSED
     properties = node.get("properties")

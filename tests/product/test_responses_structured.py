@@ -221,12 +221,15 @@ def test_a_forced_call_with_a_format_calls_then_answers_in_the_format(
 
 
 def test_strict_schemas_outside_openais_strict_rules_are_its_400s(product_server):
-    """A function or text.format declared strict whose schema leaves an object open or a
-    property optional is OpenAI's 400, naming where; declared otherwise, it runs."""
+    """A function or text.format declared strict whose schema leaves an object open, a
+    property optional or a subschema without its type is OpenAI's 400, naming where;
+    declared otherwise, it runs."""
     server = product_server(FakeEngine(reply='{"city": "Paris"}'))
     open_place = {"type": "object", "properties": {"city": {"type": "string"}}}
     optional = {**CITY, "properties": {**CITY["properties"], "zip": {"type": "string"}}}
+    untyped = {**CITY, "properties": {"city": {"enum": ["Paris", "Rome"]}}}
     rule = "'additionalProperties' is required to be supplied and to be false."
+    typed = "schema must have a 'type' key."
     for body, error in (
         (
             {"tools": [CALCULATOR, {**WEATHER, "parameters": open_place, "strict": True}]},
@@ -264,6 +267,24 @@ def test_strict_schemas_outside_openais_strict_rules_are_its_400s(product_server
                 "code": "invalid_json_schema",
             },
         ),
+        (
+            {"tools": [CALCULATOR, {**WEATHER, "parameters": untyped, "strict": True}]},
+            {
+                "message": "Invalid schema for function 'get_weather': "
+                f"In context=('properties', 'city'), {typed}",
+                "param": "tools[1].parameters",
+                "code": "invalid_function_parameters",
+            },
+        ),
+        (
+            {"text": {"format": {**JSON_SCHEMA, "schema": untyped}}},
+            {
+                "message": "Invalid schema for response_format 'place': "
+                f"In context=('properties', 'city'), {typed}",
+                "param": "text.format.schema",
+                "code": "invalid_json_schema",
+            },
+        ),
     ):
         raw = _create(server, **body)
         assert raw.status_code == 400, raw.text
@@ -273,6 +294,8 @@ def test_strict_schemas_outside_openais_strict_rules_are_its_400s(product_server
     assert _create(server, **loose).status_code == 200
     loose_format = {**JSON_SCHEMA, "schema": open_place, "strict": False}
     assert _create(server, text={"format": loose_format}).status_code == 200
+    untyped_format = {**JSON_SCHEMA, "schema": untyped, "strict": False}
+    assert _create(server, text={"format": untyped_format}).status_code == 200
 
 
 def test_text_after_function_calls_cannot_write_the_servers_markup(product_server, compiler):  # noqa: F811

@@ -3,7 +3,16 @@ default model's tokenizer: which texts they let through, and where they end."""
 
 from __future__ import annotations
 
+import ast
+import json
+import random
+import re
+
+import jsonschema
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.loader import resolve_model
 from engine.loader.gguf import read_gguf
@@ -437,6 +446,7 @@ def _closed(properties: dict, **extra) -> dict:
 
 
 STRING = {"type": "string"}
+_TYPED = "schema must have a 'type' key."
 _CLOSE = "'additionalProperties' is required to be supplied and to be false."
 _REQUIRE = (
     "'required' is required to be supplied and to be an array including every key in properties."
@@ -476,7 +486,9 @@ STRICT_VIOLATIONS = [
         f"{_REQUIRE} Missing 'zip'.",
     ),
     (  # a branch of anyOf, a nullable object, a definition
-        _closed({"at": {"anyOf": [{"type": "null"}, {"properties": {"zip": STRING}}]}}),
+        _closed(
+            {"at": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"zip": STRING}}]}}
+        ),
         "('properties', 'at', 'anyOf', '1')",
         _CLOSE,
     ),
@@ -490,11 +502,45 @@ STRICT_VIOLATIONS = [
         "('$defs', 'place')",
         _CLOSE,
     ),
+    # Every subschema names its type (an anyOf or a $ref stands for theirs), wherever it is:
+    # a description alone, a const or an enum alone, the empty schema, properties alone.
+    (_closed({"ok": {"description": "Whether it is."}}), "('properties', 'ok')", _TYPED),
+    (_closed({"kind": {"const": "fact"}}), "('properties', 'kind')", _TYPED),
+    (_closed({"unit": {"enum": ["C", "F"]}}), "('properties', 'unit')", _TYPED),
+    (
+        _closed({"tags": {"type": "array", "items": {}}}),
+        "('properties', 'tags', 'items')",
+        _TYPED,
+    ),
+    (
+        _closed({"at": {"anyOf": [{"type": "null"}, {"properties": {"zip": STRING}}]}}),
+        "('properties', 'at', 'anyOf', '1')",
+        _TYPED,
+    ),
+    (
+        _closed({"unit": {"$ref": "#/$defs/unit"}}, **{"$defs": {"unit": {"enum": ["C", "F"]}}}),
+        "('$defs', 'unit')",
+        _TYPED,
+    ),
+    (
+        _closed({"address": _closed({"zip": {"pattern": "^[0-9]{5}$"}})}),
+        "('properties', 'address', 'properties', 'zip')",
+        _TYPED,
+    ),
 ]
 # Strict schemas OpenAI accepts: closed objects with every property required (optional
-# ones nullable), nested, in arrays, definitions and anyOf; an object without properties.
+# ones nullable), nested, in arrays, definitions and anyOf; an object without properties;
+# typed enums and consts, and anyOf and $ref without a type of their own.
 STRICT_SCHEMAS = [
     _closed({"city": STRING}),
+    _closed(
+        {
+            "unit": {"type": "string", "enum": ["C", "F"]},
+            "kind": {"type": "string", "const": "fact"},
+            "grade": {"type": ["integer", "null"], "enum": [1, 2, None]},
+            "id": {"anyOf": [STRING, {"type": "integer"}], "description": "Either."},
+        }
+    ),
     _closed({}),
     {"type": "object", "properties": {}, "additionalProperties": False},
     _closed(
@@ -568,3 +614,89 @@ def test_a_strict_schema_outside_openais_strict_rules_is_its_400(schema, context
 def test_schemas_within_openais_strict_rules_are_accepted(schema):
     assert _structure_error(tools=[_strict_tool(schema)], tool_choice="required") is None
     assert _structure_error(response_format=_strict_format(schema)) is None
+
+
+# Subschemas with and without their types, objects closed or not, every property required
+# or not: what a strict client might send, bounded so that a random walk ends soon.
+_TYPED_LEAVES = st.one_of(
+    st.integers(1, 6).map(lambda n: {"type": "string", "maxLength": n}),
+    st.integers(-50, 50).map(lambda lo: {"type": "integer", "minimum": lo, "maximum": lo + 9}),
+    st.sampled_from([{"type": "boolean"}, {"type": ["boolean", "null"]}, {"type": "null"}]),
+    st.lists(st.sampled_from(["C", "F", "K"]), min_size=1, unique=True).map(
+        lambda e: {"type": "string", "enum": e}
+    ),
+    st.sampled_from(["x", "y"]).map(lambda c: {"type": "string", "const": c}),
+)
+# Subschemas without a type, each titled "untyped" (which no property's name can spell).
+_UNTYPED_LEAVES = st.sampled_from(
+    [{"enum": ["C", "F"]}, {"const": "x"}, {"maxLength": 3}, {"description": "any"}]
+).map(lambda leaf: {**leaf, "title": "untyped"})
+
+
+def _strictish_object(children: st.SearchStrategy[dict]) -> st.SearchStrategy[dict]:
+    def build(props: dict, closed: bool, all_required: bool) -> dict:
+        required = list(props) if all_required else list(props)[1:]
+        return {
+            "type": "object",
+            "properties": props,
+            "required": required,
+            **({"additionalProperties": False} if closed else {}),
+        }
+
+    mostly = st.sampled_from([True, True, True, False])
+    names = st.text("abcdefgh_", min_size=1, max_size=5)
+    return st.builds(build, st.dictionaries(names, children, max_size=3), mostly, mostly)
+
+
+def _strictish(children: st.SearchStrategy[dict]) -> st.SearchStrategy[dict]:
+    return st.one_of(
+        _strictish_object(children),
+        children.map(lambda c: {"type": "array", "items": c, "maxItems": 2}),
+        st.lists(children, min_size=2, max_size=2).map(lambda b: {"anyOf": b}),
+    )
+
+
+STRICTISH = _strictish_object(
+    st.recursive(st.one_of(_TYPED_LEAVES, _TYPED_LEAVES, _UNTYPED_LEAVES), _strictish, max_leaves=5)
+)
+
+
+def _walk(compiler, structure, rnd: random.Random) -> str:
+    """An output the grammar allows: a token drawn at random from those it allows, each
+    step, the end of the output as soon as it may end."""
+    tok, grammars = compiler
+    matcher, ids = grammars.compile(structure), []
+    vocab = tok.backend.get_vocab_size()
+    while not matcher.is_stopped() and len(ids) < 400:
+        bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.flatnonzero(np.unpackbits(bits, bitorder="little")[:vocab])
+        ends = sorted(set(tok.stop_token_ids) & set(allowed.tolist()))
+        token = ends[0] if ends else int(rnd.choice(allowed))
+        assert matcher.consume_token(token)
+        ids.append(token)
+    assert matcher.is_stopped()
+    return tok.decode([i for i in ids if i not in tok.stop_token_ids])
+
+
+@settings(max_examples=60, deadline=None)
+@given(STRICTISH, st.randoms(use_true_random=False))
+def test_what_the_strict_check_accepts_compiles_and_its_outputs_validate(compiler, schema, rnd):
+    """A strict schema the check accepts has no subschema without its type, compiles for
+    the model's vocabulary, and what its grammar writes validates against it; one it
+    refuses is refused naming a subschema the schema has."""
+    messages = [{"role": "user", "content": "hi, in JSON"}]
+    request = parse_chat_request({"messages": messages, "response_format": _strict_format(schema)})
+    try:
+        structure = chat_structured_outputs(request, [])
+    except APIError as exc:
+        context = re.match(
+            r"Invalid schema for response_format 'answer': In context=(\(.*?\)), ", exc.message
+        )
+        assert context is not None, exc.message
+        node = schema
+        for key in ast.literal_eval(context.group(1)):
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        assert isinstance(node, dict)
+        return
+    assert "untyped" not in json.dumps(schema)
+    jsonschema.validate(json.loads(_walk(compiler, structure, rnd)), schema)
