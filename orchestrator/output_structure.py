@@ -39,7 +39,12 @@ ANY_OBJECT = {"type": "object"}
 # ...>`: any tag so begun, since a small model refused the tags themselves writes
 # `<tool_response]` or `<untrust>`), and the frame's note. A model writing one in its text
 # shows the protocol to the user, and forges it: a call, a result or a frame the server
-# never made, in the next turn's prompt.
+# never made, in the next turn's prompt. Case counts, as it does for the server: its
+# parser reads calls by their exact tags (orchestrator/tool_parser.py; so do templates'
+# tool tokens, such as Qwen's `<tool_call>`), nothing parses the frame, and the model
+# echoes markup in the case the prompt shows it; `<TOOL_CALL>` or a bare `</tool>` is
+# text to the server, neither a call nor a result. (Untrusted text's tags are broken up
+# in any case, orchestrator/untrusted.py: whoever writes that data chooses them.)
 RESERVED = ("<tool_", "</tool_", "<untrust", "</untrust", FRAME_NOTE_OPEN)
 _ANY = "(.|\\n)*"
 _RESERVED = "|".join(re.escape(t).replace("/", "\\/") for t in RESERVED)

@@ -167,6 +167,43 @@ def test_a_tool_turns_text_cannot_write_the_servers_markup(compiler, body, marku
     assert _accepts(compiler, "It is 18C in Paris.", **body)[0]
 
 
+# Pieces of text around the protocol's tags: theirs, in other cases, bare, cut short.
+_TAG_PIECES = st.sampled_from(
+    [
+        "<tool_call>",
+        "<TOOL_CALL>",
+        "<Tool_Call>",
+        "</tool_call>",
+        "</TOOL_CALL>",
+        "<tool>",
+        "</tool>",
+        "<tool",
+        "<tool_response>",
+        "<TOOL_RESPONSE>",
+        "<untrusted>",
+        "<UNTRUSTED>",
+        "(Data from",
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+        "\n",
+        " ",
+        "It is 18C.",
+        "_",
+    ]
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_TAG_PIECES, max_size=8).map("".join))
+def test_the_text_a_tool_turn_allows_is_text_to_the_server(compiler, text):
+    """The ban covers what the server reads as its markup: a text the grammar of a turn
+    shown calls and results lets the model write holds no call the server's parser would
+    take (it reads the exact tags only, so `<TOOL_CALL>` and `</tool>` stay the model's
+    text), and comes back as the text it is."""
+    body = {"messages": [*CALLED, {"role": "user", "content": "And in Rome?"}]}
+    if _accepts(compiler, text, **body)[0]:
+        assert parse_tool_calls(text, ["get_weather"]) == (text, [])
+
+
 def test_right_after_results_the_text_cannot_open_with_markup(compiler):
     """The default 135M model answers tool results with `<tool_response]`, `<untrust>`
     and the like, or, refused those, calls the function again: right after results, the
