@@ -12,7 +12,13 @@ from sqlalchemy import create_engine
 from orchestrator.retrieval.chunking import StaticChunking
 from orchestrator.retrieval.extract import ExtractionError
 from orchestrator.retrieval.filters import parse_filter
-from orchestrator.retrieval.index import SearchRequest, SqliteIndex, fts_query, sqlite_vec_engine
+from orchestrator.retrieval.index import (
+    ChunkRecord,
+    SearchRequest,
+    SqliteIndex,
+    fts_query,
+    sqlite_vec_engine,
+)
 from orchestrator.retrieval.ingest import prepare_chunks
 from orchestrator.retrieval.pg_index import PgIndex
 from tests.retrieval.documents import pdf_bytes
@@ -35,8 +41,31 @@ ATTRS = {
 }
 
 
+@pytest.fixture(scope="module")
+def records(embedder) -> dict[tuple[str, str], list[ChunkRecord]]:
+    """(owner, vector store) -> the chunks of its files with their embeddings, prepared once
+    for the module: each test's index is filled from them (ChunkRecord is frozen and the
+    indexes only read it), as extracting the PDF and embedding the files took most of each
+    test's set-up. Ingestion itself is tested by
+    test_ingestion_honours_chunking_and_refuses_bad_files."""
+
+    def prepare(file_id: str, name: str, data: bytes, attributes: dict) -> list[ChunkRecord]:
+        return asyncio.run(prepare_chunks(embedder, file_id, name, data, attributes=attributes))
+
+    alice = []
+    for file_id, (name, text) in DOCS.items():
+        data = (
+            pdf_bytes(["Whales eat krill in the cold southern ocean"])
+            if text is None
+            else text.encode()
+        )
+        alice += prepare(file_id, name, data, ATTRS[file_id])
+    bob = prepare("file-bob", "bob.txt", b"A kitten sleeps on a rug.", {})
+    return {("alice", "vs_a"): alice, ("bob", "vs_b"): bob}
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def index(request, embedder, tmp_path):
+def index(request, records, tmp_path):
     if request.param == "sqlite":
         engine, idx = sqlite_vec_engine(f"sqlite:///{tmp_path / 'index.db'}"), SqliteIndex()
     else:
@@ -46,22 +75,8 @@ def index(request, embedder, tmp_path):
         engine, idx = create_engine(server.create_database()), PgIndex()
     with engine.begin() as conn:
         idx.create_schema(conn)
-        for file_id, (name, text) in DOCS.items():
-            data = (
-                pdf_bytes(["Whales eat krill in the cold southern ocean"])
-                if text is None
-                else text.encode()
-            )
-            records = asyncio.run(
-                prepare_chunks(embedder, file_id, name, data, attributes=ATTRS[file_id])
-            )
-            idx.add(conn, "alice", "vs_a", records)
-        other = asyncio.run(
-            prepare_chunks(
-                embedder, "file-bob", "bob.txt", b"A kitten sleeps on a rug.", attributes={}
-            )
-        )
-        idx.add(conn, "bob", "vs_b", other)
+        for (owner, store), chunks in records.items():
+            idx.add(conn, owner, store, chunks)
     yield engine, idx
     engine.dispose()
 
