@@ -17,7 +17,7 @@ from orchestrator import Product
 from orchestrator.retrieval.embeddings import Embedder
 from orchestrator.store import Store
 from server import ServerConfig, build_app
-from tests.server.conftest import serve_in_thread
+from tests.server.conftest import SSL_CONTEXT, serve_in_thread
 from tests.server.fake_engine import FakeEngine
 
 
@@ -81,7 +81,12 @@ def product_server(tmp_path, tmp_path_factory) -> Iterator[Callable[..., Product
         config.setdefault("served_model_names", ["fake-model"])
         app = build_app(engine, ServerConfig(**config), product, embedder)
         url, stop_server = serve_in_thread(app)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(
+            base_url=f"{url}/v1",
+            api_key="unused",
+            max_retries=0,
+            http_client=openai.DefaultHttpxClient(verify=SSL_CONTEXT),
+        )
 
         def stop() -> None:
             client.close()

@@ -35,6 +35,7 @@ from orchestrator.store.tables import quota_periods, responses
 from tests.product.conftest import ProductServer
 from tests.product.test_responses_api import _usage_checkpoints, _wait_for_generation
 from tests.product.test_responses_tools import CALCULATOR, _call, _scripted
+from tests.server.conftest import SSL_CONTEXT
 from tests.server.fake_engine import FakeEngine
 from tests.server.sse_client import events
 
@@ -54,7 +55,9 @@ def _account(server: ProductServer, name: str, **limits) -> str:
 
 def _client(server: ProductServer, key: str | None) -> httpx.Client:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=f"{server.url}/v1", headers=headers, timeout=20)
+    return httpx.Client(
+        base_url=f"{server.url}/v1", headers=headers, timeout=20, verify=SSL_CONTEXT
+    )
 
 
 def _chat(client: httpx.Client, **extra) -> httpx.Response:

@@ -15,6 +15,10 @@ import uvicorn
 from server import ServerConfig, build_app
 from tests.server.fake_engine import FakeEngine
 
+# httpx makes an SSL context for every client (verify=True: its CA bundle loaded, about
+# 35 ms of CPU), though these tests speak plain HTTP: their clients share this one.
+SSL_CONTEXT = httpx.create_ssl_context()
+
 
 @dataclass
 class RunningServer:
@@ -74,7 +78,7 @@ def serve(_stopping_servers: list[threading.Thread]) -> Iterator[Callable[..., R
         # Generous: a large body or prompt is prepared in the SCHED_IDLE child, which runs
         # only on an idle core, and the other pytest worker's servers may hold both for
         # seconds (a 100 kB body timed out at 10 s once, with the machine busy).
-        client = httpx.Client(base_url=url, timeout=60)
+        client = httpx.Client(base_url=url, timeout=60, verify=SSL_CONTEXT)
 
         def stop() -> threading.Thread:
             client.close()
