@@ -28,6 +28,7 @@ from engine.linear import QUANTIZATIONS
 from engine.loader import resolve_model
 from engine.loader.gguf import read_gguf
 from engine.tokenizer import Tokenizer
+from server.state import INLINE_PROMPT_CHARS
 from tests.server.live_server import API_KEY, LiveServer, start_server
 
 MODEL = "smollm2-135m-instruct"
@@ -415,10 +416,10 @@ def test_large_prompts_are_prepared_in_a_child_without_the_engine(live, client):
     """A prompt past the event loop's inline size is rendered and tokenized in the
     preparation process, which holds the tokenizer and the prompt code only: spawn's
     re-import of the server's main module would bring torch and the whole engine in."""
-    text = "hello world " * 1000  # 12,000 characters, above INLINE_PROMPT_CHARS
-    chat = greedy(client, [{"role": "user", "content": text + "Say hi."}], max_tokens=2)
-    completion = client.completions.create(model=MODEL, prompt=text, max_tokens=2, temperature=0)
-    assert chat.usage.prompt_tokens > 2000 and completion.usage.prompt_tokens > 2000
+    text = "-" * (INLINE_PROMPT_CHARS + 1)  # ~140 tokens: a long prompt, a short prefill
+    chat = greedy(client, [{"role": "user", "content": text}], max_tokens=1)
+    completion = client.completions.create(model=MODEL, prompt=text, max_tokens=1, temperature=0)
+    assert chat.usage.prompt_tokens > 100 and completion.usage.prompt_tokens > 100
     (child,) = [
         pid
         for pid in _children(live.process.pid)
