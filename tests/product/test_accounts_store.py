@@ -216,6 +216,33 @@ def test_usage_a_crash_cut_off_after_a_checkpoint_is_charged_and_recorded(store)
     assert db.settle_checkpoints(repo) == 0
 
 
+def _race_with_uploads(repo, owner: str, racer, racers: int, uploads: int):
+    """`racer(i)` for each i below `racers`, beside `uploads` uploads of a 100-byte file, all
+    released at once for the storage-quota races: the racers that won (those that returned
+    True), and how many uploads were stored."""
+    barrier = threading.Barrier(racers + uploads)
+
+    def released(fn):
+        def run(i: int) -> bool:
+            barrier.wait()
+            return fn(i)
+
+        return run
+
+    def upload(i: int) -> bool:
+        body = {"id": f"file_{i}", "purpose": "assistants", "created_at": 0, "expires_at": None}
+        try:
+            kb.add_file(repo, owner, body, None, b"x" * 100)
+        except StorageQuotaExceededError:
+            return False
+        return True
+
+    with ThreadPoolExecutor(racers + uploads) as pool:
+        won = pool.map(released(racer), range(racers))
+        stored = pool.map(released(upload), range(uploads))
+        return [i for i, ok in enumerate(won) if ok], sum(stored)
+
+
 def test_concurrent_items_given_back_never_pass_the_storage_quota(store):
     """Items a client gives keep an earlier run's images as copies of their own: 24
     writes of them at once (responses' input, new conversations, items appended to one),
@@ -225,11 +252,9 @@ def test_concurrent_items_given_back_never_pass_the_storage_quota(store):
     alice = UserRow("user_alice", "alice", 1, storage_quota_bytes=1000)
     assert db.create_user(repo, alice)
     repo.create_conversation(alice.id, "conv_shared", 0, {}, [])
-    barrier = threading.Barrier(28)
 
     def give(i: int) -> bool:
         items = [_image_call(f"ci_{i}", 100)]
-        barrier.wait()
         try:
             if i % 3 == 0:
                 body = {"id": f"resp_{i}", "created_at": 0, "status": "in_progress"}
@@ -245,20 +270,7 @@ def test_concurrent_items_given_back_never_pass_the_storage_quota(store):
             return False
         return True
 
-    def upload(i: int) -> bool:
-        body = {"id": f"file_{i}", "purpose": "assistants", "created_at": 0, "expires_at": None}
-        barrier.wait()
-        try:
-            kb.add_file(repo, alice.id, body, None, b"x" * 100)
-        except StorageQuotaExceededError:
-            return False
-        return True
-
-    with ThreadPoolExecutor(28) as pool:
-        given = pool.map(give, range(24))
-        uploads = pool.map(upload, range(4))
-        kept = [i for i, ok in enumerate(given) if ok]
-        stored = sum(uploads)
+    kept, stored = _race_with_uploads(repo, alice.id, give, 24, 4)
     assert len(kept) + stored == 10 and kb.storage_used(repo, alice.id, 0) == 1000
     with store.engine.connect() as conn:
         counted = (
@@ -489,10 +501,8 @@ def test_concurrent_code_interpreter_runs_and_uploads_never_pass_the_storage_quo
     alice = UserRow("user_alice", "alice", 1, storage_quota_bytes=1000)
     assert db.create_user(repo, alice)
     bodies = [_running_response(repo, alice.id, f"resp_{i}") for i in range(20)]
-    barrier = threading.Barrier(25)
 
     def run(i: int) -> bool:
-        barrier.wait()
         try:
             kb.hold_storage(repo, alice.id, f"resp_{i}", f"ci_{i}", 100, 0)
         except StorageQuotaExceededError as exc:
@@ -500,20 +510,7 @@ def test_concurrent_code_interpreter_runs_and_uploads_never_pass_the_storage_quo
             return False
         return True
 
-    def upload(i: int) -> bool:
-        body = {"id": f"file_{i}", "purpose": "assistants", "created_at": 0, "expires_at": None}
-        barrier.wait()
-        try:
-            kb.add_file(repo, alice.id, body, None, b"x" * 100)
-        except StorageQuotaExceededError:
-            return False
-        return True
-
-    with ThreadPoolExecutor(25) as pool:
-        runs = pool.map(run, range(20))
-        uploads = pool.map(upload, range(5))
-        held = [i for i, ok in enumerate(runs) if ok]
-        stored = sum(uploads)
+    held, stored = _race_with_uploads(repo, alice.id, run, 20, 5)
     assert len(held) + stored == 10 and kb.storage_used(repo, alice.id, 0) == 1000
     first, *_ = held
     image = "data:image/png;base64," + "A" * 78  # 100 bytes, as held
