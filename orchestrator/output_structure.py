@@ -120,8 +120,10 @@ _ALL_REQUIRED = (
 def _check_strict(schema: dict, param: str, strict: Strict) -> None:
     """OpenAI's rules for a strict schema, as its 400 gives them: every subschema (a
     property's, an array's items, a branch of anyOf, a definition) names its `type`,
-    unless it is an `anyOf` or a `$ref` (an `enum` or a `const` alone does not do: OpenAI
-    refuses `{"const": "x"}`); every object (the root too) is closed with
+    unless it is an `anyOf`, a `$ref` or an `enum` (OpenAI's guide lists enums among its
+    supported types; a `const` alone does not do: OpenAI refuses `{"const": "x"}`), so a
+    schema a client's strict schemas pass on OpenAI's API is never refused here for want of
+    a type; every object (the root too) is closed with
     `additionalProperties: false`, with `properties`, each of them in `required` (an
     optional one is required and nullable). The grammar would enforce any schema; a
     client that declared it strict is told where it would not pass on OpenAI's API."""
@@ -167,7 +169,7 @@ def _is_object(node: dict) -> bool:
 
 def _strict_rule(node: dict) -> str | None:
     """The strict rule a subschema breaks, as OpenAI words it, or None."""
-    if "type" not in node and "anyOf" not in node and "$ref" not in node:
+    if "type" not in node and not {"anyOf", "$ref", "enum"} & node.keys():
         return _TYPED
     if not _is_object(node):
         return None

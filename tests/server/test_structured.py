@@ -539,11 +539,10 @@ STRICT_VIOLATIONS = [
         "('$defs', 'place')",
         _CLOSE,
     ),
-    # Every subschema names its type (an anyOf or a $ref stands for theirs), wherever it is:
-    # a description alone, a const or an enum alone, the empty schema, properties alone.
+    # Every subschema names its type (an anyOf, a $ref or an enum stands for theirs),
+    # wherever it is: a description alone, a const alone, the empty schema, properties alone.
     (_closed({"ok": {"description": "Whether it is."}}), "('properties', 'ok')", _TYPED),
     (_closed({"kind": {"const": "fact"}}), "('properties', 'kind')", _TYPED),
-    (_closed({"unit": {"enum": ["C", "F"]}}), "('properties', 'unit')", _TYPED),
     (
         _closed({"tags": {"type": "array", "items": {}}}),
         "('properties', 'tags', 'items')",
@@ -555,7 +554,7 @@ STRICT_VIOLATIONS = [
         _TYPED,
     ),
     (
-        _closed({"unit": {"$ref": "#/$defs/unit"}}, **{"$defs": {"unit": {"enum": ["C", "F"]}}}),
+        _closed({"unit": {"$ref": "#/$defs/unit"}}, **{"$defs": {"unit": {"const": "C"}}}),
         "('$defs', 'unit')",
         _TYPED,
     ),
@@ -567,7 +566,7 @@ STRICT_VIOLATIONS = [
 ]
 # Strict schemas OpenAI accepts: closed objects with every property required (optional
 # ones nullable), nested, in arrays, definitions and anyOf; an object without properties;
-# typed enums and consts, and anyOf and $ref without a type of their own.
+# typed enums and consts, and anyOf, $ref and enum without a type of their own.
 STRICT_SCHEMAS = [
     _closed({"city": STRING}),
     _closed(
@@ -575,6 +574,7 @@ STRICT_SCHEMAS = [
             "unit": {"type": "string", "enum": ["C", "F"]},
             "kind": {"type": "string", "const": "fact"},
             "grade": {"type": ["integer", "null"], "enum": [1, 2, None]},
+            "size": {"enum": ["S", "M", 3]},
             "id": {"anyOf": [STRING, {"type": "integer"}], "description": "Either."},
         }
     ),
@@ -663,11 +663,12 @@ _TYPED_LEAVES = st.one_of(
         lambda e: {"type": "string", "enum": e}
     ),
     st.sampled_from(["x", "y"]).map(lambda c: {"type": "string", "const": c}),
+    st.just({"enum": ["C", 1, None]}),
 )
 # Subschemas without a type, each titled "untyped" (which no property's name can spell).
-_UNTYPED_LEAVES = st.sampled_from(
-    [{"enum": ["C", "F"]}, {"const": "x"}, {"maxLength": 3}, {"description": "any"}]
-).map(lambda leaf: {**leaf, "title": "untyped"})
+_UNTYPED_LEAVES = st.sampled_from([{"const": "x"}, {"maxLength": 3}, {"description": "any"}]).map(
+    lambda leaf: {**leaf, "title": "untyped"}
+)
 
 
 def _strictish_object(children: st.SearchStrategy[dict]) -> st.SearchStrategy[dict]:
