@@ -161,6 +161,19 @@ def product_api_error(exc: ProductError) -> APIError:
 Route = Callable[[Request], Awaitable[Response]]
 
 
+def take_request(request: Request, accounts: Accounts | None) -> dict[str, str]:
+    """One request from the caller's rpm bucket, the one the generation routes take from,
+    for a route that meters no tokens of its own: an input token count, a vector-store
+    search (its query embeddings are metered inside). RateLimitError (the 429) when the
+    bucket is empty, which the route raises before reading its body, so a user past the
+    limit costs no parsing. Returns the rate-limit headers its answer carries."""
+    if accounts is None:
+        return {}
+    who = identity(request)
+    accounts.take_request(who)
+    return accounts.rate_headers(who)
+
+
 def metered(
     endpoint: str, handler: Handler, accounts: Callable[[Request], Accounts | None]
 ) -> Route:

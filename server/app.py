@@ -249,7 +249,7 @@ def file_routes() -> list[Route]:
         Route(store, vs.retrieve_vector_store, methods=get),
         Route(store, _with_json_body(vs.update_vector_store), methods=post),
         Route(store, vs.delete_vector_store, methods=delete),
-        Route(f"{store}/search", _with_json_body(vs.search_vector_store), methods=post),
+        Route(f"{store}/search", vs.search_vector_store, methods=post),
         Route(f"{store}/files", _with_json_body(vs.create_store_file), methods=post),
         Route(f"{store}/files", vs.list_store_files, methods=get),
         Route(f"{store}{store_file}", vs.retrieve_store_file, methods=get),

@@ -22,7 +22,7 @@ from starlette.types import Receive
 from orchestrator import Product, ProductError
 from orchestrator.accounts import Meter
 from orchestrator.turn import Turn
-from server.access import identity, owner, product_api_error
+from server.access import identity, owner, product_api_error, take_request
 from server.disconnect import unless_disconnected
 from server.errors import known_fields
 from server.json_body import json_response
@@ -182,16 +182,12 @@ async def count_input_tokens(request: Request) -> Response:
     user past it costs no parsing, file reading or rendering. No tokens are metered or
     charged to the quota, as none are computed."""
     state: ServerState = request.app.state.tokenmill
-    accounts = product(request).accounts
-    who = identity(request)
-    if accounts is not None:
-        accounts.take_request(who)
+    headers = take_request(request, product(request).accounts)
     body = await read_json_body(request, state.config.max_body_bytes, state)
     parsed, _ = parse_response_request(
         known_fields(body, _COUNT_FIELDS), state.resolve_model, input_required=False
     )
     count = await product(request).responses.count_input_tokens(owner(request), parsed)
-    headers = {} if accounts is None else accounts.rate_headers(who)
     return JSONResponse({"object": "response.input_tokens", "input_tokens": count}, headers=headers)
 
 

@@ -13,10 +13,12 @@ from orchestrator.items import item_list
 from orchestrator.retrieval.chunking import parse_chunking_strategy
 from orchestrator.retrieval.filters import MAX_KEY_LENGTH, is_number
 from orchestrator.vector_stores import FileToAdd, Search
-from server.access import owner
+from server.access import owner, take_request
 from server.errors import APIError, invalid, known_fields, typed_field
+from server.request_body import read_json_body
 from server.responses import product
 from server.responses_protocol import parse_metadata, parse_page
+from server.state import ServerState
 from server.vector_store_search import parse_search_request, search_results_page
 
 MAX_FILE_IDS = 500  # a store's `file_ids` when it is created
@@ -161,14 +163,19 @@ async def delete_vector_store(request: Request) -> Response:
     return JSONResponse(await _service(request).delete(owner(request), _store_id(request)))
 
 
-async def search_vector_store(request: Request, body: Any) -> Response:
+async def search_vector_store(request: Request) -> Response:
+    """A search is one request of the user's rpm, taken before its body is read; its
+    queries' embeddings are metered and charged as `vector_stores.search` usage."""
+    headers = take_request(request, product(request).accounts)
+    state: ServerState = request.app.state.tokenmill
+    body = await read_json_body(request, state.config.max_body_bytes, state)
     options = parse_search_request(body)
     searches = [
         Search(q, options.filters, options.max_num_results, options.score_threshold, options.mode)
         for q in options.queries
     ]
     hits = await _service(request).search_stores(owner(request), [_store_id(request)], searches)
-    return JSONResponse(search_results_page(options.queries, hits))
+    return JSONResponse(search_results_page(options.queries, hits), headers=headers)
 
 
 async def create_store_file(request: Request, body: Any) -> Response:

@@ -1435,6 +1435,31 @@ def test_counting_input_tokens_takes_a_request_from_the_rpm_before_reading_the_b
     assert _rows(server) == []  # nothing generated, nothing metered
 
 
+def test_a_vector_store_search_takes_a_request_from_the_rpm_before_reading_the_body(
+    product_server, tmp_path
+):
+    """A vector-store search is one request of the user's rpm, the bucket generation takes
+    from, taken as it arrives: a user past it gets the 429 before the body is read or a
+    query embedded."""
+    server = product_server(data_dir=tmp_path / "data", embedder=Embedder.load())
+    server.product.accounts.limiter.clock = lambda: 0.0  # no refill
+    key = _account(server, "vic", rpm=2)
+    with _client(server, key) as vic:
+        search = f"/vector_stores/{vic.post('/vector_stores', json={}).json()['id']}/search"
+        found = vic.post(search, json={"query": "where do cats sleep"})
+        assert found.status_code == 200 and found.json()["data"] == []
+        assert found.headers["x-ratelimit-remaining-requests"] == "1"
+        malformed = {"content": b"{not json", "headers": {"content-type": "application/json"}}
+        assert vic.post(search, **malformed).status_code == 400
+        refused = vic.post(search, json={"query": "and dogs?"})
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert _chat(vic).status_code == 429  # the same bucket as generation's
+    [row] = _rows(server, "user_vic", count=1)  # the one query embedded
+    assert row.endpoint == "vector_stores.search"
+
+
 # A code_interpreter run that writes a 3,000-byte PNG to its working directory.
 PLOT = "open('plot.png', 'wb').write(b'\\x89PNG\\r\\n\\x1a\\n' + bytes(2992))\nprint('saved')"
 SANDBOXED = {"type": "code_interpreter", "container": {"type": "auto"}}
