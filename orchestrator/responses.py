@@ -153,6 +153,7 @@ class ResponseService:
             return await self._start(owner, request, observer, budget, place)
         await self.lock.claim(owner, conversation)  # the turn releases it when it ends
         try:
+            await self.lock.check_others(owner, conversation, "conversation")
             return await self._start(owner, request, observer, budget, place)
         except BaseException:
             await self.lock.release(owner, conversation)
@@ -352,7 +353,6 @@ class ResponseService:
                 )
             return history
         if request.conversation_id is not None:
-            await self.lock.check_others(owner, request.conversation_id, "conversation")
             history = await self.store.call(
                 Repository.conversation_history, owner, request.conversation_id
             )

@@ -1306,6 +1306,9 @@ def test_a_conversation_runs_one_turn_at_a_time(product_server, database_url):
             conv.id, items=[{"type": "message", "role": "user", "content": "between"}]
         )
     assert locked.value.body["code"] == "conversation_locked"
+    # counting the tokens of what would come next reads the conversation as it stands
+    count = server.client.responses.input_tokens.count
+    assert count(model=MODEL, conversation=conv.id, input="two").input_tokens > 0
     # another conversation is not held up
     engine.hold.set()
     server.client.responses.create(model=MODEL, input="elsewhere", conversation=other.id)
@@ -1325,6 +1328,7 @@ def test_a_conversation_runs_one_turn_at_a_time(product_server, database_url):
     with pytest.raises(openai.BadRequestError) as locked:
         server.client.responses.create(model=MODEL, input="three", conversation=conv.id)
     assert locked.value.body["code"] == "conversation_locked"
+    assert count(model=MODEL, conversation=conv.id, input="three").input_tokens > 0
 
 
 def test_concurrent_appends_to_a_conversation_wait_their_turn(
