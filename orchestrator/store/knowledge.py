@@ -36,7 +36,7 @@ from orchestrator.store.repository import (
     delete_owned,
     forget_list,
 )
-from orchestrator.store.storage_quota import live_files, locked_storage
+from orchestrator.store.storage_quota import check_room, live_files
 from orchestrator.store.tables import (
     file_blobs,
     files,
@@ -127,10 +127,10 @@ def add_file(
 
 def _check_storage_quota(conn: Connection, owner: str, size: int, now: int) -> None:
     """StorageQuotaExceededError when an upload of `size` bytes does not fit
-    (`locked_storage`)."""
-    used, quota = locked_storage(conn, owner, now)
-    if quota is not None and used + size > quota:
-        raise StorageQuotaExceededError(
+    (`check_room`)."""
+
+    def refusal(used: int, quota: int) -> StorageQuotaExceededError:
+        return StorageQuotaExceededError(
             f"This file ({size} bytes) does not fit your storage quota: your files and the "
             f"code_interpreter images kept with your responses take {used} of your {quota} "
             "bytes. Delete files (or those responses and conversations) to make room, or "
@@ -138,6 +138,8 @@ def _check_storage_quota(conn: Connection, owner: str, size: int, now: int) -> N
             param="file",
             code="storage_quota_exceeded",
         )
+
+    check_room(conn, owner, size, now, refusal)
 
 
 def hold_storage(
@@ -148,15 +150,17 @@ def hold_storage(
     transaction as an upload is, until the response's output is written for good; the
     item's stored copies then count the same bytes (`storage_quota.storage_used`).
     StorageQuotaExceededError when they do not fit what the quota leaves."""
+
+    def refusal(used: int, quota: int) -> StorageQuotaExceededError:
+        return StorageQuotaExceededError(
+            f"the run's images take {size} bytes, more than the {quota - used} bytes "
+            f"left of your storage quota ({quota} bytes), so none of them is kept. Delete "
+            "files, or responses that keep images, to make room, or write smaller images.",
+            code="storage_quota_exceeded",
+        )
+
     with repo.engine.begin() as conn:
-        used, quota = locked_storage(conn, owner, now)
-        if quota is not None and used + size > quota:
-            raise StorageQuotaExceededError(
-                f"the run's images take {size} bytes, more than the {quota - used} bytes "
-                f"left of your storage quota ({quota} bytes), so none of them is kept. Delete "
-                "files, or responses that keep images, to make room, or write smaller images.",
-                code="storage_quota_exceeded",
-            )
+        check_room(conn, owner, size, now, refusal)
         conn.execute(
             insert(storage_holds).values(
                 id=item_id, response_id=response_id, owner_id=owner, bytes=size

@@ -3,13 +3,15 @@
 A user's storage is their live uploaded files' bytes and the code_interpreter images their
 stored items keep (`output_bytes` of response and conversation items) or their running
 responses hold (`storage_holds`). Every write that adds to it checks the quota in the
-transaction that writes it, after `locked_storage` took the user's row lock: uploads
+transaction that writes it (`check_room`, under the user's row lock): uploads
 (`knowledge.add_file`), code_interpreter runs (`knowledge.hold_storage`), and the items
 a client gives (`Repository.begin_response`, `create_conversation`,
 `add_conversation_items`), which may carry an earlier run's images.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from sqlalchemy import func, or_, select, union, update
 from sqlalchemy.engine import Connection
@@ -57,20 +59,36 @@ def locked_storage(conn: Connection, owner: str, now: int) -> tuple[int, int | N
     return (0, None) if quota is None else (storage_used(conn, owner, now), quota)
 
 
+def check_room(
+    conn: Connection,
+    owner: str,
+    size: int,
+    now: int,
+    refusal: Callable[[int, int], StorageQuotaExceededError],
+) -> None:
+    """Raise `refusal(used, quota)` when `size` more bytes do not fit what the owner's
+    quota leaves, read under their row lock (`locked_storage`). The caller writes the
+    bytes in the same transaction, which holds the lock until they count: every write of
+    the owner's storage (an upload, a code_interpreter run's hold, items given back)
+    passes here."""
+    used, quota = locked_storage(conn, owner, now)
+    if quota is not None and used + size > quota:
+        raise refusal(used, quota)
+
+
 def check_given_items(
     conn: Connection, owner: str, items: list[dict], now: int, param: str
 ) -> None:
     """StorageQuotaExceededError (at `param`) when the images that the items a client
     gives keep (code_interpreter_calls given back, each stored as a copy of its own) do
-    not fit what the owner's quota leaves; items that keep none are not checked, and take
-    no lock. The caller stores the items in the same transaction, which holds the lock
-    (`locked_storage`) until they count."""
+    not fit what the owner's quota leaves (`check_room`); items that keep none are not
+    checked, and take no lock."""
     size = sum(kept_output_bytes(item) for item in items)
     if size == 0:
         return
-    used, quota = locked_storage(conn, owner, now)
-    if quota is not None and used + size > quota:
-        raise StorageQuotaExceededError(
+
+    def refusal(used: int, quota: int) -> StorageQuotaExceededError:
+        return StorageQuotaExceededError(
             f"The code_interpreter images these items keep ({size} bytes) do not fit your "
             f"storage quota: your files and the images kept with your responses and "
             f"conversations take {used} of your {quota} bytes. Give the calls back without "
@@ -78,6 +96,8 @@ def check_given_items(
             param=param,
             code="storage_quota_exceeded",
         )
+
+    check_room(conn, owner, size, now, refusal)
 
 
 def storage_used(conn: Connection, owner: str, now: int) -> int:
