@@ -15,10 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
-import agents
 import httpx
-import langchain_core.tools
-import langchain_openai
 import openai
 import pydantic
 import pytest
@@ -621,14 +618,21 @@ def test_unsupported_schema_is_a_400_naming_the_keyword(client):
 # whether a run ends: the Agents SDK fails a run whose response is `incomplete`.
 
 
-agents.set_tracing_disabled(True)  # its exporter would post to api.openai.com
+@pytest.fixture(scope="module")
+def agents():
+    """The OpenAI Agents SDK, imported where it is used rather than at collection (seconds
+    of every test worker), with tracing off: its exporter would post to api.openai.com."""
+    import agents
+
+    agents.set_tracing_disabled(True)
+    return agents
 
 
 class Word(pydantic.BaseModel):
     word: str = pydantic.Field(max_length=24)
 
 
-def agents_model(live: LiveServer, kind: str):
+def agents_model(agents, live: LiveServer, kind: str):
     client = openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key=API_KEY, max_retries=0)
     if kind == "responses":
         return agents.OpenAIResponsesModel(model=MODEL, openai_client=client)
@@ -636,7 +640,7 @@ def agents_model(live: LiveServer, kind: str):
 
 
 @pytest.mark.parametrize("kind", ["responses", "chat_completions"])
-def test_the_agents_sdk_calls_a_function_tool(live, kind):
+def test_the_agents_sdk_calls_a_function_tool(agents, live, kind):
     calls = []
 
     @agents.function_tool
@@ -648,7 +652,7 @@ def test_the_agents_sdk_calls_a_function_tool(live, kind):
     agent = agents.Agent(
         name="weather",
         instructions="Use the tool to answer questions about the weather.",
-        model=agents_model(live, kind),
+        model=agents_model(agents, live, kind),
         tools=[get_weather],
         tool_use_behavior="stop_on_first_tool",
         model_settings=agents.ModelSettings(
@@ -662,11 +666,11 @@ def test_the_agents_sdk_calls_a_function_tool(live, kind):
     assert kinds == ["ToolCallItem", "ToolCallOutputItem"]
 
 
-def test_the_agents_sdk_streams_a_structured_output_into_a_conversation(live, client):
+def test_the_agents_sdk_streams_a_structured_output_into_a_conversation(agents, live, client):
     agent = agents.Agent(
         name="one-word",
         instructions="Answer with one word.",
-        model=agents_model(live, "responses"),
+        model=agents_model(agents, live, "responses"),
         output_type=Word,
         model_settings=agents.ModelSettings(temperature=0, max_tokens=64),
     )
@@ -694,6 +698,9 @@ def test_the_agents_sdk_streams_a_structured_output_into_a_conversation(live, cl
 
 @pytest.mark.parametrize("use_responses_api", [False, True])
 def test_langchain_chat_openai_structured_output_tools_and_streaming(live, use_responses_api):
+    import langchain_core.tools
+    import langchain_openai
+
     llm = langchain_openai.ChatOpenAI(
         base_url=f"{live.url}/v1",
         api_key=API_KEY,
