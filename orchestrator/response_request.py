@@ -89,6 +89,7 @@ class ResponseRequest:
     # text.format as given: {"type": "text"}, {"type": "json_object"} or
     # {"type": "json_schema", "name", "schema", "strict"[, "description"]}.
     text_format: dict = field(default_factory=lambda: {"type": "text"})
+    verbosity: str | None = None  # text.verbosity as given ("medium", the model's own)
     max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS  # built-in calls one response may run
     include: list[str] = field(default_factory=list)  # e.g. "file_search_call.results"
     top_logprobs: int = 0  # likeliest tokens beside each output_text token's, with the include

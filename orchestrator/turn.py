@@ -112,7 +112,7 @@ def new_response(request: ResponseRequest, status: str) -> dict:
         "previous_response_id": request.previous_response_id,
         "store": request.store,
         "temperature": 1.0 if request.temperature is None else request.temperature,
-        "text": {"format": request.text_format},
+        "text": _text_config(request),
         "tool_choice": request.tool_choice,
         "tools": [t.as_dict() for t in request.tools],
         "top_p": 1.0 if request.top_p is None else request.top_p,
@@ -125,6 +125,12 @@ def new_response(request: ResponseRequest, status: str) -> dict:
         "safety_identifier": request.safety_identifier,
         "top_logprobs": request.top_logprobs,
     }
+
+
+def _text_config(request: ResponseRequest) -> dict:
+    """The response's `text`: its format, and its verbosity when the request gave one."""
+    text = {"format": request.text_format}
+    return text if request.verbosity is None else {**text, "verbosity": request.verbosity}
 
 
 @dataclass(frozen=True)

@@ -69,9 +69,11 @@ _RESPONSE_FIELDS = {
     "safety_identifier",
     "service_tier",
     "top_logprobs",
+    "reasoning",
 }
 # The tiers OpenAI takes: this server has one, which a response reports as "default".
 _SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
+_REASONING_FIELDS = {"effort", "summary", "generate_summary"}
 
 
 def _required(body: dict, name: str, param: str, kind: str = "a string") -> Any:
@@ -552,6 +554,24 @@ def _check_unsupported(body: dict) -> None:
     tier = typed_field(body, "service_tier", "a string")
     if tier is not None and tier not in _SERVICE_TIERS:
         raise invalid(f"service_tier must be one of {', '.join(_SERVICE_TIERS)}", "service_tier")
+    _check_reasoning(body)
+
+
+def _check_reasoning(body: dict) -> None:
+    """`reasoning`, for a model that does not reason: one that asks for nothing (`{}`,
+    null fields, effort "none": the defaults SDKs and agent frameworks send) is taken,
+    and the response reports `reasoning: null`; an effort or a summary is OpenAI's 400
+    for a model without reasoning, naming the field."""
+    reasoning = typed_field(body, "reasoning", "an object", {})
+    known_fields(reasoning, _REASONING_FIELDS, "reasoning")
+    for name in ("effort", "summary", "generate_summary"):
+        value = reasoning.get(name)
+        if value is not None and not (name == "effort" and value == "none"):
+            raise invalid(
+                f"Unsupported parameter: 'reasoning.{name}' is not supported with this model.",
+                f"reasoning.{name}",
+                "unsupported_parameter",
+            )
 
 
 def _stream(body: dict) -> bool:
@@ -593,6 +613,8 @@ def check_query_include(query) -> list[str]:
     return check_include(query.getlist("include") + query.getlist("include[]"), lambda _: "include")
 
 
+# The verbosity a model without the setting writes at: the one value OpenAI takes for one.
+VERBOSITY = "medium"
 _FORMAT_KEYS = {
     "text": {"type"},
     "json_object": {"type"},
@@ -600,12 +622,27 @@ _FORMAT_KEYS = {
 }
 
 
+def _verbosity(body: dict) -> str | None:
+    """text.verbosity: "medium" only, as OpenAI's API takes it for a model without the
+    setting (this one writes as it writes); another value is OpenAI's 400 for it."""
+    text = typed_field(body, "text", "an object", {})
+    verbosity = typed_field(text, "verbosity", "a string", param="text.verbosity")
+    if verbosity is not None and verbosity != VERBOSITY:
+        raise invalid(
+            f"Unsupported value: {verbosity!r} is not supported with this model. "
+            f"Supported values are: {VERBOSITY!r}.",
+            "text.verbosity",
+            "unsupported_value",
+        )
+    return verbosity
+
+
 def _text_format(body: dict) -> dict:
     """text.format in OpenAI's shapes: text, json_object, or json_schema with a name and a
     schema (the schema itself is checked when its grammar is built)."""
     text = typed_field(body, "text", "an object", {})
     for key in text:
-        if key != "format":
+        if key not in ("format", "verbosity"):
             raise invalid(f"text.{key} is not supported", f"text.{key}")
     fmt = typed_field(text, "format", "an object", {"type": "text"}, "text.format")
     kind = fmt.get("type")
@@ -694,6 +731,7 @@ def parse_response_request(
         tool_choice=_tool_choice(body, tools),
         parallel_tool_calls=typed_field(body, "parallel_tool_calls", "a boolean", True),
         text_format=_text_format(body),
+        verbosity=_verbosity(body),
         max_tool_calls=max_tool_calls,
         include=_include(body),
         user=typed_field(body, "user", "a string"),

@@ -186,6 +186,38 @@ def test_penalties_and_openai_hints_are_taken_and_echoed(product_server):
         assert refused.json()["error"]["param"] == field
 
 
+def test_reasoning_and_verbosity_settings_this_model_meets_are_taken(product_server):
+    """A non-reasoning model, as OpenAI's API answers for one: a `reasoning` that asks
+    for nothing (`{}`, null fields, effort "none", as SDKs and agent frameworks send their
+    defaults) and `text.verbosity: "medium"` are taken (the verbosity echoed in `text`);
+    a reasoning effort or summary, or another verbosity, is OpenAI's 400 naming it."""
+    server = product_server(FakeEngine(reply="Hi there!"))
+    for reasoning in ({}, {"effort": None, "summary": None}, {"effort": "none"}):
+        response = server.client.responses.create(
+            model=MODEL, input="Hello", reasoning=reasoning, text={"verbosity": "medium"}
+        )
+        assert response.reasoning is None and response.text.verbosity == "medium"
+        stored = _raw(server, "GET", f"/responses/{response.id}").json()
+        assert stored["text"] == {"format": {"type": "text"}, "verbosity": "medium"}
+    refusals = [
+        ({"reasoning": {"effort": "low"}}, "reasoning.effort", "unsupported_parameter"),
+        ({"reasoning": {"summary": "auto"}}, "reasoning.summary", "unsupported_parameter"),
+        ({"reasoning": {"generate_summary": "auto"}}, "reasoning.generate_summary", None),
+        ({"reasoning": {"effort": "lots"}}, "reasoning.effort", "unsupported_parameter"),
+        ({"reasoning": {"budget": 3}}, "reasoning.budget", None),
+        ({"reasoning": "low"}, "reasoning", None),
+        ({"text": {"verbosity": "low"}}, "text.verbosity", "unsupported_value"),
+        ({"text": {"verbosity": 3}}, "text.verbosity", None),
+    ]
+    for extra, param, code in refusals:
+        refused = _raw(server, "POST", "/responses", json={"model": MODEL, "input": "x", **extra})
+        assert refused.status_code == 400, (extra, refused.text)
+        error = refused.json()["error"]
+        assert error["param"] == param, (extra, error)
+        if code is not None:
+            assert error["code"] == code, (extra, error)
+
+
 LOGPROBS = "message.output_text.logprobs"
 
 
@@ -1201,7 +1233,7 @@ def test_unknown_ids_are_404(product_server):
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"input": "x", "reasoning": {"effort": "low"}}, "reasoning"),
+        ({"input": "x", "reasoning": {"effort": "low"}}, "reasoning.effort"),
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
