@@ -42,6 +42,11 @@ from server import in_flight, json_body, start_draining
 from tests.product.conftest import ProductServer
 from tests.retrieval.documents import pdf_bytes
 from tests.server.fake_engine import FakeEngine
+from tests.server.responses_conformance import (
+    create_response,
+    resume_background_stream,
+    stream_response,
+)
 
 MODEL = "fake-model"
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -155,6 +160,100 @@ def test_every_response_object_has_the_fields_the_open_responses_spec_requires(p
         older = {k: v for k, v in body.scalar().items() if k not in ("reasoning", "top_logprobs")}
         db.execute(responses.update().where(responses.c.id == response_id).values(body=older))
     assert _raw(server, "GET", f"/responses/{response_id}").json() == stored
+
+
+def _conformance_reply(prompt: str) -> str:
+    """One scripted model for every kind of request the conformance test sends: the
+    kind is named in the user's input."""
+    if "[calc]" in prompt:
+        return _scripted_calculator(prompt)
+    if "[call]" in prompt and "<tools>" in prompt:
+        return "Let me check. " + CALL + "\n" + CALL
+    if "[json]" in prompt:
+        return '{"city": "Tokyo", "population": 14}'
+    return "Tokyo is the capital of Japan, and its largest city."
+
+
+def _scripted_calculator(prompt: str) -> str:
+    if "<tools>" in prompt and '<untrusted origin="tool calculator"' not in prompt:
+        return (
+            '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>'
+        )
+    return "It is 42."
+
+
+def test_every_kind_of_response_conforms_to_the_open_responses_spec(product_server):
+    """The conformance checker (tests/server/responses_conformance.py) over each kind of
+    request, streamed and not: every event an SDK `ResponseStreamEvent`, numbered from 0,
+    in the spec's order, each item's events consistent and its done state the final
+    response's, which a GET reads back; a background stream picked up with
+    `starting_after` and replayed whole."""
+    server = product_server(FakeEngine(reply=_conformance_reply))
+    url = f"{server.url}/v1"
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+        "required": ["city", "population"],
+        "additionalProperties": False,
+    }
+    kinds = {
+        "text": {"input": "Capital of Japan?"},
+        "cut": {"input": "Capital of Japan?", "max_output_tokens": 9},
+        "calls": {"input": "[call] Weather?", "tools": [WEATHER]},
+        "calls cut": {"input": "[call] Weather?", "tools": [WEATHER], "max_output_tokens": 60},
+        "json_schema": {
+            "input": "[json] A city.",
+            "text": {"format": {"type": "json_schema", "name": "city", "schema": schema}},
+        },
+        "built-in tool": {
+            "input": "[calc] 6*7?",
+            "tools": [{"type": "function", "name": "calculator"}],
+        },
+        "logprobs": {
+            "input": "Capital of Japan?",
+            "include": ["message.output_text.logprobs"],
+            "top_logprobs": 2,
+        },
+        "not stored": {"input": "Capital of Japan?", "store": False},
+        "settings": {
+            "input": "Capital of Japan?",
+            "metadata": {"k" * 64: "v" * 512, **{f"m{i}": "" for i in range(15)}},
+            "user": "u-1",
+            "safety_identifier": "s-1",
+            "prompt_cache_key": "p-1",
+            "service_tier": "auto",
+            "truncation": "auto",
+            "reasoning": {},
+            "text": {"verbosity": "medium"},
+        },
+    }
+    for kind, body in kinds.items():
+        body = {"model": MODEL, "temperature": 0, **body}
+        streamed = stream_response(url, body).final
+        created = create_response(url, body)
+        ignored = ("id", "created_at", "completed_at", "output", "usage")  # usage: cache hits
+        assert {k: v for k, v in streamed.items() if k not in ignored} == {
+            k: v for k, v in created.items() if k not in ignored
+        }, kind
+        assert [i["type"] for i in streamed["output"]] == [i["type"] for i in created["output"]]
+        tokens = ("input_tokens", "output_tokens")
+        assert [streamed["usage"][k] for k in tokens] == [created["usage"][k] for k in tokens]
+        for echoed in ("metadata", "user", "safety_identifier", "prompt_cache_key", "truncation"):
+            assert streamed[echoed] == body.get(echoed, streamed[echoed]), (kind, echoed)
+    cut = stream_response(url, {"model": MODEL, **kinds["cut"]}).final
+    assert cut["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert cut["usage"]["output_tokens"] == 9
+    chained = {"model": MODEL, "input": "And of France?", "previous_response_id": cut["id"]}
+    assert stream_response(url, chained).final["previous_response_id"] == cut["id"]
+    conversation = server.client.conversations.create().id
+    talk = stream_response(url, {"model": MODEL, "input": "Hi", "conversation": conversation})
+    assert talk.final["conversation"] == {"id": conversation}
+    server.engine.fail_after = 3
+    failed = stream_response(url, {"model": MODEL, "input": "Capital of Japan?"}).final
+    server.engine.fail_after = None
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    whole = resume_background_stream(url, {"model": MODEL, "input": "Capital of Japan?"}, split=6)
+    assert whole.final["status"] == "completed"
 
 
 def test_penalties_and_openai_hints_are_taken_and_echoed(product_server):

@@ -27,6 +27,7 @@ from engine.loader.gguf import read_gguf
 from engine.tokenizer import Tokenizer
 from server.state import INLINE_PROMPT_CHARS
 from tests.server.live_server import API_KEY, LiveServer, start_server
+from tests.server.responses_conformance import resume_background_stream, stream_response
 
 MODEL = "smollm2-135m-instruct"
 # A question the model answers with a wide first-token margin (2.5 nats) in every mode;
@@ -611,6 +612,45 @@ def test_unsupported_schema_is_a_400_naming_the_keyword(client):
             },
         )
     assert "not" in err.value.body["message"] and err.value.body["param"] == "response_format"
+
+
+def test_responses_conform_to_the_open_responses_spec(live):
+    """The conformance checker (tests/server/responses_conformance.py) on the real model,
+    whose tokenizer splits the deltas, tool-call parser finds the calls and grammar shapes
+    the JSON: a text answer, one cut by max_output_tokens, a forced function call, a
+    json_schema answer and a background stream picked up with `starting_after`."""
+    url, headers = f"{live.url}/v1", {"Authorization": f"Bearer {API_KEY}"}
+    base = {"model": MODEL, "temperature": 0}
+    text = stream_response(url, {**base, "input": QUESTION[0]["content"]}, headers).final
+    assert "Tokyo" in text["output"][0]["content"][0]["text"]
+    story = {**base, "input": "Write a long story about a dragon.", "max_output_tokens": 4}
+    cut = stream_response(url, story, headers).final
+    assert cut["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert cut["usage"]["output_tokens"] == 4
+    city = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+    }
+    weather = {"type": "function", "name": "get_weather", "parameters": city}
+    call = stream_response(
+        url,
+        {
+            **base,
+            "input": "What's the weather in Paris?",
+            "tools": [{**weather, "description": "Weather in a city"}],
+            "tool_choice": {"type": "function", "name": "get_weather"},
+        },
+        headers,
+    ).final
+    assert [item["type"] for item in call["output"]] == ["function_call"]
+    assert isinstance(json.loads(call["output"][0]["arguments"])["city"], str)
+    fmt = {"type": "json_schema", "name": "city", "schema": city}
+    answer = {**base, "input": "Name a big city.", "text": {"format": fmt}}
+    structured = stream_response(url, answer, headers).final
+    assert isinstance(json.loads(structured["output"][0]["content"][0]["text"])["city"], str)
+    count = {**base, "input": "Count to three.", "max_output_tokens": 6}
+    assert resume_background_stream(url, count, split=4, headers=headers).final["output"]
 
 
 # Agent frameworks, unchanged, on the same server. Their outputs are bounded by the schema
