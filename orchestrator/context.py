@@ -44,10 +44,17 @@ FILE_TEXT = "file_text"
 class ToolConfig:
     """The function tools offered this turn, in chat-format terms."""
 
-    tools: list[Tool] = field(default_factory=list)
+    tools: list[Tool] = field(default_factory=list)  # listed in the prompt
     mode: str = "none"  # "none" | "auto" | "required" | "function"
     forced: str | None = None
     parallel: bool = True
+    # The listed tools the model may call (a Responses `allowed_tools` choice); None: all.
+    allowed: frozenset[str] | None = None
+
+    @property
+    def callable(self) -> list[Tool]:
+        """The listed tools the model may call this turn."""
+        return [t for t in self.tools if self.allowed is None or t.name in self.allowed]
 
 
 @dataclass

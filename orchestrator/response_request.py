@@ -123,11 +123,13 @@ class ResponseRequest:
             else [t for t in self.tools if isinstance(t, FunctionTool)]
         )
         choice = self.tool_choice
-        mode, forced = (
-            ("function", choice.get("name", choice["type"]))
-            if isinstance(choice, dict)
-            else (choice, None)
-        )
+        allowed = allowed_tools(choice)
+        if allowed is not None:
+            mode, forced = choice["mode"], None
+        elif isinstance(choice, dict):
+            mode, forced = "function", choice.get("name", choice["type"])
+        else:
+            mode, forced = choice, None
         if not tools:
             mode = "none"
         offered = [t for t in tools if mode != "function" or t.name == forced]
@@ -136,6 +138,7 @@ class ResponseRequest:
             mode,
             forced,
             self.parallel_tool_calls,
+            allowed,
         )
 
 
@@ -148,17 +151,38 @@ def function_tools(declarations: list[dict]) -> list[FunctionTool]:
     ]
 
 
+def allowed_tools(choice: str | dict) -> frozenset[str] | None:
+    """The names of the tools an `allowed_tools` choice lets the model call (a built-in
+    named by its type); None for any other choice."""
+    if not (isinstance(choice, dict) and choice["type"] == "allowed_tools"):
+        return None
+    return frozenset(tool.get("name", tool["type"]) for tool in choice["tools"])
+
+
+def later_tool_choice(choice: str | dict) -> str | dict:
+    """The tool choice of a response's generations after its first: a forced or required
+    call was made, so "auto", within the allowed tools when the choice names them (a
+    hard limit for the whole response, as the Open Responses spec has it)."""
+    return {**choice, "mode": "auto"} if allowed_tools(choice) is not None else "auto"
+
+
 def check_tool_choice(choice: str | dict, offered: list[FunctionTool]) -> None:
     """A tool choice that forces a call needs the tool: among the request's own, or the
     server's default tools, which are offered without being declared. A built-in is
-    named by its type (`{"type": "code_interpreter"}`), a function by its name."""
+    named by its type (`{"type": "code_interpreter"}`), a function by its name; so are
+    the tools an `allowed_tools` choice names."""
     if choice == "required" and not offered:
         raise InvalidRequestError('tool_choice "required" needs tools', "tool_choice")
-    name = choice.get("name", choice["type"]) if isinstance(choice, dict) else None
-    if name is not None and name not in {t.name for t in offered}:
-        raise InvalidRequestError(
-            f"tool_choice names the tool {name!r}, which is not in tools", "tool_choice"
-        )
+    allowed = allowed_tools(choice)
+    if allowed is not None:
+        names = sorted(allowed)
+    else:
+        names = [choice.get("name", choice["type"])] if isinstance(choice, dict) else []
+    for name in names:
+        if name not in {t.name for t in offered}:
+            raise InvalidRequestError(
+                f"tool_choice names the tool {name!r}, which is not in tools", "tool_choice"
+            )
 
 
 def check_json_mention(request: ResponseRequest, history: History) -> None:

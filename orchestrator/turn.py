@@ -51,7 +51,7 @@ from orchestrator.event_log import EventLog
 from orchestrator.events import Event, ResponseEvents, usage
 from orchestrator.ids import new_id
 from orchestrator.logprobs import TextLogprobs, TokenNames
-from orchestrator.response_request import ResponseRequest, function_tools
+from orchestrator.response_request import ResponseRequest, function_tools, later_tool_choice
 from orchestrator.store import History, Store
 from orchestrator.store import knowledge as kb
 from orchestrator.tool_parser import ChoiceAssembler, Content, ParsedCall, first_call_function
@@ -467,7 +467,7 @@ class Turn:
         search = self.tools.builtins.get(FILE_SEARCH)
         if not isinstance(search, FileSearch) or search.question is None:
             return False
-        names = [t.name for t in config.tools]
+        names = [t.name for t in config.callable]
         return (config.mode == "function" and config.forced == FILE_SEARCH) or (
             config.mode == "required" and names == [FILE_SEARCH]
         )
@@ -525,7 +525,7 @@ class Turn:
         self._generations += 1
         start = len(self.events.output)
         self._code_calls = []
-        names = [t.name for t in config.tools]  # built-ins declared as functions too
+        names = [t.name for t in config.callable]  # built-ins declared as functions too
         forced = first_call_function(config.mode, config.forced, names)
         progress = _Progress(
             ChoiceAssembler(names, None if config.parallel else 1, forced),
@@ -541,10 +541,12 @@ class Turn:
     def _turn_config(self, tools_enabled: bool) -> ToolConfig:
         """The tools this generation is offered and how it must use them: none once the
         search or the forced call is done (`_searched_enough`, `_forced_call_made`), and
-        tool_choice "auto" after the first generation."""
+        tool_choice "auto" after the first generation (within the allowed tools)."""
         request = self.request
         if self._generations > 0:  # a forced or required call was made: now free to answer
-            request = dataclasses.replace(request, tool_choice="auto")
+            request = dataclasses.replace(
+                request, tool_choice=later_tool_choice(request.tool_choice)
+            )
         offered = tools_enabled and not (self._searched_enough() or self._forced_call_made())
         return request.tool_config(self.declared if offered else [])
 

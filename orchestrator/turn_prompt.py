@@ -34,7 +34,7 @@ def model_turn_structure(
     shows tool calls or results (`shows_calls`: `shows_tool_items`), text holds none of
     the protocol's tags, and right after results (`after_results`: `prompt_input`) it
     does not open with `<` (`output_structure.protocol_text`)."""
-    functions = [(t.name, tools.call_schema(t.name, t.spec["function"])) for t in config.tools]
+    functions = [(t.name, tools.call_schema(t.name, t.spec["function"])) for t in config.callable]
     fmt = request.text_format
     return turn_structure(
         functions,
@@ -65,11 +65,12 @@ def check_turn_structures(
 ) -> None:
     """A request's schemas checked before its turn starts (a bad one is a 400 naming its
     field): the first generation's grammar, and the client functions it does not offer
-    ("none", another function named), which a later generation may (tool_choice is "auto"
-    after a forced call); as in OpenAI's API, whatever the tool_choice."""
+    ("none", another function named, one allowed_tools leaves out), which a later
+    generation may (tool_choice is "auto" after a forced call); as in OpenAI's API,
+    whatever the tool_choice."""
     model_turn_structure(request, config, tools)
     declared = [(t.name, t.parameters) for t in request.tools if isinstance(t, FunctionTool)]
-    offered = {t.name for t in config.tools}
+    offered = {t.name for t in config.callable}
     check_left_out(
         declared, offered, _function_params(request), "tools", _strict_functions(request)
     )

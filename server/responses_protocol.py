@@ -542,9 +542,41 @@ def _tool_choice(body: dict, tools: list) -> str | dict:
         return {"type": "file_search"}
     if isinstance(choice, dict) and choice.get("type") == CODE_INTERPRETER:
         return {"type": CODE_INTERPRETER}  # declared or a default tool, the service checks
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        return _allowed_tools(choice)
     raise invalid(
         'tool_choice must be "none", "auto", "required", {"type": "function", "name": ...}, '
-        '{"type": "file_search"} or {"type": "code_interpreter"}',
+        '{"type": "file_search"}, {"type": "code_interpreter"} or {"type": "allowed_tools", '
+        '"mode": ..., "tools": [...]}',
+        "tool_choice",
+    )
+
+
+def _allowed_tools(choice: dict) -> dict:
+    """OpenAI's and the Open Responses spec's `allowed_tools`: every declared tool stays
+    listed in the prompt (whose prefix the cache keeps as the allowed set changes), and the
+    model may call only these, with `mode` "auto" (text or their calls) or "required"
+    (their calls). Each is a function by name or a built-in by type (whether the request
+    has it, the service checks)."""
+    known_fields(choice, {"type", "mode", "tools"}, "tool_choice")
+    mode = choice.get("mode")
+    if mode not in ("auto", "required"):
+        raise invalid(f'tool_choice.mode must be "auto" or "required", got {mode!r}', "tool_choice")
+    tools = choice.get("tools")
+    if not isinstance(tools, list) or not tools:
+        raise invalid("tool_choice.tools must list at least one tool", "tool_choice")
+    return {"type": "allowed_tools", "mode": mode, "tools": [_allowed_tool(t) for t in tools]}
+
+
+def _allowed_tool(tool: Any) -> dict:
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    if kind == "function" and isinstance(tool.get("name"), str) and set(tool) == {"type", "name"}:
+        return {"type": "function", "name": tool["name"]}
+    if kind in (CODE_INTERPRETER, "file_search") and set(tool) == {"type"}:
+        return {"type": kind}
+    raise invalid(
+        'each of tool_choice.tools must be {"type": "function", "name": ...}, '
+        f'{{"type": "code_interpreter"}} or {{"type": "file_search"}}, got {tool!r}',
         "tool_choice",
     )
 

@@ -145,6 +145,59 @@ def test_auto_tool_choice_triggers_the_call_grammar_lazily(product_server, compi
     assert not _accepts(compiler, auto, "x " + CALL.replace('"Paris"', "[]"))
 
 
+def test_allowed_tools_lists_every_tool_and_lets_only_the_allowed_be_called(
+    product_server,
+    compiler,  # noqa: F811
+):
+    """The Open Responses spec's (and OpenAI's) `tool_choice: {"type": "allowed_tools"}`:
+    the prompt lists every tool (its prefix, cached, stays the same as the allowed set
+    changes), and the grammar lets the model call only the allowed ones, "auto" (text or
+    their calls) or "required" (their calls), on every generation of the response. It is
+    echoed as given; one naming no tool of the request is a 400 naming tool_choice."""
+    server = product_server(FakeEngine(reply=_scripted(TIME_CALL)))
+    allowed = {
+        "type": "allowed_tools",
+        "mode": "required",
+        "tools": [{"type": "function", "name": "get_time"}],
+    }
+    response = server.client.responses.create(
+        model=MODEL, input="x", tools=[WEATHER, TIME, CALCULATOR], tool_choice=allowed
+    )
+    assert response.tool_choice.model_dump() == allowed
+    assert [item.type for item in response.output] == ["function_call"]
+    prompt = server.engine.tokenizer.decode(server.engine.prompts[-1])
+    assert "get_weather" in prompt and "get_time" in prompt
+    required = server.engine.params[-1].structured_outputs
+    assert _accepts(compiler, required, TIME_CALL)
+    assert not _accepts(compiler, required, CALL)
+    assert not _accepts(compiler, required, "Any text.")
+    auto = {**allowed, "mode": "auto", "tools": [{"type": "function", "name": "calculator"}]}
+    calc = _call("calculator", expression="6 * 7")
+    server.engine.reply = _scripted("Let me see. " + calc)
+    answered = server.client.responses.create(
+        model=MODEL, input="x", tools=[WEATHER, TIME, CALCULATOR], tool_choice=auto
+    )
+    assert [item.type for item in answered.output][:2] == ["message", "function_call"]
+    first, later = server.engine.params[-2:]  # the call, then the answer after its result
+    for structure in (first.structured_outputs, later.structured_outputs):
+        assert _accepts(compiler, structure, "Some text.")
+        assert not _accepts(compiler, structure, "Let me check.\n" + CALL)
+        assert _accepts(compiler, structure, "Let me see.\n" + calc)
+    for bad in (
+        {**allowed, "tools": [{"type": "function", "name": "nope"}]},
+        {**allowed, "mode": "sometimes"},
+        {**allowed, "tools": []},
+        {**allowed, "tools": [{"type": "web_search"}]},
+    ):
+        raw = _create(server, tools=[WEATHER, TIME], tool_choice=bad)
+        assert raw.status_code == 400, (bad, raw.text)
+        assert raw.json()["error"]["param"] == "tool_choice", raw.text
+    # A tool left out of the calls still has its schema checked, as any declared one.
+    unusable = {**WEATHER, "parameters": {"type": "array", "uniqueItems": True}}
+    raw = _create(server, tools=[unusable, TIME], tool_choice=allowed)
+    assert raw.status_code == 400 and raw.json()["error"]["param"] == "tools[0].parameters"
+
+
 @pytest.mark.parametrize(
     ("fmt", "extra", "param"),
     [
