@@ -95,8 +95,8 @@ def check_response(body: dict) -> Response:
     if "incomplete" in statuses:
         assert status in ("incomplete", "cancelled", "failed"), body
         assert statuses.index("incomplete") == len(statuses) - 1, statuses
-    if status == "completed":
-        assert all(s == "completed" for s in statuses), statuses
+    if status == "completed":  # a built-in tool's call may have failed, but nothing is cut
+        assert not {"in_progress", "incomplete"} & set(statuses), statuses
     return response
 
 
