@@ -43,6 +43,7 @@ from tests.product.conftest import ProductServer
 from tests.retrieval.documents import pdf_bytes
 from tests.server.fake_engine import FakeEngine
 from tests.server.responses_conformance import (
+    check_stream,
     create_response,
     resume_background_stream,
     stream_response,
@@ -2298,6 +2299,7 @@ def test_a_queued_background_stream_starts_with_its_queued_events(product_server
     server.engine.hold.set()
     rest = list(stream)
     assert rest[0].type == "response.in_progress" and rest[-1].type == "response.completed"
+    check_stream([event.model_dump(exclude_unset=True) for event in [*head, *rest]])
     client.close()
 
 
