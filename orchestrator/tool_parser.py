@@ -299,6 +299,15 @@ class ChoiceAssembler:
     blocks) is dropped; any other whitespace is kept. To decide that independently of
     where delta boundaries fall, trailing whitespace is held back until the next piece
     shows what follows it, so streamed and whole-text results always agree.
+
+    A complete call that repeats an earlier one of the choice (same function, equal
+    arguments) ends the choice: it and whatever follows are dropped, and `repeated`
+    tells the caller that it may stop the generation. A small model offered parallel
+    calls writes the same call again and again (the default 135M model, forced to call
+    `get_weather` for "the weather in Paris", writes it until its budget runs out), and
+    running a call twice in one turn gives the same answer twice. So that a stream never
+    sends a call it then drops, the pieces of every call after the first (`CallStart`,
+    `ArgumentsDelta`) are held back until the call is whole.
     """
 
     def __init__(
@@ -310,7 +319,10 @@ class ChoiceAssembler:
         self._space_start = 0  # where pending_space starts in the text pushed
         self.num_calls = 0
         self.cut_calls = 0  # calls whose arguments the choice's end cut short
+        self.repeated = False  # a call repeated an earlier one: the choice has ended
         self._fed = 0  # characters pushed so far
+        self._made: set[tuple[str, str]] = set()  # the complete calls, `_call_key`
+        self._held: list[CallEvent] = []  # the streamed pieces of a call after the first
 
     def push(self, text: str, final: bool, cut: bool = False) -> list[Content | CallEvent]:
         """Content pieces (strings that know where they start in the text pushed) and call
@@ -319,14 +331,21 @@ class ChoiceAssembler:
         start, self._fed = self._fed, self._fed + len(text)
         if self.parser is None:
             return [Content(text, start)] if text else []
+        if self.repeated:
+            return []
         events = self.parser.feed(text) + (self.parser.finish(cut) if final else [])
         out: list[Content | CallEvent] = []
         for e in events:
-            if isinstance(e, CallStart | ArgumentsDelta | ParsedCall):
+            if isinstance(e, CallStart | ArgumentsDelta):
                 self.pending_space = ""
-                self.num_calls += isinstance(e, ParsedCall)
-                self.cut_calls += isinstance(e, ParsedCall) and not e.complete
-                out.append(e)
+                (self._held if self.num_calls else out).append(e)
+                continue
+            if isinstance(e, ParsedCall):
+                self.pending_space = ""
+                if not self._add_call(e):
+                    return out
+                out += [*self._held, e]
+                self._held = []
                 continue
             piece = self.pending_space + e.text
             start = e.start - len(self.pending_space)
@@ -338,6 +357,18 @@ class ChoiceAssembler:
         if final and self.pending_space and not self.num_calls:
             out.append(Content(self.pending_space, self._space_start))
         return out
+
+    def _add_call(self, call: ParsedCall) -> bool:
+        """Count a call; False (and `repeated`) for one that repeats an earlier call."""
+        key = _call_key(call)
+        if key is not None and key in self._made:
+            self.repeated, self._held = True, []
+            return False
+        if key is not None:
+            self._made.add(key)
+        self.num_calls += 1
+        self.cut_calls += not call.complete
+        return True
 
     def push_delta(
         self, text: str, finish_reason: str | None, stop_reason: str | int | None = None
@@ -356,6 +387,20 @@ class ChoiceAssembler:
     def calls_complete(self) -> bool:
         """The choice made calls, and none was cut short: what "tool_calls" promises."""
         return self.num_calls > 0 and self.cut_calls == 0
+
+
+def _call_key(call: ParsedCall) -> tuple[str, str] | None:
+    """What makes two calls the same: the function and its arguments, their keys in any
+    order and spaced any way (`true` and `1` stay apart); None for a call cut short,
+    which repeats nothing. Arguments that are not one JSON value (a model's block with
+    keys after them, outside the grammar) are compared as written."""
+    if not call.complete:
+        return None
+    try:
+        arguments = json.dumps(json.loads(call.arguments), sort_keys=True)
+    except json.JSONDecodeError:
+        arguments = call.arguments
+    return call.name, arguments
 
 
 def ends_cut(finish_reason: str | None, stop_reason: str | int | None) -> bool:

@@ -653,6 +653,13 @@ class Turn:
                     self._emit(progress, progress.assembler.push_delta(o.text, o.finish_reason))
                 if out.finished:
                     progress.cached = out.num_cached_tokens
+                if progress.assembler.repeated:
+                    # A call repeated an earlier one: the turn's calls are made, and the
+                    # model's further output is dropped (`ChoiceAssembler`); the tokens
+                    # it made meanwhile are counted by on_abort as the stream closes.
+                    await self.services.engine.abort(request_id)
+                    progress.finish_reason = "stop"
+                    return
 
     def _emit(self, progress: _Progress, pieces: list) -> None:
         """Text (with the logprobs of the tokens that wrote it, when asked for) and whole

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from orchestrator.tool_parser import (
     ArgumentsDelta,
     CallStart,
+    Content,
     ParsedCall,
     TextPiece,
     ToolCallParser,
@@ -203,6 +204,9 @@ SAMPLES = [
     '<tool_call>{"name": "get_time", "arguments": {"tz": "U</tool_call> then ' + WEATHER,
     WEATHER + '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lo',
     TIME + "\n" + WEATHER[:-4],
+    # a call repeated (spaced otherwise), then more: the repeat ends the choice
+    WEATHER + "\n" + TIME + "\n" + TIME.replace('{"tz"', '{ "tz"') + " then " + WEATHER,
+    WEATHER + "\n" + WEATHER[:-4],
 ]
 
 
@@ -233,6 +237,28 @@ def test_streamed_parsing_matches_whole_text_for_any_delta_boundaries(text, cuts
     assert deltas == "".join(streamed_args) and len(sent) + len(streamed_args) == len(
         normal(whole)[1]
     )
+
+
+def test_a_call_repeating_an_earlier_one_ends_the_choice():
+    """The same function with equal arguments (spaced otherwise) ends the choice, dropped
+    with all that follows; `true` is not `1`, and a cut call repeats nothing. The first
+    call streams; a later one is sent whole, so that no stream sends a repeat's head."""
+    flag = '<tool_call>{"name": "get_time", "arguments": {"tz": true}}</tool_call>'
+    one = flag.replace("true", "1")
+    assembler = ChoiceAssembler(TOOLS, None)
+    first = assembler.push("Let me see. " + WEATHER[:-20], final=False)
+    assert [type(p) for p in first] == [Content, CallStart, ArgumentsDelta]
+    assert not any(isinstance(p, CallStart) for p in assembler.push(WEATHER[-20:], final=False))
+    assert assembler.push(flag[:-20], final=False) == []  # held until whole
+    made = assembler.push(flag[-20:] + one, final=False)
+    assert [p.arguments for p in made if isinstance(p, ParsedCall)] == ['{"tz": true}', '{"tz": 1}']
+    assert not assembler.repeated
+    again = WEATHER.replace('{"city": "Paris"}', '{ "city":"Paris" }')
+    assert assembler.push(again + "It is sunny.", final=False) == []
+    assert assembler.repeated and assembler.push(" More.", final=True) == []
+    assert assembler.num_calls == 3 and assembler.calls_complete
+    cut = ChoiceAssembler(TOOLS, None).push(WEATHER + WEATHER[:-20], final=True, cut=True)
+    assert [p.complete for p in cut if isinstance(p, ParsedCall)] == [True, False]
 
 
 def test_assembler_drops_only_whitespace_next_to_calls():

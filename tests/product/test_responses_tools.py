@@ -182,6 +182,54 @@ def test_parallel_calls_run_and_answer_in_call_order(product_server):
     assert len(server.engine.prompts) == 2
 
 
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+
+
+def test_a_call_repeating_an_earlier_one_ends_the_turn(product_server):
+    """Forced to call its one function for "the weather in Paris", the default 135M model
+    wrote the same call until max_output_tokens cut the response (incomplete, with the
+    same function_call several times). A call that repeats one of its turn's earlier
+    calls ends the turn there: the response has each call once and completes, and the
+    engine stops generating. A built-in's repeat does not run again."""
+    paris = _call("get_weather", city="Paris")
+    rome = _call("get_weather", city="Rome")
+    reply = "\n".join([paris, rome, paris, paris, rome, "Done."])
+    server = product_server(FakeEngine(reply=reply))
+    for stream in (False, True):
+        raw = _post(
+            server, input="Weather?", tools=[WEATHER], tool_choice="required", stream=stream
+        )
+        sent = list(events(raw)) if stream else []
+        body = sent[-1]["response"] if stream else raw.json()
+        assert body["status"] == "completed", body
+        calls = [(i["type"], json.loads(i["arguments"])) for i in body["output"]]
+        assert calls == [("function_call", {"city": "Paris"}), ("function_call", {"city": "Rome"})]
+        assert body["usage"]["output_tokens"] == len("\n".join([paris, rome, paris]))
+        assert server.engine.aborted[-1] == body["id"]
+        added = [e["item"] for e in sent if e["type"] == "response.output_item.added"]
+        assert [i["type"] for i in added] == (["function_call"] * 2 if stream else [])
+        Response.model_validate(body)
+    sum_ = _call("calculator", expression="1 + 2")
+
+    def reply(prompt: str) -> str:
+        results = _tool_results(prompt)
+        return f"It is {results[-1]}." if results else f"{sum_}\n{sum_}"
+
+    server = product_server(FakeEngine(reply=reply))
+    body = _post(server, input="1 + 2?", tools=[CALCULATOR], tool_choice="required").json()
+    assert _types(body) == ["function_call", "function_call_output", "message"]
+    assert body["output"][-1]["content"][0]["text"] == "It is 3."
+
+
 def test_max_tool_calls_refuses_the_rest_and_asks_for_an_answer(product_server):
     greedy = _call("calculator", expression="1 + 1") + _call("calculator", expression="2 + 2")
     server = product_server(FakeEngine(reply=_scripted(greedy, greedy, answer="Done.")))

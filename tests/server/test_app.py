@@ -1016,6 +1016,35 @@ def test_tool_calls_streaming(serve):
     assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_a_call_that_repeats_an_earlier_one_ends_the_choice(serve):
+    """A small model offered parallel calls (the default 135M model forced to call
+    get_weather for Paris) writes the same call again until its budget runs out: the
+    repeat and what follows it are dropped, and the calls before it are the answer,
+    streamed or not. A stream never sent the dropped call's head or arguments."""
+    paris, rome = CALLS.split("\n</tool_call>\n")
+    paris += "\n</tool_call>\n"
+    again = paris.replace('"city": "Paris"', '"city":"Paris"')  # the same call, spaced apart
+    server = serve(FakeEngine(reply=f"{paris}{rome}\n{again}{paris}Done."))
+    for tool_choice in ("auto", "required"):
+        body = chat(server, tools=[WEATHER_TOOL], tool_choice=tool_choice).json()
+        (choice,) = body["choices"]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] is None
+        calls = [json.loads(c["function"]["arguments"]) for c in choice["message"]["tool_calls"]]
+        assert calls == [{"city": "Paris"}, {"city": "Rome"}]
+        request = {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": tool_choice}
+        chunks = stream(server.client, "/v1/chat/completions", request)
+        deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
+        assert all(d.get("content") is None for d in deltas)
+        fragments = [tc for d in deltas for tc in d.get("tool_calls", [])]
+        assert [f["index"] for f in fragments if "id" in f] == [0, 1]
+        args = {0: "", 1: ""}
+        for f in fragments:
+            args[f["index"]] += f["function"]["arguments"]
+        assert [json.loads(args[i]) for i in (0, 1)] == calls
+        assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+
+
 def test_a_streamed_answer_of_calls_only_has_null_content_as_openais(serve):
     """OpenAI's stream of a turn that only calls tools opens with one chunk of the role,
     `"content": null` and the first call's head, and no chunk has content: a client that
