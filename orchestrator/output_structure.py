@@ -111,6 +111,20 @@ def json_format_params(
 
 
 _TYPED = "schema must have a 'type' key."
+# Keywords OpenAI's strict mode refuses (its structured-outputs guide lists what it
+# supports: anyOf, not the rest of JSON Schema's composition, conditionals or object
+# and array keywords beyond properties, required, additionalProperties, items, minItems
+# and maxItems); OpenAI's 400 names the first in the subschema. The grammar engine
+# would enforce some of them (allOf, patternProperties) and refuse others (not, if).
+_NOT_PERMITTED = frozenset(
+    {
+        "allOf", "oneOf", "not", "if", "then", "else",
+        "dependentRequired", "dependentSchemas", "dependencies",
+        "patternProperties", "propertyNames", "unevaluatedProperties", "minProperties",
+        "maxProperties", "prefixItems", "unevaluatedItems", "contains", "minContains",
+        "maxContains", "uniqueItems",
+    }
+)  # fmt: skip
 _CLOSED = "'additionalProperties' is required to be supplied and to be false."
 _ALL_REQUIRED = (
     "'required' is required to be supplied and to be an array including every key in properties."
@@ -119,14 +133,17 @@ _ALL_REQUIRED = (
 
 def _check_strict(schema: dict, param: str, strict: Strict) -> None:
     """OpenAI's rules for a strict schema, as its 400 gives them: every subschema (a
-    property's, an array's items, a branch of anyOf, a definition) names its `type`,
+    property's, an array's items, a branch of anyOf, a definition) is a JSON object (not
+    a boolean schema: `true` would let anything through, `false` nothing), uses none of
+    the keywords strict mode does not support (`_NOT_PERMITTED`), and names its `type`,
     unless it is an `anyOf`, a `$ref` or an `enum` (OpenAI's guide lists enums among its
     supported types; a `const` alone does not do: OpenAI refuses `{"const": "x"}`), so a
     schema a client's strict schemas pass on OpenAI's API is never refused here for want of
     a type; every object (the root too) is closed with
     `additionalProperties: false`, with `properties`, each of them in `required` (an
-    optional one is required and nullable). The grammar would enforce any schema; a
-    client that declared it strict is told where it would not pass on OpenAI's API."""
+    optional one is required and nullable). The grammar would enforce many schemas
+    outside these rules; a client that declared it strict is told where it would not
+    pass on OpenAI's API."""
     for path, node in _subschemas(schema):
         rule = _strict_rule(node)
         if rule is not None:
@@ -137,26 +154,28 @@ def _check_strict(schema: dict, param: str, strict: Strict) -> None:
             )
 
 
-def _subschemas(schema: dict) -> Iterable[tuple[tuple[str, ...], dict]]:
+def _subschemas(schema: dict) -> Iterable[tuple[tuple[str, ...], object]]:
     """The subschemas of a (rooted) schema in document order, each with its path: the
     places OpenAI's strict mode looks for them, `$ref`s not followed (their targets are
-    definitions, visited as such)."""
+    definitions, visited as such). What stands in a subschema's place is yielded as it
+    is (a boolean schema too); the subschemas of keywords strict mode refuses are not
+    visited, as the keyword's node is refused first."""
     stack: list[tuple[tuple[str, ...], object]] = [((), schema)]
     while stack:
         path, node = stack.pop()
+        yield path, node
         if not isinstance(node, dict):
             continue
-        yield path, node
         children = [
             ((*path, key, name), sub)
             for key in ("properties", "$defs", "definitions")
             if isinstance(node.get(key), dict)
             for name, sub in node[key].items()
         ]
-        children.append(((*path, "items"), node.get("items")))
-        for key in ("anyOf", "allOf", "oneOf", "prefixItems"):
-            if isinstance(node.get(key), list):
-                children += [((*path, key, str(i)), sub) for i, sub in enumerate(node[key])]
+        if "items" in node:
+            children.append(((*path, "items"), node["items"]))
+        if isinstance(node.get("anyOf"), list):
+            children += [((*path, "anyOf", str(i)), sub) for i, sub in enumerate(node["anyOf"])]
         stack.extend(reversed(children))
 
 
@@ -167,8 +186,13 @@ def _is_object(node: dict) -> bool:
     return "object" in (kind if isinstance(kind, list) else [kind])
 
 
-def _strict_rule(node: dict) -> str | None:
+def _strict_rule(node: object) -> str | None:
     """The strict rule a subschema breaks, as OpenAI words it, or None."""
+    if not isinstance(node, dict):
+        return f"schema must be a JSON object, got {json.dumps(node)[:40]}."
+    refused = next((key for key in node if key in _NOT_PERMITTED), None)
+    if refused is not None:
+        return f"{refused!r} is not permitted."
     if "type" not in node and not {"anyOf", "$ref", "enum"} & node.keys():
         return _TYPED
     if not _is_object(node):

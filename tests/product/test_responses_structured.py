@@ -275,12 +275,14 @@ def test_a_forced_call_with_a_format_calls_then_answers_in_the_format(
 
 def test_strict_schemas_outside_openais_strict_rules_are_its_400s(product_server):
     """A function or text.format declared strict whose schema leaves an object open, a
-    property optional or a subschema without its type is OpenAI's 400, naming where;
-    declared otherwise, it runs."""
+    property optional, a subschema without its type, a boolean schema or a keyword strict
+    mode does not support is OpenAI's 400, naming where; declared otherwise, it runs."""
     server = product_server(FakeEngine(reply='{"city": "Paris"}'))
     open_place = {"type": "object", "properties": {"city": {"type": "string"}}}
     optional = {**CITY, "properties": {**CITY["properties"], "zip": {"type": "string"}}}
     untyped = {**CITY, "properties": {"city": {"const": "Paris"}}}
+    anything = {**CITY, "properties": {"city": True}}  # a boolean schema
+    composed = {**CITY, "properties": {"city": {"allOf": [{"type": "string"}]}}}
     rule = "'additionalProperties' is required to be supplied and to be false."
     typed = "schema must have a 'type' key."
     for body, error in (
@@ -338,6 +340,24 @@ def test_strict_schemas_outside_openais_strict_rules_are_its_400s(product_server
                 "code": "invalid_json_schema",
             },
         ),
+        (
+            {"tools": [{**WEATHER, "parameters": anything, "strict": True}]},
+            {
+                "message": "Invalid schema for function 'get_weather': "
+                "In context=('properties', 'city'), schema must be a JSON object, got true.",
+                "param": "tools[0].parameters",
+                "code": "invalid_function_parameters",
+            },
+        ),
+        (
+            {"text": {"format": {**JSON_SCHEMA, "schema": composed}}},
+            {
+                "message": "Invalid schema for response_format 'place': "
+                "In context=('properties', 'city'), 'allOf' is not permitted.",
+                "param": "text.format.schema",
+                "code": "invalid_json_schema",
+            },
+        ),
     ):
         raw = _create(server, **body)
         assert raw.status_code == 400, raw.text
@@ -349,6 +369,8 @@ def test_strict_schemas_outside_openais_strict_rules_are_its_400s(product_server
     assert _create(server, text={"format": loose_format}).status_code == 200
     untyped_format = {**JSON_SCHEMA, "schema": untyped, "strict": False}
     assert _create(server, text={"format": untyped_format}).status_code == 200
+    for schema in (anything, composed):  # the grammar enforces both
+        assert _create(server, text={"format": {**untyped_format, "schema": schema}}).is_success
 
 
 def test_text_after_function_calls_cannot_write_the_servers_markup(product_server, compiler):  # noqa: F811

@@ -563,6 +563,52 @@ STRICT_VIOLATIONS = [
         "('properties', 'address', 'properties', 'zip')",
         _TYPED,
     ),
+    # A boolean schema stands for no subschema (`true` lets anything through, `false`
+    # nothing), wherever it is.
+    (_closed({"ok": True}), "('properties', 'ok')", "schema must be a JSON object, got true."),
+    (
+        _closed({"tags": {"type": "array", "items": False}}),
+        "('properties', 'tags', 'items')",
+        "schema must be a JSON object, got false.",
+    ),
+    (
+        _closed({"at": {"$ref": "#/$defs/at"}}, **{"$defs": {"at": True}}),
+        "('$defs', 'at')",
+        "schema must be a JSON object, got true.",
+    ),
+    # Keywords strict mode does not support, named where they are (before a missing type,
+    # as OpenAI's 400 for an `items` of allOf alone does).
+    (
+        _closed({"tags": {"type": "array", "items": {"allOf": [STRING]}}}),
+        "('properties', 'tags', 'items')",
+        "'allOf' is not permitted.",
+    ),
+    (
+        _closed({"id": {"oneOf": [STRING, {"type": "integer"}]}}),
+        "('properties', 'id')",
+        "'oneOf' is not permitted.",
+    ),
+    (
+        _closed({"city": {"type": "string", "not": {"const": "Paris"}}}),
+        "('properties', 'city')",
+        "'not' is not permitted.",
+    ),
+    (
+        _closed({"city": STRING}, **{"if": {"required": ["city"]}, "then": {}}),
+        "()",
+        "'if' is not permitted.",
+    ),
+    (_closed({}, patternProperties={"^x": STRING}), "()", "'patternProperties' is not permitted."),
+    (
+        _closed({"a": STRING, "b": STRING}, dependentRequired={"a": ["b"]}),
+        "()",
+        "'dependentRequired' is not permitted.",
+    ),
+    (
+        _closed({"tags": {"type": "array", "items": STRING, "uniqueItems": True}}),
+        "('properties', 'tags')",
+        "'uniqueItems' is not permitted.",
+    ),
 ]
 # Strict schemas OpenAI accepts: closed objects with every property required (optional
 # ones nullable), nested, in arrays, definitions and anyOf; an object without properties;
@@ -622,7 +668,8 @@ def test_a_strict_schema_outside_openais_strict_rules_is_its_400(schema, context
     """OpenAI's strict mode: every object closed (`additionalProperties: false`), with
     properties, each of them required. A function's (offered or not) or a format's schema
     that breaks it is the 400 OpenAI gives, naming where; without strict it is not held to
-    them (only the grammar's own checks refuse one: a required key no property has)."""
+    them (only the grammar's own checks refuse one, a 400 still: a required key no
+    property has, a keyword the grammar does not implement such as `not` or `if`)."""
     other = _strict_tool(_closed({}), name="e")
     for choice in ("auto", "none", {"type": "function", "function": {"name": "e"}}):
         err = _structure_error(tools=[other, _strict_tool(schema)], tool_choice=choice)
@@ -644,7 +691,10 @@ def test_a_strict_schema_outside_openais_strict_rules_is_its_400(schema, context
             {"response_format": _strict_format(schema, strict)},
         ):
             err = _structure_error(**body)
-            assert err is None or ("Extra required" in rule and "'country'" in err.message)
+            if err is not None:  # the grammar engine's own refusal, a 400 still
+                assert err.status == 400 and not err.message.startswith("Invalid schema for")
+                grammar_refuses = ("'country'", "Unimplemented keys")
+                assert any(reason in err.message for reason in grammar_refuses), err.message
 
 
 @pytest.mark.parametrize("schema", STRICT_SCHEMAS)
@@ -669,24 +719,45 @@ _TYPED_LEAVES = st.one_of(
 _UNTYPED_LEAVES = st.sampled_from([{"const": "x"}, {"maxLength": 3}, {"description": "any"}]).map(
     lambda leaf: {**leaf, "title": "untyped"}
 )
+# Keywords OpenAI's strict mode does not support, in a subschema that is otherwise fine,
+# and boolean schemas: each the check must refuse.
+_REFUSED_KEYWORDS = {
+    "allOf": [{"minLength": 1}],
+    "oneOf": [{"maxLength": 2}, {"minLength": 4}],
+    "not": {"const": "x"},
+    "if": {"minLength": 2},
+    "then": {"maxLength": 3},
+    "else": {"maxLength": 1},
+    "dependentRequired": {},
+    "patternProperties": {"^z": {"type": "string"}},
+    "uniqueItems": True,
+}
+_REFUSED_LEAVES = st.one_of(
+    st.booleans(),
+    st.sampled_from(sorted(_REFUSED_KEYWORDS)).map(
+        lambda key: {"type": "string", key: _REFUSED_KEYWORDS[key]}
+    ),
+)
 
 
-def _strictish_object(children: st.SearchStrategy[dict]) -> st.SearchStrategy[dict]:
-    def build(props: dict, closed: bool, all_required: bool) -> dict:
+def _strictish_object(children: st.SearchStrategy) -> st.SearchStrategy[dict]:
+    def build(props: dict, closed: bool, all_required: bool, refused: dict) -> dict:
         required = list(props) if all_required else list(props)[1:]
         return {
             "type": "object",
             "properties": props,
             "required": required,
             **({"additionalProperties": False} if closed else {}),
+            **refused,
         }
 
     mostly = st.sampled_from([True, True, True, False])
     names = st.text("abcdefgh_", min_size=1, max_size=5)
-    return st.builds(build, st.dictionaries(names, children, max_size=3), mostly, mostly)
+    rarely = st.sampled_from([{}] * 10 + [{"minProperties": 1}, {"dependentSchemas": {}}])
+    return st.builds(build, st.dictionaries(names, children, max_size=3), mostly, mostly, rarely)
 
 
-def _strictish(children: st.SearchStrategy[dict]) -> st.SearchStrategy[dict]:
+def _strictish(children: st.SearchStrategy) -> st.SearchStrategy[dict]:
     return st.one_of(
         _strictish_object(children),
         children.map(lambda c: {"type": "array", "items": c, "maxItems": 2}),
@@ -695,8 +766,22 @@ def _strictish(children: st.SearchStrategy[dict]) -> st.SearchStrategy[dict]:
 
 
 STRICTISH = _strictish_object(
-    st.recursive(st.one_of(_TYPED_LEAVES, _TYPED_LEAVES, _UNTYPED_LEAVES), _strictish, max_leaves=5)
+    st.recursive(
+        st.one_of(_TYPED_LEAVES, _TYPED_LEAVES, _TYPED_LEAVES, _UNTYPED_LEAVES, _REFUSED_LEAVES),
+        _strictish,
+        max_leaves=5,
+    )
 )
+
+
+def _positions(node: object) -> list[object]:
+    """What stands in each subschema's place in a STRICTISH schema (the root, properties,
+    items, anyOf branches)."""
+    if not isinstance(node, dict):
+        return [node]
+    children = [*node.get("properties", {}).values(), *node.get("anyOf", [])]
+    children += [node["items"]] if "items" in node else []
+    return [node, *(p for child in children for p in _positions(child))]
 
 
 def _walk(compiler, structure, rnd: random.Random) -> str:
@@ -719,9 +804,10 @@ def _walk(compiler, structure, rnd: random.Random) -> str:
 @settings(max_examples=60, deadline=None)
 @given(STRICTISH, st.randoms(use_true_random=False))
 def test_what_the_strict_check_accepts_compiles_and_its_outputs_validate(compiler, schema, rnd):
-    """A strict schema the check accepts has no subschema without its type, compiles for
-    the model's vocabulary, and what its grammar writes validates against it; one it
-    refuses is refused naming a subschema the schema has."""
+    """A strict schema the check accepts has no subschema without its type, none that is
+    a boolean schema or uses a keyword strict mode does not support, compiles for the
+    model's vocabulary, and what its grammar writes validates against it; one it refuses
+    is refused naming a subschema the schema has."""
     messages = [{"role": "user", "content": "hi, in JSON"}]
     request = parse_chat_request({"messages": messages, "response_format": _strict_format(schema)})
     try:
@@ -734,7 +820,10 @@ def test_what_the_strict_check_accepts_compiles_and_its_outputs_validate(compile
         node = schema
         for key in ast.literal_eval(context.group(1)):
             node = node[int(key)] if isinstance(node, list) else node[key]
-        assert isinstance(node, dict)
+        assert any(node is position for position in _positions(schema))
         return
     assert "untyped" not in json.dumps(schema)
+    for position in _positions(schema):
+        assert isinstance(position, dict) and not _REFUSED_KEYWORDS.keys() & position.keys()
+        assert not {"minProperties", "dependentSchemas"} & position.keys()
     jsonschema.validate(json.loads(_walk(compiler, structure, rnd)), schema)
