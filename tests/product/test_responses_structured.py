@@ -126,6 +126,26 @@ def test_required_and_named_tool_choice_force_valid_calls(product_server, compil
     assert _accepts(compiler, required, CALL) and _accepts(compiler, required, TIME_CALL)
     assert not _accepts(compiler, required, "Sure. " + CALL)
     assert not _accepts(compiler, required, CALL.replace('"Paris"', "3"))
+    assert _accepts(compiler, required, CALL + "\n" + TIME_CALL)  # parallel calls
+    # parallel_tool_calls false: one call, streamed or not
+    for stream in (False, True):
+        with httpx.stream(
+            "POST",
+            f"{server.url}/v1/responses",
+            timeout=10,
+            json={
+                "model": MODEL,
+                "input": "x",
+                "tools": [WEATHER, TIME],
+                "tool_choice": "required",
+                "parallel_tool_calls": False,
+                "stream": stream,
+            },
+        ) as raw:
+            assert raw.status_code == 200, raw.read()
+        single = server.engine.params[-1].structured_outputs
+        assert _accepts(compiler, single, CALL)
+        assert not _accepts(compiler, single, CALL + "\n" + TIME_CALL)
     server.client.responses.create(
         model=MODEL,
         input="x",

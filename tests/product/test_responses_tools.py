@@ -230,10 +230,12 @@ def test_a_call_repeating_an_earlier_one_ends_the_turn(product_server):
     assert body["output"][-1]["content"][0]["text"] == "It is 3."
 
 
-def test_max_tool_calls_refuses_the_rest_and_asks_for_an_answer(product_server):
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tool_calls_refuses_the_rest_and_asks_for_an_answer(product_server, stream):
     greedy = _call("calculator", expression="1 + 1") + _call("calculator", expression="2 + 2")
     server = product_server(FakeEngine(reply=_scripted(greedy, greedy, answer="Done.")))
-    body = _post(server, input="Add", tools=[CALCULATOR], max_tool_calls=1).json()
+    raw = _post(server, input="Add", tools=[CALCULATOR], max_tool_calls=1, stream=stream)
+    body = list(events(raw))[-1]["response"] if stream else raw.json()
     assert body["max_tool_calls"] == 1 and body["status"] == "completed"
     assert _types(body) == [
         "function_call",
