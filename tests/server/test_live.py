@@ -597,6 +597,50 @@ def test_forced_tool_call_streams_its_arguments_in_pieces(client):
     assert set(arguments) == {"city", "unit"} and reasons[-1] == "tool_calls"
 
 
+def test_a_forced_call_the_model_repeats_is_made_once(client):
+    """Forced to call its one function with parallel calls on, the default model calls
+    get_weather for Paris, then again: the chat completion had the call twice, and the
+    Responses turn wrote it until max_output_tokens cut the response (incomplete). The
+    repeat ends the turn: one call, a completed response."""
+    weather = {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 24}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    }
+    question = "What is the weather in Paris?"
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": question}],
+        tools=[{"type": "function", "function": weather}],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=64,
+    )
+    calls = [(c.function.name, c.function.arguments) for c in chat.choices[0].message.tool_calls]
+    assert len(calls) == len(set(calls)) and chat.choices[0].finish_reason == "tool_calls"
+    events = list(
+        client.responses.create(
+            model=MODEL,
+            input=question,
+            tools=[{"type": "function", **weather}],
+            tool_choice="required",
+            temperature=0,
+            max_output_tokens=64,
+            stream=True,
+        )
+    )
+    final = events[-1].response
+    assert final.status == "completed" and final.output
+    calls = [(item.type, item.name, item.arguments) for item in final.output]
+    assert len(calls) == len(set(calls))
+    assert all(c[:2] == ("function_call", "get_weather") for c in calls)
+
+
 def test_unsupported_schema_is_a_400_naming_the_keyword(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
