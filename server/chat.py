@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from starlette.responses import Response
 from starlette.types import Receive
 
-from engine import RequestOutput, SamplingParams
+from engine import CompletionOutput, RequestOutput, SamplingParams
 from engine.outputs import num_output_tokens
 from orchestrator.accounts import Meter
 from orchestrator.chat_prompt import active_tools
@@ -30,6 +30,7 @@ from orchestrator.turn_hooks import output_budget
 from server.generation import (
     ChoiceResult,
     Collected,
+    Outputs,
     ResponseHeader,
     beam_search_params,
     check_params_vocabulary,
@@ -113,6 +114,8 @@ async def create_chat_completion(
         )
         run = ChatRun(state, request, header, [t.name for t in tools], len(prompt_ids))
         outputs = merge([engine_outputs(state, prompt_ids, run_params, engine_id, timer, meter)])
+        if tools and not request.use_beam_search:
+            outputs = _until_calls_repeat(run, outputs, params.n)
     except BaseException:
         ticket.release()
         raise
@@ -126,6 +129,30 @@ async def create_chat_completion(
         meter,
         receive,
     )
+
+
+async def _until_calls_repeat(run: ChatRun, outputs: Outputs, n: int) -> Outputs:
+    """`outputs`, ended once each of the `n` choices has finished or written a call that
+    repeats an earlier call of its own, which ends it (`ChoiceAssembler.repeated`: the
+    repeat and all after it are dropped): closing `outputs` then aborts the engine's
+    request, and each choice so ended gets a last, empty delta with finish reason "stop".
+    Forced to call with parallel calls on, the default 135M model otherwise writes the
+    same call until max_tokens runs out. The choices' text is parsed here as well as
+    where it is answered; a choice's deltas are few tokens each."""
+    assemblers = {i: run.assembler() for i in range(n)}
+    finished: set[int] = set()
+    async with aclosing(outputs):
+        async for position, out in outputs:
+            yield position, out
+            for o in out.outputs:
+                assemblers[o.index].push_delta(o.text, o.finish_reason, o.stop_reason)
+                if o.finish_reason is not None:
+                    finished.add(o.index)
+            ended = {i for i, a in assemblers.items() if a.repeated} - finished
+            if ended and not out.finished and len(ended | finished) == n:
+                last = [CompletionOutput(i, "", [], "stop") for i in sorted(ended)]
+                yield position, replace(out, outputs=last, finished=True, prompt_logprobs=None)
+                return
 
 
 def _prompt_size(request: ChatRequest) -> int:

@@ -1019,21 +1019,32 @@ def test_tool_calls_streaming(serve):
 def test_a_call_that_repeats_an_earlier_one_ends_the_choice(serve):
     """A small model offered parallel calls (the default 135M model forced to call
     get_weather for Paris) writes the same call again until its budget runs out: the
-    repeat and what follows it are dropped, and the calls before it are the answer,
-    streamed or not. A stream never sent the dropped call's head or arguments."""
+    repeat ends the choice, the engine stops there, and the calls before it are the
+    answer, streamed or not. A stream never sent the dropped call's head or arguments.
+    With n choices, the engine stops once each has ended."""
     paris, rome = CALLS.split("\n</tool_call>\n")
     paris += "\n</tool_call>\n"
     again = paris.replace('"city": "Paris"', '"city":"Paris"')  # the same call, spaced apart
     server = serve(FakeEngine(reply=f"{paris}{rome}\n{again}{paris}Done."))
+    made = len(f"{paris}{rome}\n{again}".rstrip())  # tokens up to the repeat's end
     for tool_choice in ("auto", "required"):
-        body = chat(server, tools=[WEATHER_TOOL], tool_choice=tool_choice).json()
-        (choice,) = body["choices"]
-        assert choice["finish_reason"] == "tool_calls"
+        body = chat(server, tools=[WEATHER_TOOL], tool_choice=tool_choice, n=2).json()
+        assert [c["finish_reason"] for c in body["choices"]] == ["tool_calls"] * 2
+        assert body["usage"]["completion_tokens"] == 2 * made
+        assert server.engine.aborted[-1] == body["id"]
+        (choice, _) = body["choices"]
         assert choice["message"]["content"] is None
         calls = [json.loads(c["function"]["arguments"]) for c in choice["message"]["tool_calls"]]
         assert calls == [{"city": "Paris"}, {"city": "Rome"}]
-        request = {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": tool_choice}
+        request = {
+            "messages": USER,
+            "tools": [WEATHER_TOOL],
+            "tool_choice": tool_choice,
+            "stream_options": {"include_usage": True},
+        }
         chunks = stream(server.client, "/v1/chat/completions", request)
+        assert chunks[-2]["usage"]["completion_tokens"] == made and not chunks[-2]["choices"]
+        chunks = chunks[:-2] + chunks[-1:]
         deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
         assert all(d.get("content") is None for d in deltas)
         fragments = [tc for d in deltas for tc in d.get("tool_calls", [])]
