@@ -31,6 +31,11 @@ MIN_EXPIRY_SECONDS, MAX_EXPIRY_SECONDS = 3600, 2_592_000
 # `expires_after` as form fields, as the SDKs encode a nested object: `expires_after[anchor]`.
 EXPIRY_FIELDS = {"expires_after[anchor]": "anchor", "expires_after[seconds]": "seconds"}
 
+# The file part's Content-Type, as the store keeps it (`files.content_type` holds 128
+# characters) and the content route sends it back: printable ASCII, as a header value.
+MAX_CONTENT_TYPE = 128
+_CONTENT_TYPE = re.compile(rf"[\x20-\x7e]{{1,{MAX_CONTENT_TYPE}}}")
+
 
 def _files(request: Request) -> FileService:
     service = product(request).files
@@ -157,6 +162,21 @@ def _extended_filename(upload: UploadFile) -> str | None:
         return None
 
 
+def _content_type(upload: UploadFile) -> str | None:
+    """The content type the client declared for its file (None: none), or a 400 on `file`
+    for one that could be neither stored nor sent back: a control character (a NUL, which
+    PostgreSQL cannot store, or another, which no header may hold), a byte outside ASCII,
+    or more than MAX_CONTENT_TYPE characters."""
+    declared = upload.content_type
+    if not declared or _CONTENT_TYPE.fullmatch(declared):
+        return declared or None
+    raise invalid(
+        f"the file's content type must be at most {MAX_CONTENT_TYPE} printable ASCII "
+        "characters (a media type, such as text/plain)",
+        "file",
+    )
+
+
 def _form_filename(upload: UploadFile) -> str:
     """The name a client gave its file: its last path part (after a `/` or a `\\`, as a
     client on Windows may send its file's whole path), from `filename*` when the part
@@ -177,9 +197,9 @@ async def create_file(request: Request) -> Response:
     upload, purpose, expiry, data = await _upload(
         request, request.app.state.tokenmill.config.max_upload_bytes
     )
-    filename = _form_filename(upload)
+    filename, content_type = _form_filename(upload), _content_type(upload)
     return JSONResponse(
-        await service.create(owner(request), filename, purpose, data, upload.content_type, expiry)
+        await service.create(owner(request), filename, purpose, data, content_type, expiry)
     )
 
 

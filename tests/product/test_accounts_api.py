@@ -1372,6 +1372,35 @@ def test_file_names_that_cannot_be_stored_or_shown_faithfully_are_refused(
         assert kept.status_code == 200 and kept.json()["filename"] == "a.txt", path
 
 
+def test_content_types_that_cannot_be_stored_or_sent_back_are_refused(
+    product_server, database_url, tmp_path
+):
+    """A part's Content-Type is kept and sent back as the content route's header: one with
+    a control character (which no header may hold: the answer failed as it was sent) or
+    a NUL, one outside ASCII, or one longer than its column (a 500 on PostgreSQL) is a
+    400 on `file`, and nothing is stored. What a client declares is kept otherwise."""
+    server = product_server(database_url=database_url, data_dir=tmp_path / "data")
+
+    def upload(content_type: bytes) -> httpx.Response:
+        body = (
+            b'--BB\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nassistants\r\n'
+            b'--BB\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n'
+            b"Content-Type: " + content_type + b"\r\n\r\ndata\r\n--BB--\r\n"
+        )
+        headers = {"content-type": "multipart/form-data; boundary=BB"}
+        return httpx.post(f"{server.url}/v1/files", content=body, headers=headers, timeout=20)
+
+    for refused in [b"text/html\x00x", b"text/html\x0bx", b"text/\x7f", b"text/\xff", b"a/" * 65]:
+        answer = upload(refused)
+        assert (answer.status_code, answer.json()["error"]["param"]) == (400, "file"), refused
+    assert server.client.files.list().data == []
+    for kept in [b'text/plain; charset="iso-8859-1"', b"application/x-" + b"y" * 112]:
+        created = upload(kept)
+        assert created.status_code == 200, created.text
+        content = server.client.files.content(created.json()["id"])
+        assert content.response.headers["content-type"] == kept.decode()
+
+
 def test_the_files_list_refuses_a_purpose_no_file_can_have(product_server, tmp_path):
     server = product_server(data_dir=tmp_path / "data")
     server.client.files.create(file=("a.txt", b"data"), purpose="assistants")
