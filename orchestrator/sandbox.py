@@ -448,8 +448,10 @@ class Sandbox:
                 pass_fds=passed,
                 start_new_session=True,
                 # bwrap's init (pid 1 inside, the code's own user) keeps the environment
-                # it was started with, readable in /proc/1/environ: none of the server's
+                # it was started with, readable in /proc/1/environ: none of the server's,
+                # and the PWD that /bin/sh (_OOM_FIRST) exports names no host directory
                 env={},
+                cwd="/",
                 **user,
             )
         except BaseException:

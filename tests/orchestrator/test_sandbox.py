@@ -198,15 +198,18 @@ def test_cannot_read_the_data_dir_the_source_tree_or_home(tmp_path):
     assert "SECRET" not in result.stdout
 
 
-def test_cannot_read_the_servers_environment(monkeypatch):
+def test_cannot_read_the_servers_environment(monkeypatch, tmp_path):
     """The server's environment holds its secrets (API keys, database URLs): no process
-    of the run carries it, not even bwrap's own init (pid 1 inside, the code's user)."""
+    of the run carries it, not even bwrap's own init (pid 1 inside, the code's user), nor
+    the server's working directory (a shell sets PWD to it)."""
     monkeypatch.setenv("TOKENMILL_PROBE_API_KEY", "sk-probe-secret")
-    result, _ = run("""
+    monkeypatch.chdir(tmp_path)
+    result, _ = run(f"""
         import os
         for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-            environ = open(f"/proc/{pid}/environ", "rb").read()
-            print(pid, "LEAKED" if b"sk-probe-secret" in environ else "clean")
+            environ = open(f"/proc/{{pid}}/environ", "rb").read()
+            leaked = b"sk-probe-secret" in environ or {str(tmp_path).encode()!r} in environ
+            print(pid, "LEAKED" if leaked else "clean")
     """)
     assert result.exit_code == 0 and "1 clean" in result.stdout.splitlines(), result
     assert "LEAKED" not in result.stdout, result
