@@ -90,25 +90,25 @@ def file_kind(filename: str, content_type: str | None = None) -> str:
     )
 
 
-# A PDF is read in a process of its own, within these bounds: a small file can hold work
-# without end (2,000 pages sharing one content stream of 20,000 operators took pypdf half
-# an hour), which a thread could neither stop nor give back at shutdown.
-PDF_SECONDS = 120
-PDF_MEMORY_BYTES = 4 << 30
+# A PDF or an HTML file is read in a process of its own, within these bounds: a small
+# file can hold work without end (2,000 pages sharing one content stream of 20,000
+# operators took pypdf half an hour; html.parser takes time quadratic in the length of
+# some malformed markup: 40 KB of `<a <` took 12 s, so 2 MB would take hours), which a
+# thread could neither stop nor give back at shutdown.
+READER_SECONDS = 120
+READER_MEMORY_BYTES = 4 << 30
+_READ_AS = {"pdf": "PDF", "html": "HTML"}  # the kinds the reader process reads
 
 
 async def extract_text(data: bytes, filename: str, content_type: str | None = None) -> str:
-    """The text of a file, ready for chunking, read off the event loop: a PDF in a
-    subprocess that a cancellation or PDF_SECONDS kills, the rest on a thread."""
+    """The text of a file, ready for chunking, read off the event loop: a PDF's and an
+    HTML file's in a subprocess that a cancellation or READER_SECONDS kills (an HTML
+    file's bytes decoded first, on a thread, as plain text is)."""
     kind = file_kind(filename, content_type)
     if kind == "pdf":
-        return await _isolated_pdf_text(data)
-    return await asyncio.to_thread(_plain_text, data, filename, kind)
-
-
-def _plain_text(data: bytes, filename: str, kind: str) -> str:
-    text = _decode(data, filename)
-    return html_text(text) if kind == "html" else text
+        return await _isolated_text(kind, data)
+    text = await asyncio.to_thread(_decode, data, filename)
+    return await _isolated_text(kind, text.encode()) if kind == "html" else text
 
 
 # Byte-order marks of the encodings file_search reads besides UTF-8 (OpenAI's: UTF-8,
@@ -222,24 +222,27 @@ def html_text(html: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-async def _isolated_pdf_text(data: bytes) -> str:
-    """`_pdf_text` in this file run as a script (isolated: no package, so no engine, is
-    imported): the bytes on its stdin, the text on its stdout, or an ExtractionError's
-    message there (exit status 2). Its stderr is not read: pypdf logs what it repairs on
-    the way there ("EOF marker not found"), which is no part of the file's last_error."""
+async def _isolated_text(kind: str, data: bytes) -> str:
+    """`_reader_text` in this file run as a script (isolated: no package, so no engine, is
+    imported) for `kind` ("pdf", or "html" of UTF-8 bytes): the bytes on its stdin, the
+    text on its stdout, or an ExtractionError's message there (exit status 2). Its stderr
+    is not read: pypdf logs what it repairs on the way there ("EOF marker not found"),
+    which is no part of the file's last_error."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-I",
         __file__,
+        kind,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        out, _ = await asyncio.wait_for(process.communicate(data), PDF_SECONDS)
+        out, _ = await asyncio.wait_for(process.communicate(data), READER_SECONDS)
     except TimeoutError:
         raise ExtractionError(
-            f"reading the PDF's text took longer than {PDF_SECONDS} s; split it into smaller files"
+            f"reading the {_READ_AS[kind]}'s text took longer than {READER_SECONDS} s; split "
+            "it into smaller files"
         ) from None
     finally:
         if process.returncode is None:  # timed out, or the ingestion was cancelled
@@ -250,9 +253,14 @@ async def _isolated_pdf_text(data: bytes) -> str:
     if process.returncode == 2:
         raise ExtractionError(out.decode(errors="replace").strip())
     raise ExtractionError(
-        "the PDF could not be read: its reader ran out of memory or failed "
-        f"(exit status {process.returncode}); is it a valid PDF?"
+        f"the {_READ_AS[kind]} file could not be read: its reader ran out of memory or "
+        f"failed (exit status {process.returncode})"
     )
+
+
+def _reader_text(kind: str, data: bytes) -> str:
+    """What the reader process makes of its input (`_isolated_text`)."""
+    return _pdf_text(data) if kind == "pdf" else html_text(data.decode())
 
 
 def _pdf_text(data: bytes) -> str:
@@ -279,16 +287,16 @@ def _pdf_text(data: bytes) -> str:
 
 
 def _main() -> None:
-    """The PDF reader's process (see `_isolated_pdf_text`), at low priority and within
-    PDF_MEMORY_BYTES of address space."""
+    """The reader's process (see `_isolated_text`), at low priority and within
+    READER_MEMORY_BYTES of address space; its argument is the kind of file it reads."""
     import os
     import resource
 
     os.nice(10)
-    resource.setrlimit(resource.RLIMIT_AS, (PDF_MEMORY_BYTES, PDF_MEMORY_BYTES))
+    resource.setrlimit(resource.RLIMIT_AS, (READER_MEMORY_BYTES, READER_MEMORY_BYTES))
     data = sys.stdin.buffer.read()
     try:
-        text = _pdf_text(data)
+        text = _reader_text(sys.argv[1], data)
     except ExtractionError as exc:
         sys.stdout.write(str(exc))
         sys.exit(2)

@@ -1,6 +1,6 @@
 """A file's bytes -> the chunk records the index stores: extract, chunk, embed.
 
-Extraction runs in a subprocess (PDF) or on a worker thread, chunking on a worker thread
+Extraction runs in a subprocess (PDF, HTML) or on a worker thread, chunking on a worker thread
 and embedding on the embedder's own, so a large PDF never blocks the event loop. Errors
 are `ExtractionError`s whose message is meant for the vector store file's `last_error`.
 """
