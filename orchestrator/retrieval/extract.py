@@ -97,6 +97,12 @@ def file_kind(filename: str, content_type: str | None = None) -> str:
 # thread could neither stop nor give back at shutdown.
 READER_SECONDS = 120
 READER_MEMORY_BYTES = 4 << 30
+# The most text a PDF's reader gives back: a file search indexes at most ~5 million tokens
+# of a file, about 20 million characters (ingest.py refuses more before tokenizing it), and
+# no prompt holds more. A small PDF can expand far past it (a 10 KB one held 10 MB of text
+# a page, read at ~2 MB/s), so the reader stops there rather than spend its READER_SECONDS
+# and the server's memory on more.
+MAX_TEXT_CHARACTERS = 20_000_000
 _READ_AS = {"pdf": "PDF", "html": "HTML"}  # the kinds the reader process reads
 
 
@@ -233,6 +239,7 @@ async def _isolated_text(kind: str, data: bytes) -> str:
         "-I",
         __file__,
         kind,
+        str(MAX_TEXT_CHARACTERS),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
@@ -258,12 +265,13 @@ async def _isolated_text(kind: str, data: bytes) -> str:
     )
 
 
-def _reader_text(kind: str, data: bytes) -> str:
-    """What the reader process makes of its input (`_isolated_text`)."""
-    return _pdf_text(data) if kind == "pdf" else html_text(data.decode())
+def _reader_text(kind: str, data: bytes, most: int) -> str:
+    """What the reader process makes of its input (`_isolated_text`): a PDF's text of at
+    most `most` characters (an HTML file's is no longer than the file)."""
+    return _pdf_text(data, most) if kind == "pdf" else html_text(data.decode())
 
 
-def _pdf_text(data: bytes) -> str:
+def _pdf_text(data: bytes, most: int) -> str:
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 
@@ -271,13 +279,21 @@ def _pdf_text(data: bytes) -> str:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not reader.decrypt(""):
             raise ExtractionError("the PDF is encrypted with a password; upload it unlocked")
-        pages = [page.extract_text() or "" for page in reader.pages]
+        pages, length = [], 0
+        for page in reader.pages:
+            pages.append((page.extract_text() or "").strip())
+            length += len(pages[-1])
+            if length > most:
+                raise ExtractionError(
+                    f"the PDF has more than {most:,} characters of text, more than a file "
+                    "may have indexed; split it into smaller files"
+                )
     except (PyPdfError, ValueError, KeyError, TypeError) as exc:
         if isinstance(exc, ExtractionError):
             raise
         cause = " ".join(str(exc).split())  # pypdf's messages may end in a newline
         raise ExtractionError(f"the PDF could not be read ({cause}); is it a valid PDF?") from None
-    text = "\n\n".join(p.strip() for p in pages if p.strip())
+    text = "\n\n".join(page for page in pages if page)
     if not text:
         raise ExtractionError(
             "the PDF has no extractable text (scanned pages would need OCR, "
@@ -288,7 +304,8 @@ def _pdf_text(data: bytes) -> str:
 
 def _main() -> None:
     """The reader's process (see `_isolated_text`), at low priority and within
-    READER_MEMORY_BYTES of address space; its argument is the kind of file it reads."""
+    READER_MEMORY_BYTES of address space; its arguments are the kind of file it reads and
+    the most characters of text it may give back."""
     import os
     import resource
 
@@ -296,7 +313,7 @@ def _main() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (READER_MEMORY_BYTES, READER_MEMORY_BYTES))
     data = sys.stdin.buffer.read()
     try:
-        text = _reader_text(sys.argv[1], data)
+        text = _reader_text(sys.argv[1], data, int(sys.argv[2]))
     except ExtractionError as exc:
         sys.stdout.write(str(exc))
         sys.exit(2)

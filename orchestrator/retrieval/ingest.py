@@ -13,14 +13,14 @@ from functools import partial
 
 from orchestrator.retrieval.chunking import Chunk, StaticChunking, chunk_text
 from orchestrator.retrieval.embeddings import Embedder, Encoded
-from orchestrator.retrieval.extract import ExtractionError, extract_text
+from orchestrator.retrieval.extract import MAX_TEXT_CHARACTERS, ExtractionError, extract_text
 from orchestrator.retrieval.index import ChunkRecord
 
 # OpenAI indexes at most 5,000,000 tokens of a file. Its characters are checked first,
 # so that a file far past it is refused before it is tokenized (20 million characters
 # are ~5 million tokens of English; tokenizing them takes seconds and about 2 GB).
 MAX_FILE_TOKENS = 5_000_000
-MAX_FILE_CHARACTERS = 4 * MAX_FILE_TOKENS
+MAX_FILE_CHARACTERS = MAX_TEXT_CHARACTERS  # 4 a token: what a PDF's reader gives back
 
 
 def split_text(
