@@ -224,11 +224,15 @@ async def retrieve_file(request: Request) -> Response:
 async def file_content(request: Request) -> Response:
     """The bytes with the content type they were uploaded with, as it was sent: set as a
     media type, a `text/*` type would gain a `charset=utf-8` the file may not be in (a
-    Latin-1 or UTF-16 text file then reads as mojibake)."""
+    Latin-1 or UTF-16 text file then reads as mojibake). A file of none, or of one an
+    earlier version kept that no header may hold (`_content_type` refuses it now), is
+    sent as bytes of no declared type."""
     _, content_type, data = await _files(request).content(
         owner(request), request.path_params["file_id"]
     )
-    return Response(data, headers={"content-type": content_type or "application/octet-stream"})
+    if not content_type or not _CONTENT_TYPE.fullmatch(content_type):
+        content_type = "application/octet-stream"
+    return Response(data, headers={"content-type": content_type})
 
 
 async def delete_file(request: Request) -> Response:

@@ -21,7 +21,7 @@ import openai
 import pytest
 from openai.types.responses import Response as SDKResponse
 from openai.types.responses.response_error import ResponseError
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from engine.errors import ContextLengthExceededError, EngineStoppedError, NothingToSampleError
 from orchestrator.accounts import keys
@@ -31,7 +31,7 @@ from orchestrator.admin import main as admin
 from orchestrator.retrieval.embeddings import Embedder, Encoded
 from orchestrator.store import accounts as db
 from orchestrator.store.accounts import KeyRow, UserRow
-from orchestrator.store.tables import quota_periods, responses
+from orchestrator.store.tables import files, quota_periods, responses
 from tests.product.conftest import ProductServer
 from tests.product.test_responses_api import _usage_checkpoints, _wait_for_generation
 from tests.product.test_responses_tools import CALCULATOR, _call, _scripted
@@ -1399,6 +1399,12 @@ def test_content_types_that_cannot_be_stored_or_sent_back_are_refused(
         assert created.status_code == 200, created.text
         content = server.client.files.content(created.json()["id"])
         assert content.response.headers["content-type"] == kept.decode()
+    # One an earlier version kept is sent back as bytes of no declared type.
+    with server.product.store.engine.begin() as conn:
+        conn.execute(update(files).values(content_type="text/html\x0bx"))
+    content = server.client.files.content(created.json()["id"])
+    assert content.response.headers["content-type"] == "application/octet-stream"
+    assert content.content == b"data"
 
 
 def test_the_files_list_refuses_a_purpose_no_file_can_have(product_server, tmp_path):
