@@ -4,6 +4,7 @@ keeps them."""
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Iterable
 from urllib.parse import unquote
@@ -146,17 +147,24 @@ _EXTENDED_FILENAME = re.compile(
 )
 
 
+# The charsets of RFC 5987 (as Python's codecs name them): any other name is Python's own
+# codec, not a charset (`unicode_escape`, `undefined`, which fails with a UnicodeError).
+_EXTENDED_CHARSETS = ("utf-8", "iso8859-1")
+
+
 def _extended_filename(upload: UploadFile) -> str | None:
     """The name in the part's `filename*` (RFC 5987), or None when it has none, one not of
-    that form, or one that does not decode. The multipart parser ignores that parameter
-    (RFC 7578 forbids it in forms), but .NET's HttpClient, and so OpenAI's .NET SDK, sends
-    a name outside ASCII there, beside a `filename` holding a MIME encoded word
-    (`=?utf-8?B?...?=`); RFC 6266 has a recipient prefer `filename*`."""
+    that form, one of another charset, or one that does not decode. The multipart parser
+    ignores that parameter (RFC 7578 forbids it in forms), but .NET's HttpClient, and so
+    OpenAI's .NET SDK, sends a name outside ASCII there, beside a `filename` holding a MIME
+    encoded word (`=?utf-8?B?...?=`); RFC 6266 has a recipient prefer `filename*`."""
     match = _EXTENDED_FILENAME.search(upload.headers.get("content-disposition", ""))
     if match is None:  # none, or not of that form (no charset and language, no name)
         return None
     charset, encoded = match.groups()
     try:
+        if codecs.lookup(charset).name not in _EXTENDED_CHARSETS:
+            return None
         return unquote(encoded, encoding=charset, errors="strict")
     except (LookupError, UnicodeDecodeError):
         return None

@@ -229,6 +229,13 @@ def test_a_name_outside_ascii_is_kept_from_filename_or_filename_star(client, liv
     assert client.files.retrieve(dotnet.json()["id"]).filename == name
     undecodable = upload("form-data; name=file; filename=plain.txt; filename*=utf-8''%FF.txt")
     assert undecodable.json()["filename"] == "plain.txt"
+    # RFC 5987's charsets are UTF-8 and ISO-8859-1; Python's other codecs are no charset
+    # of a name (`undefined` fails with a UnicodeError of its own: it was a 500).
+    latin = upload("form-data; name=file; filename=plain.txt; filename*=ISO-8859-1''caf%E9.txt")
+    assert latin.json()["filename"] == "caf\u00e9.txt"
+    for codec in ("undefined", "unicode_escape", "utf-7"):
+        got = upload(f"form-data; name=file; filename=plain.txt; filename*={codec}''%41.txt")
+        assert got.status_code == 200 and got.json()["filename"] == "plain.txt", got.text
     # Not of RFC 5987's form (no name after charset'language', no charset): `filename`.
     for malformed in ("utf-8''", "plain-name.txt", "utf-8'plain-name.txt"):
         got = upload(f"form-data; name=file; filename=plain.txt; filename*={malformed}")
