@@ -221,7 +221,9 @@ def json_shape(
     passes a limit (returning the shape so far): refusing a 7 MB body of 200,000
     objects then reads its first 2.5 MB."""
     if body[:4].count(0) or body.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        body = body.decode(json.detect_encoding(body)).encode()  # UTF-16/32 -> UTF-8
+        # UTF-16/32 -> UTF-8; bytes that do not decode (json.loads refuses the body for
+        # them) read as U+FFFD, which is no part of the structure
+        body = body.decode(json.detect_encoding(body), errors="replace").encode()
     codes = np.frombuffer(body, dtype=np.uint8)
     scan = _Scan()
     for start in range(0, codes.size, chunk_bytes):

@@ -103,6 +103,7 @@ def test_completion_token_ids_must_be_in_the_vocabulary(serve):
         b'{"messages": ' + b"[" * 65 + b"]" * 65 + b"}",
         b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
         b"\xff\xfe{}",
+        b"\xff\xfe{\x00\xff",  # UTF-16 by its mark, with an odd byte left: no UTF-16
         b'{"messages": [{"role": "user", "content": "lone \\ud800 surrogate"}]}',
     ],
 )
