@@ -65,15 +65,23 @@ def _lark(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+# How the engine's messages name a JSON schema: by vLLM's field, which a client of
+# response_format, text.format or a function's parameters never sent.
+_ENGINE_SCHEMA = "structured_outputs.json"
+
+
 def checked(param: str, what: str | None = None, **kind) -> StructuredOutputsParams:
     """StructuredOutputsParams, with an invalid schema or grammar a 400 naming `param`,
     its message about `what` (default: `param`; not repeated where the engine's message
-    starts with it, as it does for vLLM's own `structured_outputs.<kind>` field)."""
+    starts with it, as it does for vLLM's own `structured_outputs.<kind>` field, and the
+    schema the engine calls by that field called "the schema" for any other)."""
     try:
         return StructuredOutputsParams(**kind)
     except ValueError as exc:
         what = what or param
-        message = str(exc) if str(exc).startswith(what) else f"{what}: {exc}"
+        message = str(exc)
+        if not message.startswith(what):
+            message = f"{what}: {message.replace(_ENGINE_SCHEMA, 'the schema', 1)}"
         raise InvalidRequestError(message, param) from None
 
 

@@ -404,6 +404,22 @@ CYCLE = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$re
             "response_format",
             "no finite value",
         ),
+        (  # named by the client's field, not by vLLM's structured_outputs.json
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "x",
+                        "schema": {
+                            "type": "object",
+                            "properties": {"a": {"type": "array", "uniqueItems": True}},
+                        },
+                    },
+                }
+            },
+            "response_format",
+            "response_format: the schema is not supported: Unimplemented keys",
+        ),
         *(  # the path of the schema at fault, as OpenAI names it, whatever the choice
             (
                 {
@@ -434,7 +450,7 @@ CYCLE = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$re
                 ]
             },
             "tools[0].function.parameters",
-            "function 'f' parameters: structured_outputs.json has no finite value",
+            "function 'f' parameters: the schema has no finite value",
         ),
         (  # the pattern and the cause, not the grammar the schema was compiled into
             {
@@ -445,7 +461,7 @@ CYCLE = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$re
                 ]
             },
             "tools[0].function.parameters",
-            "function 'f' parameters: structured_outputs.json is not supported: "
+            "function 'f' parameters: the schema is not supported: "
             "regex parse error: (a (unclosed group)",
         ),
     ],
