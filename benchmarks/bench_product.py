@@ -119,13 +119,21 @@ class ResponsesConversation:
 
 
 class ChatConversation:
-    """Each turn resends the whole history, as stateless chat completions need."""
+    """Each turn resends the whole history, as stateless chat completions need;
+    `cache_salt` (vLLM's field) keeps its prompts' cached prefixes apart from a Responses
+    conversation's of the same text."""
 
     def __init__(
-        self, client: openai.AsyncOpenAI, model: str, system: str, max_tokens: int
+        self,
+        client: openai.AsyncOpenAI,
+        model: str,
+        system: str,
+        max_tokens: int,
+        cache_salt: str | None = None,
     ) -> None:
         self.client, self.model, self.max_tokens = client, model, max_tokens
         self.messages = [{"role": "system", "content": system}]
+        self.extra_body = {} if cache_salt is None else {"cache_salt": cache_salt}
 
     async def turn(self, question: str) -> Turn:
         self.messages.append({"role": "user", "content": question})
@@ -138,6 +146,7 @@ class ChatConversation:
             max_tokens=self.max_tokens,
             stream=True,
             stream_options={"include_usage": True},
+            extra_body=self.extra_body,
         )
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -176,34 +185,42 @@ async def one_conversation_each(
     return turns
 
 
-async def throughput(url: str, api: str, session: str, args: argparse.Namespace) -> float:
-    """Output tokens per second of `--concurrency` conversations at once."""
-    kind = ResponsesConversation if api == "responses" else ChatConversation
+async def throughput(
+    url: str, api: str, session: str, args: argparse.Namespace
+) -> tuple[int, float]:
+    """Output tokens and seconds of `--concurrency` conversations at once. Both APIs are
+    given the same `session`'s prompts, so that greedy decoding writes the same answers
+    (a tag that differed would change their lengths, and with them the share of each
+    turn's fixed costs); chat's are salted apart from the Responses ones in the cache."""
     async with _client(url) as client:
         model = (await client.models.list()).data[0].id
 
+        def conversation(i: int) -> ResponsesConversation | ChatConversation:
+            system = instructions(f"{session} {i}", False)
+            if api == "responses":
+                return ResponsesConversation(client, model, system, args.max_tokens)
+            return ChatConversation(client, model, system, args.max_tokens, cache_salt="chat")
+
         async def run(i: int) -> int:
-            conversation = kind(
-                client, model, instructions(f"{session} {i}", False), args.max_tokens
-            )
+            conversation_i = conversation(i)
             return sum(
                 [
-                    (await conversation.turn(q)).output_tokens
+                    (await conversation_i.turn(q)).output_tokens
                     for q in QUESTIONS[: args.concurrent_turns]
                 ]
             )
 
         start = time.perf_counter()
         tokens = await asyncio.gather(*(run(i) for i in range(args.concurrency)))
-        return sum(tokens) / (time.perf_counter() - start)
+        return sum(tokens), time.perf_counter() - start
 
 
-async def throughputs(url: str, args: argparse.Namespace) -> dict[str, list[float]]:
-    rates: dict[str, list[float]] = {"responses": [], "chat": []}
+async def throughputs(url: str, args: argparse.Namespace) -> dict[str, list[tuple[int, float]]]:
+    rates: dict[str, list[tuple[int, float]]] = {"responses": [], "chat": []}
     for round_ in range(args.rounds):  # alternating, for the same reason as above
         order = ("chat", "responses") if round_ % 2 == 0 else ("responses", "chat")
         for api in order:
-            rates[api].append(await throughput(url, api, f"{api} {round_}", args))
+            rates[api].append(await throughput(url, api, f"round {round_}", args))
     return rates
 
 
@@ -233,7 +250,9 @@ def _isa() -> str:
 
 
 def report(
-    turns: dict[str, list[Turn]], rates: dict[str, list[float]], args: argparse.Namespace
+    turns: dict[str, list[Turn]],
+    rates: dict[str, list[tuple[int, float]]],
+    args: argparse.Namespace,
 ) -> None:
     print(
         f"\n{datetime.date.today()}  ISA: {_isa()}  model: {args.model}  "
@@ -266,13 +285,15 @@ def report(
         f"{last.cached_tokens / (previous.input_tokens + previous.output_tokens):.2f} "
         "(target >= 0.9)"
     )
-    ratio = statistics.fmean(rates["responses"]) / statistics.fmean(rates["chat"])
+    per_round = {api: [tokens / seconds for tokens, seconds in runs] for api, runs in rates.items()}
+    mean = {api: statistics.fmean(values) for api, values in per_round.items()}
     print(
         f"{args.concurrency} concurrent conversations x {args.concurrent_turns} turns, "
-        f"output tok/s: responses {statistics.fmean(rates['responses']):.1f}, chat "
-        f"{statistics.fmean(rates['chat']):.1f} -> {ratio:.2f}x (target >= 0.95); rounds: "
-        f"responses {[round(r, 1) for r in rates['responses']]}, "
-        f"chat {[round(r, 1) for r in rates['chat']]}"
+        f"output tok/s: responses {mean['responses']:.1f}, chat {mean['chat']:.1f} -> "
+        f"{mean['responses'] / mean['chat']:.2f}x (target >= 0.95); rounds: "
+        f"responses {[round(r, 1) for r in per_round['responses']]}, "
+        f"chat {[round(r, 1) for r in per_round['chat']]}; output tokens a round: "
+        f"responses {[t for t, _ in rates['responses']]}, chat {[t for t, _ in rates['chat']]}"
     )
 
 
