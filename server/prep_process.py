@@ -230,21 +230,25 @@ class PrepProcess:
         self, fn: Callable[..., T], *args: Any, done: Callable[[], None] | None = None
     ) -> T:
         """`fn(*args)` in the child; `done()` once the child has finished with it (or
-        the job failed to run), however the awaiting request ended."""
-        pool, job = self._pool, None
+        the job failed to run), however the awaiting request ended. A child that dies
+        (killed, by an operator or the kernel's OOM killer, before or under the job) is
+        replaced and the job run once more on the new one, so that its death costs the
+        request a child's start, not a 503; a job under which both children die is one."""
+        job = None
         try:
-            pool = pool or await asyncio.to_thread(self._executor)
-            job = pool.submit(fn, *args)
-            return await asyncio.wrap_future(job)
-        except BrokenProcessPool:
-            if pool is not None:
-                self._discard(pool)
-            raise APIError(503, "the server could not prepare this request; try again") from None
+            for _ in range(2):
+                pool = self._pool or await asyncio.to_thread(self._executor)
+                try:
+                    job = pool.submit(fn, *args)
+                    return await asyncio.wrap_future(job)
+                except BrokenProcessPool:
+                    self._discard(pool)
+            raise APIError(503, "the server could not prepare this request; try again")
         finally:
             if done is not None:
-                if job is None:
+                if job is None or job.done():
                     done()
-                else:  # at once if it is done, else when the child is
+                else:  # when the child is done with it
                     job.add_done_callback(lambda _: done())
 
     def _discard(self, pool: ProcessPoolExecutor) -> None:

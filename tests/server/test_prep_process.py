@@ -121,7 +121,14 @@ def test_a_refusal_comes_back_whole(prep):
     )
 
 
-def test_a_dead_child_is_a_503_and_the_next_request_gets_a_new_one(prep):
+def test_a_child_killed_between_jobs_is_replaced_for_the_next_one(prep):
+    first, *_ = asyncio.run(prep.run_with_context(where))
+    os.kill(first, signal.SIGKILL)
+    second, *_ = asyncio.run(prep.run_with_context(where))  # not a 503
+    assert second not in (first, os.getpid())
+
+
+def test_a_job_its_children_die_under_is_a_503_after_one_retry(prep):
     first, *_ = asyncio.run(prep.run_with_context(where))
     with pytest.raises(APIError) as raised:
         asyncio.run(prep.run(die))
