@@ -20,6 +20,11 @@ system header, as they would between real users.
     python benchmarks/bench_serving.py --llama-server ~/llama.cpp/build/bin/llama-server \\
         --markdown results.md
     python benchmarks/bench_serving.py --quick --skip-transformers   # smoke run
+
+`--rounds N` runs the systems in turn N times (each server started afresh, so every round
+sees cold prefix caches and the same prompts) and reports each level's median: on a shared
+VM every system's rate drifts from minute to minute, and one round compares whichever
+minutes each system happened to get.
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ import platform
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -145,6 +151,7 @@ class Row:
     ttft_p99_ms: float
     itl_p50_ms: float
     itl_p99_ms: float
+    round: int = 0
 
 
 def requests_for(concurrency: int, args: argparse.Namespace) -> int:
@@ -494,6 +501,55 @@ def table(rows: list[Row]) -> str:
     return "\n".join([fmt(header), rule, *(fmt(cells) for cells in body)])
 
 
+_MEASURES = ("output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
+
+
+def medians(rows: list[Row]) -> list[Row]:
+    """One row per system and level: each measure's median over the rounds, the failures
+    summed. Each measure's median is taken on its own, so a row need not be one round's."""
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.system, row.concurrency), []).append(row)
+    return [
+        Row(
+            system,
+            concurrency,
+            group[0].requests,
+            sum(r.failed for r in group),
+            *(round(statistics.median(getattr(r, name) for r in group), 1) for name in _MEASURES),
+        )
+        for (system, concurrency), group in groups.items()
+    ]
+
+
+def round_ratios(rows: list[Row]) -> str:
+    """Each round's tok/s ratios (and TTFT p50 against llama.cpp), tokenmill over each
+    baseline: the systems of a round ran minutes apart, so these show the spread that the
+    medians hide."""
+    by_key = {(r.system, r.concurrency, r.round): r for r in rows}
+    rounds = sorted({r.round for r in rows})
+    lines = []
+    for concurrency in sorted({r.concurrency for r in rows}):
+        for baseline, measure, label in (
+            (TRANSFORMERS, "output_tok_s", "tok/s vs transformers"),
+            (LLAMA, "output_tok_s", "tok/s vs llama.cpp"),
+            (LLAMA, "ttft_p50_ms", "TTFT p50 vs llama.cpp"),
+        ):
+            pairs = [
+                (by_key.get((TOKENMILL, concurrency, n)), by_key.get((baseline, concurrency, n)))
+                for n in rounds
+            ]
+            ratios = [
+                _ratio(getattr(ours, measure), getattr(theirs, measure))
+                for ours, theirs in pairs
+                if ours and theirs
+            ]
+            if ratios:
+                streams = f"{concurrency} stream" + ("s" if concurrency != 1 else "")
+                lines.append(f"- {streams}, {label}: {', '.join(ratios)}")
+    return "\n".join(lines)
+
+
 def torch_isa() -> str:
     """The instruction set torch's vectorized ops run, and the caps given to MKL/oneDNN."""
     import torch
@@ -503,7 +559,9 @@ def torch_isa() -> str:
 
 
 def describe(
-    args: argparse.Namespace, prompt_lengths: list[int], loads: dict[str, tuple[float, float]]
+    args: argparse.Namespace,
+    prompt_lengths: list[int],
+    loads: dict[str, list[tuple[float, float]]],
 ) -> str:
     """What was run, and how busy the machine was: the benchmark itself keeps about as
     many cores busy as the machine has, so a 1-minute load average well above the core
@@ -525,9 +583,18 @@ def describe(
             + f"; torch's kernels: {torch_isa()}.",
             f"Model {args.model}; greedy, {args.tokens} output tokens per request (ignore_eos); "
             f"prompts {min(used)}-{max(used)} tokens (mean {sum(used) / len(used):.1f}) after "
-            f"the chat template; closed-loop streams; requests per level ({levels}).",
-            "1-minute load average before/after each system: "
-            + ", ".join(f"{system} {a:.2f}/{b:.2f}" for system, (a, b) in loads.items())
+            f"the chat template; closed-loop streams; requests per level ({levels})"
+            + (
+                f"; {args.rounds} rounds, the systems in turn, each level's medians below."
+                if args.rounds > 1
+                else "."
+            ),
+            "1-minute load average before/after each system"
+            + (", round by round: " if args.rounds > 1 else ": ")
+            + "; ".join(
+                f"{system} " + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in runs)
+                for system, runs in loads.items()
+            )
             + ".",
         ]
     )
@@ -584,6 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="baselines only, e.g. to re-measure llama.cpp alone",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the systems in turn this many times and report each level's median",
+    )
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds per server")
     p.add_argument("--request-timeout", type=float, default=1800.0, help="seconds per request")
     p.add_argument(
@@ -610,6 +683,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     args = parser.parse_args(argv)
     if args.quick:
         args.concurrency, args.tokens = [1, 4], 16
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     prompts = bench_prompts()
     sent = sum(requests_for(c, args) for c in args.concurrency)
     if sent > len(prompts):
@@ -646,13 +721,18 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         runs[TRANSFORMERS] = partial(measure_transformers, args, resolved.path, prompt_ids, pad_id)
     rows: list[Row] = []
-    loads: dict[str, tuple[float, float]] = {}
-    for system, run in runs.items():
-        before = os.getloadavg()[0]
-        rows += run()
-        loads[system] = (before, os.getloadavg()[0])
+    loads: dict[str, list[tuple[float, float]]] = {system: [] for system in runs}
+    for number in range(args.rounds):
+        for system, run in runs.items():
+            if args.rounds > 1:
+                print(f"round {number + 1} of {args.rounds}: {system}", file=sys.stderr)
+            before = os.getloadavg()[0]
+            rows += [replace(row, round=number) for row in run()]
+            loads[system].append((before, os.getloadavg()[0]))
 
-    report = describe(args, lengths, loads) + "\n\n" + table(rows)
+    report = describe(args, lengths, loads) + "\n\n" + table(medians(rows))
+    if args.rounds > 1:
+        report += "\n\nTokenmill over each baseline, round by round:\n" + round_ratios(rows)
     print(report)
     if args.markdown:
         Path(args.markdown).write_text(report + "\n")

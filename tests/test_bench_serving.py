@@ -100,6 +100,51 @@ def test_table_groups_by_streams_and_puts_ratios_on_tokenmill_rows():
     assert without_llama[2].rstrip(" |").endswith("4.00x")
 
 
+def test_rounds_alternate_the_systems_and_report_medians(monkeypatch, capsys):
+    """Each round runs every system once, in turn; the table gives each measure's median
+    over the rounds, and each round's own ratios are listed beneath it."""
+    order = []
+    tok_s = {"tokenmill": iter([400.0, 300.0, 460.0]), "transformers": iter([100.0, 80.0, 90.0])}
+
+    def fake_server(system, argv_for, args, prompts):
+        order.append(system)
+        return [_row(system, 16, next(tok_s[system]), 500.0)]
+
+    def fake_transformers(args, path, prompt_ids, pad_id):
+        order.append("transformers")
+        return [_row("transformers", 16, next(tok_s["transformers"]), 900.0)]
+
+    monkeypatch.setattr(bench, "measure_server", fake_server)
+    monkeypatch.setattr(bench, "measure_transformers", fake_transformers)
+    rows = bench.main(["--concurrency", "16", "--rounds", "3"])
+    assert order == ["tokenmill", "transformers"] * 3
+    assert [r.round for r in rows] == [0, 0, 1, 1, 2, 2]
+
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| tokenmill")]
+    cells = [c.strip() for c in table[0].strip("|").split("|")]
+    assert cells[3] == "400.0" and cells[-1] == "4.44x"  # median 400 over median 90
+    assert "- 16 streams, tok/s vs transformers: 4.00x, 3.75x, 5.11x" in out
+    assert "3 rounds" in out and "round by round" in out
+
+
+def test_rounds_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--rounds", "0", "--skip-transformers"])
+    assert exit_info.value.code == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+def test_medians_take_each_measure_over_the_rounds_and_sum_failures():
+    rows = [
+        bench.Row("tokenmill", 4, 8, 1, 100.0, 50.0, 90.0, 10.0, 30.0, round=0),
+        bench.Row("tokenmill", 4, 8, 0, 140.0, 70.0, 80.0, 12.0, 20.0, round=1),
+        bench.Row("tokenmill", 4, 8, 2, 120.0, 60.0, 99.0, 11.0, 25.0, round=2),
+    ]
+    (row,) = bench.medians(rows)
+    assert row == bench.Row("tokenmill", 4, 8, 3, 120.0, 60.0, 90.0, 11.0, 25.0)
+
+
 def test_llama_server_gets_a_slot_per_stream_with_room_for_each_request():
     args = bench.build_parser().parse_args(
         ["--llama-server", "/opt/llama-server", "--llama-args", "--flash-attn on"]
