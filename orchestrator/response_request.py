@@ -100,6 +100,7 @@ class ResponseRequest:
     # cache needs no key) and tracks abuse by the second (this server has its own users).
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+    prompt_cache_retention: str | None = None  # "in_memory", the one this server has
 
     @property
     def logprobs(self) -> int | None:

@@ -80,6 +80,7 @@ RESPONSE_DEFAULTS = MappingProxyType(
         "frequency_penalty": 0.0,
         "presence_penalty": 0.0,
         "prompt_cache_key": None,
+        "prompt_cache_retention": None,
         "reasoning": None,
         "safety_identifier": None,
         "service_tier": "default",
@@ -122,6 +123,7 @@ def new_response(request: ResponseRequest, status: str) -> dict:
         "frequency_penalty": request.frequency_penalty,
         "presence_penalty": request.presence_penalty,
         "prompt_cache_key": request.prompt_cache_key,
+        "prompt_cache_retention": request.prompt_cache_retention,
         "safety_identifier": request.safety_identifier,
         "top_logprobs": request.top_logprobs,
     }

@@ -66,6 +66,7 @@ _RESPONSE_FIELDS = {
     "presence_penalty",
     "frequency_penalty",
     "prompt_cache_key",
+    "prompt_cache_retention",
     "safety_identifier",
     "service_tier",
     "top_logprobs",
@@ -647,11 +648,29 @@ def check_query_include(query) -> list[str]:
 
 # The verbosity a model without the setting writes at: the one value OpenAI takes for one.
 VERBOSITY = "medium"
+# The prompt cache retention this server has: prefixes kept in memory until evicted.
+IN_MEMORY_RETENTION = "in_memory"
 _FORMAT_KEYS = {
     "text": {"type"},
     "json_object": {"type"},
     "json_schema": {"type", "name", "schema", "strict", "description"},
 }
+
+
+def _prompt_cache_retention(body: dict) -> str | None:
+    """OpenAI's `prompt_cache_retention`: "in_memory" is how this server keeps prompt
+    prefixes (in its KV cache, the least recently used evicted first), so it is taken and
+    echoed; "24h", OpenAI's retention on storage past memory, is refused as OpenAI refuses
+    it for a model without it, since nothing here keeps a prefix beyond its eviction."""
+    retention = typed_field(body, "prompt_cache_retention", "a string")
+    if retention is not None and retention != IN_MEMORY_RETENTION:
+        raise invalid(
+            f"Unsupported value: {retention!r} is not supported with this model. "
+            f"Supported values are: {IN_MEMORY_RETENTION!r}.",
+            "prompt_cache_retention",
+            "unsupported_value",
+        )
+    return retention
 
 
 def _verbosity(body: dict) -> str | None:
@@ -770,6 +789,7 @@ def parse_response_request(
         presence_penalty=typed_field(body, "presence_penalty", "a number", 0.0),
         frequency_penalty=typed_field(body, "frequency_penalty", "a number", 0.0),
         prompt_cache_key=typed_field(body, "prompt_cache_key", "a string"),
+        prompt_cache_retention=_prompt_cache_retention(body),
         safety_identifier=typed_field(body, "safety_identifier", "a string"),
         top_logprobs=top_count(body, "top_logprobs") or 0,
     )

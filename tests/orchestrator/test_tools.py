@@ -131,8 +131,9 @@ def test_calculator_checks_its_argument():
 
 
 def test_a_constrained_calculator_call_holds_only_an_expression(tiny_chat_model_dir):
-    """Its arguments' grammar (the tool's `parameters`) leaves no room for markup: a random
-    model, which prefers any of the vocabulary's tokens, writes only expression characters."""
+    """Its arguments' grammar (the tool's `parameters`) leaves no room for markup nor for an
+    empty expression: a random model, which prefers any of the vocabulary's tokens, writes
+    only expression characters, numbers and operators in turn."""
     from engine import LLM, SamplingParams, StructuredOutputsParams
 
     llm = LLM(tiny_chat_model_dir, device="cpu", num_threads=1, compile="off")
@@ -143,9 +144,15 @@ def test_a_constrained_calculator_call_holds_only_an_expression(tiny_chat_model_
     ]
     for out in llm.generate(["Compute."] * len(params), params, use_tqdm=False):
         text = out.outputs[0].text
-        expression = re.search(r'"expression"\s*:\s*"([^"]*)', text)
+        expression = re.search(r'"expression"\s*:\s*"([^"]*)("?)', text)
         assert expression is not None, text
-        assert re.fullmatch(r"[0-9eE_.+\-*/%() ]*", expression.group(1)), text
+        written, closed = expression.groups()
+        assert re.fullmatch(r"[0-9eE_.+\-*/%() ]*", written), text
+        if closed:  # a whole expression: numbers and operators in turn
+            assert re.fullmatch(
+                Calculator.parameters["properties"]["expression"]["pattern"], written
+            ), text
+            assert re.search("[0-9]", written), text
 
 
 def test_the_demo_database_is_built_from_its_sql(tmp_path):

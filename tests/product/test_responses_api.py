@@ -144,6 +144,7 @@ def test_every_response_object_has_the_fields_the_open_responses_spec_requires(p
         "presence_penalty", "frequency_penalty", "top_logprobs", "temperature", "reasoning",
         "user", "usage", "max_output_tokens", "max_tool_calls", "store", "background",
         "service_tier", "metadata", "safety_identifier", "prompt_cache_key",
+        "prompt_cache_retention",
     }  # fmt: skip
     server = product_server(FakeEngine(reply="Hi there!"))
     body = {"model": MODEL, "input": "Hello", "stream": True}
@@ -258,9 +259,10 @@ def test_every_kind_of_response_conforms_to_the_open_responses_spec(product_serv
 
 
 def test_penalties_and_openai_hints_are_taken_and_echoed(product_server):
-    """Clients such as Codex send `prompt_cache_key`, and SDKs `safety_identifier` and
-    `service_tier`: hints this server takes and echoes (its tier reported as "default");
-    the penalties reach the engine. Values out of range are 400s naming the field."""
+    """Clients such as Codex send `prompt_cache_key`, and SDKs `safety_identifier`,
+    `service_tier` and `prompt_cache_retention`: hints this server takes and echoes (its
+    tier reported as "default", its retention "in_memory" only, as it has no other); the
+    penalties reach the engine. Values out of range are 400s naming the field."""
     server = product_server(FakeEngine(reply="Hi there!"))
     response = server.client.responses.create(
         model=MODEL,
@@ -269,6 +271,7 @@ def test_penalties_and_openai_hints_are_taken_and_echoed(product_server):
         prompt_cache_key="thread-7",
         safety_identifier="user-42",
         service_tier="flex",
+        prompt_cache_retention="in_memory",
     )
     params = server.engine.params[-1]
     assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1)
@@ -277,8 +280,16 @@ def test_penalties_and_openai_hints_are_taken_and_echoed(product_server):
         assert body["prompt_cache_key"] == "thread-7"
         assert body["safety_identifier"] == "user-42"
         assert body["service_tier"] == "default"
+        assert body["prompt_cache_retention"] == "in_memory"
     assert stored["presence_penalty"] == 0.5 and stored["frequency_penalty"] == -1
-    for field, value in (("service_tier", "fastest"), ("presence_penalty", 2.5)):
+    plain = _raw(server, "POST", "/responses", json={"model": MODEL, "input": "Hi"}).json()
+    assert plain["prompt_cache_retention"] is None
+    for field, value in (
+        ("service_tier", "fastest"),
+        ("presence_penalty", 2.5),
+        ("prompt_cache_retention", "24h"),
+        ("prompt_cache_retention", 24),
+    ):
         refused = _raw(
             server, "POST", "/responses", json={"model": MODEL, "input": "Hi", field: value}
         )

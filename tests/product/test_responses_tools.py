@@ -448,8 +448,8 @@ def test_a_lone_surrogate_in_a_calls_arguments_is_no_server_error(product_server
         _call("calculator", expression="1 + \ud800"),
     ]
     tools = [{"type": "code_interpreter", "container": {"type": "auto"}}, CALCULATOR]
-    for call in calls:
-        server = product_server(FakeEngine(reply=_scripted(call)))
+    for call in calls:  # both tools' declarations and a call's output: past 2,048 tokens
+        server = product_server(FakeEngine(reply=_scripted(call), max_model_len=4096))
         for stream in (False, True):
             raw = _post(server, input="Go", tools=tools, stream=stream)
             assert raw.status_code == 200, raw.text
