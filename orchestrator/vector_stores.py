@@ -61,6 +61,7 @@ class Search:
     max_num_results: int
     score_threshold: float
     mode: SearchMode
+    weights: tuple[float, float] = (1.0, 1.0)  # hybrid's (vector, text) weights
 
 
 def missing_store(vector_store_id: str) -> NotFoundError:
@@ -267,6 +268,7 @@ class VectorStoreService:
                 search.max_num_results,
                 search.score_threshold,
                 search.mode,
+                search.weights,
             )
             now = int(self.files.clock())
             for hit in await self.store.call(kb.search, owner, request, now):

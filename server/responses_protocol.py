@@ -465,7 +465,7 @@ def _file_search(raw: dict, param: str) -> FileSearchTool:
             f"{param}.vector_store_ids",
         )
     limit = raw.get("max_num_results")
-    threshold, ranker = parse_ranking(raw.get("ranking_options"), f"{param}.ranking_options")
+    ranking = parse_ranking(raw.get("ranking_options"), f"{param}.ranking_options")
     return FileSearchTool(
         vector_store_ids=list(dict.fromkeys(ids)),
         max_num_results=(
@@ -475,8 +475,9 @@ def _file_search(raw: dict, param: str) -> FileSearchTool:
         ),
         filters=parse_filters(raw.get("filters"), f"{param}.filters"),
         raw_filters=raw.get("filters"),
-        score_threshold=threshold,
-        ranker=ranker,
+        score_threshold=ranking.score_threshold,
+        ranker=ranking.ranker,
+        hybrid_weights=ranking.weights,
     )
 
 

@@ -10,6 +10,7 @@ searched and the hits merged (`VectorStoreService.search_stores`), and the page'
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ class SearchOptions:
     max_num_results: int
     score_threshold: float
     mode: SearchMode
+    weights: tuple[float, float]  # hybrid's (vector, text) weights
 
 
 def _queries(value: Any) -> list[str]:
@@ -63,19 +65,46 @@ def parse_filters(value: Any, param: str = "filters") -> Filter | None:
         raise invalid(str(exc), param=param) from None
 
 
-def parse_ranking(value: Any, param: str = "ranking_options") -> tuple[float, str]:
-    """`ranking_options`: its score_threshold and its ranker ("none" asks for no
-    re-ranking: the plain vector ranking; "auto" and "default-2024-11-15" are hybrid)."""
+@dataclass(frozen=True)
+class Ranking:
+    """`ranking_options`, checked: `weights` are `hybrid_search`'s (embedding, text)
+    weights, None where not given (hybrid fusion then weighs both lists equally)."""
+
+    score_threshold: float
+    ranker: str
+    weights: tuple[float, float] | None
+
+    @property
+    def mode(self) -> SearchMode:
+        """The ranker `none` asks for no re-ranking: the plain vector ranking; `auto` and
+        `default-2024-11-15` are hybrid."""
+        return "vector" if self.ranker == "none" else "hybrid"
+
+
+def _hybrid_weights(value: Any, param: str) -> tuple[float, float] | None:
+    """`hybrid_search`: `{"embedding_weight", "text_weight"}`, each a number >= 0, not
+    both 0 (a list weighted 0 is left out of the fusion)."""
+    if value is None:
+        return None
+    known_fields(value, {"embedding_weight", "text_weight"}, param)
+    weights = []
+    for key in ("embedding_weight", "text_weight"):
+        weight = value.get(key)
+        if (
+            not isinstance(weight, int | float)
+            or isinstance(weight, bool)
+            or not 0 <= weight < math.inf
+        ):
+            raise invalid(f"{param}.{key} must be a finite number >= 0", param=f"{param}.{key}")
+        weights.append(float(weight))
+    if not any(weights):
+        raise invalid(f"{param} must weigh one of its rankings above 0", param=param)
+    return weights[0], weights[1]
+
+
+def parse_ranking(value: Any, param: str = "ranking_options") -> Ranking:
     ranking = value or {}
-    if not isinstance(ranking, dict):
-        raise invalid(f"{param} must be an object", param=param)
-    for key in ranking:
-        if key not in ("ranker", "score_threshold") and ranking[key] is not None:
-            raise invalid(
-                f"{param}.{key} is not supported (hybrid search fuses vector and "
-                "text rankings with equal weights)",
-                param=f"{param}.{key}",
-            )
+    known_fields(ranking, {"ranker", "score_threshold", "hybrid_search"}, param)
     threshold = ranking.get("score_threshold")
     threshold = 0.0 if threshold is None else threshold
     if (
@@ -93,7 +122,8 @@ def parse_ranking(value: Any, param: str = "ranking_options") -> tuple[float, st
             f"{param}.ranker must be 'auto', 'default-2024-11-15' or 'none'",
             param=f"{param}.ranker",
         )
-    return float(threshold), ranker
+    weights = _hybrid_weights(ranking.get("hybrid_search"), f"{param}.hybrid_search")
+    return Ranking(float(threshold), ranker, weights)
 
 
 SEARCH_FIELDS = frozenset(
@@ -106,11 +136,17 @@ def parse_search_request(body: Any) -> SearchOptions:
     queries = _queries(body.get("query"))
     limit = parse_max_results(body.get("max_num_results", 10))
     filters = parse_filters(body.get("filters"))
-    threshold, ranker = parse_ranking(body.get("ranking_options"))
+    ranking = parse_ranking(body.get("ranking_options"))
     if not isinstance(body.get("rewrite_query", False), bool):
         raise invalid("rewrite_query must be a boolean", param="rewrite_query")
-    mode: SearchMode = "vector" if ranker == "none" else "hybrid"
-    return SearchOptions(queries, filters, limit, threshold, mode)
+    return SearchOptions(
+        queries,
+        filters,
+        limit,
+        ranking.score_threshold,
+        ranking.mode,
+        ranking.weights or (1.0, 1.0),
+    )
 
 
 def search_results_page(queries: list[str], hits: list[Hit]) -> dict:

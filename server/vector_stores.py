@@ -171,7 +171,14 @@ async def search_vector_store(request: Request) -> Response:
     body = await read_json_body(request, state.config.max_body_bytes, state)
     options = parse_search_request(body)
     searches = [
-        Search(q, options.filters, options.max_num_results, options.score_threshold, options.mode)
+        Search(
+            q,
+            options.filters,
+            options.max_num_results,
+            options.score_threshold,
+            options.mode,
+            options.weights,
+        )
         for q in options.queries
     ]
     hits = await _service(request).search_stores(owner(request), [_store_id(request)], searches)

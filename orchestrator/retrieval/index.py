@@ -221,6 +221,7 @@ class SearchRequest:
     max_num_results: int = 10
     score_threshold: float = 0.0
     mode: SearchMode = "hybrid"
+    weights: tuple[float, float] = (1.0, 1.0)  # hybrid's (vector, text) weights
 
 
 @dataclass(frozen=True)
@@ -483,7 +484,11 @@ class ChunkTableIndex:
             ranked.append(self._vector_ranking(conn, owner, request, depth))
         if request.mode in ("hybrid", "text"):
             ranked.append(self._text_ranking(conn, owner, request, depth))
-        scored = reciprocal_rank_fusion(ranked) if request.mode == "hybrid" else ranked[0]
+        scored = (
+            reciprocal_rank_fusion(ranked, list(request.weights))
+            if request.mode == "hybrid"
+            else ranked[0]
+        )
         scored = [(i, s) for i, s in scored if s >= request.score_threshold]
         return self._hits(conn, scored[: request.max_num_results])
 

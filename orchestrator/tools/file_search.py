@@ -49,6 +49,8 @@ class FileSearchTool:
     raw_filters: dict | None = None  # as given, echoed in the response's `tools`
     score_threshold: float = 0.0
     ranker: str = "auto"  # "none": vector similarity alone; otherwise hybrid
+    # `ranking_options.hybrid_search`'s (embedding, text) weights; None: as given, none.
+    hybrid_weights: tuple[float, float] | None = None
     name: str = FILE_SEARCH
 
     @property
@@ -56,12 +58,19 @@ class FileSearchTool:
         return "vector" if self.ranker == "none" else "hybrid"
 
     def as_dict(self) -> dict:
+        ranking: dict = {"ranker": self.ranker, "score_threshold": self.score_threshold}
+        if self.hybrid_weights is not None:
+            embedding_weight, text_weight = self.hybrid_weights
+            ranking["hybrid_search"] = {
+                "embedding_weight": embedding_weight,
+                "text_weight": text_weight,
+            }
         return {
             "type": "file_search",
             "vector_store_ids": self.vector_store_ids,
             "filters": self.raw_filters,
             "max_num_results": self.max_num_results,
-            "ranking_options": {"ranker": self.ranker, "score_threshold": self.score_threshold},
+            "ranking_options": ranking,
         }
 
 
@@ -211,7 +220,15 @@ class FileSearch:
             raise ToolError("give at least one non-empty query in 'queries'")
         c = self.config
         searches = [
-            Search(q, c.filters, c.max_num_results, c.score_threshold, c.mode) for q in queries
+            Search(
+                q,
+                c.filters,
+                c.max_num_results,
+                c.score_threshold,
+                c.mode,
+                c.hybrid_weights or (1.0, 1.0),
+            )
+            for q in queries
         ]
         try:
             hits = await self.backend.search_stores(self.owner, c.vector_store_ids, searches)

@@ -269,6 +269,46 @@ def test_filters_and_max_num_results_reach_the_search(knowledge):
     assert [r.file_id for r in results] == [files["bread.txt"]]
 
 
+def test_hybrid_search_weights_are_taken_by_the_route_and_the_tool(knowledge):
+    """OpenAI's `ranking_options.hybrid_search` (`embedding_weight`, `text_weight`), once a
+    400: the search route ranks by the weights, and a file_search declaration with them is
+    taken and echoed in the response's `tools`."""
+    server, vs, files = knowledge(_scripted("Done."))
+    client = server.client
+
+    def ranked(embedding_weight: float, text_weight: float) -> list[tuple[str, float]]:
+        hybrid = {"embedding_weight": embedding_weight, "text_weight": text_weight}
+        page = client.vector_stores.search(
+            vs, query="glacier ice", ranking_options={"hybrid_search": hybrid}
+        )
+        return [(hit.file_id, hit.score) for hit in page.data]
+
+    # A text weight of 0 leaves the vector ranking alone, whatever the embedding weight.
+    vector = client.vector_stores.search(
+        vs, query="glacier ice", ranking_options={"ranker": "none"}
+    )
+    assert [f for f, _ in ranked(3, 0)] == [hit.file_id for hit in vector.data]
+    assert ranked(0.5, 0.5) == ranked(1, 1)  # only the ratio counts
+    assert ranked(1, 1)[0][0] == files["glaciers.txt"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.vector_stores.search(
+            vs,
+            query="x",
+            ranking_options={"hybrid_search": {"embedding_weight": 0, "text_weight": 0}},
+        )
+    assert refused.value.body["param"] == "ranking_options.hybrid_search"
+    hybrid = {"embedding_weight": 0.8, "text_weight": 0.2}
+    response = client.responses.create(
+        model=MODEL,
+        input="Tell me anything",
+        tools=[_tool(vs, ranking_options={"hybrid_search": hybrid})],
+        tool_choice="required",
+    )
+    assert response.status == "completed"
+    echoed = response.tools[0].ranking_options.hybrid_search
+    assert (echoed.embedding_weight, echoed.text_weight) == (0.8, 0.2)
+
+
 def test_a_continued_response_shows_the_earlier_search(knowledge):
     server, vs, _ = knowledge(_scripted("Thirty metres a year."))
     first = server.client.responses.create(

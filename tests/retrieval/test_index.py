@@ -140,6 +140,18 @@ def test_hybrid_ranks_what_either_method_finds(index, embedder):
         assert 0 < hits[-1].score <= hits[0].score <= 1
 
 
+def test_hybrid_weights_lean_the_ranking_to_one_method(index, embedder):
+    """`ranking_options.hybrid_search`: a method weighted 0 adds nothing, so the hybrid
+    ranking is then the other method's alone."""
+    for query in ("cat sleeping on a carpet", "XJ9000 interest rates"):
+        for weights, mode in (((1.0, 0.0), "vector"), ((0.0, 1.0), "text")):
+            weighted = search(index, embedder, query, max_num_results=5, weights=weights)
+            alone = search(index, embedder, query, max_num_results=5, mode=mode)
+            assert [(h.file_id, h.chunk_index) for h in weighted] == [
+                (h.file_id, h.chunk_index) for h in alone
+            ], (query, mode)
+
+
 def test_html_scripts_are_not_indexed(index, embedder):
     assert search(index, embedder, "var kitten", mode="text")[0].file_id == "file-pets"
     assert all(h.file_id != "file-money" for h in search(index, embedder, "var", mode="text"))

@@ -31,6 +31,14 @@ def test_defaults_and_options():
     assert options.queries == ["blue", "whales"]  # each searched, not one joined string
     assert options.filters == Comparison("topic", "eq", "ocean")
     assert (options.max_num_results, options.score_threshold, options.mode) == (3, 0.4, "vector")
+    assert parse_search_request({"query": "a"}).weights == (1.0, 1.0)
+    weighted = parse_search_request(
+        {
+            "query": "a",
+            "ranking_options": {"hybrid_search": {"embedding_weight": 0.7, "text_weight": 0.3}},
+        }
+    )
+    assert (weighted.mode, weighted.weights) == ("hybrid", (0.7, 0.3))
 
 
 @pytest.mark.parametrize(
@@ -52,6 +60,34 @@ def test_defaults_and_options():
             "ranking_options.score_threshold",
         ),
         ({"query": "a", "ranking_options": {"ranker": "bm25"}}, "ranking_options.ranker"),
+        ({"query": "a", "ranking_options": {"hybrid_search": 1}}, "ranking_options.hybrid_search"),
+        (
+            {"query": "a", "ranking_options": {"hybrid_search": {"embedding_weight": 1}}},
+            "ranking_options.hybrid_search.text_weight",
+        ),
+        (
+            {
+                "query": "a",
+                "ranking_options": {"hybrid_search": {"embedding_weight": -1, "text_weight": 1}},
+            },
+            "ranking_options.hybrid_search.embedding_weight",
+        ),
+        (
+            {
+                "query": "a",
+                "ranking_options": {"hybrid_search": {"embedding_weight": 0, "text_weight": 0}},
+            },
+            "ranking_options.hybrid_search",
+        ),
+        (
+            {
+                "query": "a",
+                "ranking_options": {
+                    "hybrid_search": {"embedding_weight": 1, "text_weight": 1, "bm25": 1}
+                },
+            },
+            "ranking_options.hybrid_search.bm25",
+        ),
         ({"query": "a", "rewrite_query": "yes"}, "rewrite_query"),
         ({"query": "a", "bogus": 1}, "bogus"),  # refused, as OpenAI does, not ignored
     ],
