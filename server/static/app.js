@@ -264,6 +264,7 @@ function startRename(li, conversation) {
     if (entry && document.activeElement === document.body) entry.querySelector("button").focus();
   };
   input.addEventListener("keydown", (event) => {
+    if (event.isComposing) return; // Enter or Escape ending an input method's word
     if (event.key === "Enter") finish(true);
     if (event.key === "Escape") finish(false);
   });
@@ -779,7 +780,7 @@ function startEdit(bubble, node, text) {
       event.preventDefault();
       form.requestSubmit();
     }
-    if (event.key === "Escape") leave();
+    if (event.key === "Escape" && !event.isComposing) leave();
   });
   bubble.replaceChildren(form);
   area.focus();
@@ -1753,8 +1754,11 @@ function wire() {
     if (document.body.classList.contains("sidebar-open") && !inside) closeSidebarOnPhone();
   });
   document.addEventListener("keydown", (event) => {
-    // Escape that closes a dialog is not meant for the page.
-    if (event.key !== "Escape" || document.querySelector("dialog[open]")) return;
+    // Escape that closes a dialog, or cancels an input method's word, is not meant for
+    // the page.
+    if (event.key !== "Escape" || event.isComposing || document.querySelector("dialog[open]")) {
+      return;
+    }
     if (document.body.classList.contains("sidebar-open")) {
       closeSidebarOnPhone();
       return;

@@ -1110,6 +1110,45 @@ def test_rename_search_and_delete_conversations(page, api):
     assert api.get(f"/v1/conversations/{conversation_id}").status_code == 404
 
 
+def composing_key(page, selector: str, key: str) -> None:
+    """Presses `key` in the field as an input method (Japanese, Chinese ...) does while it
+    composes a word: Enter takes the word, Escape drops it. (Chromium's own IME events
+    cannot be typed from Playwright: the keydown is made as the browser makes it.)"""
+    page.locator(selector).evaluate(
+        "(field, key) => field.dispatchEvent(new KeyboardEvent('keydown',"
+        " {key, isComposing: true, bubbles: true, cancelable: true}))",
+        key,
+    )
+
+
+def test_enter_and_escape_ending_an_input_methods_word_stay_in_the_field(page, api):
+    """Enter or Escape that ends a word being composed belongs to the input method: a
+    rename stays open (Enter saved half a title, Escape dropped it), an edit stays open,
+    and an answer streaming goes on (Escape stopped it)."""
+    send(page, "Tell me about otters.")
+    entry = page.locator("#conversation-list li", has_text="Tell me about otters.")
+    entry.get_by_role("button", name="Rename").click()
+    field = "#conversation-list .rename-input"
+    page.fill(field, "かわうそ")
+    for key in ("Enter", "Escape"):
+        composing_key(page, field, key)
+        assert page.locator(field).input_value() == "かわうそ"
+    page.press(field, "Enter")
+    page.wait_for_selector("#conversation-list button:text-is('かわうそ')")
+    page.get_by_role("button", name="Edit message").click()
+    composing_key(page, "#messages textarea", "Escape")
+    assert page.locator("#messages textarea").is_visible()
+    page.press("#messages textarea", "Escape")
+    start_long_answer(page)
+    answer = "() => [...document.querySelectorAll('#messages .assistant-body')].at(-1)"
+    page.wait_for_function(f"{answer}.textContent.length > 10")
+    composing_key(page, "#prompt", "Escape")
+    shown = page.evaluate(f"{answer}.textContent.length")
+    page.wait_for_function(f"{answer}.textContent.length > {shown} + 40", timeout=15_000)
+    page.press("#prompt", "Escape")
+    page.wait_for_selector("#messages .turn:has-text('Stopped.')")
+
+
 def test_the_sidebar_lists_the_conversation_last_continued_first(session, page, api):
     """Ordered by last activity, as in ChatGPT: a turn in an older conversation brings it
     above a newer one, live and after a reload in another tab."""
