@@ -10,6 +10,10 @@ const RULE = /^\s{0,3}([-*_])(\s*\1){2,}\s*$/;
 const QUOTE = /^\s{0,3}>\s?(.*)$/;
 const ITEM = /^(\s*)([-*+]|\d{1,9}[.)])\s+(.*)$/;
 const TABLE_RULE = /^\s*\|?\s*:?-{1,}:?\s*(\|\s*:?-{1,}:?\s*)*\|?\s*$/;
+// Quotes and lists nest no deeper than this (markdown-it stops at 20 in its CommonMark
+// preset): a line of 20,000 `>` nested a quote a level per character, past the browser's
+// stack, and the answer could not be shown at all. Deeper text is a plain paragraph.
+const MAX_NESTING = 20;
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -45,7 +49,11 @@ function isTableStart(lines, i) {
     TABLE_RULE.test(lines[i + 1]);
 }
 
-function renderBlocks(lines, parent) {
+function renderBlocks(lines, parent, depth = 0) {
+  if (depth > MAX_NESTING) {
+    paragraph(lines.filter((line) => line.trim()).map((line) => line.trim()), parent);
+    return;
+  }
   let i = 0;
   while (i < lines.length) {
     const line = lines[i];
@@ -69,26 +77,31 @@ function renderBlocks(lines, parent) {
         i += 1;
       }
       const quote = block("blockquote");
-      renderBlocks(inner, quote);
+      renderBlocks(inner, quote, depth + 1);
       parent.append(quote);
     } else if (ITEM.test(line)) {
-      i = list(lines, i, parent);
+      i = list(lines, i, parent, depth);
     } else if (isTableStart(lines, i)) {
       i = table(lines, i, parent);
     } else {
-      const paragraph = [];
-      while (i < lines.length && lines[i].trim() && (!paragraph.length || !startsBlock(lines, i))) {
-        paragraph.push(lines[i].trim());
+      const text = [];
+      while (i < lines.length && lines[i].trim() && (!text.length || !startsBlock(lines, i))) {
+        text.push(lines[i].trim());
         i += 1;
       }
-      const p = block("p");
-      paragraph.forEach((text, n) => {
-        if (n) p.append(el("br"));
-        appendInline(p, text);
-      });
-      parent.append(p);
+      paragraph(text, parent);
     }
   }
+}
+
+// A paragraph of `lines`, each on a line of its own.
+function paragraph(lines, parent) {
+  const p = block("p");
+  lines.forEach((text, n) => {
+    if (n) p.append(el("br"));
+    appendInline(p, text);
+  });
+  parent.append(p);
 }
 
 function codeBlock(lines, i, fence, parent) {
@@ -136,7 +149,7 @@ async function copyText(text, button) {
   setTimeout(() => { button.textContent = "Copy"; }, 1500);
 }
 
-function list(lines, i, parent) {
+function list(lines, i, parent, depth) {
   const first = ITEM.exec(lines[i]);
   const indent = first[1].length;
   const ordered = /\d/.test(first[2]);
@@ -165,7 +178,7 @@ function list(lines, i, parent) {
   for (const itemLines of items) {
     const li = el("li");
     if (itemLines.length === 1) appendInline(li, itemLines[0]);
-    else renderBlocks(itemLines, li);
+    else renderBlocks(itemLines, li, depth + 1);
     node.append(li);
   }
   parent.append(node);

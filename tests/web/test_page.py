@@ -1558,6 +1558,27 @@ def test_markdown_and_tool_cards_render_and_model_text_stays_inert(session, api,
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
 
 
+def test_an_answer_nested_deeper_than_the_stack_is_shown(session, api):
+    """Quotes nested a level per `>`: 12,000 of them took the renderer past the browser's
+    stack, and the conversation opened without its answer. Past 20 levels the rest is text."""
+    items = [{"role": "user", "content": "Quote me."}, {"role": "assistant", "content": "NESTED"}]
+    _conversation_of(api, [*items, {"role": "user", "content": "Thanks."}], "Deep quotes")
+    page = _signed_in_page(session)
+    nested = ">" * 12_000 + " the end\n\n**after**"
+
+    def deepen(route) -> None:  # the model's text, too long for the module's small model
+        response = route.fetch()
+        text = response.text().replace("NESTED", json.dumps(nested)[1:-1])
+        route.fulfill(response=response, body=text)
+
+    page.route("**/v1/responses/*/input_items*", deepen)
+    open_conversation(page, "Deep quotes")
+    body = page.locator("#messages .assistant-body").first
+    assert body.locator("blockquote").count() == 21
+    assert body.locator(":scope > .markdown > p strong").inner_text() == "after"
+    assert "the end" in body.inner_text()
+
+
 def test_right_to_left_text_reads_right_to_left(session, api):
     """Arabic and Hebrew paragraphs, list items, messages and titles take their direction
     from their text (their punctuation and list markers were on the wrong side); English
