@@ -1546,6 +1546,7 @@ async function upload(event) {
     }
     setChipStatus(chip, entry.status);
     if (entry.last_error) setStatus(`${file.name}: ${entry.last_error.message}`, true);
+    if (entry.status === "failed" && fresh) await discardUnindexed(open, chip, file.name, uploaded.id);
   } catch (error) {
     if (chip.dataset.removing) return; // the user removed it meanwhile (removeFile)
     setChipStatus(chip, "failed");
@@ -1553,6 +1554,21 @@ async function upload(event) {
     reportError(error);
     if (fresh && open) await discardFailedUpload(open);
   }
+}
+
+// A first file the server took but could not index (no text in it, a type it does not
+// read) is refused all the same: out of the store and deleted, its chip's × then only
+// takes the chip away, and the conversation made for it goes as a refused upload's.
+async function discardUnindexed(open, chip, name, fileId) {
+  try {
+    await deleteGone(`/v1/vector_stores/${open.meta.vectorStore}/files/${fileId}`);
+    await deleteGone(`/v1/files/${fileId}`);
+  } catch {
+    return; // kept, with its ×, as a failed file in a conversation of its own
+  }
+  chip.querySelector(".attachment-remove").remove();
+  addRemoveButton(chip, name, null);
+  await discardFailedUpload(open);
 }
 
 // The conversation (and its store) a first upload made, when that upload failed (a file

@@ -587,6 +587,21 @@ def test_a_server_out_of_reach_is_said_plainly_and_the_message_kept(session, api
     page.get_by_role("button", name="Remove big.txt").click()
     assert page.locator("#attachments .attachment").count() == 0
     assert page.evaluate("document.activeElement.id") == "prompt"
+    # Nor does a first file the server takes but cannot index (it has no text): it is
+    # deleted, with its store and the conversation (which stayed, holding the failed file).
+    page.unroute("**/v1/files")
+    files = {f["id"] for f in api.get("/v1/files?limit=100").json()["data"]}
+    page.set_input_files(
+        "#upload", files=[{"name": "blank.txt", "mimeType": "text/plain", "buffer": b""}]
+    )
+    page.wait_for_selector("#attachments .attachment.failed:has-text('blank.txt')")
+    page.wait_for_function("() => document.querySelector('#chat-title').textContent === 'New chat'")
+    assert page.inner_text("#status") == "blank.txt: 'blank.txt' has no text to index"
+    assert {c["id"] for c in api.get("/v1/conversations?limit=100").json()["data"]} == known
+    assert {s["id"] for s in api.get("/v1/vector_stores?limit=100").json()["data"]} == stores
+    assert {f["id"] for f in api.get("/v1/files?limit=100").json()["data"]} == files
+    page.get_by_role("button", name="Remove blank.txt").click()
+    assert page.locator("#attachments .attachment").count() == 0
 
 
 def test_a_link_to_another_conversation_followed_in_the_tab_opens_it(page):
