@@ -1525,6 +1525,7 @@ async function upload(event) {
   const file = event.target.files[0];
   event.target.value = "";
   if (!file) return;
+  setStatus(""); // an earlier failure's words, as a turn clears them (runTurn)
   const chip = attachmentChip(file.name, "uploading");
   $("attachments").append(chip);
   const fresh = !state.open && !state.creating; // this upload starts the conversation

@@ -602,6 +602,9 @@ def test_a_server_out_of_reach_is_said_plainly_and_the_message_kept(session, api
     assert {f["id"] for f in api.get("/v1/files?limit=100").json()["data"]} == files
     page.get_by_role("button", name="Remove blank.txt").click()
     assert page.locator("#attachments .attachment").count() == 0
+    # A file attached next clears the failure's words (they stayed beside its ready chip).
+    attach(page, "notes.txt")
+    assert page.inner_text("#status") == ""
 
 
 def test_a_link_to_another_conversation_followed_in_the_tab_opens_it(page):
