@@ -7,7 +7,7 @@ from collections.abc import Collection
 from orchestrator.context import FILE_TEXT
 from orchestrator.events import hide_logprobs
 from orchestrator.ids import new_id
-from orchestrator.response_request import OUTPUT_TEXT_LOGPROBS
+from orchestrator.response_request import FILE_SEARCH_RESULTS, OUTPUT_TEXT_LOGPROBS
 from orchestrator.store import ItemPage
 
 _PREFIXES = {
@@ -28,10 +28,15 @@ def stored_item(item: dict) -> dict:
 
 def readable(items: list[dict], include: Collection[str] = ()) -> list[dict]:
     """`items` as every read of items shows them (changed in place): their output_text
-    logprobs only when `include` asks for them, as their creation had to, and an
-    input_file part as given, without the text the server read from its file."""
+    logprobs and file_search_call results only when `include` asks for them, as their
+    creation had to (OpenAI's "additional fields to include"), and an input_file part as
+    given, without the text the server read from its file."""
     if OUTPUT_TEXT_LOGPROBS not in include:
         hide_logprobs(items)
+    if FILE_SEARCH_RESULTS not in include:
+        for item in items:
+            if item.get("type") == "file_search_call":
+                item["results"] = None
     return without_file_text(items)
 
 

@@ -62,6 +62,8 @@ class CodeInterpreterTool:
 
 # The `include` value that asks for each output_text token's logprobs.
 OUTPUT_TEXT_LOGPROBS = "message.output_text.logprobs"
+# The `include` value that asks for a file_search_call's results.
+FILE_SEARCH_RESULTS = "file_search_call.results"
 
 
 @dataclass

@@ -25,12 +25,12 @@ from orchestrator.background import RETAIN_S, BackgroundStreams
 from orchestrator.context import ContextBuilder, Prompt, ToolConfig
 from orchestrator.conversation_lock import ConversationLock
 from orchestrator.errors import InvalidRequestError, NotFoundError
-from orchestrator.events import Event, hide_logprobs, snapshot
+from orchestrator.events import Event, snapshot
 from orchestrator.input_resolver import InputResolver
 from orchestrator.items import item_list, readable, stored_item
 from orchestrator.logprobs import TokenNames
 from orchestrator.response_request import (
-    OUTPUT_TEXT_LOGPROBS,
+    FILE_SEARCH_RESULTS,
     ResponseRequest,
     check_call_outputs,
     check_json_mention,
@@ -319,7 +319,7 @@ class ResponseService:
                 owner,
                 tool,
                 user_question(request.input),
-                include_results="file_search_call.results" in request.include,
+                include_results=FILE_SEARCH_RESULTS in request.include,
                 text_budget=min(12_000, self.context.max_model_len),
                 special_tokens=self.engine.tokenizer.all_special_tokens,
             )
@@ -375,8 +375,8 @@ class ResponseService:
         return turn
 
     async def retrieve(self, owner: str, response_id: str, include: Collection[str] = ()) -> dict:
-        """The response as it stands; its output_text logprobs (kept when its request
-        asked for them) only when `include` asks for them too."""
+        """The response as it stands; its output_text logprobs and file_search results
+        (kept when its request asked for them) only when `include` asks for them too."""
         turn = self._live(owner, response_id)
         if turn is not None:
             body = snapshot(turn.events.response)
@@ -384,8 +384,7 @@ class ResponseService:
             body = await self.store.call(Repository.get_response, owner, response_id)
             if body is None:
                 raise _missing(response_id)
-        if OUTPUT_TEXT_LOGPROBS not in include:
-            hide_logprobs(body["output"])
+        readable(body["output"], include)
         return {**RESPONSE_DEFAULTS, **body}  # a body stored without them has them too
 
     async def stream(self, owner: str, response_id: str, after: int) -> AsyncIterator[Event]:
@@ -414,13 +413,14 @@ class ResponseService:
         """Stop a background response still being generated. Cancelling one that has
         ended returns it as it is, as OpenAI does; any other response is a 400. Either
         answer reads the response as a GET without `include` does (no output_text
-        logprobs), so it does not depend on whether the turn was still running."""
+        logprobs, no file_search results), so it does not depend on whether the turn was
+        still running."""
         turn = self._live(owner, response_id)
         if turn is not None:
             _check_cancellable(turn.request.background)
             turn.stop("cancelled")
             body = snapshot(await turn.wait())
-            hide_logprobs(body["output"])
+            readable(body["output"])
             return body
         body = await self.retrieve(owner, response_id)
         _check_cancellable(body.get("background", False))

@@ -366,9 +366,15 @@ function newChat() {
   $("prompt").focus();
 }
 
+// A response as the page reads it back: with the file_search results its request kept
+// (`requestBody` includes them), which a read shows only when it includes them too.
+function responsePath(id) {
+  return `/v1/responses/${id}?include[]=file_search_call.results`;
+}
+
 async function fetchNode(id) {
   const [response, inputs] = await Promise.all([
-    request("GET", `/v1/responses/${id}`),
+    request("GET", responsePath(id)),
     listAll(`/v1/responses/${id}/input_items`),
   ]);
   const node = new Node(response.id, response.previous_response_id || null, inputs);
@@ -1011,7 +1017,7 @@ async function readLater(node, signal) {
   for (;;) {
     await pause(FOLLOW_MS, signal);
     try {
-      const response = await request("GET", `/v1/responses/${node.id}`);
+      const response = await request("GET", responsePath(node.id));
       signal.throwIfAborted();
       if (!UNFINISHED.has(response.status)) takeResponse(node, response);
       return response;

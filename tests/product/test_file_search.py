@@ -171,6 +171,51 @@ def test_results_are_left_out_unless_included(knowledge):
     assert response.output[0].results is None
 
 
+def test_reads_show_stored_results_only_when_their_include_asks(knowledge):
+    """Results kept because the creating request included them are, like output_text
+    logprobs, an "additional field" of each later read: GET of the response, the
+    conversation item routes and the cancel answer show `results: null` unless their own
+    `include` asks for them."""
+    server, vs, _ = knowledge(_scripted("Thirty metres a year [{}]."))
+    client = server.client
+    conversation = client.conversations.create().id
+    include = ["file_search_call.results"]
+    created = client.responses.create(
+        model=MODEL,
+        input=QUESTION,
+        tools=[_tool(vs)],
+        tool_choice="required",
+        include=include,
+        conversation=conversation,
+    )
+    call = created.output[0]
+    assert call.type == "file_search_call" and call.results
+    assert client.responses.retrieve(created.id).output[0].results is None
+    assert client.responses.retrieve(created.id, include=include).output[0].results == call.results
+    listed = {i.id: i for i in client.conversations.items.list(conversation)}
+    assert listed[call.id].results is None
+    listed = {i.id: i for i in client.conversations.items.list(conversation, include=include)}
+    assert listed[call.id].results == call.results
+    items = client.conversations.items
+    assert items.retrieve(call.id, conversation_id=conversation).results is None
+    shown = items.retrieve(call.id, conversation_id=conversation, include=include)
+    assert shown.results == call.results
+    background = client.responses.create(
+        model=MODEL,
+        input=QUESTION,
+        tools=[_tool(vs)],
+        tool_choice="required",
+        include=include,
+        background=True,
+    )
+    deadline = time.monotonic() + 30
+    while client.responses.retrieve(background.id).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert client.responses.retrieve(background.id, include=include).output[0].results
+    assert client.responses.cancel(background.id).output[0].results is None
+
+
 def test_an_answer_without_markers_cites_the_files_its_words_come_from(knowledge):
     server, vs, files = knowledge(_scripted("It advances about thirty metres a year."))
     response = server.client.responses.create(

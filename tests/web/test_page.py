@@ -708,6 +708,10 @@ def test_stop_cancels_a_turn_followed_after_a_reload(page, api):
     assert api.get(f"/v1/responses/{response_id}").json()["status"] == "cancelled"
 
 
+# A read of a response as the page makes it (GET, with the file_search results included).
+READ_RESPONSE = r"/v1/responses/resp_\w+\?include(\[\]|%5B%5D)=file_search_call\.results$"
+
+
 def test_a_turn_whose_events_are_gone_is_polled_to_its_end(session, page, api):
     """A server that no longer has the response's events (restarted, or another server
     runs it) refuses to stream it again (400 naming `stream`): the page reads the response
@@ -716,7 +720,7 @@ def test_a_turn_whose_events_are_gone_is_polled_to_its_end(session, page, api):
     reads: list[float] = []  # when the page read the response, in the browser's ms
 
     def on_read(request) -> None:
-        if re.search(r"/v1/responses/resp_\w+$", request.url):
+        if re.search(READ_RESPONSE, request.url):
             reads.append(request.timing["startTime"])
 
     def gone(route) -> None:
@@ -757,7 +761,7 @@ def test_a_followed_turn_refused_for_now_is_followed_again(session, page, api, s
         error = {"message": "not now", "type": "server_error", "param": None, "code": None}
         route.fulfill(status=status, json={"error": error})
 
-    page.route(re.compile(r"/v1/responses/resp_\w+(\?stream=true.*)?$"), refuse_once)
+    page.route(re.compile(rf"{READ_RESPONSE}|/v1/responses/resp_\w+\?stream=true"), refuse_once)
     session[1].expected.append(rf"{status} .*@ .*/v1/responses/resp_\w+")
     page.add_init_script(f"localStorage.setItem('tokenmill.followMs', '{SHORT_PAUSE_MS}')")
     response_id = reload_mid_answer(page)
@@ -1800,6 +1804,14 @@ def test_an_uploaded_file_is_cited(page, api):
         link.click()
     assert Path(download.value.path()).read_bytes().startswith(b"Our office cat")
     assert page.evaluate("window.pwned") is None
+    # The search's result (under its file's name) is on the turn's card, and still is once
+    # the page has read the turn back: a read shows a response's stored results only when
+    # it includes them as the creating request did.
+    card = page.locator("#messages .tool-card")
+    assert "Whiskers likes tuna" in card.text_content()
+    reload_when_saved(page)
+    page.wait_for_selector("#messages .tool-card")
+    assert "Whiskers likes tuna" in page.locator("#messages .tool-card").text_content()
 
 
 def _expire(live: LiveServer, api: httpx.Client, vector_store_id: str) -> None:
