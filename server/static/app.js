@@ -778,7 +778,7 @@ function startEdit(bubble, node, text) {
   form.lastChild.append(cancel, save);
   form.addEventListener("submit", (event) => {
     event.preventDefault();
-    const edited = area.value.trim();
+    const edited = typedMessage(area.value);
     if (edited) runTurn(node.parent, edited);
   });
   area.addEventListener("keydown", (event) => {
@@ -1375,9 +1375,15 @@ function showStreaming(on) {
   if (!on && lost) $("prompt").focus();
 }
 
+// A message as typed, less its leading blank lines and trailing whitespace: the indent of
+// its first line stays, which a pasted code block needs.
+function typedMessage(value) {
+  return value.replace(/^\s*\n/, "").trimEnd();
+}
+
 function send(event) {
   event.preventDefault();
-  const text = $("prompt").value.trim();
+  const text = typedMessage($("prompt").value);
   if (!text || busy()) return;
   $("prompt").value = "";
   const leaf = state.tree.leaf();

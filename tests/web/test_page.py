@@ -1731,6 +1731,17 @@ def test_a_phone_screen(browser, live, usage_missing):
     assert console.unexpected() == []
 
 
+def test_a_pasted_code_block_keeps_its_first_lines_indent(page, api):
+    """A message goes without its leading blank lines and trailing whitespace, but with
+    the indent of its first line: trimming both ends took a pasted code block's first
+    indent away, so its lines no longer lined up."""
+    code = "    for x in range(3):\n        print(x)"
+    send(page, "\n\n" + code + "\n  ")
+    [turn] = turns(page)
+    [given] = api.get(f"/v1/responses/{turn}/input_items").json()["data"]
+    assert given["content"][0]["text"] == code
+
+
 def test_return_starts_a_new_line_on_a_touch_screen(browser, live, usage_missing):
     """A phone's on-screen keyboard has no Shift+Enter: its return key starts a new line
     (as on ChatGPT's mobile site), in the message box and in an edit, and Send sends; Enter
