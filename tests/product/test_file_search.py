@@ -180,14 +180,18 @@ def test_reads_show_stored_results_only_when_their_include_asks(knowledge):
     client = server.client
     conversation = client.conversations.create().id
     include = ["file_search_call.results"]
-    created = client.responses.create(
-        model=MODEL,
-        input=QUESTION,
-        tools=[_tool(vs)],
-        tool_choice="required",
-        include=include,
-        conversation=conversation,
-    )
+
+    def searched(**options) -> Response:
+        return client.responses.create(
+            model=MODEL,
+            input=QUESTION,
+            tools=[_tool(vs)],
+            tool_choice="required",
+            include=include,
+            **options,
+        )
+
+    created = searched(conversation=conversation)
     call = created.output[0]
     assert call.type == "file_search_call" and call.results
     assert client.responses.retrieve(created.id).output[0].results is None
@@ -200,14 +204,7 @@ def test_reads_show_stored_results_only_when_their_include_asks(knowledge):
     assert items.retrieve(call.id, conversation_id=conversation).results is None
     shown = items.retrieve(call.id, conversation_id=conversation, include=include)
     assert shown.results == call.results
-    background = client.responses.create(
-        model=MODEL,
-        input=QUESTION,
-        tools=[_tool(vs)],
-        tool_choice="required",
-        include=include,
-        background=True,
-    )
+    background = searched(background=True)
     deadline = time.monotonic() + 30
     while client.responses.retrieve(background.id).status in ("queued", "in_progress"):
         assert time.monotonic() < deadline
