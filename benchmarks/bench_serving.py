@@ -731,8 +731,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
             loads[system].append((before, os.getloadavg()[0]))
 
     report = describe(args, lengths, loads) + "\n\n" + table(medians(rows))
-    if args.rounds > 1:
-        report += "\n\nTokenmill over each baseline, round by round:\n" + round_ratios(rows)
+    if args.rounds > 1 and (ratios := round_ratios(rows)):
+        report += "\n\nTokenmill over each baseline, round by round:\n" + ratios
     print(report)
     if args.markdown:
         Path(args.markdown).write_text(report + "\n")

@@ -128,6 +128,17 @@ def test_rounds_alternate_the_systems_and_report_medians(monkeypatch, capsys):
     assert "3 rounds" in out and "round by round" in out
 
 
+def test_rounds_of_tokenmill_alone_list_no_ratios(monkeypatch, capsys):
+    tok_s = iter([400.0, 300.0])
+    monkeypatch.setattr(
+        bench, "measure_server", lambda system, *_: [_row(system, 16, next(tok_s), 500.0)]
+    )
+    bench.main(["--concurrency", "16", "--rounds", "2", "--skip-transformers"])
+    out = capsys.readouterr().out
+    assert " 350.0 |" in out  # the median of the two rounds
+    assert "Tokenmill over each baseline" not in out  # no baseline: no ratios to list
+
+
 def test_rounds_must_be_positive(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--rounds", "0", "--skip-transformers"])
