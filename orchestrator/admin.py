@@ -362,6 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AdminError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except SQLAlchemyError as exc:  # locked past its busy timeout, a connection lost...
+        print(f"error: the store failed: {database_error(exc)}", file=sys.stderr)
+        return 1
     finally:
         store.close()
     return 0

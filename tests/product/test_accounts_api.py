@@ -22,6 +22,7 @@ import pytest
 from openai.types.responses import Response as SDKResponse
 from openai.types.responses.response_error import ResponseError
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
 
 from engine.errors import ContextLengthExceededError, EngineStoppedError, NothingToSampleError
 from orchestrator.accounts import keys
@@ -891,6 +892,27 @@ def test_the_admin_cli_issues_keys_that_expire_and_lists_their_expiry(tmp_path, 
     assert header.split() == ["id", "key", "created_at", "expires_at", "revoked_at"]
     # keys made in one second list in the order of their random ids
     assert sorted(row.split()[3] for row in rows) == sorted([*map(str, expiries), "-"])
+
+
+def test_the_admin_cli_answers_a_database_failure_with_a_message_not_a_traceback(
+    tmp_path, capsys, monkeypatch
+):
+    """A store that fails during a command (SQLite locked by a server's write for longer
+    than its busy timeout, a PostgreSQL connection lost) ends the CLI with one line
+    saying so and status 1, as a store it cannot open does."""
+    run = ["--data-dir", str(tmp_path)]
+    assert admin([*run, "users", "create", "gil"]) == 0
+    capsys.readouterr()
+
+    def locked(*args, **kwargs):
+        raise OperationalError("INSERT INTO users ...", {}, Exception("database is locked"))
+
+    for name in ("create_user", "add_key", "list_users"):
+        monkeypatch.setattr(db, name, locked)
+    for command in (["users", "create", "hal"], ["keys", "create", "gil"], ["users", "list"]):
+        assert admin([*run, *command]) == 1, command
+        out, err = capsys.readouterr()
+        assert (out, err) == ("", "error: the store failed: database is locked\n"), command
 
 
 def test_the_admin_cli_exits_quietly_when_its_reader_stops(tmp_path):
