@@ -42,12 +42,16 @@ class StorageQuotaExceededError(ProductError):
 
 class RateLimitError(ProductError):
     """A per-minute limit is reached: retry after `retry_after` seconds (None: the
-    request can never fit the limit). `headers` are the x-ratelimit-* headers."""
+    request can never fit the limit). `headers` are the x-ratelimit-* headers; `limit`
+    is the limit reached, "requests" or "tokens", which OpenAI's 429 gives as its type."""
 
-    def __init__(self, message: str, retry_after: float | None, headers: dict[str, str]):
+    def __init__(
+        self, message: str, retry_after: float | None, headers: dict[str, str], limit: str
+    ):
         super().__init__(message, code="rate_limit_exceeded")
         self.retry_after = retry_after
         self.headers = headers
+        self.limit = limit
 
 
 class KeyExpiredError(ProductError):

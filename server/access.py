@@ -154,7 +154,7 @@ def product_api_error(exc: ProductError) -> APIError:
             headers.update(no_retry)
         else:
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-        return APIError(429, exc.message, code=exc.code, headers=headers)
+        return APIError(429, exc.message, code=exc.code, headers=headers, type=exc.limit)
     return APIError(400, exc.message, param=exc.param, code=exc.code)
 
 

@@ -154,7 +154,11 @@ def _take(
             "minute allows at once; lower the output token limit or the prompt",
             None,
             headers,
+            name,
         )
     raise RateLimitError(
-        f"rate limit reached: {limit} {name} per minute; retry in {_duration(wait)}", wait, headers
+        f"rate limit reached: {limit} {name} per minute; retry in {_duration(wait)}",
+        wait,
+        headers,
+        name,
     )

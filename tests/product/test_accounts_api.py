@@ -506,18 +506,23 @@ def test_rate_limits_answer_429_with_retry_after_and_every_answer_carries_the_he
             streamed.read()
         limited = _chat(alice, max_tokens=5)
         assert limited.status_code == 429
+        # OpenAI's rate-limit error names the limit reached as its type
         assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+        assert limited.json()["error"]["type"] == "requests"
         assert int(limited.headers["retry-after"]) >= 1
         assert limited.headers["x-ratelimit-remaining-requests"] == "0"
     tokens_key = _account(server, "bob", tpm=100)
     with _client(server, tokens_key) as bob:
         too_big = _chat(bob, max_tokens=500)
         assert too_big.status_code == 429 and too_big.headers["x-ratelimit-limit-tokens"] == "100"
+        assert too_big.json()["error"]["type"] == "tokens"
         assert "retry-after" not in too_big.headers  # it can never fit the limit
         assert too_big.headers["x-should-retry"] == "false"
         assert "x-should-retry" not in limited.headers  # it fits after retry-after
         assert _chat(bob, max_tokens=20).status_code == 200
-        assert _chat(bob, max_tokens=60).status_code == 429  # the bucket holds ~100 - used
+        refused = _chat(bob, max_tokens=60)
+        assert refused.status_code == 429  # the bucket holds ~100 - used
+        assert refused.json()["error"]["type"] == "tokens"
         [day] = bob.get("/usage").json()["data"]
         assert day["requests"] == 1  # refusals cost nothing and are not reported
     assert [r.status for r in _rows(server, "user_bob")] == ["completed"]
