@@ -19,6 +19,7 @@ from starlette.routing import Route
 from engine.client import EngineClient
 from orchestrator import Accounts, Product, ProductError
 from orchestrator.accounts import Meter
+from orchestrator.accounts.service import MAX_REPORT_DAYS, REPORT_DAYS
 from orchestrator.store import StoreUnavailableError
 from orchestrator.store.accounts import is_day
 from server import conversations as conv
@@ -42,6 +43,7 @@ from server.metrics import CONTENT_TYPE
 from server.protocol import parse_chat_request, parse_completion_request
 from server.request_body import read_json_body
 from server.request_ids import RequestIdMiddleware
+from server.responses_protocol import parse_limit
 from server.state import ServerConfig, ServerState
 from server.web import SecurityHeadersMiddleware, web_routes
 
@@ -100,14 +102,16 @@ async def create_response(request: Request, meter: Meter) -> Response:
 
 
 async def usage(request: Request) -> Response:
-    """The caller's quota and usage per day and model (`?since=YYYY-MM-DD` to start later)."""
+    """The caller's quota and usage per day and model, a page of `limit` days at a time
+    (`?since=YYYY-MM-DD` to start later: the report's `next_page` is the next one's)."""
     accounts = _accounts(request)
     if accounts is None:
         raise APIError(404, "this server keeps no usage records (it has no store)")
     since = request.query_params.get("since")
     if since is not None and not is_day(since):
         raise APIError(400, "since must be a date, YYYY-MM-DD", param="since")
-    return JSONResponse(await accounts.usage_report(identity(request), since))
+    days = parse_limit(request.query_params, MAX_REPORT_DAYS, REPORT_DAYS)
+    return JSONResponse(await accounts.usage_report(identity(request), since, days))
 
 
 async def embeddings(request: Request, meter: Meter) -> Response:

@@ -824,19 +824,25 @@ def _query_flag(query: Any, name: str) -> bool:
     return text in ("true", "1")
 
 
-def parse_page(query: Any, most: int = MAX_PAGE, default: int = 20) -> Page:
-    """`limit` (1 to `most`, default `default`: 100 and 20 for most lists, as OpenAI's),
-    `after` or `before` (an item id: the page after it, or the one before it), `order`
-    ("asc" or "desc")."""
+def parse_limit(query: Any, most: int = MAX_PAGE, default: int = 20) -> int:
+    """A page's `limit`: 1 to `most`, `default` when absent (100 and 20 for most lists,
+    as OpenAI's)."""
     limit_text = query.get("limit", str(default))
     # ASCII digits only: str.isdigit also takes '²' (int() refuses it) and '５'
     digits = limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= len(str(most))
     if not digits or not 1 <= int(limit_text) <= most:
         raise invalid(f"limit must be an integer from 1 to {most}, got {limit_text!r}", "limit")
+    return int(limit_text)
+
+
+def parse_page(query: Any, most: int = MAX_PAGE, default: int = 20) -> Page:
+    """`limit` (`parse_limit`), `after` or `before` (an item id: the page after it, or the
+    one before it), `order` ("asc" or "desc")."""
+    limit = parse_limit(query, most, default)
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise invalid(f'order must be "asc" or "desc", got {order!r}', "order")
     after, before = query.get("after"), query.get("before")
     if after is not None and before is not None:
         raise invalid("give after or before, not both", "before")
-    return Page(limit=int(limit_text), after=after, order=order, before=before)
+    return Page(limit=limit, after=after, order=order, before=before)

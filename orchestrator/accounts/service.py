@@ -24,6 +24,10 @@ from orchestrator.store import accounts as db
 from orchestrator.store import knowledge as kb
 from orchestrator.store.accounts import UsageRecord
 
+# The days a page of the usage report holds by default (a month's), and at most.
+REPORT_DAYS = 31
+MAX_REPORT_DAYS = 100
+
 
 @dataclass
 class Reservation:
@@ -161,8 +165,12 @@ class Accounts:
         if identity.user is not None:
             self.limiter.refund_tokens(identity.user.id, held.rate_tokens - record.total_tokens)
 
-    async def usage_report(self, identity: Identity, since: str | None = None) -> dict:
-        """`GET /v1/usage`: the caller's quota and usage per day and model."""
+    async def usage_report(
+        self, identity: Identity, since: str | None = None, days: int = REPORT_DAYS
+    ) -> dict:
+        """`GET /v1/usage`: the caller's quota and their usage per day and model, of at
+        most `days` days from `since` on (oldest first); `next_page` is the next page's
+        `since` (None: this page reaches the last day with usage)."""
         user = identity.user
         now = self.clock()
         if user is None:
@@ -188,7 +196,13 @@ class Accounts:
                 "remaining": None if limit is None else max(0, limit - state.used - state.reserved),
                 "resets_at": resets_at(user.quota_period, now),
             }
-        days = await self.store.call(db.usage_by_day, identity.user_id, since)
+        spanned = await self.store.call(db.usage_days, identity.user_id, since, days + 1)
+        page = spanned[:days]
+        rows = (
+            await self.store.call(db.usage_by_day, identity.user_id, since, page[-1])
+            if page
+            else []
+        )
         stored = await self.store.call(kb.storage_used, identity.owner, int(now))
         storage_limit = None if user is None else user.storage_quota_bytes
         return {
@@ -196,7 +210,9 @@ class Accounts:
             "user": identity.name,
             "quota": quota,
             "storage": {"limit_bytes": storage_limit, "used_bytes": stored},
-            "data": [d.report() for d in days],
+            "data": [d.report() for d in rows],
+            "has_more": len(spanned) > days,
+            "next_page": spanned[days] if len(spanned) > days else None,
         }
 
 

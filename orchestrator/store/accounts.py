@@ -564,13 +564,39 @@ def is_day(text: str) -> bool:
         return False
 
 
+def _reported(user_id: str | object | None, since: str | None) -> list[ColumnElement]:
+    """The usage rows a report counts: of `user_id` (None: of no user, as admin keys' and
+    an open server's requests; `_ANY`: of everyone), from the day `since` on. `rejected`
+    rows (refusals before any compute, often before their model was known), which a store
+    written by an older server may hold, are left out: they cost nothing."""
+    u = usage_records.c
+    where = [u.status != "rejected"]
+    if user_id is not _ANY:
+        where.append(u.user_id.is_(None) if user_id is None else u.user_id == user_id)
+    if since is not None:
+        where.append(u.day >= since)
+    return where
+
+
+def usage_days(
+    repo: Repository, user_id: str | object | None, since: str | None, count: int
+) -> list[str]:
+    """The first `count` days (YYYY-MM-DD, from `since` on) on which `user_id` has usage:
+    what a page of the usage report spans (`usage_by_day`'s `until`)."""
+    u = usage_records.c
+    query = select(u.day).where(*_reported(user_id, since)).distinct().order_by(u.day).limit(count)
+    with repo.engine.connect() as conn:
+        return list(conn.execute(query).scalars())
+
+
 def usage_by_day(
-    repo: Repository, user_id: str | object | None = _ANY, since: str | None = None
+    repo: Repository,
+    user_id: str | object | None = _ANY,
+    since: str | None = None,
+    until: str | None = None,
 ) -> list[UsageDay]:
-    """Usage per UTC day and model (and user, when not asked for one user), oldest first;
-    `user_id` None selects the requests of no user (admin keys, an open server).
-    `rejected` rows (refusals before any compute, often before their model was known),
-    which a store written by an older server may hold, are left out: they cost nothing."""
+    """Usage per UTC day and model (and user, when not asked for one user), oldest first,
+    of the days from `since` to `until` (both included); `user_id` as `_reported` takes it."""
     u = usage_records.c
     keys = [u.day, u.model] + ([u.user_id] if user_id is _ANY else [])
     query = (
@@ -581,13 +607,11 @@ def usage_by_day(
             func.sum(u.cached_input_tokens).label("cached_input_tokens"),
             func.sum(u.output_tokens).label("output_tokens"),
         )
-        .where(u.status != "rejected")
+        .where(*_reported(user_id, since))
         .group_by(*keys)
     )
-    if user_id is not _ANY:
-        query = query.where(u.user_id.is_(None) if user_id is None else u.user_id == user_id)
-    if since is not None:
-        query = query.where(u.day >= since)
+    if until is not None:
+        query = query.where(u.day <= until)
     with repo.engine.connect() as conn:
         rows = conn.execute(query.order_by(*keys)).all()
     return [

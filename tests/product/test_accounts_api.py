@@ -612,7 +612,8 @@ def test_usage_rows_add_up_to_what_the_responses_reported_and_the_report_has_its
         and r.queue_time is not None
         for r in rows
     )
-    assert set(report) == {"object", "user", "quota", "storage", "data"}
+    assert set(report) == {"object", "user", "quota", "storage", "data", "has_more", "next_page"}
+    assert report["has_more"] is False and report["next_page"] is None
     assert report["object"] == "usage.report" and report["user"] == "alice"
     quota = report["quota"]
     assert set(quota) == {"limit", "period", "used", "reserved", "remaining", "resets_at"}
@@ -641,6 +642,54 @@ def test_usage_rows_add_up_to_what_the_responses_reported_and_the_report_has_its
 
 def events_named(response: httpx.Response) -> list[dict]:
     return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def _past_usage(server: ProductServer, user_id: str, days: int, model: str) -> None:
+    """A usage row of `user_id` on each of the `days` days before today, 10 tokens each."""
+    today = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0).timestamp()
+    for back in range(days, 0, -1):
+        when = today - back * 86400
+        record = db.UsageRecord(
+            user_id, None, "chat.completions", model, 7, 0, 3, "completed", 0, 0, 1, when
+        )
+        db.settle(server.product.store.repo, None, record)
+
+
+def test_the_usage_report_pages_its_days_and_shows_only_the_callers(product_server):
+    """`data` holds at most `limit` days (31 by default), oldest first; `has_more` and
+    `next_page` (the next page's `since`) lead through the rest, and the pages together
+    are the caller's whole report, never another user's rows."""
+    server = product_server()
+    alice, bob = _account(server, "alice"), _account(server, "bob")
+    _past_usage(server, "user_alice", 40, MODEL)
+    _past_usage(server, "user_alice", 3, "other-model")  # two entries on the last 3 days
+    _past_usage(server, "user_bob", 45, MODEL)
+    with _client(server, alice) as client:
+        everything = db.usage_by_day(server.product.store.repo, "user_alice")
+        whole = [day.report() for day in everything]
+        first = client.get("/usage").json()
+        assert [d["date"] for d in first["data"]] == [d["date"] for d in whole[:31]]
+        assert first["has_more"] is True and first["next_page"] == whole[31]["date"]
+        pages, since = [], None
+        while True:
+            query = {"limit": 4} | ({} if since is None else {"since": since})
+            page = client.get("/usage", params=query).json()
+            assert len({d["date"] for d in page["data"]}) <= 4
+            pages.append(page)
+            if not page["has_more"]:
+                assert page["next_page"] is None
+                break
+            since = page["next_page"]
+        assert [d for page in pages for d in page["data"]] == whole
+        assert len(pages) == 10 and len(pages[-1]["data"]) == 4 + 3  # 4 days, 2 models on 3
+        assert all(page["quota"] == first["quota"] for page in pages)
+        for limit in ("0", "101", "x", "1.5"):
+            refused = client.get("/usage", params={"limit": limit})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "limit"
+    with _client(server, bob) as client:
+        report = client.get("/usage", params={"limit": 100}).json()
+    assert report["has_more"] is False and len(report["data"]) == 45
+    assert report["user"] == "bob" and {d["model"] for d in report["data"]} == {MODEL}
 
 
 def test_the_usage_report_answers_on_every_database(product_server, database_url, tmp_path):
