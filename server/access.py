@@ -35,7 +35,8 @@ from orchestrator.errors import (
     QuotaExceededError,
     RateLimitError,
 )
-from server.errors import APIError, shutting_down
+from orchestrator.store import StoreUnavailableError
+from server.errors import APIError, shutting_down, store_unavailable_handler
 
 Handler = Callable[[Request, Meter], Awaitable[Response]]
 
@@ -97,6 +98,10 @@ class AuthMiddleware:
                 found = await self._identity(Headers(scope=scope).get("authorization", ""))
             except KeyExpiredError as exc:
                 await _unauthorized(exc.message).response()(scope, receive, send)
+                return
+            except StoreUnavailableError as exc:  # a middleware: the app's handlers are inside
+                refusal = await store_unavailable_handler(Request(scope), exc)
+                await refusal(scope, receive, send)
                 return
             if found is None:
                 await _unauthorized().response()(scope, receive, send)

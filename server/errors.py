@@ -158,7 +158,8 @@ async def client_gone_handler(request: Request, exc: Exception) -> Response:
 
 async def store_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
     """The database did not answer: a 503 the client may retry, in OpenAI's shape,
-    instead of Starlette's plain-text 500 and a traceback."""
+    instead of Starlette's plain-text 500 and a traceback. (Also the answer of the key
+    check, `server.access.AuthMiddleware`, which runs outside the app's handlers.)"""
     log.error("the database did not answer %s %s: %s", request.method, request.url.path, exc)
     return APIError(
         503,

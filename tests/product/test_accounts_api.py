@@ -135,6 +135,29 @@ def test_the_server_is_open_until_a_key_is_issued_then_every_v1_route_needs_one(
     assert httpx.get(f"{open_server.url}/health").status_code == 200
 
 
+def test_a_key_lookup_the_database_cannot_answer_is_a_503_to_retry(product_server, monkeypatch):
+    """Every request with a key needs the database (nothing is cached): while it does not
+    answer, the key check is the 503 `database_unavailable` with Retry-After that any
+    other request needing it gets, not a 500 for a failure of the server's own."""
+    server = product_server()
+    key = _account(server, "dee")
+
+    def unreachable(*_args):
+        raise OperationalError("SELECT ...", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(db, "find_key", unreachable)
+    with _client(server, key) as dee:
+        for answer in (dee.get("/models"), _chat(dee)):
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"]["code"] == "database_unavailable"
+            assert answer.headers["retry-after"] == "5"
+    fresh = product_server()  # not yet closed: a request without a key asks if it may be
+    monkeypatch.setattr(db, "any_keys", unreachable)
+    with _client(fresh, None) as anyone:
+        answer = anyone.get("/models")
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "database_unavailable"
+
+
 EXPIRED = (
     "This API key has expired: ask the operator for a new one, and send it as "
     "'Authorization: Bearer <key>'."
