@@ -19,6 +19,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.responses import Response as SDKResponse
 from openai.types.responses.response_error import ResponseError
 from sqlalchemy import func, select, update
@@ -500,6 +502,72 @@ def test_fifty_concurrent_requests_never_overspend_the_quota(
     assert used == spent <= limit and reserved == 0
     assert sum(r.total_tokens for r in rows) == spent
     assert [r.status for r in rows] == ["completed"] * len(ok)
+
+
+def _send(client: httpx.Client, kind: str, max_tokens: int) -> httpx.Response:
+    """One generation request of `kind` (the property below mixes them)."""
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+    if kind == "stream":
+        with client.stream(
+            "POST", "/chat/completions", json={**chat, "max_tokens": max_tokens, "stream": True}
+        ) as streamed:
+            streamed.read()
+            return streamed
+    bodies = {
+        "chat": ("/chat/completions", {**chat, "max_tokens": max_tokens}),
+        "chat n=2": ("/chat/completions", {**chat, "max_tokens": max_tokens, "n": 2}),
+        "completions": ("/completions", {"prompt": ["ab", "cd"], "max_tokens": max_tokens}),
+        "responses": ("/responses", {"input": "Hi", "max_output_tokens": max_tokens}),
+        "tool loop": ("/responses", {**TOOL_TURN, "max_output_tokens": 100 + max_tokens}),
+    }
+    path, body = bodies[kind]
+    return client.post(path, json={"model": MODEL, **body})
+
+
+def test_property_concurrent_requests_of_every_kind_never_overspend_the_quota(product_server):
+    """Any mix of one user's requests sent at once (chat, n > 1, streamed, batched
+    completions, responses, tool loops whose later model turns extend the reservation)
+    against any quota: each is answered or refused with `insufficient_quota` (a tool loop
+    the quota cuts fails), the quota charges what the usage rows hold, never more than the
+    limit, holds nothing once they end, and another user's request beside them is charged
+    its own tokens only."""
+    script = _scripted(_call("calculator", expression="6 * 7"))
+    server = product_server(FakeEngine(reply=script, token_delay=0.002))
+    bystander = _account(server, "by", token_quota=10**9, quota_period="total")
+    kinds = ["chat", "chat n=2", "stream", "completions", "responses", "tool loop"]
+
+    @settings(max_examples=10, deadline=None)
+    @given(
+        st.integers(50, 3000),
+        st.lists(st.tuples(st.sampled_from(kinds), st.integers(1, 30)), min_size=2, max_size=10),
+    )
+    def spend(limit: int, requests: list[tuple[str, int]]) -> None:
+        user_id = f"user_{keys.new_key_id()}"
+        name = user_id.removeprefix("user_")
+        key = _account(server, name, token_quota=limit, quota_period="total")
+        barrier = threading.Barrier(len(requests) + 1)
+
+        def send(secret: str, kind: str, max_tokens: int) -> httpx.Response:
+            with _client(server, secret) as client:
+                barrier.wait()
+                return _send(client, kind, max_tokens)
+
+        with ThreadPoolExecutor(len(requests) + 1) as pool:
+            beside = pool.submit(send, bystander, "chat", 5)
+            answers = list(pool.map(lambda r: send(key, *r), requests))
+        for answer in answers:
+            assert answer.status_code in (200, 429), answer.text
+            if answer.status_code == 429:
+                assert answer.json()["error"]["code"] == "insufficient_quota"
+        rows = _rows(server, user_id, count=sum(a.status_code == 200 for a in answers))
+        state = _quota(server, user_id)
+        assert state.used == sum(r.total_tokens for r in rows) <= limit and state.reserved == 0
+        assert beside.result().status_code == 200
+        theirs = _rows(server, "user_by")
+        assert _quota(server, "user_by").used == sum(r.total_tokens for r in theirs)
+        assert _quota(server, "user_by").reserved == 0
+
+    spend()
 
 
 def test_rate_limits_answer_429_with_retry_after_and_every_answer_carries_the_headers(
