@@ -28,7 +28,7 @@ _TYPES = {
     412: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
-    429: "rate_limit_error",
+    429: "requests",  # a limit on requests; a token limit's 429 says "tokens", a quota's its own
     500: "server_error",
     503: "service_unavailable",
 }

@@ -2338,7 +2338,7 @@ def test_a_user_queues_no_more_background_work_than_their_share(product_server):
     queued = client.responses.create(model=MODEL, input="second", background=True)
     with pytest.raises(openai.RateLimitError) as refused:
         client.responses.create(model=MODEL, input="third", background=True)
-    assert refused.value.code == "rate_limit_exceeded"
+    assert refused.value.code == "rate_limit_exceeded" and refused.value.type == "requests"
     assert refused.value.response.headers["retry-after"] == "1"
     other = _user(server, "bob")
     assert other.responses.create(model=MODEL, input="x", background=True).status == "in_progress"

@@ -934,7 +934,8 @@ def test_queue_limit_answers_429_with_retry_after(serve):
         a_events, b_events = events(a), events(b)  # (dropping one would close its stream)
         next(a_events), next(b_events)
         r = chat(server)
-        assert_error(r, 429, code="rate_limit_exceeded")
+        # a limit on requests, which OpenAI's 429s give as their type
+        assert assert_error(r, 429, code="rate_limit_exceeded")["type"] == "requests"
         assert r.headers["retry-after"] == "3"
         engine.hold.set()
         assert list(a_events)[-1] == list(b_events)[-1] == "[DONE]"
