@@ -570,6 +570,47 @@ def test_property_concurrent_requests_of_every_kind_never_overspend_the_quota(pr
     spend()
 
 
+def test_property_concurrent_requests_never_pass_the_rpm_or_tpm(product_server):
+    """Any mix of one user's requests sent at once (no tool loops, whose later turns may
+    go into debt) against any rpm and tpm, on a clock that does not move (no refill): the
+    admitted ones are at most rpm, and what they used at most tpm; the others are 429s
+    naming the limit reached as their type, and none of them has a usage row."""
+    server = product_server(FakeEngine(reply="abcdefghij", token_delay=0.002))
+    server.product.accounts.limiter.clock = lambda: 0.0
+    kinds = ["chat", "chat n=2", "stream", "completions", "responses"]
+
+    @settings(max_examples=10, deadline=None)
+    @given(
+        st.integers(60, 1500),
+        st.integers(1, 12),
+        st.lists(st.tuples(st.sampled_from(kinds), st.integers(1, 30)), min_size=2, max_size=12),
+    )
+    def send_all(tpm: int, rpm: int, requests: list[tuple[str, int]]) -> None:
+        user_id = f"user_{keys.new_key_id()}"
+        key = _account(server, user_id.removeprefix("user_"), rpm=rpm, tpm=tpm)
+        barrier = threading.Barrier(len(requests))
+
+        def send(kind: str, max_tokens: int) -> httpx.Response:
+            with _client(server, key) as client:
+                barrier.wait()
+                return _send(client, kind, max_tokens)
+
+        with ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(lambda r: send(*r), requests))
+        admitted = [a for a in answers if a.status_code == 200]
+        for answer in answers:
+            assert answer.status_code in (200, 429), answer.text
+            if answer.status_code == 429:
+                error = answer.json()["error"]
+                assert error["code"] == "rate_limit_exceeded"
+                assert error["type"] in ("requests", "tokens")
+        rows = _rows(server, user_id, count=len(admitted))
+        assert len(rows) == len(admitted) <= rpm
+        assert sum(r.total_tokens for r in rows) <= tpm
+
+    send_all()
+
+
 def test_rate_limits_answer_429_with_retry_after_and_every_answer_carries_the_headers(
     product_server,
 ):
