@@ -103,7 +103,8 @@ async def create_response(request: Request, meter: Meter) -> Response:
 
 async def usage(request: Request) -> Response:
     """The caller's quota and usage per day and model, a page of `limit` days at a time
-    (`?since=YYYY-MM-DD` to start later: the report's `next_page` is the next one's)."""
+    (the last `limit` days; `?since=YYYY-MM-DD` to start elsewhere: the report's
+    `next_page` is the next page's)."""
     accounts = _accounts(request)
     if accounts is None:
         raise APIError(404, "this server keeps no usage records (it has no store)")

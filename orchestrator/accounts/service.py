@@ -169,10 +169,13 @@ class Accounts:
         self, identity: Identity, since: str | None = None, days: int = REPORT_DAYS
     ) -> dict:
         """`GET /v1/usage`: the caller's quota and their usage per day and model, of at
-        most `days` days from `since` on (oldest first); `next_page` is the next page's
+        most `days` days from `since` on (oldest first; without `since`, the last `days`
+        days, today's included, what a user asks first); `next_page` is the next page's
         `since` (None: this page reaches the last day with usage)."""
         user = identity.user
         now = self.clock()
+        if since is None:
+            since = time.strftime("%Y-%m-%d", time.gmtime(now - (days - 1) * 86_400))
         if user is None:
             used = await self.store.call(db.usage_total, None)
             quota = {
