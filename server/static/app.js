@@ -158,7 +158,7 @@ async function refreshUsage() {
   const box = $("usage");
   let report;
   try {
-    report = await request("GET", "/v1/usage");
+    report = await request("GET", "/v1/usage?limit=1"); // the quota; one day of rows
   } catch {
     box.hidden = true; // a server without usage reports
     return;

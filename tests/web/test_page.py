@@ -1690,7 +1690,7 @@ def test_usage_and_quota_are_shown(session):
         ],
     }
     page = context.new_page()
-    page.route("**/v1/usage", lambda route: route.fulfill(json=report))
+    page.route("**/v1/usage?limit=1", lambda route: route.fulfill(json=report))
     page.goto("/")
     page.wait_for_selector("body[data-ready=true]")
     usage = page.inner_text("#usage")
