@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.retrieval.filters import Filter, parse_filter
-from orchestrator.retrieval.index import Hit, SearchMode
+from orchestrator.retrieval.index import Hit, SearchMode, ranker_mode
 from server.errors import invalid, known_fields
 
 MAX_RESULTS = 50
@@ -76,9 +76,7 @@ class Ranking:
 
     @property
     def mode(self) -> SearchMode:
-        """The ranker `none` asks for no re-ranking: the plain vector ranking; `auto` and
-        `default-2024-11-15` are hybrid."""
-        return "vector" if self.ranker == "none" else "hybrid"
+        return ranker_mode(self.ranker)
 
 
 def _hybrid_weights(value: Any, param: str) -> tuple[float, float] | None:

@@ -58,6 +58,13 @@ from orchestrator.retrieval.fusion import reciprocal_rank_fusion
 
 SearchMode = Literal["hybrid", "vector", "text"]
 
+
+def ranker_mode(ranker: str) -> SearchMode:
+    """How OpenAI's `ranking_options.ranker` searches: `none` asks for no re-ranking, the
+    plain vector ranking; `auto` and `default-2024-11-15` are hybrid."""
+    return "vector" if ranker == "none" else "hybrid"
+
+
 metadata = MetaData()
 
 retrieval_chunks = SqlTable(

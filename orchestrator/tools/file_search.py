@@ -26,7 +26,7 @@ from typing import ClassVar, Protocol
 
 from orchestrator.errors import InvalidRequestError, NotFoundError
 from orchestrator.retrieval.filters import Filter
-from orchestrator.retrieval.index import Hit, SearchMode
+from orchestrator.retrieval.index import Hit, SearchMode, ranker_mode
 from orchestrator.tools.base import ToolError, ToolOutput
 from orchestrator.untrusted import plain_label, spotlight
 from orchestrator.vector_stores import Search
@@ -55,7 +55,7 @@ class FileSearchTool:
 
     @property
     def mode(self) -> SearchMode:
-        return "vector" if self.ranker == "none" else "hybrid"
+        return ranker_mode(self.ranker)
 
     def as_dict(self) -> dict:
         ranking: dict = {"ranker": self.ranker, "score_threshold": self.score_threshold}
