@@ -647,9 +647,12 @@ def check_query_include(query) -> list[str]:
     return check_include(query.getlist("include") + query.getlist("include[]"), lambda _: "include")
 
 
-# The verbosity a model without the setting writes at: the one value OpenAI takes for one.
+# text.verbosity: the verbosity a model without the setting writes at, the one value
+# OpenAI takes for one (this one writes as it writes).
 VERBOSITY = "medium"
-# The prompt cache retention this server has: prefixes kept in memory until evicted.
+# prompt_cache_retention: how this server keeps prompt prefixes (in its KV cache, the least
+# recently used evicted first); OpenAI's "24h", retention on storage past memory, is
+# refused as OpenAI refuses it for a model without it.
 IN_MEMORY_RETENTION = "in_memory"
 _FORMAT_KEYS = {
     "text": {"type"},
@@ -658,35 +661,18 @@ _FORMAT_KEYS = {
 }
 
 
-def _prompt_cache_retention(body: dict) -> str | None:
-    """OpenAI's `prompt_cache_retention`: "in_memory" is how this server keeps prompt
-    prefixes (in its KV cache, the least recently used evicted first), so it is taken and
-    echoed; "24h", OpenAI's retention on storage past memory, is refused as OpenAI refuses
-    it for a model without it, since nothing here keeps a prefix beyond its eviction."""
-    retention = typed_field(body, "prompt_cache_retention", "a string")
-    if retention is not None and retention != IN_MEMORY_RETENTION:
+def _the_one_value(body: dict, name: str, supported: str, param: str | None = None) -> str | None:
+    """A string setting this server has one value of (`supported`), taken and echoed;
+    another is OpenAI's 400 `unsupported_value` for a model without the setting."""
+    value = typed_field(body, name, "a string", param=param)
+    if value is not None and value != supported:
         raise invalid(
-            f"Unsupported value: {retention!r} is not supported with this model. "
-            f"Supported values are: {IN_MEMORY_RETENTION!r}.",
-            "prompt_cache_retention",
+            f"Unsupported value: {value!r} is not supported with this model. "
+            f"Supported values are: {supported!r}.",
+            param or name,
             "unsupported_value",
         )
-    return retention
-
-
-def _verbosity(body: dict) -> str | None:
-    """text.verbosity: "medium" only, as OpenAI's API takes it for a model without the
-    setting (this one writes as it writes); another value is OpenAI's 400 for it."""
-    text = typed_field(body, "text", "an object", {})
-    verbosity = typed_field(text, "verbosity", "a string", param="text.verbosity")
-    if verbosity is not None and verbosity != VERBOSITY:
-        raise invalid(
-            f"Unsupported value: {verbosity!r} is not supported with this model. "
-            f"Supported values are: {VERBOSITY!r}.",
-            "text.verbosity",
-            "unsupported_value",
-        )
-    return verbosity
+    return value
 
 
 def _text_format(body: dict) -> dict:
@@ -783,14 +769,16 @@ def parse_response_request(
         tool_choice=_tool_choice(body, tools),
         parallel_tool_calls=typed_field(body, "parallel_tool_calls", "a boolean", True),
         text_format=_text_format(body),
-        verbosity=_verbosity(body),
+        verbosity=_the_one_value(
+            typed_field(body, "text", "an object", {}), "verbosity", VERBOSITY, "text.verbosity"
+        ),
         max_tool_calls=max_tool_calls,
         include=_include(body),
         user=typed_field(body, "user", "a string"),
         presence_penalty=typed_field(body, "presence_penalty", "a number", 0.0),
         frequency_penalty=typed_field(body, "frequency_penalty", "a number", 0.0),
         prompt_cache_key=typed_field(body, "prompt_cache_key", "a string"),
-        prompt_cache_retention=_prompt_cache_retention(body),
+        prompt_cache_retention=_the_one_value(body, "prompt_cache_retention", IN_MEMORY_RETENTION),
         safety_identifier=typed_field(body, "safety_identifier", "a string"),
         top_logprobs=top_count(body, "top_logprobs") or 0,
     )
