@@ -1464,8 +1464,7 @@ async function removeFile(chip, name, fileId) {
   if (!store || chip.dataset.removing) return;
   chip.dataset.removing = "true";
   try {
-    await deleteGone(`/v1/vector_stores/${store}/files/${fileId}`);
-    await deleteGone(`/v1/files/${fileId}`);
+    await deleteUpload(store, fileId);
   } catch (error) {
     delete chip.dataset.removing;
     setStatus(`Could not remove ${name}: ${describe(error)}`, true);
@@ -1474,6 +1473,12 @@ async function removeFile(chip, name, fileId) {
   dropChip(chip);
   setStatus(`Removed ${name} from this chat.`);
   await dropEmptyStore(open, store).catch(reportError);
+}
+
+// An uploaded file taken out of the conversation's store, then deleted.
+async function deleteUpload(store, fileId) {
+  await deleteGone(`/v1/vector_stores/${store}/files/${fileId}`);
+  await deleteGone(`/v1/files/${fileId}`);
 }
 
 // The conversation's store, once it holds no file (another tab may have added one
@@ -1574,8 +1579,7 @@ async function upload(event) {
 // takes the chip away, and the conversation made for it goes as a refused upload's.
 async function discardUnindexed(open, chip, name, fileId) {
   try {
-    await deleteGone(`/v1/vector_stores/${open.meta.vectorStore}/files/${fileId}`);
-    await deleteGone(`/v1/files/${fileId}`);
+    await deleteUpload(open.meta.vectorStore, fileId);
   } catch {
     return; // kept, with its ×, as a failed file in a conversation of its own
   }
